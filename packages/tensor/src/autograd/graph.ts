@@ -1,0 +1,117 @@
+// The recorded graph: one Node per differentiable op call, each holding the tensors its
+// backward needs (as its own references, so user code may dispose the originals) and edges to
+// the nodes that produced its inputs. Leaves requiring grad get an accumulator node.
+import { TensorError } from '../errors.js';
+import type { Tensor } from '../tensor.js';
+
+let gradEnabled = true;
+
+export function isGradEnabled(): boolean {
+  return gradEnabled;
+}
+
+/** Sets grad mode and returns the previous one. */
+export function setGradEnabled(enabled: boolean): boolean {
+  const prev = gradEnabled;
+  gradEnabled = enabled;
+  return prev;
+}
+
+/** Runs fn without recording the graph (like `with torch.no_grad()`). */
+export function noGrad<T>(fn: () => T): T {
+  const prev = setGradEnabled(false);
+  try {
+    return fn();
+  } finally {
+    gradEnabled = prev;
+  }
+}
+
+/** Runs fn with graph recording on, even inside noGrad. */
+export function enableGrad<T>(fn: () => T): T {
+  const prev = setGradEnabled(true);
+  try {
+    return fn();
+  } finally {
+    gradEnabled = prev;
+  }
+}
+
+/** Gradients w.r.t. an op's inputs, in input order; null for inputs that get none. */
+export type BackwardFn = (grad: Tensor, saved: readonly Tensor[]) => readonly (Tensor | null | undefined)[];
+
+/** A gradient hook: may return a replacement gradient. */
+export type GradHook = (grad: Tensor) => Tensor | undefined | void;
+
+export class Node {
+  readonly name: string;
+  /** For each input: the node its gradient flows to, or null. */
+  next: (Node | null)[];
+  saved: Tensor[] | null;
+  backwardFn: BackwardFn | null;
+  /** Hooks on the gradient of this node's output (tensor hooks of non-leaf tensors). */
+  preHooks: GradHook[] | null = null;
+  /** Accumulator nodes: the leaf tensor whose .grad they fill. */
+  readonly variable: Tensor | null;
+  private refs = 0;
+  savedFreed = false;
+
+  constructor(name: string, backwardFn: BackwardFn | null, next: (Node | null)[], saved: Tensor[] | null, variable: Tensor | null = null) {
+    this.name = name;
+    this.backwardFn = backwardFn;
+    this.next = next;
+    this.saved = saved;
+    this.variable = variable;
+    for (const n of next) n?.ref();
+  }
+
+  ref(): void {
+    this.refs++;
+  }
+
+  /** Drops one reference; the last one frees the saved tensors and the edges. */
+  unref(): void {
+    if (--this.refs > 0) return;
+    this.freeSaved();
+    const next = this.next;
+    this.next = [];
+    this.backwardFn = null;
+    for (const n of next) n?.unref();
+  }
+
+  freeSaved(): void {
+    if (!this.saved) return;
+    for (const t of this.saved) t.dispose();
+    this.saved = null;
+    this.savedFreed = true;
+  }
+
+  apply(grad: Tensor): readonly (Tensor | null | undefined)[] {
+    if (!this.backwardFn || (this.savedFreed && this.saved === null)) {
+      throw new TensorError(
+        'GRAPH_FREED',
+        `backward through ${this.name} a second time: its saved tensors were freed. ` +
+          'Pass { retainGraph: true } to the first backward() if you need to call it twice.',
+      );
+    }
+    return this.backwardFn(grad, this.saved ?? []);
+  }
+}
+
+/** Cached accumulator nodes of leaf tensors. */
+const accumulators = new WeakMap<Tensor, Node>();
+
+export function accumulatorOf(leaf: Tensor): Node {
+  let n = accumulators.get(leaf);
+  if (!n) {
+    n = new Node('AccumulateGrad', null, [], null, leaf);
+    n.ref(); // held by the leaf for its lifetime
+    accumulators.set(leaf, n);
+  }
+  return n;
+}
+
+export function edgeOf(t: Tensor): Node | null {
+  if (!t.requiresGrad) return null;
+  return t.gradFn ?? accumulatorOf(t);
+}

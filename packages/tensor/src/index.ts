@@ -1,0 +1,30 @@
+// @megapatch/tensor: tensors, autograd, nn, optimizers and the native CPU backend.
+import './backend/cpu.js';
+import './autograd/engine.js';
+
+export { Tensor, type NestedArray } from './tensor.js';
+export { type DType, DTYPES, isFloating, isIntegral, promoteTypes } from './dtype.js';
+export { TensorError, type TensorErrorCode } from './errors.js';
+export { Storage, memoryStats, resetPeakMemoryStats, type MemoryStats } from './storage.js';
+export { tidy, keep } from './scope.js';
+export { noGrad, enableGrad, isGradEnabled, setGradEnabled, type GradHook } from './autograd/graph.js';
+export { backward, type BackwardOptions } from './autograd/engine.js';
+export { registerBackend, getBackend, listBackends, type Backend } from './backend/backend.js';
+export { backendInfo, setNumThreads, getNumThreads, defineCpuKernel } from './backend/cpu.js';
+export * from './ops/creation.js';
+export * from './ops/elementwise.js';
+export * from './ops/reduce.js';
+export * from './ops/shape.js';
+export * from './ops/matmul.js';
+export * from './random.js';
+export type { CreateOptions } from './ops/util.js';
+export { gradcheck, type GradcheckOptions } from './autograd/gradcheck.js';
+export { checkpoint } from './autograd/checkpoint.js';
+export { attachGrad, needsGrad } from './autograd/record.js';
+export * from './ops/softmax.js';
+export * from './ops/norm.js';
+export * from './ops/indexing.js';
+export * from './ops/rope.js';
+export * from './ops/attention.js';
+export * from './nn/index.js';
+export * from './optim/index.js';

@@ -1,0 +1,205 @@
+// matmul (torch.matmul semantics, batch broadcasting), bmm and linear, all on the backend's
+// batched GEMM. Operands are passed with their strides, so transposed views cost no copy.
+import type { GemmOperand } from '../backend/backend.js';
+import { attachGrad, needsGrad } from '../autograd/record.js';
+import { isFloating } from '../dtype.js';
+import { dtypeError, fmtShape, shapeError } from '../errors.js';
+import { broadcastShapes, numel, viewStrides } from '../shape.js';
+import { Tensor } from '../tensor.js';
+import { add, sumToShape } from './elementwise.js';
+import { contiguous, expand, reshape, squeeze, transpose, unsqueeze } from './shape.js';
+import { alloc, inputsBackend } from './util.js';
+
+/** Views a [..., r, c] tensor as a GEMM operand over `batch` matrices, copying when needed. */
+function operand(x: Tensor, batchShape: readonly number[]): { op: GemmOperand; temp: Tensor[] } {
+  const temp: Tensor[] = [];
+  const r = x.shape[x.ndim - 2];
+  const c = x.shape[x.ndim - 1];
+  let t = x;
+  const full = [...batchShape, r, c];
+  if (t.ndim !== full.length || t.shape.some((s, i) => s !== full[i])) {
+    t = expand(t, full);
+    temp.push(t);
+  }
+  let rs = t.strides[t.ndim - 2];
+  let cs = t.strides[t.ndim - 1];
+  const unit = cs === 1 || rs === 1 || c === 1 || r === 1;
+  let bs = 0;
+  const nb = numel(batchShape);
+  if (batchShape.length > 0 && nb > 1) {
+    const st = viewStrides(batchShape, t.strides.slice(0, batchShape.length), [nb]);
+    if (st && unit) bs = st[0];
+    else {
+      t = contiguous(t);
+      temp.push(t);
+      rs = c;
+      cs = 1;
+      bs = r * c;
+    }
+  } else if (!unit) {
+    t = contiguous(t);
+    temp.push(t);
+    rs = c;
+    cs = 1;
+  }
+  return { op: { tensor: t, bs, rs, cs }, temp };
+}
+
+/** out[b] = a[b] @ b[b] on already-shaped operands; returns a new [...batch, M, N] tensor. */
+function gemmBatched(a: Tensor, b: Tensor, batchShape: readonly number[]): Tensor {
+  const backend = inputsBackend('matmul', a, b);
+  const M = a.shape[a.ndim - 2];
+  const K = a.shape[a.ndim - 1];
+  const N = b.shape[b.ndim - 1];
+  const out = alloc(backend, [...batchShape, M, N], a.dtype, K === 0);
+  if (K === 0 || out.numel === 0) return out;
+  const A = operand(a, batchShape);
+  const B = operand(b, batchShape);
+  backend.gemm(numel(batchShape), M, N, K, A.op, B.op, { tensor: out, bs: M * N, rs: N, cs: 1 }, 1, 0);
+  for (const t of [...A.temp, ...B.temp]) t.dispose();
+  return out;
+}
+
+function checkMatmul(op: string, a: Tensor, b: Tensor): void {
+  if (a.ndim === 0 || b.ndim === 0) throw shapeError(op, 'both arguments need at least 1 dimension');
+  if (a.dtype !== b.dtype) throw dtypeError(op, `dtypes differ: ${a.dtype} and ${b.dtype}`);
+  if (!isFloating(a.dtype)) throw dtypeError(op, `expected floating-point tensors, got ${a.dtype}`);
+  const k1 = a.shape[a.ndim - 1];
+  const k2 = b.ndim === 1 ? b.shape[0] : b.shape[b.ndim - 2];
+  if (k1 !== k2) {
+    throw shapeError(op, `${fmtShape(a.shape)} @ ${fmtShape(b.shape)}: inner dimensions ${k1} and ${k2} differ`);
+  }
+}
+
+/** Matrix product with torch.matmul's rules for 1-D operands and broadcast batch dimensions. */
+export function matmul(a: Tensor, b: Tensor): Tensor {
+  inputsBackend('matmul', a, b);
+  checkMatmul('matmul', a, b);
+  const a2 = a.ndim === 1 ? unsqueeze(a, 0) : a;
+  const b2 = b.ndim === 1 ? unsqueeze(b, 1) : b;
+  let out: Tensor;
+  // [..., M, K] @ [K, N] with a flattenable batch: one GEMM of (batch*M) rows
+  const rows = numel(a2.shape.slice(0, -1));
+  const K = a2.shape[a2.ndim - 1];
+  if (b2.ndim === 2 && a2.ndim > 2 && viewStrides(a2.shape, a2.strides, [rows, K])) {
+    const af = reshape(a2, [rows, K]);
+    const o = gemmBatched(af, b2, []);
+    af.dispose();
+    out = reshape(o, [...a2.shape.slice(0, -1), b2.shape[1]]);
+    o.dispose();
+  } else {
+    const batch = broadcastShapes('matmul', a2.shape.slice(0, -2), b2.shape.slice(0, -2));
+    out = gemmBatched(a2, b2, batch);
+  }
+  if (a.ndim === 1 || b.ndim === 1) {
+    const sq = a.ndim === 1 && b.ndim === 1 ? reshape(out, []) : squeeze(out, a.ndim === 1 ? -2 : -1);
+    out.dispose();
+    out = sq;
+  }
+  if (a2 !== a) a2.dispose();
+  if (b2 !== b) b2.dispose();
+  if (needsGrad(a, b)) {
+    const ra = a.requiresGrad;
+    const rb = b.requiresGrad;
+    const save: Tensor[] = [];
+    if (rb) save.push(a);
+    if (ra) save.push(b);
+    attachGrad(out, 'MmBackward', [a, b], save, (g, s) => {
+      const xa = rb ? s[0] : null;
+      const xb = ra ? s[rb ? 1 : 0] : null;
+      return matmulGrads(g, a.shape, b.shape, xa, xb);
+    });
+  }
+  return out;
+}
+
+function matmulGrads(
+  g: Tensor,
+  aShape: readonly number[],
+  bShape: readonly number[],
+  a: Tensor | null,
+  b: Tensor | null,
+): (Tensor | null)[] {
+  // lift 1-D cases to matrices, as the forward did
+  const a1 = aShape.length === 1;
+  const b1 = bShape.length === 1;
+  let gg = g;
+  if (a1 && b1) gg = reshape(g, [1, 1]);
+  else if (a1) gg = unsqueeze(g, -2);
+  else if (b1) gg = unsqueeze(g, -1);
+  let ga: Tensor | null = null;
+  let gb: Tensor | null = null;
+  if (b) {
+    const bm = b1 ? unsqueeze(b, 1) : b;
+    const bt = transpose(bm, -1, -2);
+    const full = matmul(gg, bt);
+    bt.dispose();
+    if (bm !== b) bm.dispose();
+    const shape2 = a1 ? [1, aShape[0]] : aShape;
+    const red = sumToShape(full, shape2);
+    full.dispose();
+    ga = a1 ? reshape(red, aShape) : red;
+    if (ga !== red) red.dispose();
+  }
+  if (a) {
+    const am = a1 ? unsqueeze(a, 0) : a;
+    const bShape2 = b1 ? [bShape[0], 1] : bShape;
+    let full: Tensor;
+    if (bShape2.length === 2 && am.ndim > 2) {
+      // weight-style gradient: one GEMM over all batch rows
+      const rows = numel(am.shape.slice(0, -1));
+      const af = reshape(am, [rows, am.shape[am.ndim - 1]]);
+      const gf = reshape(gg, [rows, gg.shape[gg.ndim - 1]]);
+      const aft = transpose(af, 0, 1);
+      full = matmul(aft, gf);
+      for (const t of [af, gf, aft]) t.dispose();
+    } else {
+      const at = transpose(am, -1, -2);
+      full = matmul(at, gg);
+      at.dispose();
+    }
+    if (am !== a) am.dispose();
+    const red = sumToShape(full, bShape2);
+    full.dispose();
+    gb = b1 ? reshape(red, bShape) : red;
+    if (gb !== red) red.dispose();
+  }
+  if (gg !== g) gg.dispose();
+  return [ga, gb];
+}
+
+/** Batched product of [B, M, K] and [B, K, N]. */
+export function bmm(a: Tensor, b: Tensor): Tensor {
+  if (a.ndim !== 3 || b.ndim !== 3 || a.shape[0] !== b.shape[0]) {
+    throw shapeError('bmm', `expected [B, M, K] and [B, K, N], got ${fmtShape(a.shape)} and ${fmtShape(b.shape)}`);
+  }
+  return matmul(a, b);
+}
+
+/** y = x @ weight^T + bias, with weight [out, in] as in torch.nn.functional.linear. */
+export function linear(x: Tensor, weight: Tensor, bias?: Tensor | null): Tensor {
+  inputsBackend('linear', x, weight, bias);
+  if (weight.ndim !== 2) throw shapeError('linear', `weight must be [out, in], got ${fmtShape(weight.shape)}`);
+  if (x.shape[x.ndim - 1] !== weight.shape[1]) {
+    throw shapeError(
+      'linear',
+      `input ${fmtShape(x.shape)} has ${x.shape[x.ndim - 1]} features, weight ${fmtShape(weight.shape)} expects ${weight.shape[1]}`,
+    );
+  }
+  if (bias && (bias.ndim !== 1 || bias.shape[0] !== weight.shape[0])) {
+    throw shapeError('linear', `bias ${fmtShape(bias.shape)} must be [${weight.shape[0]}]`);
+  }
+  const wt = transpose(weight, 0, 1);
+  const y = matmul(x, wt);
+  wt.dispose();
+  if (!bias) return y;
+  const out = add(y, bias);
+  y.dispose();
+  return out;
+}
+
+Object.assign(Tensor.prototype, {
+  matmul(this: Tensor, other: Tensor) {
+    return matmul(this, other);
+  },
+});

@@ -1,0 +1,2 @@
+// Filled in by its own change; exported from src/index.ts.
+export {};

@@ -1,0 +1,421 @@
+// Views (sharing storage) and copies that change shape: view/reshape, transpose/permute,
+// expand, squeeze/unsqueeze, flatten, narrow/select, split/chunk, cat/stack, contiguous,
+// clone, detach, dtype casts and in-place copies.
+import { attachGrad, needsGrad } from '../autograd/record.js';
+import { isGradEnabled } from '../autograd/graph.js';
+import { type DType, isFloating } from '../dtype.js';
+import { TensorError, argError, fmtShape, indexError, shapeError } from '../errors.js';
+import { type Shape, contiguousStrides, inferShape, normDim, sameShape, viewStrides } from '../shape.js';
+import { Tensor } from '../tensor.js';
+import { zeros } from './creation.js';
+import { sumToShape } from './elementwise.js';
+import { alloc, inputsBackend } from './util.js';
+
+const shapeArgs = (args: readonly (number | readonly number[])[]): number[] =>
+  args.length === 1 && Array.isArray(args[0]) ? [...(args[0] as number[])] : (args as number[]);
+
+/** A view with a new shape; throws when the strides do not allow one (use reshape). */
+export function view(x: Tensor, shape: Shape): Tensor {
+  inputsBackend('view', x);
+  const target = inferShape('view', shape, x.numel, x.shape);
+  const st = viewStrides(x.shape, x.strides, target);
+  if (!st) {
+    throw shapeError(
+      'view',
+      `cannot view ${fmtShape(x.shape)} (strides ${fmtShape(x.strides)}) as ${fmtShape(target)}: not contiguous; use reshape()`,
+    );
+  }
+  const out = x.viewAs(target, st, x.offset);
+  if (needsGrad(x)) {
+    const inShape = x.shape;
+    attachGrad(out, 'ViewBackward', [x], [], (g) => [reshape(g, inShape)]);
+  }
+  return out;
+}
+
+/** A view when the layout allows, otherwise a contiguous copy. */
+export function reshape(x: Tensor, shape: Shape): Tensor {
+  inputsBackend('reshape', x);
+  const target = inferShape('reshape', shape, x.numel, x.shape);
+  if (viewStrides(x.shape, x.strides, target)) return view(x, target);
+  const c = contiguous(x);
+  const v = view(c, target);
+  c.dispose();
+  return v;
+}
+
+export function transpose(x: Tensor, dim0: number, dim1: number): Tensor {
+  inputsBackend('transpose', x);
+  const a = normDim('transpose', dim0, x.ndim);
+  const b = normDim('transpose', dim1, x.ndim);
+  const shape = [...x.shape];
+  const strides = [...x.strides];
+  [shape[a], shape[b]] = [shape[b], shape[a]];
+  [strides[a], strides[b]] = [strides[b], strides[a]];
+  const out = x.viewAs(shape, strides, x.offset);
+  if (needsGrad(x)) attachGrad(out, 'TransposeBackward', [x], [], (g) => [transpose(g, a, b)]);
+  return out;
+}
+
+export function permute(x: Tensor, dims: readonly number[]): Tensor {
+  inputsBackend('permute', x);
+  if (dims.length !== x.ndim) {
+    throw argError('permute', `got ${dims.length} dims [${dims}] for a tensor with ${x.ndim} dimensions`);
+  }
+  const nd = dims.map((d) => normDim('permute', d, x.ndim));
+  if (new Set(nd).size !== nd.length) throw argError('permute', `repeated dimension in [${dims}]`);
+  const out = x.viewAs(
+    nd.map((d) => x.shape[d]),
+    nd.map((d) => x.strides[d]),
+    x.offset,
+  );
+  if (needsGrad(x)) {
+    const inv = new Array<number>(nd.length);
+    nd.forEach((d, i) => {
+      inv[d] = i;
+    });
+    attachGrad(out, 'PermuteBackward', [x], [], (g) => [permute(g, inv)]);
+  }
+  return out;
+}
+
+/** Broadcast view to a larger shape (-1 keeps a dimension); no memory is copied. */
+export function expand(x: Tensor, shape: Shape): Tensor {
+  inputsBackend('expand', x);
+  if (shape.length < x.ndim) {
+    throw shapeError('expand', `cannot expand ${fmtShape(x.shape)} to fewer dimensions ${fmtShape(shape)}`);
+  }
+  const lead = shape.length - x.ndim;
+  const outShape: number[] = [];
+  const strides: number[] = [];
+  for (let i = 0; i < shape.length; i++) {
+    const src = i - lead;
+    const want = shape[i];
+    if (src < 0) {
+      if (want < 0) throw shapeError('expand', `-1 is not allowed for new leading dimension ${i}`);
+      outShape.push(want);
+      strides.push(0);
+      continue;
+    }
+    const have = x.shape[src];
+    if (want === -1 || want === have) {
+      outShape.push(have);
+      strides.push(x.strides[src]);
+    } else if (have === 1) {
+      outShape.push(want);
+      strides.push(0);
+    } else {
+      throw shapeError('expand', `cannot expand ${fmtShape(x.shape)} to ${fmtShape(shape)}: dimension ${i} is ${have}`);
+    }
+  }
+  if (sameShape(outShape, x.shape)) return aliasWithGrad(x);
+  const out = x.viewAs(outShape, strides, x.offset);
+  if (needsGrad(x)) {
+    const inShape = x.shape;
+    attachGrad(out, 'ExpandBackward', [x], [], (g) => [sumToShape(g, inShape)]);
+  }
+  return out;
+}
+
+/** A new Tensor object for the same data, recorded as identity in the graph. */
+function aliasWithGrad(x: Tensor): Tensor {
+  const out = x.viewAs(x.shape, x.strides, x.offset);
+  if (needsGrad(x)) attachGrad(out, 'AliasBackward', [x], [], (g) => [g]);
+  return out;
+}
+
+export function squeeze(x: Tensor, dim?: number): Tensor {
+  inputsBackend('squeeze', x);
+  let shape: number[];
+  if (dim === undefined) shape = x.shape.filter((s) => s !== 1);
+  else {
+    const d = normDim('squeeze', dim, x.ndim);
+    shape = x.shape[d] === 1 ? x.shape.filter((_, i) => i !== d) : [...x.shape];
+  }
+  return view(x, shape);
+}
+
+export function unsqueeze(x: Tensor, dim: number): Tensor {
+  inputsBackend('unsqueeze', x);
+  const d = normDim('unsqueeze', dim, x.ndim + 1);
+  const shape = [...x.shape];
+  shape.splice(d, 0, 1);
+  const strides = [...x.strides];
+  strides.splice(d, 0, d < x.ndim ? x.shape[d] * x.strides[d] : 1);
+  const out = x.viewAs(shape, strides, x.offset);
+  if (needsGrad(x)) {
+    const inShape = x.shape;
+    attachGrad(out, 'UnsqueezeBackward', [x], [], (g) => [reshape(g, inShape)]);
+  }
+  return out;
+}
+
+export function flatten(x: Tensor, startDim = 0, endDim = -1): Tensor {
+  if (x.ndim === 0) return reshape(x, [1]);
+  const s = normDim('flatten', startDim, x.ndim);
+  const e = normDim('flatten', endDim, x.ndim);
+  if (s > e) throw argError('flatten', `startDim ${startDim} comes after endDim ${endDim}`);
+  const shape = [...x.shape.slice(0, s), x.shape.slice(s, e + 1).reduce((a, b) => a * b, 1), ...x.shape.slice(e + 1)];
+  return reshape(x, shape);
+}
+
+/** View of `length` elements along dim starting at start. */
+export function narrow(x: Tensor, dim: number, start: number, length: number): Tensor {
+  inputsBackend('narrow', x);
+  const d = normDim('narrow', dim, x.ndim);
+  const size = x.shape[d];
+  if (start < 0) start += size;
+  if (!Number.isInteger(start) || !Number.isInteger(length) || start < 0 || length < 0 || start + length > size) {
+    throw indexError('narrow', `range [${start}, ${start + length}) is outside dimension ${d} of size ${size}`);
+  }
+  const shape = [...x.shape];
+  shape[d] = length;
+  const out = x.viewAs(shape, x.strides, x.offset + start * x.strides[d]);
+  if (needsGrad(x)) {
+    const inShape = x.shape;
+    const dt = x.dtype;
+    attachGrad(out, 'NarrowBackward', [x], [], (g) => {
+      const z = zeros(inShape, { dtype: dt, device: g.device });
+      const region = z.viewAs(g.shape, z.strides, start * z.strides[d]);
+      z.backend.copy(region, g);
+      region.dispose();
+      return [z];
+    });
+  }
+  return out;
+}
+
+/** The slice at `index` along dim, with that dimension removed. */
+export function select(x: Tensor, dim: number, index: number): Tensor {
+  const d = normDim('select', dim, x.ndim);
+  const size = x.shape[d];
+  const i = index < 0 ? index + size : index;
+  if (i < 0 || i >= size) throw indexError('select', `index ${index} is out of range for dimension ${d} of size ${size}`);
+  const n = narrow(x, d, i, 1);
+  const out = squeeze(n, d);
+  n.dispose();
+  return out;
+}
+
+/** Splits into pieces of splitSize (the last may be smaller) or of the listed sizes. */
+export function split(x: Tensor, splitSize: number | readonly number[], dim = 0): Tensor[] {
+  const d = normDim('split', dim, x.ndim);
+  const size = x.shape[d];
+  let sizes: number[];
+  if (typeof splitSize === 'number') {
+    if (!(splitSize > 0)) throw argError('split', `splitSize must be positive, got ${splitSize}`);
+    sizes = [];
+    for (let s = 0; s < size; s += splitSize) sizes.push(Math.min(splitSize, size - s));
+  } else {
+    sizes = [...splitSize];
+    const total = sizes.reduce((a, b) => a + b, 0);
+    if (total !== size) throw shapeError('split', `sizes [${sizes}] sum to ${total}, dimension ${d} has ${size}`);
+  }
+  const out: Tensor[] = [];
+  let start = 0;
+  for (const s of sizes) {
+    out.push(narrow(x, d, start, s));
+    start += s;
+  }
+  return out;
+}
+
+/** Splits into `chunks` pieces of ceil(size / chunks). */
+export function chunk(x: Tensor, chunks: number, dim = 0): Tensor[] {
+  const d = normDim('chunk', dim, x.ndim);
+  if (!(chunks > 0)) throw argError('chunk', `chunks must be positive, got ${chunks}`);
+  return split(x, Math.max(1, Math.ceil(x.shape[d] / chunks)), d);
+}
+
+/** A contiguous tensor with the same values: a new view when already contiguous, else a copy. */
+export function contiguous(x: Tensor): Tensor {
+  inputsBackend('contiguous', x);
+  if (x.isContiguous) return aliasWithGrad(x);
+  return clone(x);
+}
+
+/** A contiguous copy. */
+export function clone(x: Tensor): Tensor {
+  const backend = inputsBackend('clone', x);
+  const out = alloc(backend, x.shape, x.dtype);
+  if (out.numel > 0) backend.copy(out, x);
+  if (needsGrad(x)) attachGrad(out, 'CloneBackward', [x], [], (g) => [g]);
+  return out;
+}
+
+/** A view of the same data cut from the graph. */
+export function detach(x: Tensor): Tensor {
+  x.checkAlive('detach');
+  return x.viewAs(x.shape, x.strides, x.offset);
+}
+
+/** A tensor of another dtype (a new view when the dtype is unchanged). */
+export function to(x: Tensor, dtype: DType): Tensor {
+  const backend = inputsBackend('to', x);
+  if (dtype === x.dtype) return aliasWithGrad(x);
+  const out = alloc(backend, x.shape, dtype);
+  if (out.numel > 0) backend.copy(out, x);
+  if (needsGrad(x) && isFloating(dtype)) {
+    const from = x.dtype;
+    attachGrad(out, 'ToCopyBackward', [x], [], (g) => [to(g, from)]);
+  }
+  return out;
+}
+
+export function cat(tensors: readonly Tensor[], dim = 0): Tensor {
+  if (tensors.length === 0) throw argError('cat', 'expected a non-empty list of tensors');
+  const backend = inputsBackend('cat', ...tensors);
+  const first = tensors[0];
+  const d = normDim('cat', dim, first.ndim);
+  let dtype = first.dtype;
+  let total = 0;
+  for (const [i, t] of tensors.entries()) {
+    if (t.ndim !== first.ndim) {
+      throw shapeError('cat', `tensor ${i} has ${t.ndim} dimensions, tensor 0 has ${first.ndim}`);
+    }
+    for (let k = 0; k < t.ndim; k++) {
+      if (k !== d && t.shape[k] !== first.shape[k]) {
+        throw shapeError(
+          'cat',
+          `tensor ${i} has shape ${fmtShape(t.shape)}, tensor 0 has ${fmtShape(first.shape)}: sizes must match except in dimension ${d}`,
+        );
+      }
+    }
+    if (t.dtype !== dtype) dtype = isFloating(t.dtype) && !isFloating(dtype) ? t.dtype : dtype;
+    total += t.shape[d];
+  }
+  const shape = [...first.shape];
+  shape[d] = total;
+  const out = alloc(backend, shape, dtype);
+  let start = 0;
+  const sizes: number[] = [];
+  for (const t of tensors) {
+    const len = t.shape[d];
+    sizes.push(len);
+    if (len > 0) {
+      const region = out.viewAs(t.shape, out.strides, start * out.strides[d]);
+      backend.copy(region, t);
+      region.dispose();
+    }
+    start += len;
+  }
+  if (needsGrad(...tensors)) {
+    attachGrad(out, 'CatBackward', tensors, [], (g) => {
+      let s = 0;
+      return tensors.map((t, i) => {
+        const piece = t.requiresGrad ? narrow(g, d, s, sizes[i]) : null;
+        s += sizes[i];
+        return piece;
+      });
+    });
+  }
+  return out;
+}
+
+export function stack(tensors: readonly Tensor[], dim = 0): Tensor {
+  if (tensors.length === 0) throw argError('stack', 'expected a non-empty list of tensors');
+  const d = normDim('stack', dim, tensors[0].ndim + 1);
+  for (const [i, t] of tensors.entries()) {
+    if (!sameShape(t.shape, tensors[0].shape)) {
+      throw shapeError('stack', `tensor ${i} has shape ${fmtShape(t.shape)}, tensor 0 has ${fmtShape(tensors[0].shape)}`);
+    }
+  }
+  const parts = tensors.map((t) => unsqueeze(t, d));
+  const out = cat(parts, d);
+  for (const p of parts) p.dispose();
+  return out;
+}
+
+function checkInPlace(op: string, x: Tensor, src?: Tensor): void {
+  if (isGradEnabled() && (x.requiresGrad || src?.requiresGrad)) {
+    throw new TensorError(
+      'INVALID_ARGUMENT',
+      `${op}: in-place operations on tensors that require grad are not recorded; run them inside noGrad()`,
+    );
+  }
+}
+
+Object.assign(Tensor.prototype, {
+  view(this: Tensor, ...shape: (number | number[])[]) {
+    return view(this, shapeArgs(shape));
+  },
+  reshape(this: Tensor, ...shape: (number | number[])[]) {
+    return reshape(this, shapeArgs(shape));
+  },
+  transpose(this: Tensor, a: number, b: number) {
+    return transpose(this, a, b);
+  },
+  t(this: Tensor) {
+    if (this.ndim > 2) throw argError('t', `expects a tensor with <= 2 dimensions, got ${this.ndim}`);
+    return this.ndim < 2 ? aliasWithGrad(this) : transpose(this, 0, 1);
+  },
+  permute(this: Tensor, ...dims: (number | number[])[]) {
+    return permute(this, shapeArgs(dims));
+  },
+  expand(this: Tensor, ...shape: (number | number[])[]) {
+    return expand(this, shapeArgs(shape));
+  },
+  expandAs(this: Tensor, other: Tensor) {
+    return expand(this, other.shape);
+  },
+  squeeze(this: Tensor, dim?: number) {
+    return squeeze(this, dim);
+  },
+  unsqueeze(this: Tensor, dim: number) {
+    return unsqueeze(this, dim);
+  },
+  flatten(this: Tensor, s?: number, e?: number) {
+    return flatten(this, s, e);
+  },
+  narrow(this: Tensor, dim: number, start: number, length: number) {
+    return narrow(this, dim, start, length);
+  },
+  select(this: Tensor, dim: number, index: number) {
+    return select(this, dim, index);
+  },
+  split(this: Tensor, s: number | number[], dim?: number) {
+    return split(this, s, dim);
+  },
+  chunk(this: Tensor, c: number, dim?: number) {
+    return chunk(this, c, dim);
+  },
+  contiguous(this: Tensor) {
+    return contiguous(this);
+  },
+  clone(this: Tensor) {
+    return clone(this);
+  },
+  detach(this: Tensor) {
+    return detach(this);
+  },
+  to(this: Tensor, dtype: DType) {
+    return to(this, dtype);
+  },
+  float(this: Tensor) {
+    return to(this, 'float32');
+  },
+  copy_(this: Tensor, src: Tensor) {
+    inputsBackend('copy_', this, src);
+    checkInPlace('copy_', this, src);
+    broadcastCheck(this, src);
+    if (this.numel > 0) this.backend.copy(this, src);
+    return this;
+  },
+  fill_(this: Tensor, value: number) {
+    inputsBackend('fill_', this);
+    checkInPlace('fill_', this);
+    if (this.numel > 0) this.backend.fill(this, value);
+    return this;
+  },
+  zero_(this: Tensor) {
+    return this.fill_(0);
+  },
+});
+
+function broadcastCheck(dst: Tensor, src: Tensor): void {
+  const lead = dst.ndim - src.ndim;
+  const ok = lead >= 0 && src.shape.every((s, i) => s === 1 || s === dst.shape[i + lead]);
+  if (!ok) throw shapeError('copy_', `source ${fmtShape(src.shape)} does not broadcast to ${fmtShape(dst.shape)}`);
+}
+
+export { contiguousStrides };

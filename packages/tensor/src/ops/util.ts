@@ -1,0 +1,42 @@
+import { getBackend } from '../backend/backend.js';
+import type { Backend } from '../backend/backend.js';
+import type { DType } from '../dtype.js';
+import { TensorError } from '../errors.js';
+import type { Shape } from '../shape.js';
+import { Tensor } from '../tensor.js';
+
+export interface CreateOptions {
+  dtype?: DType;
+  device?: string;
+  requiresGrad?: boolean;
+}
+
+export function backendFor(device: string | undefined): Backend {
+  return getBackend(device ?? 'cpu');
+}
+
+/** Checks that every input is alive and on one device; returns that device's backend. */
+export function inputsBackend(op: string, ...ts: readonly (Tensor | null | undefined)[]): Backend {
+  let b: Backend | undefined;
+  for (const t of ts) {
+    if (!t) continue;
+    if (!(t instanceof Tensor)) throw new TensorError('INVALID_ARGUMENT', `${op}: expected a Tensor, got ${typeof t}`);
+    t.checkAlive(op);
+    if (!b) b = t.backend;
+    else if (t.backend !== b) {
+      throw new TensorError('DEVICE_MISMATCH', `${op}: tensors are on different devices (${b.device} and ${t.device})`);
+    }
+  }
+  if (!b) throw new TensorError('INVALID_ARGUMENT', `${op}: needs at least one tensor`);
+  return b;
+}
+
+/** A new contiguous tensor on a backend. */
+export function alloc(backend: Backend, shape: Shape, dtype: DType, zero = false): Tensor {
+  return Tensor.empty(backend, shape, dtype, zero);
+}
+
+export function finishCreate(t: Tensor, opts: CreateOptions | undefined): Tensor {
+  if (opts?.requiresGrad) t.requiresGrad_(true);
+  return t;
+}

@@ -1,0 +1,79 @@
+// Loads the PyTorch fixtures written by scripts/fixtures_*.py and compares tensors with them.
+import { readFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { expect } from 'vitest';
+import { type DType, type Tensor, tensor, transpose } from '../src/index.js';
+
+export interface FixtureTensor {
+  shape: number[];
+  dtype: DType;
+  data: (number | boolean)[];
+  layout?: 'contiguous' | 'transposed';
+}
+
+export interface FixtureCase {
+  name: string;
+  args: Record<string, unknown>;
+  inputs: Record<string, FixtureTensor>;
+  outputs: Record<string, FixtureTensor>;
+  grads: Record<string, FixtureTensor>;
+}
+
+const here = dirname(fileURLToPath(import.meta.url));
+
+export function loadFixture(family: string): FixtureCase[] {
+  const json = JSON.parse(readFileSync(join(here, 'fixtures', `${family}.json`), 'utf8'));
+  return json.cases as FixtureCase[];
+}
+
+/** Builds the input tensor of a fixture (non-contiguous for layout "transposed"). */
+export function fromFixture(f: FixtureTensor, requiresGrad = false): Tensor {
+  const vals = f.data.map((v) => (typeof v === 'boolean' ? (v ? 1 : 0) : v));
+  if (f.layout === 'transposed') {
+    const n = f.shape.length;
+    const baseShape = [...f.shape.slice(0, n - 2), f.shape[n - 1], f.shape[n - 2]];
+    // the data is listed in the logical (transposed) order: rebuild the contiguous base
+    const rows = f.shape[n - 2];
+    const cols = f.shape[n - 1];
+    const batch = vals.length / (rows * cols || 1);
+    const base = new Array<number>(vals.length);
+    for (let b = 0; b < batch; b++)
+      for (let i = 0; i < rows; i++)
+        for (let j = 0; j < cols; j++) base[b * rows * cols + j * rows + i] = vals[b * rows * cols + i * cols + j];
+    const t = tensor(base, { dtype: f.dtype, shape: baseShape });
+    const v = transpose(t, -1, -2);
+    t.dispose();
+    if (requiresGrad) {
+      // a non-leaf view cannot require grad; make the view itself a leaf sharing the storage
+      const leaf = v.detach();
+      v.dispose();
+      return leaf.requiresGrad_(true);
+    }
+    return v;
+  }
+  const t = tensor(vals, { dtype: f.dtype, shape: f.shape });
+  return requiresGrad ? t.requiresGrad_(true) : t;
+}
+
+/** Default tolerances per dtype: float32 1e-5/1e-4, bfloat16 2^-7 relative. */
+export function tolFor(dtype: DType): { atol: number; rtol: number } {
+  if (dtype === 'bfloat16') return { atol: 1e-2, rtol: 1.6e-2 };
+  if (dtype === 'float16') return { atol: 1e-3, rtol: 2e-3 };
+  if (dtype === 'float64') return { atol: 1e-10, rtol: 1e-9 };
+  return { atol: 1e-5, rtol: 1e-4 };
+}
+
+/** Asserts allclose(actual, expected) with a message naming the first bad element. */
+export function expectClose(actual: Tensor, expected: FixtureTensor, tol?: { atol?: number; rtol?: number }, label = ''): void {
+  expect(actual.shape, `${label} shape`).toEqual(expected.shape);
+  const t = { ...tolFor(expected.dtype), ...tol };
+  const a = Array.from(actual.toTypedArray() as ArrayLike<number | bigint>, Number);
+  const e = expected.data.map((v) => (typeof v === 'boolean' ? (v ? 1 : 0) : v));
+  for (let i = 0; i < e.length; i++) {
+    const ok = Number.isNaN(e[i]) ? Number.isNaN(a[i]) : Math.abs(a[i] - e[i]) <= t.atol + t.rtol * Math.abs(e[i]);
+    if (!ok) {
+      expect.fail(`${label} element ${i}: got ${a[i]}, expected ${e[i]} (atol ${t.atol}, rtol ${t.rtol})`);
+    }
+  }
+}
