@@ -33,7 +33,10 @@ export function broadcastShapes(op: string, a: Shape, b: Shape): number[] {
     const x = a[a.length - n + i] ?? 1;
     const y = b[b.length - n + i] ?? 1;
     if (x !== y && x !== 1 && y !== 1) {
-      throw shapeError(op, `shapes ${fmtShape(a)} and ${fmtShape(b)} cannot be broadcast (dimension ${i}: ${x} vs ${y})`);
+      throw shapeError(
+        op,
+        `shapes ${fmtShape(a)} and ${fmtShape(b)} cannot be broadcast (dimension ${i}: ${x} vs ${y})`,
+      );
     }
     out[i] = x === 1 ? y : x;
   }
@@ -42,8 +45,10 @@ export function broadcastShapes(op: string, a: Shape, b: Shape): number[] {
 
 /** Resolves a possibly negative dimension index against `ndim` dimensions. */
 export function normDim(op: string, dim: number, ndim: number): number {
-  const d = dim < 0 ? dim + ndim : dim;
-  if (!Number.isInteger(dim) || d < 0 || d >= Math.max(ndim, 1)) {
+  // a 0-d tensor accepts dims 0 and -1, like torch's maybe_wrap_dim
+  const n = Math.max(ndim, 1);
+  const d = dim < 0 ? dim + n : dim;
+  if (!Number.isInteger(dim) || d < 0 || d >= n) {
     throw indexError(op, `dimension ${dim} is out of range for a tensor with ${ndim} dimensions`);
   }
   return d;
@@ -67,7 +72,10 @@ export function inferShape(op: string, shape: Shape, n: number, from: Shape): nu
   const out = [...shape];
   if (infer >= 0) {
     if (known === 0 || n % known !== 0) {
-      throw shapeError(op, `shape ${fmtShape(shape)} is invalid for input ${fmtShape(from)} of ${n} elements`);
+      throw shapeError(
+        op,
+        `shape ${fmtShape(shape)} is invalid for input ${fmtShape(from)} of ${n} elements`,
+      );
     }
     out[infer] = n / known;
   } else if (known !== n) {

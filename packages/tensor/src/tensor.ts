@@ -1,10 +1,10 @@
-import type { Backend } from './backend/backend.js';
 import type { GradHook, Node } from './autograd/graph.js';
 import { accumulatorOf } from './autograd/graph.js';
+import type { Backend } from './backend/backend.js';
 import { type AnyTypedArray, type DType, ITEMSIZE, isFloating } from './dtype.js';
-import { TensorError, fmtShape } from './errors.js';
+import { fmtShape, TensorError } from './errors.js';
 import { TENSOR_BRAND, trackTensor, untrackTensor } from './scope.js';
-import { type Shape, contiguousStrides, isContiguous, numel } from './shape.js';
+import { contiguousStrides, isContiguous, numel, type Shape } from './shape.js';
 import { Storage } from './storage.js';
 
 // Safety net for tensors dropped without dispose(): their storage reference is released when
@@ -52,10 +52,18 @@ export class Tensor {
   name?: string;
   private held: Held | null;
   private disposedFlag = false;
+  private retainsGrad = false;
   declare readonly [TENSOR_BRAND]: true;
 
   /** @internal Use the creation functions. */
-  constructor(storage: Storage, shape: Shape, strides: readonly number[], offset: number, dtype: DType, owned = true) {
+  constructor(
+    storage: Storage,
+    shape: Shape,
+    strides: readonly number[],
+    offset: number,
+    dtype: DType,
+    owned = true,
+  ) {
     this.storage = storage;
     this.shape = shape;
     this.strides = strides;
@@ -160,10 +168,16 @@ export class Tensor {
   /** Marks a leaf as requiring gradients (in place); returns this. */
   requiresGrad_(requires = true): this {
     if (!this.isLeaf) {
-      throw new TensorError('INVALID_ARGUMENT', 'requiresGrad_: only leaf tensors can change requiresGrad; use detach()');
+      throw new TensorError(
+        'INVALID_ARGUMENT',
+        'requiresGrad_: only leaf tensors can change requiresGrad; use detach()',
+      );
     }
     if (requires && !isFloating(this.dtype)) {
-      throw new TensorError('DTYPE_MISMATCH', `requiresGrad_: only floating-point tensors can require gradients, got ${this.dtype}`);
+      throw new TensorError(
+        'DTYPE_MISMATCH',
+        `requiresGrad_: only floating-point tensors can require gradients, got ${this.dtype}`,
+      );
     }
     this.requiresGrad = requires;
     return this;
@@ -175,7 +189,10 @@ export class Tensor {
    */
   registerHook(hook: GradHook): () => void {
     if (!this.requiresGrad) {
-      throw new TensorError('NO_GRAD', "registerHook: cannot register a hook on a tensor that doesn't require grad");
+      throw new TensorError(
+        'NO_GRAD',
+        "registerHook: cannot register a hook on a tensor that doesn't require grad",
+      );
     }
     const node = this.gradFn ?? accumulatorOf(this);
     node.preHooks ??= [];
@@ -188,9 +205,14 @@ export class Tensor {
 
   /** Keeps .grad on a non-leaf tensor after backward. */
   retainGrad(): void {
-    if (this.isLeaf) return;
+    if (this.isLeaf || this.retainsGrad) return;
+    this.retainsGrad = true;
     this.registerHook((g) => {
-      if (this.grad) this.grad.dispose();
+      // accumulates over backward calls, like a leaf's .grad (and torch's retain_grad)
+      if (this.grad && !this.grad.disposed) {
+        this.grad.backend.binary(this.grad, this.grad, g, 'add');
+        return;
+      }
       this.grad = g.clone();
       untrackTensor(this.grad);
     });
@@ -217,8 +239,12 @@ export class Tensor {
 
   /** The single element of a one-element tensor, as a number. */
   item(): number {
+    this.checkAlive('item');
     if (this.numel !== 1) {
-      throw new TensorError('INVALID_ARGUMENT', `item: tensor ${this.describe()} has ${this.numel} elements, expected 1`);
+      throw new TensorError(
+        'INVALID_ARGUMENT',
+        `item: tensor ${this.describe()} has ${this.numel} elements, expected 1`,
+      );
     }
     const v = this.toTypedArray()[0];
     return typeof v === 'bigint' ? Number(v) : v;

@@ -172,6 +172,9 @@ struct Args {
     t.data = static_cast<char*>(ptr());
     t.dtype = static_cast<DType>(i32());
     t.ndim = i32();
+    // shape/strides are fixed arrays: more dims would overflow them (and every kernel's loops)
+    if (t.ndim < 0 || t.ndim > kMaxDims)
+      throw_error("tensors have at most " + std::to_string(kMaxDims) + " dimensions, got " + std::to_string(t.ndim));
     for (int i = 0; i < t.ndim; i++) t.shape[i] = i64();
     for (int i = 0; i < t.ndim; i++) t.strides[i] = i64();
     return t;

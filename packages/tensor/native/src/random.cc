@@ -26,6 +26,19 @@ static inline U4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c
 // (0, 1): never 0, so log() in Box-Muller stays finite.
 static inline double u01(uint32_t x) { return (static_cast<double>(x) + 0.5) * (1.0 / 4294967296.0); }
 
+// [0, 1) with as many random bits as the storage type has significand bits (as torch does), so
+// that u is exact in T and never rounds up to 1 when stored; u01 above would round to 1.0 in
+// bfloat16 once in ~500 draws and in float32 once in ~3e7.
+template <typename T> constexpr int uniform_bits() { return 32; }  // double (and integer outputs)
+template <> constexpr int uniform_bits<float>() { return 24; }
+template <> constexpr int uniform_bits<bf16>() { return 8; }
+template <> constexpr int uniform_bits<f16>() { return 11; }
+template <typename T>
+static inline double u01_exact(uint32_t x) {
+  constexpr int bits = uniform_bits<T>();
+  return static_cast<double>(x >> (32 - bits)) * (1.0 / static_cast<double>(uint64_t{1} << bits));
+}
+
 enum Dist : int { kUniform = 0, kNormal = 1, kRandint = 2, kBernoulli = 3 };
 
 template <typename T>
@@ -40,7 +53,7 @@ static void philox_run(const TensorArg& out, int dist, uint32_t k0, uint32_t k1,
       double v[4];
       switch (dist) {
         case kUniform:
-          for (int l = 0; l < 4; l++) v[l] = a + (b - a) * u01(r.v[l]);
+          for (int l = 0; l < 4; l++) v[l] = a + (b - a) * u01_exact<T>(r.v[l]);
           break;
         case kNormal:
           for (int l = 0; l < 4; l += 2) {

@@ -1,10 +1,11 @@
 // Elementwise ops: arithmetic with broadcasting and type promotion, unary math, activations,
 // comparisons, where / maskedFill / clamp. Gradients are written in terms of other ops.
-import type { BinaryOp, UnaryOp } from '../backend/backend.js';
+
 import { attachGrad, needsGrad } from '../autograd/record.js';
+import type { BinaryOp, UnaryOp } from '../backend/backend.js';
 import { type DType, isFloating, promoteTypes, promoteWithScalar } from '../dtype.js';
-import { dtypeError } from '../errors.js';
-import { type Shape, broadcastShapes, sameShape } from '../shape.js';
+import { argError, dtypeError, fmtShape, shapeError } from '../errors.js';
+import { broadcastShapes, type Shape, sameShape } from '../shape.js';
 import { Tensor } from '../tensor.js';
 import { zerosLike } from './creation.js';
 import { sum } from './reduce.js';
@@ -67,7 +68,14 @@ function checkFloatGrad(name: string, t: Tensor): void {
 
 /** out = a + alpha * b (broadcasting). */
 export function add(a: Operand, b: Operand, alpha = 1): Tensor {
-  if (typeof a === 'number') return add(b as Tensor, a);
+  if (typeof a === 'number') {
+    if (alpha === 1) return add(b as Tensor, a);
+    // a + alpha * b with a scalar a
+    const s = mul(b as Tensor, alpha);
+    const out = add(s, a);
+    s.dispose();
+    return out;
+  }
   if (typeof b === 'number') {
     const out = binaryScalar('add', 'add', a, alpha * b, false);
     if (needsGrad(a)) attachGrad(out, 'AddBackward', [a], [], (g) => [g]);
@@ -97,8 +105,8 @@ function scaleTo(g: Tensor, alpha: number, shape: Shape): Tensor {
 export function sub(a: Operand, b: Operand, alpha = 1): Tensor {
   if (typeof a === 'number') {
     const bt = b as Tensor;
+    if (alpha !== 1) throw argError('sub', 'alpha with a scalar first operand is not supported');
     const out = binaryScalar('sub', 'sub', bt, a, true);
-    if (alpha !== 1) throw dtypeError('sub', 'alpha with a scalar first operand is not supported');
     if (needsGrad(bt)) attachGrad(out, 'RsubBackward', [bt], [], (g) => [neg(g)]);
     return out;
   }
@@ -155,6 +163,16 @@ function gradTo(g: Tensor, shape: Shape): Tensor {
 }
 
 export function div(a: Operand, b: Operand): Tensor {
+  const tensors = [a, b].filter((v): v is Tensor => typeof v !== 'number');
+  if (tensors.length > 0 && tensors.every((t) => !isFloating(t.dtype))) {
+    // true division, as torch.div: integer operands are divided in float32, not truncated
+    const fa = typeof a === 'number' ? null : asDtype(a, 'float32').t;
+    const fb = typeof b === 'number' ? null : asDtype(b, 'float32').t;
+    const out = div(fa ?? a, fb ?? b);
+    fa?.dispose();
+    fb?.dispose();
+    return out;
+  }
   if (typeof a === 'number') {
     const bt = b as Tensor;
     const out = binaryScalar('div', 'div', bt, a, true);
@@ -346,29 +364,88 @@ function chain(...steps: ((prev: Tensor) => Tensor)[]): (t: Tensor) => Tensor {
 export const neg = unary('neg', 'neg', (g) => neg(g), 'none');
 export const exp = unary('exp', 'exp', (g, _x, y) => mul(g, y), 'y');
 export const log = unary('log', 'log', (g, x) => div(g, x));
-export const sqrt = unary('sqrt', 'sqrt', (g, _x, y) => chain((t) => div(g, t), (t) => mul(t, 0.5))(y), 'y');
+export const sqrt = unary(
+  'sqrt',
+  'sqrt',
+  (g, _x, y) =>
+    chain(
+      (t) => div(g, t),
+      (t) => mul(t, 0.5),
+    )(y),
+  'y',
+);
 export const rsqrt = unary(
   'rsqrt',
   'rsqrt',
-  (g, _x, y) => chain((t) => pow(t, 3), (t) => mul(t, g), (t) => mul(t, -0.5))(y),
+  (g, _x, y) =>
+    chain(
+      (t) => pow(t, 3),
+      (t) => mul(t, g),
+      (t) => mul(t, -0.5),
+    )(y),
   'y',
 );
-export const abs = unary('abs', 'abs', (g, x) => chain((t) => sign(t), (t) => mul(t, g))(x));
+export const abs = unary('abs', 'abs', (g, x) =>
+  chain(
+    (t) => sign(t),
+    (t) => mul(t, g),
+  )(x),
+);
 export const tanh = unary('tanh', 'tanh', (g, _x, y) => binaryTensor('tanh', 'tanhBackward', y, g), 'y');
-export const sigmoid = unary('sigmoid', 'sigmoid', (g, _x, y) => binaryTensor('sigmoid', 'sigmoidBackward', y, g), 'y');
+export const sigmoid = unary(
+  'sigmoid',
+  'sigmoid',
+  (g, _x, y) => binaryTensor('sigmoid', 'sigmoidBackward', y, g),
+  'y',
+);
 export const silu = unary('silu', 'silu', (g, x) => binaryTensor('silu', 'siluBackward', x, g));
 export const relu = unary('relu', 'relu', (g, _x, y) => binaryTensor('relu', 'reluBackward', y, g), 'y');
-export const sin = unary('sin', 'sin', (g, x) => chain((t) => cos(t), (t) => mul(t, g))(x));
-export const cos = unary('cos', 'cos', (g, x) => chain((t) => sin(t), (t) => mul(t, g), (t) => neg(t))(x));
-export const square = unary('square', 'square', (g, x) => chain((t) => mul(t, g), (t) => mul(t, 2))(x));
+export const sin = unary('sin', 'sin', (g, x) =>
+  chain(
+    (t) => cos(t),
+    (t) => mul(t, g),
+  )(x),
+);
+export const cos = unary('cos', 'cos', (g, x) =>
+  chain(
+    (t) => sin(t),
+    (t) => mul(t, g),
+    (t) => neg(t),
+  )(x),
+);
+export const square = unary('square', 'square', (g, x) =>
+  chain(
+    (t) => mul(t, g),
+    (t) => mul(t, 2),
+  )(x),
+);
 export const reciprocal = unary(
   'reciprocal',
   'reciprocal',
-  (g, _x, y) => chain((t) => square(t), (t) => mul(t, g), (t) => neg(t))(y),
+  (g, _x, y) =>
+    chain(
+      (t) => square(t),
+      (t) => mul(t, g),
+      (t) => neg(t),
+    )(y),
   'y',
 );
-export const log1p = unary('log1p', 'log1p', (g, x) => chain((t) => add(t, 1), (t) => div(g, t))(x));
-export const expm1 = unary('expm1', 'expm1', (g, _x, y) => chain((t) => add(t, 1), (t) => mul(t, g))(y), 'y');
+export const log1p = unary('log1p', 'log1p', (g, x) =>
+  chain(
+    (t) => add(t, 1),
+    (t) => div(g, t),
+  )(x),
+);
+export const expm1 = unary(
+  'expm1',
+  'expm1',
+  (g, _x, y) =>
+    chain(
+      (t) => add(t, 1),
+      (t) => mul(t, g),
+    )(y),
+  'y',
+);
 export const sign = unary('sign', 'sign', (g) => zerosLike(g), 'none');
 export const floor = unary('floor', 'floor', (g) => zerosLike(g), 'none');
 export const ceil = unary('ceil', 'ceil', (g) => zerosLike(g), 'none');
@@ -381,7 +458,8 @@ export function gelu(x: Tensor, approximate: 'none' | 'tanh' = 'none'): Tensor {
   return approximate === 'tanh' ? geluTanh(x) : geluExact(x);
 }
 
-export const logicalNot = (x: Tensor): Tensor => unaryRaw('logicalNot', 'logicalNot', x, undefined, undefined, 'bool');
+export const logicalNot = (x: Tensor): Tensor =>
+  unaryRaw('logicalNot', 'logicalNot', x, undefined, undefined, 'bool');
 export const isnan = (x: Tensor): Tensor => unaryRaw('isnan', 'isnan', x, undefined, undefined, 'bool');
 export const isinf = (x: Tensor): Tensor => unaryRaw('isinf', 'isinf', x, undefined, undefined, 'bool');
 
@@ -416,10 +494,22 @@ export function clamp(x: Tensor, min?: number | null, max?: number | null): Tens
 /** Elementwise cond ? x : y with broadcasting; numbers broadcast as scalars. */
 export function where(cond: Tensor, x: Operand, y: Operand): Tensor {
   const ref = typeof x === 'number' ? (y as Tensor) : x;
-  const backend = inputsBackend('where', cond, typeof x === 'number' ? null : x, typeof y === 'number' ? null : y);
+  const backend = inputsBackend(
+    'where',
+    cond,
+    typeof x === 'number' ? null : x,
+    typeof y === 'number' ? null : y,
+  );
   if (cond.dtype !== 'bool') throw dtypeError('where', `condition must be bool, got ${cond.dtype}`);
+  // a number operand promotes like `tensor OP number` (a float value lifts an integer tensor)
   const dtype =
-    typeof x === 'number' || typeof y === 'number' ? (ref?.dtype ?? 'float32') : promoteTypes(x.dtype, y.dtype);
+    typeof x === 'number' && typeof y === 'number'
+      ? 'float32'
+      : typeof x === 'number'
+        ? promoteWithScalar(ref.dtype, x)
+        : typeof y === 'number'
+          ? promoteWithScalar(x.dtype, y)
+          : promoteTypes(x.dtype, y.dtype);
   const scalarT = (v: number): Tensor => {
     const t = alloc(backend, [], dtype);
     backend.fill(t, v);
@@ -448,9 +538,18 @@ export function maskedFill(x: Tensor, mask: Tensor, value: number): Tensor {
   if (mask.dtype !== 'bool') throw dtypeError('maskedFill', `mask must be bool, got ${mask.dtype}`);
   const shape = broadcastShapes('maskedFill', x.shape, mask.shape);
   if (!sameShape(shape, x.shape)) {
-    throw dtypeError('maskedFill', `mask ${mask.shape} must broadcast to the input shape ${x.shape}`);
+    throw shapeError(
+      'maskedFill',
+      `mask ${fmtShape(mask.shape)} must broadcast to the input shape ${fmtShape(x.shape)}`,
+    );
   }
-  return where(mask, value, x);
+  // the result keeps x's dtype (as torch's masked_fill), so the value goes in as a 0-d tensor of
+  // that dtype rather than as a number, which where() would promote
+  const v = alloc(x.backend, [], x.dtype);
+  x.backend.fill(v, value);
+  const out = where(mask, v, x);
+  v.dispose();
+  return out;
 }
 
 Object.assign(Tensor.prototype, {

@@ -1,2 +1,207 @@
-// Filled in by its own change; exported from src/index.ts.
-export {};
+// Normalisation over trailing dimensions: RMSNorm and LayerNorm, each one fused kernel that
+// computes the statistics in float32 (float64 for float64 input) and applies the weight and
+// bias in the same pass, and one backward kernel that also reduces the weight / bias gradients.
+
+import { attachGrad, needsGrad } from '../autograd/record.js';
+import type { Backend } from '../backend/backend.js';
+import { defineCpuKernel, native, pack } from '../backend/cpu.js';
+import { type DType, isFloating } from '../dtype.js';
+import { argError, dtypeError, fmtShape, shapeError, TensorError } from '../errors.js';
+import { sameShape } from '../shape.js';
+import type { Tensor } from '../tensor.js';
+import { alloc, inputsBackend } from './util.js';
+
+/**
+ * y = (x - mean) * rstd * weight + bias over rows of N elements (RMSNorm: center = false, no
+ * mean, no bias). x, y contiguous [rows, N]; weight, bias [N] in x's dtype; mean and rstd
+ * [rows] float32 (float64 for float64 x) are written for the backward.
+ */
+export type NormKernel = (
+  y: Tensor,
+  x: Tensor,
+  weight: Tensor | null,
+  bias: Tensor | null,
+  mean: Tensor | null,
+  rstd: Tensor,
+  n: number,
+  eps: number,
+  center: boolean,
+) => void;
+/** dx, and dweight / dbias when given (summed over rows), from the saved statistics. */
+export type NormBackwardKernel = (
+  dx: Tensor,
+  g: Tensor,
+  x: Tensor,
+  weight: Tensor | null,
+  mean: Tensor | null,
+  rstd: Tensor,
+  dweight: Tensor | null,
+  dbias: Tensor | null,
+  n: number,
+  center: boolean,
+) => void;
+
+function optional(t: Tensor | null): void {
+  pack.num(t ? 1 : 0);
+  if (t) pack.tensor(t);
+}
+
+defineCpuKernel<NormKernel>('normRows', (y, x, weight, bias, mean, rstd, n, eps, center) => {
+  pack.begin().tensor(y).tensor(x);
+  optional(weight);
+  optional(bias);
+  optional(mean);
+  pack
+    .tensor(rstd)
+    .num(n)
+    .num(eps)
+    .num(center ? 1 : 0);
+  native.normForward();
+});
+
+defineCpuKernel<NormBackwardKernel>(
+  'normRowsBackward',
+  (dx, g, x, weight, mean, rstd, dweight, dbias, n, center) => {
+    pack.begin().tensor(dx).tensor(g).tensor(x);
+    optional(weight);
+    optional(mean);
+    pack.tensor(rstd);
+    optional(dweight);
+    optional(dbias);
+    pack.num(n).num(center ? 1 : 0);
+    native.normBackward();
+  },
+);
+
+function kernelOf<F extends (...args: never[]) => unknown>(backend: Backend, name: string, op: string): F {
+  const k = backend.kernel<F>(name);
+  if (!k)
+    throw new TensorError('UNSUPPORTED', `${op}: the ${backend.device} backend has no "${name}" kernel`);
+  return k;
+}
+
+/** A contiguous tensor of `dtype` with x's values (an alias when x already is one), outside the graph. */
+function contiguousRaw(x: Tensor, dtype: DType = x.dtype): Tensor {
+  if (x.isContiguous && dtype === x.dtype) return x.viewAs(x.shape, x.strides, x.offset, false);
+  const c = alloc(x.backend, x.shape, dtype);
+  if (c.numel > 0) x.backend.copy(c, x);
+  return c;
+}
+
+function checkParam(op: string, name: string, p: Tensor | null, x: Tensor, shape: readonly number[]): void {
+  if (!p) return;
+  if (!sameShape(p.shape, shape)) {
+    throw shapeError(op, `${name} ${fmtShape(p.shape)} does not match normalizedShape ${fmtShape(shape)}`);
+  }
+  if (p.dtype !== x.dtype)
+    throw dtypeError(op, `${name} dtype ${p.dtype} does not match input dtype ${x.dtype}`);
+}
+
+function normOp(
+  op: 'rmsNorm' | 'layerNorm',
+  x: Tensor,
+  normalizedShape: number | readonly number[],
+  weight: Tensor | null,
+  bias: Tensor | null,
+  eps: number,
+): Tensor {
+  const backend = inputsBackend(op, x, weight, bias);
+  const center = op === 'layerNorm';
+  const shape = typeof normalizedShape === 'number' ? [normalizedShape] : [...normalizedShape];
+  if (!isFloating(x.dtype)) throw dtypeError(op, `expected a floating-point input, got ${x.describe()}`);
+  if (shape.length === 0 || shape.some((s) => !Number.isInteger(s) || s < 0)) {
+    throw argError(op, `normalizedShape must be a non-empty list of sizes, got ${fmtShape(shape)}`);
+  }
+  const lead = x.ndim - shape.length;
+  if (lead < 0 || !sameShape(x.shape.slice(lead), shape)) {
+    throw shapeError(op, `input ${fmtShape(x.shape)} does not end with normalizedShape ${fmtShape(shape)}`);
+  }
+  checkParam(op, 'weight', weight, x, shape);
+  checkParam(op, 'bias', bias, x, shape);
+  if (!(eps >= 0) || !Number.isFinite(eps))
+    throw argError(op, `eps must be a finite number >= 0, got ${eps}`);
+
+  const n = shape.reduce((a, b) => a * b, 1);
+  const rows = n === 0 ? 0 : x.numel / n;
+  const statDtype: DType = x.dtype === 'float64' ? 'float64' : 'float32';
+  const forward = kernelOf<NormKernel>(backend, 'normRows', op);
+  const xc = contiguousRaw(x);
+  const wc = weight ? contiguousRaw(weight) : null;
+  const bc = bias ? contiguousRaw(bias) : null;
+  const mean = center ? alloc(backend, [rows], statDtype) : null;
+  const rstd = alloc(backend, [rows], statDtype);
+  const y = alloc(backend, x.shape, x.dtype);
+  if (n > 0) forward(y, xc, wc, bc, mean, rstd, n, eps, center);
+  bc?.dispose();
+
+  if (needsGrad(x, weight, bias)) {
+    const dtype = x.dtype;
+    const xShape = x.shape;
+    const wantX = x.requiresGrad;
+    const wantW = weight?.requiresGrad ?? false;
+    const wantB = bias?.requiresGrad ?? false;
+    const save = [xc, rstd];
+    if (mean) save.push(mean);
+    if (wc) save.push(wc);
+    attachGrad(y, center ? 'LayerNormBackward' : 'RmsNormBackward', [x, weight, bias], save, (g, saved) => {
+      const [xs, rs] = saved;
+      const ms = mean ? saved[2] : null;
+      const ws = wc ? saved[mean ? 3 : 2] : null;
+      const gc = contiguousRaw(g, dtype);
+      const dx = alloc(xs.backend, xShape, dtype);
+      const dw = wantW ? alloc(xs.backend, shape, dtype, n === 0) : null;
+      const db = wantB ? alloc(xs.backend, shape, dtype, n === 0) : null;
+      if (n > 0)
+        kernelOf<NormBackwardKernel>(xs.backend, 'normRowsBackward', op)(
+          dx,
+          gc,
+          xs,
+          ws,
+          ms,
+          rs,
+          dw,
+          db,
+          n,
+          center,
+        );
+      gc.dispose();
+      if (!wantX) dx.dispose();
+      return [wantX ? dx : null, dw, db];
+    });
+  }
+  xc.dispose();
+  wc?.dispose();
+  mean?.dispose();
+  rstd.dispose();
+  return y;
+}
+
+/**
+ * Root-mean-square normalisation over the trailing `normalizedShape` dimensions (torch 2.4
+ * rms_norm): x [..., *normalizedShape] -> same shape and dtype, y = x / sqrt(mean(x^2) + eps) *
+ * weight. The default eps is 1e-6, as in Llama configurations (torch defaults to the dtype's
+ * machine epsilon); pass the model's value.
+ */
+export function rmsNorm(
+  x: Tensor,
+  normalizedShape: number | readonly number[],
+  weight: Tensor | null = null,
+  eps = 1e-6,
+): Tensor {
+  return normOp('rmsNorm', x, normalizedShape, weight ?? null, null, eps);
+}
+
+/**
+ * Layer normalisation over the trailing `normalizedShape` dimensions (torch layer_norm):
+ * x [..., *normalizedShape] -> same shape and dtype, y = (x - mean) / sqrt(var + eps) * weight
+ * + bias with the biased variance.
+ */
+export function layerNorm(
+  x: Tensor,
+  normalizedShape: number | readonly number[],
+  weight: Tensor | null = null,
+  bias: Tensor | null = null,
+  eps = 1e-5,
+): Tensor {
+  return normOp('layerNorm', x, normalizedShape, weight ?? null, bias ?? null, eps);
+}

@@ -1,8 +1,9 @@
 // Reductions over one, several or all dimensions, with keepdim, and their gradients.
-import type { ReduceOp } from '../backend/backend.js';
+
 import { attachGrad, needsGrad } from '../autograd/record.js';
+import type { ReduceOp } from '../backend/backend.js';
 import { type DType, isFloating } from '../dtype.js';
-import { argError } from '../errors.js';
+import { argError, dtypeError } from '../errors.js';
 import { normDim, numel } from '../shape.js';
 import { Tensor } from '../tensor.js';
 import { arange } from './creation.js';
@@ -15,6 +16,8 @@ type Dims = number | readonly number[] | null | undefined;
 function normDims(op: string, dims: Dims, ndim: number): number[] {
   if (dims === null || dims === undefined) return [...Array(ndim).keys()];
   const list = typeof dims === 'number' ? [dims] : [...dims];
+  // an empty list reduces every dimension, as torch.sum(x, dim=[]) does
+  if (list.length === 0) return [...Array(ndim).keys()];
   const out = list.map((d) => normDim(op, d, ndim));
   if (new Set(out).size !== out.length) throw argError(op, `dimension listed twice in [${list}]`);
   return out.sort((a, b) => a - b);
@@ -64,6 +67,13 @@ function reduceRaw(
     outer = numel(kept.map((i) => x.shape[i]));
     R = numel(dims.map((i) => x.shape[i]));
     inner = 1;
+  }
+  if (kop !== 'argmax' && kop !== 'argmin' && src.dtype !== outDtype) {
+    // the kernel writes values in its input's dtype: sums of bool/int32/uint8 need int64 input
+    const cast = alloc(backend, src.shape, outDtype);
+    if (cast.numel > 0) backend.copy(cast, src);
+    src.dispose();
+    src = cast;
   }
   if (R === 0 && kop !== 'sum' && kop !== 'prod') {
     src.dispose();
@@ -120,7 +130,12 @@ export function mean(x: Tensor, dim?: Dims, keepdim = false): Tensor {
 }
 
 /** Variance with Bessel's correction by default (correction = 1), as torch.var. */
-export function variance(x: Tensor, dim?: Dims, options: { correction?: number; keepdim?: boolean } = {}): Tensor {
+export function variance(
+  x: Tensor,
+  dim?: Dims,
+  options: { correction?: number; keepdim?: boolean } = {},
+): Tensor {
+  if (!isFloating(x.dtype)) throw dtypeError('var', `expected a floating-point tensor, got ${x.dtype}`);
   const correction = options.correction ?? 1;
   const keepdim = options.keepdim ?? false;
   const dims = normDims('var', dim, x.ndim);
@@ -145,7 +160,14 @@ export function variance(x: Tensor, dim?: Dims, options: { correction?: number; 
 }
 
 /** Gradient routed to the positions equal to the result, split evenly among ties. */
-function evenGrad(g: Tensor, xs: Tensor, res: Tensor, shape: readonly number[], dims: number[], keepdim: boolean): Tensor {
+function evenGrad(
+  g: Tensor,
+  xs: Tensor,
+  res: Tensor,
+  shape: readonly number[],
+  dims: number[],
+  keepdim: boolean,
+): Tensor {
   const re = expandGrad(res, shape, dims, keepdim);
   const mask = eq(xs, re);
   re.dispose();
@@ -229,7 +251,10 @@ function argext(name: 'argmax' | 'argmin', x: Tensor, dim: number | undefined, k
     const r = reduceRaw(name, name, flat, [0], false, 'int64').values;
     flat.dispose();
     if (!keepdim) return r;
-    const k = reshape(r, x.shape.map(() => 1));
+    const k = reshape(
+      r,
+      x.shape.map(() => 1),
+    );
     r.dispose();
     return k;
   }
@@ -304,6 +329,13 @@ export function norm(x: Tensor, p = 2, dim?: Dims, keepdim = false): Tensor {
   return values;
 }
 
+/** A view of x reversed along dim (a negative stride); the copy kernels accept any strides. */
+function flipView(x: Tensor, d: number): Tensor {
+  const strides = [...x.strides];
+  strides[d] = -strides[d];
+  return x.viewAs(x.shape, strides, x.offset + (x.shape[d] - 1) * x.strides[d]);
+}
+
 /** Cumulative sum along dim. */
 export function cumsum(x: Tensor, dim: number): Tensor {
   const backend = inputsBackend('cumsum', x);
@@ -313,20 +345,28 @@ export function cumsum(x: Tensor, dim: number): Tensor {
   const s2 = dtype === src.dtype ? src : src.to(dtype);
   const out = alloc(backend, x.shape, dtype);
   if (out.numel > 0) {
-    backend.cumsum(s2, out, numel(x.shape.slice(0, d)), x.ndim === 0 ? 1 : x.shape[d], numel(x.shape.slice(d + 1)));
+    backend.cumsum(
+      s2,
+      out,
+      numel(x.shape.slice(0, d)),
+      x.ndim === 0 ? 1 : x.shape[d],
+      numel(x.shape.slice(d + 1)),
+    );
   }
   if (s2 !== src) s2.dispose();
   src.dispose();
   if (needsGrad(x)) {
-    // reverse cumulative sum: total - cumsum(g) + g
+    // reverse cumulative sum, computed as flip(cumsum(flip(g))) like torch: the shorter
+    // total - cumsum(g) + g cancels catastrophically in bfloat16
     attachGrad(out, 'CumsumBackward', [x], [], (g) => {
-      const total = sum(g, [d], true);
-      const c = cumsum(g, d);
-      const t = sub(total, c);
-      total.dispose();
+      if (g.ndim === 0 || g.shape[d] <= 1) return [g];
+      const f = flipView(g, d);
+      const c = cumsum(f, d);
+      f.dispose();
+      const fc = flipView(c, d);
       c.dispose();
-      const r = t.add(g);
-      t.dispose();
+      const r = contiguous(fc);
+      fc.dispose();
       return [r];
     });
   }

@@ -1,11 +1,12 @@
 // Views (sharing storage) and copies that change shape: view/reshape, transpose/permute,
 // expand, squeeze/unsqueeze, flatten, narrow/select, split/chunk, cat/stack, contiguous,
 // clone, detach, dtype casts and in-place copies.
-import { attachGrad, needsGrad } from '../autograd/record.js';
+
 import { isGradEnabled } from '../autograd/graph.js';
-import { type DType, isFloating } from '../dtype.js';
-import { TensorError, argError, fmtShape, indexError, shapeError } from '../errors.js';
-import { type Shape, contiguousStrides, inferShape, normDim, sameShape, viewStrides } from '../shape.js';
+import { attachGrad, needsGrad } from '../autograd/record.js';
+import { type DType, isFloating, promoteTypes } from '../dtype.js';
+import { argError, fmtShape, indexError, shapeError, TensorError } from '../errors.js';
+import { contiguousStrides, inferShape, normDim, type Shape, sameShape, viewStrides } from '../shape.js';
 import { Tensor } from '../tensor.js';
 import { zeros } from './creation.js';
 import { sumToShape } from './elementwise.js';
@@ -48,6 +49,7 @@ export function transpose(x: Tensor, dim0: number, dim1: number): Tensor {
   inputsBackend('transpose', x);
   const a = normDim('transpose', dim0, x.ndim);
   const b = normDim('transpose', dim1, x.ndim);
+  if (x.ndim === 0) return aliasWithGrad(x);
   const shape = [...x.shape];
   const strides = [...x.strides];
   [shape[a], shape[b]] = [shape[b], shape[a]];
@@ -105,7 +107,10 @@ export function expand(x: Tensor, shape: Shape): Tensor {
       outShape.push(want);
       strides.push(0);
     } else {
-      throw shapeError('expand', `cannot expand ${fmtShape(x.shape)} to ${fmtShape(shape)}: dimension ${i} is ${have}`);
+      throw shapeError(
+        'expand',
+        `cannot expand ${fmtShape(x.shape)} to ${fmtShape(shape)}: dimension ${i} is ${have}`,
+      );
     }
   }
   if (sameShape(outShape, x.shape)) return aliasWithGrad(x);
@@ -155,18 +160,32 @@ export function flatten(x: Tensor, startDim = 0, endDim = -1): Tensor {
   const s = normDim('flatten', startDim, x.ndim);
   const e = normDim('flatten', endDim, x.ndim);
   if (s > e) throw argError('flatten', `startDim ${startDim} comes after endDim ${endDim}`);
-  const shape = [...x.shape.slice(0, s), x.shape.slice(s, e + 1).reduce((a, b) => a * b, 1), ...x.shape.slice(e + 1)];
+  const shape = [
+    ...x.shape.slice(0, s),
+    x.shape.slice(s, e + 1).reduce((a, b) => a * b, 1),
+    ...x.shape.slice(e + 1),
+  ];
   return reshape(x, shape);
 }
 
 /** View of `length` elements along dim starting at start. */
 export function narrow(x: Tensor, dim: number, start: number, length: number): Tensor {
   inputsBackend('narrow', x);
+  noScalar('narrow', x);
   const d = normDim('narrow', dim, x.ndim);
   const size = x.shape[d];
   if (start < 0) start += size;
-  if (!Number.isInteger(start) || !Number.isInteger(length) || start < 0 || length < 0 || start + length > size) {
-    throw indexError('narrow', `range [${start}, ${start + length}) is outside dimension ${d} of size ${size}`);
+  if (
+    !Number.isInteger(start) ||
+    !Number.isInteger(length) ||
+    start < 0 ||
+    length < 0 ||
+    start + length > size
+  ) {
+    throw indexError(
+      'narrow',
+      `range [${start}, ${start + length}) is outside dimension ${d} of size ${size}`,
+    );
   }
   const shape = [...x.shape];
   shape[d] = length;
@@ -185,12 +204,19 @@ export function narrow(x: Tensor, dim: number, start: number, length: number): T
   return out;
 }
 
+/** Slicing a 0-d tensor has no dimension to slice (normDim accepts dim 0 for it). */
+function noScalar(op: string, x: Tensor): void {
+  if (x.ndim === 0) throw indexError(op, `cannot be applied to a 0-d tensor ${x.describe()}`);
+}
+
 /** The slice at `index` along dim, with that dimension removed. */
 export function select(x: Tensor, dim: number, index: number): Tensor {
+  noScalar('select', x);
   const d = normDim('select', dim, x.ndim);
   const size = x.shape[d];
   const i = index < 0 ? index + size : index;
-  if (i < 0 || i >= size) throw indexError('select', `index ${index} is out of range for dimension ${d} of size ${size}`);
+  if (i < 0 || i >= size)
+    throw indexError('select', `index ${index} is out of range for dimension ${d} of size ${size}`);
   const n = narrow(x, d, i, 1);
   const out = squeeze(n, d);
   n.dispose();
@@ -199,6 +225,7 @@ export function select(x: Tensor, dim: number, index: number): Tensor {
 
 /** Splits into pieces of splitSize (the last may be smaller) or of the listed sizes. */
 export function split(x: Tensor, splitSize: number | readonly number[], dim = 0): Tensor[] {
+  noScalar('split', x);
   const d = normDim('split', dim, x.ndim);
   const size = x.shape[d];
   let sizes: number[];
@@ -209,7 +236,8 @@ export function split(x: Tensor, splitSize: number | readonly number[], dim = 0)
   } else {
     sizes = [...splitSize];
     const total = sizes.reduce((a, b) => a + b, 0);
-    if (total !== size) throw shapeError('split', `sizes [${sizes}] sum to ${total}, dimension ${d} has ${size}`);
+    if (total !== size)
+      throw shapeError('split', `sizes [${sizes}] sum to ${total}, dimension ${d} has ${size}`);
   }
   const out: Tensor[] = [];
   let start = 0;
@@ -222,6 +250,7 @@ export function split(x: Tensor, splitSize: number | readonly number[], dim = 0)
 
 /** Splits into `chunks` pieces of ceil(size / chunks). */
 export function chunk(x: Tensor, chunks: number, dim = 0): Tensor[] {
+  noScalar('chunk', x);
   const d = normDim('chunk', dim, x.ndim);
   if (!(chunks > 0)) throw argError('chunk', `chunks must be positive, got ${chunks}`);
   return split(x, Math.max(1, Math.ceil(x.shape[d] / chunks)), d);
@@ -266,6 +295,7 @@ export function cat(tensors: readonly Tensor[], dim = 0): Tensor {
   if (tensors.length === 0) throw argError('cat', 'expected a non-empty list of tensors');
   const backend = inputsBackend('cat', ...tensors);
   const first = tensors[0];
+  if (first.ndim === 0) throw shapeError('cat', 'zero-dimensional tensors cannot be concatenated; use stack');
   const d = normDim('cat', dim, first.ndim);
   let dtype = first.dtype;
   let total = 0;
@@ -281,7 +311,7 @@ export function cat(tensors: readonly Tensor[], dim = 0): Tensor {
         );
       }
     }
-    if (t.dtype !== dtype) dtype = isFloating(t.dtype) && !isFloating(dtype) ? t.dtype : dtype;
+    dtype = promoteTypes(dtype, t.dtype);
     total += t.shape[d];
   }
   const shape = [...first.shape];
@@ -303,8 +333,14 @@ export function cat(tensors: readonly Tensor[], dim = 0): Tensor {
     attachGrad(out, 'CatBackward', tensors, [], (g) => {
       let s = 0;
       return tensors.map((t, i) => {
-        const piece = t.requiresGrad ? narrow(g, d, s, sizes[i]) : null;
+        let piece = t.requiresGrad ? narrow(g, d, s, sizes[i]) : null;
         s += sizes[i];
+        if (piece && piece.dtype !== t.dtype) {
+          // an input of a lower-precision dtype than the (promoted) output gets its own dtype
+          const cast = to(piece, t.dtype);
+          piece.dispose();
+          piece = cast;
+        }
         return piece;
       });
     });
@@ -317,7 +353,10 @@ export function stack(tensors: readonly Tensor[], dim = 0): Tensor {
   const d = normDim('stack', dim, tensors[0].ndim + 1);
   for (const [i, t] of tensors.entries()) {
     if (!sameShape(t.shape, tensors[0].shape)) {
-      throw shapeError('stack', `tensor ${i} has shape ${fmtShape(t.shape)}, tensor 0 has ${fmtShape(tensors[0].shape)}`);
+      throw shapeError(
+        'stack',
+        `tensor ${i} has shape ${fmtShape(t.shape)}, tensor 0 has ${fmtShape(tensors[0].shape)}`,
+      );
     }
   }
   const parts = tensors.map((t) => unsqueeze(t, d));
@@ -415,7 +454,8 @@ Object.assign(Tensor.prototype, {
 function broadcastCheck(dst: Tensor, src: Tensor): void {
   const lead = dst.ndim - src.ndim;
   const ok = lead >= 0 && src.shape.every((s, i) => s === 1 || s === dst.shape[i + lead]);
-  if (!ok) throw shapeError('copy_', `source ${fmtShape(src.shape)} does not broadcast to ${fmtShape(dst.shape)}`);
+  if (!ok)
+    throw shapeError('copy_', `source ${fmtShape(src.shape)} does not broadcast to ${fmtShape(dst.shape)}`);
 }
 
 export { contiguousStrides };

@@ -1,0 +1,91 @@
+import { defineCommand } from 'citty';
+import { z } from 'zod';
+import { packageVersion } from '../version.js';
+
+const Options = z.object({ json: z.boolean().default(false) });
+
+const PACKAGES = [
+  '@megapatch/cli',
+  '@megapatch/tensor',
+  '@megapatch/cuda',
+  '@megapatch/parallel',
+  '@megapatch/models',
+  '@megapatch/data',
+  '@megapatch/convert',
+  '@megapatch/train',
+];
+
+/** Everything `megapatch info` reports, as data. */
+export interface InfoReport {
+  node: string;
+  platform: string;
+  packages: Record<string, string>;
+  cpu: {
+    blas: string;
+    blasConfig: string;
+    simd: string;
+    openmp: boolean;
+    threads: number;
+    addonPath: string;
+  } | { error: string };
+  cuda: { available: boolean; reason: string };
+}
+
+export async function collectInfo(): Promise<InfoReport> {
+  const packages: Record<string, string> = {};
+  for (const p of PACKAGES) {
+    const v = packageVersion(p);
+    if (v) packages[p] = v;
+  }
+  let cpu: InfoReport['cpu'];
+  try {
+    const tensor = await import('@megapatch/tensor');
+    const b = tensor.backendInfo();
+    cpu = {
+      blas: b.blas,
+      blasConfig: b.blasConfig,
+      simd: b.simd,
+      openmp: b.openmp,
+      threads: b.threads,
+      addonPath: b.addonPath,
+    };
+  } catch (e) {
+    cpu = { error: (e as Error).message };
+  }
+  let cuda: InfoReport['cuda'];
+  const cudaModule = '@megapatch/cuda';
+  try {
+    await import(cudaModule);
+    cuda = { available: true, reason: 'the @megapatch/cuda backend is registered' };
+  } catch {
+    cuda = { available: false, reason: '@megapatch/cuda is not installed (no CUDA backend in this build)' };
+  }
+  return { node: process.version, platform: `${process.platform}-${process.arch}`, packages, cpu, cuda };
+}
+
+export function formatInfo(r: InfoReport): string {
+  const lines = [`megapatch on node ${r.node} (${r.platform})`, '', 'packages:'];
+  for (const [name, v] of Object.entries(r.packages)) lines.push(`  ${name.padEnd(22)} ${v}`);
+  lines.push('', 'cpu backend:');
+  if ('error' in r.cpu) lines.push(`  unavailable: ${r.cpu.error}`);
+  else {
+    lines.push(
+      `  blas      ${r.cpu.blas} (${r.cpu.blasConfig})`,
+      `  simd      ${r.cpu.simd}`,
+      `  threads   ${r.cpu.threads}${r.cpu.openmp ? ' (OpenMP)' : ''} — set MEGAPATCH_NUM_THREADS to change`,
+      `  addon     ${r.cpu.addonPath}`,
+    );
+  }
+  lines.push('', `cuda: ${r.cuda.available ? 'available' : 'not available'} — ${r.cuda.reason}`);
+  return lines.join('\n');
+}
+
+export default defineCommand({
+  meta: { name: 'info', description: 'Package versions, the native backend in use and CUDA availability' },
+  args: { json: { type: 'boolean', description: 'print JSON', default: false } },
+  async run({ args }) {
+    const opts = Options.parse({ json: args.json });
+    const report = await collectInfo();
+    console.log(opts.json ? JSON.stringify(report, null, 2) : formatInfo(report));
+  },
+});

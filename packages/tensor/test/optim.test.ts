@@ -1,0 +1,351 @@
+import { describe, expect, it } from 'vitest';
+import {
+  AdamW,
+  clipGradNorm,
+  Generator,
+  getTotalNorm,
+  Linear,
+  memoryStats,
+  type Optimizer,
+  type OptimizerStateDict,
+  randn,
+  SGD,
+  type Tensor,
+  TensorError,
+  tensor,
+  tidy,
+  zeros,
+} from '../src/index.js';
+import { expectClose, type FixtureCase, fromFixture, loadFixture } from './fixtures.js';
+
+const cases = loadFixture('optim');
+const TOL = { atol: 1e-7, rtol: 1e-6 };
+const f32 = (v: number[]): Tensor => tensor(v, { dtype: 'float32' });
+const vals = (t: Tensor): number[] => Array.from(t.toTypedArray() as Float32Array);
+
+function optimizerFor(c: FixtureCase, params: Tensor[]): Optimizer {
+  const a = c.args as Record<string, number | boolean | number[] | string>;
+  if (a.optimizer === 'AdamW') {
+    return new AdamW(params, {
+      lr: a.lr as number,
+      betas: a.betas as [number, number] | undefined,
+      eps: a.eps as number | undefined,
+      weightDecay: a.weight_decay as number,
+    });
+  }
+  return new SGD(params, {
+    lr: a.lr as number,
+    momentum: a.momentum as number | undefined,
+    dampening: a.dampening as number | undefined,
+    nesterov: a.nesterov as boolean | undefined,
+    weightDecay: a.weight_decay as number | undefined,
+  });
+}
+
+const STATE_KEYS: Record<string, string> = {
+  exp_avg: 'expAvg',
+  exp_avg_sq: 'expAvgSq',
+  momentum_buffer: 'momentumBuffer',
+};
+
+function setGrad(p: Tensor, g: Tensor): void {
+  p.grad?.dispose();
+  p.grad = g;
+}
+
+describe('optimizers match torch.optim', () => {
+  for (const c of cases.filter((x) => !x.name.startsWith('clip'))) {
+    it(c.name, () => {
+      const params = [fromFixture(c.inputs.p0, true), fromFixture(c.inputs.p1, true)];
+      const opt = optimizerFor(c, params);
+      const lrs = c.args.lrs as number[] | undefined;
+      for (let step = 0; step < (c.args.steps as number); step++) {
+        if (lrs) opt.paramGroups[0].lr = lrs[step];
+        params.forEach((p, i) => {
+          setGrad(p, fromFixture(c.inputs[`g${i}_${step}`]));
+        });
+        opt.step();
+        params.forEach((p, i) => {
+          expectClose(p, c.outputs[`p${i}_${step}`], TOL, `${c.name} p${i} step ${step}`);
+        });
+      }
+      for (const [key, expected] of Object.entries(c.outputs)) {
+        const m = /^state(\d)_(.+)$/.exec(key);
+        if (!m) continue;
+        const st = opt.stateOf(params[Number(m[1])]) as Record<string, unknown>;
+        expectClose(st[STATE_KEYS[m[2]]] as Tensor, expected, TOL, `${c.name} ${key}`);
+      }
+      if (c.args.optimizer === 'AdamW') expect(opt.stateOf(params[0])?.step).toBe(c.args.steps);
+      opt.dispose();
+      for (const p of params) p.dispose();
+    });
+  }
+});
+
+describe('clipGradNorm matches torch.nn.utils.clip_grad_norm_', () => {
+  for (const c of cases.filter((x) => x.name.startsWith('clip'))) {
+    it(c.name, () => {
+      const params = [0, 1, 2].map((i) => {
+        const g = fromFixture(c.inputs[`g${i}`]);
+        const p = zeros(g.shape).requiresGrad_(true);
+        p.grad = g;
+        return p;
+      });
+      const normType = c.args.normType === 'inf' ? Number.POSITIVE_INFINITY : (c.args.normType as number);
+      const total = clipGradNorm(params, c.args.maxNorm as number, normType);
+      const expected = c.outputs.total.data[0] as number;
+      expect(Math.abs(total - expected)).toBeLessThanOrEqual(1e-6 * Math.abs(expected));
+      params.forEach((p, i) => {
+        expectClose(p.grad!, c.outputs[`g${i}`], TOL, `${c.name} g${i}`);
+      });
+      for (const p of params) p.dispose();
+    });
+  }
+
+  it('returns 0 without gradients and skips parameters that have none', () => {
+    const a = zeros([3]).requiresGrad_(true);
+    const b = zeros([2]).requiresGrad_(true);
+    expect(clipGradNorm([a, b], 1)).toBe(0);
+    b.grad = f32([3, 4]);
+    expect(clipGradNorm([a, b], 1)).toBeCloseTo(5, 6);
+    // 1 / (5 + 1e-6) per unit of norm
+    expect(vals(b.grad)).toEqual([3, 4].map((v) => Math.fround(v * (1 / (5 + 1e-6)))));
+    expect(clipGradNorm(b, 10)).toBeCloseTo(1, 5);
+    a.dispose();
+    b.dispose();
+  });
+
+  it('handles non-finite norms like torch', () => {
+    const p = zeros([3]).requiresGrad_(true);
+    const q = zeros([2]).requiresGrad_(true);
+    // inf: the coefficient is 0, so finite values become 0 and the inf becomes NaN
+    p.grad = f32([1, Number.POSITIVE_INFINITY, -2]);
+    q.grad = f32([3, 4]);
+    expect(clipGradNorm([p, q], 1)).toBe(Number.POSITIVE_INFINITY);
+    const pg = vals(p.grad);
+    expect(pg[0]).toBe(0);
+    expect(Number.isNaN(pg[1])).toBe(true);
+    expect(Math.abs(pg[2])).toBe(0);
+    expect(vals(q.grad)).toEqual([0, 0]);
+    // NaN anywhere: the norm is NaN (for every norm type) and every gradient becomes NaN
+    for (const normType of [2, 1, Number.POSITIVE_INFINITY]) {
+      setGrad(p, f32([1, Number.NaN, 100]));
+      setGrad(q, f32([3, 4]));
+      expect(Number.isNaN(clipGradNorm([p, q], 1, normType))).toBe(true);
+      expect(vals(q.grad!).every(Number.isNaN)).toBe(true);
+    }
+    setGrad(p, f32([1, Number.NaN, 100]));
+    expect(() => clipGradNorm([p], 1, 2, { errorIfNonfinite: true })).toThrow(TensorError);
+    expect(p.grad!.toArray()).toEqual([1, Number.NaN, 100]);
+    expect(() => clipGradNorm([p], 1, 0)).toThrow(/normType/);
+    p.dispose();
+    q.dispose();
+  });
+
+  it('getTotalNorm reads strided views and is independent of the block split', () => {
+    const gen = new Generator(3);
+    const big = randn([300, 257], { generator: gen });
+    const t = big.transpose(0, 1);
+    const flat = vals(big);
+    const ref = Math.sqrt(flat.reduce((s, v) => s + v * v, 0));
+    expect(getTotalNorm([t])).toBeCloseTo(ref, 8);
+    expect(getTotalNorm([t, big], 1)).toBeCloseTo(2 * flat.reduce((s, v) => s + Math.abs(v), 0), 4);
+    expect(getTotalNorm([big], Number.POSITIVE_INFINITY)).toBe(Math.max(...flat.map(Math.abs)));
+    t.dispose();
+    big.dispose();
+  });
+});
+
+describe('Optimizer', () => {
+  it('applies per-group hyperparameters and defaults', () => {
+    const a = f32([1, 2]).requiresGrad_(true);
+    const b = f32([1, 2]).requiresGrad_(true);
+    const opt = new SGD([{ params: [a] }, { params: [b], lr: 1 }], { lr: 0.5 });
+    expect(opt.paramGroups.map((g) => g.lr)).toEqual([0.5, 1]);
+    expect(opt.paramGroups[1].momentum).toBe(0);
+    a.grad = f32([1, 1]);
+    b.grad = f32([1, 1]);
+    opt.step();
+    expect(a.toArray()).toEqual([0.5, 1.5]);
+    expect(b.toArray()).toEqual([0, 1]);
+    a.dispose();
+    b.dispose();
+  });
+
+  it('rejects bad hyperparameters and parameters with TensorErrors', () => {
+    const a = zeros([2]).requiresGrad_(true);
+    const bad = (fn: () => unknown, re: RegExp) => {
+      expect(fn).toThrow(TensorError);
+      expect(fn).toThrow(re);
+    };
+    bad(() => new AdamW([], {}), /empty parameter list/);
+    bad(() => new AdamW([a], { lr: -1 }), /learning rate/);
+    bad(() => new AdamW([a], { betas: [1, 0.9] }), /beta1/);
+    bad(() => new AdamW([a], { eps: -1 }), /eps/);
+    bad(() => new SGD([a], { nesterov: true }), /Nesterov/);
+    bad(() => new SGD([{ params: [a] }, { params: [a] }]), /more than one group/);
+    bad(() => new SGD([tensor([1, 2])]), /floating-point/);
+    a.dispose();
+  });
+
+  it('zeroGrad frees or zeroes gradients', () => {
+    const a = zeros([2]).requiresGrad_(true);
+    const opt = new SGD([a], { lr: 0.1 });
+    a.grad = f32([1, 2]);
+    opt.zeroGrad(false);
+    expect(a.grad.toArray()).toEqual([0, 0]);
+    const g = a.grad;
+    opt.zeroGrad();
+    expect(a.grad).toBeNull();
+    expect(g.disposed).toBe(true);
+    a.dispose();
+  });
+
+  it('steps non-contiguous parameters and low-precision gradients', () => {
+    const gen = new Generator(5);
+    const base = randn([3, 4], { generator: gen });
+    const grads = [0, 1, 2].map(() => randn([4, 3], { generator: gen }));
+    const view = base.transpose(0, 1).detach().requiresGrad_(true);
+    const dense = base.transpose(0, 1).contiguous().detach().requiresGrad_(true);
+    const o1 = new AdamW([view], { lr: 0.1 });
+    const o2 = new AdamW([dense], { lr: 0.1 });
+    for (const g of grads) {
+      setGrad(view, g.to('bfloat16'));
+      setGrad(dense, g.to('bfloat16').to('float32'));
+      o1.step();
+      o2.step();
+    }
+    expect(view.isContiguous).toBe(false);
+    expect(view.toArray()).toEqual(dense.toArray());
+    for (const t of [base, view, dense, ...grads]) t.dispose();
+    o1.dispose();
+    o2.dispose();
+  });
+
+  it('keeps fp32 state for bf16 parameters and rounds the fp32 update once', () => {
+    const p16 = tensor([0.5, -1.25, 2], { dtype: 'bfloat16' }).requiresGrad_(true);
+    const p32 = f32([0.5, -1.25, 2]).requiresGrad_(true);
+    const o16 = new AdamW([p16], { lr: 0.05 });
+    const o32 = new AdamW([p32], { lr: 0.05 });
+    p16.grad = tensor([0.1, -0.2, 0.3], { dtype: 'bfloat16' });
+    p32.grad = p16.grad.to('float32');
+    o16.step();
+    o32.step();
+    expect(o16.stateOf(p16)?.expAvg.dtype).toBe('float32');
+    const rounded = p32.to('bfloat16');
+    expect(p16.toArray()).toEqual(rounded.toArray());
+    for (const t of [p16, p32, rounded]) t.dispose();
+    o16.dispose();
+    o32.dispose();
+  });
+});
+
+describe('optimizer checkpoints', () => {
+  function makeRun(seed: number) {
+    const model = new Linear(4, 3, { generator: new Generator(seed) });
+    const opt = new AdamW(model.parameters(), { lr: 0.01, weightDecay: 0.1 });
+    return { model, opt };
+  }
+  function trainStep(model: Linear, opt: Optimizer, x: Tensor): void {
+    tidy(() => {
+      const loss = model.forward(x).square().mean();
+      loss.backward();
+      clipGradNorm(model.parameters(), 0.5);
+      opt.step();
+      opt.zeroGrad();
+    });
+  }
+  function cloneState(sd: OptimizerStateDict): OptimizerStateDict {
+    const state: OptimizerStateDict['state'] = {};
+    for (const [k, v] of Object.entries(sd.state)) {
+      state[k] = Object.fromEntries(
+        Object.entries(v).map(([n, x]) => [n, typeof x === 'object' && x !== null ? x.clone() : x]),
+      );
+    }
+    return { state, paramGroups: JSON.parse(JSON.stringify(sd.paramGroups)) };
+  }
+
+  it('restores the step bit for bit', () => {
+    const gen = new Generator(9);
+    const xs = [0, 1, 2, 3, 4].map(() => randn([8, 4], { generator: gen }));
+    const a = makeRun(1);
+    for (const x of xs.slice(0, 3)) trainStep(a.model, a.opt, x);
+    const sd = cloneState(a.opt.stateDict());
+    const weights = Object.fromEntries(Object.entries(a.model.stateDict()).map(([k, v]) => [k, v.clone()]));
+    expect(Object.keys(sd.state)).toEqual(['0', '1']);
+    expect(sd.paramGroups[0]).toMatchObject({
+      lr: 0.01,
+      weightDecay: 0.1,
+      betas: [0.9, 0.999],
+      params: [0, 1],
+    });
+    expect(sd.state['0'].step).toBe(3);
+
+    const b = makeRun(2);
+    b.model.loadStateDict(weights);
+    b.opt.loadStateDict(sd);
+    for (const x of xs.slice(3)) {
+      trainStep(a.model, a.opt, x);
+      trainStep(b.model, b.opt, x);
+    }
+    for (const [name, t] of Object.entries(a.model.stateDict())) {
+      expect(b.model.stateDict()[name].toArray(), name).toEqual(t.toArray());
+    }
+    expect(b.opt.stateOf(b.model.weight)?.step).toBe(5);
+    for (const t of [...xs, ...Object.values(weights)]) t.dispose();
+    for (const s of Object.values(sd.state))
+      for (const v of Object.values(s)) if (typeof v === 'object' && v) v.dispose();
+    for (const r of [a, b]) {
+      r.opt.dispose();
+      r.model.dispose();
+    }
+  });
+
+  it('rejects checkpoints of another layout', () => {
+    const { model, opt } = makeRun(1);
+    const other = new Linear(4, 5);
+    const o2 = new AdamW(other.parameters());
+    trainStep(
+      other,
+      o2,
+      tidy(() => randn([2, 4])),
+    );
+    expect(() => opt.loadStateDict({ state: {}, paramGroups: [] })).toThrow(
+      /0 parameter groups, optimizer has 1/,
+    );
+    expect(() => opt.loadStateDict(o2.stateDict())).toThrow(TensorError);
+    expect(() => opt.loadStateDict(o2.stateDict())).toThrow(/shape/);
+    for (const x of [model, other]) x.dispose();
+    opt.dispose();
+    o2.dispose();
+  });
+});
+
+describe('training loop memory', () => {
+  it('is flat: AdamW + clipGradNorm inside tidy allocate nothing that survives a step', () => {
+    const gen = new Generator(11);
+    const model = new Linear(16, 8, { generator: gen });
+    const opt = new AdamW(model.parameters(), { lr: 1e-3 });
+    const x = randn([32, 16], { generator: gen });
+    const y = randn([32, 8], { generator: gen });
+    let after5 = -1;
+    const losses: number[] = [];
+    for (let step = 1; step <= 30; step++) {
+      tidy(() => {
+        const loss = model.forward(x).sub(y).square().mean();
+        loss.backward();
+        clipGradNorm(model.parameters(), 1.0);
+        opt.step();
+        opt.zeroGrad();
+        losses.push(loss.item());
+      });
+      if (step === 5) after5 = memoryStats().liveBytes;
+    }
+    expect(memoryStats().liveBytes).toBe(after5);
+    expect(losses[29]).toBeLessThan(losses[0]);
+    opt.dispose();
+    model.dispose();
+    x.dispose();
+    y.dispose();
+  });
+});
