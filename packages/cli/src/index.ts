@@ -4,7 +4,11 @@ import { defineCommand, runMain } from 'citty';
 import { readVersion } from './version.js';
 
 export const command = defineCommand({
-  meta: { name: 'megapatch', version: readVersion(), description: 'LLM training in TypeScript, Megatron style' },
+  meta: {
+    name: 'megapatch',
+    version: readVersion(),
+    description: 'LLM training in TypeScript, Megatron style',
+  },
   subCommands: {
     info: () => import('./commands/info.js').then((m) => m.default),
   },

@@ -15,7 +15,9 @@ const want = (name) => filters.length === 0 || filters.some((f) => name.includes
 function reference(...args) {
   try {
     const env = { ...process.env, OPENBLAS_NUM_THREADS: String(threads), OMP_NUM_THREADS: String(threads) };
-    return JSON.parse(execFileSync(python, [join(here, 'reference.py'), ...args, String(threads)], { env, encoding: 'utf8' }));
+    return JSON.parse(
+      execFileSync(python, [join(here, 'reference.py'), ...args, String(threads)], { env, encoding: 'utf8' }),
+    );
   } catch (e) {
     return { value: Number.NaN, unit: '', name: `unavailable (${e.message.split('\n')[0]})` };
   }
@@ -69,7 +71,14 @@ if (want('op-dispatch')) {
   }, 3);
   const us = (per / calls) * 1e6;
   console.log(
-    JSON.stringify({ name: 'op-dispatch', unit: 'us/call', ours: Number(us.toFixed(3)), reference: 5, referenceName: 'target', ratio: Number((us / 5).toFixed(3)) }),
+    JSON.stringify({
+      name: 'op-dispatch',
+      unit: 'us/call',
+      ours: Number(us.toFixed(3)),
+      reference: 5,
+      referenceName: 'target',
+      ratio: Number((us / 5).toFixed(3)),
+    }),
   );
 }
 
@@ -84,7 +93,12 @@ for (const mode of ['causal', 'varlen']) {
   const cuSeqlens = T.tensor([0, 400, 700, 900, 1024], { dtype: 'int32' });
   const t = bestOf(() => {
     T.tidy(() => {
-      const o = T.scaledDotProductAttention(q, k, v, mode === 'causal' ? { isCausal: true } : { isCausal: true, cuSeqlens });
+      const o = T.scaledDotProductAttention(
+        q,
+        k,
+        v,
+        mode === 'causal' ? { isCausal: true } : { isCausal: true, cuSeqlens },
+      );
       o.backward(g);
     });
     for (const p of [q, k, v]) {

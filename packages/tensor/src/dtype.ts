@@ -1,7 +1,16 @@
 /** Element types of a tensor, named as in PyTorch. */
 export type DType = 'float32' | 'float64' | 'bfloat16' | 'float16' | 'int32' | 'int64' | 'uint8' | 'bool';
 
-export const DTYPES: readonly DType[] = ['float32', 'float64', 'bfloat16', 'float16', 'int32', 'int64', 'uint8', 'bool'];
+export const DTYPES: readonly DType[] = [
+  'float32',
+  'float64',
+  'bfloat16',
+  'float16',
+  'int32',
+  'int64',
+  'uint8',
+  'bool',
+];
 
 /** Codes shared with the native backend (native/src/common.h). */
 export const DTYPE_CODES: Record<DType, number> = {

@@ -11,9 +11,18 @@ export interface NativeAddon {
   setArgBuffer(buf: Float64Array): void;
   setNumThreads(n: number): void;
   getNumThreads(): number;
-  buildInfo(): { blas: string; blasConfig: string; simd: string; openmp: boolean; threads: number; compiler: string };
+  buildInfo(): {
+    blas: string;
+    blasConfig: string;
+    simd: string;
+    openmp: boolean;
+    threads: number;
+    compiler: string;
+  };
   alloc(bytes: number, zero: boolean): number;
   free(address: number): void;
+  emptyCache(): void;
+  cachedBytes(): number;
   readInto(address: number, bytes: number, dst: ArrayBufferView): void;
   writeFrom(address: number, src: ArrayBufferView): void;
   philoxBlock(c0: number, c1: number, c2: number, c3: number, k0: number, k1: number): number[];

@@ -4,10 +4,10 @@
 import { attachGrad, needsGrad } from './autograd/record.js';
 import { isFloating } from './dtype.js';
 import { argError } from './errors.js';
+import { mul } from './ops/elementwise.js';
+import { alloc, backendFor, type CreateOptions, finishCreate, inputsBackend } from './ops/util.js';
 import type { Shape } from './shape.js';
 import type { Tensor } from './tensor.js';
-import { mul } from './ops/elementwise.js';
-import { type CreateOptions, alloc, backendFor, finishCreate, inputsBackend } from './ops/util.js';
 
 /** The state of a generator: plain data, saved and restored as JSON-friendly strings. */
 export interface RngState {
@@ -77,7 +77,14 @@ export interface RandomOptions extends CreateOptions {
   generator?: Generator;
 }
 
-function draw(shape: Shape, dist: 'uniform' | 'normal' | 'randint' | 'bernoulli', a: number, b: number, opts: RandomOptions, dflt: 'float32' | 'int64'): Tensor {
+function draw(
+  shape: Shape,
+  dist: 'uniform' | 'normal' | 'randint' | 'bernoulli',
+  a: number,
+  b: number,
+  opts: RandomOptions,
+  dflt: 'float32' | 'int64',
+): Tensor {
   const backend = backendFor(opts.device);
   const t = alloc(backend, shape, opts.dtype ?? dflt);
   const gen = opts.generator ?? defaultGenerator;

@@ -1,4 +1,4 @@
-import type { Backend } from './backend/backend.js';
+import { type Backend, getBackend } from './backend/backend.js';
 
 interface DeviceStats {
   liveBytes: number;
@@ -76,11 +76,24 @@ export interface MemoryStats {
   liveStorages: number;
   /** Storages allocated since the start. */
   allocations: number;
+  /** Bytes kept by the backend's caching allocator for reuse (not in use by any tensor). */
+  cachedBytes: number;
 }
 
 /** Live and peak memory of one device (default "cpu"). */
 export function memoryStats(device = 'cpu'): MemoryStats {
-  return { ...statsFor(device) };
+  let cachedBytes = 0;
+  try {
+    cachedBytes = getBackend(device).cachedBytes?.() ?? 0;
+  } catch {
+    // no backend registered for this device: nothing is cached there
+  }
+  return { ...statsFor(device), cachedBytes };
+}
+
+/** Returns the cached free blocks of a device's allocator to the system. */
+export function emptyCache(device = 'cpu'): void {
+  getBackend(device).emptyCache?.();
 }
 
 /** Sets the peak of a device to its current live bytes. */

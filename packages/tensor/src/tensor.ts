@@ -30,6 +30,7 @@ export type NestedArray = number | boolean | NestedArray[];
  * autograd. Create tensors with `tensor`, `zeros`, `randn`, ...; free them with `dispose()`,
  * a `using` declaration, or `tidy()`.
  */
+// biome-ignore lint/suspicious/noUnsafeDeclarationMerging: the interface below declares the methods that ops/*.ts attach to the prototype
 export class Tensor {
   readonly shape: readonly number[];
   readonly strides: readonly number[];

@@ -40,7 +40,8 @@ export function fromFixture(f: FixtureTensor, requiresGrad = false): Tensor {
     const base = new Array<number>(vals.length);
     for (let b = 0; b < batch; b++)
       for (let i = 0; i < rows; i++)
-        for (let j = 0; j < cols; j++) base[b * rows * cols + j * rows + i] = vals[b * rows * cols + i * cols + j];
+        for (let j = 0; j < cols; j++)
+          base[b * rows * cols + j * rows + i] = vals[b * rows * cols + i * cols + j];
     const t = tensor(base, { dtype: f.dtype, shape: baseShape });
     const v = transpose(t, -1, -2);
     t.dispose();
@@ -65,13 +66,20 @@ export function tolFor(dtype: DType): { atol: number; rtol: number } {
 }
 
 /** Asserts allclose(actual, expected) with a message naming the first bad element. */
-export function expectClose(actual: Tensor, expected: FixtureTensor, tol?: { atol?: number; rtol?: number }, label = ''): void {
+export function expectClose(
+  actual: Tensor,
+  expected: FixtureTensor,
+  tol?: { atol?: number; rtol?: number },
+  label = '',
+): void {
   expect(actual.shape, `${label} shape`).toEqual(expected.shape);
   const t = { ...tolFor(expected.dtype), ...tol };
   const a = Array.from(actual.toTypedArray() as ArrayLike<number | bigint>, Number);
   const e = expected.data.map((v) => (typeof v === 'boolean' ? (v ? 1 : 0) : v));
   for (let i = 0; i < e.length; i++) {
-    const ok = Number.isNaN(e[i]) ? Number.isNaN(a[i]) : Math.abs(a[i] - e[i]) <= t.atol + t.rtol * Math.abs(e[i]);
+    const ok = Number.isNaN(e[i])
+      ? Number.isNaN(a[i])
+      : Math.abs(a[i] - e[i]) <= t.atol + t.rtol * Math.abs(e[i]);
     if (!ok) {
       expect.fail(`${label} element ${i}: got ${a[i]}, expected ${e[i]} (atol ${t.atol}, rtol ${t.rtol})`);
     }

@@ -20,14 +20,16 @@ export interface InfoReport {
   node: string;
   platform: string;
   packages: Record<string, string>;
-  cpu: {
-    blas: string;
-    blasConfig: string;
-    simd: string;
-    openmp: boolean;
-    threads: number;
-    addonPath: string;
-  } | { error: string };
+  cpu:
+    | {
+        blas: string;
+        blasConfig: string;
+        simd: string;
+        openmp: boolean;
+        threads: number;
+        addonPath: string;
+      }
+    | { error: string };
   cuda: { available: boolean; reason: string };
 }
 

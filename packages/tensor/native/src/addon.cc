@@ -22,7 +22,9 @@ static void apply_num_threads(int n) {
   omp_set_num_threads(g_num_threads);
 #endif
 #ifdef MEGAPATCH_HAVE_OPENBLAS
-  openblas_set_num_threads(g_num_threads);
+  // GEMMs are split across our OpenMP threads (gemm.cc); OpenBLAS's own pool would compete with
+  // them for the same cores.
+  openblas_set_num_threads(1);
 #endif
 }
 

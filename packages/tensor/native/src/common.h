@@ -209,8 +209,9 @@ void parallel_for(int64_t n, int64_t cost_per_item, F fn) {
     int chunks = static_cast<int>(n < nt ? n : nt);
 #pragma omp parallel num_threads(chunks)
     {
-      int t = omp_get_thread_num();
-      int64_t b = n * t / chunks, e = n * (t + 1) / chunks;
+      // split by the team actually granted: a nested region (nesting off) gets one thread
+      int t = omp_get_thread_num(), team = omp_get_num_threads();
+      int64_t b = n * t / team, e = n * (t + 1) / team;
       if (b < e) fn(b, e);
     }
     return;

@@ -62,19 +62,52 @@ static void gemm_portable(int64_t M, int64_t N, int64_t K, T alpha, const T* A, 
 }
 
 template <typename T>
+static void blas_call(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const T* A, int64_t lda,
+                      const T* B, int64_t ldb, double beta, T* C, int64_t ldc) {
+#ifdef MEGAPATCH_HAVE_OPENBLAS
+  if constexpr (std::is_same<T, float>::value) {
+    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K,
+                static_cast<float>(alpha), A, lda, B, ldb, static_cast<float>(beta), C, ldc);
+  } else {
+    cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A, lda,
+                B, ldb, beta, C, ldc);
+  }
+#endif
+}
+
+// Below this many multiply-adds a GEMM runs on one thread.
+constexpr double kGemmParallelWork = 1 << 18;
+
+template <typename T>
 static void gemm_one(int64_t M, int64_t N, int64_t K, double alpha, const T* A, int64_t ars, int64_t acs, const T* B,
                      int64_t brs, int64_t bcs, double beta, T* C, int64_t crs) {
 #ifdef MEGAPATCH_HAVE_OPENBLAS
   bool ta, tb;
   int64_t lda, ldb;
   if (blas_layout(M, K, ars, acs, ta, lda) && blas_layout(K, N, brs, bcs, tb, ldb)) {
-    if constexpr (std::is_same<T, float>::value) {
-      cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K,
-                  static_cast<float>(alpha), A, lda, B, ldb, static_cast<float>(beta), C, crs);
-    } else {
-      cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A,
-                  lda, B, ldb, beta, C, crs);
+    // OpenBLAS runs single-threaded (see addon.cc): one thread pool, ours, so that OpenMP workers
+    // never spin against OpenBLAS's own threads. Large products are split into panels of C rows
+    // (or columns when C is wide), one per thread.
+    int nt = num_threads();
+    double work = static_cast<double>(M) * N * K;
+#ifdef _OPENMP
+    if (nt > 1 && work >= kGemmParallelWork && !omp_in_parallel()) {
+      bool by_rows = M >= N;
+      int64_t extent = by_rows ? M : N;
+      int chunks = static_cast<int>(std::min<int64_t>(nt, std::max<int64_t>(1, extent / 16)));
+#pragma omp parallel num_threads(chunks)
+      {
+        int t = omp_get_thread_num(), team = omp_get_num_threads();
+        int64_t b = extent * t / team, e = extent * (t + 1) / team;
+        if (b < e) {
+          if (by_rows) blas_call<T>(ta, tb, e - b, N, K, alpha, A + b * ars, lda, B, ldb, beta, C + b * crs, crs);
+          else blas_call<T>(ta, tb, M, e - b, K, alpha, A, lda, B + b * bcs, ldb, beta, C + b, crs);
+        }
+      }
+      return;
     }
+#endif
+    blas_call<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, crs);
     return;
   }
 #endif
@@ -116,6 +149,18 @@ static void gemm_half(int64_t batch, int64_t M, int64_t N, int64_t K, const Mat&
 template <typename T>
 static void gemm_full(int64_t batch, int64_t M, int64_t N, int64_t K, const Mat& a, const Mat& b, const Mat& c,
                       double alpha, double beta) {
+  double work = static_cast<double>(M) * N * K;
+  if (batch > 1 && work < kGemmParallelWork) {
+    // many small products: one whole product per thread
+    parallel_for(batch, static_cast<int64_t>(work), [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; i++) {
+        gemm_one<T>(M, N, K, alpha, reinterpret_cast<const T*>(a.base) + i * a.bs, a.rs, a.cs,
+                    reinterpret_cast<const T*>(b.base) + i * b.bs, b.rs, b.cs, beta,
+                    reinterpret_cast<T*>(c.base) + i * c.bs, c.rs);
+      }
+    });
+    return;
+  }
   for (int64_t i = 0; i < batch; i++) {
     gemm_one<T>(M, N, K, alpha, reinterpret_cast<const T*>(a.base) + i * a.bs, a.rs, a.cs,
                 reinterpret_cast<const T*>(b.base) + i * b.bs, b.rs, b.cs, beta,

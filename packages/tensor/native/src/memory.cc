@@ -1,6 +1,9 @@
 // Allocation, strided copies with dtype conversion, fills, and transfers to and from JS typed
 // arrays.
 #include <cstdlib>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
 
 #include "common.h"
 
@@ -8,29 +11,119 @@ namespace mp {
 
 constexpr size_t kAlign = 64;
 
-// alloc(bytes, zero) -> address. Sizes are rounded up to the alignment; 0 bytes still gets a
-// unique address so that every storage has an owner.
+// A caching allocator: freed blocks are kept in per-size-class free lists and handed out again,
+// so a training loop that allocates the same shapes every step stops paying for malloc, for
+// munmap/mmap of large blocks and for the page faults of first touch. Size classes round up to
+// an eighth of the size's power of two (at most 12.5% waste). The cache holds at most
+// MEGAPATCH_ALLOCATOR_CACHE_MB (default 1024) MiB; emptyCache() returns it to the system.
+namespace {
+
+struct Cache {
+  std::mutex mu;
+  std::unordered_map<size_t, std::vector<void*>> free_lists;
+  std::unordered_map<void*, size_t> sizes;  // live and cached blocks -> their class size
+  size_t cached_bytes = 0;
+  size_t limit = 1024ull << 20;
+  Cache() {
+    const char* env = std::getenv("MEGAPATCH_ALLOCATOR_CACHE_MB");
+    if (env && *env) limit = static_cast<size_t>(std::strtoull(env, nullptr, 10)) << 20;
+  }
+};
+
+Cache& cache() {
+  static Cache* c = new Cache();  // never destroyed: blocks may be freed during shutdown
+  return *c;
+}
+
+size_t size_class(size_t bytes) {
+  if (bytes <= kAlign) return kAlign;
+  size_t p = 1;
+  while (p <= bytes / 2) p <<= 1;  // p = largest power of two <= bytes
+  size_t step = p >= 8 * kAlign ? p / 8 : kAlign;
+  return ((bytes + step - 1) / step) * step;
+}
+
+void release_cached(Cache& c) {
+  for (auto& [size, list] : c.free_lists) {
+    for (void* p : list) {
+      c.sizes.erase(p);
+      std::free(p);
+    }
+    c.cached_bytes -= size * list.size();
+    list.clear();
+  }
+}
+
+}  // namespace
+
+// alloc(bytes, zero) -> address of a 64-byte aligned block. 0 bytes still gets a unique
+// address so that every storage has an owner.
 static Napi::Value Alloc(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  double req = info[0].As<Napi::Number>().DoubleValue();
+  size_t bytes = static_cast<size_t>(info[0].As<Napi::Number>().DoubleValue());
   bool zero = info[1].ToBoolean();
-  size_t bytes = static_cast<size_t>(req);
-  size_t rounded = ((bytes + kAlign - 1) / kAlign) * kAlign;
-  if (rounded == 0) rounded = kAlign;
-  void* p = std::aligned_alloc(kAlign, rounded);
-  if (!p) {
-    Napi::Error::New(env, "out of memory: could not allocate " + std::to_string(bytes) + " bytes")
-        .ThrowAsJavaScriptException();
-    return env.Undefined();
+  size_t cls = size_class(bytes);
+  Cache& c = cache();
+  void* p = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    auto it = c.free_lists.find(cls);
+    if (it != c.free_lists.end() && !it->second.empty()) {
+      p = it->second.back();
+      it->second.pop_back();
+      c.cached_bytes -= cls;
+    }
   }
-  if (zero) std::memset(p, 0, rounded);
+  if (!p) {
+    p = std::aligned_alloc(kAlign, cls);
+    if (!p) {
+      {
+        std::lock_guard<std::mutex> lock(c.mu);
+        release_cached(c);
+      }
+      p = std::aligned_alloc(kAlign, cls);
+    }
+    if (!p) {
+      Napi::Error::New(env, "out of memory: could not allocate " + std::to_string(bytes) + " bytes")
+          .ThrowAsJavaScriptException();
+      return env.Undefined();
+    }
+    std::lock_guard<std::mutex> lock(c.mu);
+    c.sizes[p] = cls;
+  }
+  if (zero) std::memset(p, 0, bytes);
   return Napi::Number::New(env, static_cast<double>(reinterpret_cast<uintptr_t>(p)));
 }
 
 static Napi::Value Free(const Napi::CallbackInfo& info) {
   void* p = reinterpret_cast<void*>(static_cast<uintptr_t>(info[0].As<Napi::Number>().DoubleValue()));
-  std::free(p);
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  auto it = c.sizes.find(p);
+  if (it == c.sizes.end()) return info.Env().Undefined();  // not ours: ignore rather than corrupt
+  size_t cls = it->second;
+  if (c.cached_bytes + cls <= c.limit) {
+    c.free_lists[cls].push_back(p);
+    c.cached_bytes += cls;
+  } else {
+    c.sizes.erase(it);
+    std::free(p);
+  }
   return info.Env().Undefined();
+}
+
+// emptyCache(): frees every cached block; cachedBytes(): bytes held by the cache.
+static Napi::Value EmptyCache(const Napi::CallbackInfo& info) {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  release_cached(c);
+  return info.Env().Undefined();
+}
+
+static Napi::Value CachedBytes(const Napi::CallbackInfo& info) {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  return Napi::Number::New(info.Env(), static_cast<double>(c.cached_bytes));
 }
 
 template <typename TI, typename TO>
@@ -131,6 +224,8 @@ static Napi::Value WriteFrom(const Napi::CallbackInfo& info) {
 void register_memory(Napi::Env env, Napi::Object exports) {
   exports.Set("alloc", Napi::Function::New(env, Alloc));
   exports.Set("free", Napi::Function::New(env, Free));
+  exports.Set("emptyCache", Napi::Function::New(env, EmptyCache));
+  exports.Set("cachedBytes", Napi::Function::New(env, CachedBytes));
   exports.Set("copy", Napi::Function::New(env, Copy));
   exports.Set("fill", Napi::Function::New(env, Fill));
   exports.Set("readInto", Napi::Function::New(env, ReadInto));

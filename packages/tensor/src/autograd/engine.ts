@@ -47,7 +47,10 @@ function runHooks(node: Node, grad: Tensor): Tensor {
 
 function accumulate(leaf: Tensor, grad: Tensor): void {
   if (!sameShape(grad.shape, leaf.shape)) {
-    throw new TensorError('SHAPE_MISMATCH', `backward: gradient ${grad.describe()} does not match leaf ${leaf.describe()}`);
+    throw new TensorError(
+      'SHAPE_MISMATCH',
+      `backward: gradient ${grad.describe()} does not match leaf ${leaf.describe()}`,
+    );
   }
   if (leaf.mainGrad) {
     // mixed precision: accumulate in the fp32 buffer (the cast happens inside the add)
@@ -66,7 +69,12 @@ function accumulate(leaf: Tensor, grad: Tensor): void {
     if (!exclusive) grad.dispose();
     return;
   }
-  leaf.grad.backend.binary(leaf.grad, leaf.grad, grad.dtype === leaf.grad.dtype ? grad : grad.to(leaf.grad.dtype), 'add');
+  leaf.grad.backend.binary(
+    leaf.grad,
+    leaf.grad,
+    grad.dtype === leaf.grad.dtype ? grad : grad.to(leaf.grad.dtype),
+    'add',
+  );
   grad.dispose();
 }
 
@@ -83,7 +91,10 @@ export function backward(root: Tensor, gradient?: Tensor, options: BackwardOptio
     );
   }
   if (gradient && !sameShape(gradient.shape, root.shape)) {
-    throw new TensorError('SHAPE_MISMATCH', `backward: gradient ${gradient.describe()} does not match ${root.describe()}`);
+    throw new TensorError(
+      'SHAPE_MISMATCH',
+      `backward: gradient ${gradient.describe()} does not match ${root.describe()}`,
+    );
   }
   noGrad(() => {
     const seed = tidy(() => (gradient ? gradient.to(root.dtype).clone() : onesLike(root)));
@@ -107,7 +118,9 @@ export function backward(root: Tensor, gradient?: Tensor, options: BackwardOptio
       let inGrads: readonly (Tensor | null | undefined)[] = [];
       if (g) {
         const gg = g;
-        inGrads = tidy(() => node.apply(gg).map((x) => (x === gg ? gg.viewAs(gg.shape, gg.strides, gg.offset) : x)));
+        inGrads = tidy(() =>
+          node.apply(gg).map((x) => (x === gg ? gg.viewAs(gg.shape, gg.strides, gg.offset) : x)),
+        );
         g.dispose();
       }
       node.next.forEach((p, i) => {

@@ -23,12 +23,17 @@ export interface GradcheckOptions {
  * backward pass of sum(fn(x) * v) gives the gradient compared with (L(x+eps) - L(x-eps)) / 2eps
  * for every input element. Returns true, or throws a TensorError naming the first mismatch.
  */
-export function gradcheck(fn: (...inputs: Tensor[]) => Tensor, inputs: Tensor[], options: GradcheckOptions = {}): true {
+export function gradcheck(
+  fn: (...inputs: Tensor[]) => Tensor,
+  inputs: Tensor[],
+  options: GradcheckOptions = {},
+): true {
   const eps = options.eps ?? 1e-6;
   const atol = options.atol ?? 1e-5;
   const rtol = options.rtol ?? 1e-3;
   for (const x of inputs) {
-    if (x.dtype !== 'float64') throw new TensorError('DTYPE_MISMATCH', `gradcheck: inputs must be float64, got ${x.dtype}`);
+    if (x.dtype !== 'float64')
+      throw new TensorError('DTYPE_MISMATCH', `gradcheck: inputs must be float64, got ${x.dtype}`);
   }
   const gen = new Generator(options.seed ?? 1234);
   const probe = noGrad(() => fn(...inputs));

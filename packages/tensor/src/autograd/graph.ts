@@ -41,6 +41,7 @@ export function enableGrad<T>(fn: () => T): T {
 export type BackwardFn = (grad: Tensor, saved: readonly Tensor[]) => readonly (Tensor | null | undefined)[];
 
 /** A gradient hook: may return a replacement gradient. */
+// biome-ignore lint/suspicious/noConfusingVoidType: a hook that returns nothing keeps the gradient, as in PyTorch
 export type GradHook = (grad: Tensor) => Tensor | undefined | void;
 
 export class Node {
@@ -56,7 +57,13 @@ export class Node {
   private refs = 0;
   savedFreed = false;
 
-  constructor(name: string, backwardFn: BackwardFn | null, next: (Node | null)[], saved: Tensor[] | null, variable: Tensor | null = null) {
+  constructor(
+    name: string,
+    backwardFn: BackwardFn | null,
+    next: (Node | null)[],
+    saved: Tensor[] | null,
+    variable: Tensor | null = null,
+  ) {
     this.name = name;
     this.backwardFn = backwardFn;
     this.next = next;

@@ -1,5 +1,5 @@
 import type { Tensor } from '../tensor.js';
-import { type BackwardFn, Node, edgeOf, isGradEnabled } from './graph.js';
+import { type BackwardFn, edgeOf, isGradEnabled, Node } from './graph.js';
 
 /** Whether an op on these inputs must record a graph node. */
 export function needsGrad(...inputs: readonly (Tensor | null | undefined)[]): boolean {

@@ -52,7 +52,17 @@ export type BinaryOp =
   | 'reluBackward'
   | 'atan2';
 
-export type ReduceOp = 'sum' | 'mean' | 'max' | 'min' | 'argmax' | 'argmin' | 'var' | 'logsumexp' | 'norm' | 'prod';
+export type ReduceOp =
+  | 'sum'
+  | 'mean'
+  | 'max'
+  | 'min'
+  | 'argmax'
+  | 'argmin'
+  | 'var'
+  | 'logsumexp'
+  | 'norm'
+  | 'prod';
 
 export type RandomDist = 'uniform' | 'normal' | 'randint' | 'bernoulli';
 
@@ -72,7 +82,12 @@ export interface GemmOperand {
 export interface Backend {
   readonly device: string;
   alloc(bytes: number, zero: boolean): number;
+  /** Returns a block; a caching backend may keep it for the next alloc of that size. */
   free(address: number): void;
+  /** Releases cached free blocks to the system (caching backends). */
+  emptyCache?(): void;
+  /** Bytes held in the backend's cache of free blocks. */
+  cachedBytes?(): number;
   /** dst = cast(src), src broadcast to dst's shape; any strides. */
   copy(dst: Tensor, src: Tensor): void;
   fill(t: Tensor, value: number): void;

@@ -140,6 +140,8 @@ export const cpuBackend: Backend = {
   device: 'cpu',
   alloc: (bytes, zero) => addon.alloc(bytes, zero),
   free: (address) => addon.free(address),
+  emptyCache: () => addon.emptyCache(),
+  cachedBytes: () => addon.cachedBytes(),
   copy(dst, src) {
     pack.begin().tensor(dst).tensor(src);
     k.copy();
@@ -177,7 +179,11 @@ export const cpuBackend: Backend = {
     k.where();
   },
   reduce(x, out, indices, outer, R, inner, op, p) {
-    pack.begin().tensor(x).tensor(out).num(indices ? 1 : 0);
+    pack
+      .begin()
+      .tensor(x)
+      .tensor(out)
+      .num(indices ? 1 : 0);
     if (indices) pack.tensor(indices);
     pack.num(outer).num(R).num(inner).num(REDUCE[op]).num(p);
     k.reduce();
@@ -187,13 +193,7 @@ export const cpuBackend: Backend = {
     k.cumsum();
   },
   gemm(batch, M, N, K, a: GemmOperand, b: GemmOperand, c: GemmOperand, alpha, beta) {
-    pack
-      .begin()
-      .num(DTYPE_CODES[c.tensor.dtype])
-      .num(batch)
-      .num(M)
-      .num(N)
-      .num(K);
+    pack.begin().num(DTYPE_CODES[c.tensor.dtype]).num(batch).num(M).num(N).num(K);
     for (const m of [a, b]) pack.num(pack.address(m.tensor)).num(m.bs).num(m.rs).num(m.cs);
     pack.num(pack.address(c.tensor)).num(c.bs).num(c.rs).num(alpha).num(beta);
     k.gemm();

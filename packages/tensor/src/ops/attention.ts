@@ -1,2 +1,215 @@
-// Filled in by its own change; exported from src/index.ts.
-export {};
+// Scaled dot-product attention with torch.nn.functional.scaled_dot_product_attention semantics,
+// plus grouped-query attention and packed variable-length rows, on a fused flash-attention style
+// kernel (native/src/attention.cc) that saves only the per-row logsumexp for the backward.
+import { attachGrad, needsGrad } from '../autograd/record.js';
+import { defineCpuKernel, native, pack } from '../backend/cpu.js';
+import { isFloating } from '../dtype.js';
+import { argError, dtypeError, fmtShape, shapeError, TensorError } from '../errors.js';
+import type { Tensor } from '../tensor.js';
+import { alloc, inputsBackend } from './util.js';
+
+export interface AttentionOptions {
+  /**
+   * bool (true = attend) or additive floating-point mask, broadcastable to [B, Hq, Sq, Sk]. It is
+   * a constant: no gradient flows to it. Combines with isCausal and cuSeqlens (all must allow).
+   */
+  attnMask?: Tensor | null;
+  /** Query i attends to keys j <= i (top-left aligned, as tril(ones(Sq, Sk))). */
+  isCausal?: boolean;
+  /** Score scale; 1/sqrt(D) by default. */
+  scale?: number;
+  /**
+   * Packed variable-length rows (int32/int64 [nseq + 1], cumulative starts from 0 to the token
+   * count): needs B = 1 and Sq = Sk; tokens attend only within their own sequence.
+   */
+  cuSeqlens?: Tensor | null;
+}
+
+/** Options the kernels receive once validated: the mask as a [B, Hq, Sq, Sk] view. */
+export interface AttentionKernelOptions {
+  mask: Tensor | null;
+  cuSeqlens: Tensor | null;
+  causal: boolean;
+  scale: number;
+}
+
+/** out [B, Hq, Sq, Dv] and lse [B, Hq, Sq] (float64 for float64 inputs, else float32) from q, k, v. */
+export type AttentionForwardKernel = (
+  out: Tensor,
+  lse: Tensor,
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  opts: AttentionKernelOptions,
+) => void;
+
+/** dq, dk, dv from the upstream gradient and the forward's inputs, output and lse. */
+export type AttentionBackwardKernel = (
+  dq: Tensor,
+  dk: Tensor,
+  dv: Tensor,
+  gradOut: Tensor,
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  out: Tensor,
+  lse: Tensor,
+  opts: AttentionKernelOptions,
+) => void;
+
+function packOptions(o: AttentionKernelOptions): void {
+  pack.num(o.mask ? 1 : 0);
+  if (o.mask) pack.tensor(o.mask);
+  pack.num(o.cuSeqlens ? 1 : 0);
+  if (o.cuSeqlens) pack.tensor(o.cuSeqlens);
+  pack.num(o.causal ? 1 : 0).num(o.scale);
+}
+
+defineCpuKernel<AttentionForwardKernel>('attentionForward', (out, lse, q, k, v, opts) => {
+  pack.begin().tensor(out).tensor(lse).tensor(q).tensor(k).tensor(v);
+  packOptions(opts);
+  native.attentionForward();
+});
+
+defineCpuKernel<AttentionBackwardKernel>('attentionBackward', (dq, dk, dv, g, q, k, v, out, lse, opts) => {
+  pack
+    .begin()
+    .tensor(dq)
+    .tensor(dk)
+    .tensor(dv)
+    .tensor(g)
+    .tensor(q)
+    .tensor(k)
+    .tensor(v)
+    .tensor(out)
+    .tensor(lse);
+  packOptions(opts);
+  native.attentionBackward();
+});
+
+const OP = 'scaledDotProductAttention';
+
+// The mask as a [B, Hq, Sq, Sk] view with stride 0 along broadcast dimensions.
+function maskView(mask: Tensor, target: readonly number[]): Tensor {
+  if (mask.dtype !== 'bool' && !isFloating(mask.dtype)) {
+    throw dtypeError(OP, `attnMask must be bool or floating-point, got ${mask.dtype}`);
+  }
+  if (mask.ndim > 4) throw shapeError(OP, `attnMask ${fmtShape(mask.shape)} has more than 4 dimensions`);
+  const lead = 4 - mask.ndim;
+  const strides: number[] = [];
+  for (let i = 0; i < 4; i++) {
+    const src = i - lead;
+    if (src < 0) {
+      strides.push(0);
+      continue;
+    }
+    const have = mask.shape[src];
+    if (have === target[i]) strides.push(have === 1 ? 0 : mask.strides[src]);
+    else if (have === 1) strides.push(0);
+    else {
+      throw shapeError(
+        OP,
+        `attnMask ${fmtShape(mask.shape)} does not broadcast to [B, Hq, Sq, Sk] = ${fmtShape(target)}`,
+      );
+    }
+  }
+  return mask.viewAs(target, strides, mask.offset);
+}
+
+function checkCuSeqlens(cu: Tensor, B: number, Sq: number, Sk: number): void {
+  if (cu.dtype !== 'int32' && cu.dtype !== 'int64')
+    throw dtypeError(OP, `cuSeqlens must be int32 or int64, got ${cu.dtype}`);
+  if (cu.ndim !== 1 || cu.shape[0] < 2) {
+    throw shapeError(OP, `cuSeqlens must be [nseq + 1] with at least 2 entries, got ${fmtShape(cu.shape)}`);
+  }
+  if (B !== 1) throw shapeError(OP, `cuSeqlens packs sequences into one row: batch must be 1, got ${B}`);
+  if (Sq !== Sk) throw shapeError(OP, `cuSeqlens needs Sq = Sk (packed self-attention), got ${Sq} and ${Sk}`);
+  const vals = Array.from(cu.toTypedArray() as ArrayLike<number | bigint>, Number);
+  if (vals[0] !== 0) throw argError(OP, `cuSeqlens must start at 0, got ${vals[0]}`);
+  for (let i = 1; i < vals.length; i++) {
+    if (vals[i] < vals[i - 1]) {
+      throw argError(
+        OP,
+        `cuSeqlens must be non-decreasing, got ${vals[i - 1]} then ${vals[i]} at index ${i}`,
+      );
+    }
+  }
+  const last = vals[vals.length - 1];
+  if (last !== Sq) throw argError(OP, `cuSeqlens must end at the token count ${Sq}, got ${last}`);
+}
+
+/**
+ * Attention softmax(q k^T * scale + mask) v for q [B, Hq, Sq, D], k [B, Hkv, Sk, D],
+ * v [B, Hkv, Sk, Dv] → [B, Hq, Sq, Dv] in q's dtype (fp32 math for 16-bit inputs). Hq must be a
+ * multiple of Hkv (query head h reads kv head floor(h / (Hq / Hkv)), without copying K/V). Rows
+ * with nothing to attend to give zeros and zero gradients. Differentiable in q, k and v.
+ */
+export function scaledDotProductAttention(
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  options: AttentionOptions = {},
+): Tensor {
+  const attnMask = options.attnMask ?? null;
+  const cuSeqlens = options.cuSeqlens ?? null;
+  const backend = inputsBackend(OP, q, k, v, attnMask, cuSeqlens);
+  if (q.ndim !== 4 || k.ndim !== 4 || v.ndim !== 4) {
+    throw shapeError(
+      OP,
+      `q, k, v must be [B, H, S, D], got ${fmtShape(q.shape)}, ${fmtShape(k.shape)} and ${fmtShape(v.shape)}`,
+    );
+  }
+  if (!isFloating(q.dtype)) throw dtypeError(OP, `expected floating-point inputs, got ${q.dtype}`);
+  if (k.dtype !== q.dtype || v.dtype !== q.dtype) {
+    throw dtypeError(OP, `q, k, v must share a dtype, got ${q.dtype}, ${k.dtype} and ${v.dtype}`);
+  }
+  const [B, Hq, Sq, D] = q.shape;
+  const [Bk, Hkv, Sk, Dk] = k.shape;
+  const [Bv, Hv, Sv, Dv] = v.shape;
+  if (Bk !== B || Bv !== B) throw shapeError(OP, `batch sizes differ: q ${B}, k ${Bk}, v ${Bv}`);
+  if (Dk !== D) throw shapeError(OP, `head dims differ: q has ${D}, k has ${Dk}`);
+  if (Hv !== Hkv || Sv !== Sk) {
+    throw shapeError(OP, `k ${fmtShape(k.shape)} and v ${fmtShape(v.shape)} must agree on heads and length`);
+  }
+  if (Hkv === 0 || Hq % Hkv !== 0) {
+    throw shapeError(OP, `query heads (${Hq}) must be a multiple of key/value heads (${Hkv})`);
+  }
+  const scale = options.scale ?? 1 / Math.sqrt(D);
+  if (!Number.isFinite(scale)) throw argError(OP, `scale must be a finite number, got ${scale}`);
+  if (cuSeqlens) checkCuSeqlens(cuSeqlens, B, Sq, Sk);
+  const fwd = backend.kernel<AttentionForwardKernel>('attentionForward');
+  const bwd = backend.kernel<AttentionBackwardKernel>('attentionBackward');
+  if (!fwd || !bwd)
+    throw new TensorError('UNSUPPORTED', `${OP}: no fused attention kernels on ${backend.device}`);
+
+  const mask = attnMask ? maskView(attnMask, [B, Hq, Sq, Sk]) : null;
+  const opts: AttentionKernelOptions = { mask, cuSeqlens, causal: options.isCausal ?? false, scale };
+  const out = alloc(backend, [B, Hq, Sq, Dv], q.dtype);
+  const lse = alloc(backend, [B, Hq, Sq], q.dtype === 'float64' ? 'float64' : 'float32');
+  fwd(out, lse, q, k, v, opts);
+  if (needsGrad(q, k, v)) {
+    const save = [q, k, v, out, lse];
+    if (mask) save.push(mask);
+    if (cuSeqlens) save.push(cuSeqlens);
+    // the closure keeps plain values only: the tensors it needs come back through `saved`
+    const { causal } = opts;
+    const dtype = q.dtype;
+    const hasMask = mask !== null;
+    const hasCu = cuSeqlens !== null;
+    attachGrad(out, 'ScaledDotProductAttentionBackward', [q, k, v], save, (g, s) => {
+      const [qs, ks, vs, os, ls] = s;
+      const ms = hasMask ? s[5] : null;
+      const cs = hasCu ? s[hasMask ? 6 : 5] : null;
+      const gg = g.dtype === dtype ? g : g.to(dtype);
+      const dq = alloc(backend, qs.shape, dtype);
+      const dk = alloc(backend, ks.shape, dtype);
+      const dv = alloc(backend, vs.shape, dtype);
+      bwd(dq, dk, dv, gg, qs, ks, vs, os, ls, { mask: ms, cuSeqlens: cs, causal, scale });
+      if (gg !== g) gg.dispose();
+      return [dq, dk, dv];
+    });
+  }
+  lse.dispose();
+  mask?.dispose();
+  return out;
+}

@@ -1,8 +1,8 @@
-import { type DType, type TypedArrayFor, isFloating } from '../dtype.js';
-import { TensorError, argError } from '../errors.js';
-import { type Shape, numel } from '../shape.js';
-import { type NestedArray, Tensor } from '../tensor.js';
-import { type CreateOptions, alloc, backendFor, finishCreate } from './util.js';
+import { type DType, isFloating, type TypedArrayFor } from '../dtype.js';
+import { argError, TensorError } from '../errors.js';
+import { numel, type Shape } from '../shape.js';
+import type { NestedArray, Tensor } from '../tensor.js';
+import { alloc, backendFor, type CreateOptions, finishCreate } from './util.js';
 
 function flatten(op: string, data: NestedArray): { shape: number[]; values: (number | boolean)[] } {
   const shape: number[] = [];
@@ -47,7 +47,10 @@ export function fromTypedArray(data: TypedInput, shape?: Shape, opts: CreateOpti
   const n = data.length;
   const shp = shape ? [...shape] : [n];
   if (numel(shp) !== n) {
-    throw new TensorError('SHAPE_MISMATCH', `fromTypedArray: shape [${shp}] has ${numel(shp)} elements, data has ${n}`);
+    throw new TensorError(
+      'SHAPE_MISMATCH',
+      `fromTypedArray: shape [${shp}] has ${numel(shp)} elements, data has ${n}`,
+    );
   }
   const backend = backendFor(opts.device);
   let src: DType;
@@ -78,7 +81,10 @@ export function tensor(data: NestedArray | TypedInput, opts: CreateOptions & { s
   const { shape, values } = flatten('tensor', data);
   const finalShape = opts.shape ? [...opts.shape] : shape;
   if (numel(finalShape) !== values.length) {
-    throw new TensorError('SHAPE_MISMATCH', `tensor: shape [${finalShape}] does not hold ${values.length} values`);
+    throw new TensorError(
+      'SHAPE_MISMATCH',
+      `tensor: shape [${finalShape}] does not hold ${values.length} values`,
+    );
   }
   let dtype = opts.dtype;
   if (!dtype) {
@@ -127,7 +133,11 @@ export function ones(shape: Shape, opts: CreateOptions = {}): Tensor {
   return full(shape, 1, opts);
 }
 
-const likeOpts = (t: Tensor, opts: CreateOptions): CreateOptions => ({ dtype: t.dtype, device: t.device, ...opts });
+const likeOpts = (t: Tensor, opts: CreateOptions): CreateOptions => ({
+  dtype: t.dtype,
+  device: t.device,
+  ...opts,
+});
 export const zerosLike = (t: Tensor, opts: CreateOptions = {}): Tensor => zeros(t.shape, likeOpts(t, opts));
 export const onesLike = (t: Tensor, opts: CreateOptions = {}): Tensor => ones(t.shape, likeOpts(t, opts));
 export const emptyLike = (t: Tensor, opts: CreateOptions = {}): Tensor => empty(t.shape, likeOpts(t, opts));
@@ -146,11 +156,13 @@ export function arange(start: number, end?: number, step = 1, opts: CreateOption
   if (step === 0) throw argError('arange', 'step must be nonzero');
   const n = Math.max(0, Math.ceil((end - start) / step));
   const dtype =
-    opts.dtype ?? ([start, end, step].every((v) => Number.isInteger(v)) ? ('int64' as const) : ('float32' as const));
+    opts.dtype ??
+    ([start, end, step].every((v) => Number.isInteger(v)) ? ('int64' as const) : ('float32' as const));
   const vals = new Float64Array(n);
   for (let i = 0; i < n; i++) vals[i] = start + i * step;
   const t = fromTypedArray(vals, [n], { device: opts.device, dtype });
-  if (opts.requiresGrad && !isFloating(dtype)) throw argError('arange', 'only floating-point tensors can require grad');
+  if (opts.requiresGrad && !isFloating(dtype))
+    throw argError('arange', 'only floating-point tensors can require grad');
   return finishCreate(t, opts);
 }
 
@@ -158,7 +170,10 @@ export function arange(start: number, end?: number, step = 1, opts: CreateOption
 export function eye(n: number, m = n, opts: CreateOptions = {}): Tensor {
   const vals = new Float64Array(n * m);
   for (let i = 0; i < Math.min(n, m); i++) vals[i * m + i] = 1;
-  return finishCreate(fromTypedArray(vals, [n, m], { device: opts.device, dtype: opts.dtype ?? 'float32' }), opts);
+  return finishCreate(
+    fromTypedArray(vals, [n, m], { device: opts.device, dtype: opts.dtype ?? 'float32' }),
+    opts,
+  );
 }
 
 export type { TypedArrayFor };

@@ -1,7 +1,8 @@
 // matmul (torch.matmul semantics, batch broadcasting), bmm and linear, all on the backend's
 // batched GEMM. Operands are passed with their strides, so transposed views cost no copy.
-import type { GemmOperand } from '../backend/backend.js';
+
 import { attachGrad, needsGrad } from '../autograd/record.js';
+import type { GemmOperand } from '../backend/backend.js';
 import { isFloating } from '../dtype.js';
 import { dtypeError, fmtShape, shapeError } from '../errors.js';
 import { broadcastShapes, numel, viewStrides } from '../shape.js';
@@ -67,7 +68,10 @@ function checkMatmul(op: string, a: Tensor, b: Tensor): void {
   const k1 = a.shape[a.ndim - 1];
   const k2 = b.ndim === 1 ? b.shape[0] : b.shape[b.ndim - 2];
   if (k1 !== k2) {
-    throw shapeError(op, `${fmtShape(a.shape)} @ ${fmtShape(b.shape)}: inner dimensions ${k1} and ${k2} differ`);
+    throw shapeError(
+      op,
+      `${fmtShape(a.shape)} @ ${fmtShape(b.shape)}: inner dimensions ${k1} and ${k2} differ`,
+    );
   }
 }
 
@@ -171,7 +175,10 @@ function matmulGrads(
 /** Batched product of [B, M, K] and [B, K, N]. */
 export function bmm(a: Tensor, b: Tensor): Tensor {
   if (a.ndim !== 3 || b.ndim !== 3 || a.shape[0] !== b.shape[0]) {
-    throw shapeError('bmm', `expected [B, M, K] and [B, K, N], got ${fmtShape(a.shape)} and ${fmtShape(b.shape)}`);
+    throw shapeError(
+      'bmm',
+      `expected [B, M, K] and [B, K, N], got ${fmtShape(a.shape)} and ${fmtShape(b.shape)}`,
+    );
   }
   return matmul(a, b);
 }
@@ -179,7 +186,8 @@ export function bmm(a: Tensor, b: Tensor): Tensor {
 /** y = x @ weight^T + bias, with weight [out, in] as in torch.nn.functional.linear. */
 export function linear(x: Tensor, weight: Tensor, bias?: Tensor | null): Tensor {
   inputsBackend('linear', x, weight, bias);
-  if (weight.ndim !== 2) throw shapeError('linear', `weight must be [out, in], got ${fmtShape(weight.shape)}`);
+  if (weight.ndim !== 2)
+    throw shapeError('linear', `weight must be [out, in], got ${fmtShape(weight.shape)}`);
   if (x.shape[x.ndim - 1] !== weight.shape[1]) {
     throw shapeError(
       'linear',

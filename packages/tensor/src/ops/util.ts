@@ -1,5 +1,5 @@
-import { getBackend } from '../backend/backend.js';
 import type { Backend } from '../backend/backend.js';
+import { getBackend } from '../backend/backend.js';
 import type { DType } from '../dtype.js';
 import { TensorError } from '../errors.js';
 import type { Shape } from '../shape.js';
@@ -20,11 +20,15 @@ export function inputsBackend(op: string, ...ts: readonly (Tensor | null | undef
   let b: Backend | undefined;
   for (const t of ts) {
     if (!t) continue;
-    if (!(t instanceof Tensor)) throw new TensorError('INVALID_ARGUMENT', `${op}: expected a Tensor, got ${typeof t}`);
+    if (!(t instanceof Tensor))
+      throw new TensorError('INVALID_ARGUMENT', `${op}: expected a Tensor, got ${typeof t}`);
     t.checkAlive(op);
     if (!b) b = t.backend;
     else if (t.backend !== b) {
-      throw new TensorError('DEVICE_MISMATCH', `${op}: tensors are on different devices (${b.device} and ${t.device})`);
+      throw new TensorError(
+        'DEVICE_MISMATCH',
+        `${op}: tensors are on different devices (${b.device} and ${t.device})`,
+      );
     }
   }
   if (!b) throw new TensorError('INVALID_ARGUMENT', `${op}: needs at least one tensor`);

@@ -1,0 +1,19 @@
+export { GPT, GPTConfig } from './model.js';
+export {
+  additionTask,
+  type Batch,
+  type PuzzleTask,
+  rng,
+  sortTask,
+  type Task,
+  type TextTask,
+  textTask,
+} from './tasks.js';
+export {
+  evaluatePuzzle,
+  type StepInfo,
+  sampleText,
+  type TrainOptions,
+  train,
+  validationLoss,
+} from './train.js';
