@@ -1,0 +1,28 @@
+// The README's promises, checked by running the command a newcomer runs (MEGAPATCH_HEAVY=1).
+import { execFileSync } from 'node:child_process';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { describe, expect, it } from 'vitest';
+
+const here = dirname(fileURLToPath(import.meta.url));
+const main = join(here, '..', 'dist', 'main.js');
+const shakespeare = join(here, '..', '..', '..', '..', 'shared', 'data', 'corpus', 'tinyshakespeare_input.txt');
+const run = (args: string[]): string => execFileSync(process.execPath, [main, ...args], { encoding: 'utf8' });
+
+describe('tiny-gpt end to end', () => {
+  it('learns 2-digit addition with the default settings and solves held-out problems', () => {
+    const out = run([]);
+    const m = out.match(/held-out accuracy: ([\d.]+)% of 500 problems/);
+    expect(m, out).not.toBeNull();
+    expect(Number(m![1])).toBeGreaterThanOrEqual(95);
+    expect(out).toMatch(/iteration +1500\/ +1500 \|.*lm loss: .*\| grad norm: .*\| tokens per second: \d+/);
+  });
+
+  it('trains a character model on tiny Shakespeare well below the unigram entropy', () => {
+    const out = run(['--text', shakespeare]);
+    const m = out.match(/validation loss ([\d.]+) nats\/char \(unigram entropy ([\d.]+)\)/);
+    expect(m, out).not.toBeNull();
+    const [val, entropy] = [Number(m![1]), Number(m![2])];
+    expect(val).toBeLessThan(entropy - 1.0);
+  });
+});
