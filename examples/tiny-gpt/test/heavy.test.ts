@@ -6,7 +6,17 @@ import { describe, expect, it } from 'vitest';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const main = join(here, '..', 'dist', 'main.js');
-const shakespeare = join(here, '..', '..', '..', '..', 'shared', 'data', 'corpus', 'tinyshakespeare_input.txt');
+const shakespeare = join(
+  here,
+  '..',
+  '..',
+  '..',
+  '..',
+  'shared',
+  'data',
+  'corpus',
+  'tinyshakespeare_input.txt',
+);
 const run = (args: string[]): string => execFileSync(process.execPath, [main, ...args], { encoding: 'utf8' });
 
 describe('tiny-gpt end to end', () => {
