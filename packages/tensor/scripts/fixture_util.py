@@ -12,6 +12,7 @@ Run with /usr/bin/python3 (Debian python3-torch).
 """
 import json
 import os
+import struct
 
 import torch
 
@@ -57,3 +58,22 @@ def save(family, cases, script):
                   separators=(",", ":"))
     os.replace(tmp, path)
     print(f"wrote {path}: {len(cases)} cases")
+
+
+def shortest(v):
+    """The fewest significant digits that still read back as the same float32."""
+    f = struct.unpack("f", struct.pack("f", v))[0]
+    for digits in range(4, 10):
+        s = float("%.*g" % (digits, f))
+        if struct.unpack("f", struct.pack("f", s))[0] == f:
+            return s
+    return f
+
+
+def compact(cases):
+    """Rewrites float32 / bfloat16 data with shortest(); keeps each JSON file small."""
+    for case in cases:
+        for group in ("inputs", "outputs", "grads"):
+            for t in case[group].values():
+                if t["dtype"] in ("float32", "bfloat16"):
+                    t["data"] = [shortest(v) for v in t["data"]]

@@ -8,34 +8,13 @@ measures the kernels' rounding rather than the sum of theirs and torch's. Each c
 of x, weight and bias.
 Run: /usr/bin/python3 scripts/fixtures_norm.py
 """
-import struct
-
 import torch
 import torch.nn.functional as F
 
-from fixture_util import enc, make_input, save
+from fixture_util import compact, enc, make_input, save
 
 gen = torch.Generator().manual_seed(20240612)
 cases = []
-
-
-def shortest(v):
-    """The fewest significant digits that still read back as the same float32."""
-    f = struct.unpack("f", struct.pack("f", v))[0]
-    for digits in range(4, 10):
-        s = float("%.*g" % (digits, f))
-        if struct.unpack("f", struct.pack("f", s))[0] == f:
-            return s
-    return f
-
-
-def compact(cases):
-    """Rewrites float32 / bfloat16 data with shortest(); keeps each JSON file small."""
-    for case in cases:
-        for group in ("inputs", "outputs", "grads"):
-            for t in case[group].values():
-                if t["dtype"] in ("float32", "bfloat16"):
-                    t["data"] = [shortest(v) for v in t["data"]]
 
 
 def rms_norm(x, shape, weight, eps):

@@ -6,34 +6,13 @@ bfloat16 references are computed in float32 from the bfloat16 values and rounded
 end, which is what the fused kernels do; the gradients are rounded the same way.
 Run: /usr/bin/python3 scripts/fixtures_softmax.py
 """
-import struct
-
 import torch
 import torch.nn.functional as F
 
-from fixture_util import enc, make_input, save
+from fixture_util import compact, enc, make_input, save
 
 gen = torch.Generator().manual_seed(20240611)
 cases = []
-
-
-def shortest(v):
-    """The fewest significant digits that still read back as the same float32."""
-    f = struct.unpack("f", struct.pack("f", v))[0]
-    for digits in range(4, 10):
-        s = float("%.*g" % (digits, f))
-        if struct.unpack("f", struct.pack("f", s))[0] == f:
-            return s
-    return f
-
-
-def compact(cases):
-    """Rewrites float32 / bfloat16 data with shortest(); keeps each JSON file small."""
-    for case in cases:
-        for group in ("inputs", "outputs", "grads"):
-            for t in case[group].values():
-                if t["dtype"] in ("float32", "bfloat16"):
-                    t["data"] = [shortest(v) for v in t["data"]]
 
 
 def upcast(t):

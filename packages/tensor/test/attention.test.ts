@@ -14,7 +14,7 @@ import {
   tensor,
   tidy,
 } from '../src/index.js';
-import { expectClose, type FixtureTensor, fromFixture, loadFixture } from './fixtures.js';
+import { disposeAll, expectClose, type FixtureTensor, fromFixture, loadFixture } from './fixtures.js';
 
 const sdpa = scaledDotProductAttention;
 
@@ -23,10 +23,6 @@ function maskFromFixture(f: FixtureTensor): Tensor {
   if (f.dtype === 'bool') return fromFixture(f);
   const vals = (f.data as (number | null)[]).map((v) => (v === null ? Number.NEGATIVE_INFINITY : v));
   return tensor(Float32Array.from(vals), { shape: f.shape, dtype: f.dtype });
-}
-
-function disposeAll(...ts: (Tensor | null | undefined)[]): void {
-  for (const t of ts) t?.dispose();
 }
 
 const asNumbers = (t: Tensor): number[] => Array.from(t.toTypedArray() as ArrayLike<number>);

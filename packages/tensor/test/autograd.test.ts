@@ -4,6 +4,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import type { Tensor } from '../src/index.js';
 import * as T from '../src/index.js';
+import { expectTensorError } from './fixtures.js';
 
 const vals = (t: Tensor | null): number[] => Array.from(t!.toTypedArray() as Float32Array | Float64Array);
 
@@ -14,17 +15,6 @@ function expectValues(t: Tensor | null, expected: number[], tol = 1e-6): void {
   got.forEach((g, i) => {
     expect(Math.abs(g - expected[i]), `element ${i}: ${g} vs ${expected[i]}`).toBeLessThanOrEqual(tol);
   });
-}
-
-function expectTensorError(fn: () => unknown, code: string): void {
-  try {
-    fn();
-  } catch (e) {
-    expect(e).toBeInstanceOf(T.TensorError);
-    expect((e as T.TensorError).code).toBe(code);
-    return;
-  }
-  expect.fail(`expected a TensorError ${code}`);
 }
 
 const leaf = (data: number[], shape?: number[], dtype: T.DType = 'float64') =>

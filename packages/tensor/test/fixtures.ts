@@ -3,7 +3,14 @@ import { readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { expect } from 'vitest';
-import { type DType, type Tensor, tensor, transpose } from '../src/index.js';
+import {
+  type DType,
+  type Tensor,
+  TensorError,
+  type TensorErrorCode,
+  tensor,
+  transpose,
+} from '../src/index.js';
 
 export interface FixtureTensor {
   shape: number[];
@@ -84,4 +91,22 @@ export function expectClose(
       expect.fail(`${label} element ${i}: got ${a[i]}, expected ${e[i]} (atol ${t.atol}, rtol ${t.rtol})`);
     }
   }
+}
+
+/** Disposes tensors (and with them their .grad). */
+export function disposeAll(...ts: (Tensor | null | undefined)[]): void {
+  for (const t of ts) t?.dispose();
+}
+
+/** Asserts that fn throws a TensorError with this code (and a message matching `message`). */
+export function expectTensorError(fn: () => unknown, code: TensorErrorCode, message?: RegExp | string): void {
+  try {
+    fn();
+  } catch (e) {
+    expect(e).toBeInstanceOf(TensorError);
+    expect((e as TensorError).code).toBe(code);
+    if (message !== undefined) expect((e as TensorError).message).toMatch(message);
+    return;
+  }
+  expect.fail(`expected a TensorError ${code}`);
 }

@@ -6,36 +6,11 @@ import {
   memoryStats,
   randn,
   rmsNorm,
-  type Tensor,
-  TensorError,
-  type TensorErrorCode,
   tensor,
   tidy,
   transpose,
 } from '../src/index.js';
-import { expectClose, fromFixture, loadFixture } from './fixtures.js';
-
-function disposeAll(...ts: (Tensor | null | undefined)[]): void {
-  for (const t of ts) {
-    if (t?.grad) {
-      t.grad.dispose();
-      t.grad = null;
-    }
-    t?.dispose();
-  }
-}
-
-function expectTensorError(fn: () => unknown, code: TensorErrorCode, message?: RegExp | string): void {
-  try {
-    fn();
-  } catch (e) {
-    expect(e).toBeInstanceOf(TensorError);
-    expect((e as TensorError).code).toBe(code);
-    if (message !== undefined) expect((e as TensorError).message).toMatch(message);
-    return;
-  }
-  expect.fail(`expected a TensorError ${code}`);
-}
+import { disposeAll, expectClose, expectTensorError, fromFixture, loadFixture } from './fixtures.js';
 
 describe('norm family: PyTorch fixtures', () => {
   for (const c of loadFixture('norm')) {

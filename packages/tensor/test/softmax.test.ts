@@ -12,35 +12,18 @@ import {
   randn,
   softmax,
   type Tensor,
-  TensorError,
-  type TensorErrorCode,
   tensor,
   tidy,
   transpose,
 } from '../src/index.js';
-import { expectClose, type FixtureCase, fromFixture, loadFixture } from './fixtures.js';
-
-function disposeAll(...ts: (Tensor | null | undefined)[]): void {
-  for (const t of ts) {
-    if (t?.grad) {
-      t.grad.dispose();
-      t.grad = null;
-    }
-    t?.dispose();
-  }
-}
-
-function expectTensorError(fn: () => unknown, code: TensorErrorCode, message?: RegExp): void {
-  try {
-    fn();
-  } catch (e) {
-    expect(e).toBeInstanceOf(TensorError);
-    expect((e as TensorError).code).toBe(code);
-    if (message) expect((e as TensorError).message).toMatch(message);
-    return;
-  }
-  expect.fail(`expected a TensorError ${code}`);
-}
+import {
+  disposeAll,
+  expectClose,
+  expectTensorError,
+  type FixtureCase,
+  fromFixture,
+  loadFixture,
+} from './fixtures.js';
 
 function runCase(c: FixtureCase, x: Tensor, target: Tensor | null): Tensor {
   const a = c.args as Record<string, unknown>;

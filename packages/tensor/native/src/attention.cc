@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common.h"
+#include "fast-math.h"
 
 #ifdef MEGAPATCH_HAVE_OPENBLAS
 #include <cblas.h>
@@ -91,46 +92,12 @@ void tile_gemm(bool ta, bool tb, int M, int N, int K, C alpha, const C* A, int64
 
 // ---- row primitives written so that the compiler vectorises them -----------------------------
 // Under the default -ftrapping-math GCC will not if-convert float comparisons, which keeps any
-// loop containing one scalar; the selects below therefore work on the bit patterns.
-inline uint32_t float_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return u;
-}
-inline float bits_float(uint32_t u) {
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
-
-// e^x for the softmax (x <= 0 up to rounding): 2^n * e^r with n = round(x log2 e) and
-// |r| <= ln2 / 2, r from a two-part ln2 so it stays exact, e^r from its degree-7 Taylor
-// polynomial (relative error below 1e-7). Inputs below -88, -inf included, are clamped to -88,
-// where n = -127 makes the power-of-two factor exactly 0.
-inline float softmax_exp(float x) {
-  const uint32_t lowest = 0xC2B00000u;  // -88.0f; larger patterns are more negative floats
-  const uint32_t ux = float_bits(x);
-  const float xc = bits_float(ux > lowest ? lowest : ux);
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (xc * 1.44269504088896341f + shifter) - shifter;
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t biased = static_cast<int32_t>(n) + 127;
-  return p * bits_float(static_cast<uint32_t>(biased) << 23);
-}
-inline double softmax_exp(double x) { return std::exp(x); }
+// loop containing one scalar; the selects below therefore work on the bit patterns (exp_nonpos
+// in fast-math.h is written the same way).
 
 // Float bit patterns mapped to integers of the same order, so the maximum is an integer max.
 inline int32_t ordered_bits(float x) {
-  const int32_t i = static_cast<int32_t>(float_bits(x));
+  const int32_t i = static_cast<int32_t>(bits_of(x));
   return i < 0 ? i ^ 0x7FFFFFFF : i;
 }
 
@@ -140,7 +107,7 @@ inline float row_max(const float* x, int n) {
     const int32_t o = ordered_bits(x[j]);
     m = o > m ? o : m;
   }
-  return bits_float(static_cast<uint32_t>(m < 0 ? m ^ 0x7FFFFFFF : m));
+  return float_of(static_cast<uint32_t>(m < 0 ? m ^ 0x7FFFFFFF : m));
 }
 
 inline double row_max(const double* x, int n) {
@@ -343,10 +310,10 @@ void forward(const Problem& P, const TensorArg& q, const TensorArg& k, const Ten
           }
           const C mold = sc.m[r];
           const C mnew = mold > mx ? mold : mx;
-          for (int j = a; j < e; j++) sr[j] = softmax_exp(sr[j] - mnew);
+          for (int j = a; j < e; j++) sr[j] = exp_nonpos(sr[j] - mnew);
           const C sum = row_sum(sr + a, e - a);
           if (mold != ninf && mold != mnew) {
-            const C corr = softmax_exp(mold - mnew);
+            const C corr = exp_nonpos(mold - mnew);
             sc.l[r] *= corr;
             C* ar = acc + r * P.Dv;
             for (int64_t d = 0; d < P.Dv; d++) ar[d] *= corr;
@@ -406,7 +373,7 @@ void backward_block(const Problem& P, int64_t b, int64_t h, int64_t i0, int nq, 
     if (P.has_mask) add_mask_row<C>(P.mask, b, h, i0 + r, j0 + a, e - a, sr + a);
     std::fill(sr, sr + a, C(0));
     std::fill(sr + e, sr + nk, C(0));
-    for (int j = a; j < e; j++) sr[j] = softmax_exp(sr[j] - L);
+    for (int j = a; j < e; j++) sr[j] = exp_nonpos(sr[j] - L);
     any = true;
   }
   if (!any) return;
