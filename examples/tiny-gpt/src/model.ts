@@ -56,10 +56,10 @@ class SelfAttention extends Module {
     const [b, s] = x.shape;
     const nh = this.cfg.numAttentionHeads;
     const hd = this.cfg.hiddenSize / nh;
-    const qkv = this.linearQkv.forward(x).view(b, s, 3, nh, hd).permute(2, 0, 3, 1, 4);
-    const q = applyRotaryPosEmb(qkv.select(0, 0), cos, sin);
-    const k = applyRotaryPosEmb(qkv.select(0, 1), cos, sin);
-    const o = scaledDotProductAttention(q, k, qkv.select(0, 2), { isCausal: true });
+    const [qh, kh, v] = this.linearQkv.forward(x).view(b, s, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0);
+    const q = applyRotaryPosEmb(qh, cos, sin);
+    const k = applyRotaryPosEmb(kh, cos, sin);
+    const o = scaledDotProductAttention(q, k, v, { isCausal: true });
     return this.linearProj.forward(o.transpose(1, 2).reshape(b, s, this.cfg.hiddenSize));
   }
 }

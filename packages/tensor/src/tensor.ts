@@ -49,6 +49,8 @@ export class Tensor {
   mainGrad: Tensor | null = null;
   /** The node that produced this tensor, or null for leaves. */
   gradFn: Node | null = null;
+  /** Which output of gradFn this tensor is (ops with several outputs, such as split). */
+  outputNr = 0;
   /** Optional name, used by nn.Module and in error messages. */
   name?: string;
   private held: Held | null;
@@ -159,9 +161,10 @@ export class Tensor {
   }
 
   /** @internal Sets the node that produced this tensor. */
-  setGradFn(node: Node): void {
+  setGradFn(node: Node, outputNr = 0): void {
     node.ref();
     this.gradFn = node;
+    this.outputNr = outputNr;
     this.requiresGrad = true;
     if (this.held) this.held.gradFn = node;
   }
@@ -195,12 +198,11 @@ export class Tensor {
         "registerHook: cannot register a hook on a tensor that doesn't require grad",
       );
     }
-    const node = this.gradFn ?? accumulatorOf(this);
-    node.preHooks ??= [];
-    node.preHooks.push(hook);
+    const hooks = (this.gradFn ?? accumulatorOf(this)).hooksOf(this.gradFn ? this.outputNr : 0);
+    hooks.push(hook);
     return () => {
-      const i = node.preHooks?.indexOf(hook) ?? -1;
-      if (i >= 0) node.preHooks!.splice(i, 1);
+      const i = hooks.indexOf(hook);
+      if (i >= 0) hooks.splice(i, 1);
     };
   }
 
@@ -375,6 +377,7 @@ export interface Tensor {
   select(dim: number, index: number): Tensor;
   split(splitSize: number | number[], dim?: number): Tensor[];
   chunk(chunks: number, dim?: number): Tensor[];
+  unbind(dim?: number): Tensor[];
   contiguous(): Tensor;
   clone(): Tensor;
   detach(): Tensor;

@@ -1,7 +1,10 @@
 // Elementwise kernels: unary math, binary arithmetic and comparisons (tensor-tensor with
 // broadcasting, and tensor-scalar), the fused activation backward helpers, and `where`.
 // Op codes must match UNARY / BINARY in src/backend/cpu.ts.
+#include <type_traits>
+
 #include "common.h"
+#include "fast-math.h"
 
 namespace mp {
 
@@ -15,12 +18,18 @@ enum Binary : int {
   kSiluBackward, kGeluBackward, kGeluTanhBackward, kSigmoidBackward, kTanhBackward, kReluBackward, kAtan2,
 };
 
+// Out of line so that the inlined op switches stay small.
+[[noreturn]] __attribute__((noinline)) static void unknown_op(const char* kind, int op) {
+  throw_error(std::string("unknown ") + kind + " op " + std::to_string(op));
+}
+
 constexpr double kSqrt2OverPi = 0.7978845608028654;
 constexpr double kInvSqrt2 = 0.7071067811865476;
 constexpr double kInvSqrt2Pi = 0.3989422804014327;
 
+// always_inline: with a constant op the switch folds away and the calling loop vectorises
 template <typename C>
-inline C unary_op(int op, C x, C p0, C p1) {
+__attribute__((always_inline)) inline C unary_op(int op, C x, C p0, C p1) {
   switch (op) {
     case kNeg: return -x;
     case kExp: return std::exp(x);
@@ -29,8 +38,8 @@ inline C unary_op(int op, C x, C p0, C p1) {
     case kRsqrt: return C(1) / std::sqrt(x);
     case kAbs: return std::fabs(x);
     case kTanh: return std::tanh(x);
-    case kSigmoid: return C(1) / (C(1) + std::exp(-x));
-    case kSilu: return x / (C(1) + std::exp(-x));
+    case kSigmoid: return fast_sigmoid(x);
+    case kSilu: return fast_silu(x);
     case kGelu: return C(0.5) * x * (C(1) + std::erf(x * C(kInvSqrt2)));
     case kGeluTanh: return C(0.5) * x * (C(1) + std::tanh(C(kSqrt2OverPi) * (x + C(0.044715) * x * x * x)));
     case kRelu: return x > C(0) ? x : C(0);
@@ -54,11 +63,11 @@ inline C unary_op(int op, C x, C p0, C p1) {
     case kIsNan: return std::isnan(x) ? C(1) : C(0);
     case kIsInf: return std::isinf(x) ? C(1) : C(0);
   }
-  throw_error("unknown unary op " + std::to_string(op));
+  unknown_op("unary", op);
 }
 
 template <typename C>
-inline C binary_op(int op, C a, C b) {
+__attribute__((always_inline)) inline C binary_op(int op, C a, C b) {
   switch (op) {
     case kAdd: return a + b;
     case kSub: return a - b;
@@ -75,10 +84,7 @@ inline C binary_op(int op, C a, C b) {
     case kGe: return a >= b;
     case kAnd: return (a != C(0)) && (b != C(0));
     case kOr: return (a != C(0)) || (b != C(0));
-    case kSiluBackward: {  // a = x, b = grad
-      C s = C(1) / (C(1) + std::exp(-a));
-      return b * s * (C(1) + a * (C(1) - s));
-    }
+    case kSiluBackward: return b * fast_silu_grad(a);  // a = x, b = grad
     case kGeluBackward: {
       C cdf = C(0.5) * (C(1) + std::erf(a * C(kInvSqrt2)));
       C pdf = C(kInvSqrt2Pi) * std::exp(C(-0.5) * a * a);
@@ -95,7 +101,7 @@ inline C binary_op(int op, C a, C b) {
     case kReluBackward: return a > C(0) ? b : C(0);
     case kAtan2: return std::atan2(a, b);
   }
-  throw_error("unknown binary op " + std::to_string(op));
+  unknown_op("binary", op);
 }
 
 // The op switch sits inside the run loop; the compiler hoists it out (unswitching) for the
@@ -116,8 +122,23 @@ static void unary_run(const TensorArg& out, const TensorArg& x, int op, double p
     const TI* i = reinterpret_cast<const TI*>(p[1]);
     int64_t a = s[0] / static_cast<int64_t>(sizeof(TO)), b = s[1] / static_cast<int64_t>(sizeof(TI));
     if (a == 1 && b == 1) {
-      for (int64_t k = 0; k < n; k++)
-        Tr<TO>::st(o + k, static_cast<typename Tr<TO>::C>(unary_op<C>(op, Tr<TI>::ld(i + k), c0, c1)));
+      // the hot ops get a loop with the op fixed at compile time, which the compiler vectorises
+      auto fixed = [&](auto tag) {
+        constexpr int OP = decltype(tag)::value;
+        for (int64_t k = 0; k < n; k++)
+          Tr<TO>::st(o + k, static_cast<typename Tr<TO>::C>(unary_op<C>(OP, Tr<TI>::ld(i + k), c0, c1)));
+      };
+      switch (op) {
+        case kSilu: fixed(std::integral_constant<int, kSilu>{}); break;
+        case kSigmoid: fixed(std::integral_constant<int, kSigmoid>{}); break;
+        case kNeg: fixed(std::integral_constant<int, kNeg>{}); break;
+        case kRelu: fixed(std::integral_constant<int, kRelu>{}); break;
+        case kSquare: fixed(std::integral_constant<int, kSquare>{}); break;
+        case kRsqrt: fixed(std::integral_constant<int, kRsqrt>{}); break;
+        default:
+          for (int64_t k = 0; k < n; k++)
+            Tr<TO>::st(o + k, static_cast<typename Tr<TO>::C>(unary_op<C>(op, Tr<TI>::ld(i + k), c0, c1)));
+      }
     } else {
       for (int64_t k = 0; k < n; k++)
         Tr<TO>::st(o + k * a, static_cast<typename Tr<TO>::C>(unary_op<C>(op, Tr<TI>::ld(i + k * b), c0, c1)));
@@ -162,8 +183,22 @@ static void binary_run(const TensorArg& out, const TensorArg& x, const TensorArg
     int64_t a = s[0] / static_cast<int64_t>(sizeof(TO)), b = s[1] / static_cast<int64_t>(sizeof(TI)),
             c = s[2] / static_cast<int64_t>(sizeof(TI));
     if (a == 1 && b == 1 && c == 1 && !scaled) {
-      for (int64_t k = 0; k < n; k++)
-        Tr<TO>::st(o + k, static_cast<typename Tr<TO>::C>(binary_op<C>(op, Tr<TI>::ld(u + k), Tr<TI>::ld(v + k))));
+      auto fixed = [&](auto tag) {
+        constexpr int OP = decltype(tag)::value;
+        for (int64_t k = 0; k < n; k++)
+          Tr<TO>::st(o + k, static_cast<typename Tr<TO>::C>(binary_op<C>(OP, Tr<TI>::ld(u + k), Tr<TI>::ld(v + k))));
+      };
+      switch (op) {
+        case kAdd: fixed(std::integral_constant<int, kAdd>{}); break;
+        case kSub: fixed(std::integral_constant<int, kSub>{}); break;
+        case kMul: fixed(std::integral_constant<int, kMul>{}); break;
+        case kDiv: fixed(std::integral_constant<int, kDiv>{}); break;
+        case kSiluBackward: fixed(std::integral_constant<int, kSiluBackward>{}); break;
+        default:
+          for (int64_t k = 0; k < n; k++)
+            Tr<TO>::st(o + k,
+                       static_cast<typename Tr<TO>::C>(binary_op<C>(op, Tr<TI>::ld(u + k), Tr<TI>::ld(v + k))));
+      }
     } else if (a == 1 && b == 1 && c == 0 && !scaled) {
       C w = Tr<TI>::ld(v);
       for (int64_t k = 0; k < n; k++)

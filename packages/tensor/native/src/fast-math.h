@@ -52,4 +52,29 @@ __attribute__((always_inline)) inline float exp_nonpos(float x) {
 }
 inline double exp_nonpos(double x) { return std::exp(x); }
 
+// Logistic function: with e = exp(-|x|) (always in (0, 1]), sigmoid is 1/(1+e) for x >= 0 and
+// e/(1+e) below, and 1 - sigmoid is the other one, so neither side cancels.
+struct SigmoidParts {
+  float s, one_minus_s;
+};
+__attribute__((always_inline)) inline SigmoidParts sigmoid_parts(float x) {
+  const float e = exp_nonpos(-std::fabs(x));
+  const float r = 1.0f / (1.0f + e);
+  const float er = e * r;
+  return x >= 0.0f ? SigmoidParts{r, er} : SigmoidParts{er, r};
+}
+inline float fast_sigmoid(float x) { return sigmoid_parts(x).s; }
+inline double fast_sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+inline float fast_silu(float x) { return x * sigmoid_parts(x).s; }
+inline double fast_silu(double x) { return x / (1.0 + std::exp(-x)); }
+// d silu / dx = s * (1 + x (1 - s))
+inline float fast_silu_grad(float x) {
+  const SigmoidParts p = sigmoid_parts(x);
+  return p.s * (1.0f + x * p.one_minus_s);
+}
+inline double fast_silu_grad(double x) {
+  const double s = 1.0 / (1.0 + std::exp(-x));
+  return s * (1.0 + x * (1.0 - s));
+}
+
 }  // namespace mp

@@ -5,7 +5,7 @@ import { TensorError } from '../errors.js';
 import { keep, tidy } from '../scope.js';
 import { sameShape } from '../shape.js';
 import { Tensor } from '../tensor.js';
-import type { Node } from './graph.js';
+import type { GradHook, Node } from './graph.js';
 import { noGrad } from './graph.js';
 
 export interface BackwardOptions {
@@ -19,23 +19,23 @@ function topoCounts(root: Node): Map<Node, number> {
   deps.set(root, 0);
   while (stack.length) {
     const n = stack.pop()!;
-    for (const p of n.next) {
-      if (!p) continue;
-      const c = deps.get(p);
+    for (const e of n.next) {
+      if (!e) continue;
+      const c = deps.get(e.node);
       if (c === undefined) {
-        deps.set(p, 1);
-        stack.push(p);
+        deps.set(e.node, 1);
+        stack.push(e.node);
       } else {
-        deps.set(p, c + 1);
+        deps.set(e.node, c + 1);
       }
     }
   }
   return deps;
 }
 
-function runHooks(node: Node, grad: Tensor): Tensor {
-  if (!node.preHooks) return grad;
-  for (const h of node.preHooks) {
+function runHooks(hooks: readonly GradHook[] | undefined, grad: Tensor): Tensor {
+  if (!hooks) return grad;
+  for (const h of hooks) {
     const r = h(grad);
     if (r && r !== grad) {
       grad.dispose();
@@ -104,51 +104,63 @@ export function backward(root: Tensor, gradient?: Tensor, options: BackwardOptio
       return;
     }
     const deps = topoCounts(rootNode);
-    const grads = new Map<Node, Tensor>([[rootNode, seed]]);
+    // gradients waiting for each node, one slot per output
+    const grads = new Map<Node, (Tensor | null)[]>([[rootNode, slots(rootNode, root.outputNr, seed)]]);
     const ready: Node[] = [rootNode];
     while (ready.length) {
       const node = ready.pop()!;
-      let g = grads.get(node);
+      const gs = grads.get(node) ?? [];
       grads.delete(node);
-      if (g) g = runHooks(node, g);
+      for (let k = 0; k < gs.length; k++) {
+        const g = gs[k];
+        if (g) gs[k] = runHooks(node.preHooks?.[k], g);
+      }
       if (node.variable) {
-        if (g) accumulate(node.variable, g);
+        if (gs[0]) accumulate(node.variable, gs[0]);
         continue;
       }
       let inGrads: readonly (Tensor | null | undefined)[] = [];
-      if (g) {
-        const gg = g;
-        inGrads = tidy(() =>
-          node.apply(gg).map((x) => (x === gg ? gg.viewAs(gg.shape, gg.strides, gg.offset) : x)),
-        );
-        g.dispose();
+      if (gs.some((g) => g)) {
+        const given = Array.from({ length: node.numOutputs }, (_, k) => gs[k] ?? null);
+        // a backward that passes a gradient through unchanged gets its own view of it
+        const own = (x: Tensor | null | undefined): Tensor | null | undefined =>
+          x && given.includes(x) ? x.viewAs(x.shape, x.strides, x.offset) : x;
+        inGrads = tidy(() => node.apply(given).map(own));
+        for (const g of given) g?.dispose();
       }
-      node.next.forEach((p, i) => {
+      node.next.forEach((e, i) => {
         const gi = inGrads[i];
-        if (!p) {
+        if (!e) {
           gi?.dispose();
           return;
         }
         if (gi) {
-          const prev = grads.get(p);
+          const slot = grads.get(e.node) ?? [];
+          const prev = slot[e.nr];
           if (prev) {
-            const sum = prev.add(gi);
+            slot[e.nr] = prev.add(gi);
             prev.dispose();
             gi.dispose();
-            grads.set(p, sum);
           } else {
-            grads.set(p, gi);
+            slot[e.nr] = gi;
           }
+          grads.set(e.node, slot);
         }
-        const c = deps.get(p)! - 1;
-        deps.set(p, c);
-        if (c === 0) ready.push(p);
+        const c = deps.get(e.node)! - 1;
+        deps.set(e.node, c);
+        if (c === 0) ready.push(e.node);
       });
       for (let i = node.next.length; i < inGrads.length; i++) inGrads[i]?.dispose();
       if (!options.retainGraph) node.freeSaved();
     }
-    for (const g of grads.values()) g.dispose();
+    for (const gs of grads.values()) for (const g of gs) g?.dispose();
   });
+}
+
+function slots(node: Node, nr: number, g: Tensor): (Tensor | null)[] {
+  const s: (Tensor | null)[] = new Array(node.numOutputs).fill(null);
+  s[nr] = g;
+  return s;
 }
 
 function onesLike(t: Tensor): Tensor {

@@ -40,18 +40,34 @@ export function enableGrad<T>(fn: () => T): T {
 /** Gradients w.r.t. an op's inputs, in input order; null for inputs that get none. */
 export type BackwardFn = (grad: Tensor, saved: readonly Tensor[]) => readonly (Tensor | null | undefined)[];
 
+/**
+ * Backward of an op with several outputs (split, unbind): one gradient per output, null for
+ * outputs that received none.
+ */
+export type MultiBackwardFn = (
+  grads: readonly (Tensor | null)[],
+  saved: readonly Tensor[],
+) => readonly (Tensor | null | undefined)[];
+
 /** A gradient hook: may return a replacement gradient. */
 // biome-ignore lint/suspicious/noConfusingVoidType: a hook that returns nothing keeps the gradient, as in PyTorch
 export type GradHook = (grad: Tensor) => Tensor | undefined | void;
 
+/** Where a gradient flows: output `nr` of `node`. */
+export interface Edge {
+  node: Node;
+  nr: number;
+}
+
 export class Node {
   readonly name: string;
-  /** For each input: the node its gradient flows to, or null. */
-  next: (Node | null)[];
+  /** For each input: the node output its gradient flows to, or null. */
+  next: (Edge | null)[];
   saved: Tensor[] | null;
-  backwardFn: BackwardFn | null;
-  /** Hooks on the gradient of this node's output (tensor hooks of non-leaf tensors). */
-  preHooks: GradHook[] | null = null;
+  backwardFn: BackwardFn | MultiBackwardFn | null;
+  readonly numOutputs: number;
+  /** Hooks on the gradient of each output (tensor hooks of non-leaf tensors), by output number. */
+  preHooks: GradHook[][] | null = null;
   /** Accumulator nodes: the leaf tensor whose .grad they fill. */
   readonly variable: Tensor | null;
   private refs = 0;
@@ -59,17 +75,19 @@ export class Node {
 
   constructor(
     name: string,
-    backwardFn: BackwardFn | null,
-    next: (Node | null)[],
+    backwardFn: BackwardFn | MultiBackwardFn | null,
+    next: (Edge | null)[],
     saved: Tensor[] | null,
     variable: Tensor | null = null,
+    numOutputs = 1,
   ) {
     this.name = name;
     this.backwardFn = backwardFn;
     this.next = next;
     this.saved = saved;
     this.variable = variable;
-    for (const n of next) n?.ref();
+    this.numOutputs = numOutputs;
+    for (const e of next) e?.node.ref();
   }
 
   ref(): void {
@@ -83,7 +101,7 @@ export class Node {
     const next = this.next;
     this.next = [];
     this.backwardFn = null;
-    for (const n of next) n?.unref();
+    for (const e of next) e?.node.unref();
   }
 
   freeSaved(): void {
@@ -93,7 +111,14 @@ export class Node {
     this.savedFreed = true;
   }
 
-  apply(grad: Tensor): readonly (Tensor | null | undefined)[] {
+  hooksOf(nr: number): GradHook[] {
+    this.preHooks ??= [];
+    this.preHooks[nr] ??= [];
+    return this.preHooks[nr];
+  }
+
+  /** Runs the backward with one gradient per output (null where none arrived). */
+  apply(grads: readonly (Tensor | null)[]): readonly (Tensor | null | undefined)[] {
     if (!this.backwardFn || (this.savedFreed && this.saved === null)) {
       throw new TensorError(
         'GRAPH_FREED',
@@ -101,7 +126,8 @@ export class Node {
           'Pass { retainGraph: true } to the first backward() if you need to call it twice.',
       );
     }
-    return this.backwardFn(grad, this.saved ?? []);
+    if (this.numOutputs === 1) return (this.backwardFn as BackwardFn)(grads[0]!, this.saved ?? []);
+    return (this.backwardFn as MultiBackwardFn)(grads, this.saved ?? []);
   }
 }
 
@@ -118,7 +144,7 @@ export function accumulatorOf(leaf: Tensor): Node {
   return n;
 }
 
-export function edgeOf(t: Tensor): Node | null {
+export function edgeOf(t: Tensor): Edge | null {
   if (!t.requiresGrad) return null;
-  return t.gradFn ?? accumulatorOf(t);
+  return t.gradFn ? { node: t.gradFn, nr: t.outputNr } : { node: accumulatorOf(t), nr: 0 };
 }

@@ -3,7 +3,7 @@
 // clone, detach, dtype casts and in-place copies.
 
 import { isGradEnabled } from '../autograd/graph.js';
-import { attachGrad, needsGrad } from '../autograd/record.js';
+import { attachGrad, attachGradMulti, needsGrad } from '../autograd/record.js';
 import { type DType, isFloating, promoteTypes } from '../dtype.js';
 import { argError, fmtShape, indexError, shapeError, TensorError } from '../errors.js';
 import { contiguousStrides, inferShape, normDim, type Shape, sameShape, viewStrides } from '../shape.js';
@@ -223,9 +223,10 @@ export function select(x: Tensor, dim: number, index: number): Tensor {
   return out;
 }
 
-/** Splits into pieces of splitSize (the last may be smaller) or of the listed sizes. */
+/** Splits into pieces of splitSize (the last may be smaller) or of the listed sizes (views). */
 export function split(x: Tensor, splitSize: number | readonly number[], dim = 0): Tensor[] {
-  noScalar('split', x);
+  inputsBackend('split', x);
+  if (x.ndim === 0) throw indexError('split', 'cannot split a 0-d tensor');
   const d = normDim('split', dim, x.ndim);
   const size = x.shape[d];
   let sizes: number[];
@@ -233,18 +234,78 @@ export function split(x: Tensor, splitSize: number | readonly number[], dim = 0)
     if (!(splitSize > 0)) throw argError('split', `splitSize must be positive, got ${splitSize}`);
     sizes = [];
     for (let s = 0; s < size; s += splitSize) sizes.push(Math.min(splitSize, size - s));
+    if (sizes.length === 0) sizes.push(0);
   } else {
     sizes = [...splitSize];
     const total = sizes.reduce((a, b) => a + b, 0);
     if (total !== size)
       throw shapeError('split', `sizes [${sizes}] sum to ${total}, dimension ${d} has ${size}`);
   }
-  const out: Tensor[] = [];
+  const starts: number[] = [];
   let start = 0;
-  for (const s of sizes) {
-    out.push(narrow(x, d, start, s));
-    start += s;
+  const pieces = sizes.map((len) => {
+    starts.push(start);
+    const shape = [...x.shape];
+    shape[d] = len;
+    const v = x.viewAs(shape, x.strides, x.offset + start * x.strides[d]);
+    start += len;
+    return v;
+  });
+  if (needsGrad(x)) {
+    const inShape = x.shape;
+    // one node for all pieces: the input gradient is assembled once, zeros where a piece got none
+    attachGradMulti(pieces, 'SplitBackward', [x], [], (grads) => [
+      assemble(inShape, grads, (out, i) => {
+        const shape = [...inShape];
+        shape[d] = sizes[i];
+        return out.viewAs(shape, out.strides, starts[i] * out.strides[d]);
+      }),
+    ]);
   }
+  return pieces;
+}
+
+/** The slices along dim, with that dimension removed (views), like torch.unbind. */
+export function unbind(x: Tensor, dim = 0): Tensor[] {
+  inputsBackend('unbind', x);
+  if (x.ndim === 0) throw indexError('unbind', 'cannot unbind a 0-d tensor');
+  const d = normDim('unbind', dim, x.ndim);
+  const shape = x.shape.filter((_, i) => i !== d);
+  const strides = x.strides.filter((_, i) => i !== d);
+  const pieces = Array.from({ length: x.shape[d] }, (_, i) =>
+    x.viewAs(shape, strides, x.offset + i * x.strides[d]),
+  );
+  if (needsGrad(x)) {
+    const inShape = x.shape;
+    attachGradMulti(pieces, 'UnbindBackward', [x], [], (grads) => [
+      assemble(inShape, grads, (out, i) =>
+        out.viewAs(
+          shape,
+          out.strides.filter((_, k) => k !== d),
+          i * out.strides[d],
+        ),
+      ),
+    ]);
+  }
+  return pieces;
+}
+
+/** A tensor of `shape` whose region i (given by `region`) holds grads[i], or zeros. */
+function assemble(
+  shape: Shape,
+  grads: readonly (Tensor | null)[],
+  region: (out: Tensor, i: number) => Tensor,
+): Tensor {
+  const ref = grads.find((g) => g)!;
+  const out = alloc(ref.backend, shape, ref.dtype);
+  grads.forEach((g, i) => {
+    const r = region(out, i);
+    if (r.numel > 0) {
+      if (g) out.backend.copy(r, g);
+      else out.backend.fill(r, 0);
+    }
+    r.dispose();
+  });
   return out;
 }
 
@@ -417,6 +478,9 @@ Object.assign(Tensor.prototype, {
   },
   chunk(this: Tensor, c: number, dim?: number) {
     return chunk(this, c, dim);
+  },
+  unbind(this: Tensor, dim?: number) {
+    return unbind(this, dim);
   },
   contiguous(this: Tensor) {
     return contiguous(this);
