@@ -204,3 +204,29 @@ describe('argument and autograd errors', () => {
     expect(err.message).toContain('[2] float32');
   });
 });
+
+describe('reductions that need floating point', () => {
+  it('logsumexp and norm of an integer tensor throw DTYPE_MISMATCH', () => {
+    const x = T.tensor([1, 2, 3]);
+    for (const f of [() => T.logsumexp(x, 0), () => T.norm(x)]) {
+      try {
+        f();
+        expect.fail('expected a TensorError');
+      } catch (e) {
+        expect(e).toBeInstanceOf(T.TensorError);
+        expect((e as T.TensorError).code).toBe('DTYPE_MISMATCH');
+      }
+    }
+    x.dispose();
+  });
+
+  it('checkpoint of a function that returns its input leaves the input a leaf', () => {
+    const x = T.tensor([1, 2], { dtype: 'float32', requiresGrad: true });
+    const y = T.checkpoint((t) => t, x);
+    expect(x.isLeaf).toBe(true);
+    expect(y).not.toBe(x);
+    y.sum().backward();
+    expect(x.grad!.toArray()).toEqual([1, 1]);
+    x.dispose();
+  });
+});

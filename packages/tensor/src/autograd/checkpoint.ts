@@ -15,7 +15,9 @@ import { attachGrad } from './record.js';
  */
 export function checkpoint(fn: (...inputs: Tensor[]) => Tensor, ...inputs: Tensor[]): Tensor {
   const rng = defaultGenerator.getState();
-  const out = noGrad(() => fn(...inputs));
+  const result = noGrad(() => fn(...inputs));
+  // the node is attached to the output: never to an input that fn handed back unchanged
+  const out = inputs.includes(result) ? result.viewAs(result.shape, result.strides, result.offset) : result;
   // recorded whenever grad mode is on: parameters inside fn may need grad even if no input does
   if (!isGradEnabled()) return out;
   attachGrad(out, 'CheckpointBackward', inputs, inputs, (g, saved) => {

@@ -264,8 +264,15 @@ function argext(name: 'argmax' | 'argmin', x: Tensor, dim: number | undefined, k
 export const argmax = (x: Tensor, dim?: number, keepdim = false): Tensor => argext('argmax', x, dim, keepdim);
 export const argmin = (x: Tensor, dim?: number, keepdim = false): Tensor => argext('argmin', x, dim, keepdim);
 
+function requireFloat(op: string, x: Tensor): void {
+  if (!isFloating(x.dtype)) {
+    throw dtypeError(op, `expected a floating-point tensor, got ${x.dtype}; convert with .to('float32')`);
+  }
+}
+
 /** log(sum(exp(x))) over dims, computed stably. */
 export function logsumexp(x: Tensor, dim: number | readonly number[], keepdim = false): Tensor {
+  requireFloat('logsumexp', x);
   const dims = normDims('logsumexp', dim, x.ndim);
   const { values } = reduceRaw('logsumexp', 'logsumexp', x, dims, keepdim, x.dtype);
   if (needsGrad(x)) {
@@ -289,6 +296,7 @@ export function logsumexp(x: Tensor, dim: number | readonly number[], keepdim = 
 /** p-norm over dims (default: 2-norm of all elements). */
 export function norm(x: Tensor, p = 2, dim?: Dims, keepdim = false): Tensor {
   if (!(p > 0)) throw argError('norm', `p must be positive, got ${p}`);
+  requireFloat('norm', x);
   const dims = normDims('norm', dim, x.ndim);
   const { values } = reduceRaw('norm', 'norm', x, dims, keepdim, x.dtype, p);
   if (needsGrad(x)) {
