@@ -11,6 +11,7 @@ export const command = defineCommand({
   },
   subCommands: {
     info: () => import('./commands/info.js').then((m) => m.default),
+    data: () => import('./commands/data.js').then((m) => m.default),
   },
 });
 

@@ -42,6 +42,6 @@ export function attachGradMulti(
   const next = inputs.map((t) => (t ? edgeOf(t) : null));
   const saved = save.length > 0 ? save.map((t) => t.viewAs(t.shape, t.strides, t.offset, false)) : null;
   const node = new Node(name, backward, next, saved, null, outs.length);
-  outs.forEach((o, i) => o.setGradFn(node, i));
+  for (let i = 0; i < outs.length; i++) outs[i].setGradFn(node, i);
   return outs;
 }
