@@ -1,0 +1,287 @@
+// Pre-training preprocessing: text documents to a Megatron `.bin`/`.idx` pair, the way
+// Megatron-LM's tools/preprocess_data.py (and Pai-Megatron-Patch's preprocess_data_megatron.py)
+// do it: one document = one sequence, tokenised without special tokens, optionally followed by
+// the EOD token, dtype chosen by vocabulary size.
+import { existsSync } from 'node:fs';
+import { Worker } from 'node:worker_threads';
+import { DataError } from '../errors.js';
+import { IndexedDatasetBuilder } from '../indexed-dataset.js';
+import { loadTokenizer } from '../tokenizer/hf.js';
+import type { Tokenizer } from '../tokenizer/types.js';
+import { assertInputFile, type BadRecord, type InputFormat, readDocuments } from './readers.js';
+
+/** Options of preprocessPretrain. */
+export interface PreprocessPretrainOptions {
+  /** Input file: .jsonl, .json (array or JSON lines), .parquet or .txt (one document per line). */
+  input: string;
+  /** Field holding the text (JSON/parquet); also names the output, as in Megatron. Default "text". */
+  jsonKey?: string;
+  /** Hugging Face tokenizer folder (tokenizer.json + tokenizer_config.json). */
+  tokenizerDir: string;
+  /** Output prefix: writes `<outputPrefix>_<jsonKey>_document.{bin,idx}`. */
+  outputPrefix: string;
+  /** Append the tokenizer's EOD id to every document (Megatron's --append-eod). */
+  appendEod?: boolean;
+  /** Tokenizer threads; 1 tokenises in this thread. Default 1. */
+  workers?: number;
+  /** Fail at the first bad record instead of counting and skipping it. */
+  strict?: boolean;
+  /** Force the input format instead of guessing it from the extension. */
+  format?: InputFormat;
+  /** Documents per batch sent to a worker. Default 64. */
+  batchSize?: number;
+  /** Called after every written batch with the running totals. */
+  onProgress?: (progress: PreprocessProgress) => void;
+}
+
+/** Running totals reported while preprocessing. */
+export interface PreprocessProgress {
+  documents: number;
+  tokens: number;
+  /** UTF-8 bytes of the document texts processed so far. */
+  bytes: number;
+  seconds: number;
+}
+
+/** A record that was skipped: its 1-based line (element, row) and the reason. */
+export interface BadLine {
+  line: number;
+  reason: string;
+}
+
+/** What preprocessPretrain wrote. */
+export interface PreprocessPretrainResult extends PreprocessProgress {
+  /** The dataset prefix written (`.bin`/`.idx` next to it). */
+  datasetPrefix: string;
+  /** Token dtype of the `.bin`. */
+  dtype: string;
+  badLines: BadLine[];
+}
+
+interface EncodedBatch {
+  tokens: Int32Array;
+  lengths: Int32Array;
+}
+
+/** Encodes a batch into one flat Int32Array and per-document lengths (the worker does the same). */
+function encodePacked(tokenizer: Tokenizer, texts: readonly string[], appendEod: boolean): EncodedBatch {
+  const encoded = tokenizer.encodeBatch(texts, { addSpecialTokens: false });
+  const lengths = new Int32Array(encoded.length);
+  let total = 0;
+  for (let i = 0; i < encoded.length; i++) {
+    lengths[i] = encoded[i].length + (appendEod ? 1 : 0);
+    total += lengths[i];
+  }
+  const tokens = new Int32Array(total);
+  let at = 0;
+  for (const ids of encoded) {
+    tokens.set(ids, at);
+    at += ids.length;
+    if (appendEod) tokens[at++] = tokenizer.eodId;
+  }
+  return { tokens, lengths };
+}
+
+interface BatchRunner {
+  run(texts: string[]): Promise<EncodedBatch>;
+  close(): Promise<void>;
+}
+
+interface WorkerReply {
+  id: number;
+  tokens?: Int32Array;
+  lengths?: Int32Array;
+  error?: string;
+}
+
+interface Job {
+  id: number;
+  texts: string[];
+  resolve: (b: EncodedBatch) => void;
+  reject: (e: Error) => void;
+}
+
+/** The worker script: src/preprocess/worker.mjs from source, dist/worker.mjs once bundled. */
+function workerUrl(): URL {
+  const url = new URL('./worker.mjs', import.meta.url);
+  if (!existsSync(url)) {
+    throw new DataError(
+      'MISSING_FILE',
+      'the tokenizer worker script is missing (build the package)',
+      url.pathname,
+    );
+  }
+  return url;
+}
+
+/** A fixed pool of worker threads, one batch at a time each, jobs queued in submission order. */
+class WorkerPool implements BatchRunner {
+  private readonly idle: Worker[] = [];
+  private readonly all: Worker[] = [];
+  private readonly queue: Job[] = [];
+  private readonly busy = new Map<Worker, Job>();
+  private nextId = 0;
+  private failure: Error | undefined;
+
+  constructor(size: number, tokenizerDir: string, appendEod: boolean) {
+    const url = workerUrl();
+    for (let i = 0; i < size; i++) {
+      const w = new Worker(url, { workerData: { tokenizerDir, appendEod } });
+      w.on('message', (msg: WorkerReply) => this.onReply(w, msg));
+      w.on('error', (e) =>
+        this.fail(new DataError('TOKENIZER', `tokenizer worker failed: ${e.message}`, tokenizerDir)),
+      );
+      w.on('exit', (code) => {
+        if (code !== 0)
+          this.fail(new DataError('TOKENIZER', `tokenizer worker exited with code ${code}`, tokenizerDir));
+      });
+      this.all.push(w);
+      this.idle.push(w);
+    }
+  }
+
+  run(texts: string[]): Promise<EncodedBatch> {
+    return new Promise((resolve, reject) => {
+      if (this.failure) return reject(this.failure);
+      this.queue.push({ id: this.nextId++, texts, resolve, reject });
+      this.pump();
+    });
+  }
+
+  private pump(): void {
+    while (this.idle.length > 0 && this.queue.length > 0) {
+      const w = this.idle.pop() as Worker;
+      const job = this.queue.shift() as Job;
+      this.busy.set(w, job);
+      w.postMessage({ id: job.id, texts: job.texts });
+    }
+  }
+
+  private onReply(w: Worker, msg: WorkerReply): void {
+    const job = this.busy.get(w);
+    this.busy.delete(w);
+    this.idle.push(w);
+    if (job) {
+      if (msg.error !== undefined || !msg.tokens || !msg.lengths) {
+        job.reject(new DataError('TOKENIZER', `tokenizer worker: ${msg.error ?? 'empty reply'}`));
+      } else {
+        job.resolve({ tokens: msg.tokens, lengths: msg.lengths });
+      }
+    }
+    this.pump();
+  }
+
+  private fail(e: Error): void {
+    if (this.failure) return;
+    this.failure = e;
+    for (const job of [...this.busy.values(), ...this.queue]) job.reject(e);
+    this.busy.clear();
+    this.queue.length = 0;
+  }
+
+  async close(): Promise<void> {
+    // Set a failure first so that the exits caused by terminate() are not reported as errors.
+    this.failure ??= new DataError('INVALID_ARGUMENT', 'worker pool closed');
+    await Promise.all(this.all.map((w) => w.terminate()));
+  }
+}
+
+function assertTokenizerDir(dir: string): void {
+  for (const name of ['tokenizer.json', 'tokenizer_config.json']) {
+    if (!existsSync(`${dir}/${name}`)) {
+      throw new DataError('MISSING_FILE', `tokenizer folder has no ${name}`, dir);
+    }
+  }
+}
+
+/**
+ * Tokenises a text corpus into `<outputPrefix>_<jsonKey>_document.{bin,idx}` (Megatron's
+ * preprocess_data.py naming), one sequence per document, in input order whatever the worker count.
+ */
+export async function preprocessPretrain(opts: PreprocessPretrainOptions): Promise<PreprocessPretrainResult> {
+  const jsonKey = opts.jsonKey ?? 'text';
+  const workers = opts.workers ?? 1;
+  const batchSize = opts.batchSize ?? 64;
+  const appendEod = opts.appendEod ?? false;
+  if (!Number.isInteger(workers) || workers < 1) {
+    throw new DataError('INVALID_ARGUMENT', `workers must be a positive integer, got ${workers}`);
+  }
+  if (!Number.isInteger(batchSize) || batchSize < 1) {
+    throw new DataError('INVALID_ARGUMENT', `batchSize must be a positive integer, got ${batchSize}`);
+  }
+  assertInputFile(opts.input);
+  assertTokenizerDir(opts.tokenizerDir);
+  // The main thread needs the tokenizer anyway, for the vocabulary size that picks the dtype.
+  const tokenizer = await loadTokenizer(opts.tokenizerDir);
+  const datasetPrefix = `${opts.outputPrefix}_${jsonKey}_document`;
+  const dtype = IndexedDatasetBuilder.optimalDtype(tokenizer.vocabSize);
+  const start = performance.now();
+  const totals: PreprocessProgress = { documents: 0, tokens: 0, bytes: 0, seconds: 0 };
+  const badLines: BadLine[] = [];
+
+  const runner: BatchRunner =
+    workers === 1
+      ? { run: async (texts) => encodePacked(tokenizer, texts, appendEod), close: async () => {} }
+      : new WorkerPool(workers, opts.tokenizerDir, appendEod);
+  const builder = new IndexedDatasetBuilder(datasetPrefix, { dtype });
+  // Batches in flight, oldest first: awaiting the head keeps the output in input order while
+  // the pool works ahead; two per worker keeps every worker fed while the main thread writes.
+  const inflight: { promise: Promise<EncodedBatch>; bytes: number }[] = [];
+  const maxInflight = workers * 2;
+
+  const write = async (): Promise<void> => {
+    const head = inflight.shift();
+    if (!head) return;
+    const batch = await head.promise;
+    let at = 0;
+    for (const len of batch.lengths) {
+      builder.addDocument(batch.tokens.subarray(at, at + len));
+      at += len;
+    }
+    totals.documents += batch.lengths.length;
+    totals.tokens += batch.tokens.length;
+    totals.bytes += head.bytes;
+    totals.seconds = (performance.now() - start) / 1000;
+    opts.onProgress?.({ ...totals });
+  };
+  const submit = (texts: string[], bytes: number): void => {
+    const promise = runner.run(texts);
+    // Rejections are handled when the batch reaches the head; this keeps Node from calling an
+    // earlier rejection unhandled while we await a different batch.
+    promise.catch(() => {});
+    inflight.push({ promise, bytes });
+  };
+
+  let ok = false;
+  try {
+    let texts: string[] = [];
+    let bytes = 0;
+    for await (const r of readDocuments(opts.input, jsonKey, { format: opts.format })) {
+      if ('reason' in r) {
+        const bad = r as BadRecord;
+        if (opts.strict) {
+          throw new DataError('INVALID_FORMAT', `line ${bad.lineNumber}: ${bad.reason}`, opts.input);
+        }
+        badLines.push({ line: bad.lineNumber, reason: bad.reason });
+        continue;
+      }
+      texts.push(r.text);
+      bytes += Buffer.byteLength(r.text, 'utf8');
+      if (texts.length >= batchSize) {
+        submit(texts, bytes);
+        texts = [];
+        bytes = 0;
+        while (inflight.length >= maxInflight) await write();
+      }
+    }
+    if (texts.length > 0) submit(texts, bytes);
+    while (inflight.length > 0) await write();
+    builder.finalize();
+    ok = true;
+  } finally {
+    if (!ok) builder.abort();
+    await runner.close();
+  }
+  totals.seconds = (performance.now() - start) / 1000;
+  return { ...totals, datasetPrefix, dtype, badLines };
+}
