@@ -58,6 +58,9 @@ describe('megapatch preprocess (library functions)', () => {
         out,
       ),
     ).rejects.toThrow(/--truncation: must be 'drop' or 'truncate'/);
+    await expect(
+      runSft({ input: ALPACA, tokenizer: TOK, outputPrefix: 'x', seqLength: 8, workers: '1.5' }, out),
+    ).rejects.toThrow(/--workers: must be an integer/);
   });
 });
 
@@ -147,5 +150,42 @@ describe('megapatch preprocess (end to end)', () => {
     expect(masks.get(0).length).toBe(toks.get(0).length);
     toks.close();
     masks.close();
+  });
+
+  it('sft with --workers 2 writes the same files as with 1 worker', () => {
+    const run = (prefix: string, workers: string) =>
+      execFileSync(
+        process.execPath,
+        [
+          bin,
+          'preprocess',
+          'sft',
+          '--input',
+          ALPACA,
+          '--tokenizer',
+          TOK,
+          '--output-prefix',
+          prefix,
+          '--seq-length',
+          '64',
+          '--truncation',
+          'truncate',
+          '--workers',
+          workers,
+        ],
+        { encoding: 'utf8' },
+      );
+    const p1 = join(dir, 'alpaca_w1');
+    const p2 = join(dir, 'alpaca_w2');
+    const out1 = run(p1, '1');
+    const out2 = run(p2, '2');
+    const totals = (out: string) =>
+      /samples: \d+, tokens: \d+, loss tokens: \d+, dropped: \d+, truncated: \d+, bytes: \d+/.exec(out)?.[0];
+    expect(totals(out2)).toBeDefined();
+    expect(totals(out2)).toBe(totals(out1));
+    expect(out2).toMatch(/samples\/s: \d+(\.\d+)?, MB\/s: \d+\.\d+/);
+    for (const f of ['_sft_tokens.bin', '_sft_tokens.idx', '_sft_loss_mask.bin', '_sft_loss_mask.idx']) {
+      expect(readFileSync(`${p2}${f}`).equals(readFileSync(`${p1}${f}`))).toBe(true);
+    }
   });
 });

@@ -316,4 +316,101 @@ describe('preprocessSft', () => {
       }),
     ).rejects.toThrow(/line 2:/);
   });
+
+  describe('with 2 workers', () => {
+    const files = (prefix: string): Buffer[] =>
+      [`${prefix}_sft_tokens.bin`, `${prefix}_sft_tokens.idx`, `${prefix}_sft_loss_mask.bin`]
+        .concat([`${prefix}_sft_loss_mask.idx`])
+        .map((f) => readFileSync(f));
+    const stats = (r: Awaited<ReturnType<typeof preprocessSft>>) => {
+      const { seconds: _s, tokensPrefix: _t, lossMaskPrefix: _m, sidecar: _c, ...rest } = r;
+      return rest;
+    };
+    const sidecarOf = (path: string) => {
+      // The dataset prefixes name the (different) outputs; everything else must match.
+      const {
+        tokenizer: _t,
+        tokens,
+        lossMask,
+        ...rest
+      } = JSON.parse(readFileSync(path, 'utf8')) as SftSidecar;
+      return { ...rest, dtypes: [tokens.dtype, lossMask.dtype] };
+    };
+
+    for (const truncation of ['truncate', 'drop'] as const) {
+      it(`gives byte-identical files and identical stats to 1 worker (truncation=${truncation})`, async () => {
+        const run = (workers: number, progress?: number[]) =>
+          preprocessSft({
+            input: ALPACA,
+            tokenizerDir: TOK,
+            outputPrefix: join(dir, `sftw${workers}${truncation}`),
+            seqLength: 48,
+            truncation,
+            workers,
+            batchSize: 16,
+            onProgress: progress ? (p) => progress.push(p.documents) : undefined,
+          });
+        const r1 = await run(1);
+        const progress: number[] = [];
+        const r2 = await run(2, progress);
+        expect(r1.dropped).toBeGreaterThan(0);
+        if (truncation === 'truncate') expect(r1.truncated).toBeGreaterThan(0);
+        expect(r1.samples).toBeGreaterThan(0);
+        expect(r1.bytes).toBeGreaterThan(0);
+        expect(stats(r2)).toEqual(stats(r1));
+        const f1 = files(join(dir, `sftw1${truncation}`));
+        const f2 = files(join(dir, `sftw2${truncation}`));
+        for (const [i, b] of f1.entries()) expect(f2[i].equals(b)).toBe(true);
+        expect(sidecarOf(r2.sidecar)).toEqual(sidecarOf(r1.sidecar));
+        expect(progress.at(-1)).toBe(r2.samples);
+        expect(progress).toEqual([...progress].sort((a, b) => a - b));
+      });
+    }
+
+    it('reports bad lines identically and fails on the first with strict', async () => {
+      const good = JSON.parse(readFileSync(ALPACA, 'utf8')) as unknown[];
+      const lines: string[] = [];
+      good.slice(0, 40).forEach((rec, i) => {
+        lines.push(JSON.stringify(rec));
+        if (i % 7 === 3) lines.push('{broken');
+        if (i % 11 === 5) lines.push(JSON.stringify({ foo: i }));
+      });
+      const file = join(dir, 'sftbadw.jsonl');
+      writeFileSync(file, lines.join('\n'));
+      const run = (workers: number, strict = false) =>
+        preprocessSft({
+          input: file,
+          tokenizerDir: TOK,
+          outputPrefix: join(dir, `sftbadw${workers}${strict ? 's' : ''}`),
+          seqLength: 128,
+          workers,
+          batchSize: 8,
+          strict,
+        });
+      const r1 = await run(1);
+      const r2 = await run(2);
+      expect(r1.badLines.length).toBe(10);
+      expect(r2.badLines).toEqual(r1.badLines);
+      expect(stats(r2)).toEqual(stats(r1));
+      const f1 = files(join(dir, 'sftbadw1'));
+      const f2 = files(join(dir, 'sftbadw2'));
+      for (const [i, b] of f1.entries()) expect(f2[i].equals(b)).toBe(true);
+      const first = `line ${r1.badLines[0].line}:`;
+      await expect(run(1, true)).rejects.toThrow(first);
+      await expect(run(2, true)).rejects.toThrow(first);
+      expect(existsSync(join(dir, 'sftbadw2s_sft_tokens.idx'))).toBe(false);
+    });
+
+    it('rejects a bad worker count', async () => {
+      await expect(
+        preprocessSft({
+          input: ALPACA,
+          tokenizerDir: TOK,
+          outputPrefix: join(dir, 'x'),
+          seqLength: 8,
+          workers: 0,
+        }),
+      ).rejects.toThrow(/workers must be a positive integer/);
+    });
+  });
 });

@@ -12,17 +12,19 @@ import { defineCommand } from 'citty';
 import cliProgress from 'cli-progress';
 import { z } from 'zod';
 
+const Workers = z.coerce
+  .number({ message: 'must be a number' })
+  .int('must be an integer')
+  .min(1, 'must be >= 1')
+  .default(1);
+
 const PretrainOptions = z.object({
   input: z.string().min(1, 'is required (a .jsonl, .json, .parquet or .txt file)'),
   jsonKey: z.string().min(1, 'must not be empty').default('text'),
   tokenizer: z.string().min(1, 'is required (a Hugging Face tokenizer folder)'),
   outputPrefix: z.string().min(1, 'is required'),
   appendEod: z.boolean().default(false),
-  workers: z.coerce
-    .number({ message: 'must be a number' })
-    .int('must be an integer')
-    .min(1, 'must be >= 1')
-    .default(1),
+  workers: Workers,
   strict: z.boolean().default(false),
 });
 export type PretrainOptions = z.input<typeof PretrainOptions>;
@@ -36,6 +38,8 @@ const SftOptions = z.object({
     .int('must be an integer')
     .min(1, 'must be >= 1'),
   truncation: z.enum(['drop', 'truncate'], { message: "must be 'drop' or 'truncate'" }).default('drop'),
+  /** Rendering + tokenizer threads; the output is the same whatever the count. */
+  workers: Workers,
   strict: z.boolean().default(false),
 });
 export type SftOptions = z.input<typeof SftOptions>;
@@ -150,6 +154,7 @@ export async function runSft(
       outputPrefix: o.outputPrefix,
       seqLength: o.seqLength,
       truncation: o.truncation,
+      workers: o.workers,
       strict: o.strict,
       onProgress: progress.update,
     });
@@ -159,7 +164,8 @@ export async function runSft(
   out.log(`wrote ${r.tokensPrefix}.bin / .idx, ${r.lossMaskPrefix}.bin / .idx and ${r.sidecar}`);
   out.log(
     `samples: ${r.samples}, tokens: ${r.tokens}, loss tokens: ${r.lossTokens}, dropped: ${r.dropped}, ` +
-      `truncated: ${r.truncated}, seconds: ${r.seconds.toFixed(2)}`,
+      `truncated: ${r.truncated}, bytes: ${r.bytes}, seconds: ${r.seconds.toFixed(2)}, ` +
+      `samples/s: ${perSecond(r.samples, r.seconds)}, MB/s: ${mbps(r)}`,
   );
   reportBadLines(out, r.badLines);
   return r;
@@ -206,6 +212,7 @@ const sft = defineCommand({
     ...common,
     'seq-length': { type: 'string', description: 'most training positions per sample', required: true },
     truncation: { type: 'string', description: "longer samples: 'drop' or 'truncate'", default: 'drop' },
+    workers: { type: 'string', description: 'rendering + tokenizer threads', default: '1' },
   },
   async run({ args }) {
     await runSft({
@@ -214,6 +221,7 @@ const sft = defineCommand({
       outputPrefix: args['output-prefix'],
       seqLength: args['seq-length'],
       truncation: args.truncation as 'drop' | 'truncate',
+      workers: args.workers,
       strict: args.strict,
     });
   },

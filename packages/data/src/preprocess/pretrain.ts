@@ -3,11 +3,11 @@
 // do it: one document = one sequence, tokenised without special tokens, optionally followed by
 // the EOD token, dtype chosen by vocabulary size.
 import { existsSync } from 'node:fs';
-import { Worker } from 'node:worker_threads';
 import { DataError } from '../errors.js';
 import { IndexedDatasetBuilder } from '../indexed-dataset.js';
 import { loadTokenizer } from '../tokenizer/hf.js';
 import type { Tokenizer } from '../tokenizer/types.js';
+import { inProcessRunner, OrderedBatches, WorkerPool } from './pool.js';
 import { assertInputFile, type BadRecord, type InputFormat, readDocuments } from './readers.js';
 
 /** Options of preprocessPretrain. */
@@ -58,7 +58,8 @@ export interface PreprocessPretrainResult extends PreprocessProgress {
   badLines: BadLine[];
 }
 
-interface EncodedBatch {
+/** A tokenised batch: ids of all documents concatenated, and one length per document. */
+export interface EncodedBatch {
   tokens: Int32Array;
   lengths: Int32Array;
 }
@@ -82,111 +83,8 @@ function encodePacked(tokenizer: Tokenizer, texts: readonly string[], appendEod:
   return { tokens, lengths };
 }
 
-interface BatchRunner {
-  run(texts: string[]): Promise<EncodedBatch>;
-  close(): Promise<void>;
-}
-
-interface WorkerReply {
-  id: number;
-  tokens?: Int32Array;
-  lengths?: Int32Array;
-  error?: string;
-}
-
-interface Job {
-  id: number;
-  texts: string[];
-  resolve: (b: EncodedBatch) => void;
-  reject: (e: Error) => void;
-}
-
-/** The worker script: src/preprocess/worker.mjs from source, dist/worker.mjs once bundled. */
-function workerUrl(): URL {
-  const url = new URL('./worker.mjs', import.meta.url);
-  if (!existsSync(url)) {
-    throw new DataError(
-      'MISSING_FILE',
-      'the tokenizer worker script is missing (build the package)',
-      url.pathname,
-    );
-  }
-  return url;
-}
-
-/** A fixed pool of worker threads, one batch at a time each, jobs queued in submission order. */
-class WorkerPool implements BatchRunner {
-  private readonly idle: Worker[] = [];
-  private readonly all: Worker[] = [];
-  private readonly queue: Job[] = [];
-  private readonly busy = new Map<Worker, Job>();
-  private nextId = 0;
-  private failure: Error | undefined;
-
-  constructor(size: number, tokenizerDir: string, appendEod: boolean) {
-    const url = workerUrl();
-    for (let i = 0; i < size; i++) {
-      const w = new Worker(url, { workerData: { tokenizerDir, appendEod } });
-      w.on('message', (msg: WorkerReply) => this.onReply(w, msg));
-      w.on('error', (e) =>
-        this.fail(new DataError('TOKENIZER', `tokenizer worker failed: ${e.message}`, tokenizerDir)),
-      );
-      w.on('exit', (code) => {
-        if (code !== 0)
-          this.fail(new DataError('TOKENIZER', `tokenizer worker exited with code ${code}`, tokenizerDir));
-      });
-      this.all.push(w);
-      this.idle.push(w);
-    }
-  }
-
-  run(texts: string[]): Promise<EncodedBatch> {
-    return new Promise((resolve, reject) => {
-      if (this.failure) return reject(this.failure);
-      this.queue.push({ id: this.nextId++, texts, resolve, reject });
-      this.pump();
-    });
-  }
-
-  private pump(): void {
-    while (this.idle.length > 0 && this.queue.length > 0) {
-      const w = this.idle.pop() as Worker;
-      const job = this.queue.shift() as Job;
-      this.busy.set(w, job);
-      w.postMessage({ id: job.id, texts: job.texts });
-    }
-  }
-
-  private onReply(w: Worker, msg: WorkerReply): void {
-    const job = this.busy.get(w);
-    this.busy.delete(w);
-    this.idle.push(w);
-    if (job) {
-      if (msg.error !== undefined || !msg.tokens || !msg.lengths) {
-        job.reject(new DataError('TOKENIZER', `tokenizer worker: ${msg.error ?? 'empty reply'}`));
-      } else {
-        job.resolve({ tokens: msg.tokens, lengths: msg.lengths });
-      }
-    }
-    this.pump();
-  }
-
-  private fail(e: Error): void {
-    if (this.failure) return;
-    this.failure = e;
-    for (const job of [...this.busy.values(), ...this.queue]) job.reject(e);
-    this.busy.clear();
-    this.queue.length = 0;
-  }
-
-  async close(): Promise<void> {
-    // Set a failure first so that the exits caused by terminate() are not reported as errors.
-    this.failure ??= new DataError('INVALID_ARGUMENT', 'worker pool closed');
-    await Promise.all(this.all.map((w) => w.terminate()));
-  }
-}
-
-function assertTokenizerDir(dir: string): void {
+/** Fails with MISSING_FILE unless `dir` holds tokenizer.json and tokenizer_config.json. */
+export function assertTokenizerDir(dir: string): void {
   for (const name of ['tokenizer.json', 'tokenizer_config.json']) {
     if (!existsSync(`${dir}/${name}`)) {
       throw new DataError('MISSING_FILE', `tokenizer folder has no ${name}`, dir);
@@ -219,20 +117,16 @@ export async function preprocessPretrain(opts: PreprocessPretrainOptions): Promi
   const totals: PreprocessProgress = { documents: 0, tokens: 0, bytes: 0, seconds: 0 };
   const badLines: BadLine[] = [];
 
-  const runner: BatchRunner =
+  const runner =
     workers === 1
-      ? { run: async (texts) => encodePacked(tokenizer, texts, appendEod), close: async () => {} }
-      : new WorkerPool(workers, opts.tokenizerDir, appendEod);
+      ? inProcessRunner((req: { texts: string[] }) => encodePacked(tokenizer, req.texts, appendEod))
+      : new WorkerPool<{ texts: string[] }, EncodedBatch>(workers, {
+          task: 'pretrain',
+          tokenizerDir: opts.tokenizerDir,
+          appendEod,
+        });
   const builder = new IndexedDatasetBuilder(datasetPrefix, { dtype });
-  // Batches in flight, oldest first: awaiting the head keeps the output in input order while
-  // the pool works ahead; two per worker keeps every worker fed while the main thread writes.
-  const inflight: { promise: Promise<EncodedBatch>; bytes: number }[] = [];
-  const maxInflight = workers * 2;
-
-  const write = async (): Promise<void> => {
-    const head = inflight.shift();
-    if (!head) return;
-    const batch = await head.promise;
+  const batches = new OrderedBatches(runner, workers * 2, (batch: EncodedBatch, bytes: number) => {
     let at = 0;
     for (const len of batch.lengths) {
       builder.addDocument(batch.tokens.subarray(at, at + len));
@@ -240,17 +134,10 @@ export async function preprocessPretrain(opts: PreprocessPretrainOptions): Promi
     }
     totals.documents += batch.lengths.length;
     totals.tokens += batch.tokens.length;
-    totals.bytes += head.bytes;
+    totals.bytes += bytes;
     totals.seconds = (performance.now() - start) / 1000;
     opts.onProgress?.({ ...totals });
-  };
-  const submit = (texts: string[], bytes: number): void => {
-    const promise = runner.run(texts);
-    // Rejections are handled when the batch reaches the head; this keeps Node from calling an
-    // earlier rejection unhandled while we await a different batch.
-    promise.catch(() => {});
-    inflight.push({ promise, bytes });
-  };
+  });
 
   let ok = false;
   try {
@@ -268,14 +155,13 @@ export async function preprocessPretrain(opts: PreprocessPretrainOptions): Promi
       texts.push(r.text);
       bytes += Buffer.byteLength(r.text, 'utf8');
       if (texts.length >= batchSize) {
-        submit(texts, bytes);
+        await batches.submit({ texts }, bytes);
         texts = [];
         bytes = 0;
-        while (inflight.length >= maxInflight) await write();
       }
     }
-    if (texts.length > 0) submit(texts, bytes);
-    while (inflight.length > 0) await write();
+    if (texts.length > 0) await batches.submit({ texts }, bytes);
+    await batches.drain();
     builder.finalize();
     ok = true;
   } finally {

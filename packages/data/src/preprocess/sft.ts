@@ -14,15 +14,21 @@
 // (unmasked) labels and lossMask. Unlike Pai-Megatron-Patch's idxmap format, nothing is encoded
 // in the ids: there are no -100 labels and no negative end-of-sample markers (which uint16 cannot
 // hold), and sample boundaries are the sequence boundaries of the index.
+//
+// With `workers` > 1, rendering and tokenisation run in a worker_threads pool (see pool.ts and
+// worker.mjs): the main thread reads and parses records, sends batches of ChatSamples with their
+// line numbers, and applies the length policy and counts to the replies strictly in input order,
+// so the files, stats and bad-line reports are the same whatever the worker count.
 import { renameSync, writeFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { DataError } from '../errors.js';
 import { IndexedDatasetBuilder } from '../indexed-dataset.js';
 import { detectSftFormat, parseSftRecord } from '../sft/readers.js';
 import { tokenizeChat } from '../sft/render.js';
-import type { ChatSample } from '../sft/types.js';
+import type { ChatSample, ChatTokenizer } from '../sft/types.js';
 import { loadTokenizer } from '../tokenizer/hf.js';
-import type { BadLine, PreprocessProgress } from './pretrain.js';
+import { inProcessRunner, OrderedBatches, WorkerPool } from './pool.js';
+import { assertTokenizerDir, type BadLine, type PreprocessProgress } from './pretrain.js';
 import { assertInputFile, type InputFormat, readRecords } from './readers.js';
 
 /** Name and version of the SFT output format, stored in the sidecar. */
@@ -42,7 +48,72 @@ export interface PreprocessSftOptions {
   /** Fail at the first bad record instead of counting and skipping it. */
   strict?: boolean;
   format?: InputFormat;
+  /** Rendering + tokenizer threads; 1 tokenises in this thread. Same output whatever the count. Default 1. */
+  workers?: number;
+  /** Records per batch sent to a worker. Default 64. */
+  batchSize?: number;
+  /** Called after every written batch with the running totals; `bytes` counts the UTF-8 bytes
+   * of the message contents of the parsed records (dropped ones included). */
   onProgress?: (progress: PreprocessProgress) => void;
+}
+
+/** A batch of parsed conversations for encodeSftBatch, with their 1-based input lines. */
+export interface SftBatchRequest {
+  lines: number[];
+  chats: ChatSample[];
+}
+
+/**
+ * Rendered and tokenised conversations, untruncated: the ids of all good samples concatenated,
+ * the matching 0/1 loss masks (mask[j] = 1 iff token j has a positive weight, mask[0] = 0), one
+ * length per request entry (0 for failed ones) and the failures with their lines.
+ */
+export interface SftEncodedBatch {
+  ids: Int32Array;
+  masks: Uint8Array;
+  lengths: Int32Array;
+  errors: BadLine[];
+}
+
+/**
+ * Renders and tokenises a batch of conversations (tokenizeChat); a DataError of one sample becomes
+ * an entry of `errors`, any other error fails the batch. Used in-process and by the worker threads.
+ * @internal
+ */
+export function encodeSftBatch(tokenizer: ChatTokenizer, req: SftBatchRequest): SftEncodedBatch {
+  const lengths = new Int32Array(req.chats.length);
+  const errors: BadLine[] = [];
+  const encoded: ReturnType<typeof tokenizeChat>[] = [];
+  let total = 0;
+  req.chats.forEach((chat, i) => {
+    try {
+      const tok = tokenizeChat(tokenizer, chat);
+      encoded.push(tok);
+      lengths[i] = tok.ids.length;
+      total += tok.ids.length;
+    } catch (e) {
+      if (!(e instanceof DataError)) throw e;
+      errors.push({ line: req.lines[i], reason: e.message });
+    }
+  });
+  const ids = new Int32Array(total);
+  const masks = new Uint8Array(total);
+  let at = 0;
+  for (const tok of encoded) {
+    ids.set(tok.ids, at);
+    for (let j = 1; j < tok.ids.length; j++) if (tok.weight[j] > 0) masks[at + j] = 1;
+    at += tok.ids.length;
+  }
+  return { ids, masks, lengths, errors };
+}
+
+/** One input record of a batch, in order: parsed (sent for tokenisation) or bad. */
+type BatchEntry = { line: number; reason?: undefined } | { line: number; reason: string };
+
+function contentBytes(chat: ChatSample): number {
+  let n = 0;
+  for (const m of chat.messages) if (typeof m.content === 'string') n += Buffer.byteLength(m.content, 'utf8');
+  return n;
 }
 
 /** The `<prefix>_sft.json` sidecar describing an SFT output. */
@@ -94,7 +165,17 @@ export async function preprocessSft(opts: PreprocessSftOptions): Promise<Preproc
       `truncation must be 'drop' or 'truncate', got ${String(truncation)}`,
     );
   }
+  const workers = opts.workers ?? 1;
+  const batchSize = opts.batchSize ?? 64;
+  if (!Number.isInteger(workers) || workers < 1) {
+    throw new DataError('INVALID_ARGUMENT', `workers must be a positive integer, got ${workers}`);
+  }
+  if (!Number.isInteger(batchSize) || batchSize < 1) {
+    throw new DataError('INVALID_ARGUMENT', `batchSize must be a positive integer, got ${batchSize}`);
+  }
   assertInputFile(opts.input);
+  if (workers > 1) assertTokenizerDir(opts.tokenizerDir);
+  // The main thread needs the tokenizer anyway, for the vocabulary size and the sidecar.
   const tokenizer = await loadTokenizer(opts.tokenizerDir);
   const tokensPrefix = `${opts.outputPrefix}_sft_tokens`;
   const lossMaskPrefix = `${opts.outputPrefix}_sft_loss_mask`;
@@ -111,61 +192,90 @@ export async function preprocessSft(opts: PreprocessSftOptions): Promise<Preproc
 
   const tokens = new IndexedDatasetBuilder(tokensPrefix, { dtype });
   const masks = new IndexedDatasetBuilder(lossMaskPrefix, { dtype: 'uint8' });
-  let ok = false;
-  try {
-    for await (const r of readRecords(opts.input, { format: opts.format })) {
-      if ('reason' in r) {
-        bad(r.lineNumber, r.reason);
+  const runner =
+    workers === 1
+      ? inProcessRunner((req: SftBatchRequest) => encodeSftBatch(tokenizer, req))
+      : new WorkerPool<SftBatchRequest, SftEncodedBatch>(workers, {
+          task: 'sft',
+          tokenizerDir: opts.tokenizerDir,
+        });
+  // Applied to each batch in input order: bad records, tokenisation failures and the length policy.
+  const write = (batch: SftEncodedBatch, meta: { entries: BatchEntry[]; bytes: number }): void => {
+    const failed = new Map(batch.errors.map((e) => [e.line, e.reason]));
+    let k = 0; // index of the next tokenised sample in the batch
+    let at = 0; // its offset in ids/masks
+    for (const entry of meta.entries) {
+      if (entry.reason !== undefined) {
+        bad(entry.line, entry.reason);
         continue;
       }
-      let chat: ChatSample;
-      try {
-        chat = parseSftRecord(r.record, detectSftFormat(r.record));
-      } catch (e) {
-        if (!(e instanceof DataError)) throw e;
-        bad(r.lineNumber, e.message);
-        continue;
-      }
-      let tok: ReturnType<typeof tokenizeChat>;
-      try {
-        tok = tokenizeChat(tokenizer, chat);
-      } catch (e) {
-        if (!(e instanceof DataError)) throw e;
-        bad(r.lineNumber, e.message);
+      const len = batch.lengths[k++];
+      const ids = batch.ids.subarray(at, at + len);
+      const fullMask = batch.masks.subarray(at, at + len);
+      at += len;
+      const failure = failed.get(entry.line);
+      if (failure !== undefined) {
+        bad(entry.line, failure);
         continue;
       }
       // The same length policy as buildSftSamples, applied to unshifted ids: T-1 positions.
-      const tooLong = tok.ids.length - 1 > opts.seqLength;
+      const tooLong = len - 1 > opts.seqLength;
       if (tooLong && truncation === 'drop') {
         counts.dropped++;
         continue;
       }
-      const t = Math.min(tok.ids.length, opts.seqLength + 1);
-      const mask = new Uint8Array(t);
+      const t = Math.min(len, opts.seqLength + 1);
+      const mask = fullMask.subarray(0, t);
       let loss = 0;
-      for (let j = 1; j < t; j++) {
-        if (tok.weight[j] > 0) {
-          mask[j] = 1;
-          loss++;
-        }
-      }
+      for (let j = 1; j < t; j++) loss += mask[j];
       // No target left (prompt fills the budget, or zero-weight turns): nothing to learn from.
       if (loss === 0) {
         counts.dropped++;
         continue;
       }
       if (tooLong) counts.truncated++;
-      tokens.addDocument(tok.ids.slice(0, t));
+      tokens.addDocument(ids.subarray(0, t));
       masks.addDocument(mask);
       counts.lossTokens += loss;
       totals.documents++;
       totals.tokens += t;
-      totals.seconds = (performance.now() - start) / 1000;
-      if (totals.documents % 64 === 0) opts.onProgress?.({ ...totals });
     }
+    totals.bytes += meta.bytes;
+    totals.seconds = (performance.now() - start) / 1000;
+    opts.onProgress?.({ ...totals });
+  };
+  const batches = new OrderedBatches(runner, workers * 2, write);
+
+  let ok = false;
+  try {
+    let req: SftBatchRequest = { lines: [], chats: [] };
+    let pending = { entries: [] as BatchEntry[], bytes: 0 };
+    for await (const r of readRecords(opts.input, { format: opts.format })) {
+      if ('reason' in r) {
+        pending.entries.push({ line: r.lineNumber, reason: r.reason });
+      } else {
+        try {
+          const chat = parseSftRecord(r.record, detectSftFormat(r.record));
+          req.lines.push(r.lineNumber);
+          req.chats.push(chat);
+          pending.entries.push({ line: r.lineNumber });
+          pending.bytes += contentBytes(chat);
+        } catch (e) {
+          if (!(e instanceof DataError)) throw e;
+          pending.entries.push({ line: r.lineNumber, reason: e.message });
+        }
+      }
+      if (pending.entries.length >= batchSize) {
+        await batches.submit(req, pending);
+        req = { lines: [], chats: [] };
+        pending = { entries: [], bytes: 0 };
+      }
+    }
+    if (pending.entries.length > 0) await batches.submit(req, pending);
+    await batches.drain();
     tokens.finalize();
     masks.finalize();
-    const meta: SftSidecar = {
+    const sidecarMeta: SftSidecar = {
       format: SFT_FORMAT.name,
       version: SFT_FORMAT.version,
       tokenizer: resolve(opts.tokenizerDir),
@@ -187,7 +297,7 @@ export async function preprocessSft(opts: PreprocessSftOptions): Promise<Preproc
     };
     // Written to a temporary name and renamed, like the datasets, so a reader never sees half a file.
     const tmp = `${sidecar}.tmp-${process.pid}`;
-    writeFileSync(tmp, `${JSON.stringify(meta, null, 2)}\n`);
+    writeFileSync(tmp, `${JSON.stringify(sidecarMeta, null, 2)}\n`);
     renameSync(tmp, sidecar);
     ok = true;
   } finally {
@@ -195,6 +305,7 @@ export async function preprocessSft(opts: PreprocessSftOptions): Promise<Preproc
       tokens.abort();
       masks.abort();
     }
+    await runner.close();
   }
   totals.seconds = (performance.now() - start) / 1000;
   opts.onProgress?.({ ...totals });
