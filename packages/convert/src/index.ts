@@ -1,0 +1,6 @@
+// @megapatch/convert: safetensors, Hugging Face checkpoints, TransformerConfig and the
+// architecture specs, the megapatch checkpoint, resharding. Pure TypeScript.
+export { ConvertError, type ConvertErrorCode } from './errors.js';
+export * from './safetensors.js';
+export * from './specs/index.js';
+export * from './transformer-config.js';

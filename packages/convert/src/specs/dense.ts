@@ -1,0 +1,118 @@
+// Dense GQA decoders: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3 (q/k norm, explicit head_dim).
+import { z } from 'zod';
+import { ConvertError } from '../errors.js';
+import { makeTransformerConfig, type TransformerConfig } from '../transformer-config.js';
+import {
+  denseMlpRules,
+  gqaAttentionNames,
+  gqaAttentionRules,
+  HfRopeScaling,
+  outerNames,
+  outerRules,
+  preMlpNormRules,
+  ropeScalingFromHf,
+  swigluNames,
+} from './common.js';
+import type { ArchitectureSpec, WeightRule } from './types.js';
+
+const int = z.number().int().positive();
+
+/** Fields every Llama-style HF config.json carries. */
+export const HfLlamaStyleConfig = z.object({
+  hidden_size: int,
+  intermediate_size: int,
+  num_hidden_layers: int,
+  num_attention_heads: int,
+  num_key_value_heads: int.nullish(),
+  head_dim: int.nullish(),
+  rms_norm_eps: z.number().positive(),
+  rope_theta: z.number().positive().default(10000),
+  rope_scaling: HfRopeScaling,
+  tie_word_embeddings: z.boolean().default(false),
+  vocab_size: int,
+  max_position_embeddings: int,
+  // Llama/Qwen3 `attention_bias` also adds an o_proj bias, which TransformerConfig cannot express.
+  attention_bias: z.literal(false).optional(),
+  mlp_bias: z.literal(false).optional(),
+});
+/** Parsed Llama-style HF config. */
+export type HfLlamaStyleConfig = z.infer<typeof HfLlamaStyleConfig>;
+
+/** TransformerConfig fields shared by every Llama-style config (attention, norms, rope, vocab). */
+export function llamaStyleBase(hf: HfLlamaStyleConfig, ropeScaling: TransformerConfig['ropeScaling']) {
+  if (hf.hidden_size % hf.num_attention_heads !== 0 && !hf.head_dim) {
+    throw new ConvertError(
+      'INVALID_CONFIG',
+      'field "head_dim" is required when hidden_size is not a multiple of num_attention_heads',
+    );
+  }
+  return {
+    numLayers: hf.num_hidden_layers,
+    hiddenSize: hf.hidden_size,
+    ffnHiddenSize: hf.intermediate_size,
+    numAttentionHeads: hf.num_attention_heads,
+    // HF leaves num_key_value_heads out for plain multi-head attention.
+    numQueryGroups: hf.num_key_value_heads ?? hf.num_attention_heads,
+    kvChannels: hf.head_dim ?? hf.hidden_size / hf.num_attention_heads,
+    normalization: 'RMSNorm' as const,
+    layernormEpsilon: hf.rms_norm_eps,
+    rotaryBase: hf.rope_theta,
+    ropeScaling,
+    untieEmbeddingsAndOutputWeights: !hf.tie_word_embeddings,
+    vocabSize: hf.vocab_size,
+    maxPositionEmbeddings: hf.max_position_embeddings,
+  };
+}
+
+/** Rules of a dense Llama-style checkpoint. */
+export const denseRules: WeightRule[] = [
+  ...outerRules,
+  ...gqaAttentionRules,
+  ...preMlpNormRules,
+  ...denseMlpRules,
+];
+
+/** HF tensor names of a dense Llama-style checkpoint. */
+export function denseNames(cfg: TransformerConfig): string[] {
+  const out = outerNames(cfg);
+  for (let i = 0; i < cfg.numLayers; i++)
+    out.push(...gqaAttentionNames(cfg, i), ...swigluNames(`model.layers.${i}.mlp.`));
+  return out;
+}
+
+function denseSpec(
+  architectures: string[],
+  opts: { qkvBias: boolean; qkNorm: boolean; defaultHeadDim?: number },
+): ArchitectureSpec<HfLlamaStyleConfig> {
+  return {
+    architectures,
+    configSchema: HfLlamaStyleConfig,
+    toTransformerConfig(hf) {
+      const withDefault = opts.defaultHeadDim && !hf.head_dim ? { ...hf, head_dim: opts.defaultHeadDim } : hf;
+      return makeTransformerConfig({
+        ...llamaStyleBase(withDefault, ropeFrom(hf)),
+        addQkvBias: opts.qkvBias,
+        qkLayernorm: opts.qkNorm,
+      });
+    },
+    weightRules: denseRules,
+    expectedHfTensorNames: denseNames,
+  };
+}
+
+function ropeFrom(hf: HfLlamaStyleConfig) {
+  return ropeScalingFromHf(hf.rope_scaling);
+}
+
+/** Llama 2/3/3.1/3.2 (llama3/linear rope scaling, optional explicit head_dim). */
+export const llamaSpec = denseSpec(['LlamaForCausalLM'], { qkvBias: false, qkNorm: false });
+/** Mistral 7B (sliding-window attention is a runtime setting, not a weight difference). */
+export const mistralSpec = denseSpec(['MistralForCausalLM'], { qkvBias: false, qkNorm: false });
+/** Qwen2 / Qwen2.5: bias on q/k/v (always, independent of the config). */
+export const qwen2Spec = denseSpec(['Qwen2ForCausalLM'], { qkvBias: true, qkNorm: false });
+/** Qwen3: per-head RMSNorm on q and k, head_dim defaulting to 128. */
+export const qwen3Spec = denseSpec(['Qwen3ForCausalLM'], {
+  qkvBias: false,
+  qkNorm: true,
+  defaultHeadDim: 128,
+});

@@ -1,0 +1,171 @@
+// GQA decoders with mixture-of-experts MLPs: Mixtral, Qwen1.5/Qwen2-MoE, Qwen3-MoE.
+import { z } from 'zod';
+import { makeTransformerConfig, moeLayerPattern, type TransformerConfig } from '../transformer-config.js';
+import {
+  gqaAttentionNames,
+  gqaAttentionRules,
+  kindOf,
+  layerRule,
+  outerNames,
+  outerRules,
+  PROJ,
+  preMlpNormRules,
+  ropeScalingFromHf,
+  swigluNames,
+  swigluRules,
+} from './common.js';
+import { denseRules, HfLlamaStyleConfig, llamaStyleBase } from './dense.js';
+import type { ArchitectureSpec, WeightRule } from './types.js';
+
+const int = z.number().int().positive();
+const EXPERTS = 'mlp.experts.local_experts.{expert}.';
+
+/** Mixtral config.json. */
+export const HfMixtralConfig = HfLlamaStyleConfig.extend({
+  num_local_experts: int,
+  num_experts_per_tok: int,
+});
+/** Parsed Mixtral config. */
+export type HfMixtralConfig = z.infer<typeof HfMixtralConfig>;
+
+const W = { gate: 'w1', up: 'w3', down: 'w2' } as const;
+
+/** Mixtral 8x7B / 8x22B: every layer MoE, experts named w1 (gate), w3 (up), w2 (down). */
+export const mixtralSpec: ArchitectureSpec<HfMixtralConfig> = {
+  architectures: ['MixtralForCausalLM'],
+  configSchema: HfMixtralConfig,
+  toTransformerConfig(hf) {
+    return makeTransformerConfig({
+      ...llamaStyleBase(hf, ropeScalingFromHf(hf.rope_scaling)),
+      moe: {
+        numExperts: hf.num_local_experts,
+        routerTopk: hf.num_experts_per_tok,
+        moeFfnHiddenSize: hf.intermediate_size,
+        // Mixtral renormalises the top-k softmax weights.
+        normTopkProb: true,
+        layerPattern: moeLayerPattern(hf.num_hidden_layers, {}),
+      },
+    });
+  },
+  weightRules: [
+    ...outerRules,
+    ...gqaAttentionRules,
+    ...preMlpNormRules,
+    layerRule('block_sparse_moe.gate.weight', 'mlp.router.weight', { type: 'replicate' }, 'moe'),
+    ...swigluRules('block_sparse_moe.experts.{expert}.', EXPERTS, W, true, 'moe'),
+  ],
+  expectedHfTensorNames(cfg) {
+    const out = outerNames(cfg);
+    for (let i = 0; i < cfg.numLayers; i++) {
+      out.push(...gqaAttentionNames(cfg, i), `model.layers.${i}.block_sparse_moe.gate.weight`);
+      for (let e = 0; e < (cfg.moe?.numExperts ?? 0); e++)
+        out.push(...swigluNames(`model.layers.${i}.block_sparse_moe.experts.${e}.`, W));
+    }
+    return out;
+  },
+};
+
+/** Qwen-MoE fields common to Qwen2-MoE and Qwen3-MoE. */
+const qwenMoeFields = {
+  num_experts: int,
+  num_experts_per_tok: int,
+  moe_intermediate_size: int,
+  norm_topk_prob: z.boolean().default(false),
+  decoder_sparse_step: int.default(1),
+  mlp_only_layers: z.array(z.number().int().nonnegative()).default([]),
+};
+
+/** Qwen1.5-MoE / Qwen2-MoE config.json. */
+export const HfQwen2MoeConfig = HfLlamaStyleConfig.extend({
+  ...qwenMoeFields,
+  shared_expert_intermediate_size: int,
+});
+/** Parsed Qwen2-MoE config. */
+export type HfQwen2MoeConfig = z.infer<typeof HfQwen2MoeConfig>;
+/** Qwen3-MoE config.json. */
+export const HfQwen3MoeConfig = HfLlamaStyleConfig.extend(qwenMoeFields);
+/** Parsed Qwen3-MoE config. */
+export type HfQwen3MoeConfig = z.infer<typeof HfQwen3MoeConfig>;
+
+function qwenMoePattern(hf: z.infer<typeof HfQwen3MoeConfig>) {
+  return moeLayerPattern(hf.num_hidden_layers, {
+    sparseStep: hf.decoder_sparse_step,
+    denseLayers: hf.mlp_only_layers,
+  });
+}
+
+const qwenMoeRules: WeightRule[] = [
+  // Layers listed in mlp_only_layers keep the dense `mlp.gate_proj` … names.
+  ...denseRules,
+  layerRule('mlp.gate.weight', 'mlp.router.weight', { type: 'replicate' }, 'moe'),
+  ...swigluRules('mlp.experts.{expert}.', EXPERTS, PROJ, true, 'moe'),
+];
+
+function qwenMoeNames(cfg: TransformerConfig, shared: boolean): string[] {
+  const out = outerNames(cfg);
+  for (let i = 0; i < cfg.numLayers; i++) {
+    const p = `model.layers.${i}.`;
+    out.push(...gqaAttentionNames(cfg, i));
+    if (kindOf(cfg, i) === 'dense') {
+      out.push(...swigluNames(`${p}mlp.`));
+      continue;
+    }
+    out.push(`${p}mlp.gate.weight`);
+    for (let e = 0; e < (cfg.moe?.numExperts ?? 0); e++) out.push(...swigluNames(`${p}mlp.experts.${e}.`));
+    if (shared) out.push(...swigluNames(`${p}mlp.shared_expert.`), `${p}mlp.shared_expert_gate.weight`);
+  }
+  return out;
+}
+
+/** Qwen1.5-MoE / Qwen2-MoE: q/k/v bias, one shared expert with a sigmoid gate. */
+export const qwen2MoeSpec: ArchitectureSpec<HfQwen2MoeConfig> = {
+  architectures: ['Qwen2MoeForCausalLM'],
+  configSchema: HfQwen2MoeConfig,
+  toTransformerConfig(hf) {
+    return makeTransformerConfig({
+      ...llamaStyleBase(hf, ropeScalingFromHf(hf.rope_scaling)),
+      addQkvBias: true,
+      moe: {
+        numExperts: hf.num_experts,
+        routerTopk: hf.num_experts_per_tok,
+        moeFfnHiddenSize: hf.moe_intermediate_size,
+        sharedExpertIntermediateSize: hf.shared_expert_intermediate_size,
+        sharedExpertGate: true,
+        normTopkProb: hf.norm_topk_prob,
+        layerPattern: qwenMoePattern(hf),
+      },
+    });
+  },
+  weightRules: [
+    ...qwenMoeRules,
+    ...swigluRules('mlp.shared_expert.', 'mlp.shared_experts.', PROJ, false, 'moe'),
+    layerRule(
+      'mlp.shared_expert_gate.weight',
+      'mlp.shared_experts.gate_weight',
+      { type: 'replicate' },
+      'moe',
+    ),
+  ],
+  expectedHfTensorNames: (cfg) => qwenMoeNames(cfg, true),
+};
+
+/** Qwen3-MoE: q/k norm, head_dim (default 128), no shared expert. */
+export const qwen3MoeSpec: ArchitectureSpec<HfQwen3MoeConfig> = {
+  architectures: ['Qwen3MoeForCausalLM'],
+  configSchema: HfQwen3MoeConfig,
+  toTransformerConfig(hf) {
+    return makeTransformerConfig({
+      ...llamaStyleBase({ ...hf, head_dim: hf.head_dim ?? 128 }, ropeScalingFromHf(hf.rope_scaling)),
+      qkLayernorm: true,
+      moe: {
+        numExperts: hf.num_experts,
+        routerTopk: hf.num_experts_per_tok,
+        moeFfnHiddenSize: hf.moe_intermediate_size,
+        normTopkProb: hf.norm_topk_prob,
+        layerPattern: qwenMoePattern(hf),
+      },
+    });
+  },
+  weightRules: qwenMoeRules,
+  expectedHfTensorNames: (cfg) => qwenMoeNames(cfg, false),
+};

@@ -1,0 +1,269 @@
+// TransformerConfig: the architecture-independent description of a decoder-only model, named after
+// Megatron-Core's TransformerConfig (camelCase). Every architecture spec produces one from its HF
+// config.json; the model builder, the resharder and the parameter counter read only this.
+import { z } from 'zod';
+import { ConvertError } from './errors.js';
+
+const posInt = z.number().int().positive();
+const nonNegInt = z.number().int().nonnegative();
+
+/** RoPE frequency scaling, one variant per HF `rope_scaling.rope_type` that megapatch implements. */
+export const RopeScaling = z.discriminatedUnion('type', [
+  z.object({ type: z.literal('none') }),
+  z.object({ type: z.literal('linear'), factor: z.number().positive() }),
+  z.object({
+    type: z.literal('llama3'),
+    factor: z.number().positive(),
+    lowFreqFactor: z.number().positive(),
+    highFreqFactor: z.number().positive(),
+    originalMaxPositionEmbeddings: posInt,
+  }),
+  z.object({
+    type: z.literal('yarn'),
+    factor: z.number().positive(),
+    originalMaxPositionEmbeddings: posInt,
+    betaFast: z.number(),
+    betaSlow: z.number(),
+    mscale: z.number(),
+    mscaleAllDim: z.number(),
+  }),
+]);
+/** RoPE frequency scaling. */
+export type RopeScaling = z.infer<typeof RopeScaling>;
+
+/** Kind of the MLP in one decoder layer: a dense MLP or a mixture of experts. */
+export const LayerKind = z.enum(['dense', 'moe']);
+/** Kind of the MLP in one decoder layer. */
+export type LayerKind = z.infer<typeof LayerKind>;
+
+/** Mixture-of-experts settings (Megatron `num_moe_experts`, `moe_router_topk`, ...). */
+export const MoeConfig = z.object({
+  numExperts: posInt,
+  routerTopk: posInt,
+  moeFfnHiddenSize: posInt,
+  /** Intermediate size of the (fused) shared expert MLP; 0 when there is none. */
+  sharedExpertIntermediateSize: nonNegInt.default(0),
+  /** Qwen2-MoE: a sigmoid gate (1×hidden) scales the shared expert output. */
+  sharedExpertGate: z.boolean().default(false),
+  scoreFunction: z.enum(['softmax', 'sigmoid']).default('softmax'),
+  /** DeepSeek-V3 aux-loss-free balancing: a per-expert bias added to the routing scores. */
+  expertBias: z.boolean().default(false),
+  numGroups: posInt.default(1),
+  groupTopk: posInt.default(1),
+  routedScalingFactor: z.number().positive().default(1),
+  normTopkProb: z.boolean().default(false),
+  /** One entry per decoder layer (Megatron's list form of `moe_layer_freq`). */
+  layerPattern: z.array(LayerKind),
+});
+/** Mixture-of-experts settings. */
+export type MoeConfig = z.infer<typeof MoeConfig>;
+
+/** Multi-head latent attention (DeepSeek-V2/V3, Moonlight). */
+export const MlaConfig = z.object({
+  /** Rank of the query down-projection; null means a plain q projection (V2-Lite, Moonlight). */
+  qLoraRank: posInt.nullable(),
+  kvLoraRank: posInt,
+  qkNopeHeadDim: posInt,
+  qkRopeHeadDim: posInt,
+  vHeadDim: posInt,
+});
+/** Multi-head latent attention settings. */
+export type MlaConfig = z.infer<typeof MlaConfig>;
+
+/** The architecture-independent model description every spec produces. */
+export const TransformerConfig = z
+  .object({
+    numLayers: posInt,
+    hiddenSize: posInt,
+    /** FFN size of the dense layers (all layers when there is no MoE). */
+    ffnHiddenSize: posInt,
+    numAttentionHeads: posInt,
+    numQueryGroups: posInt,
+    /** Head dimension; independent of hidden/heads (Qwen3, Llama-3.2 set it explicitly). */
+    kvChannels: posInt,
+    normalization: z.enum(['RMSNorm', 'LayerNorm']).default('RMSNorm'),
+    layernormEpsilon: z.number().positive(),
+    addQkvBias: z.boolean().default(false),
+    qkLayernorm: z.boolean().default(false),
+    rotaryBase: z.number().positive(),
+    ropeScaling: RopeScaling.default({ type: 'none' }),
+    untieEmbeddingsAndOutputWeights: z.boolean(),
+    vocabSize: posInt,
+    makeVocabSizeDivisibleBy: posInt.default(128),
+    maxPositionEmbeddings: posInt,
+    moe: MoeConfig.nullable().default(null),
+    mla: MlaConfig.nullable().default(null),
+    mtpNumLayers: nonNegInt.default(0),
+  })
+  .superRefine((c, ctx) => {
+    // Grouped-query attention needs every group to own the same number of query heads.
+    if (c.numAttentionHeads % c.numQueryGroups !== 0) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['numQueryGroups'],
+        message: `numAttentionHeads ${c.numAttentionHeads} is not a multiple of numQueryGroups ${c.numQueryGroups}`,
+      });
+    }
+    if (c.moe && c.moe.layerPattern.length !== c.numLayers) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['moe', 'layerPattern'],
+        message: `has ${c.moe.layerPattern.length} entries, expected numLayers = ${c.numLayers}`,
+      });
+    }
+    if (c.moe && c.moe.routerTopk > c.moe.numExperts) {
+      ctx.addIssue({ code: 'custom', path: ['moe', 'routerTopk'], message: 'exceeds numExperts' });
+    }
+  });
+/** The architecture-independent model description every spec produces (defaults applied). */
+export type TransformerConfig = z.infer<typeof TransformerConfig>;
+/** What a spec may hand to `makeTransformerConfig` (defaults not yet applied). */
+export type TransformerConfigInput = z.input<typeof TransformerConfig>;
+
+/** Validates a TransformerConfig, applying defaults; a bad field is a ConvertError('INVALID_CONFIG'). */
+export function makeTransformerConfig(input: TransformerConfigInput, file?: string): TransformerConfig {
+  const r = TransformerConfig.safeParse(input);
+  if (!r.success) {
+    const msg = r.error.issues.map((i) => `TransformerConfig.${i.path.join('.')}: ${i.message}`).join('; ');
+    throw new ConvertError('INVALID_CONFIG', msg, file);
+  }
+  return r.data;
+}
+
+/**
+ * Per-layer MoE pattern from DeepSeek's `first_k_dense_replace` / `moe_layer_freq` (layer i is MoE
+ * when i >= firstKDense and i % freq == 0) or Qwen's `decoder_sparse_step` / `mlp_only_layers`
+ * (layer i is MoE when it is not listed and (i + 1) % step == 0).
+ */
+export function moeLayerPattern(
+  numLayers: number,
+  opts: { firstKDense?: number; freq?: number; sparseStep?: number; denseLayers?: readonly number[] },
+): LayerKind[] {
+  const dense = new Set(opts.denseLayers ?? []);
+  const out: LayerKind[] = [];
+  for (let i = 0; i < numLayers; i++) {
+    let moe = !dense.has(i) && i >= (opts.firstKDense ?? 0);
+    if (opts.freq !== undefined) moe &&= i % opts.freq === 0;
+    if (opts.sparseStep !== undefined) moe &&= (i + 1) % opts.sparseStep === 0;
+    out.push(moe ? 'moe' : 'dense');
+  }
+  return out;
+}
+
+/** Megatron's padded vocabulary: the next multiple of divisibleBy × TP (so every TP shard is equal). */
+export function paddedVocabSize(vocabSize: number, divisibleBy = 128, tp = 1): number {
+  if (!Number.isInteger(vocabSize) || vocabSize <= 0 || !(divisibleBy > 0) || !(tp > 0)) {
+    throw new ConvertError('INVALID_ARGUMENT', `paddedVocabSize(${vocabSize}, ${divisibleBy}, ${tp})`);
+  }
+  const m = divisibleBy * tp;
+  return Math.ceil(vocabSize / m) * m;
+}
+
+/** Parameters of one decoder layer, by part. */
+export interface LayerParameterCount {
+  kind: LayerKind;
+  attention: number;
+  /** Input norm, pre-MLP norm. */
+  norms: number;
+  /** Dense MLP, or all experts + shared expert + router (+ gates, expert bias). */
+  mlp: number;
+  /** The MLP parameters a single token passes through (top-k experts, shared expert, router). */
+  mlpActive: number;
+  total: number;
+  activePerToken: number;
+}
+
+/** Parameter count of a model, counting exactly the tensors an HF checkpoint of it holds. */
+export interface ParameterCount {
+  /** All parameters excluding MTP modules (the figure model cards publish). */
+  total: number;
+  /** Parameters used per token, excluding MTP (embedding and output layer counted in full). */
+  activePerToken: number;
+  embedding: number;
+  /** 0 when tied to the embedding. */
+  outputLayer: number;
+  finalNorm: number;
+  perLayer: LayerParameterCount[];
+  /** Multi-token-prediction modules as stored in the HF checkpoint (incl. their embedding/head copies). */
+  mtp: number;
+  totalWithMtp: number;
+}
+
+function normSize(cfg: TransformerConfig, dim: number): number {
+  // LayerNorm carries a bias next to its weight; RMSNorm does not.
+  return cfg.normalization === 'LayerNorm' ? 2 * dim : dim;
+}
+
+function attentionParams(cfg: TransformerConfig): number {
+  const h = cfg.hiddenSize;
+  const heads = cfg.numAttentionHeads;
+  if (cfg.mla) {
+    const m = cfg.mla;
+    const qHead = m.qkNopeHeadDim + m.qkRopeHeadDim;
+    const q =
+      m.qLoraRank === null
+        ? h * heads * qHead
+        : h * m.qLoraRank + normSize(cfg, m.qLoraRank) + m.qLoraRank * heads * qHead;
+    const kv =
+      h * (m.kvLoraRank + m.qkRopeHeadDim) +
+      normSize(cfg, m.kvLoraRank) +
+      m.kvLoraRank * heads * (m.qkNopeHeadDim + m.vHeadDim);
+    return q + kv + heads * m.vHeadDim * h;
+  }
+  const d = cfg.kvChannels;
+  const qkvOut = (heads + 2 * cfg.numQueryGroups) * d;
+  const bias = cfg.addQkvBias ? qkvOut : 0;
+  const qkNorm = cfg.qkLayernorm ? 2 * normSize(cfg, d) : 0;
+  return h * qkvOut + bias + qkNorm + heads * d * h;
+}
+
+function layerCount(cfg: TransformerConfig, kind: LayerKind): LayerParameterCount {
+  const h = cfg.hiddenSize;
+  const attention = attentionParams(cfg);
+  const norms = 2 * normSize(cfg, h);
+  let mlp: number;
+  let mlpActive: number;
+  const moe = cfg.moe;
+  if (kind === 'moe' && moe) {
+    // SwiGLU experts: gate, up (h → f) and down (f → h).
+    const expert = 3 * h * moe.moeFfnHiddenSize;
+    const shared = 3 * h * moe.sharedExpertIntermediateSize + (moe.sharedExpertGate ? h : 0);
+    const router = h * moe.numExperts + (moe.expertBias ? moe.numExperts : 0);
+    mlp = moe.numExperts * expert + shared + router;
+    mlpActive = moe.routerTopk * expert + shared + router;
+  } else {
+    mlp = 3 * h * cfg.ffnHiddenSize;
+    mlpActive = mlp;
+  }
+  const total = attention + norms + mlp;
+  return { kind, attention, norms, mlp, mlpActive, total, activePerToken: attention + norms + mlpActive };
+}
+
+/** Counts parameters from the config alone, matching what the HF checkpoint stores. */
+export function parameterCount(cfg: TransformerConfig): ParameterCount {
+  const h = cfg.hiddenSize;
+  const embedding = cfg.vocabSize * h;
+  const outputLayer = cfg.untieEmbeddingsAndOutputWeights ? cfg.vocabSize * h : 0;
+  const finalNorm = normSize(cfg, h);
+  const perLayer: LayerParameterCount[] = [];
+  for (let i = 0; i < cfg.numLayers; i++)
+    perLayer.push(layerCount(cfg, cfg.moe ? (cfg.moe.layerPattern[i] ?? 'dense') : 'dense'));
+  const sum = (f: (l: LayerParameterCount) => number) => perLayer.reduce((a, l) => a + f(l), 0);
+  const fixed = embedding + outputLayer + finalNorm;
+  // An HF MTP layer (DeepSeek-V3 `model.layers.{L}`) stores its own embedding and head copies, enorm,
+  // hnorm, eh_proj (2h → h), the shared head norm and one full decoder layer of the last layer's kind.
+  const lastKind: LayerKind = cfg.moe ? (cfg.moe.layerPattern[cfg.numLayers - 1] ?? 'dense') : 'dense';
+  const mtpOne = 2 * cfg.vocabSize * h + 3 * normSize(cfg, h) + 2 * h * h + layerCount(cfg, lastKind).total;
+  const total = fixed + sum((l) => l.total);
+  const mtp = cfg.mtpNumLayers * mtpOne;
+  return {
+    total,
+    activePerToken: fixed + sum((l) => l.activePerToken),
+    embedding,
+    outputLayer,
+    finalNorm,
+    perLayer,
+    mtp,
+    totalWithMtp: total + mtp,
+  };
+}

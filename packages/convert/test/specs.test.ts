@@ -1,0 +1,382 @@
+import { readdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { z } from 'zod';
+import {
+  type ArchitectureSpec,
+  ConvertError,
+  findWeightRules,
+  getArchitectureSpec,
+  listArchitectures,
+  makeTransformerConfig,
+  parseHfConfig,
+  registerArchitecture,
+  type WeightRule,
+} from '../src/index.js';
+
+const CONFIGS = '/work/shared/data/configs';
+const hfFiles = readdirSync(CONFIGS).filter((f) => f.endsWith('.json'));
+
+function expectConvertError(fn: () => unknown, code: string, ...fragments: string[]): ConvertError {
+  try {
+    fn();
+  } catch (e) {
+    expect(e).toBeInstanceOf(ConvertError);
+    const err = e as ConvertError;
+    expect(err.code).toBe(code);
+    for (const f of fragments) expect(err.message).toContain(f);
+    return err;
+  }
+  throw new Error('expected a ConvertError');
+}
+
+describe('registry', () => {
+  it('lists the nine built-in architectures', () => {
+    expect(listArchitectures()).toEqual(
+      expect.arrayContaining([
+        'LlamaForCausalLM',
+        'MistralForCausalLM',
+        'Qwen2ForCausalLM',
+        'Qwen3ForCausalLM',
+        'Qwen2MoeForCausalLM',
+        'Qwen3MoeForCausalLM',
+        'MixtralForCausalLM',
+        'DeepseekV2ForCausalLM',
+        'DeepseekV3ForCausalLM',
+      ]),
+    );
+  });
+
+  it('rejects an unknown architecture, listing the known ones', () => {
+    expectConvertError(
+      () => getArchitectureSpec('GPT2LMHeadModel'),
+      'UNKNOWN_ARCHITECTURE',
+      'GPT2LMHeadModel',
+      'LlamaForCausalLM',
+    );
+    expectConvertError(
+      () => parseHfConfig({ architectures: ['FalconForCausalLM'] }, { file: 'x/config.json' }),
+      'UNKNOWN_ARCHITECTURE',
+      'FalconForCausalLM',
+      'Qwen3ForCausalLM',
+      'x/config.json',
+    );
+  });
+
+  it('registers a plugin spec exactly like the built-ins, and refuses a silent duplicate', () => {
+    const ToySchema = z.object({ width: z.number().int().positive(), depth: z.number().int().positive() });
+    const toy: ArchitectureSpec<z.infer<typeof ToySchema>> = {
+      architectures: ['ToyForCausalLM'],
+      configSchema: ToySchema,
+      toTransformerConfig: (hf) =>
+        makeTransformerConfig({
+          numLayers: hf.depth,
+          hiddenSize: hf.width,
+          ffnHiddenSize: 4 * hf.width,
+          numAttentionHeads: 1,
+          numQueryGroups: 1,
+          kvChannels: hf.width,
+          layernormEpsilon: 1e-5,
+          rotaryBase: 10000,
+          untieEmbeddingsAndOutputWeights: false,
+          vocabSize: 256,
+          maxPositionEmbeddings: 64,
+        }),
+      weightRules: [
+        { hf: 'toy.{layer}.w', megatron: 'decoder.layers.{layer}.w', op: { type: 'split', dim: 0 } },
+      ],
+      expectedHfTensorNames: (cfg) => Array.from({ length: cfg.numLayers }, (_, i) => `toy.${i}.w`),
+    };
+    registerArchitecture(toy);
+    expect(listArchitectures()).toContain('ToyForCausalLM');
+    const { spec, transformerConfig } = parseHfConfig({
+      architectures: ['ToyForCausalLM'],
+      width: 8,
+      depth: 2,
+    });
+    expect(spec).toBe(toy);
+    expect(transformerConfig.ffnHiddenSize).toBe(32);
+    expectConvertError(() => registerArchitecture(toy), 'INVALID_ARGUMENT', 'already registered');
+    registerArchitecture(toy, { replace: true });
+    expectConvertError(
+      () => parseHfConfig({ architectures: ['ToyForCausalLM'], width: 8 }),
+      'INVALID_CONFIG',
+      '"depth"',
+    );
+  });
+});
+
+describe('parseHfConfig on the real configs', () => {
+  it.each(hfFiles)('%s parses to a TransformerConfig', (f) => {
+    const { spec, transformerConfig: c } = parseHfConfig(join(CONFIGS, f));
+    expect(spec.architectures.length).toBeGreaterThan(0);
+    expect(c.hiddenSize).toBeGreaterThan(0);
+  });
+
+  it('reads Llama-3.1 rope scaling and GQA', () => {
+    const c = parseHfConfig(join(CONFIGS, 'Llama-3.1-8B.json')).transformerConfig;
+    expect(c.ropeScaling).toEqual({
+      type: 'llama3',
+      factor: 8,
+      lowFreqFactor: 1,
+      highFreqFactor: 4,
+      originalMaxPositionEmbeddings: 8192,
+    });
+    expect([c.numQueryGroups, c.kvChannels, c.rotaryBase, c.untieEmbeddingsAndOutputWeights]).toEqual([
+      8,
+      128,
+      500000,
+      true,
+    ]);
+  });
+
+  it('reads Qwen3 head_dim independent of hidden/heads, qk norm, tied embeddings', () => {
+    const c = parseHfConfig(join(CONFIGS, 'Qwen3-0.6B.json')).transformerConfig;
+    expect([
+      c.kvChannels,
+      c.hiddenSize / c.numAttentionHeads,
+      c.qkLayernorm,
+      c.untieEmbeddingsAndOutputWeights,
+    ]).toEqual([128, 64, true, false]);
+    expect(parseHfConfig(join(CONFIGS, 'Qwen2.5-3B.json')).transformerConfig.addQkvBias).toBe(true);
+  });
+
+  it('reads DeepSeek-V3 MLA, MoE routing, yarn and MTP', () => {
+    const c = parseHfConfig(join(CONFIGS, 'DeepSeek-V3.json')).transformerConfig;
+    expect(c.mla).toEqual({
+      qLoraRank: 1536,
+      kvLoraRank: 512,
+      qkNopeHeadDim: 128,
+      qkRopeHeadDim: 64,
+      vHeadDim: 128,
+    });
+    expect(c.moe).toMatchObject({
+      numExperts: 256,
+      routerTopk: 8,
+      sharedExpertIntermediateSize: 2048,
+      scoreFunction: 'sigmoid',
+      expertBias: true,
+      numGroups: 8,
+      groupTopk: 4,
+      routedScalingFactor: 2.5,
+      normTopkProb: true,
+    });
+    expect(c.moe?.layerPattern.slice(0, 4)).toEqual(['dense', 'dense', 'dense', 'moe']);
+    expect(c.ropeScaling).toMatchObject({
+      type: 'yarn',
+      factor: 40,
+      originalMaxPositionEmbeddings: 4096,
+      betaFast: 32,
+    });
+    expect(c.mtpNumLayers).toBe(1);
+  });
+
+  it('reads Moonlight as DeepseekV3 without q LoRA', () => {
+    const c = parseHfConfig(
+      join(CONFIGS, 'Moonlight-16B-A3B-Instruct.thirdparty-copy.json'),
+    ).transformerConfig;
+    expect(c.mla?.qLoraRank).toBeNull();
+    expect(c.moe).toMatchObject({
+      numExperts: 64,
+      routerTopk: 6,
+      sharedExpertIntermediateSize: 2816,
+      routedScalingFactor: 2.446,
+    });
+    expect(c.moe?.layerPattern.filter((k) => k === 'dense')).toHaveLength(1);
+    expect(c.mtpNumLayers).toBe(0);
+  });
+
+  it('reads Qwen1.5-MoE shared expert and its gate', () => {
+    const c = parseHfConfig(join(CONFIGS, 'Qwen1.5-MoE-A2.7B.finetune-resave.json')).transformerConfig;
+    expect(c.moe).toMatchObject({
+      numExperts: 60,
+      routerTopk: 4,
+      sharedExpertIntermediateSize: 5632,
+      sharedExpertGate: true,
+      normTopkProb: false,
+    });
+  });
+
+  it.each(readdirSync(join(CONFIGS, 'deepseek-native')))(
+    'rejects DeepSeek native inference config %s with a clear error',
+    (f) => {
+      const path = join(CONFIGS, 'deepseek-native', f);
+      expectConvertError(
+        () => parseHfConfig(path),
+        'INVALID_CONFIG',
+        'DeepSeek native inference config',
+        'architectures',
+        path,
+      );
+    },
+  );
+});
+
+describe('config errors', () => {
+  const base = () => ({
+    architectures: ['LlamaForCausalLM'],
+    hidden_size: 64,
+    intermediate_size: 128,
+    num_hidden_layers: 2,
+    num_attention_heads: 4,
+    rms_norm_eps: 1e-5,
+    vocab_size: 100,
+    max_position_embeddings: 128,
+  });
+
+  it('accepts a minimal config', () => {
+    expect(parseHfConfig(base()).transformerConfig.numQueryGroups).toBe(4);
+  });
+
+  it('names the missing field and the file', () => {
+    const { hidden_size: _, ...cfg } = base();
+    expectConvertError(
+      () => parseHfConfig(cfg, { file: 'm/config.json' }),
+      'INVALID_CONFIG',
+      '"hidden_size"',
+      'm/config.json',
+      'LlamaForCausalLM',
+    );
+  });
+
+  it('names a wrongly typed field', () => {
+    expectConvertError(
+      () => parseHfConfig({ ...base(), num_hidden_layers: '2' }),
+      'INVALID_CONFIG',
+      '"num_hidden_layers"',
+    );
+  });
+
+  it('rejects an unsupported rope type and incomplete rope scaling', () => {
+    expectConvertError(
+      () =>
+        parseHfConfig({ ...base(), rope_scaling: { rope_type: 'dynamic', factor: 2 } }, { file: 'c.json' }),
+      'INVALID_CONFIG',
+      'rope_scaling.rope_type',
+      'c.json',
+    );
+    expectConvertError(
+      () => parseHfConfig({ ...base(), rope_scaling: { rope_type: 'llama3', factor: 8 } }),
+      'INVALID_CONFIG',
+      'low_freq_factor',
+    );
+    expect(
+      parseHfConfig({ ...base(), rope_scaling: { type: 'linear', factor: 2 } }).transformerConfig.ropeScaling,
+    ).toEqual({ type: 'linear', factor: 2 });
+  });
+
+  it('rejects attention_bias on Llama (o_proj bias is not representable)', () => {
+    expectConvertError(
+      () => parseHfConfig({ ...base(), attention_bias: true }),
+      'INVALID_CONFIG',
+      '"attention_bias"',
+    );
+  });
+
+  it('rejects a config without architectures, JSON that is not an object, and a missing file', () => {
+    expectConvertError(() => parseHfConfig({ hidden_size: 1 }), 'INVALID_CONFIG', 'architectures');
+    expectConvertError(() => parseHfConfig([] as object), 'INVALID_CONFIG', 'JSON object');
+    expectConvertError(() => parseHfConfig('/nonexistent/config.json'), 'MISSING_FILE', '/nonexistent');
+  });
+
+  it('rejects inconsistent head counts', () => {
+    expectConvertError(
+      () => parseHfConfig({ ...base(), num_key_value_heads: 3 }),
+      'INVALID_CONFIG',
+      'numQueryGroups',
+    );
+  });
+});
+
+describe('weight rules', () => {
+  function check(spec: ArchitectureSpec, file: string) {
+    const { transformerConfig: cfg } = parseHfConfig(join(CONFIGS, file));
+    const names = spec.expectedHfTensorNames(cfg);
+    expect(new Set(names).size).toBe(names.length);
+    const targets = new Map<string, WeightRule[]>();
+    for (const n of names) {
+      const m = findWeightRules(spec.weightRules, n, cfg);
+      if (m.length !== 1) throw new Error(`${file}: ${n} matches ${m.length} rules`);
+      const list = targets.get(m[0].megatron) ?? [];
+      list.push(m[0].rule);
+      targets.set(m[0].megatron, list);
+    }
+    // Fused targets receive all their parts; every other Megatron name receives exactly one tensor.
+    for (const [name, rules] of targets) {
+      const op = rules[0].op;
+      const inner = op.type === 'expert' ? op.inner : op;
+      if (inner.type === 'qkv')
+        expect(rules.map((r) => (r.op as { part: string }).part).sort(), name).toEqual(['k', 'q', 'v']);
+      else if (inner.type === 'gate_up') expect(rules).toHaveLength(2);
+      else
+        expect(
+          rules.filter((r) => r.op.type !== 'duplicate'),
+          name,
+        ).toHaveLength(1);
+    }
+    return { names, targets };
+  }
+
+  it.each(hfFiles)('%s: every HF tensor matches exactly one rule', (f) => {
+    const { spec } = parseHfConfig(join(CONFIGS, f));
+    check(spec, f);
+  });
+
+  it('maps Llama names to Megatron-Core TE names', () => {
+    const { targets } = check(getArchitectureSpec('LlamaForCausalLM'), 'Llama-3.1-8B.json');
+    for (const n of [
+      'embedding.word_embeddings.weight',
+      'decoder.layers.0.self_attention.linear_qkv.weight',
+      'decoder.layers.0.self_attention.linear_qkv.layer_norm_weight',
+      'decoder.layers.31.self_attention.linear_proj.weight',
+      'decoder.layers.0.mlp.linear_fc1.weight',
+      'decoder.layers.0.mlp.linear_fc1.layer_norm_weight',
+      'decoder.layers.0.mlp.linear_fc2.weight',
+      'decoder.final_layernorm.weight',
+      'output_layer.weight',
+    ])
+      expect(targets.has(n), n).toBe(true);
+    // Per layer: qkv, its fused norm, proj, fc1, its fused norm, fc2.
+    expect(targets.size).toBe(3 + 32 * 6);
+  });
+
+  it('maps DeepSeek-V3 MoE, MLA and MTP names', () => {
+    const spec = getArchitectureSpec('DeepseekV3ForCausalLM');
+    const { names, targets } = check(spec, 'DeepSeek-V3.json');
+    for (const n of [
+      'decoder.layers.0.mlp.linear_fc1.layer_norm_weight',
+      'decoder.layers.3.pre_mlp_layernorm.weight',
+      'decoder.layers.3.mlp.router.weight',
+      'decoder.layers.3.mlp.router.expert_bias',
+      'decoder.layers.3.mlp.experts.local_experts.255.linear_fc1.weight',
+      'decoder.layers.3.mlp.shared_experts.linear_fc2.weight',
+      'decoder.layers.5.self_attention.linear_q_down_proj.weight',
+      'decoder.layers.5.self_attention.linear_kv_up_proj.layer_norm_weight',
+      'mtp.layers.0.eh_proj.weight',
+      'mtp.layers.0.final_layernorm.weight',
+      'mtp.layers.0.transformer_layer.mlp.experts.local_experts.0.linear_fc2.weight',
+    ])
+      expect(targets.has(n), n).toBe(true);
+    expect(names).toContain('model.layers.61.shared_head.head.weight');
+    const dup = findWeightRules(
+      spec.weightRules,
+      'model.layers.61.embed_tokens.weight',
+      parseHfConfig(join(CONFIGS, 'DeepSeek-V3.json')).transformerConfig,
+    );
+    expect(dup.map((d) => [d.megatron, d.rule.op.type])).toEqual([
+      ['embedding.word_embeddings.weight', 'duplicate'],
+    ]);
+  });
+
+  it('does not match out-of-range layers or experts', () => {
+    const { spec, transformerConfig: cfg } = parseHfConfig(join(CONFIGS, 'Mixtral-8x7B-v0.1.json'));
+    expect(findWeightRules(spec.weightRules, 'model.layers.32.input_layernorm.weight', cfg)).toHaveLength(0);
+    expect(
+      findWeightRules(spec.weightRules, 'model.layers.0.block_sparse_moe.experts.8.w1.weight', cfg),
+    ).toHaveLength(0);
+    expect(findWeightRules(spec.weightRules, 'model.layers.01.input_layernorm.weight', cfg)).toHaveLength(0);
+    const [m] = findWeightRules(spec.weightRules, 'model.layers.7.block_sparse_moe.experts.3.w3.weight', cfg);
+    expect(m.megatron).toBe('decoder.layers.7.mlp.experts.local_experts.3.linear_fc1.weight');
+    expect(m.rule.op).toEqual({ type: 'expert', inner: { type: 'gate_up', part: 'up' } });
+  });
+});

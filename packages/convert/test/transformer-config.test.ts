@@ -1,0 +1,166 @@
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import {
+  ConvertError,
+  makeTransformerConfig,
+  moeLayerPattern,
+  paddedVocabSize,
+  parameterCount,
+  parseHfConfig,
+  TransformerConfig,
+} from '../src/index.js';
+
+const CONFIGS = '/work/shared/data/configs';
+const count = (f: string) => parameterCount(parseHfConfig(join(CONFIGS, f)).transformerConfig);
+const B = 1e9;
+
+const tiny = {
+  numLayers: 2,
+  hiddenSize: 8,
+  ffnHiddenSize: 16,
+  numAttentionHeads: 2,
+  numQueryGroups: 1,
+  kvChannels: 4,
+  layernormEpsilon: 1e-5,
+  rotaryBase: 10000,
+  untieEmbeddingsAndOutputWeights: true,
+  vocabSize: 10,
+  maxPositionEmbeddings: 32,
+};
+
+describe('TransformerConfig', () => {
+  it('applies Megatron defaults', () => {
+    const c = makeTransformerConfig(tiny);
+    expect(c).toMatchObject({
+      normalization: 'RMSNorm',
+      addQkvBias: false,
+      qkLayernorm: false,
+      ropeScaling: { type: 'none' },
+      makeVocabSizeDivisibleBy: 128,
+      moe: null,
+      mla: null,
+      mtpNumLayers: 0,
+    });
+    expect(TransformerConfig.parse(c)).toEqual(c);
+  });
+
+  it('rejects inconsistent configs with INVALID_CONFIG naming the field', () => {
+    const bad = (over: object, field: string) => {
+      try {
+        makeTransformerConfig({ ...tiny, ...over });
+      } catch (e) {
+        expect(e).toBeInstanceOf(ConvertError);
+        expect((e as ConvertError).code).toBe('INVALID_CONFIG');
+        expect((e as ConvertError).message).toContain(field);
+        return;
+      }
+      throw new Error('expected an error');
+    };
+    bad({ numQueryGroups: 3 }, 'numQueryGroups');
+    bad({ hiddenSize: 0 }, 'hiddenSize');
+    bad({ ropeScaling: { type: 'yarn', factor: 4 } }, 'ropeScaling');
+    bad(
+      { moe: { numExperts: 4, routerTopk: 2, moeFfnHiddenSize: 8, layerPattern: ['moe'] } },
+      'moe.layerPattern',
+    );
+    bad(
+      { moe: { numExperts: 2, routerTopk: 4, moeFfnHiddenSize: 8, layerPattern: ['moe', 'moe'] } },
+      'routerTopk',
+    );
+  });
+
+  it('builds per-layer MoE patterns (DeepSeek first_k_dense / freq, Qwen sparse step / mlp_only_layers)', () => {
+    expect(moeLayerPattern(5, { firstKDense: 2, freq: 1 })).toEqual(['dense', 'dense', 'moe', 'moe', 'moe']);
+    expect(moeLayerPattern(4, { freq: 2 })).toEqual(['moe', 'dense', 'moe', 'dense']);
+    expect(moeLayerPattern(4, { sparseStep: 2, denseLayers: [3] })).toEqual([
+      'dense',
+      'moe',
+      'dense',
+      'dense',
+    ]);
+  });
+
+  it('pads the vocabulary to a multiple of divisibleBy × TP', () => {
+    expect(paddedVocabSize(128256)).toBe(128256);
+    expect(paddedVocabSize(32000, 128, 8)).toBe(32768);
+    expect(paddedVocabSize(151936, 128, 1)).toBe(151936);
+    expect(paddedVocabSize(129280, 128, 4)).toBe(129536);
+    expect(paddedVocabSize(100, 1, 1)).toBe(100);
+    expect(() => paddedVocabSize(0)).toThrow(ConvertError);
+    expect(() => paddedVocabSize(10, 128, 0)).toThrow(ConvertError);
+  });
+});
+
+describe('parameterCount', () => {
+  it('counts a tiny dense model by hand', () => {
+    const p = parameterCount(makeTransformerConfig(tiny));
+    // q 8·8, k 8·4, v 8·4, o 8·8; MLP 3·8·16; two norms of 8.
+    const layer = 64 + 32 + 32 + 64 + 384 + 16;
+    expect(p.perLayer[0].total).toBe(layer);
+    expect(p.total).toBe(2 * layer + 80 + 80 + 8);
+    expect(p.activePerToken).toBe(p.total);
+    expect(p.mtp).toBe(0);
+  });
+
+  it('adds biases for QKV bias, q/k norms and LayerNorm, and drops a tied output layer', () => {
+    const base = parameterCount(makeTransformerConfig(tiny)).total;
+    expect(parameterCount(makeTransformerConfig({ ...tiny, addQkvBias: true })).total - base).toBe(2 * 16);
+    expect(parameterCount(makeTransformerConfig({ ...tiny, qkLayernorm: true })).total - base).toBe(2 * 8);
+    expect(parameterCount(makeTransformerConfig({ ...tiny, normalization: 'LayerNorm' })).total - base).toBe(
+      5 * 8,
+    );
+    const tied = parameterCount(makeTransformerConfig({ ...tiny, untieEmbeddingsAndOutputWeights: false }));
+    expect([tied.outputLayer, base - tied.total]).toEqual([0, 80]);
+  });
+
+  // Published sizes, asserted within ±0.5% of the published (rounded) figure.
+  const published: [string, number, number | null][] = [
+    ['Llama-3.1-8B.json', 8.03, null],
+    ['Llama-3.2-1B.json', 1.24, null],
+    ['Qwen3-0.6B.json', 0.596, null],
+    ['Qwen2.5-3B.json', 3.09, null],
+    ['Qwen2.5-7B-Instruct.json', 7.62, null],
+    ['Mixtral-8x7B-v0.1.json', 46.7, 12.9],
+    ['Qwen3-30B-A3B.json', 30.5, null],
+    ['Qwen1.5-MoE-A2.7B.finetune-resave.json', 14.3, 2.7],
+    ['DeepSeek-V3.json', 671, null],
+  ];
+  it.each(published)('%s matches the published size %fB (active %s)', (f, total, active) => {
+    const p = count(f);
+    expect(Math.abs(p.total / B - total)).toBeLessThanOrEqual(0.005 * total);
+    if (active !== null) expect(Math.abs(p.activePerToken / B - active)).toBeLessThanOrEqual(0.005 * active);
+  });
+
+  it('matches the exact element counts of the published checkpoints', () => {
+    // These are the safetensors totals of the HF checkpoints (dense models have no ambiguity).
+    expect(count('Llama-3.1-8B.json').total).toBe(8_030_261_248);
+    expect(count('Llama-3.2-1B.json').total).toBe(1_235_814_400);
+    expect(count('Qwen2.5-7B-Instruct.json').total).toBe(7_615_616_512);
+    expect(count('Mixtral-8x7B-v0.1.json').total).toBe(46_702_792_704);
+  });
+
+  it('DeepSeek-V3: 671B without MTP, ~685B with it (the HF checkpoint figure)', () => {
+    const p = count('DeepSeek-V3.json');
+    expect(Math.abs(p.totalWithMtp / B - 685)).toBeLessThanOrEqual(0.005 * 685);
+    expect(p.mtp / B).toBeGreaterThan(13);
+    expect(p.mtp / B).toBeLessThan(14.5);
+    expect(p.perLayer.slice(0, 4).map((l) => l.kind)).toEqual(['dense', 'dense', 'dense', 'moe']);
+  });
+
+  // The published active figures below use counting conventions (how embeddings are counted,
+  // rounding) that we cannot pin down; the count includes the full embedding and output layer.
+  // They are asserted within 3% (Moonlight: 2.91B vs "3B" is the widest gap).
+  it.each([
+    ['Qwen3-30B-A3B.json', 3.3],
+    ['DeepSeek-V3.json', 37],
+    ['Moonlight-16B-A3B-Instruct.thirdparty-copy.json', 3],
+  ] as const)('%s active parameters are close to the published %fB', (f, active) => {
+    expect(Math.abs(count(f).activePerToken / B - active)).toBeLessThanOrEqual(0.03 * active);
+  });
+
+  it('Moonlight totals ~16B', () => {
+    expect(
+      Math.abs(count('Moonlight-16B-A3B-Instruct.thirdparty-copy.json').total / B - 16),
+    ).toBeLessThanOrEqual(0.005 * 16);
+  });
+});
