@@ -1,5 +1,7 @@
 // @megapatch/convert: safetensors, Hugging Face checkpoints, TransformerConfig and the
 // architecture specs, the megapatch checkpoint, resharding. Pure TypeScript.
+
+export * from './checkpoint/index.js';
 export { ConvertError, type ConvertErrorCode } from './errors.js';
 export * from './safetensors.js';
 export * from './specs/index.js';

@@ -38,45 +38,32 @@ const c4 = readFileSync(join(shared, 'corpus', 'llamafactory_c4_demo.jsonl'), 'u
   .map((l) => JSON.parse(l).text);
 const bytes = c4.reduce((n, t) => n + Buffer.byteLength(t), 0);
 
-async function tokenizerCase(name) {
-  const ours = await D.loadTokenizer(modelDir(name));
-  const rust = require('tokenizers').Tokenizer.fromFile(join(modelDir(name), 'tokenizer.json'));
+/** Times one pass of ours and of the Rust binding over the same texts; prints one line. */
+async function compareEncoders(name, ours, rust) {
   const t0 = performance.now();
   ours.encodeBatch(c4, { addSpecialTokens: false });
   const oursS = (performance.now() - t0) / 1000;
   const t1 = performance.now();
   await rust.encodeBatch(c4, { addSpecialTokens: false });
   const rustS = (performance.now() - t1) / 1000;
-  line(
-    `tokenizer-${name}`,
-    'MB/s',
-    bytes / 1e6 / oursS,
-    bytes / 1e6 / rustS,
-    'Rust tokenizers 0.23 (1 thread)',
-  );
+  line(name, 'MB/s', bytes / 1e6 / oursS, bytes / 1e6 / rustS, 'Rust tokenizers 0.23 (1 thread)');
 }
 
-for (const name of ['llama3', 'qwen3']) if (want(`tokenizer-${name}`)) await tokenizerCase(name);
+const rustTokenizer = (name) =>
+  require('tokenizers').Tokenizer.fromFile(join(modelDir(name), 'tokenizer.json'));
+
+for (const name of ['llama3', 'qwen3']) {
+  if (want(`tokenizer-${name}`))
+    await compareEncoders(`tokenizer-${name}`, await D.loadTokenizer(modelDir(name)), rustTokenizer(name));
+}
 
 if (want('tokenizer-llama3-tiktoken')) {
   // our byte-level BPE over Llama-3's original tokenizer.model ranks, against Rust on tokenizer.json
-  const ours = await D.loadTiktokenTokenizer(
-    join(shared, 'tokenizers', 'llama3-tiktoken', 'tokenizer.model'),
-    D.llama3TiktokenOptions,
-  );
-  const rust = require('tokenizers').Tokenizer.fromFile(join(modelDir('llama3'), 'tokenizer.json'));
-  const t0 = performance.now();
-  ours.encodeBatch(c4, { addSpecialTokens: false });
-  const oursS = (performance.now() - t0) / 1000;
-  const t1 = performance.now();
-  await rust.encodeBatch(c4, { addSpecialTokens: false });
-  const rustS = (performance.now() - t1) / 1000;
-  line(
+  const path = join(shared, 'tokenizers', 'llama3-tiktoken', 'tokenizer.model');
+  await compareEncoders(
     'tokenizer-llama3-tiktoken',
-    'MB/s',
-    bytes / 1e6 / oursS,
-    bytes / 1e6 / rustS,
-    'Rust tokenizers 0.23 (1 thread)',
+    await D.loadTiktokenTokenizer(path, D.llama3TiktokenOptions),
+    rustTokenizer('llama3'),
   );
 }
 

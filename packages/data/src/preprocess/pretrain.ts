@@ -64,8 +64,16 @@ export interface EncodedBatch {
   lengths: Int32Array;
 }
 
-/** Encodes a batch into one flat Int32Array and per-document lengths (the worker does the same). */
-function encodePacked(tokenizer: Tokenizer, texts: readonly string[], appendEod: boolean): EncodedBatch {
+/**
+ * Encodes a batch into one flat Int32Array and per-document lengths. Used in-process and by the
+ * worker threads (worker.mjs imports it from the built package), so both encode identically.
+ * @internal
+ */
+export function encodePretrainBatch(
+  tokenizer: Tokenizer,
+  texts: readonly string[],
+  appendEod: boolean,
+): EncodedBatch {
   const encoded = tokenizer.encodeBatch(texts, { addSpecialTokens: false });
   const lengths = new Int32Array(encoded.length);
   let total = 0;
@@ -119,7 +127,7 @@ export async function preprocessPretrain(opts: PreprocessPretrainOptions): Promi
 
   const runner =
     workers === 1
-      ? inProcessRunner((req: { texts: string[] }) => encodePacked(tokenizer, req.texts, appendEod))
+      ? inProcessRunner((req: { texts: string[] }) => encodePretrainBatch(tokenizer, req.texts, appendEod))
       : new WorkerPool<{ texts: string[] }, EncodedBatch>(workers, {
           task: 'pretrain',
           tokenizerDir: opts.tokenizerDir,

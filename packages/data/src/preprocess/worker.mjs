@@ -16,29 +16,10 @@
 //   lengths, errors}: encodeSftBatch's result; a sample that fails to render is listed in errors
 //   with its line, and the main thread applies truncation/drop rules in input order.
 import { parentPort, workerData } from 'node:worker_threads';
-import { encodeSftBatch, loadTokenizer } from '@megapatch/data';
+import { encodePretrainBatch, encodeSftBatch, loadTokenizer } from '@megapatch/data';
 
 const { task, tokenizerDir, appendEod } = workerData;
 const tokenizer = await loadTokenizer(tokenizerDir);
-const eod = tokenizer.eodId;
-
-function encodePretrain(texts) {
-  const encoded = tokenizer.encodeBatch(texts, { addSpecialTokens: false });
-  const lengths = new Int32Array(encoded.length);
-  let total = 0;
-  for (let i = 0; i < encoded.length; i++) {
-    lengths[i] = encoded[i].length + (appendEod ? 1 : 0);
-    total += lengths[i];
-  }
-  const tokens = new Int32Array(total);
-  let at = 0;
-  for (const ids of encoded) {
-    tokens.set(ids, at);
-    at += ids.length;
-    if (appendEod) tokens[at++] = eod;
-  }
-  return { tokens, lengths };
-}
 
 parentPort.on('message', (msg) => {
   try {
@@ -46,7 +27,7 @@ parentPort.on('message', (msg) => {
       const r = encodeSftBatch(tokenizer, { lines: msg.lines, chats: msg.chats });
       parentPort.postMessage({ id: msg.id, ...r }, [r.ids.buffer, r.masks.buffer, r.lengths.buffer]);
     } else {
-      const r = encodePretrain(msg.texts);
+      const r = encodePretrainBatch(tokenizer, msg.texts, appendEod);
       parentPort.postMessage({ id: msg.id, ...r }, [r.tokens.buffer, r.lengths.buffer]);
     }
   } catch (e) {

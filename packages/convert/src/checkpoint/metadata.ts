@@ -1,0 +1,166 @@
+// metadata.json of a megapatch checkpoint (DESIGN §4): what was saved, with which layout, and where
+// every piece of every logical tensor lives, so that any layout can read it back.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { z } from 'zod';
+import { ConvertError } from '../errors.js';
+import { isSafetensorsDtype, type SafetensorsDtype } from '../safetensors/dtype.js';
+
+/** Version written into `formatVersion`; readers reject anything else. */
+export const CHECKPOINT_FORMAT_VERSION = 1;
+/** Name of the metadata file inside an iteration directory. */
+export const CHECKPOINT_METADATA_FILE = 'metadata.json';
+/** Megatron's tracker file in the root directory, holding the latest complete iteration. */
+export const LATEST_ITERATION_FILE = 'latest_checkpointed_iteration.txt';
+
+/** Megatron's iteration folder name: `iter_` and the iteration zero-padded to 7 digits. */
+export function iterationDirName(iteration: number): string {
+  return `iter_${String(iteration).padStart(7, '0')}`;
+}
+
+const nonNegInt = z.number().int().nonnegative();
+const posInt = z.number().int().positive();
+const dtype = z.custom<SafetensorsDtype>((s) => isSafetensorsDtype(s), { message: 'unknown dtype' });
+// Piece files are plain names inside the iteration directory: never a path that could leave it.
+const fileName = z
+  .string()
+  .min(1)
+  .refine((s) => s === path.basename(s) && s !== '.' && s !== '..' && !s.includes('\\'), {
+    message: 'must be a plain file name',
+  });
+
+/** The parallel layout a checkpoint was saved with (informational: readers may use any other). */
+export const CheckpointLayout = z.object({
+  /** Tensor-parallel size. */
+  tp: posInt,
+  /** Pipeline-parallel size. */
+  pp: posInt,
+  /** Expert-parallel size. */
+  ep: posInt,
+  /** Expert tensor-parallel size. */
+  etp: posInt,
+  /** Data-parallel size. */
+  dp: posInt,
+});
+/** The parallel layout a checkpoint was saved with. */
+export type CheckpointLayout = z.infer<typeof CheckpointLayout>;
+
+/** One stored piece of a logical tensor: a box of the global tensor kept in one safetensors file. */
+export const CheckpointPiece = z.object({
+  /** Safetensors file (a name inside the iteration directory). */
+  file: fileName,
+  /** Tensor key inside that file. */
+  key: z.string().min(1),
+  /** Start index of the piece in the global tensor, one per dim. */
+  offsets: z.array(nonNegInt),
+  /** Shape of the piece, one extent per dim (same rank as the global shape). */
+  shape: z.array(nonNegInt),
+});
+/** One stored piece of a logical tensor. */
+export type CheckpointPiece = z.infer<typeof CheckpointPiece>;
+
+/** A logical tensor: its global dtype and shape, and the pieces that tile it exactly. */
+export const CheckpointTensor = z.object({
+  /** Element type, shared by every piece. */
+  dtype,
+  /** Shape of the whole (unsharded) tensor. */
+  globalShape: z.array(nonNegInt),
+  /** Pieces; together they cover the global tensor with no gap and no overlap. */
+  pieces: z.array(CheckpointPiece),
+});
+/** A logical tensor of a checkpoint. */
+export type CheckpointTensor = z.infer<typeof CheckpointTensor>;
+
+/** The schema of `<root>/iter_<NNNNNNN>/metadata.json`. */
+export const CheckpointMetadata = z.object({
+  /** Format version; always {@link CHECKPOINT_FORMAT_VERSION}. */
+  formatVersion: z.literal(CHECKPOINT_FORMAT_VERSION),
+  /** Training iteration the checkpoint was taken after. */
+  iteration: nonNegInt,
+  /** Samples consumed by training so far (for resuming the data loader). */
+  consumedSamples: nonNegInt,
+  /** The model's TransformerConfig as JSON; checked by the model builder, not here. */
+  modelConfig: z.record(z.string(), z.unknown()),
+  /** Tokenizer files saved next to the checkpoint, if any. */
+  tokenizer: z.object({ files: z.array(fileName) }).optional(),
+  /** Layout the checkpoint was saved with. */
+  layout: CheckpointLayout,
+  /** Logical tensors by name (model parameters and any tensor-valued state). */
+  tensors: z.record(z.string(), CheckpointTensor),
+  /** Optimizer state beyond tensors (step counts, hyper-parameters); free-form JSON. */
+  optimizer: z.unknown().optional(),
+  /** Learning-rate scheduler state; free-form JSON. */
+  scheduler: z.unknown().optional(),
+  /** RNG states; free-form JSON. */
+  rng: z.unknown().optional(),
+  /** Data-loader state; free-form JSON. */
+  dataLoader: z.unknown().optional(),
+});
+/** Parsed metadata.json. */
+export type CheckpointMetadata = z.infer<typeof CheckpointMetadata>;
+
+/** Validates parsed JSON as metadata; INVALID_FORMAT naming the first bad field. */
+export function parseCheckpointMetadata(json: unknown, file = CHECKPOINT_METADATA_FILE): CheckpointMetadata {
+  const r = CheckpointMetadata.safeParse(json);
+  if (!r.success) {
+    const issue = r.error.issues[0];
+    const field = issue.path.length ? issue.path.map(String).join('.') : '(root)';
+    throw new ConvertError('INVALID_FORMAT', `field ${field}: ${issue.message}`, file);
+  }
+  return r.data;
+}
+
+/** Reads and validates `<iterDir>/metadata.json`. */
+export function readCheckpointMetadata(iterDir: string): CheckpointMetadata {
+  const p = path.join(iterDir, CHECKPOINT_METADATA_FILE);
+  let text: string;
+  try {
+    text = fs.readFileSync(p, 'utf8');
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') {
+      throw new ConvertError(
+        'MISSING_FILE',
+        `no ${CHECKPOINT_METADATA_FILE} in ${iterDir}`,
+        CHECKPOINT_METADATA_FILE,
+      );
+    }
+    throw e;
+  }
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (e) {
+    throw new ConvertError(
+      'INVALID_FORMAT',
+      `not valid JSON (${(e as Error).message})`,
+      CHECKPOINT_METADATA_FILE,
+    );
+  }
+  return parseCheckpointMetadata(json);
+}
+
+/** Reads the latest iteration from `<root>/latest_checkpointed_iteration.txt`. */
+export function readLatestIteration(rootDir: string): number {
+  const p = path.join(rootDir, LATEST_ITERATION_FILE);
+  let text: string;
+  try {
+    text = fs.readFileSync(p, 'utf8').trim();
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') {
+      throw new ConvertError(
+        'MISSING_FILE',
+        `no ${LATEST_ITERATION_FILE} in ${rootDir}`,
+        LATEST_ITERATION_FILE,
+      );
+    }
+    throw e;
+  }
+  if (!/^\d+$/.test(text) || !Number.isSafeInteger(Number(text))) {
+    throw new ConvertError(
+      'INVALID_FORMAT',
+      `expected an iteration number, got ${JSON.stringify(text)}`,
+      LATEST_ITERATION_FILE,
+    );
+  }
+  return Number(text);
+}
