@@ -7,7 +7,7 @@ import { parseArgs } from 'node:util';
 import { backendInfo, manualSeed, memoryStats, setNumThreads } from '@megapatch/tensor';
 import { z } from 'zod';
 import { GPT } from './model.js';
-import { additionTask, rng, sortTask, textTask } from './tasks.js';
+import { additionTask, rng, sortTask, type Task, textTask } from './tasks.js';
 import { evaluatePuzzle, sampleText, train, validationLoss } from './train.js';
 
 const Args = z.object({
@@ -87,6 +87,43 @@ function parse(argv: string[]): z.output<typeof Args> {
   return r.data;
 }
 
+interface TaskDefaults {
+  iters: number;
+  batchSize: number;
+  lr: number;
+  /** Warm-up is a tenth of the run, at most this many iterations. */
+  maxWarmup: number;
+  logInterval: number;
+}
+
+/** Trains with the command-line settings, falling back to the task's defaults. */
+function trainWith(
+  model: GPT,
+  task: Task,
+  args: z.output<typeof Args>,
+  d: TaskDefaults,
+  random: () => number,
+): void {
+  const iters = args.iters ?? d.iters;
+  const lr = args.lr ?? d.lr;
+  train(
+    model,
+    task,
+    {
+      iters,
+      batchSize: args.batchSize ?? d.batchSize,
+      lr,
+      minLr: lr / 10,
+      warmupIters: Math.min(d.maxWarmup, Math.floor(iters / 10)),
+      weightDecay: 0.1,
+      clipGrad: 1.0,
+      logInterval: args.logInterval ?? d.logInterval,
+      seed: args.seed,
+    },
+    random,
+  );
+}
+
 function main(): void {
   const args = parse(process.argv.slice(2));
   if (args.threads) setNumThreads(args.threads);
@@ -107,24 +144,14 @@ function main(): void {
       recompute: args.recompute,
       seed: args.seed,
     });
-    const iters = args.iters ?? 600;
     console.log(
       `text: ${text.length} characters, vocabulary ${task.vocabSize}, unigram entropy ${task.unigramEntropy.toFixed(3)} nats; model ${model.numParameters()} parameters`,
     );
-    train(
+    trainWith(
       model,
       task,
-      {
-        iters,
-        batchSize: args.batchSize ?? 32,
-        lr: args.lr ?? 2e-3,
-        minLr: (args.lr ?? 2e-3) / 10,
-        warmupIters: Math.min(50, Math.floor(iters / 10)),
-        weightDecay: 0.1,
-        clipGrad: 1.0,
-        logInterval: args.logInterval ?? 50,
-        seed: args.seed,
-      },
+      args,
+      { iters: 600, batchSize: 32, lr: 2e-3, maxWarmup: 50, logInterval: 50 },
       random,
     );
     const val = validationLoss(model, task, 32, 20);
@@ -148,24 +175,14 @@ function main(): void {
     recompute: args.recompute,
     seed: args.seed,
   });
-  const iters = args.iters ?? 1500;
   console.log(
     `task ${task.name}: ${task.testProblems.length} held-out problems; model ${model.numParameters()} parameters`,
   );
-  train(
+  trainWith(
     model,
     task,
-    {
-      iters,
-      batchSize: args.batchSize ?? 128,
-      lr: args.lr ?? 3e-3,
-      minLr: (args.lr ?? 3e-3) / 10,
-      warmupIters: Math.min(100, Math.floor(iters / 10)),
-      weightDecay: 0.1,
-      clipGrad: 1.0,
-      logInterval: args.logInterval ?? 100,
-      seed: args.seed,
-    },
+    args,
+    { iters: 1500, batchSize: 128, lr: 3e-3, maxWarmup: 100, logInterval: 100 },
     random,
   );
   const { accuracy, predictions } = evaluatePuzzle(model, task);
