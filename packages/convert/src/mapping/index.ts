@@ -1,0 +1,2 @@
+// Weight-mapping building blocks: tensor layout transforms between HF and Megatron.
+export * from './transforms.js';
