@@ -427,6 +427,30 @@ void backward(const Problem& P, const Grads& G) {
   auto delta_rows = [&](int64_t b, int64_t h, int64_t i0) { return delta.data() + (b * P.Hq + h) * P.Sq + i0; };
   // lse is contiguous (allocated by the op), so lse_rows(...)[r] addresses row i0 + r
 
+  // dq of one query block over all the key blocks it attends to, written to G.dq; when dk_base and
+  // dv_base are given (indexed by absolute key row), dk and dv accumulate there too.
+  auto query_block = [&](Scratch<C>& sc, int64_t b, int64_t h, int64_t kh, int64_t qb, C* dk_base, C* dv_base) {
+    const int64_t i0 = qb * kBlockQ;
+    const int nq = static_cast<int>(std::min<int64_t>(kBlockQ, P.Sq - i0));
+    int64_t blo, bhi;
+    block_ranges(P, i0, nq, sc.lo, sc.hi, blo, bhi);
+    sc.dq.assign(static_cast<size_t>(nq * D), C(0));
+    if (blo < bhi) {
+      int64_t ldq, lddo, ldk, ldv;
+      const C* Q = rows_view<T, C>(G.q, b, h, i0, nq, D, sc.q, ldq);
+      const C* dO = rows_view<T, C>(G.go, b, h, i0, nq, Dv, sc.go, lddo);
+      for (int64_t j0 = blo; j0 < bhi; j0 += BK) {
+        const int nk = static_cast<int>(std::min<int64_t>(BK, bhi - j0));
+        const C* K = rows_view<T, C>(G.k, b, kh, j0, nk, D, sc.k, ldk);
+        const C* V = rows_view<T, C>(G.v, b, kh, j0, nk, Dv, sc.v, ldv);
+        backward_block<C>(P, b, h, i0, nq, sc.lo.data(), sc.hi.data(), Q, ldq, dO, lddo, lse_rows(b, h, i0),
+                          delta_rows(b, h, i0), j0, nk, K, ldk, V, ldv, dk_base ? dk_base + j0 * D : nullptr,
+                          dv_base ? dv_base + j0 * Dv : nullptr, sc.dq.data(), sc);
+      }
+    }
+    store_rows<T, C>(G.dq, b, h, i0, nq, D, sc.dq.data());
+  };
+
   const int nt = num_threads();
   const int64_t owners = P.B * P.Hkv;
   const bool per_kv_head = nt <= 1 || (owners >= nt && (owners % nt == 0 || owners >= 4 * nt));
@@ -437,30 +461,8 @@ void backward(const Problem& P, const Grads& G) {
       const int64_t b = t / P.Hkv, kh = t % P.Hkv;
       sc.dk.assign(static_cast<size_t>(P.Sk * D), C(0));
       sc.dv.assign(static_cast<size_t>(P.Sk * Dv), C(0));
-      for (int64_t g = 0; g < P.group; g++) {
-        const int64_t h = kh * P.group + g;
-        for (int64_t qb = 0; qb < nqb; qb++) {
-          const int64_t i0 = qb * kBlockQ;
-          const int nq = static_cast<int>(std::min<int64_t>(kBlockQ, P.Sq - i0));
-          int64_t blo, bhi;
-          block_ranges(P, i0, nq, sc.lo, sc.hi, blo, bhi);
-          sc.dq.assign(static_cast<size_t>(nq * D), C(0));
-          if (blo < bhi) {
-            int64_t ldq, lddo, ldk, ldv;
-            const C* Q = rows_view<T, C>(G.q, b, h, i0, nq, D, sc.q, ldq);
-            const C* dO = rows_view<T, C>(G.go, b, h, i0, nq, Dv, sc.go, lddo);
-            for (int64_t j0 = blo; j0 < bhi; j0 += BK) {
-              const int nk = static_cast<int>(std::min<int64_t>(BK, bhi - j0));
-              const C* K = rows_view<T, C>(G.k, b, kh, j0, nk, D, sc.k, ldk);
-              const C* V = rows_view<T, C>(G.v, b, kh, j0, nk, Dv, sc.v, ldv);
-              backward_block<C>(P, b, h, i0, nq, sc.lo.data(), sc.hi.data(), Q, ldq, dO, lddo, lse_rows(b, h, i0),
-                                delta_rows(b, h, i0), j0, nk, K, ldk, V, ldv, sc.dk.data() + j0 * D,
-                                sc.dv.data() + j0 * Dv, sc.dq.data(), sc);
-            }
-          }
-          store_rows<T, C>(G.dq, b, h, i0, nq, D, sc.dq.data());
-        }
-      }
+      for (int64_t g = 0; g < P.group; g++)
+        for (int64_t qb = 0; qb < nqb; qb++) query_block(sc, b, kh * P.group + g, kh, qb, sc.dk.data(), sc.dv.data());
       for (int64_t j0 = 0; j0 < P.Sk; j0 += kBlockQ) {
         const int n = static_cast<int>(std::min<int64_t>(kBlockQ, P.Sk - j0));
         store_rows<T, C>(G.dk, b, kh, j0, n, D, sc.dk.data() + j0 * D);
@@ -502,25 +504,8 @@ void backward(const Problem& P, const Grads& G) {
                });
   // pass 2: dq per (batch, query head, query block)
   run_tasks<C>(P.B * P.Hq * nqb, cost_qk, [&](int64_t t, Scratch<C>& sc) {
-    const int64_t qb = nqb - 1 - t % nqb, h = (t / nqb) % P.Hq, b = t / (nqb * P.Hq), kh = h / P.group;
-    const int64_t i0 = qb * kBlockQ;
-    const int nq = static_cast<int>(std::min<int64_t>(kBlockQ, P.Sq - i0));
-    int64_t blo, bhi;
-    block_ranges(P, i0, nq, sc.lo, sc.hi, blo, bhi);
-    sc.dq.assign(static_cast<size_t>(nq * D), C(0));
-    if (blo < bhi) {
-      int64_t ldq, lddo, ldk, ldv;
-      const C* Q = rows_view<T, C>(G.q, b, h, i0, nq, D, sc.q, ldq);
-      const C* dO = rows_view<T, C>(G.go, b, h, i0, nq, Dv, sc.go, lddo);
-      for (int64_t j0 = blo; j0 < bhi; j0 += BK) {
-        const int nk = static_cast<int>(std::min<int64_t>(BK, bhi - j0));
-        const C* K = rows_view<T, C>(G.k, b, kh, j0, nk, D, sc.k, ldk);
-        const C* V = rows_view<T, C>(G.v, b, kh, j0, nk, Dv, sc.v, ldv);
-        backward_block<C>(P, b, h, i0, nq, sc.lo.data(), sc.hi.data(), Q, ldq, dO, lddo, lse_rows(b, h, i0),
-                          delta_rows(b, h, i0), j0, nk, K, ldk, V, ldv, nullptr, nullptr, sc.dq.data(), sc);
-      }
-    }
-    store_rows<T, C>(G.dq, b, h, i0, nq, D, sc.dq.data());
+    const int64_t qb = nqb - 1 - t % nqb, h = (t / nqb) % P.Hq, b = t / (nqb * P.Hq);
+    query_block(sc, b, h, h / P.group, qb, nullptr, nullptr);
   });
 }
 
