@@ -5,10 +5,12 @@ import { z } from 'zod';
 import {
   type ArchitectureSpec,
   ConvertError,
+  expectedHfTensorNames,
   findWeightRules,
   getArchitectureSpec,
   listArchitectures,
   makeTransformerConfig,
+  parameterCount,
   parseHfConfig,
   registerArchitecture,
   type WeightRule,
@@ -85,7 +87,11 @@ describe('registry', () => {
       weightRules: [
         { hf: 'toy.{layer}.w', megatron: 'decoder.layers.{layer}.w', op: { type: 'split', dim: 0 } },
       ],
-      expectedHfTensorNames: (cfg) => Array.from({ length: cfg.numLayers }, (_, i) => `toy.${i}.w`),
+      expectedHfTensors: (cfg) =>
+        Array.from({ length: cfg.numLayers }, (_, i) => ({
+          name: `toy.${i}.w`,
+          shape: [cfg.hiddenSize, cfg.hiddenSize],
+        })),
     };
     registerArchitecture(toy);
     expect(listArchitectures()).toContain('ToyForCausalLM');
@@ -96,6 +102,7 @@ describe('registry', () => {
     });
     expect(spec).toBe(toy);
     expect(transformerConfig.ffnHiddenSize).toBe(32);
+    expect(expectedHfTensorNames(spec, transformerConfig)).toEqual(['toy.0.w', 'toy.1.w']);
     expectConvertError(() => registerArchitecture(toy), 'INVALID_ARGUMENT', 'already registered');
     registerArchitecture(toy, { replace: true });
     expectConvertError(
@@ -291,7 +298,7 @@ describe('config errors', () => {
 describe('weight rules', () => {
   function check(spec: ArchitectureSpec, file: string) {
     const { transformerConfig: cfg } = parseHfConfig(join(CONFIGS, file));
-    const names = spec.expectedHfTensorNames(cfg);
+    const names = expectedHfTensorNames(spec, cfg);
     expect(new Set(names).size).toBe(names.length);
     const targets = new Map<string, WeightRule[]>();
     for (const n of names) {
@@ -378,5 +385,87 @@ describe('weight rules', () => {
     const [m] = findWeightRules(spec.weightRules, 'model.layers.7.block_sparse_moe.experts.3.w3.weight', cfg);
     expect(m.megatron).toBe('decoder.layers.7.mlp.experts.local_experts.3.linear_fc1.weight');
     expect(m.rule.op).toEqual({ type: 'expert', inner: { type: 'gate_up', part: 'up' } });
+  });
+});
+
+describe('expected HF tensor shapes', () => {
+  const numel = (shape: number[]) => shape.reduce((a, b) => a * b, 1);
+
+  function shapes(file: string): Map<string, number[]> {
+    const { spec, transformerConfig: cfg } = parseHfConfig(join(CONFIGS, file));
+    return new Map(spec.expectedHfTensors(cfg).map((t) => [t.name, t.shape]));
+  }
+
+  it.each(hfFiles)('%s: numel over the expected tensors equals parameterCount().totalWithMtp', (f) => {
+    const { spec, transformerConfig: cfg } = parseHfConfig(join(CONFIGS, f));
+    const tensors = spec.expectedHfTensors(cfg);
+    const bad = tensors.filter(
+      (t) => t.shape.length === 0 || !t.shape.every((d) => Number.isInteger(d) && d > 0),
+    );
+    expect(bad).toEqual([]);
+    expect(tensors.reduce((a, t) => a + numel(t.shape), 0)).toBe(parameterCount(cfg).totalWithMtp);
+  });
+
+  it('gives Llama-3.1-8B its published 8,030,261,248 parameters', () => {
+    const s = shapes('Llama-3.1-8B.json');
+    expect(s.get('model.layers.0.self_attn.q_proj.weight')).toEqual([4096, 4096]);
+    expect(s.get('model.layers.0.self_attn.k_proj.weight')).toEqual([1024, 4096]);
+    expect(s.get('model.layers.0.mlp.down_proj.weight')).toEqual([4096, 14336]);
+    expect(s.get('lm_head.weight')).toEqual([128256, 4096]);
+    expect([...s.values()].reduce((a, sh) => a + numel(sh), 0)).toBe(8_030_261_248);
+  });
+
+  it('uses Qwen3 head_dim for q/k/v/o and the per-head q/k norms; tied models have no lm_head', () => {
+    const s = shapes('Qwen3-0.6B.json');
+    expect(s.get('model.layers.0.self_attn.q_proj.weight')).toEqual([2048, 1024]);
+    expect(s.get('model.layers.0.self_attn.k_proj.weight')).toEqual([1024, 1024]);
+    expect(s.get('model.layers.0.self_attn.o_proj.weight')).toEqual([1024, 2048]);
+    expect(s.get('model.layers.0.self_attn.q_norm.weight')).toEqual([128]);
+    expect(s.has('lm_head.weight')).toBe(false);
+    const q = shapes('Qwen2.5-7B-Instruct.json');
+    expect(q.get('model.layers.3.self_attn.q_proj.bias')).toEqual([3584]);
+    expect(q.get('model.layers.3.self_attn.v_proj.bias')).toEqual([512]);
+  });
+
+  it('shapes the MoE routers, experts and the Qwen shared expert', () => {
+    const m = shapes('Mixtral-8x7B-v0.1.json');
+    expect(m.get('model.layers.0.block_sparse_moe.gate.weight')).toEqual([8, 4096]);
+    expect(m.get('model.layers.0.block_sparse_moe.experts.7.w1.weight')).toEqual([14336, 4096]);
+    expect(m.get('model.layers.0.block_sparse_moe.experts.7.w2.weight')).toEqual([4096, 14336]);
+    const q = shapes('Qwen1.5-MoE-A2.7B.finetune-resave.json');
+    expect(q.get('model.layers.0.mlp.gate.weight')).toEqual([60, 2048]);
+    expect(q.get('model.layers.0.mlp.experts.59.up_proj.weight')).toEqual([1408, 2048]);
+    expect(q.get('model.layers.0.mlp.shared_expert.gate_proj.weight')).toEqual([5632, 2048]);
+    expect(q.get('model.layers.0.mlp.shared_expert_gate.weight')).toEqual([1, 2048]);
+    const q3 = shapes('Qwen3-30B-A3B.json');
+    expect(q3.get('model.layers.47.mlp.experts.127.down_proj.weight')).toEqual([2048, 768]);
+    expect(q3.get('model.layers.0.self_attn.q_proj.weight')).toEqual([4096, 2048]);
+  });
+
+  it('shapes DeepSeek-V3 MLA, MoE and MTP tensors as in the published checkpoint', () => {
+    const s = shapes('DeepSeek-V3.json');
+    const a = 'model.layers.5.self_attn.';
+    expect(s.get(`${a}q_a_proj.weight`)).toEqual([1536, 7168]);
+    expect(s.get(`${a}q_a_layernorm.weight`)).toEqual([1536]);
+    expect(s.get(`${a}q_b_proj.weight`)).toEqual([24576, 1536]);
+    expect(s.get(`${a}kv_a_proj_with_mqa.weight`)).toEqual([576, 7168]);
+    expect(s.get(`${a}kv_a_layernorm.weight`)).toEqual([512]);
+    expect(s.get(`${a}kv_b_proj.weight`)).toEqual([32768, 512]);
+    expect(s.get(`${a}o_proj.weight`)).toEqual([7168, 16384]);
+    expect(s.get('model.layers.0.mlp.gate_proj.weight')).toEqual([18432, 7168]);
+    expect(s.get('model.layers.3.mlp.gate.weight')).toEqual([256, 7168]);
+    expect(s.get('model.layers.3.mlp.gate.e_score_correction_bias')).toEqual([256]);
+    expect(s.get('model.layers.3.mlp.experts.255.down_proj.weight')).toEqual([7168, 2048]);
+    expect(s.get('model.layers.3.mlp.shared_experts.up_proj.weight')).toEqual([2048, 7168]);
+    expect(s.get('model.layers.61.eh_proj.weight')).toEqual([7168, 14336]);
+    expect(s.get('model.layers.61.enorm.weight')).toEqual([7168]);
+    expect(s.get('model.layers.61.embed_tokens.weight')).toEqual([129280, 7168]);
+    expect(s.get('model.layers.61.shared_head.head.weight')).toEqual([129280, 7168]);
+    expect(s.get('model.layers.61.mlp.experts.0.gate_proj.weight')).toEqual([2048, 7168]);
+    expect(s.has('model.layers.62.enorm.weight')).toBe(false);
+    const moon = shapes('Moonlight-16B-A3B-Instruct.thirdparty-copy.json');
+    expect(moon.get('model.layers.1.self_attn.q_proj.weight')).toEqual([3072, 2048]);
+    expect(moon.has('model.layers.1.self_attn.q_a_proj.weight')).toBe(false);
+    expect(moon.get('model.layers.1.mlp.shared_experts.gate_proj.weight')).toEqual([2816, 2048]);
   });
 });

@@ -3,7 +3,7 @@
 import { z } from 'zod';
 import { ConvertError } from '../errors.js';
 import type { RopeScaling, TransformerConfig } from '../transformer-config.js';
-import type { WeightOp, WeightRule } from './types.js';
+import type { HfTensorShape, WeightOp, WeightRule } from './types.js';
 
 /** HF `rope_scaling` as written by transformers (older files say `type`, newer `rope_type`). */
 export const HfRopeScaling = z
@@ -88,10 +88,10 @@ export const outerRules: WeightRule[] = [
   {
     hf: 'model.embed_tokens.weight',
     megatron: 'embedding.word_embeddings.weight',
-    op: { type: 'split', dim: 0 },
+    op: { type: 'vocab' },
   },
   { hf: 'model.norm.weight', megatron: 'decoder.final_layernorm.weight', op: { type: 'replicate' } },
-  { hf: 'lm_head.weight', megatron: 'output_layer.weight', op: { type: 'split', dim: 0 } },
+  { hf: 'lm_head.weight', megatron: 'output_layer.weight', op: { type: 'vocab' } },
 ];
 
 /** GQA attention with the input norm fused into TE's linear_qkv (Llama, Mistral, Qwen2/3). */
@@ -155,34 +155,56 @@ export const PROJ = { gate: 'gate_proj', up: 'up_proj', down: 'down_proj' } as c
 /** The dense MLP of Llama-style layers (`mlp.gate_proj` …). */
 export const denseMlpRules: WeightRule[] = swigluRules('mlp.', 'mlp.', PROJ, false, 'dense');
 
-/** HF names of the GQA attention block of layer `i` (Llama, Mistral, Qwen2/3). */
-export function gqaAttentionNames(cfg: TransformerConfig, i: number): string[] {
+/** An HfTensorShape from a name and its dimensions. */
+export function hfTensor(name: string, ...shape: number[]): HfTensorShape {
+  return { name, shape };
+}
+
+/** HF tensors of the GQA attention block and both norms of layer `i` (Llama, Mistral, Qwen2/3). */
+export function gqaAttentionTensors(cfg: TransformerConfig, i: number): HfTensorShape[] {
   const p = `model.layers.${i}.`;
+  const h = cfg.hiddenSize;
+  const d = cfg.kvChannels;
+  const qOut = cfg.numAttentionHeads * d;
+  const kvOut = cfg.numQueryGroups * d;
   const out = [
-    `${p}input_layernorm.weight`,
-    `${p}post_attention_layernorm.weight`,
-    `${p}self_attn.o_proj.weight`,
+    hfTensor(`${p}input_layernorm.weight`, h),
+    hfTensor(`${p}post_attention_layernorm.weight`, h),
+    hfTensor(`${p}self_attn.o_proj.weight`, h, qOut),
   ];
-  for (const x of ['q', 'k', 'v']) {
-    out.push(`${p}self_attn.${x}_proj.weight`);
-    if (cfg.addQkvBias) out.push(`${p}self_attn.${x}_proj.bias`);
+  for (const [x, rows] of [
+    ['q', qOut],
+    ['k', kvOut],
+    ['v', kvOut],
+  ] as const) {
+    out.push(hfTensor(`${p}self_attn.${x}_proj.weight`, rows, h));
+    if (cfg.addQkvBias) out.push(hfTensor(`${p}self_attn.${x}_proj.bias`, rows));
   }
-  if (cfg.qkLayernorm) out.push(`${p}self_attn.q_norm.weight`, `${p}self_attn.k_norm.weight`);
+  // Qwen3 normalises each head: the norm weight has one head's width.
+  if (cfg.qkLayernorm)
+    out.push(hfTensor(`${p}self_attn.q_norm.weight`, d), hfTensor(`${p}self_attn.k_norm.weight`, d));
   return out;
 }
 
-/** HF names of a SwiGLU MLP under `prefix`. */
-export function swigluNames(
+/** HF tensors of a SwiGLU MLP under `prefix`: gate/up [ffn, hidden], down [hidden, ffn]. */
+export function swigluTensors(
   prefix: string,
+  ffn: number,
+  hidden: number,
   names: { gate: string; up: string; down: string } = PROJ,
-): string[] {
-  return [`${prefix}${names.gate}.weight`, `${prefix}${names.up}.weight`, `${prefix}${names.down}.weight`];
+): HfTensorShape[] {
+  return [
+    hfTensor(`${prefix}${names.gate}.weight`, ffn, hidden),
+    hfTensor(`${prefix}${names.up}.weight`, ffn, hidden),
+    hfTensor(`${prefix}${names.down}.weight`, hidden, ffn),
+  ];
 }
 
-/** HF names outside the layers: embedding, final norm and (untied) lm_head. */
-export function outerNames(cfg: TransformerConfig): string[] {
-  const out = ['model.embed_tokens.weight', 'model.norm.weight'];
-  if (cfg.untieEmbeddingsAndOutputWeights) out.push('lm_head.weight');
+/** HF tensors outside the layers: embedding, final norm and (untied) lm_head. */
+export function outerTensors(cfg: TransformerConfig): HfTensorShape[] {
+  const h = cfg.hiddenSize;
+  const out = [hfTensor('model.embed_tokens.weight', cfg.vocabSize, h), hfTensor('model.norm.weight', h)];
+  if (cfg.untieEmbeddingsAndOutputWeights) out.push(hfTensor('lm_head.weight', cfg.vocabSize, h));
   return out;
 }
 

@@ -4,17 +4,18 @@ import { z } from 'zod';
 import { makeTransformerConfig, moeLayerPattern, type TransformerConfig } from '../transformer-config.js';
 import {
   HfRopeScaling,
+  hfTensor,
   kindOf,
   layerRule,
-  outerNames,
   outerRules,
+  outerTensors,
   PROJ,
   preMlpNormRules,
   ropeScalingFromHf,
-  swigluNames,
   swigluRules,
+  swigluTensors,
 } from './common.js';
-import type { ArchitectureSpec, WeightRule } from './types.js';
+import type { ArchitectureSpec, HfTensorShape, WeightRule } from './types.js';
 
 const int = z.number().int().positive();
 
@@ -125,7 +126,7 @@ const layerRules: WeightRule[] = [
   ...preMlpNormRules,
   ...swigluRules('mlp.', 'mlp.', PROJ, false, 'dense'),
   layerRule('mlp.gate.weight', 'mlp.router.weight', R, 'moe'),
-  layerRule('mlp.gate.e_score_correction_bias', 'mlp.router.expert_bias', R, 'moe'),
+  { ...layerRule('mlp.gate.e_score_correction_bias', 'mlp.router.expert_bias', R, 'moe'), dtype: 'F32' },
   ...swigluRules('mlp.experts.{expert}.', 'mlp.experts.local_experts.{expert}.', PROJ, true, 'moe'),
   ...swigluRules('mlp.shared_experts.', 'mlp.shared_experts.', PROJ, false, 'moe'),
 ];
@@ -162,20 +163,59 @@ const mtpRules: WeightRule[] = [
   },
 ];
 
-function layerNames(cfg: TransformerConfig, i: number, kind: 'dense' | 'moe', v3: boolean): string[] {
+/** HF tensors of decoder layer `i` (also an MTP block's inner layer) of the given kind. */
+function layerTensors(cfg: TransformerConfig, i: number, kind: 'dense' | 'moe'): HfTensorShape[] {
   const p = `model.layers.${i}.`;
   const a = `${p}self_attn.`;
-  const out = [`${p}input_layernorm.weight`, `${p}post_attention_layernorm.weight`, `${a}o_proj.weight`];
+  const h = cfg.hiddenSize;
+  const heads = cfg.numAttentionHeads;
+  const out = [hfTensor(`${p}input_layernorm.weight`, h), hfTensor(`${p}post_attention_layernorm.weight`, h)];
   const mla = cfg.mla;
-  if (mla?.qLoraRank == null) out.push(`${a}q_proj.weight`);
-  else out.push(`${a}q_a_proj.weight`, `${a}q_a_layernorm.weight`, `${a}q_b_proj.weight`);
-  out.push(`${a}kv_a_proj_with_mqa.weight`, `${a}kv_a_layernorm.weight`, `${a}kv_b_proj.weight`);
-  if (kind === 'dense' || !cfg.moe) return [...out, ...swigluNames(`${p}mlp.`)];
-  out.push(`${p}mlp.gate.weight`);
-  if (v3 && cfg.moe.expertBias) out.push(`${p}mlp.gate.e_score_correction_bias`);
-  for (let e = 0; e < cfg.moe.numExperts; e++) out.push(...swigluNames(`${p}mlp.experts.${e}.`));
-  if (cfg.moe.sharedExpertIntermediateSize > 0) out.push(...swigluNames(`${p}mlp.shared_experts.`));
+  if (mla) {
+    const qHead = mla.qkNopeHeadDim + mla.qkRopeHeadDim;
+    if (mla.qLoraRank === null) out.push(hfTensor(`${a}q_proj.weight`, heads * qHead, h));
+    else {
+      out.push(
+        hfTensor(`${a}q_a_proj.weight`, mla.qLoraRank, h),
+        hfTensor(`${a}q_a_layernorm.weight`, mla.qLoraRank),
+        hfTensor(`${a}q_b_proj.weight`, heads * qHead, mla.qLoraRank),
+      );
+    }
+    // The kv down-projection also yields the shared rope key (MQA-style), hence + rope dim.
+    out.push(
+      hfTensor(`${a}kv_a_proj_with_mqa.weight`, mla.kvLoraRank + mla.qkRopeHeadDim, h),
+      hfTensor(`${a}kv_a_layernorm.weight`, mla.kvLoraRank),
+      hfTensor(`${a}kv_b_proj.weight`, heads * (mla.qkNopeHeadDim + mla.vHeadDim), mla.kvLoraRank),
+      hfTensor(`${a}o_proj.weight`, h, heads * mla.vHeadDim),
+    );
+  }
+  const moe = cfg.moe;
+  if (kind === 'dense' || !moe) return [...out, ...swigluTensors(`${p}mlp.`, cfg.ffnHiddenSize, h)];
+  out.push(hfTensor(`${p}mlp.gate.weight`, moe.numExperts, h));
+  if (moe.expertBias) out.push(hfTensor(`${p}mlp.gate.e_score_correction_bias`, moe.numExperts));
+  for (let e = 0; e < moe.numExperts; e++)
+    out.push(...swigluTensors(`${p}mlp.experts.${e}.`, moe.moeFfnHiddenSize, h));
+  // HF fuses the n_shared_experts into one MLP of n × moe_intermediate_size.
+  if (moe.sharedExpertIntermediateSize > 0)
+    out.push(...swigluTensors(`${p}mlp.shared_experts.`, moe.sharedExpertIntermediateSize, h));
   return out;
+}
+
+/** HF tensors of MTP block `k` (HF layer numLayers + k): a decoder layer, norms, eh_proj and copies. */
+function mtpTensors(cfg: TransformerConfig, k: number): HfTensorShape[] {
+  const i = cfg.numLayers + k;
+  const p = `model.layers.${i}.`;
+  const h = cfg.hiddenSize;
+  return [
+    ...layerTensors(cfg, i, kindOf(cfg, cfg.numLayers - 1)),
+    hfTensor(`${p}enorm.weight`, h),
+    hfTensor(`${p}hnorm.weight`, h),
+    // Projects concat(enorm(embedding), hnorm(hidden)) [2h] back to h.
+    hfTensor(`${p}eh_proj.weight`, h, 2 * h),
+    hfTensor(`${p}shared_head.norm.weight`, h),
+    hfTensor(`${p}embed_tokens.weight`, cfg.vocabSize, h),
+    hfTensor(`${p}shared_head.head.weight`, cfg.vocabSize, h),
+  ];
 }
 
 function deepseekSpec(architectures: string[], v3: boolean): ArchitectureSpec<HfDeepseekConfig> {
@@ -184,16 +224,10 @@ function deepseekSpec(architectures: string[], v3: boolean): ArchitectureSpec<Hf
     configSchema: HfDeepseekConfig,
     toTransformerConfig: (hf) => toConfig(hf, v3),
     weightRules: [...outerRules, ...layerRules, ...(v3 ? mtpRules : [])],
-    expectedHfTensorNames(cfg) {
-      const out = outerNames(cfg);
-      for (let i = 0; i < cfg.numLayers; i++) out.push(...layerNames(cfg, i, kindOf(cfg, i), v3));
-      for (let k = 0; k < cfg.mtpNumLayers; k++) {
-        const i = cfg.numLayers + k;
-        const p = `model.layers.${i}.`;
-        out.push(...layerNames(cfg, i, kindOf(cfg, cfg.numLayers - 1), v3));
-        out.push(`${p}enorm.weight`, `${p}hnorm.weight`, `${p}eh_proj.weight`, `${p}shared_head.norm.weight`);
-        out.push(`${p}embed_tokens.weight`, `${p}shared_head.head.weight`);
-      }
+    expectedHfTensors(cfg) {
+      const out = outerTensors(cfg);
+      for (let i = 0; i < cfg.numLayers; i++) out.push(...layerTensors(cfg, i, kindOf(cfg, i)));
+      for (let k = 0; k < cfg.mtpNumLayers; k++) out.push(...mtpTensors(cfg, k));
       return out;
     },
   };

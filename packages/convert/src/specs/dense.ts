@@ -4,16 +4,16 @@ import { ConvertError } from '../errors.js';
 import { makeTransformerConfig, type TransformerConfig } from '../transformer-config.js';
 import {
   denseMlpRules,
-  gqaAttentionNames,
   gqaAttentionRules,
+  gqaAttentionTensors,
   HfRopeScaling,
-  outerNames,
   outerRules,
+  outerTensors,
   preMlpNormRules,
   ropeScalingFromHf,
-  swigluNames,
+  swigluTensors,
 } from './common.js';
-import type { ArchitectureSpec, WeightRule } from './types.js';
+import type { ArchitectureSpec, HfTensorShape, WeightRule } from './types.js';
 
 const int = z.number().int().positive();
 
@@ -72,11 +72,15 @@ export const denseRules: WeightRule[] = [
   ...denseMlpRules,
 ];
 
-/** HF tensor names of a dense Llama-style checkpoint. */
-export function denseNames(cfg: TransformerConfig): string[] {
-  const out = outerNames(cfg);
-  for (let i = 0; i < cfg.numLayers; i++)
-    out.push(...gqaAttentionNames(cfg, i), ...swigluNames(`model.layers.${i}.mlp.`));
+/** HF tensors (names and shapes) of a dense Llama-style checkpoint. */
+export function denseTensors(cfg: TransformerConfig): HfTensorShape[] {
+  const out = outerTensors(cfg);
+  for (let i = 0; i < cfg.numLayers; i++) {
+    out.push(
+      ...gqaAttentionTensors(cfg, i),
+      ...swigluTensors(`model.layers.${i}.mlp.`, cfg.ffnHiddenSize, cfg.hiddenSize),
+    );
+  }
   return out;
 }
 
@@ -96,7 +100,7 @@ function denseSpec(
       });
     },
     weightRules: denseRules,
-    expectedHfTensorNames: denseNames,
+    expectedHfTensors: denseTensors,
   };
 }
 

@@ -1,21 +1,23 @@
 // GQA decoders with mixture-of-experts MLPs: Mixtral, Qwen1.5/Qwen2-MoE, Qwen3-MoE.
 import { z } from 'zod';
+import { ConvertError } from '../errors.js';
 import { makeTransformerConfig, moeLayerPattern, type TransformerConfig } from '../transformer-config.js';
 import {
-  gqaAttentionNames,
   gqaAttentionRules,
+  gqaAttentionTensors,
+  hfTensor,
   kindOf,
   layerRule,
-  outerNames,
   outerRules,
+  outerTensors,
   PROJ,
   preMlpNormRules,
   ropeScalingFromHf,
-  swigluNames,
   swigluRules,
+  swigluTensors,
 } from './common.js';
 import { denseRules, HfLlamaStyleConfig, llamaStyleBase } from './dense.js';
-import type { ArchitectureSpec, WeightRule } from './types.js';
+import type { ArchitectureSpec, HfTensorShape, WeightRule } from './types.js';
 
 const int = z.number().int().positive();
 const EXPERTS = 'mlp.experts.local_experts.{expert}.';
@@ -54,12 +56,17 @@ export const mixtralSpec: ArchitectureSpec<HfMixtralConfig> = {
     layerRule('block_sparse_moe.gate.weight', 'mlp.router.weight', { type: 'replicate' }, 'moe'),
     ...swigluRules('block_sparse_moe.experts.{expert}.', EXPERTS, W, true, 'moe'),
   ],
-  expectedHfTensorNames(cfg) {
-    const out = outerNames(cfg);
+  expectedHfTensors(cfg) {
+    const out = outerTensors(cfg);
+    const h = cfg.hiddenSize;
+    const moe = cfg.moe;
     for (let i = 0; i < cfg.numLayers; i++) {
-      out.push(...gqaAttentionNames(cfg, i), `model.layers.${i}.block_sparse_moe.gate.weight`);
-      for (let e = 0; e < (cfg.moe?.numExperts ?? 0); e++)
-        out.push(...swigluNames(`model.layers.${i}.block_sparse_moe.experts.${e}.`, W));
+      const p = `model.layers.${i}.block_sparse_moe.`;
+      out.push(...gqaAttentionTensors(cfg, i));
+      if (!moe) continue;
+      out.push(hfTensor(`${p}gate.weight`, moe.numExperts, h));
+      for (let e = 0; e < moe.numExperts; e++)
+        out.push(...swigluTensors(`${p}experts.${e}.`, moe.moeFfnHiddenSize, h, W));
     }
     return out;
   },
@@ -67,7 +74,9 @@ export const mixtralSpec: ArchitectureSpec<HfMixtralConfig> = {
 
 /** Qwen-MoE fields common to Qwen2-MoE and Qwen3-MoE. */
 const qwenMoeFields = {
-  num_experts: int,
+  // transformers 5 writes Qwen3-MoE's expert count as num_local_experts.
+  num_experts: int.optional(),
+  num_local_experts: int.optional(),
   num_experts_per_tok: int,
   moe_intermediate_size: int,
   norm_topk_prob: z.boolean().default(false),
@@ -87,6 +96,14 @@ export const HfQwen3MoeConfig = HfLlamaStyleConfig.extend(qwenMoeFields);
 /** Parsed Qwen3-MoE config. */
 export type HfQwen3MoeConfig = z.infer<typeof HfQwen3MoeConfig>;
 
+function qwenNumExperts(hf: { num_experts?: number; num_local_experts?: number }): number {
+  const n = hf.num_experts ?? hf.num_local_experts;
+  if (n === undefined) {
+    throw new ConvertError('INVALID_CONFIG', 'field "num_experts" (or "num_local_experts") is required');
+  }
+  return n;
+}
+
 function qwenMoePattern(hf: z.infer<typeof HfQwen3MoeConfig>) {
   return moeLayerPattern(hf.num_hidden_layers, {
     sparseStep: hf.decoder_sparse_step,
@@ -101,18 +118,27 @@ const qwenMoeRules: WeightRule[] = [
   ...swigluRules('mlp.experts.{expert}.', EXPERTS, PROJ, true, 'moe'),
 ];
 
-function qwenMoeNames(cfg: TransformerConfig, shared: boolean): string[] {
-  const out = outerNames(cfg);
+function qwenMoeTensors(cfg: TransformerConfig, shared: boolean): HfTensorShape[] {
+  const out = outerTensors(cfg);
+  const h = cfg.hiddenSize;
   for (let i = 0; i < cfg.numLayers; i++) {
     const p = `model.layers.${i}.`;
-    out.push(...gqaAttentionNames(cfg, i));
-    if (kindOf(cfg, i) === 'dense') {
-      out.push(...swigluNames(`${p}mlp.`));
+    out.push(...gqaAttentionTensors(cfg, i));
+    const moe = cfg.moe;
+    if (!moe || kindOf(cfg, i) === 'dense') {
+      // Layers in mlp_only_layers are dense MLPs of intermediate_size.
+      out.push(...swigluTensors(`${p}mlp.`, cfg.ffnHiddenSize, h));
       continue;
     }
-    out.push(`${p}mlp.gate.weight`);
-    for (let e = 0; e < (cfg.moe?.numExperts ?? 0); e++) out.push(...swigluNames(`${p}mlp.experts.${e}.`));
-    if (shared) out.push(...swigluNames(`${p}mlp.shared_expert.`), `${p}mlp.shared_expert_gate.weight`);
+    out.push(hfTensor(`${p}mlp.gate.weight`, moe.numExperts, h));
+    for (let e = 0; e < moe.numExperts; e++)
+      out.push(...swigluTensors(`${p}mlp.experts.${e}.`, moe.moeFfnHiddenSize, h));
+    if (shared) {
+      out.push(
+        ...swigluTensors(`${p}mlp.shared_expert.`, moe.sharedExpertIntermediateSize, h),
+        hfTensor(`${p}mlp.shared_expert_gate.weight`, 1, h),
+      );
+    }
   }
   return out;
 }
@@ -126,7 +152,7 @@ export const qwen2MoeSpec: ArchitectureSpec<HfQwen2MoeConfig> = {
       ...llamaStyleBase(hf, ropeScalingFromHf(hf.rope_scaling)),
       addQkvBias: true,
       moe: {
-        numExperts: hf.num_experts,
+        numExperts: qwenNumExperts(hf),
         routerTopk: hf.num_experts_per_tok,
         moeFfnHiddenSize: hf.moe_intermediate_size,
         sharedExpertIntermediateSize: hf.shared_expert_intermediate_size,
@@ -146,7 +172,7 @@ export const qwen2MoeSpec: ArchitectureSpec<HfQwen2MoeConfig> = {
       'moe',
     ),
   ],
-  expectedHfTensorNames: (cfg) => qwenMoeNames(cfg, true),
+  expectedHfTensors: (cfg) => qwenMoeTensors(cfg, true),
 };
 
 /** Qwen3-MoE: q/k norm, head_dim (default 128), no shared expert. */
@@ -158,7 +184,7 @@ export const qwen3MoeSpec: ArchitectureSpec<HfQwen3MoeConfig> = {
       ...llamaStyleBase({ ...hf, head_dim: hf.head_dim ?? 128 }, ropeScalingFromHf(hf.rope_scaling)),
       qkLayernorm: true,
       moe: {
-        numExperts: hf.num_experts,
+        numExperts: qwenNumExperts(hf),
         routerTopk: hf.num_experts_per_tok,
         moeFfnHiddenSize: hf.moe_intermediate_size,
         normTopkProb: hf.norm_topk_prob,
@@ -167,5 +193,5 @@ export const qwen3MoeSpec: ArchitectureSpec<HfQwen3MoeConfig> = {
     });
   },
   weightRules: qwenMoeRules,
-  expectedHfTensorNames: (cfg) => qwenMoeNames(cfg, false),
+  expectedHfTensors: (cfg) => qwenMoeTensors(cfg, false),
 };

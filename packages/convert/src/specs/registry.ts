@@ -74,6 +74,22 @@ function readJson(path: string): unknown {
 }
 
 /**
+ * Brings a config.json written by transformers 5 to the field names the specs read: it moves
+ * `rope_theta` and the scaling settings into `rope_parameters`, so `rope_theta` / `rope_scaling`
+ * are filled from there when absent. Mutates and returns `json`; parseHfConfig passes it a copy.
+ */
+export function normalizeHfConfig(json: Record<string, unknown>): Record<string, unknown> {
+  const rp = json.rope_parameters;
+  if (rp && typeof rp === 'object' && !Array.isArray(rp)) {
+    const p = rp as Record<string, unknown>;
+    if (json.rope_theta === undefined && p.rope_theta !== undefined) json.rope_theta = p.rope_theta;
+    const kind = p.rope_type ?? p.type;
+    if (json.rope_scaling == null && kind !== undefined && kind !== 'default') json.rope_scaling = { ...p };
+  }
+  return json;
+}
+
+/**
  * Parses an HF config.json (an object, or a path to the file or its directory) with the spec its
  * `architectures` names. Missing or wrong fields → ConvertError('INVALID_CONFIG') naming field and file.
  */
@@ -98,7 +114,7 @@ export function parseHfConfig(input: string | object, opts: { file?: string } = 
   const name = (archs as string[]).find((a) => registry.has(a));
   if (name === undefined) throw unknown(archs as string[], file);
   const spec = registry.get(name) as ArchitectureSpec;
-  const r = spec.configSchema.safeParse(json);
+  const r = spec.configSchema.safeParse(normalizeHfConfig({ ...(json as Record<string, unknown>) }));
   if (!r.success) {
     const msg = r.error.issues.map((i) => `field "${i.path.join('.') || '(root)'}": ${i.message}`).join('; ');
     throw new ConvertError('INVALID_CONFIG', `${name}: ${msg}`, file);
@@ -113,4 +129,9 @@ export function parseHfConfig(input: string | object, opts: { file?: string } = 
     throw e;
   }
   return { spec, hfConfig: r.data, transformerConfig };
+}
+
+/** Names only of `spec.expectedHfTensors(cfg)`, in the same order. */
+export function expectedHfTensorNames<H>(spec: ArchitectureSpec<H>, cfg: TransformerConfig): string[] {
+  return spec.expectedHfTensors(cfg).map((t) => t.name);
 }

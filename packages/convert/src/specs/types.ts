@@ -7,6 +7,11 @@ import type { TransformerConfig } from '../transformer-config.js';
 export type WeightOp =
   /** Same full tensor on every rank that holds it (norms, router, MLA down-projections). */
   | { type: 'replicate' }
+  /**
+   * Vocabulary-parallel embedding or output layer: rows padded with zeros to a multiple of
+   * `makeVocabSizeDivisibleBy` × TP, then split along dim 0 (the padding is dropped on export).
+   */
+  | { type: 'vocab' }
   /** Tensor-parallel split: dim 0 = column parallel (output rows), dim 1 = row parallel. */
   | { type: 'split'; dim: 0 | 1 }
   /** One part of the fused QKV (weight or bias), interleaved per query group. */
@@ -28,6 +33,14 @@ export interface WeightRule {
   op: WeightOp;
   /** The rule applies only to layers of this kind (the pre-MLP norm is fused in dense layers only). */
   layerKind?: 'dense' | 'moe';
+  /** Megatron keeps this tensor in this dtype whatever the model dtype (the router's fp32 expert bias). */
+  dtype?: 'F32';
+}
+
+/** Name and shape of one tensor of a Hugging Face checkpoint. */
+export interface HfTensorShape {
+  name: string;
+  shape: number[];
 }
 
 /** One Hugging Face architecture: its config.json schema, its TransformerConfig and its weight rules. */
@@ -40,8 +53,8 @@ export interface ArchitectureSpec<H = unknown> {
   toTransformerConfig(hfConfig: H): TransformerConfig;
   /** Rules covering every tensor of a checkpoint of this architecture exactly once. */
   weightRules: WeightRule[];
-  /** Every tensor name an HF checkpoint with this config holds. */
-  expectedHfTensorNames(cfg: TransformerConfig): string[];
+  /** Every tensor (name and shape) an HF checkpoint with this config holds, MTP layers included. */
+  expectedHfTensors(cfg: TransformerConfig): HfTensorShape[];
 }
 
 const PLACEHOLDER = /\{(layer|expert|mtpLayer|mtp)\}/g;
