@@ -13,6 +13,12 @@ export const CHECKPOINT_METADATA_FILE = 'metadata.json';
 /** Megatron's tracker file in the root directory, holding the latest complete iteration. */
 export const LATEST_ITERATION_FILE = 'latest_checkpointed_iteration.txt';
 
+/**
+ * Folder inside an iteration directory holding the Hugging Face side files carried over by a
+ * conversion (config.json, generation_config.json, tokenizer files, remote-code .py files).
+ */
+export const HF_FILES_DIR = 'huggingface';
+
 /** Megatron's iteration folder name: `iter_` and the iteration zero-padded to 7 digits. */
 export function iterationDirName(iteration: number): string {
   return `iter_${String(iteration).padStart(7, '0')}`;
@@ -81,7 +87,17 @@ export const CheckpointMetadata = z.object({
   consumedSamples: nonNegInt,
   /** The model's TransformerConfig as JSON; checked by the model builder, not here. */
   modelConfig: z.record(z.string(), z.unknown()),
-  /** Tokenizer files saved next to the checkpoint, if any. */
+  /** HF architecture name (`LlamaForCausalLM`, ...): selects the spec that maps and reshards it. */
+  architecture: z.string().min(1).optional(),
+  /** Hugging Face files kept in `<iter>/huggingface/` (configs, tokenizer, remote code). */
+  huggingface: z
+    .object({
+      files: z.array(fileName),
+      /** HF dtypes of tensors Megatron keeps in another dtype (a BF16 expert bias held in fp32). */
+      dtypes: z.record(z.string(), dtype).optional(),
+    })
+    .optional(),
+  /** The tokenizer files among them (also in `<iter>/huggingface/`). */
   tokenizer: z.object({ files: z.array(fileName) }).optional(),
   /** Layout the checkpoint was saved with. */
   layout: CheckpointLayout,

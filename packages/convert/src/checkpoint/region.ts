@@ -106,6 +106,18 @@ export function copyRegion(
     return;
   }
   if (numel(region.shape) === 0) return;
+  // Whole rows in both boxes: the overlap is one contiguous block on each side.
+  let wholeRows = true;
+  for (let d = 1; d < rank; d++) {
+    if (region.shape[d] !== srcBox.shape[d] || region.shape[d] !== dstBox.shape[d]) wholeRows = false;
+  }
+  if (wholeRows) {
+    const row = numel(region.shape.slice(1)) * elemSize;
+    const s0 = (region.offsets[0] - srcBox.offsets[0]) * row;
+    const d0 = (region.offsets[0] - dstBox.offsets[0]) * row;
+    dst.set(src.subarray(s0, s0 + region.shape[0] * row), d0);
+    return;
+  }
   const ss = strides(srcBox.shape);
   const ds = strides(dstBox.shape);
   const runBytes = region.shape[rank - 1] * elemSize;

@@ -5,7 +5,12 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { ConvertError } from '../errors.js';
 import { byteLengthOf, type SafetensorsDtype } from '../safetensors/dtype.js';
-import { type TensorInput, writeSafetensors } from '../safetensors/writer.js';
+import {
+  SafetensorsWriter,
+  type TensorInput,
+  type TensorSpec,
+  writeSafetensors,
+} from '../safetensors/writer.js';
 import {
   CHECKPOINT_FORMAT_VERSION,
   CHECKPOINT_METADATA_FILE,
@@ -13,6 +18,7 @@ import {
   type CheckpointMetadata,
   type CheckpointPiece,
   type CheckpointTensor,
+  HF_FILES_DIR,
   iterationDirName,
   LATEST_ITERATION_FILE,
   parseCheckpointMetadata,
@@ -46,6 +52,13 @@ export interface CheckpointWriterOptions {
   readonly layout: CheckpointLayout;
   readonly modelConfig: Record<string, unknown>;
   readonly consumedSamples?: number;
+  /** HF architecture name recorded in the metadata (it selects the spec that reshards the checkpoint). */
+  readonly architecture?: string;
+  /** Files written with `addFile` into `<iter>/huggingface/` (set by the writer that adds them). */
+  readonly huggingface?: {
+    readonly files: readonly string[];
+    readonly dtypes?: Readonly<Record<string, SafetensorsDtype>>;
+  };
   readonly tokenizer?: { readonly files: readonly string[] };
   readonly optimizer?: unknown;
   readonly scheduler?: unknown;
@@ -81,6 +94,81 @@ function writeFileAtomic(file: string, text: string): void {
   fs.renameSync(tmp, file);
 }
 
+/** A key for `name` not yet used in `file`: the name, else `name#1`, `name#2`, ... */
+function uniqueKey(keys: Map<string, Set<string>>, file: string, name: string): string {
+  let used = keys.get(file);
+  if (!used) {
+    used = new Set();
+    keys.set(file, used);
+  }
+  let key = name;
+  for (let k = 1; used.has(key); k++) key = `${name}#${k}`;
+  used.add(key);
+  return key;
+}
+
+/** Rounds the metadata through its schema, so a bad layout or section fails before any rename. */
+function buildMetadata(
+  iteration: number,
+  o: CheckpointWriterOptions,
+  tensors: Record<string, CheckpointTensor>,
+): CheckpointMetadata {
+  return parseCheckpointMetadata({
+    formatVersion: CHECKPOINT_FORMAT_VERSION,
+    iteration,
+    consumedSamples: o.consumedSamples ?? 0,
+    modelConfig: o.modelConfig,
+    ...(o.architecture ? { architecture: o.architecture } : {}),
+    ...(o.huggingface
+      ? {
+          huggingface: {
+            files: [...o.huggingface.files],
+            ...(o.huggingface.dtypes ? { dtypes: { ...o.huggingface.dtypes } } : {}),
+          },
+        }
+      : {}),
+    ...(o.tokenizer ? { tokenizer: { files: [...o.tokenizer.files] } } : {}),
+    layout: o.layout,
+    tensors,
+    ...(o.optimizer !== undefined ? { optimizer: o.optimizer } : {}),
+    ...(o.scheduler !== undefined ? { scheduler: o.scheduler } : {}),
+    ...(o.rng !== undefined ? { rng: o.rng } : {}),
+    ...(o.dataLoader !== undefined ? { dataLoader: o.dataLoader } : {}),
+  } satisfies CheckpointMetadata);
+}
+
+/**
+ * Writes metadata.json into the temporary directory, renames it to `iter_<N>` (moving an older
+ * save of the same iteration aside first, deleting it only once the new one is in place) and
+ * then writes the `latest` tracker.
+ */
+function commitIterationDir(
+  w: { readonly tmpDir: string; readonly dir: string; readonly rootDir: string; readonly iteration: number },
+  metadata: CheckpointMetadata,
+): void {
+  writeFileAtomic(path.join(w.tmpDir, CHECKPOINT_METADATA_FILE), `${JSON.stringify(metadata, null, 2)}\n`);
+  // rename() cannot replace a non-empty directory.
+  const old = `${w.dir}.old-${process.pid}`;
+  const hadOld = fs.existsSync(w.dir);
+  if (hadOld) fs.renameSync(w.dir, old);
+  fs.renameSync(w.tmpDir, w.dir);
+  if (hadOld) fs.rmSync(old, { recursive: true, force: true });
+  writeFileAtomic(path.join(w.rootDir, LATEST_ITERATION_FILE), `${w.iteration}\n`);
+}
+
+/** Creates `<root>/iter_<N>.tmp-<pid>/` (removing a stale one) and returns the two paths. */
+function openIterationDir(rootDir: string, iteration: number): { dir: string; tmpDir: string } {
+  if (!Number.isSafeInteger(iteration) || iteration < 0) {
+    throw new ConvertError('INVALID_ARGUMENT', `iteration ${iteration} is not a non-negative integer`);
+  }
+  const dir = path.join(rootDir, iterationDirName(iteration));
+  const tmpDir = `${dir}.tmp-${process.pid}`;
+  fs.mkdirSync(rootDir, { recursive: true });
+  fs.rmSync(tmpDir, { recursive: true, force: true });
+  fs.mkdirSync(tmpDir);
+  return { dir, tmpDir };
+}
+
 /**
  * Collects the pieces of a checkpoint and writes `<root>/iter_<NNNNNNN>/` atomically on
  * {@link finalize}: nothing appears under the final name until every piece is on disk and the
@@ -103,17 +191,12 @@ export class CheckpointWriter {
 
   /** Creates `<root>/iter_<N>.tmp-<pid>/`. */
   constructor(rootDir: string, iteration: number, options: CheckpointWriterOptions) {
-    if (!Number.isSafeInteger(iteration) || iteration < 0) {
-      throw new ConvertError('INVALID_ARGUMENT', `iteration ${iteration} is not a non-negative integer`);
-    }
+    const { dir, tmpDir } = openIterationDir(rootDir, iteration);
     this.rootDir = rootDir;
     this.iteration = iteration;
     this.options = options;
-    this.dir = path.join(rootDir, iterationDirName(iteration));
-    this.tmpDir = `${this.dir}.tmp-${process.pid}`;
-    fs.mkdirSync(rootDir, { recursive: true });
-    fs.rmSync(this.tmpDir, { recursive: true, force: true });
-    fs.mkdirSync(this.tmpDir);
+    this.dir = dir;
+    this.tmpDir = tmpDir;
   }
 
   /** Adds one piece of tensor `name`; all pieces of a name must agree on dtype and global shape. */
@@ -141,14 +224,7 @@ export class CheckpointWriter {
       );
     }
     const file = pieceFileName(piece.rank ?? { tp: 0, pp: 0, ep: 0 });
-    let used = this.keys.get(file);
-    if (!used) {
-      used = new Set();
-      this.keys.set(file, used);
-    }
-    let key = name;
-    for (let k = 1; used.has(key); k++) key = `${name}#${k}`;
-    used.add(key);
+    const key = uniqueKey(this.keys, file, name);
     t.pieces.push({ file, key, offsets: [...piece.offsets], shape: [...piece.shape], data: piece.data });
   }
 
@@ -174,30 +250,11 @@ export class CheckpointWriter {
           files.set(p.file, list);
         }
       }
-      const o = this.options;
-      // Round the metadata through the schema so a bad layout or section fails before any rename.
-      const metadata = parseCheckpointMetadata({
-        formatVersion: CHECKPOINT_FORMAT_VERSION,
-        iteration: this.iteration,
-        consumedSamples: o.consumedSamples ?? 0,
-        modelConfig: o.modelConfig,
-        ...(o.tokenizer ? { tokenizer: { files: [...o.tokenizer.files] } } : {}),
-        layout: o.layout,
-        tensors,
-        ...(o.optimizer !== undefined ? { optimizer: o.optimizer } : {}),
-        ...(o.scheduler !== undefined ? { scheduler: o.scheduler } : {}),
-        ...(o.rng !== undefined ? { rng: o.rng } : {}),
-        ...(o.dataLoader !== undefined ? { dataLoader: o.dataLoader } : {}),
-      } satisfies CheckpointMetadata);
+      const metadata = buildMetadata(this.iteration, this.options, tensors);
       for (const [file, list] of files) {
         writeSafetensors(path.join(this.tmpDir, file), list, { metadata: { format: 'megapatch' } });
       }
-      writeFileAtomic(
-        path.join(this.tmpDir, CHECKPOINT_METADATA_FILE),
-        `${JSON.stringify(metadata, null, 2)}\n`,
-      );
-      this.moveIntoPlace();
-      writeFileAtomic(path.join(this.rootDir, LATEST_ITERATION_FILE), `${this.iteration}\n`);
+      commitIterationDir(this, metadata);
       this.state = 'done';
       this.tensors.clear();
       return metadata;
@@ -215,14 +272,157 @@ export class CheckpointWriter {
     fs.rmSync(this.tmpDir, { recursive: true, force: true });
   }
 
-  private moveIntoPlace(): void {
-    // rename() cannot replace a non-empty directory: move an older save of this iteration aside
-    // first, and delete it only once the new one is in place.
-    const old = `${this.dir}.old-${process.pid}`;
-    const hadOld = fs.existsSync(this.dir);
-    if (hadOld) fs.renameSync(this.dir, old);
-    fs.renameSync(this.tmpDir, this.dir);
-    if (hadOld) fs.rmSync(old, { recursive: true, force: true });
+  private checkOpen(): void {
+    if (this.state !== 'open')
+      throw new ConvertError(
+        'INVALID_ARGUMENT',
+        `checkpoint writer is ${this.state === 'done' ? 'finalized' : 'aborted'}`,
+      );
+  }
+}
+
+/** A logical tensor whose pieces are all known before any byte is written. */
+export interface PlannedTensor {
+  readonly name: string;
+  readonly dtype: SafetensorsDtype;
+  readonly globalShape: readonly number[];
+  readonly pieces: readonly {
+    readonly rank: PieceRank;
+    readonly offsets: readonly number[];
+    readonly shape: readonly number[];
+  }[];
+}
+
+/**
+ * Streaming checkpoint writer for a layout known up front (what a converter or resharder has):
+ * every piece file's header is fixed at construction, and piece bytes are appended in chunks as
+ * they are produced, so nothing is held in memory. Same atomicity as {@link CheckpointWriter}:
+ * the directory appears under its final name only on {@link finalize}, after every byte of
+ * every piece has been written.
+ */
+export class CheckpointStreamWriter {
+  /** Root directory (holding `iter_*` and the `latest` tracker). */
+  readonly rootDir: string;
+  /** Iteration being written. */
+  readonly iteration: number;
+  /** Final directory `<root>/iter_<NNNNNNN>`. */
+  readonly dir: string;
+  /** Temporary directory the files are written to. */
+  readonly tmpDir: string;
+  private readonly options: CheckpointWriterOptions;
+  private readonly tensors = new Map<string, CheckpointTensor>();
+  private readonly writers = new Map<string, SafetensorsWriter>();
+  private readonly hfFiles: string[] = [];
+  private state: 'open' | 'done' | 'aborted' = 'open';
+
+  /** Checks the tiling of every planned tensor, creates the temporary directory and the piece files. */
+  constructor(
+    rootDir: string,
+    iteration: number,
+    options: CheckpointWriterOptions,
+    plan: readonly PlannedTensor[],
+  ) {
+    const keys = new Map<string, Set<string>>();
+    const specs = new Map<string, TensorSpec[]>();
+    for (const t of plan) {
+      if (this.tensors.has(t.name))
+        throw new ConvertError('INVALID_ARGUMENT', `tensor ${JSON.stringify(t.name)} is planned twice`);
+      checkTiling(t.name, t.globalShape, t.pieces);
+      const pieces = t.pieces.map((p) => {
+        const file = pieceFileName(p.rank);
+        const key = uniqueKey(keys, file, t.name);
+        const list = specs.get(file) ?? [];
+        list.push({ name: key, dtype: t.dtype, shape: p.shape });
+        specs.set(file, list);
+        return { file, key, offsets: [...p.offsets], shape: [...p.shape] };
+      });
+      this.tensors.set(t.name, { dtype: t.dtype, globalShape: [...t.globalShape], pieces });
+    }
+    const { dir, tmpDir } = openIterationDir(rootDir, iteration);
+    this.rootDir = rootDir;
+    this.iteration = iteration;
+    this.options = options;
+    this.dir = dir;
+    this.tmpDir = tmpDir;
+    try {
+      for (const [file, list] of specs) {
+        this.writers.set(
+          file,
+          new SafetensorsWriter(path.join(tmpDir, file), list, { metadata: { format: 'megapatch' } }),
+        );
+      }
+    } catch (e) {
+      this.abort();
+      throw e;
+    }
+  }
+
+  /** The planned pieces of `name`, in plan order (the index {@link write} takes). */
+  pieces(name: string): readonly CheckpointPiece[] {
+    const t = this.tensors.get(name);
+    if (!t) throw new ConvertError('MISSING_TENSOR', `tensor ${JSON.stringify(name)} is not in the plan`);
+    return t.pieces;
+  }
+
+  /** Appends `chunk` (row-major bytes, following those already written) to piece `index` of `name`. */
+  write(name: string, index: number, chunk: Uint8Array): void {
+    this.checkOpen();
+    const p = this.pieces(name)[index];
+    if (!p) {
+      throw new ConvertError('INVALID_ARGUMENT', `tensor ${JSON.stringify(name)} has no piece ${index}`);
+    }
+    (this.writers.get(p.file) as SafetensorsWriter).write(p.key, chunk);
+  }
+
+  /** Writes a side file into `<iter>/huggingface/` (a plain file name), recorded in the metadata. */
+  addFile(name: string, data: Uint8Array | string): void {
+    this.checkOpen();
+    if (name !== path.basename(name) || name === '.' || name === '..' || name.includes('\\')) {
+      throw new ConvertError(
+        'INVALID_ARGUMENT',
+        `side file name ${JSON.stringify(name)} is not a plain file name`,
+      );
+    }
+    const dir = path.join(this.tmpDir, HF_FILES_DIR);
+    fs.mkdirSync(dir, { recursive: true });
+    fs.writeFileSync(path.join(dir, name), data);
+    if (!this.hfFiles.includes(name)) this.hfFiles.push(name);
+  }
+
+  /**
+   * Completes every piece file (each must have received all its bytes), writes metadata.json,
+   * renames the directory into place and then updates the `latest` tracker.
+   */
+  finalize(): CheckpointMetadata {
+    this.checkOpen();
+    try {
+      const tensors: Record<string, CheckpointTensor> = {};
+      for (const name of [...this.tensors.keys()].sort())
+        tensors[name] = this.tensors.get(name) as CheckpointTensor;
+      const hf = this.options.huggingface;
+      const options =
+        this.hfFiles.length > 0 || hf?.dtypes
+          ? { ...this.options, huggingface: { ...hf, files: [...this.hfFiles] } }
+          : this.options;
+      const metadata = buildMetadata(this.iteration, options, tensors);
+      for (const w of this.writers.values()) w.finish();
+      this.writers.clear();
+      commitIterationDir(this, metadata);
+      this.state = 'done';
+      return metadata;
+    } catch (e) {
+      this.abort();
+      throw e;
+    }
+  }
+
+  /** Drops the temporary directory; an existing checkpoint of the same iteration is untouched. */
+  abort(): void {
+    if (this.state === 'done') return;
+    this.state = 'aborted';
+    for (const w of this.writers.values()) w.abort();
+    this.writers.clear();
+    fs.rmSync(this.tmpDir, { recursive: true, force: true });
   }
 
   private checkOpen(): void {

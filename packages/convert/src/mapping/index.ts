@@ -1,2 +1,7 @@
-// Weight-mapping building blocks: tensor layout transforms between HF and Megatron.
+// The mapping engine: layout transforms, the conversion plan built from an architecture's weight
+// rules, dtype casts and the streaming converters.
+export * from './convert.js';
+export * from './dtype-cast.js';
+export * from './json-edit.js';
+export * from './plan.js';
 export * from './transforms.js';

@@ -1,0 +1,769 @@
+// The streaming converters: Hugging Face folder -> megapatch checkpoint, megapatch checkpoint ->
+// Hugging Face folder, and megapatch -> megapatch in another layout. Each walks a ConversionPlan
+// tensor by tensor and row chunk by row chunk, so peak memory stays near one chunk (64 MiB by
+// default) whatever the model size, and every output file appears atomically.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { HF_FILES_DIR, iterationDirName } from '../checkpoint/metadata.js';
+import { Checkpoint } from '../checkpoint/reader.js';
+import {
+  CheckpointStreamWriter,
+  type CheckpointWriterOptions,
+  type PlannedTensor,
+} from '../checkpoint/writer.js';
+import { ConvertError } from '../errors.js';
+import { DTYPE_SIZE, type SafetensorsDtype } from '../safetensors/dtype.js';
+import {
+  checkShardFileName,
+  planShards,
+  SAFETENSORS_INDEX_FILE,
+  ShardedSafetensors,
+  shardFileName,
+  writeSafetensorsIndex,
+} from '../safetensors/sharded.js';
+import { SafetensorsWriter, type TensorSpec } from '../safetensors/writer.js';
+import { getArchitectureSpec, parseHfConfig } from '../specs/registry.js';
+import { makeTransformerConfig, type TransformerConfig } from '../transformer-config.js';
+import { castElements, dequantizeFp8Blocks, isFloatDtype } from './dtype-cast.js';
+import { editJsonObject } from './json-edit.js';
+import { type ConversionPlan, type MegatronTensorPlan, type ParallelLayout, planConversion } from './plan.js';
+
+/** Dtypes a conversion can write. */
+export type ModelDtype = 'BF16' | 'F16' | 'F32';
+
+/** Progress of a conversion, reported after every chunk. */
+export interface ConversionProgress {
+  /** Tensor being written. */
+  readonly tensor: string;
+  /** Bytes written so far and in all. */
+  readonly doneBytes: number;
+  readonly totalBytes: number;
+}
+
+/** What a conversion did. */
+export interface ConversionSummary {
+  /** Output directory. */
+  readonly output: string;
+  /** Tensors written. */
+  readonly tensors: number;
+  /** Parameters (elements, vocabulary padding excluded). */
+  readonly parameters: number;
+  /** Tensor bytes written. */
+  readonly bytes: number;
+  /** Files written (tensor files only). */
+  readonly files: number;
+  readonly seconds: number;
+  /** Side files carried over (config, tokenizer, remote code). */
+  readonly carried: string[];
+}
+
+/** Options shared by the three conversions. */
+export interface CommonConvertOptions {
+  /** Cast every floating-point tensor to this dtype (tensors Megatron keeps in fp32 stay fp32). */
+  readonly dtype?: ModelDtype;
+  /** Bytes read and written per step (default 64 MiB); peak memory is a few times this. */
+  readonly chunkBytes?: number;
+  /** Replace an existing output (default: refuse). */
+  readonly overwrite?: boolean;
+  readonly onProgress?: (p: ConversionProgress) => void;
+}
+
+/** Options of {@link convertHfToMegapatch}. */
+export interface HfToMegapatchOptions extends CommonConvertOptions {
+  /** Hugging Face folder (config.json + model.safetensors or sharded index). */
+  readonly hfDir: string;
+  /** Root directory of the megapatch checkpoint to write. */
+  readonly output: string;
+  /** Target layout (default all 1, etp = tp). */
+  readonly layout?: Partial<ParallelLayout>;
+  /** Megatron's `--make-vocab-size-divisible-by` (default 128). */
+  readonly makeVocabSizeDivisibleBy?: number;
+  /** Iteration recorded (default 0). */
+  readonly iteration?: number;
+}
+
+/** Options of {@link convertMegapatchToHf}. */
+export interface MegapatchToHfOptions extends CommonConvertOptions {
+  /** Root directory of the megapatch checkpoint. */
+  readonly input: string;
+  /** Hugging Face folder to write. */
+  readonly output: string;
+  /** Iteration to export (default: latest). */
+  readonly iteration?: number;
+  /** Largest shard file (default '5GB', as transformers). */
+  readonly maxShardSize?: number | string;
+}
+
+/** Options of {@link reshardCheckpoint}. */
+export interface ReshardOptions extends CommonConvertOptions {
+  readonly input: string;
+  readonly output: string;
+  readonly layout: Partial<ParallelLayout>;
+  readonly iteration?: number;
+}
+
+const DEFAULT_CHUNK = 64 << 20;
+const WEIGHT_FILE = /\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|npz)$/i;
+const TOKENIZER_FILE =
+  /(tokeniz|vocab|merges|special_tokens|added_tokens|chat_template|spiece|sentencepiece|\.tiktoken$|\.model$)/i;
+const TORCH_DTYPE: Record<ModelDtype, string> = { BF16: 'bfloat16', F16: 'float16', F32: 'float32' };
+
+const numel = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
+const tick = () => new Promise<void>((r) => setImmediate(r));
+
+/** Bytes of one row (everything after dim 0) of a tensor. */
+function rowBytesOf(shape: readonly number[], dtype: SafetensorsDtype): number {
+  return numel(shape.slice(1)) * DTYPE_SIZE[dtype];
+}
+
+/** Counts written bytes and reports progress. */
+class Progress {
+  done = 0;
+  constructor(
+    readonly total: number,
+    private readonly cb?: (p: ConversionProgress) => void,
+  ) {}
+  add(tensor: string, n: number): void {
+    this.done += n;
+    this.cb?.({ tensor, doneBytes: this.done, totalBytes: this.total });
+  }
+}
+
+/**
+ * Appends the rows [a, a + n) of a tensor (`data`, full rows) to each piece that overlaps them,
+ * cutting columns for pieces split along dim 1.
+ */
+function emitRows(
+  write: (piece: number, chunk: Uint8Array) => void,
+  pieces: readonly { offsets: readonly number[]; shape: readonly number[] }[],
+  globalShape: readonly number[],
+  esz: number,
+  a: number,
+  n: number,
+  data: Uint8Array,
+): void {
+  const rowBytes = numel(globalShape.slice(1)) * esz;
+  pieces.forEach((p, k) => {
+    const p0 = p.shape.length === 0 ? 0 : p.offsets[0];
+    const pn = p.shape.length === 0 ? 1 : p.shape[0];
+    const lo = Math.max(a, p0);
+    const hi = Math.min(a + n, p0 + pn);
+    if (hi <= lo) return;
+    const rows = data.subarray((lo - a) * rowBytes, (hi - a) * rowBytes);
+    if (p.shape.length < 2 || p.shape[1] === globalShape[1]) {
+      write(k, rows);
+      return;
+    }
+    const inner = numel(globalShape.slice(2)) * esz;
+    const c0 = p.offsets[1] * inner;
+    const cb = p.shape[1] * inner;
+    const out = new Uint8Array((hi - lo) * cb);
+    for (let r = 0; r < hi - lo; r++)
+      out.set(rows.subarray(r * rowBytes + c0, r * rowBytes + c0 + cb), r * cb);
+    write(k, out);
+  });
+}
+
+/** The summary of a conversion that wrote a megapatch checkpoint. */
+function summaryOf(
+  output: string,
+  planned: readonly PlannedTensor[],
+  parameters: number,
+  bytes: number,
+  t0: number,
+  carried: string[],
+): ConversionSummary {
+  const files = new Set(
+    planned.flatMap((t) => t.pieces.map((p) => `${p.rank.tp}/${p.rank.pp}/${p.rank.ep}`)),
+  );
+  return {
+    output,
+    tensors: planned.length,
+    parameters,
+    bytes,
+    files: files.size,
+    seconds: (performance.now() - t0) / 1000,
+    carried,
+  };
+}
+
+/** Block-scale quantization from an HF config (`quantization_config.weight_block_size`). */
+function fp8BlockSize(rawConfig: Record<string, unknown>): [number, number] | null {
+  const q = rawConfig.quantization_config as { weight_block_size?: unknown } | undefined;
+  const b = q?.weight_block_size;
+  if (Array.isArray(b) && b.length === 2 && b.every((x) => Number.isSafeInteger(x) && x > 0)) {
+    return [b[0] as number, b[1] as number];
+  }
+  return null;
+}
+
+/** Reads HF rows in a requested dtype, dequantizing FP8 block-scaled weights on the way. */
+class HfSource {
+  private readonly scales = new Map<string, Float32Array>();
+  constructor(
+    readonly st: ShardedSafetensors,
+    private readonly blockSize: [number, number] | null,
+  ) {}
+
+  isFp8(name: string): boolean {
+    const d = this.st.info(name).dtype;
+    return d === 'F8_E4M3' || d === 'F8_E5M2';
+  }
+
+  rows(name: string, start: number, count: number, to: SafetensorsDtype): Uint8Array {
+    const info = this.st.info(name);
+    const raw = info.shape.length === 0 ? this.st.read(name) : this.st.readRows(name, start, count);
+    if ((info.dtype === 'F8_E4M3' || info.dtype === 'F8_E5M2') && this.st.has(`${name}_scale_inv`)) {
+      if (!this.blockSize) {
+        throw new ConvertError(
+          'INVALID_CONFIG',
+          `tensor ${name} has block scales but config.json has no quantization_config.weight_block_size`,
+          info.file,
+        );
+      }
+      if (to !== 'BF16' && to !== 'F16' && to !== 'F32') {
+        throw new ConvertError(
+          'UNSUPPORTED',
+          `tensor ${name}: FP8 weights are dequantized to BF16, F16 or F32, not ${to}`,
+        );
+      }
+      const cols = numel(info.shape.slice(1));
+      return dequantizeFp8Blocks({
+        data: raw.data,
+        dtype: info.dtype,
+        rowStart: start,
+        rows: count,
+        cols,
+        scaleInv: this.scale(name),
+        scaleShape: [...this.st.info(`${name}_scale_inv`).shape] as [number, number],
+        blockSize: this.blockSize,
+        to,
+      });
+    }
+    return castElements(raw.data, info.dtype, to, name);
+  }
+
+  private scale(name: string): Float32Array {
+    let s = this.scales.get(name);
+    if (!s) {
+      const t = this.st.read(`${name}_scale_inv`);
+      const f32 = castElements(t.data, t.dtype, 'F32', `${name}_scale_inv`);
+      s = new Float32Array(f32.buffer.slice(f32.byteOffset, f32.byteOffset + f32.byteLength));
+      this.scales.set(name, s);
+    }
+    return s;
+  }
+}
+
+/** The dtype a Megatron tensor is written in. */
+function outDtype(
+  t: MegatronTensorPlan,
+  sourceDtypes: SafetensorsDtype[],
+  requested: ModelDtype | undefined,
+): SafetensorsDtype {
+  if (t.fixedDtype) return t.fixedDtype;
+  if (requested) return requested;
+  const unique = [...new Set(sourceDtypes.map((d) => (d === 'F8_E4M3' || d === 'F8_E5M2' ? 'BF16' : d)))];
+  if (unique.length !== 1) {
+    throw new ConvertError(
+      'INVALID_ARGUMENT',
+      `Megatron tensor ${t.name} fuses HF tensors of dtypes ${unique.join(', ')}; pass a dtype to cast them to one`,
+    );
+  }
+  return unique[0];
+}
+
+/** Refuses to replace `target` unless `overwrite`; returns true when it exists. */
+function checkTarget(target: string, overwrite: boolean | undefined, what: string): boolean {
+  if (!fs.existsSync(target)) return false;
+  const empty = fs.statSync(target).isDirectory() && fs.readdirSync(target).length === 0;
+  if (!empty && !overwrite) {
+    throw new ConvertError(
+      'INVALID_ARGUMENT',
+      `${what} ${target} already exists (pass overwrite to replace it)`,
+    );
+  }
+  return true;
+}
+
+/** Top-level side files of an HF folder worth carrying: everything but weights and hidden files. */
+function sideFiles(hfDir: string): string[] {
+  return fs
+    .readdirSync(hfDir, { withFileTypes: true })
+    .filter((e) => e.isFile() && !e.name.startsWith('.') && !WEIGHT_FILE.test(e.name))
+    .filter((e) => e.name !== SAFETENSORS_INDEX_FILE)
+    .map((e) => e.name)
+    .sort();
+}
+
+/** Checks the HF folder holds exactly the plan's tensors (plus FP8 scales and a tied lm_head copy). */
+function checkHfTensors(
+  plan: ConversionPlan,
+  src: HfSource,
+  hfDir: string,
+  blockSize: [number, number] | null,
+) {
+  const st = src.st;
+  const label = path.basename(hfDir);
+  const expected = new Set<string>();
+  for (const t of plan.hfTensors) {
+    expected.add(t.name);
+    if (!st.has(t.name)) {
+      throw new ConvertError(
+        'MISSING_TENSOR',
+        `tensor ${t.name} is missing (expected by ${plan.spec.architectures[0]} with this config.json)`,
+        label,
+      );
+    }
+    const info = st.info(t.name);
+    if (info.shape.join(',') !== t.shape.join(',')) {
+      throw new ConvertError(
+        'SHAPE_MISMATCH',
+        `tensor ${t.name} has shape [${info.shape.join(',')}], config.json implies [${t.shape.join(',')}]`,
+        info.file,
+      );
+    }
+    if (!isFloatDtype(info.dtype)) {
+      throw new ConvertError(
+        'UNSUPPORTED',
+        `tensor ${t.name} has dtype ${info.dtype}, not a floating-point type`,
+        info.file,
+      );
+    }
+    if (src.isFp8(t.name)) {
+      const scale = `${t.name}_scale_inv`;
+      if (!st.has(scale)) {
+        throw new ConvertError('UNSUPPORTED', `FP8 tensor ${t.name} has no ${scale} block scales`, info.file);
+      }
+      const [b0, b1] = blockSize ?? [128, 128];
+      const want = [Math.ceil(t.shape[0] / b0), Math.ceil(numel(t.shape.slice(1)) / b1)];
+      const got = st.info(scale).shape;
+      if (got.join(',') !== want.join(',')) {
+        throw new ConvertError(
+          'SHAPE_MISMATCH',
+          `tensor ${scale} has shape [${got.join(',')}], blocks of [${b0},${b1}] need [${want.join(',')}]`,
+          st.info(scale).file,
+        );
+      }
+      expected.add(scale);
+    }
+  }
+  const tiedHead = !plan.config.untieEmbeddingsAndOutputWeights && st.has('lm_head.weight');
+  if (tiedHead) expected.add('lm_head.weight');
+  const extra = st.keys().filter((k) => !expected.has(k));
+  if (extra.length > 0) {
+    throw new ConvertError(
+      'UNEXPECTED_TENSOR',
+      `${extra.length} tensor(s) not described by ${plan.spec.architectures[0]} with this config.json: ` +
+        `${extra.slice(0, 5).join(', ')}${extra.length > 5 ? ', ...' : ''}`,
+      label,
+    );
+  }
+  return tiedHead;
+}
+
+/** Checks that HF tensor `copy` holds the same bytes as `primary` (streamed in chunks). */
+function checkSameBytes(
+  st: ShardedSafetensors,
+  copy: string,
+  primary: string,
+  chunkBytes: number,
+  why: string,
+) {
+  const a = st.info(copy);
+  const b = st.info(primary);
+  const rows = a.shape[0] ?? 1;
+  const differ = () =>
+    new ConvertError(
+      'UNSUPPORTED',
+      `tensor ${copy} differs from ${primary}: ${why}, so converting would lose it`,
+      a.file,
+    );
+  if (a.dtype !== b.dtype || a.shape.join(',') !== b.shape.join(',')) throw differ();
+  const step = Math.max(1, Math.floor(chunkBytes / Math.max(1, rowBytesOf(a.shape, a.dtype))));
+  for (let r = 0; r < rows; r += step) {
+    const n = Math.min(step, rows - r);
+    const x = st.readRows(copy, r, n).data;
+    const y = st.readRows(primary, r, n).data;
+    if (Buffer.compare(x, y) !== 0) throw differ();
+  }
+}
+
+/** Converts a Hugging Face folder into a megapatch checkpoint with the given layout. */
+export async function convertHfToMegapatch(opts: HfToMegapatchOptions): Promise<ConversionSummary> {
+  const t0 = performance.now();
+  const chunkBytes = opts.chunkBytes ?? DEFAULT_CHUNK;
+  const parsed = parseHfConfig(opts.hfDir);
+  const rawConfig = JSON.parse(fs.readFileSync(path.join(opts.hfDir, 'config.json'), 'utf8'));
+  let cfg = parsed.transformerConfig;
+  if (opts.makeVocabSizeDivisibleBy !== undefined) {
+    cfg = makeTransformerConfig({ ...cfg, makeVocabSizeDivisibleBy: opts.makeVocabSizeDivisibleBy });
+  }
+  const st = ShardedSafetensors.open(opts.hfDir);
+  if (cfg.mtpNumLayers > 0 && !st.keys().some((k) => k.startsWith(`model.layers.${cfg.numLayers}.`))) {
+    // transformers' own save_pretrained drops DeepSeek-V3's MTP layers: convert without them.
+    cfg = makeTransformerConfig({ ...cfg, mtpNumLayers: 0 });
+  }
+  let plan: ConversionPlan;
+  try {
+    plan = planConversion(parsed.spec, cfg, opts.layout);
+    checkTarget(path.join(opts.output, iterationDirName(opts.iteration ?? 0)), opts.overwrite, 'checkpoint');
+  } catch (e) {
+    st.close();
+    throw e;
+  }
+  const iteration = opts.iteration ?? 0;
+  const blockSize = fp8BlockSize(rawConfig);
+  try {
+    const src = new HfSource(st, blockSize);
+    const tiedHead = checkHfTensors(plan, src, opts.hfDir, blockSize);
+    for (const d of plan.duplicates) {
+      checkSameBytes(st, d.hf, d.primary, chunkBytes, `megapatch keeps one ${d.megatron}`);
+    }
+    if (tiedHead) {
+      checkSameBytes(st, 'lm_head.weight', 'model.embed_tokens.weight', chunkBytes, 'config.json ties them');
+    }
+    const dtypes = new Map<string, SafetensorsDtype>();
+    // HF dtypes of tensors held in a fixed Megatron dtype, so the export gives them back as they were.
+    const hfDtypes: Record<string, SafetensorsDtype> = {};
+    const planned: PlannedTensor[] = plan.tensors.map((t) => {
+      const srcDtypes = t.rows.filter((r) => r.source !== null).map((r) => st.info(r.source as string).dtype);
+      const dtype = outDtype(t, srcDtypes, opts.dtype);
+      dtypes.set(t.name, dtype);
+      for (const r of t.rows) {
+        const d = r.source === null ? null : st.info(r.source).dtype;
+        if (t.fixedDtype && r.source !== null && d && d !== dtype && !src.isFp8(r.source))
+          hfDtypes[r.source] = d;
+      }
+      return { name: t.name, dtype, globalShape: t.globalShape, pieces: t.pieces };
+    });
+    const total = planned.reduce((s, t) => s + numel(t.globalShape) * DTYPE_SIZE[t.dtype], 0);
+    const progress = new Progress(total, opts.onProgress);
+    const files = sideFiles(opts.hfDir);
+    const layout = plan.layout;
+    const options: CheckpointWriterOptions = {
+      layout: { ...layout, dp: 1 },
+      modelConfig: cfg as unknown as Record<string, unknown>,
+      architecture: plan.spec.architectures[0],
+      huggingface: { files: [], ...(Object.keys(hfDtypes).length > 0 ? { dtypes: hfDtypes } : {}) },
+      ...(files.some((f) => TOKENIZER_FILE.test(f))
+        ? { tokenizer: { files: files.filter((f) => TOKENIZER_FILE.test(f)) } }
+        : {}),
+    };
+    const writer = new CheckpointStreamWriter(opts.output, iteration, options, planned);
+    try {
+      for (const f of files) writer.addFile(f, fs.readFileSync(path.join(opts.hfDir, f)));
+      for (const t of plan.tensors) {
+        const dtype = dtypes.get(t.name) as SafetensorsDtype;
+        const esz = DTYPE_SIZE[dtype];
+        const rowBytes = rowBytesOf(t.globalShape, dtype);
+        const step = Math.max(1, Math.floor(chunkBytes / Math.max(1, rowBytes)));
+        const write = (k: number, chunk: Uint8Array) => {
+          writer.write(t.name, k, chunk);
+          progress.add(t.name, chunk.byteLength);
+        };
+        for (const run of t.rows) {
+          for (let r = 0; r < run.count; r += step) {
+            const n = Math.min(step, run.count - r);
+            const data =
+              run.source === null
+                ? new Uint8Array(n * rowBytes)
+                : src.rows(run.source, run.sourceStart + r, n, dtype);
+            emitRows(write, writer.pieces(t.name), t.globalShape, esz, run.start + r, n, data);
+          }
+        }
+        await tick();
+      }
+      writer.finalize();
+    } catch (e) {
+      writer.abort();
+      throw e;
+    }
+    const parameters = plan.tensors.reduce(
+      (n, t) => n + t.rows.reduce((a, r) => a + (r.source ? r.count : 0), 0) * numel(t.globalShape.slice(1)),
+      0,
+    );
+    return summaryOf(opts.output, planned, parameters, total, t0, files);
+  } finally {
+    st.close();
+  }
+}
+
+/** Opens a megapatch checkpoint with its spec and TransformerConfig. */
+function openWithSpec(input: string, iteration?: number) {
+  const ckpt = Checkpoint.open(input, iteration === undefined ? {} : { iteration });
+  const arch = ckpt.metadata.architecture;
+  if (!arch) {
+    ckpt.close();
+    throw new ConvertError(
+      'INVALID_FORMAT',
+      'metadata.json has no "architecture": the checkpoint does not say which HF architecture it maps to',
+      'metadata.json',
+    );
+  }
+  let cfg: TransformerConfig;
+  try {
+    cfg = makeTransformerConfig(ckpt.metadata.modelConfig as never, 'metadata.json');
+    return { ckpt, spec: getArchitectureSpec(arch), cfg };
+  } catch (e) {
+    ckpt.close();
+    throw e;
+  }
+}
+
+/** Checks the checkpoint's tensor matches the plan (dim 0 of vocabulary tensors may differ). */
+function checkStored(ckpt: Checkpoint, t: MegatronTensorPlan): SafetensorsDtype {
+  const info = ckpt.info(t.name);
+  const same =
+    info.globalShape.length === t.globalShape.length &&
+    info.globalShape.every((d, i) => d === t.globalShape[i] || (i === 0 && t.partition === 'vocab'));
+  const realRows = t.rows.reduce((s, r) => s + (r.source ? r.count : 0), 0);
+  if (!same || (t.partition === 'vocab' && info.globalShape[0] < realRows)) {
+    throw new ConvertError(
+      'SHAPE_MISMATCH',
+      `tensor ${t.name} has global shape [${info.globalShape.join(',')}], the model config implies [${t.globalShape.join(',')}]`,
+      'metadata.json',
+    );
+  }
+  return info.dtype;
+}
+
+/** Reads rows [a, a + n) of a stored tensor, zero rows past its end (vocabulary padding). */
+function readStoredRows(ckpt: Checkpoint, name: string, a: number, n: number): Uint8Array {
+  const info = ckpt.info(name);
+  const shape = info.globalShape;
+  if (shape.length === 0) return ckpt.read(name);
+  const have = Math.max(0, Math.min(n, shape[0] - a));
+  const rowBytes = rowBytesOf(shape, info.dtype);
+  const got =
+    have > 0 ? ckpt.readSlice(name, [a, ...shape.slice(1).map(() => 0)], [have, ...shape.slice(1)]) : null;
+  if (have === n && got) return got;
+  const out = new Uint8Array(n * rowBytes);
+  if (got) out.set(got);
+  return out;
+}
+
+/** Moves a finished temporary folder to `target`, replacing an existing one only at the very end. */
+function commitDir(tmp: string, target: string): void {
+  const old = `${target}.old-${process.pid}`;
+  const had = fs.existsSync(target);
+  if (had) fs.renameSync(target, old);
+  fs.renameSync(tmp, target);
+  if (had) fs.rmSync(old, { recursive: true, force: true });
+}
+
+/**
+ * config.json as exported: the dtype written, and no FP8 quantization section once dequantized.
+ * Only those members change; everything else keeps its exact text (`0.0` stays `0.0`).
+ */
+export function exportedHfConfig(text: string, dtype: SafetensorsDtype | null): string {
+  const json = JSON.parse(text) as Record<string, unknown>;
+  const set: Record<string, unknown> = {};
+  if (dtype === 'BF16' || dtype === 'F16' || dtype === 'F32') {
+    // transformers 5 writes `dtype`, older versions `torch_dtype`.
+    if ('dtype' in json) set.dtype = TORCH_DTYPE[dtype];
+    if ('torch_dtype' in json || !('dtype' in json)) set.torch_dtype = TORCH_DTYPE[dtype];
+    for (const k of Object.keys(set)) if (json[k] === set[k]) delete set[k];
+  }
+  return editJsonObject(text, { set, remove: ['quantization_config'] });
+}
+
+/** Exports a megapatch checkpoint (any layout) as a Hugging Face folder with sharded safetensors. */
+export async function convertMegapatchToHf(opts: MegapatchToHfOptions): Promise<ConversionSummary> {
+  const t0 = performance.now();
+  const chunkBytes = opts.chunkBytes ?? DEFAULT_CHUNK;
+  const { ckpt, spec, cfg } = openWithSpec(opts.input, opts.iteration);
+  try {
+    const plan = planConversion(spec, cfg, {});
+    checkTarget(opts.output, opts.overwrite, 'output folder');
+    // HF tensor -> the Megatron rows it is made of.
+    const runs = new Map<string, { megatron: string; start: number; count: number; sourceStart: number }[]>();
+    const storedDtype = new Map<string, SafetensorsDtype>();
+    for (const t of plan.tensors) {
+      storedDtype.set(t.name, checkStored(ckpt, t));
+      for (const r of t.rows) {
+        if (r.source === null) continue;
+        const list = runs.get(r.source) ?? [];
+        list.push({ megatron: t.name, start: r.start, count: r.count, sourceStart: r.sourceStart });
+        runs.set(r.source, list);
+      }
+    }
+    for (const d of plan.duplicates) {
+      runs.set(d.hf, [{ megatron: d.megatron, start: 0, count: d.shape[0], sourceStart: 0 }]);
+    }
+    const recorded = ckpt.metadata.huggingface?.dtypes ?? {};
+    const fixed = new Map(plan.tensors.filter((t) => t.fixedDtype).map((t) => [t.name, t.fixedDtype]));
+    const specs: (TensorSpec & { runs: NonNullable<ReturnType<typeof runs.get>>; from: SafetensorsDtype })[] =
+      plan.hfTensors.map((h) => {
+        const list = (runs.get(h.name) ?? []).sort((a, b) => a.sourceStart - b.sourceStart);
+        const from = storedDtype.get(list[0].megatron) as SafetensorsDtype;
+        const dtype = recorded[h.name] ?? fixed.get(list[0].megatron) ?? opts.dtype ?? from;
+        return { name: h.name, dtype, shape: h.shape, runs: list, from };
+      });
+    const shards = planShards(specs, opts.maxShardSize ?? '5GB', { format: 'pt' });
+    const total = specs.reduce((s, t) => s + numel(t.shape) * DTYPE_SIZE[t.dtype], 0);
+    const progress = new Progress(total, opts.onProgress);
+    const tmp = `${path.resolve(opts.output)}.tmp-${process.pid}`;
+    fs.rmSync(tmp, { recursive: true, force: true });
+    fs.mkdirSync(tmp, { recursive: true });
+    try {
+      const weightMap = new Map<string, string>();
+      for (let i = 0; i < shards.length; i++) {
+        const file = checkShardFileName(
+          shards.length === 1 ? 'model.safetensors' : shardFileName(i + 1, shards.length),
+        );
+        const w = new SafetensorsWriter(path.join(tmp, file), shards[i], { metadata: { format: 'pt' } });
+        try {
+          for (const s of w.order as typeof specs) {
+            const rowBytesFrom = rowBytesOf(s.shape, s.from);
+            const step = Math.max(1, Math.floor(chunkBytes / Math.max(1, rowBytesFrom)));
+            for (const run of s.runs) {
+              for (let r = 0; r < run.count; r += step) {
+                const n = Math.min(step, run.count - r);
+                const raw = readStoredRows(ckpt, run.megatron, run.start + r, n);
+                const data = castElements(raw, s.from, s.dtype, s.name);
+                w.write(s.name, data);
+                progress.add(s.name, data.byteLength);
+              }
+            }
+            weightMap.set(s.name, file);
+            await tick();
+          }
+          w.finish();
+        } catch (e) {
+          w.abort();
+          throw e;
+        }
+      }
+      if (shards.length > 1) writeSafetensorsIndex(tmp, weightMap, total);
+      const carried = carryBack(ckpt, tmp, specs);
+      commitDir(tmp, path.resolve(opts.output));
+      return {
+        output: opts.output,
+        tensors: specs.length,
+        parameters: specs.reduce((a, s) => a + numel(s.shape), 0),
+        bytes: total,
+        files: shards.length,
+        seconds: (performance.now() - t0) / 1000,
+        carried,
+      };
+    } catch (e) {
+      fs.rmSync(tmp, { recursive: true, force: true });
+      throw e;
+    }
+  } finally {
+    ckpt.close();
+  }
+}
+
+/** Copies the checkpoint's HF side files into `dir`, with config.json updated for the dtype written. */
+function carryBack(ckpt: Checkpoint, dir: string, specs: readonly TensorSpec[]): string[] {
+  const files = ckpt.metadata.huggingface?.files ?? [];
+  const dtypes = [...new Set(specs.filter((s) => s.shape.length > 1).map((s) => s.dtype))];
+  for (const f of files) {
+    const from = path.join(ckpt.dir, HF_FILES_DIR, f);
+    if (!fs.existsSync(from)) {
+      throw new ConvertError(
+        'MISSING_FILE',
+        `side file ${HF_FILES_DIR}/${f} listed in metadata.json is missing`,
+        f,
+      );
+    }
+    if (f === 'config.json') {
+      fs.writeFileSync(
+        path.join(dir, f),
+        exportedHfConfig(fs.readFileSync(from, 'utf8'), dtypes.length === 1 ? dtypes[0] : null),
+      );
+    } else {
+      fs.copyFileSync(from, path.join(dir, f));
+    }
+  }
+  return [...files];
+}
+
+/** Rewrites a megapatch checkpoint into another TP/PP/EP layout (and optionally another dtype). */
+export async function reshardCheckpoint(opts: ReshardOptions): Promise<ConversionSummary> {
+  const t0 = performance.now();
+  const chunkBytes = opts.chunkBytes ?? DEFAULT_CHUNK;
+  if (path.resolve(opts.input) === path.resolve(opts.output)) {
+    throw new ConvertError(
+      'INVALID_ARGUMENT',
+      'reshard: the output must be another directory than the input',
+    );
+  }
+  const { ckpt, spec, cfg } = openWithSpec(opts.input, opts.iteration);
+  try {
+    const plan = planConversion(spec, cfg, opts.layout);
+    checkTarget(path.join(opts.output, path.basename(ckpt.dir)), opts.overwrite, 'checkpoint');
+    const from = new Map<string, SafetensorsDtype>();
+    const planned: PlannedTensor[] = plan.tensors.map((t) => {
+      const stored = checkStored(ckpt, t);
+      from.set(t.name, stored);
+      const dtype = t.fixedDtype ?? (opts.dtype && isFloatDtype(stored) ? opts.dtype : stored);
+      return { name: t.name, dtype, globalShape: t.globalShape, pieces: t.pieces };
+    });
+    // Tensors the model plan does not know (other state) are kept whole, on the first rank.
+    const known = new Set(planned.map((t) => t.name));
+    for (const name of ckpt.tensorNames()) {
+      if (known.has(name)) continue;
+      const info = ckpt.info(name);
+      from.set(name, info.dtype);
+      planned.push({
+        name,
+        dtype: info.dtype,
+        globalShape: info.globalShape,
+        pieces: [
+          {
+            rank: { tp: 0, pp: 0, ep: 0 },
+            offsets: info.globalShape.map(() => 0),
+            shape: [...info.globalShape],
+          },
+        ],
+      });
+    }
+    const total = planned.reduce((s, t) => s + numel(t.globalShape) * DTYPE_SIZE[t.dtype], 0);
+    const progress = new Progress(total, opts.onProgress);
+    const m = ckpt.metadata;
+    const options: CheckpointWriterOptions = {
+      layout: { ...plan.layout, dp: m.layout.dp },
+      modelConfig: m.modelConfig,
+      consumedSamples: m.consumedSamples,
+      ...(m.architecture ? { architecture: m.architecture } : {}),
+      ...(m.huggingface ? { huggingface: m.huggingface } : {}),
+      ...(m.tokenizer ? { tokenizer: m.tokenizer } : {}),
+      ...(m.optimizer !== undefined ? { optimizer: m.optimizer } : {}),
+      ...(m.scheduler !== undefined ? { scheduler: m.scheduler } : {}),
+      ...(m.rng !== undefined ? { rng: m.rng } : {}),
+      ...(m.dataLoader !== undefined ? { dataLoader: m.dataLoader } : {}),
+    };
+    const writer = new CheckpointStreamWriter(opts.output, m.iteration, options, planned);
+    try {
+      for (const f of m.huggingface?.files ?? []) {
+        writer.addFile(f, fs.readFileSync(path.join(ckpt.dir, HF_FILES_DIR, f)));
+      }
+      for (const t of planned) {
+        const src = from.get(t.name) as SafetensorsDtype;
+        const rows = t.globalShape.length === 0 ? 1 : t.globalShape[0];
+        const step = Math.max(1, Math.floor(chunkBytes / Math.max(1, rowBytesOf(t.globalShape, src))));
+        const write = (k: number, chunk: Uint8Array) => {
+          writer.write(t.name, k, chunk);
+          progress.add(t.name, chunk.byteLength);
+        };
+        for (let a = 0; a < rows; a += step) {
+          const n = Math.min(step, rows - a);
+          const data = castElements(readStoredRows(ckpt, t.name, a, n), src, t.dtype, t.name);
+          emitRows(write, writer.pieces(t.name), t.globalShape, DTYPE_SIZE[t.dtype], a, n, data);
+        }
+        await tick();
+      }
+      writer.finalize();
+    } catch (e) {
+      writer.abort();
+      throw e;
+    }
+    const parameters = planned.reduce((n, t) => n + numel(t.globalShape), 0);
+    return summaryOf(opts.output, planned, parameters, total, t0, [...(m.huggingface?.files ?? [])]);
+  } finally {
+    ckpt.close();
+  }
+}
