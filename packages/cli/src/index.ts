@@ -11,6 +11,8 @@ export const command = defineCommand({
   },
   subCommands: {
     info: () => import('./commands/info.js').then((m) => m.default),
+    convert: () => import('./commands/convert.js').then((m) => m.default),
+    ckpt: () => import('./commands/ckpt.js').then((m) => m.default),
     data: () => import('./commands/data.js').then((m) => m.default),
     model: () => import('./commands/model.js').then((m) => m.default),
     preprocess: () => import('./commands/preprocess.js').then((m) => m.default),

@@ -11,6 +11,9 @@ import {
 import { defineCommand } from 'citty';
 import cliProgress from 'cli-progress';
 import { z } from 'zod';
+import { defaultOutput, type Output, parseOrThrow } from '../output.js';
+
+export type { Output } from '../output.js';
 
 const Workers = z.coerce
   .number({ message: 'must be a number' })
@@ -43,26 +46,6 @@ const SftOptions = z.object({
   strict: z.boolean().default(false),
 });
 export type SftOptions = z.input<typeof SftOptions>;
-
-/** Where the command writes: lines of text, and whether stdout is a terminal. */
-export interface Output {
-  log: (line: string) => void;
-  isTTY: boolean;
-}
-
-const defaultOutput = (): Output => ({
-  log: (line) => process.stdout.write(`${line}\n`),
-  isTTY: process.stdout.isTTY === true,
-});
-
-function parseOrThrow<S extends z.ZodType>(schema: S, raw: unknown, cmd: string): z.output<S> {
-  const parsed = schema.safeParse(raw);
-  if (parsed.success) return parsed.data;
-  const issues = parsed.error.issues.map(
-    (i) => `  --${String(i.path[0]).replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}: ${i.message}`,
-  );
-  throw new Error(`megapatch preprocess ${cmd}: invalid options\n${issues.join('\n')}`);
-}
 
 const mbps = (p: PreprocessProgress): string =>
   p.seconds > 0 ? (p.bytes / 1e6 / p.seconds).toFixed(2) : '0.00';
@@ -113,7 +96,7 @@ export async function runPretrain(
   options: PretrainOptions,
   out: Output = defaultOutput(),
 ): Promise<PreprocessPretrainResult> {
-  const o = parseOrThrow(PretrainOptions, options, 'pretrain');
+  const o = parseOrThrow(PretrainOptions, options, 'megapatch preprocess pretrain');
   const progress = progressReporter(out, 'documents');
   let r: PreprocessPretrainResult;
   try {
@@ -144,7 +127,7 @@ export async function runSft(
   options: SftOptions,
   out: Output = defaultOutput(),
 ): Promise<PreprocessSftResult> {
-  const o = parseOrThrow(SftOptions, options, 'sft');
+  const o = parseOrThrow(SftOptions, options, 'megapatch preprocess sft');
   const progress = progressReporter(out, 'samples');
   let r: PreprocessSftResult;
   try {

@@ -1,0 +1,103 @@
+import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { SYNTHETIC_MODELS, writeSyntheticHfCheckpoint } from '@megapatch/convert/testing';
+import { afterAll, describe, expect, it } from 'vitest';
+import { inspectCheckpoint, runInspect } from '../src/commands/ckpt.js';
+import { runHfToMegapatch, runMegapatchToHf, runReshard } from '../src/commands/convert.js';
+import type { Output } from '../src/output.js';
+
+const here = dirname(fileURLToPath(import.meta.url));
+const bin = join(here, '..', 'bin', 'megapatch.js');
+const root = fs.mkdtempSync(join(os.tmpdir(), 'megapatch-cli-convert-'));
+afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
+
+const capture = (): Output & { lines: string[] } => {
+  const lines: string[] = [];
+  return { lines, isTTY: false, log: (l) => lines.push(l) };
+};
+const config = (id: string) => SYNTHETIC_MODELS.find((m) => m.id === id)?.config as Record<string, unknown>;
+
+describe('megapatch convert / ckpt inspect', () => {
+  const hf = join(root, 'hf');
+  writeSyntheticHfCheckpoint(hf, config('qwen2-moe'), { seed: 11 });
+
+  it('converts HF -> megapatch (tp 2, pp 2, ep 2) -> reshard -> HF and prints summaries', async () => {
+    const out = capture();
+    const s = await runHfToMegapatch(
+      { hfDir: hf, out: join(root, 'mp'), tp: '2', pp: '2', ep: '2', dtype: 'bf16' },
+      out,
+    );
+    expect(out.lines[0]).toBe(`megapatch checkpoint (tp=2 pp=2 ep=2 etp=2): ${join(root, 'mp')}`);
+    expect(out.lines.join('\n')).toMatch(/\d+ tensors, [\d,]+ parameters, [\d.]+ GB in 8 file\(s\)/);
+    expect(out.lines.join('\n')).toContain('carried over: config.json, generation_config.json');
+    const r = inspectCheckpoint(join(root, 'mp'), { verify: true, tensors: true });
+    expect(r.layout).toEqual({ tp: 2, pp: 2, ep: 2, etp: 2, dp: 1 });
+    expect(r.architecture).toBe('Qwen2MoeForCausalLM');
+    expect(r.files).toBe(8);
+    expect(r.tensorCount).toBe(s.tensors);
+    // Vocabulary padding (1000 -> 1024 rows at tp 2) is counted in the checkpoint, not in the summary.
+    expect(r.parameterCount - s.parameters).toBe(2 * (1024 - 1000) * 64);
+    expect(r.tensors?.find((t) => t.name === 'embedding.word_embeddings.weight')).toEqual({
+      name: 'embedding.word_embeddings.weight',
+      dtype: 'BF16',
+      shape: [1024, 64],
+      pieces: 2,
+    });
+
+    const one = join(root, 'mp1');
+    await runReshard({ in: join(root, 'mp'), out: one }, capture());
+    expect(inspectCheckpoint(one).layout).toEqual({ tp: 1, pp: 1, ep: 1, etp: 1, dp: 1 });
+    const back = join(root, 'back');
+    const o2 = capture();
+    await runMegapatchToHf({ in: one, out: back, maxShardSize: '100KB' }, o2);
+    expect(fs.existsSync(join(back, 'model.safetensors.index.json'))).toBe(true);
+    expect(o2.lines[0]).toBe(`Hugging Face folder: ${back}`);
+  });
+
+  it('rejects bad options with the flag name', async () => {
+    await expect(runHfToMegapatch({ hfDir: hf, out: join(root, 'x'), tp: '0' }, capture())).rejects.toThrow(
+      /--tp: must be >= 1/,
+    );
+    await expect(
+      runHfToMegapatch({ hfDir: hf, out: join(root, 'x'), dtype: 'int8' as 'bf16' }, capture()),
+    ).rejects.toThrow(/--dtype: must be 'bf16', 'fp16' or 'fp32'/);
+    await expect(runHfToMegapatch({ hfDir: hf, out: join(root, 'x'), pp: '3' }, capture())).rejects.toThrow(
+      'pp=3 does not divide numLayers 4',
+    );
+  });
+
+  it('runs from the command line, and inspect accepts an iteration folder', () => {
+    const out = join(root, 'cli');
+    const text = execFileSync(
+      process.execPath,
+      [
+        bin,
+        'convert',
+        'hf-to-megapatch',
+        '--hf-dir',
+        hf,
+        '--out',
+        out,
+        '--tp',
+        '2',
+        '--ep',
+        '2',
+        '--etp',
+        '1',
+      ],
+      { encoding: 'utf8' },
+    );
+    expect(text).toContain('megapatch checkpoint (tp=2 pp=1 ep=2 etp=1)');
+    const shown = execFileSync(process.execPath, [bin, 'ckpt', 'inspect', join(out, 'iter_0000000')], {
+      encoding: 'utf8',
+    });
+    expect(shown).toContain('layout             tp=2 pp=1 ep=2 etp=1 dp=1');
+    expect(shown).toContain('architecture       Qwen2MoeForCausalLM');
+    const lines: string[] = [];
+    runInspect(out, { json: true }, { isTTY: false, log: (l) => lines.push(l) });
+    expect(JSON.parse(lines[0]).layout.etp).toBe(1);
+  });
+});
