@@ -345,6 +345,16 @@ describe('bad inputs', () => {
   const dsBase = tmp('bad-ds');
   writeSyntheticHfCheckpoint(dsBase, model('deepseek-v3').config, { seed: 1 });
 
+  it('asks for safetensors when a folder holds PyTorch pickles only', async () => {
+    const dir = tmp('pickle');
+    fs.mkdirSync(dir);
+    fs.copyFileSync(path.join(base, 'config.json'), path.join(dir, 'config.json'));
+    fs.writeFileSync(path.join(dir, 'pytorch_model.bin'), 'not read');
+    const e = await convertError(convertHfToMegapatch({ hfDir: dir, output: tmp('o') }));
+    expect(e.code).toBe('UNSUPPORTED');
+    expect(e.message).toContain('safe_serialization=True');
+  });
+
   it('names a missing tensor', async () => {
     const dir = tmp('missing');
     rewriteHf(base, dir, (t) => t.delete('model.layers.2.mlp.up_proj.weight'));

@@ -389,6 +389,24 @@ function checkSameBytes(
   }
 }
 
+/** Opens the safetensors of an HF folder; a folder with only PyTorch pickles gets a hint. */
+function openHfWeights(hfDir: string): ShardedSafetensors {
+  try {
+    return ShardedSafetensors.open(hfDir);
+  } catch (e) {
+    const pickles = fs.existsSync(hfDir) && fs.readdirSync(hfDir).some((f) => /\.(bin|pt|pth)$/.test(f));
+    if (e instanceof ConvertError && e.code === 'MISSING_FILE' && pickles) {
+      throw new ConvertError(
+        'UNSUPPORTED',
+        'the folder holds PyTorch .bin/.pt weights only; save it as safetensors first ' +
+          '(transformers: model.save_pretrained(dir, safe_serialization=True))',
+        path.basename(hfDir),
+      );
+    }
+    throw e;
+  }
+}
+
 /** Converts a Hugging Face folder into a megapatch checkpoint with the given layout. */
 export async function convertHfToMegapatch(opts: HfToMegapatchOptions): Promise<ConversionSummary> {
   const t0 = performance.now();
@@ -399,7 +417,7 @@ export async function convertHfToMegapatch(opts: HfToMegapatchOptions): Promise<
   if (opts.makeVocabSizeDivisibleBy !== undefined) {
     cfg = makeTransformerConfig({ ...cfg, makeVocabSizeDivisibleBy: opts.makeVocabSizeDivisibleBy });
   }
-  const st = ShardedSafetensors.open(opts.hfDir);
+  const st = openHfWeights(opts.hfDir);
   if (cfg.mtpNumLayers > 0 && !st.keys().some((k) => k.startsWith(`model.layers.${cfg.numLayers}.`))) {
     // transformers' own save_pretrained drops DeepSeek-V3's MTP layers: convert without them.
     cfg = makeTransformerConfig({ ...cfg, mtpNumLayers: 0 });
