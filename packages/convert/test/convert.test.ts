@@ -6,11 +6,13 @@ import fs from 'node:fs';
 import { syncBuiltinESMExports } from 'node:module';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it, vi } from 'vitest';
 import {
   Checkpoint,
   type CheckpointTensor,
   ConvertError,
+  checkTiling,
   concatRows,
   convertHfToMegapatch,
   convertMegapatchToHf,
@@ -20,6 +22,7 @@ import {
   paddedVocab,
   padVocabRows,
   parseHfConfig,
+  planConversion,
   reshardCheckpoint,
   SafetensorsFile,
   ShardedSafetensors,
@@ -520,4 +523,45 @@ describe('dtypes Megatron fixes', () => {
     await convertMegapatchToHf({ input: single, output: back });
     expectSameHf(readHf(bf16), readHf(back));
   });
+});
+
+describe('plans for the real models at Megatron scale', () => {
+  const configs = fileURLToPath(new URL('../../../../shared/data/configs/', import.meta.url));
+  const layouts: Record<string, { tp: number; pp: number; ep?: number; etp?: number }> = {
+    'Llama-3.1-8B.json': { tp: 8, pp: 4 },
+    'Llama-3.2-1B.json': { tp: 4, pp: 2 },
+    'Qwen2.5-3B.json': { tp: 2, pp: 4 },
+    'Qwen2.5-7B-Instruct.json': { tp: 4, pp: 4 },
+    'Qwen3-0.6B.json': { tp: 4, pp: 7 },
+    'Mixtral-8x7B-v0.1.json': { tp: 4, pp: 4, ep: 8 },
+    'Qwen1.5-MoE-A2.7B.finetune-resave.json': { tp: 2, pp: 2, ep: 4 },
+    'Qwen3-30B-A3B.json': { tp: 4, pp: 4, ep: 8, etp: 1 },
+    // 61 layers: only an uneven pipeline would cut it, which the plan does not do.
+    'DeepSeek-V3.json': { tp: 8, pp: 1, ep: 64, etp: 1 },
+    'Moonlight-16B-A3B-Instruct.thirdparty-copy.json': { tp: 4, pp: 3, ep: 8 },
+  };
+  for (const [file, layout] of Object.entries(layouts)) {
+    it(`${file}: ${JSON.stringify(layout)} covers every HF tensor once and tiles every Megatron tensor`, () => {
+      const { spec, transformerConfig: cfg } = parseHfConfig(path.join(configs, file));
+      const plan = planConversion(spec, cfg, layout);
+      const used = new Map<string, number>();
+      for (const t of plan.tensors) {
+        for (const r of t.rows) if (r.source) used.set(r.source, (used.get(r.source) ?? 0) + r.count);
+        checkTiling(t.name, t.globalShape, t.pieces);
+        const ranks = new Set(t.pieces.map((p) => p.rank.tp));
+        const size = t.expert === undefined ? plan.layout.tp : plan.layout.etp;
+        expect(ranks.size, t.name).toBe(t.partition === 'replicate' ? 1 : size);
+      }
+      for (const d of plan.duplicates) used.set(d.hf, d.shape[0]);
+      for (const h of plan.hfTensors) expect(used.get(h.name), h.name).toBe(h.shape[0] ?? 1);
+      expect(used.size).toBe(plan.hfTensors.length);
+      const emb = plan.tensors.find((t) => t.name === 'embedding.word_embeddings.weight');
+      expect((emb?.globalShape[0] ?? 0) % (128 * layout.tp)).toBe(0);
+      expect(new Set(plan.tensors.map((t) => t.stage)).size).toBe(layout.pp);
+      if (cfg.moe) {
+        const eps = new Set(plan.tensors.flatMap((t) => t.pieces.map((p) => p.rank.ep)));
+        expect(eps.size).toBe(layout.ep ?? 1);
+      }
+    });
+  }
 });

