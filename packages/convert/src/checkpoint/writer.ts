@@ -5,12 +5,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { ConvertError } from '../errors.js';
 import { byteLengthOf, type SafetensorsDtype } from '../safetensors/dtype.js';
-import {
-  SafetensorsWriter,
-  type TensorInput,
-  type TensorSpec,
-  writeSafetensors,
-} from '../safetensors/writer.js';
+import { SafetensorsWriter, type TensorSpec } from '../safetensors/writer.js';
 import {
   CHECKPOINT_FORMAT_VERSION,
   CHECKPOINT_METADATA_FILE,
@@ -71,7 +66,10 @@ export function pieceFileName(rank: PieceRank): string {
   return `model_rank_tp${rank.tp}_pp${rank.pp}_ep${rank.ep}.safetensors`;
 }
 
-interface PendingPiece extends CheckpointPiece {
+interface PendingPiece {
+  readonly rank: PieceRank;
+  readonly offsets: number[];
+  readonly shape: number[];
   readonly data: Uint8Array;
 }
 
@@ -185,8 +183,6 @@ export class CheckpointWriter {
   readonly tmpDir: string;
   private readonly options: CheckpointWriterOptions;
   private readonly tensors = new Map<string, PendingTensor>();
-  // Keys already used per file, so two pieces of one tensor on the same rank get distinct keys.
-  private readonly keys = new Map<string, Set<string>>();
   private state: 'open' | 'done' | 'aborted' = 'open';
 
   /** Creates `<root>/iter_<N>.tmp-<pid>/`. */
@@ -223,9 +219,8 @@ export class CheckpointWriter {
           `earlier pieces said ${t.dtype} [${t.globalShape.join(',')}]`,
       );
     }
-    const file = pieceFileName(piece.rank ?? { tp: 0, pp: 0, ep: 0 });
-    const key = uniqueKey(this.keys, file, name);
-    t.pieces.push({ file, key, offsets: [...piece.offsets], shape: [...piece.shape], data: piece.data });
+    const rank = piece.rank ?? { tp: 0, pp: 0, ep: 0 };
+    t.pieces.push({ rank, offsets: [...piece.offsets], shape: [...piece.shape], data: piece.data });
   }
 
   /**
@@ -235,29 +230,25 @@ export class CheckpointWriter {
   finalize(): CheckpointMetadata {
     this.checkOpen();
     try {
-      const tensors: Record<string, CheckpointTensor> = {};
-      const files = new Map<string, TensorInput[]>();
-      for (const [name, t] of [...this.tensors].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) {
-        checkTiling(name, t.globalShape, t.pieces);
-        tensors[name] = {
-          dtype: t.dtype,
-          globalShape: [...t.globalShape],
-          pieces: t.pieces.map(({ file, key, offsets, shape }) => ({ file, key, offsets, shape })),
-        };
-        for (const p of t.pieces) {
-          const list = files.get(p.file) ?? [];
-          list.push({ name: p.key, dtype: t.dtype, shape: p.shape, data: p.data });
-          files.set(p.file, list);
+      const names = [...this.tensors.keys()].sort();
+      const plan = names.map((name) => {
+        const t = this.tensors.get(name) as PendingTensor;
+        return { name, dtype: t.dtype, globalShape: t.globalShape, pieces: t.pieces };
+      });
+      // The pieces are all known now: stream them through the planned writer.
+      const w = new CheckpointStreamWriter(this.rootDir, this.iteration, this.options, plan);
+      try {
+        for (const t of plan) {
+          for (const [i, p] of t.pieces.entries()) w.write(t.name, i, p.data);
         }
+        const metadata = w.finalize();
+        this.state = 'done';
+        this.tensors.clear();
+        return metadata;
+      } catch (e) {
+        w.abort();
+        throw e;
       }
-      const metadata = buildMetadata(this.iteration, this.options, tensors);
-      for (const [file, list] of files) {
-        writeSafetensors(path.join(this.tmpDir, file), list, { metadata: { format: 'megapatch' } });
-      }
-      commitIterationDir(this, metadata);
-      this.state = 'done';
-      this.tensors.clear();
-      return metadata;
     } catch (e) {
       this.abort();
       throw e;
