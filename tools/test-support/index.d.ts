@@ -1,0 +1,10 @@
+/** Absolute path of the shared folder (with its `data/`), or null when it is not there. */
+export declare const SHARED_DIR: string | null;
+/** Whether the shared folder is there. */
+export declare const hasShared: boolean;
+/** The one-line reason printed when tests that need the shared folder are skipped. */
+export declare const SHARED_SKIP_REASON: string;
+/** Absolute path of `rel` inside the shared folder (the would-be path when it is absent). */
+export declare function sharedPath(rel: string): string;
+/** Prints the skip reason once per test file (`who`: `import.meta.url`) and returns whether to skip. */
+export declare function skipWithoutShared(who: string): boolean;

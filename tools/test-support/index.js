@@ -1,0 +1,51 @@
+// Where the shared data folder is: `../shared` beside the repository checkout (or
+// MEGAPATCH_SHARED). Tests that read real data from it skip with a one-line reason when it is
+// absent, so `pnpm test` passes in a bare clone; CI sets MEGAPATCH_REQUIRE_SHARED=1 so that a
+// missing folder fails loudly there instead of silently skipping.
+import { existsSync } from 'node:fs';
+import { isAbsolute, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const REPO_ROOT = fileURLToPath(new URL('../../', import.meta.url));
+const candidate = process.env.MEGAPATCH_SHARED
+  ? resolve(process.env.MEGAPATCH_SHARED)
+  : resolve(REPO_ROOT, '..', 'shared');
+
+/** Absolute path of the shared folder (with its `data/`), or null when it is not there. */
+export const SHARED_DIR = existsSync(join(candidate, 'data')) ? candidate : null;
+
+/** Whether the shared folder is there. */
+export const hasShared = SHARED_DIR !== null;
+
+/** The one-line reason printed when tests that need the shared folder are skipped. */
+export const SHARED_SKIP_REASON = `needs the shared data folder (${join(candidate, 'data')} not found; set MEGAPATCH_SHARED)`;
+
+if (!hasShared && process.env.MEGAPATCH_REQUIRE_SHARED === '1') {
+  throw new Error(`MEGAPATCH_REQUIRE_SHARED=1 but ${SHARED_SKIP_REASON}`);
+}
+
+const warned = new Set();
+
+/**
+ * Absolute path of `rel` inside the shared folder. When the folder is absent it returns the path
+ * it would have, so module-level constants stay strings; guard the tests with {@link sharedIt}
+ * or {@link sharedDescribe}.
+ */
+export function sharedPath(rel) {
+  if (isAbsolute(rel)) throw new Error(`sharedPath takes a relative path, got ${rel}`);
+  return join(SHARED_DIR ?? candidate, rel);
+}
+
+/**
+ * Prints the skip reason once per test file (`who` names it) and returns whether to skip.
+ * Vitest's `describe.skipIf(skipWithoutShared(import.meta.url))(...)` reads naturally.
+ */
+export function skipWithoutShared(who) {
+  if (hasShared) return false;
+  const name = who.startsWith('file:') ? fileURLToPath(who) : who;
+  if (!warned.has(name)) {
+    warned.add(name);
+    console.warn(`[skipped] ${name.slice(REPO_ROOT.length)}: ${SHARED_SKIP_REASON}`);
+  }
+  return true;
+}
