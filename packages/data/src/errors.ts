@@ -8,7 +8,11 @@ export type DataErrorCode =
   | 'INDEX_OUT_OF_RANGE'
   | 'TOKENIZER'
   | 'TEMPLATE'
-  | 'UNSUPPORTED';
+  | 'UNSUPPORTED'
+  /** Preprocessing would write no document or sample; the message says why. */
+  | 'NO_OUTPUT'
+  /** An output file exists and may not (or cannot safely) be replaced. */
+  | 'OUTPUT_EXISTS';
 
 /** Every error thrown by @megapatch/data: a code, and a message naming the file, line or field. */
 export class DataError extends Error {

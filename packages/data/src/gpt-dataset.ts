@@ -4,6 +4,7 @@
 // numpy RandomState(seed) shuffles the document index first, then the shuffle index.
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { totalmem } from 'node:os';
 import { join } from 'node:path';
 import { DataError } from './errors.js';
 import { NumpyRandomState } from './numpy-random.js';
@@ -80,12 +81,11 @@ export function computeNumEpochs(
     throw new DataError('INVALID_ARGUMENT', 'the split holds no tokens; choose a larger split or more data');
   }
   const requested = numSamples * sequenceLength + ADD_EXTRA_TOKEN;
-  let epochs = 1;
-  let tokens = tokensPerEpoch;
-  while (tokens < requested) {
-    epochs++;
-    tokens += tokensPerEpoch;
-  }
+  // Megatron counts epochs up one at a time; the quotient gets there at once (a huge request must
+  // not spin), and the two steps fix any rounding of the division.
+  let epochs = Math.max(1, Math.ceil(requested / tokensPerEpoch));
+  while (epochs * tokensPerEpoch < requested) epochs++;
+  while (epochs > 1 && (epochs - 1) * tokensPerEpoch >= requested) epochs--;
   return epochs;
 }
 
@@ -206,6 +206,32 @@ export interface GPTDatasetOptions {
   dropLastPartialSequence?: boolean;
   /** Extra fields added to the cache description (e.g. the tokenizer name), so caches do not collide. */
   descriptionExtra?: Record<string, string | number | boolean>;
+  /**
+   * Most bytes the document, sample and shuffle indices may take (see estimateGptIndexBytes);
+   * a larger request fails before anything is allocated. Default: half of the machine's memory.
+   */
+  maxIndexBytes?: number;
+}
+
+/** What estimateGptIndexBytes needs: the parts of GPTDatasetOptions that size the indices. */
+export type GptIndexEstimateOptions = Pick<
+  GPTDatasetOptions,
+  'dataset' | 'split' | 'splitString' | 'sequenceLength' | 'numSamples' | 'dropLastPartialSequence'
+>;
+
+/** The sizes of the indices GPTDataset.build allocates (and caches) for a split. */
+export interface GptIndexEstimate {
+  /** Epochs the indices span. */
+  numEpochs: number;
+  /** Samples the indices describe (at least numSamples). */
+  samples: number;
+  /** Bytes of the document index: int32 per document per epoch. */
+  documentIndexBytes: number;
+  /** Bytes of the sample index: two int32 per sample, plus one row. */
+  sampleIndexBytes: number;
+  /** Bytes of the shuffle index: uint32 per sample (float64 from 2^32 - 2 samples on). */
+  shuffleIndexBytes: number;
+  totalBytes: number;
 }
 
 /** One training sample, shifted into inputs and labels. */
@@ -289,6 +315,111 @@ function decodeIndex(path: string): IndexArray {
       : new Float64Array(body);
 }
 
+/** Validates the options that shape the indices and resolves the split's range of sequences. */
+function resolveSplit(options: GptIndexEstimateOptions): { matrix: SplitMatrix; range: [number, number] } {
+  const { dataset, split, splitString, sequenceLength, numSamples } = options;
+  if (!Number.isInteger(sequenceLength) || sequenceLength < 1) {
+    throw new DataError(
+      'INVALID_ARGUMENT',
+      `sequenceLength must be a positive integer, got ${sequenceLength}`,
+    );
+  }
+  if (numSamples !== undefined && (!Number.isSafeInteger(numSamples) || numSamples < 0)) {
+    throw new DataError(
+      'INVALID_ARGUMENT',
+      `numSamples must be a non-negative integer below 2^53 or undefined, got ${numSamples}`,
+    );
+  }
+  if (!SPLIT_NAMES.includes(split)) {
+    throw new DataError(
+      'INVALID_ARGUMENT',
+      `split must be one of ${SPLIT_NAMES.join(', ')}, got ${String(split)}`,
+    );
+  }
+  const matrix = parseSplit(splitString);
+  const range = splitRange(matrix, split, dataset.length);
+  if (range === null || range[0] >= range[1]) {
+    throw new DataError(
+      'INVALID_ARGUMENT',
+      `split "${splitString}" gives the ${split} split no sequences of ${dataset.length}; give it a positive weight or use more data`,
+    );
+  }
+  return { matrix, range };
+}
+
+/** Index sizes from the split's document and token counts, with the builders' arithmetic. */
+function indexSizes(
+  documents: number,
+  tokensPerEpoch: number,
+  sequenceLength: number,
+  numSamples: number | undefined,
+  dropLast: boolean,
+): GptIndexEstimate {
+  const numEpochs = computeNumEpochs(tokensPerEpoch, sequenceLength, numSamples);
+  const total = numEpochs * tokensPerEpoch - ADD_EXTRA_TOKEN;
+  const samples = Math.max(
+    0,
+    dropLast ? Math.floor(total / sequenceLength) : Math.ceil(total / sequenceLength),
+  );
+  const documentIndexBytes = 4 * numEpochs * documents;
+  const sampleIndexBytes = 4 * 2 * (samples + 1);
+  const shuffleIndexBytes = (samples >= 0xffffffff - 1 ? 8 : 4) * samples;
+  return {
+    numEpochs,
+    samples,
+    documentIndexBytes,
+    sampleIndexBytes,
+    shuffleIndexBytes,
+    totalBytes: documentIndexBytes + sampleIndexBytes + shuffleIndexBytes,
+  };
+}
+
+/**
+ * The bytes of the document, sample and shuffle indices GPTDataset.build would allocate for these
+ * options, computed in O(documents) without allocating them; throws what build throws for bad options.
+ */
+export function estimateGptIndexBytes(options: GptIndexEstimateOptions): GptIndexEstimate {
+  const { range } = resolveSplit(options);
+  return indexSizes(
+    range[1] - range[0],
+    sumTokens(options.dataset.sequenceLengths, range),
+    options.sequenceLength,
+    options.numSamples,
+    options.dropLastPartialSequence ?? true,
+  );
+}
+
+/** Bytes for people: 15.2 GB, 812.0 MB, 4.0 kB. */
+function formatBytes(bytes: number): string {
+  const units = ['B', 'kB', 'MB', 'GB', 'TB', 'PB'];
+  let i = 0;
+  while (i < units.length - 1 && bytes >= 1000 ** (i + 1)) i++;
+  return i === 0 ? `${bytes} B` : `${(bytes / 1000 ** i).toFixed(1)} ${units[i]}`;
+}
+
+/** Refuses index sizes above the limit, or beyond what int32 sample-index positions can address. */
+function checkIndexSizes(estimate: GptIndexEstimate, options: GPTDatasetOptions): void {
+  const limit = options.maxIndexBytes ?? totalmem() / 2;
+  if (!(limit > 0)) {
+    throw new DataError('INVALID_ARGUMENT', `maxIndexBytes must be a positive number, got ${limit}`);
+  }
+  const request = options.numSamples === undefined ? 'one epoch' : `numSamples ${options.numSamples}`;
+  if (estimate.totalBytes > limit) {
+    throw new DataError(
+      'INVALID_ARGUMENT',
+      `${request} needs ${formatBytes(estimate.totalBytes)} of sample indices (document ${formatBytes(estimate.documentIndexBytes)}, sample ${formatBytes(estimate.sampleIndexBytes)}, shuffle ${formatBytes(estimate.shuffleIndexBytes)}), above the limit of ${formatBytes(limit)}; request fewer samples or raise maxIndexBytes`,
+    );
+  }
+  // The sample index stores positions in the document index as int32.
+  const entries = estimate.documentIndexBytes / 4;
+  if (entries > 0x7fffffff) {
+    throw new DataError(
+      'INVALID_ARGUMENT',
+      `${request} needs a document index of ${entries} entries, more than the int32 sample index can address; request fewer samples`,
+    );
+  }
+}
+
 /** Megatron-compatible GPT pre-training dataset over a LowLevelDataset. */
 export class GPTDataset {
   /** Shuffled sequence ids, repeated once per epoch. */
@@ -333,36 +464,19 @@ export class GPTDataset {
     this.loadedFromCache = fields.loadedFromCache;
   }
 
-  /** Builds (or loads from `cacheDir`) the document, sample and shuffle indices. */
+  /**
+   * Builds (or loads from `cacheDir`) the document, sample and shuffle indices. Fails with
+   * INVALID_ARGUMENT before allocating anything when they would exceed `maxIndexBytes`.
+   */
   static build(options: GPTDatasetOptions): GPTDataset {
     const { dataset, split, splitString, sequenceLength, numSamples, seed } = options;
-    if (!Number.isInteger(sequenceLength) || sequenceLength < 1) {
-      throw new DataError(
-        'INVALID_ARGUMENT',
-        `sequenceLength must be a positive integer, got ${sequenceLength}`,
-      );
-    }
-    if (numSamples !== undefined && (!Number.isInteger(numSamples) || numSamples < 0)) {
-      throw new DataError(
-        'INVALID_ARGUMENT',
-        `numSamples must be a non-negative integer or undefined, got ${numSamples}`,
-      );
-    }
-    if (!SPLIT_NAMES.includes(split)) {
-      throw new DataError(
-        'INVALID_ARGUMENT',
-        `split must be one of ${SPLIT_NAMES.join(', ')}, got ${String(split)}`,
-      );
-    }
-    const matrix = parseSplit(splitString);
-    const range = splitRange(matrix, split, dataset.length);
-    if (range === null || range[0] >= range[1]) {
-      throw new DataError(
-        'INVALID_ARGUMENT',
-        `split "${splitString}" gives the ${split} split no sequences of ${dataset.length}; give it a positive weight or use more data`,
-      );
-    }
+    const { matrix, range } = resolveSplit(options);
+    const tokensPerEpoch = sumTokens(dataset.sequenceLengths, range);
     const dropLast = options.dropLastPartialSequence ?? true;
+    checkIndexSizes(
+      indexSizes(range[1] - range[0], tokensPerEpoch, sequenceLength, numSamples, dropLast),
+      options,
+    );
     const description = JSON.stringify({
       class: 'GPTDataset',
       dataset_path: dataset.pathPrefix,
@@ -412,7 +526,6 @@ export class GPTDataset {
         }
         const documents = range[1] - range[0];
         const numEpochs = documents > 0 ? documentIndex.length / documents : 0;
-        const tokensPerEpoch = sumTokens(dataset.sequenceLengths, range);
         return new GPTDataset(options, {
           documentIndex,
           sampleIndex,
@@ -427,7 +540,6 @@ export class GPTDataset {
     }
 
     const documents = Int32Array.from({ length: range[1] - range[0] }, (_, i) => range[0] + i);
-    const tokensPerEpoch = sumTokens(dataset.sequenceLengths, range);
     const numEpochs = computeNumEpochs(tokensPerEpoch, sequenceLength, numSamples);
     const rule = finalEpochRule(tokensPerEpoch, sequenceLength, numEpochs, numSamples);
     const rng = new NumpyRandomState(seed);

