@@ -4,8 +4,46 @@
 import { z } from 'zod';
 import { ConvertError } from './errors.js';
 
-const posInt = z.number().int().positive();
-const nonNegInt = z.number().int().nonnegative();
+/**
+ * The largest values megapatch accepts, far above any published model. They keep a config with a
+ * typo (or a hostile one) from allocating layer lists or plans that exhaust memory, and keep every
+ * tensor's byte size a safe integer.
+ */
+export const CONFIG_LIMITS = {
+  /** Decoder layers. */
+  layers: 10_000,
+  /** Hidden size, FFN sizes (dense, expert, shared expert) and MLA LoRA ranks. */
+  width: 2 ** 22,
+  /** Attention heads and query groups. */
+  heads: 65_536,
+  /** Head dimensions. */
+  headDim: 65_536,
+  /** Vocabulary size. */
+  vocab: 2 ** 27,
+  /** Routed experts (and expert groups, and experts per token). */
+  experts: 65_536,
+  /** numLayers × numExperts: every expert MLP is a handful of tensors in a conversion plan. */
+  expertMlps: 2 ** 20,
+  /** Multi-token-prediction layers. */
+  mtpLayers: 64,
+  /** Maximum sequence length. */
+  positions: 2 ** 31 - 1,
+  /** Elements of one tensor: at 8 bytes each its byte size stays below 2^53. */
+  tensorElements: 2 ** 50,
+} as const;
+
+/**
+ * A positive (or, with `zero`, non-negative) integer at most `max`; a larger value is named in the
+ * error with the limit.
+ */
+export function limitedInt(max: number, opts: { zero?: boolean } = {}) {
+  const int = z.number().int();
+  return (opts.zero ? int.nonnegative() : int.positive()).max(max, {
+    error: (iss) => `${iss.input} is larger than ${max}, the most megapatch accepts; correct it`,
+  });
+}
+
+const L = CONFIG_LIMITS;
 
 /** RoPE frequency scaling, one variant per HF `rope_scaling.rope_type` that megapatch implements. */
 export const RopeScaling = z.discriminatedUnion('type', [
@@ -16,12 +54,12 @@ export const RopeScaling = z.discriminatedUnion('type', [
     factor: z.number().positive(),
     lowFreqFactor: z.number().positive(),
     highFreqFactor: z.number().positive(),
-    originalMaxPositionEmbeddings: posInt,
+    originalMaxPositionEmbeddings: limitedInt(L.positions),
   }),
   z.object({
     type: z.literal('yarn'),
     factor: z.number().positive(),
-    originalMaxPositionEmbeddings: posInt,
+    originalMaxPositionEmbeddings: limitedInt(L.positions),
     betaFast: z.number(),
     betaSlow: z.number(),
     mscale: z.number(),
@@ -38,18 +76,19 @@ export type LayerKind = z.infer<typeof LayerKind>;
 
 /** Mixture-of-experts settings (Megatron `num_moe_experts`, `moe_router_topk`, ...). */
 export const MoeConfig = z.object({
-  numExperts: posInt,
-  routerTopk: posInt,
-  moeFfnHiddenSize: posInt,
+  numExperts: limitedInt(L.experts),
+  routerTopk: limitedInt(L.experts),
+  moeFfnHiddenSize: limitedInt(L.width),
   /** Intermediate size of the (fused) shared expert MLP; 0 when there is none. */
-  sharedExpertIntermediateSize: nonNegInt.default(0),
+  sharedExpertIntermediateSize: limitedInt(L.width, { zero: true }).default(0),
   /** Qwen2-MoE: a sigmoid gate (1×hidden) scales the shared expert output. */
   sharedExpertGate: z.boolean().default(false),
   scoreFunction: z.enum(['softmax', 'sigmoid']).default('softmax'),
   /** DeepSeek-V3 aux-loss-free balancing: a per-expert bias added to the routing scores. */
   expertBias: z.boolean().default(false),
-  numGroups: posInt.default(1),
-  groupTopk: posInt.default(1),
+  /** Expert groups (DeepSeek's `n_group`): a token's experts come from `groupTopk` of them. */
+  numGroups: limitedInt(L.experts).default(1),
+  groupTopk: limitedInt(L.experts).default(1),
   routedScalingFactor: z.number().positive().default(1),
   normTopkProb: z.boolean().default(false),
   /** One entry per decoder layer (Megatron's list form of `moe_layer_freq`). */
@@ -61,11 +100,11 @@ export type MoeConfig = z.infer<typeof MoeConfig>;
 /** Multi-head latent attention (DeepSeek-V2/V3, Moonlight). */
 export const MlaConfig = z.object({
   /** Rank of the query down-projection; null means a plain q projection (V2-Lite, Moonlight). */
-  qLoraRank: posInt.nullable(),
-  kvLoraRank: posInt,
-  qkNopeHeadDim: posInt,
-  qkRopeHeadDim: posInt,
-  vHeadDim: posInt,
+  qLoraRank: limitedInt(L.width).nullable(),
+  kvLoraRank: limitedInt(L.width),
+  qkNopeHeadDim: limitedInt(L.headDim),
+  qkRopeHeadDim: limitedInt(L.headDim),
+  vHeadDim: limitedInt(L.headDim),
 });
 /** Multi-head latent attention settings. */
 export type MlaConfig = z.infer<typeof MlaConfig>;
@@ -73,14 +112,14 @@ export type MlaConfig = z.infer<typeof MlaConfig>;
 /** The architecture-independent model description every spec produces. */
 export const TransformerConfig = z
   .object({
-    numLayers: posInt,
-    hiddenSize: posInt,
+    numLayers: limitedInt(L.layers),
+    hiddenSize: limitedInt(L.width),
     /** FFN size of the dense layers (all layers when there is no MoE). */
-    ffnHiddenSize: posInt,
-    numAttentionHeads: posInt,
-    numQueryGroups: posInt,
+    ffnHiddenSize: limitedInt(L.width),
+    numAttentionHeads: limitedInt(L.heads),
+    numQueryGroups: limitedInt(L.heads),
     /** Head dimension; independent of hidden/heads (Qwen3, Llama-3.2 set it explicitly). */
-    kvChannels: posInt,
+    kvChannels: limitedInt(L.headDim),
     normalization: z.enum(['RMSNorm', 'LayerNorm']).default('RMSNorm'),
     layernormEpsilon: z.number().positive(),
     addQkvBias: z.boolean().default(false),
@@ -88,12 +127,12 @@ export const TransformerConfig = z
     rotaryBase: z.number().positive(),
     ropeScaling: RopeScaling.default({ type: 'none' }),
     untieEmbeddingsAndOutputWeights: z.boolean(),
-    vocabSize: posInt,
-    makeVocabSizeDivisibleBy: posInt.default(128),
-    maxPositionEmbeddings: posInt,
+    vocabSize: limitedInt(L.vocab),
+    makeVocabSizeDivisibleBy: limitedInt(65_536).default(128),
+    maxPositionEmbeddings: limitedInt(L.positions),
     moe: MoeConfig.nullable().default(null),
     mla: MlaConfig.nullable().default(null),
-    mtpNumLayers: nonNegInt.default(0),
+    mtpNumLayers: limitedInt(L.mtpLayers, { zero: true }).default(0),
   })
   .superRefine((c, ctx) => {
     // Grouped-query attention needs every group to own the same number of query heads.
@@ -111,10 +150,95 @@ export const TransformerConfig = z
         message: `has ${c.moe.layerPattern.length} entries, expected numLayers = ${c.numLayers}`,
       });
     }
-    if (c.moe && c.moe.routerTopk > c.moe.numExperts) {
-      ctx.addIssue({ code: 'custom', path: ['moe', 'routerTopk'], message: 'exceeds numExperts' });
+    if (c.moe) checkMoe(c.moe, c.numLayers, ctx);
+    for (const [what, n] of largestTensors(c)) {
+      if (n > L.tensorElements) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['hiddenSize'],
+          message: `the ${what} tensor would hold ${n} elements, more than 2^50 (its byte size must stay a safe integer)`,
+        });
+      }
     }
   });
+/** Routing that can work: groups of equal size, and no more experts asked for than can be reached. */
+function checkMoe(m: z.output<typeof MoeConfig>, numLayers: number, ctx: z.RefinementCtx): void {
+  const issue = (field: string, message: string) =>
+    ctx.addIssue({ code: 'custom', path: ['moe', field], message });
+  if (numLayers * m.numExperts > L.expertMlps) {
+    issue(
+      'numExperts',
+      `numLayers ${numLayers} × numExperts ${m.numExperts} = ${numLayers * m.numExperts} expert MLPs, more than ${L.expertMlps}`,
+    );
+  }
+  if (m.routerTopk > m.numExperts) {
+    issue('routerTopk', `${m.routerTopk} is larger than numExperts ${m.numExperts}`);
+  }
+  if (m.numExperts % m.numGroups !== 0) {
+    issue(
+      'numGroups',
+      `numExperts ${m.numExperts} is not a multiple of numGroups ${m.numGroups} (expert groups are of equal size)`,
+    );
+  } else if (m.groupTopk > m.numGroups) {
+    issue('groupTopk', `${m.groupTopk} is larger than numGroups ${m.numGroups}`);
+  } else {
+    const reachable = m.groupTopk * (m.numExperts / m.numGroups);
+    if (m.routerTopk > reachable) {
+      issue(
+        'routerTopk',
+        `${m.routerTopk} is larger than groupTopk × numExperts / numGroups = ${reachable}, the experts a token can reach`,
+      );
+    }
+  }
+  if (m.sharedExpertGate && m.sharedExpertIntermediateSize === 0) {
+    issue('sharedExpertGate', 'is set, but there is no shared expert (sharedExpertIntermediateSize is 0)');
+  }
+}
+
+/** Element counts of the largest tensors a config implies, by name. */
+function largestTensors(c: {
+  hiddenSize: number;
+  ffnHiddenSize: number;
+  numAttentionHeads: number;
+  numQueryGroups: number;
+  kvChannels: number;
+  vocabSize: number;
+  makeVocabSizeDivisibleBy: number;
+  moe: z.output<typeof MoeConfig> | null;
+  mla: z.output<typeof MlaConfig> | null;
+}): [string, number][] {
+  const h = c.hiddenSize;
+  const heads = c.numAttentionHeads;
+  const vocab = Math.ceil(c.vocabSize / c.makeVocabSizeDivisibleBy) * c.makeVocabSizeDivisibleBy;
+  const out: [string, number][] = [
+    ['embedding (padded vocabSize × hiddenSize)', vocab * h],
+    ['linear_fc1 (2 × ffnHiddenSize × hiddenSize)', 2 * c.ffnHiddenSize * h],
+  ];
+  if (c.mla) {
+    const m = c.mla;
+    out.push(
+      [
+        'linear_q_proj (numAttentionHeads × (qkNopeHeadDim + qkRopeHeadDim) × hiddenSize or qLoraRank)',
+        heads * (m.qkNopeHeadDim + m.qkRopeHeadDim) * Math.max(h, m.qLoraRank ?? 0),
+      ],
+      [
+        'linear_kv_up_proj (numAttentionHeads × (qkNopeHeadDim + vHeadDim) × kvLoraRank)',
+        heads * (m.qkNopeHeadDim + m.vHeadDim) * m.kvLoraRank,
+      ],
+      ['linear_proj (hiddenSize × numAttentionHeads × vHeadDim)', h * heads * m.vHeadDim],
+    );
+  } else {
+    out.push([
+      'linear_qkv ((numAttentionHeads + 2 × numQueryGroups) × kvChannels × hiddenSize)',
+      (heads + 2 * c.numQueryGroups) * c.kvChannels * h,
+    ]);
+  }
+  if (c.moe) {
+    out.push(['expert linear_fc1 (2 × moeFfnHiddenSize × hiddenSize)', 2 * c.moe.moeFfnHiddenSize * h]);
+  }
+  return out;
+}
+
 /** The architecture-independent model description every spec produces (defaults applied). */
 export type TransformerConfig = z.infer<typeof TransformerConfig>;
 /** What a spec may hand to `makeTransformerConfig` (defaults not yet applied). */
@@ -139,6 +263,12 @@ export function moeLayerPattern(
   numLayers: number,
   opts: { firstKDense?: number; freq?: number; sparseStep?: number; denseLayers?: readonly number[] },
 ): LayerKind[] {
+  if (!Number.isSafeInteger(numLayers) || numLayers < 0 || numLayers > L.layers) {
+    throw new ConvertError(
+      'INVALID_CONFIG',
+      `numLayers ${numLayers} must be an integer from 0 to ${L.layers}, the most megapatch accepts`,
+    );
+  }
   const dense = new Set(opts.denseLayers ?? []);
   const out: LayerKind[] = [];
   for (let i = 0; i < numLayers; i++) {

@@ -398,8 +398,8 @@ describe('damaged checkpoints', () => {
       expectError(() => Checkpoint.open(root), 'INVALID_FORMAT', field);
     };
     bad((m) => {
-      m.formatVersion = 2;
-    }, 'formatVersion');
+      m.formatVersion = 3;
+    }, 'checkpoint format version 3 is not supported');
     bad((m) => {
       (m.layout as Record<string, unknown>).tp = 0;
     }, 'layout.tp');
@@ -444,7 +444,7 @@ describe('metadata sections', () => {
     using ck = Checkpoint.open(root);
     expect(ck.metadata).toEqual(written);
     expect(ck.metadata).toMatchObject({
-      formatVersion: 1,
+      formatVersion: 2,
       iteration: 42,
       consumedSamples: 10_752,
       modelConfig: MODEL_CONFIG,

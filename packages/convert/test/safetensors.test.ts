@@ -245,6 +245,20 @@ describe('readRows', () => {
     expectError(() => f.read('nope'), 'MISSING_TENSOR', 'mixed.safetensors', '"nope"');
   });
 
+  it('readByteRange reads any byte range of a tensor, and refuses one outside it', () => {
+    using f = SafetensorsFile.open(path.join(FIXTURES, 'mixed.safetensors'));
+    const whole = f.read('rows').data;
+    expect(Buffer.from(f.readByteRange('rows', 5, 23))).toEqual(Buffer.from(whole.subarray(5, 28)));
+    expect(f.readByteRange('rows', whole.byteLength, 0).byteLength).toBe(0);
+    expectError(
+      () => f.readByteRange('rows', whole.byteLength - 4, 5),
+      'INVALID_ARGUMENT',
+      'mixed.safetensors',
+      `bytes [${whole.byteLength - 4}, ${whole.byteLength + 1}) are outside tensor "rows"`,
+    );
+    expectError(() => f.readByteRange('rows', -1, 2), 'INVALID_ARGUMENT', 'outside');
+  });
+
   it('opening reads only the header', () => {
     const spy = vi.spyOn(fs, 'readSync');
     try {

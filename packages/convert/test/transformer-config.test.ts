@@ -1,5 +1,5 @@
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { sharedPath, skipWithoutShared } from '@megapatch/test-support';
 import { describe, expect, it } from 'vitest';
 import {
   ConvertError,
@@ -11,10 +11,10 @@ import {
   TransformerConfig,
 } from '../src/index.js';
 
-// The shared data folder next to the repository checkout (../shared).
-const SHARED = fileURLToPath(new URL('../../../../shared/', import.meta.url));
-
-const CONFIGS = `${SHARED}data/configs`;
+// The real configs in the shared data folder (../shared beside the checkout); the tests that read
+// them skip, with a one-line reason, when it is absent.
+const CONFIGS = sharedPath('data/configs');
+const skipShared = skipWithoutShared(import.meta.url);
 const count = (f: string) => parameterCount(parseHfConfig(join(CONFIGS, f)).transformerConfig);
 const B = 1e9;
 
@@ -116,7 +116,9 @@ describe('parameterCount', () => {
     const tied = parameterCount(makeTransformerConfig({ ...tiny, untieEmbeddingsAndOutputWeights: false }));
     expect([tied.outputLayer, base - tied.total]).toEqual([0, 80]);
   });
+});
 
+describe.skipIf(skipShared)('parameterCount of the published models', () => {
   // Published sizes, asserted within ±0.5% of the published (rounded) figure.
   const published: [string, number, number | null][] = [
     ['Llama-3.1-8B.json', 8.03, null],

@@ -6,8 +6,10 @@ import { z } from 'zod';
 import { ConvertError } from '../errors.js';
 import { isSafetensorsDtype, type SafetensorsDtype } from '../safetensors/dtype.js';
 
-/** Version written into `formatVersion`; readers reject anything else. */
-export const CHECKPOINT_FORMAT_VERSION = 1;
+/** Version written into `formatVersion` (2: every piece carries the SHA-256 of its bytes). */
+export const CHECKPOINT_FORMAT_VERSION = 2;
+/** Versions readers accept: 1 (no checksums) and 2 (a checksum on every piece). */
+export const CHECKPOINT_FORMAT_VERSIONS: readonly number[] = [1, 2];
 /** Name of the metadata file inside an iteration directory. */
 export const CHECKPOINT_METADATA_FILE = 'metadata.json';
 /** Megatron's tracker file in the root directory, holding the latest complete iteration. */
@@ -61,6 +63,11 @@ export const CheckpointPiece = z.object({
   offsets: z.array(nonNegInt),
   /** Shape of the piece, one extent per dim (same rank as the global shape). */
   shape: z.array(nonNegInt),
+  /** SHA-256 of the piece's bytes (lowercase hex); required from format version 2 on. */
+  sha256: z
+    .string()
+    .regex(/^[0-9a-f]{64}$/, { message: 'must be 64 lowercase hex digits (a SHA-256)' })
+    .optional(),
 });
 /** One stored piece of a logical tensor. */
 export type CheckpointPiece = z.infer<typeof CheckpointPiece>;
@@ -79,8 +86,8 @@ export type CheckpointTensor = z.infer<typeof CheckpointTensor>;
 
 /** The schema of `<root>/iter_<NNNNNNN>/metadata.json`. */
 export const CheckpointMetadata = z.object({
-  /** Format version; always {@link CHECKPOINT_FORMAT_VERSION}. */
-  formatVersion: z.literal(CHECKPOINT_FORMAT_VERSION),
+  /** Format version: one of {@link CHECKPOINT_FORMAT_VERSIONS}; writers write {@link CHECKPOINT_FORMAT_VERSION}. */
+  formatVersion: z.union([z.literal(1), z.literal(2)]),
   /** Training iteration the checkpoint was taken after. */
   iteration: nonNegInt,
   /** Samples consumed by training so far (for resuming the data loader). */
@@ -115,13 +122,39 @@ export const CheckpointMetadata = z.object({
 /** Parsed metadata.json. */
 export type CheckpointMetadata = z.infer<typeof CheckpointMetadata>;
 
-/** Validates parsed JSON as metadata; INVALID_FORMAT naming the first bad field. */
+/**
+ * Validates parsed JSON as metadata; INVALID_FORMAT naming the first bad field. A version this
+ * reader does not know is named as such, and version 2 needs a checksum on every piece.
+ */
 export function parseCheckpointMetadata(json: unknown, file = CHECKPOINT_METADATA_FILE): CheckpointMetadata {
+  const version = (json as { formatVersion?: unknown } | null)?.formatVersion;
+  if (json !== null && typeof json === 'object' && !CHECKPOINT_FORMAT_VERSIONS.includes(version as number)) {
+    throw new ConvertError(
+      'INVALID_FORMAT',
+      `field formatVersion: checkpoint format version ${JSON.stringify(version)} is not supported ` +
+        `(this megapatch reads versions ${CHECKPOINT_FORMAT_VERSIONS.join(' and ')}); ` +
+        'open it with the megapatch release that wrote it, or upgrade megapatch',
+      file,
+    );
+  }
   const r = CheckpointMetadata.safeParse(json);
   if (!r.success) {
     const issue = r.error.issues[0];
     const field = issue.path.length ? issue.path.map(String).join('.') : '(root)';
     throw new ConvertError('INVALID_FORMAT', `field ${field}: ${issue.message}`, file);
+  }
+  if (r.data.formatVersion >= 2) {
+    for (const [name, t] of Object.entries(r.data.tensors)) {
+      const i = t.pieces.findIndex((p) => p.sha256 === undefined);
+      if (i >= 0) {
+        throw new ConvertError(
+          'INVALID_FORMAT',
+          `field tensors.${name}.pieces.${i}.sha256: missing; format version ${r.data.formatVersion} ` +
+            'records a checksum for every piece (the metadata was edited or written by a broken tool)',
+          file,
+        );
+      }
+    }
   }
   return r.data;
 }

@@ -1,6 +1,7 @@
 // Writing a megapatch checkpoint: pieces from every rank go into per-rank safetensors files in a
 // temporary directory, which is renamed into place only once complete and checked; the `latest`
 // tracker is written after that, so a crash at any point leaves the previous checkpoint current.
+import { createHash, type Hash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { ConvertError } from '../errors.js';
@@ -284,6 +285,18 @@ export interface PlannedTensor {
   }[];
 }
 
+/** SHA-256 of a piece, computed as its chunks arrive. */
+interface PieceDigest {
+  /** Byte length of the piece. */
+  readonly size: number;
+  written: number;
+  hash: Hash | null;
+  /** Lowercase hex, once every byte has arrived. */
+  sha256: string | null;
+}
+
+const EMPTY_SHA256 = createHash('sha256').digest('hex');
+
 /**
  * Streaming checkpoint writer for a layout known up front (what a converter or resharder has):
  * every piece file's header is fixed at construction, and piece bytes are appended in chunks as
@@ -303,6 +316,7 @@ export class CheckpointStreamWriter {
   private readonly options: CheckpointWriterOptions;
   private readonly tensors = new Map<string, CheckpointTensor>();
   private readonly writers = new Map<string, SafetensorsWriter>();
+  private readonly digests = new Map<string, PieceDigest[]>();
   private readonly hfFiles: string[] = [];
   private state: 'open' | 'done' | 'aborted' = 'open';
 
@@ -328,6 +342,15 @@ export class CheckpointStreamWriter {
         return { file, key, offsets: [...p.offsets], shape: [...p.shape] };
       });
       this.tensors.set(t.name, { dtype: t.dtype, globalShape: [...t.globalShape], pieces });
+      this.digests.set(
+        t.name,
+        t.pieces.map((p) => ({
+          size: byteLengthOf(t.dtype, p.shape, `tensor ${JSON.stringify(t.name)}`),
+          written: 0,
+          hash: null,
+          sha256: null,
+        })),
+      );
     }
     const { dir, tmpDir } = openIterationDir(rootDir, iteration);
     this.rootDir = rootDir;
@@ -355,14 +378,26 @@ export class CheckpointStreamWriter {
     return t.pieces;
   }
 
-  /** Appends `chunk` (row-major bytes, following those already written) to piece `index` of `name`. */
+  /**
+   * Appends `chunk` (row-major bytes, following those already written) to piece `index` of `name`;
+   * the piece's SHA-256 is updated on the way and recorded in metadata.json.
+   */
   write(name: string, index: number, chunk: Uint8Array): void {
     this.checkOpen();
     const p = this.pieces(name)[index];
     if (!p) {
       throw new ConvertError('INVALID_ARGUMENT', `tensor ${JSON.stringify(name)} has no piece ${index}`);
     }
+    // The file writer checks the length first, so the digest only ever sees bytes that were written.
     (this.writers.get(p.file) as SafetensorsWriter).write(p.key, chunk);
+    const d = (this.digests.get(name) as PieceDigest[])[index];
+    d.hash ??= createHash('sha256');
+    d.hash.update(chunk);
+    d.written += chunk.byteLength;
+    if (d.written === d.size) {
+      d.sha256 = d.hash.digest('hex');
+      d.hash = null;
+    }
   }
 
   /** Writes a side file into `<iter>/huggingface/` (a plain file name), recorded in the metadata. */
@@ -387,17 +422,27 @@ export class CheckpointStreamWriter {
   finalize(): CheckpointMetadata {
     this.checkOpen();
     try {
+      // finish() names any piece that is still short of bytes, before the metadata asks for its digest.
+      for (const w of this.writers.values()) w.finish();
+      this.writers.clear();
       const tensors: Record<string, CheckpointTensor> = {};
-      for (const name of [...this.tensors.keys()].sort())
-        tensors[name] = this.tensors.get(name) as CheckpointTensor;
+      for (const name of [...this.tensors.keys()].sort()) {
+        const t = this.tensors.get(name) as CheckpointTensor;
+        const digests = this.digests.get(name) as PieceDigest[];
+        tensors[name] = {
+          ...t,
+          pieces: t.pieces.map((p, i) => ({
+            ...p,
+            sha256: digests[i].sha256 ?? (digests[i].size === 0 ? EMPTY_SHA256 : undefined),
+          })),
+        };
+      }
       const hf = this.options.huggingface;
       const options =
         this.hfFiles.length > 0 || hf?.dtypes
           ? { ...this.options, huggingface: { ...hf, files: [...this.hfFiles] } }
           : this.options;
       const metadata = buildMetadata(this.iteration, options, tensors);
-      for (const w of this.writers.values()) w.finish();
-      this.writers.clear();
       commitIterationDir(this, metadata);
       this.state = 'done';
       return metadata;
@@ -413,6 +458,7 @@ export class CheckpointStreamWriter {
     this.state = 'aborted';
     for (const w of this.writers.values()) w.abort();
     this.writers.clear();
+    this.digests.clear();
     fs.rmSync(this.tmpDir, { recursive: true, force: true });
   }
 

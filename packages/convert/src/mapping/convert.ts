@@ -5,7 +5,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { HF_FILES_DIR, iterationDirName } from '../checkpoint/metadata.js';
-import { Checkpoint } from '../checkpoint/reader.js';
+import { Checkpoint, type CheckpointOpenOptions } from '../checkpoint/reader.js';
 import {
   CheckpointStreamWriter,
   type CheckpointWriterOptions,
@@ -26,7 +26,15 @@ import { getArchitectureSpec, parseHfConfig } from '../specs/registry.js';
 import { makeTransformerConfig, type TransformerConfig } from '../transformer-config.js';
 import { castElements, dequantizeFp8Blocks, isFloatDtype } from './dtype-cast.js';
 import { editJsonObject } from './json-edit.js';
+import {
+  checkCheckpointTarget,
+  checkExportTarget,
+  checkOutputApart,
+  HF_EXPORT_MARKER_FILE,
+  type HfExportMarker,
+} from './output-guard.js';
 import { type ConversionPlan, type MegatronTensorPlan, type ParallelLayout, planConversion } from './plan.js';
+import { checkStored } from './verify.js';
 
 /** Dtypes a conversion can write. */
 export type ModelDtype = 'BF16' | 'F16' | 'F32';
@@ -63,9 +71,18 @@ export interface CommonConvertOptions {
   readonly dtype?: ModelDtype;
   /** Bytes read and written per step (default 64 MiB); peak memory is a few times this. */
   readonly chunkBytes?: number;
-  /** Replace an existing output (default: refuse). */
+  /**
+   * Replace an existing output (default: refuse), but only one megapatch produced: a megapatch
+   * checkpoint iteration, or a folder it exported (it holds `.megapatch-export.json`).
+   */
   readonly overwrite?: boolean;
   readonly onProgress?: (p: ConversionProgress) => void;
+  /**
+   * Stops the conversion: checked before anything is created and after every chunk (the
+   * converter yields to the event loop there, so a SIGINT handler can abort it). Every temporary
+   * is removed and `signal.reason` is thrown unchanged; the previous output stays as it was.
+   */
+  readonly signal?: AbortSignal;
 }
 
 /** Options of {@link convertHfToMegapatch}. */
@@ -92,6 +109,8 @@ export interface MegapatchToHfOptions extends CommonConvertOptions {
   readonly iteration?: number;
   /** Largest shard file (default '5GB', as transformers). */
   readonly maxShardSize?: number | string;
+  /** Check each piece's SHA-256 before using it (default true; see {@link CheckpointOpenOptions}). */
+  readonly verifyChecksums?: boolean;
 }
 
 /** Options of {@link reshardCheckpoint}. */
@@ -100,6 +119,8 @@ export interface ReshardOptions extends CommonConvertOptions {
   readonly output: string;
   readonly layout: Partial<ParallelLayout>;
   readonly iteration?: number;
+  /** Check each piece's SHA-256 before using it (default true; see {@link CheckpointOpenOptions}). */
+  readonly verifyChecksums?: boolean;
 }
 
 const DEFAULT_CHUNK = 64 << 20;
@@ -110,6 +131,30 @@ const TORCH_DTYPE: Record<ModelDtype, string> = { BF16: 'bfloat16', F16: 'float1
 
 const numel = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
 const tick = () => new Promise<void>((r) => setImmediate(r));
+
+/** Between chunks: stops once `signal` is aborted, and gives the event loop a turn. */
+async function pause(signal: AbortSignal | undefined): Promise<void> {
+  signal?.throwIfAborted();
+  await tick();
+  signal?.throwIfAborted();
+}
+
+/**
+ * Checks ahead, asynchronously (interruptible, yielding between chunks), the checksums of a
+ * stored tensor whose pieces are too big to be read in one chunk; smaller pieces are checked by
+ * the reads themselves, which hash the bytes they read.
+ */
+async function verifyBigPieces(
+  ckpt: Checkpoint,
+  name: string,
+  chunkBytes: number,
+  signal: AbortSignal | undefined,
+): Promise<void> {
+  const t = ckpt.info(name);
+  if (ckpt.verifyChecksums && t.pieces.some((p) => numel(p.shape) * DTYPE_SIZE[t.dtype] > chunkBytes)) {
+    await ckpt.verifyTensor(name, { signal });
+  }
+}
 
 /** Bytes of one row (everything after dim 0) of a tensor. */
 function rowBytesOf(shape: readonly number[], dtype: SafetensorsDtype): number {
@@ -273,19 +318,6 @@ function outDtype(
   return unique[0];
 }
 
-/** Refuses to replace `target` unless `overwrite`; returns true when it exists. */
-function checkTarget(target: string, overwrite: boolean | undefined, what: string): boolean {
-  if (!fs.existsSync(target)) return false;
-  const empty = fs.statSync(target).isDirectory() && fs.readdirSync(target).length === 0;
-  if (!empty && !overwrite) {
-    throw new ConvertError(
-      'INVALID_ARGUMENT',
-      `${what} ${target} already exists (pass overwrite to replace it)`,
-    );
-  }
-  return true;
-}
-
 /** Top-level side files of an HF folder worth carrying: everything but weights and hidden files. */
 function sideFiles(hfDir: string): string[] {
   return fs
@@ -363,13 +395,14 @@ function checkHfTensors(
 }
 
 /** Checks that HF tensor `copy` holds the same bytes as `primary` (streamed in chunks). */
-function checkSameBytes(
+async function checkSameBytes(
   st: ShardedSafetensors,
   copy: string,
   primary: string,
   chunkBytes: number,
   why: string,
-) {
+  signal: AbortSignal | undefined,
+): Promise<void> {
   const a = st.info(copy);
   const b = st.info(primary);
   const rows = a.shape[0] ?? 1;
@@ -386,6 +419,7 @@ function checkSameBytes(
     const x = st.readRows(copy, r, n).data;
     const y = st.readRows(primary, r, n).data;
     if (Buffer.compare(x, y) !== 0) throw differ();
+    await pause(signal);
   }
 }
 
@@ -410,7 +444,9 @@ function openHfWeights(hfDir: string): ShardedSafetensors {
 /** Converts a Hugging Face folder into a megapatch checkpoint with the given layout. */
 export async function convertHfToMegapatch(opts: HfToMegapatchOptions): Promise<ConversionSummary> {
   const t0 = performance.now();
+  opts.signal?.throwIfAborted();
   const chunkBytes = opts.chunkBytes ?? DEFAULT_CHUNK;
+  checkOutputApart(opts.output, opts.hfDir);
   const parsed = parseHfConfig(opts.hfDir);
   const rawConfig = JSON.parse(fs.readFileSync(path.join(opts.hfDir, 'config.json'), 'utf8'));
   let cfg = parsed.transformerConfig;
@@ -425,7 +461,7 @@ export async function convertHfToMegapatch(opts: HfToMegapatchOptions): Promise<
   let plan: ConversionPlan;
   try {
     plan = planConversion(parsed.spec, cfg, opts.layout);
-    checkTarget(path.join(opts.output, iterationDirName(opts.iteration ?? 0)), opts.overwrite, 'checkpoint');
+    checkCheckpointTarget(path.join(opts.output, iterationDirName(opts.iteration ?? 0)), opts.overwrite);
   } catch (e) {
     st.close();
     throw e;
@@ -436,10 +472,17 @@ export async function convertHfToMegapatch(opts: HfToMegapatchOptions): Promise<
     const src = new HfSource(st, blockSize);
     const tiedHead = checkHfTensors(plan, src, opts.hfDir, blockSize);
     for (const d of plan.duplicates) {
-      checkSameBytes(st, d.hf, d.primary, chunkBytes, `megapatch keeps one ${d.megatron}`);
+      await checkSameBytes(st, d.hf, d.primary, chunkBytes, `megapatch keeps one ${d.megatron}`, opts.signal);
     }
     if (tiedHead) {
-      checkSameBytes(st, 'lm_head.weight', 'model.embed_tokens.weight', chunkBytes, 'config.json ties them');
+      await checkSameBytes(
+        st,
+        'lm_head.weight',
+        'model.embed_tokens.weight',
+        chunkBytes,
+        'config.json ties them',
+        opts.signal,
+      );
     }
     const dtypes = new Map<string, SafetensorsDtype>();
     // HF dtypes of tensors held in a fixed Megatron dtype, so the export gives them back as they were.
@@ -488,9 +531,10 @@ export async function convertHfToMegapatch(opts: HfToMegapatchOptions): Promise<
                 ? new Uint8Array(n * rowBytes)
                 : src.rows(run.source, run.sourceStart + r, n, dtype);
             emitRows(write, writer.pieces(t.name), t.globalShape, esz, run.start + r, n, data);
+            await pause(opts.signal);
           }
         }
-        await tick();
+        await pause(opts.signal);
       }
       writer.finalize();
     } catch (e) {
@@ -508,8 +552,11 @@ export async function convertHfToMegapatch(opts: HfToMegapatchOptions): Promise<
 }
 
 /** Opens a megapatch checkpoint with its spec and TransformerConfig. */
-function openWithSpec(input: string, iteration?: number) {
-  const ckpt = Checkpoint.open(input, iteration === undefined ? {} : { iteration });
+function openWithSpec(input: string, iteration: number | undefined, verifyChecksums: boolean | undefined) {
+  const ckpt = Checkpoint.open(input, {
+    ...(iteration === undefined ? {} : { iteration }),
+    verifyChecksums: verifyChecksums ?? true,
+  });
   const arch = ckpt.metadata.architecture;
   if (!arch) {
     ckpt.close();
@@ -527,23 +574,6 @@ function openWithSpec(input: string, iteration?: number) {
     ckpt.close();
     throw e;
   }
-}
-
-/** Checks the checkpoint's tensor matches the plan (dim 0 of vocabulary tensors may differ). */
-function checkStored(ckpt: Checkpoint, t: MegatronTensorPlan): SafetensorsDtype {
-  const info = ckpt.info(t.name);
-  const same =
-    info.globalShape.length === t.globalShape.length &&
-    info.globalShape.every((d, i) => d === t.globalShape[i] || (i === 0 && t.partition === 'vocab'));
-  const realRows = t.rows.reduce((s, r) => s + (r.source ? r.count : 0), 0);
-  if (!same || (t.partition === 'vocab' && info.globalShape[0] < realRows)) {
-    throw new ConvertError(
-      'SHAPE_MISMATCH',
-      `tensor ${t.name} has global shape [${info.globalShape.join(',')}], the model config implies [${t.globalShape.join(',')}]`,
-      'metadata.json',
-    );
-  }
-  return info.dtype;
 }
 
 /** Reads rows [a, a + n) of a stored tensor, zero rows past its end (vocabulary padding). */
@@ -589,11 +619,13 @@ export function exportedHfConfig(text: string, dtype: SafetensorsDtype | null): 
 /** Exports a megapatch checkpoint (any layout) as a Hugging Face folder with sharded safetensors. */
 export async function convertMegapatchToHf(opts: MegapatchToHfOptions): Promise<ConversionSummary> {
   const t0 = performance.now();
+  opts.signal?.throwIfAborted();
   const chunkBytes = opts.chunkBytes ?? DEFAULT_CHUNK;
-  const { ckpt, spec, cfg } = openWithSpec(opts.input, opts.iteration);
+  checkOutputApart(opts.output, opts.input);
+  const { ckpt, spec, cfg } = openWithSpec(opts.input, opts.iteration, opts.verifyChecksums);
   try {
     const plan = planConversion(spec, cfg, {});
-    checkTarget(opts.output, opts.overwrite, 'output folder');
+    checkExportTarget(opts.output, opts.overwrite);
     // HF tensor -> the Megatron rows it is made of.
     const runs = new Map<string, { megatron: string; start: number; count: number; sourceStart: number }[]>();
     const storedDtype = new Map<string, SafetensorsDtype>();
@@ -636,16 +668,18 @@ export async function convertMegapatchToHf(opts: MegapatchToHfOptions): Promise<
             const rowBytesFrom = rowBytesOf(s.shape, s.from);
             const step = Math.max(1, Math.floor(chunkBytes / Math.max(1, rowBytesFrom)));
             for (const run of s.runs) {
+              await verifyBigPieces(ckpt, run.megatron, chunkBytes, opts.signal);
               for (let r = 0; r < run.count; r += step) {
                 const n = Math.min(step, run.count - r);
                 const raw = readStoredRows(ckpt, run.megatron, run.start + r, n);
                 const data = castElements(raw, s.from, s.dtype, s.name);
                 w.write(s.name, data);
                 progress.add(s.name, data.byteLength);
+                await pause(opts.signal);
               }
             }
             weightMap.set(s.name, file);
-            await tick();
+            await pause(opts.signal);
           }
           w.finish();
         } catch (e) {
@@ -655,6 +689,14 @@ export async function convertMegapatchToHf(opts: MegapatchToHfOptions): Promise<
       }
       if (shards.length > 1) writeSafetensorsIndex(tmp, weightMap, total);
       const carried = carryBack(ckpt, tmp, specs);
+      const marker: HfExportMarker = {
+        format: 'megapatch-hf-export',
+        version: 1,
+        files: fs.readdirSync(tmp).sort(),
+        source: { checkpoint: path.resolve(opts.input), iteration: ckpt.iteration },
+      };
+      fs.writeFileSync(path.join(tmp, HF_EXPORT_MARKER_FILE), `${JSON.stringify(marker, null, 2)}\n`);
+      opts.signal?.throwIfAborted();
       commitDir(tmp, path.resolve(opts.output));
       return {
         output: opts.output,
@@ -702,17 +744,13 @@ function carryBack(ckpt: Checkpoint, dir: string, specs: readonly TensorSpec[]):
 /** Rewrites a megapatch checkpoint into another TP/PP/EP layout (and optionally another dtype). */
 export async function reshardCheckpoint(opts: ReshardOptions): Promise<ConversionSummary> {
   const t0 = performance.now();
+  opts.signal?.throwIfAborted();
   const chunkBytes = opts.chunkBytes ?? DEFAULT_CHUNK;
-  if (path.resolve(opts.input) === path.resolve(opts.output)) {
-    throw new ConvertError(
-      'INVALID_ARGUMENT',
-      'reshard: the output must be another directory than the input',
-    );
-  }
-  const { ckpt, spec, cfg } = openWithSpec(opts.input, opts.iteration);
+  checkOutputApart(opts.output, opts.input);
+  const { ckpt, spec, cfg } = openWithSpec(opts.input, opts.iteration, opts.verifyChecksums);
   try {
     const plan = planConversion(spec, cfg, opts.layout);
-    checkTarget(path.join(opts.output, path.basename(ckpt.dir)), opts.overwrite, 'checkpoint');
+    checkCheckpointTarget(path.join(opts.output, path.basename(ckpt.dir)), opts.overwrite);
     const from = new Map<string, SafetensorsDtype>();
     const planned: PlannedTensor[] = plan.tensors.map((t) => {
       const stored = checkStored(ckpt, t);
@@ -767,12 +805,14 @@ export async function reshardCheckpoint(opts: ReshardOptions): Promise<Conversio
           writer.write(t.name, k, chunk);
           progress.add(t.name, chunk.byteLength);
         };
+        await verifyBigPieces(ckpt, t.name, chunkBytes, opts.signal);
         for (let a = 0; a < rows; a += step) {
           const n = Math.min(step, rows - a);
           const data = castElements(readStoredRows(ckpt, t.name, a, n), src, t.dtype, t.name);
           emitRows(write, writer.pieces(t.name), t.globalShape, DTYPE_SIZE[t.dtype], a, n, data);
+          await pause(opts.signal);
         }
-        await tick();
+        await pause(opts.signal);
       }
       writer.finalize();
     } catch (e) {

@@ -184,6 +184,26 @@ export class SafetensorsFile {
     return { dtype: t.dtype, shape: [count, ...t.shape.slice(1)], data };
   }
 
+  /** Reads bytes [start, start+length) of tensor `name`'s data (for hashing a tensor in chunks). */
+  readByteRange(name: string, start: number, length: number): Uint8Array {
+    const t = this.entry(name);
+    const size = t.end - t.begin;
+    if (
+      !Number.isSafeInteger(start) ||
+      !Number.isSafeInteger(length) ||
+      start < 0 ||
+      length < 0 ||
+      start + length > size
+    ) {
+      throw new ConvertError(
+        'INVALID_ARGUMENT',
+        `bytes [${start}, ${start + length}) are outside tensor ${JSON.stringify(name)} of ${size} bytes`,
+        this.label,
+      );
+    }
+    return this.readBytes(this.dataStart + t.begin + start, length);
+  }
+
   /** Closes the file; later reads throw. */
   close(): void {
     if (this.fd !== null) fs.closeSync(this.fd);

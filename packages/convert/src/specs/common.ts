@@ -2,7 +2,12 @@
 // (Megatron-Core names with the Transformer Engine layer spec, see reference/pai-megatron-patch.md).
 import { z } from 'zod';
 import { ConvertError } from '../errors.js';
-import type { RopeScaling, TransformerConfig } from '../transformer-config.js';
+import {
+  CONFIG_LIMITS,
+  limitedInt,
+  type RopeScaling,
+  type TransformerConfig,
+} from '../transformer-config.js';
 import type { HfTensorShape, WeightOp, WeightRule } from './types.js';
 
 /** HF `rope_scaling` as written by transformers (older files say `type`, newer `rope_type`). */
@@ -13,13 +18,26 @@ export const HfRopeScaling = z
     factor: z.number().optional(),
     low_freq_factor: z.number().optional(),
     high_freq_factor: z.number().optional(),
-    original_max_position_embeddings: z.number().int().optional(),
+    original_max_position_embeddings: limitedInt(CONFIG_LIMITS.positions).optional(),
     beta_fast: z.number().optional(),
     beta_slow: z.number().optional(),
     mscale: z.number().optional(),
     mscale_all_dim: z.number().optional(),
   })
   .nullish();
+
+/**
+ * HF `hidden_act`. Every built-in spec implements the SwiGLU MLP, whose gate is SiLU ("swish" is
+ * transformers' other name for the same function); anything else would convert into a model that
+ * computes something else.
+ */
+export const HfHiddenAct = z
+  .string()
+  .optional()
+  .refine((v) => v === undefined || v === 'silu' || v === 'swish', {
+    error: (iss) =>
+      `${JSON.stringify(iss.input)} is not supported: megapatch implements SwiGLU MLPs (hidden_act "silu") only`,
+  });
 
 function need(v: number | undefined, field: string): number {
   if (v === undefined) throw new ConvertError('INVALID_CONFIG', `field "rope_scaling.${field}" is required`);

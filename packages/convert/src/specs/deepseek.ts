@@ -1,8 +1,16 @@
 // DeepSeek-V2 / V3 (and Moonlight, which ships as DeepseekV3ForCausalLM): MLA attention, MoE with
 // shared experts, optional first dense layers, V3's expert bias and multi-token-prediction layers.
 import { z } from 'zod';
-import { makeTransformerConfig, moeLayerPattern, type TransformerConfig } from '../transformer-config.js';
+import { ConvertError } from '../errors.js';
 import {
+  CONFIG_LIMITS as L,
+  limitedInt,
+  makeTransformerConfig,
+  moeLayerPattern,
+  type TransformerConfig,
+} from '../transformer-config.js';
+import {
+  HfHiddenAct,
   HfRopeScaling,
   hfTensor,
   kindOf,
@@ -17,61 +25,101 @@ import {
 } from './common.js';
 import type { ArchitectureSpec, HfTensorShape, WeightRule } from './types.js';
 
-const int = z.number().int().positive();
-
 /** DeepSeek-V2/V3 config.json. */
 export const HfDeepseekConfig = z.object({
-  hidden_size: int,
-  intermediate_size: int,
-  moe_intermediate_size: int,
-  num_hidden_layers: int,
-  num_attention_heads: int,
+  hidden_size: limitedInt(L.width),
+  intermediate_size: limitedInt(L.width),
+  moe_intermediate_size: limitedInt(L.width),
+  num_hidden_layers: limitedInt(L.layers),
+  num_attention_heads: limitedInt(L.heads),
+  hidden_act: HfHiddenAct,
   // MoE fields: n_routed_experts null means a dense model.
-  n_routed_experts: int.nullish(),
-  n_shared_experts: z.number().int().nonnegative().nullish(),
-  num_experts_per_tok: int.nullish(),
-  first_k_dense_replace: z.number().int().nonnegative().default(0),
-  moe_layer_freq: int.default(1),
-  n_group: int.nullish(),
-  topk_group: int.nullish(),
-  topk_method: z.string().optional(),
+  n_routed_experts: limitedInt(L.experts).nullish(),
+  n_shared_experts: limitedInt(L.experts, { zero: true }).nullish(),
+  num_experts_per_tok: limitedInt(L.experts).nullish(),
+  first_k_dense_replace: limitedInt(L.layers, { zero: true }).default(0),
+  moe_layer_freq: limitedInt(L.layers).default(1),
+  n_group: limitedInt(L.experts).nullish(),
+  topk_group: limitedInt(L.experts).nullish(),
+  // "gready" is the misspelt default of DeepSeek-V2's own configuration code.
+  topk_method: z.enum(['greedy', 'gready', 'group_limited_greedy', 'noaux_tc']).optional(),
   routed_scaling_factor: z.number().positive().default(1),
   scoring_func: z.enum(['softmax', 'sigmoid']).optional(),
   norm_topk_prob: z.boolean().default(false),
   // MLA fields.
-  q_lora_rank: int.nullable(),
-  kv_lora_rank: int,
-  qk_nope_head_dim: int,
-  qk_rope_head_dim: int,
-  v_head_dim: int,
+  q_lora_rank: limitedInt(L.width).nullable(),
+  kv_lora_rank: limitedInt(L.width),
+  qk_nope_head_dim: limitedInt(L.headDim),
+  qk_rope_head_dim: limitedInt(L.headDim),
+  v_head_dim: limitedInt(L.headDim),
   rms_norm_eps: z.number().positive(),
   rope_theta: z.number().positive().default(10000),
   rope_scaling: HfRopeScaling,
   tie_word_embeddings: z.boolean().default(false),
-  vocab_size: int,
-  max_position_embeddings: int,
-  num_nextn_predict_layers: z.number().int().nonnegative().default(0),
+  vocab_size: limitedInt(L.vocab),
+  max_position_embeddings: limitedInt(L.positions),
+  num_nextn_predict_layers: limitedInt(L.mtpLayers, { zero: true }).default(0),
   attention_bias: z.literal(false).optional(),
 });
 /** Parsed DeepSeek-V2/V3 config. */
 export type HfDeepseekConfig = z.infer<typeof HfDeepseekConfig>;
 
-function toConfig(hf: HfDeepseekConfig, v3: boolean): TransformerConfig {
+/**
+ * The routing of a MoE config.json, checked with messages that name its fields: a top-k the
+ * experts can serve and, for group-limited routing, groups of equal size with enough experts in
+ * the `topk_group` groups a token may use. Null for a dense model (no `n_routed_experts`).
+ */
+function routingOf(hf: HfDeepseekConfig, v3: boolean) {
   // V3 defaults: sigmoid scores with aux-loss-free expert bias (topk_method noaux_tc).
-  const topkMethod = hf.topk_method ?? (v3 ? 'noaux_tc' : 'greedy');
-  const grouped = topkMethod === 'noaux_tc' || topkMethod === 'group_limited_greedy';
+  const method = hf.topk_method ?? (v3 ? 'noaux_tc' : 'greedy');
+  const experts = hf.n_routed_experts;
+  if (!experts) return null;
+  const bad = (message: string) => new ConvertError('INVALID_CONFIG', message);
+  const topk = hf.num_experts_per_tok;
+  if (!topk) {
+    throw bad(`field "num_experts_per_tok" is required when "n_routed_experts" is set (${experts})`);
+  }
+  if (topk > experts) {
+    throw bad(`field "num_experts_per_tok": ${topk} is larger than "n_routed_experts" ${experts}`);
+  }
+  if (method !== 'noaux_tc' && method !== 'group_limited_greedy')
+    return { method, topk, groups: 1, groupTopk: 1 };
+  const why = hf.topk_method === undefined ? ' (the default when topk_method is absent)' : '';
+  if (hf.n_group == null) throw bad(`field "n_group" is required when topk_method is "${method}"${why}`);
+  if (hf.topk_group == null)
+    throw bad(`field "topk_group" is required when topk_method is "${method}"${why}`);
+  const groups = hf.n_group;
+  const groupTopk = hf.topk_group;
+  if (experts % groups !== 0) {
+    throw bad(
+      `field "n_routed_experts": ${experts} is not a multiple of "n_group" ${groups} (expert groups are of equal size)`,
+    );
+  }
+  if (groupTopk > groups) throw bad(`field "topk_group": ${groupTopk} is larger than "n_group" ${groups}`);
+  const reachable = (groupTopk * experts) / groups;
+  if (topk > reachable) {
+    throw bad(
+      `field "num_experts_per_tok": ${topk} is larger than "topk_group" × "n_routed_experts" / "n_group" = ` +
+        `${reachable}, the experts a token can reach`,
+    );
+  }
+  return { method, topk, groups, groupTopk };
+}
+
+function toConfig(hf: HfDeepseekConfig, v3: boolean): TransformerConfig {
+  const routing = routingOf(hf, v3);
   const moe =
-    hf.n_routed_experts && hf.num_experts_per_tok
+    hf.n_routed_experts && routing
       ? {
           numExperts: hf.n_routed_experts,
-          routerTopk: hf.num_experts_per_tok,
+          routerTopk: routing.topk,
           moeFfnHiddenSize: hf.moe_intermediate_size,
           // HF fuses the n shared experts into one MLP of n × moe_intermediate_size.
           sharedExpertIntermediateSize: (hf.n_shared_experts ?? 0) * hf.moe_intermediate_size,
           scoreFunction: hf.scoring_func ?? (v3 ? ('sigmoid' as const) : ('softmax' as const)),
-          expertBias: topkMethod === 'noaux_tc',
-          numGroups: grouped ? (hf.n_group ?? 1) : 1,
-          groupTopk: grouped ? (hf.topk_group ?? 1) : 1,
+          expertBias: routing.method === 'noaux_tc',
+          numGroups: routing.groups,
+          groupTopk: routing.groupTopk,
           routedScalingFactor: hf.routed_scaling_factor,
           normTopkProb: hf.norm_topk_prob,
           layerPattern: moeLayerPattern(hf.num_hidden_layers, {

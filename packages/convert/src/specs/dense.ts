@@ -1,11 +1,17 @@
 // Dense GQA decoders: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3 (q/k norm, explicit head_dim).
 import { z } from 'zod';
 import { ConvertError } from '../errors.js';
-import { makeTransformerConfig, type TransformerConfig } from '../transformer-config.js';
+import {
+  CONFIG_LIMITS as L,
+  limitedInt,
+  makeTransformerConfig,
+  type TransformerConfig,
+} from '../transformer-config.js';
 import {
   denseMlpRules,
   gqaAttentionRules,
   gqaAttentionTensors,
+  HfHiddenAct,
   HfRopeScaling,
   outerRules,
   outerTensors,
@@ -15,22 +21,21 @@ import {
 } from './common.js';
 import type { ArchitectureSpec, HfTensorShape, WeightRule } from './types.js';
 
-const int = z.number().int().positive();
-
 /** Fields every Llama-style HF config.json carries. */
 export const HfLlamaStyleConfig = z.object({
-  hidden_size: int,
-  intermediate_size: int,
-  num_hidden_layers: int,
-  num_attention_heads: int,
-  num_key_value_heads: int.nullish(),
-  head_dim: int.nullish(),
+  hidden_size: limitedInt(L.width),
+  intermediate_size: limitedInt(L.width),
+  num_hidden_layers: limitedInt(L.layers),
+  num_attention_heads: limitedInt(L.heads),
+  num_key_value_heads: limitedInt(L.heads).nullish(),
+  head_dim: limitedInt(L.headDim).nullish(),
+  hidden_act: HfHiddenAct,
   rms_norm_eps: z.number().positive(),
   rope_theta: z.number().positive().default(10000),
   rope_scaling: HfRopeScaling,
   tie_word_embeddings: z.boolean().default(false),
-  vocab_size: int,
-  max_position_embeddings: int,
+  vocab_size: limitedInt(L.vocab),
+  max_position_embeddings: limitedInt(L.positions),
   // Llama/Qwen3 `attention_bias` also adds an o_proj bias, which TransformerConfig cannot express.
   attention_bias: z.literal(false).optional(),
   mlp_bias: z.literal(false).optional(),

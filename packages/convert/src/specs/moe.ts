@@ -1,7 +1,13 @@
 // GQA decoders with mixture-of-experts MLPs: Mixtral, Qwen1.5/Qwen2-MoE, Qwen3-MoE.
 import { z } from 'zod';
 import { ConvertError } from '../errors.js';
-import { makeTransformerConfig, moeLayerPattern, type TransformerConfig } from '../transformer-config.js';
+import {
+  CONFIG_LIMITS as L,
+  limitedInt,
+  makeTransformerConfig,
+  moeLayerPattern,
+  type TransformerConfig,
+} from '../transformer-config.js';
 import {
   gqaAttentionRules,
   gqaAttentionTensors,
@@ -19,24 +25,34 @@ import {
 import { denseRules, HfLlamaStyleConfig, llamaStyleBase } from './dense.js';
 import type { ArchitectureSpec, HfTensorShape, WeightRule } from './types.js';
 
-const int = z.number().int().positive();
 const EXPERTS = 'mlp.experts.local_experts.{expert}.';
 
 /** Mixtral config.json. */
 export const HfMixtralConfig = HfLlamaStyleConfig.extend({
-  num_local_experts: int,
-  num_experts_per_tok: int,
+  num_local_experts: limitedInt(L.experts),
+  num_experts_per_tok: limitedInt(L.experts),
 });
 /** Parsed Mixtral config. */
 export type HfMixtralConfig = z.infer<typeof HfMixtralConfig>;
 
 const W = { gate: 'w1', up: 'w3', down: 'w2' } as const;
 
+/** Refuses a top-k larger than the expert count, naming the config.json fields. */
+function checkTopk(topk: number, experts: number, field: string): void {
+  if (topk > experts) {
+    throw new ConvertError(
+      'INVALID_CONFIG',
+      `field "num_experts_per_tok": ${topk} is larger than "${field}" ${experts}`,
+    );
+  }
+}
+
 /** Mixtral 8x7B / 8x22B: every layer MoE, experts named w1 (gate), w3 (up), w2 (down). */
 export const mixtralSpec: ArchitectureSpec<HfMixtralConfig> = {
   architectures: ['MixtralForCausalLM'],
   configSchema: HfMixtralConfig,
   toTransformerConfig(hf) {
+    checkTopk(hf.num_experts_per_tok, hf.num_local_experts, 'num_local_experts');
     return makeTransformerConfig({
       ...llamaStyleBase(hf, ropeScalingFromHf(hf.rope_scaling)),
       moe: {
@@ -75,19 +91,22 @@ export const mixtralSpec: ArchitectureSpec<HfMixtralConfig> = {
 /** Qwen-MoE fields common to Qwen2-MoE and Qwen3-MoE. */
 const qwenMoeFields = {
   // transformers 5 writes Qwen3-MoE's expert count as num_local_experts.
-  num_experts: int.optional(),
-  num_local_experts: int.optional(),
-  num_experts_per_tok: int,
-  moe_intermediate_size: int,
+  num_experts: limitedInt(L.experts).optional(),
+  num_local_experts: limitedInt(L.experts).optional(),
+  num_experts_per_tok: limitedInt(L.experts),
+  moe_intermediate_size: limitedInt(L.width),
   norm_topk_prob: z.boolean().default(false),
-  decoder_sparse_step: int.default(1),
-  mlp_only_layers: z.array(z.number().int().nonnegative()).default([]),
+  decoder_sparse_step: limitedInt(L.layers).default(1),
+  mlp_only_layers: z
+    .array(limitedInt(L.layers, { zero: true }))
+    .max(L.layers)
+    .default([]),
 };
 
 /** Qwen1.5-MoE / Qwen2-MoE config.json. */
 export const HfQwen2MoeConfig = HfLlamaStyleConfig.extend({
   ...qwenMoeFields,
-  shared_expert_intermediate_size: int,
+  shared_expert_intermediate_size: limitedInt(L.width),
 });
 /** Parsed Qwen2-MoE config. */
 export type HfQwen2MoeConfig = z.infer<typeof HfQwen2MoeConfig>;
@@ -96,11 +115,16 @@ export const HfQwen3MoeConfig = HfLlamaStyleConfig.extend(qwenMoeFields);
 /** Parsed Qwen3-MoE config. */
 export type HfQwen3MoeConfig = z.infer<typeof HfQwen3MoeConfig>;
 
-function qwenNumExperts(hf: { num_experts?: number; num_local_experts?: number }): number {
+function qwenNumExperts(hf: {
+  num_experts?: number;
+  num_local_experts?: number;
+  num_experts_per_tok: number;
+}): number {
   const n = hf.num_experts ?? hf.num_local_experts;
   if (n === undefined) {
     throw new ConvertError('INVALID_CONFIG', 'field "num_experts" (or "num_local_experts") is required');
   }
+  checkTopk(hf.num_experts_per_tok, n, hf.num_experts !== undefined ? 'num_experts' : 'num_local_experts');
   return n;
 }
 

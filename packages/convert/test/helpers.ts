@@ -1,0 +1,87 @@
+// Helpers shared by the checkpoint-safety tests: scratch folders, byte-exact folder snapshots,
+// damaging one byte of a stored piece, and catching the error a call throws.
+import { createHash } from 'node:crypto';
+import fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { afterAll, expect } from 'vitest';
+import { type CheckpointPiece, ConvertError, SafetensorsFile } from '../src/index.js';
+
+/** A scratch-folder factory whose root is removed after the file's tests. */
+export function scratch(prefix: string): (label: string) => string {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), `megapatch-${prefix}-`));
+  afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
+  let n = 0;
+  return (label) => path.join(root, `${n++}-${label}`);
+}
+
+/** Every entry under `dir` (relative path → SHA-256 of a file's bytes, or `dir` / `link -> target`). */
+export function snapshot(dir: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  const walk = (rel: string) => {
+    for (const e of fs.readdirSync(path.join(dir, rel), { withFileTypes: true })) {
+      const r = path.join(rel, e.name);
+      const full = path.join(dir, r);
+      if (e.isSymbolicLink()) out[r] = `link -> ${fs.readlinkSync(full)}`;
+      else if (e.isDirectory()) {
+        out[r] = 'dir';
+        walk(r);
+      } else out[r] = createHash('sha256').update(fs.readFileSync(full)).digest('hex');
+    }
+  };
+  walk('');
+  return out;
+}
+
+/** SHA-256 (lowercase hex) of some bytes. */
+export function sha256(data: Uint8Array): string {
+  return createHash('sha256').update(data).digest('hex');
+}
+
+/** Flips one bit of byte `at` of a piece's data (inside its safetensors file, header untouched). */
+export function flipPieceByte(iterDir: string, piece: CheckpointPiece, at = 0): void {
+  const file = path.join(iterDir, piece.file);
+  const f = SafetensorsFile.open(file);
+  const [begin, end] = f.byteRange(piece.key);
+  f.close();
+  expect(begin + at).toBeLessThan(end);
+  const fd = fs.openSync(file, 'r+');
+  try {
+    const b = Buffer.alloc(1);
+    fs.readSync(fd, b, 0, 1, begin + at);
+    b[0] ^= 0x10;
+    fs.writeSync(fd, b, 0, 1, begin + at);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** The error `f` throws (or its promise rejects with); fails the test when nothing is thrown. */
+export async function thrown(f: () => unknown): Promise<unknown> {
+  try {
+    await f();
+  } catch (e) {
+    return e;
+  }
+  throw new Error('expected an error');
+}
+
+/** The ConvertError `f` throws, checked for its code and message fragments. */
+export async function convertError(
+  f: () => unknown,
+  code: string,
+  ...mentions: string[]
+): Promise<ConvertError> {
+  const e = await thrown(f);
+  expect(e).toBeInstanceOf(ConvertError);
+  const err = e as ConvertError;
+  expect(err.code, err.message).toBe(code);
+  for (const m of mentions) expect(err.message).toContain(m);
+  return err;
+}
+
+/** Names under `dir` (recursively) that look like a temporary of a conversion. */
+export function temporaries(dir: string): string[] {
+  if (!fs.existsSync(dir)) return [];
+  return Object.keys(snapshot(dir)).filter((p) => /\.tmp-\d+|\.old-\d+/.test(p));
+}
