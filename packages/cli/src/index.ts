@@ -1,25 +1,219 @@
-// The megapatch command line: a thin layer that parses arguments, validates them and calls the
-// libraries. Subcommands load lazily so that `megapatch info` never pays for training code.
-import { defineCommand, runMain } from 'citty';
+// The megapatch command line: a thin layer that parses arguments strictly, validates them and calls
+// the libraries. Subcommands load lazily so that `megapatch info` never pays for training code.
+// This file owns the process: exit codes, one-line errors, SIGINT/SIGTERM and a closed stdout.
+import { type Command, type CommandGroup, isGroup, parseCommandArgs } from './command.js';
+import {
+  CliError,
+  describeErrno,
+  describeError,
+  EXIT,
+  exitCodeOf,
+  exitCodeOfError,
+  Interrupted,
+  type StopReason,
+  UsageError,
+} from './errors.js';
+import { commandHelp, groupHelp } from './help.js';
+import { type Io, ProcessIo } from './io.js';
+import { claimedOutputs } from './outputs.js';
+import { closest } from './suggest.js';
 import { readVersion } from './version.js';
 
-export const command = defineCommand({
-  meta: {
-    name: 'megapatch',
-    version: readVersion(),
-    description: 'LLM training in TypeScript, Megatron style',
-  },
-  subCommands: {
-    info: () => import('./commands/info.js').then((m) => m.default),
-    convert: () => import('./commands/convert.js').then((m) => m.default),
-    ckpt: () => import('./commands/ckpt.js').then((m) => m.default),
-    data: () => import('./commands/data.js').then((m) => m.default),
-    model: () => import('./commands/model.js').then((m) => m.default),
-    preprocess: () => import('./commands/preprocess.js').then((m) => m.default),
-  },
-});
+export type { Command, CommandGroup, OptionSpec, RunContext } from './command.js';
+export { EXIT } from './errors.js';
+export type { Io, Output } from './io.js';
 
-/** Runs the CLI with the given arguments (without node and the script path). */
-export async function main(argv: string[]): Promise<void> {
-  await runMain(command, { rawArgs: argv });
+/** The command tree. */
+export const commands: CommandGroup = {
+  name: '',
+  summary: 'LLM training in TypeScript, Megatron style',
+  commands: {
+    info: {
+      summary: 'package versions, the native backend in use and CUDA availability',
+      load: () => import('./commands/info.js').then((m) => m.default),
+    },
+    model: {
+      summary: 'inspect Hugging Face model configs',
+      load: () => import('./commands/model.js').then((m) => m.default),
+    },
+    preprocess: {
+      summary: 'tokenise corpora into Megatron indexed datasets',
+      load: () => import('./commands/preprocess.js').then((m) => m.default),
+    },
+    data: {
+      summary: 'inspect training data',
+      load: () => import('./commands/data.js').then((m) => m.default),
+    },
+    convert: {
+      summary: 'convert checkpoints between Hugging Face and megapatch layouts',
+      load: () => import('./commands/convert.js').then((m) => m.default),
+    },
+    ckpt: {
+      summary: 'inspect megapatch checkpoints',
+      load: () => import('./commands/ckpt.js').then((m) => m.default),
+    },
+  },
+};
+
+/** Seconds a writing command has to stop by itself after SIGINT/SIGTERM before it is cut short. */
+const STOP_GRACE_MS = 10_000;
+
+/** The command being run, for messages: `megapatch convert reshard`. */
+interface Current {
+  name: string;
+}
+
+/** Follows `words` down the tree; returns the node reached and the words left over. */
+async function resolve(
+  words: readonly string[],
+  current: Current = { name: 'megapatch' },
+): Promise<{ node: Command | CommandGroup; rest: string[] }> {
+  let node: Command | CommandGroup = commands;
+  let i = 0;
+  while (isGroup(node) && i < words.length && !words[i].startsWith('-')) {
+    const group: CommandGroup = node;
+    const entry = Object.hasOwn(group.commands, words[i]) ? group.commands[words[i]] : undefined;
+    if (!entry) {
+      const near = closest(words[i], Object.keys(group.commands));
+      const where = group.name ? `${group.name} ` : '';
+      throw new UsageError(
+        `unknown command '${where}${words[i]}'${near ? ` (did you mean '${where}${near}'?)` : `; run 'megapatch help ${group.name}'`.trimEnd()}`,
+        group.name || undefined,
+      );
+    }
+    node = await entry.load();
+    current.name = `megapatch ${node.name}`;
+    i++;
+  }
+  return { node, rest: words.slice(i) };
+}
+
+/** `megapatch help [words]`: the help of whatever the words name. */
+async function help(io: Io, words: readonly string[]): Promise<void> {
+  const { node, rest } = await resolve(words);
+  if (rest.length > 0)
+    throw new UsageError(`help takes command names only, got ${JSON.stringify(rest[0])}`, 'help');
+  io.out.log(
+    isGroup(node)
+      ? groupHelp(node, io.color, node === commands ? readVersion() : undefined)
+      : commandHelp(node, io.color),
+  );
+}
+
+/** Runs the words of a command line (without node and the script); returns the exit code. */
+async function dispatch(argv: readonly string[], io: Io, current: Current): Promise<number> {
+  const first = argv[0];
+  if (first === undefined || first === '--help' || first === '-h') {
+    io.out.log(groupHelp(commands, io.color, readVersion()));
+    return EXIT.ok;
+  }
+  if (first === '--version' || first === '-v' || first === 'version') {
+    io.out.log(readVersion());
+    return EXIT.ok;
+  }
+  if (first === 'help') {
+    await help(
+      io,
+      argv.slice(1).filter((w) => w !== '--debug'),
+    );
+    return EXIT.ok;
+  }
+  const { node, rest } = await resolve(argv, current);
+  if (isGroup(node)) {
+    if (rest.includes('--help') || rest.includes('-h')) {
+      io.out.log(groupHelp(node, io.color));
+      return EXIT.ok;
+    }
+    const names = Object.keys(node.commands).join(', ');
+    const word = rest.find((w) => w !== '--debug');
+    throw new UsageError(
+      word === undefined
+        ? `missing command: one of ${names}`
+        : `unknown option ${word}: give a command first (${names})`,
+      node.name,
+    );
+  }
+  const parsed = parseCommandArgs(node, rest);
+  if (parsed.help) {
+    io.out.log(commandHelp(node, io.color));
+    return EXIT.ok;
+  }
+  await node.run({ options: parsed.options, positionals: parsed.positionals, io });
+  return EXIT.ok;
+}
+
+/**
+ * Runs the megapatch command line and returns its exit code: 0 done, 1 failed, 2 bad command line,
+ * 130 / 143 interrupted by SIGINT / SIGTERM, 141 stdout closed by its reader. Errors are printed as
+ * one line on stderr (with the stack trace under --debug or MEGAPATCH_DEBUG=1).
+ */
+export async function main(argv: string[], io: ProcessIo = new ProcessIo()): Promise<number> {
+  const debug = argv.includes('--debug') || process.env.MEGAPATCH_DEBUG === '1';
+  const current: Current = { name: 'megapatch' };
+  const stop = (reason: StopReason) => {
+    if (reason === 'EPIPE') io.closeStdout();
+    const first = io.stop(new Interrupted(reason));
+    // Nothing being written: there is nothing to wait for. A second signal: stop now.
+    if (!io.writing || !first) hardStop(reason);
+    else setTimeout(() => hardStop(reason), STOP_GRACE_MS).unref();
+  };
+  const hardStop = (reason: StopReason) => {
+    io.runCleanups();
+    if (reason !== 'EPIPE') io.error(`${current.name}: interrupted by ${reason}`);
+    process.exit(exitCodeOf(reason));
+  };
+  const onSigint = () => stop('SIGINT');
+  const onSigterm = () => stop('SIGTERM');
+  let stdoutFailure: CliError | undefined;
+  const onStdoutError = (e: NodeJS.ErrnoException) => {
+    if (e.code === 'EPIPE') return stop('EPIPE');
+    // Any other failure to write results (a full disk under a redirect) ends the run as failed.
+    io.closeStdout();
+    stdoutFailure ??= new CliError(
+      'STDOUT',
+      describeErrno(e, 'stdout') ?? `cannot write to stdout: ${e.message}`,
+    );
+    io.stop(stdoutFailure);
+  };
+  process.on('SIGINT', onSigint);
+  process.on('SIGTERM', onSigterm);
+  process.stdout.on('error', onStdoutError);
+  try {
+    const code = await dispatch(argv, io, current);
+    // Let a failed write of the last lines report itself before declaring success.
+    await new Promise<void>((r) => setImmediate(r));
+    if (stdoutFailure) throw stdoutFailure;
+    return code;
+  } catch (thrown) {
+    const stopped = io.signal.aborted ? (io.signal.reason as Interrupted) : undefined;
+    if (stopped instanceof Interrupted) {
+      io.runCleanups();
+      if (stopped.reason !== 'EPIPE')
+        io.error(`${current.name}: interrupted by ${stopped.reason}; its temporary files were removed`);
+      if (debug && !(thrown instanceof Interrupted)) io.error(stackOf(thrown));
+      return exitCodeOf(stopped.reason);
+    }
+    io.runCleanups();
+    const e = stdoutFailure ?? thrown;
+    const where =
+      e instanceof UsageError ? (e.command ? `megapatch ${e.command}` : 'megapatch') : current.name;
+    io.error(`${where}: ${describeError(e, claimedOutputs()[0])}`);
+    if (debug) io.error(stackOf(e));
+    return exitCodeOfError(e);
+  } finally {
+    process.off('SIGINT', onSigint);
+    process.off('SIGTERM', onSigterm);
+    process.stdout.off('error', onStdoutError);
+  }
+}
+
+/** The stack trace of an error and of its causes. */
+function stackOf(e: unknown): string {
+  const parts: string[] = [];
+  for (let x: unknown = e, depth = 0; x !== undefined && depth < 5; depth++) {
+    parts.push(x instanceof Error ? (x.stack ?? String(x)) : String(x));
+    x = x instanceof Error ? x.cause : undefined;
+    if (x !== undefined) parts.push('caused by:');
+  }
+  return parts.join('\n');
 }

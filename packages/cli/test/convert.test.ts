@@ -7,17 +7,14 @@ import { SYNTHETIC_MODELS, writeSyntheticHfCheckpoint } from '@megapatch/convert
 import { afterAll, describe, expect, it } from 'vitest';
 import { inspectCheckpoint, runInspect } from '../src/commands/ckpt.js';
 import { runHfToMegapatch, runMegapatchToHf, runReshard } from '../src/commands/convert.js';
-import type { Output } from '../src/output.js';
+import { memoryIo } from '../src/io.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const bin = join(here, '..', 'bin', 'megapatch.js');
 const root = fs.mkdtempSync(join(os.tmpdir(), 'megapatch-cli-convert-'));
 afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
 
-const capture = (): Output & { lines: string[] } => {
-  const lines: string[] = [];
-  return { lines, isTTY: false, log: (l) => lines.push(l) };
-};
+const capture = () => memoryIo();
 const config = (id: string) => SYNTHETIC_MODELS.find((m) => m.id === id)?.config as Record<string, unknown>;
 
 describe('megapatch convert / ckpt inspect', () => {
@@ -27,11 +24,12 @@ describe('megapatch convert / ckpt inspect', () => {
   it('converts HF -> megapatch (tp 2, pp 2, ep 2) -> reshard -> HF and prints summaries', async () => {
     const out = capture();
     const s = await runHfToMegapatch(
-      { hfDir: hf, out: join(root, 'mp'), tp: '2', pp: '2', ep: '2', dtype: 'bf16' },
+      { 'hf-dir': hf, out: join(root, 'mp'), tp: '2', pp: '2', ep: '2', dtype: 'bf16' },
       out,
     );
-    expect(out.lines[0]).toBe(`megapatch checkpoint (tp=2 pp=2 ep=2 etp=2): ${join(root, 'mp')}`);
-    expect(out.lines.join('\n')).toMatch(/\d+ tensors, [\d,]+ parameters, [\d.]+ GB in 8 file\(s\)/);
+    expect(out.lines[0]).toMatch(/^writing [\d.]+ kB$/);
+    expect(out.lines[1]).toBe(`megapatch checkpoint (tp=2 pp=2 ep=2 etp=2): ${join(root, 'mp')}`);
+    expect(out.lines.join('\n')).toMatch(/\d+ tensors, [\d,]+ parameters, [\d.]+ kB in 8 file\(s\)/);
     expect(out.lines.join('\n')).toContain('carried over: config.json, generation_config.json');
     const r = inspectCheckpoint(join(root, 'mp'), { verify: true, tensors: true });
     expect(r.layout).toEqual({ tp: 2, pp: 2, ep: 2, etp: 2, dp: 1 });
@@ -52,21 +50,21 @@ describe('megapatch convert / ckpt inspect', () => {
     expect(inspectCheckpoint(one).layout).toEqual({ tp: 1, pp: 1, ep: 1, etp: 1, dp: 1 });
     const back = join(root, 'back');
     const o2 = capture();
-    await runMegapatchToHf({ in: one, out: back, maxShardSize: '100KB' }, o2);
+    await runMegapatchToHf({ in: one, out: back, 'max-shard-size': '100KB' }, o2);
     expect(fs.existsSync(join(back, 'model.safetensors.index.json'))).toBe(true);
-    expect(o2.lines[0]).toBe(`Hugging Face folder: ${back}`);
+    expect(o2.lines[1]).toBe(`Hugging Face folder: ${back}`);
   });
 
   it('rejects bad options with the flag name', async () => {
-    await expect(runHfToMegapatch({ hfDir: hf, out: join(root, 'x'), tp: '0' }, capture())).rejects.toThrow(
-      /--tp: must be >= 1/,
-    );
     await expect(
-      runHfToMegapatch({ hfDir: hf, out: join(root, 'x'), dtype: 'int8' as 'bf16' }, capture()),
-    ).rejects.toThrow(/--dtype: must be 'bf16', 'fp16' or 'fp32'/);
-    await expect(runHfToMegapatch({ hfDir: hf, out: join(root, 'x'), pp: '3' }, capture())).rejects.toThrow(
-      'pp=3 does not divide numLayers 4',
-    );
+      runHfToMegapatch({ 'hf-dir': hf, out: join(root, 'x'), tp: '0' }, capture()),
+    ).rejects.toThrow(/--tp: must be >= 1/);
+    await expect(
+      runHfToMegapatch({ 'hf-dir': hf, out: join(root, 'x'), dtype: 'int8' }, capture()),
+    ).rejects.toThrow(/--dtype: must be bf16, fp16 or fp32/);
+    await expect(
+      runHfToMegapatch({ 'hf-dir': hf, out: join(root, 'x'), pp: '3' }, capture()),
+    ).rejects.toThrow('pp=3 does not divide numLayers 4');
   });
 
   it('runs from the command line, and inspect accepts an iteration folder', () => {
@@ -96,8 +94,8 @@ describe('megapatch convert / ckpt inspect', () => {
     });
     expect(shown).toContain('layout             tp=2 pp=1 ep=2 etp=1 dp=1');
     expect(shown).toContain('architecture       Qwen2MoeForCausalLM');
-    const lines: string[] = [];
-    runInspect(out, { json: true }, { isTTY: false, log: (l) => lines.push(l) });
-    expect(JSON.parse(lines[0]).layout.etp).toBe(1);
+    const io = memoryIo();
+    runInspect(out, { json: true }, io);
+    expect(JSON.parse(io.lines[0]).layout.etp).toBe(1);
   });
 });

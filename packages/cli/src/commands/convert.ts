@@ -8,59 +8,64 @@ import {
   type ModelDtype,
   reshardCheckpoint,
 } from '@megapatch/convert';
-import { defineCommand } from 'citty';
 import cliProgress from 'cli-progress';
 import { z } from 'zod';
-import { defaultOutput, type Output, parseOrThrow } from '../output.js';
+import type { Command, CommandGroup, OptionSpec, OptionValues } from '../command.js';
+import { formatBytes } from '../format.js';
+import { type Io, memoryIo, type Output } from '../io.js';
+import {
+  Dtype,
+  dtypeOption,
+  int,
+  layoutOptions,
+  layoutSchema,
+  overwriteOption,
+  parseOptions,
+  withDefaults,
+} from '../options.js';
+import { checkOutputsApart, claimOutput } from '../outputs.js';
 
-const size = z.coerce
-  .number({ message: 'must be a number' })
-  .int('must be an integer')
-  .min(1, 'must be >= 1');
-const Dtype = z
-  .enum(['bf16', 'fp16', 'fp32'], { message: "must be 'bf16', 'fp16' or 'fp32'" })
-  .transform((d): ModelDtype => ({ bf16: 'BF16', fp16: 'F16', fp32: 'F32' })[d] as ModelDtype)
-  .optional();
-const Layout = {
-  tp: size.default(1),
-  pp: size.default(1),
-  ep: size.default(1),
-  /** Megatron's default expert-TP size is the TP size. */
-  etp: size.optional(),
-};
+const ModelDtypeFlag = Dtype.transform(
+  (d): ModelDtype => ({ bf16: 'BF16', fp16: 'F16', fp32: 'F32' })[d] as ModelDtype,
+);
+const path = (what: string) => z.string({ message: `is required (${what})` }).min(1, `is required (${what})`);
+/** Megatron pads to 128 by default; anything past 2^20 is a typo. */
+const VOCAB_MULTIPLE_MAX = 1 << 20;
+/** Megatron's iteration folders have 7 digits; allow more, but keep it an integer a file name holds. */
+const ITERATION_MAX = 999_999_999_999;
 
 const HfToMegapatch = z.object({
-  hfDir: z.string().min(1, 'is required (a Hugging Face model folder)'),
-  out: z.string().min(1, 'is required (the megapatch checkpoint root)'),
-  ...Layout,
-  dtype: Dtype,
-  makeVocabSizeDivisibleBy: size.default(128),
-  iteration: z.coerce.number().int().min(0, 'must be >= 0').default(0),
-  overwrite: z.boolean().default(false),
+  hfDir: path('a Hugging Face model folder'),
+  out: path('the megapatch checkpoint root'),
+  ...layoutSchema,
+  dtype: ModelDtypeFlag.optional(),
+  makeVocabSizeDivisibleBy: int(1, VOCAB_MULTIPLE_MAX),
+  iteration: int(0, ITERATION_MAX),
+  overwrite: z.boolean(),
 });
 export type HfToMegapatchArgs = z.input<typeof HfToMegapatch>;
 
 const MegapatchToHf = z.object({
-  in: z.string().min(1, 'is required (a megapatch checkpoint root)'),
-  out: z.string().min(1, 'is required (the Hugging Face folder to write)'),
-  maxShardSize: z.string().min(1).default('5GB'),
-  dtype: Dtype,
-  iteration: z.coerce.number().int().min(0, 'must be >= 0').optional(),
-  overwrite: z.boolean().default(false),
+  in: path('a megapatch checkpoint root'),
+  out: path('the Hugging Face folder to write'),
+  maxShardSize: z.string().min(1),
+  dtype: ModelDtypeFlag.optional(),
+  iteration: int(0, ITERATION_MAX).optional(),
+  overwrite: z.boolean(),
 });
 export type MegapatchToHfArgs = z.input<typeof MegapatchToHf>;
 
 const Reshard = z.object({
-  in: z.string().min(1, 'is required (a megapatch checkpoint root)'),
-  out: z.string().min(1, 'is required (the checkpoint root to write)'),
-  ...Layout,
-  dtype: Dtype,
-  iteration: z.coerce.number().int().min(0, 'must be >= 0').optional(),
-  overwrite: z.boolean().default(false),
+  in: path('a megapatch checkpoint root'),
+  out: path('the checkpoint root to write'),
+  ...layoutSchema,
+  dtype: ModelDtypeFlag.optional(),
+  iteration: int(0, ITERATION_MAX).optional(),
+  overwrite: z.boolean(),
 });
 export type ReshardArgs = z.input<typeof Reshard>;
 
-const gb = (n: number) => `${(n / 1e9).toFixed(2)} GB`;
+const gb = formatBytes;
 
 /** A byte progress reporter: a cli-progress bar on a terminal, a line every 2 s otherwise. */
 function byteProgress(out: Output): { update: (p: ConversionProgress) => void; stop: () => void } {
@@ -86,11 +91,17 @@ function byteProgress(out: Output): { update: (p: ConversionProgress) => void; s
     };
   }
   let last = 0;
+  let first = true;
   return {
     update: (p) => {
       const s = (performance.now() - t0) / 1000;
-      if (s - last < 2) return;
+      if (!first && s - last < 2) return;
       last = s;
+      if (first) {
+        first = false;
+        out.log(`writing ${gb(p.totalBytes)}`);
+        return;
+      }
       const pct = ((100 * p.doneBytes) / Math.max(1, p.totalBytes)).toFixed(1);
       out.log(`progress: ${pct}% (${gb(p.doneBytes)} of ${gb(p.totalBytes)}), ${rate(p.doneBytes)} MB/s`);
     },
@@ -108,173 +119,224 @@ function summarize(out: Output, what: string, s: ConversionSummary): void {
   if (s.carried.length > 0) out.log(`  carried over: ${s.carried.join(', ')}`);
 }
 
-async function withProgress(
-  out: Output,
-  run: (cb: (p: ConversionProgress) => void) => Promise<ConversionSummary>,
-) {
-  const progress = byteProgress(out);
+/**
+ * Runs a conversion into `out`: refuses an output that overlaps an input, locks the output,
+ * clears leftovers of killed runs, shows progress, and passes the stop signal to the converter,
+ * which removes its temporaries when stopped.
+ */
+async function convertInto(
+  io: Io,
+  command: string,
+  paths: { out: string; inputs: { flag: string; path: string }[] },
+  run: (signal: AbortSignal, onProgress: (p: ConversionProgress) => void) => Promise<ConversionSummary>,
+): Promise<ConversionSummary> {
+  checkOutputsApart(command, [{ flag: '--out', path: paths.out }], paths.inputs);
+  io.throwIfStopped();
+  const claim = claimOutput(io, command, paths.out);
+  const progress = byteProgress(io.out);
   try {
-    return await run(progress.update);
+    return await run(io.signal, progress.update);
   } finally {
     progress.stop();
+    claim.release();
   }
 }
 
-/** `megapatch convert hf-to-megapatch` with parsed options. */
-export async function runHfToMegapatch(
-  args: HfToMegapatchArgs,
-  out: Output = defaultOutput(),
-): Promise<ConversionSummary> {
-  const o = parseOrThrow(HfToMegapatch, args, 'megapatch convert hf-to-megapatch');
-  const s = await withProgress(out, (onProgress) =>
-    convertHfToMegapatch({
-      hfDir: o.hfDir,
-      output: o.out,
-      layout: { tp: o.tp, pp: o.pp, ep: o.ep, ...(o.etp ? { etp: o.etp } : {}) },
-      ...(o.dtype ? { dtype: o.dtype } : {}),
-      makeVocabSizeDivisibleBy: o.makeVocabSizeDivisibleBy,
-      iteration: o.iteration,
-      overwrite: o.overwrite,
-      onProgress,
-    }),
+const layoutOf = (o: { tp: number; pp: number; ep: number; etp?: number }) => ({
+  tp: o.tp,
+  pp: o.pp,
+  ep: o.ep,
+  ...(o.etp ? { etp: o.etp } : {}),
+});
+const layoutText = (o: { tp: number; pp: number; ep: number; etp?: number }) =>
+  `tp=${o.tp} pp=${o.pp} ep=${o.ep} etp=${o.etp ?? o.tp}`;
+
+const HF_TO_MEGAPATCH = 'convert hf-to-megapatch';
+const MEGAPATCH_TO_HF = 'convert megapatch-to-hf';
+const RESHARD = 'convert reshard';
+
+/** `megapatch convert hf-to-megapatch` with flag values (strings, as typed). */
+export async function runHfToMegapatch(args: OptionValues, io: Io = memoryIo()): Promise<ConversionSummary> {
+  const o = parseOptions(HfToMegapatch, withDefaults(hfToMegapatch, args), HF_TO_MEGAPATCH);
+  const s = await convertInto(
+    io,
+    HF_TO_MEGAPATCH,
+    { out: o.out, inputs: [{ flag: '--hf-dir', path: o.hfDir }] },
+    (signal, onProgress) =>
+      convertHfToMegapatch({
+        hfDir: o.hfDir,
+        output: o.out,
+        layout: layoutOf(o),
+        ...(o.dtype ? { dtype: o.dtype } : {}),
+        makeVocabSizeDivisibleBy: o.makeVocabSizeDivisibleBy,
+        iteration: o.iteration,
+        overwrite: o.overwrite,
+        onProgress,
+        signal,
+      }),
   );
-  summarize(out, `megapatch checkpoint (tp=${o.tp} pp=${o.pp} ep=${o.ep} etp=${o.etp ?? o.tp})`, s);
+  summarize(io.out, `megapatch checkpoint (${layoutText(o)})`, s);
   return s;
 }
 
-/** `megapatch convert megapatch-to-hf` with parsed options. */
-export async function runMegapatchToHf(
-  args: MegapatchToHfArgs,
-  out: Output = defaultOutput(),
-): Promise<ConversionSummary> {
-  const o = parseOrThrow(MegapatchToHf, args, 'megapatch convert megapatch-to-hf');
-  const s = await withProgress(out, (onProgress) =>
-    convertMegapatchToHf({
-      input: o.in,
-      output: o.out,
-      maxShardSize: o.maxShardSize,
-      ...(o.dtype ? { dtype: o.dtype } : {}),
-      ...(o.iteration !== undefined ? { iteration: o.iteration } : {}),
-      overwrite: o.overwrite,
-      onProgress,
-    }),
+/** `megapatch convert megapatch-to-hf` with flag values. */
+export async function runMegapatchToHf(args: OptionValues, io: Io = memoryIo()): Promise<ConversionSummary> {
+  const o = parseOptions(MegapatchToHf, withDefaults(megapatchToHf, args), MEGAPATCH_TO_HF);
+  const s = await convertInto(
+    io,
+    MEGAPATCH_TO_HF,
+    { out: o.out, inputs: [{ flag: '--in', path: o.in }] },
+    (signal, onProgress) =>
+      convertMegapatchToHf({
+        input: o.in,
+        output: o.out,
+        maxShardSize: o.maxShardSize,
+        ...(o.dtype ? { dtype: o.dtype } : {}),
+        ...(o.iteration !== undefined ? { iteration: o.iteration } : {}),
+        overwrite: o.overwrite,
+        onProgress,
+        signal,
+      }),
   );
-  summarize(out, 'Hugging Face folder', s);
+  summarize(io.out, 'Hugging Face folder', s);
   return s;
 }
 
-/** `megapatch convert reshard` with parsed options. */
-export async function runReshard(
-  args: ReshardArgs,
-  out: Output = defaultOutput(),
-): Promise<ConversionSummary> {
-  const o = parseOrThrow(Reshard, args, 'megapatch convert reshard');
-  const s = await withProgress(out, (onProgress) =>
-    reshardCheckpoint({
-      input: o.in,
-      output: o.out,
-      layout: { tp: o.tp, pp: o.pp, ep: o.ep, ...(o.etp ? { etp: o.etp } : {}) },
-      ...(o.dtype ? { dtype: o.dtype } : {}),
-      ...(o.iteration !== undefined ? { iteration: o.iteration } : {}),
-      overwrite: o.overwrite,
-      onProgress,
-    }),
+/** `megapatch convert reshard` with flag values. */
+export async function runReshard(args: OptionValues, io: Io = memoryIo()): Promise<ConversionSummary> {
+  const o = parseOptions(Reshard, withDefaults(reshard, args), RESHARD);
+  const s = await convertInto(
+    io,
+    RESHARD,
+    { out: o.out, inputs: [{ flag: '--in', path: o.in }] },
+    (signal, onProgress) =>
+      reshardCheckpoint({
+        input: o.in,
+        output: o.out,
+        layout: layoutOf(o),
+        ...(o.dtype ? { dtype: o.dtype } : {}),
+        ...(o.iteration !== undefined ? { iteration: o.iteration } : {}),
+        overwrite: o.overwrite,
+        onProgress,
+        signal,
+      }),
   );
-  summarize(out, `megapatch checkpoint (tp=${o.tp} pp=${o.pp} ep=${o.ep} etp=${o.etp ?? o.tp})`, s);
+  summarize(io.out, `megapatch checkpoint (${layoutText(o)})`, s);
   return s;
 }
 
-const layoutArgs = {
-  tp: { type: 'string', description: 'tensor-parallel size', default: '1' },
-  pp: { type: 'string', description: 'pipeline-parallel size', default: '1' },
-  ep: { type: 'string', description: 'expert-parallel size', default: '1' },
-  etp: { type: 'string', description: 'expert tensor-parallel size (default: --tp)' },
+/** `--in`: a checkpoint to read, with Megatron's `--load`. */
+const inOption = {
+  type: 'string',
+  value: 'DIR',
+  description: 'megapatch checkpoint root',
+  required: true,
+  aliases: ['load', 'load-dir'],
+} as const satisfies OptionSpec;
+
+/** `--out`, with Megatron's `--save`. */
+const outOption = (description: string): OptionSpec => ({
+  type: 'string',
+  value: 'DIR',
+  description,
+  required: true,
+  aliases: ['save', 'save-dir'],
+});
+
+const iterationOption = {
+  type: 'string',
+  value: 'N',
+  description: 'iteration to read (default: the latest)',
+  aliases: ['ckpt-step'],
 } as const;
-const dtypeArg = { type: 'string', description: 'cast floating-point weights: bf16, fp16 or fp32' } as const;
-const overwriteArg = { type: 'boolean', description: 'replace an existing output', default: false } as const;
 
-const hfToMegapatch = defineCommand({
-  meta: {
-    name: 'hf-to-megapatch',
-    description: 'Hugging Face folder -> megapatch checkpoint (any TP/PP/EP layout)',
-  },
-  args: {
-    'hf-dir': { type: 'string', description: 'Hugging Face model folder', required: true },
-    out: { type: 'string', description: 'megapatch checkpoint root to write', required: true },
-    ...layoutArgs,
-    dtype: dtypeArg,
+export const hfToMegapatch: Command = {
+  name: HF_TO_MEGAPATCH,
+  summary: 'Hugging Face folder -> megapatch checkpoint (any TP/PP/EP layout)',
+  description:
+    'Streams the safetensors of a Hugging Face model folder into a megapatch checkpoint root ' +
+    '(<out>/iter_NNNNNNN/ and latest_checkpointed_iteration.txt) in the layout given, carrying ' +
+    'config.json, generation_config.json and the tokenizer files along.',
+  options: {
+    'hf-dir': {
+      type: 'string',
+      value: 'DIR',
+      description: 'Hugging Face model folder (config.json + safetensors)',
+      required: true,
+      aliases: ['load', 'load-dir', 'hf-ckpt-path'],
+    },
+    out: outOption('megapatch checkpoint root to write'),
+    ...layoutOptions,
+    dtype: dtypeOption,
     'make-vocab-size-divisible-by': {
       type: 'string',
-      description: 'vocabulary padding multiple',
+      value: 'N',
+      description: 'pad the vocabulary to a multiple of N x tp, as Megatron does',
       default: '128',
     },
-    iteration: { type: 'string', description: 'iteration recorded in the checkpoint', default: '0' },
-    overwrite: overwriteArg,
+    iteration: {
+      type: 'string',
+      value: 'N',
+      description: 'iteration recorded in the checkpoint',
+      default: '0',
+    },
+    overwrite: overwriteOption,
   },
-  async run({ args }) {
-    await runHfToMegapatch({
-      hfDir: args['hf-dir'],
-      out: args.out,
-      tp: args.tp,
-      pp: args.pp,
-      ep: args.ep,
-      etp: args.etp,
-      dtype: args.dtype as HfToMegapatchArgs['dtype'],
-      makeVocabSizeDivisibleBy: args['make-vocab-size-divisible-by'],
-      iteration: args.iteration,
-      overwrite: args.overwrite,
-    } as HfToMegapatchArgs);
+  examples: ['convert hf-to-megapatch --hf-dir Qwen3-0.6B --out ckpt --tp 2 --pp 2 --dtype bf16'],
+  run: async ({ options, io }) => {
+    await runHfToMegapatch(options, io);
   },
-});
+};
 
-const megapatchToHf = defineCommand({
-  meta: { name: 'megapatch-to-hf', description: 'megapatch checkpoint (any layout) -> Hugging Face folder' },
-  args: {
-    in: { type: 'string', description: 'megapatch checkpoint root', required: true },
-    out: { type: 'string', description: 'Hugging Face folder to write', required: true },
-    'max-shard-size': { type: 'string', description: "largest shard, e.g. '5GB' or '500MB'", default: '5GB' },
-    dtype: dtypeArg,
-    iteration: { type: 'string', description: 'iteration to export (default: latest)' },
-    overwrite: overwriteArg,
+export const megapatchToHf: Command = {
+  name: MEGAPATCH_TO_HF,
+  summary: 'megapatch checkpoint (any layout) -> Hugging Face folder',
+  description:
+    'Exports a megapatch checkpoint saved in any layout as sharded safetensors with an index, ' +
+    'config.json, generation_config.json and the tokenizer files, ready for transformers.',
+  options: {
+    in: inOption,
+    out: outOption('Hugging Face folder to write'),
+    'max-shard-size': {
+      type: 'string',
+      value: 'SIZE',
+      description: "largest shard file, e.g. '5GB' or '500MB'",
+      default: '5GB',
+    },
+    dtype: dtypeOption,
+    iteration: iterationOption,
+    overwrite: overwriteOption,
   },
-  async run({ args }) {
-    await runMegapatchToHf({
-      in: args.in,
-      out: args.out,
-      maxShardSize: args['max-shard-size'],
-      dtype: args.dtype as MegapatchToHfArgs['dtype'],
-      iteration: args.iteration,
-      overwrite: args.overwrite,
-    } as MegapatchToHfArgs);
+  examples: ['convert megapatch-to-hf --in ckpt --out Qwen3-0.6B-trained --dtype bf16'],
+  run: async ({ options, io }) => {
+    await runMegapatchToHf(options, io);
   },
-});
+};
 
-const reshard = defineCommand({
-  meta: { name: 'reshard', description: 'megapatch checkpoint -> megapatch checkpoint in another layout' },
-  args: {
-    in: { type: 'string', description: 'megapatch checkpoint root', required: true },
-    out: { type: 'string', description: 'checkpoint root to write', required: true },
-    ...layoutArgs,
-    dtype: dtypeArg,
-    iteration: { type: 'string', description: 'iteration to reshard (default: latest)' },
-    overwrite: overwriteArg,
+export const reshard: Command = {
+  name: RESHARD,
+  summary: 'megapatch checkpoint -> the same in another TP/PP/EP layout',
+  options: {
+    in: inOption,
+    out: outOption('checkpoint root to write'),
+    ...layoutOptions,
+    dtype: dtypeOption,
+    iteration: { ...iterationOption, description: 'iteration to reshard (default: the latest)' },
+    overwrite: overwriteOption,
   },
-  async run({ args }) {
-    await runReshard({
-      in: args.in,
-      out: args.out,
-      tp: args.tp,
-      pp: args.pp,
-      ep: args.ep,
-      etp: args.etp,
-      dtype: args.dtype as ReshardArgs['dtype'],
-      iteration: args.iteration,
-      overwrite: args.overwrite,
-    } as ReshardArgs);
+  examples: ['convert reshard --in ckpt --out ckpt-tp1 --tp 1 --pp 1'],
+  run: async ({ options, io }) => {
+    await runReshard(options, io);
   },
-});
+};
 
-export default defineCommand({
-  meta: { name: 'convert', description: 'Convert checkpoints between Hugging Face and megapatch layouts' },
-  subCommands: { 'hf-to-megapatch': hfToMegapatch, 'megapatch-to-hf': megapatchToHf, reshard },
-});
+const group: CommandGroup = {
+  name: 'convert',
+  summary: 'convert checkpoints between Hugging Face and megapatch layouts',
+  commands: {
+    'hf-to-megapatch': { summary: hfToMegapatch.summary, load: async () => hfToMegapatch },
+    'megapatch-to-hf': { summary: megapatchToHf.summary, load: async () => megapatchToHf },
+    reshard: { summary: reshard.summary, load: async () => reshard },
+  },
+};
+export default group;

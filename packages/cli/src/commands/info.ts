@@ -1,8 +1,5 @@
-import { defineCommand } from 'citty';
-import { z } from 'zod';
+import type { Command } from '../command.js';
 import { packageVersion } from '../version.js';
-
-const Options = z.object({ json: z.boolean().default(false) });
 
 const PACKAGES = [
   '@megapatch/cli',
@@ -82,12 +79,13 @@ export function formatInfo(r: InfoReport): string {
   return lines.join('\n');
 }
 
-export default defineCommand({
-  meta: { name: 'info', description: 'Package versions, the native backend in use and CUDA availability' },
-  args: { json: { type: 'boolean', description: 'print JSON', default: false } },
-  async run({ args }) {
-    const opts = Options.parse({ json: args.json });
+const info: Command = {
+  name: 'info',
+  summary: 'package versions, the native backend in use and CUDA availability',
+  options: { json: { type: 'boolean', description: 'print JSON' } },
+  run: async ({ options, io }) => {
     const report = await collectInfo();
-    console.log(opts.json ? JSON.stringify(report, null, 2) : formatInfo(report));
+    io.out.log(options.json ? JSON.stringify(report, null, 2) : formatInfo(report));
   },
-});
+};
+export default info;

@@ -1,10 +1,7 @@
 // `megapatch model info --config <config.json>`: the architecture, the TransformerConfig and the
 // total and active (per token) parameter counts of a Hugging Face model config.
 import { parameterCount, parseHfConfig, type TransformerConfig } from '@megapatch/convert';
-import { defineCommand } from 'citty';
-import { z } from 'zod';
-
-const InfoOptions = z.object({ config: z.string().min(1, 'is required (a config.json or its folder)') });
+import type { Command, CommandGroup } from '../command.js';
 
 /** What `megapatch model info` reports, as data. */
 export interface ModelInfo {
@@ -14,8 +11,7 @@ export interface ModelInfo {
 }
 
 export function modelInfo(configPath: string): ModelInfo {
-  const { config } = InfoOptions.parse({ config: configPath });
-  const parsed = parseHfConfig(config);
+  const parsed = parseHfConfig(configPath);
   const count = parameterCount(parsed.transformerConfig);
   const hf = parsed.hfConfig as { architectures?: string[] };
   return {
@@ -56,22 +52,28 @@ export function formatModelInfo(m: ModelInfo): string {
   return lines.join('\n');
 }
 
-const info = defineCommand({
-  meta: {
-    name: 'info',
-    description: 'Architecture, TransformerConfig and parameter counts of a Hugging Face config',
+export const info: Command = {
+  name: 'model info',
+  summary: 'architecture, TransformerConfig and parameter counts of a Hugging Face config',
+  options: {
+    config: {
+      type: 'string',
+      value: 'PATH',
+      description: 'config.json, or the model folder holding it',
+      required: true,
+    },
+    json: { type: 'boolean', description: 'print JSON' },
   },
-  args: {
-    config: { type: 'string', description: 'config.json (or the folder holding it)', required: true },
-    json: { type: 'boolean', description: 'print JSON', default: false },
+  examples: ['model info --config Qwen3-30B-A3B/config.json'],
+  run: ({ options, io }) => {
+    const m = modelInfo(options.config as string);
+    io.out.log(options.json ? JSON.stringify(m, null, 2) : formatModelInfo(m));
   },
-  run({ args }) {
-    const m = modelInfo(args.config);
-    console.log(args.json ? JSON.stringify(m, null, 2) : formatModelInfo(m));
-  },
-});
+};
 
-export default defineCommand({
-  meta: { name: 'model', description: 'Inspect model configs' },
-  subCommands: { info },
-});
+const group: CommandGroup = {
+  name: 'model',
+  summary: 'inspect Hugging Face model configs',
+  commands: { info: { summary: info.summary, load: async () => info } },
+};
+export default group;

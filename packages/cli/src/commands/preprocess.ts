@@ -8,44 +8,47 @@ import {
   preprocessPretrain,
   preprocessSft,
 } from '@megapatch/data';
-import { defineCommand } from 'citty';
 import cliProgress from 'cli-progress';
 import { z } from 'zod';
-import { defaultOutput, type Output, parseOrThrow } from '../output.js';
+import type { Command, CommandGroup, OptionSpec, OptionValues } from '../command.js';
+import { type Io, memoryIo, type Output } from '../io.js';
+import { capWorkers, int, overwriteOption, parseOptions, withDefaults } from '../options.js';
+import { checkOutputsApart, claimOutput } from '../outputs.js';
+import { MAX_SEQ_LENGTH } from './data.js';
 
-export type { Output } from '../output.js';
-
-const Workers = z.coerce
-  .number({ message: 'must be a number' })
-  .int('must be an integer')
-  .min(1, 'must be >= 1')
-  .default(1);
+/** More bad records than this fraction of the input gets a warning (a wrong --json-key, a broken file). */
+export const BAD_FRACTION_WARNING = 0.01;
+/** Far more threads than any machine has cores: a typo, not a wish. */
+const MAX_WORKERS = 4096;
 
 const PretrainOptions = z.object({
   input: z.string().min(1, 'is required (a .jsonl, .json, .parquet or .txt file)'),
-  jsonKey: z.string().min(1, 'must not be empty').default('text'),
+  jsonKey: z.string().min(1, 'must not be empty'),
   tokenizer: z.string().min(1, 'is required (a Hugging Face tokenizer folder)'),
+  tokenizerType: z
+    .literal('HuggingFaceTokenizer', {
+      message: 'megapatch reads Hugging Face tokenizer folders only: HuggingFaceTokenizer',
+    })
+    .optional(),
   outputPrefix: z.string().min(1, 'is required'),
-  appendEod: z.boolean().default(false),
-  workers: Workers,
-  strict: z.boolean().default(false),
+  appendEod: z.boolean(),
+  workers: int(1, MAX_WORKERS),
+  strict: z.boolean(),
+  overwrite: z.boolean(),
 });
-export type PretrainOptions = z.input<typeof PretrainOptions>;
 
 const SftOptions = z.object({
   input: z.string().min(1, 'is required (an Alpaca/ShareGPT/OpenAI .json, .jsonl or .parquet file)'),
   tokenizer: z.string().min(1, 'is required (a Hugging Face tokenizer folder)'),
+  tokenizerType: PretrainOptions.shape.tokenizerType,
   outputPrefix: z.string().min(1, 'is required'),
-  seqLength: z.coerce
-    .number({ message: 'must be a number' })
-    .int('must be an integer')
-    .min(1, 'must be >= 1'),
-  truncation: z.enum(['drop', 'truncate'], { message: "must be 'drop' or 'truncate'" }).default('drop'),
+  seqLength: int(1, MAX_SEQ_LENGTH),
+  truncation: z.enum(['drop', 'truncate'], { message: "must be 'drop' or 'truncate'" }),
   /** Rendering + tokenizer threads; the output is the same whatever the count. */
-  workers: Workers,
-  strict: z.boolean().default(false),
+  workers: int(1, MAX_WORKERS),
+  strict: z.boolean(),
+  overwrite: z.boolean(),
 });
-export type SftOptions = z.input<typeof SftOptions>;
 
 const mbps = (p: PreprocessProgress): string =>
   p.seconds > 0 ? (p.bytes / 1e6 / p.seconds).toFixed(2) : '0.00';
@@ -84,133 +87,230 @@ function progressReporter(
   };
 }
 
-function reportBadLines(out: Output, badLines: readonly BadLine[]): void {
-  if (badLines.length === 0) return;
-  out.log(`bad lines: ${badLines.length} (skipped)`);
-  for (const b of badLines.slice(0, 20)) out.log(`  line ${b.line}: ${b.reason}`);
-  if (badLines.length > 20) out.log(`  ... and ${badLines.length - 20} more`);
+/** Lists bad records, and warns when there are many of them or when text was not valid UTF-8. */
+function reportBadLines(
+  io: Io,
+  r: { badLines: readonly BadLine[]; records: number; invalidUtf8: number },
+): void {
+  const { badLines } = r;
+  if (badLines.length > 0) {
+    io.out.log(`bad lines: ${badLines.length} (skipped)`);
+    for (const b of badLines.slice(0, 20)) io.out.log(`  line ${b.line}: ${b.reason}`);
+    if (badLines.length > 20) io.out.log(`  ... and ${badLines.length - 20} more`);
+  }
+  if (r.records > 0 && badLines.length / r.records > BAD_FRACTION_WARNING) {
+    const pct = ((100 * badLines.length) / r.records).toFixed(1);
+    io.warn(
+      `${badLines.length} of ${r.records} records (${pct}%) were bad and skipped; check the input and the flags, or pass --strict to stop at the first`,
+    );
+  }
+  if (r.invalidUtf8 > 0) {
+    io.warn(
+      `${r.invalidUtf8} record(s) were not valid UTF-8 and were read with replacement characters; --strict rejects them`,
+    );
+  }
 }
+
+/**
+ * Runs a preprocessing job into `prefix`: its output files never overlap the inputs, the prefix is
+ * locked, leftovers of killed runs are removed, and the stop signal reaches the library, which
+ * removes its temporaries when stopped.
+ */
+async function preprocessInto<R>(
+  io: Io,
+  command: string,
+  paths: { prefix: string; outputs: string[]; inputs: { flag: string; path: string }[] },
+  unit: string,
+  run: (signal: AbortSignal, onProgress: (p: PreprocessProgress) => void) => Promise<R>,
+): Promise<R> {
+  checkOutputsApart(
+    command,
+    paths.outputs.map((p) => ({ flag: '--output-prefix', path: p })),
+    paths.inputs,
+  );
+  io.throwIfStopped();
+  const claim = claimOutput(io, command, paths.prefix, 'prefix');
+  const progress = progressReporter(io.out, unit);
+  try {
+    return await run(io.signal, progress.update);
+  } finally {
+    progress.stop();
+    claim.release();
+  }
+}
+
+/** The paths a preprocessing job reads, with their flags. */
+const inputsOf = (o: { input: string; tokenizer: string }) => [
+  { flag: '--input', path: o.input },
+  { flag: '--tokenizer', path: o.tokenizer },
+];
 
 /** Runs `megapatch preprocess pretrain` with parsed options, printing progress and totals. */
 export async function runPretrain(
-  options: PretrainOptions,
-  out: Output = defaultOutput(),
+  args: OptionValues,
+  io: Io = memoryIo(),
 ): Promise<PreprocessPretrainResult> {
-  const o = parseOrThrow(PretrainOptions, options, 'megapatch preprocess pretrain');
-  const progress = progressReporter(out, 'documents');
-  let r: PreprocessPretrainResult;
-  try {
-    r = await preprocessPretrain({
-      input: o.input,
-      jsonKey: o.jsonKey,
-      tokenizerDir: o.tokenizer,
-      outputPrefix: o.outputPrefix,
-      appendEod: o.appendEod,
-      workers: o.workers,
-      strict: o.strict,
-      onProgress: progress.update,
-    });
-  } finally {
-    progress.stop();
-  }
+  const o = parseOptions(PretrainOptions, withDefaults(pretrain, args), PRETRAIN);
+  const workers = capWorkers(io, o.workers);
+  const datasetPrefix = `${o.outputPrefix}_${o.jsonKey}_document`;
+  const r = await preprocessInto(
+    io,
+    PRETRAIN,
+    {
+      prefix: o.outputPrefix,
+      outputs: [`${datasetPrefix}.bin`, `${datasetPrefix}.idx`],
+      inputs: inputsOf(o),
+    },
+    'documents',
+    (signal, onProgress) =>
+      preprocessPretrain({
+        input: o.input,
+        jsonKey: o.jsonKey,
+        tokenizerDir: o.tokenizer,
+        outputPrefix: o.outputPrefix,
+        appendEod: o.appendEod,
+        workers,
+        strict: o.strict,
+        overwrite: o.overwrite,
+        signal,
+        onProgress,
+      }),
+  );
+  const out = io.out;
   out.log(`wrote ${r.datasetPrefix}.bin / .idx (${r.dtype})`);
   out.log(
     `documents: ${r.documents}, tokens: ${r.tokens}, bytes: ${r.bytes}, seconds: ${r.seconds.toFixed(2)}, ` +
       `documents/s: ${perSecond(r.documents, r.seconds)}, MB/s: ${mbps(r)}`,
   );
-  reportBadLines(out, r.badLines);
+  reportBadLines(io, r);
   return r;
 }
 
-/** Runs `megapatch preprocess sft` with parsed options, printing progress and totals. */
-export async function runSft(
-  options: SftOptions,
-  out: Output = defaultOutput(),
-): Promise<PreprocessSftResult> {
-  const o = parseOrThrow(SftOptions, options, 'megapatch preprocess sft');
-  const progress = progressReporter(out, 'samples');
-  let r: PreprocessSftResult;
-  try {
-    r = await preprocessSft({
-      input: o.input,
-      tokenizerDir: o.tokenizer,
-      outputPrefix: o.outputPrefix,
-      seqLength: o.seqLength,
-      truncation: o.truncation,
-      workers: o.workers,
-      strict: o.strict,
-      onProgress: progress.update,
-    });
-  } finally {
-    progress.stop();
-  }
+/** Runs `megapatch preprocess sft` with flag values, printing progress and totals. */
+export async function runSft(args: OptionValues, io: Io = memoryIo()): Promise<PreprocessSftResult> {
+  const o = parseOptions(SftOptions, withDefaults(sft, args), SFT);
+  const workers = capWorkers(io, o.workers);
+  const p = o.outputPrefix;
+  const r = await preprocessInto(
+    io,
+    SFT,
+    {
+      prefix: p,
+      outputs: [
+        '_sft_tokens.bin',
+        '_sft_tokens.idx',
+        '_sft_loss_mask.bin',
+        '_sft_loss_mask.idx',
+        '_sft.json',
+      ].map((s) => `${p}${s}`),
+      inputs: inputsOf(o),
+    },
+    'samples',
+    (signal, onProgress) =>
+      preprocessSft({
+        input: o.input,
+        tokenizerDir: o.tokenizer,
+        outputPrefix: o.outputPrefix,
+        seqLength: o.seqLength,
+        truncation: o.truncation,
+        workers,
+        strict: o.strict,
+        overwrite: o.overwrite,
+        signal,
+        onProgress,
+      }),
+  );
+  const out = io.out;
   out.log(`wrote ${r.tokensPrefix}.bin / .idx, ${r.lossMaskPrefix}.bin / .idx and ${r.sidecar}`);
   out.log(
     `samples: ${r.samples}, tokens: ${r.tokens}, loss tokens: ${r.lossTokens}, dropped: ${r.dropped}, ` +
       `truncated: ${r.truncated}, bytes: ${r.bytes}, seconds: ${r.seconds.toFixed(2)}, ` +
       `samples/s: ${perSecond(r.samples, r.seconds)}, MB/s: ${mbps(r)}`,
   );
-  reportBadLines(out, r.badLines);
+  reportBadLines(io, r);
   return r;
 }
 
+const PRETRAIN = 'preprocess pretrain';
+const SFT = 'preprocess sft';
+
 const common = {
-  input: { type: 'string', description: 'input file', required: true },
-  tokenizer: { type: 'string', description: 'Hugging Face tokenizer folder', required: true },
-  'output-prefix': { type: 'string', description: 'output path prefix', required: true },
-  strict: { type: 'boolean', description: 'fail at the first bad line', default: false },
-} as const;
-
-const pretrain = defineCommand({
-  meta: {
-    name: 'pretrain',
-    description:
-      "Tokenise a corpus into <prefix>_<json-key>_document.{bin,idx} (Megatron's preprocess_data.py)",
+  input: { type: 'string', value: 'FILE', description: 'input file', required: true },
+  tokenizer: {
+    type: 'string',
+    value: 'DIR',
+    description: 'Hugging Face tokenizer folder (tokenizer.json, tokenizer_config.json)',
+    required: true,
+    aliases: ['tokenizer-model', 'load'],
   },
-  args: {
+  'tokenizer-type': {
+    type: 'string',
+    value: 'TYPE',
+    description: "accepted for Megatron's command lines; must be HuggingFaceTokenizer",
+  },
+  'output-prefix': { type: 'string', value: 'PREFIX', description: 'output path prefix', required: true },
+  workers: { type: 'string', value: 'N', description: 'tokenizer threads (at most the cores)', default: '1' },
+  strict: {
+    type: 'boolean',
+    description: 'fail at the first bad record or invalid UTF-8 instead of skipping it',
+  },
+  overwrite: overwriteOption,
+} as const satisfies Record<string, OptionSpec>;
+
+export const pretrain: Command = {
+  name: PRETRAIN,
+  summary: "tokenise a corpus into <prefix>_<json-key>_document.{bin,idx} (Megatron's preprocess_data.py)",
+  options: {
     ...common,
-    'json-key': { type: 'string', description: 'field holding the text', default: 'text' },
-    'append-eod': { type: 'boolean', description: 'append the EOD token to every document', default: false },
-    workers: { type: 'string', description: 'tokenizer threads', default: '1' },
+    'json-key': {
+      type: 'string',
+      value: 'KEY',
+      description: 'field holding the text',
+      default: 'text',
+      aliases: ['json-keys'],
+    },
+    'append-eod': { type: 'boolean', description: 'append the EOD token to every document' },
   },
-  async run({ args }) {
-    await runPretrain({
-      input: args.input,
-      jsonKey: args['json-key'],
-      tokenizer: args.tokenizer,
-      outputPrefix: args['output-prefix'],
-      appendEod: args['append-eod'],
-      workers: args.workers,
-      strict: args.strict,
-    });
+  examples: [
+    'preprocess pretrain --input c4.jsonl --tokenizer Qwen3-0.6B --output-prefix data/c4 --append-eod --workers 2',
+  ],
+  run: async ({ options, io }) => {
+    await runPretrain(options, io);
   },
-});
+};
 
-const sft = defineCommand({
-  meta: {
-    name: 'sft',
-    description: 'Tokenise SFT conversations into <prefix>_sft_tokens / _sft_loss_mask indexed datasets',
-  },
-  args: {
+export const sft: Command = {
+  name: SFT,
+  summary: 'tokenise SFT conversations into <prefix>_sft_tokens / _sft_loss_mask indexed datasets',
+  options: {
     ...common,
-    'seq-length': { type: 'string', description: 'most training positions per sample', required: true },
-    truncation: { type: 'string', description: "longer samples: 'drop' or 'truncate'", default: 'drop' },
-    workers: { type: 'string', description: 'rendering + tokenizer threads', default: '1' },
+    'seq-length': {
+      type: 'string',
+      value: 'N',
+      description: 'most training positions per sample',
+      required: true,
+    },
+    truncation: {
+      type: 'string',
+      value: 'drop|truncate',
+      description: 'what happens to longer samples',
+      default: 'drop',
+    },
   },
-  async run({ args }) {
-    await runSft({
-      input: args.input,
-      tokenizer: args.tokenizer,
-      outputPrefix: args['output-prefix'],
-      seqLength: args['seq-length'],
-      truncation: args.truncation as 'drop' | 'truncate',
-      workers: args.workers,
-      strict: args.strict,
-    });
+  examples: [
+    'preprocess sft --input alpaca.json --tokenizer Qwen3-0.6B --output-prefix data/alpaca --seq-length 2048',
+  ],
+  run: async ({ options, io }) => {
+    await runSft(options, io);
   },
-});
+};
 
-export default defineCommand({
-  meta: { name: 'preprocess', description: 'Tokenise corpora into Megatron indexed datasets' },
-  subCommands: { pretrain, sft },
-});
+const group: CommandGroup = {
+  name: 'preprocess',
+  summary: 'tokenise corpora into Megatron indexed datasets',
+  commands: {
+    pretrain: { summary: pretrain.summary, load: async () => pretrain },
+    sft: { summary: sft.summary, load: async () => sft },
+  },
+};
+export default group;

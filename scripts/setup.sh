@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what megapatch needs on a fresh Debian/Ubuntu machine that has Node.js >= 20.19: the
+# system packages of the native build (cmake, g++, OpenBLAS), pnpm, and the workspace's packages.
+# Works as root (no sudo needed) and as a user with sudo. CI (.ci/run) runs it too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+if ! command -v node >/dev/null 2>&1; then
+  echo "setup: Node.js is not installed; install Node.js 20.19 or newer first (https://nodejs.org)" >&2
+  exit 1
+fi
+if ! node -e 'const [a,b]=process.versions.node.split(".").map(Number);process.exit(a>20||(a===20&&b>=19)?0:1)'; then
+  echo "setup: Node.js $(node -v) is too old; megapatch needs 20.19 or newer" >&2
+  exit 1
+fi
+
+need=()
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
+command -v g++ >/dev/null 2>&1 || need+=(g++)
+dpkg -s libopenblas-dev >/dev/null 2>&1 || need+=(libopenblas-dev)
+if [ "${#need[@]}" -gt 0 ]; then
+  echo "setup: installing ${need[*]}"
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if ! command -v pnpm >/dev/null 2>&1; then
+  echo "setup: installing pnpm"
+  # corepack's signature check fails on some registries; npm installs pnpm directly.
+  if [ -w "$(npm prefix -g)/lib" ] || [ -w "$(npm prefix -g)" ]; then npm i -g pnpm >/dev/null; else as_root npm i -g pnpm >/dev/null; fi
+fi
+
+pnpm install --frozen-lockfile
