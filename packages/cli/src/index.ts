@@ -125,7 +125,7 @@ async function dispatch(argv: readonly string[], io: Io, current: Current): Prom
       return EXIT.ok;
     }
     const names = Object.keys(node.commands).join(', ');
-    const word = rest.find((w) => w !== '--debug');
+    const word = rest[0];
     throw new UsageError(
       word === undefined
         ? `missing command: one of ${names}`
@@ -179,7 +179,12 @@ export async function main(argv: string[], io: ProcessIo = new ProcessIo()): Pro
   process.on('SIGTERM', onSigterm);
   process.stdout.on('error', onStdoutError);
   try {
-    const code = await dispatch(argv, io, current);
+    // --debug is global: accepted before the command as well as after it.
+    const code = await dispatch(
+      argv.filter((w) => w !== '--debug'),
+      io,
+      current,
+    );
     // Let a failed write of the last lines report itself before declaring success.
     await new Promise<void>((r) => setImmediate(r));
     if (stdoutFailure) throw stdoutFailure;

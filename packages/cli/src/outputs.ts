@@ -107,6 +107,7 @@ export function claimOutput(
       path: abs,
     });
   }
+  const existed = fs.existsSync(abs);
   const createdDir = fs.mkdirSync(parent, { recursive: true });
   const info: LockInfo = {
     pid: process.pid,
@@ -148,8 +149,10 @@ export function claimOutput(
     released = true;
     removeHardStop();
     fs.rmSync(lockFile, { force: true });
-    // A parent folder made only for the lock goes again if the run wrote nothing into it.
-    if (createdDir !== undefined) removeEmptyDirs(path.dirname(abs), createdDir);
+    // A folder this run created but left empty (it failed or was stopped) goes again, and so do
+    // parent folders made only for the lock.
+    if (!existed) removeEmptyDirs(abs, abs);
+    if (createdDir !== undefined) removeEmptyDirs(parent, createdDir);
   }
   try {
     for (const t of findTemporaries(abs, kind)) {

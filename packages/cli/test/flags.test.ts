@@ -296,7 +296,11 @@ describe('errors: one line, an exit code, a stack only on request', () => {
 
   it('--debug and MEGAPATCH_DEBUG=1 add the stack trace', () => {
     const args = ['convert', 'hf-to-megapatch', '--hf-dir', join(root, 'missing'), '--out', join(root, 'o1')];
-    for (const r of [megapatch([...args, '--debug']), megapatch(args, { MEGAPATCH_DEBUG: '1' })]) {
+    for (const r of [
+      megapatch([...args, '--debug']),
+      megapatch(['--debug', ...args]),
+      megapatch(args, { MEGAPATCH_DEBUG: '1' }),
+    ]) {
       expect(r.status).toBe(1);
       expect(r.stderr.split('\n')[0]).toMatch(/^megapatch convert hf-to-megapatch: /);
       expect(r.stderr).toMatch(/^\s+at /m);
