@@ -169,16 +169,16 @@ export function parseCommandArgs(command: Command, argv: readonly string[]): Par
   }
   const help = given.get('help')?.value === true;
   const debug = given.get('debug')?.value === true;
-  const options: OptionValues = {};
+  const values: OptionValues = {};
+  for (const [name, { value }] of given) values[name] = value;
+  const options = withDefaults(command, values);
   for (const [name, spec] of Object.entries(command.options)) {
-    const v = given.get(name)?.value ?? spec.default;
-    if (v === undefined && spec.required && !help) {
+    if (options[name] === undefined && spec.required && !help) {
       throw new UsageError(
         `missing --${name}${spec.value ? ` ${spec.value}` : ''} (${spec.description})`,
         command.name,
       );
     }
-    options[name] = v ?? (spec.type === 'boolean' ? false : undefined);
   }
   if (!help) checkPositionals(command, positionals);
   return { options, positionals, help, debug };
@@ -213,7 +213,11 @@ function unknownFlag(command: Command, raw: string, table: Map<string, unknown>)
   return new UsageError(`unknown option ${raw}${hint}`, command.name);
 }
 
-/** The words of the command line minus the global flags, which may appear anywhere. */
-export function wantsDebug(argv: readonly string[]): boolean {
-  return argv.includes('--debug') || process.env.MEGAPATCH_DEBUG === '1';
+/** Flag values with `command`'s defaults for the flags not given (switches default to false). */
+export function withDefaults(command: Command, args: OptionValues): OptionValues {
+  const out: OptionValues = {};
+  for (const [name, spec] of Object.entries(command.options)) {
+    out[name] = args[name] ?? spec.default ?? (spec.type === 'boolean' ? false : undefined);
+  }
+  return out;
 }

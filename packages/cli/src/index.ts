@@ -76,10 +76,10 @@ async function resolve(
     if (!entry) {
       const near = closest(words[i], Object.keys(group.commands));
       const where = group.name ? `${group.name} ` : '';
-      throw new UsageError(
-        `unknown command '${where}${words[i]}'${near ? ` (did you mean '${where}${near}'?)` : `; run 'megapatch help ${group.name}'`.trimEnd()}`,
-        group.name || undefined,
-      );
+      const hint = near
+        ? ` (did you mean '${where}${near}'?)`
+        : `; run 'megapatch help${group.name ? ` ${group.name}` : ''}'`;
+      throw new UsageError(`unknown command '${where}${words[i]}'${hint}`, group.name || undefined);
     }
     node = await entry.load();
     current.name = `megapatch ${node.name}`;
@@ -112,10 +112,7 @@ async function dispatch(argv: readonly string[], io: Io, current: Current): Prom
     return EXIT.ok;
   }
   if (first === 'help') {
-    await help(
-      io,
-      argv.slice(1).filter((w) => w !== '--debug'),
-    );
+    await help(io, argv.slice(1));
     return EXIT.ok;
   }
   const { node, rest } = await resolve(argv, current);

@@ -2,7 +2,7 @@
 // names, dtypes), and the zod validation that turns flag strings into typed, bounded options.
 import * as os from 'node:os';
 import { z } from 'zod';
-import type { Command, OptionSpec, OptionValues } from './command.js';
+import type { OptionSpec, OptionValues } from './command.js';
 import { UsageError } from './errors.js';
 import type { Io } from './io.js';
 
@@ -132,13 +132,4 @@ export function capWorkers(io: Io, workers: number): number {
   if (workers <= cores) return workers;
   io.warn(`--workers ${workers} is more than the ${cores} available cores; using ${cores}`);
   return cores;
-}
-
-/** Flag values with `command`'s defaults for the flags not given (for callers that skip the parser). */
-export function withDefaults(command: Command, args: OptionValues): OptionValues {
-  const out: OptionValues = {};
-  for (const [name, spec] of Object.entries(command.options)) {
-    out[name] = args[name] ?? spec.default ?? (spec.type === 'boolean' ? false : undefined);
-  }
-  return out;
 }

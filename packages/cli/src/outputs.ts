@@ -156,7 +156,7 @@ export function claimOutput(
   }
   try {
     for (const t of findTemporaries(abs, kind)) {
-      if (t.pid === process.pid || isProcessAlive(t.pid)) continue;
+      if (t.pid === process.pid || t.alive) continue;
       io.note(settleLeftover(t));
     }
   } catch (e) {
@@ -164,6 +164,27 @@ export function claimOutput(
     throw e;
   }
   return { path: abs, lockFile, release };
+}
+
+/**
+ * Runs `run` writing to `target`: refuses outputs that overlap an input (exit 2), claims the target
+ * (lock, leftovers of killed runs) and releases it however `run` ends. `run` gets the stop signal,
+ * which the libraries honour by removing their temporaries and rethrowing its reason.
+ */
+export async function withOutput<R>(
+  io: Io,
+  command: string,
+  paths: { target: string; kind?: OutputKind; outputs: readonly FlagPath[]; inputs: readonly FlagPath[] },
+  run: (signal: AbortSignal) => Promise<R>,
+): Promise<R> {
+  checkOutputsApart(command, paths.outputs, paths.inputs);
+  io.throwIfStopped();
+  const claim = claimOutput(io, command, paths.target, paths.kind);
+  try {
+    return await run(io.signal);
+  } finally {
+    claim.release();
+  }
 }
 
 /** A temporary entry found next to or inside an output. */

@@ -22,30 +22,23 @@ const write = (name: string, text: string | Buffer) => {
 /** The files of `root` whose names start with `prefix` (none may be left by a failed run). */
 const outputsOf = (prefix: string) => fs.readdirSync(root).filter((n) => n.startsWith(prefix));
 
-const pretrain = (input: string, prefix: string, ...extra: string[]) =>
-  megapatch([
-    'preprocess',
-    'pretrain',
-    '--input',
-    input,
-    '--tokenizer',
-    QWEN3_TOKENIZER,
-    '--output-prefix',
-    join(root, prefix),
-    ...extra,
-  ]);
-const sft = (input: string, prefix: string, ...extra: string[]) =>
-  megapatch([
-    'preprocess',
-    'sft',
-    '--input',
-    input,
-    '--tokenizer',
-    QWEN3_TOKENIZER,
-    '--output-prefix',
-    join(root, prefix),
-    ...extra,
-  ]);
+/** `megapatch preprocess <kind>` with the npm Qwen3 tokenizer, writing under `root`. */
+const preprocess =
+  (kind: 'pretrain' | 'sft') =>
+  (input: string, prefix: string, ...extra: string[]) =>
+    megapatch([
+      'preprocess',
+      kind,
+      '--input',
+      input,
+      '--tokenizer',
+      QWEN3_TOKENIZER,
+      '--output-prefix',
+      join(root, prefix),
+      ...extra,
+    ]);
+const pretrain = preprocess('pretrain');
+const sft = preprocess('sft');
 
 describe('preprocess inputs that produce nothing fail clearly (exit 1, no files)', () => {
   it('an empty input', () => {

@@ -11,22 +11,7 @@ import {
   type TransformerConfigInput,
 } from '../src/index.js';
 import { SYNTHETIC_MODELS } from '../src/testing/index.js';
-import { convertError } from './helpers.js';
-
-/** A minimal dense model, for tests of TransformerConfig's own checks. */
-const TINY_DENSE: TransformerConfigInput = {
-  numLayers: 2,
-  hiddenSize: 8,
-  ffnHiddenSize: 16,
-  numAttentionHeads: 2,
-  numQueryGroups: 1,
-  kvChannels: 4,
-  layernormEpsilon: 1e-5,
-  rotaryBase: 10000,
-  untieEmbeddingsAndOutputWeights: true,
-  vocabSize: 10,
-  maxPositionEmbeddings: 32,
-};
+import { convertError, TINY_DENSE } from './helpers.js';
 
 const config = (id: string) => SYNTHETIC_MODELS.find((m) => m.id === id)?.config as Record<string, unknown>;
 const parse =

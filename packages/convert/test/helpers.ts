@@ -5,7 +5,12 @@ import fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, expect } from 'vitest';
-import { type CheckpointPiece, ConvertError, SafetensorsFile } from '../src/index.js';
+import {
+  type CheckpointPiece,
+  ConvertError,
+  SafetensorsFile,
+  type TransformerConfigInput,
+} from '../src/index.js';
 
 /** A scratch-folder factory whose root is removed after the file's tests. */
 export function scratch(prefix: string): (label: string) => string {
@@ -85,3 +90,18 @@ export function temporaries(dir: string): string[] {
   if (!fs.existsSync(dir)) return [];
   return Object.keys(snapshot(dir)).filter((p) => /\.tmp-\d+|\.old-\d+/.test(p));
 }
+
+/** A minimal dense model, for tests of TransformerConfig's own checks. */
+export const TINY_DENSE: TransformerConfigInput = {
+  numLayers: 2,
+  hiddenSize: 8,
+  ffnHiddenSize: 16,
+  numAttentionHeads: 2,
+  numQueryGroups: 1,
+  kvChannels: 4,
+  layernormEpsilon: 1e-5,
+  rotaryBase: 10000,
+  untieEmbeddingsAndOutputWeights: true,
+  vocabSize: 10,
+  maxPositionEmbeddings: 32,
+};

@@ -10,6 +10,7 @@ import {
   parseHfConfig,
   TransformerConfig,
 } from '../src/index.js';
+import { TINY_DENSE } from './helpers.js';
 
 // The real configs in the shared data folder (../shared beside the checkout); the tests that read
 // them skip, with a one-line reason, when it is absent.
@@ -18,19 +19,7 @@ const skipShared = skipWithoutShared(import.meta.url);
 const count = (f: string) => parameterCount(parseHfConfig(join(CONFIGS, f)).transformerConfig);
 const B = 1e9;
 
-const tiny = {
-  numLayers: 2,
-  hiddenSize: 8,
-  ffnHiddenSize: 16,
-  numAttentionHeads: 2,
-  numQueryGroups: 1,
-  kvChannels: 4,
-  layernormEpsilon: 1e-5,
-  rotaryBase: 10000,
-  untieEmbeddingsAndOutputWeights: true,
-  vocabSize: 10,
-  maxPositionEmbeddings: 32,
-};
+const tiny = TINY_DENSE;
 
 describe('TransformerConfig', () => {
   it('applies Megatron defaults', () => {

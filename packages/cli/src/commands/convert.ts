@@ -10,7 +10,13 @@ import {
 } from '@megapatch/convert';
 import cliProgress from 'cli-progress';
 import { z } from 'zod';
-import type { Command, CommandGroup, OptionSpec, OptionValues } from '../command.js';
+import {
+  type Command,
+  type CommandGroup,
+  type OptionSpec,
+  type OptionValues,
+  withDefaults,
+} from '../command.js';
 import { formatBytes } from '../format.js';
 import { type Io, memoryIo, type Output } from '../io.js';
 import {
@@ -21,9 +27,8 @@ import {
   layoutSchema,
   overwriteOption,
   parseOptions,
-  withDefaults,
 } from '../options.js';
-import { checkOutputsApart, claimOutput } from '../outputs.js';
+import { type FlagPath, withOutput } from '../outputs.js';
 
 const ModelDtypeFlag = Dtype.transform(
   (d): ModelDtype => ({ bf16: 'BF16', fp16: 'F16', fp32: 'F32' })[d] as ModelDtype,
@@ -65,8 +70,6 @@ const Reshard = z.object({
 });
 export type ReshardArgs = z.input<typeof Reshard>;
 
-const gb = formatBytes;
-
 /** A byte progress reporter: a cli-progress bar on a terminal, a line every 2 s otherwise. */
 function byteProgress(out: Output): { update: (p: ConversionProgress) => void; stop: () => void } {
   const t0 = performance.now();
@@ -80,10 +83,19 @@ function byteProgress(out: Output): { update: (p: ConversionProgress) => void; s
     return {
       update: (p) => {
         if (!started) {
-          bar.start(p.totalBytes, 0, { done: gb(0), all: gb(p.totalBytes), rate: '0', tensor: '' });
+          bar.start(p.totalBytes, 0, {
+            done: formatBytes(0),
+            all: formatBytes(p.totalBytes),
+            rate: '0',
+            tensor: '',
+          });
           started = true;
         }
-        bar.update(p.doneBytes, { done: gb(p.doneBytes), rate: rate(p.doneBytes), tensor: p.tensor });
+        bar.update(p.doneBytes, {
+          done: formatBytes(p.doneBytes),
+          rate: rate(p.doneBytes),
+          tensor: p.tensor,
+        });
       },
       stop: () => {
         if (started) bar.stop();
@@ -99,11 +111,13 @@ function byteProgress(out: Output): { update: (p: ConversionProgress) => void; s
       last = s;
       if (first) {
         first = false;
-        out.log(`writing ${gb(p.totalBytes)}`);
+        out.log(`writing ${formatBytes(p.totalBytes)}`);
         return;
       }
       const pct = ((100 * p.doneBytes) / Math.max(1, p.totalBytes)).toFixed(1);
-      out.log(`progress: ${pct}% (${gb(p.doneBytes)} of ${gb(p.totalBytes)}), ${rate(p.doneBytes)} MB/s`);
+      out.log(
+        `progress: ${pct}% (${formatBytes(p.doneBytes)} of ${formatBytes(p.totalBytes)}), ${rate(p.doneBytes)} MB/s`,
+      );
     },
     stop: () => {},
   };
@@ -113,33 +127,28 @@ function summarize(out: Output, what: string, s: ConversionSummary): void {
   const speed = s.seconds > 0 ? (s.bytes / 1e9 / s.seconds).toFixed(2) : '-';
   out.log(`${what}: ${s.output}`);
   out.log(
-    `  ${s.tensors} tensors, ${s.parameters.toLocaleString('en-US')} parameters, ${gb(s.bytes)} in ${s.files} file(s)`,
+    `  ${s.tensors} tensors, ${s.parameters.toLocaleString('en-US')} parameters, ${formatBytes(s.bytes)} in ${s.files} file(s)`,
   );
   out.log(`  ${s.seconds.toFixed(1)} s, ${speed} GB/s`);
   if (s.carried.length > 0) out.log(`  carried over: ${s.carried.join(', ')}`);
 }
 
-/**
- * Runs a conversion into `out`: refuses an output that overlaps an input, locks the output,
- * clears leftovers of killed runs, shows progress, and passes the stop signal to the converter,
- * which removes its temporaries when stopped.
- */
-async function convertInto(
+/** Runs a conversion into `out` (see {@link withOutput}) with a progress reporter. */
+function convertInto(
   io: Io,
   command: string,
-  paths: { out: string; inputs: { flag: string; path: string }[] },
+  paths: { out: string; inputs: FlagPath[] },
   run: (signal: AbortSignal, onProgress: (p: ConversionProgress) => void) => Promise<ConversionSummary>,
 ): Promise<ConversionSummary> {
-  checkOutputsApart(command, [{ flag: '--out', path: paths.out }], paths.inputs);
-  io.throwIfStopped();
-  const claim = claimOutput(io, command, paths.out);
-  const progress = byteProgress(io.out);
-  try {
-    return await run(io.signal, progress.update);
-  } finally {
-    progress.stop();
-    claim.release();
-  }
+  const outputs = [{ flag: '--out', path: paths.out }];
+  return withOutput(io, command, { target: paths.out, outputs, inputs: paths.inputs }, async (signal) => {
+    const progress = byteProgress(io.out);
+    try {
+      return await run(signal, progress.update);
+    } finally {
+      progress.stop();
+    }
+  });
 }
 
 const layoutOf = (o: { tp: number; pp: number; ep: number; etp?: number }) => ({

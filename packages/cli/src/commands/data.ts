@@ -5,7 +5,7 @@ import { totalmem } from 'node:os';
 import { dirname, join } from 'node:path';
 import { estimateGptIndexBytes, GPTDataset, IndexedDataset } from '@megapatch/data';
 import { z } from 'zod';
-import type { Command, CommandGroup, OptionValues } from '../command.js';
+import { type Command, type CommandGroup, type OptionValues, withDefaults } from '../command.js';
 import { UsageError } from '../errors.js';
 import { formatBytes } from '../format.js';
 import { type Io, memoryIo } from '../io.js';
@@ -93,11 +93,9 @@ export async function writeTrainingSamples(o: SamplesOptions, io: Io): Promise<n
 /** The JSON lines `megapatch data samples` prints, for flag values given as strings. */
 export async function trainingSamples(args: OptionValues): Promise<string[]> {
   const io = memoryIo();
-  await writeTrainingSamples(parseOptions(SamplesOptions, { ...defaults, ...args }, COMMAND), io);
+  await writeTrainingSamples(parseOptions(SamplesOptions, withDefaults(samples, args), COMMAND), io);
   return io.lines;
 }
-
-const defaults: OptionValues = { split: '969,30,1', seed: '1234', start: '0', count: '1' };
 
 export const samples: Command = {
   name: COMMAND,
@@ -117,10 +115,10 @@ export const samples: Command = {
       type: 'string',
       value: 'A,B,C',
       description: 'Megatron split string',
-      default: defaults.split as string,
+      default: '969,30,1',
     },
     'seq-length': { type: 'string', value: 'N', description: 'tokens per sample', required: true },
-    seed: { type: 'string', value: 'N', description: 'random seed', default: defaults.seed as string },
+    seed: { type: 'string', value: 'N', description: 'random seed', default: '1234' },
     'train-samples': {
       type: 'string',
       value: 'N',
@@ -131,13 +129,13 @@ export const samples: Command = {
       type: 'string',
       value: 'N',
       description: 'first sample to print',
-      default: defaults.start as string,
+      default: '0',
     },
     count: {
       type: 'string',
       value: 'N',
       description: 'number of samples to print',
-      default: defaults.count as string,
+      default: '1',
     },
     'cache-dir': {
       type: 'string',

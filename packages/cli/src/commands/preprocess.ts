@@ -10,10 +10,16 @@ import {
 } from '@megapatch/data';
 import cliProgress from 'cli-progress';
 import { z } from 'zod';
-import type { Command, CommandGroup, OptionSpec, OptionValues } from '../command.js';
+import {
+  type Command,
+  type CommandGroup,
+  type OptionSpec,
+  type OptionValues,
+  withDefaults,
+} from '../command.js';
 import { type Io, memoryIo, type Output } from '../io.js';
-import { capWorkers, int, overwriteOption, parseOptions, withDefaults } from '../options.js';
-import { checkOutputsApart, claimOutput } from '../outputs.js';
+import { capWorkers, int, overwriteOption, parseOptions } from '../options.js';
+import { type FlagPath, withOutput } from '../outputs.js';
 import { MAX_SEQ_LENGTH } from './data.js';
 
 /** More bad records than this fraction of the input gets a warning (a wrong --json-key, a broken file). */
@@ -111,32 +117,24 @@ function reportBadLines(
   }
 }
 
-/**
- * Runs a preprocessing job into `prefix`: its output files never overlap the inputs, the prefix is
- * locked, leftovers of killed runs are removed, and the stop signal reaches the library, which
- * removes its temporaries when stopped.
- */
-async function preprocessInto<R>(
+/** Runs a preprocessing job into the dataset prefix (see {@link withOutput}) with a progress reporter. */
+function preprocessInto<R>(
   io: Io,
   command: string,
-  paths: { prefix: string; outputs: string[]; inputs: { flag: string; path: string }[] },
+  paths: { prefix: string; outputs: string[]; inputs: FlagPath[] },
   unit: string,
   run: (signal: AbortSignal, onProgress: (p: PreprocessProgress) => void) => Promise<R>,
 ): Promise<R> {
-  checkOutputsApart(
-    command,
-    paths.outputs.map((p) => ({ flag: '--output-prefix', path: p })),
-    paths.inputs,
-  );
-  io.throwIfStopped();
-  const claim = claimOutput(io, command, paths.prefix, 'prefix');
-  const progress = progressReporter(io.out, unit);
-  try {
-    return await run(io.signal, progress.update);
-  } finally {
-    progress.stop();
-    claim.release();
-  }
+  const outputs = paths.outputs.map((p) => ({ flag: '--output-prefix', path: p }));
+  const where = { target: paths.prefix, kind: 'prefix' as const, outputs, inputs: paths.inputs };
+  return withOutput(io, command, where, async (signal) => {
+    const progress = progressReporter(io.out, unit);
+    try {
+      return await run(signal, progress.update);
+    } finally {
+      progress.stop();
+    }
+  });
 }
 
 /** The paths a preprocessing job reads, with their flags. */
