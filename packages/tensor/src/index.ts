@@ -27,4 +27,4 @@ export * from './optim/index.js';
 export * from './random.js';
 export { keep, tidy } from './scope.js';
 export { emptyCache, type MemoryStats, memoryStats, resetPeakMemoryStats, Storage } from './storage.js';
-export { type NestedArray, Tensor } from './tensor.js';
+export { type NestedArray, type PostAccumulateGradHook, Tensor } from './tensor.js';

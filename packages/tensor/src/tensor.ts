@@ -25,6 +25,9 @@ if (!(Symbol as { dispose?: symbol }).dispose) {
 
 export type NestedArray = number | boolean | NestedArray[];
 
+/** Called with a leaf after backward has accumulated its gradient into .grad or .mainGrad. */
+export type PostAccumulateGradHook = (param: Tensor) => void;
+
 /**
  * An n-dimensional view (dtype, shape, strides, offset) over reference-counted storage, with
  * autograd. Create tensors with `tensor`, `zeros`, `randn`, ...; free them with `dispose()`,
@@ -53,6 +56,8 @@ export class Tensor {
   outputNr = 0;
   /** Optional name, used by nn.Module and in error messages. */
   name?: string;
+  /** @internal Hooks run by backward after accumulating into this leaf (registerPostAccumulateGradHook). */
+  postAccumulateGradHooks: PostAccumulateGradHook[] | null = null;
   private held: Held | null;
   private disposedFlag = false;
   private retainsGrad = false;
@@ -199,6 +204,34 @@ export class Tensor {
       );
     }
     const hooks = (this.gradFn ?? accumulatorOf(this)).hooksOf(this.gradFn ? this.outputNr : 0);
+    hooks.push(hook);
+    return () => {
+      const i = hooks.indexOf(hook);
+      if (i >= 0) hooks.splice(i, 1);
+    };
+  }
+
+  /**
+   * Registers a hook called with this leaf once per backward, after its gradient has been
+   * accumulated into .grad (or .mainGrad), as torch's register_post_accumulate_grad_hook.
+   * Data parallelism uses it to start a bucket's reduction as soon as its gradients are final.
+   * Returns a function that removes the hook.
+   */
+  registerPostAccumulateGradHook(hook: PostAccumulateGradHook): () => void {
+    if (!this.isLeaf) {
+      throw new TensorError(
+        'INVALID_ARGUMENT',
+        'registerPostAccumulateGradHook: only leaf tensors accumulate gradients; use registerHook on a non-leaf',
+      );
+    }
+    if (!this.requiresGrad) {
+      throw new TensorError(
+        'NO_GRAD',
+        "registerPostAccumulateGradHook: cannot register a hook on a tensor that doesn't require grad",
+      );
+    }
+    this.postAccumulateGradHooks ??= [];
+    const hooks = this.postAccumulateGradHooks;
     hooks.push(hook);
     return () => {
       const i = hooks.indexOf(hook);

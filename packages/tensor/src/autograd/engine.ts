@@ -45,7 +45,14 @@ function runHooks(hooks: readonly GradHook[] | undefined, grad: Tensor): Tensor 
   return grad;
 }
 
+/** Accumulates into a leaf, then runs its post-accumulate hooks (a copy of the list, so a hook may remove itself). */
 function accumulate(leaf: Tensor, grad: Tensor): void {
+  accumulateInto(leaf, grad);
+  const hooks = leaf.postAccumulateGradHooks;
+  if (hooks?.length) for (const h of [...hooks]) h(leaf);
+}
+
+function accumulateInto(leaf: Tensor, grad: Tensor): void {
   if (!sameShape(grad.shape, leaf.shape)) {
     throw new TensorError(
       'SHAPE_MISMATCH',
