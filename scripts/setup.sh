@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what megapatch needs on a fresh Debian/Ubuntu machine that has Node.js >= 20.19: the
-# system packages of the native build (cmake, g++, OpenBLAS), pnpm, and the workspace's packages.
+# system packages of the native builds (cmake, g++, OpenBLAS, Gloo), pnpm, and the workspace's packages.
 # Works as root (no sudo needed) and as a user with sudo. CI (.ci/run) runs it too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +23,8 @@ need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v g++ >/dev/null 2>&1 || need+=(g++)
 dpkg -s libopenblas-dev >/dev/null 2>&1 || need+=(libopenblas-dev)
+# Gloo: the collectives engine of @megapatch/parallel (CPU process groups)
+dpkg -s libgloo-dev >/dev/null 2>&1 || need+=(libgloo-dev)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "setup: installing ${need[*]}"
   as_root apt-get update -qq

@@ -1,0 +1,308 @@
+// Optimizers over DistributedDataParallel's gradient buffers. DistributedOptimizer is Megatron's
+// ZeRO-1 (optimizer/distrib_optimizer.py): each data-parallel rank owns an even 1/d shard of every
+// bucket, keeps fp32 master weights and AdamW moments only for that shard, updates it from the
+// reduce-scattered gradients, writes it into the parameter buffer and all-gathers the buckets.
+// DataParallelOptimizer is the plain path with the same step: every rank updates every parameter
+// from all-reduced gradients (Megatron's Float16OptimizerWithFloat16Params over DDP).
+import {
+  AdamW,
+  type AdamWGroup,
+  type GroupInput,
+  keep,
+  type Module,
+  noGrad,
+  type OptimizerStateDict,
+  type ParamGroup,
+  type Tensor,
+} from '@megapatch/tensor';
+import { DistributedError } from '../errors.js';
+import {
+  getModelParallelGroup,
+  getTensorModelParallelRank,
+  modelParallelIsInitialized,
+} from '../parallel-state.js';
+import type { ProcessGroup } from '../process-group.js';
+import {
+  getTensorModelParallelAttributes,
+  setTensorModelParallelAttributes,
+} from '../tensor-parallel/attributes.js';
+import { clipGradByTotalNorm, getGradNorm } from './clip-grads.js';
+import type { DistributedDataParallel } from './distributed-data-parallel.js';
+import { flatView } from './param-and-grad-buffer.js';
+
+/** Options of DistributedOptimizer and DataParallelOptimizer (AdamW with Megatron's defaults for the rest). */
+export interface DistributedOptimizerOptions {
+  lr?: number;
+  /** Decoupled weight decay of matrices; biases and 1-D parameters (norms) get none (default 0.01). */
+  weightDecay?: number;
+  betas?: [number, number];
+  eps?: number;
+  /** Clip the gradients to this global L2 norm (0: no clipping; default 0). */
+  clipGrad?: number;
+  /** Ranks holding other pieces of the model, for the gradient norm (default the parallel state's tp-pp group when it is initialised; null: none). */
+  modelParallelGroup?: ProcessGroup | null;
+  /** This rank's tensor-parallel rank (default the parallel state's when the group comes from it, else 0). */
+  tpRank?: number;
+  /** Receives the line logged when a step is skipped (default console.warn). */
+  log?: (line: string) => void;
+}
+
+/** What one step did. */
+export interface DistributedStepResult {
+  /** The parameters were updated. */
+  updated: boolean;
+  /** Global L2 norm of the gradients before clipping. */
+  gradNorm: number;
+  /** The gradient norm was NaN or infinite, so nothing changed. */
+  skipped: boolean;
+}
+
+/** A checkpoint of this rank's shard: the inner AdamW's state and the fp32 masters (own tensors, not copies). */
+export interface DistributedOptimizerStateDict {
+  dataParallelRank: number;
+  dataParallelSize: number;
+  optimizer: OptimizerStateDict | null;
+  masters: Tensor[];
+}
+
+/** The part of one parameter this rank updates. */
+interface ShardPiece {
+  /** fp32 master values, 1-D: a copy, or for fp32 parameters a view of the model's own values. */
+  master: Tensor;
+  /** Where the master is written back after the step (the model's values); null when master is that view. */
+  modelView: Tensor | null;
+}
+
+function noWeightDecay(name: string, p: Tensor): boolean {
+  // Megatron's default: no decay for biases and every 1-D parameter (norm weights)
+  return p.ndim === 1 || name === 'bias' || name.endsWith('.bias');
+}
+
+type AnyDdp = DistributedDataParallel<Module & { forward: (...args: never[]) => unknown }>;
+
+abstract class BufferOptimizer {
+  readonly ddp: AnyDdp;
+  readonly clipGrad: number;
+  private readonly sharded: boolean;
+  private readonly pieces: ShardPiece[] = [];
+  /** null when this rank's shards hold only padding. */
+  private readonly inner: AdamW | null;
+  private readonly modelParallelGroup: ProcessGroup | null;
+  private readonly tpRank: number;
+  private readonly log: (line: string) => void;
+  private readonly name: string;
+
+  protected constructor(name: string, ddp: AnyDdp, sharded: boolean, options: DistributedOptimizerOptions) {
+    this.name = name;
+    this.ddp = ddp;
+    this.sharded = sharded;
+    this.clipGrad = options.clipGrad ?? 0;
+    const fromState = options.modelParallelGroup === undefined && modelParallelIsInitialized();
+    this.modelParallelGroup = fromState ? getModelParallelGroup() : (options.modelParallelGroup ?? null);
+    this.tpRank = options.tpRank ?? (fromState ? getTensorModelParallelRank() : 0);
+    this.log = options.log ?? ((line) => console.warn(line));
+    const names = new Map(ddp.namedParameters().map(([n, p]) => [p, n]));
+    const decay: Tensor[] = [];
+    const noDecay: Tensor[] = [];
+    const dp = ddp.dataParallelGroup.size;
+    const rank = ddp.dataParallelGroup.rank;
+    noGrad(() => {
+      for (const buffer of ddp.buffers) {
+        for (const bucket of buffer.buckets) {
+          const shard = sharded ? bucket.numel / dp : bucket.numel;
+          const lo = bucket.offset + (sharded ? rank * shard : 0);
+          const hi = lo + shard;
+          for (const p of bucket.params) {
+            const slot = buffer.slotOf(p);
+            const start = Math.max(lo, slot.start);
+            const end = Math.min(hi, slot.end);
+            if (end <= start) continue;
+            const piece = this.makePiece(p, buffer.paramData, slot.start, start, end - start);
+            piece.master.grad = keep(flatView(buffer.gradData, start, [end - start]));
+            const n = names.get(p) ?? p.name ?? '';
+            piece.master.name = n;
+            const a = getTensorModelParallelAttributes(p);
+            setTensorModelParallelAttributes(
+              piece.master,
+              a.tensorModelParallel,
+              a.partitionDim,
+              a.partitionStride,
+            );
+            (noWeightDecay(n, p) ? noDecay : decay).push(piece.master);
+            this.pieces.push(piece);
+          }
+        }
+      }
+    });
+    const groups: GroupInput<AdamWGroup>[] = [];
+    if (decay.length) groups.push({ params: decay });
+    if (noDecay.length) groups.push({ params: noDecay, weightDecay: 0, wdMult: 0 });
+    this.inner = groups.length
+      ? new AdamW(groups, {
+          lr: options.lr,
+          betas: options.betas,
+          eps: options.eps,
+          weightDecay: options.weightDecay,
+        })
+      : null;
+  }
+
+  private makePiece(
+    p: Tensor,
+    paramData: Tensor | null,
+    paramStart: number,
+    start: number,
+    n: number,
+  ): ShardPiece {
+    // the model's values of this piece: in the parameter buffer, or (plain path) in the parameter itself
+    let modelView: Tensor;
+    if (paramData) modelView = flatView(paramData, start, [n]);
+    else {
+      const flat = p.view(-1);
+      modelView = flatView(flat, start - paramStart, [n]);
+      flat.dispose();
+    }
+    keep(modelView);
+    // fp32 (and fp64) parameters are their own masters, as in Megatron
+    if (p.dtype === 'float32' || p.dtype === 'float64') return { master: modelView, modelView: null };
+    return { master: keep(modelView.to('float32')), modelView };
+  }
+
+  /** The inner AdamW's groups (what OptimizerParamScheduler updates); empty when this rank owns no elements. */
+  get paramGroups(): ParamGroup[] {
+    return this.inner?.paramGroups ?? [];
+  }
+
+  /** Elements of the parameters this rank updates. */
+  get numLocalElements(): number {
+    return this.pieces.reduce((n, p) => n + p.master.numel, 0);
+  }
+
+  /** The fp32 master pieces this rank updates (1-D, each with its gradient view as .grad). */
+  get masterParams(): readonly Tensor[] {
+    return this.pieces.map((p) => p.master);
+  }
+
+  /**
+   * One step: finishes DDP's gradient sync if it is still pending, computes the global gradient
+   * norm, skips the step when it is NaN or infinite, else clips (with clipGrad), runs AdamW on this
+   * rank's masters, writes them into the model's values and (sharded) all-gathers the parameters.
+   */
+  step(): DistributedStepResult {
+    this.ddp.finishGradSync();
+    const masters = this.masterParams;
+    const gradNorm = getGradNorm(masters, {
+      modelParallelGroup: this.modelParallelGroup,
+      dataParallelGroup: this.sharded ? this.ddp.dataParallelGroup : null,
+      tpRank: this.tpRank,
+    });
+    if (!Number.isFinite(gradNorm)) {
+      this.log(`iteration skipped: gradient norm is ${Number.isNaN(gradNorm) ? 'nan' : 'inf'}`);
+      return { updated: false, gradNorm, skipped: true };
+    }
+    if (this.clipGrad > 0) clipGradByTotalNorm(masters, this.clipGrad, gradNorm);
+    this.inner?.step();
+    this.copyMastersToModel();
+    return { updated: true, gradNorm, skipped: false };
+  }
+
+  private copyMastersToModel(): void {
+    noGrad(() => {
+      for (const p of this.pieces) if (p.modelView) p.modelView.copy_(p.master);
+    });
+    if (this.sharded) this.ddp.syncParams();
+  }
+
+  /** Zeroes DDP's gradient buffers (the masters' gradients are views of them). */
+  zeroGrad(): void {
+    this.ddp.zeroGradBuffer();
+  }
+
+  /** This rank's state (see DistributedOptimizerStateDict); the gathered format comes with checkpointing. */
+  stateDict(): DistributedOptimizerStateDict {
+    return {
+      dataParallelRank: this.ddp.dataParallelGroup.rank,
+      dataParallelSize: this.ddp.dataParallelGroup.size,
+      optimizer: this.inner ? this.inner.stateDict() : null,
+      masters: [...this.masterParams],
+    };
+  }
+
+  /** Restores a stateDict() of the same layout (tensors are copied), writes the masters into the model and syncs the parameters. */
+  loadStateDict(sd: DistributedOptimizerStateDict): void {
+    const where = `${this.name}.loadStateDict`;
+    const { rank, size } = this.ddp.dataParallelGroup;
+    if (sd.dataParallelRank !== rank || sd.dataParallelSize !== size) {
+      throw new DistributedError(
+        'INVALID_ARGUMENT',
+        `${where}: the checkpoint is data-parallel rank ${sd.dataParallelRank} of ${sd.dataParallelSize}, this is rank ${rank} of ${size}`,
+      );
+    }
+    if (
+      sd.masters.length !== this.pieces.length ||
+      sd.masters.some((m, i) => m.numel !== this.pieces[i].master.numel)
+    ) {
+      throw new DistributedError(
+        'INVALID_ARGUMENT',
+        `${where}: the checkpoint's ${sd.masters.length} master pieces do not match this rank's ${this.pieces.length} (another bucket size or model?)`,
+      );
+    }
+    if (this.inner && sd.optimizer) this.inner.loadStateDict(sd.optimizer);
+    noGrad(() => {
+      sd.masters.forEach((m, i) => {
+        const own = this.pieces[i].master;
+        if (m !== own) own.copy_(m);
+      });
+    });
+    this.copyMastersToModel();
+  }
+
+  /** Frees the masters, the moments and the gradient views (DDP and the model are left alone). */
+  dispose(): void {
+    this.inner?.dispose();
+    for (const p of this.pieces) {
+      p.master.grad?.dispose();
+      p.master.grad = null;
+      p.master.dispose();
+      p.modelView?.dispose();
+    }
+    this.pieces.length = 0;
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}
+
+/**
+ * Megatron's distributed optimizer (ZeRO-1) with AdamW, over a DistributedDataParallel built with
+ * useDistributedOptimizer: fp32 masters and moments only for this rank's 1/d of each bucket, so
+ * bf16 parameters with fp32 gradients cost 6 + 12/d bytes per parameter instead of 18.
+ */
+export class DistributedOptimizer extends BufferOptimizer {
+  constructor(ddp: AnyDdp, options: DistributedOptimizerOptions = {}) {
+    if (!ddp.useDistributedOptimizer) {
+      throw new DistributedError(
+        'INVALID_ARGUMENT',
+        'DistributedOptimizer: build the DistributedDataParallel with { useDistributedOptimizer: true } (or use DataParallelOptimizer)',
+      );
+    }
+    super('DistributedOptimizer', ddp, true, options);
+  }
+}
+
+/**
+ * The non-distributed path: AdamW on every parameter from DDP's all-reduced gradients, with fp32
+ * masters for bf16/fp16 parameters (18 bytes per bf16 parameter with fp32 gradients).
+ */
+export class DataParallelOptimizer extends BufferOptimizer {
+  constructor(ddp: AnyDdp, options: DistributedOptimizerOptions = {}) {
+    if (ddp.useDistributedOptimizer) {
+      throw new DistributedError(
+        'INVALID_ARGUMENT',
+        'DataParallelOptimizer: the DistributedDataParallel reduce-scatters (useDistributedOptimizer); use DistributedOptimizer',
+      );
+    }
+    super('DataParallelOptimizer', ddp, false, options);
+  }
+}

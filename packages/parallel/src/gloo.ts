@@ -1,0 +1,458 @@
+// ProcessGroup on Gloo: CPU tensors, collectives on each group's communication threads.
+import type { DType, Storage, Tensor } from '@megapatch/tensor';
+import { DistributedError } from './errors.js';
+import { loadNative, type NativeGroupHandle, type NativeResult, nativeError } from './native.js';
+import type { ProcessGroup, ReduceOp, Work } from './process-group.js';
+
+const DTYPE_CODE: Partial<Record<DType, number>> = {
+  float32: 0,
+  bfloat16: 1,
+  float16: 2,
+  int32: 3,
+  int64: 4,
+  float64: 5,
+  uint8: 6,
+  bool: 6,
+};
+const ITEM: Partial<Record<DType, number>> = {
+  float32: 4,
+  bfloat16: 2,
+  float16: 2,
+  int32: 4,
+  int64: 8,
+  float64: 8,
+  uint8: 1,
+  bool: 1,
+};
+const OP_CODE: Record<ReduceOp, number> = { sum: 0, avg: 1, max: 2, min: 3 };
+
+/** Where a Gloo group meets: the store address and a key prefix unique to the group. */
+export interface GlooGroupOptions {
+  storeHost: string;
+  storePort: number;
+  prefix: string;
+  name: string;
+  /** This process's rank in the group. */
+  rank: number;
+  /** Global ranks of the members, in group-rank order. */
+  ranks: readonly number[];
+  timeoutMs: number;
+  /** Exchange each collective's sizes first and fail with a clear message when ranks disagree. */
+  checkCollectives: boolean;
+  /** Address other ranks reach this process at, or '' with `iface`. */
+  hostname: string;
+  /** Network interface to use instead of `hostname` (GLOO_SOCKET_IFNAME). */
+  iface: string;
+}
+
+class GlooWork implements Work {
+  private settled = false;
+  private error: DistributedError | null = null;
+  private readonly promise: Promise<void>;
+  private resolveFn!: () => void;
+  private rejectFn!: (e: DistributedError) => void;
+  /** Milliseconds the operation ran on the communication thread (after completion). */
+  ms = 0;
+
+  constructor(
+    private readonly group: GlooProcessGroup,
+    readonly id: number,
+    private storages: Storage[],
+  ) {
+    this.promise = new Promise<void>((res, rej) => {
+      this.resolveFn = res;
+      this.rejectFn = rej;
+    });
+    // a failure is reported by wait()/waitSync(); an unobserved one must not crash the process
+    this.promise.catch(() => {});
+  }
+
+  /** @internal Called once with the native result. */
+  complete(r: NativeResult): void {
+    if (this.settled) return;
+    this.settled = true;
+    this.ms = r.ms;
+    for (const s of this.storages) s.release();
+    this.storages = [];
+    if (r.code) {
+      this.error = new DistributedError(r.code as DistributedError['code'], r.message);
+      this.rejectFn(this.error);
+    } else {
+      this.resolveFn();
+    }
+  }
+
+  wait(): Promise<void> {
+    return this.promise;
+  }
+
+  waitSync(): void {
+    if (!this.settled) this.group.waitNative(this);
+    if (this.error) throw this.error;
+  }
+
+  isCompleted(): boolean {
+    return this.settled;
+  }
+}
+
+/** A ProcessGroup over Gloo. Create it with `newGroup()` (or `initProcessGroup()` for the world). */
+export class GlooProcessGroup implements ProcessGroup {
+  readonly backend = 'gloo';
+  readonly name: string;
+  readonly rank: number;
+  readonly size: number;
+  readonly ranks: readonly number[];
+  readonly timeoutMs: number;
+  private native: NativeGroupHandle | null;
+  private readonly pending = new Map<number, GlooWork>();
+
+  private constructor(options: GlooGroupOptions) {
+    this.name = options.name;
+    this.rank = options.rank;
+    this.size = options.ranks.length;
+    this.ranks = [...options.ranks];
+    this.timeoutMs = options.timeoutMs;
+    const { NativeGroup } = loadNative();
+    try {
+      this.native = new NativeGroup(
+        options.storeHost,
+        options.storePort,
+        options.prefix,
+        options.name,
+        options.rank,
+        this.size,
+        [...options.ranks],
+        options.timeoutMs,
+        options.checkCollectives,
+        options.hostname,
+        options.iface,
+        (id) => this.onComplete(id),
+      );
+    } catch (e) {
+      throw nativeError(e);
+    }
+  }
+
+  /** Creates the group and waits until every member has connected (a rendezvous through the store). */
+  static async connect(options: GlooGroupOptions): Promise<GlooProcessGroup> {
+    const g = new GlooProcessGroup(options);
+    try {
+      await g.track(g.handle('rendezvous').connect(), []).wait();
+    } catch (e) {
+      g.destroy();
+      throw e;
+    }
+    return g;
+  }
+
+  private handle(op: string): NativeGroupHandle {
+    if (!this.native) {
+      throw new DistributedError('NOT_INITIALIZED', `${op} on group '${this.name}': the group was destroyed`);
+    }
+    return this.native;
+  }
+
+  private track(id: number, tensors: readonly Tensor[]): GlooWork {
+    const storages = tensors.map((t) => {
+      t.storage.retain();
+      return t.storage;
+    });
+    const work = new GlooWork(this, id, storages);
+    const native = this.native!;
+    // an operation that already finished (or was refused at once) is settled here; reading its
+    // result makes the native side forget it, so its completion callback finds nothing
+    const early = native.result(id);
+    if (early?.done) {
+      work.complete(early);
+      return work;
+    }
+    if (this.pending.size === 0) native.ref();
+    this.pending.set(id, work);
+    return work;
+  }
+
+  private settle(work: GlooWork, r: NativeResult): void {
+    work.complete(r);
+    if (this.pending.delete(work.id) && this.pending.size === 0) this.native?.unref();
+  }
+
+  private onComplete(id: number): void {
+    const work = this.pending.get(id);
+    const r = this.native?.result(id);
+    if (work && r) this.settle(work, r);
+  }
+
+  /** @internal Blocks until `work` completes. */
+  waitNative(work: GlooWork): void {
+    const native = this.handle('wait');
+    const r = native.waitSync(work.id);
+    if (r) {
+      native.result(work.id); // forget it natively; the completion callback then finds nothing
+      this.settle(work, r);
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------
+
+  private check(op: string, t: Tensor, what = 'tensor'): number {
+    t.checkAlive(op);
+    if (t.device !== 'cpu') {
+      throw new DistributedError(
+        'INVALID_ARGUMENT',
+        `${op} on group '${this.name}': the ${what} is on ${t.device}; Gloo handles CPU tensors (NCCL handles CUDA ones)`,
+      );
+    }
+    if (!t.isContiguous) {
+      throw new DistributedError(
+        'INVALID_ARGUMENT',
+        `${op} on group '${this.name}': the ${what} ${t.describe()} is not contiguous; pass t.contiguous()`,
+      );
+    }
+    const code = DTYPE_CODE[t.dtype];
+    if (code === undefined) {
+      throw new DistributedError(
+        'INVALID_ARGUMENT',
+        `${op} on group '${this.name}': dtype ${t.dtype} is not supported`,
+      );
+    }
+    return code;
+  }
+
+  private sameDtype(op: string, a: Tensor, b: Tensor): void {
+    if (a.dtype !== b.dtype) {
+      throw new DistributedError(
+        'INVALID_ARGUMENT',
+        `${op} on group '${this.name}': input ${a.describe()} and output ${b.describe()} differ in dtype`,
+      );
+    }
+  }
+
+  private static addr(t: Tensor): number {
+    return t.storage.address + t.offset * (ITEM[t.dtype] as number);
+  }
+
+  private reduction(op: string, t: Tensor, reduce: ReduceOp): number {
+    const code = OP_CODE[reduce];
+    if (code === undefined) {
+      throw new DistributedError(
+        'INVALID_ARGUMENT',
+        `${op}: unknown reduction '${reduce}' (sum, avg, max or min)`,
+      );
+    }
+    if (reduce === 'avg' && !['float32', 'float64', 'bfloat16', 'float16'].includes(t.dtype)) {
+      throw new DistributedError(
+        'INVALID_ARGUMENT',
+        `${op}: 'avg' needs a floating-point tensor, got ${t.dtype}`,
+      );
+    }
+    if (t.dtype === 'bool' || t.dtype === 'uint8') {
+      throw new DistributedError('INVALID_ARGUMENT', `${op}: ${t.dtype} tensors cannot be reduced`);
+    }
+    return code;
+  }
+
+  allReduce(tensor: Tensor, op: ReduceOp = 'sum'): Work {
+    const dt = this.check('allReduce', tensor);
+    const red = this.reduction('allReduce', tensor, op);
+    const n = this.handle('allReduce');
+    return this.track(n.allReduce(GlooProcessGroup.addr(tensor), tensor.numel, dt, red), [tensor]);
+  }
+
+  allGather(outputs: readonly Tensor[], input: Tensor): Work {
+    const dt = this.check('allGather', input, 'input');
+    if (outputs.length !== this.size) {
+      throw new DistributedError(
+        'INVALID_ARGUMENT',
+        `allGather on group '${this.name}': expected ${this.size} output tensors (one per rank), got ${outputs.length}`,
+      );
+    }
+    for (const o of outputs) {
+      this.check('allGather', o, 'output');
+      this.sameDtype('allGather', input, o);
+      if (o.numel !== input.numel) {
+        throw new DistributedError(
+          'INVALID_ARGUMENT',
+          `allGather on group '${this.name}': output ${o.describe()} must have as many elements as the input ${input.describe()}`,
+        );
+      }
+    }
+    const n = this.handle('allGather');
+    const outs = outputs.map((o) => GlooProcessGroup.addr(o));
+    // one output per rank even when size is 1 (the native side treats a single output as flat)
+    return this.track(n.allGather(GlooProcessGroup.addr(input), outs, input.numel, dt), [input, ...outputs]);
+  }
+
+  allGatherIntoTensor(output: Tensor, input: Tensor): Work {
+    const dt = this.check('allGatherIntoTensor', input, 'input');
+    this.check('allGatherIntoTensor', output, 'output');
+    this.sameDtype('allGatherIntoTensor', input, output);
+    if (output.numel !== input.numel * this.size) {
+      throw new DistributedError(
+        'INVALID_ARGUMENT',
+        `allGatherIntoTensor on group '${this.name}': output ${output.describe()} must hold ${this.size} × ${input.numel} elements (input ${input.describe()})`,
+      );
+    }
+    const n = this.handle('allGatherIntoTensor');
+    return this.track(
+      n.allGather(GlooProcessGroup.addr(input), [GlooProcessGroup.addr(output)], input.numel, dt),
+      [input, output],
+    );
+  }
+
+  reduceScatter(output: Tensor, inputs: readonly Tensor[], op: ReduceOp = 'sum'): Work {
+    const dt = this.check('reduceScatter', output, 'output');
+    const red = this.reduction('reduceScatter', output, op);
+    if (inputs.length !== this.size) {
+      throw new DistributedError(
+        'INVALID_ARGUMENT',
+        `reduceScatter on group '${this.name}': expected ${this.size} input tensors (one per rank), got ${inputs.length}`,
+      );
+    }
+    for (const t of inputs) {
+      this.check('reduceScatter', t, 'input');
+      this.sameDtype('reduceScatter', t, output);
+      if (t.numel !== output.numel) {
+        throw new DistributedError(
+          'INVALID_ARGUMENT',
+          `reduceScatter on group '${this.name}': input ${t.describe()} must have as many elements as the output ${output.describe()}`,
+        );
+      }
+    }
+    const n = this.handle('reduceScatter');
+    const ins = inputs.map((t) => GlooProcessGroup.addr(t));
+    // the native side treats a single input as a flat tensor; with size 1 that is the same thing
+    return this.track(n.reduceScatter(ins, GlooProcessGroup.addr(output), output.numel, dt, red), [
+      output,
+      ...inputs,
+    ]);
+  }
+
+  reduceScatterTensor(output: Tensor, input: Tensor, op: ReduceOp = 'sum'): Work {
+    const dt = this.check('reduceScatterTensor', output, 'output');
+    this.check('reduceScatterTensor', input, 'input');
+    this.sameDtype('reduceScatterTensor', input, output);
+    const red = this.reduction('reduceScatterTensor', output, op);
+    if (input.numel !== output.numel * this.size) {
+      throw new DistributedError(
+        'INVALID_ARGUMENT',
+        `reduceScatterTensor on group '${this.name}': input ${input.describe()} must hold ${this.size} × ${output.numel} elements (output ${output.describe()})`,
+      );
+    }
+    const n = this.handle('reduceScatterTensor');
+    return this.track(
+      n.reduceScatter([GlooProcessGroup.addr(input)], GlooProcessGroup.addr(output), output.numel, dt, red),
+      [output, input],
+    );
+  }
+
+  private checkPeer(op: string, peer: number, what: string): void {
+    if (!Number.isInteger(peer) || peer < 0 || peer >= this.size) {
+      throw new DistributedError(
+        'INVALID_ARGUMENT',
+        `${op} on group '${this.name}': ${what} ${peer} is not a rank of this group of ${this.size} (group ranks are 0..${this.size - 1})`,
+      );
+    }
+  }
+
+  broadcast(tensor: Tensor, src: number): Work {
+    const dt = this.check('broadcast', tensor);
+    this.checkPeer('broadcast', src, 'src');
+    const n = this.handle('broadcast');
+    return this.track(n.broadcast(GlooProcessGroup.addr(tensor), tensor.numel, dt, src), [tensor]);
+  }
+
+  send(tensor: Tensor, dst: number, tag = 0): Work {
+    const dt = this.check('send', tensor);
+    this.checkPeer('send', dst, 'dst');
+    if (dst === this.rank)
+      throw new DistributedError('INVALID_ARGUMENT', `send on group '${this.name}': cannot send to itself`);
+    checkTag('send', tag);
+    const n = this.handle('send');
+    return this.track(n.send(GlooProcessGroup.addr(tensor), tensor.numel, dt, dst, tag), [tensor]);
+  }
+
+  recv(tensor: Tensor, src: number, tag = 0): Work {
+    const dt = this.check('recv', tensor);
+    this.checkPeer('recv', src, 'src');
+    if (src === this.rank)
+      throw new DistributedError(
+        'INVALID_ARGUMENT',
+        `recv on group '${this.name}': cannot receive from itself`,
+      );
+    checkTag('recv', tag);
+    const n = this.handle('recv');
+    return this.track(n.recv(GlooProcessGroup.addr(tensor), tensor.numel, dt, src, tag), [tensor]);
+  }
+
+  allToAll(
+    output: Tensor,
+    input: Tensor,
+    outputSplitSizes?: readonly number[],
+    inputSplitSizes?: readonly number[],
+  ): Work {
+    const dt = this.check('allToAll', input, 'input');
+    this.check('allToAll', output, 'output');
+    this.sameDtype('allToAll', input, output);
+    const rows = (t: Tensor) => (t.ndim === 0 ? 1 : t.shape[0]);
+    const rowElems = (t: Tensor) => (t.ndim <= 1 ? 1 : t.numel / t.shape[0]);
+    if (rowElems(input) !== rowElems(output)) {
+      throw new DistributedError(
+        'INVALID_ARGUMENT',
+        `allToAll on group '${this.name}': input ${input.describe()} and output ${output.describe()} differ beyond dim 0`,
+      );
+    }
+    const splits = (given: readonly number[] | undefined, t: Tensor, what: string): number[] => {
+      if (!given) {
+        if (rows(t) % this.size !== 0) {
+          throw new DistributedError(
+            'INVALID_ARGUMENT',
+            `allToAll on group '${this.name}': dim 0 of the ${what} ${t.describe()} is not divisible by the group size ${this.size}; pass split sizes`,
+          );
+        }
+        return new Array(this.size).fill(rows(t) / this.size);
+      }
+      const sum = given.reduce((a, b) => a + b, 0);
+      if (given.length !== this.size || given.some((s) => !Number.isInteger(s) || s < 0) || sum !== rows(t)) {
+        throw new DistributedError(
+          'INVALID_ARGUMENT',
+          `allToAll on group '${this.name}': ${what} split sizes [${given.join(',')}] must be ${this.size} non-negative integers summing to dim 0 of ${t.describe()}`,
+        );
+      }
+      return [...given];
+    };
+    const ins = splits(inputSplitSizes, input, 'input');
+    const outs = splits(outputSplitSizes, output, 'output');
+    const n = this.handle('allToAll');
+    return this.track(
+      n.allToAll(GlooProcessGroup.addr(input), GlooProcessGroup.addr(output), ins, outs, rowElems(input), dt),
+      [input, output],
+    );
+  }
+
+  barrier(): Work {
+    return this.track(this.handle('barrier').barrier(), []);
+  }
+
+  destroy(): void {
+    const native = this.native;
+    if (!native) return;
+    this.native = null;
+    native.destroy();
+    for (const work of this.pending.values()) {
+      work.complete({
+        done: true,
+        code: 'NOT_INITIALIZED',
+        message: `group '${this.name}' was destroyed`,
+        ms: 0,
+      });
+    }
+    this.pending.clear();
+  }
+}
+
+function checkTag(op: string, tag: number): void {
+  if (!Number.isInteger(tag) || tag < 0 || tag >= 2 ** 20) {
+    throw new DistributedError('INVALID_ARGUMENT', `${op}: tag must be an integer in [0, 2^20), got ${tag}`);
+  }
+}

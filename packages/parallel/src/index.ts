@@ -1,0 +1,130 @@
+// @megapatch/parallel: launch, rendezvous, process groups on Gloo, Megatron's parallel state,
+// tensor/sequence-parallel layers, data parallelism and the distributed optimizer.
+
+export { clipGradByTotalNorm, type GradNormOptions, getGradNorm } from './distributed/clip-grads.js';
+export {
+  DistributedDataParallel,
+  type DistributedDataParallelOptions,
+  type GradSyncStats,
+} from './distributed/distributed-data-parallel.js';
+export {
+  DataParallelOptimizer,
+  DistributedOptimizer,
+  type DistributedOptimizerOptions,
+  type DistributedOptimizerStateDict,
+  type DistributedStepResult,
+} from './distributed/distributed-optimizer.js';
+export {
+  BUCKET_END_ALIGNMENT,
+  type Bucket,
+  type BucketSlot,
+  type BufferLayout,
+  type BufferLayoutOptions,
+  bucketEndDivisor,
+  computeBufferLayout,
+  defaultBucketSize,
+  PARAM_ALIGNMENT,
+  ParamAndGradBuffer,
+  type ParamAndGradBufferOptions,
+  type ParamSlot,
+} from './distributed/param-and-grad-buffer.js';
+export {
+  DEFAULT_TIMEOUT_MS,
+  destroyGroup,
+  destroyProcessGroup,
+  getEnvironment,
+  getRank,
+  getStore,
+  getWorldGroup,
+  getWorldSize,
+  type InitProcessGroupOptions,
+  initProcessGroup,
+  isInitialized,
+  newGroup,
+} from './distributed.js';
+export { DistributedError, type DistributedErrorCode } from './errors.js';
+export { GlooProcessGroup } from './gloo.js';
+export {
+  type DistributedEnvironment,
+  detectEnvironment,
+  type EnvironmentSource,
+  expandHostlist,
+} from './launch/env.js';
+export {
+  type LaunchOptions,
+  type LaunchResult,
+  type LaunchSignal,
+  launch,
+  type WorkerExit,
+} from './launch/launcher.js';
+export * from './parallel-state.js';
+export type { ProcessGroup, ReduceOp, Work } from './process-group.js';
+export {
+  type ComputeParallelGroupsOptions,
+  computeParallelGroups,
+  DEFAULT_ORDER,
+  GROUP_KINDS,
+  type GroupKind,
+  generateMaskedOrthogonalRankGroups,
+  type ParallelAxis,
+  type ParallelGroups,
+  RankGenerator,
+  type RankGeneratorOptions,
+} from './rank-generator.js';
+export { TCPStore, type TCPStoreOptions } from './store.js';
+export {
+  getTensorModelParallelAttributes,
+  paramIsNotTensorParallelDuplicate,
+  setSequenceParallelAttribute,
+  setTensorModelParallelAttributes,
+  type TensorParallelAttributes,
+} from './tensor-parallel/attributes.js';
+export {
+  type VocabParallelCrossEntropyOptions,
+  vocabParallelCrossEntropy,
+} from './tensor-parallel/cross-entropy.js';
+export {
+  ColumnParallelLinear,
+  type ColumnParallelLinearOptions,
+  type ColumnPartition,
+  LayerNormColumnParallelLinear,
+  type LayerNormColumnParallelLinearOptions,
+  type LinearOutput,
+  type ParallelLinearOptions,
+  padVocabSize,
+  RowParallelLinear,
+  type RowParallelLinearOptions,
+  VocabParallelEmbedding,
+  type VocabParallelEmbeddingOptions,
+  vocabRangeFromGlobalVocabSize,
+  vocabRangeFromPerPartitionVocabSize,
+} from './tensor-parallel/layers.js';
+export {
+  copyToTensorModelParallelRegion,
+  gatherFromSequenceParallelRegion,
+  gatherFromTensorModelParallelRegion,
+  reduceFromTensorModelParallelRegion,
+  reduceScatterToSequenceParallelRegion,
+  resolveTpGroup,
+  scatterToSequenceParallelRegion,
+  scatterToTensorModelParallelRegion,
+} from './tensor-parallel/mappings.js';
+export {
+  DATA_PARALLEL_RNG_TRACKER_NAME,
+  EXPERT_PARALLEL_RNG_TRACKER_NAME,
+  getRngTracker,
+  MODEL_PARALLEL_RNG_TRACKER_NAME,
+  type ModelParallelSeedOptions,
+  modelParallelManualSeed,
+  RngStatesTracker,
+} from './tensor-parallel/random.js';
+export { allreduceSequenceParallelGrads } from './tensor-parallel/sequence-parallel-grads.js';
+export {
+  fromTensorData,
+  gatherShards,
+  type Partition,
+  type QkvDims,
+  type ShardOptions,
+  shardOf,
+  toTensorData,
+} from './tensor-parallel/sharding.js';

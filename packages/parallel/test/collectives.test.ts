@@ -1,0 +1,152 @@
+// Real processes over Gloo: every collective against a local computation of its result, and the
+// failure modes (timeouts, dead peers, mismatched sizes, rendezvous problems) with their messages.
+import { existsSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { describe, expect, it } from 'vitest';
+import { expectAllOk, freePort, runWorkers } from './helpers/workers.js';
+
+const here = dirname(fileURLToPath(import.meta.url));
+const ADDON = join(here, '..', 'build', 'Release', 'megapatch_parallel.node');
+
+interface Outcome {
+  rank: number;
+  code?: string | null;
+  message?: string;
+  ms?: number;
+  cases?: number;
+  failures?: string[];
+  after?: number;
+}
+
+describe.skipIf(!existsSync(ADDON))('collectives on Gloo', () => {
+  for (const nproc of [2, 3, 4]) {
+    it(`every op, dtype and odd size matches a local computation with ${nproc} processes`, async () => {
+      const outs = await runWorkers({ nproc, script: 'collectives-worker.ts', timeoutMs: 240_000 });
+      expectAllOk(outs);
+      for (const o of outs) {
+        const r = o.results[0] as Outcome;
+        expect(r.failures).toEqual([]);
+        expect(r.cases).toBeGreaterThan(250);
+      }
+    }, 300_000);
+  }
+});
+
+async function fault(mode: string, nproc = 2, extra: Record<string, string> = {}): Promise<Outcome[]> {
+  const outs = await runWorkers({
+    nproc,
+    script: 'faults-worker.ts',
+    args: [mode],
+    env: extra,
+    timeoutMs: 30_000,
+  });
+  return outs.map((o) => ({ ...(o.results[0] as Outcome), rank: o.rank, exit: o.code }));
+}
+
+describe.skipIf(!existsSync(ADDON))('faults give clear errors, never hangs', () => {
+  it('a collective a peer never reaches times out naming the op, group, rank and the missing peer', async () => {
+    const [r0] = await fault('timeout');
+    expect(r0.code).toBe('TIMEOUT');
+    expect(r0.message).toMatch(
+      /^allReduce on group 'world' \(rank 0 of 2, global rank 0\): timed out after 1500 ms .*peers that did not arrive: global rank 1/,
+    );
+    expect(r0.ms).toBeLessThan(4000);
+  });
+
+  it('a peer that dies makes the others fail', async () => {
+    const [r0, r1] = await fault('dead-peer');
+    expect((r1 as { exit?: number }).exit).toBe(7);
+    expect(['PEER_LOST', 'TIMEOUT']).toContain(r0.code);
+    expect(r0.message).toMatch(/allReduce on group 'world' \(rank 0 of 2/);
+    expect(r0.ms).toBeLessThan(4000);
+  });
+
+  it('mismatched sizes fail on every rank with the ranks and sizes named, and the group stays usable', async () => {
+    const outs = await runWorkers({
+      nproc: 2,
+      script: 'faults-worker.ts',
+      args: ['mismatch'],
+      timeoutMs: 30_000,
+    });
+    expectAllOk(outs);
+    for (const o of outs) {
+      const [err, after] = o.results as Outcome[];
+      expect(err.code).toBe('MISMATCH');
+      expect(err.message).toContain(
+        'global rank 0: allReduce of 10 x float32, op sum; global rank 1: allReduce of 12 x float32',
+      );
+      expect(after.after).toBe(2);
+    }
+  });
+
+  it('allToAll split sizes that do not match across ranks fail on every rank', async () => {
+    const outs = await fault('a2a-mismatch');
+    for (const o of outs) {
+      expect(o.code).toBe('MISMATCH');
+      expect(o.message).toMatch(/sends \d rows to global rank \d, whose outputSplitSizes\[\d\] is \d/);
+    }
+  });
+
+  it('a recv smaller than the send fails before any byte lands', async () => {
+    const outs = await fault('recv-mismatch');
+    expect(outs[1].code).toBe('MISMATCH');
+    expect(outs[1].message).toContain('global rank 0 sent 5 x float32 but this rank expects 4 x float32');
+  });
+
+  it('a world that never completes names the ranks that did not join', async () => {
+    // WORLD_SIZE 3, but only ranks 0 and 1 start
+    const [r0, r1] = await fault('ok', 2, { WORLD_SIZE: '3', LOCAL_WORLD_SIZE: '3' });
+    expect(r0.code).toBe('TIMEOUT');
+    expect(r0.message).toMatch(
+      /^rendezvous at 127\.0\.0\.1:\d+: rank 2 of world size 3 did not join within 2 s/,
+    );
+    // rank 1 either times out the same way or sees rank 0 leave first (its store goes with it)
+    expect(r1.message).toMatch(/rank 2 of world size 3 did not join|closed the connection; did rank 0 exit/);
+    for (const o of [r0, r1]) expect(o.ms).toBeLessThan(6000);
+  });
+
+  it('a port in use is reported by rank 0', async () => {
+    const port = await freePort();
+    const srv = createServer().listen(port, '0.0.0.0');
+    await new Promise((r) => srv.once('listening', r));
+    try {
+      const outs = await runWorkers({
+        nproc: 1,
+        script: 'faults-worker.ts',
+        args: ['ok'],
+        port,
+        timeoutMs: 30_000,
+      });
+      const r = outs[0].results[0] as Outcome;
+      expect(r.code).toBe('STORE');
+      expect(r.message).toBe(
+        `MASTER_PORT ${port} on 127.0.0.1 is already in use (another job or a leftover process?); choose a free port with --master-port or MASTER_PORT`,
+      );
+    } finally {
+      srv.close();
+    }
+  });
+
+  it('an unreachable master is reported within the rendezvous timeout', async () => {
+    const port = await freePort();
+    // only rank 1 of 2 starts, so nobody hosts the store
+    const outs = await runWorkers({
+      nproc: 1,
+      script: 'faults-worker.ts',
+      args: ['ok'],
+      port,
+      env: { RANK: '1', WORLD_SIZE: '2', LOCAL_RANK: '1', LOCAL_WORLD_SIZE: '2' },
+      timeoutMs: 30_000,
+    });
+    const r = outs[0].results[0] as Outcome;
+    expect(r.code).toBe('TIMEOUT');
+    expect(r.message).toMatch(
+      new RegExp(
+        `could not reach the rendezvous store at 127\\.0\\.0\\.1:${port} within 2 s .*is rank 0 running`,
+      ),
+    );
+    expect(r.ms).toBeLessThan(6000);
+  });
+});

@@ -1,0 +1,342 @@
+// DistributedOptimizer / DataParallelOptimizer and the gradient norm in one process (dp = 1, a
+// LocalGroup): they train exactly like torch-style AdamW with Megatron's no-decay groups and
+// clipping, skip a step with a NaN gradient norm (one log line, weights untouched), checkpoint
+// their shard, follow the bytes-per-parameter budget for bf16 and free everything they made.
+import {
+  clipGradNorm,
+  crossEntropy,
+  getTotalNorm,
+  memoryStats,
+  noGrad,
+  Tensor,
+  tensor,
+  tidy,
+} from '@megapatch/tensor';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { clipGradByTotalNorm, getGradNorm } from '../src/distributed/clip-grads.js';
+import { DistributedDataParallel } from '../src/distributed/distributed-data-parallel.js';
+import {
+  DataParallelOptimizer,
+  DistributedOptimizer,
+  type DistributedOptimizerOptions,
+} from '../src/distributed/distributed-optimizer.js';
+import { DistributedError } from '../src/errors.js';
+import { setTensorModelParallelAttributes } from '../src/tensor-parallel/attributes.js';
+import {
+  DIMS,
+  HYPER,
+  LocalGroup,
+  MLP,
+  makeData,
+  maxRelDiff,
+  referenceRun,
+  weightsOf,
+} from './workers/ddp-common.js';
+
+const vals = (t: Tensor | null): number[] => Array.from(noGrad(() => t!.toTypedArray()) as Float32Array);
+
+let start = 0;
+beforeEach(() => {
+  start = memoryStats().liveBytes;
+});
+afterEach(() => {
+  expect(memoryStats().liveBytes).toBe(start);
+});
+
+const optOptions: DistributedOptimizerOptions = { ...HYPER, modelParallelGroup: null };
+
+function train(distributed: boolean, data: { x: Tensor; y: Tensor }[], bucketSize: number | null) {
+  const model = new MLP(DIMS, 11);
+  const ddp = new DistributedDataParallel(model, {
+    dataParallelGroup: new LocalGroup(),
+    useDistributedOptimizer: distributed,
+    bucketSize,
+  });
+  const opt = distributed
+    ? new DistributedOptimizer(ddp, optOptions)
+    : new DataParallelOptimizer(ddp, optOptions);
+  const losses: number[] = [];
+  const gradNorms: number[] = [];
+  for (const { x, y } of data) {
+    opt.zeroGrad();
+    losses.push(
+      tidy(() => {
+        const l = crossEntropy(ddp.forward(x), y);
+        l.backward();
+        return l.item();
+      }),
+    );
+    const r = opt.step();
+    expect(r.updated && !r.skipped).toBe(true);
+    gradNorms.push(r.gradNorm);
+  }
+  const weights = weightsOf(model);
+  opt.dispose();
+  ddp.dispose();
+  model.dispose();
+  return { losses, gradNorms, weights };
+}
+
+describe('optimizers over DDP (one process)', () => {
+  it.each([
+    ['DistributedOptimizer', true, 200],
+    ['DistributedOptimizer, one bucket', true, null],
+    ['DataParallelOptimizer', false, 200],
+  ] as const)('%s trains like AdamW with clipping on the same batches', (_, distributed, bucketSize) => {
+    const data = makeData(4, 16, 21);
+    const got = train(distributed, data, bucketSize);
+    const ref = referenceRun(data, 11, HYPER, (ps, max) => clipGradNorm(ps, max));
+    got.losses.forEach((l, i) => {
+      expect(Math.abs(l - ref.losses[i]) / ref.losses[i]).toBeLessThan(1e-6);
+    });
+    got.gradNorms.forEach((g, i) => {
+      expect(Math.abs(g - ref.gradNorms[i]) / ref.gradNorms[i]).toBeLessThan(1e-5);
+    });
+    // clipping really happened in some steps
+    expect(ref.gradNorms.some((g) => g > HYPER.clipGrad)).toBe(true);
+    expect(maxRelDiff(got.weights, ref.weights)).toBeLessThan(1e-5);
+    for (const b of data) for (const t of [b.x, b.y]) t.dispose();
+  });
+
+  it('owns its tensors: DDP and the optimizer built inside tidy() keep working after it', () => {
+    const model = new MLP(DIMS, 1);
+    const { ddp, opt } = tidy(() => {
+      const d = new DistributedDataParallel(model, {
+        dataParallelGroup: new LocalGroup(),
+        useDistributedOptimizer: true,
+        bucketSize: 200,
+      });
+      return { ddp: d, opt: new DistributedOptimizer(d, optOptions) };
+    });
+    for (const p of model.parameters()) expect([p.disposed, p.mainGrad!.disposed]).toEqual([false, false]);
+    for (const m of opt.masterParams) expect([m.disposed, m.grad!.disposed]).toEqual([false, false]);
+    const [batch] = makeData(1, 8, 1);
+    tidy(() => crossEntropy(ddp.forward(batch.x), batch.y).backward());
+    expect(opt.step().updated).toBe(true);
+    opt.dispose();
+    ddp.dispose();
+    model.dispose();
+    for (const t of [batch.x, batch.y]) t.dispose();
+  });
+
+  it('puts biases and 1-D parameters in a group without weight decay', () => {
+    const model = new MLP(DIMS, 1);
+    const ddp = new DistributedDataParallel(model, {
+      dataParallelGroup: new LocalGroup(),
+      useDistributedOptimizer: true,
+    });
+    const opt = new DistributedOptimizer(ddp, { ...optOptions, weightDecay: 0.3 });
+    const groups = opt.paramGroups;
+    expect(groups.map((g) => g.weightDecay)).toEqual([0.3, 0]);
+    expect(groups[0].params.map((p) => p.name).sort()).toEqual(['fc1.weight', 'fc2.weight', 'fc3.weight']);
+    expect(groups[1].params.map((p) => p.name).sort()).toEqual(['fc1.bias', 'fc2.bias', 'fc3.bias']);
+    expect(groups[1].wdMult).toBe(0);
+    expect(opt.numLocalElements).toBe(model.numParameters());
+    opt.dispose();
+    ddp.dispose();
+    model.dispose();
+  });
+
+  it('skips the step when the gradient norm is NaN: one log line, weights unchanged', () => {
+    const model = new MLP(DIMS, 2);
+    const ddp = new DistributedDataParallel(model, {
+      dataParallelGroup: new LocalGroup(),
+      useDistributedOptimizer: true,
+    });
+    const lines: string[] = [];
+    const opt = new DistributedOptimizer(ddp, { ...optOptions, log: (l) => lines.push(l) });
+    const [batch] = makeData(1, 8, 3);
+    const before = weightsOf(model);
+    tidy(() => {
+      const x = batch.x.clone();
+      noGrad(() => x.narrow(0, 0, 1).fill_(Number.NaN));
+      crossEntropy(ddp.forward(x), batch.y).backward();
+    });
+    const r = opt.step();
+    expect(r).toEqual({ updated: false, gradNorm: Number.NaN, skipped: true });
+    expect(lines).toEqual(['iteration skipped: gradient norm is nan']);
+    expect(maxRelDiff(weightsOf(model), before)).toBe(0);
+    // the next clean step goes through
+    opt.zeroGrad();
+    tidy(() => crossEntropy(ddp.forward(batch.x), batch.y).backward());
+    expect(opt.step().updated).toBe(true);
+    expect(lines.length).toBe(1);
+    opt.dispose();
+    ddp.dispose();
+    model.dispose();
+    for (const t of [batch.x, batch.y]) t.dispose();
+  });
+
+  it('stateDict / loadStateDict restore the shard (masters, moments) and the model', () => {
+    const model = new MLP(DIMS, 4);
+    const ddp = new DistributedDataParallel(model, {
+      dataParallelGroup: new LocalGroup(),
+      useDistributedOptimizer: true,
+    });
+    const opt = new DistributedOptimizer(ddp, optOptions);
+    const data = makeData(3, 8, 5);
+    const stepOn = (b: { x: Tensor; y: Tensor }) => {
+      opt.zeroGrad();
+      tidy(() => crossEntropy(ddp.forward(b.x), b.y).backward());
+      opt.step();
+    };
+    stepOn(data[0]);
+    const sd = opt.stateDict();
+    const saved = {
+      ...sd,
+      masters: sd.masters.map((m) => m.clone()),
+      optimizer: sd.optimizer && {
+        ...sd.optimizer,
+        state: Object.fromEntries(
+          Object.entries(sd.optimizer.state).map(([k, s]) => [
+            k,
+            Object.fromEntries(Object.entries(s).map(([n, v]) => [n, v instanceof Tensor ? v.clone() : v])),
+          ]),
+        ),
+      },
+    };
+    const weightsAfter1 = weightsOf(model);
+    stepOn(data[1]);
+    const weightsAfter2 = weightsOf(model);
+    expect(maxRelDiff(weightsAfter2, weightsAfter1)).toBeGreaterThan(0);
+    opt.loadStateDict(saved);
+    expect(maxRelDiff(weightsOf(model), weightsAfter1)).toBe(0);
+    // stepping again on the same batch repeats step 2 exactly
+    stepOn(data[1]);
+    expect(maxRelDiff(weightsOf(model), weightsAfter2)).toBe(0);
+    expect(() => opt.loadStateDict({ ...saved, dataParallelSize: 2 })).toThrow(DistributedError);
+    for (const m of saved.masters) m.dispose();
+    for (const s of Object.values(saved.optimizer!.state))
+      for (const v of Object.values(s)) if (v instanceof Tensor) v.dispose();
+    opt.dispose();
+    ddp.dispose();
+    model.dispose();
+    for (const b of data) for (const t of [b.x, b.y]) t.dispose();
+  });
+
+  it('needs the matching DDP mode', () => {
+    const model = new MLP(DIMS, 1);
+    const plain = new DistributedDataParallel(model, { dataParallelGroup: new LocalGroup() });
+    expect(() => new DistributedOptimizer(plain, optOptions)).toThrow(/useDistributedOptimizer: true/);
+    plain.dispose();
+    const sharded = new DistributedDataParallel(model, {
+      dataParallelGroup: new LocalGroup(),
+      useDistributedOptimizer: true,
+    });
+    expect(() => new DataParallelOptimizer(sharded, optOptions)).toThrow(/use DistributedOptimizer/);
+    sharded.dispose();
+    model.dispose();
+  });
+
+  it.each([
+    ['DistributedOptimizer', true],
+    ['DataParallelOptimizer', false],
+  ] as const)(
+    '%s: bf16 parameters with fp32 grads cost 18 bytes per parameter at dp = 1 (plus padding)',
+    (_, distributed) => {
+      const base = memoryStats().liveBytes;
+      const model = new MLP(DIMS, 3, 'bfloat16');
+      const n = model.numParameters();
+      expect(memoryStats().liveBytes - base).toBe(2 * n);
+      const ddp = new DistributedDataParallel(model, {
+        dataParallelGroup: new LocalGroup(),
+        useDistributedOptimizer: distributed,
+        bucketSize: 200,
+      });
+      const padded = ddp.buffers[0].layout.numel;
+      const opt = distributed
+        ? new DistributedOptimizer(ddp, optOptions)
+        : new DataParallelOptimizer(ddp, optOptions);
+      const [batch] = makeData(1, 8, 9);
+      const x = batch.x.to('bfloat16');
+      tidy(() => crossEntropy(ddp.forward(x).float(), batch.y).backward());
+      opt.step(); // AdamW makes its moments on the first step
+      const bytes = memoryStats().liveBytes - base - (x.numel * 2 + batch.x.numel * 4 + batch.y.numel * 8);
+      // params 2 (+ padding with the param buffer) + grads 4 (+ padding) + master 4 + moments 8
+      const expected = 18 * n + (padded - n) * (distributed ? 6 : 4);
+      expect(bytes).toBe(expected);
+      opt.dispose();
+      ddp.dispose();
+      model.dispose();
+      for (const t of [x, batch.x, batch.y]) t.dispose();
+    },
+  );
+});
+
+describe('getGradNorm / clipGradByTotalNorm', () => {
+  function withGrads(): Tensor[] {
+    const f = (d: number[] | number[][]) => tensor(d, { dtype: 'float32' });
+    const ps = [
+      f([1, 2, 3]).requiresGrad_(true),
+      f([[4, -5]]).requiresGrad_(true),
+      f([0.5]).requiresGrad_(true),
+    ];
+    ps[0].grad = f([3, 0, -4]);
+    ps[1].grad = f([[1, -2]]);
+    ps[2].mainGrad = f([2]);
+    return ps;
+  }
+  const free = (ps: Tensor[]) => {
+    for (const p of ps) {
+      p.mainGrad?.dispose();
+      p.dispose();
+    }
+  };
+
+  it('matches getTotalNorm, reading mainGrad when set', () => {
+    const ps = withGrads();
+    const grads = [ps[0].grad!, ps[1].grad!, ps[2].mainGrad!];
+    expect(getGradNorm(ps)).toBeCloseTo(getTotalNorm(grads), 6);
+    expect(getGradNorm(ps, { normType: Number.POSITIVE_INFINITY })).toBe(4);
+    expect(getGradNorm(ps, { normType: 1 })).toBeCloseTo(12, 5);
+    expect(getGradNorm([])).toBe(0);
+    free(ps);
+  });
+
+  it('counts parameters replicated across TP only on TP rank 0', () => {
+    const ps = withGrads();
+    setTensorModelParallelAttributes(ps[1], true, 0);
+    // on TP rank 1 only the split parameter counts
+    expect(getGradNorm(ps, { tpRank: 1 })).toBeCloseTo(Math.sqrt(5), 6);
+    expect(getGradNorm(ps, { tpRank: 0 })).toBeCloseTo(Math.sqrt(34), 6);
+    free(ps);
+  });
+
+  it('reduces over the groups it is given (SUM of squares, MAX for inf)', () => {
+    const ps = withGrads();
+    const dp = new LocalGroup();
+    const mp = new LocalGroup();
+    getGradNorm(ps, { dataParallelGroup: dp, modelParallelGroup: mp });
+    getGradNorm(ps, { dataParallelGroup: dp, normType: Number.POSITIVE_INFINITY });
+    // size-1 groups have nothing to reduce: no op issued
+    expect(dp.ops.length + mp.ops.length).toBe(0);
+    free(ps);
+  });
+
+  it('gives NaN / inf for non-finite gradients', () => {
+    const ps = withGrads();
+    noGrad(() => ps[1].grad!.fill_(Number.NaN));
+    expect(getGradNorm(ps)).toBeNaN();
+    // the max norm turns NaN into inf so that a MAX reduction cannot drop it
+    expect(getGradNorm(ps, { normType: Number.POSITIVE_INFINITY })).toBe(Number.POSITIVE_INFINITY);
+    free(ps);
+  });
+
+  it('clipGradByTotalNorm scales every gradient by maxNorm / (total + 1e-6), only when below 1', () => {
+    const ps = withGrads();
+    const before = [vals(ps[0].grad), vals(ps[1].grad), vals(ps[2].mainGrad)];
+    const total = getGradNorm(ps);
+    clipGradByTotalNorm(ps, 1, total);
+    const coef = 1 / (total + 1e-6);
+    [vals(ps[0].grad), vals(ps[1].grad), vals(ps[2].mainGrad)].forEach((g, k) => {
+      g.forEach((v, i) => {
+        expect(v).toBeCloseTo(before[k][i] * coef, 6);
+      });
+    });
+    expect(getGradNorm(ps)).toBeCloseTo(1, 5);
+    const clipped = vals(ps[1].grad);
+    clipGradByTotalNorm(ps, 100, 1);
+    expect(vals(ps[1].grad)).toEqual(clipped);
+    free(ps);
+  });
+});

@@ -1,0 +1,54 @@
+// One failure per mode; the worker prints `RESULT {"code", "message", "ms"}` for the error it saw.
+import { tensor, zeros } from '@megapatch/tensor';
+import { destroyProcessGroup, initProcessGroup } from '../../src/distributed.js';
+import type { DistributedError } from '../../src/errors.js';
+
+const mode = process.argv[2];
+const rank = Number(process.env.RANK);
+const t0 = Date.now();
+function report(e: unknown): void {
+  const err = e as DistributedError;
+  console.log(
+    `RESULT ${JSON.stringify({ rank, code: err.code ?? null, message: err.message, ms: Date.now() - t0 })}`,
+  );
+}
+
+try {
+  const g = await initProcessGroup({ timeoutMs: 1500, rendezvousTimeoutMs: 2000 });
+  const t = zeros([rank === 1 && mode === 'mismatch' ? 12 : 10]);
+  if (mode === 'timeout') {
+    if (rank === 1) await new Promise((r) => setTimeout(r, 4000));
+    else g.allReduce(t).waitSync();
+  } else if (mode === 'dead-peer') {
+    if (rank === 1) process.exit(7);
+    g.allReduce(t).waitSync();
+  } else if (mode === 'mismatch') {
+    try {
+      g.allReduce(t).waitSync();
+    } catch (e) {
+      report(e);
+      // the group survives a size mismatch: a correct collective still works afterwards
+      const ok = tensor([1]);
+      g.allReduce(ok).waitSync();
+      console.log(`RESULT ${JSON.stringify({ rank, after: ok.item() })}`);
+      await destroyProcessGroup();
+      process.exit(0);
+    }
+  } else if (mode === 'a2a-mismatch') {
+    const out = zeros([rank === 0 ? 3 : 2]);
+    g.allToAll(out, zeros([2]), rank === 0 ? [2, 1] : [1, 1], [1, 1]).waitSync();
+  } else if (mode === 'recv-mismatch') {
+    if (rank === 0)
+      g.send(zeros([5]), 1)
+        .wait()
+        .catch(() => {});
+    else g.recv(zeros([4]), 0).waitSync();
+  } else if (mode === 'ok') {
+    g.barrier().waitSync();
+  }
+  console.log(`RESULT ${JSON.stringify({ rank, code: null })}`);
+  await destroyProcessGroup();
+} catch (e) {
+  report(e);
+  process.exit(3);
+}
