@@ -39,6 +39,8 @@ export interface RunContext {
   readonly positionals: readonly string[];
   /** stdout/stderr, interrupts and the outputs this run claims. */
   readonly io: Io;
+  /** The words after `--`, unparsed, for a command with `passthrough` (null when there was no `--`). */
+  readonly rest: readonly string[] | null;
 }
 
 /** A runnable command (a leaf of the command tree). */
@@ -53,7 +55,11 @@ export interface Command {
   readonly options: Readonly<Record<string, OptionSpec>>;
   /** Example invocations (without the leading `megapatch `). */
   readonly examples?: readonly string[];
-  run(ctx: RunContext): Promise<void> | void;
+  /** The command takes every word after `--` as is (the worker command of `launch`). */
+  readonly passthrough?: PositionalSpec;
+  /** Returns nothing (exit 0) or an exit code of its own (`launch` passes on a worker's). */
+  // biome-ignore lint/suspicious/noConfusingVoidType: a command that returns nothing exits 0
+  run(ctx: RunContext): Promise<void | number> | void | number;
 }
 
 /** An entry of a command group: loaded only when used, so `megapatch info` pays for nothing else. */
@@ -186,7 +192,8 @@ export function parseCommandArgs(command: Command, argv: readonly string[]): Par
 
 function checkPositionals(command: Command, positionals: readonly string[]): void {
   const specs = command.positionals ?? [];
-  if (positionals.length > specs.length) {
+  // a passthrough command sees stray words itself, to say that they belong after --
+  if (positionals.length > specs.length && !command.passthrough) {
     const extra = positionals[specs.length];
     const takes =
       specs.length === 0

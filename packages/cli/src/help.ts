@@ -52,12 +52,13 @@ export function commandHelp(c: Command, color: boolean): string {
   const out = [
     `megapatch ${c.name} — ${c.summary}`,
     '',
-    `${bold(color, 'Usage:')} megapatch ${[c.name, ...positionals, ...required, '[options]'].join(' ')}`,
+    `${bold(color, 'Usage:')} megapatch ${[c.name, ...positionals, ...required, '[options]', ...(c.passthrough ? [`-- <${c.passthrough.name}>`] : [])].join(' ')}`,
   ];
   if (c.description) out.push('', wrap(c.description, 100, 0));
-  if (c.positionals?.length) {
+  if (c.positionals?.length || c.passthrough) {
     out.push('', bold(color, 'Arguments:'));
-    for (const p of c.positionals) out.push(`  ${p.name.padEnd(20)} ${p.description}`);
+    for (const p of c.positionals ?? []) out.push(`  ${p.name.padEnd(20)} ${p.description}`);
+    if (c.passthrough) out.push(`  ${`-- ${c.passthrough.name}`.padEnd(20)} ${c.passthrough.description}`);
   }
   if (Object.keys(c.options).length) out.push('', bold(color, 'Options:'), ...optionLines(c.options));
   out.push('', bold(color, 'Global options:'), ...optionLines(GLOBAL_OPTIONS));

@@ -52,6 +52,10 @@ export const commands: CommandGroup = {
       summary: 'inspect megapatch checkpoints',
       load: () => import('./commands/ckpt.js').then((m) => m.default),
     },
+    launch: {
+      summary: 'start the workers of a distributed job on this node (torchrun for megapatch)',
+      load: () => import('./commands/launch.js').then((m) => m.default),
+    },
   },
 };
 
@@ -130,13 +134,21 @@ async function dispatch(argv: readonly string[], io: Io, current: Current): Prom
       node.name,
     );
   }
-  const parsed = parseCommandArgs(node, rest);
+  // A passthrough command gets the words after `--` untouched; others parse them as positionals.
+  const dashes = node.passthrough ? rest.indexOf('--') : -1;
+  const words = dashes < 0 ? rest : rest.slice(0, dashes);
+  const parsed = parseCommandArgs(node, words);
   if (parsed.help) {
     io.out.log(commandHelp(node, io.color));
     return EXIT.ok;
   }
-  await node.run({ options: parsed.options, positionals: parsed.positionals, io });
-  return EXIT.ok;
+  const code = await node.run({
+    options: parsed.options,
+    positionals: parsed.positionals,
+    io,
+    rest: dashes < 0 ? null : rest.slice(dashes + 1),
+  });
+  return typeof code === 'number' ? code : EXIT.ok;
 }
 
 /**
@@ -145,7 +157,10 @@ async function dispatch(argv: readonly string[], io: Io, current: Current): Prom
  * one line on stderr (with the stack trace under --debug or MEGAPATCH_DEBUG=1).
  */
 export async function main(argv: string[], io: ProcessIo = new ProcessIo()): Promise<number> {
-  const debug = argv.includes('--debug') || process.env.MEGAPATCH_DEBUG === '1';
+  // --debug is ours only before a `--`: what follows belongs to a launched command
+  const dashes = argv.indexOf('--');
+  const own = dashes < 0 ? argv : argv.slice(0, dashes);
+  const debug = own.includes('--debug') || process.env.MEGAPATCH_DEBUG === '1';
   const current: Current = { name: 'megapatch' };
   const stop = (reason: StopReason) => {
     if (reason === 'EPIPE') io.closeStdout();
@@ -178,7 +193,7 @@ export async function main(argv: string[], io: ProcessIo = new ProcessIo()): Pro
   try {
     // --debug is global: accepted before the command as well as after it.
     const code = await dispatch(
-      argv.filter((w) => w !== '--debug'),
+      [...own.filter((w) => w !== '--debug'), ...(dashes < 0 ? [] : argv.slice(dashes))],
       io,
       current,
     );

@@ -47,6 +47,7 @@ describe('unknown flags and stray arguments are usage errors (exit 2)', () => {
       'convert megapatch-to-hf',
       'convert reshard',
       'ckpt inspect',
+      'launch',
     ]);
     for (const words of leaves) {
       const r = megapatch([...words, '--no-such-flag', '1']);
