@@ -11,6 +11,7 @@
 #include <gloo/types.h>
 #include <string.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 
@@ -224,6 +225,7 @@ void Group::shutdown() {
   wdCv_.notify_all();
   if (watchdog_.joinable()) watchdog_.join();
   ctx_.reset();
+  ctl_.reset();
 }
 
 uint64_t Group::enqueueOn(int lane, std::string op, std::function<void(Job&)> run,
@@ -391,8 +393,12 @@ void Group::connect(Job& job) {
     store_ = std::make_shared<StoreClient>(storeHost_, storePort_, timeout_);
     ctx_ = std::make_shared<gloo::rendezvous::Context>(rank_, size_);
     ctx_->setTimeout(timeout_);
+    ctl_ = std::make_shared<gloo::rendezvous::Context>(rank_, size_);
+    ctl_->setTimeout(timeout_);
     GlooStore store(store_, prefix_, timeout_);
     ctx_->connectFullMesh(store, device_);
+    GlooStore ctlStore(store_, prefix_ + "/ctl", timeout_);
+    ctl_->connectFullMesh(ctlStore, device_);
   } catch (const StoreError& e) {
     std::string missing;
     for (int p = 0; p < size_ && store_; p++) {
@@ -412,33 +418,113 @@ void Group::connect(Job& job) {
   }
 }
 
+// The check record every collective exchanges first, with one all-reduce: the maximum of each
+// metadata word and of its negation (so every rank learns whether all ranks agree), and, for
+// small all-reduces, the payload itself, reduced in fp32 for 16-bit floats. Its size is fixed, so
+// ranks that called different operations still exchange the same number of bytes.
+namespace {
+struct CheckHead {
+  int64_t hi[4];
+  int64_t negLo[4];
+};
+constexpr size_t kHead = sizeof(CheckHead);
+// The record as one gloo element, so that no algorithm ever cuts it.
+struct CheckRecord {
+  uint8_t bytes[kHead + Group::kRecordPayload];
+};
+
+template <typename T>
+void foldPayload(T* acc, const T* x, size_t n, RedOp op) {
+  combine(acc, x, n, op);
+}
+}  // namespace
+
 void Group::checkAgreement(Job& job, int64_t opCode, DType dt, int64_t count, int64_t extra, const char* extraName,
-                           const void* payload, size_t payloadBytes, std::vector<uint8_t>* records) {
+                           void* payload, size_t payloadCount, RedOp payloadOp) {
   markArrived(job);
   if (!checks_ || size_ == 1) return;
-  // Fixed-size records (4 int64 + kRecordPayload bytes), so that ranks calling different
-  // operations still exchange the same number of bytes and can tell each other what they called.
-  const size_t rec = 32 + kRecordPayload;
-  std::vector<uint8_t> mineBuf(rec, 0);
-  int64_t head[4] = {opCode, static_cast<int64_t>(dt), count, extra};
-  memcpy(mineBuf.data(), head, 32);
-  if (payload && payloadBytes <= kRecordPayload) memcpy(mineBuf.data() + 32, payload, payloadBytes);
-  std::vector<uint8_t> local;
-  std::vector<uint8_t>& allBuf = records ? *records : local;
-  allBuf.assign(rec * size_, 0);
-  gloo::AllgatherOptions o(ctx_);
-  o.setInput<uint8_t>(mineBuf.data(), rec);
-  o.setOutput<uint8_t>(allBuf.data(), allBuf.size());
+  const size_t rec = kHead + kRecordPayload;
+  std::vector<uint8_t> buf(rec, 0);
+  int64_t meta[4] = {opCode, static_cast<int64_t>(dt), count, extra};
+  auto* head = reinterpret_cast<CheckHead*>(buf.data());
+  for (int k = 0; k < 4; k++) {
+    head->hi[k] = meta[k];
+    head->negLo[k] = -meta[k];
+  }
+  // the payload kind: 16-bit floats travel as fp32
+  DType wire = (dt == DType::BF16 || dt == DType::F16) ? DType::F32 : dt;
+  if (payload) {
+    if (wire != dt)
+      toF32(payload, reinterpret_cast<float*>(buf.data() + kHead), payloadCount, dt);
+    else
+      memcpy(buf.data() + kHead, payload, payloadCount * itemSize(dt));
+  }
+  size_t n = payload ? payloadCount : 0;
+  auto fn = [n, wire, payloadOp](void* out, const void* a, const void* b, size_t records) {
+    for (size_t r = 0; r < records; r++) {
+      auto* o = static_cast<uint8_t*>(out) + r * sizeof(CheckRecord);
+      auto* x = static_cast<const uint8_t*>(a) + r * sizeof(CheckRecord);
+      auto* y = static_cast<const uint8_t*>(b) + r * sizeof(CheckRecord);
+      if (o == y) std::swap(x, y);  // every reduction here is commutative
+      auto* oh = reinterpret_cast<CheckHead*>(o);
+      auto* xh = reinterpret_cast<const CheckHead*>(x);
+      auto* yh = reinterpret_cast<const CheckHead*>(y);
+      for (int k = 0; k < 4; k++) {
+        oh->hi[k] = std::max(xh->hi[k], yh->hi[k]);
+        oh->negLo[k] = std::max(xh->negLo[k], yh->negLo[k]);
+      }
+      if (n == 0) continue;
+      if (o != x) memcpy(o + kHead, x + kHead, Group::kRecordPayload);
+      switch (wire) {
+        case DType::F32:
+          foldPayload(reinterpret_cast<float*>(o + kHead), reinterpret_cast<const float*>(y + kHead), n, payloadOp);
+          break;
+        case DType::F64:
+          foldPayload(reinterpret_cast<double*>(o + kHead), reinterpret_cast<const double*>(y + kHead), n, payloadOp);
+          break;
+        case DType::I32:
+          foldPayload(reinterpret_cast<int32_t*>(o + kHead), reinterpret_cast<const int32_t*>(y + kHead), n,
+                      payloadOp);
+          break;
+        case DType::I64:
+          foldPayload(reinterpret_cast<int64_t*>(o + kHead), reinterpret_cast<const int64_t*>(y + kHead), n,
+                      payloadOp);
+          break;
+        default:
+          break;
+      }
+    }
+  };
+  gloo::AllreduceOptions o(ctl_);
+  o.setOutput<CheckRecord>(reinterpret_cast<CheckRecord*>(buf.data()), 1);
+  o.setReduceFunction(fn);
   o.setTag(nextTag());
   o.setTimeout(timeout_);
-  MP_GLOO_CALL(job, gloo::allgather(o));
-  std::vector<int64_t> all(4 * size_);
-  for (int r = 0; r < size_; r++) memcpy(&all[4 * r], allBuf.data() + rec * r, 32);
+  MP_GLOO_CALL(job, gloo::allreduce(o));
   bool same = true;
-  for (int r = 1; r < size_ && same; r++)
-    for (int k = 0; k < 4; k++)
-      if (all[r * 4 + k] != all[k]) same = false;
-  if (same) return;
+  for (int k = 0; k < 4; k++)
+    if (head->hi[k] != -head->negLo[k]) same = false;
+  if (same) {
+    if (payload) {
+      if (payloadOp == RedOp::AVG) {
+        if (wire == DType::F32) divide(reinterpret_cast<float*>(buf.data() + kHead), n, size_);
+        if (wire == DType::F64) divide(reinterpret_cast<double*>(buf.data() + kHead), n, size_);
+      }
+      if (wire != dt)
+        fromF32(reinterpret_cast<float*>(buf.data() + kHead), payload, n, dt);
+      else
+        memcpy(payload, buf.data() + kHead, n * itemSize(dt));
+    }
+    return;
+  }
+  // The ranks disagree (every rank knows it now): gather each rank's call for the message.
+  std::vector<int64_t> all(4 * size_);
+  gloo::AllgatherOptions g(ctl_);
+  g.setInput<int64_t>(meta, 4);
+  g.setOutput<int64_t>(all.data(), all.size());
+  g.setTag(nextTag());
+  g.setTimeout(timeout_);
+  MP_GLOO_CALL(job, gloo::allgather(g));
   static const char* ops[] = {"allReduce", "allGather", "reduceScatter", "broadcast",
                               "allToAll",  "barrier",   "?",             "?"};
   std::string detail;
@@ -456,47 +542,10 @@ void Group::checkAgreement(Job& job, int64_t opCode, DType dt, int64_t count, in
 }
 
 void Group::allReduce(Job& job, void* ptr, size_t count, DType dt, RedOp op) {
-  size_t bytes = count * itemSize(dt);
-  if (checks_ && size_ > 1 && bytes <= kRecordPayload && dt != DType::U8) {
-    // small: the values travel in the check record itself and every rank reduces the records in
-    // rank order (one round trip instead of two; the same result on every rank)
-    std::vector<uint8_t> records;
-    checkAgreement(job, 0, dt, static_cast<int64_t>(count), static_cast<int64_t>(op), "op", ptr, bytes, &records);
-    const size_t rec = 32 + kRecordPayload;
-    auto fold = [&](auto* acc, auto get) {
-      for (size_t i = 0; i < count; i++) acc[i] = get(0, i);
-      for (int r = 1; r < size_; r++) {
-        for (size_t i = 0; i < count; i++) {
-          auto x = get(r, i);
-          combine(acc + i, &x, 1, op);
-        }
-      }
-      if (op == RedOp::AVG) divide(acc, count, size_);
-    };
-    auto at = [&](int r) { return records.data() + rec * r + 32; };
-    switch (dt) {
-      case DType::F32:
-        fold(static_cast<float*>(ptr), [&](int r, size_t i) { return reinterpret_cast<const float*>(at(r))[i]; });
-        break;
-      case DType::F64:
-        fold(static_cast<double*>(ptr), [&](int r, size_t i) { return reinterpret_cast<const double*>(at(r))[i]; });
-        break;
-      case DType::I32:
-        fold(static_cast<int32_t*>(ptr), [&](int r, size_t i) { return reinterpret_cast<const int32_t*>(at(r))[i]; });
-        break;
-      case DType::I64:
-        fold(static_cast<int64_t*>(ptr), [&](int r, size_t i) { return reinterpret_cast<const int64_t*>(at(r))[i]; });
-        break;
-      default: {
-        std::vector<float> acc(count);
-        fold(acc.data(), [&](int r, size_t i) {
-          float f;
-          toF32(at(r) + i * 2, &f, 1, dt);
-          return f;
-        });
-        fromF32(acc.data(), ptr, count, dt);
-      }
-    }
+  size_t wireBytes = count * ((dt == DType::BF16 || dt == DType::F16) ? 4 : itemSize(dt));
+  if (checks_ && size_ > 1 && wireBytes <= kRecordPayload && dt != DType::U8) {
+    // small: the values travel in the check record, so the whole all-reduce is one round
+    checkAgreement(job, 0, dt, static_cast<int64_t>(count), static_cast<int64_t>(op), "op", ptr, count, op);
     return;
   }
   checkAgreement(job, 0, dt, static_cast<int64_t>(count), static_cast<int64_t>(op), "op");
@@ -648,7 +697,7 @@ void Group::allToAll(Job& job, const void* in, void* out, std::vector<int64_t> i
     std::vector<int64_t> mine(inCounts);
     mine.insert(mine.end(), outCounts.begin(), outCounts.end());
     std::vector<int64_t> all(static_cast<size_t>(size_) * 2 * size_);
-    gloo::AllgatherOptions o(ctx_);
+    gloo::AllgatherOptions o(ctl_);
     o.setInput<int64_t>(mine.data(), mine.size());
     o.setOutput<int64_t>(all.data(), all.size());
     o.setTag(nextTag());
@@ -688,7 +737,7 @@ void Group::allToAll(Job& job, const void* in, void* out, std::vector<int64_t> i
 void Group::barrier(Job& job) {
   checkAgreement(job, 5, DType::U8, 0, 0, nullptr);
   if (size_ == 1) return;
-  gloo::BarrierOptions o(ctx_);
+  gloo::BarrierOptions o(ctl_);
   o.setTag(nextTag());
   o.setTimeout(timeout_);
   MP_GLOO_CALL(job, gloo::barrier(o));
@@ -708,7 +757,7 @@ uint64_t Group::postSend(const void* ptr, size_t count, DType dt, int dst, int t
   }
   if (usable && ctx_) {
     try {
-      buffers.push_back(ctx_->createUnboundBuffer(header->data(), 16));
+      buffers.push_back(ctl_->createUnboundBuffer(header->data(), 16));
       buffers[0]->send(dst, 2 * static_cast<uint64_t>(tag) + 1);
       if (count) {
         buffers.push_back(ctx_->createUnboundBuffer(const_cast<void*>(ptr), count * itemSize(dt)));
@@ -732,7 +781,7 @@ uint64_t Group::postSend(const void* ptr, size_t count, DType dt, int dst, int t
 
 void Group::recv(Job& job, void* ptr, size_t count, DType dt, int src, int tag) {
   int64_t header[2] = {0, 0};
-  auto hb = ctx_->createUnboundBuffer(header, 16);
+  auto hb = ctl_->createUnboundBuffer(header, 16);
   MP_GLOO_CALL(job, {
     hb->recv(src, 2 * static_cast<uint64_t>(tag) + 1);
     hb->waitRecv(timeout_);

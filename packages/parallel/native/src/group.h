@@ -68,6 +68,8 @@ using CompletionFn = std::function<void(uint64_t id)>;
 
 class Group {
  public:
+  /** Bytes of payload in the check record: all-reduces up to this size travel inside it. */
+  static constexpr size_t kRecordPayload = 4096;
   Group(std::string storeHost, int storePort, std::string prefix, std::string name, int rank, int size,
         std::vector<int> globalRanks, int timeoutMs, bool checks, std::shared_ptr<gloo::transport::Device> device,
         CompletionFn onComplete);
@@ -108,7 +110,7 @@ class Group {
   uint32_t nextTag() { return tagCounter_++; }
   /** Every rank exchanges (op, dtype, count, extra) and fails with a message naming the ranks that differ. */
   void checkAgreement(Job& job, int64_t opCode, DType dt, int64_t count, int64_t extra, const char* extraName,
-                      const void* payload = nullptr, size_t payloadBytes = 0, std::vector<uint8_t>* records = nullptr);
+                      void* payload = nullptr, size_t payloadCount = 0, RedOp payloadOp = RedOp::SUM);
   void watchdog();
   void markArrived(Job& job);
   std::string describe(const Job& job) const;
@@ -127,7 +129,12 @@ class Group {
   std::chrono::milliseconds timeout_;
   bool checks_;
   std::shared_ptr<gloo::transport::Device> device_;
+  // Two contexts (two sets of connections): ctx_ carries the data of collectives and p2p; ctl_
+  // the small messages (agreement checks, small all-reduces, barriers, p2p headers). Gloo sizes a
+  // socket's send buffer to the last message sent on it, so small messages on the data
+  // connections would slow the large transfers after them (reference/distributed.md §1.6).
   std::shared_ptr<gloo::rendezvous::Context> ctx_;
+  std::shared_ptr<gloo::rendezvous::Context> ctl_;
   CompletionFn onComplete_;
 
   std::mutex mu_;
@@ -149,7 +156,6 @@ class Group {
   std::thread watchdog_;
   uint32_t tagCounter_ = 1;
   std::thread thread_[3];
-  static constexpr size_t kRecordPayload = 4096;  // small all-reduces travel inside the check record
 };
 
 }  // namespace mp
