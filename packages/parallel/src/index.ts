@@ -57,6 +57,7 @@ export {
   launch,
   type WorkerExit,
 } from './launch/launcher.js';
+export { type CollectivesInfo, collectivesInfo } from './native.js';
 export * from './parallel-state.js';
 export type { ProcessGroup, ReduceOp, Work } from './process-group.js';
 export {

@@ -86,6 +86,7 @@ function candidates(): string[] {
 }
 
 let cached: NativeAddon | undefined;
+let cachedPath = '';
 
 /** The Gloo addon, loaded on first use. */
 export function loadNative(): NativeAddon {
@@ -98,6 +99,7 @@ export function loadNative(): NativeAddon {
     }
     try {
       cached = require(path) as NativeAddon;
+      cachedPath = path;
       return cached;
     } catch (e) {
       errors.push(`${path}: ${(e as Error).message.split('\n')[0]}`);
@@ -117,4 +119,25 @@ export function nativeError(e: unknown): DistributedError {
   const err = e as { code?: string; message?: string };
   const code = (err.code || 'BACKEND') as DistributedError['code'];
   return new DistributedError(code, err.message ?? String(e));
+}
+
+/** What `megapatch info` shows about the collectives backends. */
+export interface CollectivesInfo {
+  gloo: { available: true; addonPath: string; library: string } | { available: false; error: string };
+}
+
+/** Whether the Gloo addon loads, and from where. */
+export function collectivesInfo(): CollectivesInfo {
+  try {
+    const addon = loadNative();
+    return {
+      gloo: {
+        available: true,
+        addonPath: cachedPath,
+        library: `${addon.buildInfo.gloo}, ${addon.buildInfo.transport}`,
+      },
+    };
+  } catch (e) {
+    return { gloo: { available: false, error: (e as Error).message } };
+  }
 }

@@ -129,6 +129,48 @@ describe.skipIf(!existsSync(ADDON))('faults give clear errors, never hangs', () 
     }
   });
 
+  const unsetTorchrun = { RANK: '', WORLD_SIZE: '', LOCAL_RANK: '', LOCAL_WORLD_SIZE: '' };
+  const launchers: [string, (rank: number) => Record<string, string>][] = [
+    [
+      'srun (Slurm variables, the master is the first host of the node list)',
+      (rank) => ({
+        ...unsetTorchrun,
+        MASTER_ADDR: '',
+        SLURM_PROCID: String(rank),
+        SLURM_NTASKS: '3',
+        SLURM_LOCALID: String(rank),
+        SLURM_NODEID: '0',
+        SLURM_STEP_NODELIST: 'localhost,other[01-02]',
+        SLURM_STEP_TASKS_PER_NODE: '3',
+      }),
+    ],
+    [
+      'mpirun (Open MPI variables)',
+      (rank) => ({
+        ...unsetTorchrun,
+        OMPI_COMM_WORLD_RANK: String(rank),
+        OMPI_COMM_WORLD_SIZE: '3',
+        OMPI_COMM_WORLD_LOCAL_RANK: String(rank),
+        OMPI_COMM_WORLD_LOCAL_SIZE: '3',
+      }),
+    ],
+  ];
+  for (const [name, env] of launchers) {
+    it(`workers started by ${name} join without the launcher`, async () => {
+      const outs = await runWorkers({
+        nproc: 3,
+        script: 'faults-worker.ts',
+        args: ['sum'],
+        env,
+        timeoutMs: 30_000,
+      });
+      expectAllOk(outs);
+      const got = outs.map((o) => o.results[0] as { rank: number; size: number; sum: number });
+      expect(got.map((g) => g.rank).sort()).toEqual([0, 1, 2]);
+      for (const g of got) expect(g).toMatchObject({ size: 3, sum: 3 });
+    });
+  }
+
   it('an unreachable master is reported within the rendezvous timeout', async () => {
     const port = await freePort();
     // only rank 1 of 2 starts, so nobody hosts the store

@@ -28,6 +28,7 @@ export interface InfoReport {
       }
     | { error: string };
   cuda: { available: boolean; reason: string };
+  collectives: { gloo: string } | { error: string };
 }
 
 export async function collectInfo(): Promise<InfoReport> {
@@ -59,7 +60,22 @@ export async function collectInfo(): Promise<InfoReport> {
   } catch {
     cuda = { available: false, reason: '@megapatch/cuda is not installed (no CUDA backend in this build)' };
   }
-  return { node: process.version, platform: `${process.platform}-${process.arch}`, packages, cpu, cuda };
+  let collectives: InfoReport['collectives'];
+  try {
+    const { collectivesInfo } = await import('@megapatch/parallel');
+    const g = collectivesInfo().gloo;
+    collectives = g.available ? { gloo: `${g.library} (${g.addonPath})` } : { error: g.error };
+  } catch (e) {
+    collectives = { error: (e as Error).message };
+  }
+  return {
+    node: process.version,
+    platform: `${process.platform}-${process.arch}`,
+    packages,
+    cpu,
+    cuda,
+    collectives,
+  };
 }
 
 export function formatInfo(r: InfoReport): string {
@@ -75,13 +91,20 @@ export function formatInfo(r: InfoReport): string {
       `  addon     ${r.cpu.addonPath}`,
     );
   }
+  lines.push(
+    '',
+    'collectives:',
+    'error' in r.collectives
+      ? `  gloo      unavailable: ${r.collectives.error}`
+      : `  gloo      ${r.collectives.gloo}`,
+  );
   lines.push('', `cuda: ${r.cuda.available ? 'available' : 'not available'} — ${r.cuda.reason}`);
   return lines.join('\n');
 }
 
 const info: Command = {
   name: 'info',
-  summary: 'package versions, the native backend in use and CUDA availability',
+  summary: 'package versions, the native backends in use (CPU, Gloo) and CUDA availability',
   options: { json: { type: 'boolean', description: 'print JSON' } },
   run: async ({ options, io }) => {
     const report = await collectInfo();

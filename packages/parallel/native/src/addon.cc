@@ -265,9 +265,12 @@ class NativeStore : public Napi::ObjectWrap<NativeStore> {
 std::mutex devicesMu;
 std::map<std::string, std::weak_ptr<gloo::transport::Device>> devices;
 
-std::shared_ptr<gloo::transport::Device> deviceFor(const std::string& hostname, const std::string& iface) {
+// `role` keeps the control connections on their own device (its own I/O thread), away from the
+// data connections' large transfers.
+std::shared_ptr<gloo::transport::Device> deviceFor(const std::string& hostname, const std::string& iface,
+                                                   const std::string& role) {
   std::lock_guard<std::mutex> lock(devicesMu);
-  std::string key = hostname + "|" + iface;
+  std::string key = hostname + "|" + iface + "|" + role;
   if (auto d = devices[key].lock()) return d;
   gloo::transport::tcp::attr attr;
   if (!iface.empty()) {
@@ -311,9 +314,10 @@ class NativeGroup : public Napi::ObjectWrap<NativeGroup> {
     std::vector<int> globalRanks;
     auto arr = info[6].As<Napi::Array>();
     for (uint32_t i = 0; i < arr.Length(); i++) globalRanks.push_back(arr.Get(i).As<Napi::Number>().Int32Value());
-    std::shared_ptr<gloo::transport::Device> device;
+    std::shared_ptr<gloo::transport::Device> device, ctlDevice;
     try {
-      device = deviceFor(info[9].As<Napi::String>().Utf8Value(), info[10].As<Napi::String>().Utf8Value());
+      device = deviceFor(info[9].As<Napi::String>().Utf8Value(), info[10].As<Napi::String>().Utf8Value(), "data");
+      ctlDevice = deviceFor(info[9].As<Napi::String>().Utf8Value(), info[10].As<Napi::String>().Utf8Value(), "ctl");
     } catch (const std::exception& e) {
       errorWithCode(env, "BACKEND", std::string("cannot open a Gloo TCP device: ") + e.what())
           .ThrowAsJavaScriptException();
@@ -326,7 +330,7 @@ class NativeGroup : public Napi::ObjectWrap<NativeGroup> {
         info[0].As<Napi::String>().Utf8Value(), info[1].As<Napi::Number>().Int32Value(),
         info[2].As<Napi::String>().Utf8Value(), info[3].As<Napi::String>().Utf8Value(),
         info[4].As<Napi::Number>().Int32Value(), info[5].As<Napi::Number>().Int32Value(), globalRanks,
-        info[7].As<Napi::Number>().Int32Value(), info[8].As<Napi::Boolean>().Value(), device, [tsfn](uint64_t id) mutable {
+        info[7].As<Napi::Number>().Int32Value(), info[8].As<Napi::Boolean>().Value(), device, ctlDevice, [tsfn](uint64_t id) mutable {
           auto* data = new uint64_t(id);
           napi_status s = tsfn.NonBlockingCall(data, [](Napi::Env env, Napi::Function fn, uint64_t* d) {
             uint64_t v = *d;

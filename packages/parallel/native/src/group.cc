@@ -167,7 +167,7 @@ void GlooStore::wait(const std::vector<std::string>& keys, const std::chrono::mi
 
 Group::Group(std::string storeHost, int storePort, std::string prefix, std::string name, int rank, int size,
              std::vector<int> globalRanks, int timeoutMs, bool checks, std::shared_ptr<gloo::transport::Device> device,
-             CompletionFn onComplete)
+             std::shared_ptr<gloo::transport::Device> ctlDevice, CompletionFn onComplete)
     : storeHost_(std::move(storeHost)),
       storePort_(storePort),
       prefix_(std::move(prefix)),
@@ -178,6 +178,7 @@ Group::Group(std::string storeHost, int storePort, std::string prefix, std::stri
       timeout_(timeoutMs),
       checks_(checks),
       device_(std::move(device)),
+      ctlDevice_(std::move(ctlDevice)),
       onComplete_(std::move(onComplete)) {
   thread_[0] = std::thread([this] { loop(0); });
   thread_[1] = std::thread([this] { loop(1); });
@@ -398,7 +399,7 @@ void Group::connect(Job& job) {
     GlooStore store(store_, prefix_, timeout_);
     ctx_->connectFullMesh(store, device_);
     GlooStore ctlStore(store_, prefix_ + "/ctl", timeout_);
-    ctl_->connectFullMesh(ctlStore, device_);
+    ctl_->connectFullMesh(ctlStore, ctlDevice_);
   } catch (const StoreError& e) {
     std::string missing;
     for (int p = 0; p < size_ && store_; p++) {

@@ -72,7 +72,7 @@ class Group {
   static constexpr size_t kRecordPayload = 4096;
   Group(std::string storeHost, int storePort, std::string prefix, std::string name, int rank, int size,
         std::vector<int> globalRanks, int timeoutMs, bool checks, std::shared_ptr<gloo::transport::Device> device,
-        CompletionFn onComplete);
+        std::shared_ptr<gloo::transport::Device> ctlDevice, CompletionFn onComplete);
   ~Group();
 
   /** Queues an operation; returns its id. Completion calls onComplete(id) from the comm thread. */
@@ -129,6 +129,7 @@ class Group {
   std::chrono::milliseconds timeout_;
   bool checks_;
   std::shared_ptr<gloo::transport::Device> device_;
+  std::shared_ptr<gloo::transport::Device> ctlDevice_;
   // Two contexts (two sets of connections): ctx_ carries the data of collectives and p2p; ctl_
   // the small messages (agreement checks, small all-reduces, barriers, p2p headers). Gloo sizes a
   // socket's send buffer to the last message sent on it, so small messages on the data

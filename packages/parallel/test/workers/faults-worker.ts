@@ -4,7 +4,7 @@ import { destroyProcessGroup, initProcessGroup } from '../../src/distributed.js'
 import type { DistributedError } from '../../src/errors.js';
 
 const mode = process.argv[2];
-const rank = Number(process.env.RANK);
+const rank = Number(process.env.RANK ?? -1);
 const t0 = Date.now();
 function report(e: unknown): void {
   const err = e as DistributedError;
@@ -45,6 +45,11 @@ try {
     else g.recv(zeros([4]), 0).waitSync();
   } else if (mode === 'ok') {
     g.barrier().waitSync();
+  } else if (mode === 'sum') {
+    // started by srun or mpirun: the rank comes from their variables, not RANK
+    const t = tensor([g.rank]);
+    g.allReduce(t).waitSync();
+    console.log(`RESULT ${JSON.stringify({ rank: g.rank, size: g.size, sum: t.item() })}`);
   }
   console.log(`RESULT ${JSON.stringify({ rank, code: null })}`);
   await destroyProcessGroup();
