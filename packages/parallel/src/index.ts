@@ -119,7 +119,10 @@ export {
   modelParallelManualSeed,
   RngStatesTracker,
 } from './tensor-parallel/random.js';
-export { allreduceSequenceParallelGrads } from './tensor-parallel/sequence-parallel-grads.js';
+export {
+  allreduceSequenceParallelGrads,
+  registerSequenceParallelGradHooks,
+} from './tensor-parallel/sequence-parallel-grads.js';
 export {
   fromTensorData,
   gatherShards,

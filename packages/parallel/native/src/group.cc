@@ -83,22 +83,79 @@ inline uint16_t f32ToBf16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
+// fp16 <-> fp32, written here with memcpy: gloo's inline cpu_half2float type-puns through a
+// pointer cast, which GCC's strict-aliasing optimisation may turn into a read of stale stack memory.
+inline float f16ToF32(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);  // inf / nan
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {
+    // subnormal: normalise
+    int e = -1;
+    do {
+      man <<= 1;
+      e++;
+    } while (!(man & 0x400u));
+    bits = sign | (static_cast<uint32_t>(112 - e) << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t f32ToF16(float f) {
+  uint32_t x;
+  memcpy(&x, &f, 4);
+  uint32_t sign = (x >> 16) & 0x8000u;
+  uint32_t u = x & 0x7fffffffu;
+  if (u > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // nan
+  if (u >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to inf
+  if (u < 0x33000001u) return static_cast<uint16_t>(sign);              // rounds to zero
+  uint32_t exp = u >> 23;
+  uint32_t man = u & 0x7fffffu;
+  uint32_t shift;
+  if (exp > 112) {
+    shift = 13;
+    exp -= 112;
+  } else {
+    shift = 126 - exp;  // subnormal result
+    exp = 0;
+    man |= 0x800000u;
+  }
+  uint32_t half = 1u << (shift - 1);
+  uint32_t rest = man & ((1u << shift) - 1);
+  man >>= shift;
+  if (rest > half || (rest == half && (man & 1u))) {
+    man++;
+    if (man == 0x400u) {  // carried into the exponent
+      man = 0;
+      exp++;
+    }
+  }
+  return static_cast<uint16_t>(sign | (exp << 10) | man);
+}
+
 void toF32(const void* src, float* dst, size_t n, DType dt) {
+  auto s = static_cast<const uint16_t*>(src);
   if (dt == DType::BF16) {
-    auto s = static_cast<const uint16_t*>(src);
     for (size_t i = 0; i < n; i++) dst[i] = bf16ToF32(s[i]);
   } else {
-    auto s = static_cast<const gloo::float16*>(src);
-    for (size_t i = 0; i < n; i++) dst[i] = gloo::cpu_half2float(s[i]);
+    for (size_t i = 0; i < n; i++) dst[i] = f16ToF32(s[i]);
   }
 }
 void fromF32(const float* src, void* dst, size_t n, DType dt) {
+  auto d = static_cast<uint16_t*>(dst);
   if (dt == DType::BF16) {
-    auto d = static_cast<uint16_t*>(dst);
     for (size_t i = 0; i < n; i++) d[i] = f32ToBf16(src[i]);
   } else {
-    auto d = static_cast<gloo::float16*>(dst);
-    for (size_t i = 0; i < n; i++) d[i] = gloo::cpu_float2half_rn(src[i]);
+    for (size_t i = 0; i < n; i++) d[i] = f32ToF16(src[i]);
   }
 }
 

@@ -39,3 +39,33 @@ export function allreduceSequenceParallelGrads(params: Iterable<Tensor>, tpGroup
     }),
   );
 }
+
+/**
+ * The same sum done in backward: a gradient hook on each parameter marked sequence-parallel
+ * all-reduces its gradient over TP before it is accumulated, so that DistributedDataParallel
+ * (which starts a bucket's reduction from gradient hooks, while backward goes on) reduces the
+ * full sum. Register the hooks on the parameters the optimizer updates, i.e. after wrapping in
+ * DistributedDataParallel. Returns a function that removes them.
+ */
+export function registerSequenceParallelGradHooks(
+  params: Iterable<Tensor>,
+  tpGroup?: ProcessGroup,
+): () => void {
+  const group = resolveTpGroup(tpGroup);
+  const removers: (() => void)[] = [];
+  if (group.size > 1) {
+    for (const p of params) {
+      if (!getTensorModelParallelAttributes(p).sequenceParallel || !p.requiresGrad) continue;
+      removers.push(
+        p.registerHook((g) => {
+          const sum = g.contiguous();
+          group.allReduce(sum, 'sum').waitSync();
+          return sum;
+        }),
+      );
+    }
+  }
+  return () => {
+    for (const remove of removers) remove();
+  };
+}

@@ -35,6 +35,7 @@ import {
   RowParallelLinear,
   VocabParallelEmbedding,
 } from '../../src/tensor-parallel/layers.js';
+import { registerSequenceParallelGradHooks } from '../../src/tensor-parallel/sequence-parallel-grads.js';
 import { gatherShards, type Partition } from '../../src/tensor-parallel/sharding.js';
 
 const cfg = JSON.parse(process.argv[2] ?? '{}') as {
@@ -180,20 +181,6 @@ class TinyGpt extends Module {
   }
 }
 
-// Megatron's finalize step for sequence parallelism: gradients of weights applied to sequence
-// shards (the norms) are partial sums over TP ranks. A hook sums them before they reach .mainGrad,
-// so data parallelism (which starts from gradient hooks) sees the full gradient.
-function registerSequenceParallelHooks(model: Module, tp: ProcessGroup): void {
-  for (const [name, p] of model.namedParameters()) {
-    if (!/layer_norm_weight$|final_layernorm\.weight$/.test(name)) continue;
-    p.registerHook((g) => {
-      const c = g.contiguous();
-      tp.allReduce(c).waitSync();
-      return c;
-    });
-  }
-}
-
 function partitionOf(name: string): Partition {
   if (name.endsWith('linear_qkv.weight')) return 'qkv';
   if (name.endsWith('linear_fc1.weight')) return 'gate_up';
@@ -217,8 +204,9 @@ const ddp = new DistributedDataParallel(model, {
   useDistributedOptimizer: cfg.distOpt === true,
   bucketSize: cfg.bucketSize ?? 2000,
 });
-// after wrapping: the distributed optimizer moves parameters into its buffer
-if (SP) registerSequenceParallelHooks(model, tp);
+// after wrapping (the distributed optimizer moves parameters into its buffer): the norms' gradients
+// are summed over TP in backward, before DDP reduces their bucket
+if (SP) registerSequenceParallelGradHooks(model.parameters(), tp);
 const optOptions = { lr: 3e-3, weightDecay: 0.1, clipGrad: 1.0, modelParallelGroup: tp, tpRank: tp.rank };
 const opt = cfg.distOpt
   ? new DistributedOptimizer(ddp, optOptions)
