@@ -137,6 +137,22 @@ for (const dtype of DTYPES) {
   expectEqual(`allToAll equal ${dtype}`, read(eqOut), wantEq);
 }
 
+// 16-bit edge values survive the fp32 round trip of a reduction exactly (every rank holds the
+// same values, so max is the identity): the largest normal, the smallest normal and subnormal,
+// a value with a full mantissa, zero; small (inside the check record) and large (ring) sizes.
+const SPECIALS: Record<string, number[]> = {
+  float16: [65504, 2 ** -14, 2 ** -24, 0.333251953125, -2.5, 0],
+  bfloat16: [(2 - 2 ** -7) * 2 ** 127, 2 ** -126, 0.333984375, -2.5, 0],
+};
+for (const [dtype, specials] of Object.entries(SPECIALS)) {
+  for (const repeat of [1, 2000]) {
+    const vals = Array.from({ length: specials.length * repeat }, (_, i) => specials[i % specials.length]);
+    const t = fromTypedArray(Float64Array.from(vals), [vals.length]).to(dtype as DType);
+    g.allReduce(t, 'max').waitSync();
+    expectEqual(`allReduce max of ${dtype} edge values x${repeat}`, read(t), vals);
+  }
+}
+
 // Issue order: several async ops in flight complete in order with the right values.
 const ts = Array.from({ length: 6 }, (_, k) => make('float32', 1000, rank, k));
 const works = ts.map((t) => g.allReduce(t));
