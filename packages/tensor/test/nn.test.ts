@@ -289,6 +289,21 @@ describe('Module.to', () => {
   });
 });
 
+describe('Module.to rebinds fields named differently from their parameter', () => {
+  it('a field `normWeight` holding the parameter `layer_norm_weight` follows the cast', () => {
+    class Fused extends Module {
+      readonly normWeight = this.registerParameter('layer_norm_weight', ones([4]).requiresGrad_());
+    }
+    const m = new Fused();
+    const old = m.normWeight;
+    m.to('bfloat16');
+    expect(old.disposed).toBe(true);
+    expect(m.normWeight.dtype).toBe('bfloat16');
+    expect(m.normWeight).toBe(m.namedParameters()[0][1]);
+    m.dispose();
+  });
+});
+
 describe('layers', () => {
   it('Linear computes x W^T + b with torch default init bounds, reproducibly', () => {
     const lin = new Linear(64, 32, { generator: new Generator(7) });

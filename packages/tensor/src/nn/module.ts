@@ -302,10 +302,17 @@ export class Module {
       for (const table of [m.paramTable, m.bufferTable]) {
         for (const [name, t] of table) {
           if (!t || !isFloating(t.dtype) || t.dtype === dtype) continue;
-          const c = cast(t);
-          table.set(name, c);
-          if (Reflect.get(m, name) === t) Reflect.set(m, name, c);
+          table.set(name, cast(t));
         }
+      }
+    }
+    // every own field that holds a replaced tensor is rebound, whatever its name (a field
+    // `layerNormWeight` may hold the parameter registered as `layer_norm_weight`)
+    for (const m of this.modules()) {
+      for (const key of Object.keys(m)) {
+        const v = Reflect.get(m, key);
+        const c = v instanceof Tensor ? replaced.get(v) : undefined;
+        if (c) Reflect.set(m, key, c);
       }
     }
     for (const old of replaced.keys()) old.dispose();
