@@ -95,6 +95,32 @@ describe.skipIf(!existsSync(ADDON))('faults give clear errors, never hangs', () 
     expect(outs[1].message).toContain('global rank 0 sent 5 x float32 but this rank expects 4 x float32');
   });
 
+  it('a process that leaves without destroyProcessGroup exits cleanly', async () => {
+    const outs = await runWorkers({
+      nproc: 2,
+      script: 'faults-worker.ts',
+      args: ['no-destroy'],
+      timeoutMs: 30_000,
+    });
+    expectAllOk(outs);
+    for (const o of outs) expect(o.results[0]).toMatchObject({ left: true });
+  });
+
+  it('a process that fails with a collective in flight exits at once, not after the timeout', async () => {
+    const t0 = Date.now();
+    const outs = await runWorkers({
+      nproc: 2,
+      script: 'faults-worker.ts',
+      args: ['throw-in-flight'],
+      timeoutMs: 30_000,
+    });
+    // rank 0 threw (the worker reports it and exits 3) long before the 60 s collective timeout
+    expect(outs[0].code).toBe(3);
+    expect((outs[0].results[0] as Outcome).message).toBe('rank 0 fails while a collective is in flight');
+    expect((outs[0].results[0] as Outcome).ms).toBeLessThan(5000);
+    expect(Date.now() - t0).toBeLessThan(20_000);
+  });
+
   it('a world that never completes names the ranks that did not join', async () => {
     // WORLD_SIZE 3, but only ranks 0 and 1 start
     const [r0, r1] = await fault('ok', 2, { WORLD_SIZE: '3', LOCAL_WORLD_SIZE: '3' });

@@ -12,6 +12,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <map>
 #include <memory>
 
@@ -83,6 +84,15 @@ std::string bytesOf(const Napi::Value& v) {
 
 // ---------------------------------------------------------------------------------------------
 
+class NativeStore;
+std::mutex liveMu;
+std::vector<void*> liveStores;  // NativeStore*, see shutdownAll
+
+void forgetLive(std::vector<void*>& list, void* p) {
+  std::lock_guard<std::mutex> lock(liveMu);
+  list.erase(std::remove(list.begin(), list.end(), p), list.end());
+}
+
 class NativeStore : public Napi::ObjectWrap<NativeStore> {
  public:
   static Napi::Function Init(Napi::Env env) {
@@ -108,6 +118,10 @@ class NativeStore : public Napi::ObjectWrap<NativeStore> {
     port_ = info[1].As<Napi::Number>().Int32Value();
     bool isServer = info[2].As<Napi::Boolean>().Value();
     timeoutMs_ = info[3].As<Napi::Number>().Int64Value();
+    {
+      std::lock_guard<std::mutex> lock(liveMu);
+      liveStores.push_back(this);
+    }
     if (isServer) {
       try {
         server_ = std::make_unique<StoreServer>(host_, port_);
@@ -118,8 +132,14 @@ class NativeStore : public Napi::ObjectWrap<NativeStore> {
     }
   }
 
+  ~NativeStore() override { forgetLive(liveStores, this); }
+
   std::string host() const { return host_; }
   int port() const { return port_; }
+  void shutdown() {
+    client_.reset();
+    if (server_) server_->stop();
+  }
 
  private:
   std::shared_ptr<StoreClient> client() {
@@ -286,6 +306,10 @@ std::shared_ptr<gloo::transport::Device> deviceFor(const std::string& hostname, 
 
 using Tsfn = Napi::ThreadSafeFunction;
 
+// Live groups, so that a process that exits without destroyProcessGroup() still stops their
+// threads and closes their connections before the runtime is torn down.
+std::vector<void*> liveGroups;  // NativeGroup*
+
 class NativeGroup : public Napi::ObjectWrap<NativeGroup> {
  public:
   static Napi::Function Init(Napi::Env env) {
@@ -323,6 +347,10 @@ class NativeGroup : public Napi::ObjectWrap<NativeGroup> {
           .ThrowAsJavaScriptException();
       return;
     }
+    {
+      std::lock_guard<std::mutex> lock(liveMu);
+      liveGroups.push_back(this);
+    }
     tsfn_ = Tsfn::New(env, info[11].As<Napi::Function>(), "megapatch-gloo-completion", 0, 1);
     tsfn_.Unref(env);
     Tsfn tsfn = tsfn_;
@@ -352,9 +380,11 @@ class NativeGroup : public Napi::ObjectWrap<NativeGroup> {
         });
   }
 
-  ~NativeGroup() override { shutdown(); }
+  ~NativeGroup() override {
+    forgetLive(liveGroups, this);
+    shutdown();
+  }
 
- private:
   void shutdown() {
     if (group_) {
       group_->shutdown();
@@ -362,6 +392,18 @@ class NativeGroup : public Napi::ObjectWrap<NativeGroup> {
       tsfn_.Release();
     }
   }
+
+  /** At process exit: a thread blocked in an operation is left behind rather than waited for. */
+  void abandon() {
+    if (group_) {
+      group_->abandon();
+      // the Group is leaked on purpose when a detached thread may still use it
+      group_.release();
+      tsfn_.Release();
+    }
+  }
+
+ private:
   Group* group(Napi::Env env) {
     if (!group_) errorWithCode(env, "NOT_INITIALIZED", "the process group was destroyed").ThrowAsJavaScriptException();
     return group_.get();
@@ -533,7 +575,19 @@ Napi::Value LocalAddressToward(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), out);
 }
 
+void shutdownAll() {
+  std::vector<void*> groups, stores;
+  {
+    std::lock_guard<std::mutex> lock(liveMu);
+    groups.swap(liveGroups);
+    stores.swap(liveStores);
+  }
+  for (void* g : groups) static_cast<NativeGroup*>(g)->abandon();
+  for (void* s : stores) static_cast<NativeStore*>(s)->shutdown();
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  env.AddCleanupHook(shutdownAll);
   exports.Set("NativeStore", NativeStore::Init(env));
   exports.Set("NativeGroup", NativeGroup::Init(env));
   exports.Set("localAddressToward", Napi::Function::New(env, LocalAddressToward));

@@ -267,6 +267,34 @@ void Group::watchdog() {
 
 Group::~Group() { shutdown(); }
 
+void Group::abandon() {
+  bool busy[3];
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) return;
+    stopping_ = true;
+    abandoned_ = true;
+    for (int i = 0; i < 3; i++) {
+      busy[i] = running_[i];
+      queue_[i].clear();
+    }
+  }
+  cv_.notify_all();
+  for (int i = 0; i < 3; i++) {
+    if (!thread_[i].joinable()) continue;
+    if (busy[i])
+      thread_[i].detach();
+    else
+      thread_[i].join();
+  }
+  {
+    std::lock_guard<std::mutex> lock(wdMu_);
+    wdStop_ = true;
+  }
+  wdCv_.notify_all();
+  if (watchdog_.joinable()) watchdog_.join();
+}
+
 void Group::shutdown() {
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -329,6 +357,7 @@ void Group::loop(int lane) {
       if (queue.empty()) return;  // stopping with nothing left
       job = std::move(queue.front());
       queue.pop_front();
+      running_[lane] = true;
     }
     auto t0 = Clock::now();
     std::string code, error;
@@ -370,6 +399,12 @@ void Group::loop(int lane) {
     }
     job.state->cv.notify_all();
     job.buffers.clear();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      running_[lane] = false;
+      // abandoned at exit: the completion callback may no longer be called
+      if (stopping_ && abandoned_) return;
+    }
     onComplete_(job.id);
   }
 }

@@ -89,6 +89,11 @@ class Group {
   std::shared_ptr<WorkState> state(uint64_t id);
   void forget(uint64_t id);
   void shutdown();
+  /**
+   * At process exit: stops the idle threads, and detaches those still blocked in an operation
+   * (a peer that never comes would otherwise hold the exit until the timeout).
+   */
+  void abandon();
 
   // Operation bodies (run on the communication thread).
   void connect(Job& job);
@@ -143,6 +148,8 @@ class Group {
   std::deque<Job> queue_[3];
   std::map<uint64_t, std::shared_ptr<WorkState>> states_;
   bool stopping_ = false;
+  bool running_[3] = {false, false, false};
+  bool abandoned_ = false;
   std::string broken_;  // set after a failure: the context cannot be reused
   uint64_t nextId_ = 1;
   uint64_t seq_ = 0;    // collectives run on this rank (for "did not arrive" messages)

@@ -14,7 +14,10 @@ function report(e: unknown): void {
 }
 
 try {
-  const g = await initProcessGroup({ timeoutMs: 1500, rendezvousTimeoutMs: 2000 });
+  const g = await initProcessGroup({
+    timeoutMs: mode === 'throw-in-flight' ? 60_000 : 1500,
+    rendezvousTimeoutMs: 2000,
+  });
   const t = zeros([rank === 1 && mode === 'mismatch' ? 12 : 10]);
   if (mode === 'timeout') {
     if (rank === 1) await new Promise((r) => setTimeout(r, 4000));
@@ -45,6 +48,20 @@ try {
     else g.recv(zeros([4]), 0).waitSync();
   } else if (mode === 'ok') {
     g.barrier().waitSync();
+  } else if (mode === 'no-destroy') {
+    // leaves without destroyProcessGroup(): the process must still exit cleanly
+    g.allReduce(tensor([1])).waitSync();
+    console.log(`RESULT ${JSON.stringify({ rank, left: true })}`);
+    process.exit(0);
+  } else if (mode === 'throw-in-flight') {
+    // rank 0 fails while a collective waits for rank 1: it must exit at once, not after the timeout
+    if (rank === 1) {
+      await new Promise((r) => setTimeout(r, 8000));
+      process.exit(0);
+    }
+    g.allReduce(tensor([1]));
+    await new Promise((r) => setTimeout(r, 200));
+    throw new Error('rank 0 fails while a collective is in flight');
   } else if (mode === 'sum') {
     // started by srun or mpirun: the rank comes from their variables, not RANK
     const t = tensor([g.rank]);
