@@ -228,6 +228,33 @@ export class GlooProcessGroup implements ProcessGroup {
     }
   }
 
+  /** A list with one tensor per rank, each like `other` in dtype and element count. */
+  private checkPerRank(
+    op: string,
+    list: readonly Tensor[],
+    what: string,
+    other: Tensor,
+    otherWhat: string,
+  ): void {
+    if (list.length !== this.size) {
+      throw new DistributedError(
+        'INVALID_ARGUMENT',
+        `${op} on group '${this.name}': expected ${this.size} ${what} tensors (one per rank), got ${list.length}`,
+      );
+    }
+    for (const t of list) {
+      this.check(op, t, what);
+      if (what === 'input') this.sameDtype(op, t, other);
+      else this.sameDtype(op, other, t);
+      if (t.numel !== other.numel) {
+        throw new DistributedError(
+          'INVALID_ARGUMENT',
+          `${op} on group '${this.name}': ${what} ${t.describe()} must have as many elements as the ${otherWhat} ${other.describe()}`,
+        );
+      }
+    }
+  }
+
   private static addr(t: Tensor): number {
     return t.storage.address + t.offset * (ITEM[t.dtype] as number);
   }
@@ -261,22 +288,7 @@ export class GlooProcessGroup implements ProcessGroup {
 
   allGather(outputs: readonly Tensor[], input: Tensor): Work {
     const dt = this.check('allGather', input, 'input');
-    if (outputs.length !== this.size) {
-      throw new DistributedError(
-        'INVALID_ARGUMENT',
-        `allGather on group '${this.name}': expected ${this.size} output tensors (one per rank), got ${outputs.length}`,
-      );
-    }
-    for (const o of outputs) {
-      this.check('allGather', o, 'output');
-      this.sameDtype('allGather', input, o);
-      if (o.numel !== input.numel) {
-        throw new DistributedError(
-          'INVALID_ARGUMENT',
-          `allGather on group '${this.name}': output ${o.describe()} must have as many elements as the input ${input.describe()}`,
-        );
-      }
-    }
+    this.checkPerRank('allGather', outputs, 'output', input, 'input');
     const n = this.handle('allGather');
     const outs = outputs.map((o) => GlooProcessGroup.addr(o));
     // one output per rank even when size is 1 (the native side treats a single output as flat)
@@ -303,22 +315,7 @@ export class GlooProcessGroup implements ProcessGroup {
   reduceScatter(output: Tensor, inputs: readonly Tensor[], op: ReduceOp = 'sum'): Work {
     const dt = this.check('reduceScatter', output, 'output');
     const red = this.reduction('reduceScatter', output, op);
-    if (inputs.length !== this.size) {
-      throw new DistributedError(
-        'INVALID_ARGUMENT',
-        `reduceScatter on group '${this.name}': expected ${this.size} input tensors (one per rank), got ${inputs.length}`,
-      );
-    }
-    for (const t of inputs) {
-      this.check('reduceScatter', t, 'input');
-      this.sameDtype('reduceScatter', t, output);
-      if (t.numel !== output.numel) {
-        throw new DistributedError(
-          'INVALID_ARGUMENT',
-          `reduceScatter on group '${this.name}': input ${t.describe()} must have as many elements as the output ${output.describe()}`,
-        );
-      }
-    }
+    this.checkPerRank('reduceScatter', inputs, 'input', output, 'output');
     const n = this.handle('reduceScatter');
     const ins = inputs.map((t) => GlooProcessGroup.addr(t));
     // the native side treats a single input as a flat tensor; with size 1 that is the same thing

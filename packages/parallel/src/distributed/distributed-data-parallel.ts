@@ -194,9 +194,9 @@ export class DistributedDataParallel<M extends Module & { forward: ForwardFn }> 
   /**
    * With the distributed optimizer the parameters must live in the parameter buffer, which the
    * optimizer all-gathers into. A Tensor's storage cannot be re-pointed, so each parameter is
-   * replaced in the module tree by a view of the buffer (registerParameter under the same name,
-   * and every field of the module that held it); the old tensor is disposed, so gradient hooks
-   * must be registered on the new parameters, after wrapping. This
+   * replaced in the module tree by a view of the buffer (Module.replaceTensors, as Module.to does);
+   * the old tensor is disposed, so gradient hooks must be registered on the new parameters, after
+   * wrapping. This
    * keeps one copy of the weights (Megatron's 6 + 12/d bytes per parameter) instead of copying
    * the buffer out into separate parameters after every all-gather. Tensor-parallel attributes
    * move to the new tensors.
@@ -211,20 +211,7 @@ export class DistributedDataParallel<M extends Module & { forward: ForwardFn }> 
         replaced.set(old, view);
       }
     }
-    for (const m of this.module.modules()) {
-      for (const [name, old] of m.namedParameters('', false)) {
-        const view = replaced.get(old);
-        if (view) m.registerParameter(name, view);
-      }
-      // the fields that hold a parameter may be named differently from it (layerNormWeight holds
-      // layer_norm_weight), so every own field that still points at a replaced tensor is updated
-      for (const key of Object.keys(m)) {
-        const value = Reflect.get(m, key);
-        const view = value instanceof Object ? replaced.get(value as Tensor) : undefined;
-        if (view) Reflect.set(m, key, view);
-      }
-    }
-    for (const old of replaced.keys()) old.dispose();
+    this.module.replaceTensors(replaced);
   }
 
   /** The module's parameters (after wrapping). */

@@ -286,37 +286,46 @@ export class Module {
     if (!isFloating(dtype))
       throw new TensorError('DTYPE_MISMATCH', `Module.to: expected a floating-point dtype, got ${dtype}`);
     const replaced = new Map<Tensor, Tensor>();
-    const cast = (t: Tensor): Tensor => {
-      let c = replaced.get(t);
-      if (!c) {
-        const fresh = Tensor.empty(t.backend, t.shape, dtype);
-        if (fresh.numel > 0) fresh.backend.copy(fresh, t);
-        fresh.name = t.name;
-        if (t.requiresGrad) fresh.requiresGrad_(true);
-        c = keep(fresh);
-        replaced.set(t, c);
-      }
-      return c;
-    };
     for (const m of this.modules()) {
       for (const table of [m.paramTable, m.bufferTable]) {
-        for (const [name, t] of table) {
-          if (!t || !isFloating(t.dtype) || t.dtype === dtype) continue;
-          table.set(name, cast(t));
+        for (const t of table.values()) {
+          if (!t || !isFloating(t.dtype) || t.dtype === dtype || replaced.has(t)) continue;
+          const fresh = Tensor.empty(t.backend, t.shape, dtype);
+          if (fresh.numel > 0) fresh.backend.copy(fresh, t);
+          fresh.name = t.name;
+          if (t.requiresGrad) fresh.requiresGrad_(true);
+          replaced.set(t, fresh);
         }
       }
     }
-    // every own field that holds a replaced tensor is rebound, whatever its name (a field
-    // `layerNormWeight` may hold the parameter registered as `layer_norm_weight`)
+    this.replaceTensors(replaced);
+    return this;
+  }
+
+  /**
+   * Puts `replacement.get(t)` wherever the tree holds a parameter or buffer `t`: in the parameter
+   * and buffer tables and in every own field of a module that points at it, whatever the field's
+   * name (a field `layerNormWeight` may hold the parameter `layer_norm_weight`). The old tensors
+   * are disposed. Module.to uses it, and so does data parallelism when it moves parameters into
+   * a contiguous buffer.
+   */
+  replaceTensors(replacement: ReadonlyMap<Tensor, Tensor>): void {
+    // the module owns them now: no enclosing tidy() scope frees them
+    for (const r of replacement.values()) keep(r);
     for (const m of this.modules()) {
+      for (const table of [m.paramTable, m.bufferTable]) {
+        for (const [name, t] of table) {
+          const r = t ? replacement.get(t) : undefined;
+          if (r) table.set(name, r);
+        }
+      }
       for (const key of Object.keys(m)) {
         const v = Reflect.get(m, key);
-        const c = v instanceof Tensor ? replaced.get(v) : undefined;
-        if (c) Reflect.set(m, key, c);
+        const r = v instanceof Tensor ? replacement.get(v) : undefined;
+        if (r) Reflect.set(m, key, r);
       }
     }
-    for (const old of replaced.keys()) old.dispose();
-    return this;
+    for (const old of replacement.keys()) old.dispose();
   }
 
   /** Frees every parameter and buffer of the tree (and their gradients); the module is unusable afterwards. */
