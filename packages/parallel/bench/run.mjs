@@ -5,10 +5,10 @@
 // One JSON line per case: {"name", "unit", "ours", "reference", "referenceName", "ratio"}.
 // Usage: node bench/run.mjs [--nproc 2,4] [--sizes-mb 1,4,16,64,256]
 import { spawn } from 'node:child_process';
-import { createServer } from 'node:net';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { freeLoopbackPort } from '../dist/launch.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const python = process.env.MEGAPATCH_PYTHON ?? '/usr/bin/python3';
@@ -21,17 +21,8 @@ const { values } = parseArgs({
 const nprocs = values.nproc.split(',').map(Number);
 const sizes = values['sizes-mb'].split(',').map((m) => Math.round(Number(m) * (1 << 20)));
 
-function freePort() {
-  return new Promise((resolve) => {
-    const s = createServer().listen(0, '127.0.0.1', () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
-
 async function runJob(nproc, cmd, args, extraEnv = {}) {
-  const port = await freePort();
+  const port = await freeLoopbackPort();
   const runs = Array.from({ length: nproc }, (_, rank) => {
     const child = spawn(cmd, args, {
       env: {

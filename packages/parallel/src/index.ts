@@ -51,6 +51,7 @@ export {
   expandHostlist,
 } from './launch/env.js';
 export {
+  freeLoopbackPort,
   type LaunchOptions,
   type LaunchResult,
   type LaunchSignal,

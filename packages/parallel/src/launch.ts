@@ -11,6 +11,7 @@ export {
   LOOPBACK_ADDR,
 } from './launch/env.js';
 export {
+  freeLoopbackPort,
   type LaunchOptions,
   type LaunchResult,
   type LaunchSignal,

@@ -148,7 +148,7 @@ async function plan(o: LaunchOptions): Promise<Plan> {
 }
 
 /** A TCP port that was free on the loopback interface a moment ago (bound to port 0, then closed). */
-function freeLoopbackPort(): Promise<number> {
+export function freeLoopbackPort(): Promise<number> {
   return new Promise((resolve, reject) => {
     const server = createServer();
     server.unref();

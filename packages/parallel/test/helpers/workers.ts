@@ -3,27 +3,16 @@
 // TypeScript worker script through tsx. A worker reports its result by printing one line
 // `RESULT <json>` on stdout.
 import { spawn } from 'node:child_process';
-import { createServer } from 'node:net';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { freeLoopbackPort } from '../../src/launch/launcher.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 export const WORKERS_DIR = join(here, '..', 'workers');
 const TSX = join(here, '..', '..', 'node_modules', 'tsx', 'dist', 'esm', 'index.mjs');
 
-/** A free TCP port on the loopback interface (bound, read, closed). */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.unref();
-    srv.on('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const addr = srv.address();
-      const port = typeof addr === 'object' && addr ? addr.port : 0;
-      srv.close(() => resolve(port));
-    });
-  });
-}
+/** A free TCP port on the loopback interface (the launcher's own choice of port). */
+export const freePort = freeLoopbackPort;
 
 export interface WorkerOutcome {
   rank: number;
