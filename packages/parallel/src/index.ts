@@ -44,20 +44,8 @@ export {
 } from './distributed.js';
 export { DistributedError, type DistributedErrorCode } from './errors.js';
 export { GlooProcessGroup } from './gloo.js';
-export {
-  type DistributedEnvironment,
-  detectEnvironment,
-  type EnvironmentSource,
-  expandHostlist,
-} from './launch/env.js';
-export {
-  freeLoopbackPort,
-  type LaunchOptions,
-  type LaunchResult,
-  type LaunchSignal,
-  launch,
-  type WorkerExit,
-} from './launch/launcher.js';
+// the launcher and environment detection (also `@megapatch/parallel/launch`, without native code)
+export * from './launch.js';
 export { type CollectivesInfo, collectivesInfo } from './native.js';
 export * from './parallel-state.js';
 export type { ProcessGroup, ReduceOp, Work } from './process-group.js';
