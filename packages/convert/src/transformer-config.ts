@@ -130,6 +130,11 @@ export const TransformerConfig = z
     vocabSize: limitedInt(L.vocab),
     makeVocabSizeDivisibleBy: limitedInt(65_536).default(128),
     maxPositionEmbeddings: limitedInt(L.positions),
+    /**
+     * Sliding-window attention in every layer (Mistral): query i sees key j iff 0 ≤ i − j < window.
+     * Null: full causal attention.
+     */
+    slidingWindow: limitedInt(L.positions).nullable().default(null),
     moe: MoeConfig.nullable().default(null),
     mla: MlaConfig.nullable().default(null),
     mtpNumLayers: limitedInt(L.mtpLayers, { zero: true }).default(0),

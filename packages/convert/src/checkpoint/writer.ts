@@ -184,6 +184,7 @@ export class CheckpointWriter {
   readonly tmpDir: string;
   private readonly options: CheckpointWriterOptions;
   private readonly tensors = new Map<string, PendingTensor>();
+  private readonly files: [string, Uint8Array | string][] = [];
   private state: 'open' | 'done' | 'aborted' = 'open';
 
   /** Creates `<root>/iter_<N>.tmp-<pid>/`. */
@@ -224,6 +225,12 @@ export class CheckpointWriter {
     t.pieces.push({ rank, offsets: [...piece.offsets], shape: [...piece.shape], data: piece.data });
   }
 
+  /** Adds a side file written into `<iter>/huggingface/` at finalize (config.json, tokenizer files). */
+  addFile(name: string, data: Uint8Array | string): void {
+    this.checkOpen();
+    this.files.push([name, data]);
+  }
+
   /**
    * Checks the tiling of every tensor, writes the piece files and metadata.json, renames the
    * directory into place, and only then updates the `latest` tracker. Returns the metadata.
@@ -239,6 +246,7 @@ export class CheckpointWriter {
       // The pieces are all known now: stream them through the planned writer.
       const w = new CheckpointStreamWriter(this.rootDir, this.iteration, this.options, plan);
       try {
+        for (const [name, data] of this.files) w.addFile(name, data);
         for (const t of plan) {
           for (const [i, p] of t.pieces.entries()) w.write(t.name, i, p.data);
         }

@@ -825,3 +825,140 @@ export async function reshardCheckpoint(opts: ReshardOptions): Promise<Conversio
     ckpt.close();
   }
 }
+
+/** Dtype and global shape of one logical tensor of a {@link TensorSource}. */
+export interface TensorSourceInfo {
+  readonly dtype: SafetensorsDtype;
+  readonly globalShape: readonly number[];
+}
+
+/**
+ * Logical Megatron-named tensors that can be read by box: a megapatch checkpoint
+ * ({@link Checkpoint}) or a Hugging Face folder seen through its conversion plan
+ * ({@link HfMegatronView}). A model loader reads only the slices its rank holds.
+ */
+export interface TensorSource {
+  tensorNames(): string[];
+  info(name: string): TensorSourceInfo;
+  readSlice(name: string, offsets: readonly number[], shape: readonly number[]): Uint8Array;
+  close(): void;
+}
+
+/**
+ * A Hugging Face folder read as the Megatron tensors of its conversion plan (layout 1, vocabulary
+ * padded to makeVocabSizeDivisibleBy), without writing anything: each slice is assembled from the
+ * HF rows it needs (fused QKV, [gate; up], vocabulary padding, FP8 dequantization), so loading a
+ * model straight from an HF folder streams only this rank's shard.
+ */
+export class HfMegatronView implements TensorSource {
+  private readonly byName: Map<string, { plan: MegatronTensorPlan; dtype: SafetensorsDtype }>;
+
+  private constructor(
+    readonly hfDir: string,
+    readonly plan: ConversionPlan,
+    private readonly src: HfSource,
+    dtypes: Map<string, SafetensorsDtype>,
+  ) {
+    this.byName = new Map(
+      plan.tensors.map((t) => [t.name, { plan: t, dtype: dtypes.get(t.name) as SafetensorsDtype }]),
+    );
+  }
+
+  /** Opens and checks an HF folder (every tensor present with the shape config.json implies). */
+  static open(hfDir: string, opts: { makeVocabSizeDivisibleBy?: number } = {}): HfMegatronView {
+    const parsed = parseHfConfig(hfDir);
+    const rawConfig = JSON.parse(fs.readFileSync(path.join(hfDir, 'config.json'), 'utf8'));
+    let cfg = parsed.transformerConfig;
+    if (opts.makeVocabSizeDivisibleBy !== undefined) {
+      cfg = makeTransformerConfig({ ...cfg, makeVocabSizeDivisibleBy: opts.makeVocabSizeDivisibleBy });
+    }
+    const st = openHfWeights(hfDir);
+    try {
+      if (cfg.mtpNumLayers > 0 && !st.keys().some((k) => k.startsWith(`model.layers.${cfg.numLayers}.`))) {
+        cfg = makeTransformerConfig({ ...cfg, mtpNumLayers: 0 });
+      }
+      const plan = planConversion(parsed.spec, cfg, {});
+      const blockSize = fp8BlockSize(rawConfig);
+      const src = new HfSource(st, blockSize);
+      checkHfTensors(plan, src, hfDir, blockSize);
+      const dtypes = new Map<string, SafetensorsDtype>();
+      for (const t of plan.tensors) {
+        const srcDtypes = t.rows
+          .filter((r) => r.source !== null)
+          .map((r) => st.info(r.source as string).dtype);
+        dtypes.set(t.name, outDtype(t, srcDtypes, undefined));
+      }
+      return new HfMegatronView(hfDir, plan, src, dtypes);
+    } catch (e) {
+      st.close();
+      throw e;
+    }
+  }
+
+  /** The TransformerConfig of the folder (MTP layers dropped when its weights lack them). */
+  get config(): TransformerConfig {
+    return this.plan.config;
+  }
+
+  /** The HF architecture name. */
+  get architecture(): string {
+    return this.plan.spec.architectures[0];
+  }
+
+  tensorNames(): string[] {
+    return [...this.byName.keys()].sort();
+  }
+
+  info(name: string): TensorSourceInfo {
+    const t = this.byName.get(name);
+    if (!t)
+      throw new ConvertError(
+        'MISSING_TENSOR',
+        `no Megatron tensor ${JSON.stringify(name)} in this model`,
+        path.basename(this.hfDir),
+      );
+    return { dtype: t.dtype, globalShape: t.plan.globalShape };
+  }
+
+  /** The box `offsets`/`shape` of Megatron tensor `name` (1-D or 2-D), in {@link HfMegatronView.info}'s dtype. */
+  readSlice(name: string, offsets: readonly number[], shape: readonly number[]): Uint8Array {
+    this.info(name); // names a missing tensor
+    const { plan, dtype } = this.byName.get(name) as { plan: MegatronTensorPlan; dtype: SafetensorsDtype };
+    const g = plan.globalShape;
+    if (g.length > 2 || offsets.length !== g.length || shape.length !== g.length) {
+      throw new ConvertError(
+        'INVALID_ARGUMENT',
+        `readSlice(${name}): a box of rank ${g.length} needed (1-D or 2-D tensors)`,
+      );
+    }
+    for (let d = 0; d < g.length; d++) {
+      if (offsets[d] < 0 || shape[d] < 0 || offsets[d] + shape[d] > g[d]) {
+        throw new ConvertError(
+          'INVALID_ARGUMENT',
+          `readSlice(${name}): box [${offsets}]+[${shape}] is outside [${g}]`,
+        );
+      }
+    }
+    const esz = DTYPE_SIZE[dtype];
+    const cols = g.length === 2 ? g[1] : 1;
+    const c0 = g.length === 2 ? offsets[1] : 0;
+    const cn = g.length === 2 ? shape[1] : 1;
+    const a = offsets[0];
+    const n = shape[0];
+    const out = new Uint8Array(n * cn * esz);
+    for (const run of plan.rows) {
+      const lo = Math.max(a, run.start);
+      const hi = Math.min(a + n, run.start + run.count);
+      if (hi <= lo || run.source === null) continue;
+      const data = this.src.rows(run.source, run.sourceStart + (lo - run.start), hi - lo, dtype);
+      for (let r = 0; r < hi - lo; r++) {
+        out.set(data.subarray((r * cols + c0) * esz, (r * cols + c0 + cn) * esz), (lo - a + r) * cn * esz);
+      }
+    }
+    return out;
+  }
+
+  close(): void {
+    this.src.st.close();
+  }
+}

@@ -39,6 +39,12 @@ export const HfLlamaStyleConfig = z.object({
   // Llama/Qwen3 `attention_bias` also adds an o_proj bias, which TransformerConfig cannot express.
   attention_bias: z.literal(false).optional(),
   mlp_bias: z.literal(false).optional(),
+  // Sliding-window attention: Mistral applies `sliding_window` (transformers' default 4096 when the
+  // field is absent); Qwen2/3 only with `use_sliding_window`, in layers >= `max_window_layers`.
+  // transformers 5 writes 0 when the window is off
+  sliding_window: limitedInt(L.positions, { zero: true }).nullish(),
+  use_sliding_window: z.boolean().optional(),
+  max_window_layers: limitedInt(L.layers, { zero: true }).optional(),
 });
 /** Parsed Llama-style HF config. */
 export type HfLlamaStyleConfig = z.infer<typeof HfLlamaStyleConfig>;
@@ -89,9 +95,26 @@ export function denseTensors(cfg: TransformerConfig): HfTensorShape[] {
   return out;
 }
 
+/** The window of every layer, or null; a window in only some layers is refused (not supported). */
+function slidingWindowOf(hf: HfLlamaStyleConfig, window: 'mistral' | 'qwen' | 'none'): number | null {
+  if (window === 'none') return null;
+  if (window === 'mistral') return hf.sliding_window === undefined ? 4096 : hf.sliding_window || null;
+  if (!hf.use_sliding_window || !hf.sliding_window) return null;
+  const from = hf.max_window_layers ?? 0;
+  if (from >= hf.num_hidden_layers) return null;
+  if (from > 0) {
+    throw new ConvertError(
+      'UNSUPPORTED',
+      `field "max_window_layers": a sliding window in layers ${from}.. only is not supported; ` +
+        'megapatch applies a window to every layer (set max_window_layers to 0) or to none',
+    );
+  }
+  return hf.sliding_window;
+}
+
 function denseSpec(
   architectures: string[],
-  opts: { qkvBias: boolean; qkNorm: boolean; defaultHeadDim?: number },
+  opts: { qkvBias: boolean; qkNorm: boolean; defaultHeadDim?: number; window: 'mistral' | 'qwen' | 'none' },
 ): ArchitectureSpec<HfLlamaStyleConfig> {
   return {
     architectures,
@@ -102,6 +125,7 @@ function denseSpec(
         ...llamaStyleBase(withDefault, ropeFrom(hf)),
         addQkvBias: opts.qkvBias,
         qkLayernorm: opts.qkNorm,
+        slidingWindow: slidingWindowOf(hf, opts.window),
       });
     },
     weightRules: denseRules,
@@ -114,14 +138,19 @@ function ropeFrom(hf: HfLlamaStyleConfig) {
 }
 
 /** Llama 2/3/3.1/3.2 (llama3/linear rope scaling, optional explicit head_dim). */
-export const llamaSpec = denseSpec(['LlamaForCausalLM'], { qkvBias: false, qkNorm: false });
-/** Mistral 7B (sliding-window attention is a runtime setting, not a weight difference). */
-export const mistralSpec = denseSpec(['MistralForCausalLM'], { qkvBias: false, qkNorm: false });
+export const llamaSpec = denseSpec(['LlamaForCausalLM'], { qkvBias: false, qkNorm: false, window: 'none' });
+/** Mistral 7B (sliding-window attention: a runtime setting, not a weight difference). */
+export const mistralSpec = denseSpec(['MistralForCausalLM'], {
+  qkvBias: false,
+  qkNorm: false,
+  window: 'mistral',
+});
 /** Qwen2 / Qwen2.5: bias on q/k/v (always, independent of the config). */
-export const qwen2Spec = denseSpec(['Qwen2ForCausalLM'], { qkvBias: true, qkNorm: false });
+export const qwen2Spec = denseSpec(['Qwen2ForCausalLM'], { qkvBias: true, qkNorm: false, window: 'qwen' });
 /** Qwen3: per-head RMSNorm on q and k, head_dim defaulting to 128. */
 export const qwen3Spec = denseSpec(['Qwen3ForCausalLM'], {
   qkvBias: false,
   qkNorm: true,
   defaultHeadDim: 128,
+  window: 'qwen',
 });
