@@ -61,6 +61,7 @@ export {
   RankGenerator,
   type RankGeneratorOptions,
 } from './rank-generator.js';
+export { SingleProcessGroup } from './single-process-group.js';
 export { TCPStore, type TCPStoreOptions } from './store.js';
 export {
   getTensorModelParallelAttributes,

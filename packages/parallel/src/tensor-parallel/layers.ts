@@ -61,6 +61,11 @@ export interface ParallelLinearOptions {
   tpGroup?: ProcessGroup;
   /** Generator of the master weight (default: the default generator, seeded alike on every rank). */
   generator?: Generator;
+  /**
+   * Draw the master weight (default true). False allocates the shard filled with zeros and draws
+   * nothing, as Megatron's `perform_initialization=False`: for weights about to be loaded.
+   */
+  performInitialization?: boolean;
 }
 
 /** How a column-parallel weight is cut: evenly, by whole query groups, or as [gate_r; up_r]. */
@@ -134,8 +139,19 @@ function initShard(
   shape: [number, number],
   partition: 'split0' | 'split1' | 'qkv' | 'gate_up',
   group: ProcessGroup,
-  opts: { initMethod?: InitMethod; generator?: Generator; dtype?: DType; qkvDims?: QkvDims },
+  opts: {
+    initMethod?: InitMethod;
+    generator?: Generator;
+    dtype?: DType;
+    qkvDims?: QkvDims;
+    performInitialization?: boolean;
+  },
 ): Tensor {
+  if (opts.performInitialization === false) {
+    const local: [number, number] =
+      partition === 'split1' ? [shape[0], shape[1] / group.size] : [shape[0] / group.size, shape[1]];
+    return zeros(local, { dtype: opts.dtype ?? 'float32' });
+  }
   return tidy(() =>
     noGrad(() => {
       const master = empty(shape, { dtype: 'float32' });
@@ -426,6 +442,8 @@ export interface VocabParallelEmbeddingOptions {
   dtype?: DType;
   tpGroup?: ProcessGroup;
   generator?: Generator;
+  /** Draw the master table (default true); false leaves zeros, for a table about to be loaded. */
+  performInitialization?: boolean;
 }
 
 /**
