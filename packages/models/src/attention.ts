@@ -1,0 +1,131 @@
+// Self-attention with grouped queries (Llama, Mistral, Qwen2/3): the input norm fused into the QKV
+// projection (Transformer Engine's LayerNormLinear), optional QKV bias and per-head q/k norms,
+// rotary embeddings in fp32, causal / sliding-window / packed masking, and the row-parallel output.
+import type { TransformerConfig } from '@megapatch/convert';
+import { LayerNormColumnParallelLinear, type ProcessGroup, RowParallelLinear } from '@megapatch/parallel';
+import {
+  applyRotaryPosEmb,
+  checkpoint,
+  type DType,
+  type Generator,
+  type InitMethod,
+  Module,
+  scaledDotProductAttention,
+  type Tensor,
+} from '@megapatch/tensor';
+import type { AttentionContext } from './context.js';
+import { Norm } from './norm.js';
+
+/** Construction options every layer receives from the model. */
+export interface LayerBuildOptions {
+  config: TransformerConfig;
+  dtype: DType;
+  tpGroup: ProcessGroup;
+  sequenceParallel: boolean;
+  generator?: Generator;
+  initMethod?: InitMethod;
+  outputInitMethod?: InitMethod;
+  performInitialization: boolean;
+}
+
+/** The core attention: softmax(q kᵀ·scale) v with the context's mask, causality and packing. */
+export function coreAttention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, scale: number): Tensor {
+  const run = (qq: Tensor, kk: Tensor, vv: Tensor) =>
+    scaledDotProductAttention(qq, kk, vv, {
+      isCausal: ctx.causal,
+      attnMask: ctx.mask,
+      cuSeqlens: ctx.cuSeqlens,
+      scale,
+    });
+  return ctx.recomputeCoreAttention ? checkpoint(run, q, k, v) : run(q, k, v);
+}
+
+/** Megatron's SelfAttention with the TE layer spec: `linear_qkv`, `q_layernorm`, `k_layernorm`, `linear_proj`. */
+export class SelfAttention extends Module {
+  readonly linearQkv: LayerNormColumnParallelLinear;
+  readonly qLayernorm: Norm | null;
+  readonly kLayernorm: Norm | null;
+  readonly linearProj: RowParallelLinear;
+  readonly headsPerRank: number;
+  readonly groupsPerRank: number;
+  readonly headDim: number;
+
+  constructor(
+    o: LayerBuildOptions,
+    readonly layerNumber: number,
+  ) {
+    super();
+    const c = o.config;
+    const tp = o.tpGroup.size;
+    this.headDim = c.kvChannels;
+    this.headsPerRank = c.numAttentionHeads / tp;
+    this.groupsPerRank = c.numQueryGroups / tp;
+    const common = {
+      tpGroup: o.tpGroup,
+      generator: o.generator,
+      dtype: o.dtype,
+      sequenceParallel: o.sequenceParallel,
+      performInitialization: o.performInitialization,
+    };
+    this.linearQkv = this.registerModule(
+      'linear_qkv',
+      new LayerNormColumnParallelLinear(
+        c.hiddenSize,
+        (c.numAttentionHeads + 2 * c.numQueryGroups) * c.kvChannels,
+        {
+          ...common,
+          initMethod: o.initMethod,
+          bias: c.addQkvBias,
+          partition: 'qkv',
+          qkvDims: { numHeads: c.numAttentionHeads, numQueryGroups: c.numQueryGroups, headDim: c.kvChannels },
+          normalization: c.normalization,
+          eps: c.layernormEpsilon,
+        },
+      ),
+    );
+    this.qLayernorm = c.qkLayernorm
+      ? this.registerModule(
+          'q_layernorm',
+          new Norm(c.kvChannels, c.normalization, c.layernormEpsilon, o.dtype),
+        )
+      : null;
+    this.kLayernorm = c.qkLayernorm
+      ? this.registerModule(
+          'k_layernorm',
+          new Norm(c.kvChannels, c.normalization, c.layernormEpsilon, o.dtype),
+        )
+      : null;
+    this.linearProj = this.registerModule(
+      'linear_proj',
+      new RowParallelLinear(c.numAttentionHeads * c.kvChannels, c.hiddenSize, {
+        ...common,
+        initMethod: o.outputInitMethod,
+        bias: false,
+        inputIsParallel: true,
+      }),
+    );
+  }
+
+  /** x [s, b, h] (sequence-parallel: [s/tp, b, h]) -> [s, b, h] (or [s/tp, b, h]). */
+  forward(x: Tensor, ctx: AttentionContext): Tensor {
+    const d = this.headDim;
+    const g = this.groupsPerRank;
+    const perGroup = this.headsPerRank / g;
+    const qkv = this.linearQkv.forward(x).output; // [s, b, g·(perGroup + 2)·d]
+    const [s, b] = qkv.shape;
+    const grouped = qkv.view(s, b, g, (perGroup + 2) * d);
+    // [s, b, heads, d] -> [b, heads, s, d]
+    let q = grouped.narrow(3, 0, perGroup * d).reshape(s, b, g * perGroup, d);
+    let k = grouped.narrow(3, perGroup * d, d);
+    let v = grouped.narrow(3, (perGroup + 1) * d, d);
+    if (this.qLayernorm) q = this.qLayernorm.forward(q);
+    if (this.kLayernorm) k = this.kLayernorm.forward(k);
+    q = applyRotaryPosEmb(q.permute(1, 2, 0, 3).contiguous(), ctx.cos, ctx.sin);
+    k = applyRotaryPosEmb(k.permute(1, 2, 0, 3).contiguous(), ctx.cos, ctx.sin);
+    v = v.permute(1, 2, 0, 3).contiguous();
+    if (ctx.cache) [k, v] = ctx.cache.appendKv(this.layerNumber, k, v);
+    const out = coreAttention(q, k, v, ctx, 1 / Math.sqrt(d)); // [b, heads, s, d]
+    const merged = out.permute(2, 0, 1, 3).reshape(s, b, this.headsPerRank * d);
+    return this.linearProj.forward(merged).output;
+  }
+}

@@ -1,0 +1,23 @@
+// What every attention layer of one forward pass shares: the rotary tables, the mask, packed
+// sequence boundaries and, during generation, the KV cache.
+import type { Tensor } from '@megapatch/tensor';
+import type { KVCache } from './kv-cache.js';
+
+/** Per-forward inputs of the attention layers, built once by the model. */
+export interface AttentionContext {
+  /** cos/sin [b, s, rotaryDim] (float32) for the new tokens. */
+  cos: Tensor;
+  sin: Tensor;
+  /** Boolean mask [b, 1, sq, sk] (true = attend) when causality alone does not describe it. */
+  mask: Tensor | null;
+  /** Causal with queries and keys aligned at the start (training, no cache). */
+  causal: boolean;
+  /** Packed sequences (b = 1): cumulative boundaries [nseq + 1]. */
+  cuSeqlens: Tensor | null;
+  /** Generation: the cache to read from and append to, and the layer's slot in it. */
+  cache: KVCache | null;
+  /** Selective recompute of the core attention (its inputs are kept, its internals recomputed). */
+  recomputeCoreAttention: boolean;
+  /** Selective recompute of MLA's up-projections. */
+  recomputeMlaUpProj: boolean;
+}

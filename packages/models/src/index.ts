@@ -1,0 +1,35 @@
+// @megapatch/models: GPTModel for every TransformerConfig on the tensor-parallel layers, MLA, MoE,
+// multi-token prediction, and the KV cache.
+
+export { coreAttention, type LayerBuildOptions, SelfAttention } from './attention.js';
+export { attachAuxLoss } from './aux-loss.js';
+export type { AttentionContext } from './context.js';
+export { ModelError, type ModelErrorCode } from './errors.js';
+export {
+  type GPTForwardOptions,
+  GPTModel,
+  type GPTModelOptions,
+  type GPTOutput,
+  type RecomputeModule,
+} from './gpt-model.js';
+export { KVCache } from './kv-cache.js';
+export {
+  type LoadedModel,
+  type LoadModelOptions,
+  loadModel,
+  loadWeights,
+  type OpenedWeights,
+  openWeights,
+  type ParameterSlice,
+  parameterSlices,
+  type SaveModelOptions,
+  saveModel,
+} from './load.js';
+export { MLASelfAttention } from './mla.js';
+export { MLP, type MLPOptions, swiglu } from './mlp.js';
+export { type ExpertParallelOptions, Experts, MoELayer, SharedExperts } from './moe/moe-layer.js';
+export { type RouterLossOptions, type Routing, selectExperts, TopKRouter } from './moe/router.js';
+export { MultiTokenPredictionLayer } from './mtp.js';
+export { Norm } from './norm.js';
+export { RotaryEmbedding, yarnMscale } from './rope.js';
+export { TransformerLayer, type TransformerLayerOptions } from './transformer-layer.js';

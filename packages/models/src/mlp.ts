@@ -1,0 +1,82 @@
+// The SwiGLU MLP: fc1 produces [gate; up] (column parallel, each rank holding [gate_r; up_r]), fc2
+// is row parallel. In dense layers the pre-MLP norm is fused into fc1 (TE's LayerNormLinear).
+import {
+  ColumnParallelLinear,
+  LayerNormColumnParallelLinear,
+  type ProcessGroup,
+  RowParallelLinear,
+} from '@megapatch/parallel';
+import { linear, Module, type Tensor } from '@megapatch/tensor';
+import type { LayerBuildOptions } from './attention.js';
+
+/** silu(gate) · up of fc1's output [..., 2f] (gate first) -> [..., f]. */
+export function swiglu(x: Tensor): Tensor {
+  const [gate, up] = x.chunk(2, -1);
+  return gate.silu().mul(up);
+}
+
+/** Options of {@link MLP}. */
+export interface MLPOptions {
+  /** Fuse the pre-MLP norm into fc1 (dense layers with the TE spec). */
+  fusedNorm: boolean;
+  /** Keep the output as this rank's partial sum (the MoE layer reduces once for all experts). */
+  skipReduce?: boolean;
+  /** The group fc1/fc2 are split over (default the TP group; experts use the expert-TP group). */
+  group?: ProcessGroup;
+}
+
+/** Megatron's MLP: `linear_fc1` ([gate; up], norm fused or not) and `linear_fc2`. */
+export class MLP extends Module {
+  readonly linearFc1: LayerNormColumnParallelLinear | ColumnParallelLinear;
+  readonly linearFc2: RowParallelLinear;
+  private readonly skipReduce: boolean;
+
+  constructor(o: LayerBuildOptions, ffnHiddenSize: number, opts: MLPOptions) {
+    super();
+    const c = o.config;
+    const group = opts.group ?? o.tpGroup;
+    const common = {
+      tpGroup: group,
+      generator: o.generator,
+      dtype: o.dtype,
+      sequenceParallel: opts.skipReduce ? false : o.sequenceParallel,
+      performInitialization: o.performInitialization,
+      bias: false,
+    };
+    this.linearFc1 = this.registerModule(
+      'linear_fc1',
+      opts.fusedNorm
+        ? new LayerNormColumnParallelLinear(c.hiddenSize, 2 * ffnHiddenSize, {
+            ...common,
+            initMethod: o.initMethod,
+            partition: 'gate_up',
+            normalization: c.normalization,
+            eps: c.layernormEpsilon,
+          })
+        : new ColumnParallelLinear(c.hiddenSize, 2 * ffnHiddenSize, {
+            ...common,
+            initMethod: o.initMethod,
+            partition: 'gate_up',
+          }),
+    );
+    this.linearFc2 = this.registerModule(
+      'linear_fc2',
+      new RowParallelLinear(ffnHiddenSize, c.hiddenSize, {
+        ...common,
+        initMethod: o.outputInitMethod,
+        inputIsParallel: true,
+      }),
+    );
+    this.skipReduce = opts.skipReduce ?? false;
+  }
+
+  /** x [..., h] -> [..., h]; with skipReduce, this rank's partial sum (and no input copy region). */
+  forward(x: Tensor): Tensor {
+    if (this.skipReduce) {
+      // The caller already entered the parallel region: plain local matmuls.
+      return linear(swiglu(linear(x, this.linearFc1.weight as Tensor)), this.linearFc2.weight);
+    }
+    const h = this.linearFc1.forward(x).output;
+    return this.linearFc2.forward(swiglu(h)).output;
+  }
+}

@@ -1,0 +1,195 @@
+// The MoE router of every supported family: softmax or sigmoid scores in fp32, top-k (optionally
+// limited to the best expert groups), an expert bias that steers selection only (DeepSeek-V3's
+// aux-loss-free balancing, with its update rule), normalised top-k weights and the routed scaling
+// factor; Megatron's load-balancing aux loss and z-loss.
+import type { MoeConfig } from '@megapatch/convert';
+import {
+  type DType,
+  empty,
+  fromTypedArray,
+  type Generator,
+  gather,
+  initMethodNormal,
+  linear,
+  logsumexp,
+  Module,
+  noGrad,
+  softmax,
+  type Tensor,
+  zeros,
+  zeros_,
+} from '@megapatch/tensor';
+
+/** What the router decided for T tokens. */
+export interface Routing {
+  /** Weights of the chosen experts [T, k] (float32, differentiable). */
+  probs: Tensor;
+  /** Chosen global expert ids [T, k], row-major on the host. */
+  indices: Int32Array;
+  /** Tokens routed to each expert in this forward. */
+  tokensPerExpert: Float64Array;
+  /** Load-balancing loss (already scaled by its coefficient), or null. */
+  auxLoss: Tensor | null;
+  /** Router z-loss (already scaled), or null. */
+  zLoss: Tensor | null;
+}
+
+/** Loss coefficients of the router (Megatron's --moe-aux-loss-coeff and --moe-z-loss-coeff). */
+export interface RouterLossOptions {
+  auxLossCoeff: number;
+  zLossCoeff: number;
+}
+
+/** Megatron's TopKRouter: `weight` [E, h] and, for aux-loss-free balancing, the `expert_bias` buffer. */
+export class TopKRouter extends Module {
+  readonly weight: Tensor;
+  readonly expertBias: Tensor | null;
+  /** Tokens routed to each expert since the last {@link TopKRouter.takeLoad} (for logging and bias updates). */
+  private load: Float64Array;
+
+  constructor(
+    readonly moe: MoeConfig,
+    hiddenSize: number,
+    opts: { dtype: DType; generator?: Generator; performInitialization: boolean },
+    private readonly losses: RouterLossOptions,
+  ) {
+    super();
+    const w = empty([moe.numExperts, hiddenSize], { dtype: opts.dtype });
+    if (opts.performInitialization) initMethodNormal(0.02)(w, opts.generator);
+    else zeros_(w);
+    this.weight = this.registerParameter('weight', w);
+    // Megatron keeps the expert bias in fp32 whatever the model dtype.
+    this.expertBias = moe.expertBias
+      ? this.registerBuffer('expert_bias', zeros([moe.numExperts], { dtype: 'float32' }))
+      : null;
+    this.load = new Float64Array(moe.numExperts);
+  }
+
+  /** Per-expert token counts accumulated since the last call, then reset. */
+  takeLoad(): Float64Array {
+    const out = this.load;
+    this.load = new Float64Array(this.moe.numExperts);
+    return out;
+  }
+
+  /**
+   * The aux-loss-free update: bias_e += rate · sign(mean load − load_e), from the token counts of
+   * the step (summed over data-parallel ranks by the caller).
+   */
+  updateExpertBias(tokensPerExpert: ArrayLike<number>, rate: number): void {
+    const bias = this.expertBias;
+    if (!bias) return;
+    const n = tokensPerExpert.length;
+    let mean = 0;
+    for (let e = 0; e < n; e++) mean += tokensPerExpert[e];
+    mean /= n;
+    const b = bias.toTypedArray() as Float32Array;
+    for (let e = 0; e < n; e++) b[e] += rate * Math.sign(mean - tokensPerExpert[e]);
+    noGrad(() => bias.copy_(fromTypedArray(b, [n])));
+  }
+
+  /** Routes x [T, h]. */
+  forward(x: Tensor): Routing {
+    const m = this.moe;
+    const E = m.numExperts;
+    const k = m.routerTopk;
+    const T = x.shape[0];
+    const logits = linear(x.to('float32'), this.weight.to('float32')); // [T, E], fp32
+    const scores = m.scoreFunction === 'softmax' ? softmax(logits, -1) : logits.sigmoid();
+    const host = scores.detach().toTypedArray() as Float32Array;
+    const bias = this.expertBias ? (this.expertBias.toTypedArray() as Float32Array) : null;
+    const indices = selectExperts(host, bias, T, m);
+    const idx = fromTypedArray(
+      BigInt64Array.from(indices, (v) => BigInt(v)),
+      [T, k],
+    );
+    let probs = gather(scores, 1, idx);
+    if (m.normTopkProb && k > 1) {
+      const denom = probs.sum(-1, true);
+      probs = probs.div(m.scoreFunction === 'sigmoid' ? denom.add(1e-20) : denom);
+    }
+    if (m.routedScalingFactor !== 1) probs = probs.mul(m.routedScalingFactor);
+    const tokensPerExpert = new Float64Array(E);
+    for (const e of indices) tokensPerExpert[e]++;
+    for (let e = 0; e < E; e++) this.load[e] += tokensPerExpert[e];
+    let auxLoss: Tensor | null = null;
+    if (this.losses.auxLossCoeff > 0 && this.training) {
+      // Switch-Transformer balancing (Megatron's switch_load_balancing_loss_func) on the scores of
+      // all experts: softmax, or sigmoid scores normalised per token.
+      const all = m.scoreFunction === 'softmax' ? scores : scores.div(scores.sum(-1, true).add(1e-20));
+      const perExpert = all.sum(0); // [E]
+      const f = fromTypedArray(Float32Array.from(tokensPerExpert), [E]);
+      auxLoss = perExpert
+        .mul(f)
+        .sum()
+        .mul((E * this.losses.auxLossCoeff) / (k * T * T));
+    }
+    let zLoss: Tensor | null = null;
+    if (this.losses.zLossCoeff > 0 && this.training) {
+      const lse = logsumexp(logits, -1);
+      zLoss = lse.mul(lse).mean().mul(this.losses.zLossCoeff);
+    }
+    return { probs, indices, tokensPerExpert, auxLoss, zLoss };
+  }
+}
+
+/**
+ * Top-k expert ids per token from scores [T, E] (row-major), with the expert bias added for
+ * selection and, for grouped routing, only experts of the best `groupTopk` groups eligible. A
+ * group's score is the sum of its two best biased scores with an expert bias (DeepSeek-V3's
+ * noaux_tc) and its best score otherwise (DeepSeek-V2's group-limited greedy).
+ */
+export function selectExperts(
+  scores: Float32Array,
+  bias: Float32Array | null,
+  T: number,
+  m: Pick<MoeConfig, 'numExperts' | 'routerTopk' | 'numGroups' | 'groupTopk' | 'expertBias'>,
+): Int32Array {
+  const E = m.numExperts;
+  const k = m.routerTopk;
+  const G = m.numGroups;
+  const perGroup = E / G;
+  const out = new Int32Array(T * k);
+  const sel = new Float64Array(E);
+  const order = new Int32Array(E);
+  const groupScore = new Float64Array(G);
+  const groupOrder = new Int32Array(G);
+  const eligible = new Uint8Array(E);
+  for (let t = 0; t < T; t++) {
+    for (let e = 0; e < E; e++) sel[e] = scores[t * E + e] + (bias ? bias[e] : 0);
+    eligible.fill(1);
+    if (G > 1 && m.groupTopk < G) {
+      for (let g = 0; g < G; g++) {
+        let best = -Infinity;
+        let second = -Infinity;
+        for (let j = 0; j < perGroup; j++) {
+          const v = sel[g * perGroup + j];
+          if (v > best) {
+            second = best;
+            best = v;
+          } else if (v > second) second = v;
+        }
+        groupScore[g] = m.expertBias && perGroup > 1 ? best + second : best;
+        groupOrder[g] = g;
+      }
+      sortByScore(groupOrder, groupScore);
+      eligible.fill(0);
+      for (let i = 0; i < m.groupTopk; i++) {
+        const g = groupOrder[i];
+        for (let j = 0; j < perGroup; j++) eligible[g * perGroup + j] = 1;
+      }
+    }
+    for (let e = 0; e < E; e++) {
+      order[e] = e;
+      if (!eligible[e]) sel[e] = -Infinity;
+    }
+    sortByScore(order, sel);
+    for (let j = 0; j < k; j++) out[t * k + j] = order[j];
+  }
+  return out;
+}
+
+/** Sorts ids by descending score, lower id first on ties (as torch.topk on CPU in practice). */
+function sortByScore(ids: Int32Array, score: Float64Array): void {
+  ids.sort((a, b) => score[b] - score[a] || a - b);
+}

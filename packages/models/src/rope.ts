@@ -1,0 +1,91 @@
+// Rotary position embeddings of every TransformerConfig: plain, linear, llama3 and yarn scaling,
+// with tables computed in fp32 as Hugging Face computes them, so a converted model rotates its
+// queries and keys exactly as the original does.
+import type { RopeScaling } from '@megapatch/convert';
+import { fromTypedArray, ropeCosSin, type Tensor } from '@megapatch/tensor';
+import { ModelError } from './errors.js';
+
+const f = Math.fround;
+
+/** Yarn's attention temperature: 0.1·mscale·ln(factor) + 1 for factor > 1, else 1. */
+export function yarnMscale(factor: number, mscale = 1): number {
+  return factor <= 1 ? 1 : 0.1 * mscale * Math.log(factor) + 1;
+}
+
+/** Yarn's frequencies: interpolated below the correction range, extrapolated above it, blended in between. */
+function yarnInverseFrequencies(dim: number, base: number, s: Extract<RopeScaling, { type: 'yarn' }>) {
+  const half = dim / 2;
+  const correction = (rotations: number) =>
+    (dim * Math.log(s.originalMaxPositionEmbeddings / (rotations * 2 * Math.PI))) / (2 * Math.log(base));
+  const low = Math.max(Math.floor(correction(s.betaFast)), 0);
+  let high = Math.min(Math.ceil(correction(s.betaSlow)), dim - 1);
+  if (high === low) high += 0.001;
+  const inv = new Float32Array(half);
+  for (let k = 0; k < half; k++) {
+    const posFreq = f(base ** f((2 * k) / dim));
+    const extrapolated = f(1 / posFreq);
+    const interpolated = f(1 / f(s.factor * posFreq));
+    const ramp = Math.min(Math.max((k - low) / (high - low), 0), 1);
+    const keep = f(1 - ramp); // weight of the extrapolated (unscaled) frequency
+    inv[k] = f(f(interpolated * f(1 - keep)) + f(extrapolated * keep));
+  }
+  return inv;
+}
+
+/** cos/sin tables of one model's RoPE; positions are per token, so packed rows restart at 0. */
+export class RotaryEmbedding {
+  /** Factor on cos and sin (yarn's mscale ratio; 1 otherwise). */
+  readonly mscale: number;
+  private readonly yarnInv: Float32Array | null;
+
+  constructor(
+    readonly dim: number,
+    readonly base: number,
+    readonly scaling: RopeScaling,
+  ) {
+    if (!Number.isInteger(dim) || dim <= 0 || dim % 2 !== 0) {
+      throw new ModelError(
+        'INVALID_CONFIG',
+        `the rotary dimension must be a positive even integer, got ${dim}`,
+      );
+    }
+    if (scaling.type === 'yarn') {
+      this.yarnInv = yarnInverseFrequencies(dim, base, scaling);
+      this.mscale =
+        yarnMscale(scaling.factor, scaling.mscale) / yarnMscale(scaling.factor, scaling.mscaleAllDim);
+    } else {
+      this.yarnInv = null;
+      this.mscale = 1;
+    }
+  }
+
+  /** cos/sin [b, s, dim] (float32, rotate-half layout) for integer positions [b, s]. */
+  forward(positionIds: Tensor): { cos: Tensor; sin: Tensor } {
+    const s = this.scaling;
+    if (s.type === 'none') return ropeCosSin(positionIds, this.dim, { base: this.base });
+    if (s.type === 'linear' || s.type === 'llama3') {
+      return ropeCosSin(positionIds, this.dim, { base: this.base, scaling: s });
+    }
+    const inv = this.yarnInv as Float32Array;
+    const pos = positionIds.toTypedArray() as ArrayLike<number | bigint>;
+    const n = pos.length;
+    const half = this.dim / 2;
+    const cos = new Float32Array(n * this.dim);
+    const sin = new Float32Array(n * this.dim);
+    const m = f(this.mscale);
+    for (let i = 0; i < n; i++) {
+      const p = f(Number(pos[i]));
+      for (let k = 0; k < half; k++) {
+        const angle = f(p * inv[k]);
+        const c = f(f(Math.cos(angle)) * m);
+        const sn = f(f(Math.sin(angle)) * m);
+        cos[i * this.dim + k] = c;
+        cos[i * this.dim + k + half] = c;
+        sin[i * this.dim + k] = sn;
+        sin[i * this.dim + k + half] = sn;
+      }
+    }
+    const shape = [...positionIds.shape, this.dim];
+    return { cos: fromTypedArray(cos, shape), sin: fromTypedArray(sin, shape) };
+  }
+}
