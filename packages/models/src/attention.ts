@@ -30,14 +30,24 @@ export interface LayerBuildOptions {
 
 /** The core attention: softmax(q kᵀ·scale) v with the context's mask, causality and packing. */
 export function coreAttention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, scale: number): Tensor {
-  const run = (qq: Tensor, kk: Tensor, vv: Tensor) =>
-    scaledDotProductAttention(qq, kk, vv, {
+  if (!ctx.recomputeCoreAttention) {
+    return scaledDotProductAttention(q, k, v, {
       isCausal: ctx.causal,
       attnMask: ctx.mask,
       cuSeqlens: ctx.cuSeqlens,
       scale,
     });
-  return ctx.recomputeCoreAttention ? checkpoint(run, q, k, v) : run(q, k, v);
+  }
+  // the mask and boundaries are checkpoint inputs, so the recomputation still holds them
+  const extra = [...(ctx.mask ? [ctx.mask] : []), ...(ctx.cuSeqlens ? [ctx.cuSeqlens] : [])];
+  const run = (qq: Tensor, kk: Tensor, vv: Tensor, ...rest: Tensor[]) =>
+    scaledDotProductAttention(qq, kk, vv, {
+      isCausal: ctx.causal,
+      attnMask: ctx.mask ? rest[0] : null,
+      cuSeqlens: ctx.cuSeqlens ? rest[ctx.mask ? 1 : 0] : null,
+      scale,
+    });
+  return checkpoint(run, q, k, v, ...extra);
 }
 
 /** Megatron's SelfAttention with the TE layer spec: `linear_qkv`, `q_layernorm`, `k_layernorm`, `linear_proj`. */

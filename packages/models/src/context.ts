@@ -1,6 +1,6 @@
 // What every attention layer of one forward pass shares: the rotary tables, the mask, packed
 // sequence boundaries and, during generation, the KV cache.
-import type { Tensor } from '@megapatch/tensor';
+import { checkpoint, type Tensor } from '@megapatch/tensor';
 import type { KVCache } from './kv-cache.js';
 
 /** Per-forward inputs of the attention layers, built once by the model. */
@@ -20,4 +20,34 @@ export interface AttentionContext {
   recomputeCoreAttention: boolean;
   /** Selective recompute of MLA's up-projections. */
   recomputeMlaUpProj: boolean;
+}
+
+/**
+ * Runs fn(x, ctx) under activation recompute: the context's tensors travel as inputs of the
+ * checkpoint, so the recomputation in backward still holds them after the forward has freed its
+ * own references.
+ */
+export function checkpointWithContext(
+  fn: (x: Tensor, ctx: AttentionContext) => Tensor,
+  x: Tensor,
+  ctx: AttentionContext,
+): Tensor {
+  const extra = [
+    ctx.cos,
+    ctx.sin,
+    ...(ctx.mask ? [ctx.mask] : []),
+    ...(ctx.cuSeqlens ? [ctx.cuSeqlens] : []),
+  ];
+  return checkpoint(
+    (xx, cos, sin, ...rest) =>
+      fn(xx, {
+        ...ctx,
+        cos,
+        sin,
+        mask: ctx.mask ? rest[0] : null,
+        cuSeqlens: ctx.cuSeqlens ? rest[ctx.mask ? 1 : 0] : null,
+      }),
+    x,
+    ...extra,
+  );
 }

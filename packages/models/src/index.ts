@@ -6,6 +6,22 @@ export { attachAuxLoss } from './aux-loss.js';
 export type { AttentionContext } from './context.js';
 export { ModelError, type ModelErrorCode } from './errors.js';
 export {
+  type EvaluateOptions,
+  type EvaluateProgress,
+  type EvaluateResult,
+  evaluate,
+  type SequenceLogprobs,
+} from './evaluate.js';
+export {
+  type FinishReason,
+  type GenerateResult,
+  type Generation,
+  generate,
+  type SamplingOptions,
+  sampleToken,
+  samplingRng,
+} from './generate.js';
+export {
   type GPTForwardOptions,
   GPTModel,
   type GPTModelOptions,

@@ -2,7 +2,7 @@
 // heads, after RoPE) or, for MLA, the normalised compressed latent and the rotated shared rope key,
 // from which keys and values are re-expanded. Storage is preallocated to a capacity and owned by
 // the cache: dispose() frees it.
-import { cat, empty, noGrad, type Tensor } from '@megapatch/tensor';
+import { cat, empty, keep, noGrad, type Tensor } from '@megapatch/tensor';
 import { ModelError } from './errors.js';
 
 interface Slot {
@@ -53,7 +53,8 @@ export class KVCache implements Disposable {
     shapeA[dim] = this.capacity;
     shapeB[2] = this.capacity;
     if (!slot) {
-      slot = { a: empty(shapeA, { dtype: x.dtype }), b: empty(shapeB, { dtype: y.dtype }) };
+      // owned by the cache, not by the tidy scope of the forward that created it
+      slot = { a: keep(empty(shapeA, { dtype: x.dtype })), b: keep(empty(shapeB, { dtype: y.dtype })) };
       this.slots.set(layer, slot);
     }
     const n = x.shape[dim];

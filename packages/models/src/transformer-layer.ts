@@ -3,7 +3,7 @@
 import { checkpoint, Module, type Tensor } from '@megapatch/tensor';
 import { type LayerBuildOptions, SelfAttention } from './attention.js';
 import { attachAuxLoss } from './aux-loss.js';
-import type { AttentionContext } from './context.js';
+import { type AttentionContext, checkpointWithContext } from './context.js';
 import { MLASelfAttention } from './mla.js';
 import { MLP } from './mlp.js';
 import { type ExpertParallelOptions, MoELayer } from './moe/moe-layer.js';
@@ -62,7 +62,7 @@ export class TransformerLayer extends Module {
 
   /** x [s, b, h] -> [s, b, h]. */
   forward(x: Tensor, ctx: AttentionContext): Tensor {
-    if (this.opts.recomputeFull) return checkpoint((xx) => this.body(xx, ctx), x);
+    if (this.opts.recomputeFull) return checkpointWithContext((xx, c) => this.body(xx, c), x, ctx);
     return this.body(x, ctx);
   }
 

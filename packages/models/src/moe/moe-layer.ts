@@ -82,8 +82,9 @@ export class Experts extends Module {
     const flatProbs = probs.reshape(T * k);
     const outs: Tensor[] = [];
     const rows: number[] = [];
+    // An expert without tokens still runs on an empty batch, so its weights get (zero) gradients
+    // like every other parameter, as Megatron's grouped GEMM gives them.
     perExpert.forEach((slots, e) => {
-      if (slots.length === 0) return;
       const tokens = Int32Array.from(slots, (s) => Math.floor(s / k));
       const tokenIdx = fromTypedArray(tokens, [tokens.length]);
       const slotIdx = fromTypedArray(Int32Array.from(slots), [slots.length]);

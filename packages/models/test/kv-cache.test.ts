@@ -1,0 +1,123 @@
+// Decoding with the KV cache gives the logits and tokens of recomputing the whole sequence, for
+// every attention variant (GQA, sliding window, MLA with its latent cache) and for left-padded
+// batches of prompts of different lengths.
+import { fromTypedArray, noGrad, type Tensor } from '@megapatch/tensor';
+import { afterAll, describe, expect, it } from 'vitest';
+import { type GPTModel, generate, KVCache, loadModel } from '../src/index.js';
+import { fixtureCheckpoint, relMaxError } from './helpers/fixtures.js';
+
+const models: GPTModel[] = [];
+afterAll(() => {
+  for (const m of models) m.dispose();
+});
+
+function load(id: string): GPTModel {
+  const { model } = loadModel(fixtureCheckpoint(id));
+  models.push(model);
+  return model;
+}
+
+function ids(rows: number[][]): Tensor {
+  return fromTypedArray(BigInt64Array.from(rows.flat(), BigInt), [rows.length, rows[0].length]);
+}
+
+function rowLogits(model: GPTModel, t: Tensor, pos: number): Float32Array {
+  const l = model
+    .gatherLogits(t.narrow(1, pos, 1))
+    .contiguous()
+    .to('float32');
+  return l.toTypedArray() as Float32Array;
+}
+
+describe.each(['llama', 'mistral', 'qwen3', 'mixtral', 'deepseek-v2', 'deepseek-v3'])('%s', (id) => {
+  it('cached decoding equals recomputing the sequence', () => {
+    const model = load(id);
+    noGrad(() => {
+      const seq = [5, 17, 301, 42, 7, 99, 250, 13, 60, 2, 444, 31];
+      const full = model.forward(ids([seq])).logits as Tensor;
+      const cache = new KVCache(1, seq.length);
+      const prompt = 4;
+      let out = model.forward(ids([seq.slice(0, prompt)]), { kvCache: cache }).logits as Tensor;
+      expect(relMaxError(rowLogits(model, out, prompt - 1), rowLogits(model, full, prompt - 1))).toBeLessThan(
+        1e-5,
+      );
+      for (let t = prompt; t < seq.length; t++) {
+        out = model.forward(ids([[seq[t]]]), { kvCache: cache }).logits as Tensor;
+        expect(relMaxError(rowLogits(model, out, 0), rowLogits(model, full, t)), `step ${t}`).toBeLessThan(
+          1e-5,
+        );
+      }
+      expect(cache.length).toBe(seq.length);
+      cache.dispose();
+    });
+  });
+
+  it('a batch of prompts of different lengths decodes as each prompt alone', () => {
+    const model = load(id);
+    const prompts = [
+      [1, 50, 60, 70, 80],
+      [1, 9],
+      [1, 300, 301],
+    ];
+    const batch = generate(model, prompts, { maxNewTokens: 6 });
+    for (const [r, p] of prompts.entries()) {
+      const alone = generate(model, [p], { maxNewTokens: 6 });
+      expect(batch.rows[r].tokens, `row ${r}`).toEqual(alone.rows[0].tokens);
+      // greedy tokens are the argmax of a full recomputation
+      const seq = [...p, ...alone.rows[0].tokens];
+      const full = noGrad(() => model.forward(ids([seq])).logits as Tensor);
+      for (let j = 0; j < alone.rows[0].tokens.length; j++) {
+        const l = rowLogits(model, full, p.length - 1 + j);
+        expect(l.indexOf(Math.max(...l))).toBe(alone.rows[0].tokens[j]);
+      }
+    }
+  });
+});
+
+describe('generation options', () => {
+  it('sampling reproduces with a seed and follows top-k', () => {
+    const model = load('llama');
+    const opts = { maxNewTokens: 8, temperature: 1.5, topK: 3, topP: 0.95, seed: 7 };
+    const a = generate(model, [[1, 2, 3]], opts);
+    const b = generate(model, [[1, 2, 3]], opts);
+    const c = generate(model, [[1, 2, 3]], { ...opts, seed: 8 });
+    expect(a.rows[0].tokens).toEqual(b.rows[0].tokens);
+    expect(c.rows[0].tokens).not.toEqual(a.rows[0].tokens);
+    // every sampled token is among the 3 most likely of its step
+    const seq = [1, 2, 3, ...a.rows[0].tokens];
+    const full = noGrad(() => model.forward(ids([seq])).logits as Tensor);
+    for (let j = 0; j < a.rows[0].tokens.length; j++) {
+      const l = Array.from(rowLogits(model, full, 2 + j));
+      const top3 = l
+        .map((v, i) => [v, i])
+        .sort((x, y) => y[0] - x[0])
+        .slice(0, 3)
+        .map((x) => x[1]);
+      expect(top3).toContain(a.rows[0].tokens[j]);
+    }
+  });
+
+  it('stops at EOS and reports why', () => {
+    const model = load('llama');
+    const greedy = generate(model, [[1, 2, 3]], { maxNewTokens: 5 });
+    const eos = greedy.rows[0].tokens[2];
+    const r = generate(model, [[1, 2, 3]], { maxNewTokens: 5, eosTokenIds: [eos] });
+    expect(r.rows[0].finishReason).toBe('eos');
+    expect(r.rows[0].tokens.at(-1)).toBe(eos);
+    expect(r.rows[0].tokens.length).toBe(greedy.rows[0].tokens.indexOf(eos) + 1);
+    expect(greedy.rows[0].finishReason).toBe('length');
+  });
+
+  it('refuses bad input with one clear line', () => {
+    const model = load('llama');
+    expect(() => generate(model, [[]])).toThrow(/prompt 0 is empty/);
+    expect(() => generate(model, [[1]], { topP: 0 })).toThrow(/topP must be in/);
+    expect(() => generate(model, [[1]], { maxNewTokens: 1000 })).toThrow(/exceed the model's 256 positions/);
+    expect(() => model.forward(ids([[1, 1000]]))).toThrow(
+      /token id 1000 at \[0, 1\] is outside the vocabulary \[0, 1000\)/,
+    );
+    expect(() => model.forward(ids([Array.from({ length: 257 }, () => 1)]))).toThrow(
+      /outside the model's 256 positions/,
+    );
+  });
+});

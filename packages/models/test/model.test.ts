@@ -1,0 +1,212 @@
+// GPTModel behaviour beyond parity: routing rules, Megatron's aux and z losses, the expert-bias
+// update, activation recompute, random initialisation and flat memory over training steps.
+import { AdamW, fromTypedArray, Generator, memoryStats, type Tensor, tidy } from '@megapatch/tensor';
+import { afterAll, describe, expect, it } from 'vitest';
+import { GPTModel, loadModel, selectExperts, TopKRouter } from '../src/index.js';
+import { fixtureCheckpoint, relMaxError } from './helpers/fixtures.js';
+
+const ids = fromTypedArray(BigInt64Array.from([1, 5, 9, 33, 100, 7, 8, 9, 4, 77, 12, 3], BigInt), [2, 6]);
+const labels = fromTypedArray(BigInt64Array.from([5, 9, 33, 100, 7, 8, 9, 4, 77, 12, 3, 2], BigInt), [2, 6]);
+const disposeLater: GPTModel[] = [];
+afterAll(() => {
+  for (const m of disposeLater) m.dispose();
+});
+
+function grads(m: GPTModel): Map<string, Float32Array> {
+  return new Map(
+    m.namedParameters().map(([n, p]) => [n, (p.grad as Tensor).to('float32').toTypedArray() as Float32Array]),
+  );
+}
+
+describe('router', () => {
+  it('selects top-k within the best groups, with the bias for selection only', () => {
+    const m = { numExperts: 8, routerTopk: 2, numGroups: 4, groupTopk: 2, expertBias: true };
+    // groups (pairs): sums of both (expert bias) → g0 1.0, g1 0.3, g2 1.2, g3 0.9
+    const scores = Float32Array.from([0.5, 0.5, 0.2, 0.1, 0.6, 0.6, 0.45, 0.45]);
+    const bias = Float32Array.from([0, 0, 0, 0, 0, 0, 0, 0.3]);
+    // with the bias g3 = 1.2: groups 2 and 3 (ties broken toward the lower id) → experts 4, 7 (0.75)
+    expect(Array.from(selectExperts(scores, bias, 1, m))).toEqual([7, 4]);
+    expect(Array.from(selectExperts(scores, null, 1, m))).toEqual([4, 5]);
+    // softmax routing with groups: a group's score is its best expert
+    const v2 = { ...m, expertBias: false, groupTopk: 1 };
+    expect(Array.from(selectExperts(scores, null, 1, v2))).toEqual([4, 5]);
+  });
+
+  it("aux loss and z-loss follow Megatron's formulas and reach the router through backward", () => {
+    const base = loadModel(fixtureCheckpoint('mixtral')).model;
+    const { model } = loadModel(fixtureCheckpoint('mixtral'), {
+      moeAuxLossCoeff: 0.01,
+      moeZLossCoeff: 0.001,
+    });
+    disposeLater.push(base, model);
+    const plain = base.forward(ids, { labels }).loss as Tensor;
+    const out = model.forward(ids, { labels }).loss as Tensor;
+    // the losses ride on the activations: the forward value is unchanged
+    expect(out.mean().item()).toBeCloseTo(plain.mean().item(), 6);
+    // recompute each layer's aux loss by hand from its routing
+    const E = 4;
+    const k = 2;
+    let expected = 0;
+    for (const [, moe] of model.moeLayers()) {
+      const r = moe.lastRouting;
+      if (!r) throw new Error('no routing');
+      expect(r.auxLoss).not.toBeNull();
+      const T = r.tokensPerExpert.reduce((a, b) => a + b, 0) / k;
+      const x = moe.router.weight;
+      void x;
+      // aux = E·coeff/(k·T²)·Σ_e (Σ_t p_te)·f_e with p the softmax over all experts
+      const aux = r.auxLoss?.item() as number;
+      const z = r.zLoss?.item() as number;
+      expect(aux).toBeGreaterThan(0);
+      expect(z).toBeGreaterThan(0);
+      // a perfectly uniform router would give exactly coeff: the loss is near it
+      expect(aux / 0.01).toBeGreaterThan(0.9);
+      expect(aux / 0.01).toBeLessThan(1.5);
+      expected += aux + z;
+      expect(T).toBe(12);
+      expect(E).toBe(4);
+    }
+    out.mean().backward();
+    plain.mean().backward();
+    const withAux = grads(model);
+    const without = grads(base);
+    // the router gradient changes by the aux terms; the last layer's experts do not (the losses
+    // reach only layers before their own router)
+    const router = 'decoder.layers.0.mlp.router.weight';
+    expect(
+      relMaxError(withAux.get(router) as Float32Array, without.get(router) as Float32Array),
+    ).toBeGreaterThan(1e-3);
+    const expert = 'decoder.layers.3.mlp.experts.local_experts.0.linear_fc2.weight';
+    expect(
+      relMaxError(withAux.get(expert) as Float32Array, without.get(expert) as Float32Array),
+    ).toBeLessThan(1e-6);
+    expect(expected).toBeGreaterThan(0);
+  });
+
+  it("computes Megatron's switch aux loss and z-loss from the router's own scores", () => {
+    const moe = {
+      numExperts: 4,
+      routerTopk: 2,
+      moeFfnHiddenSize: 8,
+      sharedExpertIntermediateSize: 0,
+      sharedExpertGate: false,
+      scoreFunction: 'softmax' as const,
+      expertBias: false,
+      numGroups: 1,
+      groupTopk: 1,
+      routedScalingFactor: 1,
+      normTopkProb: true,
+      layerPattern: ['moe' as const],
+    };
+    const T = 5;
+    const h = 3;
+    const router = new TopKRouter(
+      moe,
+      h,
+      { dtype: 'float32', generator: new Generator(1), performInitialization: true },
+      {
+        auxLossCoeff: 0.01,
+        zLossCoeff: 0.001,
+      },
+    );
+    const xs = Float32Array.from({ length: T * h }, (_, i) => Math.sin(i * 1.7) * 3);
+    const r = router.forward(fromTypedArray(xs, [T, h]));
+    const w = router.weight.toTypedArray() as Float32Array;
+    let aux = 0;
+    let z = 0;
+    const perExpert = new Float64Array(4);
+    const counts = new Float64Array(4);
+    for (let t = 0; t < T; t++) {
+      const logits = [0, 1, 2, 3].map(
+        (e) => xs[t * h] * w[e * h] + xs[t * h + 1] * w[e * h + 1] + xs[t * h + 2] * w[e * h + 2],
+      );
+      const m = Math.max(...logits);
+      const ex = logits.map((l) => Math.exp(l - m));
+      const sum = ex.reduce((a, b) => a + b, 0);
+      const top = [0, 1, 2, 3].sort((a, b) => logits[b] - logits[a]).slice(0, 2);
+      for (const e of top) counts[e]++;
+      for (let e = 0; e < 4; e++) perExpert[e] += ex[e] / sum;
+      z += (m + Math.log(sum)) ** 2;
+      // normalised top-k weights
+      const p = r.probs.toTypedArray() as Float32Array;
+      expect(p[t * 2] + p[t * 2 + 1]).toBeCloseTo(1, 6);
+      expect(Array.from(r.indices.subarray(t * 2, t * 2 + 2))).toEqual(top);
+    }
+    for (let e = 0; e < 4; e++) aux += perExpert[e] * counts[e];
+    aux *= (4 * 0.01) / (2 * T * T);
+    z = (z / T) * 0.001;
+    expect(Array.from(r.tokensPerExpert)).toEqual(Array.from(counts));
+    expect((r.auxLoss as Tensor).item()).toBeCloseTo(aux, 7);
+    expect((r.zLoss as Tensor).item()).toBeCloseTo(z, 7);
+  });
+
+  it('the expert bias moves toward under-loaded experts by the update rate', () => {
+    const { model } = loadModel(fixtureCheckpoint('deepseek-v3'));
+    disposeLater.push(model);
+    const router = model.moeLayers()[0][1].router;
+    const before = Array.from((router.expertBias as Tensor).toTypedArray() as Float32Array);
+    model.forward(ids);
+    const load = model.takeExpertLoad().get(model.moeLayers()[0][0]) as Float64Array;
+    expect(load.reduce((a, b) => a + b, 0)).toBe(12 * 2);
+    router.updateExpertBias(load, 1e-3);
+    const after = Array.from((router.expertBias as Tensor).toTypedArray() as Float32Array);
+    const mean = load.reduce((a, b) => a + b, 0) / load.length;
+    for (let e = 0; e < load.length; e++) {
+      expect(after[e] - before[e]).toBeCloseTo(1e-3 * Math.sign(mean - load[e]), 7);
+    }
+  });
+});
+
+describe.each(['qwen3', 'deepseek-v3'])('%s recompute', (id) => {
+  it('full and selective recompute give the same loss and gradients', () => {
+    const ref = loadModel(fixtureCheckpoint(id)).model;
+    const full = loadModel(fixtureCheckpoint(id), { recompute: { granularity: 'full' } }).model;
+    const sel = loadModel(fixtureCheckpoint(id), {
+      recompute: { granularity: 'selective', modules: ['core_attn', 'mla_up_proj', 'moe'] },
+    }).model;
+    disposeLater.push(ref, full, sel);
+    const losses = [ref, full, sel].map((m) => {
+      const out = m.forward(ids, { labels });
+      const l = (out.loss as Tensor).mean();
+      const total = out.mtpLosses.reduce((a, t) => a.add(t.mul(0.1)), l);
+      total.backward();
+      return total.item();
+    });
+    expect(losses[1]).toBeCloseTo(losses[0], 6);
+    expect(losses[2]).toBeCloseTo(losses[0], 6);
+    const g0 = grads(ref);
+    for (const m of [full, sel]) {
+      for (const [n, g] of grads(m)) expect(relMaxError(g, g0.get(n) as Float32Array), n).toBeLessThan(1e-5);
+    }
+  });
+});
+
+describe('training', () => {
+  it('a fresh model initialises reproducibly and its memory is flat from step to step', () => {
+    const { model: loaded, config } = loadModel(fixtureCheckpoint('qwen2-moe'));
+    loaded.dispose();
+    const a = new GPTModel(config, { generator: new Generator(3) });
+    const b = new GPTModel(config, { generator: new Generator(3) });
+    disposeLater.push(a, b);
+    const weightOf = (m: GPTModel) =>
+      Array.from(m.decoder.layers.get(1).selfAttention.linearProj.weight.toTypedArray() as Float32Array);
+    expect(weightOf(a)).toEqual(weightOf(b));
+    const opt = new AdamW(a.parameters(), { lr: 1e-3 });
+    const live: number[] = [];
+    const losses: number[] = [];
+    for (let step = 0; step < 5; step++) {
+      const loss = tidy(() => {
+        const l = (a.forward(ids, { labels }).loss as Tensor).mean();
+        l.backward();
+        return l.item();
+      });
+      opt.step();
+      a.zeroGrad();
+      losses.push(loss);
+      live.push(memoryStats().liveBytes);
+    }
+    expect(losses[4]).toBeLessThan(losses[0]);
+    for (let s = 2; s < 5; s++) expect(live[s], `step ${s}`).toBe(live[1]);
+    opt.dispose?.();
+  });
+});
