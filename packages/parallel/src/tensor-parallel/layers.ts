@@ -334,6 +334,11 @@ export interface LayerNormColumnParallelLinearOptions
   normalization?: 'RMSNorm' | 'LayerNorm';
   /** Added to the variance (default 1e-5). */
   eps?: number;
+  /**
+   * Transformer Engine's zero_centered_gamma: the norm scales by (1 + layer_norm_weight), whose
+   * stored value starts at zero (Gemma's RMSNorm). Default false.
+   */
+  zeroCenteredGamma?: boolean;
 }
 
 /**
@@ -357,6 +362,7 @@ export class LayerNormColumnParallelLinear extends Module {
   readonly layerNormBias: Tensor | null;
   readonly weight: Tensor | null;
   readonly bias: Tensor | null;
+  readonly zeroCenteredGamma: boolean;
 
   constructor(inputSize: number, outputSize: number, opts: LayerNormColumnParallelLinearOptions = {}) {
     super();
@@ -374,9 +380,10 @@ export class LayerNormColumnParallelLinear extends Module {
     this.skipBiasAdd = opts.skipBiasAdd ?? false;
     this.sequenceParallel = opts.sequenceParallel ?? false;
     const dtype = opts.dtype ?? 'float32';
+    this.zeroCenteredGamma = opts.zeroCenteredGamma ?? false;
     this.layerNormWeight = this.registerParameter(
       'layer_norm_weight',
-      replicated(ones([inputSize], { dtype }), this.sequenceParallel),
+      replicated((this.zeroCenteredGamma ? zeros : ones)([inputSize], { dtype }), this.sequenceParallel),
     );
     this.layerNormBias = this.registerParameter(
       'layer_norm_bias',
@@ -390,6 +397,11 @@ export class LayerNormColumnParallelLinear extends Module {
     this.bias = bias;
   }
 
+  /** The norm's scale: the weight, or 1 + weight with zeroCenteredGamma. */
+  private gamma(): Tensor {
+    return this.zeroCenteredGamma ? this.layerNormWeight.add(1) : this.layerNormWeight;
+  }
+
   /** x [s, b, inputSize] (or [s/tp, b, inputSize] under SP) -> [s, b, outputSize/tp]. */
   forward(x: Tensor, weight?: Tensor): LinearOutput {
     const w = weight ?? this.weight;
@@ -397,8 +409,8 @@ export class LayerNormColumnParallelLinear extends Module {
     const output = tidy(() => {
       const normed =
         this.normalization === 'RMSNorm'
-          ? rmsNorm(x, [this.inputSize], this.layerNormWeight, this.eps)
-          : layerNorm(x, [this.inputSize], this.layerNormWeight, this.layerNormBias, this.eps);
+          ? rmsNorm(x, [this.inputSize], this.gamma(), this.eps)
+          : layerNorm(x, [this.inputSize], this.gamma(), this.layerNormBias, this.eps);
       return columnForward(normed, w, this.bias, this.tpGroup, this.sequenceParallel, this.skipBiasAdd);
     });
     return { output, bias: this.skipBiasAdd ? this.bias : null };
