@@ -2,18 +2,26 @@
 // projection (Transformer Engine's LayerNormLinear), optional QKV bias and per-head q/k norms,
 // rotary embeddings in fp32, causal / sliding-window / packed masking, and the row-parallel output.
 import type { TransformerConfig } from '@megapatch/convert';
-import { LayerNormColumnParallelLinear, type ProcessGroup, RowParallelLinear } from '@megapatch/parallel';
+import {
+  copyToTensorModelParallelRegion,
+  LayerNormColumnParallelLinear,
+  type ProcessGroup,
+  RowParallelLinear,
+} from '@megapatch/parallel';
 import {
   applyRotaryPosEmb,
   checkpoint,
   type DType,
   type Generator,
   type InitMethod,
+  layerNorm,
   Module,
+  rmsNorm,
   scaledDotProductAttention,
   type Tensor,
 } from '@megapatch/tensor';
 import type { AttentionContext } from './context.js';
+import type { ModelFamily } from './families/family.js';
 import { Norm } from './norm.js';
 
 /** Construction options every layer receives from the model. */
@@ -26,6 +34,8 @@ export interface LayerBuildOptions {
   initMethod?: InitMethod;
   outputInitMethod?: InitMethod;
   performInitialization: boolean;
+  /** What the model's family changes in the shared layers. */
+  family: ModelFamily;
 }
 
 /** The core attention: softmax(q kᵀ·scale) v with the context's mask, causality and packing. */
@@ -96,13 +106,13 @@ export class SelfAttention extends Module {
     this.qLayernorm = c.qkLayernorm
       ? this.registerModule(
           'q_layernorm',
-          new Norm(c.kvChannels, c.normalization, c.layernormEpsilon, o.dtype),
+          new Norm(c.kvChannels, c.normalization, c.layernormEpsilon, o.dtype, o.family.zeroCenteredGamma),
         )
       : null;
     this.kLayernorm = c.qkLayernorm
       ? this.registerModule(
           'k_layernorm',
-          new Norm(c.kvChannels, c.normalization, c.layernormEpsilon, o.dtype),
+          new Norm(c.kvChannels, c.normalization, c.layernormEpsilon, o.dtype, o.family.zeroCenteredGamma),
         )
       : null;
     this.linearProj = this.registerModule(
@@ -128,8 +138,8 @@ export class SelfAttention extends Module {
     let q = grouped.narrow(3, 0, perGroup * d).reshape(s, b, g * perGroup, d);
     let k = grouped.narrow(3, perGroup * d, d);
     let v = grouped.narrow(3, (perGroup + 1) * d, d);
-    if (this.qLayernorm) q = this.qLayernorm.forward(q);
-    if (this.kLayernorm) k = this.kLayernorm.forward(k);
+    if (this.qLayernorm) q = this.headNorm(this.qLayernorm, q);
+    if (this.kLayernorm) k = this.headNorm(this.kLayernorm, k);
     q = applyRotaryPosEmb(q.permute(1, 2, 0, 3).contiguous(), ctx.cos, ctx.sin);
     k = applyRotaryPosEmb(k.permute(1, 2, 0, 3).contiguous(), ctx.cos, ctx.sin);
     v = v.permute(1, 2, 0, 3).contiguous();
@@ -137,5 +147,19 @@ export class SelfAttention extends Module {
     const out = coreAttention(q, k, v, ctx, 1 / Math.sqrt(d)); // [b, heads, s, d]
     const merged = out.permute(2, 0, 1, 3).reshape(s, b, this.headsPerRank * d);
     return this.linearProj.forward(merged).output;
+  }
+
+  /**
+   * A q/k norm over each local head [..., d]. Its weight is shared by the heads of every TP rank,
+   * so it enters through the TP copy region: backward sums its gradient over TP, as one process
+   * computes it (Megatron instead all-reduces q/k layernorm grads in finalize_model_grads).
+   */
+  private headNorm(norm: Norm, x: Tensor): Tensor {
+    const tp = this.linearProj.tpGroup;
+    if (tp.size === 1) return norm.forward(x);
+    const w = copyToTensorModelParallelRegion(norm.weight, tp);
+    if (norm.kind === 'RMSNorm') return rmsNorm(x, [norm.size], w, norm.eps);
+    const b = norm.bias && copyToTensorModelParallelRegion(norm.bias, tp);
+    return layerNorm(x, [norm.size], w, b, norm.eps);
   }
 }

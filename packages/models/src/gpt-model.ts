@@ -12,12 +12,14 @@ import {
   modelParallelIsInitialized,
   type ProcessGroup,
   SingleProcessGroup,
+  setSequenceParallelAttribute,
   VocabParallelEmbedding,
   vocabParallelCrossEntropy,
 } from '@megapatch/parallel';
 import {
   type DType,
   fromTypedArray,
+  full,
   type Generator,
   initMethodNormal,
   Module,
@@ -30,6 +32,7 @@ import {
 import type { LayerBuildOptions } from './attention.js';
 import type { AttentionContext } from './context.js';
 import { ModelError } from './errors.js';
+import { DEFAULT_FAMILY, getModelFamily, type ModelFamily } from './families/index.js';
 import type { KVCache } from './kv-cache.js';
 import { MoELayer } from './moe/moe-layer.js';
 import { MultiTokenPredictionLayer } from './mtp.js';
@@ -64,6 +67,11 @@ export interface GPTModelOptions {
   moeAuxLossCoeff?: number;
   /** Megatron --moe-z-loss-coeff (default 0). */
   moeZLossCoeff?: number;
+  /**
+   * The model family (or an HF architecture name resolved through the family registry): what
+   * the architecture changes in the shared layers. Default: Llama's choices.
+   */
+  family?: ModelFamily | string;
 }
 
 /** Inputs of {@link GPTModel.forward} beyond the token ids. */
@@ -109,6 +117,7 @@ export class GPTModel extends Module {
   readonly outputLayer: ColumnParallelLinear;
   readonly mtp: (Module & { layers: ModuleList<MultiTokenPredictionLayer> }) | null;
   readonly rotary: RotaryEmbedding;
+  readonly family: ModelFamily;
   /** Gradient of each MoE aux loss (Megatron's MoEAuxLossAutoScaler scale; 1 by default). */
   auxLossScale = 1;
   private readonly recomputeCoreAttention: boolean;
@@ -137,6 +146,10 @@ export class GPTModel extends Module {
     const tp = this.tpGroup.size;
     this.paddedVocabSize = paddedVocabSize(config.vocabSize, config.makeVocabSizeDivisibleBy, tp);
     const std = options.initMethodStd ?? 0.02;
+    this.family =
+      typeof options.family === 'string'
+        ? getModelFamily(options.family)
+        : (options.family ?? DEFAULT_FAMILY);
     const totalLayers = config.numLayers;
     const o: LayerBuildOptions = {
       config,
@@ -147,6 +160,7 @@ export class GPTModel extends Module {
       initMethod: initMethodNormal(std),
       outputInitMethod: scaledInitMethodNormal(std, totalLayers),
       performInitialization: options.performInitialization ?? true,
+      family: this.family,
     };
     const rc = options.recompute ?? null;
     const selective = rc?.granularity === 'selective' ? new Set(rc.modules) : new Set<RecomputeModule>();
@@ -185,8 +199,19 @@ export class GPTModel extends Module {
     );
     decoder.finalLayernorm = decoder.registerModule(
       'final_layernorm',
-      new Norm(config.hiddenSize, config.normalization, config.layernormEpsilon, dtype),
+      new Norm(
+        config.hiddenSize,
+        config.normalization,
+        config.layernormEpsilon,
+        dtype,
+        this.family.zeroCenteredGamma,
+      ),
     );
+    // Under sequence parallelism it sees s/tp tokens: its gradients are summed over TP by
+    // allreduceSequenceParallelGrads, like the norms fused into the parallel layers.
+    if (this.sequenceParallel) {
+      for (const p of decoder.finalLayernorm.parameters()) setSequenceParallelAttribute(p);
+    }
     this.decoder = this.registerModule('decoder', decoder);
 
     if (config.mtpNumLayers > 0) {
@@ -309,7 +334,10 @@ export class GPTModel extends Module {
 
   /** ids [b, s] -> [s, b, h] (or [s/tp, b, h] under sequence parallelism). */
   private embed(ids: Tensor): Tensor {
-    const e = this.embedding.wordEmbeddings.forward(ids);
+    let e = this.embedding.wordEmbeddings.forward(ids);
+    const scale = this.family.embeddingMultiplier?.(this.config.hiddenSize);
+    // HF rounds the multiplier to the activation dtype first (a bf16 √hidden is not exact)
+    if (scale !== undefined) e = e.mul(full([], scale, { dtype: e.dtype }));
     return this.sequenceParallel ? e : e.transpose(0, 1).contiguous();
   }
 

@@ -13,6 +13,15 @@ export {
   type SequenceLogprobs,
 } from './evaluate.js';
 export {
+  BUILTIN_FAMILIES,
+  DEFAULT_FAMILY,
+  type GatedActivation,
+  getModelFamily,
+  listModelFamilies,
+  type ModelFamily,
+  registerModelFamily,
+} from './families/index.js';
+export {
   type FinishReason,
   type GenerateResult,
   type Generation,
@@ -41,8 +50,9 @@ export {
   type SaveModelOptions,
   saveModel,
 } from './load.js';
+export * from './memory.js';
 export { MLASelfAttention } from './mla.js';
-export { MLP, type MLPOptions, swiglu } from './mlp.js';
+export { gatedActivation, MLP, type MLPOptions, swiglu } from './mlp.js';
 export { type ExpertParallelOptions, Experts, MoELayer, SharedExperts } from './moe/moe-layer.js';
 export { type RouterLossOptions, type Routing, selectExperts, TopKRouter } from './moe/router.js';
 export { MultiTokenPredictionLayer } from './mtp.js';

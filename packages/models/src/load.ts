@@ -323,7 +323,11 @@ export function loadModel(dir: string, opts: LoadModelOptions = {}): LoadedModel
         `${dir} holds a ${weights.architecture}, expected a ${opts.architecture}`,
       );
     }
-    const model = new GPTModel(weights.config, { ...opts, performInitialization: false });
+    const model = new GPTModel(weights.config, {
+      family: weights.architecture,
+      ...opts,
+      performInitialization: false,
+    });
     try {
       loadWeights(model, weights);
     } catch (e) {

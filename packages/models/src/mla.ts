@@ -118,6 +118,7 @@ export class MLASelfAttention extends Module {
           ...common,
           normalization: c.normalization,
           eps: c.layernormEpsilon,
+          zeroCenteredGamma: o.family.zeroCenteredGamma,
         }),
       );
     }
@@ -131,6 +132,7 @@ export class MLASelfAttention extends Module {
         ...common,
         normalization: c.normalization,
         eps: c.layernormEpsilon,
+        zeroCenteredGamma: o.family.zeroCenteredGamma,
       }),
     );
     this.linearProj = this.registerModule(

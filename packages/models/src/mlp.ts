@@ -6,13 +6,20 @@ import {
   type ProcessGroup,
   RowParallelLinear,
 } from '@megapatch/parallel';
-import { linear, Module, type Tensor } from '@megapatch/tensor';
+import { gelu, linear, Module, type Tensor } from '@megapatch/tensor';
 import type { LayerBuildOptions } from './attention.js';
+import type { GatedActivation } from './families/family.js';
 
 /** silu(gate) · up of fc1's output [..., 2f] (gate first) -> [..., f]. */
 export function swiglu(x: Tensor): Tensor {
+  return gatedActivation(x, 'swiglu');
+}
+
+/** act(gate) · up of fc1's output [..., 2f] (gate first) -> [..., f]. */
+export function gatedActivation(x: Tensor, act: GatedActivation): Tensor {
   const [gate, up] = x.chunk(2, -1);
-  return gate.silu().mul(up);
+  const g = act === 'swiglu' ? gate.silu() : gelu(gate, act === 'geglu-tanh' ? 'tanh' : 'none');
+  return g.mul(up);
 }
 
 /** Options of {@link MLP}. */
@@ -52,6 +59,7 @@ export class MLP extends Module {
             partition: 'gate_up',
             normalization: c.normalization,
             eps: c.layernormEpsilon,
+            zeroCenteredGamma: o.family.zeroCenteredGamma,
           })
         : new ColumnParallelLinear(c.hiddenSize, 2 * ffnHiddenSize, {
             ...common,
@@ -68,15 +76,20 @@ export class MLP extends Module {
       }),
     );
     this.skipReduce = opts.skipReduce ?? false;
+    this.activation = o.family.activation ?? 'swiglu';
   }
+  private readonly activation: GatedActivation;
 
   /** x [..., h] -> [..., h]; with skipReduce, this rank's partial sum (and no input copy region). */
   forward(x: Tensor): Tensor {
     if (this.skipReduce) {
       // The caller already entered the parallel region: plain local matmuls.
-      return linear(swiglu(linear(x, this.linearFc1.weight as Tensor)), this.linearFc2.weight);
+      return linear(
+        gatedActivation(linear(x, this.linearFc1.weight as Tensor), this.activation),
+        this.linearFc2.weight,
+      );
     }
     const h = this.linearFc1.forward(x).output;
-    return this.linearFc2.forward(swiglu(h)).output;
+    return this.linearFc2.forward(gatedActivation(h, this.activation)).output;
   }
 }

@@ -20,7 +20,8 @@ export class MultiTokenPredictionLayer extends Module {
   constructor(o: LayerBuildOptions, layerNumber: number, layerOpts: TransformerLayerOptions) {
     super();
     const c = o.config;
-    const norm = () => new Norm(c.hiddenSize, c.normalization, c.layernormEpsilon, o.dtype);
+    const norm = () =>
+      new Norm(c.hiddenSize, c.normalization, c.layernormEpsilon, o.dtype, o.family.zeroCenteredGamma);
     this.enorm = this.registerModule('enorm', norm());
     this.hnorm = this.registerModule('hnorm', norm());
     this.ehProj = this.registerModule(

@@ -12,15 +12,18 @@ export class Norm extends Module {
     readonly kind: 'RMSNorm' | 'LayerNorm',
     readonly eps: number,
     dtype: DType = 'float32',
+    /** Scale by (1 + weight), the weight starting at 0 (Gemma; TE's zero_centered_gamma). */
+    readonly zeroCenteredGamma = false,
   ) {
     super();
-    this.weight = this.registerParameter('weight', ones([size], { dtype }));
+    this.weight = this.registerParameter('weight', (zeroCenteredGamma ? zeros : ones)([size], { dtype }));
     this.bias = this.registerParameter('bias', kind === 'LayerNorm' ? zeros([size], { dtype }) : null);
   }
 
   forward(x: Tensor): Tensor {
+    const w = this.zeroCenteredGamma ? this.weight.add(1) : this.weight;
     return this.kind === 'RMSNorm'
-      ? rmsNorm(x, [this.size], this.weight, this.eps)
-      : layerNorm(x, [this.size], this.weight, this.bias, this.eps);
+      ? rmsNorm(x, [this.size], w, this.eps)
+      : layerNorm(x, [this.size], w, this.bias, this.eps);
   }
 }

@@ -41,7 +41,7 @@ export class TransformerLayer extends Module {
       // MLA keeps its input norm separate (Megatron's MLA spec).
       this.inputLayernorm = this.registerModule(
         'input_layernorm',
-        new Norm(c.hiddenSize, c.normalization, c.layernormEpsilon, o.dtype),
+        new Norm(c.hiddenSize, c.normalization, c.layernormEpsilon, o.dtype, o.family.zeroCenteredGamma),
       );
       this.selfAttention = this.registerModule('self_attention', new MLASelfAttention(o, layerNumber));
     } else {
@@ -51,7 +51,7 @@ export class TransformerLayer extends Module {
     if (opts.kind === 'moe') {
       this.preMlpLayernorm = this.registerModule(
         'pre_mlp_layernorm',
-        new Norm(c.hiddenSize, c.normalization, c.layernormEpsilon, o.dtype),
+        new Norm(c.hiddenSize, c.normalization, c.layernormEpsilon, o.dtype, o.family.zeroCenteredGamma),
       );
       this.mlp = this.registerModule('mlp', new MoELayer(o, opts.expertParallel, opts.routerLosses));
     } else {
