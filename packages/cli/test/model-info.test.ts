@@ -1,9 +1,18 @@
 import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { parseHfConfig } from '@megapatch/convert';
+import { SYNTHETIC_MODELS, writeSyntheticHfCheckpoint } from '@megapatch/convert/testing';
+import { theoreticalMemory } from '@megapatch/models';
 import { sharedPath, skipWithoutShared } from '@megapatch/test-support';
-import { describe, expect, it } from 'vitest';
-import { formatModelInfo, modelInfo } from '../src/commands/model.js';
+import { afterAll, describe, expect, it } from 'vitest';
+import { parseCommandArgs } from '../src/command.js';
+import { runHfToMegapatch } from '../src/commands/convert.js';
+import { formatModelInfo, info, modelInfo, runModelInfo } from '../src/commands/model.js';
+import { CliError, UsageError } from '../src/errors.js';
+import { memoryIo } from '../src/io.js';
+import { megapatch, oneLine, tempDir } from './helpers.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const bin = join(here, '..', 'bin', 'megapatch.js');
@@ -38,3 +47,200 @@ describe.skipIf(skipWithoutShared(import.meta.url))('megapatch model info on the
     );
   });
 });
+
+/** Runs `megapatch model info <argv>` in-process: the flags parsed as the binary parses them. */
+function run(argv: string[]) {
+  const io = memoryIo();
+  const m = runModelInfo(parseCommandArgs(info, argv).options, io);
+  return { m, text: io.lines.join('\n') };
+}
+
+describe('megapatch model info: memory per rank', () => {
+  const root = tempDir('model-info');
+  afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
+  const hf = join(root, 'hf');
+  writeSyntheticHfCheckpoint(
+    hf,
+    SYNTHETIC_MODELS.find((m) => m.id === 'qwen3-moe')?.config as Record<string, unknown>,
+    { seed: 5 },
+  );
+  const cfg = parseHfConfig(hf).transformerConfig;
+
+  it('prints no memory without a layout or batch flag', () => {
+    const { m, text } = run(['--config', hf]);
+    expect(m.source).toBe('huggingface');
+    expect(m.memory).toBeUndefined();
+    expect(text).not.toContain('memory per rank');
+    expect(JSON.parse(run(['--config', hf, '--json']).text)).not.toHaveProperty('memory');
+  });
+
+  it("takes Megatron's long names and gives the library's figures, as a table and as JSON", () => {
+    const argv = [
+      '--config',
+      hf,
+      '--tensor-model-parallel-size',
+      '2',
+      '--pipeline-model-parallel-size',
+      '2',
+      '--expert-model-parallel-size',
+      '2',
+      '--expert-tensor-parallel-size',
+      '1',
+      '--dp',
+      '2',
+      '--seq-length',
+      '64',
+      '--micro-batch-size',
+      '2',
+      '--global-batch-size',
+      '16',
+      '--use-distributed-optimizer',
+      '--sequence-parallel',
+      '--recompute-granularity',
+      'selective',
+    ];
+    const { m, text } = run(argv);
+    const expected = theoreticalMemory(cfg, {
+      tp: 2,
+      pp: 2,
+      ep: 2,
+      etp: 1,
+      dp: 2,
+      seqLength: 64,
+      microBatchSize: 2,
+      numMicroBatches: 4,
+      distributedOptimizer: true,
+      sequenceParallel: true,
+      recompute: 'selective',
+    });
+    expect(m.memory).toEqual(expected);
+    expect(text).toContain('layout             tp=2 pp=2 ep=2 etp=1 dp=2 cp=1: 8 GPUs, expert dp=2');
+    expect(text).toContain('batch              seq-length 64 × micro-batch-size 2, 4 micro-batches per step');
+    expect(text).toMatch(/^ +stage 0 \(peak\) +stage 1$|^ +stage 0 +stage 1 \(peak\)$/m);
+    for (const row of ['weights', 'gradients', 'optimizer states', 'activations / micro-batch', 'total'])
+      expect(text).toMatch(new RegExp(`^${row} +[\\d.]+ GiB +[\\d.]+ GiB$`, 'm'));
+    expect(text).toContain(`peak               ${(expected.total / 2 ** 30).toFixed(2)} GiB per GPU`);
+    const json = JSON.parse(run([...argv, '--json']).text);
+    expect(json.memory.total).toBe(expected.total);
+    expect(json.memory.stages[0].parameters).toEqual(expected.stages[0].parameters);
+  });
+
+  it('defaults: one rank, the sequence no longer than the model allows, fp16 weights with fp16 gradients', () => {
+    const { m, text } = run(['--config', hf, '--fp16']);
+    const l = m.memory?.layout;
+    expect(l).toMatchObject({ tp: 1, pp: 1, ep: 1, etp: 1, dp: 1, cp: 1, microBatchSize: 1 });
+    expect(l?.seqLength).toBe(Math.min(4096, cfg.maxPositionEmbeddings));
+    expect(l?.paramDtype).toBe('fp16');
+    expect(l?.gradDtype).toBe('fp16');
+    expect(m.memory?.bytesPerParameter).toEqual({ weights: 2, gradients: 2, optimizer: 16 });
+    expect(text).toContain('every rank');
+    expect(run(['--config', hf, '--grad-reduce-in-bf16']).m.memory?.layout.gradDtype).toBe('bf16');
+  });
+
+  it('reads a megapatch checkpoint, its root or one iteration folder, like the HF config', async () => {
+    const ckpt = join(root, 'ckpt');
+    await runHfToMegapatch({ 'hf-dir': hf, out: ckpt, tp: '2' }, memoryIo());
+    const fromHf = modelInfo(hf, { tp: 2, seqLength: 64, sequenceParallel: true });
+    for (const dir of [ckpt, join(ckpt, 'iter_0000000')]) {
+      const m = modelInfo(dir, { tp: 2, seqLength: 64, sequenceParallel: true });
+      expect(m.source).toBe('megapatch-checkpoint');
+      expect(m.architecture).toBe('Qwen3MoeForCausalLM');
+      expect(m.transformerConfig).toEqual(fromHf.transformerConfig);
+      expect(m.parameters).toEqual(fromHf.parameters);
+      expect(m.memory).toEqual(fromHf.memory);
+    }
+    expect(() => modelInfo(root)).toThrow(CliError);
+    expect(() => modelInfo(root)).toThrow(
+      /is neither a Hugging Face model folder \(no config\.json\) nor a megapatch checkpoint/,
+    );
+  });
+
+  it('a layout that does not fit the model is a usage error naming every problem', () => {
+    expect(() => run(['--config', hf, '--tp', '3'])).toThrow(UsageError);
+    expect(() => run(['--config', hf, '--tp', '3'])).toThrow(
+      /^Qwen3MoeForCausalLM: tp=3 does not divide 8 attention heads; tp=3 does not divide 2 query groups/,
+    );
+    expect(() => run(['--config', hf, '--tp', '2'])).toThrow(
+      /MoE layers with tp=2 need sequence parallelism/,
+    );
+    expect(() => run(['--config', hf, '--pp', '3'])).toThrow(/pp=3 does not divide 4 layers/);
+    expect(() => run(['--config', hf, '--ep', '4', '--dp', '2'])).toThrow(
+      /ep × etp = 4 does not divide tp × cp × dp = 2/,
+    );
+    expect(() => run(['--config', hf, '--dp', '2', '--global-batch-size', '3'])).toThrow(
+      '--global-batch-size 3 is not a multiple of micro-batch-size × dp = 2',
+    );
+    expect(() => run(['--config', hf, '--recompute-granularity', 'some'])).toThrow(
+      "--recompute-granularity: must be none, selective or full, got 'some'",
+    );
+    const r = megapatch(['model', 'info', '--config', hf, '--tp', '3']);
+    expect(r.status).toBe(2);
+    expect(oneLine(r.stderr)).toMatch(/^megapatch model info: Qwen3MoeForCausalLM: tp=3 does not divide/);
+  });
+});
+
+describe.skipIf(skipWithoutShared(import.meta.url))(
+  'megapatch model info: memory of the real configs',
+  () => {
+    it('DeepSeek-V3 at TP2 PP8 EP64 (7 and 6 layers on the end stages) through the binary', () => {
+      const r = megapatch([
+        'model',
+        'info',
+        '--config',
+        join(configs, 'DeepSeek-V3.json'),
+        '--tp',
+        '2',
+        '--pp',
+        '8',
+        '--ep',
+        '64',
+        '--etp',
+        '1',
+        '--dp',
+        '64',
+        '--decoder-first-pipeline-num-layers',
+        '7',
+        '--decoder-last-pipeline-num-layers',
+        '6',
+        '--seq-length',
+        '4096',
+        '--sequence-parallel',
+        '--use-distributed-optimizer',
+        '--json',
+      ]);
+      expect(r.status, r.stderr).toBe(0);
+      const m = JSON.parse(r.stdout).memory;
+      expect(m.layout.worldSize).toBe(1024);
+      expect(m.layout.stageLayers).toEqual([7, 8, 8, 8, 8, 8, 8, 6]);
+      expect(m.stages[7].mtpLayers).toBe(1);
+      expect(m.totalParameters / 1e9).toBeCloseTo(682.6, 1);
+      // Every rank of a 1024-GPU job fits an 80 GB card at this micro-batch size.
+      expect(m.total / 2 ** 30).toBeLessThan(80);
+    });
+
+    it('Qwen3-30B-A3B at TP4 PP4 EP8', () => {
+      const { m, text } = run([
+        '--config',
+        join(configs, 'Qwen3-30B-A3B.json'),
+        '--tp',
+        '4',
+        '--pp',
+        '4',
+        '--ep',
+        '8',
+        '--etp',
+        '1',
+        '--dp',
+        '2',
+        '--seq-length',
+        '4096',
+        '--sequence-parallel',
+        '--distributed-optimizer',
+      ]);
+      expect(m.memory?.layout.paddedVocabSize).toBe(152064);
+      expect(m.memory?.peakStage).toBe(0);
+      expect(text).toMatch(/^ +stage 0 \(peak\) +stage 3$/m);
+      expect(text).toMatch(/^ {2}routed experts +906\.0M +906\.0M$/m);
+    });
+  },
+);
