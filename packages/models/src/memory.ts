@@ -106,7 +106,7 @@ export interface ParameterBreakdown {
   experts: number;
   /** Shared experts and their gates. */
   sharedExperts: number;
-  /** Router weights and expert bias. */
+  /** Router weights (the expert bias is a buffer and is not counted). */
   router: number;
   /** Input and pre-MLP norms, the final norm, the MTP norms. */
   norms: number;
@@ -318,7 +318,8 @@ function addLayer(add: Add, cfg: TransformerConfig, kind: LayerKind): void {
   add('norms', 2 * normSize(cfg, h), 'replicated');
   const moe = cfg.moe;
   if (kind === 'moe' && moe) {
-    add('router', h * moe.numExperts + (moe.expertBias ? moe.numExperts : 0), 'replicated');
+    // the expert bias is a buffer (no gradient, no optimizer state), as in Megatron-Core
+    add('router', h * moe.numExperts, 'replicated');
     add('sharedExperts', 3 * h * moe.sharedExpertIntermediateSize, 'tp');
     if (moe.sharedExpertGate) add('sharedExperts', h, 'replicated');
     add('experts', moe.numExperts * 3 * h * moe.moeFfnHiddenSize, 'expert');

@@ -363,8 +363,14 @@ function megatronTotal(cfg: TransformerConfig, tp: number): number {
   const n = parameterCount(cfg);
   const h = cfg.hiddenSize;
   const padding = (paddedVocabSize(cfg.vocabSize, cfg.makeVocabSizeDivisibleBy, tp) - cfg.vocabSize) * h;
+  // HF stores the expert bias as a weight; Megatron-Core keeps it as a buffer, not a parameter
+  const moe = cfg.moe;
+  const moeLayers = moe ? moe.layerPattern.filter((k) => k === 'moe').length : 0;
+  const mtpMoe = moe && moe.layerPattern[cfg.numLayers - 1] === 'moe' ? cfg.mtpNumLayers : 0;
+  const bias = moe?.expertBias ? (moeLayers + mtpMoe) * moe.numExperts : 0;
   return (
     n.totalWithMtp -
+    bias -
     cfg.mtpNumLayers * 2 * cfg.vocabSize * h +
     padding * (cfg.untieEmbeddingsAndOutputWeights ? 2 : 1)
   );
