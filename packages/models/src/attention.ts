@@ -14,9 +14,7 @@ import {
   type DType,
   type Generator,
   type InitMethod,
-  layerNorm,
   Module,
-  rmsNorm,
   scaledDotProductAttention,
   type Tensor,
 } from '@megapatch/tensor';
@@ -151,15 +149,17 @@ export class SelfAttention extends Module {
 
   /**
    * A q/k norm over each local head [..., d]. Its weight is shared by the heads of every TP rank,
-   * so it enters through the TP copy region: backward sums its gradient over TP, as one process
-   * computes it (Megatron instead all-reduces q/k layernorm grads in finalize_model_grads).
+   * so the norm runs (its own forward) on the weight entered through the TP copy region: backward
+   * sums the weight's gradient over TP, as one process computes it (Megatron instead all-reduces
+   * q/k layernorm grads in finalize_model_grads).
    */
   private headNorm(norm: Norm, x: Tensor): Tensor {
     const tp = this.linearProj.tpGroup;
     if (tp.size === 1) return norm.forward(x);
-    const w = copyToTensorModelParallelRegion(norm.weight, tp);
-    if (norm.kind === 'RMSNorm') return rmsNorm(x, [norm.size], w, norm.eps);
-    const b = norm.bias && copyToTensorModelParallelRegion(norm.bias, tp);
-    return layerNorm(x, [norm.size], w, b, norm.eps);
+    const shared: Norm = Object.assign(Object.create(norm), {
+      weight: copyToTensorModelParallelRegion(norm.weight, tp),
+      bias: norm.bias && copyToTensorModelParallelRegion(norm.bias, tp),
+    });
+    return shared.forward(x);
   }
 }
