@@ -523,4 +523,13 @@ function checkLayout(c: TransformerConfig, tp: number, ep: number): void {
   if (c.moe && c.moe.numExperts % ep !== 0)
     throw bad(`ep=${ep} does not divide the ${c.moe.numExperts} experts`);
   if (!c.moe && ep > 1) throw bad(`ep=${ep} needs a MoE model; this one is dense`);
+  if (c.moe && c.moe.moeFfnHiddenSize % tp !== 0) {
+    throw bad(`tp=${tp} (expert-TP) does not divide moeFfnHiddenSize ${c.moe.moeFfnHiddenSize}`);
+  }
+  if (c.moe && c.moe.sharedExpertIntermediateSize % tp !== 0) {
+    throw bad(`tp=${tp} does not divide sharedExpertIntermediateSize ${c.moe.sharedExpertIntermediateSize}`);
+  }
+  if (c.mtpNumLayers > 0 && c.hiddenSize % tp !== 0) {
+    throw bad(`tp=${tp} does not divide hiddenSize ${c.hiddenSize} (the MTP eh_proj is split over TP)`);
+  }
 }
