@@ -98,6 +98,7 @@ export class SelfAttention extends Module {
           qkvDims: { numHeads: c.numAttentionHeads, numQueryGroups: c.numQueryGroups, headDim: c.kvChannels },
           normalization: c.normalization,
           eps: c.layernormEpsilon,
+          zeroCenteredGamma: o.family.zeroCenteredGamma,
         },
       ),
     );
