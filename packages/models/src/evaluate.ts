@@ -136,16 +136,17 @@ export function evaluate(
           `sequence ${count}: token ${ids[bad]} at position ${bad} is outside the vocabulary [0, ${vocab})`,
         );
       }
+      const scored = Math.max(0, ids.length - 1);
+      // all windows are counted before any runs, so a sequence is done only when its last one is
       const seq: Pending = {
         index: count++,
         ids,
-        logprobs: new Float64Array(Math.max(0, ids.length - 1)),
-        windowsLeft: 0,
+        logprobs: new Float64Array(scored),
+        windowsLeft: Math.ceil(scored / seqLength),
       };
       // window k holds tokens [k·seqLength, k·seqLength + seqLength + 1): the last token of one
       // window is the first input of the next
       for (let start = 0; start + 1 < ids.length; start += seqLength) {
-        seq.windowsLeft++;
         batch.push({ seq, start, length: Math.min(seqLength + 1, ids.length - start) });
         if (batch.length === batchSize) run();
       }

@@ -96,15 +96,19 @@ describe('evaluate', () => {
     function* lazy() {
       for (const s of data) yield Int32Array.from(s);
     }
-    const seen: number[] = [];
+    const seen: { index: number; logprobs: number[] }[] = [];
     const progress: number[] = [];
     const r = evaluate(model, lazy(), {
       seqLength: 8,
       batchSize: 4,
-      onSequence: (s) => seen.push(s.index),
+      // a copy: each sequence must be complete when it is handed over, its windows spread over batches
+      onSequence: (s) => seen.push({ index: s.index, logprobs: Array.from(s.logprobs) }),
       onProgress: (p) => progress.push(p.tokens),
     });
-    expect(seen).toEqual([0, 1, 2, 3, 4]);
+    expect(seen.map((s) => s.index)).toEqual([0, 1, 2, 3, 4]);
+    const full =
+      evaluate(model, data, { seqLength: 8, batchSize: 4, perTokenLogprobs: true }).perSequence ?? [];
+    for (const [i, s] of seen.entries()) expect(s.logprobs).toEqual(Array.from(full[i].logprobs));
     expect(r.perSequence).toBeUndefined();
     expect(progress.at(-1)).toBe(r.tokens);
     expect(progress).toEqual([...progress].sort((a, b) => a - b));
