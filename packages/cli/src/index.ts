@@ -52,6 +52,14 @@ export const commands: CommandGroup = {
       summary: 'inspect megapatch checkpoints',
       load: () => import('./commands/ckpt.js').then((m) => m.default),
     },
+    generate: {
+      summary: 'continue prompts with a model and its tokenizer (greedy or sampled, KV cache)',
+      load: () => import('./commands/generate.js').then((m) => m.default),
+    },
+    eval: {
+      summary: 'mean loss and perplexity of a model on held-out data, with per-token log-probabilities',
+      load: () => import('./commands/eval.js').then((m) => m.default),
+    },
     launch: {
       summary: 'start the workers of a distributed job on this node (torchrun for megapatch)',
       load: () => import('./commands/launch.js').then((m) => m.default),

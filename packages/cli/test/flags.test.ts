@@ -47,6 +47,8 @@ describe('unknown flags and stray arguments are usage errors (exit 2)', () => {
       'convert megapatch-to-hf',
       'convert reshard',
       'ckpt inspect',
+      'generate',
+      'eval',
       'launch',
     ]);
     for (const words of leaves) {
