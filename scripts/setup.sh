@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what megapatch needs on a fresh Debian/Ubuntu machine that has Node.js >= 20.19: the
-# system packages of the native builds (cmake, g++, OpenBLAS, Gloo), pnpm, and the workspace's packages.
+# system packages of the native builds (cmake, g++, OpenBLAS, Gloo, and oneDNN where the distribution
+# has it), pnpm, and the workspace's packages.
 # Works as root (no sudo needed) and as a user with sudo. CI (.ci/run) runs it too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,11 +26,21 @@ command -v g++ >/dev/null 2>&1 || need+=(g++)
 dpkg -s libopenblas-dev >/dev/null 2>&1 || need+=(libopenblas-dev)
 # Gloo: the collectives engine of @megapatch/parallel (CPU process groups)
 dpkg -s libgloo-dev >/dev/null 2>&1 || need+=(libgloo-dev)
+# oneDNN: bfloat16 GEMM of @megapatch/tensor on AVX512-BF16/AMX CPUs. Optional: where the
+# distribution lacks it the addon builds without it and bf16 GEMMs go through fp32.
+optional=()
+dpkg -s libdnnl-dev >/dev/null 2>&1 || optional+=(libdnnl-dev)
+if [ "${#need[@]}" -gt 0 ] || [ "${#optional[@]}" -gt 0 ]; then
+  as_root apt-get update -qq
+fi
 if [ "${#need[@]}" -gt 0 ]; then
   echo "setup: installing ${need[*]}"
-  as_root apt-get update -qq
   as_root apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+for pkg in "${optional[@]}"; do
+  echo "setup: installing $pkg (optional)"
+  as_root apt-get install -y -qq "$pkg" >/dev/null 2>&1 || echo "setup: $pkg is not available here; building without it" >&2
+done
 
 if ! command -v pnpm >/dev/null 2>&1; then
   echo "setup: installing pnpm"

@@ -1,7 +1,9 @@
 """Reference timings for bench/run.mjs, measured in the same run on the same threads.
 
 usage: reference.py matmul N THREADS        -> GFLOP/s of numpy (OpenBLAS) float32 N x N matmul
+       reference.py gemm-bf16 OP:MxKxN THREADS -> GFLOP/s of PyTorch bfloat16 linear or matmul
        reference.py attention MODE THREADS  -> ms per forward+backward of PyTorch attention
+OP is linear (x [M, K] @ W^T, W [N, K]) or matmul ([M, K] @ [K, N]).
 MODE is causal (B=1, H=8, S=1024, D=64) or varlen (the same tokens as 4 packed sequences).
 Run with /usr/bin/python3 (Debian python3-numpy and python3-torch).
 """
@@ -33,6 +35,23 @@ def matmul(n, threads):
     reps = 20 if n <= 512 else 8 if n <= 1024 else 3
     t = best_of(lambda: a @ b, reps)
     return {"value": 2 * n ** 3 / t / 1e9, "unit": "GFLOP/s", "name": "numpy (OpenBLAS)"}
+
+
+def gemm_bf16(spec, threads):
+    import torch
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    op, shape = spec.split(":")
+    m, k, n = (int(v) for v in shape.split("x"))
+    x = torch.randn(m, k).bfloat16()
+    if op == "linear":
+        w = torch.randn(n, k).bfloat16()
+        fn = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
+    else:
+        w = torch.randn(k, n).bfloat16()
+        fn = lambda: torch.matmul(x, w)  # noqa: E731
+    t = best_of(fn, 10 if m * k * n <= 2 ** 31 else 5)
+    return {"value": 2 * m * k * n / t / 1e9, "unit": "GFLOP/s", "name": f"PyTorch 1.13 bf16 {op}"}
 
 
 def attention(mode, threads):
@@ -70,5 +89,10 @@ def attention(mode, threads):
 
 if __name__ == "__main__":
     kind, arg, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    out = matmul(int(arg), threads) if kind == "matmul" else attention(arg, threads)
+    if kind == "matmul":
+        out = matmul(int(arg), threads)
+    elif kind == "gemm-bf16":
+        out = gemm_bf16(arg, threads)
+    else:
+        out = attention(arg, threads)
     print(json.dumps(out))

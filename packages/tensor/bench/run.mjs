@@ -61,6 +61,32 @@ for (const n of [512, 1024, 2048]) {
   report(name, 'GFLOP/s', (2 * n ** 3) / t / 1e9, reference('matmul', String(n)));
 }
 
+// bf16 GEMMs at transformer shapes: linear is x @ W^T with W [out, in] as in a layer, matmul a square
+// product. Two rows each: the time against float32 here (bf16 should take at most ~0.6 of it) and
+// GFLOP/s against PyTorch's bf16 op.
+for (const [op, M, K, N] of [
+  ['linear', 512, 1024, 3072],
+  ['linear', 2048, 1024, 3072],
+  ['matmul', 1024, 1024, 1024],
+]) {
+  const shape = `${M}x${K}x${N}`;
+  const vsTorch = `${op}-bf16-${shape}`;
+  const vsF32 = `${op}-bf16-over-f32-${shape}`;
+  if (!want(vsTorch) && !want(vsF32)) continue;
+  const x = T.randn([M, K]);
+  const w = op === 'linear' ? T.randn([N, K]) : T.randn([K, N]);
+  const xb = x.to('bfloat16');
+  const wb = w.to('bfloat16');
+  const run = op === 'linear' ? T.linear : T.matmul;
+  const reps = M * K * N <= 2 ** 31 ? 10 : 5;
+  const tf = bestOf(() => run(x, w).dispose(), reps);
+  const tb = bestOf(() => run(xb, wb).dispose(), reps);
+  for (const t of [x, w, xb, wb]) t.dispose();
+  if (want(vsF32)) report(vsF32, 'ms', tb * 1000, { value: tf * 1000, name: 'megapatch float32' });
+  if (want(vsTorch))
+    report(vsTorch, 'GFLOP/s', (2 * M * K * N) / tb / 1e9, reference('gemm-bf16', `${op}:${shape}`));
+}
+
 if (want('op-dispatch')) {
   // fixed cost of one small elementwise op: allocation, checks, kernel call, result object
   const x = T.randn([16]);

@@ -18,6 +18,12 @@ export interface NativeAddon {
     openmp: boolean;
     threads: number;
     compiler: string;
+    /** Engine of bfloat16 GEMMs: oneDNN's native bf16 kernels, or conversion to fp32 panels. */
+    bf16Gemm: 'onednn' | 'fp32-panels';
+    /** oneDNN version linked into the addon (e.g. "2.6.3"), null when built without it. */
+    onednn: string | null;
+    /** Highest ISA oneDNN dispatches to on this CPU (e.g. "avx512_core_bf16"), null without it. */
+    onednnIsa: string | null;
   };
   alloc(bytes: number, zero: boolean): number;
   free(address: number): void;

@@ -19,6 +19,8 @@ int num_threads() { return g_num_threads; }
 static void apply_num_threads(int n) {
   g_num_threads = n < 1 ? 1 : n;
 #ifdef _OPENMP
+  // oneDNN (bf16 GEMM, OpenMP build only: see CMakeLists.txt) sizes its teams by
+  // omp_get_max_threads() on the calling thread, so this sets its thread count too.
   omp_set_num_threads(g_num_threads);
 #endif
 #ifdef MEGAPATCH_HAVE_OPENBLAS
@@ -96,6 +98,7 @@ static Napi::Value BuildInfo(const Napi::CallbackInfo& info) {
 #endif
   o.Set("threads", g_num_threads);
   o.Set("compiler", __VERSION__);
+  describe_gemm(env, o);
   return o;
 }
 

@@ -305,6 +305,7 @@ void register_memory(Napi::Env env, Napi::Object exports);
 void register_elementwise(Napi::Env env, Napi::Object exports);
 void register_reduce(Napi::Env env, Napi::Object exports);
 void register_gemm(Napi::Env env, Napi::Object exports);
+void describe_gemm(Napi::Env env, Napi::Object info);
 void register_random(Napi::Env env, Napi::Object exports);
 void register_softmax(Napi::Env env, Napi::Object exports);
 void register_norm(Napi::Env env, Napi::Object exports);

@@ -1,13 +1,28 @@
 // Batched GEMM: C[b] = alpha * A[b] @ B[b] + beta * C[b] for float32/float64 through OpenBLAS
-// (any transpose of A and B expressed by their strides), bfloat16/float16 through float32 panels,
-// and a portable blocked GEMM when OpenBLAS is not available.
+// (any transpose of A and B expressed by their strides), bfloat16 through oneDNN's native bf16
+// GEMM where the CPU has bf16 dot products, other bfloat16/float16 products through float32
+// panels, and a portable blocked GEMM when OpenBLAS is not available.
 #include <algorithm>
+#include <atomic>
+#include <memory>
 #include <vector>
 
 #include "common.h"
 
 #ifdef MEGAPATCH_HAVE_OPENBLAS
 #include <cblas.h>
+#endif
+
+#ifdef MEGAPATCH_HAVE_DNNL
+#include <oneapi/dnnl/dnnl.h>
+#include <oneapi/dnnl/dnnl_debug.h>
+
+// Exported by libdnnl with C linkage but declared only in oneDNN's internal headers (CMakeLists.txt
+// checks that it links). Row-major C = alpha * op(A) @ op(B) + beta * C, op(X) = X for 'N' and
+// X^T for 'T', with A and B bf16 (passed as their 16-bit words) and C fp32, accumulated in fp32.
+extern "C" dnnl_status_t dnnl_gemm_bf16bf16f32(char transa, char transb, dnnl_dim_t M, dnnl_dim_t N, dnnl_dim_t K,
+                                               float alpha, const uint16_t* A, dnnl_dim_t lda, const uint16_t* B,
+                                               dnnl_dim_t ldb, float beta, float* C, dnnl_dim_t ldc);
 #endif
 
 namespace mp {
@@ -146,6 +161,102 @@ static void gemm_half(int64_t batch, int64_t M, int64_t N, int64_t K, const Mat&
   }
 }
 
+#ifdef MEGAPATCH_HAVE_DNNL
+// oneDNN's bf16 GEMM pays off only with native bf16 dot products (AVX512-BF16, AMX): on plain
+// AVX-512 it emulates them, slower than the fp32 panels, and below AVX-512 it refuses the call.
+static bool dnnl_bf16_native() {
+  static const bool native = [] {
+    auto isa = static_cast<unsigned>(dnnl_get_effective_cpu_isa());
+    auto need = static_cast<unsigned>(dnnl_cpu_isa_avx512_core_bf16);  // ISA values are feature bit sets
+    return (isa & need) == need;
+  }();
+  return native;
+}
+
+// Rows [r0, r1) between a bf16 matrix (row stride rs, unit column stride) and a dense fp32 one of
+// n columns; the way back rounds to nearest even like every bf16 store.
+static void bf16_rows_to_f32(const bf16* src, int64_t rs, int64_t n, float* dst, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; r++)
+    for (int64_t j = 0; j < n; j++) dst[r * n + j] = bf16_to_f32(src[r * rs + j].bits);
+}
+static void f32_rows_to_bf16(const float* src, int64_t n, bf16* dst, int64_t rs, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; r++)
+    for (int64_t j = 0; j < n; j++) dst[r * rs + j].bits = f32_to_bf16(src[r * n + j]);
+}
+#endif
+
+// bf16 GEMM through oneDNN: each product in fp32, rounded once into C. Returns false, having
+// written nothing, when oneDNN is absent, the CPU lacks native bf16, or an operand has no unit
+// stride; the caller then takes the fp32 panels.
+static bool gemm_bf16_dnnl(int64_t batch, int64_t M, int64_t N, int64_t K, const Mat& a, const Mat& b, const Mat& c,
+                           double alpha, double beta) {
+#ifdef MEGAPATCH_HAVE_DNNL
+  bool ta, tb;
+  int64_t lda, ldb;
+  if (!dnnl_bf16_native() || !blas_layout(M, K, a.rs, a.cs, ta, lda) || !blas_layout(K, N, b.rs, b.cs, tb, ldb))
+    return false;
+  // C[i] = alpha A[i] @ B[i] + beta C[i] through the M x N fp32 product pc, which needs no
+  // initialising: with beta == 0 oneDNN never reads it (BLAS convention), otherwise C is loaded
+  // into it first. oneDNN threads the product on our OpenMP pool (omp_get_max_threads, set by
+  // setNumThreads) and runs on one thread when called inside a parallel region; `split` spreads
+  // the conversions over the pool too.
+  auto product = [&](int64_t i, float* pc, bool split) {
+    auto rows = [&](auto fn) {
+      if (split) parallel_for(M, N, fn);
+      else fn(0, M);
+    };
+    bf16* C = reinterpret_cast<bf16*>(c.base) + i * c.bs;
+    if (beta != 0) rows([&](int64_t r0, int64_t r1) { bf16_rows_to_f32(C, c.rs, N, pc, r0, r1); });
+    dnnl_status_t st = dnnl_gemm_bf16bf16f32(
+        ta ? 'T' : 'N', tb ? 'T' : 'N', M, N, K, static_cast<float>(alpha),
+        reinterpret_cast<const uint16_t*>(a.base) + i * a.bs, lda,
+        reinterpret_cast<const uint16_t*>(b.base) + i * b.bs, ldb, static_cast<float>(beta), pc, N);
+    if (st == dnnl_success) rows([&](int64_t r0, int64_t r1) { f32_rows_to_bf16(pc, N, C, c.rs, r0, r1); });
+    return st;
+  };
+  std::atomic<int> status{dnnl_success};
+  double work = static_cast<double>(M) * N * K;
+  if (batch > 1 && work < kGemmParallelWork) {
+    // many small products: one whole product per thread
+    parallel_for(batch, static_cast<int64_t>(work), [&](int64_t lo, int64_t hi) {
+      std::unique_ptr<float[]> pc(new float[M * N]);
+      for (int64_t i = lo; i < hi && status == dnnl_success; i++) {
+        dnnl_status_t st = product(i, pc.get(), false);
+        if (st != dnnl_success) status = st;
+      }
+    });
+  } else {
+    std::unique_ptr<float[]> pc(new float[M * N]);
+    for (int64_t i = 0; i < batch && status == dnnl_success; i++) status = product(i, pc.get(), true);
+  }
+  // the layout and ISA checks above leave oneDNN nothing to refuse; a failure is a bug to report
+  if (status != dnnl_success)
+    throw_error("matmul: oneDNN bf16 GEMM failed with status " + std::to_string(status.load()) + " for M=" +
+                std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K));
+  return true;
+#else
+  return false;
+#endif
+}
+
+// buildInfo() fields of the GEMM: the engine of bf16 products, oneDNN's version and the ISA
+// it dispatches to (null without oneDNN).
+void describe_gemm(Napi::Env env, Napi::Object info) {
+#ifdef MEGAPATCH_HAVE_DNNL
+  const dnnl_version_t* v = dnnl_version();
+  info.Set("bf16Gemm", dnnl_bf16_native() ? "onednn" : "fp32-panels");
+  info.Set("onednn", std::to_string(v->major) + "." + std::to_string(v->minor) + "." + std::to_string(v->patch));
+  std::string isa = dnnl_cpu_isa2str(dnnl_get_effective_cpu_isa());
+  const std::string prefix = "cpu_isa_";
+  if (isa.compare(0, prefix.size(), prefix) == 0) isa.erase(0, prefix.size());
+  info.Set("onednnIsa", isa);
+#else
+  info.Set("bf16Gemm", "fp32-panels");
+  info.Set("onednn", env.Null());
+  info.Set("onednnIsa", env.Null());
+#endif
+}
+
 template <typename T>
 static void gemm_full(int64_t batch, int64_t M, int64_t N, int64_t K, const Mat& a, const Mat& b, const Mat& c,
                       double alpha, double beta) {
@@ -182,7 +293,9 @@ MP_ENTRY(GemmK) {
   switch (dt) {
     case DType::F32: gemm_full<float>(batch, M, N, K, A, B, C, alpha, beta); break;
     case DType::F64: gemm_full<double>(batch, M, N, K, A, B, C, alpha, beta); break;
-    case DType::BF16: gemm_half<bf16>(batch, M, N, K, A, B, C, alpha, beta); break;
+    case DType::BF16:
+      if (!gemm_bf16_dnnl(batch, M, N, K, A, B, C, alpha, beta)) gemm_half<bf16>(batch, M, N, K, A, B, C, alpha, beta);
+      break;
     case DType::F16: gemm_half<f16>(batch, M, N, K, A, B, C, alpha, beta); break;
     default: throw_error("matmul: integer and bool dtypes are not supported");
   }

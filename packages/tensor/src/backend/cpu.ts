@@ -218,7 +218,7 @@ export const cpuBackend: Backend = {
 
 registerBackend(cpuBackend);
 
-/** Information about the native build: BLAS in use, SIMD level, OpenMP, threads. */
+/** Information about the native build: BLAS in use, SIMD level, OpenMP, threads, bf16 GEMM engine. */
 export function backendInfo(): ReturnType<NativeAddon['buildInfo']> & { addonPath: string } {
   return { ...addon.buildInfo(), addonPath: loadNative().path };
 }
