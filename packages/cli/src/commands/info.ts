@@ -21,6 +21,10 @@ export interface InfoReport {
     | {
         blas: string;
         blasConfig: string;
+        /** How bf16 GEMMs run: oneDNN's bf16 kernels, or fp32 panels. */
+        bf16Gemm: string;
+        onednn: string | null;
+        onednnIsa: string | null;
         simd: string;
         openmp: boolean;
         threads: number;
@@ -44,6 +48,9 @@ export async function collectInfo(): Promise<InfoReport> {
     cpu = {
       blas: b.blas,
       blasConfig: b.blasConfig,
+      bf16Gemm: b.bf16Gemm,
+      onednn: b.onednn,
+      onednnIsa: b.onednnIsa,
       simd: b.simd,
       openmp: b.openmp,
       threads: b.threads,
@@ -86,6 +93,7 @@ export function formatInfo(r: InfoReport): string {
   else {
     lines.push(
       `  blas      ${r.cpu.blas} (${r.cpu.blasConfig})`,
+      `  bf16 gemm ${r.cpu.bf16Gemm === 'onednn' ? `oneDNN ${r.cpu.onednn} (${r.cpu.onednnIsa})` : 'fp32 panels (no oneDNN bf16 kernels on this CPU or build)'}`,
       `  simd      ${r.cpu.simd}`,
       `  threads   ${r.cpu.threads}${r.cpu.openmp ? ' (OpenMP)' : ''} — set MEGAPATCH_NUM_THREADS to change`,
       `  addon     ${r.cpu.addonPath}`,
