@@ -81,6 +81,12 @@ export const isGroup = (c: Command | CommandGroup): c is CommandGroup => 'comman
 export const GLOBAL_OPTIONS: Readonly<Record<string, OptionSpec>> = {
   help: { type: 'boolean', description: 'show this help' },
   debug: { type: 'boolean', description: 'print stack traces of errors (also MEGAPATCH_DEBUG=1)' },
+  // taken out of the command line before parsing (see plugins.ts); listed here for the help
+  plugin: {
+    type: 'string',
+    description:
+      'import a plugin package (name or path) that adds an architecture, before the command runs; repeatable',
+  },
 };
 
 /** Every name a flag answers to, with the canonical option and, for presets, the value it sets. */

@@ -54,7 +54,13 @@ export function exitCodeOf(reason: StopReason): number {
 
 // Library errors carry a code and a message that already names the file; they are recognised by
 // name so that loading the CLI never loads the libraries.
-const LIBRARY_ERRORS = new Set(['ConvertError', 'DataError', 'DistributedError', 'ModelError', 'TensorError']);
+const LIBRARY_ERRORS = new Set([
+  'ConvertError',
+  'DataError',
+  'DistributedError',
+  'ModelError',
+  'TensorError',
+]);
 
 const ERRNO_TEXT: Record<string, [what: string, fix: string]> = {
   EACCES: ['permission denied', 'check the permissions of the path or choose another location'],

@@ -16,6 +16,7 @@ import {
 import { commandHelp, groupHelp } from './help.js';
 import { type Io, ProcessIo } from './io.js';
 import { claimedOutputs } from './outputs.js';
+import { extractPlugins, loadPlugins } from './plugins.js';
 import { closest } from './suggest.js';
 import { readVersion } from './version.js';
 
@@ -199,12 +200,13 @@ export async function main(argv: string[], io: ProcessIo = new ProcessIo()): Pro
   process.on('SIGTERM', onSigterm);
   process.stdout.on('error', onStdoutError);
   try {
-    // --debug is global: accepted before the command as well as after it.
-    const code = await dispatch(
-      [...own.filter((w) => w !== '--debug'), ...(dashes < 0 ? [] : argv.slice(dashes))],
-      io,
-      current,
-    );
+    // --debug and --plugin are global: accepted before the command as well as after it.
+    const { argv: words, plugins } = extractPlugins([
+      ...own.filter((w) => w !== '--debug'),
+      ...(dashes < 0 ? [] : argv.slice(dashes)),
+    ]);
+    await loadPlugins(plugins);
+    const code = await dispatch(words, io, current);
     // Let a failed write of the last lines report itself before declaring success.
     await new Promise<void>((r) => setImmediate(r));
     if (stdoutFailure) throw stdoutFailure;
