@@ -118,6 +118,8 @@ export const CheckpointMetadata = z.object({
   rng: z.unknown().optional(),
   /** Data-loader state; free-form JSON. */
   dataLoader: z.unknown().optional(),
+  /** Training position and provenance (iteration, consumed samples, the run config, versions); free-form JSON. */
+  training: z.unknown().optional(),
 });
 /** Parsed metadata.json. */
 export type CheckpointMetadata = z.infer<typeof CheckpointMetadata>;

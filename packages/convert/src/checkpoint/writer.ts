@@ -60,6 +60,7 @@ export interface CheckpointWriterOptions {
   readonly scheduler?: unknown;
   readonly rng?: unknown;
   readonly dataLoader?: unknown;
+  readonly training?: unknown;
 }
 
 /** Name of the safetensors file of a rank. */
@@ -133,6 +134,7 @@ function buildMetadata(
     ...(o.scheduler !== undefined ? { scheduler: o.scheduler } : {}),
     ...(o.rng !== undefined ? { rng: o.rng } : {}),
     ...(o.dataLoader !== undefined ? { dataLoader: o.dataLoader } : {}),
+    ...(o.training !== undefined ? { training: o.training } : {}),
   } satisfies CheckpointMetadata);
 }
 

@@ -1,0 +1,323 @@
+// Training checkpoints: the megapatch checkpoint of the model plus everything a resumed run needs to
+// continue bit for bit — the fp32 master weights and AdamW moments stored per logical parameter with
+// global shapes (so another layout can read them), the scheduler, the RNG state, the data position
+// and consumed samples, the resolved config and the package versions. Written atomically (a
+// temporary folder renamed into place, the `latest` tracker last), keeping the last `ckptKeep`.
+import * as fs from 'node:fs';
+import { createRequire } from 'node:module';
+import * as path from 'node:path';
+import {
+  Checkpoint,
+  CheckpointWriter,
+  castElements,
+  iterationDirName,
+  LATEST_ITERATION_FILE,
+  readLatestIteration,
+  type SafetensorsDtype,
+} from '@megapatch/convert';
+import { type GPTModel, type ParameterSlice, parameterSlices } from '@megapatch/models';
+import {
+  type DataParallelOptimizer,
+  type DistributedOptimizer,
+  gatherShards,
+  type ProcessGroup,
+} from '@megapatch/parallel';
+import {
+  type AdamWState,
+  empty,
+  fromTypedArray,
+  getRngState,
+  noGrad,
+  type OptimizerParamScheduler,
+  type OptimizerParamSchedulerState,
+  type OptimizerStateDict,
+  type RngState,
+  setRngState,
+  type Tensor,
+} from '@megapatch/tensor';
+import type { RunConfig } from './config.js';
+import { TrainError } from './errors.js';
+
+/** Where a run stands: what a checkpoint records besides tensors. */
+export interface TrainingState {
+  iteration: number;
+  consumedSamples: number;
+  skippedIterations: number;
+}
+
+type AnyOptimizer = DataParallelOptimizer | DistributedOptimizer;
+
+const ST: Partial<Record<string, SafetensorsDtype>> = { float32: 'F32', bfloat16: 'BF16', float16: 'F16' };
+
+/** The full logical tensor of a local parameter (gathered over its TP / expert-TP group). */
+function gatherFull(model: GPTModel, s: ParameterSlice, local: Tensor): Tensor {
+  const expert = /\.local_experts\./.test(s.local);
+  const group: ProcessGroup = expert ? model.etpGroup : model.tpGroup;
+  if (group.size === 1 || s.partition === 'replicate') return local;
+  const input = local.contiguous();
+  const parts = Array.from({ length: group.size }, () => empty(input.shape, { dtype: input.dtype }));
+  group.allGather(parts, input).waitSync();
+  const c = model.config;
+  const full = gatherShards(parts, s.partition === 'vocab' ? 'split0' : s.partition, {
+    qkvDims: { numHeads: c.numAttentionHeads, numQueryGroups: c.numQueryGroups, headDim: c.kvChannels },
+  });
+  for (const p of parts) p.dispose();
+  return full;
+}
+
+/** The master weights and AdamW moments of each model parameter, by local parameter name. */
+function optimizerTensors(
+  optimizer: AnyOptimizer,
+): Map<string, { master: Tensor; state: AdamWState | null }> {
+  const sd = optimizer.stateDict() as { optimizer: OptimizerStateDict | null; masters: Tensor[] };
+  const out = new Map<string, { master: Tensor; state: AdamWState | null }>();
+  let index = 0;
+  for (const g of optimizer.paramGroups) {
+    for (const master of g.params) {
+      const st = sd.optimizer?.state[String(index)] as AdamWState | undefined;
+      out.set(master.name ?? '', { master, state: st ?? null });
+      index++;
+    }
+  }
+  return out;
+}
+
+function versions(): Record<string, string> {
+  const require = createRequire(import.meta.url);
+  const out: Record<string, string> = {};
+  for (const p of [
+    '@megapatch/train',
+    '@megapatch/models',
+    '@megapatch/parallel',
+    '@megapatch/tensor',
+    '@megapatch/convert',
+    '@megapatch/data',
+  ]) {
+    try {
+      out[p] = (require(`${p}/package.json`) as { version: string }).version;
+    } catch {
+      // a package without an exported package.json: its version is not recorded
+    }
+  }
+  return out;
+}
+
+/** Options of {@link saveTrainingCheckpoint}. */
+export interface SaveOptions {
+  model: GPTModel;
+  optimizer: AnyOptimizer;
+  scheduler: OptimizerParamScheduler;
+  architecture: string;
+  state: TrainingState;
+  config: RunConfig;
+  /** HF folder whose config and tokenizer files travel with the checkpoint. */
+  hfSource: string | null;
+  keep: number | null;
+  layout: { rank: number; dp: ProcessGroup };
+}
+
+/**
+ * Writes `<root>/iter_<N>`: every rank joins the gathers; global rank 0 writes. Returns the
+ * iteration folder (on rank 0; null elsewhere).
+ */
+export function saveTrainingCheckpoint(root: string, o: SaveOptions): string | null {
+  const { model, optimizer } = o;
+  if (model.epGroup.size > 1) {
+    throw new TrainError(
+      'UNSUPPORTED',
+      'saving with expert parallelism (ep > 1) comes with the expert-parallel trainer; save with ep = 1',
+    );
+  }
+  if ('numLocalElements' in optimizer && o.config.parallel.useDistributedOptimizer) {
+    throw new TrainError(
+      'UNSUPPORTED',
+      'saving the distributed optimizer state is not supported yet; set parallel.useDistributedOptimizer to false',
+    );
+  }
+  const opt = optimizerTensors(optimizer);
+  let step: number | null = null;
+  for (const v of opt.values()) if (v.state) step = v.state.step;
+  const writer =
+    o.layout.rank === 0
+      ? new CheckpointWriter(root, o.state.iteration, {
+          layout: {
+            tp: model.tpGroup.size,
+            pp: 1,
+            ep: model.epGroup.size,
+            etp: model.etpGroup.size,
+            dp: o.layout.dp.size,
+          },
+          modelConfig: model.config as unknown as Record<string, unknown>,
+          architecture: o.architecture,
+          consumedSamples: o.state.consumedSamples,
+          huggingface: { files: [] },
+          optimizer: {
+            kind: 'adamw',
+            step,
+            paramGroups: optimizer.paramGroups.map((g) => ({ lr: g.lr, weightDecay: g.weightDecay })),
+          },
+          scheduler: o.scheduler.stateDict(),
+          rng: getRngState(),
+          dataLoader: { consumedSamples: o.state.consumedSamples },
+          training: { ...o.state, config: o.config, versions: versions() },
+        })
+      : null;
+  try {
+    const tensors = new Map<string, Tensor>([...model.namedParameters(), ...model.namedBuffers()]);
+    noGrad(() => {
+      for (const s of parameterSlices(model, o.architecture)) {
+        const p = tensors.get(s.local) as Tensor;
+        const put = (name: string, t: Tensor, fixed?: SafetensorsDtype) => {
+          const full = gatherFull(model, s, t);
+          if (writer) {
+            const dtype = ST[full.dtype] as SafetensorsDtype;
+            const bytes = full.contiguous().toBytes();
+            const to = fixed ?? dtype;
+            writer.addPiece(name, {
+              dtype: to,
+              globalShape: [...full.shape],
+              offsets: full.shape.map(() => 0),
+              shape: [...full.shape],
+              data: to === dtype ? bytes : castElements(bytes, dtype, to, name),
+            });
+          }
+          if (full !== t) full.dispose();
+        };
+        put(s.name, p, s.name.endsWith('router.expert_bias') ? 'F32' : undefined);
+        const o2 = opt.get(s.local);
+        if (!o2) continue;
+        const shaped = (t: Tensor) => t.view(...p.shape);
+        put(`optimizer.master.${s.name}`, shaped(o2.master));
+        if (o2.state) {
+          put(`optimizer.exp_avg.${s.name}`, shaped(o2.state.expAvg));
+          put(`optimizer.exp_avg_sq.${s.name}`, shaped(o2.state.expAvgSq));
+        }
+      }
+    });
+    if (!writer) return null;
+    if (o.hfSource) {
+      for (const f of fs.readdirSync(o.hfSource)) {
+        if (/\.json$|tokeniz|\.model$|merges|vocab/.test(f) && !/safetensors|index/.test(f)) {
+          writer.addFile(f, fs.readFileSync(path.join(o.hfSource, f)));
+        }
+      }
+    }
+    writer.finalize();
+    if (o.keep) pruneCheckpoints(root, o.keep);
+    return path.join(root, iterationDirName(o.state.iteration));
+  } catch (e) {
+    writer?.abort();
+    throw e;
+  }
+}
+
+/** Removes all but the newest `keep` complete iteration folders. */
+function pruneCheckpoints(root: string, keep: number): void {
+  const iters = fs
+    .readdirSync(root)
+    .map((f) => /^iter_(\d{7})$/.exec(f))
+    .filter((m): m is RegExpExecArray => m !== null)
+    .map((m) => Number(m[1]))
+    .sort((a, b) => a - b);
+  for (const it of iters.slice(0, Math.max(0, iters.length - keep))) {
+    fs.rmSync(path.join(root, iterationDirName(it)), { recursive: true, force: true });
+  }
+}
+
+/** Options of {@link loadTrainingCheckpoint}. */
+export interface LoadOptions {
+  model: GPTModel;
+  optimizer: AnyOptimizer;
+  scheduler: OptimizerParamScheduler;
+  architecture: string;
+  log: (line: string) => void;
+}
+
+/**
+ * Restores the optimizer, scheduler, RNG and training position from the latest complete checkpoint
+ * under `root` (the model's weights were loaded when it was built). A folder left incomplete by a
+ * killed save is skipped with a warning naming what was wrong.
+ */
+export function loadTrainingCheckpoint(root: string, o: LoadOptions): TrainingState {
+  let ckpt: Checkpoint;
+  try {
+    ckpt = Checkpoint.open(root);
+  } catch (e) {
+    throw new TrainError('CHECKPOINT', `checkpoint.load ${root}: ${(e as Error).message}`);
+  }
+  try {
+    const meta = ckpt.metadata;
+    const training = meta.training as TrainingState | undefined;
+    if (!training) {
+      throw new TrainError(
+        'CHECKPOINT',
+        `${root} holds no training state (a converted model?): load it with model.load or checkpoint.finetune`,
+      );
+    }
+    const slices = parameterSlices(o.model, o.architecture);
+    const byLocal = new Map(slices.map((s) => [s.local, s]));
+    const opt = optimizerTensors(o.optimizer);
+    const readLocal = (name: string, s: ParameterSlice, like: Tensor): Tensor => {
+      const info = ckpt.info(name);
+      const parts = s.boxes.map((b) => ckpt.readSlice(name, b.offsets, b.shape));
+      const bytes = parts.length === 1 ? parts[0] : Buffer.concat(parts);
+      const f32 = castElements(bytes, info.dtype, 'F32', name);
+      return fromTypedArray(
+        new Float32Array(f32.buffer.slice(f32.byteOffset, f32.byteOffset + f32.byteLength)),
+        like.shape,
+      );
+    };
+    const params = new Map(o.model.namedParameters());
+    const masters: Tensor[] = [];
+    const state: OptimizerStateDict['state'] = {};
+    const mastersInOrder = (o.optimizer as unknown as { masterParams: readonly Tensor[] }).masterParams;
+    const stepOf = (meta.optimizer as { step?: number | null } | undefined)?.step ?? 0;
+    let index = 0;
+    for (const g of o.optimizer.paramGroups) {
+      for (const master of g.params) {
+        const local = master.name ?? '';
+        const s = byLocal.get(local);
+        const p = params.get(local);
+        if (!s || !p) throw new TrainError('CHECKPOINT', `no parameter ${local} for an optimizer state`);
+        const read = (prefix: string) => readLocal(`${prefix}.${s.name}`, s, p).view(-1);
+        state[String(index)] = {
+          step: stepOf,
+          expAvg: read('optimizer.exp_avg'),
+          expAvgSq: read('optimizer.exp_avg_sq'),
+        } as never;
+        index++;
+      }
+    }
+    for (const master of mastersInOrder) {
+      const local = master.name ?? '';
+      const s = byLocal.get(local) as ParameterSlice;
+      masters.push(readLocal(`optimizer.master.${s.name}`, s, params.get(local) as Tensor).view(-1));
+    }
+    const sd = o.optimizer.stateDict() as {
+      dataParallelRank: number;
+      dataParallelSize: number;
+      optimizer: OptimizerStateDict | null;
+    };
+    o.optimizer.loadStateDict({
+      dataParallelRank: sd.dataParallelRank,
+      dataParallelSize: sd.dataParallelSize,
+      optimizer: sd.optimizer ? { state, paramGroups: sd.optimizer.paramGroups } : null,
+      masters,
+    } as never);
+    for (const t of masters) t.dispose();
+    o.scheduler.loadStateDict(meta.scheduler as OptimizerParamSchedulerState);
+    if (meta.rng) setRngState(meta.rng as RngState);
+    o.log(
+      `loaded checkpoint ${ckpt.dir} at iteration ${training.iteration} (${training.consumedSamples} samples consumed)`,
+    );
+    return {
+      iteration: training.iteration,
+      consumedSamples: training.consumedSamples,
+      skippedIterations: training.skippedIterations,
+    };
+  } finally {
+    ckpt.close();
+  }
+}
+
+export { LATEST_ITERATION_FILE, readLatestIteration };

@@ -1,0 +1,293 @@
+// The run configuration: one zod schema for a training run, named as Megatron-LM's arguments in
+// camelCase (units in the names), read from a YAML or JSON file plus dotted `--section.key value`
+// overrides. An unknown or misspelled key is an error that names the nearest valid one.
+import * as fs from 'node:fs';
+import { parse as parseYaml } from 'yaml';
+import { z } from 'zod';
+import { TrainError } from './errors.js';
+
+const posInt = z.number().int().positive();
+const nonNegInt = z.number().int().nonnegative();
+
+/** Where the model comes from and how it is built. */
+export const ModelSection = z.strictObject({
+  /** Weights to start from: a Hugging Face folder or a megapatch checkpoint (any layout). */
+  load: z.string().min(1).nullable().default(null),
+  /** Build from scratch with Megatron's initialisation: an HF config.json (or its folder). */
+  config: z.string().min(1).nullable().default(null),
+  /** Parameter and activation dtype; bf16 keeps fp32 master weights and gradients (Megatron --bf16). */
+  dtype: z.enum(['fp32', 'bf16']).default('bf16'),
+  /** Megatron --init-method-std (from scratch). */
+  initMethodStd: z.number().positive().default(0.02),
+  /** Megatron --make-vocab-size-divisible-by (from scratch; loaded models keep theirs). */
+  makeVocabSizeDivisibleBy: posInt.default(128),
+  /** Megatron --recompute-granularity. */
+  recomputeGranularity: z.enum(['full', 'selective']).nullable().default(null),
+  /** Megatron --recompute-modules (selective). */
+  recomputeModules: z.array(z.enum(['core_attn', 'mla_up_proj', 'moe'])).default(['core_attn']),
+  /** Megatron --moe-aux-loss-coeff. */
+  moeAuxLossCoeff: z.number().nonnegative().default(0),
+  /** Megatron --moe-z-loss-coeff. */
+  moeZLossCoeff: z.number().nonnegative().default(0),
+  /** Megatron --moe-router-bias-update-rate (aux-loss-free balancing; models with an expert bias). */
+  moeRouterBiasUpdateRate: z.number().nonnegative().default(1e-3),
+  /** Megatron --mtp-loss-scaling-factor (models with MTP layers). */
+  mtpLossScalingFactor: z.number().nonnegative().default(0.1),
+});
+
+/** Pre-training data: Megatron indexed datasets sampled as GPTDataset / BlendedDataset. */
+export const DataSection = z.strictObject({
+  /**
+   * Megatron --data-path: one prefix (`<prefix>.bin/.idx`), or weights and prefixes alternated
+   * (`[0.3, a, 0.7, b]`) for a blend.
+   */
+  dataPath: z.array(z.union([z.string().min(1), z.number().positive()])).min(1),
+  /** Megatron --split: train, validation and test proportions. */
+  split: z.string().default('969,30,1'),
+  /** Megatron --seq-length. */
+  seqLength: posInt,
+  /** Megatron --data-cache-path (default: beside the run directory). */
+  dataCachePath: z.string().nullable().default(null),
+  /** Megatron --reset-position-ids. */
+  resetPositionIds: z.boolean().default(false),
+  /** Megatron --reset-attention-mask (documents never attend to each other: packed rows). */
+  resetAttentionMask: z.boolean().default(false),
+  /** Megatron --eod-mask-loss. */
+  eodMaskLoss: z.boolean().default(false),
+  /** End-of-document token id (default: the tokenizer's, else the model's vocabulary's last id). */
+  eodTokenId: nonNegInt.nullable().default(null),
+});
+
+/** Batches, length of the run, evaluation and exits. */
+export const TrainingSection = z.strictObject({
+  microBatchSize: posInt.default(1),
+  globalBatchSize: posInt,
+  trainIters: posInt,
+  seed: nonNegInt.default(1234),
+  logInterval: posInt.default(100),
+  evalInterval: posInt.nullable().default(1000),
+  evalIters: nonNegInt.default(100),
+  /** Megatron --exit-interval: stop (after saving) when the iteration is a multiple of it. */
+  exitInterval: posInt.nullable().default(null),
+  /** Megatron --exit-duration-in-mins: stop (after saving) once the run has lasted this long. */
+  exitDurationInMins: z.number().positive().nullable().default(null),
+  /** Megatron --calculate-per-token-loss: one token mean over the global batch (else a mean of micro-batch means). */
+  calculatePerTokenLoss: z.boolean().default(false),
+});
+
+/** AdamW with Megatron's parameter groups (no weight decay on biases and norms). */
+export const OptimizerSection = z.strictObject({
+  lr: z.number().positive(),
+  minLr: z.number().nonnegative().default(0),
+  weightDecay: z.number().nonnegative().default(0.01),
+  adamBeta1: z.number().min(0).lt(1).default(0.9),
+  adamBeta2: z.number().min(0).lt(1).default(0.999),
+  adamEps: z.number().positive().default(1e-8),
+  /** Megatron --clip-grad (0: no clipping). */
+  clipGrad: z.number().nonnegative().default(1),
+});
+
+/** Megatron's learning-rate schedule. */
+export const SchedulerSection = z.strictObject({
+  lrDecayStyle: z.enum(['constant', 'linear', 'cosine', 'inverse-square-root', 'WSD']).default('linear'),
+  lrWarmupIters: nonNegInt.default(0),
+  /** Default: trainIters. */
+  lrDecayIters: posInt.nullable().default(null),
+  /** WSD: iterations of the final anneal. */
+  lrWsdDecayIters: posInt.nullable().default(null),
+  lrWsdDecayStyle: z.enum(['linear', 'cosine', 'exponential', 'minus_sqrt']).default('exponential'),
+});
+
+/** The parallel layout (data parallelism is what remains of the world). */
+export const ParallelSection = z.strictObject({
+  tensorModelParallelSize: posInt.default(1),
+  expertModelParallelSize: posInt.default(1),
+  sequenceParallel: z.boolean().default(false),
+  useDistributedOptimizer: z.boolean().default(false),
+  /** Megatron --ddp-bucket-size, in MB (default: Megatron's rule). */
+  ddpBucketSizeMb: z.number().positive().nullable().default(null),
+});
+
+/** Checkpoints. */
+export const CheckpointSection = z.strictObject({
+  /** Megatron --save: the checkpoint root written every saveInterval and at the end. */
+  save: z.string().min(1).nullable().default(null),
+  saveInterval: posInt.nullable().default(null),
+  /** Megatron --load: resume from this training checkpoint (model, optimizer, scheduler, RNG, data position). */
+  load: z.string().min(1).nullable().default(null),
+  /** Megatron --finetune: load weights only from `load`, start at iteration 0. */
+  finetune: z.boolean().default(false),
+  /** Keep the last N checkpoints (null: all). */
+  ckptKeep: posInt.nullable().default(null),
+  /** Export the final model to this Hugging Face folder. */
+  exportHf: z.string().min(1).nullable().default(null),
+});
+
+/** Where the run writes its config, metrics and report. */
+export const LoggingSection = z.strictObject({
+  runDir: z.string().min(1),
+});
+
+/** A whole run. */
+export const RunConfig = z
+  .strictObject({
+    model: ModelSection,
+    data: DataSection,
+    training: TrainingSection,
+    optimizer: OptimizerSection,
+    scheduler: SchedulerSection.default(SchedulerSection.parse({})),
+    parallel: ParallelSection.default(ParallelSection.parse({})),
+    checkpoint: CheckpointSection.default(CheckpointSection.parse({})),
+    logging: LoggingSection,
+  })
+  .superRefine((c, ctx) => {
+    if ((c.model.load === null) === (c.model.config === null) && c.checkpoint.load === null) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['model'],
+        message: 'give exactly one of model.load (weights to start from) and model.config (from scratch)',
+      });
+    }
+    if (c.checkpoint.saveInterval !== null && c.checkpoint.save === null) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['checkpoint', 'save'],
+        message: 'saveInterval needs checkpoint.save',
+      });
+    }
+  });
+/** A validated run configuration (defaults applied). */
+export type RunConfig = z.output<typeof RunConfig>;
+/** What a config file may hold (defaults not yet applied). */
+export type RunConfigInput = z.input<typeof RunConfig>;
+
+/** Every valid dotted key, for suggestions. */
+function validKeys(): string[] {
+  const out: string[] = [];
+  const shape = RunConfig.shape as unknown as Record<string, z.ZodType>;
+  for (const [section, schema] of Object.entries(shape)) {
+    let s = schema as unknown as { def: { innerType?: unknown; shape?: Record<string, unknown> } };
+    while (s.def.innerType) s = s.def.innerType as typeof s;
+    for (const key of Object.keys(s.def.shape ?? {})) out.push(`${section}.${key}`);
+    out.push(section);
+  }
+  return out;
+}
+
+/** Levenshtein distance. */
+function distance(a: string, b: string): number {
+  const d = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    let prev = d[0];
+    d[0] = i;
+    for (let j = 1; j <= b.length; j++) {
+      const t = d[j];
+      d[j] = Math.min(d[j] + 1, d[j - 1] + 1, prev + (a[i - 1] === b[j - 1] ? 0 : 1));
+      prev = t;
+    }
+  }
+  return d[b.length];
+}
+
+/** The valid key nearest to `key` (by edit distance, case-insensitive), or null when none is close. */
+export function nearestKey(key: string): string | null {
+  const lower = key.toLowerCase();
+  let best: string | null = null;
+  let bestD = Number.POSITIVE_INFINITY;
+  for (const k of validKeys()) {
+    const tail = k.split('.').at(-1) as string;
+    const dd = Math.min(
+      distance(lower, k.toLowerCase()),
+      distance(lower.split('.').at(-1) as string, tail.toLowerCase()) + 1,
+    );
+    if (dd < bestD) {
+      bestD = dd;
+      best = k;
+    }
+  }
+  return best !== null && bestD <= Math.max(2, Math.floor(lower.length / 3)) ? best : null;
+}
+
+/** Validates a parsed config object; the first problem is a one-line TrainError naming the key. */
+export function parseRunConfig(input: unknown, source = 'config'): RunConfig {
+  const r = RunConfig.safeParse(input);
+  if (r.success) return r.data;
+  const issue = r.error.issues[0];
+  const where = issue.path.join('.');
+  if (issue.code === 'unrecognized_keys') {
+    const key = [where, issue.keys[0]].filter(Boolean).join('.');
+    const near = nearestKey(key);
+    throw new TrainError(
+      'INVALID_CONFIG',
+      `${source}: unknown key ${key}${near ? ` (did you mean ${near}?)` : ''}`,
+    );
+  }
+  throw new TrainError('INVALID_CONFIG', `${source}: ${where || 'config'}: ${issue.message}`);
+}
+
+/** Sets `obj[a][b]... = value` for the dotted key `a.b...`, creating sections as needed. */
+function setDotted(obj: Record<string, unknown>, key: string, value: unknown): void {
+  const parts = key.split('.');
+  let at = obj;
+  for (const p of parts.slice(0, -1)) {
+    const next = at[p];
+    if (next === undefined) at[p] = {};
+    else if (typeof next !== 'object' || next === null || Array.isArray(next)) {
+      throw new TrainError('INVALID_CONFIG', `override --${key}: ${p} is not a section`);
+    }
+    at = at[p] as Record<string, unknown>;
+  }
+  at[parts[parts.length - 1]] = value;
+}
+
+/** An override value: JSON when it parses (numbers, booleans, null, lists), else the string. */
+function overrideValue(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return text;
+  }
+}
+
+/**
+ * Reads a YAML or JSON run config and applies dotted overrides (`training.lr=1e-4` pairs as
+ * [key, value]); returns the validated config.
+ */
+export function loadRunConfig(file: string | null, overrides: readonly [string, string][] = []): RunConfig {
+  let obj: Record<string, unknown> = {};
+  if (file !== null) {
+    let text: string;
+    try {
+      text = fs.readFileSync(file, 'utf8');
+    } catch (e) {
+      throw new TrainError(
+        'INVALID_CONFIG',
+        `${file}: cannot read the config (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`,
+      );
+    }
+    let parsed: unknown;
+    try {
+      parsed = file.endsWith('.json') ? JSON.parse(text) : parseYaml(text);
+    } catch (e) {
+      throw new TrainError(
+        'INVALID_CONFIG',
+        `${file}: not valid ${file.endsWith('.json') ? 'JSON' : 'YAML'} (${(e as Error).message.split('\n')[0]})`,
+      );
+    }
+    if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed)) {
+      throw new TrainError('INVALID_CONFIG', `${file}: the config must be a mapping of sections`);
+    }
+    obj = parsed as Record<string, unknown>;
+  }
+  for (const [key, value] of overrides) {
+    const near = validKeys().includes(key) ? null : nearestKey(key);
+    if (!validKeys().includes(key)) {
+      throw new TrainError(
+        'INVALID_CONFIG',
+        `unknown key --${key}${near ? ` (did you mean --${near}?)` : ''}`,
+      );
+    }
+    setDotted(obj, key, overrideValue(value));
+  }
+  return parseRunConfig(obj, file ?? 'config');
+}

@@ -1,0 +1,40 @@
+// @megapatch/train: the training engine — the run config, the training loop with Megatron's
+// semantics, training checkpoints that resume bit for bit, metrics and the run report.
+
+export {
+  loadTrainingCheckpoint,
+  type LoadOptions,
+  type SaveOptions,
+  saveTrainingCheckpoint,
+  type TrainingState,
+} from './checkpoint.js';
+export {
+  CheckpointSection,
+  DataSection,
+  LoggingSection,
+  loadRunConfig,
+  ModelSection,
+  nearestKey,
+  OptimizerSection,
+  ParallelSection,
+  parseRunConfig,
+  RunConfig,
+  type RunConfigInput,
+  SchedulerSection,
+  TrainingSection,
+} from './config.js';
+export { TrainError, type TrainErrorCode } from './errors.js';
+export { type TrainMetrics, type TrainOptions, type TrainResult, train, type ValidMetrics } from './trainer.js';
+
+// The run report: metrics.jsonl → report/index.html (Vega charts) and PNGs of the same charts.
+export { ReportError, type ReportErrorCode } from './report/errors.js';
+export {
+  MoeMetrics,
+  RUN_CONFIG_FILE,
+  RUN_METRICS_FILE,
+  type RunMetrics,
+  readRunMetrics,
+  TrainMetricsLine,
+  ValidMetricsLine,
+} from './report/metrics.js';
+export { REPORT_DIR, REPORT_PAGE, type RunReport, type RunReportOptions, writeRunReport } from './report/write.js';

@@ -1,0 +1,615 @@
+// The training loop with Megatron's semantics: GPTDataset / BlendedDataset samples in Megatron's
+// order, micro-batches with gradient accumulation up to the global batch, data parallelism with
+// bucketed gradient reduction, AdamW with fp32 masters for bf16 weights (Megatron's parameter
+// groups), the learning-rate schedule counted in samples, clipping, MoE aux losses and the
+// expert-bias update, periodic evaluation and checkpoints, a Megatron log line and JSONL metrics.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { makeTransformerConfig, parseHfConfig, type TransformerConfig } from '@megapatch/convert';
+import {
+  BlendedDataset,
+  type CollatedBatch,
+  DataLoader,
+  GPTDataset,
+  type GPTSample,
+  globalBatchesSync,
+  IndexedDataset,
+  MegatronPretrainingSampler,
+  numMicrobatches,
+} from '@megapatch/data';
+import { GPTModel, loadModel } from '@megapatch/models';
+import {
+  DataParallelOptimizer,
+  DistributedDataParallel,
+  DistributedOptimizer,
+  destroyModelParallel,
+  destroyProcessGroup,
+  detectEnvironment,
+  getDataParallelGroup,
+  getTensorModelParallelGroup,
+  initializeModelParallel,
+  initProcessGroup,
+  isInitialized,
+  type ProcessGroup,
+  registerSequenceParallelGradHooks,
+  SingleProcessGroup,
+} from '@megapatch/parallel';
+import {
+  fromTypedArray,
+  manualSeed,
+  memoryStats,
+  noGrad,
+  OptimizerParamScheduler,
+  type Tensor,
+  tidy,
+} from '@megapatch/tensor';
+import { loadTrainingCheckpoint, saveTrainingCheckpoint, type TrainingState } from './checkpoint.js';
+import type { RunConfig } from './config.js';
+import { TrainError } from './errors.js';
+
+/** One training iteration's numbers (a line of metrics.jsonl). */
+export interface TrainMetrics {
+  kind: 'train';
+  iteration: number;
+  consumedSamples: number;
+  elapsedMs: number;
+  lr: number;
+  lmLoss: number;
+  gradNorm: number | null;
+  skippedIterations: number;
+  tokensPerSecond: number;
+  tflops: number | null;
+  memory: { liveBytes: number; peakBytes: number };
+  moe?: { auxLoss?: number; zLoss?: number; mtpLoss?: number; expertLoad?: Record<string, number[]> };
+  time: string;
+}
+
+/** One evaluation (a line of metrics.jsonl). */
+export interface ValidMetrics {
+  kind: 'valid';
+  iteration: number;
+  consumedSamples: number;
+  lmLoss: number;
+  perplexity: number;
+  time: string;
+}
+
+/** Options of {@link train}. */
+export interface TrainOptions {
+  /** Receives each log line (default: console.log on the logging rank). */
+  log?: (line: string) => void;
+  /** Stops the run after the current iteration, saving a checkpoint first when `checkpoint.save` is set. */
+  signal?: AbortSignal;
+  /** Formats the Megatron log line (default: a built-in one). */
+  formatLine?: (m: TrainMetrics, trainIters: number, globalBatchSize: number) => string;
+}
+
+/** What a run did. */
+export interface TrainResult {
+  /** The last iteration completed. */
+  iteration: number;
+  /** The reported loss of every iteration run in this call. */
+  losses: number[];
+  /** Checkpoint iteration folders written. */
+  checkpoints: string[];
+  /** Why the run stopped. */
+  exitReason: 'done' | 'exit-interval' | 'exit-duration' | 'signal';
+}
+
+/** The tensor-parallel, expert-parallel and data-parallel groups of this run. */
+interface Layout {
+  tp: ProcessGroup;
+  dp: ProcessGroup;
+  world: number;
+  rank: number;
+  distributed: boolean;
+}
+
+async function setupLayout(config: RunConfig): Promise<Layout> {
+  const env = detectEnvironment();
+  const world = env.worldSize;
+  const p = config.parallel;
+  if (world === 1) {
+    if (p.tensorModelParallelSize > 1 || p.expertModelParallelSize > 1) {
+      throw new TrainError(
+        'INVALID_CONFIG',
+        `parallel.tensorModelParallelSize ${p.tensorModelParallelSize} × expertModelParallelSize ${p.expertModelParallelSize} needs that many processes: start the run with megapatch launch --nproc-per-node N`,
+      );
+    }
+    const single = new SingleProcessGroup();
+    return { tp: single, dp: single, world: 1, rank: 0, distributed: false };
+  }
+  if (!isInitialized()) await initProcessGroup();
+  if (
+    world % (p.tensorModelParallelSize * p.expertModelParallelSize) !== 0 &&
+    world % p.tensorModelParallelSize !== 0
+  ) {
+    throw new TrainError(
+      'INVALID_CONFIG',
+      `world size ${world} is not a multiple of tensorModelParallelSize ${p.tensorModelParallelSize}`,
+    );
+  }
+  await initializeModelParallel({ tp: p.tensorModelParallelSize, ep: p.expertModelParallelSize });
+  return {
+    tp: getTensorModelParallelGroup(),
+    dp: getDataParallelGroup(true),
+    world,
+    rank: env.rank,
+    distributed: true,
+  };
+}
+
+/** The model the run trains, and the HF architecture it exports to. */
+function buildModel(
+  config: RunConfig,
+  layout: Layout,
+): { model: GPTModel; architecture: string; hfSource: string | null } {
+  const m = config.model;
+  const options = {
+    dtype: m.dtype === 'bf16' ? ('bfloat16' as const) : ('float32' as const),
+    tpGroup: layout.tp,
+    sequenceParallel: config.parallel.sequenceParallel,
+    recompute:
+      m.recomputeGranularity === 'full'
+        ? ({ granularity: 'full' } as const)
+        : m.recomputeGranularity === 'selective'
+          ? ({ granularity: 'selective', modules: m.recomputeModules } as const)
+          : null,
+    moeAuxLossCoeff: m.moeAuxLossCoeff,
+    moeZLossCoeff: m.moeZLossCoeff,
+  };
+  const from = config.checkpoint.load ?? m.load;
+  if (from) {
+    const loaded = loadModel(from, options);
+    return {
+      model: loaded.model,
+      architecture: loaded.architecture,
+      hfSource: loaded.kind === 'hf' ? from : null,
+    };
+  }
+  const parsed = parseHfConfig(m.config as string);
+  const cfg: TransformerConfig = makeTransformerConfig({
+    ...parsed.transformerConfig,
+    makeVocabSizeDivisibleBy: m.makeVocabSizeDivisibleBy,
+  });
+  const architecture = parsed.spec.architectures[0];
+  const model = new GPTModel(cfg, { ...options, family: architecture, initMethodStd: m.initMethodStd });
+  const dir = fs.statSync(m.config as string).isDirectory()
+    ? (m.config as string)
+    : path.dirname(m.config as string);
+  return { model, architecture, hfSource: dir };
+}
+
+/** Megatron's --data-path: [prefix] or [w1, prefix1, w2, prefix2, ...]. */
+function dataPrefixes(dataPath: readonly (string | number)[]): {
+  prefixes: string[];
+  weights: number[] | null;
+} {
+  if (dataPath.length === 1) return { prefixes: [String(dataPath[0])], weights: null };
+  if (dataPath.length % 2 !== 0) {
+    throw new TrainError(
+      'INVALID_CONFIG',
+      'data.dataPath: give one prefix, or weights and prefixes alternated ([0.3, a, 0.7, b])',
+    );
+  }
+  const prefixes: string[] = [];
+  const weights: number[] = [];
+  for (let i = 0; i < dataPath.length; i += 2) {
+    const w = Number(dataPath[i]);
+    if (!(w > 0))
+      throw new TrainError(
+        'INVALID_CONFIG',
+        `data.dataPath: weight ${dataPath[i]} at position ${i} is not a positive number`,
+      );
+    weights.push(w);
+    prefixes.push(String(dataPath[i + 1]));
+  }
+  return { prefixes, weights };
+}
+
+type SampleSource = { length: number; getItem(i: number): GPTSample };
+
+/** The train or validation dataset of Megatron's split, blended when the data path has weights. */
+function buildDataset(
+  config: RunConfig,
+  split: 'train' | 'valid',
+  numSamples: number,
+  eod: number,
+): SampleSource | null {
+  const d = config.data;
+  const { prefixes, weights } = dataPrefixes(d.dataPath);
+  const cacheDir = d.dataCachePath ?? path.join(config.logging.runDir, 'data-cache');
+  const build = (prefix: string, n: number) => {
+    let dataset: IndexedDataset;
+    try {
+      dataset = IndexedDataset.open(prefix);
+    } catch (e) {
+      throw new TrainError('DATA', `data.dataPath ${prefix}: ${(e as Error).message}`);
+    }
+    return GPTDataset.build({
+      dataset,
+      split,
+      splitString: d.split,
+      sequenceLength: d.seqLength,
+      numSamples: n,
+      seed: config.training.seed,
+      cacheDir,
+      resetPositionIds: d.resetPositionIds,
+      resetAttentionMask: d.resetAttentionMask,
+      eodMaskLoss: d.eodMaskLoss,
+      eodTokenId: eod,
+    });
+  };
+  try {
+    if (!weights) return build(prefixes[0], numSamples);
+    const total = weights.reduce((a, b) => a + b, 0);
+    // Megatron asks each child for its share with a 0.5% margin
+    const children = prefixes.map((p, i) => build(p, Math.ceil((numSamples * weights[i] * 1.005) / total)));
+    return new BlendedDataset(children, weights, numSamples) as unknown as SampleSource;
+  } catch (e) {
+    if (e instanceof TrainError) throw e;
+    const msg = (e as Error).message;
+    if (split === 'valid' && /empty|no documents|0 documents/i.test(msg)) return null;
+    throw new TrainError('DATA', `${split} data: ${msg}`);
+  }
+}
+
+/** Micro-batch tensors from a collated batch. */
+function microTensors(b: CollatedBatch) {
+  const t = (name: string) => {
+    const f = b[name];
+    return fromTypedArray(
+      BigInt64Array.from(f.data as Int32Array, (v) => BigInt(v)),
+      f.shape,
+    );
+  };
+  const mask = b.lossMask;
+  const cu = b.cuSeqlens;
+  return {
+    tokens: t('tokens'),
+    labels: t('labels'),
+    positionIds: t('positionIds'),
+    lossMask: fromTypedArray(mask.data as Float32Array, mask.shape),
+    maskSum: (mask.data as Float32Array).reduce((a, x) => a + x, 0),
+    cuSeqlens: cu ? fromTypedArray(cu.data as Int32Array, [cu.data.length]) : null,
+  };
+}
+
+/** Sum over the group of small numbers (losses, token counts), in float64. */
+function allReduceNumbers(values: number[], group: ProcessGroup): number[] {
+  if (group.size === 1) return values;
+  const t = fromTypedArray(Float64Array.from(values), [values.length]);
+  group.allReduce(t, 'sum').waitSync();
+  const out = Array.from(t.toTypedArray() as Float64Array);
+  t.dispose();
+  return out;
+}
+
+/** Trains the model the config describes; returns when the run ends or is stopped. */
+export async function train(config: RunConfig, opts: TrainOptions = {}): Promise<TrainResult> {
+  const layout = await setupLayout(config);
+  const logRank = layout.rank === 0;
+  const log = (line: string) => {
+    if (logRank) (opts.log ?? console.log)(line);
+  };
+  const tr = config.training;
+  const dpSize = layout.dp.size;
+  const numMicro = numMicrobatches({
+    globalBatchSize: tr.globalBatchSize,
+    microBatchSize: tr.microBatchSize,
+    dataParallelSize: dpSize,
+  });
+  if (config.data.resetAttentionMask && tr.microBatchSize !== 1) {
+    throw new TrainError(
+      'INVALID_CONFIG',
+      'data.resetAttentionMask packs documents with cuSeqlens: it needs training.microBatchSize 1',
+    );
+  }
+  manualSeed(tr.seed);
+  fs.mkdirSync(config.logging.runDir, { recursive: true });
+  if (logRank)
+    fs.writeFileSync(path.join(config.logging.runDir, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
+
+  const { model, architecture, hfSource } = buildModel(config, layout);
+  const cfg = model.config;
+  const ddp = new DistributedDataParallel(model, {
+    dataParallelGroup: layout.dp,
+    useDistributedOptimizer: config.parallel.useDistributedOptimizer,
+    ...(config.parallel.ddpBucketSizeMb
+      ? { bucketSize: Math.round((config.parallel.ddpBucketSizeMb * 1e6) / 4) }
+      : {}),
+  });
+  // after DDP wraps the parameters: its hooks must see the TP-summed gradients
+  if (config.parallel.sequenceParallel) registerSequenceParallelGradHooks(model.parameters(), layout.tp);
+  const o = config.optimizer;
+  const optOptions = {
+    lr: o.lr,
+    weightDecay: o.weightDecay,
+    betas: [o.adamBeta1, o.adamBeta2] as [number, number],
+    eps: o.adamEps,
+    clipGrad: o.clipGrad,
+    ...(layout.distributed ? {} : { modelParallelGroup: null }),
+    log: (line: string) => log(`warning: ${line}`),
+  };
+  const optimizer = config.parallel.useDistributedOptimizer
+    ? new DistributedOptimizer(ddp, optOptions)
+    : new DataParallelOptimizer(ddp, optOptions);
+  const sch = config.scheduler;
+  const gbs = tr.globalBatchSize;
+  const scheduler = new OptimizerParamScheduler({
+    optimizer,
+    maxLr: o.lr,
+    minLr: o.minLr,
+    // Megatron counts the schedule in samples
+    lrWarmupSteps: sch.lrWarmupIters * gbs,
+    lrDecaySteps: (sch.lrDecayIters ?? tr.trainIters) * gbs,
+    lrDecayStyle: sch.lrDecayStyle,
+    ...(sch.lrDecayStyle === 'WSD'
+      ? { wsdDecaySteps: (sch.lrWsdDecayIters ?? tr.trainIters) * gbs, lrWsdDecayStyle: sch.lrWsdDecayStyle }
+      : {}),
+  });
+
+  // Resume: restores weights, optimizer, scheduler, RNG and the data position.
+  let state: TrainingState = { iteration: 0, consumedSamples: 0, skippedIterations: 0 };
+  if (config.checkpoint.load && !config.checkpoint.finetune) {
+    state = loadTrainingCheckpoint(config.checkpoint.load, {
+      model,
+      optimizer,
+      scheduler,
+      architecture,
+      log,
+    });
+  }
+
+  const eod = config.data.eodTokenId ?? cfg.vocabSize - 1;
+  const trainData = buildDataset(config, 'train', tr.trainIters * gbs, eod);
+  if (!trainData) throw new TrainError('DATA', 'the train split is empty: check data.split');
+  const evalSteps = tr.evalInterval ? Math.floor(tr.trainIters / tr.evalInterval) + 1 : 0;
+  const validData =
+    tr.evalInterval && tr.evalIters > 0
+      ? buildDataset(config, 'valid', evalSteps * tr.evalIters * gbs, eod)
+      : null;
+
+  const makeLoader = (data: SampleSource, consumed: number) =>
+    new DataLoader<GPTSample>({
+      dataset: data,
+      sampler: new MegatronPretrainingSampler({
+        totalSamples: data.length,
+        consumedSamples: consumed,
+        microBatchSize: tr.microBatchSize,
+        dataParallelRank: layout.dp.rank,
+        dataParallelSize: dpSize,
+        dropLast: true,
+      }),
+      prefetch: 0,
+    });
+  const loader = makeLoader(trainData, state.consumedSamples);
+  const batches = globalBatchesSync(loader, {
+    globalBatchSize: gbs,
+    microBatchSize: tr.microBatchSize,
+    dataParallelSize: dpSize,
+  });
+  const metricsFile = path.join(config.logging.runDir, 'metrics.jsonl');
+  const metricsFd = logRank ? fs.openSync(metricsFile, state.iteration > 0 ? 'a' : 'w') : null;
+  const writeMetrics = (m: TrainMetrics | ValidMetrics) => {
+    if (metricsFd !== null) fs.writeSync(metricsFd, `${JSON.stringify(m)}\n`);
+  };
+
+  const losses: number[] = [];
+  const checkpoints: string[] = [];
+  const t0 = performance.now();
+  let exitReason: TrainResult['exitReason'] = 'done';
+  const expertBias = model.moeLayers().some(([, m]) => m.router.expertBias !== null);
+  const save = () => {
+    if (!config.checkpoint.save) return;
+    const dir = saveTrainingCheckpoint(config.checkpoint.save, {
+      model,
+      optimizer,
+      scheduler,
+      architecture,
+      state,
+      config,
+      hfSource,
+      keep: config.checkpoint.ckptKeep,
+      layout,
+    });
+    if (dir) checkpoints.push(dir);
+  };
+
+  const evaluate = () => {
+    if (!validData) return;
+    const vLoader = makeLoader(validData, 0);
+    const vBatches = globalBatchesSync(vLoader, {
+      globalBatchSize: gbs,
+      microBatchSize: tr.microBatchSize,
+      dataParallelSize: dpSize,
+    });
+    let sum = 0;
+    let count = 0;
+    model.eval();
+    for (let i = 0; i < tr.evalIters; i++) {
+      const step = vBatches.next();
+      if (step.done) break;
+      for (const b of step.value) {
+        tidy(() =>
+          noGrad(() => {
+            const mb = microTensors(b);
+            const out = model.forward(mb.tokens, {
+              labels: mb.labels,
+              positionIds: mb.positionIds,
+              ...(mb.cuSeqlens ? { cuSeqlens: mb.cuSeqlens } : {}),
+            });
+            const [s, c] = allReduceNumbers(
+              [(out.loss as Tensor).mul(mb.lossMask).sum().item(), mb.maskSum],
+              layout.dp,
+            );
+            sum += s / dpSize;
+            count += c / dpSize;
+          }),
+        );
+      }
+    }
+    model.train();
+    const lmLoss = sum / Math.max(count, 1);
+    const m: ValidMetrics = {
+      kind: 'valid',
+      iteration: state.iteration,
+      consumedSamples: state.consumedSamples,
+      lmLoss,
+      perplexity: Math.exp(Math.min(lmLoss, 20)),
+      time: new Date().toISOString(),
+    };
+    writeMetrics(m);
+    const line = `validation loss at iteration ${m.iteration} | lm loss value: ${lmLoss.toExponential(6).toUpperCase()} | lm loss PPL: ${m.perplexity.toExponential(6).toUpperCase()} |`;
+    log('-'.repeat(line.length + 2));
+    log(` ${line}`);
+    log('-'.repeat(line.length + 2));
+  };
+
+  try {
+    model.train();
+    while (state.iteration < tr.trainIters) {
+      const stepStart = performance.now();
+      const step = batches.next();
+      if (step.done)
+        throw new TrainError('DATA', `the train data ran out at iteration ${state.iteration + 1}`);
+      const micro = step.value.map(microTensors);
+      // the tokens that carry loss in the whole global batch (for the per-token loss)
+      const [globalTokens] = tr.calculatePerTokenLoss
+        ? allReduceNumbers([micro.reduce((a, m) => a + m.maskSum, 0)], layout.dp)
+        : [0];
+      optimizer.zeroGrad();
+      let lossSum = 0;
+      let tokenSum = 0;
+      let microMeanSum = 0;
+      let auxSum = 0;
+      let mtpSum = 0;
+      for (const [i, mb] of micro.entries()) {
+        // gradients accumulate locally over the micro-batches; the last one's backward reduces them
+        const run = i < micro.length - 1 ? <T>(f: () => T) => ddp.noSync(f) : <T>(f: () => T) => f();
+        run(() =>
+          tidy(() => {
+            const out = model.forward(mb.tokens, {
+              labels: mb.labels,
+              positionIds: mb.positionIds,
+              ...(mb.cuSeqlens ? { cuSeqlens: mb.cuSeqlens } : {}),
+            });
+            const masked = (out.loss as Tensor).mul(mb.lossMask).sum();
+            const value = masked.item();
+            lossSum += value;
+            tokenSum += mb.maskSum;
+            microMeanSum += value / Math.max(mb.maskSum, 1);
+            // Megatron: a mean over each micro-batch's tokens averaged over micro-batches (DDP
+            // averages over DP), or with calculatePerTokenLoss one mean over the global batch.
+            let objective = tr.calculatePerTokenLoss
+              ? masked.mul(dpSize / Math.max(globalTokens, 1))
+              : masked.div(Math.max(mb.maskSum, 1) * numMicro);
+            if (out.mtpLosses.length > 0) {
+              const mtp = out.mtpLosses.reduce((a, t) => a.add(t)).div(out.mtpLosses.length);
+              mtpSum += mtp.item();
+              objective = objective.add(mtp.mul(config.model.mtpLossScalingFactor / numMicro));
+            }
+            for (const [, moe] of model.moeLayers()) {
+              const r = moe.lastRouting;
+              if (r?.auxLoss) auxSum += r.auxLoss.item();
+            }
+            objective.backward();
+          }),
+        );
+      }
+      for (const mb of micro) {
+        for (const t of [mb.tokens, mb.labels, mb.positionIds, mb.lossMask, mb.cuSeqlens]) t?.dispose();
+      }
+      const r = optimizer.step();
+      scheduler.step(gbs);
+      if (expertBias) {
+        // aux-loss-free balancing: the step's token counts, summed over the data-parallel ranks
+        const load = model.takeExpertLoad();
+        for (const [layer, moe] of model.moeLayers()) {
+          const counts = allReduceNumbers(Array.from(load.get(layer) ?? []), layout.dp);
+          moe.router.updateExpertBias(counts, config.model.moeRouterBiasUpdateRate);
+        }
+      }
+      state.iteration++;
+      state.consumedSamples += gbs;
+      if (!r.updated) state.skippedIterations++;
+      const [lossAll, tokensAll, meansAll, auxAll, mtpAll] = allReduceNumbers(
+        [lossSum, tokenSum, microMeanSum / numMicro, auxSum / numMicro, mtpSum / numMicro],
+        layout.dp,
+      );
+      // what Megatron logs: the token mean of the global batch, or the mean of micro-batch means
+      const lmLoss = tr.calculatePerTokenLoss ? lossAll / Math.max(tokensAll, 1) : meansAll / dpSize;
+      losses.push(lmLoss);
+      const elapsed = performance.now() - stepStart;
+      const mem = memoryStats();
+      const metrics: TrainMetrics = {
+        kind: 'train',
+        iteration: state.iteration,
+        consumedSamples: state.consumedSamples,
+        elapsedMs: elapsed,
+        lr: optimizer.paramGroups[0]?.lr ?? o.lr,
+        lmLoss,
+        gradNorm: Number.isFinite(r.gradNorm) ? r.gradNorm : null,
+        skippedIterations: state.skippedIterations,
+        tokensPerSecond: (gbs * config.data.seqLength) / (elapsed / 1000),
+        tflops: null,
+        memory: { liveBytes: mem.liveBytes, peakBytes: mem.peakBytes },
+        time: new Date().toISOString(),
+      };
+      if (cfg.moe || cfg.mtpNumLayers > 0) {
+        metrics.moe = {};
+        if (cfg.moe && config.model.moeAuxLossCoeff > 0) metrics.moe.auxLoss = auxAll / dpSize;
+        if (cfg.mtpNumLayers > 0) metrics.moe.mtpLoss = mtpAll / dpSize;
+      }
+      writeMetrics(metrics);
+      if (state.iteration % tr.logInterval === 0 || state.iteration === 1) {
+        log((opts.formatLine ?? defaultLine)(metrics, tr.trainIters, gbs));
+      }
+      if (tr.evalInterval && state.iteration % tr.evalInterval === 0) evaluate();
+      const saveNow =
+        config.checkpoint.saveInterval && state.iteration % config.checkpoint.saveInterval === 0;
+      if (saveNow) save();
+      let stop: TrainResult['exitReason'] | null = null;
+      if (opts.signal?.aborted) stop = 'signal';
+      else if (tr.exitInterval && state.iteration % tr.exitInterval === 0) stop = 'exit-interval';
+      else if (tr.exitDurationInMins && (performance.now() - t0) / 60000 >= tr.exitDurationInMins)
+        stop = 'exit-duration';
+      if (stop) {
+        if (!saveNow) save();
+        exitReason = stop;
+        break;
+      }
+    }
+    if (exitReason === 'done') {
+      if (tr.evalInterval && state.iteration % tr.evalInterval !== 0) evaluate();
+      const last = checkpoints.at(-1);
+      if (config.checkpoint.save && !last?.endsWith(String(state.iteration).padStart(7, '0'))) save();
+    }
+  } finally {
+    if (metricsFd !== null) fs.closeSync(metricsFd);
+    ddp.dispose();
+    model.dispose();
+    if (layout.distributed) {
+      destroyModelParallel();
+      await destroyProcessGroup();
+    }
+  }
+  return { iteration: state.iteration, losses, checkpoints, exitReason };
+}
+
+/** A Megatron-style training log line. */
+function defaultLine(m: TrainMetrics, trainIters: number, gbs: number): string {
+  const ts = new Date().toISOString().replace('T', ' ').slice(0, 19);
+  const w = String(trainIters).length;
+  return (
+    ` [${ts}] iteration ${String(m.iteration).padStart(w)}/${trainIters} |` +
+    ` consumed samples: ${String(m.consumedSamples).padStart(12)} |` +
+    ` elapsed time per iteration (ms): ${m.elapsedMs.toFixed(1)} |` +
+    ` learning rate: ${m.lr.toExponential(6).toUpperCase()} |` +
+    ` global batch size: ${String(gbs).padStart(5)} |` +
+    ` lm loss: ${m.lmLoss.toExponential(6).toUpperCase()} |` +
+    (m.gradNorm === null ? '' : ` grad norm: ${m.gradNorm.toFixed(3)} |`) +
+    ` number of skipped iterations: ${String(m.skippedIterations).padStart(3)} |` +
+    ` tokens per second: ${m.tokensPerSecond.toFixed(1)} |`
+  );
+}

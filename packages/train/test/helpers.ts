@@ -1,0 +1,39 @@
+// A tiny model and corpus for training tests: a synthetic Llama HF folder (F32) and an indexed
+// dataset of short patterned documents the model can learn.
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { SYNTHETIC_MODELS, writeSyntheticHfCheckpoint } from '@megapatch/convert/testing';
+import { IndexedDatasetBuilder } from '@megapatch/data';
+
+export function tempDir(prefix: string): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+}
+
+/** An HF folder of a small Llama (4 layers, hidden 64, GQA, vocab 1000) with F32 weights. */
+export function tinyLlama(dir: string, id = 'llama-tied'): string {
+  const m = SYNTHETIC_MODELS.find((x) => x.id === id);
+  writeSyntheticHfCheckpoint(dir, m?.config as Record<string, unknown>, {
+    dtype: 'F32',
+    maxShardSize: '1GB',
+  });
+  return dir;
+}
+
+/** `docs` documents of counting patterns (each ends with EOD `eod`): `<prefix>.bin/.idx`. */
+export function patternCorpus(prefix: string, docs = 400, eod = 2, vocab = 700): string {
+  const b = new IndexedDatasetBuilder(prefix, { dtype: 'uint16' });
+  let a = 12345;
+  for (let d = 0; d < docs; d++) {
+    a = (a * 1103515245 + 12345) % 2147483648;
+    const start = 10 + (a % 50);
+    const step = 1 + (a % 3);
+    const len = 20 + (a % 30);
+    const doc: number[] = [];
+    for (let i = 0; i < len; i++) doc.push(10 + ((start + i * step) % (vocab - 20)));
+    doc.push(eod);
+    b.addDocument(doc);
+  }
+  b.finalize();
+  return prefix;
+}

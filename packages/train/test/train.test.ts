@@ -1,0 +1,111 @@
+// The training loop end to end on one process: the loss falls, metrics and log lines are written,
+// and a run of 2N steps equals a run of N steps resumed for N more, bit for bit (fp32 and bf16).
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { loadRunConfig, parseRunConfig, type RunConfigInput, train } from '../src/index.js';
+import { patternCorpus, tempDir, tinyLlama } from './helpers.js';
+
+const root = tempDir('mp-train-');
+afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
+const hf = tinyLlama(path.join(root, 'hf'));
+const data = patternCorpus(path.join(root, 'corpus'));
+
+function config(run: string, over: Partial<Record<keyof RunConfigInput, object>> = {}) {
+  const base: RunConfigInput = {
+    model: { load: hf, dtype: 'fp32' },
+    data: { dataPath: [data], seqLength: 32, split: '90,10,0', eodTokenId: 2 },
+    training: {
+      microBatchSize: 2,
+      globalBatchSize: 8,
+      trainIters: 12,
+      logInterval: 4,
+      evalInterval: 6,
+      evalIters: 2,
+      seed: 7,
+    },
+    optimizer: { lr: 3e-3, minLr: 3e-4, weightDecay: 0.01, clipGrad: 1 },
+    scheduler: { lrDecayStyle: 'cosine', lrWarmupIters: 2 },
+    logging: { runDir: path.join(root, run) },
+  };
+  const merged: Record<string, unknown> = { ...base };
+  for (const [k, v] of Object.entries(over)) merged[k] = { ...(base as Record<string, object>)[k], ...v };
+  return parseRunConfig(merged);
+}
+
+describe('train', () => {
+  it('lowers the loss and writes metrics, log lines and validation', async () => {
+    const lines: string[] = [];
+    const r = await train(config('run-a'), { log: (l) => lines.push(l) });
+    expect(r.iteration).toBe(12);
+    expect(r.exitReason).toBe('done');
+    expect(r.losses[11]).toBeLessThan(r.losses[0] - 0.8);
+    const metrics = fs
+      .readFileSync(path.join(root, 'run-a', 'metrics.jsonl'), 'utf8')
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l));
+    expect(metrics.filter((m) => m.kind === 'train').length).toBe(12);
+    expect(metrics.filter((m) => m.kind === 'valid').map((m) => m.iteration)).toEqual([6, 12]);
+    expect(lines.some((l) => /iteration\s+4\/12 \| consumed samples:\s+32 \|/.test(l))).toBe(true);
+    expect(lines.some((l) => /validation loss at iteration 6 \| lm loss value: /.test(l))).toBe(true);
+    // warm-up 2 iterations, then cosine to minLr at iteration 12 (counted in samples, as Megatron)
+    const lrs = metrics.filter((m) => m.kind === 'train').map((m) => m.lr);
+    expect(lrs[0]).toBeCloseTo(1.5e-3, 9);
+    expect(lrs[1]).toBeCloseTo(3e-3, 9);
+    expect(lrs[11]).toBeCloseTo(3e-4, 9);
+  });
+
+  it.each(['fp32', 'bf16'] as const)(
+    '%s: 2N steps equal N steps resumed for N more, bit for bit',
+    async (dtype) => {
+      const full = await train(
+        config(`full-${dtype}`, {
+          model: { load: hf, dtype },
+          checkpoint: { save: path.join(root, `ck-full-${dtype}`), saveInterval: 6 },
+        }),
+        { log: () => {} },
+      );
+      const ck = path.join(root, `ck-full-${dtype}`);
+      const firstHalf = await train(
+        config(`half-${dtype}`, {
+          model: { load: hf, dtype },
+          training: { exitInterval: 6 },
+          checkpoint: { save: path.join(root, `ck-half-${dtype}`) },
+        }),
+        { log: () => {} },
+      );
+      expect(firstHalf.exitReason).toBe('exit-interval');
+      expect(firstHalf.losses).toEqual(full.losses.slice(0, 6));
+      const resumed = await train(
+        config(`resumed-${dtype}`, {
+          model: { load: null, dtype },
+          checkpoint: {
+            load: path.join(root, `ck-half-${dtype}`),
+            save: path.join(root, `ck-resumed-${dtype}`),
+          },
+        }),
+        { log: () => {} },
+      );
+      expect(resumed.losses).toEqual(full.losses.slice(6));
+      // the final weights are the same bytes
+      const a = fs.readdirSync(path.join(ck, 'iter_0000012')).filter((f) => f.endsWith('.safetensors'));
+      for (const f of a) {
+        const x = fs.readFileSync(path.join(ck, 'iter_0000012', f));
+        const y = fs.readFileSync(path.join(root, `ck-resumed-${dtype}`, 'iter_0000012', f));
+        expect(Buffer.compare(x, y), f).toBe(0);
+      }
+    },
+  );
+});
+
+describe('run config', () => {
+  it('names the nearest key of a misspelled one', () => {
+    expect(() =>
+      parseRunConfig({ ...config('x'), training: { ...config('x').training, trainIter: 3 } }),
+    ).toThrow(/unknown key training\.trainIter \(did you mean training\.trainIters\?\)/);
+    expect(() => loadRunConfig(null, [['optimizer.lrr', '1']])).toThrow(
+      /unknown key --optimizer\.lrr \(did you mean --optimizer\.lr\?\)/,
+    );
+  });
+});
