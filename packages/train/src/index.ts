@@ -2,8 +2,8 @@
 // semantics, training checkpoints that resume bit for bit, metrics and the run report.
 
 export {
-  loadTrainingCheckpoint,
   type LoadOptions,
+  loadTrainingCheckpoint,
   type SaveOptions,
   saveTrainingCheckpoint,
   type TrainingState,
@@ -24,8 +24,19 @@ export {
   TrainingSection,
 } from './config.js';
 export { TrainError, type TrainErrorCode } from './errors.js';
-export { type TrainMetrics, type TrainOptions, type TrainResult, train, type ValidMetrics } from './trainer.js';
-
+export {
+  type FlopsBreakdown,
+  type FlopsOptions,
+  floatingPointOperationsBreakdown,
+  numFloatingPointOperations,
+  tflopsPerSecond,
+} from './flops.js';
+export {
+  formatTrainingLogLine,
+  formatValidationLogLines,
+  type TrainingLogFields,
+  type ValidationLogFields,
+} from './log-line.js';
 // The run report: metrics.jsonl → report/index.html (Vega charts) and PNGs of the same charts.
 export { ReportError, type ReportErrorCode } from './report/errors.js';
 export {
@@ -37,4 +48,17 @@ export {
   TrainMetricsLine,
   ValidMetricsLine,
 } from './report/metrics.js';
-export { REPORT_DIR, REPORT_PAGE, type RunReport, type RunReportOptions, writeRunReport } from './report/write.js';
+export {
+  REPORT_DIR,
+  REPORT_PAGE,
+  type RunReport,
+  type RunReportOptions,
+  writeRunReport,
+} from './report/write.js';
+export {
+  type TrainMetrics,
+  type TrainOptions,
+  type TrainResult,
+  train,
+  type ValidMetrics,
+} from './trainer.js';

@@ -46,6 +46,8 @@ import {
 import { loadTrainingCheckpoint, saveTrainingCheckpoint, type TrainingState } from './checkpoint.js';
 import type { RunConfig } from './config.js';
 import { TrainError } from './errors.js';
+import { numFloatingPointOperations, tflopsPerSecond } from './flops.js';
+import { formatTrainingLogLine, formatValidationLogLines } from './log-line.js';
 
 /** One training iteration's numbers (a line of metrics.jsonl). */
 export interface TrainMetrics {
@@ -80,8 +82,6 @@ export interface TrainOptions {
   log?: (line: string) => void;
   /** Stops the run after the current iteration, saving a checkpoint first when `checkpoint.save` is set. */
   signal?: AbortSignal;
-  /** Formats the Megatron log line (default: a built-in one). */
-  formatLine?: (m: TrainMetrics, trainIters: number, globalBatchSize: number) => string;
 }
 
 /** What a run did. */
@@ -395,6 +395,12 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
     if (metricsFd !== null) fs.writeSync(metricsFd, `${JSON.stringify(m)}\n`);
   };
 
+  // Megatron's FLOP count of one step (forward and backward), for TFLOP/s per process
+  const stepFlops = numFloatingPointOperations(cfg, {
+    seqLength: config.data.seqLength,
+    batchSize: gbs,
+    tp: layout.tp.size,
+  });
   const losses: number[] = [];
   const checkpoints: string[] = [];
   const t0 = performance.now();
@@ -460,10 +466,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
       time: new Date().toISOString(),
     };
     writeMetrics(m);
-    const line = `validation loss at iteration ${m.iteration} | lm loss value: ${lmLoss.toExponential(6).toUpperCase()} | lm loss PPL: ${m.perplexity.toExponential(6).toUpperCase()} |`;
-    log('-'.repeat(line.length + 2));
-    log(` ${line}`);
-    log('-'.repeat(line.length + 2));
+    for (const line of formatValidationLogLines({ iteration: m.iteration, lmLoss })) log(line);
   };
 
   try {
@@ -552,7 +555,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
         gradNorm: Number.isFinite(r.gradNorm) ? r.gradNorm : null,
         skippedIterations: state.skippedIterations,
         tokensPerSecond: (gbs * config.data.seqLength) / (elapsed / 1000),
-        tflops: null,
+        tflops: tflopsPerSecond(stepFlops, elapsed / 1000, layout.world),
         memory: { liveBytes: mem.liveBytes, peakBytes: mem.peakBytes },
         time: new Date().toISOString(),
       };
@@ -563,12 +566,35 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
       }
       writeMetrics(metrics);
       if (state.iteration % tr.logInterval === 0 || state.iteration === 1) {
-        log((opts.formatLine ?? defaultLine)(metrics, tr.trainIters, gbs));
+        log(
+          formatTrainingLogLine({
+            time: new Date(),
+            iteration: state.iteration,
+            trainIters: tr.trainIters,
+            consumedSamples: state.consumedSamples,
+            elapsedMsPerIteration: elapsed,
+            throughputTflopsPerGpu: metrics.tflops,
+            learningRate: metrics.lr,
+            globalBatchSize: gbs,
+            lmLoss,
+            ...(metrics.moe?.auxLoss !== undefined ? { loadBalancingLoss: metrics.moe.auxLoss } : {}),
+            ...(metrics.moe?.mtpLoss !== undefined ? { mtpLosses: [metrics.moe.mtpLoss] } : {}),
+            lossScale: 1,
+            gradNorm: metrics.gradNorm,
+            skippedIterations: r.updated ? 0 : 1,
+            nanIterations: Number.isFinite(lmLoss) ? 0 : 1,
+            tokensPerSecond: metrics.tokensPerSecond,
+            memoryLiveGiB: mem.liveBytes / 2 ** 30,
+            memoryPeakGiB: mem.peakBytes / 2 ** 30,
+          }),
+        );
       }
       if (tr.evalInterval && state.iteration % tr.evalInterval === 0) evaluate();
       const saveNow =
         config.checkpoint.saveInterval && state.iteration % config.checkpoint.saveInterval === 0;
       if (saveNow) save();
+      // a turn of the event loop: signal handlers (SIGINT/SIGTERM) and pending output run here
+      await new Promise<void>((resolve) => setImmediate(resolve));
       let stop: TrainResult['exitReason'] | null = null;
       if (opts.signal?.aborted) stop = 'signal';
       else if (tr.exitInterval && state.iteration % tr.exitInterval === 0) stop = 'exit-interval';
@@ -595,21 +621,4 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
     }
   }
   return { iteration: state.iteration, losses, checkpoints, exitReason };
-}
-
-/** A Megatron-style training log line. */
-function defaultLine(m: TrainMetrics, trainIters: number, gbs: number): string {
-  const ts = new Date().toISOString().replace('T', ' ').slice(0, 19);
-  const w = String(trainIters).length;
-  return (
-    ` [${ts}] iteration ${String(m.iteration).padStart(w)}/${trainIters} |` +
-    ` consumed samples: ${String(m.consumedSamples).padStart(12)} |` +
-    ` elapsed time per iteration (ms): ${m.elapsedMs.toFixed(1)} |` +
-    ` learning rate: ${m.lr.toExponential(6).toUpperCase()} |` +
-    ` global batch size: ${String(gbs).padStart(5)} |` +
-    ` lm loss: ${m.lmLoss.toExponential(6).toUpperCase()} |` +
-    (m.gradNorm === null ? '' : ` grad norm: ${m.gradNorm.toFixed(3)} |`) +
-    ` number of skipped iterations: ${String(m.skippedIterations).padStart(3)} |` +
-    ` tokens per second: ${m.tokensPerSecond.toFixed(1)} |`
-  );
 }

@@ -47,7 +47,7 @@ describe('train', () => {
       .map((l) => JSON.parse(l));
     expect(metrics.filter((m) => m.kind === 'train').length).toBe(12);
     expect(metrics.filter((m) => m.kind === 'valid').map((m) => m.iteration)).toEqual([6, 12]);
-    expect(lines.some((l) => /iteration\s+4\/12 \| consumed samples:\s+32 \|/.test(l))).toBe(true);
+    expect(lines.some((l) => /iteration\s+4\/\s*12 \| consumed samples:\s+32 \|/.test(l))).toBe(true);
     expect(lines.some((l) => /validation loss at iteration 6 \| lm loss value: /.test(l))).toBe(true);
     // warm-up 2 iterations, then cosine to minLr at iteration 12 (counted in samples, as Megatron)
     const lrs = metrics.filter((m) => m.kind === 'train').map((m) => m.lr);
