@@ -30,6 +30,13 @@ dpkg -s libgloo-dev >/dev/null 2>&1 || need+=(libgloo-dev)
 # distribution lacks it the addon builds without it and bf16 GEMMs go through fp32.
 optional=()
 dpkg -s libdnnl-dev >/dev/null 2>&1 || optional+=(libdnnl-dev)
+# A font for the text of the run report's PNG charts (they are drawn without text otherwise).
+dpkg -s fonts-dejavu-core >/dev/null 2>&1 || optional+=(fonts-dejavu-core)
+# Chromium: the run-report test opens the page in a headless browser (skipped without it). A large
+# package, so only CI (CI=true) or MEGAPATCH_WITH_BROWSER=1 installs it.
+if [ "${CI:-}" = "true" ] || [ "${MEGAPATCH_WITH_BROWSER:-}" = "1" ]; then
+  command -v chromium >/dev/null 2>&1 || optional+=(chromium)
+fi
 if [ "${#need[@]}" -gt 0 ] || [ "${#optional[@]}" -gt 0 ]; then
   as_root apt-get update -qq
 fi

@@ -48,6 +48,7 @@ import type { RunConfig } from './config.js';
 import { TrainError } from './errors.js';
 import { numFloatingPointOperations, tflopsPerSecond } from './flops.js';
 import { formatTrainingLogLine, formatValidationLogLines } from './log-line.js';
+import { writeRunReport } from './report/write.js';
 
 /** One training iteration's numbers (a line of metrics.jsonl). */
 export interface TrainMetrics {
@@ -82,6 +83,8 @@ export interface TrainOptions {
   log?: (line: string) => void;
   /** Stops the run after the current iteration, saving a checkpoint first when `checkpoint.save` is set. */
   signal?: AbortSignal;
+  /** Write the run report (`<runDir>/report/`) when the run ends (default true). */
+  report?: boolean;
 }
 
 /** What a run did. */
@@ -403,6 +406,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
   });
   const losses: number[] = [];
   const checkpoints: string[] = [];
+  let metricsClosed = false;
   const t0 = performance.now();
   let exitReason: TrainResult['exitReason'] = 'done';
   const expertBias = model.moeLayers().some(([, m]) => m.router.expertBias !== null);
@@ -484,8 +488,8 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
       optimizer.zeroGrad();
       let lossSum = 0;
       let tokenSum = 0;
-      let microMeanSum = 0;
       let auxSum = 0;
+      let zSum = 0;
       let mtpSum = 0;
       for (const [i, mb] of micro.entries()) {
         // gradients accumulate locally over the micro-batches; the last one's backward reduces them
@@ -501,7 +505,6 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
             const value = masked.item();
             lossSum += value;
             tokenSum += mb.maskSum;
-            microMeanSum += value / Math.max(mb.maskSum, 1);
             // Megatron: a mean over each micro-batch's tokens averaged over micro-batches (DDP
             // averages over DP), or with calculatePerTokenLoss one mean over the global batch.
             let objective = tr.calculatePerTokenLoss
@@ -515,6 +518,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
             for (const [, moe] of model.moeLayers()) {
               const r = moe.lastRouting;
               if (r?.auxLoss) auxSum += r.auxLoss.item();
+              if (r?.zLoss) zSum += r.zLoss.item();
             }
             objective.backward();
           }),
@@ -524,24 +528,30 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
         for (const t of [mb.tokens, mb.labels, mb.positionIds, mb.lossMask, mb.cuSeqlens]) t?.dispose();
       }
       const r = optimizer.step();
-      scheduler.step(gbs);
-      if (expertBias) {
-        // aux-loss-free balancing: the step's token counts, summed over the data-parallel ranks
+      // Megatron advances the schedule only after an update (a skipped step leaves it)
+      if (r.updated) scheduler.step(gbs);
+      // the step's tokens per expert, summed over the data-parallel ranks: logged, and the
+      // aux-loss-free balancing update where the router has an expert bias
+      const expertLoad: Record<string, number[]> = {};
+      if (cfg.moe) {
         const load = model.takeExpertLoad();
         for (const [layer, moe] of model.moeLayers()) {
           const counts = allReduceNumbers(Array.from(load.get(layer) ?? []), layout.dp);
-          moe.router.updateExpertBias(counts, config.model.moeRouterBiasUpdateRate);
+          expertLoad[String(layer)] = counts;
+          if (expertBias && moe.router.expertBias)
+            moe.router.updateExpertBias(counts, config.model.moeRouterBiasUpdateRate);
         }
       }
       state.iteration++;
       state.consumedSamples += gbs;
       if (!r.updated) state.skippedIterations++;
-      const [lossAll, tokensAll, meansAll, auxAll, mtpAll] = allReduceNumbers(
-        [lossSum, tokenSum, microMeanSum / numMicro, auxSum / numMicro, mtpSum / numMicro],
+      const [lossAll, tokensAll, auxAll, zAll, mtpAll] = allReduceNumbers(
+        [lossSum, tokenSum, auxSum / numMicro, zSum / numMicro, mtpSum / numMicro],
         layout.dp,
       );
-      // what Megatron logs: the token mean of the global batch, or the mean of micro-batch means
-      const lmLoss = tr.calculatePerTokenLoss ? lossAll / Math.max(tokensAll, 1) : meansAll / dpSize;
+      // what Megatron logs: the token mean of the global batch (loss_func reports [sum, tokens]),
+      // whatever the objective's normalisation
+      const lmLoss = lossAll / Math.max(tokensAll, 1);
       losses.push(lmLoss);
       const elapsed = performance.now() - stepStart;
       const mem = memoryStats();
@@ -562,6 +572,8 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
       if (cfg.moe || cfg.mtpNumLayers > 0) {
         metrics.moe = {};
         if (cfg.moe && config.model.moeAuxLossCoeff > 0) metrics.moe.auxLoss = auxAll / dpSize;
+        if (cfg.moe && config.model.moeZLossCoeff > 0) metrics.moe.zLoss = zAll / dpSize;
+        if (cfg.moe) metrics.moe.expertLoad = expertLoad;
         if (cfg.mtpNumLayers > 0) metrics.moe.mtpLoss = mtpAll / dpSize;
       }
       writeMetrics(metrics);
@@ -578,6 +590,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
             globalBatchSize: gbs,
             lmLoss,
             ...(metrics.moe?.auxLoss !== undefined ? { loadBalancingLoss: metrics.moe.auxLoss } : {}),
+            ...(metrics.moe?.zLoss !== undefined ? { zLoss: metrics.moe.zLoss } : {}),
             ...(metrics.moe?.mtpLoss !== undefined ? { mtpLosses: [metrics.moe.mtpLoss] } : {}),
             lossScale: 1,
             gradNorm: metrics.gradNorm,
@@ -613,11 +626,20 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
     }
   } finally {
     if (metricsFd !== null) fs.closeSync(metricsFd);
+    metricsClosed = true;
     ddp.dispose();
     model.dispose();
     if (layout.distributed) {
       destroyModelParallel();
       await destroyProcessGroup();
+    }
+  }
+  if (logRank && opts.report !== false && metricsClosed) {
+    try {
+      const rep = await writeRunReport(config.logging.runDir);
+      log(`run report: ${rep.html}`);
+    } catch (e) {
+      log(`warning: the run report was not written: ${(e as Error).message}`);
     }
   }
   return { iteration: state.iteration, losses, checkpoints, exitReason };

@@ -40,7 +40,7 @@ function config(run: string, parallel: Record<string, unknown> = {}) {
 describe('train on several processes', () => {
   let reference: number[];
   it('one process', async () => {
-    reference = (await train(parseRunConfig(config('one')), { log: () => {} })).losses;
+    reference = (await train(parseRunConfig(config('one')), { log: () => {}, report: false })).losses;
     expect(reference.length).toBe(6);
   });
 

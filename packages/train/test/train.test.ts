@@ -49,6 +49,9 @@ describe('train', () => {
     expect(metrics.filter((m) => m.kind === 'valid').map((m) => m.iteration)).toEqual([6, 12]);
     expect(lines.some((l) => /iteration\s+4\/\s*12 \| consumed samples:\s+32 \|/.test(l))).toBe(true);
     expect(lines.some((l) => /validation loss at iteration 6 \| lm loss value: /.test(l))).toBe(true);
+    // the run report is written when the run ends
+    expect(fs.existsSync(path.join(root, 'run-a', 'report', 'index.html'))).toBe(true);
+    expect(lines.some((l) => /^run report: /.test(l))).toBe(true);
     // warm-up 2 iterations, then cosine to minLr at iteration 12 (counted in samples, as Megatron)
     const lrs = metrics.filter((m) => m.kind === 'train').map((m) => m.lr);
     expect(lrs[0]).toBeCloseTo(1.5e-3, 9);
@@ -64,7 +67,7 @@ describe('train', () => {
           model: { load: hf, dtype },
           checkpoint: { save: path.join(root, `ck-full-${dtype}`), saveInterval: 6 },
         }),
-        { log: () => {} },
+        { log: () => {}, report: false },
       );
       const ck = path.join(root, `ck-full-${dtype}`);
       const firstHalf = await train(
@@ -73,7 +76,7 @@ describe('train', () => {
           training: { exitInterval: 6 },
           checkpoint: { save: path.join(root, `ck-half-${dtype}`) },
         }),
-        { log: () => {} },
+        { log: () => {}, report: false },
       );
       expect(firstHalf.exitReason).toBe('exit-interval');
       expect(firstHalf.losses).toEqual(full.losses.slice(0, 6));
@@ -85,7 +88,7 @@ describe('train', () => {
             save: path.join(root, `ck-resumed-${dtype}`),
           },
         }),
-        { log: () => {} },
+        { log: () => {}, report: false },
       );
       expect(resumed.losses).toEqual(full.losses.slice(6));
       // the final weights are the same bytes

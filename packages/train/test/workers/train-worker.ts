@@ -3,6 +3,6 @@
 import { parseRunConfig, train } from '../../src/index.js';
 
 const config = parseRunConfig(JSON.parse(process.argv[2] ?? '{}'));
-const r = await train(config, { log: () => {} });
+const r = await train(config, { log: () => {}, report: false });
 if ((process.env.RANK ?? '0') === '0')
   console.log(`RESULT ${JSON.stringify({ losses: r.losses, iteration: r.iteration })}`);
