@@ -41,6 +41,8 @@ export interface RunContext {
   readonly io: Io;
   /** The words after `--`, unparsed, for a command with `passthrough` (null when there was no `--`). */
   readonly rest: readonly string[] | null;
+  /** `--section.key value` pairs, for a command with `dottedOverrides` (in order). */
+  readonly overrides?: readonly [string, string][];
 }
 
 /** A runnable command (a leaf of the command tree). */
@@ -57,6 +59,11 @@ export interface Command {
   readonly examples?: readonly string[];
   /** The command takes every word after `--` as is (the worker command of `launch`). */
   readonly passthrough?: PositionalSpec;
+  /**
+   * Flags with a dot (`--training.lr 1e-4`, `--training.lr=1e-4`) are config overrides the command
+   * validates itself (`megapatch train`); they come in `overrides`, not in `options`.
+   */
+  readonly dottedOverrides?: boolean;
   /** Returns nothing (exit 0) or an exit code of its own (`launch` passes on a worker's). */
   // biome-ignore lint/suspicious/noConfusingVoidType: a command that returns nothing exits 0
   run(ctx: RunContext): Promise<void | number> | void | number;
@@ -111,6 +118,33 @@ export interface ParsedArgs {
   positionals: string[];
   help: boolean;
   debug: boolean;
+  /** `--section.key value` pairs (commands with dottedOverrides). */
+  overrides: [string, string][];
+}
+
+/** Takes `--a.b value` / `--a.b=value` out of argv. */
+function takeOverrides(
+  command: Command,
+  argv: readonly string[],
+): { rest: string[]; overrides: [string, string][] } {
+  const rest: string[] = [];
+  const overrides: [string, string][] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const w = argv[i];
+    const m = /^--([A-Za-z][\w-]*(?:\.[A-Za-z][\w-]*)+)(?:=(.*))?$/.exec(w);
+    if (!m) {
+      rest.push(w);
+      continue;
+    }
+    let value = m[2];
+    if (value === undefined) {
+      value = argv[i + 1];
+      if (value === undefined) throw new UsageError(`${w} needs a value`, command.name);
+      i++;
+    }
+    overrides.push([m[1], value]);
+  }
+  return { rest, overrides };
 }
 
 /**
@@ -119,7 +153,10 @@ export interface ParsedArgs {
  * to a boolean flag, a flag given twice (under any of its names), a missing required flag and
  * too many or too few positional arguments.
  */
-export function parseCommandArgs(command: Command, argv: readonly string[]): ParsedArgs {
+export function parseCommandArgs(command: Command, argvIn: readonly string[]): ParsedArgs {
+  const { rest: argv, overrides } = command.dottedOverrides
+    ? takeOverrides(command, argvIn)
+    : { rest: [...argvIn], overrides: [] as [string, string][] };
   const table = flagTable(command.options);
   const specOf = (option: string) => command.options[option] ?? GLOBAL_OPTIONS[option];
   const config: Record<string, { type: 'string' | 'boolean'; short?: string }> = {};
@@ -193,7 +230,7 @@ export function parseCommandArgs(command: Command, argv: readonly string[]): Par
     }
   }
   if (!help) checkPositionals(command, positionals);
-  return { options, positionals, help, debug };
+  return { options, positionals, help, debug, overrides };
 }
 
 function checkPositionals(command: Command, positionals: readonly string[]): void {

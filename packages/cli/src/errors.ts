@@ -60,6 +60,7 @@ const LIBRARY_ERRORS = new Set([
   'DistributedError',
   'ModelError',
   'TensorError',
+  'TrainError',
 ]);
 
 const ERRNO_TEXT: Record<string, [what: string, fix: string]> = {

@@ -61,9 +61,17 @@ export const commands: CommandGroup = {
       summary: 'mean loss and perplexity of a model on held-out data, with per-token log-probabilities',
       load: () => import('./commands/eval.js').then((m) => m.default),
     },
+    train: {
+      summary: 'pre-train or fine-tune a model from a run config (Megatron semantics)',
+      load: () => import('./commands/train.js').then((m) => m.default),
+    },
     launch: {
       summary: 'start the workers of a distributed job on this node (torchrun for megapatch)',
       load: () => import('./commands/launch.js').then((m) => m.default),
+    },
+    report: {
+      summary: 'HTML page and PNG charts of a run: loss, lr, grad norm, throughput, memory, MoE expert load',
+      load: () => import('./commands/report.js').then((m) => m.default),
     },
   },
 };
@@ -156,6 +164,7 @@ async function dispatch(argv: readonly string[], io: Io, current: Current): Prom
     positionals: parsed.positionals,
     io,
     rest: dashes < 0 ? null : rest.slice(dashes + 1),
+    overrides: parsed.overrides,
   });
   return typeof code === 'number' ? code : EXIT.ok;
 }

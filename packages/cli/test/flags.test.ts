@@ -49,7 +49,9 @@ describe('unknown flags and stray arguments are usage errors (exit 2)', () => {
       'ckpt inspect',
       'generate',
       'eval',
+      'train',
       'launch',
+      'report',
     ]);
     for (const words of leaves) {
       const r = megapatch([...words, '--no-such-flag', '1']);

@@ -1,0 +1,63 @@
+// `megapatch train --config run.yaml [--section.key value ...]`: trains with @megapatch/train. The
+// config file holds the run (Megatron's argument names in camelCase, by section); dotted flags
+// override single keys, and a misspelled one names the nearest valid key. Under `megapatch launch
+// --nproc-per-node N -- megapatch train ...` the workers form the data/tensor-parallel job.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import type { Command } from '../command.js';
+import { UsageError } from '../errors.js';
+
+const NAME = 'train';
+
+const command: Command = {
+  name: NAME,
+  summary: 'pre-train or fine-tune a model from a run config (Megatron semantics)',
+  description:
+    'Reads the run config (YAML or JSON: model, data, training, optimizer, scheduler, parallel, ' +
+    'checkpoint and logging sections), applies --section.key value overrides, and trains: one ' +
+    'Megatron-style line per logInterval, every metric of every iteration in <runDir>/metrics.jsonl, ' +
+    'checkpoints every saveInterval. SIGINT or SIGTERM saves a checkpoint (when checkpoint.save is set) ' +
+    'and exits. Start several processes with megapatch launch.',
+  options: {
+    config: { type: 'string', value: 'FILE', description: 'the run config (.yaml, .yml or .json)' },
+  },
+  dottedOverrides: true,
+  examples: [
+    'train --config examples/llama/tiny-pretrain.yaml',
+    'train --config run.yaml --training.trainIters 100 --optimizer.lr 1e-4',
+    'launch --nproc-per-node 2 -- megapatch train --config run.yaml',
+  ],
+  async run({ options, overrides, io }) {
+    const file = typeof options.config === 'string' ? options.config : null;
+    if (!file && (overrides ?? []).length === 0) {
+      throw new UsageError('give --config FILE (and optionally --section.key value overrides)', NAME);
+    }
+    const { loadRunConfig, train } = await import('@megapatch/train');
+    const config = loadRunConfig(file, overrides ?? []);
+    // the first SIGINT/SIGTERM stops the run after the current iteration (saving a checkpoint)
+    const stop = new AbortController();
+    io.signal.addEventListener('abort', () => stop.abort(), { once: true });
+    // A second signal (or a run that does not stop in time) exits at once: remove this process's
+    // unfinished checkpoint folder then, so nothing half-written is left.
+    const save = config.checkpoint.save;
+    const remove = io.onHardStop(() => {
+      if (!save || !fs.existsSync(save)) return;
+      for (const f of fs.readdirSync(save)) {
+        if (f.endsWith(`.tmp-${process.pid}`))
+          fs.rmSync(path.join(save, f), { recursive: true, force: true });
+      }
+    });
+    let r: Awaited<ReturnType<typeof train>>;
+    try {
+      r = await train(config, { log: (line) => io.out.log(line), signal: stop.signal });
+    } finally {
+      remove();
+    }
+    if (r.exitReason === 'signal') {
+      io.note(`stopped at iteration ${r.iteration}${save ? `; checkpoint saved in ${save}` : ''}`);
+      io.throwIfStopped(); // exit 130 / 143, as for any interrupted command
+    }
+  },
+};
+
+export default command;

@@ -1,0 +1,123 @@
+// `megapatch train` through the real binary: a YAML run config with dotted overrides, a misspelled
+// key named with its nearest valid one, and SIGTERM saving a checkpoint the next run resumes from.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { SYNTHETIC_MODELS, writeSyntheticHfCheckpoint } from '@megapatch/convert/testing';
+import { IndexedDatasetBuilder } from '@megapatch/data';
+import { afterAll, describe, expect, it } from 'vitest';
+import { finished, megapatch, startMegapatch, tempDir, waitFor } from './helpers.js';
+
+const root = tempDir('mp-cli-train');
+afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
+const hf = path.join(root, 'hf');
+writeSyntheticHfCheckpoint(
+  hf,
+  SYNTHETIC_MODELS.find((m) => m.id === 'llama-tied')?.config as Record<string, unknown>,
+  {
+    dtype: 'F32',
+  },
+);
+const corpus = path.join(root, 'corpus');
+{
+  const b = new IndexedDatasetBuilder(corpus, { dtype: 'uint16' });
+  for (let d = 0; d < 300; d++)
+    b.addDocument([...Array.from({ length: 30 }, (_, i) => 10 + ((d * 7 + i * 3) % 600)), 2]);
+  b.finalize();
+}
+
+function writeConfig(name: string, extra = ''): string {
+  const file = path.join(root, `${name}.yaml`);
+  fs.writeFileSync(
+    file,
+    `model:
+  load: ${hf}
+  dtype: fp32
+data:
+  dataPath: [${corpus}]
+  seqLength: 32
+  split: "95,5,0"
+  eodTokenId: 2
+training:
+  microBatchSize: 2
+  globalBatchSize: 4
+  trainIters: 6
+  logInterval: 2
+  evalInterval: null
+optimizer:
+  lr: 0.002
+logging:
+  runDir: ${path.join(root, `run-${name}`)}
+${extra}`,
+  );
+  return file;
+}
+
+describe('megapatch train', () => {
+  it('trains from a YAML config with dotted overrides and logs Megatron lines', () => {
+    const r = megapatch([
+      'train',
+      '--config',
+      writeConfig('a'),
+      '--training.trainIters',
+      '4',
+      '--optimizer.lr=0.003',
+    ]);
+    expect(r.stderr).toBe('');
+    expect(r.status).toBe(0);
+    expect(r.stdout).toMatch(/iteration\s+4\/\s*4 \| consumed samples:\s+16 \|/);
+    expect(r.stdout).toMatch(/learning rate: 3\.000000E-03|learning rate: [0-9.]+E-0[34]/);
+    const metrics = fs
+      .readFileSync(path.join(root, 'run-a', 'metrics.jsonl'), 'utf8')
+      .trim()
+      .split('\n');
+    expect(metrics.length).toBe(4);
+  });
+
+  it('names the nearest key of a misspelled override or config key', () => {
+    const r = megapatch(['train', '--config', writeConfig('b'), '--training.trainIter', '4']);
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/unknown key --training\.trainIter \(did you mean --training\.trainIters\?\)/);
+    const bad = megapatch(['train', '--config', writeConfig('c', 'optimiser:\n  lr: 1\n')]);
+    expect(bad.status).toBe(1);
+    expect(bad.stderr).toMatch(/unknown key optimiser \(did you mean optimizer\?\)/);
+  });
+
+  it('SIGTERM saves a checkpoint and exits 143; the next run resumes from it', async () => {
+    const save = path.join(root, 'ckpt');
+    const cfg = writeConfig('d', `checkpoint:\n  save: ${save}\n`);
+    const child = startMegapatch([
+      'train',
+      '--config',
+      cfg,
+      '--training.trainIters',
+      '100000',
+      '--training.logInterval',
+      '1',
+    ]);
+    let out = '';
+    child.stdout?.on('data', (d) => (out += d));
+    const done = finished(child);
+    await waitFor(() => /iteration\s+3\//.test(out), 60_000, 'three iterations');
+    child.kill('SIGTERM');
+    const r = await done;
+    expect(r.status).toBe(143);
+    expect(r.stderr).toMatch(/stopped at iteration \d+; checkpoint saved in/);
+    const iteration = Number(fs.readFileSync(path.join(save, 'latest_checkpointed_iteration.txt'), 'utf8'));
+    expect(iteration).toBeGreaterThanOrEqual(3);
+    expect(fs.readdirSync(save).filter((f) => f.includes('.tmp-'))).toEqual([]);
+    const again = megapatch([
+      'train',
+      '--config',
+      cfg,
+      '--checkpoint.load',
+      save,
+      '--training.trainIters',
+      String(iteration + 2),
+      '--logging.runDir',
+      path.join(root, 'run-d2'),
+    ]);
+    expect(again.status, again.stderr).toBe(0);
+    expect(again.stdout).toMatch(new RegExp(`iteration\\s+${iteration + 2}/`));
+    expect(again.stdout).toMatch(new RegExp(`loaded checkpoint .* at iteration ${iteration}`));
+  });
+});
