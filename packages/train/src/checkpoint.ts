@@ -224,6 +224,43 @@ function pruneCheckpoints(root: string, keep: number): void {
   }
 }
 
+/**
+ * The newest complete checkpoint iteration under `root`: the one `latest_checkpointed_iteration.txt`
+ * names when it opens, else the newest earlier one that does; folders a killed save left behind
+ * (`iter_N.tmp-<pid>`) and iterations that do not open are skipped with a warning naming them.
+ */
+export function resolveCheckpointIteration(root: string, log: (line: string) => void): number {
+  if (!fs.existsSync(root)) throw new TrainError('CHECKPOINT', `no checkpoint folder ${root}`);
+  const entries = fs.readdirSync(root);
+  for (const f of entries) {
+    if (/^iter_\d{7}\.tmp-/.test(f))
+      log(`warning: ignoring ${path.join(root, f)}: a save that did not finish`);
+  }
+  const iterations = entries
+    .map((f) => /^iter_(\d{7})$/.exec(f))
+    .filter((m): m is RegExpExecArray => m !== null)
+    .map((m) => Number(m[1]))
+    .sort((a, b) => b - a);
+  let latest: number | null = null;
+  try {
+    latest = readLatestIteration(root);
+  } catch (e) {
+    log(
+      `warning: ${path.join(root, LATEST_ITERATION_FILE)}: ${(e as Error).message}; using the newest complete checkpoint`,
+    );
+  }
+  const order = latest === null ? iterations : [latest, ...iterations.filter((i) => i < latest)];
+  for (const it of order) {
+    try {
+      Checkpoint.open(root, { iteration: it, verifyChecksums: false }).close();
+      return it;
+    } catch (e) {
+      log(`warning: skipping checkpoint ${path.join(root, iterationDirName(it))}: ${(e as Error).message}`);
+    }
+  }
+  throw new TrainError('CHECKPOINT', `${root} holds no complete checkpoint`);
+}
+
 /** Options of {@link loadTrainingCheckpoint}. */
 export interface LoadOptions {
   model: GPTModel;
@@ -238,10 +275,10 @@ export interface LoadOptions {
  * under `root` (the model's weights were loaded when it was built). A folder left incomplete by a
  * killed save is skipped with a warning naming what was wrong.
  */
-export function loadTrainingCheckpoint(root: string, o: LoadOptions): TrainingState {
+export function loadTrainingCheckpoint(root: string, o: LoadOptions & { iteration?: number }): TrainingState {
   let ckpt: Checkpoint;
   try {
-    ckpt = Checkpoint.open(root);
+    ckpt = Checkpoint.open(root, o.iteration === undefined ? {} : { iteration: o.iteration });
   } catch (e) {
     throw new TrainError('CHECKPOINT', `checkpoint.load ${root}: ${(e as Error).message}`);
   }

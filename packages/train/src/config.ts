@@ -148,6 +148,13 @@ export const RunConfig = z
         message: 'give exactly one of model.load (weights to start from) and model.config (from scratch)',
       });
     }
+    if (c.checkpoint.exportHf !== null && c.checkpoint.save === null) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['checkpoint', 'save'],
+        message: 'exportHf exports the final checkpoint: set checkpoint.save too',
+      });
+    }
     if (c.checkpoint.saveInterval !== null && c.checkpoint.save === null) {
       ctx.addIssue({
         code: 'custom',

@@ -5,7 +5,12 @@
 // expert-bias update, periodic evaluation and checkpoints, a Megatron log line and JSONL metrics.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { makeTransformerConfig, parseHfConfig, type TransformerConfig } from '@megapatch/convert';
+import {
+  convertMegapatchToHf,
+  makeTransformerConfig,
+  parseHfConfig,
+  type TransformerConfig,
+} from '@megapatch/convert';
 import {
   BlendedDataset,
   type CollatedBatch,
@@ -43,7 +48,12 @@ import {
   type Tensor,
   tidy,
 } from '@megapatch/tensor';
-import { loadTrainingCheckpoint, saveTrainingCheckpoint, type TrainingState } from './checkpoint.js';
+import {
+  loadTrainingCheckpoint,
+  resolveCheckpointIteration,
+  saveTrainingCheckpoint,
+  type TrainingState,
+} from './checkpoint.js';
 import type { RunConfig } from './config.js';
 import { TrainError } from './errors.js';
 import { numFloatingPointOperations, tflopsPerSecond } from './flops.js';
@@ -146,6 +156,7 @@ async function setupLayout(config: RunConfig): Promise<Layout> {
 function buildModel(
   config: RunConfig,
   layout: Layout,
+  iteration: number | undefined,
 ): { model: GPTModel; architecture: string; hfSource: string | null } {
   const m = config.model;
   const options = {
@@ -163,11 +174,14 @@ function buildModel(
   };
   const from = config.checkpoint.load ?? m.load;
   if (from) {
-    const loaded = loadModel(from, options);
+    const loaded = loadModel(from, {
+      ...options,
+      ...(config.checkpoint.load && iteration !== undefined ? { iteration } : {}),
+    });
     return {
       model: loaded.model,
       architecture: loaded.architecture,
-      hfSource: loaded.kind === 'hf' ? from : null,
+      hfSource: loaded.tokenizerDir,
     };
   }
   const parsed = parseHfConfig(m.config as string);
@@ -313,7 +327,11 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
   if (logRank)
     fs.writeFileSync(path.join(config.logging.runDir, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
 
-  const { model, architecture, hfSource } = buildModel(config, layout);
+  // the checkpoint to resume (or fine-tune) from: the newest complete one
+  const resumeIteration = config.checkpoint.load
+    ? resolveCheckpointIteration(config.checkpoint.load, log)
+    : undefined;
+  const { model, architecture, hfSource } = buildModel(config, layout, resumeIteration);
   const cfg = model.config;
   const ddp = new DistributedDataParallel(model, {
     dataParallelGroup: layout.dp,
@@ -361,6 +379,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
       scheduler,
       architecture,
       log,
+      iteration: resumeIteration,
     });
   }
 
@@ -633,6 +652,14 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
       destroyModelParallel();
       await destroyProcessGroup();
     }
+  }
+  if (logRank && exitReason === 'done' && config.checkpoint.exportHf && config.checkpoint.save) {
+    await convertMegapatchToHf({
+      input: config.checkpoint.save,
+      output: config.checkpoint.exportHf,
+      overwrite: true,
+    });
+    log(`exported the model to ${config.checkpoint.exportHf}`);
   }
   if (logRank && opts.report !== false && metricsClosed) {
     try {

@@ -112,3 +112,49 @@ describe('run config', () => {
     );
   });
 });
+
+describe('checkpoints on disk', () => {
+  it('a save left unfinished is ignored with a warning, and a broken latest falls back to the previous one', async () => {
+    const save = path.join(root, 'ck-broken');
+    await train(
+      config('broken', {
+        training: { trainIters: 4, evalInterval: null },
+        checkpoint: { save, saveInterval: 2 },
+      }),
+      { log: () => {}, report: false },
+    );
+    // a killed save: a temporary folder, and the newest iteration without its metadata
+    fs.mkdirSync(path.join(save, 'iter_0000006.tmp-99999'));
+    fs.rmSync(path.join(save, 'iter_0000004', 'metadata.json'));
+    const lines: string[] = [];
+    const r = await train(
+      config('broken-resume', {
+        training: { trainIters: 5, evalInterval: null },
+        checkpoint: { load: save },
+      }),
+      { log: (l) => lines.push(l), report: false },
+    );
+    expect(
+      lines.some((l) => /warning: ignoring .*iter_0000006\.tmp-99999: a save that did not finish/.test(l)),
+    ).toBe(true);
+    expect(lines.some((l) => /warning: skipping checkpoint .*iter_0000004/.test(l))).toBe(true);
+    expect(lines.some((l) => /loaded checkpoint .* at iteration 2/.test(l))).toBe(true);
+    expect(r.losses.length).toBe(3);
+  });
+
+  it('finetune loads the weights only and exportHf writes a Hugging Face folder', async () => {
+    const save = path.join(root, 'ck-ft');
+    const out = path.join(root, 'hf-out');
+    const r = await train(
+      config('ft', {
+        training: { trainIters: 2, evalInterval: null },
+        scheduler: { lrWarmupIters: 0 },
+        checkpoint: { load: path.join(root, 'ck-full-fp32'), finetune: true, save, exportHf: out },
+      }),
+      { log: () => {}, report: false },
+    );
+    expect(r.iteration).toBe(2);
+    expect(fs.existsSync(path.join(out, 'config.json'))).toBe(true);
+    expect(fs.readdirSync(out).some((f) => f.endsWith('.safetensors'))).toBe(true);
+  });
+});
