@@ -13,6 +13,7 @@ export {
   type DistributedOptimizerOptions,
   type DistributedOptimizerStateDict,
   type DistributedStepResult,
+  type MasterPiece,
 } from './distributed/distributed-optimizer.js';
 export {
   BUCKET_END_ALIGNMENT,

@@ -34,6 +34,7 @@ import {
   type RngState,
   setRngState,
   type Tensor,
+  zeros,
 } from '@megapatch/tensor';
 import type { RunConfig } from './config.js';
 import { TrainError } from './errors.js';
@@ -65,19 +66,31 @@ function gatherFull(model: GPTModel, s: ParameterSlice, local: Tensor): Tensor {
   return full;
 }
 
-/** The master weights and AdamW moments of each model parameter, by local parameter name. */
-function optimizerTensors(
-  optimizer: AnyOptimizer,
-): Map<string, { master: Tensor; state: AdamWState | null }> {
-  const sd = optimizer.stateDict() as { optimizer: OptimizerStateDict | null; masters: Tensor[] };
-  const out = new Map<string, { master: Tensor; state: AdamWState | null }>();
+/** This rank's piece of a parameter's optimizer state: where it starts, its master and moments. */
+interface OptimizerPiece {
+  offset: number;
+  master: Tensor;
+  state: AdamWState | null;
+}
+
+/**
+ * The optimizer state of this rank by local parameter name: one piece per parameter (the whole
+ * parameter without the distributed optimizer, this rank's shard of it with).
+ */
+function optimizerPieces(optimizer: AnyOptimizer): Map<string, OptimizerPiece> {
+  const sd = optimizer.stateDict() as { optimizer: OptimizerStateDict | null };
+  const stateOf = new Map<Tensor, AdamWState>();
   let index = 0;
   for (const g of optimizer.paramGroups) {
     for (const master of g.params) {
       const st = sd.optimizer?.state[String(index)] as AdamWState | undefined;
-      out.set(master.name ?? '', { master, state: st ?? null });
+      if (st) stateOf.set(master, st);
       index++;
     }
+  }
+  const out = new Map<string, OptimizerPiece>();
+  for (const p of optimizer.masterPieces) {
+    out.set(p.name, { offset: p.offset, master: p.master, state: stateOf.get(p.master) ?? null });
   }
   return out;
 }
@@ -128,15 +141,16 @@ export function saveTrainingCheckpoint(root: string, o: SaveOptions): string | n
       'saving with expert parallelism (ep > 1) comes with the expert-parallel trainer; save with ep = 1',
     );
   }
-  if ('numLocalElements' in optimizer && o.config.parallel.useDistributedOptimizer) {
-    throw new TrainError(
-      'UNSUPPORTED',
-      'saving the distributed optimizer state is not supported yet; set parallel.useDistributedOptimizer to false',
-    );
+  const sharded = o.config.parallel.useDistributedOptimizer;
+  const opt = optimizerPieces(optimizer);
+  let step = 0;
+  for (const v of opt.values()) if (v.state) step = Math.max(step, v.state.step);
+  if (sharded && o.layout.dp.size > 1) {
+    const t = fromTypedArray(Float64Array.from([step]), [1]);
+    o.layout.dp.allReduce(t, 'max').waitSync();
+    step = (t.toTypedArray() as Float64Array)[0];
+    t.dispose();
   }
-  const opt = optimizerTensors(optimizer);
-  let step: number | null = null;
-  for (const v of opt.values()) if (v.state) step = v.state.step;
   const writer =
     o.layout.rank === 0
       ? new CheckpointWriter(root, o.state.iteration, {
@@ -184,13 +198,25 @@ export function saveTrainingCheckpoint(root: string, o: SaveOptions): string | n
           if (full !== t) full.dispose();
         };
         put(s.name, p, s.name.endsWith('router.expert_bias') ? 'F32' : undefined);
-        const o2 = opt.get(s.local);
-        if (!o2) continue;
-        const shaped = (t: Tensor) => t.view(...p.shape);
-        put(`optimizer.master.${s.name}`, shaped(o2.master));
-        if (o2.state) {
-          put(`optimizer.exp_avg.${s.name}`, shaped(o2.state.expAvg));
-          put(`optimizer.exp_avg_sq.${s.name}`, shaped(o2.state.expAvgSq));
+        if (!p.requiresGrad) continue; // buffers (the expert bias) have no optimizer state
+        const piece = opt.get(s.local) ?? null;
+        // The whole local parameter's state: this rank's piece in place, and with the distributed
+        // optimizer the other data-parallel ranks' pieces summed in (each element lives on one rank).
+        const whole = (pick: (q: OptimizerPiece) => Tensor | null): Tensor => {
+          const flat = zeros([p.numel], { dtype: 'float32' });
+          const src = piece ? pick(piece) : null;
+          if (piece && src) flat.narrow(0, piece.offset, src.numel).copy_(src);
+          if (sharded && o.layout.dp.size > 1) o.layout.dp.allReduce(flat, 'sum').waitSync();
+          return flat.view(...p.shape);
+        };
+        for (const [prefix, pick] of [
+          ['optimizer.master', (q: OptimizerPiece) => q.master],
+          ['optimizer.exp_avg', (q: OptimizerPiece) => q.state?.expAvg ?? null],
+          ['optimizer.exp_avg_sq', (q: OptimizerPiece) => q.state?.expAvgSq ?? null],
+        ] as const) {
+          const t = whole(pick);
+          put(`${prefix}.${s.name}`, t);
+          t.dispose();
         }
       }
     });
@@ -293,7 +319,6 @@ export function loadTrainingCheckpoint(root: string, o: LoadOptions & { iteratio
     }
     const slices = parameterSlices(o.model, o.architecture);
     const byLocal = new Map(slices.map((s) => [s.local, s]));
-    const opt = optimizerTensors(o.optimizer);
     const readLocal = (name: string, s: ParameterSlice, like: Tensor): Tensor => {
       const info = ckpt.info(name);
       const parts = s.boxes.map((b) => ckpt.readSlice(name, b.offsets, b.shape));
@@ -305,31 +330,37 @@ export function loadTrainingCheckpoint(root: string, o: LoadOptions & { iteratio
       );
     };
     const params = new Map(o.model.namedParameters());
-    const masters: Tensor[] = [];
-    const state: OptimizerStateDict['state'] = {};
-    const mastersInOrder = (o.optimizer as unknown as { masterParams: readonly Tensor[] }).masterParams;
+    const pieces = optimizerPieces(o.optimizer);
     const stepOf = (meta.optimizer as { step?: number | null } | undefined)?.step ?? 0;
+    // this rank's piece of a stored per-parameter state, flattened
+    const readPiece = (prefix: string, local: string, piece: OptimizerPiece): Tensor => {
+      const s = byLocal.get(local);
+      const p = params.get(local);
+      if (!s || !p) throw new TrainError('CHECKPOINT', `no parameter ${local} for an optimizer state`);
+      const full = readLocal(`${prefix}.${s.name}`, s, p).view(-1);
+      const part = full.narrow(0, piece.offset, piece.master.numel).contiguous();
+      full.dispose();
+      return part;
+    };
+    const state: OptimizerStateDict['state'] = {};
     let index = 0;
     for (const g of o.optimizer.paramGroups) {
       for (const master of g.params) {
         const local = master.name ?? '';
-        const s = byLocal.get(local);
-        const p = params.get(local);
-        if (!s || !p) throw new TrainError('CHECKPOINT', `no parameter ${local} for an optimizer state`);
-        const read = (prefix: string) => readLocal(`${prefix}.${s.name}`, s, p).view(-1);
+        const piece = pieces.get(local);
+        if (!piece) throw new TrainError('CHECKPOINT', `no optimizer piece for ${local}`);
         state[String(index)] = {
           step: stepOf,
-          expAvg: read('optimizer.exp_avg'),
-          expAvgSq: read('optimizer.exp_avg_sq'),
+          expAvg: readPiece('optimizer.exp_avg', local, piece),
+          expAvgSq: readPiece('optimizer.exp_avg_sq', local, piece),
         } as never;
         index++;
       }
     }
-    for (const master of mastersInOrder) {
-      const local = master.name ?? '';
-      const s = byLocal.get(local) as ParameterSlice;
-      masters.push(readLocal(`optimizer.master.${s.name}`, s, params.get(local) as Tensor).view(-1));
-    }
+    const masters = o.optimizer.masterPieces.map((mp) => {
+      const piece = pieces.get(mp.name) as OptimizerPiece;
+      return readPiece('optimizer.master', mp.name, piece);
+    });
     const sd = o.optimizer.stateDict() as {
       dataParallelRank: number;
       dataParallelSize: number;

@@ -60,3 +60,54 @@ describe('train on several processes', () => {
     }
   });
 });
+
+describe('checkpoints across layouts', () => {
+  it('DP=2 with the distributed optimizer resumes bit for bit, and one process resumes its checkpoint', async () => {
+    const distOpt = { useDistributedOptimizer: true };
+    const run = async (name: string, extra: Record<string, unknown>, nproc = 2) => {
+      const cfg = config(name, distOpt) as Record<string, Record<string, unknown>>;
+      for (const [k, v] of Object.entries(extra)) cfg[k] = { ...cfg[k], ...(v as object) };
+      if (nproc === 1) {
+        cfg.parallel = {};
+        return (await train(parseRunConfig(cfg), { log: () => {}, report: false })).losses;
+      }
+      const [r] = (await launchWorkers({ nproc, script: 'train-worker.ts', config: cfg })) as {
+        losses: number[];
+      }[];
+      return r.losses;
+    };
+    const full = await run('do-full', {});
+    const half = await run('do-half', {
+      training: { exitInterval: 3 },
+      checkpoint: { save: path.join(root, 'ck-do') },
+    });
+    expect(half).toEqual(full.slice(0, 3));
+    const resumed = await run('do-resumed', { checkpoint: { load: path.join(root, 'ck-do') } });
+    expect(resumed).toEqual(full.slice(3));
+    // the same checkpoint on one process (another layout): the same losses within fp32 tolerance
+    const single = await run('do-single', { checkpoint: { load: path.join(root, 'ck-do') } }, 1);
+    for (let i = 0; i < 3; i++) expect(Math.abs(single[i] - full[3 + i]) / full[3 + i]).toBeLessThan(1e-5);
+  });
+});
+
+describe('a TP=2 checkpoint', () => {
+  it('resumes on one process with the losses of an uninterrupted TP=2 run', async () => {
+    const tp2 = { tensorModelParallelSize: 2 };
+    const [full] = (await launchWorkers({
+      nproc: 2,
+      script: 'train-worker.ts',
+      config: config('tp-full', tp2),
+    })) as {
+      losses: number[];
+    }[];
+    const halfCfg = config('tp-half', tp2) as Record<string, Record<string, unknown>>;
+    halfCfg.training = { ...halfCfg.training, exitInterval: 3 };
+    halfCfg.checkpoint = { save: path.join(root, 'ck-tp') };
+    await launchWorkers({ nproc: 2, script: 'train-worker.ts', config: halfCfg });
+    const oneCfg = config('tp-one') as Record<string, Record<string, unknown>>;
+    oneCfg.checkpoint = { load: path.join(root, 'ck-tp') };
+    const single = (await train(parseRunConfig(oneCfg), { log: () => {}, report: false })).losses;
+    for (let i = 0; i < 3; i++)
+      expect(Math.abs(single[i] - full.losses[3 + i]) / full.losses[3 + i]).toBeLessThan(1e-5);
+  });
+});

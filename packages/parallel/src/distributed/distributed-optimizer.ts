@@ -71,6 +71,21 @@ interface ShardPiece {
   master: Tensor;
   /** Where the master is written back after the step (the model's values); null when master is that view. */
   modelView: Tensor | null;
+  /** The parameter this piece belongs to, and the piece's first element in it (row-major). */
+  param: Tensor;
+  paramOffset: number;
+}
+
+/** Where one master piece sits in its parameter: what a checkpoint maps back to logical tensors. */
+export interface MasterPiece {
+  /** The model parameter. */
+  param: Tensor;
+  /** Its name in the model (DDP's namedParameters). */
+  name: string;
+  /** First element of the piece in the flattened parameter. */
+  offset: number;
+  /** The fp32 master values of the piece (1-D, `numel` elements). */
+  master: Tensor;
 }
 
 function noWeightDecay(name: string, p: Tensor): boolean {
@@ -117,7 +132,11 @@ abstract class BufferOptimizer {
             const start = Math.max(lo, slot.start);
             const end = Math.min(hi, slot.end);
             if (end <= start) continue;
-            const piece = this.makePiece(p, buffer.paramData, slot.start, start, end - start);
+            const piece = {
+              ...this.makePiece(p, buffer.paramData, slot.start, start, end - start),
+              param: p,
+              paramOffset: start - slot.start,
+            };
             piece.master.grad = keep(flatView(buffer.gradData, start, [end - start]));
             const n = names.get(p) ?? p.name ?? '';
             piece.master.name = n;
@@ -153,7 +172,7 @@ abstract class BufferOptimizer {
     paramStart: number,
     start: number,
     n: number,
-  ): ShardPiece {
+  ): Pick<ShardPiece, 'master' | 'modelView'> {
     // the model's values of this piece: in the parameter buffer, or (plain path) in the parameter itself
     let modelView: Tensor;
     if (paramData) modelView = flatView(paramData, start, [n]);
@@ -176,6 +195,19 @@ abstract class BufferOptimizer {
   /** Elements of the parameters this rank updates. */
   get numLocalElements(): number {
     return this.pieces.reduce((n, p) => n + p.master.numel, 0);
+  }
+
+  /**
+   * The pieces this rank updates, in masterParams order, with their parameter and offset: the
+   * distributed optimizer's flat shards mapped back to parameter pieces (for checkpoints).
+   */
+  get masterPieces(): MasterPiece[] {
+    return this.pieces.map((p) => ({
+      param: p.param,
+      name: p.master.name ?? '',
+      offset: p.paramOffset,
+      master: p.master,
+    }));
   }
 
   /** The fp32 master pieces this rank updates (1-D, each with its gradient view as .grad). */
