@@ -41,7 +41,24 @@ export const DataSection = z.strictObject({
    * Megatron --data-path: one prefix (`<prefix>.bin/.idx`), or weights and prefixes alternated
    * (`[0.3, a, 0.7, b]`) for a blend.
    */
-  dataPath: z.array(z.union([z.string().min(1), z.number().positive()])).min(1),
+  dataPath: z
+    .array(z.union([z.string().min(1), z.number().positive()]))
+    .min(1)
+    .nullable()
+    .default(null),
+  /**
+   * Fine-tuning data instead of dataPath: the output prefix of `megapatch preprocess sft`; packed
+   * rows (cuSeqlens, micro batch 1) or one padded sample per row; Pai-Megatron-Patch's
+   * per-sequence loss weighs each sample equally.
+   */
+  sft: z
+    .strictObject({
+      prefix: z.string().min(1),
+      packing: z.boolean().default(true),
+      perSequenceLoss: z.boolean().default(false),
+    })
+    .nullable()
+    .default(null),
   /** Megatron --split: train, validation and test proportions. */
   split: z.string().default('969,30,1'),
   /** Megatron --seq-length. */
@@ -146,6 +163,20 @@ export const RunConfig = z
         code: 'custom',
         path: ['model'],
         message: 'give exactly one of model.load (weights to start from) and model.config (from scratch)',
+      });
+    }
+    if ((c.data.dataPath === null) === (c.data.sft === null)) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['data'],
+        message: 'give exactly one of data.dataPath (pre-training) and data.sft (fine-tuning)',
+      });
+    }
+    if (c.data.sft?.packing && c.training.microBatchSize !== 1) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['training', 'microBatchSize'],
+        message: 'packed SFT rows (data.sft.packing) need microBatchSize 1',
       });
     }
     if (c.checkpoint.exportHf !== null && c.checkpoint.save === null) {

@@ -59,6 +59,7 @@ import { TrainError } from './errors.js';
 import { numFloatingPointOperations, tflopsPerSecond } from './flops.js';
 import { formatTrainingLogLine, formatValidationLogLines } from './log-line.js';
 import { writeRunReport } from './report/write.js';
+import { buildSftDataset } from './sft.js';
 
 /** One training iteration's numbers (a line of metrics.jsonl). */
 export interface TrainMetrics {
@@ -234,7 +235,24 @@ function buildDataset(
   eod: number,
 ): SampleSource | null {
   const d = config.data;
-  const { prefixes, weights } = dataPrefixes(d.dataPath);
+  if (d.sft) {
+    try {
+      return buildSftDataset({
+        prefix: d.sft.prefix,
+        split: d.split,
+        which: split,
+        seqLength: d.seqLength,
+        numRows: numSamples,
+        seed: config.training.seed,
+        packing: d.sft.packing,
+        perSequenceLoss: d.sft.perSequenceLoss,
+      });
+    } catch (e) {
+      if (split === 'valid' && e instanceof TrainError && /split .* is empty/.test(e.message)) return null;
+      throw e;
+    }
+  }
+  const { prefixes, weights } = dataPrefixes(d.dataPath as (string | number)[]);
   const cacheDir = d.dataCachePath ?? path.join(config.logging.runDir, 'data-cache');
   const build = (prefix: string, n: number) => {
     let dataset: IndexedDataset;

@@ -52,6 +52,9 @@ describe('train', () => {
     // the run report is written when the run ends
     expect(fs.existsSync(path.join(root, 'run-a', 'report', 'index.html'))).toBe(true);
     expect(lines.some((l) => /^run report: /.test(l))).toBe(true);
+    // native memory is flat from step to step once the optimizer state exists
+    const live = metrics.filter((m) => m.kind === 'train').map((m) => m.memory.liveBytes);
+    for (let i = 2; i < live.length; i++) expect(live[i], `live bytes after step ${i + 1}`).toBe(live[1]);
     // warm-up 2 iterations, then cosine to minLr at iteration 12 (counted in samples, as Megatron)
     const lrs = metrics.filter((m) => m.kind === 'train').map((m) => m.lr);
     expect(lrs[0]).toBeCloseTo(1.5e-3, 9);
