@@ -75,6 +75,12 @@ export interface TrainMetrics {
   tflops: number | null;
   memory: { liveBytes: number; peakBytes: number };
   moe?: { auxLoss?: number; zLoss?: number; mtpLoss?: number; expertLoad?: Record<string, number[]> };
+  /**
+   * Where the iteration's time went, in ms: reading and collating the batch, the forward passes,
+   * the backward passes (with the overlapped gradient reductions), and the optimizer step (waiting
+   * for the last reductions, the gradient norm, clipping, AdamW).
+   */
+  timers: { dataMs: number; forwardMs: number; backwardMs: number; optimizerMs: number };
   time: string;
 }
 
@@ -518,6 +524,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
       if (step.done)
         throw new TrainError('DATA', `the train data ran out at iteration ${state.iteration + 1}`);
       const micro = step.value.map(microTensors);
+      const timers = { dataMs: performance.now() - stepStart, forwardMs: 0, backwardMs: 0, optimizerMs: 0 };
       // the tokens that carry loss in the whole global batch (for the per-token loss)
       const [globalTokens] = tr.calculatePerTokenLoss
         ? allReduceNumbers([micro.reduce((a, m) => a + m.maskSum, 0)], layout.dp)
@@ -533,6 +540,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
         const run = i < micro.length - 1 ? <T>(f: () => T) => ddp.noSync(f) : <T>(f: () => T) => f();
         run(() =>
           tidy(() => {
+            const f0 = performance.now();
             const out = model.forward(mb.tokens, {
               labels: mb.labels,
               positionIds: mb.positionIds,
@@ -557,14 +565,19 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
               if (r?.auxLoss) auxSum += r.auxLoss.item();
               if (r?.zLoss) zSum += r.zLoss.item();
             }
+            const b0 = performance.now();
+            timers.forwardMs += b0 - f0;
             objective.backward();
+            timers.backwardMs += performance.now() - b0;
           }),
         );
       }
       for (const mb of micro) {
         for (const t of [mb.tokens, mb.labels, mb.positionIds, mb.lossMask, mb.cuSeqlens]) t?.dispose();
       }
+      const o0 = performance.now();
       const r = optimizer.step();
+      timers.optimizerMs = performance.now() - o0;
       // Megatron advances the schedule only after an update (a skipped step leaves it)
       if (r.updated) scheduler.step(gbs);
       // the step's tokens per expert, summed over the data-parallel ranks: logged, and the
@@ -604,6 +617,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
         tokensPerSecond: (gbs * config.data.seqLength) / (elapsed / 1000),
         tflops: tflopsPerSecond(stepFlops, elapsed / 1000, layout.world),
         memory: { liveBytes: mem.liveBytes, peakBytes: mem.peakBytes },
+        timers,
         time: new Date().toISOString(),
       };
       if (cfg.moe || cfg.mtpNumLayers > 0) {
