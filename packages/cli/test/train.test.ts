@@ -1,5 +1,6 @@
 // `megapatch train` through the real binary: a YAML run config with dotted overrides, a misspelled
 // key named with its nearest valid one, and SIGTERM saving a checkpoint the next run resumes from.
+import type { ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { SYNTHETIC_MODELS, writeSyntheticHfCheckpoint } from '@megapatch/convert/testing';
@@ -8,7 +9,12 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { finished, megapatch, startMegapatch, tempDir, waitFor } from './helpers.js';
 
 const root = tempDir('mp-cli-train');
-afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
+const running: ChildProcess[] = [];
+afterAll(() => {
+  // a run left behind by a failed test must not keep the machine busy
+  for (const c of running) if (c.exitCode === null) c.kill('SIGKILL');
+  fs.rmSync(root, { recursive: true, force: true });
+});
 const hf = path.join(root, 'hf');
 writeSyntheticHfCheckpoint(
   hf,

@@ -206,7 +206,13 @@ function validKeys(): string[] {
   for (const [section, schema] of Object.entries(shape)) {
     let s = schema as unknown as { def: { innerType?: unknown; shape?: Record<string, unknown> } };
     while (s.def.innerType) s = s.def.innerType as typeof s;
-    for (const key of Object.keys(s.def.shape ?? {})) out.push(`${section}.${key}`);
+    for (const [key, inner] of Object.entries(s.def.shape ?? {})) {
+      out.push(`${section}.${key}`);
+      // one more level for nested sections (data.sft.*)
+      let t = inner as typeof s;
+      while (t.def.innerType) t = t.def.innerType as typeof s;
+      for (const sub of Object.keys(t.def.shape ?? {})) out.push(`${section}.${key}.${sub}`);
+    }
     out.push(section);
   }
   return out;

@@ -129,6 +129,12 @@ async function setupLayout(config: RunConfig): Promise<Layout> {
   const env = detectEnvironment();
   const world = env.worldSize;
   const p = config.parallel;
+  if (p.expertModelParallelSize > 1) {
+    throw new TrainError(
+      'UNSUPPORTED',
+      'parallel.expertModelParallelSize > 1 is not supported by the trainer yet (expert gradients need the expert data-parallel reduction of the expert-parallel issue); train MoE models with expertModelParallelSize 1',
+    );
+  }
   if (world === 1) {
     if (p.tensorModelParallelSize > 1 || p.expertModelParallelSize > 1) {
       throw new TrainError(
@@ -453,6 +459,9 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
   const t0 = performance.now();
   let exitReason: TrainResult['exitReason'] = 'done';
   const expertBias = model.moeLayers().some(([, m]) => m.router.expertBias !== null);
+  // Megatron's MoEAuxLossAutoScaler scale: the aux losses are averaged over the micro-batches as
+  // the main loss is (not with calculatePerTokenLoss, where the main loss is not either)
+  model.auxLossScale = tr.calculatePerTokenLoss ? 1 : 1 / numMicro;
   const save = () => {
     if (!config.checkpoint.save) return;
     const dir = saveTrainingCheckpoint(config.checkpoint.save, {

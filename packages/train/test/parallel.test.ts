@@ -61,6 +61,23 @@ describe('train on several processes', () => {
   });
 });
 
+describe('MoE with aux and z losses', () => {
+  it('DP=2 gives the losses of one process (the aux losses are averaged over micro-batches)', async () => {
+    const moeHf = tinyLlama(path.join(root, 'hf-mixtral'), 'mixtral');
+    const cfg = (run: string) => {
+      const c = config(run) as Record<string, Record<string, unknown>>;
+      c.model = { load: moeHf, dtype: 'fp32', moeAuxLossCoeff: 0.01, moeZLossCoeff: 0.001 };
+      return c;
+    };
+    const one = (await train(parseRunConfig(cfg('moe-one')), { log: () => {}, report: false })).losses;
+    const [two] = (await launchWorkers({ nproc: 2, script: 'train-worker.ts', config: cfg('moe-two') })) as {
+      losses: number[];
+    }[];
+    for (let i = 0; i < 6; i++)
+      expect(Math.abs(two.losses[i] - one[i]) / one[i], `step ${i + 1}`).toBeLessThan(1e-5);
+  });
+});
+
 describe('checkpoints across layouts', () => {
   it('DP=2 with the distributed optimizer resumes bit for bit, and one process resumes its checkpoint', async () => {
     const distOpt = { useDistributedOptimizer: true };

@@ -110,6 +110,20 @@ describe('run config', () => {
     expect(() =>
       parseRunConfig({ ...config('x'), training: { ...config('x').training, trainIter: 3 } }),
     ).toThrow(/unknown key training\.trainIter \(did you mean training\.trainIters\?\)/);
+    // nested sections take three-part keys
+    const sft = loadRunConfig(null, [
+      ['model.load', 'x'],
+      ['data.sft.prefix', 'p'],
+      ['data.seqLength', '8'],
+      ['training.globalBatchSize', '4'],
+      ['training.trainIters', '2'],
+      ['optimizer.lr', '0.1'],
+      ['logging.runDir', 'r'],
+    ]);
+    expect(sft.data.sft?.prefix).toBe('p');
+    expect(() => loadRunConfig(null, [['data.sft.prefx', 'p']])).toThrow(
+      /did you mean --data\.sft\.prefix\?/,
+    );
     expect(() => loadRunConfig(null, [['optimizer.lrr', '1']])).toThrow(
       /unknown key --optimizer\.lrr \(did you mean --optimizer\.lr\?\)/,
     );

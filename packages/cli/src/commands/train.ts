@@ -23,7 +23,7 @@ const command: Command = {
   },
   dottedOverrides: true,
   examples: [
-    'train --config examples/llama/tiny-pretrain.yaml',
+    'train --config examples/llama3/tiny-pretrain.yaml',
     'train --config run.yaml --training.trainIters 100 --optimizer.lr 1e-4',
     'launch --nproc-per-node 2 -- megapatch train --config run.yaml',
   ],
