@@ -1,10 +1,9 @@
-// The example trains and learns: memory flat from step to step, digit sorting solved on held-out
-// cases, tiny Shakespeare below its unigram entropy. Each run happens in a worker thread
-// (test/run-worker.mjs) so that the test runner's event loop stays free.
 import { readFileSync } from 'node:fs';
 import { Worker } from 'node:worker_threads';
+import { manualSeed, memoryStats } from '@megapatch/tensor';
 import { sharedPath, skipWithoutShared } from '@megapatch/test-support';
 import { describe, expect, it } from 'vitest';
+import { GPT, rng, textTask, train, validationLoss } from '../src/index.js';
 
 const shakespeare = sharedPath('data/corpus/tinyshakespeare_input.txt');
 // Any text will do to show that memory stays flat: a generated one needs no data folder.
@@ -12,40 +11,89 @@ const generatedText = Array.from(
   { length: 4000 },
   (_, i) => `${['the', 'a', 'one'][i % 3]} ${['cat', 'dog', 'bird', 'fox'][(i * 7) % 4]} ${i % 11}.`,
 ).join(' ');
-
-function run<T>(which: string, text?: string): Promise<T> {
-  return new Promise<T>((resolve, reject) => {
-    const w = new Worker(new URL('./run-worker.mjs', import.meta.url), { workerData: { case: which, text } });
-    w.once('message', (m: T) => resolve(m));
-    w.once('error', reject);
-    w.once('exit', (code) => code !== 0 && reject(new Error(`the ${which} worker exited with ${code}`)));
-  });
-}
+const quiet = { log: () => {} };
 
 describe('tiny-gpt', () => {
-  it('keeps native memory flat from step to step (50 steps)', async () => {
-    const r = await run<{ liveBytes: number[]; losses: number[] }>('memory', generatedText);
-    expect(r.liveBytes[4]).toBeGreaterThan(0);
-    expect(r.liveBytes[49]).toBe(r.liveBytes[4]);
-    expect(r.losses[49]).toBeLessThan(r.losses[0]);
+  it('keeps native memory flat from step to step (50 steps)', () => {
+    manualSeed(0);
+    const task = textTask(generatedText, 64);
+    const model = new GPT({
+      vocabSize: task.vocabSize,
+      numLayers: 2,
+      hiddenSize: 64,
+      numAttentionHeads: 4,
+      maxSeqLength: 64,
+    });
+    const steps = train(
+      model,
+      task,
+      {
+        iters: 50,
+        batchSize: 8,
+        lr: 1e-3,
+        minLr: 1e-4,
+        warmupIters: 5,
+        weightDecay: 0.1,
+        clipGrad: 1,
+        logInterval: 50,
+        seed: 0,
+        ...quiet,
+      },
+      rng(0),
+    );
+    expect(steps[4].liveBytes).toBeGreaterThan(0);
+    expect(steps[49].liveBytes).toBe(steps[4].liveBytes);
+    expect(steps[49].loss).toBeLessThan(steps[0].loss);
+    model.dispose();
   });
 
   it('learns to sort digits and solves held-out cases', async () => {
-    const r = await run<{ accuracy: number }>('sort');
-    expect(r.accuracy).toBeGreaterThan(0.9);
+    // in a worker thread, so that a minute of training does not stall the test runner
+    const accuracy = await new Promise<number>((resolve, reject) => {
+      const w = new Worker(new URL('./sort-worker.mjs', import.meta.url));
+      w.once('message', (m: { accuracy: number }) => resolve(m.accuracy));
+      w.once('error', reject);
+      w.once('exit', (code) => code !== 0 && reject(new Error(`the sort worker exited with ${code}`)));
+    });
+    expect(accuracy).toBeGreaterThan(0.9);
   });
 
   it.skipIf(skipWithoutShared(import.meta.url))(
     'trains on tiny Shakespeare to a validation loss well below the unigram entropy',
-    async () => {
-      const r = await run<{ val: number; unigramEntropy: number; before: number; after: number }>(
-        'shakespeare',
-        readFileSync(shakespeare, 'utf8'),
+    () => {
+      manualSeed(2);
+      const task = textTask(readFileSync(shakespeare, 'utf8'), 64);
+      const model = new GPT({
+        vocabSize: task.vocabSize,
+        numLayers: 2,
+        hiddenSize: 96,
+        numAttentionHeads: 4,
+        maxSeqLength: 64,
+      });
+      const before = memoryStats().liveBytes;
+      train(
+        model,
+        task,
+        {
+          iters: 250,
+          batchSize: 16,
+          lr: 3e-3,
+          minLr: 3e-4,
+          warmupIters: 25,
+          weightDecay: 0.1,
+          clipGrad: 1,
+          logInterval: 250,
+          seed: 2,
+          ...quiet,
+        },
+        rng(2),
       );
+      const val = validationLoss(model, task, 16, 10);
       // unigram entropy of the text is about 3.3 nats per character
-      expect(r.unigramEntropy).toBeGreaterThan(3);
-      expect(r.val).toBeLessThan(r.unigramEntropy - 0.8);
-      expect(r.after).toBeLessThanOrEqual(r.before);
+      expect(task.unigramEntropy).toBeGreaterThan(3);
+      expect(val).toBeLessThan(task.unigramEntropy - 0.8);
+      model.dispose();
+      expect(memoryStats().liveBytes).toBeLessThanOrEqual(before);
     },
   );
 });
