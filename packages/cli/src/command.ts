@@ -60,8 +60,9 @@ export interface Command {
   /** The command takes every word after `--` as is (the worker command of `launch`). */
   readonly passthrough?: PositionalSpec;
   /**
-   * Flags with a dot (`--training.lr 1e-4`, `--training.lr=1e-4`) are config overrides the command
-   * validates itself (`megapatch train`); they come in `overrides`, not in `options`.
+   * Flags with a dot (`--training.lr 1e-4`, `--training.lr=1e-4`) and undeclared long flags
+   * (Megatron's names: `--train-iters 10`, `--bf16`) are config overrides the command validates
+   * itself (`megapatch train`); they come in `overrides`, not in `options`.
    */
   readonly dottedOverrides?: boolean;
   /** Returns nothing (exit 0) or an exit code of its own (`launch` passes on a worker's). */
@@ -122,27 +123,47 @@ export interface ParsedArgs {
   overrides: [string, string][];
 }
 
-/** Takes `--a.b value` / `--a.b=value` out of argv. */
+/**
+ * Takes config overrides out of argv: `--a.b value` / `--a.b=value`, and Megatron long flags the
+ * command does not declare itself (`--train-iters 10`, `--data-path 0.3 a 0.7 b`, `--bf16`): such a
+ * flag takes the words up to the next `--` flag (none: the value `true`). The command validates them.
+ */
 function takeOverrides(
   command: Command,
   argv: readonly string[],
+  known: ReadonlySet<string>,
 ): { rest: string[]; overrides: [string, string][] } {
   const rest: string[] = [];
   const overrides: [string, string][] = [];
   for (let i = 0; i < argv.length; i++) {
     const w = argv[i];
+    if (w === '--') {
+      rest.push(...argv.slice(i));
+      break;
+    }
     const m = /^--([A-Za-z][\w-]*(?:\.[A-Za-z][\w-]*)+)(?:=(.*))?$/.exec(w);
-    if (!m) {
+    if (m) {
+      let value = m[2];
+      if (value === undefined) {
+        value = argv[i + 1];
+        if (value === undefined) throw new UsageError(`${w} needs a value`, command.name);
+        i++;
+      }
+      overrides.push([m[1], value]);
+      continue;
+    }
+    const f = /^--([a-z][a-z0-9-]*)(?:=(.*))?$/.exec(w);
+    if (!f || known.has(f[1])) {
       rest.push(w);
       continue;
     }
-    let value = m[2];
-    if (value === undefined) {
-      value = argv[i + 1];
-      if (value === undefined) throw new UsageError(`${w} needs a value`, command.name);
-      i++;
+    if (f[2] !== undefined) {
+      overrides.push([f[1], f[2]]);
+      continue;
     }
-    overrides.push([m[1], value]);
+    const words: string[] = [];
+    while (i + 1 < argv.length && !argv[i + 1].startsWith('--')) words.push(argv[++i]);
+    overrides.push([f[1], words.length === 0 ? 'true' : words.join(' ')]);
   }
   return { rest, overrides };
 }
@@ -154,10 +175,10 @@ function takeOverrides(
  * too many or too few positional arguments.
  */
 export function parseCommandArgs(command: Command, argvIn: readonly string[]): ParsedArgs {
-  const { rest: argv, overrides } = command.dottedOverrides
-    ? takeOverrides(command, argvIn)
-    : { rest: [...argvIn], overrides: [] as [string, string][] };
   const table = flagTable(command.options);
+  const { rest: argv, overrides } = command.dottedOverrides
+    ? takeOverrides(command, argvIn, new Set(table.keys()))
+    : { rest: [...argvIn], overrides: [] as [string, string][] };
   const specOf = (option: string) => command.options[option] ?? GLOBAL_OPTIONS[option];
   const config: Record<string, { type: 'string' | 'boolean'; short?: string }> = {};
   for (const [flag, entry] of table) {

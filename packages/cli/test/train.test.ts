@@ -88,6 +88,27 @@ describe('megapatch train', () => {
     expect(bad.stderr).toMatch(/unknown key optimiser \(did you mean optimizer\?\)/);
   });
 
+  it("accepts Megatron's long flag names and names the nearest of a misspelled one", () => {
+    const r = megapatch([
+      'train',
+      '--config',
+      writeConfig('m'),
+      '--train-iters',
+      '2',
+      '--lr=0.001',
+      '--log-interval',
+      '1',
+      '--data-path',
+      corpus,
+      '--use-distributed-optimizer',
+    ]);
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/iteration\s+1\/\s*2 \|.*learning rate: 5\.000000E-04/);
+    const bad = megapatch(['train', '--config', writeConfig('n'), '--train-iter', '2']);
+    expect(bad.status).toBe(1);
+    expect(bad.stderr).toMatch(/unknown flag --train-iter \(did you mean --train-iters\?\)/);
+  });
+
   it('SIGTERM saves a checkpoint and exits 143; the next run resumes from it', async () => {
     const save = path.join(root, 'ckpt');
     const cfg = writeConfig('d', `checkpoint:\n  save: ${save}\n`);
@@ -115,9 +136,9 @@ describe('megapatch train', () => {
       'train',
       '--config',
       cfg,
-      '--checkpoint.load',
+      '--load',
       save,
-      '--training.trainIters',
+      '--train-iters',
       String(iteration + 2),
       '--logging.runDir',
       path.join(root, 'run-d2'),

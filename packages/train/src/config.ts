@@ -293,9 +293,90 @@ function overrideValue(text: string): unknown {
   }
 }
 
+/** Megatron flags whose config key is not found by name alone (or that set a value themselves). */
+const MEGATRON_FLAGS: Readonly<Record<string, { key: string; value?: unknown }>> = {
+  load: { key: 'checkpoint.load' },
+  bf16: { key: 'model.dtype', value: 'bf16' },
+  'export-hf': { key: 'checkpoint.exportHf' },
+  'sft-packing': { key: 'data.sft.packing' },
+  'train-data-path': { key: 'data.dataPath' },
+};
+
+/** Keys whose value is a list: a Megatron flag given several words (`--data-path 0.3 a 0.7 b`). */
+const LIST_KEYS = new Set(['data.dataPath', 'model.recomputeModules']);
+
+const kebab = (camel: string) => camel.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
+
+/** Megatron's long flag name (`tensor-model-parallel-size`) for every key it names unambiguously. */
+function megatronFlagKeys(): Map<string, string> {
+  const byFlag = new Map<string, string[]>();
+  for (const k of validKeys()) {
+    const parts = k.split('.');
+    if (parts.length !== 2) continue;
+    const flag = kebab(parts[1]);
+    byFlag.set(flag, [...(byFlag.get(flag) ?? []), k]);
+  }
+  const out = new Map<string, string>();
+  for (const [flag, keys] of byFlag) if (keys.length === 1) out.set(flag, keys[0]);
+  for (const [flag, m] of Object.entries(MEGATRON_FLAGS)) out.set(flag, m.key);
+  return out;
+}
+
 /**
- * Reads a YAML or JSON run config and applies dotted overrides (`training.lr=1e-4` pairs as
- * [key, value]); returns the validated config.
+ * The config key and value of one command-line override: a dotted key (`training.trainIters`) as
+ * it is, or a Megatron long flag name (`train-iters`, `tensor-model-parallel-size`, `load`,
+ * `bf16`, `export-hf`, `data-path`) mapped to its key. A flag given without a value is `true`.
+ */
+export function resolveOverride(flag: string, text: string): [string, unknown] {
+  if (flag.includes('.')) {
+    if (!validKeys().includes(flag)) {
+      const near = nearestKey(flag);
+      throw new TrainError(
+        'INVALID_CONFIG',
+        `unknown key --${flag}${near ? ` (did you mean --${near}?)` : ''}`,
+      );
+    }
+    return [flag, overrideValue(text)];
+  }
+  const flags = megatronFlagKeys();
+  const key = flags.get(flag);
+  if (key === undefined) {
+    let best: string | null = null;
+    let bestD = Number.POSITIVE_INFINITY;
+    for (const f of flags.keys()) {
+      const d = distance(flag, f);
+      if (d < bestD) [best, bestD] = [f, d];
+    }
+    const near = best !== null && bestD <= Math.max(2, Math.floor(flag.length / 3)) ? best : null;
+    throw new TrainError(
+      'INVALID_CONFIG',
+      `unknown flag --${flag}${near ? ` (did you mean --${near}?)` : ''}; use --section.key value for any config key`,
+    );
+  }
+  const preset = MEGATRON_FLAGS[flag]?.value;
+  if (preset !== undefined) {
+    if (text !== 'true') throw new TrainError('INVALID_CONFIG', `--${flag} takes no value (got ${text})`);
+    return [key, preset];
+  }
+  if (LIST_KEYS.has(key)) {
+    const v = overrideValue(text);
+    return [
+      key,
+      Array.isArray(v)
+        ? v
+        : text
+            .split(/[\s,]+/)
+            .filter(Boolean)
+            .map(overrideValue),
+    ];
+  }
+  return [key, overrideValue(text)];
+}
+
+/**
+ * Reads a YAML or JSON run config and applies command-line overrides ([flag, value] pairs: dotted
+ * keys such as `training.lr`, or Megatron long flag names such as `lr`, `load`, `bf16`; see
+ * {@link resolveOverride}); returns the validated config.
  */
 export function loadRunConfig(file: string | null, overrides: readonly [string, string][] = []): RunConfig {
   let obj: Record<string, unknown> = {};
@@ -323,15 +404,9 @@ export function loadRunConfig(file: string | null, overrides: readonly [string, 
     }
     obj = parsed as Record<string, unknown>;
   }
-  for (const [key, value] of overrides) {
-    const near = validKeys().includes(key) ? null : nearestKey(key);
-    if (!validKeys().includes(key)) {
-      throw new TrainError(
-        'INVALID_CONFIG',
-        `unknown key --${key}${near ? ` (did you mean --${near}?)` : ''}`,
-      );
-    }
-    setDotted(obj, key, overrideValue(value));
+  for (const [flag, text] of overrides) {
+    const [key, value] = resolveOverride(flag, text);
+    setDotted(obj, key, value);
   }
   return parseRunConfig(obj, file ?? 'config');
 }

@@ -20,6 +20,7 @@ export {
   parseRunConfig,
   RunConfig,
   type RunConfigInput,
+  resolveOverride,
   SchedulerSection,
   TrainingSection,
 } from './config.js';

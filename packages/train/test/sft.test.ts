@@ -1,11 +1,9 @@
 // SFT in the trainer: `megapatch preprocess sft` output (here written directly, and for the real
-// stories260K model through the real preprocessing), packed or padded, loss on assistant tokens
+// stories260K model in the cli's tests, through the real commands), packed or padded, loss on assistant tokens
 // only, the per-sequence loss; the loss falls and the exported model generates.
-import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { IndexedDatasetBuilder } from '@megapatch/data';
-import { sharedPath, skipWithoutShared } from '@megapatch/test-support';
 import { afterAll, describe, expect, it } from 'vitest';
 import { parseRunConfig, train } from '../src/index.js';
 import { buildSftDataset } from '../src/sft.js';
@@ -103,91 +101,5 @@ describe('SFT rows', () => {
       { log: () => {}, report: false },
     );
     expect(r.losses[11]).toBeLessThan(r.losses[0] - 1);
-  });
-});
-
-const SKIP = skipWithoutShared(import.meta.url);
-describe.skipIf(SKIP)('SFT of the real stories260K model', () => {
-  it('lowers its loss on a small chat set, and the exported folder generates', async () => {
-    // stories260K's tokenizer has no chat template: a copy of the folder gets a simple one
-    const hf = path.join(root, 'stories');
-    fs.cpSync(sharedPath('data/models/stories260K/hf'), hf, { recursive: true });
-    const tc = JSON.parse(fs.readFileSync(path.join(hf, 'tokenizer_config.json'), 'utf8'));
-    tc.chat_template =
-      "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}Question: {{ m['content'] }}\n{% else %}Answer: {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}Answer:{% endif %}";
-    fs.writeFileSync(path.join(hf, 'tokenizer_config.json'), JSON.stringify(tc));
-    const chats = path.join(root, 'chats.jsonl');
-    const names = ['Lily', 'Tom', 'Sue', 'Ben', 'Max', 'Mia', 'Sam', 'Ann'];
-    const things = ['a red ball', 'a big dog', 'a small cat', 'a blue car', 'a tall tree', 'a happy bird'];
-    const lines: string[] = [];
-    for (const n of names) {
-      for (const t of things) {
-        lines.push(
-          JSON.stringify({ instruction: `What did ${n} see?`, input: '', output: `${n} saw ${t}.` }),
-        );
-      }
-    }
-    fs.writeFileSync(chats, `${lines.join('\n')}\n`);
-    const bin = path.join(__dirname, '..', '..', 'cli', 'bin', 'megapatch.js');
-    const prefix = path.join(root, 'stories-sft');
-    const pre = spawnSync(
-      process.execPath,
-      [
-        bin,
-        'preprocess',
-        'sft',
-        '--input',
-        chats,
-        '--tokenizer',
-        hf,
-        '--output-prefix',
-        prefix,
-        '--seq-length',
-        '64',
-      ],
-      { encoding: 'utf8' },
-    );
-    expect(pre.status, pre.stderr).toBe(0);
-    const out = path.join(root, 'stories-export');
-    const r = await train(
-      parseRunConfig({
-        model: { load: hf, dtype: 'fp32' },
-        data: { sft: { prefix }, seqLength: 64, split: '100,0,0' },
-        training: {
-          microBatchSize: 1,
-          globalBatchSize: 4,
-          trainIters: 30,
-          evalInterval: null,
-          logInterval: 100,
-        },
-        optimizer: { lr: 2e-3, minLr: 2e-4 },
-        scheduler: { lrDecayStyle: 'cosine', lrWarmupIters: 3 },
-        checkpoint: { save: path.join(root, 'stories-ckpt'), exportHf: out },
-        logging: { runDir: path.join(root, 'run-stories') },
-      }),
-      { log: () => {}, report: false },
-    );
-    const first = r.losses.slice(0, 3).reduce((a, b) => a + b) / 3;
-    const last = r.losses.slice(-3).reduce((a, b) => a + b) / 3;
-    expect(last).toBeLessThan(first * 0.6);
-    const gen = spawnSync(
-      process.execPath,
-      [
-        bin,
-        'generate',
-        '--model',
-        out,
-        '--chat',
-        '--prompt',
-        'What did Lily see?',
-        '--max-new-tokens',
-        '12',
-        '--json',
-      ],
-      { encoding: 'utf8' },
-    );
-    expect(gen.status, gen.stderr).toBe(0);
-    const g = JSON.parse(gen.stdout.trim().split('\n')[0]);
-    expect(g.completion).toMatch(/Lily saw/);
   });
 });

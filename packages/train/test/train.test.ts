@@ -128,6 +128,39 @@ describe('run config', () => {
       /unknown key --optimizer\.lrr \(did you mean --optimizer\.lr\?\)/,
     );
   });
+
+  it("takes Megatron's long flag names", () => {
+    const c = loadRunConfig(null, [
+      ['load', 'ck'],
+      ['finetune', 'true'],
+      ['model.load', 'x'],
+      ['bf16', 'true'],
+      ['data-path', '0.3 a 0.7 b'],
+      ['seq-length', '8'],
+      ['micro-batch-size', '2'],
+      ['global-batch-size', '4'],
+      ['train-iters', '2'],
+      ['lr', '1e-4'],
+      ['lr-decay-style', 'cosine'],
+      ['tensor-model-parallel-size', '2'],
+      ['sequence-parallel', 'true'],
+      ['recompute-modules', 'core_attn moe'],
+      ['save', 's'],
+      ['export-hf', 'out'],
+      ['run-dir', 'r'],
+    ]);
+    expect(c.checkpoint).toMatchObject({ load: 'ck', finetune: true, save: 's', exportHf: 'out' });
+    expect(c.model).toMatchObject({ load: 'x', dtype: 'bf16', recomputeModules: ['core_attn', 'moe'] });
+    expect(c.data.dataPath).toEqual([0.3, 'a', 0.7, 'b']);
+    expect(c.training).toMatchObject({ microBatchSize: 2, globalBatchSize: 4, trainIters: 2 });
+    expect(c.optimizer.lr).toBe(1e-4);
+    expect(c.scheduler.lrDecayStyle).toBe('cosine');
+    expect(c.parallel).toMatchObject({ tensorModelParallelSize: 2, sequenceParallel: true });
+    expect(() => loadRunConfig(null, [['tensor-model-paralel-size', '2']])).toThrow(
+      /unknown flag --tensor-model-paralel-size \(did you mean --tensor-model-parallel-size\?\)/,
+    );
+    expect(() => loadRunConfig(null, [['bf16', 'yes']])).toThrow(/--bf16 takes no value/);
+  });
 });
 
 describe('checkpoints on disk', () => {

@@ -16,7 +16,8 @@ const command: Command = {
     'Reads the run config (YAML or JSON: model, data, training, optimizer, scheduler, parallel, ' +
     'checkpoint and logging sections), applies --section.key value overrides, and trains: one ' +
     'Megatron-style line per logInterval, every metric of every iteration in <runDir>/metrics.jsonl, ' +
-    'checkpoints every saveInterval. SIGINT or SIGTERM saves a checkpoint (when checkpoint.save is set) ' +
+    'checkpoints every saveInterval. Megatron long flags set their key too (--train-iters, --lr, ' +
+    '--load, --save, --finetune, --bf16, --tensor-model-parallel-size, --data-path, --export-hf). SIGINT or SIGTERM saves a checkpoint (when checkpoint.save is set) ' +
     'and exits. Start several processes with megapatch launch.',
   options: {
     config: { type: 'string', value: 'FILE', description: 'the run config (.yaml, .yml or .json)' },
@@ -25,6 +26,7 @@ const command: Command = {
   examples: [
     'train --config examples/llama3/tiny-pretrain.yaml',
     'train --config run.yaml --training.trainIters 100 --optimizer.lr 1e-4',
+    'train --config run.yaml --load ckpt --finetune --lr 1e-5 --export-hf out-hf',
     'launch --nproc-per-node 2 -- megapatch train --config run.yaml',
   ],
   async run({ options, overrides, io }) {
