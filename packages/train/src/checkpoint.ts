@@ -58,6 +58,7 @@ function gatherFull(model: GPTModel, s: ParameterSlice, local: Tensor): Tensor {
   const input = local.contiguous();
   const parts = Array.from({ length: group.size }, () => empty(input.shape, { dtype: input.dtype }));
   group.allGather(parts, input).waitSync();
+  input.dispose();
   const c = model.config;
   const full = gatherShards(parts, s.partition === 'vocab' ? 'split0' : s.partition, {
     qkvDims: { numHeads: c.numAttentionHeads, numQueryGroups: c.numQueryGroups, headDim: c.kvChannels },
@@ -185,7 +186,9 @@ export function saveTrainingCheckpoint(root: string, o: SaveOptions): string | n
           const full = gatherFull(model, s, t);
           if (writer) {
             const dtype = ST[full.dtype] as SafetensorsDtype;
-            const bytes = full.contiguous().toBytes();
+            const c = full.contiguous();
+            const bytes = c.toBytes();
+            c.dispose();
             const to = fixed ?? dtype;
             writer.addPiece(name, {
               dtype: to,
@@ -205,9 +208,15 @@ export function saveTrainingCheckpoint(root: string, o: SaveOptions): string | n
         const whole = (pick: (q: OptimizerPiece) => Tensor | null): Tensor => {
           const flat = zeros([p.numel], { dtype: 'float32' });
           const src = piece ? pick(piece) : null;
-          if (piece && src) flat.narrow(0, piece.offset, src.numel).copy_(src);
+          if (piece && src) {
+            const dst = flat.narrow(0, piece.offset, src.numel);
+            dst.copy_(src);
+            dst.dispose();
+          }
           if (sharded && o.layout.dp.size > 1) o.layout.dp.allReduce(flat, 'sum').waitSync();
-          return flat.view(...p.shape);
+          const shaped = flat.view(...p.shape);
+          flat.dispose(); // the view holds the storage
+          return shaped;
         };
         for (const [prefix, pick] of [
           ['optimizer.master', (q: OptimizerPiece) => q.master],
@@ -337,9 +346,13 @@ export function loadTrainingCheckpoint(root: string, o: LoadOptions & { iteratio
       const s = byLocal.get(local);
       const p = params.get(local);
       if (!s || !p) throw new TrainError('CHECKPOINT', `no parameter ${local} for an optimizer state`);
-      const full = readLocal(`${prefix}.${s.name}`, s, p).view(-1);
-      const part = full.narrow(0, piece.offset, piece.master.numel).contiguous();
+      const read = readLocal(`${prefix}.${s.name}`, s, p);
+      const full = read.view(-1);
+      read.dispose();
+      const narrow = full.narrow(0, piece.offset, piece.master.numel);
       full.dispose();
+      const part = narrow.contiguous();
+      narrow.dispose();
       return part;
     };
     const state: OptimizerStateDict['state'] = {};

@@ -332,7 +332,7 @@ export function resolveOverride(flag: string, text: string): [string, unknown] {
     if (!validKeys().includes(flag)) {
       const near = nearestKey(flag);
       throw new TrainError(
-        'INVALID_CONFIG',
+        'UNKNOWN_KEY',
         `unknown key --${flag}${near ? ` (did you mean --${near}?)` : ''}`,
       );
     }
@@ -349,8 +349,8 @@ export function resolveOverride(flag: string, text: string): [string, unknown] {
     }
     const near = best !== null && bestD <= Math.max(2, Math.floor(flag.length / 3)) ? best : null;
     throw new TrainError(
-      'INVALID_CONFIG',
-      `unknown flag --${flag}${near ? ` (did you mean --${near}?)` : ''}; use --section.key value for any config key`,
+      'UNKNOWN_KEY',
+      `unknown option --${flag}${near ? ` (did you mean --${near}?)` : ''}`,
     );
   }
   const preset = MEGATRON_FLAGS[flag]?.value;

@@ -157,7 +157,7 @@ describe('run config', () => {
     expect(c.scheduler.lrDecayStyle).toBe('cosine');
     expect(c.parallel).toMatchObject({ tensorModelParallelSize: 2, sequenceParallel: true });
     expect(() => loadRunConfig(null, [['tensor-model-paralel-size', '2']])).toThrow(
-      /unknown flag --tensor-model-paralel-size \(did you mean --tensor-model-parallel-size\?\)/,
+      /unknown option --tensor-model-paralel-size \(did you mean --tensor-model-parallel-size\?\)/,
     );
     expect(() => loadRunConfig(null, [['bf16', 'yes']])).toThrow(/--bf16 takes no value/);
   });

@@ -34,7 +34,19 @@ const command: Command = {
     if (!file && (overrides ?? []).length === 0) {
       throw new UsageError('give --config FILE (and optionally --section.key value overrides)', NAME);
     }
-    const { loadRunConfig, train } = await import('@megapatch/train');
+    const { loadRunConfig, resolveOverride, TrainError, train } = await import('@megapatch/train');
+    // a flag that names no config key is a usage error (exit 2), like any unknown option
+    for (const [flag, value] of overrides ?? []) {
+      try {
+        resolveOverride(flag, value);
+      } catch (e) {
+        if (e instanceof TrainError && e.code === 'UNKNOWN_KEY') {
+          const hint = e.message.includes('(did you mean') ? '' : `; see megapatch help ${NAME}`;
+          throw new UsageError(`${e.message}${hint}`, NAME);
+        }
+        throw e;
+      }
+    }
     const config = loadRunConfig(file, overrides ?? []);
     // the first SIGINT/SIGTERM stops the run after the current iteration (saving a checkpoint)
     const stop = new AbortController();
