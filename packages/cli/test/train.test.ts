@@ -6,7 +6,7 @@ import * as path from 'node:path';
 import { SYNTHETIC_MODELS, writeSyntheticHfCheckpoint } from '@megapatch/convert/testing';
 import { IndexedDatasetBuilder } from '@megapatch/data';
 import { afterAll, describe, expect, it } from 'vitest';
-import { finished, megapatch, startMegapatch, tempDir, waitFor } from './helpers.js';
+import { BIN, finished, megapatch, startMegapatch, tempDir, waitFor } from './helpers.js';
 
 const root = tempDir('mp-cli-train');
 const running: ChildProcess[] = [];
@@ -147,6 +147,56 @@ describe('megapatch train', () => {
     expect(again.stdout).toMatch(new RegExp(`iteration\\s+${iteration + 2}/`));
     expect(again.stdout).toMatch(new RegExp(`loaded checkpoint .* at iteration ${iteration}`));
   });
+  it('under megapatch launch --nproc-per-node 2 (DP=2) logs the losses of one process, once', () => {
+    const bin = path.join(root, 'bin');
+    fs.mkdirSync(bin, { recursive: true });
+    fs.symlinkSync(BIN, path.join(bin, 'megapatch'));
+    const env = { PATH: `${bin}:${process.env.PATH}` };
+    const lmLosses = (runDir: string) =>
+      fs
+        .readFileSync(path.join(root, runDir, 'metrics.jsonl'), 'utf8')
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l))
+        .filter((m) => m.kind === 'train')
+        .map((m) => m.lmLoss as number);
+    const one = megapatch([
+      'train',
+      '--config',
+      writeConfig('l1'),
+      '--train-iters',
+      '4',
+      '--log-interval',
+      '1',
+    ]);
+    expect(one.status, one.stderr).toBe(0);
+    const two = megapatch(
+      [
+        'launch',
+        '--nproc-per-node',
+        '2',
+        '--',
+        'megapatch',
+        'train',
+        '--config',
+        writeConfig('l2'),
+        '--train-iters',
+        '4',
+        '--log-interval',
+        '1',
+      ],
+      env,
+    );
+    expect(two.status, two.stderr).toBe(0);
+    // rank 0 logs; each line once
+    expect(two.stdout.match(/iteration\s+4\/\s*4 \|/g)).toHaveLength(1);
+    expect(two.stdout).toMatch(/\[rank0\]: .*iteration\s+1\//);
+    const a = lmLosses('run-l1');
+    const b = lmLosses('run-l2');
+    expect(b).toHaveLength(4);
+    for (let i = 0; i < 4; i++) expect(Math.abs(b[i] - a[i]) / a[i], `step ${i + 1}`).toBeLessThan(1e-5);
+  });
+
   it('a save killed with SIGKILL is skipped on load: the run resumes from the previous checkpoint', async () => {
     // Saves every iteration; the run is killed the moment a save's temporary folder appears. A
     // save can finish between the poll and the kill, so a few runs are tried until one leaves an
