@@ -26,6 +26,7 @@ import {
   type AdamWState,
   empty,
   fromTypedArray,
+  type GradScalerState,
   getRngState,
   noGrad,
   type OptimizerParamScheduler,
@@ -170,6 +171,8 @@ export function saveTrainingCheckpoint(root: string, o: SaveOptions): string | n
             kind: 'adamw',
             step,
             paramGroups: optimizer.paramGroups.map((g) => ({ lr: g.lr, weightDecay: g.weightDecay })),
+            // fp16: the loss scaler (scale, growth and hysteresis trackers)
+            gradScaler: optimizer.lossScaler?.stateDict() ?? null,
           },
           scheduler: o.scheduler.stateDict(),
           rng: getRngState(),
@@ -386,6 +389,8 @@ export function loadTrainingCheckpoint(root: string, o: LoadOptions & { iteratio
       masters,
     } as never);
     for (const t of masters) t.dispose();
+    const scalerState = (meta.optimizer as { gradScaler?: GradScalerState | null } | undefined)?.gradScaler;
+    if (o.optimizer.lossScaler && scalerState) o.optimizer.lossScaler.loadStateDict(scalerState);
     o.scheduler.loadStateDict(meta.scheduler as OptimizerParamSchedulerState);
     if (meta.rng) setRngState(meta.rng as RngState);
     o.log(

@@ -15,8 +15,11 @@ export const ModelSection = z.strictObject({
   load: z.string().min(1).nullable().default(null),
   /** Build from scratch with Megatron's initialisation: an HF config.json (or its folder). */
   config: z.string().min(1).nullable().default(null),
-  /** Parameter and activation dtype; bf16 keeps fp32 master weights and gradients (Megatron --bf16). */
-  dtype: z.enum(['fp32', 'bf16']).default('bf16'),
+  /**
+   * Parameter and activation dtype; bf16 and fp16 keep fp32 master weights and gradients (Megatron
+   * --bf16 / --fp16); fp16 also scales the loss (optimizer.lossScale, initialLossScale, ...).
+   */
+  dtype: z.enum(['fp32', 'bf16', 'fp16']).default('bf16'),
   /** Megatron --init-method-std (from scratch). */
   initMethodStd: z.number().positive().default(0.02),
   /** Megatron --make-vocab-size-divisible-by (from scratch; loaded models keep theirs). */
@@ -102,6 +105,19 @@ export const OptimizerSection = z.strictObject({
   adamEps: z.number().positive().default(1e-8),
   /** Megatron --clip-grad (0: no clipping). */
   clipGrad: z.number().nonnegative().default(1),
+  /** Megatron --loss-scale (fp16): a constant loss scale; null: the dynamic scale below. */
+  lossScale: z.number().positive().nullable().default(null),
+  /** Megatron --initial-loss-scale (fp16, dynamic). */
+  initialLossScale: z
+    .number()
+    .positive()
+    .default(2 ** 32),
+  /** Megatron --min-loss-scale (fp16, dynamic). */
+  minLossScale: z.number().positive().default(1),
+  /** Megatron --loss-scale-window: clean iterations before the dynamic scale doubles. */
+  lossScaleWindow: posInt.default(1000),
+  /** Megatron --hysteresis: iterations with inf/NaN gradients tolerated before the scale halves. */
+  hysteresis: posInt.default(2),
 });
 
 /** Megatron's learning-rate schedule. */
@@ -297,6 +313,7 @@ function overrideValue(text: string): unknown {
 const MEGATRON_FLAGS: Readonly<Record<string, { key: string; value?: unknown }>> = {
   load: { key: 'checkpoint.load' },
   bf16: { key: 'model.dtype', value: 'bf16' },
+  fp16: { key: 'model.dtype', value: 'fp16' },
   'export-hf': { key: 'checkpoint.exportHf' },
   'sft-packing': { key: 'data.sft.packing' },
   'train-data-path': { key: 'data.dataPath' },
@@ -331,10 +348,7 @@ export function resolveOverride(flag: string, text: string): [string, unknown] {
   if (flag.includes('.')) {
     if (!validKeys().includes(flag)) {
       const near = nearestKey(flag);
-      throw new TrainError(
-        'UNKNOWN_KEY',
-        `unknown key --${flag}${near ? ` (did you mean --${near}?)` : ''}`,
-      );
+      throw new TrainError('UNKNOWN_KEY', `unknown key --${flag}${near ? ` (did you mean --${near}?)` : ''}`);
     }
     return [flag, overrideValue(text)];
   }

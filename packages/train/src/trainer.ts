@@ -40,6 +40,8 @@ import {
   SingleProcessGroup,
 } from '@megapatch/parallel';
 import {
+  ConstantGradScaler,
+  DynamicGradScaler,
   fromTypedArray,
   manualSeed,
   memoryStats,
@@ -71,6 +73,8 @@ export interface TrainMetrics {
   lmLoss: number;
   gradNorm: number | null;
   skippedIterations: number;
+  /** The loss scale of the iteration (fp16; 1 otherwise). */
+  lossScale: number;
   tokensPerSecond: number;
   tflops: number | null;
   memory: { liveBytes: number; peakBytes: number };
@@ -173,7 +177,7 @@ function buildModel(
 ): { model: GPTModel; architecture: string; hfSource: string | null } {
   const m = config.model;
   const options = {
-    dtype: m.dtype === 'bf16' ? ('bfloat16' as const) : ('float32' as const),
+    dtype: ({ bf16: 'bfloat16', fp16: 'float16', fp32: 'float32' } as const)[m.dtype],
     tpGroup: layout.tp,
     sequenceParallel: config.parallel.sequenceParallel,
     recompute:
@@ -381,6 +385,18 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
     clipGrad: o.clipGrad,
     ...(layout.distributed ? {} : { modelParallelGroup: null }),
     log: (line: string) => log(`warning: ${line}`),
+    // fp16: Megatron's loss scaling (a constant scale, or the dynamic one)
+    lossScaler:
+      config.model.dtype !== 'fp16'
+        ? null
+        : o.lossScale !== null
+          ? new ConstantGradScaler(o.lossScale)
+          : new DynamicGradScaler({
+              initialScale: o.initialLossScale,
+              minScale: o.minLossScale,
+              growthInterval: o.lossScaleWindow,
+              hysteresis: o.hysteresis,
+            }),
   };
   const optimizer = config.parallel.useDistributedOptimizer
     ? new DistributedOptimizer(ddp, optOptions)
@@ -461,7 +477,9 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
   const expertBias = model.moeLayers().some(([, m]) => m.router.expertBias !== null);
   // Megatron's MoEAuxLossAutoScaler scale: the aux losses are averaged over the micro-batches as
   // the main loss is (not with calculatePerTokenLoss, where the main loss is not either)
-  model.auxLossScale = tr.calculatePerTokenLoss ? 1 : 1 / numMicro;
+  const auxLossScale = tr.calculatePerTokenLoss ? 1 : 1 / numMicro;
+  model.auxLossScale = auxLossScale;
+  let skippedSinceLog = 0;
   const save = () => {
     if (!config.checkpoint.save) return;
     const dir = saveTrainingCheckpoint(config.checkpoint.save, {
@@ -539,6 +557,9 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
         ? allReduceNumbers([micro.reduce((a, m) => a + m.maskSum, 0)], layout.dp)
         : [0];
       optimizer.zeroGrad();
+      // fp16: the objective (and the aux losses, as Megatron's MoEAuxLossAutoScaler) times the scale
+      const lossScale = optimizer.lossScaler?.scale ?? 1;
+      model.auxLossScale = auxLossScale * lossScale;
       let lossSum = 0;
       let tokenSum = 0;
       let auxSum = 0;
@@ -576,6 +597,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
             }
             const b0 = performance.now();
             timers.forwardMs += b0 - f0;
+            if (lossScale !== 1) objective = objective.mul(lossScale);
             objective.backward();
             timers.backwardMs += performance.now() - b0;
           }),
@@ -603,7 +625,10 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
       }
       state.iteration++;
       state.consumedSamples += gbs;
-      if (!r.updated) state.skippedIterations++;
+      if (!r.updated) {
+        state.skippedIterations++;
+        skippedSinceLog++;
+      }
       const [lossAll, tokensAll, auxAll, zAll, mtpAll] = allReduceNumbers(
         [lossSum, tokenSum, auxSum / numMicro, zSum / numMicro, mtpSum / numMicro],
         layout.dp,
@@ -623,6 +648,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
         lmLoss,
         gradNorm: Number.isFinite(r.gradNorm) ? r.gradNorm : null,
         skippedIterations: state.skippedIterations,
+        lossScale,
         tokensPerSecond: (gbs * config.data.seqLength) / (elapsed / 1000),
         tflops: tflopsPerSecond(stepFlops, elapsed / 1000, layout.world),
         memory: { liveBytes: mem.liveBytes, peakBytes: mem.peakBytes },
@@ -652,15 +678,17 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
             ...(metrics.moe?.auxLoss !== undefined ? { loadBalancingLoss: metrics.moe.auxLoss } : {}),
             ...(metrics.moe?.zLoss !== undefined ? { zLoss: metrics.moe.zLoss } : {}),
             ...(metrics.moe?.mtpLoss !== undefined ? { mtpLosses: [metrics.moe.mtpLoss] } : {}),
-            lossScale: 1,
+            lossScale,
             gradNorm: metrics.gradNorm,
-            skippedIterations: r.updated ? 0 : 1,
+            // Megatron: the iterations skipped since the previous line
+            skippedIterations: skippedSinceLog,
             nanIterations: Number.isFinite(lmLoss) ? 0 : 1,
             tokensPerSecond: metrics.tokensPerSecond,
             memoryLiveGiB: mem.liveBytes / 2 ** 30,
             memoryPeakGiB: mem.peakBytes / 2 ** 30,
           }),
         );
+        skippedSinceLog = 0;
       }
       if (tr.evalInterval && state.iteration % tr.evalInterval === 0) evaluate();
       const saveNow =

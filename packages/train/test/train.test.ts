@@ -62,12 +62,15 @@ describe('train', () => {
     expect(lrs[11]).toBeCloseTo(3e-4, 9);
   });
 
-  it.each(['fp32', 'bf16'] as const)(
+  it.each(['fp32', 'bf16', 'fp16'] as const)(
     '%s: 2N steps equal N steps resumed for N more, bit for bit',
     async (dtype) => {
+      // fp16: a loss scale that overflows at first and then grows, on both sides of the resume
+      const optimizer = dtype === 'fp16' ? { initialLossScale: 2 ** 20, lossScaleWindow: 3 } : {};
       const full = await train(
         config(`full-${dtype}`, {
           model: { load: hf, dtype },
+          optimizer,
           checkpoint: { save: path.join(root, `ck-full-${dtype}`), saveInterval: 6 },
         }),
         { log: () => {}, report: false },
@@ -76,6 +79,7 @@ describe('train', () => {
       const firstHalf = await train(
         config(`half-${dtype}`, {
           model: { load: hf, dtype },
+          optimizer,
           training: { exitInterval: 6 },
           checkpoint: { save: path.join(root, `ck-half-${dtype}`) },
         }),
@@ -86,6 +90,7 @@ describe('train', () => {
       const resumed = await train(
         config(`resumed-${dtype}`, {
           model: { load: null, dtype },
+          optimizer,
           checkpoint: {
             load: path.join(root, `ck-half-${dtype}`),
             save: path.join(root, `ck-resumed-${dtype}`),
@@ -103,6 +108,55 @@ describe('train', () => {
       }
     },
   );
+});
+
+describe('fp16', () => {
+  it("scales the loss with Megatron's dynamic scale: overflowing steps are skipped and the scale backs off, then grows", async () => {
+    const lines: string[] = [];
+    const r = await train(
+      config('fp16', {
+        model: { load: hf, dtype: 'fp16' },
+        training: { trainIters: 30, logInterval: 1, evalInterval: null },
+        optimizer: { initialLossScale: 2 ** 22, lossScaleWindow: 2, hysteresis: 2 },
+      }),
+      { log: (l) => lines.push(l), report: false },
+    );
+    const steps = fs
+      .readFileSync(path.join(root, 'fp16', 'metrics.jsonl'), 'utf8')
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l))
+      .filter((m) => m.kind === 'train');
+    // the rule, replayed from the logged scales and skips: after `hysteresis` overflowing steps
+    // (counted since the last growth) the scale halves on every further overflow; after
+    // lossScaleWindow clean steps it doubles and the hysteresis budget is refilled
+    let scale = 2 ** 22;
+    let hysteresis = 2;
+    let clean = 0;
+    let skipped = 0;
+    for (const m of steps) {
+      expect(m.lossScale, `iteration ${m.iteration}`).toBe(scale);
+      const overflow = m.skippedIterations > skipped;
+      skipped = m.skippedIterations;
+      expect(overflow, `iteration ${m.iteration}: a skipped step has no gradient norm`).toBe(
+        m.gradNorm === null,
+      );
+      if (overflow) {
+        clean = 0;
+        hysteresis--;
+        if (hysteresis <= 0) scale = Math.max(scale / 2, 1);
+      } else if (++clean === 2) {
+        clean = 0;
+        hysteresis = 2;
+        scale *= 2;
+      }
+    }
+    expect(skipped).toBeGreaterThan(2); // 2^22 overflows fp16 gradients at first
+    expect(steps.some((m, i) => i > 0 && m.lossScale > steps[i - 1].lossScale)).toBe(true);
+    expect(lines.some((l) => /loss scale: 4194304\.0 \|/.test(l))).toBe(true);
+    const trained = r.losses.filter((_, i) => steps[i].gradNorm !== null);
+    expect(trained.at(-1)).toBeLessThan(r.losses[0] - 0.5);
+  });
 });
 
 describe('run config', () => {

@@ -7,6 +7,8 @@
 import {
   AdamW,
   type AdamWGroup,
+  type GradScaler,
+  type GradScalerState,
   type GroupInput,
   keep,
   type Module,
@@ -45,6 +47,12 @@ export interface DistributedOptimizerOptions {
   tpRank?: number;
   /** Receives the line logged when a step is skipped (default console.warn). */
   log?: (line: string) => void;
+  /**
+   * Loss scaling for fp16 (Megatron's DynamicGradScaler or a constant scale): the loss was
+   * multiplied by `lossScaler.scale` before backward; each step unscales the gradients, skips the
+   * step when any is inf or NaN and updates the scale. Null (default): no scaling (bf16, fp32).
+   */
+  lossScaler?: GradScaler | null;
 }
 
 /** What one step did. */
@@ -63,6 +71,8 @@ export interface DistributedOptimizerStateDict {
   dataParallelSize: number;
   optimizer: OptimizerStateDict | null;
   masters: Tensor[];
+  /** The loss scaler's state (fp16), else null or absent. */
+  gradScaler?: GradScalerState | null;
 }
 
 /** The part of one parameter this rank updates. */
@@ -106,6 +116,8 @@ abstract class BufferOptimizer {
   private readonly tpRank: number;
   private readonly log: (line: string) => void;
   private readonly name: string;
+  /** The loss scaler (fp16), or null. */
+  readonly lossScaler: GradScaler | null;
 
   protected constructor(name: string, ddp: AnyDdp, sharded: boolean, options: DistributedOptimizerOptions) {
     this.name = name;
@@ -116,6 +128,7 @@ abstract class BufferOptimizer {
     this.modelParallelGroup = fromState ? getModelParallelGroup() : (options.modelParallelGroup ?? null);
     this.tpRank = options.tpRank ?? (fromState ? getTensorModelParallelRank() : 0);
     this.log = options.log ?? ((line) => console.warn(line));
+    this.lossScaler = options.lossScaler ?? null;
     const names = new Map(ddp.namedParameters().map(([n, p]) => [p, n]));
     const decay: Tensor[] = [];
     const noDecay: Tensor[] = [];
@@ -223,13 +236,30 @@ abstract class BufferOptimizer {
   step(): DistributedStepResult {
     this.ddp.finishGradSync();
     const masters = this.masterParams;
+    const scaler = this.lossScaler;
+    if (scaler && scaler.scale !== 1) {
+      const inv = scaler.invScale;
+      noGrad(() => {
+        for (const m of masters) {
+          if (!m.grad) continue;
+          const unscaled = m.grad.mul(inv);
+          m.grad.copy_(unscaled);
+          unscaled.dispose();
+        }
+      });
+    }
+    // one all-reduced norm over every piece: an inf or NaN anywhere makes it non-finite everywhere
     const gradNorm = getGradNorm(masters, {
       modelParallelGroup: this.modelParallelGroup,
       dataParallelGroup: this.sharded ? this.ddp.dataParallelGroup : null,
       tpRank: this.tpRank,
     });
-    if (!Number.isFinite(gradNorm)) {
-      this.log(`iteration skipped: gradient norm is ${Number.isNaN(gradNorm) ? 'nan' : 'inf'}`);
+    const finite = Number.isFinite(gradNorm);
+    scaler?.update(!finite);
+    if (!finite) {
+      if (!scaler) {
+        this.log(`iteration skipped: gradient norm is ${Number.isNaN(gradNorm) ? 'nan' : 'inf'}`);
+      }
       return { updated: false, gradNorm, skipped: true };
     }
     if (this.clipGrad > 0) clipGradByTotalNorm(masters, this.clipGrad, gradNorm);
@@ -257,6 +287,7 @@ abstract class BufferOptimizer {
       dataParallelSize: this.ddp.dataParallelGroup.size,
       optimizer: this.inner ? this.inner.stateDict() : null,
       masters: [...this.masterParams],
+      gradScaler: this.lossScaler ? this.lossScaler.stateDict() : null,
     };
   }
 
@@ -280,6 +311,7 @@ abstract class BufferOptimizer {
       );
     }
     if (this.inner && sd.optimizer) this.inner.loadStateDict(sd.optimizer);
+    if (this.lossScaler && sd.gradScaler) this.lossScaler.loadStateDict(sd.gradScaler);
     noGrad(() => {
       sd.masters.forEach((m, i) => {
         const own = this.pieces[i].master;
