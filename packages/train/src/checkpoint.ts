@@ -128,7 +128,8 @@ export interface SaveOptions {
   /** HF folder whose config and tokenizer files travel with the checkpoint. */
   hfSource: string | null;
   keep: number | null;
-  layout: { rank: number; dp: ProcessGroup };
+  /** Global rank, the data-parallel group and the expert-data-parallel group (expert shards). */
+  layout: { rank: number; dp: ProcessGroup; edp: ProcessGroup };
 }
 
 /**
@@ -137,12 +138,6 @@ export interface SaveOptions {
  */
 export function saveTrainingCheckpoint(root: string, o: SaveOptions): string | null {
   const { model, optimizer } = o;
-  if (model.epGroup.size > 1) {
-    throw new TrainError(
-      'UNSUPPORTED',
-      'saving with expert parallelism (ep > 1) comes with the expert-parallel trainer; save with ep = 1',
-    );
-  }
   const sharded = o.config.parallel.useDistributedOptimizer;
   const opt = optimizerPieces(optimizer);
   let step = 0;
@@ -182,25 +177,42 @@ export function saveTrainingCheckpoint(root: string, o: SaveOptions): string | n
       : null;
   try {
     const tensors = new Map<string, Tensor>([...model.namedParameters(), ...model.namedBuffers()]);
+    const epSize = model.epGroup.size;
+    const perRank = (model.config.moe?.numExperts ?? 0) / epSize;
     noGrad(() => {
       for (const s of parameterSlices(model, o.architecture)) {
         const p = tensors.get(s.local) as Tensor;
+        const localExpert = /\.local_experts\.(\d+)\./.exec(s.local);
+        const write = (name: string, full: Tensor, fixed?: SafetensorsDtype) => {
+          if (!writer) return;
+          const dtype = ST[full.dtype] as SafetensorsDtype;
+          const c = full.contiguous();
+          const bytes = c.toBytes();
+          c.dispose();
+          const to = fixed ?? dtype;
+          writer.addPiece(name, {
+            dtype: to,
+            globalShape: [...full.shape],
+            offsets: full.shape.map(() => 0),
+            shape: [...full.shape],
+            data: to === dtype ? bytes : castElements(bytes, dtype, to, name),
+          });
+        };
         const put = (name: string, t: Tensor, fixed?: SafetensorsDtype) => {
           const full = gatherFull(model, s, t);
-          if (writer) {
-            const dtype = ST[full.dtype] as SafetensorsDtype;
+          if (localExpert && epSize > 1) {
+            // expert parallelism: local expert i of EP rank r is global expert r·perRank + i;
+            // the EP group of global rank 0 holds every expert
             const c = full.contiguous();
-            const bytes = c.toBytes();
+            const parts = Array.from({ length: epSize }, () => empty(c.shape, { dtype: c.dtype }));
+            model.epGroup.allGather(parts, c).waitSync();
             c.dispose();
-            const to = fixed ?? dtype;
-            writer.addPiece(name, {
-              dtype: to,
-              globalShape: [...full.shape],
-              offsets: full.shape.map(() => 0),
-              shape: [...full.shape],
-              data: to === dtype ? bytes : castElements(bytes, dtype, to, name),
+            const i = Number(localExpert[1]);
+            parts.forEach((part, r) => {
+              write(name.replace(/(\.local_experts\.)\d+\./, `$1${r * perRank + i}.`), part, fixed);
+              part.dispose();
             });
-          }
+          } else write(name, full, fixed);
           if (full !== t) full.dispose();
         };
         put(s.name, p, s.name.endsWith('router.expert_bias') ? 'F32' : undefined);
@@ -216,7 +228,9 @@ export function saveTrainingCheckpoint(root: string, o: SaveOptions): string | n
             dst.copy_(src);
             dst.dispose();
           }
-          if (sharded && o.layout.dp.size > 1) o.layout.dp.allReduce(flat, 'sum').waitSync();
+          // the distributed optimizer shards expert buffers over expert-dp, the others over dp
+          const shardGroup = localExpert ? o.layout.edp : o.layout.dp;
+          if (sharded && shardGroup.size > 1) shardGroup.allReduce(flat, 'sum').waitSync();
           const shaped = flat.view(...p.shape);
           flat.dispose(); // the view holds the storage
           return shaped;

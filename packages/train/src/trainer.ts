@@ -31,6 +31,7 @@ import {
   destroyProcessGroup,
   detectEnvironment,
   getDataParallelGroup,
+  getExpertDataParallelGroup,
   getTensorModelParallelGroup,
   initializeModelParallel,
   initProcessGroup,
@@ -124,6 +125,8 @@ export interface TrainResult {
 interface Layout {
   tp: ProcessGroup;
   dp: ProcessGroup;
+  /** Expert-data-parallel group: expert gradients are reduced over it. */
+  edp: ProcessGroup;
   world: number;
   rank: number;
   distributed: boolean;
@@ -133,12 +136,6 @@ async function setupLayout(config: RunConfig): Promise<Layout> {
   const env = detectEnvironment();
   const world = env.worldSize;
   const p = config.parallel;
-  if (p.expertModelParallelSize > 1) {
-    throw new TrainError(
-      'UNSUPPORTED',
-      'parallel.expertModelParallelSize > 1 is not supported by the trainer yet (expert gradients need the expert data-parallel reduction of the expert-parallel issue); train MoE models with expertModelParallelSize 1',
-    );
-  }
   if (world === 1) {
     if (p.tensorModelParallelSize > 1 || p.expertModelParallelSize > 1) {
       throw new TrainError(
@@ -147,7 +144,7 @@ async function setupLayout(config: RunConfig): Promise<Layout> {
       );
     }
     const single = new SingleProcessGroup();
-    return { tp: single, dp: single, world: 1, rank: 0, distributed: false };
+    return { tp: single, dp: single, edp: single, world: 1, rank: 0, distributed: false };
   }
   if (!isInitialized()) await initProcessGroup();
   if (
@@ -163,6 +160,7 @@ async function setupLayout(config: RunConfig): Promise<Layout> {
   return {
     tp: getTensorModelParallelGroup(),
     dp: getDataParallelGroup(true),
+    edp: getExpertDataParallelGroup(),
     world,
     rank: env.rank,
     distributed: true,
@@ -369,6 +367,10 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
   const cfg = model.config;
   const ddp = new DistributedDataParallel(model, {
     dataParallelGroup: layout.dp,
+    // routed experts (each expert-parallel rank holds its own) reduce over expert-dp, as Megatron's
+    // allreduce=False parameters
+    isExpertParameter: (name) => name.includes('.local_experts.'),
+    expertDataParallelGroup: layout.edp,
     useDistributedOptimizer: config.parallel.useDistributedOptimizer,
     ...(config.parallel.ddpBucketSizeMb
       ? { bucketSize: Math.round((config.parallel.ddpBucketSizeMb * 1e6) / 4) }
@@ -383,7 +385,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
     betas: [o.adamBeta1, o.adamBeta2] as [number, number],
     eps: o.adamEps,
     clipGrad: o.clipGrad,
-    ...(layout.distributed ? {} : { modelParallelGroup: null }),
+    ...(layout.distributed ? {} : { modelParallelGroup: null, expertModelParallelGroup: null }),
     log: (line: string) => log(`warning: ${line}`),
     // fp16: Megatron's loss scaling (a constant scale, or the dynamic one)
     lossScaler:

@@ -78,6 +78,47 @@ describe('MoE with aux and z losses', () => {
   });
 });
 
+describe('expert parallelism', () => {
+  it('EP=2 (with and without the distributed optimizer) gives the losses of one process, and its checkpoint resumes on one process', async () => {
+    const moeHf = tinyLlama(path.join(root, 'hf-mixtral-ep'), 'mixtral');
+    const cfg = (run: string, parallel: Record<string, unknown>, extra: Record<string, object> = {}) => {
+      const c = config(run, parallel) as Record<string, Record<string, unknown>>;
+      c.model = { load: moeHf, dtype: 'fp32', moeAuxLossCoeff: 0.01, moeZLossCoeff: 0.001 };
+      for (const [k, v] of Object.entries(extra)) c[k] = { ...c[k], ...v };
+      return c;
+    };
+    const one = (await train(parseRunConfig(cfg('ep-one', {})), { log: () => {}, report: false })).losses;
+    const ep2 = async (
+      name: string,
+      parallel: Record<string, unknown>,
+      extra: Record<string, object> = {},
+    ) => {
+      const [r] = (await launchWorkers({
+        nproc: 2,
+        script: 'train-worker.ts',
+        config: cfg(name, { expertModelParallelSize: 2, ...parallel }, extra),
+      })) as { losses: number[] }[];
+      return r.losses;
+    };
+    const close = (a: number[], b: number[], what: string) => {
+      expect(a.length, what).toBe(b.length);
+      for (let i = 0; i < a.length; i++)
+        expect(Math.abs(a[i] - b[i]) / b[i], `${what} step ${i + 1}`).toBeLessThan(1e-5);
+    };
+    close(await ep2('ep-two', {}), one, 'EP=2');
+    close(await ep2('ep-two-do', { useDistributedOptimizer: true }), one, 'EP=2 + distributed optimizer');
+    // three steps at EP=2 saved, then resumed on one process (another layout)
+    const save = path.join(root, 'ck-ep');
+    const half = await ep2('ep-half', {}, { training: { exitInterval: 3 }, checkpoint: { save } });
+    close(half, one.slice(0, 3), 'EP=2 first half');
+    const resumed = await train(parseRunConfig(cfg('ep-resumed', {}, { checkpoint: { load: save } })), {
+      log: () => {},
+      report: false,
+    });
+    close(resumed.losses, one.slice(3), 'resumed on one process');
+  });
+});
+
 describe('checkpoints across layouts', () => {
   it('DP=2 with the distributed optimizer resumes bit for bit, and one process resumes its checkpoint', async () => {
     const distOpt = { useDistributedOptimizer: true };

@@ -7,7 +7,11 @@
 // that the optimizer all-gathers into after its step.
 import { isFloating, keep, type Module, type Tensor } from '@megapatch/tensor';
 import { DistributedError } from '../errors.js';
-import { getDataParallelGroup } from '../parallel-state.js';
+import {
+  getDataParallelGroup,
+  getExpertDataParallelGroup,
+  modelParallelIsInitialized,
+} from '../parallel-state.js';
 import type { ProcessGroup, ReduceOp, Work } from '../process-group.js';
 import {
   getTensorModelParallelAttributes,
@@ -33,6 +37,19 @@ export interface DistributedDataParallelOptions {
   gradReduceInFp32?: boolean;
   /** Average with the collective's 'avg' instead of scaling by 1/dp before a 'sum' (default false, as in Megatron). */
   averageInCollective?: boolean;
+  /**
+   * Which parameters are experts of an expert-parallel MoE layer (Megatron's `allreduce = False`
+   * parameters): they get their own buffers, reduced over `expertDataParallelGroup` (default:
+   * none).
+   */
+  isExpertParameter?: (name: string, param: Tensor) => boolean;
+  /**
+   * The group expert gradients are summed over (Megatron's expert-data-parallel group; default the
+   * parallel state's when it is initialised, else dataParallelGroup). They are scaled by 1/dp of
+   * the dense data-parallel group first, as Megatron does: each expert already saw the tokens of
+   * every rank of its expert-parallel group.
+   */
+  expertDataParallelGroup?: ProcessGroup;
 }
 
 /** How the last gradient synchronisation went. */
@@ -54,6 +71,10 @@ export interface GradSyncStats {
 
 interface BucketState {
   bucket: Bucket;
+  /** The group this bucket is reduced over (dp, or expert-dp for expert buffers). */
+  group: ProcessGroup;
+  /** Factor applied to the bucket's gradients before the reduction. */
+  scale: number;
   /** This rank's shard of the bucket's gradients (reduce-scatter output), with the distributed optimizer. */
   gradShard: Tensor | null;
   ready: Set<Tensor>;
@@ -90,12 +111,17 @@ export class DistributedDataParallel<M extends Module & { forward: ForwardFn }> 
   readonly useDistributedOptimizer: boolean;
   /** Bucket size in elements (null: one bucket per buffer). */
   readonly bucketSize: number | null;
-  /** One buffer per (param dtype, grad dtype), in the order their first parameter appears in the module. */
+  /**
+   * One buffer per (param dtype, grad dtype, dense or expert), in the order their first parameter
+   * appears in the module.
+   */
   readonly buffers: readonly ParamAndGradBuffer[];
+  /** The group expert gradients are reduced over (dataParallelGroup when there are none). */
+  readonly expertDataParallelGroup: ProcessGroup;
+  private readonly expertBuffers = new Set<ParamAndGradBuffer>();
   /** Runs the wrapped module's forward. */
   readonly forward: M['forward'];
   private readonly reduceOp: ReduceOp;
-  private readonly gradScale: number;
   private readonly states: BucketState[] = [];
   private readonly stateOf = new Map<Tensor, BucketState>();
   private readonly removeHooks: (() => void)[] = [];
@@ -121,7 +147,23 @@ export class DistributedDataParallel<M extends Module & { forward: ForwardFn }> 
       : null;
     const averageInCollective = options.averageInCollective ?? false;
     this.reduceOp = averageInCollective ? 'avg' : 'sum';
-    this.gradScale = averageInCollective ? 1 : 1 / dp;
+    const isExpert = options.isExpertParameter ?? (() => false);
+    const names = new Map(module.namedParameters().map(([n, p]) => [p, n]));
+    const expertParams = new Set(
+      module
+        .parameters()
+        .filter((p) => p.requiresGrad && isExpert(names.get(p) ?? p.name ?? '', p)),
+    );
+    this.expertDataParallelGroup =
+      options.expertDataParallelGroup ??
+      (expertParams.size > 0 && options.dataParallelGroup === undefined && modelParallelIsInitialized()
+        ? getExpertDataParallelGroup()
+        : this.dataParallelGroup);
+    const edp = this.expertDataParallelGroup.size;
+    // Megatron: dense gradients × 1/dp then summed over dp; expert gradients × 1/dp then summed
+    // over expert-dp (with averaging in the collective: × edp/dp, then averaged over expert-dp)
+    const denseScale = averageInCollective ? 1 : 1 / dp;
+    const expertScale = averageInCollective ? edp / dp : 1 / dp;
     const gradReduceInFp32 = options.gradReduceInFp32 ?? true;
 
     const params = module.parameters().filter((p) => p.requiresGrad);
@@ -146,30 +188,36 @@ export class DistributedDataParallel<M extends Module & { forward: ForwardFn }> 
     }
     const groups = new Map<string, Tensor[]>();
     for (const p of params) {
-      const key = `${p.dtype}/${gradReduceInFp32 ? 'float32' : p.dtype}/${p.device}`;
+      const kind = expertParams.has(p) ? 'expert' : 'dense';
+      const key = `${p.dtype}/${gradReduceInFp32 ? 'float32' : p.dtype}/${p.device}/${kind}`;
       const list = groups.get(key) ?? [];
       list.push(p);
       groups.set(key, list);
     }
-    this.buffers = [...groups.values()].map(
-      (ps) =>
-        new ParamAndGradBuffer(ps, {
-          paramDtype: ps[0].dtype,
-          gradDtype: gradReduceInFp32 ? 'float32' : ps[0].dtype,
-          bucketSize: this.bucketSize,
-          dataParallelSize: dp,
-          padBucketsForSharding: this.useDistributedOptimizer,
-          withParamBuffer: this.useDistributedOptimizer,
-        }),
-    );
+    this.buffers = [...groups.values()].map((ps) => {
+      const expert = expertParams.has(ps[0]);
+      const buffer = new ParamAndGradBuffer(ps, {
+        paramDtype: ps[0].dtype,
+        gradDtype: gradReduceInFp32 ? 'float32' : ps[0].dtype,
+        bucketSize: this.bucketSize,
+        dataParallelSize: expert ? edp : dp,
+        padBucketsForSharding: this.useDistributedOptimizer,
+        withParamBuffer: this.useDistributedOptimizer,
+      });
+      if (expert) this.expertBuffers.add(buffer);
+      return buffer;
+    });
     if (this.useDistributedOptimizer) this.moveParamsIntoBuffers();
     for (const buffer of this.buffers) {
+      const group = this.groupOfBuffer(buffer);
       for (const bucket of buffer.buckets) {
-        const shard = bucket.numel / dp;
+        const shard = bucket.numel / group.size;
         const state: BucketState = {
           bucket,
+          group,
+          scale: this.expertBuffers.has(buffer) ? expertScale : denseScale,
           gradShard: this.useDistributedOptimizer
-            ? keep(flatView(bucket.gradData, this.dataParallelGroup.rank * shard, [shard]))
+            ? keep(flatView(bucket.gradData, group.rank * shard, [shard]))
             : null,
           ready: new Set(),
           work: null,
@@ -214,6 +262,16 @@ export class DistributedDataParallel<M extends Module & { forward: ForwardFn }> 
     this.module.replaceTensors(replaced);
   }
 
+  /** The group a buffer's gradients are reduced over (and its shards are owned within). */
+  groupOfBuffer(buffer: ParamAndGradBuffer): ProcessGroup {
+    return this.expertBuffers.has(buffer) ? this.expertDataParallelGroup : this.dataParallelGroup;
+  }
+
+  /** Whether a buffer holds expert parameters (reduced over the expert-data-parallel group). */
+  isExpertBuffer(buffer: ParamAndGradBuffer): boolean {
+    return this.expertBuffers.has(buffer);
+  }
+
   /** The module's parameters (after wrapping). */
   parameters(): Tensor[] {
     return this.module.parameters();
@@ -242,13 +300,13 @@ export class DistributedDataParallel<M extends Module & { forward: ForwardFn }> 
 
   private launch(state: BucketState, inBackward: boolean): void {
     const g = state.bucket.gradData;
-    if (this.gradScale !== 1) g.backend.binaryScalar(g, g, this.gradScale, 'mul');
+    if (state.scale !== 1) g.backend.binaryScalar(g, g, state.scale, 'mul');
     state.launchedAt = performance.now();
     state.launchedInBackward = inBackward;
     state.doneAt = null;
     state.work = state.gradShard
-      ? this.dataParallelGroup.reduceScatterTensor(state.gradShard, g, this.reduceOp)
-      : this.dataParallelGroup.allReduce(g, this.reduceOp);
+      ? state.group.reduceScatterTensor(state.gradShard, g, this.reduceOp)
+      : state.group.allReduce(g, this.reduceOp);
     this.inFlight.push(state);
   }
 
@@ -379,8 +437,9 @@ export class DistributedDataParallel<M extends Module & { forward: ForwardFn }> 
     this.checkAlive('broadcastParams');
     const works: Work[] = [];
     for (const b of this.buffers) {
-      if (b.paramData) works.push(this.dataParallelGroup.broadcast(b.paramData, 0));
-      else for (const p of b.params) works.push(this.dataParallelGroup.broadcast(p, 0));
+      const group = this.groupOfBuffer(b);
+      if (b.paramData) works.push(group.broadcast(b.paramData, 0));
+      else for (const p of b.params) works.push(group.broadcast(p, 0));
     }
     for (const w of works) w.waitSync();
   }
@@ -392,14 +451,12 @@ export class DistributedDataParallel<M extends Module & { forward: ForwardFn }> 
   startParamSync(): Work[] {
     this.checkAlive('startParamSync');
     if (!this.useDistributedOptimizer) return [];
-    const rank = this.dataParallelGroup.rank;
-    const dp = this.dataParallelGroup.size;
     const works: Work[] = [];
     for (const s of this.states) {
       const data = s.bucket.paramData!;
-      const shard = s.bucket.numel / dp;
-      const mine = flatView(data, rank * shard, [shard]);
-      works.push(this.dataParallelGroup.allGatherIntoTensor(data, mine));
+      const shard = s.bucket.numel / s.group.size;
+      const mine = flatView(data, s.group.rank * shard, [shard]);
+      works.push(s.group.allGatherIntoTensor(data, mine));
       // the collective retains the storage until it completes
       mine.dispose();
     }

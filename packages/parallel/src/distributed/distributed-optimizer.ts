@@ -19,6 +19,8 @@ import {
 } from '@megapatch/tensor';
 import { DistributedError } from '../errors.js';
 import {
+  getExpertTensorModelPipelineParallelGroup,
+  getExpertTensorParallelRank,
   getModelParallelGroup,
   getTensorModelParallelRank,
   modelParallelIsInitialized,
@@ -45,6 +47,14 @@ export interface DistributedOptimizerOptions {
   modelParallelGroup?: ProcessGroup | null;
   /** This rank's tensor-parallel rank (default the parallel state's when the group comes from it, else 0). */
   tpRank?: number;
+  /**
+   * Ranks holding other experts or expert pieces (Megatron's expert tp-ep-pp group), for the norm
+   * of the expert gradients (DDP's isExpertParameter buffers; default the parallel state's when
+   * initialised, else none).
+   */
+  expertModelParallelGroup?: ProcessGroup | null;
+  /** This rank's expert-tensor-parallel rank (default the parallel state's, else 0). */
+  expertTpRank?: number;
   /** Receives the line logged when a step is skipped (default console.warn). */
   log?: (line: string) => void;
   /**
@@ -114,6 +124,10 @@ abstract class BufferOptimizer {
   private readonly inner: AdamW | null;
   private readonly modelParallelGroup: ProcessGroup | null;
   private readonly tpRank: number;
+  private readonly expertModelParallelGroup: ProcessGroup | null;
+  private readonly expertTpRank: number;
+  /** Pieces of expert parameters (their norm is reduced over the expert groups). */
+  private readonly expertPieces = new Set<ShardPiece>();
   private readonly log: (line: string) => void;
   private readonly name: string;
   /** The loss scaler (fp16), or null. */
@@ -127,15 +141,21 @@ abstract class BufferOptimizer {
     const fromState = options.modelParallelGroup === undefined && modelParallelIsInitialized();
     this.modelParallelGroup = fromState ? getModelParallelGroup() : (options.modelParallelGroup ?? null);
     this.tpRank = options.tpRank ?? (fromState ? getTensorModelParallelRank() : 0);
+    const expertFromState = options.expertModelParallelGroup === undefined && modelParallelIsInitialized();
+    this.expertModelParallelGroup = expertFromState
+      ? getExpertTensorModelPipelineParallelGroup()
+      : (options.expertModelParallelGroup ?? null);
+    this.expertTpRank = options.expertTpRank ?? (expertFromState ? getExpertTensorParallelRank() : 0);
     this.log = options.log ?? ((line) => console.warn(line));
     this.lossScaler = options.lossScaler ?? null;
     const names = new Map(ddp.namedParameters().map(([n, p]) => [p, n]));
     const decay: Tensor[] = [];
     const noDecay: Tensor[] = [];
-    const dp = ddp.dataParallelGroup.size;
-    const rank = ddp.dataParallelGroup.rank;
     noGrad(() => {
       for (const buffer of ddp.buffers) {
+        // each buffer is sharded over the group it is reduced over (dp, or expert-dp)
+        const { size: dp, rank } = ddp.groupOfBuffer(buffer);
+        const expert = ddp.isExpertBuffer(buffer);
         for (const bucket of buffer.buckets) {
           const shard = sharded ? bucket.numel / dp : bucket.numel;
           const lo = bucket.offset + (sharded ? rank * shard : 0);
@@ -162,6 +182,7 @@ abstract class BufferOptimizer {
             );
             (noWeightDecay(n, p) ? noDecay : decay).push(piece.master);
             this.pieces.push(piece);
+            if (expert) this.expertPieces.add(piece);
           }
         }
       }
@@ -249,11 +270,7 @@ abstract class BufferOptimizer {
       });
     }
     // one all-reduced norm over every piece: an inf or NaN anywhere makes it non-finite everywhere
-    const gradNorm = getGradNorm(masters, {
-      modelParallelGroup: this.modelParallelGroup,
-      dataParallelGroup: this.sharded ? this.ddp.dataParallelGroup : null,
-      tpRank: this.tpRank,
-    });
+    const gradNorm = this.gradNorm();
     const finite = Number.isFinite(gradNorm);
     scaler?.update(!finite);
     if (!finite) {
@@ -266,6 +283,32 @@ abstract class BufferOptimizer {
     this.inner?.step();
     this.copyMastersToModel();
     return { updated: true, gradNorm, skipped: false };
+  }
+
+  /**
+   * The global L2 norm of the gradients: dense pieces reduced over the model-parallel group (and
+   * dp when sharded), expert pieces over the expert tp-ep-pp group (and expert-dp when sharded),
+   * combined as Megatron does.
+   */
+  private gradNorm(): number {
+    const dense = this.pieces.filter((p) => !this.expertPieces.has(p)).map((p) => p.master);
+    const denseNorm = getGradNorm(dense, {
+      modelParallelGroup: this.modelParallelGroup,
+      dataParallelGroup: this.sharded ? this.ddp.dataParallelGroup : null,
+      tpRank: this.tpRank,
+    });
+    if (this.expertPieces.size === 0 && !this.ddp.buffers.some((b) => this.ddp.isExpertBuffer(b))) {
+      return denseNorm;
+    }
+    const expertNorm = getGradNorm(
+      [...this.expertPieces].map((p) => p.master),
+      {
+        modelParallelGroup: this.expertModelParallelGroup,
+        dataParallelGroup: this.sharded ? this.ddp.expertDataParallelGroup : null,
+        tpRank: this.expertTpRank,
+      },
+    );
+    return Math.sqrt(denseNorm * denseNorm + expertNorm * expertNorm);
   }
 
   private copyMastersToModel(): void {
