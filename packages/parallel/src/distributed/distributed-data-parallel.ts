@@ -150,9 +150,7 @@ export class DistributedDataParallel<M extends Module & { forward: ForwardFn }> 
     const isExpert = options.isExpertParameter ?? (() => false);
     const names = new Map(module.namedParameters().map(([n, p]) => [p, n]));
     const expertParams = new Set(
-      module
-        .parameters()
-        .filter((p) => p.requiresGrad && isExpert(names.get(p) ?? p.name ?? '', p)),
+      module.parameters().filter((p) => p.requiresGrad && isExpert(names.get(p) ?? p.name ?? '', p)),
     );
     this.expertDataParallelGroup =
       options.expertDataParallelGroup ??
