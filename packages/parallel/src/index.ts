@@ -1,6 +1,20 @@
 // @megapatch/parallel: launch, rendezvous, process groups on Gloo, Megatron's parallel state,
 // tensor/sequence-parallel layers, data parallelism and the distributed optimizer.
 
+export { type RingAttentionOptions, ringAttention } from './context-parallel/ring-attention.js';
+export {
+  type ContextParallelPlan,
+  type ContextParallelRank,
+  type ContextParallelSplitOptions,
+  type CuSeqlens,
+  contextParallelCuSeqlens,
+  contextParallelGather,
+  contextParallelPlan,
+  contextParallelPositionIds,
+  contextParallelSplit,
+  contextParallelUnsplit,
+  padCuSeqlensForContextParallel,
+} from './context-parallel/split.js';
 export { clipGradByTotalNorm, type GradNormOptions, getGradNorm } from './distributed/clip-grads.js';
 export {
   DistributedDataParallel,
@@ -49,6 +63,44 @@ export { GlooProcessGroup } from './gloo.js';
 export * from './launch.js';
 export { type CollectivesInfo, collectivesInfo } from './native.js';
 export * from './parallel-state.js';
+export { allreduceEmbeddingGrads } from './pipeline/embedding-grads.js';
+export {
+  backwardStep,
+  type DataIterator,
+  type ForwardBackwardArgs,
+  type ForwardBackwardFunc,
+  type ForwardStepContext,
+  type ForwardStepFunc,
+  forwardBackwardNoPipelining,
+  forwardBackwardPipeliningWithInterleaving,
+  forwardBackwardPipeliningWithoutInterleaving,
+  getForwardBackwardFunc,
+  type LossFunc,
+} from './pipeline/forward-backward.js';
+export {
+  type ExchangeResult,
+  P2PCommunicator,
+  type P2PCommunicatorOptions,
+  PIPELINE_BACKWARD_TAG,
+  PIPELINE_FORWARD_TAG,
+} from './pipeline/p2p-communication.js';
+export {
+  convertScheduleTableToOrder,
+  getPpRankMicrobatches,
+  getScheduleTable,
+  type MicrobatchChunk,
+  type PipelineAction,
+  type PipelineExchange,
+  type PipelineExchangeName,
+  type PipelinePhase,
+  type PipelineSchedule,
+  type PipelineScheduleKind,
+  type PipelineScheduleOptions,
+  type PipelineStep,
+  type PpRankMicrobatches,
+  pipelineSchedule,
+  scheduleKind,
+} from './pipeline/schedules.js';
 export type { ProcessGroup, ReduceOp, Work } from './process-group.js';
 export {
   type ComputeParallelGroupsOptions,
