@@ -15,6 +15,14 @@ const root = fs.mkdtempSync(join(os.tmpdir(), 'megapatch-cli-convert-'));
 afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
 
 const capture = () => memoryIo();
+/** The files holding the pieces of tensor `name` of the checkpoint at `root`. */
+function readPieceFiles(root: string, name: string): string[] {
+  const iter = fs.readFileSync(join(root, 'latest_checkpointed_iteration.txt'), 'utf8').trim();
+  const meta = JSON.parse(
+    fs.readFileSync(join(root, `iter_${iter.padStart(7, '0')}`, 'metadata.json'), 'utf8'),
+  );
+  return [...new Set<string>(meta.tensors[name].pieces.map((p: { file: string }) => p.file))];
+}
 const config = (id: string) => SYNTHETIC_MODELS.find((m) => m.id === id)?.config as Record<string, unknown>;
 
 describe('megapatch convert / ckpt inspect', () => {
@@ -65,6 +73,114 @@ describe('megapatch convert / ckpt inspect', () => {
     await expect(
       runHfToMegapatch({ 'hf-dir': hf, out: join(root, 'x'), pp: '3' }, capture()),
     ).rejects.toThrow('pp=3 does not divide numLayers 4');
+  });
+
+  it('cuts uneven pipeline stages with Megatron flags and records them in the checkpoint', async () => {
+    const hf5 = join(root, 'hf5');
+    writeSyntheticHfCheckpoint(hf5, { ...config('llama'), num_hidden_layers: 5 }, { seed: 3 });
+    const uneven = join(root, 'uneven');
+    const out = capture();
+    await runHfToMegapatch(
+      { 'hf-dir': hf5, out: uneven, pp: '2', 'decoder-first-pipeline-num-layers': '2' },
+      out,
+    );
+    expect(out.lines[1]).toBe(
+      `megapatch checkpoint (tp=1 pp=2 ep=1 etp=1 decoder-first-pipeline-num-layers=2): ${uneven}`,
+    );
+    expect(inspectCheckpoint(uneven).layout).toEqual({
+      tp: 1,
+      pp: 2,
+      ep: 1,
+      etp: 1,
+      dp: 1,
+      decoderFirstPipelineNumLayers: 2,
+    });
+    expect(readPieceFiles(uneven, 'decoder.layers.1.self_attention.linear_qkv.weight')).toEqual([
+      'model_rank_tp0_pp0_ep0.safetensors',
+    ]);
+    expect(readPieceFiles(uneven, 'decoder.layers.2.self_attention.linear_qkv.weight')).toEqual([
+      'model_rank_tp0_pp1_ep0.safetensors',
+    ]);
+
+    // The same stages spelled as a layout string give the same checkpoint, layout aside.
+    const spelled = join(root, 'spelled');
+    const o2 = capture();
+    await runReshard(
+      { in: uneven, out: spelled, pp: '2', 'pipeline-model-parallel-layout': 'Ett|t*3,L' },
+      o2,
+    );
+    expect(o2.lines).toContain(
+      `megapatch checkpoint (tp=1 pp=2 ep=1 etp=1 pipeline-model-parallel-layout="Ett|t*3,L"): ${spelled}`,
+    );
+    expect(inspectCheckpoint(spelled).layout.pipelineModelParallelLayout).toBe('Ett|t*3,L');
+    const iter = (r: string) => join(r, 'iter_0000000');
+    const files = fs.readdirSync(iter(uneven)).filter((f) => f.endsWith('.safetensors'));
+    expect(files).toHaveLength(2);
+    for (const f of files) {
+      expect(fs.readFileSync(join(iter(spelled), f)).equals(fs.readFileSync(join(iter(uneven), f))), f).toBe(
+        true,
+      );
+    }
+    expect(readPieceFiles(spelled, 'decoder.layers.2.self_attention.linear_qkv.weight')).toEqual([
+      'model_rank_tp0_pp1_ep0.safetensors',
+    ]);
+
+    // From the command line (Megatron's names), with the interleaved schedule's virtual stages.
+    const vpp = join(root, 'vpp');
+    const text = execFileSync(
+      process.execPath,
+      [
+        bin,
+        'convert',
+        'hf-to-megapatch',
+        '--load',
+        hf,
+        '--save',
+        vpp,
+        '--pipeline-model-parallel-size',
+        '2',
+        '--num-virtual-stages-per-pipeline-rank',
+        '2',
+        '--decoder-first-pipeline-num-layers',
+        '2',
+        '--decoder-last-pipeline-num-layers',
+        '2',
+      ],
+      { encoding: 'utf8' },
+    );
+    expect(text).toContain(
+      'megapatch checkpoint (tp=1 pp=2 ep=1 etp=1 vpp=2 decoder-first-pipeline-num-layers=2 decoder-last-pipeline-num-layers=2)',
+    );
+    // Four layers in four chunks of one: rank 0 holds layers 0 and 2, rank 1 layers 1 and 3.
+    const stage = (i: number) => readPieceFiles(vpp, `decoder.layers.${i}.self_attention.linear_qkv.weight`);
+    expect([0, 1, 2, 3].map(stage).map((f) => f[0].match(/_pp(\d)_/)?.[1])).toEqual(['0', '1', '0', '1']);
+  });
+
+  it('rejects uneven stages that do not fit, naming the flag or the fix', async () => {
+    await expect(
+      runHfToMegapatch(
+        { 'hf-dir': hf, out: join(root, 'x'), pp: '2', 'decoder-first-pipeline-num-layers': '0' },
+        capture(),
+      ),
+    ).rejects.toThrow('--decoder-first-pipeline-num-layers: must be >= 1');
+    await expect(
+      runHfToMegapatch({ 'hf-dir': hf, out: join(root, 'x'), pp: '3' }, capture()),
+    ).rejects.toThrow(
+      'set decoderFirstPipelineNumLayers / decoderLastPipelineNumLayers or pipelineModelParallelLayout',
+    );
+    await expect(
+      runHfToMegapatch(
+        { 'hf-dir': hf, out: join(root, 'x'), pp: '2', 'pipeline-model-parallel-layout': 'Et*3|t,L' },
+        capture(),
+      ),
+    ).resolves.toBeDefined();
+    await expect(
+      runHfToMegapatch(
+        { 'hf-dir': hf, out: join(root, 'y'), pp: '3', 'pipeline-model-parallel-layout': 'Et*3|t,L' },
+        capture(),
+      ),
+    ).rejects.toThrow('has 2 stages, not a multiple of pp=3');
+    expect(fs.existsSync(join(root, 'y'))).toBe(false);
   });
 
   it('runs from the command line, and inspect accepts an iteration folder', () => {

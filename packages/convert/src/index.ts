@@ -4,6 +4,7 @@
 export * from './checkpoint/index.js';
 export { ConvertError, type ConvertErrorCode } from './errors.js';
 export * from './mapping/index.js';
+export * from './pipeline-layout.js';
 export * from './safetensors.js';
 export * from './specs/index.js';
 export * from './transformer-config.js';

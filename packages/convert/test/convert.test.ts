@@ -19,6 +19,7 @@ import {
   findWeightRules,
   fuseGateUp,
   fuseQkv,
+  type PipelineSplit,
   paddedVocab,
   padVocabRows,
   parseHfConfig,
@@ -528,20 +529,24 @@ describe('dtypes Megatron fixes', () => {
 
 describe.skipIf(skipWithoutShared(import.meta.url))('plans for the real models at Megatron scale', () => {
   const configs = sharedPath('data/configs');
-  const layouts: Record<string, { tp: number; pp: number; ep?: number; etp?: number }> = {
-    'Llama-3.1-8B.json': { tp: 8, pp: 4 },
-    'Llama-3.2-1B.json': { tp: 4, pp: 2 },
-    'Qwen2.5-3B.json': { tp: 2, pp: 4 },
-    'Qwen2.5-7B-Instruct.json': { tp: 4, pp: 4 },
-    'Qwen3-0.6B.json': { tp: 4, pp: 7 },
-    'Mixtral-8x7B-v0.1.json': { tp: 4, pp: 4, ep: 8 },
-    'Qwen1.5-MoE-A2.7B.finetune-resave.json': { tp: 2, pp: 2, ep: 4 },
-    'Qwen3-30B-A3B.json': { tp: 4, pp: 4, ep: 8, etp: 1 },
-    // 61 layers: only an uneven pipeline would cut it, which the plan does not do.
-    'DeepSeek-V3.json': { tp: 8, pp: 1, ep: 64, etp: 1 },
-    'Moonlight-16B-A3B-Instruct.thirdparty-copy.json': { tp: 4, pp: 3, ep: 8 },
-  };
-  for (const [file, layout] of Object.entries(layouts)) {
+  const layouts: [string, { tp: number; pp: number; ep?: number; etp?: number } & PipelineSplit][] = [
+    ['Llama-3.1-8B.json', { tp: 8, pp: 4 }],
+    ['Llama-3.2-1B.json', { tp: 4, pp: 2 }],
+    ['Qwen2.5-3B.json', { tp: 2, pp: 4 }],
+    ['Qwen2.5-7B-Instruct.json', { tp: 4, pp: 4 }],
+    ['Qwen3-0.6B.json', { tp: 4, pp: 7 }],
+    ['Mixtral-8x7B-v0.1.json', { tp: 4, pp: 4, ep: 8 }],
+    ['Qwen1.5-MoE-A2.7B.finetune-resave.json', { tp: 2, pp: 2, ep: 4 }],
+    ['Qwen3-30B-A3B.json', { tp: 4, pp: 4, ep: 8, etp: 1 }],
+    // 61 layers: pp=8 needs uneven stages (5 + 6 × 8 + 8 layers).
+    [
+      'DeepSeek-V3.json',
+      { tp: 8, pp: 8, ep: 64, etp: 1, decoderFirstPipelineNumLayers: 5, decoderLastPipelineNumLayers: 8 },
+    ],
+    ['DeepSeek-V3.json', { tp: 4, pp: 16, ep: 8, etp: 1, pipelineModelParallelLayout: 'Et|(tt|)*30mL' }],
+    ['Moonlight-16B-A3B-Instruct.thirdparty-copy.json', { tp: 4, pp: 3, ep: 8 }],
+  ];
+  for (const [file, layout] of layouts) {
     it(`${file}: ${JSON.stringify(layout)} covers every HF tensor once and tiles every Megatron tensor`, () => {
       const { spec, transformerConfig: cfg } = parseHfConfig(path.join(configs, file));
       const plan = planConversion(spec, cfg, layout);

@@ -25,6 +25,7 @@ import {
   int,
   layoutOptions,
   layoutSchema,
+  MAX_PARALLEL,
   overwriteOption,
   parseOptions,
 } from '../options.js';
@@ -38,11 +39,48 @@ const path = (what: string) => z.string({ message: `is required (${what})` }).mi
 const VOCAB_MULTIPLE_MAX = 1 << 20;
 /** Megatron's iteration folders have 7 digits; allow more, but keep it an integer a file name holds. */
 const ITERATION_MAX = 999_999_999_999;
+/** Far above any model's layer count; the library checks the counts against the model. */
+const LAYERS_MAX = 1_000_000;
+
+/** Megatron's uneven-pipeline flags (the library checks them against the model). */
+const pipelineSchema = {
+  vpp: int(1, MAX_PARALLEL).optional(),
+  decoderFirstPipelineNumLayers: int(1, LAYERS_MAX).optional(),
+  decoderLastPipelineNumLayers: int(1, LAYERS_MAX).optional(),
+  pipelineModelParallelLayout: z.string().trim().min(1, 'must not be empty').optional(),
+};
+
+const pipelineOptions = {
+  vpp: {
+    type: 'string',
+    value: 'N',
+    description: 'virtual pipeline stages per pipeline rank: layers interleave over the ranks (default 1)',
+    aliases: ['num-virtual-stages-per-pipeline-rank', 'virtual-pipeline-model-parallel-size'],
+  },
+  'decoder-first-pipeline-num-layers': {
+    type: 'string',
+    value: 'N',
+    description: 'decoder layers on the first pipeline rank; the rest split evenly (default: an even split)',
+  },
+  'decoder-last-pipeline-num-layers': {
+    type: 'string',
+    value: 'N',
+    description: 'decoder layers on the last pipeline rank; the rest split evenly (default: an even split)',
+  },
+  'pipeline-model-parallel-layout': {
+    type: 'string',
+    value: 'LAYOUT',
+    description:
+      "Megatron's stage layout: pp x vpp stages split by '|' of E (embedding), t (decoder layer), " +
+      'm (MTP layer), L (loss), x*N repeats, e.g. "E|t*5|t*6|t,m,L"',
+  },
+} as const satisfies Record<string, OptionSpec>;
 
 const HfToMegapatch = z.object({
   hfDir: path('a Hugging Face model folder'),
   out: path('the megapatch checkpoint root'),
   ...layoutSchema,
+  ...pipelineSchema,
   dtype: ModelDtypeFlag.optional(),
   makeVocabSizeDivisibleBy: int(1, VOCAB_MULTIPLE_MAX),
   iteration: int(0, ITERATION_MAX),
@@ -64,6 +102,7 @@ const Reshard = z.object({
   in: path('a megapatch checkpoint root'),
   out: path('the checkpoint root to write'),
   ...layoutSchema,
+  ...pipelineSchema,
   dtype: ModelDtypeFlag.optional(),
   iteration: int(0, ITERATION_MAX).optional(),
   overwrite: z.boolean(),
@@ -151,14 +190,50 @@ function convertInto(
   });
 }
 
-const layoutOf = (o: { tp: number; pp: number; ep: number; etp?: number }) => ({
+interface LayoutFlags {
+  tp: number;
+  pp: number;
+  ep: number;
+  etp?: number;
+  vpp?: number;
+  decoderFirstPipelineNumLayers?: number;
+  decoderLastPipelineNumLayers?: number;
+  pipelineModelParallelLayout?: string;
+}
+
+const layoutOf = (o: LayoutFlags) => ({
   tp: o.tp,
   pp: o.pp,
   ep: o.ep,
   ...(o.etp ? { etp: o.etp } : {}),
+  ...(o.vpp !== undefined ? { vpp: o.vpp } : {}),
+  ...(o.decoderFirstPipelineNumLayers !== undefined
+    ? { decoderFirstPipelineNumLayers: o.decoderFirstPipelineNumLayers }
+    : {}),
+  ...(o.decoderLastPipelineNumLayers !== undefined
+    ? { decoderLastPipelineNumLayers: o.decoderLastPipelineNumLayers }
+    : {}),
+  ...(o.pipelineModelParallelLayout !== undefined
+    ? { pipelineModelParallelLayout: o.pipelineModelParallelLayout }
+    : {}),
 });
-const layoutText = (o: { tp: number; pp: number; ep: number; etp?: number }) =>
-  `tp=${o.tp} pp=${o.pp} ep=${o.ep} etp=${o.etp ?? o.tp}`;
+/** `tp=2 pp=2 ep=1 etp=2`, and the uneven-pipeline settings given. */
+const layoutText = (o: LayoutFlags) =>
+  [
+    `tp=${o.tp} pp=${o.pp} ep=${o.ep} etp=${o.etp ?? o.tp}`,
+    o.vpp !== undefined ? `vpp=${o.vpp}` : '',
+    o.decoderFirstPipelineNumLayers !== undefined
+      ? `decoder-first-pipeline-num-layers=${o.decoderFirstPipelineNumLayers}`
+      : '',
+    o.decoderLastPipelineNumLayers !== undefined
+      ? `decoder-last-pipeline-num-layers=${o.decoderLastPipelineNumLayers}`
+      : '',
+    o.pipelineModelParallelLayout !== undefined
+      ? `pipeline-model-parallel-layout=${JSON.stringify(o.pipelineModelParallelLayout)}`
+      : '',
+  ]
+    .filter(Boolean)
+    .join(' ');
 
 const HF_TO_MEGAPATCH = 'convert hf-to-megapatch';
 const MEGAPATCH_TO_HF = 'convert megapatch-to-hf';
@@ -276,6 +351,7 @@ export const hfToMegapatch: Command = {
     },
     out: outOption('megapatch checkpoint root to write'),
     ...layoutOptions,
+    ...pipelineOptions,
     dtype: dtypeOption,
     'make-vocab-size-divisible-by': {
       type: 'string',
@@ -291,7 +367,11 @@ export const hfToMegapatch: Command = {
     },
     overwrite: overwriteOption,
   },
-  examples: ['convert hf-to-megapatch --hf-dir Qwen3-0.6B --out ckpt --tp 2 --pp 2 --dtype bf16'],
+  examples: [
+    'convert hf-to-megapatch --hf-dir Qwen3-0.6B --out ckpt --tp 2 --pp 2 --dtype bf16',
+    'convert hf-to-megapatch --hf-dir DeepSeek-V3 --out ckpt --tp 8 --pp 8 --ep 64 --etp 1 ' +
+      '--decoder-first-pipeline-num-layers 5 --decoder-last-pipeline-num-layers 8',
+  ],
   run: async ({ options, io }) => {
     await runHfToMegapatch(options, io);
   },
@@ -329,11 +409,15 @@ export const reshard: Command = {
     in: inOption,
     out: outOption('checkpoint root to write'),
     ...layoutOptions,
+    ...pipelineOptions,
     dtype: dtypeOption,
     iteration: { ...iterationOption, description: 'iteration to reshard (default: the latest)' },
     overwrite: overwriteOption,
   },
-  examples: ['convert reshard --in ckpt --out ckpt-tp1 --tp 1 --pp 1'],
+  examples: [
+    'convert reshard --in ckpt --out ckpt-tp1 --tp 1 --pp 1',
+    'convert reshard --in ckpt --out ckpt-pp4 --pp 4 --pipeline-model-parallel-layout "E|t*5|t*6|t,m,L"',
+  ],
   run: async ({ options, io }) => {
     await runReshard(options, io);
   },

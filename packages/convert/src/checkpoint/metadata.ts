@@ -37,7 +37,11 @@ const fileName = z
     message: 'must be a plain file name',
   });
 
-/** The parallel layout a checkpoint was saved with (informational: readers may use any other). */
+/**
+ * The parallel layout a checkpoint was saved with (informational: readers may use any other).
+ * The pipeline settings, absent for an even split, give with the model's layer counts the stage
+ * of every layer: `pipelineStages({ ...layout, numLayers, mtpNumLayers })`.
+ */
 export const CheckpointLayout = z.object({
   /** Tensor-parallel size. */
   tp: posInt,
@@ -49,6 +53,14 @@ export const CheckpointLayout = z.object({
   etp: posInt,
   /** Data-parallel size. */
   dp: posInt,
+  /** Virtual pipeline stages per pipeline rank; absent: 1 (no interleaving). */
+  vpp: posInt.optional(),
+  /** Decoder layers on the first pipeline rank (Megatron's `--decoder-first-pipeline-num-layers`). */
+  decoderFirstPipelineNumLayers: posInt.optional(),
+  /** Decoder layers on the last pipeline rank (Megatron's `--decoder-last-pipeline-num-layers`). */
+  decoderLastPipelineNumLayers: posInt.optional(),
+  /** Megatron's `--pipeline-model-parallel-layout` string, e.g. `"E|t*5|t*6|t,m,L"`. */
+  pipelineModelParallelLayout: z.string().min(1).optional(),
 });
 /** The parallel layout a checkpoint was saved with. */
 export type CheckpointLayout = z.infer<typeof CheckpointLayout>;

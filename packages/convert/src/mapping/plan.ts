@@ -4,12 +4,21 @@
 // importer, the exporter and the resharder all stream bytes along this plan.
 import type { PieceRank } from '../checkpoint/writer.js';
 import { ConvertError } from '../errors.js';
+import {
+  type PipelineSplit,
+  type PipelineStages,
+  pipelineStages,
+  resolvePipelineSplit,
+} from '../pipeline-layout.js';
 import type { ArchitectureSpec, HfTensorShape, WeightOp } from '../specs/types.js';
 import { findWeightRules } from '../specs/types.js';
 import { paddedVocabSize, type TransformerConfig } from '../transformer-config.js';
 
-/** A Megatron parallel layout (the sizes of the TP, PP, EP and expert-TP groups). */
-export interface ParallelLayout {
+/**
+ * A Megatron parallel layout: the sizes of the TP, PP, EP and expert-TP groups, and how the
+ * decoder layers are cut into pipeline stages (even unless a {@link PipelineSplit} setting is given).
+ */
+export interface ParallelLayout extends PipelineSplit {
   /** Tensor-parallel size. */
   readonly tp: number;
   /** Pipeline-parallel size. */
@@ -58,7 +67,7 @@ export interface MegatronTensorPlan {
   readonly partition: Partition;
   /** Global expert index, for expert tensors (split by expert-TP, placed by EP). */
   readonly expert?: number;
-  /** Pipeline stage holding the tensor. */
+  /** Pipeline rank holding the tensor (the `pp` of its pieces' files). */
   readonly stage: number;
   /** Where the rows come from, in increasing row order. */
   readonly rows: RowRun[];
@@ -82,6 +91,8 @@ export interface ConversionPlan {
   readonly spec: ArchitectureSpec;
   readonly config: TransformerConfig;
   readonly layout: ParallelLayout;
+  /** What each pipeline rank (and virtual stage) holds. */
+  readonly pipeline: PipelineStages;
   /** Every tensor of an HF checkpoint of this config, in the spec's order. */
   readonly hfTensors: HfTensorShape[];
   /** Megatron tensors, in the order their first HF source appears. */
@@ -89,7 +100,11 @@ export interface ConversionPlan {
   readonly duplicates: DuplicatePlan[];
 }
 
-/** Fills in `etp` (default `tp`) and the other sizes (default 1), and checks each is a positive integer. */
+/**
+ * Fills in `etp` (default `tp`) and the other sizes (default 1), and checks each is a positive
+ * integer; the pipeline split is normalized by {@link resolvePipelineSplit} (`vpp` kept only above
+ * 1, derived from a layout string; the other settings only when set).
+ */
 export function resolveLayout(layout: Partial<ParallelLayout> = {}): ParallelLayout {
   const tp = layout.tp ?? 1;
   const out = { tp, pp: layout.pp ?? 1, ep: layout.ep ?? 1, etp: layout.etp ?? tp };
@@ -98,7 +113,12 @@ export function resolveLayout(layout: Partial<ParallelLayout> = {}): ParallelLay
       throw new ConvertError('INVALID_ARGUMENT', `layout ${k}=${v} must be a positive integer`);
     }
   }
-  return out;
+  return { ...out, ...resolvePipelineSplit(out.pp, layout) };
+}
+
+/** The pipeline stages of `cfg` cut by `layout` (see {@link pipelineStages}). */
+export function layoutPipelineStages(cfg: TransformerConfig, layout: ParallelLayout): PipelineStages {
+  return pipelineStages({ ...layout, numLayers: cfg.numLayers, mtpNumLayers: cfg.mtpNumLayers });
 }
 
 function divides(what: string, n: number, by: number, size: string, why: string): void {
@@ -107,10 +127,13 @@ function divides(what: string, n: number, by: number, size: string, why: string)
   }
 }
 
-/** Checks that `layout` can hold `cfg`: every split is even and keeps heads and groups whole. */
-export function checkLayout(cfg: TransformerConfig, layout: ParallelLayout): void {
-  const { tp, pp, ep, etp } = layout;
-  divides('numLayers', cfg.numLayers, pp, 'pp', 'each pipeline stage holds the same number of layers');
+/**
+ * Checks that `layout` can hold `cfg`: the pipeline split fits its layers, every other split is
+ * even and keeps heads and groups whole. Returns the pipeline stages.
+ */
+export function checkLayout(cfg: TransformerConfig, layout: ParallelLayout): PipelineStages {
+  const { tp, ep, etp } = layout;
+  const pipeline = layoutPipelineStages(cfg, layout);
   divides(
     'numAttentionHeads',
     cfg.numAttentionHeads,
@@ -158,6 +181,7 @@ export function checkLayout(cfg: TransformerConfig, layout: ParallelLayout): voi
   } else if (ep > 1 || etp !== tp) {
     throw new ConvertError('INVALID_ARGUMENT', `ep=${ep} / etp=${etp} need a mixture-of-experts model`);
   }
+  return pipeline;
 }
 
 function partitionOf(op: WeightOp): Partition {
@@ -241,7 +265,7 @@ export function planConversion(
   layoutIn: Partial<ParallelLayout> = {},
 ): ConversionPlan {
   const layout = resolveLayout(layoutIn);
-  checkLayout(cfg, layout);
+  const pipeline = checkLayout(cfg, layout);
   const hfTensors = spec.expectedHfTensors(cfg);
   const groups = new Map<string, Source[]>();
   const duplicates: { hf: HfTensorShape; megatron: string }[] = [];
@@ -268,7 +292,7 @@ export function planConversion(
     groups.set(megatron, list);
   }
   const tensors: MegatronTensorPlan[] = [];
-  for (const [name, sources] of groups) tensors.push(planTensor(name, sources, cfg, layout));
+  for (const [name, sources] of groups) tensors.push(planTensor(name, sources, cfg, layout, pipeline));
   const byName = new Map(tensors.map((t) => [t.name, t]));
   const dupPlans = duplicates.map(({ hf, megatron }) => {
     const target = byName.get(megatron);
@@ -281,7 +305,7 @@ export function planConversion(
     }
     return { hf: hf.name, megatron, primary, shape: [...hf.shape] };
   });
-  return { spec, config: cfg, layout, hfTensors, tensors, duplicates: dupPlans };
+  return { spec, config: cfg, layout, pipeline, hfTensors, tensors, duplicates: dupPlans };
 }
 
 // Placeholder values of a filled Megatron name, recovered by matching it against its pattern.
@@ -310,6 +334,7 @@ function planTensor(
   sources: Source[],
   cfg: TransformerConfig,
   layout: ParallelLayout,
+  pipeline: PipelineStages,
 ): MegatronTensorPlan {
   const first = sources[0];
   const partition = partitionOf(first.op);
@@ -395,7 +420,7 @@ function planTensor(
       `${where}: shape [${globalShape.join(',')}] cannot be ${partition}`,
     );
   }
-  const stage = stageOf(name, first.bindings, cfg, layout);
+  const stage = stageOf(name, first.bindings, pipeline);
   const isExpert = expert !== undefined;
   const size = isExpert ? layout.etp : layout.tp;
   const epRank = isExpert && cfg.moe ? Math.floor(expert / (cfg.moe.numExperts / layout.ep)) : 0;
@@ -422,15 +447,16 @@ function planTensor(
   };
 }
 
-/** Pipeline stage of a tensor: its decoder layer's, the first for the embedding, else the last. */
-function stageOf(
-  name: string,
-  bindings: Record<string, number>,
-  cfg: TransformerConfig,
-  layout: ParallelLayout,
-): number {
-  if (bindings.layer !== undefined) return Math.floor(bindings.layer / (cfg.numLayers / layout.pp));
+/**
+ * Pipeline rank of a tensor: its decoder or MTP layer's, the first for the embedding, the final
+ * norm's (next to the last decoder layer when there are MTP layers), else the loss stage's.
+ */
+function stageOf(name: string, bindings: Record<string, number>, pipeline: PipelineStages): number {
+  const rankOf = (i: number) => pipeline.stages[i].ppRank;
+  if (bindings.layer !== undefined) return rankOf(pipeline.layerStage[bindings.layer]);
+  if (bindings.mtp !== undefined) return rankOf(pipeline.mtpStage[bindings.mtp]);
   if (name.startsWith('embedding.')) return 0;
-  // Final norm, output layer and the MTP blocks sit after the last decoder layer.
-  return layout.pp - 1;
+  if (name.startsWith('decoder.final_layernorm.')) return rankOf(pipeline.finalLayernormStage);
+  // The output layer sits on the loss stage: the last rank.
+  return pipeline.pp - 1;
 }
