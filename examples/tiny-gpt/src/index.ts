@@ -15,5 +15,6 @@ export {
   sampleText,
   type TrainOptions,
   train,
+  trainAsync,
   validationLoss,
 } from './train.js';

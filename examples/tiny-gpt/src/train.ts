@@ -53,6 +53,38 @@ const sci = (v: number): string =>
 
 /** Trains `model` on `task`; returns one StepInfo per iteration. */
 export function train(model: GPT, task: Task, opts: TrainOptions, random: () => number): StepInfo[] {
+  const run = trainSteps(model, task, opts, random);
+  for (let r = run.next(); ; r = run.next()) if (r.done) return r.value;
+}
+
+/**
+ * train(), yielding to the event loop every few tens of milliseconds: a caller with timers or I/O
+ * to serve (a test runner's worker, a server) stays responsive during a long run.
+ */
+export async function trainAsync(
+  model: GPT,
+  task: Task,
+  opts: TrainOptions,
+  random: () => number,
+): Promise<StepInfo[]> {
+  const run = trainSteps(model, task, opts, random);
+  let last = performance.now();
+  for (let r = run.next(); ; r = run.next()) {
+    if (r.done) return r.value;
+    if (performance.now() - last > 50) {
+      await new Promise((resolve) => setImmediate(resolve));
+      last = performance.now();
+    }
+  }
+}
+
+/** The training loop, one iteration per `next()`. */
+function* trainSteps(
+  model: GPT,
+  task: Task,
+  opts: TrainOptions,
+  random: () => number,
+): Generator<void, StepInfo[], void> {
   const log = opts.log ?? console.log;
   const params = model.parameters();
   const optimizer = new AdamW(params, {
@@ -115,6 +147,7 @@ export function train(model: GPT, task: Task, opts: TrainOptions, random: () => 
       windowLoss = 0;
       windowStart = performance.now();
     }
+    yield;
   }
   optimizer.dispose();
   return steps;

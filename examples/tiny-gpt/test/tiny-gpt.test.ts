@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs';
 import { manualSeed, memoryStats } from '@megapatch/tensor';
 import { sharedPath, skipWithoutShared } from '@megapatch/test-support';
 import { describe, expect, it } from 'vitest';
-import { evaluatePuzzle, GPT, rng, sortTask, textTask, train, validationLoss } from '../src/index.js';
+import { evaluatePuzzle, GPT, rng, sortTask, textTask, trainAsync, validationLoss } from '../src/index.js';
 
 const shakespeare = sharedPath('data/corpus/tinyshakespeare_input.txt');
 // Any text will do to show that memory stays flat: a generated one needs no data folder.
@@ -13,7 +13,7 @@ const generatedText = Array.from(
 const quiet = { log: () => {} };
 
 describe('tiny-gpt', () => {
-  it('keeps native memory flat from step to step (50 steps)', () => {
+  it('keeps native memory flat from step to step (50 steps)', async () => {
     manualSeed(0);
     const task = textTask(generatedText, 64);
     const model = new GPT({
@@ -23,7 +23,7 @@ describe('tiny-gpt', () => {
       numAttentionHeads: 4,
       maxSeqLength: 64,
     });
-    const steps = train(
+    const steps = await trainAsync(
       model,
       task,
       {
@@ -46,7 +46,7 @@ describe('tiny-gpt', () => {
     model.dispose();
   });
 
-  it('learns to sort digits and solves held-out cases', () => {
+  it('learns to sort digits and solves held-out cases', async () => {
     manualSeed(1);
     const task = sortTask(6, 3);
     const model = new GPT({
@@ -56,7 +56,7 @@ describe('tiny-gpt', () => {
       numAttentionHeads: 4,
       maxSeqLength: task.seqLength,
     });
-    train(
+    await trainAsync(
       model,
       task,
       {
@@ -80,7 +80,7 @@ describe('tiny-gpt', () => {
 
   it.skipIf(skipWithoutShared(import.meta.url))(
     'trains on tiny Shakespeare to a validation loss well below the unigram entropy',
-    () => {
+    async () => {
       manualSeed(2);
       const task = textTask(readFileSync(shakespeare, 'utf8'), 64);
       const model = new GPT({
@@ -91,7 +91,7 @@ describe('tiny-gpt', () => {
         maxSeqLength: 64,
       });
       const before = memoryStats().liveBytes;
-      train(
+      await trainAsync(
         model,
         task,
         {
