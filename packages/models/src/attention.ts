@@ -7,6 +7,7 @@ import {
   LayerNormColumnParallelLinear,
   type ProcessGroup,
   RowParallelLinear,
+  ringAttention,
 } from '@megapatch/parallel';
 import {
   applyRotaryPosEmb,
@@ -19,6 +20,7 @@ import {
   type Tensor,
 } from '@megapatch/tensor';
 import type { AttentionContext } from './context.js';
+import { ModelError } from './errors.js';
 import type { ModelFamily } from './families/family.js';
 import { Norm } from './norm.js';
 
@@ -38,6 +40,20 @@ export interface LayerBuildOptions {
 
 /** The core attention: softmax(q kᵀ·scale) v with the context's mask, causality and packing. */
 export function coreAttention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, scale: number): Tensor {
+  const cp = ctx.cpGroup;
+  if (cp && cp.size > 1) {
+    // context parallelism: ring attention over the cp group on this rank's two chunks
+    if (ctx.mask || ctx.cache) {
+      throw new ModelError(
+        'UNSUPPORTED',
+        'context parallelism runs causal attention without a mask or KV cache (no sliding window, attention mask or generation); set contextParallelSize 1',
+      );
+    }
+    const extra = ctx.cuSeqlens ? [ctx.cuSeqlens] : [];
+    const ring = (qq: Tensor, kk: Tensor, vv: Tensor, ...rest: Tensor[]) =>
+      ringAttention(qq, kk, vv, { cpGroup: cp, scale, causal: ctx.causal, cuSeqlens: rest[0] ?? null });
+    return ctx.recomputeCoreAttention ? checkpoint(ring, q, k, v, ...extra) : ring(q, k, v, ...extra);
+  }
   if (!ctx.recomputeCoreAttention) {
     return scaledDotProductAttention(q, k, v, {
       isCausal: ctx.causal,

@@ -1,5 +1,6 @@
 // What every attention layer of one forward pass shares: the rotary tables, the mask, packed
 // sequence boundaries and, during generation, the KV cache.
+import type { ProcessGroup } from '@megapatch/parallel';
 import { checkpoint, type Tensor } from '@megapatch/tensor';
 import type { KVCache } from './kv-cache.js';
 
@@ -14,6 +15,11 @@ export interface AttentionContext {
   causal: boolean;
   /** Packed sequences (b = 1): cumulative boundaries [nseq + 1]. */
   cuSeqlens: Tensor | null;
+  /**
+   * Context parallelism: the group sharing each sequence (each rank holds its two load-balanced
+   * chunks; core attention runs as a ring), or null.
+   */
+  cpGroup: ProcessGroup | null;
   /** Generation: the cache to read from and append to, and the layer's slot in it. */
   cache: KVCache | null;
   /** Selective recompute of the core attention (its inputs are kept, its internals recomputed). */

@@ -6,8 +6,10 @@ import { paddedVocabSize, type TransformerConfig } from '@megapatch/convert';
 import {
   ColumnParallelLinear,
   gatherFromTensorModelParallelRegion,
+  getContextParallelGroup,
   getExpertModelParallelGroup,
   getExpertTensorParallelGroup,
+  getTensorAndDataParallelGroup,
   getTensorModelParallelGroup,
   modelParallelIsInitialized,
   type ProcessGroup,
@@ -34,7 +36,7 @@ import type { AttentionContext } from './context.js';
 import { ModelError } from './errors.js';
 import { DEFAULT_FAMILY, getModelFamily, type ModelFamily } from './families/index.js';
 import type { KVCache } from './kv-cache.js';
-import { MoELayer } from './moe/moe-layer.js';
+import { MoELayer, type MoELayerOptions } from './moe/moe-layer.js';
 import { MultiTokenPredictionLayer } from './mtp.js';
 import { Norm } from './norm.js';
 import { RotaryEmbedding } from './rope.js';
@@ -53,6 +55,12 @@ export interface GPTModelOptions {
   epGroup?: ProcessGroup;
   /** Expert tensor-parallel group (default: the parallel state's, or the TP group). */
   etpGroup?: ProcessGroup;
+  /**
+   * Context-parallel group (default: the parallel state's, or a single process): inputs are this
+   * rank's load-balanced chunks of each sequence (see `contextParallelSplit`), with their position
+   * ids and local cuSeqlens, and core attention runs as a ring over the group.
+   */
+  cpGroup?: ProcessGroup;
   /** Megatron's sequence parallelism (dense GQA models). */
   sequenceParallel?: boolean;
   /** Generator of the initial weights (default: the default generator). */
@@ -67,6 +75,17 @@ export interface GPTModelOptions {
   moeAuxLossCoeff?: number;
   /** Megatron --moe-z-loss-coeff (default 0). */
   moeZLossCoeff?: number;
+  /** Megatron --moe-token-dispatcher-type: all-gather or all-to-all expert dispatch (default 'allgather'). */
+  moeTokenDispatcherType?: 'allgather' | 'alltoall';
+  /**
+   * Megatron --moe-expert-capacity-factor: each expert takes at most ceil(T·k / E · factor) of the
+   * T tokens of a router call, the others are dropped. Default null (or negative): dropless.
+   */
+  moeExpertCapacityFactor?: number | null;
+  /** Megatron --moe-token-drop-policy: drop the lowest weights ('probs', default) or the latest tokens ('position'). */
+  moeTokenDropPolicy?: 'probs' | 'position';
+  /** Megatron --moe-pad-expert-input-to-capacity: pad each expert's input to the capacity (weight-0 tokens). */
+  moePadExpertInputToCapacity?: boolean;
   /**
    * The model family (or an HF architecture name resolved through the family registry): what
    * the architecture changes in the shared layers. Default: Llama's choices.
@@ -109,6 +128,7 @@ export class GPTModel extends Module {
   readonly tpGroup: ProcessGroup;
   readonly epGroup: ProcessGroup;
   readonly etpGroup: ProcessGroup;
+  readonly cpGroup: ProcessGroup;
   readonly sequenceParallel: boolean;
   /** Rows of the embedding and output tables: the vocabulary padded to makeVocabSizeDivisibleBy × TP. */
   readonly paddedVocabSize: number;
@@ -134,6 +154,13 @@ export class GPTModel extends Module {
     const single = new SingleProcessGroup();
     this.tpGroup = options.tpGroup ?? defaultGroup(getTensorModelParallelGroup, () => single);
     this.epGroup = options.epGroup ?? defaultGroup(getExpertModelParallelGroup, () => single);
+    this.cpGroup = options.cpGroup ?? defaultGroup(getContextParallelGroup, () => single);
+    if (this.cpGroup.size > 1 && config.mtpNumLayers > 0) {
+      throw new ModelError(
+        'UNSUPPORTED',
+        'multi-token prediction with context parallelism is not supported yet; set contextParallelSize 1',
+      );
+    }
     this.etpGroup =
       options.etpGroup ??
       (modelParallelIsInitialized()
@@ -142,7 +169,7 @@ export class GPTModel extends Module {
           : getExpertTensorParallelGroup()
         : this.tpGroup);
     this.sequenceParallel = (options.sequenceParallel ?? false) && this.tpGroup.size > 1;
-    checkLayout(config, this.tpGroup.size, this.epGroup.size);
+    checkLayout(config, this.tpGroup.size, this.epGroup.size, this.etpGroup.size);
     const tp = this.tpGroup.size;
     this.paddedVocabSize = paddedVocabSize(config.vocabSize, config.makeVocabSizeDivisibleBy, tp);
     const std = options.initMethodStd ?? 0.02;
@@ -166,10 +193,12 @@ export class GPTModel extends Module {
     const selective = rc?.granularity === 'selective' ? new Set(rc.modules) : new Set<RecomputeModule>();
     this.recomputeCoreAttention = selective.has('core_attn');
     this.recomputeMlaUpProj = selective.has('mla_up_proj');
+    const moeOptions = moeLayerOptions(options);
     const layerOpts = (kind: 'dense' | 'moe'): TransformerLayerOptions => ({
       kind,
       expertParallel: { epGroup: this.epGroup, etpGroup: this.etpGroup },
       routerLosses: { auxLossCoeff: options.moeAuxLossCoeff ?? 0, zLossCoeff: options.moeZLossCoeff ?? 0 },
+      moe: moeOptions,
       recomputeFull: rc?.granularity === 'full',
       recomputeMoe: selective.has('moe'),
       auxLossScale: () => this.auxLossScale,
@@ -257,9 +286,49 @@ export class GPTModel extends Module {
     return out;
   }
 
-  /** Tokens routed to each expert per MoE layer since the last call (for logging and bias updates). */
+  /**
+   * Tokens each expert computed per MoE layer since the last call, on this rank (the tokens of its
+   * data-parallel slice, the same on every TP rank), then reset.
+   */
   takeExpertLoad(): Map<number, Float64Array> {
     return new Map(this.moeLayers().map(([i, m]) => [i, m.router.takeLoad()]));
+  }
+
+  /**
+   * Megatron's global load of the aux-loss-free update: {@link GPTModel.takeExpertLoad} summed
+   * over the tensor × data × context-parallel group in one all-reduce for all layers (default: the
+   * parallel state's, else a single process), divided by TP since the TP ranks route the same
+   * tokens. Every rank of the group gets the same counts; call it on all of them.
+   */
+  takeGlobalExpertLoad(tpDpCpGroup?: ProcessGroup): Map<number, Float64Array> {
+    const local = this.takeExpertLoad();
+    const group = tpDpCpGroup ?? (modelParallelIsInitialized() ? getTensorAndDataParallelGroup(true) : null);
+    if (!group || group.size === 1 || local.size === 0) return local;
+    const E = this.config.moe?.numExperts ?? 0;
+    const layers = [...local.keys()];
+    const flat = new Float64Array(layers.length * E);
+    layers.forEach((l, i) => {
+      flat.set(local.get(l) as Float64Array, i * E);
+    });
+    const t = fromTypedArray(flat, [flat.length]);
+    group.allReduce(t, 'sum').waitSync();
+    const sum = t.toTypedArray() as Float64Array;
+    t.dispose();
+    const tp = this.tpGroup.size;
+    return new Map(
+      layers.map((l, i) => [l, Float64Array.from(sum.subarray(i * E, (i + 1) * E), (v) => v / tp)]),
+    );
+  }
+
+  /**
+   * DeepSeek-V3's aux-loss-free balancing on every MoE layer with an expert bias, from global
+   * counts ({@link GPTModel.takeGlobalExpertLoad}): bias += rate · sign(mean load − load).
+   */
+  updateExpertBias(load: ReadonlyMap<number, ArrayLike<number>>, rate: number): void {
+    for (const [i, m] of this.moeLayers()) {
+      const counts = load.get(i);
+      if (counts && m.router.expertBias) m.router.updateExpertBias(counts, rate);
+    }
   }
 
   /** The output weight in use: the embedding table when tied. */
@@ -307,6 +376,7 @@ export class GPTModel extends Module {
       mask,
       causal: mask === null,
       cuSeqlens: opts.cuSeqlens ?? null,
+      cpGroup: this.cpGroup.size > 1 ? this.cpGroup : null,
       cache,
       recomputeCoreAttention: this.recomputeCoreAttention,
       recomputeMlaUpProj: this.recomputeMlaUpProj,
@@ -512,8 +582,32 @@ function buildMask(
   return fromTypedArray(m, [b, 1, s, sk]).to('bool');
 }
 
-/** Checks that TP and EP can split this model. */
-function checkLayout(c: TransformerConfig, tp: number, ep: number): void {
+/** The MoE layers' dispatcher and capacity from the model options. */
+function moeLayerOptions(o: GPTModelOptions): MoELayerOptions {
+  // a negative factor means dropless, as Megatron's TransformerConfig reads it
+  const given = o.moeExpertCapacityFactor ?? null;
+  const factor = given !== null && given < 0 ? null : given;
+  if (factor === null && o.moePadExpertInputToCapacity) {
+    throw new ModelError(
+      'INVALID_CONFIG',
+      'moePadExpertInputToCapacity needs moeExpertCapacityFactor; set a capacity factor or drop the padding',
+    );
+  }
+  return {
+    tokenDispatcherType: o.moeTokenDispatcherType ?? 'allgather',
+    capacity:
+      factor === null
+        ? null
+        : {
+            capacityFactor: factor,
+            dropPolicy: o.moeTokenDropPolicy ?? 'probs',
+            padToCapacity: o.moePadExpertInputToCapacity ?? false,
+          },
+  };
+}
+
+/** Checks that TP, EP and expert-TP can split this model. */
+function checkLayout(c: TransformerConfig, tp: number, ep: number, etp: number): void {
   const bad = (m: string) => new ModelError('INVALID_CONFIG', m);
   if (c.numAttentionHeads % tp !== 0)
     throw bad(`tp=${tp} does not divide the ${c.numAttentionHeads} attention heads`);
@@ -523,8 +617,8 @@ function checkLayout(c: TransformerConfig, tp: number, ep: number): void {
   if (c.moe && c.moe.numExperts % ep !== 0)
     throw bad(`ep=${ep} does not divide the ${c.moe.numExperts} experts`);
   if (!c.moe && ep > 1) throw bad(`ep=${ep} needs a MoE model; this one is dense`);
-  if (c.moe && c.moe.moeFfnHiddenSize % tp !== 0) {
-    throw bad(`tp=${tp} (expert-TP) does not divide moeFfnHiddenSize ${c.moe.moeFfnHiddenSize}`);
+  if (c.moe && c.moe.moeFfnHiddenSize % etp !== 0) {
+    throw bad(`etp=${etp} (expert-TP) does not divide moeFfnHiddenSize ${c.moe.moeFfnHiddenSize}`);
   }
   if (c.moe && c.moe.sharedExpertIntermediateSize % tp !== 0) {
     throw bad(`tp=${tp} does not divide sharedExpertIntermediateSize ${c.moe.sharedExpertIntermediateSize}`);

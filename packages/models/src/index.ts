@@ -53,8 +53,29 @@ export {
 export * from './memory.js';
 export { MLASelfAttention } from './mla.js';
 export { gatedActivation, MLP, type MLPOptions, swiglu } from './mlp.js';
-export { type ExpertParallelOptions, Experts, MoELayer, SharedExperts } from './moe/moe-layer.js';
+export { MoEAllGatherTokenDispatcher } from './moe/allgather-dispatcher.js';
+export { MoEAlltoAllTokenDispatcher } from './moe/alltoall-dispatcher.js';
+export {
+  type ExpertParallelOptions,
+  Experts,
+  MoELayer,
+  type MoELayerOptions,
+  SharedExperts,
+} from './moe/moe-layer.js';
 export { type RouterLossOptions, type Routing, selectExperts, TopKRouter } from './moe/router.js';
+export {
+  buildRoutingMap,
+  type CapacityOptions,
+  expertCapacity,
+  type RoutingMap,
+  type TokenDropPolicy,
+} from './moe/routing-map.js';
+export type {
+  DispatchedTokens,
+  MoETokenDispatcherType,
+  TokenDispatcher,
+  TokenDispatcherOptions,
+} from './moe/token-dispatcher.js';
 export { MultiTokenPredictionLayer } from './mtp.js';
 export { Norm } from './norm.js';
 export { RotaryEmbedding, yarnMscale } from './rope.js';

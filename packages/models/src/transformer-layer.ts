@@ -6,7 +6,7 @@ import { attachAuxLoss } from './aux-loss.js';
 import { type AttentionContext, checkpointWithContext } from './context.js';
 import { MLASelfAttention } from './mla.js';
 import { MLP } from './mlp.js';
-import { type ExpertParallelOptions, MoELayer } from './moe/moe-layer.js';
+import { type ExpertParallelOptions, MoELayer, type MoELayerOptions } from './moe/moe-layer.js';
 import type { RouterLossOptions } from './moe/router.js';
 import { Norm } from './norm.js';
 
@@ -15,6 +15,8 @@ export interface TransformerLayerOptions {
   kind: 'dense' | 'moe';
   expertParallel: ExpertParallelOptions;
   routerLosses: RouterLossOptions;
+  /** Token dispatcher and capacity of MoE layers (default: allgather, dropless). */
+  moe?: MoELayerOptions;
   /** Recompute the whole layer in backward (Megatron --recompute-granularity full). */
   recomputeFull: boolean;
   /** Recompute the MoE block in backward (--recompute-modules moe). */
@@ -53,7 +55,10 @@ export class TransformerLayer extends Module {
         'pre_mlp_layernorm',
         new Norm(c.hiddenSize, c.normalization, c.layernormEpsilon, o.dtype, o.family.zeroCenteredGamma),
       );
-      this.mlp = this.registerModule('mlp', new MoELayer(o, opts.expertParallel, opts.routerLosses));
+      this.mlp = this.registerModule(
+        'mlp',
+        new MoELayer(o, opts.expertParallel, opts.routerLosses, opts.moe),
+      );
     } else {
       this.preMlpLayernorm = null;
       this.mlp = this.registerModule('mlp', new MLP(o, c.ffnHiddenSize, { fusedNorm: true }));

@@ -235,10 +235,10 @@ describe('bad layouts give one clear error', () => {
     expect(e.message).toMatch(/ep=2 needs a MoE model/);
   });
 
-  it('expert-TP other than TP', () => {
-    const e = buildError('mixtral', { etpGroup: fakeGroup(2, 'etp') });
-    expect(e.code).toBe('UNSUPPORTED');
-    expect(e.message).toMatch(/etp = tp/);
+  it("expert-TP that does not divide the experts' FFN", () => {
+    const e = buildError('mixtral', { etpGroup: fakeGroup(64, 'etp') });
+    expect(e.code).toBe('INVALID_CONFIG');
+    expect(e.message).toMatch(/etp=64 .*moeFfnHiddenSize 96/);
   });
 
   it('sequence parallelism with MoE or MLA', () => {

@@ -1,33 +1,27 @@
-// Megatron's MoELayer: router, routed experts and optional shared experts. Tokens are grouped by
-// expert and each local expert runs one matmul pair over all of its tokens (no per-token loops).
-// With expert parallelism the tokens of the EP group are all-gathered, each rank runs its own
-// experts, and the partial outputs are reduce-scattered back (Megatron's allgather dispatcher).
-import {
-  copyToTensorModelParallelRegion,
-  gatherFromSequenceParallelRegion,
-  type ProcessGroup,
-  reduceFromTensorModelParallelRegion,
-  reduceScatterToSequenceParallelRegion,
-} from '@megapatch/parallel';
+// Megatron's MoELayer: router, token dispatcher, routed experts and optional shared experts.
+// The dispatcher (token-dispatcher.ts: 'allgather' or 'alltoall', Megatron's
+// moe_token_dispatcher_type) hands this rank's experts their tokens grouped by expert; each local
+// expert runs one matmul pair over all of its tokens (no per-token loops), and the dispatcher
+// brings the outputs back to the tokens' ranks.
+import type { ProcessGroup } from '@megapatch/parallel';
 import {
   cat,
   empty,
-  fromTypedArray,
-  indexAdd,
-  indexSelect,
   initMethodNormal,
   linear,
   Module,
   ModuleList,
-  noGrad,
   type Tensor,
-  zeros,
   zeros_,
 } from '@megapatch/tensor';
 import type { LayerBuildOptions } from '../attention.js';
 import { ModelError } from '../errors.js';
 import { MLP } from '../mlp.js';
+import { MoEAllGatherTokenDispatcher } from './allgather-dispatcher.js';
+import { MoEAlltoAllTokenDispatcher } from './alltoall-dispatcher.js';
 import { type RouterLossOptions, type Routing, TopKRouter } from './router.js';
+import type { CapacityOptions } from './routing-map.js';
+import type { MoETokenDispatcherType, TokenDispatcher } from './token-dispatcher.js';
 
 /** Expert-parallel settings of a MoE layer. */
 export interface ExpertParallelOptions {
@@ -35,6 +29,14 @@ export interface ExpertParallelOptions {
   epGroup: ProcessGroup;
   /** Expert tensor-parallel group (each expert's FFN split over it). */
   etpGroup: ProcessGroup;
+}
+
+/** How a MoE layer moves and drops tokens. */
+export interface MoELayerOptions {
+  /** Megatron's moe_token_dispatcher_type (default 'allgather'). */
+  tokenDispatcherType?: MoETokenDispatcherType;
+  /** Token dropping at a capacity (Megatron's moe_expert_capacity_factor ...); null or absent: dropless. */
+  capacity?: CapacityOptions | null;
 }
 
 /** The routed experts of this rank, `local_experts.{e}` as Megatron's SequentialMLP names them. */
@@ -68,34 +70,19 @@ export class Experts extends Module {
   }
 
   /**
-   * Partial outputs [T, h] of this rank's experts for tokens x [T, h] routed by `indices` [T·k]
-   * (global expert ids) with weights probs [T, k]; tokens routed elsewhere get zeros.
+   * Outputs [N, h] of the local experts for tokens [N, h] grouped by expert (tokensPerExpert[e]
+   * rows for local expert e, in order); with expert-TP, this rank's partial sums.
    */
-  forward(x: Tensor, indices: Int32Array, probs: Tensor): Tensor {
-    const [T, h] = x.shape;
-    const k = indices.length / T;
-    const perExpert: number[][] = Array.from({ length: this.numLocalExperts }, () => []);
-    for (let slot = 0; slot < indices.length; slot++) {
-      const local = indices[slot] - this.firstExpert;
-      if (local >= 0 && local < this.numLocalExperts) perExpert[local].push(slot);
-    }
-    const flatProbs = probs.reshape(T * k);
+  forward(tokens: Tensor, tokensPerExpert: readonly number[]): Tensor {
     const outs: Tensor[] = [];
-    const rows: number[] = [];
+    let start = 0;
     // An expert without tokens still runs on an empty batch, so its weights get (zero) gradients
     // like every other parameter, as Megatron's grouped GEMM gives them.
-    perExpert.forEach((slots, e) => {
-      const tokens = Int32Array.from(slots, (s) => Math.floor(s / k));
-      const tokenIdx = fromTypedArray(tokens, [tokens.length]);
-      const slotIdx = fromTypedArray(Int32Array.from(slots), [slots.length]);
-      const y = this.localExperts.get(e).forward(indexSelect(x, 0, tokenIdx));
-      const w = indexSelect(flatProbs, 0, slotIdx).unsqueeze(1).to(y.dtype);
-      outs.push(y.mul(w));
-      for (const t of tokens) rows.push(t);
+    tokensPerExpert.forEach((n, e) => {
+      outs.push(this.localExperts.get(e).forward(tokens.narrow(0, start, n)));
+      start += n;
     });
-    const base = zeros([T, h], { dtype: x.dtype });
-    if (outs.length === 0) return base.add(x.mul(0)); // keeps x in the graph (zero gradient)
-    return indexAdd(base, 0, fromTypedArray(Int32Array.from(rows), [rows.length]), cat(outs, 0));
+    return outs.length === 1 ? outs[0] : cat(outs, 0);
   }
 }
 
@@ -120,18 +107,20 @@ export class SharedExperts extends MLP {
   }
 }
 
-/** Megatron's MoELayer (`router`, `experts`, `shared_experts`). */
+/** Megatron's MoELayer (`router`, `experts`, `shared_experts`) with its token dispatcher. */
 export class MoELayer extends Module {
   readonly router: TopKRouter;
   readonly experts: Experts;
   readonly sharedExperts: SharedExperts | null;
+  readonly tokenDispatcher: TokenDispatcher;
   /** Routing of the last forward (for logging and tests). */
   lastRouting: Routing | null = null;
 
   constructor(
     o: LayerBuildOptions,
-    private readonly ep: ExpertParallelOptions,
+    ep: ExpertParallelOptions,
     losses: RouterLossOptions,
+    options: MoELayerOptions = {},
   ) {
     super();
     const moe = o.config.moe;
@@ -142,10 +131,11 @@ export class MoELayer extends Module {
         'sequence parallelism with MoE layers is not supported yet; set sequenceParallel to false',
       );
     }
-    if (ep.etpGroup.size > 1 && ep.etpGroup !== o.tpGroup) {
+    const capacity = options.capacity ?? null;
+    if (capacity && !(capacity.capacityFactor > 0)) {
       throw new ModelError(
-        'UNSUPPORTED',
-        'expert tensor parallelism must equal tensor parallelism (etp = tp) for now',
+        'INVALID_CONFIG',
+        `moeExpertCapacityFactor must be a positive number, got ${capacity.capacityFactor}; leave it unset for dropless MoE`,
       );
     }
     this.router = this.registerModule(
@@ -155,9 +145,27 @@ export class MoELayer extends Module {
         o.config.hiddenSize,
         { dtype: o.dtype, generator: o.generator, performInitialization: o.performInitialization },
         losses,
+        capacity,
       ),
     );
     this.experts = this.registerModule('experts', new Experts(o, ep));
+    const dispatcherOptions = {
+      tpGroup: o.tpGroup,
+      epGroup: ep.epGroup,
+      etpGroup: ep.etpGroup,
+      numExperts: moe.numExperts,
+      firstExpert: this.experts.firstExpert,
+      numLocalExperts: this.experts.numLocalExperts,
+    };
+    const type = options.tokenDispatcherType ?? 'allgather';
+    if (type === 'allgather') this.tokenDispatcher = new MoEAllGatherTokenDispatcher(dispatcherOptions);
+    else if (type === 'alltoall') this.tokenDispatcher = new MoEAlltoAllTokenDispatcher(dispatcherOptions);
+    else {
+      throw new ModelError(
+        'INVALID_CONFIG',
+        `unknown MoE token dispatcher '${type}'; use 'allgather' or 'alltoall'`,
+      );
+    }
     this.sharedExperts =
       moe.sharedExpertIntermediateSize > 0
         ? this.registerModule(
@@ -173,37 +181,9 @@ export class MoELayer extends Module {
     const flat = x.reshape(s * b, h);
     const routing = this.router.forward(flat);
     this.lastRouting = routing;
-    let hidden = flat;
-    let probs = routing.probs;
-    let indices = routing.indices;
-    const { epGroup, etpGroup } = this.ep;
-    if (epGroup.size > 1) {
-      hidden = gatherFromSequenceParallelRegion(flat, true, epGroup);
-      probs = gatherFromSequenceParallelRegion(probs, true, epGroup);
-      indices = allGatherIndices(indices, epGroup);
-    }
-    if (etpGroup.size > 1) {
-      hidden = copyToTensorModelParallelRegion(hidden, etpGroup);
-      probs = copyToTensorModelParallelRegion(probs, etpGroup);
-    }
-    let out = this.experts.forward(hidden, indices, probs);
-    if (etpGroup.size > 1) out = reduceFromTensorModelParallelRegion(out, etpGroup);
-    if (epGroup.size > 1) out = reduceScatterToSequenceParallelRegion(out, epGroup);
-    out = out.view(s, b, h);
+    const d = this.tokenDispatcher.dispatch(flat, routing);
+    let out = d.combine(this.experts.forward(d.tokens, d.tokensPerExpert)).view(s, b, h);
     if (this.sharedExperts) out = out.add(this.sharedExperts.forward(x));
     return out;
   }
-}
-
-/** The expert ids of every EP rank, in rank order (no gradient). */
-function allGatherIndices(indices: Int32Array, group: ProcessGroup): Int32Array {
-  return noGrad(() => {
-    const local = fromTypedArray(Int32Array.from(indices), [indices.length]);
-    const all = empty([indices.length * group.size], { dtype: 'int32' });
-    group.allGatherIntoTensor(all, local).waitSync();
-    const out = Int32Array.from(all.toTypedArray() as Int32Array);
-    local.dispose();
-    all.dispose();
-    return out;
-  });
 }

@@ -1,7 +1,8 @@
 // The MoE router of every supported family: softmax or sigmoid scores in fp32, top-k (optionally
 // limited to the best expert groups), an expert bias that steers selection only (DeepSeek-V3's
 // aux-loss-free balancing, with its update rule), normalised top-k weights and the routed scaling
-// factor; Megatron's load-balancing aux loss and z-loss.
+// factor; Megatron's load-balancing aux loss and z-loss; optional token dropping at a capacity
+// (routing-map.ts).
 import type { MoeConfig } from '@megapatch/convert';
 import {
   type DType,
@@ -10,6 +11,7 @@ import {
   type Generator,
   gather,
   initMethodNormal,
+  isGradEnabled,
   linear,
   logsumexp,
   Module,
@@ -19,6 +21,7 @@ import {
   zeros,
   zeros_,
 } from '@megapatch/tensor';
+import { buildRoutingMap, type CapacityOptions, type RoutingMap } from './routing-map.js';
 
 /** What the router decided for T tokens. */
 export interface Routing {
@@ -26,8 +29,10 @@ export interface Routing {
   probs: Tensor;
   /** Chosen global expert ids [T, k], row-major on the host. */
   indices: Int32Array;
-  /** Tokens routed to each expert in this forward. */
+  /** Tokens routed to each expert in this forward, before any dropping (the aux loss's counts). */
   tokensPerExpert: Float64Array;
+  /** The (token, expert) pairs the experts compute: top-k choices after the capacity, plus padding. */
+  routingMap: RoutingMap;
   /** Load-balancing loss (already scaled by its coefficient), or null. */
   auxLoss: Tensor | null;
   /** Router z-loss (already scaled), or null. */
@@ -44,14 +49,19 @@ export interface RouterLossOptions {
 export class TopKRouter extends Module {
   readonly weight: Tensor;
   readonly expertBias: Tensor | null;
-  /** Tokens routed to each expert since the last {@link TopKRouter.takeLoad} (for logging and bias updates). */
+  /**
+   * Tokens each expert computed (dropped ones and padding excluded) in forwards with gradients
+   * since the last {@link TopKRouter.takeLoad}: for logging and bias updates.
+   */
   private load: Float64Array;
 
+  /** `capacity`: token dropping (Megatron's moe_expert_capacity_factor ...), null for dropless. */
   constructor(
     readonly moe: MoeConfig,
     hiddenSize: number,
     opts: { dtype: DType; generator?: Generator; performInitialization: boolean },
     private readonly losses: RouterLossOptions,
+    readonly capacity: CapacityOptions | null = null,
   ) {
     super();
     const w = empty([moe.numExperts, hiddenSize], { dtype: opts.dtype });
@@ -65,7 +75,11 @@ export class TopKRouter extends Module {
     this.load = new Float64Array(moe.numExperts);
   }
 
-  /** Per-expert token counts accumulated since the last call, then reset. */
+  /**
+   * Per-expert token counts accumulated since the last call, then reset. Counted, as Megatron
+   * does, only when gradients are enabled: not in evaluation, and once under recompute (the
+   * recomputation, the first forward running without gradients).
+   */
   takeLoad(): Float64Array {
     const out = this.load;
     this.load = new Float64Array(this.moe.numExperts);
@@ -111,7 +125,20 @@ export class TopKRouter extends Module {
     if (m.routedScalingFactor !== 1) probs = probs.mul(m.routedScalingFactor);
     const tokensPerExpert = new Float64Array(E);
     for (const e of indices) tokensPerExpert[e]++;
-    for (let e = 0; e < E; e++) this.load[e] += tokensPerExpert[e];
+    const weights = probs.detach();
+    const routingMap = buildRoutingMap(
+      indices,
+      T,
+      E,
+      this.capacity,
+      () => weights.toTypedArray() as Float32Array,
+    );
+    if (isGradEnabled()) {
+      let p = 0;
+      for (let e = 0; e < E; e++) {
+        for (let i = 0; i < routingMap.counts[e]; i++, p++) if (routingMap.slot[p] >= 0) this.load[e]++;
+      }
+    }
     let auxLoss: Tensor | null = null;
     if (this.losses.auxLossCoeff > 0 && this.training) {
       // Switch-Transformer balancing (Megatron's switch_load_balancing_loss_func) on the scores of
@@ -129,7 +156,7 @@ export class TopKRouter extends Module {
       const lse = logsumexp(logits, -1);
       zLoss = lse.mul(lse).mean().mul(this.losses.zLossCoeff);
     }
-    return { probs, indices, tokensPerExpert, auxLoss, zLoss };
+    return { probs, indices, tokensPerExpert, routingMap, auxLoss, zLoss };
   }
 }
 

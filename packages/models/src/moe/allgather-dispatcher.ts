@@ -1,0 +1,144 @@
+// Megatron's MoEAllGatherTokenDispatcher: every rank of the expert-parallel group (and of the
+// expert-TP group when the tokens differ over it) gathers all their tokens, routing weights and
+// routing maps, runs its own experts on the tokens routed to them, and reduce-scatters the
+// weighted outputs back (the reduction also sums the expert-TP partial outputs).
+// Without sequence parallelism the TP ranks hold the same tokens. With expert-TP = TP they stay
+// replicated over the expert-TP group (its ranks compute their slice of every expert on the same
+// tokens, then all-reduce); with expert-TP ≠ TP each TP rank first keeps its share of the tokens,
+// as sequence parallelism would give it, so that every token is computed once per expert slice.
+import { copyToTensorModelParallelRegion, reduceFromTensorModelParallelRegion } from '@megapatch/parallel';
+import { fromTypedArray, indexAdd, type Tensor, zeros } from '@megapatch/tensor';
+import {
+  allGatherInts,
+  allGatherIntsV,
+  allGatherRows,
+  gatherRows,
+  reduceScatterRows,
+  splitRows,
+} from './collectives.js';
+import type { Routing } from './router.js';
+import {
+  type DispatchedTokens,
+  type Pairs,
+  pairsInRows,
+  pairWeights,
+  sameRanks,
+  selectRows,
+  splitCounts,
+  type TokenDispatcher,
+  type TokenDispatcherOptions,
+  total,
+} from './token-dispatcher.js';
+
+/** The tokens of one router call after gathering: its rows and pairs per expert. */
+interface Block {
+  rows: number;
+  counts: Int32Array;
+}
+
+/** Megatron's allgather token dispatcher. */
+export class MoEAllGatherTokenDispatcher implements TokenDispatcher {
+  readonly type = 'allgather';
+  /** The tokens are the same on every expert-TP rank (expert-TP = TP): no gather over it. */
+  private readonly etpReplicated: boolean;
+  /** Each TP rank dispatches its share of the tokens (expert-TP ≠ TP). */
+  private readonly splitTp: boolean;
+
+  constructor(private readonly o: TokenDispatcherOptions) {
+    this.etpReplicated = sameRanks(o.etpGroup, o.tpGroup);
+    this.splitTp = o.tpGroup.size > 1 && !this.etpReplicated;
+  }
+
+  dispatch(hidden: Tensor, routing: Routing): DispatchedTokens {
+    const { tpGroup, epGroup, etpGroup, numExperts: E, firstExpert, numLocalExperts } = this.o;
+    const [T, h] = hidden.shape;
+    let x = hidden;
+    let probs = routing.probs;
+    let pairs: Pairs = routing.routingMap;
+    const tpCounts = this.splitTp ? splitCounts(T, tpGroup.size) : null;
+    if (tpCounts) {
+      const start = total(tpCounts.slice(0, tpGroup.rank));
+      const k = T > 0 ? probs.numel / T : 0;
+      x = splitRows(hidden, tpCounts, tpGroup);
+      probs = splitRows(probs, tpCounts, tpGroup);
+      pairs = pairsInRows(pairs, start, tpCounts[tpGroup.rank]);
+      pairs.slot = pairs.slot.map((s) => (s < 0 ? s : s - start * k));
+    }
+    let weights = pairWeights(probs, pairs.slot);
+    let tokens = pairs.token;
+    let blocks: Block[] = [{ rows: x.shape[0], counts: pairs.counts }];
+
+    // Gather over EP, then over expert-TP when its ranks hold other tokens (Megatron's tp_ep group).
+    const stages = [epGroup, ...(this.etpReplicated ? [] : [etpGroup])].filter((g) => g.size > 1);
+    const stageRows: number[][] = [];
+    for (const g of stages) {
+      const perRank = allGatherInts(encodeBlocks(blocks, E), g).map((m) => decodeBlocks(m, E));
+      const rowCounts = perRank.map((bs) => bs.reduce((a, b) => a + b.rows, 0));
+      const pairCounts = perRank.map((bs) => bs.reduce((a, b) => a + total(b.counts), 0));
+      x = allGatherRows(x, rowCounts, g);
+      weights = allGatherRows(weights, pairCounts, g);
+      tokens = allGatherIntsV(tokens, pairCounts, g);
+      blocks = perRank.flat();
+      stageRows.push(rowCounts);
+    }
+    const etpCopy = this.etpReplicated && etpGroup.size > 1;
+    if (etpCopy) {
+      x = copyToTensorModelParallelRegion(x, etpGroup);
+      weights = copyToTensorModelParallelRegion(weights, etpGroup);
+    }
+
+    // This rank's experts' pairs, expert by expert, each in gathered order.
+    const rowOf: number[] = [];
+    const pairOf: number[] = [];
+    const tokensPerExpert = new Array<number>(numLocalExperts).fill(0);
+    for (let e = 0; e < numLocalExperts; e++) {
+      const ge = firstExpert + e;
+      let rowOff = 0;
+      let pairOff = 0;
+      for (const b of blocks) {
+        let p = pairOff;
+        for (let f = 0; f < ge; f++) p += b.counts[f];
+        for (let i = 0; i < b.counts[ge]; i++, p++) {
+          rowOf.push(rowOff + tokens[p]);
+          pairOf.push(p);
+        }
+        tokensPerExpert[e] += b.counts[ge];
+        rowOff += b.rows;
+        pairOff += total(b.counts);
+      }
+    }
+    const gatheredRows = x.shape[0];
+    const gatheredWeights = weights;
+    return {
+      tokens: selectRows(x, rowOf),
+      tokensPerExpert,
+      combine: (y) => {
+        const w = selectRows(gatheredWeights, pairOf).unsqueeze(1).to(y.dtype);
+        const rows = fromTypedArray(Int32Array.from(rowOf), [rowOf.length]);
+        let out = indexAdd(zeros([gatheredRows, h], { dtype: hidden.dtype }), 0, rows, y.mul(w));
+        if (etpCopy) out = reduceFromTensorModelParallelRegion(out, etpGroup);
+        for (let s = stages.length - 1; s >= 0; s--) out = reduceScatterRows(out, stageRows[s], stages[s]);
+        if (tpCounts) out = gatherRows(out, tpCounts, tpGroup);
+        return out;
+      },
+    };
+  }
+}
+
+/** Blocks as ints: per block its rows, then its pairs per expert. */
+function encodeBlocks(blocks: readonly Block[], E: number): Int32Array {
+  const out = new Int32Array(blocks.length * (E + 1));
+  blocks.forEach((b, i) => {
+    out[i * (E + 1)] = b.rows;
+    out.set(b.counts, i * (E + 1) + 1);
+  });
+  return out;
+}
+
+function decodeBlocks(m: Int32Array, E: number): Block[] {
+  const n = m.length / (E + 1);
+  return Array.from({ length: n }, (_, i) => ({
+    rows: m[i * (E + 1)],
+    counts: m.slice(i * (E + 1) + 1, (i + 1) * (E + 1)),
+  }));
+}

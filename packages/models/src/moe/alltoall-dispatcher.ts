@@ -1,0 +1,129 @@
+// Megatron's MoEAlltoAllTokenDispatcher. Each TP rank takes its share of the tokens (Megatron's
+// MoE runs on the sequence-parallel split; here the TP ranks hold the same tokens, so the split is
+// made at the layer's entry), permutes them by expert, exchanges the token counts over the
+// expert-parallel group and all-to-alls every token to the EP rank that owns its expert. With
+// expert-TP > 1 the received tokens are all-gathered over the expert-TP group, whose ranks hold
+// the slices of the same experts; the rows are then sorted by local expert. The way back reverses
+// each step (unsort, reduce-scatter over expert-TP, the reverse all-to-all) and sums each token's
+// expert outputs with its routing weights on the rank that routed it, before the TP ranks gather
+// their shares again. Every step is differentiable; the backward of an all-to-all is the reverse
+// all-to-all.
+import { fromTypedArray, indexAdd, type Tensor, zeros } from '@megapatch/tensor';
+import {
+  allGatherInts,
+  allGatherRows,
+  allToAllRows,
+  gatherRows,
+  reduceScatterRows,
+  splitRows,
+} from './collectives.js';
+import type { Routing } from './router.js';
+import {
+  type DispatchedTokens,
+  type Pairs,
+  pairsInRows,
+  pairWeights,
+  selectRows,
+  splitCounts,
+  type TokenDispatcher,
+  type TokenDispatcherOptions,
+  total,
+} from './token-dispatcher.js';
+
+/** Megatron's alltoall token dispatcher. */
+export class MoEAlltoAllTokenDispatcher implements TokenDispatcher {
+  readonly type = 'alltoall';
+
+  constructor(private readonly o: TokenDispatcherOptions) {}
+
+  dispatch(hidden: Tensor, routing: Routing): DispatchedTokens {
+    const { tpGroup, epGroup, etpGroup, numExperts: E, firstExpert, numLocalExperts: L } = this.o;
+    const [T, h] = hidden.shape;
+    const tp = tpGroup.size;
+    const ep = epGroup.size;
+    const etp = etpGroup.size;
+
+    // This TP rank's share of the tokens.
+    let x = hidden;
+    let probs = routing.probs;
+    let pairs: Pairs = routing.routingMap;
+    const tpCounts = tp > 1 ? splitCounts(T, tp) : null;
+    if (tpCounts) {
+      const start = total(tpCounts.slice(0, tpGroup.rank));
+      const k = T > 0 ? probs.numel / T : 0;
+      x = splitRows(hidden, tpCounts, tpGroup);
+      probs = splitRows(probs, tpCounts, tpGroup);
+      pairs = pairsInRows(pairs, start, tpCounts[tpGroup.rank]);
+      pairs.slot = pairs.slot.map((s) => (s < 0 ? s : s - start * k));
+    }
+    const localRows = x.shape[0];
+    const weights = pairWeights(probs, pairs.slot);
+
+    // Permutation 1: the tokens sorted by expert, hence by the EP rank that owns it.
+    const sent = selectRows(x, pairs.token);
+    const perRank = E / ep;
+    const sendCounts = Array.from({ length: ep }, (_, j) =>
+      total(pairs.counts.subarray(j * perRank, (j + 1) * perRank)),
+    );
+    // recvBlocks[j][e]: rows EP rank j sends for local expert e.
+    const counts = ep > 1 ? allGatherInts(pairs.counts, epGroup) : [pairs.counts];
+    const recvBlocks = counts.map((c) => Array.from(c.subarray(firstExpert, firstExpert + L)));
+    const recvCounts = recvBlocks.map((b) => total(b));
+    const received = ep > 1 ? allToAllRows(sent, sendCounts, recvCounts, epGroup) : sent;
+
+    // blocks[i][j][e]: rows expert-TP rank i received from EP rank j for local expert e.
+    const blocks =
+      etp > 1
+        ? allGatherInts(Int32Array.from(recvBlocks.flat()), etpGroup).map((m) =>
+            Array.from({ length: ep }, (_, j) => Array.from(m.subarray(j * L, (j + 1) * L))),
+          )
+        : [recvBlocks];
+    const etpCounts = blocks.map((b) => total(b.flat()));
+    const gathered = etp > 1 ? allGatherRows(received, etpCounts, etpGroup) : received;
+
+    // Permutation 2: rows sorted by local expert (rows arrive by expert-TP rank, EP rank, expert).
+    const offsets: number[][][] = [];
+    let off = 0;
+    for (const bi of blocks) {
+      offsets.push(
+        bi.map((bij) =>
+          bij.map((n) => {
+            const o = off;
+            off += n;
+            return o;
+          }),
+        ),
+      );
+    }
+    const perm: number[] = [];
+    const tokensPerExpert = new Array<number>(L).fill(0);
+    for (let e = 0; e < L; e++) {
+      blocks.forEach((bi, i) => {
+        bi.forEach((bij, j) => {
+          for (let r = 0; r < bij[e]; r++) perm.push(offsets[i][j][e] + r);
+          tokensPerExpert[e] += bij[e];
+        });
+      });
+    }
+    const sorted = perm.some((p, i) => p !== i);
+    const inverse = new Int32Array(perm.length);
+    perm.forEach((p, i) => {
+      inverse[p] = i;
+    });
+
+    return {
+      tokens: sorted ? selectRows(gathered, perm) : gathered,
+      tokensPerExpert,
+      combine: (y) => {
+        let z = sorted ? selectRows(y, inverse) : y;
+        if (etp > 1) z = reduceScatterRows(z, etpCounts, etpGroup);
+        if (ep > 1) z = allToAllRows(z, recvCounts, sendCounts, epGroup);
+        const rows = fromTypedArray(Int32Array.from(pairs.token), [pairs.token.length]);
+        const w = weights.unsqueeze(1).to(z.dtype);
+        let out = indexAdd(zeros([localRows, h], { dtype: hidden.dtype }), 0, rows, z.mul(w));
+        if (tpCounts) out = gatherRows(out, tpCounts, tpGroup);
+        return out;
+      },
+    };
+  }
+}

@@ -1,0 +1,111 @@
+// What a MoE token dispatcher does (Megatron's MoETokenDispatcher): take the tokens of this rank
+// with their routing, hand this rank's experts their tokens grouped by expert, and bring the
+// experts' outputs back to the tokens' ranks, summed per token with the routing weights. Two
+// implementations, chosen like Megatron's moe_token_dispatcher_type: 'allgather'
+// (allgather-dispatcher.ts) and 'alltoall' (alltoall-dispatcher.ts). The helpers below are shared.
+import type { ProcessGroup } from '@megapatch/parallel';
+import { cat, fromTypedArray, indexSelect, type Tensor, zeros } from '@megapatch/tensor';
+import type { Routing } from './router.js';
+
+/** Megatron's moe_token_dispatcher_type. */
+export type MoETokenDispatcherType = 'allgather' | 'alltoall';
+
+/** The experts of this rank and the groups tokens move over. */
+export interface TokenDispatcherOptions {
+  /** Tensor-parallel group of the layer (tokens are replicated over it: no sequence parallelism). */
+  tpGroup: ProcessGroup;
+  /** Expert-parallel group: experts are split into contiguous blocks over it. */
+  epGroup: ProcessGroup;
+  /** Expert tensor-parallel group: each expert's FFN is split over it. */
+  etpGroup: ProcessGroup;
+  numExperts: number;
+  /** Global id of this rank's first expert. */
+  firstExpert: number;
+  numLocalExperts: number;
+}
+
+/** This rank's experts' input, and the way back. */
+export interface DispatchedTokens {
+  /** Rows [N, h] grouped by local expert, expert 0's first. */
+  tokens: Tensor;
+  /** Rows of each local expert. */
+  tokensPerExpert: number[];
+  /**
+   * The experts' outputs [N, h] (rows as in `tokens`) -> [T, h]: for each token this rank routed,
+   * the sum over its experts of weight × output.
+   */
+  combine(expertOutput: Tensor): Tensor;
+}
+
+/** Megatron's MoETokenDispatcher. */
+export interface TokenDispatcher {
+  readonly type: MoETokenDispatcherType;
+  /** Tokens hidden [T, h] routed by `routing` -> the input of this rank's experts. */
+  dispatch(hidden: Tensor, routing: Routing): DispatchedTokens;
+}
+
+/** The (token, expert) pairs of a block of tokens, grouped by expert (see RoutingMap). */
+export interface Pairs {
+  /** Token row of each pair, relative to the block. */
+  token: Int32Array;
+  /** Slot of each pair's weight in the router's probs [T·k], or −1 for padding. */
+  slot: Int32Array;
+  /** Pairs per expert [E]. */
+  counts: Int32Array;
+}
+
+/** Rows of each rank when `n` rows are split over `size` ranks, the first ones taking the extra rows. */
+export function splitCounts(n: number, size: number): number[] {
+  const base = Math.floor(n / size);
+  const extra = n % size;
+  return Array.from({ length: size }, (_, r) => base + (r < extra ? 1 : 0));
+}
+
+/** The pairs whose token lies in rows [start, start + n), tokens renumbered from 0. */
+export function pairsInRows(all: Pairs, start: number, n: number): Pairs {
+  const E = all.counts.length;
+  const counts = new Int32Array(E);
+  const token: number[] = [];
+  const slot: number[] = [];
+  let p = 0;
+  for (let e = 0; e < E; e++) {
+    for (let i = 0; i < all.counts[e]; i++, p++) {
+      const t = all.token[p];
+      if (t >= start && t < start + n) {
+        token.push(t - start);
+        slot.push(all.slot[p]);
+        counts[e]++;
+      }
+    }
+  }
+  return { token: Int32Array.from(token), slot: Int32Array.from(slot), counts };
+}
+
+/** The routing weight of each pair [P] (float32, differentiable; 0 for padding) from probs [T, k]. */
+export function pairWeights(probs: Tensor, slot: Int32Array): Tensor {
+  let flat = probs.reshape(probs.numel);
+  let idx = slot;
+  if (slot.some((s) => s < 0)) {
+    // padding reads an appended zero, so it carries no gradient
+    flat = cat([flat, zeros([1], { dtype: flat.dtype })], 0);
+    idx = slot.map((s) => (s < 0 ? probs.numel : s));
+  }
+  return indexSelect(flat, 0, fromTypedArray(Int32Array.from(idx), [idx.length]));
+}
+
+/** rows[i] of x for each i: [rows.length, ...]. */
+export function selectRows(x: Tensor, rows: ArrayLike<number>): Tensor {
+  return indexSelect(x, 0, fromTypedArray(Int32Array.from(rows), [rows.length]));
+}
+
+/** Whether two groups hold the same ranks in the same order. */
+export function sameRanks(a: ProcessGroup, b: ProcessGroup): boolean {
+  return a === b || (a.size === b.size && a.ranks.every((r, i) => r === b.ranks[i]));
+}
+
+/** Sum of a few numbers. */
+export function total(xs: ArrayLike<number>): number {
+  let s = 0;
+  for (let i = 0; i < xs.length; i++) s += xs[i];
+  return s;
+}
