@@ -34,6 +34,14 @@ export const ModelSection = z.strictObject({
   moeZLossCoeff: z.number().nonnegative().default(0),
   /** Megatron --moe-router-bias-update-rate (aux-loss-free balancing; models with an expert bias). */
   moeRouterBiasUpdateRate: z.number().nonnegative().default(1e-3),
+  /** Megatron --moe-token-dispatcher-type: how tokens reach their experts across EP ranks. */
+  moeTokenDispatcherType: z.enum(['allgather', 'alltoall']).default('allgather'),
+  /** Megatron --moe-expert-capacity-factor (null: dropless). */
+  moeExpertCapacityFactor: z.number().nullable().default(null),
+  /** Megatron --moe-token-drop-policy (with a capacity factor). */
+  moeTokenDropPolicy: z.enum(['probs', 'position']).default('probs'),
+  /** Megatron --moe-pad-expert-input-to-capacity (with a capacity factor). */
+  moePadExpertInputToCapacity: z.boolean().default(false),
   /** Megatron --mtp-loss-scaling-factor (models with MTP layers). */
   mtpLossScalingFactor: z.number().nonnegative().default(0.1),
 });
@@ -135,6 +143,14 @@ export const SchedulerSection = z.strictObject({
 export const ParallelSection = z.strictObject({
   tensorModelParallelSize: posInt.default(1),
   expertModelParallelSize: posInt.default(1),
+  /** Megatron --expert-tensor-parallel-size (default: tensorModelParallelSize). */
+  expertTensorParallelSize: posInt.nullable().default(null),
+  /**
+   * Megatron --context-parallel-size: each sequence is split into 2·cp chunks (rank r holds
+   * chunks r and 2·cp−1−r) and attention runs as a ring over the cp group; gradients are reduced
+   * over dp × cp. seqLength (and every packed sample) must be a multiple of 2·cp.
+   */
+  contextParallelSize: posInt.default(1),
   sequenceParallel: z.boolean().default(false),
   useDistributedOptimizer: z.boolean().default(false),
   /** Megatron --ddp-bucket-size, in MB (default: Megatron's rule). */

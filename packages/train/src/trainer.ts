@@ -30,6 +30,9 @@ import {
   destroyModelParallel,
   destroyProcessGroup,
   detectEnvironment,
+  contextParallelCuSeqlens,
+  contextParallelSplit,
+  getContextParallelGroup,
   getDataParallelGroup,
   getExpertDataParallelGroup,
   getTensorModelParallelGroup,
@@ -124,7 +127,12 @@ export interface TrainResult {
 /** The tensor-parallel, expert-parallel and data-parallel groups of this run. */
 interface Layout {
   tp: ProcessGroup;
+  /** Gradients and loss sums reduce over it: Megatron's dp-cp group. */
   dp: ProcessGroup;
+  /** The data-parallel ranks that read different samples (dp without cp). */
+  dpData: ProcessGroup;
+  /** Context-parallel group: the ranks that share each sequence. */
+  cp: ProcessGroup;
   /** Expert-data-parallel group: expert gradients are reduced over it. */
   edp: ProcessGroup;
   world: number;
@@ -137,14 +145,23 @@ async function setupLayout(config: RunConfig): Promise<Layout> {
   const world = env.worldSize;
   const p = config.parallel;
   if (world === 1) {
-    if (p.tensorModelParallelSize > 1 || p.expertModelParallelSize > 1) {
+    if (p.tensorModelParallelSize > 1 || p.expertModelParallelSize > 1 || p.contextParallelSize > 1) {
       throw new TrainError(
         'INVALID_CONFIG',
         `parallel.tensorModelParallelSize ${p.tensorModelParallelSize} × expertModelParallelSize ${p.expertModelParallelSize} needs that many processes: start the run with megapatch launch --nproc-per-node N`,
       );
     }
     const single = new SingleProcessGroup();
-    return { tp: single, dp: single, edp: single, world: 1, rank: 0, distributed: false };
+    return {
+      tp: single,
+      dp: single,
+      dpData: single,
+      cp: single,
+      edp: single,
+      world: 1,
+      rank: 0,
+      distributed: false,
+    };
   }
   if (!isInitialized()) await initProcessGroup();
   if (
@@ -156,10 +173,23 @@ async function setupLayout(config: RunConfig): Promise<Layout> {
       `world size ${world} is not a multiple of tensorModelParallelSize ${p.tensorModelParallelSize}`,
     );
   }
-  await initializeModelParallel({ tp: p.tensorModelParallelSize, ep: p.expertModelParallelSize });
+  if (config.data.seqLength % (2 * p.contextParallelSize) !== 0) {
+    throw new TrainError(
+      'INVALID_CONFIG',
+      `data.seqLength ${config.data.seqLength} is not a multiple of 2 × contextParallelSize (${2 * p.contextParallelSize}): each sequence is split into 2·cp chunks`,
+    );
+  }
+  await initializeModelParallel({
+    tp: p.tensorModelParallelSize,
+    ep: p.expertModelParallelSize,
+    cp: p.contextParallelSize,
+    ...(p.expertTensorParallelSize !== null ? { etp: p.expertTensorParallelSize } : {}),
+  });
   return {
     tp: getTensorModelParallelGroup(),
     dp: getDataParallelGroup(true),
+    dpData: getDataParallelGroup(false),
+    cp: getContextParallelGroup(),
     edp: getExpertDataParallelGroup(),
     world,
     rank: env.rank,
@@ -186,6 +216,10 @@ function buildModel(
           : null,
     moeAuxLossCoeff: m.moeAuxLossCoeff,
     moeZLossCoeff: m.moeZLossCoeff,
+    moeTokenDispatcherType: m.moeTokenDispatcherType,
+    moeExpertCapacityFactor: m.moeExpertCapacityFactor,
+    moeTokenDropPolicy: m.moeTokenDropPolicy,
+    moePadExpertInputToCapacity: m.moePadExpertInputToCapacity,
   };
   const from = config.checkpoint.load ?? m.load;
   if (from) {
@@ -303,8 +337,11 @@ function buildDataset(
   }
 }
 
-/** Micro-batch tensors from a collated batch. */
-function microTensors(b: CollatedBatch) {
+/**
+ * Micro-batch tensors from a collated batch; with context parallelism, this rank's two chunks of
+ * every sequence (tokens, labels, positions and loss mask split alike; packed rows per sample).
+ */
+function microTensors(b: CollatedBatch, cp: ProcessGroup) {
   const t = (name: string) => {
     const f = b[name];
     return fromTypedArray(
@@ -314,13 +351,31 @@ function microTensors(b: CollatedBatch) {
   };
   const mask = b.lossMask;
   const cu = b.cuSeqlens;
-  return {
+  const full = {
     tokens: t('tokens'),
     labels: t('labels'),
     positionIds: t('positionIds'),
     lossMask: fromTypedArray(mask.data as Float32Array, mask.shape),
     maskSum: (mask.data as Float32Array).reduce((a, x) => a + x, 0),
     cuSeqlens: cu ? fromTypedArray(cu.data as Int32Array, [cu.data.length]) : null,
+  };
+  if (cp.size === 1) return full;
+  const cuList = cu ? Array.from(cu.data as Int32Array) : null;
+  const split = (x: Tensor) => {
+    const y = noGrad(() => contextParallelSplit(x, cp, { seqDim: 1, cuSeqlens: cuList }));
+    x.dispose();
+    return y;
+  };
+  const lossMask = split(full.lossMask);
+  const local = full.cuSeqlens ? contextParallelCuSeqlens(full.cuSeqlens, cp.size) : null;
+  full.cuSeqlens?.dispose();
+  return {
+    tokens: split(full.tokens),
+    labels: split(full.labels),
+    positionIds: split(full.positionIds),
+    lossMask,
+    maskSum: (lossMask.toTypedArray() as Float32Array).reduce((a, x) => a + x, 0),
+    cuSeqlens: local,
   };
 }
 
@@ -342,11 +397,14 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
     if (logRank) (opts.log ?? console.log)(line);
   };
   const tr = config.training;
+  // gradients average over dp × cp; samples are spread over dp only (cp ranks share each sequence)
   const dpSize = layout.dp.size;
+  const dataSize = layout.dpData.size;
+  const cpSize = layout.cp.size;
   const numMicro = numMicrobatches({
     globalBatchSize: tr.globalBatchSize,
     microBatchSize: tr.microBatchSize,
-    dataParallelSize: dpSize,
+    dataParallelSize: dataSize,
   });
   if (config.data.resetAttentionMask && tr.microBatchSize !== 1) {
     throw new TrainError(
@@ -447,8 +505,8 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
         totalSamples: data.length,
         consumedSamples: consumed,
         microBatchSize: tr.microBatchSize,
-        dataParallelRank: layout.dp.rank,
-        dataParallelSize: dpSize,
+        dataParallelRank: layout.dpData.rank,
+        dataParallelSize: dataSize,
         dropLast: true,
       }),
       prefetch: 0,
@@ -457,7 +515,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
   const batches = globalBatchesSync(loader, {
     globalBatchSize: gbs,
     microBatchSize: tr.microBatchSize,
-    dataParallelSize: dpSize,
+    dataParallelSize: dataSize,
   });
   const metricsFile = path.join(config.logging.runDir, 'metrics.jsonl');
   const metricsFd = logRank ? fs.openSync(metricsFile, state.iteration > 0 ? 'a' : 'w') : null;
@@ -504,7 +562,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
     const vBatches = globalBatchesSync(vLoader, {
       globalBatchSize: gbs,
       microBatchSize: tr.microBatchSize,
-      dataParallelSize: dpSize,
+      dataParallelSize: dataSize,
     });
     let sum = 0;
     let count = 0;
@@ -515,7 +573,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
       for (const b of step.value) {
         tidy(() =>
           noGrad(() => {
-            const mb = microTensors(b);
+            const mb = microTensors(b, layout.cp);
             const out = model.forward(mb.tokens, {
               labels: mb.labels,
               positionIds: mb.positionIds,
@@ -552,7 +610,11 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
       const step = batches.next();
       if (step.done)
         throw new TrainError('DATA', `the train data ran out at iteration ${state.iteration + 1}`);
-      const micro = step.value.map(microTensors);
+      const micro = step.value.map((b) => microTensors(b, layout.cp));
+      // with context parallelism a micro-batch's loss is normalised by the tokens of the whole
+      // sequences (all cp ranks), and the objective is multiplied by cp (DDP averages over dp × cp)
+      const microTokens =
+        cpSize > 1 ? allReduceNumbers(micro.map((m) => m.maskSum), layout.cp) : micro.map((m) => m.maskSum);
       const timers = { dataMs: performance.now() - stepStart, forwardMs: 0, backwardMs: 0, optimizerMs: 0 };
       // the tokens that carry loss in the whole global batch (for the per-token loss)
       const [globalTokens] = tr.calculatePerTokenLoss
@@ -586,7 +648,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
             // averages over DP), or with calculatePerTokenLoss one mean over the global batch.
             let objective = tr.calculatePerTokenLoss
               ? masked.mul(dpSize / Math.max(globalTokens, 1))
-              : masked.div(Math.max(mb.maskSum, 1) * numMicro);
+              : masked.div(Math.max(microTokens[i], 1) * numMicro).mul(cpSize);
             if (out.mtpLosses.length > 0) {
               const mtp = out.mtpLosses.reduce((a, t) => a.add(t)).div(out.mtpLosses.length);
               mtpSum += mtp.item();
@@ -617,13 +679,11 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
       // aux-loss-free balancing update where the router has an expert bias
       const expertLoad: Record<string, number[]> = {};
       if (cfg.moe) {
-        const load = model.takeExpertLoad();
-        for (const [layer, moe] of model.moeLayers()) {
-          const counts = allReduceNumbers(Array.from(load.get(layer) ?? []), layout.dp);
-          expertLoad[String(layer)] = counts;
-          if (expertBias && moe.router.expertBias)
-            moe.router.updateExpertBias(counts, config.model.moeRouterBiasUpdateRate);
-        }
+        // the step's tokens per expert over tp × dp × cp (a collective on every rank): logged, and
+        // the aux-loss-free balancing update where the router has an expert bias
+        const load = model.takeGlobalExpertLoad(layout.distributed ? undefined : layout.dp);
+        for (const [layer] of model.moeLayers()) expertLoad[String(layer)] = Array.from(load.get(layer) ?? []);
+        if (expertBias) model.updateExpertBias(load, config.model.moeRouterBiasUpdateRate);
       }
       state.iteration++;
       state.consumedSamples += gbs;

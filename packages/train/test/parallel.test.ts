@@ -1,4 +1,4 @@
-// The trainer's invariant: data parallelism (DP=2) and tensor parallelism (TP=2) on real processes
+// The trainer's invariant: data, tensor, context and expert parallelism on real processes
 // give the per-step losses of one process, in fp32 (the same global batches in Megatron's order).
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -48,6 +48,7 @@ describe('train on several processes', () => {
     ['DP=2', {}],
     ['TP=2', { tensorModelParallelSize: 2 }],
     ['TP=2 + sequence parallelism', { tensorModelParallelSize: 2, sequenceParallel: true }],
+    ['CP=2', { contextParallelSize: 2 }],
   ])('%s gives the losses of one process', async (name, parallel) => {
     const [r] = (await launchWorkers({
       nproc: 2,
@@ -58,6 +59,19 @@ describe('train on several processes', () => {
     for (let i = 0; i < 6; i++) {
       expect(Math.abs(r.losses[i] - reference[i]) / reference[i], `${name} step ${i + 1}`).toBeLessThan(1e-5);
     }
+    // the gradient norms too (AdamW would hide a gradient off by a constant factor in the losses)
+    const norms = (run: string) =>
+      fs
+        .readFileSync(path.join(root, run, 'metrics.jsonl'), 'utf8')
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l))
+        .filter((m) => m.kind === 'train')
+        .map((m) => m.gradNorm as number);
+    const a = norms('one');
+    const b = norms(`run-${name.replace(/\W+/g, '-')}`);
+    for (let i = 0; i < 6; i++)
+      expect(Math.abs(b[i] - a[i]) / a[i], `${name} grad norm ${i + 1}`).toBeLessThan(1e-4);
   });
 });
 
@@ -107,6 +121,11 @@ describe('expert parallelism', () => {
     };
     close(await ep2('ep-two', {}), one, 'EP=2');
     close(await ep2('ep-two-do', { useDistributedOptimizer: true }), one, 'EP=2 + distributed optimizer');
+    close(
+      await ep2('ep-two-a2a', {}, { model: { moeTokenDispatcherType: 'alltoall' } }),
+      one,
+      'EP=2, all-to-all dispatcher',
+    );
     // three steps at EP=2 saved, then resumed on one process (another layout)
     const save = path.join(root, 'ck-ep');
     const half = await ep2('ep-half', {}, { training: { exitInterval: 3 }, checkpoint: { save } });

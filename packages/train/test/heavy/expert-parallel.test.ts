@@ -42,18 +42,33 @@ it.each([
     },
   ],
   ['EP=4', { expertModelParallelSize: 4 }],
+  ['EP=4, all-to-all dispatcher', { expertModelParallelSize: 4 }, { moeTokenDispatcherType: 'alltoall' }],
+  [
+    'TP=2 × EP=2 × ETP=1, all-to-all',
+    { tensorModelParallelSize: 2, expertModelParallelSize: 2, expertTensorParallelSize: 1 },
+    { moeTokenDispatcherType: 'alltoall' },
+  ],
   ['EP=4 + distributed optimizer', { expertModelParallelSize: 4, useDistributedOptimizer: true }],
   ['EP=2 × DP=4', { expertModelParallelSize: 2, useDistributedOptimizer: true }],
-])('%s gives the losses of one process', async (name, parallel) => {
-  const one = (
-    await train(parseRunConfig(config(`one-${name.replace(/\W+/g, '-')}`)), { log: () => {}, report: false })
-  ).losses;
-  const [r] = (await launchWorkers({
-    nproc: 4,
-    script: 'train-worker.ts',
-    config: config(`run-${name.replace(/\W+/g, '-')}`, parallel),
-  })) as { losses: number[] }[];
-  expect(r.losses.length).toBe(6);
-  for (let i = 0; i < 6; i++)
-    expect(Math.abs(r.losses[i] - one[i]) / one[i], `${name} step ${i + 1}`).toBeLessThan(1e-5);
-});
+] as [string, Record<string, unknown>, Record<string, unknown>?][])(
+  '%s gives the losses of one process',
+  async (name, parallel, model = {}) => {
+    const one = (
+      await train(parseRunConfig(config(`one-${name.replace(/\W+/g, '-')}`)), {
+        log: () => {},
+        report: false,
+      })
+    ).losses;
+    const [r] = (await launchWorkers({
+      nproc: 4,
+      script: 'train-worker.ts',
+      config: {
+        ...config(`run-${name.replace(/\W+/g, '-')}`, parallel),
+        model: { ...config('x').model, ...model },
+      },
+    })) as { losses: number[] }[];
+    expect(r.losses.length).toBe(6);
+    for (let i = 0; i < 6; i++)
+      expect(Math.abs(r.losses[i] - one[i]) / one[i], `${name} step ${i + 1}`).toBeLessThan(1e-5);
+  },
+);
