@@ -1,16 +1,26 @@
 // GPTModel: one decoder-only model for every TransformerConfig, built from the tensor-parallel
 // layers of @megapatch/parallel with Megatron-Core's parameter names (`embedding.word_embeddings`,
 // `decoder.layers.{i}...`, `decoder.final_layernorm`, `output_layer`, `mtp.layers.{k}...`) and
-// [s, b, h] activations. The same code runs on one process or across TP / EP ranks.
-import { paddedVocabSize, type TransformerConfig } from '@megapatch/convert';
+// [s, b, h] activations. The same code runs on one process or across TP / EP / CP ranks, and as
+// one pipeline stage: only the stage's decoder layers (local module indices, global logical names),
+// the embedding on the first stage, the output layer and loss on the last.
+import {
+  type PipelineStage,
+  type PipelineStages,
+  paddedVocabSize,
+  pipelineStages,
+  type TransformerConfig,
+} from '@megapatch/convert';
 import {
   ColumnParallelLinear,
   gatherFromTensorModelParallelRegion,
   getContextParallelGroup,
   getExpertModelParallelGroup,
   getExpertTensorParallelGroup,
+  getPipelineModelParallelGroup,
   getTensorAndDataParallelGroup,
   getTensorModelParallelGroup,
+  getVirtualPipelineModelParallelWorldSize,
   modelParallelIsInitialized,
   type ProcessGroup,
   SingleProcessGroup,
@@ -91,6 +101,20 @@ export interface GPTModelOptions {
    * the architecture changes in the shared layers. Default: Llama's choices.
    */
   family?: ModelFamily | string;
+  /** Pipeline-parallel group (default: the parallel state's, or a single process). */
+  ppGroup?: ProcessGroup;
+  /** Pipeline-parallel size (default: the size of `ppGroup`); set it to build one stage on one process. */
+  pipelineModelParallelSize?: number;
+  /** The stage this model is (default: this rank of `ppGroup`, virtual stage 0). */
+  pipelineStage?: { ppRank: number; vpStage?: number };
+  /** Virtual stages (model chunks) per pipeline rank (default: the parallel state's, else 1). */
+  vpp?: number;
+  /** Megatron --decoder-first-pipeline-num-layers: decoder layers on the first pipeline rank. */
+  decoderFirstPipelineNumLayers?: number;
+  /** Megatron --decoder-last-pipeline-num-layers: decoder layers on the last pipeline rank. */
+  decoderLastPipelineNumLayers?: number;
+  /** Megatron --pipeline-model-parallel-layout, e.g. "E|t*3|t*3,L". */
+  pipelineModelParallelLayout?: string;
 }
 
 /** Inputs of {@link GPTModel.forward} beyond the token ids. */
@@ -105,6 +129,11 @@ export interface GPTForwardOptions {
   labels?: Tensor;
   /** Generation: keys and values of earlier tokens, extended by this call. */
   kvCache?: KVCache;
+  /**
+   * Pipeline stages after the first: the previous stage's output [s, b, h] ([s/tp, b, h] under
+   * sequence parallelism). Default: the tensor given to {@link GPTModel.setInputTensor}.
+   */
+  hiddenStates?: Tensor | null;
 }
 
 /** What {@link GPTModel.forward} returns. */
@@ -115,6 +144,8 @@ export interface GPTOutput {
   loss: Tensor | null;
   /** Multi-token-prediction losses, one mean per depth (with labels and MTP layers). */
   mtpLosses: Tensor[];
+  /** Pipeline stages before the last: the hidden states [s, b, h] to send to the next stage (else null). */
+  hiddenStates: Tensor | null;
 }
 
 function defaultGroup(get: () => ProcessGroup, fallback: () => ProcessGroup): ProcessGroup {
@@ -132,9 +163,24 @@ export class GPTModel extends Module {
   readonly sequenceParallel: boolean;
   /** Rows of the embedding and output tables: the vocabulary padded to makeVocabSizeDivisibleBy × TP. */
   readonly paddedVocabSize: number;
-  readonly embedding: Module & { wordEmbeddings: VocabParallelEmbedding };
-  readonly decoder: Module & { layers: ModuleList<TransformerLayer>; finalLayernorm: Norm };
-  readonly outputLayer: ColumnParallelLinear;
+  readonly ppGroup: ProcessGroup;
+  /** All the stages of the pipeline (one stage holding everything when pp = 1). */
+  readonly pipeline: PipelineStages;
+  /** The stage this model builds: its global decoder layers, MTP layers, embedding, loss. */
+  readonly stage: PipelineStage;
+  /** Megatron's pre_process: this stage embeds the token ids (the first stage). */
+  readonly preProcess: boolean;
+  /** Megatron's post_process: this stage computes the logits and the loss (the last stage). */
+  readonly postProcess: boolean;
+  /**
+   * The word embeddings: on the first stage, and on the last stage as the copy the tied output
+   * layer and the MTP layers use (null elsewhere).
+   */
+  readonly embedding: (Module & { wordEmbeddings: VocabParallelEmbedding }) | null;
+  /** This stage's decoder layers (local indices; `layerNumber` is the global one) and the final norm where it lives. */
+  readonly decoder: Module & { layers: ModuleList<TransformerLayer>; finalLayernorm: Norm | null };
+  /** The output layer (last stage only). */
+  readonly outputLayer: ColumnParallelLinear | null;
   readonly mtp: (Module & { layers: ModuleList<MultiTokenPredictionLayer> }) | null;
   readonly rotary: RotaryEmbedding;
   readonly family: ModelFamily;
@@ -142,6 +188,7 @@ export class GPTModel extends Module {
   auxLossScale = 1;
   private readonly recomputeCoreAttention: boolean;
   private readonly recomputeMlaUpProj: boolean;
+  private inputTensor: Tensor | null = null;
 
   constructor(config: TransformerConfig, options: GPTModelOptions = {}) {
     super();
@@ -170,6 +217,13 @@ export class GPTModel extends Module {
         : this.tpGroup);
     this.sequenceParallel = (options.sequenceParallel ?? false) && this.tpGroup.size > 1;
     checkLayout(config, this.tpGroup.size, this.epGroup.size, this.etpGroup.size);
+    this.ppGroup = options.ppGroup ?? defaultGroup(getPipelineModelParallelGroup, () => single);
+    this.pipeline = buildPipeline(config, this.ppGroup, options);
+    this.stage = stageOf(this.pipeline, this.ppGroup, options.pipelineStage);
+    this.preProcess = this.stage.embedding;
+    this.postProcess = this.stage.loss;
+    const stage = this.stage;
+    const tied = !config.untieEmbeddingsAndOutputWeights;
     const tp = this.tpGroup.size;
     this.paddedVocabSize = paddedVocabSize(config.vocabSize, config.makeVocabSizeDivisibleBy, tp);
     const std = options.initMethodStd ?? 0.02;
@@ -205,84 +259,94 @@ export class GPTModel extends Module {
     });
     const kindOf = (i: number) => (config.moe ? (config.moe.layerPattern[i] ?? 'dense') : 'dense');
 
-    const embedding = new Module() as Module & { wordEmbeddings: VocabParallelEmbedding };
-    embedding.wordEmbeddings = embedding.registerModule(
-      'word_embeddings',
-      new VocabParallelEmbedding(this.paddedVocabSize, config.hiddenSize, {
-        tpGroup: this.tpGroup,
-        generator: options.generator,
-        dtype,
-        initMethod: initMethodNormal(std),
-        reduceScatterEmbeddings: this.sequenceParallel,
-        performInitialization: o.performInitialization,
-      }),
-    );
-    this.embedding = this.registerModule('embedding', embedding);
+    // The last stage's copy of the embedding (tied output layer, MTP) is drawn first like the
+    // first stage's own, so that the same generator state gives the same table on both.
+    if (stage.embedding || (stage.loss && (tied || config.mtpNumLayers > 0))) {
+      const embedding = new Module() as Module & { wordEmbeddings: VocabParallelEmbedding };
+      embedding.wordEmbeddings = embedding.registerModule(
+        'word_embeddings',
+        new VocabParallelEmbedding(this.paddedVocabSize, config.hiddenSize, {
+          tpGroup: this.tpGroup,
+          generator: options.generator,
+          dtype,
+          initMethod: initMethodNormal(std),
+          reduceScatterEmbeddings: this.sequenceParallel,
+          performInitialization: o.performInitialization,
+        }),
+      );
+      this.embedding = this.registerModule('embedding', embedding);
+    } else this.embedding = null;
 
-    const decoder = new Module() as Module & { layers: ModuleList<TransformerLayer>; finalLayernorm: Norm };
+    const finalStage = this.pipeline.stages[this.pipeline.finalLayernormStage];
+    const decoder = new Module() as Module & {
+      layers: ModuleList<TransformerLayer>;
+      finalLayernorm: Norm | null;
+    };
     decoder.layers = decoder.registerModule(
       'layers',
-      new ModuleList(
-        Array.from({ length: config.numLayers }, (_, i) => new TransformerLayer(o, i, layerOpts(kindOf(i)))),
-      ),
+      new ModuleList(stage.layers.map((i) => new TransformerLayer(o, i, layerOpts(kindOf(i))))),
     );
-    decoder.finalLayernorm = decoder.registerModule(
-      'final_layernorm',
-      new Norm(
-        config.hiddenSize,
-        config.normalization,
-        config.layernormEpsilon,
-        dtype,
-        this.family.zeroCenteredGamma,
-      ),
-    );
-    // Under sequence parallelism it sees s/tp tokens: its gradients are summed over TP by
-    // allreduceSequenceParallelGrads, like the norms fused into the parallel layers.
-    if (this.sequenceParallel) {
-      for (const p of decoder.finalLayernorm.parameters()) setSequenceParallelAttribute(p);
-    }
+    if (finalStage.ppRank === stage.ppRank && finalStage.vpStage === stage.vpStage) {
+      const norm = decoder.registerModule(
+        'final_layernorm',
+        new Norm(
+          config.hiddenSize,
+          config.normalization,
+          config.layernormEpsilon,
+          dtype,
+          this.family.zeroCenteredGamma,
+        ),
+      );
+      // Under sequence parallelism it sees s/tp tokens: its gradients are summed over TP by
+      // allreduceSequenceParallelGrads, like the norms fused into the parallel layers.
+      if (this.sequenceParallel) for (const p of norm.parameters()) setSequenceParallelAttribute(p);
+      decoder.finalLayernorm = norm;
+    } else decoder.finalLayernorm = null;
     this.decoder = this.registerModule('decoder', decoder);
 
-    if (config.mtpNumLayers > 0) {
+    if (stage.mtpLayers.length > 0) {
+      if (!stage.loss) {
+        throw new ModelError(
+          'UNSUPPORTED',
+          `MTP layers on pipeline rank ${stage.ppRank} (virtual stage ${stage.vpStage}) without the loss: put 'm' in the stage with 'L'`,
+        );
+      }
       const mtp = new Module() as Module & { layers: ModuleList<MultiTokenPredictionLayer> };
       const lastKind = kindOf(config.numLayers - 1);
       mtp.layers = mtp.registerModule(
         'layers',
         new ModuleList(
-          Array.from(
-            { length: config.mtpNumLayers },
-            (_, k) => new MultiTokenPredictionLayer(o, config.numLayers + k, layerOpts(lastKind)),
+          stage.mtpLayers.map(
+            (k) => new MultiTokenPredictionLayer(o, config.numLayers + k, layerOpts(lastKind)),
           ),
         ),
       );
       this.mtp = this.registerModule('mtp', mtp);
     } else this.mtp = null;
 
-    this.outputLayer = this.registerModule(
-      'output_layer',
-      new ColumnParallelLinear(config.hiddenSize, this.paddedVocabSize, {
-        tpGroup: this.tpGroup,
-        generator: options.generator,
-        dtype,
-        bias: false,
-        sequenceParallel: this.sequenceParallel,
-        initMethod: initMethodNormal(std),
-        skipWeightParamAllocation: !config.untieEmbeddingsAndOutputWeights,
-        performInitialization: o.performInitialization,
-      }),
-    );
+    this.outputLayer = stage.loss
+      ? this.registerModule(
+          'output_layer',
+          new ColumnParallelLinear(config.hiddenSize, this.paddedVocabSize, {
+            tpGroup: this.tpGroup,
+            generator: options.generator,
+            dtype,
+            bias: false,
+            sequenceParallel: this.sequenceParallel,
+            initMethod: initMethodNormal(std),
+            skipWeightParamAllocation: tied,
+            performInitialization: o.performInitialization,
+          }),
+        )
+      : null;
     const rotaryDim = config.mla ? config.mla.qkRopeHeadDim : config.kvChannels;
     this.rotary = new RotaryEmbedding(rotaryDim, config.rotaryBase, config.ropeScaling);
   }
 
-  /** The MoE layers, by decoder layer index (MTP layers excluded). */
+  /** This stage's MoE layers, by global decoder layer index (MTP layers excluded). */
   moeLayers(): [number, MoELayer][] {
     const out: [number, MoELayer][] = [];
-    let i = 0;
-    for (const l of this.decoder.layers) {
-      if (l.mlp instanceof MoELayer) out.push([i, l.mlp]);
-      i++;
-    }
+    for (const l of this.decoder.layers) if (l.mlp instanceof MoELayer) out.push([l.layerNumber, l.mlp]);
     return out;
   }
 
@@ -333,23 +397,42 @@ export class GPTModel extends Module {
 
   /** The output weight in use: the embedding table when tied. */
   private outputWeight(): Tensor | undefined {
-    return this.config.untieEmbeddingsAndOutputWeights ? undefined : this.embedding.wordEmbeddings.weight;
+    return this.config.untieEmbeddingsAndOutputWeights ? undefined : this.embedding?.wordEmbeddings.weight;
   }
 
   /**
-   * Runs the model on token ids [b, s]: logits, or with `labels` the per-token loss (and the MTP
-   * losses). Padded vocabulary entries never enter a softmax: they are −∞ in the logits and
-   * masked in the loss.
+   * Megatron's set_input_tensor: the previous stage's output [s, b, h] that the next forward
+   * starts from (the pipeline schedules call it). Null on the first stage.
    */
-  forward(inputIds: Tensor, opts: GPTForwardOptions = {}): GPTOutput {
+  setInputTensor(t: Tensor | null): void {
+    this.inputTensor = t;
+  }
+
+  /**
+   * The word-embedding copy that the first and the last pipeline stage share (tied output layer,
+   * or MTP on the last stage): pass it to `allreduceEmbeddingGrads` after the backward passes so
+   * both copies get the summed gradient. Null when nothing is shared (pp = 1, a middle stage, or
+   * untied embeddings without MTP).
+   */
+  sharedEmbeddingWeight(): Tensor | null {
+    const shared = !this.config.untieEmbeddingsAndOutputWeights || this.config.mtpNumLayers > 0;
+    if (!shared || this.pipeline.stages.length === 1 || !this.embedding) return null;
+    return this.embedding.wordEmbeddings.weight;
+  }
+
+  /**
+   * Runs this stage. The first stage reads token ids [b, s]; later stages start from the previous
+   * stage's hidden states (`opts.hiddenStates` or {@link GPTModel.setInputTensor}) and need the
+   * ids only for MTP. Stages before the last return `hiddenStates` [s, b, h]; the last returns
+   * logits, or with `labels` the per-token loss (and the MTP losses). Padded vocabulary entries
+   * never enter a softmax: they are −∞ in the logits and masked in the loss.
+   */
+  forward(inputIds: Tensor | null, opts: GPTForwardOptions = {}): GPTOutput {
     const c = this.config;
-    if (inputIds.ndim !== 2)
-      throw new ModelError('SHAPE_MISMATCH', `input ids must be [batch, seq], got [${inputIds.shape}]`);
-    if (inputIds.dtype !== 'int32' && inputIds.dtype !== 'int64') {
-      throw new ModelError('INVALID_INPUT', `input ids must be int32 or int64, got ${inputIds.dtype}`);
-    }
-    const [b, s] = inputIds.shape;
-    checkIds(inputIds, c.vocabSize, 'input ids');
+    const input = this.preProcess ? null : (opts.hiddenStates ?? this.inputTensor);
+    this.inputTensor = null;
+    const [b, s] = this.batchShape(inputIds, input);
+    if (inputIds) checkIds(inputIds, c.vocabSize, 'input ids');
     const cache = opts.kvCache ?? null;
     const past = cache ? cache.length : 0;
     if (cache && cache.batch !== b) {
@@ -382,19 +465,35 @@ export class GPTModel extends Module {
       recomputeMlaUpProj: this.recomputeMlaUpProj,
     };
     try {
-      const embedded = this.embed(inputIds);
-      let x = embedded;
+      let x = input ?? this.embed(inputIds as Tensor);
       for (const layer of this.decoder.layers) x = layer.forward(x, ctx);
-      const hidden = this.decoder.finalLayernorm.forward(x);
+      // With MTP the final norm sits next to the last decoder layer, maybe on an earlier stage.
+      const hidden = this.decoder.finalLayernorm ? this.decoder.finalLayernorm.forward(x) : x;
       cache?.commit();
-      const logits = this.outputLayer.forward(hidden, this.outputWeight()).output; // [s, b, V/tp]
+      const outputLayer = this.outputLayer;
+      if (!outputLayer) return { logits: null, loss: null, mtpLosses: [], hiddenStates: hidden };
+      const logits = outputLayer.forward(hidden, this.outputWeight()).output; // [s, b, V/tp]
       if (!opts.labels) {
-        return { logits: this.maskPadding(logits).transpose(0, 1).contiguous(), loss: null, mtpLosses: [] };
+        return {
+          logits: this.maskPadding(logits).transpose(0, 1).contiguous(),
+          loss: null,
+          mtpLosses: [],
+          hiddenStates: null,
+        };
       }
       checkIds(opts.labels, c.vocabSize, 'labels');
       const loss = this.lossOf(logits, opts.labels);
-      const mtpLosses = this.mtp ? this.mtpLosses(inputIds, opts.labels, hidden, ctx) : [];
-      return { logits: null, loss, mtpLosses };
+      let mtpLosses: Tensor[] = [];
+      if (this.mtp) {
+        if (!inputIds) {
+          throw new ModelError(
+            'INVALID_INPUT',
+            'the last pipeline stage needs the token ids for its MTP layers',
+          );
+        }
+        mtpLosses = this.mtpLosses(inputIds, opts.labels, hidden, ctx);
+      }
+      return { logits: null, loss, mtpLosses, hiddenStates: null };
     } finally {
       cos.dispose();
       sin.dispose();
@@ -402,8 +501,46 @@ export class GPTModel extends Module {
     }
   }
 
+  /** [b, s] of this forward: from the token ids, or from the received hidden states [s, b, h]. */
+  private batchShape(ids: Tensor | null, hidden: Tensor | null): [number, number] {
+    if (ids) {
+      if (ids.ndim !== 2)
+        throw new ModelError('SHAPE_MISMATCH', `input ids must be [batch, seq], got [${ids.shape}]`);
+      if (ids.dtype !== 'int32' && ids.dtype !== 'int64') {
+        throw new ModelError('INVALID_INPUT', `input ids must be int32 or int64, got ${ids.dtype}`);
+      }
+    }
+    if (this.preProcess) {
+      if (!ids) throw new ModelError('INVALID_INPUT', 'the first pipeline stage needs the token ids');
+      return [ids.shape[0], ids.shape[1]];
+    }
+    if (!hidden) {
+      throw new ModelError(
+        'INVALID_INPUT',
+        `pipeline stage ${this.stage.ppRank} (virtual ${this.stage.vpStage}) needs the previous stage's hidden states: pass opts.hiddenStates or call setInputTensor`,
+      );
+    }
+    const h = this.config.hiddenSize;
+    if (hidden.ndim !== 3 || hidden.shape[2] !== h) {
+      throw new ModelError(
+        'SHAPE_MISMATCH',
+        `hidden states must be [seq, batch, ${h}], got [${hidden.shape}]`,
+      );
+    }
+    const s = hidden.shape[0] * (this.sequenceParallel ? this.tpGroup.size : 1);
+    const b = hidden.shape[1];
+    if (ids && (ids.shape[0] !== b || ids.shape[1] !== s)) {
+      throw new ModelError(
+        'SHAPE_MISMATCH',
+        `input ids [${ids.shape}] do not match the hidden states [${hidden.shape}] (batch ${b}, sequence ${s})`,
+      );
+    }
+    return [b, s];
+  }
+
   /** ids [b, s] -> [s, b, h] (or [s/tp, b, h] under sequence parallelism). */
   private embed(ids: Tensor): Tensor {
+    if (!this.embedding) throw new ModelError('INVALID_INPUT', 'this pipeline stage holds no embedding');
     let e = this.embedding.wordEmbeddings.forward(ids);
     const scale = this.family.embeddingMultiplier?.(this.config.hiddenSize);
     // HF rounds the multiplier to the activation dtype first (a bf16 √hidden is not exact)
@@ -447,7 +584,7 @@ export class GPTModel extends Module {
       curLabels = rollLeft(curLabels);
       // Megatron hands each block the previous one's normalised output (the decoder's final norm first).
       h = layer.finalLayernorm.forward(layer.forward(this.embed(curIds), h, ctx));
-      const logits = this.outputLayer.forward(h, this.outputWeight()).output;
+      const logits = (this.outputLayer as ColumnParallelLinear).forward(h, this.outputWeight()).output;
       const perToken = this.lossOf(logits, curLabels); // [b, s]
       const m = new Float32Array(b * s);
       for (let r = 0; r < b; r++) m.fill(1, r * s, r * s + Math.max(0, s - k));
@@ -470,6 +607,52 @@ export class GPTModel extends Module {
     const full = this.tpGroup.size > 1 ? gatherFromTensorModelParallelRegion(logits, this.tpGroup) : logits;
     return full.narrow(-1, 0, this.config.vocabSize);
   }
+}
+
+/** The pipeline stages of `config` for the pipeline size and uneven-stage options. */
+function buildPipeline(config: TransformerConfig, ppGroup: ProcessGroup, o: GPTModelOptions): PipelineStages {
+  const pp = o.pipelineModelParallelSize ?? ppGroup.size;
+  if (ppGroup.size > 1 && pp !== ppGroup.size) {
+    throw new ModelError(
+      'INVALID_CONFIG',
+      `pipelineModelParallelSize ${pp} differs from the pipeline group's size ${ppGroup.size}`,
+    );
+  }
+  const vpp =
+    o.vpp ??
+    (modelParallelIsInitialized() && o.pipelineModelParallelLayout === undefined
+      ? (getVirtualPipelineModelParallelWorldSize() ?? undefined)
+      : undefined);
+  try {
+    return pipelineStages({
+      numLayers: config.numLayers,
+      mtpNumLayers: config.mtpNumLayers,
+      pp,
+      vpp,
+      decoderFirstPipelineNumLayers: o.decoderFirstPipelineNumLayers,
+      decoderLastPipelineNumLayers: o.decoderLastPipelineNumLayers,
+      pipelineModelParallelLayout: o.pipelineModelParallelLayout,
+    });
+  } catch (e) {
+    throw new ModelError('INVALID_CONFIG', (e as Error).message);
+  }
+}
+
+/** The stage at (ppRank, vpStage), default this rank of the pipeline group and virtual stage 0. */
+function stageOf(
+  pipeline: PipelineStages,
+  ppGroup: ProcessGroup,
+  at: GPTModelOptions['pipelineStage'],
+): PipelineStage {
+  const ppRank = at?.ppRank ?? (ppGroup.size > 1 ? ppGroup.rank : 0);
+  const vpStage = at?.vpStage ?? 0;
+  if (!Number.isInteger(ppRank) || ppRank < 0 || ppRank >= pipeline.pp) {
+    throw new ModelError('INVALID_ARGUMENT', `pipeline rank ${ppRank} is outside 0 .. ${pipeline.pp - 1}`);
+  }
+  if (!Number.isInteger(vpStage) || vpStage < 0 || vpStage >= pipeline.vpp) {
+    throw new ModelError('INVALID_ARGUMENT', `virtual stage ${vpStage} is outside 0 .. ${pipeline.vpp - 1}`);
+  }
+  return pipeline.stages[vpStage * pipeline.pp + ppRank];
 }
 
 /** ids [b, s] shifted one position left, the last column filled with 0 (Megatron's roll_tensor). */

@@ -43,6 +43,7 @@ export {
   type LoadModelOptions,
   loadModel,
   loadWeights,
+  logicalName,
   type OpenedWeights,
   openWeights,
   type ParameterSlice,
@@ -78,5 +79,6 @@ export type {
 } from './moe/token-dispatcher.js';
 export { MultiTokenPredictionLayer } from './mtp.js';
 export { Norm } from './norm.js';
+export { type GPTMicrobatch, type GPTStepReport, gptForwardStep } from './pipeline.js';
 export { RotaryEmbedding, yarnMscale } from './rope.js';
 export { TransformerLayer, type TransformerLayerOptions } from './transformer-layer.js';

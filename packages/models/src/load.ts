@@ -33,7 +33,7 @@ const ST_DTYPE: Partial<Record<DType, SafetensorsDtype>> = {
 
 /** Where one local parameter comes from: a box (or two, for [gate; up]) of a logical tensor. */
 export interface ParameterSlice {
-  /** Name in the module tree (local expert indices). */
+  /** Name in the module tree (the stage's local layer indices, local expert indices). */
   local: string;
   /** Logical tensor name in checkpoints (global layer and expert indices). */
   name: string;
@@ -120,10 +120,19 @@ function partitions(
   return new Map(plan.tensors.map((t) => [t.name, t]));
 }
 
-/** Logical (checkpoint) name of a local parameter: local expert index -> global. */
-function logicalName(model: GPTModel, local: string): string {
-  const m = /^(.*\.local_experts\.)(\d+)(\..*)$/.exec(local);
-  if (!m) return local;
+/**
+ * Logical (checkpoint) name of a local parameter: the pipeline stage's local decoder / MTP layer
+ * index -> global, local expert index -> global.
+ */
+export function logicalName(model: GPTModel, local: string): string {
+  let name = local;
+  const layer = /^(decoder|mtp)\.layers\.(\d+)(\..*)$/.exec(name);
+  if (layer) {
+    const globals = layer[1] === 'decoder' ? model.stage.layers : model.stage.mtpLayers;
+    name = `${layer[1]}.layers.${globals[Number(layer[2])]}${layer[3]}`;
+  }
+  const m = /^(.*\.local_experts\.)(\d+)(\..*)$/.exec(name);
+  if (!m) return name;
   const perRank = (model.config.moe?.numExperts ?? 0) / model.epGroup.size;
   return `${m[1]}${model.epGroup.rank * perRank + Number(m[2])}${m[3]}`;
 }
@@ -312,7 +321,8 @@ export interface LoadedModel {
 
 /**
  * Builds the model described by `dir` (a Hugging Face folder or a megapatch checkpoint in any
- * layout) for this rank's layout and loads its weights; no intermediate files are written.
+ * layout) for this rank's layout, pipeline stage included, and loads its weights: each rank reads
+ * only the slices its own parameters hold; no intermediate files are written.
  */
 export function loadModel(dir: string, opts: LoadModelOptions = {}): LoadedModel {
   const weights = openWeights(dir, opts);
@@ -362,8 +372,8 @@ export interface SaveModelOptions {
  * Single process (TP = EP = 1) for now; distributed saving comes with the trainer.
  */
 export function saveModel(model: GPTModel, root: string, opts: SaveModelOptions): string {
-  if (model.tpGroup.size > 1 || model.epGroup.size > 1) {
-    throw new ModelError('UNSUPPORTED', 'saveModel writes single-process models (tp = ep = 1) for now');
+  if (model.tpGroup.size > 1 || model.epGroup.size > 1 || model.pipeline.stages.length > 1) {
+    throw new ModelError('UNSUPPORTED', 'saveModel writes single-process models (tp = ep = pp = 1) for now');
   }
   const slices = parameterSlices(model, opts.architecture);
   const tensors = new Map<string, Tensor>([...model.namedParameters(), ...model.namedBuffers()]);
