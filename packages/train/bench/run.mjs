@@ -1,7 +1,7 @@
 // pnpm bench for @megapatch/train: training throughput of a Llama-architecture model at a CPU size,
-// as tokens/s and MFU, with the step broken into data, forward, backward and optimizer time. The
-// peak is this CPU's fp32 GEMM rate measured in the same run (a 1024³ matmul through OpenBLAS), so
-// MFU = Megatron's FLOP count of a step / step time / that rate.
+// as tokens/s and MFU, with the step broken into data, forward, backward, optimizer and
+// communication time. The peak is this CPU's fp32 GEMM rate measured in the same run (a 1024³
+// matmul through OpenBLAS), so MFU = Megatron's FLOP count of a step / step time / that rate.
 // Prints one JSON line per case. Usage: node bench/run.mjs [--iters N]
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -105,6 +105,9 @@ for (const dtype of ['fp32', 'bf16']) {
         forward: t('forwardMs'),
         backward: t('backwardMs'),
         optimizer: t('optimizerMs'),
+        // one process: no gradient reduction (under megapatch launch the DP reductions show here)
+        communication: t('commMs'),
+        exposedCommunication: t('exposedCommMs'),
       },
       achievedGflops: Number((tflops * 1000).toFixed(1)),
     }),

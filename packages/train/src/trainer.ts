@@ -24,14 +24,14 @@ import {
 } from '@megapatch/data';
 import { GPTModel, loadModel } from '@megapatch/models';
 import {
+  contextParallelCuSeqlens,
+  contextParallelSplit,
   DataParallelOptimizer,
   DistributedDataParallel,
   DistributedOptimizer,
   destroyModelParallel,
   destroyProcessGroup,
   detectEnvironment,
-  contextParallelCuSeqlens,
-  contextParallelSplit,
   getContextParallelGroup,
   getDataParallelGroup,
   getExpertDataParallelGroup,
@@ -86,9 +86,18 @@ export interface TrainMetrics {
   /**
    * Where the iteration's time went, in ms: reading and collating the batch, the forward passes,
    * the backward passes (with the overlapped gradient reductions), and the optimizer step (waiting
-   * for the last reductions, the gradient norm, clipping, AdamW).
+   * for the last reductions, the gradient norm, clipping, AdamW); and of the data-parallel gradient
+   * reductions, their whole time (`commMs`, mostly overlapped with backward) and the part the step
+   * waited for (`exposedCommMs`).
    */
-  timers: { dataMs: number; forwardMs: number; backwardMs: number; optimizerMs: number };
+  timers: {
+    dataMs: number;
+    forwardMs: number;
+    backwardMs: number;
+    optimizerMs: number;
+    commMs: number;
+    exposedCommMs: number;
+  };
   time: string;
 }
 
@@ -614,8 +623,20 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
       // with context parallelism a micro-batch's loss is normalised by the tokens of the whole
       // sequences (all cp ranks), and the objective is multiplied by cp (DDP averages over dp × cp)
       const microTokens =
-        cpSize > 1 ? allReduceNumbers(micro.map((m) => m.maskSum), layout.cp) : micro.map((m) => m.maskSum);
-      const timers = { dataMs: performance.now() - stepStart, forwardMs: 0, backwardMs: 0, optimizerMs: 0 };
+        cpSize > 1
+          ? allReduceNumbers(
+              micro.map((m) => m.maskSum),
+              layout.cp,
+            )
+          : micro.map((m) => m.maskSum);
+      const timers = {
+        dataMs: performance.now() - stepStart,
+        forwardMs: 0,
+        backwardMs: 0,
+        optimizerMs: 0,
+        commMs: 0,
+        exposedCommMs: 0,
+      };
       // the tokens that carry loss in the whole global batch (for the per-token loss)
       const [globalTokens] = tr.calculatePerTokenLoss
         ? allReduceNumbers([micro.reduce((a, m) => a + m.maskSum, 0)], layout.dp)
@@ -673,6 +694,9 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
       const o0 = performance.now();
       const r = optimizer.step();
       timers.optimizerMs = performance.now() - o0;
+      const sync = ddp.lastSyncStats();
+      timers.commMs = sync.commMs;
+      timers.exposedCommMs = sync.exposedMs;
       // Megatron advances the schedule only after an update (a skipped step leaves it)
       if (r.updated) scheduler.step(gbs);
       // the step's tokens per expert, summed over the data-parallel ranks: logged, and the
@@ -682,7 +706,8 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
         // the step's tokens per expert over tp × dp × cp (a collective on every rank): logged, and
         // the aux-loss-free balancing update where the router has an expert bias
         const load = model.takeGlobalExpertLoad(layout.distributed ? undefined : layout.dp);
-        for (const [layer] of model.moeLayers()) expertLoad[String(layer)] = Array.from(load.get(layer) ?? []);
+        for (const [layer] of model.moeLayers())
+          expertLoad[String(layer)] = Array.from(load.get(layer) ?? []);
         if (expertBias) model.updateExpertBias(load, config.model.moeRouterBiasUpdateRate);
       }
       state.iteration++;

@@ -37,3 +37,39 @@ export function patternCorpus(prefix: string, docs = 400, eod = 2, vocab = 700):
   b.finalize();
   return prefix;
 }
+
+/**
+ * The run config of the layout tests: six steps of 4 micro-batches of 2 × 32 tokens over `data`
+ * with the model at `hf` (fp32), the given parallel section and model options, in `<root>/<run>`.
+ */
+export function layoutRunConfig(o: {
+  root: string;
+  hf: string;
+  data: string;
+  run: string;
+  parallel?: Record<string, unknown>;
+  model?: Record<string, unknown>;
+}) {
+  return {
+    model: { load: o.hf, dtype: 'fp32', ...o.model },
+    data: {
+      dataPath: [o.data],
+      seqLength: 32,
+      split: '90,10,0',
+      eodTokenId: 2,
+      dataCachePath: path.join(o.root, 'cache'),
+    },
+    training: {
+      microBatchSize: 2,
+      globalBatchSize: 8,
+      trainIters: 6,
+      logInterval: 100,
+      evalInterval: null,
+      seed: 3,
+    },
+    optimizer: { lr: 3e-3, minLr: 3e-4, clipGrad: 1 },
+    scheduler: { lrDecayStyle: 'cosine', lrWarmupIters: 1 },
+    parallel: o.parallel ?? {},
+    logging: { runDir: path.join(o.root, o.run) },
+  };
+}

@@ -4,7 +4,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, expect, it } from 'vitest';
 import { parseRunConfig, train } from '../../src/index.js';
-import { patternCorpus, tempDir, tinyLlama } from '../helpers.js';
+import { layoutRunConfig, patternCorpus, tempDir, tinyLlama } from '../helpers.js';
 import { launchWorkers } from '../launch.js';
 
 const root = tempDir('mp-train-ep-heavy-');
@@ -13,22 +13,14 @@ const hf = tinyLlama(path.join(root, 'hf-mixtral'), 'mixtral');
 const data = patternCorpus(path.join(root, 'corpus'));
 
 function config(run: string, parallel: Record<string, unknown> = {}) {
-  return {
-    model: { load: hf, dtype: 'fp32', moeAuxLossCoeff: 0.01, moeZLossCoeff: 0.001 },
-    data: { dataPath: [data], seqLength: 32, split: '90,10,0', eodTokenId: 2 },
-    training: {
-      microBatchSize: 2,
-      globalBatchSize: 8,
-      trainIters: 6,
-      logInterval: 100,
-      evalInterval: null,
-      seed: 3,
-    },
-    optimizer: { lr: 3e-3, minLr: 3e-4, clipGrad: 1 },
-    scheduler: { lrDecayStyle: 'cosine', lrWarmupIters: 1 },
+  return layoutRunConfig({
+    root,
+    hf,
+    data,
+    run,
     parallel,
-    logging: { runDir: path.join(root, run) },
-  };
+    model: { moeAuxLossCoeff: 0.01, moeZLossCoeff: 0.001 },
+  });
 }
 
 it.each([
