@@ -197,6 +197,39 @@ describe('megapatch train', () => {
     for (let i = 0; i < 4; i++) expect(Math.abs(b[i] - a[i]) / a[i], `step ${i + 1}`).toBeLessThan(1e-5);
   });
 
+  it('checks the layout before training, with errors that say how to fix it', () => {
+    const bin = path.join(root, 'bin-layout');
+    fs.mkdirSync(bin, { recursive: true });
+    fs.symlinkSync(BIN, path.join(bin, 'megapatch'));
+    const env = { PATH: `${bin}:${process.env.PATH}` };
+    const launch = (...flags: string[]) =>
+      megapatch(
+        [
+          'launch',
+          '--nproc-per-node',
+          '2',
+          '--',
+          'megapatch',
+          'train',
+          '--config',
+          writeConfig('lay'),
+          ...flags,
+        ],
+        env,
+      );
+    const tp = launch('--tensor-model-parallel-size', '3');
+    expect(tp.status).not.toBe(0);
+    expect(tp.stderr).toMatch(
+      /world size 2 is not divisible by tp 3 × pp 1 × cp 1 = 3; use a world size that is a multiple of 3/,
+    );
+    const cp = launch('--context-parallel-size', '2', '--seq-length', '30');
+    expect(cp.status).not.toBe(0);
+    expect(cp.stderr).toMatch(/data\.seqLength 30 is not a multiple of 2 × contextParallelSize \(4\)/);
+    const ep = launch('--expert-model-parallel-size', '2');
+    expect(ep.status).not.toBe(0);
+    expect(ep.stderr).toMatch(/ep=2 needs a MoE model; this one is dense \(set expertModelParallelSize 1\)/);
+  });
+
   it('a save killed with SIGKILL is skipped on load: the run resumes from the previous checkpoint', async () => {
     // Saves every iteration; the run is killed the moment a save's temporary folder appears. A
     // save can finish between the poll and the kill, so a few runs are tried until one leaves an

@@ -790,23 +790,45 @@ function moeLayerOptions(o: GPTModelOptions): MoELayerOptions {
 }
 
 /** Checks that TP, EP and expert-TP can split this model. */
+/** The sizes that divide `n` (the valid choices of a parallel size), as `1, 2, 4, 8`. */
+function divisors(n: number): string {
+  const out: number[] = [];
+  for (let d = 1; d <= n && out.length < 12; d++) if (n % d === 0) out.push(d);
+  return out.join(', ');
+}
+
 function checkLayout(c: TransformerConfig, tp: number, ep: number, etp: number): void {
   const bad = (m: string) => new ModelError('INVALID_CONFIG', m);
+  // each check names the valid sizes, so the fix is in the message
+  const tpFix = (n: number) => `; use a tensorModelParallelSize that divides ${n} (${divisors(n)})`;
   if (c.numAttentionHeads % tp !== 0)
-    throw bad(`tp=${tp} does not divide the ${c.numAttentionHeads} attention heads`);
+    throw bad(
+      `tp=${tp} does not divide the ${c.numAttentionHeads} attention heads${tpFix(c.numAttentionHeads)}`,
+    );
   if (!c.mla && c.numQueryGroups % tp !== 0)
-    throw bad(`tp=${tp} does not divide the ${c.numQueryGroups} query groups`);
-  if (c.ffnHiddenSize % tp !== 0) throw bad(`tp=${tp} does not divide ffnHiddenSize ${c.ffnHiddenSize}`);
-  if (c.moe && c.moe.numExperts % ep !== 0)
-    throw bad(`ep=${ep} does not divide the ${c.moe.numExperts} experts`);
-  if (!c.moe && ep > 1) throw bad(`ep=${ep} needs a MoE model; this one is dense`);
+    throw bad(`tp=${tp} does not divide the ${c.numQueryGroups} query groups${tpFix(c.numQueryGroups)}`);
+  if (c.ffnHiddenSize % tp !== 0)
+    throw bad(`tp=${tp} does not divide ffnHiddenSize ${c.ffnHiddenSize}${tpFix(c.ffnHiddenSize)}`);
+  if (c.moe && c.moe.numExperts % ep !== 0) {
+    throw bad(
+      `ep=${ep} does not divide the ${c.moe.numExperts} experts; use an expertModelParallelSize that divides ${c.moe.numExperts} (${divisors(c.moe.numExperts)})`,
+    );
+  }
+  if (!c.moe && ep > 1)
+    throw bad(`ep=${ep} needs a MoE model; this one is dense (set expertModelParallelSize 1)`);
   if (c.moe && c.moe.moeFfnHiddenSize % etp !== 0) {
-    throw bad(`etp=${etp} (expert-TP) does not divide moeFfnHiddenSize ${c.moe.moeFfnHiddenSize}`);
+    throw bad(
+      `etp=${etp} (expert-TP) does not divide moeFfnHiddenSize ${c.moe.moeFfnHiddenSize}; use an expertTensorParallelSize that divides it (${divisors(c.moe.moeFfnHiddenSize)})`,
+    );
   }
   if (c.moe && c.moe.sharedExpertIntermediateSize % tp !== 0) {
-    throw bad(`tp=${tp} does not divide sharedExpertIntermediateSize ${c.moe.sharedExpertIntermediateSize}`);
+    throw bad(
+      `tp=${tp} does not divide sharedExpertIntermediateSize ${c.moe.sharedExpertIntermediateSize}${tpFix(c.moe.sharedExpertIntermediateSize)}`,
+    );
   }
   if (c.mtpNumLayers > 0 && c.hiddenSize % tp !== 0) {
-    throw bad(`tp=${tp} does not divide hiddenSize ${c.hiddenSize} (the MTP eh_proj is split over TP)`);
+    throw bad(
+      `tp=${tp} does not divide hiddenSize ${c.hiddenSize} (the MTP eh_proj is split over TP)${tpFix(c.hiddenSize)}`,
+    );
   }
 }

@@ -208,7 +208,7 @@ describe('bad layouts give one clear error', () => {
   it('tp that does not divide the attention heads', () => {
     const e = buildError('llama', { tpGroup: fakeGroup(3, 'tp') });
     expect(e.code).toBe('INVALID_CONFIG');
-    expect(e.message).toMatch(/tp=3 .*8 attention heads/);
+    expect(e.message).toMatch(/tp=3 .*8 attention heads; use a tensorModelParallelSize that divides 8 \(1, 2, 4, 8\)/);
   });
 
   it('tp that does not divide the query groups (GQA with 2 KV heads)', () => {
@@ -226,7 +226,7 @@ describe('bad layouts give one clear error', () => {
   it('ep that does not divide the experts', () => {
     const e = buildError('mixtral', { epGroup: fakeGroup(3, 'ep') });
     expect(e.code).toBe('INVALID_CONFIG');
-    expect(e.message).toMatch(/ep=3 .*4 experts/);
+    expect(e.message).toMatch(/ep=3 .*4 experts; use an expertModelParallelSize that divides 4 \(1, 2, 4\)/);
   });
 
   it('ep on a dense model', () => {

@@ -173,15 +173,7 @@ async function setupLayout(config: RunConfig): Promise<Layout> {
     };
   }
   if (!isInitialized()) await initProcessGroup();
-  if (
-    world % (p.tensorModelParallelSize * p.expertModelParallelSize) !== 0 &&
-    world % p.tensorModelParallelSize !== 0
-  ) {
-    throw new TrainError(
-      'INVALID_CONFIG',
-      `world size ${world} is not a multiple of tensorModelParallelSize ${p.tensorModelParallelSize}`,
-    );
-  }
+  // the rank generator checks that the world divides tp × pp × cp and etp × ep × pp, naming the fix
   if (config.data.seqLength % (2 * p.contextParallelSize) !== 0) {
     throw new TrainError(
       'INVALID_CONFIG',
