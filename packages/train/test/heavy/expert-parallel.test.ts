@@ -64,3 +64,42 @@ it.each([
       expect(Math.abs(r.losses[i] - one[i]) / one[i], `${name} step ${i + 1}`).toBeLessThan(1e-5);
   },
 );
+
+// DeepSeek-V3's tiny model: MLA, a multi-token-prediction layer, 8 routed experts with group-limited
+// sigmoid routing and the aux-loss-free expert bias, and a shared expert
+const dsv3 = tinyLlama(path.join(root, 'hf-deepseek-v3'), 'deepseek-v3');
+it.each([
+  ['EP=4', { expertModelParallelSize: 4 }, 'allgather'],
+  ['EP=4, all-to-all', { expertModelParallelSize: 4 }, 'alltoall'],
+  [
+    'TP=2 × EP=2, all-to-all + distributed optimizer',
+    { tensorModelParallelSize: 2, expertModelParallelSize: 2, useDistributedOptimizer: true },
+    'alltoall',
+  ],
+] as [string, Record<string, unknown>, string][])(
+  'DeepSeek-V3 (MLA, MTP, expert bias) %s gives the losses of one process',
+  async (name, parallel, dispatcher) => {
+    const cfg = (run: string, p: Record<string, unknown>) =>
+      layoutRunConfig({
+        root,
+        hf: dsv3,
+        data,
+        run,
+        parallel: p,
+        model: { moeTokenDispatcherType: dispatcher },
+      });
+    const tag = name.replace(/\W+/g, '-');
+    const one = (await train(parseRunConfig(cfg(`dsv3-one-${tag}`, {})), { log: () => {}, report: false }))
+      .losses;
+    const [r] = (await launchWorkers({
+      nproc: 4,
+      script: 'train-worker.ts',
+      config: cfg(`dsv3-${tag}`, parallel),
+    })) as {
+      losses: number[];
+    }[];
+    expect(r.losses.length).toBe(6);
+    for (let i = 0; i < 6; i++)
+      expect(Math.abs(r.losses[i] - one[i]) / one[i], `${name} step ${i + 1}`).toBeLessThan(1e-5);
+  },
+);
