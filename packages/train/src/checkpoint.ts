@@ -128,8 +128,68 @@ export interface SaveOptions {
   /** HF folder whose config and tokenizer files travel with the checkpoint. */
   hfSource: string | null;
   keep: number | null;
-  /** Global rank, the data-parallel group and the expert-data-parallel group (expert shards). */
-  layout: { rank: number; dp: ProcessGroup; edp: ProcessGroup };
+  /**
+   * Global rank, the data-parallel group, the expert-data-parallel group (expert shards) and the
+   * pipeline group (stages send their tensors to the first one).
+   */
+  layout: { rank: number; dp: ProcessGroup; edp: ProcessGroup; pp: ProcessGroup };
+}
+
+type Piece = Parameters<CheckpointWriter['addPiece']>[1];
+
+/** Sends a stage's pieces to pipeline rank 0: a length pair, a JSON header, then the bytes. */
+function sendPieces(pp: ProcessGroup, pieces: { name: string; piece: Piece }[]): void {
+  const header = Buffer.from(
+    JSON.stringify(
+      pieces.map(({ name, piece }) => ({
+        name,
+        dtype: piece.dtype,
+        globalShape: piece.globalShape,
+        offsets: piece.offsets,
+        shape: piece.shape,
+        bytes: piece.data.byteLength,
+      })),
+    ),
+  );
+  const data = Buffer.concat(pieces.map(({ piece }) => piece.data));
+  const sizes = fromTypedArray(Float64Array.from([header.byteLength, data.byteLength]), [2]);
+  pp.send(sizes, 0).waitSync();
+  sizes.dispose();
+  for (const b of [header, data]) {
+    if (b.byteLength === 0) continue;
+    const t = fromTypedArray(new Uint8Array(b.buffer, b.byteOffset, b.byteLength), [b.byteLength], {
+      dtype: 'uint8',
+    });
+    pp.send(t, 0).waitSync();
+    t.dispose();
+  }
+}
+
+/** Receives the pieces pipeline rank `src` sent with {@link sendPieces}. */
+function receivePieces(pp: ProcessGroup, src: number): { name: string; piece: Piece }[] {
+  const sizes = zeros([2], { dtype: 'float64' });
+  pp.recv(sizes, src).waitSync();
+  const [headerBytes, dataBytes] = Array.from(sizes.toTypedArray() as Float64Array);
+  sizes.dispose();
+  const read = (n: number): Buffer => {
+    if (n === 0) return Buffer.alloc(0);
+    const t = zeros([n], { dtype: 'uint8' });
+    pp.recv(t, src).waitSync();
+    const out = Buffer.from(t.toBytes());
+    t.dispose();
+    return out;
+  };
+  const header = JSON.parse(read(headerBytes).toString('utf8')) as (Omit<Piece, 'data'> & {
+    name: string;
+    bytes: number;
+  })[];
+  const data = read(dataBytes);
+  let at = 0;
+  return header.map(({ name, bytes, ...rest }) => {
+    const piece = { ...rest, data: data.subarray(at, at + bytes) } as Piece;
+    at += bytes;
+    return { name, piece };
+  });
 }
 
 /**
@@ -153,7 +213,7 @@ export function saveTrainingCheckpoint(root: string, o: SaveOptions): string | n
       ? new CheckpointWriter(root, o.state.iteration, {
           layout: {
             tp: model.tpGroup.size,
-            pp: 1,
+            pp: o.layout.pp.size,
             ep: model.epGroup.size,
             etp: model.etpGroup.size,
             dp: o.layout.dp.size,
@@ -179,24 +239,33 @@ export function saveTrainingCheckpoint(root: string, o: SaveOptions): string | n
     const tensors = new Map<string, Tensor>([...model.namedParameters(), ...model.namedBuffers()]);
     const epSize = model.epGroup.size;
     const perRank = (model.config.moe?.numExperts ?? 0) / epSize;
+    // Pipeline: the stages of global rank 0's pipeline send their (gathered) tensors to it
+    const pp = o.layout.pp;
+    const sender = pp.size > 1 && pp.rank > 0 && pp.ranks.includes(0);
+    const collected: { name: string; piece: Parameters<CheckpointWriter['addPiece']>[1] }[] = [];
+    const shared = model.preProcess ? null : model.sharedEmbeddingWeight();
     noGrad(() => {
       for (const s of parameterSlices(model, o.architecture)) {
         const p = tensors.get(s.local) as Tensor;
+        // the last stage's copy of tied embeddings: the first stage saves the table (and its state)
+        if (p === shared) continue;
         const localExpert = /\.local_experts\.(\d+)\./.exec(s.local);
         const write = (name: string, full: Tensor, fixed?: SafetensorsDtype) => {
-          if (!writer) return;
+          if (!writer && !sender) return;
           const dtype = ST[full.dtype] as SafetensorsDtype;
           const c = full.contiguous();
           const bytes = c.toBytes();
           c.dispose();
           const to = fixed ?? dtype;
-          writer.addPiece(name, {
+          const piece = {
             dtype: to,
             globalShape: [...full.shape],
             offsets: full.shape.map(() => 0),
             shape: [...full.shape],
             data: to === dtype ? bytes : castElements(bytes, dtype, to, name),
-          });
+          };
+          if (writer) writer.addPiece(name, piece);
+          else collected.push({ name, piece });
         };
         const put = (name: string, t: Tensor, fixed?: SafetensorsDtype) => {
           const full = gatherFull(model, s, t);
@@ -246,6 +315,14 @@ export function saveTrainingCheckpoint(root: string, o: SaveOptions): string | n
         }
       }
     });
+    if (pp.size > 1 && pp.ranks.includes(0)) {
+      if (sender) sendPieces(pp, collected);
+      else if (writer) {
+        for (let r = 1; r < pp.size; r++) {
+          for (const { name, piece } of receivePieces(pp, r)) writer.addPiece(name, piece);
+        }
+      }
+    }
     if (!writer) return null;
     if (o.hfSource) {
       for (const f of fs.readdirSync(o.hfSource)) {

@@ -145,6 +145,14 @@ export const ParallelSection = z.strictObject({
   expertModelParallelSize: posInt.default(1),
   /** Megatron --expert-tensor-parallel-size (default: tensorModelParallelSize). */
   expertTensorParallelSize: posInt.nullable().default(null),
+  /** Megatron --pipeline-model-parallel-size: the decoder's layers are split into this many stages (1F1B). */
+  pipelineModelParallelSize: posInt.default(1),
+  /** Megatron --decoder-first-pipeline-num-layers (uneven stages). */
+  decoderFirstPipelineNumLayers: posInt.nullable().default(null),
+  /** Megatron --decoder-last-pipeline-num-layers (uneven stages). */
+  decoderLastPipelineNumLayers: posInt.nullable().default(null),
+  /** Megatron --pipeline-model-parallel-layout, e.g. "E|t*3|t,L" (one stage per rank here). */
+  pipelineModelParallelLayout: z.string().min(1).nullable().default(null),
   /**
    * Megatron --context-parallel-size: each sequence is split into 2·cp chunks (rank r holds
    * chunks r and 2·cp−1−r) and attention runs as a ring over the cp group; gradients are reduced

@@ -24,6 +24,7 @@ import {
 } from '@megapatch/data';
 import { GPTModel, loadModel } from '@megapatch/models';
 import {
+  allreduceEmbeddingGrads,
   contextParallelCuSeqlens,
   contextParallelSplit,
   DataParallelOptimizer,
@@ -35,6 +36,8 @@ import {
   getContextParallelGroup,
   getDataParallelGroup,
   getExpertDataParallelGroup,
+  getForwardBackwardFunc,
+  getPipelineModelParallelGroup,
   getTensorModelParallelGroup,
   initializeModelParallel,
   initProcessGroup,
@@ -142,6 +145,8 @@ interface Layout {
   dpData: ProcessGroup;
   /** Context-parallel group: the ranks that share each sequence. */
   cp: ProcessGroup;
+  /** Pipeline-parallel group: the stages of this rank's model replica. */
+  pp: ProcessGroup;
   /** Expert-data-parallel group: expert gradients are reduced over it. */
   edp: ProcessGroup;
   world: number;
@@ -154,7 +159,12 @@ async function setupLayout(config: RunConfig): Promise<Layout> {
   const world = env.worldSize;
   const p = config.parallel;
   if (world === 1) {
-    if (p.tensorModelParallelSize > 1 || p.expertModelParallelSize > 1 || p.contextParallelSize > 1) {
+    if (
+      p.tensorModelParallelSize > 1 ||
+      p.expertModelParallelSize > 1 ||
+      p.contextParallelSize > 1 ||
+      p.pipelineModelParallelSize > 1
+    ) {
       throw new TrainError(
         'INVALID_CONFIG',
         `parallel.tensorModelParallelSize ${p.tensorModelParallelSize} × expertModelParallelSize ${p.expertModelParallelSize} needs that many processes: start the run with megapatch launch --nproc-per-node N`,
@@ -166,6 +176,7 @@ async function setupLayout(config: RunConfig): Promise<Layout> {
       dp: single,
       dpData: single,
       cp: single,
+      pp: single,
       edp: single,
       world: 1,
       rank: 0,
@@ -184,6 +195,7 @@ async function setupLayout(config: RunConfig): Promise<Layout> {
     tp: p.tensorModelParallelSize,
     ep: p.expertModelParallelSize,
     cp: p.contextParallelSize,
+    pp: p.pipelineModelParallelSize,
     ...(p.expertTensorParallelSize !== null ? { etp: p.expertTensorParallelSize } : {}),
   });
   return {
@@ -191,6 +203,7 @@ async function setupLayout(config: RunConfig): Promise<Layout> {
     dp: getDataParallelGroup(true),
     dpData: getDataParallelGroup(false),
     cp: getContextParallelGroup(),
+    pp: getPipelineModelParallelGroup(),
     edp: getExpertDataParallelGroup(),
     world,
     rank: env.rank,
@@ -209,6 +222,16 @@ function buildModel(
     dtype: ({ bf16: 'bfloat16', fp16: 'float16', fp32: 'float32' } as const)[m.dtype],
     tpGroup: layout.tp,
     sequenceParallel: config.parallel.sequenceParallel,
+    // pipeline stages: this rank builds (and loads) only its stage's layers
+    ...(config.parallel.decoderFirstPipelineNumLayers !== null
+      ? { decoderFirstPipelineNumLayers: config.parallel.decoderFirstPipelineNumLayers }
+      : {}),
+    ...(config.parallel.decoderLastPipelineNumLayers !== null
+      ? { decoderLastPipelineNumLayers: config.parallel.decoderLastPipelineNumLayers }
+      : {}),
+    ...(config.parallel.pipelineModelParallelLayout !== null
+      ? { pipelineModelParallelLayout: config.parallel.pipelineModelParallelLayout }
+      : {}),
     recompute:
       m.recomputeGranularity === 'full'
         ? ({ granularity: 'full' } as const)
@@ -426,6 +449,9 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
   const cfg = model.config;
   const ddp = new DistributedDataParallel(model, {
     dataParallelGroup: layout.dp,
+    // pipeline: the tied embeddings' gradients are summed over the embedding group before the
+    // data-parallel reduction, so the buckets are reduced when the step finishes (no overlap)
+    ...(layout.pp.size > 1 ? { overlapGradReduce: false } : {}),
     // routed experts (each expert-parallel rank holds its own) reduce over expert-dp, as Megatron's
     // allreduce=False parameters
     isExpertParameter: (name) => name.includes('.local_experts.'),
@@ -445,6 +471,11 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
     eps: o.adamEps,
     clipGrad: o.clipGrad,
     ...(layout.distributed ? {} : { modelParallelGroup: null, expertModelParallelGroup: null }),
+    // the last stage's copy of tied embeddings is counted once, on the first stage
+    sharedParams: (() => {
+      const w = model.sharedEmbeddingWeight();
+      return w && !model.preProcess ? [w] : [];
+    })(),
     log: (line: string) => log(`warning: ${line}`),
     // fp16: Megatron's loss scaling (a constant scale, or the dynamic one)
     lossScaler:
@@ -541,6 +572,84 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
   const auxLossScale = tr.calculatePerTokenLoss ? 1 : 1 / numMicro;
   model.auxLossScale = auxLossScale;
   let skippedSinceLog = 0;
+  // Pipeline parallelism: Megatron's 1F1B schedule over the stages (each rank holds one stage)
+  const ppSize = layout.pp.size;
+  const forwardBackward = ppSize > 1 ? getForwardBackwardFunc(ppSize) : null;
+  type Micro = ReturnType<typeof microTensors>;
+  interface Sums {
+    loss: number;
+    tokens: number;
+    aux: number;
+    z: number;
+    mtp: number;
+  }
+  /**
+   * One pass of the schedule over the micro-batches (forward only for evaluation): every stage
+   * reads the same micro-batches (positions, packing), the last computes the loss. The objective
+   * is the one the single-stage loop uses; the schedule multiplies it by cp and divides it by the
+   * number of micro-batches, so the loss function returns it without those factors.
+   */
+  const runPipeline = async (
+    micro: Micro[],
+    sums: Sums,
+    o: { forwardOnly: boolean; microTokens: number[]; globalTokens: number; lossScale: number },
+  ) => {
+    if (!forwardBackward) throw new TrainError('INVALID_ARGUMENT', 'internal: no pipeline schedule');
+    await forwardBackward({
+      forwardStepFunc: (dataIterator, stage: GPTModel, ctx) => {
+        const mb = (dataIterator as Iterator<Micro>).next().value as Micro;
+        const out = stage.forward(stage.preProcess || stage.mtp ? mb.tokens : null, {
+          hiddenStates: ctx.inputTensor,
+          ...(stage.postProcess ? { labels: mb.labels } : {}),
+          positionIds: mb.positionIds,
+          ...(mb.cuSeqlens ? { cuSeqlens: mb.cuSeqlens } : {}),
+        });
+        if (!o.forwardOnly) {
+          for (const [, moe] of stage.moeLayers()) {
+            const r = moe.lastRouting;
+            if (r?.auxLoss) sums.aux += r.auxLoss.item();
+            if (r?.zLoss) sums.z += r.zLoss.item();
+          }
+        }
+        if (!stage.postProcess) return [out.hiddenStates as Tensor, null] as const;
+        const i = ctx.microbatch;
+        return [
+          out.loss as Tensor,
+          (perToken: Tensor) => {
+            const masked = perToken.mul(mb.lossMask).sum();
+            sums.loss += masked.item();
+            sums.tokens += mb.maskSum;
+            let objective = tr.calculatePerTokenLoss
+              ? masked.mul((dpSize * micro.length) / (cpSize * Math.max(o.globalTokens, 1)))
+              : masked.div(Math.max(o.microTokens[i], 1));
+            if (out.mtpLosses.length > 0) {
+              const mtp = out.mtpLosses.reduce((a, t) => a.add(t)).div(out.mtpLosses.length);
+              sums.mtp += mtp.item();
+              objective = objective.add(mtp.mul(config.model.mtpLossScalingFactor / cpSize));
+            }
+            return [objective, null] as const;
+          },
+        ] as const;
+      },
+      dataIterator: micro[Symbol.iterator](),
+      model,
+      numMicrobatches: micro.length,
+      seqLength: config.data.seqLength,
+      microBatchSize: tr.microBatchSize,
+      hiddenSize: cfg.hiddenSize,
+      forwardOnly: o.forwardOnly,
+      ppGroup: layout.pp,
+      pipelineDtype: model.dtype,
+      contextParallelSize: cpSize,
+      sequenceParallel: config.parallel.sequenceParallel,
+      tensorModelParallelSize: layout.tp.size,
+      ...(o.lossScale !== 1 ? { gradScaleFunc: (l: Tensor) => l.mul(o.lossScale) } : {}),
+      noSyncFunc: <T>(fn: () => T) => ddp.noSync(fn),
+      // tied embeddings: the first stage's table and the last stage's copy get the sum of both
+      // gradients, before the data-parallel reduction
+      finalizeModelGradsFunc: () => allreduceEmbeddingGrads(model.sharedEmbeddingWeight()),
+    });
+  };
   const save = () => {
     if (!config.checkpoint.save) return;
     const dir = saveTrainingCheckpoint(config.checkpoint.save, {
@@ -557,7 +666,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
     if (dir) checkpoints.push(dir);
   };
 
-  const evaluate = () => {
+  const evaluate = async () => {
     if (!validData) return;
     const vLoader = makeLoader(validData, 0);
     const vBatches = globalBatchesSync(vLoader, {
@@ -571,6 +680,19 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
     for (let i = 0; i < tr.evalIters; i++) {
       const step = vBatches.next();
       if (step.done) break;
+      if (forwardBackward) {
+        // pipeline: forward only through the stages; the loss is summed on the last one
+        const micro = step.value.map((b) => microTensors(b, layout.cp));
+        const sums: Sums = { loss: 0, tokens: 0, aux: 0, z: 0, mtp: 0 };
+        await runPipeline(micro, sums, { forwardOnly: true, microTokens: [], globalTokens: 0, lossScale: 1 });
+        for (const mb of micro) {
+          for (const t of [mb.tokens, mb.labels, mb.positionIds, mb.lossMask, mb.cuSeqlens]) t?.dispose();
+        }
+        const [s, c] = allReduceNumbers(allReduceNumbers([sums.loss, sums.tokens], layout.pp), layout.dp);
+        sum += s / dpSize;
+        count += c / dpSize;
+        continue;
+      }
       for (const b of step.value) {
         tidy(() =>
           noGrad(() => {
@@ -642,7 +764,15 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
       let auxSum = 0;
       let zSum = 0;
       let mtpSum = 0;
-      for (const [i, mb] of micro.entries()) {
+      if (forwardBackward) {
+        const sums: Sums = { loss: 0, tokens: 0, aux: 0, z: 0, mtp: 0 };
+        const f0 = performance.now();
+        await runPipeline(micro, sums, { forwardOnly: false, microTokens, globalTokens, lossScale });
+        // forward and backward interleave under the schedule: their time is one figure
+        timers.forwardMs = performance.now() - f0;
+        ({ loss: lossSum, tokens: tokenSum, aux: auxSum, z: zSum, mtp: mtpSum } = sums);
+      }
+      for (const [i, mb] of (forwardBackward ? [] : micro).entries()) {
         // gradients accumulate locally over the micro-batches; the last one's backward reduces them
         const run = i < micro.length - 1 ? <T>(f: () => T) => ddp.noSync(f) : <T>(f: () => T) => f();
         run(() =>
@@ -708,8 +838,11 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
         state.skippedIterations++;
         skippedSinceLog++;
       }
+      // the loss lives on the last stage and each stage's MoE layers have their aux losses: sum
+      // over the pipeline, then over the data-parallel ranks
+      const stepSums = [lossSum, tokenSum, auxSum / numMicro, zSum / numMicro, mtpSum / numMicro];
       const [lossAll, tokensAll, auxAll, zAll, mtpAll] = allReduceNumbers(
-        [lossSum, tokenSum, auxSum / numMicro, zSum / numMicro, mtpSum / numMicro],
+        ppSize > 1 ? allReduceNumbers(stepSums, layout.pp) : stepSums,
         layout.dp,
       );
       // what Megatron logs: the token mean of the global batch (loss_func reports [sum, tokens]),
@@ -769,7 +902,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
         );
         skippedSinceLog = 0;
       }
-      if (tr.evalInterval && state.iteration % tr.evalInterval === 0) evaluate();
+      if (tr.evalInterval && state.iteration % tr.evalInterval === 0) await evaluate();
       const saveNow =
         config.checkpoint.saveInterval && state.iteration % config.checkpoint.saveInterval === 0;
       if (saveNow) save();
@@ -787,7 +920,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
       }
     }
     if (exitReason === 'done') {
-      if (tr.evalInterval && state.iteration % tr.evalInterval !== 0) evaluate();
+      if (tr.evalInterval && state.iteration % tr.evalInterval !== 0) await evaluate();
       const last = checkpoints.at(-1);
       if (config.checkpoint.save && !last?.endsWith(String(state.iteration).padStart(7, '0'))) save();
     }

@@ -28,6 +28,7 @@ describe('train on several processes', () => {
     ['TP=2', { tensorModelParallelSize: 2 }],
     ['TP=2 + sequence parallelism', { tensorModelParallelSize: 2, sequenceParallel: true }],
     ['CP=2', { contextParallelSize: 2 }],
+    ['PP=2', { pipelineModelParallelSize: 2 }],
   ])('%s gives the losses of one process', async (name, parallel) => {
     const [r] = (await launchWorkers({
       nproc: 2,
@@ -114,6 +115,45 @@ describe('expert parallelism', () => {
       report: false,
     });
     close(resumed.losses, one.slice(3), 'resumed on one process');
+  });
+});
+
+describe('pipeline parallelism', () => {
+  it('a PP=2 checkpoint resumes on one process with the losses of one process, and a one-process checkpoint resumes at PP=2', async () => {
+    const one = (await train(parseRunConfig(config('pp-one')), { log: () => {}, report: false })).losses;
+    const pp2 = async (name: string, extra: Record<string, object>) => {
+      const c = config(name, { pipelineModelParallelSize: 2 }) as Record<string, Record<string, unknown>>;
+      for (const [k, v] of Object.entries(extra)) c[k] = { ...c[k], ...v };
+      const [r] = (await launchWorkers({ nproc: 2, script: 'train-worker.ts', config: c })) as {
+        losses: number[];
+      }[];
+      return r.losses;
+    };
+    const close = (a: number[], b: number[], what: string) => {
+      expect(a.length, what).toBe(b.length);
+      for (let i = 0; i < a.length; i++)
+        expect(Math.abs(a[i] - b[i]) / b[i], `${what} step ${i + 1}`).toBeLessThan(1e-5);
+    };
+    const save = path.join(root, 'ck-pp');
+    close(
+      await pp2('pp-half', { training: { exitInterval: 3 }, checkpoint: { save } }),
+      one.slice(0, 3),
+      'PP=2 first half',
+    );
+    const c = config('pp-resumed-one') as Record<string, Record<string, unknown>>;
+    c.checkpoint = { load: save };
+    close(
+      (await train(parseRunConfig(c), { log: () => {}, report: false })).losses,
+      one.slice(3),
+      'resumed on one process',
+    );
+    // and the other way: three steps on one process, the rest at PP=2
+    const save1 = path.join(root, 'ck-pp-one');
+    const h = config('pp-one-half') as Record<string, Record<string, unknown>>;
+    h.training = { ...h.training, exitInterval: 3 };
+    h.checkpoint = { save: save1 };
+    await train(parseRunConfig(h), { log: () => {}, report: false });
+    close(await pp2('pp-resumed', { checkpoint: { load: save1 } }), one.slice(3), 'resumed at PP=2');
   });
 });
 

@@ -55,6 +55,11 @@ export interface DistributedOptimizerOptions {
   expertModelParallelGroup?: ProcessGroup | null;
   /** This rank's expert-tensor-parallel rank (default the parallel state's, else 0). */
   expertTpRank?: number;
+  /**
+   * Parameters whose gradient another rank also holds and counts (the last pipeline stage's copy
+   * of tied word embeddings): left out of the gradient norm, as Megatron's `param_is_not_shared`.
+   */
+  sharedParams?: readonly Tensor[];
   /** Receives the line logged when a step is skipped (default console.warn). */
   log?: (line: string) => void;
   /**
@@ -128,6 +133,7 @@ abstract class BufferOptimizer {
   private readonly expertTpRank: number;
   /** Pieces of expert parameters (their norm is reduced over the expert groups). */
   private readonly expertPieces = new Set<ShardPiece>();
+  private readonly sharedParams: ReadonlySet<Tensor>;
   private readonly log: (line: string) => void;
   private readonly name: string;
   /** The loss scaler (fp16), or null. */
@@ -148,6 +154,7 @@ abstract class BufferOptimizer {
     this.expertTpRank = options.expertTpRank ?? (expertFromState ? getExpertTensorParallelRank() : 0);
     this.log = options.log ?? ((line) => console.warn(line));
     this.lossScaler = options.lossScaler ?? null;
+    this.sharedParams = new Set(options.sharedParams ?? []);
     const names = new Map(ddp.namedParameters().map(([n, p]) => [p, n]));
     const decay: Tensor[] = [];
     const noDecay: Tensor[] = [];
@@ -291,7 +298,9 @@ abstract class BufferOptimizer {
    * combined as Megatron does.
    */
   private gradNorm(): number {
-    const dense = this.pieces.filter((p) => !this.expertPieces.has(p)).map((p) => p.master);
+    const dense = this.pieces
+      .filter((p) => !this.expertPieces.has(p) && !this.sharedParams.has(p.param))
+      .map((p) => p.master);
     const denseNorm = getGradNorm(dense, {
       modelParallelGroup: this.modelParallelGroup,
       dataParallelGroup: this.sharded ? this.ddp.dataParallelGroup : null,
