@@ -67,6 +67,11 @@ export const DataSection = z.strictObject({
       prefix: z.string().min(1),
       packing: z.boolean().default(true),
       perSequenceLoss: z.boolean().default(false),
+      /**
+       * Pad each sample to a multiple of this many tokens (no loss) before packing; with context
+       * parallelism the trainer pads to a multiple of 2·cp anyway (Megatron's SFT padding).
+       */
+      padToMultipleOf: posInt.default(1),
     })
     .nullable()
     .default(null),

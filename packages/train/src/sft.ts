@@ -30,6 +30,25 @@ export interface SftDatasetOptions {
   seed: number;
   packing: boolean;
   perSequenceLoss: boolean;
+  /**
+   * Pad every sample (no loss) to a multiple of this many tokens before packing (default 1): with
+   * context parallelism each packed sample must split into 2·cp chunks, as Megatron pads it.
+   */
+  padToMultipleOf?: number;
+}
+
+/** `s` padded with `padId` tokens that carry no loss to a multiple of `k` tokens. */
+function padSample(s: SftSample, k: number, padId: number): SftSample {
+  const n = s.inputIds.length;
+  const m = Math.ceil(n / k) * k;
+  if (m === n) return s;
+  const inputIds = new Int32Array(m).fill(padId);
+  const labels = new Int32Array(m).fill(IGNORE_INDEX);
+  const lossMask = new Float32Array(m);
+  inputIds.set(s.inputIds);
+  labels.set(s.labels);
+  lossMask.set(s.lossMask);
+  return { inputIds, labels, lossMask };
 }
 
 /** Rows of SFT samples, as the trainer's micro-batches read them. */
@@ -99,6 +118,16 @@ export function buildSftDataset(o: SftDatasetOptions): SftRows {
   tokens.close();
   mask.close();
   const padId = meta.padId ?? 0;
+  const k = o.padToMultipleOf ?? 1;
+  if (k > 1) {
+    if (o.seqLength % k !== 0) {
+      throw new TrainError(
+        'DATA',
+        `data.seqLength ${o.seqLength} is not a multiple of the sample padding ${k}`,
+      );
+    }
+    for (let i = 0; i < samples.length; i++) samples[i] = padSample(samples[i], k, padId);
+  }
   // one epoch of rows in the order of a seeded shuffle
   const epochRows = (epoch: number): GPTSample[] => {
     const order = Int32Array.from(samples.keys());

@@ -270,6 +270,11 @@ function buildModel(
   return { model, architecture, hfSource: dir };
 }
 
+function lcm(a: number, b: number): number {
+  const gcd = (x: number, y: number): number => (y === 0 ? x : gcd(y, x % y));
+  return (a / gcd(a, b)) * b;
+}
+
 /** Megatron's --data-path: [prefix] or [w1, prefix1, w2, prefix2, ...]. */
 function dataPrefixes(dataPath: readonly (string | number)[]): {
   prefixes: string[];
@@ -318,6 +323,11 @@ function buildDataset(
         seed: config.training.seed,
         packing: d.sft.packing,
         perSequenceLoss: d.sft.perSequenceLoss,
+        // context parallelism splits every packed sample into 2·cp chunks
+        padToMultipleOf: lcm(
+          d.sft.padToMultipleOf,
+          config.parallel.contextParallelSize > 1 ? 2 * config.parallel.contextParallelSize : 1,
+        ),
       });
     } catch (e) {
       if (split === 'valid' && e instanceof TrainError && /split .* is empty/.test(e.message)) return null;

@@ -4,7 +4,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { parseRunConfig, train } from '../src/index.js';
-import { layoutRunConfig, patternCorpus, tempDir, tinyLlama } from './helpers.js';
+import { layoutRunConfig, patternCorpus, tempDir, tinyLlama, writeSft } from './helpers.js';
 import { launchWorkers } from './launch.js';
 
 const root = tempDir('mp-train-par-');
@@ -115,6 +115,34 @@ describe('expert parallelism', () => {
       report: false,
     });
     close(resumed.losses, one.slice(3), 'resumed on one process');
+  });
+});
+
+describe('context parallelism with packed rows', () => {
+  it('CP=2 on packed SFT rows (samples padded to a multiple of 2·cp) gives the losses of one process', async () => {
+    const prefix = path.join(root, 'sft-cp');
+    writeSft(prefix, 80, 32);
+    const cfg = (run: string, parallel: Record<string, unknown>) => {
+      const c = config(run, parallel) as Record<string, Record<string, unknown>>;
+      // one process pads the samples as CP=2 does, so both see the same packed rows
+      c.data = {
+        sft: { prefix, padToMultipleOf: 4 },
+        seqLength: 32,
+        split: '100,0,0',
+        dataCachePath: path.join(root, 'cache'),
+      };
+      c.training = { ...c.training, microBatchSize: 1, globalBatchSize: 4 };
+      return c;
+    };
+    const one = (await train(parseRunConfig(cfg('cp-sft-one', {})), { log: () => {}, report: false })).losses;
+    const [r] = (await launchWorkers({
+      nproc: 2,
+      script: 'train-worker.ts',
+      config: cfg('cp-sft-two', { contextParallelSize: 2 }),
+    })) as { losses: number[] }[];
+    expect(r.losses.length).toBe(6);
+    for (let i = 0; i < 6; i++)
+      expect(Math.abs(r.losses[i] - one[i]) / one[i], `step ${i + 1}`).toBeLessThan(1e-5);
   });
 });
 

@@ -3,33 +3,13 @@
 // only, the per-sequence loss; the loss falls and the exported model generates.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { IndexedDatasetBuilder } from '@megapatch/data';
 import { afterAll, describe, expect, it } from 'vitest';
 import { parseRunConfig, train } from '../src/index.js';
 import { buildSftDataset } from '../src/sft.js';
-import { tempDir, tinyLlama } from './helpers.js';
+import { tempDir, tinyLlama, writeSft } from './helpers.js';
 
 const root = tempDir('mp-sft-');
 afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
-
-/** An SFT dataset of `n` conversations: a prompt of 4–8 tokens, then a reply of 5 tokens with loss. */
-function writeSft(prefix: string, n: number, seqLength: number): void {
-  const tokens = new IndexedDatasetBuilder(`${prefix}_sft_tokens`, { dtype: 'uint16' });
-  const mask = new IndexedDatasetBuilder(`${prefix}_sft_loss_mask`, { dtype: 'uint8' });
-  for (let i = 0; i < n; i++) {
-    const promptLen = 4 + (i % 5);
-    const prompt = Array.from({ length: promptLen }, (_, j) => 20 + ((i * 13 + j * 7) % 300));
-    const reply = Array.from({ length: 5 }, (_, j) => 400 + ((prompt[0] + j) % 50));
-    tokens.addDocument([1, ...prompt, ...reply, 2]);
-    mask.addDocument([0, ...prompt.map(() => 0), ...reply.map(() => 1), 1]);
-  }
-  tokens.finalize();
-  mask.finalize();
-  fs.writeFileSync(
-    `${prefix}_sft.json`,
-    JSON.stringify({ format: 'megapatch-sft', version: 1, seqLength, padId: 0 }),
-  );
-}
 
 describe('SFT rows', () => {
   const prefix = path.join(root, 'chat');
