@@ -120,6 +120,11 @@ function versions(): Record<string, string> {
 /** Options of {@link saveTrainingCheckpoint}. */
 export interface SaveOptions {
   model: GPTModel;
+  /**
+   * The model chunks of this rank with the interleaved schedule (virtual pipeline stages; default
+   * [model]); their parameters are named `chunks.<v>.…` in the optimizer.
+   */
+  chunks?: readonly GPTModel[];
   optimizer: AnyOptimizer;
   scheduler: OptimizerParamScheduler;
   architecture: string;
@@ -236,82 +241,86 @@ export function saveTrainingCheckpoint(root: string, o: SaveOptions): string | n
         })
       : null;
   try {
-    const tensors = new Map<string, Tensor>([...model.namedParameters(), ...model.namedBuffers()]);
+    const chunks = o.chunks ?? [model];
     const epSize = model.epGroup.size;
     const perRank = (model.config.moe?.numExperts ?? 0) / epSize;
     // Pipeline: the stages of global rank 0's pipeline send their (gathered) tensors to it
     const pp = o.layout.pp;
     const sender = pp.size > 1 && pp.rank > 0 && pp.ranks.includes(0);
     const collected: { name: string; piece: Parameters<CheckpointWriter['addPiece']>[1] }[] = [];
-    const shared = model.preProcess ? null : model.sharedEmbeddingWeight();
     noGrad(() => {
-      for (const s of parameterSlices(model, o.architecture)) {
-        const p = tensors.get(s.local) as Tensor;
-        // the last stage's copy of tied embeddings: the first stage saves the table (and its state)
-        if (p === shared) continue;
-        const localExpert = /\.local_experts\.(\d+)\./.exec(s.local);
-        const write = (name: string, full: Tensor, fixed?: SafetensorsDtype) => {
-          if (!writer && !sender) return;
-          const dtype = ST[full.dtype] as SafetensorsDtype;
-          const c = full.contiguous();
-          const bytes = c.toBytes();
-          c.dispose();
-          const to = fixed ?? dtype;
-          const piece = {
-            dtype: to,
-            globalShape: [...full.shape],
-            offsets: full.shape.map(() => 0),
-            shape: [...full.shape],
-            data: to === dtype ? bytes : castElements(bytes, dtype, to, name),
-          };
-          if (writer) writer.addPiece(name, piece);
-          else collected.push({ name, piece });
-        };
-        const put = (name: string, t: Tensor, fixed?: SafetensorsDtype) => {
-          const full = gatherFull(model, s, t);
-          if (localExpert && epSize > 1) {
-            // expert parallelism: local expert i of EP rank r is global expert r·perRank + i;
-            // the EP group of global rank 0 holds every expert
+      for (const [v, chunk] of chunks.entries()) {
+        const namePrefix = chunks.length > 1 ? `chunks.${v}.` : '';
+        const tensors = new Map<string, Tensor>([...chunk.namedParameters(), ...chunk.namedBuffers()]);
+        const shared = chunk.preProcess ? null : chunk.sharedEmbeddingWeight();
+        for (const s of parameterSlices(chunk, o.architecture)) {
+          const p = tensors.get(s.local) as Tensor;
+          // the last stage's copy of tied embeddings: the first stage saves the table (and its state)
+          if (p === shared) continue;
+          const localExpert = /\.local_experts\.(\d+)\./.exec(s.local);
+          const write = (name: string, full: Tensor, fixed?: SafetensorsDtype) => {
+            if (!writer && !sender) return;
+            const dtype = ST[full.dtype] as SafetensorsDtype;
             const c = full.contiguous();
-            const parts = Array.from({ length: epSize }, () => empty(c.shape, { dtype: c.dtype }));
-            model.epGroup.allGather(parts, c).waitSync();
+            const bytes = c.toBytes();
             c.dispose();
-            const i = Number(localExpert[1]);
-            parts.forEach((part, r) => {
-              write(name.replace(/(\.local_experts\.)\d+\./, `$1${r * perRank + i}.`), part, fixed);
-              part.dispose();
-            });
-          } else write(name, full, fixed);
-          if (full !== t) full.dispose();
-        };
-        put(s.name, p, s.name.endsWith('router.expert_bias') ? 'F32' : undefined);
-        if (!p.requiresGrad) continue; // buffers (the expert bias) have no optimizer state
-        const piece = opt.get(s.local) ?? null;
-        // The whole local parameter's state: this rank's piece in place, and with the distributed
-        // optimizer the other data-parallel ranks' pieces summed in (each element lives on one rank).
-        const whole = (pick: (q: OptimizerPiece) => Tensor | null): Tensor => {
-          const flat = zeros([p.numel], { dtype: 'float32' });
-          const src = piece ? pick(piece) : null;
-          if (piece && src) {
-            const dst = flat.narrow(0, piece.offset, src.numel);
-            dst.copy_(src);
-            dst.dispose();
+            const to = fixed ?? dtype;
+            const piece = {
+              dtype: to,
+              globalShape: [...full.shape],
+              offsets: full.shape.map(() => 0),
+              shape: [...full.shape],
+              data: to === dtype ? bytes : castElements(bytes, dtype, to, name),
+            };
+            if (writer) writer.addPiece(name, piece);
+            else collected.push({ name, piece });
+          };
+          const put = (name: string, t: Tensor, fixed?: SafetensorsDtype) => {
+            const full = gatherFull(chunk, s, t);
+            if (localExpert && epSize > 1) {
+              // expert parallelism: local expert i of EP rank r is global expert r·perRank + i;
+              // the EP group of global rank 0 holds every expert
+              const c = full.contiguous();
+              const parts = Array.from({ length: epSize }, () => empty(c.shape, { dtype: c.dtype }));
+              model.epGroup.allGather(parts, c).waitSync();
+              c.dispose();
+              const i = Number(localExpert[1]);
+              parts.forEach((part, r) => {
+                write(name.replace(/(\.local_experts\.)\d+\./, `$1${r * perRank + i}.`), part, fixed);
+                part.dispose();
+              });
+            } else write(name, full, fixed);
+            if (full !== t) full.dispose();
+          };
+          put(s.name, p, s.name.endsWith('router.expert_bias') ? 'F32' : undefined);
+          if (!p.requiresGrad) continue; // buffers (the expert bias) have no optimizer state
+          const piece = opt.get(namePrefix + s.local) ?? null;
+          // The whole local parameter's state: this rank's piece in place, and with the distributed
+          // optimizer the other data-parallel ranks' pieces summed in (each element lives on one rank).
+          const whole = (pick: (q: OptimizerPiece) => Tensor | null): Tensor => {
+            const flat = zeros([p.numel], { dtype: 'float32' });
+            const src = piece ? pick(piece) : null;
+            if (piece && src) {
+              const dst = flat.narrow(0, piece.offset, src.numel);
+              dst.copy_(src);
+              dst.dispose();
+            }
+            // the distributed optimizer shards expert buffers over expert-dp, the others over dp
+            const shardGroup = localExpert ? o.layout.edp : o.layout.dp;
+            if (sharded && shardGroup.size > 1) shardGroup.allReduce(flat, 'sum').waitSync();
+            const shaped = flat.view(...p.shape);
+            flat.dispose(); // the view holds the storage
+            return shaped;
+          };
+          for (const [prefix, pick] of [
+            ['optimizer.master', (q: OptimizerPiece) => q.master],
+            ['optimizer.exp_avg', (q: OptimizerPiece) => q.state?.expAvg ?? null],
+            ['optimizer.exp_avg_sq', (q: OptimizerPiece) => q.state?.expAvgSq ?? null],
+          ] as const) {
+            const t = whole(pick);
+            put(`${prefix}.${s.name}`, t);
+            t.dispose();
           }
-          // the distributed optimizer shards expert buffers over expert-dp, the others over dp
-          const shardGroup = localExpert ? o.layout.edp : o.layout.dp;
-          if (sharded && shardGroup.size > 1) shardGroup.allReduce(flat, 'sum').waitSync();
-          const shaped = flat.view(...p.shape);
-          flat.dispose(); // the view holds the storage
-          return shaped;
-        };
-        for (const [prefix, pick] of [
-          ['optimizer.master', (q: OptimizerPiece) => q.master],
-          ['optimizer.exp_avg', (q: OptimizerPiece) => q.state?.expAvg ?? null],
-          ['optimizer.exp_avg_sq', (q: OptimizerPiece) => q.state?.expAvgSq ?? null],
-        ] as const) {
-          const t = whole(pick);
-          put(`${prefix}.${s.name}`, t);
-          t.dispose();
         }
       }
     });
@@ -393,6 +402,8 @@ export function resolveCheckpointIteration(root: string, log: (line: string) => 
 /** Options of {@link loadTrainingCheckpoint}. */
 export interface LoadOptions {
   model: GPTModel;
+  /** The model chunks (virtual pipeline stages; default [model]), named `chunks.<v>.…` in the optimizer. */
+  chunks?: readonly GPTModel[];
   optimizer: AnyOptimizer;
   scheduler: OptimizerParamScheduler;
   architecture: string;
@@ -420,8 +431,14 @@ export function loadTrainingCheckpoint(root: string, o: LoadOptions & { iteratio
         `${root} holds no training state (a converted model?): load it with model.load or checkpoint.finetune`,
       );
     }
-    const slices = parameterSlices(o.model, o.architecture);
-    const byLocal = new Map(slices.map((s) => [s.local, s]));
+    // every chunk's slices and parameters under the names the optimizer knows them by
+    const chunks = o.chunks ?? [o.model];
+    const prefixOf = (v: number) => (chunks.length > 1 ? `chunks.${v}.` : '');
+    const byLocal = new Map(
+      chunks.flatMap((c, v) =>
+        parameterSlices(c, o.architecture).map((s) => [prefixOf(v) + s.local, s] as const),
+      ),
+    );
     const readLocal = (name: string, s: ParameterSlice, like: Tensor): Tensor => {
       const info = ckpt.info(name);
       const parts = s.boxes.map((b) => ckpt.readSlice(name, b.offsets, b.shape));
@@ -432,7 +449,9 @@ export function loadTrainingCheckpoint(root: string, o: LoadOptions & { iteratio
         like.shape,
       );
     };
-    const params = new Map(o.model.namedParameters());
+    const params = new Map(
+      chunks.flatMap((c, v) => c.namedParameters().map(([n, p]) => [prefixOf(v) + n, p] as const)),
+    );
     const pieces = optimizerPieces(o.optimizer);
     const stepOf = (meta.optimizer as { step?: number | null } | undefined)?.step ?? 0;
     // this rank's piece of a stored per-parameter state, flattened

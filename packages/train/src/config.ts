@@ -152,6 +152,13 @@ export const ParallelSection = z.strictObject({
   expertTensorParallelSize: posInt.nullable().default(null),
   /** Megatron --pipeline-model-parallel-size: the decoder's layers are split into this many stages (1F1B). */
   pipelineModelParallelSize: posInt.default(1),
+  /**
+   * Megatron --num-virtual-stages-per-pipeline-rank (--virtual-pipeline-model-parallel-size): model
+   * chunks per pipeline rank for the interleaved schedule (null: 1F1B).
+   */
+  virtualPipelineModelParallelSize: posInt.nullable().default(null),
+  /** Megatron --microbatch-group-size-per-virtual-pipeline-stage (default: the pipeline size). */
+  microbatchGroupSizePerVpStage: posInt.nullable().default(null),
   /** Megatron --decoder-first-pipeline-num-layers (uneven stages). */
   decoderFirstPipelineNumLayers: posInt.nullable().default(null),
   /** Megatron --decoder-last-pipeline-num-layers (uneven stages). */

@@ -50,6 +50,8 @@ import {
   ConstantGradScaler,
   DynamicGradScaler,
   fromTypedArray,
+  Module,
+  ModuleList,
   manualSeed,
   memoryStats,
   noGrad,
@@ -196,6 +198,9 @@ async function setupLayout(config: RunConfig): Promise<Layout> {
     ep: p.expertModelParallelSize,
     cp: p.contextParallelSize,
     pp: p.pipelineModelParallelSize,
+    ...((p.virtualPipelineModelParallelSize ?? 1) > 1
+      ? { vpp: p.virtualPipelineModelParallelSize as number }
+      : {}),
     ...(p.expertTensorParallelSize !== null ? { etp: p.expertTensorParallelSize } : {}),
   });
   return {
@@ -211,11 +216,27 @@ async function setupLayout(config: RunConfig): Promise<Layout> {
   };
 }
 
+/**
+ * The model chunks of one rank under the interleaved schedule, as one module for DDP (parameters
+ * named `chunks.<v>.…`); the schedule runs the chunks themselves.
+ */
+class ModelChunks extends Module {
+  readonly chunks: ModuleList<GPTModel>;
+  constructor(chunks: readonly GPTModel[]) {
+    super();
+    this.chunks = this.registerModule('chunks', new ModuleList(chunks));
+  }
+  forward(): never {
+    throw new TrainError('INVALID_ARGUMENT', 'internal: model chunks run through the pipeline schedule');
+  }
+}
+
 /** The model the run trains, and the HF architecture it exports to. */
 function buildModel(
   config: RunConfig,
   layout: Layout,
   iteration: number | undefined,
+  vpStage = 0,
 ): { model: GPTModel; architecture: string; hfSource: string | null } {
   const m = config.model;
   const options = {
@@ -231,6 +252,13 @@ function buildModel(
       : {}),
     ...(config.parallel.pipelineModelParallelLayout !== null
       ? { pipelineModelParallelLayout: config.parallel.pipelineModelParallelLayout }
+      : {}),
+    // the interleaved schedule: this rank holds one model chunk per virtual stage
+    ...((config.parallel.virtualPipelineModelParallelSize ?? 1) > 1
+      ? {
+          vpp: config.parallel.virtualPipelineModelParallelSize as number,
+          pipelineStage: { ppRank: layout.pp.rank, vpStage },
+        }
       : {}),
     recompute:
       m.recomputeGranularity === 'full'
@@ -455,9 +483,13 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
   const resumeIteration = config.checkpoint.load
     ? resolveCheckpointIteration(config.checkpoint.load, log)
     : undefined;
-  const { model, architecture, hfSource } = buildModel(config, layout, resumeIteration);
+  const vpp = config.parallel.virtualPipelineModelParallelSize ?? 1;
+  const built = Array.from({ length: vpp }, (_, v) => buildModel(config, layout, resumeIteration, v));
+  const { model, architecture, hfSource } = built[0];
+  // this rank's model chunks (one per virtual pipeline stage; [model] without interleaving)
+  const chunks = built.map((b) => b.model);
   const cfg = model.config;
-  const ddp = new DistributedDataParallel(model, {
+  const ddp = new DistributedDataParallel(chunks.length > 1 ? new ModelChunks(chunks) : model, {
     dataParallelGroup: layout.dp,
     // pipeline: the tied embeddings' gradients are summed over the embedding group before the
     // data-parallel reduction, so the buckets are reduced when the step finishes (no overlap)
@@ -472,7 +504,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
       : {}),
   });
   // after DDP wraps the parameters: its hooks must see the TP-summed gradients
-  if (config.parallel.sequenceParallel) registerSequenceParallelGradHooks(model.parameters(), layout.tp);
+  if (config.parallel.sequenceParallel) registerSequenceParallelGradHooks(ddp.parameters(), layout.tp);
   const o = config.optimizer;
   const optOptions = {
     lr: o.lr,
@@ -483,8 +515,8 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
     ...(layout.distributed ? {} : { modelParallelGroup: null, expertModelParallelGroup: null }),
     // the last stage's copy of tied embeddings is counted once, on the first stage
     sharedParams: (() => {
-      const w = model.sharedEmbeddingWeight();
-      return w && !model.preProcess ? [w] : [];
+      const copies = chunks.filter((c) => !c.preProcess).map((c) => c.sharedEmbeddingWeight());
+      return copies.filter((w): w is Tensor => w !== null);
     })(),
     log: (line: string) => log(`warning: ${line}`),
     // fp16: Megatron's loss scaling (a constant scale, or the dynamic one)
@@ -523,6 +555,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
   if (config.checkpoint.load && !config.checkpoint.finetune) {
     state = loadTrainingCheckpoint(config.checkpoint.load, {
       model,
+      chunks,
       optimizer,
       scheduler,
       architecture,
@@ -576,15 +609,18 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
   let metricsClosed = false;
   const t0 = performance.now();
   let exitReason: TrainResult['exitReason'] = 'done';
-  const expertBias = model.moeLayers().some(([, m]) => m.router.expertBias !== null);
+  const expertBias = chunks.some((c) => c.moeLayers().some(([, m]) => m.router.expertBias !== null));
+  const setAuxLossScale = (x: number) => {
+    for (const c of chunks) c.auxLossScale = x;
+  };
   // Megatron's MoEAuxLossAutoScaler scale: the aux losses are averaged over the micro-batches as
   // the main loss is (not with calculatePerTokenLoss, where the main loss is not either)
   const auxLossScale = tr.calculatePerTokenLoss ? 1 : 1 / numMicro;
-  model.auxLossScale = auxLossScale;
+  setAuxLossScale(auxLossScale);
   let skippedSinceLog = 0;
   // Pipeline parallelism: Megatron's 1F1B schedule over the stages (each rank holds one stage)
   const ppSize = layout.pp.size;
-  const forwardBackward = ppSize > 1 ? getForwardBackwardFunc(ppSize) : null;
+  const forwardBackward = ppSize > 1 ? getForwardBackwardFunc(ppSize, vpp > 1 ? vpp : null) : null;
   type Micro = ReturnType<typeof microTensors>;
   interface Sums {
     loss: number;
@@ -641,9 +677,13 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
           },
         ] as const;
       },
-      dataIterator: micro[Symbol.iterator](),
-      model,
+      // every chunk reads the same micro-batches
+      dataIterator: chunks.length > 1 ? chunks.map(() => micro[Symbol.iterator]()) : micro[Symbol.iterator](),
+      model: chunks.length > 1 ? chunks : model,
       numMicrobatches: micro.length,
+      ...(config.parallel.microbatchGroupSizePerVpStage !== null
+        ? { microbatchGroupSizePerVpStage: config.parallel.microbatchGroupSizePerVpStage }
+        : {}),
       seqLength: config.data.seqLength,
       microBatchSize: tr.microBatchSize,
       hiddenSize: cfg.hiddenSize,
@@ -657,13 +697,14 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
       noSyncFunc: <T>(fn: () => T) => ddp.noSync(fn),
       // tied embeddings: the first stage's table and the last stage's copy get the sum of both
       // gradients, before the data-parallel reduction
-      finalizeModelGradsFunc: () => allreduceEmbeddingGrads(model.sharedEmbeddingWeight()),
+      finalizeModelGradsFunc: () => allreduceEmbeddingGrads(chunks.map((c) => c.sharedEmbeddingWeight())),
     });
   };
   const save = () => {
     if (!config.checkpoint.save) return;
     const dir = saveTrainingCheckpoint(config.checkpoint.save, {
       model,
+      chunks,
       optimizer,
       scheduler,
       architecture,
@@ -686,7 +727,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
     });
     let sum = 0;
     let count = 0;
-    model.eval();
+    for (const c of chunks) c.eval();
     for (let i = 0; i < tr.evalIters; i++) {
       const step = vBatches.next();
       if (step.done) break;
@@ -722,7 +763,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
         );
       }
     }
-    model.train();
+    for (const c of chunks) c.train();
     const lmLoss = sum / Math.max(count, 1);
     const m: ValidMetrics = {
       kind: 'valid',
@@ -737,7 +778,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
   };
 
   try {
-    model.train();
+    for (const c of chunks) c.train();
     while (state.iteration < tr.trainIters) {
       const stepStart = performance.now();
       const step = batches.next();
@@ -768,7 +809,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
       optimizer.zeroGrad();
       // fp16: the objective (and the aux losses, as Megatron's MoEAuxLossAutoScaler) times the scale
       const lossScale = optimizer.lossScaler?.scale ?? 1;
-      model.auxLossScale = auxLossScale * lossScale;
+      setAuxLossScale(auxLossScale * lossScale);
       let lossSum = 0;
       let tokenSum = 0;
       let auxSum = 0;
@@ -837,10 +878,11 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
       if (cfg.moe) {
         // the step's tokens per expert over tp × dp × cp (a collective on every rank): logged, and
         // the aux-loss-free balancing update where the router has an expert bias
-        const load = model.takeGlobalExpertLoad(layout.distributed ? undefined : layout.dp);
-        for (const [layer] of model.moeLayers())
-          expertLoad[String(layer)] = Array.from(load.get(layer) ?? []);
-        if (expertBias) model.updateExpertBias(load, config.model.moeRouterBiasUpdateRate);
+        for (const c of chunks) {
+          const load = c.takeGlobalExpertLoad(layout.distributed ? undefined : layout.dp);
+          for (const [layer] of c.moeLayers()) expertLoad[String(layer)] = Array.from(load.get(layer) ?? []);
+          if (expertBias) c.updateExpertBias(load, config.model.moeRouterBiasUpdateRate);
+        }
       }
       state.iteration++;
       state.consumedSamples += gbs;
@@ -938,7 +980,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
     if (metricsFd !== null) fs.closeSync(metricsFd);
     metricsClosed = true;
     ddp.dispose();
-    model.dispose();
+    for (const c of chunks) c.dispose();
     if (layout.distributed) {
       destroyModelParallel();
       await destroyProcessGroup();

@@ -29,6 +29,10 @@ describe('train on several processes', () => {
     ['TP=2 + sequence parallelism', { tensorModelParallelSize: 2, sequenceParallel: true }],
     ['CP=2', { contextParallelSize: 2 }],
     ['PP=2', { pipelineModelParallelSize: 2 }],
+    [
+      'PP=2, interleaved with 2 virtual stages',
+      { pipelineModelParallelSize: 2, virtualPipelineModelParallelSize: 2 },
+    ],
   ])('%s gives the losses of one process', async (name, parallel) => {
     const [r] = (await launchWorkers({
       nproc: 2,
@@ -147,10 +151,13 @@ describe('context parallelism with packed rows', () => {
 });
 
 describe('pipeline parallelism', () => {
-  it('a PP=2 checkpoint resumes on one process with the losses of one process, and a one-process checkpoint resumes at PP=2', async () => {
+  it('an interleaved PP=2 checkpoint resumes on one process with the losses of one process, and a one-process checkpoint resumes at PP=2', async () => {
     const one = (await train(parseRunConfig(config('pp-one')), { log: () => {}, report: false })).losses;
-    const pp2 = async (name: string, extra: Record<string, object>) => {
-      const c = config(name, { pipelineModelParallelSize: 2 }) as Record<string, Record<string, unknown>>;
+    const pp2 = async (name: string, extra: Record<string, object>, vpp: number | null = null) => {
+      const c = config(name, {
+        pipelineModelParallelSize: 2,
+        virtualPipelineModelParallelSize: vpp,
+      }) as Record<string, Record<string, unknown>>;
       for (const [k, v] of Object.entries(extra)) c[k] = { ...c[k], ...v };
       const [r] = (await launchWorkers({ nproc: 2, script: 'train-worker.ts', config: c })) as {
         losses: number[];
@@ -163,10 +170,11 @@ describe('pipeline parallelism', () => {
         expect(Math.abs(a[i] - b[i]) / b[i], `${what} step ${i + 1}`).toBeLessThan(1e-5);
     };
     const save = path.join(root, 'ck-pp');
+    // saved by the interleaved schedule (2 chunks per rank), resumed on one process
     close(
-      await pp2('pp-half', { training: { exitInterval: 3 }, checkpoint: { save } }),
+      await pp2('pp-half', { training: { exitInterval: 3 }, checkpoint: { save } }, 2),
       one.slice(0, 3),
-      'PP=2 first half',
+      'PP=2 × 2 virtual stages, first half',
     );
     const c = config('pp-resumed-one') as Record<string, Record<string, unknown>>;
     c.checkpoint = { load: save };

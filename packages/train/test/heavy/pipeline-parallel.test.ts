@@ -27,6 +27,16 @@ it.each([
   ['llama-tied', 'PP=2 × TP=2', { pipelineModelParallelSize: 2, tensorModelParallelSize: 2 }],
   [
     'llama-tied',
+    'PP=2 × 2 virtual stages × DP=2 + distributed optimizer',
+    { pipelineModelParallelSize: 2, virtualPipelineModelParallelSize: 2, useDistributedOptimizer: true },
+  ],
+  [
+    'llama-tied',
+    'PP=2 × 2 virtual stages × TP=2',
+    { pipelineModelParallelSize: 2, virtualPipelineModelParallelSize: 2, tensorModelParallelSize: 2 },
+  ],
+  [
+    'llama-tied',
     'PP=4 with a layout string (Et|t|t|tL)',
     { pipelineModelParallelSize: 4, pipelineModelParallelLayout: 'Et|t|t|tL' },
   ],
@@ -58,3 +68,32 @@ it.each([
       expect(Math.abs(r.losses[i] - one[i]) / one[i], `${name} step ${i + 1}`).toBeLessThan(1e-5);
   },
 );
+
+it('a one-process checkpoint resumes under the interleaved schedule (PP=2 × 2 virtual stages)', async () => {
+  const hf = hfOf('llama-tied');
+  const one = (
+    await train(parseRunConfig(layoutRunConfig({ root, hf, data, run: 'vp-one' })), {
+      log: () => {},
+      report: false,
+    })
+  ).losses;
+  const save = path.join(root, 'ck-vp');
+  const half = layoutRunConfig({ root, hf, data, run: 'vp-half' }) as Record<string, Record<string, unknown>>;
+  half.training = { ...half.training, exitInterval: 3 };
+  half.checkpoint = { save };
+  await train(parseRunConfig(half), { log: () => {}, report: false });
+  const resumed = layoutRunConfig({
+    root,
+    hf,
+    data,
+    run: 'vp-resumed',
+    parallel: { pipelineModelParallelSize: 2, virtualPipelineModelParallelSize: 2 },
+  }) as Record<string, Record<string, unknown>>;
+  resumed.checkpoint = { load: save };
+  const [r] = (await launchWorkers({ nproc: 2, script: 'train-worker.ts', config: resumed })) as {
+    losses: number[];
+  }[];
+  expect(r.losses.length).toBe(3);
+  for (let i = 0; i < 3; i++)
+    expect(Math.abs(r.losses[i] - one[3 + i]) / one[3 + i], `step ${i + 4}`).toBeLessThan(1e-5);
+});
