@@ -883,6 +883,22 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
           for (const [layer] of c.moeLayers()) expertLoad[String(layer)] = Array.from(load.get(layer) ?? []);
           if (expertBias) c.updateExpertBias(load, config.model.moeRouterBiasUpdateRate);
         }
+        if (ppSize > 1) {
+          // every stage's layers in the metrics of rank 0 (on the first stage): a sum over the
+          // pipeline of [layers × experts] counts, each stage filling its own layers
+          const E = cfg.moe.numExperts;
+          const L = cfg.numLayers;
+          const flat = new Array<number>(L * E).fill(0);
+          for (const [layer, counts] of Object.entries(expertLoad)) {
+            counts.forEach((n, e) => {
+              flat[Number(layer) * E + e] = n;
+            });
+          }
+          const all = allReduceNumbers(flat, layout.pp);
+          for (const layer of cfg.moe.layerPattern.keys()) {
+            if (cfg.moe.layerPattern[layer] === 'moe') expertLoad[String(layer)] = all.slice(layer * E, (layer + 1) * E);
+          }
+        }
       }
       state.iteration++;
       state.consumedSamples += gbs;

@@ -66,6 +66,18 @@ it.each([
     expect(r.losses.length).toBe(6);
     for (let i = 0; i < 6; i++)
       expect(Math.abs(r.losses[i] - one[i]) / one[i], `${name} step ${i + 1}`).toBeLessThan(1e-5);
+    if (id !== 'llama-tied') {
+      // rank 0's metrics hold the expert load of every stage's MoE layers, as one process counts it
+      const load = (run: string) =>
+        fs
+          .readFileSync(path.join(root, run, 'metrics.jsonl'), 'utf8')
+          .trim()
+          .split('\n')
+          .map((l) => JSON.parse(l))
+          .filter((m) => m.kind === 'train')
+          .map((m) => m.moe.expertLoad);
+      expect(load(`run-${tag}`)).toEqual(load(`one-${tag}`));
+    }
   },
 );
 
