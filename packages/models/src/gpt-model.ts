@@ -71,7 +71,10 @@ export interface GPTModelOptions {
    * ids and local cuSeqlens, and core attention runs as a ring over the group.
    */
   cpGroup?: ProcessGroup;
-  /** Megatron's sequence parallelism (dense GQA models). */
+  /**
+   * Megatron's sequence parallelism (TP > 1): activations between layers are this rank's chunk of
+   * the sequence [s/tp, b, h]; MoE layers route and dispatch that chunk.
+   */
   sequenceParallel?: boolean;
   /** Generator of the initial weights (default: the default generator). */
   generator?: Generator;
@@ -352,7 +355,8 @@ export class GPTModel extends Module {
 
   /**
    * Tokens each expert computed per MoE layer since the last call, on this rank (the tokens of its
-   * data-parallel slice, the same on every TP rank), then reset.
+   * data-parallel slice, the same on every TP rank; under sequence parallelism its chunk of them),
+   * then reset.
    */
   takeExpertLoad(): Map<number, Float64Array> {
     return new Map(this.moeLayers().map(([i, m]) => [i, m.router.takeLoad()]));
@@ -362,7 +366,8 @@ export class GPTModel extends Module {
    * Megatron's global load of the aux-loss-free update: {@link GPTModel.takeExpertLoad} summed
    * over the tensor × data × context-parallel group in one all-reduce for all layers (default: the
    * parallel state's, else a single process), divided by TP since the TP ranks route the same
-   * tokens. Every rank of the group gets the same counts; call it on all of them.
+   * tokens (not under sequence parallelism, where each routes its chunk). Every rank of the group
+   * gets the same counts; call it on all of them.
    */
   takeGlobalExpertLoad(tpDpCpGroup?: ProcessGroup): Map<number, Float64Array> {
     const local = this.takeExpertLoad();
@@ -378,7 +383,7 @@ export class GPTModel extends Module {
     group.allReduce(t, 'sum').waitSync();
     const sum = t.toTypedArray() as Float64Array;
     t.dispose();
-    const tp = this.tpGroup.size;
+    const tp = this.sequenceParallel ? 1 : this.tpGroup.size;
     return new Map(
       layers.map((l, i) => [l, Float64Array.from(sum.subarray(i * E, (i + 1) * E), (v) => v / tp)]),
     );

@@ -3,11 +3,17 @@
 // rotary part of the key shared across heads. Megatron-Core names: linear_q_proj or
 // linear_q_down_proj + linear_q_up_proj (with the q LoRA norm fused), linear_kv_down_proj,
 // linear_kv_up_proj (with the latent norm fused), linear_proj.
+// Under sequence parallelism the input is this TP rank's chunk [s/tp, b, h]: the replicated
+// down-projections run on it (their gradients summed over TP), the q projection gathers the
+// sequence like GQA's linear_qkv, the kv latent and rope key are gathered after the
+// down-projection, as Megatron does, and linear_proj reduce-scatters back to the chunk.
 import {
   ColumnParallelLinear,
   copyToTensorModelParallelRegion,
+  gatherFromSequenceParallelRegion,
   LayerNormColumnParallelLinear,
   RowParallelLinear,
+  setSequenceParallelAttribute,
 } from '@megapatch/parallel';
 import {
   applyRotaryPosEmb,
@@ -59,12 +65,6 @@ export class MLASelfAttention extends Module {
     const c = o.config;
     const m = c.mla;
     if (!m) throw new ModelError('INVALID_CONFIG', 'MLASelfAttention needs config.mla');
-    if (o.sequenceParallel) {
-      throw new ModelError(
-        'UNSUPPORTED',
-        'sequence parallelism with MLA is not supported yet; set sequenceParallel to false',
-      );
-    }
     const tp = o.tpGroup.size;
     if (c.numAttentionHeads % tp !== 0) {
       throw new ModelError(
@@ -93,19 +93,24 @@ export class MLASelfAttention extends Module {
       initMethod: o.initMethod,
       bias: false,
     };
+    // the projections that take the layer's input (and linear_proj) follow sequence parallelism
+    const spCommon = { ...common, sequenceParallel: o.sequenceParallel };
     const h = c.hiddenSize;
     // Megatron builds the down-projections duplicated on every TP rank.
-    const replicated = (inF: number, outF: number) =>
-      new Linear(inF, outF, {
+    const replicated = (inF: number, outF: number) => {
+      const lin = new Linear(inF, outF, {
         bias: false,
         dtype: o.dtype,
         generator: o.generator,
         initMethod: o.performInitialization ? (o.initMethod ?? initMethodNormal(0.02)) : zeros_,
       });
+      if (o.sequenceParallel) for (const p of lin.parameters()) setSequenceParallelAttribute(p);
+      return lin;
+    };
     if (m.qLoraRank === null) {
       this.linearQProj = this.registerModule(
         'linear_q_proj',
-        new ColumnParallelLinear(h, c.numAttentionHeads * qHead, common),
+        new ColumnParallelLinear(h, c.numAttentionHeads * qHead, spCommon),
       );
       this.linearQDownProj = null;
       this.linearQUpProj = null;
@@ -115,7 +120,7 @@ export class MLASelfAttention extends Module {
       this.linearQUpProj = this.registerModule(
         'linear_q_up_proj',
         new LayerNormColumnParallelLinear(m.qLoraRank, c.numAttentionHeads * qHead, {
-          ...common,
+          ...spCommon,
           normalization: c.normalization,
           eps: c.layernormEpsilon,
           zeroCenteredGamma: o.family.zeroCenteredGamma,
@@ -138,16 +143,16 @@ export class MLASelfAttention extends Module {
     this.linearProj = this.registerModule(
       'linear_proj',
       new RowParallelLinear(c.numAttentionHeads * m.vHeadDim, h, {
-        ...common,
+        ...spCommon,
         initMethod: o.outputInitMethod,
         inputIsParallel: true,
       }),
     );
   }
 
-  /** Queries [b, heads, s, nope + rope] (rope part rotated) from x [s, b, h]. */
-  private queries(x: Tensor, ctx: AttentionContext): Tensor {
-    const [s, b] = x.shape;
+  /** Queries [b, heads, s, nope + rope] (rope part rotated) from x [s, b, h] ([s/tp, b, h] under SP). */
+  private queries(x: Tensor, s: number, ctx: AttentionContext): Tensor {
+    const b = x.shape[1];
     const up = (xx: Tensor) =>
       this.linearQProj
         ? this.linearQProj.forward(xx).output
@@ -166,17 +171,21 @@ export class MLASelfAttention extends Module {
     return cat([qNope, qPe], 3);
   }
 
-  /** x [s, b, h] -> [s, b, h]. */
+  /** x [s, b, h] -> [s, b, h] (both [s/tp, b, h] under sequence parallelism). */
   forward(x: Tensor, ctx: AttentionContext): Tensor {
-    const [s, b] = x.shape;
-    const q = this.queries(x, ctx);
-    const kv = this.linearKvDownProj.forward(x); // [s, b, kvRank + rope]
+    const tp = this.linearProj.tpGroup;
+    const sp = this.linearProj.sequenceParallel;
+    const s = x.shape[0] * (sp ? tp.size : 1);
+    const b = x.shape[1];
+    const q = this.queries(x, s, ctx);
+    let kv = this.linearKvDownProj.forward(x); // [s, b, kvRank + rope]
+    // Every use of the gathered latent and rope key holds the whole gradient on each rank (the
+    // up-projection's and the copy region's all-reduce), so the gather's backward keeps this
+    // rank's rows.
+    if (sp) kv = gatherFromSequenceParallelRegion(kv, false, tp);
     let latent = kv.narrow(2, 0, this.kvRank).permute(1, 0, 2).contiguous(); // [b, s, kvRank]
     // The shared rope key feeds every local head: its gradient is summed over the TP ranks.
-    const kPeRaw = copyToTensorModelParallelRegion(
-      kv.narrow(2, this.kvRank, this.rope),
-      this.linearProj.tpGroup,
-    );
+    const kPeRaw = copyToTensorModelParallelRegion(kv.narrow(2, this.kvRank, this.rope), tp);
     let kPe = applyRotaryPosEmb(
       deinterleave(kPeRaw.permute(1, 0, 2).unsqueeze(1).contiguous()),
       ctx.cos,

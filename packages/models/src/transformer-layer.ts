@@ -1,5 +1,6 @@
 // One decoder layer with Megatron-Core's names (TE layer spec): attention with its input norm, then
 // a dense MLP (pre-MLP norm fused into fc1) or a MoE layer (separate `pre_mlp_layernorm`).
+import { setSequenceParallelAttribute } from '@megapatch/parallel';
 import { checkpoint, Module, type Tensor } from '@megapatch/tensor';
 import { type LayerBuildOptions, SelfAttention } from './attention.js';
 import { attachAuxLoss } from './aux-loss.js';
@@ -63,9 +64,15 @@ export class TransformerLayer extends Module {
       this.preMlpLayernorm = null;
       this.mlp = this.registerModule('mlp', new MLP(o, c.ffnHiddenSize, { fusedNorm: true }));
     }
+    // The unfused norms see this rank's chunk under sequence parallelism: gradients summed over TP.
+    if (o.sequenceParallel) {
+      for (const norm of [this.inputLayernorm, this.preMlpLayernorm]) {
+        for (const p of norm?.parameters() ?? []) setSequenceParallelAttribute(p);
+      }
+    }
   }
 
-  /** x [s, b, h] -> [s, b, h]. */
+  /** x [s, b, h] -> [s, b, h] ([s/tp, b, h] under sequence parallelism). */
   forward(x: Tensor, ctx: AttentionContext): Tensor {
     if (this.opts.recomputeFull) return checkpointWithContext((xx, c) => this.body(xx, c), x, ctx);
     return this.body(x, ctx);

@@ -27,6 +27,13 @@ const TP_CASES: DispatchCase[] = [
   { id: 'qwen3-moe', what: 'capacity 0.5, drop by probs', capacityFactor: 0.5 },
 ];
 
+// Dropless only: with a capacity factor each rank drops within its chunk, as in Megatron.
+const SP_CASES: DispatchCase[] = [
+  { id: 'mixtral', what: '4 experts, top-2, aux and z losses', auxLoss: true },
+  { id: 'qwen3-moe', what: 'normalised top-2, MoE recompute', recompute: true },
+  { id: 'deepseek-v3', what: 'grouped sigmoid experts, shared expert, MTP, aux and z losses', auxLoss: true },
+];
+
 describe('EP = 2 on two processes (TP = 1: the EP ranks are data-parallel ranks)', () => {
   let results: DispatchResult[][];
   beforeAll(async () => {
@@ -44,5 +51,26 @@ describe.each([1, 2])('TP = 2, expert-TP = %i on two processes', (etp) => {
   });
   it.each(TP_CASES)('$id ($what): alltoall = allgather = one process', (c) => {
     expectCase(results, TP_CASES, c, 2, { tp: 2, ep: 1, etp, dp: 1, expertDp: etp === 1 ? 2 : 1 });
+  });
+});
+
+describe.each([1, 2])('TP = 2 with sequence parallelism, expert-TP = %i on two processes', (etp) => {
+  let results: DispatchResult[][];
+  beforeAll(async () => {
+    results = await runCases(
+      2,
+      { tp: 2, ep: 1, etp, sequenceParallel: true, rowsPerRank: 1, seq: 8 },
+      SP_CASES,
+    );
+  });
+  it.each(SP_CASES)('$id ($what): alltoall = allgather = one process', (c) => {
+    expectCase(results, SP_CASES, c, 2, {
+      tp: 2,
+      ep: 1,
+      etp,
+      dp: 1,
+      expertDp: etp === 1 ? 2 : 1,
+      sequenceParallel: true,
+    });
   });
 });

@@ -2,7 +2,7 @@
 // layout runs on two real processes (test/workers/parallel-worker.ts under the launcher), each
 // loading only its slices of the fixture's HF folder, and is compared with the PyTorch fixture and
 // with the same model on one process. Bad layouts are refused in-process with one clear error.
-import type { ProcessGroup } from '@megapatch/parallel';
+import { getTensorModelParallelAttributes, type ProcessGroup } from '@megapatch/parallel';
 import { fromTypedArray } from '@megapatch/tensor';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { ModelError } from '../src/errors.js';
@@ -86,6 +86,11 @@ const TP_RUNS: (Run & { what: string })[] = [
   { id: 'deepseek-v3', what: 'MLA with q LoRA, MoE, MTP' },
   { id: 'mixtral', what: 'MoE, experts split by expert-TP' },
   { id: 'qwen2-moe', what: 'MoE with a gated shared expert' },
+  { id: 'mixtral', what: 'MoE, sequence parallel', sp: true },
+  { id: 'qwen3-moe', what: 'MoE with QK norm, sequence parallel', sp: true },
+  { id: 'qwen2-moe', what: 'gated shared expert, sequence parallel', sp: true },
+  { id: 'deepseek-v3', what: 'MLA with q LoRA, MoE, MTP, sequence parallel', sp: true },
+  { id: 'deepseek-v2', what: 'MLA without q LoRA, MoE, sequence parallel', sp: true },
 ];
 const EP_RUNS: (Run & { what: string })[] = [
   { id: 'mixtral', what: '4 experts, top-2' },
@@ -208,7 +213,9 @@ describe('bad layouts give one clear error', () => {
   it('tp that does not divide the attention heads', () => {
     const e = buildError('llama', { tpGroup: fakeGroup(3, 'tp') });
     expect(e.code).toBe('INVALID_CONFIG');
-    expect(e.message).toMatch(/tp=3 .*8 attention heads; use a tensorModelParallelSize that divides 8 \(1, 2, 4, 8\)/);
+    expect(e.message).toMatch(
+      /tp=3 .*8 attention heads; use a tensorModelParallelSize that divides 8 \(1, 2, 4, 8\)/,
+    );
   });
 
   it('tp that does not divide the query groups (GQA with 2 KV heads)', () => {
@@ -241,11 +248,30 @@ describe('bad layouts give one clear error', () => {
     expect(e.message).toMatch(/etp=64 .*moeFfnHiddenSize 96/);
   });
 
-  it('sequence parallelism with MoE or MLA', () => {
-    for (const id of ['mixtral', 'deepseek-v2']) {
-      const e = buildError(id, { tpGroup: fakeGroup(2, 'tp'), sequenceParallel: true });
-      expect(e.code, id).toBe('UNSUPPORTED');
-      expect(e.message, id).toMatch(/sequence parallelism/);
+  it('sequence parallelism with MoE and MLA builds, marking the parameters that see a chunk', () => {
+    for (const id of ['mixtral', 'deepseek-v2', 'deepseek-v3']) {
+      const model = new GPTModel(configOf(id), {
+        tpGroup: fakeGroup(2, 'tp'),
+        sequenceParallel: true,
+        performInitialization: false,
+      });
+      expect(model.sequenceParallel, id).toBe(true);
+      const marked = [...model.namedParameters()]
+        .filter(([, p]) => getTensorModelParallelAttributes(p).sequenceParallel)
+        .map(([n]) => n);
+      const [i] = model.moeLayers()[0];
+      expect(marked, id).toContain(`decoder.layers.${i}.mlp.router.weight`);
+      expect(marked, id).toContain(`decoder.layers.${i}.pre_mlp_layernorm.weight`);
+      if (id !== 'mixtral') {
+        expect(marked, id).toContain('decoder.layers.0.input_layernorm.weight');
+        expect(marked, id).toContain('decoder.layers.0.self_attention.linear_kv_down_proj.weight');
+      }
+      // split parameters hold whole gradients: never summed over TP
+      expect(
+        marked.some((n) => n.includes('local_experts') || n.endsWith('linear_proj.weight')),
+        id,
+      ).toBe(false);
+      model.dispose();
     }
   });
 

@@ -6,6 +6,8 @@
 // replicated over the expert-TP group (its ranks compute their slice of every expert on the same
 // tokens, then all-reduce); with expert-TP ≠ TP each TP rank first keeps its share of the tokens,
 // as sequence parallelism would give it, so that every token is computed once per expert slice.
+// Under sequence parallelism each TP rank already holds its own chunk: it is dispatched as it is,
+// gathered over expert-TP too (Megatron's tp_ep group), and the combine returns it to this rank.
 import { copyToTensorModelParallelRegion, reduceFromTensorModelParallelRegion } from '@megapatch/parallel';
 import { fromTypedArray, indexAdd, type Tensor, zeros } from '@megapatch/tensor';
 import {
@@ -45,8 +47,9 @@ export class MoEAllGatherTokenDispatcher implements TokenDispatcher {
   private readonly splitTp: boolean;
 
   constructor(private readonly o: TokenDispatcherOptions) {
-    this.etpReplicated = sameRanks(o.etpGroup, o.tpGroup);
-    this.splitTp = o.tpGroup.size > 1 && !this.etpReplicated;
+    const etpIsTp = sameRanks(o.etpGroup, o.tpGroup);
+    this.etpReplicated = etpIsTp && !o.sequenceParallel;
+    this.splitTp = o.tpGroup.size > 1 && !etpIsTp && !o.sequenceParallel;
   }
 
   dispatch(hidden: Tensor, routing: Routing): DispatchedTokens {

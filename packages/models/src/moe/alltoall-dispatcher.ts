@@ -1,13 +1,14 @@
 // Megatron's MoEAlltoAllTokenDispatcher. Each TP rank takes its share of the tokens (Megatron's
-// MoE runs on the sequence-parallel split; here the TP ranks hold the same tokens, so the split is
-// made at the layer's entry), permutes them by expert, exchanges the token counts over the
+// MoE runs on the sequence-parallel split: under sequence parallelism that is the rank's own
+// chunk; without it the TP ranks hold the same tokens, so the split is made at the layer's entry
+// and undone at its exit), permutes them by expert, exchanges the token counts over the
 // expert-parallel group and all-to-alls every token to the EP rank that owns its expert. With
 // expert-TP > 1 the received tokens are all-gathered over the expert-TP group, whose ranks hold
 // the slices of the same experts; the rows are then sorted by local expert. The way back reverses
 // each step (unsort, reduce-scatter over expert-TP, the reverse all-to-all) and sums each token's
-// expert outputs with its routing weights on the rank that routed it, before the TP ranks gather
-// their shares again. Every step is differentiable; the backward of an all-to-all is the reverse
-// all-to-all.
+// expert outputs with its routing weights on the rank that routed it; without sequence
+// parallelism the TP ranks then gather their shares again. Every step is differentiable; the
+// backward of an all-to-all is the reverse all-to-all.
 import { fromTypedArray, indexAdd, type Tensor, zeros } from '@megapatch/tensor';
 import {
   allGatherInts,
@@ -43,11 +44,11 @@ export class MoEAlltoAllTokenDispatcher implements TokenDispatcher {
     const ep = epGroup.size;
     const etp = etpGroup.size;
 
-    // This TP rank's share of the tokens.
+    // This TP rank's share of the tokens (under sequence parallelism, the tokens it holds).
     let x = hidden;
     let probs = routing.probs;
     let pairs: Pairs = routing.routingMap;
-    const tpCounts = tp > 1 ? splitCounts(T, tp) : null;
+    const tpCounts = tp > 1 && !this.o.sequenceParallel ? splitCounts(T, tp) : null;
     if (tpCounts) {
       const start = total(tpCounts.slice(0, tpGroup.rank));
       const k = T > 0 ? probs.numel / T : 0;

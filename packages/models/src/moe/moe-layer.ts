@@ -2,8 +2,10 @@
 // The dispatcher (token-dispatcher.ts: 'allgather' or 'alltoall', Megatron's
 // moe_token_dispatcher_type) hands this rank's experts their tokens grouped by expert; each local
 // expert runs one matmul pair over all of its tokens (no per-token loops), and the dispatcher
-// brings the outputs back to the tokens' ranks.
-import type { ProcessGroup } from '@megapatch/parallel';
+// brings the outputs back to the tokens' ranks. Under sequence parallelism the layer sees this TP
+// rank's chunk of the sequence [s/tp, b, h]: the router and the dispatcher work on it as it is,
+// and the shared experts gather it and reduce-scatter their output like the dense MLP.
+import { type ProcessGroup, setSequenceParallelAttribute } from '@megapatch/parallel';
 import {
   cat,
   empty,
@@ -97,6 +99,8 @@ export class SharedExperts extends MLP {
       if (o.performInitialization) initMethodNormal(0.02)(w, o.generator);
       else zeros_(w);
       this.gateWeight = this.registerParameter('gate_weight', w);
+      // the gate sees this rank's chunk only under SP: its gradient is summed over TP
+      if (o.sequenceParallel) setSequenceParallelAttribute(this.gateWeight);
     } else this.gateWeight = null;
   }
 
@@ -125,12 +129,6 @@ export class MoELayer extends Module {
     super();
     const moe = o.config.moe;
     if (!moe) throw new ModelError('INVALID_CONFIG', 'MoELayer needs config.moe');
-    if (o.sequenceParallel) {
-      throw new ModelError(
-        'UNSUPPORTED',
-        'sequence parallelism with MoE layers is not supported yet; set sequenceParallel to false',
-      );
-    }
     const capacity = options.capacity ?? null;
     if (capacity && !(capacity.capacityFactor > 0)) {
       throw new ModelError(
@@ -143,7 +141,12 @@ export class MoELayer extends Module {
       new TopKRouter(
         moe,
         o.config.hiddenSize,
-        { dtype: o.dtype, generator: o.generator, performInitialization: o.performInitialization },
+        {
+          dtype: o.dtype,
+          generator: o.generator,
+          performInitialization: o.performInitialization,
+          sequenceParallelGroup: o.sequenceParallel ? o.tpGroup : null,
+        },
         losses,
         capacity,
       ),
@@ -151,6 +154,7 @@ export class MoELayer extends Module {
     this.experts = this.registerModule('experts', new Experts(o, ep));
     const dispatcherOptions = {
       tpGroup: o.tpGroup,
+      sequenceParallel: o.sequenceParallel,
       epGroup: ep.epGroup,
       etpGroup: ep.etpGroup,
       numExperts: moe.numExperts,
@@ -175,7 +179,7 @@ export class MoELayer extends Module {
         : null;
   }
 
-  /** x [s, b, h] (already normalised) -> [s, b, h]. */
+  /** x [s, b, h] (already normalised; [s/tp, b, h] under sequence parallelism) -> the same shape. */
   forward(x: Tensor): Tensor {
     const [s, b, h] = x.shape;
     const flat = x.reshape(s * b, h);

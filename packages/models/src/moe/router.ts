@@ -2,8 +2,15 @@
 // limited to the best expert groups), an expert bias that steers selection only (DeepSeek-V3's
 // aux-loss-free balancing, with its update rule), normalised top-k weights and the routed scaling
 // factor; Megatron's load-balancing aux loss and z-loss; optional token dropping at a capacity
-// (routing-map.ts).
+// (routing-map.ts). Under sequence parallelism each TP rank routes its own chunk of the sequence,
+// and the losses take Megatron's tp-cp statistics: the expert counts summed over TP, each rank's
+// loss a part of the whole one (summed over TP in forward, each part getting the whole gradient).
 import type { MoeConfig } from '@megapatch/convert';
+import {
+  type ProcessGroup,
+  reduceFromTensorModelParallelRegion,
+  setSequenceParallelAttribute,
+} from '@megapatch/parallel';
 import {
   type DType,
   empty,
@@ -21,6 +28,7 @@ import {
   zeros,
   zeros_,
 } from '@megapatch/tensor';
+import { allGatherInts } from './collectives.js';
 import { buildRoutingMap, type CapacityOptions, type RoutingMap } from './routing-map.js';
 
 /** What the router decided for T tokens. */
@@ -29,13 +37,13 @@ export interface Routing {
   probs: Tensor;
   /** Chosen global expert ids [T, k], row-major on the host. */
   indices: Int32Array;
-  /** Tokens routed to each expert in this forward, before any dropping (the aux loss's counts). */
+  /** Tokens of this call routed to each expert, before any dropping (under SP: this rank's chunk). */
   tokensPerExpert: Float64Array;
   /** The (token, expert) pairs the experts compute: top-k choices after the capacity, plus padding. */
   routingMap: RoutingMap;
-  /** Load-balancing loss (already scaled by its coefficient), or null. */
+  /** Load-balancing loss (already scaled by its coefficient; under SP the whole sequence's), or null. */
   auxLoss: Tensor | null;
-  /** Router z-loss (already scaled), or null. */
+  /** Router z-loss (already scaled; under SP the whole sequence's), or null. */
   zLoss: Tensor | null;
 }
 
@@ -55,11 +63,26 @@ export class TopKRouter extends Module {
    */
   private load: Float64Array;
 
-  /** `capacity`: token dropping (Megatron's moe_expert_capacity_factor ...), null for dropless. */
+  /**
+   * Under sequence parallelism, the TP group whose ranks route the other chunks of the same
+   * sequences (null otherwise).
+   */
+  private readonly spGroup: ProcessGroup | null;
+
+  /**
+   * `capacity`: token dropping (Megatron's moe_expert_capacity_factor ...), null for dropless;
+   * under sequence parallelism it applies to each rank's chunk, as in Megatron.
+   */
   constructor(
     readonly moe: MoeConfig,
     hiddenSize: number,
-    opts: { dtype: DType; generator?: Generator; performInitialization: boolean },
+    opts: {
+      dtype: DType;
+      generator?: Generator;
+      performInitialization: boolean;
+      /** Sequence parallelism: the TP group (each rank routes its chunk of the sequence). */
+      sequenceParallelGroup?: ProcessGroup | null;
+    },
     private readonly losses: RouterLossOptions,
     readonly capacity: CapacityOptions | null = null,
   ) {
@@ -68,6 +91,10 @@ export class TopKRouter extends Module {
     if (opts.performInitialization) initMethodNormal(0.02)(w, opts.generator);
     else zeros_(w);
     this.weight = this.registerParameter('weight', w);
+    const sp = opts.sequenceParallelGroup ?? null;
+    this.spGroup = sp && sp.size > 1 ? sp : null;
+    // Each TP rank's gradient covers its chunk only: summed over TP with the SP norms'.
+    if (this.spGroup) setSequenceParallelAttribute(this.weight);
     // Megatron keeps the expert bias in fp32 whatever the model dtype.
     this.expertBias = moe.expertBias
       ? this.registerBuffer('expert_bias', zeros([moe.numExperts], { dtype: 'float32' }))
@@ -139,25 +166,44 @@ export class TopKRouter extends Module {
         for (let i = 0; i < routingMap.counts[e]; i++, p++) if (routingMap.slot[p] >= 0) this.load[e]++;
       }
     }
+    const sp = this.spGroup;
     let auxLoss: Tensor | null = null;
     if (this.losses.auxLossCoeff > 0 && this.training) {
       // Switch-Transformer balancing (Megatron's switch_load_balancing_loss_func) on the scores of
-      // all experts: softmax, or sigmoid scores normalised per token.
+      // all experts: softmax, or sigmoid scores normalised per token. Under SP the counts and the
+      // token total are the whole sequence's (summed over TP), the scores this rank's: the parts
+      // add up over TP to the loss of one process.
       const all = m.scoreFunction === 'softmax' ? scores : scores.div(scores.sum(-1, true).add(1e-20));
       const perExpert = all.sum(0); // [E]
-      const f = fromTypedArray(Float32Array.from(tokensPerExpert), [E]);
+      const counts = sp ? sumOverRanks(tokensPerExpert, sp) : tokensPerExpert;
+      const totalTokens = sp ? T * sp.size : T;
+      const f = fromTypedArray(Float32Array.from(counts), [E]);
       auxLoss = perExpert
         .mul(f)
         .sum()
-        .mul((E * this.losses.auxLossCoeff) / (k * T * T));
+        .mul((E * this.losses.auxLossCoeff) / (k * totalTokens * totalTokens));
+      if (sp) auxLoss = reduceFromTensorModelParallelRegion(auxLoss, sp);
     }
     let zLoss: Tensor | null = null;
     if (this.losses.zLossCoeff > 0 && this.training) {
+      // Megatron divides the coefficient by the tp-cp size under SP: the mean over equal chunks.
       const lse = logsumexp(logits, -1);
-      zLoss = lse.mul(lse).mean().mul(this.losses.zLossCoeff);
+      zLoss = lse
+        .mul(lse)
+        .mean()
+        .mul(this.losses.zLossCoeff / (sp ? sp.size : 1));
+      if (sp) zLoss = reduceFromTensorModelParallelRegion(zLoss, sp);
     }
     return { probs, indices, tokensPerExpert, routingMap, auxLoss, zLoss };
   }
+}
+
+/** counts [E] summed over the ranks of `group` (exact: token counts fit in int32). */
+function sumOverRanks(counts: Float64Array, group: ProcessGroup): Float64Array {
+  const out = new Float64Array(counts.length);
+  for (const c of allGatherInts(Int32Array.from(counts), group))
+    for (let e = 0; e < c.length; e++) out[e] += c[e];
+  return out;
 }
 
 /**

@@ -12,8 +12,14 @@ export type MoETokenDispatcherType = 'allgather' | 'alltoall';
 
 /** The experts of this rank and the groups tokens move over. */
 export interface TokenDispatcherOptions {
-  /** Tensor-parallel group of the layer (tokens are replicated over it: no sequence parallelism). */
+  /** Tensor-parallel group of the layer. */
   tpGroup: ProcessGroup;
+  /**
+   * Sequence parallelism: each TP rank holds its own chunk of the sequence, dispatched as it is and
+   * combined back on this rank. Without it the TP ranks hold the same tokens and each dispatches
+   * its share, gathered again over TP after the combine.
+   */
+  sequenceParallel: boolean;
   /** Expert-parallel group: experts are split into contiguous blocks over it. */
   epGroup: ProcessGroup;
   /** Expert tensor-parallel group: each expert's FFN is split over it. */

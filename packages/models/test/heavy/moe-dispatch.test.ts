@@ -1,6 +1,7 @@
 // Heavy (pnpm test:heavy): the allgather and alltoall token dispatchers on four real processes —
 // EP = 4, and TP = 2 × EP = 2 with expert-TP 1 or 2 — give the logits, loss, gradients and global
-// expert load of one process, dropless and with a capacity factor, and agree with each other.
+// expert load of one process, dropless and with a capacity factor, and agree with each other; TP = 2
+// × EP = 2 with sequence parallelism (dropless) gives the aux and z losses of one process too.
 import { beforeAll, describe, it } from 'vitest';
 import { type DispatchCase, expectCase, runCases } from '../helpers/moe-dispatch.js';
 import type { DispatchResult } from '../workers/moe-dispatch-worker.js';
@@ -34,3 +35,34 @@ describe.each(LAYOUTS)('$name on four processes', ({ name: _, ...layout }) => {
     expectCase(results, CASES, c, 4, layout);
   });
 });
+
+const SP_CASES: DispatchCase[] = [
+  { id: 'mixtral', what: '4 experts, top-2, aux and z losses', auxLoss: true },
+  { id: 'qwen3-moe', what: 'normalised top-2' },
+  { id: 'deepseek-v3', what: 'grouped sigmoid experts, shared expert, MTP, aux and z losses', auxLoss: true },
+  { id: 'deepseek-v3', what: 'MoE recompute', recompute: true },
+];
+
+describe.each([1, 2])(
+  'TP = 2 × EP = 2 with sequence parallelism, expert-TP = %i on four processes',
+  (etp) => {
+    let results: DispatchResult[][];
+    beforeAll(async () => {
+      results = await runCases(
+        4,
+        { tp: 2, ep: 2, etp, sequenceParallel: true, rowsPerRank: 1, seq: 8 },
+        SP_CASES,
+      );
+    });
+    it.each(SP_CASES)('$id ($what): alltoall = allgather = one process', (c) => {
+      expectCase(results, SP_CASES, c, 4, {
+        tp: 2,
+        ep: 2,
+        etp,
+        dp: 2,
+        expertDp: etp === 1 ? 2 : 1,
+        sequenceParallel: true,
+      });
+    });
+  },
+);

@@ -1,6 +1,6 @@
 // Heavy (pnpm test:heavy): TP = 2 × EP = 2 on four real processes — experts split over expert-TP = TP
 // and placed by EP at once — gives the logits, losses and gradients of one process and of the
-// PyTorch fixture, for the MoE families.
+// PyTorch fixture, for the MoE families, with and without sequence parallelism.
 import { describe, expect, it } from 'vitest';
 import { fixtureCheckpoint } from '../helpers/fixtures.js';
 import { launchWorkers } from '../helpers/launch.js';
@@ -8,12 +8,12 @@ import type { RunResult } from '../workers/parallel-worker.js';
 
 const IDS = ['mixtral', 'qwen3-moe', 'deepseek-v3'];
 
-describe('TP=2 × EP=2 on four processes', () => {
+describe.each([false, true])('TP=2 × EP=2 on four processes, sequence parallel %s', (sp) => {
   it('matches the fixture and one process for mixtral, qwen3-moe and deepseek-v3', async () => {
     const results = (await launchWorkers({
       nproc: 4,
       script: 'parallel-worker.ts',
-      config: { tp: 2, ep: 2, runs: IDS.map((id) => ({ id, dir: fixtureCheckpoint(id) })) },
+      config: { tp: 2, ep: 2, runs: IDS.map((id) => ({ id, dir: fixtureCheckpoint(id), sp })) },
     })) as RunResult[];
     for (const id of IDS) {
       const ranks = results.filter((r) => r.id === id).sort((a, b) => a.rank - b.rank);
@@ -28,7 +28,7 @@ describe('TP=2 × EP=2 on four processes', () => {
         1e-4,
       );
       for (const r of ranks) {
-        expect(r.layout).toMatchObject({ tp: 2, ep: 2, etp: 2 });
+        expect(r.layout).toMatchObject({ tp: 2, ep: 2, etp: 2, sequenceParallel: sp });
         const x = r.shards.experts;
         if (!x) throw new Error('a MoE model reports its experts');
         expect(x.local * 2).toBe(x.total);

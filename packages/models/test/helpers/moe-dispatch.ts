@@ -19,6 +19,8 @@ export interface DispatchCase {
   recompute?: boolean;
   /** Sequence length (default: the layout's). */
   seq?: number;
+  /** Train with the load-balancing aux loss and the z-loss, and compare them with one process. */
+  auxLoss?: boolean;
 }
 
 /** Case i runs as runs 2i (allgather) and 2i + 1 (alltoall); the results per run, ranks in order. */
@@ -74,6 +76,14 @@ export function expectCase(
     else expect(e.dropped, 'the capacity drops tokens').toBeGreaterThan(0);
     if (c.pad) expect(e.padded, 'padding pairs').toBeGreaterThan(0);
     else expect(e.padded).toBe(0);
+    if (c.auxLoss) {
+      const l = e.routerLosses;
+      if (!l) throw new Error(`${dispatcher}: no router losses reported`);
+      expect(l.auxValue, 'an aux loss was computed').toBeGreaterThan(0);
+      expect(l.zValue, 'a z-loss was computed').toBeGreaterThan(0);
+      expect(l.aux, `${dispatcher}: aux loss vs one process`).toBeLessThanOrEqual(TOL);
+      expect(l.z, `${dispatcher}: z-loss vs one process`).toBeLessThanOrEqual(TOL);
+    } else expect(e.routerLosses).toBeNull();
     if (dispatcher === 'alltoall') {
       const v = e.vsFirst;
       if (!v) throw new Error('alltoall was not compared with allgather');

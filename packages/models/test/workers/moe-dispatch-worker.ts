@@ -6,10 +6,13 @@
 // model is fed the data-parallel ranks' rows one call after another (gradients accumulated with
 // weight 1/DP, as DDP averages them). Runs of the same model and capacity are also compared with
 // each other: the first run of a group (the allgather dispatcher) is the reference of the next.
+// With sequence parallelism each TP rank routes and dispatches its chunk of the sequence; the
+// load-balancing and z losses (runs with auxLoss) are then still the whole sequence's.
 // argv[2]: DispatchWorkerConfig as JSON. Prints one `RESULT <json>` line per run on every rank
 // (the measures on global rank 0 only).
 import { getArchitectureSpec, planConversion, type TransformerConfig } from '@megapatch/convert';
 import {
+  allreduceSequenceParallelGrads,
   destroyModelParallel,
   destroyProcessGroup,
   gatherShards,
@@ -37,12 +40,16 @@ export interface DispatchRun {
   recompute?: boolean;
   /** Sequence length of this run (default: the config's). */
   seq?: number;
+  /** Train with the load-balancing aux loss (coefficient 1e-2) and the z-loss (1e-3). */
+  auxLoss?: boolean;
 }
 
 export interface DispatchWorkerConfig {
   tp: number;
   ep: number;
   etp?: number;
+  /** Megatron's sequence parallelism (the sequence length must be a multiple of TP). */
+  sequenceParallel?: boolean;
   /** Rows of the batch per data-parallel rank and their length. */
   rowsPerRank: number;
   seq: number;
@@ -57,7 +64,7 @@ export interface DispatchResult {
   /** Model, capacity and recompute settings: runs with the same key compute the same thing. */
   key: string;
   rank: number;
-  layout: { tp: number; ep: number; etp: number; dp: number; expertDp: number };
+  layout: { tp: number; ep: number; etp: number; dp: number; expertDp: number; sequenceParallel: boolean };
   /** Rank 0 only. */
   errors?: {
     logits: number;
@@ -71,6 +78,11 @@ export interface DispatchResult {
     /** Top-k choices dropped at the capacity and padding pairs, on this rank's last forward. */
     dropped: number;
     padded: number;
+    /**
+     * Relative errors of the aux and z losses (summed over the MoE layers, averaged over DP)
+     * against one process, and their values there (runs with auxLoss; else null).
+     */
+    routerLosses: { aux: number; z: number; auxValue: number; zValue: number } | null;
     /** Against the first run with the same key (null for that run). */
     vsFirst: { logits: number; grads: number } | null;
   };
@@ -95,7 +107,7 @@ for (const [index, run] of cfg.runs.entries()) {
       dispatcher: run.dispatcher,
       key,
       rank: world.rank,
-      layout: { tp: 0, ep: 0, etp: 0, dp: 0, expertDp: 0 },
+      layout: { tp: 0, ep: 0, etp: 0, dp: 0, expertDp: 0, sequenceParallel: false },
       error: String((e as Error).stack ?? e),
     };
   }
@@ -107,7 +119,7 @@ await destroyProcessGroup();
 function keyOf(r: DispatchRun): string {
   const cap =
     r.capacityFactor === undefined ? 'dropless' : `cf${r.capacityFactor}-${r.dropPolicy ?? 'probs'}`;
-  return `${r.id} ${cap}${r.pad ? '-pad' : ''}${r.recompute ? ' recompute' : ''} seq${r.seq ?? cfg.seq}`;
+  return `${r.id} ${cap}${r.pad ? '-pad' : ''}${r.recompute ? ' recompute' : ''}${r.auxLoss ? ' aux' : ''} seq${r.seq ?? cfg.seq}`;
 }
 
 function optionsOf(r: DispatchRun): GPTModelOptions {
@@ -117,7 +129,22 @@ function optionsOf(r: DispatchRun): GPTModelOptions {
     moeTokenDropPolicy: r.dropPolicy ?? 'probs',
     moePadExpertInputToCapacity: r.pad ?? false,
     recompute: r.recompute ? { granularity: 'selective', modules: ['moe'] } : null,
+    moeAuxLossCoeff: r.auxLoss ? 1e-2 : 0,
+    moeZLossCoeff: r.auxLoss ? 1e-3 : 0,
+    // one process (TP = 1) runs without it whatever is asked
+    sequenceParallel: cfg.sequenceParallel ?? false,
   };
+}
+
+/** The aux and z losses of the last forward, summed over the model's MoE layers. */
+function routerLosses(model: GPTModel): { aux: number; z: number } {
+  let aux = 0;
+  let z = 0;
+  for (const [, m] of model.moeLayers()) {
+    aux += m.lastRouting?.auxLoss?.item() ?? 0;
+    z += m.lastRouting?.zLoss?.item() ?? 0;
+  }
+  return { aux, z };
 }
 
 /** A deterministic batch [dp · rowsPerRank, seq] of ids and labels. */
@@ -158,6 +185,8 @@ function runOne(run: DispatchRun, index: number, key: string): DispatchResult {
   });
   const loss = objective(model, myIds, myLabels);
   const globalLoss = meanOverDp(loss.item(), dp);
+  const rl = routerLosses(model);
+  const aux = { aux: meanOverDp(rl.aux, dp), z: meanOverDp(rl.z, dp) };
   loss.backward();
   const { full, spread } = gatheredGrads(model, architecture, dp, expertDp);
   const load = model.takeGlobalExpertLoad();
@@ -182,6 +211,7 @@ function runOne(run: DispatchRun, index: number, key: string): DispatchResult {
       etp: model.etpGroup.size,
       dp: dp.size,
       expertDp: expertDp.size,
+      sequenceParallel: model.sequenceParallel,
     },
   };
   if (world.rank === 0) {
@@ -194,6 +224,7 @@ function runOne(run: DispatchRun, index: number, key: string): DispatchResult {
       if (!got || got.some((v, e) => v !== counts[e])) loadEqual = false;
     }
     const first = firstOfKey.get(key);
+    const rel = (got: number, want: number) => Math.abs(got - want) / Math.abs(want);
     result.errors = {
       logits: relMaxError(logits, ref.logits),
       loss: Math.abs(globalLoss - ref.loss) / Math.abs(ref.loss),
@@ -203,6 +234,14 @@ function runOne(run: DispatchRun, index: number, key: string): DispatchResult {
       loadTotal,
       dropped,
       padded,
+      routerLosses: run.auxLoss
+        ? {
+            aux: rel(aux.aux, ref.aux.aux),
+            z: rel(aux.z, ref.aux.z),
+            auxValue: ref.aux.aux,
+            zValue: ref.aux.z,
+          }
+        : null,
       vsFirst: first
         ? { logits: relMaxError(logits, first.logits), grads: compare(full, first.grads).max }
         : null,
@@ -221,7 +260,13 @@ function oneProcess(
   dpSize: number,
   architecture: string,
   config: TransformerConfig,
-): { logits: Float64Array; loss: number; grads: Full; load: Map<number, Float64Array> } {
+): {
+  logits: Float64Array;
+  loss: number;
+  grads: Full;
+  load: Map<number, Float64Array>;
+  aux: { aux: number; z: number };
+} {
   const single = new SingleProcessGroup();
   const { model } = loadModel(run.dir, {
     ...optionsOf(run),
@@ -229,13 +274,19 @@ function oneProcess(
     epGroup: single,
     etpGroup: single,
   });
+  // each call stands for one DP rank, whose aux-loss gradients DDP averages too
+  model.auxLossScale = 1 / dpSize;
   const logits: Tensor[] = [];
   let loss = 0;
+  const aux = { aux: 0, z: 0 };
   for (let r = 0; r < dpSize; r++) {
     const rows = (t: Tensor) => t.narrow(0, r * cfg.rowsPerRank, cfg.rowsPerRank).contiguous();
     logits.push(noGrad(() => model.gatherLogits(model.forward(rows(ids)).logits as Tensor).contiguous()));
     const l = objective(model, rows(ids), rows(labels));
     loss += l.item() / dpSize;
+    const rl = routerLosses(model);
+    aux.aux += rl.aux / dpSize;
+    aux.z += rl.z / dpSize;
     l.mul(1 / dpSize).backward();
   }
   const plans = planOf(architecture, config);
@@ -246,7 +297,7 @@ function oneProcess(
     grads.set(name, toF64(g));
   }
   const load = model.takeExpertLoad();
-  const out = { logits: toF64(cat(logits, 0)), loss, grads, load };
+  const out = { logits: toF64(cat(logits, 0)), loss, grads, load, aux };
   model.dispose();
   return out;
 }
@@ -265,6 +316,8 @@ function gatheredGrads(
   const c = model.config;
   const plans = planOf(architecture, c);
   const ep = model.epGroup;
+  // norms, router and gates saw this rank's chunk only: Megatron's finalize_model_grads sums them
+  if (model.sequenceParallel) allreduceSequenceParallelGrads(model.parameters(), model.tpGroup);
   const perRank = c.moe ? c.moe.numExperts / ep.size : 0;
   const full: Full = new Map();
   let spread = 0;

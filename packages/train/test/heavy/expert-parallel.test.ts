@@ -25,6 +25,7 @@ function config(run: string, parallel: Record<string, unknown> = {}) {
 
 it.each([
   ['TP=2 × EP=2', { tensorModelParallelSize: 2, expertModelParallelSize: 2 }],
+  ['TP=2 × EP=2 + SP', { tensorModelParallelSize: 2, expertModelParallelSize: 2, sequenceParallel: true }],
   [
     'TP=2 × EP=2 + distributed optimizer',
     {
@@ -71,6 +72,11 @@ const dsv3 = tinyLlama(path.join(root, 'hf-deepseek-v3'), 'deepseek-v3');
 it.each([
   ['EP=4', { expertModelParallelSize: 4 }, 'allgather'],
   ['EP=4, all-to-all', { expertModelParallelSize: 4 }, 'alltoall'],
+  [
+    'TP=2 × EP=2 + SP, all-to-all',
+    { tensorModelParallelSize: 2, expertModelParallelSize: 2, sequenceParallel: true },
+    'alltoall',
+  ],
   [
     'TP=2 × EP=2, all-to-all + distributed optimizer',
     { tensorModelParallelSize: 2, expertModelParallelSize: 2, useDistributedOptimizer: true },
