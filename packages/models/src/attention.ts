@@ -36,6 +36,12 @@ export interface LayerBuildOptions {
   performInitialization: boolean;
   /** What the model's family changes in the shared layers. */
   family: ModelFamily;
+  /**
+   * The ranks that each hold part of every sequence (Megatron's sequence partition group: TP under
+   * sequence parallelism, CP, or TP × CP): the MoE routers' balancing statistics are reduced over
+   * it. Null when every rank sees whole sequences.
+   */
+  sequencePartitionGroup?: ProcessGroup | null;
 }
 
 /** The core attention: softmax(q kᵀ·scale) v with the context's mask, causality and packing. */

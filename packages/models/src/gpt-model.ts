@@ -15,6 +15,7 @@ import {
   ColumnParallelLinear,
   gatherFromTensorModelParallelRegion,
   getContextParallelGroup,
+  getTensorAndContextParallelGroup,
   getExpertModelParallelGroup,
   getExpertTensorParallelGroup,
   getPipelineModelParallelGroup,
@@ -245,6 +246,7 @@ export class GPTModel extends Module {
       outputInitMethod: scaledInitMethodNormal(std, totalLayers),
       performInitialization: options.performInitialization ?? true,
       family: this.family,
+      sequencePartitionGroup: this.sequencePartitionGroup(),
     };
     const rc = options.recompute ?? null;
     const selective = rc?.granularity === 'selective' ? new Set(rc.modules) : new Set<RecomputeModule>();
@@ -398,6 +400,21 @@ export class GPTModel extends Module {
       const counts = load.get(i);
       if (counts && m.router.expertBias) m.router.updateExpertBias(counts, rate);
     }
+  }
+
+  /** TP under sequence parallelism, CP, or the TP × CP group: the ranks sharing each sequence. */
+  private sequencePartitionGroup(): ProcessGroup | null {
+    const sp = this.sequenceParallel && this.tpGroup.size > 1;
+    const cp = this.cpGroup.size > 1;
+    if (!cp) return sp ? this.tpGroup : null;
+    if (!sp) return this.cpGroup;
+    if (!modelParallelIsInitialized()) {
+      throw new ModelError(
+        'UNSUPPORTED',
+        'sequence and context parallelism together need the parallel state (initializeModelParallel) for the tp-cp group',
+      );
+    }
+    return getTensorAndContextParallelGroup();
   }
 
   /** The output weight in use: the embedding table when tied. */

@@ -615,7 +615,9 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
   };
   // Megatron's MoEAuxLossAutoScaler scale: the aux losses are averaged over the micro-batches as
   // the main loss is (not with calculatePerTokenLoss, where the main loss is not either)
-  const auxLossScale = tr.calculatePerTokenLoss ? 1 : 1 / numMicro;
+  // With context parallelism each rank's router holds part of every sequence: its aux-loss gradient
+  // is its part's, and DDP averages over cp, so the scale carries cp as the main objective does.
+  const auxLossScale = (tr.calculatePerTokenLoss ? 1 : 1 / numMicro) * cpSize;
   setAuxLossScale(auxLossScale);
   let skippedSinceLog = 0;
   // Pipeline parallelism: Megatron's 1F1B schedule over the stages (each rank holds one stage)
@@ -896,7 +898,8 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
           }
           const all = allReduceNumbers(flat, layout.pp);
           for (const layer of cfg.moe.layerPattern.keys()) {
-            if (cfg.moe.layerPattern[layer] === 'moe') expertLoad[String(layer)] = all.slice(layer * E, (layer + 1) * E);
+            if (cfg.moe.layerPattern[layer] === 'moe')
+              expertLoad[String(layer)] = all.slice(layer * E, (layer + 1) * E);
           }
         }
       }

@@ -105,6 +105,13 @@ describe('expert parallelism', () => {
     };
     close(await ep2('ep-two', {}), one, 'EP=2');
     close(await ep2('ep-two-do', { useDistributedOptimizer: true }), one, 'EP=2 + distributed optimizer');
+    // context parallelism with MoE: the routers' aux and z losses use the whole sequences' statistics
+    const [cp2] = (await launchWorkers({
+      nproc: 2,
+      script: 'train-worker.ts',
+      config: cfg('moe-cp-two', { contextParallelSize: 2 }),
+    })) as { losses: number[] }[];
+    close(cp2.losses, one, 'CP=2 (MoE with aux and z losses)');
     close(
       await ep2('ep-two-a2a', {}, { model: { moeTokenDispatcherType: 'alltoall' } }),
       one,

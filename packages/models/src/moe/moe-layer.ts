@@ -146,6 +146,7 @@ export class MoELayer extends Module {
           generator: o.generator,
           performInitialization: o.performInitialization,
           sequenceParallelGroup: o.sequenceParallel ? o.tpGroup : null,
+          sequencePartitionGroup: o.sequencePartitionGroup ?? null,
         },
         losses,
         capacity,

@@ -68,6 +68,7 @@ export class TopKRouter extends Module {
    * sequences (null otherwise).
    */
   private readonly spGroup: ProcessGroup | null;
+  private readonly partitionGroup: ProcessGroup | null;
 
   /**
    * `capacity`: token dropping (Megatron's moe_expert_capacity_factor ...), null for dropless;
@@ -82,6 +83,11 @@ export class TopKRouter extends Module {
       performInitialization: boolean;
       /** Sequence parallelism: the TP group (each rank routes its chunk of the sequence). */
       sequenceParallelGroup?: ProcessGroup | null;
+      /**
+       * The ranks sharing each sequence (TP under SP, CP, or TP × CP; default the SP group): the
+       * balancing statistics are the whole sequence's, summed over it.
+       */
+      sequencePartitionGroup?: ProcessGroup | null;
     },
     private readonly losses: RouterLossOptions,
     readonly capacity: CapacityOptions | null = null,
@@ -93,6 +99,8 @@ export class TopKRouter extends Module {
     this.weight = this.registerParameter('weight', w);
     const sp = opts.sequenceParallelGroup ?? null;
     this.spGroup = sp && sp.size > 1 ? sp : null;
+    const part = opts.sequencePartitionGroup === undefined ? this.spGroup : opts.sequencePartitionGroup;
+    this.partitionGroup = part && part.size > 1 ? part : null;
     // Each TP rank's gradient covers its chunk only: summed over TP with the SP norms'.
     if (this.spGroup) setSequenceParallelAttribute(this.weight);
     // Megatron keeps the expert bias in fp32 whatever the model dtype.
@@ -166,7 +174,8 @@ export class TopKRouter extends Module {
         for (let i = 0; i < routingMap.counts[e]; i++, p++) if (routingMap.slot[p] >= 0) this.load[e]++;
       }
     }
-    const sp = this.spGroup;
+    // the ranks sharing the sequence (TP under SP, CP, TP × CP): statistics of the whole sequence
+    const sp = this.partitionGroup;
     let auxLoss: Tensor | null = null;
     if (this.losses.auxLossCoeff > 0 && this.training) {
       // Switch-Transformer balancing (Megatron's switch_load_balancing_loss_func) on the scores of

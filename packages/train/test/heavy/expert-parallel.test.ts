@@ -27,6 +27,11 @@ it.each([
   ['TP=2 × EP=2', { tensorModelParallelSize: 2, expertModelParallelSize: 2 }],
   ['TP=2 × EP=2 + SP', { tensorModelParallelSize: 2, expertModelParallelSize: 2, sequenceParallel: true }],
   [
+    'CP=2 × TP=2 + SP (aux statistics over tp × cp)',
+    { contextParallelSize: 2, tensorModelParallelSize: 2, sequenceParallel: true },
+  ],
+  ['CP=2 × EP=2', { contextParallelSize: 2, expertModelParallelSize: 2 }],
+  [
     'TP=2 × EP=2 + distributed optimizer',
     {
       tensorModelParallelSize: 2,
