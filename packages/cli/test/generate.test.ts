@@ -11,7 +11,7 @@ import { sharedPath, skipWithoutShared } from '@megapatch/test-support';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type Completion, runGenerate, streamablePrefix, TextStream } from '../src/commands/generate.js';
 import { memoryIo } from '../src/io.js';
-import { BIN, megapatch, oneLine, QWEN3_TOKENIZER, tempDir } from './helpers.js';
+import { BIN, megapatch, oneLine, pathWithMegapatch, QWEN3_TOKENIZER, tempDir } from './helpers.js';
 
 const STORIES = sharedPath('data/models/stories260K/hf');
 const README_START =
@@ -269,10 +269,7 @@ describe.skipIf(skipWithoutShared(import.meta.url))('megapatch generate on stori
   it('a TP=2 checkpoint under megapatch launch --nproc-per-node 2 prints what one process prints, once', () => {
     const args = ['generate', '--model', tp2, '--prompt', '', '--max-new-tokens', '40', '--json'];
     // `megapatch` on PATH, as a user runs it
-    const bin = join(root, 'bin');
-    fs.mkdirSync(bin, { recursive: true });
-    fs.symlinkSync(BIN, join(bin, 'megapatch'));
-    const env = { ...process.env, MEGAPATCH_DEBUG: '', PATH: `${bin}:${process.env.PATH}` };
+    const env = { ...process.env, MEGAPATCH_DEBUG: '', PATH: pathWithMegapatch(root) };
     const r = spawnSync(
       process.execPath,
       [BIN, 'launch', '--nproc-per-node', '2', '--', 'megapatch', ...args],

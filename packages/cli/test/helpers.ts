@@ -97,6 +97,19 @@ export function temporaries(dir: string): string[] {
 }
 
 /** A fresh temporary folder. */
+/**
+ * A PATH with `megapatch` on it (a link to this build in `<dir>/bin`), as a user runs it: what
+ * `megapatch launch -- megapatch ...` starts.
+ */
+export function pathWithMegapatch(dir: string): string {
+  const bin = join(dir, 'bin');
+  if (!fs.existsSync(join(bin, 'megapatch'))) {
+    fs.mkdirSync(bin, { recursive: true });
+    fs.symlinkSync(BIN, join(bin, 'megapatch'));
+  }
+  return `${bin}:${process.env.PATH}`;
+}
+
 export function tempDir(name: string): string {
   return fs.mkdtempSync(join(os.tmpdir(), `mp-cli-${name}-`));
 }

@@ -6,7 +6,7 @@ import * as path from 'node:path';
 import { SYNTHETIC_MODELS, writeSyntheticHfCheckpoint } from '@megapatch/convert/testing';
 import { IndexedDatasetBuilder } from '@megapatch/data';
 import { afterAll, describe, expect, it } from 'vitest';
-import { BIN, finished, megapatch, startMegapatch, tempDir, waitFor } from './helpers.js';
+import { finished, megapatch, pathWithMegapatch, startMegapatch, tempDir, waitFor } from './helpers.js';
 
 const root = tempDir('mp-cli-train');
 const running: ChildProcess[] = [];
@@ -148,10 +148,7 @@ describe('megapatch train', () => {
     expect(again.stdout).toMatch(new RegExp(`loaded checkpoint .* at iteration ${iteration}`));
   });
   it('under megapatch launch --nproc-per-node 2 (DP=2) logs the losses of one process, once', () => {
-    const bin = path.join(root, 'bin');
-    fs.mkdirSync(bin, { recursive: true });
-    fs.symlinkSync(BIN, path.join(bin, 'megapatch'));
-    const env = { PATH: `${bin}:${process.env.PATH}` };
+    const env = { PATH: pathWithMegapatch(root) };
     const lmLosses = (runDir: string) =>
       fs
         .readFileSync(path.join(root, runDir, 'metrics.jsonl'), 'utf8')
@@ -198,10 +195,7 @@ describe('megapatch train', () => {
   });
 
   it('checks the layout before training, with errors that say how to fix it', () => {
-    const bin = path.join(root, 'bin-layout');
-    fs.mkdirSync(bin, { recursive: true });
-    fs.symlinkSync(BIN, path.join(bin, 'megapatch'));
-    const env = { PATH: `${bin}:${process.env.PATH}` };
+    const env = { PATH: pathWithMegapatch(root) };
     const launch = (...flags: string[]) =>
       megapatch(
         [
