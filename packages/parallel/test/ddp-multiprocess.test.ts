@@ -153,4 +153,24 @@ describe.skipIf(!haveRuntime)('DDP on several processes', () => {
       }
     },
   );
+
+  it('a rank without expert parameters still joins the expert norm of a group that has them (no hang)', async () => {
+    const out = await runWorkers({ nproc: 2, script: 'expert-norm-worker.ts', timeoutMs: 60_000 });
+    expectAllOk(out);
+    const rs = out.flatMap((o) => o.results) as {
+      rank: number;
+      sharded: boolean;
+      gradNorm: number;
+      dense: number;
+      expert: number;
+    }[];
+    for (const sharded of [false, true]) {
+      const [r0, r1] = [0, 1].map((k) => rs.find((r) => r.rank === k && r.sharded === sharded)!);
+      expect(r0.expert, 'the first stage holds no experts').toBe(0);
+      expect(r1.expert).toBeGreaterThan(0);
+      const total = Math.sqrt(r0.dense + r1.dense + r1.expert);
+      for (const r of [r0, r1])
+        expect(Math.abs(r.gradNorm - total) / total, `rank ${r.rank}`).toBeLessThan(1e-5);
+    }
+  });
 });

@@ -7,6 +7,7 @@
 import {
   AdamW,
   type AdamWGroup,
+  full,
   type GradScaler,
   type GradScalerState,
   type GroupInput,
@@ -53,6 +54,12 @@ export interface DistributedOptimizerOptions {
    * initialised, else none).
    */
   expertModelParallelGroup?: ProcessGroup | null;
+  /**
+   * Whether the model holds expert parameters on any rank. The expert norm is a collective over
+   * the expert tp-ep-pp group, which spans pipeline stages, so a stage without MoE layers (dense
+   * first layers) must still join it. Default: asked of that group once, at construction.
+   */
+  expertParameters?: boolean;
   /** This rank's expert-tensor-parallel rank (default the parallel state's, else 0). */
   expertTpRank?: number;
   /**
@@ -120,6 +127,18 @@ function noWeightDecay(name: string, p: Tensor): boolean {
 
 type AnyDdp = DistributedDataParallel<Module & { forward: (...args: never[]) => unknown }>;
 
+/** True when `local` is true on any rank of `group` (a max all-reduce; no group: local). */
+function anyRank(local: boolean, group: ProcessGroup | null): boolean {
+  if (!group || group.size === 1) return local;
+  const flag = full([1], local ? 1 : 0, { dtype: 'float32' });
+  try {
+    group.allReduce(flag, 'max').waitSync();
+    return flag.item() > 0;
+  } finally {
+    flag.dispose();
+  }
+}
+
 abstract class BufferOptimizer {
   readonly ddp: AnyDdp;
   readonly clipGrad: number;
@@ -133,6 +152,8 @@ abstract class BufferOptimizer {
   private readonly expertTpRank: number;
   /** Pieces of expert parameters (their norm is reduced over the expert groups). */
   private readonly expertPieces = new Set<ShardPiece>();
+  /** Some rank holds expert parameters: every rank joins the expert norm's collective. */
+  private readonly hasExperts: boolean;
   private readonly sharedParams: ReadonlySet<Tensor>;
   private readonly log: (line: string) => void;
   private readonly name: string;
@@ -152,6 +173,12 @@ abstract class BufferOptimizer {
       ? getExpertTensorModelPipelineParallelGroup()
       : (options.expertModelParallelGroup ?? null);
     this.expertTpRank = options.expertTpRank ?? (expertFromState ? getExpertTensorParallelRank() : 0);
+    this.hasExperts =
+      options.expertParameters ??
+      anyRank(
+        ddp.buffers.some((b) => ddp.isExpertBuffer(b)),
+        this.expertModelParallelGroup,
+      );
     this.log = options.log ?? ((line) => console.warn(line));
     this.lossScaler = options.lossScaler ?? null;
     this.sharedParams = new Set(options.sharedParams ?? []);
@@ -306,9 +333,7 @@ abstract class BufferOptimizer {
       dataParallelGroup: this.sharded ? this.ddp.dataParallelGroup : null,
       tpRank: this.tpRank,
     });
-    if (this.expertPieces.size === 0 && !this.ddp.buffers.some((b) => this.ddp.isExpertBuffer(b))) {
-      return denseNorm;
-    }
+    if (!this.hasExperts) return denseNorm;
     const expertNorm = getGradNorm(
       [...this.expertPieces].map((p) => p.master),
       {
