@@ -219,6 +219,11 @@ describe('megapatch train', () => {
     const cp = launch('--context-parallel-size', '2', '--seq-length', '30');
     expect(cp.status).not.toBe(0);
     expect(cp.stderr).toMatch(/data\.seqLength 30 is not a multiple of 2 × contextParallelSize \(4\)/);
+    const reset = launch('--context-parallel-size', '2', '--reset-attention-mask');
+    expect(reset.status).not.toBe(0);
+    expect(reset.stderr).toMatch(
+      /data\.resetAttentionMask packs pretraining documents of any length, but contextParallelSize 2 needs each packed sample to be a multiple of 4 tokens/,
+    );
     const ep = launch('--expert-model-parallel-size', '2');
     expect(ep.status).not.toBe(0);
     expect(ep.stderr).toMatch(/ep=2 needs a MoE model; this one is dense \(set expertModelParallelSize 1\)/);

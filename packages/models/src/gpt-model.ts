@@ -15,10 +15,10 @@ import {
   ColumnParallelLinear,
   gatherFromTensorModelParallelRegion,
   getContextParallelGroup,
-  getTensorAndContextParallelGroup,
   getExpertModelParallelGroup,
   getExpertTensorParallelGroup,
   getPipelineModelParallelGroup,
+  getTensorAndContextParallelGroup,
   getTensorAndDataParallelGroup,
   getTensorModelParallelGroup,
   getVirtualPipelineModelParallelWorldSize,
@@ -49,6 +49,7 @@ import { DEFAULT_FAMILY, getModelFamily, type ModelFamily } from './families/ind
 import type { KVCache } from './kv-cache.js';
 import { MoELayer, type MoELayerOptions } from './moe/moe-layer.js';
 import { MultiTokenPredictionLayer } from './mtp.js';
+import { mtpTargets } from './mtp-targets.js';
 import { Norm } from './norm.js';
 import { RotaryEmbedding } from './rope.js';
 import { TransformerLayer, type TransformerLayerOptions } from './transformer-layer.js';
@@ -131,6 +132,12 @@ export interface GPTForwardOptions {
   attentionMask?: Tensor;
   /** Target ids [b, s]: the forward returns the per-token loss instead of logits. */
   labels?: Tensor;
+  /**
+   * Loss mask [b, s] (float, 1 = counted) of the MTP losses: shifted with the labels at each depth,
+   * as Megatron's MTP uses the batch's loss_mask (default all ones). The main loss is per token and
+   * left to the caller to mask.
+   */
+  lossMask?: Tensor;
   /** Generation: keys and values of earlier tokens, extended by this call. */
   kvCache?: KVCache;
   /**
@@ -146,7 +153,11 @@ export interface GPTOutput {
   logits: Tensor | null;
   /** Cross-entropy per token [b, s], float32 (with labels). */
   loss: Tensor | null;
-  /** Multi-token-prediction losses, one mean per depth (with labels and MTP layers). */
+  /**
+   * Multi-token-prediction losses, one per depth (with labels and MTP layers): the masked mean over
+   * the depth's tokens. Under context parallelism each CP rank returns its tokens' share (its sum
+   * divided by the whole sequence's count): the shares over the CP group add up to the mean.
+   */
   mtpLosses: Tensor[];
   /** Pipeline stages before the last: the hidden states [s, b, h] to send to the next stage (else null). */
   hiddenStates: Tensor | null;
@@ -206,12 +217,6 @@ export class GPTModel extends Module {
     this.tpGroup = options.tpGroup ?? defaultGroup(getTensorModelParallelGroup, () => single);
     this.epGroup = options.epGroup ?? defaultGroup(getExpertModelParallelGroup, () => single);
     this.cpGroup = options.cpGroup ?? defaultGroup(getContextParallelGroup, () => single);
-    if (this.cpGroup.size > 1 && config.mtpNumLayers > 0) {
-      throw new ModelError(
-        'UNSUPPORTED',
-        'multi-token prediction with context parallelism is not supported yet; set contextParallelSize 1',
-      );
-    }
     this.etpGroup =
       options.etpGroup ??
       (modelParallelIsInitialized()
@@ -513,7 +518,7 @@ export class GPTModel extends Module {
             'the last pipeline stage needs the token ids for its MTP layers',
           );
         }
-        mtpLosses = this.mtpLosses(inputIds, opts.labels, hidden, ctx);
+        mtpLosses = this.mtpLosses(inputIds, opts.labels, opts.lossMask ?? null, hidden, ctx);
       }
       return { logits: null, loss, mtpLosses, hiddenStates: null };
     } finally {
@@ -591,32 +596,31 @@ export class GPTModel extends Module {
     return tidy(() => maskedFill(logits, fromTypedArray(pad, [per]).to('bool'), -Infinity));
   }
 
-  /** Megatron's MTP: per depth k, the mean loss of predicting the token k + 1 ahead. */
-  private mtpLosses(ids: Tensor, labels: Tensor, hidden: Tensor, ctx: AttentionContext): Tensor[] {
+  /**
+   * Megatron's MTP: per depth k, the masked mean loss of predicting the token k + 1 ahead (ids,
+   * labels and mask shifted k times within each sequence or packed sample; see mtp-targets.ts).
+   */
+  private mtpLosses(
+    ids: Tensor,
+    labels: Tensor,
+    lossMask: Tensor | null,
+    hidden: Tensor,
+    ctx: AttentionContext,
+  ): Tensor[] {
     const mtp = this.mtp as Module & { layers: ModuleList<MultiTokenPredictionLayer> };
-    const [b, s] = ids.shape;
+    const targets = mtpTargets(
+      { ids, labels, lossMask, cuSeqlens: ctx.cuSeqlens, cpGroup: ctx.cpGroup },
+      mtp.layers.length,
+    );
     const out: Tensor[] = [];
-    let curIds = ids;
-    let curLabels = labels;
     let h = hidden;
-    let k = 0;
-    for (const layer of mtp.layers) {
-      k++;
-      curIds = rollLeft(curIds);
-      curLabels = rollLeft(curLabels);
+    for (const [k, layer] of [...mtp.layers].entries()) {
+      const t = targets[k];
       // Megatron hands each block the previous one's normalised output (the decoder's final norm first).
-      h = layer.finalLayernorm.forward(layer.forward(this.embed(curIds), h, ctx));
+      h = layer.finalLayernorm.forward(layer.forward(this.embed(t.ids), h, ctx));
       const logits = (this.outputLayer as ColumnParallelLinear).forward(h, this.outputWeight()).output;
-      const perToken = this.lossOf(logits, curLabels); // [b, s]
-      const m = new Float32Array(b * s);
-      for (let r = 0; r < b; r++) m.fill(1, r * s, r * s + Math.max(0, s - k));
-      const mask = fromTypedArray(m, [b, s]);
-      out.push(
-        perToken
-          .mul(mask)
-          .sum()
-          .div(Math.max(1, b * Math.max(0, s - k))),
-      );
+      const perToken = this.lossOf(logits, t.labels); // [b, s]
+      out.push(perToken.mul(t.mask).sum().div(Math.max(1, t.count)));
     }
     return out;
   }
@@ -675,15 +679,6 @@ function stageOf(
     throw new ModelError('INVALID_ARGUMENT', `virtual stage ${vpStage} is outside 0 .. ${pipeline.vpp - 1}`);
   }
   return pipeline.stages[vpStage * pipeline.pp + ppRank];
-}
-
-/** ids [b, s] shifted one position left, the last column filled with 0 (Megatron's roll_tensor). */
-function rollLeft(ids: Tensor): Tensor {
-  const [b, s] = ids.shape;
-  const src = ids.toTypedArray() as ArrayLike<number | bigint>;
-  const out = new BigInt64Array(b * s);
-  for (let r = 0; r < b; r++) for (let i = 0; i < s - 1; i++) out[r * s + i] = BigInt(src[r * s + i + 1]);
-  return fromTypedArray(out, [b, s]);
 }
 
 /** Checks that every id lies in [0, vocab). */

@@ -181,6 +181,54 @@ describe.each(['qwen3', 'deepseek-v3'])('%s recompute', (id) => {
   });
 });
 
+describe('multi-token prediction targets', () => {
+  const row = (xs: number[]) => fromTypedArray(BigInt64Array.from(xs, BigInt), [1, xs.length]);
+  const a = [1, 5, 9, 33, 100, 7];
+  const b = [8, 9, 4, 77, 12];
+  const next = (xs: number[], last: number) => [...xs.slice(1), last];
+  const mtpOf = (m: GPTModel, x: number[], y: number[], o: { cu?: number[]; mask?: number[] } = {}) =>
+    tidy(() =>
+      m
+        .forward(row(x), {
+          labels: row(y),
+          ...(o.cu ? { cuSeqlens: fromTypedArray(Int32Array.from(o.cu), [o.cu.length]) } : {}),
+          ...(o.mask ? { lossMask: fromTypedArray(Float32Array.from(o.mask), [1, o.mask.length]) } : {}),
+        })
+        .mtpLosses[0].item(),
+    );
+
+  it('a packed row shifts each sample on its own: its MTP loss is the token mean of the samples run apart', () => {
+    const { model } = loadModel(fixtureCheckpoint('deepseek-v3'));
+    disposeLater.push(model);
+    const la = mtpOf(model, a, next(a, 2));
+    const lb = mtpOf(model, b, next(b, 3));
+    const packed = mtpOf(model, [...a, ...b], [...next(a, 2), ...next(b, 3)], { cu: [0, 6, 11] });
+    // depth 1 counts len − 1 tokens of each sample
+    expect(packed).toBeCloseTo((la * 5 + lb * 4) / 9, 5);
+    // shifting across the boundary (one unpacked sequence) gives another value
+    const unpacked = mtpOf(model, [...a, ...b], [...next(a, 2), ...next(b, 3)]);
+    expect(Math.abs(unpacked - packed)).toBeGreaterThan(1e-4);
+  });
+
+  it("the loss mask is shifted with the labels, as Megatron's MTP rolls loss_mask", () => {
+    const { model } = loadModel(fixtureCheckpoint('deepseek-v3'));
+    disposeLater.push(model);
+    const y = next(a, 2);
+    const ones = mtpOf(model, a, y, { mask: [1, 1, 1, 1, 1, 1] });
+    expect(ones).toBeCloseTo(mtpOf(model, a, y), 6);
+    // mask e_j counts only the MTP position j − 1 (its target is the main label at j)
+    const perToken = [1, 2, 3, 4, 5].map((j) =>
+      mtpOf(model, a, y, { mask: a.map((_, i) => (i === j ? 1 : 0)) }),
+    );
+    expect(perToken.reduce((s, v) => s + v, 0) / 5).toBeCloseTo(ones, 5);
+    // a prompt masked out (SFT): the mean of the answer's positions only
+    const sft = mtpOf(model, a, y, { mask: [0, 0, 0, 1, 1, 1] });
+    expect(sft).toBeCloseTo((perToken[2] + perToken[3] + perToken[4]) / 3, 5);
+    // the mask at position 0 never counts at depth 1 (nothing shifts into it)
+    expect(mtpOf(model, a, y, { mask: [1, 0, 0, 0, 0, 0] })).toBe(0);
+  });
+});
+
 describe('training', () => {
   it('a fresh model initialises reproducibly and its memory is flat from step to step', () => {
     const { model: loaded, config } = loadModel(fixtureCheckpoint('qwen2-moe'));

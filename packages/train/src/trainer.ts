@@ -193,6 +193,13 @@ async function setupLayout(config: RunConfig): Promise<Layout> {
       `data.seqLength ${config.data.seqLength} is not a multiple of 2 × contextParallelSize (${2 * p.contextParallelSize}): each sequence is split into 2·cp chunks`,
     );
   }
+  if (config.data.resetAttentionMask && p.contextParallelSize > 1) {
+    // CP cuts every packed document into 2·cp equal chunks, and a pretraining document has any length
+    throw new TrainError(
+      'INVALID_CONFIG',
+      `data.resetAttentionMask packs pretraining documents of any length, but contextParallelSize ${p.contextParallelSize} needs each packed sample to be a multiple of ${2 * p.contextParallelSize} tokens: set data.resetAttentionMask false, or pack SFT samples (data.sft) with data.sft.padToMultipleOf ${2 * p.contextParallelSize}`,
+    );
+  }
   await initializeModelParallel({
     tp: p.tensorModelParallelSize,
     ep: p.expertModelParallelSize,
@@ -648,7 +655,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
         const mb = (dataIterator as Iterator<Micro>).next().value as Micro;
         const out = stage.forward(stage.preProcess || stage.mtp ? mb.tokens : null, {
           hiddenStates: ctx.inputTensor,
-          ...(stage.postProcess ? { labels: mb.labels } : {}),
+          ...(stage.postProcess ? { labels: mb.labels, lossMask: mb.lossMask } : {}),
           positionIds: mb.positionIds,
           ...(mb.cuSeqlens ? { cuSeqlens: mb.cuSeqlens } : {}),
         });
@@ -673,7 +680,9 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
             if (out.mtpLosses.length > 0) {
               const mtp = out.mtpLosses.reduce((a, t) => a.add(t)).div(out.mtpLosses.length);
               sums.mtp += mtp.item();
-              objective = objective.add(mtp.mul(config.model.mtpLossScalingFactor / cpSize));
+              // each CP rank holds its tokens' share of the MTP mean: the schedule's ×cp turns the
+              // DP × CP gradient average into their sum
+              objective = objective.add(mtp.mul(config.model.mtpLossScalingFactor));
             }
             return [objective, null] as const;
           },
@@ -752,6 +761,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
             const mb = microTensors(b, layout.cp);
             const out = model.forward(mb.tokens, {
               labels: mb.labels,
+              lossMask: mb.lossMask,
               positionIds: mb.positionIds,
               ...(mb.cuSeqlens ? { cuSeqlens: mb.cuSeqlens } : {}),
             });
@@ -833,6 +843,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
             const f0 = performance.now();
             const out = model.forward(mb.tokens, {
               labels: mb.labels,
+              lossMask: mb.lossMask,
               positionIds: mb.positionIds,
               ...(mb.cuSeqlens ? { cuSeqlens: mb.cuSeqlens } : {}),
             });
@@ -848,7 +859,8 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
             if (out.mtpLosses.length > 0) {
               const mtp = out.mtpLosses.reduce((a, t) => a.add(t)).div(out.mtpLosses.length);
               mtpSum += mtp.item();
-              objective = objective.add(mtp.mul(config.model.mtpLossScalingFactor / numMicro));
+              // a CP rank's share of the MTP mean, ×cp against the DP × CP gradient average
+              objective = objective.add(mtp.mul((config.model.mtpLossScalingFactor * cpSize) / numMicro));
             }
             for (const [, moe] of model.moeLayers()) {
               const r = moe.lastRouting;
@@ -943,7 +955,8 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
         if (cfg.moe && config.model.moeAuxLossCoeff > 0) metrics.moe.auxLoss = auxAll / dpSize;
         if (cfg.moe && config.model.moeZLossCoeff > 0) metrics.moe.zLoss = zAll / dpSize;
         if (cfg.moe) metrics.moe.expertLoad = expertLoad;
-        if (cfg.mtpNumLayers > 0) metrics.moe.mtpLoss = mtpAll / dpSize;
+        // the CP ranks' MTP shares add up to each sequence's mean: average over dp only
+        if (cfg.mtpNumLayers > 0) metrics.moe.mtpLoss = (mtpAll * cpSize) / dpSize;
       }
       writeMetrics(metrics);
       if (state.iteration % tr.logInterval === 0 || state.iteration === 1) {

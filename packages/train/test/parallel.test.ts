@@ -157,6 +157,60 @@ describe('context parallelism with packed rows', () => {
   });
 });
 
+describe('context parallelism with multi-token prediction', () => {
+  it('DeepSeek-V3 (MLA, MoE, MTP) at CP=2, on plain and on packed SFT rows, gives the losses, MTP losses and gradient norms of one process', async () => {
+    const dsv3 = tinyLlama(path.join(root, 'hf-dsv3-cp'), 'deepseek-v3');
+    const prefix = path.join(root, 'sft-mtp-cp');
+    writeSft(prefix, 80, 32);
+    const cfg = (run: string, parallel: Record<string, unknown>, packed: boolean) => {
+      const c = config(run, parallel) as Record<string, Record<string, unknown>>;
+      c.model = { load: dsv3, dtype: 'fp32', moeAuxLossCoeff: 0.01, mtpLossScalingFactor: 0.3 };
+      if (packed) {
+        // the MTP shift stays inside each packed sample and follows the SFT loss mask
+        c.data = {
+          sft: { prefix, padToMultipleOf: 4 },
+          seqLength: 32,
+          split: '100,0,0',
+          dataCachePath: path.join(root, 'cache'),
+        };
+        c.training = { ...c.training, microBatchSize: 1, globalBatchSize: 4 };
+      }
+      return c;
+    };
+    const metrics = (run: string) =>
+      fs
+        .readFileSync(path.join(root, run, 'metrics.jsonl'), 'utf8')
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l))
+        .filter((m) => m.kind === 'train');
+    for (const packed of [false, true]) {
+      const tag = packed ? 'packed' : 'plain';
+      await train(parseRunConfig(cfg(`mtp-cp-one-${tag}`, {}, packed)), { log: () => {}, report: false });
+      await launchWorkers({
+        nproc: 2,
+        script: 'train-worker.ts',
+        config: cfg(`mtp-cp-two-${tag}`, { contextParallelSize: 2 }, packed),
+      });
+      const [one, two] = [metrics(`mtp-cp-one-${tag}`), metrics(`mtp-cp-two-${tag}`)];
+      expect(two.length, tag).toBe(6);
+      for (let i = 0; i < 6; i++) {
+        const what = `${tag} step ${i + 1}`;
+        expect(Math.abs(two[i].lmLoss - one[i].lmLoss) / one[i].lmLoss, `${what} lm loss`).toBeLessThan(1e-5);
+        expect(one[i].moe.mtpLoss, `${what} MTP loss logged`).toBeGreaterThan(0);
+        expect(
+          Math.abs(two[i].moe.mtpLoss - one[i].moe.mtpLoss) / one[i].moe.mtpLoss,
+          `${what} MTP loss`,
+        ).toBeLessThan(1e-5);
+        expect(
+          Math.abs(two[i].gradNorm - one[i].gradNorm) / one[i].gradNorm,
+          `${what} grad norm`,
+        ).toBeLessThan(1e-4);
+      }
+    }
+  });
+});
+
 describe('pipeline parallelism', () => {
   it('an interleaved PP=2 checkpoint resumes on one process with the losses of one process, and a one-process checkpoint resumes at PP=2', async () => {
     const one = (await train(parseRunConfig(config('pp-one')), { log: () => {}, report: false })).losses;

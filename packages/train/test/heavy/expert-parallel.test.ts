@@ -83,6 +83,21 @@ it.each([
     'alltoall',
   ],
   [
+    'CP=2 × EP=2, all-to-all (MTP shifted across the CP ranks)',
+    { contextParallelSize: 2, expertModelParallelSize: 2 },
+    'alltoall',
+  ],
+  [
+    'CP=2 × TP=2 + SP',
+    { contextParallelSize: 2, tensorModelParallelSize: 2, sequenceParallel: true },
+    'allgather',
+  ],
+  [
+    'TP=2 × EP=2 × ETP=1, all-to-all',
+    { tensorModelParallelSize: 2, expertModelParallelSize: 2, expertTensorParallelSize: 1 },
+    'alltoall',
+  ],
+  [
     'TP=2 × EP=2, all-to-all + distributed optimizer',
     { tensorModelParallelSize: 2, expertModelParallelSize: 2, useDistributedOptimizer: true },
     'alltoall',

@@ -48,6 +48,22 @@ it.each([
   ['llama-tied', 'PP=2 × CP=2', { pipelineModelParallelSize: 2, contextParallelSize: 2 }],
   ['mixtral', 'PP=2 × EP=2', { pipelineModelParallelSize: 2, expertModelParallelSize: 2 }],
   ['deepseek-v3', 'PP=2 × DP=2', { pipelineModelParallelSize: 2 }],
+  ['deepseek-v3', 'PP=4', { pipelineModelParallelSize: 4 }],
+  [
+    'deepseek-v3',
+    'PP=2 × 2 virtual stages × DP=2',
+    { pipelineModelParallelSize: 2, virtualPipelineModelParallelSize: 2 },
+  ],
+  [
+    'deepseek-v3',
+    'PP=2 × EP=2 uneven (1 + 3 layers)',
+    { pipelineModelParallelSize: 2, expertModelParallelSize: 2, decoderFirstPipelineNumLayers: 1 },
+  ],
+  [
+    'deepseek-v3',
+    'PP=2 × CP=2 (MTP on the last stage under CP)',
+    { pipelineModelParallelSize: 2, contextParallelSize: 2 },
+  ],
 ] as [string, string, Record<string, unknown>][])(
   '%s %s gives the losses of one process',
   async (id, name, parallel) => {
