@@ -3,6 +3,7 @@ export type TensorErrorCode =
   | 'SHAPE_MISMATCH'
   | 'DTYPE_MISMATCH'
   | 'DEVICE_MISMATCH'
+  | 'INVALID_DEVICE'
   | 'INDEX_OUT_OF_RANGE'
   | 'INVALID_ARGUMENT'
   | 'DISPOSED'

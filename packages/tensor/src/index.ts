@@ -1,14 +1,28 @@
 // @megapatch/tensor: tensors, autograd, nn, optimizers and the native CPU backend.
 import './backend/cpu.js';
 import './autograd/engine.js';
+import './backend/fallbacks.js';
 
 export { checkpoint } from './autograd/checkpoint.js';
 export { type BackwardOptions, backward } from './autograd/engine.js';
 export { type GradcheckOptions, gradcheck } from './autograd/gradcheck.js';
 export { enableGrad, type GradHook, isGradEnabled, noGrad, setGradEnabled } from './autograd/graph.js';
 export { attachGrad, needsGrad } from './autograd/record.js';
-export { type Backend, getBackend, listBackends, registerBackend } from './backend/backend.js';
+export {
+  type Backend,
+  type BackendType,
+  deviceCount,
+  getBackend,
+  getDefaultDevice,
+  listBackends,
+  normalizeDevice,
+  registerBackend,
+  registerBackendType,
+  registerLazyBackend,
+  setDefaultDevice,
+} from './backend/backend.js';
 export { backendInfo, defineCpuKernel, getNumThreads, setNumThreads } from './backend/cpu.js';
+export type { KernelName, KernelTable } from './backend/kernels.js';
 export { DTYPES, type DType, isFloating, isIntegral, promoteTypes } from './dtype.js';
 export { TensorError, type TensorErrorCode } from './errors.js';
 export * from './nn/index.js';

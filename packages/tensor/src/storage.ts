@@ -1,4 +1,4 @@
-import { type Backend, getBackend } from './backend/backend.js';
+import { type Backend, getBackend, normalizeDevice } from './backend/backend.js';
 
 interface DeviceStats {
   liveBytes: number;
@@ -80,8 +80,9 @@ export interface MemoryStats {
   cachedBytes: number;
 }
 
-/** Live and peak memory of one device (default "cpu"). */
+/** Live and peak memory of one device (default "cpu"; "cuda" means cuda:0). */
 export function memoryStats(device = 'cpu'): MemoryStats {
+  device = normalizeDevice(device);
   let cachedBytes = 0;
   try {
     cachedBytes = getBackend(device).cachedBytes?.() ?? 0;
@@ -93,11 +94,11 @@ export function memoryStats(device = 'cpu'): MemoryStats {
 
 /** Returns the cached free blocks of a device's allocator to the system. */
 export function emptyCache(device = 'cpu'): void {
-  getBackend(device).emptyCache?.();
+  getBackend(normalizeDevice(device)).emptyCache?.();
 }
 
 /** Sets the peak of a device to its current live bytes. */
 export function resetPeakMemoryStats(device = 'cpu'): void {
-  const s = statsFor(device);
+  const s = statsFor(normalizeDevice(device));
   s.peakBytes = s.liveBytes;
 }

@@ -414,7 +414,12 @@ export interface Tensor {
   contiguous(): Tensor;
   clone(): Tensor;
   detach(): Tensor;
+  /** Another dtype, another device ("cuda:1"), or both (PyTorch's Tensor.to). */
   to(dtype: DType): Tensor;
+  to(device: string, dtype?: DType): Tensor;
+  to(options: { device?: string; dtype?: DType }): Tensor;
+  /** A copy on the CPU (this tensor when already there). */
+  cpu(): Tensor;
   float(): Tensor;
   copy_(src: Tensor): this;
   fill_(value: number): this;

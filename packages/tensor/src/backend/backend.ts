@@ -1,4 +1,6 @@
+import { TensorError } from '../errors.js';
 import type { Tensor } from '../tensor.js';
+import type { KernelName, KernelTable } from './kernels.js';
 
 export type UnaryOp =
   | 'neg'
@@ -123,28 +125,137 @@ export interface Backend {
   ): void;
   /** Fills a contiguous tensor from the Philox stream (seed, offset counted in 4-word blocks). */
   random(out: Tensor, dist: RandomDist, seed: bigint, offset: bigint, a: number, b: number): void;
-  /** A fused kernel by name, or undefined when this backend has none. */
-  kernel<F extends (...args: never[]) => unknown>(name: string): F | undefined;
+  /** A named kernel of the {@link KernelTable}, or undefined when this backend has none. */
+  kernel<K extends KernelName>(name: K): KernelTable[K] | undefined;
+}
+
+/**
+ * A kind of device with numbered instances ("cuda" → cuda:0, cuda:1, …). Each index gets its own
+ * Backend (its own memory, streams and statistics), made on first use.
+ */
+export interface BackendType {
+  /** Device type, e.g. "cuda". */
+  readonly type: string;
+  /** How many devices of this type the machine has. */
+  deviceCount(): number;
+  /** The backend of device `index` (0 ≤ index < deviceCount()); its `device` is "<type>:<index>". */
+  create(index: number): Backend;
 }
 
 const backends = new Map<string, Backend>();
+const types = new Map<string, BackendType>();
+const lazy = new Map<string, () => Backend>();
+let defaultDevice = 'cpu';
 
-/** Registers a backend for a device type ("cpu", "cuda"). */
+const DEVICE_RE = /^([a-z][a-z0-9_]*)(?::(\d+))?$/;
+
+function deviceError(message: string): TensorError {
+  return new TensorError('INVALID_DEVICE', message);
+}
+
+/** Registers a backend for a device without numbered instances ("cpu"). */
 export function registerBackend(backend: Backend): void {
   backends.set(backend.device, backend);
 }
 
-export function getBackend(device: string): Backend {
-  const b = backends.get(device) ?? backends.get(device.split(':')[0]);
-  if (!b) {
-    throw new Error(
-      `no backend registered for device "${device}"` +
-        (device.startsWith('cuda') ? ' (import @megapatch/cuda on a machine with an NVIDIA GPU)' : ''),
-    );
-  }
-  return b;
+/**
+ * Registers a backend that is built on first use (the CPU backend loads its native addon only
+ * when a CPU tensor is made).
+ */
+export function registerLazyBackend(device: string, make: () => Backend): void {
+  lazy.set(device, make);
 }
 
+/** Registers a device type with numbered instances ("cuda:0", "cuda:1", …). */
+export function registerBackendType(type: BackendType): void {
+  if (!DEVICE_RE.test(type.type) || type.type.includes(':')) {
+    throw deviceError(`registerBackendType: "${type.type}" is not a valid device type name`);
+  }
+  types.set(type.type, type);
+  for (const d of [...backends.keys()]) if (d.startsWith(`${type.type}:`)) backends.delete(d);
+}
+
+/**
+ * The canonical name of a device: "cpu" for the CPU ("cpu:0" too), "<type>:<index>" for numbered
+ * devices ("cuda" is "cuda:0", as PyTorch's current device). Throws on a malformed name.
+ */
+export function normalizeDevice(device: string): string {
+  const m = typeof device === 'string' ? DEVICE_RE.exec(device.trim()) : null;
+  if (!m) {
+    throw deviceError(
+      `invalid device "${String(device)}": expected "cpu", "<type>" or "<type>:<index>" (e.g. "cuda:1")`,
+    );
+  }
+  const [, type, index] = m;
+  if (types.has(type)) return `${type}:${index ?? 0}`;
+  if (index !== undefined && index !== '0') {
+    if (backends.has(type) || lazy.has(type)) {
+      throw deviceError(`device "${device}": ${type} has a single device, ${type} (or ${type}:0)`);
+    }
+    return `${type}:${index}`;
+  }
+  return type;
+}
+
+export function getBackend(device: string): Backend {
+  const name = normalizeDevice(device);
+  const have = backends.get(name);
+  if (have) return have;
+  const make = lazy.get(name);
+  if (make) {
+    const b = make();
+    backends.set(name, b);
+    lazy.delete(name);
+    return b;
+  }
+  const [type, idx] = name.split(':');
+  const t = types.get(type);
+  if (t) {
+    const index = Number(idx);
+    const n = t.deviceCount();
+    if (index >= n) {
+      throw deviceError(
+        `device "${name}" does not exist: this machine has ${n} ${type} device${n === 1 ? '' : 's'}${n > 0 ? ` (${type}:0 … ${type}:${n - 1})` : ''}`,
+      );
+    }
+    const b = t.create(index);
+    if (b.device !== name) {
+      throw deviceError(`the ${type} backend made device "${b.device}" when asked for "${name}"`);
+    }
+    backends.set(name, b);
+    return b;
+  }
+  throw deviceError(
+    `no backend registered for device "${device}"` +
+      (type === 'cuda' ? ' (import @megapatch/cuda on a machine with an NVIDIA GPU)' : '') +
+      `; registered: ${listBackends().join(', ')}`,
+  );
+}
+
+/** Registered devices and device types ("cpu", "cuda" for numbered ones). */
 export function listBackends(): string[] {
-  return [...backends.keys()];
+  return [...new Set([...backends.keys(), ...lazy.keys(), ...types.keys()])].filter(
+    (d) => !d.includes(':') || !types.has(d.split(':')[0]),
+  );
+}
+
+/** Number of devices of a type: 1 for single devices ("cpu"), 0 for an unregistered type. */
+export function deviceCount(type: string): number {
+  const t = types.get(type);
+  if (t) return t.deviceCount();
+  return backends.has(type) || lazy.has(type) ? 1 : 0;
+}
+
+/**
+ * The device of tensors made without a `device` option (PyTorch's torch.set_default_device);
+ * "cpu" at start.
+ */
+export function setDefaultDevice(device: string): void {
+  const name = normalizeDevice(device);
+  getBackend(name);
+  defaultDevice = name;
+}
+
+export function getDefaultDevice(): string {
+  return defaultDevice;
 }

@@ -5,7 +5,8 @@ import { DTYPE_CODES, ITEMSIZE } from '../dtype.js';
 import { loadNative, type NativeAddon } from '../native.js';
 import type { Tensor } from '../tensor.js';
 import type { Backend, BinaryOp, GemmOperand, RandomDist, ReduceOp, UnaryOp } from './backend.js';
-import { registerBackend } from './backend.js';
+import { registerLazyBackend } from './backend.js';
+import type { KernelName, KernelTable } from './kernels.js';
 
 const UNARY: Record<UnaryOp, number> = {
   neg: 0,
@@ -76,13 +77,35 @@ const REDUCE: Record<ReduceOp, number> = {
 
 const DIST: Record<RandomDist, number> = { uniform: 0, normal: 1, randint: 2, bernoulli: 3 };
 
-const { addon } = loadNative();
-/** The loaded addon, for kernel wrappers in op files. */
-export const native: NativeAddon = addon;
-
 const ARGS = new Float64Array(8192);
-addon.setArgBuffer(ARGS);
 let pos = 0;
+
+/**
+ * The native addon, loaded on first use: importing @megapatch/tensor never loads it, so a
+ * machine without the CPU build can still use another backend; the loader's actionable error
+ * comes with the first CPU tensor (or backendInfo / setNumThreads).
+ */
+let addon: NativeAddon | null = null;
+/** Kernels by name (the addon's functions, read from the shared argument buffer). */
+let k: Record<string, () => void> = {};
+
+function loadAddon(): NativeAddon {
+  if (!addon) {
+    const a = loadNative().addon;
+    a.setArgBuffer(ARGS);
+    addon = a;
+    k = a as unknown as Record<string, () => void>;
+  }
+  return addon;
+}
+
+/**
+ * The addon's functions for kernel wrappers in op files. Every CPU kernel runs on CPU tensors, so
+ * the CPU backend (and with it the addon) exists by the time one is called.
+ */
+export const native: NativeAddon = new Proxy({} as NativeAddon, {
+  get: (_, name) => (loadAddon() as unknown as Record<string | symbol, unknown>)[name],
+});
 
 /**
  * Writes kernel arguments into the shared buffer: `pack.begin()`, then `tensor()`/`num()` in
@@ -124,24 +147,22 @@ export const pack: Packer = {
   },
 };
 
-type Kernel = (...args: never[]) => unknown;
-const fused = new Map<string, Kernel>();
+const fused = new Map<KernelName, KernelTable[KernelName]>();
 
 /** Registers a fused CPU kernel under a name that ops look up with backend.kernel(name). */
-export function defineCpuKernel<F extends Kernel>(name: string, fn: F): F {
+export function defineCpuKernel<K extends KernelName>(name: K, fn: KernelTable[K]): KernelTable[K] {
   fused.set(name, fn);
   return fn;
 }
 
-const k = addon as unknown as Record<string, () => void>;
 const U32 = 2 ** 32;
 
 export const cpuBackend: Backend = {
   device: 'cpu',
-  alloc: (bytes, zero) => addon.alloc(bytes, zero),
-  free: (address) => addon.free(address),
-  emptyCache: () => addon.emptyCache(),
-  cachedBytes: () => addon.cachedBytes(),
+  alloc: (bytes, zero) => loadAddon().alloc(bytes, zero),
+  free: (address) => loadAddon().free(address),
+  emptyCache: () => loadAddon().emptyCache(),
+  cachedBytes: () => loadAddon().cachedBytes(),
   copy(dst, src) {
     pack.begin().tensor(dst).tensor(src);
     k.copy();
@@ -151,10 +172,10 @@ export const cpuBackend: Backend = {
     k.fill();
   },
   read(t, dst) {
-    addon.readInto(pack.address(t), t.numel * ITEMSIZE[t.dtype], dst);
+    loadAddon().readInto(pack.address(t), t.numel * ITEMSIZE[t.dtype], dst);
   },
   write(t, src) {
-    addon.writeFrom(pack.address(t), src);
+    loadAddon().writeFrom(pack.address(t), src);
   },
   unary(out, x, op, p0 = Number.NaN, p1 = Number.NaN) {
     pack.begin().tensor(out).tensor(x).num(UNARY[op]).num(p0).num(p1);
@@ -211,23 +232,27 @@ export const cpuBackend: Backend = {
       .num(b);
     k.philox();
   },
-  kernel<F extends Kernel>(name: string): F | undefined {
-    return fused.get(name) as F | undefined;
+  kernel<K extends KernelName>(name: K): KernelTable[K] | undefined {
+    return fused.get(name) as KernelTable[K] | undefined;
   },
 };
 
-registerBackend(cpuBackend);
+// made on first use: the addon loads with the first CPU tensor
+registerLazyBackend('cpu', () => {
+  loadAddon();
+  return cpuBackend;
+});
 
 /** Information about the native build: BLAS in use, SIMD level, OpenMP, threads, bf16 GEMM engine. */
 export function backendInfo(): ReturnType<NativeAddon['buildInfo']> & { addonPath: string } {
-  return { ...addon.buildInfo(), addonPath: loadNative().path };
+  return { ...loadAddon().buildInfo(), addonPath: loadNative().path };
 }
 
 /** Sets the number of threads used by native kernels and OpenBLAS. */
 export function setNumThreads(n: number): void {
-  addon.setNumThreads(n);
+  loadAddon().setNumThreads(n);
 }
 
 export function getNumThreads(): number {
-  return addon.getNumThreads();
+  return loadAddon().getNumThreads();
 }

@@ -3,7 +3,8 @@
 // contract, camelCased). A module owns its tensors: they are kept out of tidy() scopes and freed
 // by dispose().
 import { noGrad } from '../autograd/graph.js';
-import { type DType, isFloating } from '../dtype.js';
+import { getBackend } from '../backend/backend.js';
+import { DTYPES, type DType, isFloating } from '../dtype.js';
 import { fmtShape, TensorError } from '../errors.js';
 import { keep } from '../scope.js';
 import { sameShape } from '../shape.js';
@@ -277,27 +278,50 @@ export class Module {
   }
 
   /**
-   * Casts every floating-point parameter and buffer to `dtype`. Each cast tensor is a new Tensor
-   * (same name and requiresGrad) that replaces the old one in the module tree and in a module
-   * field that held it; the old tensor is disposed. References taken before (an optimizer,
-   * parameters() lists) are then stale: cast first, then build the optimizer. Returns this.
+   * Moves every parameter and buffer to a device and/or casts the floating-point ones to a dtype
+   * (PyTorch's Module.to): `to('bfloat16')`, `to('cuda:1')`, `to('cuda', 'bfloat16')`,
+   * `to({ device, dtype })`. Integer buffers move but keep their dtype. Each changed tensor is a
+   * new Tensor (same name and requiresGrad) that replaces the old one in the module tree and in a
+   * module field that held it; the old tensor is disposed. References taken before (an optimizer,
+   * parameters() lists) are then stale: move first, then build the optimizer. Returns this.
    */
-  to(dtype: DType): this {
-    if (!isFloating(dtype))
-      throw new TensorError('DTYPE_MISMATCH', `Module.to: expected a floating-point dtype, got ${dtype}`);
+  to(target: DType | string | { device?: string; dtype?: DType }, dtype?: DType): this {
+    const opts =
+      typeof target === 'object'
+        ? target
+        : dtype !== undefined
+          ? { device: target, dtype }
+          : (DTYPES as readonly string[]).includes(target)
+            ? { dtype: target as DType }
+            : { device: target };
+    if (opts.dtype !== undefined && !isFloating(opts.dtype))
+      throw new TensorError(
+        'DTYPE_MISMATCH',
+        `Module.to: expected a floating-point dtype, got ${opts.dtype}`,
+      );
+    const device = opts.device === undefined ? undefined : getBackend(opts.device).device;
     const replaced = new Map<Tensor, Tensor>();
-    for (const m of this.modules()) {
-      for (const table of [m.paramTable, m.bufferTable]) {
-        for (const t of table.values()) {
-          if (!t || !isFloating(t.dtype) || t.dtype === dtype || replaced.has(t)) continue;
-          const fresh = Tensor.empty(t.backend, t.shape, dtype);
-          if (fresh.numel > 0) fresh.backend.copy(fresh, t);
-          fresh.name = t.name;
-          if (t.requiresGrad) fresh.requiresGrad_(true);
-          replaced.set(t, fresh);
+    noGrad(() => {
+      for (const m of this.modules()) {
+        for (const table of [m.paramTable, m.bufferTable]) {
+          for (const t of table.values()) {
+            if (!t || replaced.has(t)) continue;
+            const cast = opts.dtype !== undefined && isFloating(t.dtype) && t.dtype !== opts.dtype;
+            const move = device !== undefined && t.device !== device;
+            if (!cast && !move) continue;
+            const view = t.detach();
+            const fresh = view.to({
+              ...(move ? { device } : {}),
+              ...(cast ? { dtype: opts.dtype } : {}),
+            });
+            view.dispose();
+            fresh.name = t.name;
+            if (t.requiresGrad) fresh.requiresGrad_(true);
+            replaced.set(t, fresh);
+          }
         }
       }
-    }
+    });
     this.replaceTensors(replaced);
     return this;
   }

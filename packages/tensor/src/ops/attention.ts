@@ -3,6 +3,7 @@
 // kernel (native/src/attention.cc) that saves only the per-row logsumexp for the backward.
 import { attachGrad, needsGrad } from '../autograd/record.js';
 import { defineCpuKernel, native, pack } from '../backend/cpu.js';
+import { getKernel } from '../backend/kernels.js';
 import { isFloating } from '../dtype.js';
 import { argError, dtypeError, fmtShape, shapeError, TensorError } from '../errors.js';
 import type { Tensor } from '../tensor.js';
@@ -65,13 +66,13 @@ function packOptions(o: AttentionKernelOptions): void {
   pack.num(o.causal ? 1 : 0).num(o.scale);
 }
 
-defineCpuKernel<AttentionForwardKernel>('attentionForward', (out, lse, q, k, v, opts) => {
+defineCpuKernel('attentionForward', (out, lse, q, k, v, opts) => {
   pack.begin().tensor(out).tensor(lse).tensor(q).tensor(k).tensor(v);
   packOptions(opts);
   native.attentionForward();
 });
 
-defineCpuKernel<AttentionBackwardKernel>('attentionBackward', (dq, dk, dv, g, q, k, v, out, lse, opts) => {
+defineCpuKernel('attentionBackward', (dq, dk, dv, g, q, k, v, out, lse, opts) => {
   pack
     .begin()
     .tensor(dq)
@@ -177,8 +178,8 @@ export function scaledDotProductAttention(
   const scale = options.scale ?? 1 / Math.sqrt(D);
   if (!Number.isFinite(scale)) throw argError(OP, `scale must be a finite number, got ${scale}`);
   if (cuSeqlens) checkCuSeqlens(cuSeqlens, B, Sq, Sk);
-  const fwd = backend.kernel<AttentionForwardKernel>('attentionForward');
-  const bwd = backend.kernel<AttentionBackwardKernel>('attentionBackward');
+  const fwd = getKernel(backend, 'attentionForward');
+  const bwd = getKernel(backend, 'attentionBackward');
   if (!fwd || !bwd)
     throw new TensorError('UNSUPPORTED', `${OP}: no fused attention kernels on ${backend.device}`);
 

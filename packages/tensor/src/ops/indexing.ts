@@ -10,6 +10,7 @@
 import { attachGrad, needsGrad } from '../autograd/record.js';
 import type { Backend } from '../backend/backend.js';
 import { defineCpuKernel, native, pack } from '../backend/cpu.js';
+import { getKernel, type KernelName, type KernelTable } from '../backend/kernels.js';
 import type { DType } from '../dtype.js';
 import { argError, dtypeError, fmtShape, indexError, shapeError, TensorError } from '../errors.js';
 import { normDim, numel, type Shape } from '../shape.js';
@@ -21,9 +22,9 @@ import { alloc, inputsBackend } from './util.js';
 // ---- kernels --------------------------------------------------------------------------------
 
 /** A rejected index: its flat position in the (contiguous) index tensor and its value. */
-type BadIndex = readonly [position: number, value: number] | undefined;
+export type BadIndex = readonly [position: number, value: number] | undefined;
 
-type IndexSelectRowsKernel = (
+export type IndexSelectRowsKernel = (
   out: Tensor,
   x: Tensor,
   index: Tensor,
@@ -31,7 +32,7 @@ type IndexSelectRowsKernel = (
   S: number,
   inner: number,
 ) => BadIndex;
-type IndexAddRowsKernel = (
+export type IndexAddRowsKernel = (
   out: Tensor,
   base: Tensor | null,
   src: Tensor,
@@ -42,15 +43,15 @@ type IndexAddRowsKernel = (
   alpha: number,
   skip: number,
 ) => BadIndex;
-type GatherAlongKernel = (out: Tensor, x: Tensor, index: Tensor, dim: number) => BadIndex;
-type ScatterAddAlongKernel = (
+export type GatherAlongKernel = (out: Tensor, x: Tensor, index: Tensor, dim: number) => BadIndex;
+export type ScatterAddAlongKernel = (
   out: Tensor,
   src: Tensor,
   index: Tensor,
   dim: number,
   alpha: number,
 ) => BadIndex;
-type TopkKernel = (
+export type TopkKernel = (
   values: Tensor,
   indices: Tensor,
   x: Tensor,
@@ -60,17 +61,17 @@ type TopkKernel = (
   k: number,
   largest: boolean,
 ) => void;
-type TriangleKernel = (out: Tensor, x: Tensor, diagonal: number, upper: boolean) => void;
-type OneHotKernel = (out: Tensor, index: Tensor, classes: number) => BadIndex;
+export type TriangleKernel = (out: Tensor, x: Tensor, diagonal: number, upper: boolean) => void;
+export type OneHotKernel = (out: Tensor, index: Tensor, classes: number) => BadIndex;
 
 const call = native as unknown as Record<string, () => unknown>;
 const asBad = (r: unknown): BadIndex => (Array.isArray(r) ? [Number(r[0]), Number(r[1])] : undefined);
 
-defineCpuKernel<IndexSelectRowsKernel>('indexSelectRows', (out, x, index, outer, S, inner) => {
+defineCpuKernel('indexSelectRows', (out, x, index, outer, S, inner) => {
   pack.begin().tensor(out).tensor(x).tensor(index).num(outer).num(S).num(inner);
   return asBad(call.indexSelectRows());
 });
-defineCpuKernel<IndexAddRowsKernel>('indexAddRows', (out, base, src, index, outer, S, inner, alpha, skip) => {
+defineCpuKernel('indexAddRows', (out, base, src, index, outer, S, inner, alpha, skip) => {
   pack
     .begin()
     .tensor(out)
@@ -79,15 +80,15 @@ defineCpuKernel<IndexAddRowsKernel>('indexAddRows', (out, base, src, index, oute
   pack.tensor(src).tensor(index).num(outer).num(S).num(inner).num(alpha).num(skip);
   return asBad(call.indexAddRows());
 });
-defineCpuKernel<GatherAlongKernel>('gatherAlong', (out, x, index, dim) => {
+defineCpuKernel('gatherAlong', (out, x, index, dim) => {
   pack.begin().tensor(out).tensor(x).tensor(index).num(dim);
   return asBad(call.gatherAlong());
 });
-defineCpuKernel<ScatterAddAlongKernel>('scatterAddAlong', (out, src, index, dim, alpha) => {
+defineCpuKernel('scatterAddAlong', (out, src, index, dim, alpha) => {
   pack.begin().tensor(out).tensor(src).tensor(index).num(dim).num(alpha);
   return asBad(call.scatterAddAlong());
 });
-defineCpuKernel<TopkKernel>('topk', (values, indices, x, outer, R, inner, k, largest) => {
+defineCpuKernel('topk', (values, indices, x, outer, R, inner, k, largest) => {
   pack
     .begin()
     .tensor(values)
@@ -100,7 +101,7 @@ defineCpuKernel<TopkKernel>('topk', (values, indices, x, outer, R, inner, k, lar
     .num(largest ? 1 : 0);
   call.topk();
 });
-defineCpuKernel<TriangleKernel>('triangle', (out, x, diagonal, upper) => {
+defineCpuKernel('triangle', (out, x, diagonal, upper) => {
   pack
     .begin()
     .tensor(out)
@@ -109,13 +110,13 @@ defineCpuKernel<TriangleKernel>('triangle', (out, x, diagonal, upper) => {
     .num(upper ? 1 : 0);
   call.triangle();
 });
-defineCpuKernel<OneHotKernel>('oneHot', (out, index, classes) => {
+defineCpuKernel('oneHot', (out, index, classes) => {
   pack.begin().tensor(out).tensor(index).num(classes);
   return asBad(call.oneHot());
 });
 
-function kernelOf<F extends (...args: never[]) => unknown>(backend: Backend, name: string, op: string): F {
-  const k = backend.kernel<F>(name);
+function kernelOf<K extends KernelName>(backend: Backend, name: K, op: string): KernelTable[K] {
+  const k = getKernel(backend, name);
   if (!k)
     throw new TensorError('UNSUPPORTED', `${op}: the ${backend.device} backend has no "${name}" kernel`);
   return k;
@@ -182,14 +183,7 @@ function indexSelectRaw(op: string, x: Tensor, d: number, index: Tensor): Tensor
   const { outer, size, inner } = around(x.shape, d);
   const xd = dense(x);
   const out = alloc(backend, withDim(x.shape, d, index.numel), x.dtype);
-  const bad = kernelOf<IndexSelectRowsKernel>(backend, 'indexSelectRows', op)(
-    out,
-    xd,
-    index,
-    outer,
-    size,
-    inner,
-  );
+  const bad = kernelOf(backend, 'indexSelectRows', op)(out, xd, index, outer, size, inner);
   disposeTemp(xd, x);
   if (bad) {
     out.dispose();
@@ -217,17 +211,7 @@ function indexAddRaw(
   const bd = base ? dense(base) : null;
   const sd = dense(src);
   const out = alloc(backend, shape, src.dtype);
-  const bad = kernelOf<IndexAddRowsKernel>(backend, 'indexAddRows', op)(
-    out,
-    bd,
-    sd,
-    index,
-    outer,
-    size,
-    inner,
-    alpha,
-    skip,
-  );
+  const bad = kernelOf(backend, 'indexAddRows', op)(out, bd, sd, index, outer, size, inner, alpha, skip);
   if (bd && base) disposeTemp(bd, base);
   disposeTemp(sd, src);
   if (bad) {
@@ -240,7 +224,7 @@ function indexAddRaw(
 /** out[p] = x[p with p[d] = index[p]] over the positions of (contiguous) index. */
 function gatherRaw(op: string, x: Tensor, d: number, index: Tensor): Tensor {
   const out = alloc(x.backend, index.shape, x.dtype);
-  const bad = kernelOf<GatherAlongKernel>(x.backend, 'gatherAlong', op)(out, x, index, d);
+  const bad = kernelOf(x.backend, 'gatherAlong', op)(out, x, index, d);
   if (bad) {
     out.dispose();
     throw rangeError(op, bad, d, x.shape[d]);
@@ -264,7 +248,7 @@ function scatterAddRaw(
   const acc = alloc(backend, shape, work, base === null);
   if (base && acc.numel > 0) backend.copy(acc, base);
   const s = src.dtype === work ? src : cast(src, work);
-  const bad = kernelOf<ScatterAddAlongKernel>(backend, 'scatterAddAlong', op)(acc, s, index, d, alpha);
+  const bad = kernelOf(backend, 'scatterAddAlong', op)(acc, s, index, d, alpha);
   disposeTemp(s, src);
   if (bad) {
     acc.dispose();
@@ -278,7 +262,7 @@ function scatterAddRaw(
 
 function triangleRaw(op: string, x: Tensor, diagonal: number, upper: boolean): Tensor {
   const out = alloc(x.backend, x.shape, x.dtype);
-  if (out.numel > 0) kernelOf<TriangleKernel>(x.backend, 'triangle', op)(out, x, diagonal, upper);
+  if (out.numel > 0) kernelOf(x.backend, 'triangle', op)(out, x, diagonal, upper);
   return out;
 }
 
@@ -306,7 +290,7 @@ export function embedding(
   const ids = dense(input);
   const w = dense(weight);
   const out = alloc(backend, [...input.shape, H], weight.dtype);
-  const bad = kernelOf<IndexSelectRowsKernel>(backend, 'indexSelectRows', op)(out, w, ids, 1, V, H);
+  const bad = kernelOf(backend, 'indexSelectRows', op)(out, w, ids, 1, V, H);
   disposeTemp(w, weight);
   if (bad) {
     out.dispose();
@@ -503,7 +487,7 @@ export function topk(
   const indices = alloc(backend, shape, 'int64');
   if (values.numel > 0) {
     const xd = dense(x);
-    kernelOf<TopkKernel>(backend, 'topk', op)(values, indices, xd, outer, size, inner, k, largest);
+    kernelOf(backend, 'topk', op)(values, indices, xd, outer, size, inner, k, largest);
     disposeTemp(xd, x);
   }
   if (needsGrad(x)) {
@@ -564,7 +548,7 @@ export function oneHot(indices: Tensor, numClasses = -1): Tensor {
   }
   const ix = dense(indices);
   const out = alloc(backend, [...indices.shape, classes], 'int64', true);
-  const bad = kernelOf<OneHotKernel>(backend, 'oneHot', op)(out, ix, classes);
+  const bad = kernelOf(backend, 'oneHot', op)(out, ix, classes);
   disposeTemp(ix, indices);
   if (bad) {
     out.dispose();

@@ -5,6 +5,7 @@
 import { attachGrad, needsGrad } from '../autograd/record.js';
 import type { Backend } from '../backend/backend.js';
 import { defineCpuKernel, native, pack } from '../backend/cpu.js';
+import { getKernel, type KernelName, type KernelTable } from '../backend/kernels.js';
 import { type DType, isFloating } from '../dtype.js';
 import { argError, dtypeError, fmtShape, shapeError, TensorError } from '../errors.js';
 import { sameShape } from '../shape.js';
@@ -46,7 +47,7 @@ function optional(t: Tensor | null): void {
   if (t) pack.tensor(t);
 }
 
-defineCpuKernel<NormKernel>('normRows', (y, x, weight, bias, mean, rstd, n, eps, center) => {
+defineCpuKernel('normRows', (y, x, weight, bias, mean, rstd, n, eps, center) => {
   pack.begin().tensor(y).tensor(x);
   optional(weight);
   optional(bias);
@@ -59,22 +60,19 @@ defineCpuKernel<NormKernel>('normRows', (y, x, weight, bias, mean, rstd, n, eps,
   native.normForward();
 });
 
-defineCpuKernel<NormBackwardKernel>(
-  'normRowsBackward',
-  (dx, g, x, weight, mean, rstd, dweight, dbias, n, center) => {
-    pack.begin().tensor(dx).tensor(g).tensor(x);
-    optional(weight);
-    optional(mean);
-    pack.tensor(rstd);
-    optional(dweight);
-    optional(dbias);
-    pack.num(n).num(center ? 1 : 0);
-    native.normBackward();
-  },
-);
+defineCpuKernel('normRowsBackward', (dx, g, x, weight, mean, rstd, dweight, dbias, n, center) => {
+  pack.begin().tensor(dx).tensor(g).tensor(x);
+  optional(weight);
+  optional(mean);
+  pack.tensor(rstd);
+  optional(dweight);
+  optional(dbias);
+  pack.num(n).num(center ? 1 : 0);
+  native.normBackward();
+});
 
-function kernelOf<F extends (...args: never[]) => unknown>(backend: Backend, name: string, op: string): F {
-  const k = backend.kernel<F>(name);
+function kernelOf<K extends KernelName>(backend: Backend, name: K, op: string): KernelTable[K] {
+  const k = getKernel(backend, name);
   if (!k)
     throw new TensorError('UNSUPPORTED', `${op}: the ${backend.device} backend has no "${name}" kernel`);
   return k;
@@ -124,7 +122,7 @@ function normOp(
   const n = shape.reduce((a, b) => a * b, 1);
   const rows = n === 0 ? 0 : x.numel / n;
   const statDtype: DType = x.dtype === 'float64' ? 'float64' : 'float32';
-  const forward = kernelOf<NormKernel>(backend, 'normRows', op);
+  const forward = kernelOf(backend, 'normRows', op);
   const xc = contiguousRaw(x);
   const wc = weight ? contiguousRaw(weight) : null;
   const bc = bias ? contiguousRaw(bias) : null;
@@ -151,19 +149,7 @@ function normOp(
       const dx = alloc(xs.backend, xShape, dtype);
       const dw = wantW ? alloc(xs.backend, shape, dtype, n === 0) : null;
       const db = wantB ? alloc(xs.backend, shape, dtype, n === 0) : null;
-      if (n > 0)
-        kernelOf<NormBackwardKernel>(xs.backend, 'normRowsBackward', op)(
-          dx,
-          gc,
-          xs,
-          ws,
-          ms,
-          rs,
-          dw,
-          db,
-          n,
-          center,
-        );
+      if (n > 0) kernelOf(xs.backend, 'normRowsBackward', op)(dx, gc, xs, ws, ms, rs, dw, db, n, center);
       gc.dispose();
       if (!wantX) dx.dispose();
       return [wantX ? dx : null, dw, db];

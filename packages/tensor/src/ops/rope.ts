@@ -2,6 +2,7 @@
 // frequencies listed twice, and a fused kernel applying x * cos + rotate_half(x) * sin.
 import { attachGrad, needsGrad } from '../autograd/record.js';
 import { defineCpuKernel, native, pack } from '../backend/cpu.js';
+import { getKernel } from '../backend/kernels.js';
 import { isFloating } from '../dtype.js';
 import { argError, dtypeError, fmtShape, shapeError, TensorError } from '../errors.js';
 import type { Tensor } from '../tensor.js';
@@ -28,7 +29,7 @@ export interface RopeOptions {
 /** The fused kernel: out = rope(x) or, with inverse, its transpose (the gradient w.r.t. x). */
 export type RopeKernel = (out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, inverse: boolean) => void;
 
-defineCpuKernel<RopeKernel>('ropeApply', (out, x, cos, sin, inverse) => {
+defineCpuKernel('ropeApply', (out, x, cos, sin, inverse) => {
   pack
     .begin()
     .tensor(out)
@@ -171,7 +172,7 @@ export function applyRotaryPosEmb(x: Tensor, cos: Tensor, sin: Tensor): Tensor {
       `rotary dim ${R} must be even, nonzero and at most the head dim ${D}`,
     );
   }
-  const kernel = backend.kernel<RopeKernel>('ropeApply');
+  const kernel = getKernel(backend, 'ropeApply');
   if (!kernel)
     throw new TensorError('UNSUPPORTED', `applyRotaryPosEmb: no fused RoPE kernel on ${backend.device}`);
   const c3 = tableView(cos, B);

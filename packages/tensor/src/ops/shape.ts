@@ -4,7 +4,8 @@
 
 import { isGradEnabled } from '../autograd/graph.js';
 import { attachGrad, attachGradMulti, needsGrad } from '../autograd/record.js';
-import { type DType, isFloating, promoteTypes } from '../dtype.js';
+import { type Backend, getBackend } from '../backend/backend.js';
+import { DTYPES, type DType, ITEMSIZE, isFloating, promoteTypes } from '../dtype.js';
 import { argError, fmtShape, indexError, shapeError, TensorError } from '../errors.js';
 import { contiguousStrides, inferShape, normDim, type Shape, sameShape, viewStrides } from '../shape.js';
 import { Tensor } from '../tensor.js';
@@ -339,14 +340,75 @@ export function detach(x: Tensor): Tensor {
   return x.viewAs(x.shape, x.strides, x.offset);
 }
 
-/** A tensor of another dtype (a new view when the dtype is unchanged). */
-export function to(x: Tensor, dtype: DType): Tensor {
+/** Where and as what {@link to} puts a tensor: a dtype, a device, or both. */
+export interface ToOptions {
+  device?: string;
+  dtype?: DType;
+}
+
+/** A device name or a dtype name, told apart by the fixed list of dtypes. */
+function toTarget(op: string, a: DType | string | ToOptions, b?: DType): ToOptions {
+  if (typeof a === 'object' && a !== null) return a;
+  if (typeof a !== 'string')
+    throw argError(op, `expected a device, a dtype or { device, dtype }, got ${typeof a}`);
+  if (b !== undefined) {
+    if (!DTYPES.includes(b)) throw argError(op, `unknown dtype "${b}" (one of ${DTYPES.join(', ')})`);
+    return { device: a, dtype: b };
+  }
+  return (DTYPES as readonly string[]).includes(a) ? { dtype: a as DType } : { device: a };
+}
+
+/**
+ * The elements of a tensor (any strides) on another backend, same dtype, as a new contiguous
+ * tensor: through host memory (a backend to backend path would go here; a host read is the only
+ * synchronisation).
+ */
+function transfer(x: Tensor, dst: Backend): Tensor {
+  const src = x.isContiguous ? x : x.contiguous();
+  try {
+    const out = alloc(dst, x.shape, x.dtype);
+    if (out.numel > 0) {
+      const host = new Uint8Array(x.numel * ITEMSIZE[x.dtype]);
+      src.backend.read(src, host);
+      dst.write(out, host);
+    }
+    return out;
+  } finally {
+    if (src !== x) src.dispose();
+  }
+}
+
+/**
+ * PyTorch's Tensor.to: another dtype (`to('bfloat16')`), another device (`to('cuda:1')`), or both
+ * (`to('cuda', 'bfloat16')`, `to({ device, dtype })`). The same tensor (a new view) when nothing
+ * changes. Differentiable: the gradient goes back to the source device and dtype.
+ */
+export function to(x: Tensor, target: DType | string | ToOptions, dtype?: DType): Tensor {
   const backend = inputsBackend('to', x);
-  if (dtype === x.dtype) return aliasWithGrad(x);
-  const out = alloc(backend, x.shape, dtype);
-  if (out.numel > 0) backend.copy(out, x);
-  if (needsGrad(x) && isFloating(dtype)) {
-    const from = x.dtype;
+  const t = toTarget('to', target, dtype);
+  const outDtype = t.dtype ?? x.dtype;
+  if (!DTYPES.includes(outDtype))
+    throw argError('to', `unknown dtype "${outDtype}" (one of ${DTYPES.join(', ')})`);
+  const dst = t.device === undefined ? backend : getBackend(t.device);
+  if (outDtype === x.dtype && dst === backend) return aliasWithGrad(x);
+  let out: Tensor;
+  if (dst === backend) {
+    out = alloc(backend, x.shape, outDtype);
+    if (out.numel > 0) backend.copy(out, x);
+  } else if (outDtype === x.dtype) {
+    out = transfer(x, dst);
+  } else {
+    // cast where the data is, then move the cast copy
+    const cast = alloc(backend, x.shape, outDtype);
+    try {
+      if (cast.numel > 0) backend.copy(cast, x);
+      out = transfer(cast, dst);
+    } finally {
+      cast.dispose();
+    }
+  }
+  if (needsGrad(x) && isFloating(outDtype)) {
+    const from = { device: x.device, dtype: x.dtype };
     attachGrad(out, 'ToCopyBackward', [x], [], (g) => [to(g, from)]);
   }
   return out;
@@ -491,8 +553,11 @@ Object.assign(Tensor.prototype, {
   detach(this: Tensor) {
     return detach(this);
   },
-  to(this: Tensor, dtype: DType) {
-    return to(this, dtype);
+  to(this: Tensor, target: DType | string | ToOptions, dtype?: DType) {
+    return to(this, target, dtype);
+  },
+  cpu(this: Tensor) {
+    return to(this, { device: 'cpu' });
   },
   float(this: Tensor) {
     return to(this, 'float32');

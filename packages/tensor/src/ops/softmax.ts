@@ -5,6 +5,7 @@
 import { attachGrad, needsGrad } from '../autograd/record.js';
 import type { Backend } from '../backend/backend.js';
 import { defineCpuKernel, native, pack } from '../backend/cpu.js';
+import { getKernel, type KernelName, type KernelTable } from '../backend/kernels.js';
 import { type DType, isFloating } from '../dtype.js';
 import { argError, dtypeError, fmtShape, indexError, shapeError, TensorError } from '../errors.js';
 import { normDim, numel, type Shape, sameShape } from '../shape.js';
@@ -69,7 +70,7 @@ function stats(r: unknown): LossKernelStats {
   return { count, total, badRow };
 }
 
-defineCpuKernel<SoftmaxKernel>('softmax', (out, x, log) => {
+defineCpuKernel('softmax', (out, x, log) => {
   pack
     .begin()
     .tensor(out)
@@ -78,7 +79,7 @@ defineCpuKernel<SoftmaxKernel>('softmax', (out, x, log) => {
   native.softmaxForward();
 });
 
-defineCpuKernel<SoftmaxBackwardKernel>('softmaxBackward', (dx, y, g, log) => {
+defineCpuKernel('softmaxBackward', (dx, y, g, log) => {
   pack
     .begin()
     .tensor(dx)
@@ -88,7 +89,7 @@ defineCpuKernel<SoftmaxBackwardKernel>('softmaxBackward', (dx, y, g, log) => {
   native.softmaxBackward();
 });
 
-defineCpuKernel<CrossEntropyKernel>('crossEntropy', (x, target, lse, loss, ignoreIndex, labelSmoothing) => {
+defineCpuKernel('crossEntropy', (x, target, lse, loss, ignoreIndex, labelSmoothing) => {
   pack
     .begin()
     .tensor(x)
@@ -100,16 +101,13 @@ defineCpuKernel<CrossEntropyKernel>('crossEntropy', (x, target, lse, loss, ignor
   return stats(native.crossEntropyForward());
 });
 
-defineCpuKernel<CrossEntropyBackwardKernel>(
-  'crossEntropyBackward',
-  (dx, x, target, lse, gout, scale, ignoreIndex, labelSmoothing) => {
-    pack.begin().tensor(dx).tensor(x).tensor(target).tensor(lse).tensor(gout);
-    pack.num(scale).num(ignoreIndex).num(labelSmoothing);
-    native.crossEntropyBackward();
-  },
-);
+defineCpuKernel('crossEntropyBackward', (dx, x, target, lse, gout, scale, ignoreIndex, labelSmoothing) => {
+  pack.begin().tensor(dx).tensor(x).tensor(target).tensor(lse).tensor(gout);
+  pack.num(scale).num(ignoreIndex).num(labelSmoothing);
+  native.crossEntropyBackward();
+});
 
-defineCpuKernel<NllLossKernel>('nllLoss', (x, target, loss, ignoreIndex) => {
+defineCpuKernel('nllLoss', (x, target, loss, ignoreIndex) => {
   pack
     .begin()
     .tensor(x)
@@ -120,13 +118,13 @@ defineCpuKernel<NllLossKernel>('nllLoss', (x, target, loss, ignoreIndex) => {
   return stats(native.nllLossForward());
 });
 
-defineCpuKernel<NllLossBackwardKernel>('nllLossBackward', (dx, target, gout, scale, ignoreIndex) => {
+defineCpuKernel('nllLossBackward', (dx, target, gout, scale, ignoreIndex) => {
   pack.begin().tensor(dx).tensor(target).tensor(gout).num(scale).num(ignoreIndex);
   native.nllLossBackward();
 });
 
-function kernelOf<F extends (...args: never[]) => unknown>(backend: Backend, name: string, op: string): F {
-  const k = backend.kernel<F>(name);
+function kernelOf<K extends KernelName>(backend: Backend, name: K, op: string): KernelTable[K] {
+  const k = getKernel(backend, name);
   if (!k)
     throw new TensorError('UNSUPPORTED', `${op}: the ${backend.device} backend has no "${name}" kernel`);
   return k;
@@ -183,7 +181,7 @@ function softmaxOp(op: 'softmax' | 'logSoftmax', x: Tensor, dim: number): Tensor
   if (!isFloating(x.dtype)) throw dtypeError(op, `expected a floating-point input, got ${x.describe()}`);
   const d = normDim(op, dim, x.ndim);
   const log = op === 'logSoftmax';
-  const forward = kernelOf<SoftmaxKernel>(backend, 'softmax', op);
+  const forward = kernelOf(backend, 'softmax', op);
   const xr = moveLast(x, d);
   const yr = alloc(backend, xr.shape, x.dtype);
   try {
@@ -197,7 +195,7 @@ function softmaxOp(op: 'softmax' | 'logSoftmax', x: Tensor, dim: number): Tensor
   const y = moveBack(yr, d, x.shape);
   if (needsGrad(x)) {
     attachGrad(y, log ? 'LogSoftmaxBackward' : 'SoftmaxBackward', [x], [y], (g, [ys]) => {
-      const backward = kernelOf<SoftmaxBackwardKernel>(ys.backend, 'softmaxBackward', op);
+      const backward = kernelOf(ys.backend, 'softmaxBackward', op);
       const yl = moveLast(ys, d);
       const gl = moveLast(g, d, ys.dtype);
       const dxl = alloc(ys.backend, yl.shape, ys.dtype);
@@ -308,7 +306,7 @@ export function crossEntropy(input: Tensor, target: Tensor, options: CrossEntrop
   const c = classRows(op, input, target, options);
   const eps = options.labelSmoothing ?? 0;
   if (!(eps >= 0 && eps <= 1)) throw argError(op, `labelSmoothing must be in [0, 1], got ${eps}`);
-  const forward = kernelOf<CrossEntropyKernel>(c.backend, 'crossEntropy', op);
+  const forward = kernelOf(c.backend, 'crossEntropy', op);
   const xr = moveLast(input, c.cd);
   const tg = moveLast(target, Math.max(target.ndim - 1, 0));
   const lse = alloc(c.backend, [numel(c.targetShape)], input.dtype === 'float64' ? 'float64' : 'float32');
@@ -327,7 +325,7 @@ export function crossEntropy(input: Tensor, target: Tensor, options: CrossEntrop
     const inShape = input.shape;
     const dtype = input.dtype;
     attachGrad(out, 'CrossEntropyBackward', [input], [xr, tg, lse], (g, [xs, ts, ls]) => {
-      const backward = kernelOf<CrossEntropyBackwardKernel>(xs.backend, 'crossEntropyBackward', op);
+      const backward = kernelOf(xs.backend, 'crossEntropyBackward', op);
       const gc = moveLast(g, Math.max(g.ndim - 1, 0), dtype);
       const dxl = alloc(xs.backend, xs.shape, dtype);
       backward(dxl, xs, ts, ls, gc, scale, c.ignoreIndex, eps);
@@ -349,7 +347,7 @@ export function crossEntropy(input: Tensor, target: Tensor, options: CrossEntrop
 export function nllLoss(logProbs: Tensor, target: Tensor, options: NllLossOptions = {}): Tensor {
   const op = 'nllLoss';
   const c = classRows(op, logProbs, target, options);
-  const forward = kernelOf<NllLossKernel>(c.backend, 'nllLoss', op);
+  const forward = kernelOf(c.backend, 'nllLoss', op);
   const xr = moveLast(logProbs, c.cd);
   const tg = moveLast(target, Math.max(target.ndim - 1, 0));
   const rowLoss = c.reduction === 'none' ? alloc(c.backend, c.targetShape, logProbs.dtype) : null;
@@ -370,7 +368,7 @@ export function nllLoss(logProbs: Tensor, target: Tensor, options: NllLossOption
     const dtype = logProbs.dtype;
     const rowShape = [...c.targetShape, c.classes];
     attachGrad(out, 'NllLossBackward', [logProbs], [tg], (g, [ts]) => {
-      const backward = kernelOf<NllLossBackwardKernel>(ts.backend, 'nllLossBackward', op);
+      const backward = kernelOf(ts.backend, 'nllLossBackward', op);
       const gc = moveLast(g, Math.max(g.ndim - 1, 0), dtype);
       const dxl = alloc(ts.backend, rowShape, dtype);
       backward(dxl, ts, gc, scale, c.ignoreIndex);

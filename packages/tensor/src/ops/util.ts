@@ -1,5 +1,5 @@
 import type { Backend } from '../backend/backend.js';
-import { getBackend } from '../backend/backend.js';
+import { getBackend, getDefaultDevice } from '../backend/backend.js';
 import type { DType } from '../dtype.js';
 import { TensorError } from '../errors.js';
 import type { Shape } from '../shape.js';
@@ -12,7 +12,7 @@ export interface CreateOptions {
 }
 
 export function backendFor(device: string | undefined): Backend {
-  return getBackend(device ?? 'cpu');
+  return getBackend(device ?? getDefaultDevice());
 }
 
 /** Checks that every input is alive and on one device; returns that device's backend. */

@@ -5,7 +5,7 @@ import { TensorError } from '../errors.js';
 import { keep } from '../scope.js';
 import { sameShape } from '../shape.js';
 import { Tensor } from '../tensor.js';
-import { type AdamWKernel, dense, kernelFor, release } from './kernels.js';
+import { dense, kernelFor, release } from './kernels.js';
 import { Optimizer, type ParamGroup, type ParamState, type ParamsInput } from './optimizer.js';
 
 /** Hyperparameters of AdamW (torch defaults, except weightDecay = 0.01 as in torch.optim.AdamW). */
@@ -77,7 +77,7 @@ export class AdamW extends Optimizer<AdamWGroup, AdamWState> {
         st.step += 1;
         const bc1 = 1 - beta1 ** st.step;
         const bc2 = 1 - beta2 ** st.step;
-        const kernel = kernelFor<AdamWKernel>(p, 'adamwStep');
+        const kernel = kernelFor(p, 'adamwStep');
         const pd = dense(p);
         const gd = dense(grad, grad.dtype === p.dtype || grad.dtype === 'float32' ? grad.dtype : p.dtype);
         kernel(pd, gd, st.expAvg, st.expAvgSq, {

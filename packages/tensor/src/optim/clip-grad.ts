@@ -4,7 +4,7 @@
 import { isFloating } from '../dtype.js';
 import { TensorError } from '../errors.js';
 import { Tensor } from '../tensor.js';
-import { dense, kernelFor, type NormPowerSumKernel, release } from './kernels.js';
+import { dense, kernelFor, release } from './kernels.js';
 
 /** Options of clipGradNorm. */
 export interface ClipGradNormOptions {
@@ -36,7 +36,7 @@ export function getTotalNorm(tensors: Iterable<Tensor>, normType = 2): number {
         `getTotalNorm: expected floating-point tensors, got ${t.describe()}`,
       );
     if (t.numel === 0) continue;
-    const kernel = kernelFor<NormPowerSumKernel>(t, 'normPowerSum');
+    const kernel = kernelFor(t, 'normPowerSum');
     const d = dense(t);
     const s = kernel(d, normType);
     release(d, t, false);

@@ -2,6 +2,7 @@
 // to call a backend's kernel with contiguous operands. Other backends provide the same names
 // through Backend.kernel().
 import { defineCpuKernel, native, pack } from '../backend/cpu.js';
+import { getKernel, type KernelName, type KernelTable } from '../backend/kernels.js';
 import type { DType } from '../dtype.js';
 import { TensorError } from '../errors.js';
 import { untrackTensor } from '../scope.js';
@@ -34,13 +35,17 @@ export type NormPowerSumKernel = (t: Tensor, p: number) => number;
 /** Multiplies t by invScale in place; returns whether t held a non-finite value. */
 export type UnscaleCheckKernel = (t: Tensor, invScale: number) => boolean;
 
-const call = (name: string): (() => unknown) => native[name] as () => unknown;
+// looked up at call time: the addon loads with the first CPU tensor, not with this module
+const call =
+  (name: string): (() => unknown) =>
+  () =>
+    (native[name] as () => unknown)();
 const adamwStep = call('adamwStep');
 const sgdStep = call('sgdStep');
 const normPowerSum = call('normPowerSum');
 const unscaleCheck = call('unscaleCheck');
 
-defineCpuKernel<AdamWKernel>('adamwStep', (p, g, m, v, s) => {
+defineCpuKernel('adamwStep', (p, g, m, v, s) => {
   pack
     .begin()
     .tensor(p)
@@ -58,7 +63,7 @@ defineCpuKernel<AdamWKernel>('adamwStep', (p, g, m, v, s) => {
   adamwStep();
 });
 
-defineCpuKernel<SgdKernel>('sgdStep', (p, g, buf, s) => {
+defineCpuKernel('sgdStep', (p, g, buf, s) => {
   pack
     .begin()
     .tensor(p)
@@ -75,19 +80,19 @@ defineCpuKernel<SgdKernel>('sgdStep', (p, g, buf, s) => {
   sgdStep();
 });
 
-defineCpuKernel<NormPowerSumKernel>('normPowerSum', (t, p) => {
+defineCpuKernel('normPowerSum', (t, p) => {
   pack.begin().tensor(t).num(p);
   return normPowerSum() as number;
 });
 
-defineCpuKernel<UnscaleCheckKernel>('unscaleCheck', (t, invScale) => {
+defineCpuKernel('unscaleCheck', (t, invScale) => {
   pack.begin().tensor(t).num(invScale);
   return (unscaleCheck() as number) !== 0;
 });
 
 /** The named kernel of a tensor's backend, or a clear error when the backend lacks it. */
-export function kernelFor<F extends (...args: never[]) => unknown>(t: Tensor, name: string): F {
-  const k = t.backend.kernel<F>(name);
+export function kernelFor<K extends KernelName>(t: Tensor, name: K): KernelTable[K] {
+  const k = getKernel(t.backend, name);
   if (!k) throw new TensorError('UNSUPPORTED', `${name}: backend "${t.device}" has no ${name} kernel`);
   return k;
 }

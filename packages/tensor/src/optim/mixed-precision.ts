@@ -10,7 +10,7 @@ import { Tensor } from '../tensor.js';
 import { AdamW, type AdamWOptions } from './adamw.js';
 import { clipTensorsWithNorm, getTotalNorm } from './clip-grad.js';
 import type { GradScaler, GradScalerState } from './grad-scaler.js';
-import { kernelFor, type UnscaleCheckKernel } from './kernels.js';
+import { kernelFor } from './kernels.js';
 import type { SchedulableOptimizer } from './lr-scheduler.js';
 import {
   type Optimizer,
@@ -166,7 +166,7 @@ export class MixedPrecisionOptimizer implements SchedulableOptimizer {
       let found = false;
       for (const g of this.mainGrads) {
         // every tensor must be unscaled, so no early exit
-        if (g.numel > 0 && kernelFor<UnscaleCheckKernel>(g, 'unscaleCheck')(g, inv)) found = true;
+        if (g.numel > 0 && kernelFor(g, 'unscaleCheck')(g, inv)) found = true;
       }
       this.lossScaler?.update(found);
       if (found) {

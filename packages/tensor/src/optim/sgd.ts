@@ -5,7 +5,7 @@ import { TensorError } from '../errors.js';
 import { keep } from '../scope.js';
 import { sameShape } from '../shape.js';
 import { Tensor } from '../tensor.js';
-import { dense, kernelFor, release, type SgdKernel } from './kernels.js';
+import { dense, kernelFor, release } from './kernels.js';
 import { Optimizer, type ParamGroup, type ParamState, type ParamsInput } from './optimizer.js';
 
 /** Hyperparameters of SGD. */
@@ -71,7 +71,7 @@ export class SGD extends Optimizer<SGDGroup, SGDState> {
           st = { momentumBuffer: null };
           this.state.set(p, st);
         }
-        const kernel = kernelFor<SgdKernel>(p, 'sgdStep');
+        const kernel = kernelFor(p, 'sgdStep');
         let buf: Tensor | null = null;
         const first = group.momentum !== 0 && !st.momentumBuffer;
         if (group.momentum !== 0) {

@@ -1,0 +1,515 @@
+// Compositions of the named kernels (KernelTable) from core ops, for backends that lack their own:
+// each writes exactly what the kernel's contract says, computed with ops that every backend runs
+// through its core kernels (copy, fill, unary, binary, reduce, gemm, ...). Registered with
+// defineFallbackKernel; ops find them through getKernel.
+//
+// Rules every composition here follows:
+//  - it uses only ops that reach the backend through its core methods or the indexing kernels
+//    (gather runs on gatherAlong), never an op that looks up one of the kernels defined here
+//    (softmax, crossEntropy, layerNorm, applyRotaryPosEmb, scaledDotProductAttention, ...), so
+//    no fallback can end up calling itself;
+//  - it computes in float32 for 16/32-bit floats and in float64 for float64, as the native CPU
+//    kernels do: 16-bit inputs are widened first and each result is rounded to its storage
+//    dtype once, when it is copied into the kernel's output;
+//  - it runs under noGrad inside a tidy scope, so every temporary is freed before it returns and
+//    the caller's tensors (inputs and outputs) are only read or written in place.
+// Only module-level registration happens at import time: no op runs before a kernel is called.
+
+import { noGrad } from '../autograd/graph.js';
+import type { DType } from '../dtype.js';
+import type { AttentionKernelOptions } from '../ops/attention.js';
+import { arange, full } from '../ops/creation.js';
+import {
+  abs,
+  add,
+  div,
+  eq,
+  exp,
+  ge,
+  gt,
+  isinf,
+  isnan,
+  le,
+  log,
+  logicalAnd,
+  logicalNot,
+  logicalOr,
+  lt,
+  mul,
+  ne,
+  neg,
+  pow,
+  reciprocal,
+  rsqrt,
+  sqrt,
+  square,
+  sub,
+  where,
+} from '../ops/elementwise.js';
+import { gather } from '../ops/indexing.js';
+import { matmul } from '../ops/matmul.js';
+import { amax, argmax, sum } from '../ops/reduce.js';
+import { expand, narrow, reshape, to, transpose, unsqueeze } from '../ops/shape.js';
+import type { LossKernelStats } from '../ops/softmax.js';
+import { tidy } from '../scope.js';
+import type { Tensor } from '../tensor.js';
+import { defineFallbackKernel, type KernelName, type KernelTable } from './kernels.js';
+
+// ---- registry -----------------------------------------------------------------------------------
+
+const table: Partial<KernelTable> = {};
+
+/** The compositions defined in this file, by kernel name (for tests and for backends that wrap them). */
+export const FALLBACK_KERNELS: Readonly<Partial<KernelTable>> = table;
+
+/** The composition of a named kernel from core ops; throws when this file defines none. */
+export function fallbackKernel<K extends KernelName>(name: K): KernelTable[K] {
+  const k = table[name];
+  if (!k) throw new Error(`fallbackKernel: no composition is defined for "${name}"`);
+  return k as KernelTable[K];
+}
+
+function register<K extends KernelName>(name: K, fn: KernelTable[K]): void {
+  table[name] = fn;
+  defineFallbackKernel(name, fn);
+}
+
+// ---- helpers ------------------------------------------------------------------------------------
+
+type Compute = 'float32' | 'float64';
+
+/** The arithmetic dtype of the native kernels: float64 for float64 data, float32 otherwise. */
+const computeOf = (d: DType): Compute => (d === 'float64' ? 'float64' : 'float32');
+
+/** A number rounded as the compute type stores it. */
+const asCompute = (v: number, c: Compute): number => (c === 'float32' ? Math.fround(v) : v);
+
+/** Size of the last dimension (1 for a 0-d tensor, which the kernels treat as one element). */
+const lastDim = (t: Tensor): number => (t.ndim === 0 ? 1 : t.shape[t.ndim - 1]);
+
+/** Runs fn without recording the graph and frees every tensor it created. */
+function run<T>(fn: () => T): T {
+  return tidy(() => noGrad(fn));
+}
+
+/** Writes src (any layout with dst's element count) into dst, casting to dst's dtype. */
+function store(dst: Tensor, src: Tensor): void {
+  if (dst.numel === 0) return;
+  dst.copy_(reshape(src, dst.shape));
+}
+
+/** x / v as a true division by v rounded to x's dtype (div(x, number) multiplies by 1 / v). */
+function divBy(x: Tensor, v: number): Tensor {
+  return div(x, full([], v, { dtype: x.dtype, device: x.device }));
+}
+
+/** 0, 1, ..., n - 1 as an int64 row [1, n] on t's device. */
+function columns(t: Tensor, n: number): Tensor {
+  return reshape(arange(0, n, 1, { dtype: 'int64', device: t.device }), [1, n]);
+}
+
+/**
+ * Class-index targets as the loss kernels check them before anything is written: the number of
+ * rows that are not ignored and the first row whose target is neither ignoreIndex nor in
+ * [0, classes). With a bad row the count covers the rows before it only, as the native scan stops
+ * there; total is 0 in both cases (the caller fills it in).
+ */
+function checkTargets(t: Tensor, classes: number, ignoreIndex: number): LossKernelStats {
+  const ignored = eq(t, ignoreIndex);
+  const bad = logicalAnd(logicalNot(ignored), logicalOr(lt(t, 0), ge(t, classes)));
+  if (sum(bad).item() === 0) return { count: t.numel - sum(ignored).item(), total: 0, badRow: -1 };
+  const badRow = argmax(bad).item();
+  const before = narrow(logicalNot(ignored), 0, 0, badRow);
+  return { count: sum(before).item(), total: 0, badRow };
+}
+
+/** Rows [rows, 1] whose target is a real class: not ignoreIndex and within [0, classes). */
+function validTargets(t: Tensor, classes: number, ignoreIndex: number): Tensor {
+  return logicalAnd(ne(t, ignoreIndex), logicalAnd(ge(t, 0), lt(t, classes)));
+}
+
+/** The upstream gradient of a loss as a column: one value per row, or one for all rows. */
+function rowGrad(gout: Tensor, rows: number, c: Compute): Tensor {
+  return reshape(to(gout, c), [gout.numel === 1 ? 1 : rows, 1]);
+}
+
+// ---- softmax / log-softmax --------------------------------------------------------------------
+
+// y = exp(x - max) / sum, or (x - max) - log(sum) for log-softmax, per row of the last dimension.
+// A row whose maximum is -inf (fully masked) gives zeros (log-softmax: -inf) instead of NaN; a
+// NaN anywhere in a row makes the whole row NaN.
+register('softmax', (out, x, logOut) => {
+  if (x.numel === 0) return;
+  run(() => {
+    const c = computeOf(x.dtype);
+    const xs = reshape(to(x, c), [-1, lastDim(x)]);
+    const m = amax(xs, 1, true);
+    const dead = eq(m, Number.NEGATIVE_INFINITY);
+    const shifted = sub(xs, where(dead, 0, m));
+    const e = exp(shifted);
+    const s = sum(e, 1, true);
+    const y = logOut
+      ? where(dead, Number.NEGATIVE_INFINITY, sub(shifted, log(s)))
+      : where(dead, 0, mul(e, reciprocal(s)));
+    store(out, y);
+  });
+});
+
+// softmax: dx = y * (g - sum(g * y)); log-softmax: dx = g - exp(y) * sum(g). A log-softmax row
+// that is -inf everywhere (a fully masked row) gets a zero gradient.
+register('softmaxBackward', (dx, y, g, logOut) => {
+  if (y.numel === 0) return;
+  run(() => {
+    const c = computeOf(y.dtype);
+    const n = lastDim(y);
+    const ys = reshape(to(y, c), [-1, n]);
+    const gs = reshape(to(g, c), [-1, n]);
+    let r: Tensor;
+    if (!logOut) {
+      const dot = sum(mul(gs, ys), 1, true);
+      r = mul(ys, sub(gs, dot));
+    } else {
+      const total = sum(gs, 1, true);
+      const dead = eq(amax(ys, 1, true), Number.NEGATIVE_INFINITY);
+      r = where(dead, 0, sub(gs, mul(exp(ys), total)));
+    }
+    store(dx, r);
+  });
+});
+
+// ---- cross-entropy ----------------------------------------------------------------------------
+
+// Per row r with target t: lse = max + log(sum(exp(x - max))), loss = lse - (1 - eps) x[t] -
+// eps * mean(x). Ignored rows get lse 0 and loss 0. The total adds the float (or double) row
+// losses in double, before they are rounded to the loss dtype. A bad target writes nothing.
+register('crossEntropy', (x, target, lse, loss, ignoreIndex, labelSmoothing) =>
+  run((): LossKernelStats => {
+    const n = lastDim(x);
+    const rows = n === 0 ? 0 : x.numel / n;
+    if (rows === 0) return { count: 0, total: 0, badRow: -1 };
+    const t = reshape(target, [rows]);
+    const stats = checkTargets(t, n, ignoreIndex);
+    if (stats.badRow >= 0) return stats;
+    const c = computeOf(x.dtype);
+    const xs = reshape(to(x, c), [rows, n]);
+    const ignored = unsqueeze(eq(t, ignoreIndex), 1);
+    // ignored rows read column 0 so that gather never sees an out-of-range index
+    const col = where(ignored, 0, unsqueeze(t, 1));
+    const m = amax(xs, 1, true);
+    const l = add(m, log(sum(exp(sub(xs, m)), 1, true)));
+    // (1 - eps) is formed in the compute type from the rounded eps, as the kernel does
+    const eps = asCompute(labelSmoothing, c);
+    let value = sub(l, mul(gather(xs, 1, col), asCompute(1 - eps, c)));
+    if (labelSmoothing !== 0) value = sub(value, divBy(mul(sum(xs, 1, true), eps), n));
+    value = where(ignored, 0, value);
+    store(lse, where(ignored, 0, l));
+    if (loss) store(loss, value);
+    return { count: stats.count, total: sum(to(value, 'float64')).item(), badRow: -1 };
+  }),
+);
+
+// dx[r, j] = (softmax[r, j] - eps / C - (1 - eps) [j == t_r]) * gout[r] * scale, with the softmax
+// recomputed from the saved lse; rows whose target is ignored (or out of range) get zeros.
+register('crossEntropyBackward', (dx, x, target, lse, gout, scale, ignoreIndex, labelSmoothing) => {
+  if (x.numel === 0) return;
+  run(() => {
+    const c = computeOf(x.dtype);
+    const n = lastDim(x);
+    const rows = x.numel / n;
+    const xs = reshape(to(x, c), [rows, n]);
+    const t = reshape(target, [rows, 1]);
+    const p = exp(sub(xs, reshape(to(lse, c), [rows, 1])));
+    const off = sub(p, labelSmoothing / n);
+    const d = where(eq(columns(x, n), t), sub(off, 1 - labelSmoothing), off);
+    const gs = mul(rowGrad(gout, rows, c), scale);
+    store(dx, where(validTargets(t, n, ignoreIndex), mul(d, gs), 0));
+  });
+});
+
+// ---- NLL --------------------------------------------------------------------------------------
+
+// Row loss -x[r, t_r] (0 on ignored rows), taken exactly from x's dtype; the total adds them in
+// double. A bad target writes nothing.
+register('nllLoss', (x, target, loss, ignoreIndex) =>
+  run((): LossKernelStats => {
+    const n = lastDim(x);
+    const rows = n === 0 ? 0 : x.numel / n;
+    if (rows === 0) return { count: 0, total: 0, badRow: -1 };
+    const t = reshape(target, [rows]);
+    const stats = checkTargets(t, n, ignoreIndex);
+    if (stats.badRow >= 0) return stats;
+    const ignored = unsqueeze(eq(t, ignoreIndex), 1);
+    const col = where(ignored, 0, unsqueeze(t, 1));
+    const value = where(ignored, 0, neg(gather(reshape(x, [rows, n]), 1, col)));
+    if (loss) store(loss, value);
+    return { count: stats.count, total: sum(to(value, 'float64')).item(), badRow: -1 };
+  }),
+);
+
+// dx[r, t_r] = -gout[r] * scale, zero elsewhere and on rows whose target is ignored or out of range.
+register('nllLossBackward', (dx, target, gout, scale, ignoreIndex) => {
+  if (dx.numel === 0) return;
+  run(() => {
+    const c = computeOf(dx.dtype);
+    const n = lastDim(dx);
+    const rows = dx.numel / n;
+    const t = reshape(target, [rows, 1]);
+    const hit = logicalAnd(eq(columns(dx, n), t), validTargets(t, n, ignoreIndex));
+    store(dx, where(hit, mul(neg(rowGrad(gout, rows, c)), scale), 0));
+  });
+});
+
+// ---- LayerNorm / RMSNorm ----------------------------------------------------------------------
+
+// Per row of n elements: mean (LayerNorm only; RMSNorm uses 0), rstd = 1 / sqrt(mean((x -
+// mean)^2) + eps), y = (x - mean) * rstd * weight + bias. mean (when given) and rstd are written
+// in the compute type; mean is 0 for RMSNorm.
+register('normRows', (y, x, weight, bias, mean, rstd, n, eps, center) => {
+  const rows = n > 0 ? x.numel / n : 0;
+  if (rows === 0) return;
+  run(() => {
+    const c = computeOf(x.dtype);
+    const xs = reshape(to(x, c), [rows, n]);
+    const mu = center ? mul(sum(xs, 1, true), 1 / n) : null;
+    const d = mu ? sub(xs, mu) : xs;
+    const rs = rsqrt(add(mul(sum(mul(d, d), 1, true), 1 / n), eps));
+    let out = mul(d, rs);
+    if (weight) out = mul(out, reshape(to(weight, c), [1, n]));
+    if (bias) out = add(out, reshape(to(bias, c), [1, n]));
+    store(y, out);
+    if (mean) {
+      if (mu) store(mean, mu);
+      else mean.fill_(0);
+    }
+    store(rstd, rs);
+  });
+});
+
+// With xhat = (x - mean) * rstd and dy = g * weight:
+//   dx = rstd * (dy - mean(dy) - xhat * mean(dy * xhat))   (RMSNorm: no mean(dy) term)
+//   dweight = sum over rows of g * xhat, dbias = sum over rows of g.
+// The saved mean is subtracted whenever it is passed, as the kernel does.
+register('normRowsBackward', (dx, g, x, weight, mean, rstd, dweight, dbias, n, center) => {
+  const rows = n > 0 ? x.numel / n : 0;
+  run(() => {
+    if (rows === 0) {
+      dweight?.fill_(0);
+      dbias?.fill_(0);
+      return;
+    }
+    const c = computeOf(x.dtype);
+    const xs = reshape(to(x, c), [rows, n]);
+    const gs = reshape(to(g, c), [rows, n]);
+    const rs = reshape(to(rstd, c), [rows, 1]);
+    const d = mean ? sub(xs, reshape(to(mean, c), [rows, 1])) : xs;
+    const dy = weight ? mul(gs, reshape(to(weight, c), [1, n])) : gs;
+    const k2 = mul(mul(sum(mul(dy, d), 1, true), rs), 1 / n);
+    const xhat = mul(d, rs);
+    const centred = center ? sub(dy, mul(sum(dy, 1, true), 1 / n)) : dy;
+    store(dx, mul(rs, sub(centred, mul(xhat, k2))));
+    if (dweight) store(dweight, sum(mul(gs, xhat), 0));
+    if (dbias) store(dbias, sum(gs, 0));
+  });
+});
+
+// ---- RoPE -------------------------------------------------------------------------------------
+
+// x [B, H, S, D], cos/sin [B, S, R] (any strides, batch stride 0 for shared tables). With
+// halves x1 = x[:R/2], x2 = x[R/2:R] and the matching halves c1, c2, s1, s2 of cos and sin:
+//   forward  y1 = x1 c1 - x2 s1,  y2 = x2 c2 + x1 s2
+//   inverse  y1 = x1 c1 + x2 s2,  y2 = x2 c2 - x1 s1   (the transpose: the gradient w.r.t. x)
+// Channels R..D are copied unchanged. Arithmetic is in float64 when x or the tables are float64.
+register('ropeApply', (out, x, cos, sin, inverse) => {
+  if (x.numel === 0) return;
+  run(() => {
+    const c: Compute = x.dtype === 'float64' || cos.dtype === 'float64' ? 'float64' : 'float32';
+    const D = x.shape[3];
+    const R = cos.shape[2];
+    const half = R / 2;
+    const xs = to(x, c);
+    const x1 = narrow(xs, 3, 0, half);
+    const x2 = narrow(xs, 3, half, half);
+    // [B, S, R] -> [B, 1, S, R]: one table row per (batch, position), shared by the heads
+    const cs = unsqueeze(to(cos, c), 1);
+    const sn = unsqueeze(to(sin, c), 1);
+    const c1 = narrow(cs, 3, 0, half);
+    const c2 = narrow(cs, 3, half, half);
+    const s1 = narrow(sn, 3, 0, half);
+    const s2 = narrow(sn, 3, half, half);
+    const y1 = inverse ? add(mul(x1, c1), mul(x2, s2)) : sub(mul(x1, c1), mul(x2, s1));
+    const y2 = inverse ? sub(mul(x2, c2), mul(x1, s1)) : add(mul(x2, c2), mul(x1, s2));
+    store(narrow(out, 3, 0, half), y1);
+    store(narrow(out, 3, half, half), y2);
+    if (R < D) store(narrow(out, 3, R, D - R), narrow(x, 3, R, D - R));
+  });
+});
+
+// ---- attention --------------------------------------------------------------------------------
+
+/** A kv tensor [B, Hkv, S, X] repeated to [B, Hkv * group, S, X] (query head h reads kv head h / group). */
+function repeatHeads(t: Tensor, group: number): Tensor {
+  if (group === 1) return t;
+  const [B, H, S, X] = t.shape;
+  return reshape(expand(unsqueeze(t, 2), [B, H, group, S, X]), [B, H * group, S, X]);
+}
+
+/** Gradients [B, Hkv * group, S, X] of repeated kv heads, summed back to [B, Hkv, S, X]. */
+function sumHeads(t: Tensor, group: number): Tensor {
+  if (group === 1) return t;
+  const [B, H, S, X] = t.shape;
+  return sum(reshape(t, [B, H / group, group, S, X]), 2);
+}
+
+/**
+ * Which keys each query may attend to, broadcastable to [B, Hq, Sq, Sk], or null when all:
+ * causal (key j <= query i, top-left aligned), the packed sequence of cuSeqlens (query and key
+ * in the same sequence) and a boolean mask (true = attend) combined with AND.
+ */
+function allowedKeys(o: AttentionKernelOptions, ref: Tensor, Sq: number, Sk: number): Tensor | null {
+  let allowed: Tensor | null = null;
+  const both = (m: Tensor): void => {
+    allowed = allowed ? logicalAnd(allowed, m) : m;
+  };
+  const rowIds = (len: number): Tensor => arange(0, len, 1, { dtype: 'int64', device: ref.device });
+  if (o.causal) both(le(reshape(rowIds(Sk), [1, Sk]), reshape(rowIds(Sq), [Sq, 1])));
+  if (o.cuSeqlens) {
+    // sequence id of token i: how many sequence starts cu[s] are <= i (cu[0] = 0 counts for all)
+    const starts = reshape(to(o.cuSeqlens, 'int64'), [1, o.cuSeqlens.numel]);
+    const seq = sum(le(starts, reshape(rowIds(Sq), [Sq, 1])), 1);
+    both(eq(reshape(seq, [Sq, 1]), reshape(seq, [1, Sq])));
+  }
+  if (o.mask && o.mask.dtype === 'bool') both(o.mask);
+  return allowed;
+}
+
+/** Scaled scores q k^T * scale [B, Hq, Sq, Sk] in the compute type, plus an additive mask. */
+function scores(q: Tensor, k: Tensor, o: AttentionKernelOptions): Tensor {
+  const s = mul(matmul(q, transpose(k, 2, 3)), o.scale);
+  return o.mask && o.mask.dtype !== 'bool' ? add(s, to(o.mask, s.dtype as Compute)) : s;
+}
+
+// out = softmax(scores over the allowed keys) v per query row, lse = max + log(sum); a row with
+// nothing to attend to (no allowed key, or every score -inf) gives zeros and lse = -inf.
+register('attentionForward', (out, lse, q, k, v, opts) => {
+  if (out.numel === 0) return;
+  run(() => {
+    const c = computeOf(q.dtype);
+    const [, Hq, Sq] = q.shape;
+    const [, Hkv, Sk] = k.shape;
+    if (Sk === 0) {
+      out.fill_(0);
+      lse.fill_(Number.NEGATIVE_INFINITY);
+      return;
+    }
+    const group = Hq / Hkv;
+    const ks = repeatHeads(to(k, c), group);
+    const vs = repeatHeads(to(v, c), group);
+    let s = scores(to(q, c), ks, opts);
+    const allowed = allowedKeys(opts, q, Sq, Sk);
+    if (allowed) s = where(allowed, s, Number.NEGATIVE_INFINITY);
+    const m = amax(s, 3, true);
+    const p = exp(sub(s, where(eq(m, Number.NEGATIVE_INFINITY), 0, m)));
+    const l = sum(p, 3, true);
+    const some = gt(l, 0);
+    store(out, mul(matmul(p, vs), where(some, reciprocal(l), 0)));
+    store(lse, where(some, add(m, log(l)), Number.NEGATIVE_INFINITY));
+  });
+});
+
+// With P recomputed from the saved lse (0 outside the allowed keys and on rows with lse = -inf),
+// delta = rowsum(dO * O), dS = P * (dO V^T - delta):
+//   dq = scale dS K,  dk = scale dS^T Q,  dv = P^T dO
+// where dk and dv add up the query heads that share a kv head.
+register('attentionBackward', (dq, dk, dv, g, q, k, v, out, lse, opts) => {
+  if (dq.numel + dk.numel + dv.numel === 0) return;
+  run(() => {
+    const c = computeOf(q.dtype);
+    const [, Hq, Sq] = q.shape;
+    const [, Hkv, Sk] = k.shape;
+    if (Sq === 0 || Sk === 0) {
+      for (const t of [dq, dk, dv]) if (t.numel > 0) t.fill_(0);
+      return;
+    }
+    const group = Hq / Hkv;
+    const qs = to(q, c);
+    const ks = repeatHeads(to(k, c), group);
+    const vs = repeatHeads(to(v, c), group);
+    const gs = to(g, c);
+    const L = unsqueeze(to(lse, c), 3);
+    let keep = ne(L, Number.NEGATIVE_INFINITY);
+    const allowed = allowedKeys(opts, q, Sq, Sk);
+    if (allowed) keep = logicalAnd(keep, allowed);
+    const p = where(keep, exp(sub(scores(qs, ks, opts), L)), 0);
+    const delta = sum(mul(gs, to(out, c)), 3, true);
+    const dS = mul(p, sub(matmul(gs, transpose(vs, 2, 3)), delta));
+    store(dq, mul(matmul(dS, ks), opts.scale));
+    store(dk, sumHeads(mul(matmul(transpose(dS, 2, 3), qs), opts.scale), group));
+    store(dv, sumHeads(matmul(transpose(p, 2, 3), gs), group));
+  });
+});
+
+// ---- optimizers -------------------------------------------------------------------------------
+
+/** t as a flat vector in the compute type (a view when it already has that dtype). */
+const flat = (t: Tensor, c: Compute): Tensor => reshape(to(t, c), [-1]);
+
+// torch.optim.AdamW's update in the kernel's order of operations, with every scalar rounded to
+// the compute type: p = p * decay + negStep * m / (sqrt(v) / bc2Sqrt + eps), after
+// m = m * beta1 + (1 - beta1) g and v = v * beta2 + (1 - beta2) g g.
+register('adamwStep', (p, g, m, v, s) => {
+  if (p.numel === 0) return;
+  run(() => {
+    const c = computeOf(p.dtype);
+    const ps = flat(p, c);
+    const gs = flat(g, c);
+    const decayed = mul(ps, s.decay);
+    const mi = add(mul(flat(m, c), s.beta1), mul(gs, 1 - s.beta1));
+    const vi = add(mul(flat(v, c), s.beta2), mul(mul(gs, 1 - s.beta2), gs));
+    const denom = add(divBy(sqrt(vi), s.bc2Sqrt), s.eps);
+    const next = add(decayed, div(mul(mi, s.negStep), denom));
+    store(m, mi);
+    store(v, vi);
+    store(p, next);
+  });
+});
+
+// torch.optim.SGD: d = g + weightDecay p; with a buffer, b = first ? d : b * momentum +
+// (1 - dampening) d and d = nesterov ? d + momentum b : b; then p = p - lr d.
+register('sgdStep', (p, g, buf, s) => {
+  if (p.numel === 0) return;
+  run(() => {
+    const c = computeOf(p.dtype);
+    const ps = flat(p, c);
+    let d = flat(g, c);
+    if (s.weightDecay !== 0) d = add(d, mul(ps, s.weightDecay));
+    if (buf) {
+      const b = s.first ? d : add(mul(flat(buf, c), s.momentum), mul(d, 1 - s.dampening));
+      store(buf, b);
+      d = s.nesterov ? add(d, mul(b, s.momentum)) : b;
+    }
+    store(p, add(ps, mul(d, -s.lr)));
+  });
+});
+
+// sum(|x|^p) accumulated in double (max |x| for p = +-Infinity); NaN propagates; 0 when empty.
+register('normPowerSum', (t, p) => {
+  if (t.numel === 0) return 0;
+  return run(() => {
+    const a = abs(to(t, 'float64'));
+    if (Math.abs(p) === Number.POSITIVE_INFINITY) return amax(a).item();
+    if (p === 2) return sum(square(a)).item();
+    if (p === 1) return sum(a).item();
+    return sum(pow(a, p)).item();
+  });
+});
+
+// Whether t holds inf or NaN (checked before scaling); t is multiplied by invScale in place
+// (in its own dtype's arithmetic) unless invScale is 1.
+register('unscaleCheck', (t, invScale) => {
+  if (t.numel === 0) return false;
+  return run(() => {
+    const found = sum(logicalOr(isnan(t), isinf(t))).item() > 0;
+    if (invScale !== 1) t.copy_(mul(t, invScale));
+    return found;
+  });
+});

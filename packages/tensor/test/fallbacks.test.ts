@@ -1,0 +1,1087 @@
+// The compositions of src/backend/fallbacks.ts against the native CPU kernels: each kernel runs
+// both ways on the same inputs (odd sizes, float32 / bfloat16 / float64, every option) and every
+// output buffer and return value must agree. Then: no fallback leaks a storage, and the ops run
+// end to end on a backend that only has the core and indexing kernels (so they use the fallbacks).
+import { describe, expect, it } from 'vitest';
+import { cpuBackend } from '../src/backend/cpu.js';
+import { FALLBACK_KERNELS, fallbackKernel } from '../src/backend/fallbacks.js';
+import { getKernel, hasNativeKernel, type KernelName, type KernelTable } from '../src/backend/kernels.js';
+import {
+  AdamW,
+  type AttentionKernelOptions,
+  applyRotaryPosEmb,
+  type Backend,
+  crossEntropy,
+  type DType,
+  expand,
+  getBackend,
+  getTotalNorm,
+  layerNorm,
+  logSoftmax,
+  memoryStats,
+  nllLoss,
+  registerBackendType,
+  rmsNorm,
+  SGD,
+  scaledDotProductAttention,
+  softmax,
+  type Tensor,
+  tensor,
+  tidy,
+  transpose,
+  unsqueeze,
+} from '../src/index.js';
+
+const NINF = Number.NEGATIVE_INFINITY;
+const INF = Number.POSITIVE_INFINITY;
+
+/** The kernels that src/backend/fallbacks.ts must compose. */
+const COMPOSED: KernelName[] = [
+  'softmax',
+  'softmaxBackward',
+  'crossEntropy',
+  'crossEntropyBackward',
+  'nllLoss',
+  'nllLossBackward',
+  'normRows',
+  'normRowsBackward',
+  'ropeApply',
+  'attentionForward',
+  'attentionBackward',
+  'adamwStep',
+  'sgdStep',
+  'normPowerSum',
+  'unscaleCheck',
+];
+
+function nativeKernel<K extends KernelName>(name: K): KernelTable[K] {
+  const k = cpuBackend.kernel(name);
+  if (!k) throw new Error(`no native CPU kernel ${name}`);
+  return k;
+}
+
+// ---- deterministic inputs -----------------------------------------------------------------------
+
+/** A small seeded generator (mulberry32) with normal samples, so that inputs do not depend on Philox. */
+function rng(seed: number) {
+  let s = seed >>> 0;
+  const uniform = (): number => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  const normal = (): number => {
+    const u = Math.max(uniform(), 1e-12);
+    return Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * uniform());
+  };
+  return { uniform, normal, int: (lo: number, hi: number) => lo + Math.floor(uniform() * (hi - lo)) };
+}
+
+type Rng = ReturnType<typeof rng>;
+
+const numel = (shape: readonly number[]): number => shape.reduce((a, b) => a * b, 1);
+
+/** A tensor of `dtype` from values f(i) (computed in double, rounded once to the dtype). */
+function make(shape: readonly number[], dtype: DType, f: (i: number) => number): Tensor {
+  const vals = new Float64Array(numel(shape));
+  for (let i = 0; i < vals.length; i++) vals[i] = f(i);
+  return tensor(vals, { shape: [...shape], dtype });
+}
+
+const randnT = (r: Rng, shape: readonly number[], dtype: DType, scale = 1, shift = 0): Tensor =>
+  make(shape, dtype, () => shift + scale * r.normal());
+
+/** Output buffers start with the same sentinel, so "left unwritten" compares equal too. */
+const sentinel = (shape: readonly number[], dtype: DType): Tensor => make(shape, dtype, () => 7.25);
+
+const clone = (t: Tensor): Tensor => t.clone();
+
+// ---- comparisons --------------------------------------------------------------------------------
+
+interface Tol {
+  rtol?: number;
+  atol?: number;
+  /** bf16 / fp16: allowed difference in units in the last place of the larger value. */
+  ulps?: number;
+}
+
+const values = (t: Tensor): number[] => Array.from(t.toTypedArray() as ArrayLike<number | bigint>, Number);
+
+/** One unit in the last place of |v| for a 16-bit float dtype (normal range). */
+function ulp16(v: number, dtype: DType): number {
+  const mant = dtype === 'bfloat16' ? 7 : 10;
+  const minExp = dtype === 'bfloat16' ? -126 : -14;
+  const e = v === 0 ? minExp : Math.max(minExp, Math.floor(Math.log2(Math.abs(v))));
+  return 2 ** (e - mant);
+}
+
+function expectSame(actual: Tensor, expected: Tensor, label: string, tol: Tol = {}): void {
+  expect(actual.shape, `${label} shape`).toEqual(expected.shape);
+  expect(actual.dtype, `${label} dtype`).toBe(expected.dtype);
+  const a = values(actual);
+  const e = values(expected);
+  const d = expected.dtype;
+  const half = d === 'bfloat16' || d === 'float16';
+  const rtol = tol.rtol ?? (d === 'float64' ? 1e-10 : 1e-5);
+  const atol = tol.atol ?? (d === 'float64' ? 1e-12 : half ? 1e-5 : 1e-6);
+  const ulps = tol.ulps ?? 2;
+  for (let i = 0; i < e.length; i++) {
+    const x = a[i];
+    const y = e[i];
+    let ok: boolean;
+    if (Number.isNaN(y) || Number.isNaN(x)) ok = Number.isNaN(x) && Number.isNaN(y);
+    else if (!Number.isFinite(y) || !Number.isFinite(x)) ok = x === y;
+    else if (half) ok = Math.abs(x - y) <= ulps * ulp16(Math.max(Math.abs(x), Math.abs(y)), d) + atol;
+    else ok = Math.abs(x - y) <= atol + rtol * Math.abs(y);
+    if (!ok) expect.fail(`${label} element ${i}: fallback ${x}, native ${y} (${d})`);
+  }
+}
+
+function expectSameNumber(actual: number, expected: number, label: string, rtol = 1e-6): void {
+  if (Number.isNaN(expected)) {
+    expect(actual, label).toBeNaN();
+    return;
+  }
+  if (!Number.isFinite(expected)) {
+    expect(actual, label).toBe(expected);
+    return;
+  }
+  expect(Math.abs(actual - expected), `${label}: fallback ${actual}, native ${expected}`).toBeLessThanOrEqual(
+    rtol * Math.max(Math.abs(expected), 1e-30),
+  );
+}
+
+// ---- softmax ----------------------------------------------------------------------------------
+
+const FLOATS: DType[] = ['float32', 'bfloat16', 'float64'];
+const WIDTHS = [1, 7, 33];
+
+/** Rows of n logits: random, fully -inf (masked), one -inf entry, large values. */
+function logits(r: Rng, shape: readonly number[], dtype: DType): Tensor {
+  const n = shape[shape.length - 1];
+  return make(shape, dtype, (i) => {
+    const row = Math.floor(i / n) % 4;
+    const j = i % n;
+    if (row === 1) return NINF;
+    if (row === 2 && j === 0) return NINF;
+    if (row === 3) return 60 + 4 * r.normal();
+    return 3 * r.normal();
+  });
+}
+
+describe('softmax / softmaxBackward', () => {
+  for (const dtype of FLOATS) {
+    for (const n of WIDTHS) {
+      for (const logOut of [false, true]) {
+        it(`${dtype}, rows of ${n}, ${logOut ? 'log-softmax' : 'softmax'}`, () =>
+          tidy(() => {
+            const r = rng(n * 7 + (logOut ? 1 : 0));
+            const x = logits(r, [2, 4, n], dtype);
+            const yN = sentinel(x.shape, dtype);
+            const yF = sentinel(x.shape, dtype);
+            nativeKernel('softmax')(yN, x, logOut);
+            fallbackKernel('softmax')(yF, x, logOut);
+            expectSame(yF, yN, 'y');
+
+            const g = randnT(r, x.shape, dtype);
+            const dxN = sentinel(x.shape, dtype);
+            const dxF = sentinel(x.shape, dtype);
+            nativeKernel('softmaxBackward')(dxN, yN, g, logOut);
+            fallbackKernel('softmaxBackward')(dxF, yN, g, logOut);
+            expectSame(dxF, dxN, 'dx');
+          }));
+      }
+    }
+  }
+});
+
+// ---- cross-entropy / NLL ------------------------------------------------------------------------
+
+interface LossCase {
+  dtype: DType;
+  classes: number;
+  targetDtype: 'int32' | 'int64';
+  ignoreIndex: number;
+  smoothing: number;
+  withLoss: boolean;
+}
+
+const ROWS = 6;
+
+/** Targets of ROWS rows: random classes, with rows 1 and 4 set to ignoreIndex. */
+function targets(r: Rng, c: LossCase, badRow = -1): Tensor {
+  const vals = new Float64Array(ROWS);
+  for (let i = 0; i < ROWS; i++) vals[i] = r.int(0, c.classes);
+  vals[1] = c.ignoreIndex;
+  vals[4] = c.ignoreIndex;
+  if (badRow >= 0) vals[badRow] = c.classes;
+  return tensor(vals, { shape: [2, ROWS / 2], dtype: c.targetDtype });
+}
+
+function lossCases(): LossCase[] {
+  const out: LossCase[] = [];
+  for (const dtype of FLOATS)
+    for (const classes of WIDTHS)
+      for (const smoothing of [0, 0.1])
+        out.push({
+          dtype,
+          classes,
+          targetDtype: classes === 7 ? 'int32' : 'int64',
+          ignoreIndex: classes === 33 ? 0 : -100,
+          smoothing,
+          withLoss: smoothing === 0 || dtype !== 'float64',
+        });
+  return out;
+}
+
+const caseName = (c: LossCase): string =>
+  `${c.dtype}, ${c.classes} classes, ${c.targetDtype} targets, ignoreIndex ${c.ignoreIndex}, smoothing ${c.smoothing}${c.withLoss ? '' : ', no row losses'}`;
+
+/**
+ * Loss statistics: count and bad row exactly, the total within 1e-6 relative. A total near 0 is
+ * rounding noise of cancelling row losses (one class with label smoothing), so the tolerance has
+ * a floor at the scale of the terms that cancelled: `scale` (the sum of |lse| over the rows).
+ */
+function expectSameStats(
+  f: { count: number; total: number; badRow: number },
+  n: { count: number; total: number; badRow: number },
+  dtype: DType,
+  scale = 0,
+): void {
+  expect(f.count).toBe(n.count);
+  expect(f.badRow).toBe(n.badRow);
+  const floor = scale * (dtype === 'float64' ? 1e-13 : 1e-6);
+  if (Math.abs(f.total - n.total) <= floor) return;
+  expectSameNumber(f.total, n.total, 'total');
+}
+
+const absSum = (t: Tensor): number => values(t).reduce((a, v) => a + Math.abs(v), 0);
+
+describe('crossEntropy / crossEntropyBackward', () => {
+  for (const c of lossCases()) {
+    it(caseName(c), () =>
+      tidy(() => {
+        const r = rng(c.classes * 31 + c.smoothing * 100 + c.dtype.length);
+        const x = randnT(r, [2, ROWS / 2, c.classes], c.dtype, 2);
+        const t = targets(r, c);
+        const lseDtype = c.dtype === 'float64' ? 'float64' : 'float32';
+        const lseN = sentinel([ROWS], lseDtype);
+        const lseF = sentinel([ROWS], lseDtype);
+        const lossN = c.withLoss ? sentinel([2, ROWS / 2], c.dtype) : null;
+        const lossF = c.withLoss ? sentinel([2, ROWS / 2], c.dtype) : null;
+        const sN = nativeKernel('crossEntropy')(x, t, lseN, lossN, c.ignoreIndex, c.smoothing);
+        const sF = fallbackKernel('crossEntropy')(x, t, lseF, lossF, c.ignoreIndex, c.smoothing);
+        expect(sN.badRow).toBe(-1);
+        expectSameStats(sF, sN, c.dtype, absSum(lseN));
+        expectSame(lseF, lseN, 'lse');
+        if (lossF && lossN) expectSame(lossF, lossN, 'loss');
+
+        for (const perRow of [true, false]) {
+          const gout = perRow ? randnT(r, [2, ROWS / 2], c.dtype) : make([], c.dtype, () => 1.5);
+          const scale = perRow ? 1 : 1 / sN.count;
+          const dxN = sentinel(x.shape, c.dtype);
+          const dxF = sentinel(x.shape, c.dtype);
+          nativeKernel('crossEntropyBackward')(dxN, x, t, lseN, gout, scale, c.ignoreIndex, c.smoothing);
+          fallbackKernel('crossEntropyBackward')(dxF, x, t, lseN, gout, scale, c.ignoreIndex, c.smoothing);
+          expectSame(dxF, dxN, perRow ? 'dx (per-row gradient)' : 'dx (reduced gradient)');
+        }
+      }),
+    );
+  }
+
+  it('a target out of range: same count, bad row and untouched outputs', () =>
+    tidy(() => {
+      const c = lossCases()[1];
+      const r = rng(5);
+      const x = randnT(r, [2, ROWS / 2, c.classes], c.dtype);
+      const t = targets(r, c, 3);
+      const out = () => [sentinel([ROWS], 'float32'), sentinel([2, ROWS / 2], c.dtype)];
+      const [lseN, lossN] = out();
+      const [lseF, lossF] = out();
+      const sN = nativeKernel('crossEntropy')(x, t, lseN, lossN, c.ignoreIndex, 0);
+      const sF = fallbackKernel('crossEntropy')(x, t, lseF, lossF, c.ignoreIndex, 0);
+      expect(sN).toEqual({ count: 2, total: 0, badRow: 3 });
+      expect(sF).toEqual(sN);
+      expectSame(lseF, lseN, 'lse');
+      expectSame(lossF, lossN, 'loss');
+    }));
+
+  it('a single row of logits with a 0-d target', () =>
+    tidy(() => {
+      const r = rng(9);
+      const x = randnT(r, [7], 'float32');
+      const t = tensor(3);
+      const lseN = sentinel([1], 'float32');
+      const lseF = sentinel([1], 'float32');
+      const lossN = sentinel([], 'float32');
+      const lossF = sentinel([], 'float32');
+      const sN = nativeKernel('crossEntropy')(x, t, lseN, lossN, -100, 0.2);
+      const sF = fallbackKernel('crossEntropy')(x, t, lseF, lossF, -100, 0.2);
+      expectSameStats(sF, sN, 'float32', absSum(lseN));
+      expectSame(lseF, lseN, 'lse');
+      expectSame(lossF, lossN, 'loss');
+    }));
+});
+
+describe('nllLoss / nllLossBackward', () => {
+  for (const c of lossCases().filter((l) => l.smoothing === 0)) {
+    it(caseName(c), () =>
+      tidy(() => {
+        const r = rng(c.classes * 13 + c.dtype.length);
+        const x = randnT(r, [2, ROWS / 2, c.classes], c.dtype, 2, -1);
+        const t = targets(r, c);
+        const lossN = sentinel([2, ROWS / 2], c.dtype);
+        const lossF = sentinel([2, ROWS / 2], c.dtype);
+        const sN = nativeKernel('nllLoss')(x, t, lossN, c.ignoreIndex);
+        const sF = fallbackKernel('nllLoss')(x, t, lossF, c.ignoreIndex);
+        expectSameStats(sF, sN, c.dtype);
+        expectSame(lossF, lossN, 'loss');
+        const sN2 = nativeKernel('nllLoss')(x, t, null, c.ignoreIndex);
+        const sF2 = fallbackKernel('nllLoss')(x, t, null, c.ignoreIndex);
+        expectSameStats(sF2, sN2, c.dtype);
+
+        for (const perRow of [true, false]) {
+          const gout = perRow ? randnT(r, [2, ROWS / 2], c.dtype) : make([], c.dtype, () => 0.75);
+          const scale = perRow ? 1 : 1 / sN.count;
+          const dxN = sentinel(x.shape, c.dtype);
+          const dxF = sentinel(x.shape, c.dtype);
+          nativeKernel('nllLossBackward')(dxN, t, gout, scale, c.ignoreIndex);
+          fallbackKernel('nllLossBackward')(dxF, t, gout, scale, c.ignoreIndex);
+          expectSame(dxF, dxN, 'dx');
+        }
+      }),
+    );
+  }
+
+  it('a target out of range: same count, bad row and untouched loss', () =>
+    tidy(() => {
+      const c = lossCases()[0];
+      const r = rng(6);
+      const x = randnT(r, [2, ROWS / 2, c.classes], c.dtype);
+      for (const badRow of [0, 5]) {
+        const t = targets(r, c, badRow);
+        const lossN = sentinel([2, ROWS / 2], c.dtype);
+        const lossF = sentinel([2, ROWS / 2], c.dtype);
+        const sN = nativeKernel('nllLoss')(x, t, lossN, c.ignoreIndex);
+        const sF = fallbackKernel('nllLoss')(x, t, lossF, c.ignoreIndex);
+        expect(sN.badRow).toBe(badRow);
+        expect(sF).toEqual(sN);
+        expectSame(lossF, lossN, 'loss');
+      }
+    }));
+});
+
+// ---- LayerNorm / RMSNorm ------------------------------------------------------------------------
+
+describe('normRows / normRowsBackward', () => {
+  const params: { w: boolean; b: boolean; center: boolean; mean: boolean }[] = [
+    { w: false, b: false, center: true, mean: true },
+    { w: true, b: false, center: true, mean: true },
+    { w: true, b: true, center: true, mean: true },
+    { w: false, b: true, center: true, mean: true },
+    { w: false, b: false, center: false, mean: false },
+    { w: true, b: false, center: false, mean: false },
+    // RMSNorm given a mean buffer: the kernel writes 0 there and subtracts it in the backward
+    { w: true, b: false, center: false, mean: true },
+  ];
+  const shapes: { x: number[]; norm: number[] }[] = [
+    { x: [1, 1], norm: [1] },
+    { x: [5, 7], norm: [7] },
+    { x: [3, 33], norm: [33] },
+    { x: [2, 3, 4, 5], norm: [4, 5] },
+  ];
+  for (const dtype of FLOATS) {
+    for (const s of shapes) {
+      for (const p of params) {
+        const name = `${dtype}, x [${s.x}], ${p.center ? 'LayerNorm' : 'RMSNorm'}${p.w ? ' +weight' : ''}${p.b ? ' +bias' : ''}${p.mean ? ' +mean' : ''}`;
+        it(name, () =>
+          tidy(() => {
+            const r = rng(s.x.length * 100 + numel(s.x) + Number(p.w) * 3 + Number(p.b) * 5);
+            const n = numel(s.norm);
+            const rows = numel(s.x) / n;
+            const eps = p.center ? 1e-5 : 1e-6;
+            const stat = dtype === 'float64' ? 'float64' : 'float32';
+            const x = randnT(r, s.x, dtype, 2, 0.5);
+            const w = p.w ? randnT(r, s.norm, dtype, 0.5, 1) : null;
+            const b = p.b ? randnT(r, s.norm, dtype) : null;
+            const run = (k: KernelTable['normRows']) => {
+              const y = sentinel(s.x, dtype);
+              const mean = p.mean ? sentinel([rows], stat) : null;
+              const rstd = sentinel([rows], stat);
+              k(y, x, w, b, mean, rstd, n, eps, p.center);
+              return { y, mean, rstd };
+            };
+            const N = run(nativeKernel('normRows'));
+            const F = run(fallbackKernel('normRows'));
+            expectSame(F.y, N.y, 'y');
+            expectSame(F.rstd, N.rstd, 'rstd');
+            if (F.mean && N.mean) expectSame(F.mean, N.mean, 'mean');
+
+            const g = randnT(r, s.x, dtype);
+            const back = (k: KernelTable['normRowsBackward']) => {
+              const dx = sentinel(s.x, dtype);
+              const dw = p.w ? sentinel(s.norm, dtype) : null;
+              const db = p.b ? sentinel(s.norm, dtype) : null;
+              k(dx, g, x, w, N.mean, N.rstd, dw, db, n, p.center);
+              return { dx, dw, db };
+            };
+            const dN = back(nativeKernel('normRowsBackward'));
+            const dF = back(fallbackKernel('normRowsBackward'));
+            // dx cancels (dy - mean(dy) - xhat * mean(dy xhat)): compare at the scale of dy * rstd
+            expectSame(dF.dx, dN.dx, 'dx', { atol: dtype === 'float64' ? 1e-11 : 1e-5 });
+            if (dF.dw && dN.dw)
+              expectSame(dF.dw, dN.dw, 'dweight', { atol: dtype === 'float64' ? 1e-11 : 1e-5 });
+            if (dF.db && dN.db)
+              expectSame(dF.db, dN.db, 'dbias', { atol: dtype === 'float64' ? 1e-11 : 1e-5 });
+          }),
+        );
+      }
+    }
+  }
+});
+
+// ---- RoPE -------------------------------------------------------------------------------------
+
+describe('ropeApply', () => {
+  const B = 2;
+  const H = 3;
+  const S = 5;
+  const D = 8;
+  const combos: { x: DType; table: DType }[] = [
+    { x: 'float32', table: 'float32' },
+    { x: 'bfloat16', table: 'float32' },
+    { x: 'bfloat16', table: 'bfloat16' },
+    { x: 'float64', table: 'float64' },
+    { x: 'float32', table: 'float64' },
+  ];
+  for (const dt of combos) {
+    for (const R of [8, 4, 2]) {
+      for (const shared of [true, false]) {
+        for (const strided of [false, true]) {
+          for (const inverse of [false, true]) {
+            const name = `x ${dt.x}, tables ${dt.table}, rotary ${R} of ${D}, ${shared ? '[S, R]' : '[B, S, R]'} tables, ${strided ? 'strided' : 'contiguous'} x, ${inverse ? 'inverse' : 'forward'}`;
+            it(name, () =>
+              tidy(() => {
+                const r = rng(R * 17 + Number(shared) * 3 + Number(strided) * 5 + dt.x.length);
+                // angles in HF layout: the frequencies listed twice
+                const angles = (b: number, s: number, j: number) =>
+                  (s + 1 + b) * 10000 ** (-(2 * (j % (R / 2))) / R) + 0.1 * r.normal();
+                const tables = (f: (a: number) => number): Tensor => {
+                  if (shared) {
+                    const t = make([S, R], dt.table, (i) => f(angles(0, Math.floor(i / R), i % R)));
+                    return expand(unsqueeze(t, 0), [B, S, R]);
+                  }
+                  return make([B, S, R], dt.table, (i) =>
+                    f(angles(Math.floor(i / (S * R)), Math.floor(i / R) % S, i % R)),
+                  );
+                };
+                const cos = tables(Math.cos);
+                const sin = tables(Math.sin);
+                const x = strided
+                  ? transpose(randnT(r, [B, S, H, D], dt.x), 1, 2)
+                  : randnT(r, [B, H, S, D], dt.x);
+                const outN = sentinel([B, H, S, D], dt.x);
+                const outF = sentinel([B, H, S, D], dt.x);
+                nativeKernel('ropeApply')(outN, x, cos, sin, inverse);
+                fallbackKernel('ropeApply')(outF, x, cos, sin, inverse);
+                expectSame(outF, outN, 'out');
+              }),
+            );
+          }
+        }
+      }
+    }
+  }
+});
+
+// ---- attention --------------------------------------------------------------------------------
+
+interface AttnCase {
+  name: string;
+  B: number;
+  Hq: number;
+  Hkv: number;
+  Sq: number;
+  Sk: number;
+  D: number;
+  Dv: number;
+  causal?: boolean;
+  scale?: number;
+  mask?: 'bool' | 'float';
+  cu?: { vals: number[]; dtype: 'int32' | 'int64' };
+  dtypes: DType[];
+}
+
+const ATTN_CASES: AttnCase[] = [
+  { name: 'plain, Sq 5 / Sk 7', B: 2, Hq: 2, Hkv: 2, Sq: 5, Sk: 7, D: 8, Dv: 8, dtypes: FLOATS },
+  { name: 'causal, Sq = Sk', B: 2, Hq: 2, Hkv: 2, Sq: 6, Sk: 6, D: 4, Dv: 4, causal: true, dtypes: FLOATS },
+  {
+    name: 'causal, Sq 4 < Sk 9 (top-left aligned)',
+    B: 1,
+    Hq: 2,
+    Hkv: 1,
+    Sq: 4,
+    Sk: 9,
+    D: 5,
+    Dv: 3,
+    causal: true,
+    dtypes: ['float32', 'float64'],
+  },
+  {
+    name: 'causal, Sq 7 > Sk 3',
+    B: 1,
+    Hq: 1,
+    Hkv: 1,
+    Sq: 7,
+    Sk: 3,
+    D: 4,
+    Dv: 4,
+    causal: true,
+    dtypes: ['float32'],
+  },
+  {
+    name: 'boolean mask with a fully masked row',
+    B: 2,
+    Hq: 2,
+    Hkv: 2,
+    Sq: 5,
+    Sk: 6,
+    D: 8,
+    Dv: 8,
+    mask: 'bool',
+    dtypes: FLOATS,
+  },
+  {
+    name: 'additive mask with -inf entries, causal',
+    B: 2,
+    Hq: 2,
+    Hkv: 1,
+    Sq: 6,
+    Sk: 6,
+    D: 4,
+    Dv: 6,
+    mask: 'float',
+    causal: true,
+    dtypes: FLOATS,
+  },
+  {
+    name: 'cuSeqlens with 3 packed sequences',
+    B: 1,
+    Hq: 2,
+    Hkv: 2,
+    Sq: 10,
+    Sk: 10,
+    D: 8,
+    Dv: 8,
+    cu: { vals: [0, 3, 7, 10], dtype: 'int64' },
+    dtypes: FLOATS,
+  },
+  {
+    name: 'cuSeqlens (int32, an empty sequence) + causal + GQA',
+    B: 1,
+    Hq: 4,
+    Hkv: 2,
+    Sq: 9,
+    Sk: 9,
+    D: 4,
+    Dv: 4,
+    causal: true,
+    cu: { vals: [0, 2, 2, 5, 9], dtype: 'int32' },
+    dtypes: ['float32', 'bfloat16'],
+  },
+  {
+    name: 'GQA 4 query heads on 2 kv heads, Dv != D, scale 0.3',
+    B: 2,
+    Hq: 4,
+    Hkv: 2,
+    Sq: 5,
+    Sk: 6,
+    D: 8,
+    Dv: 5,
+    scale: 0.3,
+    dtypes: FLOATS,
+  },
+  {
+    name: 'GQA + boolean mask + causal, Sq 3 / Sk 5',
+    B: 1,
+    Hq: 4,
+    Hkv: 2,
+    Sq: 3,
+    Sk: 5,
+    D: 4,
+    Dv: 4,
+    causal: true,
+    mask: 'bool',
+    dtypes: ['float32', 'float64'],
+  },
+];
+
+function attnInputs(c: AttnCase, dtype: DType, r: Rng) {
+  const q = randnT(r, [c.B, c.Hq, c.Sq, c.D], dtype);
+  // k transposed in memory: the kernels take any strides
+  const k = transpose(randnT(r, [c.B, c.Sk, c.Hkv, c.D], dtype), 1, 2);
+  const v = randnT(r, [c.B, c.Hkv, c.Sk, c.Dv], dtype);
+  let mask: Tensor | null = null;
+  if (c.mask === 'bool') {
+    // [Sq, Sk] broadcast over batch and heads; query row 1 attends to nothing
+    const m = make([c.Sq, c.Sk], 'bool', (i) => (Math.floor(i / c.Sk) === 1 ? 0 : r.uniform() < 0.7 ? 1 : 0));
+    mask = expand(m, [c.B, c.Hq, c.Sq, c.Sk]);
+  } else if (c.mask === 'float') {
+    const m = make([c.B, 1, c.Sq, c.Sk], dtype, (i) => (i % 5 === 2 ? NINF : 0.5 * r.normal()));
+    mask = expand(m, [c.B, c.Hq, c.Sq, c.Sk]);
+  }
+  const cuSeqlens = c.cu ? tensor(c.cu.vals, { dtype: c.cu.dtype }) : null;
+  const opts: AttentionKernelOptions = {
+    mask,
+    cuSeqlens,
+    causal: c.causal ?? false,
+    scale: c.scale ?? 1 / Math.sqrt(c.D),
+  };
+  return { q, k, v, opts };
+}
+
+describe('attentionForward / attentionBackward', () => {
+  for (const c of ATTN_CASES) {
+    for (const dtype of c.dtypes) {
+      it(`${c.name}, ${dtype}`, () =>
+        tidy(() => {
+          const r = rng(c.Sq * 100 + c.Sk * 10 + c.Hq + dtype.length);
+          const { q, k, v, opts } = attnInputs(c, dtype, r);
+          const lseDtype = dtype === 'float64' ? 'float64' : 'float32';
+          const fwd = (f: KernelTable['attentionForward']) => {
+            const out = sentinel([c.B, c.Hq, c.Sq, c.Dv], dtype);
+            const lse = sentinel([c.B, c.Hq, c.Sq], lseDtype);
+            f(out, lse, q, k, v, opts);
+            return { out, lse };
+          };
+          const N = fwd(nativeKernel('attentionForward'));
+          const F = fwd(fallbackKernel('attentionForward'));
+          const tol = dtype === 'float32' ? { rtol: 1e-5, atol: 1e-5 } : {};
+          expectSame(F.out, N.out, 'out', tol);
+          expectSame(F.lse, N.lse, 'lse', tol);
+          if (c.mask === 'bool') expect(values(N.lse)[1]).toBe(NINF);
+
+          const g = randnT(r, [c.B, c.Hq, c.Sq, c.Dv], dtype);
+          const bwd = (f: KernelTable['attentionBackward']) => {
+            const dq = sentinel(q.shape, dtype);
+            const dk = sentinel(k.shape, dtype);
+            const dv = sentinel(v.shape, dtype);
+            f(dq, dk, dv, g, q, k, v, N.out, N.lse, opts);
+            return { dq, dk, dv };
+          };
+          const dN = bwd(nativeKernel('attentionBackward'));
+          const dF = bwd(fallbackKernel('attentionBackward'));
+          expectSame(dF.dq, dN.dq, 'dq', tol);
+          expectSame(dF.dk, dN.dk, 'dk', tol);
+          expectSame(dF.dv, dN.dv, 'dv', tol);
+        }));
+    }
+  }
+});
+
+// ---- optimizers -------------------------------------------------------------------------------
+
+describe('adamwStep', () => {
+  const combos: { p: DType; g: DType }[] = [
+    { p: 'float32', g: 'float32' },
+    { p: 'bfloat16', g: 'bfloat16' },
+    { p: 'bfloat16', g: 'float32' },
+    { p: 'float64', g: 'float64' },
+  ];
+  for (const dt of combos) {
+    for (const n of WIDTHS) {
+      for (const weightDecay of [0, 0.1]) {
+        for (const step of [1, 10]) {
+          it(`param ${dt.p}, grad ${dt.g}, ${n} elements, weight decay ${weightDecay}, step ${step}`, () =>
+            tidy(() => {
+              const r = rng(n * 3 + step + weightDecay * 10 + dt.p.length + dt.g.length);
+              const state = dt.p === 'float64' ? 'float64' : 'float32';
+              const p = randnT(r, [n], dt.p);
+              const g = randnT(r, [n], dt.g, 0.1);
+              const m = randnT(r, [n], state, 0.05);
+              const v = make([n], state, () => 0.01 * r.normal() ** 2);
+              const [lr, beta1, beta2] = [1e-2, 0.9, 0.999];
+              const s = {
+                decay: 1 - lr * weightDecay,
+                beta1,
+                beta2,
+                bc2Sqrt: Math.sqrt(1 - beta2 ** step),
+                eps: 1e-8,
+                negStep: -(lr / (1 - beta1 ** step)),
+              };
+              const runK = (k: KernelTable['adamwStep']) => {
+                const t = { p: clone(p), m: clone(m), v: clone(v) };
+                k(t.p, g, t.m, t.v, s);
+                return t;
+              };
+              const N = runK(nativeKernel('adamwStep'));
+              const F = runK(fallbackKernel('adamwStep'));
+              expectSame(F.p, N.p, 'param');
+              expectSame(F.m, N.m, 'exp_avg');
+              expectSame(F.v, N.v, 'exp_avg_sq');
+            }));
+        }
+      }
+    }
+  }
+});
+
+describe('sgdStep', () => {
+  const variants: {
+    name: string;
+    momentum: number;
+    dampening: number;
+    nesterov: boolean;
+    first: boolean;
+    weightDecay: number;
+  }[] = [
+    { name: 'plain', momentum: 0, dampening: 0, nesterov: false, first: false, weightDecay: 0 },
+    { name: 'weight decay', momentum: 0, dampening: 0, nesterov: false, first: false, weightDecay: 0.01 },
+    {
+      name: 'momentum, first step',
+      momentum: 0.9,
+      dampening: 0,
+      nesterov: false,
+      first: true,
+      weightDecay: 0.01,
+    },
+    {
+      name: 'momentum + dampening',
+      momentum: 0.9,
+      dampening: 0.1,
+      nesterov: false,
+      first: false,
+      weightDecay: 0,
+    },
+    { name: 'nesterov', momentum: 0.9, dampening: 0, nesterov: true, first: false, weightDecay: 0.01 },
+    {
+      name: 'nesterov, first step',
+      momentum: 0.8,
+      dampening: 0,
+      nesterov: true,
+      first: true,
+      weightDecay: 0,
+    },
+  ];
+  const combos: { p: DType; g: DType }[] = [
+    { p: 'float32', g: 'float32' },
+    { p: 'bfloat16', g: 'bfloat16' },
+    { p: 'bfloat16', g: 'float32' },
+    { p: 'float64', g: 'float64' },
+  ];
+  for (const dt of combos) {
+    for (const n of WIDTHS) {
+      for (const o of variants) {
+        it(`param ${dt.p}, grad ${dt.g}, ${n} elements, ${o.name}`, () =>
+          tidy(() => {
+            const r = rng(n * 11 + o.momentum * 10 + o.weightDecay * 100 + dt.p.length);
+            const state = dt.p === 'float64' ? 'float64' : 'float32';
+            const p = randnT(r, [n], dt.p);
+            const g = randnT(r, [n], dt.g, 0.1);
+            const buf = o.momentum !== 0 ? randnT(r, [n], state, 0.05) : null;
+            const s = { lr: 0.05, ...o };
+            const runK = (k: KernelTable['sgdStep']) => {
+              const t = { p: clone(p), buf: buf ? clone(buf) : null };
+              k(t.p, g, t.buf, s);
+              return t;
+            };
+            const N = runK(nativeKernel('sgdStep'));
+            const F = runK(fallbackKernel('sgdStep'));
+            expectSame(F.p, N.p, 'param');
+            if (F.buf && N.buf) expectSame(F.buf, N.buf, 'momentum buffer');
+          }));
+      }
+    }
+  }
+});
+
+describe('normPowerSum', () => {
+  for (const dtype of FLOATS) {
+    for (const n of [1, 7, 33, 20000]) {
+      for (const p of [2, INF, 1, 3]) {
+        it(`${dtype}, ${n} elements, p = ${p}`, () =>
+          tidy(() => {
+            const t = randnT(rng(n + p), [n], dtype, 3);
+            const a = nativeKernel('normPowerSum')(t, p);
+            const b = fallbackKernel('normPowerSum')(t, p);
+            expectSameNumber(b, a, 'sum', 1e-12);
+          }));
+      }
+    }
+  }
+
+  it('propagates NaN and inf as the kernel does', () =>
+    tidy(() => {
+      for (const bad of [Number.NaN, INF]) {
+        const t = make([9], 'float32', (i) => (i === 4 ? bad : i - 3));
+        for (const p of [2, INF, 1, 0.5]) {
+          expectSameNumber(
+            fallbackKernel('normPowerSum')(t, p),
+            nativeKernel('normPowerSum')(t, p),
+            `p = ${p}, ${bad}`,
+          );
+        }
+      }
+    }));
+});
+
+describe('unscaleCheck', () => {
+  const specials: { name: string; at: number; value: number }[] = [
+    { name: 'finite', at: -1, value: 0 },
+    { name: 'inf', at: 5, value: INF },
+    { name: '-inf', at: 0, value: NINF },
+    { name: 'NaN', at: 32, value: Number.NaN },
+  ];
+  for (const dtype of FLOATS) {
+    for (const sp of specials) {
+      for (const inv of [1 / 1024, 1 / 3, 1]) {
+        it(`${dtype}, ${sp.name}, invScale ${inv}`, () =>
+          tidy(() => {
+            const r = rng(sp.at + 7);
+            const t = make([33], dtype, (i) => (i === sp.at ? sp.value : 100 * r.normal()));
+            const tN = clone(t);
+            const tF = clone(t);
+            const a = nativeKernel('unscaleCheck')(tN, inv);
+            const b = fallbackKernel('unscaleCheck')(tF, inv);
+            expect(a).toBe(sp.at >= 0);
+            expect(b).toBe(a);
+            expectSame(tF, tN, 't', { ulps: 0, atol: 0, rtol: 0 });
+          }));
+      }
+    }
+  }
+});
+
+// ---- memory -----------------------------------------------------------------------------------
+
+describe('memory', () => {
+  it('every fallback frees its temporaries: liveStorages is unchanged', () => {
+    tidy(() => {
+      const r = rng(77);
+      const f32 = (shape: number[], scale = 1) => randnT(r, shape, 'float32', scale);
+      // inputs and outputs first: the baseline counts them
+      const x = logits(r, [4, 7], 'float32');
+      const y = sentinel([4, 7], 'float32');
+      const dx = sentinel([4, 7], 'float32');
+      const g = f32([4, 7]);
+      const t = tensor([2, -100, 0, 6], { dtype: 'int64' });
+      const tBad = tensor([2, -100, 9, 6], { dtype: 'int64' });
+      const lse = sentinel([4], 'float32');
+      const loss = sentinel([4], 'float32');
+      const gout = f32([4]);
+      const xn = f32([3, 2, 5], 2);
+      const yn = sentinel([3, 2, 5], 'float32');
+      const w = f32([2, 5]);
+      const b = f32([2, 5]);
+      const mean = sentinel([3], 'float32');
+      const rstd = sentinel([3], 'float32');
+      const dxn = sentinel([3, 2, 5], 'float32');
+      const dw = sentinel([2, 5], 'float32');
+      const db = sentinel([2, 5], 'float32');
+      const xr = f32([1, 2, 3, 6]);
+      const cos = f32([1, 3, 4]);
+      const sin = f32([1, 3, 4]);
+      const outR = sentinel([1, 2, 3, 6], 'float32');
+      const c = ATTN_CASES[7];
+      const a = attnInputs(c, 'float32', r);
+      const boolMask = attnInputs(ATTN_CASES[9], 'float32', r);
+      const out = sentinel([c.B, c.Hq, c.Sq, c.Dv], 'float32');
+      const alse = sentinel([c.B, c.Hq, c.Sq], 'float32');
+      const ga = f32([c.B, c.Hq, c.Sq, c.Dv]);
+      const dq = sentinel(a.q.shape, 'float32');
+      const dk = sentinel(a.k.shape, 'float32');
+      const dv = sentinel(a.v.shape, 'float32');
+      const out2 = sentinel([1, 4, 3, 4], 'float32');
+      const lse2 = sentinel([1, 4, 3], 'float32');
+      const p = make([9], 'bfloat16', (i) => i - 4);
+      const pg = f32([9]);
+      const m = f32([9]);
+      const v = make([9], 'float32', () => 0.5);
+      const buf = f32([9]);
+      const bad = make([9], 'float32', (i) => (i === 3 ? Number.NaN : i));
+
+      const before = memoryStats('cpu').liveStorages;
+      const k = <K extends KernelName>(name: K) => fallbackKernel(name);
+      k('softmax')(y, x, false);
+      k('softmax')(y, x, true);
+      k('softmaxBackward')(dx, y, g, true);
+      k('softmaxBackward')(dx, y, g, false);
+      k('crossEntropy')(x, t, lse, loss, -100, 0.1);
+      k('crossEntropy')(x, tBad, lse, loss, -100, 0.1);
+      k('crossEntropyBackward')(dx, x, t, lse, gout, 0.5, -100, 0.1);
+      k('nllLoss')(x, t, loss, -100);
+      k('nllLoss')(x, tBad, null, -100);
+      k('nllLossBackward')(dx, t, gout, 1, -100);
+      k('normRows')(yn, xn, w, b, mean, rstd, 10, 1e-5, true);
+      k('normRows')(yn, xn, w, null, null, rstd, 10, 1e-6, false);
+      k('normRowsBackward')(dxn, yn, xn, w, mean, rstd, dw, db, 10, true);
+      k('normRowsBackward')(dxn, yn, xn, w, null, rstd, dw, null, 10, false);
+      k('ropeApply')(outR, xr, cos, sin, false);
+      k('ropeApply')(outR, xr, cos, sin, true);
+      k('attentionForward')(out, alse, a.q, a.k, a.v, a.opts);
+      k('attentionBackward')(dq, dk, dv, ga, a.q, a.k, a.v, out, alse, a.opts);
+      k('attentionForward')(out2, lse2, boolMask.q, boolMask.k, boolMask.v, boolMask.opts);
+      k('adamwStep')(p, pg, m, v, {
+        decay: 0.99,
+        beta1: 0.9,
+        beta2: 0.99,
+        bc2Sqrt: 0.1,
+        eps: 1e-8,
+        negStep: -0.01,
+      });
+      const sgd = { lr: 0.1, momentum: 0.9, dampening: 0, weightDecay: 0.01, nesterov: true, first: false };
+      k('sgdStep')(p, pg, buf, sgd);
+      k('sgdStep')(p, pg, null, { ...sgd, momentum: 0, nesterov: false });
+      for (const pw of [2, INF, 1, 3]) k('normPowerSum')(bad, pw);
+      k('unscaleCheck')(bad, 0.5);
+      k('unscaleCheck')(m, 1);
+      expect(memoryStats('cpu').liveStorages).toBe(before);
+    });
+  });
+
+  it('covers exactly the kernels a new backend does not provide', () => {
+    expect(Object.keys(FALLBACK_KERNELS).sort()).toEqual([...COMPOSED].sort());
+    expect(() => fallbackKernel('topk')).toThrow(/no composition/);
+  });
+});
+
+// ---- the ops on a backend with only core and indexing kernels ---------------------------------
+
+const INDEXING: KernelName[] = [
+  'indexSelectRows',
+  'indexAddRows',
+  'gatherAlong',
+  'scatterAddAlong',
+  'topk',
+  'triangle',
+  'oneHot',
+];
+
+/** A device type whose backend runs the CPU's core and indexing kernels and nothing else. */
+function registerCoreOnly(type: string): Backend {
+  const cpu = getBackend('cpu');
+  registerBackendType({
+    type,
+    deviceCount: () => 1,
+    create: (index) =>
+      ({
+        ...cpu,
+        device: `${type}:${index}`,
+        kernel: (name: KernelName) => (INDEXING.includes(name) ? cpu.kernel(name) : undefined),
+      }) as Backend,
+  });
+  return getBackend(type);
+}
+
+describe('ops on a backend without named kernels (fallbacks through getKernel)', () => {
+  const dev = 'corefb';
+  const backend = registerCoreOnly(dev);
+
+  it('getKernel hands out the compositions there and the native kernels on the CPU', () => {
+    for (const name of COMPOSED) {
+      expect(hasNativeKernel(backend, name)).toBe(false);
+      expect(getKernel(backend, name)).toBe(fallbackKernel(name));
+      expect(getKernel(getBackend('cpu'), name)).toBe(nativeKernel(name));
+    }
+  });
+
+  function expectAllSame(res: { cpu: Tensor[]; other: Tensor[] }, tol: Tol = {}): void {
+    for (const [i, t] of res.cpu.entries()) expectSame(res.other[i], t, `output ${i}`, tol);
+  }
+
+  /** Runs fn on the CPU and on the core-only device; returns both results (the latter copied to the CPU). */
+  function both(fn: (device: string) => Tensor[]): { cpu: Tensor[]; other: Tensor[] } {
+    return { cpu: fn('cpu'), other: fn(dev).map((t) => t.to('cpu')) };
+  }
+
+  it('softmax, logSoftmax, crossEntropy and nllLoss with gradients', () =>
+    tidy(() => {
+      const r = rng(3);
+      const data = logits(r, [4, 3, 7], 'float32');
+      const tgt = tensor([
+        [0, -100, 6],
+        [2, 3, -100],
+        [1, 1, 1],
+        [-100, 4, 0],
+      ]);
+      const res = both((device) => {
+        const x = data.to(device).requiresGrad_(true);
+        const t = tgt.to(device);
+        const s = softmax(x, 1);
+        const ls = logSoftmax(x, 2);
+        const ce = crossEntropy(transpose(x, 1, 2), t, { labelSmoothing: 0.1 });
+        const nl = nllLoss(transpose(ls, 1, 2), t, { reduction: 'sum' });
+        const total = s.mul(0.5).sum().add(ls.sum().mul(0.01)).add(ce).add(nl.mul(0.1));
+        total.backward();
+        return [s, ls, ce, nl, x.grad!.clone()];
+      });
+      expectAllSame(res, { atol: 1e-5 });
+    }));
+
+  it('layerNorm, rmsNorm and RoPE with gradients', () =>
+    tidy(() => {
+      const r = rng(4);
+      const xd = randnT(r, [2, 3, 4, 6], 'float32');
+      const wd = randnT(r, [6], 'float32');
+      const bd = randnT(r, [6], 'float32');
+      const cd = make([4, 4], 'float32', (i) => Math.cos(i / 3));
+      const sd = make([4, 4], 'float32', (i) => Math.sin(i / 3));
+      const res = both((device) => {
+        const x = xd.to(device).requiresGrad_(true);
+        const w = wd.to(device).requiresGrad_(true);
+        const b = bd.to(device).requiresGrad_(true);
+        const ln = layerNorm(x, 6, w, b);
+        const rms = rmsNorm(x, [6], w);
+        const rot = applyRotaryPosEmb(ln, cd.to(device), sd.to(device));
+        rot.mul(rms).sum().backward();
+        return [ln, rms, rot, x.grad!.clone(), w.grad!.clone(), b.grad!.clone()];
+      });
+      expectAllSame(res, { atol: 1e-5 });
+    }));
+
+  it('scaledDotProductAttention (GQA, causal, packed) with gradients', () =>
+    tidy(() => {
+      const r = rng(5);
+      const qd = randnT(r, [1, 4, 7, 8], 'float32');
+      const kd = randnT(r, [1, 2, 7, 8], 'float32');
+      const vd = randnT(r, [1, 2, 7, 8], 'float32');
+      const cu = tensor([0, 3, 7]);
+      const res = both((device) => {
+        const q = qd.to(device).requiresGrad_(true);
+        const k = kd.to(device).requiresGrad_(true);
+        const v = vd.to(device).requiresGrad_(true);
+        const o = scaledDotProductAttention(q, k, v, { isCausal: true, cuSeqlens: cu.to(device) });
+        o.square().sum().backward();
+        return [o, q.grad!.clone(), k.grad!.clone(), v.grad!.clone()];
+      });
+      expectAllSame(res, { atol: 1e-5 });
+    }));
+
+  it('AdamW, SGD and gradient norms', () =>
+    tidy(() => {
+      const r = rng(6);
+      const pd = randnT(r, [5, 3], 'float32');
+      const gd = randnT(r, [5, 3], 'float32');
+      const res = both((device) => {
+        // clones: on the CPU, to() is a view of pd, which the optimizers update in place
+        const a = pd.to(device).clone().requiresGrad_(true);
+        const s = pd.to(device).clone().requiresGrad_(true);
+        const adam = new AdamW([a], { lr: 0.01, weightDecay: 0.1 });
+        const sgd = new SGD([s], { lr: 0.1, momentum: 0.9, nesterov: true });
+        for (let i = 0; i < 3; i++) {
+          for (const p of [a, s]) {
+            p.grad?.dispose();
+            p.grad = gd.to(device).mul(i + 1);
+          }
+          adam.step();
+          sgd.step();
+        }
+        const norm = getTotalNorm([a, s], 2);
+        return [a.detach(), s.detach(), tensor(norm, { dtype: 'float64' })];
+      });
+      // the norm is float64 but of float32 parameters: float32 tolerances
+      expectAllSame(res, { rtol: 1e-5, atol: 1e-6 });
+    }));
+});
