@@ -41,4 +41,5 @@ export * from './optim/index.js';
 export * from './random.js';
 export { keep, tidy } from './scope.js';
 export { emptyCache, type MemoryStats, memoryStats, resetPeakMemoryStats, Storage } from './storage.js';
+export { deferCheck, pendingChecks, synchronize } from './sync.js';
 export { type NestedArray, type PostAccumulateGradHook, Tensor } from './tensor.js';

@@ -6,6 +6,7 @@ import { fmtShape, TensorError } from './errors.js';
 import { TENSOR_BRAND, trackTensor, untrackTensor } from './scope.js';
 import { contiguousStrides, isContiguous, numel, type Shape } from './shape.js';
 import { Storage } from './storage.js';
+import { syncBeforeRead } from './sync.js';
 
 // Safety net for tensors dropped without dispose(): their storage reference is released when
 // the JS object is collected. Explicit ownership (dispose, using, tidy) is the plan; this only
@@ -292,6 +293,7 @@ export class Tensor {
    */
   toTypedArray(): Float32Array | Float64Array | Int32Array | BigInt64Array | Uint8Array {
     this.checkAlive('toTypedArray');
+    syncBeforeRead(this.device);
     const readDtype: DType = this.dtype === 'bfloat16' || this.dtype === 'float16' ? 'float32' : this.dtype;
     const src = readDtype === this.dtype && this.isContiguous ? this : this.toContiguousDtype(readDtype);
     try {
@@ -306,6 +308,7 @@ export class Tensor {
   /** The raw little-endian bytes of the elements in row-major order (16-bit floats as stored). */
   toBytes(): Uint8Array {
     this.checkAlive('toBytes');
+    syncBeforeRead(this.device);
     const src = this.isContiguous ? this : this.toContiguousDtype(this.dtype);
     try {
       const out = new Uint8Array(this.numel * ITEMSIZE[this.dtype]);

@@ -239,19 +239,33 @@ function lossCases(): LossCase[] {
 const caseName = (c: LossCase): string =>
   `${c.dtype}, ${c.classes} classes, ${c.targetDtype} targets, ignoreIndex ${c.ignoreIndex}, smoothing ${c.smoothing}${c.withLoss ? '' : ', no row losses'}`;
 
+/** The loss stats a kernel wrote (LOSS_STATS order), read back on the host. */
+interface Stats {
+  count: number;
+  total: number;
+  badRow: number;
+  badValue: number;
+}
+
+/** Runs a loss kernel on a fresh float64 [4] stats operand (sentinel-filled) and reads it back. */
+function lossStats(run: (stats: Tensor) => void): Stats {
+  const st = sentinel([4], 'float64');
+  run(st);
+  const [count, total, badRow, badValue] = values(st);
+  st.dispose();
+  return { count, total, badRow, badValue };
+}
+
 /**
- * Loss statistics: count and bad row exactly, the total within 1e-6 relative. A total near 0 is
- * rounding noise of cancelling row losses (one class with label smoothing), so the tolerance has
- * a floor at the scale of the terms that cancelled: `scale` (the sum of |lse| over the rows).
+ * Loss statistics: count, bad row and bad value exactly, the total within 1e-6 relative. A total
+ * near 0 is rounding noise of cancelling row losses (one class with label smoothing), so the
+ * tolerance has a floor at the scale of the terms that cancelled: `scale` (the sum of |lse| over
+ * the rows).
  */
-function expectSameStats(
-  f: { count: number; total: number; badRow: number },
-  n: { count: number; total: number; badRow: number },
-  dtype: DType,
-  scale = 0,
-): void {
+function expectSameStats(f: Stats, n: Stats, dtype: DType, scale = 0): void {
   expect(f.count).toBe(n.count);
   expect(f.badRow).toBe(n.badRow);
+  expect(f.badValue).toBe(n.badValue);
   const floor = scale * (dtype === 'float64' ? 1e-13 : 1e-6);
   if (Math.abs(f.total - n.total) <= floor) return;
   expectSameNumber(f.total, n.total, 'total');
@@ -271,9 +285,14 @@ describe('crossEntropy / crossEntropyBackward', () => {
         const lseF = sentinel([ROWS], lseDtype);
         const lossN = c.withLoss ? sentinel([2, ROWS / 2], c.dtype) : null;
         const lossF = c.withLoss ? sentinel([2, ROWS / 2], c.dtype) : null;
-        const sN = nativeKernel('crossEntropy')(x, t, lseN, lossN, c.ignoreIndex, c.smoothing);
-        const sF = fallbackKernel('crossEntropy')(x, t, lseF, lossF, c.ignoreIndex, c.smoothing);
+        const sN = lossStats((st) =>
+          nativeKernel('crossEntropy')(x, t, lseN, lossN, c.ignoreIndex, c.smoothing, st),
+        );
+        const sF = lossStats((st) =>
+          fallbackKernel('crossEntropy')(x, t, lseF, lossF, c.ignoreIndex, c.smoothing, st),
+        );
         expect(sN.badRow).toBe(-1);
+        expect(sN.badValue).toBe(0);
         expectSameStats(sF, sN, c.dtype, absSum(lseN));
         expectSame(lseF, lseN, 'lse');
         if (lossF && lossN) expectSame(lossF, lossN, 'loss');
@@ -291,7 +310,7 @@ describe('crossEntropy / crossEntropyBackward', () => {
     );
   }
 
-  it('a target out of range: same count, bad row and untouched outputs', () =>
+  it('a target out of range: same stats (count, bad row and value) and untouched outputs', () =>
     tidy(() => {
       const c = lossCases()[1];
       const r = rng(5);
@@ -300,9 +319,9 @@ describe('crossEntropy / crossEntropyBackward', () => {
       const out = () => [sentinel([ROWS], 'float32'), sentinel([2, ROWS / 2], c.dtype)];
       const [lseN, lossN] = out();
       const [lseF, lossF] = out();
-      const sN = nativeKernel('crossEntropy')(x, t, lseN, lossN, c.ignoreIndex, 0);
-      const sF = fallbackKernel('crossEntropy')(x, t, lseF, lossF, c.ignoreIndex, 0);
-      expect(sN).toEqual({ count: 2, total: 0, badRow: 3 });
+      const sN = lossStats((st) => nativeKernel('crossEntropy')(x, t, lseN, lossN, c.ignoreIndex, 0, st));
+      const sF = lossStats((st) => fallbackKernel('crossEntropy')(x, t, lseF, lossF, c.ignoreIndex, 0, st));
+      expect(sN).toEqual({ count: 2, total: 0, badRow: 3, badValue: c.classes });
       expect(sF).toEqual(sN);
       expectSame(lseF, lseN, 'lse');
       expectSame(lossF, lossN, 'loss');
@@ -317,8 +336,8 @@ describe('crossEntropy / crossEntropyBackward', () => {
       const lseF = sentinel([1], 'float32');
       const lossN = sentinel([], 'float32');
       const lossF = sentinel([], 'float32');
-      const sN = nativeKernel('crossEntropy')(x, t, lseN, lossN, -100, 0.2);
-      const sF = fallbackKernel('crossEntropy')(x, t, lseF, lossF, -100, 0.2);
+      const sN = lossStats((st) => nativeKernel('crossEntropy')(x, t, lseN, lossN, -100, 0.2, st));
+      const sF = lossStats((st) => fallbackKernel('crossEntropy')(x, t, lseF, lossF, -100, 0.2, st));
       expectSameStats(sF, sN, 'float32', absSum(lseN));
       expectSame(lseF, lseN, 'lse');
       expectSame(lossF, lossN, 'loss');
@@ -334,12 +353,12 @@ describe('nllLoss / nllLossBackward', () => {
         const t = targets(r, c);
         const lossN = sentinel([2, ROWS / 2], c.dtype);
         const lossF = sentinel([2, ROWS / 2], c.dtype);
-        const sN = nativeKernel('nllLoss')(x, t, lossN, c.ignoreIndex);
-        const sF = fallbackKernel('nllLoss')(x, t, lossF, c.ignoreIndex);
+        const sN = lossStats((st) => nativeKernel('nllLoss')(x, t, lossN, c.ignoreIndex, st));
+        const sF = lossStats((st) => fallbackKernel('nllLoss')(x, t, lossF, c.ignoreIndex, st));
         expectSameStats(sF, sN, c.dtype);
         expectSame(lossF, lossN, 'loss');
-        const sN2 = nativeKernel('nllLoss')(x, t, null, c.ignoreIndex);
-        const sF2 = fallbackKernel('nllLoss')(x, t, null, c.ignoreIndex);
+        const sN2 = lossStats((st) => nativeKernel('nllLoss')(x, t, null, c.ignoreIndex, st));
+        const sF2 = lossStats((st) => fallbackKernel('nllLoss')(x, t, null, c.ignoreIndex, st));
         expectSameStats(sF2, sN2, c.dtype);
 
         for (const perRow of [true, false]) {
@@ -355,7 +374,7 @@ describe('nllLoss / nllLossBackward', () => {
     );
   }
 
-  it('a target out of range: same count, bad row and untouched loss', () =>
+  it('a target out of range: same stats (count, bad row and value) and untouched loss', () =>
     tidy(() => {
       const c = lossCases()[0];
       const r = rng(6);
@@ -364,9 +383,10 @@ describe('nllLoss / nllLossBackward', () => {
         const t = targets(r, c, badRow);
         const lossN = sentinel([2, ROWS / 2], c.dtype);
         const lossF = sentinel([2, ROWS / 2], c.dtype);
-        const sN = nativeKernel('nllLoss')(x, t, lossN, c.ignoreIndex);
-        const sF = fallbackKernel('nllLoss')(x, t, lossF, c.ignoreIndex);
+        const sN = lossStats((st) => nativeKernel('nllLoss')(x, t, lossN, c.ignoreIndex, st));
+        const sF = lossStats((st) => fallbackKernel('nllLoss')(x, t, lossF, c.ignoreIndex, st));
         expect(sN.badRow).toBe(badRow);
+        expect(sN.badValue).toBe(c.classes);
         expect(sF).toEqual(sN);
         expectSame(lossF, lossN, 'loss');
       }
@@ -797,6 +817,15 @@ describe('sgdStep', () => {
   }
 });
 
+/** normPowerSum into a fresh 0-d float64 output (sentinel-filled), read back. */
+function powerSum(k: KernelTable['normPowerSum'], t: Tensor, p: number): number {
+  const out = sentinel([], 'float64');
+  k(t, p, out);
+  const v = out.item();
+  out.dispose();
+  return v;
+}
+
 describe('normPowerSum', () => {
   for (const dtype of FLOATS) {
     for (const n of [1, 7, 33, 20000]) {
@@ -804,8 +833,8 @@ describe('normPowerSum', () => {
         it(`${dtype}, ${n} elements, p = ${p}`, () =>
           tidy(() => {
             const t = randnT(rng(n + p), [n], dtype, 3);
-            const a = nativeKernel('normPowerSum')(t, p);
-            const b = fallbackKernel('normPowerSum')(t, p);
+            const a = powerSum(nativeKernel('normPowerSum'), t, p);
+            const b = powerSum(fallbackKernel('normPowerSum'), t, p);
             expectSameNumber(b, a, 'sum', 1e-12);
           }));
       }
@@ -818,8 +847,8 @@ describe('normPowerSum', () => {
         const t = make([9], 'float32', (i) => (i === 4 ? bad : i - 3));
         for (const p of [2, INF, 1, 0.5]) {
           expectSameNumber(
-            fallbackKernel('normPowerSum')(t, p),
-            nativeKernel('normPowerSum')(t, p),
+            powerSum(fallbackKernel('normPowerSum'), t, p),
+            powerSum(nativeKernel('normPowerSum'), t, p),
             `p = ${p}, ${bad}`,
           );
         }
@@ -843,10 +872,16 @@ describe('unscaleCheck', () => {
             const t = make([33], dtype, (i) => (i === sp.at ? sp.value : 100 * r.normal()));
             const tN = clone(t);
             const tF = clone(t);
-            const a = nativeKernel('unscaleCheck')(tN, inv);
-            const b = fallbackKernel('unscaleCheck')(tF, inv);
-            expect(a).toBe(sp.at >= 0);
-            expect(b).toBe(a);
+            // a flag already set stays set; a clear one is set by a non-finite value only
+            for (const start of [0, 1]) {
+              const fN = make([1], 'float32', () => start);
+              const fF = make([1], 'float32', () => start);
+              nativeKernel('unscaleCheck')(tN, inv, fN);
+              fallbackKernel('unscaleCheck')(tF, inv, fF);
+              expect(fN.item()).toBe(start === 1 || sp.at >= 0 ? 1 : 0);
+              expect(fF.item()).toBe(fN.item());
+              expectSame(tF, tN, 't', { ulps: 0, atol: 0, rtol: 0 });
+            }
             expectSame(tF, tN, 't', { ulps: 0, atol: 0, rtol: 0 });
           }));
       }
@@ -901,6 +936,9 @@ describe('memory', () => {
       const v = make([9], 'float32', () => 0.5);
       const buf = f32([9]);
       const bad = make([9], 'float32', (i) => (i === 3 ? Number.NaN : i));
+      const stats = sentinel([4], 'float64');
+      const norm = sentinel([], 'float64');
+      const flag = sentinel([1], 'float32');
 
       const before = memoryStats('cpu').liveStorages;
       const k = <K extends KernelName>(name: K) => fallbackKernel(name);
@@ -908,11 +946,11 @@ describe('memory', () => {
       k('softmax')(y, x, true);
       k('softmaxBackward')(dx, y, g, true);
       k('softmaxBackward')(dx, y, g, false);
-      k('crossEntropy')(x, t, lse, loss, -100, 0.1);
-      k('crossEntropy')(x, tBad, lse, loss, -100, 0.1);
+      k('crossEntropy')(x, t, lse, loss, -100, 0.1, stats);
+      k('crossEntropy')(x, tBad, lse, loss, -100, 0.1, stats);
       k('crossEntropyBackward')(dx, x, t, lse, gout, 0.5, -100, 0.1);
-      k('nllLoss')(x, t, loss, -100);
-      k('nllLoss')(x, tBad, null, -100);
+      k('nllLoss')(x, t, loss, -100, stats);
+      k('nllLoss')(x, tBad, null, -100, stats);
       k('nllLossBackward')(dx, t, gout, 1, -100);
       k('normRows')(yn, xn, w, b, mean, rstd, 10, 1e-5, true);
       k('normRows')(yn, xn, w, null, null, rstd, 10, 1e-6, false);
@@ -934,9 +972,9 @@ describe('memory', () => {
       const sgd = { lr: 0.1, momentum: 0.9, dampening: 0, weightDecay: 0.01, nesterov: true, first: false };
       k('sgdStep')(p, pg, buf, sgd);
       k('sgdStep')(p, pg, null, { ...sgd, momentum: 0, nesterov: false });
-      for (const pw of [2, INF, 1, 3]) k('normPowerSum')(bad, pw);
-      k('unscaleCheck')(bad, 0.5);
-      k('unscaleCheck')(m, 1);
+      for (const pw of [2, INF, 1, 3]) k('normPowerSum')(bad, pw, norm);
+      k('unscaleCheck')(bad, 0.5, flag);
+      k('unscaleCheck')(m, 1, flag);
       expect(memoryStats('cpu').liveStorages).toBe(before);
     });
   });

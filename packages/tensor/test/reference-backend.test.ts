@@ -1047,8 +1047,9 @@ describe('reference backend: index kernels', () => {
         [rnd([4, 6], 136, dtype), rnd([4, 9], 137, 'int64', 0, 6), rnd([4, 9], 138, dtype)],
         (x, i, s) => {
           const out = x.clone();
-          const bad = out.backend.kernel('scatterAddAlong')!(out, s, i, 1, 0.3);
-          expect(bad).toBeUndefined();
+          const bad = T.full([2], 7, { dtype: 'float64', device: out.device });
+          out.backend.kernel('scatterAddAlong')!(out, s, i, 1, 0.3, bad);
+          expect(bad.toArray()).toEqual([-1, 0]); // always written: no index rejected
           return out;
         },
         EXACT,

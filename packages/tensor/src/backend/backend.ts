@@ -83,6 +83,11 @@ export interface GemmOperand {
  */
 export interface Backend {
   readonly device: string;
+  /**
+   * false for a backend whose kernels run asynchronously (a GPU stream): checks that need a
+   * kernel's result are then queued until the next host read (see sync.ts). Default true.
+   */
+  readonly synchronous?: boolean;
   alloc(bytes: number, zero: boolean): number;
   /** Returns a block; a caching backend may keep it for the next alloc of that size. */
   free(address: number): void;
@@ -112,6 +117,7 @@ export interface Backend {
     p: number,
   ): void;
   cumsum(x: Tensor, out: Tensor, outer: number, R: number, inner: number): void;
+  /** c = alpha · a @ b + beta · c per batch; a and b any strides, c a unit column stride (cs = 1). */
   gemm(
     batch: number,
     M: number,

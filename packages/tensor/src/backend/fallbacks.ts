@@ -46,11 +46,9 @@ import {
   sub,
   where,
 } from '../ops/elementwise.js';
-import { gather } from '../ops/indexing.js';
 import { matmul } from '../ops/matmul.js';
-import { amax, argmax, sum } from '../ops/reduce.js';
-import { expand, narrow, reshape, to, transpose, unsqueeze } from '../ops/shape.js';
-import type { LossKernelStats } from '../ops/softmax.js';
+import { amax, amin, sum } from '../ops/reduce.js';
+import { expand, narrow, reshape, stack, to, transpose, unsqueeze } from '../ops/shape.js';
 import { tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import { defineFallbackKernel, type KernelName, type KernelTable } from './kernels.js';
@@ -108,19 +106,58 @@ function columns(t: Tensor, n: number): Tensor {
   return reshape(arange(0, n, 1, { dtype: 'int64', device: t.device }), [1, n]);
 }
 
+/** What the loss compositions learn from the targets, all on the device. */
+interface TargetCheck {
+  /** [rows] bool: the target is ignoreIndex. */
+  ignored: Tensor;
+  /** 0-d bool: some target is neither ignoreIndex nor a class. */
+  anyBad: Tensor;
+  /** The loss stats other than the total (see LOSS_STATS), each 0-d float64. */
+  count: Tensor;
+  badRow: Tensor;
+  badValue: Tensor;
+}
+
 /**
- * Class-index targets as the loss kernels check them before anything is written: the number of
- * rows that are not ignored and the first row whose target is neither ignoreIndex nor in
- * [0, classes). With a bad row the count covers the rows before it only, as the native scan stops
- * there; total is 0 in both cases (the caller fills it in).
+ * Class-index targets [rows] checked as the native loss kernels check them, with device ops only
+ * (no host read): the first row whose target is neither ignoreIndex nor in [0, classes) is the
+ * smallest position of such a row (rows when there is none); the count covers the non-ignored
+ * rows before it (all of them without one), as the native scan stops there.
  */
-function checkTargets(t: Tensor, classes: number, ignoreIndex: number): LossKernelStats {
+function checkTargets(t: Tensor, classes: number, ignoreIndex: number): TargetCheck {
+  const rows = t.numel;
   const ignored = eq(t, ignoreIndex);
-  const bad = logicalAnd(logicalNot(ignored), logicalOr(lt(t, 0), ge(t, classes)));
-  if (sum(bad).item() === 0) return { count: t.numel - sum(ignored).item(), total: 0, badRow: -1 };
-  const badRow = argmax(bad).item();
-  const before = narrow(logicalNot(ignored), 0, 0, badRow);
-  return { count: sum(before).item(), total: 0, badRow };
+  const counted = logicalNot(ignored);
+  const bad = logicalAnd(counted, logicalOr(lt(t, 0), ge(t, classes)));
+  const pos = arange(0, rows, 1, { dtype: 'int64', device: t.device });
+  const first = amin(where(bad, pos, rows));
+  const anyBad = lt(first, rows);
+  return {
+    ignored,
+    anyBad,
+    count: to(sum(logicalAnd(counted, lt(pos, first))), 'float64'),
+    badRow: where(anyBad, to(first, 'float64'), -1),
+    // no position equals `first` when there is no bad row: the value is then 0
+    badValue: sum(where(eq(pos, first), to(t, 'float64'), 0)),
+  };
+}
+
+/** Writes the loss stats [count, total, badRow, badValue] (see LOSS_STATS) into `stats`. */
+function storeStats(stats: Tensor, count: Tensor | number, total: Tensor | number, chk?: TargetCheck): void {
+  const d = { dtype: 'float64' as const, device: stats.device };
+  const scalar = (v: Tensor | number): Tensor => (typeof v === 'number' ? full([], v, d) : v);
+  const badRow = chk ? chk.badRow : full([], -1, d);
+  const badValue = chk ? chk.badValue : full([], 0, d);
+  store(stats, stack([scalar(count), scalar(total), badRow, badValue]));
+}
+
+/**
+ * The entry of each row of xs [rows, n] at column col [rows, 1], or 0 where col is not a column:
+ * a masked row sum rather than gather. The other entries add exact zeros, and gather would queue
+ * an index check of its own on an asynchronous backend.
+ */
+function pick(xs: Tensor, col: Tensor): Tensor {
+  return sum(where(eq(columns(xs, xs.shape[1]), col), xs, 0), 1, true);
 }
 
 /** Rows [rows, 1] whose target is a real class: not ignoreIndex and within [0, classes). */
@@ -181,30 +218,31 @@ register('softmaxBackward', (dx, y, g, logOut) => {
 
 // Per row r with target t: lse = max + log(sum(exp(x - max))), loss = lse - (1 - eps) x[t] -
 // eps * mean(x). Ignored rows get lse 0 and loss 0. The total adds the float (or double) row
-// losses in double, before they are rounded to the loss dtype. A bad target writes nothing.
-register('crossEntropy', (x, target, lse, loss, ignoreIndex, labelSmoothing) =>
-  run((): LossKernelStats => {
+// losses in double, before they are rounded to the loss dtype. A bad target leaves lse and loss
+// as they were (each is rewritten with its old values) and reports total 0.
+register('crossEntropy', (x, target, lse, loss, ignoreIndex, labelSmoothing, stats) =>
+  run(() => {
     const n = lastDim(x);
     const rows = n === 0 ? 0 : x.numel / n;
-    if (rows === 0) return { count: 0, total: 0, badRow: -1 };
+    if (rows === 0) {
+      storeStats(stats, 0, 0);
+      return;
+    }
     const t = reshape(target, [rows]);
-    const stats = checkTargets(t, n, ignoreIndex);
-    if (stats.badRow >= 0) return stats;
+    const chk = checkTargets(t, n, ignoreIndex);
     const c = computeOf(x.dtype);
     const xs = reshape(to(x, c), [rows, n]);
-    const ignored = unsqueeze(eq(t, ignoreIndex), 1);
-    // ignored rows read column 0 so that gather never sees an out-of-range index
-    const col = where(ignored, 0, unsqueeze(t, 1));
+    const ignored = unsqueeze(chk.ignored, 1);
     const m = amax(xs, 1, true);
     const l = add(m, log(sum(exp(sub(xs, m)), 1, true)));
     // (1 - eps) is formed in the compute type from the rounded eps, as the kernel does
     const eps = asCompute(labelSmoothing, c);
-    let value = sub(l, mul(gather(xs, 1, col), asCompute(1 - eps, c)));
+    let value = sub(l, mul(pick(xs, unsqueeze(t, 1)), asCompute(1 - eps, c)));
     if (labelSmoothing !== 0) value = sub(value, divBy(mul(sum(xs, 1, true), eps), n));
     value = where(ignored, 0, value);
-    store(lse, where(ignored, 0, l));
-    if (loss) store(loss, value);
-    return { count: stats.count, total: sum(to(value, 'float64')).item(), badRow: -1 };
+    store(lse, where(chk.anyBad, reshape(lse, [rows, 1]), where(ignored, 0, l)));
+    if (loss) store(loss, where(chk.anyBad, reshape(to(loss, c), [rows, 1]), value));
+    storeStats(stats, chk.count, where(chk.anyBad, 0, sum(to(value, 'float64'))), chk);
   }),
 );
 
@@ -229,20 +267,22 @@ register('crossEntropyBackward', (dx, x, target, lse, gout, scale, ignoreIndex, 
 // ---- NLL --------------------------------------------------------------------------------------
 
 // Row loss -x[r, t_r] (0 on ignored rows), taken exactly from x's dtype; the total adds them in
-// double. A bad target writes nothing.
-register('nllLoss', (x, target, loss, ignoreIndex) =>
-  run((): LossKernelStats => {
+// double. A bad target leaves loss as it was and reports total 0.
+register('nllLoss', (x, target, loss, ignoreIndex, stats) =>
+  run(() => {
     const n = lastDim(x);
     const rows = n === 0 ? 0 : x.numel / n;
-    if (rows === 0) return { count: 0, total: 0, badRow: -1 };
+    if (rows === 0) {
+      storeStats(stats, 0, 0);
+      return;
+    }
     const t = reshape(target, [rows]);
-    const stats = checkTargets(t, n, ignoreIndex);
-    if (stats.badRow >= 0) return stats;
-    const ignored = unsqueeze(eq(t, ignoreIndex), 1);
-    const col = where(ignored, 0, unsqueeze(t, 1));
-    const value = where(ignored, 0, neg(gather(reshape(x, [rows, n]), 1, col)));
-    if (loss) store(loss, value);
-    return { count: stats.count, total: sum(to(value, 'float64')).item(), badRow: -1 };
+    const chk = checkTargets(t, n, ignoreIndex);
+    const c = computeOf(x.dtype);
+    const ignored = unsqueeze(chk.ignored, 1);
+    const value = where(ignored, 0, neg(pick(reshape(to(x, c), [rows, n]), unsqueeze(t, 1))));
+    if (loss) store(loss, where(chk.anyBad, reshape(to(loss, c), [rows, 1]), value));
+    storeStats(stats, chk.count, where(chk.anyBad, 0, sum(to(value, 'float64'))), chk);
   }),
 );
 
@@ -491,25 +531,32 @@ register('sgdStep', (p, g, buf, s) => {
   });
 });
 
-// sum(|x|^p) accumulated in double (max |x| for p = +-Infinity); NaN propagates; 0 when empty.
-register('normPowerSum', (t, p) => {
-  if (t.numel === 0) return 0;
-  return run(() => {
+// sum(|x|^p) accumulated in double (max |x| for p = +-Infinity) into the 0-d float64 `out`;
+// NaN propagates; 0 when empty.
+register('normPowerSum', (t, p, out) => {
+  run(() => {
+    if (t.numel === 0) {
+      out.fill_(0);
+      return;
+    }
     const a = abs(to(t, 'float64'));
-    if (Math.abs(p) === Number.POSITIVE_INFINITY) return amax(a).item();
-    if (p === 2) return sum(square(a)).item();
-    if (p === 1) return sum(a).item();
-    return sum(pow(a, p)).item();
+    let s: Tensor;
+    if (Math.abs(p) === Number.POSITIVE_INFINITY) s = amax(a);
+    else if (p === 2) s = sum(square(a));
+    else if (p === 1) s = sum(a);
+    else s = sum(pow(a, p));
+    store(out, s);
   });
 });
 
-// Whether t holds inf or NaN (checked before scaling); t is multiplied by invScale in place
-// (in its own dtype's arithmetic) unless invScale is 1.
-register('unscaleCheck', (t, invScale) => {
-  if (t.numel === 0) return false;
-  return run(() => {
-    const found = sum(logicalOr(isnan(t), isinf(t))).item() > 0;
+// Sets the float32 [1] flag foundInf to 1 when t holds inf or NaN (checked before scaling; never
+// resets it); t is multiplied by invScale in place (in its own dtype's arithmetic) unless
+// invScale is 1.
+register('unscaleCheck', (t, invScale, foundInf) => {
+  if (t.numel === 0) return;
+  run(() => {
+    const found = gt(sum(logicalOr(isnan(t), isinf(t))), 0);
+    store(foundInf, where(found, 1, reshape(foundInf, [])));
     if (invScale !== 1) t.copy_(mul(t, invScale));
-    return found;
   });
 });

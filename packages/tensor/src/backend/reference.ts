@@ -24,7 +24,6 @@
 // bytes, which makes reads of uninitialised memory easy to spot. Performance is not a goal.
 import { type DType, ITEMSIZE } from '../dtype.js';
 import type {
-  BadIndex,
   GatherAlongKernel,
   IndexAddRowsKernel,
   IndexSelectRowsKernel,
@@ -681,11 +680,13 @@ function checkIndexDtype(t: Tensor): void {
 
 class ReferenceBackend implements Backend {
   readonly device: string;
+  readonly synchronous: boolean;
   private readonly mem: DeviceMemory;
   private readonly kernels: RefKernels;
 
-  constructor(device: string, index: number) {
+  constructor(device: string, index: number, synchronous: boolean) {
     this.device = device;
+    this.synchronous = synchronous;
     this.mem = new DeviceMemory(device, index);
     this.kernels = {
       indexSelectRows: this.indexSelectRows,
@@ -1016,10 +1017,23 @@ class ReferenceBackend implements Backend {
     return o;
   }
 
-  private readonly indexSelectRows: IndexSelectRowsKernel = (out, x, index, outer, S, inner) => {
+  /**
+   * Stores an index kernel's verdict in its `bad` operand (float64 [2]): [position, value] of the
+   * rejected index, or [-1, 0]. True when an index was rejected (the kernel then writes nothing).
+   */
+  private report(bad: Tensor, rejected: RejectedIndex | undefined): boolean {
+    if (bad.dtype !== 'float64' || bad.ndim !== 1 || bad.shape[0] !== 2) {
+      throw new Error('index kernels report into a float64 tensor of shape [2]');
+    }
+    const B = this.acc(bad);
+    B.st(bad.offset, rejected ? rejected[0] : -1);
+    B.st(bad.offset + bad.strides[0], rejected ? rejected[1] : 0);
+    return rejected !== undefined;
+  }
+
+  private readonly indexSelectRows: IndexSelectRowsKernel = (out, x, index, outer, S, inner, bad) => {
     const idx = this.indexValues(index);
-    const bad = firstBad(idx, S);
-    if (bad) return bad;
+    if (this.report(bad, firstBad(idx, S))) return;
     const L = idx.length;
     const move = rawCopier(this.buf(out), this.buf(x), x.dtype);
     for (let o = 0; o < outer; o++) {
@@ -1029,7 +1043,6 @@ class ReferenceBackend implements Backend {
         for (let q = 0; q < inner; q++) move(d + q, s + q);
       }
     }
-    return undefined;
   };
 
   private readonly indexAddRows: IndexAddRowsKernel = (
@@ -1042,10 +1055,10 @@ class ReferenceBackend implements Backend {
     inner,
     alpha,
     skip,
+    bad,
   ) => {
     const idx = this.indexValues(index);
-    const bad = firstBad(idx, S);
-    if (bad) return bad;
+    if (this.report(bad, firstBad(idx, S))) return;
     const L = idx.length;
     // the positions adding into each target row, in increasing order (rows equal to skip add nothing)
     const rows: number[][] = Array.from({ length: S }, () => []);
@@ -1081,13 +1094,11 @@ class ReferenceBackend implements Backend {
         for (let j = 0; j < inner; j++) O.st(dst + j, B ? fm(al, acc[j], B.ld(bRow + j)) : r(al * acc[j]));
       }
     }
-    return undefined;
   };
 
-  private readonly gatherAlong: GatherAlongKernel = (out, x, index, dim) => {
+  private readonly gatherAlong: GatherAlongKernel = (out, x, index, dim, bad) => {
     const idx = this.indexValues(index);
-    const bad = firstBad(idx, x.shape[dim]);
-    if (bad) return bad;
+    if (this.report(bad, firstBad(idx, x.shape[dim]))) return;
     const oo = offsets(index.shape, out.strides, out.offset);
     const xs = [...x.strides];
     xs[dim] = 0; // the coordinate along dim comes from the index
@@ -1095,13 +1106,11 @@ class ReferenceBackend implements Backend {
     const step = x.strides[dim];
     const move = rawCopier(this.buf(out), this.buf(x), x.dtype);
     for (let k = 0; k < idx.length; k++) move(oo[k], ox[k] + idx[k] * step);
-    return undefined;
   };
 
-  private readonly scatterAddAlong: ScatterAddAlongKernel = (out, src, index, dim, alpha) => {
+  private readonly scatterAddAlong: ScatterAddAlongKernel = (out, src, index, dim, alpha, bad) => {
     const idx = this.indexValues(index);
-    const bad = firstBad(idx, out.shape[dim]);
-    if (bad) return bad;
+    if (this.report(bad, firstBad(idx, out.shape[dim]))) return;
     const single = inFloat(out.dtype);
     const fm = single ? fmaF : fma;
     const al = single ? Math.fround(alpha) : alpha;
@@ -1117,7 +1126,6 @@ class ReferenceBackend implements Backend {
       const at = oo[k] + idx[k] * step;
       O.st(at, fm(al, Sx.ld(osrc[k]), O.ld(at))); // out += alpha * src, fused as compiled
     }
-    return undefined;
   };
 
   private readonly topk: TopkKernel = (values, indices, x, outer, R, inner, k, largest) => {
@@ -1172,18 +1180,19 @@ class ReferenceBackend implements Backend {
     }
   };
 
-  private readonly oneHot: OneHotKernel = (out, index, classes) => {
+  private readonly oneHot: OneHotKernel = (out, index, classes, bad) => {
     const idx = this.indexValues(index);
-    const bad = firstBad(idx, classes);
-    if (bad) return bad;
+    if (this.report(bad, firstBad(idx, classes))) return;
     const O = this.acc(out); // int64, zero-filled by the caller
     for (let i = 0; i < idx.length; i++) O.st(out.offset + i * classes + idx[i], 1);
-    return undefined;
   };
 }
 
+/** A rejected index: its flat position in the (contiguous) index tensor and its value. */
+type RejectedIndex = readonly [position: number, value: number];
+
 /** The first index outside [0, size) as [position, value], or undefined. No negative indexing. */
-function firstBad(idx: Float64Array, size: number): BadIndex {
+function firstBad(idx: Float64Array, size: number): RejectedIndex | undefined {
   for (let i = 0; i < idx.length; i++) {
     const v = idx[i];
     if (v < 0 || v >= size) return [i, v];
@@ -1306,6 +1315,11 @@ export interface ReferenceBackendOptions {
   type?: string;
   /** Number of devices (default 2). */
   deviceCount?: number;
+  /**
+   * Behave as an asynchronous device (a GPU stream): checks that need a kernel's result are
+   * queued until the next host read instead of thrown by the op (default false).
+   */
+  asynchronous?: boolean;
 }
 
 /** The reference backend as a device type: each index is a device with its own memory. */
@@ -1323,7 +1337,7 @@ export function createReferenceBackendType(options: ReferenceBackendOptions = {}
       if (new Uint8Array(new Uint16Array([1]).buffer)[0] !== 1) {
         throw new Error(`${type}: the reference backend needs a little-endian host`);
       }
-      return new ReferenceBackend(`${type}:${index}`, index);
+      return new ReferenceBackend(`${type}:${index}`, index, !(options.asynchronous ?? false));
     },
   };
 }

@@ -3,7 +3,9 @@
 //
 // Index tensors are int32 or int64. Indices are validated by the kernels before anything is
 // written; an index outside its dimension raises TensorError INDEX_OUT_OF_RANGE naming the op,
-// the value and the size. Accumulating ops (the embedding and indexSelect gradients, indexAdd,
+// the value and the size. The kernels report a rejected index in a small device tensor whose
+// check is queued (sync.ts): the CPU throws from the op itself, an asynchronous device at its
+// next host read. Accumulating ops (the embedding and indexSelect gradients, indexAdd,
 // scatterAdd and the gather gradient) add in a fixed order and accumulate 16-bit floats in
 // float32, rounding once, so their results do not depend on the thread count.
 
@@ -13,16 +15,23 @@ import { defineCpuKernel, native, pack } from '../backend/cpu.js';
 import { getKernel, type KernelName, type KernelTable } from '../backend/kernels.js';
 import type { DType } from '../dtype.js';
 import { argError, dtypeError, fmtShape, indexError, shapeError, TensorError } from '../errors.js';
+import { untrackTensor } from '../scope.js';
 import { normDim, numel, type Shape } from '../shape.js';
+import { deferCheck } from '../sync.js';
 import { Tensor } from '../tensor.js';
 import { amax, amin } from './reduce.js';
 import { reshape } from './shape.js';
 import { alloc, inputsBackend } from './util.js';
 
 // ---- kernels --------------------------------------------------------------------------------
-
-/** A rejected index: its flat position in the (contiguous) index tensor and its value. */
-export type BadIndex = readonly [position: number, value: number] | undefined;
+//
+// The five index-checking kernels (indexSelectRows, indexAddRows, gatherAlong, scatterAddAlong,
+// oneHot) take a last argument `bad`: a contiguous float64 tensor of shape [2] on the kernel's
+// device. The kernel always fills it, with [position, value] of the first index it rejected (its
+// flat position in the contiguous index tensor and its value; nothing else is written then), or
+// with [-1, 0] when every index is in range. They return nothing: on an asynchronous device the
+// answer is only known once the kernel has run, so the op queues its check (sync.ts) instead of
+// reading it.
 
 export type IndexSelectRowsKernel = (
   out: Tensor,
@@ -31,7 +40,8 @@ export type IndexSelectRowsKernel = (
   outer: number,
   S: number,
   inner: number,
-) => BadIndex;
+  bad: Tensor,
+) => void;
 export type IndexAddRowsKernel = (
   out: Tensor,
   base: Tensor | null,
@@ -42,15 +52,17 @@ export type IndexAddRowsKernel = (
   inner: number,
   alpha: number,
   skip: number,
-) => BadIndex;
-export type GatherAlongKernel = (out: Tensor, x: Tensor, index: Tensor, dim: number) => BadIndex;
+  bad: Tensor,
+) => void;
+export type GatherAlongKernel = (out: Tensor, x: Tensor, index: Tensor, dim: number, bad: Tensor) => void;
 export type ScatterAddAlongKernel = (
   out: Tensor,
   src: Tensor,
   index: Tensor,
   dim: number,
   alpha: number,
-) => BadIndex;
+  bad: Tensor,
+) => void;
 export type TopkKernel = (
   values: Tensor,
   indices: Tensor,
@@ -62,31 +74,36 @@ export type TopkKernel = (
   largest: boolean,
 ) => void;
 export type TriangleKernel = (out: Tensor, x: Tensor, diagonal: number, upper: boolean) => void;
-export type OneHotKernel = (out: Tensor, index: Tensor, classes: number) => BadIndex;
+export type OneHotKernel = (out: Tensor, index: Tensor, classes: number, bad: Tensor) => void;
 
 const call = native as unknown as Record<string, () => unknown>;
-const asBad = (r: unknown): BadIndex => (Array.isArray(r) ? [Number(r[0]), Number(r[1])] : undefined);
 
-defineCpuKernel('indexSelectRows', (out, x, index, outer, S, inner) => {
+/** Stores a native kernel's answer (an array [position, value], or nothing) into `bad`. */
+function answer(bad: Tensor, r: unknown): void {
+  const v = Array.isArray(r) ? [Number(r[0]), Number(r[1])] : [-1, 0];
+  bad.backend.write(bad, Float64Array.from(v));
+}
+
+defineCpuKernel('indexSelectRows', (out, x, index, outer, S, inner, bad) => {
   pack.begin().tensor(out).tensor(x).tensor(index).num(outer).num(S).num(inner);
-  return asBad(call.indexSelectRows());
+  answer(bad, call.indexSelectRows());
 });
-defineCpuKernel('indexAddRows', (out, base, src, index, outer, S, inner, alpha, skip) => {
+defineCpuKernel('indexAddRows', (out, base, src, index, outer, S, inner, alpha, skip, bad) => {
   pack
     .begin()
     .tensor(out)
     .num(base ? 1 : 0);
   if (base) pack.tensor(base);
   pack.tensor(src).tensor(index).num(outer).num(S).num(inner).num(alpha).num(skip);
-  return asBad(call.indexAddRows());
+  answer(bad, call.indexAddRows());
 });
-defineCpuKernel('gatherAlong', (out, x, index, dim) => {
+defineCpuKernel('gatherAlong', (out, x, index, dim, bad) => {
   pack.begin().tensor(out).tensor(x).tensor(index).num(dim);
-  return asBad(call.gatherAlong());
+  answer(bad, call.gatherAlong());
 });
-defineCpuKernel('scatterAddAlong', (out, src, index, dim, alpha) => {
+defineCpuKernel('scatterAddAlong', (out, src, index, dim, alpha, bad) => {
   pack.begin().tensor(out).tensor(src).tensor(index).num(dim).num(alpha);
-  return asBad(call.scatterAddAlong());
+  answer(bad, call.scatterAddAlong());
 });
 defineCpuKernel('topk', (values, indices, x, outer, R, inner, k, largest) => {
   pack
@@ -110,9 +127,9 @@ defineCpuKernel('triangle', (out, x, diagonal, upper) => {
     .num(upper ? 1 : 0);
   call.triangle();
 });
-defineCpuKernel('oneHot', (out, index, classes) => {
+defineCpuKernel('oneHot', (out, index, classes, bad) => {
   pack.begin().tensor(out).tensor(index).num(classes);
-  return asBad(call.oneHot());
+  answer(bad, call.oneHot());
 });
 
 function kernelOf<K extends KernelName>(backend: Backend, name: K, op: string): KernelTable[K] {
@@ -120,6 +137,37 @@ function kernelOf<K extends KernelName>(backend: Backend, name: K, op: string): 
   if (!k)
     throw new TensorError('UNSUPPORTED', `${op}: the ${backend.device} backend has no "${name}" kernel`);
   return k;
+}
+
+/**
+ * Runs an index-checking kernel on a fresh `bad` tensor and queues the check of its answer;
+ * `error` builds the op's error from the position and value of the rejected index. The check
+ * throws from here on a synchronous backend (and so does a full queue that synchronises on an
+ * asynchronous one): whatever throws, `out` and `bad` are disposed first, so the op that called
+ * this only has its own temporaries to free.
+ */
+function checkedKernel(
+  out: Tensor,
+  run: (bad: Tensor) => void,
+  error: (position: number, value: number) => TensorError,
+): void {
+  let bad: Tensor | null = null;
+  try {
+    bad = alloc(out.backend, [2], 'float64');
+    // the queue frees it at its check: a tidy() scope that ends before then must leave it alone
+    untrackTensor(bad);
+    run(bad);
+  } catch (e) {
+    bad?.dispose();
+    out.dispose();
+    throw e;
+  }
+  try {
+    deferCheck(bad, (v) => (v[0] >= 0 ? error(v[0], v[1]) : null));
+  } catch (e) {
+    out.dispose();
+    throw e;
+  }
 }
 
 // ---- helpers --------------------------------------------------------------------------------
@@ -141,6 +189,16 @@ function cast(t: Tensor, dtype: DType): Tensor {
 
 function disposeTemp(t: Tensor, original: Tensor): void {
   if (t !== original) t.dispose();
+}
+
+/** fn's result; when fn throws, t (original itself or a temporary copy of it) is freed first. */
+function freeOnThrow<T>(t: Tensor, original: Tensor, fn: () => T): T {
+  try {
+    return fn();
+  } catch (e) {
+    disposeTemp(t, original);
+    throw e;
+  }
 }
 
 function checkIndexDtype(op: string, index: Tensor, what = 'index'): void {
@@ -183,11 +241,14 @@ function indexSelectRaw(op: string, x: Tensor, d: number, index: Tensor): Tensor
   const { outer, size, inner } = around(x.shape, d);
   const xd = dense(x);
   const out = alloc(backend, withDim(x.shape, d, index.numel), x.dtype);
-  const bad = kernelOf(backend, 'indexSelectRows', op)(out, xd, index, outer, size, inner);
-  disposeTemp(xd, x);
-  if (bad) {
-    out.dispose();
-    throw rangeError(op, bad, d, size);
+  try {
+    checkedKernel(
+      out,
+      (bad) => kernelOf(backend, 'indexSelectRows', op)(out, xd, index, outer, size, inner, bad),
+      (p, v) => rangeError(op, [p, v], d, size),
+    );
+  } finally {
+    disposeTemp(xd, x);
   }
   return out;
 }
@@ -211,12 +272,16 @@ function indexAddRaw(
   const bd = base ? dense(base) : null;
   const sd = dense(src);
   const out = alloc(backend, shape, src.dtype);
-  const bad = kernelOf(backend, 'indexAddRows', op)(out, bd, sd, index, outer, size, inner, alpha, skip);
-  if (bd && base) disposeTemp(bd, base);
-  disposeTemp(sd, src);
-  if (bad) {
-    out.dispose();
-    throw rangeError(op, bad, d, size);
+  try {
+    checkedKernel(
+      out,
+      (bad) =>
+        kernelOf(backend, 'indexAddRows', op)(out, bd, sd, index, outer, size, inner, alpha, skip, bad),
+      (p, v) => rangeError(op, [p, v], d, size),
+    );
+  } finally {
+    if (bd && base) disposeTemp(bd, base);
+    disposeTemp(sd, src);
   }
   return out;
 }
@@ -224,11 +289,12 @@ function indexAddRaw(
 /** out[p] = x[p with p[d] = index[p]] over the positions of (contiguous) index. */
 function gatherRaw(op: string, x: Tensor, d: number, index: Tensor): Tensor {
   const out = alloc(x.backend, index.shape, x.dtype);
-  const bad = kernelOf(x.backend, 'gatherAlong', op)(out, x, index, d);
-  if (bad) {
-    out.dispose();
-    throw rangeError(op, bad, d, x.shape[d]);
-  }
+  const size = x.shape[d];
+  checkedKernel(
+    out,
+    (bad) => kernelOf(x.backend, 'gatherAlong', op)(out, x, index, d, bad),
+    (p, v) => rangeError(op, [p, v], d, size),
+  );
   return out;
 }
 
@@ -248,11 +314,15 @@ function scatterAddRaw(
   const acc = alloc(backend, shape, work, base === null);
   if (base && acc.numel > 0) backend.copy(acc, base);
   const s = src.dtype === work ? src : cast(src, work);
-  const bad = kernelOf(backend, 'scatterAddAlong', op)(acc, s, index, d, alpha);
-  disposeTemp(s, src);
-  if (bad) {
-    acc.dispose();
-    throw rangeError(op, bad, d, shape[d]);
+  const size = shape[d];
+  try {
+    checkedKernel(
+      acc,
+      (bad) => kernelOf(backend, 'scatterAddAlong', op)(acc, s, index, d, alpha, bad),
+      (p, v) => rangeError(op, [p, v], d, size),
+    );
+  } finally {
+    disposeTemp(s, src);
   }
   if (work === dtype) return acc;
   const out = cast(acc, dtype);
@@ -290,15 +360,21 @@ export function embedding(
   const ids = dense(input);
   const w = dense(weight);
   const out = alloc(backend, [...input.shape, H], weight.dtype);
-  const bad = kernelOf(backend, 'indexSelectRows', op)(out, w, ids, 1, V, H);
-  disposeTemp(w, weight);
-  if (bad) {
-    out.dispose();
-    disposeTemp(ids, input);
-    throw indexError(
-      op,
-      `id ${bad[1]} (at position ${bad[0]} of the input) is out of range for a vocabulary of V = ${V} rows`,
+  try {
+    checkedKernel(
+      out,
+      (bad) => kernelOf(backend, 'indexSelectRows', op)(out, w, ids, 1, V, H, bad),
+      (p, v) =>
+        indexError(
+          op,
+          `id ${v} (at position ${p} of the input) is out of range for a vocabulary of V = ${V} rows`,
+        ),
     );
+  } catch (e) {
+    disposeTemp(ids, input);
+    throw e;
+  } finally {
+    disposeTemp(w, weight);
   }
   if (needsGrad(weight)) {
     // g [...ids, H] has the memory layout of [ids.numel, H], which is all the kernel reads
@@ -321,7 +397,7 @@ export function indexSelect(x: Tensor, dim: number, index: Tensor): Tensor {
   checkVector(op, index);
   const d = normDim(op, dim, x.ndim);
   const ix = dense(index);
-  const out = indexSelectRaw(op, x, d, ix);
+  const out = freeOnThrow(ix, index, () => indexSelectRaw(op, x, d, ix));
   if (needsGrad(x)) {
     const shape = x.shape;
     attachGrad(out, 'IndexSelectBackward', [x], [ix], (g, [i]) => [indexAddRaw(op, null, g, i, shape, d, 1)]);
@@ -348,7 +424,7 @@ export function indexAdd(x: Tensor, dim: number, index: Tensor, source: Tensor, 
     );
   }
   const ix = dense(index);
-  const out = indexAddRaw(op, x, source, ix, x.shape, d, alpha);
+  const out = freeOnThrow(ix, index, () => indexAddRaw(op, x, source, ix, x.shape, d, alpha));
   if (needsGrad(x, source)) {
     const rx = x.requiresGrad;
     const rs = source.requiresGrad;
@@ -390,7 +466,7 @@ export function gather(x: Tensor, dim: number, index: Tensor): Tensor {
     }
   }
   const ix = dense(index);
-  const out = gatherRaw(op, x, d, ix);
+  const out = freeOnThrow(ix, index, () => gatherRaw(op, x, d, ix));
   if (needsGrad(x)) {
     const shape = x.shape;
     attachGrad(out, 'GatherBackward', [x], [ix], (g, [i]) => [
@@ -425,7 +501,7 @@ export function scatterAdd(x: Tensor, dim: number, index: Tensor, src: Tensor): 
     }
   }
   const ix = dense(index);
-  const out = scatterAddRaw(op, x, x.shape, x.dtype, d, ix, src);
+  const out = freeOnThrow(ix, index, () => scatterAddRaw(op, x, x.shape, x.dtype, d, ix, src));
   if (needsGrad(x, src)) {
     const rx = x.requiresGrad;
     const rs = src.requiresGrad;
@@ -548,14 +624,14 @@ export function oneHot(indices: Tensor, numClasses = -1): Tensor {
   }
   const ix = dense(indices);
   const out = alloc(backend, [...indices.shape, classes], 'int64', true);
-  const bad = kernelOf(backend, 'oneHot', op)(out, ix, classes);
-  disposeTemp(ix, indices);
-  if (bad) {
-    out.dispose();
-    throw indexError(
-      op,
-      `class value ${bad[1]} (at position ${bad[0]}) is out of range for ${classes} classes`,
+  try {
+    checkedKernel(
+      out,
+      (bad) => kernelOf(backend, 'oneHot', op)(out, ix, classes, bad),
+      (p, v) => indexError(op, `class value ${v} (at position ${p}) is out of range for ${classes} classes`),
     );
+  } finally {
+    disposeTemp(ix, indices);
   }
   return out;
 }

@@ -8,6 +8,7 @@ import { type Backend, getBackend } from '../backend/backend.js';
 import { DTYPES, type DType, ITEMSIZE, isFloating, promoteTypes } from '../dtype.js';
 import { argError, fmtShape, indexError, shapeError, TensorError } from '../errors.js';
 import { contiguousStrides, inferShape, normDim, type Shape, sameShape, viewStrides } from '../shape.js';
+import { syncBeforeRead } from '../sync.js';
 import { Tensor } from '../tensor.js';
 import { zeros } from './creation.js';
 import { sumToShape } from './elementwise.js';
@@ -369,6 +370,7 @@ function transfer(x: Tensor, dst: Backend): Tensor {
     const out = alloc(dst, x.shape, x.dtype);
     if (out.numel > 0) {
       const host = new Uint8Array(x.numel * ITEMSIZE[x.dtype]);
+      syncBeforeRead(src.device);
       src.backend.read(src, host);
       dst.write(out, host);
     }

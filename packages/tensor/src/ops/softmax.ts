@@ -8,18 +8,23 @@ import { defineCpuKernel, native, pack } from '../backend/cpu.js';
 import { getKernel, type KernelName, type KernelTable } from '../backend/kernels.js';
 import { type DType, isFloating } from '../dtype.js';
 import { argError, dtypeError, fmtShape, indexError, shapeError, TensorError } from '../errors.js';
+import { untrackTensor } from '../scope.js';
 import { normDim, numel, type Shape, sameShape } from '../shape.js';
+import { deferCheck } from '../sync.js';
 import { Tensor } from '../tensor.js';
 import { alloc, inputsBackend } from './util.js';
 
 // ---- kernels ----------------------------------------------------------------------------------
 
-/** Result of a loss kernel: non-ignored rows, sum of the row losses, first row with a bad target or -1. */
-export interface LossKernelStats {
-  count: number;
-  total: number;
-  badRow: number;
-}
+/**
+ * What a loss kernel writes into its `stats` operand (contiguous float64 [4] on its device),
+ * by index: the rows it counted (not ignored; with a bad target, those before it), the sum of
+ * the row losses (accumulated in double; 0 with a bad target), the first row whose target is
+ * neither ignoreIndex nor a class (-1 when there is none) and that target's value (0 when none).
+ * The ops never read it on the host: they reduce from it with device ops and queue the
+ * bad-target check (sync.ts).
+ */
+export const LOSS_STATS = { count: 0, total: 1, badRow: 2, badValue: 3 } as const;
 
 /** out = softmax (or log-softmax) of each row of x; x, out contiguous [rows, n]. */
 export type SoftmaxKernel = (out: Tensor, x: Tensor, log: boolean) => void;
@@ -27,8 +32,9 @@ export type SoftmaxKernel = (out: Tensor, x: Tensor, log: boolean) => void;
 export type SoftmaxBackwardKernel = (dx: Tensor, y: Tensor, g: Tensor, log: boolean) => void;
 /**
  * Row losses of logits x [rows, C] against target [rows] (int32/int64). Writes lse [rows]
- * (float32, float64 for float64 x; 0 on ignored rows) and, when given, the per-row loss [rows]
- * in x's dtype.
+ * (float32, float64 for float64 x; 0 on ignored rows), when given the per-row loss [rows] in x's
+ * dtype, and always `stats` (see {@link LOSS_STATS}). A bad target leaves lse and loss as they
+ * were.
  */
 export type CrossEntropyKernel = (
   x: Tensor,
@@ -37,7 +43,8 @@ export type CrossEntropyKernel = (
   loss: Tensor | null,
   ignoreIndex: number,
   labelSmoothing: number,
-) => LossKernelStats;
+  stats: Tensor,
+) => void;
 /** dx [rows, C] = (softmax - smoothed one-hot) * gout[row] * scale; gout has rows or 1 element. */
 export type CrossEntropyBackwardKernel = (
   dx: Tensor,
@@ -49,13 +56,17 @@ export type CrossEntropyBackwardKernel = (
   ignoreIndex: number,
   labelSmoothing: number,
 ) => void;
-/** Row losses -x[row, target[row]] of log-probabilities x [rows, C]. */
+/**
+ * Row losses -x[row, target[row]] of log-probabilities x [rows, C] into `loss` when given, and
+ * `stats` (see {@link LOSS_STATS}); a bad target leaves loss as it was.
+ */
 export type NllLossKernel = (
   x: Tensor,
   target: Tensor,
   loss: Tensor | null,
   ignoreIndex: number,
-) => LossKernelStats;
+  stats: Tensor,
+) => void;
 /** dx [rows, C]: -gout[row] * scale at the target column, 0 elsewhere. */
 export type NllLossBackwardKernel = (
   dx: Tensor,
@@ -65,9 +76,17 @@ export type NllLossBackwardKernel = (
   ignoreIndex: number,
 ) => void;
 
-function stats(r: unknown): LossKernelStats {
+/**
+ * Writes the native loss kernel's answer [count, total, bad row] into `stats`, adding the bad
+ * target's value (the CPU is synchronous: reading the target here costs no device wait).
+ */
+function answerStats(stats: Tensor, target: Tensor, r: unknown): void {
+  if (stats.dtype !== 'float64' || stats.numel !== 4 || !stats.isContiguous) {
+    throw new Error(`loss kernel: stats must be a contiguous float64 [4] tensor, got ${stats.describe()}`);
+  }
   const [count, total, badRow] = r as [number, number, number];
-  return { count, total, badRow };
+  const badValue = badRow >= 0 ? Number(target.toTypedArray()[badRow]) : 0;
+  stats.backend.write(stats, Float64Array.of(count, total, badRow, badValue));
 }
 
 defineCpuKernel('softmax', (out, x, log) => {
@@ -89,7 +108,7 @@ defineCpuKernel('softmaxBackward', (dx, y, g, log) => {
   native.softmaxBackward();
 });
 
-defineCpuKernel('crossEntropy', (x, target, lse, loss, ignoreIndex, labelSmoothing) => {
+defineCpuKernel('crossEntropy', (x, target, lse, loss, ignoreIndex, labelSmoothing, stats) => {
   pack
     .begin()
     .tensor(x)
@@ -98,7 +117,7 @@ defineCpuKernel('crossEntropy', (x, target, lse, loss, ignoreIndex, labelSmoothi
     .num(loss ? 1 : 0);
   if (loss) pack.tensor(loss);
   pack.num(ignoreIndex).num(labelSmoothing);
-  return stats(native.crossEntropyForward());
+  answerStats(stats, target, native.crossEntropyForward());
 });
 
 defineCpuKernel('crossEntropyBackward', (dx, x, target, lse, gout, scale, ignoreIndex, labelSmoothing) => {
@@ -107,7 +126,7 @@ defineCpuKernel('crossEntropyBackward', (dx, x, target, lse, gout, scale, ignore
   native.crossEntropyBackward();
 });
 
-defineCpuKernel('nllLoss', (x, target, loss, ignoreIndex) => {
+defineCpuKernel('nllLoss', (x, target, loss, ignoreIndex, stats) => {
   pack
     .begin()
     .tensor(x)
@@ -115,7 +134,7 @@ defineCpuKernel('nllLoss', (x, target, loss, ignoreIndex) => {
     .num(loss ? 1 : 0);
   if (loss) pack.tensor(loss);
   pack.num(ignoreIndex);
-  return stats(native.nllLossForward());
+  answerStats(stats, target, native.nllLossForward());
 });
 
 defineCpuKernel('nllLossBackward', (dx, target, gout, scale, ignoreIndex) => {
@@ -281,25 +300,165 @@ function classRows(op: string, input: Tensor, target: Tensor, options: NllLossOp
   return { backend, cd, classes, targetShape, ignoreIndex, reduction };
 }
 
-/** The loss tensor of a reduced call: sum, or sum / count for 'mean' (NaN when every target is ignored). */
-function reducedLoss(c: ClassRows, dtype: DType, s: LossKernelStats): Tensor {
-  const out = alloc(c.backend, [], dtype);
-  c.backend.fill(out, c.reduction === 'sum' ? s.total : s.total / s.count);
+// ---- loss statistics on the device ------------------------------------------------------------
+// The loss kernels answer in a float64 [4] tensor (LOSS_STATS) that stays on the device: the
+// reduced loss and the 'mean' gradient scale are computed from it with core kernels, and the
+// bad-target check is queued on it (sync.ts), so a loss costs no host synchronisation.
+
+/** Element i of a loss stats tensor as a 0-d view (untracked: the caller disposes it). */
+function statAt(stats: Tensor, i: number): Tensor {
+  return stats.viewAs([], [], stats.offset + i, false);
+}
+
+/**
+ * Runs a loss kernel on a fresh float64 [4] stats operand and returns it. Stats is untracked:
+ * the check queue frees it, whatever tidy() scope is open. When anything throws, stats and
+ * `rowLoss` are freed.
+ */
+function runLossKernel(backend: Backend, rowLoss: Tensor | null, kernel: (stats: Tensor) => void): Tensor {
+  let stats: Tensor | null = null;
+  try {
+    stats = alloc(backend, [4], 'float64');
+    untrackTensor(stats);
+    kernel(stats);
+    return stats;
+  } catch (e) {
+    stats?.dispose();
+    rowLoss?.dispose();
+    throw e;
+  }
+}
+
+/**
+ * The loss tensor of a reduced call, computed on the device: the total for 'sum', total / count
+ * for 'mean' (NaN when every target is ignored), divided in double and rounded once to `dtype`
+ * as a fill with the host quotient would.
+ */
+function reducedLoss(c: ClassRows, dtype: DType, stats: Tensor): Tensor {
+  const b = c.backend;
+  const out = alloc(b, [], dtype);
+  const total = statAt(stats, LOSS_STATS.total);
+  try {
+    if (c.reduction === 'sum') b.copy(out, total);
+    else {
+      const count = statAt(stats, LOSS_STATS.count);
+      const q = dtype === 'float64' ? out : alloc(b, [], 'float64');
+      b.binary(q, total, count, 'div');
+      count.dispose();
+      if (q !== out) {
+        b.copy(out, q);
+        q.dispose();
+      }
+    }
+  } catch (e) {
+    out.dispose();
+    throw e;
+  } finally {
+    total.dispose();
+  }
   return out;
 }
 
-function badTarget(op: string, c: ClassRows, target: Tensor, row: number): TensorError {
-  const v = Number(target.toTypedArray()[row]);
+/**
+ * The upstream gradient of a 'mean' loss divided by the counted rows, on the device: g * (1 /
+ * count), with 1 / count formed in double and rounded to the compute type (float32, float64 for
+ * float64) and the product taken there, which is exactly what the backward kernels did with the
+ * host scale 1 / count. The result has g's dtype (16-bit dtypes round the product once more).
+ */
+function perCountGrad(g: Tensor, count: Tensor): Tensor {
+  const b = g.backend;
+  const cd: DType = g.dtype === 'float64' ? 'float64' : 'float32';
+  const temps: Tensor[] = [];
+  const tmp = (shape: Shape, dtype: DType): Tensor => {
+    const t = alloc(b, shape, dtype);
+    temps.push(t);
+    return t;
+  };
+  try {
+    const inv = tmp([], 'float64');
+    b.binaryScalar(inv, count, 1, 'div', true);
+    let invC = inv;
+    if (cd !== 'float64') {
+      invC = tmp([], cd);
+      b.copy(invC, inv);
+    }
+    let gC = g;
+    if (g.dtype !== cd) {
+      gC = tmp(g.shape, cd);
+      b.copy(gC, g);
+    }
+    const prod = cd === g.dtype ? alloc(b, g.shape, cd) : tmp(g.shape, cd);
+    try {
+      b.binary(prod, gC, invC, 'mul');
+    } catch (e) {
+      prod.dispose();
+      throw e;
+    }
+    if (cd === g.dtype) return prod;
+    const out = alloc(b, g.shape, g.dtype);
+    try {
+      b.copy(out, prod);
+    } catch (e) {
+      out.dispose();
+      throw e;
+    }
+    return out;
+  } finally {
+    for (const t of temps) t.dispose();
+  }
+}
+
+/** The error of a bad target, built from the value the kernel reported. */
+function badTarget(op: string, c: ClassRows, value: number): TensorError {
   return indexError(
     op,
-    `target ${v} is out of range for ${c.classes} classes (expected 0 <= target < ${c.classes}, or ignoreIndex ${c.ignoreIndex})`,
+    `target ${value} is out of range for ${c.classes} classes (expected 0 <= target < ${c.classes}, or ignoreIndex ${c.ignoreIndex})`,
   );
+}
+
+interface LossResult {
+  out: Tensor;
+  /** A view of the counted rows, for the backward of a 'mean' loss that needs a gradient (else null). */
+  count: Tensor | null;
+}
+
+/**
+ * Finishes a loss op after its kernel wrote `stats`: the result (the row losses for 'none', else
+ * the reduction), the count the 'mean' backward divides by, and the bad-target check queued on
+ * stats, which the queue then owns. A synchronous backend throws the check's error from here;
+ * whatever throws, stats, the result and the count are freed first.
+ */
+function finishLoss(
+  op: string,
+  c: ClassRows,
+  dtype: DType,
+  stats: Tensor,
+  rowLoss: Tensor | null,
+  wantCount: boolean,
+): LossResult {
+  let out: Tensor | null = rowLoss;
+  let count: Tensor | null = null;
+  let queued = false;
+  try {
+    out ??= reducedLoss(c, dtype, stats);
+    if (wantCount) count = statAt(stats, LOSS_STATS.count);
+    queued = true;
+    deferCheck(stats, (v) => (v[LOSS_STATS.badRow] >= 0 ? badTarget(op, c, v[LOSS_STATS.badValue]) : null));
+  } catch (e) {
+    if (!queued) stats.dispose();
+    out?.dispose();
+    count?.dispose();
+    throw e;
+  }
+  return { out, count };
 }
 
 /**
  * Cross-entropy of logits against class indices, as torch.nn.functional.cross_entropy:
  * input [C] / [N, C] / [N, C, d1, ...], target [] / [N] / [N, d1, ...] (int64 or int32) ->
- * a scalar ('mean', 'sum') or the target's shape ('none'), in the input dtype.
+ * a scalar ('mean', 'sum') or the target's shape ('none'), in the input dtype. A target out of
+ * range throws INDEX_OUT_OF_RANGE from the op on a synchronous backend, at the next host read
+ * of the device on an asynchronous one.
  */
 export function crossEntropy(input: Tensor, target: Tensor, options: CrossEntropyOptions = {}): Tensor {
   const op = 'crossEntropy';
@@ -311,28 +470,43 @@ export function crossEntropy(input: Tensor, target: Tensor, options: CrossEntrop
   const tg = moveLast(target, Math.max(target.ndim - 1, 0));
   const lse = alloc(c.backend, [numel(c.targetShape)], input.dtype === 'float64' ? 'float64' : 'float32');
   const rowLoss = c.reduction === 'none' ? alloc(c.backend, c.targetShape, input.dtype) : null;
-  let s: LossKernelStats;
+  const grad = needsGrad(input);
+  let res: LossResult;
   try {
-    s = forward(xr, tg, lse, rowLoss, c.ignoreIndex, eps);
-    if (s.badRow >= 0) throw badTarget(op, c, tg, s.badRow);
+    const stats = runLossKernel(c.backend, rowLoss, (st) =>
+      forward(xr, tg, lse, rowLoss, c.ignoreIndex, eps, st),
+    );
+    res = finishLoss(op, c, input.dtype, stats, rowLoss, grad && c.reduction === 'mean');
   } catch (e) {
-    for (const t of [xr, tg, lse, rowLoss]) t?.dispose();
+    for (const t of [xr, tg, lse]) t.dispose();
     throw e;
   }
-  const out = rowLoss ?? reducedLoss(c, input.dtype, s);
-  if (needsGrad(input)) {
-    const scale = c.reduction === 'mean' ? 1 / s.count : 1;
+  const { out, count } = res;
+  if (grad) {
     const inShape = input.shape;
     const dtype = input.dtype;
-    attachGrad(out, 'CrossEntropyBackward', [input], [xr, tg, lse], (g, [xs, ts, ls]) => {
+    const saved = count ? [xr, tg, lse, count] : [xr, tg, lse];
+    attachGrad(out, 'CrossEntropyBackward', [input], saved, (g, [xs, ts, ls, n]) => {
       const backward = kernelOf(xs.backend, 'crossEntropyBackward', op);
-      const gc = moveLast(g, Math.max(g.ndim - 1, 0), dtype);
+      let gc = moveLast(g, Math.max(g.ndim - 1, 0), dtype);
+      if (n) {
+        const scaled = perCountGrad(gc, n);
+        gc.dispose();
+        gc = scaled;
+      }
       const dxl = alloc(xs.backend, xs.shape, dtype);
-      backward(dxl, xs, ts, ls, gc, scale, c.ignoreIndex, eps);
-      gc.dispose();
+      try {
+        backward(dxl, xs, ts, ls, gc, 1, c.ignoreIndex, eps);
+      } catch (e) {
+        dxl.dispose();
+        throw e;
+      } finally {
+        gc.dispose();
+      }
       return [moveBack(dxl, c.cd, inShape)];
     });
   }
+  count?.dispose();
   xr.dispose();
   tg.dispose();
   lse.dispose();
@@ -342,7 +516,8 @@ export function crossEntropy(input: Tensor, target: Tensor, options: CrossEntrop
 /**
  * Negative log-likelihood of log-probabilities against class indices, as
  * torch.nn.functional.nll_loss: input [C] / [N, C] / [N, C, d1, ...], target [] / [N] /
- * [N, d1, ...] (int64 or int32) -> a scalar ('mean', 'sum') or the target's shape ('none').
+ * [N, d1, ...] (int64 or int32) -> a scalar ('mean', 'sum') or the target's shape ('none'). A
+ * bad target throws as in crossEntropy.
  */
 export function nllLoss(logProbs: Tensor, target: Tensor, options: NllLossOptions = {}): Tensor {
   const op = 'nllLoss';
@@ -351,31 +526,44 @@ export function nllLoss(logProbs: Tensor, target: Tensor, options: NllLossOption
   const xr = moveLast(logProbs, c.cd);
   const tg = moveLast(target, Math.max(target.ndim - 1, 0));
   const rowLoss = c.reduction === 'none' ? alloc(c.backend, c.targetShape, logProbs.dtype) : null;
-  let s: LossKernelStats;
+  const grad = needsGrad(logProbs);
+  let res: LossResult;
   try {
-    s = forward(xr, tg, rowLoss, c.ignoreIndex);
-    if (s.badRow >= 0) throw badTarget(op, c, tg, s.badRow);
+    const stats = runLossKernel(c.backend, rowLoss, (st) => forward(xr, tg, rowLoss, c.ignoreIndex, st));
+    res = finishLoss(op, c, logProbs.dtype, stats, rowLoss, grad && c.reduction === 'mean');
   } catch (e) {
-    for (const t of [tg, rowLoss]) t?.dispose();
+    tg.dispose();
     throw e;
   } finally {
     xr.dispose();
   }
-  const out = rowLoss ?? reducedLoss(c, logProbs.dtype, s);
-  if (needsGrad(logProbs)) {
-    const scale = c.reduction === 'mean' ? 1 / s.count : 1;
+  const { out, count } = res;
+  if (grad) {
     const inShape = logProbs.shape;
     const dtype = logProbs.dtype;
     const rowShape = [...c.targetShape, c.classes];
-    attachGrad(out, 'NllLossBackward', [logProbs], [tg], (g, [ts]) => {
+    const saved = count ? [tg, count] : [tg];
+    attachGrad(out, 'NllLossBackward', [logProbs], saved, (g, [ts, n]) => {
       const backward = kernelOf(ts.backend, 'nllLossBackward', op);
-      const gc = moveLast(g, Math.max(g.ndim - 1, 0), dtype);
+      let gc = moveLast(g, Math.max(g.ndim - 1, 0), dtype);
+      if (n) {
+        const scaled = perCountGrad(gc, n);
+        gc.dispose();
+        gc = scaled;
+      }
       const dxl = alloc(ts.backend, rowShape, dtype);
-      backward(dxl, ts, gc, scale, c.ignoreIndex);
-      gc.dispose();
+      try {
+        backward(dxl, ts, gc, 1, c.ignoreIndex);
+      } catch (e) {
+        dxl.dispose();
+        throw e;
+      } finally {
+        gc.dispose();
+      }
       return [moveBack(dxl, c.cd, inShape)];
     });
   }
+  count?.dispose();
   tg.dispose();
   return out;
 }

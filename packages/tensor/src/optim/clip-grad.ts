@@ -1,8 +1,11 @@
 // Gradient-norm clipping with torch.nn.utils.clip_grad_norm_'s semantics. The norm is
-// accumulated in double by a native kernel (no tensor is allocated for contiguous gradients) and
-// the gradients are scaled in place, so clipping adds nothing to a training step's memory.
+// accumulated in double on the gradients' device (one scalar per device, no copy of contiguous
+// gradients) and read once; the gradients are scaled in place, so clipping adds nothing to a
+// training step's memory.
+import type { Backend } from '../backend/backend.js';
 import { isFloating } from '../dtype.js';
 import { TensorError } from '../errors.js';
+import { zeros } from '../ops/creation.js';
 import { Tensor } from '../tensor.js';
 import { dense, kernelFor, release } from './kernels.js';
 
@@ -21,30 +24,88 @@ function checkNormType(op: string, normType: number): void {
 }
 
 /**
- * The p-norm of several tensors viewed as one vector (normType = Infinity for the max norm).
- * NaN anywhere gives NaN; an empty list gives 0.
+ * The p-norm of several tensors viewed as one vector (normType = Infinity for the max norm), as a
+ * new 0-d float64 tensor on their device, computed there without any host read: each tensor's
+ * power sum (max) goes through the backend's normPowerSum kernel and is added (maxed) into one
+ * accumulator in list order, so the value is bit for bit what getTotalNorm returns. NaN anywhere
+ * gives NaN; an empty list gives 0 on the default device. Tensors on several devices are summed
+ * per device first; the other devices' partial results are then copied to the first tensor's
+ * device (one read on each of those devices).
+ */
+export function getTotalNormTensor(tensors: Iterable<Tensor>, normType = 2): Tensor {
+  const op = 'getTotalNorm';
+  checkNormType(op, normType);
+  const combine = normType === Number.POSITIVE_INFINITY ? 'maximum' : 'add';
+  // per device: the accumulator and a scratch scalar for the next tensor's power sum
+  const accs = new Map<Backend, { acc: Tensor; part: Tensor | null }>();
+  const temps: Tensor[] = [];
+  const scalar = (b: Backend): Tensor => {
+    const t = Tensor.empty(b, [], 'float64');
+    temps.push(t);
+    return t;
+  };
+  try {
+    for (const t of tensors) {
+      t.checkAlive(op);
+      if (!isFloating(t.dtype))
+        throw new TensorError(
+          'DTYPE_MISMATCH',
+          `${op}: expected floating-point tensors, got ${t.describe()}`,
+        );
+      if (t.numel === 0) continue;
+      const kernel = kernelFor(t, 'normPowerSum');
+      const b = t.backend;
+      const d = dense(t);
+      try {
+        const slot = accs.get(b);
+        if (!slot) {
+          // the first sum is the accumulator: 0 + s and max(0, s) are s itself
+          const acc = scalar(b);
+          kernel(d, normType, acc);
+          accs.set(b, { acc, part: null });
+        } else {
+          slot.part ??= scalar(b);
+          kernel(d, normType, slot.part);
+          b.binary(slot.acc, slot.acc, slot.part, combine);
+        }
+      } finally {
+        release(d, t, false);
+      }
+    }
+    const slots = [...accs.values()];
+    if (slots.length === 0) return zeros([], { dtype: 'float64' });
+    const acc = slots[0].acc;
+    const b = acc.backend;
+    for (const other of slots.slice(1)) {
+      const moved = other.acc.to(acc.device);
+      temps.push(moved);
+      b.binary(acc, acc, moved, combine);
+    }
+    if (normType === 1 || normType === Number.POSITIVE_INFINITY) {
+      // the result is handed out: it is not a temporary any more
+      temps.splice(temps.indexOf(acc), 1);
+      return acc;
+    }
+    const out = Tensor.empty(b, [], 'float64');
+    if (normType === 2) b.unary(out, acc, 'sqrt');
+    else b.binaryScalar(out, acc, 1 / normType, 'pow');
+    return out;
+  } finally {
+    for (const t of temps) t.dispose();
+  }
+}
+
+/**
+ * The p-norm of several tensors viewed as one vector (normType = Infinity for the max norm), as
+ * a number: getTotalNormTensor read once. NaN anywhere gives NaN; an empty list gives 0.
  */
 export function getTotalNorm(tensors: Iterable<Tensor>, normType = 2): number {
-  checkNormType('getTotalNorm', normType);
-  const inf = normType === Number.POSITIVE_INFINITY;
-  let acc = 0;
-  for (const t of tensors) {
-    t.checkAlive('getTotalNorm');
-    if (!isFloating(t.dtype))
-      throw new TensorError(
-        'DTYPE_MISMATCH',
-        `getTotalNorm: expected floating-point tensors, got ${t.describe()}`,
-      );
-    if (t.numel === 0) continue;
-    const kernel = kernelFor(t, 'normPowerSum');
-    const d = dense(t);
-    const s = kernel(d, normType);
-    release(d, t, false);
-    if (inf) acc = Number.isNaN(s) || Number.isNaN(acc) ? Number.NaN : Math.max(acc, s);
-    else acc += s;
+  const total = getTotalNormTensor(tensors, normType);
+  try {
+    return total.item();
+  } finally {
+    total.dispose();
   }
-  if (inf) return acc;
-  return normType === 2 ? Math.sqrt(acc) : normType === 1 ? acc : acc ** (1 / normType);
 }
 
 /**

@@ -2,7 +2,13 @@
 import './kernels.js';
 
 export { AdamW, type AdamWGroup, type AdamWOptions, type AdamWState } from './adamw.js';
-export { type ClipGradNormOptions, clipGradNorm, clipTensorsWithNorm, getTotalNorm } from './clip-grad.js';
+export {
+  type ClipGradNormOptions,
+  clipGradNorm,
+  clipTensorsWithNorm,
+  getTotalNorm,
+  getTotalNormTensor,
+} from './clip-grad.js';
 export {
   ConstantGradScaler,
   DynamicGradScaler,

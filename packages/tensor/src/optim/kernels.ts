@@ -30,10 +30,17 @@ export interface SgdScalars {
 }
 
 export type SgdKernel = (p: Tensor, g: Tensor, buf: Tensor | null, s: SgdScalars) => void;
-/** Sum of |x|^p over a tensor (max |x| for p = Infinity); NaN propagates. */
-export type NormPowerSumKernel = (t: Tensor, p: number) => number;
-/** Multiplies t by invScale in place; returns whether t held a non-finite value. */
-export type UnscaleCheckKernel = (t: Tensor, invScale: number) => boolean;
+/**
+ * Writes into `out` (a 0-d float64 tensor on t's device) the sum of |x|^p over t, accumulated in
+ * double (max |x| for p = Infinity); NaN propagates; 0 for an empty t.
+ */
+export type NormPowerSumKernel = (t: Tensor, p: number, out: Tensor) => void;
+/**
+ * Multiplies t by invScale in place (unless it is 1) and sets `foundInf` (a float32 [1] flag on
+ * t's device) to 1 when t held inf or NaN before scaling; the flag is never reset, so one flag
+ * can collect the verdicts of many tensors.
+ */
+export type UnscaleCheckKernel = (t: Tensor, invScale: number, foundInf: Tensor) => void;
 
 // looked up at call time: the addon loads with the first CPU tensor, not with this module
 const call =
@@ -80,14 +87,25 @@ defineCpuKernel('sgdStep', (p, g, buf, s) => {
   sgdStep();
 });
 
-defineCpuKernel('normPowerSum', (t, p) => {
+/** Throws unless `t` is a contiguous tensor of `dtype` with `n` elements (a kernel's output operand). */
+function checkOutput(kernel: string, what: string, t: Tensor, dtype: DType, n: number): void {
+  if (t.dtype !== dtype || t.numel !== n || !t.isContiguous) {
+    throw new Error(
+      `${kernel}: ${what} must be a contiguous ${dtype} tensor of ${n} element(s), got ${t.describe()}`,
+    );
+  }
+}
+
+defineCpuKernel('normPowerSum', (t, p, out) => {
+  checkOutput('normPowerSum', 'out', out, 'float64', 1);
   pack.begin().tensor(t).num(p);
-  return normPowerSum() as number;
+  out.backend.write(out, Float64Array.of(normPowerSum() as number));
 });
 
-defineCpuKernel('unscaleCheck', (t, invScale) => {
+defineCpuKernel('unscaleCheck', (t, invScale, foundInf) => {
+  checkOutput('unscaleCheck', 'foundInf', foundInf, 'float32', 1);
   pack.begin().tensor(t).num(invScale);
-  return (unscaleCheck() as number) !== 0;
+  if ((unscaleCheck() as number) !== 0) foundInf.backend.write(foundInf, Float32Array.of(1));
 });
 
 /** The named kernel of a tensor's backend, or a clear error when the backend lacks it. */

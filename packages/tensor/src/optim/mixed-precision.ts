@@ -3,8 +3,9 @@
 // backward accumulates across micro-batches); the inner optimizer steps the masters, and the
 // result is rounded back into the model parameters.
 import { noGrad } from '../autograd/graph.js';
+import type { Backend } from '../backend/backend.js';
 import { TensorError } from '../errors.js';
-import { keep } from '../scope.js';
+import { keep, untrackTensor } from '../scope.js';
 import { sameShape } from '../shape.js';
 import { Tensor } from '../tensor.js';
 import { AdamW, type AdamWOptions } from './adamw.js';
@@ -162,12 +163,7 @@ export class MixedPrecisionOptimizer implements SchedulableOptimizer {
   step(): MixedPrecisionStepResult {
     for (const g of this.mainGrads) g.checkAlive('MixedPrecisionOptimizer.step');
     if (this.lossScaler || this.skipNonFinite) {
-      const inv = this.lossScaler ? this.lossScaler.invScale : 1;
-      let found = false;
-      for (const g of this.mainGrads) {
-        // every tensor must be unscaled, so no early exit
-        if (g.numel > 0 && kernelFor(g, 'unscaleCheck')(g, inv)) found = true;
-      }
+      const found = this.unscaleAndCheck(this.lossScaler ? this.lossScaler.invScale : 1);
       this.lossScaler?.update(found);
       if (found) {
         this.zeroGrad();
@@ -184,6 +180,33 @@ export class MixedPrecisionOptimizer implements SchedulableOptimizer {
     this.copyMastersToParams();
     this.zeroGrad();
     return { skipped: false, gradNorm, lossScale: this.lossScale };
+  }
+
+  /**
+   * Unscales every main grad in place and says whether any held inf or NaN: the kernels set one
+   * float32 flag per device (no early exit: every tensor must be unscaled), and each flag is
+   * read once, so a step synchronises once per device here rather than once per tensor.
+   */
+  private unscaleAndCheck(invScale: number): boolean {
+    const flags = new Map<Backend, Tensor>();
+    try {
+      for (const g of this.mainGrads) {
+        if (g.numel === 0) continue;
+        const kernel = kernelFor(g, 'unscaleCheck');
+        let flag = flags.get(g.backend);
+        if (!flag) {
+          flag = Tensor.empty(g.backend, [1], 'float32', true);
+          untrackTensor(flag);
+          flags.set(g.backend, flag);
+        }
+        kernel(g, invScale, flag);
+      }
+      let found = false;
+      for (const flag of flags.values()) if (flag.item() !== 0) found = true;
+      return found;
+    } finally {
+      for (const flag of flags.values()) flag.dispose();
+    }
   }
 
   /** Points each master's .grad at its main grad (a view; the buffer stays this optimizer's). */
