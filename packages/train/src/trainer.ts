@@ -49,13 +49,17 @@ import {
 import {
   ConstantGradScaler,
   DynamicGradScaler,
+  deviceCount,
   fromTypedArray,
+  getBackend,
+  getDefaultDevice,
   Module,
   ModuleList,
   manualSeed,
   memoryStats,
   noGrad,
   OptimizerParamScheduler,
+  setDefaultDevice,
   type Tensor,
   tidy,
 } from '@megapatch/tensor';
@@ -460,6 +464,54 @@ function allReduceNumbers(values: number[], group: ProcessGroup): number[] {
 
 /** Trains the model the config describes; returns when the run ends or is stopped. */
 export async function train(config: RunConfig, opts: TrainOptions = {}): Promise<TrainResult> {
+  const device = await useDevice(config.training.device);
+  const previous = getDefaultDevice();
+  setDefaultDevice(device);
+  try {
+    return await trainOnDefaultDevice(config, opts);
+  } finally {
+    setDefaultDevice(previous);
+  }
+}
+
+/**
+ * The canonical name of the run's device, its backend loaded: "cuda" needs @megapatch/cuda, "ref"
+ * the reference backend of @megapatch/tensor. Several processes need CPU tensors for now (Gloo).
+ */
+async function useDevice(name: string): Promise<string> {
+  const type = name.split(':')[0];
+  if (type === 'ref' && deviceCount('ref') === 0) {
+    const { registerReferenceBackend } = await import('@megapatch/tensor/reference');
+    registerReferenceBackend();
+  }
+  if (type === 'cuda' && deviceCount('cuda') === 0) {
+    const cudaModule = '@megapatch/cuda';
+    try {
+      await import(cudaModule);
+    } catch (e) {
+      throw new TrainError(
+        'INVALID_CONFIG',
+        `training.device ${name}: the CUDA backend could not be loaded (${(e as Error).message.split('\n')[0]}); install @megapatch/cuda on a machine with an NVIDIA GPU, or use --device cpu`,
+      );
+    }
+  }
+  let device: string;
+  try {
+    device = getBackend(name).device;
+  } catch (e) {
+    throw new TrainError('INVALID_CONFIG', `training.device ${name}: ${(e as Error).message}`);
+  }
+  const world = Number(process.env.WORLD_SIZE ?? '1');
+  if (device !== 'cpu' && world > 1) {
+    throw new TrainError(
+      'INVALID_CONFIG',
+      `training.device ${device} with ${world} processes: the collectives (Gloo) move CPU tensors only; train on several processes with --device cpu`,
+    );
+  }
+  return device;
+}
+
+async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Promise<TrainResult> {
   const layout = await setupLayout(config);
   const logRank = layout.rank === 0;
   const log = (line: string) => {
@@ -933,7 +985,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
       const lmLoss = lossAll / Math.max(tokensAll, 1);
       losses.push(lmLoss);
       const elapsed = performance.now() - stepStart;
-      const mem = memoryStats();
+      const mem = memoryStats(getDefaultDevice());
       const metrics: TrainMetrics = {
         kind: 'train',
         iteration: state.iteration,

@@ -1,0 +1,56 @@
+// training.device: the whole run (model, optimizer, data, checkpoints) on another backend. The
+// reference backend of @megapatch/tensor (ref:0) stands in for a GPU here: the losses equal the
+// CPU run's, and its checkpoint resumes on the CPU.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { getDefaultDevice, memoryStats } from '@megapatch/tensor';
+import { afterAll, expect, it } from 'vitest';
+import { parseRunConfig, train } from '../src/index.js';
+import { layoutRunConfig, patternCorpus, tempDir, tinyLlama } from './helpers.js';
+
+const root = tempDir('mp-train-device-');
+afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
+const hf = tinyLlama(path.join(root, 'hf'));
+const data = patternCorpus(path.join(root, 'corpus'));
+const quiet = { log: () => {}, report: false };
+
+function config(run: string, device?: string, extra: Record<string, object> = {}) {
+  const c = layoutRunConfig({ root, hf, data, run }) as Record<string, Record<string, unknown>>;
+  if (device) c.training = { ...c.training, device };
+  for (const [k, v] of Object.entries(extra)) c[k] = { ...c[k], ...v };
+  return parseRunConfig(c);
+}
+
+it('a run on ref:0 gives the CPU losses, and its checkpoint resumes on the CPU', async () => {
+  const cpu = (await train(config('cpu'), quiet)).losses;
+  const before = memoryStats('ref:0').allocations;
+  const save = path.join(root, 'ck-ref');
+  const ref = (
+    await train(config('ref', 'ref:0', { training: { exitInterval: 3 }, checkpoint: { save } }), quiet)
+  ).losses;
+  expect(memoryStats('ref:0').allocations - before, 'tensors were made on ref:0').toBeGreaterThan(1000);
+  expect(getDefaultDevice(), 'the default device is restored after the run').toBe('cpu');
+  expect(ref.length).toBe(3);
+  for (let i = 0; i < 3; i++) expect(Math.abs(ref[i] - cpu[i]) / cpu[i], `step ${i + 1}`).toBeLessThan(1e-5);
+  // the run's memory line reports the run's device
+  const m = fs
+    .readFileSync(path.join(root, 'ref', 'metrics.jsonl'), 'utf8')
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l))
+    .filter((x) => x.kind === 'train');
+  expect(m[0].memory.liveBytes).toBeGreaterThan(0);
+  const resumed = (await train(config('resumed', 'cpu', { checkpoint: { load: save } }), quiet)).losses;
+  for (let i = 0; i < 3; i++)
+    expect(Math.abs(resumed[i] - cpu[3 + i]) / cpu[3 + i], `resumed step ${i + 4}`).toBeLessThan(1e-5);
+});
+
+it('a device without a backend is refused before training, with the fix', async () => {
+  await expect(train(config('bad', 'gpu:0'), quiet)).rejects.toThrow(
+    /training\.device gpu:0: no backend registered for device "gpu:0"/,
+  );
+  await expect(train(config('bad2', 'cuda'), quiet)).rejects.toThrow(
+    /training\.device cuda: the CUDA backend could not be loaded .*install @megapatch\/cuda on a machine with an NVIDIA GPU, or use --device cpu/,
+  );
+  await expect(train(config('bad3', 'ref:7'), quiet)).rejects.toThrow(/device "ref:7" does not exist/);
+});
