@@ -22,7 +22,7 @@ export {
   setDefaultDevice,
 } from './backend/backend.js';
 export { backendInfo, defineCpuKernel, getNumThreads, setNumThreads } from './backend/cpu.js';
-export type { KernelName, KernelTable } from './backend/kernels.js';
+export { getKernel, hasNativeKernel, type KernelName, type KernelTable } from './backend/kernels.js';
 export { DTYPES, type DType, isFloating, isIntegral, promoteTypes } from './dtype.js';
 export { TensorError, type TensorErrorCode } from './errors.js';
 export * from './nn/index.js';

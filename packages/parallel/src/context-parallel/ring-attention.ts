@@ -22,6 +22,7 @@ import {
   type DType,
   empty,
   full,
+  getKernel,
   isFloating,
   log1p,
   maximum,
@@ -400,8 +401,9 @@ export function ringAttention(q: Tensor, k: Tensor, v: Tensor, options: RingAtte
   if (!Number.isFinite(scale)) fail(`scale must be a finite number, got ${scale}`);
   const cu = options.cuSeqlens ?? null;
   const segments = segmentsOf(cu, b, s);
-  const forward = q.backend.kernel<AttentionForwardKernel>('attentionForward');
-  const backward = q.backend.kernel<AttentionBackwardKernel>('attentionBackward');
+  // the backend's fused kernels, or their composition from core ops (any backend)
+  const forward = getKernel(q.backend, 'attentionForward');
+  const backward = getKernel(q.backend, 'attentionBackward');
   if (!forward || !backward) {
     throw new DistributedError(
       'INVALID_ARGUMENT',

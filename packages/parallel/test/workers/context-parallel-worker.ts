@@ -3,7 +3,7 @@
 // argument 'heavy' for the big matrix) and prints one `RESULT <json>` line per case. It also
 // records the order of the ring's sends, receives, waits and attention kernels in one call, so
 // the test can check that each exchange is posted before the block it overlaps is computed.
-import { manualSeed, randn, type Tensor, tidy } from '@megapatch/tensor';
+import { type KernelName, manualSeed, randn, type Tensor, tidy } from '@megapatch/tensor';
 import { ringAttention } from '../../src/context-parallel/ring-attention.js';
 import { contextParallelSplit } from '../../src/context-parallel/split.js';
 import { destroyProcessGroup, initProcessGroup } from '../../src/distributed.js';
@@ -62,7 +62,7 @@ if (process.argv[2] !== 'heavy') {
     );
     const backend = q.backend;
     const original = backend.kernel;
-    const traceKernel = (name: string) => {
+    const traceKernel = (name: KernelName) => {
       const kernel = original.call(backend, name) as ((...args: unknown[]) => unknown) | undefined;
       if (!kernel || !name.startsWith('attention')) return kernel;
       return (...args: unknown[]) => {
