@@ -15,8 +15,14 @@ describe('megapatch info', () => {
       expect(['openblas', 'portable']).toContain(r.cpu.blas);
       expect(r.cpu.threads).toBeGreaterThan(0);
     }
+    // this machine has no GPU: @megapatch/cuda says why, and what its build holds
     expect(r.cuda.available).toBe(false);
-    expect(formatInfo(r)).toContain('blas');
+    expect(r.cuda.reason).toMatch(/^(built without CUDA: |no usable GPU: )/);
+    const text = formatInfo(r);
+    expect(text).toContain('blas');
+    expect(text).toContain(`cuda: not available — ${r.cuda.reason}`);
+    if (r.cuda.toolkit)
+      expect(text).toMatch(/built with CUDA \d+\.\d+\.\d+; runtime \d+\.\d+; driver (none|\d+\.\d+); NCCL/);
   });
 
   it('runs as a command and prints JSON', () => {

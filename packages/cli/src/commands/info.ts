@@ -31,7 +31,15 @@ export interface InfoReport {
         addonPath: string;
       }
     | { error: string };
-  cuda: { available: boolean; reason: string };
+  cuda: {
+    available: boolean;
+    reason: string;
+    toolkit?: string | null;
+    runtime?: string | null;
+    driver?: string | null;
+    nccl?: string | null;
+    devices?: { index: number; name: string; totalMemory: number; computeCapability: string }[];
+  };
   collectives: { gloo: string } | { error: string };
 }
 
@@ -60,12 +68,26 @@ export async function collectInfo(): Promise<InfoReport> {
     cpu = { error: (e as Error).message };
   }
   let cuda: InfoReport['cuda'];
-  const cudaModule = '@megapatch/cuda';
+  const cudaInfoModule = '@megapatch/cuda/info';
   try {
-    await import(cudaModule);
-    cuda = { available: true, reason: 'the @megapatch/cuda backend is registered' };
+    const { cudaInfo } = (await import(cudaInfoModule)) as typeof import('@megapatch/cuda/info');
+    const c = cudaInfo();
+    cuda = {
+      available: c.available,
+      reason: c.reason,
+      toolkit: c.toolkit,
+      runtime: c.runtime,
+      driver: c.driver,
+      nccl: c.nccl,
+      devices: c.devices.map(({ index, name, totalMemory, computeCapability }) => ({
+        index,
+        name,
+        totalMemory,
+        computeCapability,
+      })),
+    };
   } catch {
-    cuda = { available: false, reason: '@megapatch/cuda is not installed (no CUDA backend in this build)' };
+    cuda = { available: false, reason: '@megapatch/cuda is not installed' };
   }
   let collectives: InfoReport['collectives'];
   try {
@@ -107,6 +129,17 @@ export function formatInfo(r: InfoReport): string {
       : `  gloo      ${r.collectives.gloo}`,
   );
   lines.push('', `cuda: ${r.cuda.available ? 'available' : 'not available'} — ${r.cuda.reason}`);
+  const c = r.cuda;
+  if (c.toolkit !== undefined && c.toolkit !== null) {
+    lines.push(
+      `  built with CUDA ${c.toolkit}; runtime ${c.runtime ?? '?'}; driver ${c.driver ?? 'none'}; NCCL ${c.nccl ?? 'not linked'}`,
+    );
+  }
+  for (const d of c.devices ?? []) {
+    lines.push(
+      `  cuda:${d.index}  ${d.name}, ${(d.totalMemory / 2 ** 30).toFixed(1)} GiB, compute ${d.computeCapability}`,
+    );
+  }
   return lines.join('\n');
 }
 
