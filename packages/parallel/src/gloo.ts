@@ -1,5 +1,5 @@
 // ProcessGroup on Gloo: CPU tensors, collectives on each group's communication threads.
-import type { DType, Storage, Tensor } from '@megapatch/tensor';
+import { type DType, keep, noGrad, type Storage, type Tensor } from '@megapatch/tensor';
 import { DistributedError } from './errors.js';
 import { loadNative, type NativeGroupHandle, type NativeResult, nativeError } from './native.js';
 import type { ProcessGroup, ReduceOp, Work } from './process-group.js';
@@ -93,6 +93,49 @@ class GlooWork implements Work {
 
   isCompleted(): boolean {
     return this.settled;
+  }
+}
+
+/**
+ * The work of a collective on tensors of another device, run on host copies: when it completes
+ * (wait / waitSync), the host results are copied into the device tensors that receive output,
+ * and the copies are freed.
+ */
+class HostStagedWork implements Work {
+  private done = false;
+  constructor(
+    private readonly inner: Work,
+    private readonly finish: (ok: boolean) => void,
+  ) {}
+
+  private settle(ok: boolean): void {
+    if (this.done) return;
+    this.done = true;
+    this.finish(ok);
+  }
+
+  async wait(): Promise<void> {
+    try {
+      await this.inner.wait();
+    } catch (e) {
+      this.settle(false);
+      throw e;
+    }
+    this.settle(true);
+  }
+
+  waitSync(): void {
+    try {
+      this.inner.waitSync();
+    } catch (e) {
+      this.settle(false);
+      throw e;
+    }
+    this.settle(true);
+  }
+
+  isCompleted(): boolean {
+    return this.inner.isCompleted();
   }
 }
 
@@ -195,6 +238,50 @@ export class GlooProcessGroup implements ProcessGroup {
 
   // ---------------------------------------------------------------------------------------------
 
+  /**
+   * Gloo moves host memory. Tensors on another device (a GPU before NCCL, the reference backend)
+   * travel through CPU copies, as PyTorch's Gloo backend does for CUDA tensors: `run` gets the
+   * host tensors, and the device tensors flagged in `receives` get their results when the work is
+   * waited on. Returns null when every tensor is already on the CPU.
+   */
+  private viaHost(
+    tensors: readonly Tensor[],
+    receives: readonly boolean[],
+    run: (host: Tensor[]) => Work,
+  ): Work | null {
+    if (tensors.every((t) => t.device === 'cpu')) return null;
+    const host = tensors.map((t) => {
+      t.checkAlive('collective');
+      if (t.device === 'cpu') return t;
+      // owned by the work until it completes, whatever tidy() scope the caller is in
+      return keep(noGrad(() => t.detach().to('cpu')));
+    });
+    const staged = host.filter((h, i) => h !== tensors[i]);
+    let inner: Work;
+    try {
+      inner = run(host);
+    } catch (e) {
+      for (const h of staged) h.dispose();
+      throw e;
+    }
+    return new HostStagedWork(inner, (ok) => {
+      try {
+        if (ok) {
+          noGrad(() => {
+            tensors.forEach((t, i) => {
+              if (!receives[i] || host[i] === t) return;
+              const back = host[i].to(t.device);
+              t.copy_(back);
+              back.dispose();
+            });
+          });
+        }
+      } finally {
+        for (const h of staged) h.dispose();
+      }
+    });
+  }
+
   private check(op: string, t: Tensor, what = 'tensor'): number {
     t.checkAlive(op);
     if (t.device !== 'cpu') {
@@ -280,6 +367,8 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   allReduce(tensor: Tensor, op: ReduceOp = 'sum'): Work {
+    const staged = this.viaHost([tensor], [true], ([h]) => this.allReduce(h, op));
+    if (staged) return staged;
     const dt = this.check('allReduce', tensor);
     const red = this.reduction('allReduce', tensor, op);
     const n = this.handle('allReduce');
@@ -287,6 +376,10 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   allGather(outputs: readonly Tensor[], input: Tensor): Work {
+    const staged = this.viaHost([input, ...outputs], [false, ...outputs.map(() => true)], ([h, ...hs]) =>
+      this.allGather(hs, h),
+    );
+    if (staged) return staged;
     const dt = this.check('allGather', input, 'input');
     this.checkPerRank('allGather', outputs, 'output', input, 'input');
     const n = this.handle('allGather');
@@ -296,6 +389,8 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   allGatherIntoTensor(output: Tensor, input: Tensor): Work {
+    const staged = this.viaHost([output, input], [true, false], ([o, i]) => this.allGatherIntoTensor(o, i));
+    if (staged) return staged;
     const dt = this.check('allGatherIntoTensor', input, 'input');
     this.check('allGatherIntoTensor', output, 'output');
     this.sameDtype('allGatherIntoTensor', input, output);
@@ -313,6 +408,10 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   reduceScatter(output: Tensor, inputs: readonly Tensor[], op: ReduceOp = 'sum'): Work {
+    const staged = this.viaHost([output, ...inputs], [true, ...inputs.map(() => false)], ([o, ...is]) =>
+      this.reduceScatter(o, is, op),
+    );
+    if (staged) return staged;
     const dt = this.check('reduceScatter', output, 'output');
     const red = this.reduction('reduceScatter', output, op);
     this.checkPerRank('reduceScatter', inputs, 'input', output, 'output');
@@ -326,6 +425,10 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   reduceScatterTensor(output: Tensor, input: Tensor, op: ReduceOp = 'sum'): Work {
+    const staged = this.viaHost([output, input], [true, false], ([o, i]) =>
+      this.reduceScatterTensor(o, i, op),
+    );
+    if (staged) return staged;
     const dt = this.check('reduceScatterTensor', output, 'output');
     this.check('reduceScatterTensor', input, 'input');
     this.sameDtype('reduceScatterTensor', input, output);
@@ -353,6 +456,8 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   broadcast(tensor: Tensor, src: number): Work {
+    const staged = this.viaHost([tensor], [true], ([h]) => this.broadcast(h, src));
+    if (staged) return staged;
     const dt = this.check('broadcast', tensor);
     this.checkPeer('broadcast', src, 'src');
     const n = this.handle('broadcast');
@@ -360,6 +465,8 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   send(tensor: Tensor, dst: number, tag = 0): Work {
+    const staged = this.viaHost([tensor], [false], ([h]) => this.send(h, dst, tag));
+    if (staged) return staged;
     const dt = this.check('send', tensor);
     this.checkPeer('send', dst, 'dst');
     if (dst === this.rank)
@@ -370,6 +477,8 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   recv(tensor: Tensor, src: number, tag = 0): Work {
+    const staged = this.viaHost([tensor], [true], ([h]) => this.recv(h, src, tag));
+    if (staged) return staged;
     const dt = this.check('recv', tensor);
     this.checkPeer('recv', src, 'src');
     if (src === this.rank)
@@ -388,6 +497,10 @@ export class GlooProcessGroup implements ProcessGroup {
     outputSplitSizes?: readonly number[],
     inputSplitSizes?: readonly number[],
   ): Work {
+    const staged = this.viaHost([output, input], [true, false], ([o, i]) =>
+      this.allToAll(o, i, outputSplitSizes, inputSplitSizes),
+    );
+    if (staged) return staged;
     const dt = this.check('allToAll', input, 'input');
     this.check('allToAll', output, 'output');
     this.sameDtype('allToAll', input, output);

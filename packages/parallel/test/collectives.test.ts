@@ -32,6 +32,22 @@ describe.skipIf(!existsSync(ADDON))('collectives on Gloo', () => {
       }
     }, 300_000);
   }
+
+  it('tensors on another device (the reference backend) go through host copies with the same results', async () => {
+    const outs = await runWorkers({
+      nproc: 2,
+      script: 'collectives-worker.ts',
+      env: { MEGAPATCH_WORKER_DEVICE: 'ref:0' },
+      timeoutMs: 240_000,
+    });
+    expectAllOk(outs);
+    for (const o of outs) {
+      const r = o.results[0] as Outcome & { device: string };
+      expect(r.device).toBe('ref:0');
+      expect(r.failures).toEqual([]);
+      expect(r.cases).toBeGreaterThan(250);
+    }
+  }, 300_000);
 });
 
 async function fault(mode: string, nproc = 2, extra: Record<string, string> = {}): Promise<Outcome[]> {

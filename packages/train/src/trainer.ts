@@ -476,7 +476,8 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
 
 /**
  * The canonical name of the run's device, its backend loaded: "cuda" needs @megapatch/cuda, "ref"
- * the reference backend of @megapatch/tensor. Several processes need CPU tensors for now (Gloo).
+ * the reference backend of @megapatch/tensor. Across processes the Gloo collectives move other
+ * devices' tensors through host copies.
  */
 async function useDevice(name: string): Promise<string> {
   const type = name.split(':')[0];
@@ -500,13 +501,6 @@ async function useDevice(name: string): Promise<string> {
     device = getBackend(name).device;
   } catch (e) {
     throw new TrainError('INVALID_CONFIG', `training.device ${name}: ${(e as Error).message}`);
-  }
-  const world = Number(process.env.WORLD_SIZE ?? '1');
-  if (device !== 'cpu' && world > 1) {
-    throw new TrainError(
-      'INVALID_CONFIG',
-      `training.device ${device} with ${world} processes: the collectives (Gloo) move CPU tensors only; train on several processes with --device cpu`,
-    );
   }
   return device;
 }

@@ -7,6 +7,7 @@ import { getDefaultDevice, memoryStats } from '@megapatch/tensor';
 import { afterAll, expect, it } from 'vitest';
 import { parseRunConfig, train } from '../src/index.js';
 import { layoutRunConfig, patternCorpus, tempDir, tinyLlama } from './helpers.js';
+import { launchWorkers } from './launch.js';
 
 const root = tempDir('mp-train-device-');
 afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
@@ -43,6 +44,24 @@ it('a run on ref:0 gives the CPU losses, and its checkpoint resumes on the CPU',
   const resumed = (await train(config('resumed', 'cpu', { checkpoint: { load: save } }), quiet)).losses;
   for (let i = 0; i < 3; i++)
     expect(Math.abs(resumed[i] - cpu[3 + i]) / cpu[3 + i], `resumed step ${i + 4}`).toBeLessThan(1e-5);
+});
+
+it('DP=2 × TP=2 on ref:0 (collectives through host copies) gives the CPU losses', async () => {
+  const cpu = (await train(config('cpu-4'), quiet)).losses;
+  const c = layoutRunConfig({
+    root,
+    hf,
+    data,
+    run: 'ref-dp2-tp2',
+    parallel: { tensorModelParallelSize: 2, useDistributedOptimizer: true },
+  }) as Record<string, Record<string, unknown>>;
+  c.training = { ...c.training, device: 'ref:0' };
+  const [r] = (await launchWorkers({ nproc: 4, script: 'train-worker.ts', config: c })) as {
+    losses: number[];
+  }[];
+  expect(r.losses.length).toBe(6);
+  for (let i = 0; i < 6; i++)
+    expect(Math.abs(r.losses[i] - cpu[i]) / cpu[i], `step ${i + 1}`).toBeLessThan(1e-5);
 });
 
 it('a device without a backend is refused before training, with the fix', async () => {

@@ -1,6 +1,7 @@
 // Every collective for every dtype and odd sizes, checked against a local computation of its
 // result: each rank can compute any rank's input, so each can compute the expected output.
-import { type DType, empty, fromTypedArray, type Tensor, zeros } from '@megapatch/tensor';
+import { type DType, empty, fromTypedArray, setDefaultDevice, type Tensor, zeros } from '@megapatch/tensor';
+import { registerReferenceBackend } from '@megapatch/tensor/reference';
 import { destroyProcessGroup, initProcessGroup } from '../../src/distributed.js';
 import type { ProcessGroup, ReduceOp } from '../../src/process-group.js';
 
@@ -50,6 +51,12 @@ function reduce(op: ReduceOp, size: number, n: number, salt = 0, offset = 0): nu
 const tolOf = (d: DType) => (d === 'bfloat16' ? 1e-2 : d === 'float16' ? 1e-3 : 1e-6);
 const isFloat = (d: DType) => !d.startsWith('int');
 
+// MEGAPATCH_WORKER_DEVICE: every tensor on another device (the reference backend), so that each
+// collective runs through host copies
+if (process.env.MEGAPATCH_WORKER_DEVICE) {
+  registerReferenceBackend();
+  setDefaultDevice(process.env.MEGAPATCH_WORKER_DEVICE);
+}
 const g: ProcessGroup = await initProcessGroup({ timeoutMs: 60_000 });
 const { rank, size } = g;
 
@@ -171,5 +178,7 @@ cases++;
 if (ticks === 0) failures.push('the event loop did not run during a large allReduce');
 
 g.barrier().waitSync();
-console.log(`RESULT ${JSON.stringify({ rank, cases, failures: failures.slice(0, 20), ticks })}`);
+console.log(
+  `RESULT ${JSON.stringify({ rank, cases, failures: failures.slice(0, 20), ticks, device: zeros([1]).device })}`,
+);
 await destroyProcessGroup();
