@@ -98,8 +98,8 @@ class GlooWork implements Work {
 
 /**
  * The work of a collective on tensors of another device, run on host copies: when it completes
- * (wait / waitSync), the host results are copied into the device tensors that receive output,
- * and the copies are freed.
+ * (wait, waitSync, or isCompleted seeing it done), the host results are copied into the device
+ * tensors that receive output, and the copies are freed.
  */
 class HostStagedWork implements Work {
   private done = false;
@@ -134,8 +134,20 @@ class HostStagedWork implements Work {
     this.settle(true);
   }
 
+  /**
+   * True once the results are in the device tensors: callers (DDP) that see a completed work do
+   * not wait on it, so the copy back happens here when the host op has finished.
+   */
   isCompleted(): boolean {
-    return this.inner.isCompleted();
+    if (!this.inner.isCompleted()) return false;
+    if (!this.done) {
+      try {
+        this.waitSync();
+      } catch {
+        // the failure is reported by wait() / waitSync()
+      }
+    }
+    return true;
   }
 }
 

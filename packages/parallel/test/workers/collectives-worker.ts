@@ -177,6 +177,15 @@ clearInterval(timer);
 cases++;
 if (ticks === 0) failures.push('the event loop did not run during a large allReduce');
 
+// A work seen completed without a wait (DDP polls isCompleted) has its results in place, also
+// when they travel back from host copies.
+{
+  const t = make('float32', 4096, rank, 9);
+  const w = g.allReduce(t);
+  while (!w.isCompleted()) await new Promise((r) => setTimeout(r, 1));
+  expectEqual('allReduce polled with isCompleted', read(t), reduce('sum', size, 4096, 9));
+}
+
 g.barrier().waitSync();
 console.log(
   `RESULT ${JSON.stringify({ rank, cases, failures: failures.slice(0, 20), ticks, device: zeros([1]).device })}`,
