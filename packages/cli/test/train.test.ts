@@ -140,6 +140,9 @@ describe('megapatch train', () => {
       save,
       '--train-iters',
       String(iteration + 2),
+      // every iteration logged: the interrupted one may be odd (the config logs every 2nd)
+      '--log-interval',
+      '1',
       '--logging.runDir',
       path.join(root, 'run-d2'),
     ]);
