@@ -69,25 +69,28 @@ describe('importing @megapatch/cuda', () => {
     expect(imported.message).not.toContain('\n');
   });
 
-  it('built with MEGAPATCH_NO_CUDA=1, the addon says so', () => {
+  it('built with MEGAPATCH_NO_CUDA set, the addon says so (the reason keeps ; and quotes)', () => {
     const out = path.join(tmp, 'build');
     const r = spawnSync('npx', ['cmake-js', 'compile', '--out', out], {
       cwd: pkg,
       encoding: 'utf8',
-      env: { ...process.env, MEGAPATCH_NO_CUDA: '1' },
+      env: { ...process.env, MEGAPATCH_NO_CUDA: '1; "on purpose"' },
     });
     expect(r.status, r.stdout + r.stderr).toBe(0);
-    expect(r.stdout).toContain('building @megapatch/cuda without CUDA: built with MEGAPATCH_NO_CUDA=1');
+    expect(r.stdout).toContain(
+      'building @megapatch/cuda without CUDA: built with MEGAPATCH_NO_CUDA=1; "on purpose"',
+    );
     const { imported, info } = importPackage(path.join(out, 'Release', 'megapatch_cuda.node'));
     expect(info).toMatchObject({
       available: false,
       built: false,
-      reason: 'built without CUDA: built with MEGAPATCH_NO_CUDA=1',
+      reason: 'built without CUDA: built with MEGAPATCH_NO_CUDA=1; "on purpose"',
     });
     expect(imported).toMatchObject({
       ok: false,
       code: 'UNAVAILABLE',
-      message: '@megapatch/cuda: CUDA is not available: built without CUDA: built with MEGAPATCH_NO_CUDA=1',
+      message:
+        '@megapatch/cuda: CUDA is not available: built without CUDA: built with MEGAPATCH_NO_CUDA=1; "on purpose"',
     });
   });
 });
