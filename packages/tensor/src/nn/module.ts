@@ -4,8 +4,9 @@
 // by dispose().
 import { noGrad } from '../autograd/graph.js';
 import { getBackend } from '../backend/backend.js';
-import { DTYPES, type DType, isFloating } from '../dtype.js';
+import { type DType, isFloating } from '../dtype.js';
 import { fmtShape, TensorError } from '../errors.js';
+import { toTarget } from '../ops/shape.js';
 import { keep } from '../scope.js';
 import { sameShape } from '../shape.js';
 import { Tensor } from '../tensor.js';
@@ -286,14 +287,7 @@ export class Module {
    * parameters() lists) are then stale: move first, then build the optimizer. Returns this.
    */
   to(target: DType | string | { device?: string; dtype?: DType }, dtype?: DType): this {
-    const opts =
-      typeof target === 'object'
-        ? target
-        : dtype !== undefined
-          ? { device: target, dtype }
-          : (DTYPES as readonly string[]).includes(target)
-            ? { dtype: target as DType }
-            : { device: target };
+    const opts = toTarget('Module.to', target, dtype);
     if (opts.dtype !== undefined && !isFloating(opts.dtype))
       throw new TensorError(
         'DTYPE_MISMATCH',

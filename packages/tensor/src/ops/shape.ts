@@ -347,8 +347,8 @@ export interface ToOptions {
   dtype?: DType;
 }
 
-/** A device name or a dtype name, told apart by the fixed list of dtypes. */
-function toTarget(op: string, a: DType | string | ToOptions, b?: DType): ToOptions {
+/** A device name or a dtype name, told apart by the fixed list of dtypes (Tensor.to, Module.to). */
+export function toTarget(op: string, a: DType | string | ToOptions, b?: DType): ToOptions {
   if (typeof a === 'object' && a !== null) return a;
   if (typeof a !== 'string')
     throw argError(op, `expected a device, a dtype or { device, dtype }, got ${typeof a}`);
