@@ -1,15 +1,20 @@
-// @megapatch/cuda: the CUDA backend of megapatch. This version discovers the GPUs, the driver, the
-// CUDA runtime and NCCL (cudaInfo); the tensor backend (allocator, kernels, cuBLASLt GEMMs, flash
-// attention) and the NCCL process group come next. Importing the package is the check: it throws
-// one clear line when this machine or build cannot run it.
+// @megapatch/cuda: the CUDA backend of megapatch. Importing it registers the device type "cuda"
+// (cuda:0, cuda:1, ...) with @megapatch/tensor: a caching device allocator, one stream per device,
+// elementwise / reduction / indexing / Philox kernels and cuBLASLt GEMMs; the named kernels it
+// does not have yet (softmax, norms, attention, optimizers) run as compositions of those. Importing
+// is also the check: it throws one clear line when this machine or build cannot run it.
+// cudaInfo() (also from @megapatch/cuda/info) reports the GPUs, driver, runtime and NCCL.
+import { registerBackendType } from '@megapatch/tensor';
+import { createCudaBackendType } from './backend.js';
 import { cudaInfo } from './info.js';
+import { type BackendAddon, loadAddon } from './native.js';
 
 export { type CudaDevice, type CudaInfo, cudaInfo } from './info.js';
 
 /** Why @megapatch/cuda cannot be used here. */
 export class CudaError extends Error {
-  readonly code: 'UNAVAILABLE' | 'NOT_IMPLEMENTED';
-  constructor(code: 'UNAVAILABLE' | 'NOT_IMPLEMENTED', message: string) {
+  readonly code: 'UNAVAILABLE';
+  constructor(code: 'UNAVAILABLE', message: string) {
     super(message);
     this.name = 'CudaError';
     this.code = code;
@@ -19,7 +24,11 @@ export class CudaError extends Error {
 const info = cudaInfo();
 if (!info.available)
   throw new CudaError('UNAVAILABLE', `@megapatch/cuda: CUDA is not available: ${info.reason}`);
-throw new CudaError(
-  'NOT_IMPLEMENTED',
-  `@megapatch/cuda: ${info.reason} found, but this version has no tensor backend yet (cudaInfo() from @megapatch/cuda/info reports them); train with --device cpu`,
-);
+const loaded = loadAddon();
+if ('error' in loaded) throw new CudaError('UNAVAILABLE', `@megapatch/cuda: ${loaded.error}`);
+registerBackendType(createCudaBackendType(loaded.addon as BackendAddon, 'cuda'));
+
+/** The GEMM engine of the CUDA backend ("cuBLASLt <version>"). */
+export function gemmEngine(): string {
+  return (loaded as { addon: BackendAddon }).addon.gemmEngine();
+}

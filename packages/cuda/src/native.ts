@@ -26,7 +26,27 @@ export interface NativeInfo {
   }[];
 }
 
-interface Addon {
+/** The backend's entries (native/src/backend/*.cc): present in a CUDA build and in the emulator. */
+export interface BackendAddon {
+  emulator: boolean;
+  /** The kernel families beyond the core that this build has (native/src/backend/state.cc). */
+  families: string[];
+  setArgBuffer(buf: Float64Array): void;
+  setDevice(index: number): void;
+  deviceCount(): number;
+  synchronize(): void;
+  alloc(bytes: number, zero: boolean): number;
+  free(address: number): void;
+  emptyCache(): void;
+  cachedBytes(): number;
+  memGetInfo(): [number, number];
+  readInto(address: number, bytes: number, dst: ArrayBufferView): void;
+  writeFrom(address: number, src: ArrayBufferView): void;
+  gemmEngine(): string;
+  [entry: string]: unknown;
+}
+
+export interface Addon extends Partial<BackendAddon> {
   info(): NativeInfo;
 }
 
@@ -36,18 +56,24 @@ const packageRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 
 /** The addon, or the reason it could not be loaded (every path tried). */
 export function loadAddon(): { addon: Addon } | { error: string } {
+  return load<Addon>(process.env.MEGAPATCH_CUDA_NATIVE, 'megapatch_cuda.node');
+}
+
+/** The emulator build of the backend (megapatch_cuda_emu.node), or why it could not be loaded. */
+export function loadEmulatorAddon(): { addon: BackendAddon } | { error: string } {
+  return load<BackendAddon>(process.env.MEGAPATCH_CUDA_EMU_NATIVE, 'megapatch_cuda_emu.node');
+}
+
+function load<T>(override: string | undefined, file: string): { addon: T } | { error: string } {
   const tried: string[] = [];
-  const paths = [
-    ...(process.env.MEGAPATCH_CUDA_NATIVE ? [resolve(process.env.MEGAPATCH_CUDA_NATIVE)] : []),
-    join(packageRoot, 'build', 'Release', 'megapatch_cuda.node'),
-  ];
+  const paths = [...(override ? [resolve(override)] : []), join(packageRoot, 'build', 'Release', file)];
   for (const p of paths) {
     if (!existsSync(p)) {
       tried.push(`${p}: not found`);
       continue;
     }
     try {
-      return { addon: require(p) as Addon };
+      return { addon: require(p) as T };
     } catch (e) {
       tried.push(`${p}: ${(e as Error).message.split('\n')[0]}`);
     }

@@ -11,15 +11,20 @@ export { attachGrad, needsGrad } from './autograd/record.js';
 export {
   type Backend,
   type BackendType,
+  type BinaryOp,
   deviceCount,
+  type GemmOperand,
   getBackend,
   getDefaultDevice,
   listBackends,
   normalizeDevice,
+  type RandomDist,
+  type ReduceOp,
   registerBackend,
   registerBackendType,
   registerLazyBackend,
   setDefaultDevice,
+  type UnaryOp,
 } from './backend/backend.js';
 export { backendInfo, defineCpuKernel, getNumThreads, setNumThreads } from './backend/cpu.js';
 export { getKernel, hasNativeKernel, type KernelName, type KernelTable } from './backend/kernels.js';

@@ -5,7 +5,8 @@ import { fileURLToPath } from 'node:url';
 import { expect } from 'vitest';
 import {
   type DType,
-  type Tensor,
+  synchronize,
+  Tensor,
   TensorError,
   type TensorErrorCode,
   tensor,
@@ -98,10 +99,24 @@ export function disposeAll(...ts: (Tensor | null | undefined)[]): void {
   for (const t of ts) t?.dispose();
 }
 
+/**
+ * Calls fn and waits for the devices: on an asynchronous backend a kernel's verdict (a bad index,
+ * a bad target) arrives at the next host read, as a device-side assert does on a GPU. A tensor fn
+ * returns is disposed, so that a failed call leaves memory as it was on every backend.
+ */
+export function callAndSync(fn: () => unknown): void {
+  const r = fn();
+  try {
+    synchronize();
+  } finally {
+    if (r instanceof Tensor) r.dispose();
+  }
+}
+
 /** Asserts that fn throws a TensorError with this code (and a message matching `message`). */
 export function expectTensorError(fn: () => unknown, code: TensorErrorCode, message?: RegExp | string): void {
   try {
-    fn();
+    callAndSync(fn);
   } catch (e) {
     expect(e).toBeInstanceOf(TensorError);
     expect((e as TensorError).code).toBe(code);

@@ -21,7 +21,7 @@ import {
   tril,
   triu,
 } from '../src/index.js';
-import { expectClose, type FixtureCase, fromFixture, loadFixture } from './fixtures.js';
+import { callAndSync, expectClose, type FixtureCase, fromFixture, loadFixture } from './fixtures.js';
 
 const cases = loadFixture('indexing');
 
@@ -153,7 +153,7 @@ describe('indexing: gradcheck (float64)', () => {
 function expectError(fn: () => unknown, code: string, ...patterns: RegExp[]): void {
   let err: unknown;
   try {
-    fn();
+    callAndSync(fn);
   } catch (e) {
     err = e;
   }

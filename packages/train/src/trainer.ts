@@ -475,8 +475,9 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
 }
 
 /**
- * The canonical name of the run's device, its backend loaded: "cuda" needs @megapatch/cuda, "ref"
- * the reference backend of @megapatch/tensor. Across processes the Gloo collectives move other
+ * The canonical name of the run's device, its backend loaded: "cuda" needs @megapatch/cuda,
+ * "cudaemu" its CPU emulator (@megapatch/cuda/emulator), "ref" the reference backend of
+ * @megapatch/tensor. Across processes the Gloo collectives move other
  * devices' tensors through host copies.
  */
 async function useDevice(name: string): Promise<string> {
@@ -484,6 +485,18 @@ async function useDevice(name: string): Promise<string> {
   if (type === 'ref' && deviceCount('ref') === 0) {
     const { registerReferenceBackend } = await import('@megapatch/tensor/reference');
     registerReferenceBackend();
+  }
+  if (type === 'cudaemu' && deviceCount('cudaemu') === 0) {
+    // the CUDA backend's kernels run on the CPU by its emulator: for checking, not for speed
+    const emulatorModule = '@megapatch/cuda/emulator';
+    try {
+      await import(emulatorModule);
+    } catch (e) {
+      throw new TrainError(
+        'INVALID_CONFIG',
+        `training.device ${name}: the CUDA emulator could not be loaded (${(e as Error).message.split('\n')[0]}); install @megapatch/cuda (its build makes the emulator), or use --device cpu`,
+      );
+    }
   }
   if (type === 'cuda' && deviceCount('cuda') === 0) {
     const cudaModule = '@megapatch/cuda';

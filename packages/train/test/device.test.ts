@@ -46,6 +46,14 @@ it('a run on ref:0 gives the CPU losses, and its checkpoint resumes on the CPU',
     expect(Math.abs(resumed[i] - cpu[3 + i]) / cpu[3 + i], `resumed step ${i + 4}`).toBeLessThan(1e-5);
 });
 
+it('a run on the CUDA kernels (cudaemu:0, the emulator of @megapatch/cuda) gives the CPU losses', async () => {
+  const cpu = (await train(config('cpu-emu'), quiet)).losses;
+  const emu = (await train(config('emu', 'cudaemu:0', { training: { exitInterval: 3 } }), quiet)).losses;
+  expect(memoryStats('cudaemu:0').allocations, 'tensors were made on cudaemu:0').toBeGreaterThan(1000);
+  expect(emu.length).toBe(3);
+  for (let i = 0; i < 3; i++) expect(Math.abs(emu[i] - cpu[i]) / cpu[i], `step ${i + 1}`).toBeLessThan(1e-5);
+});
+
 it('DP=2 × TP=2 on ref:0 (collectives through host copies) gives the CPU losses', async () => {
   const cpu = (await train(config('cpu-4'), quiet)).losses;
   const c = layoutRunConfig({

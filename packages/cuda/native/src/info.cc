@@ -72,11 +72,8 @@ Napi::Value Info(const Napi::CallbackInfo& info) {
   return out;
 }
 
-Napi::Object Init(Napi::Env env, Napi::Object exports) {
-  exports.Set("info", Napi::Function::New(env, Info));
-  return exports;
-}
-
 }  // namespace
 
-NODE_API_MODULE(megapatch_cuda, Init)
+namespace mpc {
+void register_info(Napi::Env env, Napi::Object exports) { exports.Set("info", Napi::Function::New(env, Info)); }
+}  // namespace mpc

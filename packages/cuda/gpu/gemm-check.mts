@@ -1,0 +1,197 @@
+// GEMM check of @megapatch/cuda against the CPU backend, through Backend.gemm with raw operands:
+// cuBLASLt layouts (row-major, transposed, padded ld, broadcast batch, misaligned views, GEMV
+// shapes, batches over 65535) and layouts only the tiled kernel takes (both strides non-unit, a
+// zero row stride), every float dtype, beta 0 over NaN-filled C, beta != 0, writes outside C,
+// run-to-run determinism, the TF32 switch and gemmEngine().
+// usage (repository root): npx tsx gemm-gpu-check.mts [cuda:0 | cudaemu:0]
+import { resolve } from 'node:path';
+
+const root = process.env.MEGAPATCH_ROOT ?? process.cwd();
+const device = process.argv[2] ?? 'cuda:0';
+const emu = device.startsWith('cudaemu');
+const T: any = await import(resolve(root, 'packages/tensor/dist/index.js'));
+const C: any = await import(
+  resolve(root, emu ? 'packages/cuda/src/emulator.ts' : 'packages/cuda/src/index.ts')
+);
+const { getBackend, fromTypedArray, synchronize } = T;
+const cpu = getBackend('cpu');
+const dev = getBackend(device);
+
+let failures = 0,
+  cases = 0;
+const fail = (msg: string) => {
+  failures++;
+  if (failures <= 20) console.log('FAIL ' + msg);
+};
+let seed = 12345;
+const rnd = () => {
+  seed = (seed * 1103515245 + 12345) % 2147483648;
+  return seed / 1073741824 - 1;
+};
+
+// a 1-D buffer of `len` values on the CPU and on the device (same bits)
+function buffers(len: number, dtype: string, fillNaN = false) {
+  const f = new Float64Array(len);
+  for (let i = 0; i < len; i++) f[i] = fillNaN ? Number.NaN : rnd();
+  const h = fromTypedArray(f).to(dtype);
+  return { h, d: h.to(device) };
+}
+const read = (t: any) => Float64Array.from(t.to('cpu', 'float64').toTypedArray() as Float64Array);
+
+// layouts of a rows x cols operand: [rs, cs, span]
+function layout(kind: number, rows: number, cols: number): [number, number, number] {
+  switch (kind) {
+    case 0:
+      return [cols, 1, rows * cols]; // row-major
+    case 1:
+      return [1, rows, rows * cols]; // column-major (transposed view)
+    case 2:
+      return [cols + 3, 1, rows * (cols + 3)]; // padded leading dimension
+    case 3:
+      return [2 * cols + 1, 2, rows * (2 * cols + 1)]; // no unit stride: tiled kernel
+    default:
+      return [0, 1, cols]; // expanded row (rs 0): tiled kernel
+  }
+}
+const TOL: Record<string, number> = { float64: 1e-12, float32: 2e-5, bfloat16: 1.6e-2, float16: 2e-3 };
+
+function run(
+  dtype: string,
+  batch: number,
+  M: number,
+  N: number,
+  K: number,
+  la: number,
+  lb: number,
+  bca: boolean,
+  bcb: boolean,
+  alpha: number,
+  beta: number,
+  misalign: number,
+) {
+  cases++;
+  const [ars, acs, aspan] = layout(la, M, K),
+    [brs, bcs, bspan] = layout(lb, K, N);
+  const abs = bca ? 0 : aspan + 5,
+    bbs = bcb ? 0 : bspan + 3;
+  const A = buffers((bca ? 1 : batch) * (aspan + 5) + misalign + 8, dtype);
+  const B = buffers((bcb ? 1 : batch) * (bspan + 3) + misalign + 8, dtype);
+  const crs = N + (la === 2 ? 2 : 0),
+    cbs = M * crs + 1,
+    clen = batch * cbs + misalign + 4;
+  const Cb = buffers(clen, dtype, beta === 0);
+  const view = (t: any, off: number, len: number) => t.narrow(0, off, len);
+  const ops = (s: 'h' | 'd') => [
+    { tensor: view(A[s], misalign, A[s].shape[0] - misalign), bs: abs, rs: ars, cs: acs },
+    { tensor: view(B[s], misalign, B[s].shape[0] - misalign), bs: bbs, rs: brs, cs: bcs },
+    { tensor: view(Cb[s], misalign, clen - misalign), bs: cbs, rs: crs, cs: 1 },
+  ];
+  const c0 = read(Cb.h);
+  const [ah, bh, ch] = ops('h');
+  cpu.gemm(batch, M, N, K, ah, bh, ch, alpha, beta);
+  const [ad, bd, cd] = ops('d');
+  dev.gemm(batch, M, N, K, ad, bd, cd, alpha, beta);
+  synchronize(device);
+  const want = read(Cb.h),
+    got = read(Cb.d);
+  const tol = TOL[dtype] * Math.max(1, Math.sqrt(K));
+  let bad = 0;
+  for (let i = 0; i < clen; i++) {
+    const j = i - misalign,
+      b = Math.floor(j / cbs),
+      r = Math.floor((j % cbs) / crs),
+      n = (j % cbs) % crs;
+    const inside = j >= 0 && b < batch && r < M && n < N;
+    if (!inside) {
+      if (!Object.is(got[i], c0[i]) && !(Number.isNaN(got[i]) && Number.isNaN(c0[i]))) bad++;
+      continue;
+    }
+    if (!Number.isFinite(got[i]) || Math.abs(got[i] - want[i]) > tol * Math.max(1, Math.abs(want[i]))) {
+      if (bad < 2) console.log(`  at ${i}: got ${got[i]} want ${want[i]}`);
+      bad++;
+    }
+  }
+  if (bad)
+    fail(
+      `${dtype} batch ${batch} M ${M} N ${N} K ${K} layouts ${la}/${lb} bcast ${bca}/${bcb} alpha ${alpha} beta ${beta} misalign ${misalign}: ${bad} bad`,
+    );
+  // determinism: the same product again, bit for bit
+  if (!emu && cases % 7 === 0 && beta === 0) {
+    dev.gemm(batch, M, N, K, ad, bd, cd, alpha, beta);
+    synchronize(device);
+    const again = read(Cb.d);
+    if (again.some((v, i) => !Object.is(v, got[i]) && !(Number.isNaN(v) && Number.isNaN(got[i]))))
+      fail(`${dtype} M ${M} N ${N} K ${K}: a second run differs`);
+  }
+  for (const t of [A.h, A.d, B.h, B.d, Cb.h, Cb.d]) t.dispose();
+}
+
+const sizes = emu ? [1, 3, 17, 33] : [1, 3, 17, 33, 64, 257];
+let it = 0;
+for (const dtype of ['float32', 'float64', 'bfloat16', 'float16'])
+  for (const M of sizes)
+    for (const N of sizes)
+      for (const K of sizes) {
+        it++;
+        const la = it % 5,
+          lb = (it * 3 + 1) % 5;
+        run(dtype, 1, M, N, K, la % 3, lb % 3, false, false, 1, 0, it % 3 === 0 ? 1 : 0);
+        run(
+          dtype,
+          3,
+          M,
+          N,
+          K,
+          la,
+          lb,
+          it % 4 === 0,
+          it % 4 === 1,
+          0.75,
+          it % 2 ? 0 : 0.5,
+          it % 5 === 0 ? 1 : 0,
+        );
+      }
+// every pair of layouts, broadcast batches and misaligned views at a mid size
+for (const dtype of ['float32', 'float64', 'bfloat16', 'float16'])
+  for (let la = 0; la < 5; la++)
+    for (let lb = 0; lb < 5; lb++)
+      run(dtype, 2, 19, 40, 37, la, lb, la === 1, lb === 2, -1.5, lb % 2 ? 0 : 2, (la + lb) % 2);
+// bigger products (tensor cores, split-K) and a batch over cuBLASLt's 65535 chunk
+if (!emu) {
+  for (const dtype of ['float32', 'bfloat16', 'float16'])
+    run(dtype, 2, 512, 384, 4096, 0, 1, false, false, 1, 0, 0);
+  run('float32', 70001, 2, 3, 4, 0, 0, false, true, 1, 0, 0);
+}
+// TF32: off by default (float32 products within 2e-5), on with MEGAPATCH_ALLOW_TF32=1
+if (!emu) {
+  const relerr = () => {
+    const a = buffers(256 * 1024, 'float32'),
+      b = buffers(1024 * 256, 'float32'),
+      c = buffers(256 * 256, 'float32', true);
+    const A = (s: 'h' | 'd') => ({ tensor: a[s], bs: 0, rs: 1024, cs: 1 });
+    const B = (s: 'h' | 'd') => ({ tensor: b[s], bs: 0, rs: 256, cs: 1 });
+    const Cc = (s: 'h' | 'd') => ({ tensor: c[s], bs: 0, rs: 256, cs: 1 });
+    cpu.gemm(1, 256, 256, 1024, A('h'), B('h'), Cc('h'), 1, 0);
+    dev.gemm(1, 256, 256, 1024, A('d'), B('d'), Cc('d'), 1, 0);
+    synchronize(device);
+    const w = read(c.h),
+      g = read(c.d);
+    let e = 0;
+    for (let i = 0; i < w.length; i++) e = Math.max(e, Math.abs(g[i] - w[i]) / Math.max(1, Math.abs(w[i])));
+    return e;
+  };
+  const off = relerr();
+  process.env.MEGAPATCH_ALLOW_TF32 = '1';
+  const on = relerr();
+  delete process.env.MEGAPATCH_ALLOW_TF32;
+  console.log(
+    `float32 256x256x1024 max rel. error: ${off.toExponential(2)} (TF32 off), ${on.toExponential(2)} (TF32 on)`,
+  );
+  if (off > 2e-5) fail('float32 is not full precision with TF32 off');
+  if (on <= off) fail('MEGAPATCH_ALLOW_TF32=1 changed nothing');
+}
+const engine = C.gemmEngine ? C.gemmEngine() : '(no gemmEngine export)';
+console.log(`engine: ${engine}`);
+if (!emu && !/^cuBLASLt \d+\.\d+\.\d+$/.test(engine)) fail(`gemmEngine() = ${engine}`);
+console.log(`${cases} cases, ${failures} failures`);
+process.exit(failures ? 1 : 0);

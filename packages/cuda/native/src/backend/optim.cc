@@ -1,0 +1,72 @@
+// N-API entries of the optimizer kernels (kernels/optim.h), with the argument order of
+// @megapatch/tensor's CPU entries (native/src/optim.cc) plus, for the two kernels that return a
+// value on the CPU, the device tensor that receives it last: normPowerSum's float64 `out` and
+// unscaleCheck's float32 `foundInf` flag (see src/kernels/optim.ts).
+#include "../kernels/optim.h"
+#include "glue.h"
+
+namespace mpc {
+
+// adamwStep(param, grad, expAvg, expAvgSq, decay, beta1, 1-beta1, beta2, 1-beta2, bc2Sqrt, eps, negStep)
+MPC_ENTRY(AdamWStepE) {
+  Args a;
+  TensorArg p = a.tensor(), g = a.tensor(), m = a.tensor(), v = a.tensor();
+  AdamWParams h;
+  h.decay = a.num();
+  h.beta1 = a.num();
+  h.one_minus_beta1 = a.num();
+  h.beta2 = a.num();
+  h.one_minus_beta2 = a.num();
+  h.bc2_sqrt = a.num();
+  h.eps = a.num();
+  h.neg_step = a.num();
+  adamw_step(current_stream(), p, g, m, v, h);
+  return info.Env().Undefined();
+}
+
+// sgdStep(param, grad, hasBuf, [buf], -lr, momentum, 1-dampening, weightDecay, nesterov, first)
+MPC_ENTRY(SgdStepE) {
+  Args a;
+  TensorArg p = a.tensor(), g = a.tensor();
+  bool has_buf = a.i32() != 0;
+  TensorArg buf;
+  if (has_buf) buf = a.tensor();
+  SgdParams h;
+  h.neg_lr = a.num();
+  h.momentum = a.num();
+  h.one_minus_dampening = a.num();
+  h.weight_decay = a.num();
+  h.nesterov = a.i32() != 0;
+  h.first = a.i32() != 0;
+  sgd_step(current_stream(), p, g, has_buf ? &buf : nullptr, h);
+  return info.Env().Undefined();
+}
+
+// normPowerSum(t, p, out)
+MPC_ENTRY(NormPowerSumE) {
+  Args a;
+  TensorArg t = a.tensor();
+  double p = a.num();
+  TensorArg out = a.tensor();
+  norm_power_sum(current_stream(), t, p, out);
+  return info.Env().Undefined();
+}
+
+// unscaleCheck(t, invScale, foundInf)
+MPC_ENTRY(UnscaleCheckE) {
+  Args a;
+  TensorArg t = a.tensor();
+  double inv = a.num();
+  TensorArg found = a.tensor();
+  unscale_check(current_stream(), t, inv, found);
+  return info.Env().Undefined();
+}
+
+void register_optim(Napi::Env env, Napi::Object exports) {
+  exports.Set("adamwStep", Napi::Function::New(env, AdamWStepE));
+  exports.Set("sgdStep", Napi::Function::New(env, SgdStepE));
+  exports.Set("normPowerSum", Napi::Function::New(env, NormPowerSumE));
+  exports.Set("unscaleCheck", Napi::Function::New(env, UnscaleCheckE));
+}
+
+}  // namespace mpc

@@ -1,0 +1,783 @@
+// Fused scaled-dot-product attention (FlashAttention-2 algorithm) on CUDA cores: the twin of
+// @megapatch/tensor's native/src/attention.cc, with the same semantics (see attention.h).
+//
+// Forward: one block per (batch, query head, tile of query rows) and chunk of output columns. Key
+// tiles stream through shared memory; the scores of a tile are masked and folded into a running
+// (max, sum) softmax per row, so [Sq, Sk] never exists beyond one tile. The per-row logsumexp is
+// saved for the backward.
+// Backward: probabilities are recomputed from the saved logsumexp.
+//  1. attn_delta_kernel: delta_i = rowsum(dO * O) into a stream-ordered workspace;
+//  2. attn_dkdv_kernel: one block owns (batch, kv head, key tile) and loops over every query head
+//     of its group and every query tile that can see its keys, accumulating dK and dV in registers:
+//     no atomics, deterministic;
+//  3. attn_dq_kernel: one block owns (batch, query head, query tile) and loops over the key tiles
+//     its rows attend to, accumulating dQ in registers.
+//
+// Thread layout (all three tile kernels, 128 threads = 16 row groups x 8 lanes): a block's score
+// tile is [BR = 16 * RM rows, BC = 8 * CN columns]; thread (ty, tx) owns rows ty * RM + r (r < RM)
+// and columns tx + 8 * c (c < CN), so the 8 lanes of a row group hold a whole row and reduce it
+// with three xor shuffles. Accumulators ([rows, W] output chunks) hold columns tx + 8 * k (k < W/8)
+// of the thread's rows. Operand tiles live in shared memory as the compute type (float, or double
+// for float64) with rows padded by one element, which keeps the column-strided reads of the dot
+// products free of bank conflicts.
+//
+// Head dims: W (the width of an output chunk in registers) is 64, 128 or 256 by the head dim; a
+// wider output is split over gridDim.z chunks that each recompute the scores. Shared memory
+// grows with D and Dv (operands are held whole for the dot products): up to 256 in every dtype.
+//
+// Performance notes (next steps): the dot products and accumulations are scalar fp32 FMAs from
+// shared memory. On sm_80+ the tile products (S = Q K^T, O += P V, dP = dO V^T, dV += P^T dO,
+// dK += dS^T Q, dQ += dS K) are where mma.sync m16n8k16 (bf16/f16 in, fp32 accumulate) — or on
+// sm_90 wgmma with TMA tile loads — would go, with the operands kept in their storage dtype in
+// shared memory (ldmatrix) and cp.async double buffering of the K/V tiles.
+#include "attention.h"
+
+#include <cmath>
+
+namespace mpc {
+
+namespace {
+
+// loops over compile-time register tiles (nvcc unrolls them; the host compiler of the emulator
+// does not know the pragma)
+#ifdef __CUDACC__
+#define ATT_UNROLL _Pragma("unroll")
+#else
+#define ATT_UNROLL
+#endif
+
+constexpr int kAttThreads = 128;
+constexpr int kTX = 8;   // lanes per row group
+constexpr int kTY = 16;  // row groups per block
+constexpr size_t kMaxSmem = 227 * 1024;
+constexpr size_t kDefaultSmem = 48 * 1024;
+
+MP_D float att_exp(float x) { return expf(x); }
+MP_D double att_exp(double x) { return exp(x); }
+MP_D float att_log(float x) { return logf(x); }
+MP_D double att_log(double x) { return log(x); }
+
+// A [B, H, S, X] (or [B, H, S] for lse) operand: element 0 and element strides.
+struct Mat {
+  char* p;
+  int64_t s[4];
+};
+struct MaskDesc {
+  const char* p;  // null: no mask
+  int dtype;
+  int64_t s[4];
+};
+struct CuDesc {
+  const char* p;  // null: no packed rows
+  int is64;
+  int64_t stride;
+  int64_t n;  // entries (nseq + 1)
+};
+
+struct Params {
+  int64_t B, Hq, Hkv, Sq, Sk, group;
+  int D, Dv;
+  int causal;
+  double scale;
+  int64_t ntiles;  // tiles along the block's own sequence dimension
+  Mat q, k, v, o, go, dq, dk, dv, lse;
+  MaskDesc mask;
+  CuDesc cu;
+  void* delta;  // backward: [B * Hq * Sq] of the compute type
+};
+
+template <typename T> MP_D T* mat_ptr(const Mat& m, int64_t b, int64_t h) {
+  return reinterpret_cast<T*>(m.p) + b * m.s[0] + h * m.s[1];
+}
+
+MP_D int64_t cu_at(const CuDesc& c, int64_t s) {
+  return c.is64 ? reinterpret_cast<const int64_t*>(c.p)[s * c.stride]
+                : static_cast<int64_t>(reinterpret_cast<const int32_t*>(c.p)[s * c.stride]);
+}
+
+// The packed sequence of token t (cu[s] <= t < cu[s + 1], from cu[0] = 0 <= t < cu[n - 1] = S).
+MP_D void seq_of(const CuDesc& cu, int64_t t, int64_t& lo, int64_t& hi) {
+  int64_t l = 0, r = cu.n - 1;
+  while (r - l > 1) {
+    const int64_t m = (l + r) >> 1;
+    if (cu_at(cu, m) <= t) l = m;
+    else r = m;
+  }
+  lo = cu_at(cu, l);
+  hi = cu_at(cu, l + 1);
+}
+
+// Keys row i may attend to before the explicit mask: [lo, hi) (empty for rows past Sq).
+MP_D void row_range(const Params& P, int64_t i, int64_t& lo, int64_t& hi) {
+  lo = 0;
+  hi = P.Sk;
+  if (i < 0 || i >= P.Sq) {
+    hi = 0;
+    return;
+  }
+  if (P.cu.p) {
+    seq_of(P.cu, i, lo, hi);
+    lo = mx(lo, int64_t(0));
+    hi = mn(hi, P.Sk);
+  }
+  if (P.causal) hi = mn(hi, i + 1);
+}
+
+// The score of (b, h, i, j) with the explicit mask applied: bool false gives -inf, floating
+// values are added (after conversion to the compute type, as the CPU kernel does).
+template <typename C>
+MP_D C apply_mask(const MaskDesc& m, int64_t b, int64_t h, int64_t i, int64_t j, C s) {
+  const int64_t off = b * m.s[0] + h * m.s[1] + i * m.s[2] + j * m.s[3];
+  switch (m.dtype) {
+    case static_cast<int>(DType::Bool):
+      return reinterpret_cast<const uint8_t*>(m.p)[off] ? s : static_cast<C>(-INFINITY);
+    case static_cast<int>(DType::F32):
+      return s + static_cast<C>(reinterpret_cast<const float*>(m.p)[off]);
+    case static_cast<int>(DType::F64):
+      return s + static_cast<C>(reinterpret_cast<const double*>(m.p)[off]);
+    case static_cast<int>(DType::BF16):
+      return s + static_cast<C>(bf16_to_f32(reinterpret_cast<const uint16_t*>(m.p)[off]));
+    case static_cast<int>(DType::F16):
+      return s + static_cast<C>(f16_to_f32(reinterpret_cast<const uint16_t*>(m.p)[off]));
+    default:
+      return s;
+  }
+}
+
+// dst[r * ld + c] = src row r0 + r, column c0 + c (zeros for rows at or past `total`), for
+// r < rows, c < cols, by the whole block.
+template <typename T, typename C>
+MP_D void load_tile(C* dst, int ld, const T* base, int64_t rs, int64_t cs, int64_t r0, int rows, int64_t total,
+                    int c0, int cols) {
+  const int n = rows * cols;
+  for (int idx = threadIdx.x; idx < n; idx += kAttThreads) {
+    const int r = idx / cols, c = idx - r * cols;
+    const int64_t row = r0 + r;
+    dst[r * ld + c] = row < total ? static_cast<C>(Tr<T>::ld(base + row * rs + static_cast<int64_t>(c0 + c) * cs))
+                                  : C(0);
+  }
+}
+
+// s[r][c] = sum_{d < n} A[(ty * RM + r) * lda + d] * Bm[(tx + 8 c) * ldb + d]
+// (mma.sync / wgmma would replace this loop.)
+template <typename C, int RM, int CN>
+MP_D void dot_tile(C (&s)[RM][CN], const C* A, int lda, const C* Bm, int ldb, int n, int ty, int tx) {
+ATT_UNROLL
+  for (int r = 0; r < RM; r++)
+ATT_UNROLL
+    for (int c = 0; c < CN; c++) s[r][c] = C(0);
+  const C* a0 = A + ty * RM * lda;
+  const C* b0 = Bm + tx * ldb;
+  for (int d = 0; d < n; d++) {
+    C a[RM], bv[CN];
+ATT_UNROLL
+    for (int r = 0; r < RM; r++) a[r] = a0[r * lda + d];
+ATT_UNROLL
+    for (int c = 0; c < CN; c++) bv[c] = b0[c * kTX * ldb + d];
+ATT_UNROLL
+    for (int r = 0; r < RM; r++)
+ATT_UNROLL
+      for (int c = 0; c < CN; c++) s[r][c] += a[r] * bv[c];
+  }
+}
+
+// acc[r][k] += sum_{j < n} Pm[(ty * RM + r) * ldp + j] * M[j * ldm + col0 + tx + 8 k], for the
+// columns tx + 8 k < ncols (the others read a valid column and are never stored).
+template <typename C, int RM, int WC>
+MP_D void acc_tile(C (&acc)[RM][WC], const C* Pm, int ldp, const C* M, int ldm, int n, int ty, int tx, int col0,
+                   int ncols) {
+  const C* p0 = Pm + ty * RM * ldp;
+  const C* m0 = M + col0;
+  for (int j = 0; j < n; j++) {
+    C p[RM];
+ATT_UNROLL
+    for (int r = 0; r < RM; r++) p[r] = p0[r * ldp + j];
+    const C* mr = m0 + j * ldm;
+ATT_UNROLL
+    for (int k = 0; k < WC; k++) {
+      const C mv = mr[mn(tx + kTX * k, ncols - 1)];
+ATT_UNROLL
+      for (int r = 0; r < RM; r++) acc[r][k] += p[r] * mv;
+    }
+  }
+}
+
+// max / sum over the 8 lanes of a row group (the same bits on every lane)
+template <typename C> MP_D C group_max(C v) {
+ATT_UNROLL
+  for (int off = kTX / 2; off > 0; off >>= 1) {
+    const C o = __shfl_xor_sync(0xffffffffu, v, off);
+    v = o > v ? o : v;
+  }
+  return v;
+}
+template <typename C> MP_D C group_sum(C v) {
+ATT_UNROLL
+  for (int off = kTX / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// ---- forward ---------------------------------------------------------------------------------
+// Block: (b, h, query tile) from blockIdx.x, output columns [blockIdx.z * W, + W) of Dv.
+// Shared: Q [BR][D+1], K [BC][D+1], V [BC][wv+1] (the chunk's columns), P [BR][BC+1].
+template <typename T, int RM, int CN, int W>
+__global__ void __launch_bounds__(kAttThreads) attn_fwd_kernel(Params P) {
+  using C = typename Tr<T>::C;
+  constexpr int BR = kTY * RM, BC = kTX * CN, WC = W / kTX;
+  MP_DYNAMIC_SMEM(C, sm);
+  const int D = P.D;
+  const int ldq = D + 1;
+  const int col0 = static_cast<int>(blockIdx.z) * W;
+  const int wv = mn(W, P.Dv - col0);
+  const int ldv = wv + 1;
+  C* Qs = sm;
+  C* Ks = Qs + BR * ldq;
+  C* Vs = Ks + BC * ldq;
+  C* Ps = Vs + BC * ldv;
+  const int tid = threadIdx.x, tx = tid % kTX, ty = tid / kTX;
+  const int64_t x = blockIdx.x;
+  // the last query tiles of a causal head cost the most: they come first
+  const int64_t qt = P.ntiles - 1 - x % P.ntiles, bh = x / P.ntiles;
+  const int64_t h = bh % P.Hq, b = bh / P.Hq, kh = h / P.group;
+  const int64_t i0 = qt * BR;
+  const C scale = static_cast<C>(P.scale);
+  const C ninf = static_cast<C>(-INFINITY);
+
+  load_tile<T, C>(Qs, ldq, mat_ptr<const T>(P.q, b, h), P.q.s[2], P.q.s[3], i0, BR, P.Sq, 0, D);
+  const T* kb = mat_ptr<const T>(P.k, b, kh);
+  const T* vb = mat_ptr<const T>(P.v, b, kh);
+
+  int64_t lo[RM], hi[RM];
+  C m[RM], l[RM], acc[RM][WC];
+ATT_UNROLL
+  for (int r = 0; r < RM; r++) {
+    row_range(P, i0 + ty * RM + r, lo[r], hi[r]);
+    m[r] = ninf;
+    l[r] = C(0);
+ATT_UNROLL
+    for (int k = 0; k < WC; k++) acc[r][k] = C(0);
+  }
+  // lo and hi are non-decreasing in the row: the block's keys lie in [lo(first), hi(last))
+  int64_t blo, bhi, unused;
+  row_range(P, i0, blo, unused);
+  row_range(P, mn(i0 + BR, P.Sq) - 1, unused, bhi);
+
+  for (int64_t j0 = blo; j0 < bhi; j0 += BC) {
+    __syncthreads();  // the previous tile's readers are done
+    load_tile<T, C>(Ks, ldq, kb, P.k.s[2], P.k.s[3], j0, BC, P.Sk, 0, D);
+    load_tile<T, C>(Vs, ldv, vb, P.v.s[2], P.v.s[3], j0, BC, P.Sk, col0, wv);
+    __syncthreads();
+    C s[RM][CN];
+    dot_tile<C, RM, CN>(s, Qs, ldq, Ks, ldq, D, ty, tx);
+ATT_UNROLL
+    for (int r = 0; r < RM; r++) {
+      const int64_t i = i0 + ty * RM + r;
+      C rmax = ninf;
+ATT_UNROLL
+      for (int c = 0; c < CN; c++) {
+        const int64_t j = j0 + tx + kTX * c;
+        C v = ninf;
+        if (j >= lo[r] && j < hi[r]) {
+          v = s[r][c] * scale;
+          if (P.mask.p) v = apply_mask<C>(P.mask, b, h, i, j, v);
+        }
+        s[r][c] = v;
+        rmax = v > rmax ? v : rmax;
+      }
+      rmax = group_max(rmax);
+      // a row whose scores in this tile are all -inf takes nothing from it
+      const bool live = rmax != ninf;
+      const C mnew = live ? (m[r] > rmax ? m[r] : rmax) : m[r];
+      C sum = C(0);
+ATT_UNROLL
+      for (int c = 0; c < CN; c++) {
+        const C p = live ? att_exp(s[r][c] - mnew) : C(0);
+        s[r][c] = p;
+        sum += p;
+      }
+      sum = group_sum(sum);
+      if (live) {
+        if (m[r] != ninf && m[r] != mnew) {
+          const C corr = att_exp(m[r] - mnew);
+          l[r] *= corr;
+ATT_UNROLL
+          for (int k = 0; k < WC; k++) acc[r][k] *= corr;
+        }
+        l[r] += sum;
+        m[r] = mnew;
+      }
+ATT_UNROLL
+      for (int c = 0; c < CN; c++) Ps[(ty * RM + r) * (BC + 1) + tx + kTX * c] = s[r][c];
+    }
+    __syncthreads();
+    acc_tile<C, RM, WC>(acc, Ps, BC + 1, Vs, ldv, BC, ty, tx, 0, wv);
+  }
+
+  T* ob = mat_ptr<T>(P.o, b, h);
+  C* lb = reinterpret_cast<C*>(P.lse.p) + b * P.lse.s[0] + h * P.lse.s[1];
+ATT_UNROLL
+  for (int r = 0; r < RM; r++) {
+    const int64_t i = i0 + ty * RM + r;
+    if (i >= P.Sq) continue;
+    // a row with nothing to attend to gives zeros and lse = -inf (backward: no gradient)
+    const C inv = l[r] > C(0) ? C(1) / l[r] : C(0);
+    T* orow = ob + i * P.o.s[2];
+ATT_UNROLL
+    for (int k = 0; k < WC; k++) {
+      const int c = tx + kTX * k;
+      if (c < wv) Tr<T>::st(orow + static_cast<int64_t>(col0 + c) * P.o.s[3], acc[r][k] * inv);
+    }
+    if (blockIdx.z == 0 && tx == 0) lb[i * P.lse.s[2]] = l[r] > C(0) ? m[r] + att_log(l[r]) : ninf;
+  }
+}
+
+// ---- backward --------------------------------------------------------------------------------
+// delta[(b * Hq + h) * Sq + i] = sum_d dO[b, h, i, d] * O[b, h, i, d]: one warp per row.
+template <typename T>
+__global__ void __launch_bounds__(kAttThreads) attn_delta_kernel(Params P) {
+  using C = typename Tr<T>::C;
+  constexpr int kWarps = kAttThreads / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t rows = P.B * P.Hq * P.Sq;
+  C* delta = static_cast<C*>(P.delta);
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const int64_t i = row % P.Sq, bh = row / P.Sq, h = bh % P.Hq, b = bh / P.Hq;
+    const T* g = mat_ptr<const T>(P.go, b, h) + i * P.go.s[2];
+    const T* o = mat_ptr<const T>(P.o, b, h) + i * P.o.s[2];
+    C acc = C(0);
+    for (int d = lane; d < P.Dv; d += 32)
+      acc += static_cast<C>(Tr<T>::ld(g + d * P.go.s[3])) * static_cast<C>(Tr<T>::ld(o + d * P.o.s[3]));
+ATT_UNROLL
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) delta[row] = acc;
+  }
+}
+
+// Block: (b, kv head, key tile of BR keys) from blockIdx.x, gradient columns [blockIdx.z * W, + W)
+// of dK (D) and dV (Dv). Rows of the score tile are keys, columns queries (S^T).
+// Shared: K [BR][D+1], V [BR][Dv+1], Q [BC][D+1], dO [BC][Dv+1], P^T and dS^T [BR][BC+1], then
+// lse, delta [BC] and the queries' key ranges lo, hi [BC] (int64).
+template <typename T, int RM, int CN, int W>
+__global__ void __launch_bounds__(kAttThreads) attn_dkdv_kernel(Params P) {
+  using C = typename Tr<T>::C;
+  constexpr int BR = kTY * RM, BC = kTX * CN, WC = W / kTX;
+  MP_DYNAMIC_SMEM(C, sm);
+  const int D = P.D, Dv = P.Dv;
+  const int ldk = D + 1, ldv = Dv + 1;
+  C* Ks = sm;
+  C* Vs = Ks + BR * ldk;
+  C* Qs = Vs + BR * ldv;
+  C* Gs = Qs + BC * ldk;
+  C* Ps = Gs + BC * ldv;
+  C* Ss = Ps + BR * (BC + 1);
+  C* Ls = Ss + BR * (BC + 1);
+  C* Dl = Ls + BC;
+  int64_t* Lo = reinterpret_cast<int64_t*>(Dl + BC);  // 8-byte aligned: every size above is a multiple of 8
+  int64_t* Hi = Lo + BC;
+  const int tid = threadIdx.x, tx = tid % kTX, ty = tid / kTX;
+  const int64_t x = blockIdx.x;
+  const int64_t kt = x % P.ntiles, bk = x / P.ntiles;
+  const int64_t kh = bk % P.Hkv, b = bk / P.Hkv;
+  const int64_t j0 = kt * BR;
+  const int col0 = static_cast<int>(blockIdx.z) * W;
+  const int wk = mx(mn(W, D - col0), 0), wv = mx(mn(W, Dv - col0), 0);
+  const C scale = static_cast<C>(P.scale);
+  const C ninf = static_cast<C>(-INFINITY);
+  const C* delta = static_cast<const C*>(P.delta);
+
+  load_tile<T, C>(Ks, ldk, mat_ptr<const T>(P.k, b, kh), P.k.s[2], P.k.s[3], j0, BR, P.Sk, 0, D);
+  load_tile<T, C>(Vs, ldv, mat_ptr<const T>(P.v, b, kh), P.v.s[2], P.v.s[3], j0, BR, P.Sk, 0, Dv);
+
+  C dk[RM][WC], dv[RM][WC];
+ATT_UNROLL
+  for (int r = 0; r < RM; r++)
+ATT_UNROLL
+    for (int k = 0; k < WC; k++) dk[r][k] = dv[r][k] = C(0);
+
+  // the queries that can see keys [j0, j1): the ranges are monotone in the query, so these form
+  // an interval: from the sequence of key j0 (or j0 itself when causal) to the end of the
+  // sequence of key j1 - 1 (packed rows have Sq = Sk: keys and queries share the token index)
+  const int64_t j1 = mn(j0 + BR, P.Sk);
+  int64_t ia = 0, ib = P.Sq;
+  if (P.cu.p) {
+    int64_t lo, hi;
+    seq_of(P.cu, j0, ia, hi);
+    seq_of(P.cu, j1 - 1, lo, ib);
+    ia = mx(ia, int64_t(0));
+    ib = mn(ib, P.Sq);
+  }
+  if (P.causal) ia = mx(ia, j0);
+
+  for (int64_t g = 0; g < P.group; g++) {
+    const int64_t h = kh * P.group + g;
+    const T* qb = mat_ptr<const T>(P.q, b, h);
+    const T* gb = mat_ptr<const T>(P.go, b, h);
+    const C* lb = reinterpret_cast<const C*>(P.lse.p) + b * P.lse.s[0] + h * P.lse.s[1];
+    const C* db = delta + (b * P.Hq + h) * P.Sq;
+    for (int64_t i0 = ia; i0 < ib; i0 += BC) {
+      __syncthreads();  // the previous tile's readers are done
+      load_tile<T, C>(Qs, ldk, qb, P.q.s[2], P.q.s[3], i0, BC, P.Sq, 0, D);
+      load_tile<T, C>(Gs, ldv, gb, P.go.s[2], P.go.s[3], i0, BC, P.Sq, 0, Dv);
+      for (int t = tid; t < BC; t += kAttThreads) {
+        const int64_t i = i0 + t;
+        const bool in = i < P.Sq;
+        Ls[t] = in ? lb[i * P.lse.s[2]] : ninf;
+        Dl[t] = in ? db[i] : C(0);
+        row_range(P, i, Lo[t], Hi[t]);
+      }
+      __syncthreads();
+      C s[RM][CN], dp[RM][CN];
+      dot_tile<C, RM, CN>(s, Ks, ldk, Qs, ldk, D, ty, tx);
+      dot_tile<C, RM, CN>(dp, Vs, ldv, Gs, ldv, Dv, ty, tx);
+ATT_UNROLL
+      for (int r = 0; r < RM; r++) {
+        const int64_t j = j0 + ty * RM + r;
+ATT_UNROLL
+        for (int c = 0; c < CN; c++) {
+          const int t = tx + kTX * c;
+          const C L = Ls[t];
+          C p = C(0);
+          if (j >= Lo[t] && j < Hi[t] && L != ninf) {
+            C v = s[r][c] * scale;
+            if (P.mask.p) v = apply_mask<C>(P.mask, b, h, i0 + t, j, v);
+            p = att_exp(v - L);
+          }
+          Ps[(ty * RM + r) * (BC + 1) + t] = p;
+          Ss[(ty * RM + r) * (BC + 1) + t] = p * (dp[r][c] - Dl[t]);
+        }
+      }
+      __syncthreads();
+      if (wv > 0) acc_tile<C, RM, WC>(dv, Ps, BC + 1, Gs, ldv, BC, ty, tx, col0, wv);
+      if (wk > 0) acc_tile<C, RM, WC>(dk, Ss, BC + 1, Qs, ldk, BC, ty, tx, col0, wk);
+    }
+  }
+
+  T* dkb = mat_ptr<T>(P.dk, b, kh);
+  T* dvb = mat_ptr<T>(P.dv, b, kh);
+ATT_UNROLL
+  for (int r = 0; r < RM; r++) {
+    const int64_t j = j0 + ty * RM + r;
+    if (j >= P.Sk) continue;
+ATT_UNROLL
+    for (int k = 0; k < WC; k++) {
+      const int c = tx + kTX * k;
+      if (c < wk) Tr<T>::st(dkb + j * P.dk.s[2] + static_cast<int64_t>(col0 + c) * P.dk.s[3], dk[r][k] * scale);
+      if (c < wv) Tr<T>::st(dvb + j * P.dv.s[2] + static_cast<int64_t>(col0 + c) * P.dv.s[3], dv[r][k]);
+    }
+  }
+}
+
+// Block: (b, query head, query tile) from blockIdx.x, dQ columns [blockIdx.z * W, + W) of D.
+// Shared: Q [BR][D+1], dO [BR][Dv+1], K [BC][D+1], V [BC][Dv+1], dS [BR][BC+1].
+template <typename T, int RM, int CN, int W>
+__global__ void __launch_bounds__(kAttThreads) attn_dq_kernel(Params P) {
+  using C = typename Tr<T>::C;
+  constexpr int BR = kTY * RM, BC = kTX * CN, WC = W / kTX;
+  MP_DYNAMIC_SMEM(C, sm);
+  const int D = P.D, Dv = P.Dv;
+  const int ldk = D + 1, ldv = Dv + 1;
+  C* Qs = sm;
+  C* Gs = Qs + BR * ldk;
+  C* Ks = Gs + BR * ldv;
+  C* Vs = Ks + BC * ldk;
+  C* Ss = Vs + BC * ldv;
+  const int tid = threadIdx.x, tx = tid % kTX, ty = tid / kTX;
+  const int64_t x = blockIdx.x;
+  const int64_t qt = P.ntiles - 1 - x % P.ntiles, bh = x / P.ntiles;
+  const int64_t h = bh % P.Hq, b = bh / P.Hq, kh = h / P.group;
+  const int64_t i0 = qt * BR;
+  const int col0 = static_cast<int>(blockIdx.z) * W;
+  const int wq = mx(mn(W, D - col0), 0);
+  const C scale = static_cast<C>(P.scale);
+  const C ninf = static_cast<C>(-INFINITY);
+
+  load_tile<T, C>(Qs, ldk, mat_ptr<const T>(P.q, b, h), P.q.s[2], P.q.s[3], i0, BR, P.Sq, 0, D);
+  load_tile<T, C>(Gs, ldv, mat_ptr<const T>(P.go, b, h), P.go.s[2], P.go.s[3], i0, BR, P.Sq, 0, Dv);
+  const T* kb = mat_ptr<const T>(P.k, b, kh);
+  const T* vb = mat_ptr<const T>(P.v, b, kh);
+  const C* lb = reinterpret_cast<const C*>(P.lse.p) + b * P.lse.s[0] + h * P.lse.s[1];
+  const C* db = static_cast<const C*>(P.delta) + (b * P.Hq + h) * P.Sq;
+
+  int64_t lo[RM], hi[RM];
+  C L[RM], dl[RM], acc[RM][WC];
+ATT_UNROLL
+  for (int r = 0; r < RM; r++) {
+    const int64_t i = i0 + ty * RM + r;
+    row_range(P, i, lo[r], hi[r]);
+    L[r] = i < P.Sq ? lb[i * P.lse.s[2]] : ninf;
+    dl[r] = i < P.Sq ? db[i] : C(0);
+    if (L[r] == ninf) hi[r] = lo[r];  // nothing to attend to: no gradient
+ATT_UNROLL
+    for (int k = 0; k < WC; k++) acc[r][k] = C(0);
+  }
+  int64_t blo, bhi, unused;
+  row_range(P, i0, blo, unused);
+  row_range(P, mn(i0 + BR, P.Sq) - 1, unused, bhi);
+
+  for (int64_t j0 = blo; j0 < bhi; j0 += BC) {
+    __syncthreads();
+    load_tile<T, C>(Ks, ldk, kb, P.k.s[2], P.k.s[3], j0, BC, P.Sk, 0, D);
+    load_tile<T, C>(Vs, ldv, vb, P.v.s[2], P.v.s[3], j0, BC, P.Sk, 0, Dv);
+    __syncthreads();
+    C s[RM][CN], dp[RM][CN];
+    dot_tile<C, RM, CN>(s, Qs, ldk, Ks, ldk, D, ty, tx);
+    dot_tile<C, RM, CN>(dp, Gs, ldv, Vs, ldv, Dv, ty, tx);
+ATT_UNROLL
+    for (int r = 0; r < RM; r++) {
+      const int64_t i = i0 + ty * RM + r;
+ATT_UNROLL
+      for (int c = 0; c < CN; c++) {
+        const int64_t j = j0 + tx + kTX * c;
+        C p = C(0);
+        if (j >= lo[r] && j < hi[r]) {
+          C v = s[r][c] * scale;
+          if (P.mask.p) v = apply_mask<C>(P.mask, b, h, i, j, v);
+          p = att_exp(v - L[r]);
+        }
+        Ss[(ty * RM + r) * (BC + 1) + tx + kTX * c] = p * (dp[r][c] - dl[r]);
+      }
+    }
+    __syncthreads();
+    if (wq > 0) acc_tile<C, RM, WC>(acc, Ss, BC + 1, Ks, ldk, BC, ty, tx, col0, wq);
+  }
+
+  T* qgb = mat_ptr<T>(P.dq, b, h);
+ATT_UNROLL
+  for (int r = 0; r < RM; r++) {
+    const int64_t i = i0 + ty * RM + r;
+    if (i >= P.Sq) continue;
+ATT_UNROLL
+    for (int k = 0; k < WC; k++) {
+      const int c = tx + kTX * k;
+      if (c < wq) Tr<T>::st(qgb + i * P.dq.s[2] + static_cast<int64_t>(col0 + c) * P.dq.s[3], acc[r][k] * scale);
+    }
+  }
+}
+
+// ---- host ------------------------------------------------------------------------------------
+Mat mat_of(const TensorArg& t) {
+  Mat m;
+  m.p = t.data;
+  for (int d = 0; d < 4; d++) m.s[d] = d < t.ndim ? t.strides[d] : 0;
+  return m;
+}
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Shape and option checks shared by both directions (the CPU kernel's read_options).
+Params make_params(const TensorArg& q, const TensorArg& k, const TensorArg& v, const AttentionOptions& o) {
+  if (q.ndim != 4 || k.ndim != 4 || v.ndim != 4) throw_error("attention: q, k, v must be 4-D");
+  if (k.dtype != q.dtype || v.dtype != q.dtype) throw_error("attention: q, k, v must share a dtype");
+  Params P{};
+  P.B = q.shape[0];
+  P.Hq = q.shape[1];
+  P.Sq = q.shape[2];
+  P.Hkv = k.shape[1];
+  P.Sk = k.shape[2];
+  if (P.Hkv == 0 || P.Hq % P.Hkv != 0) throw_error("attention: query heads must be a multiple of kv heads");
+  if (k.shape[0] != P.B || v.shape[0] != P.B || v.shape[1] != P.Hkv || v.shape[2] != P.Sk ||
+      k.shape[3] != q.shape[3])
+    throw_error("attention: q, k, v shapes do not agree");
+  if (q.shape[3] > INT32_MAX / 2 || v.shape[3] > INT32_MAX / 2) throw_error("attention: head dim too large");
+  P.D = static_cast<int>(q.shape[3]);
+  P.Dv = static_cast<int>(v.shape[3]);
+  P.group = P.Hq / P.Hkv;
+  P.q = mat_of(q);
+  P.k = mat_of(k);
+  P.v = mat_of(v);
+  P.mask.p = nullptr;
+  if (o.has_mask) {
+    const TensorArg& m = o.mask;
+    if (m.ndim != 4) throw_error("attention: the mask must be passed as a 4-D view");
+    const DType md = m.dtype;
+    if (md != DType::Bool && md != DType::F32 && md != DType::F64 && md != DType::BF16 && md != DType::F16)
+      throw_error("attention: the mask must be bool or floating-point");
+    P.mask.p = m.data;
+    P.mask.dtype = static_cast<int>(md);
+    for (int d = 0; d < 4; d++) P.mask.s[d] = m.shape[d] == 1 ? 0 : m.strides[d];
+  }
+  P.cu.p = nullptr;
+  if (o.has_cu) {
+    const TensorArg& cu = o.cu;
+    if (cu.ndim != 1 || cu.numel() < 2) throw_error("attention: cuSeqlens must be 1-D with at least 2 entries");
+    if (P.B != 1 || P.Sq != P.Sk) throw_error("attention: varlen needs B = 1 and Sq = Sk");
+    if (cu.dtype != DType::I32 && cu.dtype != DType::I64) throw_error("attention: cuSeqlens must be int32 or int64");
+    P.cu.p = cu.data;
+    P.cu.is64 = cu.dtype == DType::I64 ? 1 : 0;
+    P.cu.stride = cu.strides[0];
+    P.cu.n = cu.numel();
+  }
+  P.causal = o.causal ? 1 : 0;
+  P.scale = o.scale;
+  return P;
+}
+
+constexpr int64_t kMaxGridX = 2147483647;
+
+template <typename K>
+void launch_tiles(K kernel, const char* name, const Params& P, int64_t blocks, int64_t chunks, size_t smem,
+                  cudaStream_t s) {
+  if (blocks <= 0 || chunks <= 0) return;
+  if (smem > kMaxSmem)
+    throw_error(std::string("attention: head dims D = ") + std::to_string(P.D) + ", Dv = " + std::to_string(P.Dv) +
+                " need " + std::to_string(smem) + " bytes of shared memory per block (at most " +
+                std::to_string(kMaxSmem) + "); the CUDA kernels support head dims up to 256");
+  if (blocks > kMaxGridX || chunks > 65535) throw_error(std::string(name) + ": too many blocks");
+  if (smem > kDefaultSmem)
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)), name);
+  MP_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks), 1, static_cast<unsigned>(chunks)), dim3(kAttThreads), smem, s,
+            P);
+  check_launch(name);
+}
+
+template <typename T, int RM, int CN, int W>
+void forward_cfg(Params P, cudaStream_t s) {
+  using C = typename Tr<T>::C;
+  constexpr int BR = kTY * RM, BC = kTX * CN;
+  P.ntiles = cdiv(P.Sq, BR);
+  const int wv = mn(W, P.Dv);
+  const size_t smem =
+      sizeof(C) * (static_cast<size_t>(BR + BC) * (P.D + 1) + static_cast<size_t>(BC) * (wv + 1) + BR * (BC + 1));
+  auto k = attn_fwd_kernel<T, RM, CN, W>;
+  launch_tiles(k, "attentionForward", P, P.B * P.Hq * P.ntiles, cdiv(P.Dv, W), smem, s);
+}
+
+template <typename T>
+void forward_typed(const Params& P, cudaStream_t s) {
+  if (P.Dv <= 64) forward_cfg<T, 4, 8, 64>(P, s);
+  else if (P.Dv <= 128) forward_cfg<T, 4, 4, 128>(P, s);
+  else forward_cfg<T, 2, 4, 256>(P, s);
+}
+
+template <typename T, int RM, int CN, int W>
+void dkdv_cfg(Params P, cudaStream_t s) {
+  using C = typename Tr<T>::C;
+  constexpr int BR = kTY * RM, BC = kTX * CN;
+  P.ntiles = cdiv(P.Sk, BR);
+  const size_t smem = sizeof(C) * (static_cast<size_t>(BR + BC) * (P.D + 1 + P.Dv + 1) +
+                                   2 * static_cast<size_t>(BR) * (BC + 1) + 2 * BC) +
+                      sizeof(int64_t) * 2 * BC;
+  auto k = attn_dkdv_kernel<T, RM, CN, W>;
+  launch_tiles(k, "attentionBackward (dk, dv)", P, P.B * P.Hkv * P.ntiles, mx(cdiv(mx(P.D, P.Dv), W), int64_t(1)),
+               smem, s);
+}
+
+template <typename T, int RM, int CN, int W>
+void dq_cfg(Params P, cudaStream_t s) {
+  using C = typename Tr<T>::C;
+  constexpr int BR = kTY * RM, BC = kTX * CN;
+  P.ntiles = cdiv(P.Sq, BR);
+  const size_t smem =
+      sizeof(C) * (static_cast<size_t>(BR + BC) * (P.D + 1 + P.Dv + 1) + static_cast<size_t>(BR) * (BC + 1));
+  auto k = attn_dq_kernel<T, RM, CN, W>;
+  launch_tiles(k, "attentionBackward (dq)", P, P.B * P.Hq * P.ntiles, mx(cdiv(P.D, W), int64_t(1)), smem, s);
+}
+
+// Stream-ordered workspace. The emulator runs launches synchronously and has no memory pools:
+// plain cudaMalloc / cudaFree are equivalent there.
+void* workspace_alloc(size_t bytes, cudaStream_t stream) {
+  void* w = nullptr;
+#ifdef MEGAPATCH_CUDA_EMULATOR
+  (void)stream;
+  check(cudaMalloc(&w, bytes), "attention: workspace");
+#else
+  check(cudaMallocAsync(&w, bytes, stream), "attention: workspace");
+#endif
+  return w;
+}
+void workspace_free(void* w, cudaStream_t stream) {
+#ifdef MEGAPATCH_CUDA_EMULATOR
+  (void)stream;
+  check(cudaFree(w), "attention: workspace");
+#else
+  check(cudaFreeAsync(w, stream), "attention: workspace");
+#endif
+}
+
+template <typename T>
+void backward_typed(Params P, cudaStream_t s) {
+  using C = typename Tr<T>::C;
+  const int64_t rows = P.B * P.Hq * P.Sq;
+  void* ws = nullptr;
+  if (rows > 0) {
+    ws = workspace_alloc(static_cast<size_t>(rows) * sizeof(C), s);
+    P.delta = ws;
+    auto k = attn_delta_kernel<T>;
+    const unsigned grid = grid_for(rows * 32, kAttThreads);
+    MP_LAUNCH(k, dim3(grid), dim3(kAttThreads), 0, s, P);
+    check_launch("attentionBackward (delta)");
+  }
+  try {
+    const int wkv = mx(P.D, P.Dv);
+    if (wkv <= 64) dkdv_cfg<T, 4, 4, 64>(P, s);
+    else if (wkv <= 128) dkdv_cfg<T, 2, 4, 128>(P, s);
+    else dkdv_cfg<T, 1, 4, 256>(P, s);
+    if (P.D <= 64) dq_cfg<T, 4, 8, 64>(P, s);
+    else if (P.D <= 128) dq_cfg<T, 4, 4, 128>(P, s);
+    else dq_cfg<T, 2, 2, 256>(P, s);
+  } catch (...) {
+    if (ws) workspace_free(ws, s);
+    throw;
+  }
+  if (ws) workspace_free(ws, s);
+}
+
+}  // namespace
+
+void attention_forward(cudaStream_t s, const TensorArg& out, const TensorArg& lse, const TensorArg& q,
+                       const TensorArg& k, const TensorArg& v, const AttentionOptions& o) {
+  Params P = make_params(q, k, v, o);
+  if (out.dtype != q.dtype) throw_error("attention: output dtype must equal the input dtype");
+  const DType lse_dt = q.dtype == DType::F64 ? DType::F64 : DType::F32;
+  if (lse.dtype != lse_dt || lse.ndim != 3) throw_error("attention: bad logsumexp buffer");
+  if (out.ndim != 4 || out.shape[0] != P.B || out.shape[1] != P.Hq || out.shape[2] != P.Sq || out.shape[3] != P.Dv)
+    throw_error("attention: out must be [B, Hq, Sq, Dv]");
+  if (lse.shape[0] != P.B || lse.shape[1] != P.Hq || lse.shape[2] != P.Sq)
+    throw_error("attention: lse must be [B, Hq, Sq]");
+  if (out.numel() == 0) return;
+  P.o = mat_of(out);
+  P.lse = mat_of(lse);
+  switch (q.dtype) {
+    case DType::F32: forward_typed<float>(P, s); break;
+    case DType::F64: forward_typed<double>(P, s); break;
+    case DType::BF16: forward_typed<bf16>(P, s); break;
+    case DType::F16: forward_typed<f16>(P, s); break;
+    default: throw_error("attention: expected floating-point inputs");
+  }
+}
+
+void attention_backward(cudaStream_t s, const TensorArg& dq, const TensorArg& dk, const TensorArg& dv,
+                        const TensorArg& gout, const TensorArg& q, const TensorArg& k, const TensorArg& v,
+                        const TensorArg& out, const TensorArg& lse, const AttentionOptions& o) {
+  Params P = make_params(q, k, v, o);
+  for (const TensorArg* t : {&dq, &dk, &dv, &gout, &out})
+    if (t->dtype != q.dtype) throw_error("attention backward: gradients must share the input dtype");
+  const DType lse_dt = q.dtype == DType::F64 ? DType::F64 : DType::F32;
+  if (lse.dtype != lse_dt || lse.ndim != 3) throw_error("attention: bad logsumexp buffer");
+  for (const TensorArg* t : {&dq, &dk, &dv, &gout, &out})
+    if (t->ndim != 4) throw_error("attention backward: gradients and out must be 4-D");
+  for (int d = 0; d < 4; d++) {
+    if (dq.shape[d] != q.shape[d] || dk.shape[d] != k.shape[d] || dv.shape[d] != v.shape[d])
+      throw_error("attention backward: dq, dk, dv must have the shapes of q, k, v");
+    if (gout.shape[d] != out.shape[d]) throw_error("attention backward: gradOut must have the shape of out");
+  }
+  if (out.shape[0] != P.B || out.shape[1] != P.Hq || out.shape[2] != P.Sq || out.shape[3] != P.Dv)
+    throw_error("attention: out must be [B, Hq, Sq, Dv]");
+  if (dq.numel() + dk.numel() + dv.numel() == 0) return;
+  P.o = mat_of(out);
+  P.go = mat_of(gout);
+  P.lse = mat_of(lse);
+  P.dq = mat_of(dq);
+  P.dk = mat_of(dk);
+  P.dv = mat_of(dv);
+  switch (q.dtype) {
+    case DType::F32: backward_typed<float>(P, s); break;
+    case DType::F64: backward_typed<double>(P, s); break;
+    case DType::BF16: backward_typed<bf16>(P, s); break;
+    case DType::F16: backward_typed<f16>(P, s); break;
+    default: throw_error("attention: expected floating-point inputs");
+  }
+}
+
+}  // namespace mpc

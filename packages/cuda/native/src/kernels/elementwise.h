@@ -1,0 +1,18 @@
+// Host launchers of the elementwise kernels: strided copies with dtype conversion, fills, unary
+// math, binary arithmetic and comparisons (tensor-tensor with broadcasting, tensor-scalar), the
+// fused activation backward helpers, and `where`. Op codes match UNARY / BINARY of
+// @megapatch/tensor's src/backend/cpu.ts.
+#pragma once
+
+#include "common.cuh"
+
+namespace mpc {
+
+void copy(cudaStream_t s, const TensorArg& dst, const TensorArg& src);
+void fill(cudaStream_t s, const TensorArg& t, double value);
+void unary(cudaStream_t s, const TensorArg& out, const TensorArg& x, int op, double p0, double p1);
+void binary(cudaStream_t s, const TensorArg& out, const TensorArg& x, const TensorArg& y, int op, double alpha);
+void binary_scalar(cudaStream_t s, const TensorArg& out, const TensorArg& x, double scalar, int op, bool reverse);
+void where(cudaStream_t s, const TensorArg& out, const TensorArg& cond, const TensorArg& x, const TensorArg& y);
+
+}  // namespace mpc

@@ -1,0 +1,572 @@
+// Batched GEMM: C_i = alpha * A_i @ B_i + beta * C_i (see gemm.h for the operand layout).
+//
+// Two paths:
+//  - gemm_fallback: a tiled shared-memory kernel for any strides, batch (0 batch stride for
+//    broadcast) and float dtype, accumulating in float32 (double for float64). It is what the
+//    emulator runs, and the GPU's path for the layouts cuBLASLt cannot take.
+//  - cuBLASLt (GPU builds only): the row-major product C[M,N] = A[M,K] B[K,N] is the column-major
+//    product C^T[N,M] = B^T[N,K] A^T[K,M], so cuBLASLt's "A" is our B and its "B" is our A. An
+//    operand is usable when one of its matrix strides is 1; its descriptor, the matmul descriptor
+//    and the heuristic's algorithm are cached per device and shape.
+#include "gemm.h"
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#ifdef __CUDACC__
+#define MPG_UNROLL _Pragma("unroll")
+#else
+#define MPG_UNROLL
+#endif
+
+namespace mpc {
+
+// ---- the tiled kernel ------------------------------------------------------------------------
+namespace {
+
+MP_D float fma_acc(float a, float b, float c) { return fmaf(a, b, c); }
+MP_D double fma_acc(double a, double b, double c) { return fma(a, b, c); }
+
+// One block computes a BM x BN tile of C for a run of (batch, row-tile) pairs (gridDim.y and
+// gridDim.z are capped; the block loops over the rest); each thread TM x TN outputs: rows
+// ty*TM + i, columns tx + j*TX (adjacent threads write adjacent columns of C). A and B go through
+// shared memory as k-major BK-deep slices, converted to the accumulator type on load; the load
+// order follows the operand's fast dimension (a_kfast: A's column stride is the smaller, so
+// adjacent threads read adjacent k; b_nfast: likewise B's columns) so global reads coalesce for
+// row-major and transposed operands alike. Out-of-range rows, columns and k read as 0; the
+// results of out-of-range rows and columns are never stored, so no padding reaches C.
+template <typename T, int BM, int BN, int BK, int TM, int TN>
+__global__ void __launch_bounds__((BM / TM) * (BN / TN))
+    gemm_tiled_kernel(int64_t batch, int64_t M, int64_t N, int64_t K, const T* A, int64_t abs_, int64_t ars,
+                      int64_t acs, int a_kfast, const T* B, int64_t bbs, int64_t brs, int64_t bcs, int b_nfast, T* C,
+                      int64_t cbs, int64_t crs, typename Tr<T>::C alpha, typename Tr<T>::C beta) {
+  using Acc = typename Tr<T>::C;
+  constexpr int TX = BN / TN;
+  constexpr int NT = (BM / TM) * TX;
+  __shared__ Acc As[BK][BM + 1];
+  __shared__ Acc Bs[BK][BN + 1];
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int tx = tid % TX, ty = tid / TX;
+  const int64_t mtiles = (M + BM - 1) / BM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
+
+  for (int64_t z = blockIdx.z; z < batch; z += gridDim.z) {
+    const T* Az = A + z * abs_;
+    const T* Bz = B + z * bbs;
+    T* Cz = C + z * cbs;
+    for (int64_t mt = blockIdx.y; mt < mtiles; mt += gridDim.y) {
+      const int64_t m0 = mt * BM;
+      Acc acc[TM][TN];
+MPG_UNROLL
+      for (int i = 0; i < TM; i++)
+MPG_UNROLL
+        for (int j = 0; j < TN; j++) acc[i][j] = Acc(0);
+
+      for (int64_t k0 = 0; k0 < K; k0 += BK) {
+        for (int e = tid; e < BM * BK; e += NT) {
+          int r, kk;
+          if (a_kfast) {
+            r = e / BK;
+            kk = e % BK;
+          } else {
+            kk = e / BM;
+            r = e % BM;
+          }
+          const int64_t gr = m0 + r, gk = k0 + kk;
+          As[kk][r] = (gr < M && gk < K) ? Tr<T>::ld(Az + gr * ars + gk * acs) : Acc(0);
+        }
+        for (int e = tid; e < BK * BN; e += NT) {
+          int n, kk;
+          if (b_nfast) {
+            kk = e / BN;
+            n = e % BN;
+          } else {
+            n = e / BK;
+            kk = e % BK;
+          }
+          const int64_t gn = n0 + n, gk = k0 + kk;
+          Bs[kk][n] = (gn < N && gk < K) ? Tr<T>::ld(Bz + gk * brs + gn * bcs) : Acc(0);
+        }
+        __syncthreads();
+MPG_UNROLL
+        for (int kk = 0; kk < BK; kk++) {
+          Acc av[TM], bv[TN];
+MPG_UNROLL
+          for (int i = 0; i < TM; i++) av[i] = As[kk][ty * TM + i];
+MPG_UNROLL
+          for (int j = 0; j < TN; j++) bv[j] = Bs[kk][tx + j * TX];
+MPG_UNROLL
+          for (int i = 0; i < TM; i++)
+MPG_UNROLL
+            for (int j = 0; j < TN; j++) acc[i][j] = fma_acc(av[i], bv[j], acc[i][j]);
+        }
+        __syncthreads();
+      }
+
+MPG_UNROLL
+      for (int i = 0; i < TM; i++) {
+        const int64_t r = m0 + ty * TM + i;
+        if (r >= M) continue;
+MPG_UNROLL
+        for (int j = 0; j < TN; j++) {
+          const int64_t n = n0 + tx + j * TX;
+          if (n >= N) continue;
+          T* p = Cz + r * crs + n;
+          Acc v = alpha * acc[i][j];
+          if (beta != Acc(0)) v = fma_acc(beta, Tr<T>::ld(p), v);  // beta == 0: C is not read
+          Tr<T>::st(p, v);
+        }
+      }
+    }
+  }
+}
+
+int64_t iabs64(int64_t v) { return v < 0 ? -v : v; }
+
+template <typename T>
+void launch_tiled(cudaStream_t stream, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a,
+                  const GemmMat& b, const GemmMat& c, double alpha, double beta) {
+  using Acc = typename Tr<T>::C;
+#ifdef MEGAPATCH_CUDA_EMULATOR
+  // small tiles and few threads: every thread is a fiber in the emulator
+  constexpr int BM = 16, BN = 16, BK = 16, TM = 2, TN = 2;
+#else
+  constexpr int BM = 64, BN = 64, BK = 16, TM = 4, TN = 4;
+#endif
+  constexpr int NT = (BM / TM) * (BN / TN);
+  const int64_t ntiles = (N + BN - 1) / BN, mtiles = (M + BM - 1) / BM;
+  if (ntiles > 0x7fffffff) throw_error("matmul: N = " + std::to_string(N) + " is too large for the GEMM kernel");
+  // the fast dimension of each operand decides its tile-load order (see the kernel)
+  const int a_kfast = a.cs == 1 ? 1 : a.rs == 1 ? 0 : (iabs64(a.cs) <= iabs64(a.rs) ? 1 : 0);
+  const int b_nfast = b.cs == 1 ? 1 : b.rs == 1 ? 0 : (iabs64(b.cs) <= iabs64(b.rs) ? 1 : 0);
+  dim3 grid(static_cast<unsigned>(ntiles), static_cast<unsigned>(mn(mtiles, int64_t(65535))),
+            static_cast<unsigned>(mn(batch, int64_t(65535))));
+  auto k = gemm_tiled_kernel<T, BM, BN, BK, TM, TN>;
+  MP_LAUNCH(k, grid, dim3(NT), 0, stream, batch, M, N, K, reinterpret_cast<const T*>(a.data), a.bs, a.rs, a.cs,
+            a_kfast, reinterpret_cast<const T*>(b.data), b.bs, b.rs, b.cs, b_nfast, reinterpret_cast<T*>(c.data),
+            c.bs, c.rs, static_cast<Acc>(alpha), static_cast<Acc>(beta));
+  check_launch("gemm_tiled_kernel");
+}
+
+// The CPU backend's argument checks; false when there is nothing to compute.
+bool gemm_args_ok(DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K) {
+  if (dtype != DType::F32 && dtype != DType::F64 && dtype != DType::BF16 && dtype != DType::F16)
+    throw_error("matmul: integer and bool dtypes are not supported");
+  if (M == 0 || N == 0 || batch == 0) return false;
+  if (K == 0) throw_error("gemm: K == 0 must be handled by the caller");
+  if (M < 0 || N < 0 || K < 0 || batch < 0)
+    throw_error("gemm: negative size (batch " + std::to_string(batch) + ", M " + std::to_string(M) + ", N " +
+                std::to_string(N) + ", K " + std::to_string(K) + ")");
+  return true;
+}
+
+void run_fallback(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K,
+                  const GemmMat& a, const GemmMat& b, const GemmMat& c, double alpha, double beta) {
+  switch (dtype) {
+    case DType::F32: launch_tiled<float>(stream, batch, M, N, K, a, b, c, alpha, beta); break;
+    case DType::F64: launch_tiled<double>(stream, batch, M, N, K, a, b, c, alpha, beta); break;
+    case DType::BF16: launch_tiled<bf16>(stream, batch, M, N, K, a, b, c, alpha, beta); break;
+    case DType::F16: launch_tiled<f16>(stream, batch, M, N, K, a, b, c, alpha, beta); break;
+    default: throw_error("matmul: integer and bool dtypes are not supported");
+  }
+}
+
+}  // namespace
+
+void gemm_fallback(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K,
+                   const GemmMat& a, const GemmMat& b, const GemmMat& c, double alpha, double beta) {
+  if (!gemm_args_ok(dtype, batch, M, N, K)) return;
+  run_fallback(stream, dtype, batch, M, N, K, a, b, c, alpha, beta);
+}
+
+// ---- the cuBLASLt problem of a GEMM (pure host logic, compiled in both builds so that the
+// emulator tests can check the layout mapping) ---------------------------------------------------
+namespace gemm_map {
+
+// Column-major description of X^T, where X is a rows x cols view with element (i, j) at
+// i*rs + j*cs: with cuBLASLt's op applied, the stored matrix L gives op(L) = X^T (cols x rows).
+//  - X row-major (cs == 1): X^T is column-major already: L = cols x rows, ld = rs, op N.
+//  - X column-major (rs == 1): L = X (rows x cols, ld = cs), op T.
+// A dimension of size 1 takes any stride. False when neither applies or ld is too small (ld must
+// be at least L's rows, so that columns of L do not overlap; a negative or zero ld never passes).
+struct LtOperand {
+  bool trans;
+  uint64_t rows, cols;
+  int64_t ld;
+};
+bool lt_operand(int64_t rows, int64_t cols, int64_t rs, int64_t cs, LtOperand& o) {
+  if (cs == 1 || cols == 1) {
+    o.trans = false;
+    o.rows = static_cast<uint64_t>(cols);
+    o.cols = static_cast<uint64_t>(rows);
+    o.ld = rows == 1 ? cols : rs;
+    if (o.ld >= cols) return true;
+  }
+  if (rs == 1 || rows == 1) {
+    o.trans = true;
+    o.rows = static_cast<uint64_t>(rows);
+    o.cols = static_cast<uint64_t>(cols);
+    o.ld = cols == 1 ? rows : cs;
+    if (o.ld >= rows) return true;
+  }
+  return false;
+}
+
+struct LtProblem {
+  LtOperand a, b;  // cuBLASLt's A (our B) and B (our A)
+  uint64_t m, n, k;
+  int64_t ldc;
+  int64_t bs_a, bs_b, bs_c;  // elements
+};
+
+// C^T (N x M) = B^T (N x K) A^T (K x M), column-major: cuBLASLt's m = N, n = M, k = K, its A is
+// our B (op(A) = B^T) and its B our A (op(B) = A^T); D = C with ldc = C's row stride. Batch
+// strides are those of cuBLASLt's A, B, C (0 for batch 1). False when a layout does not fit.
+bool lt_problem(int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a, const GemmMat& b, const GemmMat& c,
+                LtProblem& p) {
+  constexpr int64_t kInt32Max = 0x7fffffff;
+  if (M < 1 || N < 1 || K < 1 || batch < 1) return false;
+  if (M > kInt32Max || N > kInt32Max || K > kInt32Max) return false;
+  if (!lt_operand(K, N, b.rs, b.cs, p.a)) return false;
+  if (!lt_operand(M, K, a.rs, a.cs, p.b)) return false;
+  p.m = static_cast<uint64_t>(N);
+  p.n = static_cast<uint64_t>(M);
+  p.k = static_cast<uint64_t>(K);
+  p.ldc = M == 1 ? N : c.rs;
+  if (p.ldc < N) return false;
+  p.bs_a = batch == 1 ? 0 : b.bs;
+  p.bs_b = batch == 1 ? 0 : a.bs;
+  p.bs_c = batch == 1 ? 0 : c.bs;
+  if (p.bs_a < 0 || p.bs_b < 0) return false;  // 0 (broadcast) is fine
+  if (batch > 1 && p.bs_c < p.ldc * (M - 1) + N) return false;  // the batch's outputs must not overlap
+  return true;
+}
+
+}  // namespace gemm_map
+
+}  // namespace mpc
+
+#ifdef MEGAPATCH_CUDA_EMULATOR
+
+namespace mpc {
+
+void gemm(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a,
+          const GemmMat& b, const GemmMat& c, double alpha, double beta) {
+  gemm_fallback(stream, dtype, batch, M, N, K, a, b, c, alpha, beta);
+}
+
+const char* gemm_engine() { return "emulated fallback"; }
+
+}  // namespace mpc
+
+#else  // the cuBLASLt path
+
+#include <cublasLt.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace mpc {
+
+int current_device();  // backend/glue: the device entries run on
+
+namespace {
+
+void lt_check(cublasStatus_t st, const char* call) {
+  if (st != CUBLAS_STATUS_SUCCESS)
+    throw_error(std::string("matmul: ") + call + " failed: " + cublasLtGetStatusName(st) + " (" +
+                cublasLtGetStatusString(st) + ")");
+}
+
+constexpr size_t kWorkspaceBytes = size_t(32) << 20;
+constexpr size_t kMaxPlans = 512;
+constexpr int64_t kMaxLtBatch = 65535;  // larger batches run as several calls
+
+// What cuBLASLt needs to describe one GEMM; everything that shapes the plan is in the key.
+struct PlanKey {
+  int64_t v[20];
+  bool operator==(const PlanKey& o) const { return std::memcmp(v, o.v, sizeof v) == 0; }
+};
+struct PlanKeyHash {
+  size_t operator()(const PlanKey& k) const {
+    uint64_t h = 0x9e3779b97f4a7c15ull;
+    for (int64_t x : k.v) {
+      h ^= static_cast<uint64_t>(x) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+      h *= 0xff51afd7ed558ccdull;
+    }
+    return static_cast<size_t>(h ^ (h >> 33));
+  }
+};
+
+struct Plan {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;  // cuBLASLt's A (our B), B (our A), C = D
+  cublasLtMatmulAlgo_t algo;
+  bool ok = false;  // false: no algorithm for this problem, the tiled kernel runs it
+
+  void destroy() {
+    if (lc) cublasLtMatrixLayoutDestroy(lc);
+    if (lb) cublasLtMatrixLayoutDestroy(lb);
+    if (la) cublasLtMatrixLayoutDestroy(la);
+    if (op) cublasLtMatmulDescDestroy(op);
+    op = nullptr;
+    la = lb = lc = nullptr;
+  }
+};
+
+// Per-device cuBLASLt state, made on first use and kept for the life of the process (never
+// destroyed: at exit the CUDA context may be gone before static destructors run).
+struct LtDevice {
+  cublasLtHandle_t handle = nullptr;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  std::unordered_map<PlanKey, Plan, PlanKeyHash> plans;
+};
+
+std::mutex g_lt_mutex;  // guards the device table and the plan caches
+std::vector<LtDevice*>& lt_devices() {
+  static auto* v = new std::vector<LtDevice*>();
+  return *v;
+}
+
+LtDevice& lt_device(int dev) {
+  auto& devs = lt_devices();
+  if (dev < 0) throw_error("matmul: invalid current device " + std::to_string(dev));
+  if (static_cast<size_t>(dev) >= devs.size()) devs.resize(static_cast<size_t>(dev) + 1, nullptr);
+  if (!devs[dev]) {
+    auto* d = new LtDevice();
+    cublasStatus_t st = cublasLtCreate(&d->handle);
+    if (st != CUBLAS_STATUS_SUCCESS) {
+      delete d;
+      lt_check(st, "cublasLtCreate");
+    }
+    // without its workspace (device memory exhausted) cuBLASLt still runs, with fewer algorithms
+    if (cudaMalloc(&d->workspace, kWorkspaceBytes) == cudaSuccess) {
+      d->workspace_bytes = kWorkspaceBytes;
+    } else {
+      d->workspace = nullptr;
+      (void)cudaGetLastError();  // not a launch error: clear it
+    }
+    devs[dev] = d;
+  }
+  return *devs[dev];
+}
+
+// The largest power of two (at most 256, cuBLASLt's default requirement) dividing the address
+// of every batch's matrix.
+uint32_t lt_alignment(const void* p, int64_t bs_bytes, int64_t batch) {
+  uint64_t v = static_cast<uint64_t>(reinterpret_cast<uintptr_t>(p)) | 256u;
+  if (batch > 1) v |= static_cast<uint64_t>(bs_bytes);
+  return static_cast<uint32_t>(v & (~v + 1));
+}
+
+bool allow_tf32() {
+  const char* e = std::getenv("MEGAPATCH_ALLOW_TF32");
+  return e && std::strcmp(e, "1") == 0;
+}
+
+struct LtTypes {
+  cudaDataType_t data, scale;
+  cublasComputeType_t compute;
+};
+LtTypes lt_types(DType dtype, bool tf32) {
+  switch (dtype) {
+    case DType::F32: return {CUDA_R_32F, CUDA_R_32F, tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F};
+    case DType::F64: return {CUDA_R_64F, CUDA_R_64F, CUBLAS_COMPUTE_64F};
+    case DType::BF16: return {CUDA_R_16BF, CUDA_R_32F, CUBLAS_COMPUTE_32F};
+    default: return {CUDA_R_16F, CUDA_R_32F, CUBLAS_COMPUTE_32F};
+  }
+}
+
+cublasLtMatrixLayout_t lt_layout(cudaDataType_t type, uint64_t rows, uint64_t cols, int64_t ld, int64_t batch,
+                                 int64_t bs) {
+  cublasLtMatrixLayout_t l = nullptr;
+  lt_check(cublasLtMatrixLayoutCreate(&l, type, rows, cols, ld), "cublasLtMatrixLayoutCreate");
+  if (batch > 1) {
+    int32_t count = static_cast<int32_t>(batch);
+    cublasStatus_t st =
+        cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count));
+    if (st == CUBLAS_STATUS_SUCCESS)
+      st = cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &bs, sizeof(bs));
+    if (st != CUBLAS_STATUS_SUCCESS) {
+      cublasLtMatrixLayoutDestroy(l);
+      lt_check(st, "cublasLtMatrixLayoutSetAttribute");
+    }
+  }
+  return l;
+}
+
+// Builds the plan of one problem: descriptors and the heuristic's best algorithm (ok = false,
+// descriptors destroyed, when cuBLASLt has none). Throws on any other cuBLASLt error.
+Plan make_plan(LtDevice& d, const LtTypes& ty, bool is16, const gemm_map::LtOperand& la, const gemm_map::LtOperand& lb, uint64_t m,
+               uint64_t n, int64_t ldc, int64_t batch, int64_t bs_a, int64_t bs_b, int64_t bs_c,
+               const uint32_t align[3]) {
+  Plan p;
+  cublasLtMatmulPreference_t pref = nullptr;
+  try {
+    lt_check(cublasLtMatmulDescCreate(&p.op, ty.compute, ty.scale), "cublasLtMatmulDescCreate");
+    cublasOperation_t ta = la.trans ? CUBLAS_OP_T : CUBLAS_OP_N, tb = lb.trans ? CUBLAS_OP_T : CUBLAS_OP_N;
+    lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)),
+             "cublasLtMatmulDescSetAttribute(TRANSA)");
+    lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)),
+             "cublasLtMatmulDescSetAttribute(TRANSB)");
+    p.la = lt_layout(ty.data, la.rows, la.cols, la.ld, batch, bs_a);
+    p.lb = lt_layout(ty.data, lb.rows, lb.cols, lb.ld, batch, bs_b);
+    p.lc = lt_layout(ty.data, m, n, ldc, batch, bs_c);
+
+    lt_check(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
+    uint64_t ws = d.workspace_bytes;
+    lt_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)),
+             "cublasLtMatmulPreferenceSetAttribute(MAX_WORKSPACE_BYTES)");
+    lt_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align[0],
+                                                  sizeof(uint32_t)),
+             "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_A_BYTES)");
+    lt_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align[1],
+                                                  sizeof(uint32_t)),
+             "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_B_BYTES)");
+    lt_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align[2],
+                                                  sizeof(uint32_t)),
+             "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_C_BYTES)");
+    lt_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align[2],
+                                                  sizeof(uint32_t)),
+             "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_D_BYTES)");
+    {
+      // split-K partial sums: never reduced in place in D (its order is not fixed run to run); for
+      // 16-bit outputs they stay in float32 (as the CPU's float32 panels), never in the output type
+      uint32_t mask = is16 ? uint32_t(CUBLASLT_REDUCTION_SCHEME_NONE) | uint32_t(CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE)
+                           : uint32_t(CUBLASLT_REDUCTION_SCHEME_MASK) & ~uint32_t(CUBLASLT_REDUCTION_SCHEME_INPLACE);
+      lt_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &mask,
+                                                    sizeof(mask)),
+               "cublasLtMatmulPreferenceSetAttribute(REDUCTION_SCHEME_MASK)");
+    }
+
+    cublasLtMatmulHeuristicResult_t res;
+    std::memset(&res, 0, sizeof(res));
+    int found = 0;
+    cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(d.handle, p.op, p.la, p.lb, p.lc, p.lc, pref, 1, &res, &found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    pref = nullptr;
+    if (st == CUBLAS_STATUS_NOT_SUPPORTED || (st == CUBLAS_STATUS_SUCCESS && found == 0)) {
+      p.destroy();
+      p.ok = false;
+      return p;
+    }
+    lt_check(st, "cublasLtMatmulAlgoGetHeuristic");
+    lt_check(res.state, "cublasLtMatmulAlgoGetHeuristic (result state)");
+    p.algo = res.algo;
+    p.ok = true;
+    return p;
+  } catch (...) {
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    p.destroy();
+    throw;
+  }
+}
+
+// Runs the GEMM through cuBLASLt; false (nothing enqueued) when the layout or cuBLASLt does not
+// allow it.
+bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a,
+             const GemmMat& b, const GemmMat& c, double alpha, double beta) {
+  gemm_map::LtProblem pr;
+  if (!gemm_map::lt_problem(batch, M, N, K, a, b, c, pr)) return false;
+  const gemm_map::LtOperand &la = pr.a, &lb = pr.b;
+  const int64_t ldc = pr.ldc, bs_a = pr.bs_a, bs_b = pr.bs_b, bs_c = pr.bs_c;
+
+  const int64_t isz = itemsize(dtype);
+  const bool tf32 = dtype == DType::F32 && allow_tf32();
+  const bool is16 = dtype == DType::BF16 || dtype == DType::F16;
+  const LtTypes ty = lt_types(dtype, tf32);
+  const uint32_t align[3] = {lt_alignment(b.data, bs_a * isz, batch), lt_alignment(a.data, bs_b * isz, batch),
+                             lt_alignment(c.data, bs_c * isz, batch)};
+
+  std::lock_guard<std::mutex> lock(g_lt_mutex);
+  LtDevice& d = lt_device(current_device());
+
+  for (int64_t b0 = 0; b0 < batch; b0 += kMaxLtBatch) {
+    const int64_t nb = mn(batch - b0, kMaxLtBatch);
+    PlanKey key;
+    int64_t* v = key.v;
+    v[0] = static_cast<int64_t>(dtype);
+    v[1] = tf32;
+    v[2] = la.trans;
+    v[3] = lb.trans;
+    v[4] = M;
+    v[5] = N;
+    v[6] = K;
+    v[7] = la.ld;
+    v[8] = lb.ld;
+    v[9] = ldc;
+    v[10] = nb;
+    v[11] = nb > 1 ? bs_a : 0;
+    v[12] = nb > 1 ? bs_b : 0;
+    v[13] = nb > 1 ? bs_c : 0;
+    v[14] = beta == 0;
+    v[15] = align[0];
+    v[16] = align[1];
+    v[17] = align[2];
+    v[18] = static_cast<int64_t>(d.workspace_bytes);
+    v[19] = 0;
+
+    auto it = d.plans.find(key);
+    if (it == d.plans.end()) {
+      if (d.plans.size() >= kMaxPlans) {
+        for (auto& kv : d.plans) kv.second.destroy();
+        d.plans.clear();
+      }
+      Plan p = make_plan(d, ty, is16, la, lb, static_cast<uint64_t>(N), static_cast<uint64_t>(M), ldc, nb,
+                         v[11], v[12], v[13], align);
+      it = d.plans.emplace(key, p).first;
+    }
+    const Plan& p = it->second;
+    const char* A = b.data + b0 * bs_a * isz;  // cuBLASLt's A is our B
+    const char* B = a.data + b0 * bs_b * isz;
+    char* C = c.data + b0 * bs_c * isz;
+    if (!p.ok) {
+      if (b0 == 0) return false;  // nothing enqueued yet: the caller runs the tiled kernel
+      // a last, shorter chunk cuBLASLt has no algorithm for: the tiled kernel runs it
+      GemmMat ca{const_cast<char*>(B), bs_b, a.rs, a.cs}, cb{const_cast<char*>(A), bs_a, b.rs, b.cs},
+          cc{C, bs_c, c.rs, 1};
+      run_fallback(stream, dtype, nb, M, N, K, ca, cb, cc, alpha, beta);
+      continue;
+    }
+    if (dtype == DType::F64) {
+      double al = alpha, be = beta;
+      lt_check(cublasLtMatmul(d.handle, p.op, &al, A, p.la, B, p.lb, &be, C, p.lc, C, p.lc, &p.algo, d.workspace,
+                              d.workspace_bytes, stream),
+               "cublasLtMatmul");
+    } else {
+      float al = static_cast<float>(alpha), be = static_cast<float>(beta);
+      lt_check(cublasLtMatmul(d.handle, p.op, &al, A, p.la, B, p.lb, &be, C, p.lc, C, p.lc, &p.algo, d.workspace,
+                              d.workspace_bytes, stream),
+               "cublasLtMatmul");
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+void gemm(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a,
+          const GemmMat& b, const GemmMat& c, double alpha, double beta) {
+  if (!gemm_args_ok(dtype, batch, M, N, K)) return;
+  if (gemm_lt(stream, dtype, batch, M, N, K, a, b, c, alpha, beta)) return;
+  run_fallback(stream, dtype, batch, M, N, K, a, b, c, alpha, beta);
+}
+
+const char* gemm_engine() {
+  static const std::string name = [] {
+    size_t v = cublasLtGetVersion();  // major * 10000 + minor * 100 + patch
+    return "cuBLASLt " + std::to_string(v / 10000) + "." + std::to_string(v / 100 % 100) + "." +
+           std::to_string(v % 100);
+  }();
+  return name.c_str();
+}
+
+}  // namespace mpc
+
+#endif  // MEGAPATCH_CUDA_EMULATOR

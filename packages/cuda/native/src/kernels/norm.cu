@@ -1,0 +1,575 @@
+// LayerNorm / RMSNorm and RoPE (see norm.h), with the semantics of @megapatch/tensor's
+// native/src/norm.cc and rope.cc: statistics and arithmetic in float for 16/32-bit inputs (double
+// for float64), two-pass variance (mean, then squared deviations), the saved mean and rstd in that
+// precision, and the same expressions evaluated in the same order.
+//
+// Norm forward / dx backward: a group of G threads per row, G = 32 (one warp per row, 4 rows per
+// block) for rows of at most 1024 elements, else the whole block (128..1024 threads). The group's
+// threads read consecutive vectors of 16 bytes when the row length and the pointers allow it
+// (coalesced), reduce with warp shuffles and, for a block, per-warp partials in shared memory
+// summed by every thread in the same order (deterministic; every thread gets the same bits). The
+// row's values are kept in dynamic shared memory (compute type) between the passes when they fit,
+// so x (and g) are read from global memory once.
+//
+// dweight / dbias: one kernel, no workspace and no atomics: a block of 32 x Y threads owns 32
+// consecutive columns; thread (c, y) sums rows y, y + Y, ... of its column (loads coalesced across
+// the warp), and the Y partials of a column are added in order of y in shared memory.
+//
+// RoPE: elementwise over (row, channel pair) with rows = B * H * S; thread x walks the D - R/2
+// items of a row (R/2 rotated pairs, then the pass-through channels R..D), thread y the rows.
+#include <cmath>
+
+#include "norm.h"
+
+// loop unrolling hints for nvcc (the host compiler of the emulator does not know the pragma)
+#ifdef __CUDACC__
+#define MPN_UNROLL _Pragma("unroll")
+#define MPN_UNROLL4 _Pragma("unroll 4")
+#else
+#define MPN_UNROLL
+#define MPN_UNROLL4
+#endif
+
+namespace mpc {
+namespace {
+
+// ---- helpers -----------------------------------------------------------------------------------
+
+// V elements of T loaded or stored with one access (V * sizeof(T) bytes, aligned to that).
+template <typename T, int V> struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+MP_D float msqrt(float v) { return sqrtf(v); }
+MP_D double msqrt(double v) { return sqrt(v); }
+
+template <typename C> MP_D C warp_sum(C v) {
+  // butterfly: every lane ends with the same bits (each step adds the same two values)
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sums a and b over the row's group: the warp, or (blockDim.x > 32, then blockDim.y == 1) the
+// block. Every thread of the group gets the same result. `red` is 64 values of shared memory.
+template <typename C> MP_D void group_sum2(C& a, C& b, C* red) {
+  a = warp_sum(a);
+  b = warp_sum(b);
+  if (blockDim.x > 32) {
+    const int warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    if ((threadIdx.x & 31) == 0) {
+      red[warp] = a;
+      red[32 + warp] = b;
+    }
+    __syncthreads();
+    C sa = 0, sb = 0;
+    for (int i = 0; i < nw; i++) {
+      sa += red[i];
+      sb += red[32 + i];
+    }
+    __syncthreads();  // red is reused by the next row
+    a = sa;
+    b = sb;
+  }
+}
+
+// loads vector j of a row into f in the compute type
+template <typename T, int V>
+MP_D void load_vec(const T* row, int64_t j, typename Tr<T>::C (&f)[V]) {
+  const Vec<T, V> q = reinterpret_cast<const Vec<T, V>*>(row)[j];
+MPN_UNROLL
+  for (int k = 0; k < V; k++) f[k] = Tr<T>::ld(&q.v[k]);
+}
+
+// ---- norm forward ------------------------------------------------------------------------------
+
+// y = (x - mu) * rstd * w + b per row. Cache: the row in the compute type in dynamic shared
+// memory (n values per row of the block; element k of vector j at k * nv + j, conflict-free).
+template <typename T, bool Center, int V, bool Cache>
+__global__ void __launch_bounds__(1024) norm_fwd_kernel(T* y, const T* x, const T* w, const T* b, typename Tr<T>::C* mean,
+                                typename Tr<T>::C* rstd, int64_t rows, int64_t n, typename Tr<T>::C eps) {
+  using C = typename Tr<T>::C;
+  __shared__ C red[64];
+  MP_DYNAMIC_SMEM(C, smem);
+  C* cache = Cache ? smem + static_cast<int64_t>(threadIdx.y) * n : nullptr;
+  const int G = blockDim.x, t = threadIdx.x;
+  const int64_t nv = n / V;
+  const C inv_n = C(1) / static_cast<C>(n);
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const T* xr = x + r * n;
+    C mu = 0;
+    if (Center) {
+      C s = 0, unused = 0;
+      for (int64_t j = t; j < nv; j += G) {
+        C f[V];
+        load_vec<T, V>(xr, j, f);
+MPN_UNROLL
+        for (int k = 0; k < V; k++) {
+          if (Cache) cache[k * nv + j] = f[k];
+          s += f[k];
+        }
+      }
+      group_sum2(s, unused, red);
+      mu = s * inv_n;
+    }
+    // the second moment about the mean
+    C ss = 0, unused = 0;
+    for (int64_t j = t; j < nv; j += G) {
+      C f[V];
+      if (Cache && Center) {
+MPN_UNROLL
+        for (int k = 0; k < V; k++) f[k] = cache[k * nv + j];
+      } else {
+        load_vec<T, V>(xr, j, f);
+        if (Cache) {
+MPN_UNROLL
+          for (int k = 0; k < V; k++) cache[k * nv + j] = f[k];
+        }
+      }
+MPN_UNROLL
+      for (int k = 0; k < V; k++) {
+        C d = f[k] - mu;
+        ss += d * d;
+      }
+    }
+    group_sum2(ss, unused, red);
+    const C rs = C(1) / msqrt(ss * inv_n + eps);
+    if (t == 0) {
+      if (mean) mean[r] = mu;
+      rstd[r] = rs;
+    }
+    Vec<T, V>* yr = reinterpret_cast<Vec<T, V>*>(y + r * n);
+    for (int64_t j = t; j < nv; j += G) {
+      C f[V], fw[V] = {}, fb[V] = {};  // (initialised: quiets -Wmaybe-uninitialized)
+      if (Cache) {
+MPN_UNROLL
+        for (int k = 0; k < V; k++) f[k] = cache[k * nv + j];
+      } else {
+        load_vec<T, V>(xr, j, f);
+      }
+      if (w) load_vec<T, V>(w, j, fw);
+      if (b) load_vec<T, V>(b, j, fb);
+      Vec<T, V> o;
+MPN_UNROLL
+      for (int k = 0; k < V; k++) {
+        C v = (f[k] - mu) * rs;
+        if (w) v = v * fw[k];
+        if (b) v = v + fb[k];
+        Tr<T>::st(&o.v[k], v);
+      }
+      yr[j] = o;
+    }
+  }
+}
+
+// ---- norm backward: dx -------------------------------------------------------------------------
+
+// With d = x - mu, dy = g * w: sdy = sum dy, sdyx = sum dy * d, k1 = mean(dy) (LayerNorm),
+// k2 = sdyx * rstd / n, dx = rstd * (dy - k1 - d * rstd * k2). Cache: dy and d of the row
+// (2n values per row of the block).
+template <typename T, bool Center, int V, bool Cache>
+__global__ void __launch_bounds__(1024) norm_bwd_kernel(T* dx, const T* g, const T* x, const T* w, const typename Tr<T>::C* mean,
+                                const typename Tr<T>::C* rstd, int64_t rows, int64_t n) {
+  using C = typename Tr<T>::C;
+  __shared__ C red[64];
+  MP_DYNAMIC_SMEM(C, smem);
+  C* cdy = Cache ? smem + static_cast<int64_t>(threadIdx.y) * 2 * n : nullptr;
+  C* cd = Cache ? cdy + n : nullptr;
+  const int G = blockDim.x, t = threadIdx.x;
+  const int64_t nv = n / V;
+  const C inv_n = C(1) / static_cast<C>(n);
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const T* xr = x + r * n;
+    const T* gr = g + r * n;
+    const C mu = mean ? mean[r] : C(0), rs = rstd[r];
+    C sdy = 0, sdyx = 0;
+    for (int64_t j = t; j < nv; j += G) {
+      C fg[V], fx[V], fw[V] = {};
+      load_vec<T, V>(gr, j, fg);
+      load_vec<T, V>(xr, j, fx);
+      if (w) load_vec<T, V>(w, j, fw);
+MPN_UNROLL
+      for (int k = 0; k < V; k++) {
+        const C dy = w ? fg[k] * fw[k] : fg[k];
+        const C d = fx[k] - mu;
+        sdy += dy;
+        sdyx += dy * d;
+        if (Cache) {
+          cdy[k * nv + j] = dy;
+          cd[k * nv + j] = d;
+        }
+      }
+    }
+    group_sum2(sdy, sdyx, red);
+    // mean(dy * xhat) = rstd * mean(dy * (x - mu))
+    const C k1 = Center ? sdy * inv_n : C(0), k2 = sdyx * rs * inv_n;
+    Vec<T, V>* dr = reinterpret_cast<Vec<T, V>*>(dx + r * n);
+    for (int64_t j = t; j < nv; j += G) {
+      C dy[V], d[V];
+      if (Cache) {
+MPN_UNROLL
+        for (int k = 0; k < V; k++) {
+          dy[k] = cdy[k * nv + j];
+          d[k] = cd[k * nv + j];
+        }
+      } else {
+        C fg[V], fw[V] = {};
+        load_vec<T, V>(gr, j, fg);
+        load_vec<T, V>(xr, j, d);
+        if (w) load_vec<T, V>(w, j, fw);
+MPN_UNROLL
+        for (int k = 0; k < V; k++) {
+          dy[k] = w ? fg[k] * fw[k] : fg[k];
+          d[k] = d[k] - mu;
+        }
+      }
+      Vec<T, V> o;
+MPN_UNROLL
+      for (int k = 0; k < V; k++) {
+        const C xhat = d[k] * rs;
+        Tr<T>::st(&o.v[k], rs * (dy[k] - k1 - xhat * k2));
+      }
+      dr[j] = o;
+    }
+  }
+}
+
+// ---- norm backward: dweight / dbias ------------------------------------------------------------
+
+constexpr int kParamCols = 32;
+constexpr int kParamMaxY = 16;
+
+// dw[j] = sum_r g[r, j] * ((x[r, j] - mu[r]) * rstd[r]), db[j] = sum_r g[r, j]; blockDim (32, Y).
+template <typename T>
+__global__ void __launch_bounds__(kParamCols * kParamMaxY) norm_params_kernel(T* dw, T* db, const T* g, const T* x, const typename Tr<T>::C* mean,
+                                   const typename Tr<T>::C* rstd, int64_t rows, int64_t n) {
+  using C = typename Tr<T>::C;
+  __shared__ C pw[kParamMaxY][kParamCols + 1];
+  __shared__ C pb[kParamMaxY][kParamCols + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y, Y = blockDim.y;
+  for (int64_t c0 = static_cast<int64_t>(blockIdx.x) * kParamCols; c0 < n;
+       c0 += static_cast<int64_t>(gridDim.x) * kParamCols) {
+    const int64_t j = c0 + tx;
+    C aw = 0, ab = 0;
+    if (j < n) {
+MPN_UNROLL4
+      for (int64_t r = ty; r < rows; r += Y) {
+        const C gv = Tr<T>::ld(g + r * n + j);
+        if (dw) {
+          const C mu = mean ? mean[r] : C(0);
+          aw += gv * ((Tr<T>::ld(x + r * n + j) - mu) * rstd[r]);
+        }
+        ab += gv;
+      }
+    }
+    pw[ty][tx] = aw;
+    pb[ty][tx] = ab;
+    __syncthreads();
+    if (ty == 0 && j < n) {
+      C sw = 0, sb = 0;
+      for (int i = 0; i < Y; i++) {
+        sw += pw[i][tx];
+        sb += pb[i][tx];
+      }
+      if (dw) Tr<T>::st(dw + j, sw);
+      if (db) Tr<T>::st(db + j, sb);
+    }
+    __syncthreads();
+  }
+}
+
+// ---- RoPE --------------------------------------------------------------------------------------
+
+struct RopeGeo {
+  int64_t H, S, half, m, rows;  // m = D - half items per row
+  int64_t xs[4], os[4], cs[3], ss[3];  // element strides
+};
+
+template <typename TX, typename TC> struct RopeComputeT { using type = float; };
+template <typename TC> struct RopeComputeT<double, TC> { using type = double; };
+template <typename TX> struct RopeComputeT<TX, double> { using type = double; };
+template <> struct RopeComputeT<double, double> { using type = double; };
+
+// forward  y1 = x1 c1 - x2 s1,  y2 = x2 c2 + x1 s2
+// inverse  y1 = x1 c1 + x2 s2,  y2 = x2 c2 - x1 s1
+template <typename TX, typename TC>
+__global__ void rope_kernel(TX* out, const TX* x, const TC* cs, const TC* sn, RopeGeo geo, int inverse) {
+  using C = typename RopeComputeT<TX, TC>::type;
+  using XC = typename Tr<TX>::C;
+  const int64_t half = geo.half;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; row < geo.rows;
+       row += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t s = row % geo.S, bh = row / geo.S, h = bh % geo.H, b = bh / geo.H;
+    const TX* xr = x + b * geo.xs[0] + h * geo.xs[1] + s * geo.xs[2];
+    TX* o = out + b * geo.os[0] + h * geo.os[1] + s * geo.os[2];
+    const TC* c = cs + b * geo.cs[0] + s * geo.cs[1];
+    const TC* sv = sn + b * geo.ss[0] + s * geo.ss[1];
+    const int64_t xs = geo.xs[3], os = geo.os[3], ccs = geo.cs[2], sns = geo.ss[2];
+    for (int64_t j = threadIdx.x; j < geo.m; j += blockDim.x) {
+      if (j < half) {
+        const C x1 = static_cast<C>(Tr<TX>::ld(xr + j * xs)), x2 = static_cast<C>(Tr<TX>::ld(xr + (j + half) * xs));
+        const C c1 = static_cast<C>(Tr<TC>::ld(c + j * ccs)), c2 = static_cast<C>(Tr<TC>::ld(c + (j + half) * ccs));
+        const C s1 = static_cast<C>(Tr<TC>::ld(sv + j * sns)), s2 = static_cast<C>(Tr<TC>::ld(sv + (j + half) * sns));
+        C y1, y2;
+        if (inverse) {
+          y1 = x1 * c1 + x2 * s2;
+          y2 = x2 * c2 - x1 * s1;
+        } else {
+          y1 = x1 * c1 - x2 * s1;
+          y2 = x2 * c2 + x1 * s2;
+        }
+        Tr<TX>::st(o + j * os, static_cast<XC>(y1));
+        Tr<TX>::st(o + (j + half) * os, static_cast<XC>(y2));
+      } else {
+        const int64_t jj = j + half;  // R .. D: copied unchanged
+        o[jj * os] = xr[jj * xs];
+      }
+    }
+  }
+}
+
+// ---- host --------------------------------------------------------------------------------------
+
+#ifdef MEGAPATCH_CUDA_EMULATOR
+constexpr int64_t kMaxGrid = 4;     // few blocks: the grid-stride loops run
+constexpr int kMaxRowThreads = 256;
+constexpr int kParamY = 8;
+#else
+constexpr int64_t kMaxGrid = 1 << 20;
+constexpr int kMaxRowThreads = 1024;
+constexpr int kParamY = kParamMaxY;
+#endif
+constexpr int64_t kWarpRowMax = 1024;  // rows up to this many elements: one warp per row
+constexpr int kWarpRows = 4;           // rows (warps) per block then
+constexpr size_t kDefaultSmem = 48 * 1024;
+constexpr size_t kMaxCacheBytes = 96 * 1024;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline void fail_if(bool bad, const std::string& msg) {
+  if (bad) throw_error(msg);
+}
+
+void check_param(const TensorArg* p, const TensorArg& x, int64_t n, const char* what) {
+  if (!p) return;
+  fail_if(p->dtype != x.dtype, std::string("norm: ") + what + " dtype must equal the input dtype");
+  fail_if(!(p->contiguous() && p->numel() == n), std::string("norm: ") + what + " must be contiguous with N elements");
+}
+
+void check_stat(const TensorArg* s, const TensorArg& x, int64_t rows, const char* what) {
+  if (!s) return;
+  DType want = x.dtype == DType::F64 ? DType::F64 : DType::F32;
+  fail_if(s->dtype != want, std::string("norm: ") + what + " must be float32 (float64 for float64 input)");
+  fail_if(!(s->contiguous() && s->numel() == rows),
+          std::string("norm: ") + what + " must be contiguous with one value per row");
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// The row geometry of a norm launch: group size G (blockDim.x), rows per block (blockDim.y), grid.
+struct RowPlan {
+  dim3 block, grid;
+};
+inline RowPlan row_plan(int64_t rows, int64_t n, int64_t nv) {
+  RowPlan p;
+  if (n <= kWarpRowMax) {
+    p.block = dim3(32, kWarpRows);
+  } else {
+    // about 4 vectors per thread, 128 .. kMaxRowThreads threads
+    int64_t G = ceil_div(ceil_div(nv, 4), 32) * 32;
+    G = mx(mn(G, static_cast<int64_t>(kMaxRowThreads)), static_cast<int64_t>(128));
+    p.block = dim3(static_cast<unsigned>(G), 1);
+  }
+  p.grid = dim3(static_cast<unsigned>(mx(mn(ceil_div(rows, p.block.y), kMaxGrid), static_cast<int64_t>(1))));
+  return p;
+}
+
+template <typename K> void allow_smem(K k, size_t bytes) {
+  if (bytes > kDefaultSmem)
+    check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+          "norm: shared memory");
+}
+
+template <typename T, bool Center, int V>
+void fwd_launch_v(cudaStream_t s, T* y, const T* x, const T* w, const T* b, typename Tr<T>::C* mean,
+                  typename Tr<T>::C* rstd, int64_t rows, int64_t n, double eps) {
+  using C = typename Tr<T>::C;
+  const RowPlan p = row_plan(rows, n, n / V);
+  const size_t bytes = static_cast<size_t>(p.block.y) * static_cast<size_t>(n) * sizeof(C);
+  const C ceps = static_cast<C>(eps);
+  if (bytes <= kMaxCacheBytes) {
+    auto k = norm_fwd_kernel<T, Center, V, true>;
+    allow_smem(k, bytes);
+    MP_LAUNCH(k, p.grid, p.block, bytes, s, y, x, w, b, mean, rstd, rows, n, ceps);
+  } else {
+    auto k = norm_fwd_kernel<T, Center, V, false>;
+    MP_LAUNCH(k, p.grid, p.block, 0, s, y, x, w, b, mean, rstd, rows, n, ceps);
+  }
+  check_launch("norm_forward");
+}
+
+template <typename T>
+void fwd_typed(cudaStream_t s, const TensorArg& y, const TensorArg& x, const TensorArg* w, const TensorArg* b,
+               const TensorArg* mean, const TensorArg& rstd, int64_t rows, int64_t n, double eps, bool center) {
+  using C = typename Tr<T>::C;
+  T* yp = y.ptr<T>();
+  const T* xp = x.ptr<T>();
+  const T* wp = w ? w->ptr<T>() : nullptr;
+  const T* bp = b ? b->ptr<T>() : nullptr;
+  C* mp = mean ? mean->ptr<C>() : nullptr;
+  C* rp = rstd.ptr<C>();
+  constexpr int V = 16 / sizeof(T);
+  const bool vec = n % V == 0 && aligned16(yp) && aligned16(xp) && (!wp || aligned16(wp)) && (!bp || aligned16(bp));
+  if (vec) {
+    if (center) fwd_launch_v<T, true, V>(s, yp, xp, wp, bp, mp, rp, rows, n, eps);
+    else fwd_launch_v<T, false, V>(s, yp, xp, wp, bp, mp, rp, rows, n, eps);
+  } else {
+    if (center) fwd_launch_v<T, true, 1>(s, yp, xp, wp, bp, mp, rp, rows, n, eps);
+    else fwd_launch_v<T, false, 1>(s, yp, xp, wp, bp, mp, rp, rows, n, eps);
+  }
+}
+
+template <typename T>
+void params_launch(cudaStream_t s, const TensorArg* dw, const TensorArg* db, const TensorArg& g, const TensorArg& x,
+                   const typename Tr<T>::C* mp, const typename Tr<T>::C* rp, int64_t rows, int64_t n) {
+  dim3 block(kParamCols, kParamY);
+  dim3 grid(static_cast<unsigned>(mx(mn(ceil_div(n, kParamCols), kMaxGrid), static_cast<int64_t>(1))));
+  auto k = norm_params_kernel<T>;
+  MP_LAUNCH(k, grid, block, 0, s, dw ? dw->ptr<T>() : static_cast<T*>(nullptr),
+            db ? db->ptr<T>() : static_cast<T*>(nullptr), g.ptr<T>(), x.ptr<T>(), mp, rp, rows, n);
+  check_launch("norm_backward_params");
+}
+
+template <typename T, bool Center, int V>
+void bwd_launch_v(cudaStream_t s, T* dx, const T* g, const T* x, const T* w, const typename Tr<T>::C* mean,
+                  const typename Tr<T>::C* rstd, int64_t rows, int64_t n) {
+  using C = typename Tr<T>::C;
+  const RowPlan p = row_plan(rows, n, n / V);
+  const size_t bytes = static_cast<size_t>(p.block.y) * 2 * static_cast<size_t>(n) * sizeof(C);
+  if (bytes <= kMaxCacheBytes) {
+    auto k = norm_bwd_kernel<T, Center, V, true>;
+    allow_smem(k, bytes);
+    MP_LAUNCH(k, p.grid, p.block, bytes, s, dx, g, x, w, mean, rstd, rows, n);
+  } else {
+    auto k = norm_bwd_kernel<T, Center, V, false>;
+    MP_LAUNCH(k, p.grid, p.block, 0, s, dx, g, x, w, mean, rstd, rows, n);
+  }
+  check_launch("norm_backward");
+}
+
+template <typename T>
+void bwd_typed(cudaStream_t s, const TensorArg& dx, const TensorArg& g, const TensorArg& x, const TensorArg* w,
+               const TensorArg* mean, const TensorArg& rstd, const TensorArg* dw, const TensorArg* db, int64_t rows,
+               int64_t n, bool center) {
+  using C = typename Tr<T>::C;
+  T* dxp = dx.ptr<T>();
+  const T* gp = g.ptr<T>();
+  const T* xp = x.ptr<T>();
+  const T* wp = w ? w->ptr<T>() : nullptr;
+  const C* mp = mean ? mean->ptr<C>() : nullptr;
+  const C* rp = rstd.ptr<C>();
+  if (rows > 0) {
+    constexpr int V = 16 / sizeof(T);
+    const bool vec = n % V == 0 && aligned16(dxp) && aligned16(gp) && aligned16(xp) && (!wp || aligned16(wp));
+    if (vec) {
+      if (center) bwd_launch_v<T, true, V>(s, dxp, gp, xp, wp, mp, rp, rows, n);
+      else bwd_launch_v<T, false, V>(s, dxp, gp, xp, wp, mp, rp, rows, n);
+    } else {
+      if (center) bwd_launch_v<T, true, 1>(s, dxp, gp, xp, wp, mp, rp, rows, n);
+      else bwd_launch_v<T, false, 1>(s, dxp, gp, xp, wp, mp, rp, rows, n);
+    }
+  }
+  // zeros for 0 rows, as the CPU kernel
+  if (dw || db) params_launch<T>(s, dw, db, g, x, mp, rp, rows, n);
+}
+
+template <typename TX, typename TC>
+void rope_typed2(cudaStream_t s, const TensorArg& out, const TensorArg& x, const TensorArg& cs, const TensorArg& sn,
+                 bool inverse) {
+  RopeGeo geo;
+  const int64_t B = x.shape[0], H = x.shape[1], S = x.shape[2], D = x.shape[3], R = cs.shape[2];
+  geo.H = H;
+  geo.S = S;
+  geo.half = R / 2;
+  geo.m = D - R / 2;
+  geo.rows = B * H * S;
+  for (int i = 0; i < 4; i++) {
+    geo.xs[i] = x.strides[i];
+    geo.os[i] = out.strides[i];
+  }
+  for (int i = 0; i < 3; i++) {
+    geo.cs[i] = cs.strides[i];
+    geo.ss[i] = sn.strides[i];
+  }
+  if (geo.m <= 0 || geo.rows <= 0) return;
+  const int tx = static_cast<int>(mn(static_cast<int64_t>(256), ceil_div(geo.m, 32) * 32));
+  const int ty = mx(1, 256 / tx);
+  dim3 block(tx, ty);
+  dim3 grid(static_cast<unsigned>(mx(mn(ceil_div(geo.rows, ty), kMaxGrid), static_cast<int64_t>(1))));
+  auto k = rope_kernel<TX, TC>;
+  MP_LAUNCH(k, grid, block, 0, s, out.ptr<TX>(), x.ptr<TX>(), cs.ptr<TC>(), sn.ptr<TC>(), geo, inverse ? 1 : 0);
+  check_launch("rope_apply");
+}
+
+template <typename TX>
+void rope_typed(cudaStream_t s, const TensorArg& out, const TensorArg& x, const TensorArg& cs, const TensorArg& sn,
+                bool inverse) {
+  switch (cs.dtype) {
+    case DType::F32: rope_typed2<TX, float>(s, out, x, cs, sn, inverse); break;
+    case DType::F64: rope_typed2<TX, double>(s, out, x, cs, sn, inverse); break;
+    case DType::BF16: rope_typed2<TX, bf16>(s, out, x, cs, sn, inverse); break;
+    case DType::F16: rope_typed2<TX, f16>(s, out, x, cs, sn, inverse); break;
+    default: throw_error("rope: cos/sin must be floating-point");
+  }
+}
+
+}  // namespace
+
+void norm_forward(cudaStream_t s, const TensorArg& y, const TensorArg& x, const TensorArg* weight,
+                  const TensorArg* bias, const TensorArg* mean, const TensorArg& rstd, int64_t n, double eps,
+                  bool center) {
+  fail_if(!(n > 0 && x.numel() % n == 0), "normForward: N must divide the number of elements");
+  fail_if(!(x.contiguous() && y.contiguous()), "normForward: input and output must be contiguous");
+  fail_if(y.dtype != x.dtype, "normForward: output dtype must equal the input dtype");
+  fail_if(y.numel() != x.numel(), "normForward: output must have as many elements as the input");
+  const int64_t rows = x.numel() / n;
+  check_param(weight, x, n, "weight");
+  check_param(bias, x, n, "bias");
+  check_stat(mean, x, rows, "mean");
+  check_stat(&rstd, x, rows, "rstd");
+  if (rows > 0) MPC_DISPATCH_FLOAT(x.dtype, fwd_typed, s, y, x, weight, bias, mean, rstd, rows, n, eps, center);
+}
+
+void norm_backward(cudaStream_t s, const TensorArg& dx, const TensorArg& g, const TensorArg& x,
+                   const TensorArg* weight, const TensorArg* mean, const TensorArg& rstd, const TensorArg* dweight,
+                   const TensorArg* dbias, int64_t n, bool center) {
+  fail_if(!(n > 0 && x.numel() % n == 0), "normBackward: N must divide the number of elements");
+  fail_if(!(x.contiguous() && g.contiguous() && dx.contiguous()), "normBackward: x, g and dx must be contiguous");
+  fail_if(g.dtype != x.dtype || dx.dtype != x.dtype, "normBackward: dtypes must match");
+  fail_if(g.numel() != x.numel() || dx.numel() != x.numel(), "normBackward: g and dx must match x");
+  const int64_t rows = x.numel() / n;
+  check_param(weight, x, n, "weight");
+  check_param(dweight, x, n, "weight gradient");
+  check_param(dbias, x, n, "bias gradient");
+  check_stat(mean, x, rows, "mean");
+  check_stat(&rstd, x, rows, "rstd");
+  MPC_DISPATCH_FLOAT(x.dtype, bwd_typed, s, dx, g, x, weight, mean, rstd, dweight, dbias, rows, n, center);
+}
+
+void rope_apply(cudaStream_t s, const TensorArg& out, const TensorArg& x, const TensorArg& cs, const TensorArg& sn,
+                bool inverse) {
+  if (x.ndim != 4 || out.ndim != 4 || cs.ndim != 3 || sn.ndim != 3) throw_error("rope: bad argument ranks");
+  if (out.dtype != x.dtype) throw_error("rope: output dtype must equal the input dtype");
+  if (cs.dtype != sn.dtype) throw_error("rope: cos and sin must share a dtype");
+  if (cs.shape[2] % 2 != 0 || cs.shape[2] > x.shape[3]) throw_error("rope: bad rotary dimension");
+  if (x.numel() == 0) return;
+  for (int i = 0; i < 4; i++)
+    if (out.shape[i] != x.shape[i]) throw_error("rope: output shape must equal the input shape");
+  for (int i = 0; i < 3; i++)
+    if (sn.shape[i] != cs.shape[i]) throw_error("rope: cos and sin shapes differ");
+  if (cs.shape[0] != x.shape[0] || cs.shape[1] != x.shape[2]) throw_error("rope: cos/sin must be [B, S, R]");
+  MPC_DISPATCH_FLOAT(x.dtype, rope_typed, s, out, x, cs, sn, inverse);
+}
+
+}  // namespace mpc

@@ -1,0 +1,89 @@
+// The CUDA backend's own behaviour, on the emulator (cudaemu:0 / cudaemu:1 run the same native
+// entries and kernels as cuda:0 / cuda:1, on the CPU): the caching allocator and its statistics
+// per device, transfers, asynchronous index checks, casts as the CPU makes them, and the errors of
+// mixing devices. The op-by-op conformance with the CPU is vitest.conformance.config.ts.
+import {
+  emptyCache,
+  getBackend,
+  hasNativeKernel,
+  memoryStats,
+  synchronize,
+  type Tensor,
+  tensor,
+  zeros,
+} from '@megapatch/tensor';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { loadEmulatorAddon } from '../src/native.js';
+
+const built = loadEmulatorAddon();
+const skip = 'error' in built ? built.error : '';
+
+describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: ${skip})` : ''}`, () => {
+  beforeAll(async () => {
+    await import('../src/emulator.js');
+  });
+
+  it('moves tensors to and from devices, keeping values and dtypes', () => {
+    const x = tensor([
+      [1.5, -2],
+      [3, 4.25],
+    ]);
+    const d = x.to('cudaemu:1');
+    expect(d.device).toBe('cudaemu:1');
+    expect(d.add(d).cpu().toArray()).toEqual([
+      [3, -4],
+      [6, 8.5],
+    ]);
+    const b = x.to('cudaemu', 'bfloat16');
+    expect(b.device).toBe('cudaemu:0');
+    expect(b.dtype).toBe('bfloat16');
+    expect(b.cpu().toArray()).toEqual([
+      [1.5, -2],
+      [3, 4.25],
+    ]);
+  });
+
+  it('keeps freed blocks per device and reuses them; emptyCache returns them', () => {
+    emptyCache('cudaemu:0');
+    const before = memoryStats('cudaemu:0');
+    let t: Tensor | null = zeros([1000], { device: 'cudaemu:0' });
+    const live = memoryStats('cudaemu:0');
+    expect(live.liveBytes - before.liveBytes).toBe(4000);
+    t.dispose();
+    t = null;
+    const cached = memoryStats('cudaemu:0').cachedBytes;
+    expect(cached).toBeGreaterThanOrEqual(4000); // a size class of at least 4000 bytes
+    expect(memoryStats('cudaemu:1').cachedBytes).toBe(0);
+    const again = zeros([1000], { device: 'cudaemu:0' });
+    expect(memoryStats('cudaemu:0').cachedBytes).toBe(cached - cached); // the cached block was reused
+    again.dispose();
+    emptyCache('cudaemu:0');
+    expect(memoryStats('cudaemu:0').cachedBytes).toBe(0);
+  });
+
+  it('casts as the CPU backend does, corners included', () => {
+    const v = [Number.NaN, 1e10, -1e10, 2.7, -2.7, 300, -1, 65504.5, 1e-8];
+    for (const dtype of ['int32', 'int64', 'uint8', 'bool', 'bfloat16', 'float16'] as const) {
+      const cpu = tensor(v, { dtype: 'float64' }).to(dtype);
+      const gpu = tensor(v, { dtype: 'float64' }).to('cudaemu:0').to(dtype);
+      expect(gpu.cpu().toArray(), dtype).toEqual(cpu.toArray());
+    }
+  });
+
+  it('reports a bad index at the next host read, as a device-side assert would', () => {
+    const x = tensor([1, 2, 3]).to('cudaemu:0');
+    const idx = tensor([0, 5], { dtype: 'int64' }).to('cudaemu:0');
+    expect(hasNativeKernel(getBackend('cudaemu:0'), 'indexSelectRows')).toBe(true);
+    const y = x.indexSelect(0, idx); // queued: no error yet
+    expect(() => synchronize('cudaemu:0')).toThrow(
+      /^indexSelect: index 5 \(at position 1 of the index\) is out of range/,
+    );
+    y.dispose();
+  });
+
+  it('refuses to mix devices in one op with a one-line error', () => {
+    const a = tensor([1, 2]).to('cudaemu:0');
+    const b = tensor([1, 2]).to('cudaemu:1');
+    expect(() => a.add(b)).toThrow(/cudaemu:0.*cudaemu:1|cudaemu:1.*cudaemu:0/);
+  });
+});
