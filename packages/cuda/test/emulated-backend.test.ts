@@ -23,6 +23,33 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
     await import('../src/emulator.js');
   });
 
+  it('runs its own kernels for the named kernels of its families (no compositions)', () => {
+    const b = getBackend('cudaemu:0');
+    const names = [
+      'indexSelectRows',
+      'indexAddRows',
+      'gatherAlong',
+      'scatterAddAlong',
+      'topk',
+      'triangle',
+      'oneHot',
+      'softmax',
+      'softmaxBackward',
+      'crossEntropy',
+      'crossEntropyBackward',
+      'nllLoss',
+      'nllLossBackward',
+      'normRows',
+      'normRowsBackward',
+      'ropeApply',
+      'adamwStep',
+      'sgdStep',
+      'normPowerSum',
+      'unscaleCheck',
+    ] as const;
+    for (const name of names) expect(hasNativeKernel(b, name), name).toBe(true);
+  });
+
   it('moves tensors to and from devices, keeping values and dtypes', () => {
     const x = tensor([
       [1.5, -2],

@@ -6,6 +6,7 @@ import { attentionKernels } from './attention.js';
 import { indexingKernels } from './indexing.js';
 import { normKernels } from './norm.js';
 import { optimKernels } from './optim.js';
+import { softmaxKernels } from './softmax.js';
 
 type Family = (call: Entries) => Partial<KernelTable>;
 
@@ -14,6 +15,7 @@ const FAMILIES: Record<string, Family> = {
   index: indexingKernels,
   norm: normKernels,
   optim: optimKernels,
+  softmax: softmaxKernels,
 };
 
 export function familyKernels(call: Entries, families: readonly string[]): Partial<KernelTable> {
