@@ -46,6 +46,8 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
       'sgdStep',
       'normPowerSum',
       'unscaleCheck',
+      'attentionForward',
+      'attentionBackward',
     ] as const;
     for (const name of names) expect(hasNativeKernel(b, name), name).toBe(true);
   });

@@ -2,6 +2,11 @@
 // both ways on the same inputs (odd sizes, float32 / bfloat16 / float64, every option) and every
 // output buffer and return value must agree. Then: no fallback leaks a storage, and the ops run
 // end to end on a backend that only has the core and indexing kernels (so they use the fallbacks).
+//
+// With MEGAPATCH_KERNEL_DEVICE set (e.g. "cudaemu:0", its backend registered by a setup file such
+// as packages/cuda/test/kernels-setup.ts), the same comparisons check ANOTHER device's own named
+// kernels against the CPU's instead of the compositions (see "the candidate" below); the sections
+// that are about the compositions themselves (memory, coverage, ops on a core-only backend) skip.
 import { describe, expect, it } from 'vitest';
 import { cpuBackend } from '../src/backend/cpu.js';
 import { FALLBACK_KERNELS, fallbackKernel } from '../src/backend/fallbacks.js';
@@ -25,7 +30,7 @@ import {
   SGD,
   scaledDotProductAttention,
   softmax,
-  type Tensor,
+  Tensor,
   tensor,
   tidy,
   transpose,
@@ -58,6 +63,101 @@ function nativeKernel<K extends KernelName>(name: K): KernelTable[K] {
   const k = cpuBackend.kernel(name);
   if (!k) throw new Error(`no native CPU kernel ${name}`);
   return k;
+}
+
+// ---- the candidate: the compositions, or another device's own kernels ------------------------
+
+/** The device whose named kernels are compared with the CPU's (unset: the compositions are). */
+const KERNEL_DEVICE = process.env.MEGAPATCH_KERNEL_DEVICE || undefined;
+/** Who the candidate is, in failure messages ("fallback" as before when no device is set). */
+const CANDIDATE = KERNEL_DEVICE ? `device ${KERNEL_DEVICE}` : 'fallback';
+
+/**
+ * A copy on `device` of a CPU tensor with the same layout (strides, broadcast dimensions), so that
+ * the device kernel gets the strided and expanded operands the CPU kernel gets: the storage span
+ * the view reaches goes over with `.to(device)` and the view is rebuilt on it. `back()` copies that
+ * span back into the CPU tensor's storage (a kernel writes into its outputs; inputs come back
+ * unchanged) and disposes the copies.
+ */
+function deviceCopy(t: Tensor, device: string): { dev: Tensor; back: () => void } {
+  // from element 0 of the view to the last element it reaches (strides are never negative)
+  const span = t.numel === 0 ? 0 : 1 + t.shape.reduce((a, n, i) => a + (n - 1) * t.strides[i], 0);
+  const hostSpan = t.viewAs([span], [1], t.offset);
+  const devSpan = hostSpan.to(device);
+  const dev = devSpan.viewAs(t.shape, t.strides, 0);
+  return {
+    dev,
+    back: () => {
+      const home = devSpan.to('cpu');
+      hostSpan.copy_(home);
+      for (const x of [home, dev, devSpan, hostSpan]) x.dispose();
+    },
+  };
+}
+
+/**
+ * A device kernel called with CPU arguments: every Tensor argument, and every Tensor field of an
+ * option object (AttentionKernelOptions' mask and cuSeqlens), is copied to `device` first; after
+ * the call every copy goes back into its CPU tensor and is disposed.
+ */
+function onDevice<F>(kernel: F, device: string): F {
+  return ((...args: unknown[]) => {
+    const copies = new Map<Tensor, { dev: Tensor; back: () => void }>();
+    const move = (a: unknown): unknown => {
+      if (a instanceof Tensor) {
+        let c = copies.get(a);
+        if (!c) {
+          c = deviceCopy(a, device);
+          copies.set(a, c);
+        }
+        return c.dev;
+      }
+      if (a !== null && typeof a === 'object' && !Array.isArray(a))
+        return Object.fromEntries(Object.entries(a).map(([k, v]) => [k, v instanceof Tensor ? move(v) : v]));
+      return a;
+    };
+    const moved = args.map(move);
+    try {
+      return (kernel as (...a: unknown[]) => unknown)(...moved);
+    } finally {
+      for (const c of copies.values()) c.back();
+    }
+  }) as F;
+}
+
+/** The kernels of KERNEL_DEVICE that it lacks, among `names` (none without a device). */
+function lacking(names: KernelName[]): KernelName[] {
+  if (!KERNEL_DEVICE) return [];
+  const backend = getBackend(KERNEL_DEVICE);
+  return names.filter((n) => !backend.kernel(n));
+}
+
+/**
+ * The kernel compared with the native CPU kernel: the composition, or the device's own kernel (on
+ * device copies of its arguments). The *F variables of the tests below hold its results.
+ */
+function candidateKernel<K extends KernelName>(name: K): KernelTable[K] {
+  if (!KERNEL_DEVICE) return fallbackKernel(name);
+  const k = getBackend(KERNEL_DEVICE).kernel(name);
+  if (!k) throw new Error(`${KERNEL_DEVICE} has no kernel ${name}`);
+  return onDevice(k, KERNEL_DEVICE);
+}
+
+/** `describe` for the sections about the compositions themselves: skipped with a device. */
+const describeFallbacks = describe.skipIf(KERNEL_DEVICE !== undefined);
+
+/**
+ * `it` for the comparisons of the kernels `names`: plain `it` without a device; skipped, saying so
+ * in its title, when the device under test lacks one of them. Each comparison describe below
+ * shadows `it` with it.
+ */
+function itWith(...names: KernelName[]) {
+  const missing = lacking(names);
+  return (title: string, fn: () => unknown) =>
+    it.skipIf(missing.length > 0)(
+      missing.length > 0 ? `${title} [skipped: ${KERNEL_DEVICE} has no ${missing.join(', ')}]` : title,
+      fn,
+    );
 }
 
 // ---- deterministic inputs -----------------------------------------------------------------------
@@ -135,7 +235,7 @@ function expectSame(actual: Tensor, expected: Tensor, label: string, tol: Tol = 
     else if (!Number.isFinite(y) || !Number.isFinite(x)) ok = x === y;
     else if (half) ok = Math.abs(x - y) <= ulps * ulp16(Math.max(Math.abs(x), Math.abs(y)), d) + atol;
     else ok = Math.abs(x - y) <= atol + rtol * Math.abs(y);
-    if (!ok) expect.fail(`${label} element ${i}: fallback ${x}, native ${y} (${d})`);
+    if (!ok) expect.fail(`${label} element ${i}: ${CANDIDATE} ${x}, native ${y} (${d})`);
   }
 }
 
@@ -148,9 +248,10 @@ function expectSameNumber(actual: number, expected: number, label: string, rtol 
     expect(actual, label).toBe(expected);
     return;
   }
-  expect(Math.abs(actual - expected), `${label}: fallback ${actual}, native ${expected}`).toBeLessThanOrEqual(
-    rtol * Math.max(Math.abs(expected), 1e-30),
-  );
+  expect(
+    Math.abs(actual - expected),
+    `${label}: ${CANDIDATE} ${actual}, native ${expected}`,
+  ).toBeLessThanOrEqual(rtol * Math.max(Math.abs(expected), 1e-30));
 }
 
 // ---- softmax ----------------------------------------------------------------------------------
@@ -172,6 +273,8 @@ function logits(r: Rng, shape: readonly number[], dtype: DType): Tensor {
 }
 
 describe('softmax / softmaxBackward', () => {
+  // skipped where the device under test lacks these kernels (see itWith)
+  const it = itWith('softmax', 'softmaxBackward');
   for (const dtype of FLOATS) {
     for (const n of WIDTHS) {
       for (const logOut of [false, true]) {
@@ -182,14 +285,14 @@ describe('softmax / softmaxBackward', () => {
             const yN = sentinel(x.shape, dtype);
             const yF = sentinel(x.shape, dtype);
             nativeKernel('softmax')(yN, x, logOut);
-            fallbackKernel('softmax')(yF, x, logOut);
+            candidateKernel('softmax')(yF, x, logOut);
             expectSame(yF, yN, 'y');
 
             const g = randnT(r, x.shape, dtype);
             const dxN = sentinel(x.shape, dtype);
             const dxF = sentinel(x.shape, dtype);
             nativeKernel('softmaxBackward')(dxN, yN, g, logOut);
-            fallbackKernel('softmaxBackward')(dxF, yN, g, logOut);
+            candidateKernel('softmaxBackward')(dxF, yN, g, logOut);
             expectSame(dxF, dxN, 'dx');
           }));
       }
@@ -274,6 +377,8 @@ function expectSameStats(f: Stats, n: Stats, dtype: DType, scale = 0): void {
 const absSum = (t: Tensor): number => values(t).reduce((a, v) => a + Math.abs(v), 0);
 
 describe('crossEntropy / crossEntropyBackward', () => {
+  const it = itWith('crossEntropy', 'crossEntropyBackward');
+  const itF = itWith('crossEntropy'); // the tests of the forward only
   for (const c of lossCases()) {
     it(caseName(c), () =>
       tidy(() => {
@@ -289,7 +394,7 @@ describe('crossEntropy / crossEntropyBackward', () => {
           nativeKernel('crossEntropy')(x, t, lseN, lossN, c.ignoreIndex, c.smoothing, st),
         );
         const sF = lossStats((st) =>
-          fallbackKernel('crossEntropy')(x, t, lseF, lossF, c.ignoreIndex, c.smoothing, st),
+          candidateKernel('crossEntropy')(x, t, lseF, lossF, c.ignoreIndex, c.smoothing, st),
         );
         expect(sN.badRow).toBe(-1);
         expect(sN.badValue).toBe(0);
@@ -303,14 +408,14 @@ describe('crossEntropy / crossEntropyBackward', () => {
           const dxN = sentinel(x.shape, c.dtype);
           const dxF = sentinel(x.shape, c.dtype);
           nativeKernel('crossEntropyBackward')(dxN, x, t, lseN, gout, scale, c.ignoreIndex, c.smoothing);
-          fallbackKernel('crossEntropyBackward')(dxF, x, t, lseN, gout, scale, c.ignoreIndex, c.smoothing);
+          candidateKernel('crossEntropyBackward')(dxF, x, t, lseN, gout, scale, c.ignoreIndex, c.smoothing);
           expectSame(dxF, dxN, perRow ? 'dx (per-row gradient)' : 'dx (reduced gradient)');
         }
       }),
     );
   }
 
-  it('a target out of range: same stats (count, bad row and value) and untouched outputs', () =>
+  itF('a target out of range: same stats (count, bad row and value) and untouched outputs', () =>
     tidy(() => {
       const c = lossCases()[1];
       const r = rng(5);
@@ -320,14 +425,15 @@ describe('crossEntropy / crossEntropyBackward', () => {
       const [lseN, lossN] = out();
       const [lseF, lossF] = out();
       const sN = lossStats((st) => nativeKernel('crossEntropy')(x, t, lseN, lossN, c.ignoreIndex, 0, st));
-      const sF = lossStats((st) => fallbackKernel('crossEntropy')(x, t, lseF, lossF, c.ignoreIndex, 0, st));
+      const sF = lossStats((st) => candidateKernel('crossEntropy')(x, t, lseF, lossF, c.ignoreIndex, 0, st));
       expect(sN).toEqual({ count: 2, total: 0, badRow: 3, badValue: c.classes });
       expect(sF).toEqual(sN);
       expectSame(lseF, lseN, 'lse');
       expectSame(lossF, lossN, 'loss');
-    }));
+    }),
+  );
 
-  it('a single row of logits with a 0-d target', () =>
+  itF('a single row of logits with a 0-d target', () =>
     tidy(() => {
       const r = rng(9);
       const x = randnT(r, [7], 'float32');
@@ -337,14 +443,17 @@ describe('crossEntropy / crossEntropyBackward', () => {
       const lossN = sentinel([], 'float32');
       const lossF = sentinel([], 'float32');
       const sN = lossStats((st) => nativeKernel('crossEntropy')(x, t, lseN, lossN, -100, 0.2, st));
-      const sF = lossStats((st) => fallbackKernel('crossEntropy')(x, t, lseF, lossF, -100, 0.2, st));
+      const sF = lossStats((st) => candidateKernel('crossEntropy')(x, t, lseF, lossF, -100, 0.2, st));
       expectSameStats(sF, sN, 'float32', absSum(lseN));
       expectSame(lseF, lseN, 'lse');
       expectSame(lossF, lossN, 'loss');
-    }));
+    }),
+  );
 });
 
 describe('nllLoss / nllLossBackward', () => {
+  const it = itWith('nllLoss', 'nllLossBackward');
+  const itF = itWith('nllLoss'); // the tests of the forward only
   for (const c of lossCases().filter((l) => l.smoothing === 0)) {
     it(caseName(c), () =>
       tidy(() => {
@@ -354,11 +463,11 @@ describe('nllLoss / nllLossBackward', () => {
         const lossN = sentinel([2, ROWS / 2], c.dtype);
         const lossF = sentinel([2, ROWS / 2], c.dtype);
         const sN = lossStats((st) => nativeKernel('nllLoss')(x, t, lossN, c.ignoreIndex, st));
-        const sF = lossStats((st) => fallbackKernel('nllLoss')(x, t, lossF, c.ignoreIndex, st));
+        const sF = lossStats((st) => candidateKernel('nllLoss')(x, t, lossF, c.ignoreIndex, st));
         expectSameStats(sF, sN, c.dtype);
         expectSame(lossF, lossN, 'loss');
         const sN2 = lossStats((st) => nativeKernel('nllLoss')(x, t, null, c.ignoreIndex, st));
-        const sF2 = lossStats((st) => fallbackKernel('nllLoss')(x, t, null, c.ignoreIndex, st));
+        const sF2 = lossStats((st) => candidateKernel('nllLoss')(x, t, null, c.ignoreIndex, st));
         expectSameStats(sF2, sN2, c.dtype);
 
         for (const perRow of [true, false]) {
@@ -367,14 +476,14 @@ describe('nllLoss / nllLossBackward', () => {
           const dxN = sentinel(x.shape, c.dtype);
           const dxF = sentinel(x.shape, c.dtype);
           nativeKernel('nllLossBackward')(dxN, t, gout, scale, c.ignoreIndex);
-          fallbackKernel('nllLossBackward')(dxF, t, gout, scale, c.ignoreIndex);
+          candidateKernel('nllLossBackward')(dxF, t, gout, scale, c.ignoreIndex);
           expectSame(dxF, dxN, 'dx');
         }
       }),
     );
   }
 
-  it('a target out of range: same stats (count, bad row and value) and untouched loss', () =>
+  itF('a target out of range: same stats (count, bad row and value) and untouched loss', () =>
     tidy(() => {
       const c = lossCases()[0];
       const r = rng(6);
@@ -384,18 +493,20 @@ describe('nllLoss / nllLossBackward', () => {
         const lossN = sentinel([2, ROWS / 2], c.dtype);
         const lossF = sentinel([2, ROWS / 2], c.dtype);
         const sN = lossStats((st) => nativeKernel('nllLoss')(x, t, lossN, c.ignoreIndex, st));
-        const sF = lossStats((st) => fallbackKernel('nllLoss')(x, t, lossF, c.ignoreIndex, st));
+        const sF = lossStats((st) => candidateKernel('nllLoss')(x, t, lossF, c.ignoreIndex, st));
         expect(sN.badRow).toBe(badRow);
         expect(sN.badValue).toBe(c.classes);
         expect(sF).toEqual(sN);
         expectSame(lossF, lossN, 'loss');
       }
-    }));
+    }),
+  );
 });
 
 // ---- LayerNorm / RMSNorm ------------------------------------------------------------------------
 
 describe('normRows / normRowsBackward', () => {
+  const it = itWith('normRows', 'normRowsBackward');
   const params: { w: boolean; b: boolean; center: boolean; mean: boolean }[] = [
     { w: false, b: false, center: true, mean: true },
     { w: true, b: false, center: true, mean: true },
@@ -434,7 +545,7 @@ describe('normRows / normRowsBackward', () => {
               return { y, mean, rstd };
             };
             const N = run(nativeKernel('normRows'));
-            const F = run(fallbackKernel('normRows'));
+            const F = run(candidateKernel('normRows'));
             expectSame(F.y, N.y, 'y');
             expectSame(F.rstd, N.rstd, 'rstd');
             if (F.mean && N.mean) expectSame(F.mean, N.mean, 'mean');
@@ -448,7 +559,7 @@ describe('normRows / normRowsBackward', () => {
               return { dx, dw, db };
             };
             const dN = back(nativeKernel('normRowsBackward'));
-            const dF = back(fallbackKernel('normRowsBackward'));
+            const dF = back(candidateKernel('normRowsBackward'));
             // dx cancels (dy - mean(dy) - xhat * mean(dy xhat)): compare at the scale of dy * rstd
             expectSame(dF.dx, dN.dx, 'dx', { atol: dtype === 'float64' ? 1e-11 : 1e-5 });
             if (dF.dw && dN.dw)
@@ -465,6 +576,7 @@ describe('normRows / normRowsBackward', () => {
 // ---- RoPE -------------------------------------------------------------------------------------
 
 describe('ropeApply', () => {
+  const it = itWith('ropeApply');
   const B = 2;
   const H = 3;
   const S = 5;
@@ -505,7 +617,7 @@ describe('ropeApply', () => {
                 const outN = sentinel([B, H, S, D], dt.x);
                 const outF = sentinel([B, H, S, D], dt.x);
                 nativeKernel('ropeApply')(outN, x, cos, sin, inverse);
-                fallbackKernel('ropeApply')(outF, x, cos, sin, inverse);
+                candidateKernel('ropeApply')(outF, x, cos, sin, inverse);
                 expectSame(outF, outN, 'out');
               }),
             );
@@ -663,6 +775,7 @@ function attnInputs(c: AttnCase, dtype: DType, r: Rng) {
 }
 
 describe('attentionForward / attentionBackward', () => {
+  const it = itWith('attentionForward', 'attentionBackward');
   for (const c of ATTN_CASES) {
     for (const dtype of c.dtypes) {
       it(`${c.name}, ${dtype}`, () =>
@@ -677,7 +790,7 @@ describe('attentionForward / attentionBackward', () => {
             return { out, lse };
           };
           const N = fwd(nativeKernel('attentionForward'));
-          const F = fwd(fallbackKernel('attentionForward'));
+          const F = fwd(candidateKernel('attentionForward'));
           const tol = dtype === 'float32' ? { rtol: 1e-5, atol: 1e-5 } : {};
           expectSame(F.out, N.out, 'out', tol);
           expectSame(F.lse, N.lse, 'lse', tol);
@@ -692,7 +805,7 @@ describe('attentionForward / attentionBackward', () => {
             return { dq, dk, dv };
           };
           const dN = bwd(nativeKernel('attentionBackward'));
-          const dF = bwd(fallbackKernel('attentionBackward'));
+          const dF = bwd(candidateKernel('attentionBackward'));
           expectSame(dF.dq, dN.dq, 'dq', tol);
           expectSame(dF.dk, dN.dk, 'dk', tol);
           expectSame(dF.dv, dN.dv, 'dv', tol);
@@ -704,6 +817,7 @@ describe('attentionForward / attentionBackward', () => {
 // ---- optimizers -------------------------------------------------------------------------------
 
 describe('adamwStep', () => {
+  const it = itWith('adamwStep');
   const combos: { p: DType; g: DType }[] = [
     { p: 'float32', g: 'float32' },
     { p: 'bfloat16', g: 'bfloat16' },
@@ -737,7 +851,7 @@ describe('adamwStep', () => {
                 return t;
               };
               const N = runK(nativeKernel('adamwStep'));
-              const F = runK(fallbackKernel('adamwStep'));
+              const F = runK(candidateKernel('adamwStep'));
               expectSame(F.p, N.p, 'param');
               expectSame(F.m, N.m, 'exp_avg');
               expectSame(F.v, N.v, 'exp_avg_sq');
@@ -749,6 +863,7 @@ describe('adamwStep', () => {
 });
 
 describe('sgdStep', () => {
+  const it = itWith('sgdStep');
   const variants: {
     name: string;
     momentum: number;
@@ -808,7 +923,7 @@ describe('sgdStep', () => {
               return t;
             };
             const N = runK(nativeKernel('sgdStep'));
-            const F = runK(fallbackKernel('sgdStep'));
+            const F = runK(candidateKernel('sgdStep'));
             expectSame(F.p, N.p, 'param');
             if (F.buf && N.buf) expectSame(F.buf, N.buf, 'momentum buffer');
           }));
@@ -827,6 +942,7 @@ function powerSum(k: KernelTable['normPowerSum'], t: Tensor, p: number): number 
 }
 
 describe('normPowerSum', () => {
+  const it = itWith('normPowerSum');
   for (const dtype of FLOATS) {
     for (const n of [1, 7, 33, 20000]) {
       for (const p of [2, INF, 1, 3]) {
@@ -834,7 +950,7 @@ describe('normPowerSum', () => {
           tidy(() => {
             const t = randnT(rng(n + p), [n], dtype, 3);
             const a = powerSum(nativeKernel('normPowerSum'), t, p);
-            const b = powerSum(fallbackKernel('normPowerSum'), t, p);
+            const b = powerSum(candidateKernel('normPowerSum'), t, p);
             expectSameNumber(b, a, 'sum', 1e-12);
           }));
       }
@@ -847,7 +963,7 @@ describe('normPowerSum', () => {
         const t = make([9], 'float32', (i) => (i === 4 ? bad : i - 3));
         for (const p of [2, INF, 1, 0.5]) {
           expectSameNumber(
-            powerSum(fallbackKernel('normPowerSum'), t, p),
+            powerSum(candidateKernel('normPowerSum'), t, p),
             powerSum(nativeKernel('normPowerSum'), t, p),
             `p = ${p}, ${bad}`,
           );
@@ -857,6 +973,7 @@ describe('normPowerSum', () => {
 });
 
 describe('unscaleCheck', () => {
+  const it = itWith('unscaleCheck');
   const specials: { name: string; at: number; value: number }[] = [
     { name: 'finite', at: -1, value: 0 },
     { name: 'inf', at: 5, value: INF },
@@ -877,7 +994,7 @@ describe('unscaleCheck', () => {
               const fN = make([1], 'float32', () => start);
               const fF = make([1], 'float32', () => start);
               nativeKernel('unscaleCheck')(tN, inv, fN);
-              fallbackKernel('unscaleCheck')(tF, inv, fF);
+              candidateKernel('unscaleCheck')(tF, inv, fF);
               expect(fN.item()).toBe(start === 1 || sp.at >= 0 ? 1 : 0);
               expect(fF.item()).toBe(fN.item());
               expectSame(tF, tN, 't', { ulps: 0, atol: 0, rtol: 0 });
@@ -891,7 +1008,7 @@ describe('unscaleCheck', () => {
 
 // ---- memory -----------------------------------------------------------------------------------
 
-describe('memory', () => {
+describeFallbacks('memory', () => {
   it('every fallback frees its temporaries: liveStorages is unchanged', () => {
     tidy(() => {
       const r = rng(77);
@@ -1013,7 +1130,7 @@ function registerCoreOnly(type: string): Backend {
   return getBackend(type);
 }
 
-describe('ops on a backend without named kernels (fallbacks through getKernel)', () => {
+describeFallbacks('ops on a backend without named kernels (fallbacks through getKernel)', () => {
   const dev = 'corefb';
   const backend = registerCoreOnly(dev);
 

@@ -631,47 +631,56 @@ void launch_tiles(K kernel, const char* name, const Params& P, int64_t blocks, i
   check_launch(name);
 }
 
+// Shared memory of each kernel's configuration (the layouts in the kernels' comments).
 template <typename T, int RM, int CN, int W>
-void forward_cfg(Params P, cudaStream_t s) {
-  using C = typename Tr<T>::C;
-  constexpr int BR = kTY * RM, BC = kTX * CN;
-  P.ntiles = cdiv(P.Sq, BR);
-  const int wv = mn(W, P.Dv);
-  const size_t smem =
-      sizeof(C) * (static_cast<size_t>(BR + BC) * (P.D + 1) + static_cast<size_t>(BC) * (wv + 1) + BR * (BC + 1));
-  auto k = attn_fwd_kernel<T, RM, CN, W>;
-  launch_tiles(k, "attentionForward", P, P.B * P.Hq * P.ntiles, cdiv(P.Dv, W), smem, s);
+size_t fwd_smem(const Params& P) {
+  constexpr size_t BR = kTY * RM, BC = kTX * CN;
+  return sizeof(typename Tr<T>::C) * ((BR + BC) * (P.D + 1) + BC * (mn(W, P.Dv) + 1) + BR * (BC + 1));
+}
+template <typename T, int RM, int CN, int W>
+size_t dkdv_smem(const Params& P) {
+  constexpr size_t BR = kTY * RM, BC = kTX * CN;
+  return sizeof(typename Tr<T>::C) * ((BR + BC) * (P.D + 1 + P.Dv + 1) + 2 * BR * (BC + 1) + 2 * BC) +
+         sizeof(int64_t) * 2 * BC;
+}
+template <typename T, int RM, int CN, int W>
+size_t dq_smem(const Params& P) {
+  constexpr size_t BR = kTY * RM, BC = kTX * CN;
+  return sizeof(typename Tr<T>::C) * ((BR + BC) * (P.D + 1 + P.Dv + 1) + BR * (BC + 1));
 }
 
-template <typename T>
-void forward_typed(const Params& P, cudaStream_t s) {
-  if (P.Dv <= 64) forward_cfg<T, 4, 8, 64>(P, s);
-  else if (P.Dv <= 128) forward_cfg<T, 4, 4, 128>(P, s);
-  else forward_cfg<T, 2, 4, 256>(P, s);
+template <typename T, int RM, int CN, int W>
+void forward_cfg(Params P, cudaStream_t s) {
+  P.ntiles = cdiv(P.Sq, kTY * RM);
+  auto k = attn_fwd_kernel<T, RM, CN, W>;
+  launch_tiles(k, "attentionForward", P, P.B * P.Hq * P.ntiles, cdiv(P.Dv, W), fwd_smem<T, RM, CN, W>(P), s);
 }
 
 template <typename T, int RM, int CN, int W>
 void dkdv_cfg(Params P, cudaStream_t s) {
-  using C = typename Tr<T>::C;
-  constexpr int BR = kTY * RM, BC = kTX * CN;
-  P.ntiles = cdiv(P.Sk, BR);
-  const size_t smem = sizeof(C) * (static_cast<size_t>(BR + BC) * (P.D + 1 + P.Dv + 1) +
-                                   2 * static_cast<size_t>(BR) * (BC + 1) + 2 * BC) +
-                      sizeof(int64_t) * 2 * BC;
+  P.ntiles = cdiv(P.Sk, kTY * RM);
   auto k = attn_dkdv_kernel<T, RM, CN, W>;
   launch_tiles(k, "attentionBackward (dk, dv)", P, P.B * P.Hkv * P.ntiles, mx(cdiv(mx(P.D, P.Dv), W), int64_t(1)),
-               smem, s);
+               dkdv_smem<T, RM, CN, W>(P), s);
 }
 
 template <typename T, int RM, int CN, int W>
 void dq_cfg(Params P, cudaStream_t s) {
-  using C = typename Tr<T>::C;
-  constexpr int BR = kTY * RM, BC = kTX * CN;
-  P.ntiles = cdiv(P.Sq, BR);
-  const size_t smem =
-      sizeof(C) * (static_cast<size_t>(BR + BC) * (P.D + 1 + P.Dv + 1) + static_cast<size_t>(BR) * (BC + 1));
+  P.ntiles = cdiv(P.Sq, kTY * RM);
   auto k = attn_dq_kernel<T, RM, CN, W>;
-  launch_tiles(k, "attentionBackward (dq)", P, P.B * P.Hq * P.ntiles, mx(cdiv(P.D, W), int64_t(1)), smem, s);
+  launch_tiles(k, "attentionBackward (dq)", P, P.B * P.Hq * P.ntiles, mx(cdiv(P.D, W), int64_t(1)),
+               dq_smem<T, RM, CN, W>(P), s);
+}
+
+// Configurations by the width of the output chunk (Dv forward, D for dq, the wider of both for
+// dk/dv); a configuration whose tiles of the other head dim would not fit in shared memory gives
+// way to the next one with fewer rows, so that every pair of head dims up to 256 runs in every
+// dtype.
+template <typename T>
+void forward_typed(const Params& P, cudaStream_t s) {
+  if (P.Dv <= 64 && fwd_smem<T, 4, 8, 64>(P) <= kMaxSmem) forward_cfg<T, 4, 8, 64>(P, s);
+  else if (P.Dv <= 128 && fwd_smem<T, 4, 4, 128>(P) <= kMaxSmem) forward_cfg<T, 4, 4, 128>(P, s);
+  else forward_cfg<T, 2, 4, 256>(P, s);
 }
 
 // Stream-ordered workspace. The emulator runs launches synchronously and has no memory pools:
@@ -709,12 +718,12 @@ void backward_typed(Params P, cudaStream_t s) {
     check_launch("attentionBackward (delta)");
   }
   try {
-    const int wkv = mx(P.D, P.Dv);
-    if (wkv <= 64) dkdv_cfg<T, 4, 4, 64>(P, s);
-    else if (wkv <= 128) dkdv_cfg<T, 2, 4, 128>(P, s);
+    const int w = mx(P.D, P.Dv);
+    if (w <= 64 && dkdv_smem<T, 4, 4, 64>(P) <= kMaxSmem) dkdv_cfg<T, 4, 4, 64>(P, s);
+    else if (w <= 128 && dkdv_smem<T, 2, 4, 128>(P) <= kMaxSmem) dkdv_cfg<T, 2, 4, 128>(P, s);
     else dkdv_cfg<T, 1, 4, 256>(P, s);
-    if (P.D <= 64) dq_cfg<T, 4, 8, 64>(P, s);
-    else if (P.D <= 128) dq_cfg<T, 4, 4, 128>(P, s);
+    if (P.D <= 64 && dq_smem<T, 4, 8, 64>(P) <= kMaxSmem) dq_cfg<T, 4, 8, 64>(P, s);
+    else if (P.D <= 128 && dq_smem<T, 4, 4, 128>(P) <= kMaxSmem) dq_cfg<T, 4, 4, 128>(P, s);
     else dq_cfg<T, 2, 2, 256>(P, s);
   } catch (...) {
     if (ws) workspace_free(ws, s);
