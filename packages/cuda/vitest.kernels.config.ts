@@ -15,7 +15,10 @@ export default defineConfig({
   root: tensorRoot,
   resolve: {
     // one copy of the tensor package: the test imports its sources, so the backend must too
-    alias: [{ find: /^@megapatch\/tensor$/, replacement: resolve(tensorRoot, 'src/index.ts') }],
+    alias: [
+      { find: /^@megapatch\/tensor$/, replacement: resolve(tensorRoot, 'src/index.ts') },
+      { find: /^@megapatch\/tensor\/abi$/, replacement: resolve(tensorRoot, 'src/abi.ts') },
+    ],
   },
   test: {
     include: ['test/fallbacks.test.ts'],

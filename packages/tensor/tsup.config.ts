@@ -1,7 +1,7 @@
 import { defineConfig } from 'tsup';
 
 export default defineConfig({
-  entry: ['src/index.ts', 'src/reference.ts'],
+  entry: ['src/index.ts', 'src/reference.ts', 'src/abi.ts'],
   format: ['esm'],
   dts: true,
   sourcemap: true,

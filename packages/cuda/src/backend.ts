@@ -4,90 +4,17 @@
 // `synchronize()` are the only waits, and index / loss checks are deferred to them by the tensor
 // layer. Named kernels the backend has are listed in `kernels`; every other named kernel runs as
 // its composition of core ops (@megapatch/tensor's fallbacks).
-import type {
-  Backend,
-  BackendType,
-  BinaryOp,
-  GemmOperand,
-  KernelName,
-  KernelTable,
-  RandomDist,
-  ReduceOp,
-  UnaryOp,
-} from '@megapatch/tensor';
+import type { Backend, BackendType, GemmOperand, KernelName, KernelTable } from '@megapatch/tensor';
+import { BINARY_CODES, DIST_CODES, DTYPE_CODES, REDUCE_CODES, UNARY_CODES } from '@megapatch/tensor/abi';
 import { familyKernels } from './kernels/families.js';
 import type { BackendAddon } from './native.js';
-import { ARGS, address, DTYPE_CODE, type Entries, ITEMSIZE, pack } from './pack.js';
+import { ARGS, address, type Entries, ITEMSIZE, pack } from './pack.js';
 
-// Op codes: must match native/src/kernels/elementwise.cu (and @megapatch/tensor's CPU backend).
-const UNARY: Record<UnaryOp, number> = {
-  neg: 0,
-  exp: 1,
-  log: 2,
-  sqrt: 3,
-  rsqrt: 4,
-  abs: 5,
-  tanh: 6,
-  sigmoid: 7,
-  silu: 8,
-  gelu: 9,
-  geluTanh: 10,
-  relu: 11,
-  sin: 12,
-  cos: 13,
-  square: 14,
-  reciprocal: 15,
-  sign: 16,
-  log1p: 17,
-  expm1: 18,
-  floor: 19,
-  ceil: 20,
-  round: 21,
-  clamp: 22,
-  logicalNot: 23,
-  isnan: 24,
-  isinf: 25,
-};
-
-const BINARY: Record<BinaryOp, number> = {
-  add: 0,
-  sub: 1,
-  mul: 2,
-  div: 3,
-  pow: 4,
-  maximum: 5,
-  minimum: 6,
-  eq: 7,
-  ne: 8,
-  lt: 9,
-  le: 10,
-  gt: 11,
-  ge: 12,
-  logicalAnd: 13,
-  logicalOr: 14,
-  siluBackward: 15,
-  geluBackward: 16,
-  geluTanhBackward: 17,
-  sigmoidBackward: 18,
-  tanhBackward: 19,
-  reluBackward: 20,
-  atan2: 21,
-};
-
-const REDUCE: Record<ReduceOp, number> = {
-  sum: 0,
-  mean: 1,
-  max: 2,
-  min: 3,
-  argmax: 4,
-  argmin: 5,
-  var: 6,
-  logsumexp: 7,
-  norm: 8,
-  prod: 9,
-};
-
-const DIST: Record<RandomDist, number> = { uniform: 0, normal: 1, randint: 2, bernoulli: 3 };
+// op codes shared with every native backend (native/src/kernels/elementwise.cu, reduce.h, random.cu)
+const UNARY = UNARY_CODES;
+const BINARY = BINARY_CODES;
+const REDUCE = REDUCE_CODES;
+const DIST = DIST_CODES;
 
 const U32 = 2 ** 32;
 
@@ -197,7 +124,7 @@ export function createCudaBackendType(addon: BackendAddon, type: string): Backen
       },
       gemm(batch, M, N, K, a: GemmOperand, b: GemmOperand, c: GemmOperand, alpha, beta) {
         on();
-        pack.begin().num(DTYPE_CODE[c.tensor.dtype]).num(batch).num(M).num(N).num(K);
+        pack.begin().num(DTYPE_CODES[c.tensor.dtype]).num(batch).num(M).num(N).num(K);
         for (const m of [a, b]) pack.num(address(m.tensor)).num(m.bs).num(m.rs).num(m.cs);
         pack.num(address(c.tensor)).num(c.bs).num(c.rs).num(alpha).num(beta);
         k.gemm();

@@ -3,82 +3,15 @@
 // defineCpuKernel from their op files.
 import { DTYPE_CODES, ITEMSIZE } from '../dtype.js';
 import { loadNative, type NativeAddon } from '../native.js';
-import type { Tensor } from '../tensor.js';
-import type { Backend, BinaryOp, GemmOperand, RandomDist, ReduceOp, UnaryOp } from './backend.js';
+import { BINARY_CODES, createPacker, DIST_CODES, type Packer, REDUCE_CODES, UNARY_CODES } from './abi.js';
+import type { Backend, GemmOperand } from './backend.js';
 import { registerLazyBackend } from './backend.js';
 import type { KernelName, KernelTable } from './kernels.js';
 
-const UNARY: Record<UnaryOp, number> = {
-  neg: 0,
-  exp: 1,
-  log: 2,
-  sqrt: 3,
-  rsqrt: 4,
-  abs: 5,
-  tanh: 6,
-  sigmoid: 7,
-  silu: 8,
-  gelu: 9,
-  geluTanh: 10,
-  relu: 11,
-  sin: 12,
-  cos: 13,
-  square: 14,
-  reciprocal: 15,
-  sign: 16,
-  log1p: 17,
-  expm1: 18,
-  floor: 19,
-  ceil: 20,
-  round: 21,
-  clamp: 22,
-  logicalNot: 23,
-  isnan: 24,
-  isinf: 25,
-};
-
-const BINARY: Record<BinaryOp, number> = {
-  add: 0,
-  sub: 1,
-  mul: 2,
-  div: 3,
-  pow: 4,
-  maximum: 5,
-  minimum: 6,
-  eq: 7,
-  ne: 8,
-  lt: 9,
-  le: 10,
-  gt: 11,
-  ge: 12,
-  logicalAnd: 13,
-  logicalOr: 14,
-  siluBackward: 15,
-  geluBackward: 16,
-  geluTanhBackward: 17,
-  sigmoidBackward: 18,
-  tanhBackward: 19,
-  reluBackward: 20,
-  atan2: 21,
-};
-
-const REDUCE: Record<ReduceOp, number> = {
-  sum: 0,
-  mean: 1,
-  max: 2,
-  min: 3,
-  argmax: 4,
-  argmin: 5,
-  var: 6,
-  logsumexp: 7,
-  norm: 8,
-  prod: 9,
-};
-
-const DIST: Record<RandomDist, number> = { uniform: 0, normal: 1, randint: 2, bernoulli: 3 };
-
-const ARGS = new Float64Array(8192);
-let pos = 0;
+const UNARY = UNARY_CODES;
+const BINARY = BINARY_CODES;
+const REDUCE = REDUCE_CODES;
+const DIST = DIST_CODES;
 
 /**
  * The native addon, loaded on first use: importing @megapatch/tensor never loads it, so a
@@ -92,7 +25,7 @@ let k: Record<string, () => void> = {};
 function loadAddon(): NativeAddon {
   if (!addon) {
     const a = loadNative().addon;
-    a.setArgBuffer(ARGS);
+    a.setArgBuffer(pack.args);
     addon = a;
     k = a as unknown as Record<string, () => void>;
   }
@@ -108,44 +41,10 @@ export const native: NativeAddon = new Proxy({} as NativeAddon, {
 });
 
 /**
- * Writes kernel arguments into the shared buffer: `pack.begin()`, then `tensor()`/`num()` in
- * the order the kernel reads them, then call the kernel with no arguments.
+ * Writes kernel arguments into the CPU addon's argument buffer: `pack.begin()`, then
+ * `tensor()`/`num()` in the order the kernel reads them, then call the kernel with no arguments.
  */
-export interface Packer {
-  begin(): Packer;
-  tensor(t: Tensor): Packer;
-  num(v: number): Packer;
-  address(t: Tensor): number;
-}
-
-export const pack: Packer = {
-  begin() {
-    pos = 0;
-    return pack;
-  },
-  tensor(t) {
-    const shape = t.shape;
-    const strides = t.strides;
-    const nd = shape.length;
-    ARGS[pos] = t.storage.address + t.offset * ITEMSIZE[t.dtype];
-    ARGS[pos + 1] = DTYPE_CODES[t.dtype];
-    ARGS[pos + 2] = nd;
-    for (let i = 0; i < nd; i++) {
-      ARGS[pos + 3 + i] = shape[i];
-      ARGS[pos + 3 + nd + i] = strides[i];
-    }
-    pos += 3 + 2 * nd;
-    return pack;
-  },
-  num(v) {
-    ARGS[pos++] = v;
-    return pack;
-  },
-  /** Address of element 0 of a tensor's view. */
-  address(t) {
-    return t.storage.address + t.offset * ITEMSIZE[t.dtype];
-  },
-};
+export const pack: Packer = createPacker();
 
 const fused = new Map<KernelName, KernelTable[KernelName]>();
 

@@ -1,0 +1,12 @@
+// @megapatch/tensor/abi: the calling convention of the native backends (argument buffer, dtype and
+// op codes), for backend packages such as @megapatch/cuda whose addons read the same layout.
+export {
+  BINARY_CODES,
+  createPacker,
+  DIST_CODES,
+  DTYPE_CODES,
+  ITEMSIZE,
+  type Packer,
+  REDUCE_CODES,
+  UNARY_CODES,
+} from './backend/abi.js';
