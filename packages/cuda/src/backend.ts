@@ -54,6 +54,10 @@ export function createCudaBackendType(addon: BackendAddon, type: string): Backen
         on();
         addon.free(addr);
       },
+      synchronize() {
+        on();
+        addon.synchronize();
+      },
       emptyCache() {
         on();
         addon.emptyCache();

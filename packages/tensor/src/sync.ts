@@ -6,6 +6,7 @@
 // (or synchronize()) evaluates the queue and throws the first failure, naming the op that queued
 // it, as PyTorch's CUDA device-side assertions surface at the next synchronisation. A synchronous
 // backend (the CPU) evaluates every check at once, so its errors come from the op itself.
+import { activeBackends, getBackend, normalizeDevice } from './backend/backend.js';
 import type { TensorError } from './errors.js';
 import { keep } from './scope.js';
 import type { Tensor } from './tensor.js';
@@ -71,7 +72,13 @@ export function pendingChecks(device?: string): number {
  * failed check is not meaningful). Called by every host read.
  */
 export function synchronize(device?: string): void {
-  const devices = device === undefined ? [...pending.keys()] : [device];
+  // wait for the devices' queued kernels (torch.cuda.synchronize), then evaluate their checks
+  if (device === undefined) {
+    for (const b of activeBackends()) b.synchronize?.();
+  } else {
+    getBackend(device).synchronize?.();
+  }
+  const devices = device === undefined ? [...pending.keys()] : [normalizeDevice(device)];
   for (const d of devices) {
     const list = pending.get(d);
     if (!list || list.length === 0) continue;

@@ -408,3 +408,28 @@ describe('index kernels write their verdict into `bad`', () => {
     });
   }
 });
+
+describe('synchronize waits for the devices', () => {
+  it('synchronize(device) calls that backend’s synchronize; synchronize() every device in use', () => {
+    const base = createReferenceBackendType({ type: 'wref', deviceCount: 2, asynchronous: true });
+    const waits: string[] = [];
+    registerBackendType({
+      type: 'wref',
+      deviceCount: () => 2,
+      create: (i) => {
+        const b = base.create(i);
+        // the reference backend with a synchronize that records the wait
+        return Object.assign(Object.create(b), { synchronize: () => waits.push(b.device) });
+      },
+    });
+    const a = tensor([1, 2], { device: 'wref:0' });
+    const b = tensor([1, 2], { device: 'wref:1' });
+    synchronize('wref:1');
+    expect(waits).toEqual(['wref:1']);
+    waits.length = 0;
+    synchronize();
+    expect(waits.sort()).toEqual(['wref:0', 'wref:1']);
+    a.dispose();
+    b.dispose();
+  });
+});

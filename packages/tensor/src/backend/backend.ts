@@ -91,6 +91,11 @@ export interface Backend {
   alloc(bytes: number, zero: boolean): number;
   /** Returns a block; a caching backend may keep it for the next alloc of that size. */
   free(address: number): void;
+  /**
+   * Waits until every kernel queued on this device has finished (asynchronous backends; a GPU
+   * stream's synchronize). Errors of earlier kernels surface here.
+   */
+  synchronize?(): void;
   /** Releases cached free blocks to the system (caching backends). */
   emptyCache?(): void;
   /** Bytes held in the backend's cache of free blocks. */
@@ -236,6 +241,11 @@ export function getBackend(device: string): Backend {
       (type === 'cuda' ? ' (import @megapatch/cuda on a machine with an NVIDIA GPU)' : '') +
       `; registered: ${listBackends().join(', ')}`,
   );
+}
+
+/** @internal The backends made so far (devices in use), for waiting on all of them. */
+export function activeBackends(): Backend[] {
+  return [...backends.values()];
 }
 
 /** Registered devices and device types ("cpu", "cuda" for numbered ones). */
