@@ -10,6 +10,7 @@ export default defineConfig({
       'test/softmax.test.ts',
       'test/norm.test.ts',
       'test/rope.test.ts',
+      'test/glu.test.ts',
       'test/attention.test.ts',
       'test/indexing.test.ts',
       'test/gradcheck.test.ts',

@@ -42,6 +42,8 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
       'normRows',
       'normRowsBackward',
       'ropeApply',
+      'gatedActivation',
+      'gatedActivationBackward',
       'adamwStep',
       'sgdStep',
       'normPowerSum',

@@ -6,7 +6,7 @@ import {
   type ProcessGroup,
   RowParallelLinear,
 } from '@megapatch/parallel';
-import { gelu, linear, Module, type Tensor } from '@megapatch/tensor';
+import { gatedActivation as fusedGatedActivation, linear, Module, type Tensor } from '@megapatch/tensor';
 import type { LayerBuildOptions } from './attention.js';
 import type { GatedActivation } from './families/family.js';
 
@@ -15,11 +15,12 @@ export function swiglu(x: Tensor): Tensor {
   return gatedActivation(x, 'swiglu');
 }
 
-/** act(gate) · up of fc1's output [..., 2f] (gate first) -> [..., f]. */
+/**
+ * act(gate) · up of fc1's output [..., 2f] (gate first) -> [..., f]: @megapatch/tensor's fused
+ * gatedActivation, one kernel forward and one backward that keeps only fc1's output alive.
+ */
 export function gatedActivation(x: Tensor, act: GatedActivation): Tensor {
-  const [gate, up] = x.chunk(2, -1);
-  const g = act === 'swiglu' ? gate.silu() : gelu(gate, act === 'geglu-tanh' ? 'tanh' : 'none');
-  return g.mul(up);
+  return fusedGatedActivation(x, act);
 }
 
 /** Options of {@link MLP}. */

@@ -5,6 +5,7 @@ export {
   createPacker,
   DIST_CODES,
   DTYPE_CODES,
+  GATED_ACTIVATION_CODES,
   ITEMSIZE,
   type Packer,
   REDUCE_CODES,

@@ -34,6 +34,7 @@ export * from './nn/index.js';
 export * from './ops/attention.js';
 export * from './ops/creation.js';
 export * from './ops/elementwise.js';
+export * from './ops/glu.js';
 export * from './ops/indexing.js';
 export * from './ops/matmul.js';
 export * from './ops/norm.js';

@@ -19,6 +19,8 @@ import {
   crossEntropy,
   type DType,
   expand,
+  type GatedActivation,
+  gatedActivation,
   getBackend,
   getTotalNorm,
   layerNorm,
@@ -51,6 +53,8 @@ const COMPOSED: KernelName[] = [
   'normRows',
   'normRowsBackward',
   'ropeApply',
+  'gatedActivation',
+  'gatedActivationBackward',
   'attentionForward',
   'attentionBackward',
   'adamwStep',
@@ -628,6 +632,49 @@ describe('ropeApply', () => {
   }
 });
 
+// ---- gated activations (SwiGLU / GeGLU) ---------------------------------------------------------
+
+describe('gatedActivation / gatedActivationBackward', () => {
+  const it = itWith('gatedActivation', 'gatedActivationBackward');
+  const activations: GatedActivation[] = ['swiglu', 'geglu', 'geglu-tanh'];
+  // x [..., 2f]: odd f, f a multiple of every vector width (8 bf16 / 4 fp32 / 2 fp64), one row,
+  // a long row, leading dimensions
+  const shapes = [
+    [1, 2],
+    [5, 14],
+    [3, 64],
+    [2, 3, 34],
+    [1, 1030],
+    [4, 16, 24],
+  ];
+  for (const dtype of [...FLOATS, 'float16'] as DType[]) {
+    for (const activation of activations) {
+      for (const shape of shapes) {
+        it(`${dtype}, ${activation}, x [${shape}]`, () =>
+          tidy(() => {
+            const r = rng(numel(shape) + activation.length * 13 + dtype.length);
+            const f = shape[shape.length - 1] / 2;
+            const half = [...shape.slice(0, -1), f];
+            // scale 3: the tails of silu / gelu (saturation, tiny gradients) are covered too
+            const x = randnT(r, shape, dtype, 3);
+            const outN = sentinel(half, dtype);
+            const outF = sentinel(half, dtype);
+            nativeKernel('gatedActivation')(outN, x, activation);
+            candidateKernel('gatedActivation')(outF, x, activation);
+            expectSame(outF, outN, 'out');
+            const g = randnT(r, half, dtype);
+            const dxN = sentinel(shape, dtype);
+            const dxF = sentinel(shape, dtype);
+            nativeKernel('gatedActivationBackward')(dxN, g, x, activation);
+            candidateKernel('gatedActivationBackward')(dxF, g, x, activation);
+            // d gate = g * up * act'(gate): act' (gelu) cancels near gate = -0.75
+            expectSame(dxF, dxN, 'dx', { atol: dtype === 'float64' ? 1e-12 : 1e-5 });
+          }));
+      }
+    }
+  }
+});
+
 // ---- attention --------------------------------------------------------------------------------
 
 interface AttnCase {
@@ -1036,6 +1083,10 @@ describeFallbacks('memory', () => {
       const cos = f32([1, 3, 4]);
       const sin = f32([1, 3, 4]);
       const outR = sentinel([1, 2, 3, 6], 'float32');
+      const xg = f32([3, 10], 2);
+      const outG = sentinel([3, 5], 'float32');
+      const gG = f32([3, 5]);
+      const dxG = sentinel([3, 10], 'float32');
       const c = ATTN_CASES[7];
       const a = attnInputs(c, 'float32', r);
       const boolMask = attnInputs(ATTN_CASES[9], 'float32', r);
@@ -1075,6 +1126,10 @@ describeFallbacks('memory', () => {
       k('normRowsBackward')(dxn, yn, xn, w, null, rstd, dw, null, 10, false);
       k('ropeApply')(outR, xr, cos, sin, false);
       k('ropeApply')(outR, xr, cos, sin, true);
+      for (const act of ['swiglu', 'geglu', 'geglu-tanh'] as const) {
+        k('gatedActivation')(outG, xg, act);
+        k('gatedActivationBackward')(dxG, gG, xg, act);
+      }
       k('attentionForward')(out, alse, a.q, a.k, a.v, a.opts);
       k('attentionBackward')(dq, dk, dv, ga, a.q, a.k, a.v, out, alse, a.opts);
       k('attentionForward')(out2, lse2, boolMask.q, boolMask.k, boolMask.v, boolMask.opts);
@@ -1192,6 +1247,24 @@ describeFallbacks('ops on a backend without named kernels (fallbacks through get
         const rot = applyRotaryPosEmb(ln, cd.to(device), sd.to(device));
         rot.mul(rms).sum().backward();
         return [ln, rms, rot, x.grad!.clone(), w.grad!.clone(), b.grad!.clone()];
+      });
+      expectAllSame(res, { atol: 1e-5 });
+    }));
+
+  it('gatedActivation (SwiGLU, GeGLU, GeGLU-tanh) with gradients', () =>
+    tidy(() => {
+      const r = rng(7);
+      const xd = randnT(r, [2, 3, 14], 'float32', 2);
+      const res = both((device) => {
+        const x = xd.to(device).requiresGrad_(true);
+        const s = gatedActivation(x, 'swiglu');
+        const g = gatedActivation(transpose(x, 0, 1), 'geglu');
+        const t = gatedActivation(x, 'geglu-tanh');
+        s.mul(transpose(g, 0, 1))
+          .add(t)
+          .sum()
+          .backward();
+        return [s, g, t, x.grad!.clone()];
       });
       expectAllSame(res, { atol: 1e-5 });
     }));

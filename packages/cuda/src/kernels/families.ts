@@ -3,6 +3,7 @@
 import type { KernelTable } from '@megapatch/tensor';
 import type { Entries } from '../pack.js';
 import { attentionKernels } from './attention.js';
+import { gluKernels } from './glu.js';
 import { indexingKernels } from './indexing.js';
 import { normKernels } from './norm.js';
 import { optimKernels } from './optim.js';
@@ -12,6 +13,7 @@ type Family = (call: Entries) => Partial<KernelTable>;
 
 const FAMILIES: Record<string, Family> = {
   attention: attentionKernels,
+  glu: gluKernels,
   index: indexingKernels,
   norm: normKernels,
   optim: optimKernels,

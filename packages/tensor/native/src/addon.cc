@@ -117,6 +117,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   register_softmax(env, exports);
   register_norm(env, exports);
   register_rope(env, exports);
+  register_glu(env, exports);
   register_attention(env, exports);
   register_index(env, exports);
   register_optim(env, exports);

@@ -310,6 +310,7 @@ void register_random(Napi::Env env, Napi::Object exports);
 void register_softmax(Napi::Env env, Napi::Object exports);
 void register_norm(Napi::Env env, Napi::Object exports);
 void register_rope(Napi::Env env, Napi::Object exports);
+void register_glu(Napi::Env env, Napi::Object exports);
 void register_attention(Napi::Env env, Napi::Object exports);
 void register_index(Napi::Env env, Napi::Object exports);
 void register_optim(Napi::Env env, Napi::Object exports);

@@ -7,6 +7,7 @@
 // common.cuh and the kernel files in @megapatch/cuda).
 
 import { DTYPE_CODES, ITEMSIZE } from '../dtype.js';
+import type { GatedActivation } from '../ops/glu.js';
 import type { Tensor } from '../tensor.js';
 import type { BinaryOp, RandomDist, ReduceOp, UnaryOp } from './backend.js';
 
@@ -84,6 +85,13 @@ export const DIST_CODES: Readonly<Record<RandomDist, number>> = {
   normal: 1,
   randint: 2,
   bernoulli: 3,
+};
+
+/** The activation argument of the gated-activation kernels (native/src/glu.cc, kernels/glu.cu). */
+export const GATED_ACTIVATION_CODES: Readonly<Record<GatedActivation, number>> = {
+  swiglu: 0,
+  geglu: 1,
+  'geglu-tanh': 2,
 };
 
 /**

@@ -26,6 +26,7 @@ import {
   eq,
   exp,
   ge,
+  gelu,
   gt,
   isinf,
   isnan,
@@ -41,14 +42,17 @@ import {
   pow,
   reciprocal,
   rsqrt,
+  silu,
   sqrt,
   square,
   sub,
   where,
 } from '../ops/elementwise.js';
+import type { GatedActivation } from '../ops/glu.js';
 import { matmul } from '../ops/matmul.js';
 import { amax, amin, sum } from '../ops/reduce.js';
 import { expand, narrow, reshape, stack, to, transpose, unsqueeze } from '../ops/shape.js';
+import { alloc } from '../ops/util.js';
 import { tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import { defineFallbackKernel, type KernelName, type KernelTable } from './kernels.js';
@@ -381,6 +385,50 @@ register('ropeApply', (out, x, cos, sin, inverse) => {
     store(narrow(out, 3, 0, half), y1);
     store(narrow(out, 3, half, half), y2);
     if (R < D) store(narrow(out, 3, R, D - R), narrow(x, 3, R, D - R));
+  });
+});
+
+// ---- gated activations (SwiGLU / GeGLU) -------------------------------------------------------
+
+/** act(gate) with the unary op of the activation. */
+function activate(gate: Tensor, activation: GatedActivation): Tensor {
+  return activation === 'swiglu' ? silu(gate) : gelu(gate, activation === 'geglu-tanh' ? 'tanh' : 'none');
+}
+
+/** d * act'(gate) through the backend's core activation-gradient kernel (the unary ops' backward). */
+function activationGrad(gate: Tensor, d: Tensor, activation: GatedActivation): Tensor {
+  const out = alloc(gate.backend, gate.shape, gate.dtype);
+  const op =
+    activation === 'swiglu' ? 'siluBackward' : activation === 'geglu' ? 'geluBackward' : 'geluTanhBackward';
+  gate.backend.binary(out, gate, d, op);
+  return out;
+}
+
+// x [rows, 2f] = [gate, up]: out = act(gate) * up, in the compute type (the composition
+// mul(act(gate), up) of the unary ops, evaluated in float32 for 16-bit data).
+register('gatedActivation', (out, x, activation) => {
+  if (out.numel === 0) return;
+  run(() => {
+    const c = computeOf(x.dtype);
+    const f = lastDim(out);
+    const xs = reshape(to(x, c), [-1, 2 * f]);
+    store(out, mul(activate(narrow(xs, 1, 0, f), activation), narrow(xs, 1, f, f)));
+  });
+});
+
+// dx = [dgate, dup] with dgate = (g * up) * act'(gate) and dup = g * act(gate).
+register('gatedActivationBackward', (dx, g, x, activation) => {
+  if (dx.numel === 0) return;
+  run(() => {
+    const c = computeOf(x.dtype);
+    const f = lastDim(g);
+    const xs = reshape(to(x, c), [-1, 2 * f]);
+    const gs = reshape(to(g, c), [-1, f]);
+    const gate = narrow(xs, 1, 0, f);
+    const up = narrow(xs, 1, f, f);
+    const d = reshape(dx, [-1, 2 * f]);
+    store(narrow(d, 1, 0, f), activationGrad(gate, mul(gs, up), activation));
+    store(narrow(d, 1, f, f), mul(gs, activate(gate, activation)));
   });
 });
 

@@ -4,6 +4,7 @@
 // gains speed kernel by kernel. The signatures live next to the ops that call them.
 
 import type { AttentionBackwardKernel, AttentionForwardKernel } from '../ops/attention.js';
+import type { GatedActivationBackwardKernel, GatedActivationKernel } from '../ops/glu.js';
 import type {
   GatherAlongKernel,
   IndexAddRowsKernel,
@@ -37,6 +38,8 @@ export interface KernelTable {
   normRows: NormKernel;
   normRowsBackward: NormBackwardKernel;
   ropeApply: RopeKernel;
+  gatedActivation: GatedActivationKernel;
+  gatedActivationBackward: GatedActivationBackwardKernel;
   attentionForward: AttentionForwardKernel;
   attentionBackward: AttentionBackwardKernel;
   indexSelectRows: IndexSelectRowsKernel;

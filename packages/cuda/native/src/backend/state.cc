@@ -74,7 +74,7 @@ MPC_ENTRY(Synchronize) {
 }
 
 // Kernel families beyond the core: each registers its entries when its file is linked in.
-#define MPC_FAMILIES(X) X(reduce) X(random) X(gemm) X(index) X(softmax) X(norm) X(optim) X(attention)
+#define MPC_FAMILIES(X) X(reduce) X(random) X(gemm) X(index) X(softmax) X(norm) X(glu) X(optim) X(attention)
 #define MPC_DECLARE(f) __attribute__((weak)) void register_##f(Napi::Env env, Napi::Object exports);
 MPC_FAMILIES(MPC_DECLARE)
 

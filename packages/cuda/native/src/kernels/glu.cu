@@ -1,0 +1,249 @@
+// Gated activations (see glu.h), with the semantics of @megapatch/tensor's native/src/glu.cc: act
+// is silu, gelu (erf) or gelu's tanh approximation with the expressions of the unary ops
+// (elementwise.cu), evaluated in float for 16/32-bit data (double for float64) in the order of the
+// composition mul(act(gate), up) and its gradient, and rounded once to the storage dtype.
+//
+// Elementwise over rows: thread x walks the vectors of a half row (gate and up of one row are two
+// runs of f elements, 2f apart from the next row's), thread y the rows; blocks of 256 threads are
+// 32..256 wide (the smallest power of two covering a half row, so short rows pack several per
+// block), and both loops are grid-stride. Each thread moves 16 bytes per operand and access
+// (8 bfloat16 / float16, 4 float32, 2 float64) when f is a multiple of that width and every
+// pointer is 16-byte aligned; otherwise one element at a time.
+#include <cmath>
+
+#include "glu.h"
+
+// loop unrolling hint for nvcc (the host compiler of the emulator does not know the pragma)
+#ifdef __CUDACC__
+#define MPGLU_UNROLL _Pragma("unroll")
+#else
+#define MPGLU_UNROLL
+#endif
+
+namespace mpc {
+namespace {
+
+// Must match GATED_ACTIVATION_CODES in @megapatch/tensor's src/backend/abi.ts.
+enum Act : int { kSwiglu = 0, kGeglu = 1, kGegluTanh = 2 };
+
+constexpr double kSqrt2OverPi = 0.7978845608028654;
+constexpr double kInvSqrt2 = 0.7071067811865476;
+constexpr double kInvSqrt2Pi = 0.3989422804014327;
+
+MP_D float gexp(float x) { return expf(x); }
+MP_D double gexp(double x) { return exp(x); }
+MP_D float gerf(float x) { return erff(x); }
+MP_D double gerf(double x) { return erf(x); }
+MP_D float gtanh(float x) { return tanhf(x); }
+MP_D double gtanh(double x) { return tanh(x); }
+
+// V elements of T loaded or stored with one access (V * sizeof(T) bytes, aligned to that).
+template <typename T, int V> struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+// act(x), as the unary op computes it
+template <int ACT, typename C> MP_D C act_value(C x) {
+  if constexpr (ACT == kSwiglu) {
+    return x * (C(1) / (C(1) + gexp(-x)));
+  } else if constexpr (ACT == kGeglu) {
+    return C(0.5) * x * (C(1) + gerf(x * C(kInvSqrt2)));
+  } else {
+    return C(0.5) * x * (C(1) + gtanh(C(kSqrt2OverPi) * (x + C(0.044715) * x * x * x)));
+  }
+}
+
+// act(x) and act'(x) (the unary op's backward with a unit gradient), sharing the transcendentals
+template <int ACT, typename C> MP_D void act_both(C x, C& value, C& grad) {
+  if constexpr (ACT == kSwiglu) {
+    const C s = C(1) / (C(1) + gexp(-x));
+    value = x * s;
+    grad = s * (C(1) + x * (C(1) - s));
+  } else if constexpr (ACT == kGeglu) {
+    const C cdf = C(0.5) * (C(1) + gerf(x * C(kInvSqrt2)));
+    const C pdf = C(kInvSqrt2Pi) * gexp(C(-0.5) * x * x);
+    value = C(0.5) * x * (C(1) + gerf(x * C(kInvSqrt2)));
+    grad = cdf + x * pdf;
+  } else {
+    const C inner = C(kSqrt2OverPi) * (x + C(0.044715) * x * x * x);
+    const C t = gtanh(inner);
+    const C dinner = C(kSqrt2OverPi) * (C(1) + C(3 * 0.044715) * x * x);
+    value = C(0.5) * x * (C(1) + t);
+    grad = C(0.5) * (C(1) + t) + C(0.5) * x * (C(1) - t * t) * dinner;
+  }
+}
+
+constexpr int kBlock = 256;
+#ifdef MEGAPATCH_CUDA_EMULATOR
+constexpr int64_t kMaxGridX = 2;  // few blocks: the grid-stride loops run
+constexpr int64_t kMaxGridY = 4;
+#else
+constexpr int64_t kMaxGridX = 1 << 16;
+constexpr int64_t kMaxGridY = 65535;
+#endif
+
+// out [rows, f] = act(gate) * up; nv = f / V vectors per half row
+template <typename T, int ACT, int V>
+__global__ void __launch_bounds__(kBlock) glu_fwd_kernel(T* __restrict__ out, const T* __restrict__ x, int64_t rows,
+                                                          int64_t f) {
+  using W = Vec<T, V>;
+  const int64_t nv = f / V;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t col_step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows;
+       r += static_cast<int64_t>(gridDim.y) * blockDim.y) {
+    const W* gate = reinterpret_cast<const W*>(x + r * 2 * f);
+    const W* up = gate + nv;
+    W* o = reinterpret_cast<W*>(out + r * f);
+    for (int64_t c = col0; c < nv; c += col_step) {
+      const W a = gate[c];
+      const W b = up[c];
+      W y;
+      MPGLU_UNROLL
+      for (int k = 0; k < V; k++) Tr<T>::st(&y.v[k], act_value<ACT>(Tr<T>::ld(&a.v[k])) * Tr<T>::ld(&b.v[k]));
+      o[c] = y;
+    }
+  }
+}
+
+// dx [rows, 2f] = [(g * up) * act'(gate), g * act(gate)]
+template <typename T, int ACT, int V>
+__global__ void __launch_bounds__(kBlock) glu_bwd_kernel(T* __restrict__ dx, const T* __restrict__ g,
+                                                          const T* __restrict__ x, int64_t rows, int64_t f) {
+  using C = typename Tr<T>::C;
+  using W = Vec<T, V>;
+  const int64_t nv = f / V;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t col_step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows;
+       r += static_cast<int64_t>(gridDim.y) * blockDim.y) {
+    const W* gate = reinterpret_cast<const W*>(x + r * 2 * f);
+    const W* up = gate + nv;
+    const W* gr = reinterpret_cast<const W*>(g + r * f);
+    W* dgate = reinterpret_cast<W*>(dx + r * 2 * f);
+    W* dup = dgate + nv;
+    for (int64_t c = col0; c < nv; c += col_step) {
+      const W a = gate[c];
+      const W b = up[c];
+      const W gv = gr[c];
+      W da, db;
+      MPGLU_UNROLL
+      for (int k = 0; k < V; k++) {
+        const C gk = Tr<T>::ld(&gv.v[k]);
+        C value, grad;
+        act_both<ACT>(Tr<T>::ld(&a.v[k]), value, grad);
+        Tr<T>::st(&da.v[k], (gk * Tr<T>::ld(&b.v[k])) * grad);
+        Tr<T>::st(&db.v[k], gk * value);
+      }
+      dgate[c] = da;
+      dup[c] = db;
+    }
+  }
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Block and grid for rows of nv vectors: x the smallest power of two >= nv in [32, kBlock], y the
+// rest of the block's threads.
+struct Plan {
+  dim3 block, grid;
+};
+inline Plan plan(int64_t rows, int64_t nv) {
+  int tx = 32;
+  while (tx < nv && tx < kBlock) tx *= 2;
+  const int ty = kBlock / tx;
+  Plan p;
+  p.block = dim3(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
+  p.grid = dim3(static_cast<unsigned>(mx(mn(ceil_div(nv, tx), kMaxGridX), static_cast<int64_t>(1))),
+                static_cast<unsigned>(mx(mn(ceil_div(rows, ty), kMaxGridY), static_cast<int64_t>(1))));
+  return p;
+}
+
+template <typename T, int ACT, int V>
+void fwd_launch(cudaStream_t s, T* out, const T* x, int64_t rows, int64_t f) {
+  const Plan p = plan(rows, f / V);
+  auto k = glu_fwd_kernel<T, ACT, V>;
+  MP_LAUNCH(k, p.grid, p.block, 0, s, out, x, rows, f);
+  check_launch("gated_activation_forward");
+}
+
+template <typename T, int ACT, int V>
+void bwd_launch(cudaStream_t s, T* dx, const T* g, const T* x, int64_t rows, int64_t f) {
+  const Plan p = plan(rows, f / V);
+  auto k = glu_bwd_kernel<T, ACT, V>;
+  MP_LAUNCH(k, p.grid, p.block, 0, s, dx, g, x, rows, f);
+  check_launch("gated_activation_backward");
+}
+
+template <typename T, int V>
+void fwd_act(cudaStream_t s, T* out, const T* x, int act, int64_t rows, int64_t f) {
+  switch (act) {
+    case kSwiglu: fwd_launch<T, kSwiglu, V>(s, out, x, rows, f); break;
+    case kGeglu: fwd_launch<T, kGeglu, V>(s, out, x, rows, f); break;
+    default: fwd_launch<T, kGegluTanh, V>(s, out, x, rows, f); break;
+  }
+}
+
+template <typename T, int V>
+void bwd_act(cudaStream_t s, T* dx, const T* g, const T* x, int act, int64_t rows, int64_t f) {
+  switch (act) {
+    case kSwiglu: bwd_launch<T, kSwiglu, V>(s, dx, g, x, rows, f); break;
+    case kGeglu: bwd_launch<T, kGeglu, V>(s, dx, g, x, rows, f); break;
+    default: bwd_launch<T, kGegluTanh, V>(s, dx, g, x, rows, f); break;
+  }
+}
+
+template <typename T>
+void fwd_typed(cudaStream_t s, const TensorArg& out, const TensorArg& x, int act, int64_t rows, int64_t f) {
+  constexpr int V = 16 / sizeof(T);
+  T* op = out.ptr<T>();
+  const T* xp = x.ptr<T>();
+  if (f % V == 0 && aligned16(op) && aligned16(xp)) fwd_act<T, V>(s, op, xp, act, rows, f);
+  else fwd_act<T, 1>(s, op, xp, act, rows, f);
+}
+
+template <typename T>
+void bwd_typed(cudaStream_t s, const TensorArg& dx, const TensorArg& g, const TensorArg& x, int act, int64_t rows,
+               int64_t f) {
+  constexpr int V = 16 / sizeof(T);
+  T* dp = dx.ptr<T>();
+  const T* gp = g.ptr<T>();
+  const T* xp = x.ptr<T>();
+  if (f % V == 0 && aligned16(dp) && aligned16(gp) && aligned16(xp)) bwd_act<T, V>(s, dp, gp, xp, act, rows, f);
+  else bwd_act<T, 1>(s, dp, gp, xp, act, rows, f);
+}
+
+// f (half of x's last dimension) after checking the operands as the CPU entry does: x [..., 2f]
+// and `half` [..., f] (out or g) contiguous with rows * f elements, one dtype.
+int64_t check_halves(const TensorArg& x, const TensorArg& half, int act, const char* half_name) {
+  if (act < kSwiglu || act > kGegluTanh) throw_error("gatedActivation: unknown activation " + std::to_string(act));
+  if (x.ndim < 1 || x.shape[x.ndim - 1] % 2 != 0)
+    throw_error("gatedActivation: x must be [..., 2f] with an even last dimension");
+  const int64_t f = x.shape[x.ndim - 1] / 2;
+  if (half.dtype != x.dtype) throw_error(std::string("gatedActivation: ") + half_name + " dtype must equal x's");
+  if (half.ndim < 1 || half.shape[half.ndim - 1] != f || half.numel() * 2 != x.numel())
+    throw_error(std::string("gatedActivation: ") + half_name + " must be [..., f] for x [..., 2f]");
+  if (!x.contiguous() || !half.contiguous())
+    throw_error(std::string("gatedActivation: x and ") + half_name + " must be contiguous");
+  return f;
+}
+
+}  // namespace
+
+void gated_activation_forward(cudaStream_t s, const TensorArg& out, const TensorArg& x, int act) {
+  const int64_t f = check_halves(x, out, act, "out");
+  if (out.numel() == 0) return;
+  MPC_DISPATCH_FLOAT(x.dtype, fwd_typed, s, out, x, act, out.numel() / f, f);
+}
+
+void gated_activation_backward(cudaStream_t s, const TensorArg& dx, const TensorArg& g, const TensorArg& x,
+                               int act) {
+  const int64_t f = check_halves(x, g, act, "g");
+  if (dx.dtype != x.dtype || dx.numel() != x.numel() || !dx.contiguous())
+    throw_error("gatedActivation: dx must be contiguous like x, in x's dtype");
+  if (g.numel() == 0) return;
+  MPC_DISPATCH_FLOAT(x.dtype, bwd_typed, s, dx, g, x, act, g.numel() / f, f);
+}
+
+}  // namespace mpc
