@@ -25,14 +25,22 @@
 // wider output is split over gridDim.z chunks that each recompute the scores. Shared memory
 // grows with D and Dv (operands are held whole for the dot products): up to 256 in every dtype.
 //
-// Performance notes (next steps): the dot products and accumulations are scalar fp32 FMAs from
-// shared memory. On sm_80+ the tile products (S = Q K^T, O += P V, dP = dO V^T, dV += P^T dO,
-// dK += dS^T Q, dQ += dS K) are where mma.sync m16n8k16 (bf16/f16 in, fp32 accumulate) — or on
-// sm_90 wgmma with TMA tile loads — would go, with the operands kept in their storage dtype in
-// shared memory (ldmatrix) and cp.async double buffering of the K/V tiles.
+// Tensor cores: bf16 / f16 inputs with D, Dv in {64, 128} on sm_80+ take the mma.sync m16n8k16
+// kernels (attn_fwd_mma_kernel, attn_dkdv_mma_kernel, attn_dq_mma_kernel; mma.cuh, which the
+// emulator runs too) with 16-bit operand tiles in shared memory read by ldmatrix and fp32
+// accumulators; MEGAPATCH_ATTENTION_MMA=0 forces the CUDA-core kernels below, which handle every
+// other case and are the reference. Next steps for speed: cp.async double buffering of the K/V
+// (Q/dO) tiles, exp2f with the scale folded in log2 units, 128-row forward tiles (8 warps), and on
+// sm_90 wgmma with TMA tile loads.
 #include "attention.h"
 
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "mma.cuh"
 
 namespace mpc {
 
@@ -84,6 +92,7 @@ struct Params {
   MaskDesc mask;
   CuDesc cu;
   void* delta;  // backward: [B * Hq * Sq] of the compute type
+  int vec;      // tensor-core path: bit 0 q, 1 k, 2 v, 3 gradOut rows are 16-byte aligned and contiguous
 };
 
 template <typename T> MP_D T* mat_ptr(const Mat& m, int64_t b, int64_t h) {
@@ -331,7 +340,211 @@ ATT_UNROLL
   }
 }
 
-// ---- backward --------------------------------------------------------------------------------
+// ---- tensor-core forward (bf16 / f16 inputs, D and Dv in {64, 128}) --------------------------
+// FlashAttention-2 on mma.sync m16n8k16 (mma.cuh). Block: 4 warps, (b, h, tile of 64 query rows)
+// from blockIdx.x; warp w owns query rows 16 w .. 16 w + 15 of the tile. Shared memory holds Q
+// [64][D], K [64][D] and V [64][Dv] in the storage dtype (rows padded by 8 elements = 16 bytes, so
+// the 8 row addresses of an ldmatrix fall in distinct bank groups). Per key tile of 64:
+//   S = Q K^T: A = Q fragments (ldmatrix_x4, kept in registers for the whole kernel), B = K rows
+//     (ldmatrix_x4: two 8-key n-tiles x 16 d per call), fp32 accumulators s[8][4]: lane (g, t)
+//     holds rows g and g + 8, keys 8 n + 2 t + {0, 1};
+//   scale, mask and online softmax in fp32 on those accumulators; each row's 8 columns of an
+//     n-tile live in the 4 lanes of a group, so row max / sum take two xor shuffles;
+//   O += P V: P rounded to the storage dtype in registers (the accumulators of n-tiles 2 s, 2 s + 1
+//     are the A fragment of k-step s), B = V rows (ldmatrix_x4_trans: 16 keys x two 8-column
+//     n-tiles per call), fp32 accumulators o[Dv / 8][4].
+// The results match the CUDA-core kernel's up to the rounding of P to 16 bits in P V (the row sums
+// l use the fp32 P, as FlashAttention-2 does) and the summation order of the dot products.
+constexpr int kMmaWarps = kAttThreads / 32;
+constexpr int kMmaBR = 16 * kMmaWarps;  // query rows per block
+constexpr int kMmaBC = 64;              // keys per tile
+constexpr int kMmaPad = 8;              // elements of padding per shared row
+
+// 16 bytes from global memory (aligned)
+MP_D void copy16(uint16_t* dst, const void* src) {
+#ifdef MEGAPATCH_CUDA_EMULATOR
+  std::memcpy(dst, src, 16);
+#else
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+MP_D void zero16(uint16_t* dst) {
+#ifdef MEGAPATCH_CUDA_EMULATOR
+  std::memset(dst, 0, 16);
+#else
+  *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+#endif
+}
+
+// dst[r * (W + pad) + c] = the 16-bit bits of src row r0 + r, column c (zeros for rows at or past
+// `total`), r < rows, c < W, by the whole block; `vec`: rows are 16-byte aligned and contiguous.
+template <typename T, int W>
+MP_D void load_tile16(uint16_t* dst, const T* base, int64_t rs, int64_t cs, int64_t r0, int rows, int64_t total,
+                      bool vec) {
+  constexpr int ld = W + kMmaPad;
+  if (vec) {
+    constexpr int chunks = W / 8;
+    for (int idx = threadIdx.x; idx < rows * chunks; idx += kAttThreads) {
+      const int r = idx / chunks, c = (idx - r * chunks) * 8;
+      const int64_t row = r0 + r;
+      if (row < total) copy16(dst + r * ld + c, base + row * rs + c);
+      else zero16(dst + r * ld + c);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < rows * W; idx += kAttThreads) {
+      const int r = idx / W, c = idx - r * W;
+      const int64_t row = r0 + r;
+      dst[r * ld + c] = row < total ? base[row * rs + c * cs].bits : uint16_t(0);
+    }
+  }
+}
+
+template <typename T, int D, int DV>
+__global__ void __launch_bounds__(kAttThreads) attn_fwd_mma_kernel(Params P) {
+  constexpr int BR = kMmaBR, BC = kMmaBC, LDQ = D + kMmaPad, LDV = DV + kMmaPad;
+  constexpr int KD = D / 16, NS = BC / 8, NO = DV / 8;
+  MP_DYNAMIC_SMEM(uint16_t, sm);
+  uint16_t* Qs = sm;
+  uint16_t* Ks = Qs + BR * LDQ;
+  uint16_t* Vs = Ks + BC * LDQ;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
+  const int64_t x = blockIdx.x;
+  const int64_t qt = P.ntiles - 1 - x % P.ntiles, bh = x / P.ntiles;
+  const int64_t h = bh % P.Hq, b = bh / P.Hq, kh = h / P.group;
+  const int64_t i0 = qt * BR;
+  const float scale = static_cast<float>(P.scale);
+  const float ninf = -INFINITY;
+
+  load_tile16<T, D>(Qs, mat_ptr<const T>(P.q, b, h), P.q.s[2], P.q.s[3], i0, BR, P.Sq, P.vec & 1);
+  const T* kb = mat_ptr<const T>(P.k, b, kh);
+  const T* vb = mat_ptr<const T>(P.v, b, kh);
+
+  // this lane's rows: i0 + 16 warp + g + 8 hf, hf = 0, 1
+  int64_t lo[2], hi[2];
+  float m[2], l[2], o[NO][4];
+  for (int hf = 0; hf < 2; hf++) {
+    row_range(P, i0 + warp * 16 + g + 8 * hf, lo[hf], hi[hf]);
+    m[hf] = ninf;
+    l[hf] = 0.0f;
+  }
+ATT_UNROLL
+  for (int n = 0; n < NO; n++)
+ATT_UNROLL
+    for (int e = 0; e < 4; e++) o[n][e] = 0.0f;
+  int64_t blo, bhi, unused;
+  row_range(P, i0, blo, unused);
+  row_range(P, mn(i0 + BR, P.Sq) - 1, unused, bhi);
+
+  __syncthreads();
+  uint32_t qf[KD][4];
+ATT_UNROLL
+  for (int kk = 0; kk < KD; kk++)
+    ldmatrix_x4(qf[kk], Qs + (warp * 16 + (lane & 15)) * LDQ + kk * 16 + (lane >> 4) * 8);
+
+  for (int64_t j0 = blo; j0 < bhi; j0 += BC) {
+    __syncthreads();  // the previous tile's readers are done
+    load_tile16<T, D>(Ks, kb, P.k.s[2], P.k.s[3], j0, BC, P.Sk, (P.vec >> 1) & 1);
+    load_tile16<T, DV>(Vs, vb, P.v.s[2], P.v.s[3], j0, BC, P.Sk, (P.vec >> 2) & 1);
+    __syncthreads();
+    float s[NS][4];
+ATT_UNROLL
+    for (int n = 0; n < NS; n++)
+ATT_UNROLL
+      for (int e = 0; e < 4; e++) s[n][e] = 0.0f;
+    // S = Q K^T: per call two n-tiles (keys 16 p .. 16 p + 15) of one k-step
+ATT_UNROLL
+    for (int kk = 0; kk < KD; kk++) {
+ATT_UNROLL
+      for (int p = 0; p < NS / 2; p++) {
+        uint32_t kf[4];
+        ldmatrix_x4(kf, Ks + (16 * p + (lane & 7) + ((lane >> 4) << 3)) * LDQ + kk * 16 + ((lane >> 3) & 1) * 8);
+        const uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
+        mma_m16n8k16<T>(s[2 * p], qf[kk], b0, s[2 * p]);
+        mma_m16n8k16<T>(s[2 * p + 1], qf[kk], b1, s[2 * p + 1]);
+      }
+    }
+    // scale, mask, online softmax (rows hf = 0: elements 0, 1; hf = 1: elements 2, 3)
+ATT_UNROLL
+    for (int hf = 0; hf < 2; hf++) {
+      const int64_t i = i0 + warp * 16 + g + 8 * hf;
+      float rmax = ninf;
+ATT_UNROLL
+      for (int n = 0; n < NS; n++)
+ATT_UNROLL
+        for (int c = 0; c < 2; c++) {
+          const int64_t j = j0 + 8 * n + 2 * t + c;
+          float v = ninf;
+          if (j >= lo[hf] && j < hi[hf]) {
+            v = s[n][2 * hf + c] * scale;
+            if (P.mask.p) v = apply_mask<float>(P.mask, b, h, i, j, v);
+          }
+          s[n][2 * hf + c] = v;
+          rmax = fmaxf(rmax, v);
+        }
+      rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 1));
+      rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 2));
+      const bool live = rmax != ninf;
+      const float mnew = live ? fmaxf(m[hf], rmax) : m[hf];
+      float sum = 0.0f;
+ATT_UNROLL
+      for (int n = 0; n < NS; n++)
+ATT_UNROLL
+        for (int c = 0; c < 2; c++) {
+          const float p = live ? att_exp(s[n][2 * hf + c] - mnew) : 0.0f;
+          s[n][2 * hf + c] = p;
+          sum += p;
+        }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      if (live) {
+        if (m[hf] != ninf && m[hf] != mnew) {
+          const float corr = att_exp(m[hf] - mnew);
+          l[hf] *= corr;
+ATT_UNROLL
+          for (int n = 0; n < NO; n++) {
+            o[n][2 * hf] *= corr;
+            o[n][2 * hf + 1] *= corr;
+          }
+        }
+        l[hf] += sum;
+        m[hf] = mnew;
+      }
+    }
+    // O += P V: k-step ks covers keys 16 ks .. 16 ks + 15; per call two 8-column n-tiles
+ATT_UNROLL
+    for (int ks = 0; ks < BC / 16; ks++) {
+      const uint32_t pa[4] = {pack2<T>(s[2 * ks][0], s[2 * ks][1]), pack2<T>(s[2 * ks][2], s[2 * ks][3]),
+                              pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]),
+                              pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+ATT_UNROLL
+      for (int p = 0; p < NO / 2; p++) {
+        uint32_t vf[4];
+        ldmatrix_x4_trans(vf, Vs + (16 * ks + (lane & 7) + ((lane >> 3) & 1) * 8) * LDV + 16 * p + (lane >> 4) * 8);
+        const uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
+        mma_m16n8k16<T>(o[2 * p], pa, b0, o[2 * p]);
+        mma_m16n8k16<T>(o[2 * p + 1], pa, b1, o[2 * p + 1]);
+      }
+    }
+  }
+
+  T* ob = mat_ptr<T>(P.o, b, h);
+  float* lb = reinterpret_cast<float*>(P.lse.p) + b * P.lse.s[0] + h * P.lse.s[1];
+ATT_UNROLL
+  for (int hf = 0; hf < 2; hf++) {
+    const int64_t i = i0 + warp * 16 + g + 8 * hf;
+    if (i >= P.Sq) continue;
+    const float inv = l[hf] > 0.0f ? 1.0f / l[hf] : 0.0f;
+    T* orow = ob + i * P.o.s[2];
+ATT_UNROLL
+    for (int n = 0; n < NO; n++)
+ATT_UNROLL
+      for (int c = 0; c < 2; c++)
+        Tr<T>::st(orow + static_cast<int64_t>(8 * n + 2 * t + c) * P.o.s[3], o[n][2 * hf + c] * inv);
+    if (t == 0) lb[i * P.lse.s[2]] = l[hf] > 0.0f ? m[hf] + att_log(l[hf]) : ninf;
+  }
+}
+
+// ---- backward (CUDA cores) --------------------------------------------------------------------------------
 // delta[(b * Hq + h) * Sq + i] = sum_d dO[b, h, i, d] * O[b, h, i, d]: one warp per row.
 template <typename T>
 __global__ void __launch_bounds__(kAttThreads) attn_delta_kernel(Params P) {
@@ -555,6 +768,287 @@ ATT_UNROLL
   }
 }
 
+// ---- tensor-core backward (bf16 / f16 inputs, D and Dv in {64, 128}) -------------------------
+// The same decomposition as the CUDA-core kernels (delta, then dk/dv per key tile, then dq per
+// query tile), with every tile product on mma.sync. A fragments are read from shared memory by
+// ldmatrix at each use (not kept in registers: the accumulators need them); the probabilities P
+// and dS = P (dP - delta) are rounded to the storage dtype for the products that take them as A
+// operands (dV += P^T dO, dK += dS^T Q, dQ += dS K), as FlashAttention-2 does.
+
+// A fragment of the 16 x 16 block at `As` (row-major, leading dimension ld)
+MP_D void mma_load_a(uint32_t (&a)[4], const uint16_t* As, int ld, int lane) {
+  ldmatrix_x4(a, As + (lane & 15) * ld + (lane >> 4) * 8);
+}
+// acc[n] += a * B for n-tiles n < NT, B "n-major": element (k, n) at Bs[n * ld + k] (Bs: k-step's
+// first column)
+template <typename T, int NT>
+MP_D void mma_step_nmajor(float (&acc)[NT][4], const uint32_t (&a)[4], const uint16_t* Bs, int ld, int lane) {
+ATT_UNROLL
+  for (int p = 0; p < NT / 2; p++) {
+    uint32_t f[4];
+    ldmatrix_x4(f, Bs + (16 * p + (lane & 7) + ((lane >> 4) << 3)) * ld + ((lane >> 3) & 1) * 8);
+    const uint32_t b0[2] = {f[0], f[1]}, b1[2] = {f[2], f[3]};
+    mma_m16n8k16<T>(acc[2 * p], a, b0, acc[2 * p]);
+    mma_m16n8k16<T>(acc[2 * p + 1], a, b1, acc[2 * p + 1]);
+  }
+}
+// acc[n] += a * B for n-tiles n < NT, B "k-major": element (k, n) at Bs[k * ld + n] (Bs: k-step's
+// first row)
+template <typename T, int NT>
+MP_D void mma_step_kmajor(float (&acc)[NT][4], const uint32_t (&a)[4], const uint16_t* Bs, int ld, int lane) {
+ATT_UNROLL
+  for (int p = 0; p < NT / 2; p++) {
+    uint32_t f[4];
+    ldmatrix_x4_trans(f, Bs + ((lane & 7) + ((lane >> 3) & 1) * 8) * ld + 16 * p + (lane >> 4) * 8);
+    const uint32_t b0[2] = {f[0], f[1]}, b1[2] = {f[2], f[3]};
+    mma_m16n8k16<T>(acc[2 * p], a, b0, acc[2 * p]);
+    mma_m16n8k16<T>(acc[2 * p + 1], a, b1, acc[2 * p + 1]);
+  }
+}
+// the A fragment of a 16 x 16 operand from the accumulators of its two 16 x 8 halves
+template <typename T>
+MP_D void mma_acc_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+  a[0] = pack2<T>(lo[0], lo[1]);
+  a[1] = pack2<T>(lo[2], lo[3]);
+  a[2] = pack2<T>(hi[0], hi[1]);
+  a[3] = pack2<T>(hi[2], hi[3]);
+}
+
+// Block: (b, kv head, tile of 64 keys) from blockIdx.x; warp w owns keys 16 w .. 16 w + 15. Loops
+// over the query heads of the group and the query tiles (BQ queries) that can see its keys.
+// Shared: K [64][D], V [64][Dv], Q [BQ][D], dO [BQ][Dv] (16-bit, padded rows), then lse, delta
+// [BQ] (float) and the queries' key ranges lo, hi [BQ] (int64).
+template <typename T, int D, int DV, int BQ>
+__global__ void __launch_bounds__(kAttThreads) attn_dkdv_mma_kernel(Params P) {
+  constexpr int BR = kMmaBR, LDK = D + kMmaPad, LDV = DV + kMmaPad, NQ = BQ / 8;
+  MP_DYNAMIC_SMEM(uint16_t, sm);
+  uint16_t* Ks = sm;
+  uint16_t* Vs = Ks + BR * LDK;
+  uint16_t* Qs = Vs + BR * LDV;
+  uint16_t* Gs = Qs + BQ * LDK;
+  float* Ls = reinterpret_cast<float*>(Gs + BQ * LDV);  // 16-byte aligned: every size above is
+  float* Dl = Ls + BQ;                                   // a multiple of 8 elements
+  int64_t* Lo = reinterpret_cast<int64_t*>(Dl + BQ);
+  int64_t* Hi = Lo + BQ;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
+  const int64_t x = blockIdx.x;
+  const int64_t kt = x % P.ntiles, bk = x / P.ntiles;
+  const int64_t kh = bk % P.Hkv, b = bk / P.Hkv;
+  const int64_t j0 = kt * BR;
+  const float scale = static_cast<float>(P.scale);
+  const float ninf = -INFINITY;
+  const float* delta = static_cast<const float*>(P.delta);
+
+  load_tile16<T, D>(Ks, mat_ptr<const T>(P.k, b, kh), P.k.s[2], P.k.s[3], j0, BR, P.Sk, (P.vec >> 1) & 1);
+  load_tile16<T, DV>(Vs, mat_ptr<const T>(P.v, b, kh), P.v.s[2], P.v.s[3], j0, BR, P.Sk, (P.vec >> 2) & 1);
+
+  float dk[D / 8][4], dv[DV / 8][4];
+ATT_UNROLL
+  for (int n = 0; n < D / 8; n++)
+ATT_UNROLL
+    for (int e = 0; e < 4; e++) dk[n][e] = 0.0f;
+ATT_UNROLL
+  for (int n = 0; n < DV / 8; n++)
+ATT_UNROLL
+    for (int e = 0; e < 4; e++) dv[n][e] = 0.0f;
+
+  // the queries that can see keys [j0, j1) (see attn_dkdv_kernel)
+  const int64_t j1 = mn(j0 + BR, P.Sk);
+  int64_t ia = 0, ib = P.Sq;
+  if (P.cu.p) {
+    int64_t lo, hi;
+    seq_of(P.cu, j0, ia, hi);
+    seq_of(P.cu, j1 - 1, lo, ib);
+    ia = mx(ia, int64_t(0));
+    ib = mn(ib, P.Sq);
+  }
+  if (P.causal) ia = mx(ia, j0);
+
+  for (int64_t gq = 0; gq < P.group; gq++) {
+    const int64_t h = kh * P.group + gq;
+    const T* qb = mat_ptr<const T>(P.q, b, h);
+    const T* gb = mat_ptr<const T>(P.go, b, h);
+    const float* lb = reinterpret_cast<const float*>(P.lse.p) + b * P.lse.s[0] + h * P.lse.s[1];
+    const float* db = delta + (b * P.Hq + h) * P.Sq;
+    for (int64_t i0 = ia; i0 < ib; i0 += BQ) {
+      __syncthreads();  // the previous tile's readers are done
+      load_tile16<T, D>(Qs, qb, P.q.s[2], P.q.s[3], i0, BQ, P.Sq, P.vec & 1);
+      load_tile16<T, DV>(Gs, gb, P.go.s[2], P.go.s[3], i0, BQ, P.Sq, (P.vec >> 3) & 1);
+      for (int q = tid; q < BQ; q += kAttThreads) {
+        const int64_t i = i0 + q;
+        const bool in = i < P.Sq;
+        Ls[q] = in ? lb[i * P.lse.s[2]] : ninf;
+        Dl[q] = in ? db[i] : 0.0f;
+        row_range(P, i, Lo[q], Hi[q]);
+      }
+      __syncthreads();
+      // S^T = K Q^T and dP^T = V dO^T: rows keys, columns queries
+      float st[NQ][4], dpt[NQ][4];
+ATT_UNROLL
+      for (int n = 0; n < NQ; n++)
+ATT_UNROLL
+        for (int e = 0; e < 4; e++) st[n][e] = dpt[n][e] = 0.0f;
+ATT_UNROLL
+      for (int kk = 0; kk < D / 16; kk++) {
+        uint32_t a[4];
+        mma_load_a(a, Ks + warp * 16 * LDK + kk * 16, LDK, lane);
+        mma_step_nmajor<T, NQ>(st, a, Qs + kk * 16, LDK, lane);
+      }
+ATT_UNROLL
+      for (int kk = 0; kk < DV / 16; kk++) {
+        uint32_t a[4];
+        mma_load_a(a, Vs + warp * 16 * LDV + kk * 16, LDV, lane);
+        mma_step_nmajor<T, NQ>(dpt, a, Gs + kk * 16, LDV, lane);
+      }
+      // P^T and dS^T = P^T (dP^T - delta)
+ATT_UNROLL
+      for (int n = 0; n < NQ; n++)
+ATT_UNROLL
+        for (int e = 0; e < 4; e++) {
+          const int64_t j = j0 + warp * 16 + g + 8 * (e >> 1);
+          const int q = 8 * n + 2 * t + (e & 1);
+          const float L = Ls[q];
+          float p = 0.0f;
+          if (j >= Lo[q] && j < Hi[q] && L != ninf) {
+            float v = st[n][e] * scale;
+            if (P.mask.p) v = apply_mask<float>(P.mask, b, h, i0 + q, j, v);
+            p = att_exp(v - L);
+          }
+          st[n][e] = p;
+          dpt[n][e] = p * (dpt[n][e] - Dl[q]);
+        }
+      // dV += P^T dO, dK += dS^T Q (k-steps over the tile's queries)
+ATT_UNROLL
+      for (int ks = 0; ks < BQ / 16; ks++) {
+        uint32_t a[4];
+        mma_acc_to_a<T>(a, st[2 * ks], st[2 * ks + 1]);
+        mma_step_kmajor<T, DV / 8>(dv, a, Gs + ks * 16 * LDV, LDV, lane);
+        mma_acc_to_a<T>(a, dpt[2 * ks], dpt[2 * ks + 1]);
+        mma_step_kmajor<T, D / 8>(dk, a, Qs + ks * 16 * LDK, LDK, lane);
+      }
+    }
+  }
+
+  T* dkb = mat_ptr<T>(P.dk, b, kh);
+  T* dvb = mat_ptr<T>(P.dv, b, kh);
+ATT_UNROLL
+  for (int hf = 0; hf < 2; hf++) {
+    const int64_t j = j0 + warp * 16 + g + 8 * hf;
+    if (j >= P.Sk) continue;
+ATT_UNROLL
+    for (int n = 0; n < D / 8; n++)
+ATT_UNROLL
+      for (int c = 0; c < 2; c++)
+        Tr<T>::st(dkb + j * P.dk.s[2] + static_cast<int64_t>(8 * n + 2 * t + c) * P.dk.s[3], dk[n][2 * hf + c] * scale);
+ATT_UNROLL
+    for (int n = 0; n < DV / 8; n++)
+ATT_UNROLL
+      for (int c = 0; c < 2; c++)
+        Tr<T>::st(dvb + j * P.dv.s[2] + static_cast<int64_t>(8 * n + 2 * t + c) * P.dv.s[3], dv[n][2 * hf + c]);
+  }
+}
+
+// Block: (b, query head, tile of 64 queries) from blockIdx.x; warp w owns rows 16 w .. 16 w + 15.
+// Shared: Q [64][D], dO [64][Dv], K [64][D], V [64][Dv] (16-bit, padded rows).
+template <typename T, int D, int DV>
+__global__ void __launch_bounds__(kAttThreads) attn_dq_mma_kernel(Params P) {
+  constexpr int BR = kMmaBR, BC = kMmaBC, LDK = D + kMmaPad, LDV = DV + kMmaPad, NS = BC / 8;
+  MP_DYNAMIC_SMEM(uint16_t, sm);
+  uint16_t* Qs = sm;
+  uint16_t* Gs = Qs + BR * LDK;
+  uint16_t* Ks = Gs + BR * LDV;
+  uint16_t* Vs = Ks + BC * LDK;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
+  const int64_t x = blockIdx.x;
+  const int64_t qt = P.ntiles - 1 - x % P.ntiles, bh = x / P.ntiles;
+  const int64_t h = bh % P.Hq, b = bh / P.Hq, kh = h / P.group;
+  const int64_t i0 = qt * BR;
+  const float scale = static_cast<float>(P.scale);
+  const float ninf = -INFINITY;
+
+  load_tile16<T, D>(Qs, mat_ptr<const T>(P.q, b, h), P.q.s[2], P.q.s[3], i0, BR, P.Sq, P.vec & 1);
+  load_tile16<T, DV>(Gs, mat_ptr<const T>(P.go, b, h), P.go.s[2], P.go.s[3], i0, BR, P.Sq, (P.vec >> 3) & 1);
+  const T* kb = mat_ptr<const T>(P.k, b, kh);
+  const T* vb = mat_ptr<const T>(P.v, b, kh);
+  const float* lb = reinterpret_cast<const float*>(P.lse.p) + b * P.lse.s[0] + h * P.lse.s[1];
+  const float* db = static_cast<const float*>(P.delta) + (b * P.Hq + h) * P.Sq;
+
+  int64_t lo[2], hi[2];
+  float L[2], dl[2], acc[D / 8][4];
+  for (int hf = 0; hf < 2; hf++) {
+    const int64_t i = i0 + warp * 16 + g + 8 * hf;
+    row_range(P, i, lo[hf], hi[hf]);
+    L[hf] = i < P.Sq ? lb[i * P.lse.s[2]] : ninf;
+    dl[hf] = i < P.Sq ? db[i] : 0.0f;
+    if (L[hf] == ninf) hi[hf] = lo[hf];  // nothing to attend to: no gradient
+  }
+ATT_UNROLL
+  for (int n = 0; n < D / 8; n++)
+ATT_UNROLL
+    for (int e = 0; e < 4; e++) acc[n][e] = 0.0f;
+  int64_t blo, bhi, unused;
+  row_range(P, i0, blo, unused);
+  row_range(P, mn(i0 + BR, P.Sq) - 1, unused, bhi);
+
+  for (int64_t j0 = blo; j0 < bhi; j0 += BC) {
+    __syncthreads();
+    load_tile16<T, D>(Ks, kb, P.k.s[2], P.k.s[3], j0, BC, P.Sk, (P.vec >> 1) & 1);
+    load_tile16<T, DV>(Vs, vb, P.v.s[2], P.v.s[3], j0, BC, P.Sk, (P.vec >> 2) & 1);
+    __syncthreads();
+    float s[NS][4], dp[NS][4];
+ATT_UNROLL
+    for (int n = 0; n < NS; n++)
+ATT_UNROLL
+      for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0.0f;
+ATT_UNROLL
+    for (int kk = 0; kk < D / 16; kk++) {
+      uint32_t a[4];
+      mma_load_a(a, Qs + warp * 16 * LDK + kk * 16, LDK, lane);
+      mma_step_nmajor<T, NS>(s, a, Ks + kk * 16, LDK, lane);
+    }
+ATT_UNROLL
+    for (int kk = 0; kk < DV / 16; kk++) {
+      uint32_t a[4];
+      mma_load_a(a, Gs + warp * 16 * LDV + kk * 16, LDV, lane);
+      mma_step_nmajor<T, NS>(dp, a, Vs + kk * 16, LDV, lane);
+    }
+ATT_UNROLL
+    for (int n = 0; n < NS; n++)
+ATT_UNROLL
+      for (int e = 0; e < 4; e++) {
+        const int hf = e >> 1;
+        const int64_t i = i0 + warp * 16 + g + 8 * hf;
+        const int64_t j = j0 + 8 * n + 2 * t + (e & 1);
+        float p = 0.0f;
+        if (j >= lo[hf] && j < hi[hf]) {
+          float v = s[n][e] * scale;
+          if (P.mask.p) v = apply_mask<float>(P.mask, b, h, i, j, v);
+          p = att_exp(v - L[hf]);
+        }
+        s[n][e] = p * (dp[n][e] - dl[hf]);
+      }
+    // dQ += dS K
+ATT_UNROLL
+    for (int ks = 0; ks < BC / 16; ks++) {
+      uint32_t a[4];
+      mma_acc_to_a<T>(a, s[2 * ks], s[2 * ks + 1]);
+      mma_step_kmajor<T, D / 8>(acc, a, Ks + ks * 16 * LDK, LDK, lane);
+    }
+  }
+
+  T* qgb = mat_ptr<T>(P.dq, b, h);
+ATT_UNROLL
+  for (int hf = 0; hf < 2; hf++) {
+    const int64_t i = i0 + warp * 16 + g + 8 * hf;
+    if (i >= P.Sq) continue;
+ATT_UNROLL
+    for (int n = 0; n < D / 8; n++)
+ATT_UNROLL
+      for (int c = 0; c < 2; c++)
+        Tr<T>::st(qgb + i * P.dq.s[2] + static_cast<int64_t>(8 * n + 2 * t + c) * P.dq.s[3], acc[n][2 * hf + c] * scale);
+  }
+}
+
 // ---- host ------------------------------------------------------------------------------------
 Mat mat_of(const TensorArg& t) {
   Mat m;
@@ -676,8 +1170,84 @@ void dq_cfg(Params P, cudaStream_t s) {
 // dk/dv); a configuration whose tiles of the other head dim would not fit in shared memory gives
 // way to the next one with fewer rows, so that every pair of head dims up to 256 runs in every
 // dtype.
+// ---- tensor-core path selection ----
+// MEGAPATCH_ATTENTION_MMA=0 forces the CUDA-core kernels (the reference); otherwise bf16 / f16
+// inputs with D, Dv in {64, 128} on compute capability 8.0+ take the mma.sync kernels.
+bool mma_allowed() {
+  const char* e = std::getenv("MEGAPATCH_ATTENTION_MMA");
+  return !(e && std::strcmp(e, "0") == 0);
+}
+// The device is sm_80+ and the kernels it would run were compiled for sm_80+ (a build for older
+// architectures JIT-compiled on a new GPU would run mma.cuh's slow shuffle fallback instead).
+bool device_has_mma_uncached(int dev) {
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  if (major < 8) return false;
+#ifndef MEGAPATCH_CUDA_EMULATOR
+  cudaFuncAttributes fa;
+  auto k = attn_fwd_mma_kernel<bf16, 64, 64>;
+  if (cudaFuncGetAttributes(&fa, k) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  if (fa.ptxVersion < 80) return false;
+#endif
+  return true;
+}
+bool device_has_mma() {
+  static std::atomic<int> known[64];  // per device: 0 unknown, 1 no, 2 yes
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (dev < 0 || dev >= 64) return device_has_mma_uncached(dev);
+  int v = known[dev].load(std::memory_order_relaxed);
+  if (v == 0) {
+    v = device_has_mma_uncached(dev) ? 2 : 1;
+    known[dev].store(v, std::memory_order_relaxed);
+  }
+  return v == 2;
+}
+// 16-bit rows of `m` (last stride 1) start on 16-byte boundaries for every (b, h, row)
+bool rows_aligned16(const Mat& m, int width) {
+  if (reinterpret_cast<uintptr_t>(m.p) % 16 != 0) return false;
+  if (m.s[3] != 1 && width > 1) return false;
+  for (int d = 0; d < 3; d++)
+    if (m.s[d] % 8 != 0) return false;
+  return true;
+}
+template <typename T> constexpr bool kHalf16 = std::is_same<T, bf16>::value || std::is_same<T, f16>::value;
+
+template <typename T, int D, int DV>
+size_t fwd_mma_smem() {
+  return sizeof(uint16_t) * ((kMmaBR + kMmaBC) * (D + kMmaPad) + kMmaBC * (DV + kMmaPad));
+}
+template <typename T, int D, int DV>
+void forward_mma_cfg(Params P, cudaStream_t s) {
+  P.ntiles = cdiv(P.Sq, kMmaBR);
+  P.vec = (rows_aligned16(P.q, D) ? 1 : 0) | (rows_aligned16(P.k, D) ? 2 : 0) | (rows_aligned16(P.v, DV) ? 4 : 0);
+  auto k = attn_fwd_mma_kernel<T, D, DV>;
+  launch_tiles(k, "attentionForward", P, P.B * P.Hq * P.ntiles, 1, fwd_mma_smem<T, D, DV>(), s);
+}
+// true when the tensor-core kernel took the launch
+template <typename T>
+bool forward_mma(const Params& P, cudaStream_t s) {
+  if constexpr (!kHalf16<T>) {
+    (void)P;
+    (void)s;
+    return false;
+  } else {
+    const bool d64 = P.D == 64, d128 = P.D == 128, v64 = P.Dv == 64, v128 = P.Dv == 128;
+    if (!(d64 || d128) || !(v64 || v128) || !mma_allowed() || !device_has_mma()) return false;
+    if (d64 && v64) forward_mma_cfg<T, 64, 64>(P, s);
+    else if (d64) forward_mma_cfg<T, 64, 128>(P, s);
+    else if (v64) forward_mma_cfg<T, 128, 64>(P, s);
+    else forward_mma_cfg<T, 128, 128>(P, s);
+    return true;
+  }
+}
+
 template <typename T>
 void forward_typed(const Params& P, cudaStream_t s) {
+  if (forward_mma<T>(P, s)) return;
   if (P.Dv <= 64 && fwd_smem<T, 4, 8, 64>(P) <= kMaxSmem) forward_cfg<T, 4, 8, 64>(P, s);
   else if (P.Dv <= 128 && fwd_smem<T, 4, 4, 128>(P) <= kMaxSmem) forward_cfg<T, 4, 4, 128>(P, s);
   else forward_cfg<T, 2, 4, 256>(P, s);
@@ -704,6 +1274,50 @@ void workspace_free(void* w, cudaStream_t stream) {
 #endif
 }
 
+template <typename T, int D, int DV>
+constexpr int bwd_mma_bq() {
+  return D + DV > 128 ? 32 : 64;  // queries per dk/dv tile: fewer past D = Dv = 64 (registers)
+}
+template <typename T, int D, int DV>
+size_t dkdv_mma_smem() {
+  constexpr size_t BQ = bwd_mma_bq<T, D, DV>();
+  return sizeof(uint16_t) * (kMmaBR + BQ) * (D + kMmaPad + DV + kMmaPad) + BQ * (2 * sizeof(float) + 2 * sizeof(int64_t));
+}
+template <typename T, int D, int DV>
+size_t dq_mma_smem() {
+  return sizeof(uint16_t) * (kMmaBR + kMmaBC) * (D + kMmaPad + DV + kMmaPad);
+}
+template <typename T, int D, int DV>
+void backward_mma_cfg(Params P, cudaStream_t s) {
+  P.vec = (rows_aligned16(P.q, D) ? 1 : 0) | (rows_aligned16(P.k, D) ? 2 : 0) | (rows_aligned16(P.v, DV) ? 4 : 0) |
+          (rows_aligned16(P.go, DV) ? 8 : 0);
+  Params Pk = P;
+  Pk.ntiles = cdiv(P.Sk, kMmaBR);
+  auto k1 = attn_dkdv_mma_kernel<T, D, DV, bwd_mma_bq<T, D, DV>()>;
+  launch_tiles(k1, "attentionBackward (dk, dv)", Pk, P.B * P.Hkv * Pk.ntiles, 1, dkdv_mma_smem<T, D, DV>(), s);
+  Params Pq = P;
+  Pq.ntiles = cdiv(P.Sq, kMmaBR);
+  auto k2 = attn_dq_mma_kernel<T, D, DV>;
+  launch_tiles(k2, "attentionBackward (dq)", Pq, P.B * P.Hq * Pq.ntiles, 1, dq_mma_smem<T, D, DV>(), s);
+}
+// true when the tensor-core kernels took the dk/dv and dq launches
+template <typename T>
+bool backward_mma(const Params& P, cudaStream_t s) {
+  if constexpr (!kHalf16<T>) {
+    (void)P;
+    (void)s;
+    return false;
+  } else {
+    const bool d64 = P.D == 64, d128 = P.D == 128, v64 = P.Dv == 64, v128 = P.Dv == 128;
+    if (!(d64 || d128) || !(v64 || v128) || !mma_allowed() || !device_has_mma()) return false;
+    if (d64 && v64) backward_mma_cfg<T, 64, 64>(P, s);
+    else if (d64) backward_mma_cfg<T, 64, 128>(P, s);
+    else if (v64) backward_mma_cfg<T, 128, 64>(P, s);
+    else backward_mma_cfg<T, 128, 128>(P, s);
+    return true;
+  }
+}
+
 template <typename T>
 void backward_typed(Params P, cudaStream_t s) {
   using C = typename Tr<T>::C;
@@ -718,13 +1332,15 @@ void backward_typed(Params P, cudaStream_t s) {
     check_launch("attentionBackward (delta)");
   }
   try {
-    const int w = mx(P.D, P.Dv);
-    if (w <= 64 && dkdv_smem<T, 4, 4, 64>(P) <= kMaxSmem) dkdv_cfg<T, 4, 4, 64>(P, s);
-    else if (w <= 128 && dkdv_smem<T, 2, 4, 128>(P) <= kMaxSmem) dkdv_cfg<T, 2, 4, 128>(P, s);
-    else dkdv_cfg<T, 1, 4, 256>(P, s);
-    if (P.D <= 64 && dq_smem<T, 4, 8, 64>(P) <= kMaxSmem) dq_cfg<T, 4, 8, 64>(P, s);
-    else if (P.D <= 128 && dq_smem<T, 4, 4, 128>(P) <= kMaxSmem) dq_cfg<T, 4, 4, 128>(P, s);
-    else dq_cfg<T, 2, 2, 256>(P, s);
+    if (!backward_mma<T>(P, s)) {
+      const int w = mx(P.D, P.Dv);
+      if (w <= 64 && dkdv_smem<T, 4, 4, 64>(P) <= kMaxSmem) dkdv_cfg<T, 4, 4, 64>(P, s);
+      else if (w <= 128 && dkdv_smem<T, 2, 4, 128>(P) <= kMaxSmem) dkdv_cfg<T, 2, 4, 128>(P, s);
+      else dkdv_cfg<T, 1, 4, 256>(P, s);
+      if (P.D <= 64 && dq_smem<T, 4, 8, 64>(P) <= kMaxSmem) dq_cfg<T, 4, 8, 64>(P, s);
+      else if (P.D <= 128 && dq_smem<T, 4, 4, 128>(P) <= kMaxSmem) dq_cfg<T, 4, 4, 128>(P, s);
+      else dq_cfg<T, 2, 2, 256>(P, s);
+    }
   } catch (...) {
     if (ws) workspace_free(ws, s);
     throw;

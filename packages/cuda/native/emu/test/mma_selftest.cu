@@ -1,0 +1,330 @@
+// Self-test of the warp-level matrix primitives (native/src/kernels/mma.cuh): mma_m16n8k16 for
+// bf16 and f16 with fp32 accumulators, ldmatrix x1/x2/x4 (+ .trans) and the accumulator -> A
+// fragment repacking of FlashAttention-2. Built with the host compiler against the emulator:
+//   g++ -std=c++17 -O1 -x c++ -DMEGAPATCH_CUDA_EMULATOR=1 -I native/emu -I native/src/kernels
+//       native/emu/test/mma_selftest.cu native/emu/emu.cc -o mma_selftest
+// and, unchanged, with nvcc for a GPU (nvcc -std=c++17 -arch=sm_90 -I native/src/kernels
+// native/emu/test/mma_selftest.cu -o mma_selftest), where the same checks run on the tensor cores.
+// Each check multiplies random tiles through the primitives and compares with a plain loop over
+// the documented fragment layouts: bit-exact under the emulator (it sums in k order in fp32, as
+// the loop does), within a small relative tolerance on a GPU (the tensor cores' internal order).
+// Prints "ok N checks" and exits 0, or prints the first failed check and exits 1.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "../../src/kernels/mma.cuh"
+
+using mpc::bf16;
+using mpc::f16;
+
+static int g_checks = 0;
+#define CHECK(cond, ...)                                                \
+  do {                                                                  \
+    g_checks++;                                                         \
+    if (!(cond)) {                                                      \
+      std::printf("FAILED %s:%d: %s: ", __FILE__, __LINE__, #cond);     \
+      std::printf(__VA_ARGS__);                                         \
+      std::printf("\n");                                                \
+      std::exit(1);                                                     \
+    }                                                                   \
+  } while (0)
+#define CUDA_OK(call)                                                           \
+  do {                                                                          \
+    cudaError_t e_ = (call);                                                    \
+    CHECK(e_ == cudaSuccess, "%s -> %s", #call, cudaGetErrorString(e_));        \
+  } while (0)
+#define LAUNCH_OK(what)                                                         \
+  do {                                                                          \
+    cudaError_t e_ = cudaGetLastError();                                        \
+    if (e_ == cudaSuccess) e_ = cudaDeviceSynchronize();                        \
+    CHECK(e_ == cudaSuccess, "launch of %s: %s", what, cudaGetErrorString(e_)); \
+  } while (0)
+
+#ifdef MEGAPATCH_CUDA_EMULATOR
+constexpr bool kExact = true;
+#else
+constexpr bool kExact = false;
+#endif
+
+template <typename T> struct DevBuf {
+  T* p = nullptr;
+  size_t n;
+  explicit DevBuf(size_t count) : n(count) {
+    CUDA_OK(cudaMalloc(&p, n * sizeof(T)));
+    CUDA_OK(cudaMemset(p, 0, n * sizeof(T)));
+  }
+  ~DevBuf() { cudaFree(p); }
+  std::vector<T> get() const {
+    std::vector<T> h(n);
+    CUDA_OK(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+  }
+  void put(const std::vector<T>& h) { CUDA_OK(cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice)); }
+};
+
+// ---- kernels ---------------------------------------------------------------------------------
+// Problems: warp w of block b takes problem p = b * warps + w: A [16][16], B [16][8] (k x n),
+// B2 [16][16], C [16][8] (fp32). Outputs [p][16][8] fp32 (row-major), raw registers [p][32][4].
+constexpr int kWarps = 2;
+constexpr int kBlocks = 3;
+constexpr int kProblems = kWarps * kBlocks;
+
+__device__ __forceinline__ void store_c(float* out, const float (&d)[4], int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  out[g * 8 + 2 * t] = d[0];
+  out[g * 8 + 2 * t + 1] = d[1];
+  out[(g + 8) * 8 + 2 * t] = d[2];
+  out[(g + 8) * 8 + 2 * t + 1] = d[3];
+}
+
+// mode 0: fragments from global memory by the documented layouts (tests the mma alone)
+// mode 1: A by ldmatrix_x4 (row-major A), B by ldmatrix_x2 (n-major copy of B)
+// mode 2: A by ldmatrix_x4_trans (column-major copy of A), B by ldmatrix_x2_trans (k-major B)
+// mode 3: E = (A B2) as two 16x8 accumulators, repacked to the 16-bit A fragment of a 16x16
+//         operand, times B: D = pack(A B2) B + C
+template <typename T>
+__global__ void mma_kernel(int mode, const uint16_t* A, const uint16_t* B, const uint16_t* B2, const float* C,
+                           float* D) {
+  // padded rows (multiples of 16 bytes, as ldmatrix needs)
+  __shared__ __align__(16) uint16_t sA[kWarps][16][24];
+  __shared__ __align__(16) uint16_t sAt[kWarps][16][24];
+  __shared__ __align__(16) uint16_t sB[kWarps][16][16];   // [k][n], n < 8 used
+  __shared__ __align__(16) uint16_t sBt[kWarps][8][24];   // [n][k]
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int p = blockIdx.x * kWarps + w;
+  const uint16_t* a = A + p * 256;
+  const uint16_t* b = B + p * 128;
+  const uint16_t* b2 = B2 + p * 256;
+  const float* c = C + p * 128;
+  for (int i = lane; i < 256; i += 32) {
+    sA[w][i / 16][i % 16] = a[i];
+    sAt[w][i % 16][i / 16] = a[i];
+  }
+  for (int i = lane; i < 128; i += 32) {
+    sB[w][i / 8][i % 8] = b[i];
+    sBt[w][i % 8][i / 8] = b[i];
+  }
+  __syncwarp();
+  const int g = lane >> 2, t = lane & 3;
+  float cf[4] = {c[g * 8 + 2 * t], c[g * 8 + 2 * t + 1], c[(g + 8) * 8 + 2 * t], c[(g + 8) * 8 + 2 * t + 1]};
+  uint32_t ra[4], rb[2];
+  auto pk = [](uint16_t lo, uint16_t hi) { return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16); };
+  if (mode == 0 || mode == 3) {
+    ra[0] = pk(a[g * 16 + 2 * t], a[g * 16 + 2 * t + 1]);
+    ra[1] = pk(a[(g + 8) * 16 + 2 * t], a[(g + 8) * 16 + 2 * t + 1]);
+    ra[2] = pk(a[g * 16 + 2 * t + 8], a[g * 16 + 2 * t + 9]);
+    ra[3] = pk(a[(g + 8) * 16 + 2 * t + 8], a[(g + 8) * 16 + 2 * t + 9]);
+    rb[0] = pk(b[(2 * t) * 8 + g], b[(2 * t + 1) * 8 + g]);
+    rb[1] = pk(b[(2 * t + 8) * 8 + g], b[(2 * t + 9) * 8 + g]);
+  } else if (mode == 1) {
+    // matrices: (rows 0-7, cols 0-7), (rows 8-15, cols 0-7), (rows 0-7, cols 8-15), (rows 8-15, cols 8-15)
+    const int m = lane >> 3, r = lane & 7;
+    mpc::ldmatrix_x4(ra, &sA[w][r + 8 * (m & 1)][8 * (m >> 1)]);
+    // B^T rows n, k 0-7 then k 8-15 (lanes 16-31: ignored addresses, kept valid)
+    const int m2 = (lane >> 3) & 1;
+    mpc::ldmatrix_x2(rb, &sBt[w][r][8 * m2]);
+  } else {
+    // A^T stored: matrix (A rows 8(m&1).., cols 8(m>>1)..) is At rows 8(m>>1) + r, cols 8(m&1)
+    const int m = lane >> 3, r = lane & 7;
+    mpc::ldmatrix_x4_trans(ra, &sAt[w][8 * (m >> 1) + r][8 * (m & 1)]);
+    const int m2 = (lane >> 3) & 1;
+    mpc::ldmatrix_x2_trans(rb, &sB[w][8 * m2 + r][0]);
+  }
+  float d[4];
+  if (mode != 3) {
+    mpc::mma_m16n8k16<T>(d, ra, rb, cf);
+  } else {
+    // E = A B2 (two n-tiles of 8), zero accumulators
+    float e[2][4];
+    const float z[4] = {0, 0, 0, 0};
+    for (int nt = 0; nt < 2; nt++) {
+      uint32_t rb2[2] = {pk(b2[(2 * t) * 16 + nt * 8 + g], b2[(2 * t + 1) * 16 + nt * 8 + g]),
+                         pk(b2[(2 * t + 8) * 16 + nt * 8 + g], b2[(2 * t + 9) * 16 + nt * 8 + g])};
+      mpc::mma_m16n8k16<T>(e[nt], ra, rb2, z);
+    }
+    uint32_t pa[4] = {mpc::pack2<T>(e[0][0], e[0][1]), mpc::pack2<T>(e[0][2], e[0][3]),
+                      mpc::pack2<T>(e[1][0], e[1][1]), mpc::pack2<T>(e[1][2], e[1][3])};
+    mpc::mma_m16n8k16<T>(d, pa, rb, cf);
+  }
+  store_c(D + p * 128, d, lane);
+}
+
+// raw ldmatrix registers: x1, x2, x4 and their .trans forms of the 16x16 matrix A (row-major, in
+// shared memory), matrix m = (rows 8(m & 1).., cols 8(m >> 1)..); out [p][variant][lane][4]
+__global__ void ldmatrix_kernel(const uint16_t* A, uint32_t* out) {
+  __shared__ __align__(16) uint16_t sA[kWarps][16][24];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int p = blockIdx.x * kWarps + w;
+  for (int i = lane; i < 256; i += 32) sA[w][i / 16][i % 16] = A[p * 256 + i];
+  __syncwarp();
+  const int m = lane >> 3, r = lane & 7;
+  const void* addr = &sA[w][r + 8 * (m & 1)][8 * (m >> 1)];
+  uint32_t* o = out + static_cast<size_t>(p) * 6 * 32 * 4;
+  for (int i = 0; i < 6 * 4; i++) o[(i / 4) * 128 + lane * 4 + i % 4] = 0xdeadbeefu;
+  uint32_t r1[1], r2[2], r4[4];
+  mpc::ldmatrix_x1(r1, addr);
+  o[0 * 128 + lane * 4] = r1[0];
+  mpc::ldmatrix_x2(r2, addr);
+  for (int i = 0; i < 2; i++) o[1 * 128 + lane * 4 + i] = r2[i];
+  mpc::ldmatrix_x4(r4, addr);
+  for (int i = 0; i < 4; i++) o[2 * 128 + lane * 4 + i] = r4[i];
+  mpc::ldmatrix_x1_trans(r1, addr);
+  o[3 * 128 + lane * 4] = r1[0];
+  mpc::ldmatrix_x2_trans(r2, addr);
+  for (int i = 0; i < 2; i++) o[4 * 128 + lane * 4 + i] = r2[i];
+  mpc::ldmatrix_x4_trans(r4, addr);
+  for (int i = 0; i < 4; i++) o[5 * 128 + lane * 4 + i] = r4[i];
+}
+
+// ---- host ------------------------------------------------------------------------------------
+static uint32_t g_rng = 12345;
+static float urand() {  // [-2, 2)
+  g_rng = g_rng * 1664525u + 1013904223u;
+  return (static_cast<float>(g_rng >> 8) / 16777216.0f) * 4.0f - 2.0f;
+}
+
+template <typename T> static uint16_t to16(float v) { return mpc::Half16<T>::from_f32(v); }
+template <typename T> static float from16(uint16_t h) { return mpc::Half16<T>::to_f32(h); }
+
+// d = c + sum_k a[i][k] b[k][j], fp32, k in order; `mag` gets |c| + sum |a b| for the tolerance
+template <typename T>
+static void ref_mma(const uint16_t* a, int lda, const uint16_t* b, int ldb, const float* c, float* d, float* mag) {
+  for (int i = 0; i < 16; i++)
+    for (int j = 0; j < 8; j++) {
+      float acc = c[i * 8 + j];
+      float m = std::fabs(acc);
+      for (int k = 0; k < 16; k++) {
+        const float pr = from16<T>(a[i * lda + k]) * from16<T>(b[k * ldb + j]);
+        acc += pr;
+        m += std::fabs(pr);
+      }
+      d[i * 8 + j] = acc;
+      mag[i * 8 + j] = m;
+    }
+}
+
+static bool close(float got, float want, float mag) {
+  if (kExact) return std::memcmp(&got, &want, 4) == 0;
+  return std::fabs(got - want) <= 2e-6f * mag + 1e-30f;
+}
+
+template <typename T> static void run_mma(const char* name, cudaStream_t stream) {
+  std::vector<uint16_t> hA(kProblems * 256), hB(kProblems * 128), hB2(kProblems * 256);
+  std::vector<float> hC(kProblems * 128);
+  for (auto& v : hA) v = to16<T>(urand());
+  for (auto& v : hB) v = to16<T>(urand());
+  for (auto& v : hB2) v = to16<T>(urand() * 0.25f);
+  for (auto& v : hC) v = urand();
+  DevBuf<uint16_t> A(hA.size()), B(hB.size()), B2(hB2.size());
+  DevBuf<float> C(hC.size()), D(kProblems * 128);
+  A.put(hA);
+  B.put(hB);
+  B2.put(hB2);
+  C.put(hC);
+  auto k = mma_kernel<T>;
+  for (int mode = 0; mode < 4; mode++) {
+    MP_LAUNCH(k, kBlocks, 32 * kWarps, 0, stream, mode, A.p, B.p, B2.p, C.p, D.p);
+    LAUNCH_OK(name);
+    std::vector<float> hD = D.get();
+    for (int p = 0; p < kProblems; p++) {
+      float want[128], mag[128];
+      if (mode != 3) {
+        ref_mma<T>(&hA[p * 256], 16, &hB[p * 128], 8, &hC[p * 128], want, mag);
+      } else {
+        // E = A B2 in fp32 (two 16x8 halves), rounded to 16 bits as pack2 does, then E B + C
+        uint16_t e16[256];
+        const float z[128] = {};
+        for (int nt = 0; nt < 2; nt++) {
+          float e[128], em[128];
+          ref_mma<T>(&hA[p * 256], 16, &hB2[p * 256 + nt * 8], 16, z, e, em);
+          for (int i = 0; i < 16; i++)
+            for (int j = 0; j < 8; j++) e16[i * 16 + nt * 8 + j] = to16<T>(e[i * 8 + j]);
+        }
+        ref_mma<T>(e16, 16, &hB[p * 128], 8, &hC[p * 128], want, mag);
+        // on a GPU the intermediate E may round to a neighbouring 16-bit value: widen the bound
+        if (!kExact)
+          for (int i = 0; i < 128; i++) mag[i] *= 8192.0f;
+      }
+      for (int i = 0; i < 128; i++)
+        CHECK(close(hD[p * 128 + i], want[i], mag[i]), "%s mode %d problem %d element (%d, %d): %.9g != %.9g", name,
+              mode, p, i / 8, i % 8, hD[p * 128 + i], want[i]);
+    }
+  }
+}
+
+static void run_ldmatrix(cudaStream_t stream) {
+  std::vector<uint16_t> hA(kProblems * 256);
+  for (size_t i = 0; i < hA.size(); i++) hA[i] = static_cast<uint16_t>(i * 2654435761u >> 7);
+  DevBuf<uint16_t> A(hA.size());
+  DevBuf<uint32_t> out(kProblems * 6 * 32 * 4);
+  A.put(hA);
+  MP_LAUNCH(ldmatrix_kernel, kBlocks, 32 * kWarps, 0, stream, A.p, out.p);
+  LAUNCH_OK("ldmatrix_kernel");
+  std::vector<uint32_t> h = out.get();
+  const int counts[3] = {1, 2, 4};
+  for (int p = 0; p < kProblems; p++) {
+    const uint16_t* a = &hA[p * 256];
+    for (int v = 0; v < 6; v++) {
+      const bool trans = v >= 3;
+      const int n = counts[v % 3];
+      for (int lane = 0; lane < 32; lane++)
+        for (int m = 0; m < n; m++) {
+          const int r0 = 8 * (m & 1), c0 = 8 * (m >> 1), row = lane >> 2, pr = lane & 3;
+          uint16_t e0, e1;
+          if (!trans) {
+            e0 = a[(r0 + row) * 16 + c0 + 2 * pr];
+            e1 = a[(r0 + row) * 16 + c0 + 2 * pr + 1];
+          } else {
+            e0 = a[(r0 + 2 * pr) * 16 + c0 + row];
+            e1 = a[(r0 + 2 * pr + 1) * 16 + c0 + row];
+          }
+          const uint32_t want = static_cast<uint32_t>(e0) | (static_cast<uint32_t>(e1) << 16);
+          const uint32_t got = h[((static_cast<size_t>(p) * 6 + v) * 32 + lane) * 4 + m];
+          CHECK(got == want, "ldmatrix variant %d (x%d%s) problem %d lane %d matrix %d: %08x != %08x", v, n,
+                trans ? ".trans" : "", p, lane, m, got, want);
+        }
+    }
+  }
+}
+
+static void run_pack() {
+  // pack2 rounds as the conversions of common.cuh (host side of the emulator build; on a GPU the
+  // cvt instructions are checked through mode 3 of the mma test)
+  const float vals[] = {1.0f, -0.0f, 3.14159265f, 1e-8f, 65504.0f, 1.00390625f, -2.5f};
+  for (float lo : vals)
+    for (float hi : vals) {
+      const uint32_t want_b = static_cast<uint32_t>(mpc::f32_to_bf16(lo)) | (static_cast<uint32_t>(mpc::f32_to_bf16(hi)) << 16);
+      const uint32_t want_h = static_cast<uint32_t>(mpc::f32_to_f16(lo)) | (static_cast<uint32_t>(mpc::f32_to_f16(hi)) << 16);
+      (void)want_b;
+      (void)want_h;
+#ifdef MEGAPATCH_CUDA_EMULATOR
+      CHECK(mpc::pack2<bf16>(lo, hi) == want_b, "pack2<bf16>(%g, %g)", lo, hi);
+      CHECK(mpc::pack2<f16>(lo, hi) == want_h, "pack2<f16>(%g, %g)", lo, hi);
+      CHECK(mpc::unpack_lo<bf16>(want_b) == mpc::bf16_to_f32(mpc::f32_to_bf16(lo)), "unpack_lo<bf16>");
+      CHECK(mpc::unpack_hi<f16>(want_h) == mpc::f16_to_f32(mpc::f32_to_f16(hi)), "unpack_hi<f16>");
+#endif
+    }
+}
+
+int main() {
+  int ndev = 0;
+  CUDA_OK(cudaGetDeviceCount(&ndev));
+  CHECK(ndev >= 1, "devices: %d", ndev);
+  CUDA_OK(cudaSetDevice(0));
+  int major = 0;
+  CUDA_OK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  run_pack();
+  run_ldmatrix(stream);
+  for (int rep = 0; rep < 3; rep++) {
+    run_mma<bf16>("mma bf16", stream);
+    run_mma<f16>("mma f16", stream);
+  }
+  CUDA_OK(cudaStreamDestroy(stream));
+  std::printf("ok %d checks (compute capability %d.x)\n", g_checks, major);
+  return 0;
+}

@@ -1,0 +1,219 @@
+// The warp-level matrix primitives of native/src/kernels/mma.cuh (mma.sync m16n8k16 bf16/f16 with
+// fp32 accumulators, ldmatrix x1/x2/x4 and .trans, 16-bit packing): their self-test program
+// (native/emu/test/mma_selftest.cu), built with the host compiler against the emulator, multiplies
+// random tiles through the primitives and compares with plain loops over the PTX ISA's fragment
+// layouts. Two builds: the emulator's own exchange, and the __shfl_sync variant that pre-sm_80 GPUs
+// use (MPC_MMA_SHFL). The same program compiles with nvcc and runs on a GPU.
+// Then the tensor-core attention kernels (attention.cu, bf16 / f16 with D, Dv in {64, 128}; forward
+// and backward) on the emulator against the CUDA-core kernels (MEGAPATCH_ATTENTION_MMA=0) and the
+// CPU backend.
+import { execFileSync, spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import {
+  Generator,
+  randn,
+  scaledDotProductAttention as sdpa,
+  type Tensor,
+  tensor,
+  tidy,
+} from '@megapatch/tensor';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadEmulatorAddon } from '../src/native.js';
+
+const pkg = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
+const hasGxx = spawnSync('g++', ['--version'], { encoding: 'utf8' }).status === 0;
+const skipped = hasGxx ? '' : ' (skipped: g++ is not installed)';
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'mp-cuda-mma-'));
+afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
+
+function buildAndRun(name: string, defines: string[]): void {
+  const exe = path.join(tmp, name);
+  execFileSync(
+    'g++',
+    [
+      '-std=c++17',
+      '-O1',
+      '-x',
+      'c++',
+      '-DMEGAPATCH_CUDA_EMULATOR=1',
+      ...defines,
+      '-I',
+      'native/emu',
+      '-I',
+      'native/src/kernels',
+      'native/emu/test/mma_selftest.cu',
+      'native/emu/emu.cc',
+      '-o',
+      exe,
+    ],
+    { cwd: pkg, timeout: 120_000, stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  const run = spawnSync(exe, [], { encoding: 'utf8', timeout: 120_000 });
+  const out = `${run.stdout}${run.stderr}`;
+  expect(out).toMatch(/^ok \d+ checks/m);
+  expect(run.status, out).toBe(0);
+}
+
+describe('warp matrix primitives (mma.cuh)', () => {
+  it.skipIf(!hasGxx)(`pass their self-test under the emulator${skipped}`, () => buildAndRun('mma', []), 240_000);
+  it.skipIf(!hasGxx)(
+    `pass their self-test with the shuffle variant${skipped}`,
+    () => buildAndRun('mma-shfl', ['-DMPC_MMA_SHFL=1']),
+    240_000,
+  );
+});
+
+// ---- the tensor-core attention kernels on the emulator ----------------------------------------
+const built = loadEmulatorAddon();
+const noAddon = 'error' in built ? built.error : '';
+const DEV = 'cudaemu:0';
+
+interface MmaCase {
+  name: string;
+  dtype: 'bfloat16' | 'float16';
+  B: number;
+  Hq: number;
+  Hkv: number;
+  Sq: number;
+  Sk: number;
+  D: number;
+  Dv: number;
+  causal?: boolean;
+  mask?: 'bool' | 'float';
+  cu?: number[];
+  kTransposed?: boolean;
+}
+
+const MMA_CASES: MmaCase[] = [
+  { name: 'GQA, Sq 70 / Sk 100, D 64', dtype: 'bfloat16', B: 2, Hq: 4, Hkv: 2, Sq: 70, Sk: 100, D: 64, Dv: 64 },
+  { name: 'causal, S 80, D 128', dtype: 'float16', B: 1, Hq: 2, Hkv: 1, Sq: 80, Sk: 80, D: 128, Dv: 128, causal: true },
+  {
+    name: 'causal Sq 40 < Sk 90, D 128 / Dv 64, k transposed',
+    dtype: 'bfloat16',
+    B: 1,
+    Hq: 2,
+    Hkv: 2,
+    Sq: 40,
+    Sk: 90,
+    D: 128,
+    Dv: 64,
+    causal: true,
+    kTransposed: true,
+  },
+  {
+    name: 'bool mask with dead rows + causal, D 64 / Dv 128',
+    dtype: 'bfloat16',
+    B: 1,
+    Hq: 2,
+    Hkv: 1,
+    Sq: 67,
+    Sk: 67,
+    D: 64,
+    Dv: 128,
+    causal: true,
+    mask: 'bool',
+  },
+  { name: 'additive mask, D 64', dtype: 'float16', B: 2, Hq: 2, Hkv: 2, Sq: 33, Sk: 129, D: 64, Dv: 64, mask: 'float' },
+  {
+    name: 'cuSeqlens + causal + GQA, D 64',
+    dtype: 'bfloat16',
+    B: 1,
+    Hq: 4,
+    Hkv: 2,
+    Sq: 150,
+    Sk: 150,
+    D: 64,
+    Dv: 64,
+    causal: true,
+    cu: [0, 17, 60, 61, 150],
+  },
+];
+
+const numbers = (t: Tensor): number[] =>
+  Array.from(t.to('cpu').to('float32').toTypedArray() as ArrayLike<number>);
+
+describe.skipIf(noAddon !== '')(
+  `tensor-core attention on the emulator${noAddon ? ` (skipped: ${noAddon})` : ''}`,
+  () => {
+    beforeAll(async () => {
+      await import('../src/emulator.js');
+    });
+    for (const c of MMA_CASES) {
+      it(`${c.name}, ${c.dtype}: forward and backward match the CUDA-core kernels and the CPU`, () =>
+        tidy(() => {
+          const gen = new Generator(c.Sq * 7 + c.Sk + c.D);
+          const q = randn([c.B, c.Hq, c.Sq, c.D], { generator: gen }).to(c.dtype);
+          const k = c.kTransposed
+            ? randn([c.B, c.Sk, c.Hkv, c.D], { generator: gen }).to(c.dtype).transpose(1, 2)
+            : randn([c.B, c.Hkv, c.Sk, c.D], { generator: gen }).to(c.dtype);
+          // |v| <= 1 bounds the error of rounding P to 16 bits in P V (below)
+          const v = randn([c.B, c.Hkv, c.Sk, c.Dv], { generator: gen }).tanh().to(c.dtype);
+          let mask: Tensor | null = null;
+          if (c.mask === 'bool') {
+            const vals = Array.from({ length: c.Sq * c.Sk }, (_, i) =>
+              Math.floor(i / c.Sk) % 7 === 3 ? false : ((i * 2654435761) >>> 0) % 10 < 7,
+            );
+            mask = tensor(Uint8Array.from(vals, Number), { shape: [c.Sq, c.Sk], dtype: 'bool' });
+          } else if (c.mask === 'float') {
+            mask = randn([c.B, 1, c.Sq, c.Sk], { generator: gen }).to(c.dtype);
+          }
+          const cu = c.cu ? tensor(c.cu, { dtype: 'int64' }) : null;
+          const gout = randn([c.B, c.Hq, c.Sq, c.Dv], { generator: gen }).to(c.dtype);
+          // out, then dq, dk, dv of sum(out * gout)
+          const run = (dev: string) => {
+            const [ql, kl, vl] = [q, k, v].map((t) => t.to(dev).detach().requiresGrad_(true));
+            const out = sdpa(ql, kl, vl, {
+              isCausal: c.causal ?? false,
+              attnMask: mask ? mask.to(dev) : null,
+              cuSeqlens: cu ? cu.to(dev) : null,
+            });
+            out.backward(gout.to(dev));
+            return [out, ql.grad!, kl.grad!, vl.grad!].map(numbers);
+          };
+          const prev = process.env.MEGAPATCH_ATTENTION_MMA;
+          let fmaAll: number[][];
+          try {
+            process.env.MEGAPATCH_ATTENTION_MMA = '0';
+            fmaAll = run(DEV);
+          } finally {
+            if (prev === undefined) delete process.env.MEGAPATCH_ATTENTION_MMA;
+            else process.env.MEGAPATCH_ATTENTION_MMA = prev;
+          }
+          const mmaAll = run(DEV);
+          const cpuAll = run('cpu');
+          const [mma, fma, cpu] = [mmaAll[0], fmaAll[0], cpuAll[0]];
+          // Both kernels round out to the storage dtype (2 ulps of |out|); the tensor-core one
+          // also rounds P to it before P V: at most u * sum_j p_j |v_j| / l <= u * max |v| = u.
+          const u = c.dtype === 'bfloat16' ? 2 ** -8 : 2 ** -11;
+          let differs = 0;
+          for (let i = 0; i < mma.length; i++) {
+            const tol = 2 * u * Math.abs(fma[i]) + u;
+            expect(Math.abs(mma[i] - fma[i]), `out[${i}] vs CUDA cores`).toBeLessThanOrEqual(tol);
+            expect(Math.abs(mma[i] - cpu[i]), `out[${i}] vs CPU`).toBeLessThanOrEqual(tol);
+            if (mma[i] !== fma[i]) differs++;
+          }
+          // the tensor-core path ran (its rounding of P differs somewhere)
+          expect(differs).toBeGreaterThan(0);
+          // Gradients: P and dS are rounded to 16 bits before the products dV += P^T dO,
+          // dK += dS^T Q, dQ += dS K (and out differs by its rounding, which enters delta): bounded
+          // here by 16 u of the gradient's largest magnitude, plus 2 ulps of the value.
+          for (const [gi, name] of [
+            [1, 'dq'],
+            [2, 'dk'],
+            [3, 'dv'],
+          ] as const) {
+            const [gm, gf, gc] = [mmaAll[gi], fmaAll[gi], cpuAll[gi]];
+            const scale = gf.reduce((a, x) => Math.max(a, Math.abs(x)), 0);
+            for (let i = 0; i < gm.length; i++) {
+              const tol = 16 * u * scale + 2 * u * Math.abs(gf[i]);
+              expect(Math.abs(gm[i] - gf[i]), `${name}[${i}] vs CUDA cores`).toBeLessThanOrEqual(tol);
+              expect(Math.abs(gm[i] - gc[i]), `${name}[${i}] vs CPU`).toBeLessThanOrEqual(tol);
+            }
+          }
+        }));
+    }
+  },
+);
