@@ -58,7 +58,11 @@ function buildAndRun(name: string, defines: string[]): void {
 }
 
 describe('warp matrix primitives (mma.cuh)', () => {
-  it.skipIf(!hasGxx)(`pass their self-test under the emulator${skipped}`, () => buildAndRun('mma', []), 240_000);
+  it.skipIf(!hasGxx)(
+    `pass their self-test under the emulator${skipped}`,
+    () => buildAndRun('mma', []),
+    240_000,
+  );
   it.skipIf(!hasGxx)(
     `pass their self-test with the shuffle variant${skipped}`,
     () => buildAndRun('mma-shfl', ['-DMPC_MMA_SHFL=1']),
@@ -88,8 +92,29 @@ interface MmaCase {
 }
 
 const MMA_CASES: MmaCase[] = [
-  { name: 'GQA, Sq 70 / Sk 100, D 64', dtype: 'bfloat16', B: 2, Hq: 4, Hkv: 2, Sq: 70, Sk: 100, D: 64, Dv: 64 },
-  { name: 'causal, S 80, D 128', dtype: 'float16', B: 1, Hq: 2, Hkv: 1, Sq: 80, Sk: 80, D: 128, Dv: 128, causal: true },
+  {
+    name: 'GQA, Sq 70 / Sk 100, D 64',
+    dtype: 'bfloat16',
+    B: 2,
+    Hq: 4,
+    Hkv: 2,
+    Sq: 70,
+    Sk: 100,
+    D: 64,
+    Dv: 64,
+  },
+  {
+    name: 'causal, S 80, D 128',
+    dtype: 'float16',
+    B: 1,
+    Hq: 2,
+    Hkv: 1,
+    Sq: 80,
+    Sk: 80,
+    D: 128,
+    Dv: 128,
+    causal: true,
+  },
   {
     name: 'causal Sq 40 < Sk 90, D 128 / Dv 64, k transposed',
     dtype: 'bfloat16',
@@ -116,7 +141,18 @@ const MMA_CASES: MmaCase[] = [
     causal: true,
     mask: 'bool',
   },
-  { name: 'additive mask, D 64', dtype: 'float16', B: 2, Hq: 2, Hkv: 2, Sq: 33, Sk: 129, D: 64, Dv: 64, mask: 'float' },
+  {
+    name: 'additive mask, D 64',
+    dtype: 'float16',
+    B: 2,
+    Hq: 2,
+    Hkv: 2,
+    Sq: 33,
+    Sk: 129,
+    D: 64,
+    Dv: 64,
+    mask: 'float',
+  },
   {
     name: 'cuSeqlens + causal + GQA, D 64',
     dtype: 'bfloat16',

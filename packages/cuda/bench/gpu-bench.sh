@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The GPU bench of @megapatch/cuda (issue 13), megapatch and PyTorch measured in the same run:
+#   bf16 GEMM vs torch.matmul (target ≥ 0.95), causal flash attention forward+backward vs torch's
+#   SDPA flash kernel (target torch time / ours ≥ 1.0), and a Llama-style ~1B bf16 training step
+#   through @megapatch/train: MFU (peak: the H200's dense bf16 989 TFLOP/s; goal ≥ 0.50) and
+#   tokens/s vs the same model in PyTorch, eager and torch.compile.
+# Each piece runs in its own process under a timeout cut from one overall budget, so a hang or a
+# crash costs its piece only; the table (the last lines printed) is made from whatever finished.
+#
+# usage (repository root, node on PATH, node_modules in place): bash packages/cuda/bench/gpu-bench.sh
+# env:
+#   OUT                          folder for bench.jsonl (one JSON line per case) and bench.log
+#   MEGAPATCH_BENCH_BUDGET_S     overall seconds (default 270)
+#   MEGAPATCH_BENCH_DEVICE       cuda:0 (default) | cudaemu:0 (rehearsal: the emulator; torch on the CPU)
+#   MEGAPATCH_BENCH_TINY=1       the tiny cases of cases.json (rehearsal)
+#   MEGAPATCH_BENCH_PARTS        subset of "gemm attn train torch-train compile" (default all)
+#   MEGAPATCH_BENCH_MBS          training micro-batch (default cases.json's; halved once on a failure)
+#   MEGAPATCH_BENCH_PYTHON       the python with torch (default: python3, else /opt/torch/.venv/bin/python3)
+set -u
+cd "$(dirname "$0")/../../.." || exit 1
+ROOT=$(pwd)
+BENCH=packages/cuda/bench
+OUT=${OUT:-$(mktemp -d /tmp/mp-gpu-bench-XXXXXX)}
+mkdir -p "$OUT"
+JSONL=$OUT/bench.jsonl
+LOG=$OUT/bench.log
+: >"$JSONL"
+: >"$LOG"
+BUDGET=${MEGAPATCH_BENCH_BUDGET_S:-270}
+PARTS=${MEGAPATCH_BENCH_PARTS:-gemm attn train torch-train compile}
+export MEGAPATCH_BENCH_DEVICE=${MEGAPATCH_BENCH_DEVICE:-cuda:0}
+START=$(date +%s)
+has() { [[ " $PARTS " == *" $1 "* ]]; }
+say() { echo "[gpu-bench] $*" | tee -a "$LOG" >&2; }
+
+TSX=
+for t in packages/cuda/node_modules/.bin/tsx node_modules/.bin/tsx; do
+  [ -x "$t" ] && { TSX=$t; break; }
+done
+PY=${MEGAPATCH_BENCH_PYTHON:-}
+if [ -z "$PY" ]; then
+  for p in python3 /opt/torch/.venv/bin/python3 /usr/bin/python3; do
+    if command -v "$p" >/dev/null 2>&1 && "$p" -c 'import torch' >/dev/null 2>&1; then PY=$p; break; fi
+  done
+fi
+TORCH_ARGS=()
+[ "${MEGAPATCH_BENCH_TINY:-}" = 1 ] && TORCH_ARGS+=(--tiny)
+[[ "$MEGAPATCH_BENCH_DEVICE" == cudaemu* ]] && TORCH_ARGS+=(--device cpu)
+
+say "out: $OUT; device $MEGAPATCH_BENCH_DEVICE; tiny ${MEGAPATCH_BENCH_TINY:-0}; budget ${BUDGET}s; parts: $PARTS"
+say "tsx: ${TSX:-MISSING}; python: ${PY:-no python with torch}; node $(node --version 2>&1)"
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,power.limit --format=csv 2>&1 | tee -a "$LOG" >&2
+fi
+
+# run NAME CAP CMD...: CMD under min(CAP, what is left of the budget less a reserve for the rest);
+# its JSON lines go to bench.jsonl, everything to bench.log
+run() {
+  local name=$1 cap=$2
+  shift 2
+  local left=$((BUDGET - ($(date +%s) - START)))
+  local t=$((cap < left ? cap : left))
+  if [ "$t" -lt 10 ]; then
+    say "$name: skipped (budget spent)"
+    echo "{\"side\":\"bench\",\"kind\":\"skipped\",\"case\":\"$name\",\"error\":\"budget spent\"}" >>"$JSONL"
+    return 124
+  fi
+  say "$name: start (timeout ${t}s)"
+  local s0=$(date +%s)
+  timeout --kill-after=10 "$t" "$@" 2> >(tee -a "$LOG" >&2) | while IFS= read -r line; do
+    echo "$line" >>"$LOG"
+    case "$line" in {*) echo "$line" >>"$JSONL" ;; esac
+  done
+  local rc=${PIPESTATUS[0]}
+  say "$name: exit $rc after $(($(date +%s) - s0))s"
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    echo "{\"side\":\"bench\",\"kind\":\"timeout\",\"case\":\"$name\",\"error\":\"timed out after ${t}s\"}" >>"$JSONL"
+  fi
+  return "$rc"
+}
+
+if [ -n "$TSX" ]; then
+  has gemm && run ours-gemm 60 "$TSX" $BENCH/ours.mts gemm
+fi
+if [ -n "$PY" ] && { has gemm || has attn; }; then
+  P=()
+  has gemm && P+=(gemm)
+  has attn && P+=(attn)
+  run torch-gemm-attn 90 "$PY" $BENCH/torch_ref.py "${P[@]}" ${TORCH_ARGS[@]+"${TORCH_ARGS[@]}"}
+fi
+if [ -n "$TSX" ]; then
+  has attn && run ours-attn 90 "$TSX" $BENCH/ours.mts attn
+  if has train; then
+    run ours-train 150 "$TSX" $BENCH/ours.mts train
+    rc=$?
+    if [ "$rc" != 0 ] && [ "$rc" != 124 ] && [ "$rc" != 137 ]; then
+      # out of memory, most likely: once more at half the micro-batch
+      MBS=$(node -e "const c=require('./$BENCH/cases.json')[process.env.MEGAPATCH_BENCH_TINY==='1'?'tiny':'full'].train;console.log(Math.max(1,Math.floor(Number(process.env.MEGAPATCH_BENCH_MBS||c.microBatchSize)/2)))")
+      say "ours-train failed: again with micro-batch $MBS"
+      MEGAPATCH_BENCH_MBS=$MBS run ours-train-mbs$MBS 120 "$TSX" $BENCH/ours.mts train && export MEGAPATCH_BENCH_MBS=$MBS
+    fi
+  fi
+else
+  say "no tsx: the megapatch side cannot run (node_modules missing?)"
+fi
+if [ -n "$PY" ]; then
+  has torch-train && MEGAPATCH_BENCH_TORCH_MODES=eager run torch-train-eager 60 "$PY" $BENCH/torch_ref.py train ${TORCH_ARGS[@]+"${TORCH_ARGS[@]}"}
+  has compile && MEGAPATCH_BENCH_TORCH_MODES=compile run torch-train-compile 200 "$PY" $BENCH/torch_ref.py train ${TORCH_ARGS[@]+"${TORCH_ARGS[@]}"}
+else
+  say "no python with torch: the PyTorch side cannot run"
+fi
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>&1 | tee -a "$LOG" >&2
+fi
+say "total $(($(date +%s) - START))s; $(wc -l <"$JSONL") JSON lines in $JSONL"
+node $BENCH/table.mjs "$JSONL" | tee -a "$LOG"

@@ -1,0 +1,355 @@
+// The megapatch side of the GPU bench (gpu-bench.sh runs it; torch_ref.py is the PyTorch side):
+//   gemm  bf16 C = A·B through matmul (cuBLASLt on cuda:0): median TFLOP/s per product
+//   attn  causal scaledDotProductAttention, bf16: median ms of forward and of forward+backward
+//   train a Llama-style bf16 training step through @megapatch/train on the device: tokens/s, MFU
+//         (Megatron's FLOP count / step time / the peak in cases.json) and the step's breakdown
+// One JSON line per case on stdout (progress on stderr). The cases are in cases.json.
+//
+// usage (repository root): packages/cuda/node_modules/.bin/tsx packages/cuda/bench/ours.mts [gemm] [attn] [train]
+// env: MEGAPATCH_BENCH_DEVICE (cuda:0; cudaemu:0 for the emulator), MEGAPATCH_BENCH_TINY=1 (the
+// tiny cases), MEGAPATCH_BENCH_MBS (the training micro-batch), MEGAPATCH_BENCH_CASE_BUDGET_S
+// (seconds of timed runs per gemm/attn case, default 4).
+//
+// Runs from sources only: src-resolve.mjs maps every @megapatch/* import to packages/*/src, so
+// the tensor package, the CUDA backend and the trainer share one module instance (one device
+// registry) and no dist build is needed.
+import * as fs from 'node:fs';
+import { register } from 'node:module';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { Tensor } from '@megapatch/tensor';
+
+register('./src-resolve.mjs', import.meta.url);
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const device = process.env.MEGAPATCH_BENCH_DEVICE ?? 'cuda:0';
+const emu = device.startsWith('cudaemu');
+const tiny = process.env.MEGAPATCH_BENCH_TINY === '1';
+const parts = process.argv.slice(2).filter((a) => !a.startsWith('-'));
+const want = (p: string) => parts.length === 0 || parts.includes(p);
+const caseBudgetMs = Number(process.env.MEGAPATCH_BENCH_CASE_BUDGET_S ?? 4) * 1000;
+const allCases = JSON.parse(fs.readFileSync(path.join(here, 'cases.json'), 'utf8'));
+const cases = allCases[tiny ? 'tiny' : 'full'];
+const peakTflops: number = allCases.peakTflops;
+
+const T: typeof import('@megapatch/tensor') = await import('@megapatch/tensor');
+await import(emu ? '../src/emulator.js' : '../src/index.js');
+const native = await import('../src/native.js');
+// the addon the backend uses (require() caches it): its synchronize() waits for the device's
+// stream. @megapatch/tensor's synchronize() only evaluates deferred checks when some are queued.
+const loaded = emu ? native.loadEmulatorAddon() : native.loadAddon();
+if ('error' in loaded) throw new Error(loaded.error);
+const addon = loaded.addon as import('../src/native.js').BackendAddon;
+const sync = () => {
+  addon.synchronize();
+  T.synchronize(device);
+};
+
+const log = (s: string) => process.stderr.write(`[ours ${device}] ${s}\n`);
+const emit = (o: Record<string, unknown>) =>
+  process.stdout.write(`${JSON.stringify({ side: 'megapatch', device, tiny, ...o })}\n`);
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+};
+const r4 = (x: number) => Number(x.toPrecision(4));
+
+/**
+ * Times fn (which only enqueues work): warm-up, then samples of `reps` back-to-back calls between
+ * two stream synchronisations on the host clock, reps chosen so a sample lasts ≥ minSampleMs
+ * (launch and sync costs amortised, the GPU kept busy as in a training step). Median ms per call.
+ */
+function timeIt(
+  fn: () => void,
+  o: {
+    warm?: number;
+    minSamples?: number;
+    maxSamples?: number;
+    minSampleMs?: number;
+    budgetMs?: number;
+  } = {},
+) {
+  const { warm = 3, minSamples = 3, maxSamples = 25, minSampleMs = 2, budgetMs = caseBudgetMs } = o;
+  for (let i = 0; i < warm; i++) fn();
+  sync();
+  let t0 = performance.now();
+  fn();
+  sync();
+  const once = performance.now() - t0;
+  const reps = Math.max(1, Math.min(50, Math.ceil(minSampleMs / Math.max(once, 1e-3))));
+  const samples: number[] = [];
+  const start = performance.now();
+  while (samples.length < maxSamples) {
+    if (samples.length >= minSamples && performance.now() - start > budgetMs) break;
+    sync();
+    t0 = performance.now();
+    for (let r = 0; r < reps; r++) fn();
+    sync();
+    samples.push((performance.now() - t0) / reps);
+  }
+  const s = [...samples].sort((a, b) => a - b);
+  return {
+    ms: median(samples),
+    minMs: s[0],
+    maxMs: s[s.length - 1],
+    samples: samples.length,
+    reps,
+  };
+}
+
+const randBf16 = (shape: number[]) => T.randn(shape, { device, dtype: 'bfloat16' });
+
+function bf16ToF64(t: Tensor): Float64Array {
+  return Float64Array.from(t.to('cpu', 'float32').toTypedArray() as Float32Array);
+}
+
+// ---------------------------------------------------------------------------------------------
+if (want('gemm')) {
+  T.manualSeed(1);
+  for (const c of cases.gemm) {
+    const { M, N, K, ta, tb } = c;
+    try {
+      const As = randBf16(ta ? [K, M] : [M, K]);
+      const Bs = randBf16(tb ? [N, K] : [K, N]);
+      const A = ta ? As.t() : As;
+      const B = tb ? Bs.t() : Bs;
+      // a spot check of the product: rows 0..3 (all rows at tiny sizes) against float64 on the host
+      let relErr: number | null = null;
+      if (tiny || c.case === 'square-4096') {
+        const C = T.matmul(A, B);
+        const rows = Math.min(M, tiny ? M : 4);
+        const a = bf16ToF64(A.narrow(0, 0, rows).contiguous());
+        const b = bf16ToF64(B.contiguous());
+        const got = bf16ToF64(C.narrow(0, 0, rows).contiguous());
+        let num = 0;
+        let den = 0;
+        for (let i = 0; i < rows; i++)
+          for (let j = 0; j < N; j++) {
+            let s = 0;
+            for (let k = 0; k < K; k++) s += a[i * K + k] * b[k * N + j];
+            num += (got[i * N + j] - s) ** 2;
+            den += s * s;
+          }
+        relErr = Math.sqrt(num / den);
+        C.dispose();
+      }
+      const r = timeIt(() => T.matmul(A, B).dispose(), { maxSamples: 30 });
+      const flops = 2 * M * N * K;
+      emit({
+        kind: 'gemm',
+        case: c.case,
+        M,
+        N,
+        K,
+        layout: `${ta ? 'T' : 'N'}${tb ? 'T' : 'N'}`,
+        ms: r4(r.ms),
+        tflops: r4(flops / (r.ms / 1000) / 1e12),
+        minMs: r4(r.minMs),
+        maxMs: r4(r.maxMs),
+        samples: r.samples,
+        reps: r.reps,
+        relErr: relErr === null ? null : r4(relErr),
+        engine: emu ? 'emulator (tiled kernel)' : addon.gemmEngine(),
+      });
+      for (const t of [A, B, As, Bs]) if (!t.disposed) t.dispose();
+    } catch (e) {
+      emit({ kind: 'gemm', case: c.case, error: String((e as Error).message).split('\n')[0] });
+    }
+    log(`gemm ${c.case} done`);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+if (want('attn')) {
+  T.manualSeed(2);
+  for (const c of cases.attn) {
+    const { B, Hq, Hkv, S, D } = c;
+    const fwdFlops = (4 * B * Hq * S * S * D) / 2;
+    try {
+      const q = randBf16([B, Hq, S, D]);
+      const k = randBf16([B, Hkv, S, D]);
+      const v = randBf16([B, Hkv, S, D]);
+      const dout = randBf16([B, Hq, S, D]);
+      const opts = { isCausal: true };
+      const fwd = timeIt(() => T.scaledDotProductAttention(q, k, v, opts).dispose(), {
+        warm: 2,
+        maxSamples: 20,
+      });
+      // a finiteness check of one output and its gradients
+      for (const t of [q, k, v]) t.requiresGrad_();
+      const step = () => {
+        const out = T.scaledDotProductAttention(q, k, v, opts);
+        T.backward(out, dout);
+        out.dispose();
+        for (const t of [q, k, v]) {
+          t.grad?.dispose();
+          t.grad = null;
+        }
+      };
+      {
+        const out = T.scaledDotProductAttention(q, k, v, opts);
+        T.backward(out, dout);
+        const finite = [out, q.grad, k.grad, v.grad].every((t) => {
+          if (!t) return false;
+          const s = t.to('float32').abs().sum();
+          const x = s.item();
+          s.dispose();
+          return Number.isFinite(x) && x > 0;
+        });
+        out.dispose();
+        for (const t of [q, k, v]) {
+          t.grad?.dispose();
+          t.grad = null;
+        }
+        if (!finite) throw new Error('attention output or gradients not finite (or all zero)');
+      }
+      const fb = timeIt(step, { warm: 1, maxSamples: 20 });
+      emit({
+        kind: 'attn',
+        case: c.case,
+        B,
+        Hq,
+        Hkv,
+        S,
+        D,
+        causal: true,
+        modelLayer: c.modelLayer ?? false,
+        fwdMs: r4(fwd.ms),
+        fwdTflops: r4(fwdFlops / (fwd.ms / 1000) / 1e12),
+        fwdBwdMs: r4(fb.ms),
+        fwdBwdTflops: r4((3.5 * fwdFlops) / (fb.ms / 1000) / 1e12),
+        samples: [fwd.samples, fb.samples],
+        spreadMs: [r4(fb.minMs), r4(fb.maxMs)],
+      });
+      for (const t of [q, k, v, dout]) t.dispose();
+    } catch (e) {
+      emit({ kind: 'attn', case: c.case, error: String((e as Error).message).split('\n')[0] });
+    }
+    log(`attn ${c.case} done`);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+if (want('train')) {
+  const tc = cases.train;
+  const mbs = Number(process.env.MEGAPATCH_BENCH_MBS ?? tc.microBatchSize);
+  const gbs = Math.max(tc.globalBatchSize, mbs);
+  const seq: number = tc.seqLength;
+  const iters: number = tc.warmupIters + tc.timedIters;
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mp-gpu-bench-'));
+  try {
+    // not dependencies of @megapatch/cuda: named through variables (src-resolve.mjs finds them)
+    const dataModule = '@megapatch/data';
+    const trainModule = '@megapatch/train';
+    const { IndexedDatasetBuilder } = await import(dataModule);
+    const { parseRunConfig, train } = await import(trainModule);
+    const hf = path.join(dir, 'model');
+    fs.mkdirSync(hf);
+    fs.writeFileSync(
+      path.join(hf, 'config.json'),
+      JSON.stringify({
+        architectures: ['LlamaForCausalLM'],
+        model_type: 'llama',
+        hidden_act: 'silu',
+        ...tc.hf,
+      }),
+    );
+    // random tokens: enough whole documents for every sample of the run (and then some)
+    const prefix = path.join(dir, 'corpus');
+    const b = new IndexedDatasetBuilder(prefix, { dtype: 'uint16' });
+    const vocab: number = tc.hf.vocab_size;
+    const need = (iters + 2) * gbs * (seq + 1);
+    let s = 987654321;
+    for (let n = 0; n < need; n += seq) {
+      const doc = new Array<number>(seq);
+      for (let i = 0; i < seq; i++) {
+        s = (s * 1103515245 + 12345) % 2147483648;
+        doc[i] = 3 + (s % (vocab - 3));
+      }
+      b.addDocument(doc);
+    }
+    b.finalize();
+    const runDir = path.join(dir, 'run');
+    log(`train ${tc.case}: mbs ${mbs}, gbs ${gbs}, ${iters} iterations (${tc.warmupIters} warm-up)`);
+    const t0 = performance.now();
+    await train(
+      parseRunConfig({
+        model: { config: hf, dtype: 'bf16' },
+        data: {
+          dataPath: [prefix],
+          seqLength: seq,
+          split: '100,0,0',
+          dataCachePath: path.join(dir, 'cache'),
+        },
+        training: {
+          device,
+          microBatchSize: mbs,
+          globalBatchSize: gbs,
+          trainIters: iters,
+          evalInterval: null,
+          logInterval: 1000,
+        },
+        optimizer: { lr: 1e-4, weightDecay: 0.01, clipGrad: 1 },
+        logging: { runDir },
+      }),
+      { log: (l: string) => log(l), report: false },
+    );
+    const wallS = (performance.now() - t0) / 1000;
+    const rows = fs
+      .readFileSync(path.join(runDir, 'metrics.jsonl'), 'utf8')
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l))
+      .filter((m) => m.kind === 'train');
+    const timed = rows.slice(tc.warmupIters);
+    const stepMs = median(timed.map((m) => m.elapsedMs));
+    // Megatron's FLOPs of a step (the trainer's own count: tflops × elapsed)
+    const flopsPerStep = median(timed.map((m) => m.tflops * 1e12 * (m.elapsedMs / 1000)));
+    const t = (k: string) => r4(median(timed.map((m) => m.timers[k])));
+    const mem = T.memoryStats(device);
+    emit({
+      kind: 'train',
+      case: tc.case,
+      mode: 'megapatch',
+      microBatchSize: mbs,
+      globalBatchSize: gbs,
+      seqLength: seq,
+      iterations: iters,
+      timedIterations: timed.length,
+      stepMs: r4(stepMs),
+      stepMsAll: rows.map((m) => r4(m.elapsedMs)),
+      tokensPerSecond: r4((gbs * seq) / (stepMs / 1000)),
+      flopsPerStep,
+      achievedTflops: r4(flopsPerStep / (stepMs / 1000) / 1e12),
+      mfu: r4(flopsPerStep / (stepMs / 1000) / (peakTflops * 1e12)),
+      peakTflops,
+      // forward includes its loss read (a sync); backward is the host's enqueue time, its device
+      // tail lands in the optimizer's grad-norm read; the update itself runs into the next step
+      breakdownMs: {
+        data: t('dataMs'),
+        forward: t('forwardMs'),
+        backward: t('backwardMs'),
+        optimizer: t('optimizerMs'),
+        communication: t('commMs'),
+      },
+      losses: rows.map((m) => r4(m.lmLoss)),
+      peakMemoryGiB: r4((rows.at(-1)?.memory?.peakBytes ?? mem.peakBytes) / 2 ** 30),
+      wallS: r4(wallS),
+    });
+  } catch (e) {
+    emit({
+      kind: 'train',
+      case: tc.case,
+      mode: 'megapatch',
+      microBatchSize: mbs,
+      error: String((e as Error).message).split('\n')[0],
+    });
+    process.exitCode = 3;
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+sync();
+process.exit(process.exitCode ?? 0);

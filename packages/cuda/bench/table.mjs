@@ -1,0 +1,217 @@
+// The closing table of gpu-bench.sh from its bench.jsonl: megapatch against PyTorch per case, the
+// ratio and issue 13's target, then what limits megapatch's training step (a model of the step
+// from the measured GEMM rate and the model-shaped attention case). Appends one "summary" JSON
+// line to the file. usage: node table.mjs bench.jsonl
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const file = process.argv[2];
+const here = path.dirname(fileURLToPath(import.meta.url));
+const lines = fs
+  .readFileSync(file, 'utf8')
+  .split('\n')
+  .filter((l) => l.startsWith('{'))
+  .map((l) => {
+    try {
+      return JSON.parse(l);
+    } catch {
+      return null;
+    }
+  })
+  .filter(Boolean);
+const allCases = JSON.parse(fs.readFileSync(path.join(here, 'cases.json'), 'utf8'));
+const tiny = lines.some((l) => l.tiny === true);
+const cases = allCases[tiny ? 'tiny' : 'full'];
+const peak = allCases.peakTflops;
+
+// the last good line per (side, kind, case, mode); an error line only where nothing good came
+const pick = (side, kind, c, mode) => {
+  const all = lines.filter(
+    (l) => l.side === side && l.kind === kind && l.case === c && (mode === undefined || l.mode === mode),
+  );
+  return all.filter((l) => !l.error).at(-1) ?? all.at(-1) ?? null;
+};
+const num = (x, d = 3) => (typeof x === 'number' && Number.isFinite(x) ? Number(x.toPrecision(d)) : null);
+const cell = (l, f, d = 4) => (!l ? 'missing' : l.error ? 'ERROR' : String(num(f(l), d)));
+const rows = [];
+const errors = [];
+const summary = { kind: 'summary', side: 'bench', tiny, gemm: [], attn: [], train: {} };
+const row = (name, ours, theirs, ratio, target, verdict = '') =>
+  rows.push([name, ours, theirs, ratio, target, verdict]);
+const note = (l, what) => l?.error && errors.push(`${what}: ${l.error}`);
+
+const env = lines.find((l) => l.kind === 'env');
+const device = lines.find((l) => l.side === 'megapatch')?.device ?? '?';
+
+// GEMM: TFLOP/s, ours / torch ≥ 0.95
+for (const c of cases.gemm) {
+  const o = pick('megapatch', 'gemm', c.case);
+  const t = pick('torch', 'gemm', c.case);
+  note(o, `megapatch gemm ${c.case}`);
+  note(t, `torch gemm ${c.case}`);
+  const r = o && t && !o.error && !t.error ? o.tflops / t.tflops : null;
+  summary.gemm.push({ case: c.case, ours: o?.tflops ?? null, torch: t?.tflops ?? null, ratio: num(r) });
+  row(
+    `gemm ${c.case} ${c.M}x${c.N}x${c.K} TFLOP/s`,
+    cell(o, (l) => l.tflops),
+    cell(t, (l) => l.tflops),
+    r === null ? '-' : String(num(r)),
+    '>= 0.95',
+    r === null ? '' : r >= 0.95 ? 'ok' : 'MISS',
+  );
+}
+// attention: forward+backward ms, torch / ours ≥ 1.0 (and the forward alone, for information)
+for (const c of cases.attn) {
+  const o = pick('megapatch', 'attn', c.case);
+  const t = pick('torch', 'attn', c.case);
+  note(o, `megapatch attn ${c.case}`);
+  note(t, `torch attn ${c.case}`);
+  const ok = o && t && !o.error && !t.error;
+  const r = ok ? t.fwdBwdMs / o.fwdBwdMs : null;
+  const rf = ok ? t.fwdMs / o.fwdMs : null;
+  summary.attn.push({
+    case: c.case,
+    oursMs: o?.fwdBwdMs ?? null,
+    torchMs: t?.fwdBwdMs ?? null,
+    oursTflops: o?.fwdBwdTflops ?? null,
+    torchTflops: t?.fwdBwdTflops ?? null,
+    ratio: num(r),
+  });
+  row(
+    `attn ${c.case} fwd+bwd ms (TFLOP/s)`,
+    !o || o.error ? cell(o, () => 0) : `${num(o.fwdBwdMs, 4)} (${num(o.fwdBwdTflops)})`,
+    !t || t.error ? cell(t, () => 0) : `${num(t.fwdBwdMs, 4)} (${num(t.fwdBwdTflops)})`,
+    r === null ? '-' : String(num(r)),
+    '>= 1.0 (torch/ours)',
+    r === null ? '' : r >= 1 ? 'ok' : 'MISS',
+  );
+  row(
+    `attn ${c.case} fwd ms`,
+    cell(o, (l) => l.fwdMs),
+    cell(t, (l) => l.fwdMs),
+    rf === null ? '-' : String(num(rf)),
+    '(info)',
+  );
+}
+// the training step
+const tc = cases.train;
+const o = pick('megapatch', 'train', tc.case, 'megapatch');
+const e = pick('torch', 'train', tc.case, 'torch-eager');
+const k = pick('torch', 'train', tc.case, 'torch-compile');
+note(o, 'megapatch train');
+note(e, 'torch eager train');
+note(k, 'torch compile train');
+const good = (l) => l && !l.error;
+const squares = lines.filter(
+  (l) => l.side === 'torch' && l.kind === 'gemm' && /^square/.test(l.case) && !l.error,
+);
+const measuredPeak = squares.length ? Math.max(...squares.map((l) => l.tflops)) : null;
+row(
+  `train MFU (Megatron FLOPs / ${peak} TFLOP/s)`,
+  cell(o, (l) => l.mfu),
+  `eager ${cell(e, (l) => l.mfu)} / compile ${cell(k, (l) => l.mfu)}`,
+  '-',
+  '>= 0.50 (goal)',
+  good(o) ? (o.mfu >= 0.5 ? 'ok' : 'MISS') : '',
+);
+if (measuredPeak && good(o))
+  row(
+    `train MFU vs measured torch.matmul peak (${num(measuredPeak, 4)} TFLOP/s)`,
+    String(num(o.achievedTflops / measuredPeak)),
+    `eager ${good(e) ? num(e.achievedTflops / measuredPeak) : '-'} / compile ${good(k) ? num(k.achievedTflops / measuredPeak) : '-'}`,
+    '-',
+    '(info)',
+  );
+for (const [name, ref] of [
+  ['eager', e],
+  ['compile', k],
+]) {
+  const r = good(o) && good(ref) ? o.tokensPerSecond / ref.tokensPerSecond : null;
+  row(
+    `train tokens/s vs torch ${name}`,
+    cell(o, (l) => l.tokensPerSecond, 5),
+    cell(ref, (l) => l.tokensPerSecond, 5),
+    r === null ? '-' : String(num(r)),
+    '(report)',
+  );
+  summary.train[name] = { torchTokensPerSecond: ref?.tokensPerSecond ?? null, ratio: num(r) };
+}
+summary.train.megapatch = good(o)
+  ? { tokensPerSecond: o.tokensPerSecond, mfu: o.mfu, stepMs: o.stepMs, microBatchSize: o.microBatchSize }
+  : null;
+if (good(o) && good(e) && o.microBatchSize !== e.microBatchSize)
+  errors.push(`note: micro-batch differs: megapatch ${o.microBatchSize}, torch ${e.microBatchSize}`);
+
+// What limits the step: GEMM FLOPs at the measured rate of the Llama-shaped products, attention
+// from the model-shaped case (per layer, scaled to the step's sequences), the rest by difference.
+function stepModel(side, t) {
+  if (!good(t)) return null;
+  const h = tc.hf;
+  const L = h.num_hidden_layers;
+  const q = h.hidden_size; // query width = heads × head dim
+  const seq = t.seqLength ?? tc.seqLength;
+  const gbs = t.globalBatchSize ?? tc.globalBatchSize;
+  const scoreFlops = gbs * seq * seq * ((6 * q) / 2) * 2 * L;
+  const gemmFlops = t.flopsPerStep - scoreFlops;
+  const llama = lines.filter(
+    (l) => l.side === side && l.kind === 'gemm' && !l.error && !/^square/.test(l.case),
+  );
+  const rate = llama.length
+    ? llama.reduce((a, l) => a + 2 * l.M * l.N * l.K, 0) / llama.reduce((a, l) => a + l.ms / 1000, 0)
+    : null;
+  const layerCase = cases.attn.find((c) => c.modelLayer);
+  const a = layerCase ? pick(side, 'attn', layerCase.case) : null;
+  const gemmMs = rate ? (gemmFlops / rate) * 1000 : null;
+  const attnMs = good(a) ? a.fwdBwdMs * L * (gbs / layerCase.B) : null;
+  const rest = gemmMs !== null && attnMs !== null ? t.stepMs - gemmMs - attnMs : null;
+  return { stepMs: t.stepMs, gemmMs, gemmRateTflops: rate ? rate / 1e12 : null, attnMs, restMs: rest };
+}
+const limits = [];
+for (const [label, side, t] of [
+  ['megapatch', 'megapatch', o],
+  ['torch eager', 'torch', e],
+]) {
+  const m = stepModel(side, t);
+  if (!m) continue;
+  summary.train[`${label.replace(' ', '_')}_model`] = m;
+  const pct = (x) => (x === null ? '?' : `${num(x, 3)} ms (${Math.round((100 * x) / m.stepMs)}%)`);
+  limits.push(
+    `${label}: step ${num(m.stepMs, 4)} ms ≈ GEMMs ${pct(m.gemmMs)} at ${num(m.gemmRateTflops, 3)} TFLOP/s + attention ${pct(m.attnMs)} + rest (norms, RoPE, SwiGLU, loss, optimizer, launch gaps) ${pct(m.restMs)}`,
+  );
+}
+if (good(o)) {
+  const b = o.breakdownMs;
+  limits.push(
+    `megapatch timers (median ms): data ${b.data}, forward ${b.forward} (ends on the loss read), backward ${b.backward} (host enqueue), optimizer ${b.optimizer} (waits for the backward's tail at the grad-norm read); peak memory ${o.peakMemoryGiB} GiB; losses ${o.losses.join(' ')}`,
+  );
+}
+if (good(e))
+  limits.push(
+    `torch eager timers (median ms, events): forward ${e.breakdownMs.forward}, backward ${e.breakdownMs.backward}, optimizer ${e.breakdownMs.optimizer}; peak memory ${e.peakMemoryGiB} GiB`,
+  );
+if (good(k)) limits.push(`torch compile: warm-up (compile) ${k.warmupS} s, step ${k.stepMs} ms`);
+
+// print
+const head = ['case', 'megapatch', 'PyTorch', 'ratio', 'target', ''];
+const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => String(r[i]).length)));
+const fmt = (r) =>
+  r
+    .map((c, i) => String(c).padEnd(widths[i]))
+    .join('  ')
+    .trimEnd();
+console.log('');
+console.log(
+  `== megapatch GPU bench: ${device}${env ? `; torch ${env.torch} on ${env.gpu ?? 'the CPU'}` : '; no torch'}${tiny ? '; TINY rehearsal sizes' : ''}`,
+);
+console.log(fmt(head));
+for (const r of rows) console.log(fmt(r));
+console.log('what limits the step:');
+for (const l of limits) console.log(`  ${l}`);
+const skipped = lines.filter((l) => l.side === 'bench');
+for (const s of skipped) errors.push(`${s.case}: ${s.error}`);
+if (errors.length) {
+  console.log('errors:');
+  for (const x of errors) console.log(`  ${x}`);
+}
+fs.appendFileSync(file, `${JSON.stringify(summary)}\n`);

@@ -1,0 +1,513 @@
+#!/usr/bin/env python3
+"""The PyTorch side of the GPU bench (gpu-bench.sh runs it beside ours.mts): the same cases.
+
+  gemm   torch.matmul on bf16 operands (transposed views where cases.json says so)
+  attn   F.scaled_dot_product_attention, causal, bf16, forced to the flash backend
+         (torch.nn.attention.sdpa_kernel(SDPBackend.FLASH_ATTENTION)); GQA through
+         enable_gqa=True where the flash backend takes it, else K/V repeated to Hq heads before
+         the timed region (the line says which)
+  train  the Llama-style model of cases.json in plain PyTorch (RMSNorm, RoPE, fused QKV, GQA
+         attention through SDPA with torch's own backend choice, fused gate/up SwiGLU, tied
+         embeddings), AMP: fp32 master
+         weights, bf16 autocast, fused AdamW with Megatron's groups (no decay on norms) and
+         gradient clipping at 1.0, as megapatch's bf16 (Megatron --bf16) does; eager and
+         torch.compile (each transformer block compiled, as torchtitan does; compile time kept
+         out of the timing; a failure is reported and the run goes on)
+
+Timing: CUDA events around a batch of back-to-back calls (a step for train), warm-up first, the
+median of many; random inputs. On a CPU or an old torch (the rehearsal: Debian's torch 1.13)
+it degrades: host clock, math attention, no compile. One JSON line per case on stdout.
+
+usage: python3 torch_ref.py [gemm] [attn] [train] [--tiny] [--device cpu|cuda]
+env: MEGAPATCH_BENCH_TINY=1, MEGAPATCH_BENCH_MBS, MEGAPATCH_BENCH_CASE_BUDGET_S (default 4),
+     MEGAPATCH_BENCH_TORCH_MODES (default "eager,compile"; also "eager-bf16": pure bf16 params)
+"""
+
+import contextlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ARGS = [a for a in sys.argv[1:] if not a.startswith("--")]
+TINY = "--tiny" in sys.argv or os.environ.get("MEGAPATCH_BENCH_TINY") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if "--device" in sys.argv:
+    DEVICE = sys.argv[sys.argv.index("--device") + 1]
+    ARGS = [a for a in ARGS if a != DEVICE]
+CUDA = DEVICE.startswith("cuda")
+BUDGET_MS = float(os.environ.get("MEGAPATCH_BENCH_CASE_BUDGET_S", "4")) * 1000
+with open(os.path.join(HERE, "cases.json")) as f:
+    ALL = json.load(f)
+CASES = ALL["tiny" if TINY else "full"]
+PEAK = ALL["peakTflops"]
+TV = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2] if x.isdigit())
+
+
+def want(part):
+    return not ARGS or part in ARGS
+
+
+def log(s):
+    print(f"[torch {DEVICE}] {s}", file=sys.stderr, flush=True)
+
+
+def emit(**o):
+    print(json.dumps({"side": "torch", "device": DEVICE, "tiny": TINY, **o}), flush=True)
+
+
+def r4(x):
+    return float(f"{x:.4g}")
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+class Clock:
+    """CUDA events on a GPU, the host clock (after nothing to wait for) on the CPU."""
+
+    def __init__(self):
+        if CUDA:
+            self.e = torch.cuda.Event(enable_timing=True)
+        else:
+            self.t = None
+
+    def record(self):
+        if CUDA:
+            self.e.record()
+        else:
+            self.t = time.perf_counter()
+        return self
+
+    def ms_to(self, later):
+        if CUDA:
+            return self.e.elapsed_time(later.e)
+        return (later.t - self.t) * 1000
+
+
+def time_it(fn, warm=3, min_samples=3, max_samples=25, min_sample_ms=2.0, budget_ms=BUDGET_MS):
+    """Median ms per call of fn: samples of `reps` back-to-back calls between two events."""
+    for _ in range(warm):
+        fn()
+    sync()
+    a, b = Clock().record(), None
+    fn()
+    b = Clock().record()
+    sync()
+    once = a.ms_to(b)
+    reps = max(1, min(50, math.ceil(min_sample_ms / max(once, 1e-3))))
+    samples = []
+    start = time.perf_counter()
+    while len(samples) < max_samples:
+        if len(samples) >= min_samples and (time.perf_counter() - start) * 1000 > budget_ms:
+            break
+        a = Clock().record()
+        for _ in range(reps):
+            fn()
+        b = Clock().record()
+        sync()
+        samples.append(a.ms_to(b) / reps)
+    return {
+        "ms": statistics.median(samples),
+        "minMs": min(samples),
+        "maxMs": max(samples),
+        "samples": len(samples),
+        "reps": reps,
+    }
+
+
+def err_line(e):
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:400]
+
+
+def env_info():
+    info = {"kind": "env", "torch": torch.__version__, "python": sys.version.split()[0]}
+    if CUDA:
+        p = torch.cuda.get_device_properties(0)
+        info.update(
+            gpu=p.name,
+            sms=p.multi_processor_count,
+            memGiB=r4(p.total_memory / 2**30),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
+    emit(**info)
+
+
+# -------------------------------------------------------------------------------------------------
+def bench_gemm():
+    torch.manual_seed(1)
+    dt = torch.bfloat16
+    for c in CASES["gemm"]:
+        M, N, K, ta, tb = c["M"], c["N"], c["K"], c["ta"], c["tb"]
+        try:
+            As = torch.randn((K, M) if ta else (M, K), device=DEVICE, dtype=dt)
+            Bs = torch.randn((N, K) if tb else (K, N), device=DEVICE, dtype=dt)
+            A = As.t() if ta else As
+            B = Bs.t() if tb else Bs
+            rel = None
+            if TINY or c["case"] == "square-4096":
+                rows = M if TINY else 4
+                got = torch.matmul(A, B)[:rows].double().cpu()
+                ref = A[:rows].double().cpu() @ B.double().cpu()
+                rel = r4(((got - ref).norm() / ref.norm()).item())
+            r = time_it(lambda: torch.matmul(A, B), max_samples=30)
+            emit(
+                kind="gemm",
+                case=c["case"],
+                M=M,
+                N=N,
+                K=K,
+                layout=("T" if ta else "N") + ("T" if tb else "N"),
+                ms=r4(r["ms"]),
+                tflops=r4(2 * M * N * K / (r["ms"] / 1000) / 1e12),
+                minMs=r4(r["minMs"]),
+                maxMs=r4(r["maxMs"]),
+                samples=r["samples"],
+                reps=r["reps"],
+                relErr=rel,
+            )
+            del A, B, As, Bs
+        except Exception as e:  # noqa: BLE001 — one failed case must not stop the bench
+            emit(kind="gemm", case=c["case"], error=err_line(e))
+        log(f"gemm {c['case']} done")
+
+
+# -------------------------------------------------------------------------------------------------
+def flash_context():
+    """The flash-attention backend forced, where this torch can (else a null context)."""
+    if not CUDA:
+        return contextlib.nullcontext(), "math (CPU)"
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.FLASH_ATTENTION), "flash (sdpa_kernel)"
+    except ImportError:
+        return (
+            torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=False, enable_mem_efficient=False),
+            "flash (sdp_kernel)",
+        )
+
+
+HAS_SDPA = hasattr(F, "scaled_dot_product_attention")
+
+
+def math_attention(q, k, v, causal=True):
+    """softmax(q kᵀ / sqrt(D)) v with a causal mask, fp32 math (for a torch without SDPA)."""
+    g = q.shape[1] // k.shape[1]
+    if g > 1:
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if causal:
+        S = q.shape[2]
+        s = s.masked_fill(torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return (s.softmax(-1) @ v.float()).to(q.dtype)
+
+
+def sdpa(q, k, v, gqa):
+    if not HAS_SDPA:
+        return math_attention(q, k, v)
+    if gqa:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def gqa_mode(q, k, v):
+    """How this torch runs GQA on the flash backend: 'enable_gqa' or 'repeat_kv'."""
+    if not HAS_SDPA:
+        return "repeat_kv"
+    ctx, _ = flash_context()
+    try:
+        with ctx:
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return "enable_gqa"
+    except (TypeError, RuntimeError) as e:
+        log(f"enable_gqa on the flash backend: {err_line(e)}; repeating K/V instead")
+        return "repeat_kv"
+
+
+def bench_attn():
+    torch.manual_seed(2)
+    dt = torch.bfloat16
+    for c in CASES["attn"]:
+        B, Hq, Hkv, S, D = c["B"], c["Hq"], c["Hkv"], c["S"], c["D"]
+        fwd_flops = 4 * B * Hq * S * S * D / 2
+        try:
+            q = torch.randn(B, Hq, S, D, device=DEVICE, dtype=dt)
+            k = torch.randn(B, Hkv, S, D, device=DEVICE, dtype=dt)
+            v = torch.randn(B, Hkv, S, D, device=DEVICE, dtype=dt)
+            dout = torch.randn(B, Hq, S, D, device=DEVICE, dtype=dt)
+            gqa = "none (Hkv = Hq)" if Hkv == Hq else gqa_mode(q, k, v)
+            if gqa == "repeat_kv" and HAS_SDPA:
+                # the copy is outside the timed region; dK, dV then come per query head
+                k = k.repeat_interleave(Hq // Hkv, 1).contiguous()
+                v = v.repeat_interleave(Hq // Hkv, 1).contiguous()
+            use_gqa = gqa == "enable_gqa"
+            ctx, backend = flash_context()
+            with ctx:
+                fwd = time_it(lambda: sdpa(q, k, v, use_gqa), warm=3, max_samples=20)
+                q.requires_grad_(True)
+                k.requires_grad_(True)
+                v.requires_grad_(True)
+
+                def step():
+                    out = sdpa(q, k, v, use_gqa)
+                    torch.autograd.grad(out, (q, k, v), dout)
+
+                fb = time_it(step, warm=2, max_samples=20)
+            emit(
+                kind="attn",
+                case=c["case"],
+                B=B,
+                Hq=Hq,
+                Hkv=Hkv,
+                S=S,
+                D=D,
+                causal=True,
+                modelLayer=c.get("modelLayer", False),
+                backend=backend if HAS_SDPA else "math (no SDPA in this torch)",
+                gqa=gqa,
+                fwdMs=r4(fwd["ms"]),
+                fwdTflops=r4(fwd_flops / (fwd["ms"] / 1000) / 1e12),
+                fwdBwdMs=r4(fb["ms"]),
+                fwdBwdTflops=r4(3.5 * fwd_flops / (fb["ms"] / 1000) / 1e12),
+                samples=[fwd["samples"], fb["samples"]],
+                spreadMs=[r4(fb["minMs"]), r4(fb["maxMs"])],
+            )
+            del q, k, v, dout
+        except Exception as e:  # noqa: BLE001
+            emit(kind="attn", case=c["case"], error=err_line(e))
+        log(f"attn {c['case']} done")
+
+
+# -------------------------------------------------------------------------------------------------
+def rms_norm(x, w, eps):
+    if hasattr(F, "rms_norm"):
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, h, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(h))
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rope(x, cos, sin):
+    """Rotate-half RoPE (Hugging Face Llama's) on [B, H, S, D] with cos/sin [S, D]."""
+    d = x.shape[-1] // 2
+    rot = torch.cat((-x[..., d:], x[..., :d]), -1)
+    return x * cos.to(x.dtype) + rot * sin.to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, h, heads, kv_heads, ffn, eps, gqa):
+        super().__init__()
+        self.heads, self.kv, self.hd, self.gqa = heads, kv_heads, h // heads, gqa
+        self.attn_norm = RMSNorm(h, eps)
+        self.wqkv = nn.Linear(h, (heads + 2 * kv_heads) * self.hd, bias=False)
+        self.wo = nn.Linear(heads * self.hd, h, bias=False)
+        self.mlp_norm = RMSNorm(h, eps)
+        self.w13 = nn.Linear(h, 2 * ffn, bias=False)  # gate and up, fused (Megatron's linear_fc1)
+        self.w2 = nn.Linear(ffn, h, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, S, _ = x.shape
+        H, KV, hd = self.heads, self.kv, self.hd
+        qkv = self.wqkv(self.attn_norm(x))
+        q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
+        q = rope(q.view(B, S, H, hd).transpose(1, 2), cos, sin)
+        k = rope(k.view(B, S, KV, hd).transpose(1, 2), cos, sin)
+        v = v.view(B, S, KV, hd).transpose(1, 2)
+        if self.gqa == "repeat_kv" and KV != H:
+            k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
+        o = sdpa(q, k, v, self.gqa == "enable_gqa" and KV != H)
+        x = x + self.wo(o.transpose(1, 2).reshape(B, S, H * hd))
+        g, u = self.w13(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.w2(F.silu(g) * u)
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg, gqa):
+        super().__init__()
+        h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        self.embed = nn.Embedding(cfg["vocab_size"], h)
+        self.blocks = nn.ModuleList(
+            Block(h, heads, cfg["num_key_value_heads"], cfg["intermediate_size"], cfg["rms_norm_eps"], gqa)
+            for _ in range(cfg["num_hidden_layers"])
+        )
+        self.norm = RMSNorm(h, cfg["rms_norm_eps"])
+        assert cfg.get("tie_word_embeddings", True), "the bench model ties the output layer to the embedding"
+        hd = h // heads
+        inv = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd))
+        t = torch.arange(cfg["max_position_embeddings"]).float()
+        f = torch.outer(t, inv)
+        emb = torch.cat((f, f), -1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+        for n, p in self.named_parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, tokens, labels):
+        S = tokens.shape[1]
+        x = self.embed(tokens)
+        cos, sin = self.cos[:S], self.sin[:S]
+        for b in self.blocks:
+            x = b(x, cos, sin)
+        logits = F.linear(self.norm(x), self.embed.weight)
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def megatron_flops(cfg, seq, gbs):
+    """Megatron's num_floating_point_operations for this dense Llama (as packages/train/src/flops.ts)."""
+    h, L, ffn = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = h // heads
+    query, key_value = hd * heads, hd * kv
+    vocab = math.ceil(cfg["vocab_size"] / 128) * 128
+    per_token = 6 * h * ffn * 3 * L + 6 * (h * (query + 2 * key_value) + query * h) * L + 6 * h * vocab
+    scores = (6 * query / 2) * 2 * L
+    return gbs * seq * per_token + gbs * seq * seq * scores
+
+
+def bench_train():
+    tc = CASES["train"]
+    cfg = tc["hf"]
+    mbs = int(os.environ.get("MEGAPATCH_BENCH_MBS", tc["microBatchSize"]))
+    gbs = max(tc["globalBatchSize"], mbs)
+    n_micro = gbs // mbs
+    seq = tc["seqLength"]
+    warm, timed = tc["warmupIters"], tc["timedIters"]
+    flops = megatron_flops(cfg, seq, gbs)
+    modes = os.environ.get("MEGAPATCH_BENCH_TORCH_MODES", "eager,compile").split(",")
+    probe = torch.randn(1, cfg["num_attention_heads"], 128, cfg["hidden_size"] // cfg["num_attention_heads"],
+                        device=DEVICE, dtype=torch.bfloat16)
+    kvp = probe[:, : cfg["num_key_value_heads"]].contiguous()
+    gqa = gqa_mode(probe, kvp, kvp) if cfg["num_key_value_heads"] != cfg["num_attention_heads"] else "none"
+    del probe, kvp
+    for mode in [m.strip() for m in modes if m.strip()]:
+        base = dict(kind="train", case=tc["case"], mode=f"torch-{mode}", microBatchSize=mbs, globalBatchSize=gbs,
+                    seqLength=seq)
+        if mode == "compile" and not hasattr(torch, "compile"):
+            emit(**base, error=f"torch.compile is not in torch {torch.__version__}")
+            continue
+        try:
+            emit(**base, **train_mode(mode, cfg, gqa, mbs, n_micro, seq, warm, timed, flops))
+        except Exception as e:  # noqa: BLE001 — report (a failed compile, say) and go on
+            emit(**base, error=err_line(e))
+        # the mode's model, optimizer and graphs went with train_mode's frame
+        if CUDA:
+            torch.cuda.empty_cache()
+        if hasattr(torch, "_dynamo"):
+            with contextlib.suppress(Exception):
+                torch._dynamo.reset()
+        log(f"train {mode} done")
+
+
+def train_mode(mode, cfg, gqa, mbs, n_micro, seq, warm, timed, flops):
+    """warm + timed steps of one mode; the figures of its timed steps."""
+    gbs = mbs * n_micro
+    torch.manual_seed(3)
+    pure = mode == "eager-bf16"
+    model = Llama(cfg, gqa).to(DEVICE)
+    if pure:
+        model = model.to(torch.bfloat16)
+    if mode == "compile":
+        for i, b in enumerate(model.blocks):
+            model.blocks[i] = torch.compile(b)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}]
+    try:
+        opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, fused=CUDA)
+    except (TypeError, RuntimeError):
+        opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    params = decay + no_decay
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    data = torch.randint(3, cfg["vocab_size"], (warm + timed, n_micro, mbs, seq + 1), device=DEVICE, generator=gen)
+
+    def amp():
+        if pure:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda" if CUDA else "cpu", dtype=torch.bfloat16)
+
+    steps, fwd_ms, bwd_ms, opt_ms, losses = [], [], [], [], []
+    t_warm = None
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    t_start = time.perf_counter()
+    for it in range(warm + timed):
+        c0 = Clock().record()
+        loss_sum = None
+        marks = []
+        for m in range(n_micro):
+            tok = data[it, m]
+            a0 = Clock().record()
+            with amp():
+                loss = model(tok[:, :-1], tok[:, 1:]) / n_micro
+            a1 = Clock().record()
+            loss.backward()
+            a2 = Clock().record()
+            marks.append((a0, a1, a2))
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        o0 = Clock().record()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        c1 = Clock().record()
+        sync()
+        if it == warm - 1:
+            t_warm = time.perf_counter() - t_start
+        losses.append(r4(loss_sum.item()))
+        if it >= warm:
+            steps.append(c0.ms_to(c1))
+            fwd_ms.append(sum(a0.ms_to(a1) for a0, a1, _ in marks))
+            bwd_ms.append(sum(a1.ms_to(a2) for _, a1, a2 in marks))
+            opt_ms.append(o0.ms_to(c1))
+    step = statistics.median(steps)
+    return dict(
+        precision="bf16 params and AdamW state" if pure else "AMP: fp32 master weights, bf16 autocast",
+        attention=f"{'SDPA, torch default backend choice' if HAS_SDPA else 'math'}, gqa {gqa}",
+        compiled="each transformer block (torch.compile)" if mode == "compile" else None,
+        warmupS=r4(t_warm) if t_warm is not None else None,
+        timedIterations=len(steps),
+        stepMs=r4(step),
+        stepMsAll=[r4(s) for s in steps],
+        tokensPerSecond=r4(gbs * seq / (step / 1000)),
+        flopsPerStep=int(flops),
+        achievedTflops=r4(flops / (step / 1000) / 1e12),
+        mfu=r4(flops / (step / 1000) / (PEAK * 1e12)),
+        peakTflops=PEAK,
+        breakdownMs={
+            "forward": r4(statistics.median(fwd_ms)),
+            "backward": r4(statistics.median(bwd_ms)),
+            "optimizer": r4(statistics.median(opt_ms)),
+        },
+        losses=losses,
+        peakMemoryGiB=r4(torch.cuda.max_memory_allocated() / 2**30) if CUDA else None,
+        params=sum(p.numel() for p in params),
+    )
+
+if __name__ == "__main__":
+    env_info()
+    if want("gemm"):
+        bench_gemm()
+    if want("attn"):
+        bench_attn()
+    if want("train"):
+        bench_train()

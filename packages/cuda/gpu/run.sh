@@ -1,0 +1,246 @@
+#!/usr/bin/env bash
+# One device call: build, check and bench @megapatch/cuda on the lent GPU machine, logs under $OUT.
+#   here:  bash packages/cuda/gpu/prepare.sh     (fills .gpu/: node, setup.sh, node_modules.tar.xz)
+#   there: source .gpu/setup.sh && bash packages/cuda/gpu/run.sh     (carry [".gpu"], timeout_s 600)
+# Steps: unpack the node_modules; the machine (nvidia-smi, nvcc, the CUDA wheels' cuBLASLt and
+# NCCL); build the addons of packages/tensor and packages/cuda (cmake-js, node-api-headers, no
+# download) and packages/tensor/dist (esbuild); cudaInfo() and gemmEngine(); gpu/gemm-check.mts;
+# the tensor op tests (vitest.conformance.config.ts) and the kernel comparison
+# (vitest.kernels.config.ts) on the device; then packages/cuda/bench/gpu-bench.sh when it exists.
+# A failing step is reported and the next one runs; each has a timeout, and all end within
+# MEGAPATCH_GPU_BUDGET_S (540 s). The table of steps comes last (it is what the reply's tail shows);
+# $OUT gets env.log build.log gemm.log conformance.log kernels.log bench.log summary.txt (7 of the 8
+# files that come back; the eighth is left to the bench).
+# Settings (environment):
+#   MEGAPATCH_TEST_DEVICE      the device under test (cuda:0; cudaemu:0 runs the same on the emulator)
+#   MEGAPATCH_GPU_BUDGET_S     the whole run's time (540); MEGAPATCH_GPU_TIMEOUT_SCALE multiplies
+#                              each step's own limit (1)
+#   MEGAPATCH_GPU_SKIP         steps to leave out, e.g. "conformance kernels"
+#   MEGAPATCH_GPU_JOBS         build jobs (nproc); the two addons build side by side from 8 on
+#   MEGAPATCH_GPU_EMULATOR=1   build the emulator addon on a cuda:N run too (skipped there: unused)
+#   MEGAPATCH_GPU_FORCE=1      run in a checkout that has a pnpm install (it rebuilds packages/*/build)
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
+cd "$root"
+START=$(date +%s)
+export MEGAPATCH_TEST_DEVICE=${MEGAPATCH_TEST_DEVICE:-cuda:0}
+DEVICE=$MEGAPATCH_TEST_DEVICE
+BUDGET=${MEGAPATCH_GPU_BUDGET_S:-540}
+SCALE=${MEGAPATCH_GPU_TIMEOUT_SCALE:-1}
+JOBS=${MEGAPATCH_GPU_JOBS:-$(nproc)}
+SKIP=" ${MEGAPATCH_GPU_SKIP:-} "
+OUT=${OUT:-$root/.gpu/out}
+mkdir -p "$OUT"
+export OUT NO_COLOR=1 FORCE_COLOR=0 MEGAPATCH_ROOT=$root
+TMP=$(mktemp -d)
+
+if [ -f node_modules/.modules.yaml ] && [ "${MEGAPATCH_GPU_FORCE:-0}" != 1 ]; then
+  echo "run.sh: $root has a pnpm install; this script rebuilds packages/tensor/build, packages/cuda/build" \
+    "and packages/tensor/dist. Run it in a copy, or set MEGAPATCH_GPU_FORCE=1." >&2
+  rm -rf "$TMP"
+  exit 2
+fi
+if ! command -v node >/dev/null && [ -f .gpu/node.xz ]; then # setup.sh does this; in case it was not sourced
+  mkdir -p /tmp/node/bin && xz -dc .gpu/node.xz > /tmp/node/bin/node && chmod +x /tmp/node/bin/node
+  export PATH=/tmp/node/bin:$PATH
+fi
+
+# --- the table ------------------------------------------------------------------------------
+ROWS=()
+record() { # name status seconds note
+  local note=${4//$'\n'/ }
+  ROWS+=("$(printf '%-12s %-9s %5ss  %s' "$1" "$2" "$3" "${note:0:200}")")
+  echo "--- $1: $2 ($3 s) ${note:0:200}"
+}
+status_of() { case $1 in 0) echo PASS ;; 124 | 137) echo TIMEOUT ;; *) echo "FAIL($1)" ;; esac; }
+# report NAME NOTE: the row of the step just run (step has written it already when it skipped)
+report() { [ "$RC" = skip ] || record "$1" "$(status_of "$RC")" "$DT" "$2"; }
+# the time a step may take: its own limit (scaled), within what is left of the budget
+limit() {
+  local t left
+  t=$(awk -v c="$1" -v s="$SCALE" 'BEGIN { printf "%d", c * s }')
+  left=$((START + BUDGET - $(date +%s) - 15))
+  echo $((t < left ? t : left))
+}
+FAILED_LOGS=()
+# the ends of the failed steps' logs, then the table (the reply carries the tail); also when the
+# script itself stops early (set -e)
+FINISHED=0
+finish() {
+  FINISHED=1
+  local f name log
+  for f in "${FAILED_LOGS[@]}"; do
+    name=${f%%:*} log=${f#*:}
+    echo "~~~ $name failed; the end of $log:"
+    grep -av '^=== ' "$OUT/$log" | grep -avE '^\s*$' | tail -8 | cut -c1-200
+  done
+  {
+    echo "megapatch GPU run on ${gpu_name:-?}, device $DEVICE, $(($(date +%s) - START)) s in all (budget $BUDGET s)"
+    printf '%-12s %-9s %6s  %s\n' step status time note
+    printf '%s\n' "${ROWS[@]}"
+    echo "logs: $(cd "$OUT" && ls | tr '\n' ' ')"
+  } | tee "$OUT/summary.txt"
+}
+trap 'ERR_LINE=$LINENO' ERR
+trap 'rc=$?; rm -rf "$TMP"; if [ "$FINISHED" = 0 ]; then record run.sh "ABORT" 0 "stopped at line ${ERR_LINE:-?} (rc $rc)"; finish; fi' EXIT
+# step NAME LOG LIMIT_S COMMAND...: runs COMMAND (a function is run through bash -c) with a timeout,
+# appending to $OUT/LOG; sets RC
+step() {
+  local name=$1 log=$2 t t0 cmd
+  t=$(limit "$3")
+  shift 3
+  RC=0
+  if [[ $SKIP == *" $name "* ]]; then record "$name" SKIP 0 "MEGAPATCH_GPU_SKIP"; RC=skip; return 0; fi
+  if ((t < 20)); then record "$name" SKIP 0 "no time left in the budget"; RC=skip; return 0; fi
+  echo "=== $name (limit ${t}s) $(date -u +%T)" | tee -a "$OUT/$log"
+  t0=$(date +%s)
+  if [ "$(type -t "$1")" = function ]; then cmd=(bash -c "$*"); else cmd=("$@"); fi
+  timeout -k 15 "$t" "${cmd[@]}" >>"$OUT/$log" 2>&1 || RC=$?
+  DT=$(($(date +%s) - t0))
+  echo "=== $name: rc $RC, ${DT}s" >>"$OUT/$log"
+  [ "$RC" = 0 ] || FAILED_LOGS+=("$name:$log")
+}
+# the last line of a log that matches a pattern (the step's own section is the end of the log)
+last() { grep -aE "$2" "$OUT/$1" | tail -1 | sed -E 's/^[[:space:]]+//; s/[[:space:]]+/ /g' || true; }
+export -f last
+
+# --- unpack ----------------------------------------------------------------------------------
+unpack() {
+  if [ -d node_modules/.pnpm ]; then echo "node_modules already here"; return 0; fi
+  if command -v xz >/dev/null; then tar -xJf .gpu/node_modules.tar.xz
+  else python3 -c "import tarfile; t = tarfile.open('.gpu/node_modules.tar.xz'); t.extractall('.', **({'filter': 'tar'} if hasattr(tarfile, 'tar_filter') else {}))"; fi
+  echo "unpacked $(ls node_modules/.pnpm | wc -l) packages"
+}
+export -f unpack
+step unpack env.log 120 unpack
+report unpack "$(last env.log 'unpacked|already')"
+
+# --- the machine -----------------------------------------------------------------------------
+machine() {
+  set +e
+  echo "device under test: $MEGAPATCH_TEST_DEVICE; $(nproc) cores; $(free -g 2>/dev/null | awk '/Mem:/ {print $2 " GiB"}')"
+  uname -a
+  echo "node $(node --version)"; cmake --version | head -1; echo "ninja $(ninja --version 2>/dev/null || echo none)"
+  g++ --version | head -1; nvcc --version | tail -2
+  nvidia-smi
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  echo "CPATH=$CPATH"; echo "LIBRARY_PATH=$LIBRARY_PATH"; echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  local d
+  for d in ${CPATH//:/ } /usr/local/cuda/include /usr/include; do
+    [ -f "$d/cublas_api.h" ] && echo "cublas_api.h in $d: $(grep -h '#define CUBLAS_VER_M[AI]' "$d/cublas_api.h" | awk '{printf "%s ", $3}')"
+    [ -f "$d/nccl.h" ] && echo "nccl.h in $d: $(grep -hE '#define NCCL_(MAJOR|MINOR|PATCH) ' "$d/nccl.h" | awk '{printf "%s ", $3}')"
+  done
+  for d in ${LIBRARY_PATH//:/ } /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu; do
+    ls -l "$d"/libcublasLt.so* "$d"/libnccl.so* "$d"/libcudart.so* 2>/dev/null
+  done
+  return 0
+}
+export -f machine
+step machine env.log 60 machine
+gpu_name=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1 || true)
+report machine "${gpu_name:-no nvidia-smi}; nvcc $(nvcc --version 2>/dev/null | grep -o 'release [0-9.]*' || echo none)"
+
+# --- build -----------------------------------------------------------------------------------
+# Hopper machine code (sm_90 + compute_90 PTX): CMake sets CMAKE_CUDA_ARCHITECTURES to nvcc's
+# default (75 for CUDA 13), which CMakeLists.txt keeps, and sm_75 would JIT on the GPU, turn off
+# the mma.sync attention kernels and take cicc over 10 minutes for attention.cu
+export CUDAARCHS=${CUDAARCHS:-90}
+build_tensor() {
+  cd packages/tensor && node node_modules/cmake-js/bin/cmake-js compile --out build --parallel "$MEGAPATCH_GPU_JOBS_"
+}
+build_cuda() {
+  cd packages/cuda
+  case $MEGAPATCH_TEST_DEVICE in
+    cudaemu*) ;;
+    *) [ "${MEGAPATCH_GPU_EMULATOR:-0}" = 1 ] || export MEGAPATCH_NO_CUDA_EMULATOR=1 ;;
+  esac
+  local rc=0
+  node node_modules/cmake-js/bin/cmake-js compile --out build --parallel "$MEGAPATCH_GPU_JOBS_" || rc=$?
+  if [ $rc != 0 ] && [[ $MEGAPATCH_TEST_DEVICE == cudaemu* ]]; then
+    # on the emulator the CUDA part may fail (a machine with nvcc but no usable cuBLASLt): say so,
+    # and build the addon without CUDA so that the emulator is there
+    echo "megapatch-gpu: the build failed (rc $rc); again with MEGAPATCH_NO_CUDA=1 for the emulator"
+    MEGAPATCH_NO_CUDA="the CUDA build failed on this machine" node node_modules/cmake-js/bin/cmake-js compile \
+      --out build --parallel "$MEGAPATCH_GPU_JOBS_" || return $?
+    return 0
+  fi
+  [ $rc = 0 ] || return $rc
+  echo "megapatch-gpu-code: $(grep -o -- '--generate-code=arch=[^ ]*' build/build.ninja 2>/dev/null | sort -u | sed 's/--generate-code=//' | tr '\n' ' ')"
+  if [ -f build/Release/megapatch_cuda.node ]; then
+    echo "--- ldd build/Release/megapatch_cuda.node (CUDA libraries)"
+    ldd build/Release/megapatch_cuda.node | grep -E 'cublas|cudart|nccl|not found' || true
+    readelf -d build/Release/megapatch_cuda.node | grep -E 'NEEDED|RPATH|RUNPATH' || true
+  fi
+}
+export -f build_tensor build_cuda
+export MEGAPATCH_GPU_JOBS_=$JOBS
+# build.log holds the tensor build, then the CUDA build (side by side with 8 jobs or more)
+if ((JOBS >= 8)); then
+  t=$(limit 330)
+  t0=$(date +%s)
+  (timeout -k 15 "$t" bash -c build_tensor >"$TMP/tensor.log" 2>&1; echo $? >"$TMP/tensor.rc") &
+  (timeout -k 15 "$t" bash -c build_cuda >"$TMP/cuda.log" 2>&1; echo $? >"$TMP/cuda.rc") &
+  wait
+  for p in tensor cuda; do
+    { echo "=== build-$p (limit ${t}s)"; cat "$TMP/$p.log"; echo "=== build-$p: rc $(cat "$TMP/$p.rc")"; } >>"$OUT/build.log"
+  done
+  DT=$(($(date +%s) - t0))
+  RC=$(cat "$TMP/tensor.rc" 2>/dev/null || echo 99); [ "$RC" = 0 ] || FAILED_LOGS+=("build-tensor:build.log")
+  report build-tensor "$(grep -aE 'megapatch: (GEMM|OpenBLAS|bfloat16|oneDNN)' "$TMP/tensor.log" | head -2 | sed 's/^-- megapatch: //' | tr '\n' ' ')"
+  RC=$(cat "$TMP/cuda.rc" 2>/dev/null || echo 99); [ "$RC" = 0 ] || FAILED_LOGS+=("build-cuda:build.log")
+  CUDA_LOG=$TMP/cuda.log
+else
+  step build-tensor build.log 330 build_tensor
+  report build-tensor "$(grep -aE 'megapatch: (GEMM|OpenBLAS|bfloat16|oneDNN)' "$OUT/build.log" | tail -2 | sed 's/^-- megapatch: //' | tr '\n' ' ')"
+  cp "$OUT/build.log" "$TMP/before.log"
+  step build-cuda build.log 330 build_cuda
+  tail -n +"$(($(wc -l <"$TMP/before.log") + 1))" "$OUT/build.log" >"$TMP/cuda.log"
+  CUDA_LOG=$TMP/cuda.log
+fi
+cuda_note=$(grep -aE 'megapatch: (CUDA [0-9]|building @megapatch/cuda without CUDA)|megapatch-gpu:' "$CUDA_LOG" | tail -1 | sed -E 's/^-- //' || true)
+cublas_note=$(grep -aE 'libcublasLt' "$CUDA_LOG" | grep -a '=>' | tail -1 | sed -E 's/^[[:space:]]+//; s/ \(0x[0-9a-f]+\)//' || true)
+code_note=$(grep -a '^megapatch-gpu-code: ' "$CUDA_LOG" | tail -1 | sed 's/^megapatch-gpu-code: //' || true)
+report build-cuda "${cuda_note:-?}${code_note:+; $code_note}${cublas_note:+; $cublas_note}"
+
+step tensor-dist build.log 60 node packages/cuda/gpu/tensor-dist.mjs
+report tensor-dist "$(last build.log '^tensor-dist:' | sed 's/^tensor-dist: //')"
+
+# --- checks ----------------------------------------------------------------------------------
+TSX=packages/cuda/node_modules/.bin/tsx
+step info env.log 90 "$TSX" packages/cuda/gpu/info-check.mts "$DEVICE"
+report info "$(last env.log '^INFO ' | sed -E 's/^INFO (OK|FAIL): //')"
+
+step gemm gemm.log 120 "$TSX" packages/cuda/gpu/gemm-check.mts "$DEVICE"
+report gemm "$(last gemm.log '[0-9]+ cases, [0-9]+ failures') $(last gemm.log '^engine:') $(last gemm.log 'TF32 on')"
+
+vitest_run() { # config
+  cd packages/cuda && node ../../node_modules/vitest/vitest.mjs run --config "$1"
+}
+export -f vitest_run
+vitest_note() { # log
+  echo "$(last "$1" '^ *Test Files ') / $(last "$1" '^ *Tests ') $(last "$1" '^ *Errors ')"
+}
+step conformance conformance.log 240 vitest_run vitest.conformance.config.ts
+report conformance "$(vitest_note conformance.log)"
+
+if [ -f packages/cuda/vitest.kernels.config.ts ]; then
+  step kernels kernels.log 150 vitest_run vitest.kernels.config.ts
+  report kernels "$(vitest_note kernels.log)"
+else
+  record kernels SKIP 0 "no packages/cuda/vitest.kernels.config.ts"
+fi
+
+# --- bench -----------------------------------------------------------------------------------
+# packages/cuda/bench/gpu-bench.sh (its own helper's): runs from the repository root with
+# MEGAPATCH_TEST_DEVICE, OUT (it may write ONE file of its own there, beside bench.log) and
+# MEGAPATCH_BENCH_BUDGET_S (the seconds it has); its last lines go into the table's note.
+if [ -f packages/cuda/bench/gpu-bench.sh ]; then
+  export MEGAPATCH_BENCH_BUDGET_S=$(limit 300)
+  step bench bench.log 300 bash packages/cuda/bench/gpu-bench.sh
+  report bench "$(grep -av '^===' "$OUT/bench.log" | tail -1)"
+else
+  record bench SKIP 0 "no packages/cuda/bench/gpu-bench.sh"
+fi
+# --- end of bench ----------------------------------------------------------------------------
+
+finish
