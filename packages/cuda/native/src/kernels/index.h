@@ -6,6 +6,9 @@
 // it on the stream with [position, value] of the first (lowest row-major position) index outside
 // its range, or [-1, 0]. The main kernels skip rejected indices, so nothing outside the tensors is
 // ever touched; what they wrote is meaningless when `bad` reports an index, and the op raises.
+//
+// index_add_rows, scatter_add_along (few long lines) and topk_along (lines over 4096) sort on the
+// device in scratch memory allocated and freed on the stream (cudaMallocAsync) within the call.
 #pragma once
 
 #include "common.cuh"
