@@ -39,17 +39,22 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
       'crossEntropyBackward',
       'nllLoss',
       'nllLossBackward',
+      'crossEntropyShardMax',
+      'crossEntropyShard',
+      'crossEntropyShardBackward',
       'normRows',
       'normRowsBackward',
       'ropeApply',
       'gatedActivation',
       'gatedActivationBackward',
       'adamwStep',
+      'adamwStepMulti',
       'sgdStep',
       'normPowerSum',
       'unscaleCheck',
       'attentionForward',
       'attentionBackward',
+      'linearBias',
     ] as const;
     for (const name of names) expect(hasNativeKernel(b, name), name).toBe(true);
   });

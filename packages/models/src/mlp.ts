@@ -79,7 +79,8 @@ export class MLP extends Module {
     this.skipReduce = opts.skipReduce ?? false;
     this.activation = o.family.activation ?? 'swiglu';
   }
-  private readonly activation: GatedActivation;
+  /** The gated activation between fc1 and fc2 (the family's, SwiGLU by default). */
+  readonly activation: GatedActivation;
 
   /** x [..., h] -> [..., h]; with skipReduce, this rank's partial sum (and no input copy region). */
   forward(x: Tensor): Tensor {

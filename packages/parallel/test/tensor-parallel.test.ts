@@ -17,6 +17,7 @@ import {
   ones,
   randint,
   randn,
+  resetPeakMemoryStats,
   rmsNorm,
   type Tensor,
   tidy,
@@ -457,6 +458,32 @@ describe('vocabParallelCrossEntropy on a group of one', () => {
       loss.sum().backward();
       expect(x.grad?.dtype).toBe('bfloat16');
     });
+  });
+
+  it('allocates no [tokens, V] tensor in the forward and keeps none for the backward but the logits', () => {
+    const g = soloGroup();
+    const [rows, v] = [64, 1000];
+    const oneFloatTensor = rows * v * 4;
+    for (const [dtype, smoothing] of [
+      ['float32', 0],
+      ['bfloat16', 0.1],
+    ] as const) {
+      tidy(() => {
+        const x = randn([rows, v], { generator: new Generator(34), dtype }).requiresGrad_();
+        const t = randint(0, 900, [rows], { generator: new Generator(35) });
+        const base = memoryStats().liveBytes;
+        resetPeakMemoryStats();
+        // vocabSize 900 of 1000: the real columns are a strided view of the padded slice
+        const loss = vocabParallelCrossEntropy(x, t, smoothing, { tpGroup: g, vocabSize: 900 });
+        expect(memoryStats().peakBytes - base).toBeLessThan(oneFloatTensor / 32);
+        expect(memoryStats().liveBytes - base).toBeLessThan(oneFloatTensor / 32);
+        loss.sum().backward();
+        // the backward's only large allocation is the gradient itself
+        const gradBytes = rows * v * (dtype === 'float32' ? 4 : 2);
+        expect(memoryStats().peakBytes - base).toBeLessThan(gradBytes + oneFloatTensor / 32);
+        expect(x.grad?.dtype).toBe(dtype);
+      });
+    }
   });
 
   it('rejects bad arguments', () => {

@@ -24,6 +24,7 @@ import {
   getBackend,
   getTotalNorm,
   layerNorm,
+  linear,
   logSoftmax,
   memoryStats,
   nllLoss,
@@ -50,6 +51,9 @@ const COMPOSED: KernelName[] = [
   'crossEntropyBackward',
   'nllLoss',
   'nllLossBackward',
+  'crossEntropyShardMax',
+  'crossEntropyShard',
+  'crossEntropyShardBackward',
   'normRows',
   'normRowsBackward',
   'ropeApply',
@@ -58,10 +62,14 @@ const COMPOSED: KernelName[] = [
   'attentionForward',
   'attentionBackward',
   'adamwStep',
+  'adamwStepMulti',
   'sgdStep',
   'normPowerSum',
   'unscaleCheck',
 ];
+
+/** Compositions of kernels that only devices provide (no native CPU kernel to compare them with). */
+const DEVICE_ONLY: KernelName[] = ['linearBias'];
 
 function nativeKernel<K extends KernelName>(name: K): KernelTable[K] {
   const k = cpuBackend.kernel(name);
@@ -507,6 +515,148 @@ describe('nllLoss / nllLossBackward', () => {
   );
 });
 
+// ---- vocabulary-parallel cross-entropy shards -------------------------------------------------
+
+interface ShardCase {
+  dtype: DType;
+  /** Columns of the slice (P). */
+  cols: number;
+  /** Real columns [0, localReal); the rest is vocabulary padding. */
+  localReal: number;
+  targetDtype: 'int32' | 'int64';
+  smoothing: number;
+}
+
+const SHARD_ROWS = 7;
+const SHARD_START = 40;
+
+function shardCases(): ShardCase[] {
+  const out: ShardCase[] = [];
+  for (const dtype of FLOATS)
+    for (const [cols, localReal] of [
+      [1, 1],
+      [7, 7],
+      [33, 29],
+      [9, 0],
+      [1501, 1403], // a block per row on a GPU
+    ])
+      for (const smoothing of [0, 0.15])
+        out.push({ dtype, cols, localReal, targetDtype: cols === 7 ? 'int32' : 'int64', smoothing });
+  return out;
+}
+
+/**
+ * Inputs of a shard kernel: logits [R, P] (a -inf entry in row 2, large logits in row 3),
+ * targets on real columns, on padding columns, on other ranks (below and above) and outside the
+ * vocabulary (-1), and a group maximum per row at least the row's real maximum (another rank may
+ * hold a larger logit).
+ */
+function shardInputs(c: ShardCase, r: Rng) {
+  const logits = make([SHARD_ROWS, c.cols], c.dtype, (i) => {
+    const row = Math.floor(i / c.cols);
+    if (row === 2 && i % c.cols === 0 && c.localReal > 1) return NINF;
+    return row === 3 ? 60 + 3 * r.normal() : 2 * r.normal();
+  });
+  const real = c.localReal;
+  const t = [
+    SHARD_START + r.int(0, Math.max(real, 1)),
+    SHARD_START + (real < c.cols ? real : 0),
+    SHARD_START - 5,
+    SHARD_START + c.cols + 2,
+    -1,
+    SHARD_START + real - 1,
+    SHARD_START,
+  ];
+  const target = tensor(t, { shape: [SHARD_ROWS], dtype: c.targetDtype });
+  const xv = values(logits);
+  const compute = c.dtype === 'float64' ? 'float64' : 'float32';
+  const rowMax = make([SHARD_ROWS], compute, (row) => {
+    let m = row % 2 === 0 ? 0.75 : 0; // odd rows: the maximum is on this shard
+    if (real === 0) return 1.5;
+    m += Math.max(...xv.slice(row * c.cols, row * c.cols + real).filter((v) => v !== NINF));
+    return m;
+  });
+  return { logits, target, rowMax, compute: compute as DType };
+}
+
+describe('crossEntropyShardMax / crossEntropyShard / crossEntropyShardBackward', () => {
+  const it = itWith('crossEntropyShardMax', 'crossEntropyShard', 'crossEntropyShardBackward');
+  for (const c of shardCases()) {
+    const name = `${c.dtype}, ${c.localReal} real of ${c.cols} columns, ${c.targetDtype} targets, smoothing ${c.smoothing}`;
+    it(name, () =>
+      tidy(() => {
+        const r = rng(c.cols * 17 + c.localReal + c.smoothing * 100 + c.dtype.length);
+        const { logits, target, rowMax, compute } = shardInputs(c, r);
+        const mN = sentinel([SHARD_ROWS], compute);
+        const mF = sentinel([SHARD_ROWS], compute);
+        nativeKernel('crossEntropyShardMax')(mN, logits, c.localReal);
+        candidateKernel('crossEntropyShardMax')(mF, logits, c.localReal);
+        expectSame(mF, mN, 'local max');
+        if (c.localReal === 0) expect(values(mN)).toEqual(new Array(SHARD_ROWS).fill(NINF));
+        const outs = () => [0, 1, 2].map(() => sentinel([SHARD_ROWS], compute));
+        const [pN, eN, qN] = outs();
+        const [pF, eF, qF] = outs();
+        const withSum = c.smoothing > 0;
+        const rest = [logits, target, rowMax, SHARD_START, c.localReal] as const;
+        nativeKernel('crossEntropyShard')(pN, eN, withSum ? qN : null, ...rest);
+        candidateKernel('crossEntropyShard')(pF, eF, withSum ? qF : null, ...rest);
+        expectSame(pF, pN, 'predicted');
+        expectSame(eF, eN, 'sumExp');
+        expectSame(qF, qN, withSum ? 'shiftedSum' : 'shiftedSum (not asked for: untouched)');
+        // targets off the shard, on its padding or outside the vocabulary predict exactly 0
+        const p = values(pN);
+        for (const row of [2, 3, 4]) expect(p[row], `predicted row ${row}`).toBe(0);
+        if (c.localReal < c.cols) expect(p[1]).toBe(0);
+        if (c.localReal === 0) expect(values(eN)).toEqual(new Array(SHARD_ROWS).fill(0));
+
+        // the group's Σ exp: this shard's plus some from the others, so log Σ exp >= 0
+        const others = r.uniform() + 1;
+        const lse = make([SHARD_ROWS], compute, (row) => Math.log(values(eN)[row] + others));
+        const g = randnT(r, [SHARD_ROWS], compute);
+        const vocab = 3 * c.cols + 1;
+        const dxN = sentinel(logits.shape, c.dtype);
+        const dxF = sentinel(logits.shape, c.dtype);
+        const args = [logits, target, rowMax, lse, g, SHARD_START, c.localReal, c.smoothing, vocab] as const;
+        nativeKernel('crossEntropyShardBackward')(dxN, ...args);
+        candidateKernel('crossEntropyShardBackward')(dxF, ...args);
+        expectSame(dxF, dxN, 'dx');
+        const dx = values(dxN);
+        for (let row = 0; row < SHARD_ROWS; row++)
+          for (let j = c.localReal; j < c.cols; j++) expect(dx[row * c.cols + j], 'padding gradient').toBe(0);
+      }),
+    );
+  }
+
+  it('the local maximum: a NaN among the real columns wins, one in the padding does not count', () =>
+    tidy(() => {
+      for (const dtype of FLOATS) {
+        const x = make([3, 37], dtype, (i) => (i === 36 || i === 40 ? Number.NaN : (i % 37) - 20));
+        const mN = sentinel([3], dtype === 'float64' ? 'float64' : 'float32');
+        const mF = sentinel([3], dtype === 'float64' ? 'float64' : 'float32');
+        nativeKernel('crossEntropyShardMax')(mN, x, 36);
+        candidateKernel('crossEntropyShardMax')(mF, x, 36);
+        expectSame(mF, mN, `${dtype} local max`);
+        expect(values(mN)).toEqual([15, Number.NaN, 15]);
+      }
+    }));
+});
+
+describeFallbacks('crossEntropyShardMax / crossEntropyShard / crossEntropyShardBackward compositions', () => {
+  it('free every temporary', () =>
+    tidy(() => {
+      const c = shardCases()[5];
+      const { logits, target, rowMax, compute } = shardInputs(c, rng(3));
+      const [p, e, q, lse, g] = [0, 1, 2, 3, 4].map(() => sentinel([SHARD_ROWS], compute));
+      const dx = sentinel(logits.shape, c.dtype);
+      const before = memoryStats('cpu').liveStorages;
+      fallbackKernel('crossEntropyShardMax')(p, logits, c.localReal);
+      fallbackKernel('crossEntropyShardMax')(p, logits, 0);
+      fallbackKernel('crossEntropyShard')(p, e, q, logits, target, rowMax, SHARD_START, c.localReal);
+      fallbackKernel('crossEntropyShardBackward')(dx, logits, target, rowMax, lse, g, SHARD_START, 0, 0.1, 9);
+      expect(memoryStats('cpu').liveStorages).toBe(before);
+    }));
+});
+
 // ---- LayerNorm / RMSNorm ------------------------------------------------------------------------
 
 describe('normRows / normRowsBackward', () => {
@@ -821,6 +971,159 @@ function attnInputs(c: AttnCase, dtype: DType, r: Rng) {
   return { q, k, v, opts };
 }
 
+// ---- linear with bias (a device kernel: the CPU has none) -------------------------------------
+
+/** One unit in the last place of |v| in float32 (normal range). */
+const ulp32 = (v: number): number =>
+  2 ** (Math.max(-126, Math.floor(Math.log2(Math.abs(v) || 2 ** -126))) - 23);
+
+describe('linearBias', () => {
+  // the CPU has no linearBias kernel: the reference is the CPU's linear() (GEMM, then the bias
+  // add), and a float64 evaluation of the same inputs for the single rounding
+  const itK = itWith('linearBias');
+  const SIZES = [1, 7, 33, 130];
+  // every size in every role and every (M, N) pair: 16 cases instead of 64
+  const CASES = SIZES.flatMap((M, i) => SIZES.map((N, j) => [M, N, SIZES[(i + j) % 4]]));
+  const LAYOUTS = ['contiguous', 'x transposed', 'x row-strided, weight transposed'] as const;
+  type Layout = (typeof LAYOUTS)[number];
+
+  function inputs(r: Rng, M: number, N: number, K: number, dtype: DType, layout: Layout) {
+    // weight scaled by 1 / sqrt(K): outputs of order 1 whatever K, so that one atol fits all
+    const s = 1 / Math.sqrt(K);
+    let x: Tensor;
+    if (layout === 'x transposed') x = transpose(randnT(r, [K, M], dtype), 0, 1);
+    else if (layout === 'contiguous') x = randnT(r, [M, K], dtype);
+    else x = randnT(r, [M, K + 3], dtype).viewAs([M, K], [K + 3, 1], 2);
+    const w =
+      layout === 'x row-strided, weight transposed'
+        ? transpose(randnT(r, [K, N], dtype, s), 0, 1)
+        : randnT(r, [N, K], dtype, s);
+    return { x, w, b: randnT(r, [N], dtype) };
+  }
+
+  /** sum_k x[m, k] w[n, k] + b[n] in float64, and sum_k |x[m, k] w[n, k]| (the rounding scale). */
+  function exact(x: Tensor, w: Tensor, b: Tensor) {
+    const [M, K] = x.shape;
+    const N = w.shape[0];
+    const xv = values(x);
+    const wv = values(w);
+    const bv = values(b);
+    const sum = new Float64Array(M * N);
+    const abs = new Float64Array(M * N);
+    for (let m = 0; m < M; m++) {
+      for (let n = 0; n < N; n++) {
+        let s = 0;
+        let a = 0;
+        for (let k = 0; k < K; k++) {
+          const p = xv[m * K + k] * wv[n * K + k];
+          s += p;
+          a += Math.abs(p);
+        }
+        sum[m * N + n] = s + bv[n];
+        abs[m * N + n] = a + Math.abs(bv[n]);
+      }
+    }
+    return { sum, abs };
+  }
+
+  for (const [di, dtype] of FLOATS.entries()) {
+    for (const [ci, [M, N, K]] of CASES.entries()) {
+      const layout = LAYOUTS[(ci + di) % LAYOUTS.length];
+      itK(`${dtype}, M ${M}, N ${N}, K ${K}, ${layout}`, () =>
+        tidy(() => {
+          const r = rng(M * 10007 + N * 101 + K + di);
+          const { x, w, b } = inputs(r, M, N, K, dtype, layout);
+          const want = linear(x, w, b);
+          const outF = sentinel([M, N], dtype);
+          candidateKernel('linearBias')(outF, x, w, b);
+          if (!KERNEL_DEVICE) {
+            // the composition is linear()'s unfused path, bit for bit
+            expect(values(outF)).toEqual(values(want));
+            return;
+          }
+          const got = values(outF);
+          const ref = exact(x, w, b);
+          if (dtype === 'bfloat16') {
+            // the CPU rounds the product, then the sum: the two differ by at most one unit of
+            // the larger of the product and the output
+            const y = values(linear(x, w));
+            const cpu = values(want);
+            for (let i = 0; i < got.length; i++) {
+              const big = Math.max(Math.abs(y[i]), Math.abs(cpu[i]), Math.abs(got[i]));
+              const tol = ulp16(big, dtype) + 2 ** -20 * ref.abs[i];
+              if (!(Math.abs(got[i] - cpu[i]) <= tol))
+                expect.fail(
+                  `out element ${i}: ${CANDIDATE} ${got[i]}, CPU linear ${cpu[i]} (product ${y[i]})`,
+                );
+            }
+          } else {
+            expectSame(outF, want, 'out', dtype === 'float32' ? { rtol: 1e-5, atol: 1e-5 } : {});
+          }
+          if (dtype === 'float64') return;
+          // one rounding: within half a unit of the float64 value, up to the float32 sum's error
+          const ulp = dtype === 'bfloat16' ? (v: number) => ulp16(v, dtype) : ulp32;
+          for (let i = 0; i < got.length; i++) {
+            const e = ref.sum[i];
+            const tol = 0.5 * ulp(Math.max(Math.abs(e), Math.abs(got[i]))) + (K + 2) * 2 ** -24 * ref.abs[i];
+            if (!(Math.abs(got[i] - e) <= tol))
+              expect.fail(`out element ${i}: ${CANDIDATE} ${got[i]}, float64 ${e}: not rounded once`);
+          }
+        }),
+      );
+    }
+  }
+
+  it.skipIf(KERNEL_DEVICE !== undefined)(
+    'the CPU has no kernel: getKernel gives the composition, which frees its temporaries',
+    () =>
+      tidy(() => {
+        expect(hasNativeKernel(cpuBackend, 'linearBias')).toBe(false);
+        expect(getKernel(cpuBackend, 'linearBias')).toBe(fallbackKernel('linearBias'));
+        const r = rng(5);
+        const { x, w, b } = inputs(r, 7, 5, 3, 'float32', 'x transposed');
+        const out = sentinel([7, 5], 'float32');
+        const before = memoryStats('cpu').liveStorages;
+        fallbackKernel('linearBias')(out, x, w, b);
+        expect(memoryStats('cpu').liveStorages).toBe(before);
+      }),
+  );
+
+  it.skipIf(KERNEL_DEVICE === undefined || lacking(['linearBias']).length > 0)(
+    'linear() on the device runs the kernel, with the gradients of the unfused graph',
+    () =>
+      tidy(() => {
+        const dev = KERNEL_DEVICE as string;
+        const r = rng(11);
+        // bfloat16: linear() on the device gives the kernel's single rounding, bit for bit
+        const x16 = randnT(r, [2, 5, 33], 'bfloat16');
+        const w16 = randnT(r, [7, 33], 'bfloat16', 0.2);
+        const b16 = randnT(r, [7], 'bfloat16');
+        const viaKernel = sentinel([10, 7], 'bfloat16');
+        candidateKernel('linearBias')(viaKernel, x16.reshape(10, 33), w16, b16);
+        const onDev = linear(x16.to(dev), w16.to(dev), b16.to(dev)).to('cpu');
+        expect(onDev.shape).toEqual([2, 5, 7]);
+        expect(values(onDev)).toEqual(values(viaKernel));
+        // float32 with gradients against the CPU's unfused graph
+        const xd = randnT(r, [2, 5, 33], 'float32');
+        const wd = randnT(r, [7, 33], 'float32', 0.2);
+        const bd = randnT(r, [7], 'float32');
+        const g = randnT(r, [2, 5, 7], 'float32');
+        const run = (device: string): Tensor[] => {
+          const xi = xd.to(device).requiresGrad_(true);
+          const wi = wd.to(device).requiresGrad_(true);
+          const bi = bd.to(device).requiresGrad_(true);
+          const y = linear(xi, wi, bi);
+          y.backward(g.to(device));
+          return [y, xi.grad as Tensor, wi.grad as Tensor, bi.grad as Tensor].map((t) => t.to('cpu'));
+        };
+        const cpu = run('cpu');
+        const other = run(dev);
+        for (const [i, name] of ['y', 'dx', 'dweight', 'dbias'].entries())
+          expectSame(other[i], cpu[i], name, { rtol: 1e-5, atol: 1e-5 });
+      }),
+  );
+});
+
 describe('attentionForward / attentionBackward', () => {
   const it = itWith('attentionForward', 'attentionBackward');
   for (const c of ATTN_CASES) {
@@ -907,6 +1210,188 @@ describe('adamwStep', () => {
       }
     }
   }
+});
+
+describe('adamwStepMulti', () => {
+  const it = itWith('adamwStepMulti', 'adamwStep');
+  type Lists = [Tensor[], Tensor[], Tensor[], Tensor[]];
+  const combos: { p: DType; g: DType }[] = [
+    { p: 'float32', g: 'float32' },
+    { p: 'bfloat16', g: 'bfloat16' },
+    { p: 'bfloat16', g: 'float32' },
+    { p: 'float64', g: 'float64' },
+  ];
+  // a few sizes around the CUDA chunk (4,096 elements a block), and more tensors than one CUDA
+  // launch takes (48), empty ones among them
+  const lists: { name: string; sizes: (r: Rng) => number[] }[] = [
+    { name: 'sizes 1, 7, 33, 1000, 70000', sizes: () => [1, 7, 33, 1000, 70000] },
+    {
+      name: '150 tensors of 0 to 300 elements',
+      sizes: (r) => Array.from({ length: 150 }, (_, i) => (i % 37 === 5 ? 0 : r.int(1, 300))),
+    },
+  ];
+
+  /** A copy of t that starts `shift` elements into a fresh storage (an odd shift defeats vector access). */
+  const shifted = (t: Tensor, shift: number): Tensor => {
+    if (shift === 0) return clone(t);
+    const base = make([t.numel + shift], t.dtype, () => 0);
+    return base.viewAs(t.shape, t.strides, shift).copy_(t);
+  };
+
+  /** A device copy of the contiguous CPU tensor t at t's offset in its storage (same alignment). */
+  function deviceCopyAt(t: Tensor, device: string): { dev: Tensor; back: () => void } {
+    const hostSpan = t.viewAs([t.offset + t.numel], [1], 0);
+    const devSpan = hostSpan.to(device);
+    const dev = devSpan.viewAs(t.shape, t.strides, t.offset);
+    return {
+      dev,
+      back: () => {
+        const home = dev.to('cpu');
+        t.copy_(home);
+        for (const x of [home, dev, devSpan, hostSpan]) x.dispose();
+      },
+    };
+  }
+
+  /** The candidate multi kernel on CPU lists: the composition, or the device's kernel on copies. */
+  const multi: KernelTable['adamwStepMulti'] = (ps, gs, ms, vs, s) => {
+    if (!KERNEL_DEVICE) return fallbackKernel('adamwStepMulti')(ps, gs, ms, vs, s);
+    const device = KERNEL_DEVICE;
+    const k = getBackend(device).kernel('adamwStepMulti');
+    if (!k) throw new Error(`${device} has no kernel adamwStepMulti`);
+    const copies = new Map<Tensor, { dev: Tensor; back: () => void }>();
+    const move = (list: readonly Tensor[]): Tensor[] =>
+      list.map((t) => {
+        let c = copies.get(t);
+        if (!c) {
+          c = deviceCopyAt(t, device);
+          copies.set(t, c);
+        }
+        return c.dev;
+      });
+    try {
+      k(move(ps), move(gs), move(ms), move(vs), s);
+    } finally {
+      for (const c of copies.values()) c.back();
+    }
+  };
+
+  /** adamwStep on each tensor of the lists, one call each. */
+  const each =
+    (one: KernelTable['adamwStep']): KernelTable['adamwStepMulti'] =>
+    (ps, gs, ms, vs, s) => {
+      for (let i = 0; i < ps.length; i++) one(ps[i], gs[i], ms[i], vs[i], s);
+    };
+
+  const scalars = (weightDecay: number, step: number) => {
+    const [lr, beta1, beta2] = [1e-2, 0.9, 0.999];
+    return {
+      decay: 1 - lr * weightDecay,
+      beta1,
+      beta2,
+      bc2Sqrt: Math.sqrt(1 - beta2 ** step),
+      eps: 1e-8,
+      negStep: -(lr / (1 - beta1 ** step)),
+    };
+  };
+
+  for (const dt of combos) {
+    for (const list of lists) {
+      for (const [weightDecay, step] of [
+        [0, 1],
+        [0.1, 10],
+      ]) {
+        it(`param ${dt.p}, grad ${dt.g}, ${list.name}, weight decay ${weightDecay}, step ${step}`, () =>
+          tidy(() => {
+            const r = rng(list.name.length * 31 + step + weightDecay * 10 + dt.p.length + dt.g.length);
+            const state = dt.p === 'float64' ? 'float64' : 'float32';
+            // every third tensor sits one element into its storage, so a device sees both layouts
+            const inputs = list.sizes(r).map((n, i) => ({
+              shift: i % 3 === 1 ? 1 : 0,
+              p: randnT(r, [n], dt.p),
+              g: randnT(r, [n], dt.g, 0.1),
+              m: randnT(r, [n], state, 0.05),
+              v: make([n], state, () => 0.01 * r.normal() ** 2),
+            }));
+            const s = scalars(weightDecay, step);
+            const runK = (k: KernelTable['adamwStepMulti']): Lists => {
+              const t: Lists = [[], [], [], []];
+              for (const x of inputs) {
+                [x.p, x.g, x.m, x.v].forEach((y, j) => {
+                  t[j].push(shifted(y, x.shift));
+                });
+              }
+              k(t[0], t[1], t[2], t[3], s);
+              return t;
+            };
+            const N = runK(each(nativeKernel('adamwStep')));
+            const F = runK(multi);
+            // the device's own per-tensor kernel, which the multi-tensor one must match bit for bit
+            const D = KERNEL_DEVICE ? runK(each(candidateKernel('adamwStep'))) : N;
+            const outputs = [
+              [0, 'param'],
+              [2, 'exp_avg'],
+              [3, 'exp_avg_sq'],
+            ] as const;
+            for (let i = 0; i < inputs.length; i++) {
+              for (const [j, name] of outputs) {
+                expectSame(F[j][i], N[j][i], `tensor ${i} ${name}`);
+                expect(values(F[j][i]), `tensor ${i} ${name}: ${CANDIDATE} vs its adamwStep`).toEqual(
+                  values(D[j][i]),
+                );
+              }
+            }
+          }));
+      }
+    }
+  }
+
+  it('rejects lists of different lengths and lists of mixed dtypes, changing nothing', () =>
+    tidy(() => {
+      const r = rng(4);
+      const p32 = randnT(r, [5], 'float32');
+      const p16 = randnT(r, [5], 'bfloat16');
+      const g = randnT(r, [5], 'float32');
+      const m = randnT(r, [5], 'float32');
+      const v = make([5], 'float32', () => r.uniform());
+      const s = scalars(0.1, 3);
+      for (const k of [nativeKernel('adamwStepMulti'), multi]) {
+        const p = clone(p32);
+        expect(() => k([p, clone(p32)], [g], [m, m], [v, v], s)).toThrow(/adamwStepMulti/);
+        expect(() => k([p, clone(p16)], [g, g], [clone(m), clone(m)], [clone(v), clone(v)], s)).toThrow(
+          /adamwStepMulti/,
+        );
+        expect(values(p)).toEqual(values(p32));
+      }
+    }));
+
+  describeFallbacks('on a backend without adamwStep', () => {
+    it('runs the adamwStep composition on each tensor', () =>
+      tidy(() => {
+        const dev = 'coremulti';
+        registerCoreOnly(dev);
+        const s = scalars(0.1, 2);
+        const run = (k: KernelTable['adamwStepMulti'], device: string): Tensor[] => {
+          const t: Lists = [[], [], [], []];
+          for (const n of [3, 0, 40]) {
+            const rn = rng(n);
+            t[0].push(randnT(rn, [n], 'bfloat16').to(device));
+            t[1].push(randnT(rn, [n], 'float32', 0.1).to(device));
+            t[2].push(randnT(rn, [n], 'float32', 0.05).to(device));
+            t[3].push(make([n], 'float32', () => rn.uniform()).to(device));
+          }
+          k(t[0], t[1], t[2], t[3], s);
+          return t.flat().map((x) => x.to('cpu'));
+        };
+        const viaFallback = run(fallbackKernel('adamwStepMulti'), dev);
+        const composed = run(each(fallbackKernel('adamwStep')), 'cpu');
+        const native = run(nativeKernel('adamwStepMulti'), 'cpu');
+        viaFallback.forEach((t, i) => {
+          expect(values(t), `output ${i}`).toEqual(values(composed[i]));
+          expectSame(t, native[i], `output ${i}`);
+        });
+      }));
+  });
 });
 
 describe('sgdStep', () => {
@@ -1152,7 +1637,7 @@ describeFallbacks('memory', () => {
   });
 
   it('covers exactly the kernels a new backend does not provide', () => {
-    expect(Object.keys(FALLBACK_KERNELS).sort()).toEqual([...COMPOSED].sort());
+    expect(Object.keys(FALLBACK_KERNELS).sort()).toEqual([...COMPOSED, ...DEVICE_ONLY].sort());
     expect(() => fallbackKernel('topk')).toThrow(/no composition/);
   });
 });

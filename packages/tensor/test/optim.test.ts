@@ -1,9 +1,14 @@
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import {
   AdamW,
   clipGradNorm,
   Generator,
+  getBackend,
+  getDefaultDevice,
   getTotalNorm,
+  hasNativeKernel,
+  type KernelName,
+  type KernelTable,
   Linear,
   memoryStats,
   type Optimizer,
@@ -347,5 +352,134 @@ describe('training loop memory', () => {
     model.dispose();
     x.dispose();
     y.dispose();
+  });
+});
+
+describe('AdamW multi-tensor path', () => {
+  /** 150 parameters of mixed shapes and layouts: fp32, bf16 and transposed (non-contiguous) views. */
+  function model(seed: number): Tensor[] {
+    const gen = new Generator(seed);
+    const params: Tensor[] = [];
+    for (let i = 0; i < 150; i++) {
+      const shape = i % 5 === 0 ? [1 + (i % 7)] : [2 + (i % 4), 3 + (i % 9)];
+      let t = randn(shape, { generator: gen });
+      if (i % 11 === 3) t = t.to('bfloat16');
+      if (i % 13 === 7 && shape.length === 2) t = t.transpose(0, 1);
+      params.push(t.detach().requiresGrad_(true));
+    }
+    return params;
+  }
+
+  /** Gradients for one step: none for every 9th parameter on even steps, some in another dtype. */
+  function setGrads(params: Tensor[], step: number): void {
+    const gen = new Generator(1000 + step);
+    params.forEach((p, i) => {
+      p.grad?.dispose();
+      if (step % 2 === 0 && i % 9 === 4) {
+        p.grad = null;
+        return;
+      }
+      const g = randn(p.shape, { generator: gen, std: 0.1 });
+      const dtype = i % 17 === 2 ? 'float16' : i % 6 === 1 ? 'bfloat16' : p.dtype;
+      p.grad = g.to(dtype);
+      if (p.grad !== g) g.dispose();
+    });
+  }
+
+  /** Counts the default device's adamwStep calls and the tensors that go through adamwStepMulti. */
+  function countKernels() {
+    const backend = getBackend(getDefaultDevice());
+    const original = backend.kernel.bind(backend);
+    const counts = { adamwStep: 0, multiCalls: 0, multiTensors: 0 };
+    const spy = vi.spyOn(backend, 'kernel').mockImplementation(((name: KernelName) => {
+      const k = original(name);
+      if (name === 'adamwStep' && k) {
+        const one = k as KernelTable['adamwStep'];
+        return ((...a: Parameters<typeof one>) => {
+          counts.adamwStep++;
+          one(...a);
+        }) as KernelTable['adamwStep'];
+      }
+      if (name === 'adamwStepMulti' && k) {
+        const multi = k as KernelTable['adamwStepMulti'];
+        return ((...a: Parameters<typeof multi>) => {
+          counts.multiCalls++;
+          counts.multiTensors += a[0].length;
+          multi(...a);
+        }) as KernelTable['adamwStepMulti'];
+      }
+      return k;
+    }) as typeof backend.kernel);
+    return { counts, restore: () => spy.mockRestore() };
+  }
+
+  it('gives the per-tensor path bit for bit, over steps, groups and lagging step counts', () => {
+    const a = model(21);
+    const b = model(21);
+    const groups = (ps: Tensor[]) => [
+      { params: ps.slice(0, 90) },
+      { params: ps.slice(90), lr: 3e-3, weightDecay: 0.1 },
+    ];
+    const perTensor = new AdamW(groups(a), { lr: 1e-2, foreach: false });
+    const batched = new AdamW(groups(b), { lr: 1e-2 });
+    const { counts, restore } = countKernels();
+    try {
+      for (let step = 1; step <= 4; step++) {
+        setGrads(a, step);
+        const calls = counts.multiCalls;
+        perTensor.step();
+        expect(counts.multiCalls).toBe(calls);
+        const withGrad = b.filter((_, i) => !(step % 2 === 0 && i % 9 === 4)).length;
+        setGrads(b, step);
+        const before = { ...counts };
+        batched.step();
+        // on a backend with both kernels of its own (the CPU, CUDA; not a backend that runs their
+        // compositions), every parameter with a gradient went through exactly one of the two
+        if (hasNativeKernel(getBackend(getDefaultDevice()), 'adamwStepMulti')) {
+          expect(counts.adamwStep - before.adamwStep + counts.multiTensors - before.multiTensors).toBe(
+            withGrad,
+          );
+          // two groups x (fp32, bf16 params x grad dtypes) x lagging step counts: a handful of calls
+          expect(counts.multiCalls - before.multiCalls).toBeGreaterThan(0);
+          expect(counts.multiCalls - before.multiCalls).toBeLessThan(12);
+          expect(counts.multiTensors - before.multiTensors).toBeGreaterThan(withGrad / 2);
+        }
+        a.forEach((p, i) => {
+          expect(b[i].toArray(), `param ${i} step ${step}`).toEqual(p.toArray());
+          const sa = perTensor.stateOf(p);
+          const sb = batched.stateOf(b[i]);
+          expect(sb?.step, `step count ${i}`).toBe(sa?.step);
+          if (sa && sb) {
+            expect(sb.expAvg.toArray(), `exp_avg ${i}`).toEqual(sa.expAvg.toArray());
+            expect(sb.expAvgSq.toArray(), `exp_avg_sq ${i}`).toEqual(sa.expAvgSq.toArray());
+          }
+        });
+      }
+    } finally {
+      restore();
+    }
+    for (const p of [...a, ...b]) {
+      p.grad?.dispose();
+      p.dispose();
+    }
+    perTensor.dispose();
+    batched.dispose();
+  });
+
+  it('keeps the per-parameter checks: a bad gradient in any group fails the step before any update', () => {
+    const ps = [0, 1, 2].map(() => zeros([3]).requiresGrad_(true));
+    const opt = new AdamW([{ params: ps.slice(0, 2) }, { params: ps.slice(2) }], { lr: 0.1 });
+    ps[0].grad = f32([1, 2, 3]);
+    ps[1].grad = f32([1, 2, 3]);
+    ps[2].grad = f32([1, 2]);
+    expect(() => opt.step()).toThrow(TensorError);
+    expect(() => opt.step()).toThrow(/gradient .* does not match/);
+    expect(ps[0].toArray()).toEqual([0, 0, 0]);
+    expect(opt.stateOf(ps[0])).toBeUndefined();
+    for (const p of ps) {
+      p.grad?.dispose();
+      p.dispose();
+    }
+    opt.dispose();
   });
 });

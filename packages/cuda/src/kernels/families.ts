@@ -3,6 +3,7 @@
 import type { KernelTable } from '@megapatch/tensor';
 import type { Entries } from '../pack.js';
 import { attentionKernels } from './attention.js';
+import { gemmKernels } from './gemm.js';
 import { gluKernels } from './glu.js';
 import { indexingKernels } from './indexing.js';
 import { normKernels } from './norm.js';
@@ -13,6 +14,7 @@ type Family = (call: Entries) => Partial<KernelTable>;
 
 const FAMILIES: Record<string, Family> = {
   attention: attentionKernels,
+  gemm: gemmKernels,
   glu: gluKernels,
   index: indexingKernels,
   norm: normKernels,

@@ -3,10 +3,17 @@
 // kernels that return a value on the CPU write it on the stream instead: normPowerSum into its
 // float64 `out` scalar and unscaleCheck into its float32 `foundInf` flag (1 when it found inf or
 // NaN, never reset), both passed last.
-import type { DType, KernelTable, Tensor } from '@megapatch/tensor';
+import { type DType, type KernelTable, type Tensor, TensorError } from '@megapatch/tensor';
 import { type Entries, pack } from '../pack.js';
 
-type OptimKernels = Pick<KernelTable, 'adamwStep' | 'sgdStep' | 'normPowerSum' | 'unscaleCheck'>;
+type OptimKernels = Pick<
+  KernelTable,
+  'adamwStep' | 'adamwStepMulti' | 'sgdStep' | 'normPowerSum' | 'unscaleCheck'
+>;
+
+// Tensors per adamwStepMulti entry call: one launch of optim.h's kAdamWMultiTensors (48), and 48
+// parameters' four tensors of up to 16 dimensions fit in the 8,192 argument slots (6,720 at most).
+const MULTI_PER_CALL = 48;
 
 /** Throws unless `t` is a contiguous tensor of `dtype` with `n` elements (the CPU wrapper's check). */
 function checkOutput(kernel: string, what: string, t: Tensor, dtype: DType, n: number): void {
@@ -17,24 +24,41 @@ function checkOutput(kernel: string, what: string, t: Tensor, dtype: DType, n: n
   }
 }
 
+/** The scalars of an AdamW update, in the order native/src/backend/optim.cc reads them. */
+function packAdamW(s: Parameters<KernelTable['adamwStep']>[4]): void {
+  pack
+    .num(s.decay)
+    .num(s.beta1)
+    .num(1 - s.beta1)
+    .num(s.beta2)
+    .num(1 - s.beta2)
+    .num(s.bc2Sqrt)
+    .num(s.eps)
+    .num(s.negStep);
+}
+
 export function optimKernels(call: Entries): OptimKernels {
   return {
     adamwStep(p, g, m, v, s) {
-      pack
-        .begin()
-        .tensor(p)
-        .tensor(g)
-        .tensor(m)
-        .tensor(v)
-        .num(s.decay)
-        .num(s.beta1)
-        .num(1 - s.beta1)
-        .num(s.beta2)
-        .num(1 - s.beta2)
-        .num(s.bc2Sqrt)
-        .num(s.eps)
-        .num(s.negStep);
+      pack.begin().tensor(p).tensor(g).tensor(m).tensor(v);
+      packAdamW(s);
       call.adamwStep();
+    },
+    adamwStepMulti(ps, gs, ms, vs, s) {
+      const n = ps.length;
+      if (gs.length !== n || ms.length !== n || vs.length !== n) {
+        throw new TensorError(
+          'INVALID_ARGUMENT',
+          `adamwStepMulti: got ${n} params, ${gs.length} grads, ${ms.length} expAvgs and ${vs.length} expAvgSqs; pass one of each per parameter`,
+        );
+      }
+      for (let i0 = 0; i0 < n; i0 += MULTI_PER_CALL) {
+        const i1 = Math.min(n, i0 + MULTI_PER_CALL);
+        pack.begin().num(i1 - i0);
+        for (let i = i0; i < i1; i++) pack.tensor(ps[i]).tensor(gs[i]).tensor(ms[i]).tensor(vs[i]);
+        packAdamW(s);
+        call.adamwStepMulti();
+      }
     },
     sgdStep(p, g, buf, s) {
       pack

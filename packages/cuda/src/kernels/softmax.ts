@@ -1,15 +1,24 @@
 // The softmax family of the CUDA backend (native/src/kernels/softmax.cu): softmax / log-softmax
-// and their backward, fused cross-entropy and NLL loss with their backward. The arguments are
-// packed as the CPU backend's wrappers in @megapatch/tensor's src/ops/softmax.ts pack them, with
-// the loss kernels' `stats` tensor (contiguous float64 [4], LOSS_STATS) last: the kernels fill it
-// on the stream (count, total, first bad row, its target value) and return nothing, so a loss
+// and their backward, fused cross-entropy and NLL loss with their backward, and the per-shard
+// kernels of the vocabulary-parallel cross-entropy. The arguments are packed as the CPU backend's
+// wrappers in @megapatch/tensor (src/ops/softmax.ts, src/ops/cross-entropy-shard.ts) pack them,
+// with the loss kernels' `stats` tensor (contiguous float64 [4], LOSS_STATS) last: the kernels fill
+// it on the stream (count, total, first bad row, its target value) and return nothing, so a loss
 // costs no host synchronisation.
 import type { KernelTable, Tensor } from '@megapatch/tensor';
 import { type Entries, pack } from '../pack.js';
 
 type SoftmaxKernels = Pick<
   KernelTable,
-  'softmax' | 'softmaxBackward' | 'crossEntropy' | 'crossEntropyBackward' | 'nllLoss' | 'nllLossBackward'
+  | 'softmax'
+  | 'softmaxBackward'
+  | 'crossEntropy'
+  | 'crossEntropyBackward'
+  | 'nllLoss'
+  | 'nllLossBackward'
+  | 'crossEntropyShardMax'
+  | 'crossEntropyShard'
+  | 'crossEntropyShardBackward'
 >;
 
 /** The CPU backend's check of a loss kernel's `stats` operand, with its message. */
@@ -69,6 +78,36 @@ export function softmaxKernels(call: Entries): SoftmaxKernels {
     nllLossBackward(dx, target, gout, scale, ignoreIndex) {
       pack.begin().tensor(dx).tensor(target).tensor(gout).num(scale).num(ignoreIndex);
       call.nllLossBackward();
+    },
+    crossEntropyShardMax(rowMax, logits, localReal) {
+      pack.begin().tensor(rowMax).tensor(logits).num(localReal);
+      call.crossEntropyShardMax();
+    },
+    crossEntropyShard(predicted, sumExp, shiftedSum, logits, target, rowMax, start, localReal) {
+      pack
+        .begin()
+        .tensor(predicted)
+        .tensor(sumExp)
+        .num(shiftedSum ? 1 : 0);
+      if (shiftedSum) pack.tensor(shiftedSum);
+      pack.tensor(logits).tensor(target).tensor(rowMax).num(start).num(localReal);
+      call.crossEntropyShardForward();
+    },
+    crossEntropyShardBackward(
+      dx,
+      logits,
+      target,
+      rowMax,
+      logSumExp,
+      gradLoss,
+      start,
+      localReal,
+      smoothing,
+      vocabSize,
+    ) {
+      pack.begin().tensor(dx).tensor(logits).tensor(target).tensor(rowMax).tensor(logSumExp).tensor(gradLoss);
+      pack.num(start).num(localReal).num(smoothing).num(vocabSize);
+      call.crossEntropyShardBackward();
     },
   };
 }

@@ -1,14 +1,15 @@
 // Megatron's MoELayer: router, token dispatcher, routed experts and optional shared experts.
 // The dispatcher (token-dispatcher.ts: 'allgather' or 'alltoall', Megatron's
-// moe_token_dispatcher_type) hands this rank's experts their tokens grouped by expert; each local
-// expert runs one matmul pair over all of its tokens (no per-token loops), and the dispatcher
-// brings the outputs back to the tokens' ranks. Under sequence parallelism the layer sees this TP
+// moe_token_dispatcher_type) hands this rank's experts their tokens grouped by expert; the local
+// experts run as one grouped GEMM per projection (fc1 and fc2, @megapatch/tensor's groupedLinear,
+// like Megatron's GroupedMLP) around one activation over all tokens, and the dispatcher brings the
+// outputs back to the tokens' ranks. Under sequence parallelism the layer sees this TP
 // rank's chunk of the sequence [s/tp, b, h]: the router and the dispatcher work on it as it is,
 // and the shared experts gather it and reduce-scatter their output like the dense MLP.
 import { type ProcessGroup, setSequenceParallelAttribute } from '@megapatch/parallel';
 import {
-  cat,
   empty,
+  groupedLinear,
   initMethodNormal,
   linear,
   Module,
@@ -18,7 +19,7 @@ import {
 } from '@megapatch/tensor';
 import type { LayerBuildOptions } from '../attention.js';
 import { ModelError } from '../errors.js';
-import { MLP } from '../mlp.js';
+import { gatedActivation, MLP } from '../mlp.js';
 import { MoEAllGatherTokenDispatcher } from './allgather-dispatcher.js';
 import { MoEAlltoAllTokenDispatcher } from './alltoall-dispatcher.js';
 import { type RouterLossOptions, type Routing, TopKRouter } from './router.js';
@@ -76,15 +77,21 @@ export class Experts extends Module {
    * rows for local expert e, in order); with expert-TP, this rank's partial sums.
    */
   forward(tokens: Tensor, tokensPerExpert: readonly number[]): Tensor {
-    const outs: Tensor[] = [];
-    let start = 0;
-    // An expert without tokens still runs on an empty batch, so its weights get (zero) gradients
+    const mlps = tokensPerExpert.map((_, e) => this.localExperts.get(e));
+    // MLP.forward's skipReduce path (linear, gatedActivation, linear; the expert MLPs have no
+    // bias) for all experts at once: two grouped GEMMs, per expert the same products, around one
+    // activation over every token. An expert without tokens still gets (zero) weight gradients,
     // like every other parameter, as Megatron's grouped GEMM gives them.
-    tokensPerExpert.forEach((n, e) => {
-      outs.push(this.localExperts.get(e).forward(tokens.narrow(0, start, n)));
-      start += n;
-    });
-    return outs.length === 1 ? outs[0] : cat(outs, 0);
+    const h = groupedLinear(
+      tokens,
+      mlps.map((m) => m.linearFc1.weight as Tensor),
+      tokensPerExpert,
+    );
+    return groupedLinear(
+      gatedActivation(h, this.localExperts.get(0).activation),
+      mlps.map((m) => m.linearFc2.weight),
+      tokensPerExpert,
+    );
   }
 }
 

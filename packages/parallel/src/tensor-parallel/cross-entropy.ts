@@ -1,17 +1,20 @@
 // Megatron's vocabulary-parallel cross-entropy (cross_entropy.py): the logits of each token are
-// split along the vocabulary across TP ranks and never gathered. Three all-reduces over [s, b]
-// scalars (max, target logit, sum of exponentials) give each rank the full softmax denominator;
-// the gradient, softmax - one-hot, is formed on the local slice only.
+// split along the vocabulary across TP ranks and never gathered. Two all-reduces over [s, b]
+// scalars (the row maximum, then the target logit, Σ exp and, with label smoothing, Σ of the
+// shifted logits, stacked into one tensor) give each rank the full softmax denominator. Each
+// rank's share is two fused reads of its slice (crossEntropyShardMax, crossEntropyShard); the
+// backward recomputes the softmax from the logits in one more pass (crossEntropyShardBackward),
+// so nothing of size [s, b, V/tp] is allocated by the forward or kept for the backward.
 import {
-  arange,
   attachGrad,
-  gather,
-  logicalOr,
+  crossEntropyShardGrad,
+  crossEntropyShardMax,
+  crossEntropyShardStats,
   needsGrad,
   noGrad,
+  reshape,
   type Tensor,
   tidy,
-  where,
 } from '@megapatch/tensor';
 import { DistributedError } from '../errors.js';
 import type { ProcessGroup } from '../process-group.js';
@@ -43,8 +46,10 @@ function allReduce(t: Tensor, group: ProcessGroup, op: 'sum' | 'max'): void {
  * (float64 for float64 logits), no reduction. Label smoothing follows Megatron: with
  * α' = α·K/(K-1) over the K real vocabulary entries, loss = (1-α')·nll - α'·mean(log p); the mean
  * runs over the whole vocabulary (reduced over TP), so the loss does not depend on the layout.
- * The gradient w.r.t. the logits has their dtype. Targets outside the vocabulary get the loss
- * log Σ exp (mask them out afterwards, as Megatron's loss mask does).
+ * The gradient w.r.t. the logits has their dtype. Targets outside the vocabulary (padding ids
+ * included) get the loss log Σ exp(x - max) (mask them out afterwards, as Megatron's loss mask
+ * does).
+ * Memory: the backward keeps the logits (by reference) and three [s, b] vectors, no softmax.
  */
 export function vocabParallelCrossEntropy(
   logits: Tensor,
@@ -67,70 +72,54 @@ export function vocabParallelCrossEntropy(
     fail(`labelSmoothing must be in [0, 1), got ${labelSmoothing}`);
   const partition = logits.shape[logits.ndim - 1];
   const start = group.rank * partition;
-  const end = start + partition;
   const globalVocab = partition * group.size;
   const vocabSize = opts.vocabSize ?? globalVocab;
   if (!Number.isInteger(vocabSize) || vocabSize < 1 || vocabSize > globalVocab) {
     fail(`vocabSize must be an integer in [1, ${globalVocab}], got ${opts.vocabSize}`);
   }
   if (labelSmoothing > 0 && vocabSize < 2) fail('label smoothing needs a vocabulary of at least 2 entries');
-  const math = logits.dtype === 'float64' ? 'float64' : 'float32';
-  const inDtype = logits.dtype;
   const smoothing = labelSmoothing > 0 ? (labelSmoothing * vocabSize) / (vocabSize - 1) : 0;
   // Real (non-padding) columns of this slice: [0, localReal).
   const localReal = Math.max(0, Math.min(partition, vocabSize - start));
+  const layout = { start, localReal };
 
-  const { loss, softmax, targetMask, maskedTarget, realCols } = tidy(() =>
+  const { loss, rowMax, logSumExp } = tidy(() =>
     noGrad(() => {
-      let x = logits.to(math);
-      const cols = arange(0, partition, 1, { dtype: 'int64' });
-      const realCols = cols.lt(localReal);
-      if (localReal < partition) x = where(realCols, x, Number.NEGATIVE_INFINITY);
+      // an all-padding slice has no real logit: -inf leaves the group maximum to the other ranks
+      const rowMax = crossEntropyShardMax(logits, localReal);
+      allReduce(rowMax, group, 'max');
 
-      const logitsMax = x.amax(-1);
-      allReduce(logitsMax, group, 'max');
-      const shifted = x.sub(logitsMax.unsqueeze(-1));
-
-      const targetMask = logicalOr(target.lt(start), target.ge(end));
-      const maskedTarget = where(targetMask, 0, target.sub(start)).to('int64').unsqueeze(-1);
-      const predicted = where(targetMask, 0, gather(shifted, -1, maskedTarget).squeeze(-1)).contiguous();
-      allReduce(predicted, group, 'sum');
-
-      const expLogits = shifted.exp();
-      const sumExp = expLogits.sum(-1);
-      allReduce(sumExp, group, 'sum');
+      // [predicted, Σ exp, (Σ shifted)] over this slice, summed over the group in one all-reduce
+      const stats = crossEntropyShardStats(logits, target, rowMax, {
+        ...layout,
+        withShiftedSum: smoothing > 0,
+      });
+      allReduce(stats, group, 'sum');
+      const [predicted, sumExp, shiftedSum] = stats.unbind(0);
       const logSumExp = sumExp.log();
       let loss = logSumExp.sub(predicted);
-      const softmax = expLogits.div(sumExp.unsqueeze(-1));
-
       if (smoothing > 0) {
         // mean over the real vocabulary of log p = (Σ shifted) / K - log Σ exp
-        const shiftedSum = where(realCols, shifted, 0).sum(-1);
-        allReduce(shiftedSum, group, 'sum');
         const meanLogProbs = shiftedSum.div(vocabSize).sub(logSumExp);
         loss = loss.mul(1 - smoothing).sub(meanLogProbs.mul(smoothing));
       }
-      return { loss, softmax, targetMask, maskedTarget, realCols };
+      return { loss: reshape(loss, lead), rowMax, logSumExp };
     }),
   );
 
   if (needsGrad(logits)) {
+    // the targets are copied so that a caller reusing their buffer cannot change the backward
+    const savedTarget = tidy(() => noGrad(() => target.clone()));
     attachGrad(
       loss,
       'VocabParallelCrossEntropyBackward',
       [logits],
-      [softmax, targetMask, maskedTarget, realCols],
-      (g, [sm, tm, mt, rc]) => {
-        // softmax - (1-α')·onehot(target, if on this rank) - α'/K on every real column, times g
-        const hit = where(tm, 0, 1 - smoothing)
-          .to(math)
-          .unsqueeze(-1);
-        let grad = sm.scatterAdd(-1, mt, hit.neg());
-        if (smoothing > 0) grad = grad.sub(where(rc, smoothing / vocabSize, 0).to(math));
-        return [grad.mul(g.to(math).unsqueeze(-1)).to(inDtype)];
-      },
+      [logits, savedTarget, rowMax, logSumExp],
+      (g, [x, t, m, lse]) => [crossEntropyShardGrad(x, t, m, lse, g, { ...layout, smoothing, vocabSize })],
     );
+    savedTarget.dispose();
   }
-  for (const t of [softmax, targetMask, maskedTarget, realCols]) t.dispose();
+  rowMax.dispose();
+  logSumExp.dispose();
   return loss;
 }

@@ -102,6 +102,8 @@ static Napi::Value BuildInfo(const Napi::CallbackInfo& info) {
   return o;
 }
 
+void register_cross_entropy_shard(Napi::Env env, Napi::Object exports);  // cross-entropy-shard.cc
+
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData(new InstanceData());
   apply_num_threads(default_num_threads());
@@ -118,6 +120,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   register_norm(env, exports);
   register_rope(env, exports);
   register_glu(env, exports);
+  register_cross_entropy_shard(env, exports);
   register_attention(env, exports);
   register_index(env, exports);
   register_optim(env, exports);

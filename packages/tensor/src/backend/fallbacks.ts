@@ -53,9 +53,10 @@ import { matmul } from '../ops/matmul.js';
 import { amax, amin, sum } from '../ops/reduce.js';
 import { expand, narrow, reshape, stack, to, transpose, unsqueeze } from '../ops/shape.js';
 import { alloc } from '../ops/util.js';
+import { checkAdamWLists } from '../optim/kernels.js';
 import { tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
-import { defineFallbackKernel, type KernelName, type KernelTable } from './kernels.js';
+import { defineFallbackKernel, getKernel, type KernelName, type KernelTable } from './kernels.js';
 
 // ---- registry -----------------------------------------------------------------------------------
 
@@ -303,6 +304,59 @@ register('nllLossBackward', (dx, target, gout, scale, ignoreIndex) => {
   });
 });
 
+// ---- vocabulary-parallel cross-entropy shards ---------------------------------------------------
+
+// The maximum over the real columns [0, localReal) of each row; -inf when there is none.
+register('crossEntropyShardMax', (rowMax, logits, localReal) => {
+  const rows = rowMax.numel;
+  if (rows === 0) return;
+  if (localReal === 0) {
+    rowMax.fill_(Number.NEGATIVE_INFINITY);
+    return;
+  }
+  run(() => {
+    const xs = reshape(to(logits, computeOf(logits.dtype)), [rows, lastDim(logits)]);
+    store(rowMax, amax(narrow(xs, 1, 0, localReal), 1));
+  });
+});
+
+// Over the real columns [0, localReal) of each row, d = x - max: predicted = d at the target's
+// column (0 when no real column of this shard is the target), sumExp = Σ exp(d), shiftedSum = Σ d.
+register('crossEntropyShard', (predicted, sumExp, shiftedSum, logits, target, rowMax, start, localReal) => {
+  const rows = target.numel;
+  if (rows === 0) return;
+  run(() => {
+    const c = computeOf(logits.dtype);
+    const xs = reshape(to(logits, c), [rows, lastDim(logits)]);
+    const d = sub(narrow(xs, 1, 0, localReal), reshape(to(rowMax, c), [rows, 1]));
+    store(predicted, pick(d, sub(reshape(target, [rows, 1]), start)));
+    store(sumExp, sum(exp(d), 1));
+    if (shiftedSum) store(shiftedSum, sum(d, 1));
+  });
+});
+
+// dx = (p - α/K - (1 - α) [column is the target]) * g on the real columns, with p = exp((x - max)
+// - lse) recomputed from the logits, and 0 on the padding columns.
+register(
+  'crossEntropyShardBackward',
+  (dx, logits, target, rowMax, logSumExp, gradLoss, start, localReal, smoothing, vocabSize) => {
+    if (dx.numel === 0) return;
+    run(() => {
+      const c = computeOf(logits.dtype);
+      const rows = target.numel;
+      const p = lastDim(logits);
+      const col = (v: Tensor): Tensor => reshape(to(v, c), [rows, 1]);
+      const xs = narrow(reshape(to(logits, c), [rows, p]), 1, 0, localReal);
+      const prob = exp(sub(sub(xs, col(rowMax)), col(logSumExp)));
+      const off = sub(prob, smoothing / vocabSize);
+      const isTarget = eq(columns(xs, localReal), sub(reshape(target, [rows, 1]), start));
+      const d = reshape(dx, [rows, p]);
+      store(narrow(d, 1, 0, localReal), mul(where(isTarget, sub(off, 1 - smoothing), off), col(gradLoss)));
+      if (localReal < p) narrow(d, 1, localReal, p - localReal).fill_(0);
+    });
+  },
+);
+
 // ---- LayerNorm / RMSNorm ----------------------------------------------------------------------
 
 // Per row of n elements: mean (LayerNorm only; RMSNorm uses 0), rstd = 1 / sqrt(mean((x -
@@ -429,6 +483,18 @@ register('gatedActivationBackward', (dx, g, x, activation) => {
     const d = reshape(dx, [-1, 2 * f]);
     store(narrow(d, 1, 0, f), activationGrad(gate, mul(gs, up), activation));
     store(narrow(d, 1, f, f), mul(gs, activate(gate, activation)));
+  });
+});
+
+// ---- linear with bias -------------------------------------------------------------------------
+
+// out = x @ weight^T + bias as linear() computes it without the fused kernel: the GEMM rounded to
+// the storage dtype, then the bias added (a second rounding for 16-bit data, unlike the kernel).
+// Kept that way on purpose: a backend without the kernel gives exactly what linear() gives.
+register('linearBias', (out, x, weight, bias) => {
+  if (out.numel === 0) return;
+  run(() => {
+    store(out, add(matmul(x, transpose(weight, 0, 1)), bias));
   });
 });
 
@@ -559,6 +625,16 @@ register('adamwStep', (p, g, m, v, s) => {
     store(v, vi);
     store(p, next);
   });
+});
+
+// adamwStep per tensor, as the backend runs it: its own kernel, else the composition above (which
+// never looks up adamwStepMulti, so this cannot call itself).
+register('adamwStepMulti', (ps, gs, ms, vs, s) => {
+  checkAdamWLists(ps, gs, ms, vs);
+  for (let i = 0; i < ps.length; i++) {
+    const one = getKernel(ps[i].backend, 'adamwStep') ?? fallbackKernel('adamwStep');
+    one(ps[i], gs[i], ms[i], vs[i], s);
+  }
 });
 
 // torch.optim.SGD: d = g + weightDecay p; with a buffer, b = first ? d : b * momentum +

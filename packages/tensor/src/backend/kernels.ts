@@ -4,6 +4,11 @@
 // gains speed kernel by kernel. The signatures live next to the ops that call them.
 
 import type { AttentionBackwardKernel, AttentionForwardKernel } from '../ops/attention.js';
+import type {
+  CrossEntropyShardBackwardKernel,
+  CrossEntropyShardKernel,
+  CrossEntropyShardMaxKernel,
+} from '../ops/cross-entropy-shard.js';
 import type { GatedActivationBackwardKernel, GatedActivationKernel } from '../ops/glu.js';
 import type {
   GatherAlongKernel,
@@ -14,6 +19,7 @@ import type {
   TopkKernel,
   TriangleKernel,
 } from '../ops/indexing.js';
+import type { LinearBiasKernel } from '../ops/linear-bias.js';
 import type { NormBackwardKernel, NormKernel } from '../ops/norm.js';
 import type { RopeKernel } from '../ops/rope.js';
 import type {
@@ -24,7 +30,13 @@ import type {
   SoftmaxBackwardKernel,
   SoftmaxKernel,
 } from '../ops/softmax.js';
-import type { AdamWKernel, NormPowerSumKernel, SgdKernel, UnscaleCheckKernel } from '../optim/kernels.js';
+import type {
+  AdamWKernel,
+  AdamWMultiKernel,
+  NormPowerSumKernel,
+  SgdKernel,
+  UnscaleCheckKernel,
+} from '../optim/kernels.js';
 import type { Backend } from './backend.js';
 
 /** Every named kernel, by name. */
@@ -35,11 +47,15 @@ export interface KernelTable {
   crossEntropyBackward: CrossEntropyBackwardKernel;
   nllLoss: NllLossKernel;
   nllLossBackward: NllLossBackwardKernel;
+  crossEntropyShardMax: CrossEntropyShardMaxKernel;
+  crossEntropyShard: CrossEntropyShardKernel;
+  crossEntropyShardBackward: CrossEntropyShardBackwardKernel;
   normRows: NormKernel;
   normRowsBackward: NormBackwardKernel;
   ropeApply: RopeKernel;
   gatedActivation: GatedActivationKernel;
   gatedActivationBackward: GatedActivationBackwardKernel;
+  linearBias: LinearBiasKernel;
   attentionForward: AttentionForwardKernel;
   attentionBackward: AttentionBackwardKernel;
   indexSelectRows: IndexSelectRowsKernel;
@@ -50,6 +66,7 @@ export interface KernelTable {
   triangle: TriangleKernel;
   oneHot: OneHotKernel;
   adamwStep: AdamWKernel;
+  adamwStepMulti: AdamWMultiKernel;
   sgdStep: SgdKernel;
   normPowerSum: NormPowerSumKernel;
   unscaleCheck: UnscaleCheckKernel;

@@ -4,13 +4,11 @@
 
 import { attachGrad, needsGrad } from '../autograd/record.js';
 import { GATED_ACTIVATION_CODES } from '../backend/abi.js';
-import type { Backend } from '../backend/backend.js';
 import { defineCpuKernel, native, pack } from '../backend/cpu.js';
-import { getKernel, type KernelName, type KernelTable } from '../backend/kernels.js';
-import { type DType, isFloating } from '../dtype.js';
-import { argError, dtypeError, fmtShape, shapeError, TensorError } from '../errors.js';
+import { isFloating } from '../dtype.js';
+import { argError, dtypeError, fmtShape, shapeError } from '../errors.js';
 import type { Tensor } from '../tensor.js';
-import { alloc, inputsBackend } from './util.js';
+import { alloc, contiguousRaw, inputsBackend, kernelOf } from './util.js';
 
 /**
  * The activation of the gate: silu (SwiGLU), gelu with erf (GeGLU) or gelu's tanh approximation
@@ -46,21 +44,6 @@ defineCpuKernel('gatedActivationBackward', (dx, g, x, activation) => {
   pack.begin().tensor(dx).tensor(g).tensor(x).num(GATED_ACTIVATION_CODES[activation]);
   native.gatedActivationBackward();
 });
-
-function kernelOf<K extends KernelName>(backend: Backend, name: K, op: string): KernelTable[K] {
-  const k = getKernel(backend, name);
-  if (!k)
-    throw new TensorError('UNSUPPORTED', `${op}: the ${backend.device} backend has no "${name}" kernel`);
-  return k;
-}
-
-/** A contiguous tensor of `dtype` with x's values (an alias when x already is one), outside the graph. */
-function contiguousRaw(x: Tensor, dtype: DType = x.dtype): Tensor {
-  if (x.isContiguous && dtype === x.dtype) return x.viewAs(x.shape, x.strides, x.offset, false);
-  const c = alloc(x.backend, x.shape, dtype);
-  if (c.numel > 0) x.backend.copy(c, x);
-  return c;
-}
 
 // ---- the op -----------------------------------------------------------------------------------
 

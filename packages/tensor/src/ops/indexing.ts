@@ -10,18 +10,16 @@
 // float32, rounding once, so their results do not depend on the thread count.
 
 import { attachGrad, needsGrad } from '../autograd/record.js';
-import type { Backend } from '../backend/backend.js';
 import { defineCpuKernel, native, pack } from '../backend/cpu.js';
-import { getKernel, type KernelName, type KernelTable } from '../backend/kernels.js';
 import type { DType } from '../dtype.js';
-import { argError, dtypeError, fmtShape, indexError, shapeError, TensorError } from '../errors.js';
+import { argError, dtypeError, fmtShape, indexError, shapeError, type TensorError } from '../errors.js';
 import { untrackTensor } from '../scope.js';
 import { normDim, numel, type Shape } from '../shape.js';
 import { deferCheck } from '../sync.js';
 import { Tensor } from '../tensor.js';
 import { amax, amin } from './reduce.js';
 import { reshape } from './shape.js';
-import { alloc, inputsBackend } from './util.js';
+import { alloc, inputsBackend, kernelOf } from './util.js';
 
 // ---- kernels --------------------------------------------------------------------------------
 //
@@ -131,13 +129,6 @@ defineCpuKernel('oneHot', (out, index, classes, bad) => {
   pack.begin().tensor(out).tensor(index).num(classes);
   answer(bad, call.oneHot());
 });
-
-function kernelOf<K extends KernelName>(backend: Backend, name: K, op: string): KernelTable[K] {
-  const k = getKernel(backend, name);
-  if (!k)
-    throw new TensorError('UNSUPPORTED', `${op}: the ${backend.device} backend has no "${name}" kernel`);
-  return k;
-}
 
 /**
  * Runs an index-checking kernel on a fresh `bad` tensor and queues the check of its answer;

@@ -3,7 +3,7 @@
 
 import { attachGrad, needsGrad } from '../autograd/record.js';
 import type { GemmOperand } from '../backend/backend.js';
-import { isFloating } from '../dtype.js';
+import { type DType, isFloating } from '../dtype.js';
 import { dtypeError, fmtShape, shapeError } from '../errors.js';
 import { broadcastShapes, numel, viewStrides } from '../shape.js';
 import { Tensor } from '../tensor.js';
@@ -183,7 +183,10 @@ export function bmm(a: Tensor, b: Tensor): Tensor {
   return matmul(a, b);
 }
 
-/** y = x @ weight^T + bias, with weight [out, in] as in torch.nn.functional.linear. */
+/**
+ * y [..., out] = x [..., in] @ weight[out, in]^T + bias [out], as torch.nn.functional.linear; the
+ * bias goes into the GEMM's epilogue where the backend has its own linearBias kernel.
+ */
 export function linear(x: Tensor, weight: Tensor, bias?: Tensor | null): Tensor {
   inputsBackend('linear', x, weight, bias);
   if (weight.ndim !== 2)
@@ -197,12 +200,70 @@ export function linear(x: Tensor, weight: Tensor, bias?: Tensor | null): Tensor 
   if (bias && (bias.ndim !== 1 || bias.shape[0] !== weight.shape[0])) {
     throw shapeError('linear', `bias ${fmtShape(bias.shape)} must be [${weight.shape[0]}]`);
   }
+  const fused = bias ? linearFused(x, weight, bias) : null;
+  if (fused) return fused;
   const wt = transpose(weight, 0, 1);
   const y = matmul(x, wt);
   wt.dispose();
   if (!bias) return y;
   const out = add(y, bias);
   y.dispose();
+  return out;
+}
+
+const FUSED_DTYPES: ReadonlySet<DType> = new Set(['float32', 'bfloat16', 'float16', 'float64']);
+
+/**
+ * x [..., K] @ weight[N, K]^T + bias [N] -> [..., N] through the backend's own linearBias kernel
+ * (the bias added in the GEMM's epilogue, one rounding); null where it does not apply: no such
+ * kernel (the CPU: its unfused numerics stay), mixed or non-float dtypes, leading dimensions that
+ * do not flatten into rows without a copy, or a strided bias. The backward is the unfused one.
+ */
+function linearFused(x: Tensor, weight: Tensor, bias: Tensor): Tensor | null {
+  const backend = x.backend;
+  // the backend's own kernel only: getKernel's composition would be the unfused path again
+  const kernel = backend.kernel('linearBias');
+  const dtype = x.dtype;
+  if (!kernel || !FUSED_DTYPES.has(dtype) || weight.dtype !== dtype || bias.dtype !== dtype) return null;
+  const [N, K] = weight.shape;
+  if (N > 1 && bias.strides[0] !== 1) return null;
+  const lead = x.shape.slice(0, -1);
+  const M = numel(lead);
+  const xStrides = viewStrides(x.shape, x.strides, [M, K]);
+  if (!xStrides) return null;
+  const out = alloc(backend, [...lead, N], dtype);
+  if (out.numel > 0) {
+    const x2 = x.viewAs([M, K], xStrides, x.offset);
+    const out2 = out.viewAs([M, N], [N, 1], 0);
+    try {
+      kernel(out2, x2, weight, bias);
+    } catch (e) {
+      out.dispose();
+      throw e;
+    } finally {
+      x2.dispose();
+      out2.dispose();
+    }
+  }
+  if (needsGrad(x, weight, bias)) {
+    const rx = x.requiresGrad;
+    const rw = weight.requiresGrad;
+    const rb = bias.requiresGrad;
+    const xShape = x.shape;
+    // what the unfused graph (MmBackward of x @ weight^T, AddBackward of the bias) would save
+    const save: Tensor[] = [];
+    if (rw) save.push(x);
+    if (rx) save.push(weight);
+    attachGrad(out, 'LinearBackward', [x, weight, bias], save, (g, s) => {
+      const xs = rw ? s[0] : null;
+      const wt = rx ? transpose(s[rw ? 1 : 0], 0, 1) : null;
+      const [gx, gwt] = matmulGrads(g, xShape, [K, N], xs, wt);
+      wt?.dispose();
+      const gw = gwt ? transpose(gwt, 0, 1) : null;
+      gwt?.dispose();
+      return [gx, gw, rb ? sumToShape(g, [N]) : null];
+    });
+  }
   return out;
 }
 

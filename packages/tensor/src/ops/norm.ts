@@ -3,14 +3,12 @@
 // bias in the same pass, and one backward kernel that also reduces the weight / bias gradients.
 
 import { attachGrad, needsGrad } from '../autograd/record.js';
-import type { Backend } from '../backend/backend.js';
 import { defineCpuKernel, native, pack } from '../backend/cpu.js';
-import { getKernel, type KernelName, type KernelTable } from '../backend/kernels.js';
 import { type DType, isFloating } from '../dtype.js';
-import { argError, dtypeError, fmtShape, shapeError, TensorError } from '../errors.js';
+import { argError, dtypeError, fmtShape, shapeError } from '../errors.js';
 import { sameShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
-import { alloc, inputsBackend } from './util.js';
+import { alloc, contiguousRaw, inputsBackend, kernelOf } from './util.js';
 
 /**
  * y = (x - mean) * rstd * weight + bias over rows of N elements (RMSNorm: center = false, no
@@ -70,21 +68,6 @@ defineCpuKernel('normRowsBackward', (dx, g, x, weight, mean, rstd, dweight, dbia
   pack.num(n).num(center ? 1 : 0);
   native.normBackward();
 });
-
-function kernelOf<K extends KernelName>(backend: Backend, name: K, op: string): KernelTable[K] {
-  const k = getKernel(backend, name);
-  if (!k)
-    throw new TensorError('UNSUPPORTED', `${op}: the ${backend.device} backend has no "${name}" kernel`);
-  return k;
-}
-
-/** A contiguous tensor of `dtype` with x's values (an alias when x already is one), outside the graph. */
-function contiguousRaw(x: Tensor, dtype: DType = x.dtype): Tensor {
-  if (x.isContiguous && dtype === x.dtype) return x.viewAs(x.shape, x.strides, x.offset, false);
-  const c = alloc(x.backend, x.shape, dtype);
-  if (c.numel > 0) x.backend.copy(c, x);
-  return c;
-}
 
 function checkParam(op: string, name: string, p: Tensor | null, x: Tensor, shape: readonly number[]): void {
   if (!p) return;

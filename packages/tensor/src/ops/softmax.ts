@@ -5,14 +5,13 @@
 import { attachGrad, needsGrad } from '../autograd/record.js';
 import type { Backend } from '../backend/backend.js';
 import { defineCpuKernel, native, pack } from '../backend/cpu.js';
-import { getKernel, type KernelName, type KernelTable } from '../backend/kernels.js';
 import { type DType, isFloating } from '../dtype.js';
-import { argError, dtypeError, fmtShape, indexError, shapeError, TensorError } from '../errors.js';
+import { argError, dtypeError, fmtShape, indexError, shapeError, type TensorError } from '../errors.js';
 import { untrackTensor } from '../scope.js';
 import { normDim, numel, type Shape, sameShape } from '../shape.js';
 import { deferCheck } from '../sync.js';
 import { Tensor } from '../tensor.js';
-import { alloc, inputsBackend } from './util.js';
+import { alloc, inputsBackend, kernelOf } from './util.js';
 
 // ---- kernels ----------------------------------------------------------------------------------
 
@@ -141,13 +140,6 @@ defineCpuKernel('nllLossBackward', (dx, target, gout, scale, ignoreIndex) => {
   pack.begin().tensor(dx).tensor(target).tensor(gout).num(scale).num(ignoreIndex);
   native.nllLossBackward();
 });
-
-function kernelOf<K extends KernelName>(backend: Backend, name: K, op: string): KernelTable[K] {
-  const k = getKernel(backend, name);
-  if (!k)
-    throw new TensorError('UNSUPPORTED', `${op}: the ${backend.device} backend has no "${name}" kernel`);
-  return k;
-}
 
 // ---- layout helpers ---------------------------------------------------------------------------
 // These bypass the graph on purpose: each op records one node for the whole computation.

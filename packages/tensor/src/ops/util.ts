@@ -1,5 +1,6 @@
 import type { Backend } from '../backend/backend.js';
 import { getBackend, getDefaultDevice } from '../backend/backend.js';
+import { getKernel, type KernelName, type KernelTable } from '../backend/kernels.js';
 import type { DType } from '../dtype.js';
 import { TensorError } from '../errors.js';
 import type { Shape } from '../shape.js';
@@ -43,4 +44,20 @@ export function alloc(backend: Backend, shape: Shape, dtype: DType, zero = false
 export function finishCreate(t: Tensor, opts: CreateOptions | undefined): Tensor {
   if (opts?.requiresGrad) t.requiresGrad_(true);
   return t;
+}
+
+/** The backend's kernel `name` (its own, else the composition); an error naming `op` when neither exists. */
+export function kernelOf<K extends KernelName>(backend: Backend, name: K, op: string): KernelTable[K] {
+  const k = getKernel(backend, name);
+  if (!k)
+    throw new TensorError('UNSUPPORTED', `${op}: the ${backend.device} backend has no "${name}" kernel`);
+  return k;
+}
+
+/** A contiguous tensor of `dtype` with x's values (an alias when x already is one), outside the graph. */
+export function contiguousRaw(x: Tensor, dtype: DType = x.dtype): Tensor {
+  if (x.isContiguous && dtype === x.dtype) return x.viewAs(x.shape, x.strides, x.offset, false);
+  const c = alloc(x.backend, x.shape, dtype);
+  if (c.numel > 0) x.backend.copy(c, x);
+  return c;
 }

@@ -4,7 +4,7 @@
 import { defineCpuKernel, native, pack } from '../backend/cpu.js';
 import { getKernel, type KernelName, type KernelTable } from '../backend/kernels.js';
 import type { DType } from '../dtype.js';
-import { TensorError } from '../errors.js';
+import { argError, dtypeError, TensorError } from '../errors.js';
 import { untrackTensor } from '../scope.js';
 import { Tensor } from '../tensor.js';
 
@@ -19,6 +19,19 @@ export interface AdamWScalars {
 }
 
 export type AdamWKernel = (p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: AdamWScalars) => void;
+
+/**
+ * adamwStep over lists of n tensors that share one set of scalars (one step count, lr and decay):
+ * tensor i of each list is an operand of adamwStep, one dtype per list, all contiguous; the
+ * results are bit-identical to n adamwStep calls, in fewer device launches.
+ */
+export type AdamWMultiKernel = (
+  params: readonly Tensor[],
+  grads: readonly Tensor[],
+  expAvgs: readonly Tensor[],
+  expAvgSqs: readonly Tensor[],
+  s: AdamWScalars,
+) => void;
 
 export interface SgdScalars {
   lr: number;
@@ -52,7 +65,7 @@ const sgdStep = call('sgdStep');
 const normPowerSum = call('normPowerSum');
 const unscaleCheck = call('unscaleCheck');
 
-defineCpuKernel('adamwStep', (p, g, m, v, s) => {
+const cpuAdamwStep = defineCpuKernel('adamwStep', (p, g, m, v, s) => {
   pack
     .begin()
     .tensor(p)
@@ -68,6 +81,47 @@ defineCpuKernel('adamwStep', (p, g, m, v, s) => {
     .num(s.eps)
     .num(s.negStep);
   adamwStep();
+});
+
+/**
+ * Throws unless the lists of an adamwStepMulti call have one tensor per parameter each and one
+ * dtype per list (what lets a device run a whole list with one kernel instantiation).
+ */
+export function checkAdamWLists(
+  params: readonly Tensor[],
+  grads: readonly Tensor[],
+  expAvgs: readonly Tensor[],
+  expAvgSqs: readonly Tensor[],
+): void {
+  const n = params.length;
+  if (grads.length !== n || expAvgs.length !== n || expAvgSqs.length !== n) {
+    throw argError(
+      'adamwStepMulti',
+      `got ${n} params, ${grads.length} grads, ${expAvgs.length} expAvgs and ${expAvgSqs.length} expAvgSqs; pass one of each per parameter`,
+    );
+  }
+  const lists: [string, readonly Tensor[]][] = [
+    ['params', params],
+    ['grads', grads],
+    ['expAvgs', expAvgs],
+    ['expAvgSqs', expAvgSqs],
+  ];
+  for (const [what, list] of lists) {
+    for (let i = 1; i < n; i++) {
+      if (list[i].dtype !== list[0].dtype) {
+        throw dtypeError(
+          'adamwStepMulti',
+          `${what}[${i}] is ${list[i].dtype} but ${what}[0] is ${list[0].dtype}; split the list by dtype`,
+        );
+      }
+    }
+  }
+}
+
+// The CPU has no launch cost to save: the list is the native per-tensor kernel in a loop.
+defineCpuKernel('adamwStepMulti', (ps, gs, ms, vs, s) => {
+  checkAdamWLists(ps, gs, ms, vs);
+  for (let i = 0; i < ps.length; i++) cpuAdamwStep(ps[i], gs[i], ms[i], vs[i], s);
 });
 
 defineCpuKernel('sgdStep', (p, g, buf, s) => {

@@ -33,6 +33,27 @@ static Napi::Value gemm_entry(const Napi::CallbackInfo& info, bool fallback) {
 MPC_ENTRY(GemmE) { return gemm_entry(info, false); }
 MPC_ENTRY(GemmFallbackE) { return gemm_entry(info, true); }
 
+// linearBias(dtype, M, N, K, A(ptr, rs, cs), B(ptr, rs, cs), C(ptr, rs), bias(ptr, dtype)):
+// C = A @ B + bias with the bias added in the GEMM's epilogue, one matrix (src/kernels/gemm.ts
+// passes linear's x as A and weight^T as B).
+MPC_ENTRY(LinearBiasE) {
+  Args a;
+  DType dt = static_cast<DType>(a.i32());
+  int64_t M = a.i64(), N = a.i64(), K = a.i64();
+  GemmMat A{static_cast<char*>(a.ptr()), 0, 0, 0};
+  A.rs = a.i64();
+  A.cs = a.i64();
+  GemmMat B{static_cast<char*>(a.ptr()), 0, 0, 0};
+  B.rs = a.i64();
+  B.cs = a.i64();
+  GemmMat C{static_cast<char*>(a.ptr()), 0, 0, 1};
+  C.rs = a.i64();
+  GemmBias bias{static_cast<const char*>(a.ptr()), DType::F32};
+  bias.dtype = static_cast<DType>(a.i32());
+  gemm(current_stream(), dt, 1, M, N, K, A, B, C, 1.0, 0.0, &bias);
+  return info.Env().Undefined();
+}
+
 // gemmEngine(): "cuBLASLt <version>" or "emulated fallback"
 static Napi::Value GemmEngineE(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), gemm_engine());
@@ -41,6 +62,7 @@ static Napi::Value GemmEngineE(const Napi::CallbackInfo& info) {
 void register_gemm(Napi::Env env, Napi::Object exports) {
   exports.Set("gemm", Napi::Function::New(env, GemmE));
   exports.Set("gemmFallback", Napi::Function::New(env, GemmFallbackE));
+  exports.Set("linearBias", Napi::Function::New(env, LinearBiasE));
   exports.Set("gemmEngine", Napi::Function::New(env, GemmEngineE));
 }
 

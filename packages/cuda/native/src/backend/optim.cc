@@ -1,16 +1,17 @@
 // N-API entries of the optimizer kernels (kernels/optim.h), with the argument order of
 // @megapatch/tensor's CPU entries (native/src/optim.cc) plus, for the two kernels that return a
 // value on the CPU, the device tensor that receives it last: normPowerSum's float64 `out` and
-// unscaleCheck's float32 `foundInf` flag (see src/kernels/optim.ts).
+// unscaleCheck's float32 `foundInf` flag (see src/kernels/optim.ts). adamwStepMulti has no CPU
+// entry (the CPU loops over adamwStep): it reads a count, then each parameter's four tensors.
+#include <vector>
+
 #include "../kernels/optim.h"
 #include "glue.h"
 
 namespace mpc {
 
-// adamwStep(param, grad, expAvg, expAvgSq, decay, beta1, 1-beta1, beta2, 1-beta2, bc2Sqrt, eps, negStep)
-MPC_ENTRY(AdamWStepE) {
-  Args a;
-  TensorArg p = a.tensor(), g = a.tensor(), m = a.tensor(), v = a.tensor();
+// The scalars of an AdamW update, in the order src/kernels/optim.ts packs them.
+static AdamWParams adamw_params(Args& a) {
   AdamWParams h;
   h.decay = a.num();
   h.beta1 = a.num();
@@ -20,7 +21,33 @@ MPC_ENTRY(AdamWStepE) {
   h.bc2_sqrt = a.num();
   h.eps = a.num();
   h.neg_step = a.num();
+  return h;
+}
+
+// adamwStep(param, grad, expAvg, expAvgSq, decay, beta1, 1-beta1, beta2, 1-beta2, bc2Sqrt, eps, negStep)
+MPC_ENTRY(AdamWStepE) {
+  Args a;
+  TensorArg p = a.tensor(), g = a.tensor(), m = a.tensor(), v = a.tensor();
+  AdamWParams h = adamw_params(a);
   adamw_step(current_stream(), p, g, m, v, h);
+  return info.Env().Undefined();
+}
+
+// adamwStepMulti(count, count x (param, grad, expAvg, expAvgSq), decay, beta1, 1-beta1, beta2, 1-beta2,
+// bc2Sqrt, eps, negStep)
+MPC_ENTRY(AdamWStepMultiE) {
+  Args a;
+  const int count = a.i32();
+  if (count < 0) throw_error("adamwStepMulti: negative tensor count");
+  std::vector<TensorArg> p(count), g(count), m(count), v(count);
+  for (int i = 0; i < count; i++) {
+    p[i] = a.tensor();
+    g[i] = a.tensor();
+    m[i] = a.tensor();
+    v[i] = a.tensor();
+  }
+  AdamWParams h = adamw_params(a);
+  adamw_step_multi(current_stream(), p.data(), g.data(), m.data(), v.data(), count, h);
   return info.Env().Undefined();
 }
 
@@ -64,6 +91,7 @@ MPC_ENTRY(UnscaleCheckE) {
 
 void register_optim(Napi::Env env, Napi::Object exports) {
   exports.Set("adamwStep", Napi::Function::New(env, AdamWStepE));
+  exports.Set("adamwStepMulti", Napi::Function::New(env, AdamWStepMultiE));
   exports.Set("sgdStep", Napi::Function::New(env, SgdStepE));
   exports.Set("normPowerSum", Napi::Function::New(env, NormPowerSumE));
   exports.Set("unscaleCheck", Napi::Function::New(env, UnscaleCheckE));

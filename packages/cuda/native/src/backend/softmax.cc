@@ -73,6 +73,43 @@ MPC_ENTRY(NllLossBackwardE) {
   return info.Env().Undefined();
 }
 
+// crossEntropyShardMax(rowMax, logits, localReal)
+MPC_ENTRY(CrossEntropyShardMaxE) {
+  Args a;
+  TensorArg row_max = a.tensor(), x = a.tensor();
+  int64_t real = a.i64();
+  cross_entropy_shard_max(current_stream(), row_max, x, real);
+  return info.Env().Undefined();
+}
+
+// crossEntropyShardForward(predicted, sumExp, hasShiftedSum, shiftedSum?, logits, target, rowMax,
+// start, localReal)
+MPC_ENTRY(CrossEntropyShardForwardE) {
+  Args a;
+  TensorArg pred = a.tensor(), sum_exp = a.tensor();
+  bool has_shifted = a.i32() != 0;
+  TensorArg shifted;
+  if (has_shifted) shifted = a.tensor();
+  TensorArg x = a.tensor(), target = a.tensor(), row_max = a.tensor();
+  int64_t start = a.i64(), real = a.i64();
+  cross_entropy_shard_forward(current_stream(), pred, sum_exp, has_shifted ? &shifted : nullptr, x, target, row_max,
+                              start, real);
+  return info.Env().Undefined();
+}
+
+// crossEntropyShardBackward(dx, logits, target, rowMax, logSumExp, gradLoss, start, localReal,
+// smoothing, vocabSize)
+MPC_ENTRY(CrossEntropyShardBackwardE) {
+  Args a;
+  TensorArg dx = a.tensor(), x = a.tensor(), target = a.tensor(), row_max = a.tensor(), lse = a.tensor(),
+            grad = a.tensor();
+  int64_t start = a.i64(), real = a.i64();
+  double alpha = a.num();
+  int64_t vocab = a.i64();
+  cross_entropy_shard_backward(current_stream(), dx, x, target, row_max, lse, grad, start, real, alpha, vocab);
+  return info.Env().Undefined();
+}
+
 void register_softmax(Napi::Env env, Napi::Object exports) {
   exports.Set("softmaxForward", Napi::Function::New(env, SoftmaxForwardE));
   exports.Set("softmaxBackward", Napi::Function::New(env, SoftmaxBackwardE));
@@ -80,6 +117,9 @@ void register_softmax(Napi::Env env, Napi::Object exports) {
   exports.Set("crossEntropyBackward", Napi::Function::New(env, CrossEntropyBackwardE));
   exports.Set("nllLossForward", Napi::Function::New(env, NllLossForwardE));
   exports.Set("nllLossBackward", Napi::Function::New(env, NllLossBackwardE));
+  exports.Set("crossEntropyShardMax", Napi::Function::New(env, CrossEntropyShardMaxE));
+  exports.Set("crossEntropyShardForward", Napi::Function::New(env, CrossEntropyShardForwardE));
+  exports.Set("crossEntropyShardBackward", Napi::Function::New(env, CrossEntropyShardBackwardE));
 }
 
 }  // namespace mpc

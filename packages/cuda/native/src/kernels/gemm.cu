@@ -35,12 +35,13 @@ MP_D double fma_acc(double a, double b, double c) { return fma(a, b, c); }
 // order follows the operand's fast dimension (a_kfast: A's column stride is the smaller, so
 // adjacent threads read adjacent k; b_nfast: likewise B's columns) so global reads coalesce for
 // row-major and transposed operands alike. Out-of-range rows, columns and k read as 0; the
-// results of out-of-range rows and columns are never stored, so no padding reaches C.
+// results of out-of-range rows and columns are never stored, so no padding reaches C. A non-null
+// bias adds bias[n] to column n in the accumulator type, before the store rounds.
 template <typename T, int BM, int BN, int BK, int TM, int TN>
 __global__ void __launch_bounds__((BM / TM) * (BN / TN))
     gemm_tiled_kernel(int64_t batch, int64_t M, int64_t N, int64_t K, const T* A, int64_t abs_, int64_t ars,
                       int64_t acs, int a_kfast, const T* B, int64_t bbs, int64_t brs, int64_t bcs, int b_nfast, T* C,
-                      int64_t cbs, int64_t crs, typename Tr<T>::C alpha, typename Tr<T>::C beta) {
+                      int64_t cbs, int64_t crs, typename Tr<T>::C alpha, typename Tr<T>::C beta, const T* bias) {
   using Acc = typename Tr<T>::C;
   constexpr int TX = BN / TN;
   constexpr int NT = (BM / TM) * TX;
@@ -116,6 +117,7 @@ MPG_UNROLL
           T* p = Cz + r * crs + n;
           Acc v = alpha * acc[i][j];
           if (beta != Acc(0)) v = fma_acc(beta, Tr<T>::ld(p), v);  // beta == 0: C is not read
+          if (bias) v += Tr<T>::ld(bias + n);
           Tr<T>::st(p, v);
         }
       }
@@ -127,7 +129,7 @@ int64_t iabs64(int64_t v) { return v < 0 ? -v : v; }
 
 template <typename T>
 void launch_tiled(cudaStream_t stream, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a,
-                  const GemmMat& b, const GemmMat& c, double alpha, double beta) {
+                  const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmBias* bias) {
   using Acc = typename Tr<T>::C;
 #ifdef MEGAPATCH_CUDA_EMULATOR
   // small tiles and few threads: every thread is a fiber in the emulator
@@ -146,16 +148,21 @@ void launch_tiled(cudaStream_t stream, int64_t batch, int64_t M, int64_t N, int6
   auto k = gemm_tiled_kernel<T, BM, BN, BK, TM, TN>;
   MP_LAUNCH(k, grid, dim3(NT), 0, stream, batch, M, N, K, reinterpret_cast<const T*>(a.data), a.bs, a.rs, a.cs,
             a_kfast, reinterpret_cast<const T*>(b.data), b.bs, b.rs, b.cs, b_nfast, reinterpret_cast<T*>(c.data),
-            c.bs, c.rs, static_cast<Acc>(alpha), static_cast<Acc>(beta));
+            c.bs, c.rs, static_cast<Acc>(alpha), static_cast<Acc>(beta),
+            bias ? reinterpret_cast<const T*>(bias->data) : static_cast<const T*>(nullptr));
   check_launch("gemm_tiled_kernel");
 }
 
-// The CPU backend's argument checks; false when there is nothing to compute.
-bool gemm_args_ok(DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K) {
+// The CPU backend's argument checks; false when there is nothing to compute. With a bias, K == 0
+// is a GEMM of zeros plus the bias (the tiled kernel's loop over k runs no step).
+bool gemm_args_ok(DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmBias* bias) {
   if (dtype != DType::F32 && dtype != DType::F64 && dtype != DType::BF16 && dtype != DType::F16)
     throw_error("matmul: integer and bool dtypes are not supported");
+  if (bias && bias->dtype != dtype)
+    throw_error(std::string("linear: the bias is ") + dtype_name(bias->dtype) + " but the GEMM is " +
+                dtype_name(dtype) + "; cast the bias to the input's dtype");
   if (M == 0 || N == 0 || batch == 0) return false;
-  if (K == 0) throw_error("gemm: K == 0 must be handled by the caller");
+  if (K == 0 && !bias) throw_error("gemm: K == 0 must be handled by the caller");
   if (M < 0 || N < 0 || K < 0 || batch < 0)
     throw_error("gemm: negative size (batch " + std::to_string(batch) + ", M " + std::to_string(M) + ", N " +
                 std::to_string(N) + ", K " + std::to_string(K) + ")");
@@ -163,12 +170,13 @@ bool gemm_args_ok(DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K) {
 }
 
 void run_fallback(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K,
-                  const GemmMat& a, const GemmMat& b, const GemmMat& c, double alpha, double beta) {
+                  const GemmMat& a, const GemmMat& b, const GemmMat& c, double alpha, double beta,
+                  const GemmBias* bias) {
   switch (dtype) {
-    case DType::F32: launch_tiled<float>(stream, batch, M, N, K, a, b, c, alpha, beta); break;
-    case DType::F64: launch_tiled<double>(stream, batch, M, N, K, a, b, c, alpha, beta); break;
-    case DType::BF16: launch_tiled<bf16>(stream, batch, M, N, K, a, b, c, alpha, beta); break;
-    case DType::F16: launch_tiled<f16>(stream, batch, M, N, K, a, b, c, alpha, beta); break;
+    case DType::F32: launch_tiled<float>(stream, batch, M, N, K, a, b, c, alpha, beta, bias); break;
+    case DType::F64: launch_tiled<double>(stream, batch, M, N, K, a, b, c, alpha, beta, bias); break;
+    case DType::BF16: launch_tiled<bf16>(stream, batch, M, N, K, a, b, c, alpha, beta, bias); break;
+    case DType::F16: launch_tiled<f16>(stream, batch, M, N, K, a, b, c, alpha, beta, bias); break;
     default: throw_error("matmul: integer and bool dtypes are not supported");
   }
 }
@@ -176,9 +184,10 @@ void run_fallback(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, in
 }  // namespace
 
 void gemm_fallback(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K,
-                   const GemmMat& a, const GemmMat& b, const GemmMat& c, double alpha, double beta) {
-  if (!gemm_args_ok(dtype, batch, M, N, K)) return;
-  run_fallback(stream, dtype, batch, M, N, K, a, b, c, alpha, beta);
+                   const GemmMat& a, const GemmMat& b, const GemmMat& c, double alpha, double beta,
+                   const GemmBias* bias) {
+  if (!gemm_args_ok(dtype, batch, M, N, K, bias)) return;
+  run_fallback(stream, dtype, batch, M, N, K, a, b, c, alpha, beta, bias);
 }
 
 // ---- the cuBLASLt problem of a GEMM (pure host logic, compiled in both builds so that the
@@ -253,8 +262,8 @@ bool lt_problem(int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a
 namespace mpc {
 
 void gemm(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a,
-          const GemmMat& b, const GemmMat& c, double alpha, double beta) {
-  gemm_fallback(stream, dtype, batch, M, N, K, a, b, c, alpha, beta);
+          const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmBias* bias) {
+  gemm_fallback(stream, dtype, batch, M, N, K, a, b, c, alpha, beta, bias);
 }
 
 const char* gemm_engine() { return "emulated fallback"; }
@@ -402,10 +411,13 @@ cublasLtMatrixLayout_t lt_layout(cudaDataType_t type, uint64_t rows, uint64_t co
 }
 
 // Builds the plan of one problem: descriptors and the heuristic's best algorithm (ok = false,
-// descriptors destroyed, when cuBLASLt has none). Throws on any other cuBLASLt error.
+// descriptors destroyed, when cuBLASLt has none). Throws on any other cuBLASLt error, except with
+// a bias: an epilogue the heuristic rejects in any way leaves the problem to the tiled kernel.
+// `bias` (null: none) is the current call's; the heuristic reads its alignment from the address,
+// and gemm_lt sets the address of each later call on the cached descriptor.
 Plan make_plan(LtDevice& d, const LtTypes& ty, bool is16, const gemm_map::LtOperand& la, const gemm_map::LtOperand& lb, uint64_t m,
                uint64_t n, int64_t ldc, int64_t batch, int64_t bs_a, int64_t bs_b, int64_t bs_c,
-               const uint32_t align[3]) {
+               const uint32_t align[3], const void* bias) {
   Plan p;
   cublasLtMatmulPreference_t pref = nullptr;
   try {
@@ -415,6 +427,19 @@ Plan make_plan(LtDevice& d, const LtTypes& ty, bool is16, const gemm_map::LtOper
              "cublasLtMatmulDescSetAttribute(TRANSA)");
     lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)),
              "cublasLtMatmulDescSetAttribute(TRANSB)");
+    if (bias) {
+      // D is our C^T (N x M, column-major): our per-column bias [N] is a per-row bias of D, which
+      // is what EPILOGUE_BIAS adds (its vector has D's row count); batch stride 0: one bias for all
+      cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+      int32_t bias_type = static_cast<int32_t>(ty.data);
+      lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)),
+               "cublasLtMatmulDescSetAttribute(EPILOGUE)");
+      lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
+                                              sizeof(bias_type)),
+               "cublasLtMatmulDescSetAttribute(BIAS_DATA_TYPE)");
+      lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)),
+               "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
+    }
     p.la = lt_layout(ty.data, la.rows, la.cols, la.ld, batch, bs_a);
     p.lb = lt_layout(ty.data, lb.rows, lb.cols, lb.ld, batch, bs_b);
     p.lc = lt_layout(ty.data, m, n, ldc, batch, bs_c);
@@ -451,7 +476,8 @@ Plan make_plan(LtDevice& d, const LtTypes& ty, bool is16, const gemm_map::LtOper
     cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(d.handle, p.op, p.la, p.lb, p.lc, p.lc, pref, 1, &res, &found);
     cublasLtMatmulPreferenceDestroy(pref);
     pref = nullptr;
-    if (st == CUBLAS_STATUS_NOT_SUPPORTED || (st == CUBLAS_STATUS_SUCCESS && found == 0)) {
+    const bool rejected = bias && (st != CUBLAS_STATUS_SUCCESS || res.state != CUBLAS_STATUS_SUCCESS);
+    if (st == CUBLAS_STATUS_NOT_SUPPORTED || rejected || (st == CUBLAS_STATUS_SUCCESS && found == 0)) {
       p.destroy();
       p.ok = false;
       return p;
@@ -468,12 +494,16 @@ Plan make_plan(LtDevice& d, const LtTypes& ty, bool is16, const gemm_map::LtOper
   }
 }
 
-// Runs the GEMM through cuBLASLt; false (nothing enqueued) when the layout or cuBLASLt does not
-// allow it.
+// Runs the GEMM through cuBLASLt; false (nothing enqueued) when the layout, the bias's alignment
+// or cuBLASLt does not allow it.
 bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a,
-             const GemmMat& b, const GemmMat& c, double alpha, double beta) {
+             const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmBias* bias) {
   gemm_map::LtProblem pr;
   if (!gemm_map::lt_problem(batch, M, N, K, a, b, c, pr)) return false;
+  const void* bias_ptr = bias ? static_cast<const void*>(bias->data) : nullptr;
+  // the epilogue's vector loads want 16-byte alignment; a bias view at an odd offset takes the tiled kernel
+  const uint32_t bias_align = bias ? lt_alignment(bias_ptr, 0, 1) : 0;
+  if (bias && bias_align < 16) return false;
   const gemm_map::LtOperand &la = pr.a, &lb = pr.b;
   const int64_t ldc = pr.ldc, bs_a = pr.bs_a, bs_b = pr.bs_b, bs_c = pr.bs_c;
 
@@ -510,7 +540,7 @@ bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t
     v[16] = align[1];
     v[17] = align[2];
     v[18] = static_cast<int64_t>(d.workspace_bytes);
-    v[19] = 0;
+    v[19] = bias_align;  // 0: no epilogue; else EPILOGUE_BIAS with a bias of this alignment
 
     auto it = d.plans.find(key);
     if (it == d.plans.end()) {
@@ -519,7 +549,7 @@ bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t
         d.plans.clear();
       }
       Plan p = make_plan(d, ty, is16, la, lb, static_cast<uint64_t>(N), static_cast<uint64_t>(M), ldc, nb,
-                         v[11], v[12], v[13], align);
+                         v[11], v[12], v[13], align, bias_ptr);
       it = d.plans.emplace(key, p).first;
     }
     const Plan& p = it->second;
@@ -531,8 +561,14 @@ bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t
       // a last, shorter chunk cuBLASLt has no algorithm for: the tiled kernel runs it
       GemmMat ca{const_cast<char*>(B), bs_b, a.rs, a.cs}, cb{const_cast<char*>(A), bs_a, b.rs, b.cs},
           cc{C, bs_c, c.rs, 1};
-      run_fallback(stream, dtype, nb, M, N, K, ca, cb, cc, alpha, beta);
+      run_fallback(stream, dtype, nb, M, N, K, ca, cb, cc, alpha, beta, bias);
       continue;
+    }
+    if (bias_ptr) {
+      // the cached descriptor holds the bias of the call that made it: point it at this one's
+      // (cuBLASLt reads the descriptor when the call is enqueued; the lock keeps calls apart)
+      lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr, sizeof(bias_ptr)),
+               "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
     }
     if (dtype == DType::F64) {
       double al = alpha, be = beta;
@@ -552,10 +588,10 @@ bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t
 }  // namespace
 
 void gemm(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a,
-          const GemmMat& b, const GemmMat& c, double alpha, double beta) {
-  if (!gemm_args_ok(dtype, batch, M, N, K)) return;
-  if (gemm_lt(stream, dtype, batch, M, N, K, a, b, c, alpha, beta)) return;
-  run_fallback(stream, dtype, batch, M, N, K, a, b, c, alpha, beta);
+          const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmBias* bias) {
+  if (!gemm_args_ok(dtype, batch, M, N, K, bias)) return;
+  if (gemm_lt(stream, dtype, batch, M, N, K, a, b, c, alpha, beta, bias)) return;
+  run_fallback(stream, dtype, batch, M, N, K, a, b, c, alpha, beta, bias);
 }
 
 const char* gemm_engine() {

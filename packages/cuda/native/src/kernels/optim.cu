@@ -7,6 +7,13 @@
 // order of operations with every scalar cast once from double to the compute type (float for
 // float32/bfloat16/float16 params, double for float64).
 //
+// The multi-tensor AdamW (apex's multi_tensor_apply, without its device-side list) passes up to
+// kAdamWMultiTensors tensors' pointers and sizes in the kernel's by-value argument, so a whole
+// list costs a few launches and no host-to-device copy. Each tensor is cut into chunks of
+// kAdamWChunk elements, one block per chunk; block b finds its tensor t as the last one whose
+// first block first[t] is <= b (first holds the prefix sums of the chunk counts). Every element
+// goes through the single-tensor kernel's adamw_elem, so both give the same bits.
+//
 // normPowerSum accumulates in double: each thread over its grid-stride share, then a fixed
 // warp-shuffle + shared-memory tree per block into a per-block partial (a static device array of
 // kNormMaxBlocks doubles), and the last block to finish (a ticket counter) combines the partials
@@ -103,16 +110,8 @@ __global__ void adamw_kernel(P* p, const G* g, typename StateOf<P>::T* m, typena
   for (int64_t i = nv * V + global_thread(); i < n; i += stride) adamw_elem<P, G>(p[i], g[i], m[i], v[i], h);
 }
 
-template <typename P, typename G>
-void adamw_run(cudaStream_t s, const TensorArg& p, const TensorArg& g, const TensorArg& m, const TensorArg& v,
-               const AdamWParams& hp) {
-  using C = typename Tr<P>::C;
-  using S = typename StateOf<P>::T;
-  const DType want = sizeof(S) == 8 ? DType::F64 : DType::F32;
-  if (m.dtype != want || v.dtype != want)
-    throw_error("adamw: state dtype must be float32 (float64 for float64 params)");
-  const int64_t n = p.numel();
-  if (n == 0) return;
+// The update's scalars cast once from double to the compute type.
+template <typename C> AdamWC<C> adamw_consts(const AdamWParams& hp) {
   AdamWC<C> h;
   h.decay = static_cast<C>(hp.decay);
   h.b1 = static_cast<C>(hp.beta1);
@@ -122,9 +121,36 @@ void adamw_run(cudaStream_t s, const TensorArg& p, const TensorArg& g, const Ten
   h.bc2 = static_cast<C>(hp.bc2_sqrt);
   h.eps = static_cast<C>(hp.eps);
   h.ns = static_cast<C>(hp.neg_step);
+  return h;
+}
+
+template <typename P>
+void check_adamw_state(const TensorArg& m, const TensorArg& v) {
+  const DType want = sizeof(typename StateOf<P>::T) == 8 ? DType::F64 : DType::F32;
+  if (m.dtype != want || v.dtype != want)
+    throw_error("adamw: state dtype must be float32 (float64 for float64 params)");
+}
+
+// whether all four operands allow vec_of<P>()-wide loads and stores
+template <typename P, typename G>
+bool adamw_vec_ok(const TensorArg& p, const TensorArg& g, const TensorArg& m, const TensorArg& v) {
+  using S = typename StateOf<P>::T;
   constexpr int V = vec_of<P>();
-  const bool vec = aligned(p.data, sizeof(P) * V) && aligned(g.data, sizeof(G) * V) &&
-                   aligned(m.data, sizeof(S) * V) && aligned(v.data, sizeof(S) * V);
+  return aligned(p.data, sizeof(P) * V) && aligned(g.data, sizeof(G) * V) && aligned(m.data, sizeof(S) * V) &&
+         aligned(v.data, sizeof(S) * V);
+}
+
+template <typename P, typename G>
+void adamw_run(cudaStream_t s, const TensorArg& p, const TensorArg& g, const TensorArg& m, const TensorArg& v,
+               const AdamWParams& hp) {
+  using C = typename Tr<P>::C;
+  using S = typename StateOf<P>::T;
+  check_adamw_state<P>(m, v);
+  const int64_t n = p.numel();
+  if (n == 0) return;
+  const AdamWC<C> h = adamw_consts<C>(hp);
+  constexpr int V = vec_of<P>();
+  const bool vec = adamw_vec_ok<P, G>(p, g, m, v);
   if (vec) {
     auto k = adamw_kernel<P, G, V>;
     MP_LAUNCH(k, grid_for((n + V - 1) / V), kThreads, 0, s, p.ptr<P>(), g.ptr<G>(), m.ptr<S>(), v.ptr<S>(), n, h);
@@ -140,6 +166,98 @@ void adamw_dispatch(cudaStream_t s, const TensorArg& p, const TensorArg& g, cons
                     const AdamWParams& h) {
   if (g.dtype == p.dtype) adamw_run<P, P>(s, p, g, m, v, h);
   else if (g.dtype == DType::F32) adamw_run<P, float>(s, p, g, m, v, h);
+  else throw_error("adamw: grad dtype must be the param dtype or float32");
+}
+
+// ---- AdamW over a list of tensors ------------------------------------------------------------
+// Elements per block: a multiple of every vector width, 16 per thread of a kThreads block.
+constexpr int64_t kAdamWChunk = 16 * kThreads;
+
+// The operands of one launch, passed by value (about 2.1 KB for 48 tensors).
+template <typename P, typename G> struct AdamWList {
+  using S = typename StateOf<P>::T;
+  P* p[kAdamWMultiTensors];
+  const G* g[kAdamWMultiTensors];
+  S* m[kAdamWMultiTensors];
+  S* v[kAdamWMultiTensors];
+  int64_t n[kAdamWMultiTensors];
+  int first[kAdamWMultiTensors + 1];  // first block of tensor t; first[count] is the grid size
+  unsigned long long vec;             // bit t: tensor t's operands are aligned for V-wide access
+  int count;
+};
+
+template <typename P, typename G, int V>
+__global__ void adamw_multi_kernel(AdamWList<P, G> L, AdamWC<typename Tr<P>::C> h) {
+  using S = typename StateOf<P>::T;
+  const int b = static_cast<int>(blockIdx.x);
+  int t = 0;
+  while (t + 1 < L.count && L.first[t + 1] <= b) t++;  // block-uniform
+  const int64_t begin = static_cast<int64_t>(b - L.first[t]) * kAdamWChunk;
+  const int64_t end = mn(L.n[t], begin + kAdamWChunk);
+  P* p = L.p[t];
+  const G* g = L.g[t];
+  S* m = L.m[t];
+  S* v = L.v[t];
+  const int64_t tid = threadIdx.x, stride = blockDim.x;
+  int64_t tail = begin;
+  if ((L.vec >> t) & 1ull) {
+    const int64_t nv = (end - begin) / V;  // begin is a multiple of V: kAdamWChunk is
+    for (int64_t i = tid; i < nv; i += stride) {
+      const int64_t o = begin + i * V;
+      Pk<P, V> pk = ldv<P, V>(p + o);
+      Pk<G, V> gk = ldv<G, V>(g + o);
+      Pk<S, V> mk = ldv<S, V>(m + o);
+      Pk<S, V> vk = ldv<S, V>(v + o);
+      for (int j = 0; j < V; j++) adamw_elem<P, G>(pk.e[j], gk.e[j], mk.e[j], vk.e[j], h);
+      stv<S, V>(m + o, mk);
+      stv<S, V>(v + o, vk);
+      stv<P, V>(p + o, pk);
+    }
+    tail = begin + nv * V;
+  }
+  for (int64_t i = tail + tid; i < end; i += stride) adamw_elem<P, G>(p[i], g[i], m[i], v[i], h);
+}
+
+template <typename P, typename G>
+void adamw_multi_run(cudaStream_t s, const TensorArg* p, const TensorArg* g, const TensorArg* m, const TensorArg* v,
+                     int count, const AdamWParams& hp) {
+  using C = typename Tr<P>::C;
+  using S = typename StateOf<P>::T;
+  for (int i = 0; i < count; i++) check_adamw_state<P>(m[i], v[i]);
+  const AdamWC<C> h = adamw_consts<C>(hp);
+  AdamWList<P, G> L;
+  L.count = 0;
+  L.first[0] = 0;
+  L.vec = 0;
+  auto flush = [&]() {
+    if (L.count == 0) return;
+    auto k = adamw_multi_kernel<P, G, vec_of<P>()>;
+    MP_LAUNCH(k, static_cast<unsigned>(L.first[L.count]), kThreads, 0, s, L, h);
+    check_launch("adamwStepMulti");
+    L.count = 0;
+    L.vec = 0;
+  };
+  for (int i = 0; i < count; i++) {
+    const int64_t n = p[i].numel();
+    if (n == 0) continue;
+    const int t = L.count;
+    L.p[t] = p[i].ptr<P>();
+    L.g[t] = g[i].ptr<G>();
+    L.m[t] = m[i].ptr<S>();
+    L.v[t] = v[i].ptr<S>();
+    L.n[t] = n;
+    L.first[t + 1] = L.first[t] + static_cast<int>((n + kAdamWChunk - 1) / kAdamWChunk);
+    if (adamw_vec_ok<P, G>(p[i], g[i], m[i], v[i])) L.vec |= 1ull << t;
+    if (++L.count == kAdamWMultiTensors) flush();
+  }
+  flush();
+}
+
+template <typename P>
+void adamw_multi_dispatch(cudaStream_t s, const TensorArg* p, const TensorArg* g, const TensorArg* m,
+                          const TensorArg* v, int count, const AdamWParams& h) {
+  if (g[0].dtype == p[0].dtype) adamw_multi_run<P, P>(s, p, g, m, v, count, h);
+  else if (g[0].dtype == DType::F32) adamw_multi_run<P, float>(s, p, g, m, v, count, h);
   else throw_error("adamw: grad dtype must be the param dtype or float32");
 }
 
@@ -385,6 +503,20 @@ void adamw_step(cudaStream_t s, const TensorArg& p, const TensorArg& g, const Te
     check_same_numel("adamw", p, *t);
   }
   MPC_DISPATCH_FLOAT(p.dtype, adamw_dispatch, s, p, g, m, v, h);
+}
+
+void adamw_step_multi(cudaStream_t s, const TensorArg* p, const TensorArg* g, const TensorArg* m,
+                      const TensorArg* v, int count, const AdamWParams& h) {
+  if (count <= 0) return;
+  for (int i = 0; i < count; i++) {
+    for (const TensorArg* t : {&p[i], &g[i], &m[i], &v[i]}) {
+      check_contiguous("adamw", *t);
+      check_same_numel("adamw", p[i], *t);
+    }
+    if (p[i].dtype != p[0].dtype || g[i].dtype != g[0].dtype || m[i].dtype != m[0].dtype || v[i].dtype != v[0].dtype)
+      throw_error("adamwStepMulti: every list must hold one dtype; split the lists by dtype");
+  }
+  MPC_DISPATCH_FLOAT(p[0].dtype, adamw_multi_dispatch, s, p, g, m, v, count, h);
 }
 
 void sgd_step(cudaStream_t s, const TensorArg& p, const TensorArg& g, const TensorArg* buf, const SgdParams& h) {

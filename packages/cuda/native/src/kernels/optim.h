@@ -29,6 +29,17 @@ struct AdamWParams {
 void adamw_step(cudaStream_t s, const TensorArg& p, const TensorArg& g, const TensorArg& m, const TensorArg& v,
                 const AdamWParams& h);
 
+// Tensors per launch of adamw_step_multi: the launch carries their pointers and sizes in its
+// kernel argument (by value, 44 bytes a tensor), which stays well under the 4 KB that every
+// CUDA version accepts.
+constexpr int kAdamWMultiTensors = 48;
+
+// adamw_step on each of `count` tensors (p[i], g[i], m[i], v[i] as above; one dtype per list),
+// bit-identical to count adamw_step calls, in ceil(count / kAdamWMultiTensors) launches (empty
+// tensors take no part).
+void adamw_step_multi(cudaStream_t s, const TensorArg* p, const TensorArg* g, const TensorArg* m,
+                      const TensorArg* v, int count, const AdamWParams& h);
+
 struct SgdParams {
   double neg_lr, momentum, one_minus_dampening, weight_decay;
   bool nesterov, first;  // first: the momentum buffer starts as the (decayed) gradient

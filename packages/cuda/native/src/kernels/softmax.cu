@@ -20,6 +20,11 @@
 // nothing when there is one (so lse and loss stay as they were), else writes lse / loss and each
 // row's loss, in double, to a stream-ordered workspace; a one-block kernel then sums the workspace
 // in a fixed order into the total. No floating-point atomics: the total is deterministic.
+//
+// Vocabulary-parallel cross-entropy shards. The row maximum reads the real columns of a row once;
+// the forward reads them again with the group's maximum already known (no online rescaling); the
+// backward maps the row once. All use the row groups above and reduce in a fixed order, so they
+// are deterministic.
 #include <cmath>
 #include <cstdint>
 
@@ -449,6 +454,78 @@ nll_bwd_kernel(T* dx, Targets tg, const T* gout, int64_t gstride, int64_t rows, 
   }
 }
 
+// ---- vocabulary-parallel cross-entropy shards ------------------------------------------------------
+
+struct MaxNanOp {  // a NaN wins, as in the core amax
+  template <typename V> MP_D V operator()(V a, V b) const { return a != a ? a : (b != b || b > a) ? b : a; }
+};
+
+// out = the maximum of the real columns [0, real) of each row; -inf when real is 0.
+template <typename T, bool kWarp>
+__global__ void __launch_bounds__(kWarp ? kWarpBlock : kMaxRowThreads)
+ce_shard_max_kernel(const T* x, Acc<T>* out, int64_t rows, int64_t n, int64_t real) {
+  using C = Acc<T>;
+  __shared__ C red[32];
+  const int tid = g_tid<kWarp>(), nt = g_size<kWarp>();
+  for (int64_t r = g_first<kWarp>(); r < rows; r += g_step<kWarp>()) {
+    const T* xr = x + r * n;
+    C m = -pinf<C>();
+    row_read<1>(xr, xr, real, tid, nt, [&](C v, C) { m = MaxNanOp()(m, v); });
+    m = group_all<kWarp>(m, MaxNanOp(), red);
+    if (tid == 0) out[r] = m;
+  }
+}
+
+// Over the real columns [0, real) of a row, d = x - max: sum_exp = sum exp(d), shifted = sum d (kSum),
+// predicted = d at the target's column when that column is a real one of this shard, else 0.
+template <typename T, bool kWarp, bool kSum>
+__global__ void __launch_bounds__(kWarp ? kWarpBlock : kMaxRowThreads)
+ce_shard_fwd_kernel(const T* x, Targets tg, const Acc<T>* row_max, Acc<T>* pred, Acc<T>* sum_exp, Acc<T>* shifted,
+                    int64_t rows, int64_t n, int64_t start, int64_t real) {
+  using C = Acc<T>;
+  __shared__ C red[32];
+  const int tid = g_tid<kWarp>(), nt = g_size<kWarp>();
+  for (int64_t r = g_first<kWarp>(); r < rows; r += g_step<kWarp>()) {
+    const T* xr = x + r * n;
+    const C m = row_max[r];
+    C se = 0, sq = 0;
+    row_read<1>(xr, xr, real, tid, nt, [&](C v, C) {
+      const C d = v - m;
+      se += ex(d);
+      if (kSum) sq += d;
+    });
+    se = group_all<kWarp>(se, SumOp(), red);
+    if (kSum) sq = group_all<kWarp>(sq, SumOp(), red);
+    if (tid == 0) {
+      sum_exp[r] = se;
+      if (kSum) shifted[r] = sq;
+      const int64_t t = tg.at(r) - start;
+      pred[r] = t >= 0 && t < real ? Tr<T>::ld(xr + t) - m : C(0);
+    }
+  }
+}
+
+// dx = (exp((x - max) - lse) - off - hit [column is the target]) * grad[row] over the real
+// columns, 0 on the padding ones (their logits are read but never used).
+template <typename T, bool kWarp>
+__global__ void __launch_bounds__(kWarp ? kWarpBlock : kMaxRowThreads)
+ce_shard_bwd_kernel(T* dx, const T* x, Targets tg, const Acc<T>* row_max, const Acc<T>* lse, const Acc<T>* grad,
+                    int64_t rows, int64_t n, int64_t start, int64_t real, Acc<T> off, Acc<T> hit) {
+  using C = Acc<T>;
+  const int tid = g_tid<kWarp>(), nt = g_size<kWarp>();
+  for (int64_t r = g_first<kWarp>(); r < rows; r += g_step<kWarp>()) {
+    const T* xr = x + r * n;
+    T* dr = dx + r * n;
+    const C m = row_max[r], l = lse[r], g = grad[r];
+    const int64_t t = tg.at(r) - start;
+    row_map<1>(dr, xr, xr, n, tid, nt, [&](C v, C, int64_t j) {
+      if (j >= real) return C(0);
+      const C p = ex((v - m) - l) - off;
+      return (j == t ? p - hit : p) * g;
+    });
+  }
+}
+
 // ---- host -------------------------------------------------------------------------------------------
 
 int64_t last_dim(const TensorArg& t) { return t.ndim == 0 ? 1 : t.shape[t.ndim - 1]; }
@@ -634,6 +711,89 @@ void nll_bwd_t(cudaStream_t s, const TensorArg& dx, const Targets& tg, const Ten
   check_launch("nllLossBackward");
 }
 
+template <typename T>
+void ce_shard_max_t(cudaStream_t s, const TensorArg& out, const TensorArg& x, int64_t rows, int64_t n, int64_t real) {
+  using C = Acc<T>;
+  const RowGeo g = row_geo<T>(rows, real);
+  if (g.warp) {
+    auto k = ce_shard_max_kernel<T, true>;
+    MP_LAUNCH(k, g.grid, g.threads, 0, s, x.ptr<T>(), out.ptr<C>(), rows, n, real);
+  } else {
+    auto k = ce_shard_max_kernel<T, false>;
+    MP_LAUNCH(k, g.grid, g.threads, 0, s, x.ptr<T>(), out.ptr<C>(), rows, n, real);
+  }
+  check_launch("crossEntropyShardMax");
+}
+
+template <typename T, bool kSum>
+void ce_shard_fwd_launch(cudaStream_t s, const RowGeo& g, const T* x, const Targets& tg, const Acc<T>* row_max,
+                         Acc<T>* pred, Acc<T>* sum_exp, Acc<T>* shifted, int64_t rows, int64_t n, int64_t start,
+                         int64_t real) {
+  if (g.warp) {
+    auto k = ce_shard_fwd_kernel<T, true, kSum>;
+    MP_LAUNCH(k, g.grid, g.threads, 0, s, x, tg, row_max, pred, sum_exp, shifted, rows, n, start, real);
+  } else {
+    auto k = ce_shard_fwd_kernel<T, false, kSum>;
+    MP_LAUNCH(k, g.grid, g.threads, 0, s, x, tg, row_max, pred, sum_exp, shifted, rows, n, start, real);
+  }
+}
+
+template <typename T>
+void ce_shard_fwd_t(cudaStream_t s, const TensorArg& pred, const TensorArg& sum_exp, const TensorArg* shifted,
+                    const TensorArg& x, const Targets& tg, const TensorArg& row_max, int64_t rows, int64_t n,
+                    int64_t start, int64_t real) {
+  using C = Acc<T>;
+  const RowGeo g = row_geo<T>(rows, real);
+  if (shifted) {
+    ce_shard_fwd_launch<T, true>(s, g, x.ptr<T>(), tg, row_max.ptr<C>(), pred.ptr<C>(), sum_exp.ptr<C>(),
+                                 shifted->ptr<C>(), rows, n, start, real);
+  } else {
+    ce_shard_fwd_launch<T, false>(s, g, x.ptr<T>(), tg, row_max.ptr<C>(), pred.ptr<C>(), sum_exp.ptr<C>(), nullptr,
+                                  rows, n, start, real);
+  }
+  check_launch("crossEntropyShard");
+}
+
+template <typename T>
+void ce_shard_bwd_t(cudaStream_t s, const TensorArg& dx, const TensorArg& x, const Targets& tg,
+                    const TensorArg& row_max, const TensorArg& lse, const TensorArg& grad, int64_t rows, int64_t n,
+                    int64_t start, int64_t real, double alpha, int64_t vocab) {
+  using C = Acc<T>;
+  const RowGeo g = row_geo<T>(rows, n);
+  const C off = static_cast<C>(alpha / static_cast<double>(vocab)), hit = static_cast<C>(1 - alpha);
+  if (g.warp) {
+    auto k = ce_shard_bwd_kernel<T, true>;
+    MP_LAUNCH(k, g.grid, g.threads, 0, s, dx.ptr<T>(), x.ptr<T>(), tg, row_max.ptr<C>(), lse.ptr<C>(), grad.ptr<C>(),
+              rows, n, start, real, off, hit);
+  } else {
+    auto k = ce_shard_bwd_kernel<T, false>;
+    MP_LAUNCH(k, g.grid, g.threads, 0, s, dx.ptr<T>(), x.ptr<T>(), tg, row_max.ptr<C>(), lse.ptr<C>(), grad.ptr<C>(),
+              rows, n, start, real, off, hit);
+  }
+  check_launch("crossEntropyShardBackward");
+}
+
+// A [rows] vector of the shard kernels, in the compute type of the logits.
+void require_row_vector(const TensorArg& v, const TensorArg& x, int64_t rows, const char* op, const char* what) {
+  const DType want = x.dtype == DType::F64 ? DType::F64 : DType::F32;
+  if (v.dtype != want || !v.contiguous() || v.numel() != rows)
+    throw_error(std::string(op) + ": " + what + " must be contiguous [" + std::to_string(rows) + "] in " +
+                (want == DType::F64 ? "float64" : "float32"));
+}
+
+// Rows come from the target (with P = 0 the logits are empty but the rows exist); returns P.
+int64_t shard_cols(const TensorArg& x, const TensorArg& target, int64_t real, const char* op) {
+  require_contiguous(x, op);
+  require_float(x);
+  const int64_t n = last_dim(x), rows = target.numel();
+  if (x.numel() != rows * n)
+    throw_error(std::string(op) + ": logits must have one row of " + std::to_string(n) + " per target (" +
+                std::to_string(rows) + " targets)");
+  if (real < 0 || real > n)
+    throw_error(std::string(op) + ": localReal must be in [0, " + std::to_string(n) + "], got " + std::to_string(real));
+  return n;
+}
+
 // The target check that starts every loss: fills stats (total 0).
 void launch_check(cudaStream_t s, const Targets& tg, int64_t rows, int64_t classes, int64_t ignore, double* stats) {
   MP_LAUNCH(loss_check_kernel, 1, kOneBlockThreads, 0, s, tg, rows, classes, ignore, stats);
@@ -749,6 +909,50 @@ void nll_loss_backward(cudaStream_t s, const TensorArg& dx, const TensorArg& tar
   require_rows(target, rows, "nllLossBackward: target");
   const int64_t gstride = gout_stride(gout, rows, "nllLossBackward");
   MPC_DISPATCH_FLOAT(dx.dtype, nll_bwd_t, s, dx, tg, gout, gstride, rows, n, scale, ignore);
+}
+
+void cross_entropy_shard_max(cudaStream_t s, const TensorArg& row_max, const TensorArg& x, int64_t real) {
+  const char* op = "crossEntropyShardMax";
+  require_contiguous(x, op);
+  require_float(x);
+  const int64_t n = last_dim(x), rows = row_max.numel();
+  if (x.numel() != rows * n) throw_error(std::string(op) + ": rowMax must have one element per row of the logits");
+  if (real < 0 || real > n)
+    throw_error(std::string(op) + ": localReal must be in [0, " + std::to_string(n) + "], got " + std::to_string(real));
+  require_row_vector(row_max, x, rows, op, "rowMax");
+  if (rows == 0) return;
+  MPC_DISPATCH_FLOAT(x.dtype, ce_shard_max_t, s, row_max, x, rows, n, real);
+}
+
+void cross_entropy_shard_forward(cudaStream_t s, const TensorArg& predicted, const TensorArg& sum_exp,
+                                 const TensorArg* shifted_sum, const TensorArg& x, const TensorArg& target,
+                                 const TensorArg& row_max, int64_t start, int64_t real) {
+  const char* op = "crossEntropyShard";
+  Targets tg = targets_of(target, op);
+  const int64_t n = shard_cols(x, target, real, op), rows = target.numel();
+  require_row_vector(predicted, x, rows, op, "predicted");
+  require_row_vector(sum_exp, x, rows, op, "sumExp");
+  if (shifted_sum) require_row_vector(*shifted_sum, x, rows, op, "shiftedSum");
+  require_row_vector(row_max, x, rows, op, "rowMax");
+  if (rows == 0) return;
+  MPC_DISPATCH_FLOAT(x.dtype, ce_shard_fwd_t, s, predicted, sum_exp, shifted_sum, x, tg, row_max, rows, n, start,
+                     real);
+}
+
+void cross_entropy_shard_backward(cudaStream_t s, const TensorArg& dx, const TensorArg& x, const TensorArg& target,
+                                  const TensorArg& row_max, const TensorArg& lse, const TensorArg& grad,
+                                  int64_t start, int64_t real, double alpha, int64_t vocab) {
+  const char* op = "crossEntropyShardBackward";
+  Targets tg = targets_of(target, op);
+  const int64_t n = shard_cols(x, target, real, op), rows = target.numel();
+  if (dx.dtype != x.dtype || !dx.contiguous() || dx.numel() != x.numel())
+    throw_error(std::string(op) + ": dx must be contiguous like the logits, in their dtype");
+  require_row_vector(row_max, x, rows, op, "rowMax");
+  require_row_vector(lse, x, rows, op, "logSumExp");
+  require_row_vector(grad, x, rows, op, "gradLoss");
+  if (vocab < 1) throw_error(std::string(op) + ": vocabSize must be at least 1");
+  if (x.numel() == 0) return;
+  MPC_DISPATCH_FLOAT(x.dtype, ce_shard_bwd_t, s, dx, x, tg, row_max, lse, grad, rows, n, start, real, alpha, vocab);
 }
 
 }  // namespace mpc

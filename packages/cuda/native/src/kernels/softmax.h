@@ -1,7 +1,8 @@
 // Host launchers of the softmax family (the CUDA twin of @megapatch/tensor's
 // native/src/softmax.cc): softmax / log-softmax over contiguous rows of the last dimension and
 // their backward, fused cross-entropy (log-sum-exp, loss and label smoothing in one read of each
-// row) with its backward, and NLL loss. Every launcher computes in float for 16/32-bit inputs and
+// row) with its backward, NLL loss, and the per-shard kernels of the vocabulary-parallel
+// cross-entropy. Every launcher computes in float for 16/32-bit inputs and
 // in double for float64, and only enqueues on the given stream.
 //
 // The loss launchers take `stats`, a contiguous float64 [4] device tensor, and always fill it on
@@ -32,5 +33,22 @@ void nll_loss_forward(cudaStream_t s, const TensorArg& x, const TensorArg& targe
 // dx [rows, C]: -gout[row] * scale at the target column, 0 elsewhere and on ignored or bad rows.
 void nll_loss_backward(cudaStream_t s, const TensorArg& dx, const TensorArg& target, const TensorArg& gout,
                        double scale, int64_t ignore);
+
+// Vocabulary-parallel cross-entropy, one rank's slice x [rows, P] of the vocabulary starting at
+// global id `start`, real columns [0, real) (the rest is padding); all [rows] vectors in the
+// compute type. Max: row_max = the maximum over the real columns of each row (a NaN wins; -inf
+// when real is 0), before the group's all-reduce.
+void cross_entropy_shard_max(cudaStream_t s, const TensorArg& row_max, const TensorArg& x, int64_t real);
+// Forward, with row_max the group's row maximum: predicted = x[t - start] - max when that column
+// is real (else 0), sum_exp = sum exp(x - max), shifted_sum (when given) = sum (x - max) over the
+// real columns.
+void cross_entropy_shard_forward(cudaStream_t s, const TensorArg& predicted, const TensorArg& sum_exp,
+                                 const TensorArg* shifted_sum, const TensorArg& x, const TensorArg& target,
+                                 const TensorArg& row_max, int64_t start, int64_t real);
+// dx = (exp((x - max) - lse) - alpha / vocab - (1 - alpha) [column is the target]) * grad[row] on
+// the real columns, 0 on the padding; dx in x's dtype.
+void cross_entropy_shard_backward(cudaStream_t s, const TensorArg& dx, const TensorArg& x, const TensorArg& target,
+                                  const TensorArg& row_max, const TensorArg& lse, const TensorArg& grad,
+                                  int64_t start, int64_t real, double alpha, int64_t vocab);
 
 }  // namespace mpc
