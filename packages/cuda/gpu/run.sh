@@ -237,6 +237,17 @@ else
   record kernels SKIP 0 "no packages/cuda/vitest.kernels.config.ts"
 fi
 
+# --- NCCL: a communicator of one rank (one GPU), libnccl from PyTorch's nvidia-nccl wheel ------
+NCCL_LIB_DIR=$(python3 -c 'import nvidia.nccl as n; print(list(n.__path__)[0] + "/lib")' 2>/dev/null || true)
+export NCCL_LIB_DIR
+nccl_run() {
+  cd packages/cuda && LD_LIBRARY_PATH="${NCCL_LIB_DIR:+$NCCL_LIB_DIR:}$LD_LIBRARY_PATH" \
+    node ../../node_modules/vitest/vitest.mjs run test/nccl.test.ts
+}
+export -f nccl_run
+step nccl nccl.log 90 nccl_run
+report nccl "$(vitest_note nccl.log) (libnccl from ${NCCL_LIB_DIR:-the system})"
+
 # --- bench -----------------------------------------------------------------------------------
 # packages/cuda/bench/gpu-bench.sh (its own helper's): runs from the repository root with
 # MEGAPATCH_TEST_DEVICE, OUT (it may write ONE file of its own there, beside bench.log) and

@@ -4,10 +4,18 @@
 // `synchronize()` are the only waits, and index / loss checks are deferred to them by the tensor
 // layer. Named kernels the backend has are listed in `kernels`; every other named kernel runs as
 // its composition of core ops (@megapatch/tensor's fallbacks).
-import type { Backend, BackendType, GemmOperand, KernelName, KernelTable } from '@megapatch/tensor';
+import type {
+  Backend,
+  BackendType,
+  DeviceCollectives,
+  GemmOperand,
+  KernelName,
+  KernelTable,
+} from '@megapatch/tensor';
 import { BINARY_CODES, DIST_CODES, DTYPE_CODES, REDUCE_CODES, UNARY_CODES } from '@megapatch/tensor/abi';
 import { familyKernels } from './kernels/families.js';
 import type { BackendAddon } from './native.js';
+import { createCollectives } from './nccl.js';
 import { ARGS, address, type Entries, ITEMSIZE, pack } from './pack.js';
 
 // op codes shared with every native backend (native/src/kernels/elementwise.cu, reduce.h, random.cu)
@@ -36,6 +44,7 @@ export function createCudaBackendType(addon: BackendAddon, type: string): Backen
       }
     };
     const kernels = new Map<KernelName, KernelTable[KernelName]>();
+    let collectives: DeviceCollectives | null | undefined;
     for (const [name, fn] of Object.entries(named) as [KernelName, KernelTable[KernelName]][]) {
       // every named kernel first makes this device current
       kernels.set(name, ((...args: unknown[]) => {
@@ -149,6 +158,10 @@ export function createCudaBackendType(addon: BackendAddon, type: string): Backen
       },
       kernel<K extends KernelName>(name: K): KernelTable[K] | undefined {
         return kernels.get(name) as KernelTable[K] | undefined;
+      },
+      collectives() {
+        if (collectives === undefined) collectives = createCollectives(addon, `${type}:${index}`, on);
+        return collectives;
       },
     };
     return backend;

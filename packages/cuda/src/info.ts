@@ -1,6 +1,7 @@
 // @megapatch/cuda/info: what CUDA this machine and this build offer, without ever throwing (for
 // `megapatch info` and for checks before a run).
-import { loadAddon } from './native.js';
+import { type BackendAddon, loadAddon } from './native.js';
+import { ncclLibrary } from './nccl.js';
 
 /** One GPU. */
 export interface CudaDevice {
@@ -30,15 +31,20 @@ export interface CudaInfo {
   runtime: string | null;
   /** Highest CUDA version the installed driver supports, e.g. "13.0"; null without a driver. */
   driver: string | null;
-  /** NCCL linked in, e.g. "2.27.3"; null when the build found none. */
+  /**
+   * NCCL that the process groups load (libnccl.so.2, or MEGAPATCH_NCCL_LIBRARY), else the one the
+   * build linked for this report, e.g. "2.27.3"; null when there is none.
+   */
   nccl: string | null;
+  /** Why the process groups cannot load NCCL (null when they can, or without a CUDA build). */
+  ncclError: string | null;
   devices: CudaDevice[];
 }
 
 /** The CUDA build, driver, runtime, NCCL and GPUs of this machine. Never throws. */
 export function cudaInfo(): CudaInfo {
   const loaded = loadAddon();
-  const none = { toolkit: null, runtime: null, driver: null, nccl: null, devices: [] };
+  const none = { toolkit: null, runtime: null, driver: null, nccl: null, ncclError: null, devices: [] };
   if ('error' in loaded) return { available: false, reason: loaded.error, built: false, ...none };
   const n = loaded.addon.info();
   if (!n.built) {
@@ -50,12 +56,19 @@ export function cudaInfo(): CudaInfo {
     };
   }
   const devices = n.devices ?? [];
+  let lib: { version?: string; error?: string };
+  try {
+    lib = ncclLibrary(loaded.addon as BackendAddon);
+  } catch (e) {
+    lib = { error: (e as Error).message };
+  }
   const base = {
     built: true,
     toolkit: n.toolkit ?? null,
     runtime: n.runtime ?? null,
     driver: n.driver ?? null,
-    nccl: n.nccl ?? null,
+    nccl: lib.version ?? n.nccl ?? null,
+    ncclError: lib.version ? null : (lib.error ?? null),
     devices,
   };
   if (devices.length === 0) {

@@ -1,8 +1,9 @@
 // ProcessGroup on Gloo: CPU tensors, collectives on each group's communication threads.
-import { type DType, keep, noGrad, type Storage, type Tensor } from '@megapatch/tensor';
+import { type DType, fromTypedArray, keep, noGrad, type Storage, type Tensor } from '@megapatch/tensor';
 import { DistributedError } from './errors.js';
 import { loadNative, type NativeGroupHandle, type NativeResult, nativeError } from './native.js';
-import type { ProcessGroup, ReduceOp, Work } from './process-group.js';
+import { NcclProcessGroup } from './nccl.js';
+import { allToAllSplits, type P2POp, type ProcessGroup, type ReduceOp, type Work } from './process-group.js';
 
 const DTYPE_CODE: Partial<Record<DType, number>> = {
   float32: 0,
@@ -151,6 +152,17 @@ class HostStagedWork implements Work {
   }
 }
 
+/** The library each device's collectives joined in this process (device -> e.g. 'nccl 2.21.5'). */
+const deviceLibraries = new Map<string, string>();
+
+/**
+ * The collective library this process's groups use for `device`'s tensors ('nccl 2.21.5'), or
+ * null before one joined (or when they travel through host copies over Gloo).
+ */
+export function deviceCollectivesLibrary(device: string): string | null {
+  return deviceLibraries.get(device) ?? null;
+}
+
 /** A ProcessGroup over Gloo. Create it with `newGroup()` (or `initProcessGroup()` for the world). */
 export class GlooProcessGroup implements ProcessGroup {
   readonly backend = 'gloo';
@@ -161,6 +173,8 @@ export class GlooProcessGroup implements ProcessGroup {
   readonly timeoutMs: number;
   private native: NativeGroupHandle | null;
   private readonly pending = new Map<number, GlooWork>();
+  /** Per device: the group over its collective library, or null for host copies. */
+  private readonly deviceGroups = new Map<string, NcclProcessGroup | null>();
 
   private constructor(options: GlooGroupOptions) {
     this.name = options.name;
@@ -249,6 +263,54 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   // ---------------------------------------------------------------------------------------------
+
+  /**
+   * The group over the collective library of the device that holds every one of `tensors` (NCCL
+   * for CUDA tensors), joined on first use; null when they are CPU tensors, span devices, or the
+   * device has no library (then they travel through host copies). Every rank reaches the first
+   * collective on a device together, so they join the communicator together; group rank 0's id
+   * reaches the others by a Gloo broadcast. MEGAPATCH_DEVICE_COLLECTIVES=0 keeps host copies.
+   */
+  private viaDevice(tensors: readonly Tensor[]): NcclProcessGroup | null {
+    const device = tensors[0]?.device;
+    if (!device || device === 'cpu' || tensors.some((t) => t.device !== device)) return null;
+    const known = this.deviceGroups.get(device);
+    if (known !== undefined) return known;
+    this.handle('collective');
+    const collectives =
+      process.env.MEGAPATCH_DEVICE_COLLECTIVES === '0' ? null : (tensors[0].backend.collectives?.() ?? null);
+    const group = collectives
+      ? NcclProcessGroup.connect(
+          collectives,
+          (id) => {
+            const t = fromTypedArray(Uint8Array.from(id), [id.length], { device: 'cpu' });
+            try {
+              this.broadcast(t, 0).waitSync();
+              return Uint8Array.from(t.toTypedArray() as Uint8Array);
+            } finally {
+              t.dispose();
+            }
+          },
+          {
+            name: this.name,
+            rank: this.rank,
+            ranks: this.ranks,
+            timeoutMs: this.timeoutMs,
+            device,
+            barrier: () => this.barrier(),
+          },
+        )
+      : null;
+    this.deviceGroups.set(device, group);
+    if (group) deviceLibraries.set(device, group.library);
+    return group;
+  }
+
+  /** The library that collectives over `device`'s tensors use: e.g. 'nccl 2.21.5', or 'gloo' (host copies). */
+  collectivesFor(device: string): string {
+    if (device === 'cpu') return 'gloo';
+    return this.deviceGroups.get(device)?.library ?? 'gloo';
+  }
 
   /**
    * Gloo moves host memory. Tensors on another device (a GPU before NCCL, the reference backend)
@@ -379,6 +441,8 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   allReduce(tensor: Tensor, op: ReduceOp = 'sum'): Work {
+    const dev = this.viaDevice([tensor]);
+    if (dev) return dev.allReduce(tensor, op);
     const staged = this.viaHost([tensor], [true], ([h]) => this.allReduce(h, op));
     if (staged) return staged;
     const dt = this.check('allReduce', tensor);
@@ -388,6 +452,8 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   allGather(outputs: readonly Tensor[], input: Tensor): Work {
+    const dev = this.viaDevice([input, ...outputs]);
+    if (dev) return dev.allGather(outputs, input);
     const staged = this.viaHost([input, ...outputs], [false, ...outputs.map(() => true)], ([h, ...hs]) =>
       this.allGather(hs, h),
     );
@@ -401,6 +467,8 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   allGatherIntoTensor(output: Tensor, input: Tensor): Work {
+    const dev = this.viaDevice([output, input]);
+    if (dev) return dev.allGatherIntoTensor(output, input);
     const staged = this.viaHost([output, input], [true, false], ([o, i]) => this.allGatherIntoTensor(o, i));
     if (staged) return staged;
     const dt = this.check('allGatherIntoTensor', input, 'input');
@@ -420,6 +488,8 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   reduceScatter(output: Tensor, inputs: readonly Tensor[], op: ReduceOp = 'sum'): Work {
+    const dev = this.viaDevice([output, ...inputs]);
+    if (dev) return dev.reduceScatter(output, inputs, op);
     const staged = this.viaHost([output, ...inputs], [true, ...inputs.map(() => false)], ([o, ...is]) =>
       this.reduceScatter(o, is, op),
     );
@@ -437,6 +507,8 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   reduceScatterTensor(output: Tensor, input: Tensor, op: ReduceOp = 'sum'): Work {
+    const dev = this.viaDevice([output, input]);
+    if (dev) return dev.reduceScatterTensor(output, input, op);
     const staged = this.viaHost([output, input], [true, false], ([o, i]) =>
       this.reduceScatterTensor(o, i, op),
     );
@@ -468,6 +540,8 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   broadcast(tensor: Tensor, src: number): Work {
+    const dev = this.viaDevice([tensor]);
+    if (dev) return dev.broadcast(tensor, src);
     const staged = this.viaHost([tensor], [true], ([h]) => this.broadcast(h, src));
     if (staged) return staged;
     const dt = this.check('broadcast', tensor);
@@ -477,6 +551,8 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   send(tensor: Tensor, dst: number, tag = 0): Work {
+    const dev = this.viaDevice([tensor]);
+    if (dev) return dev.send(tensor, dst, tag);
     const staged = this.viaHost([tensor], [false], ([h]) => this.send(h, dst, tag));
     if (staged) return staged;
     const dt = this.check('send', tensor);
@@ -489,6 +565,8 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   recv(tensor: Tensor, src: number, tag = 0): Work {
+    const dev = this.viaDevice([tensor]);
+    if (dev) return dev.recv(tensor, src, tag);
     const staged = this.viaHost([tensor], [true], ([h]) => this.recv(h, src, tag));
     if (staged) return staged;
     const dt = this.check('recv', tensor);
@@ -503,12 +581,23 @@ export class GlooProcessGroup implements ProcessGroup {
     return this.track(n.recv(GlooProcessGroup.addr(tensor), tensor.numel, dt, src, tag), [tensor]);
   }
 
+  /** Sends and receives posted together: one NCCL group for device tensors, else Gloo's (already asynchronous) send/recv. */
+  batchIsendIrecv(ops: readonly P2POp[]): Work[] {
+    const dev = ops.length ? this.viaDevice(ops.map((o) => o.tensor)) : null;
+    if (dev) return dev.batchIsendIrecv(ops);
+    return ops.map((o) =>
+      o.op === 'isend' ? this.send(o.tensor, o.peer, o.tag) : this.recv(o.tensor, o.peer, o.tag),
+    );
+  }
+
   allToAll(
     output: Tensor,
     input: Tensor,
     outputSplitSizes?: readonly number[],
     inputSplitSizes?: readonly number[],
   ): Work {
+    const dev = this.viaDevice([output, input]);
+    if (dev) return dev.allToAll(output, input, outputSplitSizes, inputSplitSizes);
     const staged = this.viaHost([output, input], [true, false], ([o, i]) =>
       this.allToAll(o, i, outputSplitSizes, inputSplitSizes),
     );
@@ -516,38 +605,19 @@ export class GlooProcessGroup implements ProcessGroup {
     const dt = this.check('allToAll', input, 'input');
     this.check('allToAll', output, 'output');
     this.sameDtype('allToAll', input, output);
-    const rows = (t: Tensor) => (t.ndim === 0 ? 1 : t.shape[0]);
-    const rowElems = (t: Tensor) => (t.ndim <= 1 ? 1 : t.numel / t.shape[0]);
-    if (rowElems(input) !== rowElems(output)) {
-      throw new DistributedError(
-        'INVALID_ARGUMENT',
-        `allToAll on group '${this.name}': input ${input.describe()} and output ${output.describe()} differ beyond dim 0`,
-      );
-    }
-    const splits = (given: readonly number[] | undefined, t: Tensor, what: string): number[] => {
-      if (!given) {
-        if (rows(t) % this.size !== 0) {
-          throw new DistributedError(
-            'INVALID_ARGUMENT',
-            `allToAll on group '${this.name}': dim 0 of the ${what} ${t.describe()} is not divisible by the group size ${this.size}; pass split sizes`,
-          );
-        }
-        return new Array(this.size).fill(rows(t) / this.size);
-      }
-      const sum = given.reduce((a, b) => a + b, 0);
-      if (given.length !== this.size || given.some((s) => !Number.isInteger(s) || s < 0) || sum !== rows(t)) {
-        throw new DistributedError(
-          'INVALID_ARGUMENT',
-          `allToAll on group '${this.name}': ${what} split sizes [${given.join(',')}] must be ${this.size} non-negative integers summing to dim 0 of ${t.describe()}`,
-        );
-      }
-      return [...given];
-    };
-    const ins = splits(inputSplitSizes, input, 'input');
-    const outs = splits(outputSplitSizes, output, 'output');
+    const { ins, outs, rowElems } = allToAllSplits(
+      this.size,
+      output,
+      input,
+      outputSplitSizes,
+      inputSplitSizes,
+      (m) => {
+        throw new DistributedError('INVALID_ARGUMENT', `allToAll on group '${this.name}': ${m}`);
+      },
+    );
     const n = this.handle('allToAll');
     return this.track(
-      n.allToAll(GlooProcessGroup.addr(input), GlooProcessGroup.addr(output), ins, outs, rowElems(input), dt),
+      n.allToAll(GlooProcessGroup.addr(input), GlooProcessGroup.addr(output), ins, outs, rowElems, dt),
       [input, output],
     );
   }
@@ -559,6 +629,8 @@ export class GlooProcessGroup implements ProcessGroup {
   destroy(): void {
     const native = this.native;
     if (!native) return;
+    for (const g of this.deviceGroups.values()) g?.destroy();
+    this.deviceGroups.clear();
     this.native = null;
     native.destroy();
     for (const work of this.pending.values()) {

@@ -58,10 +58,11 @@ export {
   newGroup,
 } from './distributed.js';
 export { DistributedError, type DistributedErrorCode } from './errors.js';
-export { GlooProcessGroup } from './gloo.js';
+export { deviceCollectivesLibrary, GlooProcessGroup } from './gloo.js';
 // the launcher and environment detection (also `@megapatch/parallel/launch`, without native code)
 export * from './launch.js';
 export { type CollectivesInfo, collectivesInfo } from './native.js';
+export { NcclProcessGroup } from './nccl.js';
 export * from './parallel-state.js';
 export { allreduceEmbeddingGrads } from './pipeline/embedding-grads.js';
 export {
@@ -101,7 +102,7 @@ export {
   pipelineSchedule,
   scheduleKind,
 } from './pipeline/schedules.js';
-export type { ProcessGroup, ReduceOp, Work } from './process-group.js';
+export { batchIsendIrecv, type P2POp, type ProcessGroup, type ReduceOp, type Work } from './process-group.js';
 export {
   type ComputeParallelGroupsOptions,
   computeParallelGroups,

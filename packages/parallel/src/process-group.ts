@@ -68,6 +68,74 @@ export interface ProcessGroup {
   ): Work;
   /** Completes when every rank of the group has reached it. */
   barrier(): Work;
+  /**
+   * torch's batch_isend_irecv: sends and receives that progress together (one NCCL group on a
+   * device), so exchanges in a ring or both ways between neighbours cannot block each other.
+   * Optional: use the free function {@link batchIsendIrecv}, which falls back to send/recv.
+   */
+  batchIsendIrecv?(ops: readonly P2POp[]): Work[];
   /** Frees the group's connections and thread; later calls throw. Idempotent. */
   destroy(): void;
+}
+
+/** One point-to-point operation of {@link batchIsendIrecv} (torch's P2POp). */
+export interface P2POp {
+  op: 'isend' | 'irecv';
+  tensor: Tensor;
+  /** Group rank of the peer. */
+  peer: number;
+  tag?: number;
+}
+
+/**
+ * Posts `ops` together (torch.distributed.batch_isend_irecv): through the group's own batching
+ * when it has one (NCCL), else as separate sends and receives. Returns one Work per op, in order.
+ */
+export function batchIsendIrecv(group: ProcessGroup, ops: readonly P2POp[]): Work[] {
+  if (group.batchIsendIrecv) return group.batchIsendIrecv(ops);
+  return ops.map((o) =>
+    o.op === 'isend' ? group.send(o.tensor, o.peer, o.tag) : group.recv(o.tensor, o.peer, o.tag),
+  );
+}
+
+/**
+ * The row counts of an all-to-all over a group of `size` (torch's all_to_all_single rules): the
+ * split sizes given, or equal parts of dim 0; and the elements per row. Throws (with `fail`'s
+ * message prefix) when input and output differ beyond dim 0 or the splits do not add up.
+ */
+export function allToAllSplits(
+  size: number,
+  output: Tensor,
+  input: Tensor,
+  outputSplitSizes: readonly number[] | undefined,
+  inputSplitSizes: readonly number[] | undefined,
+  fail: (message: string) => never,
+): { ins: number[]; outs: number[]; rowElems: number } {
+  const rows = (t: Tensor) => (t.ndim === 0 ? 1 : t.shape[0]);
+  const rowElems = (t: Tensor) => (t.ndim <= 1 ? 1 : t.numel / t.shape[0]);
+  if (rowElems(input) !== rowElems(output)) {
+    fail(`input ${input.describe()} and output ${output.describe()} differ beyond dim 0`);
+  }
+  const splits = (given: readonly number[] | undefined, t: Tensor, what: string): number[] => {
+    if (!given) {
+      if (rows(t) % size !== 0) {
+        fail(
+          `dim 0 of the ${what} ${t.describe()} is not divisible by the group size ${size}; pass split sizes`,
+        );
+      }
+      return new Array(size).fill(rows(t) / size);
+    }
+    const sum = given.reduce((a, b) => a + b, 0);
+    if (given.length !== size || given.some((s) => !Number.isInteger(s) || s < 0) || sum !== rows(t)) {
+      fail(
+        `${what} split sizes [${given.join(',')}] must be ${size} non-negative integers summing to dim 0 of ${t.describe()}`,
+      );
+    }
+    return [...given];
+  };
+  return {
+    ins: splits(inputSplitSizes, input, 'input'),
+    outs: splits(outputSplitSizes, output, 'output'),
+    rowElems: rowElems(input),
+  };
 }

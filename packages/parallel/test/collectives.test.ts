@@ -50,6 +50,58 @@ describe.skipIf(!existsSync(ADDON))('collectives on Gloo', () => {
   }, 300_000);
 });
 
+// The NCCL process group on the emulated CUDA backend: the emulator's NCCL runs the collectives
+// between the processes (native/emu/nccl_emu.cc in @megapatch/cuda), so the group's real code
+// paths (unique id over Gloo, communicators, one NCCL group per exchange) are checked here.
+const EMU_ADDON =
+  process.env.MEGAPATCH_CUDA_EMU_NATIVE ??
+  join(here, '..', '..', 'cuda', 'build', 'Release', 'megapatch_cuda_emu.node');
+describe.skipIf(!existsSync(ADDON) || !existsSync(EMU_ADDON))('collectives on emulated CUDA devices', () => {
+  for (const nproc of [2, 3]) {
+    it(`every op, dtype and odd size goes through NCCL (the emulator's) with ${nproc} processes`, async () => {
+      const outs = await runWorkers({
+        nproc,
+        script: 'collectives-worker.ts',
+        env: { MEGAPATCH_WORKER_DEVICE: 'cudaemu', MEGAPATCH_CUDA_EMU_DEVICES: String(nproc) },
+        timeoutMs: 240_000,
+      });
+      expectAllOk(outs);
+      for (const o of outs) {
+        const r = o.results[0] as Outcome & { device: string; library: string };
+        expect(r.device).toBe(`cudaemu:${o.rank}`);
+        expect(r.library).toMatch(/^nccl emulated 2\./);
+        expect(r.failures).toEqual([]);
+        expect(r.cases).toBeGreaterThan(250);
+      }
+    }, 300_000);
+  }
+
+  it('a peer that dies makes the other fail within the timeout, with the op and group named', async () => {
+    const [r0, r1] = await fault('device-dead-peer', 2, { MEGAPATCH_DIST_TIMEOUT_S: '2' });
+    expect((r1 as { exit?: number }).exit).toBe(7);
+    expect(r0.code).toBe('TIMEOUT');
+    expect(r0.message).toMatch(
+      /^allReduce on group 'world' \(nccl emulated 2\.[\d.]+\): ncclAllReduce failed: .*did not arrive within 2 s/,
+    );
+    expect(r0.ms).toBeLessThan(8000);
+  });
+
+  it('MEGAPATCH_DEVICE_COLLECTIVES=0 keeps host copies through Gloo, with the same results', async () => {
+    const outs = await runWorkers({
+      nproc: 2,
+      script: 'collectives-worker.ts',
+      env: { MEGAPATCH_WORKER_DEVICE: 'cudaemu', MEGAPATCH_DEVICE_COLLECTIVES: '0' },
+      timeoutMs: 240_000,
+    });
+    expectAllOk(outs);
+    for (const o of outs) {
+      const r = o.results[0] as Outcome & { library: string };
+      expect(r.library).toBe('gloo');
+      expect(r.failures).toEqual([]);
+    }
+  }, 300_000);
+});
+
 async function fault(mode: string, nproc = 2, extra: Record<string, string> = {}): Promise<Outcome[]> {
   const outs = await runWorkers({
     nproc,

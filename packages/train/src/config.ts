@@ -94,10 +94,10 @@ export const DataSection = z.strictObject({
 /** Batches, length of the run, evaluation and exits. */
 export const TrainingSection = z.strictObject({
   /**
-   * Where the run's tensors live: "cpu" (default), "cuda" / "cuda:<i>" (with @megapatch/cuda),
-   * "cudaemu:<i>" (the CUDA kernels on the CPU, by @megapatch/cuda's emulator: slow, for checking
-   * them), or "ref:<i>" (the reference backend of @megapatch/tensor, for checking device-agnostic
-   * code).
+   * Where the run's tensors live: "cpu" (default), "cuda" / "cuda:<i>" (with @megapatch/cuda;
+   * "cuda" is cuda:<LOCAL_RANK>, one GPU per process), "cudaemu" / "cudaemu:<i>" (the CUDA kernels
+   * on the CPU, by @megapatch/cuda's emulator: slow, for checking them), or "ref:<i>" (the
+   * reference backend of @megapatch/tensor, for checking device-agnostic code).
    */
   device: z.string().min(1).default('cpu'),
   microBatchSize: posInt.default(1),

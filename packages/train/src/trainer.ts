@@ -33,6 +33,7 @@ import {
   destroyModelParallel,
   destroyProcessGroup,
   detectEnvironment,
+  deviceCollectivesLibrary,
   getContextParallelGroup,
   getDataParallelGroup,
   getExpertDataParallelGroup,
@@ -477,10 +478,12 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
 /**
  * The canonical name of the run's device, its backend loaded: "cuda" needs @megapatch/cuda,
  * "cudaemu" its CPU emulator (@megapatch/cuda/emulator), "ref" the reference backend of
- * @megapatch/tensor. Across processes the Gloo collectives move other
- * devices' tensors through host copies.
+ * @megapatch/tensor; a type without an index means the device of this process's LOCAL_RANK.
+ * Across processes, CUDA tensors (and cudaemu's) go through NCCL (the emulator's NCCL for
+ * cudaemu), the others through host copies over Gloo.
  */
-async function useDevice(name: string): Promise<string> {
+async function useDevice(requested: string): Promise<string> {
+  let name = requested;
   const type = name.split(':')[0];
   if (type === 'ref' && deviceCount('ref') === 0) {
     const { registerReferenceBackend } = await import('@megapatch/tensor/reference');
@@ -511,6 +514,18 @@ async function useDevice(name: string): Promise<string> {
   }
   let device: string;
   try {
+    // a device type without an index is this process's device: cuda:<LOCAL_RANK> under a
+    // launcher, one GPU per process (torch.cuda.set_device(local_rank) in Megatron)
+    if (type !== 'cpu' && !name.includes(':')) {
+      const local = Number(process.env.LOCAL_RANK ?? 0);
+      const count = deviceCount(type);
+      if (count > 0 && local >= count) {
+        throw new Error(
+          `LOCAL_RANK ${local} has no device: this machine has ${count} ${type} device(s); start one process per device (--nproc-per-node ${count})`,
+        );
+      }
+      name = `${type}:${local}`;
+    }
     device = getBackend(name).device;
   } catch (e) {
     throw new TrainError('INVALID_CONFIG', `training.device ${name}: ${(e as Error).message}`);
@@ -686,6 +701,7 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
   const auxLossScale = (tr.calculatePerTokenLoss ? 1 : 1 / numMicro) * cpSize;
   setAuxLossScale(auxLossScale);
   let skippedSinceLog = 0;
+  let firstLogged = false;
   // Pipeline parallelism: Megatron's 1F1B schedule over the stages (each rank holds one stage)
   const ppSize = layout.pp.size;
   const forwardBackward = ppSize > 1 ? getForwardBackwardFunc(ppSize, vpp > 1 ? vpp : null) : null;
@@ -1018,6 +1034,15 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
         if (cfg.mtpNumLayers > 0) metrics.moe.mtpLoss = (mtpAll * cpSize) / dpSize;
       }
       writeMetrics(metrics);
+      const device = getDefaultDevice();
+      if (!firstLogged && layout.distributed && device !== 'cpu') {
+        // after the first step every group has met its device's communicator (or not)
+        firstLogged = true;
+        const lib = deviceCollectivesLibrary(device);
+        log(
+          `collectives on ${device}: ${lib ?? 'gloo through host copies (no collective library for this device)'}`,
+        );
+      }
       if (state.iteration % tr.logInterval === 0 || state.iteration === 1) {
         log(
           formatTrainingLogLine({

@@ -72,6 +72,37 @@ it('DP=2 × TP=2 on ref:0 (collectives through host copies) gives the CPU losses
     expect(Math.abs(r.losses[i] - cpu[i]) / cpu[i], `step ${i + 1}`).toBeLessThan(1e-5);
 });
 
+it("TP=2 (+SP), PP=2 and CP=2 on the emulated CUDA devices (one per process, collectives through the emulator's NCCL) give the CPU losses", async () => {
+  const cpu = (await train(config('cpu-nccl'), quiet)).losses;
+  for (const [name, parallel] of [
+    ['tp2', { tensorModelParallelSize: 2, sequenceParallel: true }],
+    ['pp2', { pipelineModelParallelSize: 2 }],
+    ['cp2', { contextParallelSize: 2 }],
+  ] as const) {
+    const c = layoutRunConfig({ root, hf, data, run: `emu-nccl-${name}`, parallel }) as Record<
+      string,
+      Record<string, unknown>
+    >;
+    // "cudaemu": each process takes cudaemu:<LOCAL_RANK>, as "cuda" takes its GPU
+    c.training = { ...c.training, device: 'cudaemu', exitInterval: 3 };
+    const [r] = (await launchWorkers({
+      nproc: 2,
+      script: 'train-worker.ts',
+      config: c,
+      timeoutMs: 60_000,
+    })) as {
+      losses: number[];
+      device: string;
+      collectives: string | null;
+    }[];
+    expect(r.device).toBe('cudaemu:0');
+    expect(r.collectives, `${name}: the collectives went through NCCL`).toMatch(/^nccl emulated 2\./);
+    expect(r.losses.length).toBe(3);
+    for (let i = 0; i < 3; i++)
+      expect(Math.abs(r.losses[i] - cpu[i]) / cpu[i], `${name} step ${i + 1}`).toBeLessThan(1e-5);
+  }
+});
+
 it('a device without a backend is refused before training, with the fix', async () => {
   await expect(train(config('bad', 'gpu:0'), quiet)).rejects.toThrow(
     /training\.device gpu:0: no backend registered for device "gpu:0"/,

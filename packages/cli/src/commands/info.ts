@@ -38,6 +38,7 @@ export interface InfoReport {
     runtime?: string | null;
     driver?: string | null;
     nccl?: string | null;
+    ncclError?: string | null;
     devices?: { index: number; name: string; totalMemory: number; computeCapability: string }[];
   };
   collectives: { gloo: string } | { error: string };
@@ -79,6 +80,7 @@ export async function collectInfo(): Promise<InfoReport> {
       runtime: c.runtime,
       driver: c.driver,
       nccl: c.nccl,
+      ncclError: c.ncclError,
       devices: c.devices.map(({ index, name, totalMemory, computeCapability }) => ({
         index,
         name,
@@ -132,7 +134,7 @@ export function formatInfo(r: InfoReport): string {
   const c = r.cuda;
   if (c.toolkit !== undefined && c.toolkit !== null) {
     lines.push(
-      `  built with CUDA ${c.toolkit}; runtime ${c.runtime ?? '?'}; driver ${c.driver ?? 'none'}; NCCL ${c.nccl ?? 'not linked'}`,
+      `  built with CUDA ${c.toolkit}; runtime ${c.runtime ?? '?'}; driver ${c.driver ?? 'none'}; NCCL ${c.nccl ?? `none${c.ncclError ? ` (${c.ncclError})` : ''}`}`,
     );
   }
   for (const d of c.devices ?? []) {

@@ -35,7 +35,7 @@ import {
 } from '@megapatch/tensor';
 import { DistributedError } from '../errors.js';
 import { getContextParallelGroup } from '../parallel-state.js';
-import type { ProcessGroup, Work } from '../process-group.js';
+import { batchIsendIrecv, type ProcessGroup, type Work } from '../process-group.js';
 import { readCuSeqlens } from './split.js';
 
 /** Options of {@link ringAttention}. */
@@ -228,7 +228,10 @@ function unpackKv(buf: Tensor, kShape: readonly number[], vShape: readonly numbe
 /** Posts a send to the next rank and a receive from the previous one; returns both works. */
 function exchange(group: ProcessGroup, send: Tensor, recv: Tensor, tag: number): Work[] {
   const n = group.size;
-  return [group.send(send, (group.rank + 1) % n, tag), group.recv(recv, (group.rank + n - 1) % n, tag)];
+  return batchIsendIrecv(group, [
+    { op: 'isend', tensor: send, peer: (group.rank + 1) % n, tag },
+    { op: 'irecv', tensor: recv, peer: (group.rank + n - 1) % n, tag },
+  ]);
 }
 
 function waitAll(works: readonly Work[]): void {

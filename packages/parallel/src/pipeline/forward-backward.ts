@@ -88,7 +88,7 @@ export interface ForwardBackwardArgs<M, D = unknown, R = unknown> {
   microbatchGroupSizePerVpStage?: number;
   /** dtype of the exchanged activations and gradients (Megatron's pipeline_dtype; default float32). */
   pipelineDtype?: DType;
-  /** Device of the receive buffers (default 'cpu'). */
+  /** Device of the receive buffers (default: the default device, where the stage computes). */
   device?: string;
   /** Context-parallel size: the sequence is split over it (default 1); [seq/cp, …] travel, and 2-element losses are scaled by it. */
   contextParallelSize?: number;

@@ -8,9 +8,9 @@
 // batch_isend_irecv, Gloo gets from posted sends. Activations and gradients travel under two tags,
 // so on a two-stage pipeline, where the previous and the next rank are the same process, a
 // gradient can never be taken for an activation.
-import { type DType, empty, noGrad, type Tensor } from '@megapatch/tensor';
+import { type DType, empty, getDefaultDevice, noGrad, type Tensor } from '@megapatch/tensor';
 import { DistributedError } from '../errors.js';
-import type { ProcessGroup, Work } from '../process-group.js';
+import { batchIsendIrecv, type P2POp, type ProcessGroup, type Work } from '../process-group.js';
 
 /** Tag of activations sent to the next stage. */
 export const PIPELINE_FORWARD_TAG = 0x5f00;
@@ -24,7 +24,7 @@ export interface P2PCommunicatorOptions {
   tensorShape: readonly number[];
   /** dtype of the exchanged tensors (Megatron's pipeline_dtype; default float32). */
   pipelineDtype?: DType;
-  /** Device of the receive buffers (default 'cpu'). */
+  /** Device of the receive buffers (default: the default device, where the stage computes). */
   device?: string;
 }
 
@@ -61,7 +61,7 @@ export class P2PCommunicator {
     this.ppGroup = ppGroup;
     this.tensorShape = [...tensorShape];
     this.pipelineDtype = options.pipelineDtype ?? 'float32';
-    this.device = options.device ?? 'cpu';
+    this.device = options.device ?? getDefaultDevice();
     this.nextRank = (ppGroup.rank + 1) % ppGroup.size;
     this.prevRank = (ppGroup.rank - 1 + ppGroup.size) % ppGroup.size;
   }
@@ -93,15 +93,8 @@ export class P2PCommunicator {
     }
   }
 
-  private post(t: Tensor, peer: number, tag: number): void {
-    // the group retains the storage until the send completes, so a temporary copy can go at once
-    const data = t.isContiguous ? t : noGrad(() => t.contiguous());
-    try {
-      this.sends.push(this.ppGroup.send(data, peer, tag));
-    } finally {
-      if (data !== t) data.dispose();
-    }
-    // forget sends that have completed, so the list stays as short as the sends in flight
+  /** Forgets sends that have completed, so the list stays as short as the sends in flight. */
+  private trimSends(): void {
     if (this.sends.length > 8) this.sends = this.sends.filter((w) => !w.isCompleted());
   }
 
@@ -125,27 +118,43 @@ export class P2PCommunicator {
         `P2PCommunicator: pipeline group '${this.ppGroup.name}' has one stage; there is no neighbour to exchange with`,
       );
     }
-    if (tensorSendNext) this.post(tensorSendNext, this.nextRank, PIPELINE_FORWARD_TAG);
-    if (tensorSendPrev) this.post(tensorSendPrev, this.prevRank, PIPELINE_BACKWARD_TAG);
-    const works: Work[] = [];
-    const receive = (peer: number, tag: number): Tensor => {
+    // one batch (torch's batch_isend_irecv, Megatron's batch_p2p_comm): on NCCL the sends and
+    // receives progress together, so neighbours that send to each other cannot block
+    const ops: P2POp[] = [];
+    const temps: Tensor[] = [];
+    const owned: Tensor[] = [];
+    // the group retains a send's storage until it completes (or orders it on the device stream),
+    // so a temporary contiguous copy can go as soon as it is posted
+    const sendOp = (t: Tensor, peer: number, tag: number) => {
+      const data = t.isContiguous ? t : noGrad(() => t.contiguous());
+      if (data !== t) temps.push(data);
+      ops.push({ op: 'isend', tensor: data, peer, tag });
+    };
+    const recvOp = (peer: number, tag: number): Tensor => {
       const t = empty(this.tensorShape, { dtype: this.pipelineDtype, device: this.device });
-      try {
-        works.push(this.ppGroup.recv(t, peer, tag));
-      } catch (e) {
-        t.dispose();
-        throw e;
-      }
+      owned.push(t);
+      ops.push({ op: 'irecv', tensor: t, peer, tag });
       return t;
     };
-    const tensorRecvPrev = options.recvPrev ? receive(this.prevRank, PIPELINE_FORWARD_TAG) : null;
-    let tensorRecvNext: Tensor | null = null;
+    if (tensorSendNext) sendOp(tensorSendNext, this.nextRank, PIPELINE_FORWARD_TAG);
+    if (tensorSendPrev) sendOp(tensorSendPrev, this.prevRank, PIPELINE_BACKWARD_TAG);
+    const tensorRecvPrev = options.recvPrev ? recvOp(this.prevRank, PIPELINE_FORWARD_TAG) : null;
+    const tensorRecvNext = options.recvNext ? recvOp(this.nextRank, PIPELINE_BACKWARD_TAG) : null;
+    let posted: Work[];
     try {
-      tensorRecvNext = options.recvNext ? receive(this.nextRank, PIPELINE_BACKWARD_TAG) : null;
+      posted = ops.length ? batchIsendIrecv(this.ppGroup, ops) : [];
     } catch (e) {
-      tensorRecvPrev?.dispose();
+      for (const t of owned) t.dispose();
       throw e;
+    } finally {
+      for (const t of temps) t.dispose();
     }
+    const works: Work[] = [];
+    posted.forEach((w, i) => {
+      if (ops[i].op === 'isend') this.sends.push(w);
+      else works.push(w);
+    });
+    this.trimSends();
     const done = Promise.all(works.map((w) => w.wait())).then(() => undefined);
     // a failure is reported to whoever awaits `done`; an unobserved one must not crash the process
     done.catch(() => {});

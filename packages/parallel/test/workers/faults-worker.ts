@@ -13,6 +13,13 @@ function report(e: unknown): void {
   );
 }
 
+// device modes: the tensors on the emulated CUDA devices, so collectives go through its NCCL
+if (mode.startsWith('device-')) {
+  const { setDefaultDevice } = await import('@megapatch/tensor');
+  await import('@megapatch/cuda/emulator');
+  setDefaultDevice(`cudaemu:${process.env.LOCAL_RANK ?? 0}`);
+}
+
 try {
   const g = await initProcessGroup({
     timeoutMs: mode === 'throw-in-flight' ? 60_000 : 1500,
@@ -23,6 +30,11 @@ try {
     if (rank === 1) await new Promise((r) => setTimeout(r, 4000));
     else g.allReduce(t).waitSync();
   } else if (mode === 'dead-peer') {
+    if (rank === 1) process.exit(7);
+    g.allReduce(t).waitSync();
+  } else if (mode === 'device-dead-peer') {
+    // the communicator is joined by both ranks; then rank 1 dies before the next collective
+    g.allReduce(t).waitSync();
     if (rank === 1) process.exit(7);
     g.allReduce(t).waitSync();
   } else if (mode === 'mismatch') {

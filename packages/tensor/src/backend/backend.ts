@@ -138,6 +138,53 @@ export interface Backend {
   random(out: Tensor, dist: RandomDist, seed: bigint, offset: bigint, a: number, b: number): void;
   /** A named kernel of the {@link KernelTable}, or undefined when this backend has none. */
   kernel<K extends KernelName>(name: K): KernelTable[K] | undefined;
+  /**
+   * The device's collective library (NCCL for CUDA devices), which @megapatch/parallel's process
+   * groups use for this device's tensors instead of host copies; absent when the device has none.
+   */
+  collectives?(): DeviceCollectives | null;
+}
+
+/** A reduction of a device collective. */
+export type DeviceReduceOp = 'sum' | 'avg' | 'max' | 'min';
+
+/**
+ * A device's collective communication library (NCCL for CUDA), as its backend offers it: a
+ * communicator of `size` ranks is joined by every rank with the id one of them made.
+ */
+export interface DeviceCollectives {
+  /** The library and its version, e.g. 'nccl 2.21.5'. */
+  readonly name: string;
+  /** Bytes of a communicator id (NCCL_UNIQUE_ID_BYTES). */
+  readonly idBytes: number;
+  /** A fresh communicator id (NCCL's 128-byte unique id), made on one rank and sent to the others. */
+  uniqueId(): Uint8Array;
+  /** Joins communicator `id` as `rank` of `size` on this backend's device; blocks until all ranks joined. */
+  connect(id: Uint8Array, size: number, rank: number): DeviceCommunicator;
+}
+
+/**
+ * One communicator on one device. Operations are queued on the device's stream in call order
+ * (ordered with its kernels) on contiguous tensors of this device; counts are element counts.
+ */
+export interface DeviceCommunicator {
+  /** recv = reduction over ranks of send (recv may be send). */
+  allReduce(send: Tensor, recv: Tensor, op: DeviceReduceOp): void;
+  /** recv = rank `root`'s send (recv may be send). */
+  broadcast(send: Tensor, recv: Tensor, root: number): void;
+  /** recv (size · send.numel elements) = every rank's send, in rank order. */
+  allGather(send: Tensor, recv: Tensor): void;
+  /** recv = reduction over ranks of part `rank` of send (send has size · recv.numel elements). */
+  reduceScatter(send: Tensor, recv: Tensor, op: DeviceReduceOp): void;
+  /**
+   * Point-to-point transfers that progress together (one NCCL group): each sends `tensor` to, or
+   * receives it from, `peer`; transfers between two ranks match in the order they were issued.
+   */
+  sendRecv(ops: readonly { kind: 'send' | 'recv'; peer: number; tensor: Tensor }[]): void;
+  /** '' or the error a queued operation ran into (a peer that died, a network error). */
+  asyncError(): string;
+  /** Frees the communicator (abort: without waiting for queued operations). Idempotent. */
+  destroy(abort?: boolean): void;
 }
 
 /**

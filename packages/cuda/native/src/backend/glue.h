@@ -59,5 +59,10 @@ cudaStream_t current_stream();
 // the families beyond memory and elementwise when their files are linked in.
 void register_memory(Napi::Env env, Napi::Object exports);
 void register_elementwise(Napi::Env env, Napi::Object exports);
+// NCCL (loaded on first use; the emulator's own in an emulator build): backend/nccl.cc.
+void register_nccl(Napi::Env env, Napi::Object exports);
+// Waits until `stream` has finished; with NCCL communicators alive, a watchdog that turns a dead
+// peer into an error (backend/nccl.cc). `what` names the caller in errors.
+void wait_stream(cudaStream_t stream, const char* what);
 
 }  // namespace mpc

@@ -164,7 +164,7 @@ MPC_ENTRY(ReadInto) {
   char* dst = static_cast<char*>(arr.ArrayBuffer().Data()) + arr.ByteOffset();
   cudaStream_t s = current_stream();
   if (bytes > 0) check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, s), "readInto: cudaMemcpyAsync");
-  check(cudaStreamSynchronize(s), "readInto: cudaStreamSynchronize");
+  wait_stream(s, "readInto");
   return info.Env().Undefined();
 }
 
@@ -179,7 +179,7 @@ MPC_ENTRY(WriteFrom) {
   cudaStream_t s = current_stream();
   check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, s), "writeFrom: cudaMemcpyAsync");
   // pageable source: make sure the bytes left the JS buffer before JS may reuse it
-  check(cudaStreamSynchronize(s), "writeFrom: cudaStreamSynchronize");
+  wait_stream(s, "writeFrom");
   return info.Env().Undefined();
 }
 

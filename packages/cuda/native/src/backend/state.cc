@@ -68,7 +68,7 @@ static Napi::Value DeviceCount(const Napi::CallbackInfo& info) {
 
 // synchronize(): waits for the current device's stream; a fault of an earlier kernel surfaces here.
 MPC_ENTRY(Synchronize) {
-  check(cudaStreamSynchronize(current_stream()), "synchronize");
+  wait_stream(current_stream(), "synchronize");
   check(cudaGetLastError(), "synchronize");
   return info.Env().Undefined();
 }
@@ -85,6 +85,7 @@ void register_backend(Napi::Env env, Napi::Object exports) {
   exports.Set("synchronize", Napi::Function::New(env, Synchronize));
   register_memory(env, exports);
   register_elementwise(env, exports);
+  register_nccl(env, exports);
   Napi::Array families = Napi::Array::New(env);
 #define MPC_REGISTER(f)                             \
   if (register_##f) {                               \
