@@ -196,8 +196,11 @@ describe.skipIf(!existsSync(ADDON))('faults give clear errors, never hangs', () 
     expect(r0.message).toMatch(
       /^rendezvous at 127\.0\.0\.1:\d+: rank 2 of world size 3 did not join within 2 s/,
     );
-    // rank 1 either times out the same way or sees rank 0 leave first (its store goes with it)
-    expect(r1.message).toMatch(/rank 2 of world size 3 did not join|closed the connection; did rank 0 exit/);
+    // rank 1 either times out the same way, sees rank 0 leave first (its store goes with it), or
+    // (a loaded machine starting rank 0 late) gives up reaching the store within the same 2 s
+    expect(r1.message).toMatch(
+      /rank 2 of world size 3 did not join|closed the connection; did rank 0 exit|could not reach the rendezvous store at .* within 2 s/,
+    );
     for (const o of [r0, r1]) expect(o.ms).toBeLessThan(6000);
   });
 
