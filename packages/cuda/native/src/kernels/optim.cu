@@ -91,21 +91,28 @@ MP_D void adamw_elem(P& pe, const G& ge, typename StateOf<P>::T& me, typename St
   Tr<P>::st(&pe, x + h.ns * mi / denom);
 }
 
+// V elements from `o` (a multiple of V, every pointer V-aligned there) through one vector load and
+// store of each operand; the single-tensor and multi-tensor kernels share it, so they agree bit for bit.
+template <typename P, typename G, int V>
+MP_D void adamw_vec(P* p, const G* g, typename StateOf<P>::T* m, typename StateOf<P>::T* v, int64_t o,
+                    const AdamWC<typename Tr<P>::C>& h) {
+  using S = typename StateOf<P>::T;
+  Pk<P, V> pk = ldv<P, V>(p + o);
+  Pk<G, V> gk = ldv<G, V>(g + o);
+  Pk<S, V> mk = ldv<S, V>(m + o);
+  Pk<S, V> vk = ldv<S, V>(v + o);
+  for (int j = 0; j < V; j++) adamw_elem<P, G>(pk.e[j], gk.e[j], mk.e[j], vk.e[j], h);
+  stv<S, V>(m + o, mk);
+  stv<S, V>(v + o, vk);
+  stv<P, V>(p + o, pk);
+}
+
 template <typename P, typename G, int V>
 __global__ void adamw_kernel(P* p, const G* g, typename StateOf<P>::T* m, typename StateOf<P>::T* v, int64_t n,
                              AdamWC<typename Tr<P>::C> h) {
-  using S = typename StateOf<P>::T;
   const int64_t nv = n / V, stride = grid_threads();
   for (int64_t i = global_thread(); i < nv; i += stride) {
-    const int64_t o = i * V;
-    Pk<P, V> pk = ldv<P, V>(p + o);
-    Pk<G, V> gk = ldv<G, V>(g + o);
-    Pk<S, V> mk = ldv<S, V>(m + o);
-    Pk<S, V> vk = ldv<S, V>(v + o);
-    for (int j = 0; j < V; j++) adamw_elem<P, G>(pk.e[j], gk.e[j], mk.e[j], vk.e[j], h);
-    stv<S, V>(m + o, mk);
-    stv<S, V>(v + o, vk);
-    stv<P, V>(p + o, pk);
+    adamw_vec<P, G, V>(p, g, m, v, i * V, h);
   }
   for (int64_t i = nv * V + global_thread(); i < n; i += stride) adamw_elem<P, G>(p[i], g[i], m[i], v[i], h);
 }
@@ -203,15 +210,7 @@ __global__ void adamw_multi_kernel(AdamWList<P, G> L, AdamWC<typename Tr<P>::C> 
   if ((L.vec >> t) & 1ull) {
     const int64_t nv = (end - begin) / V;  // begin is a multiple of V: kAdamWChunk is
     for (int64_t i = tid; i < nv; i += stride) {
-      const int64_t o = begin + i * V;
-      Pk<P, V> pk = ldv<P, V>(p + o);
-      Pk<G, V> gk = ldv<G, V>(g + o);
-      Pk<S, V> mk = ldv<S, V>(m + o);
-      Pk<S, V> vk = ldv<S, V>(v + o);
-      for (int j = 0; j < V; j++) adamw_elem<P, G>(pk.e[j], gk.e[j], mk.e[j], vk.e[j], h);
-      stv<S, V>(m + o, mk);
-      stv<S, V>(v + o, vk);
-      stv<P, V>(p + o, pk);
+      adamw_vec<P, G, V>(p, g, m, v, begin + i * V, h);
     }
     tail = begin + nv * V;
   }
