@@ -166,12 +166,14 @@ if (want('attn')) {
   T.manualSeed(2);
   for (const c of cases.attn) {
     const { B, Hq, Hkv, S, D } = c;
-    const fwdFlops = (4 * B * Hq * S * S * D) / 2;
+    const Dv: number = c.Dv ?? D;
+    // QK^T and PV, causal: half of 2·B·Hq·S²·(D + Dv)
+    const fwdFlops = (2 * B * Hq * S * S * (D + Dv)) / 2;
     try {
       const q = randBf16([B, Hq, S, D]);
       const k = randBf16([B, Hkv, S, D]);
-      const v = randBf16([B, Hkv, S, D]);
-      const dout = randBf16([B, Hq, S, D]);
+      const v = randBf16([B, Hkv, S, Dv]);
+      const dout = randBf16([B, Hq, S, Dv]);
       const opts = { isCausal: true };
       const fwd = timeIt(() => T.scaledDotProductAttention(q, k, v, opts).dispose(), {
         warm: 2,
@@ -214,6 +216,7 @@ if (want('attn')) {
         Hkv,
         S,
         D,
+        Dv,
         causal: true,
         modelLayer: c.modelLayer ?? false,
         fwdMs: r4(fwd.ms),

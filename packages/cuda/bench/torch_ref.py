@@ -240,19 +240,26 @@ def bench_attn():
     dt = torch.bfloat16
     for c in CASES["attn"]:
         B, Hq, Hkv, S, D = c["B"], c["Hq"], c["Hkv"], c["S"], c["D"]
-        fwd_flops = 4 * B * Hq * S * S * D / 2
+        Dv = c.get("Dv", D)
+        # QK^T and PV, causal: half of 2·B·Hq·S²·(D + Dv)
+        fwd_flops = 2 * B * Hq * S * S * (D + Dv) / 2
         try:
             q = torch.randn(B, Hq, S, D, device=DEVICE, dtype=dt)
             k = torch.randn(B, Hkv, S, D, device=DEVICE, dtype=dt)
-            v = torch.randn(B, Hkv, S, D, device=DEVICE, dtype=dt)
-            dout = torch.randn(B, Hq, S, D, device=DEVICE, dtype=dt)
+            v = torch.randn(B, Hkv, S, Dv, device=DEVICE, dtype=dt)
+            dout = torch.randn(B, Hq, S, Dv, device=DEVICE, dtype=dt)
             gqa = "none (Hkv = Hq)" if Hkv == Hq else gqa_mode(q, k, v)
             if gqa == "repeat_kv" and HAS_SDPA:
                 # the copy is outside the timed region; dK, dV then come per query head
                 k = k.repeat_interleave(Hq // Hkv, 1).contiguous()
                 v = v.repeat_interleave(Hq // Hkv, 1).contiguous()
             use_gqa = gqa == "enable_gqa"
-            ctx, backend = flash_context()
+            if Dv == D:
+                ctx, backend = flash_context()
+            else:
+                # torch's flash kernel wants one head dim for q, k and v: its own choice instead
+                ctx, backend = contextlib.nullcontext(), "torch default (flash needs D = Dv)"
+
             with ctx:
                 fwd = time_it(lambda: sdpa(q, k, v, use_gqa), warm=3, max_samples=20)
                 q.requires_grad_(True)
@@ -272,6 +279,7 @@ def bench_attn():
                 Hkv=Hkv,
                 S=S,
                 D=D,
+                Dv=Dv,
                 causal=True,
                 modelLayer=c.get("modelLayer", False),
                 backend=backend if HAS_SDPA else "math (no SDPA in this torch)",

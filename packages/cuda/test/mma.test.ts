@@ -4,9 +4,9 @@
 // random tiles through the primitives and compares with plain loops over the PTX ISA's fragment
 // layouts. Two builds: the emulator's own exchange, and the __shfl_sync variant that pre-sm_80 GPUs
 // use (MPC_MMA_SHFL). The same program compiles with nvcc and runs on a GPU.
-// Then the tensor-core attention kernels (attention.cu, bf16 / f16 with D, Dv in {64, 128}; forward
-// and backward) on the emulator against the CUDA-core kernels (MEGAPATCH_ATTENTION_MMA=0) and the
-// CPU backend.
+// Then the tensor-core attention kernels (attention.cu, bf16 / f16 with D, Dv in {64, 128} and MLA's
+// (192, 128); forward and backward) on the emulator against the CUDA-core kernels
+// (MEGAPATCH_ATTENTION_MMA=0) and the CPU backend.
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -165,6 +165,45 @@ const MMA_CASES: MmaCase[] = [
     Dv: 64,
     causal: true,
     cu: [0, 17, 60, 61, 150],
+  },
+  {
+    // MLA (DeepSeek-V3, Moonlight): q/k heads of 128 + 64 rope dims, v heads of 128, Hq = Hkv
+    name: 'MLA heads D 192 / Dv 128, causal, Sq 70',
+    dtype: 'bfloat16',
+    B: 1,
+    Hq: 2,
+    Hkv: 2,
+    Sq: 70,
+    Sk: 70,
+    D: 192,
+    Dv: 128,
+    causal: true,
+  },
+  {
+    name: 'MLA heads D 192 / Dv 128, cuSeqlens + causal, k transposed',
+    dtype: 'float16',
+    B: 1,
+    Hq: 1,
+    Hkv: 1,
+    Sq: 90,
+    Sk: 90,
+    D: 192,
+    Dv: 128,
+    causal: true,
+    cu: [0, 33, 34, 90],
+    kTransposed: true,
+  },
+  {
+    name: 'MLA heads D 192 / Dv 128, Sq 20 < Sk 75, additive mask',
+    dtype: 'bfloat16',
+    B: 1,
+    Hq: 2,
+    Hkv: 1,
+    Sq: 20,
+    Sk: 75,
+    D: 192,
+    Dv: 128,
+    mask: 'float',
   },
 ];
 

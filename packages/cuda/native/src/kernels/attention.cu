@@ -340,7 +340,7 @@ ATT_UNROLL
   }
 }
 
-// ---- tensor-core forward (bf16 / f16 inputs, D and Dv in {64, 128}) --------------------------
+// ---- tensor-core forward (bf16 / f16 inputs, D and Dv in {64, 128}, or MLA's 192 / 128) ------
 // FlashAttention-2 on mma.sync m16n8k16 (mma.cuh). Block: 4 warps, (b, h, tile of 64 query rows)
 // from blockIdx.x; warp w owns query rows 16 w .. 16 w + 15 of the tile. Shared memory holds Q
 // [64][D], K [64][D] and V [64][Dv] in the storage dtype (rows padded by 8 elements = 16 bytes, so
@@ -949,10 +949,10 @@ ATT_UNROLL
 }
 
 // Block: (b, query head, tile of 64 queries) from blockIdx.x; warp w owns rows 16 w .. 16 w + 15.
-// Shared: Q [64][D], dO [64][Dv], K [64][D], V [64][Dv] (16-bit, padded rows).
-template <typename T, int D, int DV>
+// Shared: Q [64][D], dO [64][Dv], K [BC][D], V [BC][Dv] (16-bit, padded rows); BC keys per tile.
+template <typename T, int D, int DV, int BC>
 __global__ void __launch_bounds__(kAttThreads) attn_dq_mma_kernel(Params P) {
-  constexpr int BR = kMmaBR, BC = kMmaBC, LDK = D + kMmaPad, LDV = DV + kMmaPad, NS = BC / 8;
+  constexpr int BR = kMmaBR, LDK = D + kMmaPad, LDV = DV + kMmaPad, NS = BC / 8;
   MP_DYNAMIC_SMEM(uint16_t, sm);
   uint16_t* Qs = sm;
   uint16_t* Gs = Qs + BR * LDK;
@@ -1172,7 +1172,8 @@ void dq_cfg(Params P, cudaStream_t s) {
 // dtype.
 // ---- tensor-core path selection ----
 // MEGAPATCH_ATTENTION_MMA=0 forces the CUDA-core kernels (the reference); otherwise bf16 / f16
-// inputs with D, Dv in {64, 128} on compute capability 8.0+ take the mma.sync kernels.
+// inputs with D, Dv in {64, 128} or (D, Dv) = (192, 128) on compute capability 8.0+ take the
+// mma.sync kernels.
 bool mma_allowed() {
   const char* e = std::getenv("MEGAPATCH_ATTENTION_MMA");
   return !(e && std::strcmp(e, "0") == 0);
@@ -1214,6 +1215,13 @@ bool rows_aligned16(const Mat& m, int width) {
     if (m.s[d] % 8 != 0) return false;
   return true;
 }
+// The head dims (D, Dv) the tensor-core kernels are built for: 1..4 for (64 | 128, 64 | 128), 5
+// for MLA's (192, 128) (DeepSeek-V3, Moonlight: 128 + 64 rope dims of q/k, 128 of v); 0 otherwise.
+int mma_head_dims(const Params& P) {
+  const bool d64 = P.D == 64, d128 = P.D == 128, v64 = P.Dv == 64, v128 = P.Dv == 128;
+  if ((d64 || d128) && (v64 || v128)) return (d64 ? 1 : 3) + (v64 ? 0 : 1);
+  return P.D == 192 && v128 ? 5 : 0;
+}
 template <typename T> constexpr bool kHalf16 = std::is_same<T, bf16>::value || std::is_same<T, f16>::value;
 
 template <typename T, int D, int DV>
@@ -1235,12 +1243,13 @@ bool forward_mma(const Params& P, cudaStream_t s) {
     (void)s;
     return false;
   } else {
-    const bool d64 = P.D == 64, d128 = P.D == 128, v64 = P.Dv == 64, v128 = P.Dv == 128;
-    if (!(d64 || d128) || !(v64 || v128) || !mma_allowed() || !device_has_mma()) return false;
-    if (d64 && v64) forward_mma_cfg<T, 64, 64>(P, s);
-    else if (d64) forward_mma_cfg<T, 64, 128>(P, s);
-    else if (v64) forward_mma_cfg<T, 128, 64>(P, s);
-    else forward_mma_cfg<T, 128, 128>(P, s);
+    const int hd = mma_head_dims(P);
+    if (hd == 0 || !mma_allowed() || !device_has_mma()) return false;
+    if (hd == 1) forward_mma_cfg<T, 64, 64>(P, s);
+    else if (hd == 2) forward_mma_cfg<T, 64, 128>(P, s);
+    else if (hd == 3) forward_mma_cfg<T, 128, 64>(P, s);
+    else if (hd == 4) forward_mma_cfg<T, 128, 128>(P, s);
+    else forward_mma_cfg<T, 192, 128>(P, s);
     return true;
   }
 }
@@ -1274,9 +1283,16 @@ void workspace_free(void* w, cudaStream_t stream) {
 #endif
 }
 
+// Tiles of the backward, sized so the fp32 accumulators fit the 255 registers of a thread: the
+// dk/dv kernel keeps (D + Dv) / 2 accumulators per lane besides 4 BQ / 8 for S^T and dP^T, the dq
+// kernel D / 2 besides BC / 2 for S and dP.
 template <typename T, int D, int DV>
 constexpr int bwd_mma_bq() {
-  return D + DV > 128 ? 32 : 64;  // queries per dk/dv tile: fewer past D = Dv = 64 (registers)
+  return D + DV > 256 ? 16 : D + DV > 128 ? 32 : 64;  // queries per dk/dv tile
+}
+template <typename T, int D, int DV>
+constexpr int bwd_mma_bc() {
+  return D > 128 ? 32 : kMmaBC;  // keys per dq tile
 }
 template <typename T, int D, int DV>
 size_t dkdv_mma_smem() {
@@ -1285,7 +1301,7 @@ size_t dkdv_mma_smem() {
 }
 template <typename T, int D, int DV>
 size_t dq_mma_smem() {
-  return sizeof(uint16_t) * (kMmaBR + kMmaBC) * (D + kMmaPad + DV + kMmaPad);
+  return sizeof(uint16_t) * (kMmaBR + bwd_mma_bc<T, D, DV>()) * (D + kMmaPad + DV + kMmaPad);
 }
 template <typename T, int D, int DV>
 void backward_mma_cfg(Params P, cudaStream_t s) {
@@ -1297,7 +1313,7 @@ void backward_mma_cfg(Params P, cudaStream_t s) {
   launch_tiles(k1, "attentionBackward (dk, dv)", Pk, P.B * P.Hkv * Pk.ntiles, 1, dkdv_mma_smem<T, D, DV>(), s);
   Params Pq = P;
   Pq.ntiles = cdiv(P.Sq, kMmaBR);
-  auto k2 = attn_dq_mma_kernel<T, D, DV>;
+  auto k2 = attn_dq_mma_kernel<T, D, DV, bwd_mma_bc<T, D, DV>()>;
   launch_tiles(k2, "attentionBackward (dq)", Pq, P.B * P.Hq * Pq.ntiles, 1, dq_mma_smem<T, D, DV>(), s);
 }
 // true when the tensor-core kernels took the dk/dv and dq launches
@@ -1308,12 +1324,13 @@ bool backward_mma(const Params& P, cudaStream_t s) {
     (void)s;
     return false;
   } else {
-    const bool d64 = P.D == 64, d128 = P.D == 128, v64 = P.Dv == 64, v128 = P.Dv == 128;
-    if (!(d64 || d128) || !(v64 || v128) || !mma_allowed() || !device_has_mma()) return false;
-    if (d64 && v64) backward_mma_cfg<T, 64, 64>(P, s);
-    else if (d64) backward_mma_cfg<T, 64, 128>(P, s);
-    else if (v64) backward_mma_cfg<T, 128, 64>(P, s);
-    else backward_mma_cfg<T, 128, 128>(P, s);
+    const int hd = mma_head_dims(P);
+    if (hd == 0 || !mma_allowed() || !device_has_mma()) return false;
+    if (hd == 1) backward_mma_cfg<T, 64, 64>(P, s);
+    else if (hd == 2) backward_mma_cfg<T, 64, 128>(P, s);
+    else if (hd == 3) backward_mma_cfg<T, 128, 64>(P, s);
+    else if (hd == 4) backward_mma_cfg<T, 128, 128>(P, s);
+    else backward_mma_cfg<T, 192, 128>(P, s);
     return true;
   }
 }
