@@ -11,6 +11,7 @@ export default defineConfig({
       'test/norm.test.ts',
       'test/rope.test.ts',
       'test/glu.test.ts',
+      'test/linear-activation.test.ts',
       'test/cross-entropy-shard.test.ts',
       'test/attention.test.ts',
       'test/indexing.test.ts',

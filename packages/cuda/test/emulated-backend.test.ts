@@ -55,6 +55,8 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
       'attentionForward',
       'attentionBackward',
       'linearBias',
+      'linearBiasActivation',
+      'linearWeightBiasGrad',
     ] as const;
     for (const name of names) expect(hasNativeKernel(b, name), name).toBe(true);
   });

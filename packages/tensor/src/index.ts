@@ -41,6 +41,7 @@ export * from './ops/elementwise.js';
 export * from './ops/glu.js';
 export * from './ops/grouped-linear.js';
 export * from './ops/indexing.js';
+export * from './ops/linear-activation.js';
 export * from './ops/matmul.js';
 export * from './ops/norm.js';
 export * from './ops/reduce.js';

@@ -11,6 +11,7 @@ import { describe, expect, it } from 'vitest';
 import { cpuBackend } from '../src/backend/cpu.js';
 import { FALLBACK_KERNELS, fallbackKernel } from '../src/backend/fallbacks.js';
 import { getKernel, hasNativeKernel, type KernelName, type KernelTable } from '../src/backend/kernels.js';
+import { erf } from '../src/backend/reference.js';
 import {
   AdamW,
   type AttentionKernelOptions,
@@ -23,9 +24,12 @@ import {
   gatedActivation,
   getBackend,
   getTotalNorm,
+  type LinearActivation,
   layerNorm,
   linear,
+  linearActivation,
   logSoftmax,
+  matmul,
   memoryStats,
   nllLoss,
   registerBackendType,
@@ -33,6 +37,7 @@ import {
   SGD,
   scaledDotProductAttention,
   softmax,
+  sum,
   Tensor,
   tensor,
   tidy,
@@ -69,7 +74,7 @@ const COMPOSED: KernelName[] = [
 ];
 
 /** Compositions of kernels that only devices provide (no native CPU kernel to compare them with). */
-const DEVICE_ONLY: KernelName[] = ['linearBias'];
+const DEVICE_ONLY: KernelName[] = ['linearBias', 'linearBiasActivation', 'linearWeightBiasGrad'];
 
 function nativeKernel<K extends KernelName>(name: K): KernelTable[K] {
   const k = cpuBackend.kernel(name);
@@ -1124,6 +1129,283 @@ describe('linearBias', () => {
   );
 });
 
+// ---- linear with an activation, linear's weight and bias gradients (device kernels) ----------
+
+const LINEAR_DTYPES: DType[] = ['float32', 'bfloat16', 'float16', 'float64'];
+const LINEAR_ACTIVATIONS: LinearActivation[] = ['relu', 'gelu', 'gelu-tanh'];
+/** A GPU rather than its emulator: cuBLASLt's epilogues may run there. */
+const REAL_GPU = KERNEL_DEVICE?.startsWith('cuda:') ?? false;
+
+/** One unit in the last place of |v| in dtype (normal range). */
+function ulpOf(v: number, dtype: DType): number {
+  if (dtype === 'bfloat16' || dtype === 'float16') return ulp16(v, dtype);
+  if (dtype === 'float32') return ulp32(v);
+  return 2 ** (Math.max(-1022, Math.floor(Math.log2(Math.abs(v) || 2 ** -1022))) - 52);
+}
+
+/** The unit roundoff of the kernels' accumulator: float32's, float64's for float64 data. */
+const unitOf = (dtype: DType): number => (dtype === 'float64' ? 2 ** -53 : 2 ** -24);
+
+/** act(v) in float64, with the unary ops' formulas. */
+function actF64(v: number, activation: LinearActivation | null): number {
+  if (activation === null) return v;
+  // biome-ignore lint/complexity/useMathMinMax: NaN gives 0, as in the kernels
+  if (activation === 'relu') return v > 0 ? v : 0;
+  if (activation === 'gelu') return 0.5 * v * (1 + erf(v / Math.SQRT2));
+  return 0.5 * v * (1 + Math.tanh(Math.sqrt(2 / Math.PI) * (v + 0.044715 * v * v * v)));
+}
+
+/** sum_k a[i, k] b[j, k] (+ bias[j]) in float64 for a [I, K], b [J, K], and the sum of |terms|. */
+function rowDots(a: Tensor, b: Tensor, bias: Tensor | null) {
+  const [I, K] = a.shape;
+  const J = b.shape[0];
+  const av = values(a);
+  const bv = values(b);
+  const cv = bias ? values(bias) : null;
+  const sum = new Float64Array(I * J);
+  const abs = new Float64Array(I * J);
+  for (let i = 0; i < I; i++) {
+    for (let j = 0; j < J; j++) {
+      let s = cv ? cv[j] : 0;
+      let t = cv ? Math.abs(cv[j]) : 0;
+      for (let k = 0; k < K; k++) {
+        const p = av[i * K + k] * bv[j * K + k];
+        s += p;
+        t += Math.abs(p);
+      }
+      sum[i * J + j] = s;
+      abs[i * J + j] = t;
+    }
+  }
+  return { sum, abs };
+}
+
+/**
+ * The first element of `got` that is not act(the exact sum) rounded once to dtype, or -1: each
+ * must lie within half a unit (of the larger of it and the exact value) of act(exact), up to the
+ * error the accumulator's sum of `terms` products can make (through act's slope, at most 1.13 for
+ * GELU) and the activation's own evaluation error in the accumulator type. On a GPU, cuBLASLt's
+ * GELU epilogue may evaluate tanh with the hardware approximation (about 2^-11 relative): a
+ * further 2^-10 |pre| there.
+ */
+function notRoundedOnce(
+  got: readonly number[],
+  exact: { sum: Float64Array; abs: Float64Array },
+  terms: number,
+  dtype: DType,
+  activation: LinearActivation | null,
+): number {
+  const u = unitOf(dtype);
+  for (let i = 0; i < got.length; i++) {
+    const e = exact.sum[i];
+    const a = actF64(e, activation);
+    let tol =
+      0.5 * ulpOf(Math.max(Math.abs(a), Math.abs(got[i])), dtype) + 1.2 * (terms + 2) * u * exact.abs[i];
+    if (activation !== null && activation !== 'relu') {
+      tol += 8 * u * (Math.abs(a) + Math.abs(e));
+      if (REAL_GPU && activation === 'gelu-tanh') tol += 2 ** -10 * Math.abs(e);
+    }
+    if (!(Math.abs(got[i] - a) <= tol)) return i;
+  }
+  return -1;
+}
+
+/** x [M, K], weight [N, K] and bias [N] laid out as in the linearBias comparisons. */
+function linearInputs(r: Rng, M: number, N: number, K: number, dtype: DType, layout: number) {
+  const s = 1 / Math.sqrt(Math.max(K, 1));
+  let x: Tensor;
+  if (layout === 1) x = transpose(randnT(r, [K, M], dtype), 0, 1);
+  else if (layout === 0) x = randnT(r, [M, K], dtype);
+  else x = randnT(r, [M, K + 3], dtype).viewAs([M, K], [K + 3, 1], 2);
+  const w = layout === 2 ? transpose(randnT(r, [K, N], dtype, s), 0, 1) : randnT(r, [N, K], dtype, s);
+  return { x, w, b: randnT(r, [N], dtype) };
+}
+
+const LINEAR_LAYOUTS = ['contiguous', 'x transposed', 'x row-strided, weight transposed'];
+
+describe('linearBiasActivation', () => {
+  // the CPU has none: the reference is the float64 evaluation of the same inputs (one rounding of
+  // out and of preAct), and without a device the composition must be linearActivation's, bit for bit
+  const itK = itWith('linearBiasActivation');
+  // N a multiple of 8 in some cases: where cuBLASLt can keep the pre-activation (its ld % 8 == 0)
+  const CASES = [
+    [1, 1, 1],
+    [7, 33, 1],
+    [33, 8, 130],
+    [130, 32, 7],
+    [5, 9, 0],
+    [33, 130, 33],
+    [64, 64, 48],
+  ];
+  for (const [di, dtype] of LINEAR_DTYPES.entries()) {
+    for (const [ai, activation] of LINEAR_ACTIVATIONS.entries()) {
+      for (const [ci, [M, N, K]] of CASES.entries()) {
+        const layout = (ci + di + ai) % LINEAR_LAYOUTS.length;
+        const withBias = (ci + ai) % 3 !== 2;
+        const withPre = (ci + di) % 2 === 0;
+        const title = `${activation}, ${dtype}, M ${M}, N ${N}, K ${K}, ${LINEAR_LAYOUTS[layout]}${withBias ? '' : ', no bias'}${withPre ? ', pre-activation' : ''}`;
+        itK(title, () =>
+          tidy(() => {
+            const r = rng(M * 10007 + N * 101 + K + di * 7 + ai);
+            const { x, w, b: b0 } = linearInputs(r, M, N, K, dtype, layout);
+            const b = withBias ? b0 : null;
+            const outF = sentinel([M, N], dtype);
+            const preF = withPre ? sentinel([M, N], dtype) : null;
+            candidateKernel('linearBiasActivation')(outF, preF, x, w, b, activation);
+            if (!KERNEL_DEVICE) {
+              // the composition is linearActivation's on the CPU (linear, then the unary op)
+              expect(values(outF)).toEqual(values(linearActivation(x, w, b, activation)));
+              if (preF) expect(values(preF)).toEqual(values(linear(x, w, b)));
+              return;
+            }
+            const exact = rowDots(x, w, b);
+            const got = values(outF);
+            const bad = notRoundedOnce(got, exact, K, dtype, activation);
+            if (bad >= 0)
+              expect.fail(
+                `out element ${bad}: ${CANDIDATE} ${got[bad]}, float64 ${actF64(exact.sum[bad], activation)}: not act(x w^T + b) rounded once`,
+              );
+            if (preF) {
+              const pre = values(preF);
+              const badPre = notRoundedOnce(pre, exact, K, dtype, null);
+              if (badPre >= 0)
+                expect.fail(
+                  `preAct element ${badPre}: ${CANDIDATE} ${pre[badPre]}, float64 ${exact.sum[badPre]}: not rounded once`,
+                );
+            }
+          }),
+        );
+      }
+    }
+  }
+
+  it('the single-rounding check catches the composition, which rounds three times (bfloat16, GELU)', () =>
+    tidy(() => {
+      // the check above has teeth: the unfused steps (GEMM, bias add, GELU, each rounded to
+      // bfloat16) miss act(x w^T + b) by more than half a unit somewhere
+      const r = rng(2024);
+      const { x, w, b } = linearInputs(r, 33, 33, 33, 'bfloat16', 0);
+      const exact = rowDots(x, w, b);
+      const out = sentinel([33, 33], 'bfloat16');
+      fallbackKernel('linearBiasActivation')(out, null, x, w, b, 'gelu');
+      expect(notRoundedOnce(values(out), exact, 33, 'bfloat16', 'gelu')).toBeGreaterThanOrEqual(0);
+    }));
+
+  it.skipIf(KERNEL_DEVICE !== undefined)(
+    'the CPU has no kernel: getKernel gives the composition, which frees its temporaries',
+    () =>
+      tidy(() => {
+        expect(hasNativeKernel(cpuBackend, 'linearBiasActivation')).toBe(false);
+        expect(getKernel(cpuBackend, 'linearBiasActivation')).toBe(fallbackKernel('linearBiasActivation'));
+      }),
+  );
+
+  it.skipIf(
+    KERNEL_DEVICE === undefined || lacking(['linearBiasActivation', 'linearWeightBiasGrad']).length > 0,
+  )('linearActivation() on the device runs the kernels, with the gradients of the composition', () =>
+    tidy(() => {
+      const dev = KERNEL_DEVICE as string;
+      const r = rng(12);
+      // bfloat16: linearActivation() on the device gives the kernel's single rounding, bit for bit
+      const x16 = randnT(r, [2, 5, 33], 'bfloat16');
+      const w16 = randnT(r, [8, 33], 'bfloat16', 0.2);
+      const b16 = randnT(r, [8], 'bfloat16');
+      for (const activation of LINEAR_ACTIVATIONS) {
+        const viaKernel = sentinel([10, 8], 'bfloat16');
+        candidateKernel('linearBiasActivation')(viaKernel, null, x16.reshape(10, 33), w16, b16, activation);
+        const onDev = linearActivation(x16.to(dev), w16.to(dev), b16.to(dev), activation).to('cpu');
+        expect(onDev.shape).toEqual([2, 5, 8]);
+        expect(values(onDev), activation).toEqual(values(viaKernel));
+      }
+      // float32 with gradients against the CPU's composition (the backward reuses the kernel's
+      // pre-activation, or ReLU's output, and takes dweight and dbias from linearWeightBiasGrad)
+      const xd = randnT(r, [2, 5, 33], 'float32');
+      const wd = randnT(r, [16, 33], 'float32', 0.2);
+      const bd = randnT(r, [16], 'float32');
+      const g = randnT(r, [2, 5, 16], 'float32');
+      for (const activation of LINEAR_ACTIVATIONS) {
+        const run = (device: string): Tensor[] => {
+          const xi = xd.to(device).requiresGrad_(true);
+          const wi = wd.to(device).requiresGrad_(true);
+          const bi = bd.to(device).requiresGrad_(true);
+          const y = linearActivation(xi, wi, bi, activation);
+          y.backward(g.to(device));
+          return [y, xi.grad as Tensor, wi.grad as Tensor, bi.grad as Tensor].map((t) => t.to('cpu'));
+        };
+        const cpu = run('cpu');
+        const other = run(dev);
+        const tol = REAL_GPU && activation === 'gelu-tanh' ? 2e-3 : 1e-5;
+        for (const [i, name] of ['y', 'dx', 'dweight', 'dbias'].entries())
+          expectSame(other[i], cpu[i], `${activation} ${name}`, { rtol: tol, atol: tol });
+      }
+    }),
+  );
+});
+
+describe('linearWeightBiasGrad', () => {
+  // gradWeight = g^T x and gradBias = the row sums of g: against a float64 evaluation (one
+  // rounding each, float32 accumulation for 16-bit data), and without a device the composition
+  // must be the GEMM and the sum of the ops, bit for bit
+  const itK = itWith('linearWeightBiasGrad');
+  const CASES = [
+    [1, 1, 1],
+    [7, 33, 5],
+    [130, 8, 33],
+    [33, 130, 7],
+    [0, 5, 3],
+    [9, 4, 0],
+    [64, 32, 48],
+  ];
+  const LAYOUTS = ['contiguous', 'g transposed', 'x row-strided'];
+  for (const [di, dtype] of LINEAR_DTYPES.entries()) {
+    for (const [ci, [M, N, K]] of CASES.entries()) {
+      const layout = (ci + di) % LAYOUTS.length;
+      itK(`${dtype}, M ${M}, N ${N}, K ${K}, ${LAYOUTS[layout]}`, () =>
+        tidy(() => {
+          const r = rng(M * 7919 + N * 103 + K + di);
+          const g = layout === 1 ? transpose(randnT(r, [N, M], dtype), 0, 1) : randnT(r, [M, N], dtype);
+          const x =
+            layout === 2
+              ? randnT(r, [M, K + 2], dtype).viewAs([M, K], [K + 2, 1], 1)
+              : randnT(r, [M, K], dtype);
+          const gwF = sentinel([N, K], dtype);
+          const gbF = sentinel([N], dtype);
+          candidateKernel('linearWeightBiasGrad')(gwF, gbF, g, x);
+          if (!KERNEL_DEVICE) {
+            expect(values(gwF)).toEqual(values(matmul(transpose(g, 0, 1), x)));
+            expect(values(gbF)).toEqual(values(sum(g, 0)));
+            return;
+          }
+          // gradWeight[n, k] = sum_m g^T[n, m] x^T[k, m]; gradBias[n] = sum_m g^T[n, m] * 1
+          const gt = transpose(g, 0, 1);
+          const dW = rowDots(gt, transpose(x, 0, 1), null);
+          const db = rowDots(
+            gt,
+            make([1, M], dtype, () => 1),
+            null,
+          );
+          for (const [name, t, exact] of [
+            ['gradWeight', gwF, dW],
+            ['gradBias', gbF, db],
+          ] as const) {
+            const got = values(t);
+            const bad = notRoundedOnce(got, exact, M, dtype, null);
+            if (bad >= 0)
+              expect.fail(
+                `${name} element ${bad}: ${CANDIDATE} ${got[bad]}, float64 ${exact.sum[bad]}: not rounded once`,
+              );
+          }
+        }),
+      );
+    }
+  }
+
+  it.skipIf(KERNEL_DEVICE !== undefined)('the CPU has no kernel: getKernel gives the composition', () => {
+    expect(hasNativeKernel(cpuBackend, 'linearWeightBiasGrad')).toBe(false);
+    expect(getKernel(cpuBackend, 'linearWeightBiasGrad')).toBe(fallbackKernel('linearWeightBiasGrad'));
+  });
+});
+
 describe('attentionForward / attentionBackward', () => {
   const it = itWith('attentionForward', 'attentionBackward');
   for (const c of ATTN_CASES) {
@@ -1592,6 +1874,14 @@ describeFallbacks('memory', () => {
       const stats = sentinel([4], 'float64');
       const norm = sentinel([], 'float64');
       const flag = sentinel([1], 'float32');
+      const xl = f32([3, 4]);
+      const wl = f32([5, 4]);
+      const bl = f32([5]);
+      const gl = f32([3, 5]);
+      const outL = sentinel([3, 5], 'float32');
+      const preL = sentinel([3, 5], 'float32');
+      const gwL = sentinel([5, 4], 'float32');
+      const gbL = sentinel([5], 'float32');
 
       const before = memoryStats('cpu').liveStorages;
       const k = <K extends KernelName>(name: K) => fallbackKernel(name);
@@ -1632,6 +1922,10 @@ describeFallbacks('memory', () => {
       for (const pw of [2, INF, 1, 3]) k('normPowerSum')(bad, pw, norm);
       k('unscaleCheck')(bad, 0.5, flag);
       k('unscaleCheck')(m, 1, flag);
+      for (const act of LINEAR_ACTIVATIONS) k('linearBiasActivation')(outL, preL, xl, wl, bl, act);
+      k('linearBiasActivation')(outL, null, xl, wl, null, 'relu');
+      k('linearBias')(outL, xl, wl, bl);
+      k('linearWeightBiasGrad')(gwL, gbL, gl, xl);
       expect(memoryStats('cpu').liveStorages).toBe(before);
     });
   });
@@ -1750,6 +2044,23 @@ describeFallbacks('ops on a backend without named kernels (fallbacks through get
           .sum()
           .backward();
         return [s, g, t, x.grad!.clone()];
+      });
+      expectAllSame(res, { atol: 1e-5 });
+    }));
+
+  it('linearActivation (ReLU, GELU, GELU-tanh) with gradients', () =>
+    tidy(() => {
+      const r = rng(8);
+      const xd = randnT(r, [2, 3, 6], 'float32');
+      const wd = randnT(r, [5, 6], 'float32');
+      const bd = randnT(r, [5], 'float32');
+      const res = both((device) => {
+        const x = xd.to(device).requiresGrad_(true);
+        const w = wd.to(device).requiresGrad_(true);
+        const b = bd.to(device).requiresGrad_(true);
+        const ys = LINEAR_ACTIVATIONS.map((a, i) => linearActivation(x, w, i === 1 ? null : b, a));
+        ys[0].add(ys[1]).mul(ys[2]).sum().backward();
+        return [...ys, x.grad!.clone(), w.grad!.clone(), b.grad!.clone()];
       });
       expectAllSame(res, { atol: 1e-5 });
     }));

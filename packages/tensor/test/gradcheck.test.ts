@@ -279,6 +279,16 @@ describe('gradcheck: matmul family', () => {
     check((x, w, b) => T.linear(x, w, b), [inp([2, 3, 4]), inp([5, 4]), inp([5])]);
     check((x, w) => T.linear(x, w), [inp([3, 4]), inp([2, 4])]);
   });
+  it('linearActivation (relu, gelu, gelu-tanh; bias or none; a transposed input)', () => {
+    for (const act of ['relu', 'gelu', 'gelu-tanh'] as const) {
+      check((x, w, b) => T.linearActivation(x, w, b, act), [inp([2, 3, 4]), inp([5, 4]), inp([5])]);
+      check((x, w) => T.linearActivation(x, w, null, act), [inp([3, 4]), inp([2, 4])]);
+      check(
+        (x, w, b) => T.linearActivation(T.transpose(x, 0, 1), w, b, act),
+        [inp([4, 3]), inp([2, 4]), inp([2])],
+      );
+    }
+  });
 });
 
 describe('gradcheck: random and recomputation', () => {

@@ -8,6 +8,7 @@
 
 import { DTYPE_CODES, ITEMSIZE } from '../dtype.js';
 import type { GatedActivation } from '../ops/glu.js';
+import type { LinearActivation } from '../ops/linear-activation.js';
 import type { Tensor } from '../tensor.js';
 import type { BinaryOp, RandomDist, ReduceOp, UnaryOp } from './backend.js';
 
@@ -92,6 +93,16 @@ export const GATED_ACTIVATION_CODES: Readonly<Record<GatedActivation, number>> =
   swiglu: 0,
   geglu: 1,
   'geglu-tanh': 2,
+};
+
+/**
+ * The activation argument of the linear-activation kernel (@megapatch/cuda's kernels/gemm.h
+ * GemmAct; 0 there is no activation).
+ */
+export const LINEAR_ACTIVATION_CODES: Readonly<Record<LinearActivation, number>> = {
+  relu: 1,
+  gelu: 2,
+  'gelu-tanh': 3,
 };
 
 /**

@@ -41,6 +41,7 @@ import {
   neg,
   pow,
   reciprocal,
+  relu,
   rsqrt,
   silu,
   sqrt,
@@ -49,6 +50,7 @@ import {
   where,
 } from '../ops/elementwise.js';
 import type { GatedActivation } from '../ops/glu.js';
+import type { LinearActivation } from '../ops/linear-activation.js';
 import { matmul } from '../ops/matmul.js';
 import { amax, amin, sum } from '../ops/reduce.js';
 import { expand, narrow, reshape, stack, to, transpose, unsqueeze } from '../ops/shape.js';
@@ -497,6 +499,34 @@ register('linearBias', (out, x, weight, bias) => {
     store(out, add(matmul(x, transpose(weight, 0, 1)), bias));
   });
 });
+
+// pre = x @ weight^T (+ bias) as linear() computes it without the fused kernels (the GEMM rounded
+// to the storage dtype, then the bias added), out = act(pre) by the unary op: three roundings for
+// 16-bit data where the kernel has one for out and one for preAct. Kept that way on purpose: a
+// backend without the kernel gives exactly what linearActivation's composition gives.
+register('linearBiasActivation', (out, preAct, x, weight, bias, activation) => {
+  if (out.numel === 0) return;
+  run(() => {
+    const y = matmul(x, transpose(weight, 0, 1));
+    const pre = bias ? add(y, bias) : y;
+    if (preAct) store(preAct, pre);
+    store(out, linearActivate(pre, activation));
+  });
+});
+
+/** act(x) by the unary op of a linear activation. */
+function linearActivate(x: Tensor, activation: LinearActivation): Tensor {
+  return activation === 'relu' ? relu(x) : gelu(x, activation === 'gelu-tanh' ? 'tanh' : 'none');
+}
+
+// gradWeight = g^T @ x (one GEMM) and gradBias = the sum of g's rows (a reduction over dim 0),
+// each accumulated in the compute type and rounded once to the storage dtype.
+register('linearWeightBiasGrad', (gradWeight, gradBias, g, x) =>
+  run(() => {
+    if (gradWeight.numel > 0) store(gradWeight, matmul(transpose(g, 0, 1), x));
+    if (gradBias.numel > 0) store(gradBias, sum(g, 0));
+  }),
+);
 
 // ---- attention --------------------------------------------------------------------------------
 

@@ -19,7 +19,8 @@ import type {
   TopkKernel,
   TriangleKernel,
 } from '../ops/indexing.js';
-import type { LinearBiasKernel } from '../ops/linear-bias.js';
+import type { LinearBiasActivationKernel } from '../ops/linear-activation.js';
+import type { LinearBiasKernel, LinearWeightBiasGradKernel } from '../ops/linear-bias.js';
 import type { NormBackwardKernel, NormKernel } from '../ops/norm.js';
 import type { RopeKernel } from '../ops/rope.js';
 import type {
@@ -56,6 +57,8 @@ export interface KernelTable {
   gatedActivation: GatedActivationKernel;
   gatedActivationBackward: GatedActivationBackwardKernel;
   linearBias: LinearBiasKernel;
+  linearBiasActivation: LinearBiasActivationKernel;
+  linearWeightBiasGrad: LinearWeightBiasGradKernel;
   attentionForward: AttentionForwardKernel;
   attentionBackward: AttentionBackwardKernel;
   indexSelectRows: IndexSelectRowsKernel;

@@ -1,7 +1,9 @@
-// The fused linear layer: one GEMM whose epilogue adds the bias before the output is rounded, so
-// the output is written once and a 16-bit result is rounded once. Devices with a GEMM epilogue
-// (cuBLASLt's CUBLASLT_EPILOGUE_BIAS, the CUDA tiled kernel) provide it; `linear` calls it only
-// where the backend has it natively, so the CPU keeps its unfused GEMM + add numerics.
+// The fused linear layer's GEMM kernels: the forward with the bias added in the GEMM's epilogue,
+// before the output is rounded (written once, a 16-bit result rounded once), and the backward's
+// weight and bias gradients from one GEMM whose epilogue also sums the rows of the upstream
+// gradient. Devices with GEMM epilogues (cuBLASLt's CUBLASLT_EPILOGUE_BIAS and _BGRADB, the CUDA
+// tiled kernel) provide them; `linear` calls them only where the backend has them natively, so the
+// CPU keeps its unfused GEMM + add numerics.
 
 import type { Tensor } from '../tensor.js';
 
@@ -12,3 +14,11 @@ import type { Tensor } from '../tensor.js';
  * bias).
  */
 export type LinearBiasKernel = (out: Tensor, x: Tensor, weight: Tensor, bias: Tensor) => void;
+
+/**
+ * The weight and bias gradients of linear from the upstream gradient g [M, N] and the input x
+ * [M, K]: gradWeight [N, K] = g^T @ x and gradBias [N] = sum over the M rows of g. gradWeight and
+ * gradBias contiguous, g and x any 2-D strides, one floating dtype for all four. Both are
+ * accumulated in float32 (float64 for float64) and rounded once; M may be 0 (both zero).
+ */
+export type LinearWeightBiasGradKernel = (gradWeight: Tensor, gradBias: Tensor, g: Tensor, x: Tensor) => void;

@@ -183,23 +183,28 @@ export function bmm(a: Tensor, b: Tensor): Tensor {
   return matmul(a, b);
 }
 
+/** The shape checks of linear (x [..., in], weight [out, in], bias [out]), naming `op`. */
+export function checkLinear(op: string, x: Tensor, weight: Tensor, bias?: Tensor | null): void {
+  if (weight.ndim !== 2) throw shapeError(op, `weight must be [out, in], got ${fmtShape(weight.shape)}`);
+  if (x.ndim === 0) throw shapeError(op, `input must be [..., ${weight.shape[1]}], got a 0-d tensor`);
+  if (x.shape[x.ndim - 1] !== weight.shape[1]) {
+    throw shapeError(
+      op,
+      `input ${fmtShape(x.shape)} has ${x.shape[x.ndim - 1]} features, weight ${fmtShape(weight.shape)} expects ${weight.shape[1]}`,
+    );
+  }
+  if (bias && (bias.ndim !== 1 || bias.shape[0] !== weight.shape[0])) {
+    throw shapeError(op, `bias ${fmtShape(bias.shape)} must be [${weight.shape[0]}]`);
+  }
+}
+
 /**
  * y [..., out] = x [..., in] @ weight[out, in]^T + bias [out], as torch.nn.functional.linear; the
  * bias goes into the GEMM's epilogue where the backend has its own linearBias kernel.
  */
 export function linear(x: Tensor, weight: Tensor, bias?: Tensor | null): Tensor {
   inputsBackend('linear', x, weight, bias);
-  if (weight.ndim !== 2)
-    throw shapeError('linear', `weight must be [out, in], got ${fmtShape(weight.shape)}`);
-  if (x.shape[x.ndim - 1] !== weight.shape[1]) {
-    throw shapeError(
-      'linear',
-      `input ${fmtShape(x.shape)} has ${x.shape[x.ndim - 1]} features, weight ${fmtShape(weight.shape)} expects ${weight.shape[1]}`,
-    );
-  }
-  if (bias && (bias.ndim !== 1 || bias.shape[0] !== weight.shape[0])) {
-    throw shapeError('linear', `bias ${fmtShape(bias.shape)} must be [${weight.shape[0]}]`);
-  }
+  checkLinear('linear', x, weight, bias);
   const fused = bias ? linearFused(x, weight, bias) : null;
   if (fused) return fused;
   const wt = transpose(weight, 0, 1);
@@ -211,13 +216,14 @@ export function linear(x: Tensor, weight: Tensor, bias?: Tensor | null): Tensor 
   return out;
 }
 
-const FUSED_DTYPES: ReadonlySet<DType> = new Set(['float32', 'bfloat16', 'float16', 'float64']);
+/** The dtypes of the fused linear kernels (linearBias, linearBiasActivation, linearWeightBiasGrad). */
+export const FUSED_DTYPES: ReadonlySet<DType> = new Set(['float32', 'bfloat16', 'float16', 'float64']);
 
 /**
  * x [..., K] @ weight[N, K]^T + bias [N] -> [..., N] through the backend's own linearBias kernel
  * (the bias added in the GEMM's epilogue, one rounding); null where it does not apply: no such
  * kernel (the CPU: its unfused numerics stay), mixed or non-float dtypes, leading dimensions that
- * do not flatten into rows without a copy, or a strided bias. The backward is the unfused one.
+ * do not flatten into rows without a copy, or a strided bias. The backward is linearGrads.
  */
 function linearFused(x: Tensor, weight: Tensor, bias: Tensor): Tensor | null {
   const backend = x.backend;
@@ -254,17 +260,62 @@ function linearFused(x: Tensor, weight: Tensor, bias: Tensor): Tensor | null {
     const save: Tensor[] = [];
     if (rw) save.push(x);
     if (rx) save.push(weight);
-    attachGrad(out, 'LinearBackward', [x, weight, bias], save, (g, s) => {
-      const xs = rw ? s[0] : null;
-      const wt = rx ? transpose(s[rw ? 1 : 0], 0, 1) : null;
-      const [gx, gwt] = matmulGrads(g, xShape, [K, N], xs, wt);
-      wt?.dispose();
-      const gw = gwt ? transpose(gwt, 0, 1) : null;
-      gwt?.dispose();
-      return [gx, gw, rb ? sumToShape(g, [N]) : null];
-    });
+    attachGrad(out, 'LinearBackward', [x, weight, bias], save, (g, s) =>
+      linearGrads(g, xShape, rw ? s[0] : null, rx ? s[rw ? 1 : 0] : null, rb),
+    );
   }
   return out;
+}
+
+/**
+ * The gradients [dx, dweight, dbias] of y = x @ weight^T + bias from g = dy [..., N]: dx = g @
+ * weight where weight is given (x needs a gradient), dweight = g^T x where x is given, dbias =
+ * the row sums of g when `biasGrad`. dweight and dbias come from the backend's own
+ * linearWeightBiasGrad kernel (one GEMM whose epilogue also sums g's rows, each rounded once)
+ * where it has one and both are wanted; otherwise from a GEMM and a sum.
+ */
+export function linearGrads(
+  g: Tensor,
+  xShape: readonly number[],
+  x: Tensor | null,
+  weight: Tensor | null,
+  biasGrad: boolean,
+): [Tensor | null, Tensor | null, Tensor | null] {
+  const N = g.shape[g.ndim - 1];
+  const K = xShape[xShape.length - 1];
+  const M = numel(xShape.slice(0, -1));
+  const gx = weight ? matmul(g, weight) : null;
+  if (!x && !biasGrad) return [gx, null, null];
+  const g2 = reshape(g, [M, N]);
+  const kernel = g.backend.kernel('linearWeightBiasGrad');
+  const dtype = g.dtype;
+  if (x && biasGrad && kernel && FUSED_DTYPES.has(dtype) && x.dtype === dtype) {
+    const x2 = reshape(x, [M, K]);
+    const gw = alloc(g.backend, [N, K], dtype);
+    const gb = alloc(g.backend, [N], dtype);
+    try {
+      kernel(gw, gb, g2, x2);
+    } catch (e) {
+      gw.dispose();
+      gb.dispose();
+      throw e;
+    } finally {
+      x2.dispose();
+      g2.dispose();
+    }
+    return [gx, gw, gb];
+  }
+  let gw: Tensor | null = null;
+  if (x) {
+    const x2 = reshape(x, [M, K]);
+    const gt = transpose(g2, 0, 1);
+    gw = matmul(gt, x2);
+    gt.dispose();
+    x2.dispose();
+  }
+  const gb = biasGrad ? sumToShape(g2, [N]) : null;
+  g2.dispose();
+  return [gx, gw, gb];
 }
 
 Object.assign(Tensor.prototype, {

@@ -33,6 +33,14 @@ static Napi::Value gemm_entry(const Napi::CallbackInfo& info, bool fallback) {
 MPC_ENTRY(GemmE) { return gemm_entry(info, false); }
 MPC_ENTRY(GemmFallbackE) { return gemm_entry(info, true); }
 
+// one matrix of the linear entries: (ptr, rs, cs)
+static GemmMat read_mat2(Args& a) {
+  GemmMat m{static_cast<char*>(a.ptr()), 0, 0, 0};
+  m.rs = a.i64();
+  m.cs = a.i64();
+  return m;
+}
+
 // linearBias(dtype, M, N, K, A(ptr, rs, cs), B(ptr, rs, cs), C(ptr, rs), bias(ptr, dtype)):
 // C = A @ B + bias with the bias added in the GEMM's epilogue, one matrix (src/kernels/gemm.ts
 // passes linear's x as A and weight^T as B).
@@ -40,17 +48,62 @@ MPC_ENTRY(LinearBiasE) {
   Args a;
   DType dt = static_cast<DType>(a.i32());
   int64_t M = a.i64(), N = a.i64(), K = a.i64();
-  GemmMat A{static_cast<char*>(a.ptr()), 0, 0, 0};
-  A.rs = a.i64();
-  A.cs = a.i64();
-  GemmMat B{static_cast<char*>(a.ptr()), 0, 0, 0};
-  B.rs = a.i64();
-  B.cs = a.i64();
+  GemmMat A = read_mat2(a);
+  GemmMat B = read_mat2(a);
   GemmMat C{static_cast<char*>(a.ptr()), 0, 0, 1};
   C.rs = a.i64();
-  GemmBias bias{static_cast<const char*>(a.ptr()), DType::F32};
-  bias.dtype = static_cast<DType>(a.i32());
-  gemm(current_stream(), dt, 1, M, N, K, A, B, C, 1.0, 0.0, &bias);
+  GemmEpilogue epi;
+  epi.bias = static_cast<const char*>(a.ptr());
+  epi.dtype = static_cast<DType>(a.i32());
+  gemm(current_stream(), dt, 1, M, N, K, A, B, C, 1.0, 0.0, &epi);
+  return info.Env().Undefined();
+}
+
+// linearActivation(dtype, M, N, K, A(ptr, rs, cs), B(ptr, rs, cs), C(ptr, rs), bias(ptr or 0,
+// dtype), aux(ptr or 0, rs, dtype), act): aux = A @ B + bias and C = act(aux) in the GEMM's
+// epilogue, one matrix; a null bias adds nothing, a null aux is not written.
+MPC_ENTRY(LinearActivationE) {
+  Args a;
+  DType dt = static_cast<DType>(a.i32());
+  int64_t M = a.i64(), N = a.i64(), K = a.i64();
+  GemmMat A = read_mat2(a);
+  GemmMat B = read_mat2(a);
+  GemmMat C{static_cast<char*>(a.ptr()), 0, 0, 1};
+  C.rs = a.i64();
+  GemmEpilogue epi;
+  epi.bias = static_cast<const char*>(a.ptr());
+  const DType bias_dt = static_cast<DType>(a.i32());
+  epi.aux = static_cast<char*>(a.ptr());
+  epi.aux_rs = a.i64();
+  const DType aux_dt = static_cast<DType>(a.i32());
+  const int act = a.i32();
+  if (act < static_cast<int>(GemmAct::Relu) || act > static_cast<int>(GemmAct::GeluTanh))
+    throw_error("linearActivation: unknown activation code " + std::to_string(act));
+  epi.act = static_cast<GemmAct>(act);
+  // the GEMM checks the epilogue's dtype: the bias's, else the pre-activation's; both must match
+  epi.dtype = epi.bias ? bias_dt : aux_dt;
+  if (epi.bias && epi.aux && aux_dt != bias_dt)
+    throw_error(std::string("linearActivation: the pre-activation is ") + dtype_name(aux_dt) + " but the bias is " +
+                dtype_name(bias_dt) + "; both must have the input's dtype");
+  gemm(current_stream(), dt, 1, M, N, K, A, B, C, 1.0, 0.0, &epi);
+  return info.Env().Undefined();
+}
+
+// linearWeightBiasGrad(dtype, M, N, K, A(ptr, rs, cs), B(ptr, rs, cs), C(ptr, rs), biasGrad(ptr,
+// dtype)): C = A @ B and biasGrad = the row sums of A, one matrix (src/kernels/gemm.ts passes
+// g^T as A and x as B: the weight and bias gradients of linear).
+MPC_ENTRY(LinearWeightBiasGradE) {
+  Args a;
+  DType dt = static_cast<DType>(a.i32());
+  int64_t M = a.i64(), N = a.i64(), K = a.i64();
+  GemmMat A = read_mat2(a);
+  GemmMat B = read_mat2(a);
+  GemmMat C{static_cast<char*>(a.ptr()), 0, 0, 1};
+  C.rs = a.i64();
+  GemmEpilogue epi;
+  epi.bias_grad = static_cast<char*>(a.ptr());
+  epi.dtype = static_cast<DType>(a.i32());
+  gemm(current_stream(), dt, 1, M, N, K, A, B, C, 1.0, 0.0, &epi);
   return info.Env().Undefined();
 }
 
@@ -63,6 +116,8 @@ void register_gemm(Napi::Env env, Napi::Object exports) {
   exports.Set("gemm", Napi::Function::New(env, GemmE));
   exports.Set("gemmFallback", Napi::Function::New(env, GemmFallbackE));
   exports.Set("linearBias", Napi::Function::New(env, LinearBiasE));
+  exports.Set("linearActivation", Napi::Function::New(env, LinearActivationE));
+  exports.Set("linearWeightBiasGrad", Napi::Function::New(env, LinearWeightBiasGradE));
   exports.Set("gemmEngine", Napi::Function::New(env, GemmEngineE));
 }
 

@@ -2,12 +2,14 @@
 //
 // Two paths:
 //  - gemm_fallback: a tiled shared-memory kernel for any strides, batch (0 batch stride for
-//    broadcast) and float dtype, accumulating in float32 (double for float64). It is what the
-//    emulator runs, and the GPU's path for the layouts cuBLASLt cannot take.
+//    broadcast) and float dtype, accumulating in float32 (double for float64), with the epilogue
+//    (bias, pre-activation, activation) applied at its store and a bias gradient by a row-sum
+//    kernel. It is what the emulator runs, and the GPU's path for the layouts and epilogues
+//    cuBLASLt cannot take.
 //  - cuBLASLt (GPU builds only): the row-major product C[M,N] = A[M,K] B[K,N] is the column-major
 //    product C^T[N,M] = B^T[N,K] A^T[K,M], so cuBLASLt's "A" is our B and its "B" is our A. An
 //    operand is usable when one of its matrix strides is 1; its descriptor, the matmul descriptor
-//    and the heuristic's algorithm are cached per device and shape.
+//    (with its epilogue) and the heuristic's algorithm are cached per device, shape and epilogue.
 #include "gemm.h"
 
 #include <cmath>
@@ -28,6 +30,22 @@ namespace {
 MP_D float fma_acc(float a, float b, float c) { return fmaf(a, b, c); }
 MP_D double fma_acc(double a, double b, double c) { return fma(a, b, c); }
 
+constexpr double kSqrt2OverPi = 0.7978845608028654;
+constexpr double kInvSqrt2 = 0.7071067811865476;
+
+MP_D float act_erf(float x) { return erff(x); }
+MP_D double act_erf(double x) { return erf(x); }
+MP_D float act_tanh(float x) { return tanhf(x); }
+MP_D double act_tanh(double x) { return tanh(x); }
+
+// The epilogue's activation (a GemmAct code, not None) with the unary ops' expressions
+// (elementwise.cu), in the accumulator type.
+template <typename C> MP_D C epilogue_act(int act, C v) {
+  if (act == static_cast<int>(GemmAct::Relu)) return v > C(0) ? v : C(0);
+  if (act == static_cast<int>(GemmAct::Gelu)) return C(0.5) * v * (C(1) + act_erf(v * C(kInvSqrt2)));
+  return C(0.5) * v * (C(1) + act_tanh(C(kSqrt2OverPi) * (v + C(0.044715) * v * v * v)));
+}
+
 // One block computes a BM x BN tile of C for a run of (batch, row-tile) pairs (gridDim.y and
 // gridDim.z are capped; the block loops over the rest); each thread TM x TN outputs: rows
 // ty*TM + i, columns tx + j*TX (adjacent threads write adjacent columns of C). A and B go through
@@ -35,13 +53,16 @@ MP_D double fma_acc(double a, double b, double c) { return fma(a, b, c); }
 // order follows the operand's fast dimension (a_kfast: A's column stride is the smaller, so
 // adjacent threads read adjacent k; b_nfast: likewise B's columns) so global reads coalesce for
 // row-major and transposed operands alike. Out-of-range rows, columns and k read as 0; the
-// results of out-of-range rows and columns are never stored, so no padding reaches C. A non-null
-// bias adds bias[n] to column n in the accumulator type, before the store rounds.
+// results of out-of-range rows and columns are never stored, so no padding reaches C. The
+// epilogue works on the accumulator-type value before the store rounds: a non-null bias adds
+// bias[n] to column n, a non-null aux (batch 1) receives that value (the pre-activation, rounded
+// once), and act (a GemmAct code) is applied to what C receives.
 template <typename T, int BM, int BN, int BK, int TM, int TN>
 __global__ void __launch_bounds__((BM / TM) * (BN / TN))
     gemm_tiled_kernel(int64_t batch, int64_t M, int64_t N, int64_t K, const T* A, int64_t abs_, int64_t ars,
                       int64_t acs, int a_kfast, const T* B, int64_t bbs, int64_t brs, int64_t bcs, int b_nfast, T* C,
-                      int64_t cbs, int64_t crs, typename Tr<T>::C alpha, typename Tr<T>::C beta, const T* bias) {
+                      int64_t cbs, int64_t crs, typename Tr<T>::C alpha, typename Tr<T>::C beta, const T* bias,
+                      T* aux, int64_t aux_rs, int act) {
   using Acc = typename Tr<T>::C;
   constexpr int TX = BN / TN;
   constexpr int NT = (BM / TM) * TX;
@@ -118,6 +139,8 @@ MPG_UNROLL
           Acc v = alpha * acc[i][j];
           if (beta != Acc(0)) v = fma_acc(beta, Tr<T>::ld(p), v);  // beta == 0: C is not read
           if (bias) v += Tr<T>::ld(bias + n);
+          if (aux) Tr<T>::st(aux + r * aux_rs + n, v);
+          if (act != 0) v = epilogue_act(act, v);
           Tr<T>::st(p, v);
         }
       }
@@ -125,11 +148,57 @@ MPG_UNROLL
   }
 }
 
+// bias_grad[r] = sum_k A[r, k] over the first M rows of A (its strides), in the accumulator type
+// and rounded once. A block covers 32 rows: thread x one row, thread y every 8th k from y; the 8
+// partial sums of a row meet in shared memory and are added in y order, so the result does not
+// depend on the grid.
+template <typename T>
+__global__ void __launch_bounds__(256)
+    row_sum_kernel(int64_t M, int64_t K, const T* A, int64_t rs, int64_t cs, T* out) {
+  using Acc = typename Tr<T>::C;
+  __shared__ Acc part[8][33];
+  const int tx = static_cast<int>(threadIdx.x), ty = static_cast<int>(threadIdx.y);
+  for (int64_t r0 = static_cast<int64_t>(blockIdx.x) * 32; r0 < M; r0 += static_cast<int64_t>(gridDim.x) * 32) {
+    const int64_t r = r0 + tx;
+    Acc s = Acc(0);
+    if (r < M)
+      for (int64_t k = ty; k < K; k += 8) s += Tr<T>::ld(A + r * rs + k * cs);
+    part[ty][tx] = s;
+    __syncthreads();
+    if (ty == 0 && r < M) {
+      Acc t = part[0][tx];
+      for (int y = 1; y < 8; y++) t += part[y][tx];
+      Tr<T>::st(out + r, t);
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T>
+void launch_row_sums(cudaStream_t stream, int64_t M, int64_t K, const GemmMat& a, char* out) {
+#ifdef MEGAPATCH_CUDA_EMULATOR
+  constexpr int64_t kMaxBlocks = 2;  // few blocks: the grid-stride loop runs
+#else
+  constexpr int64_t kMaxBlocks = 65535;
+#endif
+  const int64_t blocks = mn((M + 31) / 32, kMaxBlocks);
+  auto k = row_sum_kernel<T>;
+  MP_LAUNCH(k, dim3(static_cast<unsigned>(blocks)), dim3(32, 8), 0, stream, M, K,
+            reinterpret_cast<const T*>(a.data), a.rs, a.cs, reinterpret_cast<T*>(out));
+  check_launch("row_sum_kernel");
+}
+
+// The bias gradient of an epilogue, when it has one: the row sums of A (batch 1).
+void run_row_sums(cudaStream_t stream, DType dtype, int64_t M, int64_t K, const GemmMat& a, const GemmEpilogue* epi) {
+  if (!epi || !epi->bias_grad || M == 0) return;
+  MPC_DISPATCH_FLOAT(dtype, launch_row_sums, stream, M, K, a, epi->bias_grad);
+}
+
 int64_t iabs64(int64_t v) { return v < 0 ? -v : v; }
 
 template <typename T>
 void launch_tiled(cudaStream_t stream, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a,
-                  const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmBias* bias) {
+                  const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmEpilogue* epi) {
   using Acc = typename Tr<T>::C;
 #ifdef MEGAPATCH_CUDA_EMULATOR
   // small tiles and few threads: every thread is a fiber in the emulator
@@ -149,34 +218,46 @@ void launch_tiled(cudaStream_t stream, int64_t batch, int64_t M, int64_t N, int6
   MP_LAUNCH(k, grid, dim3(NT), 0, stream, batch, M, N, K, reinterpret_cast<const T*>(a.data), a.bs, a.rs, a.cs,
             a_kfast, reinterpret_cast<const T*>(b.data), b.bs, b.rs, b.cs, b_nfast, reinterpret_cast<T*>(c.data),
             c.bs, c.rs, static_cast<Acc>(alpha), static_cast<Acc>(beta),
-            bias ? reinterpret_cast<const T*>(bias->data) : static_cast<const T*>(nullptr));
+            epi ? reinterpret_cast<const T*>(epi->bias) : static_cast<const T*>(nullptr),
+            epi ? reinterpret_cast<T*>(epi->aux) : static_cast<T*>(nullptr), epi ? epi->aux_rs : int64_t(0),
+            epi ? static_cast<int>(epi->act) : 0);
   check_launch("gemm_tiled_kernel");
 }
 
-// The CPU backend's argument checks; false when there is nothing to compute. With a bias, K == 0
-// is a GEMM of zeros plus the bias (the tiled kernel's loop over k runs no step).
-bool gemm_args_ok(DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmBias* bias) {
+// The CPU backend's argument checks and the epilogue's; false when there is no product to compute
+// (a bias gradient may still be due). With an epilogue, K == 0 is a product of zeros (the tiled
+// kernel's loop over k runs no step) followed by the epilogue.
+bool gemm_args_ok(DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K, double alpha,
+                  const GemmEpilogue* epi) {
   if (dtype != DType::F32 && dtype != DType::F64 && dtype != DType::BF16 && dtype != DType::F16)
     throw_error("matmul: integer and bool dtypes are not supported");
-  if (bias && bias->dtype != dtype)
-    throw_error(std::string("linear: the bias is ") + dtype_name(bias->dtype) + " but the GEMM is " +
-                dtype_name(dtype) + "; cast the bias to the input's dtype");
+  const bool has_epi = epi && epi->any();
+  if (has_epi && (epi->bias || epi->aux || epi->bias_grad) && epi->dtype != dtype)
+    throw_error(std::string("linear: the ") + (epi->bias ? "bias" : epi->aux ? "pre-activation" : "bias gradient") +
+                " is " + dtype_name(epi->dtype) + " but the GEMM is " + dtype_name(dtype) +
+                "; cast it to the input's dtype");
+  if (has_epi && (epi->aux || epi->bias_grad) && batch > 1)
+    throw_error("gemm: an epilogue with a pre-activation or a bias gradient takes one matrix, got a batch of " +
+                std::to_string(batch));
+  if (has_epi && epi->bias_grad && (epi->bias || epi->aux || epi->act != GemmAct::None || alpha != 1.0))
+    throw_error("gemm: a bias gradient epilogue takes no bias, pre-activation or activation, and alpha 1");
   if (M == 0 || N == 0 || batch == 0) return false;
-  if (K == 0 && !bias) throw_error("gemm: K == 0 must be handled by the caller");
+  if (K == 0 && !has_epi) throw_error("gemm: K == 0 must be handled by the caller");
   if (M < 0 || N < 0 || K < 0 || batch < 0)
     throw_error("gemm: negative size (batch " + std::to_string(batch) + ", M " + std::to_string(M) + ", N " +
                 std::to_string(N) + ", K " + std::to_string(K) + ")");
   return true;
 }
 
+// The tiled kernel with the epilogue at its store (not the bias gradient: run_row_sums).
 void run_fallback(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K,
                   const GemmMat& a, const GemmMat& b, const GemmMat& c, double alpha, double beta,
-                  const GemmBias* bias) {
+                  const GemmEpilogue* epi) {
   switch (dtype) {
-    case DType::F32: launch_tiled<float>(stream, batch, M, N, K, a, b, c, alpha, beta, bias); break;
-    case DType::F64: launch_tiled<double>(stream, batch, M, N, K, a, b, c, alpha, beta, bias); break;
-    case DType::BF16: launch_tiled<bf16>(stream, batch, M, N, K, a, b, c, alpha, beta, bias); break;
-    case DType::F16: launch_tiled<f16>(stream, batch, M, N, K, a, b, c, alpha, beta, bias); break;
+    case DType::F32: launch_tiled<float>(stream, batch, M, N, K, a, b, c, alpha, beta, epi); break;
+    case DType::F64: launch_tiled<double>(stream, batch, M, N, K, a, b, c, alpha, beta, epi); break;
+    case DType::BF16: launch_tiled<bf16>(stream, batch, M, N, K, a, b, c, alpha, beta, epi); break;
+    case DType::F16: launch_tiled<f16>(stream, batch, M, N, K, a, b, c, alpha, beta, epi); break;
     default: throw_error("matmul: integer and bool dtypes are not supported");
   }
 }
@@ -185,9 +266,10 @@ void run_fallback(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, in
 
 void gemm_fallback(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K,
                    const GemmMat& a, const GemmMat& b, const GemmMat& c, double alpha, double beta,
-                   const GemmBias* bias) {
-  if (!gemm_args_ok(dtype, batch, M, N, K, bias)) return;
-  run_fallback(stream, dtype, batch, M, N, K, a, b, c, alpha, beta, bias);
+                   const GemmEpilogue* epi) {
+  if (gemm_args_ok(dtype, batch, M, N, K, alpha, epi))
+    run_fallback(stream, dtype, batch, M, N, K, a, b, c, alpha, beta, epi);
+  run_row_sums(stream, dtype, M, K, a, epi);
 }
 
 // ---- the cuBLASLt problem of a GEMM (pure host logic, compiled in both builds so that the
@@ -262,8 +344,8 @@ bool lt_problem(int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a
 namespace mpc {
 
 void gemm(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a,
-          const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmBias* bias) {
-  gemm_fallback(stream, dtype, batch, M, N, K, a, b, c, alpha, beta, bias);
+          const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmEpilogue* epi) {
+  gemm_fallback(stream, dtype, batch, M, N, K, a, b, c, alpha, beta, epi);
 }
 
 const char* gemm_engine() { return "emulated fallback"; }
@@ -298,7 +380,7 @@ constexpr int64_t kMaxLtBatch = 65535;  // larger batches run as several calls
 
 // What cuBLASLt needs to describe one GEMM; everything that shapes the plan is in the key.
 struct PlanKey {
-  int64_t v[20];
+  int64_t v[23];
   bool operator==(const PlanKey& o) const { return std::memcmp(v, o.v, sizeof v) == 0; }
 };
 struct PlanKeyHash {
@@ -410,14 +492,65 @@ cublasLtMatrixLayout_t lt_layout(cudaDataType_t type, uint64_t rows, uint64_t co
   return l;
 }
 
+// The cuBLASLt side of a GemmEpilogue. D is our C^T (N x M, column-major), so:
+//  - our per-column bias [N] is a per-row bias of D, what the *_BIAS epilogues add (a vector of
+//    D's row count, batch stride 0: one bias for all);
+//  - the pre-activation aux [M, N] with row stride aux_rs is a column-major N x M matrix with
+//    leading dimension aux_rs, what GELU_AUX* writes (the GELU input in D's type; its ld must be
+//    a multiple of 8 and at least D's rows);
+//  - the row sums of our A are the column sums of op(cuBLASLt's B) = A^T over the GEMM's k, a
+//    vector of D's column count: CUBLASLT_EPILOGUE_BGRADB (BGRADA would sum our B).
+// cuBLASLt's GELU is the tanh approximation (PyTorch's _addmm_activation uses it for
+// gelu(approximate='tanh') and applies gelu(..., 'tanh') itself where the epilogue is unavailable),
+// so it serves GemmAct::GeluTanh; the erf GELU has no epilogue. RELU_AUX writes a bit mask, not
+// the pre-activation, so ReLU with an aux has none either.
+struct LtEpilogue {
+  cublasLtEpilogue_t code = CUBLASLT_EPILOGUE_DEFAULT;
+  const void* vec = nullptr;  // the bias (BIAS_POINTER) or the bias gradient (BGRADB's output)
+  void* aux = nullptr;
+  int64_t aux_ld = 0;
+};
+
+// The epilogue of `e` (null: none) in cuBLASLt's terms; false when cuBLASLt has none for it.
+bool lt_epilogue(const GemmEpilogue* e, LtEpilogue& out) {
+  out = LtEpilogue();
+  if (!e || !e->any()) return true;
+  if (e->bias_grad) {
+    out.code = CUBLASLT_EPILOGUE_BGRADB;
+    out.vec = e->bias_grad;
+    return true;
+  }
+  const bool bias = e->bias != nullptr, aux = e->aux != nullptr;
+  out.vec = e->bias;
+  out.aux = e->aux;
+  out.aux_ld = e->aux_rs;
+  switch (e->act) {
+    case GemmAct::None:
+      if (aux) return false;
+      out.code = CUBLASLT_EPILOGUE_BIAS;
+      return true;
+    case GemmAct::Relu:
+      if (aux) return false;
+      out.code = bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU;
+      return true;
+    case GemmAct::GeluTanh:
+      out.code = aux ? (bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX)
+                     : (bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU);
+      return true;
+    default:
+      return false;
+  }
+}
+
 // Builds the plan of one problem: descriptors and the heuristic's best algorithm (ok = false,
 // descriptors destroyed, when cuBLASLt has none). Throws on any other cuBLASLt error, except with
-// a bias: an epilogue the heuristic rejects in any way leaves the problem to the tiled kernel.
-// `bias` (null: none) is the current call's; the heuristic reads its alignment from the address,
-// and gemm_lt sets the address of each later call on the cached descriptor.
+// an epilogue: one that cuBLASLt or its heuristic rejects in any way leaves the problem to the
+// tiled kernel. The epilogue's pointers are the current call's; the heuristic reads their
+// alignment from the addresses, and gemm_lt sets the addresses of each later call on the cached
+// descriptor.
 Plan make_plan(LtDevice& d, const LtTypes& ty, bool is16, const gemm_map::LtOperand& la, const gemm_map::LtOperand& lb, uint64_t m,
                uint64_t n, int64_t ldc, int64_t batch, int64_t bs_a, int64_t bs_b, int64_t bs_c,
-               const uint32_t align[3], const void* bias) {
+               const uint32_t align[3], const LtEpilogue& e) {
   Plan p;
   cublasLtMatmulPreference_t pref = nullptr;
   try {
@@ -427,18 +560,31 @@ Plan make_plan(LtDevice& d, const LtTypes& ty, bool is16, const gemm_map::LtOper
              "cublasLtMatmulDescSetAttribute(TRANSA)");
     lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)),
              "cublasLtMatmulDescSetAttribute(TRANSB)");
-    if (bias) {
-      // D is our C^T (N x M, column-major): our per-column bias [N] is a per-row bias of D, which
-      // is what EPILOGUE_BIAS adds (its vector has D's row count); batch stride 0: one bias for all
-      cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
-      int32_t bias_type = static_cast<int32_t>(ty.data);
-      lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)),
-               "cublasLtMatmulDescSetAttribute(EPILOGUE)");
-      lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
-                                              sizeof(bias_type)),
-               "cublasLtMatmulDescSetAttribute(BIAS_DATA_TYPE)");
-      lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)),
-               "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
+    const bool has_epi = e.code != CUBLASLT_EPILOGUE_DEFAULT;
+    if (has_epi) {
+      bool set = cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &e.code, sizeof(e.code)) ==
+                 CUBLAS_STATUS_SUCCESS;
+      if (set && e.vec && e.code != CUBLASLT_EPILOGUE_BGRADB) {
+        // a bias of D's type (a bias gradient's type is D's by default)
+        int32_t bias_type = static_cast<int32_t>(ty.data);
+        set = cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
+                                             sizeof(bias_type)) == CUBLAS_STATUS_SUCCESS;
+      }
+      if (set && e.vec)
+        set = cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &e.vec, sizeof(e.vec)) ==
+              CUBLAS_STATUS_SUCCESS;
+      if (set && e.aux) {
+        // the GELU input in D's type (EPILOGUE_AUX_DATA_TYPE left at its default)
+        set = cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &e.aux,
+                                             sizeof(e.aux)) == CUBLAS_STATUS_SUCCESS &&
+              cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &e.aux_ld,
+                                             sizeof(e.aux_ld)) == CUBLAS_STATUS_SUCCESS;
+      }
+      if (!set) {
+        p.destroy();
+        p.ok = false;
+        return p;
+      }
     }
     p.la = lt_layout(ty.data, la.rows, la.cols, la.ld, batch, bs_a);
     p.lb = lt_layout(ty.data, lb.rows, lb.cols, lb.ld, batch, bs_b);
@@ -476,7 +622,7 @@ Plan make_plan(LtDevice& d, const LtTypes& ty, bool is16, const gemm_map::LtOper
     cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(d.handle, p.op, p.la, p.lb, p.lc, p.lc, pref, 1, &res, &found);
     cublasLtMatmulPreferenceDestroy(pref);
     pref = nullptr;
-    const bool rejected = bias && (st != CUBLAS_STATUS_SUCCESS || res.state != CUBLAS_STATUS_SUCCESS);
+    const bool rejected = has_epi && (st != CUBLAS_STATUS_SUCCESS || res.state != CUBLAS_STATUS_SUCCESS);
     if (st == CUBLAS_STATUS_NOT_SUPPORTED || rejected || (st == CUBLAS_STATUS_SUCCESS && found == 0)) {
       p.destroy();
       p.ok = false;
@@ -494,16 +640,19 @@ Plan make_plan(LtDevice& d, const LtTypes& ty, bool is16, const gemm_map::LtOper
   }
 }
 
-// Runs the GEMM through cuBLASLt; false (nothing enqueued) when the layout, the bias's alignment
-// or cuBLASLt does not allow it.
+// Runs the GEMM and its epilogue (bias gradient included) through cuBLASLt; false (nothing
+// enqueued) when the layout, the epilogue, its vectors' alignment or cuBLASLt does not allow it.
 bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a,
-             const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmBias* bias) {
+             const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmEpilogue* epi) {
   gemm_map::LtProblem pr;
   if (!gemm_map::lt_problem(batch, M, N, K, a, b, c, pr)) return false;
-  const void* bias_ptr = bias ? static_cast<const void*>(bias->data) : nullptr;
-  // the epilogue's vector loads want 16-byte alignment; a bias view at an odd offset takes the tiled kernel
-  const uint32_t bias_align = bias ? lt_alignment(bias_ptr, 0, 1) : 0;
-  if (bias && bias_align < 16) return false;
+  LtEpilogue e;
+  if (!lt_epilogue(epi, e)) return false;
+  // the epilogue's vector loads want 16-byte alignment; a view at an odd offset takes the tiled kernel
+  const uint32_t vec_align = e.vec ? lt_alignment(e.vec, 0, 1) : 0;
+  if (e.vec && vec_align < 16) return false;
+  const uint32_t aux_align = e.aux ? lt_alignment(e.aux, 0, 1) : 0;
+  if (e.aux && (aux_align < 16 || e.aux_ld % 8 != 0 || e.aux_ld < N)) return false;
   const gemm_map::LtOperand &la = pr.a, &lb = pr.b;
   const int64_t ldc = pr.ldc, bs_a = pr.bs_a, bs_b = pr.bs_b, bs_c = pr.bs_c;
 
@@ -540,7 +689,10 @@ bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t
     v[16] = align[1];
     v[17] = align[2];
     v[18] = static_cast<int64_t>(d.workspace_bytes);
-    v[19] = bias_align;  // 0: no epilogue; else EPILOGUE_BIAS with a bias of this alignment
+    v[19] = vec_align;  // 0: no bias (or bias gradient); else its alignment
+    v[20] = static_cast<int64_t>(e.code);
+    v[21] = e.aux_ld;
+    v[22] = aux_align;
 
     auto it = d.plans.find(key);
     if (it == d.plans.end()) {
@@ -549,7 +701,7 @@ bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t
         d.plans.clear();
       }
       Plan p = make_plan(d, ty, is16, la, lb, static_cast<uint64_t>(N), static_cast<uint64_t>(M), ldc, nb,
-                         v[11], v[12], v[13], align, bias_ptr);
+                         v[11], v[12], v[13], align, e);
       it = d.plans.emplace(key, p).first;
     }
     const Plan& p = it->second;
@@ -561,15 +713,17 @@ bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t
       // a last, shorter chunk cuBLASLt has no algorithm for: the tiled kernel runs it
       GemmMat ca{const_cast<char*>(B), bs_b, a.rs, a.cs}, cb{const_cast<char*>(A), bs_a, b.rs, b.cs},
           cc{C, bs_c, c.rs, 1};
-      run_fallback(stream, dtype, nb, M, N, K, ca, cb, cc, alpha, beta, bias);
+      run_fallback(stream, dtype, nb, M, N, K, ca, cb, cc, alpha, beta, epi);
       continue;
     }
-    if (bias_ptr) {
-      // the cached descriptor holds the bias of the call that made it: point it at this one's
-      // (cuBLASLt reads the descriptor when the call is enqueued; the lock keeps calls apart)
-      lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr, sizeof(bias_ptr)),
+    // the cached descriptor holds the pointers of the call that made it: point it at this one's
+    // (cuBLASLt reads the descriptor when the call is enqueued; the lock keeps calls apart)
+    if (e.vec)
+      lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &e.vec, sizeof(e.vec)),
                "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
-    }
+    if (e.aux)
+      lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &e.aux, sizeof(e.aux)),
+               "cublasLtMatmulDescSetAttribute(EPILOGUE_AUX_POINTER)");
     if (dtype == DType::F64) {
       double al = alpha, be = beta;
       lt_check(cublasLtMatmul(d.handle, p.op, &al, A, p.la, B, p.lb, &be, C, p.lc, C, p.lc, &p.algo, d.workspace,
@@ -588,10 +742,11 @@ bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t
 }  // namespace
 
 void gemm(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a,
-          const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmBias* bias) {
-  if (!gemm_args_ok(dtype, batch, M, N, K, bias)) return;
-  if (gemm_lt(stream, dtype, batch, M, N, K, a, b, c, alpha, beta, bias)) return;
-  run_fallback(stream, dtype, batch, M, N, K, a, b, c, alpha, beta, bias);
+          const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmEpilogue* epi) {
+  const bool work = gemm_args_ok(dtype, batch, M, N, K, alpha, epi);
+  if (work && gemm_lt(stream, dtype, batch, M, N, K, a, b, c, alpha, beta, epi)) return;  // BGRADB included
+  if (work) run_fallback(stream, dtype, batch, M, N, K, a, b, c, alpha, beta, epi);
+  run_row_sums(stream, dtype, M, K, a, epi);
 }
 
 const char* gemm_engine() {

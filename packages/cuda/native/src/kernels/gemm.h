@@ -7,9 +7,10 @@
 // float64, bfloat16 and float16; 16-bit products accumulate in float32 and round once into C,
 // float64 in double. With beta == 0, C is not read (NaN garbage there does not leak).
 //
-// An optional bias [N] (the epilogue of a linear layer): C_i[r, n] = alpha * (A_i @ B_i)[r, n] +
-// beta * C_i[r, n] + bias[n], added in the accumulator type before C's single rounding, the same
-// bias for every batch. With a bias, K == 0 is allowed (C = beta * C + bias).
+// An optional epilogue (the fused linear layer; see GemmEpilogue): with v = alpha * (A_i @ B_i) +
+// beta * C_i + bias in the accumulator type, aux (the pre-activation) = v and C = act(v), each
+// rounded once to the GEMM's dtype; or a bias gradient, the row sums of A. With an epilogue, K == 0
+// is allowed (the product is 0).
 #pragma once
 
 #include "common.cuh"
@@ -21,25 +22,46 @@ struct GemmMat {
   int64_t bs, rs, cs;  // elements
 };
 
-// The epilogue's bias: N contiguous elements of the GEMM's dtype (another dtype is an error).
-struct GemmBias {
-  const char* data;
-  DType dtype;
+// The activation of the epilogue. Must match LINEAR_ACTIVATION_CODES in @megapatch/tensor's
+// src/backend/abi.ts. The formulas are the unary ops' (elementwise.cu): relu(v) = v > 0 ? v : 0,
+// gelu(v) = v/2 (1 + erf(v/sqrt 2)), gelu-tanh(v) = v/2 (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3))).
+enum class GemmAct : int { None = 0, Relu = 1, Gelu = 2, GeluTanh = 3 };
+
+// What the GEMM does besides the product, in the accumulator type before the rounding to C. Every
+// vector and matrix here has the GEMM's dtype (another dtype is an error), is shared by the batch
+// and requires batch == 1 where noted.
+//  - bias [N] contiguous: added to every row of C (the same bias for every batch).
+//  - aux [M, N] (row stride aux_rs, unit column stride; batch 1): receives the pre-activation
+//    alpha * A @ B + beta * C + bias, rounded once (the input of act, kept for the backward).
+//  - act: applied after the bias, before C's rounding.
+//  - bias_grad [M] contiguous (batch 1, alpha 1, no bias, aux or act): receives the row sums of A,
+//    sum_k A[r, k], accumulated in the accumulator type and rounded once: with A = g^T it is the
+//    bias gradient of a linear layer whose weight gradient is C = g^T x.
+struct GemmEpilogue {
+  const char* bias = nullptr;
+  char* aux = nullptr;
+  int64_t aux_rs = 0;
+  GemmAct act = GemmAct::None;
+  char* bias_grad = nullptr;
+  DType dtype = DType::F32;  // of bias, aux and bias_grad: must be the GEMM's
+
+  bool any() const { return bias || aux || act != GemmAct::None || bias_grad; }
 };
 
 // cuBLASLt when the layout allows it (each of A and B has a unit stride in one of its matrix
-// dimensions, leading dimensions and batch strides non-negative and non-overlapping), otherwise
-// the tiled kernel below; in the emulator always the tiled kernel. Enqueues on `stream` only.
-// M == 0 or N == 0 or batch == 0 is a no-op; K == 0 (without a bias) and non-float dtypes are
-// errors (as on the CPU). A bias goes to cuBLASLt as CUBLASLT_EPILOGUE_BIAS when its address is
-// 16-byte aligned and cuBLASLt has an algorithm for it, else to the tiled kernel.
+// dimensions, leading dimensions and batch strides non-negative and non-overlapping) and it has an
+// epilogue for the one asked (see gemm.cu), otherwise the tiled kernel below; in the emulator
+// always the tiled kernel. Enqueues on `stream` only. M == 0 or N == 0 or batch == 0 leaves C
+// alone (a bias gradient is still written when M > 0); K == 0 without an epilogue and non-float
+// dtypes are errors (as on the CPU).
 void gemm(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a,
-          const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmBias* bias = nullptr);
+          const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmEpilogue* epi = nullptr);
 
-// The tiled shared-memory kernel for any strides, batch and float dtype (what the emulator runs).
+// The tiled shared-memory kernel for any strides, batch and float dtype (what the emulator runs),
+// with the epilogue applied at its store (a bias gradient by a row-sum kernel after it).
 void gemm_fallback(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K,
                    const GemmMat& a, const GemmMat& b, const GemmMat& c, double alpha, double beta,
-                   const GemmBias* bias = nullptr);
+                   const GemmEpilogue* epi = nullptr);
 
 // "cuBLASLt <major>.<minor>.<patch>" (the loaded library's version) or "emulated fallback".
 const char* gemm_engine();
