@@ -208,6 +208,21 @@ if (want('attn')) {
         if (!finite) throw new Error('attention output or gradients not finite (or all zero)');
       }
       const fb = timeIt(step, { warm: 1, maxSamples: 20 });
+      // the tensor-core kernels without their cp.async prefetch of the next tile, for comparison
+      const prevPipe = process.env.MEGAPATCH_ATTENTION_PIPELINE;
+      let fwdNp: ReturnType<typeof timeIt>;
+      let fbNp: ReturnType<typeof timeIt>;
+      try {
+        process.env.MEGAPATCH_ATTENTION_PIPELINE = '0';
+        fwdNp = timeIt(() => T.scaledDotProductAttention(q, k, v, opts).dispose(), {
+          warm: 1,
+          maxSamples: 10,
+        });
+        fbNp = timeIt(step, { warm: 1, maxSamples: 10 });
+      } finally {
+        if (prevPipe === undefined) delete process.env.MEGAPATCH_ATTENTION_PIPELINE;
+        else process.env.MEGAPATCH_ATTENTION_PIPELINE = prevPipe;
+      }
       emit({
         kind: 'attn',
         case: c.case,
@@ -223,6 +238,7 @@ if (want('attn')) {
         fwdTflops: r4(fwdFlops / (fwd.ms / 1000) / 1e12),
         fwdBwdMs: r4(fb.ms),
         fwdBwdTflops: r4((3.5 * fwdFlops) / (fb.ms / 1000) / 1e12),
+        noPipelineMs: { fwd: r4(fwdNp.ms), fwdBwd: r4(fbNp.ms) },
         samples: [fwd.samples, fb.samples],
         spreadMs: [r4(fb.minMs), r4(fb.maxMs)],
       });

@@ -95,6 +95,16 @@ for (const c of cases.attn) {
     rf === null ? '-' : String(num(rf)),
     '(info)',
   );
+  if (o?.noPipelineMs) {
+    // MEGAPATCH_ATTENTION_PIPELINE=0: tiles loaded between barriers, no cp.async prefetch
+    row(
+      `attn ${c.case} fwd / fwd+bwd ms, no prefetch`,
+      `${num(o.noPipelineMs.fwd, 4)} / ${num(o.noPipelineMs.fwdBwd, 4)}`,
+      '',
+      `${num(o.noPipelineMs.fwdBwd / o.fwdBwdMs)}`,
+      '(info: no-prefetch / prefetch)',
+    );
+  }
 }
 // the training step
 const tc = cases.train;

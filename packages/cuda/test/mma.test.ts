@@ -6,7 +6,8 @@
 // use (MPC_MMA_SHFL). The same program compiles with nvcc and runs on a GPU.
 // Then the tensor-core attention kernels (attention.cu, bf16 / f16 with D, Dv in {64, 128} and MLA's
 // (192, 128); forward and backward) on the emulator against the CUDA-core kernels
-// (MEGAPATCH_ATTENTION_MMA=0) and the CPU backend.
+// (MEGAPATCH_ATTENTION_MMA=0) and the CPU backend, and with and without the cp.async prefetch of
+// the next tile (MEGAPATCH_ATTENTION_PIPELINE=0).
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -258,6 +259,19 @@ describe.skipIf(noAddon !== '')(
             else process.env.MEGAPATCH_ATTENTION_MMA = prev;
           }
           const mmaAll = run(DEV);
+          // the same arithmetic with each tile loaded between two barriers instead of prefetched
+          // by cp.async (the emulator delays those copies until their wait): the same bits
+          let unpipelined: number[][];
+          const prevPipe = process.env.MEGAPATCH_ATTENTION_PIPELINE;
+          try {
+            process.env.MEGAPATCH_ATTENTION_PIPELINE = '0';
+            unpipelined = run(DEV);
+          } finally {
+            if (prevPipe === undefined) delete process.env.MEGAPATCH_ATTENTION_PIPELINE;
+            else process.env.MEGAPATCH_ATTENTION_PIPELINE = prevPipe;
+          }
+          for (let o = 0; o < 4; o++)
+            expect(unpipelined[o], `output ${o} without cp.async`).toEqual(mmaAll[o]);
           const cpuAll = run('cpu');
           const [mma, fma, cpu] = [mmaAll[0], fmaAll[0], cpuAll[0]];
           // Both kernels round out to the storage dtype (2 ulps of |out|); the tensor-core one

@@ -399,14 +399,31 @@ MP_D void load_tile16(uint16_t* dst, const T* base, int64_t rs, int64_t cs, int6
   }
 }
 
-template <typename T, int D, int DV>
+// The same as load_tile16 for rows that are 16-byte aligned and contiguous, through cp.async:
+// the caller commits the group and waits for it (mma.cuh); rows at or past `total` are zeroed by
+// plain stores (visible after the barrier that follows the wait).
+template <typename T, int W>
+MP_D void load_tile16_async(uint16_t* dst, const T* base, int64_t rs, int64_t r0, int rows, int64_t total) {
+  constexpr int ld = W + kMmaPad, chunks = W / 8;
+  for (int idx = threadIdx.x; idx < rows * chunks; idx += kAttThreads) {
+    const int r = idx / chunks, c = (idx - r * chunks) * 8;
+    const int64_t row = r0 + r;
+    if (row < total) cp_async16(dst + r * ld + c, base + row * rs + c);
+    else zero16(dst + r * ld + c);
+  }
+}
+
+// PIPE (K and V rows 16-byte aligned and contiguous): two K/V buffers; the next tile's cp.async
+// copies are in flight while the current tile is multiplied. Otherwise one buffer, loaded through
+// registers between the barriers.
+template <typename T, int D, int DV, bool PIPE>
 __global__ void __launch_bounds__(kAttThreads) attn_fwd_mma_kernel(Params P) {
   constexpr int BR = kMmaBR, BC = kMmaBC, LDQ = D + kMmaPad, LDV = DV + kMmaPad;
-  constexpr int KD = D / 16, NS = BC / 8, NO = DV / 8;
+  constexpr int KD = D / 16, NS = BC / 8, NO = DV / 8, NBUF = PIPE ? 2 : 1;
   MP_DYNAMIC_SMEM(uint16_t, sm);
   uint16_t* Qs = sm;
-  uint16_t* Ks = Qs + BR * LDQ;
-  uint16_t* Vs = Ks + BC * LDQ;
+  uint16_t* Ks0 = Qs + BR * LDQ;       // NBUF tiles [BC][LDQ]
+  uint16_t* Vs0 = Ks0 + NBUF * BC * LDQ;  // NBUF tiles [BC][LDV]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
   const int64_t x = blockIdx.x;
   const int64_t qt = P.ntiles - 1 - x % P.ntiles, bh = x / P.ntiles;
@@ -435,17 +452,36 @@ ATT_UNROLL
   row_range(P, i0, blo, unused);
   row_range(P, mn(i0 + BR, P.Sq) - 1, unused, bhi);
 
+  // K/V tile starting at key jt into buffer `buf`, as one cp.async group
+  auto prefetch = [&](int64_t jt, int buf) {
+    load_tile16_async<T, D>(Ks0 + buf * BC * LDQ, kb, P.k.s[2], jt, BC, P.Sk);
+    load_tile16_async<T, DV>(Vs0 + buf * BC * LDV, vb, P.v.s[2], jt, BC, P.Sk);
+    cp_async_commit();
+  };
+  if (PIPE && blo < bhi) prefetch(blo, 0);
   __syncthreads();
   uint32_t qf[KD][4];
 ATT_UNROLL
   for (int kk = 0; kk < KD; kk++)
     ldmatrix_x4(qf[kk], Qs + (warp * 16 + (lane & 15)) * LDQ + kk * 16 + (lane >> 4) * 8);
 
-  for (int64_t j0 = blo; j0 < bhi; j0 += BC) {
-    __syncthreads();  // the previous tile's readers are done
-    load_tile16<T, D>(Ks, kb, P.k.s[2], P.k.s[3], j0, BC, P.Sk, (P.vec >> 1) & 1);
-    load_tile16<T, DV>(Vs, vb, P.v.s[2], P.v.s[3], j0, BC, P.Sk, (P.vec >> 2) & 1);
+  int buf = 0;
+  for (int64_t j0 = blo; j0 < bhi; j0 += BC, buf ^= NBUF - 1) {
+    __syncthreads();  // the previous tile's readers are done (its buffer is refilled below)
+    if constexpr (PIPE) {
+      if (j0 + BC < bhi) {
+        prefetch(j0 + BC, buf ^ 1);
+        cp_async_wait<1>();  // this tile's group is complete, the next one's in flight
+      } else {
+        cp_async_wait<0>();
+      }
+    } else {
+      load_tile16<T, D>(Ks0, kb, P.k.s[2], P.k.s[3], j0, BC, P.Sk, (P.vec >> 1) & 1);
+      load_tile16<T, DV>(Vs0, vb, P.v.s[2], P.v.s[3], j0, BC, P.Sk, (P.vec >> 2) & 1);
+    }
     __syncthreads();
+    const uint16_t* Ks = Ks0 + buf * BC * LDQ;
+    const uint16_t* Vs = Vs0 + buf * BC * LDV;
     float s[NS][4];
 ATT_UNROLL
     for (int n = 0; n < NS; n++)
@@ -817,16 +853,18 @@ MP_D void mma_acc_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)
 // Block: (b, kv head, tile of 64 keys) from blockIdx.x; warp w owns keys 16 w .. 16 w + 15. Loops
 // over the query heads of the group and the query tiles (BQ queries) that can see its keys.
 // Shared: K [64][D], V [64][Dv], Q [BQ][D], dO [BQ][Dv] (16-bit, padded rows), then lse, delta
-// [BQ] (float) and the queries' key ranges lo, hi [BQ] (int64).
-template <typename T, int D, int DV, int BQ>
+// [BQ] (float) and the queries' key ranges lo, hi [BQ] (int64). PIPE (Q and dO rows 16-byte
+// aligned and contiguous): two Q/dO buffers, the next tile (of this head, else of the group's next
+// head) prefetched with cp.async while the current one is multiplied.
+template <typename T, int D, int DV, int BQ, bool PIPE>
 __global__ void __launch_bounds__(kAttThreads) attn_dkdv_mma_kernel(Params P) {
-  constexpr int BR = kMmaBR, LDK = D + kMmaPad, LDV = DV + kMmaPad, NQ = BQ / 8;
+  constexpr int BR = kMmaBR, LDK = D + kMmaPad, LDV = DV + kMmaPad, NQ = BQ / 8, NBUF = PIPE ? 2 : 1;
   MP_DYNAMIC_SMEM(uint16_t, sm);
   uint16_t* Ks = sm;
   uint16_t* Vs = Ks + BR * LDK;
-  uint16_t* Qs = Vs + BR * LDV;
-  uint16_t* Gs = Qs + BQ * LDK;
-  float* Ls = reinterpret_cast<float*>(Gs + BQ * LDV);  // 16-byte aligned: every size above is
+  uint16_t* Qs0 = Vs + BR * LDV;          // NBUF tiles [BQ][LDK]
+  uint16_t* Gs0 = Qs0 + NBUF * BQ * LDK;  // NBUF tiles [BQ][LDV]
+  float* Ls = reinterpret_cast<float*>(Gs0 + NBUF * BQ * LDV);  // 16-byte aligned: every size above is
   float* Dl = Ls + BQ;                                   // a multiple of 8 elements
   int64_t* Lo = reinterpret_cast<int64_t*>(Dl + BQ);
   int64_t* Hi = Lo + BQ;
@@ -864,16 +902,36 @@ ATT_UNROLL
   }
   if (P.causal) ia = mx(ia, j0);
 
+  // Q/dO tile of query head hq starting at query it into buffer `bf`, as one cp.async group
+  auto prefetch = [&](int64_t hq, int64_t it, int bf) {
+    load_tile16_async<T, D>(Qs0 + bf * BQ * LDK, mat_ptr<const T>(P.q, b, hq), P.q.s[2], it, BQ, P.Sq);
+    load_tile16_async<T, DV>(Gs0 + bf * BQ * LDV, mat_ptr<const T>(P.go, b, hq), P.go.s[2], it, BQ, P.Sq);
+    cp_async_commit();
+  };
+  if (PIPE && ia < ib) prefetch(kh * P.group, ia, 0);
+  int buf = 0;
   for (int64_t gq = 0; gq < P.group; gq++) {
     const int64_t h = kh * P.group + gq;
     const T* qb = mat_ptr<const T>(P.q, b, h);
     const T* gb = mat_ptr<const T>(P.go, b, h);
     const float* lb = reinterpret_cast<const float*>(P.lse.p) + b * P.lse.s[0] + h * P.lse.s[1];
     const float* db = delta + (b * P.Hq + h) * P.Sq;
-    for (int64_t i0 = ia; i0 < ib; i0 += BQ) {
-      __syncthreads();  // the previous tile's readers are done
-      load_tile16<T, D>(Qs, qb, P.q.s[2], P.q.s[3], i0, BQ, P.Sq, P.vec & 1);
-      load_tile16<T, DV>(Gs, gb, P.go.s[2], P.go.s[3], i0, BQ, P.Sq, (P.vec >> 3) & 1);
+    for (int64_t i0 = ia; i0 < ib; i0 += BQ, buf ^= NBUF - 1) {
+      __syncthreads();  // the previous tile's readers are done (its buffer is refilled below)
+      if constexpr (PIPE) {
+        const bool same = i0 + BQ < ib;  // the next tile: this head's next, or the next head's first
+        if (same || gq + 1 < P.group) {
+          prefetch(same ? h : h + 1, same ? i0 + BQ : ia, buf ^ 1);
+          cp_async_wait<1>();
+        } else {
+          cp_async_wait<0>();
+        }
+      } else {
+        load_tile16<T, D>(Qs0, qb, P.q.s[2], P.q.s[3], i0, BQ, P.Sq, P.vec & 1);
+        load_tile16<T, DV>(Gs0, gb, P.go.s[2], P.go.s[3], i0, BQ, P.Sq, (P.vec >> 3) & 1);
+      }
+      const uint16_t* Qs = Qs0 + buf * BQ * LDK;
+      const uint16_t* Gs = Gs0 + buf * BQ * LDV;
       for (int q = tid; q < BQ; q += kAttThreads) {
         const int64_t i = i0 + q;
         const bool in = i < P.Sq;
@@ -950,14 +1008,15 @@ ATT_UNROLL
 
 // Block: (b, query head, tile of 64 queries) from blockIdx.x; warp w owns rows 16 w .. 16 w + 15.
 // Shared: Q [64][D], dO [64][Dv], K [BC][D], V [BC][Dv] (16-bit, padded rows); BC keys per tile.
-template <typename T, int D, int DV, int BC>
+// PIPE: two K/V buffers, the next tile prefetched with cp.async (as in attn_fwd_mma_kernel).
+template <typename T, int D, int DV, int BC, bool PIPE>
 __global__ void __launch_bounds__(kAttThreads) attn_dq_mma_kernel(Params P) {
-  constexpr int BR = kMmaBR, LDK = D + kMmaPad, LDV = DV + kMmaPad, NS = BC / 8;
+  constexpr int BR = kMmaBR, LDK = D + kMmaPad, LDV = DV + kMmaPad, NS = BC / 8, NBUF = PIPE ? 2 : 1;
   MP_DYNAMIC_SMEM(uint16_t, sm);
   uint16_t* Qs = sm;
   uint16_t* Gs = Qs + BR * LDK;
-  uint16_t* Ks = Gs + BR * LDV;
-  uint16_t* Vs = Ks + BC * LDK;
+  uint16_t* Ks0 = Gs + BR * LDV;          // NBUF tiles [BC][LDK]
+  uint16_t* Vs0 = Ks0 + NBUF * BC * LDK;  // NBUF tiles [BC][LDV]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
   const int64_t x = blockIdx.x;
   const int64_t qt = P.ntiles - 1 - x % P.ntiles, bh = x / P.ntiles;
@@ -990,11 +1049,29 @@ ATT_UNROLL
   row_range(P, i0, blo, unused);
   row_range(P, mn(i0 + BR, P.Sq) - 1, unused, bhi);
 
-  for (int64_t j0 = blo; j0 < bhi; j0 += BC) {
+  auto prefetch = [&](int64_t jt, int buf) {
+    load_tile16_async<T, D>(Ks0 + buf * BC * LDK, kb, P.k.s[2], jt, BC, P.Sk);
+    load_tile16_async<T, DV>(Vs0 + buf * BC * LDV, vb, P.v.s[2], jt, BC, P.Sk);
+    cp_async_commit();
+  };
+  if (PIPE && blo < bhi) prefetch(blo, 0);
+  int buf = 0;
+  for (int64_t j0 = blo; j0 < bhi; j0 += BC, buf ^= NBUF - 1) {
+    __syncthreads();  // the previous tile's readers are done (its buffer is refilled below)
+    if constexpr (PIPE) {
+      if (j0 + BC < bhi) {
+        prefetch(j0 + BC, buf ^ 1);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+    } else {
+      load_tile16<T, D>(Ks0, kb, P.k.s[2], P.k.s[3], j0, BC, P.Sk, (P.vec >> 1) & 1);
+      load_tile16<T, DV>(Vs0, vb, P.v.s[2], P.v.s[3], j0, BC, P.Sk, (P.vec >> 2) & 1);
+    }
     __syncthreads();
-    load_tile16<T, D>(Ks, kb, P.k.s[2], P.k.s[3], j0, BC, P.Sk, (P.vec >> 1) & 1);
-    load_tile16<T, DV>(Vs, vb, P.v.s[2], P.v.s[3], j0, BC, P.Sk, (P.vec >> 2) & 1);
-    __syncthreads();
+    const uint16_t* Ks = Ks0 + buf * BC * LDK;
+    const uint16_t* Vs = Vs0 + buf * BC * LDV;
     float s[NS][4], dp[NS][4];
 ATT_UNROLL
     for (int n = 0; n < NS; n++)
@@ -1178,6 +1255,12 @@ bool mma_allowed() {
   const char* e = std::getenv("MEGAPATCH_ATTENTION_MMA");
   return !(e && std::strcmp(e, "0") == 0);
 }
+// MEGAPATCH_ATTENTION_PIPELINE=0: the tensor-core kernels load each K/V (or Q/dO) tile between two
+// barriers instead of prefetching the next one with cp.async (for comparing the two on a GPU).
+bool pipeline_allowed() {
+  const char* e = std::getenv("MEGAPATCH_ATTENTION_PIPELINE");
+  return !(e && std::strcmp(e, "0") == 0);
+}
 // The device is sm_80+ and the kernels it would run were compiled for sm_80+ (a build for older
 // architectures JIT-compiled on a new GPU would run mma.cuh's slow shuffle fallback instead).
 bool device_has_mma_uncached(int dev) {
@@ -1186,7 +1269,7 @@ bool device_has_mma_uncached(int dev) {
   if (major < 8) return false;
 #ifndef MEGAPATCH_CUDA_EMULATOR
   cudaFuncAttributes fa;
-  auto k = attn_fwd_mma_kernel<bf16, 64, 64>;
+  auto k = attn_fwd_mma_kernel<bf16, 64, 64, false>;
   if (cudaFuncGetAttributes(&fa, k) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
@@ -1224,16 +1307,23 @@ int mma_head_dims(const Params& P) {
 }
 template <typename T> constexpr bool kHalf16 = std::is_same<T, bf16>::value || std::is_same<T, f16>::value;
 
-template <typename T, int D, int DV>
+template <typename T, int D, int DV, bool PIPE>
 size_t fwd_mma_smem() {
-  return sizeof(uint16_t) * ((kMmaBR + kMmaBC) * (D + kMmaPad) + kMmaBC * (DV + kMmaPad));
+  constexpr size_t nbuf = PIPE ? 2 : 1;
+  return sizeof(uint16_t) * (kMmaBR * (D + kMmaPad) + nbuf * kMmaBC * (D + kMmaPad + DV + kMmaPad));
 }
 template <typename T, int D, int DV>
 void forward_mma_cfg(Params P, cudaStream_t s) {
   P.ntiles = cdiv(P.Sq, kMmaBR);
   P.vec = (rows_aligned16(P.q, D) ? 1 : 0) | (rows_aligned16(P.k, D) ? 2 : 0) | (rows_aligned16(P.v, DV) ? 4 : 0);
-  auto k = attn_fwd_mma_kernel<T, D, DV>;
-  launch_tiles(k, "attentionForward", P, P.B * P.Hq * P.ntiles, 1, fwd_mma_smem<T, D, DV>(), s);
+  const int64_t blocks = P.B * P.Hq * P.ntiles;
+  if ((P.vec & 6) == 6 && pipeline_allowed()) {
+    launch_tiles(attn_fwd_mma_kernel<T, D, DV, true>, "attentionForward", P, blocks, 1,
+                 fwd_mma_smem<T, D, DV, true>(), s);
+  } else {
+    launch_tiles(attn_fwd_mma_kernel<T, D, DV, false>, "attentionForward", P, blocks, 1,
+                 fwd_mma_smem<T, D, DV, false>(), s);
+  }
 }
 // true when the tensor-core kernel took the launch
 template <typename T>
@@ -1294,14 +1384,16 @@ template <typename T, int D, int DV>
 constexpr int bwd_mma_bc() {
   return D > 128 ? 32 : kMmaBC;  // keys per dq tile
 }
-template <typename T, int D, int DV>
+template <typename T, int D, int DV, bool PIPE>
 size_t dkdv_mma_smem() {
-  constexpr size_t BQ = bwd_mma_bq<T, D, DV>();
-  return sizeof(uint16_t) * (kMmaBR + BQ) * (D + kMmaPad + DV + kMmaPad) + BQ * (2 * sizeof(float) + 2 * sizeof(int64_t));
+  constexpr size_t BQ = bwd_mma_bq<T, D, DV>(), nbuf = PIPE ? 2 : 1;
+  return sizeof(uint16_t) * (kMmaBR + nbuf * BQ) * (D + kMmaPad + DV + kMmaPad) +
+         BQ * (2 * sizeof(float) + 2 * sizeof(int64_t));
 }
-template <typename T, int D, int DV>
+template <typename T, int D, int DV, bool PIPE>
 size_t dq_mma_smem() {
-  return sizeof(uint16_t) * (kMmaBR + bwd_mma_bc<T, D, DV>()) * (D + kMmaPad + DV + kMmaPad);
+  constexpr size_t nbuf = PIPE ? 2 : 1;
+  return sizeof(uint16_t) * (kMmaBR + nbuf * bwd_mma_bc<T, D, DV>()) * (D + kMmaPad + DV + kMmaPad);
 }
 template <typename T, int D, int DV>
 void backward_mma_cfg(Params P, cudaStream_t s) {
@@ -1309,12 +1401,25 @@ void backward_mma_cfg(Params P, cudaStream_t s) {
           (rows_aligned16(P.go, DV) ? 8 : 0);
   Params Pk = P;
   Pk.ntiles = cdiv(P.Sk, kMmaBR);
-  auto k1 = attn_dkdv_mma_kernel<T, D, DV, bwd_mma_bq<T, D, DV>()>;
-  launch_tiles(k1, "attentionBackward (dk, dv)", Pk, P.B * P.Hkv * Pk.ntiles, 1, dkdv_mma_smem<T, D, DV>(), s);
+  constexpr int BQ = bwd_mma_bq<T, D, DV>();
+  const bool pipe = pipeline_allowed();
+  if ((P.vec & 9) == 9 && pipe) {
+    launch_tiles(attn_dkdv_mma_kernel<T, D, DV, BQ, true>, "attentionBackward (dk, dv)", Pk,
+                 P.B * P.Hkv * Pk.ntiles, 1, dkdv_mma_smem<T, D, DV, true>(), s);
+  } else {
+    launch_tiles(attn_dkdv_mma_kernel<T, D, DV, BQ, false>, "attentionBackward (dk, dv)", Pk,
+                 P.B * P.Hkv * Pk.ntiles, 1, dkdv_mma_smem<T, D, DV, false>(), s);
+  }
   Params Pq = P;
   Pq.ntiles = cdiv(P.Sq, kMmaBR);
-  auto k2 = attn_dq_mma_kernel<T, D, DV, bwd_mma_bc<T, D, DV>()>;
-  launch_tiles(k2, "attentionBackward (dq)", Pq, P.B * P.Hq * Pq.ntiles, 1, dq_mma_smem<T, D, DV>(), s);
+  constexpr int BC = bwd_mma_bc<T, D, DV>();
+  if ((P.vec & 6) == 6 && pipe) {
+    launch_tiles(attn_dq_mma_kernel<T, D, DV, BC, true>, "attentionBackward (dq)", Pq, P.B * P.Hq * Pq.ntiles, 1,
+                 dq_mma_smem<T, D, DV, true>(), s);
+  } else {
+    launch_tiles(attn_dq_mma_kernel<T, D, DV, BC, false>, "attentionBackward (dq)", Pq, P.B * P.Hq * Pq.ntiles, 1,
+                 dq_mma_smem<T, D, DV, false>(), s);
+  }
 }
 // true when the tensor-core kernels took the dk/dv and dq launches
 template <typename T>

@@ -38,7 +38,9 @@
 // Every lane of the warp must call each primitive together (they are warp-synchronous, .aligned).
 #pragma once
 
+#include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "common.cuh"
 
@@ -281,6 +283,78 @@ MP_D void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
                : "r"(mma_detail::smem_addr(p)));
 #else
   mma_detail::ldmatrix_generic<4, true>(r, p);
+#endif
+}
+
+// ---- cp.async: 16-byte global -> shared copies that complete later ---------------------------
+//  cp_async16(dst, src): starts a copy of 16 bytes (dst in shared memory; both 16-byte aligned);
+//  cp_async_commit(): closes the group of this thread's copies started since its last commit;
+//  cp_async_wait<N>(): returns when at most N of this thread's committed groups are incomplete.
+// A thread's completed copies are visible to itself; to the block after a __syncthreads that
+// follows the wait. sm_80+: PTX cp.async.cg.shared.global / commit_group / wait_group; older GPUs
+// copy at once. The emulator holds each copy (its source read at the call) until the wait that
+// completes its group, so a kernel that reads a buffer before waiting for it reads the old bytes
+// there, as it may on a GPU, and its tests fail.
+#ifdef MEGAPATCH_CUDA_EMULATOR
+namespace mma_detail {
+struct EmuCopy {
+  unsigned char* dst;
+  unsigned char bytes[16];
+};
+struct EmuAsync {
+  std::vector<EmuCopy> open;                // started since the last commit
+  std::vector<std::vector<EmuCopy>> groups;  // committed, oldest first
+  uint3 block;                               // the block that made them
+  void* smem = nullptr;                      // and its launch's dynamic shared memory
+};
+// One per thread of the running block (blocks and launches never run concurrently). Copies that
+// a block left pending (a launch stopped by a fault) are dropped when another block uses the slot.
+inline EmuAsync& emu_async() {
+  static EmuAsync state[1024];
+  EmuAsync& a = state[threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)];
+  const uint3 b = blockIdx;
+  void* sm = ::emu::dynamic_smem();
+  if (a.smem != sm || a.block.x != b.x || a.block.y != b.y || a.block.z != b.z) {
+    a.open.clear();
+    a.groups.clear();
+    a.block = b;
+    a.smem = sm;
+  }
+  return a;
+}
+}  // namespace mma_detail
+#endif
+
+MP_D void cp_async16(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(mma_detail::smem_addr(dst)), "l"(src) : "memory");
+#elif defined(MEGAPATCH_CUDA_EMULATOR)
+  mma_detail::EmuCopy c;
+  c.dst = static_cast<unsigned char*>(dst);
+  std::memcpy(c.bytes, src, 16);
+  mma_detail::emu_async().open.push_back(c);
+#else
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+MP_D void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#elif defined(MEGAPATCH_CUDA_EMULATOR)
+  mma_detail::EmuAsync& a = mma_detail::emu_async();
+  a.groups.push_back(std::move(a.open));
+  a.open.clear();
+#endif
+}
+template <int N> MP_D void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#elif defined(MEGAPATCH_CUDA_EMULATOR)
+  mma_detail::EmuAsync& a = mma_detail::emu_async();
+  while (a.groups.size() > static_cast<size_t>(N)) {
+    for (const mma_detail::EmuCopy& c : a.groups.front()) std::memcpy(c.dst, c.bytes, 16);
+    a.groups.erase(a.groups.begin());
+  }
 #endif
 }
 
