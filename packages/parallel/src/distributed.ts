@@ -2,6 +2,7 @@
 // new_group and destroy_process_group: rank 0 hosts the rendezvous store, every rank joins, and
 // each group rendezvouses under its own key prefix.
 import { hostname as osHostname } from 'node:os';
+import { type CollectiveChecks, collectiveChecksFromEnv } from './collective-checks.js';
 import { DistributedError } from './errors.js';
 import { GlooProcessGroup } from './gloo.js';
 import { type DistributedEnvironment, detectEnvironment } from './launch/env.js';
@@ -26,10 +27,13 @@ export interface InitProcessGroupOptions {
   rendezvousTimeoutMs?: number;
   /**
    * Exchange each collective's op, dtype and size before running it, so that ranks that disagree
-   * fail with a message naming them instead of corrupting memory (default true; MEGAPATCH_DIST_CHECKS=0
-   * turns it off to save one small message per collective).
+   * fail with a message naming them instead of corrupting memory. `true` (the default) checks Gloo's
+   * collectives inside their first message; `'detail'` (MEGAPATCH_DIST_CHECKS=detail) also checks
+   * NCCL's collectives, sends and receives, and that every rank's tensors take the same path (NCCL
+   * or Gloo), at the price of a host round trip per operation; `false` (MEGAPATCH_DIST_CHECKS=0)
+   * checks nothing.
    */
-  checkCollectives?: boolean;
+  checkCollectives?: CollectiveChecks;
 }
 
 interface World {
@@ -38,7 +42,7 @@ interface World {
   group: GlooProcessGroup;
   groups: Set<GlooProcessGroup>;
   timeoutMs: number;
-  checks: boolean;
+  checks: CollectiveChecks;
   hostname: string;
   iface: string;
   created: number;
@@ -124,7 +128,13 @@ export async function initProcessGroup(options: InitProcessGroupOptions = {}): P
     positiveMs('rendezvousTimeoutMs', options.rendezvousTimeoutMs) ??
     envMs('MEGAPATCH_RENDEZVOUS_TIMEOUT_S') ??
     300_000;
-  const checks = options.checkCollectives ?? process.env.MEGAPATCH_DIST_CHECKS !== '0';
+  if (![undefined, true, false, 'detail'].includes(options.checkCollectives)) {
+    throw new DistributedError(
+      'INVALID_ARGUMENT',
+      `initProcessGroup: checkCollectives must be true, false or 'detail', got ${String(options.checkCollectives)}`,
+    );
+  }
+  const checks = options.checkCollectives ?? collectiveChecksFromEnv();
   const iface = process.env.GLOO_SOCKET_IFNAME ?? '';
   const native = loadNative();
   const hostname =

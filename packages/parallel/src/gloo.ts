@@ -1,5 +1,22 @@
 // ProcessGroup on Gloo: CPU tensors, collectives on each group's communication threads.
-import { type DType, fromTypedArray, keep, noGrad, type Storage, type Tensor } from '@megapatch/tensor';
+import {
+  type DType,
+  empty,
+  fromTypedArray,
+  keep,
+  noGrad,
+  type Storage,
+  type Tensor,
+} from '@megapatch/tensor';
+import {
+  agreeOnCall,
+  type CollectiveCall,
+  type CollectiveChecks,
+  compareTransfer,
+  type HostExchange,
+  type PeerCheck,
+  transferSide,
+} from './collective-checks.js';
 import { DistributedError } from './errors.js';
 import { loadNative, type NativeGroupHandle, type NativeResult, nativeError } from './native.js';
 import { NcclProcessGroup } from './nccl.js';
@@ -26,6 +43,10 @@ const ITEM: Partial<Record<DType, number>> = {
   bool: 1,
 };
 const OP_CODE: Record<ReduceOp, number> = { sum: 0, avg: 1, max: 2, min: 3 };
+// Gloo p2p tags of the detail checks' transfer sides, above the users' tags [0, 2^20): a side of
+// a send travels on one, a side of a receive on the other, so each direction matches in order.
+const SEND_SIDE_TAG = 2 ** 20;
+const RECV_SIDE_TAG = 2 ** 20 + 1;
 
 /** Where a Gloo group meets: the store address and a key prefix unique to the group. */
 export interface GlooGroupOptions {
@@ -38,8 +59,11 @@ export interface GlooGroupOptions {
   /** Global ranks of the members, in group-rank order. */
   ranks: readonly number[];
   timeoutMs: number;
-  /** Exchange each collective's sizes first and fail with a clear message when ranks disagree. */
-  checkCollectives: boolean;
+  /**
+   * Exchange each collective's sizes first and fail with a clear message when ranks disagree;
+   * 'detail' also checks NCCL's operations and the path each rank's tensors take.
+   */
+  checkCollectives: CollectiveChecks;
   /** Address other ranks reach this process at, or '' with `iface`. */
   hostname: string;
   /** Network interface to use instead of `hostname` (GLOO_SOCKET_IFNAME). */
@@ -175,6 +199,7 @@ export class GlooProcessGroup implements ProcessGroup {
   private readonly pending = new Map<number, GlooWork>();
   /** Per device: the group over its collective library, or null for host copies. */
   private readonly deviceGroups = new Map<string, NcclProcessGroup | null>();
+  private readonly checks: CollectiveChecks;
 
   private constructor(options: GlooGroupOptions) {
     this.name = options.name;
@@ -182,6 +207,7 @@ export class GlooProcessGroup implements ProcessGroup {
     this.size = options.ranks.length;
     this.ranks = [...options.ranks];
     this.timeoutMs = options.timeoutMs;
+    this.checks = options.checkCollectives;
     const { NativeGroup } = loadNative();
     try {
       this.native = new NativeGroup(
@@ -193,7 +219,7 @@ export class GlooProcessGroup implements ProcessGroup {
         this.size,
         [...options.ranks],
         options.timeoutMs,
-        options.checkCollectives,
+        options.checkCollectives !== false,
         options.hostname,
         options.iface,
         (id) => this.onComplete(id),
@@ -265,45 +291,142 @@ export class GlooProcessGroup implements ProcessGroup {
   // ---------------------------------------------------------------------------------------------
 
   /**
-   * The group over the collective library of the device that holds every one of `tensors` (NCCL
-   * for CUDA tensors), joined on first use; null when they are CPU tensors, span devices, or the
-   * device has no library (then they travel through host copies). Every rank reaches the first
-   * collective on a device together, so they join the communicator together; group rank 0's id
-   * reaches the others by a Gloo broadcast. MEGAPATCH_DEVICE_COLLECTIVES=0 keeps host copies.
+   * The device whose collective library (NCCL for CUDA tensors) would run an operation over
+   * `tensors`, without joining it yet; null when they are CPU tensors, span devices, or the device
+   * has no library (then they travel through host copies). MEGAPATCH_DEVICE_COLLECTIVES=0 keeps
+   * host copies.
    */
-  private viaDevice(tensors: readonly Tensor[]): NcclProcessGroup | null {
+  private deviceOf(tensors: readonly Tensor[]): string | null {
     const device = tensors[0]?.device;
     if (!device || device === 'cpu' || tensors.some((t) => t.device !== device)) return null;
     const known = this.deviceGroups.get(device);
-    if (known !== undefined) return known;
+    if (known !== undefined) return known ? device : null;
+    const usable =
+      process.env.MEGAPATCH_DEVICE_COLLECTIVES !== '0' &&
+      (tensors[0].backend.collectives?.() ?? null) !== null;
+    if (!usable) this.deviceGroups.set(device, null);
+    return usable ? device : null;
+  }
+
+  /**
+   * The group over the collective library of `tensors`' device (see deviceOf), joined on first
+   * use. Every rank reaches the first collective on a device together, so they join the
+   * communicator together; group rank 0's id reaches the others by a Gloo broadcast.
+   */
+  private viaDevice(tensors: readonly Tensor[]): NcclProcessGroup | null {
+    const device = this.deviceOf(tensors);
+    if (!device) return null;
+    const known = this.deviceGroups.get(device);
+    if (known) return known;
     this.handle('collective');
-    const collectives =
-      process.env.MEGAPATCH_DEVICE_COLLECTIVES === '0' ? null : (tensors[0].backend.collectives?.() ?? null);
-    const group = collectives
-      ? NcclProcessGroup.connect(
-          collectives,
-          (id) => {
-            const t = fromTypedArray(Uint8Array.from(id), [id.length], { device: 'cpu' });
-            try {
-              this.broadcast(t, 0).waitSync();
-              return Uint8Array.from(t.toTypedArray() as Uint8Array);
-            } finally {
-              t.dispose();
-            }
-          },
-          {
-            name: this.name,
-            rank: this.rank,
-            ranks: this.ranks,
-            timeoutMs: this.timeoutMs,
-            device,
-            barrier: () => this.barrier(),
-          },
-        )
-      : null;
+    const collectives = tensors[0].backend.collectives?.();
+    if (!collectives) return null;
+    const group = NcclProcessGroup.connect(
+      collectives,
+      (id) => {
+        const t = fromTypedArray(Uint8Array.from(id), [id.length], { device: 'cpu' });
+        try {
+          this.hostBroadcast(t, 0).waitSync();
+          return Uint8Array.from(t.toTypedArray() as Uint8Array);
+        } finally {
+          t.dispose();
+        }
+      },
+      {
+        name: this.name,
+        rank: this.rank,
+        ranks: this.ranks,
+        timeoutMs: this.timeoutMs,
+        device,
+        barrier: () => this.barrier(),
+        peerCheck: this.checks === 'detail' && this.size > 1 ? this.peerCheck() : undefined,
+      },
+    );
     this.deviceGroups.set(device, group);
-    if (group) deviceLibraries.set(device, group.library);
+    deviceLibraries.set(device, group.library);
     return group;
+  }
+
+  /**
+   * Runs a collective over `tensors` on their device's library (NCCL) or on Gloo. With detail
+   * checks, every rank first agrees on `call` and on the path (before joining NCCL, so that a rank
+   * on the other path meets this check rather than the communicator's setup).
+   */
+  private route(
+    call: Omit<CollectiveCall, 'device' | 'nccl'>,
+    tensors: readonly Tensor[],
+    onDevice: (group: NcclProcessGroup) => Work,
+    onHost: () => Work,
+  ): Work {
+    this.handle(call.op);
+    const device = this.deviceOf(tensors);
+    if (this.checks === 'detail') {
+      agreeOnCall(this, { ...call, device: tensors[0]?.device ?? '', nccl: device !== null }, this.exchange);
+    }
+    const group = device ? this.viaDevice(tensors) : null;
+    return group ? onDevice(group) : onHost();
+  }
+
+  /** The host collectives the detail checks run on: blocking, on CPU copies, unchecked themselves. */
+  private readonly exchange: HostExchange = {
+    max: (values) => {
+      const t = fromTypedArray(values, [values.length], { device: 'cpu' });
+      try {
+        this.hostAllReduce(t, 'max').waitSync();
+        return Float64Array.from(t.toTypedArray() as Float64Array);
+      } finally {
+        t.dispose();
+      }
+    },
+    gather: (bytes) => {
+      const input = fromTypedArray(bytes, [bytes.length], { device: 'cpu' });
+      const output = empty([this.size * bytes.length], { dtype: 'uint8', device: 'cpu' });
+      try {
+        this.hostAllGatherIntoTensor(output, input).waitSync();
+        const all = Uint8Array.from(output.toTypedArray() as Uint8Array);
+        return Array.from({ length: this.size }, (_, r) =>
+          all.subarray(r * bytes.length, (r + 1) * bytes.length),
+        );
+      } finally {
+        input.dispose();
+        output.dispose();
+      }
+    },
+  };
+
+  /**
+   * The detail check of NCCL's sends and receives: each side of a transfer goes to the peer as a
+   * Gloo message (posted at once, so neither side waits to send it) on the tag of its direction.
+   */
+  private peerCheck(): PeerCheck {
+    return {
+      post: (op, kind, peer, tensor) => {
+        const mine = fromTypedArray(transferSide(tensor), [2], { device: 'cpu' });
+        try {
+          // the work keeps the storage until the message has gone
+          this.hostSend(mine, peer, kind === 'send' ? SEND_SIDE_TAG : RECV_SIDE_TAG);
+        } finally {
+          mine.dispose();
+        }
+        const theirs = empty([2], { dtype: 'float64', device: 'cpu' });
+        let work: Work;
+        try {
+          work = this.hostRecv(theirs, peer, kind === 'send' ? RECV_SIDE_TAG : SEND_SIDE_TAG);
+        } catch (e) {
+          theirs.dispose();
+          throw e;
+        }
+        return () => {
+          try {
+            work.waitSync();
+            const side = Float64Array.from(theirs.toTypedArray() as Float64Array);
+            compareTransfer(this, op, kind, peer, tensor, side);
+          } finally {
+            theirs.dispose();
+          }
+        };
+      },
+    };
   }
 
   /** The library that collectives over `device`'s tensors use: e.g. 'nccl 2.21.5', or 'gloo' (host copies). */
@@ -441,9 +564,16 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   allReduce(tensor: Tensor, op: ReduceOp = 'sum'): Work {
-    const dev = this.viaDevice([tensor]);
-    if (dev) return dev.allReduce(tensor, op);
-    const staged = this.viaHost([tensor], [true], ([h]) => this.allReduce(h, op));
+    return this.route(
+      { op: 'allReduce', kind: 'allReduce', dtype: tensor.dtype, count: tensor.numel, reduce: op },
+      [tensor],
+      (dev) => dev.allReduce(tensor, op),
+      () => this.hostAllReduce(tensor, op),
+    );
+  }
+
+  private hostAllReduce(tensor: Tensor, op: ReduceOp): Work {
+    const staged = this.viaHost([tensor], [true], ([h]) => this.hostAllReduce(h, op));
     if (staged) return staged;
     const dt = this.check('allReduce', tensor);
     const red = this.reduction('allReduce', tensor, op);
@@ -452,10 +582,17 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   allGather(outputs: readonly Tensor[], input: Tensor): Work {
-    const dev = this.viaDevice([input, ...outputs]);
-    if (dev) return dev.allGather(outputs, input);
+    return this.route(
+      { op: 'allGather', kind: 'allGather', dtype: input.dtype, count: input.numel },
+      [input, ...outputs],
+      (dev) => dev.allGather(outputs, input),
+      () => this.hostAllGather(outputs, input),
+    );
+  }
+
+  private hostAllGather(outputs: readonly Tensor[], input: Tensor): Work {
     const staged = this.viaHost([input, ...outputs], [false, ...outputs.map(() => true)], ([h, ...hs]) =>
-      this.allGather(hs, h),
+      this.hostAllGather(hs, h),
     );
     if (staged) return staged;
     const dt = this.check('allGather', input, 'input');
@@ -467,9 +604,18 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   allGatherIntoTensor(output: Tensor, input: Tensor): Work {
-    const dev = this.viaDevice([output, input]);
-    if (dev) return dev.allGatherIntoTensor(output, input);
-    const staged = this.viaHost([output, input], [true, false], ([o, i]) => this.allGatherIntoTensor(o, i));
+    return this.route(
+      { op: 'allGatherIntoTensor', kind: 'allGather', dtype: input.dtype, count: input.numel },
+      [output, input],
+      (dev) => dev.allGatherIntoTensor(output, input),
+      () => this.hostAllGatherIntoTensor(output, input),
+    );
+  }
+
+  private hostAllGatherIntoTensor(output: Tensor, input: Tensor): Work {
+    const staged = this.viaHost([output, input], [true, false], ([o, i]) =>
+      this.hostAllGatherIntoTensor(o, i),
+    );
     if (staged) return staged;
     const dt = this.check('allGatherIntoTensor', input, 'input');
     this.check('allGatherIntoTensor', output, 'output');
@@ -488,10 +634,17 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   reduceScatter(output: Tensor, inputs: readonly Tensor[], op: ReduceOp = 'sum'): Work {
-    const dev = this.viaDevice([output, ...inputs]);
-    if (dev) return dev.reduceScatter(output, inputs, op);
+    return this.route(
+      { op: 'reduceScatter', kind: 'reduceScatter', dtype: output.dtype, count: output.numel, reduce: op },
+      [output, ...inputs],
+      (dev) => dev.reduceScatter(output, inputs, op),
+      () => this.hostReduceScatter(output, inputs, op),
+    );
+  }
+
+  private hostReduceScatter(output: Tensor, inputs: readonly Tensor[], op: ReduceOp): Work {
     const staged = this.viaHost([output, ...inputs], [true, ...inputs.map(() => false)], ([o, ...is]) =>
-      this.reduceScatter(o, is, op),
+      this.hostReduceScatter(o, is, op),
     );
     if (staged) return staged;
     const dt = this.check('reduceScatter', output, 'output');
@@ -507,10 +660,23 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   reduceScatterTensor(output: Tensor, input: Tensor, op: ReduceOp = 'sum'): Work {
-    const dev = this.viaDevice([output, input]);
-    if (dev) return dev.reduceScatterTensor(output, input, op);
+    return this.route(
+      {
+        op: 'reduceScatterTensor',
+        kind: 'reduceScatter',
+        dtype: output.dtype,
+        count: output.numel,
+        reduce: op,
+      },
+      [output, input],
+      (dev) => dev.reduceScatterTensor(output, input, op),
+      () => this.hostReduceScatterTensor(output, input, op),
+    );
+  }
+
+  private hostReduceScatterTensor(output: Tensor, input: Tensor, op: ReduceOp): Work {
     const staged = this.viaHost([output, input], [true, false], ([o, i]) =>
-      this.reduceScatterTensor(o, i, op),
+      this.hostReduceScatterTensor(o, i, op),
     );
     if (staged) return staged;
     const dt = this.check('reduceScatterTensor', output, 'output');
@@ -540,9 +706,16 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   broadcast(tensor: Tensor, src: number): Work {
-    const dev = this.viaDevice([tensor]);
-    if (dev) return dev.broadcast(tensor, src);
-    const staged = this.viaHost([tensor], [true], ([h]) => this.broadcast(h, src));
+    return this.route(
+      { op: 'broadcast', kind: 'broadcast', dtype: tensor.dtype, count: tensor.numel, root: src },
+      [tensor],
+      (dev) => dev.broadcast(tensor, src),
+      () => this.hostBroadcast(tensor, src),
+    );
+  }
+
+  private hostBroadcast(tensor: Tensor, src: number): Work {
+    const staged = this.viaHost([tensor], [true], ([h]) => this.hostBroadcast(h, src));
     if (staged) return staged;
     const dt = this.check('broadcast', tensor);
     this.checkPeer('broadcast', src, 'src');
@@ -551,23 +724,32 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   send(tensor: Tensor, dst: number, tag = 0): Work {
+    checkTag('send', tag);
     const dev = this.viaDevice([tensor]);
     if (dev) return dev.send(tensor, dst, tag);
-    const staged = this.viaHost([tensor], [false], ([h]) => this.send(h, dst, tag));
+    return this.hostSend(tensor, dst, tag);
+  }
+
+  private hostSend(tensor: Tensor, dst: number, tag: number): Work {
+    const staged = this.viaHost([tensor], [false], ([h]) => this.hostSend(h, dst, tag));
     if (staged) return staged;
     const dt = this.check('send', tensor);
     this.checkPeer('send', dst, 'dst');
     if (dst === this.rank)
       throw new DistributedError('INVALID_ARGUMENT', `send on group '${this.name}': cannot send to itself`);
-    checkTag('send', tag);
     const n = this.handle('send');
     return this.track(n.send(GlooProcessGroup.addr(tensor), tensor.numel, dt, dst, tag), [tensor]);
   }
 
   recv(tensor: Tensor, src: number, tag = 0): Work {
+    checkTag('recv', tag);
     const dev = this.viaDevice([tensor]);
     if (dev) return dev.recv(tensor, src, tag);
-    const staged = this.viaHost([tensor], [true], ([h]) => this.recv(h, src, tag));
+    return this.hostRecv(tensor, src, tag);
+  }
+
+  private hostRecv(tensor: Tensor, src: number, tag: number): Work {
+    const staged = this.viaHost([tensor], [true], ([h]) => this.hostRecv(h, src, tag));
     if (staged) return staged;
     const dt = this.check('recv', tensor);
     this.checkPeer('recv', src, 'src');
@@ -576,7 +758,6 @@ export class GlooProcessGroup implements ProcessGroup {
         'INVALID_ARGUMENT',
         `recv on group '${this.name}': cannot receive from itself`,
       );
-    checkTag('recv', tag);
     const n = this.handle('recv');
     return this.track(n.recv(GlooProcessGroup.addr(tensor), tensor.numel, dt, src, tag), [tensor]);
   }
@@ -596,15 +777,7 @@ export class GlooProcessGroup implements ProcessGroup {
     outputSplitSizes?: readonly number[],
     inputSplitSizes?: readonly number[],
   ): Work {
-    const dev = this.viaDevice([output, input]);
-    if (dev) return dev.allToAll(output, input, outputSplitSizes, inputSplitSizes);
-    const staged = this.viaHost([output, input], [true, false], ([o, i]) =>
-      this.allToAll(o, i, outputSplitSizes, inputSplitSizes),
-    );
-    if (staged) return staged;
-    const dt = this.check('allToAll', input, 'input');
-    this.check('allToAll', output, 'output');
-    this.sameDtype('allToAll', input, output);
+    // the split sizes are checked here, on every path, before the ranks compare them
     const { ins, outs, rowElems } = allToAllSplits(
       this.size,
       output,
@@ -615,6 +788,22 @@ export class GlooProcessGroup implements ProcessGroup {
         throw new DistributedError('INVALID_ARGUMENT', `allToAll on group '${this.name}': ${m}`);
       },
     );
+    return this.route(
+      { op: 'allToAll', kind: 'allToAll', dtype: input.dtype, count: rowElems, splits: { ins, outs } },
+      [output, input],
+      (dev) => dev.allToAll(output, input, outputSplitSizes, inputSplitSizes),
+      () => this.hostAllToAll(output, input, ins, outs, rowElems),
+    );
+  }
+
+  private hostAllToAll(output: Tensor, input: Tensor, ins: number[], outs: number[], rowElems: number): Work {
+    const staged = this.viaHost([output, input], [true, false], ([o, i]) =>
+      this.hostAllToAll(o, i, ins, outs, rowElems),
+    );
+    if (staged) return staged;
+    const dt = this.check('allToAll', input, 'input');
+    this.check('allToAll', output, 'output');
+    this.sameDtype('allToAll', input, output);
     const n = this.handle('allToAll');
     return this.track(
       n.allToAll(GlooProcessGroup.addr(input), GlooProcessGroup.addr(output), ins, outs, rowElems, dt),
@@ -623,7 +812,13 @@ export class GlooProcessGroup implements ProcessGroup {
   }
 
   barrier(): Work {
-    return this.track(this.handle('barrier').barrier(), []);
+    // no tensors, so never on a device
+    return this.route(
+      { op: 'barrier', kind: 'barrier' },
+      [],
+      (dev) => dev.barrier(),
+      () => this.track(this.handle('barrier').barrier(), []),
+    );
   }
 
   destroy(): void {

@@ -1,6 +1,7 @@
 // @megapatch/parallel: launch, rendezvous, process groups on Gloo, Megatron's parallel state,
 // tensor/sequence-parallel layers, data parallelism and the distributed optimizer.
 
+export type { CollectiveChecks } from './collective-checks.js';
 export { type RingAttentionOptions, ringAttention } from './context-parallel/ring-attention.js';
 export {
   type ContextParallelPlan,

@@ -14,6 +14,7 @@ import {
   type Tensor,
   tidy,
 } from '@megapatch/tensor';
+import type { PeerCheck } from './collective-checks.js';
 import { DistributedError } from './errors.js';
 import { allToAllSplits, type P2POp, type ProcessGroup, type ReduceOp, type Work } from './process-group.js';
 
@@ -35,6 +36,22 @@ const DONE: Work = {
   isCompleted: () => true,
 };
 
+/**
+ * Runs every check (each one consumes its peer's side, so none may be skipped), then throws the
+ * first failure.
+ */
+function verifyAll(checks: readonly ((() => void) | undefined)[]): void {
+  let first: unknown = null;
+  for (const verify of checks) {
+    try {
+      verify?.();
+    } catch (e) {
+      first ??= e;
+    }
+  }
+  if (first) throw first;
+}
+
 /** Options of a {@link NcclProcessGroup}: who the group is and the communicator it runs on. */
 export interface NcclGroupOptions {
   name: string;
@@ -48,6 +65,11 @@ export interface NcclGroupOptions {
   comm: DeviceCommunicator;
   /** A host-side barrier over the same ranks (the Gloo group's). */
   barrier: () => Work;
+  /**
+   * With detail checks: compares each send and receive with its peer's side before it is queued
+   * (the Gloo group's messages). Collectives are checked by the Gloo group before they get here.
+   */
+  peerCheck?: PeerCheck;
 }
 
 /** A ProcessGroup over one device communicator (NCCL). Made by a Gloo group; see the file comment. */
@@ -64,6 +86,7 @@ export class NcclProcessGroup implements ProcessGroup {
   readonly library: string;
   private comm: DeviceCommunicator | null;
   private readonly hostBarrier: () => Work;
+  private readonly peerCheck: PeerCheck | undefined;
 
   constructor(o: NcclGroupOptions) {
     this.name = o.name;
@@ -75,6 +98,7 @@ export class NcclProcessGroup implements ProcessGroup {
     this.library = o.library;
     this.comm = o.comm;
     this.hostBarrier = o.barrier;
+    this.peerCheck = o.peerCheck;
   }
 
   /**
@@ -131,14 +155,17 @@ export class NcclProcessGroup implements ProcessGroup {
    * waits on one of them or the group runs another operation; then they go as one NCCL group.
    * NCCL orders a send on the stream before later work, so posting `send` then `recv` on two
    * neighbours one by one would block both (Gloo's sends are asynchronous, and so must these be).
+   * With detail checks, each one's side goes to its peer when it is posted, and the batch waits
+   * for the peers' sides before it is queued.
    */
-  private queued: { kind: 'send' | 'recv'; peer: number; tensor: Tensor }[] = [];
+  private queued: { kind: 'send' | 'recv'; peer: number; tensor: Tensor; verify?: () => void }[] = [];
 
   private flush(): void {
     if (!this.queued.length) return;
     const ops = this.queued;
     this.queued = [];
     try {
+      verifyAll(ops.map((o) => o.verify));
       this.run('send/recv', (c) => c.sendRecv(ops));
     } finally {
       for (const o of ops) o.tensor.storage.release();
@@ -147,8 +174,9 @@ export class NcclProcessGroup implements ProcessGroup {
 
   private queue(kind: 'send' | 'recv', peer: number, tensor: Tensor): Work {
     this.live(kind);
+    const verify = this.peerCheck?.post(kind, kind, peer, tensor);
     tensor.storage.retain();
-    this.queued.push({ kind, peer, tensor });
+    this.queued.push({ kind, peer, tensor, verify });
     return {
       wait: () => {
         try {
@@ -280,6 +308,13 @@ export class NcclProcessGroup implements ProcessGroup {
       this.check('batchIsendIrecv', o.tensor, `tensor to ${what}`);
       this.checkPeer('batchIsendIrecv', o.peer, 'peer');
       if (o.peer === this.rank) this.fail('batchIsendIrecv', `cannot ${what} to or from itself`);
+    }
+    if (this.peerCheck) {
+      const check = this.peerCheck;
+      // every side goes out before any is waited for, so neighbours that exchange both ways meet
+      verifyAll(
+        ops.map((o) => check.post('batchIsendIrecv', o.op === 'isend' ? 'send' : 'recv', o.peer, o.tensor)),
+      );
     }
     this.run('batchIsendIrecv', (c) =>
       c.sendRecv(

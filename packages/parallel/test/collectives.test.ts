@@ -86,6 +86,95 @@ describe.skipIf(!existsSync(ADDON) || !existsSync(EMU_ADDON))('collectives on em
     expect(r0.ms).toBeLessThan(8000);
   });
 
+  it('with detail checks (MEGAPATCH_DIST_CHECKS=detail) every op still matches a local computation', async () => {
+    const outs = await runWorkers({
+      nproc: 2,
+      script: 'collectives-worker.ts',
+      env: {
+        MEGAPATCH_WORKER_DEVICE: 'cudaemu',
+        MEGAPATCH_CUDA_EMU_DEVICES: '2',
+        MEGAPATCH_DIST_CHECKS: 'detail',
+      },
+      timeoutMs: 240_000,
+    });
+    expectAllOk(outs);
+    for (const o of outs) {
+      const r = o.results[0] as Outcome & { library: string };
+      expect(r.library).toMatch(/^nccl emulated 2\./);
+      expect(r.failures).toEqual([]);
+      expect(r.cases).toBeGreaterThan(250);
+    }
+  }, 300_000);
+
+  it('with detail checks, ranks that disagree fail together at once, with nothing queued', async () => {
+    const outs = await runWorkers({
+      nproc: 2,
+      script: 'checks-worker.ts',
+      args: ['all'],
+      env: { MEGAPATCH_CUDA_EMU_DEVICES: '2', MEGAPATCH_DIST_CHECKS: 'detail' },
+      timeoutMs: 60_000,
+    });
+    expectAllOk(outs);
+    type Case = Outcome & { case: string; unchanged?: boolean; values?: number[]; received?: number[] };
+    const byCase = outs.map((o) => new Map((o.results as Case[]).map((r) => [r.case, r])));
+    const both = (name: string) => byCase.map((m) => m.get(name) as Case);
+    const line = (rank: number, what: string) => `rank ${rank}: ${what}`;
+    const expected: Record<string, string> = {
+      size: `allReduce on group 'world': ranks differ in the element count: ${line(0, 'allReduce of 10 x float32, op sum')}; ${line(1, 'allReduce of 12 x float32, op sum')}`,
+      dtype: `allReduce on group 'world': ranks differ in the dtype: ${line(0, 'allReduce of 10 x float32, op sum')}; ${line(1, 'allReduce of 10 x float64, op sum')}`,
+      reduce: `allReduce on group 'world': ranks differ in the reduction: ${line(0, 'allReduce of 10 x float32, op sum')}; ${line(1, 'allReduce of 10 x float32, op max')}`,
+      root: `broadcast on group 'world': ranks differ in the root: ${line(0, 'broadcast of 10 x float32, root 0')}; ${line(1, 'broadcast of 10 x float32, root 1')}`,
+      path: "allReduce on group 'world': rank 0 passed a cudaemu tensor (NCCL), rank 1 a cpu tensor (Gloo); put the tensors on the same kind of device on every rank",
+      allToAll: "allToAll on group 'world': rank 1 sends 1 row to rank 0, whose outputSplitSizes[1] is 2",
+      batchIsendIrecv:
+        "batchIsendIrecv on group 'world': rank 0 sends 5 x float32 to rank 1, which receives 4 x float32 from it; both sides of a transfer need the same element count and dtype",
+    };
+    for (const [name, message] of Object.entries(expected)) {
+      for (const r of both(name)) {
+        expect(r, name).toMatchObject({ code: 'MISMATCH', message, unchanged: true });
+        // one exchange on the host, not the timeout (60 s)
+        expect(r.ms, name).toBeLessThan(5000);
+      }
+    }
+    // single sends and receives: each side names its own op
+    const [send, recv] = both('send/recv');
+    expect(send).toMatchObject({ code: 'MISMATCH', unchanged: true });
+    expect(send.message).toMatch(
+      /^send on group 'world': rank 0 sends 5 x float32 to rank 1, which receives 4 x float32/,
+    );
+    expect(recv.message).toBe(send.message?.replace(/^send/, 'recv'));
+    expect(recv).toMatchObject({ code: 'MISMATCH', unchanged: true });
+    // the collective before them went through NCCL, and the group works after them
+    for (const [rank, r] of both('joined').entries()) {
+      expect(r.values).toEqual([100, 102, 104]);
+      expect(both('after')[rank]).toMatchObject({
+        values: [100, 102, 104],
+        received: [100 * (1 - rank), 100 * (1 - rank) + 1, 100 * (1 - rank) + 2],
+      });
+    }
+  });
+
+  it('with detail checks, a cuda tensor against a cpu tensor fails before NCCL is set up', async () => {
+    const outs = await runWorkers({
+      nproc: 2,
+      script: 'checks-worker.ts',
+      args: ['path-first'],
+      env: { MEGAPATCH_CUDA_EMU_DEVICES: '2', MEGAPATCH_DIST_CHECKS: 'detail' },
+      timeoutMs: 60_000,
+    });
+    expectAllOk(outs);
+    for (const o of outs) {
+      const r = o.results[0] as Outcome & { unchanged: boolean };
+      expect(r).toMatchObject({
+        code: 'MISMATCH',
+        message:
+          "allReduce on group 'world': rank 0 passed a cudaemu tensor (NCCL), rank 1 a cpu tensor (Gloo); put the tensors on the same kind of device on every rank",
+        unchanged: true,
+      });
+      expect(r.ms).toBeLessThan(5000);
+    }
+  });
+
   it('MEGAPATCH_DEVICE_COLLECTIVES=0 keeps host copies through Gloo, with the same results', async () => {
     const outs = await runWorkers({
       nproc: 2,
