@@ -8,8 +8,8 @@ import {
   collectiveChecksFromEnv,
   compareTransfer,
   type GroupShape,
-} from './collective-checks.js';
-import { DistributedError } from './errors.js';
+} from '../src/collective-checks.js';
+import { DistributedError } from '../src/errors.js';
 
 class Pause extends Error {}
 
