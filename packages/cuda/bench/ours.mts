@@ -7,8 +7,11 @@
 //
 // usage (repository root): packages/cuda/node_modules/.bin/tsx packages/cuda/bench/ours.mts [gemm] [attn] [train]
 // env: MEGAPATCH_BENCH_DEVICE (cuda:0; cudaemu:0 for the emulator), MEGAPATCH_BENCH_TINY=1 (the
-// tiny cases), MEGAPATCH_BENCH_MBS (the training micro-batch), MEGAPATCH_BENCH_CASE_BUDGET_S
-// (seconds of timed runs per gemm/attn case, default 4).
+// tiny cases), MEGAPATCH_BENCH_MBS (the training micro-batch), MEGAPATCH_BENCH_LAYERS (the
+// training model's layers), MEGAPATCH_BENCH_CASE_BUDGET_S (seconds of timed runs per gemm/attn
+// case, default 4). On the emulator the training case also reports the kernel launches of a step;
+// with MEGAPATCH_CUDA_EMU_DRY_RUN=1 the launches are only counted, so its times are the host's
+// side of the step at full size (JS, the addon, allocation: what the GPU must not wait for).
 //
 // Runs from sources only: src-resolve.mjs maps every @megapatch/* import to packages/*/src, so
 // the tensor package, the CUDA backend and the trainer share one module instance (one device
@@ -257,6 +260,9 @@ if (want('train')) {
   const gbs = Math.max(tc.globalBatchSize, mbs);
   const seq: number = tc.seqLength;
   const iters: number = tc.warmupIters + tc.timedIters;
+  const layers = Number(process.env.MEGAPATCH_BENCH_LAYERS ?? tc.hf.num_hidden_layers);
+  // the emulator's launch count at each iteration's log line
+  const launchMarks: number[] = [];
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mp-gpu-bench-'));
   try {
     // not dependencies of @megapatch/cuda: named through variables (src-resolve.mjs finds them)
@@ -273,6 +279,7 @@ if (want('train')) {
         model_type: 'llama',
         hidden_act: 'silu',
         ...tc.hf,
+        num_hidden_layers: layers,
       }),
     );
     // random tokens: enough whole documents for every sample of the run (and then some)
@@ -308,12 +315,18 @@ if (want('train')) {
           globalBatchSize: gbs,
           trainIters: iters,
           evalInterval: null,
-          logInterval: 1000,
+          logInterval: emu ? 1 : 1000,
         },
         optimizer: { lr: 1e-4, weightDecay: 0.01, clipGrad: 1 },
         logging: { runDir },
       }),
-      { log: (l: string) => log(l), report: false },
+      {
+        log: (l: string) => {
+          if (emu && /iteration\s+\d+/.test(l) && addon.emuStats) launchMarks.push(addon.emuStats().launches);
+          log(l);
+        },
+        report: false,
+      },
     );
     const wallS = (performance.now() - t0) / 1000;
     const rows = fs
@@ -328,10 +341,18 @@ if (want('train')) {
     const flopsPerStep = median(timed.map((m) => m.tflops * 1e12 * (m.elapsedMs / 1000)));
     const t = (k: string) => r4(median(timed.map((m) => m.timers[k])));
     const mem = T.memoryStats(device);
+    const launches = launchMarks.slice(1).map((n, i) => n - launchMarks[i]);
     emit({
       kind: 'train',
       case: tc.case,
       mode: 'megapatch',
+      layers,
+      ...(emu
+        ? {
+            dryRun: addon.emuStats?.().dryRun ?? false,
+            launchesPerStep: launches.length ? median(launches) : null,
+          }
+        : {}),
       microBatchSize: mbs,
       globalBatchSize: gbs,
       seqLength: seq,
@@ -353,7 +374,7 @@ if (want('train')) {
         optimizer: t('optimizerMs'),
         communication: t('commMs'),
       },
-      losses: rows.map((m) => r4(m.lmLoss)),
+      losses: rows.map((m) => (typeof m.lmLoss === 'number' ? r4(m.lmLoss) : null)),
       peakMemoryGiB: r4((rows.at(-1)?.memory?.peakBytes ?? mem.peakBytes) / 2 ** 30),
       wallS: r4(wallS),
     });

@@ -43,6 +43,11 @@ export interface BackendAddon {
   readInto(address: number, bytes: number, dst: ArrayBufferView): void;
   writeFrom(address: number, src: ArrayBufferView): void;
   gemmEngine(): string;
+  /**
+   * The emulator only: kernel launches since the process started, and whether
+   * MEGAPATCH_CUDA_EMU_DRY_RUN is on (launches counted, not run: a host-side profile).
+   */
+  emuStats?(): { launches: number; dryRun: boolean };
   [entry: string]: unknown;
 }
 

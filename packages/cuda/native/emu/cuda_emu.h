@@ -344,6 +344,11 @@ inline const dim3& cur_grid_dim() { return detail::g_grid_dim; }
 // the launch's dynamic shared memory (16-byte aligned; nullptr when the launch asked for 0 bytes)
 void* dynamic_smem();
 
+// launches since the process started (run or, with MEGAPATCH_CUDA_EMU_DRY_RUN=1, only counted)
+unsigned long long launch_count();
+// whether MEGAPATCH_CUDA_EMU_DRY_RUN is on (see emu.cc)
+bool is_dry_run();
+
 // block barrier; `file`/`line` name the call site (all threads must be at the same one)
 void syncthreads(const char* file, int line);
 int syncthreads_reduce(int op, int pred, const char* file, int line);  // op 0 count, 1 and, 2 or

@@ -6,6 +6,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <map>
 #include <set>
@@ -406,7 +407,23 @@ struct CUevent_st {
 namespace {
 using emu::detail::set_error;
 
-constexpr size_t kNominalMemory = size_t(16) << 30;
+// MEGAPATCH_CUDA_EMU_DRY_RUN=1: launches are checked and counted but not run, and a device has 1
+// TiB: the host side of a workload at full size (JS, the addon, allocation) without its
+// arithmetic, for profiling; the results are meaningless. Memory is touched only in small amounts
+// (kDryTouch at a time): small allocations start as all-ones bytes (a kernel's unwritten check
+// buffer then reads as NaN / -1, "nothing wrong"), small memsets and copies into device memory
+// happen (input batches survive a round trip), larger ones do not; reads from the device are real.
+bool dry_run() {
+  static const bool on = [] {
+    const char* e = std::getenv("MEGAPATCH_CUDA_EMU_DRY_RUN");
+    return e && *e && std::strcmp(e, "0") != 0;
+  }();
+  return on;
+}
+std::atomic<unsigned long long> g_launches{0};
+
+const size_t kNominalMemory = dry_run() ? size_t(1) << 40 : size_t(16) << 30;
+constexpr size_t kDryTouch = size_t(1) << 20;
 
 int device_count() {
   static int n = [] {
@@ -498,6 +515,8 @@ void emu::detail::launch_erased(void (*invoke)(void*), void* ctx, dim3 grid, dim
     set_error(cudaErrorInvalidConfiguration);
     return;
   }
+  g_launches.fetch_add(1, std::memory_order_relaxed);
+  if (dry_run()) return;
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   t_launching = true;
   unsigned n = static_cast<unsigned>(threads);
@@ -718,7 +737,8 @@ cudaError_t cudaMalloc(void** ptr, size_t size) {
   }
   void* p = std::aligned_alloc(256, rounded);
   if (!p) return set_error(cudaErrorMemoryAllocation);
-  std::memset(p, 0xCD, rounded);  // uninitialised reads show
+  if (!dry_run()) std::memset(p, 0xCD, rounded);  // uninitialised reads show
+  else if (rounded <= kDryTouch) std::memset(p, 0xFF, rounded);
   std::lock_guard<std::mutex> lock(g_mem_mutex);
   g_allocs[reinterpret_cast<uintptr_t>(p)] = Allocation{size, t_device};
   g_used[t_device] += size;
@@ -761,6 +781,7 @@ cudaError_t cudaFreeHost(void* ptr) {
 
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t count, cudaMemcpyKind kind) {
   if (cudaError_t e = check_copy(dst, src, count, kind)) return set_error(e);
+  if (dry_run() && count > kDryTouch && in_device_allocation(dst, count)) return cudaSuccess;
   if (count) std::memmove(dst, src, count);
   return cudaSuccess;
 }
@@ -817,6 +838,7 @@ cudaError_t cudaFreeAsync(void* ptr, cudaStream_t stream) {
 cudaError_t cudaMemset(void* dst, int value, size_t count) {
   if (count == 0) return cudaSuccess;
   if (!dst || !in_device_allocation(dst, count)) return set_error(cudaErrorInvalidValue);
+  if (dry_run() && count > kDryTouch) return cudaSuccess;
   std::memset(dst, value & 0xff, count);
   return cudaSuccess;
 }
@@ -902,3 +924,6 @@ cudaError_t cudaEventDestroy(cudaEvent_t event) {
   delete event;
   return cudaSuccess;
 }
+
+unsigned long long emu::launch_count() { return g_launches.load(std::memory_order_relaxed); }
+bool emu::is_dry_run() { return dry_run(); }

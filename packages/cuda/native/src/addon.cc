@@ -3,6 +3,10 @@
 // (megapatch_cuda_emu.node: the same backend and kernels run on the CPU by native/emu).
 #include <napi.h>
 
+#ifdef MEGAPATCH_CUDA_EMULATOR
+#include "cuda_emu.h"
+#endif
+
 namespace mpc {
 #ifndef MEGAPATCH_CUDA_EMULATOR
 void register_info(Napi::Env env, Napi::Object exports);
@@ -22,6 +26,13 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
 #endif
 #ifdef MEGAPATCH_CUDA_EMULATOR
   exports.Set("emulator", true);
+  // emuStats(): { launches, dryRun } (native/emu/emu.cc)
+  exports.Set("emuStats", Napi::Function::New(env, [](const Napi::CallbackInfo& info) {
+                Napi::Object o = Napi::Object::New(info.Env());
+                o.Set("launches", Napi::Number::New(info.Env(), static_cast<double>(emu::launch_count())));
+                o.Set("dryRun", Napi::Boolean::New(info.Env(), emu::is_dry_run()));
+                return o;
+              }));
 #else
   exports.Set("emulator", false);
 #endif
