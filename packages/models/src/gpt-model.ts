@@ -30,14 +30,18 @@ import {
   vocabParallelCrossEntropy,
 } from '@megapatch/parallel';
 import {
+  cat,
   type DType,
+  deferCheck,
   fromTypedArray,
   full,
   type Generator,
   initMethodNormal,
+  keep,
   Module,
   ModuleList,
   maskedFill,
+  noGrad,
   scaledInitMethodNormal,
   type Tensor,
   tidy,
@@ -474,11 +478,28 @@ export class GPTModel extends Module {
         `sequence length ${s} is not divisible by TP ${this.tpGroup.size} (sequence parallelism)`,
       );
     }
-    const positionIds =
-      opts.positionIds ?? defaultPositions(b, s, past, opts.cuSeqlens ?? null, opts.attentionMask ?? null);
-    checkPositions(positionIds, b, s, c.maxPositionEmbeddings);
+    const given = opts.positionIds ?? null;
+    const made = given
+      ? null
+      : defaultPositions(
+          b,
+          s,
+          past,
+          opts.cuSeqlens ?? null,
+          opts.attentionMask ?? null,
+          c.maxPositionEmbeddings,
+        );
+    const positionIds = given ?? (made as { ids: Tensor }).ids;
+    // the rotary table's rows: what the positions need where the host knows them, else all of them
+    const rows = made ? made.rows : checkPositions(positionIds, b, s, c.maxPositionEmbeddings);
     cache?.reserve(s);
-    const { cos, sin } = this.rotary.forward(positionIds);
+    let rope: { cos: Tensor; sin: Tensor };
+    try {
+      rope = this.rotary.forward(positionIds, rows);
+    } finally {
+      made?.ids.dispose();
+    }
+    const { cos, sin } = rope;
     const mask = buildMask(b, s, past, c.slidingWindow ?? null, opts.attentionMask ?? null);
     const ctx: AttentionContext = {
       cos,
@@ -526,6 +547,12 @@ export class GPTModel extends Module {
       sin.dispose();
       mask?.dispose();
     }
+  }
+
+  /** Frees the parameters, buffers and the rotary tables cached per device. */
+  override dispose(): void {
+    this.rotary.dispose();
+    super.dispose();
   }
 
   /** [b, s] of this forward: from the token ids, or from the received hidden states [s, b, h]. */
@@ -681,8 +708,12 @@ function stageOf(
   return pipeline.stages[vpStage * pipeline.pp + ppRank];
 }
 
-/** Checks that every id lies in [0, vocab). */
+/**
+ * Checks that every id lies in [0, vocab): at once for ids in host memory; for ids on an
+ * asynchronous device (a GPU) as a deferred check, so the forward does not wait for the device.
+ */
 function checkIds(ids: Tensor, vocab: number, what: string): void {
+  if (deferRangeCheck(ids, vocab, (x, i) => idsMessage(what, x, i, ids.shape[ids.ndim - 1], vocab))) return;
   const v = ids.toTypedArray() as ArrayLike<number | bigint>;
   const s = ids.shape[ids.ndim - 1];
   for (let i = 0; i < v.length; i++) {
@@ -696,20 +727,60 @@ function checkIds(ids: Tensor, vocab: number, what: string): void {
   }
 }
 
-function checkPositions(pos: Tensor, b: number, s: number, max: number): void {
+function idsMessage(what: string, x: number, i: number, s: number, vocab: number): string {
+  return `${what}: token id ${x} at [${Math.floor(i / s)}, ${i % s}] is outside the vocabulary [0, ${vocab})`;
+}
+
+function positionMessage(p: number, max: number): string {
+  return `position ${p} is outside the model's ${max} positions (maxPositionEmbeddings); shorten the sequence`;
+}
+
+/**
+ * Checks the given position ids [b, s] against [0, max) and returns the rotary rows they need:
+ * for positions in host memory their largest + 1; for positions on an asynchronous device (the
+ * trainer's batches on a GPU) `max`, with the range check deferred to the device's next read.
+ */
+function checkPositions(pos: Tensor, b: number, s: number, max: number): number {
   if (pos.ndim !== 2 || pos.shape[0] !== b || pos.shape[1] !== s) {
     throw new ModelError('SHAPE_MISMATCH', `position ids must be [${b}, ${s}], got [${pos.shape}]`);
   }
+  if (deferRangeCheck(pos, max, (p) => positionMessage(p, max))) return max;
   const v = pos.toTypedArray() as ArrayLike<number | bigint>;
+  let top = 0;
   for (let i = 0; i < v.length; i++) {
     const p = Number(v[i]);
-    if (p >= max || p < 0) {
-      throw new ModelError(
-        'INVALID_INPUT',
-        `position ${p} is outside the model's ${max} positions (maxPositionEmbeddings); shorten the sequence`,
-      );
-    }
+    if (p >= max || p < 0) throw new ModelError('INVALID_INPUT', positionMessage(p, max));
+    if (p + 1 > top) top = p + 1;
   }
+  return top;
+}
+
+/**
+ * For integer `t` on an asynchronous device: queues the check that every element lies in
+ * [0, limit) (the smallest and the largest element with their flat indices, read at the device's
+ * next synchronisation; `message(value, index)` names the first offender) and returns true.
+ * Returns false for tensors in host memory, which the caller reads at no cost.
+ */
+function deferRangeCheck(
+  t: Tensor,
+  limit: number,
+  message: (value: number, index: number) => string,
+): boolean {
+  if (t.backend.synchronous !== false || t.numel === 0) return false;
+  const values = noGrad(() =>
+    tidy(() => {
+      const flat = t.reshape(t.numel);
+      const lo = flat.min(0);
+      const hi = flat.max(0);
+      return keep(cat([lo.values, lo.indices, hi.values, hi.indices].map((x) => x.to('float64').reshape(1))));
+    }),
+  );
+  deferCheck(values, ([lo, loAt, hi, hiAt]) => {
+    if (lo < 0) return new ModelError('INVALID_INPUT', message(lo, loAt));
+    if (hi >= limit) return new ModelError('INVALID_INPUT', message(hi, hiAt));
+    return null;
+  });
+  return true;
 }
 
 /** Positions 0.. per row after `past` cached tokens (skipping padding), or per packed sample. */
@@ -719,13 +790,24 @@ function defaultPositions(
   past: number,
   cu: Tensor | null,
   attn: Tensor | null,
-): Tensor {
+  max: number,
+): { ids: Tensor; rows: number } {
   const out = new BigInt64Array(b * s);
+  // made here: checked on the host, and their rotary rows known without reading them back
+  const done = (shape: number[]) => {
+    let top = 0;
+    for (let i = 0; i < out.length; i++) {
+      const p = Number(out[i]);
+      if (p >= max) throw new ModelError('INVALID_INPUT', positionMessage(p, max));
+      if (p + 1 > top) top = p + 1;
+    }
+    return { ids: fromTypedArray(out, shape), rows: top };
+  };
   if (cu) {
     const bounds = Array.from(cu.toTypedArray() as ArrayLike<number | bigint>, Number);
     for (let j = 0; j + 1 < bounds.length; j++)
       for (let i = bounds[j]; i < bounds[j + 1]; i++) out[i] = BigInt(i - bounds[j]);
-    return fromTypedArray(out, [1, s]);
+    return done([1, s]);
   }
   if (attn) {
     // Left-padded rows: a real token's position counts the real tokens before it; padding gets 0.
@@ -739,10 +821,10 @@ function defaultPositions(
         if (real) n++;
       }
     }
-    return fromTypedArray(out, [b, s]);
+    return done([b, s]);
   }
   for (let r = 0; r < b; r++) for (let i = 0; i < s; i++) out[r * s + i] = BigInt(past + i);
-  return fromTypedArray(out, [b, s]);
+  return done([b, s]);
 }
 
 /**

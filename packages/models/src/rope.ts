@@ -2,7 +2,7 @@
 // with tables computed in fp32 as Hugging Face computes them, so a converted model rotates its
 // queries and keys exactly as the original does.
 import type { RopeScaling } from '@megapatch/convert';
-import { fromTypedArray, ropeCosSin, type Tensor } from '@megapatch/tensor';
+import { embedding, fromTypedArray, keep, ropeCosSin, type Tensor } from '@megapatch/tensor';
 import { ModelError } from './errors.js';
 
 const f = Math.fround;
@@ -32,11 +32,19 @@ function yarnInverseFrequencies(dim: number, base: number, s: Extract<RopeScalin
   return inv;
 }
 
-/** cos/sin tables of one model's RoPE; positions are per token, so packed rows restart at 0. */
+/**
+ * cos/sin tables of one model's RoPE; positions are per token, so packed rows restart at 0. The
+ * rows of positions 0 .. n-1 are computed once per device on the host (fp32, as before) and copied
+ * there; a forward gathers its positions' rows on the device, so it neither reads the positions
+ * back nor computes on the host (no synchronisation of a GPU). A row depends on its position only,
+ * so the gathered values are the ones computed for those positions directly.
+ */
 export class RotaryEmbedding {
   /** Factor on cos and sin (yarn's mscale ratio; 1 otherwise). */
   readonly mscale: number;
   private readonly yarnInv: Float32Array | null;
+  /** Per device: the rows of positions [0, rows), owned here (see dispose). */
+  private readonly tables = new Map<string, { rows: number; cos: Tensor; sin: Tensor }>();
 
   constructor(
     readonly dim: number,
@@ -59,8 +67,68 @@ export class RotaryEmbedding {
     }
   }
 
-  /** cos/sin [b, s, dim] (float32, rotate-half layout) for integer positions [b, s]. */
-  forward(positionIds: Tensor): { cos: Tensor; sin: Tensor } {
+  /**
+   * cos/sin [b, s, dim] (float32, rotate-half layout) for integer positions [b, s] (or [s]),
+   * every position below `rows` (the table holds at least that many positions on their device; a
+   * position outside it is the gather's deferred index error). Without `rows` the positions are
+   * read to find their largest.
+   */
+  forward(positionIds: Tensor, rows?: number): { cos: Tensor; sin: Tensor } {
+    // without `rows`, the largest position read from the ids (a wait on an asynchronous device)
+    const need = rows ?? maxOf(positionIds) + 1;
+    const t = this.table(positionIds.device, need);
+    return { cos: embedding(positionIds, t.cos), sin: embedding(positionIds, t.sin) };
+  }
+
+  /** The table of `device` with at least `rows` positions (grown by doubling, at least 256). */
+  private table(device: string, rows: number): { rows: number; cos: Tensor; sin: Tensor } {
+    const known = this.tables.get(device);
+    if (known && known.rows >= rows) return known;
+    let n = Math.max(256, known ? known.rows : 0);
+    while (n < rows) n *= 2;
+    const pos = fromTypedArray(
+      BigInt64Array.from({ length: n }, (_, i) => BigInt(i)),
+      [n],
+      { device: 'cpu' },
+    );
+    let host: { cos: Tensor; sin: Tensor };
+    try {
+      host = this.compute(pos);
+    } finally {
+      pos.dispose();
+    }
+    let made = host;
+    if (device !== 'cpu') {
+      try {
+        made = { cos: host.cos.to(device), sin: host.sin.to(device) };
+      } finally {
+        host.cos.dispose();
+        host.sin.dispose();
+      }
+    }
+    // cached across forwards: no tidy() scope of a caller may free them
+    keep(made.cos);
+    keep(made.sin);
+    if (known) {
+      known.cos.dispose();
+      known.sin.dispose();
+    }
+    const entry = { rows: n, cos: made.cos, sin: made.sin };
+    this.tables.set(device, entry);
+    return entry;
+  }
+
+  /** Frees the cached tables (the model's dispose calls it). */
+  dispose(): void {
+    for (const t of this.tables.values()) {
+      t.cos.dispose();
+      t.sin.dispose();
+    }
+    this.tables.clear();
+  }
+
+  /** cos/sin [..., dim] for CPU positions, computed on the host. */
+  private compute(positionIds: Tensor): { cos: Tensor; sin: Tensor } {
     const s = this.scaling;
     if (s.type === 'none') return ropeCosSin(positionIds, this.dim, { base: this.base });
     if (s.type === 'linear' || s.type === 'llama3') {
@@ -86,6 +154,16 @@ export class RotaryEmbedding {
       }
     }
     const shape = [...positionIds.shape, this.dim];
-    return { cos: fromTypedArray(cos, shape), sin: fromTypedArray(sin, shape) };
+    return {
+      cos: fromTypedArray(cos, shape, { device: 'cpu' }),
+      sin: fromTypedArray(sin, shape, { device: 'cpu' }),
+    };
   }
+}
+
+function maxOf(ids: Tensor): number {
+  const v = ids.toTypedArray() as ArrayLike<number | bigint>;
+  let top = -1;
+  for (let i = 0; i < v.length; i++) top = Math.max(top, Number(v[i]));
+  return top;
 }

@@ -2,7 +2,15 @@
 // backend of @megapatch/tensor (ref:0), or to the CUDA backend's kernels run by its CPU emulator
 // (cudaemu:0, from @megapatch/cuda/emulator), every fixture model loads its weights there, and its
 // loss (with MTP) and gradients equal the CPU run's. Nothing in the models names a device.
-import { AdamW, fromTypedArray, getDefaultDevice, setDefaultDevice, type Tensor } from '@megapatch/tensor';
+import {
+  AdamW,
+  fromTypedArray,
+  getDefaultDevice,
+  pendingChecks,
+  setDefaultDevice,
+  synchronize,
+  type Tensor,
+} from '@megapatch/tensor';
 import { registerReferenceBackend } from '@megapatch/tensor/reference';
 import { afterEach, describe, expect, it } from 'vitest';
 import { loadModel } from '../src/index.js';
@@ -92,4 +100,64 @@ describe.each([
       }
     },
   );
+});
+
+// On an asynchronous device the forward waits for nothing: the token id and position checks are
+// queued with the ops' own (and fail at the device's next read), and the rotary rows are gathered
+// from a table made once per device, instead of reading the ids back to compute them on the host.
+describe.runIf(emulator === null)('a forward on cudaemu:0 does not read the device', () => {
+  const ids = (v: number[]) => fromTypedArray(BigInt64Array.from(v, BigInt), [2, 6], { device: 'cudaemu:0' });
+
+  it('queues its checks, and gives the loss the CPU gives', () => {
+    const { model: cpuModel } = loadModel(fixtureCheckpoint('llama'));
+    const positions = [0, 1, 2, 3, 4, 5, 0, 1, 2, 0, 1, 2];
+    let cpuLoss: number;
+    try {
+      const out = cpuModel.forward(fromTypedArray(BigInt64Array.from(IDS, BigInt), [2, 6]), {
+        labels: fromTypedArray(BigInt64Array.from([...IDS.slice(1), 2], BigInt), [2, 6]),
+        positionIds: fromTypedArray(BigInt64Array.from(positions, BigInt), [2, 6]),
+      });
+      cpuLoss = (out.loss as Tensor).mean().item();
+    } finally {
+      cpuModel.dispose();
+    }
+    setDefaultDevice('cudaemu:0');
+    const { model } = loadModel(fixtureCheckpoint('llama'));
+    try {
+      synchronize('cudaemu:0');
+      const out = model.forward(ids(IDS), {
+        labels: ids([...IDS.slice(1), 2]),
+        positionIds: ids(positions),
+      });
+      // ids, labels and positions: queued, not read (a read would have evaluated the queue)
+      expect(pendingChecks('cudaemu:0')).toBeGreaterThanOrEqual(3);
+      const loss = (out.loss as Tensor).mean().item();
+      expect(pendingChecks('cudaemu:0')).toBe(0);
+      expect(Math.abs(loss - cpuLoss) / cpuLoss).toBeLessThan(1e-5);
+    } finally {
+      model.dispose();
+    }
+  });
+
+  it('reports a token id or a position out of range at the next read, in the model words', () => {
+    setDefaultDevice('cudaemu:0');
+    const { model } = loadModel(fixtureCheckpoint('llama'));
+    try {
+      const vocab = model.config.vocabSize;
+      const bad = [...IDS];
+      bad[8] = vocab + 3;
+      const out = model.forward(ids(bad));
+      expect(() => (out.logits as Tensor).sum().item()).toThrow(
+        `input ids: token id ${vocab + 3} at [1, 2] is outside the vocabulary [0, ${vocab})`,
+      );
+      const max = model.config.maxPositionEmbeddings;
+      const pos = [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, max];
+      const out2 = model.forward(ids(IDS), { positionIds: ids(pos) });
+      expect(() => (out2.logits as Tensor).sum().item()).toThrow(
+        `position ${max} is outside the model's ${max} positions (maxPositionEmbeddings); shorten the sequence`,
+      );
+    } finally {
+      model.dispose();
+    }
+  });
 });

@@ -7,13 +7,12 @@
 // it, as PyTorch's CUDA device-side assertions surface at the next synchronisation. A synchronous
 // backend (the CPU) evaluates every check at once, so its errors come from the op itself.
 import { activeBackends, getBackend, normalizeDevice } from './backend/backend.js';
-import type { TensorError } from './errors.js';
 import { keep } from './scope.js';
 import type { Tensor } from './tensor.js';
 
 interface PendingCheck {
   values: Tensor;
-  verdict: (values: number[]) => TensorError | null;
+  verdict: (values: number[]) => Error | null;
 }
 
 const pending = new Map<string, PendingCheck[]>();
@@ -38,10 +37,10 @@ function readRaw(t: Tensor): number[] {
  * again: the queue owns and frees it). `verdict` gets its elements on the host and returns the
  * error to throw, or null. Synchronous backends run the verdict at once.
  */
-export function deferCheck(values: Tensor, verdict: (values: number[]) => TensorError | null): void {
+export function deferCheck(values: Tensor, verdict: (values: number[]) => Error | null): void {
   const backend = values.backend;
   if (backend.synchronous !== false) {
-    let err: TensorError | null;
+    let err: Error | null;
     try {
       err = verdict(readRaw(values));
     } finally {
@@ -83,7 +82,7 @@ export function synchronize(device?: string): void {
     const list = pending.get(d);
     if (!list || list.length === 0) continue;
     pending.delete(d);
-    let failure: TensorError | null = null;
+    let failure: Error | null = null;
     for (const c of list) {
       try {
         if (!failure) failure = c.verdict(readRaw(c.values));
