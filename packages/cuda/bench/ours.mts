@@ -365,8 +365,8 @@ if (want('train')) {
       achievedTflops: r4(flopsPerStep / (stepMs / 1000) / 1e12),
       mfu: r4(flopsPerStep / (stepMs / 1000) / (peakTflops * 1e12)),
       peakTflops,
-      // forward includes its loss read (a sync); backward is the host's enqueue time, its device
-      // tail lands in the optimizer's grad-norm read; the update itself runs into the next step
+      // forward and backward are the host's enqueue times (nothing waits for the device there);
+      // the device's tail lands in the optimizer's grad-norm read; the update runs into the next step
       breakdownMs: {
         data: t('dataMs'),
         forward: t('forwardMs'),

@@ -195,7 +195,7 @@ for (const [label, side, t] of [
 if (good(o)) {
   const b = o.breakdownMs;
   limits.push(
-    `megapatch timers (median ms): data ${b.data}, forward ${b.forward} (ends on the loss read), backward ${b.backward} (host enqueue), optimizer ${b.optimizer} (waits for the backward's tail at the grad-norm read); peak memory ${o.peakMemoryGiB} GiB; losses ${o.losses.join(' ')}`,
+    `megapatch timers (median ms): data ${b.data}, forward ${b.forward} (host enqueue), backward ${b.backward} (host enqueue), optimizer ${b.optimizer} (waits for the backward's tail at the grad-norm read); peak memory ${o.peakMemoryGiB} GiB; losses ${o.losses.join(' ')}`,
   );
 }
 if (good(e))

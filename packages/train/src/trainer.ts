@@ -54,6 +54,7 @@ import {
   fromTypedArray,
   getBackend,
   getDefaultDevice,
+  keep,
   Module,
   ModuleList,
   manualSeed,
@@ -453,6 +454,41 @@ function microTensors(b: CollatedBatch, cp: ProcessGroup) {
   };
 }
 
+/**
+ * A running float64 sum of scalar tensors kept on their device, read once: adding queues a cast
+ * and an add instead of waiting for the device (each term is its float32 value exactly, summed in
+ * the order added, as the host sum of the terms' values was).
+ */
+class DeviceSum {
+  private acc: Tensor | null = null;
+
+  add(t: Tensor): void {
+    const next = noGrad(() =>
+      tidy(() => {
+        const v = t.detach().to('float64').reshape(1);
+        return keep(this.acc ? this.acc.add(v) : v.clone());
+      }),
+    );
+    this.acc?.dispose();
+    this.acc = next;
+  }
+
+  /** The sum (0 when nothing was added), read on the host; the accumulator is freed. */
+  read(): number {
+    if (!this.acc) return 0;
+    try {
+      return this.acc.item();
+    } finally {
+      this.dispose();
+    }
+  }
+
+  dispose(): void {
+    this.acc?.dispose();
+    this.acc = null;
+  }
+}
+
 /** Sum over the group of small numbers (losses, token counts), in float64. */
 function allReduceNumbers(values: number[], group: ProcessGroup): number[] {
   if (group.size === 1) return values;
@@ -707,12 +743,19 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
   const forwardBackward = ppSize > 1 ? getForwardBackwardFunc(ppSize, vpp > 1 ? vpp : null) : null;
   type Micro = ReturnType<typeof microTensors>;
   interface Sums {
-    loss: number;
+    loss: DeviceSum;
     tokens: number;
-    aux: number;
-    z: number;
-    mtp: number;
+    aux: DeviceSum;
+    z: DeviceSum;
+    mtp: DeviceSum;
   }
+  const newSums = (): Sums => ({
+    loss: new DeviceSum(),
+    tokens: 0,
+    aux: new DeviceSum(),
+    z: new DeviceSum(),
+    mtp: new DeviceSum(),
+  });
   /**
    * One pass of the schedule over the micro-batches (forward only for evaluation): every stage
    * reads the same micro-batches (positions, packing), the last computes the loss. The objective
@@ -737,8 +780,8 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
         if (!o.forwardOnly) {
           for (const [, moe] of stage.moeLayers()) {
             const r = moe.lastRouting;
-            if (r?.auxLoss) sums.aux += r.auxLoss.item();
-            if (r?.zLoss) sums.z += r.zLoss.item();
+            if (r?.auxLoss) sums.aux.add(r.auxLoss);
+            if (r?.zLoss) sums.z.add(r.zLoss);
           }
         }
         if (!stage.postProcess) return [out.hiddenStates as Tensor, null] as const;
@@ -747,14 +790,14 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
           out.loss as Tensor,
           (perToken: Tensor) => {
             const masked = perToken.mul(mb.lossMask).sum();
-            sums.loss += masked.item();
+            sums.loss.add(masked);
             sums.tokens += mb.maskSum;
             let objective = tr.calculatePerTokenLoss
               ? masked.mul((dpSize * micro.length) / (cpSize * Math.max(o.globalTokens, 1)))
               : masked.div(Math.max(o.microTokens[i], 1));
             if (out.mtpLosses.length > 0) {
               const mtp = out.mtpLosses.reduce((a, t) => a.add(t)).div(out.mtpLosses.length);
-              sums.mtp += mtp.item();
+              sums.mtp.add(mtp);
               // each CP rank holds its tokens' share of the MTP mean: the schedule's ×cp turns the
               // DP × CP gradient average into their sum
               objective = objective.add(mtp.mul(config.model.mtpLossScalingFactor));
@@ -820,12 +863,16 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
       if (forwardBackward) {
         // pipeline: forward only through the stages; the loss is summed on the last one
         const micro = step.value.map((b) => microTensors(b, layout.cp));
-        const sums: Sums = { loss: 0, tokens: 0, aux: 0, z: 0, mtp: 0 };
+        const sums = newSums();
         await runPipeline(micro, sums, { forwardOnly: true, microTokens: [], globalTokens: 0, lossScale: 1 });
         for (const mb of micro) {
           for (const t of [mb.tokens, mb.labels, mb.positionIds, mb.lossMask, mb.cuSeqlens]) t?.dispose();
         }
-        const [s, c] = allReduceNumbers(allReduceNumbers([sums.loss, sums.tokens], layout.pp), layout.dp);
+        const [s, c] = allReduceNumbers(
+          allReduceNumbers([sums.loss.read(), sums.tokens], layout.pp),
+          layout.dp,
+        );
+        for (const d of [sums.aux, sums.z, sums.mtp]) d.dispose();
         sum += s / dpSize;
         count += c / dpSize;
         continue;
@@ -903,13 +950,20 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
       let zSum = 0;
       let mtpSum = 0;
       if (forwardBackward) {
-        const sums: Sums = { loss: 0, tokens: 0, aux: 0, z: 0, mtp: 0 };
+        const sums = newSums();
         const f0 = performance.now();
         await runPipeline(micro, sums, { forwardOnly: false, microTokens, globalTokens, lossScale });
         // forward and backward interleave under the schedule: their time is one figure
         timers.forwardMs = performance.now() - f0;
-        ({ loss: lossSum, tokens: tokenSum, aux: auxSum, z: zSum, mtp: mtpSum } = sums);
+        lossSum = sums.loss.read();
+        tokenSum = sums.tokens;
+        auxSum = sums.aux.read();
+        zSum = sums.z.read();
+        mtpSum = sums.mtp.read();
       }
+      // the single-stage loop's sums stay on the device until every micro-batch is queued (a read
+      // there would wait for each forward before its backward could be queued)
+      const dev = newSums();
       for (const [i, mb] of (forwardBackward ? [] : micro).entries()) {
         // gradients accumulate locally over the micro-batches; the last one's backward reduces them
         const run = i < micro.length - 1 ? <T>(f: () => T) => ddp.noSync(f) : <T>(f: () => T) => f();
@@ -923,8 +977,7 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
               ...(mb.cuSeqlens ? { cuSeqlens: mb.cuSeqlens } : {}),
             });
             const masked = (out.loss as Tensor).mul(mb.lossMask).sum();
-            const value = masked.item();
-            lossSum += value;
+            dev.loss.add(masked);
             tokenSum += mb.maskSum;
             // Megatron: a mean over each micro-batch's tokens averaged over micro-batches (DDP
             // averages over DP), or with calculatePerTokenLoss one mean over the global batch.
@@ -933,14 +986,14 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
               : masked.div(Math.max(microTokens[i], 1) * numMicro).mul(cpSize);
             if (out.mtpLosses.length > 0) {
               const mtp = out.mtpLosses.reduce((a, t) => a.add(t)).div(out.mtpLosses.length);
-              mtpSum += mtp.item();
+              dev.mtp.add(mtp);
               // a CP rank's share of the MTP mean, ×cp against the DP × CP gradient average
               objective = objective.add(mtp.mul((config.model.mtpLossScalingFactor * cpSize) / numMicro));
             }
             for (const [, moe] of model.moeLayers()) {
               const r = moe.lastRouting;
-              if (r?.auxLoss) auxSum += r.auxLoss.item();
-              if (r?.zLoss) zSum += r.zLoss.item();
+              if (r?.auxLoss) dev.aux.add(r.auxLoss);
+              if (r?.zLoss) dev.z.add(r.zLoss);
             }
             const b0 = performance.now();
             timers.forwardMs += b0 - f0;
@@ -956,6 +1009,15 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
       const o0 = performance.now();
       const r = optimizer.step();
       timers.optimizerMs = performance.now() - o0;
+      // after the step's own read of the gradient norm, which waited for the backward's tail
+      if (!forwardBackward) {
+        lossSum = dev.loss.read();
+        auxSum = dev.aux.read();
+        zSum = dev.z.read();
+        mtpSum = dev.mtp.read();
+      } else {
+        for (const d of [dev.loss, dev.aux, dev.z, dev.mtp]) d.dispose();
+      }
       const sync = ddp.lastSyncStats();
       timers.commMs = sync.commMs;
       timers.exposedCommMs = sync.exposedMs;
