@@ -3,55 +3,63 @@
 // RELU_BIAS, GELU_AUX_BIAS..., or the tiled kernel's store), so the output is written once and a
 // 16-bit result is rounded once, and linear's weight and bias gradients from one GEMM (cuBLASLt's
 // CUBLASLT_EPILOGUE_BGRADB, or the tiled kernel and a row sum).
-import type { KernelTable } from '@megapatch/tensor';
+import type { KernelTable, Tensor } from '@megapatch/tensor';
 import { DTYPE_CODES, LINEAR_ACTIVATION_CODES } from '@megapatch/tensor/abi';
 import { address, type Entries, pack } from '../pack.js';
 
 type GemmKernels = Pick<KernelTable, 'linearBias' | 'linearBiasActivation' | 'linearWeightBiasGrad'>;
 
+/**
+ * Writes the head every linear entry starts with (native/src/backend/gemm.cc read_head): the dtype,
+ * M, N, K and the operands of one GEMM out [M, N] = a [M, K] @ b [K, N] given by their 2-D strides.
+ */
+function packHead(
+  out: Tensor,
+  M: number,
+  N: number,
+  K: number,
+  a: Tensor,
+  aStrides: readonly [number, number],
+  b: Tensor,
+  bStrides: readonly [number, number],
+) {
+  return pack
+    .begin()
+    .num(DTYPE_CODES[out.dtype])
+    .num(M)
+    .num(N)
+    .num(K)
+    .num(address(a))
+    .num(aStrides[0])
+    .num(aStrides[1])
+    .num(address(b))
+    .num(bStrides[0])
+    .num(bStrides[1])
+    .num(address(out))
+    .num(N);
+}
+
+/** linear's x [M, K] @ weight[N, K]^T: the GEMM's B is weight read as [K, N], its strides swapped. */
+function packLinear(out: Tensor, x: Tensor, weight: Tensor) {
+  const [M, K] = x.shape;
+  const N = weight.shape[0];
+  return packHead(out, M, N, K, x, [x.strides[0], x.strides[1]], weight, [
+    weight.strides[1],
+    weight.strides[0],
+  ]);
+}
+
 export function gemmKernels(call: Entries): GemmKernels {
   return {
     linearBias(out, x, weight, bias) {
-      const [M, K] = x.shape;
-      const N = weight.shape[0];
-      // out = x @ weight^T: the GEMM's B is weight [N, K] read as [K, N], its strides swapped
-      pack
-        .begin()
-        .num(DTYPE_CODES[out.dtype])
-        .num(M)
-        .num(N)
-        .num(K)
-        .num(address(x))
-        .num(x.strides[0])
-        .num(x.strides[1])
-        .num(address(weight))
-        .num(weight.strides[1])
-        .num(weight.strides[0])
-        .num(address(out))
-        .num(N)
-        .num(address(bias))
-        .num(DTYPE_CODES[bias.dtype]);
+      packLinear(out, x, weight).num(address(bias)).num(DTYPE_CODES[bias.dtype]);
       call.linearBias();
     },
 
     linearBiasActivation(out, preAct, x, weight, bias, activation) {
-      const [M, K] = x.shape;
       const N = weight.shape[0];
-      // as linearBias; a null bias or preAct goes as address 0
-      pack
-        .begin()
-        .num(DTYPE_CODES[out.dtype])
-        .num(M)
-        .num(N)
-        .num(K)
-        .num(address(x))
-        .num(x.strides[0])
-        .num(x.strides[1])
-        .num(address(weight))
-        .num(weight.strides[1])
-        .num(weight.strides[0])
-        .num(address(out))
-        .num(N)
+      // a null bias or preAct goes as address 0
+      packLinear(out, x, weight)
         .num(bias ? address(bias) : 0)
         .num(DTYPE_CODES[(bias ?? out).dtype])
         .num(preAct ? address(preAct) : 0)
@@ -66,20 +74,7 @@ export function gemmKernels(call: Entries): GemmKernels {
       const K = x.shape[1];
       // gradWeight [N, K] = g^T [N, M] @ x [M, K]: the GEMM's A is g read transposed (its strides
       // swapped), and gradBias, the row sums of that A, is the epilogue's bias gradient
-      pack
-        .begin()
-        .num(DTYPE_CODES[gradWeight.dtype])
-        .num(N)
-        .num(K)
-        .num(M)
-        .num(address(g))
-        .num(g.strides[1])
-        .num(g.strides[0])
-        .num(address(x))
-        .num(x.strides[0])
-        .num(x.strides[1])
-        .num(address(gradWeight))
-        .num(K)
+      packHead(gradWeight, N, K, M, g, [g.strides[1], g.strides[0]], x, [x.strides[0], x.strides[1]])
         .num(address(gradBias))
         .num(DTYPE_CODES[gradBias.dtype]);
       call.linearWeightBiasGrad();

@@ -41,21 +41,39 @@ static GemmMat read_mat2(Args& a) {
   return m;
 }
 
+// The head every linear entry starts with: dtype, M, N, K, A(ptr, rs, cs), B(ptr, rs, cs),
+// C(ptr, rs) of one GEMM C = A @ B (src/kernels/gemm.ts packHead writes it).
+struct LinearHead {
+  DType dt;
+  int64_t M, N, K;
+  GemmMat A, B, C;
+};
+static LinearHead read_head(Args& a) {
+  LinearHead h;
+  h.dt = static_cast<DType>(a.i32());
+  h.M = a.i64();
+  h.N = a.i64();
+  h.K = a.i64();
+  h.A = read_mat2(a);
+  h.B = read_mat2(a);
+  h.C = GemmMat{static_cast<char*>(a.ptr()), 0, 0, 1};
+  h.C.rs = a.i64();
+  return h;
+}
+static void run_head(const LinearHead& h, const GemmEpilogue& epi) {
+  gemm(current_stream(), h.dt, 1, h.M, h.N, h.K, h.A, h.B, h.C, 1.0, 0.0, &epi);
+}
+
 // linearBias(dtype, M, N, K, A(ptr, rs, cs), B(ptr, rs, cs), C(ptr, rs), bias(ptr, dtype)):
 // C = A @ B + bias with the bias added in the GEMM's epilogue, one matrix (src/kernels/gemm.ts
 // passes linear's x as A and weight^T as B).
 MPC_ENTRY(LinearBiasE) {
   Args a;
-  DType dt = static_cast<DType>(a.i32());
-  int64_t M = a.i64(), N = a.i64(), K = a.i64();
-  GemmMat A = read_mat2(a);
-  GemmMat B = read_mat2(a);
-  GemmMat C{static_cast<char*>(a.ptr()), 0, 0, 1};
-  C.rs = a.i64();
+  const LinearHead h = read_head(a);
   GemmEpilogue epi;
   epi.bias = static_cast<const char*>(a.ptr());
   epi.dtype = static_cast<DType>(a.i32());
-  gemm(current_stream(), dt, 1, M, N, K, A, B, C, 1.0, 0.0, &epi);
+  run_head(h, epi);
   return info.Env().Undefined();
 }
 
@@ -64,12 +82,7 @@ MPC_ENTRY(LinearBiasE) {
 // epilogue, one matrix; a null bias adds nothing, a null aux is not written.
 MPC_ENTRY(LinearActivationE) {
   Args a;
-  DType dt = static_cast<DType>(a.i32());
-  int64_t M = a.i64(), N = a.i64(), K = a.i64();
-  GemmMat A = read_mat2(a);
-  GemmMat B = read_mat2(a);
-  GemmMat C{static_cast<char*>(a.ptr()), 0, 0, 1};
-  C.rs = a.i64();
+  const LinearHead h = read_head(a);
   GemmEpilogue epi;
   epi.bias = static_cast<const char*>(a.ptr());
   const DType bias_dt = static_cast<DType>(a.i32());
@@ -85,7 +98,7 @@ MPC_ENTRY(LinearActivationE) {
   if (epi.bias && epi.aux && aux_dt != bias_dt)
     throw_error(std::string("linearActivation: the pre-activation is ") + dtype_name(aux_dt) + " but the bias is " +
                 dtype_name(bias_dt) + "; both must have the input's dtype");
-  gemm(current_stream(), dt, 1, M, N, K, A, B, C, 1.0, 0.0, &epi);
+  run_head(h, epi);
   return info.Env().Undefined();
 }
 
@@ -94,16 +107,11 @@ MPC_ENTRY(LinearActivationE) {
 // g^T as A and x as B: the weight and bias gradients of linear).
 MPC_ENTRY(LinearWeightBiasGradE) {
   Args a;
-  DType dt = static_cast<DType>(a.i32());
-  int64_t M = a.i64(), N = a.i64(), K = a.i64();
-  GemmMat A = read_mat2(a);
-  GemmMat B = read_mat2(a);
-  GemmMat C{static_cast<char*>(a.ptr()), 0, 0, 1};
-  C.rs = a.i64();
+  const LinearHead h = read_head(a);
   GemmEpilogue epi;
   epi.bias_grad = static_cast<char*>(a.ptr());
   epi.dtype = static_cast<DType>(a.i32());
-  gemm(current_stream(), dt, 1, M, N, K, A, B, C, 1.0, 0.0, &epi);
+  run_head(h, epi);
   return info.Env().Undefined();
 }
 
