@@ -417,12 +417,16 @@ function buildDataset(
  * every sequence (tokens, labels, positions and loss mask split alike; packed rows per sample).
  */
 function microTensors(b: CollatedBatch, cp: ProcessGroup) {
+  // int32 from the collated batch, widened to int64 by one cast kernel (a BigInt per element on
+  // the host cost milliseconds per micro-batch)
   const t = (name: string) => {
     const f = b[name];
-    return fromTypedArray(
-      BigInt64Array.from(f.data as Int32Array, (v) => BigInt(v)),
-      f.shape,
-    );
+    const narrow = fromTypedArray(f.data as Int32Array, f.shape);
+    try {
+      return narrow.to('int64');
+    } finally {
+      narrow.dispose();
+    }
   };
   const mask = b.lossMask;
   const cu = b.cuSeqlens;
