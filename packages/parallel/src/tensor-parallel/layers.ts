@@ -157,6 +157,9 @@ function initShard(
       const master = empty(shape, { dtype: 'float32' });
       (opts.initMethod ?? DEFAULT_INIT)(master, opts.generator);
       const cast = master.to(opts.dtype ?? 'float32');
+      // one rank's shard is the whole weight: no trip through host memory (a GPU's weights would
+      // be read back, split and copied again)
+      if (group.size === 1) return cast;
       return shardOf(cast, partition, { tp: group.size, rank: group.rank, qkvDims: opts.qkvDims });
     }),
   );
