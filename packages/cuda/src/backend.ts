@@ -12,7 +12,13 @@ import type {
   KernelName,
   KernelTable,
 } from '@megapatch/tensor';
-import { BINARY_CODES, DIST_CODES, DTYPE_CODES, REDUCE_CODES, UNARY_CODES } from '@megapatch/tensor/abi';
+import {
+  BINARY_CODES,
+  packGemm,
+  packPhilox,
+  REDUCE_CODES,
+  UNARY_CODES,
+} from '@megapatch/tensor/abi';
 import { familyKernels } from './kernels/families.js';
 import type { BackendAddon } from './native.js';
 import { createCollectives } from './nccl.js';
@@ -22,9 +28,6 @@ import { ARGS, address, type Entries, ITEMSIZE, pack } from './pack.js';
 const UNARY = UNARY_CODES;
 const BINARY = BINARY_CODES;
 const REDUCE = REDUCE_CODES;
-const DIST = DIST_CODES;
-
-const U32 = 2 ** 32;
 
 /**
  * The device type `type` ("cuda", or "cudaemu" for the emulator) over an addon: one Backend per
@@ -137,23 +140,12 @@ export function createCudaBackendType(addon: BackendAddon, type: string): Backen
       },
       gemm(batch, M, N, K, a: GemmOperand, b: GemmOperand, c: GemmOperand, alpha, beta) {
         on();
-        pack.begin().num(DTYPE_CODES[c.tensor.dtype]).num(batch).num(M).num(N).num(K);
-        for (const m of [a, b]) pack.num(address(m.tensor)).num(m.bs).num(m.rs).num(m.cs);
-        pack.num(address(c.tensor)).num(c.bs).num(c.rs).num(alpha).num(beta);
+        packGemm(pack, batch, M, N, K, a, b, c, alpha, beta);
         k.gemm();
       },
       random(out, dist, seed, offset, a, b) {
         on();
-        const s = BigInt.asUintN(64, seed);
-        pack
-          .begin()
-          .tensor(out)
-          .num(DIST[dist])
-          .num(Number(s % BigInt(U32)))
-          .num(Number(s / BigInt(U32)))
-          .num(Number(offset))
-          .num(a)
-          .num(b);
+        packPhilox(pack, out, dist, seed, offset, a, b);
         k.philox();
       },
       kernel<K extends KernelName>(name: K): KernelTable[K] | undefined {

@@ -9,6 +9,10 @@ export {
   ITEMSIZE,
   LINEAR_ACTIVATION_CODES,
   type Packer,
+  packAdamWScalars,
+  packGemm,
+  packPhilox,
+  packSgd,
   REDUCE_CODES,
   UNARY_CODES,
 } from './backend/abi.js';

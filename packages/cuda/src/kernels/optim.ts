@@ -4,6 +4,7 @@
 // float64 `out` scalar and unscaleCheck into its float32 `foundInf` flag (1 when it found inf or
 // NaN, never reset), both passed last.
 import { type DType, type KernelTable, type Tensor, TensorError } from '@megapatch/tensor';
+import { packAdamWScalars, packSgd } from '@megapatch/tensor/abi';
 import { type Entries, pack } from '../pack.js';
 
 type OptimKernels = Pick<
@@ -24,24 +25,11 @@ function checkOutput(kernel: string, what: string, t: Tensor, dtype: DType, n: n
   }
 }
 
-/** The scalars of an AdamW update, in the order native/src/backend/optim.cc reads them. */
-function packAdamW(s: Parameters<KernelTable['adamwStep']>[4]): void {
-  pack
-    .num(s.decay)
-    .num(s.beta1)
-    .num(1 - s.beta1)
-    .num(s.beta2)
-    .num(1 - s.beta2)
-    .num(s.bc2Sqrt)
-    .num(s.eps)
-    .num(s.negStep);
-}
-
 export function optimKernels(call: Entries): OptimKernels {
   return {
     adamwStep(p, g, m, v, s) {
       pack.begin().tensor(p).tensor(g).tensor(m).tensor(v);
-      packAdamW(s);
+      packAdamWScalars(pack, s);
       call.adamwStep();
     },
     adamwStepMulti(ps, gs, ms, vs, s) {
@@ -56,24 +44,12 @@ export function optimKernels(call: Entries): OptimKernels {
         const i1 = Math.min(n, i0 + MULTI_PER_CALL);
         pack.begin().num(i1 - i0);
         for (let i = i0; i < i1; i++) pack.tensor(ps[i]).tensor(gs[i]).tensor(ms[i]).tensor(vs[i]);
-        packAdamW(s);
+        packAdamWScalars(pack, s);
         call.adamwStepMulti();
       }
     },
     sgdStep(p, g, buf, s) {
-      pack
-        .begin()
-        .tensor(p)
-        .tensor(g)
-        .num(buf ? 1 : 0);
-      if (buf) pack.tensor(buf);
-      pack
-        .num(-s.lr)
-        .num(s.momentum)
-        .num(1 - s.dampening)
-        .num(s.weightDecay)
-        .num(s.nesterov ? 1 : 0)
-        .num(s.first ? 1 : 0);
+      packSgd(pack, p, g, buf, s);
       call.sgdStep();
     },
     normPowerSum(t, p, out) {

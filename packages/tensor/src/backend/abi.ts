@@ -9,8 +9,9 @@
 import { DTYPE_CODES, ITEMSIZE } from '../dtype.js';
 import type { GatedActivation } from '../ops/glu.js';
 import type { LinearActivation } from '../ops/linear-activation.js';
+import type { AdamWScalars, SgdScalars } from '../optim/kernels.js';
 import type { Tensor } from '../tensor.js';
-import type { BinaryOp, RandomDist, ReduceOp, UnaryOp } from './backend.js';
+import type { BinaryOp, GemmOperand, RandomDist, ReduceOp, UnaryOp } from './backend.js';
 
 export { DTYPE_CODES, ITEMSIZE };
 
@@ -152,4 +153,80 @@ export function createPacker(size = 8192): Packer {
     },
   };
   return packer;
+}
+
+// ---- the arguments of the entries every native backend shares --------------------------------
+// Each writes one entry's arguments after pack.begin(), in the order the native entry reads them
+// (the CPU addon's native/src and @megapatch/cuda's native/src/backend read the same layout).
+
+/** gemm(dtype, batch, M, N, K, A, B (address, batch/row/column strides), C (address, bs, rs), alpha, beta). */
+export function packGemm(
+  pack: Packer,
+  batch: number,
+  M: number,
+  N: number,
+  K: number,
+  a: GemmOperand,
+  b: GemmOperand,
+  c: GemmOperand,
+  alpha: number,
+  beta: number,
+): void {
+  pack.begin().num(DTYPE_CODES[c.tensor.dtype]).num(batch).num(M).num(N).num(K);
+  for (const m of [a, b]) pack.num(pack.address(m.tensor)).num(m.bs).num(m.rs).num(m.cs);
+  pack.num(pack.address(c.tensor)).num(c.bs).num(c.rs).num(alpha).num(beta);
+}
+
+const U32 = 2 ** 32;
+
+/** philox(out, dist, seed low / high 32 bits, offset, a, b): the Philox streams of random(). */
+export function packPhilox(
+  pack: Packer,
+  out: Tensor,
+  dist: RandomDist,
+  seed: bigint,
+  offset: bigint | number,
+  a: number,
+  b: number,
+): void {
+  const s = BigInt.asUintN(64, seed);
+  pack
+    .begin()
+    .tensor(out)
+    .num(DIST_CODES[dist])
+    .num(Number(s % BigInt(U32)))
+    .num(Number(s / BigInt(U32)))
+    .num(Number(offset))
+    .num(a)
+    .num(b);
+}
+
+/** The scalars of an AdamW update (after its tensors). */
+export function packAdamWScalars(pack: Packer, s: AdamWScalars): void {
+  pack
+    .num(s.decay)
+    .num(s.beta1)
+    .num(1 - s.beta1)
+    .num(s.beta2)
+    .num(1 - s.beta2)
+    .num(s.bc2Sqrt)
+    .num(s.eps)
+    .num(s.negStep);
+}
+
+/** sgdStep(p, g, has buffer, buffer?, -lr, momentum, 1 - dampening, weight decay, nesterov, first). */
+export function packSgd(pack: Packer, p: Tensor, g: Tensor, buf: Tensor | null, s: SgdScalars): void {
+  pack
+    .begin()
+    .tensor(p)
+    .tensor(g)
+    .num(buf ? 1 : 0);
+  if (buf) pack.tensor(buf);
+  pack
+    .num(-s.lr)
+    .num(s.momentum)
+    .num(1 - s.dampening)
+    .num(s.weightDecay)
+    .num(s.nesterov ? 1 : 0)
+    .num(s.first ? 1 : 0);
 }

@@ -1,9 +1,17 @@
 // The built-in CPU backend: native kernels from native/src, called through the shared argument
 // buffer (see common.h). Kernel families beyond the core set register themselves with
 // defineCpuKernel from their op files.
-import { DTYPE_CODES, ITEMSIZE } from '../dtype.js';
+import { ITEMSIZE } from '../dtype.js';
 import { loadNative, type NativeAddon } from '../native.js';
-import { BINARY_CODES, createPacker, DIST_CODES, type Packer, REDUCE_CODES, UNARY_CODES } from './abi.js';
+import {
+  BINARY_CODES,
+  createPacker,
+  type Packer,
+  packGemm,
+  packPhilox,
+  REDUCE_CODES,
+  UNARY_CODES,
+} from './abi.js';
 import type { Backend, GemmOperand } from './backend.js';
 import { registerLazyBackend } from './backend.js';
 import type { KernelName, KernelTable } from './kernels.js';
@@ -11,7 +19,6 @@ import type { KernelName, KernelTable } from './kernels.js';
 const UNARY = UNARY_CODES;
 const BINARY = BINARY_CODES;
 const REDUCE = REDUCE_CODES;
-const DIST = DIST_CODES;
 
 /**
  * The native addon, loaded on first use: importing @megapatch/tensor never loads it, so a
@@ -53,8 +60,6 @@ export function defineCpuKernel<K extends KernelName>(name: K, fn: KernelTable[K
   fused.set(name, fn);
   return fn;
 }
-
-const U32 = 2 ** 32;
 
 export const cpuBackend: Backend = {
   device: 'cpu',
@@ -113,22 +118,11 @@ export const cpuBackend: Backend = {
     k.cumsum();
   },
   gemm(batch, M, N, K, a: GemmOperand, b: GemmOperand, c: GemmOperand, alpha, beta) {
-    pack.begin().num(DTYPE_CODES[c.tensor.dtype]).num(batch).num(M).num(N).num(K);
-    for (const m of [a, b]) pack.num(pack.address(m.tensor)).num(m.bs).num(m.rs).num(m.cs);
-    pack.num(pack.address(c.tensor)).num(c.bs).num(c.rs).num(alpha).num(beta);
+    packGemm(pack, batch, M, N, K, a, b, c, alpha, beta);
     k.gemm();
   },
   random(out, dist, seed, offset, a, b) {
-    const s = BigInt.asUintN(64, seed);
-    pack
-      .begin()
-      .tensor(out)
-      .num(DIST[dist])
-      .num(Number(s % BigInt(U32)))
-      .num(Number(s / BigInt(U32)))
-      .num(Number(offset))
-      .num(a)
-      .num(b);
+    packPhilox(pack, out, dist, seed, offset, a, b);
     k.philox();
   },
   kernel<K extends KernelName>(name: K): KernelTable[K] | undefined {

@@ -1,6 +1,7 @@
 // Optimizer kernels: CPU registrations of native/src/optim.cc, and the helpers optimizers use
 // to call a backend's kernel with contiguous operands. Other backends provide the same names
 // through Backend.kernel().
+import { packAdamWScalars, packSgd } from '../backend/abi.js';
 import { defineCpuKernel, native, pack } from '../backend/cpu.js';
 import { getKernel, type KernelName, type KernelTable } from '../backend/kernels.js';
 import type { DType } from '../dtype.js';
@@ -66,20 +67,8 @@ const normPowerSum = call('normPowerSum');
 const unscaleCheck = call('unscaleCheck');
 
 const cpuAdamwStep = defineCpuKernel('adamwStep', (p, g, m, v, s) => {
-  pack
-    .begin()
-    .tensor(p)
-    .tensor(g)
-    .tensor(m)
-    .tensor(v)
-    .num(s.decay)
-    .num(s.beta1)
-    .num(1 - s.beta1)
-    .num(s.beta2)
-    .num(1 - s.beta2)
-    .num(s.bc2Sqrt)
-    .num(s.eps)
-    .num(s.negStep);
+  pack.begin().tensor(p).tensor(g).tensor(m).tensor(v);
+  packAdamWScalars(pack, s);
   adamwStep();
 });
 
@@ -125,19 +114,7 @@ defineCpuKernel('adamwStepMulti', (ps, gs, ms, vs, s) => {
 });
 
 defineCpuKernel('sgdStep', (p, g, buf, s) => {
-  pack
-    .begin()
-    .tensor(p)
-    .tensor(g)
-    .num(buf ? 1 : 0);
-  if (buf) pack.tensor(buf);
-  pack
-    .num(-s.lr)
-    .num(s.momentum)
-    .num(1 - s.dampening)
-    .num(s.weightDecay)
-    .num(s.nesterov ? 1 : 0)
-    .num(s.first ? 1 : 0);
+  packSgd(pack, p, g, buf, s);
   sgdStep();
 });
 
