@@ -948,26 +948,15 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
       // fp16: the objective (and the aux losses, as Megatron's MoEAuxLossAutoScaler) times the scale
       const lossScale = optimizer.lossScaler?.scale ?? 1;
       setAuxLossScale(auxLossScale * lossScale);
-      let lossSum = 0;
-      let tokenSum = 0;
-      let auxSum = 0;
-      let zSum = 0;
-      let mtpSum = 0;
+      // the step's sums stay on the device until every micro-batch is queued (a read there would
+      // wait for each forward before its backward could be queued); read after the optimizer step
+      const sums = newSums();
       if (forwardBackward) {
-        const sums = newSums();
         const f0 = performance.now();
         await runPipeline(micro, sums, { forwardOnly: false, microTokens, globalTokens, lossScale });
         // forward and backward interleave under the schedule: their time is one figure
         timers.forwardMs = performance.now() - f0;
-        lossSum = sums.loss.read();
-        tokenSum = sums.tokens;
-        auxSum = sums.aux.read();
-        zSum = sums.z.read();
-        mtpSum = sums.mtp.read();
       }
-      // the single-stage loop's sums stay on the device until every micro-batch is queued (a read
-      // there would wait for each forward before its backward could be queued)
-      const dev = newSums();
       for (const [i, mb] of (forwardBackward ? [] : micro).entries()) {
         // gradients accumulate locally over the micro-batches; the last one's backward reduces them
         const run = i < micro.length - 1 ? <T>(f: () => T) => ddp.noSync(f) : <T>(f: () => T) => f();
@@ -981,8 +970,8 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
               ...(mb.cuSeqlens ? { cuSeqlens: mb.cuSeqlens } : {}),
             });
             const masked = (out.loss as Tensor).mul(mb.lossMask).sum();
-            dev.loss.add(masked);
-            tokenSum += mb.maskSum;
+            sums.loss.add(masked);
+            sums.tokens += mb.maskSum;
             // Megatron: a mean over each micro-batch's tokens averaged over micro-batches (DDP
             // averages over DP), or with calculatePerTokenLoss one mean over the global batch.
             let objective = tr.calculatePerTokenLoss
@@ -990,14 +979,14 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
               : masked.div(Math.max(microTokens[i], 1) * numMicro).mul(cpSize);
             if (out.mtpLosses.length > 0) {
               const mtp = out.mtpLosses.reduce((a, t) => a.add(t)).div(out.mtpLosses.length);
-              dev.mtp.add(mtp);
+              sums.mtp.add(mtp);
               // a CP rank's share of the MTP mean, ×cp against the DP × CP gradient average
               objective = objective.add(mtp.mul((config.model.mtpLossScalingFactor * cpSize) / numMicro));
             }
             for (const [, moe] of model.moeLayers()) {
               const r = moe.lastRouting;
-              if (r?.auxLoss) dev.aux.add(r.auxLoss);
-              if (r?.zLoss) dev.z.add(r.zLoss);
+              if (r?.auxLoss) sums.aux.add(r.auxLoss);
+              if (r?.zLoss) sums.z.add(r.zLoss);
             }
             const b0 = performance.now();
             timers.forwardMs += b0 - f0;
@@ -1014,14 +1003,11 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
       const r = optimizer.step();
       timers.optimizerMs = performance.now() - o0;
       // after the step's own read of the gradient norm, which waited for the backward's tail
-      if (!forwardBackward) {
-        lossSum = dev.loss.read();
-        auxSum = dev.aux.read();
-        zSum = dev.z.read();
-        mtpSum = dev.mtp.read();
-      } else {
-        for (const d of [dev.loss, dev.aux, dev.z, dev.mtp]) d.dispose();
-      }
+      const lossSum = sums.loss.read();
+      const tokenSum = sums.tokens;
+      const auxSum = sums.aux.read();
+      const zSum = sums.z.read();
+      const mtpSum = sums.mtp.read();
       const sync = ddp.lastSyncStats();
       timers.commMs = sync.commMs;
       timers.exposedCommMs = sync.exposedMs;
