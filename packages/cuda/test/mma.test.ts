@@ -208,6 +208,18 @@ const MMA_CASES: MmaCase[] = [
   },
 ];
 
+/** fn() with the environment variable `name` set to `value` (the native side reads it per call). */
+function withEnv<T>(name: string, value: string, fn: () => T): T {
+  const prev = process.env[name];
+  process.env[name] = value;
+  try {
+    return fn();
+  } finally {
+    if (prev === undefined) delete process.env[name];
+    else process.env[name] = prev;
+  }
+}
+
 const numbers = (t: Tensor): number[] =>
   Array.from(t.to('cpu').to('float32').toTypedArray() as ArrayLike<number>);
 
@@ -249,27 +261,11 @@ describe.skipIf(noAddon !== '')(
             out.backward(gout.to(dev));
             return [out, ql.grad!, kl.grad!, vl.grad!].map(numbers);
           };
-          const prev = process.env.MEGAPATCH_ATTENTION_MMA;
-          let fmaAll: number[][];
-          try {
-            process.env.MEGAPATCH_ATTENTION_MMA = '0';
-            fmaAll = run(DEV);
-          } finally {
-            if (prev === undefined) delete process.env.MEGAPATCH_ATTENTION_MMA;
-            else process.env.MEGAPATCH_ATTENTION_MMA = prev;
-          }
+          const fmaAll = withEnv('MEGAPATCH_ATTENTION_MMA', '0', () => run(DEV));
           const mmaAll = run(DEV);
           // the same arithmetic with each tile loaded between two barriers instead of prefetched
           // by cp.async (the emulator delays those copies until their wait): the same bits
-          let unpipelined: number[][];
-          const prevPipe = process.env.MEGAPATCH_ATTENTION_PIPELINE;
-          try {
-            process.env.MEGAPATCH_ATTENTION_PIPELINE = '0';
-            unpipelined = run(DEV);
-          } finally {
-            if (prevPipe === undefined) delete process.env.MEGAPATCH_ATTENTION_PIPELINE;
-            else process.env.MEGAPATCH_ATTENTION_PIPELINE = prevPipe;
-          }
+          const unpipelined = withEnv('MEGAPATCH_ATTENTION_PIPELINE', '0', () => run(DEV));
           for (let o = 0; o < 4; o++)
             expect(unpipelined[o], `output ${o} without cp.async`).toEqual(mmaAll[o]);
           const cpuAll = run('cpu');
