@@ -12,13 +12,7 @@ import type {
   KernelName,
   KernelTable,
 } from '@megapatch/tensor';
-import {
-  BINARY_CODES,
-  packGemm,
-  packPhilox,
-  REDUCE_CODES,
-  UNARY_CODES,
-} from '@megapatch/tensor/abi';
+import { BINARY_CODES, packGemm, packPhilox, REDUCE_CODES, UNARY_CODES } from '@megapatch/tensor/abi';
 import { familyKernels } from './kernels/families.js';
 import type { BackendAddon } from './native.js';
 import { createCollectives } from './nccl.js';

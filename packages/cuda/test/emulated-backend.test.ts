@@ -4,9 +4,14 @@
 // mixing devices. The op-by-op conformance with the CPU is vitest.conformance.config.ts.
 import {
   emptyCache,
+  gelu,
   getBackend,
   hasNativeKernel,
+  type LinearActivation,
+  linear,
+  linearActivation,
   memoryStats,
+  relu,
   synchronize,
   type Tensor,
   tensor,
@@ -117,6 +122,65 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
       /^indexSelect: index 5 \(at position 1 of the index\) is out of range/,
     );
     y.dispose();
+  });
+
+  it('splits an activation cuBLASLt has no epilogue for into the GEMM and the unary kernel, as on a GPU', () => {
+    const addon = 'error' in built ? null : built.addon;
+    if (!addon) throw new Error(skip);
+    const on = (t: Tensor) => t.to('cudaemu:0', 'bfloat16');
+    const x = on(
+      tensor(
+        Array.from({ length: 5 * 7 }, (_, i) => Math.sin(i) * 2),
+        { shape: [5, 7] },
+      ),
+    );
+    const w = on(
+      tensor(
+        Array.from({ length: 6 * 7 }, (_, i) => Math.cos(i * 0.7)),
+        { shape: [6, 7] },
+      ),
+    );
+    const b = on(tensor([0.5, -1, 0.25, 2, -0.75, 0]));
+    /** The kernel launches of fn (copies are not launches). */
+    const launches = (fn: () => void) => {
+      synchronize('cudaemu:0');
+      const before = addon.emuStats().launches;
+      fn();
+      synchronize('cudaemu:0');
+      return addon.emuStats().launches - before;
+    };
+    const ref = (act: LinearActivation) =>
+      act === 'relu' ? relu(linear(x, w, b)) : gelu(linear(x, w, b), act === 'gelu' ? 'none' : 'tanh');
+    const xg = x.clone().requiresGrad_(); // a gradient keeps the pre-activation (GELU's backward reads it)
+    for (const [act, input, count] of [
+      ['gelu', x, 2], // the erf GELU: GEMM + bias, then the unary kernel
+      ['gelu', xg, 2],
+      ['gelu-tanh', xg, 1], // GELU_AUX_BIAS
+      ['relu', xg, 1], // RELU_BIAS (ReLU's backward reads its output)
+    ] as const) {
+      let y: Tensor | null = null;
+      expect(
+        launches(() => {
+          y = linearActivation(input, w, b, act);
+        }),
+        `${act}${input === xg ? ' with a gradient' : ''}`,
+      ).toBe(count);
+      const r = ref(act);
+      // the split runs the composition's order (the pre-activation rounded once): equal bit for bit
+      if (count === 2) expect((y as unknown as Tensor).cpu().toArray(), act).toEqual(r.cpu().toArray());
+      (y as unknown as Tensor).dispose();
+      r.dispose();
+    }
+    // a ReLU that keeps its input (not one the op asks for; RELU_AUX keeps a bit mask) splits too
+    const kernel = getBackend('cudaemu:0').kernel('linearBiasActivation');
+    if (!kernel) throw new Error('no linearBiasActivation kernel');
+    const out = on(zeros([5, 6]));
+    const pre = on(zeros([5, 6]));
+    expect(launches(() => kernel(out, pre, x, w, b, 'relu'))).toBe(2);
+    const lin = linear(x, w, b);
+    expect(pre.cpu().toArray()).toEqual(lin.cpu().toArray());
+    expect(out.cpu().toArray()).toEqual(relu(lin).cpu().toArray());
+    for (const t of [out, pre, lin, xg, x, w, b]) t.dispose();
   });
 
   it('refuses to mix devices in one op with a one-line error', () => {

@@ -1,7 +1,8 @@
 // The GEMM-family named kernels of the CUDA backend (native/src/kernels/gemm.cu): linear with its
 // bias and activation applied in the GEMM's epilogue (cuBLASLt's CUBLASLT_EPILOGUE_BIAS,
 // RELU_BIAS, GELU_AUX_BIAS..., or the tiled kernel's store), so the output is written once and a
-// 16-bit result is rounded once, and linear's weight and bias gradients from one GEMM (cuBLASLt's
+// 16-bit result is rounded once (the erf GELU, which cuBLASLt has no epilogue for, is the bias
+// GEMM then the unary kernel), and linear's weight and bias gradients from one GEMM (cuBLASLt's
 // CUBLASLT_EPILOGUE_BGRADB, or the tiled kernel and a row sum).
 import type { KernelTable, Tensor } from '@megapatch/tensor';
 import { DTYPE_CODES, LINEAR_ACTIVATION_CODES } from '@megapatch/tensor/abi';

@@ -8,18 +8,6 @@
 
 namespace mpc {
 
-enum Unary : int {
-  kNeg = 0, kExp, kLog, kSqrt, kRsqrt, kAbs, kTanh, kSigmoid, kSilu, kGelu, kGeluTanh, kRelu, kSin, kCos,
-  kSquare, kReciprocal, kSign, kLog1p, kExpm1, kFloor, kCeil, kRound, kClamp, kLogicalNot, kIsNan, kIsInf,
-  kUnaryCount
-};
-
-enum Binary : int {
-  kAdd = 0, kSub, kMul, kDiv, kPow, kMaximum, kMinimum, kEq, kNe, kLt, kLe, kGt, kGe, kAnd, kOr,
-  kSiluBackward, kGeluBackward, kGeluTanhBackward, kSigmoidBackward, kTanhBackward, kReluBackward, kAtan2,
-  kBinaryCount
-};
-
 constexpr double kSqrt2OverPi = 0.7978845608028654;
 constexpr double kInvSqrt2 = 0.7071067811865476;
 constexpr double kInvSqrt2Pi = 0.3989422804014327;

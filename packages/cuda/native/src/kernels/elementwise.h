@@ -8,6 +8,19 @@
 
 namespace mpc {
 
+// the op codes of unary and binary
+enum Unary : int {
+  kNeg = 0, kExp, kLog, kSqrt, kRsqrt, kAbs, kTanh, kSigmoid, kSilu, kGelu, kGeluTanh, kRelu, kSin, kCos,
+  kSquare, kReciprocal, kSign, kLog1p, kExpm1, kFloor, kCeil, kRound, kClamp, kLogicalNot, kIsNan, kIsInf,
+  kUnaryCount
+};
+
+enum Binary : int {
+  kAdd = 0, kSub, kMul, kDiv, kPow, kMaximum, kMinimum, kEq, kNe, kLt, kLe, kGt, kGe, kAnd, kOr,
+  kSiluBackward, kGeluBackward, kGeluTanhBackward, kSigmoidBackward, kTanhBackward, kReluBackward, kAtan2,
+  kBinaryCount
+};
+
 void copy(cudaStream_t s, const TensorArg& dst, const TensorArg& src);
 void fill(cudaStream_t s, const TensorArg& t, double value);
 void unary(cudaStream_t s, const TensorArg& out, const TensorArg& x, int op, double p0, double p1);

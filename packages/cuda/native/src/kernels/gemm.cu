@@ -12,6 +12,8 @@
 //    (with its epilogue) and the heuristic's algorithm are cached per device, shape and epilogue.
 #include "gemm.h"
 
+#include "elementwise.h"
+
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -262,6 +264,51 @@ void run_fallback(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, in
   }
 }
 
+// Whether cuBLASLt has one epilogue for `e`'s activation (lt_epilogue below): none, ReLU without
+// its input kept, the tanh GELU. The erf GELU has no epilogue, and RELU_AUX keeps a bit mask, not
+// the pre-activation.
+bool lt_has_activation(const GemmEpilogue* e) {
+  if (!e) return true;
+  switch (e->act) {
+    case GemmAct::None: return true;
+    case GemmAct::Relu: return e->aux == nullptr;
+    case GemmAct::GeluTanh: return true;
+    default: return false;
+  }
+}
+
+// An activation cuBLASLt has no epilogue for, in two steps instead of the tiled kernel's fused
+// store: `product(target, bias_epi)` enqueues the GEMM with only the bias in its epilogue, writing
+// the pre-activation into aux (or straight into C when it is not kept), and the unary kernel then
+// writes act(pre-activation) into C. The order of PyTorch's unfused linear + activation: the
+// pre-activation is rounded once before the activation reads it. False (nothing enqueued) when the
+// activation needs no split, or the GEMM is a batch, or a kept pre-activation would need C's
+// old values (beta != 0), or `product` declines.
+template <typename Product>
+bool gemm_split_activation(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, const GemmMat& c,
+                           double beta, const GemmEpilogue* epi, Product product) {
+  if (lt_has_activation(epi) || batch != 1 || (epi->aux && beta != 0)) return false;
+  GemmEpilogue bias_only;
+  bias_only.bias = epi->bias;
+  bias_only.dtype = epi->dtype;
+  const GemmMat target = epi->aux ? GemmMat{epi->aux, 0, epi->aux_rs, 1} : GemmMat{c.data, 0, c.rs, 1};
+  if (!product(target, &bias_only)) return false;
+  auto matrix = [&](char* data, int64_t rs) {
+    TensorArg t;
+    t.data = data;
+    t.dtype = dtype;
+    t.ndim = 2;
+    t.shape[0] = M;
+    t.shape[1] = N;
+    t.strides[0] = rs;
+    t.strides[1] = 1;
+    return t;
+  };
+  const int op = epi->act == GemmAct::Relu ? kRelu : epi->act == GemmAct::Gelu ? kGelu : kGeluTanh;
+  unary(stream, matrix(c.data, c.rs), matrix(target.data, target.rs), op, 0, 0);
+  return true;
+}
+
 }  // namespace
 
 void gemm_fallback(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K,
@@ -343,8 +390,17 @@ bool lt_problem(int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a
 
 namespace mpc {
 
+// The tiled kernel, with the GPU's choices: an activation cuBLASLt has no epilogue for is split
+// the way the GPU splits it (the tiled kernel standing in for cuBLASLt), so the emulator runs
+// the GPU's path; gemm_fallback keeps the fused store.
 void gemm(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a,
           const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmEpilogue* epi) {
+  const bool work = gemm_args_ok(dtype, batch, M, N, K, alpha, epi);
+  auto tiled = [&](const GemmMat& target, const GemmEpilogue* e) {
+    run_fallback(stream, dtype, 1, M, N, K, a, b, target, alpha, beta, e);
+    return true;
+  };
+  if (work && gemm_split_activation(stream, dtype, batch, M, N, c, beta, epi, tiled)) return;
   gemm_fallback(stream, dtype, batch, M, N, K, a, b, c, alpha, beta, epi);
 }
 
@@ -745,6 +801,11 @@ void gemm(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N,
           const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmEpilogue* epi) {
   const bool work = gemm_args_ok(dtype, batch, M, N, K, alpha, epi);
   if (work && gemm_lt(stream, dtype, batch, M, N, K, a, b, c, alpha, beta, epi)) return;  // BGRADB included
+  // the erf GELU, a ReLU keeping its input: cuBLASLt with the bias epilogue, then the activation
+  auto lt = [&](const GemmMat& target, const GemmEpilogue* e) {
+    return gemm_lt(stream, dtype, 1, M, N, K, a, b, target, alpha, beta, e);
+  };
+  if (work && gemm_split_activation(stream, dtype, batch, M, N, c, beta, epi, lt)) return;
   if (work) run_fallback(stream, dtype, batch, M, N, K, a, b, c, alpha, beta, epi);
   run_row_sums(stream, dtype, M, K, a, epi);
 }
