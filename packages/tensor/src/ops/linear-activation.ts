@@ -28,7 +28,9 @@ export type LinearActivation = 'relu' | 'gelu' | 'gelu-tanh';
  * [M, N] (null: not written) receives the pre-activation x @ weight^T + bias. out, preAct and
  * bias contiguous, x and weight any 2-D strides, one floating dtype for all. The product is
  * accumulated in float32 (float64 for float64), the bias added and the activation applied in that
- * type, and out and preAct are each rounded once to the dtype; K may be 0.
+ * type, and out and preAct are each rounded once to the dtype; K may be 0. A backend whose GEMM
+ * has no epilogue for an activation may apply it to the pre-activation rounded to the dtype
+ * instead (PyTorch's order, one rounding more): the CUDA backend does so for the erf GELU.
  */
 export type LinearBiasActivationKernel = (
   out: Tensor,
