@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU bench of @megapatch/cuda (issue 13), megapatch and PyTorch measured in the same run:
-#   bf16 GEMM vs torch.matmul (target ≥ 0.95), causal flash attention forward+backward vs torch's
+#   bf16 GEMM vs torch.matmul (target ≥ 0.95), MoE's grouped GEMM (cuBLAS's, and one GEMM per
+#   expert) vs torch's loop of matmuls and torch._grouped_mm, causal flash attention forward+backward vs torch's
 #   SDPA flash kernel (target torch time / ours ≥ 1.0), and a Llama-style ~1B bf16 training step
 #   through @megapatch/train: MFU (peak: the H200's dense bf16 989 TFLOP/s; goal ≥ 0.50) and
 #   tokens/s vs the same model in PyTorch, eager and torch.compile.
@@ -13,7 +14,7 @@
 #   MEGAPATCH_BENCH_BUDGET_S     overall seconds (default 270)
 #   MEGAPATCH_BENCH_DEVICE       cuda:0 (default) | cudaemu:0 (rehearsal: the emulator; torch on the CPU)
 #   MEGAPATCH_BENCH_TINY=1       the tiny cases of cases.json (rehearsal)
-#   MEGAPATCH_BENCH_PARTS        subset of "gemm attn train torch-train compile" (default all)
+#   MEGAPATCH_BENCH_PARTS        subset of "gemm grouped attn train torch-train compile" (default all)
 #   MEGAPATCH_BENCH_MBS          training micro-batch (default cases.json's; halved once on a failure)
 #   MEGAPATCH_BENCH_PYTHON       the python with torch (default: python3, else /opt/torch/.venv/bin/python3)
 set -u
@@ -27,7 +28,7 @@ LOG=$OUT/bench.log
 : >"$JSONL"
 : >"$LOG"
 BUDGET=${MEGAPATCH_BENCH_BUDGET_S:-270}
-PARTS=${MEGAPATCH_BENCH_PARTS:-gemm attn train torch-train compile}
+PARTS=${MEGAPATCH_BENCH_PARTS:-gemm grouped attn train torch-train compile}
 export MEGAPATCH_BENCH_DEVICE=${MEGAPATCH_BENCH_DEVICE:-cuda:0}
 START=$(date +%s)
 has() { [[ " $PARTS " == *" $1 "* ]]; }
@@ -81,10 +82,15 @@ run() {
 
 if [ -n "$TSX" ]; then
   has gemm && run ours-gemm 60 "$TSX" $BENCH/ours.mts gemm
+  if has grouped; then
+    run ours-grouped 40 "$TSX" $BENCH/ours.mts grouped
+    MEGAPATCH_GROUPED_GEMM=loop run ours-grouped-loop 40 "$TSX" $BENCH/ours.mts grouped
+  fi
 fi
-if [ -n "$PY" ] && { has gemm || has attn; }; then
+if [ -n "$PY" ] && { has gemm || has grouped || has attn; }; then
   P=()
   has gemm && P+=(gemm)
+  has grouped && P+=(grouped)
   has attn && P+=(attn)
   run torch-gemm-attn 90 "$PY" $BENCH/torch_ref.py "${P[@]}" ${TORCH_ARGS[@]+"${TORCH_ARGS[@]}"}
 fi

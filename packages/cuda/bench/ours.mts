@@ -1,11 +1,13 @@
 // The megapatch side of the GPU bench (gpu-bench.sh runs it; torch_ref.py is the PyTorch side):
 //   gemm  bf16 C = A·B through matmul (cuBLASLt on cuda:0): median TFLOP/s per product
+//   grouped  bf16 groupedLinear (MoE experts' GEMMs) with uneven groups: median TFLOP/s, in the
+//         grouped GEMM's mode (MEGAPATCH_GROUPED_GEMM: cuBLAS's grouped GEMM, or loop / tiled)
 //   attn  causal scaledDotProductAttention, bf16: median ms of forward and of forward+backward
 //   train a Llama-style bf16 training step through @megapatch/train on the device: tokens/s, MFU
 //         (Megatron's FLOP count / step time / the peak in cases.json) and the step's breakdown
 // One JSON line per case on stdout (progress on stderr). The cases are in cases.json.
 //
-// usage (repository root): packages/cuda/node_modules/.bin/tsx packages/cuda/bench/ours.mts [gemm] [attn] [train]
+// usage (repository root): packages/cuda/node_modules/.bin/tsx packages/cuda/bench/ours.mts [gemm] [grouped] [attn] [train]
 // env: MEGAPATCH_BENCH_DEVICE (cuda:0; cudaemu:0 for the emulator), MEGAPATCH_BENCH_TINY=1 (the
 // tiny cases), MEGAPATCH_BENCH_MBS (the training micro-batch), MEGAPATCH_BENCH_LAYERS (the
 // training model's layers), MEGAPATCH_BENCH_CASE_BUDGET_S (seconds of timed runs per gemm/attn
@@ -161,6 +163,69 @@ if (want('gemm')) {
       emit({ kind: 'gemm', case: c.case, error: String((e as Error).message).split('\n')[0] });
     }
     log(`gemm ${c.case} done`);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+/** Rows per expert of a grouped case (cases.json's _comment; torch_ref.py computes the same). */
+function groupSizes(E: number, N: number): number[] {
+  const w = Array.from({ length: E }, (_, e) => 1 + ((37 * e) % 11));
+  const W = w.reduce((a, b) => a + b, 0);
+  const sizes = w.map((x) => Math.floor((N * x) / W));
+  sizes[E - 1] += N - sizes.reduce((a, b) => a + b, 0);
+  return sizes;
+}
+
+if (want('grouped')) {
+  T.manualSeed(3);
+  const mode = process.env.MEGAPATCH_GROUPED_GEMM || 'grouped';
+  for (const c of cases.grouped ?? []) {
+    const { E, N, K, F } = c;
+    try {
+      const sizes = groupSizes(E, N);
+      const x = randBf16([N, K]);
+      const ws = Array.from({ length: E }, () => randBf16([F, K]));
+      // a spot check: the first rows of the first and last expert against float64 on the host
+      const y = T.groupedLinear(x, ws, sizes);
+      let num = 0;
+      let den = 0;
+      for (const [e, row] of [
+        [0, 0],
+        [E - 1, N - sizes[E - 1]],
+      ]) {
+        const xr = bf16ToF64(x.narrow(0, row, 1).contiguous());
+        const wf = bf16ToF64(ws[e]);
+        const got = bf16ToF64(y.narrow(0, row, 1).contiguous());
+        for (let f = 0; f < F; f++) {
+          let s = 0;
+          for (let k = 0; k < K; k++) s += xr[k] * wf[f * K + k];
+          num += (got[f] - s) ** 2;
+          den += s * s;
+        }
+      }
+      y.dispose();
+      const r = timeIt(() => T.groupedLinear(x, ws, sizes).dispose(), { maxSamples: 30 });
+      emit({
+        kind: 'grouped',
+        case: c.case,
+        mode,
+        E,
+        N,
+        K,
+        F,
+        ms: r4(r.ms),
+        tflops: r4((2 * N * K * F) / (r.ms / 1000) / 1e12),
+        minMs: r4(r.minMs),
+        maxMs: r4(r.maxMs),
+        samples: r.samples,
+        reps: r.reps,
+        relErr: r4(Math.sqrt(num / den)),
+      });
+      for (const t of [x, ...ws]) t.dispose();
+    } catch (e) {
+      emit({ kind: 'grouped', case: c.case, mode, error: String((e as Error).message).split('\n')[0] });
+    }
+    log(`grouped ${c.case} (${mode}) done`);
   }
 }
 

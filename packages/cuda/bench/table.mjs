@@ -61,6 +61,34 @@ for (const c of cases.gemm) {
     r === null ? '' : r >= 0.95 ? 'ok' : 'MISS',
   );
 }
+// MoE's grouped GEMM: TFLOP/s of ours (cuBLAS's grouped GEMM) and of one GEMM per expert,
+// against torch's best of its matmul loop and _grouped_mm (information: the issue sets no target)
+summary.grouped = [];
+for (const c of cases.grouped ?? []) {
+  const o = pick('megapatch', 'grouped', c.case, 'grouped');
+  const ol = pick('megapatch', 'grouped', c.case, 'loop');
+  const tl = pick('torch', 'grouped', c.case, 'loop');
+  const tg = pick('torch', 'grouped', c.case, 'grouped_mm');
+  note(o, `megapatch grouped ${c.case}`);
+  note(tl, `torch grouped ${c.case} (loop)`);
+  const best = [tl, tg].filter((l) => l && !l.error).sort((a, b) => b.tflops - a.tflops)[0] ?? null;
+  const r = o && !o.error && best ? o.tflops / best.tflops : null;
+  summary.grouped.push({
+    case: c.case,
+    ours: o?.tflops ?? null,
+    oursLoop: ol?.tflops ?? null,
+    torchLoop: tl?.tflops ?? null,
+    torchGroupedMm: tg?.tflops ?? null,
+    ratio: num(r),
+  });
+  row(
+    `grouped ${c.case} ${c.N}x${c.F}x${c.K} TFLOP/s`,
+    `${cell(o, (l) => l.tflops)} (loop ${cell(ol, (l) => l.tflops)})`,
+    `loop ${cell(tl, (l) => l.tflops)} / _grouped_mm ${tg ? cell(tg, (l) => l.tflops) : '-'}`,
+    r === null ? '-' : String(num(r)),
+    '(info: vs torch best)',
+  );
+}
 // attention: forward+backward ms, torch / ours ≥ 1.0 (and the forward alone, for information)
 for (const c of cases.attn) {
   const o = pick('megapatch', 'attn', c.case);

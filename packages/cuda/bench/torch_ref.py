@@ -2,6 +2,9 @@
 """The PyTorch side of the GPU bench (gpu-bench.sh runs it beside ours.mts): the same cases.
 
   gemm   torch.matmul on bf16 operands (transposed views where cases.json says so)
+  grouped  MoE experts' GEMMs, bf16, uneven rows per expert: a loop of torch.matmul into each
+         expert's rows of one output (Megatron's SequentialMLP), and torch._grouped_mm where this
+         torch has it (one kernel; a failure is reported)
   attn   F.scaled_dot_product_attention, causal, bf16, forced to the flash backend
          (torch.nn.attention.sdpa_kernel(SDPBackend.FLASH_ATTENTION)); GQA through
          enable_gqa=True where the flash backend takes it, else K/V repeated to Hq heads before
@@ -18,7 +21,7 @@ Timing: CUDA events around a batch of back-to-back calls (a step for train), war
 median of many; random inputs. On a CPU or an old torch (the rehearsal: Debian's torch 1.13)
 it degrades: host clock, math attention, no compile. One JSON line per case on stdout.
 
-usage: python3 torch_ref.py [gemm] [attn] [train] [--tiny] [--device cpu|cuda]
+usage: python3 torch_ref.py [gemm] [grouped] [attn] [train] [--tiny] [--device cpu|cuda]
 env: MEGAPATCH_BENCH_TINY=1, MEGAPATCH_BENCH_MBS, MEGAPATCH_BENCH_CASE_BUDGET_S (default 4),
      MEGAPATCH_BENCH_TORCH_MODES (default "eager,compile"; also "eager-bf16": pure bf16 params)
 """
@@ -180,6 +183,50 @@ def bench_gemm():
         except Exception as e:  # noqa: BLE001 — one failed case must not stop the bench
             emit(kind="gemm", case=c["case"], error=err_line(e))
         log(f"gemm {c['case']} done")
+
+
+# -------------------------------------------------------------------------------------------------
+def group_sizes(E, N):
+    """Rows per expert of a grouped case (cases.json's _comment; ours.mts computes the same)."""
+    w = [1 + (37 * e) % 11 for e in range(E)]
+    sizes = [N * x // sum(w) for x in w]
+    sizes[-1] += N - sum(sizes)
+    return sizes
+
+
+def bench_grouped():
+    torch.manual_seed(3)
+    dt = torch.bfloat16 if CUDA else torch.float32
+    for c in CASES.get("grouped", []):
+        E, N, K, Fo = c["E"], c["N"], c["K"], c["F"]
+        flops = 2 * N * K * Fo
+        sizes = group_sizes(E, N)
+        x = torch.randn(N, K, device=DEVICE, dtype=dt)
+        w = torch.randn(E, Fo, K, device=DEVICE, dtype=dt)
+        out = torch.empty(N, Fo, device=DEVICE, dtype=dt)
+        starts = [sum(sizes[:e]) for e in range(E)]
+
+        def loop():
+            for e in range(E):
+                if sizes[e]:
+                    s = starts[e]
+                    torch.matmul(x[s : s + sizes[e]], w[e].t(), out=out[s : s + sizes[e]])
+
+        modes = [("loop", loop)]
+        if hasattr(torch, "_grouped_mm"):
+            offs = torch.tensor([starts[e] + sizes[e] for e in range(E)], device=DEVICE, dtype=torch.int32)
+            wt = w.transpose(-2, -1)
+            modes.append(("grouped_mm", lambda: torch._grouped_mm(x, wt, offs=offs)))
+        for mode, fn in modes:
+            try:
+                r = time_it(fn, max_samples=30)
+                emit(kind="grouped", case=c["case"], mode=mode, E=E, N=N, K=K, F=Fo, ms=r4(r["ms"]),
+                     tflops=r4(flops / (r["ms"] / 1000) / 1e12), minMs=r4(r["minMs"]), maxMs=r4(r["maxMs"]),
+                     samples=r["samples"], reps=r["reps"])
+            except Exception as e:  # noqa: BLE001 — one failed mode must not stop the bench
+                emit(kind="grouped", case=c["case"], mode=mode, error=err_line(e))
+        log(f"grouped {c['case']} done")
+        del x, w, out
 
 
 # -------------------------------------------------------------------------------------------------
@@ -515,6 +562,8 @@ if __name__ == "__main__":
     env_info()
     if want("gemm"):
         bench_gemm()
+    if want("grouped"):
+        bench_grouped()
     if want("attn"):
         bench_attn()
     if want("train"):

@@ -2,8 +2,11 @@
 // cuBLASLt layouts (row-major, transposed, padded ld, broadcast batch, misaligned views, GEMV
 // shapes, batches over 65535) and layouts only the tiled kernel takes (both strides non-unit, a
 // zero row stride), every float dtype, beta 0 over NaN-filled C, beta != 0, writes outside C,
-// run-to-run determinism, the TF32 switch and gemmEngine().
-// usage (repository root): npx tsx gemm-gpu-check.mts [cuda:0 | cudaemu:0]
+// run-to-run determinism, the TF32 switch and gemmEngine(); then the grouped GEMM (the
+// groupedGemm kernel: MoE's expert products, cuBLAS's grouped GEMM on a GPU) against the CPU's
+// per-problem GEMMs, with writes outside the outputs checked.
+// usage (repository root): npx tsx gemm-gpu-check.mts [cuda:0 | cudaemu:0] [grouped]
+// ("grouped": only the grouped part, e.g. with MEGAPATCH_GROUPED_GEMM=tiled or =loop)
 import { resolve } from 'node:path';
 
 const root = process.env.MEGAPATCH_ROOT ?? process.cwd();
@@ -126,6 +129,94 @@ function run(
   for (const t of [A.h, A.d, B.h, B.d, Cb.h, Cb.d]) t.dispose();
 }
 
+// The grouped GEMM: `groups` products in one call, forward-like (y_e = x_e @ w_e^T: a's rows per
+// group, b the group's weight transposed) or weight-gradient-like (dW_e^T = x_e^T @ g_e: a
+// transposed, k the group's rows), group e's output in slot e of one NaN-filled buffer, with a gap
+// after each output that must stay NaN.
+function grouped(dtype: string, groups: number, K: number, F: number, wgrad: boolean) {
+  cases++;
+  const rows = Array.from({ length: groups }, (_, e) => (e % 5 === 2 ? 0 : 1 + ((e * 37) % 97)));
+  const N = rows.reduce((a, b) => a + b, 0);
+  const x = buffers(N * K, dtype);
+  const w = buffers(groups * F * K, dtype);
+  const g = buffers(N * F, dtype);
+  const slot = Math.max(97, K) * F + 7;
+  const outLen = groups * slot;
+  const out = buffers(outLen, dtype, true);
+  const problems = (s: 'h' | 'd') => {
+    const list: any[] = [];
+    let start = 0;
+    rows.forEach((n, e) => {
+      const m = wgrad ? K : n;
+      const c = { tensor: out[s].narrow(0, e * slot, m * F), bs: 0, rs: F, cs: 1 };
+      const xe = x[s].narrow(0, start * K, n * K);
+      if (n > 0 && wgrad) {
+        const ge = g[s].narrow(0, start * F, n * F);
+        list.push({
+          m,
+          n: F,
+          k: n,
+          a: { tensor: xe, bs: 0, rs: 1, cs: K },
+          b: { tensor: ge, bs: 0, rs: F, cs: 1 },
+          c,
+        });
+      } else if (n > 0) {
+        const we = w[s].narrow(0, e * F * K, F * K);
+        list.push({
+          m,
+          n: F,
+          k: K,
+          a: { tensor: xe, bs: 0, rs: K, cs: 1 },
+          b: { tensor: we, bs: 0, rs: 1, cs: K },
+          c,
+        });
+      }
+      start += n;
+    });
+    return list;
+  };
+  for (const p of problems('h')) cpu.gemm(1, p.m, p.n, p.k, p.a, p.b, p.c, 1, 0);
+  const kernel = dev.kernel('groupedGemm');
+  if (!kernel) {
+    fail('the device has no groupedGemm kernel');
+    return;
+  }
+  kernel(problems('d'));
+  synchronize(device);
+  const want = read(out.h),
+    got = read(out.d);
+  const tol = TOL[dtype] * Math.sqrt(wgrad ? 97 : K);
+  let bad = 0;
+  for (let i = 0; i < outLen; i++) {
+    if (Number.isNaN(want[i])) {
+      if (!Number.isNaN(got[i])) bad++; // a write outside every product's output
+    } else if (
+      !Number.isFinite(got[i]) ||
+      Math.abs(got[i] - want[i]) > tol * Math.max(1, Math.abs(want[i]))
+    ) {
+      if (bad < 2) console.log(`  grouped at ${i}: got ${got[i]} want ${want[i]}`);
+      bad++;
+    }
+  }
+  if (bad)
+    fail(`grouped ${dtype} ${groups} groups K ${K} F ${F}${wgrad ? ' (weight gradients)' : ''}: ${bad} bad`);
+  for (const t of [x.h, x.d, w.h, w.d, g.h, g.d, out.h, out.d]) t.dispose();
+}
+const groupedCases = () => {
+  for (const dtype of ['float32', 'float64', 'bfloat16', 'float16'])
+    for (const wgrad of [false, true]) {
+      grouped(dtype, 8, 64, 48, wgrad);
+      grouped(dtype, emu ? 40 : 200, 100, 24, wgrad); // over one upload of the address arrays
+    }
+};
+if (process.argv[3] === 'grouped') {
+  groupedCases();
+  console.log(
+    `grouped (MEGAPATCH_GROUPED_GEMM=${process.env.MEGAPATCH_GROUPED_GEMM ?? ''}): ${cases} cases, ${failures} failures`,
+  );
+  process.exit(failures ? 1 : 0);
+}
+
 const sizes = emu ? [1, 3, 17, 33] : [1, 3, 17, 33, 64, 257];
 let it = 0;
 for (const dtype of ['float32', 'float64', 'bfloat16', 'float16'])
@@ -190,6 +281,7 @@ if (!emu) {
   if (off > 2e-5) fail('float32 is not full precision with TF32 off');
   if (on <= off) fail('MEGAPATCH_ALLOW_TF32=1 changed nothing');
 }
+groupedCases();
 const engine = C.gemmEngine ? C.gemmEngine() : '(no gemmEngine export)';
 console.log(`engine: ${engine}`);
 if (!emu && !/^cuBLASLt \d+\.\d+\.\d+$/.test(engine)) fail(`gemmEngine() = ${engine}`);

@@ -45,7 +45,7 @@ describe('cudaInfo', () => {
     expect(info.available).toBe(info.devices.length > 0);
     if (!info.built) {
       expect(info.reason).toMatch(
-        /^built without CUDA: (no CUDA compiler \(nvcc\)|built with MEGAPATCH_NO_CUDA|CMake found the CUDA compiler .* but no cuBLASLt)/,
+        /^built without CUDA: (no CUDA compiler \(nvcc\)|built with MEGAPATCH_NO_CUDA|CMake found the CUDA compiler .* but no cuBLAS)/,
       );
       expect(info.toolkit).toBeNull();
     } else {

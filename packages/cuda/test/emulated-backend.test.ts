@@ -3,9 +3,11 @@
 // per device, transfers, asynchronous index checks, casts as the CPU makes them, and the errors of
 // mixing devices. The op-by-op conformance with the CPU is vitest.conformance.config.ts.
 import {
+  cat,
   emptyCache,
   gelu,
   getBackend,
+  groupedLinear,
   hasNativeKernel,
   type LinearActivation,
   linear,
@@ -62,6 +64,7 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
       'linearBias',
       'linearBiasActivation',
       'linearWeightBiasGrad',
+      'groupedGemm',
     ] as const;
     for (const name of names) expect(hasNativeKernel(b, name), name).toBe(true);
   });
@@ -125,8 +128,8 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
   });
 
   it('splits an activation cuBLASLt has no epilogue for into the GEMM and the unary kernel, as on a GPU', () => {
-    const addon = 'error' in built ? null : built.addon;
-    if (!addon) throw new Error(skip);
+    const stats = 'error' in built ? undefined : built.addon.emuStats?.bind(built.addon);
+    if (!stats) throw new Error(`the emulator addon has no emuStats: ${skip}`);
     const on = (t: Tensor) => t.to('cudaemu:0', 'bfloat16');
     const x = on(
       tensor(
@@ -144,10 +147,10 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
     /** The kernel launches of fn (copies are not launches). */
     const launches = (fn: () => void) => {
       synchronize('cudaemu:0');
-      const before = addon.emuStats().launches;
+      const before = stats().launches;
       fn();
       synchronize('cudaemu:0');
-      return addon.emuStats().launches - before;
+      return stats().launches - before;
     };
     const ref = (act: LinearActivation) =>
       act === 'relu' ? relu(linear(x, w, b)) : gelu(linear(x, w, b), act === 'gelu' ? 'none' : 'tanh');
@@ -181,6 +184,33 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
     expect(pre.cpu().toArray()).toEqual(lin.cpu().toArray());
     expect(out.cpu().toArray()).toEqual(relu(lin).cpu().toArray());
     for (const t of [out, pre, lin, xg, x, w, b]) t.dispose();
+  });
+
+  it('runs the products of a grouped GEMM in one launch, each equal to its own GEMM bit for bit', () => {
+    const stats = 'error' in built ? undefined : built.addon.emuStats?.bind(built.addon);
+    if (!stats) throw new Error(`the emulator addon has no emuStats: ${skip}`);
+    const dev = 'cudaemu:0';
+    // 40 groups: their table (15 words each) takes two uploads of at most 480 words
+    const sizes = Array.from({ length: 40 }, (_, e) => (e % 7 === 3 ? 0 : 1 + ((e * 11) % 19)));
+    const [K, F] = [9, 17];
+    const N = sizes.reduce((a, b) => a + b, 0);
+    const host = (n: number, seed: number) => Array.from({ length: n }, (_, i) => Math.sin(i * 0.37 + seed));
+    const x = tensor(host(N * K, 1), { shape: [N, K] }).to(dev);
+    const ws = sizes.map((_, e) => tensor(host(F * K, e + 2), { shape: [F, K] }).to(dev));
+    synchronize(dev);
+    const before = stats().launches;
+    const y = groupedLinear(x, ws, sizes);
+    synchronize(dev);
+    expect(stats().launches - before).toBe(3); // two table uploads and the grouped kernel
+    let start = 0;
+    const parts = sizes.map((n, e) => {
+      const part = linear(x.narrow(0, start, n), ws[e]);
+      start += n;
+      return part;
+    });
+    const loop = cat(parts, 0);
+    expect(y.cpu().toArray()).toEqual(loop.cpu().toArray());
+    for (const t of [y, loop, x, ...ws, ...parts]) t.dispose();
   });
 
   it('refuses to mix devices in one op with a one-line error', () => {

@@ -21,6 +21,7 @@ import {
   type DType,
   expand,
   type GatedActivation,
+  type GemmProblem,
   gatedActivation,
   getBackend,
   getTotalNorm,
@@ -74,7 +75,12 @@ const COMPOSED: KernelName[] = [
 ];
 
 /** Compositions of kernels that only devices provide (no native CPU kernel to compare them with). */
-const DEVICE_ONLY: KernelName[] = ['linearBias', 'linearBiasActivation', 'linearWeightBiasGrad'];
+const DEVICE_ONLY: KernelName[] = [
+  'linearBias',
+  'linearBiasActivation',
+  'linearWeightBiasGrad',
+  'groupedGemm',
+];
 
 function nativeKernel<K extends KernelName>(name: K): KernelTable[K] {
   const k = cpuBackend.kernel(name);
@@ -129,8 +135,10 @@ function onDevice<F>(kernel: F, device: string): F {
         }
         return c.dev;
       }
-      if (a !== null && typeof a === 'object' && !Array.isArray(a))
-        return Object.fromEntries(Object.entries(a).map(([k, v]) => [k, v instanceof Tensor ? move(v) : v]));
+      // arrays and plain objects (groupedGemm's problems and their operands) are moved field by field
+      if (Array.isArray(a)) return a.map(move);
+      if (a !== null && typeof a === 'object' && Object.getPrototypeOf(a) === Object.prototype)
+        return Object.fromEntries(Object.entries(a).map(([k, v]) => [k, move(v)]));
       return a;
     };
     const moved = args.map(move);
@@ -1411,6 +1419,64 @@ describe('linearWeightBiasGrad', () => {
   it.skipIf(KERNEL_DEVICE !== undefined)('the CPU has no kernel: getKernel gives the composition', () => {
     expect(hasNativeKernel(cpuBackend, 'linearWeightBiasGrad')).toBe(false);
     expect(getKernel(cpuBackend, 'linearWeightBiasGrad')).toBe(fallbackKernel('linearWeightBiasGrad'));
+  });
+});
+
+describe('groupedGemm', () => {
+  // each problem's c = a @ b against a float64 evaluation (rounded once); without a device the
+  // composition must be matmul's product of each problem bit for bit and write nothing outside
+  // the outputs (each a view with padded rows into one sentinel-filled buffer)
+  const itK = itWith('groupedGemm');
+  const SHAPES = [
+    [5, 7, 3],
+    [1, 9, 17],
+    [33, 6, 4],
+    [17, 17, 33],
+    [2, 1, 5],
+    [64, 48, 32],
+  ];
+  for (const [di, dtype] of LINEAR_DTYPES.entries()) {
+    itK(`${dtype}: ${SHAPES.length} products of different shapes, transposed operands, padded outputs`, () =>
+      tidy(() => {
+        const r = rng(4242 + di);
+        const span = (m: number, n: number) => m * (n + 2) + 3;
+        const out = sentinel([SHAPES.reduce((s, [m, n]) => s + span(m, n), 0)], dtype);
+        const problems: GemmProblem[] = [];
+        const inside = new Set<number>();
+        let off = 0;
+        for (const [i, [m, n, k]] of SHAPES.entries()) {
+          const a = i % 2 === 1 ? transpose(randnT(r, [k, m], dtype), 0, 1) : randnT(r, [m, k], dtype);
+          const b = i % 3 !== 0 ? transpose(randnT(r, [n, k], dtype), 0, 1) : randnT(r, [k, n], dtype);
+          const c = out.viewAs([m, n], [n + 2, 1], off);
+          for (let row = 0; row < m; row++) for (let j = 0; j < n; j++) inside.add(off + row * (n + 2) + j);
+          off += span(m, n);
+          const operand = (t: Tensor) => ({ tensor: t, bs: 0, rs: t.strides[0], cs: t.strides[1] });
+          problems.push({ m, n, k, a: operand(a), b: operand(b), c: { tensor: c, bs: 0, rs: n + 2, cs: 1 } });
+        }
+        candidateKernel('groupedGemm')(problems);
+        for (const [i, p] of problems.entries()) {
+          const got = values(p.c.tensor.contiguous());
+          if (!KERNEL_DEVICE) {
+            expect(got, `product ${i}`).toEqual(values(matmul(p.a.tensor, p.b.tensor)));
+            continue;
+          }
+          const exact = rowDots(p.a.tensor, transpose(p.b.tensor, 0, 1), null);
+          const bad = notRoundedOnce(got, exact, p.k, dtype, null);
+          if (bad >= 0)
+            expect.fail(`product ${i} element ${bad}: ${CANDIDATE} ${got[bad]}, float64 ${exact.sum[bad]}`);
+        }
+        if (!KERNEL_DEVICE) {
+          const all = values(out);
+          const stray = all.findIndex((v, j) => !inside.has(j) && v !== 7.25);
+          expect(stray, 'a write outside every output').toBe(-1);
+        }
+      }),
+    );
+  }
+
+  it.skipIf(KERNEL_DEVICE !== undefined)('the CPU has no kernel: getKernel gives the composition', () => {
+    expect(hasNativeKernel(cpuBackend, 'groupedGemm')).toBe(false);
+    expect(getKernel(cpuBackend, 'groupedGemm')).toBe(fallbackKernel('groupedGemm'));
   });
 });
 

@@ -8,7 +8,13 @@ import type { KernelTable, Tensor } from '@megapatch/tensor';
 import { DTYPE_CODES, LINEAR_ACTIVATION_CODES } from '@megapatch/tensor/abi';
 import { address, type Entries, pack } from '../pack.js';
 
-type GemmKernels = Pick<KernelTable, 'linearBias' | 'linearBiasActivation' | 'linearWeightBiasGrad'>;
+type GemmKernels = Pick<
+  KernelTable,
+  'linearBias' | 'linearBiasActivation' | 'linearWeightBiasGrad' | 'groupedGemm'
+>;
+
+/** Problems per groupedGemm call: 11 arguments each within the argument buffer. */
+const GROUPED_CHUNK = 256;
 
 /**
  * Writes the head every linear entry starts with (native/src/backend/gemm.cc read_head): the dtype,
@@ -68,6 +74,27 @@ export function gemmKernels(call: Entries): GemmKernels {
         .num(DTYPE_CODES[(preAct ?? out).dtype])
         .num(LINEAR_ACTIVATION_CODES[activation]);
       call.linearActivation();
+    },
+
+    groupedGemm(problems) {
+      for (let i = 0; i < problems.length; i += GROUPED_CHUNK) {
+        const chunk = problems.slice(i, i + GROUPED_CHUNK);
+        const dtype = chunk[0].c.tensor.dtype;
+        const p = pack.begin().num(DTYPE_CODES[dtype]).num(chunk.length);
+        for (const { m, n, k, a, b, c } of chunk) {
+          for (const t of [a.tensor, b.tensor, c.tensor]) {
+            if (t.dtype !== dtype)
+              throw new Error(
+                `groupedGemm: an operand is ${t.dtype} but the output is ${dtype}; use one dtype`,
+              );
+          }
+          p.num(m).num(n).num(k);
+          p.num(address(a.tensor)).num(a.rs).num(a.cs);
+          p.num(address(b.tensor)).num(b.rs).num(b.cs);
+          p.num(address(c.tensor)).num(c.rs);
+        }
+        call.groupedGemm();
+      }
     },
 
     linearWeightBiasGrad(gradWeight, gradBias, g, x) {

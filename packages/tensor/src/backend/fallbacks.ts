@@ -528,6 +528,13 @@ register('linearWeightBiasGrad', (gradWeight, gradBias, g, x) =>
   }),
 );
 
+// ---- grouped GEMM -----------------------------------------------------------------------------
+
+// One core gemm per problem (c = a @ b, c not read): each product exactly as matmul computes it.
+register('groupedGemm', (problems) => {
+  for (const p of problems) p.c.tensor.backend.gemm(1, p.m, p.n, p.k, p.a, p.b, p.c, 1, 0);
+});
+
 // ---- attention --------------------------------------------------------------------------------
 
 /** A kv tensor [B, Hkv, S, X] repeated to [B, Hkv * group, S, X] (query head h reads kv head h / group). */

@@ -10,6 +10,7 @@ import type {
   CrossEntropyShardMaxKernel,
 } from '../ops/cross-entropy-shard.js';
 import type { GatedActivationBackwardKernel, GatedActivationKernel } from '../ops/glu.js';
+import type { GroupedGemmKernel } from '../ops/grouped-linear.js';
 import type {
   GatherAlongKernel,
   IndexAddRowsKernel,
@@ -59,6 +60,7 @@ export interface KernelTable {
   linearBias: LinearBiasKernel;
   linearBiasActivation: LinearBiasActivationKernel;
   linearWeightBiasGrad: LinearWeightBiasGradKernel;
+  groupedGemm: GroupedGemmKernel;
   attentionForward: AttentionForwardKernel;
   attentionBackward: AttentionBackwardKernel;
   indexSelectRows: IndexSelectRowsKernel;

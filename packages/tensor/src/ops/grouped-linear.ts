@@ -1,17 +1,38 @@
 // Grouped linear (the grouped GEMM of MoE experts): consecutive row groups of one input, each
-// through its own weight, written straight into their rows of one output. Every group is one call
-// of the backend's core GEMM with operands viewed in place, so the op runs on every backend and,
-// group for group, performs the same products as `linear` on that group's rows: results equal
-// `cat(groups.map((e) => linear(x_e, W_e)))` bit for bit, without the narrow/cat copies and with one
-// autograd node instead of one per group.
+// through its own weight, written straight into their rows of one output. The products go to the
+// backend's groupedGemm kernel as one list (one launch on the CUDA backend: cuBLAS's grouped GEMM
+// on a GPU); a backend without it runs its core GEMM once per group with operands viewed in place.
+// Either way each group performs the same product as `linear` on that group's rows: results equal
+// `cat(groups.map((e) => linear(x_e, W_e)))` bit for bit where the grouped kernel computes each
+// product as the backend's gemm does (the CPU, the CUDA emulator), within the GEMM's rounding on a
+// GPU, without the narrow/cat copies and with one autograd node instead of one per group.
 
 import { attachGrad, needsGrad } from '../autograd/record.js';
 import type { GemmOperand } from '../backend/backend.js';
+import { getKernel } from '../backend/kernels.js';
 import { isFloating } from '../dtype.js';
 import { argError, dtypeError, fmtShape, shapeError } from '../errors.js';
 import type { Tensor } from '../tensor.js';
 import { transpose } from './shape.js';
 import { alloc, inputsBackend } from './util.js';
+
+/** One product of a grouped GEMM: c [m, n] = a [m, k] @ b [k, n] (the operands' bs is unused). */
+export interface GemmProblem {
+  m: number;
+  n: number;
+  k: number;
+  a: GemmOperand;
+  b: GemmOperand;
+  c: GemmOperand;
+}
+
+/**
+ * Independent GEMMs of one floating dtype, c = a @ b each (c is written, never read), in as few
+ * launches as the backend can (MoE's expert GEMMs: one per projection). a and b any 2-D strides,
+ * c a unit column stride (cs = 1); m, n and k positive; no c overlaps another problem's operands.
+ * Without the kernel, one core `gemm` per problem.
+ */
+export type GroupedGemmKernel = (problems: readonly GemmProblem[]) => void;
 
 const OP = 'groupedLinear';
 
@@ -83,9 +104,53 @@ function operand(t: Tensor, transposed: boolean): GemmOperand {
 }
 
 /**
- * Group e's rows of out [N, O] (contiguous) = group e's rows of a [N, I] @ b_e, where b_e is
- * bs[e] [I, O], or bs[e]^T when bs[e] is [O, I] and transposeB is set.
+ * The problems of "group e's rows of out [N, O] (contiguous) = group e's rows of a [N, I] @ b_e",
+ * where b_e is bs[e] [I, O], or bs[e]^T when bs[e] is [O, I] and transposeB is set; empty groups
+ * have none. Each problem's a and c are new views (the caller disposes them).
  */
+function groupProblems(
+  out: Tensor,
+  a: Tensor,
+  bs: readonly Tensor[],
+  transposeB: boolean,
+  groupSizes: readonly number[],
+): GemmProblem[] {
+  const [, O] = out.shape;
+  const I = a.shape[1];
+  const problems: GemmProblem[] = [];
+  let start = 0;
+  groupSizes.forEach((n, e) => {
+    if (n > 0) {
+      const ae = rows(a, start, n);
+      const ce = rows(out, start, n);
+      problems.push({
+        m: n,
+        n: O,
+        k: I,
+        a: operand(ae, false),
+        b: operand(bs[e], transposeB),
+        c: { tensor: ce, bs: n * O, rs: O, cs: 1 },
+      });
+    }
+    start += n;
+  });
+  return problems;
+}
+
+/** Runs the problems through the backend's grouped kernel (else one gemm each), then frees the views. */
+function runGrouped(problems: GemmProblem[], views: Tensor[]): void {
+  try {
+    if (problems.length > 0) {
+      const kernel = getKernel(problems[0].c.tensor.backend, 'groupedGemm');
+      if (!kernel) throw new Error('groupedLinear: no groupedGemm kernel or composition is registered');
+      kernel(problems);
+    }
+  } finally {
+    for (const v of views) v.dispose();
+  }
+}
+
+/** Group e's rows of out = group e's rows of a @ b_e, as one grouped GEMM (see groupProblems). */
 function groupedGemm(
   out: Tensor,
   a: Tensor,
@@ -93,30 +158,11 @@ function groupedGemm(
   transposeB: boolean,
   groupSizes: readonly number[],
 ): void {
-  const backend = out.backend;
-  const [, O] = out.shape;
-  const I = a.shape[1];
-  let start = 0;
-  groupSizes.forEach((n, e) => {
-    if (n > 0) {
-      const ae = rows(a, start, n);
-      const ce = rows(out, start, n);
-      backend.gemm(
-        1,
-        n,
-        O,
-        I,
-        operand(ae, false),
-        operand(bs[e], transposeB),
-        { tensor: ce, bs: n * O, rs: O, cs: 1 },
-        1,
-        0,
-      );
-      ae.dispose();
-      ce.dispose();
-    }
-    start += n;
-  });
+  const problems = groupProblems(out, a, bs, transposeB, groupSizes);
+  runGrouped(
+    problems,
+    problems.flatMap((p) => [p.a.tensor, p.c.tensor]),
+  );
 }
 
 /**
@@ -151,25 +197,47 @@ export function groupedLinear(x: Tensor, weights: readonly Tensor[], groupSizes:
       dx = alloc(backend, [N, K], g.dtype, F === 0);
       if (F > 0 && dx.numel > 0) groupedGemm(dx, gs, ws, false, sizes);
     }
+    // dW_e^T [K, F] = x_e^T [K, n] @ g_e [n, F], returned as its [F, K] transpose: the product
+    // linear's backward computes, so the two agree bit for bit on every backend whose grouped
+    // kernel computes each product as its gemm does; all groups' products in one grouped GEMM
     const dws: (Tensor | null)[] = [];
+    const problems: GemmProblem[] = [];
+    const views: Tensor[] = [];
+    const dwts: Tensor[] = [];
+    const slots: number[] = []; // where each product's gradient goes in dws
     let start = 0;
     sizes.forEach((n, e) => {
       if (!gradW[e] || !xs) dws.push(null);
       else if (n === 0 || F === 0 || K === 0) dws.push(alloc(backend, [F, K], g.dtype, true));
       else {
-        // dW_e^T [K, F] = x_e^T [K, n] @ g_e [n, F], returned as its [F, K] transpose: the
-        // product linear's backward computes, so the two agree bit for bit on every backend
         const dwt = alloc(backend, [K, F], g.dtype);
         const xe = rows(xs, start, n);
         const ge = rows(gs, start, n);
-        const c = { tensor: dwt, bs: K * F, rs: F, cs: 1 };
-        backend.gemm(1, K, F, n, operand(xe, true), operand(ge, false), c, 1, 0);
-        xe.dispose();
-        ge.dispose();
-        dws.push(transpose(dwt, 0, 1));
-        dwt.dispose();
+        problems.push({
+          m: K,
+          n: F,
+          k: n,
+          a: operand(xe, true),
+          b: operand(ge, false),
+          c: { tensor: dwt, bs: K * F, rs: F, cs: 1 },
+        });
+        views.push(xe, ge);
+        dwts.push(dwt);
+        slots.push(dws.length);
+        dws.push(null); // its transpose, once computed
       }
       start += n;
+    });
+    try {
+      runGrouped(problems, views);
+    } catch (e) {
+      for (const t of [...dwts, ...dws]) t?.dispose();
+      dx?.dispose();
+      throw e;
+    }
+    dwts.forEach((dwt, i) => {
+      dws[slots[i]] = transpose(dwt, 0, 1);
+      dwt.dispose();
     });
     for (const t of [gs, ...(xs ? [xs] : []), ...ws]) t.dispose();
     return [dx, ...dws];

@@ -41,27 +41,33 @@ static GemmMat read_mat2(Args& a) {
   return m;
 }
 
-// The head every linear entry starts with: dtype, M, N, K, A(ptr, rs, cs), B(ptr, rs, cs),
-// C(ptr, rs) of one GEMM C = A @ B (src/kernels/gemm.ts packHead writes it).
+// One GEMM C = A @ B as the entries pass it: M, N, K, A(ptr, rs, cs), B(ptr, rs, cs), C(ptr, rs).
+static GemmProblem read_problem(Args& a) {
+  GemmProblem p;
+  p.M = a.i64();
+  p.N = a.i64();
+  p.K = a.i64();
+  p.a = read_mat2(a);
+  p.b = read_mat2(a);
+  p.c = GemmMat{static_cast<char*>(a.ptr()), 0, 0, 1};
+  p.c.rs = a.i64();
+  return p;
+}
+
+// The head every linear entry starts with: the dtype and one GEMM (src/kernels/gemm.ts packHead
+// writes it).
 struct LinearHead {
   DType dt;
-  int64_t M, N, K;
-  GemmMat A, B, C;
+  GemmProblem p;
 };
 static LinearHead read_head(Args& a) {
   LinearHead h;
   h.dt = static_cast<DType>(a.i32());
-  h.M = a.i64();
-  h.N = a.i64();
-  h.K = a.i64();
-  h.A = read_mat2(a);
-  h.B = read_mat2(a);
-  h.C = GemmMat{static_cast<char*>(a.ptr()), 0, 0, 1};
-  h.C.rs = a.i64();
+  h.p = read_problem(a);
   return h;
 }
 static void run_head(const LinearHead& h, const GemmEpilogue& epi) {
-  gemm(current_stream(), h.dt, 1, h.M, h.N, h.K, h.A, h.B, h.C, 1.0, 0.0, &epi);
+  gemm(current_stream(), h.dt, 1, h.p.M, h.p.N, h.p.K, h.p.a, h.p.b, h.p.c, 1.0, 0.0, &epi);
 }
 
 // linearBias(dtype, M, N, K, A(ptr, rs, cs), B(ptr, rs, cs), C(ptr, rs), bias(ptr, dtype)):
@@ -115,6 +121,19 @@ MPC_ENTRY(LinearWeightBiasGradE) {
   return info.Env().Undefined();
 }
 
+// groupedGemm(dtype, count, count x [M, N, K, A(ptr, rs, cs), B(ptr, rs, cs), C(ptr, rs)]):
+// C = A @ B for each problem, in one grouped GEMM (kernels/gemm.h grouped_gemm).
+MPC_ENTRY(GroupedGemmE) {
+  Args a;
+  const DType dt = static_cast<DType>(a.i32());
+  const int64_t count = a.i64();
+  if (count < 0) throw_error("groupedGemm: negative problem count " + std::to_string(count));
+  std::vector<GemmProblem> ps(static_cast<size_t>(count));
+  for (GemmProblem& p : ps) p = read_problem(a);
+  grouped_gemm(current_stream(), dt, ps);
+  return info.Env().Undefined();
+}
+
 // gemmEngine(): "cuBLASLt <version>" or "emulated fallback"
 static Napi::Value GemmEngineE(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), gemm_engine());
@@ -126,6 +145,7 @@ void register_gemm(Napi::Env env, Napi::Object exports) {
   exports.Set("linearBias", Napi::Function::New(env, LinearBiasE));
   exports.Set("linearActivation", Napi::Function::New(env, LinearActivationE));
   exports.Set("linearWeightBiasGrad", Napi::Function::New(env, LinearWeightBiasGradE));
+  exports.Set("groupedGemm", Napi::Function::New(env, GroupedGemmE));
   exports.Set("gemmEngine", Napi::Function::New(env, GemmEngineE));
 }
 

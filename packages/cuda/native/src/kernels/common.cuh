@@ -227,6 +227,37 @@ inline void check(cudaError_t err, const char* what) {
 // After a launch: a bad configuration (or, in the emulator, a kernel fault) surfaces here.
 inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
 
+// Stream-ordered device scratch owned by one launcher call, freed on the stream when the call
+// returns or throws (later work on the stream may reuse it only after the call's kernels). The
+// emulator runs launches synchronously and has no memory pools: plain cudaMalloc and cudaFree are
+// equivalent there.
+class Scratch {
+ public:
+  Scratch(size_t bytes, cudaStream_t s) : s_(s) {
+#ifdef MEGAPATCH_CUDA_EMULATOR
+    check(cudaMalloc(&p_, bytes), "scratch memory");
+#else
+    check(cudaMallocAsync(&p_, bytes, s_), "scratch memory");
+#endif
+  }
+  ~Scratch() {
+#ifdef MEGAPATCH_CUDA_EMULATOR
+    cudaFree(p_);
+#else
+    cudaFreeAsync(p_, s_);
+#endif
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  template <typename P> P* at(size_t byte_offset = 0) const {
+    return reinterpret_cast<P*>(static_cast<char*>(p_) + byte_offset);
+  }
+
+ private:
+  void* p_ = nullptr;
+  cudaStream_t s_;
+};
+
 // ---- tensor descriptors (host) ---------------------------------------------------------------
 constexpr int kMaxDims = 16;
 

@@ -16,7 +16,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <string>
+#include <vector>
 
 #ifdef __CUDACC__
 #define MPG_UNROLL _Pragma("unroll")
@@ -59,6 +62,83 @@ template <typename C> MP_D C epilogue_act(int act, C v) {
 // epilogue works on the accumulator-type value before the store rounds: a non-null bias adds
 // bias[n] to column n, a non-null aux (batch 1) receives that value (the pre-activation, rounded
 // once), and act (a GemmAct code) is applied to what C receives.
+// One BM x BN tile of C at (m0, n0) for the block (As and Bs: its shared slices).
+template <typename T, int BM, int BN, int BK, int TM, int TN>
+MP_D void gemm_tile(typename Tr<T>::C (*As)[BM + 1], typename Tr<T>::C (*Bs)[BN + 1], int64_t M, int64_t N,
+                    int64_t K, const T* Az, int64_t ars, int64_t acs, int a_kfast, const T* Bz, int64_t brs,
+                    int64_t bcs, int b_nfast, T* Cz, int64_t crs, int64_t m0, int64_t n0, typename Tr<T>::C alpha,
+                    typename Tr<T>::C beta, const T* bias, T* aux, int64_t aux_rs, int act) {
+  using Acc = typename Tr<T>::C;
+  constexpr int TX = BN / TN;
+  constexpr int NT = (BM / TM) * TX;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int tx = tid % TX, ty = tid / TX;
+  Acc acc[TM][TN];
+MPG_UNROLL
+  for (int i = 0; i < TM; i++)
+MPG_UNROLL
+    for (int j = 0; j < TN; j++) acc[i][j] = Acc(0);
+
+  for (int64_t k0 = 0; k0 < K; k0 += BK) {
+    for (int e = tid; e < BM * BK; e += NT) {
+      int r, kk;
+      if (a_kfast) {
+        r = e / BK;
+        kk = e % BK;
+      } else {
+        kk = e / BM;
+        r = e % BM;
+      }
+      const int64_t gr = m0 + r, gk = k0 + kk;
+      As[kk][r] = (gr < M && gk < K) ? Tr<T>::ld(Az + gr * ars + gk * acs) : Acc(0);
+    }
+    for (int e = tid; e < BK * BN; e += NT) {
+      int n, kk;
+      if (b_nfast) {
+        kk = e / BN;
+        n = e % BN;
+      } else {
+        n = e / BK;
+        kk = e % BK;
+      }
+      const int64_t gn = n0 + n, gk = k0 + kk;
+      Bs[kk][n] = (gn < N && gk < K) ? Tr<T>::ld(Bz + gk * brs + gn * bcs) : Acc(0);
+    }
+    __syncthreads();
+MPG_UNROLL
+    for (int kk = 0; kk < BK; kk++) {
+      Acc av[TM], bv[TN];
+MPG_UNROLL
+      for (int i = 0; i < TM; i++) av[i] = As[kk][ty * TM + i];
+MPG_UNROLL
+      for (int j = 0; j < TN; j++) bv[j] = Bs[kk][tx + j * TX];
+MPG_UNROLL
+      for (int i = 0; i < TM; i++)
+MPG_UNROLL
+        for (int j = 0; j < TN; j++) acc[i][j] = fma_acc(av[i], bv[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+
+MPG_UNROLL
+  for (int i = 0; i < TM; i++) {
+    const int64_t r = m0 + ty * TM + i;
+    if (r >= M) continue;
+MPG_UNROLL
+    for (int j = 0; j < TN; j++) {
+      const int64_t n = n0 + tx + j * TX;
+      if (n >= N) continue;
+      T* p = Cz + r * crs + n;
+      Acc v = alpha * acc[i][j];
+      if (beta != Acc(0)) v = fma_acc(beta, Tr<T>::ld(p), v);  // beta == 0: C is not read
+      if (bias) v += Tr<T>::ld(bias + n);
+      if (aux) Tr<T>::st(aux + r * aux_rs + n, v);
+      if (act != 0) v = epilogue_act(act, v);
+      Tr<T>::st(p, v);
+    }
+  }
+}
+
 template <typename T, int BM, int BN, int BK, int TM, int TN>
 __global__ void __launch_bounds__((BM / TM) * (BN / TN))
     gemm_tiled_kernel(int64_t batch, int64_t M, int64_t N, int64_t K, const T* A, int64_t abs_, int64_t ars,
@@ -66,87 +146,72 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN))
                       int64_t cbs, int64_t crs, typename Tr<T>::C alpha, typename Tr<T>::C beta, const T* bias,
                       T* aux, int64_t aux_rs, int act) {
   using Acc = typename Tr<T>::C;
-  constexpr int TX = BN / TN;
-  constexpr int NT = (BM / TM) * TX;
   __shared__ Acc As[BK][BM + 1];
   __shared__ Acc Bs[BK][BN + 1];
-
-  const int tid = static_cast<int>(threadIdx.x);
-  const int tx = tid % TX, ty = tid / TX;
   const int64_t mtiles = (M + BM - 1) / BM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
+  for (int64_t z = blockIdx.z; z < batch; z += gridDim.z)
+    for (int64_t mt = blockIdx.y; mt < mtiles; mt += gridDim.y)
+      gemm_tile<T, BM, BN, BK, TM, TN>(As, Bs, M, N, K, A + z * abs_, ars, acs, a_kfast, B + z * bbs, brs, bcs,
+                                       b_nfast, C + z * cbs, crs, mt * BM, n0, alpha, beta, bias, aux, aux_rs, act);
+}
 
-  for (int64_t z = blockIdx.z; z < batch; z += gridDim.z) {
-    const T* Az = A + z * abs_;
-    const T* Bz = B + z * bbs;
-    T* Cz = C + z * cbs;
-    for (int64_t mt = blockIdx.y; mt < mtiles; mt += gridDim.y) {
-      const int64_t m0 = mt * BM;
-      Acc acc[TM][TN];
-MPG_UNROLL
-      for (int i = 0; i < TM; i++)
-MPG_UNROLL
-        for (int j = 0; j < TN; j++) acc[i][j] = Acc(0);
+// One problem of the grouped tiled kernel, as the device reads it from the uploaded table: its
+// operands (element strides), the load orders of launch_tiled, and its first tile in the launch's
+// numbering (tiles of a problem: row-major over its m-tiles x n-tiles).
+struct GroupedEntry {
+  const char* a;
+  const char* b;
+  char* c;
+  int64_t M, N, K, ars, acs, brs, bcs, crs, a_kfast, b_nfast, tile_start, ntiles_n;
+};
+static_assert(sizeof(GroupedEntry) % 8 == 0, "GroupedEntry is uploaded as 64-bit words");
 
-      for (int64_t k0 = 0; k0 < K; k0 += BK) {
-        for (int e = tid; e < BM * BK; e += NT) {
-          int r, kk;
-          if (a_kfast) {
-            r = e / BK;
-            kk = e % BK;
-          } else {
-            kk = e / BM;
-            r = e % BM;
-          }
-          const int64_t gr = m0 + r, gk = k0 + kk;
-          As[kk][r] = (gr < M && gk < K) ? Tr<T>::ld(Az + gr * ars + gk * acs) : Acc(0);
-        }
-        for (int e = tid; e < BK * BN; e += NT) {
-          int n, kk;
-          if (b_nfast) {
-            kk = e / BN;
-            n = e % BN;
-          } else {
-            n = e / BK;
-            kk = e % BK;
-          }
-          const int64_t gn = n0 + n, gk = k0 + kk;
-          Bs[kk][n] = (gn < N && gk < K) ? Tr<T>::ld(Bz + gk * brs + gn * bcs) : Acc(0);
-        }
-        __syncthreads();
-MPG_UNROLL
-        for (int kk = 0; kk < BK; kk++) {
-          Acc av[TM], bv[TN];
-MPG_UNROLL
-          for (int i = 0; i < TM; i++) av[i] = As[kk][ty * TM + i];
-MPG_UNROLL
-          for (int j = 0; j < TN; j++) bv[j] = Bs[kk][tx + j * TX];
-MPG_UNROLL
-          for (int i = 0; i < TM; i++)
-MPG_UNROLL
-            for (int j = 0; j < TN; j++) acc[i][j] = fma_acc(av[i], bv[j], acc[i][j]);
-        }
-        __syncthreads();
-      }
-
-MPG_UNROLL
-      for (int i = 0; i < TM; i++) {
-        const int64_t r = m0 + ty * TM + i;
-        if (r >= M) continue;
-MPG_UNROLL
-        for (int j = 0; j < TN; j++) {
-          const int64_t n = n0 + tx + j * TX;
-          if (n >= N) continue;
-          T* p = Cz + r * crs + n;
-          Acc v = alpha * acc[i][j];
-          if (beta != Acc(0)) v = fma_acc(beta, Tr<T>::ld(p), v);  // beta == 0: C is not read
-          if (bias) v += Tr<T>::ld(bias + n);
-          if (aux) Tr<T>::st(aux + r * aux_rs + n, v);
-          if (act != 0) v = epilogue_act(act, v);
-          Tr<T>::st(p, v);
-        }
-      }
+// Every tile of every problem of `table` (count entries, tile_start ascending): a grid-stride loop
+// over the tiles, each block finding its problem by binary search and computing the tile with
+// gemm_tile (alpha 1, beta 0, no epilogue), so each product is the tiled kernel's bit for bit.
+template <typename T, int BM, int BN, int BK, int TM, int TN>
+__global__ void __launch_bounds__((BM / TM) * (BN / TN))
+    gemm_grouped_tiled_kernel(const GroupedEntry* table, int64_t count, int64_t total_tiles) {
+  using Acc = typename Tr<T>::C;
+  __shared__ Acc As[BK][BM + 1];
+  __shared__ Acc Bs[BK][BN + 1];
+  for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
+    int64_t lo = 0, hi = count - 1;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) / 2;
+      if (table[mid].tile_start <= t) lo = mid;
+      else hi = mid - 1;
     }
+    const GroupedEntry& e = table[lo];
+    const int64_t local = t - e.tile_start;
+    gemm_tile<T, BM, BN, BK, TM, TN>(As, Bs, e.M, e.N, e.K, reinterpret_cast<const T*>(e.a), e.ars, e.acs,
+                                     static_cast<int>(e.a_kfast), reinterpret_cast<const T*>(e.b), e.brs, e.bcs,
+                                     static_cast<int>(e.b_nfast), reinterpret_cast<T*>(e.c), e.crs,
+                                     (local / e.ntiles_n) * BM, (local % e.ntiles_n) * BN, Acc(1), Acc(0), nullptr,
+                                     nullptr, 0, 0);
+  }
+}
+
+// Writes n <= kStoreWords 64-bit words, passed by value as the kernel's parameter, to dst: how a
+// small host table reaches the device in stream order without a synchronising pageable copy.
+constexpr int kStoreWords = 480;  // 3840 bytes: within the 4 KiB of kernel parameters
+struct StoreWords {
+  uint64_t w[kStoreWords];
+};
+__global__ void __launch_bounds__(128) store_words_kernel(StoreWords words, int n, uint64_t* dst) {
+  for (int i = static_cast<int>(threadIdx.x); i < n; i += static_cast<int>(blockDim.x)) dst[i] = words.w[i];
+}
+
+// Copies `n` host words to device memory at dst on `stream`: one store_words_kernel per
+// kStoreWords words (the host words are captured at each launch; the caller may reuse them).
+void upload_words(cudaStream_t stream, const uint64_t* words, int64_t n, uint64_t* dst) {
+  for (int64_t i = 0; i < n; i += kStoreWords) {
+    const int chunk = static_cast<int>(mn(n - i, int64_t(kStoreWords)));
+    StoreWords w;
+    std::memcpy(w.w, words + i, static_cast<size_t>(chunk) * sizeof(uint64_t));
+    MP_LAUNCH(store_words_kernel, dim3(1), dim3(128), 0, stream, w, chunk, dst + i);
+    check_launch("store_words_kernel");
   }
 }
 
@@ -198,27 +263,30 @@ void run_row_sums(cudaStream_t stream, DType dtype, int64_t M, int64_t K, const 
 
 int64_t iabs64(int64_t v) { return v < 0 ? -v : v; }
 
+// The tiled kernels' tile: BM x BN outputs per block, BK-deep slices, TM x TN outputs per thread.
+#ifdef MEGAPATCH_CUDA_EMULATOR
+// small tiles and few threads: every thread is a fiber in the emulator
+constexpr int BM = 16, BN = 16, BK = 16, TM = 2, TN = 2;
+#else
+constexpr int BM = 64, BN = 64, BK = 16, TM = 4, TN = 4;
+#endif
+constexpr int NT = (BM / TM) * (BN / TN);
+
+// The fast dimension of each operand decides its tile-load order (see gemm_tile): A's k, B's n.
+int a_kfast(const GemmMat& a) { return a.cs == 1 ? 1 : a.rs == 1 ? 0 : (iabs64(a.cs) <= iabs64(a.rs) ? 1 : 0); }
+int b_nfast(const GemmMat& b) { return b.cs == 1 ? 1 : b.rs == 1 ? 0 : (iabs64(b.cs) <= iabs64(b.rs) ? 1 : 0); }
+
 template <typename T>
 void launch_tiled(cudaStream_t stream, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a,
                   const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmEpilogue* epi) {
   using Acc = typename Tr<T>::C;
-#ifdef MEGAPATCH_CUDA_EMULATOR
-  // small tiles and few threads: every thread is a fiber in the emulator
-  constexpr int BM = 16, BN = 16, BK = 16, TM = 2, TN = 2;
-#else
-  constexpr int BM = 64, BN = 64, BK = 16, TM = 4, TN = 4;
-#endif
-  constexpr int NT = (BM / TM) * (BN / TN);
   const int64_t ntiles = (N + BN - 1) / BN, mtiles = (M + BM - 1) / BM;
   if (ntiles > 0x7fffffff) throw_error("matmul: N = " + std::to_string(N) + " is too large for the GEMM kernel");
-  // the fast dimension of each operand decides its tile-load order (see the kernel)
-  const int a_kfast = a.cs == 1 ? 1 : a.rs == 1 ? 0 : (iabs64(a.cs) <= iabs64(a.rs) ? 1 : 0);
-  const int b_nfast = b.cs == 1 ? 1 : b.rs == 1 ? 0 : (iabs64(b.cs) <= iabs64(b.rs) ? 1 : 0);
   dim3 grid(static_cast<unsigned>(ntiles), static_cast<unsigned>(mn(mtiles, int64_t(65535))),
             static_cast<unsigned>(mn(batch, int64_t(65535))));
   auto k = gemm_tiled_kernel<T, BM, BN, BK, TM, TN>;
   MP_LAUNCH(k, grid, dim3(NT), 0, stream, batch, M, N, K, reinterpret_cast<const T*>(a.data), a.bs, a.rs, a.cs,
-            a_kfast, reinterpret_cast<const T*>(b.data), b.bs, b.rs, b.cs, b_nfast, reinterpret_cast<T*>(c.data),
+            a_kfast(a), reinterpret_cast<const T*>(b.data), b.bs, b.rs, b.cs, b_nfast(b), reinterpret_cast<T*>(c.data),
             c.bs, c.rs, static_cast<Acc>(alpha), static_cast<Acc>(beta),
             epi ? reinterpret_cast<const T*>(epi->bias) : static_cast<const T*>(nullptr),
             epi ? reinterpret_cast<T*>(epi->aux) : static_cast<T*>(nullptr), epi ? epi->aux_rs : int64_t(0),
@@ -307,6 +375,72 @@ bool gemm_split_activation(cudaStream_t stream, DType dtype, int64_t batch, int6
   const int op = epi->act == GemmAct::Relu ? kRelu : epi->act == GemmAct::Gelu ? kGelu : kGeluTanh;
   unary(stream, matrix(c.data, c.rs), matrix(target.data, target.rs), op, 0, 0);
   return true;
+}
+
+// The products of `ps` (validated, sizes positive) on the grouped tiled kernel: the problem table
+// uploaded into scratch (store_words_kernel), then one launch for every tile of every problem.
+template <typename T>
+void launch_grouped_tiled(cudaStream_t stream, const std::vector<GemmProblem>& ps) {
+#ifdef MEGAPATCH_CUDA_EMULATOR
+  constexpr int64_t kMaxBlocks = 3;  // few blocks: the grid-stride loop runs
+#else
+  constexpr int64_t kMaxBlocks = int64_t(1) << 20;
+#endif
+  std::vector<GroupedEntry> table;
+  table.reserve(ps.size());
+  int64_t total = 0;
+  for (const GemmProblem& p : ps) {
+    const int64_t ntn = (p.N + BN - 1) / BN, ntm = (p.M + BM - 1) / BM;
+    table.push_back(GroupedEntry{p.a.data, p.b.data, p.c.data, p.M, p.N, p.K, p.a.rs, p.a.cs, p.b.rs, p.b.cs,
+                                 p.c.rs, a_kfast(p.a), b_nfast(p.b), total, ntn});
+    total += ntm * ntn;
+  }
+  const int64_t words = static_cast<int64_t>(table.size() * sizeof(GroupedEntry) / sizeof(uint64_t));
+  Scratch scratch(table.size() * sizeof(GroupedEntry), stream);
+  upload_words(stream, reinterpret_cast<const uint64_t*>(table.data()), words, scratch.at<uint64_t>());
+  auto k = gemm_grouped_tiled_kernel<T, BM, BN, BK, TM, TN>;
+  MP_LAUNCH(k, dim3(static_cast<unsigned>(mn(total, kMaxBlocks))), dim3(NT), 0, stream,
+            scratch.at<const GroupedEntry>(), static_cast<int64_t>(table.size()), total);
+  check_launch("gemm_grouped_tiled_kernel");
+}
+
+void run_grouped_tiled(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps) {
+  MPC_DISPATCH_FLOAT(dtype, launch_grouped_tiled, stream, ps);
+}
+
+// The problems with work to do, after the gemm's checks on each (a product with M or N of 0 has
+// nothing to write; K == 0 is the caller's, as for gemm).
+std::vector<GemmProblem> grouped_work(DType dtype, const std::vector<GemmProblem>& ps) {
+  std::vector<GemmProblem> work;
+  for (const GemmProblem& p : ps)
+    if (gemm_args_ok(dtype, 1, p.M, p.N, p.K, 1.0, nullptr)) work.push_back(p);
+  return work;
+}
+
+// MEGAPATCH_GROUPED_GEMM: how grouped_gemm runs its products: "loop" one gemm per problem,
+// "tiled" the grouped tiled kernel (the emulator's path, on a GPU too), else (unset, "grouped")
+// the engine's grouped GEMM. For comparing the paths in tests and benchmarks.
+enum class GroupedMode { Grouped, Loop, Tiled };
+GroupedMode grouped_mode() {
+  static const GroupedMode mode = [] {
+    const char* v = std::getenv("MEGAPATCH_GROUPED_GEMM");
+    const std::string s = v ? v : "";
+    if (s == "loop") return GroupedMode::Loop;
+    if (s == "tiled") return GroupedMode::Tiled;
+    return GroupedMode::Grouped;
+  }();
+  return mode;
+}
+
+// The modes every build shares; false for the engine's own grouped GEMM.
+bool grouped_by_mode(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& work) {
+  switch (grouped_mode()) {
+    case GroupedMode::Loop:
+      for (const GemmProblem& p : work) gemm(stream, dtype, 1, p.M, p.N, p.K, p.a, p.b, p.c, 1.0, 0.0);
+      return true;
+    case GroupedMode::Tiled: run_grouped_tiled(stream, dtype, work); return true;
+    default: return false;
+  }
 }
 
 }  // namespace
@@ -404,6 +538,13 @@ void gemm(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N,
   gemm_fallback(stream, dtype, batch, M, N, K, a, b, c, alpha, beta, epi);
 }
 
+// The grouped tiled kernel: one launch for all products (plus the table's upload).
+void grouped_gemm(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps) {
+  const std::vector<GemmProblem> work = grouped_work(dtype, ps);
+  if (work.empty() || grouped_by_mode(stream, dtype, work)) return;
+  run_grouped_tiled(stream, dtype, work);
+}
+
 const char* gemm_engine() { return "emulated fallback"; }
 
 }  // namespace mpc
@@ -411,6 +552,7 @@ const char* gemm_engine() { return "emulated fallback"; }
 #else  // the cuBLASLt path
 
 #include <cublasLt.h>
+#include <cublas_v2.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -473,6 +615,8 @@ struct LtDevice {
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
   std::unordered_map<PlanKey, Plan, PlanKeyHash> plans;
+  cublasHandle_t blas = nullptr;  // cuBLAS (its grouped GEMM), made on first use
+  bool grouped_declined[4] = {false, false, false, false};  // per DType code: cuBLAS said NOT_SUPPORTED
 };
 
 std::mutex g_lt_mutex;  // guards the device table and the plan caches
@@ -795,6 +939,64 @@ bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t
   return true;
 }
 
+// All products in one cublasGemmGroupedBatchedEx call, each problem its own group (group size 1)
+// in the row-major mapping of gemm_lt (cuBLAS's A is our B, its B our A); the device arrays of
+// operand addresses are uploaded into scratch by store_words_kernel. False (nothing enqueued) for
+// float64, a layout cuBLAS cannot take, or a dtype cuBLAS declined before.
+bool grouped_blas(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps) {
+  if (dtype == DType::F64 || ps.size() > 0x7fffffff) return false;
+  const size_t G = ps.size();
+  std::vector<cublasOperation_t> ta(G), tb(G);
+  std::vector<int> m(G), n(G), k(G), lda(G), ldb(G), ldc(G), size(G, 1);
+  std::vector<uint64_t> ptrs(3 * G);
+  for (size_t i = 0; i < G; i++) {
+    const GemmProblem& p = ps[i];
+    gemm_map::LtProblem pr;
+    if (!gemm_map::lt_problem(1, p.M, p.N, p.K, p.a, p.b, p.c, pr)) return false;
+    if (pr.a.ld > 0x7fffffff || pr.b.ld > 0x7fffffff || pr.ldc > 0x7fffffff) return false;
+    ta[i] = pr.a.trans ? CUBLAS_OP_T : CUBLAS_OP_N;
+    tb[i] = pr.b.trans ? CUBLAS_OP_T : CUBLAS_OP_N;
+    m[i] = static_cast<int>(pr.m);
+    n[i] = static_cast<int>(pr.n);
+    k[i] = static_cast<int>(pr.k);
+    lda[i] = static_cast<int>(pr.a.ld);
+    ldb[i] = static_cast<int>(pr.b.ld);
+    ldc[i] = static_cast<int>(pr.ldc);
+    ptrs[i] = reinterpret_cast<uintptr_t>(p.b.data);
+    ptrs[G + i] = reinterpret_cast<uintptr_t>(p.a.data);
+    ptrs[2 * G + i] = reinterpret_cast<uintptr_t>(p.c.data);
+  }
+  const LtTypes ty = lt_types(dtype, dtype == DType::F32 && allow_tf32());
+  std::vector<float> alpha(G, 1.0f), beta(G, 0.0f);  // host pointer mode: read during the call
+
+  std::lock_guard<std::mutex> lock(g_lt_mutex);
+  LtDevice& d = lt_device(current_device());
+  const int code = static_cast<int>(dtype);
+  if (d.grouped_declined[code]) return false;
+  if (!d.blas) {
+    cublasStatus_t st = cublasCreate(&d.blas);
+    if (st != CUBLAS_STATUS_SUCCESS) {
+      d.blas = nullptr;
+      lt_check(st, "cublasCreate");
+    }
+  }
+  lt_check(cublasSetStream(d.blas, stream), "cublasSetStream");
+  Scratch scratch(3 * G * sizeof(uint64_t), stream);
+  upload_words(stream, ptrs.data(), static_cast<int64_t>(3 * G), scratch.at<uint64_t>());
+  const void* const* A = scratch.at<const void* const>();
+  const void* const* B = scratch.at<const void* const>(G * sizeof(uint64_t));
+  void* const* C = scratch.at<void* const>(2 * G * sizeof(uint64_t));
+  const cublasStatus_t st = cublasGemmGroupedBatchedEx(
+      d.blas, ta.data(), tb.data(), m.data(), n.data(), k.data(), alpha.data(), A, ty.data, lda.data(), B, ty.data,
+      ldb.data(), beta.data(), C, ty.data, ldc.data(), static_cast<int>(G), size.data(), ty.compute);
+  if (st == CUBLAS_STATUS_NOT_SUPPORTED) {
+    d.grouped_declined[code] = true;  // the uploads ran for nothing; the caller loops from now on
+    return false;
+  }
+  lt_check(st, "cublasGemmGroupedBatchedEx");
+  return true;
+}
+
 }  // namespace
 
 void gemm(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a,
@@ -808,6 +1010,14 @@ void gemm(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N,
   if (work && gemm_split_activation(stream, dtype, batch, M, N, c, beta, epi, lt)) return;
   if (work) run_fallback(stream, dtype, batch, M, N, K, a, b, c, alpha, beta, epi);
   run_row_sums(stream, dtype, M, K, a, epi);
+}
+
+// cuBLAS's grouped GEMM for all products at once; what it cannot take, one gemm per problem
+// (cuBLASLt, or the tiled kernel).
+void grouped_gemm(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps) {
+  const std::vector<GemmProblem> work = grouped_work(dtype, ps);
+  if (work.empty() || grouped_by_mode(stream, dtype, work) || grouped_blas(stream, dtype, work)) return;
+  for (const GemmProblem& p : work) gemm(stream, dtype, 1, p.M, p.N, p.K, p.a, p.b, p.c, 1.0, 0.0);
 }
 
 const char* gemm_engine() {

@@ -13,6 +13,8 @@
 // is allowed (the product is 0).
 #pragma once
 
+#include <vector>
+
 #include "common.cuh"
 
 namespace mpc {
@@ -62,6 +64,21 @@ void gemm(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N,
 void gemm_fallback(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K,
                    const GemmMat& a, const GemmMat& b, const GemmMat& c, double alpha, double beta,
                    const GemmEpilogue* epi = nullptr);
+
+// One product of a grouped GEMM: C = A @ B, M x N x K, operands as in gemm (bs unused).
+struct GemmProblem {
+  int64_t M, N, K;
+  GemmMat a, b, c;
+};
+
+// Independent products of one float dtype, C = A @ B each (alpha 1, beta 0: C is written, not
+// read), in as few launches as the engine allows: on a GPU one cublasGemmGroupedBatchedEx for all
+// (its operand addresses uploaded by a small kernel), with one gemm per problem for float64 or a
+// layout cuBLAS cannot take; in the emulator the grouped tiled kernel, every tile of every problem
+// in one launch, each product bit for bit the tiled gemm's. Problems with M or N of 0 are skipped;
+// K == 0 and non-float dtypes are errors, as in gemm. MEGAPATCH_GROUPED_GEMM=loop runs one gemm
+// per problem instead, =tiled the grouped tiled kernel on a GPU too.
+void grouped_gemm(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps);
 
 // "cuBLASLt <major>.<minor>.<patch>" (the loaded library's version) or "emulated fallback".
 const char* gemm_engine();

@@ -209,37 +209,7 @@ int word_size(int64_t bytes, const void* const* ptrs, int n) {
   return 1;
 }
 
-// ---- scratch and the device sort ----------------------------------------------------------------
-// Stream-ordered scratch owned by one launcher call, freed on the stream when the call returns or
-// throws. The emulator runs launches synchronously and has no memory pools: plain cudaMalloc and
-// cudaFree are equivalent there.
-class Scratch {
- public:
-  Scratch(size_t bytes, cudaStream_t s) : s_(s) {
-#ifdef MEGAPATCH_CUDA_EMULATOR
-    check(cudaMalloc(&p_, bytes), "index kernels: scratch");
-#else
-    check(cudaMallocAsync(&p_, bytes, s_), "index kernels: scratch");
-#endif
-  }
-  ~Scratch() {
-#ifdef MEGAPATCH_CUDA_EMULATOR
-    cudaFree(p_);
-#else
-    cudaFreeAsync(p_, s_);
-#endif
-  }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  template <typename P> P* at(size_t byte_offset = 0) const {
-    return reinterpret_cast<P*>(static_cast<char*>(p_) + byte_offset);
-  }
-
- private:
-  void* p_ = nullptr;
-  cudaStream_t s_;
-};
-
+// ---- the device sort ---------------------------------------------------------------------------
 int64_t pow2_at_least(int64_t v) {
   int64_t n = 1;
   while (n < v) n <<= 1;
