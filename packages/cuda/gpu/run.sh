@@ -220,8 +220,8 @@ report info "$(last env.log '^INFO ' | sed -E 's/^INFO (OK|FAIL): //')"
 step gemm gemm.log 120 "$TSX" packages/cuda/gpu/gemm-check.mts "$DEVICE"
 report gemm "$(last gemm.log '[0-9]+ cases, [0-9]+ failures') $(last gemm.log '^engine:') $(last gemm.log 'TF32 on')"
 # the grouped GEMM again on the grouped tiled kernel (the emulator's path; cuBLAS's above)
-step grouped-tiled gemm.log 60 env MEGAPATCH_GROUPED_GEMM=tiled "$TSX" packages/cuda/gpu/gemm-check.mts "$DEVICE" grouped
-report grouped-tiled "$(last gemm.log '^grouped \(MEGAPATCH_GROUPED_GEMM=tiled\)')"
+step grouped gemm.log 60 env MEGAPATCH_GROUPED_GEMM=tiled "$TSX" packages/cuda/gpu/gemm-check.mts "$DEVICE" grouped
+report grouped "$(last gemm.log '^grouped \(MEGAPATCH_GROUPED_GEMM=tiled\)')"
 
 vitest_run() { # config
   cd packages/cuda && node ../../node_modules/vitest/vitest.mjs run --config "$1"
