@@ -291,6 +291,22 @@ if (want('attn')) {
         if (prevPipe === undefined) delete process.env.MEGAPATCH_ATTENTION_PIPELINE;
         else process.env.MEGAPATCH_ATTENTION_PIPELINE = prevPipe;
       }
+      // the tensor-core forward with 128-row tiles (MEGAPATCH_ATTENTION_FWD_ROWS=128), to choose
+      // its default from
+      const prevRows = process.env.MEGAPATCH_ATTENTION_FWD_ROWS;
+      let fwd128: ReturnType<typeof timeIt>;
+      let fb128: ReturnType<typeof timeIt>;
+      try {
+        process.env.MEGAPATCH_ATTENTION_FWD_ROWS = '128';
+        fwd128 = timeIt(() => T.scaledDotProductAttention(q, k, v, opts).dispose(), {
+          warm: 1,
+          maxSamples: 10,
+        });
+        fb128 = timeIt(step, { warm: 1, maxSamples: 10 });
+      } finally {
+        if (prevRows === undefined) delete process.env.MEGAPATCH_ATTENTION_FWD_ROWS;
+        else process.env.MEGAPATCH_ATTENTION_FWD_ROWS = prevRows;
+      }
       emit({
         kind: 'attn',
         case: c.case,
@@ -307,6 +323,7 @@ if (want('attn')) {
         fwdBwdMs: r4(fb.ms),
         fwdBwdTflops: r4((3.5 * fwdFlops) / (fb.ms / 1000) / 1e12),
         noPipelineMs: { fwd: r4(fwdNp.ms), fwdBwd: r4(fbNp.ms) },
+        fwdRows128Ms: { fwd: r4(fwd128.ms), fwdBwd: r4(fb128.ms) },
         samples: [fwd.samples, fb.samples],
         spreadMs: [r4(fb.minMs), r4(fb.maxMs)],
       });

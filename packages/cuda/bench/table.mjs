@@ -123,6 +123,16 @@ for (const c of cases.attn) {
     rf === null ? '-' : String(num(rf)),
     '(info)',
   );
+  if (o?.fwdRows128Ms) {
+    // MEGAPATCH_ATTENTION_FWD_ROWS=128: 128-row forward tiles (two m-tiles a warp)
+    row(
+      `attn ${c.case} fwd / fwd+bwd ms, 128-row fwd tiles`,
+      `${num(o.fwdRows128Ms.fwd, 4)} / ${num(o.fwdRows128Ms.fwdBwd, 4)}`,
+      '',
+      `${num(o.fwdRows128Ms.fwd / o.fwdMs)}`,
+      '(info: fwd 128-row / 64-row)',
+    );
+  }
   if (o?.noPipelineMs) {
     // MEGAPATCH_ATTENTION_PIPELINE=0: tiles loaded between barriers, no cp.async prefetch
     row(

@@ -6,8 +6,9 @@
 // use (MPC_MMA_SHFL). The same program compiles with nvcc and runs on a GPU.
 // Then the tensor-core attention kernels (attention.cu, bf16 / f16 with D, Dv in {64, 128} and MLA's
 // (192, 128); forward and backward) on the emulator against the CUDA-core kernels
-// (MEGAPATCH_ATTENTION_MMA=0) and the CPU backend, and with and without the cp.async prefetch of
-// the next tile (MEGAPATCH_ATTENTION_PIPELINE=0).
+// (MEGAPATCH_ATTENTION_MMA=0) and the CPU backend, with and without the cp.async prefetch of the
+// next tile (MEGAPATCH_ATTENTION_PIPELINE=0), and with 64- and 128-row forward tiles
+// (MEGAPATCH_ATTENTION_FWD_ROWS=128).
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -268,6 +269,15 @@ describe.skipIf(noAddon !== '')(
           const unpipelined = withEnv('MEGAPATCH_ATTENTION_PIPELINE', '0', () => run(DEV));
           for (let o = 0; o < 4; o++)
             expect(unpipelined[o], `output ${o} without cp.async`).toEqual(mmaAll[o]);
+          // 128-row forward tiles (two m-tiles a warp) do each row's arithmetic in the same order
+          // when their key tiles are those of the 64-row blocks: the same width (64 keys; 32 with
+          // Dv 128) and the same start (key 0; with cuSeqlens a block's first key tile starts at
+          // its first row's sequence). Otherwise the online softmax rescales at other tile
+          // boundaries: checked below within the tolerances of the CUDA-core comparison
+          const rows128 = withEnv('MEGAPATCH_ATTENTION_FWD_ROWS', '128', () => run(DEV));
+          if (!c.cu && c.Dv === 64)
+            for (let o = 0; o < 4; o++)
+              expect(rows128[o], `output ${o} with 128-row forward tiles`).toEqual(mmaAll[o]);
           const cpuAll = run('cpu');
           const [mma, fma, cpu] = [mmaAll[0], fmaAll[0], cpuAll[0]];
           // Both kernels round out to the storage dtype (2 ulps of |out|); the tensor-core one
@@ -278,6 +288,7 @@ describe.skipIf(noAddon !== '')(
             const tol = 2 * u * Math.abs(fma[i]) + u;
             expect(Math.abs(mma[i] - fma[i]), `out[${i}] vs CUDA cores`).toBeLessThanOrEqual(tol);
             expect(Math.abs(mma[i] - cpu[i]), `out[${i}] vs CPU`).toBeLessThanOrEqual(tol);
+            expect(Math.abs(rows128[0][i] - fma[i]), `out[${i}], 128-row tiles`).toBeLessThanOrEqual(tol);
             if (mma[i] !== fma[i]) differs++;
           }
           // the tensor-core path ran (its rounding of P differs somewhere)
@@ -296,6 +307,8 @@ describe.skipIf(noAddon !== '')(
               const tol = 16 * u * scale + 2 * u * Math.abs(gf[i]);
               expect(Math.abs(gm[i] - gf[i]), `${name}[${i}] vs CUDA cores`).toBeLessThanOrEqual(tol);
               expect(Math.abs(gm[i] - gc[i]), `${name}[${i}] vs CPU`).toBeLessThanOrEqual(tol);
+              const g128 = rows128[gi][i];
+              expect(Math.abs(g128 - gf[i]), `${name}[${i}], 128-row tiles`).toBeLessThanOrEqual(tol);
             }
           }
         }));

@@ -29,9 +29,9 @@
 // kernels (attn_fwd_mma_kernel, attn_dkdv_mma_kernel, attn_dq_mma_kernel; mma.cuh, which the
 // emulator runs too) with 16-bit operand tiles in shared memory read by ldmatrix and fp32
 // accumulators; MEGAPATCH_ATTENTION_MMA=0 forces the CUDA-core kernels below, which handle every
-// other case and are the reference. Next steps for speed: cp.async double buffering of the K/V
-// (Q/dO) tiles, exp2f with the scale folded in log2 units, 128-row forward tiles (8 warps), and on
-// sm_90 wgmma with TMA tile loads.
+// other case and are the reference. The forward also comes with 128-row tiles (two m-tiles a warp,
+// MEGAPATCH_ATTENTION_FWD_ROWS=128) until a GPU measures which is faster. Next steps for speed:
+// exp2f with the scale folded in log2 units, and on sm_90 wgmma with TMA tile loads.
 #include "attention.h"
 
 #include <atomic>
@@ -416,10 +416,17 @@ MP_D void load_tile16_async(uint16_t* dst, const T* base, int64_t rs, int64_t r0
 // PIPE (K and V rows 16-byte aligned and contiguous): two K/V buffers; the next tile's cp.async
 // copies are in flight while the current tile is multiplied. Otherwise one buffer, loaded through
 // registers between the barriers.
-template <typename T, int D, int DV, bool PIPE>
+// RM: 16-row m-tiles per warp. RM = 1: 64 query rows a block, Q fragments kept in registers for
+// the whole kernel. RM = 2: 128 rows (FlashAttention-2's forward tile), each K and V fragment read
+// from shared memory serves both m-tiles (half the shared-memory reads per product), and Q's
+// fragments are read from shared memory per key tile instead (registers: o and s double; with
+// Dv = 128 the key tile shrinks to 32, as nvcc spills registers at 64 there: fwd_mma_bc).
+template <int RM, int DV> constexpr int fwd_mma_bc() { return RM == 2 && DV >= 128 ? 32 : kMmaBC; }
+template <typename T, int D, int DV, bool PIPE, int RM = 1>
 __global__ void __launch_bounds__(kAttThreads) attn_fwd_mma_kernel(Params P) {
-  constexpr int BR = kMmaBR, BC = kMmaBC, LDQ = D + kMmaPad, LDV = DV + kMmaPad;
+  constexpr int BR = kMmaBR * RM, BC = fwd_mma_bc<RM, DV>(), LDQ = D + kMmaPad, LDV = DV + kMmaPad;
   constexpr int KD = D / 16, NS = BC / 8, NO = DV / 8, NBUF = PIPE ? 2 : 1;
+  constexpr bool QREG = RM == 1;
   MP_DYNAMIC_SMEM(uint16_t, sm);
   uint16_t* Qs = sm;
   uint16_t* Ks0 = Qs + BR * LDQ;       // NBUF tiles [BC][LDQ]
@@ -436,18 +443,22 @@ __global__ void __launch_bounds__(kAttThreads) attn_fwd_mma_kernel(Params P) {
   const T* kb = mat_ptr<const T>(P.k, b, kh);
   const T* vb = mat_ptr<const T>(P.v, b, kh);
 
-  // this lane's rows: i0 + 16 warp + g + 8 hf, hf = 0, 1
-  int64_t lo[2], hi[2];
-  float m[2], l[2], o[NO][4];
-  for (int hf = 0; hf < 2; hf++) {
-    row_range(P, i0 + warp * 16 + g + 8 * hf, lo[hf], hi[hf]);
-    m[hf] = ninf;
-    l[hf] = 0.0f;
+  // this lane's rows: i0 + 16 (RM warp + r) + g + 8 hf, hf = 0, 1
+  int64_t lo[RM][2], hi[RM][2];
+  float m[RM][2], l[RM][2], o[RM][NO][4];
+ATT_UNROLL
+  for (int r = 0; r < RM; r++) {
+ATT_UNROLL
+    for (int hf = 0; hf < 2; hf++) {
+      row_range(P, i0 + 16 * (RM * warp + r) + g + 8 * hf, lo[r][hf], hi[r][hf]);
+      m[r][hf] = ninf;
+      l[r][hf] = 0.0f;
+    }
+ATT_UNROLL
+    for (int n = 0; n < NO; n++)
+ATT_UNROLL
+      for (int e = 0; e < 4; e++) o[r][n][e] = 0.0f;
   }
-ATT_UNROLL
-  for (int n = 0; n < NO; n++)
-ATT_UNROLL
-    for (int e = 0; e < 4; e++) o[n][e] = 0.0f;
   int64_t blo, bhi, unused;
   row_range(P, i0, blo, unused);
   row_range(P, mn(i0 + BR, P.Sq) - 1, unused, bhi);
@@ -460,10 +471,15 @@ ATT_UNROLL
   };
   if (PIPE && blo < bhi) prefetch(blo, 0);
   __syncthreads();
-  uint32_t qf[KD][4];
+  // Q's A fragments of m-tile r, k-step kk (from shared memory: Qs is never overwritten)
+  auto q_frag = [&](uint32_t (&f)[4], int r, int kk) {
+    ldmatrix_x4(f, Qs + (16 * (RM * warp + r) + (lane & 15)) * LDQ + kk * 16 + (lane >> 4) * 8);
+  };
+  uint32_t qf[QREG ? KD : 1][4];
+  if constexpr (QREG) {
 ATT_UNROLL
-  for (int kk = 0; kk < KD; kk++)
-    ldmatrix_x4(qf[kk], Qs + (warp * 16 + (lane & 15)) * LDQ + kk * 16 + (lane >> 4) * 8);
+    for (int kk = 0; kk < KD; kk++) q_frag(qf[kk], 0, kk);
+  }
 
   int buf = 0;
   for (int64_t j0 = blo; j0 < bhi; j0 += BC, buf ^= NBUF - 1) {
@@ -482,83 +498,105 @@ ATT_UNROLL
     __syncthreads();
     const uint16_t* Ks = Ks0 + buf * BC * LDQ;
     const uint16_t* Vs = Vs0 + buf * BC * LDV;
-    float s[NS][4];
+    float s[RM][NS][4];
 ATT_UNROLL
-    for (int n = 0; n < NS; n++)
+    for (int r = 0; r < RM; r++)
 ATT_UNROLL
-      for (int e = 0; e < 4; e++) s[n][e] = 0.0f;
-    // S = Q K^T: per call two n-tiles (keys 16 p .. 16 p + 15) of one k-step
+      for (int n = 0; n < NS; n++)
+ATT_UNROLL
+        for (int e = 0; e < 4; e++) s[r][n][e] = 0.0f;
+    // S = Q K^T: per call two n-tiles (keys 16 p .. 16 p + 15) of one k-step, for every m-tile
 ATT_UNROLL
     for (int kk = 0; kk < KD; kk++) {
+      uint32_t qa[RM][4];
+      if constexpr (!QREG) {
+ATT_UNROLL
+        for (int r = 0; r < RM; r++) q_frag(qa[r], r, kk);
+      }
 ATT_UNROLL
       for (int p = 0; p < NS / 2; p++) {
         uint32_t kf[4];
         ldmatrix_x4(kf, Ks + (16 * p + (lane & 7) + ((lane >> 4) << 3)) * LDQ + kk * 16 + ((lane >> 3) & 1) * 8);
         const uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
-        mma_m16n8k16<T>(s[2 * p], qf[kk], b0, s[2 * p]);
-        mma_m16n8k16<T>(s[2 * p + 1], qf[kk], b1, s[2 * p + 1]);
+ATT_UNROLL
+        for (int r = 0; r < RM; r++) {
+          const uint32_t(&a)[4] = QREG ? qf[QREG ? kk : 0] : qa[r];
+          mma_m16n8k16<T>(s[r][2 * p], a, b0, s[r][2 * p]);
+          mma_m16n8k16<T>(s[r][2 * p + 1], a, b1, s[r][2 * p + 1]);
+        }
       }
     }
     // scale, mask, online softmax (rows hf = 0: elements 0, 1; hf = 1: elements 2, 3)
 ATT_UNROLL
-    for (int hf = 0; hf < 2; hf++) {
-      const int64_t i = i0 + warp * 16 + g + 8 * hf;
-      float rmax = ninf;
+    for (int r = 0; r < RM; r++)
 ATT_UNROLL
-      for (int n = 0; n < NS; n++)
+      for (int hf = 0; hf < 2; hf++) {
+        const int64_t i = i0 + 16 * (RM * warp + r) + g + 8 * hf;
+        float rmax = ninf;
 ATT_UNROLL
-        for (int c = 0; c < 2; c++) {
-          const int64_t j = j0 + 8 * n + 2 * t + c;
-          float v = ninf;
-          if (j >= lo[hf] && j < hi[hf]) {
-            v = s[n][2 * hf + c] * scale;
-            if (P.mask.p) v = apply_mask<float>(P.mask, b, h, i, j, v);
+        for (int n = 0; n < NS; n++)
+ATT_UNROLL
+          for (int c = 0; c < 2; c++) {
+            const int64_t j = j0 + 8 * n + 2 * t + c;
+            float v = ninf;
+            if (j >= lo[r][hf] && j < hi[r][hf]) {
+              v = s[r][n][2 * hf + c] * scale;
+              if (P.mask.p) v = apply_mask<float>(P.mask, b, h, i, j, v);
+            }
+            s[r][n][2 * hf + c] = v;
+            rmax = fmaxf(rmax, v);
           }
-          s[n][2 * hf + c] = v;
-          rmax = fmaxf(rmax, v);
-        }
-      rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 1));
-      rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 2));
-      const bool live = rmax != ninf;
-      const float mnew = live ? fmaxf(m[hf], rmax) : m[hf];
-      float sum = 0.0f;
+        rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 1));
+        rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 2));
+        const bool live = rmax != ninf;
+        const float mnew = live ? fmaxf(m[r][hf], rmax) : m[r][hf];
+        float sum = 0.0f;
 ATT_UNROLL
-      for (int n = 0; n < NS; n++)
+        for (int n = 0; n < NS; n++)
 ATT_UNROLL
-        for (int c = 0; c < 2; c++) {
-          const float p = live ? att_exp(s[n][2 * hf + c] - mnew) : 0.0f;
-          s[n][2 * hf + c] = p;
-          sum += p;
-        }
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      if (live) {
-        if (m[hf] != ninf && m[hf] != mnew) {
-          const float corr = att_exp(m[hf] - mnew);
-          l[hf] *= corr;
-ATT_UNROLL
-          for (int n = 0; n < NO; n++) {
-            o[n][2 * hf] *= corr;
-            o[n][2 * hf + 1] *= corr;
+          for (int c = 0; c < 2; c++) {
+            const float p = live ? att_exp(s[r][n][2 * hf + c] - mnew) : 0.0f;
+            s[r][n][2 * hf + c] = p;
+            sum += p;
           }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        if (live) {
+          if (m[r][hf] != ninf && m[r][hf] != mnew) {
+            const float corr = att_exp(m[r][hf] - mnew);
+            l[r][hf] *= corr;
+ATT_UNROLL
+            for (int n = 0; n < NO; n++) {
+              o[r][n][2 * hf] *= corr;
+              o[r][n][2 * hf + 1] *= corr;
+            }
+          }
+          l[r][hf] += sum;
+          m[r][hf] = mnew;
         }
-        l[hf] += sum;
-        m[hf] = mnew;
       }
-    }
-    // O += P V: k-step ks covers keys 16 ks .. 16 ks + 15; per call two 8-column n-tiles
+    // O += P V: k-step ks covers keys 16 ks .. 16 ks + 15; per call two 8-column n-tiles, for
+    // every m-tile
 ATT_UNROLL
     for (int ks = 0; ks < BC / 16; ks++) {
-      const uint32_t pa[4] = {pack2<T>(s[2 * ks][0], s[2 * ks][1]), pack2<T>(s[2 * ks][2], s[2 * ks][3]),
-                              pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]),
-                              pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+      uint32_t pa[RM][4];
+ATT_UNROLL
+      for (int r = 0; r < RM; r++) {
+        pa[r][0] = pack2<T>(s[r][2 * ks][0], s[r][2 * ks][1]);
+        pa[r][1] = pack2<T>(s[r][2 * ks][2], s[r][2 * ks][3]);
+        pa[r][2] = pack2<T>(s[r][2 * ks + 1][0], s[r][2 * ks + 1][1]);
+        pa[r][3] = pack2<T>(s[r][2 * ks + 1][2], s[r][2 * ks + 1][3]);
+      }
 ATT_UNROLL
       for (int p = 0; p < NO / 2; p++) {
         uint32_t vf[4];
         ldmatrix_x4_trans(vf, Vs + (16 * ks + (lane & 7) + ((lane >> 3) & 1) * 8) * LDV + 16 * p + (lane >> 4) * 8);
         const uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
-        mma_m16n8k16<T>(o[2 * p], pa, b0, o[2 * p]);
-        mma_m16n8k16<T>(o[2 * p + 1], pa, b1, o[2 * p + 1]);
+ATT_UNROLL
+        for (int r = 0; r < RM; r++) {
+          mma_m16n8k16<T>(o[r][2 * p], pa[r], b0, o[r][2 * p]);
+          mma_m16n8k16<T>(o[r][2 * p + 1], pa[r], b1, o[r][2 * p + 1]);
+        }
       }
     }
   }
@@ -566,18 +604,20 @@ ATT_UNROLL
   T* ob = mat_ptr<T>(P.o, b, h);
   float* lb = reinterpret_cast<float*>(P.lse.p) + b * P.lse.s[0] + h * P.lse.s[1];
 ATT_UNROLL
-  for (int hf = 0; hf < 2; hf++) {
-    const int64_t i = i0 + warp * 16 + g + 8 * hf;
-    if (i >= P.Sq) continue;
-    const float inv = l[hf] > 0.0f ? 1.0f / l[hf] : 0.0f;
-    T* orow = ob + i * P.o.s[2];
+  for (int r = 0; r < RM; r++)
 ATT_UNROLL
-    for (int n = 0; n < NO; n++)
+    for (int hf = 0; hf < 2; hf++) {
+      const int64_t i = i0 + 16 * (RM * warp + r) + g + 8 * hf;
+      if (i >= P.Sq) continue;
+      const float inv = l[r][hf] > 0.0f ? 1.0f / l[r][hf] : 0.0f;
+      T* orow = ob + i * P.o.s[2];
 ATT_UNROLL
-      for (int c = 0; c < 2; c++)
-        Tr<T>::st(orow + static_cast<int64_t>(8 * n + 2 * t + c) * P.o.s[3], o[n][2 * hf + c] * inv);
-    if (t == 0) lb[i * P.lse.s[2]] = l[hf] > 0.0f ? m[hf] + att_log(l[hf]) : ninf;
-  }
+      for (int n = 0; n < NO; n++)
+ATT_UNROLL
+        for (int c = 0; c < 2; c++)
+          Tr<T>::st(orow + static_cast<int64_t>(8 * n + 2 * t + c) * P.o.s[3], o[r][n][2 * hf + c] * inv);
+      if (t == 0) lb[i * P.lse.s[2]] = l[r][hf] > 0.0f ? m[r][hf] + att_log(l[r][hf]) : ninf;
+    }
 }
 
 // ---- backward (CUDA cores) --------------------------------------------------------------------------------
@@ -1307,23 +1347,34 @@ int mma_head_dims(const Params& P) {
 }
 template <typename T> constexpr bool kHalf16 = std::is_same<T, bf16>::value || std::is_same<T, f16>::value;
 
-template <typename T, int D, int DV, bool PIPE>
+// MEGAPATCH_ATTENTION_FWD_ROWS=128: the tensor-core forward takes 128 query rows a block (two
+// m-tiles a warp) instead of 64 (for comparing the two on a GPU).
+int fwd_mtiles_per_warp() {
+  const char* e = std::getenv("MEGAPATCH_ATTENTION_FWD_ROWS");
+  return e && std::strcmp(e, "128") == 0 ? 2 : 1;
+}
+template <typename T, int D, int DV, bool PIPE, int RM>
 size_t fwd_mma_smem() {
   constexpr size_t nbuf = PIPE ? 2 : 1;
-  return sizeof(uint16_t) * (kMmaBR * (D + kMmaPad) + nbuf * kMmaBC * (D + kMmaPad + DV + kMmaPad));
+  return sizeof(uint16_t) * (kMmaBR * RM * (D + kMmaPad) + nbuf * fwd_mma_bc<RM, DV>() * (D + kMmaPad + DV + kMmaPad));
 }
-template <typename T, int D, int DV>
-void forward_mma_cfg(Params P, cudaStream_t s) {
-  P.ntiles = cdiv(P.Sq, kMmaBR);
+template <typename T, int D, int DV, int RM>
+void forward_mma_rows(Params P, cudaStream_t s) {
+  P.ntiles = cdiv(P.Sq, kMmaBR * RM);
   P.vec = (rows_aligned16(P.q, D) ? 1 : 0) | (rows_aligned16(P.k, D) ? 2 : 0) | (rows_aligned16(P.v, DV) ? 4 : 0);
   const int64_t blocks = P.B * P.Hq * P.ntiles;
   if ((P.vec & 6) == 6 && pipeline_allowed()) {
-    launch_tiles(attn_fwd_mma_kernel<T, D, DV, true>, "attentionForward", P, blocks, 1,
-                 fwd_mma_smem<T, D, DV, true>(), s);
+    launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, RM>, "attentionForward", P, blocks, 1,
+                 fwd_mma_smem<T, D, DV, true, RM>(), s);
   } else {
-    launch_tiles(attn_fwd_mma_kernel<T, D, DV, false>, "attentionForward", P, blocks, 1,
-                 fwd_mma_smem<T, D, DV, false>(), s);
+    launch_tiles(attn_fwd_mma_kernel<T, D, DV, false, RM>, "attentionForward", P, blocks, 1,
+                 fwd_mma_smem<T, D, DV, false, RM>(), s);
   }
+}
+template <typename T, int D, int DV>
+void forward_mma_cfg(const Params& P, cudaStream_t s) {
+  if (fwd_mtiles_per_warp() == 2) forward_mma_rows<T, D, DV, 2>(P, s);
+  else forward_mma_rows<T, D, DV, 1>(P, s);
 }
 // true when the tensor-core kernel took the launch
 template <typename T>
