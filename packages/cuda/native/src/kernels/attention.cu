@@ -30,8 +30,10 @@
 // emulator runs too) with 16-bit operand tiles in shared memory read by ldmatrix and fp32
 // accumulators; MEGAPATCH_ATTENTION_MMA=0 forces the CUDA-core kernels below, which handle every
 // other case and are the reference. The forward also comes with 128-row tiles (two m-tiles a warp,
-// MEGAPATCH_ATTENTION_FWD_ROWS=128) until a GPU measures which is faster. Next steps for speed:
-// exp2f with the scale folded in log2 units, and on sm_90 wgmma with TMA tile loads.
+// MEGAPATCH_ATTENTION_FWD_ROWS=128) until a GPU measures which is faster. Tiles that no row of a
+// warp needs masked (all but the diagonal ones of a causal mask, without an explicit mask) skip
+// the per-element range checks in all three kernels, and their softmax runs in log2 units (exp2f,
+// the scale folded into one multiply). Next step for speed: on sm_90, wgmma with TMA tile loads.
 #include "attention.h"
 
 #include <atomic>
@@ -64,6 +66,12 @@ MP_D float att_exp(float x) { return expf(x); }
 MP_D double att_exp(double x) { return exp(x); }
 MP_D float att_log(float x) { return logf(x); }
 MP_D double att_log(double x) { return log(x); }
+// The tensor-core kernels' softmax runs in log2 units, FlashAttention's way: scores scaled by
+// scale * log2(e) in one multiply and exponentiated with exp2f (one MUFU.EX2 on a GPU, where
+// expf needs a range reduction around it); the saved logsumexp stays in natural units.
+constexpr double kLog2e = 1.4426950408889634;
+constexpr float kLn2f = 0.6931471805599453f;
+MP_D float att_exp2(float x) { return exp2f(x); }
 
 // A [B, H, S, X] (or [B, H, S] for lse) operand: element 0 and element strides.
 struct Mat {
@@ -134,20 +142,21 @@ MP_D void row_range(const Params& P, int64_t i, int64_t& lo, int64_t& hi) {
 
 // The score of (b, h, i, j) with the explicit mask applied: bool false gives -inf, floating
 // values are added (after conversion to the compute type, as the CPU kernel does).
+// `unit` multiplies a floating mask value first (log2(e) for scores in log2 units; 1 is exact).
 template <typename C>
-MP_D C apply_mask(const MaskDesc& m, int64_t b, int64_t h, int64_t i, int64_t j, C s) {
+MP_D C apply_mask(const MaskDesc& m, int64_t b, int64_t h, int64_t i, int64_t j, C s, C unit = C(1)) {
   const int64_t off = b * m.s[0] + h * m.s[1] + i * m.s[2] + j * m.s[3];
   switch (m.dtype) {
     case static_cast<int>(DType::Bool):
       return reinterpret_cast<const uint8_t*>(m.p)[off] ? s : static_cast<C>(-INFINITY);
     case static_cast<int>(DType::F32):
-      return s + static_cast<C>(reinterpret_cast<const float*>(m.p)[off]);
+      return s + static_cast<C>(reinterpret_cast<const float*>(m.p)[off]) * unit;
     case static_cast<int>(DType::F64):
-      return s + static_cast<C>(reinterpret_cast<const double*>(m.p)[off]);
+      return s + static_cast<C>(reinterpret_cast<const double*>(m.p)[off]) * unit;
     case static_cast<int>(DType::BF16):
-      return s + static_cast<C>(bf16_to_f32(reinterpret_cast<const uint16_t*>(m.p)[off]));
+      return s + static_cast<C>(bf16_to_f32(reinterpret_cast<const uint16_t*>(m.p)[off])) * unit;
     case static_cast<int>(DType::F16):
-      return s + static_cast<C>(f16_to_f32(reinterpret_cast<const uint16_t*>(m.p)[off]));
+      return s + static_cast<C>(f16_to_f32(reinterpret_cast<const uint16_t*>(m.p)[off])) * unit;
     default:
       return s;
   }
@@ -436,7 +445,8 @@ __global__ void __launch_bounds__(kAttThreads) attn_fwd_mma_kernel(Params P) {
   const int64_t qt = P.ntiles - 1 - x % P.ntiles, bh = x / P.ntiles;
   const int64_t h = bh % P.Hq, b = bh / P.Hq, kh = h / P.group;
   const int64_t i0 = qt * BR;
-  const float scale = static_cast<float>(P.scale);
+  const float scale2 = static_cast<float>(P.scale * kLog2e);  // scores in log2 units
+  const float log2e = static_cast<float>(kLog2e);
   const float ninf = -INFINITY;
 
   load_tile16<T, D>(Qs, mat_ptr<const T>(P.q, b, h), P.q.s[2], P.q.s[3], i0, BR, P.Sq, P.vec & 1);
@@ -526,26 +536,45 @@ ATT_UNROLL
         }
       }
     }
-    // scale, mask, online softmax (rows hf = 0: elements 0, 1; hf = 1: elements 2, 3)
+    // scale, mask, online softmax (rows hf = 0: elements 0, 1; hf = 1: elements 2, 3). A tile whose
+    // keys every row of the warp attends to, without an explicit mask (all but the diagonal tiles
+    // of a causal mask), skips the per-element range checks (warp-uniform: __all_sync).
+    bool inside = P.mask.p == nullptr;
+ATT_UNROLL
+    for (int r = 0; r < RM; r++)
+ATT_UNROLL
+      for (int hf = 0; hf < 2; hf++) inside = inside && j0 >= lo[r][hf] && j0 + BC <= hi[r][hf];
+    const bool whole = __all_sync(0xffffffffu, inside);
 ATT_UNROLL
     for (int r = 0; r < RM; r++)
 ATT_UNROLL
       for (int hf = 0; hf < 2; hf++) {
         const int64_t i = i0 + 16 * (RM * warp + r) + g + 8 * hf;
         float rmax = ninf;
+        if (whole) {
 ATT_UNROLL
-        for (int n = 0; n < NS; n++)
+          for (int n = 0; n < NS; n++)
 ATT_UNROLL
-          for (int c = 0; c < 2; c++) {
-            const int64_t j = j0 + 8 * n + 2 * t + c;
-            float v = ninf;
-            if (j >= lo[r][hf] && j < hi[r][hf]) {
-              v = s[r][n][2 * hf + c] * scale;
-              if (P.mask.p) v = apply_mask<float>(P.mask, b, h, i, j, v);
+            for (int c = 0; c < 2; c++) {
+              const float v = s[r][n][2 * hf + c] * scale2;
+              s[r][n][2 * hf + c] = v;
+              rmax = fmaxf(rmax, v);
             }
-            s[r][n][2 * hf + c] = v;
-            rmax = fmaxf(rmax, v);
-          }
+        } else {
+ATT_UNROLL
+          for (int n = 0; n < NS; n++)
+ATT_UNROLL
+            for (int c = 0; c < 2; c++) {
+              const int64_t j = j0 + 8 * n + 2 * t + c;
+              float v = ninf;
+              if (j >= lo[r][hf] && j < hi[r][hf]) {
+                v = s[r][n][2 * hf + c] * scale2;
+                if (P.mask.p) v = apply_mask<float>(P.mask, b, h, i, j, v, log2e);
+              }
+              s[r][n][2 * hf + c] = v;
+              rmax = fmaxf(rmax, v);
+            }
+        }
         rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 1));
         rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 2));
         const bool live = rmax != ninf;
@@ -555,7 +584,7 @@ ATT_UNROLL
         for (int n = 0; n < NS; n++)
 ATT_UNROLL
           for (int c = 0; c < 2; c++) {
-            const float p = live ? att_exp(s[r][n][2 * hf + c] - mnew) : 0.0f;
+            const float p = live ? att_exp2(s[r][n][2 * hf + c] - mnew) : 0.0f;
             s[r][n][2 * hf + c] = p;
             sum += p;
           }
@@ -563,7 +592,7 @@ ATT_UNROLL
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
         if (live) {
           if (m[r][hf] != ninf && m[r][hf] != mnew) {
-            const float corr = att_exp(m[r][hf] - mnew);
+            const float corr = att_exp2(m[r][hf] - mnew);
             l[r][hf] *= corr;
 ATT_UNROLL
             for (int n = 0; n < NO; n++) {
@@ -616,7 +645,7 @@ ATT_UNROLL
 ATT_UNROLL
         for (int c = 0; c < 2; c++)
           Tr<T>::st(orow + static_cast<int64_t>(8 * n + 2 * t + c) * P.o.s[3], o[r][n][2 * hf + c] * inv);
-      if (t == 0) lb[i * P.lse.s[2]] = l[r][hf] > 0.0f ? m[r][hf] + att_log(l[r][hf]) : ninf;
+      if (t == 0) lb[i * P.lse.s[2]] = l[r][hf] > 0.0f ? m[r][hf] * kLn2f + att_log(l[r][hf]) : ninf;
     }
 }
 
@@ -914,6 +943,8 @@ __global__ void __launch_bounds__(kAttThreads) attn_dkdv_mma_kernel(Params P) {
   const int64_t kh = bk % P.Hkv, b = bk / P.Hkv;
   const int64_t j0 = kt * BR;
   const float scale = static_cast<float>(P.scale);
+  const float scale2 = static_cast<float>(P.scale * kLog2e);  // scores and lse in log2 units
+  const float log2e = static_cast<float>(kLog2e);
   const float ninf = -INFINITY;
   const float* delta = static_cast<const float*>(P.delta);
 
@@ -972,14 +1003,18 @@ ATT_UNROLL
       }
       const uint16_t* Qs = Qs0 + buf * BQ * LDK;
       const uint16_t* Gs = Gs0 + buf * BQ * LDV;
+      // `covers`: every query this thread fills attends to all of the block's BR keys; the
+      // block's AND of it (with no explicit mask) lets the tile skip the per-element checks
+      bool covers = P.mask.p == nullptr;
       for (int q = tid; q < BQ; q += kAttThreads) {
         const int64_t i = i0 + q;
         const bool in = i < P.Sq;
-        Ls[q] = in ? lb[i * P.lse.s[2]] : ninf;
+        Ls[q] = in ? lb[i * P.lse.s[2]] * log2e : ninf;  // log2 units
         Dl[q] = in ? db[i] : 0.0f;
         row_range(P, i, Lo[q], Hi[q]);
+        covers = covers && Ls[q] != ninf && Lo[q] <= j0 && Hi[q] >= j0 + BR;
       }
-      __syncthreads();
+      const bool whole = __syncthreads_and(covers) != 0;
       // S^T = K Q^T and dP^T = V dO^T: rows keys, columns queries
       float st[NQ][4], dpt[NQ][4];
 ATT_UNROLL
@@ -998,7 +1033,7 @@ ATT_UNROLL
         mma_load_a(a, Vs + warp * 16 * LDV + kk * 16, LDV, lane);
         mma_step_nmajor<T, NQ>(dpt, a, Gs + kk * 16, LDV, lane);
       }
-      // P^T and dS^T = P^T (dP^T - delta)
+      // P^T and dS^T = P^T (dP^T - delta); the per-element checks only where the tile needs them
 ATT_UNROLL
       for (int n = 0; n < NQ; n++)
 ATT_UNROLL
@@ -1007,10 +1042,12 @@ ATT_UNROLL
           const int q = 8 * n + 2 * t + (e & 1);
           const float L = Ls[q];
           float p = 0.0f;
-          if (j >= Lo[q] && j < Hi[q] && L != ninf) {
-            float v = st[n][e] * scale;
-            if (P.mask.p) v = apply_mask<float>(P.mask, b, h, i0 + q, j, v);
-            p = att_exp(v - L);
+          if (whole) {
+            p = att_exp2(st[n][e] * scale2 - L);
+          } else if (j >= Lo[q] && j < Hi[q] && L != ninf) {
+            float v = st[n][e] * scale2;
+            if (P.mask.p) v = apply_mask<float>(P.mask, b, h, i0 + q, j, v, log2e);
+            p = att_exp2(v - L);
           }
           st[n][e] = p;
           dpt[n][e] = p * (dpt[n][e] - Dl[q]);
@@ -1063,6 +1100,8 @@ __global__ void __launch_bounds__(kAttThreads) attn_dq_mma_kernel(Params P) {
   const int64_t h = bh % P.Hq, b = bh / P.Hq, kh = h / P.group;
   const int64_t i0 = qt * BR;
   const float scale = static_cast<float>(P.scale);
+  const float scale2 = static_cast<float>(P.scale * kLog2e);  // scores and lse in log2 units
+  const float log2e = static_cast<float>(kLog2e);
   const float ninf = -INFINITY;
 
   load_tile16<T, D>(Qs, mat_ptr<const T>(P.q, b, h), P.q.s[2], P.q.s[3], i0, BR, P.Sq, P.vec & 1);
@@ -1077,7 +1116,7 @@ __global__ void __launch_bounds__(kAttThreads) attn_dq_mma_kernel(Params P) {
   for (int hf = 0; hf < 2; hf++) {
     const int64_t i = i0 + warp * 16 + g + 8 * hf;
     row_range(P, i, lo[hf], hi[hf]);
-    L[hf] = i < P.Sq ? lb[i * P.lse.s[2]] : ninf;
+    L[hf] = i < P.Sq ? lb[i * P.lse.s[2]] * log2e : ninf;  // log2 units
     dl[hf] = i < P.Sq ? db[i] : 0.0f;
     if (L[hf] == ninf) hi[hf] = lo[hf];  // nothing to attend to: no gradient
   }
@@ -1129,6 +1168,10 @@ ATT_UNROLL
       mma_load_a(a, Gs + warp * 16 * LDV + kk * 16, LDV, lane);
       mma_step_nmajor<T, NS>(dp, a, Vs + kk * 16, LDV, lane);
     }
+    // a tile whose keys every row of the warp attends to, without an explicit mask, skips the
+    // per-element checks (warp-uniform: __all_sync)
+    const bool whole = __all_sync(0xffffffffu, P.mask.p == nullptr && j0 >= lo[0] && j0 + BC <= hi[0] &&
+                                                   j0 >= lo[1] && j0 + BC <= hi[1]);
 ATT_UNROLL
     for (int n = 0; n < NS; n++)
 ATT_UNROLL
@@ -1137,10 +1180,12 @@ ATT_UNROLL
         const int64_t i = i0 + warp * 16 + g + 8 * hf;
         const int64_t j = j0 + 8 * n + 2 * t + (e & 1);
         float p = 0.0f;
-        if (j >= lo[hf] && j < hi[hf]) {
-          float v = s[n][e] * scale;
-          if (P.mask.p) v = apply_mask<float>(P.mask, b, h, i, j, v);
-          p = att_exp(v - L[hf]);
+        if (whole) {
+          p = att_exp2(s[n][e] * scale2 - L[hf]);
+        } else if (j >= lo[hf] && j < hi[hf]) {
+          float v = s[n][e] * scale2;
+          if (P.mask.p) v = apply_mask<float>(P.mask, b, h, i, j, v, log2e);
+          p = att_exp2(v - L[hf]);
         }
         s[n][e] = p * (dp[n][e] - dl[hf]);
       }
