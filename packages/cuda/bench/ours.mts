@@ -276,37 +276,25 @@ if (want('attn')) {
         if (!finite) throw new Error('attention output or gradients not finite (or all zero)');
       }
       const fb = timeIt(step, { warm: 1, maxSamples: 20 });
-      // the tensor-core kernels without their cp.async prefetch of the next tile, for comparison
-      const prevPipe = process.env.MEGAPATCH_ATTENTION_PIPELINE;
-      let fwdNp: ReturnType<typeof timeIt>;
-      let fbNp: ReturnType<typeof timeIt>;
-      try {
-        process.env.MEGAPATCH_ATTENTION_PIPELINE = '0';
-        fwdNp = timeIt(() => T.scaledDotProductAttention(q, k, v, opts).dispose(), {
-          warm: 1,
-          maxSamples: 10,
-        });
-        fbNp = timeIt(step, { warm: 1, maxSamples: 10 });
-      } finally {
-        if (prevPipe === undefined) delete process.env.MEGAPATCH_ATTENTION_PIPELINE;
-        else process.env.MEGAPATCH_ATTENTION_PIPELINE = prevPipe;
-      }
-      // the tensor-core forward with 128-row tiles (MEGAPATCH_ATTENTION_FWD_ROWS=128), to choose
-      // its default from
-      const prevRows = process.env.MEGAPATCH_ATTENTION_FWD_ROWS;
-      let fwd128: ReturnType<typeof timeIt>;
-      let fb128: ReturnType<typeof timeIt>;
-      try {
-        process.env.MEGAPATCH_ATTENTION_FWD_ROWS = '128';
-        fwd128 = timeIt(() => T.scaledDotProductAttention(q, k, v, opts).dispose(), {
-          warm: 1,
-          maxSamples: 10,
-        });
-        fb128 = timeIt(step, { warm: 1, maxSamples: 10 });
-      } finally {
-        if (prevRows === undefined) delete process.env.MEGAPATCH_ATTENTION_FWD_ROWS;
-        else process.env.MEGAPATCH_ATTENTION_FWD_ROWS = prevRows;
-      }
+      /** Forward and forward+backward timed with one environment switch set, then restored. */
+      const withSwitch = (name: string, value: string) => {
+        const prev = process.env[name];
+        try {
+          process.env[name] = value;
+          const f = timeIt(() => T.scaledDotProductAttention(q, k, v, opts).dispose(), {
+            warm: 1,
+            maxSamples: 10,
+          });
+          return { fwd: f, fb: timeIt(step, { warm: 1, maxSamples: 10 }) };
+        } finally {
+          if (prev === undefined) delete process.env[name];
+          else process.env[name] = prev;
+        }
+      };
+      // the tensor-core kernels without their cp.async prefetch of the next tile, and the forward
+      // with 128-row tiles (to choose its default from)
+      const np = withSwitch('MEGAPATCH_ATTENTION_PIPELINE', '0');
+      const rows128 = withSwitch('MEGAPATCH_ATTENTION_FWD_ROWS', '128');
       emit({
         kind: 'attn',
         case: c.case,
@@ -322,8 +310,8 @@ if (want('attn')) {
         fwdTflops: r4(fwdFlops / (fwd.ms / 1000) / 1e12),
         fwdBwdMs: r4(fb.ms),
         fwdBwdTflops: r4((3.5 * fwdFlops) / (fb.ms / 1000) / 1e12),
-        noPipelineMs: { fwd: r4(fwdNp.ms), fwdBwd: r4(fbNp.ms) },
-        fwdRows128Ms: { fwd: r4(fwd128.ms), fwdBwd: r4(fb128.ms) },
+        noPipelineMs: { fwd: r4(np.fwd.ms), fwdBwd: r4(np.fb.ms) },
+        fwdRows128Ms: { fwd: r4(rows128.fwd.ms), fwdBwd: r4(rows128.fb.ms) },
         samples: [fwd.samples, fb.samples],
         spreadMs: [r4(fb.minMs), r4(fb.maxMs)],
       });
