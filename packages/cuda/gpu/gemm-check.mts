@@ -282,6 +282,53 @@ if (!emu) {
   if (on <= off) fail('MEGAPATCH_ALLOW_TF32=1 changed nothing');
 }
 groupedCases();
+// Diagnostic (printed, not checked): how cuBLASLt's bias epilogue rounds 16-bit outputs: the
+// product plus bias rounded once, or the product rounded first and the bias added after
+if (!emu) {
+  const lb = dev.kernel('linearBias');
+  for (const dtype of ['bfloat16', 'float16'])
+    for (const [M, N, K] of [
+      [130, 33, 7],
+      [130, 130, 33],
+      [64, 64, 256],
+    ]) {
+      const x = buffers(M * K, dtype),
+        w = buffers(N * K, dtype),
+        b = buffers(N, dtype),
+        o = buffers(M * N, dtype);
+      lb(o.d.view(M, N), x.d.view(M, K), w.d.view(N, K), b.d);
+      synchronize(device);
+      const got = read(o.d),
+        xv = read(x.h),
+        wv = read(w.h),
+        bv = read(b.h);
+      const acc = new Float64Array(M * N),
+        exact = new Float64Array(M * N);
+      for (let i = 0; i < M; i++)
+        for (let j = 0; j < N; j++) {
+          let s = 0;
+          for (let k = 0; k < K; k++) s += xv[i * K + k] * wv[j * K + k];
+          acc[i * N + j] = s;
+          exact[i * N + j] = s + bv[j];
+        }
+      const round = (a: Float64Array) => read(fromTypedArray(a).to(dtype));
+      const once = round(exact);
+      const accR = round(acc);
+      const twice = round(Float64Array.from(accR, (v, i) => v + bv[i % N]));
+      let eqOnce = 0,
+        eqTwice = 0,
+        neither = 0;
+      for (let i = 0; i < M * N; i++) {
+        if (got[i] === once[i]) eqOnce++;
+        if (got[i] === twice[i]) eqTwice++;
+        if (got[i] !== once[i] && got[i] !== twice[i]) neither++;
+      }
+      console.log(
+        `linearBias ${dtype} ${M}x${N}x${K}: ${eqOnce} of ${M * N} equal one rounding, ${eqTwice} the product rounded first, ${neither} neither`,
+      );
+      for (const t of [x.h, x.d, w.h, w.d, b.h, b.d, o.h, o.d]) t.dispose();
+    }
+}
 const engine = C.gemmEngine ? C.gemmEngine() : '(no gemmEngine export)';
 console.log(`engine: ${engine}`);
 if (!emu && !/^cuBLASLt \d+\.\d+\.\d+$/.test(engine)) fail(`gemmEngine() = ${engine}`);

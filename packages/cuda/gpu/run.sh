@@ -219,9 +219,12 @@ report info "$(last env.log '^INFO ' | sed -E 's/^INFO (OK|FAIL): //')"
 
 step gemm gemm.log 120 "$TSX" packages/cuda/gpu/gemm-check.mts "$DEVICE"
 report gemm "$(last gemm.log '[0-9]+ cases, [0-9]+ failures') $(last gemm.log '^engine:') $(last gemm.log 'TF32 on')"
-# the grouped GEMM again on the grouped tiled kernel (the emulator's path; cuBLAS's above)
+# the grouped GEMM again on the grouped tiled kernel (the emulator's path) and on cuBLAS's grouped
+# GEMM (the loop of GEMMs, the default, ran above)
 step grouped gemm.log 60 env MEGAPATCH_GROUPED_GEMM=tiled "$TSX" packages/cuda/gpu/gemm-check.mts "$DEVICE" grouped
 report grouped "$(last gemm.log '^grouped \(MEGAPATCH_GROUPED_GEMM=tiled\)')"
+step grouped-blas gemm.log 60 env MEGAPATCH_GROUPED_GEMM=grouped "$TSX" packages/cuda/gpu/gemm-check.mts "$DEVICE" grouped
+report grouped-blas "$(last gemm.log '^grouped \(MEGAPATCH_GROUPED_GEMM=grouped\)')"
 
 vitest_run() { # config
   cd packages/cuda && node ../../node_modules/vitest/vitest.mjs run --config "$1"

@@ -30,7 +30,7 @@
 // emulator runs too) with 16-bit operand tiles in shared memory read by ldmatrix and fp32
 // accumulators; MEGAPATCH_ATTENTION_MMA=0 forces the CUDA-core kernels below, which handle every
 // other case and are the reference. The forward also comes with 128-row tiles (two m-tiles a warp,
-// MEGAPATCH_ATTENTION_FWD_ROWS=128) until a GPU measures which is faster. Tiles that no row of a
+// MEGAPATCH_ATTENTION_FWD_ROWS=128), measured 1.05-1.53x slower on an H200. Tiles that no row of a
 // warp needs masked (all but the diagonal ones of a causal mask, without an explicit mask) skip
 // the per-element range checks in all three kernels, and their softmax runs in log2 units (exp2f,
 // the scale folded into one multiply). Next step for speed: on sm_90, wgmma with TMA tile loads.

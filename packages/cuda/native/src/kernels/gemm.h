@@ -72,12 +72,14 @@ struct GemmProblem {
 };
 
 // Independent products of one float dtype, C = A @ B each (alpha 1, beta 0: C is written, not
-// read), in as few launches as the engine allows: on a GPU one cublasGemmGroupedBatchedEx for all
-// (its operand addresses uploaded by a small kernel), with one gemm per problem for float64 or a
-// layout cuBLAS cannot take; in the emulator the grouped tiled kernel, every tile of every problem
-// in one launch, each product bit for bit the tiled gemm's. Problems with M or N of 0 are skipped;
-// K == 0 and non-float dtypes are errors, as in gemm. MEGAPATCH_GROUPED_GEMM=loop runs one gemm
-// per problem instead, =tiled the grouped tiled kernel on a GPU too.
+// read): on a GPU one gemm per problem (cuBLASLt; measured faster than cuBLAS's grouped GEMM for
+// most MoE shapes), or with MEGAPATCH_GROUPED_GEMM=grouped one cublasGemmGroupedBatchedEx for all
+// (its operand addresses uploaded by a small kernel; float64, a layout cuBLAS cannot take or
+// addresses and leading dimensions not 16-byte aligned: one gemm per problem); in the emulator the
+// grouped tiled kernel, every tile of every problem in one launch, each product bit for bit the
+// tiled gemm's. Problems with M or N of 0 are skipped; K == 0 and non-float dtypes are errors, as
+// in gemm. MEGAPATCH_GROUPED_GEMM=loop runs one gemm per problem, =tiled the grouped tiled kernel
+// on a GPU too.
 void grouped_gemm(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps);
 
 // "cuBLASLt <major>.<minor>.<patch>" (the loaded library's version) or "emulated fallback".
