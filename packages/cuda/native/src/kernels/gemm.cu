@@ -332,9 +332,9 @@ void run_fallback(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, in
   }
 }
 
-// Whether cuBLASLt has one epilogue for `e`'s activation (lt_epilogue below): none, ReLU without
-// its input kept, the tanh GELU. The erf GELU has no epilogue, and RELU_AUX keeps a bit mask, not
-// the pre-activation.
+// Whether cuBLASLt has one epilogue for `e`'s activation (lt_epilogue builds on it): none, ReLU
+// without its input kept, the tanh GELU. The erf GELU has no epilogue, and RELU_AUX keeps a bit
+// mask, not the pre-activation.
 bool lt_has_activation(const GemmEpilogue* e) {
   if (!e) return true;
   switch (e->act) {
@@ -728,25 +728,21 @@ bool lt_epilogue(const GemmEpilogue* e, LtEpilogue& out) {
     out.vec = e->bias_grad;
     return true;
   }
+  if (!lt_has_activation(e)) return false;  // the erf GELU, ReLU keeping its input
   const bool bias = e->bias != nullptr, aux = e->aux != nullptr;
   out.vec = e->bias;
   out.aux = e->aux;
   out.aux_ld = e->aux_rs;
   switch (e->act) {
-    case GemmAct::None:
-      if (aux) return false;
-      out.code = CUBLASLT_EPILOGUE_BIAS;
-      return true;
-    case GemmAct::Relu:
-      if (aux) return false;
-      out.code = bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU;
-      return true;
+    case GemmAct::Relu: out.code = bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU; return true;
     case GemmAct::GeluTanh:
       out.code = aux ? (bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX)
                      : (bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU);
       return true;
-    default:
-      return false;
+    default:  // None: a bias alone; a kept pre-activation without an activation has no epilogue
+      if (aux) return false;
+      out.code = CUBLASLT_EPILOGUE_BIAS;
+      return true;
   }
 }
 
