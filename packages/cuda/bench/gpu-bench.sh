@@ -26,13 +26,17 @@ mkdir -p "$OUT"
 JSONL=$OUT/bench.jsonl
 LOG=$OUT/bench.log
 : >"$JSONL"
-: >"$LOG"
+# under gpu/run.sh, stdout and stderr already go to $OUT/bench.log: then the log is not written twice
+SAME=false
+if [ "$(readlink -f /proc/$$/fd/1 2>/dev/null)" = "$(readlink -f "$LOG")" ]; then SAME=true; else : >"$LOG"; fi
+# tolog: stdin to stderr, and to the log unless stderr is the log already
+tolog() { if $SAME; then cat >&2; else tee -a "$LOG" >&2; fi; }
 BUDGET=${MEGAPATCH_BENCH_BUDGET_S:-270}
 PARTS=${MEGAPATCH_BENCH_PARTS:-gemm grouped attn train torch-train compile}
 export MEGAPATCH_BENCH_DEVICE=${MEGAPATCH_BENCH_DEVICE:-cuda:0}
 START=$(date +%s)
 has() { [[ " $PARTS " == *" $1 "* ]]; }
-say() { echo "[gpu-bench] $*" | tee -a "$LOG" >&2; }
+say() { echo "[gpu-bench] $*" | tolog; }
 
 TSX=
 for t in packages/cuda/node_modules/.bin/tsx node_modules/.bin/tsx; do
@@ -51,7 +55,7 @@ TORCH_ARGS=()
 say "out: $OUT; device $MEGAPATCH_BENCH_DEVICE; tiny ${MEGAPATCH_BENCH_TINY:-0}; budget ${BUDGET}s; parts: $PARTS"
 say "tsx: ${TSX:-MISSING}; python: ${PY:-no python with torch}; node $(node --version 2>&1)"
 if command -v nvidia-smi >/dev/null 2>&1; then
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,power.limit --format=csv 2>&1 | tee -a "$LOG" >&2
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,power.limit --format=csv 2>&1 | tolog
 fi
 
 # run NAME CAP CMD...: CMD under min(CAP, what is left of the budget less a reserve for the rest);
@@ -68,8 +72,8 @@ run() {
   fi
   say "$name: start (timeout ${t}s)"
   local s0=$(date +%s)
-  timeout --kill-after=10 "$t" "$@" 2> >(tee -a "$LOG" >&2) | while IFS= read -r line; do
-    echo "$line" >>"$LOG"
+  timeout --kill-after=10 "$t" "$@" 2> >(tolog) | while IFS= read -r line; do
+    if $SAME; then echo "$line"; else echo "$line" >>"$LOG"; fi
     case "$line" in {*) echo "$line" >>"$JSONL" ;; esac
   done
   local rc=${PIPESTATUS[0]}
@@ -120,7 +124,7 @@ if has grouped; then
   [ -n "$PY" ] && run torch-grouped 40 "$PY" $BENCH/torch_ref.py grouped ${TORCH_ARGS[@]+"${TORCH_ARGS[@]}"}
 fi
 if command -v nvidia-smi >/dev/null 2>&1; then
-  nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>&1 | tee -a "$LOG" >&2
+  nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>&1 | tolog
 fi
 say "total $(($(date +%s) - START))s; $(wc -l <"$JSONL") JSON lines in $JSONL"
-node $BENCH/table.mjs "$JSONL" | tee -a "$LOG"
+if $SAME; then node $BENCH/table.mjs "$JSONL"; else node $BENCH/table.mjs "$JSONL" | tee -a "$LOG"; fi

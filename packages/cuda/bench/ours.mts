@@ -39,7 +39,9 @@ const cases = allCases[tiny ? 'tiny' : 'full'];
 const peakTflops: number = allCases.peakTflops;
 
 const T: typeof import('@megapatch/tensor') = await import('@megapatch/tensor');
-await import(emu ? '../src/emulator.js' : '../src/index.js');
+const cudaModule: typeof import('../src/profile.js') = await import(
+  emu ? '../src/emulator.js' : '../src/index.js'
+);
 const native = await import('../src/native.js');
 // the addon the backend uses (require() caches it): its synchronize() waits for the device's
 // stream. @megapatch/tensor's synchronize() only evaluates deferred checks when some are queued.
@@ -329,7 +331,11 @@ if (want('train')) {
   const mbs = Number(process.env.MEGAPATCH_BENCH_MBS ?? tc.microBatchSize);
   const gbs = Math.max(tc.globalBatchSize, mbs);
   const seq: number = tc.seqLength;
-  const iters: number = tc.warmupIters + tc.timedIters;
+  // one more iteration after the timed ones, with the kernel profiler on (MEGAPATCH_BENCH_PROFILE=0:
+  // none; =shapes: labels with the first operand's shape)
+  const profile = process.env.MEGAPATCH_BENCH_PROFILE !== '0';
+  const iters: number = tc.warmupIters + tc.timedIters + (profile ? 1 : 0);
+  let profiling = false;
   const layers = Number(process.env.MEGAPATCH_BENCH_LAYERS ?? tc.hf.num_hidden_layers);
   // the emulator's launch count at each iteration's log line
   const launchMarks: number[] = [];
@@ -385,27 +391,50 @@ if (want('train')) {
           globalBatchSize: gbs,
           trainIters: iters,
           evalInterval: null,
-          logInterval: emu ? 1 : 1000,
+          // every step reads its loss (a sync) anyway: a log line a step costs nothing more
+          logInterval: 1,
         },
         optimizer: { lr: 1e-4, weightDecay: 0.01, clipGrad: 1 },
         logging: { runDir },
       }),
       {
         log: (l: string) => {
-          if (emu && /iteration\s+\d+/.test(l) && addon.emuStats) launchMarks.push(addon.emuStats().launches);
+          const it = /iteration\s+(\d+)\//.exec(l);
+          if (it && emu && addon.emuStats) launchMarks.push(addon.emuStats().launches);
           log(l);
+          if (it && profile && Number(it[1]) === tc.warmupIters + tc.timedIters) {
+            cudaModule.startKernelProfile(device, {
+              shapes: process.env.MEGAPATCH_BENCH_PROFILE === 'shapes',
+            });
+            profiling = true;
+          }
         },
         report: false,
       },
     );
     const wallS = (performance.now() - t0) / 1000;
+    if (profiling) {
+      const p = cudaModule.stopKernelProfile(device);
+      profiling = false;
+      log(`the last iteration, profiled:\n${cudaModule.formatKernelProfile(p, 30)}`);
+      const r = (x: number) => Number(x.toPrecision(4));
+      emit({
+        kind: 'profile',
+        case: tc.case,
+        calls: p.calls,
+        kernelMs: r(p.kernelMs),
+        spanMs: r(p.spanMs),
+        deviceMallocs: p.deviceMallocs,
+        entries: p.entries.map((e) => ({ ...e, ms: r(e.ms) })),
+      });
+    }
     const rows = fs
       .readFileSync(path.join(runDir, 'metrics.jsonl'), 'utf8')
       .trim()
       .split('\n')
       .map((l) => JSON.parse(l))
       .filter((m) => m.kind === 'train');
-    const timed = rows.slice(tc.warmupIters);
+    const timed = rows.slice(tc.warmupIters, tc.warmupIters + tc.timedIters);
     const stepMs = median(timed.map((m) => m.elapsedMs));
     // Megatron's FLOPs of a step (the trainer's own count: tflops × elapsed)
     const flopsPerStep = median(timed.map((m) => m.tflops * 1e12 * (m.elapsedMs / 1000)));
@@ -458,6 +487,7 @@ if (want('train')) {
     });
     process.exitCode = 3;
   } finally {
+    if (profiling) cudaModule.stopKernelProfile(device);
     fs.rmSync(dir, { recursive: true, force: true });
   }
 }

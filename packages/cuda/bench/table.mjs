@@ -241,6 +241,33 @@ if (good(e))
     `torch eager timers (median ms, events): forward ${e.breakdownMs.forward}, backward ${e.breakdownMs.backward}, optimizer ${e.breakdownMs.optimizer}; peak memory ${e.peakMemoryGiB} GiB`,
   );
 if (good(k)) limits.push(`torch compile: warm-up (compile) ${k.warmupS} s, step ${k.stepMs} ms`);
+// the profiled iteration after the timed ones (ours.mts: device time per backend entry)
+const prof = lines.find((l) => l.side === 'megapatch' && l.kind === 'profile' && !l.error);
+if (prof) {
+  const kinds = { gemm: [0, 0], attention: [0, 0], other: [0, 0] };
+  for (const e of prof.entries) {
+    kinds[e.kind][0] += e.ms;
+    kinds[e.kind][1] += e.flops;
+  }
+  const share = (ms) => `${num(ms, 4)} ms (${Math.round((100 * ms) / prof.spanMs)}%)`;
+  limits.push(
+    `megapatch, one step profiled (CUDA events around each backend entry): span ${num(prof.spanMs, 4)} ms = GEMMs ${share(kinds.gemm[0])} at ${num(kinds.gemm[1] / 1e9 / (kinds.gemm[0] || 1), 3)} TFLOP/s + attention ${share(kinds.attention[0])} + other entries ${share(kinds.other[0])} + gaps ${share(prof.spanMs - prof.kernelMs)}; ${prof.calls} entries, ${prof.deviceMallocs} cudaMalloc`,
+  );
+  const top = prof.entries.filter((e) => e.kind === 'other').slice(0, 12);
+  limits.push(
+    `  the longest other entries (ms, calls, GB/s of their operands): ${top
+      .map((e) => `${e.name} ${num(e.ms, 3)} (${e.calls}, ${e.ms > 0 ? Math.round(e.bytes / 1e6 / e.ms) : '-'})`)
+      .join('; ')}`,
+  );
+  summary.train.megapatchProfile = {
+    spanMs: prof.spanMs,
+    kernelMs: prof.kernelMs,
+    gemmMs: kinds.gemm[0],
+    attentionMs: kinds.attention[0],
+    otherMs: kinds.other[0],
+    deviceMallocs: prof.deviceMallocs,
+  };
+}
 
 // print
 const head = ['case', 'megapatch', 'PyTorch', 'ratio', 'target', ''];

@@ -16,7 +16,8 @@ import { BINARY_CODES, packGemm, packPhilox, REDUCE_CODES, UNARY_CODES } from '@
 import { familyKernels } from './kernels/families.js';
 import type { BackendAddon } from './native.js';
 import { createCollectives } from './nccl.js';
-import { ARGS, address, type Entries, ITEMSIZE, pack } from './pack.js';
+import { ARGS, address, ITEMSIZE, note, noteGemm, pack } from './pack.js';
+import { profiledEntries } from './profile.js';
 
 // op codes shared with every native backend (native/src/kernels/elementwise.cu, reduce.h, random.cu)
 const UNARY = UNARY_CODES;
@@ -29,8 +30,9 @@ const REDUCE = REDUCE_CODES;
  */
 export function createCudaBackendType(addon: BackendAddon, type: string): BackendType {
   addon.setArgBuffer(ARGS);
-  const k = addon as unknown as Entries;
   let active = -1;
+  // the entries, timed per device while a kernel profile runs there (profile.ts)
+  const { entries: k, register } = profiledEntries(addon, type, () => active);
   const named = familyKernels(k, addon.families);
 
   function create(index: number): Backend {
@@ -40,6 +42,7 @@ export function createCudaBackendType(addon: BackendAddon, type: string): Backen
         active = index;
       }
     };
+    register(index, on);
     const kernels = new Map<KernelName, KernelTable[KernelName]>();
     let collectives: DeviceCollectives | null | undefined;
     for (const [name, fn] of Object.entries(named) as [KernelName, KernelTable[KernelName]][]) {
@@ -93,11 +96,13 @@ export function createCudaBackendType(addon: BackendAddon, type: string): Backen
       unary(out, x, op, p0 = Number.NaN, p1 = Number.NaN) {
         on();
         pack.begin().tensor(out).tensor(x).num(UNARY[op]).num(p0).num(p1);
+        if (note.active) note.tag = op;
         k.unary();
       },
       binary(out, x, y, op, alpha = 1) {
         on();
         pack.begin().tensor(out).tensor(x).tensor(y).num(BINARY[op]).num(alpha);
+        if (note.active) note.tag = op;
         k.binary();
       },
       binaryScalar(out, x, s, op, reverse = false) {
@@ -109,6 +114,7 @@ export function createCudaBackendType(addon: BackendAddon, type: string): Backen
           .num(s)
           .num(BINARY[op])
           .num(reverse ? 1 : 0);
+        if (note.active) note.tag = op;
         k.binaryScalar();
       },
       where(out, cond, x, y) {
@@ -125,6 +131,7 @@ export function createCudaBackendType(addon: BackendAddon, type: string): Backen
           .num(indices ? 1 : 0);
         if (indices) pack.tensor(indices);
         pack.num(outer).num(R).num(inner).num(REDUCE[op]).num(p);
+        if (note.active) note.tag = op;
         k.reduce();
       },
       cumsum(x, out, outer, R, inner) {
@@ -135,6 +142,7 @@ export function createCudaBackendType(addon: BackendAddon, type: string): Backen
       gemm(batch, M, N, K, a: GemmOperand, b: GemmOperand, c: GemmOperand, alpha, beta) {
         on();
         packGemm(pack, batch, M, N, K, a, b, c, alpha, beta);
+        noteGemm(M, N, K, ITEMSIZE[c.tensor.dtype], batch);
         k.gemm();
       },
       random(out, dist, seed, offset, a, b) {

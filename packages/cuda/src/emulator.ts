@@ -8,6 +8,15 @@ import { registerBackendType } from '@megapatch/tensor';
 import { createCudaBackendType } from './backend.js';
 import { loadEmulatorAddon } from './native.js';
 
+export {
+  formatKernelProfile,
+  type KernelProfile,
+  type KernelProfileEntry,
+  type KernelProfileOptions,
+  startKernelProfile,
+  stopKernelProfile,
+} from './profile.js';
+
 /** The device type name of the emulator. */
 export const EMULATOR_DEVICE_TYPE = 'cudaemu';
 

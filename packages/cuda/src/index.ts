@@ -10,6 +10,14 @@ import { cudaInfo } from './info.js';
 import { type BackendAddon, loadAddon } from './native.js';
 
 export { type CudaDevice, type CudaInfo, cudaInfo } from './info.js';
+export {
+  formatKernelProfile,
+  type KernelProfile,
+  type KernelProfileEntry,
+  type KernelProfileOptions,
+  startKernelProfile,
+  stopKernelProfile,
+} from './profile.js';
 
 /** Why @megapatch/cuda cannot be used here. */
 export class CudaError extends Error {

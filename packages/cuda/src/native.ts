@@ -48,6 +48,9 @@ export interface BackendAddon {
    * MEGAPATCH_CUDA_EMU_DRY_RUN is on (launches counted, not run: a host-side profile).
    */
   emuStats?(): { launches: number; dryRun: boolean };
+  /** The kernel profiler's marks (native/src/backend/profile.cc; src/profile.ts uses them). */
+  profileMark?(): number;
+  profileCollect?(): { ms: Float64Array; mallocs: number };
   [entry: string]: unknown;
 }
 

@@ -21,6 +21,7 @@ import {
 } from '@megapatch/tensor';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { loadEmulatorAddon } from '../src/native.js';
+import { formatKernelProfile, startKernelProfile, stopKernelProfile } from '../src/profile.js';
 
 const built = loadEmulatorAddon();
 const skip = 'error' in built ? built.error : '';
@@ -217,5 +218,55 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
     const a = tensor([1, 2]).to('cudaemu:0');
     const b = tensor([1, 2]).to('cudaemu:1');
     expect(() => a.add(b)).toThrow(/cudaemu:0.*cudaemu:1|cudaemu:1.*cudaemu:0/);
+  });
+
+  it('profiles the entries of a device: calls, device time, operand bytes, GEMM FLOPs, allocations', () => {
+    const x = tensor(
+      Array.from({ length: 6 * 8 }, (_, i) => (i % 7) - 3),
+      { dtype: 'float32' },
+    )
+      .reshape(6, 8)
+      .to('cudaemu:0');
+    const w = tensor(
+      Array.from({ length: 5 * 8 }, (_, i) => (i % 5) - 2),
+      { dtype: 'float32' },
+    )
+      .reshape(5, 8)
+      .to('cudaemu:0');
+    const other = tensor([1, 2, 3]).to('cudaemu:1');
+    expect(() => stopKernelProfile('cudaemu:0')).toThrow(/no profile is running on cudaemu:0/);
+    expect(() => startKernelProfile('cuda:7')).toThrow(/"cuda:7" is not a device of @megapatch\/cuda/);
+    startKernelProfile('cudaemu:0', { shapes: true });
+    const y = linear(x, w); // [6, 5]: the bias-free linear is one gemm entry
+    const z = relu(y).add(y); // unary:relu, binary:add
+    other.add(other).dispose(); // another device: not in this profile
+    const big = zeros([1 << 20], { device: 'cudaemu:0' }); // a size class the cache has not seen
+    const p = stopKernelProfile('cudaemu:0');
+    const byName = new Map(p.entries.map((e) => [e.name.split(' ')[0], e]));
+    expect(p.device).toBe('cudaemu:0');
+    const gemm = byName.get('gemm')!;
+    expect(gemm.kind).toBe('gemm');
+    expect(gemm.calls).toBe(1);
+    expect(gemm.flops).toBe(2 * 6 * 5 * 8);
+    expect(gemm.bytes).toBe((6 * 8 + 8 * 5 + 6 * 5) * 4);
+    const add = byName.get('binary:add')!;
+    expect(add.name).toBe('binary:add float32[6,5]');
+    expect([add.kind, add.calls, add.bytes, add.flops]).toEqual(['other', 1, 3 * 30 * 4, 0]);
+    expect(byName.get('unary:relu')?.bytes).toBe(2 * 30 * 4);
+    expect(p.calls).toBe(p.entries.reduce((s, e) => s + e.calls, 0));
+    for (const e of p.entries) expect(e.ms).toBeGreaterThanOrEqual(0);
+    expect(p.entries.map((e) => e.ms)).toEqual([...p.entries.map((e) => e.ms)].sort((a, b) => b - a));
+    expect(p.kernelMs).toBeLessThanOrEqual(p.spanMs + 1e-6);
+    expect(p.kernelMs).toBeGreaterThan(0); // the emulator's events carry host time
+    expect(p.deviceMallocs).toBeGreaterThanOrEqual(1);
+    const table = formatKernelProfile(p, 2);
+    expect(table.split('\n')[0]).toMatch(/^kernel profile of cudaemu:0: \d+ entries/);
+    expect(table).toMatch(/by kind: gemm [\d.]+ ms/);
+    // nothing is recorded once stopped, and a second profile starts empty
+    z.add(z).dispose();
+    startKernelProfile('cudaemu:0');
+    const q = stopKernelProfile('cudaemu:0');
+    expect(q.calls).toBe(0);
+    for (const t of [x, w, y, z, big, other]) t.dispose();
   });
 });

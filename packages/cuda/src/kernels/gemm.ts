@@ -6,7 +6,7 @@
 // CUBLASLT_EPILOGUE_BGRADB, or the tiled kernel and a row sum).
 import type { KernelTable, Tensor } from '@megapatch/tensor';
 import { DTYPE_CODES, LINEAR_ACTIVATION_CODES } from '@megapatch/tensor/abi';
-import { address, type Entries, pack } from '../pack.js';
+import { address, type Entries, ITEMSIZE, noteGemm, pack } from '../pack.js';
 
 type GemmKernels = Pick<
   KernelTable,
@@ -30,8 +30,9 @@ function packHead(
   b: Tensor,
   bStrides: readonly [number, number],
 ) {
-  return pack
-    .begin()
+  const p = pack.begin();
+  noteGemm(M, N, K, ITEMSIZE[out.dtype]);
+  return p
     .num(DTYPE_CODES[out.dtype])
     .num(M)
     .num(N)
@@ -88,6 +89,7 @@ export function gemmKernels(call: Entries): GemmKernels {
                 `groupedGemm: an operand is ${t.dtype} but the output is ${dtype}; use one dtype`,
               );
           }
+          noteGemm(m, n, k, ITEMSIZE[dtype]);
           p.num(m).num(n).num(k);
           p.num(address(a.tensor)).num(a.rs).num(a.cs);
           p.num(address(b.tensor)).num(b.rs).num(b.cs);

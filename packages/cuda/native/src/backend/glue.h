@@ -61,6 +61,11 @@ void register_memory(Napi::Env env, Napi::Object exports);
 void register_elementwise(Napi::Env env, Napi::Object exports);
 // NCCL (loaded on first use; the emulator's own in an emulator build): backend/nccl.cc.
 void register_nccl(Napi::Env env, Napi::Object exports);
+// The kernel profiler's event marks (backend/profile.cc).
+void register_profile(Napi::Env env, Napi::Object exports);
+// cudaMalloc calls of the caching allocator since the process started (backend/memory.cc): a
+// training step in its steady state makes none (each one synchronises the device).
+uint64_t device_malloc_count();
 // Waits until `stream` has finished; with NCCL communicators alive, a watchdog that turns a dead
 // peer into an error (backend/nccl.cc). `what` names the caller in errors.
 void wait_stream(cudaStream_t stream, const char* what);

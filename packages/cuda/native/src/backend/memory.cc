@@ -8,6 +8,7 @@
 // use it are still queued is safe to reuse: the next user's kernels run after them. When
 // cudaMalloc fails, the device's cached blocks are released (after a synchronisation) and the
 // allocation is tried once more; then the error names the sizes. emptyCache() releases them too.
+#include <atomic>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -60,7 +61,11 @@ void release_cached(DeviceCache& c) {
 
 std::string mib(size_t bytes) { return std::to_string((bytes + (1 << 19)) >> 20) + " MiB"; }
 
+std::atomic<uint64_t> g_device_mallocs{0};
+
 }  // namespace
+
+uint64_t device_malloc_count() { return g_device_mallocs.load(std::memory_order_relaxed); }
 
 // alloc(bytes, zero) -> device address. 0 bytes still gets a block, so that every storage has an
 // owner and a unique address.
@@ -81,6 +86,7 @@ MPC_ENTRY(Alloc) {
       it->second.pop_back();
       c.cached_bytes -= cls;
     } else {
+      g_device_mallocs.fetch_add(1, std::memory_order_relaxed);
       cudaError_t err = cudaMalloc(&p, cls);
       if (err != cudaSuccess) {
         cudaGetLastError();

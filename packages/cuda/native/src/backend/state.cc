@@ -86,6 +86,7 @@ void register_backend(Napi::Env env, Napi::Object exports) {
   register_memory(env, exports);
   register_elementwise(env, exports);
   register_nccl(env, exports);
+  register_profile(env, exports);
   Napi::Array families = Napi::Array::New(env);
 #define MPC_REGISTER(f)                             \
   if (register_##f) {                               \
