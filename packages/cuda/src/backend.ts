@@ -33,7 +33,14 @@ export function createCudaBackendType(addon: BackendAddon, type: string): Backen
   let active = -1;
   // the entries, timed per device while a kernel profile runs there (profile.ts)
   const { entries: k, register } = profiledEntries(addon, type, () => active);
-  const named = familyKernels(k, addon.families);
+  const named: Partial<KernelTable> = {
+    ...familyKernels(k, addon.families),
+    // an elementwise kernel, present in every build
+    accumulateGrad(dst, src) {
+      pack.begin().tensor(dst).tensor(src);
+      k.accumulateGrad();
+    },
+  };
 
   function create(index: number): Backend {
     const on = () => {

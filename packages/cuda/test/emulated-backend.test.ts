@@ -17,6 +17,7 @@ import {
   synchronize,
   type Tensor,
   tensor,
+  randn,
   zeros,
 } from '@megapatch/tensor';
 import { beforeAll, describe, expect, it } from 'vitest';
@@ -66,6 +67,7 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
       'linearBiasActivation',
       'linearWeightBiasGrad',
       'groupedGemm',
+      'accumulateGrad',
     ] as const;
     for (const name of names) expect(hasNativeKernel(b, name), name).toBe(true);
   });
@@ -268,5 +270,36 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
     const q = stopKernelProfile('cudaemu:0');
     expect(q.calls).toBe(0);
     for (const t of [x, w, y, z, big, other]) t.dispose();
+  });
+
+  it('gives the same bits on the packed path (aligned, contiguous) as element by element', () => {
+    // a view that starts one element in is contiguous but not pack-aligned: the element kernels
+    for (const dtype of ['float32', 'bfloat16', 'float16', 'float64'] as const) {
+      for (const n of [1, 7, 8, 9, 33, 1000]) {
+        const base = randn([n + 1], { dtype: 'float32' }).to('cudaemu:0', dtype);
+        const other = randn([n + 1], { dtype: 'float32' }).to('cudaemu:0', dtype);
+        const a = base.narrow(0, 0, n).clone(); // fresh blocks: aligned
+        const b = other.narrow(0, 0, n).clone();
+        const ua = base.narrow(0, 1, n); // not aligned
+        const ub = other.narrow(0, 1, n);
+        ua.copy_(a);
+        ub.copy_(b);
+        const ops: [string, (x: Tensor, y: Tensor) => Tensor][] = [
+          ['add', (x, y) => x.add(y, 0.5)],
+          ['mul', (x, y) => x.mul(y)],
+          ['scalar', (x) => x.mul(3).sub(1)],
+          ['exp', (x) => x.exp()],
+          ['silu', (x) => x.silu()],
+          ['gt', (x, y) => x.gt(y)],
+          ['cast', (x) => x.to(dtype === 'float32' ? 'bfloat16' : 'float32')],
+        ];
+        for (const [name, f] of ops) {
+          const packed = f(a, b).cpu().toArray();
+          const single = f(ua, ub).cpu().toArray();
+          expect(packed, `${name} ${dtype} n=${n}`).toEqual(single);
+        }
+        for (const t of [base, other, a, b]) t.dispose();
+      }
+    }
   });
 });

@@ -155,15 +155,27 @@ export class SelfAttention extends Module {
     const qkv = this.linearQkv.forward(x).output; // [s, b, g·(perGroup + 2)·d]
     const [s, b] = qkv.shape;
     const grouped = qkv.view(s, b, g, (perGroup + 2) * d);
-    // [s, b, heads, d] -> [b, heads, s, d]
-    let q = grouped.narrow(3, 0, perGroup * d).reshape(s, b, g * perGroup, d);
-    let k = grouped.narrow(3, perGroup * d, d);
-    let v = grouped.narrow(3, (perGroup + 1) * d, d);
-    if (this.qLayernorm) q = this.headNorm(this.qLayernorm, q);
+    // one split (its backward writes the three gradients into one buffer, no zeros and sums)
+    const [qg, kg, vg] = grouped.split([perGroup * d, d, d], 3);
+    let q: Tensor;
+    let k = kg; // [s, b, g, d]
+    if (this.qLayernorm) {
+      // [s, b, heads, d] -> [b, heads, s, d]
+      q = this.headNorm(this.qLayernorm, qg.reshape(s, b, g * perGroup, d));
+      q = applyRotaryPosEmb(q.permute(1, 2, 0, 3), ctx.cos, ctx.sin);
+    } else if (ctx.cos.ndim === 2) {
+      // RoPE reads q where the projection wrote it, seen as [b·g, perGroup, s, d] (b and g merge
+      // in that layout; the heads of a group do not merge with g), and writes [b, heads, s, d]
+      const q5 = qg.view(s, b, g, perGroup, d).permute(1, 2, 3, 0, 4).reshape(b * g, perGroup, s, d);
+      q = applyRotaryPosEmb(q5, ctx.cos, ctx.sin).view(b, g * perGroup, s, d);
+    } else {
+      q = applyRotaryPosEmb(qg.reshape(s, b, g * perGroup, d).permute(1, 2, 0, 3), ctx.cos, ctx.sin);
+    }
     if (this.kLayernorm) k = this.headNorm(this.kLayernorm, k);
-    q = applyRotaryPosEmb(q.permute(1, 2, 0, 3).contiguous(), ctx.cos, ctx.sin);
-    k = applyRotaryPosEmb(k.permute(1, 2, 0, 3).contiguous(), ctx.cos, ctx.sin);
-    v = v.permute(1, 2, 0, 3).contiguous();
+    k = applyRotaryPosEmb(k.permute(1, 2, 0, 3), ctx.cos, ctx.sin);
+    // v as a view: the attention kernels take any strides (a cache or the ring gets its own copy)
+    let v = vg.permute(1, 2, 0, 3);
+    if (ctx.cache || (ctx.cpGroup && ctx.cpGroup.size > 1)) v = v.contiguous();
     if (ctx.cache) [k, v] = ctx.cache.appendKv(this.layerNumber, k, v);
     const out = coreAttention(q, k, v, ctx, 1 / Math.sqrt(d)); // [b, heads, s, d]
     const merged = out.permute(2, 0, 1, 3).reshape(s, b, this.headsPerRank * d);

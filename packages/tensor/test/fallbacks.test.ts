@@ -76,6 +76,7 @@ const COMPOSED: KernelName[] = [
 
 /** Compositions of kernels that only devices provide (no native CPU kernel to compare them with). */
 const DEVICE_ONLY: KernelName[] = [
+  'accumulateGrad',
   'linearBias',
   'linearBiasActivation',
   'linearWeightBiasGrad',
@@ -991,6 +992,40 @@ function attnInputs(c: AttnCase, dtype: DType, r: Rng) {
 /** One unit in the last place of |v| in float32 (normal range). */
 const ulp32 = (v: number): number =>
   2 ** (Math.max(-126, Math.floor(Math.log2(Math.abs(v) || 2 ** -126))) - 23);
+
+describe('accumulateGrad', () => {
+  // the reference: the cast, then the add, by the CPU's core ops; one rounding each way, so bit
+  // for bit whatever the device
+  const it = itWith('accumulateGrad');
+  const SRC: DType[] = ['float32', 'bfloat16', 'float16', 'float64'];
+  const LAYOUTS = ['contiguous', 'transposed', 'expanded'] as const;
+  let seed = 1;
+  for (const dt of FLOATS) {
+    for (const st of SRC) {
+      for (const shape of [[1, 1], [7, 3], [33, 40]]) {
+        for (const layout of LAYOUTS) {
+          const s0 = seed++;
+          it(`dst ${dt}, src ${st} ${layout} [${shape}]`, () =>
+            tidy(() => {
+              const r = rng(s0);
+              const [m, n] = shape;
+              const dst = randnT(r, shape, dt, 2);
+              const src =
+                layout === 'contiguous'
+                  ? randnT(r, shape, st, 3)
+                  : layout === 'transposed'
+                    ? transpose(randnT(r, [n, m], st, 3), 0, 1)
+                    : expand(randnT(r, [1, n], st, 3), [m, n]);
+              const want = dst.add(src.to(dt));
+              const got = dst.clone();
+              candidateKernel('accumulateGrad')(got, src);
+              expectSame(got, want, 'dst', { rtol: 0, atol: 0, ulps: 0 });
+            }));
+        }
+      }
+    }
+  }
+});
 
 describe('linearBias', () => {
   // the CPU has no linearBias kernel: the reference is the CPU's linear() (GEMM, then the bias

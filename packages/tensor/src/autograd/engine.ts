@@ -1,12 +1,21 @@
 // Reverse-mode backward over the recorded graph: nodes are visited in an order where every
 // node runs after all the nodes that feed it gradient, gradients are summed per node, and
 // leaves accumulate into .grad in place.
+import { getKernel } from '../backend/kernels.js';
 import { TensorError } from '../errors.js';
 import { keep, tidy } from '../scope.js';
 import { sameShape } from '../shape.js';
 import { Tensor } from '../tensor.js';
 import type { GradHook, Node } from './graph.js';
 import { noGrad } from './graph.js';
+
+/**
+ * Named kernel `accumulateGrad(dst, src)`: dst += src, with src (same shape, any strides, any
+ * floating dtype) first rounded to dst's dtype, then added in dst's compute type (float32 for
+ * 16/32-bit floats, float64 for float64): the result of `dst.add_(src.to(dst.dtype))` without the
+ * cast's temporary. dst is contiguous (a gradient or fp32 main-gradient buffer).
+ */
+export type AccumulateGradKernel = (dst: Tensor, src: Tensor) => void;
 
 export interface BackwardOptions {
   /** Keep saved tensors so that backward can run through the graph again. */
@@ -60,10 +69,8 @@ function accumulateInto(leaf: Tensor, grad: Tensor): void {
     );
   }
   if (leaf.mainGrad) {
-    // mixed precision: accumulate in the fp32 buffer (the cast happens inside the add)
-    const g32 = grad.dtype === leaf.mainGrad.dtype ? grad : grad.to(leaf.mainGrad.dtype);
-    leaf.mainGrad.backend.binary(leaf.mainGrad, leaf.mainGrad, g32, 'add');
-    if (g32 !== grad) g32.dispose();
+    // mixed precision: accumulate in the fp32 buffer (the cast happens inside the kernel)
+    addInto(leaf.mainGrad, grad);
     grad.dispose();
     return;
   }
@@ -76,13 +83,19 @@ function accumulateInto(leaf: Tensor, grad: Tensor): void {
     if (!exclusive) grad.dispose();
     return;
   }
-  leaf.grad.backend.binary(
-    leaf.grad,
-    leaf.grad,
-    grad.dtype === leaf.grad.dtype ? grad : grad.to(leaf.grad.dtype),
-    'add',
-  );
+  addInto(leaf.grad, grad);
   grad.dispose();
+}
+
+/** dst += src (cast to dst's dtype): the add itself, or the accumulateGrad kernel across dtypes. */
+function addInto(dst: Tensor, src: Tensor): void {
+  if (src.dtype === dst.dtype) {
+    dst.backend.binary(dst, dst, src, 'add');
+    return;
+  }
+  const k = getKernel(dst.backend, 'accumulateGrad');
+  if (!k) throw new TensorError('UNSUPPORTED', `backward: no accumulateGrad kernel on ${dst.device}`);
+  k(dst, src);
 }
 
 /** Computes gradients of `root` w.r.t. every leaf that requires grad, accumulating into .grad. */

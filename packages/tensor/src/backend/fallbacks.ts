@@ -721,3 +721,11 @@ register('unscaleCheck', (t, invScale, foundInf) => {
     if (invScale !== 1) t.copy_(mul(t, invScale));
   });
 });
+
+// dst += src rounded to dst's dtype (the cast, then the add in dst's dtype).
+register('accumulateGrad', (dst, src) => {
+  run(() => {
+    const s = src.dtype === dst.dtype ? src : to(src, dst.dtype);
+    dst.backend.binary(dst, dst, s, 'add');
+  });
+});

@@ -3,6 +3,7 @@
 // kernels (its composition), so a new backend runs every op from its first core kernel on and
 // gains speed kernel by kernel. The signatures live next to the ops that call them.
 
+import type { AccumulateGradKernel } from '../autograd/engine.js';
 import type { AttentionBackwardKernel, AttentionForwardKernel } from '../ops/attention.js';
 import type {
   CrossEntropyShardBackwardKernel,
@@ -75,6 +76,7 @@ export interface KernelTable {
   sgdStep: SgdKernel;
   normPowerSum: NormPowerSumKernel;
   unscaleCheck: UnscaleCheckKernel;
+  accumulateGrad: AccumulateGradKernel;
 }
 
 /** The name of a kernel in the {@link KernelTable}. */

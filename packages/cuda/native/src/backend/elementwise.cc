@@ -43,7 +43,16 @@ MPC_ENTRY(WhereK) {
   return info.Env().Undefined();
 }
 
+// accumulateGrad(dst, src): dst += src rounded to dst's dtype
+MPC_ENTRY(AccumulateGradK) {
+  Args a;
+  TensorArg dst = a.tensor(), src = a.tensor();
+  accumulate_grad(current_stream(), dst, src);
+  return info.Env().Undefined();
+}
+
 void register_elementwise(Napi::Env env, Napi::Object exports) {
+  exports.Set("accumulateGrad", Napi::Function::New(env, AccumulateGradK));
   exports.Set("unary", Napi::Function::New(env, UnaryK));
   exports.Set("binary", Napi::Function::New(env, BinaryK));
   exports.Set("binaryScalar", Napi::Function::New(env, BinaryScalarK));

@@ -297,6 +297,10 @@ template <int N> struct Strided {
 
   // byte offsets of linear element i (row-major over shape) for each operand
   MP_HD void offsets(int64_t i, int64_t* off) const {
+    if (ndim == 1) {  // one merged dimension (every operand contiguous or evenly strided): no division
+      for (int k = 0; k < N; k++) off[k] = i * strides[k][0];
+      return;
+    }
     for (int k = 0; k < N; k++) off[k] = 0;
     for (int d = ndim - 1; d >= 0; d--) {
       int64_t s = shape[d];

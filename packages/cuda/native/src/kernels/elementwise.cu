@@ -186,12 +186,137 @@ __global__ void where_kernel(Strided<4> it, char* out, const char* cond, const c
   }
 }
 
+// ---- the packed path ---------------------------------------------------------------------------
+// When every operand is one contiguous run (the iteration merged to one dimension of unit stride)
+// and aligned to its pack, each thread moves V elements of each operand per iteration, as one
+// load / store of up to 16 bytes (V = 16 bytes / the widest element), and the index needs no
+// division; the last n % V elements go one at a time. The results are the element kernels' bit
+// for bit (the same op in the same compute type, per element).
+template <typename T, int V> struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+template <typename A, typename B> constexpr int pack_width() {
+  return 16 / static_cast<int>(sizeof(A) > sizeof(B) ? sizeof(A) : sizeof(B));
+}
+
+template <typename TI, typename TO, int V>
+__global__ void copy_pack_kernel(TO* dst, const TI* src, int64_t n) {
+  const int64_t t0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t packs = n / V;
+  for (int64_t i = t0; i < packs; i += step) {
+    const Pack<TI, V> a = reinterpret_cast<const Pack<TI, V>*>(src)[i];
+    Pack<TO, V> r;
+    for (int j = 0; j < V; j++) Tr<TO>::st(&r.v[j], static_cast<typename Tr<TO>::C>(Tr<TI>::ld(&a.v[j])));
+    reinterpret_cast<Pack<TO, V>*>(dst)[i] = r;
+  }
+  for (int64_t i = packs * V + t0; i < n; i += step)
+    Tr<TO>::st(dst + i, static_cast<typename Tr<TO>::C>(Tr<TI>::ld(src + i)));
+}
+
+template <int OP, typename TI, typename TO, int V>
+__global__ void unary_pack_kernel(TO* out, const TI* x, typename Tr<TI>::C p0, typename Tr<TI>::C p1, int64_t n) {
+  using C = typename Tr<TI>::C;
+  using CO = typename Tr<TO>::C;
+  const int64_t t0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t packs = n / V;
+  for (int64_t i = t0; i < packs; i += step) {
+    const Pack<TI, V> a = reinterpret_cast<const Pack<TI, V>*>(x)[i];
+    Pack<TO, V> r;
+    for (int j = 0; j < V; j++) Tr<TO>::st(&r.v[j], static_cast<CO>(unary_op<OP, C>(Tr<TI>::ld(&a.v[j]), p0, p1)));
+    reinterpret_cast<Pack<TO, V>*>(out)[i] = r;
+  }
+  for (int64_t i = packs * V + t0; i < n; i += step)
+    Tr<TO>::st(out + i, static_cast<CO>(unary_op<OP, C>(Tr<TI>::ld(x + i), p0, p1)));
+}
+
+// as binary_kernel; y is not read in the scalar modes
+template <int OP, typename TI, typename TO, int V>
+__global__ void binary_pack_kernel(TO* out, const TI* x, const TI* y, typename Tr<TI>::C alpha, bool scaled,
+                                   int scalar_mode, typename Tr<TI>::C s, int64_t n) {
+  using C = typename Tr<TI>::C;
+  using CO = typename Tr<TO>::C;
+  const int64_t t0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t packs = n / V;
+  auto one = [&](C u, const TI* yp) -> CO {
+    C v;
+    if (scalar_mode == 0) {
+      v = Tr<TI>::ld(yp);
+      if (scaled) v *= alpha;
+    } else {
+      v = s;
+    }
+    return static_cast<CO>(scalar_mode == 2 ? binary_op<OP, C>(v, u) : binary_op<OP, C>(u, v));
+  };
+  for (int64_t i = t0; i < packs; i += step) {
+    const Pack<TI, V> a = reinterpret_cast<const Pack<TI, V>*>(x)[i];
+    Pack<TI, V> b;
+    if (scalar_mode == 0) b = reinterpret_cast<const Pack<TI, V>*>(y)[i];
+    Pack<TO, V> r;
+    for (int j = 0; j < V; j++) Tr<TO>::st(&r.v[j], one(Tr<TI>::ld(&a.v[j]), &b.v[j]));
+    reinterpret_cast<Pack<TO, V>*>(out)[i] = r;
+  }
+  for (int64_t i = packs * V + t0; i < n; i += step) Tr<TO>::st(out + i, one(Tr<TI>::ld(x + i), y + i));
+}
+
+// dst += src rounded to dst's dtype (accumulateGrad): element by element, and packed
+template <typename TD, typename TS> MP_HD void accumulate_one(TD* d, const TS* sp) {
+  using C = typename Tr<TD>::C;
+  TD r;  // src rounded to dst's dtype, as the cast would store it
+  Tr<TD>::st(&r, static_cast<C>(Tr<TS>::ld(sp)));
+  Tr<TD>::st(d, Tr<TD>::ld(d) + Tr<TD>::ld(&r));
+}
+
+template <typename TD, typename TS>
+__global__ void accumulate_kernel(Strided<2> it, char* dst, const char* src, int64_t n) {
+  int64_t off[2];
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    it.offsets(i, off);
+    accumulate_one(reinterpret_cast<TD*>(dst + off[0]), reinterpret_cast<const TS*>(src + off[1]));
+  }
+}
+
+template <typename TD, typename TS, int V>
+__global__ void accumulate_pack_kernel(TD* dst, const TS* src, int64_t n) {
+  const int64_t t0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t packs = n / V;
+  for (int64_t i = t0; i < packs; i += step) {
+    Pack<TD, V> d = reinterpret_cast<const Pack<TD, V>*>(dst)[i];
+    const Pack<TS, V> a = reinterpret_cast<const Pack<TS, V>*>(src)[i];
+    for (int j = 0; j < V; j++) accumulate_one(&d.v[j], &a.v[j]);
+    reinterpret_cast<Pack<TD, V>*>(dst)[i] = d;
+  }
+  for (int64_t i = packs * V + t0; i < n; i += step) accumulate_one(dst + i, src + i);
+}
+
+// Whether the iteration `it` over operands at `ptrs` (element sizes `sizes`) can take the packed
+// path with V elements a pack: one merged dimension, unit strides, pack-aligned addresses.
+template <int N> bool packable(const Strided<N>& it, const void* const (&ptrs)[N], const int (&sizes)[N], int V) {
+  if (it.ndim != 1) return false;
+  for (int k = 0; k < N; k++) {
+    if (it.strides[k][0] != sizes[k]) return false;
+    if (reinterpret_cast<uintptr_t>(ptrs[k]) % (static_cast<uintptr_t>(sizes[k]) * V) != 0) return false;
+  }
+  return true;
+}
+
 // ---- launchers -------------------------------------------------------------------------------
 
 template <typename TI, typename TO>
 static void copy_typed(cudaStream_t s, const Strided<2>& it, const TensorArg& dst, const TensorArg& src, int64_t n) {
-  auto k = copy_kernel<TI, TO>;
-  MP_LAUNCH(k, grid_for(n), kThreads, 0, s, it, dst.data, static_cast<const char*>(src.data), n);
+  constexpr int V = pack_width<TI, TO>();
+  if (packable<2>(it, {dst.data, src.data}, {int(sizeof(TO)), int(sizeof(TI))}, V)) {
+    auto k = copy_pack_kernel<TI, TO, V>;
+    MP_LAUNCH(k, grid_for(mx(n / V, int64_t(1))), kThreads, 0, s, reinterpret_cast<TO*>(dst.data),
+              reinterpret_cast<const TI*>(src.data), n);
+  } else {
+    auto k = copy_kernel<TI, TO>;
+    MP_LAUNCH(k, grid_for(n), kThreads, 0, s, it, dst.data, static_cast<const char*>(src.data), n);
+  }
   check_launch("copy");
 }
 
@@ -224,6 +349,10 @@ void copy(cudaStream_t s, const TensorArg& dst, const TensorArg& src) {
 template <typename T> static void fill_typed(cudaStream_t s, const TensorArg& t, double value) {
   int64_t n = t.numel();
   if (n == 0) return;
+  if (value == 0.0 && !std::signbit(value) && t.contiguous()) {  // +0 is all-zero bytes in every dtype
+    check(cudaMemsetAsync(t.data, 0, n * sizeof(T), s), "fill");
+    return;
+  }
   T v;
   Tr<T>::st(&v, static_cast<typename Tr<T>::C>(value));
   const TensorArg* ops[1] = {&t};
@@ -253,9 +382,16 @@ template <typename TI, typename TO> struct UnaryRun {
   static void run(cudaStream_t s, const Strided<2>& it, const TensorArg& out, const TensorArg& x, double p0, double p1,
                   int64_t n) {
     using C = typename Tr<TI>::C;
-    auto k = unary_kernel<OP, TI, TO>;
-    MP_LAUNCH(k, grid_for(n), kThreads, 0, s, it, out.data, static_cast<const char*>(x.data), static_cast<C>(p0),
-              static_cast<C>(p1), n);
+    constexpr int V = pack_width<TI, TO>();
+    if (packable<2>(it, {out.data, x.data}, {int(sizeof(TO)), int(sizeof(TI))}, V)) {
+      auto k = unary_pack_kernel<OP, TI, TO, V>;
+      MP_LAUNCH(k, grid_for(mx(n / V, int64_t(1))), kThreads, 0, s, reinterpret_cast<TO*>(out.data),
+                reinterpret_cast<const TI*>(x.data), static_cast<C>(p0), static_cast<C>(p1), n);
+    } else {
+      auto k = unary_kernel<OP, TI, TO>;
+      MP_LAUNCH(k, grid_for(n), kThreads, 0, s, it, out.data, static_cast<const char*>(x.data), static_cast<C>(p0),
+                static_cast<C>(p1), n);
+    }
     check_launch("unary");
   }
 };
@@ -281,9 +417,19 @@ template <typename TI, typename TO> struct BinaryRun {
   static void run(cudaStream_t s, const Strided<3>& it, const TensorArg& out, const TensorArg& x, const char* y,
                   double alpha, bool scaled, int mode, double scalar, int64_t n) {
     using C = typename Tr<TI>::C;
-    auto k = binary_kernel<OP, TI, TO>;
-    MP_LAUNCH(k, grid_for(n), kThreads, 0, s, it, out.data, static_cast<const char*>(x.data), y, static_cast<C>(alpha),
-              scaled, mode, static_cast<C>(scalar), n);
+    constexpr int V = pack_width<TI, TO>();
+    // in the scalar modes y stands for x (its strides are x's; it is never read)
+    if (packable<3>(it, {out.data, x.data, mode == 0 ? y : x.data}, {int(sizeof(TO)), int(sizeof(TI)), int(sizeof(TI))},
+                    V)) {
+      auto k = binary_pack_kernel<OP, TI, TO, V>;
+      MP_LAUNCH(k, grid_for(mx(n / V, int64_t(1))), kThreads, 0, s, reinterpret_cast<TO*>(out.data),
+                reinterpret_cast<const TI*>(x.data), reinterpret_cast<const TI*>(y), static_cast<C>(alpha), scaled, mode,
+                static_cast<C>(scalar), n);
+    } else {
+      auto k = binary_kernel<OP, TI, TO>;
+      MP_LAUNCH(k, grid_for(n), kThreads, 0, s, it, out.data, static_cast<const char*>(x.data), y,
+                static_cast<C>(alpha), scaled, mode, static_cast<C>(scalar), n);
+    }
     check_launch("binary");
   }
 };
@@ -347,6 +493,50 @@ static void where_typed(cudaStream_t s, const TensorArg& out, const TensorArg& c
 void where(cudaStream_t s, const TensorArg& out, const TensorArg& cond, const TensorArg& x, const TensorArg& y) {
   if (cond.dtype != DType::Bool && cond.dtype != DType::U8) throw_error("where: condition must be bool");
   MPC_DISPATCH_ALL(x.dtype, where_typed, s, out, cond, x, y);
+}
+
+// ---- accumulateGrad ----------------------------------------------------------------------------
+
+template <typename TD, typename TS>
+static void accumulate_typed(cudaStream_t s, const TensorArg& dst, const TensorArg& src) {
+  const int64_t n = dst.numel();
+  const TensorArg* ops[2] = {&dst, &src};
+  Strided<2> it = make_strided<2>(dst, ops);
+  constexpr int V = pack_width<TD, TS>();
+  if (packable<2>(it, {dst.data, src.data}, {int(sizeof(TD)), int(sizeof(TS))}, V)) {
+    auto k = accumulate_pack_kernel<TD, TS, V>;
+    MP_LAUNCH(k, grid_for(mx(n / V, int64_t(1))), kThreads, 0, s, reinterpret_cast<TD*>(dst.data),
+              reinterpret_cast<const TS*>(src.data), n);
+  } else {
+    auto k = accumulate_kernel<TD, TS>;
+    MP_LAUNCH(k, grid_for(n), kThreads, 0, s, it, dst.data, static_cast<const char*>(src.data), n);
+  }
+  check_launch("accumulateGrad");
+}
+
+template <typename TD>
+static void accumulate_into(cudaStream_t s, const TensorArg& dst, const TensorArg& src) {
+  switch (src.dtype) {
+    case DType::F32: accumulate_typed<TD, float>(s, dst, src); break;
+    case DType::F64: accumulate_typed<TD, double>(s, dst, src); break;
+    case DType::BF16: accumulate_typed<TD, bf16>(s, dst, src); break;
+    case DType::F16: accumulate_typed<TD, f16>(s, dst, src); break;
+    default: throw_error("accumulateGrad: the source must be floating-point");
+  }
+}
+
+void accumulate_grad(cudaStream_t s, const TensorArg& dst, const TensorArg& src) {
+  if (dst.ndim != src.ndim) throw_error("accumulateGrad: dst and src must have the same shape");
+  for (int i = 0; i < dst.ndim; i++)
+    if (dst.shape[i] != src.shape[i]) throw_error("accumulateGrad: dst and src must have the same shape");
+  if (dst.numel() == 0) return;
+  switch (dst.dtype) {
+    case DType::F32: accumulate_into<float>(s, dst, src); break;
+    case DType::F64: accumulate_into<double>(s, dst, src); break;
+    case DType::BF16: accumulate_into<bf16>(s, dst, src); break;
+    case DType::F16: accumulate_into<f16>(s, dst, src); break;
+    default: throw_error("accumulateGrad: the destination must be floating-point");
+  }
 }
 
 }  // namespace mpc

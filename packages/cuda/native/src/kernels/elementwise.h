@@ -27,5 +27,7 @@ void unary(cudaStream_t s, const TensorArg& out, const TensorArg& x, int op, dou
 void binary(cudaStream_t s, const TensorArg& out, const TensorArg& x, const TensorArg& y, int op, double alpha);
 void binary_scalar(cudaStream_t s, const TensorArg& out, const TensorArg& x, double scalar, int op, bool reverse);
 void where(cudaStream_t s, const TensorArg& out, const TensorArg& cond, const TensorArg& x, const TensorArg& y);
+// dst += src rounded to dst's dtype (the accumulateGrad named kernel); same shapes, any strides
+void accumulate_grad(cudaStream_t s, const TensorArg& dst, const TensorArg& src);
 
 }  // namespace mpc
