@@ -114,6 +114,11 @@ if [ -n "$PY" ]; then
 else
   say "no python with torch: the PyTorch side cannot run"
 fi
+# the training step again with the fused attention backward (information: which default to take)
+if [ -n "$TSX" ] && has train; then
+  MEGAPATCH_ATTENTION_BWD=fused MEGAPATCH_BENCH_MODE=megapatch-fusedbwd MEGAPATCH_BENCH_PROFILE=0 \
+    run ours-train-fusedbwd 90 "$TSX" $BENCH/ours.mts train
+fi
 # the grouped GEMM last (information beyond the targets): what the budget leaves, 2 s a case
 if has grouped; then
   export MEGAPATCH_BENCH_CASE_BUDGET_S=${MEGAPATCH_BENCH_GROUPED_CASE_S:-2}

@@ -297,6 +297,8 @@ if (want('attn')) {
       // with 128-row tiles (to choose its default from)
       const np = withSwitch('MEGAPATCH_ATTENTION_PIPELINE', '0');
       const rows128 = withSwitch('MEGAPATCH_ATTENTION_FWD_ROWS', '128');
+      // FlashAttention-2's single backward pass (dQ by atomics) against the dk/dv + dq pair
+      const fused = withSwitch('MEGAPATCH_ATTENTION_BWD', 'fused');
       emit({
         kind: 'attn',
         case: c.case,
@@ -314,6 +316,7 @@ if (want('attn')) {
         fwdBwdTflops: r4((3.5 * fwdFlops) / (fb.ms / 1000) / 1e12),
         noPipelineMs: { fwd: r4(np.fwd.ms), fwdBwd: r4(np.fb.ms) },
         fwdRows128Ms: { fwd: r4(rows128.fwd.ms), fwdBwd: r4(rows128.fb.ms) },
+        fusedBwdMs: { fwd: r4(fused.fwd.ms), fwdBwd: r4(fused.fb.ms) },
         samples: [fwd.samples, fb.samples],
         spreadMs: [r4(fb.minMs), r4(fb.maxMs)],
       });
@@ -334,6 +337,8 @@ if (want('train')) {
   // one more iteration after the timed ones, with the kernel profiler on (MEGAPATCH_BENCH_PROFILE=0:
   // none; =shapes: labels with the first operand's shape)
   const profile = process.env.MEGAPATCH_BENCH_PROFILE !== '0';
+  // the line's mode: "megapatch", or a variant's name (MEGAPATCH_BENCH_MODE, e.g. megapatch-fusedbwd)
+  const mode = process.env.MEGAPATCH_BENCH_MODE ?? 'megapatch';
   const iters: number = tc.warmupIters + tc.timedIters + (profile ? 1 : 0);
   let profiling = false;
   const layers = Number(process.env.MEGAPATCH_BENCH_LAYERS ?? tc.hf.num_hidden_layers);
@@ -444,7 +449,7 @@ if (want('train')) {
     emit({
       kind: 'train',
       case: tc.case,
-      mode: 'megapatch',
+      mode,
       layers,
       ...(emu
         ? {
@@ -481,7 +486,7 @@ if (want('train')) {
     emit({
       kind: 'train',
       case: tc.case,
-      mode: 'megapatch',
+      mode,
       microBatchSize: mbs,
       error: String((e as Error).message).split('\n')[0],
     });

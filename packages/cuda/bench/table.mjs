@@ -133,6 +133,17 @@ for (const c of cases.attn) {
       '(info: fwd 128-row / 64-row)',
     );
   }
+  if (o?.fusedBwdMs) {
+    // MEGAPATCH_ATTENTION_BWD=fused: one backward pass, dQ summed by atomics
+    const rt = ok ? t.fwdBwdMs / o.fusedBwdMs.fwdBwd : null;
+    row(
+      `attn ${c.case} fwd+bwd ms, fused backward`,
+      `${num(o.fusedBwdMs.fwdBwd, 4)}`,
+      rt === null ? '' : `torch/fused ${num(rt)}`,
+      `${num(o.fusedBwdMs.fwdBwd / o.fwdBwdMs)}`,
+      '(info: fused / dk,dv + dq)',
+    );
+  }
   if (o?.noPipelineMs) {
     // MEGAPATCH_ATTENTION_PIPELINE=0: tiles loaded between barriers, no cp.async prefetch
     row(
@@ -241,6 +252,12 @@ if (good(e))
     `torch eager timers (median ms, events): forward ${e.breakdownMs.forward}, backward ${e.breakdownMs.backward}, optimizer ${e.breakdownMs.optimizer}; peak memory ${e.peakMemoryGiB} GiB`,
   );
 if (good(k)) limits.push(`torch compile: warm-up (compile) ${k.warmupS} s, step ${k.stepMs} ms`);
+// the same step with the fused attention backward (gpu-bench.sh's ours-train-fusedbwd)
+const fb = pick('megapatch', 'train', tc.case, 'megapatch-fusedbwd');
+if (good(fb) && good(o))
+  limits.push(
+    `megapatch with MEGAPATCH_ATTENTION_BWD=fused: step ${fb.stepMs} ms (${fb.tokensPerSecond} tokens/s, MFU ${fb.mfu}) vs ${o.stepMs} ms`,
+  );
 // the profiled iteration after the timed ones (ours.mts: device time per backend entry)
 const prof = lines.find((l) => l.side === 'megapatch' && l.kind === 'profile' && !l.error);
 if (prof) {
@@ -256,7 +273,9 @@ if (prof) {
   const top = prof.entries.filter((e) => e.kind === 'other').slice(0, 12);
   limits.push(
     `  the longest other entries (ms, calls, GB/s of their operands): ${top
-      .map((e) => `${e.name} ${num(e.ms, 3)} (${e.calls}, ${e.ms > 0 ? Math.round(e.bytes / 1e6 / e.ms) : '-'})`)
+      .map(
+        (e) => `${e.name} ${num(e.ms, 3)} (${e.calls}, ${e.ms > 0 ? Math.round(e.bytes / 1e6 / e.ms) : '-'})`,
+      )
       .join('; ')}`,
   );
   summary.train.megapatchProfile = {

@@ -6,7 +6,9 @@
 # NCCL); build the addons of packages/tensor and packages/cuda (cmake-js, node-api-headers, no
 # download) and packages/tensor/dist (esbuild); cudaInfo() and gemmEngine(); gpu/gemm-check.mts;
 # the tensor op tests (vitest.conformance.config.ts) and the kernel comparison
-# (vitest.kernels.config.ts) on the device; then packages/cuda/bench/gpu-bench.sh when it exists.
+# (vitest.kernels.config.ts) on the device; then packages/cuda/bench/gpu-bench.sh when it exists;
+# last, Nsight Compute (ncu, when the machine has it) on one attention forward and backward
+# (gpu/attn-ncu.mts, both backward modes), appended to kernels.log.
 # A failing step is reported and the next one runs; each has a timeout, and all end within
 # MEGAPATCH_GPU_BUDGET_S (540 s). The table of steps comes last (it is what the reply's tail shows);
 # $OUT gets env.log build.log gemm.log conformance.log kernels.log bench.log summary.txt (7 of the 8
@@ -267,5 +269,25 @@ else
   record bench SKIP 0 "no packages/cuda/bench/gpu-bench.sh"
 fi
 # --- end of bench ----------------------------------------------------------------------------
+
+# --- Nsight Compute on the attention kernels, when ncu is on the machine (into kernels.log) ----
+NCU=$(command -v ncu 2>/dev/null || ls -1 /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)
+export NCU TSX DEVICE
+ncu_run() {
+  local mode
+  for mode in default fused; do
+    echo "=== ncu: attention at the model-layer shape, backward $mode"
+    env MEGAPATCH_ATTENTION_BWD=$mode "$NCU" --target-processes all --kernel-name regex:attn_ \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section ComputeWorkloadAnalysis "$TSX" packages/cuda/gpu/attn-ncu.mts "$DEVICE"
+  done
+}
+export -f ncu_run
+if [ -n "$NCU" ] && [[ $DEVICE == cuda* ]]; then
+  step ncu kernels.log 120 ncu_run
+  report ncu "$(grep -ac '^ *Duration' "$OUT/kernels.log" 2>/dev/null || echo 0) kernel profiles ($NCU)"
+else
+  record ncu SKIP 0 "no ncu on this machine (or not a cuda device)"
+fi
 
 finish

@@ -7,8 +7,9 @@
 // Then the tensor-core attention kernels (attention.cu, bf16 / f16 with D, Dv in {64, 128} and MLA's
 // (192, 128); forward and backward) on the emulator against the CUDA-core kernels
 // (MEGAPATCH_ATTENTION_MMA=0) and the CPU backend, with and without the cp.async prefetch of the
-// next tile (MEGAPATCH_ATTENTION_PIPELINE=0), and with 64- and 128-row forward tiles
-// (MEGAPATCH_ATTENTION_FWD_ROWS=128).
+// next tile (MEGAPATCH_ATTENTION_PIPELINE=0), with 64- and 128-row forward tiles
+// (MEGAPATCH_ATTENTION_FWD_ROWS=128), and with the fused single-pass backward
+// (MEGAPATCH_ATTENTION_BWD=fused).
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -278,6 +279,11 @@ describe.skipIf(noAddon !== '')(
           if (!c.cu && c.Dv === 64)
             for (let o = 0; o < 4; o++)
               expect(rows128[o], `output ${o} with 128-row forward tiles`).toEqual(mmaAll[o]);
+          // FlashAttention-2's single backward pass (dQ summed over key tiles by atomics): the
+          // forward and dK, dV are the same arithmetic, bit for bit; dQ adds the same rounded dS K
+          // products in another order (checked below within the tolerances)
+          const fused = withEnv('MEGAPATCH_ATTENTION_BWD', 'fused', () => run(DEV));
+          for (const o of [0, 2, 3]) expect(fused[o], `output ${o}, fused backward`).toEqual(mmaAll[o]);
           const cpuAll = run('cpu');
           const [mma, fma, cpu] = [mmaAll[0], fmaAll[0], cpuAll[0]];
           // Both kernels round out to the storage dtype (2 ulps of |out|); the tensor-core one
@@ -309,6 +315,8 @@ describe.skipIf(noAddon !== '')(
               expect(Math.abs(gm[i] - gc[i]), `${name}[${i}] vs CPU`).toBeLessThanOrEqual(tol);
               const g128 = rows128[gi][i];
               expect(Math.abs(g128 - gf[i]), `${name}[${i}], 128-row tiles`).toBeLessThanOrEqual(tol);
+              const gfu = fused[gi][i];
+              expect(Math.abs(gfu - gf[i]), `${name}[${i}], fused backward`).toBeLessThanOrEqual(tol);
             }
           }
         }));

@@ -12,6 +12,8 @@
 //     no atomics, deterministic;
 //  3. attn_dq_kernel: one block owns (batch, query head, query tile) and loops over the key tiles
 //     its rows attend to, accumulating dQ in registers.
+// (The tensor-core path can fold 3 into 2 instead: MEGAPATCH_ATTENTION_BWD=fused, see
+// attn_dkdv_mma_kernel.)
 //
 // Thread layout (all three tile kernels, 128 threads = 16 row groups x 8 lanes): a block's score
 // tile is [BR = 16 * RM rows, BC = 8 * CN columns]; thread (ty, tx) owns rows ty * RM + r (r < RM)
@@ -100,6 +102,7 @@ struct Params {
   MaskDesc mask;
   CuDesc cu;
   void* delta;  // backward: [B * Hq * Sq] of the compute type
+  void* dqacc;  // fused tensor-core backward: float32 [B, Hq, Sq, D], the sums of dS K
   int vec;      // tensor-core path: bit 0 q, 1 k, 2 v, 3 gradOut rows are 16-byte aligned and contiguous
 };
 
@@ -925,9 +928,16 @@ MP_D void mma_acc_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)
 // [BQ] (float) and the queries' key ranges lo, hi [BQ] (int64). PIPE (Q and dO rows 16-byte
 // aligned and contiguous): two Q/dO buffers, the next tile (of this head, else of the group's next
 // head) prefetched with cp.async while the current one is multiplied.
-template <typename T, int D, int DV, int BQ, bool PIPE>
+// DQ (FlashAttention-2's single pass, MEGAPATCH_ATTENTION_BWD=fused): each tile also adds its share
+// of dQ, dS K over the block's 64 keys, into the float32 accumulator P.dqacc ([B, Hq, Sq, D],
+// zeroed first) with atomics, instead of attn_dq_mma_kernel recomputing S and dP per query tile:
+// dS^T goes to shared memory ([64][BQ], rounded to 16 bits as for dK), then warp w multiplies the
+// tile's columns [w D / 4, (w + 1) D / 4) of dQ. attn_dq_convert_kernel scales and stores dQ. The
+// order of the additions across key tiles is the atomics' (not deterministic on a GPU).
+template <typename T, int D, int DV, int BQ, bool PIPE, bool DQ = false>
 __global__ void __launch_bounds__(kAttThreads) attn_dkdv_mma_kernel(Params P) {
   constexpr int BR = kMmaBR, LDK = D + kMmaPad, LDV = DV + kMmaPad, NQ = BQ / 8, NBUF = PIPE ? 2 : 1;
+  constexpr int LDS = BQ + kMmaPad, MT = BQ / 16, NTW = D / 32;  // dQ: m-tiles, n-tiles per warp
   MP_DYNAMIC_SMEM(uint16_t, sm);
   uint16_t* Ks = sm;
   uint16_t* Vs = Ks + BR * LDK;
@@ -937,6 +947,7 @@ __global__ void __launch_bounds__(kAttThreads) attn_dkdv_mma_kernel(Params P) {
   float* Dl = Ls + BQ;                                   // a multiple of 8 elements
   int64_t* Lo = reinterpret_cast<int64_t*>(Dl + BQ);
   int64_t* Hi = Lo + BQ;
+  uint16_t* Ss = reinterpret_cast<uint16_t*>(Hi + BQ);  // DQ: dS^T [64][LDS] (16-byte aligned rows)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
   const int64_t x = blockIdx.x;
   const int64_t kt = x % P.ntiles, bk = x / P.ntiles;
@@ -1052,6 +1063,15 @@ ATT_UNROLL
           st[n][e] = p;
           dpt[n][e] = p * (dpt[n][e] - Dl[q]);
         }
+      if constexpr (DQ) {
+        // this warp's 16 rows of dS^T, rounded as the A operand of dK below
+ATT_UNROLL
+        for (int n = 0; n < NQ; n++)
+ATT_UNROLL
+          for (int hf = 0; hf < 2; hf++)
+            *reinterpret_cast<uint32_t*>(Ss + (warp * 16 + g + 8 * hf) * LDS + 8 * n + 2 * t) =
+                pack2<T>(dpt[n][2 * hf], dpt[n][2 * hf + 1]);
+      }
       // dV += P^T dO, dK += dS^T Q (k-steps over the tile's queries)
 ATT_UNROLL
       for (int ks = 0; ks < BQ / 16; ks++) {
@@ -1060,6 +1080,40 @@ ATT_UNROLL
         mma_step_kmajor<T, DV / 8>(dv, a, Gs + ks * 16 * LDV, LDV, lane);
         mma_acc_to_a<T>(a, dpt[2 * ks], dpt[2 * ks + 1]);
         mma_step_kmajor<T, D / 8>(dk, a, Qs + ks * 16 * LDK, LDK, lane);
+      }
+      if constexpr (DQ) {
+        __syncthreads();  // every warp's dS^T rows are in place
+        // dQ [BQ, D] += dS [BQ, 64 keys] K [64 keys, D]: A = dS read transposed from dS^T, B = K
+        // rows (k-major); this warp's columns c0 .. c0 + 8 NTW
+        const int c0 = warp * (D / 4);
+        float dqa[MT][NTW][4];
+ATT_UNROLL
+        for (int m = 0; m < MT; m++)
+ATT_UNROLL
+          for (int n = 0; n < NTW; n++)
+ATT_UNROLL
+            for (int e = 0; e < 4; e++) dqa[m][n][e] = 0.0f;
+ATT_UNROLL
+        for (int ks = 0; ks < BR / 16; ks++) {
+ATT_UNROLL
+          for (int m = 0; m < MT; m++) {
+            uint32_t a[4];
+            ldmatrix_x4_trans(a, Ss + (16 * ks + (lane & 7) + (lane >> 4) * 8) * LDS + 16 * m + ((lane >> 3) & 1) * 8);
+            mma_step_kmajor<T, NTW>(dqa[m], a, Ks + ks * 16 * LDK + c0, LDK, lane);
+          }
+        }
+        float* acc = static_cast<float*>(P.dqacc) + (b * P.Hq + h) * P.Sq * D;
+ATT_UNROLL
+        for (int m = 0; m < MT; m++)
+ATT_UNROLL
+          for (int hf = 0; hf < 2; hf++) {
+            const int64_t i = i0 + 16 * m + g + 8 * hf;
+            if (i >= P.Sq) continue;
+ATT_UNROLL
+            for (int n = 0; n < NTW; n++)
+ATT_UNROLL
+              for (int c = 0; c < 2; c++) atomicAdd(acc + i * D + c0 + 8 * n + 2 * t + c, dqa[m][n][2 * hf + c]);
+          }
       }
     }
   }
@@ -1208,6 +1262,19 @@ ATT_UNROLL
 ATT_UNROLL
       for (int c = 0; c < 2; c++)
         Tr<T>::st(qgb + i * P.dq.s[2] + static_cast<int64_t>(8 * n + 2 * t + c) * P.dq.s[3], acc[n][2 * hf + c] * scale);
+  }
+}
+
+// dq[b, h, i, d] = scale * dqacc[((b Hq + h) Sq + i) D + d] (the fused backward's float32 sums)
+template <typename T>
+__global__ void attn_dq_convert_kernel(Params P) {
+  const int64_t n = P.B * P.Hq * P.Sq * P.D;
+  const float* acc = static_cast<const float*>(P.dqacc);
+  const float scale = static_cast<float>(P.scale);
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t d = e % P.D, r = e / P.D, i = r % P.Sq, bh = r / P.Sq, h = bh % P.Hq, b = bh / P.Hq;
+    Tr<T>::st(mat_ptr<T>(P.dq, b, h) + i * P.dq.s[2] + d * P.dq.s[3], acc[e] * scale);
   }
 }
 
@@ -1480,11 +1547,17 @@ template <typename T, int D, int DV>
 constexpr int bwd_mma_bc() {
   return D > 128 ? 32 : kMmaBC;  // keys per dq tile
 }
-template <typename T, int D, int DV, bool PIPE>
+template <typename T, int D, int DV, bool PIPE, bool DQ = false>
 size_t dkdv_mma_smem() {
   constexpr size_t BQ = bwd_mma_bq<T, D, DV>(), nbuf = PIPE ? 2 : 1;
   return sizeof(uint16_t) * (kMmaBR + nbuf * BQ) * (D + kMmaPad + DV + kMmaPad) +
-         BQ * (2 * sizeof(float) + 2 * sizeof(int64_t));
+         BQ * (2 * sizeof(float) + 2 * sizeof(int64_t)) + (DQ ? sizeof(uint16_t) * kMmaBR * (BQ + kMmaPad) : 0);
+}
+// MEGAPATCH_ATTENTION_BWD=fused: the tensor-core backward in one pass over the key tiles, dQ
+// added up with atomics (FlashAttention-2's way), instead of the deterministic dk/dv and dq pair.
+bool bwd_fused() {
+  const char* e = std::getenv("MEGAPATCH_ATTENTION_BWD");
+  return e && std::strcmp(e, "fused") == 0;
 }
 template <typename T, int D, int DV, bool PIPE>
 size_t dq_mma_smem() {
@@ -1499,6 +1572,32 @@ void backward_mma_cfg(Params P, cudaStream_t s) {
   Pk.ntiles = cdiv(P.Sk, kMmaBR);
   constexpr int BQ = bwd_mma_bq<T, D, DV>();
   const bool pipe = pipeline_allowed();
+  if (bwd_fused()) {
+    const size_t acc_bytes = static_cast<size_t>(P.B * P.Hq * P.Sq * D) * sizeof(float);
+    void* acc = workspace_alloc(mx(acc_bytes, size_t(4)), s);
+    try {
+      check(cudaMemsetAsync(acc, 0, acc_bytes, s), "attentionBackward: dQ accumulator");
+      Pk.dqacc = acc;
+      if ((P.vec & 9) == 9 && pipe) {
+        launch_tiles(attn_dkdv_mma_kernel<T, D, DV, BQ, true, true>, "attentionBackward (fused)", Pk,
+                     P.B * P.Hkv * Pk.ntiles, 1, dkdv_mma_smem<T, D, DV, true, true>(), s);
+      } else {
+        launch_tiles(attn_dkdv_mma_kernel<T, D, DV, BQ, false, true>, "attentionBackward (fused)", Pk,
+                     P.B * P.Hkv * Pk.ntiles, 1, dkdv_mma_smem<T, D, DV, false, true>(), s);
+      }
+      const int64_t n = P.B * P.Hq * P.Sq * D;
+      if (n > 0) {
+        auto k = attn_dq_convert_kernel<T>;
+        MP_LAUNCH(k, dim3(grid_for(n)), dim3(kThreads), 0, s, Pk);
+        check_launch("attentionBackward (dq convert)");
+      }
+    } catch (...) {
+      workspace_free(acc, s);
+      throw;
+    }
+    workspace_free(acc, s);
+    return;
+  }
   if ((P.vec & 9) == 9 && pipe) {
     launch_tiles(attn_dkdv_mma_kernel<T, D, DV, BQ, true>, "attentionBackward (dk, dv)", Pk,
                  P.B * P.Hkv * Pk.ntiles, 1, dkdv_mma_smem<T, D, DV, true>(), s);
