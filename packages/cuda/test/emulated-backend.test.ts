@@ -13,11 +13,11 @@ import {
   linear,
   linearActivation,
   memoryStats,
+  randn,
   relu,
   synchronize,
   type Tensor,
   tensor,
-  randn,
   zeros,
 } from '@megapatch/tensor';
 import { beforeAll, describe, expect, it } from 'vitest';

@@ -166,7 +166,10 @@ export class SelfAttention extends Module {
     } else if (ctx.cos.ndim === 2) {
       // RoPE reads q where the projection wrote it, seen as [b·g, perGroup, s, d] (b and g merge
       // in that layout; the heads of a group do not merge with g), and writes [b, heads, s, d]
-      const q5 = qg.view(s, b, g, perGroup, d).permute(1, 2, 3, 0, 4).reshape(b * g, perGroup, s, d);
+      const q5 = qg
+        .view(s, b, g, perGroup, d)
+        .permute(1, 2, 3, 0, 4)
+        .reshape(b * g, perGroup, s, d);
       q = applyRotaryPosEmb(q5, ctx.cos, ctx.sin).view(b, g * perGroup, s, d);
     } else {
       q = applyRotaryPosEmb(qg.reshape(s, b, g * perGroup, d).permute(1, 2, 0, 3), ctx.cos, ctx.sin);

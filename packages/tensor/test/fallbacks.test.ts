@@ -1002,7 +1002,11 @@ describe('accumulateGrad', () => {
   let seed = 1;
   for (const dt of FLOATS) {
     for (const st of SRC) {
-      for (const shape of [[1, 1], [7, 3], [33, 40]]) {
+      for (const shape of [
+        [1, 1],
+        [7, 3],
+        [33, 40],
+      ]) {
         for (const layout of LAYOUTS) {
           const s0 = seed++;
           it(`dst ${dt}, src ${st} ${layout} [${shape}]`, () =>
