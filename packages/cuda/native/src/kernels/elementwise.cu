@@ -306,18 +306,25 @@ template <int N> bool packable(const Strided<N>& it, const void* const (&ptrs)[N
 
 // ---- launchers -------------------------------------------------------------------------------
 
+// A kernel of one destination (TD) and one source (TS): `packed` (dst, src, n) when both take the
+// packed path, else `elem` (it, dst bytes, src bytes, n).
+template <typename TD, typename TS>
+static void launch_pair(cudaStream_t s, const Strided<2>& it, const TensorArg& dst, const TensorArg& src, int64_t n,
+                        void (*packed)(TD*, const TS*, int64_t), void (*elem)(Strided<2>, char*, const char*, int64_t),
+                        int V, const char* name) {
+  if (packable<2>(it, {dst.data, src.data}, {int(sizeof(TD)), int(sizeof(TS))}, V)) {
+    MP_LAUNCH(packed, grid_for(mx(n / V, int64_t(1))), kThreads, 0, s, reinterpret_cast<TD*>(dst.data),
+              reinterpret_cast<const TS*>(src.data), n);
+  } else {
+    MP_LAUNCH(elem, grid_for(n), kThreads, 0, s, it, dst.data, static_cast<const char*>(src.data), n);
+  }
+  check_launch(name);
+}
+
 template <typename TI, typename TO>
 static void copy_typed(cudaStream_t s, const Strided<2>& it, const TensorArg& dst, const TensorArg& src, int64_t n) {
   constexpr int V = pack_width<TI, TO>();
-  if (packable<2>(it, {dst.data, src.data}, {int(sizeof(TO)), int(sizeof(TI))}, V)) {
-    auto k = copy_pack_kernel<TI, TO, V>;
-    MP_LAUNCH(k, grid_for(mx(n / V, int64_t(1))), kThreads, 0, s, reinterpret_cast<TO*>(dst.data),
-              reinterpret_cast<const TI*>(src.data), n);
-  } else {
-    auto k = copy_kernel<TI, TO>;
-    MP_LAUNCH(k, grid_for(n), kThreads, 0, s, it, dst.data, static_cast<const char*>(src.data), n);
-  }
-  check_launch("copy");
+  launch_pair<TO, TI>(s, it, dst, src, n, copy_pack_kernel<TI, TO, V>, copy_kernel<TI, TO>, V, "copy");
 }
 
 template <typename TI>
@@ -503,15 +510,8 @@ static void accumulate_typed(cudaStream_t s, const TensorArg& dst, const TensorA
   const TensorArg* ops[2] = {&dst, &src};
   Strided<2> it = make_strided<2>(dst, ops);
   constexpr int V = pack_width<TD, TS>();
-  if (packable<2>(it, {dst.data, src.data}, {int(sizeof(TD)), int(sizeof(TS))}, V)) {
-    auto k = accumulate_pack_kernel<TD, TS, V>;
-    MP_LAUNCH(k, grid_for(mx(n / V, int64_t(1))), kThreads, 0, s, reinterpret_cast<TD*>(dst.data),
-              reinterpret_cast<const TS*>(src.data), n);
-  } else {
-    auto k = accumulate_kernel<TD, TS>;
-    MP_LAUNCH(k, grid_for(n), kThreads, 0, s, it, dst.data, static_cast<const char*>(src.data), n);
-  }
-  check_launch("accumulateGrad");
+  launch_pair<TD, TS>(s, it, dst, src, n, accumulate_pack_kernel<TD, TS, V>, accumulate_kernel<TD, TS>, V,
+                      "accumulateGrad");
 }
 
 template <typename TD>
