@@ -300,6 +300,32 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
         }
         for (const t of [base, other, a, b]) t.dispose();
       }
+      // rows kept contiguous under a transpose ([s, b, h, d] <-> [b, h, s, d]), and a row broadcast
+      // over the leading dimensions: packed per row when aligned (d 16), element by element when
+      // the views start one element in
+      const grid = randn([3, 4, 5, 24], { dtype: 'float32' }).to('cudaemu:0', dtype);
+      const gridU = zeros([3, 4, 5, 24], { dtype, device: 'cudaemu:0' });
+      const row = randn([17], { dtype: 'float32' }).to('cudaemu:0', dtype);
+      const rowU = zeros([17], { dtype, device: 'cudaemu:0' });
+      const al = grid.narrow(3, 0, 16).permute(1, 2, 0, 3); // [4, 5, 3, 16], rows aligned (24-element rows)
+      const un = gridU.narrow(3, 1, 16).permute(1, 2, 0, 3); // the same layout, one element in
+      un.copy_(al);
+      const ra = row.narrow(0, 0, 16);
+      const ru = rowU.narrow(0, 1, 16);
+      ru.copy_(ra);
+      const cases: [string, (x: Tensor, r: Tensor) => Tensor][] = [
+        ['permuted copy', (x) => x.contiguous()],
+        ['permuted cast', (x) => x.to(dtype === 'float32' ? 'bfloat16' : 'float32')],
+        ['permuted exp', (x) => x.exp()],
+        ['row broadcast add', (x, r) => x.add(r)],
+        ['row broadcast mul', (x, r) => r.mul(x)],
+      ];
+      for (const [name, f] of cases) {
+        const packed = f(al, ra).cpu().toArray();
+        const single = f(un, ru).cpu().toArray();
+        expect(packed, `${name} ${dtype}`).toEqual(single);
+      }
+      for (const t of [grid, gridU, row, rowU]) t.dispose();
     }
   });
 });

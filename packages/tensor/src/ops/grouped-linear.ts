@@ -197,48 +197,40 @@ export function groupedLinear(x: Tensor, weights: readonly Tensor[], groupSizes:
       dx = alloc(backend, [N, K], g.dtype, F === 0);
       if (F > 0 && dx.numel > 0) groupedGemm(dx, gs, ws, false, sizes);
     }
-    // dW_e^T [K, F] = x_e^T [K, n] @ g_e [n, F], returned as its [F, K] transpose: the product
-    // linear's backward computes, so the two agree bit for bit on every backend whose grouped
-    // kernel computes each product as its gemm does; all groups' products in one grouped GEMM
+    // dW_e [F, K] = g_e^T [F, n] @ x_e [n, K], in the weight's own layout: the product linear's
+    // backward computes, so the two agree bit for bit on every backend whose grouped kernel
+    // computes each product as its gemm does; all groups' products in one grouped GEMM
     const dws: (Tensor | null)[] = [];
     const problems: GemmProblem[] = [];
     const views: Tensor[] = [];
-    const dwts: Tensor[] = [];
-    const slots: number[] = []; // where each product's gradient goes in dws
     let start = 0;
     sizes.forEach((n, e) => {
       if (!gradW[e] || !xs) dws.push(null);
       else if (n === 0 || F === 0 || K === 0) dws.push(alloc(backend, [F, K], g.dtype, true));
       else {
-        const dwt = alloc(backend, [K, F], g.dtype);
+        const dw = alloc(backend, [F, K], g.dtype);
         const xe = rows(xs, start, n);
         const ge = rows(gs, start, n);
         problems.push({
-          m: K,
-          n: F,
+          m: F,
+          n: K,
           k: n,
-          a: operand(xe, true),
-          b: operand(ge, false),
-          c: { tensor: dwt, bs: K * F, rs: F, cs: 1 },
+          a: operand(ge, true),
+          b: operand(xe, false),
+          c: { tensor: dw, bs: F * K, rs: K, cs: 1 },
         });
         views.push(xe, ge);
-        dwts.push(dwt);
-        slots.push(dws.length);
-        dws.push(null); // its transpose, once computed
+        dws.push(dw);
       }
       start += n;
     });
     try {
       runGrouped(problems, views);
     } catch (e) {
-      for (const t of [...dwts, ...dws]) t?.dispose();
+      for (const t of dws) t?.dispose();
       dx?.dispose();
       throw e;
     }
-    dwts.forEach((dwt, i) => {
-      dws[slots[i]] = transpose(dwt, 0, 1);
-      dwt.dispose();
-    });
     for (const t of [gs, ...(xs ? [xs] : []), ...ws]) t.dispose();
     return [dx, ...dws];
   });

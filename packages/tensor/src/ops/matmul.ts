@@ -1,6 +1,7 @@
 // matmul (torch.matmul semantics, batch broadcasting), bmm and linear, all on the backend's
 // batched GEMM. Operands are passed with their strides, so transposed views cost no copy.
 
+import { noGrad } from '../autograd/graph.js';
 import { attachGrad, needsGrad } from '../autograd/record.js';
 import type { GemmOperand } from '../backend/backend.js';
 import { type DType, isFloating } from '../dtype.js';
@@ -207,12 +208,40 @@ export function linear(x: Tensor, weight: Tensor, bias?: Tensor | null): Tensor 
   checkLinear('linear', x, weight, bias);
   const fused = bias ? linearFused(x, weight, bias) : null;
   if (fused) return fused;
+  if (!bias) return linearNoBias(x, weight);
   const wt = transpose(weight, 0, 1);
   const y = matmul(x, wt);
   wt.dispose();
-  if (!bias) return y;
   const out = add(y, bias);
   y.dispose();
+  return out;
+}
+
+/**
+ * x @ weight^T with one LinearBackward node (linearGrads): the weight's gradient comes out as g^T x
+ * in the weight's own [N, K] layout, where the graph of matmul(x, weight^T) would give a
+ * transposed view of x^T g (which every consumer, the fp32 main-gradient accumulation first, then
+ * reads across its rows).
+ */
+function linearNoBias(x: Tensor, weight: Tensor): Tensor {
+  const out = noGrad(() => {
+    const wt = transpose(weight, 0, 1);
+    const y = matmul(x, wt);
+    wt.dispose();
+    return y;
+  });
+  if (needsGrad(x, weight)) {
+    const rx = x.requiresGrad;
+    const rw = weight.requiresGrad;
+    const xShape = x.shape;
+    const save: Tensor[] = [];
+    if (rw) save.push(x);
+    if (rx) save.push(weight);
+    attachGrad(out, 'LinearBackward', [x, weight], save, (g, s) => {
+      const [gx, gw] = linearGrads(g, xShape, rw ? s[0] : null, rx ? s[rw ? 1 : 0] : null, false);
+      return [gx, gw];
+    });
+  }
   return out;
 }
 

@@ -187,59 +187,73 @@ __global__ void where_kernel(Strided<4> it, char* out, const char* cond, const c
 }
 
 // ---- the packed path ---------------------------------------------------------------------------
-// When every operand is one contiguous run (the iteration merged to one dimension of unit stride)
-// and aligned to its pack, each thread moves V elements of each operand per iteration, as one
-// load / store of up to 16 bytes (V = 16 bytes / the widest element), and the index needs no
-// division; the last n % V elements go one at a time. The results are the element kernels' bit
-// for bit (the same op in the same compute type, per element).
+// When every operand's innermost (merged) dimension is contiguous, a multiple of V elements long
+// (or the only dimension), and every operand is aligned to its pack, each thread moves V elements
+// of each operand per iteration, as one load / store of up to 16 bytes (V = 16 bytes / the widest
+// element), and the index is computed once per pack: `pit` iterates over packs (the innermost
+// extent divided by V, its byte strides multiplied by V; one dimension needs no division). A
+// one-dimensional iteration's last n % V elements go one at a time. Transposes that keep rows
+// contiguous (attention's [s, b, h, d] <-> [b, h, s, d]) and broadcasts over rows take this path
+// too. The results are the element kernels' bit for bit (the same op in the same compute type,
+// per element).
 template <typename T, int V> struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
 template <typename A, typename B> constexpr int pack_width() {
   return 16 / static_cast<int>(sizeof(A) > sizeof(B) ? sizeof(A) : sizeof(B));
 }
+template <typename T, int V> MP_HD const Pack<T, V>& pack_at(const char* base, int64_t off) {
+  return *reinterpret_cast<const Pack<T, V>*>(base + off);
+}
+template <typename T, int V> MP_HD Pack<T, V>& pack_at(char* base, int64_t off) {
+  return *reinterpret_cast<Pack<T, V>*>(base + off);
+}
 
 template <typename TI, typename TO, int V>
-__global__ void copy_pack_kernel(TO* dst, const TI* src, int64_t n) {
+__global__ void copy_pack_kernel(Strided<2> pit, char* dst, const char* src, int64_t packs, int64_t n) {
   const int64_t t0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t packs = n / V;
+  int64_t off[2];
   for (int64_t i = t0; i < packs; i += step) {
-    const Pack<TI, V> a = reinterpret_cast<const Pack<TI, V>*>(src)[i];
+    pit.offsets(i, off);
+    const Pack<TI, V> a = pack_at<TI, V>(src, off[1]);
     Pack<TO, V> r;
     for (int j = 0; j < V; j++) Tr<TO>::st(&r.v[j], static_cast<typename Tr<TO>::C>(Tr<TI>::ld(&a.v[j])));
-    reinterpret_cast<Pack<TO, V>*>(dst)[i] = r;
+    pack_at<TO, V>(dst, off[0]) = r;
   }
   for (int64_t i = packs * V + t0; i < n; i += step)
-    Tr<TO>::st(dst + i, static_cast<typename Tr<TO>::C>(Tr<TI>::ld(src + i)));
+    Tr<TO>::st(reinterpret_cast<TO*>(dst) + i,
+               static_cast<typename Tr<TO>::C>(Tr<TI>::ld(reinterpret_cast<const TI*>(src) + i)));
 }
 
 template <int OP, typename TI, typename TO, int V>
-__global__ void unary_pack_kernel(TO* out, const TI* x, typename Tr<TI>::C p0, typename Tr<TI>::C p1, int64_t n) {
+__global__ void unary_pack_kernel(Strided<2> pit, char* out, const char* x, typename Tr<TI>::C p0,
+                                  typename Tr<TI>::C p1, int64_t packs, int64_t n) {
   using C = typename Tr<TI>::C;
   using CO = typename Tr<TO>::C;
   const int64_t t0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t packs = n / V;
+  int64_t off[2];
   for (int64_t i = t0; i < packs; i += step) {
-    const Pack<TI, V> a = reinterpret_cast<const Pack<TI, V>*>(x)[i];
+    pit.offsets(i, off);
+    const Pack<TI, V> a = pack_at<TI, V>(x, off[1]);
     Pack<TO, V> r;
     for (int j = 0; j < V; j++) Tr<TO>::st(&r.v[j], static_cast<CO>(unary_op<OP, C>(Tr<TI>::ld(&a.v[j]), p0, p1)));
-    reinterpret_cast<Pack<TO, V>*>(out)[i] = r;
+    pack_at<TO, V>(out, off[0]) = r;
   }
   for (int64_t i = packs * V + t0; i < n; i += step)
-    Tr<TO>::st(out + i, static_cast<CO>(unary_op<OP, C>(Tr<TI>::ld(x + i), p0, p1)));
+    Tr<TO>::st(reinterpret_cast<TO*>(out) + i,
+               static_cast<CO>(unary_op<OP, C>(Tr<TI>::ld(reinterpret_cast<const TI*>(x) + i), p0, p1)));
 }
 
 // as binary_kernel; y is not read in the scalar modes
 template <int OP, typename TI, typename TO, int V>
-__global__ void binary_pack_kernel(TO* out, const TI* x, const TI* y, typename Tr<TI>::C alpha, bool scaled,
-                                   int scalar_mode, typename Tr<TI>::C s, int64_t n) {
+__global__ void binary_pack_kernel(Strided<3> pit, char* out, const char* x, const char* y, typename Tr<TI>::C alpha,
+                                   bool scaled, int scalar_mode, typename Tr<TI>::C s, int64_t packs, int64_t n) {
   using C = typename Tr<TI>::C;
   using CO = typename Tr<TO>::C;
   const int64_t t0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t packs = n / V;
   auto one = [&](C u, const TI* yp) -> CO {
     C v;
     if (scalar_mode == 0) {
@@ -250,15 +264,19 @@ __global__ void binary_pack_kernel(TO* out, const TI* x, const TI* y, typename T
     }
     return static_cast<CO>(scalar_mode == 2 ? binary_op<OP, C>(v, u) : binary_op<OP, C>(u, v));
   };
+  int64_t off[3];
   for (int64_t i = t0; i < packs; i += step) {
-    const Pack<TI, V> a = reinterpret_cast<const Pack<TI, V>*>(x)[i];
+    pit.offsets(i, off);
+    const Pack<TI, V> a = pack_at<TI, V>(x, off[1]);
     Pack<TI, V> b;
-    if (scalar_mode == 0) b = reinterpret_cast<const Pack<TI, V>*>(y)[i];
+    if (scalar_mode == 0) b = pack_at<TI, V>(y, off[2]);
     Pack<TO, V> r;
     for (int j = 0; j < V; j++) Tr<TO>::st(&r.v[j], one(Tr<TI>::ld(&a.v[j]), &b.v[j]));
-    reinterpret_cast<Pack<TO, V>*>(out)[i] = r;
+    pack_at<TO, V>(out, off[0]) = r;
   }
-  for (int64_t i = packs * V + t0; i < n; i += step) Tr<TO>::st(out + i, one(Tr<TI>::ld(x + i), y + i));
+  for (int64_t i = packs * V + t0; i < n; i += step)
+    Tr<TO>::st(reinterpret_cast<TO*>(out) + i,
+               one(Tr<TI>::ld(reinterpret_cast<const TI*>(x) + i), reinterpret_cast<const TI*>(y) + i));
 }
 
 // dst += src rounded to dst's dtype (accumulateGrad): element by element, and packed
@@ -280,41 +298,57 @@ __global__ void accumulate_kernel(Strided<2> it, char* dst, const char* src, int
 }
 
 template <typename TD, typename TS, int V>
-__global__ void accumulate_pack_kernel(TD* dst, const TS* src, int64_t n) {
+__global__ void accumulate_pack_kernel(Strided<2> pit, char* dst, const char* src, int64_t packs, int64_t n) {
   const int64_t t0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t packs = n / V;
+  int64_t off[2];
   for (int64_t i = t0; i < packs; i += step) {
-    Pack<TD, V> d = reinterpret_cast<const Pack<TD, V>*>(dst)[i];
-    const Pack<TS, V> a = reinterpret_cast<const Pack<TS, V>*>(src)[i];
+    pit.offsets(i, off);
+    Pack<TD, V> d = pack_at<TD, V>(static_cast<const char*>(dst), off[0]);
+    const Pack<TS, V> a = pack_at<TS, V>(src, off[1]);
     for (int j = 0; j < V; j++) accumulate_one(&d.v[j], &a.v[j]);
-    reinterpret_cast<Pack<TD, V>*>(dst)[i] = d;
+    pack_at<TD, V>(dst, off[0]) = d;
   }
-  for (int64_t i = packs * V + t0; i < n; i += step) accumulate_one(dst + i, src + i);
+  for (int64_t i = packs * V + t0; i < n; i += step)
+    accumulate_one(reinterpret_cast<TD*>(dst) + i, reinterpret_cast<const TS*>(src) + i);
 }
 
 // Whether the iteration `it` over operands at `ptrs` (element sizes `sizes`) can take the packed
-// path with V elements a pack: one merged dimension, unit strides, pack-aligned addresses.
-template <int N> bool packable(const Strided<N>& it, const void* const (&ptrs)[N], const int (&sizes)[N], int V) {
-  if (it.ndim != 1) return false;
+// path with V elements a pack; if so, `pit` iterates over the packs, `packs` of them.
+template <int N>
+bool packable(const Strided<N>& it, const void* const (&ptrs)[N], const int (&sizes)[N], int V, Strided<N>& pit,
+              int64_t& packs) {
+  if (it.ndim < 1) return false;
+  const int L = it.ndim - 1;
+  if (it.ndim > 1 && it.shape[L] % V != 0) return false;
   for (int k = 0; k < N; k++) {
-    if (it.strides[k][0] != sizes[k]) return false;
-    if (reinterpret_cast<uintptr_t>(ptrs[k]) % (static_cast<uintptr_t>(sizes[k]) * V) != 0) return false;
+    const int64_t pb = static_cast<int64_t>(sizes[k]) * V;  // bytes of a pack
+    if (it.strides[k][L] != sizes[k]) return false;
+    if (reinterpret_cast<uintptr_t>(ptrs[k]) % static_cast<uintptr_t>(pb) != 0) return false;
+    for (int d = 0; d < L; d++)
+      if (it.strides[k][d] % pb != 0) return false;
   }
+  pit = it;
+  pit.shape[L] = it.shape[L] / V;
+  for (int k = 0; k < N; k++) pit.strides[k][L] = static_cast<int64_t>(sizes[k]) * V;
+  packs = 1;
+  for (int d = 0; d <= L; d++) packs *= pit.shape[d];
   return true;
 }
 
 // ---- launchers -------------------------------------------------------------------------------
 
-// A kernel of one destination (TD) and one source (TS): `packed` (dst, src, n) when both take the
-// packed path, else `elem` (it, dst bytes, src bytes, n).
+// A kernel of one destination (TD) and one source (TS): `packed` (pack iteration, dst, src, packs,
+// n) when both take the packed path, else `elem` (iteration, dst, src, n); pointers as bytes.
 template <typename TD, typename TS>
 static void launch_pair(cudaStream_t s, const Strided<2>& it, const TensorArg& dst, const TensorArg& src, int64_t n,
-                        void (*packed)(TD*, const TS*, int64_t), void (*elem)(Strided<2>, char*, const char*, int64_t),
-                        int V, const char* name) {
-  if (packable<2>(it, {dst.data, src.data}, {int(sizeof(TD)), int(sizeof(TS))}, V)) {
-    MP_LAUNCH(packed, grid_for(mx(n / V, int64_t(1))), kThreads, 0, s, reinterpret_cast<TD*>(dst.data),
-              reinterpret_cast<const TS*>(src.data), n);
+                        void (*packed)(Strided<2>, char*, const char*, int64_t, int64_t),
+                        void (*elem)(Strided<2>, char*, const char*, int64_t), int V, const char* name) {
+  Strided<2> pit;
+  int64_t packs = 0;
+  if (packable<2>(it, {dst.data, src.data}, {int(sizeof(TD)), int(sizeof(TS))}, V, pit, packs)) {
+    MP_LAUNCH(packed, grid_for(mx(packs, int64_t(1))), kThreads, 0, s, pit, dst.data,
+              static_cast<const char*>(src.data), packs, n);
   } else {
     MP_LAUNCH(elem, grid_for(n), kThreads, 0, s, it, dst.data, static_cast<const char*>(src.data), n);
   }
@@ -390,10 +424,12 @@ template <typename TI, typename TO> struct UnaryRun {
                   int64_t n) {
     using C = typename Tr<TI>::C;
     constexpr int V = pack_width<TI, TO>();
-    if (packable<2>(it, {out.data, x.data}, {int(sizeof(TO)), int(sizeof(TI))}, V)) {
+    Strided<2> pit;
+    int64_t packs = 0;
+    if (packable<2>(it, {out.data, x.data}, {int(sizeof(TO)), int(sizeof(TI))}, V, pit, packs)) {
       auto k = unary_pack_kernel<OP, TI, TO, V>;
-      MP_LAUNCH(k, grid_for(mx(n / V, int64_t(1))), kThreads, 0, s, reinterpret_cast<TO*>(out.data),
-                reinterpret_cast<const TI*>(x.data), static_cast<C>(p0), static_cast<C>(p1), n);
+      MP_LAUNCH(k, grid_for(mx(packs, int64_t(1))), kThreads, 0, s, pit, out.data, static_cast<const char*>(x.data),
+                static_cast<C>(p0), static_cast<C>(p1), packs, n);
     } else {
       auto k = unary_kernel<OP, TI, TO>;
       MP_LAUNCH(k, grid_for(n), kThreads, 0, s, it, out.data, static_cast<const char*>(x.data), static_cast<C>(p0),
@@ -426,12 +462,13 @@ template <typename TI, typename TO> struct BinaryRun {
     using C = typename Tr<TI>::C;
     constexpr int V = pack_width<TI, TO>();
     // in the scalar modes y stands for x (its strides are x's; it is never read)
+    Strided<3> pit;
+    int64_t packs = 0;
     if (packable<3>(it, {out.data, x.data, mode == 0 ? y : x.data}, {int(sizeof(TO)), int(sizeof(TI)), int(sizeof(TI))},
-                    V)) {
+                    V, pit, packs)) {
       auto k = binary_pack_kernel<OP, TI, TO, V>;
-      MP_LAUNCH(k, grid_for(mx(n / V, int64_t(1))), kThreads, 0, s, reinterpret_cast<TO*>(out.data),
-                reinterpret_cast<const TI*>(x.data), reinterpret_cast<const TI*>(y), static_cast<C>(alpha), scaled, mode,
-                static_cast<C>(scalar), n);
+      MP_LAUNCH(k, grid_for(mx(packs, int64_t(1))), kThreads, 0, s, pit, out.data, static_cast<const char*>(x.data), y,
+                static_cast<C>(alpha), scaled, mode, static_cast<C>(scalar), packs, n);
     } else {
       auto k = binary_kernel<OP, TI, TO>;
       MP_LAUNCH(k, grid_for(n), kThreads, 0, s, it, out.data, static_cast<const char*>(x.data), y,
