@@ -690,6 +690,8 @@ describe('normRows / normRowsBackward', () => {
     { x: [5, 7], norm: [7] },
     { x: [3, 33], norm: [33] },
     { x: [2, 3, 4, 5], norm: [4, 5] },
+    // more rows than one block of a device's weight-gradient pass sums (CUDA: 64 a chunk)
+    { x: [150, 40], norm: [40] },
   ];
   for (const dtype of FLOATS) {
     for (const s of shapes) {

@@ -240,23 +240,32 @@ MPN_UNROLL
 constexpr int kParamCols = 32;
 constexpr int kParamMaxY = 16;
 
-// dw[j] = sum_r g[r, j] * ((x[r, j] - mu[r]) * rstd[r]), db[j] = sum_r g[r, j]; blockDim (32, Y).
+// dw[j] = sum_r g[r, j] * ((x[r, j] - mu[r]) * rstd[r]), db[j] = sum_r g[r, j], in two launches:
+// blockIdx.y = chunk c sums rows [c R, (c + 1) R) of the block's 32 columns (blockDim (32, Y): Y
+// row groups, then a tree over them in shared memory) into the compute-type partials pw[c n + j],
+// pb[c n + j]; norm_params_finish_kernel adds the chunks' partials in chunk order. Enough chunks
+// run that the whole GPU works on the rows (one block per 32 columns alone left it mostly idle:
+// 64 blocks for 2048 columns), and the order of the additions is fixed: deterministic.
 template <typename T>
-__global__ void __launch_bounds__(kParamCols * kParamMaxY) norm_params_kernel(T* dw, T* db, const T* g, const T* x, const typename Tr<T>::C* mean,
-                                   const typename Tr<T>::C* rstd, int64_t rows, int64_t n) {
+__global__ void __launch_bounds__(kParamCols * kParamMaxY)
+    norm_params_kernel(typename Tr<T>::C* pw_out, typename Tr<T>::C* pb_out, const T* g, const T* x,
+                       const typename Tr<T>::C* mean, const typename Tr<T>::C* rstd, int64_t rows, int64_t n,
+                       int64_t rows_per_chunk, bool want_w) {
   using C = typename Tr<T>::C;
   __shared__ C pw[kParamMaxY][kParamCols + 1];
   __shared__ C pb[kParamMaxY][kParamCols + 1];
   const int tx = threadIdx.x, ty = threadIdx.y, Y = blockDim.y;
+  const int64_t chunk = blockIdx.y;
+  const int64_t r0 = chunk * rows_per_chunk, r1 = mn(r0 + rows_per_chunk, rows);
   for (int64_t c0 = static_cast<int64_t>(blockIdx.x) * kParamCols; c0 < n;
        c0 += static_cast<int64_t>(gridDim.x) * kParamCols) {
     const int64_t j = c0 + tx;
     C aw = 0, ab = 0;
     if (j < n) {
 MPN_UNROLL4
-      for (int64_t r = ty; r < rows; r += Y) {
+      for (int64_t r = r0 + ty; r < r1; r += Y) {
         const C gv = Tr<T>::ld(g + r * n + j);
-        if (dw) {
+        if (want_w) {
           const C mu = mean ? mean[r] : C(0);
           aw += gv * ((Tr<T>::ld(x + r * n + j) - mu) * rstd[r]);
         }
@@ -272,10 +281,26 @@ MPN_UNROLL4
         sw += pw[i][tx];
         sb += pb[i][tx];
       }
-      if (dw) Tr<T>::st(dw + j, sw);
-      if (db) Tr<T>::st(db + j, sb);
+      pw_out[chunk * n + j] = sw;
+      pb_out[chunk * n + j] = sb;
     }
     __syncthreads();
+  }
+}
+
+template <typename T>
+__global__ void norm_params_finish_kernel(T* dw, T* db, const typename Tr<T>::C* pw, const typename Tr<T>::C* pb,
+                                          int64_t chunks, int64_t n) {
+  using C = typename Tr<T>::C;
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    C sw = 0, sb = 0;
+    for (int64_t c = 0; c < chunks; c++) {
+      sw += pw[c * n + j];
+      sb += pb[c * n + j];
+    }
+    if (dw) Tr<T>::st(dw + j, sw);
+    if (db) Tr<T>::st(db + j, sb);
   }
 }
 
@@ -340,6 +365,8 @@ constexpr int64_t kMaxGrid = 1 << 20;
 constexpr int kMaxRowThreads = 1024;
 constexpr int kParamY = kParamMaxY;
 #endif
+constexpr int64_t kParamBlocks = 2048;   // the weight-gradient pass: blocks to aim for
+constexpr int64_t kParamChunkRows = 64;  // and the fewest rows a block sums
 constexpr int64_t kWarpRowMax = 1024;  // rows up to this many elements: one warp per row
 constexpr int kWarpRows = 4;           // rows (warps) per block then
 constexpr size_t kDefaultSmem = 48 * 1024;
@@ -433,12 +460,25 @@ void fwd_typed(cudaStream_t s, const TensorArg& y, const TensorArg& x, const Ten
 template <typename T>
 void params_launch(cudaStream_t s, const TensorArg* dw, const TensorArg* db, const TensorArg& g, const TensorArg& x,
                    const typename Tr<T>::C* mp, const typename Tr<T>::C* rp, int64_t rows, int64_t n) {
+  using C = typename Tr<T>::C;
+  // about kParamBlocks blocks in all, chunks of at least kParamChunkRows rows
+  const int64_t tiles = mx(ceil_div(n, kParamCols), int64_t(1));
+  const int64_t chunks = mx(mn(mn(ceil_div(kParamBlocks, tiles), ceil_div(rows, kParamChunkRows)), int64_t(65535)),
+                            int64_t(1));
+  const int64_t per = mx(ceil_div(rows, chunks), int64_t(1));
+  Scratch ws(static_cast<size_t>(2 * chunks * n) * sizeof(C), s);
+  C* pw = ws.at<C>();
+  C* pb = pw + chunks * n;
   dim3 block(kParamCols, kParamY);
-  dim3 grid(static_cast<unsigned>(mx(mn(ceil_div(n, kParamCols), kMaxGrid), static_cast<int64_t>(1))));
+  dim3 grid(static_cast<unsigned>(mn(tiles, kMaxGrid)), static_cast<unsigned>(chunks));
   auto k = norm_params_kernel<T>;
-  MP_LAUNCH(k, grid, block, 0, s, dw ? dw->ptr<T>() : static_cast<T*>(nullptr),
-            db ? db->ptr<T>() : static_cast<T*>(nullptr), g.ptr<T>(), x.ptr<T>(), mp, rp, rows, n);
+  MP_LAUNCH(k, grid, block, 0, s, pw, pb, g.ptr<T>(), x.ptr<T>(), mp, rp, rows, n, per, dw != nullptr);
   check_launch("norm_backward_params");
+  auto f = norm_params_finish_kernel<T>;
+  MP_LAUNCH(f, grid_for(n), kThreads, 0, s, dw ? dw->ptr<T>() : static_cast<T*>(nullptr),
+            db ? db->ptr<T>() : static_cast<T*>(nullptr), static_cast<const C*>(pw), static_cast<const C*>(pb), chunks,
+            n);
+  check_launch("norm_backward_params (finish)");
 }
 
 template <typename T, bool Center, int V>
