@@ -675,6 +675,40 @@ ATT_UNROLL
   }
 }
 
+// The same for 16-bit rows of dO and O that are contiguous and 16-byte aligned (P.vec bits 4 and
+// 5) with Dv a multiple of 8: 8 lanes per row, each loading 8 elements (16 bytes) of each operand
+// at a time, 4 rows a warp (the one-warp-per-row kernel spent its time on index divisions and
+// shuffles, not on memory).
+template <typename T>
+__global__ void __launch_bounds__(kAttThreads) attn_delta_vec_kernel(Params P) {
+  constexpr int kRowsPerBlock = kAttThreads / 8;
+  const int sub = threadIdx.x % 8, slot = threadIdx.x / 8;
+  const int64_t rows = P.B * P.Hq * P.Sq;
+  float* delta = static_cast<float*>(P.delta);
+  for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock; row0 < rows;
+       row0 += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
+    const int64_t row = row0 + slot;  // rows past the end still take part in the shuffles
+    float acc = 0.0f;
+    if (row < rows) {
+      const int64_t i = row % P.Sq, bh = row / P.Sq, h = bh % P.Hq, b = bh / P.Hq;
+      const T* g = mat_ptr<const T>(P.go, b, h) + i * P.go.s[2];
+      const T* o = mat_ptr<const T>(P.o, b, h) + i * P.o.s[2];
+      for (int d0 = 8 * sub; d0 < P.Dv; d0 += 64) {
+        const uint4 gv = *reinterpret_cast<const uint4*>(g + d0);
+        const uint4 ov = *reinterpret_cast<const uint4*>(o + d0);
+        const uint32_t gw[4] = {gv.x, gv.y, gv.z, gv.w}, ow[4] = {ov.x, ov.y, ov.z, ov.w};
+ATT_UNROLL
+        for (int w = 0; w < 4; w++)
+          acc += unpack_lo<T>(gw[w]) * unpack_lo<T>(ow[w]) + unpack_hi<T>(gw[w]) * unpack_hi<T>(ow[w]);
+      }
+    }
+    acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+    if (sub == 0 && row < rows) delta[row] = acc;
+  }
+}
+
 // Block: (b, kv head, key tile of BR keys) from blockIdx.x, gradient columns [blockIdx.z * W, + W)
 // of dK (D) and dV (Dv). Rows of the score tile are keys, columns queries (S^T).
 // Shared: K [BR][D+1], V [BR][Dv+1], Q [BC][D+1], dO [BC][Dv+1], P^T and dS^T [BR][BC+1], then
@@ -1643,9 +1677,18 @@ void backward_typed(Params P, cudaStream_t s) {
   if (rows > 0) {
     ws = workspace_alloc(static_cast<size_t>(rows) * sizeof(C), s);
     P.delta = ws;
-    auto k = attn_delta_kernel<T>;
-    const unsigned grid = grid_for(rows * 32, kAttThreads);
-    MP_LAUNCH(k, dim3(grid), dim3(kAttThreads), 0, s, P);
+    bool vec = false;
+    if constexpr (kHalf16<T>) {
+      vec = P.Dv % 8 == 0 && rows_aligned16(P.go, P.Dv) && rows_aligned16(P.o, P.Dv);
+      if (vec) {
+        auto k = attn_delta_vec_kernel<T>;
+        MP_LAUNCH(k, dim3(grid_for(rows * 8, kAttThreads)), dim3(kAttThreads), 0, s, P);
+      }
+    }
+    if (!vec) {
+      auto k = attn_delta_kernel<T>;
+      MP_LAUNCH(k, dim3(grid_for(rows * 32, kAttThreads)), dim3(kAttThreads), 0, s, P);
+    }
     check_launch("attentionBackward (delta)");
   }
   try {
