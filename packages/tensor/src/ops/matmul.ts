@@ -230,19 +230,27 @@ function linearNoBias(x: Tensor, weight: Tensor): Tensor {
     wt.dispose();
     return y;
   });
-  if (needsGrad(x, weight)) {
-    const rx = x.requiresGrad;
-    const rw = weight.requiresGrad;
-    const xShape = x.shape;
-    const save: Tensor[] = [];
-    if (rw) save.push(x);
-    if (rx) save.push(weight);
-    attachGrad(out, 'LinearBackward', [x, weight], save, (g, s) => {
-      const [gx, gw] = linearGrads(g, xShape, rw ? s[0] : null, rx ? s[rw ? 1 : 0] : null, false);
-      return [gx, gw];
-    });
-  }
+  attachLinearBackward(out, x, weight, null);
   return out;
+}
+
+/**
+ * out's LinearBackward node (linearGrads) for out = x @ weight^T (+ bias): saves what the unfused
+ * graph (MmBackward of x @ weight^T, AddBackward of the bias) would save.
+ */
+function attachLinearBackward(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | null): void {
+  if (!needsGrad(x, weight, ...(bias ? [bias] : []))) return;
+  const rx = x.requiresGrad;
+  const rw = weight.requiresGrad;
+  const rb = bias?.requiresGrad ?? false;
+  const xShape = x.shape;
+  const save: Tensor[] = [];
+  if (rw) save.push(x);
+  if (rx) save.push(weight);
+  const inputs = bias ? [x, weight, bias] : [x, weight];
+  attachGrad(out, 'LinearBackward', inputs, save, (g, s) =>
+    linearGrads(g, xShape, rw ? s[0] : null, rx ? s[rw ? 1 : 0] : null, rb).slice(0, inputs.length),
+  );
 }
 
 /** The dtypes of the fused linear kernels (linearBias, linearBiasActivation, linearWeightBiasGrad). */
@@ -280,19 +288,7 @@ function linearFused(x: Tensor, weight: Tensor, bias: Tensor): Tensor | null {
       out2.dispose();
     }
   }
-  if (needsGrad(x, weight, bias)) {
-    const rx = x.requiresGrad;
-    const rw = weight.requiresGrad;
-    const rb = bias.requiresGrad;
-    const xShape = x.shape;
-    // what the unfused graph (MmBackward of x @ weight^T, AddBackward of the bias) would save
-    const save: Tensor[] = [];
-    if (rw) save.push(x);
-    if (rx) save.push(weight);
-    attachGrad(out, 'LinearBackward', [x, weight, bias], save, (g, s) =>
-      linearGrads(g, xShape, rw ? s[0] : null, rx ? s[rw ? 1 : 0] : null, rb),
-    );
-  }
+  attachLinearBackward(out, x, weight, bias);
   return out;
 }
 
