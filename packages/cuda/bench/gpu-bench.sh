@@ -16,6 +16,8 @@
 #   MEGAPATCH_BENCH_TINY=1       the tiny cases of cases.json (rehearsal)
 #   MEGAPATCH_BENCH_PARTS        subset of "gemm grouped attn train torch-train compile" (default all)
 #   MEGAPATCH_BENCH_MBS          training micro-batch (default cases.json's; halved once on a failure)
+#   MEGAPATCH_BENCH_TRAIN_VARIANTS  the training step again per "name:VAR=value" (default: dK/dV
+#                                tiles of 32 queries, capped attention registers; "" for none)
 #   MEGAPATCH_BENCH_PYTHON       the python with torch (default: python3, else /opt/torch/.venv/bin/python3)
 set -u
 cd "$(dirname "$0")/../../.." || exit 1
@@ -114,10 +116,15 @@ if [ -n "$PY" ]; then
 else
   say "no python with torch: the PyTorch side cannot run"
 fi
-# the training step again with the fused attention backward (information: which default to take)
+# the training step again under kernel variants (information: which default to take), each
+# "name:VAR=value" of MEGAPATCH_BENCH_TRAIN_VARIANTS (the runs of 2026-12-04 settled fused: slower)
 if [ -n "$TSX" ] && has train; then
-  MEGAPATCH_ATTENTION_BWD=fused MEGAPATCH_BENCH_MODE=megapatch-fusedbwd MEGAPATCH_BENCH_PROFILE=0 \
-    run ours-train-fusedbwd 90 "$TSX" $BENCH/ours.mts train
+  for variant in ${MEGAPATCH_BENCH_TRAIN_VARIANTS-bq32:MEGAPATCH_ATTENTION_BWD_BQ=32 occ:MEGAPATCH_ATTENTION_OCC=1}; do
+    vname=${variant%%:*}
+    venv=${variant#*:}
+    run ours-train-$vname 90 env "$venv" MEGAPATCH_BENCH_VARIANT_ENV="$venv" MEGAPATCH_BENCH_MODE=megapatch-$vname \
+      MEGAPATCH_BENCH_PROFILE=0 "$TSX" $BENCH/ours.mts train
+  done
 fi
 # the grouped GEMM last (information beyond the issue's targets): what the budget leaves, 2 s a case
 if has grouped; then

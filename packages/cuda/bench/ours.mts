@@ -293,12 +293,14 @@ if (want('attn')) {
           else process.env[name] = prev;
         }
       };
-      // the tensor-core kernels without their cp.async prefetch of the next tile, and the forward
-      // with 128-row tiles (to choose its default from)
-      const np = withSwitch('MEGAPATCH_ATTENTION_PIPELINE', '0');
-      const rows128 = withSwitch('MEGAPATCH_ATTENTION_FWD_ROWS', '128');
-      // FlashAttention-2's single backward pass (dQ by atomics) against the dk/dv + dq pair
+      // variants to choose defaults from (the runs of 2026-12-04 settled MEGAPATCH_ATTENTION_PIPELINE=0
+      // and MEGAPATCH_ATTENTION_FWD_ROWS=128: both slower): FlashAttention-2's single backward pass
+      // (dQ by atomics) against the dk/dv + dq pair; with D + Dv <= 128, dK/dV tiles of 32 queries,
+      // and registers capped for more blocks an SM (kernels/attention.cu)
       const fused = withSwitch('MEGAPATCH_ATTENTION_BWD', 'fused');
+      const small = D + Dv <= 128;
+      const bq32 = small ? withSwitch('MEGAPATCH_ATTENTION_BWD_BQ', '32') : null;
+      const occ = small ? withSwitch('MEGAPATCH_ATTENTION_OCC', '1') : null;
       emit({
         kind: 'attn',
         case: c.case,
@@ -314,9 +316,9 @@ if (want('attn')) {
         fwdTflops: r4(fwdFlops / (fwd.ms / 1000) / 1e12),
         fwdBwdMs: r4(fb.ms),
         fwdBwdTflops: r4((3.5 * fwdFlops) / (fb.ms / 1000) / 1e12),
-        noPipelineMs: { fwd: r4(np.fwd.ms), fwdBwd: r4(np.fb.ms) },
-        fwdRows128Ms: { fwd: r4(rows128.fwd.ms), fwdBwd: r4(rows128.fb.ms) },
         fusedBwdMs: { fwd: r4(fused.fwd.ms), fwdBwd: r4(fused.fb.ms) },
+        ...(bq32 ? { bwdBq32Ms: { fwd: r4(bq32.fwd.ms), fwdBwd: r4(bq32.fb.ms) } } : {}),
+        ...(occ ? { occupancyMs: { fwd: r4(occ.fwd.ms), fwdBwd: r4(occ.fb.ms) } } : {}),
         samples: [fwd.samples, fb.samples],
         spreadMs: [r4(fb.minMs), r4(fb.maxMs)],
       });
@@ -337,7 +339,7 @@ if (want('train')) {
   // one more iteration after the timed ones, with the kernel profiler on (MEGAPATCH_BENCH_PROFILE=0:
   // none; =shapes: labels with the first operand's shape)
   const profile = process.env.MEGAPATCH_BENCH_PROFILE !== '0';
-  // the line's mode: "megapatch", or a variant's name (MEGAPATCH_BENCH_MODE, e.g. megapatch-fusedbwd)
+  // the line's mode: "megapatch", or a variant's name (MEGAPATCH_BENCH_MODE, e.g. megapatch-bq32)
   const mode = process.env.MEGAPATCH_BENCH_MODE ?? 'megapatch';
   const iters: number = tc.warmupIters + tc.timedIters + (profile ? 1 : 0);
   let profiling = false;
@@ -450,6 +452,9 @@ if (want('train')) {
       kind: 'train',
       case: tc.case,
       mode,
+      ...(process.env.MEGAPATCH_BENCH_VARIANT_ENV
+        ? { variantEnv: process.env.MEGAPATCH_BENCH_VARIANT_ENV }
+        : {}),
       layers,
       ...(emu
         ? {

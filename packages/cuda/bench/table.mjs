@@ -144,6 +144,26 @@ for (const c of cases.attn) {
       '(info: fused / dk,dv + dq)',
     );
   }
+  if (o?.bwdBq32Ms) {
+    // MEGAPATCH_ATTENTION_BWD_BQ=32: dK/dV tiles of 32 queries (the forward is unchanged)
+    row(
+      `attn ${c.case} fwd+bwd ms, dK/dV tiles of 32 queries`,
+      `${num(o.bwdBq32Ms.fwdBwd, 4)}`,
+      '',
+      `${num(o.bwdBq32Ms.fwdBwd / o.fwdBwdMs)}`,
+      '(info: 32-query / 64-query dK/dV tiles)',
+    );
+  }
+  if (o?.occupancyMs) {
+    // MEGAPATCH_ATTENTION_OCC=1: forward at 128 registers (4 blocks an SM), dK/dV at 168 (3)
+    row(
+      `attn ${c.case} fwd / fwd+bwd ms, registers capped`,
+      `${num(o.occupancyMs.fwd, 4)} / ${num(o.occupancyMs.fwdBwd, 4)}`,
+      '',
+      `${num(o.occupancyMs.fwd / o.fwdMs)} / ${num(o.occupancyMs.fwdBwd / o.fwdBwdMs)}`,
+      '(info: capped / default, fwd and fwd+bwd)',
+    );
+  }
   if (o?.noPipelineMs) {
     // MEGAPATCH_ATTENTION_PIPELINE=0: tiles loaded between barriers, no cp.async prefetch
     row(
@@ -252,12 +272,17 @@ if (good(e))
     `torch eager timers (median ms, events): forward ${e.breakdownMs.forward}, backward ${e.breakdownMs.backward}, optimizer ${e.breakdownMs.optimizer}; peak memory ${e.peakMemoryGiB} GiB`,
   );
 if (good(k)) limits.push(`torch compile: warm-up (compile) ${k.warmupS} s, step ${k.stepMs} ms`);
-// the same step with the fused attention backward (gpu-bench.sh's ours-train-fusedbwd)
-const fb = pick('megapatch', 'train', tc.case, 'megapatch-fusedbwd');
-if (good(fb) && good(o))
-  limits.push(
-    `megapatch with MEGAPATCH_ATTENTION_BWD=fused: step ${fb.stepMs} ms (${fb.tokensPerSecond} tokens/s, MFU ${fb.mfu}) vs ${o.stepMs} ms`,
-  );
+// the same step under each kernel variant (gpu-bench.sh's ours-train-<name>: mode megapatch-<name>,
+// its environment in the line's `variantEnv`)
+for (const v of lines.filter(
+  (l) =>
+    l.side === 'megapatch' && l.kind === 'train' && l.case === tc.case && l.mode?.startsWith('megapatch-'),
+)) {
+  if (good(v) && good(o))
+    limits.push(
+      `megapatch with ${v.variantEnv ?? v.mode}: step ${v.stepMs} ms (${v.tokensPerSecond} tokens/s, MFU ${v.mfu}) vs ${o.stepMs} ms`,
+    );
+}
 // the profiled iteration after the timed ones (ours.mts: device time per backend entry)
 const prof = lines.find((l) => l.side === 'megapatch' && l.kind === 'profile' && !l.error);
 if (prof) {

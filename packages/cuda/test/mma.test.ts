@@ -170,6 +170,20 @@ const MMA_CASES: MmaCase[] = [
     cu: [0, 17, 60, 61, 150],
   },
   {
+    // the training shape in small: causal GQA with tiles that every row sees whole (the kernels'
+    // fast path without per-element checks) as well as diagonal ones
+    name: 'causal GQA, S 200, D 64',
+    dtype: 'bfloat16',
+    B: 1,
+    Hq: 4,
+    Hkv: 2,
+    Sq: 200,
+    Sk: 200,
+    D: 64,
+    Dv: 64,
+    causal: true,
+  },
+  {
     // MLA (DeepSeek-V3, Moonlight): q/k heads of 128 + 64 rope dims, v heads of 128, Hq = Hkv
     name: 'MLA heads D 192 / Dv 128, causal, Sq 70',
     dtype: 'bfloat16',
@@ -284,6 +298,16 @@ describe.skipIf(noAddon !== '')(
           // products in another order (checked below within the tolerances)
           const fused = withEnv('MEGAPATCH_ATTENTION_BWD', 'fused', () => run(DEV));
           for (const o of [0, 2, 3]) expect(fused[o], `output ${o}, fused backward`).toEqual(mmaAll[o]);
+          // variants for measuring on a GPU (D + Dv <= 128): dK/dV tiles of 32 queries add the same
+          // products in the same order; fewer registers asked of ptxas change no arithmetic
+          for (const [name, value] of [
+            ['MEGAPATCH_ATTENTION_BWD_BQ', '32'],
+            ['MEGAPATCH_ATTENTION_OCC', '1'],
+          ] as const) {
+            const variant = withEnv(name, value, () => run(DEV));
+            for (let o = 0; o < 4; o++)
+              expect(variant[o], `output ${o} with ${name}=${value}`).toEqual(mmaAll[o]);
+          }
           const cpuAll = run('cpu');
           const [mma, fma, cpu] = [mmaAll[0], fmaAll[0], cpuAll[0]];
           // Both kernels round out to the storage dtype (2 ulps of |out|); the tensor-core one

@@ -15,6 +15,12 @@
 // (The tensor-core path can fold 3 into 2 instead: MEGAPATCH_ATTENTION_BWD=fused, see
 // attn_dkdv_mma_kernel.)
 //
+// Block order: a block's tile index is the slowest-varying part of blockIdx.x, so under a causal
+// mask the blocks with the most work (the last query tiles of the forward and dq, the first key
+// tiles of dk/dv) start first, over every (batch, head), and the short ones fill the last wave
+// (longest-processing-time-first; with the tile index fastest the last wave held whole long
+// blocks: ncu counted 3.9 waves for the dk/dv kernel at B 4, H 32 / 8, S 2048).
+//
 // Thread layout (all three tile kernels, 128 threads = 16 row groups x 8 lanes): a block's score
 // tile is [BR = 16 * RM rows, BC = 8 * CN columns]; thread (ty, tx) owns rows ty * RM + r (r < RM)
 // and columns tx + 8 * c (c < CN), so the 8 lanes of a row group hold a whole row and reduce it
@@ -256,9 +262,8 @@ __global__ void __launch_bounds__(kAttThreads) attn_fwd_kernel(Params P) {
   C* Vs = Ks + BC * ldq;
   C* Ps = Vs + BC * ldv;
   const int tid = threadIdx.x, tx = tid % kTX, ty = tid / kTX;
-  const int64_t x = blockIdx.x;
-  // the last query tiles of a causal head cost the most: they come first
-  const int64_t qt = P.ntiles - 1 - x % P.ntiles, bh = x / P.ntiles;
+  const int64_t x = blockIdx.x, nbh = P.B * P.Hq;
+  const int64_t qt = P.ntiles - 1 - x / nbh, bh = x % nbh;  // longest first (see "Block order")
   const int64_t h = bh % P.Hq, b = bh / P.Hq, kh = h / P.group;
   const int64_t i0 = qt * BR;
   const C scale = static_cast<C>(P.scale);
@@ -434,8 +439,10 @@ MP_D void load_tile16_async(uint16_t* dst, const T* base, int64_t rs, int64_t r0
 // fragments are read from shared memory per key tile instead (registers: o and s double; with
 // Dv = 128 the key tile shrinks to 32, as nvcc spills registers at 64 there: fwd_mma_bc).
 template <int RM, int DV> constexpr int fwd_mma_bc() { return RM == 2 && DV >= 128 ? 32 : kMmaBC; }
-template <typename T, int D, int DV, bool PIPE, int RM = 1>
-__global__ void __launch_bounds__(kAttThreads) attn_fwd_mma_kernel(Params P) {
+// MINB: the blocks per SM asked of ptxas (__launch_bounds__), which caps registers per thread (see
+// attention_occupancy below).
+template <typename T, int D, int DV, bool PIPE, int RM = 1, int MINB = 1>
+__global__ void __launch_bounds__(kAttThreads, MINB) attn_fwd_mma_kernel(Params P) {
   constexpr int BR = kMmaBR * RM, BC = fwd_mma_bc<RM, DV>(), LDQ = D + kMmaPad, LDV = DV + kMmaPad;
   constexpr int KD = D / 16, NS = BC / 8, NO = DV / 8, NBUF = PIPE ? 2 : 1;
   constexpr bool QREG = RM == 1;
@@ -444,8 +451,8 @@ __global__ void __launch_bounds__(kAttThreads) attn_fwd_mma_kernel(Params P) {
   uint16_t* Ks0 = Qs + BR * LDQ;       // NBUF tiles [BC][LDQ]
   uint16_t* Vs0 = Ks0 + NBUF * BC * LDQ;  // NBUF tiles [BC][LDV]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
-  const int64_t x = blockIdx.x;
-  const int64_t qt = P.ntiles - 1 - x % P.ntiles, bh = x / P.ntiles;
+  const int64_t x = blockIdx.x, nbh = P.B * P.Hq;
+  const int64_t qt = P.ntiles - 1 - x / nbh, bh = x % nbh;  // longest first (see "Block order")
   const int64_t h = bh % P.Hq, b = bh / P.Hq, kh = h / P.group;
   const int64_t i0 = qt * BR;
   const float scale2 = static_cast<float>(P.scale * kLog2e);  // scores in log2 units
@@ -731,8 +738,8 @@ __global__ void __launch_bounds__(kAttThreads) attn_dkdv_kernel(Params P) {
   int64_t* Lo = reinterpret_cast<int64_t*>(Dl + BC);  // 8-byte aligned: every size above is a multiple of 8
   int64_t* Hi = Lo + BC;
   const int tid = threadIdx.x, tx = tid % kTX, ty = tid / kTX;
-  const int64_t x = blockIdx.x;
-  const int64_t kt = x % P.ntiles, bk = x / P.ntiles;
+  const int64_t x = blockIdx.x, nbk = P.B * P.Hkv;
+  const int64_t kt = x / nbk, bk = x % nbk;  // longest first (see "Block order")
   const int64_t kh = bk % P.Hkv, b = bk / P.Hkv;
   const int64_t j0 = kt * BR;
   const int col0 = static_cast<int>(blockIdx.z) * W;
@@ -838,8 +845,8 @@ __global__ void __launch_bounds__(kAttThreads) attn_dq_kernel(Params P) {
   C* Vs = Ks + BC * ldk;
   C* Ss = Vs + BC * ldv;
   const int tid = threadIdx.x, tx = tid % kTX, ty = tid / kTX;
-  const int64_t x = blockIdx.x;
-  const int64_t qt = P.ntiles - 1 - x % P.ntiles, bh = x / P.ntiles;
+  const int64_t x = blockIdx.x, nbh = P.B * P.Hq;
+  const int64_t qt = P.ntiles - 1 - x / nbh, bh = x % nbh;  // longest first (see "Block order")
   const int64_t h = bh % P.Hq, b = bh / P.Hq, kh = h / P.group;
   const int64_t i0 = qt * BR;
   const int col0 = static_cast<int>(blockIdx.z) * W;
@@ -968,8 +975,8 @@ MP_D void mma_acc_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)
 // dS^T goes to shared memory ([64][BQ], rounded to 16 bits as for dK), then warp w multiplies the
 // tile's columns [w D / 4, (w + 1) D / 4) of dQ. attn_dq_convert_kernel scales and stores dQ. The
 // order of the additions across key tiles is the atomics' (not deterministic on a GPU).
-template <typename T, int D, int DV, int BQ, bool PIPE, bool DQ = false>
-__global__ void __launch_bounds__(kAttThreads) attn_dkdv_mma_kernel(Params P) {
+template <typename T, int D, int DV, int BQ, bool PIPE, bool DQ = false, int MINB = 1>
+__global__ void __launch_bounds__(kAttThreads, MINB) attn_dkdv_mma_kernel(Params P) {
   constexpr int BR = kMmaBR, LDK = D + kMmaPad, LDV = DV + kMmaPad, NQ = BQ / 8, NBUF = PIPE ? 2 : 1;
   constexpr int LDS = BQ + kMmaPad, MT = BQ / 16, NTW = D / 32;  // dQ: m-tiles, n-tiles per warp
   MP_DYNAMIC_SMEM(uint16_t, sm);
@@ -983,14 +990,14 @@ __global__ void __launch_bounds__(kAttThreads) attn_dkdv_mma_kernel(Params P) {
   int64_t* Hi = Lo + BQ;
   uint16_t* Ss = reinterpret_cast<uint16_t*>(Hi + BQ);  // DQ: dS^T [64][LDS] (16-byte aligned rows)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
-  const int64_t x = blockIdx.x;
-  const int64_t kt = x % P.ntiles, bk = x / P.ntiles;
+  const int64_t x = blockIdx.x, nbk = P.B * P.Hkv;
+  const int64_t kt = x / nbk, bk = x % nbk;  // longest first (see "Block order")
   const int64_t kh = bk % P.Hkv, b = bk / P.Hkv;
   const int64_t j0 = kt * BR;
   const float scale = static_cast<float>(P.scale);
   const float scale2 = static_cast<float>(P.scale * kLog2e);  // scores and lse in log2 units
   const float log2e = static_cast<float>(kLog2e);
-  const float ninf = -INFINITY;
+  const float pinf = INFINITY;
   const float* delta = static_cast<const float*>(P.delta);
 
   load_tile16<T, D>(Ks, mat_ptr<const T>(P.k, b, kh), P.k.s[2], P.k.s[3], j0, BR, P.Sk, (P.vec >> 1) & 1);
@@ -1050,14 +1057,15 @@ ATT_UNROLL
       const uint16_t* Gs = Gs0 + buf * BQ * LDV;
       // `covers`: every query this thread fills attends to all of the block's BR keys; the
       // block's AND of it (with no explicit mask) lets the tile skip the per-element checks
+      // Ls: -lse in log2 units (+inf for rows past Sq and rows with no keys: no probability)
       bool covers = P.mask.p == nullptr;
       for (int q = tid; q < BQ; q += kAttThreads) {
         const int64_t i = i0 + q;
         const bool in = i < P.Sq;
-        Ls[q] = in ? lb[i * P.lse.s[2]] * log2e : ninf;  // log2 units
+        Ls[q] = in ? -lb[i * P.lse.s[2]] * log2e : pinf;
         Dl[q] = in ? db[i] : 0.0f;
         row_range(P, i, Lo[q], Hi[q]);
-        covers = covers && Ls[q] != ninf && Lo[q] <= j0 && Hi[q] >= j0 + BR;
+        covers = covers && Ls[q] != pinf && Lo[q] <= j0 && Hi[q] >= j0 + BR;
       }
       const bool whole = __syncthreads_and(covers) != 0;
       // S^T = K Q^T and dP^T = V dO^T: rows keys, columns queries
@@ -1078,25 +1086,38 @@ ATT_UNROLL
         mma_load_a(a, Vs + warp * 16 * LDV + kk * 16, LDV, lane);
         mma_step_nmajor<T, NQ>(dpt, a, Gs + kk * 16, LDV, lane);
       }
-      // P^T and dS^T = P^T (dP^T - delta); the per-element checks only where the tile needs them
+      // P^T and dS^T = P^T (dP^T - delta); the per-element checks only where the tile needs them.
+      // Element e of n-tile n is query 8 n + 2 t + (e & 1): one 8-byte load of Ls and Dl a pair.
+      if (whole) {
 ATT_UNROLL
-      for (int n = 0; n < NQ; n++)
+        for (int n = 0; n < NQ; n++) {
+          const float2 nl = *reinterpret_cast<const float2*>(Ls + 8 * n + 2 * t);
+          const float2 dl = *reinterpret_cast<const float2*>(Dl + 8 * n + 2 * t);
 ATT_UNROLL
-        for (int e = 0; e < 4; e++) {
-          const int64_t j = j0 + warp * 16 + g + 8 * (e >> 1);
-          const int q = 8 * n + 2 * t + (e & 1);
-          const float L = Ls[q];
-          float p = 0.0f;
-          if (whole) {
-            p = att_exp2(st[n][e] * scale2 - L);
-          } else if (j >= Lo[q] && j < Hi[q] && L != ninf) {
-            float v = st[n][e] * scale2;
-            if (P.mask.p) v = apply_mask<float>(P.mask, b, h, i0 + q, j, v, log2e);
-            p = att_exp2(v - L);
+          for (int e = 0; e < 4; e++) {
+            const float p = att_exp2(fmaf(st[n][e], scale2, e & 1 ? nl.y : nl.x));
+            st[n][e] = p;
+            dpt[n][e] = p * (dpt[n][e] - (e & 1 ? dl.y : dl.x));
           }
-          st[n][e] = p;
-          dpt[n][e] = p * (dpt[n][e] - Dl[q]);
         }
+      } else {
+ATT_UNROLL
+        for (int n = 0; n < NQ; n++)
+ATT_UNROLL
+          for (int e = 0; e < 4; e++) {
+            const int64_t j = j0 + warp * 16 + g + 8 * (e >> 1);
+            const int q = 8 * n + 2 * t + (e & 1);
+            const float nl = Ls[q];
+            float p = 0.0f;
+            if (j >= Lo[q] && j < Hi[q] && nl != pinf) {
+              // without a mask, the fast path's arithmetic (the same bits for any tiling)
+              p = P.mask.p ? att_exp2(apply_mask<float>(P.mask, b, h, i0 + q, j, st[n][e] * scale2, log2e) + nl)
+                           : att_exp2(fmaf(st[n][e], scale2, nl));
+            }
+            st[n][e] = p;
+            dpt[n][e] = p * (dpt[n][e] - Dl[q]);
+          }
+      }
       if constexpr (DQ) {
         // this warp's 16 rows of dS^T, rounded as the A operand of dK below
 ATT_UNROLL
@@ -1183,8 +1204,8 @@ __global__ void __launch_bounds__(kAttThreads) attn_dq_mma_kernel(Params P) {
   uint16_t* Ks0 = Gs + BR * LDV;          // NBUF tiles [BC][LDK]
   uint16_t* Vs0 = Ks0 + NBUF * BC * LDK;  // NBUF tiles [BC][LDV]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
-  const int64_t x = blockIdx.x;
-  const int64_t qt = P.ntiles - 1 - x % P.ntiles, bh = x / P.ntiles;
+  const int64_t x = blockIdx.x, nbh = P.B * P.Hq;
+  const int64_t qt = P.ntiles - 1 - x / nbh, bh = x % nbh;  // longest first (see "Block order")
   const int64_t h = bh % P.Hq, b = bh / P.Hq, kh = h / P.group;
   const int64_t i0 = qt * BR;
   const float scale = static_cast<float>(P.scale);
@@ -1199,14 +1220,16 @@ __global__ void __launch_bounds__(kAttThreads) attn_dq_mma_kernel(Params P) {
   const float* lb = reinterpret_cast<const float*>(P.lse.p) + b * P.lse.s[0] + h * P.lse.s[1];
   const float* db = static_cast<const float*>(P.delta) + (b * P.Hq + h) * P.Sq;
 
+  // nl: -lse in log2 units
   int64_t lo[2], hi[2];
-  float L[2], dl[2], acc[D / 8][4];
+  float nl[2], dl[2], acc[D / 8][4];
   for (int hf = 0; hf < 2; hf++) {
     const int64_t i = i0 + warp * 16 + g + 8 * hf;
     row_range(P, i, lo[hf], hi[hf]);
-    L[hf] = i < P.Sq ? lb[i * P.lse.s[2]] * log2e : ninf;  // log2 units
+    const float L = i < P.Sq ? lb[i * P.lse.s[2]] : ninf;
+    nl[hf] = -L * log2e;
     dl[hf] = i < P.Sq ? db[i] : 0.0f;
-    if (L[hf] == ninf) hi[hf] = lo[hf];  // nothing to attend to: no gradient
+    if (L == ninf) hi[hf] = lo[hf];  // nothing to attend to: no gradient
   }
 ATT_UNROLL
   for (int n = 0; n < D / 8; n++)
@@ -1260,23 +1283,31 @@ ATT_UNROLL
     // per-element checks (warp-uniform: __all_sync)
     const bool whole = __all_sync(0xffffffffu, P.mask.p == nullptr && j0 >= lo[0] && j0 + BC <= hi[0] &&
                                                    j0 >= lo[1] && j0 + BC <= hi[1]);
+    if (whole) {
 ATT_UNROLL
-    for (int n = 0; n < NS; n++)
+      for (int n = 0; n < NS; n++)
 ATT_UNROLL
-      for (int e = 0; e < 4; e++) {
-        const int hf = e >> 1;
-        const int64_t i = i0 + warp * 16 + g + 8 * hf;
-        const int64_t j = j0 + 8 * n + 2 * t + (e & 1);
-        float p = 0.0f;
-        if (whole) {
-          p = att_exp2(s[n][e] * scale2 - L[hf]);
-        } else if (j >= lo[hf] && j < hi[hf]) {
-          float v = s[n][e] * scale2;
-          if (P.mask.p) v = apply_mask<float>(P.mask, b, h, i, j, v, log2e);
-          p = att_exp2(v - L[hf]);
+        for (int e = 0; e < 4; e++) {
+          const int hf = e >> 1;
+          s[n][e] = att_exp2(fmaf(s[n][e], scale2, nl[hf])) * (dp[n][e] - dl[hf]);
         }
-        s[n][e] = p * (dp[n][e] - dl[hf]);
-      }
+    } else {
+ATT_UNROLL
+      for (int n = 0; n < NS; n++)
+ATT_UNROLL
+        for (int e = 0; e < 4; e++) {
+          const int hf = e >> 1;
+          const int64_t i = i0 + warp * 16 + g + 8 * hf;
+          const int64_t j = j0 + 8 * n + 2 * t + (e & 1);
+          float p = 0.0f;
+          if (j >= lo[hf] && j < hi[hf]) {
+            // without a mask, the fast path's arithmetic (the same bits for any tiling)
+            p = P.mask.p ? att_exp2(apply_mask<float>(P.mask, b, h, i, j, s[n][e] * scale2, log2e) + nl[hf])
+                         : att_exp2(fmaf(s[n][e], scale2, nl[hf]));
+          }
+          s[n][e] = p * (dp[n][e] - dl[hf]);
+        }
+    }
     // dQ += dS K
 ATT_UNROLL
     for (int ks = 0; ks < BC / 16; ks++) {
@@ -1447,6 +1478,19 @@ bool pipeline_allowed() {
   const char* e = std::getenv("MEGAPATCH_ATTENTION_PIPELINE");
   return !(e && std::strcmp(e, "0") == 0);
 }
+// MEGAPATCH_ATTENTION_OCC=1: with D + Dv <= 128 the forward asks ptxas for 4 blocks an SM (128
+// registers) and dK/dV for 3 (168), at the price of some spilled registers (ptxas -v, sm_90, bf16:
+// 60 and 176 bytes) instead of 134 and 178 registers (3 and 2 blocks). For measuring on a GPU.
+bool attention_occupancy() {
+  const char* e = std::getenv("MEGAPATCH_ATTENTION_OCC");
+  return e && std::strcmp(e, "1") == 0;
+}
+// MEGAPATCH_ATTENTION_BWD_BQ=32: dK/dV tiles of 32 queries instead of 64 when D + Dv <= 128 (half
+// the score registers: 3 blocks an SM without spills, twice the tiles). For measuring on a GPU.
+bool dkdv_bq32() {
+  const char* e = std::getenv("MEGAPATCH_ATTENTION_BWD_BQ");
+  return e && std::strcmp(e, "32") == 0;
+}
 // The device is sm_80+ and the kernels it would run were compiled for sm_80+ (a build for older
 // architectures JIT-compiled on a new GPU would run mma.cuh's slow shuffle fallback instead).
 bool device_has_mma_uncached(int dev) {
@@ -1509,7 +1553,12 @@ void forward_mma_rows(Params P, cudaStream_t s) {
   P.ntiles = cdiv(P.Sq, kMmaBR * RM);
   P.vec = (rows_aligned16(P.q, D) ? 1 : 0) | (rows_aligned16(P.k, D) ? 2 : 0) | (rows_aligned16(P.v, DV) ? 4 : 0);
   const int64_t blocks = P.B * P.Hq * P.ntiles;
-  if ((P.vec & 6) == 6 && pipeline_allowed()) {
+  const bool pipe = (P.vec & 6) == 6 && pipeline_allowed();
+  constexpr bool small = D + DV <= 128 && RM == 1;  // MINB 1 otherwise: no other instantiation
+  if (small && pipe && attention_occupancy()) {
+    launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, RM, small ? 4 : 1>, "attentionForward", P, blocks, 1,
+                 fwd_mma_smem<T, D, DV, true, RM>(), s);
+  } else if (pipe) {
     launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, RM>, "attentionForward", P, blocks, 1,
                  fwd_mma_smem<T, D, DV, true, RM>(), s);
   } else {
@@ -1581,9 +1630,9 @@ template <typename T, int D, int DV>
 constexpr int bwd_mma_bc() {
   return D > 128 ? 32 : kMmaBC;  // keys per dq tile
 }
-template <typename T, int D, int DV, bool PIPE, bool DQ = false>
+template <typename T, int D, int DV, bool PIPE, bool DQ = false, size_t BQ = bwd_mma_bq<T, D, DV>()>
 size_t dkdv_mma_smem() {
-  constexpr size_t BQ = bwd_mma_bq<T, D, DV>(), nbuf = PIPE ? 2 : 1;
+  constexpr size_t nbuf = PIPE ? 2 : 1;
   return sizeof(uint16_t) * (kMmaBR + nbuf * BQ) * (D + kMmaPad + DV + kMmaPad) +
          BQ * (2 * sizeof(float) + 2 * sizeof(int64_t)) + (DQ ? sizeof(uint16_t) * kMmaBR * (BQ + kMmaPad) : 0);
 }
@@ -1632,7 +1681,17 @@ void backward_mma_cfg(Params P, cudaStream_t s) {
     workspace_free(acc, s);
     return;
   }
-  if ((P.vec & 9) == 9 && pipe) {
+  // the measuring variants exist for D + Dv <= 128 only (elsewhere the template arguments below
+  // name the default kernel: no other instantiation)
+  constexpr bool small = D + DV <= 128;
+  constexpr int BQ32 = small ? 32 : BQ, MINB = small ? 3 : 1;
+  if (small && (P.vec & 9) == 9 && pipe && dkdv_bq32()) {
+    launch_tiles(attn_dkdv_mma_kernel<T, D, DV, BQ32, true>, "attentionBackward (dk, dv)", Pk,
+                 P.B * P.Hkv * Pk.ntiles, 1, dkdv_mma_smem<T, D, DV, true, false, BQ32>(), s);
+  } else if (small && (P.vec & 9) == 9 && pipe && attention_occupancy()) {
+    launch_tiles(attn_dkdv_mma_kernel<T, D, DV, BQ, true, false, MINB>, "attentionBackward (dk, dv)", Pk,
+                 P.B * P.Hkv * Pk.ntiles, 1, dkdv_mma_smem<T, D, DV, true>(), s);
+  } else if ((P.vec & 9) == 9 && pipe) {
     launch_tiles(attn_dkdv_mma_kernel<T, D, DV, BQ, true>, "attentionBackward (dk, dv)", Pk,
                  P.B * P.Hkv * Pk.ntiles, 1, dkdv_mma_smem<T, D, DV, true>(), s);
   } else {
