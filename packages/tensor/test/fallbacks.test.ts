@@ -750,7 +750,8 @@ describe('ropeApply', () => {
   const B = 2;
   const H = 3;
   const S = 5;
-  const D = 8;
+  // 16: a full rotary dimension takes the CUDA kernel's packed path (8 bf16 / 4 float32 a pack)
+  const D = 16;
   const combos: { x: DType; table: DType }[] = [
     { x: 'float32', table: 'float32' },
     { x: 'bfloat16', table: 'float32' },
@@ -759,7 +760,7 @@ describe('ropeApply', () => {
     { x: 'float32', table: 'float64' },
   ];
   for (const dt of combos) {
-    for (const R of [8, 4, 2]) {
+    for (const R of [16, 8, 4, 2]) {
       for (const shared of [true, false]) {
         for (const strided of [false, true]) {
           for (const inverse of [false, true]) {

@@ -351,6 +351,11 @@ template <int N> Strided<N> make_strided(const TensorArg& out, const TensorArg* 
   return s;
 }
 
+// V elements of T as one aligned unit: one load / store of up to 16 bytes (two for 32-byte packs)
+template <typename T, int V> struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
 // ---- launch geometry -------------------------------------------------------------------------
 constexpr int kThreads = 256;
 // Blocks for a grid-stride loop over n items: enough to fill the GPU, few in the emulator.

@@ -195,10 +195,7 @@ __global__ void where_kernel(Strided<4> it, char* out, const char* cond, const c
 // one-dimensional iteration's last n % V elements go one at a time. Transposes that keep rows
 // contiguous (attention's [s, b, h, d] <-> [b, h, s, d]) and broadcasts over rows take this path
 // too. The results are the element kernels' bit for bit (the same op in the same compute type,
-// per element).
-template <typename T, int V> struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
+// per element). (Pack: common.cuh.)
 template <typename A, typename B> constexpr int pack_width() {
   return 16 / static_cast<int>(sizeof(A) > sizeof(B) ? sizeof(A) : sizeof(B));
 }
