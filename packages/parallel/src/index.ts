@@ -16,7 +16,12 @@ export {
   contextParallelUnsplit,
   padCuSeqlensForContextParallel,
 } from './context-parallel/split.js';
-export { clipGradByTotalNorm, type GradNormOptions, getGradNorm } from './distributed/clip-grads.js';
+export {
+  clipCoefficient,
+  clipGradByTotalNorm,
+  type GradNormOptions,
+  getGradNorm,
+} from './distributed/clip-grads.js';
 export {
   DistributedDataParallel,
   type DistributedDataParallelOptions,

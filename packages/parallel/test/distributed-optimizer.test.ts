@@ -3,6 +3,7 @@
 // clipping, skip a step with a NaN gradient norm (one log line, weights untouched), checkpoint
 // their shard, follow the bytes-per-parameter budget for bf16 and free everything they made.
 import {
+  AdamW,
   clipGradNorm,
   crossEntropy,
   getTotalNorm,
@@ -259,6 +260,80 @@ describe('optimizers over DDP (one process)', () => {
       ddp.dispose();
       model.dispose();
       for (const t of [x, batch.x, batch.y]) t.dispose();
+    },
+  );
+});
+
+describe('bf16 parameters: clipping and the master copy inside the AdamW pass', () => {
+  it.each([
+    ['DistributedOptimizer', true],
+    ['DataParallelOptimizer', false],
+  ] as const)(
+    '%s gives the bits of clipping in place, AdamW on fp32 masters, then copying',
+    (_, distributed) => {
+      const data = makeData(3, 16, 31);
+      const model = new MLP(DIMS, 11, 'bfloat16');
+      const ddp = new DistributedDataParallel(model, {
+        dataParallelGroup: new LocalGroup(),
+        useDistributedOptimizer: distributed,
+        bucketSize: 200,
+      });
+      const opt = distributed
+        ? new DistributedOptimizer(ddp, optOptions)
+        : new DataParallelOptimizer(ddp, optOptions);
+      // the reference: the same model, fp32 masters, in-place clipping with the norm the optimizer
+      // reports, torch-style AdamW, then a copy into the bf16 weights
+      const ref = new MLP(DIMS, 11, 'bfloat16');
+      const named = ref.namedParameters();
+      const masters = new Map(named.map(([n, p]) => [n, noGrad(() => p.float()).requiresGrad_(true)]));
+      const isNoDecay = (n: string, p: Tensor) => p.ndim === 1 || n.endsWith('.bias');
+      const refOpt = new AdamW(
+        [
+          {
+            params: named.filter(([n, p]) => !isNoDecay(n, p)).map(([n]) => masters.get(n)!),
+            weightDecay: HYPER.weightDecay,
+          },
+          { params: named.filter(([n, p]) => isNoDecay(n, p)).map(([n]) => masters.get(n)!), weightDecay: 0 },
+        ],
+        { lr: HYPER.lr, betas: HYPER.betas, eps: HYPER.eps },
+      );
+      let clipped = 0;
+      for (const { x, y } of data) {
+        opt.zeroGrad();
+        tidy(() => crossEntropy(ddp.forward(x.to('bfloat16')), y).backward());
+        const r = opt.step();
+        for (const [, p] of named) {
+          p.grad?.dispose();
+          p.grad = null;
+        }
+        tidy(() => crossEntropy(ref.forward(x.to('bfloat16')), y).backward());
+        for (const [n, p] of named) {
+          const m = masters.get(n)!;
+          m.grad?.dispose();
+          m.grad = noGrad(() => p.grad!.float());
+        }
+        clipGradByTotalNorm([...masters.values()], HYPER.clipGrad, r.gradNorm);
+        if (r.gradNorm > HYPER.clipGrad) clipped++;
+        refOpt.step();
+        noGrad(() => {
+          for (const [n, p] of named) p.copy_(masters.get(n)!);
+        });
+        const got = weightsOf(model);
+        const want = weightsOf(ref);
+        for (const n of Object.keys(want)) expect(got[n], n).toEqual(want[n]);
+      }
+      expect(clipped).toBeGreaterThan(0);
+      refOpt.dispose();
+      for (const m of masters.values()) {
+        m.grad?.dispose();
+        m.dispose();
+      }
+      for (const [, p] of named) p.grad?.dispose();
+      ref.dispose();
+      opt.dispose();
+      ddp.dispose();
+      model.dispose();
+      for (const b of data) for (const t of [b.x, b.y]) t.dispose();
     },
   );
 });

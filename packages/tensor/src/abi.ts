@@ -16,3 +16,5 @@ export {
   REDUCE_CODES,
   UNARY_CODES,
 } from './backend/abi.js';
+// the argument check every backend's adamwStep / adamwStepMulti applies to a parameter copy
+export { checkAdamWCopy } from './optim/kernels.js';

@@ -1586,38 +1586,72 @@ describe('adamwStep', () => {
     { p: 'bfloat16', g: 'float32' },
     { p: 'float64', g: 'float64' },
   ];
+  // the plain update; a gradient scale (a clip coefficient); float32 masters also written into
+  // their 16-bit copies
+  const extras = (p: DType): { name: string; gradScale?: number; copy?: DType }[] => [
+    { name: '' },
+    { name: ', gradScale 0.37', gradScale: 0.37 },
+    ...(p === 'float32'
+      ? [
+          { name: ', bfloat16 copy', copy: 'bfloat16' as DType },
+          { name: ', gradScale 0.37, float16 copy', gradScale: 0.37, copy: 'float16' as DType },
+        ]
+      : []),
+  ];
   for (const dt of combos) {
     for (const n of WIDTHS) {
       for (const weightDecay of [0, 0.1]) {
         for (const step of [1, 10]) {
-          it(`param ${dt.p}, grad ${dt.g}, ${n} elements, weight decay ${weightDecay}, step ${step}`, () =>
-            tidy(() => {
-              const r = rng(n * 3 + step + weightDecay * 10 + dt.p.length + dt.g.length);
-              const state = dt.p === 'float64' ? 'float64' : 'float32';
-              const p = randnT(r, [n], dt.p);
-              const g = randnT(r, [n], dt.g, 0.1);
-              const m = randnT(r, [n], state, 0.05);
-              const v = make([n], state, () => 0.01 * r.normal() ** 2);
-              const [lr, beta1, beta2] = [1e-2, 0.9, 0.999];
-              const s = {
-                decay: 1 - lr * weightDecay,
-                beta1,
-                beta2,
-                bc2Sqrt: Math.sqrt(1 - beta2 ** step),
-                eps: 1e-8,
-                negStep: -(lr / (1 - beta1 ** step)),
-              };
-              const runK = (k: KernelTable['adamwStep']) => {
-                const t = { p: clone(p), m: clone(m), v: clone(v) };
-                k(t.p, g, t.m, t.v, s);
-                return t;
-              };
-              const N = runK(nativeKernel('adamwStep'));
-              const F = runK(candidateKernel('adamwStep'));
-              expectSame(F.p, N.p, 'param');
-              expectSame(F.m, N.m, 'exp_avg');
-              expectSame(F.v, N.v, 'exp_avg_sq');
-            }));
+          for (const extra of extras(dt.p)) {
+            it(`param ${dt.p}, grad ${dt.g}, ${n} elements, weight decay ${weightDecay}, step ${step}${extra.name}`, () =>
+              tidy(() => {
+                const r = rng(n * 3 + step + weightDecay * 10 + dt.p.length + dt.g.length);
+                const state = dt.p === 'float64' ? 'float64' : 'float32';
+                const p = randnT(r, [n], dt.p);
+                const g = randnT(r, [n], dt.g, 0.1);
+                const m = randnT(r, [n], state, 0.05);
+                const v = make([n], state, () => 0.01 * r.normal() ** 2);
+                const [lr, beta1, beta2] = [1e-2, 0.9, 0.999];
+                const s = {
+                  decay: 1 - lr * weightDecay,
+                  beta1,
+                  beta2,
+                  bc2Sqrt: Math.sqrt(1 - beta2 ** step),
+                  eps: 1e-8,
+                  negStep: -(lr / (1 - beta1 ** step)),
+                  ...(extra.gradScale !== undefined ? { gradScale: extra.gradScale } : {}),
+                };
+                const runK = (k: KernelTable['adamwStep'], grad = g, sc = s) => {
+                  const t = {
+                    p: clone(p),
+                    m: clone(m),
+                    v: clone(v),
+                    copy: extra.copy ? make([n], extra.copy, () => 7) : null,
+                  };
+                  k(t.p, grad, t.m, t.v, sc, t.copy);
+                  return t;
+                };
+                const N = runK(nativeKernel('adamwStep'));
+                const F = runK(candidateKernel('adamwStep'));
+                expectSame(F.p, N.p, 'param');
+                expectSame(F.m, N.m, 'exp_avg');
+                expectSame(F.v, N.v, 'exp_avg_sq');
+                if (extra.copy) {
+                  expectSame(F.copy!, N.copy!, 'copy');
+                  // the copy is the new parameter rounded to its dtype
+                  expect(values(N.copy!)).toEqual(values(N.p.to(extra.copy)));
+                }
+                if (extra.gradScale !== undefined) {
+                  // the same bits as scaling the gradient in place first (as clipping did)
+                  const gs = clone(g);
+                  cpuBackend.binaryScalar(gs, gs, extra.gradScale, 'mul', false);
+                  const { gradScale: _, ...plain } = s;
+                  const R = runK(nativeKernel('adamwStep'), gs, plain);
+                  expect(values(N.p), 'param vs a pre-scaled gradient').toEqual(values(R.p));
+                  expect(values(N.v), 'exp_avg_sq vs a pre-scaled gradient').toEqual(values(R.v));
+                }
+              }));
+          }
         }
       }
     }
@@ -1666,8 +1700,8 @@ describe('adamwStepMulti', () => {
   }
 
   /** The candidate multi kernel on CPU lists: the composition, or the device's kernel on copies. */
-  const multi: KernelTable['adamwStepMulti'] = (ps, gs, ms, vs, s) => {
-    if (!KERNEL_DEVICE) return fallbackKernel('adamwStepMulti')(ps, gs, ms, vs, s);
+  const multi: KernelTable['adamwStepMulti'] = (ps, gs, ms, vs, s, cs) => {
+    if (!KERNEL_DEVICE) return fallbackKernel('adamwStepMulti')(ps, gs, ms, vs, s, cs);
     const device = KERNEL_DEVICE;
     const k = getBackend(device).kernel('adamwStepMulti');
     if (!k) throw new Error(`${device} has no kernel adamwStepMulti`);
@@ -1682,7 +1716,7 @@ describe('adamwStepMulti', () => {
         return c.dev;
       });
     try {
-      k(move(ps), move(gs), move(ms), move(vs), s);
+      k(move(ps), move(gs), move(ms), move(vs), s, cs ? move(cs) : null);
     } finally {
       for (const c of copies.values()) c.back();
     }
@@ -1691,8 +1725,8 @@ describe('adamwStepMulti', () => {
   /** adamwStep on each tensor of the lists, one call each. */
   const each =
     (one: KernelTable['adamwStep']): KernelTable['adamwStepMulti'] =>
-    (ps, gs, ms, vs, s) => {
-      for (let i = 0; i < ps.length; i++) one(ps[i], gs[i], ms[i], vs[i], s);
+    (ps, gs, ms, vs, s, cs) => {
+      for (let i = 0; i < ps.length; i++) one(ps[i], gs[i], ms[i], vs[i], s, cs?.[i] ?? null);
     };
 
   const scalars = (weightDecay: number, step: number) => {
@@ -1709,11 +1743,13 @@ describe('adamwStepMulti', () => {
 
   for (const dt of combos) {
     for (const list of lists) {
-      for (const [weightDecay, step] of [
-        [0, 1],
-        [0.1, 10],
-      ]) {
-        it(`param ${dt.p}, grad ${dt.g}, ${list.name}, weight decay ${weightDecay}, step ${step}`, () =>
+      for (const [weightDecay, step, withCopies] of [
+        [0, 1, false],
+        [0.1, 10, false],
+        // float32 masters with a gradient scale and their bfloat16 copies
+        ...(dt.p === 'float32' ? [[0.1, 10, true] as const] : []),
+      ] as const) {
+        it(`param ${dt.p}, grad ${dt.g}, ${list.name}, weight decay ${weightDecay}, step ${step}${withCopies ? ', gradScale 0.37, bfloat16 copies' : ''}`, () =>
           tidy(() => {
             const r = rng(list.name.length * 31 + step + weightDecay * 10 + dt.p.length + dt.g.length);
             const state = dt.p === 'float64' ? 'float64' : 'float32';
@@ -1725,7 +1761,8 @@ describe('adamwStepMulti', () => {
               m: randnT(r, [n], state, 0.05),
               v: make([n], state, () => 0.01 * r.normal() ** 2),
             }));
-            const s = scalars(weightDecay, step);
+            const s = { ...scalars(weightDecay, step), ...(withCopies ? { gradScale: 0.37 } : {}) };
+            const copies: Tensor[][] = [];
             const runK = (k: KernelTable['adamwStepMulti']): Lists => {
               const t: Lists = [[], [], [], []];
               for (const x of inputs) {
@@ -1733,7 +1770,16 @@ describe('adamwStepMulti', () => {
                   t[j].push(shifted(y, x.shift));
                 });
               }
-              k(t[0], t[1], t[2], t[3], s);
+              const cs = withCopies
+                ? inputs.map((x) =>
+                    shifted(
+                      make([x.p.numel], 'bfloat16', () => 7),
+                      x.shift,
+                    ),
+                  )
+                : null;
+              k(t[0], t[1], t[2], t[3], s, cs);
+              if (cs) copies.push(cs);
               return t;
             };
             const N = runK(each(nativeKernel('adamwStep')));
@@ -1751,6 +1797,15 @@ describe('adamwStepMulti', () => {
                 expect(values(F[j][i]), `tensor ${i} ${name}: ${CANDIDATE} vs its adamwStep`).toEqual(
                   values(D[j][i]),
                 );
+              }
+              if (withCopies) {
+                // copies[0]: N's, [1]: F's, [2]: D's (when a device ran)
+                expect(values(copies[1][i]), `tensor ${i} copy`).toEqual(values(copies[0][i]));
+                expect(values(copies[0][i]), `tensor ${i} copy = param rounded`).toEqual(
+                  values(N[0][i].to('bfloat16')),
+                );
+                if (KERNEL_DEVICE)
+                  expect(values(copies[2][i]), `tensor ${i} copy vs adamwStep`).toEqual(values(copies[0][i]));
               }
             }
           }));

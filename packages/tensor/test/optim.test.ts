@@ -483,3 +483,85 @@ describe('AdamW multi-tensor path', () => {
     opt.dispose();
   });
 });
+
+describe('AdamW.step options: gradScale and paramCopies', () => {
+  /** fp32 masters (one transposed, one 1-D) with gradients, their bf16 copies and a twin set. */
+  function setup(seed: number) {
+    const gen = new Generator(seed);
+    const shapes = [[4, 6], [6, 4], [5], [3, 3]];
+    const masters = shapes.map((s, i) => {
+      const t = randn(s, { generator: gen });
+      return (i === 1 ? t.transpose(0, 1).contiguous().transpose(0, 1) : t).detach().requiresGrad_(true);
+    });
+    for (const p of masters) p.grad = randn(p.shape, { generator: gen, std: 0.1 });
+    const copies = masters.map((p) => p.detach().to('bfloat16'));
+    return { masters, copies };
+  }
+  const free = (ts: Tensor[]) => {
+    for (const t of ts) {
+      t.grad?.dispose();
+      t.dispose();
+    }
+  };
+
+  for (const foreach of [true, false]) {
+    it(`gradScale: the bits of scaling the gradients first, which stay unchanged (foreach ${foreach})`, () => {
+      const a = setup(3);
+      const b = setup(3);
+      const optA = new AdamW(a.masters, { lr: 1e-2, foreach });
+      const optB = new AdamW(b.masters, { lr: 1e-2, foreach });
+      for (let step = 0; step < 3; step++) {
+        const before = a.masters.map((p) => p.grad!.toArray());
+        optA.step({ gradScale: 0.3 });
+        expect(a.masters.map((p) => p.grad!.toArray())).toEqual(before);
+        for (const p of b.masters) {
+          const scaled = p.grad!.mul(0.3);
+          p.grad!.copy_(scaled);
+          scaled.dispose();
+        }
+        optB.step();
+        for (let i = 0; i < a.masters.length; i++)
+          expect(a.masters[i].toArray()).toEqual(b.masters[i].toArray());
+        for (const p of b.masters) p.grad!.copy_(a.masters[b.masters.indexOf(p)].grad!);
+      }
+      optA.dispose();
+      optB.dispose();
+      free([...a.masters, ...a.copies, ...b.masters, ...b.copies]);
+    });
+
+    it(`paramCopies: each copy holds its master's new value rounded to bfloat16 (foreach ${foreach})`, () => {
+      const { masters, copies } = setup(4);
+      // one copy is a transposed view: written through a contiguous temporary
+      const views = copies.map((c, i) => (i === 3 ? c.transpose(0, 1) : c));
+      const paramCopies = new Map(
+        masters.map((p, i) => [i === 3 ? p.transpose(0, 1) : p, views[i]] as const),
+      );
+      // the map is keyed by the optimizer's parameters: master 3 goes in as its transposed view
+      const params = [...paramCopies.keys()];
+      for (const [i, p] of params.entries()) if (i === 3) p.grad = masters[3].grad!.transpose(0, 1);
+      const opt = new AdamW(params, { lr: 1e-2, foreach });
+      opt.step({ paramCopies });
+      params.forEach((p, i) => {
+        expect(views[i].toArray()).toEqual(p.detach().to('bfloat16').toArray());
+      });
+      opt.dispose();
+      free([...masters, ...copies]);
+    });
+  }
+
+  it('rejects a bad gradScale, a copy of another shape and a copy of a float32 master into float64', () => {
+    const { masters, copies } = setup(5);
+    const opt = new AdamW(masters, { lr: 1e-2 });
+    const before = masters[0].toArray();
+    expect(() => opt.step({ gradScale: Number.NaN })).toThrow(/gradScale must be a finite number/);
+    expect(() => opt.step({ paramCopies: new Map([[masters[0], copies[1]]]) })).toThrow(
+      /parameter copy .* does not match/,
+    );
+    const f64 = masters[2].detach().to('float64');
+    expect(() => opt.step({ paramCopies: new Map([[masters[2], f64]]) })).toThrow(/bfloat16 or float16/);
+    expect(masters[0].toArray()).toEqual(before);
+    opt.dispose();
+    f64.dispose();
+    free([...masters, ...copies]);
+  });
+});

@@ -4,7 +4,7 @@
 // float64 `out` scalar and unscaleCheck into its float32 `foundInf` flag (1 when it found inf or
 // NaN, never reset), both passed last.
 import { type DType, type KernelTable, type Tensor, TensorError } from '@megapatch/tensor';
-import { packAdamWScalars, packSgd } from '@megapatch/tensor/abi';
+import { checkAdamWCopy, packAdamWScalars, packSgd } from '@megapatch/tensor/abi';
 import { type Entries, pack } from '../pack.js';
 
 type OptimKernels = Pick<
@@ -13,8 +13,10 @@ type OptimKernels = Pick<
 >;
 
 // Tensors per adamwStepMulti entry call: one launch of optim.h's kAdamWMultiTensors (48), and 48
-// parameters' four tensors of up to 16 dimensions fit in the 8,192 argument slots (6,720 at most).
+// parameters' four tensors of up to 16 dimensions fit in the 8,192 argument slots (6,720 at most);
+// with a copy each, 40 parameters' five tensors (7,000).
 const MULTI_PER_CALL = 48;
+const MULTI_PER_CALL_COPIES = 40;
 
 /** Throws unless `t` is a contiguous tensor of `dtype` with `n` elements (the CPU wrapper's check). */
 function checkOutput(kernel: string, what: string, t: Tensor, dtype: DType, n: number): void {
@@ -27,23 +29,32 @@ function checkOutput(kernel: string, what: string, t: Tensor, dtype: DType, n: n
 
 export function optimKernels(call: Entries): OptimKernels {
   return {
-    adamwStep(p, g, m, v, s) {
+    adamwStep(p, g, m, v, s, copy) {
+      if (copy) checkAdamWCopy('adamwStep', p, copy);
       pack.begin().tensor(p).tensor(g).tensor(m).tensor(v);
-      packAdamWScalars(pack, s);
+      packAdamWScalars(pack, s, copy ?? null);
       call.adamwStep();
     },
-    adamwStepMulti(ps, gs, ms, vs, s) {
+    adamwStepMulti(ps, gs, ms, vs, s, copies) {
       const n = ps.length;
-      if (gs.length !== n || ms.length !== n || vs.length !== n) {
+      if (gs.length !== n || ms.length !== n || vs.length !== n || (copies && copies.length !== n)) {
         throw new TensorError(
           'INVALID_ARGUMENT',
-          `adamwStepMulti: got ${n} params, ${gs.length} grads, ${ms.length} expAvgs and ${vs.length} expAvgSqs; pass one of each per parameter`,
+          `adamwStepMulti: got ${n} params, ${gs.length} grads, ${ms.length} expAvgs and ${vs.length} expAvgSqs${copies ? ` and ${copies.length} copies` : ''}; pass one of each per parameter`,
         );
       }
-      for (let i0 = 0; i0 < n; i0 += MULTI_PER_CALL) {
-        const i1 = Math.min(n, i0 + MULTI_PER_CALL);
-        pack.begin().num(i1 - i0);
-        for (let i = i0; i < i1; i++) pack.tensor(ps[i]).tensor(gs[i]).tensor(ms[i]).tensor(vs[i]);
+      if (copies) for (let i = 0; i < n; i++) checkAdamWCopy('adamwStepMulti', ps[i], copies[i]);
+      const per = copies ? MULTI_PER_CALL_COPIES : MULTI_PER_CALL;
+      for (let i0 = 0; i0 < n; i0 += per) {
+        const i1 = Math.min(n, i0 + per);
+        pack
+          .begin()
+          .num(i1 - i0)
+          .num(copies ? 1 : 0);
+        for (let i = i0; i < i1; i++) {
+          pack.tensor(ps[i]).tensor(gs[i]).tensor(ms[i]).tensor(vs[i]);
+          if (copies) pack.tensor(copies[i]);
+        }
         packAdamWScalars(pack, s);
         call.adamwStepMulti();
       }

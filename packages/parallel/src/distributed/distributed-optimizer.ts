@@ -31,7 +31,7 @@ import {
   getTensorModelParallelAttributes,
   setTensorModelParallelAttributes,
 } from '../tensor-parallel/attributes.js';
-import { clipGradByTotalNorm, getGradNorm } from './clip-grads.js';
+import { clipCoefficient, getGradNorm } from './clip-grads.js';
 import type { DistributedDataParallel } from './distributed-data-parallel.js';
 import { flatView } from './param-and-grad-buffer.js';
 
@@ -159,6 +159,8 @@ abstract class BufferOptimizer {
   private readonly name: string;
   /** The loss scaler (fp16), or null. */
   readonly lossScaler: GradScaler | null;
+  /** modelCopies(), built on the first step. */
+  private copies: Map<Tensor, Tensor> | null = null;
 
   protected constructor(name: string, ddp: AnyDdp, sharded: boolean, options: DistributedOptimizerOptions) {
     this.name = name;
@@ -285,8 +287,9 @@ abstract class BufferOptimizer {
 
   /**
    * One step: finishes DDP's gradient sync if it is still pending, computes the global gradient
-   * norm, skips the step when it is NaN or infinite, else clips (with clipGrad), runs AdamW on this
-   * rank's masters, writes them into the model's values and (sharded) all-gathers the parameters.
+   * norm, skips the step when it is NaN or infinite, else runs AdamW on this rank's masters with the
+   * clip coefficient of clipGrad folded in (the gradients are not scaled in place), writing the
+   * 16-bit model values in the same pass, and (sharded) all-gathers the parameters.
    */
   step(): DistributedStepResult {
     this.ddp.finishGradSync();
@@ -313,9 +316,13 @@ abstract class BufferOptimizer {
       }
       return { updated: false, gradNorm, skipped: true };
     }
-    if (this.clipGrad > 0) clipGradByTotalNorm(masters, this.clipGrad, gradNorm);
-    this.inner?.step();
-    this.copyMastersToModel();
+    // Clipping and the copy into the model's 16-bit values ride on AdamW's pass (gradScale,
+    // paramCopies): the same bits as scaling the gradients in place and copying afterwards (which
+    // Megatron does in two more passes), without reading and writing them twice more; the
+    // gradients keep their unclipped values.
+    const coef = this.clipGrad > 0 ? clipCoefficient(this.clipGrad, gradNorm) : 1;
+    this.inner?.step({ gradScale: coef, paramCopies: this.modelCopies() });
+    if (this.sharded) this.ddp.syncParams();
     return { updated: true, gradNorm, skipped: false };
   }
 
@@ -343,6 +350,15 @@ abstract class BufferOptimizer {
       },
     );
     return Math.sqrt(denseNorm * denseNorm + expertNorm * expertNorm);
+  }
+
+  /** Master -> the model's values of its piece, for the pieces whose parameters are 16-bit. */
+  private modelCopies(): Map<Tensor, Tensor> {
+    if (!this.copies) {
+      this.copies = new Map();
+      for (const p of this.pieces) if (p.modelView) this.copies.set(p.master, p.modelView);
+    }
+    return this.copies;
   }
 
   private copyMastersToModel(): void {

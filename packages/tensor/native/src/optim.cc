@@ -42,11 +42,13 @@ struct AdamWScalars {
   double bc2_sqrt;     // sqrt(1 - beta2^step)
   double eps;
   double neg_step;     // -lr / (1 - beta1^step)
+  double grad_scale;   // the gradient is read as round_G(g * grad_scale) (1: as is)
 };
 
-template <typename P, typename G>
+// Q: the dtype of the parameter copy (void: none), written from the updated parameter.
+template <typename P, typename G, typename Q>
 static void adamw_run(const TensorArg& p, const TensorArg& g, const TensorArg& m, const TensorArg& v,
-                      const AdamWScalars& h) {
+                      const TensorArg* copy, const AdamWScalars& h) {
   using C = typename Tr<P>::C;
   using S = typename StateOf<P>::T;
   check_state<P>("adamw", m);
@@ -55,32 +57,56 @@ static void adamw_run(const TensorArg& p, const TensorArg& g, const TensorArg& m
   const G* gp = g.ptr<G>();
   S* mp = m.ptr<S>();
   S* vp = v.ptr<S>();
+  Q* qp = copy ? copy->ptr<Q>() : nullptr;
   const C decay = static_cast<C>(h.decay), b1 = static_cast<C>(h.beta1), omb1 = static_cast<C>(h.one_minus_beta1),
           b2 = static_cast<C>(h.beta2), omb2 = static_cast<C>(h.one_minus_beta2),
           bc2 = static_cast<C>(h.bc2_sqrt), eps = static_cast<C>(h.eps), ns = static_cast<C>(h.neg_step);
+  using GC = typename Tr<G>::C;
+  const bool scaled = h.grad_scale != 1.0;
+  const GC gs = static_cast<GC>(h.grad_scale);
   parallel_for(p.numel(), 16, [=](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; i++) {
       C x = Tr<P>::ld(pp + i) * decay;
-      C gr = static_cast<C>(Tr<G>::ld(gp + i));
+      GC graw = Tr<G>::ld(gp + i);
+      if (scaled) {
+        // as binaryScalar's in-place multiply: in the gradient's compute type, rounded to its dtype
+        G r;
+        Tr<G>::st(&r, graw * gs);
+        graw = Tr<G>::ld(&r);
+      }
+      C gr = static_cast<C>(graw);
       C mi = static_cast<C>(mp[i]) * b1 + omb1 * gr;
       C vi = static_cast<C>(vp[i]) * b2 + omb2 * gr * gr;
       C denom = std::sqrt(vi) / bc2 + eps;
       mp[i] = static_cast<S>(mi);
       vp[i] = static_cast<S>(vi);
       Tr<P>::st(pp + i, x + ns * mi / denom);
+      if constexpr (!std::is_void<Q>::value) Tr<Q>::st(qp + i, Tr<P>::ld(pp + i));
     }
   });
 }
 
+template <typename P, typename G>
+static void adamw_copy_dispatch(const TensorArg& p, const TensorArg& g, const TensorArg& m, const TensorArg& v,
+                                const TensorArg* copy, const AdamWScalars& h) {
+  if (!copy) return adamw_run<P, G, void>(p, g, m, v, copy, h);
+  if constexpr (std::is_same<P, float>::value) {
+    if (copy->dtype == DType::BF16) return adamw_run<P, G, bf16>(p, g, m, v, copy, h);
+    if (copy->dtype == DType::F16) return adamw_run<P, G, f16>(p, g, m, v, copy, h);
+  }
+  throw_error("adamw: a parameter copy is written from a float32 parameter into bfloat16 or float16");
+}
+
 template <typename P>
 static void adamw_dispatch(const TensorArg& p, const TensorArg& g, const TensorArg& m, const TensorArg& v,
-                           const AdamWScalars& h) {
-  if (g.dtype == p.dtype) adamw_run<P, P>(p, g, m, v, h);
-  else if (g.dtype == DType::F32) adamw_run<P, float>(p, g, m, v, h);
+                           const TensorArg* copy, const AdamWScalars& h) {
+  if (g.dtype == p.dtype) adamw_copy_dispatch<P, P>(p, g, m, v, copy, h);
+  else if (g.dtype == DType::F32) adamw_copy_dispatch<P, float>(p, g, m, v, copy, h);
   else throw_error("adamw: grad dtype must be the param dtype or float32");
 }
 
-// adamwStep(param, grad, expAvg, expAvgSq, decay, beta1, 1-beta1, beta2, 1-beta2, bc2Sqrt, eps, negStep)
+// adamwStep(param, grad, expAvg, expAvgSq, decay, beta1, 1-beta1, beta2, 1-beta2, bc2Sqrt, eps, negStep,
+// gradScale, hasCopy, [copy])
 MP_ENTRY(AdamWStepK) {
   Args a;
   TensorArg p = a.tensor(), g = a.tensor(), m = a.tensor(), v = a.tensor();
@@ -93,11 +119,19 @@ MP_ENTRY(AdamWStepK) {
   h.bc2_sqrt = a.num();
   h.eps = a.num();
   h.neg_step = a.num();
+  h.grad_scale = a.num();
+  const bool has_copy = a.num() != 0;
+  TensorArg copy;
+  if (has_copy) copy = a.tensor();
   for (const TensorArg* t : {&p, &g, &m, &v}) {
     check_contiguous("adamw", *t);
     check_same_numel("adamw", p, *t);
   }
-  MP_DISPATCH_FLOAT(p.dtype, adamw_dispatch, p, g, m, v, h);
+  if (has_copy) {
+    check_contiguous("adamw", copy);
+    check_same_numel("adamw", p, copy);
+  }
+  MP_DISPATCH_FLOAT(p.dtype, adamw_dispatch, p, g, m, v, has_copy ? &copy : nullptr, h);
   return info.Env().Undefined();
 }
 

@@ -201,8 +201,12 @@ export function packPhilox(
     .num(b);
 }
 
-/** The scalars of an AdamW update (after its tensors). */
-export function packAdamWScalars(pack: Packer, s: AdamWScalars): void {
+/**
+ * The scalars of an AdamW update (after its tensors), then the gradient scale and, for adamwStep,
+ * whether a parameter copy follows and the copy (`copy` undefined: adamwStepMulti, whose copies
+ * travel with each parameter's tensors).
+ */
+export function packAdamWScalars(pack: Packer, s: AdamWScalars, copy?: Tensor | null): void {
   pack
     .num(s.decay)
     .num(s.beta1)
@@ -211,7 +215,12 @@ export function packAdamWScalars(pack: Packer, s: AdamWScalars): void {
     .num(1 - s.beta2)
     .num(s.bc2Sqrt)
     .num(s.eps)
-    .num(s.negStep);
+    .num(s.negStep)
+    .num(s.gradScale ?? 1);
+  if (copy !== undefined) {
+    pack.num(copy ? 1 : 0);
+    if (copy) pack.tensor(copy);
+  }
 }
 
 /** sgdStep(p, g, has buffer, buffer?, -lr, momentum, 1 - dampening, weight decay, nesterov, first). */

@@ -55,7 +55,7 @@ import { matmul } from '../ops/matmul.js';
 import { amax, amin, sum } from '../ops/reduce.js';
 import { expand, narrow, reshape, stack, to, transpose, unsqueeze } from '../ops/shape.js';
 import { alloc } from '../ops/util.js';
-import { checkAdamWLists } from '../optim/kernels.js';
+import { checkAdamWCopy, checkAdamWLists } from '../optim/kernels.js';
 import { tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import { defineFallbackKernel, getKernel, type KernelName, type KernelTable } from './kernels.js';
@@ -647,12 +647,15 @@ const flat = (t: Tensor, c: Compute): Tensor => reshape(to(t, c), [-1]);
 // torch.optim.AdamW's update in the kernel's order of operations, with every scalar rounded to
 // the compute type: p = p * decay + negStep * m / (sqrt(v) / bc2Sqrt + eps), after
 // m = m * beta1 + (1 - beta1) g and v = v * beta2 + (1 - beta2) g g.
-register('adamwStep', (p, g, m, v, s) => {
+// gradScale multiplies the gradient first, in its own dtype (as an in-place mul would); `copy`
+// receives the new parameter converted to its dtype.
+register('adamwStep', (p, g, m, v, s, copy) => {
+  if (copy) checkAdamWCopy('adamwStep', p, copy);
   if (p.numel === 0) return;
   run(() => {
     const c = computeOf(p.dtype);
     const ps = flat(p, c);
-    const gs = flat(g, c);
+    const gs = flat(s.gradScale !== undefined && s.gradScale !== 1 ? mul(g, s.gradScale) : g, c);
     const decayed = mul(ps, s.decay);
     const mi = add(mul(flat(m, c), s.beta1), mul(gs, 1 - s.beta1));
     const vi = add(mul(flat(v, c), s.beta2), mul(mul(gs, 1 - s.beta2), gs));
@@ -661,16 +664,17 @@ register('adamwStep', (p, g, m, v, s) => {
     store(m, mi);
     store(v, vi);
     store(p, next);
+    if (copy) store(copy, p);
   });
 });
 
 // adamwStep per tensor, as the backend runs it: its own kernel, else the composition above (which
 // never looks up adamwStepMulti, so this cannot call itself).
-register('adamwStepMulti', (ps, gs, ms, vs, s) => {
-  checkAdamWLists(ps, gs, ms, vs);
+register('adamwStepMulti', (ps, gs, ms, vs, s, copies) => {
+  checkAdamWLists(ps, gs, ms, vs, copies);
   for (let i = 0; i < ps.length; i++) {
     const one = getKernel(ps[i].backend, 'adamwStep') ?? fallbackKernel('adamwStep');
-    one(ps[i], gs[i], ms[i], vs[i], s);
+    one(ps[i], gs[i], ms[i], vs[i], s, copies?.[i] ?? null);
   }
 });
 

@@ -13,7 +13,6 @@ import { getKernel } from '../backend/kernels.js';
 import { isFloating } from '../dtype.js';
 import { argError, dtypeError, fmtShape, shapeError } from '../errors.js';
 import type { Tensor } from '../tensor.js';
-import { transpose } from './shape.js';
 import { alloc, inputsBackend } from './util.js';
 
 /** One product of a grouped GEMM: c [m, n] = a [m, k] @ b [k, n] (the operands' bs is unused). */

@@ -26,6 +26,21 @@ export interface AdamWOptions {
   foreach?: boolean;
 }
 
+/** Options of one AdamW step. */
+export interface AdamWStepOptions {
+  /**
+   * Each gradient is read multiplied by this, rounded to the gradient's dtype, as if it had been
+   * scaled in place first (a gradient-clipping coefficient, folded into the update's pass); the
+   * gradients themselves are left unchanged. A finite number; default 1.
+   */
+  gradScale?: number;
+  /**
+   * Parameter -> copy: the update also writes each listed parameter's new value, rounded, into its
+   * copy (float32 masters into their bfloat16 / float16 model weights), in the same pass.
+   */
+  paramCopies?: ReadonlyMap<Tensor, Tensor>;
+}
+
 /** A parameter group of AdamW. */
 export interface AdamWGroup extends ParamGroup {
   betas: [number, number];
@@ -63,16 +78,24 @@ export class AdamW extends Optimizer<AdamWGroup, AdamWState> {
     if (!(group.eps >= 0)) throw new TensorError('INVALID_ARGUMENT', `AdamW: invalid eps ${group.eps}`);
   }
 
-  step(): void {
+  step(options: AdamWStepOptions = {}): void {
+    const gradScale = options.gradScale ?? 1;
+    if (!Number.isFinite(gradScale)) {
+      throw new TensorError(
+        'INVALID_ARGUMENT',
+        `AdamW.step: gradScale must be a finite number, got ${gradScale}`,
+      );
+    }
+    const copies = options.paramCopies ?? null;
     // every gradient is checked before any parameter changes
-    const live = this.paramGroups.map((group) => this.withGrads(group));
+    const live = this.paramGroups.map((group) => this.withGrads(group, copies));
     this.paramGroups.forEach((group, i) => {
-      this.stepGroup(group, live[i]);
+      this.stepGroup(group, live[i], gradScale, copies);
     });
   }
 
-  /** The group's parameters that have a gradient, after checking it against the parameter. */
-  private withGrads(group: AdamWGroup): Tensor[] {
+  /** The group's parameters that have a gradient, after checking it (and a copy) against the parameter. */
+  private withGrads(group: AdamWGroup, copies: ReadonlyMap<Tensor, Tensor> | null): Tensor[] {
     const live: Tensor[] = [];
     for (const p of group.params) {
       const grad = p.grad;
@@ -85,13 +108,34 @@ export class AdamW extends Optimizer<AdamWGroup, AdamWState> {
           `AdamW.step: gradient ${grad.describe()} does not match ${p.describe()}`,
         );
       }
+      const copy = copies?.get(p);
+      if (copy) {
+        copy.checkAlive('AdamW.step');
+        if (!sameShape(copy.shape, p.shape) || copy.device !== p.device) {
+          throw new TensorError(
+            'SHAPE_MISMATCH',
+            `AdamW.step: parameter copy ${copy.describe()} does not match ${p.describe()}`,
+          );
+        }
+        if (p.dtype !== 'float32' || (copy.dtype !== 'bfloat16' && copy.dtype !== 'float16')) {
+          throw new TensorError(
+            'DTYPE_MISMATCH',
+            `AdamW.step: a parameter copy is written from a float32 parameter into bfloat16 or float16, got ${p.dtype} into ${copy.dtype}`,
+          );
+        }
+      }
       live.push(p);
     }
     return live;
   }
 
   /** One update of `live` (parameters of `group` with checked gradients). */
-  private stepGroup(group: AdamWGroup, live: Tensor[]): void {
+  private stepGroup(
+    group: AdamWGroup,
+    live: Tensor[],
+    gradScale: number,
+    copies: ReadonlyMap<Tensor, Tensor> | null,
+  ): void {
     const [beta1, beta2] = group.betas;
     const scalars = (step: number): AdamWScalars => ({
       decay: 1 - group.lr * group.weightDecay,
@@ -100,11 +144,13 @@ export class AdamW extends Optimizer<AdamWGroup, AdamWState> {
       bc2Sqrt: Math.sqrt(1 - beta2 ** step),
       eps: group.eps,
       negStep: -(group.lr / (1 - beta1 ** step)),
+      gradScale,
     });
     // parameters that share a step count, dtypes and device: one multi-tensor call each
-    const batches = new Map<string, { step: number; items: [Tensor, Tensor, AdamWState][] }>();
+    const batches = new Map<string, { step: number; items: [Tensor, Tensor, AdamWState, Tensor | null][] }>();
     for (const p of live) {
       const grad = p.grad as Tensor;
+      const copy = copies?.get(p) ?? null;
       let st = this.state.get(p);
       if (!st) {
         const dtype = this.stateDtype(p);
@@ -117,33 +163,38 @@ export class AdamW extends Optimizer<AdamWGroup, AdamWState> {
       }
       st.step += 1;
       const gradDtype = grad.dtype === p.dtype || grad.dtype === 'float32' ? grad.dtype : p.dtype;
-      const direct = p.isContiguous && grad.isContiguous && grad.dtype === gradDtype;
+      const direct =
+        p.isContiguous && grad.isContiguous && grad.dtype === gradDtype && (!copy || copy.isContiguous);
       if (direct && this.useMulti(p)) {
-        const key = `${st.step}|${p.device}|${p.dtype}|${grad.dtype}|${st.expAvg.dtype}`;
+        const key = `${st.step}|${p.device}|${p.dtype}|${grad.dtype}|${st.expAvg.dtype}|${copy?.dtype ?? '-'}`;
         const batch = batches.get(key) ?? { step: st.step, items: [] };
-        batch.items.push([p, grad, st]);
+        batch.items.push([p, grad, st, copy]);
         batches.set(key, batch);
         continue;
       }
       const kernel = kernelFor(p, 'adamwStep');
       const pd = dense(p);
       const gd = dense(grad, gradDtype);
-      kernel(pd, gd, st.expAvg, st.expAvgSq, scalars(st.step));
+      const cd = copy ? dense(copy) : null;
+      kernel(pd, gd, st.expAvg, st.expAvgSq, scalars(st.step), cd);
+      if (cd && copy) release(cd, copy, true);
       release(gd, grad, false);
       release(pd, p, true);
     }
     for (const { step, items } of batches.values()) {
       if (items.length === 1) {
-        const [p, g, st] = items[0];
-        kernelFor(p, 'adamwStep')(p, g, st.expAvg, st.expAvgSq, scalars(step));
+        const [p, g, st, copy] = items[0];
+        kernelFor(p, 'adamwStep')(p, g, st.expAvg, st.expAvgSq, scalars(step), copy);
         continue;
       }
+      const withCopies = items[0][3] !== null;
       kernelFor(items[0][0], 'adamwStepMulti')(
         items.map((x) => x[0]),
         items.map((x) => x[1]),
         items.map((x) => x[2].expAvg),
         items.map((x) => x[2].expAvgSq),
         scalars(step),
+        withCopies ? items.map((x) => x[3] as Tensor) : null,
       );
     }
   }

@@ -1,7 +1,13 @@
 // Optimizers, gradient clipping, learning-rate schedules and mixed precision.
 import './kernels.js';
 
-export { AdamW, type AdamWGroup, type AdamWOptions, type AdamWState } from './adamw.js';
+export {
+  AdamW,
+  type AdamWGroup,
+  type AdamWOptions,
+  type AdamWState,
+  type AdamWStepOptions,
+} from './adamw.js';
 export {
   type ClipGradNormOptions,
   clipGradNorm,

@@ -17,14 +17,33 @@ export interface AdamWScalars {
   bc2Sqrt: number;
   eps: number;
   negStep: number;
+  /**
+   * The update reads each gradient multiplied by this, rounded to the gradient's dtype as an
+   * in-place multiply would (Megatron's clip coefficient, folded into the update instead of a
+   * pass over the gradients; the gradients themselves are left as they are). 1 or absent: none.
+   */
+  gradScale?: number;
 }
 
-export type AdamWKernel = (p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: AdamWScalars) => void;
+/**
+ * One AdamW update of p with gradient g and moments m, v (see AdamWScalars). `copy`, when given,
+ * also receives the updated parameter rounded to its own dtype: a float32 master's bfloat16 or
+ * float16 model weight, written by the same pass (contiguous, p's numel).
+ */
+export type AdamWKernel = (
+  p: Tensor,
+  g: Tensor,
+  m: Tensor,
+  v: Tensor,
+  s: AdamWScalars,
+  copy?: Tensor | null,
+) => void;
 
 /**
  * adamwStep over lists of n tensors that share one set of scalars (one step count, lr and decay):
  * tensor i of each list is an operand of adamwStep, one dtype per list, all contiguous; the
- * results are bit-identical to n adamwStep calls, in fewer device launches.
+ * results are bit-identical to n adamwStep calls, in fewer device launches. `copies`, when given,
+ * holds each parameter's copy (adamwStep's `copy`), one dtype for the list.
  */
 export type AdamWMultiKernel = (
   params: readonly Tensor[],
@@ -32,6 +51,7 @@ export type AdamWMultiKernel = (
   expAvgs: readonly Tensor[],
   expAvgSqs: readonly Tensor[],
   s: AdamWScalars,
+  copies?: readonly Tensor[] | null,
 ) => void;
 
 export interface SgdScalars {
@@ -66,11 +86,31 @@ const sgdStep = call('sgdStep');
 const normPowerSum = call('normPowerSum');
 const unscaleCheck = call('unscaleCheck');
 
-const cpuAdamwStep = defineCpuKernel('adamwStep', (p, g, m, v, s) => {
+const cpuAdamwStep = defineCpuKernel('adamwStep', (p, g, m, v, s, copy) => {
+  if (copy) checkAdamWCopy('adamwStep', p, copy);
   pack.begin().tensor(p).tensor(g).tensor(m).tensor(v);
-  packAdamWScalars(pack, s);
+  packAdamWScalars(pack, s, copy ?? null);
   adamwStep();
 });
+
+/**
+ * Throws unless `copy` can receive p's update (adamwStep's `copy`): p float32, copy a contiguous
+ * bfloat16 or float16 tensor with p's numel.
+ */
+export function checkAdamWCopy(kernel: string, p: Tensor, copy: Tensor): void {
+  if (p.dtype !== 'float32' || (copy.dtype !== 'bfloat16' && copy.dtype !== 'float16')) {
+    throw dtypeError(
+      kernel,
+      `a parameter copy is written from a float32 parameter into bfloat16 or float16, got ${p.dtype} into ${copy.dtype}`,
+    );
+  }
+  if (copy.numel !== p.numel || !copy.isContiguous) {
+    throw argError(
+      kernel,
+      `the parameter copy must be contiguous with the parameter's ${p.numel} element(s), got ${copy.describe()}`,
+    );
+  }
+}
 
 /**
  * Throws unless the lists of an adamwStepMulti call have one tensor per parameter each and one
@@ -81,12 +121,18 @@ export function checkAdamWLists(
   grads: readonly Tensor[],
   expAvgs: readonly Tensor[],
   expAvgSqs: readonly Tensor[],
+  copies?: readonly Tensor[] | null,
 ): void {
   const n = params.length;
-  if (grads.length !== n || expAvgs.length !== n || expAvgSqs.length !== n) {
+  if (
+    grads.length !== n ||
+    expAvgs.length !== n ||
+    expAvgSqs.length !== n ||
+    (copies && copies.length !== n)
+  ) {
     throw argError(
       'adamwStepMulti',
-      `got ${n} params, ${grads.length} grads, ${expAvgs.length} expAvgs and ${expAvgSqs.length} expAvgSqs; pass one of each per parameter`,
+      `got ${n} params, ${grads.length} grads, ${expAvgs.length} expAvgs and ${expAvgSqs.length} expAvgSqs${copies ? ` and ${copies.length} copies` : ''}; pass one of each per parameter`,
     );
   }
   const lists: [string, readonly Tensor[]][] = [
@@ -95,6 +141,10 @@ export function checkAdamWLists(
     ['expAvgs', expAvgs],
     ['expAvgSqs', expAvgSqs],
   ];
+  if (copies) {
+    lists.push(['copies', copies]);
+    for (let i = 0; i < n; i++) checkAdamWCopy('adamwStepMulti', params[i], copies[i]);
+  }
   for (const [what, list] of lists) {
     for (let i = 1; i < n; i++) {
       if (list[i].dtype !== list[0].dtype) {
@@ -108,9 +158,9 @@ export function checkAdamWLists(
 }
 
 // The CPU has no launch cost to save: the list is the native per-tensor kernel in a loop.
-defineCpuKernel('adamwStepMulti', (ps, gs, ms, vs, s) => {
-  checkAdamWLists(ps, gs, ms, vs);
-  for (let i = 0; i < ps.length; i++) cpuAdamwStep(ps[i], gs[i], ms[i], vs[i], s);
+defineCpuKernel('adamwStepMulti', (ps, gs, ms, vs, s, copies) => {
+  checkAdamWLists(ps, gs, ms, vs, copies);
+  for (let i = 0; i < ps.length; i++) cpuAdamwStep(ps[i], gs[i], ms[i], vs[i], s, copies?.[i] ?? null);
 });
 
 defineCpuKernel('sgdStep', (p, g, buf, s) => {

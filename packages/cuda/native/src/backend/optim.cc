@@ -21,33 +21,41 @@ static AdamWParams adamw_params(Args& a) {
   h.bc2_sqrt = a.num();
   h.eps = a.num();
   h.neg_step = a.num();
+  h.grad_scale = a.num();
   return h;
 }
 
-// adamwStep(param, grad, expAvg, expAvgSq, decay, beta1, 1-beta1, beta2, 1-beta2, bc2Sqrt, eps, negStep)
+// adamwStep(param, grad, expAvg, expAvgSq, decay, beta1, 1-beta1, beta2, 1-beta2, bc2Sqrt, eps, negStep,
+// gradScale, hasCopy, [copy])
 MPC_ENTRY(AdamWStepE) {
   Args a;
   TensorArg p = a.tensor(), g = a.tensor(), m = a.tensor(), v = a.tensor();
   AdamWParams h = adamw_params(a);
-  adamw_step(current_stream(), p, g, m, v, h);
+  const bool has_copy = a.num() != 0;
+  TensorArg copy;
+  if (has_copy) copy = a.tensor();
+  adamw_step(current_stream(), p, g, m, v, has_copy ? &copy : nullptr, h);
   return info.Env().Undefined();
 }
 
-// adamwStepMulti(count, count x (param, grad, expAvg, expAvgSq), decay, beta1, 1-beta1, beta2, 1-beta2,
-// bc2Sqrt, eps, negStep)
+// adamwStepMulti(count, hasCopies, count x (param, grad, expAvg, expAvgSq[, copy]), decay, beta1, 1-beta1,
+// beta2, 1-beta2, bc2Sqrt, eps, negStep, gradScale)
 MPC_ENTRY(AdamWStepMultiE) {
   Args a;
   const int count = a.i32();
   if (count < 0) throw_error("adamwStepMulti: negative tensor count");
-  std::vector<TensorArg> p(count), g(count), m(count), v(count);
+  const bool has_copies = a.i32() != 0;
+  std::vector<TensorArg> p(count), g(count), m(count), v(count), c(has_copies ? count : 0);
   for (int i = 0; i < count; i++) {
     p[i] = a.tensor();
     g[i] = a.tensor();
     m[i] = a.tensor();
     v[i] = a.tensor();
+    if (has_copies) c[i] = a.tensor();
   }
   AdamWParams h = adamw_params(a);
-  adamw_step_multi(current_stream(), p.data(), g.data(), m.data(), v.data(), count, h);
+  adamw_step_multi(current_stream(), p.data(), g.data(), m.data(), v.data(), has_copies ? c.data() : nullptr, count,
+                   h);
   return info.Env().Undefined();
 }
 

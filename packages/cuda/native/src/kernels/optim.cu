@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 namespace mpc {
 namespace {
@@ -74,47 +75,72 @@ template <typename P> constexpr int vec_of() { return sizeof(typename Tr<P>::C) 
 // ---- AdamW -----------------------------------------------------------------------------------
 template <typename C> struct AdamWC {
   C decay, b1, omb1, b2, omb2, bc2, eps, ns;
+  float gsf;   // the gradient scale in a float gradient's compute type
+  double gsd;  // and in a float64 gradient's
+  bool scaled;
 };
 
-template <typename P, typename G>
-MP_D void adamw_elem(P& pe, const G& ge, typename StateOf<P>::T& me, typename StateOf<P>::T& ve,
+// Q: the dtype of the parameter copy (void: none); q points at this element's copy.
+template <typename P, typename G, typename Q>
+MP_D void adamw_elem(P& pe, const G& ge, typename StateOf<P>::T& me, typename StateOf<P>::T& ve, Q* q,
                      const AdamWC<typename Tr<P>::C>& h) {
   using C = typename Tr<P>::C;
   using S = typename StateOf<P>::T;
+  using GC = typename Tr<G>::C;
   C x = Tr<P>::ld(&pe) * h.decay;
-  C gr = static_cast<C>(Tr<G>::ld(&ge));
+  GC graw = Tr<G>::ld(&ge);
+  if (h.scaled) {
+    // as binaryScalar's in-place multiply: in the gradient's compute type, rounded to its dtype
+    G r;
+    Tr<G>::st(&r, graw * static_cast<GC>(sizeof(GC) == 8 ? h.gsd : h.gsf));
+    graw = Tr<G>::ld(&r);
+  }
+  C gr = static_cast<C>(graw);
   C mi = static_cast<C>(me) * h.b1 + h.omb1 * gr;
   C vi = static_cast<C>(ve) * h.b2 + h.omb2 * gr * gr;
   C denom = sqrt(vi) / h.bc2 + h.eps;
   me = static_cast<S>(mi);
   ve = static_cast<S>(vi);
   Tr<P>::st(&pe, x + h.ns * mi / denom);
+  if constexpr (!std::is_void<Q>::value) Tr<Q>::st(q, static_cast<typename Tr<Q>::C>(Tr<P>::ld(&pe)));
 }
 
 // V elements from `o` (a multiple of V, every pointer V-aligned there) through one vector load and
 // store of each operand; the single-tensor and multi-tensor kernels share it, so they agree bit for bit.
-template <typename P, typename G, int V>
-MP_D void adamw_vec(P* p, const G* g, typename StateOf<P>::T* m, typename StateOf<P>::T* v, int64_t o,
+template <typename P, typename G, typename Q, int V>
+MP_D void adamw_vec(P* p, const G* g, typename StateOf<P>::T* m, typename StateOf<P>::T* v, Q* q, int64_t o,
                     const AdamWC<typename Tr<P>::C>& h) {
   using S = typename StateOf<P>::T;
   Pk<P, V> pk = ldv<P, V>(p + o);
   Pk<G, V> gk = ldv<G, V>(g + o);
   Pk<S, V> mk = ldv<S, V>(m + o);
   Pk<S, V> vk = ldv<S, V>(v + o);
-  for (int j = 0; j < V; j++) adamw_elem<P, G>(pk.e[j], gk.e[j], mk.e[j], vk.e[j], h);
+  if constexpr (std::is_void<Q>::value) {
+    for (int j = 0; j < V; j++) adamw_elem<P, G, Q>(pk.e[j], gk.e[j], mk.e[j], vk.e[j], nullptr, h);
+  } else {
+    Pk<Q, V> qk;
+    for (int j = 0; j < V; j++) adamw_elem<P, G, Q>(pk.e[j], gk.e[j], mk.e[j], vk.e[j], &qk.e[j], h);
+    stv<Q, V>(q + o, qk);
+  }
   stv<S, V>(m + o, mk);
   stv<S, V>(v + o, vk);
   stv<P, V>(p + o, pk);
 }
 
-template <typename P, typename G, int V>
-__global__ void adamw_kernel(P* p, const G* g, typename StateOf<P>::T* m, typename StateOf<P>::T* v, int64_t n,
+template <typename Q> MP_D Q* at(Q* q, int64_t i) {
+  if constexpr (std::is_void<Q>::value) return nullptr;
+  else return q + i;
+}
+
+template <typename P, typename G, typename Q, int V>
+__global__ void adamw_kernel(P* p, const G* g, typename StateOf<P>::T* m, typename StateOf<P>::T* v, Q* q, int64_t n,
                              AdamWC<typename Tr<P>::C> h) {
   const int64_t nv = n / V, stride = grid_threads();
   for (int64_t i = global_thread(); i < nv; i += stride) {
-    adamw_vec<P, G, V>(p, g, m, v, i * V, h);
+    adamw_vec<P, G, Q, V>(p, g, m, v, q, i * V, h);
   }
-  for (int64_t i = nv * V + global_thread(); i < n; i += stride) adamw_elem<P, G>(p[i], g[i], m[i], v[i], h);
+  for (int64_t i = nv * V + global_thread(); i < n; i += stride)
+    adamw_elem<P, G, Q>(p[i], g[i], m[i], v[i], at(q, i), h);
 }
 
 // The update's scalars cast once from double to the compute type.
@@ -128,6 +154,9 @@ template <typename C> AdamWC<C> adamw_consts(const AdamWParams& hp) {
   h.bc2 = static_cast<C>(hp.bc2_sqrt);
   h.eps = static_cast<C>(hp.eps);
   h.ns = static_cast<C>(hp.neg_step);
+  h.gsf = static_cast<float>(hp.grad_scale);
+  h.gsd = hp.grad_scale;
+  h.scaled = hp.grad_scale != 1.0;
   return h;
 }
 
@@ -138,18 +167,21 @@ void check_adamw_state(const TensorArg& m, const TensorArg& v) {
     throw_error("adamw: state dtype must be float32 (float64 for float64 params)");
 }
 
-// whether all four operands allow vec_of<P>()-wide loads and stores
-template <typename P, typename G>
-bool adamw_vec_ok(const TensorArg& p, const TensorArg& g, const TensorArg& m, const TensorArg& v) {
+// whether all operands allow vec_of<P>()-wide loads and stores
+template <typename P, typename G, typename Q>
+bool adamw_vec_ok(const TensorArg& p, const TensorArg& g, const TensorArg& m, const TensorArg& v,
+                  const TensorArg* q) {
   using S = typename StateOf<P>::T;
   constexpr int V = vec_of<P>();
-  return aligned(p.data, sizeof(P) * V) && aligned(g.data, sizeof(G) * V) && aligned(m.data, sizeof(S) * V) &&
-         aligned(v.data, sizeof(S) * V);
+  bool ok = aligned(p.data, sizeof(P) * V) && aligned(g.data, sizeof(G) * V) && aligned(m.data, sizeof(S) * V) &&
+            aligned(v.data, sizeof(S) * V);
+  if constexpr (!std::is_void<Q>::value) ok = ok && aligned(q->data, sizeof(Q) * V);
+  return ok;
 }
 
-template <typename P, typename G>
+template <typename P, typename G, typename Q>
 void adamw_run(cudaStream_t s, const TensorArg& p, const TensorArg& g, const TensorArg& m, const TensorArg& v,
-               const AdamWParams& hp) {
+               const TensorArg* q, const AdamWParams& hp) {
   using C = typename Tr<P>::C;
   using S = typename StateOf<P>::T;
   check_adamw_state<P>(m, v);
@@ -157,22 +189,42 @@ void adamw_run(cudaStream_t s, const TensorArg& p, const TensorArg& g, const Ten
   if (n == 0) return;
   const AdamWC<C> h = adamw_consts<C>(hp);
   constexpr int V = vec_of<P>();
-  const bool vec = adamw_vec_ok<P, G>(p, g, m, v);
-  if (vec) {
-    auto k = adamw_kernel<P, G, V>;
-    MP_LAUNCH(k, grid_for((n + V - 1) / V), kThreads, 0, s, p.ptr<P>(), g.ptr<G>(), m.ptr<S>(), v.ptr<S>(), n, h);
+  Q* qp = nullptr;
+  if constexpr (!std::is_void<Q>::value) qp = q->ptr<Q>();
+  if (adamw_vec_ok<P, G, Q>(p, g, m, v, q)) {
+    auto k = adamw_kernel<P, G, Q, V>;
+    MP_LAUNCH(k, grid_for((n + V - 1) / V), kThreads, 0, s, p.ptr<P>(), g.ptr<G>(), m.ptr<S>(), v.ptr<S>(), qp, n, h);
   } else {
-    auto k = adamw_kernel<P, G, 1>;
-    MP_LAUNCH(k, grid_for(n), kThreads, 0, s, p.ptr<P>(), g.ptr<G>(), m.ptr<S>(), v.ptr<S>(), n, h);
+    auto k = adamw_kernel<P, G, Q, 1>;
+    MP_LAUNCH(k, grid_for(n), kThreads, 0, s, p.ptr<P>(), g.ptr<G>(), m.ptr<S>(), v.ptr<S>(), qp, n, h);
   }
   check_launch("adamwStep");
 }
 
+// F<P, G, Q>(...) with Q the copy's storage type (void without a copy): copies are written from
+// float32 parameters into bfloat16 or float16
+#define MPC_ADAMW_COPY(F, copy_dtype, ...)                                                         \
+  do {                                                                                             \
+    if (!(copy_dtype)) return F<P, G, void>(__VA_ARGS__);                                          \
+    if constexpr (std::is_same<P, float>::value) {                                                 \
+      if (*(copy_dtype) == DType::BF16) return F<P, G, bf16>(__VA_ARGS__);                         \
+      if (*(copy_dtype) == DType::F16) return F<P, G, f16>(__VA_ARGS__);                           \
+    }                                                                                              \
+    throw_error("adamw: a parameter copy is written from a float32 parameter into bfloat16 or float16"); \
+  } while (0)
+
+template <typename P, typename G>
+void adamw_copy_dispatch(cudaStream_t s, const TensorArg& p, const TensorArg& g, const TensorArg& m,
+                         const TensorArg& v, const TensorArg* q, const AdamWParams& h) {
+  const DType* qd = q ? &q->dtype : nullptr;
+  MPC_ADAMW_COPY(adamw_run, qd, s, p, g, m, v, q, h);
+}
+
 template <typename P>
 void adamw_dispatch(cudaStream_t s, const TensorArg& p, const TensorArg& g, const TensorArg& m, const TensorArg& v,
-                    const AdamWParams& h) {
-  if (g.dtype == p.dtype) adamw_run<P, P>(s, p, g, m, v, h);
-  else if (g.dtype == DType::F32) adamw_run<P, float>(s, p, g, m, v, h);
+                    const TensorArg* q, const AdamWParams& h) {
+  if (g.dtype == p.dtype) adamw_copy_dispatch<P, P>(s, p, g, m, v, q, h);
+  else if (g.dtype == DType::F32) adamw_copy_dispatch<P, float>(s, p, g, m, v, q, h);
   else throw_error("adamw: grad dtype must be the param dtype or float32");
 }
 
@@ -180,20 +232,21 @@ void adamw_dispatch(cudaStream_t s, const TensorArg& p, const TensorArg& g, cons
 // Elements per block: a multiple of every vector width, 16 per thread of a kThreads block.
 constexpr int64_t kAdamWChunk = 16 * kThreads;
 
-// The operands of one launch, passed by value (about 2.1 KB for 48 tensors).
+// The operands of one launch, passed by value (about 2.5 KB for 48 tensors).
 template <typename P, typename G> struct AdamWList {
   using S = typename StateOf<P>::T;
   P* p[kAdamWMultiTensors];
   const G* g[kAdamWMultiTensors];
   S* m[kAdamWMultiTensors];
   S* v[kAdamWMultiTensors];
+  void* q[kAdamWMultiTensors];  // the copies (of the kernel's Q), or null
   int64_t n[kAdamWMultiTensors];
   int first[kAdamWMultiTensors + 1];  // first block of tensor t; first[count] is the grid size
   unsigned long long vec;             // bit t: tensor t's operands are aligned for V-wide access
   int count;
 };
 
-template <typename P, typename G, int V>
+template <typename P, typename G, typename Q, int V>
 __global__ void adamw_multi_kernel(AdamWList<P, G> L, AdamWC<typename Tr<P>::C> h) {
   using S = typename StateOf<P>::T;
   const int b = static_cast<int>(blockIdx.x);
@@ -205,21 +258,22 @@ __global__ void adamw_multi_kernel(AdamWList<P, G> L, AdamWC<typename Tr<P>::C> 
   const G* g = L.g[t];
   S* m = L.m[t];
   S* v = L.v[t];
+  Q* q = static_cast<Q*>(L.q[t]);
   const int64_t tid = threadIdx.x, stride = blockDim.x;
   int64_t tail = begin;
   if ((L.vec >> t) & 1ull) {
     const int64_t nv = (end - begin) / V;  // begin is a multiple of V: kAdamWChunk is
     for (int64_t i = tid; i < nv; i += stride) {
-      adamw_vec<P, G, V>(p, g, m, v, begin + i * V, h);
+      adamw_vec<P, G, Q, V>(p, g, m, v, q, begin + i * V, h);
     }
     tail = begin + nv * V;
   }
-  for (int64_t i = tail + tid; i < end; i += stride) adamw_elem<P, G>(p[i], g[i], m[i], v[i], h);
+  for (int64_t i = tail + tid; i < end; i += stride) adamw_elem<P, G, Q>(p[i], g[i], m[i], v[i], at(q, i), h);
 }
 
-template <typename P, typename G>
+template <typename P, typename G, typename Q>
 void adamw_multi_run(cudaStream_t s, const TensorArg* p, const TensorArg* g, const TensorArg* m, const TensorArg* v,
-                     int count, const AdamWParams& hp) {
+                     const TensorArg* q, int count, const AdamWParams& hp) {
   using C = typename Tr<P>::C;
   using S = typename StateOf<P>::T;
   for (int i = 0; i < count; i++) check_adamw_state<P>(m[i], v[i]);
@@ -230,7 +284,7 @@ void adamw_multi_run(cudaStream_t s, const TensorArg* p, const TensorArg* g, con
   L.vec = 0;
   auto flush = [&]() {
     if (L.count == 0) return;
-    auto k = adamw_multi_kernel<P, G, vec_of<P>()>;
+    auto k = adamw_multi_kernel<P, G, Q, vec_of<P>()>;
     MP_LAUNCH(k, static_cast<unsigned>(L.first[L.count]), kThreads, 0, s, L, h);
     check_launch("adamwStepMulti");
     L.count = 0;
@@ -244,19 +298,27 @@ void adamw_multi_run(cudaStream_t s, const TensorArg* p, const TensorArg* g, con
     L.g[t] = g[i].ptr<G>();
     L.m[t] = m[i].ptr<S>();
     L.v[t] = v[i].ptr<S>();
+    L.q[t] = q ? q[i].data : nullptr;
     L.n[t] = n;
     L.first[t + 1] = L.first[t] + static_cast<int>((n + kAdamWChunk - 1) / kAdamWChunk);
-    if (adamw_vec_ok<P, G>(p[i], g[i], m[i], v[i])) L.vec |= 1ull << t;
+    if (adamw_vec_ok<P, G, Q>(p[i], g[i], m[i], v[i], q ? &q[i] : nullptr)) L.vec |= 1ull << t;
     if (++L.count == kAdamWMultiTensors) flush();
   }
   flush();
 }
 
+template <typename P, typename G>
+void adamw_multi_copy_dispatch(cudaStream_t s, const TensorArg* p, const TensorArg* g, const TensorArg* m,
+                               const TensorArg* v, const TensorArg* q, int count, const AdamWParams& h) {
+  const DType* qd = q ? &q[0].dtype : nullptr;
+  MPC_ADAMW_COPY(adamw_multi_run, qd, s, p, g, m, v, q, count, h);
+}
+
 template <typename P>
 void adamw_multi_dispatch(cudaStream_t s, const TensorArg* p, const TensorArg* g, const TensorArg* m,
-                          const TensorArg* v, int count, const AdamWParams& h) {
-  if (g[0].dtype == p[0].dtype) adamw_multi_run<P, P>(s, p, g, m, v, count, h);
-  else if (g[0].dtype == DType::F32) adamw_multi_run<P, float>(s, p, g, m, v, count, h);
+                          const TensorArg* v, const TensorArg* q, int count, const AdamWParams& h) {
+  if (g[0].dtype == p[0].dtype) adamw_multi_copy_dispatch<P, P>(s, p, g, m, v, q, count, h);
+  else if (g[0].dtype == DType::F32) adamw_multi_copy_dispatch<P, float>(s, p, g, m, v, q, count, h);
   else throw_error("adamw: grad dtype must be the param dtype or float32");
 }
 
@@ -496,26 +558,29 @@ void check_contiguous(const char* op, const TensorArg& t) {
 }  // namespace
 
 void adamw_step(cudaStream_t s, const TensorArg& p, const TensorArg& g, const TensorArg& m, const TensorArg& v,
-                const AdamWParams& h) {
-  for (const TensorArg* t : {&p, &g, &m, &v}) {
+                const TensorArg* copy, const AdamWParams& h) {
+  for (const TensorArg* t : {&p, &g, &m, &v, copy}) {
+    if (!t) continue;
     check_contiguous("adamw", *t);
     check_same_numel("adamw", p, *t);
   }
-  MPC_DISPATCH_FLOAT(p.dtype, adamw_dispatch, s, p, g, m, v, h);
+  MPC_DISPATCH_FLOAT(p.dtype, adamw_dispatch, s, p, g, m, v, copy, h);
 }
 
 void adamw_step_multi(cudaStream_t s, const TensorArg* p, const TensorArg* g, const TensorArg* m,
-                      const TensorArg* v, int count, const AdamWParams& h) {
+                      const TensorArg* v, const TensorArg* copies, int count, const AdamWParams& h) {
   if (count <= 0) return;
   for (int i = 0; i < count; i++) {
-    for (const TensorArg* t : {&p[i], &g[i], &m[i], &v[i]}) {
+    for (const TensorArg* t : {&p[i], &g[i], &m[i], &v[i], copies ? &copies[i] : nullptr}) {
+      if (!t) continue;
       check_contiguous("adamw", *t);
       check_same_numel("adamw", p[i], *t);
     }
-    if (p[i].dtype != p[0].dtype || g[i].dtype != g[0].dtype || m[i].dtype != m[0].dtype || v[i].dtype != v[0].dtype)
+    if (p[i].dtype != p[0].dtype || g[i].dtype != g[0].dtype || m[i].dtype != m[0].dtype ||
+        v[i].dtype != v[0].dtype || (copies && copies[i].dtype != copies[0].dtype))
       throw_error("adamwStepMulti: every list must hold one dtype; split the lists by dtype");
   }
-  MPC_DISPATCH_FLOAT(p[0].dtype, adamw_multi_dispatch, s, p, g, m, v, count, h);
+  MPC_DISPATCH_FLOAT(p[0].dtype, adamw_multi_dispatch, s, p, g, m, v, copies, count, h);
 }
 
 void sgd_step(cudaStream_t s, const TensorArg& p, const TensorArg& g, const TensorArg* buf, const SgdParams& h) {

@@ -20,17 +20,19 @@ struct AdamWParams {
   double bc2_sqrt;  // sqrt(1 - beta2^step)
   double eps;
   double neg_step;  // -lr / (1 - beta1^step)
+  double grad_scale;  // g is read as round_G(g * grad_scale), as an in-place multiply (1: as is)
 };
 
 // p (float dtype), g (p's dtype or float32), m and v (float32, float64 for float64 params), all
 // contiguous with p's numel:
 //   m = m * beta1 + (1 - beta1) g;  v = v * beta2 + (1 - beta2) g g;
 //   p = p * decay + negStep * m / (sqrt(v) / bc2Sqrt + eps)
+// copy (nullable): also receives the new p rounded to its dtype (p float32, copy bfloat16 or float16).
 void adamw_step(cudaStream_t s, const TensorArg& p, const TensorArg& g, const TensorArg& m, const TensorArg& v,
-                const AdamWParams& h);
+                const TensorArg* copy, const AdamWParams& h);
 
 // Tensors per launch of adamw_step_multi: the launch carries their pointers and sizes in its
-// kernel argument (by value, 44 bytes a tensor), which stays well under the 4 KB that every
+// kernel argument (by value, 52 bytes a tensor), which stays well under the 4 KB that every
 // CUDA version accepts.
 constexpr int kAdamWMultiTensors = 48;
 
@@ -38,7 +40,7 @@ constexpr int kAdamWMultiTensors = 48;
 // bit-identical to count adamw_step calls, in ceil(count / kAdamWMultiTensors) launches (empty
 // tensors take no part).
 void adamw_step_multi(cudaStream_t s, const TensorArg* p, const TensorArg* g, const TensorArg* m,
-                      const TensorArg* v, int count, const AdamWParams& h);
+                      const TensorArg* v, const TensorArg* copies, int count, const AdamWParams& h);
 
 struct SgdParams {
   double neg_lr, momentum, one_minus_dampening, weight_decay;
