@@ -6,6 +6,7 @@ import {
   getBackend,
   getDefaultDevice,
   getTotalNorm,
+  getTotalNormPowerSum,
   hasNativeKernel,
   type KernelName,
   type KernelTable,
@@ -158,6 +159,25 @@ describe('clipGradNorm matches torch.nn.utils.clip_grad_norm_', () => {
     expect(getTotalNorm([big], Number.POSITIVE_INFINITY)).toBe(Math.max(...flat.map(Math.abs)));
     t.dispose();
     big.dispose();
+  });
+
+  it('getTotalNormPowerSum is the sum of |x|^p before the root (max |x|, NaN first, for inf)', () => {
+    const a = tensor([3, -4], { dtype: 'float32' });
+    const b = tensor([[1, 2]], { dtype: 'bfloat16' });
+    const read = (t: Tensor) => {
+      const v = t.item();
+      t.dispose();
+      return v;
+    };
+    expect(read(getTotalNormPowerSum([a, b]))).toBe(30);
+    expect(read(getTotalNormPowerSum([a, b], 1))).toBe(10);
+    expect(read(getTotalNormPowerSum([a, b], 3))).toBeCloseTo(27 + 64 + 1 + 8, 10);
+    expect(read(getTotalNormPowerSum([a, b], Number.POSITIVE_INFINITY))).toBe(4);
+    expect(read(getTotalNormPowerSum([]))).toBe(0);
+    const n = tensor([1, Number.NaN, 5], { dtype: 'float32' });
+    expect(read(getTotalNormPowerSum([a, n], Number.POSITIVE_INFINITY))).toBeNaN();
+    expect(getTotalNorm([a, b])).toBe(Math.sqrt(30));
+    for (const t of [a, b, n]) t.dispose();
   });
 });
 

@@ -2,7 +2,14 @@
 // the norm is computed on the device into one tensor, reduced over the ranks that hold different
 // pieces of the gradients, and read back once. Parameters replicated across tensor-parallel ranks
 // are counted only on TP rank 0.
-import { clipTensorsWithNorm, noGrad, stack, type Tensor, tidy, zeros } from '@megapatch/tensor';
+import {
+  clipTensorsWithNorm,
+  getTotalNormPowerSum,
+  noGrad,
+  type Tensor,
+  tidy,
+  zeros,
+} from '@megapatch/tensor';
 import { DistributedError } from '../errors.js';
 import type { ProcessGroup } from '../process-group.js';
 import { paramIsNotTensorParallelDuplicate } from '../tensor-parallel/attributes.js';
@@ -26,9 +33,10 @@ function gradOf(p: Tensor): Tensor | null {
 
 /**
  * The total p-norm of the gradients of `params` across the model-parallel ranks (and the
- * data-parallel ranks when gradients are sharded), as a number. Per-parameter norms are combined
- * in one fp32 tensor on the gradients' device, reduced (SUM of p-th powers, MAX for the inf
- * norm), then read once. NaN anywhere gives NaN (inf for the max norm).
+ * data-parallel ranks when gradients are sharded), as a number. The p-th powers are summed in
+ * double on the gradients' device (getTotalNormPowerSum: one kernel launch per gradient), reduced
+ * (SUM, or MAX for the inf norm) as one float64 value, then read once. NaN anywhere gives NaN (inf
+ * for the max norm).
  */
 export function getGradNorm(params: Iterable<Tensor>, options: GradNormOptions = {}): number {
   const normType = options.normType ?? 2;
@@ -48,25 +56,12 @@ export function getGradNorm(params: Iterable<Tensor>, options: GradNormOptions =
   const device = list[0]?.device ?? 'cpu';
   const acc = noGrad(() =>
     tidy(() => {
-      if (grads.length === 0) return zeros([1], { dtype: 'float32', device });
-      const norms = grads.map((g) => {
-        if (g.dtype === 'float32') return g.norm(normType);
-        // a bf16/fp16 result would keep 3 significant digits: take the norm of an fp32 copy
-        const g32 = g.float();
-        const n = g32.norm(normType).float();
-        g32.dispose();
-        return n;
-      });
-      const all = stack(norms);
-      if (inf) {
-        // max() skips NaN (here and in a MAX reduction), so a non-finite gradient is turned into
-        // +inf: a gradient holding NaN or ±inf has a non-finite sum, and s − s is NaN exactly
-        // when s is not finite (a finite sum overflowing fp32 counts as non-finite too)
-        const s = stack(grads.map((g) => g.sum().float())).sum();
-        const d = s.sub(s).reshape(1);
-        return all.amax().reshape(1).maskedFill(d.ne(d), Number.POSITIVE_INFINITY);
-      }
-      return all.pow(normType).sum().reshape(1);
+      if (grads.length === 0) return zeros([1], { dtype: 'float64', device });
+      // sum |g|^p (max |g|) in double, one normPowerSum launch per gradient, 16-bit ones read
+      // as they are (no fp32 copy)
+      const s = getTotalNormPowerSum(grads, normType).reshape(1);
+      // a MAX reduction would drop a NaN: the max norm of a gradient holding NaN becomes +inf
+      return inf ? s.maskedFill(s.ne(s), Number.POSITIVE_INFINITY) : s;
     }),
   );
   try {

@@ -33,8 +33,31 @@ function checkNormType(op: string, normType: number): void {
  * device (one read on each of those devices).
  */
 export function getTotalNormTensor(tensors: Iterable<Tensor>, normType = 2): Tensor {
-  const op = 'getTotalNorm';
-  checkNormType(op, normType);
+  checkNormType('getTotalNorm', normType);
+  const acc = powerSum('getTotalNorm', tensors, normType);
+  if (normType === 1 || normType === Number.POSITIVE_INFINITY) return acc;
+  try {
+    const out = Tensor.empty(acc.backend, [], 'float64');
+    if (normType === 2) acc.backend.unary(out, acc, 'sqrt');
+    else acc.backend.binaryScalar(out, acc, 1 / normType, 'pow');
+    return out;
+  } finally {
+    acc.dispose();
+  }
+}
+
+/**
+ * The sum of |x|^p over several tensors (the max of |x| for normType = Infinity, the first NaN
+ * winning), before getTotalNormTensor's p-th root: a new 0-d float64 tensor on their device,
+ * accumulated in double by the backend's normPowerSum kernel, tensor by tensor in list order.
+ * What model-parallel code all-reduces (SUM, or MAX for the max norm) before taking the root.
+ */
+export function getTotalNormPowerSum(tensors: Iterable<Tensor>, normType = 2): Tensor {
+  checkNormType('getTotalNormPowerSum', normType);
+  return powerSum('getTotalNormPowerSum', tensors, normType);
+}
+
+function powerSum(op: string, tensors: Iterable<Tensor>, normType: number): Tensor {
   const combine = normType === Number.POSITIVE_INFINITY ? 'maximum' : 'add';
   // per device: the accumulator and a scratch scalar for the next tensor's power sum
   const accs = new Map<Backend, { acc: Tensor; part: Tensor | null }>();
@@ -81,15 +104,9 @@ export function getTotalNormTensor(tensors: Iterable<Tensor>, normType = 2): Ten
       temps.push(moved);
       b.binary(acc, acc, moved, combine);
     }
-    if (normType === 1 || normType === Number.POSITIVE_INFINITY) {
-      // the result is handed out: it is not a temporary any more
-      temps.splice(temps.indexOf(acc), 1);
-      return acc;
-    }
-    const out = Tensor.empty(b, [], 'float64');
-    if (normType === 2) b.unary(out, acc, 'sqrt');
-    else b.binaryScalar(out, acc, 1 / normType, 'pow');
-    return out;
+    // the result is handed out: it is not a temporary any more
+    temps.splice(temps.indexOf(acc), 1);
+    return acc;
   } finally {
     for (const t of temps) t.dispose();
   }

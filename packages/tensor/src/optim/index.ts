@@ -13,6 +13,7 @@ export {
   clipGradNorm,
   clipTensorsWithNorm,
   getTotalNorm,
+  getTotalNormPowerSum,
   getTotalNormTensor,
 } from './clip-grad.js';
 export {
