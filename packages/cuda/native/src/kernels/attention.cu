@@ -440,8 +440,9 @@ MP_D void load_tile16_async(uint16_t* dst, const T* base, int64_t rs, int64_t r0
 // Dv = 128 the key tile shrinks to 32, as nvcc spills registers at 64 there: fwd_mma_bc).
 template <int RM, int DV> constexpr int fwd_mma_bc() { return RM == 2 && DV >= 128 ? 32 : kMmaBC; }
 // MINB: the blocks per SM asked of ptxas (__launch_bounds__), which caps registers per thread (see
-// attention_occupancy below).
-template <typename T, int D, int DV, bool PIPE, int RM = 1, int MINB = 1>
+// attention_occupancy below); 0 asks nothing (ptxas's own choice: an explicit 1 lets it take up to
+// 255 registers, which it does here, 165 instead of 129 for D 64).
+template <typename T, int D, int DV, bool PIPE, int RM = 1, int MINB = 0>
 __global__ void __launch_bounds__(kAttThreads, MINB) attn_fwd_mma_kernel(Params P) {
   constexpr int BR = kMmaBR * RM, BC = fwd_mma_bc<RM, DV>(), LDQ = D + kMmaPad, LDV = DV + kMmaPad;
   constexpr int KD = D / 16, NS = BC / 8, NO = DV / 8, NBUF = PIPE ? 2 : 1;
@@ -554,14 +555,24 @@ ATT_UNROLL
     for (int r = 0; r < RM; r++)
 ATT_UNROLL
       for (int hf = 0; hf < 2; hf++) inside = inside && j0 >= lo[r][hf] && j0 + BC <= hi[r][hf];
+    // Such tiles keep the raw scores: the row maximum is taken over them and scaled once (the same
+    // value, since x -> x * scale2 is monotonic for scale2 > 0), and each probability is one FMA
+    // and one exp2 (FlashAttention's order), one multiply an element fewer.
     const bool whole = __all_sync(0xffffffffu, inside);
+    const bool raw = whole && scale2 > 0.0f;
 ATT_UNROLL
     for (int r = 0; r < RM; r++)
 ATT_UNROLL
       for (int hf = 0; hf < 2; hf++) {
         const int64_t i = i0 + 16 * (RM * warp + r) + g + 8 * hf;
         float rmax = ninf;
-        if (whole) {
+        if (raw) {
+ATT_UNROLL
+          for (int n = 0; n < NS; n++)
+ATT_UNROLL
+            for (int c = 0; c < 2; c++) rmax = fmaxf(rmax, s[r][n][2 * hf + c]);
+          rmax *= scale2;
+        } else if (whole) {
 ATT_UNROLL
           for (int n = 0; n < NS; n++)
 ATT_UNROLL
@@ -590,14 +601,25 @@ ATT_UNROLL
         const bool live = rmax != ninf;
         const float mnew = live ? fmaxf(m[r][hf], rmax) : m[r][hf];
         float sum = 0.0f;
+        if (raw && live) {
 ATT_UNROLL
-        for (int n = 0; n < NS; n++)
+          for (int n = 0; n < NS; n++)
 ATT_UNROLL
-          for (int c = 0; c < 2; c++) {
-            const float p = live ? att_exp2(s[r][n][2 * hf + c] - mnew) : 0.0f;
-            s[r][n][2 * hf + c] = p;
-            sum += p;
-          }
+            for (int c = 0; c < 2; c++) {
+              const float p = att_exp2(fmaf(s[r][n][2 * hf + c], scale2, -mnew));
+              s[r][n][2 * hf + c] = p;
+              sum += p;
+            }
+        } else {
+ATT_UNROLL
+          for (int n = 0; n < NS; n++)
+ATT_UNROLL
+            for (int c = 0; c < 2; c++) {
+              const float p = live ? att_exp2(s[r][n][2 * hf + c] - mnew) : 0.0f;
+              s[r][n][2 * hf + c] = p;
+              sum += p;
+            }
+        }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
         if (live) {
@@ -975,7 +997,7 @@ MP_D void mma_acc_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)
 // dS^T goes to shared memory ([64][BQ], rounded to 16 bits as for dK), then warp w multiplies the
 // tile's columns [w D / 4, (w + 1) D / 4) of dQ. attn_dq_convert_kernel scales and stores dQ. The
 // order of the additions across key tiles is the atomics' (not deterministic on a GPU).
-template <typename T, int D, int DV, int BQ, bool PIPE, bool DQ = false, int MINB = 1>
+template <typename T, int D, int DV, int BQ, bool PIPE, bool DQ = false, int MINB = 0>
 __global__ void __launch_bounds__(kAttThreads, MINB) attn_dkdv_mma_kernel(Params P) {
   constexpr int BR = kMmaBR, LDK = D + kMmaPad, LDV = DV + kMmaPad, NQ = BQ / 8, NBUF = PIPE ? 2 : 1;
   constexpr int LDS = BQ + kMmaPad, MT = BQ / 16, NTW = D / 32;  // dQ: m-tiles, n-tiles per warp
@@ -1480,13 +1502,15 @@ bool pipeline_allowed() {
 }
 // MEGAPATCH_ATTENTION_OCC=1: with D + Dv <= 128 the forward asks ptxas for 4 blocks an SM (128
 // registers) and dK/dV for 3 (168), at the price of some spilled registers (ptxas -v, sm_90, bf16:
-// 60 and 176 bytes) instead of 134 and 178 registers (3 and 2 blocks). For measuring on a GPU.
+// 44 and 176 bytes of spill stores) instead of 129 and 178 registers (3 and 2 blocks). For
+// measuring on a GPU.
 bool attention_occupancy() {
   const char* e = std::getenv("MEGAPATCH_ATTENTION_OCC");
   return e && std::strcmp(e, "1") == 0;
 }
 // MEGAPATCH_ATTENTION_BWD_BQ=32: dK/dV tiles of 32 queries instead of 64 when D + Dv <= 128 (half
-// the score registers: 3 blocks an SM without spills, twice the tiles). For measuring on a GPU.
+// the score registers: 157 registers, 3 blocks an SM without spills; twice the tiles). For
+// measuring on a GPU.
 bool dkdv_bq32() {
   const char* e = std::getenv("MEGAPATCH_ATTENTION_BWD_BQ");
   return e && std::strcmp(e, "32") == 0;
@@ -1556,7 +1580,7 @@ void forward_mma_rows(Params P, cudaStream_t s) {
   const bool pipe = (P.vec & 6) == 6 && pipeline_allowed();
   constexpr bool small = D + DV <= 128 && RM == 1;  // MINB 1 otherwise: no other instantiation
   if (small && pipe && attention_occupancy()) {
-    launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, RM, small ? 4 : 1>, "attentionForward", P, blocks, 1,
+    launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, RM, small ? 4 : 0>, "attentionForward", P, blocks, 1,
                  fwd_mma_smem<T, D, DV, true, RM>(), s);
   } else if (pipe) {
     launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, RM>, "attentionForward", P, blocks, 1,
@@ -1684,7 +1708,7 @@ void backward_mma_cfg(Params P, cudaStream_t s) {
   // the measuring variants exist for D + Dv <= 128 only (elsewhere the template arguments below
   // name the default kernel: no other instantiation)
   constexpr bool small = D + DV <= 128;
-  constexpr int BQ32 = small ? 32 : BQ, MINB = small ? 3 : 1;
+  constexpr int BQ32 = small ? 32 : BQ, MINB = small ? 3 : 0;
   if (small && (P.vec & 9) == 9 && pipe && dkdv_bq32()) {
     launch_tiles(attn_dkdv_mma_kernel<T, D, DV, BQ32, true>, "attentionBackward (dk, dv)", Pk,
                  P.B * P.Hkv * Pk.ntiles, 1, dkdv_mma_smem<T, D, DV, true, false, BQ32>(), s);
