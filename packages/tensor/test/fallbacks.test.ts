@@ -1578,6 +1578,19 @@ describe('attentionForward / attentionBackward', () => {
 
 // ---- optimizers -------------------------------------------------------------------------------
 
+/** The scalars of an AdamW step with lr 1e-2, betas (0.9, 0.999), eps 1e-8. */
+const adamwScalars = (weightDecay: number, step: number) => {
+  const [lr, beta1, beta2] = [1e-2, 0.9, 0.999];
+  return {
+    decay: 1 - lr * weightDecay,
+    beta1,
+    beta2,
+    bc2Sqrt: Math.sqrt(1 - beta2 ** step),
+    eps: 1e-8,
+    negStep: -(lr / (1 - beta1 ** step)),
+  };
+};
+
 describe('adamwStep', () => {
   const it = itWith('adamwStep');
   const combos: { p: DType; g: DType }[] = [
@@ -1611,14 +1624,8 @@ describe('adamwStep', () => {
                 const g = randnT(r, [n], dt.g, 0.1);
                 const m = randnT(r, [n], state, 0.05);
                 const v = make([n], state, () => 0.01 * r.normal() ** 2);
-                const [lr, beta1, beta2] = [1e-2, 0.9, 0.999];
                 const s = {
-                  decay: 1 - lr * weightDecay,
-                  beta1,
-                  beta2,
-                  bc2Sqrt: Math.sqrt(1 - beta2 ** step),
-                  eps: 1e-8,
-                  negStep: -(lr / (1 - beta1 ** step)),
+                  ...adamwScalars(weightDecay, step),
                   ...(extra.gradScale !== undefined ? { gradScale: extra.gradScale } : {}),
                 };
                 const runK = (k: KernelTable['adamwStep'], grad = g, sc = s) => {
@@ -1729,17 +1736,7 @@ describe('adamwStepMulti', () => {
       for (let i = 0; i < ps.length; i++) one(ps[i], gs[i], ms[i], vs[i], s, cs?.[i] ?? null);
     };
 
-  const scalars = (weightDecay: number, step: number) => {
-    const [lr, beta1, beta2] = [1e-2, 0.9, 0.999];
-    return {
-      decay: 1 - lr * weightDecay,
-      beta1,
-      beta2,
-      bc2Sqrt: Math.sqrt(1 - beta2 ** step),
-      eps: 1e-8,
-      negStep: -(lr / (1 - beta1 ** step)),
-    };
-  };
+  const scalars = adamwScalars;
 
   for (const dt of combos) {
     for (const list of lists) {
