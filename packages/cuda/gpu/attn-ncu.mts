@@ -1,6 +1,7 @@
 // One causal attention forward and backward at the bench's model-layer shape (B 4, Hq 32, Hkv 8,
 // S 2048, D 64, bf16), for Nsight Compute: gpu/run.sh's `ncu` step runs it under `ncu`, limited to
-// the attention kernels, with MEGAPATCH_ATTENTION_BWD unset and =fused. Prints one line per pass.
+// the attention kernels, with the default kernels and each variant the bench compares
+// (MEGAPATCH_ATTENTION_BWD_BQ=32, MEGAPATCH_ATTENTION_OCC=1). Prints one line per pass.
 // usage (repository root; needs packages/tensor/dist): tsx packages/cuda/gpu/attn-ncu.mts [cuda:0 | cudaemu:0] [tiny]
 import { resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -26,5 +27,10 @@ const out = T.scaledDotProductAttention(q, k, v, { isCausal: true });
 out.backward(g);
 const norm = q.grad!.float().square().sum().item();
 console.log(
-  `attn-ncu ${device} B${B} Hq${Hq} Hkv${Hkv} S${S} D${D}: |dq|^2 ${norm.toPrecision(6)} in ${(performance.now() - t0).toFixed(1)} ms (backward ${process.env.MEGAPATCH_ATTENTION_BWD ?? 'default'})`,
+  `attn-ncu ${device} B${B} Hq${Hq} Hkv${Hkv} S${S} D${D}: |dq|^2 ${norm.toPrecision(6)} in ${(performance.now() - t0).toFixed(1)} ms (${
+    Object.entries(process.env)
+      .filter(([k]) => k.startsWith('MEGAPATCH_ATTENTION_'))
+      .map(([k, v]) => `${k}=${v}`)
+      .join(' ') || 'default kernels'
+  })`,
 );
