@@ -7,7 +7,7 @@ import { isFloating } from '../dtype.js';
 import { argError, dtypeError, fmtShape, shapeError, TensorError } from '../errors.js';
 import type { Tensor } from '../tensor.js';
 import { fromTypedArray } from './creation.js';
-import { allocLike, inputsBackend } from './util.js';
+import { alloc, inputsBackend } from './util.js';
 
 /** Frequency scaling of long-context models (HF `rope_scaling`). */
 export type RopeScaling =
@@ -177,12 +177,11 @@ export function applyRotaryPosEmb(x: Tensor, cos: Tensor, sin: Tensor): Tensor {
     throw new TensorError('UNSUPPORTED', `applyRotaryPosEmb: no fused RoPE kernel on ${backend.device}`);
   const c3 = tableView(cos, B);
   const s3 = tableView(sin, B);
-  // in x's memory order (allocLike): RoPE on a permuted view returns that layout
-  const out = allocLike(backend, x.shape, x.dtype, x);
+  const out = alloc(backend, x.shape, x.dtype);
   kernel(out, x, c3, s3, false);
   if (needsGrad(x)) {
     attachGrad(out, 'RotaryPosEmbBackward', [x], [c3, s3], (g, [cs, sn]) => {
-      const gx = allocLike(g.backend, g.shape, x.dtype, g);
+      const gx = alloc(g.backend, g.shape, x.dtype);
       const gg = g.dtype === x.dtype ? g : g.to(x.dtype);
       kernel(gx, gg, cs, sn, true);
       if (gg !== g) gg.dispose();

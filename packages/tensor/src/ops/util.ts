@@ -41,25 +41,6 @@ export function alloc(backend: Backend, shape: Shape, dtype: DType, zero = false
   return Tensor.empty(backend, shape, dtype, zero);
 }
 
-/**
- * A fresh dense tensor of `shape` whose dimensions lie in memory in the order of `like`'s strides
- * (largest outermost; equal strides keep their order): the output of an op on a permuted view
- * keeps the view's memory order, so the inverse permutation is contiguous again. PyTorch's
- * preserve_format does this for dense inputs; here a strided slice (attention's q, k, v inside the
- * fused QKV projection) keeps its order too. A contiguous `like` gives a contiguous tensor.
- */
-export function allocLike(backend: Backend, shape: Shape, dtype: DType, like: Tensor): Tensor {
-  if (like.isContiguous || shape.length !== like.ndim) return alloc(backend, shape, dtype);
-  const order = shape.map((_, d) => d).sort((a, b) => like.strides[b] - like.strides[a] || a - b);
-  const strides = new Array<number>(shape.length);
-  let step = 1;
-  for (let i = order.length - 1; i >= 0; i--) {
-    strides[order[i]] = step;
-    step *= shape[order[i]];
-  }
-  return Tensor.emptyStrided(backend, shape, strides, dtype);
-}
-
 export function finishCreate(t: Tensor, opts: CreateOptions | undefined): Tensor {
   if (opts?.requiresGrad) t.requiresGrad_(true);
   return t;
