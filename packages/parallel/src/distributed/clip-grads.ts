@@ -3,6 +3,7 @@
 // pieces of the gradients, and read back once. Parameters replicated across tensor-parallel ranks
 // are counted only on TP rank 0.
 import {
+  clipCoefficient,
   clipTensorsWithNorm,
   getTotalNormPowerSum,
   noGrad,
@@ -76,14 +77,8 @@ export function getGradNorm(params: Iterable<Tensor>, options: GradNormOptions =
   }
 }
 
-/**
- * The factor Megatron's clip_grad_by_total_norm_fp32 scales the gradients by: maxNorm /
- * (totalNorm + 1e-6) when that is below 1, else 1 (NaN stays NaN).
- */
-export function clipCoefficient(maxNorm: number, totalNorm: number): number {
-  const coef = maxNorm / (totalNorm + 1e-6);
-  return coef < 1 || Number.isNaN(coef) ? coef : 1;
-}
+// the factor Megatron's clip_grad_by_total_norm_fp32 scales the gradients by (tensor's, re-exported)
+export { clipCoefficient };
 
 /**
  * Scales the gradients of `params` in place by maxNorm / (totalNorm + 1e-6) when that is below 1

@@ -126,13 +126,20 @@ export function getTotalNorm(tensors: Iterable<Tensor>, normType = 2): number {
 }
 
 /**
+ * The factor clipping scales the gradients by: min(1, maxNorm / (totalNorm + 1e-6)) (torch's and
+ * Megatron's); NaN passes through the clamp (torch.clamp keeps NaN), poisoning the gradients visibly.
+ */
+export function clipCoefficient(maxNorm: number, totalNorm: number): number {
+  const coef = maxNorm / (totalNorm + 1e-6);
+  return coef < 1 || Number.isNaN(coef) ? coef : 1;
+}
+
+/**
  * Scales tensors in place by min(1, maxNorm / (totalNorm + 1e-6)). A NaN total makes every
  * value NaN and an infinite one zeroes them, as torch does.
  */
 export function clipTensorsWithNorm(tensors: Iterable<Tensor>, maxNorm: number, totalNorm: number): void {
-  const coef = maxNorm / (totalNorm + 1e-6);
-  // NaN passes through the clamp (torch.clamp keeps NaN), poisoning the gradients visibly
-  const clamped = coef < 1 || Number.isNaN(coef) ? coef : 1;
+  const clamped = clipCoefficient(maxNorm, totalNorm);
   if (clamped === 1) return;
   for (const t of tensors) if (t.numel > 0) t.backend.binaryScalar(t, t, clamped, 'mul');
 }

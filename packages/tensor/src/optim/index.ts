@@ -10,6 +10,7 @@ export {
 } from './adamw.js';
 export {
   type ClipGradNormOptions,
+  clipCoefficient,
   clipGradNorm,
   clipTensorsWithNorm,
   getTotalNorm,
