@@ -50,6 +50,7 @@ const GEMM_ENTRIES = new Set([
   'linearBias',
   'linearActivation',
   'linearWeightBiasGrad',
+  'linearWeightGradAccumulate',
   'groupedGemm',
 ]);
 const ATTENTION_ENTRIES = new Set(['attentionForward', 'attentionBackward']);

@@ -66,6 +66,7 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
       'linearBias',
       'linearBiasActivation',
       'linearWeightBiasGrad',
+      'linearWeightGradAccumulate',
       'groupedGemm',
       'accumulateGrad',
     ] as const;

@@ -4,7 +4,7 @@ import './autograd/engine.js';
 import './backend/fallbacks.js';
 
 export { checkpoint } from './autograd/checkpoint.js';
-export { type BackwardOptions, backward } from './autograd/engine.js';
+export { addedToMainGrad, type BackwardOptions, backward } from './autograd/engine.js';
 export { type GradcheckOptions, gradcheck } from './autograd/gradcheck.js';
 export { enableGrad, type GradHook, isGradEnabled, noGrad, setGradEnabled } from './autograd/graph.js';
 export { attachGrad, needsGrad } from './autograd/record.js';

@@ -329,4 +329,34 @@ describe('mainGrad', () => {
     w.mainGrad.dispose();
     w.dispose();
   });
+
+  it('gradient-accumulation fusion changes nothing on the CPU (it has no fused kernel)', () => {
+    begin();
+    expect(T.getGradientAccumulationFusion()).toBe(true);
+    const run = (fusion: boolean): number[] => {
+      T.setGradientAccumulationFusion(fusion);
+      const w = T.tensor([0.5, -1.25, 2, 0.75, 1.5, -0.5], {
+        dtype: 'bfloat16',
+        shape: [2, 3],
+      }).requiresGrad_(true);
+      w.mainGrad = T.full([2, 3], 256, { dtype: 'float32' });
+      T.tidy(() => {
+        const x = T.tensor([1.5, 2.25, -3, 0.125, 4, -1, 2, 0.5, 3], { dtype: 'bfloat16', shape: [3, 3] });
+        T.linear(x, w).sum().backward();
+      });
+      expect(w.grad).toBeNull();
+      const out = Array.from(w.mainGrad.toTypedArray() as Float32Array);
+      w.mainGrad.dispose();
+      w.dispose();
+      return out;
+    };
+    try {
+      const fused = run(true);
+      expect(run(false)).toEqual(fused);
+      // column sums of x added to 256, in fp32
+      expect(fused).toEqual([259.625, 262.75, 255, 259.625, 262.75, 255]);
+    } finally {
+      T.setGradientAccumulationFusion(true);
+    }
+  });
 });

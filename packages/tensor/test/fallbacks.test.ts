@@ -80,6 +80,7 @@ const DEVICE_ONLY: KernelName[] = [
   'linearBias',
   'linearBiasActivation',
   'linearWeightBiasGrad',
+  'linearWeightGradAccumulate',
   'groupedGemm',
 ];
 
@@ -1478,6 +1479,75 @@ describe('linearWeightBiasGrad', () => {
   });
 });
 
+describe('linearWeightGradAccumulate', () => {
+  // mainGrad (float32) += g^T x, the products summed in float32 and added before mainGrad's one
+  // rounding: against a float64 evaluation of init + g^T x (the composition and the devices' fused
+  // GEMM sum in different orders, so neither is compared bit for bit)
+  const itK = itWith('linearWeightGradAccumulate');
+  const CASES = [
+    [1, 1, 1],
+    [7, 33, 5],
+    [130, 8, 33],
+    [33, 130, 7],
+    [9, 4, 12],
+    [64, 32, 48],
+    [300, 16, 24],
+  ];
+  const LAYOUTS = ['contiguous', 'g transposed', 'x row-strided'];
+  for (const [di, dtype] of (['float32', 'bfloat16', 'float16'] as const).entries()) {
+    for (const [ci, [M, N, K]] of CASES.entries()) {
+      const layout = (ci + di) % LAYOUTS.length;
+      itK(`${dtype}, M ${M}, N ${N}, K ${K}, ${LAYOUTS[layout]}`, () =>
+        tidy(() => {
+          const r = rng(M * 7717 + N * 101 + K + di);
+          const g = layout === 1 ? transpose(randnT(r, [N, M], dtype), 0, 1) : randnT(r, [M, N], dtype);
+          const x =
+            layout === 2
+              ? randnT(r, [M, K + 2], dtype).viewAs([M, K], [K + 2, 1], 1)
+              : randnT(r, [M, K], dtype);
+          const init = randnT(r, [N, K], 'float32', 4);
+          const main = init.clone();
+          candidateKernel('linearWeightGradAccumulate')(main, g, x);
+          const got = values(main);
+          const start = values(init);
+          const exact = rowDots(transpose(g, 0, 1), transpose(x, 0, 1), null);
+          for (let i = 0; i < got.length; i++) {
+            const want = start[i] + exact.sum[i];
+            // one float32 rounding of the result, float32 sums of M products and the start value
+            const tol =
+              0.5 * ulpOf(Math.max(Math.abs(want), Math.abs(got[i])), 'float32') +
+              1.2 * (M + 2) * 2 ** -24 * (exact.abs[i] + Math.abs(start[i]));
+            if (!(Math.abs(got[i] - want) <= tol))
+              expect.fail(
+                `mainGrad element ${i}: ${CANDIDATE} ${got[i]}, float64 ${want} (tolerance ${tol})`,
+              );
+          }
+        }),
+      );
+    }
+  }
+
+  itK('M 0 adds nothing', () =>
+    tidy(() => {
+      const main = randnT(rng(5), [3, 4], 'float32');
+      const before = values(main);
+      candidateKernel('linearWeightGradAccumulate')(
+        main,
+        tensor([], { shape: [0, 3], dtype: 'bfloat16' }),
+        tensor([], { shape: [0, 4], dtype: 'bfloat16' }),
+      );
+      expect(values(main)).toEqual(before);
+    }),
+  );
+
+  it.skipIf(KERNEL_DEVICE !== undefined)('the CPU has no kernel: getKernel gives the composition', () => {
+    expect(hasNativeKernel(cpuBackend, 'linearWeightGradAccumulate')).toBe(false);
+    expect(getKernel(cpuBackend, 'linearWeightGradAccumulate')).toBe(
+      fallbackKernel('linearWeightGradAccumulate'),
+    );
+  });
+});
+
 describe('groupedGemm', () => {
   // each problem's c = a @ b against a float64 evaluation (rounded once); without a device the
   // composition must be matmul's product of each problem bit for bit and write nothing outside
@@ -2064,6 +2134,8 @@ describeFallbacks('memory', () => {
       const preL = sentinel([3, 5], 'float32');
       const gwL = sentinel([5, 4], 'float32');
       const gbL = sentinel([5], 'float32');
+      const gl16 = gl.to('bfloat16');
+      const xl16 = xl.to('bfloat16');
 
       const before = memoryStats('cpu').liveStorages;
       const k = <K extends KernelName>(name: K) => fallbackKernel(name);
@@ -2108,6 +2180,7 @@ describeFallbacks('memory', () => {
       k('linearBiasActivation')(outL, null, xl, wl, null, 'relu');
       k('linearBias')(outL, xl, wl, bl);
       k('linearWeightBiasGrad')(gwL, gbL, gl, xl);
+      k('linearWeightGradAccumulate')(gwL, gl16, xl16);
       expect(memoryStats('cpu').liveStorages).toBe(before);
     });
   });

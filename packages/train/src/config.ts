@@ -113,6 +113,13 @@ export const TrainingSection = z.strictObject({
   exitDurationInMins: z.number().positive().nullable().default(null),
   /** Megatron --calculate-per-token-loss: one token mean over the global batch (else a mean of micro-batch means). */
   calculatePerTokenLoss: z.boolean().default(false),
+  /**
+   * Megatron --gradient-accumulation-fusion (on by default; --no-gradient-accumulation-fusion turns
+   * it off): linear layers add their weight gradients straight into the float32 main gradients in
+   * the weight-gradient GEMM, where the device has the fused kernel (CUDA); elsewhere it changes
+   * nothing. See @megapatch/tensor's setGradientAccumulationFusion.
+   */
+  gradientAccumulationFusion: z.boolean().default(true),
 });
 
 /** AdamW with Megatron's parameter groups (no weight decay on biases and norms). */
@@ -360,6 +367,7 @@ const MEGATRON_FLAGS: Readonly<Record<string, { key: string; value?: unknown }>>
   'export-hf': { key: 'checkpoint.exportHf' },
   'sft-packing': { key: 'data.sft.packing' },
   'train-data-path': { key: 'data.dataPath' },
+  'no-gradient-accumulation-fusion': { key: 'training.gradientAccumulationFusion', value: false },
 };
 
 /** Keys whose value is a list: a Megatron flag given several words (`--data-path 0.3 a 0.7 b`). */

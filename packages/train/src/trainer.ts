@@ -54,6 +54,7 @@ import {
   fromTypedArray,
   getBackend,
   getDefaultDevice,
+  getGradientAccumulationFusion,
   keep,
   Module,
   ModuleList,
@@ -62,6 +63,7 @@ import {
   noGrad,
   OptimizerParamScheduler,
   setDefaultDevice,
+  setGradientAccumulationFusion,
   type Tensor,
   tidy,
 } from '@megapatch/tensor';
@@ -507,11 +509,14 @@ function allReduceNumbers(values: number[], group: ProcessGroup): number[] {
 export async function train(config: RunConfig, opts: TrainOptions = {}): Promise<TrainResult> {
   const device = await useDevice(config.training.device);
   const previous = getDefaultDevice();
+  const previousFusion = getGradientAccumulationFusion();
   setDefaultDevice(device);
+  setGradientAccumulationFusion(config.training.gradientAccumulationFusion);
   try {
     return await trainOnDefaultDevice(config, opts);
   } finally {
     setDefaultDevice(previous);
+    setGradientAccumulationFusion(previousFusion);
   }
 }
 

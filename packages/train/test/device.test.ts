@@ -3,7 +3,7 @@
 // CPU run's, and its checkpoint resumes on the CPU.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { getDefaultDevice, memoryStats } from '@megapatch/tensor';
+import { getDefaultDevice, getGradientAccumulationFusion, memoryStats } from '@megapatch/tensor';
 import { afterAll, expect, it } from 'vitest';
 import { parseRunConfig, train } from '../src/index.js';
 import { layoutRunConfig, patternCorpus, tempDir, tinyLlama } from './helpers.js';
@@ -52,6 +52,29 @@ it('a run on the CUDA kernels (cudaemu:0, the emulator of @megapatch/cuda) gives
   expect(memoryStats('cudaemu:0').allocations, 'tensors were made on cudaemu:0').toBeGreaterThan(1000);
   expect(emu.length).toBe(3);
   for (let i = 0; i < 3; i++) expect(Math.abs(emu[i] - cpu[i]) / cpu[i], `step ${i + 1}`).toBeLessThan(1e-5);
+});
+
+it('bf16 on cudaemu:0: gradient-accumulation fusion on (the default) and off train alike, and the setting is restored', async () => {
+  const bf16 = { model: { dtype: 'bf16' } };
+  const on = (await train(config('emu-gaf', 'cudaemu:0', { ...bf16, training: { exitInterval: 3 } }), quiet))
+    .losses;
+  expect(getGradientAccumulationFusion()).toBe(true);
+  const off = (
+    await train(
+      config('emu-nogaf', 'cudaemu:0', {
+        ...bf16,
+        training: { exitInterval: 3, gradientAccumulationFusion: false },
+      }),
+      quiet,
+    )
+  ).losses;
+  expect(getGradientAccumulationFusion(), 'restored after the run').toBe(true);
+  expect(on.length).toBe(3);
+  // the first loss precedes any update; the later ones see weights updated from fp32-accumulated
+  // (fused) or bf16-rounded weight gradients: close, and not bit for bit the same
+  expect(on[0]).toBe(off[0]);
+  for (let i = 1; i < 3; i++) expect(Math.abs(on[i] - off[i]) / off[i], `step ${i + 1}`).toBeLessThan(1e-2);
+  expect(on.slice(1)).not.toEqual(off.slice(1));
 });
 
 it('DP=2 × TP=2 on ref:0 (collectives through host copies) gives the CPU losses', async () => {

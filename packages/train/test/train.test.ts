@@ -214,6 +214,24 @@ describe('run config', () => {
       /unknown option --tensor-model-paralel-size \(did you mean --tensor-model-parallel-size\?\)/,
     );
     expect(() => loadRunConfig(null, [['bf16', 'yes']])).toThrow(/--bf16 takes no value/);
+    const base: [string, string][] = [
+      ['model.config', 'x'],
+      ['data-path', 'a'],
+      ['seq-length', '8'],
+      ['global-batch-size', '4'],
+      ['train-iters', '2'],
+      ['lr', '1e-4'],
+      ['run-dir', 'r'],
+    ];
+    expect(loadRunConfig(null, base).training.gradientAccumulationFusion).toBe(true);
+    expect(
+      loadRunConfig(null, [...base, ['no-gradient-accumulation-fusion', 'true']]).training
+        .gradientAccumulationFusion,
+    ).toBe(false);
+    expect(
+      loadRunConfig(null, [...base, ['gradient-accumulation-fusion', 'false']]).training
+        .gradientAccumulationFusion,
+    ).toBe(false);
   });
 });
 

@@ -2,15 +2,21 @@
 // bias and activation applied in the GEMM's epilogue (cuBLASLt's CUBLASLT_EPILOGUE_BIAS,
 // RELU_BIAS, GELU_AUX_BIAS..., or the tiled kernel's store), so the output is written once and a
 // 16-bit result is rounded once (the erf GELU, which cuBLASLt has no epilogue for, is the bias
-// GEMM then the unary kernel), and linear's weight and bias gradients from one GEMM (cuBLASLt's
-// CUBLASLT_EPILOGUE_BGRADB, or the tiled kernel and a row sum).
+// GEMM then the unary kernel), linear's weight and bias gradients from one GEMM (cuBLASLt's
+// CUBLASLT_EPILOGUE_BGRADB, or the tiled kernel and a row sum), and the weight gradient added
+// straight into a float32 main gradient (gradient-accumulation fusion: cuBLASLt with 16-bit A and
+// B, float32 C and D, beta 1).
 import type { KernelTable, Tensor } from '@megapatch/tensor';
 import { DTYPE_CODES, LINEAR_ACTIVATION_CODES } from '@megapatch/tensor/abi';
 import { address, type Entries, ITEMSIZE, noteGemm, pack } from '../pack.js';
 
 type GemmKernels = Pick<
   KernelTable,
-  'linearBias' | 'linearBiasActivation' | 'linearWeightBiasGrad' | 'groupedGemm'
+  | 'linearBias'
+  | 'linearBiasActivation'
+  | 'linearWeightBiasGrad'
+  | 'linearWeightGradAccumulate'
+  | 'groupedGemm'
 >;
 
 /** Problems per groupedGemm call: 11 arguments each within the argument buffer. */
@@ -108,6 +114,36 @@ export function gemmKernels(call: Entries): GemmKernels {
         .num(address(gradBias))
         .num(DTYPE_CODES[gradBias.dtype]);
       call.linearWeightBiasGrad();
+    },
+
+    linearWeightGradAccumulate(mainGrad, g, x) {
+      const [M, N] = g.shape;
+      const K = x.shape[1];
+      if (mainGrad.dtype !== 'float32')
+        throw new Error(
+          `linearWeightGradAccumulate: the main gradient must be float32, got ${mainGrad.dtype}`,
+        );
+      if (x.dtype !== g.dtype)
+        throw new Error(
+          `linearWeightGradAccumulate: the input is ${x.dtype} but the gradient is ${g.dtype}; use one dtype`,
+        );
+      // mainGrad [N, K] += g^T [N, M] @ x [M, K]: as linearWeightBiasGrad's GEMM, with the GEMM's
+      // dtype the operands' (the native entry reads and writes mainGrad as float32)
+      const p = pack.begin();
+      noteGemm(N, K, M, ITEMSIZE[g.dtype]);
+      p.num(DTYPE_CODES[g.dtype])
+        .num(N)
+        .num(K)
+        .num(M)
+        .num(address(g))
+        .num(g.strides[1])
+        .num(g.strides[0])
+        .num(address(x))
+        .num(x.strides[0])
+        .num(x.strides[1])
+        .num(address(mainGrad))
+        .num(K);
+      call.linearWeightGradAccumulate();
     },
   };
 }

@@ -42,6 +42,29 @@ function topoCounts(root: Node): Map<Node, number> {
   return deps;
 }
 
+/** The gradients addedToMainGrad returned: accumulateInto skips them. */
+const inMainGrad = new WeakSet<Tensor>();
+
+/**
+ * What a backward function returns for a leaf whose gradient it has already added to the leaf's
+ * fp32 `.mainGrad` itself (Megatron's gradient-accumulation fusion: the weight-gradient GEMM
+ * accumulates into the main gradient). Zeros of the leaf's shape and dtype (a stride-0 view of one
+ * element), so that where the leaf has other uses their gradients summed with it are still right;
+ * the accumulation skips it alone but still runs the leaf's post-accumulate hooks (data
+ * parallelism's bucket readiness). Call it only for a leaf with a mainGrad and no tensor hooks.
+ */
+export function addedToMainGrad(leaf: Tensor): Tensor {
+  const one = Tensor.empty(leaf.backend, [], leaf.dtype, true);
+  const zeros = one.viewAs(
+    leaf.shape,
+    leaf.shape.map(() => 0),
+    0,
+  );
+  one.dispose();
+  inMainGrad.add(zeros);
+  return zeros;
+}
+
 function runHooks(hooks: readonly GradHook[] | undefined, grad: Tensor): Tensor {
   if (!hooks) return grad;
   for (const h of hooks) {
@@ -62,6 +85,10 @@ function accumulate(leaf: Tensor, grad: Tensor): void {
 }
 
 function accumulateInto(leaf: Tensor, grad: Tensor): void {
+  if (inMainGrad.has(grad) && leaf.mainGrad) {
+    grad.dispose(); // already in leaf.mainGrad
+    return;
+  }
   if (!sameShape(grad.shape, leaf.shape)) {
     throw new TensorError(
       'SHAPE_MISMATCH',
@@ -157,7 +184,12 @@ export function backward(root: Tensor, gradient?: Tensor, options: BackwardOptio
         if (gi) {
           const slot = grads.get(e.node) ?? [];
           const prev = slot[e.nr];
-          if (prev) {
+          if (prev && inMainGrad.has(gi)) {
+            gi.dispose(); // zeros already in the leaf's mainGrad: prev stands for the sum
+          } else if (prev && inMainGrad.has(prev)) {
+            slot[e.nr] = gi;
+            prev.dispose();
+          } else if (prev) {
             slot[e.nr] = prev.add(gi);
             prev.dispose();
             gi.dispose();

@@ -144,6 +144,12 @@ export function accumulatorOf(leaf: Tensor): Node {
   return n;
 }
 
+/** Whether a leaf has tensor hooks (registerHook) on its gradient, which must see that gradient. */
+export function leafHasGradHooks(leaf: Tensor): boolean {
+  const hooks = accumulators.get(leaf)?.preHooks?.[0];
+  return hooks !== undefined && hooks.length > 0;
+}
+
 export function edgeOf(t: Tensor): Edge | null {
   if (!t.requiresGrad) return null;
   return t.gradFn ? { node: t.gradFn, nr: t.outputNr } : { node: accumulatorOf(t), nr: 0 };

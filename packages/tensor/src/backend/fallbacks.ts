@@ -528,6 +528,31 @@ register('linearWeightBiasGrad', (gradWeight, gradBias, g, x) =>
   }),
 );
 
+// mainGrad += g^T @ x: g and x cast to float32 (exact for 16-bit values), then one float32 GEMM
+// with beta 1 into mainGrad, so the products are summed in float32 and added before mainGrad's
+// rounding, as the devices' fused kernel does (in another summation order).
+register('linearWeightGradAccumulate', (mainGrad, g, x) =>
+  run(() => {
+    const [M, N] = g.shape;
+    const K = x.shape[1];
+    if (M === 0 || N === 0 || K === 0) return;
+    const gf = g.dtype === 'float32' ? g : to(g, 'float32');
+    const xf = x.dtype === 'float32' ? x : to(x, 'float32');
+    // mainGrad [N, K] = g^T [N, M] @ x [M, K]: the GEMM's A is g read transposed
+    mainGrad.backend.gemm(
+      1,
+      N,
+      K,
+      M,
+      { tensor: gf, bs: 0, rs: gf.strides[1], cs: gf.strides[0] },
+      { tensor: xf, bs: 0, rs: xf.strides[0], cs: xf.strides[1] },
+      { tensor: mainGrad, bs: 0, rs: K, cs: 1 },
+      1,
+      1,
+    );
+  }),
+);
+
 // ---- grouped GEMM -----------------------------------------------------------------------------
 
 // One core gemm per problem (c = a @ b, c not read): each product exactly as matmul computes it.

@@ -22,7 +22,11 @@ import type {
   TriangleKernel,
 } from '../ops/indexing.js';
 import type { LinearBiasActivationKernel } from '../ops/linear-activation.js';
-import type { LinearBiasKernel, LinearWeightBiasGradKernel } from '../ops/linear-bias.js';
+import type {
+  LinearBiasKernel,
+  LinearWeightBiasGradKernel,
+  LinearWeightGradAccumulateKernel,
+} from '../ops/linear-bias.js';
 import type { NormBackwardKernel, NormKernel } from '../ops/norm.js';
 import type { RopeKernel } from '../ops/rope.js';
 import type {
@@ -61,6 +65,7 @@ export interface KernelTable {
   linearBias: LinearBiasKernel;
   linearBiasActivation: LinearBiasActivationKernel;
   linearWeightBiasGrad: LinearWeightBiasGradKernel;
+  linearWeightGradAccumulate: LinearWeightGradAccumulateKernel;
   groupedGemm: GroupedGemmKernel;
   attentionForward: AttentionForwardKernel;
   attentionBackward: AttentionBackwardKernel;

@@ -141,12 +141,13 @@ function linearActivationFused(
     const save: Tensor[] = [pre ?? out];
     if (rw) save.push(x);
     if (rx) save.push(weight);
+    const leaf = rw && weight.isLeaf ? weight : null;
     attachGrad(out, 'LinearActivationBackward', [x, weight, bias], save, (g, s) => {
       const xs = rw ? s[1] : null;
       const ws = rx ? s[rw ? 2 : 1] : null;
       const gPre = activationGrad(s[0], g, activation);
       try {
-        return linearGrads(gPre, xShape, xs, ws, rb);
+        return linearGrads(gPre, xShape, xs, ws, rb, leaf);
       } finally {
         gPre.dispose();
       }

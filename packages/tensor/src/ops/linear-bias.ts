@@ -22,3 +22,12 @@ export type LinearBiasKernel = (out: Tensor, x: Tensor, weight: Tensor, bias: Te
  * accumulated in float32 (float64 for float64) and rounded once; M may be 0 (both zero).
  */
 export type LinearWeightBiasGradKernel = (gradWeight: Tensor, gradBias: Tensor, g: Tensor, x: Tensor) => void;
+
+/**
+ * Megatron's gradient-accumulation fusion: mainGrad [N, K] += g^T @ x, for linear's weight
+ * gradient accumulated straight into a float32 main gradient (the weight gradient never exists in
+ * g's dtype). mainGrad float32 and contiguous; g [M, N] and x [M, K] any 2-D strides, one dtype of
+ * float32, bfloat16 or float16. The products are accumulated in float32 and added to mainGrad's
+ * value before the single rounding to float32; M == 0 adds nothing.
+ */
+export type LinearWeightGradAccumulateKernel = (mainGrad: Tensor, g: Tensor, x: Tensor) => void;

@@ -1,7 +1,8 @@
 // matmul (torch.matmul semantics, batch broadcasting), bmm and linear, all on the backend's
 // batched GEMM. Operands are passed with their strides, so transposed views cost no copy.
 
-import { noGrad } from '../autograd/graph.js';
+import { addedToMainGrad } from '../autograd/engine.js';
+import { leafHasGradHooks, noGrad } from '../autograd/graph.js';
 import { attachGrad, needsGrad } from '../autograd/record.js';
 import type { GemmOperand } from '../backend/backend.js';
 import { type DType, isFloating } from '../dtype.js';
@@ -248,8 +249,9 @@ function attachLinearBackward(out: Tensor, x: Tensor, weight: Tensor, bias: Tens
   if (rw) save.push(x);
   if (rx) save.push(weight);
   const inputs = bias ? [x, weight, bias] : [x, weight];
+  const leaf = rw && weight.isLeaf ? weight : null;
   attachGrad(out, 'LinearBackward', inputs, save, (g, s) =>
-    linearGrads(g, xShape, rw ? s[0] : null, rx ? s[rw ? 1 : 0] : null, rb).slice(0, inputs.length),
+    linearGrads(g, xShape, rw ? s[0] : null, rx ? s[rw ? 1 : 0] : null, rb, leaf).slice(0, inputs.length),
   );
 }
 
@@ -292,12 +294,61 @@ function linearFused(x: Tensor, weight: Tensor, bias: Tensor): Tensor | null {
   return out;
 }
 
+let gradientAccumulationFusion = true;
+
+/**
+ * Megatron's gradient-accumulation fusion (`--gradient-accumulation-fusion`, on by default as in
+ * Megatron's training scripts): where a linear layer's weight is a leaf with a float32 `.mainGrad`
+ * (data parallelism's gradient buffer, the mixed-precision optimizers), no tensor hooks, and the
+ * backend has its own `linearWeightGradAccumulate` kernel (CUDA: one cuBLASLt GEMM with a float32
+ * output and beta 1), the weight-gradient GEMM adds g^T x straight into mainGrad in float32: the
+ * gradient is neither written in the 16-bit dtype nor added by a second kernel, and it is not
+ * rounded to 16 bits first. Elsewhere (the CPU) nothing changes. `false` turns it off everywhere
+ * (`--no-gradient-accumulation-fusion`).
+ */
+export function setGradientAccumulationFusion(enabled: boolean): void {
+  gradientAccumulationFusion = enabled;
+}
+
+/** Whether gradient-accumulation fusion is on (setGradientAccumulationFusion). */
+export function getGradientAccumulationFusion(): boolean {
+  return gradientAccumulationFusion;
+}
+
+/** The dtypes of linearWeightGradAccumulate's g and x. */
+const ACCUMULATE_DTYPES: ReadonlySet<DType> = new Set(['float32', 'bfloat16', 'float16']);
+
+/**
+ * mainGrad += g2^T x2 for `leaf` through the backend's own linearWeightGradAccumulate kernel, and
+ * the marker gradient the engine then skips; null (nothing done) where the fusion does not apply.
+ */
+function accumulateWeightGrad(leaf: Tensor, g2: Tensor, x: Tensor, M: number, K: number): Tensor | null {
+  if (!gradientAccumulationFusion) return null;
+  const main = leaf.mainGrad;
+  const N = g2.shape[1];
+  if (!main || main.disposed || main.dtype !== 'float32' || !main.isContiguous) return null;
+  if (main.backend !== g2.backend || main.shape.length !== 2 || main.shape[0] !== N || main.shape[1] !== K)
+    return null;
+  if (!ACCUMULATE_DTYPES.has(g2.dtype) || x.dtype !== g2.dtype || leafHasGradHooks(leaf)) return null;
+  const kernel = g2.backend.kernel('linearWeightGradAccumulate');
+  if (!kernel) return null;
+  const x2 = reshape(x, [M, K]);
+  try {
+    kernel(main, g2, x2);
+  } finally {
+    x2.dispose();
+  }
+  return addedToMainGrad(leaf);
+}
+
 /**
  * The gradients [dx, dweight, dbias] of y = x @ weight^T + bias from g = dy [..., N]: dx = g @
  * weight where weight is given (x needs a gradient), dweight = g^T x where x is given, dbias =
- * the row sums of g when `biasGrad`. dweight and dbias come from the backend's own
- * linearWeightBiasGrad kernel (one GEMM whose epilogue also sums g's rows, each rounded once)
- * where it has one and both are wanted; otherwise from a GEMM and a sum.
+ * the row sums of g when `biasGrad`. With `leaf` (the weight, when it is a leaf parameter) and
+ * gradient-accumulation fusion applying to it, dweight goes straight into leaf.mainGrad (see
+ * setGradientAccumulationFusion) and the returned dweight is the engine's marker. Otherwise dweight
+ * and dbias come from the backend's own linearWeightBiasGrad kernel (one GEMM whose epilogue also
+ * sums g's rows, each rounded once) where it has one and both are wanted, or from a GEMM and a sum.
  */
 export function linearGrads(
   g: Tensor,
@@ -305,6 +356,7 @@ export function linearGrads(
   x: Tensor | null,
   weight: Tensor | null,
   biasGrad: boolean,
+  leaf: Tensor | null = null,
 ): [Tensor | null, Tensor | null, Tensor | null] {
   const N = g.shape[g.ndim - 1];
   const K = xShape[xShape.length - 1];
@@ -312,6 +364,14 @@ export function linearGrads(
   const gx = weight ? matmul(g, weight) : null;
   if (!x && !biasGrad) return [gx, null, null];
   const g2 = reshape(g, [M, N]);
+  if (x && leaf) {
+    const fused = accumulateWeightGrad(leaf, g2, x, M, K);
+    if (fused) {
+      const gb = biasGrad ? sumToShape(g2, [N]) : null;
+      g2.dispose();
+      return [gx, fused, gb];
+    }
+  }
   const kernel = g.backend.kernel('linearWeightBiasGrad');
   const dtype = g.dtype;
   if (x && biasGrad && kernel && FUSED_DTYPES.has(dtype) && x.dtype === dtype) {

@@ -121,6 +121,16 @@ MPC_ENTRY(LinearWeightBiasGradE) {
   return info.Env().Undefined();
 }
 
+// linearWeightGradAccumulate(dtype, M, N, K, A(ptr, rs, cs), B(ptr, rs, cs), C(ptr, rs)): C (float32)
+// += A @ B with A and B of `dtype`, one matrix (src/kernels/gemm.ts passes g^T as A, x as B and the
+// fp32 main gradient as C).
+MPC_ENTRY(LinearWeightGradAccumulateE) {
+  Args a;
+  const LinearHead h = read_head(a);
+  gemm_accumulate_f32(current_stream(), h.dt, h.p.M, h.p.N, h.p.K, h.p.a, h.p.b, h.p.c);
+  return info.Env().Undefined();
+}
+
 // groupedGemm(dtype, count, count x [M, N, K, A(ptr, rs, cs), B(ptr, rs, cs), C(ptr, rs)]):
 // C = A @ B for each problem, in one grouped GEMM (kernels/gemm.h grouped_gemm).
 MPC_ENTRY(GroupedGemmE) {
@@ -145,6 +155,7 @@ void register_gemm(Napi::Env env, Napi::Object exports) {
   exports.Set("linearBias", Napi::Function::New(env, LinearBiasE));
   exports.Set("linearActivation", Napi::Function::New(env, LinearActivationE));
   exports.Set("linearWeightBiasGrad", Napi::Function::New(env, LinearWeightBiasGradE));
+  exports.Set("linearWeightGradAccumulate", Napi::Function::New(env, LinearWeightGradAccumulateE));
   exports.Set("groupedGemm", Napi::Function::New(env, GroupedGemmE));
   exports.Set("gemmEngine", Napi::Function::New(env, GemmEngineE));
 }

@@ -63,10 +63,10 @@ template <typename C> MP_D C epilogue_act(int act, C v) {
 // bias[n] to column n, a non-null aux (batch 1) receives that value (the pre-activation, rounded
 // once), and act (a GemmAct code) is applied to what C receives.
 // One BM x BN tile of C at (m0, n0) for the block (As and Bs: its shared slices).
-template <typename T, int BM, int BN, int BK, int TM, int TN>
+template <typename T, int BM, int BN, int BK, int TM, int TN, typename TC = T>
 MP_D void gemm_tile(typename Tr<T>::C (*As)[BM + 1], typename Tr<T>::C (*Bs)[BN + 1], int64_t M, int64_t N,
                     int64_t K, const T* Az, int64_t ars, int64_t acs, int a_kfast, const T* Bz, int64_t brs,
-                    int64_t bcs, int b_nfast, T* Cz, int64_t crs, int64_t m0, int64_t n0, typename Tr<T>::C alpha,
+                    int64_t bcs, int b_nfast, TC* Cz, int64_t crs, int64_t m0, int64_t n0, typename Tr<T>::C alpha,
                     typename Tr<T>::C beta, const T* bias, T* aux, int64_t aux_rs, int act) {
   using Acc = typename Tr<T>::C;
   constexpr int TX = BN / TN;
@@ -128,21 +128,21 @@ MPG_UNROLL
     for (int j = 0; j < TN; j++) {
       const int64_t n = n0 + tx + j * TX;
       if (n >= N) continue;
-      T* p = Cz + r * crs + n;
+      TC* p = Cz + r * crs + n;
       Acc v = alpha * acc[i][j];
-      if (beta != Acc(0)) v = fma_acc(beta, Tr<T>::ld(p), v);  // beta == 0: C is not read
+      if (beta != Acc(0)) v = fma_acc(beta, static_cast<Acc>(Tr<TC>::ld(p)), v);  // beta == 0: C is not read
       if (bias) v += Tr<T>::ld(bias + n);
       if (aux) Tr<T>::st(aux + r * aux_rs + n, v);
       if (act != 0) v = epilogue_act(act, v);
-      Tr<T>::st(p, v);
+      Tr<TC>::st(p, v);
     }
   }
 }
 
-template <typename T, int BM, int BN, int BK, int TM, int TN>
+template <typename T, int BM, int BN, int BK, int TM, int TN, typename TC = T>
 __global__ void __launch_bounds__((BM / TM) * (BN / TN))
     gemm_tiled_kernel(int64_t batch, int64_t M, int64_t N, int64_t K, const T* A, int64_t abs_, int64_t ars,
-                      int64_t acs, int a_kfast, const T* B, int64_t bbs, int64_t brs, int64_t bcs, int b_nfast, T* C,
+                      int64_t acs, int a_kfast, const T* B, int64_t bbs, int64_t brs, int64_t bcs, int b_nfast, TC* C,
                       int64_t cbs, int64_t crs, typename Tr<T>::C alpha, typename Tr<T>::C beta, const T* bias,
                       T* aux, int64_t aux_rs, int act) {
   using Acc = typename Tr<T>::C;
@@ -152,8 +152,8 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN))
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
   for (int64_t z = blockIdx.z; z < batch; z += gridDim.z)
     for (int64_t mt = blockIdx.y; mt < mtiles; mt += gridDim.y)
-      gemm_tile<T, BM, BN, BK, TM, TN>(As, Bs, M, N, K, A + z * abs_, ars, acs, a_kfast, B + z * bbs, brs, bcs,
-                                       b_nfast, C + z * cbs, crs, mt * BM, n0, alpha, beta, bias, aux, aux_rs, act);
+      gemm_tile<T, BM, BN, BK, TM, TN, TC>(As, Bs, M, N, K, A + z * abs_, ars, acs, a_kfast, B + z * bbs, brs,
+                                           bcs, b_nfast, C + z * cbs, crs, mt * BM, n0, alpha, beta, bias, aux, aux_rs, act);
 }
 
 // One problem of the grouped tiled kernel, as the device reads it from the uploaded table: its
@@ -276,7 +276,7 @@ constexpr int NT = (BM / TM) * (BN / TN);
 int a_kfast(const GemmMat& a) { return a.cs == 1 ? 1 : a.rs == 1 ? 0 : (iabs64(a.cs) <= iabs64(a.rs) ? 1 : 0); }
 int b_nfast(const GemmMat& b) { return b.cs == 1 ? 1 : b.rs == 1 ? 0 : (iabs64(b.cs) <= iabs64(b.rs) ? 1 : 0); }
 
-template <typename T>
+template <typename T, typename TC = T>
 void launch_tiled(cudaStream_t stream, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a,
                   const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmEpilogue* epi) {
   using Acc = typename Tr<T>::C;
@@ -284,9 +284,9 @@ void launch_tiled(cudaStream_t stream, int64_t batch, int64_t M, int64_t N, int6
   if (ntiles > 0x7fffffff) throw_error("matmul: N = " + std::to_string(N) + " is too large for the GEMM kernel");
   dim3 grid(static_cast<unsigned>(ntiles), static_cast<unsigned>(mn(mtiles, int64_t(65535))),
             static_cast<unsigned>(mn(batch, int64_t(65535))));
-  auto k = gemm_tiled_kernel<T, BM, BN, BK, TM, TN>;
+  auto k = gemm_tiled_kernel<T, BM, BN, BK, TM, TN, TC>;
   MP_LAUNCH(k, grid, dim3(NT), 0, stream, batch, M, N, K, reinterpret_cast<const T*>(a.data), a.bs, a.rs, a.cs,
-            a_kfast(a), reinterpret_cast<const T*>(b.data), b.bs, b.rs, b.cs, b_nfast(b), reinterpret_cast<T*>(c.data),
+            a_kfast(a), reinterpret_cast<const T*>(b.data), b.bs, b.rs, b.cs, b_nfast(b), reinterpret_cast<TC*>(c.data),
             c.bs, c.rs, static_cast<Acc>(alpha), static_cast<Acc>(beta),
             epi ? reinterpret_cast<const T*>(epi->bias) : static_cast<const T*>(nullptr),
             epi ? reinterpret_cast<T*>(epi->aux) : static_cast<T*>(nullptr), epi ? epi->aux_rs : int64_t(0),
@@ -329,6 +329,28 @@ void run_fallback(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, in
     case DType::BF16: launch_tiled<bf16>(stream, batch, M, N, K, a, b, c, alpha, beta, epi); break;
     case DType::F16: launch_tiled<f16>(stream, batch, M, N, K, a, b, c, alpha, beta, epi); break;
     default: throw_error("matmul: integer and bool dtypes are not supported");
+  }
+}
+
+// The checks of gemm_accumulate_f32; false when there is nothing to add (an empty C or K == 0).
+bool accumulate_args_ok(DType dtype, int64_t M, int64_t N, int64_t K) {
+  if (dtype != DType::F32 && dtype != DType::BF16 && dtype != DType::F16)
+    throw_error(std::string("linearWeightGradAccumulate: the gradient and input must be float32, bfloat16 or "
+                            "float16, got ") +
+                dtype_name(dtype));
+  if (M < 0 || N < 0 || K < 0)
+    throw_error("linearWeightGradAccumulate: negative size (M " + std::to_string(M) + ", N " + std::to_string(N) +
+                ", K " + std::to_string(K) + ")");
+  return M > 0 && N > 0 && K > 0;
+}
+
+// The tiled kernel with a float32 C read and written (alpha 1, beta 1).
+void run_accumulate_tiled(cudaStream_t stream, DType dtype, int64_t M, int64_t N, int64_t K, const GemmMat& a,
+                          const GemmMat& b, const GemmMat& c) {
+  switch (dtype) {
+    case DType::F32: launch_tiled<float, float>(stream, 1, M, N, K, a, b, c, 1.0, 1.0, nullptr); break;
+    case DType::BF16: launch_tiled<bf16, float>(stream, 1, M, N, K, a, b, c, 1.0, 1.0, nullptr); break;
+    default: launch_tiled<f16, float>(stream, 1, M, N, K, a, b, c, 1.0, 1.0, nullptr); break;
   }
 }
 
@@ -553,6 +575,11 @@ void grouped_gemm(cudaStream_t stream, DType dtype, const std::vector<GemmProble
   run_grouped_tiled(stream, dtype, work);
 }
 
+void gemm_accumulate_f32(cudaStream_t stream, DType dtype, int64_t M, int64_t N, int64_t K, const GemmMat& a,
+                         const GemmMat& b, const GemmMat& c) {
+  if (accumulate_args_ok(dtype, M, N, K)) run_accumulate_tiled(stream, dtype, M, N, K, a, b, c);
+}
+
 const char* gemm_engine() { return "emulated fallback"; }
 
 }  // namespace mpc
@@ -586,7 +613,7 @@ constexpr int64_t kMaxLtBatch = 65535;  // larger batches run as several calls
 
 // What cuBLASLt needs to describe one GEMM; everything that shapes the plan is in the key.
 struct PlanKey {
-  int64_t v[23];
+  int64_t v[24];
   bool operator==(const PlanKey& o) const { return std::memcmp(v, o.v, sizeof v) == 0; }
 };
 struct PlanKeyHash {
@@ -754,7 +781,7 @@ bool lt_epilogue(const GemmEpilogue* e, LtEpilogue& out) {
 // descriptor.
 Plan make_plan(LtDevice& d, const LtTypes& ty, bool is16, const gemm_map::LtOperand& la, const gemm_map::LtOperand& lb, uint64_t m,
                uint64_t n, int64_t ldc, int64_t batch, int64_t bs_a, int64_t bs_b, int64_t bs_c,
-               const uint32_t align[3], const LtEpilogue& e) {
+               const uint32_t align[3], const LtEpilogue& e, cudaDataType_t ctype) {
   Plan p;
   cublasLtMatmulPreference_t pref = nullptr;
   try {
@@ -792,7 +819,7 @@ Plan make_plan(LtDevice& d, const LtTypes& ty, bool is16, const gemm_map::LtOper
     }
     p.la = lt_layout(ty.data, la.rows, la.cols, la.ld, batch, bs_a);
     p.lb = lt_layout(ty.data, lb.rows, lb.cols, lb.ld, batch, bs_b);
-    p.lc = lt_layout(ty.data, m, n, ldc, batch, bs_c);
+    p.lc = lt_layout(ctype, m, n, ldc, batch, bs_c);
 
     lt_check(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
     uint64_t ws = d.workspace_bytes;
@@ -846,8 +873,10 @@ Plan make_plan(LtDevice& d, const LtTypes& ty, bool is16, const gemm_map::LtOper
 
 // Runs the GEMM and its epilogue (bias gradient included) through cuBLASLt; false (nothing
 // enqueued) when the layout, the epilogue, its vectors' alignment or cuBLASLt does not allow it.
+// c_f32: C (and D) are float32 whatever A and B are (gemm_accumulate_f32; no epilogue, batch 1).
 bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a,
-             const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmEpilogue* epi) {
+             const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmEpilogue* epi,
+             bool c_f32 = false) {
   gemm_map::LtProblem pr;
   if (!gemm_map::lt_problem(batch, M, N, K, a, b, c, pr)) return false;
   LtEpilogue e;
@@ -860,12 +889,13 @@ bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t
   const gemm_map::LtOperand &la = pr.a, &lb = pr.b;
   const int64_t ldc = pr.ldc, bs_a = pr.bs_a, bs_b = pr.bs_b, bs_c = pr.bs_c;
 
-  const int64_t isz = itemsize(dtype);
+  const int64_t isz = itemsize(dtype), csz = c_f32 ? int64_t(4) : isz;
   const bool tf32 = dtype == DType::F32 && allow_tf32();
   const bool is16 = dtype == DType::BF16 || dtype == DType::F16;
   const LtTypes ty = lt_types(dtype, tf32);
+  const cudaDataType_t ctype = c_f32 ? CUDA_R_32F : ty.data;
   const uint32_t align[3] = {lt_alignment(b.data, bs_a * isz, batch), lt_alignment(a.data, bs_b * isz, batch),
-                             lt_alignment(c.data, bs_c * isz, batch)};
+                             lt_alignment(c.data, bs_c * csz, batch)};
 
   std::lock_guard<std::mutex> lock(g_lt_mutex);
   LtDevice& d = lt_device(current_device());
@@ -897,6 +927,7 @@ bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t
     v[20] = static_cast<int64_t>(e.code);
     v[21] = e.aux_ld;
     v[22] = aux_align;
+    v[23] = c_f32;
 
     auto it = d.plans.find(key);
     if (it == d.plans.end()) {
@@ -905,15 +936,15 @@ bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t
         d.plans.clear();
       }
       Plan p = make_plan(d, ty, is16, la, lb, static_cast<uint64_t>(N), static_cast<uint64_t>(M), ldc, nb,
-                         v[11], v[12], v[13], align, e);
+                         v[11], v[12], v[13], align, e, ctype);
       it = d.plans.emplace(key, p).first;
     }
     const Plan& p = it->second;
     const char* A = b.data + b0 * bs_a * isz;  // cuBLASLt's A is our B
     const char* B = a.data + b0 * bs_b * isz;
-    char* C = c.data + b0 * bs_c * isz;
+    char* C = c.data + b0 * bs_c * csz;
     if (!p.ok) {
-      if (b0 == 0) return false;  // nothing enqueued yet: the caller runs the tiled kernel
+      if (b0 == 0 || c_f32) return false;  // nothing enqueued yet (c_f32: batch 1): the caller runs the tiled kernel
       // a last, shorter chunk cuBLASLt has no algorithm for: the tiled kernel runs it
       GemmMat ca{const_cast<char*>(B), bs_b, a.rs, a.cs}, cb{const_cast<char*>(A), bs_a, b.rs, b.cs},
           cc{C, bs_c, c.rs, 1};
@@ -1021,6 +1052,13 @@ void gemm(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N,
   if (work && gemm_split_activation(stream, dtype, batch, M, N, c, beta, epi, lt)) return;
   if (work) run_fallback(stream, dtype, batch, M, N, K, a, b, c, alpha, beta, epi);
   run_row_sums(stream, dtype, M, K, a, epi);
+}
+
+void gemm_accumulate_f32(cudaStream_t stream, DType dtype, int64_t M, int64_t N, int64_t K, const GemmMat& a,
+                         const GemmMat& b, const GemmMat& c) {
+  if (!accumulate_args_ok(dtype, M, N, K)) return;
+  if (gemm_lt(stream, dtype, 1, M, N, K, a, b, c, 1.0, 1.0, nullptr, true)) return;
+  run_accumulate_tiled(stream, dtype, M, N, K, a, b, c);
 }
 
 // cuBLAS's grouped GEMM for all products at once; what it cannot take, one gemm per problem

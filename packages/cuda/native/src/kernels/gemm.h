@@ -59,6 +59,14 @@ struct GemmEpilogue {
 void gemm(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a,
           const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmEpilogue* epi = nullptr);
 
+// C += A @ B for one matrix with C float32 and A, B of `dtype` (float32, bfloat16 or float16): the
+// products accumulated in float32 and added to C's value before its one rounding (Megatron's
+// gradient-accumulation fusion: linear's weight gradient g^T x added straight into the fp32 main
+// gradient). cuBLASLt on a GPU (A and B 16-bit, C and D float32, float32 compute), else the tiled
+// kernel with a float32 C. M, N or K of 0 adds nothing; other dtypes are errors.
+void gemm_accumulate_f32(cudaStream_t stream, DType dtype, int64_t M, int64_t N, int64_t K, const GemmMat& a,
+                         const GemmMat& b, const GemmMat& c);
+
 // The tiled shared-memory kernel for any strides, batch and float dtype (what the emulator runs),
 // with the epilogue applied at its store (a bias gradient by a row-sum kernel after it).
 void gemm_fallback(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K,

@@ -1,0 +1,211 @@
+// Gradient-accumulation fusion on the emulator (the CUDA backend's own linearWeightGradAccumulate
+// kernel): a linear layer's weight gradient goes straight into the weight's float32 mainGrad, in
+// float32, with the engine's post-accumulate hooks still run once per backward and nothing left in
+// .grad; the input gradient is unchanged; a weight with other uses, or with a tensor hook, still
+// gets the right sum; setGradientAccumulationFusion(false) restores the bf16 gradient then the
+// accumulateGrad kernel.
+import {
+  embedding,
+  getBackend,
+  getGradientAccumulationFusion,
+  linear,
+  setGradientAccumulationFusion,
+  type Tensor,
+  tensor,
+} from '@megapatch/tensor';
+import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { loadEmulatorAddon } from '../src/native.js';
+
+const built = loadEmulatorAddon();
+const skip = 'error' in built ? built.error : '';
+const DEV = 'cudaemu:0';
+
+/** Seeded normal values (mulberry32 + Box-Muller), rounded to dtype on DEV. */
+function randn(seed: number, shape: number[], dtype: 'bfloat16' | 'float32', scale = 1): Tensor {
+  let s = seed >>> 0;
+  const u = () => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return (((t ^ (t >>> 14)) >>> 0) + 0.5) / 4294967296;
+  };
+  const n = shape.reduce((a, b) => a * b, 1);
+  const v = new Float64Array(n);
+  for (let i = 0; i < n; i++) v[i] = scale * Math.sqrt(-2 * Math.log(u())) * Math.cos(2 * Math.PI * u());
+  return tensor(v, { shape, dtype }).to(DEV);
+}
+
+const vals = (t: Tensor): number[] => Array.from(t.cpu().toTypedArray() as Float32Array, Number);
+
+/** A bf16 weight [N, K] with a float32 mainGrad that starts at `init` (as DDP's buffer would). */
+function weightWithMainGrad(seed: number, N: number, K: number, init: Tensor): Tensor {
+  const w = randn(seed, [N, K], 'bfloat16', 0.2).requiresGrad_(true);
+  w.mainGrad = init.clone();
+  return w;
+}
+
+/** g^T x + init in float64 from the bf16 values (rows of g [M, N] and x [M, K]). */
+function expected(init: Tensor, terms: [Tensor, Tensor][]): { sum: number[]; abs: number[] } {
+  const sum = vals(init);
+  const abs = sum.map(Math.abs);
+  const [N, K] = init.shape;
+  for (const [g, x] of terms) {
+    const gv = vals(g.float());
+    const xv = vals(x.float());
+    const M = gv.length / N;
+    for (let n = 0; n < N; n++)
+      for (let k = 0; k < K; k++) {
+        let s = 0;
+        let a = 0;
+        for (let m = 0; m < M; m++) {
+          const p = gv[m * N + n] * xv[m * K + k];
+          s += p;
+          a += Math.abs(p);
+        }
+        sum[n * K + k] += s;
+        abs[n * K + k] += a;
+      }
+  }
+  return { sum, abs };
+}
+
+/** Every element within float32 summation error of the float64 value. */
+function expectClose(got: number[], want: { sum: number[]; abs: number[] }, terms: number) {
+  for (let i = 0; i < got.length; i++) {
+    const tol = 1.2 * (terms + 2) * 2 ** -24 * want.abs[i] + 2 ** -24 * Math.abs(want.sum[i]);
+    if (!(Math.abs(got[i] - want.sum[i]) <= tol)) expect.fail(`element ${i}: ${got[i]} vs ${want.sum[i]}`);
+  }
+}
+
+describe.skipIf(skip !== '')(
+  `gradient-accumulation fusion on ${DEV}${skip ? ` (skipped: ${skip})` : ''}`,
+  () => {
+    const kernelCalls: string[] = [];
+    beforeAll(async () => {
+      await import('../src/emulator.js');
+      const b = getBackend(DEV);
+      const kernel = b.kernel.bind(b);
+      b.kernel = ((name: Parameters<typeof kernel>[0]) => {
+        kernelCalls.push(name);
+        return kernel(name);
+      }) as typeof b.kernel;
+    });
+    afterEach(() => setGradientAccumulationFusion(true));
+
+    const [M, N, K] = [24, 12, 40];
+
+    it('is on by default; the weight gradient goes into mainGrad in float32, hooks run once, .grad stays empty', () => {
+      expect(getGradientAccumulationFusion()).toBe(true);
+      const init = randn(1, [N, K], 'float32');
+      const w = weightWithMainGrad(2, N, K, init);
+      const x = randn(3, [2, M / 2, K], 'bfloat16').requiresGrad_(true);
+      const g = randn(4, [2, M / 2, N], 'bfloat16');
+      let fired = 0;
+      w.registerPostAccumulateGradHook(() => fired++);
+      kernelCalls.length = 0;
+      linear(x, w).backward(g);
+      expect(kernelCalls).toContain('linearWeightGradAccumulate');
+      expect(kernelCalls).not.toContain('accumulateGrad');
+      expect(fired).toBe(1);
+      expect(w.grad).toBeNull();
+      const want = expected(init, [[g.reshape(M, N), x.reshape(M, K)]]);
+      expectClose(vals(w.mainGrad!), want, M);
+
+      // unfused: the bf16 gradient (rounded) accumulated by accumulateGrad; dx is the same bits
+      setGradientAccumulationFusion(false);
+      const w2 = weightWithMainGrad(2, N, K, init);
+      const x2 = x.detach().requiresGrad_(true);
+      kernelCalls.length = 0;
+      linear(x2, w2).backward(g);
+      expect(kernelCalls).not.toContain('linearWeightGradAccumulate');
+      expect(kernelCalls).toContain('accumulateGrad');
+      expect(vals(x2.grad!)).toEqual(vals(x.grad!));
+      // the bf16 rounding of g^T x makes the two differ somewhere (40 x 12 values)
+      const fused = vals(w.mainGrad!);
+      const unfused = vals(w2.mainGrad!);
+      expect(fused.some((v, i) => v !== unfused[i])).toBe(true);
+      const bf16Rounded = vals(
+        init.add(g.reshape(M, N).transpose(0, 1).matmul(x.detach().reshape(M, K)).float()),
+      );
+      expect(unfused).toEqual(bf16Rounded);
+    });
+
+    it('sums the weight gradients of several uses (two linears and an embedding lookup)', () => {
+      const init = randn(5, [N, K], 'float32');
+      const w = weightWithMainGrad(6, N, K, init);
+      const x1 = randn(7, [M, K], 'bfloat16');
+      const x2 = randn(8, [M, K], 'bfloat16');
+      const g1 = randn(9, [M, N], 'bfloat16');
+      const g2 = randn(10, [M, N], 'bfloat16');
+      const ids = tensor([3, 0, 3, 11], { dtype: 'int64' }).to(DEV);
+      const ge = randn(11, [4, K], 'bfloat16');
+      let fired = 0;
+      w.registerPostAccumulateGradHook(() => fired++);
+      const loss = linear(x1, w)
+        .mul(g1)
+        .sum()
+        .add(linear(x2, w).mul(g2).sum())
+        .add(embedding(ids, w).mul(ge).sum());
+      loss.backward();
+      expect(fired).toBe(1);
+      // the lookup's rows: one-hot rows of ids as "g" against ge as "x"
+      const oneHot = tensor(
+        Array.from({ length: 4 * N }, (_, i) => (Number([3, 0, 3, 11][Math.floor(i / N)]) === i % N ? 1 : 0)),
+        { shape: [4, N], dtype: 'bfloat16' },
+      ).to(DEV);
+      const want = expected(init, [
+        [g1, x1],
+        [g2, x2],
+        [oneHot, ge],
+      ]);
+      // the lookup's gradient is summed in bf16 before it reaches mainGrad: allow its rounding
+      const got = vals(w.mainGrad!);
+      for (let i = 0; i < got.length; i++) {
+        const tol = 1.2 * (M + 6) * 2 ** -24 * want.abs[i] + 2 ** -7 * want.abs[i];
+        if (!(Math.abs(got[i] - want.sum[i]) <= tol))
+          expect.fail(`element ${i}: ${got[i]} vs ${want.sum[i]}`);
+      }
+    });
+
+    it('leaves a weight with a tensor hook to the unfused path (the hook sees the real gradient)', () => {
+      const init = randn(12, [N, K], 'float32');
+      const w = weightWithMainGrad(13, N, K, init);
+      const x = randn(14, [M, K], 'bfloat16');
+      const g = randn(15, [M, N], 'bfloat16');
+      const seen: number[][] = [];
+      w.registerHook((grad) => {
+        seen.push(vals(grad.float()));
+      });
+      kernelCalls.length = 0;
+      linear(x, w).backward(g);
+      expect(kernelCalls).not.toContain('linearWeightGradAccumulate');
+      const gw = vals(g.transpose(0, 1).matmul(x).float());
+      expect(seen).toEqual([gw]);
+      expect(vals(w.mainGrad!)).toEqual(vals(init.add(g.transpose(0, 1).matmul(x).float())));
+    });
+
+    it('adds the bias gradient separately when the layer has a bias', () => {
+      const init = randn(16, [N, K], 'float32');
+      const w = weightWithMainGrad(17, N, K, init);
+      const bias = randn(18, [N], 'bfloat16').requiresGrad_(true);
+      bias.mainGrad = randn(19, [N], 'float32');
+      const b0 = vals(bias.mainGrad);
+      const x = randn(20, [M, K], 'bfloat16');
+      const g = randn(21, [M, N], 'bfloat16');
+      kernelCalls.length = 0;
+      linear(x, w, bias).backward(g);
+      expect(kernelCalls).toContain('linearWeightGradAccumulate');
+      expectClose(vals(w.mainGrad!), expected(init, [[g, x]]), M);
+      // the bias gradient: the row sums of g rounded once to bf16, then added to its mainGrad
+      const gs = vals(g.float());
+      const got = vals(bias.mainGrad);
+      for (let n = 0; n < N; n++) {
+        let s = 0;
+        for (let m = 0; m < M; m++) s += gs[m * N + n];
+        const tol = 2 ** -8 * Math.abs(s) + 1e-6;
+        expect(Math.abs(got[n] - b0[n] - s)).toBeLessThanOrEqual(tol);
+      }
+    });
+  },
+);
