@@ -62,6 +62,8 @@ export function createCudaBackendType(addon: BackendAddon, type: string): Backen
     const backend: Backend = {
       device: `${type}:${index}`,
       synchronous: false,
+      // RoPE and attention outputs in their inputs' memory order (no copies around attention)
+      preferInputLayout: true,
       alloc(bytes, zero) {
         on();
         return addon.alloc(bytes, zero);

@@ -163,7 +163,8 @@ export class SelfAttention extends Module {
       // [s, b, heads, d] -> [b, heads, s, d]
       q = this.headNorm(this.qLayernorm, qg.reshape(s, b, g * perGroup, d));
       q = applyRotaryPosEmb(q.permute(1, 2, 0, 3), ctx.cos, ctx.sin);
-    } else if (ctx.cos.ndim === 2) {
+    } else if (ctx.cos.ndim === 2 || ctx.cos.shape[0] === 1) {
+      // one table for every row (position ids [1, s], or [s]):
       // RoPE reads q where the projection wrote it, seen as [b·g, perGroup, s, d] (b and g merge
       // in that layout; the heads of a group do not merge with g), and writes [b, heads, s, d]
       const q5 = qg

@@ -6,7 +6,7 @@ import type { KVCache } from './kv-cache.js';
 
 /** Per-forward inputs of the attention layers, built once by the model. */
 export interface AttentionContext {
-  /** cos/sin [b, s, rotaryDim] (float32) for the new tokens. */
+  /** cos/sin [b, s, rotaryDim], or [1, s, rotaryDim] for every row alike (float32), for the new tokens. */
   cos: Tensor;
   sin: Tensor;
   /** Boolean mask [b, 1, sq, sk] (true = attend) when causality alone does not describe it. */

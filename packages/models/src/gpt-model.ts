@@ -128,7 +128,10 @@ export interface GPTModelOptions {
 
 /** Inputs of {@link GPTModel.forward} beyond the token ids. */
 export interface GPTForwardOptions {
-  /** Position of each token [b, s] (default: 0.. per row, continuing the cache; per sample with cuSeqlens). */
+  /**
+   * Position of each token [b, s], or [1, s] when every row has the same (default: 0.. continuing
+   * the cache, as [1, s]; per sample with cuSeqlens).
+   */
   positionIds?: Tensor;
   /** Packed rows (b = 1): cumulative sample boundaries [nseq + 1], int32 or int64. */
   cuSeqlens?: Tensor;
@@ -741,8 +744,11 @@ function positionMessage(p: number, max: number): string {
  * trainer's batches on a GPU) `max`, with the range check deferred to the device's next read.
  */
 function checkPositions(pos: Tensor, b: number, s: number, max: number): number {
-  if (pos.ndim !== 2 || pos.shape[0] !== b || pos.shape[1] !== s) {
-    throw new ModelError('SHAPE_MISMATCH', `position ids must be [${b}, ${s}], got [${pos.shape}]`);
+  if (pos.ndim !== 2 || (pos.shape[0] !== b && pos.shape[0] !== 1) || pos.shape[1] !== s) {
+    throw new ModelError(
+      'SHAPE_MISMATCH',
+      `position ids must be [${b}, ${s}] (or [1, ${s}]: the same for every row), got [${pos.shape}]`,
+    );
   }
   if (deferRangeCheck(pos, max, (p) => positionMessage(p, max))) return max;
   const v = pos.toTypedArray() as ArrayLike<number | bigint>;
@@ -794,14 +800,14 @@ function defaultPositions(
 ): { ids: Tensor; rows: number } {
   const out = new BigInt64Array(b * s);
   // made here: checked on the host, and their rotary rows known without reading them back
-  const done = (shape: number[]) => {
+  const done = (shape: number[], n = out.length) => {
     let top = 0;
-    for (let i = 0; i < out.length; i++) {
+    for (let i = 0; i < n; i++) {
       const p = Number(out[i]);
       if (p >= max) throw new ModelError('INVALID_INPUT', positionMessage(p, max));
       if (p + 1 > top) top = p + 1;
     }
-    return { ids: fromTypedArray(out, shape), rows: top };
+    return { ids: fromTypedArray(n === out.length ? out : out.subarray(0, n), shape), rows: top };
   };
   if (cu) {
     const bounds = Array.from(cu.toTypedArray() as ArrayLike<number | bigint>, Number);
@@ -823,8 +829,9 @@ function defaultPositions(
     }
     return done([b, s]);
   }
-  for (let r = 0; r < b; r++) for (let i = 0; i < s; i++) out[r * s + i] = BigInt(past + i);
-  return done([b, s]);
+  // the same positions in every row: one row [1, s], and one rotary table for the batch
+  for (let i = 0; i < s; i++) out[i] = BigInt(past + i);
+  return done([1, s], s);
 }
 
 /**

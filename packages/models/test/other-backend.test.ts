@@ -102,6 +102,28 @@ describe.each([
   );
 });
 
+describe('position ids shared by every row', () => {
+  it('[1, s] gives the logits of the same positions repeated [b, s], and of the default positions', () => {
+    const { model } = loadModel(fixtureCheckpoint('llama'));
+    try {
+      const tokens = fromTypedArray(BigInt64Array.from(IDS, BigInt), [2, 6]);
+      const row = [0, 1, 2, 3, 4, 5];
+      const logits = (pos?: Tensor) => {
+        const out = model.forward(tokens, pos ? { positionIds: pos } : {});
+        return Array.from((out.logits as Tensor).toTypedArray() as Float32Array);
+      };
+      const shared = logits(fromTypedArray(BigInt64Array.from(row, BigInt), [1, 6]));
+      expect(shared).toEqual(logits(fromTypedArray(BigInt64Array.from([...row, ...row], BigInt), [2, 6])));
+      expect(shared).toEqual(logits());
+      expect(() =>
+        model.forward(tokens, { positionIds: fromTypedArray(BigInt64Array.from(row, BigInt), [6]) }),
+      ).toThrow('position ids must be [2, 6] (or [1, 6]: the same for every row), got [6]');
+    } finally {
+      model.dispose();
+    }
+  });
+});
+
 // On an asynchronous device the forward waits for nothing: the token id and position checks are
 // queued with the ops' own (and fail at the device's next read), and the rotary rows are gathered
 // from a table made once per device, instead of reading the ids back to compute them on the host.

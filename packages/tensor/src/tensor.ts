@@ -94,6 +94,12 @@ export class Tensor {
     return new Tensor(storage, shape, contiguousStrides(shape), 0, dtype);
   }
 
+  /** @internal A fresh dense tensor with the given strides (a permutation of a contiguous layout). */
+  static emptyStrided(backend: Backend, shape: Shape, strides: readonly number[], dtype: DType): Tensor {
+    const storage = new Storage(backend, numel(shape) * ITEMSIZE[dtype], false);
+    return new Tensor(storage, shape, strides, 0, dtype);
+  }
+
   /** @internal A view sharing this tensor's storage (the storage gains a reference). */
   viewAs(shape: Shape, strides: readonly number[], offset: number, owned = true): Tensor {
     this.checkAlive('view');

@@ -2,6 +2,8 @@ import { afterEach, describe, expect, it } from 'vitest';
 import {
   cat,
   Generator,
+  getBackend,
+  getDefaultDevice,
   getNumThreads,
   gradcheck,
   memoryStats,
@@ -404,6 +406,41 @@ describe('scaledDotProductAttention semantics', () => {
       disposeAll(q, k, v, gout, ref);
     });
   }
+
+  it('the output and dq, dk, dv keep the memory order of q, k, v where the backend prefers it (else contiguous)', () =>
+    tidy(() => {
+      const prefers = getBackend(getDefaultDevice()).preferInputLayout === true;
+      const gen = new Generator(11);
+      const [B, H, Hkv, S, D] = [2, 4, 2, 9, 8];
+      // views of [s, b, heads, d] buffers, as the attention layer passes them
+      const bases = [H, Hkv, Hkv].map((h) => randn([S, B, h, D], { generator: gen }).requiresGrad_(true));
+      const [q, k, v] = bases.map((t) => t.detach().permute(1, 2, 0, 3));
+      const g = randn([S, B, H, D], { generator: gen });
+      // the gradients as the op returns them, at the (non-leaf) views (a leaf's .grad is its own copy)
+      const layouts: boolean[] = [];
+      const [qv, kv, vv] = bases.map((t) => {
+        const view = t.permute(1, 2, 0, 3);
+        view.registerHook((grad) => {
+          layouts.push(prefers ? grad.permute(2, 0, 1, 3).isContiguous : grad.isContiguous);
+        });
+        return view;
+      });
+      const out = sdpa(qv, kv, vv, { isCausal: true });
+      expect(out.isContiguous).toBe(!prefers);
+      expect(out.permute(2, 0, 1, 3).isContiguous).toBe(prefers);
+      // gradOut arrives as the layer's: through the permute back to [s, b, h, d]
+      out.permute(2, 0, 1, 3).backward(g);
+      expect(layouts).toEqual([true, true, true]);
+      // the same values as with contiguous inputs
+      const [qc, kc, vc] = [q, k, v].map((t) => t.contiguous().requiresGrad_(true));
+      const outC = sdpa(qc, kc, vc, { isCausal: true });
+      expect(outC.isContiguous).toBe(true);
+      outC.backward(g.permute(1, 2, 0, 3).contiguous());
+      expect(asNumbers(out.contiguous())).toEqual(asNumbers(outC));
+      bases.forEach((t, i) =>
+        expect(asNumbers(t.grad!.permute(1, 2, 0, 3).contiguous())).toEqual(asNumbers([qc, kc, vc][i].grad!)),
+      );
+    }));
 
   it('scale defaults to 1/sqrt(D)', () => {
     const { q, k, v, gout } = leaves({ B: 1, Hq: 1, Hkv: 1, Sq: 5, Sk: 6, D: 9 }, 'float32', 2);

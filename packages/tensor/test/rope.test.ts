@@ -5,6 +5,8 @@ import {
   arange,
   cat,
   Generator,
+  getBackend,
+  getDefaultDevice,
   gradcheck,
   memoryStats,
   mul,
@@ -89,6 +91,26 @@ describe('applyRotaryPosEmb', () => {
     }
   });
 
+  it('a [1, S, R] table serves every batch row as the [S, R] table does (forward and backward)', () => {
+    tidy(() => {
+      const gen = new Generator(4);
+      const { cos, sin } = ropeCosSin(arange(0, 7), 8);
+      const [c1, s1] = [cos, sin].map((t) => t.reshape(1, 7, 8));
+      const x = randn([3, 2, 7, 8], { generator: gen, requiresGrad: true });
+      const x2 = x.detach().requiresGrad_(true);
+      const g = randn([3, 2, 7, 8], { generator: gen });
+      const y1 = applyRotaryPosEmb(x, c1, s1);
+      const y2 = applyRotaryPosEmb(x2, cos, sin);
+      expect(asNumbers(y1)).toEqual(asNumbers(y2));
+      y1.backward(g);
+      y2.backward(g);
+      expect(asNumbers(x.grad!)).toEqual(asNumbers(x2.grad!));
+      // a batch of tables that is neither 1 nor B is refused
+      const two = cat([c1, c1], 0);
+      expect(() => applyRotaryPosEmb(x, two, two)).toThrow(/\[S, R\], \[1, S, R\] or \[B, S, R\] with B = 3/);
+    });
+  });
+
   it('backward rotates by the opposite angle', () => {
     tidy(() => {
       const { cos, sin } = ropeCosSin(arange(0, 7), 8);
@@ -100,6 +122,35 @@ describe('applyRotaryPosEmb', () => {
       const b = asNumbers(x);
       for (let i = 0; i < a.length; i++) expect(Math.abs(a[i] - b[i])).toBeLessThan(1e-5);
       x.grad!.dispose();
+    });
+  });
+
+  it("the output and x's gradient keep x's memory order where the backend prefers it (else contiguous)", () => {
+    tidy(() => {
+      const prefers = getBackend(getDefaultDevice()).preferInputLayout === true;
+      const { cos, sin } = ropeCosSin(arange(0, 7), 8);
+      const gen = new Generator(5);
+      const base = randn([7, 2, 3, 8], { generator: gen, requiresGrad: true }); // [s, b, h, d]
+      const x = base.detach().permute(1, 2, 0, 3);
+      // the gradient as the op returns it, at the (non-leaf) view (a leaf's .grad is its own copy)
+      const xv = base.permute(1, 2, 0, 3);
+      let gradLayout = false;
+      xv.registerHook((grad) => {
+        gradLayout = prefers ? grad.permute(2, 0, 1, 3).isContiguous : grad.isContiguous;
+      });
+      const y = applyRotaryPosEmb(xv, cos, sin);
+      expect(y.isContiguous).toBe(!prefers);
+      expect(y.permute(2, 0, 1, 3).isContiguous).toBe(prefers);
+      const g = randn([7, 2, 3, 8], { generator: gen }).permute(1, 2, 0, 3);
+      // the gradient arrives as in the attention layer: through a permute back to [s, b, h, d]
+      y.permute(2, 0, 1, 3).backward(g.permute(2, 0, 1, 3));
+      expect(gradLayout).toBe(true);
+      // the same values as on contiguous operands
+      const xc = x.contiguous().requiresGrad_(true);
+      const yc = applyRotaryPosEmb(xc, cos, sin);
+      yc.backward(g.contiguous());
+      expect(asNumbers(y.contiguous())).toEqual(asNumbers(yc));
+      expect(asNumbers(base.grad!.permute(1, 2, 0, 3).contiguous())).toEqual(asNumbers(xc.grad!));
     });
   });
 

@@ -415,6 +415,24 @@ function buildDataset(
 }
 
 /**
+ * The position ids as one row [1, s] when every row of the micro-batch has the same (pre-training
+ * without reset positions: 0..s-1 in every row), so the model builds one rotary table for the batch
+ * and RoPE reads q where the QKV projection wrote it (no copy); null when the rows differ.
+ */
+function sharedPositions(f: CollatedBatch[string]): Tensor | null {
+  const [rows, s] = f.shape;
+  if (f.shape.length !== 2 || rows < 2 || !(f.data instanceof Int32Array)) return null;
+  const d = f.data;
+  for (let r = 1; r < rows; r++) for (let i = 0; i < s; i++) if (d[r * s + i] !== d[i]) return null;
+  const one = fromTypedArray(d.slice(0, s), [1, s]);
+  try {
+    return one.to('int64');
+  } finally {
+    one.dispose();
+  }
+}
+
+/**
  * Micro-batch tensors from a collated batch; with context parallelism, this rank's two chunks of
  * every sequence (tokens, labels, positions and loss mask split alike; packed rows per sample).
  */
@@ -435,7 +453,7 @@ function microTensors(b: CollatedBatch, cp: ProcessGroup) {
   const full = {
     tokens: t('tokens'),
     labels: t('labels'),
-    positionIds: t('positionIds'),
+    positionIds: sharedPositions(b.positionIds) ?? t('positionIds'),
     lossMask: fromTypedArray(mask.data as Float32Array, mask.shape),
     maskSum: (mask.data as Float32Array).reduce((a, x) => a + x, 0),
     cuSeqlens: cu ? fromTypedArray(cu.data as Int32Array, [cu.data.length]) : null,

@@ -88,6 +88,13 @@ export interface Backend {
    * kernel's result are then queued until the next host read (see sync.ts). Default true.
    */
   readonly synchronous?: boolean;
+  /**
+   * true where fused ops that make a fresh output from a permuted view (RoPE, attention, and their
+   * input gradients) should lay it out in the view's memory order, as PyTorch's preserve_format
+   * (the attention layer's [b, h, s, d] views of [s, b, h, d] rows then need no copies around the
+   * attention kernels); default false: contiguous outputs (the CPU's kernels prefer them).
+   */
+  readonly preferInputLayout?: boolean;
   alloc(bytes: number, zero: boolean): number;
   /** Returns a block; a caching backend may keep it for the next alloc of that size. */
   free(address: number): void;

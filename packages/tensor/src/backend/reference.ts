@@ -681,6 +681,8 @@ function checkIndexDtype(t: Tensor): void {
 class ReferenceBackend implements Backend {
   readonly device: string;
   readonly synchronous: boolean;
+  /** Laid out as a device backend would (so the conformance run covers it). */
+  readonly preferInputLayout = true;
   private readonly mem: DeviceMemory;
   private readonly kernels: RefKernels;
 

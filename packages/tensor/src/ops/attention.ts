@@ -7,7 +7,7 @@ import { getKernel } from '../backend/kernels.js';
 import { isFloating } from '../dtype.js';
 import { argError, dtypeError, fmtShape, shapeError, TensorError } from '../errors.js';
 import type { Tensor } from '../tensor.js';
-import { alloc, inputsBackend } from './util.js';
+import { alloc, allocLike, inputsBackend } from './util.js';
 
 export interface AttentionOptions {
   /**
@@ -185,7 +185,9 @@ export function scaledDotProductAttention(
 
   const mask = attnMask ? maskView(attnMask, [B, Hq, Sq, Sk]) : null;
   const opts: AttentionKernelOptions = { mask, cuSeqlens, causal: options.isCausal ?? false, scale };
-  const out = alloc(backend, [B, Hq, Sq, Dv], q.dtype);
+  // out in q's memory order where the backend prefers it (allocLike): with q a view of [s, b, h, d]
+  // rows, out.permute(2, 0, 1, 3) is contiguous and the backward's gradOut arrives without a copy
+  const out = allocLike(backend, [B, Hq, Sq, Dv], q.dtype, q);
   const lse = alloc(backend, [B, Hq, Sq], q.dtype === 'float64' ? 'float64' : 'float32');
   fwd(out, lse, q, k, v, opts);
   if (needsGrad(q, k, v)) {
@@ -202,9 +204,9 @@ export function scaledDotProductAttention(
       const ms = hasMask ? s[5] : null;
       const cs = hasCu ? s[hasMask ? 6 : 5] : null;
       const gg = g.dtype === dtype ? g : g.to(dtype);
-      const dq = alloc(backend, qs.shape, dtype);
-      const dk = alloc(backend, ks.shape, dtype);
-      const dv = alloc(backend, vs.shape, dtype);
+      const dq = allocLike(backend, qs.shape, dtype, qs);
+      const dk = allocLike(backend, ks.shape, dtype, ks);
+      const dv = allocLike(backend, vs.shape, dtype, vs);
       bwd(dq, dk, dv, gg, qs, ks, vs, os, ls, { mask: ms, cuSeqlens: cs, causal, scale });
       if (gg !== g) gg.dispose();
       return [dq, dk, dv];

@@ -7,7 +7,7 @@ import { isFloating } from '../dtype.js';
 import { argError, dtypeError, fmtShape, shapeError, TensorError } from '../errors.js';
 import type { Tensor } from '../tensor.js';
 import { fromTypedArray } from './creation.js';
-import { alloc, inputsBackend } from './util.js';
+import { allocLike, inputsBackend } from './util.js';
 
 /** Frequency scaling of long-context models (HF `rope_scaling`). */
 export type RopeScaling =
@@ -134,12 +134,16 @@ export function ropeCosSin(
 
 // cos/sin as [B, S, R] views for the kernel (batch stride 0 for shared [S, R] tables).
 function tableView(t: Tensor, B: number): Tensor {
-  if (t.ndim === 3) return t.viewAs(t.shape, t.strides, t.offset);
-  return t.viewAs([B, t.shape[0], t.shape[1]], [0, t.strides[0], t.strides[1]], t.offset);
+  if (t.ndim === 3 && (t.shape[0] === B || B === 1)) return t.viewAs(t.shape, t.strides, t.offset);
+  // one table for every batch row: [S, R], or [1, S, R] broadcast over B
+  const [S, R] = t.shape.slice(-2);
+  const [ss, rs] = t.strides.slice(-2);
+  return t.viewAs([B, S, R], [0, ss, rs], t.offset);
 }
 
 /**
- * RoPE on x [B, H, S, D] with cos/sin [S, R] or [B, S, R] (R <= D, even): the first R channels
+ * RoPE on x [B, H, S, D] with cos/sin [S, R], [1, S, R] (one table for every batch row, as HF's
+ * position_ids [1, S] give) or [B, S, R] (R <= D, even): the first R channels
  * rotate (x * cos + rotate_half(x) * sin), the rest pass through; returns [B, H, S, D] in x's
  * dtype, computed in fp32 for 16-bit inputs. Gradients flow to x only: cos/sin are constants.
  */
@@ -158,11 +162,12 @@ export function applyRotaryPosEmb(x: Tensor, cos: Tensor, sin: Tensor): Tensor {
   }
   const [B, , S, D] = x.shape;
   const ok =
-    (cos.ndim === 2 && cos.shape[0] === S) || (cos.ndim === 3 && cos.shape[0] === B && cos.shape[1] === S);
+    (cos.ndim === 2 && cos.shape[0] === S) ||
+    (cos.ndim === 3 && (cos.shape[0] === B || cos.shape[0] === 1) && cos.shape[1] === S);
   if (!ok) {
     throw shapeError(
       'applyRotaryPosEmb',
-      `cos/sin must be [S, R] or [B, S, R] with B = ${B}, S = ${S}; got ${fmtShape(cos.shape)} for x ${fmtShape(x.shape)}`,
+      `cos/sin must be [S, R], [1, S, R] or [B, S, R] with B = ${B}, S = ${S}; got ${fmtShape(cos.shape)} for x ${fmtShape(x.shape)}`,
     );
   }
   const R = cos.shape[cos.ndim - 1];
@@ -177,11 +182,12 @@ export function applyRotaryPosEmb(x: Tensor, cos: Tensor, sin: Tensor): Tensor {
     throw new TensorError('UNSUPPORTED', `applyRotaryPosEmb: no fused RoPE kernel on ${backend.device}`);
   const c3 = tableView(cos, B);
   const s3 = tableView(sin, B);
-  const out = alloc(backend, x.shape, x.dtype);
+  // in x's memory order where the backend prefers it (allocLike): RoPE on a permuted view keeps it
+  const out = allocLike(backend, x.shape, x.dtype, x);
   kernel(out, x, c3, s3, false);
   if (needsGrad(x)) {
     attachGrad(out, 'RotaryPosEmbBackward', [x], [c3, s3], (g, [cs, sn]) => {
-      const gx = alloc(g.backend, g.shape, x.dtype);
+      const gx = allocLike(g.backend, g.shape, x.dtype, g);
       const gg = g.dtype === x.dtype ? g : g.to(x.dtype);
       kernel(gx, gg, cs, sn, true);
       if (gg !== g) gg.dispose();

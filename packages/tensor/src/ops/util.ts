@@ -41,6 +41,27 @@ export function alloc(backend: Backend, shape: Shape, dtype: DType, zero = false
   return Tensor.empty(backend, shape, dtype, zero);
 }
 
+/**
+ * A fresh dense tensor of `shape` for an op's output computed from `like`: where the backend
+ * prefers it (Backend.preferInputLayout: the CUDA backend), its dimensions lie in memory in the
+ * order of `like`'s strides (largest outermost; equal strides keep their order), so that the
+ * output of an op on a permuted view keeps the view's memory order and the inverse permutation is
+ * contiguous again (PyTorch's preserve_format; a strided slice, attention's q, k, v inside the fused
+ * QKV projection, keeps its order too). Otherwise, or for a contiguous `like`, a contiguous tensor.
+ */
+export function allocLike(backend: Backend, shape: Shape, dtype: DType, like: Tensor): Tensor {
+  if (!backend.preferInputLayout || like.isContiguous || shape.length !== like.ndim)
+    return alloc(backend, shape, dtype);
+  const order = shape.map((_, d) => d).sort((a, b) => like.strides[b] - like.strides[a] || a - b);
+  const strides = new Array<number>(shape.length);
+  let step = 1;
+  for (let i = order.length - 1; i >= 0; i--) {
+    strides[order[i]] = step;
+    step *= shape[order[i]];
+  }
+  return Tensor.emptyStrided(backend, shape, strides, dtype);
+}
+
 export function finishCreate(t: Tensor, opts: CreateOptions | undefined): Tensor {
   if (opts?.requiresGrad) t.requiresGrad_(true);
   return t;
