@@ -150,6 +150,27 @@ describe.skipIf(skip !== '')(
           indexDtype: 'int32',
           skip: 0,
         }));
+      // rows of whole 16-byte packs take the vectorised kernel: without a base too
+      it('bfloat16 and float32 without base, alpha -0.75, H a multiple of the pack (16-byte kernel)', () => {
+        run({
+          name: 'packs bf16',
+          index: zipf,
+          S: V,
+          inner: 16,
+          base: false,
+          alpha: -0.75,
+          dtype: 'bfloat16',
+        });
+        run({
+          name: 'packs f32',
+          index: uniform,
+          S: V,
+          inner: 12,
+          base: false,
+          skip: 0,
+          indexDtype: 'int32',
+        });
+      });
       for (const dtype of ['bfloat16', 'float64', 'int64'] as const) {
         it(`${dtype}, H = 64`, () => run({ name: dtype, index: zipf, S: V, inner: 64, dtype, alpha: 2 }));
       }
