@@ -95,12 +95,15 @@ it('DP=2 × TP=2 on ref:0 (collectives through host copies) gives the CPU losses
     expect(Math.abs(r.losses[i] - cpu[i]) / cpu[i], `step ${i + 1}`).toBeLessThan(1e-5);
 });
 
-it("TP=2 (+SP), PP=2 and CP=2 on the emulated CUDA devices (one per process, collectives through the emulator's NCCL) give the CPU losses", async () => {
+it("TP=2 (+SP), PP=2, CP=2 and DP=2 on the emulated CUDA devices (one per process, collectives through the emulator's NCCL) give the CPU losses", async () => {
   const cpu = (await train(config('cpu-nccl'), quiet)).losses;
   for (const [name, parallel] of [
     ['tp2', { tensorModelParallelSize: 2, sequenceParallel: true }],
     ['pp2', { pipelineModelParallelSize: 2 }],
     ['cp2', { contextParallelSize: 2 }],
+    // DP=2: the weight gradients go into DDP's buffer by the fused GEMM (gradient-accumulation
+    // fusion), the buckets still reduce from the post-accumulate hooks
+    ['dp2', { useDistributedOptimizer: true }],
   ] as const) {
     const c = layoutRunConfig({ root, hf, data, run: `emu-nccl-${name}`, parallel }) as Record<
       string,
