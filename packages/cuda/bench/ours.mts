@@ -400,6 +400,8 @@ if (want('train')) {
           evalInterval: null,
           // every step reads its loss (a sync) anyway: a log line a step costs nothing more
           logInterval: 1,
+          // MEGAPATCH_BENCH_NO_GAF=1: without gradient-accumulation fusion (a variant of the bench)
+          gradientAccumulationFusion: process.env.MEGAPATCH_BENCH_NO_GAF !== '1',
         },
         optimizer: { lr: 1e-4, weightDecay: 0.01, clipGrad: 1 },
         logging: { runDir },
