@@ -164,6 +164,16 @@ for (const c of cases.attn) {
       '(info: uncapped / capped, fwd and fwd+bwd)',
     );
   }
+  if (o?.dqCappedMs) {
+    // MEGAPATCH_ATTENTION_DQ_OCC=1: the dQ kernel at 128 registers (4 blocks an SM) too
+    row(
+      `attn ${c.case} fwd+bwd ms, dQ registers capped`,
+      `${num(o.dqCappedMs.fwdBwd, 4)}`,
+      '',
+      `${num(o.dqCappedMs.fwdBwd / o.fwdBwdMs)}`,
+      '(info: dQ capped / default)',
+    );
+  }
   if (o?.noPipelineMs) {
     // MEGAPATCH_ATTENTION_PIPELINE=0: tiles loaded between barriers, no cp.async prefetch
     row(

@@ -303,6 +303,7 @@ describe.skipIf(noAddon !== '')(
           for (const [name, value] of [
             ['MEGAPATCH_ATTENTION_BWD_BQ', '32'],
             ['MEGAPATCH_ATTENTION_OCC', '0'],
+            ['MEGAPATCH_ATTENTION_DQ_OCC', '1'],
           ] as const) {
             const variant = withEnv(name, value, () => run(DEV));
             for (let o = 0; o < 4; o++)

@@ -1217,8 +1217,9 @@ ATT_UNROLL
 // Block: (b, query head, tile of 64 queries) from blockIdx.x; warp w owns rows 16 w .. 16 w + 15.
 // Shared: Q [64][D], dO [64][Dv], K [BC][D], V [BC][Dv] (16-bit, padded rows); BC keys per tile.
 // PIPE: two K/V buffers, the next tile prefetched with cp.async (as in attn_fwd_mma_kernel).
-template <typename T, int D, int DV, int BC, bool PIPE>
-__global__ void __launch_bounds__(kAttThreads) attn_dq_mma_kernel(Params P) {
+// MINB: as attn_fwd_mma_kernel's (MEGAPATCH_ATTENTION_DQ_OCC=1 asks for 4 blocks an SM).
+template <typename T, int D, int DV, int BC, bool PIPE, int MINB = 0>
+__global__ void __launch_bounds__(kAttThreads, MINB) attn_dq_mma_kernel(Params P) {
   constexpr int BR = kMmaBR, LDK = D + kMmaPad, LDV = DV + kMmaPad, NS = BC / 8, NBUF = PIPE ? 2 : 1;
   MP_DYNAMIC_SMEM(uint16_t, sm);
   uint16_t* Qs = sm;
@@ -1517,6 +1518,13 @@ bool dkdv_bq32() {
   const char* e = std::getenv("MEGAPATCH_ATTENTION_BWD_BQ");
   return e && std::strcmp(e, "32") == 0;
 }
+// MEGAPATCH_ATTENTION_DQ_OCC=1: with D + Dv <= 128 the dQ kernel asks ptxas for 4 blocks an SM
+// (128 registers) instead of its uncapped 166 (3 blocks), as the default does for the forward and
+// dK/dV kernels. For measuring on a GPU (same bits).
+bool dq_occupancy() {
+  const char* e = std::getenv("MEGAPATCH_ATTENTION_DQ_OCC");
+  return e && std::strcmp(e, "1") == 0;
+}
 // The device is sm_80+ and the kernels it would run were compiled for sm_80+ (a build for older
 // architectures JIT-compiled on a new GPU would run mma.cuh's slow shuffle fallback instead).
 bool device_has_mma_uncached(int dev) {
@@ -1727,7 +1735,11 @@ void backward_mma_cfg(Params P, cudaStream_t s) {
   Params Pq = P;
   Pq.ntiles = cdiv(P.Sq, kMmaBR);
   constexpr int BC = bwd_mma_bc<T, D, DV>();
-  if ((P.vec & 6) == 6 && pipe) {
+  constexpr int DQ_MINB = small ? 4 : 0;
+  if (small && (P.vec & 6) == 6 && pipe && dq_occupancy()) {
+    launch_tiles(attn_dq_mma_kernel<T, D, DV, BC, true, DQ_MINB>, "attentionBackward (dq)", Pq,
+                 P.B * P.Hq * Pq.ntiles, 1, dq_mma_smem<T, D, DV, true>(), s);
+  } else if ((P.vec & 6) == 6 && pipe) {
     launch_tiles(attn_dq_mma_kernel<T, D, DV, BC, true>, "attentionBackward (dq)", Pq, P.B * P.Hq * Pq.ntiles, 1,
                  dq_mma_smem<T, D, DV, true>(), s);
   } else {
