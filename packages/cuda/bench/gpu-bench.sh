@@ -18,7 +18,8 @@
 #   MEGAPATCH_BENCH_MBS          training micro-batch (default cases.json's; halved once on a failure)
 #   MEGAPATCH_BENCH_TRAIN_VARIANTS  the training step again per "name:VAR=value" (default: dK/dV
 #                                tiles of 32 queries, uncapped attention registers, capped dQ
-#                                registers, no gradient-accumulation fusion; "" for none)
+#                                registers, no gradient-accumulation fusion, autotuned GEMMs; ""
+#                                for none)
 #   MEGAPATCH_BENCH_PYTHON       the python with torch (default: python3, else /opt/torch/.venv/bin/python3)
 set -u
 cd "$(dirname "$0")/../../.." || exit 1
@@ -120,7 +121,7 @@ fi
 # the training step again under kernel variants (information: which default to take), each
 # "name:VAR=value" of MEGAPATCH_BENCH_TRAIN_VARIANTS (the runs of 2026-12-04 settled fused: slower)
 if [ -n "$TSX" ] && has train; then
-  for variant in ${MEGAPATCH_BENCH_TRAIN_VARIANTS-bq32:MEGAPATCH_ATTENTION_BWD_BQ=32 uncapped:MEGAPATCH_ATTENTION_OCC=0 dqocc:MEGAPATCH_ATTENTION_DQ_OCC=1 nogaf:MEGAPATCH_BENCH_NO_GAF=1}; do
+  for variant in ${MEGAPATCH_BENCH_TRAIN_VARIANTS-bq32:MEGAPATCH_ATTENTION_BWD_BQ=32 uncapped:MEGAPATCH_ATTENTION_OCC=0 dqocc:MEGAPATCH_ATTENTION_DQ_OCC=1 nogaf:MEGAPATCH_BENCH_NO_GAF=1 autotune:MEGAPATCH_GEMM_AUTOTUNE=1}; do
     vname=${variant%%:*}
     venv=${variant#*:}
     run ours-train-$vname 90 env "$venv" MEGAPATCH_BENCH_VARIANT_ENV="$venv" MEGAPATCH_BENCH_MODE=megapatch-$vname \

@@ -144,6 +144,17 @@ if (want('gemm')) {
       }
       const r = timeIt(() => T.matmul(A, B).dispose(), { maxSamples: 30 });
       const flops = 2 * M * N * K;
+      // the same with MEGAPATCH_GEMM_AUTOTUNE=1 (its own plan: cuBLASLt's candidates timed at the
+      // first call, which timeIt's warm-up takes)
+      let tuned: ReturnType<typeof timeIt> | null = null;
+      if (!emu) {
+        process.env.MEGAPATCH_GEMM_AUTOTUNE = '1';
+        try {
+          tuned = timeIt(() => T.matmul(A, B).dispose(), { maxSamples: 30 });
+        } finally {
+          delete process.env.MEGAPATCH_GEMM_AUTOTUNE;
+        }
+      }
       emit({
         kind: 'gemm',
         case: c.case,
@@ -159,6 +170,7 @@ if (want('gemm')) {
         reps: r.reps,
         relErr: relErr === null ? null : r4(relErr),
         engine: emu ? 'emulator (tiled kernel)' : addon.gemmEngine(),
+        ...(tuned ? { autotuneTflops: r4(flops / (tuned.ms / 1000) / 1e12) } : {}),
       });
       for (const t of [A, B, As, Bs]) if (!t.disposed) t.dispose();
     } catch (e) {

@@ -60,6 +60,16 @@ for (const c of cases.gemm) {
     '>= 0.95',
     r === null ? '' : r >= 0.95 ? 'ok' : 'MISS',
   );
+  if (o?.autotuneTflops) {
+    // MEGAPATCH_GEMM_AUTOTUNE=1: cuBLASLt's candidate algorithms timed, the fastest kept
+    row(
+      `gemm ${c.case} TFLOP/s, autotuned`,
+      `${o.autotuneTflops}`,
+      '',
+      `${num(o.autotuneTflops / o.tflops)}`,
+      '(info: autotuned / heuristic)',
+    );
+  }
 }
 // MoE's grouped GEMM: TFLOP/s of ours (cuBLAS's grouped GEMM) and of one GEMM per expert,
 // against torch's best of its matmul loop and _grouped_mm (information: the issue sets no target)

@@ -613,7 +613,7 @@ constexpr int64_t kMaxLtBatch = 65535;  // larger batches run as several calls
 
 // What cuBLASLt needs to describe one GEMM; everything that shapes the plan is in the key.
 struct PlanKey {
-  int64_t v[24];
+  int64_t v[25];
   bool operator==(const PlanKey& o) const { return std::memcmp(v, o.v, sizeof v) == 0; }
 };
 struct PlanKeyHash {
@@ -632,6 +632,9 @@ struct Plan {
   cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;  // cuBLASLt's A (our B), B (our A), C = D
   cublasLtMatmulAlgo_t algo;
   bool ok = false;  // false: no algorithm for this problem, the tiled kernel runs it
+  // MEGAPATCH_GEMM_AUTOTUNE=1: the heuristic's other algorithms, timed against `algo` at the
+  // plan's first call (then cleared)
+  std::vector<cublasLtMatmulAlgo_t> candidates;
 
   void destroy() {
     if (lc) cublasLtMatrixLayoutDestroy(lc);
@@ -689,6 +692,16 @@ uint32_t lt_alignment(const void* p, int64_t bs_bytes, int64_t batch) {
   uint64_t v = static_cast<uint64_t>(reinterpret_cast<uintptr_t>(p)) | 256u;
   if (batch > 1) v |= static_cast<uint64_t>(bs_bytes);
   return static_cast<uint32_t>(v & (~v + 1));
+}
+
+// MEGAPATCH_GEMM_AUTOTUNE=1: each new GEMM plan (one per shape, layout and epilogue) asks cuBLASLt's
+// heuristic for its kAutotuneCandidates best algorithms and times them on the call's operands (a
+// scratch output, three runs each after one warm-up, the stream synchronised once) instead of
+// taking the first; for measuring on a GPU whether the heuristic's choice leaves speed behind.
+constexpr int kAutotuneCandidates = 8;
+bool gemm_autotune() {
+  const char* e = std::getenv("MEGAPATCH_GEMM_AUTOTUNE");
+  return e && std::strcmp(e, "1") == 0;
 }
 
 bool allow_tf32() {
@@ -847,12 +860,16 @@ Plan make_plan(LtDevice& d, const LtTypes& ty, bool is16, const gemm_map::LtOper
                "cublasLtMatmulPreferenceSetAttribute(REDUCTION_SCHEME_MASK)");
     }
 
-    cublasLtMatmulHeuristicResult_t res;
-    std::memset(&res, 0, sizeof(res));
+    // the heuristic's best; with MEGAPATCH_GEMM_AUTOTUNE=1 its next ones too, timed at the first call
+    const int want = gemm_autotune() ? kAutotuneCandidates : 1;
+    std::vector<cublasLtMatmulHeuristicResult_t> all(static_cast<size_t>(want));
+    std::memset(all.data(), 0, all.size() * sizeof(cublasLtMatmulHeuristicResult_t));
     int found = 0;
-    cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(d.handle, p.op, p.la, p.lb, p.lc, p.lc, pref, 1, &res, &found);
+    cublasStatus_t st =
+        cublasLtMatmulAlgoGetHeuristic(d.handle, p.op, p.la, p.lb, p.lc, p.lc, pref, want, all.data(), &found);
     cublasLtMatmulPreferenceDestroy(pref);
     pref = nullptr;
+    const cublasLtMatmulHeuristicResult_t& res = all[0];
     const bool rejected = has_epi && (st != CUBLAS_STATUS_SUCCESS || res.state != CUBLAS_STATUS_SUCCESS);
     if (st == CUBLAS_STATUS_NOT_SUPPORTED || rejected || (st == CUBLAS_STATUS_SUCCESS && found == 0)) {
       p.destroy();
@@ -862,6 +879,8 @@ Plan make_plan(LtDevice& d, const LtTypes& ty, bool is16, const gemm_map::LtOper
     lt_check(st, "cublasLtMatmulAlgoGetHeuristic");
     lt_check(res.state, "cublasLtMatmulAlgoGetHeuristic (result state)");
     p.algo = res.algo;
+    for (int i = 1; i < found; i++)
+      if (all[i].state == CUBLAS_STATUS_SUCCESS) p.candidates.push_back(all[i].algo);
     p.ok = true;
     return p;
   } catch (...) {
@@ -869,6 +888,49 @@ Plan make_plan(LtDevice& d, const LtTypes& ty, bool is16, const gemm_map::LtOper
     p.destroy();
     throw;
   }
+}
+
+// Times p.algo and p.candidates on this call's operands and keeps the fastest in p.algo: each
+// writes a scratch D of `dbytes` (beta 0, so C is neither read nor written; an epilogue's bias
+// gradient or pre-activation is written, then rewritten by the call that follows). Candidates
+// that cuBLASLt refuses are skipped. Synchronises the stream once per candidate.
+void autotune_plan(LtDevice& d, Plan& p, const void* A, const void* B, size_t dbytes, bool f64, double alpha,
+                   cudaStream_t stream) {
+  std::vector<cublasLtMatmulAlgo_t> algos{p.algo};
+  algos.insert(algos.end(), p.candidates.begin(), p.candidates.end());
+  p.candidates.clear();
+  Scratch out(dbytes, stream);
+  cudaEvent_t e0 = nullptr, e1 = nullptr;
+  check(cudaEventCreate(&e0), "gemm autotune: event");
+  check(cudaEventCreate(&e1), "gemm autotune: event");
+  const float al32 = static_cast<float>(alpha), be32 = 0.0f;
+  const double al64 = alpha, be64 = 0.0;
+  const void* al = f64 ? static_cast<const void*>(&al64) : static_cast<const void*>(&al32);
+  const void* be = f64 ? static_cast<const void*>(&be64) : static_cast<const void*>(&be32);
+  float best = 0.0f;
+  size_t pick = 0;
+  bool any = false;
+  for (size_t i = 0; i < algos.size(); i++) {
+    auto run = [&]() {
+      return cublasLtMatmul(d.handle, p.op, al, A, p.la, B, p.lb, be, out.at<char>(), p.lc, out.at<char>(), p.lc,
+                            &algos[i], d.workspace, d.workspace_bytes, stream);
+    };
+    if (run() != CUBLAS_STATUS_SUCCESS) continue;  // warm-up; a refused algorithm is skipped
+    bool ok = cudaEventRecord(e0, stream) == cudaSuccess;
+    for (int r = 0; r < 3 && ok; r++) ok = run() == CUBLAS_STATUS_SUCCESS;
+    ok = ok && cudaEventRecord(e1, stream) == cudaSuccess && cudaEventSynchronize(e1) == cudaSuccess;
+    float ms = 0.0f;
+    ok = ok && cudaEventElapsedTime(&ms, e0, e1) == cudaSuccess;
+    if (ok && (!any || ms < best)) {
+      best = ms;
+      pick = i;
+      any = true;
+    }
+  }
+  (void)cudaGetLastError();
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  p.algo = algos[pick];
 }
 
 // Runs the GEMM and its epilogue (bias gradient included) through cuBLASLt; false (nothing
@@ -928,6 +990,7 @@ bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t
     v[21] = e.aux_ld;
     v[22] = aux_align;
     v[23] = c_f32;
+    v[24] = gemm_autotune();
 
     auto it = d.plans.find(key);
     if (it == d.plans.end()) {
@@ -939,7 +1002,7 @@ bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t
                          v[11], v[12], v[13], align, e, ctype);
       it = d.plans.emplace(key, p).first;
     }
-    const Plan& p = it->second;
+    Plan& p = it->second;
     const char* A = b.data + b0 * bs_a * isz;  // cuBLASLt's A is our B
     const char* B = a.data + b0 * bs_b * isz;
     char* C = c.data + b0 * bs_c * csz;
@@ -959,6 +1022,11 @@ bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t
     if (e.aux)
       lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &e.aux, sizeof(e.aux)),
                "cublasLtMatmulDescSetAttribute(EPILOGUE_AUX_POINTER)");
+    if (!p.candidates.empty()) {
+      if (nb == 1) autotune_plan(d, p, A, B, static_cast<size_t>(ldc) * static_cast<size_t>(M) * csz,
+                                 dtype == DType::F64, alpha, stream);
+      else p.candidates.clear();
+    }
     if (dtype == DType::F64) {
       double al = alpha, be = beta;
       lt_check(cublasLtMatmul(d.handle, p.op, &al, A, p.la, B, p.lb, &be, C, p.lc, C, p.lc, &p.algo, d.workspace,
