@@ -2,7 +2,8 @@
 # Rehearses the device call here, without a GPU: copies what a device call sends (the tracked and
 # the untracked, not ignored files of the working tree, plus the carried .gpu/ from prepare.sh) to a
 # scratch folder without node_modules or builds, sources .gpu/setup.sh there, and runs gpu/run.sh
-# on the emulator (MEGAPATCH_TEST_DEVICE=cudaemu:0 unless set). Never in the checkout itself.
+# on the emulator (MEGAPATCH_TEST_DEVICE=cudaemu:0 unless set; the bench there too, at its tiny
+# sizes). Never in the checkout itself.
 #   bash packages/cuda/gpu/rehearse.sh [scratch folder, default /tmp/gpu-rehearsal]   (logs: <folder>-out)
 # CUBLASLT_PREFIX=<dir with include/ and lib/> stands in for the nvidia-cublas wheel (a cuBLASLt of
 # nvcc's major version), so that the nvcc build and its link are rehearsed too; on a machine with 2
@@ -30,4 +31,7 @@ if [ -n "${CUBLASLT_PREFIX:-}" ]; then
   export LD_LIBRARY_PATH="$CUBLASLT_PREFIX/lib:$LD_LIBRARY_PATH"
 fi
 export OUT=$dst-out MEGAPATCH_TEST_DEVICE=${MEGAPATCH_TEST_DEVICE:-cudaemu:0}
+# the bench on the same device, at the tiny sizes on the emulator (its default is cuda:0, full size)
+export MEGAPATCH_BENCH_DEVICE=${MEGAPATCH_BENCH_DEVICE:-$MEGAPATCH_TEST_DEVICE}
+[[ $MEGAPATCH_BENCH_DEVICE == cudaemu* ]] && export MEGAPATCH_BENCH_TINY=${MEGAPATCH_BENCH_TINY:-1}
 time bash packages/cuda/gpu/run.sh
