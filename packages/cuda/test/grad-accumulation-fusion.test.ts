@@ -9,6 +9,7 @@ import {
   getBackend,
   getGradientAccumulationFusion,
   linear,
+  memoryStats,
   setGradientAccumulationFusion,
   type Tensor,
   tensor,
@@ -183,6 +184,23 @@ describe.skipIf(skip !== '')(
       const gw = vals(g.transpose(0, 1).matmul(x).float());
       expect(seen).toEqual([gw]);
       expect(vals(w.mainGrad!)).toEqual(vals(init.add(g.transpose(0, 1).matmul(x).float())));
+    });
+
+    it('leaves no device memory behind: backward after backward, the live bytes stay flat', () => {
+      const w = weightWithMainGrad(22, N, K, randn(23, [N, K], 'float32'));
+      const x = randn(24, [M, K], 'bfloat16');
+      const g = randn(25, [M, N], 'bfloat16');
+      // no tidy scope around backward: it would free what the engine left behind
+      const step = () => {
+        const y = linear(x, w);
+        y.backward(g);
+        y.dispose();
+      };
+      step();
+      const live = memoryStats(DEV).liveBytes;
+      for (let i = 0; i < 3; i++) step();
+      expect(memoryStats(DEV).liveBytes).toBe(live);
+      expect(w.grad).toBeNull();
     });
 
     it('adds the bias gradient separately when the layer has a bias', () => {
