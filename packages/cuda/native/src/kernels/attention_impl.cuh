@@ -636,11 +636,21 @@ ATT_UNROLL
       if (i >= P.Sq) continue;
       const float inv = l[r][hf] > 0.0f ? 1.0f / l[r][hf] : 0.0f;
       T* orow = ob + i * P.o.s[2];
+      // a lane's two adjacent outputs as one 4-byte store where the row is contiguous and aligned
+      const bool pair = P.o.s[3] == 1 && (reinterpret_cast<uintptr_t>(orow) & 3u) == 0;
 ATT_UNROLL
-      for (int n = 0; n < NO; n++)
+      for (int n = 0; n < NO; n++) {
+        if (pair) {
+          Pack<T, 2> v;
+          Tr<T>::st(&v.v[0], o[r][n][2 * hf] * inv);
+          Tr<T>::st(&v.v[1], o[r][n][2 * hf + 1] * inv);
+          *reinterpret_cast<Pack<T, 2>*>(orow + 8 * n + 2 * t) = v;
+        } else {
 ATT_UNROLL
-        for (int c = 0; c < 2; c++)
-          Tr<T>::st(orow + static_cast<int64_t>(8 * n + 2 * t + c) * P.o.s[3], o[r][n][2 * hf + c] * inv);
+          for (int c = 0; c < 2; c++)
+            Tr<T>::st(orow + static_cast<int64_t>(8 * n + 2 * t + c) * P.o.s[3], o[r][n][2 * hf + c] * inv);
+        }
+      }
       if (t == 0) lb[i * P.lse.s[2]] = l[r][hf] > 0.0f ? m[r][hf] * kLn2f + att_log(l[r][hf]) : ninf;
     }
 }
