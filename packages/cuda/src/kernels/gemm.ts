@@ -25,6 +25,7 @@ const GROUPED_CHUNK = 256;
 /**
  * Writes the head every linear entry starts with (native/src/backend/gemm.cc read_head): the dtype,
  * M, N, K and the operands of one GEMM out [M, N] = a [M, K] @ b [K, N] given by their 2-D strides.
+ * The GEMM's dtype is out's unless given (linearWeightGradAccumulate: the operands', out float32).
  */
 function packHead(
   out: Tensor,
@@ -35,11 +36,12 @@ function packHead(
   aStrides: readonly [number, number],
   b: Tensor,
   bStrides: readonly [number, number],
+  dtype = out.dtype,
 ) {
   const p = pack.begin();
-  noteGemm(M, N, K, ITEMSIZE[out.dtype]);
+  noteGemm(M, N, K, ITEMSIZE[dtype]);
   return p
-    .num(DTYPE_CODES[out.dtype])
+    .num(DTYPE_CODES[dtype])
     .num(M)
     .num(N)
     .num(K)
@@ -129,20 +131,7 @@ export function gemmKernels(call: Entries): GemmKernels {
         );
       // mainGrad [N, K] += g^T [N, M] @ x [M, K]: as linearWeightBiasGrad's GEMM, with the GEMM's
       // dtype the operands' (the native entry reads and writes mainGrad as float32)
-      const p = pack.begin();
-      noteGemm(N, K, M, ITEMSIZE[g.dtype]);
-      p.num(DTYPE_CODES[g.dtype])
-        .num(N)
-        .num(K)
-        .num(M)
-        .num(address(g))
-        .num(g.strides[1])
-        .num(g.strides[0])
-        .num(address(x))
-        .num(x.strides[0])
-        .num(x.strides[1])
-        .num(address(mainGrad))
-        .num(K);
+      packHead(mainGrad, N, K, M, g, [g.strides[1], g.strides[0]], x, [x.strides[0], x.strides[1]], g.dtype);
       call.linearWeightGradAccumulate();
     },
   };
