@@ -45,6 +45,7 @@ import {
   transpose,
   unsqueeze,
 } from '../src/index.js';
+import { combinePowerSums } from '../src/optim/kernels.js';
 
 const NINF = Number.NEGATIVE_INFINITY;
 const INF = Number.POSITIVE_INFINITY;
@@ -2020,6 +2021,35 @@ describe('normPowerSum', () => {
             expectSameNumber(b, a, 'sum', 1e-12);
           }));
       }
+    }
+  }
+
+  // accumulate: out + the sum (max(out, the max), NaN winning), the bits of the kernel's own sum
+  // added to out in float64 afterwards; the candidate's sum may differ from the CPU's in its last
+  // bits (another order of additions), which the cases above bound
+  for (const dtype of ['float32', 'bfloat16'] as const) {
+    for (const p of [2, INF, 1, 3]) {
+      it(`accumulates into out: ${dtype}, p = ${p}`, () =>
+        tidy(() => {
+          for (const [n, start] of [
+            [33, 0.1],
+            [20000, 5],
+            [0, 2.5],
+            [7, Number.NaN],
+          ] as const) {
+            const t = randnT(rng(n + 11), [n], dtype, 3);
+            for (const [label, k] of [
+              ['native', nativeKernel('normPowerSum')],
+              ['candidate', candidateKernel('normPowerSum')],
+            ] as const) {
+              const want = combinePowerSums(start, powerSum(k, t, p), p);
+              const out = make([], 'float64', () => start);
+              k(t, p, out, true);
+              const got = out.item();
+              expect(Object.is(got, want), `${label} n ${n} start ${start}: ${got} vs ${want}`).toBe(true);
+            }
+          }
+        }));
     }
   }
 

@@ -63,9 +63,14 @@ export function optimKernels(call: Entries): OptimKernels {
       packSgd(pack, p, g, buf, s);
       call.sgdStep();
     },
-    normPowerSum(t, p, out) {
+    normPowerSum(t, p, out, accumulate = false) {
       checkOutput('normPowerSum', 'out', out, 'float64', 1);
-      pack.begin().tensor(t).num(p).tensor(out);
+      pack
+        .begin()
+        .tensor(t)
+        .num(p)
+        .tensor(out)
+        .num(accumulate ? 1 : 0);
       call.normPowerSum();
     },
     unscaleCheck(t, invScale, foundInf) {

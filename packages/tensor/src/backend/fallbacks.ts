@@ -18,7 +18,7 @@
 import { noGrad } from '../autograd/graph.js';
 import type { DType } from '../dtype.js';
 import type { AttentionKernelOptions } from '../ops/attention.js';
-import { arange, full } from '../ops/creation.js';
+import { arange, full, zeros } from '../ops/creation.js';
 import {
   abs,
   add,
@@ -36,6 +36,7 @@ import {
   logicalNot,
   logicalOr,
   lt,
+  maximum,
   mul,
   ne,
   neg,
@@ -723,18 +724,23 @@ register('sgdStep', (p, g, buf, s) => {
 
 // sum(|x|^p) accumulated in double (max |x| for p = +-Infinity) into the 0-d float64 `out`;
 // NaN propagates; 0 when empty.
-register('normPowerSum', (t, p, out) => {
+// With `accumulate`, out + that (max(out, that), NaN winning).
+register('normPowerSum', (t, p, out, accumulate = false) => {
   run(() => {
-    if (t.numel === 0) {
-      out.fill_(0);
-      return;
-    }
-    const a = abs(to(t, 'float64'));
+    const isMax = Math.abs(p) === Number.POSITIVE_INFINITY;
     let s: Tensor;
-    if (Math.abs(p) === Number.POSITIVE_INFINITY) s = amax(a);
-    else if (p === 2) s = sum(square(a));
-    else if (p === 1) s = sum(a);
-    else s = sum(pow(a, p));
+    if (t.numel === 0) s = zeros([], { dtype: 'float64', device: out.device });
+    else {
+      const a = abs(to(t, 'float64'));
+      if (isMax) s = amax(a);
+      else if (p === 2) s = sum(square(a));
+      else if (p === 1) s = sum(a);
+      else s = sum(pow(a, p));
+    }
+    if (accumulate) {
+      const prev = reshape(out, []);
+      s = isMax ? maximum(prev, s) : add(prev, s);
+    }
     store(out, s);
   });
 });

@@ -26,8 +26,8 @@ function checkNormType(op: string, normType: number): void {
 /**
  * The p-norm of several tensors viewed as one vector (normType = Infinity for the max norm), as a
  * new 0-d float64 tensor on their device, computed there without any host read: each tensor's
- * power sum (max) goes through the backend's normPowerSum kernel and is added (maxed) into one
- * accumulator in list order, so the value is bit for bit what getTotalNorm returns. NaN anywhere
+ * power sum (max) goes through the backend's normPowerSum kernel, which adds (maxes) it into one
+ * accumulator in list order (one launch a tensor), so the value is bit for bit what getTotalNorm returns. NaN anywhere
  * gives NaN; an empty list gives 0 on the default device. Tensors on several devices are summed
  * per device first; the other devices' partial results are then copied to the first tensor's
  * device (one read on each of those devices).
@@ -58,15 +58,10 @@ export function getTotalNormPowerSum(tensors: Iterable<Tensor>, normType = 2): T
 }
 
 function powerSum(op: string, tensors: Iterable<Tensor>, normType: number): Tensor {
-  const combine = normType === Number.POSITIVE_INFINITY ? 'maximum' : 'add';
-  // per device: the accumulator and a scratch scalar for the next tensor's power sum
-  const accs = new Map<Backend, { acc: Tensor; part: Tensor | null }>();
+  // one accumulator per device: the first tensor's sum is written into it, the others are added
+  // (maxed) into it by the kernel itself (its `accumulate`), in list order
+  const accs = new Map<Backend, Tensor>();
   const temps: Tensor[] = [];
-  const scalar = (b: Backend): Tensor => {
-    const t = Tensor.empty(b, [], 'float64');
-    temps.push(t);
-    return t;
-  };
   try {
     for (const t of tensors) {
       t.checkAlive(op);
@@ -80,29 +75,26 @@ function powerSum(op: string, tensors: Iterable<Tensor>, normType: number): Tens
       const b = t.backend;
       const d = dense(t);
       try {
-        const slot = accs.get(b);
-        if (!slot) {
-          // the first sum is the accumulator: 0 + s and max(0, s) are s itself
-          const acc = scalar(b);
-          kernel(d, normType, acc);
-          accs.set(b, { acc, part: null });
-        } else {
-          slot.part ??= scalar(b);
-          kernel(d, normType, slot.part);
-          b.binary(slot.acc, slot.acc, slot.part, combine);
+        const acc = accs.get(b);
+        if (acc) kernel(d, normType, acc, true);
+        else {
+          const fresh = Tensor.empty(b, [], 'float64');
+          temps.push(fresh);
+          kernel(d, normType, fresh);
+          accs.set(b, fresh);
         }
       } finally {
         release(d, t, false);
       }
     }
-    const slots = [...accs.values()];
-    if (slots.length === 0) return zeros([], { dtype: 'float64' });
-    const acc = slots[0].acc;
-    const b = acc.backend;
-    for (const other of slots.slice(1)) {
-      const moved = other.acc.to(acc.device);
+    const list = [...accs.values()];
+    if (list.length === 0) return zeros([], { dtype: 'float64' });
+    const acc = list[0];
+    const combine = normType === Number.POSITIVE_INFINITY ? 'maximum' : 'add';
+    for (const other of list.slice(1)) {
+      const moved = other.to(acc.device);
       temps.push(moved);
-      b.binary(acc, acc, moved, combine);
+      acc.backend.binary(acc, acc, moved, combine);
     }
     // the result is handed out: it is not a temporary any more
     temps.splice(temps.indexOf(acc), 1);

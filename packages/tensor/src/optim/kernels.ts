@@ -66,9 +66,11 @@ export interface SgdScalars {
 export type SgdKernel = (p: Tensor, g: Tensor, buf: Tensor | null, s: SgdScalars) => void;
 /**
  * Writes into `out` (a 0-d float64 tensor on t's device) the sum of |x|^p over t, accumulated in
- * double (max |x| for p = Infinity); NaN propagates; 0 for an empty t.
+ * double (max |x| for p = Infinity); NaN propagates; 0 for an empty t. With `accumulate`, out
+ * becomes out + that sum (max(out, that max), NaN winning) instead: the same bits as a separate
+ * float64 add (maximum) of the two, without the scratch scalar and its launch.
  */
-export type NormPowerSumKernel = (t: Tensor, p: number, out: Tensor) => void;
+export type NormPowerSumKernel = (t: Tensor, p: number, out: Tensor, accumulate?: boolean) => void;
 /**
  * Multiplies t by invScale in place (unless it is 1) and sets `foundInf` (a float32 [1] flag on
  * t's device) to 1 when t held inf or NaN before scaling; the flag is never reset, so one flag
@@ -177,11 +179,19 @@ function checkOutput(kernel: string, what: string, t: Tensor, dtype: DType, n: n
   }
 }
 
-defineCpuKernel('normPowerSum', (t, p, out) => {
+defineCpuKernel('normPowerSum', (t, p, out, accumulate = false) => {
   checkOutput('normPowerSum', 'out', out, 'float64', 1);
   pack.begin().tensor(t).num(p);
-  out.backend.write(out, Float64Array.of(normPowerSum() as number));
+  let v = normPowerSum() as number;
+  if (accumulate) v = combinePowerSums(out.item(), v, p);
+  out.backend.write(out, Float64Array.of(v));
 });
+
+/** Two power sums combined as normPowerSum's `accumulate` does: a + b, or max(a, b) for p = +-Infinity (NaN wins). */
+export function combinePowerSums(a: number, b: number, p: number): number {
+  if (Math.abs(p) !== Number.POSITIVE_INFINITY) return a + b;
+  return Math.max(a, b); // NaN if either is
+}
 
 defineCpuKernel('unscaleCheck', (t, invScale, foundInf) => {
   checkOutput('unscaleCheck', 'foundInf', foundInf, 'float32', 1);

@@ -77,13 +77,14 @@ MPC_ENTRY(SgdStepE) {
   return info.Env().Undefined();
 }
 
-// normPowerSum(t, p, out)
+// normPowerSum(t, p, out, accumulate)
 MPC_ENTRY(NormPowerSumE) {
   Args a;
   TensorArg t = a.tensor();
   double p = a.num();
   TensorArg out = a.tensor();
-  norm_power_sum(current_stream(), t, p, out);
+  const bool accumulate = a.i32() != 0;
+  norm_power_sum(current_stream(), t, p, out, accumulate);
   return info.Env().Undefined();
 }
 

@@ -17,7 +17,8 @@
 // normPowerSum accumulates in double: each thread over its grid-stride share, then a fixed
 // warp-shuffle + shared-memory tree per block into a per-block partial (a static device array of
 // kNormMaxBlocks doubles), and the last block to finish (a ticket counter) combines the partials
-// in block order with the same tree and writes `out`. The grid depends only on the element
+// in block order with the same tree and writes `out` (accumulating: out + that, or max(out, that),
+// the same bits as a separate float64 add / maximum). The grid depends only on the element
 // count, so results are reproducible bit for bit. The counter and partials are per device; one
 // stream per device (and the emulator's serialized launches) keeps launches from overlapping.
 #include "optim.h"
@@ -442,7 +443,7 @@ template <int M> MP_D double norm_block_reduce(double a) {
 }
 
 template <typename T, int V, int M>
-__global__ void __launch_bounds__(kNormThreads) norm_kernel(const T* x, int64_t n, double p, double* out) {
+__global__ void __launch_bounds__(kNormThreads) norm_kernel(const T* x, int64_t n, double p, double* out, bool accumulate) {
   const int64_t nv = n / V, stride = grid_threads();
   double acc = 0;
   for (int64_t i = global_thread(); i < nv; i += stride) {
@@ -470,33 +471,33 @@ __global__ void __launch_bounds__(kNormThreads) norm_kernel(const T* x, int64_t 
       b = norm_combine<M>(b, parts[i]);
     b = norm_block_reduce<M>(b);
     if (threadIdx.x == 0) {
-      *out = b;
+      *out = accumulate ? norm_combine<M>(*out, b) : b;
       g_norm_done = 0;  // ready for the next launch on this device
     }
   }
 }
 
 template <typename T, int M>
-void norm_launch(cudaStream_t s, const TensorArg& t, double p, double* out) {
+void norm_launch(cudaStream_t s, const TensorArg& t, double p, double* out, bool acc) {
   constexpr int V = 16 / static_cast<int>(sizeof(T));
   const int64_t n = t.numel();
   if (aligned(t.data, 16)) {
     auto k = norm_kernel<T, V, M>;
     const unsigned blocks = mn(grid_for((n + V - 1) / V, kNormThreads), static_cast<unsigned>(kNormMaxBlocks));
-    MP_LAUNCH(k, blocks, kNormThreads, 0, s, t.ptr<const T>(), n, p, out);
+    MP_LAUNCH(k, blocks, kNormThreads, 0, s, t.ptr<const T>(), n, p, out, acc);
   } else {
     auto k = norm_kernel<T, 1, M>;
     const unsigned blocks = mn(grid_for(n, kNormThreads), static_cast<unsigned>(kNormMaxBlocks));
-    MP_LAUNCH(k, blocks, kNormThreads, 0, s, t.ptr<const T>(), n, p, out);
+    MP_LAUNCH(k, blocks, kNormThreads, 0, s, t.ptr<const T>(), n, p, out, acc);
   }
 }
 
 template <typename T>
-void norm_run(cudaStream_t s, const TensorArg& t, double p, double* out) {
-  if (std::isinf(p)) norm_launch<T, kNormMax>(s, t, p, out);
-  else if (p == 2) norm_launch<T, kNormSquare>(s, t, p, out);
-  else if (p == 1) norm_launch<T, kNormAbs>(s, t, p, out);
-  else norm_launch<T, kNormPow>(s, t, p, out);
+void norm_run(cudaStream_t s, const TensorArg& t, double p, double* out, bool acc) {
+  if (std::isinf(p)) norm_launch<T, kNormMax>(s, t, p, out, acc);
+  else if (p == 2) norm_launch<T, kNormSquare>(s, t, p, out, acc);
+  else if (p == 1) norm_launch<T, kNormAbs>(s, t, p, out, acc);
+  else norm_launch<T, kNormPow>(s, t, p, out, acc);
   check_launch("normPowerSum");
 }
 
@@ -594,11 +595,11 @@ void sgd_step(cudaStream_t s, const TensorArg& p, const TensorArg& g, const Tens
   MPC_DISPATCH_FLOAT(p.dtype, sgd_dispatch, s, p, g, buf, h);
 }
 
-void norm_power_sum(cudaStream_t s, const TensorArg& t, double p, const TensorArg& out) {
+void norm_power_sum(cudaStream_t s, const TensorArg& t, double p, const TensorArg& out, bool accumulate) {
   check_contiguous("normPowerSum", t);
   if (out.dtype != DType::F64 || out.numel() != 1)
     throw_error("normPowerSum: out must be a float64 tensor of 1 element");
-  MPC_DISPATCH_FLOAT(t.dtype, norm_run, s, t, p, out.ptr<double>());
+  MPC_DISPATCH_FLOAT(t.dtype, norm_run, s, t, p, out.ptr<double>(), accumulate);
 }
 
 void unscale_check(cudaStream_t s, const TensorArg& t, double inv_scale, const TensorArg& found_inf) {

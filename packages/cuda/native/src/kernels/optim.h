@@ -54,7 +54,7 @@ void sgd_step(cudaStream_t s, const TensorArg& p, const TensorArg& g, const Tens
 // out (float64, 1 element) = sum over t of |x|^p in double (max |x| when p is +-inf; NaN
 // propagates; 0 for an empty t). Deterministic: per-block partials in a fixed-size device array,
 // combined in block order by the last block of the same launch.
-void norm_power_sum(cudaStream_t s, const TensorArg& t, double p, const TensorArg& out);
+void norm_power_sum(cudaStream_t s, const TensorArg& t, double p, const TensorArg& out, bool accumulate = false);
 
 // t *= invScale in place (in t's compute type; skipped when invScale is 1), and found_inf[0] (a
 // float32 device flag) = 1 when t held inf or NaN before scaling; the flag is never cleared.
