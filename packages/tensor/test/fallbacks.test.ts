@@ -694,6 +694,9 @@ describe('normRows / normRowsBackward', () => {
     { x: [2, 3, 4, 5], norm: [4, 5] },
     // more rows than one block of a device's weight-gradient pass sums (CUDA: 64 a chunk)
     { x: [150, 40], norm: [40] },
+    // rows longer than a warp's (CUDA: a block a row), several rows a block in the fused weight
+    // gradient of the device's backward
+    { x: [9, 1040], norm: [1040] },
   ];
   for (const dtype of FLOATS) {
     for (const s of shapes) {

@@ -11,13 +11,19 @@
 // row's values are kept in dynamic shared memory (compute type) between the passes when they fit,
 // so x (and g) are read from global memory once.
 //
-// dweight / dbias: one kernel, no workspace and no atomics: a block of 32 x Y threads owns 32
-// consecutive columns; thread (c, y) sums rows y, y + Y, ... of its column (loads coalesced across
-// the warp), and the Y partials of a column are added in order of y in shared memory.
+// dweight / dbias, fused (the default for 16-byte rows whose cache fits): the dx kernel also sums
+// g * xhat and g of the columns each thread owns over the rows it handles (a grid of at most
+// kFusedBlocks blocks, several rows each), one partial row per block, added up by a second small
+// kernel; g and x are read once. Otherwise a separate pass: chunks of rows per block of 32 x Y
+// threads owning 32 (or 32 V) consecutive columns, thread (c, y) summing rows y, y + Y, ... of its
+// column, the Y partials of a column added in order of y in shared memory, then the chunks' partials
+// in order. Both orders are fixed by the shape: deterministic.
 //
 // RoPE: elementwise over (row, channel pair) with rows = B * H * S; thread x walks the D - R/2
 // items of a row (R/2 rotated pairs, then the pass-through channels R..D), thread y the rows.
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "norm.h"
 
@@ -164,13 +170,27 @@ MPN_UNROLL
 
 // ---- norm backward: dx -------------------------------------------------------------------------
 
+// the fused weight-gradient variant's most threads a block (its registers: up to 255 a thread)
+constexpr int kFusedThreads = 256;
+
 // With d = x - mu, dy = g * w: sdy = sum dy, sdyx = sum dy * d, k1 = mean(dy) (LayerNorm),
 // k2 = sdyx * rstd / n, dx = rstd * (dy - k1 - d * rstd * k2). Cache: dy and d of the row
 // (2n values per row of the block).
-template <typename T, bool Center, int V, bool Cache>
-__global__ void __launch_bounds__(1024) norm_bwd_kernel(T* dx, const T* g, const T* x, const T* w, const typename Tr<T>::C* mean,
-                                const typename Tr<T>::C* rstd, int64_t rows, int64_t n) {
+//
+// PV > 0 (Cache only; every thread owns at most PV vectors of a row: t, t + G, ..., the same columns
+// in every row it sees) also sums the weight / bias gradients of those columns over the rows this
+// thread handles, in registers, with norm_params_kernel's expressions: after the last row the
+// block's row groups are added in order of threadIdx.y through shared memory and written to the
+// partials pw / pb [gridDim.x, n] (compute type; null: not wanted; PB: pb is wanted), which
+// norm_partials_finish_kernel adds up. The grid depends only on the shape: deterministic. g and x
+// are then read once per backward instead of twice (dx here, then the separate weight pass).
+template <typename T, bool Center, int V, bool Cache, int PV = 0, bool PB = false>
+__global__ void __launch_bounds__(PV > 0 ? kFusedThreads : 1024) norm_bwd_kernel(T* dx, const T* g, const T* x, const T* w, const typename Tr<T>::C* mean,
+                                const typename Tr<T>::C* rstd, int64_t rows, int64_t n,
+                                typename Tr<T>::C* pw, typename Tr<T>::C* pb) {
   using C = typename Tr<T>::C;
+  static_assert(PV == 0 || Cache, "the fused weight gradient reduces through the row cache");
+  constexpr int NP = PV > 0 ? PV : 1;
   __shared__ C red[64];
   MP_DYNAMIC_SMEM(C, smem);
   C* cdy = Cache ? smem + static_cast<int64_t>(threadIdx.y) * 2 * n : nullptr;
@@ -178,13 +198,15 @@ __global__ void __launch_bounds__(1024) norm_bwd_kernel(T* dx, const T* g, const
   const int G = blockDim.x, t = threadIdx.x;
   const int64_t nv = n / V;
   const C inv_n = C(1) / static_cast<C>(n);
+  C aw[NP][V] = {}, ab[NP][V] = {};
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; r < rows;
        r += static_cast<int64_t>(gridDim.x) * blockDim.y) {
     const T* xr = x + r * n;
     const T* gr = g + r * n;
     const C mu = mean ? mean[r] : C(0), rs = rstd[r];
     C sdy = 0, sdyx = 0;
-    for (int64_t j = t; j < nv; j += G) {
+    // vector j of the row; q: its slot among this thread's (PV > 0)
+    auto first = [&](int64_t j, int q) {
       C fg[V], fx[V], fw[V] = {};
       load_vec<T, V>(gr, j, fg);
       load_vec<T, V>(xr, j, fx);
@@ -199,7 +221,20 @@ MPN_UNROLL
           cdy[k * nv + j] = dy;
           cd[k * nv + j] = d;
         }
+        if constexpr (PV > 0) {
+          if (pw) aw[q][k] += fg[k] * ((fx[k] - mu) * rs);
+          if constexpr (PB) ab[q][k] += fg[k];
+        }
       }
+    };
+    if constexpr (PV > 0) {
+MPN_UNROLL
+      for (int q = 0; q < PV; q++) {
+        const int64_t j = t + static_cast<int64_t>(q) * G;
+        if (j < nv) first(j, q);
+      }
+    } else {
+      for (int64_t j = t; j < nv; j += G) first(j, 0);
     }
     group_sum2(sdy, sdyx, red);
     // mean(dy * xhat) = rstd * mean(dy * (x - mu))
@@ -231,6 +266,35 @@ MPN_UNROLL
         Tr<T>::st(&o.v[k], rs * (dy[k] - k1 - xhat * k2));
       }
       dr[j] = o;
+    }
+  }
+  if constexpr (PV > 0) {
+    // the row groups' sums through the cache (2n values a group: weight, then bias), in the
+    // cache's conflict-free [k nv + j] order, then each column over threadIdx.y in order
+    __syncthreads();  // the last row's cache reads are done
+    C* sw = smem + static_cast<int64_t>(threadIdx.y) * 2 * n;
+MPN_UNROLL
+    for (int q = 0; q < PV; q++) {
+      const int64_t j = t + static_cast<int64_t>(q) * G;
+      if (j < nv) {
+MPN_UNROLL
+        for (int k = 0; k < V; k++) {
+          sw[k * nv + j] = aw[q][k];
+          sw[n + k * nv + j] = ab[q][k];
+        }
+      }
+    }
+    __syncthreads();
+    const int Y = blockDim.y;
+    for (int64_t c = static_cast<int64_t>(threadIdx.y) * G + t; c < n; c += static_cast<int64_t>(G) * Y) {
+      const int64_t at = (c % V) * nv + c / V;
+      C s_w = 0, s_b = 0;
+      for (int y = 0; y < Y; y++) {
+        s_w += smem[static_cast<int64_t>(y) * 2 * n + at];
+        s_b += smem[static_cast<int64_t>(y) * 2 * n + n + at];
+      }
+      if (pw) pw[static_cast<int64_t>(blockIdx.x) * n + c] = s_w;
+      if (pb) pb[static_cast<int64_t>(blockIdx.x) * n + c] = s_b;
     }
   }
 }
@@ -364,6 +428,44 @@ __global__ void norm_params_finish_kernel(T* dw, T* db, const typename Tr<T>::C*
   }
 }
 
+// dw[j] = sum_c pw[c n + j], db likewise, over the P partial rows of the fused backward: block
+// (32 columns, Y), thread (x, y) sums partial rows y, y + Y, ... of its column, then the Y sums are
+// added in order of y (fixed order: deterministic). Null dw / db: not wanted.
+template <typename T>
+__global__ void __launch_bounds__(kParamCols * kParamMaxY)
+    norm_partials_finish_kernel(T* dw, T* db, const typename Tr<T>::C* pw, const typename Tr<T>::C* pb, int64_t P,
+                                int64_t n) {
+  using C = typename Tr<T>::C;
+  __shared__ C sw[kParamMaxY][kParamCols + 1];
+  __shared__ C sb[kParamMaxY][kParamCols + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y, Y = blockDim.y;
+  for (int64_t c0 = static_cast<int64_t>(blockIdx.x) * kParamCols; c0 < n;
+       c0 += static_cast<int64_t>(gridDim.x) * kParamCols) {
+    const int64_t j = c0 + tx;
+    C aw = 0, ab = 0;
+    if (j < n) {
+MPN_UNROLL4
+      for (int64_t c = ty; c < P; c += Y) {
+        if (dw) aw += pw[c * n + j];
+        if (db) ab += pb[c * n + j];
+      }
+    }
+    sw[ty][tx] = aw;
+    sb[ty][tx] = ab;
+    __syncthreads();
+    if (ty == 0 && j < n) {
+      C s_w = 0, s_b = 0;
+      for (int i = 0; i < Y; i++) {
+        s_w += sw[i][tx];
+        s_b += sb[i][tx];
+      }
+      if (dw) Tr<T>::st(dw + j, s_w);
+      if (db) Tr<T>::st(db + j, s_b);
+    }
+    __syncthreads();
+  }
+}
+
 // ---- RoPE --------------------------------------------------------------------------------------
 
 struct RopeGeo {
@@ -476,6 +578,12 @@ constexpr int kMaxRowThreads = 1024;
 constexpr int kParamY = kParamMaxY;
 #endif
 constexpr int64_t kParamBlocks = 2048;   // the weight-gradient pass: blocks to aim for
+constexpr int kFusedPV = 4;              // the fused backward: vectors a thread may own (registers)
+#ifdef MEGAPATCH_CUDA_EMULATOR
+constexpr int64_t kFusedBlocks = 3;      // few blocks: several rows a block, partial rows summed
+#else
+constexpr int64_t kFusedBlocks = 512;    // the fused backward's grid at most (partial rows of dw)
+#endif
 constexpr int64_t kParamChunkRows = 64;  // and the fewest rows a block sums
 constexpr int64_t kWarpRowMax = 1024;  // rows up to this many elements: one warp per row
 constexpr int kWarpRows = 4;           // rows (warps) per block then
@@ -483,6 +591,12 @@ constexpr size_t kDefaultSmem = 48 * 1024;
 constexpr size_t kMaxCacheBytes = 96 * 1024;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// MEGAPATCH_NORM_BWD_FUSED=0 keeps the separate weight-gradient pass (the fused one is the default)
+bool fused_norm_backward() {
+  const char* e = std::getenv("MEGAPATCH_NORM_BWD_FUSED");
+  return !(e && std::strcmp(e, "0") == 0);
+}
 
 inline void fail_if(bool bad, const std::string& msg) {
   if (bad) throw_error(msg);
@@ -599,6 +713,36 @@ void params_launch(cudaStream_t s, const TensorArg* dw, const TensorArg* db, con
   check_launch("norm_backward_params (finish)");
 }
 
+// The fused backward (dx and the weight / bias gradients in one pass over g and x, see
+// norm_bwd_kernel's PV) where the row cache fits and each thread owns at most kFusedPV vectors;
+// false: not taken (the caller runs the separate weight pass).
+template <typename T, bool Center, int V>
+bool bwd_fused_launch_v(cudaStream_t s, T* dx, const T* g, const T* x, const T* w, const typename Tr<T>::C* mean,
+                        const typename Tr<T>::C* rstd, int64_t rows, int64_t n, T* dw, T* db) {
+  using C = typename Tr<T>::C;
+  const int64_t nv = n / V;
+  RowPlan p = row_plan(rows, n, nv);
+  const size_t bytes = static_cast<size_t>(p.block.y) * 2 * static_cast<size_t>(n) * sizeof(C);
+  if (bytes > kMaxCacheBytes || ceil_div(nv, p.block.x) > kFusedPV || p.block.x * p.block.y > kFusedThreads ||
+      (!dw && !db))
+    return false;
+  const int64_t P = mx(mn(ceil_div(rows, p.block.y), kFusedBlocks), int64_t(1));
+  p.grid = dim3(static_cast<unsigned>(P));
+  Scratch ws(static_cast<size_t>(2 * P * n) * sizeof(C), s);
+  C* pw = dw ? ws.at<C>() : nullptr;
+  C* pb = db ? ws.at<C>() + P * n : nullptr;
+  auto k = db ? norm_bwd_kernel<T, Center, V, true, kFusedPV, true> : norm_bwd_kernel<T, Center, V, true, kFusedPV, false>;
+  allow_smem(k, bytes);
+  MP_LAUNCH(k, p.grid, p.block, bytes, s, dx, g, x, w, mean, rstd, rows, n, pw, pb);
+  check_launch("norm_backward (fused weight gradient)");
+  auto f = norm_partials_finish_kernel<T>;
+  const dim3 fblock(kParamCols, kParamY);
+  const dim3 fgrid(static_cast<unsigned>(mn(ceil_div(n, kParamCols), kMaxGrid)));
+  MP_LAUNCH(f, fgrid, fblock, 0, s, dw, db, static_cast<const C*>(pw), static_cast<const C*>(pb), P, n);
+  check_launch("norm_backward (weight gradient partials)");
+  return true;
+}
+
 template <typename T, bool Center, int V>
 void bwd_launch_v(cudaStream_t s, T* dx, const T* g, const T* x, const T* w, const typename Tr<T>::C* mean,
                   const typename Tr<T>::C* rstd, int64_t rows, int64_t n) {
@@ -608,10 +752,12 @@ void bwd_launch_v(cudaStream_t s, T* dx, const T* g, const T* x, const T* w, con
   if (bytes <= kMaxCacheBytes) {
     auto k = norm_bwd_kernel<T, Center, V, true>;
     allow_smem(k, bytes);
-    MP_LAUNCH(k, p.grid, p.block, bytes, s, dx, g, x, w, mean, rstd, rows, n);
+    MP_LAUNCH(k, p.grid, p.block, bytes, s, dx, g, x, w, mean, rstd, rows, n, static_cast<C*>(nullptr),
+              static_cast<C*>(nullptr));
   } else {
     auto k = norm_bwd_kernel<T, Center, V, false>;
-    MP_LAUNCH(k, p.grid, p.block, 0, s, dx, g, x, w, mean, rstd, rows, n);
+    MP_LAUNCH(k, p.grid, p.block, 0, s, dx, g, x, w, mean, rstd, rows, n, static_cast<C*>(nullptr),
+              static_cast<C*>(nullptr));
   }
   check_launch("norm_backward");
 }
@@ -627,10 +773,20 @@ void bwd_typed(cudaStream_t s, const TensorArg& dx, const TensorArg& g, const Te
   const T* wp = w ? w->ptr<T>() : nullptr;
   const C* mp = mean ? mean->ptr<C>() : nullptr;
   const C* rp = rstd.ptr<C>();
+  T* dwp = dw ? dw->ptr<T>() : nullptr;
+  T* dbp = db ? db->ptr<T>() : nullptr;
+  bool fused = false;
   if (rows > 0) {
     constexpr int V = 16 / sizeof(T);
     const bool vec = n % V == 0 && aligned16(dxp) && aligned16(gp) && aligned16(xp) && (!wp || aligned16(wp));
-    if (vec) {
+    // the fused weight gradient for 16-byte rows (MEGAPATCH_NORM_BWD_FUSED=0: the separate pass)
+    if (vec && (dw || db) && fused_norm_backward()) {
+      fused = center ? bwd_fused_launch_v<T, true, V>(s, dxp, gp, xp, wp, mp, rp, rows, n, dwp, dbp)
+                     : bwd_fused_launch_v<T, false, V>(s, dxp, gp, xp, wp, mp, rp, rows, n, dwp, dbp);
+    }
+    if (fused) {
+      // done
+    } else if (vec) {
       if (center) bwd_launch_v<T, true, V>(s, dxp, gp, xp, wp, mp, rp, rows, n);
       else bwd_launch_v<T, false, V>(s, dxp, gp, xp, wp, mp, rp, rows, n);
     } else {
@@ -639,7 +795,7 @@ void bwd_typed(cudaStream_t s, const TensorArg& dx, const TensorArg& g, const Te
     }
   }
   // zeros for 0 rows, as the CPU kernel
-  if (dw || db) params_launch<T>(s, dw, db, g, x, mp, rp, rows, n);
+  if ((dw || db) && !fused) params_launch<T>(s, dw, db, g, x, mp, rp, rows, n);
 }
 
 constexpr int kRopeThreads = 128;
