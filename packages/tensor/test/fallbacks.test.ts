@@ -753,7 +753,8 @@ describe('normRows / normRowsBackward', () => {
 describe('ropeApply', () => {
   const it = itWith('ropeApply');
   const B = 2;
-  const H = 3;
+  // 6: the CUDA kernel's packed path takes heads four at a time (a full group and a partial one)
+  const H = 6;
   const S = 5;
   // 16: a full rotary dimension takes the CUDA kernel's packed path (8 bf16 / 4 float32 a pack)
   const D = 16;

@@ -548,21 +548,34 @@ __global__ void rope_vec_kernel(TX* out, const TX* x, const TC* cs, const TC* sn
   const Pack<TC, V> s2 = *reinterpret_cast<const Pack<TC, V>*>(sr + half);
   const TX* xr = x + b * geo.xs[0] + s * geo.xs[2] + j;
   TX* orow = out + b * geo.os[0] + s * geo.os[2] + j;
-  const int64_t h0 = static_cast<int64_t>(blockIdx.y) * kRopeHeads, h1 = mn(h0 + kRopeHeads, geo.H);
-  for (int64_t h = h0; h < h1; h++) {
-    const Pack<TX, V> a = *reinterpret_cast<const Pack<TX, V>*>(xr + h * geo.xs[1]);
-    const Pack<TX, V> bb = *reinterpret_cast<const Pack<TX, V>*>(xr + h * geo.xs[1] + half);
+  const int64_t h0 = static_cast<int64_t>(blockIdx.y) * kRopeHeads;
+  const int nh = static_cast<int>(mn(static_cast<int64_t>(kRopeHeads), geo.H - h0));
+  // every head's packs are loaded before the first store (out may alias x: in place), so the
+  // thread has its 2 kRopeHeads loads in flight at once instead of two a head
+  Pack<TX, V> a[kRopeHeads], bb[kRopeHeads];
+MPN_UNROLL
+  for (int q = 0; q < kRopeHeads; q++) {
+    if (q < nh) {
+      const TX* xh = xr + (h0 + q) * geo.xs[1];
+      a[q] = *reinterpret_cast<const Pack<TX, V>*>(xh);
+      bb[q] = *reinterpret_cast<const Pack<TX, V>*>(xh + half);
+    }
+  }
+MPN_UNROLL
+  for (int q = 0; q < kRopeHeads; q++) {
+    if (q >= nh) break;
     Pack<TX, V> y1, y2;
-#pragma unroll
+MPN_UNROLL
     for (int e = 0; e < V; e++) {
       float r1, r2;
-      rope_pair<float>(Tr<TX>::ld(&a.v[e]), Tr<TX>::ld(&bb.v[e]), Tr<TC>::ld(&c1.v[e]), Tr<TC>::ld(&c2.v[e]),
+      rope_pair<float>(Tr<TX>::ld(&a[q].v[e]), Tr<TX>::ld(&bb[q].v[e]), Tr<TC>::ld(&c1.v[e]), Tr<TC>::ld(&c2.v[e]),
                        Tr<TC>::ld(&s1.v[e]), Tr<TC>::ld(&s2.v[e]), inverse, r1, r2);
       Tr<TX>::st(&y1.v[e], static_cast<XC>(r1));
       Tr<TX>::st(&y2.v[e], static_cast<XC>(r2));
     }
-    *reinterpret_cast<Pack<TX, V>*>(orow + h * geo.os[1]) = y1;
-    *reinterpret_cast<Pack<TX, V>*>(orow + h * geo.os[1] + half) = y2;
+    TX* oh = orow + (h0 + q) * geo.os[1];
+    *reinterpret_cast<Pack<TX, V>*>(oh) = y1;
+    *reinterpret_cast<Pack<TX, V>*>(oh + half) = y2;
   }
 }
 
