@@ -120,9 +120,10 @@ else
 fi
 # the training step again under kernel variants (information: which default to take), each
 # "name:VAR=value" of MEGAPATCH_BENCH_TRAIN_VARIANTS (the runs of 2026-12-04 settled fused: slower;
-# run d: dK/dV tiles of 32 queries slower too)
+# run d: dK/dV tiles of 32 queries slower too, capped attention registers faster: the attn part
+# still times uncapped)
 if [ -n "$TSX" ] && has train; then
-  for variant in ${MEGAPATCH_BENCH_TRAIN_VARIANTS-normsplit:MEGAPATCH_NORM_BWD_FUSED=0 uncapped:MEGAPATCH_ATTENTION_OCC=0 dqocc:MEGAPATCH_ATTENTION_DQ_OCC=1 nogaf:MEGAPATCH_BENCH_NO_GAF=1 autotune:MEGAPATCH_GEMM_AUTOTUNE=1}; do
+  for variant in ${MEGAPATCH_BENCH_TRAIN_VARIANTS-normsplit:MEGAPATCH_NORM_BWD_FUSED=0 onestream:MEGAPATCH_ATTENTION_BWD_STREAMS=1 dqocc:MEGAPATCH_ATTENTION_DQ_OCC=1 nogaf:MEGAPATCH_BENCH_NO_GAF=1 autotune:MEGAPATCH_GEMM_AUTOTUNE=1}; do
     vname=${variant%%:*}
     venv=${variant#*:}
     run ours-train-$vname 90 env "$venv" MEGAPATCH_BENCH_VARIANT_ENV="$venv" MEGAPATCH_BENCH_MODE=megapatch-$vname \

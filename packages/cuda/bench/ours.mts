@@ -305,14 +305,15 @@ if (want('attn')) {
           else process.env[name] = prev;
         }
       };
-      // variants to choose defaults from (the runs of 2026-12-04 settled MEGAPATCH_ATTENTION_PIPELINE=0
-      // and MEGAPATCH_ATTENTION_FWD_ROWS=128: both slower): FlashAttention-2's single backward pass
-      // (dQ by atomics) against the dk/dv + dq pair; with D + Dv <= 128, dK/dV tiles of 32 queries,
-      // registers left uncapped (fewer blocks an SM; capped is the default since run d), and the
-      // dQ kernel's registers capped too
+      // variants to choose defaults from (the runs of 2026-12-04 settled MEGAPATCH_ATTENTION_PIPELINE=0,
+      // MEGAPATCH_ATTENTION_FWD_ROWS=128 and, in run d, dK/dV tiles of 32 queries: all slower):
+      // FlashAttention-2's single backward pass (dQ by atomics) against the dk/dv + dq pair; dq on
+      // the caller's stream after dk/dv instead of beside it; with D + Dv <= 128, registers left
+      // uncapped (fewer blocks an SM; capped is the default since run d), and the dQ kernel's
+      // registers capped too
       const fused = withSwitch('MEGAPATCH_ATTENTION_BWD', 'fused');
+      const oneStream = withSwitch('MEGAPATCH_ATTENTION_BWD_STREAMS', '1');
       const small = D + Dv <= 128;
-      const bq32 = small ? withSwitch('MEGAPATCH_ATTENTION_BWD_BQ', '32') : null;
       const uncapped = small ? withSwitch('MEGAPATCH_ATTENTION_OCC', '0') : null;
       const dqCapped = small ? withSwitch('MEGAPATCH_ATTENTION_DQ_OCC', '1') : null;
       emit({
@@ -331,7 +332,7 @@ if (want('attn')) {
         fwdBwdMs: r4(fb.ms),
         fwdBwdTflops: r4((3.5 * fwdFlops) / (fb.ms / 1000) / 1e12),
         fusedBwdMs: { fwd: r4(fused.fwd.ms), fwdBwd: r4(fused.fb.ms) },
-        ...(bq32 ? { bwdBq32Ms: { fwd: r4(bq32.fwd.ms), fwdBwd: r4(bq32.fb.ms) } } : {}),
+        oneStreamMs: { fwd: r4(oneStream.fwd.ms), fwdBwd: r4(oneStream.fb.ms) },
         ...(uncapped ? { uncappedMs: { fwd: r4(uncapped.fwd.ms), fwdBwd: r4(uncapped.fb.ms) } } : {}),
         ...(dqCapped ? { dqCappedMs: { fwd: r4(dqCapped.fwd.ms), fwdBwd: r4(dqCapped.fb.ms) } } : {}),
         samples: [fwd.samples, fb.samples],

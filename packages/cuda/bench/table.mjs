@@ -164,6 +164,16 @@ for (const c of cases.attn) {
       '(info: 32-query / 64-query dK/dV tiles)',
     );
   }
+  if (o?.oneStreamMs) {
+    // MEGAPATCH_ATTENTION_BWD_STREAMS=1: the dq kernel after dk/dv on one stream (default: beside it)
+    row(
+      `attn ${c.case} fwd+bwd ms, dq after dk/dv on one stream`,
+      `${num(o.oneStreamMs.fwdBwd, 4)}`,
+      '',
+      `${num(o.oneStreamMs.fwdBwd / o.fwdBwdMs)}`,
+      '(info: one stream / two streams)',
+    );
+  }
   if (o?.uncappedMs) {
     // MEGAPATCH_ATTENTION_OCC=0: forward at 129 registers (3 blocks an SM), dK/dV at 178 (2)
     row(

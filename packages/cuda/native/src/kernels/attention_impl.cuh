@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <type_traits>
 
 #include "mma.cuh"
@@ -1650,6 +1651,38 @@ inline bool bwd_fused() {
   const char* e = std::getenv("MEGAPATCH_ATTENTION_BWD");
   return e && std::strcmp(e, "fused") == 0;
 }
+// ---- dq beside dk/dv ---------------------------------------------------------------------------
+// The dq kernel does not depend on the dk/dv kernel (both read q, k, v, dO, lse and delta and write
+// their own outputs), so by default it runs on a second stream of the device, forked from the
+// caller's stream after the delta pass and joined back before the backward returns (events, no
+// host wait): its short blocks fill the SMs that the dk/dv kernel's last wave leaves idle.
+// MEGAPATCH_ATTENTION_BWD_STREAMS=1 keeps both on the caller's stream (the results are the same
+// bits either way: every output element is written by one kernel).
+inline bool bwd_two_streams() {
+  const char* e = std::getenv("MEGAPATCH_ATTENTION_BWD_STREAMS");
+  return !(e && std::strcmp(e, "1") == 0);
+}
+struct SideStream {
+  cudaStream_t stream = nullptr;
+  cudaEvent_t fork = nullptr, join = nullptr;
+};
+// the current device's side stream and its two events, made on first use and kept
+inline SideStream& side_stream() {
+  static std::mutex mu;
+  static SideStream per_device[64];
+  int dev = 0;
+  check(cudaGetDevice(&dev), "attentionBackward: cudaGetDevice");
+  if (dev < 0 || dev >= 64) throw_error("attentionBackward: device index out of range");
+  std::lock_guard<std::mutex> lock(mu);
+  SideStream& ss = per_device[dev];
+  if (!ss.stream) {
+    check(cudaStreamCreateWithFlags(&ss.stream, cudaStreamNonBlocking), "attentionBackward: side stream");
+    check(cudaEventCreateWithFlags(&ss.fork, cudaEventDisableTiming), "attentionBackward: event");
+    check(cudaEventCreateWithFlags(&ss.join, cudaEventDisableTiming), "attentionBackward: event");
+  }
+  return ss;
+}
+
 template <typename T, int D, int DV, bool PIPE>
 size_t dq_mma_smem() {
   constexpr size_t nbuf = PIPE ? 2 : 1;
@@ -1689,6 +1722,15 @@ void backward_mma_cfg(Params P, cudaStream_t s) {
     workspace_free(acc, s);
     return;
   }
+  // dq on the side stream (see bwd_two_streams), forked here (after the delta pass, before dk/dv)
+  // and launched after dk/dv: the longest blocks first
+  SideStream* side = bwd_two_streams() ? &side_stream() : nullptr;
+  cudaStream_t sq = s;
+  if (side) {
+    check(cudaEventRecord(side->fork, s), "attentionBackward: fork");
+    check(cudaStreamWaitEvent(side->stream, side->fork, 0), "attentionBackward: fork");
+    sq = side->stream;
+  }
   // the measuring variants exist for D + Dv <= 128 only (elsewhere the template arguments below
   // name the default kernel: no other instantiation)
   constexpr bool small = D + DV <= 128;
@@ -1710,16 +1752,28 @@ void backward_mma_cfg(Params P, cudaStream_t s) {
   Pq.ntiles = cdiv(P.Sq, kMmaBR);
   constexpr int BC = bwd_mma_bc<T, D, DV>();
   constexpr int DQ_MINB = small ? 4 : 0;
-  if (small && (P.vec & 6) == 6 && pipe && dq_occupancy()) {
-    launch_tiles(attn_dq_mma_kernel<T, D, DV, BC, true, DQ_MINB>, "attentionBackward (dq)", Pq,
-                 P.B * P.Hq * Pq.ntiles, 1, dq_mma_smem<T, D, DV, true>(), s);
-  } else if ((P.vec & 6) == 6 && pipe) {
-    launch_tiles(attn_dq_mma_kernel<T, D, DV, BC, true>, "attentionBackward (dq)", Pq, P.B * P.Hq * Pq.ntiles, 1,
-                 dq_mma_smem<T, D, DV, true>(), s);
-  } else {
-    launch_tiles(attn_dq_mma_kernel<T, D, DV, BC, false>, "attentionBackward (dq)", Pq, P.B * P.Hq * Pq.ntiles, 1,
-                 dq_mma_smem<T, D, DV, false>(), s);
+  // the caller's stream waits for the side stream's work, whatever happened to the launch
+  auto join = [&]() {
+    if (!side) return;
+    check(cudaEventRecord(side->join, sq), "attentionBackward: join");
+    check(cudaStreamWaitEvent(s, side->join, 0), "attentionBackward: join");
+  };
+  try {
+    if (small && (P.vec & 6) == 6 && pipe && dq_occupancy()) {
+      launch_tiles(attn_dq_mma_kernel<T, D, DV, BC, true, DQ_MINB>, "attentionBackward (dq)", Pq,
+                   P.B * P.Hq * Pq.ntiles, 1, dq_mma_smem<T, D, DV, true>(), sq);
+    } else if ((P.vec & 6) == 6 && pipe) {
+      launch_tiles(attn_dq_mma_kernel<T, D, DV, BC, true>, "attentionBackward (dq)", Pq, P.B * P.Hq * Pq.ntiles, 1,
+                   dq_mma_smem<T, D, DV, true>(), sq);
+    } else {
+      launch_tiles(attn_dq_mma_kernel<T, D, DV, BC, false>, "attentionBackward (dq)", Pq, P.B * P.Hq * Pq.ntiles, 1,
+                   dq_mma_smem<T, D, DV, false>(), sq);
+    }
+  } catch (...) {
+    join();
+    throw;
   }
+  join();
 }
 // The tensor-core launches of each head-dim pair are instantiated in their own translation unit
 // (attention_mma_*.cu), so that nvcc compiles them side by side: declared here, not instantiated.
