@@ -12,6 +12,7 @@ export default defineConfig({
       'test/rope.test.ts',
       'test/glu.test.ts',
       'test/linear-activation.test.ts',
+      'test/linear-residual.test.ts',
       'test/cross-entropy-shard.test.ts',
       'test/attention.test.ts',
       'test/indexing.test.ts',

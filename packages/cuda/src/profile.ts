@@ -51,6 +51,7 @@ const GEMM_ENTRIES = new Set([
   'linearActivation',
   'linearWeightBiasGrad',
   'linearWeightGradAccumulate',
+  'linearResidual',
   'groupedGemm',
 ]);
 const ATTENTION_ENTRIES = new Set(['attentionForward', 'attentionBackward']);

@@ -147,8 +147,12 @@ export class SelfAttention extends Module {
     );
   }
 
-  /** x [s, b, h] (sequence-parallel: [s/tp, b, h]) -> [s, b, h] (or [s/tp, b, h]). */
-  forward(x: Tensor, ctx: AttentionContext): Tensor {
+  /**
+   * x [s, b, h] (sequence-parallel: [s/tp, b, h]) -> [s, b, h] (or [s/tp, b, h]). With `residual`
+   * (the output's shape) the output is residual + attention's output, added by linear_proj (in its
+   * GEMM where it can: RowParallelLinear).
+   */
+  forward(x: Tensor, ctx: AttentionContext, residual?: Tensor): Tensor {
     const d = this.headDim;
     const g = this.groupsPerRank;
     const perGroup = this.headsPerRank / g;
@@ -183,7 +187,7 @@ export class SelfAttention extends Module {
     if (ctx.cache) [k, v] = ctx.cache.appendKv(this.layerNumber, k, v);
     const out = coreAttention(q, k, v, ctx, 1 / Math.sqrt(d)); // [b, heads, s, d]
     const merged = out.permute(2, 0, 1, 3).reshape(s, b, this.headsPerRank * d);
-    return this.linearProj.forward(merged).output;
+    return this.linearProj.forward(merged, residual).output;
   }
 
   /**

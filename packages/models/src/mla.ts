@@ -172,7 +172,8 @@ export class MLASelfAttention extends Module {
   }
 
   /** x [s, b, h] -> [s, b, h] (both [s/tp, b, h] under sequence parallelism). */
-  forward(x: Tensor, ctx: AttentionContext): Tensor {
+  /** x [s, b, h] -> [s, b, h]; with `residual` ([s, b, h]) the output is residual + attention's output. */
+  forward(x: Tensor, ctx: AttentionContext, residual?: Tensor): Tensor {
     const tp = this.linearProj.tpGroup;
     const sp = this.linearProj.sequenceParallel;
     const s = x.shape[0] * (sp ? tp.size : 1);
@@ -202,6 +203,6 @@ export class MLASelfAttention extends Module {
     const k = cat([kNope, kPe.expand(b, this.headsPerRank, sk, this.rope)], 3);
     const out = coreAttention(q, k, v, ctx, this.softmaxScale); // [b, heads, s, v]
     const merged = out.permute(2, 0, 1, 3).reshape(s, b, this.headsPerRank * this.vDim);
-    return this.linearProj.forward(merged).output;
+    return this.linearProj.forward(merged, residual).output;
   }
 }

@@ -82,9 +82,14 @@ export class MLP extends Module {
   /** The gated activation between fc1 and fc2 (the family's, SwiGLU by default). */
   readonly activation: GatedActivation;
 
-  /** x [..., h] -> [..., h]; with skipReduce, this rank's partial sum (and no input copy region). */
-  forward(x: Tensor): Tensor {
+  /**
+   * x [..., h] -> [..., h]; with skipReduce, this rank's partial sum (and no input copy region).
+   * With `residual` ([..., h], not with skipReduce) the output is residual + the MLP's output, the
+   * residual added by linear_fc2 (in its GEMM where it can: RowParallelLinear).
+   */
+  forward(x: Tensor, residual?: Tensor): Tensor {
     if (this.skipReduce) {
+      if (residual) throw new Error('MLP.forward: a residual cannot be added to a partial sum (skipReduce)');
       // The caller already entered the parallel region: plain local matmuls.
       return linear(
         gatedActivation(linear(x, this.linearFc1.weight as Tensor), this.activation),
@@ -92,6 +97,6 @@ export class MLP extends Module {
       );
     }
     const h = this.linearFc1.forward(x).output;
-    return this.linearFc2.forward(gatedActivation(h, this.activation)).output;
+    return this.linearFc2.forward(gatedActivation(h, this.activation), residual).output;
   }
 }

@@ -80,14 +80,15 @@ export class TransformerLayer extends Module {
 
   private body(x: Tensor, ctx: AttentionContext): Tensor {
     const attnIn = this.inputLayernorm ? this.inputLayernorm.forward(x) : x;
-    const h = x.add(this.selfAttention.forward(attnIn, ctx));
+    // the residual adds go into the output projections (their GEMMs where the backend can)
+    const h = this.selfAttention.forward(attnIn, ctx, x);
     if (this.mlp instanceof MoELayer) {
       const moe = this.mlp;
       const norm = this.preMlpLayernorm as Norm;
       const run = (hh: Tensor) => this.moeBlock(moe, norm.forward(hh));
       return h.add(this.opts.recomputeMoe && !this.opts.recomputeFull ? checkpoint(run, h) : run(h));
     }
-    return h.add(this.mlp.forward(h));
+    return this.mlp.forward(h, h);
   }
 
   private moeBlock(moe: MoELayer, x: Tensor): Tensor {

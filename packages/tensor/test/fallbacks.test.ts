@@ -82,6 +82,7 @@ const DEVICE_ONLY: KernelName[] = [
   'linearBiasActivation',
   'linearWeightBiasGrad',
   'linearWeightGradAccumulate',
+  'linearResidual',
   'groupedGemm',
 ];
 
@@ -1550,6 +1551,83 @@ describe('linearWeightGradAccumulate', () => {
     expect(getKernel(cpuBackend, 'linearWeightGradAccumulate')).toBe(
       fallbackKernel('linearWeightGradAccumulate'),
     );
+  });
+});
+
+describe('linearResidual', () => {
+  // out = residual + x @ weight^T, the product summed in the accumulator type and the residual
+  // added before out's one rounding: against a float64 evaluation (the composition and the
+  // devices' GEMM sum in different orders, so neither is compared bit for bit)
+  const itK = itWith('linearResidual');
+  const CASES = [
+    [1, 1, 1],
+    [7, 33, 5],
+    [130, 8, 33],
+    [33, 130, 7],
+    [9, 4, 0],
+    [64, 32, 48],
+  ];
+  const LAYOUTS = ['contiguous', 'x transposed', 'residual row-strided', 'in place'] as const;
+  for (const [di, dtype] of (['float32', 'bfloat16', 'float16', 'float64'] as const).entries()) {
+    for (const [ci, [M, N, K]] of CASES.entries()) {
+      const layout = LAYOUTS[(ci + di) % LAYOUTS.length];
+      itK(`${dtype}, M ${M}, N ${N}, K ${K}, ${layout}`, () =>
+        tidy(() => {
+          const r = rng(M * 7919 + N * 131 + K * 7 + di);
+          const x =
+            layout === 'x transposed' ? transpose(randnT(r, [K, M], dtype), 0, 1) : randnT(r, [M, K], dtype);
+          const w = randnT(r, [N, K], dtype, 1 / Math.sqrt(Math.max(K, 1)));
+          const res =
+            layout === 'residual row-strided'
+              ? randnT(r, [M, N + 3], dtype).viewAs([M, N], [N + 3, 1], 1)
+              : randnT(r, [M, N], dtype);
+          const start = values(res);
+          const out = layout === 'in place' ? res : sentinel([M, N], dtype);
+          candidateKernel('linearResidual')(out, x, w, res);
+          const got = values(out);
+          const exact = rowDots(x, w, null);
+          const unit = dtype === 'float64' ? 2 ** -53 : 2 ** -24;
+          for (let i = 0; i < got.length; i++) {
+            const want = start[i] + exact.sum[i];
+            // one rounding of the result (cuBLASLt may round a 16-bit product first, as with the
+            // bias epilogue: half a unit of the product more on a GPU), the accumulator's sums
+            const pre =
+              REAL_GPU && (dtype === 'bfloat16' || dtype === 'float16')
+                ? 0.5 * ulpOf(exact.abs[i], dtype)
+                : 0;
+            const tol =
+              0.5 * ulpOf(Math.max(Math.abs(want), Math.abs(got[i])), dtype) +
+              pre +
+              (K + 2) * unit * (exact.abs[i] + Math.abs(start[i]));
+            if (!(Math.abs(got[i] - want) <= tol))
+              expect.fail(`out element ${i}: ${CANDIDATE} ${got[i]}, float64 ${want} (tolerance ${tol})`);
+          }
+        }),
+      );
+    }
+  }
+
+  itK('M 0 and N 0 write nothing', () =>
+    tidy(() => {
+      for (const [M, N] of [
+        [0, 3],
+        [3, 0],
+      ]) {
+        const out = sentinel([M, N], 'bfloat16');
+        candidateKernel('linearResidual')(
+          out,
+          randnT(rng(3), [M, 4], 'bfloat16'),
+          randnT(rng(4), [N, 4], 'bfloat16'),
+          randnT(rng(5), [M, N], 'bfloat16'),
+        );
+        expect(out.numel).toBe(0);
+      }
+    }),
+  );
+
+  it.skipIf(KERNEL_DEVICE !== undefined)('the CPU has no kernel: getKernel gives the composition', () => {
+    expect(hasNativeKernel(cpuBackend, 'linearResidual')).toBe(false);
+    expect(getKernel(cpuBackend, 'linearResidual')).toBe(fallbackKernel('linearResidual'));
   });
 });
 

@@ -5,7 +5,8 @@
 // GEMM then the unary kernel), linear's weight and bias gradients from one GEMM (cuBLASLt's
 // CUBLASLT_EPILOGUE_BGRADB, or the tiled kernel and a row sum), and the weight gradient added
 // straight into a float32 main gradient (gradient-accumulation fusion: cuBLASLt with 16-bit A and
-// B, float32 C and D, beta 1).
+// B, float32 C and D, beta 1), and linear's output with a residual added (cuBLASLt's C the
+// residual, D the output, beta 1).
 import type { KernelTable, Tensor } from '@megapatch/tensor';
 import { DTYPE_CODES, LINEAR_ACTIVATION_CODES } from '@megapatch/tensor/abi';
 import { address, type Entries, ITEMSIZE, noteGemm, pack } from '../pack.js';
@@ -16,6 +17,7 @@ type GemmKernels = Pick<
   | 'linearBiasActivation'
   | 'linearWeightBiasGrad'
   | 'linearWeightGradAccumulate'
+  | 'linearResidual'
   | 'groupedGemm'
 >;
 
@@ -70,6 +72,15 @@ export function gemmKernels(call: Entries): GemmKernels {
     linearBias(out, x, weight, bias) {
       packLinear(out, x, weight).num(address(bias)).num(DTYPE_CODES[bias.dtype]);
       call.linearBias();
+    },
+
+    linearResidual(out, x, weight, residual) {
+      if (residual.ndim !== 2 || (residual.shape[1] > 1 && residual.strides[1] !== 1))
+        throw new Error(
+          `linearResidual: the residual must be [M, N] with unit column stride, got ${residual.describe()}`,
+        );
+      packLinear(out, x, weight).num(address(residual)).num(residual.strides[0]);
+      call.linearResidual();
     },
 
     linearBiasActivation(out, preAct, x, weight, bias, activation) {

@@ -14,6 +14,7 @@ import {
   initMethodNormal,
   layerNorm,
   linear,
+  linearResidual,
   logicalOr,
   Module,
   maskedFill,
@@ -316,15 +317,24 @@ export class RowParallelLinear extends Module {
     this.bias = this.registerParameter('bias', bias && replicated(bias, this.sequenceParallel));
   }
 
-  /** x [s, b, inputSize/tp] (inputIsParallel) or [s, b, inputSize]. */
-  forward(x: Tensor): LinearOutput {
+  /**
+   * x [s, b, inputSize/tp] (inputIsParallel) or [s, b, inputSize]. With `residual` (the output's
+   * shape: a transformer layer's residual stream) the output is residual + the layer's output; on
+   * one TP rank without a bias to add, the residual goes into the GEMM itself where the backend has
+   * its own linearResidual kernel (CUDA: cuBLASLt's C, one rounding; else linear then add).
+   */
+  forward(x: Tensor, residual?: Tensor): LinearOutput {
     const output = tidy(() => {
       const input = this.inputIsParallel ? x : scatterToTensorModelParallelRegion(x, this.tpGroup);
+      const addsBias = this.bias !== null && !this.skipBiasAdd;
+      if (residual && this.tpGroup.size === 1 && !addsBias)
+        return linearResidual(input, this.weight, residual);
       const partial = linear(input, this.weight);
       const reduced = this.sequenceParallel
         ? reduceScatterToSequenceParallelRegion(partial, this.tpGroup)
         : reduceFromTensorModelParallelRegion(partial, this.tpGroup);
-      return this.bias && !this.skipBiasAdd ? reduced.add(this.bias) : reduced;
+      const biased = addsBias ? reduced.add(this.bias as Tensor) : reduced;
+      return residual ? residual.add(biased) : biased;
     });
     return { output, bias: this.skipBiasAdd ? this.bias : null };
   }

@@ -554,6 +554,30 @@ register('linearWeightGradAccumulate', (mainGrad, g, x) =>
   }),
 );
 
+// out = residual, then out += x @ weight^T by one core GEMM with beta 1 (the product accumulated in
+// the compute type and added to the residual before out's one rounding, the devices' numerics; the
+// linearResidual op itself keeps linear + add where a backend has no kernel of its own).
+register('linearResidual', (out, x, weight, residual) =>
+  run(() => {
+    const [M, K] = x.shape;
+    const N = weight.shape[0];
+    if (M === 0 || N === 0) return;
+    if (residual !== out) store(out, residual);
+    if (K === 0) return;
+    out.backend.gemm(
+      1,
+      M,
+      N,
+      K,
+      { tensor: x, bs: 0, rs: x.strides[0], cs: x.strides[1] },
+      { tensor: weight, bs: 0, rs: weight.strides[1], cs: weight.strides[0] },
+      { tensor: out, bs: 0, rs: out.strides[0], cs: 1 },
+      1,
+      1,
+    );
+  }),
+);
+
 // ---- grouped GEMM -----------------------------------------------------------------------------
 
 // One core gemm per problem (c = a @ b, c not read): each product exactly as matmul computes it.

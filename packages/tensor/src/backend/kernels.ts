@@ -24,6 +24,7 @@ import type {
 import type { LinearBiasActivationKernel } from '../ops/linear-activation.js';
 import type {
   LinearBiasKernel,
+  LinearResidualKernel,
   LinearWeightBiasGradKernel,
   LinearWeightGradAccumulateKernel,
 } from '../ops/linear-bias.js';
@@ -66,6 +67,7 @@ export interface KernelTable {
   linearBiasActivation: LinearBiasActivationKernel;
   linearWeightBiasGrad: LinearWeightBiasGradKernel;
   linearWeightGradAccumulate: LinearWeightGradAccumulateKernel;
+  linearResidual: LinearResidualKernel;
   groupedGemm: GroupedGemmKernel;
   attentionForward: AttentionForwardKernel;
   attentionBackward: AttentionBackwardKernel;

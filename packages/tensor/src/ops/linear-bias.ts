@@ -31,3 +31,13 @@ export type LinearWeightBiasGradKernel = (gradWeight: Tensor, gradBias: Tensor, 
  * value before the single rounding to float32; M == 0 adds nothing.
  */
 export type LinearWeightGradAccumulateKernel = (mainGrad: Tensor, g: Tensor, x: Tensor) => void;
+
+/**
+ * out [M, N] = residual [M, N] + x [M, K] @ weight[N, K]^T, for a linear layer whose output joins
+ * a residual stream (the attention projection, the MLP's output): the product is accumulated in
+ * float32 (float64 for float64) and the residual added before the single rounding to out's dtype.
+ * out contiguous rows, residual any row stride with unit column stride (it may be out itself,
+ * else it must not overlap out), x and weight any 2-D strides, one floating dtype for all four; K
+ * may be 0 (out = residual).
+ */
+export type LinearResidualKernel = (out: Tensor, x: Tensor, weight: Tensor, residual: Tensor) => void;

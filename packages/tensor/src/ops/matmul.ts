@@ -294,6 +294,81 @@ function linearFused(x: Tensor, weight: Tensor, bias: Tensor): Tensor | null {
   return out;
 }
 
+/**
+ * residual + x @ weight^T: linear without a bias, then the residual added, as one GEMM where the
+ * backend has its own linearResidual kernel (CUDA: cuBLASLt reading the residual as its C with
+ * beta 1), so the sum is written once and a 16-bit result rounded once; elsewhere (the CPU) linear
+ * then add, their numerics unchanged. residual has the output's shape [..., out]; its gradient is
+ * the output's. What a transformer layer does with its attention projection and MLP output and the
+ * residual stream.
+ */
+export function linearResidual(x: Tensor, weight: Tensor, residual: Tensor): Tensor {
+  inputsBackend('linearResidual', x, weight, residual);
+  checkLinear('linearResidual', x, weight, null);
+  const outShape = [...x.shape.slice(0, -1), weight.shape[0]];
+  if (residual.ndim !== outShape.length || residual.shape.some((d, i) => d !== outShape[i])) {
+    throw shapeError(
+      'linearResidual',
+      `residual ${fmtShape(residual.shape)} must have the output's shape ${fmtShape(outShape)}`,
+    );
+  }
+  const fused = linearResidualFused(x, weight, residual);
+  if (fused) return fused;
+  const y = linear(x, weight);
+  const out = add(residual, y);
+  y.dispose();
+  return out;
+}
+
+/**
+ * linearResidual through the backend's own kernel; null where it does not apply (no kernel, mixed
+ * or non-float dtypes, an input or residual whose leading dimensions do not flatten into rows
+ * without a copy, a residual without unit column stride).
+ */
+function linearResidualFused(x: Tensor, weight: Tensor, residual: Tensor): Tensor | null {
+  const backend = x.backend;
+  const kernel = backend.kernel('linearResidual');
+  const dtype = x.dtype;
+  if (!kernel || !FUSED_DTYPES.has(dtype) || weight.dtype !== dtype || residual.dtype !== dtype) return null;
+  const [N, K] = weight.shape;
+  const lead = x.shape.slice(0, -1);
+  const M = numel(lead);
+  const xStrides = viewStrides(x.shape, x.strides, [M, K]);
+  const rStrides = viewStrides(residual.shape, residual.strides, [M, N]);
+  if (!xStrides || !rStrides || (N > 1 && rStrides[1] !== 1)) return null;
+  const out = alloc(backend, [...lead, N], dtype);
+  if (out.numel > 0) {
+    const x2 = x.viewAs([M, K], xStrides, x.offset);
+    const r2 = residual.viewAs([M, N], [rStrides[0], 1], residual.offset);
+    const out2 = out.viewAs([M, N], [N, 1], 0);
+    try {
+      kernel(out2, x2, weight, r2);
+    } catch (e) {
+      out.dispose();
+      throw e;
+    } finally {
+      x2.dispose();
+      r2.dispose();
+      out2.dispose();
+    }
+  }
+  if (needsGrad(x, weight, residual)) {
+    const rx = x.requiresGrad;
+    const rw = weight.requiresGrad;
+    const rr = residual.requiresGrad;
+    const xShape = x.shape;
+    const save: Tensor[] = [];
+    if (rw) save.push(x);
+    if (rx) save.push(weight);
+    const leaf = rw && weight.isLeaf ? weight : null;
+    attachGrad(out, 'LinearResidualBackward', [x, weight, residual], save, (g, s) => {
+      const [gx, gw] = linearGrads(g, xShape, rw ? s[0] : null, rx ? s[rw ? 1 : 0] : null, false, leaf);
+      return [gx, gw, rr ? g : null];
+    });
+  }
+  return out;
+}
+
 let gradientAccumulationFusion = true;
 
 /**

@@ -131,6 +131,18 @@ MPC_ENTRY(LinearWeightGradAccumulateE) {
   return info.Env().Undefined();
 }
 
+// linearResidual(dtype, M, N, K, A(ptr, rs, cs), B(ptr, rs, cs), C(ptr, rs), R(ptr, rs)): C = A @ B + R,
+// R added before the one rounding (src/kernels/gemm.ts passes linear's x as A, weight^T as B and
+// the residual as R).
+MPC_ENTRY(LinearResidualE) {
+  Args a;
+  const LinearHead h = read_head(a);
+  GemmMat r{static_cast<char*>(a.ptr()), 0, 0, 1};
+  r.rs = a.i64();
+  gemm_residual(current_stream(), h.dt, h.p.M, h.p.N, h.p.K, h.p.a, h.p.b, h.p.c, r);
+  return info.Env().Undefined();
+}
+
 // groupedGemm(dtype, count, count x [M, N, K, A(ptr, rs, cs), B(ptr, rs, cs), C(ptr, rs)]):
 // C = A @ B for each problem, in one grouped GEMM (kernels/gemm.h grouped_gemm).
 MPC_ENTRY(GroupedGemmE) {
@@ -156,6 +168,7 @@ void register_gemm(Napi::Env env, Napi::Object exports) {
   exports.Set("linearActivation", Napi::Function::New(env, LinearActivationE));
   exports.Set("linearWeightBiasGrad", Napi::Function::New(env, LinearWeightBiasGradE));
   exports.Set("linearWeightGradAccumulate", Napi::Function::New(env, LinearWeightGradAccumulateE));
+  exports.Set("linearResidual", Napi::Function::New(env, LinearResidualE));
   exports.Set("groupedGemm", Napi::Function::New(env, GroupedGemmE));
   exports.Set("gemmEngine", Napi::Function::New(env, GemmEngineE));
 }

@@ -550,6 +550,31 @@ bool lt_problem(int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a
 
 }  // namespace mpc
 
+namespace mpc {
+
+// gemm_residual's checks; false: nothing to compute (M or N of 0)
+bool residual_args_ok(DType dtype, int64_t M, int64_t N, int64_t K) {
+  if (dtype != DType::F32 && dtype != DType::F64 && dtype != DType::BF16 && dtype != DType::F16)
+    throw_error(std::string("linearResidual: expected a float dtype, got ") + dtype_name(dtype));
+  if (M < 0 || N < 0 || K < 0)
+    throw_error("linearResidual: negative size (M " + std::to_string(M) + ", N " + std::to_string(N) + ", K " +
+                std::to_string(K) + ")");
+  return M > 0 && N > 0;
+}
+
+// out = R (rows of N elements), then out += A @ B through gemm with beta 1 (K of 0: the copy alone)
+void residual_by_copy(cudaStream_t stream, DType dtype, int64_t M, int64_t N, int64_t K, const GemmMat& a,
+                      const GemmMat& b, const GemmMat& c, const GemmMat& r) {
+  const size_t isz = static_cast<size_t>(itemsize(dtype));
+  if (r.data != c.data || r.rs != c.rs)
+    check(cudaMemcpy2DAsync(c.data, static_cast<size_t>(c.rs) * isz, r.data, static_cast<size_t>(r.rs) * isz,
+                            static_cast<size_t>(N) * isz, static_cast<size_t>(M), cudaMemcpyDeviceToDevice, stream),
+          "linearResidual: copying the residual");
+  if (K > 0) gemm(stream, dtype, 1, M, N, K, a, b, c, 1.0, 1.0);
+}
+
+}  // namespace mpc
+
 #ifdef MEGAPATCH_CUDA_EMULATOR
 
 namespace mpc {
@@ -578,6 +603,11 @@ void grouped_gemm(cudaStream_t stream, DType dtype, const std::vector<GemmProble
 void gemm_accumulate_f32(cudaStream_t stream, DType dtype, int64_t M, int64_t N, int64_t K, const GemmMat& a,
                          const GemmMat& b, const GemmMat& c) {
   if (accumulate_args_ok(dtype, M, N, K)) run_accumulate_tiled(stream, dtype, M, N, K, a, b, c);
+}
+
+void gemm_residual(cudaStream_t stream, DType dtype, int64_t M, int64_t N, int64_t K, const GemmMat& a,
+                   const GemmMat& b, const GemmMat& c, const GemmMat& r) {
+  if (residual_args_ok(dtype, M, N, K)) residual_by_copy(stream, dtype, M, N, K, a, b, c, r);
 }
 
 const char* gemm_engine() { return "emulated fallback"; }
@@ -936,9 +966,10 @@ void autotune_plan(LtDevice& d, Plan& p, const void* A, const void* B, size_t db
 // Runs the GEMM and its epilogue (bias gradient included) through cuBLASLt; false (nothing
 // enqueued) when the layout, the epilogue, its vectors' alignment or cuBLASLt does not allow it.
 // c_f32: C (and D) are float32 whatever A and B are (gemm_accumulate_f32; no epilogue, batch 1).
+// c_in: C is read from there (same layout as c, batch 1, beta 1; gemm_residual) and D written to c.
 bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a,
              const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmEpilogue* epi,
-             bool c_f32 = false) {
+             bool c_f32 = false, const char* c_in = nullptr) {
   gemm_map::LtProblem pr;
   if (!gemm_map::lt_problem(batch, M, N, K, a, b, c, pr)) return false;
   LtEpilogue e;
@@ -956,8 +987,11 @@ bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t
   const bool is16 = dtype == DType::BF16 || dtype == DType::F16;
   const LtTypes ty = lt_types(dtype, tf32);
   const cudaDataType_t ctype = c_f32 ? CUDA_R_32F : ty.data;
+  // C's alignment: the output's, and the separate input's where there is one (the smaller)
+  const uint32_t c_align = c_in ? mn(lt_alignment(c.data, bs_c * csz, batch), lt_alignment(c_in, bs_c * csz, batch))
+                                : lt_alignment(c.data, bs_c * csz, batch);
   const uint32_t align[3] = {lt_alignment(b.data, bs_a * isz, batch), lt_alignment(a.data, bs_b * isz, batch),
-                             lt_alignment(c.data, bs_c * csz, batch)};
+                             c_align};
 
   std::lock_guard<std::mutex> lock(g_lt_mutex);
   LtDevice& d = lt_device(current_device());
@@ -1027,14 +1061,15 @@ bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t
                                  dtype == DType::F64, alpha, stream);
       else p.candidates.clear();
     }
+    const char* Cin = c_in ? c_in + b0 * bs_c * csz : C;  // C read from, D (C) written
     if (dtype == DType::F64) {
       double al = alpha, be = beta;
-      lt_check(cublasLtMatmul(d.handle, p.op, &al, A, p.la, B, p.lb, &be, C, p.lc, C, p.lc, &p.algo, d.workspace,
+      lt_check(cublasLtMatmul(d.handle, p.op, &al, A, p.la, B, p.lb, &be, Cin, p.lc, C, p.lc, &p.algo, d.workspace,
                               d.workspace_bytes, stream),
                "cublasLtMatmul");
     } else {
       float al = static_cast<float>(alpha), be = static_cast<float>(beta);
-      lt_check(cublasLtMatmul(d.handle, p.op, &al, A, p.la, B, p.lb, &be, C, p.lc, C, p.lc, &p.algo, d.workspace,
+      lt_check(cublasLtMatmul(d.handle, p.op, &al, A, p.la, B, p.lb, &be, Cin, p.lc, C, p.lc, &p.algo, d.workspace,
                               d.workspace_bytes, stream),
                "cublasLtMatmul");
     }
@@ -1127,6 +1162,16 @@ void gemm_accumulate_f32(cudaStream_t stream, DType dtype, int64_t M, int64_t N,
   if (!accumulate_args_ok(dtype, M, N, K)) return;
   if (gemm_lt(stream, dtype, 1, M, N, K, a, b, c, 1.0, 1.0, nullptr, true)) return;
   run_accumulate_tiled(stream, dtype, M, N, K, a, b, c);
+}
+
+// cuBLASLt with C = R and D = out (R with out's row stride, K > 0, not overlapping out unless it is
+// out), else the copy and an in-place GEMM
+void gemm_residual(cudaStream_t stream, DType dtype, int64_t M, int64_t N, int64_t K, const GemmMat& a,
+                   const GemmMat& b, const GemmMat& c, const GemmMat& r) {
+  if (!residual_args_ok(dtype, M, N, K)) return;
+  if (K > 0 && r.rs == c.rs && gemm_lt(stream, dtype, 1, M, N, K, a, b, c, 1.0, 1.0, nullptr, false, r.data))
+    return;
+  residual_by_copy(stream, dtype, M, N, K, a, b, c, r);
 }
 
 // cuBLAS's grouped GEMM for all products at once; what it cannot take, one gemm per problem

@@ -67,6 +67,15 @@ void gemm(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N,
 void gemm_accumulate_f32(cudaStream_t stream, DType dtype, int64_t M, int64_t N, int64_t K, const GemmMat& a,
                          const GemmMat& b, const GemmMat& c);
 
+// out = A @ B + R for one matrix of a float dtype (linear's output with the residual added in the
+// GEMM): R [M, N] of the GEMM's dtype with row stride r.rs and unit column stride, out = c (row
+// stride c.rs); the product is accumulated in the accumulator type and R added before the one
+// rounding to out. cuBLASLt on a GPU (its C = R, D = out, beta 1) where the layout allows, else R is
+// copied into out and the GEMM runs with beta 1 in place (the emulator's path): the same
+// arithmetic. R may not overlap out unless it is out itself. M or N of 0: nothing; K of 0: out = R.
+void gemm_residual(cudaStream_t stream, DType dtype, int64_t M, int64_t N, int64_t K, const GemmMat& a,
+                   const GemmMat& b, const GemmMat& c, const GemmMat& r);
+
 // The tiled shared-memory kernel for any strides, batch and float dtype (what the emulator runs),
 // with the epilogue applied at its store (a bias gradient by a row-sum kernel after it).
 void gemm_fallback(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K,
