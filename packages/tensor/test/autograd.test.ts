@@ -2,6 +2,7 @@
 // inputs and diamonds, non-scalar backward, checkpoint (with parameters and dropout) and the
 // fp32 mainGrad of a bf16 leaf. Expected values are derived by hand from the math.
 import { afterEach, describe, expect, it } from 'vitest';
+import { attachGrad } from '../src/autograd/record.js';
 import type { Tensor } from '../src/index.js';
 import * as T from '../src/index.js';
 import { expectTensorError } from './fixtures.js';
@@ -358,5 +359,70 @@ describe('mainGrad', () => {
     } finally {
       T.setGradientAccumulationFusion(true);
     }
+  });
+});
+
+describe('gradients waiting from other uses (pending)', () => {
+  /**
+   * y = h (values copied) with a backward that adds its gradient into the gradient already waiting
+   * for h when the engine offers one (returning that tensor), else returns a copy; `seen` records
+   * what it was offered.
+   */
+  function addsIntoPending(h: Tensor, seen: (Tensor | null)[]): Tensor {
+    const y = T.noGrad(() => h.clone());
+    attachGrad(y, 'AddsIntoPendingBackward', [h], [], (g, _saved, pending) => {
+      const p = pending?.[0] ?? null;
+      seen.push(p);
+      if (!p) return [g.clone()];
+      p.backend.binary(p, p, g, 'add');
+      return [p];
+    });
+    return y;
+  }
+
+  it('offers a backward the dense gradient already waiting for its input; adding into it gives the sum', () => {
+    begin();
+    const x = leaf([1, 2, 3]);
+    const seen: (Tensor | null)[] = [];
+    T.tidy(() => {
+      const h = T.mul(x, 2);
+      // the engine runs h * 3's backward first (the later input of the add), whose gradient for h
+      // then waits while the custom backward runs
+      const z = T.add(addsIntoPending(h, seen), T.mul(h, 3));
+      T.sum(z).backward();
+    });
+    expect(seen.length).toBe(1);
+    expect(seen[0]).not.toBeNull();
+    expectValues(x.grad, [8, 8, 8]); // 2 * (1 + 3)
+    x.dispose();
+  });
+
+  it('offers nothing where the waiting gradient shares memory (an add passes one gradient to both inputs)', () => {
+    begin();
+    const x = leaf([1, 2, 3]);
+    const q = leaf([5, 6, 7]);
+    const seen: (Tensor | null)[] = [];
+    T.tidy(() => {
+      const h = T.mul(x, 2);
+      // h + q's backward hands the same (dense) gradient to h and to q: adding into h's would
+      // change q's
+      const z = T.add(addsIntoPending(h, seen), T.add(h, q));
+      z.backward(T.tensor([1, 1, 1], { dtype: 'float64' }));
+    });
+    expect(seen).toEqual([null]);
+    expectValues(q.grad, [1, 1, 1]);
+    expectValues(x.grad, [4, 4, 4]); // 2 * (1 + 1)
+    x.dispose();
+    q.dispose();
+  });
+
+  it('offers nothing when no other gradient is waiting yet', () => {
+    begin();
+    const x = leaf([1, 2]);
+    const seen: (Tensor | null)[] = [];
+    T.tidy(() => T.sum(addsIntoPending(T.mul(x, 2), seen)).backward());
+    expect(seen).toEqual([null]);
+    expectValues(x.grad, [2, 2]);
+    x.dispose();
   });
 });

@@ -15,6 +15,7 @@ import { erf } from '../src/backend/reference.js';
 import {
   AdamW,
   type AttentionKernelOptions,
+  add,
   applyRotaryPosEmb,
   type Backend,
   crossEntropy,
@@ -742,6 +743,20 @@ describe('normRows / normRowsBackward', () => {
               expectSame(dF.dw, dN.dw, 'dweight', { atol: dtype === 'float64' ? 1e-11 : 1e-5 });
             if (dF.db && dN.db)
               expectSame(dF.db, dN.db, 'dbias', { atol: dtype === 'float64' ? 1e-11 : 1e-5 });
+            // accumulate: dx already holds a gradient P and gets P + dx, each kernel's own dx added
+            // with the binary add's bits (the weight gradients are written as before)
+            const P = randnT(r, s.x, dtype);
+            for (const [label, k, own] of [
+              ['native', nativeKernel('normRowsBackward'), dN],
+              ['candidate', candidateKernel('normRowsBackward'), dF],
+            ] as const) {
+              const dx = clone(P);
+              const dw = p.w ? sentinel(s.norm, dtype) : null;
+              k(dx, g, x, w, N.mean, N.rstd, dw, null, n, p.center, true);
+              expect(values(dx), `${label} accumulated dx`).toEqual(values(add(P, own.dx)));
+              if (dw && own.dw)
+                expect(values(dw), `${label} dweight with accumulate`).toEqual(values(own.dw));
+            }
           }),
         );
       }

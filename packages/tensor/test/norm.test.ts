@@ -205,3 +205,38 @@ describe('rmsNorm / layerNorm', () => {
     disposeAll(x, w, b, wFixed);
   });
 });
+
+describe('norm backward into a residual stream', () => {
+  // x feeds a norm and a residual path (as a pre-norm transformer layer's input does): the norm's
+  // backward adds its input gradient into the residual path's gradient waiting for x (the engine's
+  // pending gradient), which must give the bits of the two gradients computed apart and added
+  for (const dtype of ['float32', 'bfloat16', 'float64'] as const) {
+    for (const op of ['rmsNorm', 'layerNorm'] as const) {
+      it(`${op}, ${dtype}: x's gradient is the residual's plus the norm's, bit for bit`, () => {
+        tidy(() => {
+          const gen = new Generator().manualSeed(7);
+          const x0 = randn([6, 16], { generator: gen }).to(dtype);
+          const w = randn([16], { generator: gen }).to(dtype);
+          const b = randn([16], { generator: gen }).to(dtype);
+          const gy = randn([6, 16], { generator: gen }).to(dtype);
+          const gr = randn([6, 16], { generator: gen }).to(dtype);
+          const norm = (t: typeof x0) =>
+            op === 'rmsNorm' ? rmsNorm(t, [16], w, 1e-6) : layerNorm(t, [16], w, b, 1e-5);
+          // together: h = x * 1 (a non-leaf), its gradient from the residual path (h * 1, the
+          // engine runs it first) waits while the norm's backward runs
+          const x = x0.detach().requiresGrad_(true);
+          const h = x.mul(1);
+          const y = norm(h).mul(gy).sum().add(h.mul(1).mul(gr).sum());
+          y.backward();
+          // apart: the norm's input gradient alone, then the residual's added
+          const xa = x0.detach().requiresGrad_(true);
+          norm(xa).mul(gy).sum().backward();
+          const want = gr.add(xa.grad!);
+          expect(Array.from(x.grad!.toTypedArray() as ArrayLike<number>)).toEqual(
+            Array.from(want.toTypedArray() as ArrayLike<number>),
+          );
+        });
+      });
+    }
+  }
+});

@@ -26,14 +26,17 @@ export function normKernels(call: Entries): NormKernels {
         .num(center ? 1 : 0);
       call.normForward();
     },
-    normRowsBackward(dx, g, x, weight, mean, rstd, dweight, dbias, n, center) {
+    normRowsBackward(dx, g, x, weight, mean, rstd, dweight, dbias, n, center, accumulate = false) {
       pack.begin().tensor(dx).tensor(g).tensor(x);
       optional(weight);
       optional(mean);
       pack.tensor(rstd);
       optional(dweight);
       optional(dbias);
-      pack.num(n).num(center ? 1 : 0);
+      pack
+        .num(n)
+        .num(center ? 1 : 0)
+        .num(accumulate ? 1 : 0);
       call.normBackward();
     },
     ropeApply(out, x, cos, sin, inverse) {

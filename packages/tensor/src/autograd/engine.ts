@@ -167,12 +167,14 @@ export function backward(root: Tensor, gradient?: Tensor, options: BackwardOptio
         continue;
       }
       let inGrads: readonly (Tensor | null | undefined)[] = [];
+      let pending: (Tensor | null)[] = [];
       if (gs.some((g) => g)) {
         const given = Array.from({ length: node.numOutputs }, (_, k) => gs[k] ?? null);
         // a backward that passes a gradient through unchanged gets its own view of it
         const own = (x: Tensor | null | undefined): Tensor | null | undefined =>
           x && given.includes(x) ? x.viewAs(x.shape, x.strides, x.offset) : x;
-        inGrads = tidy(() => node.apply(given).map(own));
+        pending = pendingGrads(node, grads);
+        inGrads = tidy(() => node.apply(given, pending).map(own));
         for (const g of given) g?.dispose();
       }
       node.next.forEach((e, i) => {
@@ -184,7 +186,9 @@ export function backward(root: Tensor, gradient?: Tensor, options: BackwardOptio
         if (gi) {
           const slot = grads.get(e.node) ?? [];
           const prev = slot[e.nr];
-          if (prev && inMainGrad.has(gi)) {
+          if (prev && gi === prev && pending[i] === prev) {
+            // the backward added its gradient into the waiting one (BackwardFn's pending)
+          } else if (prev && inMainGrad.has(gi)) {
             gi.dispose(); // zeros already in the leaf's mainGrad: prev stands for the sum
           } else if (prev && inMainGrad.has(prev)) {
             slot[e.nr] = gi;
@@ -206,6 +210,29 @@ export function backward(root: Tensor, gradient?: Tensor, options: BackwardOptio
       if (!options.retainGraph) node.freeSaved();
     }
     for (const gs of grads.values()) for (const g of gs) g?.dispose();
+  });
+}
+
+/**
+ * For each input of `node`: the gradient already waiting for it (from the input's other uses) when
+ * the backward may add into it in place: a dense buffer that nothing else shares (not a view of
+ * another gradient or of a saved tensor, not a main-gradient marker); only the first of several
+ * inputs fed by the same tensor gets it.
+ */
+function pendingGrads(node: Node, grads: Map<Node, (Tensor | null)[]>): (Tensor | null)[] {
+  const seen = new Map<Node, Set<number>>();
+  return node.next.map((e) => {
+    if (!e) return null;
+    let nrs = seen.get(e.node);
+    if (!nrs) {
+      nrs = new Set();
+      seen.set(e.node, nrs);
+    }
+    if (nrs.has(e.nr)) return null; // another input fed by the same tensor: it has the offer
+    nrs.add(e.nr);
+    const prev = grads.get(e.node)?.[e.nr];
+    if (!prev || inMainGrad.has(prev)) return null;
+    return prev.isContiguous && prev.offset === 0 && prev.storage.refCount === 1 ? prev : null;
   });
 }
 

@@ -37,8 +37,18 @@ export function enableGrad<T>(fn: () => T): T {
   }
 }
 
-/** Gradients w.r.t. an op's inputs, in input order; null for inputs that get none. */
-export type BackwardFn = (grad: Tensor, saved: readonly Tensor[]) => readonly (Tensor | null | undefined)[];
+/**
+ * Gradients w.r.t. an op's inputs, in input order; null for inputs that get none. `pending`, when
+ * the engine gives it, holds for each input the gradient already waiting for it from the input's
+ * other uses (null where none, or where it shares memory with anything else): a backward may add
+ * its own gradient into that tensor in place and return that very tensor for the input, and the
+ * engine then adds nothing (one pass over the gradient instead of a write and a separate add).
+ */
+export type BackwardFn = (
+  grad: Tensor,
+  saved: readonly Tensor[],
+  pending?: readonly (Tensor | null)[],
+) => readonly (Tensor | null | undefined)[];
 
 /**
  * Backward of an op with several outputs (split, unbind): one gradient per output, null for
@@ -117,8 +127,14 @@ export class Node {
     return this.preHooks[nr];
   }
 
-  /** Runs the backward with one gradient per output (null where none arrived). */
-  apply(grads: readonly (Tensor | null)[]): readonly (Tensor | null | undefined)[] {
+  /**
+   * Runs the backward with one gradient per output (null where none arrived) and, per input, the
+   * gradient already waiting for it that the backward may add into (BackwardFn's `pending`).
+   */
+  apply(
+    grads: readonly (Tensor | null)[],
+    pending?: readonly (Tensor | null)[],
+  ): readonly (Tensor | null | undefined)[] {
     if (!this.backwardFn || (this.savedFreed && this.saved === null)) {
       throw new TensorError(
         'GRAPH_FREED',
@@ -126,7 +142,7 @@ export class Node {
           'Pass { retainGraph: true } to the first backward() if you need to call it twice.',
       );
     }
-    if (this.numOutputs === 1) return (this.backwardFn as BackwardFn)(grads[0]!, this.saved ?? []);
+    if (this.numOutputs === 1) return (this.backwardFn as BackwardFn)(grads[0]!, this.saved ?? [], pending);
     return (this.backwardFn as MultiBackwardFn)(grads, this.saved ?? []);
   }
 }

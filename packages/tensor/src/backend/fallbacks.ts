@@ -390,28 +390,33 @@ register('normRows', (y, x, weight, bias, mean, rstd, n, eps, center) => {
 //   dx = rstd * (dy - mean(dy) - xhat * mean(dy * xhat))   (RMSNorm: no mean(dy) term)
 //   dweight = sum over rows of g * xhat, dbias = sum over rows of g.
 // The saved mean is subtracted whenever it is passed, as the kernel does.
-register('normRowsBackward', (dx, g, x, weight, mean, rstd, dweight, dbias, n, center) => {
-  const rows = n > 0 ? x.numel / n : 0;
-  run(() => {
-    if (rows === 0) {
-      dweight?.fill_(0);
-      dbias?.fill_(0);
-      return;
-    }
-    const c = computeOf(x.dtype);
-    const xs = reshape(to(x, c), [rows, n]);
-    const gs = reshape(to(g, c), [rows, n]);
-    const rs = reshape(to(rstd, c), [rows, 1]);
-    const d = mean ? sub(xs, reshape(to(mean, c), [rows, 1])) : xs;
-    const dy = weight ? mul(gs, reshape(to(weight, c), [1, n])) : gs;
-    const k2 = mul(mul(sum(mul(dy, d), 1, true), rs), 1 / n);
-    const xhat = mul(d, rs);
-    const centred = center ? sub(dy, mul(sum(dy, 1, true), 1 / n)) : dy;
-    store(dx, mul(rs, sub(centred, mul(xhat, k2))));
-    if (dweight) store(dweight, sum(mul(gs, xhat), 0));
-    if (dbias) store(dbias, sum(gs, 0));
-  });
-});
+register(
+  'normRowsBackward',
+  (dx, g, x, weight, mean, rstd, dweight, dbias, n, center, accumulate = false) => {
+    const rows = n > 0 ? x.numel / n : 0;
+    run(() => {
+      if (rows === 0) {
+        dweight?.fill_(0);
+        dbias?.fill_(0);
+        return;
+      }
+      const c = computeOf(x.dtype);
+      const xs = reshape(to(x, c), [rows, n]);
+      const gs = reshape(to(g, c), [rows, n]);
+      const rs = reshape(to(rstd, c), [rows, 1]);
+      const d = mean ? sub(xs, reshape(to(mean, c), [rows, 1])) : xs;
+      const dy = weight ? mul(gs, reshape(to(weight, c), [1, n])) : gs;
+      const k2 = mul(mul(sum(mul(dy, d), 1, true), rs), 1 / n);
+      const xhat = mul(d, rs);
+      const centred = center ? sub(dy, mul(sum(dy, 1, true), 1 / n)) : dy;
+      const gx = mul(rs, sub(centred, mul(xhat, k2)));
+      // accumulate: dx + the gradient rounded to dx's dtype (the engine's add of the two)
+      store(dx, accumulate ? add(reshape(dx, [rows, n]), to(gx, dx.dtype)) : gx);
+      if (dweight) store(dweight, sum(mul(gs, xhat), 0));
+      if (dbias) store(dbias, sum(gs, 0));
+    });
+  },
+);
 
 // ---- RoPE -------------------------------------------------------------------------------------
 

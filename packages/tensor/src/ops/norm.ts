@@ -7,7 +7,7 @@ import { defineCpuKernel, native, pack } from '../backend/cpu.js';
 import { type DType, isFloating } from '../dtype.js';
 import { argError, dtypeError, fmtShape, shapeError } from '../errors.js';
 import { sameShape } from '../shape.js';
-import type { Tensor } from '../tensor.js';
+import { Tensor } from '../tensor.js';
 import { alloc, contiguousRaw, inputsBackend, kernelOf } from './util.js';
 
 /**
@@ -26,7 +26,11 @@ export type NormKernel = (
   eps: number,
   center: boolean,
 ) => void;
-/** dx, and dweight / dbias when given (summed over rows), from the saved statistics. */
+/**
+ * dx, and dweight / dbias when given (summed over rows), from the saved statistics. With
+ * `accumulate`, dx (contiguous) already holds a gradient and receives dx + the input gradient
+ * rounded to dx's dtype: the bits of writing the input gradient and adding it to dx afterwards.
+ */
 export type NormBackwardKernel = (
   dx: Tensor,
   g: Tensor,
@@ -38,6 +42,7 @@ export type NormBackwardKernel = (
   dbias: Tensor | null,
   n: number,
   center: boolean,
+  accumulate?: boolean,
 ) => void;
 
 function optional(t: Tensor | null): void {
@@ -58,15 +63,22 @@ defineCpuKernel('normRows', (y, x, weight, bias, mean, rstd, n, eps, center) => 
   native.normForward();
 });
 
-defineCpuKernel('normRowsBackward', (dx, g, x, weight, mean, rstd, dweight, dbias, n, center) => {
-  pack.begin().tensor(dx).tensor(g).tensor(x);
-  optional(weight);
-  optional(mean);
-  pack.tensor(rstd);
-  optional(dweight);
-  optional(dbias);
-  pack.num(n).num(center ? 1 : 0);
-  native.normBackward();
+defineCpuKernel('normRowsBackward', (dx, g, x, weight, mean, rstd, dweight, dbias, n, center, accumulate) => {
+  // accumulate: the gradient into a temporary, then added to dx (the engine's add, in place)
+  const out = accumulate ? Tensor.empty(dx.backend, dx.shape, dx.dtype) : dx;
+  try {
+    pack.begin().tensor(out).tensor(g).tensor(x);
+    optional(weight);
+    optional(mean);
+    pack.tensor(rstd);
+    optional(dweight);
+    optional(dbias);
+    pack.num(n).num(center ? 1 : 0);
+    native.normBackward();
+    if (accumulate) dx.backend.binary(dx, dx, out, 'add');
+  } finally {
+    if (out !== dx) out.dispose();
+  }
 });
 
 function checkParam(op: string, name: string, p: Tensor | null, x: Tensor, shape: readonly number[]): void {
@@ -124,19 +136,49 @@ function normOp(
     const save = [xc, rstd];
     if (mean) save.push(mean);
     if (wc) save.push(wc);
-    attachGrad(y, center ? 'LayerNormBackward' : 'RmsNormBackward', [x, weight, bias], save, (g, saved) => {
-      const [xs, rs] = saved;
-      const ms = mean ? saved[2] : null;
-      const ws = wc ? saved[mean ? 3 : 2] : null;
-      const gc = contiguousRaw(g, dtype);
-      const dx = alloc(xs.backend, xShape, dtype);
-      const dw = wantW ? alloc(xs.backend, shape, dtype, n === 0) : null;
-      const db = wantB ? alloc(xs.backend, shape, dtype, n === 0) : null;
-      if (n > 0) kernelOf(xs.backend, 'normRowsBackward', op)(dx, gc, xs, ws, ms, rs, dw, db, n, center);
-      gc.dispose();
-      if (!wantX) dx.dispose();
-      return [wantX ? dx : null, dw, db];
-    });
+    attachGrad(
+      y,
+      center ? 'LayerNormBackward' : 'RmsNormBackward',
+      [x, weight, bias],
+      save,
+      (g, saved, pending) => {
+        const [xs, rs] = saved;
+        const ms = mean ? saved[2] : null;
+        const ws = wc ? saved[mean ? 3 : 2] : null;
+        const gc = contiguousRaw(g, dtype);
+        // the gradient waiting for x from its other uses (a residual stream's): added into in place
+        const waiting = pending?.[0];
+        const into =
+          wantX &&
+          n > 0 &&
+          waiting &&
+          waiting.dtype === dtype &&
+          sameShape(waiting.shape, xShape) &&
+          waiting.isContiguous
+            ? waiting
+            : null;
+        const dx = into ?? alloc(xs.backend, xShape, dtype);
+        const dw = wantW ? alloc(xs.backend, shape, dtype, n === 0) : null;
+        const db = wantB ? alloc(xs.backend, shape, dtype, n === 0) : null;
+        if (n > 0)
+          kernelOf(xs.backend, 'normRowsBackward', op)(
+            dx,
+            gc,
+            xs,
+            ws,
+            ms,
+            rs,
+            dw,
+            db,
+            n,
+            center,
+            into !== null,
+          );
+        gc.dispose();
+        if (!wantX) dx.dispose();
+        return [wantX ? dx : null, dw, db];
+      },
+    );
   }
   xc.dispose();
   wc?.dispose();

@@ -31,7 +31,7 @@ MPC_ENTRY(NormForwardE) {
   return info.Env().Undefined();
 }
 
-// normBackward(dx, g, x, hasW, w?, hasMean, mean?, rstd, hasDw, dw?, hasDb, db?, N, center)
+// normBackward(dx, g, x, hasW, w?, hasMean, mean?, rstd, hasDw, dw?, hasDb, db?, N, center, accumulate)
 MPC_ENTRY(NormBackwardE) {
   Args a;
   TensorArg dx = a.tensor(), g = a.tensor(), x = a.tensor();
@@ -43,7 +43,8 @@ MPC_ENTRY(NormBackwardE) {
   const TensorArg* db = maybe(a, dbs);
   int64_t n = a.i64();
   bool center = a.i32() != 0;
-  norm_backward(current_stream(), dx, g, x, w, mean, rstd, dw, db, n, center);
+  bool accumulate = a.i32() != 0;
+  norm_backward(current_stream(), dx, g, x, w, mean, rstd, dw, db, n, center, accumulate);
   return info.Env().Undefined();
 }
 

@@ -173,6 +173,7 @@ MPN_UNROLL
 // the fused weight-gradient variant's most threads a block (its registers: up to 255 a thread)
 constexpr int kFusedThreads = 256;
 
+// acc: dx holds a gradient already and gets dx + (the result rounded to T), the binary add's bits.
 // With d = x - mu, dy = g * w: sdy = sum dy, sdyx = sum dy * d, k1 = mean(dy) (LayerNorm),
 // k2 = sdyx * rstd / n, dx = rstd * (dy - k1 - d * rstd * k2). Cache: dy and d of the row
 // (2n values per row of the block).
@@ -187,7 +188,7 @@ constexpr int kFusedThreads = 256;
 template <typename T, bool Center, int V, bool Cache, int PV = 0, bool PB = false>
 __global__ void __launch_bounds__(PV > 0 ? kFusedThreads : 1024) norm_bwd_kernel(T* dx, const T* g, const T* x, const T* w, const typename Tr<T>::C* mean,
                                 const typename Tr<T>::C* rstd, int64_t rows, int64_t n,
-                                typename Tr<T>::C* pw, typename Tr<T>::C* pb) {
+                                typename Tr<T>::C* pw, typename Tr<T>::C* pb, bool acc) {
   using C = typename Tr<T>::C;
   static_assert(PV == 0 || Cache, "the fused weight gradient reduces through the row cache");
   constexpr int NP = PV > 0 ? PV : 1;
@@ -264,6 +265,12 @@ MPN_UNROLL
       for (int k = 0; k < V; k++) {
         const C xhat = d[k] * rs;
         Tr<T>::st(&o.v[k], rs * (dy[k] - k1 - xhat * k2));
+      }
+      if (acc) {
+        // dx + the rounded gradient, as the binary add computes it
+        const Vec<T, V> prev = dr[j];
+MPN_UNROLL
+        for (int k = 0; k < V; k++) Tr<T>::st(&o.v[k], Tr<T>::ld(&prev.v[k]) + Tr<T>::ld(&o.v[k]));
       }
       dr[j] = o;
     }
@@ -731,7 +738,7 @@ void params_launch(cudaStream_t s, const TensorArg* dw, const TensorArg* db, con
 // false: not taken (the caller runs the separate weight pass).
 template <typename T, bool Center, int V>
 bool bwd_fused_launch_v(cudaStream_t s, T* dx, const T* g, const T* x, const T* w, const typename Tr<T>::C* mean,
-                        const typename Tr<T>::C* rstd, int64_t rows, int64_t n, T* dw, T* db) {
+                        const typename Tr<T>::C* rstd, int64_t rows, int64_t n, T* dw, T* db, bool acc) {
   using C = typename Tr<T>::C;
   const int64_t nv = n / V;
   RowPlan p = row_plan(rows, n, nv);
@@ -746,7 +753,7 @@ bool bwd_fused_launch_v(cudaStream_t s, T* dx, const T* g, const T* x, const T* 
   C* pb = db ? ws.at<C>() + P * n : nullptr;
   auto k = db ? norm_bwd_kernel<T, Center, V, true, kFusedPV, true> : norm_bwd_kernel<T, Center, V, true, kFusedPV, false>;
   allow_smem(k, bytes);
-  MP_LAUNCH(k, p.grid, p.block, bytes, s, dx, g, x, w, mean, rstd, rows, n, pw, pb);
+  MP_LAUNCH(k, p.grid, p.block, bytes, s, dx, g, x, w, mean, rstd, rows, n, pw, pb, acc);
   check_launch("norm_backward (fused weight gradient)");
   auto f = norm_partials_finish_kernel<T>;
   const dim3 fblock(kParamCols, kParamY);
@@ -758,7 +765,7 @@ bool bwd_fused_launch_v(cudaStream_t s, T* dx, const T* g, const T* x, const T* 
 
 template <typename T, bool Center, int V>
 void bwd_launch_v(cudaStream_t s, T* dx, const T* g, const T* x, const T* w, const typename Tr<T>::C* mean,
-                  const typename Tr<T>::C* rstd, int64_t rows, int64_t n) {
+                  const typename Tr<T>::C* rstd, int64_t rows, int64_t n, bool acc) {
   using C = typename Tr<T>::C;
   const RowPlan p = row_plan(rows, n, n / V);
   const size_t bytes = static_cast<size_t>(p.block.y) * 2 * static_cast<size_t>(n) * sizeof(C);
@@ -766,11 +773,11 @@ void bwd_launch_v(cudaStream_t s, T* dx, const T* g, const T* x, const T* w, con
     auto k = norm_bwd_kernel<T, Center, V, true>;
     allow_smem(k, bytes);
     MP_LAUNCH(k, p.grid, p.block, bytes, s, dx, g, x, w, mean, rstd, rows, n, static_cast<C*>(nullptr),
-              static_cast<C*>(nullptr));
+              static_cast<C*>(nullptr), acc);
   } else {
     auto k = norm_bwd_kernel<T, Center, V, false>;
     MP_LAUNCH(k, p.grid, p.block, 0, s, dx, g, x, w, mean, rstd, rows, n, static_cast<C*>(nullptr),
-              static_cast<C*>(nullptr));
+              static_cast<C*>(nullptr), acc);
   }
   check_launch("norm_backward");
 }
@@ -778,7 +785,7 @@ void bwd_launch_v(cudaStream_t s, T* dx, const T* g, const T* x, const T* w, con
 template <typename T>
 void bwd_typed(cudaStream_t s, const TensorArg& dx, const TensorArg& g, const TensorArg& x, const TensorArg* w,
                const TensorArg* mean, const TensorArg& rstd, const TensorArg* dw, const TensorArg* db, int64_t rows,
-               int64_t n, bool center) {
+               int64_t n, bool center, bool acc) {
   using C = typename Tr<T>::C;
   T* dxp = dx.ptr<T>();
   const T* gp = g.ptr<T>();
@@ -794,17 +801,17 @@ void bwd_typed(cudaStream_t s, const TensorArg& dx, const TensorArg& g, const Te
     const bool vec = n % V == 0 && aligned16(dxp) && aligned16(gp) && aligned16(xp) && (!wp || aligned16(wp));
     // the fused weight gradient for 16-byte rows (MEGAPATCH_NORM_BWD_FUSED=0: the separate pass)
     if (vec && (dw || db) && fused_norm_backward()) {
-      fused = center ? bwd_fused_launch_v<T, true, V>(s, dxp, gp, xp, wp, mp, rp, rows, n, dwp, dbp)
-                     : bwd_fused_launch_v<T, false, V>(s, dxp, gp, xp, wp, mp, rp, rows, n, dwp, dbp);
+      fused = center ? bwd_fused_launch_v<T, true, V>(s, dxp, gp, xp, wp, mp, rp, rows, n, dwp, dbp, acc)
+                     : bwd_fused_launch_v<T, false, V>(s, dxp, gp, xp, wp, mp, rp, rows, n, dwp, dbp, acc);
     }
     if (fused) {
       // done
     } else if (vec) {
-      if (center) bwd_launch_v<T, true, V>(s, dxp, gp, xp, wp, mp, rp, rows, n);
-      else bwd_launch_v<T, false, V>(s, dxp, gp, xp, wp, mp, rp, rows, n);
+      if (center) bwd_launch_v<T, true, V>(s, dxp, gp, xp, wp, mp, rp, rows, n, acc);
+      else bwd_launch_v<T, false, V>(s, dxp, gp, xp, wp, mp, rp, rows, n, acc);
     } else {
-      if (center) bwd_launch_v<T, true, 1>(s, dxp, gp, xp, wp, mp, rp, rows, n);
-      else bwd_launch_v<T, false, 1>(s, dxp, gp, xp, wp, mp, rp, rows, n);
+      if (center) bwd_launch_v<T, true, 1>(s, dxp, gp, xp, wp, mp, rp, rows, n, acc);
+      else bwd_launch_v<T, false, 1>(s, dxp, gp, xp, wp, mp, rp, rows, n, acc);
     }
   }
   // zeros for 0 rows, as the CPU kernel
@@ -901,7 +908,7 @@ void norm_forward(cudaStream_t s, const TensorArg& y, const TensorArg& x, const 
 
 void norm_backward(cudaStream_t s, const TensorArg& dx, const TensorArg& g, const TensorArg& x,
                    const TensorArg* weight, const TensorArg* mean, const TensorArg& rstd, const TensorArg* dweight,
-                   const TensorArg* dbias, int64_t n, bool center) {
+                   const TensorArg* dbias, int64_t n, bool center, bool accumulate) {
   fail_if(!(n > 0 && x.numel() % n == 0), "normBackward: N must divide the number of elements");
   fail_if(!(x.contiguous() && g.contiguous() && dx.contiguous()), "normBackward: x, g and dx must be contiguous");
   fail_if(g.dtype != x.dtype || dx.dtype != x.dtype, "normBackward: dtypes must match");
@@ -912,7 +919,7 @@ void norm_backward(cudaStream_t s, const TensorArg& dx, const TensorArg& g, cons
   check_param(dbias, x, n, "bias gradient");
   check_stat(mean, x, rows, "mean");
   check_stat(&rstd, x, rows, "rstd");
-  MPC_DISPATCH_FLOAT(x.dtype, bwd_typed, s, dx, g, x, weight, mean, rstd, dweight, dbias, rows, n, center);
+  MPC_DISPATCH_FLOAT(x.dtype, bwd_typed, s, dx, g, x, weight, mean, rstd, dweight, dbias, rows, n, center, accumulate);
 }
 
 void rope_apply(cudaStream_t s, const TensorArg& out, const TensorArg& x, const TensorArg& cs, const TensorArg& sn,
