@@ -751,7 +751,10 @@ bool bwd_fused_launch_v(cudaStream_t s, T* dx, const T* g, const T* x, const T* 
   Scratch ws(static_cast<size_t>(2 * P * n) * sizeof(C), s);
   C* pw = dw ? ws.at<C>() : nullptr;
   C* pb = db ? ws.at<C>() + P * n : nullptr;
-  auto k = db ? norm_bwd_kernel<T, Center, V, true, kFusedPV, true> : norm_bwd_kernel<T, Center, V, true, kFusedPV, false>;
+  // the fewest vector slots that hold a thread's share (registers: 2 or kFusedPV per gradient)
+  const bool two = ceil_div(nv, p.block.x) <= 2;
+  auto k = db ? (two ? norm_bwd_kernel<T, Center, V, true, 2, true> : norm_bwd_kernel<T, Center, V, true, kFusedPV, true>)
+              : (two ? norm_bwd_kernel<T, Center, V, true, 2, false> : norm_bwd_kernel<T, Center, V, true, kFusedPV, false>);
   allow_smem(k, bytes);
   MP_LAUNCH(k, p.grid, p.block, bytes, s, dx, g, x, w, mean, rstd, rows, n, pw, pb, acc);
   check_launch("norm_backward (fused weight gradient)");
