@@ -273,17 +273,23 @@ fi
 # --- Nsight Compute on the attention kernels, when ncu is on the machine (into kernels.log) ----
 NCU=$(command -v ncu 2>/dev/null || ls -1 /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)
 export NCU TSX DEVICE
-# the default kernels and the three variants the bench compares (dK/dV tiles of 32 queries,
-# uncapped registers, capped dQ registers); the stall reasons of WarpStateStats need --print-details (older ncu: without it)
+# the default kernels and the two variants the bench compares (uncapped registers, capped dQ
+# registers); the stall reasons of WarpStateStats need --print-details (older ncu: without it).
+# Then the memory-bound kernels of the step (norms, RoPE, SwiGLU, a residual-sized add: how near
+# the DRAM bandwidth each runs), from gpu/stream-ncu.mts.
 ncu_run() {
   local variant details=(--print-details all)
   "$NCU" --help 2>/dev/null | grep -q -- '--print-details' || details=()
-  for variant in MEGAPATCH_NCU_PASS=default MEGAPATCH_ATTENTION_BWD_BQ=32 MEGAPATCH_ATTENTION_OCC=0 MEGAPATCH_ATTENTION_DQ_OCC=1; do
+  for variant in MEGAPATCH_NCU_PASS=default MEGAPATCH_ATTENTION_OCC=0 MEGAPATCH_ATTENTION_DQ_OCC=1; do
     echo "=== ncu: attention at the model-layer shape, $variant"
     env "$variant" "$NCU" --target-processes all --kernel-name regex:attn_ "${details[@]}" \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section ComputeWorkloadAnalysis "$TSX" packages/cuda/gpu/attn-ncu.mts "$DEVICE"
   done
+  echo "=== ncu: the step's memory-bound kernels (norm, RoPE, SwiGLU, add) at the 1B shapes"
+  "$NCU" --target-processes all --kernel-name 'regex:norm_|rope_|glu_|binary_pack' \
+    --section SpeedOfLight --section Occupancy --section LaunchStats \
+    "$TSX" packages/cuda/gpu/stream-ncu.mts "$DEVICE"
 }
 export -f ncu_run
 if [ -n "$NCU" ] && [[ $DEVICE == cuda* ]]; then
