@@ -437,9 +437,9 @@ describe('scaledDotProductAttention semantics', () => {
       expect(outC.isContiguous).toBe(true);
       outC.backward(g.permute(1, 2, 0, 3).contiguous());
       expect(asNumbers(out.contiguous())).toEqual(asNumbers(outC));
-      bases.forEach((t, i) =>
-        expect(asNumbers(t.grad!.permute(1, 2, 0, 3).contiguous())).toEqual(asNumbers([qc, kc, vc][i].grad!)),
-      );
+      bases.forEach((t, i) => {
+        expect(asNumbers(t.grad!.permute(1, 2, 0, 3).contiguous())).toEqual(asNumbers([qc, kc, vc][i].grad!));
+      });
     }));
 
   it('scale defaults to 1/sqrt(D)', () => {

@@ -125,3 +125,36 @@ export function expectTensorError(fn: () => unknown, code: TensorErrorCode, mess
   }
   expect.fail(`expected a TensorError ${code}`);
 }
+
+/** A small seeded generator (mulberry32) of normal samples, the same on every backend. */
+export function seededNormals(seed: number) {
+  let s = seed >>> 0;
+  const uniform = (): number => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  return (shape: number[], dtype: DType, scale = 1): Tensor => {
+    const n = shape.reduce((a, b) => a * b, 1);
+    const v = Array.from(
+      { length: n },
+      () => scale * Math.sqrt(-2 * Math.log(Math.max(uniform(), 1e-12))) * Math.cos(2 * Math.PI * uniform()),
+    );
+    return tensor(v, { shape, dtype: 'float64' }).to(dtype);
+  };
+}
+
+/** Max |a - e| over max(1, max |e|): how far apart two results are, relative to their size. */
+export function relDiff(a: Tensor, e: Tensor): number {
+  const av = Array.from(a.toTypedArray() as ArrayLike<number>, Number);
+  const ev = Array.from(e.toTypedArray() as ArrayLike<number>, Number);
+  let d = 0;
+  let m = 1;
+  for (let i = 0; i < ev.length; i++) {
+    d = Math.max(d, Math.abs(av[i] - ev[i]));
+    m = Math.max(m, Math.abs(ev[i]));
+  }
+  return d / m;
+}

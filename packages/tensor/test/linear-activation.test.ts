@@ -22,7 +22,7 @@ import {
   transpose,
   zeros,
 } from '../src/index.js';
-import { expectTensorError } from './fixtures.js';
+import { expectTensorError, seededNormals as normals, relDiff } from './fixtures.js';
 
 const ACTIVATIONS: LinearActivation[] = ['relu', 'gelu', 'gelu-tanh'];
 const DTYPES: DType[] = ['float32', 'bfloat16', 'float16', 'float64'];
@@ -42,39 +42,6 @@ function composition(
 const fusedHere = (): boolean => hasNativeKernel(getBackend(getDefaultDevice()), 'linearBiasActivation');
 
 const values = (t: Tensor): number[] => Array.from(t.toTypedArray() as ArrayLike<number>, Number);
-
-/** A small seeded generator (mulberry32) of normal samples, the same on every backend. */
-function normals(seed: number) {
-  let s = seed >>> 0;
-  const uniform = (): number => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-  return (shape: number[], dtype: DType, scale = 1): Tensor => {
-    const n = shape.reduce((a, b) => a * b, 1);
-    const v = Array.from(
-      { length: n },
-      () => scale * Math.sqrt(-2 * Math.log(Math.max(uniform(), 1e-12))) * Math.cos(2 * Math.PI * uniform()),
-    );
-    return tensor(v, { shape, dtype: 'float64' }).to(dtype);
-  };
-}
-
-/** Max |a - e| over max(1, max |e|): how far apart two results are, relative to their size. */
-function relDiff(a: Tensor, e: Tensor): number {
-  const av = values(a);
-  const ev = values(e);
-  let d = 0;
-  let m = 1;
-  for (let i = 0; i < ev.length; i++) {
-    d = Math.max(d, Math.abs(av[i] - ev[i]));
-    m = Math.max(m, Math.abs(ev[i]));
-  }
-  return d / m;
-}
 
 // with the fused kernel, the composition's extra roundings (the GEMM's and the bias add's before
 // the activation) separate the two by a few units of the dtype

@@ -21,7 +21,7 @@ import {
   transpose,
   zeros,
 } from '../src/index.js';
-import { expectTensorError } from './fixtures.js';
+import { expectTensorError, seededNormals as normals, relDiff } from './fixtures.js';
 
 const DTYPES: DType[] = ['float32', 'bfloat16', 'float16', 'float64'];
 
@@ -32,39 +32,6 @@ const composition = (x: Tensor, w: Tensor, r: Tensor): Tensor => add(r, linear(x
 const fusedHere = (): boolean => hasNativeKernel(getBackend(getDefaultDevice()), 'linearResidual');
 
 const values = (t: Tensor): number[] => Array.from(t.toTypedArray() as ArrayLike<number>, Number);
-
-/** A small seeded generator (mulberry32) of normal samples, the same on every backend. */
-function normals(seed: number) {
-  let s = seed >>> 0;
-  const uniform = (): number => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-  return (shape: number[], dtype: DType, scale = 1): Tensor => {
-    const n = shape.reduce((a, b) => a * b, 1);
-    const v = Array.from(
-      { length: n },
-      () => scale * Math.sqrt(-2 * Math.log(Math.max(uniform(), 1e-12))) * Math.cos(2 * Math.PI * uniform()),
-    );
-    return tensor(v, { shape, dtype: 'float64' }).to(dtype);
-  };
-}
-
-/** Max |a - e| over max(1, max |e|). */
-function relDiff(a: Tensor, e: Tensor): number {
-  const av = values(a);
-  const ev = values(e);
-  let d = 0;
-  let m = 1;
-  for (let i = 0; i < ev.length; i++) {
-    d = Math.max(d, Math.abs(av[i] - ev[i]));
-    m = Math.max(m, Math.abs(ev[i]));
-  }
-  return d / m;
-}
 
 // with the fused kernel the composition rounds the product before the add: a unit of the dtype apart
 const FUSED_TOL: Record<string, number> = { float32: 1e-5, float64: 1e-12, bfloat16: 2e-2, float16: 2e-3 };
