@@ -160,13 +160,61 @@ describe.skipIf(skip !== '')(
         [g2, x2],
         [oneHot, ge],
       ]);
-      // the lookup's gradient is summed in bf16 before it reaches mainGrad: allow its rounding
+      // the lookup's rows go into mainGrad in float32 too
+      expectClose(vals(w.mainGrad!), want, M + 6);
+    });
+
+    it("adds an embedding's rows straight into mainGrad in float32; padding and unused rows stay as they are", () => {
+      const [V, H] = [16, 24];
+      const init = randn(20, [V, H], 'float32');
+      const ids = tensor([3, 0, 3, 11, 5, 3], { shape: [2, 3], dtype: 'int64' }).to(DEV);
+      const g = randn(22, [2, 3, H], 'bfloat16');
+      const run = () => {
+        const w = randn(21, [V, H], 'bfloat16', 0.2).requiresGrad_(true);
+        w.mainGrad = init.clone();
+        let fired = 0;
+        w.registerPostAccumulateGradHook(() => fired++);
+        kernelCalls.length = 0;
+        embedding(ids, w, { paddingIdx: 5 }).backward(g);
+        expect(fired).toBe(1);
+        return { w, calls: [...kernelCalls] };
+      };
+      const { w, calls } = run();
+      expect(calls).toContain('indexAddRows');
+      expect(calls).not.toContain('accumulateGrad');
+      expect(w.grad).toBeNull();
       const got = vals(w.mainGrad!);
-      for (let i = 0; i < got.length; i++) {
-        const tol = 1.2 * (M + 6) * 2 ** -24 * want.abs[i] + 2 ** -7 * want.abs[i];
-        if (!(Math.abs(got[i] - want.sum[i]) <= tol))
-          expect.fail(`element ${i}: ${got[i]} vs ${want.sum[i]}`);
+      const start = vals(init);
+      const gv = vals(g.float());
+      const idv = [3, 0, 3, 11, 5, 3];
+      for (let r = 0; r < V; r++) {
+        for (let c = 0; c < H; c++) {
+          const i = r * H + c;
+          let s = 0;
+          let a = 0;
+          idv.forEach((id, p) => {
+            if (id === r && id !== 5) {
+              s += gv[p * H + c];
+              a += Math.abs(gv[p * H + c]);
+            }
+          });
+          if (a === 0) {
+            expect(got[i], `untouched row ${r}`).toBe(start[i]); // bit for bit
+            continue;
+          }
+          const want = start[i] + s;
+          const tol = 4 * 2 ** -24 * (a + Math.abs(start[i]));
+          if (!(Math.abs(got[i] - want) <= tol)) expect.fail(`row ${r} column ${c}: ${got[i]} vs ${want}`);
+        }
       }
+      // unfused: the bf16 gradient of the table (its rows rounded), then accumulateGrad
+      setGradientAccumulationFusion(false);
+      const off = run();
+      expect(off.calls).toContain('accumulateGrad');
+      expect(off.w.grad).toBeNull(); // accumulated into mainGrad
+      const rounded = vals(off.w.mainGrad!);
+      // row 3 sums three bf16 rows: the fused float32 sum and the bf16-rounded one differ somewhere
+      expect(got.slice(3 * H, 4 * H).some((v, c) => v !== rounded[3 * H + c])).toBe(true);
     });
 
     it('leaves a weight with a tensor hook to the unfused path (the hook sees the real gradient)', () => {

@@ -9,6 +9,7 @@
 // scatterAdd and the gather gradient) add in a fixed order and accumulate 16-bit floats in
 // float32, rounding once, so their results do not depend on the thread count.
 
+import { addedToMainGrad } from '../autograd/engine.js';
 import { attachGrad, needsGrad } from '../autograd/record.js';
 import { defineCpuKernel, native, pack } from '../backend/cpu.js';
 import type { DType } from '../dtype.js';
@@ -17,6 +18,7 @@ import { untrackTensor } from '../scope.js';
 import { normDim, numel, type Shape } from '../shape.js';
 import { deferCheck } from '../sync.js';
 import { Tensor } from '../tensor.js';
+import { fusedMainGradOf } from './matmul.js';
 import { amax, amin } from './reduce.js';
 import { reshape } from './shape.js';
 import { alloc, inputsBackend, kernelOf } from './util.js';
@@ -277,6 +279,37 @@ function indexAddRaw(
   return out;
 }
 
+/**
+ * main [V, H] (float32, contiguous) += the rows of g (any float dtype, [ids, H] in memory) at the
+ * ids' rows, in float32: the rows of g are cast to float32 (exactly, from 16 bits) and added in
+ * place by the indexAddRows kernel with main as base and output (rows no id names are left as they
+ * are). Rows equal to `pad` are skipped. An id out of range is reported as the embedding's.
+ */
+function addRowsIntoMainGrad(
+  op: string,
+  main: Tensor,
+  g: Tensor,
+  ix: Tensor,
+  V: number,
+  H: number,
+  pad: number,
+): void {
+  const backend = main.backend;
+  const g32 = g.dtype === 'float32' ? dense(g) : cast(g, 'float32');
+  let bad: Tensor | null = null;
+  try {
+    bad = alloc(backend, [2], 'float64');
+    untrackTensor(bad); // the queue frees it at its check
+    kernelOf(backend, 'indexAddRows', op)(main, main, g32, ix, 1, V, H, 1, pad, bad);
+    deferCheck(bad, (v) => (v[0] >= 0 ? rangeError(op, [v[0], v[1]], 0, V) : null));
+  } catch (e) {
+    bad?.dispose();
+    throw e;
+  } finally {
+    if (g32 !== g) g32.dispose();
+  }
+}
+
 /** out[p] = x[p with p[d] = index[p]] over the positions of (contiguous) index. */
 function gatherRaw(op: string, x: Tensor, d: number, index: Tensor): Tensor {
   const out = alloc(x.backend, index.shape, x.dtype);
@@ -369,9 +402,15 @@ export function embedding(
   }
   if (needsGrad(weight)) {
     // g [...ids, H] has the memory layout of [ids.numel, H], which is all the kernel reads
-    attachGrad(out, 'EmbeddingBackward', [weight], [ids], (g, [ix]) => [
-      indexAddRaw(op, null, g, ix, [V, H], 0, 1, pad),
-    ]);
+    attachGrad(out, 'EmbeddingBackward', [weight], [ids], (g, [ix]) => {
+      // gradient-accumulation fusion: the rows added into the float32 main gradient in place
+      const main = fusedMainGradOf(weight);
+      if (main) {
+        addRowsIntoMainGrad(op, main, g, ix, V, H, pad);
+        return [addedToMainGrad(weight)];
+      }
+      return [indexAddRaw(op, null, g, ix, [V, H], 0, 1, pad)];
+    });
   }
   disposeTemp(ids, input);
   return out;

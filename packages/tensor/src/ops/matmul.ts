@@ -394,6 +394,26 @@ export function getGradientAccumulationFusion(): boolean {
 const ACCUMULATE_DTYPES: ReadonlySet<DType> = new Set(['float32', 'bfloat16', 'float16']);
 
 /**
+ * The float32 main gradient of `leaf` when gradient-accumulation fusion applies to it (the fusion
+ * on, a contiguous float32 `.mainGrad` of the leaf's shape on its backend, no tensor hooks, a
+ * 16/32-bit float leaf, and a backend with its own linearWeightGradAccumulate kernel: the devices
+ * where the fusion exists), else null. The embedding backward adds its rows there itself.
+ */
+export function fusedMainGradOf(leaf: Tensor): Tensor | null {
+  if (!gradientAccumulationFusion || !leaf.isLeaf) return null;
+  const main = leaf.mainGrad;
+  if (!main || main.disposed || main.dtype !== 'float32' || !main.isContiguous) return null;
+  if (
+    main.backend !== leaf.backend ||
+    main.ndim !== leaf.ndim ||
+    main.shape.some((d, i) => d !== leaf.shape[i])
+  )
+    return null;
+  if (!ACCUMULATE_DTYPES.has(leaf.dtype) || leafHasGradHooks(leaf)) return null;
+  return leaf.backend.kernel('linearWeightGradAccumulate') ? main : null;
+}
+
+/**
  * mainGrad += g2^T x2 for `leaf` through the backend's own linearWeightGradAccumulate kernel, and
  * the marker gradient the engine then skips; null (nothing done) where the fusion does not apply.
  */

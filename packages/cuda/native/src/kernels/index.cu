@@ -381,8 +381,8 @@ __global__ void __launch_bounds__(kAddThreads)
     T* dst = out + item * inner + j;
     const T* brow = base ? base + item * inner + j : nullptr;
     if (b == e) {
-      if (brow) *dst = *brow;
-      else Tr<T>::st(dst, C(0));  // +0 in every format
+      if (!brow) Tr<T>::st(dst, C(0));  // +0 in every format
+      else if (brow != dst) *dst = *brow;  // in place (base is out): the row stays as it is
       continue;
     }
     const T* scol = src + o * L * inner + j;
@@ -419,7 +419,7 @@ __global__ void __launch_bounds__(kAddThreads)
     const Pk* brow = base ? reinterpret_cast<const Pk*>(base + item * inner) + jv : nullptr;
     if (b == e) {
       if (brow) {
-        *dst = *brow;
+        if (brow != dst) *dst = *brow;  // in place (base is out): the row stays as it is
       } else {
         Pk z;
         for (int k = 0; k < V; k++) Tr<T>::st(&z.v[k], C(0));  // +0 in every format
