@@ -8,6 +8,7 @@ import {
   embedding,
   getBackend,
   getGradientAccumulationFusion,
+  layerNorm,
   linear,
   memoryStats,
   setGradientAccumulationFusion,
@@ -162,6 +163,59 @@ describe.skipIf(skip !== '')(
       ]);
       // the lookup's rows go into mainGrad in float32 too
       expectClose(vals(w.mainGrad!), want, M + 6);
+    });
+
+    it("adds a norm's weight and bias gradients into their mainGrads in float32 (no accumulateGrad)", () => {
+      const [R, H] = [24, 16];
+      const x = randn(30, [R, H], 'bfloat16');
+      const g = randn(31, [R, H], 'bfloat16');
+      const initW = randn(32, [H], 'float32');
+      const initB = randn(33, [H], 'float32');
+      const run = () => {
+        const w = randn(34, [H], 'bfloat16').requiresGrad_(true);
+        const b = randn(35, [H], 'bfloat16').requiresGrad_(true);
+        w.mainGrad = initW.clone();
+        b.mainGrad = initB.clone();
+        let fired = 0;
+        w.registerPostAccumulateGradHook(() => fired++);
+        kernelCalls.length = 0;
+        layerNorm(x, [H], w, b, 1e-5).backward(g);
+        expect(fired).toBe(1);
+        return { w, b, calls: [...kernelCalls] };
+      };
+      const on = run();
+      expect(on.calls).not.toContain('accumulateGrad');
+      expect(on.w.grad).toBeNull();
+      expect(on.b.grad).toBeNull();
+      setGradientAccumulationFusion(false);
+      const off = run();
+      expect(off.calls).toContain('accumulateGrad');
+      // the unfused sums are rounded to bf16 before they are accumulated: within half a unit of
+      // the sum (the unfused main gradient less its start value)
+      for (const [name, a, e, init] of [
+        ['weight', vals(on.w.mainGrad!), vals(off.w.mainGrad!), vals(initW)],
+        ['bias', vals(on.b.mainGrad!), vals(off.b.mainGrad!), vals(initB)],
+      ] as const) {
+        for (let i = 0; i < a.length; i++) {
+          const tol = 2 ** -8 * 1.01 * Math.abs(e[i] - init[i]) + 1e-6;
+          if (!(Math.abs(a[i] - e[i]) <= tol)) expect.fail(`${name} ${i}: ${a[i]} vs ${e[i]}`);
+        }
+      }
+      // the bias sums: exactly init + the float32 sum of g's columns (a float64 check)
+      const gv = vals(g.float());
+      const start = vals(initB);
+      const got = vals(on.b.mainGrad!);
+      for (let c = 0; c < H; c++) {
+        let sum = 0;
+        let abs = 0;
+        for (let r = 0; r < R; r++) {
+          sum += gv[r * H + c];
+          abs += Math.abs(gv[r * H + c]);
+        }
+        const tol = (R + 2) * 2 ** -24 * (abs + Math.abs(start[c]));
+        if (!(Math.abs(got[c] - (start[c] + sum)) <= tol))
+          expect.fail(`bias ${c}: ${got[c]} vs ${start[c] + sum}`);
+      }
     });
 
     it("adds an embedding's rows straight into mainGrad in float32; padding and unused rows stay as they are", () => {

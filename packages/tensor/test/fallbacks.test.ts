@@ -757,6 +757,41 @@ describe('normRows / normRowsBackward', () => {
               if (dw && own.dw)
                 expect(values(dw), `${label} dweight with accumulate`).toEqual(values(own.dw));
             }
+            // paramsIntoMain (16/32-bit data): the weight / bias sums added to float32 main
+            // gradients M: M + the kernel's own sums, unrounded where the kernel does it in its
+            // pass (within a rounding to x's dtype of them), exactly M + the rounded ones where
+            // it accumulates afterwards (the CPU)
+            if (dtype !== 'float64' && (p.w || p.b)) {
+              const Mw = p.w ? randnT(r, s.norm, 'float32') : null;
+              const Mb = p.b ? randnT(r, s.norm, 'float32') : null;
+              for (const [label, k, own] of [
+                ['native', nativeKernel('normRowsBackward'), dN],
+                ['candidate', candidateKernel('normRowsBackward'), dF],
+              ] as const) {
+                const mw = Mw ? clone(Mw) : null;
+                const mb = Mb ? clone(Mb) : null;
+                const dx = sentinel(s.x, dtype);
+                k(dx, g, x, w, N.mean, N.rstd, mw, mb, n, p.center, false, true);
+                expect(values(dx), `${label} dx with paramsIntoMain`).toEqual(values(own.dx));
+                for (const [name, m, start, sums] of [
+                  ['dweight', mw, Mw, own.dw],
+                  ['dbias', mb, Mb, own.db],
+                ] as const) {
+                  if (!m || !start || !sums) continue;
+                  const want = values(add(start, sums.to('float32')));
+                  const got = values(m);
+                  const sv = values(sums);
+                  for (let i = 0; i < got.length; i++) {
+                    const tol =
+                      label === 'native'
+                        ? 0
+                        : 2 * ulpOf(Math.max(Math.abs(sv[i]), 1e-30), dtype) + 1e-5 * Math.abs(want[i]);
+                    if (!(Math.abs(got[i] - want[i]) <= tol))
+                      expect.fail(`${label} ${name} into main, element ${i}: ${got[i]} vs ${want[i]}`);
+                  }
+                }
+              }
+            }
           }),
         );
       }

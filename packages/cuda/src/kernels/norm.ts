@@ -26,7 +26,7 @@ export function normKernels(call: Entries): NormKernels {
         .num(center ? 1 : 0);
       call.normForward();
     },
-    normRowsBackward(dx, g, x, weight, mean, rstd, dweight, dbias, n, center, accumulate = false) {
+    normRowsBackward(dx, g, x, weight, mean, rstd, dweight, dbias, n, center, accumulate = false, paramsIntoMain = false) {
       pack.begin().tensor(dx).tensor(g).tensor(x);
       optional(weight);
       optional(mean);
@@ -36,7 +36,8 @@ export function normKernels(call: Entries): NormKernels {
       pack
         .num(n)
         .num(center ? 1 : 0)
-        .num(accumulate ? 1 : 0);
+        .num(accumulate ? 1 : 0)
+        .num(paramsIntoMain ? 1 : 0);
       call.normBackward();
     },
     ropeApply(out, x, cos, sin, inverse) {

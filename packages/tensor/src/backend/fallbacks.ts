@@ -392,12 +392,14 @@ register('normRows', (y, x, weight, bias, mean, rstd, n, eps, center) => {
 // The saved mean is subtracted whenever it is passed, as the kernel does.
 register(
   'normRowsBackward',
-  (dx, g, x, weight, mean, rstd, dweight, dbias, n, center, accumulate = false) => {
+  (dx, g, x, weight, mean, rstd, dweight, dbias, n, center, accumulate = false, paramsIntoMain = false) => {
     const rows = n > 0 ? x.numel / n : 0;
     run(() => {
       if (rows === 0) {
-        dweight?.fill_(0);
-        dbias?.fill_(0);
+        if (!paramsIntoMain) {
+          dweight?.fill_(0);
+          dbias?.fill_(0);
+        }
         return;
       }
       const c = computeOf(x.dtype);
@@ -412,8 +414,11 @@ register(
       const gx = mul(rs, sub(centred, mul(xhat, k2)));
       // accumulate: dx + the gradient rounded to dx's dtype (the engine's add of the two)
       store(dx, accumulate ? add(reshape(dx, [rows, n]), to(gx, dx.dtype)) : gx);
-      if (dweight) store(dweight, sum(mul(gs, xhat), 0));
-      if (dbias) store(dbias, sum(gs, 0));
+      // paramsIntoMain: the sums added to the float32 main gradients, unrounded
+      const gw = dweight ? sum(mul(gs, xhat), 0) : null;
+      const gb = dbias ? sum(gs, 0) : null;
+      if (dweight && gw) store(dweight, paramsIntoMain ? add(reshape(dweight, [n]), gw) : gw);
+      if (dbias && gb) store(dbias, paramsIntoMain ? add(reshape(dbias, [n]), gb) : gb);
     });
   },
 );

@@ -2,12 +2,14 @@
 // computes the statistics in float32 (float64 for float64 input) and applies the weight and
 // bias in the same pass, and one backward kernel that also reduces the weight / bias gradients.
 
+import { addedToMainGrad } from '../autograd/engine.js';
 import { attachGrad, needsGrad } from '../autograd/record.js';
 import { defineCpuKernel, native, pack } from '../backend/cpu.js';
 import { type DType, isFloating } from '../dtype.js';
 import { argError, dtypeError, fmtShape, shapeError } from '../errors.js';
 import { sameShape } from '../shape.js';
 import { Tensor } from '../tensor.js';
+import { fusedMainGradOf } from './matmul.js';
 import { alloc, contiguousRaw, inputsBackend, kernelOf } from './util.js';
 
 /**
@@ -30,6 +32,9 @@ export type NormKernel = (
  * dx, and dweight / dbias when given (summed over rows), from the saved statistics. With
  * `accumulate`, dx (contiguous) already holds a gradient and receives dx + the input gradient
  * rounded to dx's dtype: the bits of writing the input gradient and adding it to dx afterwards.
+ * With `paramsIntoMain`, dweight / dbias are the parameters' float32 main gradients (contiguous,
+ * gradient-accumulation fusion) and the sums are added to them in float32 instead of being written
+ * in x's dtype (on a backend without it in its own pass: written in x's dtype, then accumulated).
  */
 export type NormBackwardKernel = (
   dx: Tensor,
@@ -43,6 +48,7 @@ export type NormBackwardKernel = (
   n: number,
   center: boolean,
   accumulate?: boolean,
+  paramsIntoMain?: boolean,
 ) => void;
 
 function optional(t: Tensor | null): void {
@@ -63,23 +69,40 @@ defineCpuKernel('normRows', (y, x, weight, bias, mean, rstd, n, eps, center) => 
   native.normForward();
 });
 
-defineCpuKernel('normRowsBackward', (dx, g, x, weight, mean, rstd, dweight, dbias, n, center, accumulate) => {
-  // accumulate: the gradient into a temporary, then added to dx (the engine's add, in place)
-  const out = accumulate ? Tensor.empty(dx.backend, dx.shape, dx.dtype) : dx;
-  try {
-    pack.begin().tensor(out).tensor(g).tensor(x);
-    optional(weight);
-    optional(mean);
-    pack.tensor(rstd);
-    optional(dweight);
-    optional(dbias);
-    pack.num(n).num(center ? 1 : 0);
-    native.normBackward();
-    if (accumulate) dx.backend.binary(dx, dx, out, 'add');
-  } finally {
-    if (out !== dx) out.dispose();
-  }
-});
+defineCpuKernel(
+  'normRowsBackward',
+  (dx, g, x, weight, mean, rstd, dweight, dbias, n, center, accumulate, paramsIntoMain) => {
+    // accumulate: the gradient into a temporary, then added to dx (the engine's add, in place);
+    // paramsIntoMain: the parameter gradients into temporaries of x's dtype, then accumulated
+    const out = accumulate ? Tensor.empty(dx.backend, dx.shape, dx.dtype) : dx;
+    const dw = dweight && paramsIntoMain ? Tensor.empty(x.backend, dweight.shape, x.dtype) : dweight;
+    const db = dbias && paramsIntoMain ? Tensor.empty(x.backend, dbias.shape, x.dtype) : dbias;
+    try {
+      pack.begin().tensor(out).tensor(g).tensor(x);
+      optional(weight);
+      optional(mean);
+      pack.tensor(rstd);
+      optional(dw);
+      optional(db);
+      pack.num(n).num(center ? 1 : 0);
+      native.normBackward();
+      if (accumulate) dx.backend.binary(dx, dx, out, 'add');
+      if (paramsIntoMain) accumulateParams([dweight, dbias], [dw, db]);
+    } finally {
+      if (out !== dx) out.dispose();
+      if (dw !== dweight) dw?.dispose();
+      if (db !== dbias) db?.dispose();
+    }
+  },
+);
+
+/** main += grad (cast to main's dtype) for each pair: the accumulateGrad kernel. */
+export function accumulateParams(mains: readonly (Tensor | null)[], grads: readonly (Tensor | null)[]): void {
+  mains.forEach((m, i) => {
+    const g = grads[i];
+    if (m && g) kernelOf(m.backend, 'accumulateGrad', 'normBackward')(m, g);
+  });
+}
 
 function checkParam(op: string, name: string, p: Tensor | null, x: Tensor, shape: readonly number[]): void {
   if (!p) return;
@@ -158,8 +181,14 @@ function normOp(
             ? waiting
             : null;
         const dx = into ?? alloc(xs.backend, xShape, dtype);
-        const dw = wantW ? alloc(xs.backend, shape, dtype, n === 0) : null;
-        const db = wantB ? alloc(xs.backend, shape, dtype, n === 0) : null;
+        // gradient-accumulation fusion: the weight (and bias) gradients added into their float32
+        // main gradients by the kernel, where every wanted one has one
+        const mainW = wantW && weight ? fusedMainGradOf(weight) : null;
+        const mainB = wantB && bias ? fusedMainGradOf(bias) : null;
+        const intoMain =
+          n > 0 && (wantW || wantB) && (!wantW || mainW !== null) && (!wantB || mainB !== null);
+        const dw = wantW ? (intoMain ? mainW : alloc(xs.backend, shape, dtype, n === 0)) : null;
+        const db = wantB ? (intoMain ? mainB : alloc(xs.backend, shape, dtype, n === 0)) : null;
         if (n > 0)
           kernelOf(xs.backend, 'normRowsBackward', op)(
             dx,
@@ -173,9 +202,16 @@ function normOp(
             n,
             center,
             into !== null,
+            intoMain,
           );
         gc.dispose();
         if (!wantX) dx.dispose();
+        if (intoMain)
+          return [
+            wantX ? dx : null,
+            wantW && weight ? addedToMainGrad(weight) : null,
+            wantB && bias ? addedToMainGrad(bias) : null,
+          ];
         return [wantX ? dx : null, dw, db];
       },
     );

@@ -31,7 +31,8 @@ MPC_ENTRY(NormForwardE) {
   return info.Env().Undefined();
 }
 
-// normBackward(dx, g, x, hasW, w?, hasMean, mean?, rstd, hasDw, dw?, hasDb, db?, N, center, accumulate)
+// normBackward(dx, g, x, hasW, w?, hasMean, mean?, rstd, hasDw, dw?, hasDb, db?, N, center, accumulate,
+// paramsIntoMain)
 MPC_ENTRY(NormBackwardE) {
   Args a;
   TensorArg dx = a.tensor(), g = a.tensor(), x = a.tensor();
@@ -44,7 +45,8 @@ MPC_ENTRY(NormBackwardE) {
   int64_t n = a.i64();
   bool center = a.i32() != 0;
   bool accumulate = a.i32() != 0;
-  norm_backward(current_stream(), dx, g, x, w, mean, rstd, dw, db, n, center, accumulate);
+  bool params_into_main = a.i32() != 0;
+  norm_backward(current_stream(), dx, g, x, w, mean, rstd, dw, db, n, center, accumulate, params_into_main);
   return info.Env().Undefined();
 }
 

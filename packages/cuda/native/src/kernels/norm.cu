@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 
 #include "norm.h"
 
@@ -419,9 +420,16 @@ MPN_UNROLL
   }
 }
 
+// a weight / bias gradient element: stored in T, or (acc32, the fp32 main gradient of
+// gradient-accumulation fusion) added to a float32 element unrounded
+template <typename T> MP_D void put_param(void* p, int64_t j, typename Tr<T>::C v, bool acc32) {
+  if (acc32) static_cast<float*>(p)[j] += static_cast<float>(v);
+  else Tr<T>::st(static_cast<T*>(p) + j, v);
+}
+
 template <typename T>
-__global__ void norm_params_finish_kernel(T* dw, T* db, const typename Tr<T>::C* pw, const typename Tr<T>::C* pb,
-                                          int64_t chunks, int64_t n) {
+__global__ void norm_params_finish_kernel(void* dw, void* db, const typename Tr<T>::C* pw, const typename Tr<T>::C* pb,
+                                          int64_t chunks, int64_t n, bool acc32) {
   using C = typename Tr<T>::C;
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -430,8 +438,8 @@ __global__ void norm_params_finish_kernel(T* dw, T* db, const typename Tr<T>::C*
       sw += pw[c * n + j];
       sb += pb[c * n + j];
     }
-    if (dw) Tr<T>::st(dw + j, sw);
-    if (db) Tr<T>::st(db + j, sb);
+    if (dw) put_param<T>(dw, j, sw, acc32);
+    if (db) put_param<T>(db, j, sb, acc32);
   }
 }
 
@@ -440,8 +448,8 @@ __global__ void norm_params_finish_kernel(T* dw, T* db, const typename Tr<T>::C*
 // added in order of y (fixed order: deterministic). Null dw / db: not wanted.
 template <typename T>
 __global__ void __launch_bounds__(kParamCols * kParamMaxY)
-    norm_partials_finish_kernel(T* dw, T* db, const typename Tr<T>::C* pw, const typename Tr<T>::C* pb, int64_t P,
-                                int64_t n) {
+    norm_partials_finish_kernel(void* dw, void* db, const typename Tr<T>::C* pw, const typename Tr<T>::C* pb, int64_t P,
+                                int64_t n, bool acc32) {
   using C = typename Tr<T>::C;
   __shared__ C sw[kParamMaxY][kParamCols + 1];
   __shared__ C sb[kParamMaxY][kParamCols + 1];
@@ -466,8 +474,8 @@ MPN_UNROLL4
         s_w += sw[i][tx];
         s_b += sb[i][tx];
       }
-      if (dw) Tr<T>::st(dw + j, s_w);
-      if (db) Tr<T>::st(db + j, s_b);
+      if (dw) put_param<T>(dw, j, s_w, acc32);
+      if (db) put_param<T>(db, j, s_b, acc32);
     }
     __syncthreads();
   }
@@ -703,7 +711,7 @@ void fwd_typed(cudaStream_t s, const TensorArg& y, const TensorArg& x, const Ten
 
 template <typename T>
 void params_launch(cudaStream_t s, const TensorArg* dw, const TensorArg* db, const TensorArg& g, const TensorArg& x,
-                   const typename Tr<T>::C* mp, const typename Tr<T>::C* rp, int64_t rows, int64_t n) {
+                   const typename Tr<T>::C* mp, const typename Tr<T>::C* rp, int64_t rows, int64_t n, bool acc32) {
   using C = typename Tr<T>::C;
   // 16-byte loads where every row starts 16-byte aligned (each block then sums 32 V columns)
   constexpr int V = 16 / sizeof(T);
@@ -727,9 +735,9 @@ void params_launch(cudaStream_t s, const TensorArg* dw, const TensorArg* db, con
   }
   check_launch("norm_backward_params");
   auto f = norm_params_finish_kernel<T>;
-  MP_LAUNCH(f, grid_for(n), kThreads, 0, s, dw ? dw->ptr<T>() : static_cast<T*>(nullptr),
-            db ? db->ptr<T>() : static_cast<T*>(nullptr), static_cast<const C*>(pw), static_cast<const C*>(pb), chunks,
-            n);
+  MP_LAUNCH(f, grid_for(n), kThreads, 0, s, dw ? static_cast<void*>(dw->data) : nullptr,
+            db ? static_cast<void*>(db->data) : nullptr, static_cast<const C*>(pw), static_cast<const C*>(pb), chunks, n,
+            acc32);
   check_launch("norm_backward_params (finish)");
 }
 
@@ -738,7 +746,8 @@ void params_launch(cudaStream_t s, const TensorArg* dw, const TensorArg* db, con
 // false: not taken (the caller runs the separate weight pass).
 template <typename T, bool Center, int V>
 bool bwd_fused_launch_v(cudaStream_t s, T* dx, const T* g, const T* x, const T* w, const typename Tr<T>::C* mean,
-                        const typename Tr<T>::C* rstd, int64_t rows, int64_t n, T* dw, T* db, bool acc) {
+                        const typename Tr<T>::C* rstd, int64_t rows, int64_t n, void* dw, void* db, bool acc,
+                        bool acc32) {
   using C = typename Tr<T>::C;
   const int64_t nv = n / V;
   RowPlan p = row_plan(rows, n, nv);
@@ -761,7 +770,7 @@ bool bwd_fused_launch_v(cudaStream_t s, T* dx, const T* g, const T* x, const T* 
   auto f = norm_partials_finish_kernel<T>;
   const dim3 fblock(kParamCols, kParamY);
   const dim3 fgrid(static_cast<unsigned>(mn(ceil_div(n, kParamCols), kMaxGrid)));
-  MP_LAUNCH(f, fgrid, fblock, 0, s, dw, db, static_cast<const C*>(pw), static_cast<const C*>(pb), P, n);
+  MP_LAUNCH(f, fgrid, fblock, 0, s, dw, db, static_cast<const C*>(pw), static_cast<const C*>(pb), P, n, acc32);
   check_launch("norm_backward (weight gradient partials)");
   return true;
 }
@@ -788,7 +797,7 @@ void bwd_launch_v(cudaStream_t s, T* dx, const T* g, const T* x, const T* w, con
 template <typename T>
 void bwd_typed(cudaStream_t s, const TensorArg& dx, const TensorArg& g, const TensorArg& x, const TensorArg* w,
                const TensorArg* mean, const TensorArg& rstd, const TensorArg* dw, const TensorArg* db, int64_t rows,
-               int64_t n, bool center, bool acc) {
+               int64_t n, bool center, bool acc, bool acc32) {
   using C = typename Tr<T>::C;
   T* dxp = dx.ptr<T>();
   const T* gp = g.ptr<T>();
@@ -796,16 +805,16 @@ void bwd_typed(cudaStream_t s, const TensorArg& dx, const TensorArg& g, const Te
   const T* wp = w ? w->ptr<T>() : nullptr;
   const C* mp = mean ? mean->ptr<C>() : nullptr;
   const C* rp = rstd.ptr<C>();
-  T* dwp = dw ? dw->ptr<T>() : nullptr;
-  T* dbp = db ? db->ptr<T>() : nullptr;
+  void* dwp = dw ? static_cast<void*>(dw->data) : nullptr;
+  void* dbp = db ? static_cast<void*>(db->data) : nullptr;
   bool fused = false;
   if (rows > 0) {
     constexpr int V = 16 / sizeof(T);
     const bool vec = n % V == 0 && aligned16(dxp) && aligned16(gp) && aligned16(xp) && (!wp || aligned16(wp));
     // the fused weight gradient for 16-byte rows (MEGAPATCH_NORM_BWD_FUSED=0: the separate pass)
     if (vec && (dw || db) && fused_norm_backward()) {
-      fused = center ? bwd_fused_launch_v<T, true, V>(s, dxp, gp, xp, wp, mp, rp, rows, n, dwp, dbp, acc)
-                     : bwd_fused_launch_v<T, false, V>(s, dxp, gp, xp, wp, mp, rp, rows, n, dwp, dbp, acc);
+      fused = center ? bwd_fused_launch_v<T, true, V>(s, dxp, gp, xp, wp, mp, rp, rows, n, dwp, dbp, acc, acc32)
+                     : bwd_fused_launch_v<T, false, V>(s, dxp, gp, xp, wp, mp, rp, rows, n, dwp, dbp, acc, acc32);
     }
     if (fused) {
       // done
@@ -818,7 +827,7 @@ void bwd_typed(cudaStream_t s, const TensorArg& dx, const TensorArg& g, const Te
     }
   }
   // zeros for 0 rows, as the CPU kernel
-  if ((dw || db) && !fused) params_launch<T>(s, dw, db, g, x, mp, rp, rows, n);
+  if ((dw || db) && !fused) params_launch<T>(s, dw, db, g, x, mp, rp, rows, n, acc32);
 }
 
 constexpr int kRopeThreads = 128;
@@ -911,18 +920,26 @@ void norm_forward(cudaStream_t s, const TensorArg& y, const TensorArg& x, const 
 
 void norm_backward(cudaStream_t s, const TensorArg& dx, const TensorArg& g, const TensorArg& x,
                    const TensorArg* weight, const TensorArg* mean, const TensorArg& rstd, const TensorArg* dweight,
-                   const TensorArg* dbias, int64_t n, bool center, bool accumulate) {
+                   const TensorArg* dbias, int64_t n, bool center, bool accumulate, bool params_into_main) {
   fail_if(!(n > 0 && x.numel() % n == 0), "normBackward: N must divide the number of elements");
   fail_if(!(x.contiguous() && g.contiguous() && dx.contiguous()), "normBackward: x, g and dx must be contiguous");
   fail_if(g.dtype != x.dtype || dx.dtype != x.dtype, "normBackward: dtypes must match");
   fail_if(g.numel() != x.numel() || dx.numel() != x.numel(), "normBackward: g and dx must match x");
   const int64_t rows = x.numel() / n;
   check_param(weight, x, n, "weight");
-  check_param(dweight, x, n, "weight gradient");
-  check_param(dbias, x, n, "bias gradient");
+  if (params_into_main) {
+    fail_if(x.dtype == DType::F64, "normBackward: float64 parameters have no float32 main gradient to add into");
+    for (const TensorArg* p : {dweight, dbias})
+      fail_if(p && !(p->dtype == DType::F32 && p->contiguous() && p->numel() == n),
+              "normBackward: a main gradient must be a contiguous float32 tensor with N elements");
+  } else {
+    check_param(dweight, x, n, "weight gradient");
+    check_param(dbias, x, n, "bias gradient");
+  }
   check_stat(mean, x, rows, "mean");
   check_stat(&rstd, x, rows, "rstd");
-  MPC_DISPATCH_FLOAT(x.dtype, bwd_typed, s, dx, g, x, weight, mean, rstd, dweight, dbias, rows, n, center, accumulate);
+  MPC_DISPATCH_FLOAT(x.dtype, bwd_typed, s, dx, g, x, weight, mean, rstd, dweight, dbias, rows, n, center, accumulate,
+                     params_into_main);
 }
 
 void rope_apply(cudaStream_t s, const TensorArg& out, const TensorArg& x, const TensorArg& cs, const TensorArg& sn,

@@ -19,10 +19,12 @@ void norm_forward(cudaStream_t s, const TensorArg& y, const TensorArg& x, const 
 // dx from the saved statistics (the saved mean is subtracted whenever it is passed), and when
 // given dweight = sum over rows of g * xhat and dbias = sum over rows of g (zeros for 0 rows).
 // accumulate: dx already holds a gradient and becomes dx + (the input gradient rounded to dx's
-// dtype), the bits of the separate add.
+// dtype), the bits of the separate add. params_into_main: dweight / dbias are float32 main
+// gradients (gradient-accumulation fusion) that the sums are added to, unrounded.
 void norm_backward(cudaStream_t s, const TensorArg& dx, const TensorArg& g, const TensorArg& x,
                    const TensorArg* weight, const TensorArg* mean, const TensorArg& rstd, const TensorArg* dweight,
-                   const TensorArg* dbias, int64_t n, bool center, bool accumulate = false);
+                   const TensorArg* dbias, int64_t n, bool center, bool accumulate = false,
+                   bool params_into_main = false);
 
 // out [B, H, S, D] = rope(x [B, H, S, D]) with cos/sin [B, S, R] (any strides; batch stride 0 for
 // shared tables), or its transpose when inverse. Channels R..D are copied.
