@@ -143,6 +143,7 @@ function checkedKernel(
   out: Tensor,
   run: (bad: Tensor) => void,
   error: (position: number, value: number) => TensorError,
+  ownsOut = true,
 ): void {
   let bad: Tensor | null = null;
   try {
@@ -152,13 +153,13 @@ function checkedKernel(
     run(bad);
   } catch (e) {
     bad?.dispose();
-    out.dispose();
+    if (ownsOut) out.dispose();
     throw e;
   }
   try {
     deferCheck(bad, (v) => (v[0] >= 0 ? error(v[0], v[1]) : null));
   } catch (e) {
-    out.dispose();
+    if (ownsOut) out.dispose();
     throw e;
   }
 }
@@ -294,19 +295,17 @@ function addRowsIntoMainGrad(
   H: number,
   pad: number,
 ): void {
-  const backend = main.backend;
   const g32 = g.dtype === 'float32' ? dense(g) : cast(g, 'float32');
-  let bad: Tensor | null = null;
   try {
-    bad = alloc(backend, [2], 'float64');
-    untrackTensor(bad); // the queue frees it at its check
-    kernelOf(backend, 'indexAddRows', op)(main, main, g32, ix, 1, V, H, 1, pad, bad);
-    deferCheck(bad, (v) => (v[0] >= 0 ? rangeError(op, [v[0], v[1]], 0, V) : null));
-  } catch (e) {
-    bad?.dispose();
-    throw e;
+    // main is the parameter's: an error leaves it alive
+    checkedKernel(
+      main,
+      (bad) => kernelOf(main.backend, 'indexAddRows', op)(main, main, g32, ix, 1, V, H, 1, pad, bad),
+      (p, v) => rangeError(op, [p, v], 0, V),
+      false,
+    );
   } finally {
-    if (g32 !== g) g32.dispose();
+    disposeTemp(g32, g);
   }
 }
 

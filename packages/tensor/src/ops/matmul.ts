@@ -237,22 +237,33 @@ function linearNoBias(x: Tensor, weight: Tensor): Tensor {
 
 /**
  * out's LinearBackward node (linearGrads) for out = x @ weight^T (+ bias): saves what the unfused
- * graph (MmBackward of x @ weight^T, AddBackward of the bias) would save.
+ * graph (MmBackward of x @ weight^T, AddBackward of the bias) would save. With `residual` (out =
+ * residual + x @ weight^T, no bias) the node is LinearResidualBackward and the residual's gradient
+ * is the output's.
  */
-function attachLinearBackward(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | null): void {
-  if (!needsGrad(x, weight, ...(bias ? [bias] : []))) return;
+function attachLinearBackward(
+  out: Tensor,
+  x: Tensor,
+  weight: Tensor,
+  bias: Tensor | null,
+  residual: Tensor | null = null,
+): void {
+  const extra = bias ?? residual;
+  if (!needsGrad(x, weight, extra)) return;
   const rx = x.requiresGrad;
   const rw = weight.requiresGrad;
   const rb = bias?.requiresGrad ?? false;
+  const rr = residual?.requiresGrad ?? false;
   const xShape = x.shape;
   const save: Tensor[] = [];
   if (rw) save.push(x);
   if (rx) save.push(weight);
-  const inputs = bias ? [x, weight, bias] : [x, weight];
+  const inputs = extra ? [x, weight, extra] : [x, weight];
   const leaf = rw && weight.isLeaf ? weight : null;
-  attachGrad(out, 'LinearBackward', inputs, save, (g, s) =>
-    linearGrads(g, xShape, rw ? s[0] : null, rx ? s[rw ? 1 : 0] : null, rb, leaf).slice(0, inputs.length),
-  );
+  attachGrad(out, residual ? 'LinearResidualBackward' : 'LinearBackward', inputs, save, (g, s) => {
+    const grads = linearGrads(g, xShape, rw ? s[0] : null, rx ? s[rw ? 1 : 0] : null, rb, leaf);
+    return residual ? [grads[0], grads[1], rr ? g : null] : grads.slice(0, inputs.length);
+  });
 }
 
 /** The dtypes of the fused linear kernels (linearBias, linearBiasActivation, linearWeightBiasGrad). */
@@ -352,20 +363,7 @@ function linearResidualFused(x: Tensor, weight: Tensor, residual: Tensor): Tenso
       out2.dispose();
     }
   }
-  if (needsGrad(x, weight, residual)) {
-    const rx = x.requiresGrad;
-    const rw = weight.requiresGrad;
-    const rr = residual.requiresGrad;
-    const xShape = x.shape;
-    const save: Tensor[] = [];
-    if (rw) save.push(x);
-    if (rx) save.push(weight);
-    const leaf = rw && weight.isLeaf ? weight : null;
-    attachGrad(out, 'LinearResidualBackward', [x, weight, residual], save, (g, s) => {
-      const [gx, gw] = linearGrads(g, xShape, rw ? s[0] : null, rx ? s[rw ? 1 : 0] : null, false, leaf);
-      return [gx, gw, rr ? g : null];
-    });
-  }
+  attachLinearBackward(out, x, weight, null, residual);
   return out;
 }
 
@@ -418,13 +416,9 @@ export function fusedMainGradOf(leaf: Tensor): Tensor | null {
  * the marker gradient the engine then skips; null (nothing done) where the fusion does not apply.
  */
 function accumulateWeightGrad(leaf: Tensor, g2: Tensor, x: Tensor, M: number, K: number): Tensor | null {
-  if (!gradientAccumulationFusion) return null;
-  const main = leaf.mainGrad;
-  const N = g2.shape[1];
-  if (!main || main.disposed || main.dtype !== 'float32' || !main.isContiguous) return null;
-  if (main.backend !== g2.backend || main.shape.length !== 2 || main.shape[0] !== N || main.shape[1] !== K)
+  const main = fusedMainGradOf(leaf);
+  if (!main || main.backend !== g2.backend || !ACCUMULATE_DTYPES.has(g2.dtype) || x.dtype !== g2.dtype)
     return null;
-  if (!ACCUMULATE_DTYPES.has(g2.dtype) || x.dtype !== g2.dtype || leafHasGradHooks(leaf)) return null;
   const kernel = g2.backend.kernel('linearWeightGradAccumulate');
   if (!kernel) return null;
   const x2 = reshape(x, [M, K]);

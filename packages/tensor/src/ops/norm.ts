@@ -97,7 +97,7 @@ defineCpuKernel(
 );
 
 /** main += grad (cast to main's dtype) for each pair: the accumulateGrad kernel. */
-export function accumulateParams(mains: readonly (Tensor | null)[], grads: readonly (Tensor | null)[]): void {
+function accumulateParams(mains: readonly (Tensor | null)[], grads: readonly (Tensor | null)[]): void {
   mains.forEach((m, i) => {
     const g = grads[i];
     if (m && g) kernelOf(m.backend, 'accumulateGrad', 'normBackward')(m, g);
