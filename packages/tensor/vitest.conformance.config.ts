@@ -18,6 +18,7 @@ export default defineConfig({
       'test/indexing.test.ts',
       'test/gradcheck.test.ts',
       'test/autograd.test.ts',
+      'test/grad-destination.test.ts',
       'test/multi-output.test.ts',
       'test/random.test.ts',
       'test/nn.test.ts',

@@ -6,7 +6,7 @@ import { TensorError } from '../errors.js';
 import { keep, tidy } from '../scope.js';
 import { sameShape } from '../shape.js';
 import { Tensor } from '../tensor.js';
-import type { GradHook, Node } from './graph.js';
+import type { Edge, GradDestination, GradHook, Node } from './graph.js';
 import { noGrad } from './graph.js';
 
 /**
@@ -22,14 +22,26 @@ export interface BackwardOptions {
   retainGraph?: boolean;
 }
 
-function topoCounts(root: Node): Map<Node, number> {
+/**
+ * For every node reachable from root: how many edges lead into it (deps: the node is ready when
+ * they have all delivered), and per output how many (uses: 1 means one consumer alone feeds that
+ * output's gradient).
+ */
+function topoCounts(root: Node): { deps: Map<Node, number>; uses: Map<Node, number[]> } {
   const deps = new Map<Node, number>();
+  const uses = new Map<Node, number[]>();
   const stack: Node[] = [root];
   deps.set(root, 0);
   while (stack.length) {
     const n = stack.pop()!;
     for (const e of n.next) {
       if (!e) continue;
+      let u = uses.get(e.node);
+      if (!u) {
+        u = new Array<number>(e.node.numOutputs).fill(0);
+        uses.set(e.node, u);
+      }
+      u[e.nr]++;
       const c = deps.get(e.node);
       if (c === undefined) {
         deps.set(e.node, 1);
@@ -39,7 +51,7 @@ function topoCounts(root: Node): Map<Node, number> {
       }
     }
   }
-  return deps;
+  return { deps, uses };
 }
 
 /** The gradients addedToMainGrad returned: accumulateInto skips them. */
@@ -150,67 +162,108 @@ export function backward(root: Tensor, gradient?: Tensor, options: BackwardOptio
       accumulate(root, seed);
       return;
     }
-    const deps = topoCounts(rootNode);
+    const { deps, uses } = topoCounts(rootNode);
     // gradients waiting for each node, one slot per output
     const grads = new Map<Node, (Tensor | null)[]>([[rootNode, slots(rootNode, root.outputNr, seed)]]);
     const ready: Node[] = [rootNode];
-    while (ready.length) {
-      const node = ready.pop()!;
-      const gs = grads.get(node) ?? [];
-      grads.delete(node);
-      for (let k = 0; k < gs.length; k++) {
-        const g = gs[k];
-        if (g) gs[k] = runHooks(node.preHooks?.[k], g);
-      }
-      if (node.variable) {
-        if (gs[0]) accumulate(node.variable, gs[0]);
-        continue;
-      }
-      let inGrads: readonly (Tensor | null | undefined)[] = [];
-      let pending: (Tensor | null)[] = [];
-      if (gs.some((g) => g)) {
-        const given = Array.from({ length: node.numOutputs }, (_, k) => gs[k] ?? null);
-        // a backward that passes a gradient through unchanged gets its own view of it
-        const own = (x: Tensor | null | undefined): Tensor | null | undefined =>
-          x && given.includes(x) ? x.viewAs(x.shape, x.strides, x.offset) : x;
-        pending = pendingGrads(node, grads);
-        inGrads = tidy(() => node.apply(given, pending).map(own));
-        for (const g of given) g?.dispose();
-      }
-      node.next.forEach((e, i) => {
-        const gi = inGrads[i];
-        if (!e) {
-          gi?.dispose();
-          return;
+    // the buffers handed out as destinations, freed at the end if their backward never took them
+    const handed = new Set<GradDestination>();
+    try {
+      while (ready.length) {
+        const node = ready.pop()!;
+        const gs = grads.get(node) ?? [];
+        grads.delete(node);
+        for (let k = 0; k < gs.length; k++) {
+          const g = gs[k];
+          if (g) gs[k] = runHooks(node.preHooks?.[k], g);
         }
-        if (gi) {
-          const slot = grads.get(e.node) ?? [];
-          const prev = slot[e.nr];
-          if (prev && gi === prev && pending[i] === prev) {
-            // the backward added its gradient into the waiting one (BackwardFn's pending)
-          } else if (prev && inMainGrad.has(gi)) {
-            gi.dispose(); // zeros already in the leaf's mainGrad: prev stands for the sum
-          } else if (prev && inMainGrad.has(prev)) {
-            slot[e.nr] = gi;
-            prev.dispose();
-          } else if (prev) {
-            slot[e.nr] = prev.add(gi);
-            prev.dispose();
-            gi.dispose();
-          } else {
-            slot[e.nr] = gi;
+        if (node.variable) {
+          if (gs[0]) accumulate(node.variable, gs[0]);
+          continue;
+        }
+        let inGrads: readonly (Tensor | null | undefined)[] = [];
+        let pending: (Tensor | null)[] = [];
+        if (gs.some((g) => g)) {
+          const given = Array.from({ length: node.numOutputs }, (_, k) => gs[k] ?? null);
+          // a backward that passes a gradient through unchanged gets its own view of it
+          const own = (x: Tensor | null | undefined): Tensor | null | undefined =>
+            x && given.includes(x) ? x.viewAs(x.shape, x.strides, x.offset) : x;
+          pending = pendingGrads(node, grads);
+          const dest = node.takesDestinations
+            ? node.next.map((e) => destinationOf(e, uses, handed))
+            : undefined;
+          try {
+            inGrads = tidy(() => node.apply(given, pending, dest).map(own));
+          } finally {
+            if (dest) {
+              for (let i = 0; i < dest.length; i++) if (dest[i] && inGrads[i] !== dest[i]) dest[i]!.dispose();
+            }
           }
-          grads.set(e.node, slot);
+          for (const g of given) g?.dispose();
         }
-        const c = deps.get(e.node)! - 1;
-        deps.set(e.node, c);
-        if (c === 0) ready.push(e.node);
-      });
-      for (let i = node.next.length; i < inGrads.length; i++) inGrads[i]?.dispose();
-      if (!options.retainGraph) node.freeSaved();
+        node.next.forEach((e, i) => {
+          const gi = inGrads[i];
+          if (!e) {
+            gi?.dispose();
+            return;
+          }
+          if (gi) {
+            const slot = grads.get(e.node) ?? [];
+            const prev = slot[e.nr];
+            if (prev && gi === prev && pending[i] === prev) {
+              // the backward added its gradient into the waiting one (BackwardFn's pending)
+            } else if (prev && inMainGrad.has(gi)) {
+              gi.dispose(); // zeros already in the leaf's mainGrad: prev stands for the sum
+            } else if (prev && inMainGrad.has(prev)) {
+              slot[e.nr] = gi;
+              prev.dispose();
+            } else if (prev) {
+              slot[e.nr] = prev.add(gi);
+              prev.dispose();
+              gi.dispose();
+            } else {
+              slot[e.nr] = gi;
+            }
+            grads.set(e.node, slot);
+          }
+          const c = deps.get(e.node)! - 1;
+          deps.set(e.node, c);
+          if (c === 0) ready.push(e.node);
+        });
+        for (let i = node.next.length; i < inGrads.length; i++) inGrads[i]?.dispose();
+        if (!options.retainGraph) node.freeSaved();
+      }
+      for (const gs of grads.values()) for (const g of gs) g?.dispose();
+    } finally {
+      for (const d of handed) d.release();
     }
-    for (const gs of grads.values()) for (const g of gs) g?.dispose();
   });
+}
+
+/**
+ * Where the gradient flowing along `e` ends up anyway, when one consumer alone feeds it: the region
+ * of a split's (unbind's) gradient buffer for that output, seen through the view ops between (each
+ * node's forwardView); null where there is none, where an output on the way has other uses or
+ * gradient hooks, or where a view's strides do not allow it.
+ */
+function destinationOf(
+  e: Edge | null,
+  uses: Map<Node, number[]>,
+  handed: Set<GradDestination>,
+): Tensor | null {
+  if (!e) return null;
+  const n = e.node;
+  if (uses.get(n)?.[e.nr] !== 1 || n.variable || n.preHooks?.[e.nr]?.length) return null;
+  if (n.destination) {
+    handed.add(n.destination);
+    return n.destination.region(e.nr);
+  }
+  if (!n.forwardView) return null;
+  const base = destinationOf(n.next[0], uses, handed);
+  if (!base) return null;
+  const v = n.forwardView(base);
+  base.dispose();
+  return v;
 }
 
 /**

@@ -43,12 +43,29 @@ export function enableGrad<T>(fn: () => T): T {
  * other uses (null where none, or where it shares memory with anything else): a backward may add
  * its own gradient into that tensor in place and return that very tensor for the input, and the
  * engine then adds nothing (one pass over the gradient instead of a write and a separate add).
+ * `dest`, given only to backwards recorded with `takesDestinations`, holds for each input a tensor
+ * of the input's shape and dtype (or null) where the gradient is to end up anyway: a region of the
+ * buffer in which a split assembles its input's gradient, seen through the views between them. A
+ * backward may write the input's gradient there (any strides) and return that very tensor; the
+ * split then finds it in place and copies nothing.
  */
 export type BackwardFn = (
   grad: Tensor,
   saved: readonly Tensor[],
   pending?: readonly (Tensor | null)[],
+  dest?: readonly (Tensor | null)[],
 ) => readonly (Tensor | null | undefined)[];
+
+/**
+ * A multi-output op that assembles its input's gradient in one buffer (split, unbind): `region(nr)`
+ * allocates the buffer on first use and returns a view of output nr's region in it (a tensor of
+ * that output's shape), which a gradient may be written into before the op's backward runs;
+ * `release()` frees the buffer if the backward never took it.
+ */
+export interface GradDestination {
+  region(nr: number): Tensor;
+  release(): void;
+}
 
 /**
  * Backward of an op with several outputs (split, unbind): one gradient per output, null for
@@ -80,6 +97,16 @@ export class Node {
   preHooks: GradHook[][] | null = null;
   /** Accumulator nodes: the leaf tensor whose .grad they fill. */
   readonly variable: Tensor | null;
+  /**
+   * Single-output view ops (view, permute, transpose, unsqueeze): the forward's view applied to
+   * another tensor of the input's shape, or null where its strides do not allow a view. The engine
+   * maps a destination for the input's gradient to one for the output's through it.
+   */
+  forwardView: ((t: Tensor) => Tensor | null) | null = null;
+  /** Multi-output ops that assemble their input's gradient in one buffer (split, unbind). */
+  destination: GradDestination | null = null;
+  /** Whether the backward takes BackwardFn's `dest` (only such nodes are offered destinations). */
+  takesDestinations = false;
   private refs = 0;
   savedFreed = false;
 
@@ -108,6 +135,9 @@ export class Node {
   unref(): void {
     if (--this.refs > 0) return;
     this.freeSaved();
+    this.destination?.release();
+    this.destination = null;
+    this.forwardView = null;
     const next = this.next;
     this.next = [];
     this.backwardFn = null;
@@ -129,11 +159,13 @@ export class Node {
 
   /**
    * Runs the backward with one gradient per output (null where none arrived) and, per input, the
-   * gradient already waiting for it that the backward may add into (BackwardFn's `pending`).
+   * gradient already waiting for it that the backward may add into (BackwardFn's `pending`) and
+   * where its gradient may be written (BackwardFn's `dest`).
    */
   apply(
     grads: readonly (Tensor | null)[],
     pending?: readonly (Tensor | null)[],
+    dest?: readonly (Tensor | null)[],
   ): readonly (Tensor | null | undefined)[] {
     if (!this.backwardFn || (this.savedFreed && this.saved === null)) {
       throw new TensorError(
@@ -142,7 +174,8 @@ export class Node {
           'Pass { retainGraph: true } to the first backward() if you need to call it twice.',
       );
     }
-    if (this.numOutputs === 1) return (this.backwardFn as BackwardFn)(grads[0]!, this.saved ?? [], pending);
+    if (this.numOutputs === 1)
+      return (this.backwardFn as BackwardFn)(grads[0]!, this.saved ?? [], pending, dest);
     return (this.backwardFn as MultiBackwardFn)(grads, this.saved ?? []);
   }
 }

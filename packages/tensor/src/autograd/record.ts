@@ -1,11 +1,25 @@
 import type { Tensor } from '../tensor.js';
-import { type BackwardFn, edgeOf, isGradEnabled, type MultiBackwardFn, Node } from './graph.js';
+import {
+  type BackwardFn,
+  edgeOf,
+  type GradDestination,
+  isGradEnabled,
+  type MultiBackwardFn,
+  Node,
+} from './graph.js';
 
 /** Whether an op on these inputs must record a graph node. */
 export function needsGrad(...inputs: readonly (Tensor | null | undefined)[]): boolean {
   if (!isGradEnabled()) return false;
   for (const t of inputs) if (t?.requiresGrad) return true;
   return false;
+}
+
+export interface AttachOptions {
+  /** The backward writes its gradients into BackwardFn's `dest` where given. */
+  takesDestinations?: boolean;
+  /** For a view op: the forward's view of another tensor (Node.forwardView). */
+  forwardView?: (t: Tensor) => Tensor | null;
 }
 
 /**
@@ -19,10 +33,13 @@ export function attachGrad(
   inputs: readonly (Tensor | null | undefined)[],
   save: readonly Tensor[],
   backward: BackwardFn,
+  options?: AttachOptions,
 ): Tensor {
   const next = inputs.map((t) => (t ? edgeOf(t) : null));
   const saved = save.length > 0 ? save.map((t) => t.viewAs(t.shape, t.strides, t.offset, false)) : null;
   const node = new Node(name, backward, next, saved);
+  if (options?.takesDestinations) node.takesDestinations = true;
+  if (options?.forwardView) node.forwardView = options.forwardView;
   out.setGradFn(node);
   return out;
 }
@@ -30,7 +47,8 @@ export function attachGrad(
 /**
  * Records an op with several outputs (split, unbind) as one node: its backward receives one
  * gradient per output (null for outputs that got none), so it can assemble the input gradient
- * once instead of summing a full-size gradient per output.
+ * once instead of summing a full-size gradient per output. With `destination`, the producers of
+ * the outputs' gradients may write them straight into that buffer (BackwardFn's `dest`).
  */
 export function attachGradMulti(
   outs: readonly Tensor[],
@@ -38,10 +56,12 @@ export function attachGradMulti(
   inputs: readonly (Tensor | null | undefined)[],
   save: readonly Tensor[],
   backward: MultiBackwardFn,
+  destination?: GradDestination,
 ): readonly Tensor[] {
   const next = inputs.map((t) => (t ? edgeOf(t) : null));
   const saved = save.length > 0 ? save.map((t) => t.viewAs(t.shape, t.strides, t.offset, false)) : null;
   const node = new Node(name, backward, next, saved, null, outs.length);
+  if (destination) node.destination = destination;
   for (let i = 0; i < outs.length; i++) outs[i].setGradFn(node, i);
   return outs;
 }

@@ -7,7 +7,7 @@ import { getKernel } from '../backend/kernels.js';
 import { isFloating } from '../dtype.js';
 import { argError, dtypeError, fmtShape, shapeError, TensorError } from '../errors.js';
 import type { Tensor } from '../tensor.js';
-import { alloc, allocLike, inputsBackend } from './util.js';
+import { alloc, allocLike, gradDestination, inputsBackend } from './util.js';
 
 export interface AttentionOptions {
   /**
@@ -199,18 +199,27 @@ export function scaledDotProductAttention(
     const dtype = q.dtype;
     const hasMask = mask !== null;
     const hasCu = cuSeqlens !== null;
-    attachGrad(out, 'ScaledDotProductAttentionBackward', [q, k, v], save, (g, s) => {
-      const [qs, ks, vs, os, ls] = s;
-      const ms = hasMask ? s[5] : null;
-      const cs = hasCu ? s[hasMask ? 6 : 5] : null;
-      const gg = g.dtype === dtype ? g : g.to(dtype);
-      const dq = allocLike(backend, qs.shape, dtype, qs);
-      const dk = allocLike(backend, ks.shape, dtype, ks);
-      const dv = allocLike(backend, vs.shape, dtype, vs);
-      bwd(dq, dk, dv, gg, qs, ks, vs, os, ls, { mask: ms, cuSeqlens: cs, causal, scale });
-      if (gg !== g) gg.dispose();
-      return [dq, dk, dv];
-    });
+    // the gradients go where the engine says they end up (dest: v's region of the fused QKV
+    // projection's gradient when v is a view of it), else into new tensors in q, k, v's layouts
+    attachGrad(
+      out,
+      'ScaledDotProductAttentionBackward',
+      [q, k, v],
+      save,
+      (g, s, _pending, dest) => {
+        const [qs, ks, vs, os, ls] = s;
+        const ms = hasMask ? s[5] : null;
+        const cs = hasCu ? s[hasMask ? 6 : 5] : null;
+        const gg = g.dtype === dtype ? g : g.to(dtype);
+        const dq = gradDestination(dest, 0, qs.shape, dtype, qs);
+        const dk = gradDestination(dest, 1, ks.shape, dtype, ks);
+        const dv = gradDestination(dest, 2, vs.shape, dtype, vs);
+        bwd(dq, dk, dv, gg, qs, ks, vs, os, ls, { mask: ms, cuSeqlens: cs, causal, scale });
+        if (gg !== g) gg.dispose();
+        return [dq, dk, dv];
+      },
+      { takesDestinations: true },
+    );
   }
   lse.dispose();
   mask?.dispose();

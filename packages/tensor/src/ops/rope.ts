@@ -7,7 +7,7 @@ import { isFloating } from '../dtype.js';
 import { argError, dtypeError, fmtShape, shapeError, TensorError } from '../errors.js';
 import type { Tensor } from '../tensor.js';
 import { fromTypedArray } from './creation.js';
-import { allocLike, inputsBackend } from './util.js';
+import { allocLike, gradDestination, inputsBackend } from './util.js';
 
 /** Frequency scaling of long-context models (HF `rope_scaling`). */
 export type RopeScaling =
@@ -186,13 +186,23 @@ export function applyRotaryPosEmb(x: Tensor, cos: Tensor, sin: Tensor): Tensor {
   const out = allocLike(backend, x.shape, x.dtype, x);
   kernel(out, x, c3, s3, false);
   if (needsGrad(x)) {
-    attachGrad(out, 'RotaryPosEmbBackward', [x], [c3, s3], (g, [cs, sn]) => {
-      const gx = allocLike(g.backend, g.shape, x.dtype, g);
-      const gg = g.dtype === x.dtype ? g : g.to(x.dtype);
-      kernel(gx, gg, cs, sn, true);
-      if (gg !== g) gg.dispose();
-      return [gx];
-    });
+    const dtype = x.dtype;
+    // x's gradient goes where the engine says it ends up (dest: q's or k's region of the fused QKV
+    // projection's gradient when x is a view of it), else into a new tensor in g's layout
+    attachGrad(
+      out,
+      'RotaryPosEmbBackward',
+      [x],
+      [c3, s3],
+      (g, [cs, sn], _pending, dest) => {
+        const gx = gradDestination(dest, 0, g.shape, dtype, g);
+        const gg = g.dtype === dtype ? g : g.to(dtype);
+        kernel(gx, gg, cs, sn, true);
+        if (gg !== g) gg.dispose();
+        return [gx];
+      },
+      { takesDestinations: true },
+    );
   }
   c3.dispose();
   s3.dispose();

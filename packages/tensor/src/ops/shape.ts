@@ -2,11 +2,13 @@
 // expand, squeeze/unsqueeze, flatten, narrow/select, split/chunk, cat/stack, contiguous,
 // clone, detach, dtype casts and in-place copies.
 
+import type { GradDestination } from '../autograd/graph.js';
 import { isGradEnabled } from '../autograd/graph.js';
 import { attachGrad, attachGradMulti, needsGrad } from '../autograd/record.js';
 import { type Backend, getBackend } from '../backend/backend.js';
 import { DTYPES, type DType, ITEMSIZE, isFloating, promoteTypes } from '../dtype.js';
 import { argError, fmtShape, indexError, shapeError, TensorError } from '../errors.js';
+import { keep } from '../scope.js';
 import { contiguousStrides, inferShape, normDim, type Shape, sameShape, viewStrides } from '../shape.js';
 import { syncBeforeRead } from '../sync.js';
 import { Tensor } from '../tensor.js';
@@ -31,7 +33,12 @@ export function view(x: Tensor, shape: Shape): Tensor {
   const out = x.viewAs(target, st, x.offset);
   if (needsGrad(x)) {
     const inShape = x.shape;
-    attachGrad(out, 'ViewBackward', [x], [], (g) => [reshape(g, inShape)]);
+    attachGrad(out, 'ViewBackward', [x], [], (g) => [reshape(g, inShape)], {
+      forwardView: (t) => {
+        const s = viewStrides(t.shape, t.strides, target);
+        return s ? t.viewAs(target, s, t.offset) : null;
+      },
+    });
   }
   return out;
 }
@@ -47,6 +54,12 @@ export function reshape(x: Tensor, shape: Shape): Tensor {
   return v;
 }
 
+function swapped(strides: readonly number[], a: number, b: number): number[] {
+  const s = [...strides];
+  [s[a], s[b]] = [s[b], s[a]];
+  return s;
+}
+
 export function transpose(x: Tensor, dim0: number, dim1: number): Tensor {
   inputsBackend('transpose', x);
   const a = normDim('transpose', dim0, x.ndim);
@@ -57,7 +70,11 @@ export function transpose(x: Tensor, dim0: number, dim1: number): Tensor {
   [shape[a], shape[b]] = [shape[b], shape[a]];
   [strides[a], strides[b]] = [strides[b], strides[a]];
   const out = x.viewAs(shape, strides, x.offset);
-  if (needsGrad(x)) attachGrad(out, 'TransposeBackward', [x], [], (g) => [transpose(g, a, b)]);
+  if (needsGrad(x)) {
+    attachGrad(out, 'TransposeBackward', [x], [], (g) => [transpose(g, a, b)], {
+      forwardView: (t) => t.viewAs(shape, swapped(t.strides, a, b), t.offset),
+    });
+  }
   return out;
 }
 
@@ -78,7 +95,14 @@ export function permute(x: Tensor, dims: readonly number[]): Tensor {
     nd.forEach((d, i) => {
       inv[d] = i;
     });
-    attachGrad(out, 'PermuteBackward', [x], [], (g) => [permute(g, inv)]);
+    attachGrad(out, 'PermuteBackward', [x], [], (g) => [permute(g, inv)], {
+      forwardView: (t) =>
+        t.viewAs(
+          nd.map((d) => t.shape[d]),
+          nd.map((d) => t.strides[d]),
+          t.offset,
+        ),
+    });
   }
   return out;
 }
@@ -152,7 +176,13 @@ export function unsqueeze(x: Tensor, dim: number): Tensor {
   const out = x.viewAs(shape, strides, x.offset);
   if (needsGrad(x)) {
     const inShape = x.shape;
-    attachGrad(out, 'UnsqueezeBackward', [x], [], (g) => [reshape(g, inShape)]);
+    attachGrad(out, 'UnsqueezeBackward', [x], [], (g) => [reshape(g, inShape)], {
+      forwardView: (t) => {
+        const st = [...t.strides];
+        st.splice(d, 0, d < t.ndim ? t.shape[d] * t.strides[d] : 1);
+        return t.viewAs(shape, st, t.offset);
+      },
+    });
   }
   return out;
 }
@@ -255,14 +285,22 @@ export function split(x: Tensor, splitSize: number | readonly number[], dim = 0)
   });
   if (needsGrad(x)) {
     const inShape = x.shape;
+    const region = (out: Tensor, i: number): Tensor => {
+      const shape = [...inShape];
+      shape[d] = sizes[i];
+      return out.viewAs(shape, out.strides, starts[i] * out.strides[d]);
+    };
     // one node for all pieces: the input gradient is assembled once, zeros where a piece got none
-    attachGradMulti(pieces, 'SplitBackward', [x], [], (grads) => [
-      assemble(inShape, grads, (out, i) => {
-        const shape = [...inShape];
-        shape[d] = sizes[i];
-        return out.viewAs(shape, out.strides, starts[i] * out.strides[d]);
-      }),
-    ]);
+    // (in the buffer that its producers may have written into already: gradientBuffer)
+    const buf = gradientBuffer(x, region);
+    attachGradMulti(
+      pieces,
+      'SplitBackward',
+      [x],
+      [],
+      (grads) => [assemble(inShape, grads, region, buf.take())],
+      buf,
+    );
   }
   return pieces;
 }
@@ -279,31 +317,83 @@ export function unbind(x: Tensor, dim = 0): Tensor[] {
   );
   if (needsGrad(x)) {
     const inShape = x.shape;
-    attachGradMulti(pieces, 'UnbindBackward', [x], [], (grads) => [
-      assemble(inShape, grads, (out, i) =>
-        out.viewAs(
-          shape,
-          out.strides.filter((_, k) => k !== d),
-          i * out.strides[d],
-        ),
-      ),
-    ]);
+    const region = (out: Tensor, i: number): Tensor =>
+      out.viewAs(
+        shape,
+        out.strides.filter((_, k) => k !== d),
+        i * out.strides[d],
+      );
+    const buf = gradientBuffer(x, region);
+    attachGradMulti(
+      pieces,
+      'UnbindBackward',
+      [x],
+      [],
+      (grads) => [assemble(inShape, grads, region, buf.take())],
+      buf,
+    );
   }
   return pieces;
 }
 
-/** A tensor of `shape` whose region i (given by `region`) holds grads[i], or zeros. */
+/**
+ * The gradient buffer of a split / unbind of x (Node.destination): allocated, contiguous in x's
+ * shape and dtype, when a producer of a piece's gradient first asks for its region, then taken by
+ * the backward (or freed by release() if the backward never runs).
+ */
+function gradientBuffer(
+  x: Tensor,
+  region: (out: Tensor, i: number) => Tensor,
+): GradDestination & { take(): Tensor | null } {
+  const { backend, shape, dtype } = x;
+  let buf: Tensor | null = null;
+  return {
+    region(i) {
+      buf ??= keep(alloc(backend, shape, dtype));
+      return region(buf, i);
+    },
+    release() {
+      buf?.dispose();
+      buf = null;
+    },
+    take() {
+      const b = buf;
+      buf = null;
+      return b;
+    },
+  };
+}
+
+/** Whether a and b are the same view of the same storage. */
+function sameView(a: Tensor, b: Tensor): boolean {
+  return (
+    a.storage === b.storage &&
+    a.offset === b.offset &&
+    a.dtype === b.dtype &&
+    sameShape(a.shape, b.shape) &&
+    a.strides.every((s, k) => a.shape[k] === 1 || s === b.strides[k])
+  );
+}
+
+/**
+ * A tensor of `shape` whose region i (given by `region`) holds grads[i], or zeros: `into` (a
+ * destination buffer whose regions the producers may have written already: those are left as they
+ * are) or a new tensor.
+ */
 function assemble(
   shape: Shape,
   grads: readonly (Tensor | null)[],
   region: (out: Tensor, i: number) => Tensor,
+  into: Tensor | null = null,
 ): Tensor {
   const ref = grads.find((g) => g)!;
-  const out = alloc(ref.backend, shape, ref.dtype);
+  const out = into ?? alloc(ref.backend, shape, ref.dtype);
   grads.forEach((g, i) => {
     const r = region(out, i);
     if (r.numel > 0) {
-      if (g) out.backend.copy(r, g);
+      if (g && sameView(g, r)) {
+        // written in place by its producer (BackwardFn's dest)
+      } else if (g) out.backend.copy(r, g);
       else out.backend.fill(r, 0);
     }
     r.dispose();

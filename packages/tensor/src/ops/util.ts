@@ -42,6 +42,23 @@ export function alloc(backend: Backend, shape: Shape, dtype: DType, zero = false
 }
 
 /**
+ * Where a backward writes input i's gradient: BackwardFn's dest[i] (the region of a split's
+ * gradient buffer it ends up in, any strides) when given with `dtype`, else allocLike(like).
+ */
+export function gradDestination(
+  dest: readonly (Tensor | null)[] | undefined,
+  i: number,
+  shape: Shape,
+  dtype: DType,
+  like: Tensor,
+): Tensor {
+  const d = dest?.[i];
+  if (d && d.dtype === dtype && d.shape.length === shape.length && d.shape.every((s, k) => s === shape[k]))
+    return d;
+  return allocLike(like.backend, shape, dtype, like);
+}
+
+/**
  * A fresh dense tensor of `shape` for an op's output computed from `like`: where the backend
  * prefers it (Backend.preferInputLayout: the CUDA backend), its dimensions lie in memory in the
  * order of `like`'s strides (largest outermost; equal strides keep their order), so that the
