@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU bench of @megapatch/cuda (issue 13), megapatch and PyTorch measured in the same run:
-#   bf16 GEMM vs torch.matmul (target ≥ 0.95), MoE's grouped GEMM (cuBLAS's, and one GEMM per
+#   bf16 GEMM vs torch.matmul (target ≥ 0.95), the step's memory-bound kernels vs a torch copy's GB/s, MoE's grouped GEMM (cuBLAS's, and one GEMM per
 #   expert) vs torch's loop of matmuls and torch._grouped_mm, causal flash attention forward+backward vs torch's
 #   SDPA flash kernel (target torch time / ours ≥ 1.0), and a Llama-style ~1B bf16 training step
 #   through @megapatch/train: MFU (peak: the H200's dense bf16 989 TFLOP/s; goal ≥ 0.50) and
@@ -14,7 +14,7 @@
 #   MEGAPATCH_BENCH_BUDGET_S     overall seconds (default 270)
 #   MEGAPATCH_BENCH_DEVICE       cuda:0 (default) | cudaemu:0 (rehearsal: the emulator; torch on the CPU)
 #   MEGAPATCH_BENCH_TINY=1       the tiny cases of cases.json (rehearsal)
-#   MEGAPATCH_BENCH_PARTS        subset of "gemm grouped attn train torch-train compile" (default all)
+#   MEGAPATCH_BENCH_PARTS        subset of "gemm grouped attn stream train torch-train compile" (default all)
 #   MEGAPATCH_BENCH_MBS          training micro-batch (default cases.json's; halved once on a failure)
 #   MEGAPATCH_BENCH_TRAIN_VARIANTS  the training step again per "name:VAR=value" (default: dK/dV
 #                                tiles of 32 queries, uncapped attention registers, capped dQ
@@ -36,7 +36,7 @@ if [ "$(readlink -f /proc/$$/fd/1 2>/dev/null)" = "$(readlink -f "$LOG")" ]; the
 # tolog: stdin to stderr, and to the log unless stderr is the log already
 tolog() { if $SAME; then cat >&2; else tee -a "$LOG" >&2; fi; }
 BUDGET=${MEGAPATCH_BENCH_BUDGET_S:-270}
-PARTS=${MEGAPATCH_BENCH_PARTS:-gemm grouped attn train torch-train compile}
+PARTS=${MEGAPATCH_BENCH_PARTS:-gemm grouped attn stream train torch-train compile}
 export MEGAPATCH_BENCH_DEVICE=${MEGAPATCH_BENCH_DEVICE:-cuda:0}
 START=$(date +%s)
 has() { [[ " $PARTS " == *" $1 "* ]]; }
@@ -91,14 +91,16 @@ run() {
 if [ -n "$TSX" ]; then
   has gemm && run ours-gemm 60 "$TSX" $BENCH/ours.mts gemm
 fi
-if [ -n "$PY" ] && { has gemm || has attn; }; then
+if [ -n "$PY" ] && { has gemm || has attn || has stream; }; then
   P=()
   has gemm && P+=(gemm)
   has attn && P+=(attn)
+  has stream && P+=(stream)
   run torch-gemm-attn 90 "$PY" $BENCH/torch_ref.py "${P[@]}" ${TORCH_ARGS[@]+"${TORCH_ARGS[@]}"}
 fi
 if [ -n "$TSX" ]; then
   has attn && run ours-attn 90 "$TSX" $BENCH/ours.mts attn
+  has stream && run ours-stream 40 "$TSX" $BENCH/ours.mts stream
   if has train; then
     run ours-train 150 "$TSX" $BENCH/ours.mts train
     rc=$?

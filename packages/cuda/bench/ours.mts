@@ -3,11 +3,12 @@
 //   grouped  bf16 groupedLinear (MoE experts' GEMMs) with uneven groups: median TFLOP/s, in the
 //         grouped GEMM's mode (MEGAPATCH_GROUPED_GEMM: cuBLAS's grouped GEMM, or loop / tiled)
 //   attn  causal scaledDotProductAttention, bf16: median ms of forward and of forward+backward
+//   stream  the step's memory-bound kernels (norm, RoPE, SwiGLU, add, copy) at its shapes: ms, GB/s
 //   train a Llama-style bf16 training step through @megapatch/train on the device: tokens/s, MFU
 //         (Megatron's FLOP count / step time / the peak in cases.json) and the step's breakdown
 // One JSON line per case on stdout (progress on stderr). The cases are in cases.json.
 //
-// usage (repository root): packages/cuda/node_modules/.bin/tsx packages/cuda/bench/ours.mts [gemm] [grouped] [attn] [train]
+// usage (repository root): packages/cuda/node_modules/.bin/tsx packages/cuda/bench/ours.mts [gemm] [grouped] [attn] [stream] [train]
 // env: MEGAPATCH_BENCH_DEVICE (cuda:0; cudaemu:0 for the emulator), MEGAPATCH_BENCH_TINY=1 (the
 // tiny cases), MEGAPATCH_BENCH_MBS (the training micro-batch), MEGAPATCH_BENCH_LAYERS (the
 // training model's layers), MEGAPATCH_BENCH_CASE_BUDGET_S (seconds of timed runs per gemm/attn
@@ -344,6 +345,101 @@ if (want('attn')) {
     }
     log(`attn ${c.case} done`);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The memory-bound kernels of the 1B step, one at a time at its shapes (bf16, s 2048, b 4, h 2048,
+// ffn 8192, 32 heads of 64), each also under its variant switches: median ms and GB/s of the bytes
+// it must move (its operands read and written once). torch_ref.py's `stream` part times a copy of
+// the same size on the same GPU (the reference: how fast memory moves there at all).
+if (want('stream')) {
+  const [s, b, h, f, heads, d] = tiny ? [64, 2, 256, 512, 4, 64] : [2048, 4, 2048, 8192, 32, 64];
+  const backend = T.getBackend(device);
+  const kernel = <K extends keyof import('@megapatch/tensor').KernelTable>(name: K) => {
+    const k = T.getKernel(backend, name);
+    if (!k) throw new Error(`${device} has no ${name} kernel`);
+    return k;
+  };
+  const rows = s * b;
+  const bytes = 2; // bf16
+  const x = randBf16([s, b, h]);
+  const w = randBf16([h]);
+  const y = randBf16([s, b, h]);
+  const g = randBf16([s, b, h]);
+  const dx = randBf16([s, b, h]);
+  const rstd = T.empty([rows], { device, dtype: 'float32' });
+  const dw32 = T.zeros([h], { device, dtype: 'float32' });
+  const qkv = randBf16([s, b, heads, d]);
+  const qOut = T.empty([b, heads, s, d], { device, dtype: 'bfloat16' });
+  const pos = T.arange(0, s, 1, { device, dtype: 'int64' });
+  const { cos, sin } = T.ropeCosSin(pos, d);
+  const gu = randBf16([s, b, 2 * f]);
+  const act = randBf16([s, b, f]);
+  const dgu = randBf16([s, b, 2 * f]);
+  const big = randBf16([s, b, 2 * f]);
+  const big2 = randBf16([s, b, 2 * f]);
+  const normRows = kernel('normRows');
+  const normBack = kernel('normRowsBackward');
+  const rope = kernel('ropeApply');
+  const glu = kernel('gatedActivation');
+  const gluBack = kernel('gatedActivationBackward');
+  const q = qkv.permute(1, 2, 0, 3);
+  const c4 = cos.view(1, s, d).expand(b, s, d);
+  const s4 = sin.view(1, s, d).expand(b, s, d);
+  const hb = rows * h * bytes;
+  const cases: { name: string; bytes: number; fn: () => void; variants?: [string, string][] }[] = [
+    {
+      name: 'rmsnorm forward',
+      bytes: 2 * hb,
+      fn: () => normRows(y, x, w, null, null, rstd, h, 1e-5, false),
+      variants: [['MEGAPATCH_NORM_FWD', 'block']],
+    },
+    {
+      // the step's: dx added into a waiting gradient, the weight's sum into its float32 main gradient
+      name: 'rmsnorm backward',
+      bytes: 4 * hb,
+      fn: () => normBack(dx, g, x, w, null, rstd, dw32, null, h, false, true, true),
+      variants: [['MEGAPATCH_NORM_BWD_FUSED', '0']],
+    },
+    { name: 'rope q forward', bytes: 2 * q.numel * bytes, fn: () => rope(qOut, q, c4, s4, false) },
+    { name: 'rope q inverse', bytes: 2 * q.numel * bytes, fn: () => rope(q, qOut, c4, s4, true) },
+    { name: 'swiglu forward', bytes: 3 * rows * f * bytes, fn: () => glu(act, gu, 'swiglu') },
+    { name: 'swiglu backward', bytes: 5 * rows * f * bytes, fn: () => gluBack(dgu, act, gu, 'swiglu') },
+    { name: 'add', bytes: 3 * hb, fn: () => backend.binary(dx, x, y, 'add') },
+    { name: 'copy', bytes: 2 * big.numel * bytes, fn: () => backend.copy(big2, big) },
+  ];
+  for (const c of cases) {
+    try {
+      const t = timeIt(c.fn, { warm: 2, maxSamples: 10, budgetMs: Math.min(caseBudgetMs, 1000) });
+      const variants: Record<string, { ms: number; gbs: number }> = {};
+      for (const [name, value] of c.variants ?? []) {
+        const prev = process.env[name];
+        try {
+          process.env[name] = value;
+          const v = timeIt(c.fn, { warm: 2, maxSamples: 10, budgetMs: Math.min(caseBudgetMs, 1000) });
+          variants[`${name}=${value}`] = { ms: r4(v.ms), gbs: r4(c.bytes / 1e6 / v.ms) };
+        } finally {
+          if (prev === undefined) delete process.env[name];
+          else process.env[name] = prev;
+        }
+      }
+      emit({
+        kind: 'stream',
+        case: c.name,
+        shape: { s, b, h, f, heads, d },
+        bytes: c.bytes,
+        ms: r4(t.ms),
+        gbs: r4(c.bytes / 1e6 / t.ms),
+        variants,
+        samples: t.samples,
+      });
+    } catch (e) {
+      emit({ kind: 'stream', case: c.name, error: String((e as Error).message).split('\n')[0] });
+    }
+  }
+  for (const t of [x, w, y, g, dx, rstd, dw32, qkv, qOut, pos, cos, sin, gu, act, dgu, big, big2])
+    t.dispose();
+  log('stream done');
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -313,6 +313,34 @@ for (const v of lines.filter(
       `megapatch with ${v.variantEnv ?? v.mode}: step ${v.stepMs} ms (${v.tokensPerSecond} tokens/s, MFU ${v.mfu}) vs ${o.stepMs} ms`,
     );
 }
+// the memory-bound kernels one at a time (ours.mts's stream part) against torch's copy on the same GPU
+const copyRef = lines.find((l) => l.side === 'torch' && l.kind === 'stream' && l.case === 'copy' && !l.error);
+const streams = lines.filter((l) => l.side === 'megapatch' && l.kind === 'stream');
+if (streams.length) {
+  summary.stream = [];
+  const parts = streams.map((l) => {
+    if (l.error) return `${l.case} ERROR`;
+    const ratio = copyRef ? num(l.gbs / copyRef.gbs) : null;
+    const vs = Object.entries(l.variants ?? {})
+      .map(([k, v]) => `, ${k}: ${num(v.ms, 3)} ms`)
+      .join('');
+    const theirs = lines.find(
+      (t) => t.side === 'torch' && t.kind === 'stream' && t.case === l.case && !t.error,
+    );
+    summary.stream.push({
+      case: l.case,
+      ms: l.ms,
+      gbs: l.gbs,
+      ofCopy: ratio,
+      variants: l.variants ?? {},
+      torchMs: theirs?.ms ?? null,
+    });
+    return `${l.case} ${num(l.ms, 3)} ms ${Math.round(l.gbs)} GB/s${ratio === null ? '' : ` (${ratio} of copy)`}${theirs ? ` [torch ${num(theirs.ms, 3)} ms]` : ''}${vs}`;
+  });
+  limits.push(
+    `memory-bound kernels at the step's shapes${copyRef ? ` (torch copy: ${Math.round(copyRef.gbs)} GB/s)` : ''}: ${parts.join('; ')}`,
+  );
+}
 // the profiled iteration after the timed ones (ours.mts: device time per backend entry)
 const prof = lines.find((l) => l.side === 'megapatch' && l.kind === 'profile' && !l.error);
 if (prof) {

@@ -9,6 +9,8 @@
          (torch.nn.attention.sdpa_kernel(SDPBackend.FLASH_ATTENTION)); GQA through
          enable_gqa=True where the flash backend takes it, else K/V repeated to Hq heads before
          the timed region (the line says which)
+  stream a bf16 copy (memory speed, the reference of ours.mts's stream part), torch's RMSNorm and
+         SwiGLU forward at the 1B step's shapes
   train  the Llama-style model of cases.json in plain PyTorch (RMSNorm, RoPE, fused QKV, GQA
          attention through SDPA with torch's own backend choice, fused gate/up SwiGLU, tied
          embeddings), AMP: fp32 master
@@ -21,7 +23,7 @@ Timing: CUDA events around a batch of back-to-back calls (a step for train), war
 median of many; random inputs. On a CPU or an old torch (the rehearsal: Debian's torch 1.13)
 it degrades: host clock, math attention, no compile. One JSON line per case on stdout.
 
-usage: python3 torch_ref.py [gemm] [grouped] [attn] [train] [--tiny] [--device cpu|cuda]
+usage: python3 torch_ref.py [gemm] [grouped] [attn] [stream] [train] [--tiny] [--device cpu|cuda]
 env: MEGAPATCH_BENCH_TINY=1, MEGAPATCH_BENCH_MBS, MEGAPATCH_BENCH_CASE_BUDGET_S (default 4),
      MEGAPATCH_BENCH_TORCH_MODES (default "eager,compile"; also "eager-bf16": pure bf16 params)
 """
@@ -345,6 +347,33 @@ def bench_attn():
 
 
 # -------------------------------------------------------------------------------------------------
+def bench_stream():
+    """Memory speed on this GPU at the sizes of ours.mts's `stream` part: a bf16 copy of
+    [s, b, 2 ffn] (the reference for its GB/s), and torch's own RMSNorm forward and SwiGLU forward
+    (silu(gate) * up, eager) at the 1B step's shapes, with the bytes they must move."""
+    s, b, h, f = (64, 2, 256, 512) if TINY else (2048, 4, 2048, 8192)
+    dt = torch.bfloat16
+    cases = []
+    big = torch.randn(s, b, 2 * f, device=DEVICE, dtype=dt)
+    big2 = torch.empty_like(big)
+    cases.append(("copy", 2 * big.numel() * 2, lambda: big2.copy_(big)))
+    x = torch.randn(s, b, h, device=DEVICE, dtype=dt)
+    w = torch.randn(h, device=DEVICE, dtype=dt)
+    cases.append(("rmsnorm forward", 2 * x.numel() * 2, lambda: rms_norm(x, w, 1e-5)))
+    gate, up = big.chunk(2, dim=-1)
+    cases.append(("swiglu forward", 3 * s * b * f * 2, lambda: F.silu(gate) * up))
+    for name, nbytes, fn in cases:
+        try:
+            t = time_it(fn, warm=2, max_samples=10, budget_ms=min(BUDGET_MS, 1000))
+            emit(kind="stream", case=name, bytes=nbytes, ms=r4(t["ms"]), gbs=r4(nbytes / 1e6 / t["ms"]),
+                 samples=t["samples"])
+        except Exception as e:  # noqa: BLE001
+            emit(kind="stream", case=name, error=err_line(e))
+    del big, big2, x, w
+    log("stream done")
+
+
+# -------------------------------------------------------------------------------------------------
 def rms_norm(x, w, eps):
     if hasattr(F, "rms_norm"):
         return F.rms_norm(x, (x.shape[-1],), w, eps)
@@ -566,5 +595,7 @@ if __name__ == "__main__":
         bench_grouped()
     if want("attn"):
         bench_attn()
+    if want("stream"):
+        bench_stream()
     if want("train"):
         bench_train()

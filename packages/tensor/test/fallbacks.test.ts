@@ -699,6 +699,12 @@ describe('normRows / normRowsBackward', () => {
     // rows longer than a warp's (CUDA: a block a row), several rows a block in the fused weight
     // gradient of the device's backward
     { x: [9, 1040], norm: [1040] },
+    // rows of 32 16-byte vectors a lane (CUDA forward: a row in a warp's registers, 256 bf16 /
+    // 128 float32 elements a vector slot): 2, 5 (a partial unrolled slot set) and 16 slots for
+    // 16-bit rows, with more rows than warps of the grid
+    { x: [37, 512], norm: [512] },
+    { x: [6, 1280], norm: [1280] },
+    { x: [3, 4096], norm: [4096] },
   ];
   for (const dtype of FLOATS) {
     for (const s of shapes) {
