@@ -404,7 +404,12 @@ if (want('stream')) {
     { name: 'rope q forward', bytes: 2 * q.numel * bytes, fn: () => rope(qOut, q, c4, s4, false) },
     { name: 'rope q inverse', bytes: 2 * q.numel * bytes, fn: () => rope(q, qOut, c4, s4, true) },
     { name: 'swiglu forward', bytes: 3 * rows * f * bytes, fn: () => glu(act, gu, 'swiglu') },
-    { name: 'swiglu backward', bytes: 5 * rows * f * bytes, fn: () => gluBack(dgu, act, gu, 'swiglu') },
+    {
+      name: 'swiglu backward',
+      bytes: 5 * rows * f * bytes,
+      fn: () => gluBack(dgu, act, gu, 'swiglu'),
+      variants: [['MEGAPATCH_GLU_BWD_OCC', '1']],
+    },
     { name: 'add', bytes: 3 * hb, fn: () => backend.binary(dx, x, y, 'add') },
     { name: 'copy', bytes: 2 * big.numel * bytes, fn: () => backend.copy(big2, big) },
   ];

@@ -10,6 +10,7 @@
 // (8 bfloat16 / float16, 4 float32, 2 float64) when f is a multiple of that width and every
 // pointer is 16-byte aligned; otherwise one element at a time.
 #include <cmath>
+#include <cstdlib>
 
 #include "glu.h"
 
@@ -106,9 +107,10 @@ __global__ void __launch_bounds__(kBlock) glu_fwd_kernel(T* __restrict__ out, co
   }
 }
 
-// dx [rows, 2f] = [(g * up) * act'(gate), g * act(gate)]
-template <typename T, int ACT, int V>
-__global__ void __launch_bounds__(kBlock) glu_bwd_kernel(T* __restrict__ dx, const T* __restrict__ g,
+// dx [rows, 2f] = [(g * up) * act'(gate), g * act(gate)]. MINB: blocks an SM asked of ptxas (0:
+// none; bf16 / 16-byte vectors then take 74 registers, 3 blocks an SM; 4 caps them at 64).
+template <typename T, int ACT, int V, int MINB = 0>
+__global__ void __launch_bounds__(kBlock, MINB) glu_bwd_kernel(T* __restrict__ dx, const T* __restrict__ g,
                                                           const T* __restrict__ x, int64_t rows, int64_t f) {
   using C = typename Tr<T>::C;
   using W = Vec<T, V>;
@@ -171,7 +173,9 @@ void fwd_launch(cudaStream_t s, T* out, const T* x, int64_t rows, int64_t f) {
 template <typename T, int ACT, int V>
 void bwd_launch(cudaStream_t s, T* dx, const T* g, const T* x, int64_t rows, int64_t f) {
   const Plan p = plan(rows, f / V);
-  auto k = glu_bwd_kernel<T, ACT, V>;
+  // MEGAPATCH_GLU_BWD_OCC=1: registers capped for 4 blocks an SM (a variant the bench times)
+  const char* occ = std::getenv("MEGAPATCH_GLU_BWD_OCC");
+  auto k = occ && occ[0] == '1' ? glu_bwd_kernel<T, ACT, V, 4> : glu_bwd_kernel<T, ACT, V, 0>;
   MP_LAUNCH(k, p.grid, p.block, 0, s, dx, g, x, rows, f);
   check_launch("gated_activation_backward");
 }
