@@ -778,7 +778,12 @@ function deferRangeCheck(
       const flat = t.reshape(t.numel);
       const lo = flat.min(0);
       const hi = flat.max(0);
-      return keep(cat([lo.values, lo.indices, hi.values, hi.indices].map((x) => x.to('float64').reshape(1))));
+      // concatenated as int64 (ids of int32 widened), then one cast to what deferCheck reads
+      return keep(
+        cat([lo.values, lo.indices, hi.values, hi.indices].map((x) => x.to('int64').reshape(1))).to(
+          'float64',
+        ),
+      );
     }),
   );
   deferCheck(values, ([lo, loAt, hi, hiAt]) => {
