@@ -938,14 +938,26 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
     for (const line of formatValidationLogLines({ iteration: m.iteration, lmLoss })) log(line);
   };
 
+  // a step's batch, read and copied to the device (null: the data ran out); the next step's is
+  // fetched while the device still runs this step's optimizer update (see below)
+  const fetchStep = () => {
+    const t = performance.now();
+    const step = batches.next();
+    return {
+      micro: step.done ? null : step.value.map((b) => microTensors(b, layout.cp)),
+      ms: performance.now() - t,
+    };
+  };
+  let prefetched: ReturnType<typeof fetchStep> | null = null;
   try {
     for (const c of chunks) c.train();
     while (state.iteration < tr.trainIters) {
       const stepStart = performance.now();
-      const step = batches.next();
-      if (step.done)
+      const fetched = prefetched ?? fetchStep();
+      prefetched = null;
+      if (!fetched.micro)
         throw new TrainError('DATA', `the train data ran out at iteration ${state.iteration + 1}`);
-      const micro = step.value.map((b) => microTensors(b, layout.cp));
+      const micro = fetched.micro;
       // with context parallelism a micro-batch's loss is normalised by the tokens of the whole
       // sequences (all cp ranks), and the objective is multiplied by cp (DDP averages over dp × cp)
       const microTokens =
@@ -956,7 +968,8 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
             )
           : micro.map((m) => m.maskSum);
       const timers = {
-        dataMs: performance.now() - stepStart,
+        // the batch's host time (read ahead: during the previous step's update) and what waited here
+        dataMs: fetched.ms + performance.now() - stepStart,
         forwardMs: 0,
         backwardMs: 0,
         optimizerMs: 0,
@@ -1025,6 +1038,11 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
       const o0 = performance.now();
       const r = optimizer.step();
       timers.optimizerMs = performance.now() - o0;
+      // the next step's batch (the loader's host work and the copies to the device) while the
+      // device runs the update, instead of after the reads below, when it would wait idle
+      // (the step's live memory is read before it, so that the figure stays comparable step to step)
+      const liveBytes = memoryStats(getDefaultDevice()).liveBytes;
+      if (state.iteration + 1 < tr.trainIters) prefetched = fetchStep();
       // after the step's own read of the gradient norm, which waited for the backward's tail
       const lossSum = sums.loss.read();
       const tokenSum = sums.tokens;
@@ -1096,7 +1114,7 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
         lossScale,
         tokensPerSecond: (gbs * config.data.seqLength) / (elapsed / 1000),
         tflops: tflopsPerSecond(stepFlops, elapsed / 1000, layout.world),
-        memory: { liveBytes: mem.liveBytes, peakBytes: mem.peakBytes },
+        memory: { liveBytes, peakBytes: mem.peakBytes },
         timers,
         time: new Date().toISOString(),
       };
@@ -1139,7 +1157,7 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
             skippedIterations: skippedSinceLog,
             nanIterations: Number.isFinite(lmLoss) ? 0 : 1,
             tokensPerSecond: metrics.tokensPerSecond,
-            memoryLiveGiB: mem.liveBytes / 2 ** 30,
+            memoryLiveGiB: liveBytes / 2 ** 30,
             memoryPeakGiB: mem.peakBytes / 2 ** 30,
           }),
         );
@@ -1168,6 +1186,10 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
       if (config.checkpoint.save && !last?.endsWith(String(state.iteration).padStart(7, '0'))) save();
     }
   } finally {
+    // a batch read ahead for a step that did not run (a stop, an error)
+    for (const mb of prefetched?.micro ?? []) {
+      for (const t of [mb.tokens, mb.labels, mb.positionIds, mb.lossMask, mb.cuSeqlens]) t?.dispose();
+    }
     if (metricsFd !== null) fs.closeSync(metricsFd);
     metricsClosed = true;
     ddp.dispose();
