@@ -13,6 +13,7 @@ import {
   type DType,
   getBackend,
   getDefaultDevice,
+  hasNativeKernel,
   memoryStats,
   mul,
   noGrad,
@@ -228,9 +229,14 @@ describe('the fused QKV projection: RoPE and attention write into its gradient',
         const direct = copies;
         copies = 0;
         tidy(() => run(ref, true));
-        expect(direct, 'copies of the size of a piece or more, with destinations').toBe(0);
-        // without: the three pieces' gradients copied into the split's buffer
-        expect(copies).toBeGreaterThanOrEqual(3);
+        // without destinations the split copies the three pieces' gradients into its buffer (and
+        // the broken chain may copy once more where its reshape is not a view); the ops' own
+        // copies (a backend without the fused kernels runs their compositions, which copy into
+        // the output) are the same either way
+        expect(copies - direct, 'copies saved by the destinations').toBeGreaterThanOrEqual(3);
+        if (hasNativeKernel(backend, 'ropeApply') && hasNativeKernel(backend, 'attentionBackward')) {
+          expect(direct, 'copies of the size of a piece or more, with destinations').toBe(0);
+        }
       } finally {
         backend.copy = copy;
       }
