@@ -3,7 +3,7 @@
 //   grouped  bf16 groupedLinear (MoE experts' GEMMs) with uneven groups: median TFLOP/s, in the
 //         grouped GEMM's mode (MEGAPATCH_GROUPED_GEMM: cuBLAS's grouped GEMM, or loop / tiled)
 //   attn  causal scaledDotProductAttention, bf16: median ms of forward and of forward+backward
-//   stream  the step's memory-bound kernels (norm, RoPE, SwiGLU, add, copy) at its shapes: ms, GB/s
+//   stream  the step's memory-bound kernels (norm, RoPE, SwiGLU, cross-entropy, add, copy) at its shapes: ms, GB/s
 //   train a Llama-style bf16 training step through @megapatch/train on the device: tokens/s, MFU
 //         (Megatron's FLOP count / step time / the peak in cases.json) and the step's breakdown
 // One JSON line per case on stdout (progress on stderr). The cases are in cases.json.
@@ -383,6 +383,13 @@ if (want('stream')) {
   const rope = kernel('ropeApply');
   const glu = kernel('gatedActivation');
   const gluBack = kernel('gatedActivationBackward');
+  const vocab = tiny ? 1000 : 32000;
+  const logits = randBf16([rows, vocab]);
+  const dLogits = T.empty([rows, vocab], { device, dtype: 'bfloat16' });
+  const labels = T.randint(0, vocab, [rows], { device, dtype: 'int64' });
+  const [rowMax, pred, sumExp] = [0, 1, 2].map(() => T.empty([rows], { device, dtype: 'float32' }));
+  const ceStats = kernel('crossEntropyShardMaxStats');
+  const ceBack = kernel('crossEntropyShardBackward');
   const q = qkv.permute(1, 2, 0, 3);
   const c4 = cos.view(1, s, d).expand(b, s, d);
   const s4 = sin.view(1, s, d).expand(b, s, d);
@@ -409,6 +416,18 @@ if (want('stream')) {
       bytes: 5 * rows * f * bytes,
       fn: () => gluBack(dgu, act, gu, 'swiglu'),
       variants: [['MEGAPATCH_GLU_BWD_OCC', '1']],
+    },
+    {
+      // the loss of one rank holding the whole vocabulary: one pass for the maximum and the sums
+      name: 'cross-entropy forward',
+      bytes: rows * vocab * bytes,
+      fn: () => ceStats(rowMax, pred, sumExp, null, logits, labels, 0, vocab),
+      variants: [['MEGAPATCH_CE_ONE_PASS', '0']],
+    },
+    {
+      name: 'cross-entropy backward',
+      bytes: 2 * rows * vocab * bytes,
+      fn: () => ceBack(dLogits, logits, labels, rowMax, sumExp, pred, 0, vocab, 0, vocab),
     },
     { name: 'add', bytes: 3 * hb, fn: () => backend.binary(dx, x, y, 'add') },
     { name: 'copy', bytes: 2 * big.numel * bytes, fn: () => backend.copy(big2, big) },
@@ -444,6 +463,7 @@ if (want('stream')) {
   }
   for (const t of [x, w, y, g, dx, rstd, dw32, qkv, qOut, pos, cos, sin, gu, act, dgu, big, big2])
     t.dispose();
+  for (const t of [logits, dLogits, labels, rowMax, pred, sumExp]) t.dispose();
   log('stream done');
 }
 

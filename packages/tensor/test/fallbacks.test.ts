@@ -85,6 +85,7 @@ const DEVICE_ONLY: KernelName[] = [
   'linearWeightGradAccumulate',
   'linearResidual',
   'groupedGemm',
+  'crossEntropyShardMaxStats',
 ];
 
 function nativeKernel<K extends KernelName>(name: K): KernelTable[K] {
@@ -659,6 +660,100 @@ describe('crossEntropyShardMax / crossEntropyShard / crossEntropyShardBackward',
     }));
 });
 
+describe('crossEntropyShardMaxStats (one pass) against crossEntropyShardMax then crossEntropyShard', () => {
+  const it = itWith('crossEntropyShardMaxStats');
+  /** The row maximum and the statistics of the native two-pass kernels. */
+  const twoPass = (logits: Tensor, target: Tensor, compute: DType, real: number, withSum: boolean) => {
+    const m = sentinel([SHARD_ROWS], compute);
+    const [p, e, q] = [0, 1, 2].map(() => sentinel([SHARD_ROWS], compute));
+    nativeKernel('crossEntropyShardMax')(m, logits, real);
+    nativeKernel('crossEntropyShard')(p, e, withSum ? q : null, logits, target, m, SHARD_START, real);
+    return [m, p, e, q];
+  };
+  for (const c of shardCases()) {
+    const withSum = c.smoothing > 0;
+    it(`${c.dtype}, ${c.localReal} real of ${c.cols} columns, ${c.targetDtype} targets${withSum ? ', shifted sum' : ''}`, () =>
+      tidy(() => {
+        const r = rng(c.cols * 31 + c.localReal + c.smoothing * 100 + c.dtype.length);
+        const { logits, target, compute } = shardInputs(c, r);
+        const [mN, pN, eN, qN] = twoPass(logits, target, compute, c.localReal, withSum);
+        const [mF, pF, eF, qF] = [0, 1, 2, 3].map(() => sentinel([SHARD_ROWS], compute));
+        candidateKernel('crossEntropyShardMaxStats')(
+          mF,
+          pF,
+          eF,
+          withSum ? qF : null,
+          logits,
+          target,
+          SHARD_START,
+          c.localReal,
+        );
+        // the maximum and the predicted logit exactly; the sums within their rounding (online)
+        expect(values(mF), 'row max').toEqual(values(mN));
+        expect(values(pF), 'predicted').toEqual(values(pN));
+        expectSame(eF, eN, 'sumExp');
+        expectSame(qF, qN, withSum ? 'shiftedSum' : 'shiftedSum (not asked for: untouched)', {
+          rtol: 1e-5,
+          atol: 1e-4,
+        });
+      }));
+  }
+
+  it('rows longer than a warp takes (a block a row on a device), large logits', () =>
+    tidy(() => {
+      for (const dtype of FLOATS) {
+        const cols = 1600;
+        const real = 1531;
+        const r = rng(cols + dtype.length);
+        const logits = make(
+          [SHARD_ROWS, cols],
+          dtype,
+          (i) => (Math.floor(i / cols) === 3 ? 50 : 0) + 3 * r.normal(),
+        );
+        const target = tensor([40, 41, 1500, 1570, 39, 1000, 41 + 1530], {
+          shape: [SHARD_ROWS],
+          dtype: 'int32',
+        });
+        const compute: DType = dtype === 'float64' ? 'float64' : 'float32';
+        const [mN, pN, eN, qN] = twoPass(logits, target, compute, real, true);
+        const [mF, pF, eF, qF] = [0, 1, 2, 3].map(() => sentinel([SHARD_ROWS], compute));
+        candidateKernel('crossEntropyShardMaxStats')(mF, pF, eF, qF, logits, target, SHARD_START, real);
+        expect(values(mF), `${dtype} row max`).toEqual(values(mN));
+        expect(values(pF), `${dtype} predicted`).toEqual(values(pN));
+        expectSame(eF, eN, `${dtype} sumExp`);
+        expectSame(qF, qN, `${dtype} shiftedSum`, { rtol: 1e-5, atol: 2e-2 });
+      }
+    }));
+
+  it('rows with a NaN, a +inf, only -inf, or one large logit among small ones: the two-pass values', () =>
+    tidy(() => {
+      for (const dtype of FLOATS) {
+        const cols = 37;
+        const real = 36;
+        const rowsOf: ((j: number) => number)[] = [
+          (j) => (j === 5 ? Number.NaN : j - 20), // a NaN wins the maximum: NaN statistics
+          (j) => (j === 7 ? INF : j - 20), // +inf: the maximum, NaN statistics
+          () => NINF, // every real logit -inf
+          (j) => (j === 30 ? 80 : j % 3), // the maximum late in the row: rescaled sums
+          (j) => (j === 36 ? Number.NaN : j / 7), // a NaN in the padding only: not seen
+          (j) => (j === 0 ? 90 : -j), // the maximum first
+          (j) => j * 0.5,
+        ];
+        const logits = make([SHARD_ROWS, cols], dtype, (i) => rowsOf[Math.floor(i / cols)](i % cols));
+        const target = tensor([40, 41, 42, 43, 44, 45, 46], { shape: [SHARD_ROWS], dtype: 'int64' });
+        const compute: DType = dtype === 'float64' ? 'float64' : 'float32';
+        const [mN, pN, eN, qN] = twoPass(logits, target, compute, real, true);
+        const [mF, pF, eF, qF] = [0, 1, 2, 3].map(() => sentinel([SHARD_ROWS], compute));
+        candidateKernel('crossEntropyShardMaxStats')(mF, pF, eF, qF, logits, target, SHARD_START, real);
+        expect(values(mF), `${dtype} row max`).toEqual(values(mN));
+        expect(values(pF), `${dtype} predicted`).toEqual(values(pN));
+        expectSame(eF, eN, `${dtype} sumExp`);
+        expectSame(qF, qN, `${dtype} shiftedSum`, { rtol: 1e-5, atol: 1e-4 });
+        expect(Number.isNaN(values(eN)[0]) && Number.isNaN(values(eN)[1]), 'NaN rows').toBe(true);
+      }
+    }));
+});
+
 describeFallbacks('crossEntropyShardMax / crossEntropyShard / crossEntropyShardBackward compositions', () => {
   it('free every temporary', () =>
     tidy(() => {
@@ -670,6 +765,7 @@ describeFallbacks('crossEntropyShardMax / crossEntropyShard / crossEntropyShardB
       fallbackKernel('crossEntropyShardMax')(p, logits, c.localReal);
       fallbackKernel('crossEntropyShardMax')(p, logits, 0);
       fallbackKernel('crossEntropyShard')(p, e, q, logits, target, rowMax, SHARD_START, c.localReal);
+      fallbackKernel('crossEntropyShardMaxStats')(lse, p, e, q, logits, target, SHARD_START, c.localReal);
       fallbackKernel('crossEntropyShardBackward')(dx, logits, target, rowMax, lse, g, SHARD_START, 0, 0.1, 9);
       expect(memoryStats('cpu').liveStorages).toBe(before);
     }));

@@ -17,6 +17,7 @@ type SoftmaxKernels = Pick<
   | 'nllLoss'
   | 'nllLossBackward'
   | 'crossEntropyShardMax'
+  | 'crossEntropyShardMaxStats'
   | 'crossEntropyShard'
   | 'crossEntropyShardBackward'
 >;
@@ -92,6 +93,17 @@ export function softmaxKernels(call: Entries): SoftmaxKernels {
       if (shiftedSum) pack.tensor(shiftedSum);
       pack.tensor(logits).tensor(target).tensor(rowMax).num(start).num(localReal);
       call.crossEntropyShardForward();
+    },
+    crossEntropyShardMaxStats(rowMax, predicted, sumExp, shiftedSum, logits, target, start, localReal) {
+      pack
+        .begin()
+        .tensor(rowMax)
+        .tensor(predicted)
+        .tensor(sumExp)
+        .num(shiftedSum ? 1 : 0);
+      if (shiftedSum) pack.tensor(shiftedSum);
+      pack.tensor(logits).tensor(target).num(start).num(localReal);
+      call.crossEntropyShardMaxStats();
     },
     crossEntropyShardBackward(
       dx,

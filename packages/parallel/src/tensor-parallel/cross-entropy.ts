@@ -2,13 +2,15 @@
 // split along the vocabulary across TP ranks and never gathered. Two all-reduces over [s, b]
 // scalars (the row maximum, then the target logit, Σ exp and, with label smoothing, Σ of the
 // shifted logits, stacked into one tensor) give each rank the full softmax denominator. Each
-// rank's share is two fused reads of its slice (crossEntropyShardMax, crossEntropyShard); the
+// rank's share is two fused reads of its slice (crossEntropyShardMax, crossEntropyShard; one,
+// crossEntropyShardMaxStats, when one rank holds the whole vocabulary); the
 // backward recomputes the softmax from the logits in one more pass (crossEntropyShardBackward),
 // so nothing of size [s, b, V/tp] is allocated by the forward or kept for the backward.
 import {
   attachGrad,
   crossEntropyShardGrad,
   crossEntropyShardMax,
+  crossEntropyShardMaxStats,
   crossEntropyShardStats,
   needsGrad,
   noGrad,
@@ -85,16 +87,20 @@ export function vocabParallelCrossEntropy(
 
   const { loss, rowMax, logSumExp } = tidy(() =>
     noGrad(() => {
-      // an all-padding slice has no real logit: -inf leaves the group maximum to the other ranks
-      const rowMax = crossEntropyShardMax(logits, localReal);
-      allReduce(rowMax, group, 'max');
-
-      // [predicted, Σ exp, (Σ shifted)] over this slice, summed over the group in one all-reduce
-      const stats = crossEntropyShardStats(logits, target, rowMax, {
-        ...layout,
-        withShiftedSum: smoothing > 0,
-      });
-      allReduce(stats, group, 'sum');
+      const shard = { ...layout, withShiftedSum: smoothing > 0 };
+      let rowMax: Tensor;
+      let stats: Tensor;
+      if (group.size === 1) {
+        // the whole vocabulary here: the maximum and the statistics in one pass over the logits
+        ({ rowMax, stats } = crossEntropyShardMaxStats(logits, target, shard));
+      } else {
+        // an all-padding slice has no real logit: -inf leaves the group maximum to the other ranks
+        rowMax = crossEntropyShardMax(logits, localReal);
+        allReduce(rowMax, group, 'max');
+        // [predicted, Σ exp, (Σ shifted)] over this slice, summed over the group in one all-reduce
+        stats = crossEntropyShardStats(logits, target, rowMax, shard);
+        allReduce(stats, group, 'sum');
+      }
       const [predicted, sumExp, shiftedSum] = stats.unbind(0);
       const logSumExp = sumExp.log();
       let loss = logSumExp.sub(predicted);

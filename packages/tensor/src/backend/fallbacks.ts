@@ -323,6 +323,19 @@ register('crossEntropyShardMax', (rowMax, logits, localReal) => {
   });
 });
 
+// The row maximum, then the statistics against it: the shard's two kernels in turn (the backend's
+// own where it has them), the bits of the two-pass forward.
+register(
+  'crossEntropyShardMaxStats',
+  (rowMax, predicted, sumExp, shiftedSum, logits, target, start, localReal) => {
+    const b = logits.backend;
+    const max = getKernel(b, 'crossEntropyShardMax') ?? fallbackKernel('crossEntropyShardMax');
+    const stats = getKernel(b, 'crossEntropyShard') ?? fallbackKernel('crossEntropyShard');
+    max(rowMax, logits, localReal);
+    stats(predicted, sumExp, shiftedSum, logits, target, rowMax, start, localReal);
+  },
+);
+
 // Over the real columns [0, localReal) of each row, d = x - max: predicted = d at the target's
 // column (0 when no real column of this shard is the target), sumExp = Σ exp(d), shiftedSum = Σ d.
 register('crossEntropyShard', (predicted, sumExp, shiftedSum, logits, target, rowMax, start, localReal) => {

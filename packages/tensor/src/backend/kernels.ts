@@ -9,6 +9,7 @@ import type {
   CrossEntropyShardBackwardKernel,
   CrossEntropyShardKernel,
   CrossEntropyShardMaxKernel,
+  CrossEntropyShardMaxStatsKernel,
 } from '../ops/cross-entropy-shard.js';
 import type { GatedActivationBackwardKernel, GatedActivationKernel } from '../ops/glu.js';
 import type { GroupedGemmKernel } from '../ops/grouped-linear.js';
@@ -57,6 +58,7 @@ export interface KernelTable {
   nllLossBackward: NllLossBackwardKernel;
   crossEntropyShardMax: CrossEntropyShardMaxKernel;
   crossEntropyShard: CrossEntropyShardKernel;
+  crossEntropyShardMaxStats: CrossEntropyShardMaxStatsKernel;
   crossEntropyShardBackward: CrossEntropyShardBackwardKernel;
   normRows: NormKernel;
   normRowsBackward: NormBackwardKernel;

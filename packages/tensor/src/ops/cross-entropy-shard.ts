@@ -1,7 +1,8 @@
 // The per-rank kernels of a vocabulary-parallel cross-entropy (Megatron's cross_entropy.py). A
 // rank holds the columns [start, start + P) of the vocabulary, the last ones possibly padding. The
 // forward reads its logits twice in place (the row maximum before the group's max all-reduce, then
-// three numbers per row that the group sums) and the backward recomputes the softmax from the
+// three numbers per row that the group sums; once where one rank holds the whole vocabulary and the
+// backend has crossEntropyShardMaxStats) and the backward recomputes the softmax from the
 // logits, so nothing of size [rows, P] is allocated by the forward or outlives it but the logits
 // themselves. The group reductions live in @megapatch/parallel.
 
@@ -35,6 +36,25 @@ export type CrossEntropyShardKernel = (
   logits: Tensor,
   target: Tensor,
   rowMax: Tensor,
+  start: number,
+  localReal: number,
+) => void;
+
+/**
+ * Both of the above in one pass over the logits, for a vocabulary held whole by one rank (a group
+ * of one: no all-reduce between the maximum and the statistics): rowMax [R] as
+ * {@link CrossEntropyShardMaxKernel} writes it, and predicted, sumExp and shiftedSum against it as
+ * {@link CrossEntropyShardKernel} does. A device kernel keeps a running maximum and rescales its sum
+ * of exponentials when the maximum grows (online log-sum-exp): sumExp and shiftedSum may then differ
+ * from the two-pass values in their last bits; rowMax and predicted do not.
+ */
+export type CrossEntropyShardMaxStatsKernel = (
+  rowMax: Tensor,
+  predicted: Tensor,
+  sumExp: Tensor,
+  shiftedSum: Tensor | null,
+  logits: Tensor,
+  target: Tensor,
   start: number,
   localReal: number,
 ) => void;
@@ -212,6 +232,52 @@ export function crossEntropyShardStats(
     for (const t of temps) t.dispose();
   }
   return out;
+}
+
+/**
+ * {@link crossEntropyShardMax} and {@link crossEntropyShardStats} in one call, for a vocabulary that
+ * one rank holds whole (the group's reductions are then no-ops): -> the row maximum [R] and the
+ * statistics [2 or 3, R] against it. Where the backend has its own kernel the logits are read once
+ * instead of twice (see {@link CrossEntropyShardMaxStatsKernel}). Outside the graph; one kernel call.
+ */
+export function crossEntropyShardMaxStats(
+  logits: Tensor,
+  target: Tensor,
+  layout: CrossEntropyShardLayout & { withShiftedSum?: boolean },
+): { rowMax: Tensor; stats: Tensor } {
+  const op = 'crossEntropyShardMaxStats';
+  const c = checkShard(op, logits, target, layout, []);
+  const kernel = kernelOf(c.backend, 'crossEntropyShardMaxStats', op);
+  const k = layout.withShiftedSum ? 3 : 2;
+  const rowMax = alloc(c.backend, [c.rows], c.compute);
+  const stats = alloc(c.backend, [k, c.rows], c.compute);
+  const temps: Tensor[] = [];
+  const use = (t: Tensor): Tensor => {
+    temps.push(t);
+    return t;
+  };
+  try {
+    if (c.rows > 0) {
+      const row = (i: number): Tensor => use(stats.viewAs([c.rows], [1], stats.offset + i * c.rows, false));
+      kernel(
+        rowMax,
+        row(0),
+        row(1),
+        k === 3 ? row(2) : null,
+        use(contiguousRaw(logits)),
+        use(contiguousRaw(target)),
+        layout.start,
+        layout.localReal,
+      );
+    }
+  } catch (e) {
+    rowMax.dispose();
+    stats.dispose();
+    throw e;
+  } finally {
+    for (const t of temps) t.dispose();
+  }
+  return { rowMax, stats };
 }
 
 /** Options of {@link crossEntropyShardGrad}. */

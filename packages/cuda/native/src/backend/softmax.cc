@@ -97,6 +97,21 @@ MPC_ENTRY(CrossEntropyShardForwardE) {
   return info.Env().Undefined();
 }
 
+// crossEntropyShardMaxStats(rowMax, predicted, sumExp, hasShiftedSum, shiftedSum?, logits, target,
+// start, localReal)
+MPC_ENTRY(CrossEntropyShardMaxStatsE) {
+  Args a;
+  TensorArg row_max = a.tensor(), pred = a.tensor(), sum_exp = a.tensor();
+  bool has_shifted = a.i32() != 0;
+  TensorArg shifted;
+  if (has_shifted) shifted = a.tensor();
+  TensorArg x = a.tensor(), target = a.tensor();
+  int64_t start = a.i64(), real = a.i64();
+  cross_entropy_shard_max_stats(current_stream(), row_max, pred, sum_exp, has_shifted ? &shifted : nullptr, x,
+                                target, start, real);
+  return info.Env().Undefined();
+}
+
 // crossEntropyShardBackward(dx, logits, target, rowMax, logSumExp, gradLoss, start, localReal,
 // smoothing, vocabSize)
 MPC_ENTRY(CrossEntropyShardBackwardE) {
@@ -119,6 +134,7 @@ void register_softmax(Napi::Env env, Napi::Object exports) {
   exports.Set("nllLossBackward", Napi::Function::New(env, NllLossBackwardE));
   exports.Set("crossEntropyShardMax", Napi::Function::New(env, CrossEntropyShardMaxE));
   exports.Set("crossEntropyShardForward", Napi::Function::New(env, CrossEntropyShardForwardE));
+  exports.Set("crossEntropyShardMaxStats", Napi::Function::New(env, CrossEntropyShardMaxStatsE));
   exports.Set("crossEntropyShardBackward", Napi::Function::New(env, CrossEntropyShardBackwardE));
 }
 

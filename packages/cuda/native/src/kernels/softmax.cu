@@ -22,11 +22,12 @@
 // in a fixed order into the total. No floating-point atomics: the total is deterministic.
 //
 // Vocabulary-parallel cross-entropy shards. The row maximum reads the real columns of a row once;
-// the forward reads them again with the group's maximum already known (no online rescaling); the
-// backward maps the row once. All use the row groups above and reduce in a fixed order, so they
+// the forward reads them again with the group's maximum already known (no online rescaling); for a
+// group of one rank both run in one pass (online); the backward maps the row once. All use the row groups above and reduce in a fixed order, so they
 // are deterministic.
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 
 #include "softmax.h"
 
@@ -505,6 +506,40 @@ ce_shard_fwd_kernel(const T* x, Targets tg, const Acc<T>* row_max, Acc<T>* pred,
   }
 }
 
+// Both of the above in one pass (a vocabulary held whole by one rank): the row's maximum with the
+// max kernel's semantics (a NaN wins) beside the online (max, sum of exp) pair, merged over the
+// group; then the statistics against that maximum. Where no NaN or +inf is in the row and some real
+// logit is above -inf, the online pair's max is that maximum and its sum is sum exp(x - max); the
+// others get the two-pass values exactly (NaN). shifted = sum x - real max.
+template <typename T, bool kWarp, bool kSum>
+__global__ void __launch_bounds__(kWarp ? kWarpBlock : kMaxRowThreads)
+ce_shard_fused_kernel(const T* x, Targets tg, Acc<T>* row_max, Acc<T>* pred, Acc<T>* sum_exp, Acc<T>* shifted,
+                      int64_t rows, int64_t n, int64_t start, int64_t real) {
+  using C = Acc<T>;
+  __shared__ Online<C> red[32];
+  __shared__ C redm[32];
+  const int tid = g_tid<kWarp>(), nt = g_size<kWarp>();
+  for (int64_t r = g_first<kWarp>(); r < rows; r += g_step<kWarp>()) {
+    const T* xr = x + r * n;
+    Online<C> o{-pinf<C>(), C(0), C(0)};
+    C mx = -pinf<C>();
+    row_read<1>(xr, xr, real, tid, nt, [&](C v, C) {
+      online_add<kSum>(o, v);
+      mx = MaxNanOp()(mx, v);
+    });
+    o = group_all<kWarp>(o, MergeOnline(), red);
+    mx = group_all<kWarp>(mx, MaxNanOp(), redm);
+    if (tid == 0) {
+      const bool bad = mx != mx || mx == pinf<C>() || (mx == -pinf<C>() && real > 0);
+      row_max[r] = mx;
+      sum_exp[r] = bad ? qnan<C>() : o.s;
+      if (kSum) shifted[r] = real > 0 ? o.sx - static_cast<C>(real) * mx : C(0);
+      const int64_t t = tg.at(r) - start;
+      pred[r] = t >= 0 && t < real ? Tr<T>::ld(xr + t) - mx : C(0);
+    }
+  }
+}
+
 // dx = (exp((x - max) - lse) - off - hit [column is the target]) * grad[row] over the real
 // columns, 0 on the padding ones (their logits are read but never used).
 template <typename T, bool kWarp>
@@ -754,6 +789,35 @@ void ce_shard_fwd_t(cudaStream_t s, const TensorArg& pred, const TensorArg& sum_
   check_launch("crossEntropyShard");
 }
 
+template <typename T, bool kSum>
+void ce_shard_fused_launch(cudaStream_t s, const RowGeo& g, const T* x, const Targets& tg, Acc<T>* row_max,
+                           Acc<T>* pred, Acc<T>* sum_exp, Acc<T>* shifted, int64_t rows, int64_t n, int64_t start,
+                           int64_t real) {
+  if (g.warp) {
+    auto k = ce_shard_fused_kernel<T, true, kSum>;
+    MP_LAUNCH(k, g.grid, g.threads, 0, s, x, tg, row_max, pred, sum_exp, shifted, rows, n, start, real);
+  } else {
+    auto k = ce_shard_fused_kernel<T, false, kSum>;
+    MP_LAUNCH(k, g.grid, g.threads, 0, s, x, tg, row_max, pred, sum_exp, shifted, rows, n, start, real);
+  }
+}
+
+template <typename T>
+void ce_shard_fused_t(cudaStream_t s, const TensorArg& row_max, const TensorArg& pred, const TensorArg& sum_exp,
+                      const TensorArg* shifted, const TensorArg& x, const Targets& tg, int64_t rows, int64_t n,
+                      int64_t start, int64_t real) {
+  using C = Acc<T>;
+  const RowGeo g = row_geo<T>(rows, real);
+  if (shifted) {
+    ce_shard_fused_launch<T, true>(s, g, x.ptr<T>(), tg, row_max.ptr<C>(), pred.ptr<C>(), sum_exp.ptr<C>(),
+                                   shifted->ptr<C>(), rows, n, start, real);
+  } else {
+    ce_shard_fused_launch<T, false>(s, g, x.ptr<T>(), tg, row_max.ptr<C>(), pred.ptr<C>(), sum_exp.ptr<C>(),
+                                    nullptr, rows, n, start, real);
+  }
+  check_launch("crossEntropyShardMaxStats");
+}
+
 template <typename T>
 void ce_shard_bwd_t(cudaStream_t s, const TensorArg& dx, const TensorArg& x, const Targets& tg,
                     const TensorArg& row_max, const TensorArg& lse, const TensorArg& grad, int64_t rows, int64_t n,
@@ -936,6 +1000,30 @@ void cross_entropy_shard_forward(cudaStream_t s, const TensorArg& predicted, con
   require_row_vector(row_max, x, rows, op, "rowMax");
   if (rows == 0) return;
   MPC_DISPATCH_FLOAT(x.dtype, ce_shard_fwd_t, s, predicted, sum_exp, shifted_sum, x, tg, row_max, rows, n, start,
+                     real);
+}
+
+void cross_entropy_shard_max_stats(cudaStream_t s, const TensorArg& row_max, const TensorArg& predicted,
+                                   const TensorArg& sum_exp, const TensorArg* shifted_sum, const TensorArg& x,
+                                   const TensorArg& target, int64_t start, int64_t real) {
+  const char* op = "crossEntropyShardMaxStats";
+  Targets tg = targets_of(target, op);
+  const int64_t n = shard_cols(x, target, real, op), rows = target.numel();
+  require_row_vector(row_max, x, rows, op, "rowMax");
+  require_row_vector(predicted, x, rows, op, "predicted");
+  require_row_vector(sum_exp, x, rows, op, "sumExp");
+  if (shifted_sum) require_row_vector(*shifted_sum, x, rows, op, "shiftedSum");
+  if (rows == 0) return;
+  // MEGAPATCH_CE_ONE_PASS=0: the max kernel, then the forward's (two reads of the logits, the same
+  // bits as a group of several ranks gets); for comparing the two on a GPU
+  const char* e = std::getenv("MEGAPATCH_CE_ONE_PASS");
+  if (e && e[0] == '0') {
+    MPC_DISPATCH_FLOAT(x.dtype, ce_shard_max_t, s, row_max, x, rows, n, real);
+    MPC_DISPATCH_FLOAT(x.dtype, ce_shard_fwd_t, s, predicted, sum_exp, shifted_sum, x, tg, row_max, rows, n, start,
+                       real);
+    return;
+  }
+  MPC_DISPATCH_FLOAT(x.dtype, ce_shard_fused_t, s, row_max, predicted, sum_exp, shifted_sum, x, tg, rows, n, start,
                      real);
 }
 

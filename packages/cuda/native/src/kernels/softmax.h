@@ -45,6 +45,11 @@ void cross_entropy_shard_max(cudaStream_t s, const TensorArg& row_max, const Ten
 void cross_entropy_shard_forward(cudaStream_t s, const TensorArg& predicted, const TensorArg& sum_exp,
                                  const TensorArg* shifted_sum, const TensorArg& x, const TensorArg& target,
                                  const TensorArg& row_max, int64_t start, int64_t real);
+// Both in one pass over the logits for a group of one rank: row_max as the max kernel writes it,
+// and the forward's statistics against it (sum_exp through the online log-sum-exp).
+void cross_entropy_shard_max_stats(cudaStream_t s, const TensorArg& row_max, const TensorArg& predicted,
+                                   const TensorArg& sum_exp, const TensorArg* shifted_sum, const TensorArg& x,
+                                   const TensorArg& target, int64_t start, int64_t real);
 // dx = (exp((x - max) - lse) - alpha / vocab - (1 - alpha) [column is the target]) * grad[row] on
 // the real columns, 0 on the padding; dx in x's dtype.
 void cross_entropy_shard_backward(cudaStream_t s, const TensorArg& dx, const TensorArg& x, const TensorArg& target,
