@@ -45,6 +45,7 @@ import {
   tidy,
   transpose,
   unsqueeze,
+  zeros,
 } from '../src/index.js';
 import { combinePowerSums } from '../src/optim/kernels.js';
 
@@ -86,6 +87,7 @@ const DEVICE_ONLY: KernelName[] = [
   'linearResidual',
   'groupedGemm',
   'crossEntropyShardMaxStats',
+  'normPowerSumMulti',
 ];
 
 function nativeKernel<K extends KernelName>(name: K): KernelTable[K] {
@@ -2298,6 +2300,82 @@ describe('normPowerSum', () => {
             `p = ${p}, ${bad}`,
           );
         }
+      }
+    }));
+});
+
+describe('normPowerSumMulti against one native normPowerSum a tensor', () => {
+  const it = itWith('normPowerSumMulti');
+  /** The loop of native per-tensor sums the multi kernel stands for: written, then accumulated. */
+  const loop = (ts: Tensor[], p: number, start: number | null): number => {
+    const out = make([], 'float64', () => start ?? 0);
+    let acc = start !== null;
+    for (const t of ts) {
+      if (t.numel === 0) continue;
+      nativeKernel('normPowerSum')(t, p, out, acc);
+      acc = true;
+    }
+    if (!acc) out.fill_(0);
+    const v = out.item();
+    out.dispose();
+    return v;
+  };
+  const multi = (ts: Tensor[], p: number, start: number | null): number => {
+    const out = start === null ? sentinel([], 'float64') : make([], 'float64', () => start);
+    candidateKernel('normPowerSumMulti')(ts, p, out, start !== null);
+    const v = out.item();
+    out.dispose();
+    return v;
+  };
+  // sizes around the device's chunks (4096) and its launch list (48 tensors), an empty tensor, a
+  // misaligned view (the elementwise path), and dtype changes inside the list
+  const lists: { name: string; make: (r: Rng) => Tensor[] }[] = [
+    { name: 'one tensor', make: (r) => [randnT(r, [20000], 'float32', 3)] },
+    {
+      name: 'odd sizes and an empty tensor',
+      make: (r) => [1, 7, 4096, 0, 4097, 33, 12289].map((n) => randnT(r, [n], 'float32', 2)),
+    },
+    {
+      name: '60 tensors (two launch lists), a misaligned slice',
+      make: (r) => [
+        ...Array.from({ length: 59 }, (_, i) => randnT(r, [1 + ((i * 97) % 700)], 'float32', 1)),
+        randnT(r, [1001], 'float32', 1).viewAs([1000], [1], 1),
+      ],
+    },
+    {
+      name: 'float32, bfloat16 and float64 runs',
+      make: (r) => [
+        randnT(r, [300], 'float32', 2),
+        randnT(r, [5000], 'bfloat16', 2),
+        randnT(r, [77], 'bfloat16', 2),
+        randnT(r, [9000], 'float64', 2),
+        randnT(r, [12], 'float32', 2),
+      ],
+    },
+  ];
+  for (const l of lists) {
+    for (const p of [2, INF, 1, 3]) {
+      it(`${l.name}, p = ${p}: written, and accumulated into 0.5`, () =>
+        tidy(() => {
+          const ts = l.make(rng(p * 13 + l.name.length));
+          expectSameNumber(multi(ts, p, null), loop(ts, p, null), 'written', 1e-12);
+          expectSameNumber(multi(ts, p, 0.5), loop(ts, p, 0.5), 'accumulated', 1e-12);
+        }));
+    }
+  }
+
+  it('an empty list: 0 written, out untouched when accumulating; NaN and inf propagate', () =>
+    tidy(() => {
+      expect(multi([], 2, null)).toBe(0);
+      expect(multi([], 2, 1.25)).toBe(1.25);
+      expect(multi([zeros([0])], INF, null)).toBe(0);
+      for (const bad of [Number.NaN, INF]) {
+        const ts = [
+          make([9], 'float32', (i) => i - 3),
+          make([5000], 'float32', (i) => (i === 4321 ? bad : 1)),
+        ];
+        for (const p of [2, INF, 1])
+          expectSameNumber(multi(ts, p, null), loop(ts, p, null), `p = ${p}, ${bad}`);
       }
     }));
 });

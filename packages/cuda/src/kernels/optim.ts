@@ -9,7 +9,7 @@ import { type Entries, pack } from '../pack.js';
 
 type OptimKernels = Pick<
   KernelTable,
-  'adamwStep' | 'adamwStepMulti' | 'sgdStep' | 'normPowerSum' | 'unscaleCheck'
+  'adamwStep' | 'adamwStepMulti' | 'sgdStep' | 'normPowerSum' | 'normPowerSumMulti' | 'unscaleCheck'
 >;
 
 // Tensors per adamwStepMulti entry call: one launch of optim.h's kAdamWMultiTensors (48), and 48
@@ -72,6 +72,30 @@ export function optimKernels(call: Entries): OptimKernels {
         .tensor(out)
         .num(accumulate ? 1 : 0);
       call.normPowerSum();
+    },
+    normPowerSumMulti(ts, p, out, accumulate = false) {
+      checkOutput('normPowerSumMulti', 'out', out, 'float64', 1);
+      // runs of one dtype, up to MULTI_PER_CALL tensors an entry call (optim.h's launch list); the
+      // first call writes out unless accumulating, the others add into it
+      let acc = accumulate;
+      let i0 = 0;
+      while (i0 < ts.length) {
+        let i1 = i0 + 1;
+        while (i1 < ts.length && i1 - i0 < MULTI_PER_CALL && ts[i1].dtype === ts[i0].dtype) i1++;
+        pack.begin().num(i1 - i0);
+        for (let i = i0; i < i1; i++) pack.tensor(ts[i]);
+        pack
+          .num(p)
+          .tensor(out)
+          .num(acc ? 1 : 0);
+        call.normPowerSumMulti();
+        acc = true;
+        i0 = i1;
+      }
+      if (!acc) {
+        pack.begin().num(0).num(p).tensor(out).num(0);
+        call.normPowerSumMulti();
+      }
     },
     unscaleCheck(t, invScale, foundInf) {
       checkOutput('unscaleCheck', 'foundInf', foundInf, 'float32', 1);

@@ -772,6 +772,19 @@ register('sgdStep', (p, g, buf, s) => {
 // sum(|x|^p) accumulated in double (max |x| for p = +-Infinity) into the 0-d float64 `out`;
 // NaN propagates; 0 when empty.
 // With `accumulate`, out + that (max(out, that), NaN winning).
+// One normPowerSum a tensor, in list order (the backend's own where it has it): the first writes
+// out unless accumulating, the others accumulate.
+register('normPowerSumMulti', (ts, p, out, accumulate = false) => {
+  const one = getKernel(out.backend, 'normPowerSum') ?? fallbackKernel('normPowerSum');
+  let acc = accumulate;
+  for (const t of ts) {
+    if (t.numel === 0) continue;
+    one(t, p, out, acc);
+    acc = true;
+  }
+  if (!acc) out.fill_(0);
+});
+
 register('normPowerSum', (t, p, out, accumulate = false) => {
   run(() => {
     const isMax = Math.abs(p) === Number.POSITIVE_INFINITY;

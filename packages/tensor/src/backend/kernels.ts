@@ -43,6 +43,7 @@ import type {
   AdamWKernel,
   AdamWMultiKernel,
   NormPowerSumKernel,
+  NormPowerSumMultiKernel,
   SgdKernel,
   UnscaleCheckKernel,
 } from '../optim/kernels.js';
@@ -84,6 +85,7 @@ export interface KernelTable {
   adamwStepMulti: AdamWMultiKernel;
   sgdStep: SgdKernel;
   normPowerSum: NormPowerSumKernel;
+  normPowerSumMulti: NormPowerSumMultiKernel;
   unscaleCheck: UnscaleCheckKernel;
   accumulateGrad: AccumulateGradKernel;
 }

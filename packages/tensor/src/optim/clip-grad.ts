@@ -3,6 +3,7 @@
 // gradients) and read once; the gradients are scaled in place, so clipping adds nothing to a
 // training step's memory.
 import type { Backend } from '../backend/backend.js';
+import { getKernel, hasNativeKernel } from '../backend/kernels.js';
 import { isFloating } from '../dtype.js';
 import { TensorError } from '../errors.js';
 import { zeros } from '../ops/creation.js';
@@ -27,7 +28,8 @@ function checkNormType(op: string, normType: number): void {
  * The p-norm of several tensors viewed as one vector (normType = Infinity for the max norm), as a
  * new 0-d float64 tensor on their device, computed there without any host read: each tensor's
  * power sum (max) goes through the backend's normPowerSum kernel, which adds (maxes) it into one
- * accumulator in list order (one launch a tensor), so the value is bit for bit what getTotalNorm returns. NaN anywhere
+ * accumulator in list order (one launch a tensor; a backend with its own normPowerSumMulti sums
+ * each run of tensors of one dtype in one call), so the value is bit for bit what getTotalNorm returns. NaN anywhere
  * gives NaN; an empty list gives 0 on the default device. Tensors on several devices are summed
  * per device first; the other devices' partial results are then copied to the first tensor's
  * device (one read on each of those devices).
@@ -57,11 +59,39 @@ export function getTotalNormPowerSum(tensors: Iterable<Tensor>, normType = 2): T
   return powerSum('getTotalNormPowerSum', tensors, normType);
 }
 
+/** Frees the dense copies of a run of tensors (the originals stay) and empties it. */
+function releaseRun(run: { dense: Tensor[]; orig: Tensor[] }): void {
+  for (let i = 0; i < run.dense.length; i++) release(run.dense[i], run.orig[i], false);
+  run.dense = [];
+  run.orig = [];
+}
+
 function powerSum(op: string, tensors: Iterable<Tensor>, normType: number): Tensor {
   // one accumulator per device: the first tensor's sum is written into it, the others are added
-  // (maxed) into it by the kernel itself (its `accumulate`), in list order
+  // (maxed) into it by the kernel itself (its `accumulate`), in list order; a backend with its own
+  // normPowerSumMulti gets each run of tensors of one dtype in one call (few launches) instead
   const accs = new Map<Backend, Tensor>();
   const temps: Tensor[] = [];
+  // the tensors of a backend with normPowerSumMulti waiting for their call (dense, with originals)
+  const runs = new Map<Backend, { dense: Tensor[]; orig: Tensor[] }>();
+  const accFor = (b: Backend): { acc: Tensor; fresh: boolean } => {
+    const acc = accs.get(b);
+    if (acc) return { acc, fresh: false };
+    const fresh = Tensor.empty(b, [], 'float64');
+    temps.push(fresh);
+    accs.set(b, fresh);
+    return { acc: fresh, fresh: true };
+  };
+  const flush = (b: Backend): void => {
+    const run = runs.get(b);
+    if (!run || run.dense.length === 0) return;
+    try {
+      const { acc, fresh } = accFor(b);
+      getKernel(b, 'normPowerSumMulti')!(run.dense, normType, acc, !fresh);
+    } finally {
+      releaseRun(run);
+    }
+  };
   try {
     for (const t of tensors) {
       t.checkAlive(op);
@@ -71,22 +101,28 @@ function powerSum(op: string, tensors: Iterable<Tensor>, normType: number): Tens
           `${op}: expected floating-point tensors, got ${t.describe()}`,
         );
       if (t.numel === 0) continue;
-      const kernel = kernelFor(t, 'normPowerSum');
       const b = t.backend;
+      if (hasNativeKernel(b, 'normPowerSumMulti')) {
+        let run = runs.get(b);
+        if (!run) {
+          run = { dense: [], orig: [] };
+          runs.set(b, run);
+        }
+        if (run.dense.length > 0 && run.dense[0].dtype !== t.dtype) flush(b);
+        run.dense.push(dense(t));
+        run.orig.push(t);
+        continue;
+      }
+      const kernel = kernelFor(t, 'normPowerSum');
       const d = dense(t);
       try {
-        const acc = accs.get(b);
-        if (acc) kernel(d, normType, acc, true);
-        else {
-          const fresh = Tensor.empty(b, [], 'float64');
-          temps.push(fresh);
-          kernel(d, normType, fresh);
-          accs.set(b, fresh);
-        }
+        const { acc, fresh } = accFor(b);
+        kernel(d, normType, acc, !fresh);
       } finally {
         release(d, t, false);
       }
     }
+    for (const b of runs.keys()) flush(b);
     const list = [...accs.values()];
     if (list.length === 0) return zeros([], { dtype: 'float64' });
     const acc = list[0];
@@ -100,6 +136,7 @@ function powerSum(op: string, tensors: Iterable<Tensor>, normType: number): Tens
     temps.splice(temps.indexOf(acc), 1);
     return acc;
   } finally {
+    for (const run of runs.values()) releaseRun(run);
     for (const t of temps) t.dispose();
   }
 }

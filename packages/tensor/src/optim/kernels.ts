@@ -72,6 +72,19 @@ export type SgdKernel = (p: Tensor, g: Tensor, buf: Tensor | null, s: SgdScalars
  */
 export type NormPowerSumKernel = (t: Tensor, p: number, out: Tensor, accumulate?: boolean) => void;
 /**
+ * The power sum of a list of contiguous tensors (any floating dtypes, empty ones ignored) as if
+ * they were one, into `out` as normPowerSum does (written, or with `accumulate` added / maxed into
+ * it; 0 for an empty list unless accumulating). A device kernel reads them in few launches (one
+ * grid over all their chunks) and may group the float64 terms otherwise than one normPowerSum a
+ * tensor; the composition is exactly that loop.
+ */
+export type NormPowerSumMultiKernel = (
+  ts: readonly Tensor[],
+  p: number,
+  out: Tensor,
+  accumulate?: boolean,
+) => void;
+/**
  * Multiplies t by invScale in place (unless it is 1) and sets `foundInf` (a float32 [1] flag on
  * t's device) to 1 when t held inf or NaN before scaling; the flag is never reset, so one flag
  * can collect the verdicts of many tensors.

@@ -88,6 +88,20 @@ MPC_ENTRY(NormPowerSumE) {
   return info.Env().Undefined();
 }
 
+// normPowerSumMulti(count, count x t, p, out, accumulate)
+MPC_ENTRY(NormPowerSumMultiE) {
+  Args a;
+  const int count = a.i32();
+  if (count < 0) throw_error("normPowerSumMulti: negative tensor count");
+  std::vector<TensorArg> ts(count);
+  for (int i = 0; i < count; i++) ts[i] = a.tensor();
+  double p = a.num();
+  TensorArg out = a.tensor();
+  const bool accumulate = a.i32() != 0;
+  norm_power_sum_multi(current_stream(), ts.data(), count, p, out, accumulate);
+  return info.Env().Undefined();
+}
+
 // unscaleCheck(t, invScale, foundInf)
 MPC_ENTRY(UnscaleCheckE) {
   Args a;
@@ -103,6 +117,7 @@ void register_optim(Napi::Env env, Napi::Object exports) {
   exports.Set("adamwStepMulti", Napi::Function::New(env, AdamWStepMultiE));
   exports.Set("sgdStep", Napi::Function::New(env, SgdStepE));
   exports.Set("normPowerSum", Napi::Function::New(env, NormPowerSumE));
+  exports.Set("normPowerSumMulti", Napi::Function::New(env, NormPowerSumMultiE));
   exports.Set("unscaleCheck", Napi::Function::New(env, UnscaleCheckE));
 }
 

@@ -7,6 +7,9 @@
 // order of operations with every scalar cast once from double to the compute type (float for
 // float32/bfloat16/float16 params, double for float64).
 //
+// normPowerSumMulti sums a list of tensors in few launches the same way, its blocks striding over
+// the chunks of every tensor of the launch (see norm_multi_kernel).
+//
 // The multi-tensor AdamW (apex's multi_tensor_apply, without its device-side list) passes up to
 // kAdamWMultiTensors tensors' pointers and sizes in the kernel's by-value argument, so a whole
 // list costs a few launches and no host-to-device copy. Each tensor is cut into chunks of
@@ -492,6 +495,109 @@ void norm_launch(cudaStream_t s, const TensorArg& t, double p, double* out, bool
   }
 }
 
+// ---- normPowerSum over a list of tensors ------------------------------------------------------
+// The tensors' chunks of kNormChunk elements in list order; block b sums chunks b, b + grid, ...
+// (a fixed grid: at most kNormMaxBlocks blocks), so one launch reads many small tensors with the
+// bandwidth of one large one. The per-block partials and their combination are the single-tensor
+// kernel's; the grouping of the terms differs from one launch a tensor (float64 sums).
+constexpr int kNormMultiTensors = 48;
+constexpr int64_t kNormChunk = 4096;  // a multiple of every vector width
+template <typename T> struct NormList {
+  const T* x[kNormMultiTensors];
+  int64_t n[kNormMultiTensors];
+  int64_t first[kNormMultiTensors + 1];  // first chunk of tensor t; first[count]: the chunks in all
+  unsigned long long vec;                // bit t: tensor t is 16-byte aligned
+  int count;
+};
+
+template <typename T, int V, int M>
+__global__ void __launch_bounds__(kNormThreads) norm_multi_kernel(NormList<T> L, double p, double* out, bool accumulate) {
+  double acc = 0;
+  int t = 0;
+  for (int64_t c = blockIdx.x; c < L.first[L.count]; c += gridDim.x) {
+    while (L.first[t + 1] <= c) t++;  // block-uniform; chunks only grow
+    const T* x = L.x[t];
+    const int64_t begin = (c - L.first[t]) * kNormChunk, end = mn(L.n[t], begin + kNormChunk);
+    int64_t tail = begin;
+    if ((L.vec >> t) & 1ull) {
+      const int64_t nv = (end - begin) / V;
+      for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) {
+        Pk<T, V> k = ldv<T, V>(x + begin + i * V);
+        for (int j = 0; j < V; j++)
+          acc = norm_combine<M>(acc, norm_term<M>(static_cast<double>(Tr<T>::ld(&k.e[j])), p));
+      }
+      tail = begin + nv * V;
+    }
+    for (int64_t i = tail + threadIdx.x; i < end; i += blockDim.x)
+      acc = norm_combine<M>(acc, norm_term<M>(static_cast<double>(Tr<T>::ld(x + i)), p));
+  }
+  acc = norm_block_reduce<M>(acc);
+
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    g_norm_partials[blockIdx.x] = acc;
+    __threadfence();
+    const unsigned ticket = atomicAdd(&g_norm_done, 1u);
+    last = ticket == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (last) {  // block-uniform
+    __threadfence();
+    const volatile double* parts = g_norm_partials;
+    double b = 0;
+    for (int i = static_cast<int>(threadIdx.x); i < static_cast<int>(gridDim.x); i += static_cast<int>(blockDim.x))
+      b = norm_combine<M>(b, parts[i]);
+    b = norm_block_reduce<M>(b);
+    if (threadIdx.x == 0) {
+      *out = accumulate ? norm_combine<M>(*out, b) : b;
+      g_norm_done = 0;
+    }
+  }
+}
+
+template <typename T, int M>
+void norm_multi_launch(cudaStream_t s, const NormList<T>& L, double p, double* out, bool acc) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  const int64_t chunks = L.first[L.count];
+  const unsigned blocks = static_cast<unsigned>(mn(chunks, static_cast<int64_t>(kNormMaxBlocks)));
+  auto k = norm_multi_kernel<T, V, M>;
+  MP_LAUNCH(k, blocks, kNormThreads, 0, s, L, p, out, acc);
+  check_launch("normPowerSumMulti");
+}
+
+template <typename T>
+void norm_multi_run(cudaStream_t s, const TensorArg* ts, int count, double p, double* out, bool acc) {
+  NormList<T> L;
+  L.count = 0;
+  L.first[0] = 0;
+  L.vec = 0;
+  bool written = acc;  // the first launch writes out unless accumulating
+  auto flush = [&]() {
+    if (L.count == 0) return;
+    if (std::isinf(p)) norm_multi_launch<T, kNormMax>(s, L, p, out, written);
+    else if (p == 2) norm_multi_launch<T, kNormSquare>(s, L, p, out, written);
+    else if (p == 1) norm_multi_launch<T, kNormAbs>(s, L, p, out, written);
+    else norm_multi_launch<T, kNormPow>(s, L, p, out, written);
+    written = true;
+    L.count = 0;
+    L.vec = 0;
+  };
+  for (int i = 0; i < count; i++) {
+    const int64_t n = ts[i].numel();
+    if (n == 0) continue;
+    const int t = L.count;
+    L.x[t] = ts[i].ptr<T>();
+    L.n[t] = n;
+    L.first[t + 1] = L.first[t] + (n + kNormChunk - 1) / kNormChunk;
+    if (aligned(ts[i].data, 16)) L.vec |= 1ull << t;
+    if (++L.count == kNormMultiTensors) flush();
+  }
+  flush();
+  if (!written) {  // nothing to sum and out not accumulated: out = 0
+    check(cudaMemsetAsync(out, 0, sizeof(double), s), "normPowerSumMulti: zero");
+  }
+}
+
 template <typename T>
 void norm_run(cudaStream_t s, const TensorArg& t, double p, double* out, bool acc) {
   if (std::isinf(p)) norm_launch<T, kNormMax>(s, t, p, out, acc);
@@ -600,6 +706,22 @@ void norm_power_sum(cudaStream_t s, const TensorArg& t, double p, const TensorAr
   if (out.dtype != DType::F64 || out.numel() != 1)
     throw_error("normPowerSum: out must be a float64 tensor of 1 element");
   MPC_DISPATCH_FLOAT(t.dtype, norm_run, s, t, p, out.ptr<double>(), accumulate);
+}
+
+void norm_power_sum_multi(cudaStream_t s, const TensorArg* ts, int count, double p, const TensorArg& out,
+                          bool accumulate) {
+  if (out.dtype != DType::F64 || out.numel() != 1)
+    throw_error("normPowerSumMulti: out must be a float64 tensor of 1 element");
+  for (int i = 0; i < count; i++) {
+    check_contiguous("normPowerSumMulti", ts[i]);
+    if (ts[i].dtype != ts[0].dtype)
+      throw_error("normPowerSumMulti: every tensor of a list must have one dtype; split the list by dtype");
+  }
+  if (count == 0) {
+    if (!accumulate) check(cudaMemsetAsync(out.ptr<double>(), 0, sizeof(double), s), "normPowerSumMulti: zero");
+    return;
+  }
+  MPC_DISPATCH_FLOAT(ts[0].dtype, norm_multi_run, s, ts, count, p, out.ptr<double>(), accumulate);
 }
 
 void unscale_check(cudaStream_t s, const TensorArg& t, double inv_scale, const TensorArg& found_inf) {

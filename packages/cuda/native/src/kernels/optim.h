@@ -56,6 +56,12 @@ void sgd_step(cudaStream_t s, const TensorArg& p, const TensorArg& g, const Tens
 // combined in block order by the last block of the same launch.
 void norm_power_sum(cudaStream_t s, const TensorArg& t, double p, const TensorArg& out, bool accumulate = false);
 
+// The same over a list of tensors of one dtype (empty ones ignored), as if they were one: a few
+// launches of a fixed grid striding over their chunks (deterministic; the terms grouped otherwise
+// than by norm_power_sum per tensor). out = 0 for an empty list (unless accumulating).
+void norm_power_sum_multi(cudaStream_t s, const TensorArg* ts, int count, double p, const TensorArg& out,
+                          bool accumulate);
+
 // t *= invScale in place (in t's compute type; skipped when invScale is 1), and found_inf[0] (a
 // float32 device flag) = 1 when t held inf or NaN before scaling; the flag is never cleared.
 void unscale_check(cudaStream_t s, const TensorArg& t, double inv_scale, const TensorArg& found_inf);
