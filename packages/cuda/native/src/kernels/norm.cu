@@ -277,9 +277,18 @@ __global__ void __launch_bounds__(PV > 0 ? kFusedThreads : 1024) norm_bwd_kernel
     const T* gr = g + r * n;
     const C mu = mean ? mean[r] : C(0), rs = rstd[r];
     C sdy = 0, sdyx = 0;
+    // with acc, at most 2 slots and no bias (RMSNorm, the Llama step's), the waiting gradient's
+    // vectors of this thread, loaded with g and x (not after the row's reduction, where each load
+    // would be a round trip of its own); elsewhere the registers would cost more than the wait
+    // (ptxas, sm_90, bf16: 4 slots 90 -> 165-204, a bias 80 -> 95)
+    constexpr bool kPre = PV > 0 && PV <= 2 && !PB;
+    Vec<T, V> pv[kPre ? PV : 1];
     // vector j of the row; q: its slot among this thread's (PV > 0)
     auto first = [&](int64_t j, int q) {
       C fg[V], fx[V], fw[V] = {};
+      if constexpr (kPre) {
+        if (acc) pv[q] = reinterpret_cast<const Vec<T, V>*>(dx + r * n)[j];
+      }
       load_vec<T, V>(gr, j, fg);
       load_vec<T, V>(xr, j, fx);
       if (w) load_vec<T, V>(w, j, fw);
@@ -312,6 +321,23 @@ MPN_UNROLL
     // mean(dy * xhat) = rstd * mean(dy * (x - mu))
     const C k1 = Center ? sdy * inv_n : C(0), k2 = sdyx * rs * inv_n;
     Vec<T, V>* dr = reinterpret_cast<Vec<T, V>*>(dx + r * n);
+    if constexpr (kPre) {
+      // the slots' dx from the row cache, each added to its prefetched waiting vector
+MPN_UNROLL
+      for (int q = 0; q < PV; q++) {
+        const int64_t j = t + static_cast<int64_t>(q) * G;
+        if (j >= nv) continue;
+        Vec<T, V> o;
+MPN_UNROLL
+        for (int k = 0; k < V; k++) {
+          const C dy = cdy[k * nv + j], xhat = cd[k * nv + j] * rs;
+          Tr<T>::st(&o.v[k], rs * (dy - k1 - xhat * k2));
+          if (acc) Tr<T>::st(&o.v[k], Tr<T>::ld(&pv[q].v[k]) + Tr<T>::ld(&o.v[k]));
+        }
+        dr[j] = o;
+      }
+      continue;
+    }
     for (int64_t j = t; j < nv; j += G) {
       C dy[V], d[V];
       if (Cache) {
