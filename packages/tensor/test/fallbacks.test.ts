@@ -664,40 +664,49 @@ describe('crossEntropyShardMax / crossEntropyShard / crossEntropyShardBackward',
 
 describe('crossEntropyShardMaxStats (one pass) against crossEntropyShardMax then crossEntropyShard', () => {
   const it = itWith('crossEntropyShardMaxStats');
-  /** The row maximum and the statistics of the native two-pass kernels. */
-  const twoPass = (logits: Tensor, target: Tensor, compute: DType, real: number, withSum: boolean) => {
-    const m = sentinel([SHARD_ROWS], compute);
-    const [p, e, q] = [0, 1, 2].map(() => sentinel([SHARD_ROWS], compute));
-    nativeKernel('crossEntropyShardMax')(m, logits, real);
-    nativeKernel('crossEntropyShard')(p, e, withSum ? q : null, logits, target, m, SHARD_START, real);
-    return [m, p, e, q];
+  /**
+   * The native two passes and the candidate's one on the same logits: the row maximum and the
+   * predicted logit exactly, the sums within their rounding (online rescaling). Returns the native
+   * sumExp.
+   */
+  const compare = (
+    logits: Tensor,
+    target: Tensor,
+    real: number,
+    withSum: boolean,
+    label: string,
+    atol = 1e-4,
+  ) => {
+    const compute: DType = logits.dtype === 'float64' ? 'float64' : 'float32';
+    const [mN, pN, eN, qN, mF, pF, eF, qF] = Array.from({ length: 8 }, () => sentinel([SHARD_ROWS], compute));
+    nativeKernel('crossEntropyShardMax')(mN, logits, real);
+    nativeKernel('crossEntropyShard')(pN, eN, withSum ? qN : null, logits, target, mN, SHARD_START, real);
+    candidateKernel('crossEntropyShardMaxStats')(
+      mF,
+      pF,
+      eF,
+      withSum ? qF : null,
+      logits,
+      target,
+      SHARD_START,
+      real,
+    );
+    expect(values(mF), `${label} row max`).toEqual(values(mN));
+    expect(values(pF), `${label} predicted`).toEqual(values(pN));
+    expectSame(eF, eN, `${label} sumExp`);
+    expectSame(qF, qN, withSum ? `${label} shiftedSum` : `${label} shiftedSum (not asked for: untouched)`, {
+      rtol: 1e-5,
+      atol,
+    });
+    return eN;
   };
   for (const c of shardCases()) {
     const withSum = c.smoothing > 0;
     it(`${c.dtype}, ${c.localReal} real of ${c.cols} columns, ${c.targetDtype} targets${withSum ? ', shifted sum' : ''}`, () =>
       tidy(() => {
         const r = rng(c.cols * 31 + c.localReal + c.smoothing * 100 + c.dtype.length);
-        const { logits, target, compute } = shardInputs(c, r);
-        const [mN, pN, eN, qN] = twoPass(logits, target, compute, c.localReal, withSum);
-        const [mF, pF, eF, qF] = [0, 1, 2, 3].map(() => sentinel([SHARD_ROWS], compute));
-        candidateKernel('crossEntropyShardMaxStats')(
-          mF,
-          pF,
-          eF,
-          withSum ? qF : null,
-          logits,
-          target,
-          SHARD_START,
-          c.localReal,
-        );
-        // the maximum and the predicted logit exactly; the sums within their rounding (online)
-        expect(values(mF), 'row max').toEqual(values(mN));
-        expect(values(pF), 'predicted').toEqual(values(pN));
-        expectSame(eF, eN, 'sumExp');
-        expectSame(qF, qN, withSum ? 'shiftedSum' : 'shiftedSum (not asked for: untouched)', {
-          rtol: 1e-5,
-          atol: 1e-4,
-        });
+        const { logits, target } = shardInputs(c, r);
+        compare(logits, target, c.localReal, withSum, c.dtype);
       }));
   }
 
@@ -705,7 +714,6 @@ describe('crossEntropyShardMaxStats (one pass) against crossEntropyShardMax then
     tidy(() => {
       for (const dtype of FLOATS) {
         const cols = 1600;
-        const real = 1531;
         const r = rng(cols + dtype.length);
         const logits = make(
           [SHARD_ROWS, cols],
@@ -716,14 +724,7 @@ describe('crossEntropyShardMaxStats (one pass) against crossEntropyShardMax then
           shape: [SHARD_ROWS],
           dtype: 'int32',
         });
-        const compute: DType = dtype === 'float64' ? 'float64' : 'float32';
-        const [mN, pN, eN, qN] = twoPass(logits, target, compute, real, true);
-        const [mF, pF, eF, qF] = [0, 1, 2, 3].map(() => sentinel([SHARD_ROWS], compute));
-        candidateKernel('crossEntropyShardMaxStats')(mF, pF, eF, qF, logits, target, SHARD_START, real);
-        expect(values(mF), `${dtype} row max`).toEqual(values(mN));
-        expect(values(pF), `${dtype} predicted`).toEqual(values(pN));
-        expectSame(eF, eN, `${dtype} sumExp`);
-        expectSame(qF, qN, `${dtype} shiftedSum`, { rtol: 1e-5, atol: 2e-2 });
+        compare(logits, target, 1531, true, dtype, 2e-2);
       }
     }));
 
@@ -731,7 +732,6 @@ describe('crossEntropyShardMaxStats (one pass) against crossEntropyShardMax then
     tidy(() => {
       for (const dtype of FLOATS) {
         const cols = 37;
-        const real = 36;
         const rowsOf: ((j: number) => number)[] = [
           (j) => (j === 5 ? Number.NaN : j - 20), // a NaN wins the maximum: NaN statistics
           (j) => (j === 7 ? INF : j - 20), // +inf: the maximum, NaN statistics
@@ -743,14 +743,7 @@ describe('crossEntropyShardMaxStats (one pass) against crossEntropyShardMax then
         ];
         const logits = make([SHARD_ROWS, cols], dtype, (i) => rowsOf[Math.floor(i / cols)](i % cols));
         const target = tensor([40, 41, 42, 43, 44, 45, 46], { shape: [SHARD_ROWS], dtype: 'int64' });
-        const compute: DType = dtype === 'float64' ? 'float64' : 'float32';
-        const [mN, pN, eN, qN] = twoPass(logits, target, compute, real, true);
-        const [mF, pF, eF, qF] = [0, 1, 2, 3].map(() => sentinel([SHARD_ROWS], compute));
-        candidateKernel('crossEntropyShardMaxStats')(mF, pF, eF, qF, logits, target, SHARD_START, real);
-        expect(values(mF), `${dtype} row max`).toEqual(values(mN));
-        expect(values(pF), `${dtype} predicted`).toEqual(values(pN));
-        expectSame(eF, eN, `${dtype} sumExp`);
-        expectSame(qF, qN, `${dtype} shiftedSum`, { rtol: 1e-5, atol: 1e-4 });
+        const eN = compare(logits, target, 36, true, dtype);
         expect(Number.isNaN(values(eN)[0]) && Number.isNaN(values(eN)[1]), 'NaN rows').toBe(true);
       }
     }));

@@ -204,34 +204,18 @@ export function crossEntropyShardStats(
   const op = 'crossEntropyShardStats';
   const c = checkShard(op, logits, target, layout, [['rowMax', rowMax]]);
   const kernel = kernelOf(c.backend, 'crossEntropyShard', op);
-  const k = layout.withShiftedSum ? 3 : 2;
-  const out = alloc(c.backend, [k, c.rows], c.compute);
-  const temps: Tensor[] = [];
-  const use = (t: Tensor): Tensor => {
-    temps.push(t);
-    return t;
-  };
-  try {
-    if (c.rows > 0) {
-      const row = (i: number): Tensor => use(out.viewAs([c.rows], [1], out.offset + i * c.rows, false));
-      kernel(
-        row(0),
-        row(1),
-        k === 3 ? row(2) : null,
-        use(contiguousRaw(logits)),
-        use(contiguousRaw(target)),
-        use(contiguousRaw(rowMax, c.compute)),
-        layout.start,
-        layout.localReal,
-      );
-    }
-  } catch (e) {
-    out.dispose();
-    throw e;
-  } finally {
-    for (const t of temps) t.dispose();
-  }
-  return out;
+  return statRows(c, layout, (rows, use) =>
+    kernel(
+      rows[0],
+      rows[1],
+      rows[2],
+      use(contiguousRaw(logits)),
+      use(contiguousRaw(target)),
+      use(contiguousRaw(rowMax, c.compute)),
+      layout.start,
+      layout.localReal,
+    ),
+  );
 }
 
 /**
@@ -248,9 +232,39 @@ export function crossEntropyShardMaxStats(
   const op = 'crossEntropyShardMaxStats';
   const c = checkShard(op, logits, target, layout, []);
   const kernel = kernelOf(c.backend, 'crossEntropyShardMaxStats', op);
-  const k = layout.withShiftedSum ? 3 : 2;
   const rowMax = alloc(c.backend, [c.rows], c.compute);
-  const stats = alloc(c.backend, [k, c.rows], c.compute);
+  try {
+    const stats = statRows(c, layout, (rows, use) =>
+      kernel(
+        rowMax,
+        rows[0],
+        rows[1],
+        rows[2],
+        use(contiguousRaw(logits)),
+        use(contiguousRaw(target)),
+        layout.start,
+        layout.localReal,
+      ),
+    );
+    return { rowMax, stats };
+  } catch (e) {
+    rowMax.dispose();
+    throw e;
+  }
+}
+
+/**
+ * The stacked statistics [2 or 3, R] of a shard kernel call: `run` gets views of their rows
+ * (shiftedSum's null unless asked for) and `use`, which frees a temporary operand afterwards; the
+ * call is skipped when there are no rows, and the statistics are freed if it throws.
+ */
+function statRows(
+  c: Checked,
+  layout: { withShiftedSum?: boolean },
+  run: (rows: [Tensor, Tensor, Tensor | null], use: (t: Tensor) => Tensor) => void,
+): Tensor {
+  const k = layout.withShiftedSum ? 3 : 2;
+  const out = alloc(c.backend, [k, c.rows], c.compute);
   const temps: Tensor[] = [];
   const use = (t: Tensor): Tensor => {
     temps.push(t);
@@ -258,26 +272,16 @@ export function crossEntropyShardMaxStats(
   };
   try {
     if (c.rows > 0) {
-      const row = (i: number): Tensor => use(stats.viewAs([c.rows], [1], stats.offset + i * c.rows, false));
-      kernel(
-        rowMax,
-        row(0),
-        row(1),
-        k === 3 ? row(2) : null,
-        use(contiguousRaw(logits)),
-        use(contiguousRaw(target)),
-        layout.start,
-        layout.localReal,
-      );
+      const row = (i: number): Tensor => use(out.viewAs([c.rows], [1], out.offset + i * c.rows, false));
+      run([row(0), row(1), k === 3 ? row(2) : null], use);
     }
   } catch (e) {
-    rowMax.dispose();
-    stats.dispose();
+    out.dispose();
     throw e;
   } finally {
     for (const t of temps) t.dispose();
   }
-  return { rowMax, stats };
+  return out;
 }
 
 /** Options of {@link crossEntropyShardGrad}. */

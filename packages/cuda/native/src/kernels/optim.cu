@@ -445,19 +445,11 @@ template <int M> MP_D double norm_block_reduce(double a) {
   return result;
 }
 
-template <typename T, int V, int M>
-__global__ void __launch_bounds__(kNormThreads) norm_kernel(const T* x, int64_t n, double p, double* out, bool accumulate) {
-  const int64_t nv = n / V, stride = grid_threads();
-  double acc = 0;
-  for (int64_t i = global_thread(); i < nv; i += stride) {
-    Pk<T, V> k = ldv<T, V>(x + i * V);
-    for (int j = 0; j < V; j++)
-      acc = norm_combine<M>(acc, norm_term<M>(static_cast<double>(Tr<T>::ld(&k.e[j])), p));
-  }
-  for (int64_t i = nv * V + global_thread(); i < n; i += stride)
-    acc = norm_combine<M>(acc, norm_term<M>(static_cast<double>(Tr<T>::ld(x + i)), p));
+// The end of a norm launch: the block's value (each thread's `acc`) into its partial, and the last
+// block to finish combines the grid's partials in block order into out (added / maxed into it with
+// `accumulate`). Every thread of the block must call it.
+template <int M> MP_D void norm_finish(double acc, double* out, bool accumulate) {
   acc = norm_block_reduce<M>(acc);
-
   __shared__ bool last;
   if (threadIdx.x == 0) {
     g_norm_partials[blockIdx.x] = acc;
@@ -478,6 +470,20 @@ __global__ void __launch_bounds__(kNormThreads) norm_kernel(const T* x, int64_t 
       g_norm_done = 0;  // ready for the next launch on this device
     }
   }
+}
+
+template <typename T, int V, int M>
+__global__ void __launch_bounds__(kNormThreads) norm_kernel(const T* x, int64_t n, double p, double* out, bool accumulate) {
+  const int64_t nv = n / V, stride = grid_threads();
+  double acc = 0;
+  for (int64_t i = global_thread(); i < nv; i += stride) {
+    Pk<T, V> k = ldv<T, V>(x + i * V);
+    for (int j = 0; j < V; j++)
+      acc = norm_combine<M>(acc, norm_term<M>(static_cast<double>(Tr<T>::ld(&k.e[j])), p));
+  }
+  for (int64_t i = nv * V + global_thread(); i < n; i += stride)
+    acc = norm_combine<M>(acc, norm_term<M>(static_cast<double>(Tr<T>::ld(x + i)), p));
+  norm_finish<M>(acc, out, accumulate);
 }
 
 template <typename T, int M>
@@ -531,28 +537,7 @@ __global__ void __launch_bounds__(kNormThreads) norm_multi_kernel(NormList<T> L,
     for (int64_t i = tail + threadIdx.x; i < end; i += blockDim.x)
       acc = norm_combine<M>(acc, norm_term<M>(static_cast<double>(Tr<T>::ld(x + i)), p));
   }
-  acc = norm_block_reduce<M>(acc);
-
-  __shared__ bool last;
-  if (threadIdx.x == 0) {
-    g_norm_partials[blockIdx.x] = acc;
-    __threadfence();
-    const unsigned ticket = atomicAdd(&g_norm_done, 1u);
-    last = ticket == gridDim.x - 1;
-  }
-  __syncthreads();
-  if (last) {  // block-uniform
-    __threadfence();
-    const volatile double* parts = g_norm_partials;
-    double b = 0;
-    for (int i = static_cast<int>(threadIdx.x); i < static_cast<int>(gridDim.x); i += static_cast<int>(blockDim.x))
-      b = norm_combine<M>(b, parts[i]);
-    b = norm_block_reduce<M>(b);
-    if (threadIdx.x == 0) {
-      *out = accumulate ? norm_combine<M>(*out, b) : b;
-      g_norm_done = 0;
-    }
-  }
+  norm_finish<M>(acc, out, accumulate);
 }
 
 template <typename T, int M>
