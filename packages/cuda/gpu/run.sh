@@ -275,7 +275,7 @@ NCU=$(command -v ncu 2>/dev/null || ls -1 /usr/local/cuda*/bin/ncu /opt/nvidia/n
 export NCU TSX DEVICE
 # the default kernels and the two variants the bench compares (uncapped registers, capped dQ
 # registers); the stall reasons of WarpStateStats need --print-details (older ncu: without it).
-# Then the memory-bound kernels of the step (norms, RoPE, SwiGLU, a residual-sized add: how near
+# Then the memory-bound kernels of the step (norms, RoPE, SwiGLU, a residual-sized add, the loss: how near
 # the DRAM bandwidth each runs), from gpu/stream-ncu.mts.
 ncu_run() {
   local variant details=(--print-details all)
@@ -286,8 +286,8 @@ ncu_run() {
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section ComputeWorkloadAnalysis "$TSX" packages/cuda/gpu/attn-ncu.mts "$DEVICE"
   done
-  echo "=== ncu: the step's memory-bound kernels (norm, RoPE, SwiGLU, add) at the 1B shapes"
-  "$NCU" --target-processes all --kernel-name 'regex:norm_|rope_|glu_|binary_pack' \
+  echo "=== ncu: the step's memory-bound kernels (norm, RoPE, SwiGLU, add, cross-entropy) at the 1B shapes"
+  "$NCU" --target-processes all --kernel-name 'regex:norm_|rope_|glu_|binary_pack|ce_shard' \
     --section SpeedOfLight --section Occupancy --section LaunchStats \
     "$TSX" packages/cuda/gpu/stream-ncu.mts "$DEVICE"
 }

@@ -3,7 +3,8 @@
 // norm, RoPE, gated-activation and binary kernels, to read how close each comes to the DRAM
 // bandwidth. One pass: RMSNorm forward and backward (the weight gradient fused, the input
 // gradient added into a waiting one), RoPE forward and inverse on q as the QKV projection lays it
-// out, SwiGLU forward and backward, one residual-sized add. Prints one line.
+// out, SwiGLU forward and backward, one residual-sized add, the cross-entropy statistics (one pass)
+// and gradient of [s b, 32000] logits. Prints one line.
 // usage (repository root; needs packages/tensor/dist): tsx packages/cuda/gpu/stream-ncu.mts [cuda:0 | cudaemu:0] [tiny]
 import { resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -45,7 +46,19 @@ qr.backward(rnd([b, heads, s, d]));
 const gu = rnd([s, b, 2 * f], true);
 T.gatedActivation(gu, 'swiglu').backward(rnd([s, b, f]));
 const sum = rnd([s, b, h]).add(rnd([s, b, h]));
-const check = x.grad!.float().square().sum().item() + sum.float().sum().item();
+// the loss of one rank holding the whole vocabulary: statistics in one pass, then the gradient
+const vocab = tiny ? 1000 : 32000;
+const logits = rnd([s * b, vocab]);
+const labels = T.randint(0, vocab, [s * b], { device, dtype: 'int64' });
+const layout = { start: 0, localReal: vocab };
+const { rowMax, stats } = T.crossEntropyShardMaxStats(logits, labels, layout);
+const lse = stats.select(0, 1).log();
+const dLogits = T.crossEntropyShardGrad(logits, labels, rowMax, lse, T.onesLike(lse), {
+  ...layout,
+  vocabSize: vocab,
+});
+const check =
+  x.grad!.float().square().sum().item() + sum.float().sum().item() + dLogits.float().abs().sum().item();
 console.log(
   `stream-ncu ${device}: s${s} b${b} h${h} ffn${f}: ${check.toPrecision(6)} in ${(performance.now() - t0).toFixed(1)} ms`,
 );
