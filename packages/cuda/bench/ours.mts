@@ -410,12 +410,24 @@ if (want('stream')) {
     },
     { name: 'rope q forward', bytes: 2 * q.numel * bytes, fn: () => rope(qOut, q, c4, s4, false) },
     { name: 'rope q inverse', bytes: 2 * q.numel * bytes, fn: () => rope(q, qOut, c4, s4, true) },
-    { name: 'swiglu forward', bytes: 3 * rows * f * bytes, fn: () => glu(act, gu, 'swiglu') },
+    {
+      name: 'swiglu forward',
+      bytes: 3 * rows * f * bytes,
+      fn: () => glu(act, gu, 'swiglu'),
+      variants: [
+        ['MEGAPATCH_GLU_UNROLL', '2'],
+        ['MEGAPATCH_GLU_UNROLL', '4'],
+      ],
+    },
     {
       name: 'swiglu backward',
       bytes: 5 * rows * f * bytes,
       fn: () => gluBack(dgu, act, gu, 'swiglu'),
-      variants: [['MEGAPATCH_GLU_BWD_OCC', '1']],
+      variants: [
+        ['MEGAPATCH_GLU_BWD_OCC', '1'],
+        ['MEGAPATCH_GLU_UNROLL', '2'],
+        ['MEGAPATCH_GLU_UNROLL', '4'],
+      ],
     },
     {
       // the loss of one rank holding the whole vocabulary: one pass for the maximum and the sums

@@ -83,8 +83,9 @@ constexpr int64_t kMaxGridX = 1 << 16;
 constexpr int64_t kMaxGridY = 65535;
 #endif
 
-// out [rows, f] = act(gate) * up; nv = f / V vectors per half row
-template <typename T, int ACT, int V>
+// out [rows, f] = act(gate) * up; nv = f / V vectors per half row. U: vectors a thread loads
+// before its first store (columns c, c + col_step, ...; MEGAPATCH_GLU_UNROLL, a variant the bench times).
+template <typename T, int ACT, int V, int U = 1>
 __global__ void __launch_bounds__(kBlock) glu_fwd_kernel(T* __restrict__ out, const T* __restrict__ x, int64_t rows,
                                                           int64_t f) {
   using W = Vec<T, V>;
@@ -96,20 +97,31 @@ __global__ void __launch_bounds__(kBlock) glu_fwd_kernel(T* __restrict__ out, co
     const W* gate = reinterpret_cast<const W*>(x + r * 2 * f);
     const W* up = gate + nv;
     W* o = reinterpret_cast<W*>(out + r * f);
-    for (int64_t c = col0; c < nv; c += col_step) {
-      const W a = gate[c];
-      const W b = up[c];
-      W y;
+    for (int64_t c = col0; c < nv; c += col_step * U) {
+      W a[U], b[U];
       MPGLU_UNROLL
-      for (int k = 0; k < V; k++) Tr<T>::st(&y.v[k], act_value<ACT>(Tr<T>::ld(&a.v[k])) * Tr<T>::ld(&b.v[k]));
-      o[c] = y;
+      for (int u = 0; u < U; u++) {
+        if (c + u * col_step < nv) {
+          a[u] = gate[c + u * col_step];
+          b[u] = up[c + u * col_step];
+        }
+      }
+      MPGLU_UNROLL
+      for (int u = 0; u < U; u++) {
+        if (c + u * col_step >= nv) break;
+        W y;
+        MPGLU_UNROLL
+        for (int k = 0; k < V; k++)
+          Tr<T>::st(&y.v[k], act_value<ACT>(Tr<T>::ld(&a[u].v[k])) * Tr<T>::ld(&b[u].v[k]));
+        o[c + u * col_step] = y;
+      }
     }
   }
 }
 
 // dx [rows, 2f] = [(g * up) * act'(gate), g * act(gate)]. MINB: blocks an SM asked of ptxas (0:
 // none; bf16 / 16-byte vectors then take 74 registers, 3 blocks an SM; 4 caps them at 64).
-template <typename T, int ACT, int V, int MINB = 0>
+template <typename T, int ACT, int V, int MINB = 0, int U = 1>
 __global__ void __launch_bounds__(kBlock, MINB) glu_bwd_kernel(T* __restrict__ dx, const T* __restrict__ g,
                                                           const T* __restrict__ x, int64_t rows, int64_t f) {
   using C = typename Tr<T>::C;
@@ -124,21 +136,31 @@ __global__ void __launch_bounds__(kBlock, MINB) glu_bwd_kernel(T* __restrict__ d
     const W* gr = reinterpret_cast<const W*>(g + r * f);
     W* dgate = reinterpret_cast<W*>(dx + r * 2 * f);
     W* dup = dgate + nv;
-    for (int64_t c = col0; c < nv; c += col_step) {
-      const W a = gate[c];
-      const W b = up[c];
-      const W gv = gr[c];
-      W da, db;
+    for (int64_t c = col0; c < nv; c += col_step * U) {
+      W a[U], b[U], gv[U];
       MPGLU_UNROLL
-      for (int k = 0; k < V; k++) {
-        const C gk = Tr<T>::ld(&gv.v[k]);
-        C value, grad;
-        act_both<ACT>(Tr<T>::ld(&a.v[k]), value, grad);
-        Tr<T>::st(&da.v[k], (gk * Tr<T>::ld(&b.v[k])) * grad);
-        Tr<T>::st(&db.v[k], gk * value);
+      for (int u = 0; u < U; u++) {
+        if (c + u * col_step < nv) {
+          a[u] = gate[c + u * col_step];
+          b[u] = up[c + u * col_step];
+          gv[u] = gr[c + u * col_step];
+        }
       }
-      dgate[c] = da;
-      dup[c] = db;
+      MPGLU_UNROLL
+      for (int u = 0; u < U; u++) {
+        if (c + u * col_step >= nv) break;
+        W da, db;
+        MPGLU_UNROLL
+        for (int k = 0; k < V; k++) {
+          const C gk = Tr<T>::ld(&gv[u].v[k]);
+          C value, grad;
+          act_both<ACT>(Tr<T>::ld(&a[u].v[k]), value, grad);
+          Tr<T>::st(&da.v[k], (gk * Tr<T>::ld(&b[u].v[k])) * grad);
+          Tr<T>::st(&db.v[k], gk * value);
+        }
+        dgate[c + u * col_step] = da;
+        dup[c + u * col_step] = db;
+      }
     }
   }
 }
@@ -151,31 +173,44 @@ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 
 struct Plan {
   dim3 block, grid;
 };
-inline Plan plan(int64_t rows, int64_t nv) {
+inline Plan plan(int64_t rows, int64_t nv, int U) {
   int tx = 32;
   while (tx < nv && tx < kBlock) tx *= 2;
   const int ty = kBlock / tx;
   Plan p;
   p.block = dim3(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
-  p.grid = dim3(static_cast<unsigned>(mx(mn(ceil_div(nv, tx), kMaxGridX), static_cast<int64_t>(1))),
+  p.grid = dim3(static_cast<unsigned>(mx(mn(ceil_div(nv, int64_t(tx) * U), kMaxGridX), static_cast<int64_t>(1))),
                 static_cast<unsigned>(mx(mn(ceil_div(rows, ty), kMaxGridY), static_cast<int64_t>(1))));
   return p;
 }
 
+// MEGAPATCH_GLU_UNROLL=2 or 4: vectors a thread loads before its first store (1 by default; a
+// variant the bench times)
+inline int glu_unroll() {
+  const char* e = std::getenv("MEGAPATCH_GLU_UNROLL");
+  return e && e[0] == '4' ? 4 : e && e[0] == '2' ? 2 : 1;
+}
+
 template <typename T, int ACT, int V>
 void fwd_launch(cudaStream_t s, T* out, const T* x, int64_t rows, int64_t f) {
-  const Plan p = plan(rows, f / V);
-  auto k = glu_fwd_kernel<T, ACT, V>;
+  const int U = glu_unroll();
+  const Plan p = plan(rows, f / V, U);
+  auto k = U == 4 ? glu_fwd_kernel<T, ACT, V, 4> : U == 2 ? glu_fwd_kernel<T, ACT, V, 2> : glu_fwd_kernel<T, ACT, V, 1>;
   MP_LAUNCH(k, p.grid, p.block, 0, s, out, x, rows, f);
   check_launch("gated_activation_forward");
 }
 
 template <typename T, int ACT, int V>
 void bwd_launch(cudaStream_t s, T* dx, const T* g, const T* x, int64_t rows, int64_t f) {
-  const Plan p = plan(rows, f / V);
-  // MEGAPATCH_GLU_BWD_OCC=1: registers capped for 4 blocks an SM (a variant the bench times)
+  const int U = glu_unroll();
+  const Plan p = plan(rows, f / V, U);
+  // MEGAPATCH_GLU_BWD_OCC=1: registers capped for 4 blocks an SM (a variant the bench times; with
+  // one vector a thread only: with more, 64 registers spill)
   const char* occ = std::getenv("MEGAPATCH_GLU_BWD_OCC");
-  auto k = occ && occ[0] == '1' ? glu_bwd_kernel<T, ACT, V, 4> : glu_bwd_kernel<T, ACT, V, 0>;
+  const bool cap = occ && occ[0] == '1';
+  auto k = U == 4   ? glu_bwd_kernel<T, ACT, V, 0, 4>
+           : U == 2 ? glu_bwd_kernel<T, ACT, V, 0, 2>
+                    : (cap ? glu_bwd_kernel<T, ACT, V, 4, 1> : glu_bwd_kernel<T, ACT, V, 0, 1>);
   MP_LAUNCH(k, p.grid, p.block, 0, s, dx, g, x, rows, f);
   check_launch("gated_activation_backward");
 }
