@@ -6,8 +6,16 @@ import './backend/fallbacks.js';
 export { checkpoint } from './autograd/checkpoint.js';
 export { addedToMainGrad, type BackwardOptions, backward } from './autograd/engine.js';
 export { type GradcheckOptions, gradcheck } from './autograd/gradcheck.js';
-export { enableGrad, type GradHook, isGradEnabled, noGrad, setGradEnabled } from './autograd/graph.js';
-export { attachGrad, needsGrad } from './autograd/record.js';
+export {
+  type BackwardFn,
+  enableGrad,
+  type GradDestination,
+  type GradHook,
+  isGradEnabled,
+  noGrad,
+  setGradEnabled,
+} from './autograd/graph.js';
+export { type AttachOptions, attachGrad, needsGrad } from './autograd/record.js';
 export {
   type Backend,
   type BackendType,
