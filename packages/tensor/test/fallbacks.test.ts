@@ -48,6 +48,7 @@ import {
   zeros,
 } from '../src/index.js';
 import { combinePowerSums } from '../src/optim/kernels.js';
+import { mulberry32 } from './fixtures.js';
 
 const NINF = Number.NEGATIVE_INFINITY;
 const INF = Number.POSITIVE_INFINITY;
@@ -197,14 +198,7 @@ function itWith(...names: KernelName[]) {
 
 /** A small seeded generator (mulberry32) with normal samples, so that inputs do not depend on Philox. */
 function rng(seed: number) {
-  let s = seed >>> 0;
-  const uniform = (): number => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
+  const uniform = mulberry32(seed);
   const normal = (): number => {
     const u = Math.max(uniform(), 1e-12);
     return Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * uniform());

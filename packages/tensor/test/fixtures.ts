@@ -126,16 +126,21 @@ export function expectTensorError(fn: () => unknown, code: TensorErrorCode, mess
   expect.fail(`expected a TensorError ${code}`);
 }
 
-/** A small seeded generator (mulberry32) of normal samples, the same on every backend. */
-export function seededNormals(seed: number) {
+/** A small seeded uniform generator in [0, 1) (mulberry32): inputs that do not depend on Philox. */
+export function mulberry32(seed: number): () => number {
   let s = seed >>> 0;
-  const uniform = (): number => {
+  return () => {
     s = (s + 0x6d2b79f5) >>> 0;
     let t = s;
     t = Math.imul(t ^ (t >>> 15), t | 1);
     t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
+}
+
+/** A small seeded generator (mulberry32) of normal samples, the same on every backend. */
+export function seededNormals(seed: number) {
+  const uniform = mulberry32(seed);
   return (shape: number[], dtype: DType, scale = 1): Tensor => {
     const n = shape.reduce((a, b) => a * b, 1);
     const v = Array.from(

@@ -239,6 +239,17 @@ MPN_UNROLL
   }
 }
 
+// Column c's sums over the first Y rows of two shared [rows][ld] partial arrays, in row order (the
+// fixed order of the weight-gradient reductions).
+template <typename C> MP_D void column_sums(const C* a, const C* b, int ld, int Y, int c, C& sa, C& sb) {
+  sa = 0;
+  sb = 0;
+  for (int i = 0; i < Y; i++) {
+    sa += a[i * ld + c];
+    sb += b[i * ld + c];
+  }
+}
+
 // ---- norm backward: dx -------------------------------------------------------------------------
 
 // the fused weight-gradient variant's most threads a block (its registers: up to 255 a thread)
@@ -444,11 +455,8 @@ MPN_UNROLL4
     pb[ty][tx] = ab;
     __syncthreads();
     if (ty == 0 && j < n) {
-      C sw = 0, sb = 0;
-      for (int i = 0; i < Y; i++) {
-        sw += pw[i][tx];
-        sb += pb[i][tx];
-      }
+      C sw, sb;
+      column_sums(&pw[0][0], &pb[0][0], kParamCols + 1, Y, tx, sw, sb);
       pw_out[chunk * n + j] = sw;
       pb_out[chunk * n + j] = sb;
     }
@@ -503,11 +511,8 @@ MPN_UNROLL
     for (int col = ty * kParamCols + tx; col < W; col += Y * kParamCols) {
       const int64_t j = c0 * V + col;
       if (j < n) {
-        C sw = 0, sb = 0;
-        for (int i = 0; i < Y; i++) {
-          sw += pw[i][col];
-          sb += pb[i][col];
-        }
+        C sw, sb;
+        column_sums(&pw[0][0], &pb[0][0], W + 1, Y, col, sw, sb);
         pw_out[chunk * n + j] = sw;
         pb_out[chunk * n + j] = sb;
       }
@@ -565,11 +570,8 @@ MPN_UNROLL4
     sb[ty][tx] = ab;
     __syncthreads();
     if (ty == 0 && j < n) {
-      C s_w = 0, s_b = 0;
-      for (int i = 0; i < Y; i++) {
-        s_w += sw[i][tx];
-        s_b += sb[i][tx];
-      }
+      C s_w, s_b;
+      column_sums(&sw[0][0], &sb[0][0], kParamCols + 1, Y, tx, s_w, s_b);
       if (dw) put_param<T>(dw, j, s_w, acc32);
       if (db) put_param<T>(db, j, s_b, acc32);
     }
