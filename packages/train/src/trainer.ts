@@ -478,6 +478,13 @@ function microTensors(b: CollatedBatch, cp: ProcessGroup) {
   };
 }
 
+/** Frees the device tensors of a step's micro-batches. */
+function disposeMicro(micro: readonly ReturnType<typeof microTensors>[]): void {
+  for (const mb of micro) {
+    for (const t of [mb.tokens, mb.labels, mb.positionIds, mb.lossMask, mb.cuSeqlens]) t?.dispose();
+  }
+}
+
 /**
  * A running float64 sum of scalar tensors kept on their device, read once: adding queues a cast
  * and an add instead of waiting for the device (each term is its float32 value exactly, summed in
@@ -892,9 +899,7 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
         const micro = step.value.map((b) => microTensors(b, layout.cp));
         const sums = newSums();
         await runPipeline(micro, sums, { forwardOnly: true, microTokens: [], globalTokens: 0, lossScale: 1 });
-        for (const mb of micro) {
-          for (const t of [mb.tokens, mb.labels, mb.positionIds, mb.lossMask, mb.cuSeqlens]) t?.dispose();
-        }
+        disposeMicro(micro);
         const [s, c] = allReduceNumbers(
           allReduceNumbers([sums.loss.read(), sums.tokens], layout.pp),
           layout.dp,
@@ -1032,9 +1037,7 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
           }),
         );
       }
-      for (const mb of micro) {
-        for (const t of [mb.tokens, mb.labels, mb.positionIds, mb.lossMask, mb.cuSeqlens]) t?.dispose();
-      }
+      disposeMicro(micro);
       const o0 = performance.now();
       const r = optimizer.step();
       timers.optimizerMs = performance.now() - o0;
@@ -1187,9 +1190,7 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
     }
   } finally {
     // a batch read ahead for a step that did not run (a stop, an error)
-    for (const mb of prefetched?.micro ?? []) {
-      for (const t of [mb.tokens, mb.labels, mb.positionIds, mb.lossMask, mb.cuSeqlens]) t?.dispose();
-    }
+    disposeMicro(prefetched?.micro ?? []);
     if (metricsFd !== null) fs.closeSync(metricsFd);
     metricsClosed = true;
     ddp.dispose();
