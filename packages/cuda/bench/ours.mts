@@ -291,21 +291,24 @@ if (want('attn')) {
         if (!finite) throw new Error('attention output or gradients not finite (or all zero)');
       }
       const fb = timeIt(step, { warm: 1, maxSamples: 20 });
-      /** Forward and forward+backward timed with one environment switch set, then restored. */
-      const withSwitch = (name: string, value: string) => {
-        const prev = process.env[name];
+      /** Forward and forward+backward timed with environment switches set, then restored. */
+      const withSwitches = (pairs: [string, string][]) => {
+        const prev = pairs.map(([name]) => process.env[name]);
         try {
-          process.env[name] = value;
+          for (const [name, value] of pairs) process.env[name] = value;
           const f = timeIt(() => T.scaledDotProductAttention(q, k, v, opts).dispose(), {
             warm: 1,
             maxSamples: 10,
           });
           return { fwd: f, fb: timeIt(step, { warm: 1, maxSamples: 10 }) };
         } finally {
-          if (prev === undefined) delete process.env[name];
-          else process.env[name] = prev;
+          pairs.forEach(([name], i) => {
+            if (prev[i] === undefined) delete process.env[name];
+            else process.env[name] = prev[i];
+          });
         }
       };
+      const withSwitch = (name: string, value: string) => withSwitches([[name, value]]);
       // variants to choose defaults from (the runs of 2026-12-04 settled MEGAPATCH_ATTENTION_PIPELINE=0,
       // MEGAPATCH_ATTENTION_FWD_ROWS=128 and, in run d, dK/dV tiles of 32 queries: all slower):
       // FlashAttention-2's single backward pass (dQ by atomics) against the dk/dv + dq pair; dq on
@@ -317,6 +320,18 @@ if (want('attn')) {
       const small = D + Dv <= 128;
       const uncapped = small ? withSwitch('MEGAPATCH_ATTENTION_OCC', '0') : null;
       const dqCapped = small ? withSwitch('MEGAPATCH_ATTENTION_DQ_OCC', '1') : null;
+      // the forward's products on wgmma (sm_90a), 128 and 64 keys a tile, with and without the
+      // overlap of the next tile's scores with P V (the mma.sync kernels elsewhere)
+      const wgmma = withSwitch('MEGAPATCH_ATTENTION_WGMMA', '1');
+      const wgmma64 = withSwitch('MEGAPATCH_ATTENTION_WGMMA', '64');
+      const wgmmaSerial = withSwitches([
+        ['MEGAPATCH_ATTENTION_WGMMA', '1'],
+        ['MEGAPATCH_ATTENTION_WGMMA_OVERLAP', '0'],
+      ]);
+      const wgmma64Serial = withSwitches([
+        ['MEGAPATCH_ATTENTION_WGMMA', '64'],
+        ['MEGAPATCH_ATTENTION_WGMMA_OVERLAP', '0'],
+      ]);
       emit({
         kind: 'attn',
         case: c.case,
@@ -336,6 +351,10 @@ if (want('attn')) {
         oneStreamMs: { fwd: r4(oneStream.fwd.ms), fwdBwd: r4(oneStream.fb.ms) },
         ...(uncapped ? { uncappedMs: { fwd: r4(uncapped.fwd.ms), fwdBwd: r4(uncapped.fb.ms) } } : {}),
         ...(dqCapped ? { dqCappedMs: { fwd: r4(dqCapped.fwd.ms), fwdBwd: r4(dqCapped.fb.ms) } } : {}),
+        wgmmaMs: { fwd: r4(wgmma.fwd.ms), fwdBwd: r4(wgmma.fb.ms) },
+        wgmma64Ms: { fwd: r4(wgmma64.fwd.ms), fwdBwd: r4(wgmma64.fb.ms) },
+        wgmmaSerialMs: { fwd: r4(wgmmaSerial.fwd.ms), fwdBwd: r4(wgmmaSerial.fb.ms) },
+        wgmma64SerialMs: { fwd: r4(wgmma64Serial.fwd.ms), fwdBwd: r4(wgmma64Serial.fb.ms) },
         samples: [fwd.samples, fb.samples],
         spreadMs: [r4(fb.minMs), r4(fb.maxMs)],
       });

@@ -184,6 +184,23 @@ for (const c of cases.attn) {
       '(info: uncapped / capped, fwd and fwd+bwd)',
     );
   }
+  for (const [key, label] of [
+    ['wgmmaMs', 'wgmma forward'],
+    ['wgmma64Ms', 'wgmma forward, 64-key tiles'],
+    ['wgmmaSerialMs', 'wgmma forward, no overlap'],
+    ['wgmma64SerialMs', 'wgmma forward, 64-key tiles, no overlap'],
+  ]) {
+    // MEGAPATCH_ATTENTION_WGMMA=1 / 64 (and MEGAPATCH_ATTENTION_WGMMA_OVERLAP=0): the forward's
+    // tile products on Hopper's wgmma
+    if (!o?.[key]) continue;
+    row(
+      `attn ${c.case} fwd / fwd+bwd ms, ${label}`,
+      `${num(o[key].fwd, 4)} / ${num(o[key].fwdBwd, 4)}`,
+      '',
+      `${num(o[key].fwd / o.fwdMs)} / ${num(o[key].fwdBwd / o.fwdBwdMs)}`,
+      '(info: wgmma / mma.sync, fwd and fwd+bwd)',
+    );
+  }
   if (o?.dqCappedMs) {
     // MEGAPATCH_ATTENTION_DQ_OCC=1: the dQ kernel at 128 registers (4 blocks an SM) too
     row(

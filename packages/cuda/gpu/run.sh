@@ -6,7 +6,10 @@
 # NCCL); build the addons of packages/tensor and packages/cuda (cmake-js, node-api-headers, no
 # download) and packages/tensor/dist (esbuild); cudaInfo() and gemmEngine(); gpu/gemm-check.mts;
 # the tensor op tests (vitest.conformance.config.ts) and the kernel comparison
-# (vitest.kernels.config.ts) on the device; then packages/cuda/bench/gpu-bench.sh when it exists;
+# (vitest.kernels.config.ts) on the device; the tensor-core primitives' self-test built by nvcc
+# for sm_90a, and the tensor-core attention kernels and their variants (wgmma among them) against
+# the CUDA-core ones and the CPU; then
+# packages/cuda/bench/gpu-bench.sh when it exists;
 # last, Nsight Compute (ncu, when the machine has it) on one attention forward and backward
 # (gpu/attn-ncu.mts, both backward modes), appended to kernels.log.
 # A failing step is reported and the next one runs; each has a timeout, and all end within
@@ -245,6 +248,32 @@ else
   record kernels SKIP 0 "no packages/cuda/vitest.kernels.config.ts"
 fi
 
+# --- tensor cores: the primitives' self-test built by nvcc for sm_90a (mma.sync, ldmatrix and
+# wgmma layouts against the tensor cores themselves), then the tensor-core attention kernels
+# (test/mma.test.ts on the device: every variant, the wgmma forward among them, against the
+# CUDA-core kernels and the CPU) ----------------------------------------------------------------
+mma_selftest() {
+  local exe
+  exe=$(mktemp) && nvcc -std=c++17 -arch=sm_90a -O2 --expt-relaxed-constexpr -I packages/cuda/native/src/kernels \
+    packages/cuda/native/emu/test/mma_selftest.cu -o "$exe" && "$exe"
+  local rc=$?
+  rm -f "$exe"
+  return $rc
+}
+export -f mma_selftest
+if [[ $DEVICE == cuda:* ]]; then
+  step mma-selftest kernels.log 90 mma_selftest
+  report mma-selftest "$(last kernels.log '^(ok [0-9]+ checks|FAILED)')"
+else
+  record mma-selftest SKIP 0 "not a cuda device (the emulator's self-test runs in mma.test.ts)"
+fi
+attn_check() {
+  cd packages/cuda && node ../../node_modules/vitest/vitest.mjs run test/mma.test.ts -t 'tensor-core attention'
+}
+export -f attn_check
+step attn-check kernels.log 90 attn_check
+report attn-check "$(vitest_note kernels.log)"
+
 # --- NCCL: a communicator of one rank (one GPU), libnccl from PyTorch's nvidia-nccl wheel ------
 NCCL_LIB_DIR=$(python3 -c 'import nvidia.nccl as n; print(list(n.__path__)[0] + "/lib")' 2>/dev/null || true)
 export NCCL_LIB_DIR
@@ -273,14 +302,14 @@ fi
 # --- Nsight Compute on the attention kernels, when ncu is on the machine (into kernels.log) ----
 NCU=$(command -v ncu 2>/dev/null || ls -1 /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)
 export NCU TSX DEVICE
-# the default kernels and the two variants the bench compares (uncapped registers, capped dQ
-# registers); the stall reasons of WarpStateStats need --print-details (older ncu: without it).
+# the default kernels and two variants the bench compares (the forward on wgmma, capped dQ
+# registers; uncapped registers were profiled in run d); the stall reasons of WarpStateStats need --print-details (older ncu: without it).
 # Then the memory-bound kernels of the step (norms, RoPE, SwiGLU, a residual-sized add, the loss: how near
 # the DRAM bandwidth each runs), from gpu/stream-ncu.mts.
 ncu_run() {
   local variant details=(--print-details all)
   "$NCU" --help 2>/dev/null | grep -q -- '--print-details' || details=()
-  for variant in MEGAPATCH_NCU_PASS=default MEGAPATCH_ATTENTION_OCC=0 MEGAPATCH_ATTENTION_DQ_OCC=1; do
+  for variant in MEGAPATCH_NCU_PASS=default MEGAPATCH_ATTENTION_WGMMA=1 MEGAPATCH_ATTENTION_DQ_OCC=1; do
     echo "=== ncu: attention at the model-layer shape, $variant"
     env "$variant" "$NCU" --target-processes all --kernel-name regex:attn_ "${details[@]}" \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \

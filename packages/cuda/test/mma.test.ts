@@ -8,7 +8,8 @@
 // (192, 128); forward and backward) on the emulator against the CUDA-core kernels
 // (MEGAPATCH_ATTENTION_MMA=0) and the CPU backend, with and without the cp.async prefetch of the
 // next tile (MEGAPATCH_ATTENTION_PIPELINE=0), with 64- and 128-row forward tiles
-// (MEGAPATCH_ATTENTION_FWD_ROWS=128), and with the fused single-pass backward
+// (MEGAPATCH_ATTENTION_FWD_ROWS=128), with the forward's products on wgmma
+// (MEGAPATCH_ATTENTION_WGMMA=64 and =1), and with the fused single-pass backward
 // (MEGAPATCH_ATTENTION_BWD=fused).
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -24,7 +25,7 @@ import {
   tidy,
 } from '@megapatch/tensor';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { loadEmulatorAddon } from '../src/native.js';
+import { loadAddon, loadEmulatorAddon } from '../src/native.js';
 
 const pkg = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
 const hasGxx = spawnSync('g++', ['--version'], { encoding: 'utf8' }).status === 0;
@@ -60,23 +61,33 @@ function buildAndRun(name: string, defines: string[]): void {
   expect(run.status, out).toBe(0);
 }
 
-describe('warp matrix primitives (mma.cuh)', () => {
-  it.skipIf(!hasGxx)(
-    `pass their self-test under the emulator${skipped}`,
-    () => buildAndRun('mma', []),
-    240_000,
-  );
-  it.skipIf(!hasGxx)(
-    `pass their self-test with the shuffle variant${skipped}`,
-    () => buildAndRun('mma-shfl', ['-DMPC_MMA_SHFL=1']),
-    240_000,
-  );
-});
+// (on a GPU run, gpu/run.sh builds the self-test with nvcc instead: its mma-selftest step)
+describe.skipIf(process.env.MEGAPATCH_TEST_DEVICE?.startsWith('cuda:') ?? false)(
+  'warp matrix primitives (mma.cuh)',
+  () => {
+    it.skipIf(!hasGxx)(
+      `pass their self-test under the emulator${skipped}`,
+      () => buildAndRun('mma', []),
+      240_000,
+    );
+    it.skipIf(!hasGxx)(
+      `pass their self-test with the shuffle variant${skipped}`,
+      () => buildAndRun('mma-shfl', ['-DMPC_MMA_SHFL=1']),
+      240_000,
+    );
+  },
+);
 
-// ---- the tensor-core attention kernels on the emulator ----------------------------------------
-const built = loadEmulatorAddon();
+// ---- the tensor-core attention kernels on the emulator (or a GPU) -----------------------------
+// MEGAPATCH_TEST_DEVICE=cuda:0 runs them on a GPU (gpu/run.sh's attn-gpu step): the same
+// comparisons, where the emulator's exact ones hold on the tensor cores too (the same instructions
+// in the same order); wgmma against mma.sync is within the tolerances there (other instructions).
+const DEV = process.env.MEGAPATCH_TEST_DEVICE?.startsWith('cuda:')
+  ? process.env.MEGAPATCH_TEST_DEVICE
+  : 'cudaemu:0';
+const onGpu = DEV.startsWith('cuda:');
+const built = onGpu ? loadAddon() : loadEmulatorAddon();
 const noAddon = 'error' in built ? built.error : '';
-const DEV = 'cudaemu:0';
 
 interface MmaCase {
   name: string;
@@ -224,6 +235,8 @@ const MMA_CASES: MmaCase[] = [
   },
 ];
 
+const tick = () => new Promise<void>((resolve) => setImmediate(resolve));
+
 /** fn() with the environment variable `name` set to `value` (the native side reads it per call). */
 function withEnv<T>(name: string, value: string, fn: () => T): T {
   const prev = process.env[name];
@@ -240,15 +253,15 @@ const numbers = (t: Tensor): number[] =>
   Array.from(t.to('cpu').to('float32').toTypedArray() as ArrayLike<number>);
 
 describe.skipIf(noAddon !== '')(
-  `tensor-core attention on the emulator${noAddon ? ` (skipped: ${noAddon})` : ''}`,
+  `tensor-core attention on ${onGpu ? DEV : 'the emulator'}${noAddon ? ` (skipped: ${noAddon})` : ''}`,
   () => {
     beforeAll(async () => {
-      await import('../src/emulator.js');
+      await import(onGpu ? '../src/index.js' : '../src/emulator.js');
     });
     for (const c of MMA_CASES) {
-      it(`${c.name}, ${c.dtype}: forward and backward match the CUDA-core kernels and the CPU`, () =>
-        tidy(() => {
-          const gen = new Generator(c.Sq * 7 + c.Sk + c.D);
+      it(`${c.name}, ${c.dtype}: forward and backward match the CUDA-core kernels and the CPU`, async () => {
+        const gen = new Generator(c.Sq * 7 + c.Sk + c.D);
+        const { q, k, v, mask, cu, gout } = tidy(() => {
           const q = randn([c.B, c.Hq, c.Sq, c.D], { generator: gen }).to(c.dtype);
           const k = c.kTransposed
             ? randn([c.B, c.Sk, c.Hkv, c.D], { generator: gen }).to(c.dtype).transpose(1, 2)
@@ -266,22 +279,30 @@ describe.skipIf(noAddon !== '')(
           }
           const cu = c.cu ? tensor(c.cu, { dtype: 'int64' }) : null;
           const gout = randn([c.B, c.Hq, c.Sq, c.Dv], { generator: gen }).to(c.dtype);
-          // out, then dq, dk, dv of sum(out * gout)
-          const run = (dev: string) => {
-            const [ql, kl, vl] = [q, k, v].map((t) => t.to(dev).detach().requiresGrad_(true));
-            const out = sdpa(ql, kl, vl, {
-              isCausal: c.causal ?? false,
-              attnMask: mask ? mask.to(dev) : null,
-              cuSeqlens: cu ? cu.to(dev) : null,
+          return { q, k, v, mask, cu, gout };
+        });
+        try {
+          // out, then dq, dk, dv of sum(out * gout); the runs yield to the event loop between them
+          // (tick: a file of long synchronous tests starves the worker's messages to vitest)
+          const run = (dev: string) =>
+            tidy(() => {
+              const [ql, kl, vl] = [q, k, v].map((t) => t.to(dev).detach().requiresGrad_(true));
+              const out = sdpa(ql, kl, vl, {
+                isCausal: c.causal ?? false,
+                attnMask: mask ? mask.to(dev) : null,
+                cuSeqlens: cu ? cu.to(dev) : null,
+              });
+              out.backward(gout.to(dev));
+              return [out, ql.grad!, kl.grad!, vl.grad!].map(numbers);
             });
-            out.backward(gout.to(dev));
-            return [out, ql.grad!, kl.grad!, vl.grad!].map(numbers);
-          };
           const fmaAll = withEnv('MEGAPATCH_ATTENTION_MMA', '0', () => run(DEV));
+          await tick();
           const mmaAll = run(DEV);
+          await tick();
           // the same arithmetic with each tile loaded between two barriers instead of prefetched
           // by cp.async (the emulator delays those copies until their wait): the same bits
           const unpipelined = withEnv('MEGAPATCH_ATTENTION_PIPELINE', '0', () => run(DEV));
+          await tick();
           for (let o = 0; o < 4; o++)
             expect(unpipelined[o], `output ${o} without cp.async`).toEqual(mmaAll[o]);
           // 128-row forward tiles (two m-tiles a warp) do each row's arithmetic in the same order
@@ -290,6 +311,7 @@ describe.skipIf(noAddon !== '')(
           // its first row's sequence). Otherwise the online softmax rescales at other tile
           // boundaries: checked below within the tolerances of the CUDA-core comparison
           const rows128 = withEnv('MEGAPATCH_ATTENTION_FWD_ROWS', '128', () => run(DEV));
+          await tick();
           if (!c.cu && c.Dv === 64)
             for (let o = 0; o < 4; o++)
               expect(rows128[o], `output ${o} with 128-row forward tiles`).toEqual(mmaAll[o]);
@@ -297,6 +319,7 @@ describe.skipIf(noAddon !== '')(
           // forward and dK, dV are the same arithmetic, bit for bit; dQ adds the same rounded dS K
           // products in another order (checked below within the tolerances)
           const fused = withEnv('MEGAPATCH_ATTENTION_BWD', 'fused', () => run(DEV));
+          await tick();
           for (const o of [0, 2, 3]) expect(fused[o], `output ${o}, fused backward`).toEqual(mmaAll[o]);
           // variants for measuring on a GPU (D + Dv <= 128): dK/dV tiles of 32 queries add the same
           // products in the same order; uncapped registers change no arithmetic
@@ -306,9 +329,39 @@ describe.skipIf(noAddon !== '')(
             ['MEGAPATCH_ATTENTION_DQ_OCC', '1'],
           ] as const) {
             const variant = withEnv(name, value, () => run(DEV));
+            await tick();
             for (let o = 0; o < 4; o++)
               expect(variant[o], `output ${o} with ${name}=${value}`).toEqual(mmaAll[o]);
           }
+          // the forward on wgmma (sm_90a; the emulator carries each wgmma out at its wait), with
+          // the next tile's scores overlapping this tile's P V (the default) and without: with 64
+          // keys a tile both do the same products in the same order as mma.sync, the same bits;
+          // with 128 the online softmax rescales at other tile boundaries (checked below within
+          // the tolerances of the CUDA-core comparison), the same bits with and without overlap.
+          // On a GPU (other instructions than mma.sync) all are checked within the tolerances.
+          const wgmma = async (keys: string, overlap: string) => {
+            const r = withEnv('MEGAPATCH_ATTENTION_WGMMA', keys, () =>
+              withEnv('MEGAPATCH_ATTENTION_WGMMA_OVERLAP', overlap, () => run(DEV)),
+            );
+            await tick();
+            return r;
+          };
+          const wgRuns = {
+            '64': await wgmma('64', '1'),
+            '64, no overlap': await wgmma('64', '0'),
+            '128': await wgmma('1', '1'),
+            '128, no overlap': await wgmma('128', '0'),
+          };
+          if (!onGpu)
+            for (let o = 0; o < 4; o++) {
+              expect(wgRuns['64'][o], `output ${o} with wgmma, 64 keys a tile`).toEqual(mmaAll[o]);
+              expect(wgRuns['64, no overlap'][o], `output ${o} with wgmma, 64 keys, no overlap`).toEqual(
+                mmaAll[o],
+              );
+              expect(wgRuns['128, no overlap'][o], `output ${o} with wgmma, 128 keys, no overlap`).toEqual(
+                wgRuns['128'][o],
+              );
+            }
           const cpuAll = run('cpu');
           const [mma, fma, cpu] = [mmaAll[0], fmaAll[0], cpuAll[0]];
           // Both kernels round out to the storage dtype (2 ulps of |out|); the tensor-core one
@@ -320,6 +373,8 @@ describe.skipIf(noAddon !== '')(
             expect(Math.abs(mma[i] - fma[i]), `out[${i}] vs CUDA cores`).toBeLessThanOrEqual(tol);
             expect(Math.abs(mma[i] - cpu[i]), `out[${i}] vs CPU`).toBeLessThanOrEqual(tol);
             expect(Math.abs(rows128[0][i] - fma[i]), `out[${i}], 128-row tiles`).toBeLessThanOrEqual(tol);
+            for (const [label, w] of Object.entries(wgRuns))
+              expect(Math.abs(w[0][i] - fma[i]), `out[${i}], wgmma ${label}`).toBeLessThanOrEqual(tol);
             if (mma[i] !== fma[i]) differs++;
           }
           // the tensor-core path ran (its rounding of P differs somewhere)
@@ -340,11 +395,16 @@ describe.skipIf(noAddon !== '')(
               expect(Math.abs(gm[i] - gc[i]), `${name}[${i}] vs CPU`).toBeLessThanOrEqual(tol);
               const g128 = rows128[gi][i];
               expect(Math.abs(g128 - gf[i]), `${name}[${i}], 128-row tiles`).toBeLessThanOrEqual(tol);
+              for (const [label, w] of Object.entries(wgRuns))
+                expect(Math.abs(w[gi][i] - gf[i]), `${name}[${i}], wgmma ${label}`).toBeLessThanOrEqual(tol);
               const gfu = fused[gi][i];
               expect(Math.abs(gfu - gf[i]), `${name}[${i}], fused backward`).toBeLessThanOrEqual(tol);
             }
           }
-        }));
+        } finally {
+          for (const t of [q, k, v, mask, cu, gout]) t?.dispose();
+        }
+      });
     }
   },
 );

@@ -1,10 +1,13 @@
 // Self-test of the warp-level matrix primitives (native/src/kernels/mma.cuh): mma_m16n8k16 for
-// bf16 and f16 with fp32 accumulators, ldmatrix x1/x2/x4 (+ .trans) and the accumulator -> A
-// fragment repacking of FlashAttention-2. Built with the host compiler against the emulator:
+// bf16 and f16 with fp32 accumulators, ldmatrix x1/x2/x4 (+ .trans), the accumulator -> A
+// fragment repacking of FlashAttention-2, and wgmma m64n64k16 / m64n128k16 with A from registers
+// and B from shared memory in both core-matrix layouts (on a GPU: compute capability 9.0 only,
+// with the program built for sm_90a). Built with the host compiler against the emulator:
 //   g++ -std=c++17 -O1 -x c++ -DMEGAPATCH_CUDA_EMULATOR=1 -I native/emu -I native/src/kernels
 //       native/emu/test/mma_selftest.cu native/emu/emu.cc -o mma_selftest
 // and, unchanged, with nvcc for a GPU (nvcc -std=c++17 -arch=sm_90 -I native/src/kernels
-// native/emu/test/mma_selftest.cu -o mma_selftest), where the same checks run on the tensor cores.
+// native/emu/test/mma_selftest.cu -o mma_selftest; -arch=sm_90a for the wgmma checks), where the
+// same checks run on the tensor cores.
 // Each check multiplies random tiles through the primitives and compares with a plain loop over
 // the documented fragment layouts: bit-exact under the emulator (it sums in k order in fp32, as
 // the loop does), within a small relative tolerance on a GPU (the tensor cores' internal order).
@@ -180,6 +183,55 @@ __global__ void ldmatrix_kernel(const uint16_t* A, uint32_t* out) {
 }
 
 // ---- host ------------------------------------------------------------------------------------
+// wgmma (sm_90a): one warpgroup a block, problem p = blockIdx.x: A1, A2 [64][16], B [32][N] (k x n),
+// C [64][N] fp32. B goes to shared memory in core matrices (mma.cuh), K-major (mode 0, 2) or
+// MN-major (mode 1), as the attention kernels lay out K and V; then D = C + A1 B[0:16] +
+// A2 B[16:32] as two wgmmas of one group (mode 2: the first with scale-d 0, C dropped). A's
+// fragments come from global memory by the documented layout.
+template <typename T, int N>
+__global__ void wgmma_kernel(int mode, const uint16_t* A, const uint16_t* B, const float* C, float* D) {
+  MP_DYNAMIC_SMEM(uint16_t, sB);  // [32][N] in core matrices
+  const int p = blockIdx.x, tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const uint16_t* a = A + p * 2 * 64 * 16;
+  const uint16_t* b = B + p * 32 * N;
+  const float* c = C + p * 64 * N;
+  float* d = D + p * 64 * N;
+  for (int i = tid; i < 32 * N; i += 128) {
+    const int k = i / N, n = i % N;
+    const int off = mode == 1 ? ((k / 8) * (N / 8) + n / 8) * 64 + (k % 8) * 8 + n % 8
+                              : ((n / 8) * 4 + k / 8) * 64 + (n % 8) * 8 + k % 8;
+    sB[off] = b[i];
+  }
+  mpc::fence_proxy_async();
+  __syncthreads();
+  auto pk = [](uint16_t lo, uint16_t hi) { return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16); };
+  uint32_t af[2][4];
+  const int r0 = 16 * w + g, r1 = r0 + 8;
+  for (int s = 0; s < 2; s++) {
+    const uint16_t* m = a + s * 64 * 16;
+    af[s][0] = pk(m[r0 * 16 + 2 * t], m[r0 * 16 + 2 * t + 1]);
+    af[s][1] = pk(m[r1 * 16 + 2 * t], m[r1 * 16 + 2 * t + 1]);
+    af[s][2] = pk(m[r0 * 16 + 2 * t + 8], m[r0 * 16 + 2 * t + 9]);
+    af[s][3] = pk(m[r1 * 16 + 2 * t + 8], m[r1 * 16 + 2 * t + 9]);
+  }
+  float acc[N / 8][4];
+  for (int nt = 0; nt < N / 8; nt++)
+    for (int e = 0; e < 4; e++) acc[nt][e] = c[(e >= 2 ? r1 : r0) * N + 8 * nt + 2 * t + (e & 1)];
+  mpc::wgmma_fence();
+  for (int s = 0; s < 2; s++) {
+    const int scale = mode == 2 && s == 0 ? 0 : 1;
+    if (mode == 1)
+      mpc::wgmma_rs<T, N, true>(acc, af[s], mpc::wgmma_desc(sB + s * 2 * (N / 8) * 64, (N / 8) * 128, 128), scale);
+    else
+      mpc::wgmma_rs<T, N, false>(acc, af[s], mpc::wgmma_desc(sB + s * 128, 128, 4 * 128), scale);
+  }
+  mpc::wgmma_commit();
+  mpc::wgmma_wait<0>();
+  mpc::wgmma_fence_operands(acc);
+  for (int nt = 0; nt < N / 8; nt++)
+    for (int e = 0; e < 4; e++) d[(e >= 2 ? r1 : r0) * N + 8 * nt + 2 * t + (e & 1)] = acc[nt][e];
+}
+
 static uint32_t g_rng = 12345;
 static float urand() {  // [-2, 2)
   g_rng = g_rng * 1664525u + 1013904223u;
@@ -309,6 +361,43 @@ static void run_pack() {
     }
 }
 
+template <typename T, int N> static void run_wgmma(const char* name, cudaStream_t stream) {
+  constexpr int np = 3;
+  std::vector<uint16_t> hA(np * 2 * 64 * 16), hB(np * 32 * N);
+  std::vector<float> hC(np * 64 * N);
+  for (auto& v : hA) v = to16<T>(urand());
+  for (auto& v : hB) v = to16<T>(urand());
+  for (auto& v : hC) v = urand();
+  DevBuf<uint16_t> A(hA.size()), B(hB.size());
+  DevBuf<float> C(hC.size()), D(hC.size());
+  A.put(hA);
+  B.put(hB);
+  C.put(hC);
+  auto k = wgmma_kernel<T, N>;
+  const size_t smem = 32 * N * sizeof(uint16_t);
+  for (int mode = 0; mode < 3; mode++) {
+    MP_LAUNCH(k, np, 128, smem, stream, mode, A.p, B.p, C.p, D.p);
+    LAUNCH_OK(name);
+    std::vector<float> hD = D.get();
+    for (int p = 0; p < np; p++)
+      for (int i = 0; i < 64; i++)
+        for (int j = 0; j < N; j++) {
+          // in the emulator's order: c, then k = 0..15 of A1 B, then of A2 B
+          float acc = mode == 2 ? 0.0f : hC[(p * 64 + i) * N + j];
+          float mag = std::fabs(acc);
+          for (int s = 0; s < 2; s++)
+            for (int kk = 0; kk < 16; kk++) {
+              const float pr = from16<T>(hA[((p * 2 + s) * 64 + i) * 16 + kk]) * from16<T>(hB[(p * 32 + 16 * s + kk) * N + j]);
+              acc += pr;
+              mag += std::fabs(pr);
+            }
+          const float got = hD[(p * 64 + i) * N + j];
+          CHECK(close(got, acc, mag), "%s mode %d problem %d element (%d, %d): %.9g != %.9g", name, mode, p, i, j, got,
+                acc);
+        }
+  }
+}
+
 int main() {
   int ndev = 0;
   CUDA_OK(cudaGetDeviceCount(&ndev));
@@ -324,7 +413,19 @@ int main() {
     run_mma<bf16>("mma bf16", stream);
     run_mma<f16>("mma f16", stream);
   }
+  // wgmma: the emulator's, or a compute capability 9.0 GPU's (this program built for sm_90a)
+  int minor = 0;
+  CUDA_OK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0));
+#ifndef MEGAPATCH_CUDA_EMULATOR
+  if (major == 9 && minor == 0)
+#endif
+  {
+    run_wgmma<bf16, 64>("wgmma bf16 n64", stream);
+    run_wgmma<bf16, 128>("wgmma bf16 n128", stream);
+    run_wgmma<f16, 64>("wgmma f16 n64", stream);
+    run_wgmma<f16, 128>("wgmma f16 n128", stream);
+  }
   CUDA_OK(cudaStreamDestroy(stream));
-  std::printf("ok %d checks (compute capability %d.x)\n", g_checks, major);
+  std::printf("ok %d checks (compute capability %d.%d)\n", g_checks, major, minor);
   return 0;
 }

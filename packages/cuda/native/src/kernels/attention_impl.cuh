@@ -395,6 +395,22 @@ MP_D void load_tile16_async(uint16_t* dst, const T* base, int64_t rs, int64_t r0
   }
 }
 
+// Rows r0 .. r0 + rows - 1 (rows a multiple of 8) of a [*, W] operand with 16-byte aligned,
+// contiguous rows, through cp.async, into wgmma's core-matrix layout without swizzling (mma.cuh):
+// element (r, c) at ((r / 8) (W / 8) + c / 8) 64 + (r % 8) 8 + c % 8. 16-byte chunk idx is row
+// 8 (idx / W) + idx % 8, columns 8 ((idx / 8) % (W / 8)) and lands at element 8 idx, so the
+// threads of a warp fill consecutive shared memory. Rows at or past `total` are zeroed.
+template <typename T, int W>
+MP_D void load_tile_cm_async(uint16_t* dst, const T* base, int64_t rs, int64_t r0, int rows, int64_t total) {
+  constexpr int chunks = W / 8;
+  for (int idx = threadIdx.x; idx < rows * chunks; idx += kAttThreads) {
+    const int r = (idx / W) * 8 + (idx & 7), c = ((idx >> 3) % chunks) * 8;
+    const int64_t row = r0 + r;
+    if (row < total) cp_async16(dst + 8 * idx, base + row * rs + c);
+    else zero16(dst + 8 * idx);
+  }
+}
+
 // PIPE (K and V rows 16-byte aligned and contiguous): two K/V buffers; the next tile's cp.async
 // copies are in flight while the current tile is multiplied. Otherwise one buffer, loaded through
 // registers between the barriers.
@@ -407,15 +423,28 @@ template <int RM, int DV> constexpr int fwd_mma_bc() { return RM == 2 && DV >= 1
 // MINB: the blocks per SM asked of ptxas (__launch_bounds__), which caps registers per thread (see
 // attention_occupancy below); 0 asks nothing (ptxas's own choice: an explicit 1 lets it take up to
 // 255 registers, which it does here, 165 instead of 129 for D 64).
-template <typename T, int D, int DV, bool PIPE, int RM = 1, int MINB = 0>
+// WG (64 or 128; sm_90a, MEGAPATCH_ATTENTION_WGMMA): the two tile products on wgmma instead of
+// mma.sync (Hopper's warpgroup MMA, mma.cuh), with WG keys a tile. The block's 4 warps are one
+// warpgroup and its 64 query rows the wgmma's M; S = Q K^T takes Q's A fragments from registers
+// (as before) and K from shared memory in core matrices (K-major B), O += P V takes P from
+// registers and V from shared memory (MN-major B): no ldmatrix of K or V, and each warp's share of
+// a product is one instruction per k-step instead of NS or NO. The scores and the output land in
+// the same registers as mma.sync's (the layouts agree), so the softmax is the same code; with 64
+// keys a tile the arithmetic is the same too (the emulator gives the same bits).
+// OVL (with WG): FlashAttention-3's intra-warpgroup overlap: the next tile's Q K^T is issued
+// before this tile's P V, and its softmax runs while P V is on the tensor cores (the loop below).
+template <typename T, int D, int DV, bool PIPE, int RM = 1, int MINB = 0, int WG = 0, bool OVL = false>
 __global__ void __launch_bounds__(kAttThreads, MINB) attn_fwd_mma_kernel(Params P) {
-  constexpr int BR = kMmaBR * RM, BC = fwd_mma_bc<RM, DV>(), LDQ = D + kMmaPad, LDV = DV + kMmaPad;
+  static_assert(WG == 0 || ((WG == 64 || WG == 128) && RM == 1 && PIPE), "wgmma forward: 64 rows, cp.async");
+  static_assert(!OVL || WG != 0, "the overlapped order is wgmma's");
+  constexpr int BR = kMmaBR * RM, BC = WG ? WG : fwd_mma_bc<RM, DV>(), LDQ = D + kMmaPad, LDV = DV + kMmaPad;
   constexpr int KD = D / 16, NS = BC / 8, NO = DV / 8, NBUF = PIPE ? 2 : 1;
+  constexpr int KT = WG ? BC * D : BC * LDQ, VT = WG ? BC * DV : BC * LDV;  // elements a K / V tile
   constexpr bool QREG = RM == 1;
   MP_DYNAMIC_SMEM(uint16_t, sm);
   uint16_t* Qs = sm;
-  uint16_t* Ks0 = Qs + BR * LDQ;       // NBUF tiles [BC][LDQ]
-  uint16_t* Vs0 = Ks0 + NBUF * BC * LDQ;  // NBUF tiles [BC][LDV]
+  uint16_t* Ks0 = Qs + BR * LDQ;  // NBUF tiles [BC][LDQ] (wgmma: core matrices of [BC][D])
+  uint16_t* Vs0 = Ks0 + NBUF * KT;  // NBUF tiles [BC][LDV] (wgmma: core matrices of [BC][DV])
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
   const int64_t x = blockIdx.x, nbh = P.B * P.Hq;
   const int64_t qt = P.ntiles - 1 - x / nbh, bh = x % nbh;  // longest first (see "Block order")
@@ -451,8 +480,13 @@ ATT_UNROLL
 
   // K/V tile starting at key jt into buffer `buf`, as one cp.async group
   auto prefetch = [&](int64_t jt, int buf) {
-    load_tile16_async<T, D>(Ks0 + buf * BC * LDQ, kb, P.k.s[2], jt, BC, P.Sk);
-    load_tile16_async<T, DV>(Vs0 + buf * BC * LDV, vb, P.v.s[2], jt, BC, P.Sk);
+    if constexpr (WG != 0) {
+      load_tile_cm_async<T, D>(Ks0 + buf * KT, kb, P.k.s[2], jt, BC, P.Sk);
+      load_tile_cm_async<T, DV>(Vs0 + buf * VT, vb, P.v.s[2], jt, BC, P.Sk);
+    } else {
+      load_tile16_async<T, D>(Ks0 + buf * KT, kb, P.k.s[2], jt, BC, P.Sk);
+      load_tile16_async<T, DV>(Vs0 + buf * VT, vb, P.v.s[2], jt, BC, P.Sk);
+    }
     cp_async_commit();
   };
   if (PIPE && blo < bhi) prefetch(blo, 0);
@@ -467,24 +501,9 @@ ATT_UNROLL
     for (int kk = 0; kk < KD; kk++) q_frag(qf[kk], 0, kk);
   }
 
-  int buf = 0;
-  for (int64_t j0 = blo; j0 < bhi; j0 += BC, buf ^= NBUF - 1) {
-    __syncthreads();  // the previous tile's readers are done (its buffer is refilled below)
-    if constexpr (PIPE) {
-      if (j0 + BC < bhi) {
-        prefetch(j0 + BC, buf ^ 1);
-        cp_async_wait<1>();  // this tile's group is complete, the next one's in flight
-      } else {
-        cp_async_wait<0>();
-      }
-    } else {
-      load_tile16<T, D>(Ks0, kb, P.k.s[2], P.k.s[3], j0, BC, P.Sk, (P.vec >> 1) & 1);
-      load_tile16<T, DV>(Vs0, vb, P.v.s[2], P.v.s[3], j0, BC, P.Sk, (P.vec >> 2) & 1);
-    }
-    __syncthreads();
-    const uint16_t* Ks = Ks0 + buf * BC * LDQ;
-    const uint16_t* Vs = Vs0 + buf * BC * LDV;
-    float s[RM][NS][4];
+  // The tile products and the online softmax, shared by the loops below. Scores s of the tile
+  // whose keys start at j0; the products of the wgmma forms are issued, not waited for.
+  auto scores_mma = [&](float (&s)[RM][NS][4], const uint16_t* Ks) {
 ATT_UNROLL
     for (int r = 0; r < RM; r++)
 ATT_UNROLL
@@ -512,6 +531,21 @@ ATT_UNROLL
         }
       }
     }
+  };
+  // S = Q K^T on wgmma, one instruction a k-step (the first overwrites s): B = K's core matrices
+  // of d 16 kk .. 16 kk + 15 (LBO: the next 8 d, 128 bytes; SBO: the next 8 keys, 16 D bytes)
+  auto scores_wg = [&](float (&s)[RM][NS][4], const uint16_t* Ks) {
+    if constexpr (WG != 0) {
+      wgmma_fence_operands(s[0]);  // pins s's registers (written asynchronously below)
+ATT_UNROLL
+      for (int kk = 0; kk < KD; kk++)
+        wgmma_rs<T, BC, false>(s[0], qf[kk], wgmma_desc(Ks + 128 * kk, 128, 16 * D), kk > 0 ? 1 : 0);
+      wgmma_commit();
+    }
+  };
+  // OVL: the factors by which o is rescaled once the pending P V is done (1: unchanged)
+  float scl[RM][2];
+  auto softmax = [&](float (&s)[RM][NS][4], int64_t j0) {
     // scale, mask, online softmax (rows hf = 0: elements 0, 1; hf = 1: elements 2, 3). A tile whose
     // keys every row of the warp attends to, without an explicit mask (all but the diagonal tiles
     // of a causal mask), skips the per-element range checks (warp-uniform: __all_sync).
@@ -530,6 +564,7 @@ ATT_UNROLL
 ATT_UNROLL
       for (int hf = 0; hf < 2; hf++) {
         const int64_t i = i0 + 16 * (RM * warp + r) + g + 8 * hf;
+        if constexpr (OVL) scl[r][hf] = 1.0f;
         float rmax = ninf;
         if (raw) {
 ATT_UNROLL
@@ -591,16 +626,33 @@ ATT_UNROLL
           if (m[r][hf] != ninf && m[r][hf] != mnew) {
             const float corr = att_exp2(m[r][hf] - mnew);
             l[r][hf] *= corr;
+            if constexpr (OVL) {
+              scl[r][hf] = corr;  // o is rescaled after the pending P V
+            } else {
 ATT_UNROLL
-            for (int n = 0; n < NO; n++) {
-              o[r][n][2 * hf] *= corr;
-              o[r][n][2 * hf + 1] *= corr;
+              for (int n = 0; n < NO; n++) {
+                o[r][n][2 * hf] *= corr;
+                o[r][n][2 * hf + 1] *= corr;
+              }
             }
           }
           l[r][hf] += sum;
           m[r][hf] = mnew;
         }
       }
+  };
+  auto rescale = [&]() {
+ATT_UNROLL
+    for (int r = 0; r < RM; r++)
+ATT_UNROLL
+      for (int hf = 0; hf < 2; hf++)
+ATT_UNROLL
+        for (int n = 0; n < NO; n++) {
+          o[r][n][2 * hf] *= scl[r][hf];
+          o[r][n][2 * hf + 1] *= scl[r][hf];
+        }
+  };
+  auto pv_mma = [&](float (&s)[RM][NS][4], const uint16_t* Vs) {
     // O += P V: k-step ks covers keys 16 ks .. 16 ks + 15; per call two 8-column n-tiles, for
     // every m-tile
 ATT_UNROLL
@@ -623,6 +675,122 @@ ATT_UNROLL
           mma_m16n8k16<T>(o[r][2 * p], pa[r], b0, o[r][2 * p]);
           mma_m16n8k16<T>(o[r][2 * p + 1], pa[r], b1, o[r][2 * p + 1]);
         }
+      }
+    }
+  };
+  // P rounded to 16 bits as wgmma's A operand: k-step ks is the accumulators of n-tiles 2 ks and
+  // 2 ks + 1 (the same fragments as mma.sync's)
+  constexpr int KP = WG != 0 ? BC / 16 : 1;
+  auto pack_p = [&](uint32_t (&pw)[KP][4], const float (&s)[RM][NS][4]) {
+    if constexpr (WG != 0) {
+ATT_UNROLL
+      for (int ks = 0; ks < BC / 16; ks++) {
+        pw[ks][0] = pack2<T>(s[0][2 * ks][0], s[0][2 * ks][1]);
+        pw[ks][1] = pack2<T>(s[0][2 * ks][2], s[0][2 * ks][3]);
+        pw[ks][2] = pack2<T>(s[0][2 * ks + 1][0], s[0][2 * ks + 1][1]);
+        pw[ks][3] = pack2<T>(s[0][2 * ks + 1][2], s[0][2 * ks + 1][3]);
+      }
+    }
+  };
+  // O += P V on wgmma, one instruction a k-step of 16 keys: B = V's core matrices of keys 16 ks ..
+  // 16 ks + 15, MN-major (LBO: the next 8 keys, 16 DV bytes; SBO: the next 8 columns, 128 bytes)
+  auto pv_wg = [&](const uint32_t (&pw)[KP][4], const uint16_t* Vs) {
+    if constexpr (WG != 0) {
+      wgmma_fence_operands(o[0]);
+ATT_UNROLL
+      for (int ks = 0; ks < BC / 16; ks++)
+        wgmma_rs<T, DV, true>(o[0], pw[ks], wgmma_desc(Vs + 16 * DV * ks, 16 * DV, 128), 1);
+      wgmma_commit();
+    }
+  };
+
+  if constexpr (OVL) {
+    // FlashAttention-3's order within the warpgroup: tile j + 1's scores are multiplied and their
+    // softmax taken while tile j's P V runs on the tensor cores (wgmma groups complete in order:
+    // the scores are issued first). o's operations stay in the same order (rescale by tile j's
+    // factors, add P_j V_j, rescale by tile j + 1's, ...): the same arithmetic as without overlap.
+    float s[RM][NS][4];
+    uint32_t pw[KP][4];
+    if (blo < bhi) {
+      if (blo + BC < bhi) {
+        prefetch(blo + BC, 1);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      fence_proxy_async();  // this thread's copies, for wgmma after the barrier
+      __syncthreads();
+      wgmma_fence();
+      scores_wg(s, Ks0);
+      wgmma_wait<0>();
+      wgmma_fence_operands(s[0]);
+      softmax(s, blo);  // o is still zero: nothing to rescale
+      pack_p(pw, s);
+    }
+    int buf = 0;
+    for (int64_t j0 = blo; j0 < bhi; j0 += BC, buf ^= 1) {
+      const uint16_t* Vs = Vs0 + buf * VT;
+      if (j0 + BC < bhi) {
+        cp_async_wait<0>();  // tile j + 1, in buffer buf ^ 1
+        fence_proxy_async();
+        __syncthreads();
+        wgmma_fence();
+        scores_wg(s, Ks0 + (buf ^ 1) * KT);
+        pv_wg(pw, Vs);
+        wgmma_wait<1>();  // the scores are in; P V may still run
+        wgmma_fence_operands(s[0]);
+        softmax(s, j0 + BC);
+        wgmma_wait<0>();
+        wgmma_fence_operands(o[0]);
+        rescale();
+        pack_p(pw, s);
+        __syncthreads();  // every warp's P V of buffer buf is done: refill it
+        if (j0 + 2 * BC < bhi) prefetch(j0 + 2 * BC, buf);
+      } else {
+        wgmma_fence();
+        pv_wg(pw, Vs);
+        wgmma_wait<0>();
+        wgmma_fence_operands(o[0]);
+      }
+    }
+  } else {
+    int buf = 0;
+    for (int64_t j0 = blo; j0 < bhi; j0 += BC, buf ^= NBUF - 1) {
+      __syncthreads();  // the previous tile's readers are done (its buffer is refilled below)
+      if constexpr (PIPE) {
+        if (j0 + BC < bhi) {
+          prefetch(j0 + BC, buf ^ 1);
+          cp_async_wait<1>();  // this tile's group is complete, the next one's in flight
+        } else {
+          cp_async_wait<0>();
+        }
+      } else {
+        load_tile16<T, D>(Ks0, kb, P.k.s[2], P.k.s[3], j0, BC, P.Sk, (P.vec >> 1) & 1);
+        load_tile16<T, DV>(Vs0, vb, P.v.s[2], P.v.s[3], j0, BC, P.Sk, (P.vec >> 2) & 1);
+      }
+      if constexpr (WG != 0) fence_proxy_async();  // this thread's copies, for wgmma after the barrier
+      __syncthreads();
+      const uint16_t* Ks = Ks0 + buf * KT;
+      const uint16_t* Vs = Vs0 + buf * VT;
+      float s[RM][NS][4];
+      if constexpr (WG != 0) {
+        wgmma_fence();
+        scores_wg(s, Ks);
+        wgmma_wait<0>();
+        wgmma_fence_operands(s[0]);
+      } else {
+        scores_mma(s, Ks);
+      }
+      softmax(s, j0);
+      if constexpr (WG != 0) {
+        uint32_t pw[KP][4];
+        pack_p(pw, s);
+        wgmma_fence();  // the rescaled o and the packed P are read by the wgmmas
+        pv_wg(pw, Vs);
+        wgmma_wait<0>();  // o is read, and this buffer refilled, after the products
+        wgmma_fence_operands(o[0]);
+      } else {
+        pv_mma(s, Vs);
       }
     }
   }
@@ -1557,6 +1725,43 @@ size_t fwd_mma_smem() {
   constexpr size_t nbuf = PIPE ? 2 : 1;
   return sizeof(uint16_t) * (kMmaBR * RM * (D + kMmaPad) + nbuf * fwd_mma_bc<RM, DV>() * (D + kMmaPad + DV + kMmaPad));
 }
+// The wgmma forward (attn_fwd_mma_kernel's WG): Q padded as before, two K/V tiles of WG keys in
+// core matrices (no padding).
+template <int D, int DV, int WG>
+size_t fwd_wgmma_smem() {
+  return sizeof(uint16_t) * (kMmaBR * (D + kMmaPad) + 2 * WG * (D + DV));
+}
+// MEGAPATCH_ATTENTION_WGMMA=1 (or 128): the tensor-core forward multiplies on wgmma (sm_90a) with
+// 128 keys a tile (64 where D + Dv > 128: registers), =64: with 64 keys a tile; where the
+// device runs this build's sm_90a code (H100 / H200) and K, V rows are 16-byte aligned and
+// contiguous. The next tile's scores overlap this tile's P V (FlashAttention-3's order) unless
+// MEGAPATCH_ATTENTION_WGMMA_OVERLAP=0. Not the default until measured on a GPU (bench: "wgmma
+// forward").
+inline int wgmma_keys_wanted() {
+  const char* e = std::getenv("MEGAPATCH_ATTENTION_WGMMA");
+  if (!e) return 0;
+  if (std::strcmp(e, "1") == 0 || std::strcmp(e, "128") == 0) return 128;
+  return std::strcmp(e, "64") == 0 ? 64 : 0;
+}
+inline bool wgmma_overlap() {
+  const char* e = std::getenv("MEGAPATCH_ATTENTION_WGMMA_OVERLAP");
+  return !(e && std::strcmp(e, "0") == 0);
+}
+// The build carries sm_90a code (MEGAPATCH_CUDA_WGMMA, from CMakeLists.txt: an architecture list
+// with 90a) and the current device is compute capability 9.0. The emulator emulates wgmma.
+inline bool device_has_wgmma() {
+#if defined(MEGAPATCH_CUDA_EMULATOR)
+  return true;
+#elif defined(MEGAPATCH_CUDA_WGMMA)
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return false;
+  return major == 9 && minor == 0;
+#else
+  return false;
+#endif
+}
 template <typename T, int D, int DV, int RM>
 void forward_mma_rows(Params P, cudaStream_t s) {
   P.ntiles = cdiv(P.Sq, kMmaBR * RM);
@@ -1564,6 +1769,26 @@ void forward_mma_rows(Params P, cudaStream_t s) {
   const int64_t blocks = P.B * P.Hq * P.ntiles;
   const bool pipe = (P.vec & 6) == 6 && pipeline_allowed();
   constexpr bool small = D + DV <= 128 && RM == 1;  // MINB 1 otherwise: no other instantiation
+  if constexpr (RM == 1) {
+    const int wg = pipe ? wgmma_keys_wanted() : 0;
+    if (wg != 0 && device_has_wgmma()) {
+      const bool ovl = wgmma_overlap();
+      // 128 keys a tile only with D + Dv <= 128 (ptxas, sm_90a, bf16 D 64: 180 registers, 254
+      // overlapped; D 128 would take 248, and spill overlapped)
+      if constexpr (D + DV <= 128) {
+        if (wg == 128) {
+          const size_t smem = fwd_wgmma_smem<D, DV, 128>();
+          if (ovl) launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, 1, 0, 128, true>, "attentionForward", P, blocks, 1, smem, s);
+          else launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, 1, 0, 128>, "attentionForward", P, blocks, 1, smem, s);
+          return;
+        }
+      }
+      const size_t smem = fwd_wgmma_smem<D, DV, 64>();
+      if (ovl) launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, 1, 0, 64, true>, "attentionForward", P, blocks, 1, smem, s);
+      else launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, 1, 0, 64>, "attentionForward", P, blocks, 1, smem, s);
+      return;
+    }
+  }
   if (small && pipe && attention_occupancy()) {
     launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, RM, small ? 4 : 0>, "attentionForward", P, blocks, 1,
                  fwd_mma_smem<T, D, DV, true, RM>(), s);

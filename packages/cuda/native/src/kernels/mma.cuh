@@ -39,6 +39,7 @@
 #pragma once
 
 #include <cstring>
+#include <stdexcept>
 #include <type_traits>
 #include <vector>
 
@@ -355,6 +356,223 @@ template <int N> MP_D void cp_async_wait() {
     for (const mma_detail::EmuCopy& c : a.groups.front()) std::memcpy(c.dst, c.bytes, 16);
     a.groups.erase(a.groups.begin());
   }
+#endif
+}
+
+// ---- wgmma (sm_90a): warpgroup-level asynchronous matrix multiply ------------------------------
+// D[64 x N] (+)= A[64 x 16] * B[16 x N] by the 4 warps of a warpgroup (128 consecutive threads;
+// the kernels here run one warpgroup a block), A from registers, B from shared memory through a
+// matrix descriptor, fp32 accumulators (PTX wgmma.mma_async.sync.aligned.m64nNk16.f32.{bf16,f16}).
+// Register layouts (PTX ISA, "Register Fragments and Shared Memory Matrix Layouts" of wgmma): warp
+// w of the warpgroup owns rows 16 w .. 16 w + 15 of A and D, in the layouts of mma.m16n8k16 above
+// (A: 4 registers; D: N / 8 accumulator tiles of 4 floats, tile n holding columns 8 n .. 8 n + 7).
+// So the attention kernels' per-warp score and output tiles are the same registers in either form.
+// B in shared memory, without swizzling: "core matrices" of 8 rows x 16 bytes stored as 128
+// contiguous bytes; for a K-major B (element (k, n) contiguous along k, like K rows for Q K^T) a
+// core matrix is 8 n x 8 k with k contiguous in each 16-byte row; for an MN-major B (.trans: n
+// contiguous, like V rows for P V) it is 8 k x 8 n with n contiguous. In both, the descriptor's
+// leading byte offset (LBO) steps between core matrices along k and its stride byte offset (SBO)
+// along n:
+//   K-major:  byte(k, n) = start + (k / 8) LBO + (n / 8) SBO + (n % 8) 16 + (k % 8) 2
+//   MN-major: byte(k, n) = start + (k / 8) LBO + (n / 8) SBO + (k % 8) 16 + (n % 8) 2
+// Descriptor bits (wgmma "Matrix Descriptor Format"): 0-13 start address >> 4 (shared window),
+// 16-29 LBO >> 4, 32-45 SBO >> 4, 49-51 base offset (0), 62-63 swizzle mode (0: none).
+// Order of use: writes of shared memory by ordinary stores or cp.async reach wgmma (the async
+// proxy) after fence_proxy_async() by the writers and a barrier; wgmma_fence() before the first
+// wgmma that reads registers written since the last wgmma (accumulators, A); wgmma_commit() closes
+// the group of wgmmas issued since the last commit; wgmma_wait<N>() returns when at most N groups
+// are pending; only then may their accumulators be read (wgmma_fence_operands() after the wait
+// keeps the compiler from moving those reads above it), or their A registers and B tiles be
+// overwritten.
+// Under the emulator each wgmma is recorded at issue and carried out at the wait that completes
+// its group (reading A from its registers and B from shared memory then, in k order in fp32 like
+// mma_m16n8k16's emulation), so a kernel that reads accumulators early, or overwrites A or B
+// before the wait, computes other numbers and its tests fail. On a GPU without sm_90a code the
+// primitives trap (the launches check device_has_wgmma first).
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MPC_WGMMA_PTX 1
+#endif
+
+// The descriptor of a B operand at shared-memory address `p` (16-byte aligned).
+MP_D uint64_t wgmma_desc(const void* p, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+#if defined(MEGAPATCH_CUDA_EMULATOR)
+  const uint64_t addr = static_cast<uint64_t>(static_cast<const unsigned char*>(p) -
+                                              static_cast<const unsigned char*>(::emu::dynamic_smem()));
+#elif defined(__CUDA_ARCH__)
+  const uint64_t addr = static_cast<uint64_t>(__cvta_generic_to_shared(p));
+#else
+  const uint64_t addr = reinterpret_cast<uintptr_t>(p);
+#endif
+  return ((addr >> 4) & 0x3FFFu) | (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFFu) << 16) |
+         (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFFu) << 32);
+}
+
+#ifdef MEGAPATCH_CUDA_EMULATOR
+namespace mma_detail {
+struct EmuWgmma {
+  float* d;          // this thread's N / 2 accumulators
+  const uint32_t* a;  // and 4 A registers
+  uint64_t desc;
+  int n;
+  bool trans, scale_d, bf;
+};
+struct EmuWg {
+  std::vector<EmuWgmma> open;
+  std::vector<std::vector<EmuWgmma>> groups;
+  uint3 block;
+  void* smem = nullptr;
+};
+inline EmuWg& emu_wg() {
+  static EmuWg state[1024];
+  EmuWg& w = state[threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)];
+  const uint3 b = blockIdx;
+  void* sm = ::emu::dynamic_smem();
+  if (w.smem != sm || w.block.x != b.x || w.block.y != b.y || w.block.z != b.z) {
+    w.open.clear();
+    w.groups.clear();
+    w.block = b;
+    w.smem = sm;
+  }
+  return w;
+}
+// Carries out one wgmma of the group being completed: every thread of the warpgroup publishes its
+// record, then computes its own accumulators from the others' A registers and shared memory.
+inline void emu_wg_run(const EmuWgmma& op) {
+  static const EmuWgmma* table[128];
+  const unsigned tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  if (blockDim.x * blockDim.y * blockDim.z != 128)
+    throw std::runtime_error("emulator: wgmma needs blocks of one warpgroup (128 threads)");
+  table[tid] = &op;
+  __syncthreads();
+  const uint64_t desc = op.desc;
+  if ((desc >> 62) != 0) throw std::runtime_error("emulator: wgmma with a swizzled layout");
+  const unsigned char* base = static_cast<const unsigned char*>(::emu::dynamic_smem());
+  const size_t start = (desc & 0x3FFFu) << 4, lbo = ((desc >> 16) & 0x3FFFu) << 4,
+               sbo = ((desc >> 32) & 0x3FFFu) << 4;
+  const int warp = static_cast<int>(tid >> 5), lane = static_cast<int>(tid & 31);
+  const int g = lane >> 2, t = lane & 3;
+  auto elem = [&](uint16_t h) { return op.bf ? Half16<bf16>::to_f32(h) : Half16<f16>::to_f32(h); };
+  auto get_a = [&](int row, int k) -> float {  // row < 64
+    int l, r, h;
+    a_home(row & 15, k, l, r, h);
+    return elem(static_cast<uint16_t>(table[32 * (row >> 4) + l]->a[r] >> (16 * h)));
+  };
+  auto get_b = [&](int k, int n) -> float {
+    const size_t off = start + (k / 8) * lbo + (n / 8) * sbo +
+                       (op.trans ? (k % 8) * 16 + (n % 8) * 2 : (n % 8) * 16 + (k % 8) * 2);
+    uint16_t h;
+    std::memcpy(&h, base + off, 2);
+    return elem(h);
+  };
+  for (int nt = 0; nt < op.n / 8; nt++)
+    for (int e = 0; e < 4; e++) {
+      const int row = 16 * warp + g + (e >= 2 ? 8 : 0), col = 8 * nt + 2 * t + (e & 1);
+      float acc = op.scale_d ? op.d[4 * nt + e] : 0.0f;
+      for (int k = 0; k < 16; k++) acc += get_a(row, k) * get_b(k, col);
+      op.d[4 * nt + e] = acc;
+    }
+  __syncthreads();  // the table and the A registers are read by all before the next record
+}
+}  // namespace mma_detail
+#endif
+
+MP_D void wgmma_fence() {
+#if defined(MPC_WGMMA_PTX)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+MP_D void wgmma_commit() {
+#if defined(MPC_WGMMA_PTX)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#elif defined(MEGAPATCH_CUDA_EMULATOR)
+  mma_detail::EmuWg& w = mma_detail::emu_wg();
+  w.groups.push_back(std::move(w.open));
+  w.open.clear();
+#endif
+}
+template <int N> MP_D void wgmma_wait() {
+#if defined(MPC_WGMMA_PTX)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#elif defined(MEGAPATCH_CUDA_EMULATOR)
+  mma_detail::EmuWg& w = mma_detail::emu_wg();
+  while (w.groups.size() > static_cast<size_t>(N)) {
+    const std::vector<mma_detail::EmuWgmma> group = std::move(w.groups.front());
+    w.groups.erase(w.groups.begin());
+    for (const mma_detail::EmuWgmma& op : group) mma_detail::emu_wg_run(op);
+  }
+#endif
+}
+// shared-memory writes of this thread (generic proxy) become visible to wgmma (async proxy)
+MP_D void fence_proxy_async() {
+#if defined(MPC_WGMMA_PTX)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// ties the accumulators' values to this point of the program (after a wgmma_wait)
+template <int NT> MP_D void wgmma_fence_operands(float (&d)[NT][4]) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+  for (int n = 0; n < NT; n++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) asm volatile("" : "+f"(d[n][e])::"memory");
+#else
+  (void)d;
+#endif
+}
+
+#define MPC_WG_D64_STR "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define MPC_WG_D64_OPS(d) "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+#define MPC_WG_A64_STR "{%32, %33, %34, %35}, %36"
+#define MPC_WG_SCALE64_STR "%37"
+#define MPC_WG_D128_STR "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define MPC_WG_D128_OPS(d) "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+#define MPC_WG_A128_STR "{%64, %65, %66, %67}, %68"
+#define MPC_WG_SCALE128_STR "%69"
+#define MPC_WGMMA_RS(N, TY, TR, d, a, desc, scale)                                                          \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " MPC_WG_SCALE##N##_STR ", 0;\n"                             \
+               "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " MPC_WG_D##N##_STR               \
+               ", " MPC_WG_A##N##_STR ", p, 1, 1, " #TR ";\n}\n"                                              \
+               : MPC_WG_D##N##_OPS(d)                                                                         \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale)                            \
+               : "memory")
+
+// d (+)= A B: A from this thread's registers (the warpgroup's 64 x 16 tile), B (16 x N) from shared
+// memory by `desc`; TRANS: B is MN-major; scale_d = 0 overwrites d. N: 64 or 128.
+template <typename T, int N, bool TRANS>
+MP_D void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc, int scale_d) {
+  static_assert(std::is_same<T, bf16>::value || std::is_same<T, f16>::value, "wgmma_rs: bf16 or f16");
+  static_assert(N == 64 || N == 128, "wgmma_rs: N is 64 or 128");
+#if defined(MPC_WGMMA_PTX)
+  constexpr bool kBf = std::is_same<T, bf16>::value;
+  if constexpr (N == 64 && kBf && !TRANS) MPC_WGMMA_RS(64, "bf16", 0, d, a, desc, scale_d);
+  else if constexpr (N == 64 && kBf && TRANS) MPC_WGMMA_RS(64, "bf16", 1, d, a, desc, scale_d);
+  else if constexpr (N == 64 && !kBf && !TRANS) MPC_WGMMA_RS(64, "f16", 0, d, a, desc, scale_d);
+  else if constexpr (N == 64) MPC_WGMMA_RS(64, "f16", 1, d, a, desc, scale_d);
+  else if constexpr (kBf && !TRANS) MPC_WGMMA_RS(128, "bf16", 0, d, a, desc, scale_d);
+  else if constexpr (kBf && TRANS) MPC_WGMMA_RS(128, "bf16", 1, d, a, desc, scale_d);
+  else if constexpr (!kBf && !TRANS) MPC_WGMMA_RS(128, "f16", 0, d, a, desc, scale_d);
+  else MPC_WGMMA_RS(128, "f16", 1, d, a, desc, scale_d);
+#elif defined(MEGAPATCH_CUDA_EMULATOR)
+  mma_detail::EmuWgmma op;
+  op.d = &d[0][0];
+  op.a = &a[0];
+  op.desc = desc;
+  op.n = N;
+  op.trans = TRANS;
+  op.scale_d = scale_d != 0;
+  op.bf = std::is_same<T, bf16>::value;
+  mma_detail::emu_wg().open.push_back(op);
+#elif defined(__CUDA_ARCH__)
+  (void)d;
+  (void)a;
+  (void)desc;
+  (void)scale_d;
+  __trap();
+#else
+  (void)d;
+  (void)a;
+  (void)desc;
+  (void)scale_d;
 #endif
 }
 
