@@ -16,8 +16,8 @@
 #   MEGAPATCH_BENCH_TINY=1       the tiny cases of cases.json (rehearsal)
 #   MEGAPATCH_BENCH_PARTS        subset of "gemm grouped attn stream train torch-train compile" (default all)
 #   MEGAPATCH_BENCH_MBS          training micro-batch (default cases.json's; halved once on a failure)
-#   MEGAPATCH_BENCH_TRAIN_VARIANTS  the training step again per "name:VAR=value" (default: the
-#                                attention forward on wgmma, the norm backward split, dQ on the
+#   MEGAPATCH_BENCH_TRAIN_VARIANTS  the training step again per "name:VAR=value[,VAR=value]"
+#                                (default: the attention on wgmma, the norm backward split, dQ on the
 #                                caller's stream, capped dQ registers, no gradient-accumulation
 #                                fusion, autotuned GEMMs; "" for none)
 #   MEGAPATCH_BENCH_PYTHON       the python with torch (default: python3, else /opt/torch/.venv/bin/python3)
@@ -121,14 +121,15 @@ else
   say "no python with torch: the PyTorch side cannot run"
 fi
 # the training step again under kernel variants (information: which default to take), each
-# "name:VAR=value" of MEGAPATCH_BENCH_TRAIN_VARIANTS (the runs of 2026-12-04 settled fused: slower;
-# run d: dK/dV tiles of 32 queries slower too, capped attention registers faster: the attn part
-# still times uncapped)
+# "name:VAR=value[,VAR=value...]" of MEGAPATCH_BENCH_TRAIN_VARIANTS (the runs of 2026-12-04 settled
+# fused: slower; run d: dK/dV tiles of 32 queries slower too, capped attention registers faster:
+# the attn part still times uncapped)
 if [ -n "$TSX" ] && has train; then
-  for variant in ${MEGAPATCH_BENCH_TRAIN_VARIANTS-wgmma:MEGAPATCH_ATTENTION_WGMMA=1 normsplit:MEGAPATCH_NORM_BWD_FUSED=0 onestream:MEGAPATCH_ATTENTION_BWD_STREAMS=1 dqocc:MEGAPATCH_ATTENTION_DQ_OCC=1 nogaf:MEGAPATCH_BENCH_NO_GAF=1 autotune:MEGAPATCH_GEMM_AUTOTUNE=1}; do
+  for variant in ${MEGAPATCH_BENCH_TRAIN_VARIANTS-wgmma:MEGAPATCH_ATTENTION_WGMMA=1,MEGAPATCH_ATTENTION_WGMMA_BWD=1 normsplit:MEGAPATCH_NORM_BWD_FUSED=0 onestream:MEGAPATCH_ATTENTION_BWD_STREAMS=1 dqocc:MEGAPATCH_ATTENTION_DQ_OCC=1 nogaf:MEGAPATCH_BENCH_NO_GAF=1 autotune:MEGAPATCH_GEMM_AUTOTUNE=1}; do
     vname=${variant%%:*}
     venv=${variant#*:}
-    run ours-train-$vname 90 env "$venv" MEGAPATCH_BENCH_VARIANT_ENV="$venv" MEGAPATCH_BENCH_MODE=megapatch-$vname \
+    IFS=, read -r -a vassign <<< "$venv"
+    run ours-train-$vname 90 env "${vassign[@]}" MEGAPATCH_BENCH_VARIANT_ENV="$venv" MEGAPATCH_BENCH_MODE=megapatch-$vname \
       MEGAPATCH_BENCH_PROFILE=0 "$TSX" $BENCH/ours.mts train
   done
 fi

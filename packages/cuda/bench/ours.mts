@@ -328,6 +328,11 @@ if (want('attn')) {
         ['MEGAPATCH_ATTENTION_WGMMA', '1'],
         ['MEGAPATCH_ATTENTION_WGMMA_OVERLAP', '0'],
       ]);
+      const wgmmaBwd = withSwitch('MEGAPATCH_ATTENTION_WGMMA_BWD', '1');
+      const wgmmaBoth = withSwitches([
+        ['MEGAPATCH_ATTENTION_WGMMA', '1'],
+        ['MEGAPATCH_ATTENTION_WGMMA_BWD', '1'],
+      ]);
       const wgmma64Serial = withSwitches([
         ['MEGAPATCH_ATTENTION_WGMMA', '64'],
         ['MEGAPATCH_ATTENTION_WGMMA_OVERLAP', '0'],
@@ -355,6 +360,8 @@ if (want('attn')) {
         wgmma64Ms: { fwd: r4(wgmma64.fwd.ms), fwdBwd: r4(wgmma64.fb.ms) },
         wgmmaSerialMs: { fwd: r4(wgmmaSerial.fwd.ms), fwdBwd: r4(wgmmaSerial.fb.ms) },
         wgmma64SerialMs: { fwd: r4(wgmma64Serial.fwd.ms), fwdBwd: r4(wgmma64Serial.fb.ms) },
+        wgmmaBwdMs: { fwd: r4(wgmmaBwd.fwd.ms), fwdBwd: r4(wgmmaBwd.fb.ms) },
+        wgmmaBothMs: { fwd: r4(wgmmaBoth.fwd.ms), fwdBwd: r4(wgmmaBoth.fb.ms) },
         samples: [fwd.samples, fb.samples],
         spreadMs: [r4(fb.minMs), r4(fb.maxMs)],
       });

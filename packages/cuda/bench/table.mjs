@@ -189,9 +189,11 @@ for (const c of cases.attn) {
     ['wgmma64Ms', 'wgmma forward, 64-key tiles'],
     ['wgmmaSerialMs', 'wgmma forward, no overlap'],
     ['wgmma64SerialMs', 'wgmma forward, 64-key tiles, no overlap'],
+    ['wgmmaBwdMs', 'wgmma backward'],
+    ['wgmmaBothMs', 'wgmma forward and backward'],
   ]) {
     // MEGAPATCH_ATTENTION_WGMMA=1 / 64 (and MEGAPATCH_ATTENTION_WGMMA_OVERLAP=0): the forward's
-    // tile products on Hopper's wgmma
+    // tile products on Hopper's wgmma; MEGAPATCH_ATTENTION_WGMMA_BWD=1 the backward's
     if (!o?.[key]) continue;
     row(
       `attn ${c.case} fwd / fwd+bwd ms, ${label}`,

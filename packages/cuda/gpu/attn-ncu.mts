@@ -1,7 +1,8 @@
 // One causal attention forward and backward at the bench's model-layer shape (B 4, Hq 32, Hkv 8,
 // S 2048, D 64, bf16), for Nsight Compute: gpu/run.sh's `ncu` step runs it under `ncu`, limited to
 // the attention kernels, with the default kernels and variants the bench compares
-// (MEGAPATCH_ATTENTION_WGMMA=1, MEGAPATCH_ATTENTION_DQ_OCC=1). Prints one line per pass.
+// (MEGAPATCH_ATTENTION_WGMMA=1 with MEGAPATCH_ATTENTION_WGMMA_BWD=1, MEGAPATCH_ATTENTION_DQ_OCC=1).
+// Prints one line per pass.
 // usage (repository root; needs packages/tensor/dist): tsx packages/cuda/gpu/attn-ncu.mts [cuda:0 | cudaemu:0] [tiny]
 import { resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';

@@ -8,9 +8,9 @@
 // (192, 128); forward and backward) on the emulator against the CUDA-core kernels
 // (MEGAPATCH_ATTENTION_MMA=0) and the CPU backend, with and without the cp.async prefetch of the
 // next tile (MEGAPATCH_ATTENTION_PIPELINE=0), with 64- and 128-row forward tiles
-// (MEGAPATCH_ATTENTION_FWD_ROWS=128), with the forward's products on wgmma
-// (MEGAPATCH_ATTENTION_WGMMA=64 and =1), and with the fused single-pass backward
-// (MEGAPATCH_ATTENTION_BWD=fused).
+// (MEGAPATCH_ATTENTION_FWD_ROWS=128), with the products on wgmma (MEGAPATCH_ATTENTION_WGMMA=64
+// and =1, with and without MEGAPATCH_ATTENTION_WGMMA_OVERLAP; MEGAPATCH_ATTENTION_WGMMA_BWD=1), and
+// with the fused single-pass backward (MEGAPATCH_ATTENTION_BWD=fused).
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -339,9 +339,13 @@ describe.skipIf(noAddon !== '')(
           // with 128 the online softmax rescales at other tile boundaries (checked below within
           // the tolerances of the CUDA-core comparison), the same bits with and without overlap.
           // On a GPU (other instructions than mma.sync) all are checked within the tolerances.
-          const wgmma = async (keys: string, overlap: string) => {
+          // The backward's products on wgmma (MEGAPATCH_ATTENTION_WGMMA_BWD=1: dK/dV where D + Dv
+          // <= 128, dQ with D, Dv in {64, 128}) are the same as mma.sync's, in the same order.
+          const wgmma = async (keys: string, overlap: string, bwd = '0') => {
             const r = withEnv('MEGAPATCH_ATTENTION_WGMMA', keys, () =>
-              withEnv('MEGAPATCH_ATTENTION_WGMMA_OVERLAP', overlap, () => run(DEV)),
+              withEnv('MEGAPATCH_ATTENTION_WGMMA_OVERLAP', overlap, () =>
+                withEnv('MEGAPATCH_ATTENTION_WGMMA_BWD', bwd, () => run(DEV)),
+              ),
             );
             await tick();
             return r;
@@ -351,6 +355,7 @@ describe.skipIf(noAddon !== '')(
             '64, no overlap': await wgmma('64', '0'),
             '128': await wgmma('1', '1'),
             '128, no overlap': await wgmma('128', '0'),
+            backward: await wgmma('0', '1', '1'),
           };
           if (!onGpu)
             for (let o = 0; o < 4; o++) {
@@ -358,6 +363,7 @@ describe.skipIf(noAddon !== '')(
               expect(wgRuns['64, no overlap'][o], `output ${o} with wgmma, 64 keys, no overlap`).toEqual(
                 mmaAll[o],
               );
+              expect(wgRuns.backward[o], `output ${o} with the backward on wgmma`).toEqual(mmaAll[o]);
               expect(wgRuns['128, no overlap'][o], `output ${o} with wgmma, 128 keys, no overlap`).toEqual(
                 wgRuns['128'][o],
               );

@@ -411,6 +411,21 @@ MP_D void load_tile_cm_async(uint16_t* dst, const T* base, int64_t rs, int64_t r
   }
 }
 
+// acc (+)= A B over KS k-steps of 16 on wgmma (issued, not committed): A's fragments a[ks], B a
+// tile in core matrices of rows of W elements (load_tile_cm_async). KMAJOR: k runs along the
+// tile's columns and n along its rows (LBO: the next 8 columns, 128 bytes; SBO: the next 8 rows,
+// 16 W bytes), as K rows are for Q K^T; otherwise k runs along the rows and n along the columns
+// (MN-major: LBO 16 W, SBO 128), as V rows are for P V. `overwrite`: the first step drops acc.
+template <typename T, int N, bool KMAJOR, int W, int KS>
+MP_D void wgmma_tile(float (&acc)[N / 8][4], const uint32_t (&a)[KS][4], const uint16_t* tile, bool overwrite) {
+ATT_UNROLL
+  for (int ks = 0; ks < KS; ks++) {
+    const int scale = ks > 0 || !overwrite ? 1 : 0;
+    if constexpr (KMAJOR) wgmma_rs<T, N, false>(acc, a[ks], wgmma_desc(tile + 128 * ks, 128, 16 * W), scale);
+    else wgmma_rs<T, N, true>(acc, a[ks], wgmma_desc(tile + 16 * W * ks, 16 * W, 128), scale);
+  }
+}
+
 // PIPE (K and V rows 16-byte aligned and contiguous): two K/V buffers; the next tile's cp.async
 // copies are in flight while the current tile is multiplied. Otherwise one buffer, loaded through
 // registers between the barriers.
@@ -537,9 +552,7 @@ ATT_UNROLL
   auto scores_wg = [&](float (&s)[RM][NS][4], const uint16_t* Ks) {
     if constexpr (WG != 0) {
       wgmma_fence_operands(s[0]);  // pins s's registers (written asynchronously below)
-ATT_UNROLL
-      for (int kk = 0; kk < KD; kk++)
-        wgmma_rs<T, BC, false>(s[0], qf[kk], wgmma_desc(Ks + 128 * kk, 128, 16 * D), kk > 0 ? 1 : 0);
+      wgmma_tile<T, BC, true, D>(s[0], qf, Ks, true);
       wgmma_commit();
     }
   };
@@ -697,9 +710,7 @@ ATT_UNROLL
   auto pv_wg = [&](const uint32_t (&pw)[KP][4], const uint16_t* Vs) {
     if constexpr (WG != 0) {
       wgmma_fence_operands(o[0]);
-ATT_UNROLL
-      for (int ks = 0; ks < BC / 16; ks++)
-        wgmma_rs<T, DV, true>(o[0], pw[ks], wgmma_desc(Vs + 16 * DV * ks, 16 * DV, 128), 1);
+      wgmma_tile<T, DV, false, DV>(o[0], pw, Vs, false);
       wgmma_commit();
     }
   };
@@ -1140,16 +1151,25 @@ MP_D void mma_acc_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)
 // dS^T goes to shared memory ([64][BQ], rounded to 16 bits as for dK), then warp w multiplies the
 // tile's columns [w D / 4, (w + 1) D / 4) of dQ. attn_dq_convert_kernel scales and stores dQ. The
 // order of the additions across key tiles is the atomics' (not deterministic on a GPU).
-template <typename T, int D, int DV, int BQ, bool PIPE, bool DQ = false, int MINB = 0>
+// WG (sm_90a, MEGAPATCH_ATTENTION_WGMMA_BWD; BQ 64, D and Dv in {64, 128}, PIPE, not DQ): the four
+// tile products on wgmma: the block's 4 warps are one warpgroup, its 64 keys the wgmma's M; K's
+// and V's A fragments are read once into registers, the Q and dO tiles sit in shared memory in
+// core matrices (mma.cuh), read as K-major B by S^T = K Q^T and dP^T = V dO^T and as MN-major B by
+// dV += P^T dO and dK += dS^T Q. The same products in the same order as mma.sync's (the emulator
+// gives the same bits).
+template <typename T, int D, int DV, int BQ, bool PIPE, bool DQ = false, int MINB = 0, bool WG = false>
 __global__ void __launch_bounds__(kAttThreads, MINB) attn_dkdv_mma_kernel(Params P) {
+  static_assert(!WG || (PIPE && !DQ && BQ == 64 && (D == 64 || D == 128) && (DV == 64 || DV == 128)),
+                "wgmma dK/dV: 64-query tiles of D, Dv in {64, 128}, cp.async");
   constexpr int BR = kMmaBR, LDK = D + kMmaPad, LDV = DV + kMmaPad, NQ = BQ / 8, NBUF = PIPE ? 2 : 1;
   constexpr int LDS = BQ + kMmaPad, MT = BQ / 16, NTW = D / 32;  // dQ: m-tiles, n-tiles per warp
+  constexpr int QT = WG ? BQ * D : BQ * LDK, GT = WG ? BQ * DV : BQ * LDV;  // elements a Q / dO tile
   MP_DYNAMIC_SMEM(uint16_t, sm);
   uint16_t* Ks = sm;
   uint16_t* Vs = Ks + BR * LDK;
-  uint16_t* Qs0 = Vs + BR * LDV;          // NBUF tiles [BQ][LDK]
-  uint16_t* Gs0 = Qs0 + NBUF * BQ * LDK;  // NBUF tiles [BQ][LDV]
-  float* Ls = reinterpret_cast<float*>(Gs0 + NBUF * BQ * LDV);  // 16-byte aligned: every size above is
+  uint16_t* Qs0 = Vs + BR * LDV;     // NBUF tiles [BQ][LDK] (wgmma: core matrices of [BQ][D])
+  uint16_t* Gs0 = Qs0 + NBUF * QT;  // NBUF tiles [BQ][LDV] (wgmma: core matrices of [BQ][DV])
+  float* Ls = reinterpret_cast<float*>(Gs0 + NBUF * GT);  // 16-byte aligned: every size above is
   float* Dl = Ls + BQ;                                   // a multiple of 8 elements
   int64_t* Lo = reinterpret_cast<int64_t*>(Dl + BQ);
   int64_t* Hi = Lo + BQ;
@@ -1192,11 +1212,25 @@ ATT_UNROLL
 
   // Q/dO tile of query head hq starting at query it into buffer `bf`, as one cp.async group
   auto prefetch = [&](int64_t hq, int64_t it, int bf) {
-    load_tile16_async<T, D>(Qs0 + bf * BQ * LDK, mat_ptr<const T>(P.q, b, hq), P.q.s[2], it, BQ, P.Sq);
-    load_tile16_async<T, DV>(Gs0 + bf * BQ * LDV, mat_ptr<const T>(P.go, b, hq), P.go.s[2], it, BQ, P.Sq);
+    if constexpr (WG) {
+      load_tile_cm_async<T, D>(Qs0 + bf * QT, mat_ptr<const T>(P.q, b, hq), P.q.s[2], it, BQ, P.Sq);
+      load_tile_cm_async<T, DV>(Gs0 + bf * GT, mat_ptr<const T>(P.go, b, hq), P.go.s[2], it, BQ, P.Sq);
+    } else {
+      load_tile16_async<T, D>(Qs0 + bf * QT, mat_ptr<const T>(P.q, b, hq), P.q.s[2], it, BQ, P.Sq);
+      load_tile16_async<T, DV>(Gs0 + bf * GT, mat_ptr<const T>(P.go, b, hq), P.go.s[2], it, BQ, P.Sq);
+    }
     cp_async_commit();
   };
   if (PIPE && ia < ib) prefetch(kh * P.group, ia, 0);
+  // WG: this warp's A fragments of K and V (its 16 keys), read once
+  uint32_t kf[WG ? D / 16 : 1][4], vf[WG ? DV / 16 : 1][4];
+  if constexpr (WG) {
+    __syncthreads();  // K and V are in place
+ATT_UNROLL
+    for (int kk = 0; kk < D / 16; kk++) mma_load_a(kf[kk], Ks + warp * 16 * LDK + kk * 16, LDK, lane);
+ATT_UNROLL
+    for (int kk = 0; kk < DV / 16; kk++) mma_load_a(vf[kk], Vs + warp * 16 * LDV + kk * 16, LDV, lane);
+  }
   int buf = 0;
   for (int64_t gq = 0; gq < P.group; gq++) {
     const int64_t h = kh * P.group + gq;
@@ -1218,8 +1252,9 @@ ATT_UNROLL
         load_tile16<T, D>(Qs0, qb, P.q.s[2], P.q.s[3], i0, BQ, P.Sq, P.vec & 1);
         load_tile16<T, DV>(Gs0, gb, P.go.s[2], P.go.s[3], i0, BQ, P.Sq, (P.vec >> 3) & 1);
       }
-      const uint16_t* Qs = Qs0 + buf * BQ * LDK;
-      const uint16_t* Gs = Gs0 + buf * BQ * LDV;
+      if constexpr (WG) fence_proxy_async();  // this thread's copies, for wgmma after the barrier below
+      const uint16_t* Qs = Qs0 + buf * QT;
+      const uint16_t* Gs = Gs0 + buf * GT;
       // `covers`: every query this thread fills attends to all of the block's BR keys; the
       // block's AND of it (with no explicit mask) lets the tile skip the per-element checks
       // Ls: -lse in log2 units (+inf for rows past Sq and rows with no keys: no probability)
@@ -1235,21 +1270,35 @@ ATT_UNROLL
       const bool whole = __syncthreads_and(covers) != 0;
       // S^T = K Q^T and dP^T = V dO^T: rows keys, columns queries
       float st[NQ][4], dpt[NQ][4];
+      if constexpr (WG) {
+        // B = the Q / dO tile's core matrices of d 16 kk .. 16 kk + 15, K-major (LBO: the next 8 d;
+        // SBO: the next 8 queries); the first k-step overwrites the accumulators
+        wgmma_fence_operands(st);
+        wgmma_fence_operands(dpt);
+        wgmma_fence();
+        wgmma_tile<T, BQ, true, D>(st, kf, Qs, true);
+        wgmma_tile<T, BQ, true, DV>(dpt, vf, Gs, true);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(st);
+        wgmma_fence_operands(dpt);
+      } else {
 ATT_UNROLL
-      for (int n = 0; n < NQ; n++)
+        for (int n = 0; n < NQ; n++)
 ATT_UNROLL
-        for (int e = 0; e < 4; e++) st[n][e] = dpt[n][e] = 0.0f;
+          for (int e = 0; e < 4; e++) st[n][e] = dpt[n][e] = 0.0f;
 ATT_UNROLL
-      for (int kk = 0; kk < D / 16; kk++) {
-        uint32_t a[4];
-        mma_load_a(a, Ks + warp * 16 * LDK + kk * 16, LDK, lane);
-        mma_step_nmajor<T, NQ>(st, a, Qs + kk * 16, LDK, lane);
-      }
+        for (int kk = 0; kk < D / 16; kk++) {
+          uint32_t a[4];
+          mma_load_a(a, Ks + warp * 16 * LDK + kk * 16, LDK, lane);
+          mma_step_nmajor<T, NQ>(st, a, Qs + kk * 16, LDK, lane);
+        }
 ATT_UNROLL
-      for (int kk = 0; kk < DV / 16; kk++) {
-        uint32_t a[4];
-        mma_load_a(a, Vs + warp * 16 * LDV + kk * 16, LDV, lane);
-        mma_step_nmajor<T, NQ>(dpt, a, Gs + kk * 16, LDV, lane);
+        for (int kk = 0; kk < DV / 16; kk++) {
+          uint32_t a[4];
+          mma_load_a(a, Vs + warp * 16 * LDV + kk * 16, LDV, lane);
+          mma_step_nmajor<T, NQ>(dpt, a, Gs + kk * 16, LDV, lane);
+        }
       }
       // P^T and dS^T = P^T (dP^T - delta); the per-element checks only where the tile needs them.
       // Element e of n-tile n is query 8 n + 2 t + (e & 1): one 8-byte load of Ls and Dl a pair.
@@ -1293,13 +1342,33 @@ ATT_UNROLL
                 pack2<T>(dpt[n][2 * hf], dpt[n][2 * hf + 1]);
       }
       // dV += P^T dO, dK += dS^T Q (k-steps over the tile's queries)
+      if constexpr (WG) {
+        // A = P^T, dS^T rounded to 16 bits; B = the dO / Q tile's core matrices of queries 16 ks ..
+        // 16 ks + 15, MN-major (LBO: the next 8 queries; SBO: the next 8 columns)
+        uint32_t pa[BQ / 16][4], da[BQ / 16][4];
 ATT_UNROLL
-      for (int ks = 0; ks < BQ / 16; ks++) {
-        uint32_t a[4];
-        mma_acc_to_a<T>(a, st[2 * ks], st[2 * ks + 1]);
-        mma_step_kmajor<T, DV / 8>(dv, a, Gs + ks * 16 * LDV, LDV, lane);
-        mma_acc_to_a<T>(a, dpt[2 * ks], dpt[2 * ks + 1]);
-        mma_step_kmajor<T, D / 8>(dk, a, Qs + ks * 16 * LDK, LDK, lane);
+        for (int ks = 0; ks < BQ / 16; ks++) {
+          mma_acc_to_a<T>(pa[ks], st[2 * ks], st[2 * ks + 1]);
+          mma_acc_to_a<T>(da[ks], dpt[2 * ks], dpt[2 * ks + 1]);
+        }
+        wgmma_fence_operands(dv);
+        wgmma_fence_operands(dk);
+        wgmma_fence();
+        wgmma_tile<T, DV, false, DV>(dv, pa, Gs, false);
+        wgmma_tile<T, D, false, D>(dk, da, Qs, false);
+        wgmma_commit();
+        wgmma_wait<0>();  // the tile is read (and refilled after the next barrier) after the products
+        wgmma_fence_operands(dv);
+        wgmma_fence_operands(dk);
+      } else {
+ATT_UNROLL
+        for (int ks = 0; ks < BQ / 16; ks++) {
+          uint32_t a[4];
+          mma_acc_to_a<T>(a, st[2 * ks], st[2 * ks + 1]);
+          mma_step_kmajor<T, DV / 8>(dv, a, Gs + ks * 16 * LDV, LDV, lane);
+          mma_acc_to_a<T>(a, dpt[2 * ks], dpt[2 * ks + 1]);
+          mma_step_kmajor<T, D / 8>(dk, a, Qs + ks * 16 * LDK, LDK, lane);
+        }
       }
       if constexpr (DQ) {
         __syncthreads();  // every warp's dS^T rows are in place
@@ -1361,14 +1430,21 @@ ATT_UNROLL
 // Shared: Q [64][D], dO [64][Dv], K [BC][D], V [BC][Dv] (16-bit, padded rows); BC keys per tile.
 // PIPE: two K/V buffers, the next tile prefetched with cp.async (as in attn_fwd_mma_kernel).
 // MINB: as attn_fwd_mma_kernel's (MEGAPATCH_ATTENTION_DQ_OCC=1 asks for 4 blocks an SM).
-template <typename T, int D, int DV, int BC, bool PIPE, int MINB = 0>
+// WG (sm_90a, MEGAPATCH_ATTENTION_WGMMA_BWD; BC 64, D and Dv in {64, 128}, PIPE): the three tile
+// products on wgmma (the block's 64 queries the wgmma's M): Q's and dO's A fragments read once
+// into registers, the K and V tiles in core matrices, K read as K-major B by S = Q K^T and as
+// MN-major B by dQ += dS K, V as K-major B by dP = dO V^T. The same products in the same order.
+template <typename T, int D, int DV, int BC, bool PIPE, int MINB = 0, bool WG = false>
 __global__ void __launch_bounds__(kAttThreads, MINB) attn_dq_mma_kernel(Params P) {
+  static_assert(!WG || (PIPE && BC == 64 && (D == 64 || D == 128) && (DV == 64 || DV == 128)),
+                "wgmma dQ: 64-key tiles of D, Dv in {64, 128}, cp.async");
   constexpr int BR = kMmaBR, LDK = D + kMmaPad, LDV = DV + kMmaPad, NS = BC / 8, NBUF = PIPE ? 2 : 1;
+  constexpr int KT = WG ? BC * D : BC * LDK, VT = WG ? BC * DV : BC * LDV;  // elements a K / V tile
   MP_DYNAMIC_SMEM(uint16_t, sm);
   uint16_t* Qs = sm;
   uint16_t* Gs = Qs + BR * LDK;
-  uint16_t* Ks0 = Gs + BR * LDV;          // NBUF tiles [BC][LDK]
-  uint16_t* Vs0 = Ks0 + NBUF * BC * LDK;  // NBUF tiles [BC][LDV]
+  uint16_t* Ks0 = Gs + BR * LDV;    // NBUF tiles [BC][LDK] (wgmma: core matrices of [BC][D])
+  uint16_t* Vs0 = Ks0 + NBUF * KT;  // NBUF tiles [BC][LDV] (wgmma: core matrices of [BC][DV])
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
   const int64_t x = blockIdx.x, nbh = P.B * P.Hq;
   const int64_t qt = P.ntiles - 1 - x / nbh, bh = x % nbh;  // longest first (see "Block order")
@@ -1406,11 +1482,25 @@ ATT_UNROLL
   row_range(P, mn(i0 + BR, P.Sq) - 1, unused, bhi);
 
   auto prefetch = [&](int64_t jt, int buf) {
-    load_tile16_async<T, D>(Ks0 + buf * BC * LDK, kb, P.k.s[2], jt, BC, P.Sk);
-    load_tile16_async<T, DV>(Vs0 + buf * BC * LDV, vb, P.v.s[2], jt, BC, P.Sk);
+    if constexpr (WG) {
+      load_tile_cm_async<T, D>(Ks0 + buf * KT, kb, P.k.s[2], jt, BC, P.Sk);
+      load_tile_cm_async<T, DV>(Vs0 + buf * VT, vb, P.v.s[2], jt, BC, P.Sk);
+    } else {
+      load_tile16_async<T, D>(Ks0 + buf * KT, kb, P.k.s[2], jt, BC, P.Sk);
+      load_tile16_async<T, DV>(Vs0 + buf * VT, vb, P.v.s[2], jt, BC, P.Sk);
+    }
     cp_async_commit();
   };
   if (PIPE && blo < bhi) prefetch(blo, 0);
+  // WG: this warp's A fragments of Q and dO (its 16 queries), read once
+  uint32_t qf[WG ? D / 16 : 1][4], gf[WG ? DV / 16 : 1][4];
+  if constexpr (WG) {
+    __syncthreads();  // Q and dO are in place
+ATT_UNROLL
+    for (int kk = 0; kk < D / 16; kk++) mma_load_a(qf[kk], Qs + warp * 16 * LDK + kk * 16, LDK, lane);
+ATT_UNROLL
+    for (int kk = 0; kk < DV / 16; kk++) mma_load_a(gf[kk], Gs + warp * 16 * LDV + kk * 16, LDV, lane);
+  }
   int buf = 0;
   for (int64_t j0 = blo; j0 < bhi; j0 += BC, buf ^= NBUF - 1) {
     __syncthreads();  // the previous tile's readers are done (its buffer is refilled below)
@@ -1425,25 +1515,39 @@ ATT_UNROLL
       load_tile16<T, D>(Ks0, kb, P.k.s[2], P.k.s[3], j0, BC, P.Sk, (P.vec >> 1) & 1);
       load_tile16<T, DV>(Vs0, vb, P.v.s[2], P.v.s[3], j0, BC, P.Sk, (P.vec >> 2) & 1);
     }
+    if constexpr (WG) fence_proxy_async();  // this thread's copies, for wgmma after the barrier
     __syncthreads();
-    const uint16_t* Ks = Ks0 + buf * BC * LDK;
-    const uint16_t* Vs = Vs0 + buf * BC * LDV;
+    const uint16_t* Ks = Ks0 + buf * KT;
+    const uint16_t* Vs = Vs0 + buf * VT;
     float s[NS][4], dp[NS][4];
+    if constexpr (WG) {
+      // B = the K / V tile's core matrices of d 16 kk .. 16 kk + 15, K-major
+      wgmma_fence_operands(s);
+      wgmma_fence_operands(dp);
+      wgmma_fence();
+      wgmma_tile<T, BC, true, D>(s, qf, Ks, true);
+      wgmma_tile<T, BC, true, DV>(dp, gf, Vs, true);
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(s);
+      wgmma_fence_operands(dp);
+    } else {
 ATT_UNROLL
-    for (int n = 0; n < NS; n++)
+      for (int n = 0; n < NS; n++)
 ATT_UNROLL
-      for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0.0f;
+        for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0.0f;
 ATT_UNROLL
-    for (int kk = 0; kk < D / 16; kk++) {
-      uint32_t a[4];
-      mma_load_a(a, Qs + warp * 16 * LDK + kk * 16, LDK, lane);
-      mma_step_nmajor<T, NS>(s, a, Ks + kk * 16, LDK, lane);
-    }
+      for (int kk = 0; kk < D / 16; kk++) {
+        uint32_t a[4];
+        mma_load_a(a, Qs + warp * 16 * LDK + kk * 16, LDK, lane);
+        mma_step_nmajor<T, NS>(s, a, Ks + kk * 16, LDK, lane);
+      }
 ATT_UNROLL
-    for (int kk = 0; kk < DV / 16; kk++) {
-      uint32_t a[4];
-      mma_load_a(a, Gs + warp * 16 * LDV + kk * 16, LDV, lane);
-      mma_step_nmajor<T, NS>(dp, a, Vs + kk * 16, LDV, lane);
+      for (int kk = 0; kk < DV / 16; kk++) {
+        uint32_t a[4];
+        mma_load_a(a, Gs + warp * 16 * LDV + kk * 16, LDV, lane);
+        mma_step_nmajor<T, NS>(dp, a, Vs + kk * 16, LDV, lane);
+      }
     }
     // a tile whose keys every row of the warp attends to, without an explicit mask, skips the
     // per-element checks (warp-uniform: __all_sync)
@@ -1475,11 +1579,25 @@ ATT_UNROLL
         }
     }
     // dQ += dS K
+    if constexpr (WG) {
+      // A = dS rounded to 16 bits; B = the K tile's core matrices of keys 16 ks .. 16 ks + 15,
+      // MN-major (LBO: the next 8 keys; SBO: the next 8 d)
+      uint32_t da[BC / 16][4];
 ATT_UNROLL
-    for (int ks = 0; ks < BC / 16; ks++) {
-      uint32_t a[4];
-      mma_acc_to_a<T>(a, s[2 * ks], s[2 * ks + 1]);
-      mma_step_kmajor<T, D / 8>(acc, a, Ks + ks * 16 * LDK, LDK, lane);
+      for (int ks = 0; ks < BC / 16; ks++) mma_acc_to_a<T>(da[ks], s[2 * ks], s[2 * ks + 1]);
+      wgmma_fence_operands(acc);
+      wgmma_fence();
+      wgmma_tile<T, D, false, D>(acc, da, Ks, false);
+      wgmma_commit();
+      wgmma_wait<0>();  // the tile is read (and refilled after the next barrier) after the products
+      wgmma_fence_operands(acc);
+    } else {
+ATT_UNROLL
+      for (int ks = 0; ks < BC / 16; ks++) {
+        uint32_t a[4];
+        mma_acc_to_a<T>(a, s[2 * ks], s[2 * ks + 1]);
+        mma_step_kmajor<T, D / 8>(acc, a, Ks + ks * 16 * LDK, LDK, lane);
+      }
     }
   }
 
@@ -1743,6 +1861,13 @@ inline int wgmma_keys_wanted() {
   if (std::strcmp(e, "1") == 0 || std::strcmp(e, "128") == 0) return 128;
   return std::strcmp(e, "64") == 0 ? 64 : 0;
 }
+// MEGAPATCH_ATTENTION_WGMMA_BWD=1: the tensor-core backward's tile products on wgmma (sm_90a, the
+// same devices): dK/dV with 64-query tiles (D + Dv <= 128) and dQ (D, Dv in {64, 128}), where the
+// rows are 16-byte aligned and contiguous. Not the default until measured on a GPU.
+inline bool wgmma_bwd_wanted() {
+  const char* e = std::getenv("MEGAPATCH_ATTENTION_WGMMA_BWD");
+  return e && std::strcmp(e, "1") == 0;
+}
 inline bool wgmma_overlap() {
   const char* e = std::getenv("MEGAPATCH_ATTENTION_WGMMA_OVERLAP");
   return !(e && std::strcmp(e, "0") == 0);
@@ -1960,7 +2085,13 @@ void backward_mma_cfg(Params P, cudaStream_t s) {
   // name the default kernel: no other instantiation)
   constexpr bool small = D + DV <= 128;
   constexpr int BQ32 = small ? 32 : BQ, MINB = small ? 3 : 0;
-  if (small && (P.vec & 9) == 9 && pipe && dkdv_bq32()) {
+  const bool wgb = pipe && wgmma_bwd_wanted() && device_has_wgmma();
+  constexpr bool wg_dims = (D == 64 || D == 128) && (DV == 64 || DV == 128);
+  if (wg_dims && BQ == 64 && wgb && (P.vec & 9) == 9) {
+    if constexpr (wg_dims && BQ == 64)
+      launch_tiles(attn_dkdv_mma_kernel<T, D, DV, BQ, true, false, 0, true>, "attentionBackward (dk, dv)", Pk,
+                   P.B * P.Hkv * Pk.ntiles, 1, dkdv_mma_smem<T, D, DV, true>(), s);
+  } else if (small && (P.vec & 9) == 9 && pipe && dkdv_bq32()) {
     launch_tiles(attn_dkdv_mma_kernel<T, D, DV, BQ32, true>, "attentionBackward (dk, dv)", Pk,
                  P.B * P.Hkv * Pk.ntiles, 1, dkdv_mma_smem<T, D, DV, true, false, BQ32>(), s);
   } else if (small && (P.vec & 9) == 9 && pipe && attention_occupancy()) {
@@ -1984,7 +2115,11 @@ void backward_mma_cfg(Params P, cudaStream_t s) {
     check(cudaStreamWaitEvent(s, side->join, 0), "attentionBackward: join");
   };
   try {
-    if (small && (P.vec & 6) == 6 && pipe && dq_occupancy()) {
+    if (wg_dims && BC == 64 && wgb && (P.vec & 6) == 6) {
+      if constexpr (wg_dims && BC == 64)
+        launch_tiles(attn_dq_mma_kernel<T, D, DV, BC, true, 0, true>, "attentionBackward (dq)", Pq,
+                     P.B * P.Hq * Pq.ntiles, 1, dq_mma_smem<T, D, DV, true>(), sq);
+    } else if (small && (P.vec & 6) == 6 && pipe && dq_occupancy()) {
       launch_tiles(attn_dq_mma_kernel<T, D, DV, BC, true, DQ_MINB>, "attentionBackward (dq)", Pq,
                    P.B * P.Hq * Pq.ntiles, 1, dq_mma_smem<T, D, DV, true>(), sq);
     } else if ((P.vec & 6) == 6 && pipe) {
