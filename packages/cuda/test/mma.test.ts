@@ -340,7 +340,7 @@ describe.skipIf(noAddon !== '')(
           // the tolerances of the CUDA-core comparison), the same bits with and without overlap.
           // On a GPU (other instructions than mma.sync) all are checked within the tolerances.
           // The backward's products on wgmma (MEGAPATCH_ATTENTION_WGMMA_BWD=1: dK/dV where D + Dv
-          // <= 128, dQ with D, Dv in {64, 128}) are the same as mma.sync's, in the same order.
+          // <= 128, dQ where D + Dv <= 192) are the same as mma.sync's, in the same order.
           const wgmma = async (keys: string, overlap: string, bwd = '0') => {
             const r = withEnv('MEGAPATCH_ATTENTION_WGMMA', keys, () =>
               withEnv('MEGAPATCH_ATTENTION_WGMMA_OVERLAP', overlap, () =>

@@ -1862,8 +1862,8 @@ inline int wgmma_keys_wanted() {
   return std::strcmp(e, "64") == 0 ? 64 : 0;
 }
 // MEGAPATCH_ATTENTION_WGMMA_BWD=1: the tensor-core backward's tile products on wgmma (sm_90a, the
-// same devices): dK/dV with 64-query tiles (D + Dv <= 128) and dQ (D, Dv in {64, 128}), where the
-// rows are 16-byte aligned and contiguous. Not the default until measured on a GPU.
+// same devices): dK/dV with 64-query tiles (D + Dv <= 128) and dQ (D, Dv in {64, 128}, D + Dv <=
+// 192), where the rows are 16-byte aligned and contiguous. Not the default until measured on a GPU.
 inline bool wgmma_bwd_wanted() {
   const char* e = std::getenv("MEGAPATCH_ATTENTION_WGMMA_BWD");
   return e && std::strcmp(e, "1") == 0;
@@ -2115,8 +2115,10 @@ void backward_mma_cfg(Params P, cudaStream_t s) {
     check(cudaStreamWaitEvent(s, side->join, 0), "attentionBackward: join");
   };
   try {
-    if (wg_dims && BC == 64 && wgb && (P.vec & 6) == 6) {
-      if constexpr (wg_dims && BC == 64)
+    // (not for D = Dv = 128: Q's and dO's fragments in registers take it to 255 and spills)
+    constexpr bool wg_dq = wg_dims && BC == 64 && D + DV <= 192;
+    if (wg_dq && wgb && (P.vec & 6) == 6) {
+      if constexpr (wg_dq)
         launch_tiles(attn_dq_mma_kernel<T, D, DV, BC, true, 0, true>, "attentionBackward (dq)", Pq,
                      P.B * P.Hq * Pq.ntiles, 1, dq_mma_smem<T, D, DV, true>(), sq);
     } else if (small && (P.vec & 6) == 6 && pipe && dq_occupancy()) {
