@@ -187,9 +187,10 @@ __global__ void ldmatrix_kernel(const uint16_t* A, uint32_t* out) {
 // C [64][N] fp32. B goes to shared memory in core matrices (mma.cuh), K-major (mode 0, 2) or
 // MN-major (mode 1), as the attention kernels lay out K and V; then D = C + A1 B[0:16] +
 // A2 B[16:32] as two wgmmas of one group (mode 2: the first with scale-d 0, C dropped). A's
-// fragments come from global memory by the documented layout.
+// fragments come from global memory by the documented layout. `swap` exchanges the descriptor's
+// two byte offsets (a diagnosis of a failure on a GPU: which reading of LBO / SBO it has).
 template <typename T, int N>
-__global__ void wgmma_kernel(int mode, const uint16_t* A, const uint16_t* B, const float* C, float* D) {
+__global__ void wgmma_kernel(int mode, const uint16_t* A, const uint16_t* B, const float* C, float* D, int swap) {
   MP_DYNAMIC_SMEM(uint16_t, sB);  // [32][N] in core matrices
   const int p = blockIdx.x, tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const uint16_t* a = A + p * 2 * 64 * 16;
@@ -220,10 +221,13 @@ __global__ void wgmma_kernel(int mode, const uint16_t* A, const uint16_t* B, con
   mpc::wgmma_fence();
   for (int s = 0; s < 2; s++) {
     const int scale = mode == 2 && s == 0 ? 0 : 1;
+    // (LBO, SBO): K-major (the next 8 k, the next 8 n), MN-major (the next 8 k, the next 8 n)
+    const uint32_t lbo = mode == 1 ? (N / 8) * 128 : 128, sbo = mode == 1 ? 128 : 4 * 128;
+    const uint32_t l = swap ? sbo : lbo, r = swap ? lbo : sbo;
     if (mode == 1)
-      mpc::wgmma_rs<T, N, true>(acc, af[s], mpc::wgmma_desc(sB + s * 2 * (N / 8) * 64, (N / 8) * 128, 128), scale);
+      mpc::wgmma_rs<T, N, true>(acc, af[s], mpc::wgmma_desc(sB + s * 2 * (N / 8) * 64, l, r), scale);
     else
-      mpc::wgmma_rs<T, N, false>(acc, af[s], mpc::wgmma_desc(sB + s * 128, 128, 4 * 128), scale);
+      mpc::wgmma_rs<T, N, false>(acc, af[s], mpc::wgmma_desc(sB + s * 128, l, r), scale);
   }
   mpc::wgmma_commit();
   mpc::wgmma_wait<0>();
@@ -375,22 +379,45 @@ template <typename T, int N> static void run_wgmma(const char* name, cudaStream_
   C.put(hC);
   auto k = wgmma_kernel<T, N>;
   const size_t smem = 32 * N * sizeof(uint16_t);
+  // D = C + A1 B[0:16] + A2 B[16:32] in the emulator's order, and the bound's magnitudes
+  auto reference = [&](int mode, int p, int i, int j, float& mag) {
+    float acc = mode == 2 ? 0.0f : hC[(p * 64 + i) * N + j];
+    mag = std::fabs(acc);
+    for (int s = 0; s < 2; s++)
+      for (int kk = 0; kk < 16; kk++) {
+        const float pr = from16<T>(hA[((p * 2 + s) * 64 + i) * 16 + kk]) * from16<T>(hB[(p * 32 + 16 * s + kk) * N + j]);
+        acc += pr;
+        mag += std::fabs(pr);
+      }
+    return acc;
+  };
+  // Diagnosis first (its lines precede a failure below): how many elements each layout gets right
+  // with the descriptor's offsets as documented and exchanged
+  for (int mode = 0; mode < 2; mode++)
+    for (int swap = 0; swap < 2; swap++) {
+      MP_LAUNCH(k, np, 128, smem, stream, mode, A.p, B.p, C.p, D.p, swap);
+      LAUNCH_OK(name);
+      std::vector<float> hD = D.get();
+      int right = 0;
+      for (int p = 0; p < np; p++)
+        for (int i = 0; i < 64; i++)
+          for (int j = 0; j < N; j++) {
+            float mag;
+            const float want = reference(mode, p, i, j, mag);
+            right += close(hD[(p * 64 + i) * N + j], want, mag) ? 1 : 0;
+          }
+      std::printf("%s %s B, byte offsets %s: %d of %d elements right\n", name, mode == 1 ? "MN-major" : "K-major",
+                  swap ? "exchanged" : "as documented", right, np * 64 * N);
+    }
   for (int mode = 0; mode < 3; mode++) {
-    MP_LAUNCH(k, np, 128, smem, stream, mode, A.p, B.p, C.p, D.p);
+    MP_LAUNCH(k, np, 128, smem, stream, mode, A.p, B.p, C.p, D.p, 0);
     LAUNCH_OK(name);
     std::vector<float> hD = D.get();
     for (int p = 0; p < np; p++)
       for (int i = 0; i < 64; i++)
         for (int j = 0; j < N; j++) {
-          // in the emulator's order: c, then k = 0..15 of A1 B, then of A2 B
-          float acc = mode == 2 ? 0.0f : hC[(p * 64 + i) * N + j];
-          float mag = std::fabs(acc);
-          for (int s = 0; s < 2; s++)
-            for (int kk = 0; kk < 16; kk++) {
-              const float pr = from16<T>(hA[((p * 2 + s) * 64 + i) * 16 + kk]) * from16<T>(hB[(p * 32 + 16 * s + kk) * N + j]);
-              acc += pr;
-              mag += std::fabs(pr);
-            }
+          float mag;
+          const float acc = reference(mode, p, i, j, mag);
           const float got = hD[(p * 64 + i) * N + j];
           CHECK(close(got, acc, mag), "%s mode %d problem %d element (%d, %d): %.9g != %.9g", name, mode, p, i, j, got,
                 acc);
