@@ -20,6 +20,7 @@
 #                                (default: the attention on wgmma, the norm backward split, dQ on the
 #                                caller's stream, capped dQ registers, no gradient-accumulation
 #                                fusion, autotuned GEMMs; "" for none)
+#   MEGAPATCH_BENCH_WGMMA=0       leave out the wgmma variants (gpu/run.sh: when its wgmma checks failed)
 #   MEGAPATCH_BENCH_PYTHON       the python with torch (default: python3, else /opt/torch/.venv/bin/python3)
 set -u
 cd "$(dirname "$0")/../../.." || exit 1
@@ -128,6 +129,11 @@ if [ -n "$TSX" ] && has train; then
   for variant in ${MEGAPATCH_BENCH_TRAIN_VARIANTS-wgmma:MEGAPATCH_ATTENTION_WGMMA=1,MEGAPATCH_ATTENTION_WGMMA_BWD=1 normsplit:MEGAPATCH_NORM_BWD_FUSED=0 onestream:MEGAPATCH_ATTENTION_BWD_STREAMS=1 dqocc:MEGAPATCH_ATTENTION_DQ_OCC=1 nogaf:MEGAPATCH_BENCH_NO_GAF=1 autotune:MEGAPATCH_GEMM_AUTOTUNE=1}; do
     vname=${variant%%:*}
     venv=${variant#*:}
+    # the wgmma forms only where gpu/run.sh's checks passed (MEGAPATCH_BENCH_WGMMA=0 otherwise)
+    if [[ $venv == *WGMMA* ]] && [ "${MEGAPATCH_BENCH_WGMMA:-1}" = 0 ]; then
+      say "ours-train-$vname: skipped (the wgmma checks did not pass)"
+      continue
+    fi
     IFS=, read -r -a vassign <<< "$venv"
     run ours-train-$vname 90 env "${vassign[@]}" MEGAPATCH_BENCH_VARIANT_ENV="$venv" MEGAPATCH_BENCH_MODE=megapatch-$vname \
       MEGAPATCH_BENCH_PROFILE=0 "$TSX" $BENCH/ours.mts train

@@ -350,14 +350,18 @@ describe.skipIf(noAddon !== '')(
             await tick();
             return r;
           };
-          const wgRuns = {
-            '64': await wgmma('64', '1'),
-            '64, no overlap': await wgmma('64', '0'),
-            '128': await wgmma('1', '1'),
-            '128, no overlap': await wgmma('128', '0'),
-            backward: await wgmma('0', '1', '1'),
-          };
-          if (!onGpu)
+          // (MEGAPATCH_TEST_WGMMA=0: without them; gpu/run.sh when the self-test failed on the GPU)
+          const withWgmma = process.env.MEGAPATCH_TEST_WGMMA !== '0';
+          const wgRuns: Record<string, number[][]> = withWgmma
+            ? {
+                '64': await wgmma('64', '1'),
+                '64, no overlap': await wgmma('64', '0'),
+                '128': await wgmma('1', '1'),
+                '128, no overlap': await wgmma('128', '0'),
+                backward: await wgmma('0', '1', '1'),
+              }
+            : {};
+          if (!onGpu && withWgmma)
             for (let o = 0; o < 4; o++) {
               expect(wgRuns['64'][o], `output ${o} with wgmma, 64 keys a tile`).toEqual(mmaAll[o]);
               expect(wgRuns['64, no overlap'][o], `output ${o} with wgmma, 64 keys, no overlap`).toEqual(
