@@ -313,7 +313,8 @@ fi
 NCU=$(command -v ncu 2>/dev/null || ls -1 /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)
 export NCU TSX DEVICE
 # the default kernels and two variants the bench compares (the forward and backward on wgmma,
-# capped dQ registers; uncapped registers were profiled in run d); the stall reasons of WarpStateStats need --print-details (older ncu: without it).
+# when their checks above passed; capped dQ registers; uncapped registers were profiled in run d);
+# the stall reasons of WarpStateStats need --print-details (older ncu: without it).
 # Then the memory-bound kernels of the step (norms, RoPE, SwiGLU, a residual-sized add, the loss: how near
 # the DRAM bandwidth each runs), from gpu/stream-ncu.mts.
 ncu_run() {
@@ -322,6 +323,7 @@ ncu_run() {
   local assigns
   for variant in MEGAPATCH_NCU_PASS=default MEGAPATCH_ATTENTION_WGMMA=1,MEGAPATCH_ATTENTION_WGMMA_BWD=1 \
     MEGAPATCH_ATTENTION_DQ_OCC=1; do
+    [[ $variant == *WGMMA* && ${MEGAPATCH_BENCH_WGMMA:-1} == 0 ]] && continue
     echo "=== ncu: attention at the model-layer shape, $variant"
     IFS=, read -r -a assigns <<< "$variant"
     env "${assigns[@]}" "$NCU" --target-processes all --kernel-name regex:attn_ "${details[@]}" \
