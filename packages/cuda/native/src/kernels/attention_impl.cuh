@@ -547,14 +547,10 @@ ATT_UNROLL
       }
     }
   };
-  // S = Q K^T on wgmma, one instruction a k-step (the first overwrites s): B = K's core matrices
-  // of d 16 kk .. 16 kk + 15 (LBO: the next 8 d, 128 bytes; SBO: the next 8 keys, 16 D bytes)
+  // S = Q K^T on wgmma (issued), one instruction a k-step (the first overwrites s): B = K's core
+  // matrices of d 16 kk .. 16 kk + 15, K-major
   auto scores_wg = [&](float (&s)[RM][NS][4], const uint16_t* Ks) {
-    if constexpr (WG != 0) {
-      wgmma_fence_operands(s[0]);  // pins s's registers (written asynchronously below)
-      wgmma_tile<T, BC, true, D>(s[0], qf, Ks, true);
-      wgmma_commit();
-    }
+    if constexpr (WG != 0) wgmma_tile<T, BC, true, D>(s[0], qf, Ks, true);
   };
   // OVL: the factors by which o is rescaled once the pending P V is done (1: unchanged)
   float scl[RM][2];
@@ -705,14 +701,10 @@ ATT_UNROLL
       }
     }
   };
-  // O += P V on wgmma, one instruction a k-step of 16 keys: B = V's core matrices of keys 16 ks ..
-  // 16 ks + 15, MN-major (LBO: the next 8 keys, 16 DV bytes; SBO: the next 8 columns, 128 bytes)
+  // O += P V on wgmma (issued), one instruction a k-step of 16 keys: B = V's core matrices of keys
+  // 16 ks .. 16 ks + 15, MN-major
   auto pv_wg = [&](const uint32_t (&pw)[KP][4], const uint16_t* Vs) {
-    if constexpr (WG != 0) {
-      wgmma_fence_operands(o[0]);
-      wgmma_tile<T, DV, false, DV>(o[0], pw, Vs, false);
-      wgmma_commit();
-    }
+    if constexpr (WG != 0) wgmma_tile<T, DV, false, DV>(o[0], pw, Vs, false);
   };
 
   if constexpr (OVL) {
@@ -731,10 +723,7 @@ ATT_UNROLL
       }
       fence_proxy_async();  // this thread's copies, for wgmma after the barrier
       __syncthreads();
-      wgmma_fence();
-      scores_wg(s, Ks0);
-      wgmma_wait<0>();
-      wgmma_fence_operands(s[0]);
+      wgmma_sync([&] { scores_wg(s, Ks0); }, s[0]);
       softmax(s, blo);  // o is still zero: nothing to rescale
       pack_p(pw, s);
     }
@@ -745,9 +734,13 @@ ATT_UNROLL
         cp_async_wait<0>();  // tile j + 1, in buffer buf ^ 1
         fence_proxy_async();
         __syncthreads();
+        wgmma_fence_operands(s[0]);
+        wgmma_fence_operands(o[0]);
         wgmma_fence();
         scores_wg(s, Ks0 + (buf ^ 1) * KT);
+        wgmma_commit();
         pv_wg(pw, Vs);
+        wgmma_commit();
         wgmma_wait<1>();  // the scores are in; P V may still run
         wgmma_fence_operands(s[0]);
         softmax(s, j0 + BC);
@@ -758,10 +751,7 @@ ATT_UNROLL
         __syncthreads();  // every warp's P V of buffer buf is done: refill it
         if (j0 + 2 * BC < bhi) prefetch(j0 + 2 * BC, buf);
       } else {
-        wgmma_fence();
-        pv_wg(pw, Vs);
-        wgmma_wait<0>();
-        wgmma_fence_operands(o[0]);
+        wgmma_sync([&] { pv_wg(pw, Vs); }, o[0]);
       }
     }
   } else {
@@ -785,10 +775,7 @@ ATT_UNROLL
       const uint16_t* Vs = Vs0 + buf * VT;
       float s[RM][NS][4];
       if constexpr (WG != 0) {
-        wgmma_fence();
-        scores_wg(s, Ks);
-        wgmma_wait<0>();
-        wgmma_fence_operands(s[0]);
+        wgmma_sync([&] { scores_wg(s, Ks); }, s[0]);
       } else {
         scores_mma(s, Ks);
       }
@@ -796,10 +783,8 @@ ATT_UNROLL
       if constexpr (WG != 0) {
         uint32_t pw[KP][4];
         pack_p(pw, s);
-        wgmma_fence();  // the rescaled o and the packed P are read by the wgmmas
-        pv_wg(pw, Vs);
-        wgmma_wait<0>();  // o is read, and this buffer refilled, after the products
-        wgmma_fence_operands(o[0]);
+        // o is read, and this buffer refilled, after the products
+        wgmma_sync([&] { pv_wg(pw, Vs); }, o[0]);
       } else {
         pv_mma(s, Vs);
       }
@@ -1273,15 +1258,12 @@ ATT_UNROLL
       if constexpr (WG) {
         // B = the Q / dO tile's core matrices of d 16 kk .. 16 kk + 15, K-major (LBO: the next 8 d;
         // SBO: the next 8 queries); the first k-step overwrites the accumulators
-        wgmma_fence_operands(st);
-        wgmma_fence_operands(dpt);
-        wgmma_fence();
-        wgmma_tile<T, BQ, true, D>(st, kf, Qs, true);
-        wgmma_tile<T, BQ, true, DV>(dpt, vf, Gs, true);
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_fence_operands(st);
-        wgmma_fence_operands(dpt);
+        wgmma_sync(
+            [&] {
+              wgmma_tile<T, BQ, true, D>(st, kf, Qs, true);
+              wgmma_tile<T, BQ, true, DV>(dpt, vf, Gs, true);
+            },
+            st, dpt);
       } else {
 ATT_UNROLL
         for (int n = 0; n < NQ; n++)
@@ -1351,15 +1333,13 @@ ATT_UNROLL
           mma_acc_to_a<T>(pa[ks], st[2 * ks], st[2 * ks + 1]);
           mma_acc_to_a<T>(da[ks], dpt[2 * ks], dpt[2 * ks + 1]);
         }
-        wgmma_fence_operands(dv);
-        wgmma_fence_operands(dk);
-        wgmma_fence();
-        wgmma_tile<T, DV, false, DV>(dv, pa, Gs, false);
-        wgmma_tile<T, D, false, D>(dk, da, Qs, false);
-        wgmma_commit();
-        wgmma_wait<0>();  // the tile is read (and refilled after the next barrier) after the products
-        wgmma_fence_operands(dv);
-        wgmma_fence_operands(dk);
+        // the tile is read (and refilled after the next barrier) after the products
+        wgmma_sync(
+            [&] {
+              wgmma_tile<T, DV, false, DV>(dv, pa, Gs, false);
+              wgmma_tile<T, D, false, D>(dk, da, Qs, false);
+            },
+            dv, dk);
       } else {
 ATT_UNROLL
         for (int ks = 0; ks < BQ / 16; ks++) {
@@ -1522,15 +1502,12 @@ ATT_UNROLL
     float s[NS][4], dp[NS][4];
     if constexpr (WG) {
       // B = the K / V tile's core matrices of d 16 kk .. 16 kk + 15, K-major
-      wgmma_fence_operands(s);
-      wgmma_fence_operands(dp);
-      wgmma_fence();
-      wgmma_tile<T, BC, true, D>(s, qf, Ks, true);
-      wgmma_tile<T, BC, true, DV>(dp, gf, Vs, true);
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_operands(s);
-      wgmma_fence_operands(dp);
+      wgmma_sync(
+          [&] {
+            wgmma_tile<T, BC, true, D>(s, qf, Ks, true);
+            wgmma_tile<T, BC, true, DV>(dp, gf, Vs, true);
+          },
+          s, dp);
     } else {
 ATT_UNROLL
       for (int n = 0; n < NS; n++)
@@ -1585,12 +1562,8 @@ ATT_UNROLL
       uint32_t da[BC / 16][4];
 ATT_UNROLL
       for (int ks = 0; ks < BC / 16; ks++) mma_acc_to_a<T>(da[ks], s[2 * ks], s[2 * ks + 1]);
-      wgmma_fence_operands(acc);
-      wgmma_fence();
-      wgmma_tile<T, D, false, D>(acc, da, Ks, false);
-      wgmma_commit();
-      wgmma_wait<0>();  // the tile is read (and refilled after the next barrier) after the products
-      wgmma_fence_operands(acc);
+      // the tile is read (and refilled after the next barrier) after the products
+      wgmma_sync([&] { wgmma_tile<T, D, false, D>(acc, da, Ks, false); }, acc);
     } else {
 ATT_UNROLL
       for (int ks = 0; ks < BC / 16; ks++) {

@@ -520,6 +520,17 @@ template <int NT> MP_D void wgmma_fence_operands(float (&d)[NT][4]) {
 #endif
 }
 
+// Issues issue()'s wgmmas as one group and waits for it: the accumulators `accs` are pinned before
+// and after (wgmma_fence_operands), the registers written before are fenced (wgmma_fence).
+template <typename F, typename... Acc> MP_D void wgmma_sync(F issue, Acc&... accs) {
+  (wgmma_fence_operands(accs), ...);
+  wgmma_fence();
+  issue();
+  wgmma_commit();
+  wgmma_wait<0>();
+  (wgmma_fence_operands(accs), ...);
+}
+
 #define MPC_WG_D64_STR "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
 #define MPC_WG_D64_OPS(d) "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
 #define MPC_WG_A64_STR "{%32, %33, %34, %35}, %36"
