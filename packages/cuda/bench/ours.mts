@@ -322,7 +322,7 @@ if (want('attn')) {
       const dqCapped = small ? withSwitch('MEGAPATCH_ATTENTION_DQ_OCC', '1') : null;
       // the products on wgmma (sm_90a): the forward with 128 and 64 keys a tile, with and without
       // the overlap of the next tile's scores with P V; the backward; both (the mma.sync kernels
-      // elsewhere). Left out with MEGAPATCH_BENCH_WGMMA=0 (gpu/run.sh: its wgmma checks failed).
+      // elsewhere); the same with two warpgroups a block. Left out with MEGAPATCH_BENCH_WGMMA=0 (gpu/run.sh: its wgmma checks failed).
       const wgmmaForms: Record<string, [string, string][]> =
         process.env.MEGAPATCH_BENCH_WGMMA === '0'
           ? {}
@@ -341,6 +341,21 @@ if (want('attn')) {
               wgmmaBothMs: [
                 ['MEGAPATCH_ATTENTION_WGMMA', '1'],
                 ['MEGAPATCH_ATTENTION_WGMMA_BWD', '1'],
+              ],
+              // two warpgroups a block sharing each K/V (forward, dQ) or Q/dO (dK/dV) tile
+              wgmma2Ms: [
+                ['MEGAPATCH_ATTENTION_WGMMA', '1'],
+                ['MEGAPATCH_ATTENTION_FWD_ROWS', '128'],
+              ],
+              wgmma64x2Ms: [
+                ['MEGAPATCH_ATTENTION_WGMMA', '64'],
+                ['MEGAPATCH_ATTENTION_FWD_ROWS', '128'],
+              ],
+              wgmmaBwd2Ms: [['MEGAPATCH_ATTENTION_WGMMA_BWD', '2']],
+              wgmmaBoth2Ms: [
+                ['MEGAPATCH_ATTENTION_WGMMA', '1'],
+                ['MEGAPATCH_ATTENTION_FWD_ROWS', '128'],
+                ['MEGAPATCH_ATTENTION_WGMMA_BWD', '2'],
               ],
             };
       const wgmmaMs: Record<string, { fwd: number; fwdBwd: number }> = {};

@@ -191,9 +191,14 @@ for (const c of cases.attn) {
     ['wgmma64SerialMs', 'wgmma forward, 64-key tiles, no overlap'],
     ['wgmmaBwdMs', 'wgmma backward'],
     ['wgmmaBothMs', 'wgmma forward and backward'],
+    ['wgmma2Ms', 'wgmma forward, two warpgroups'],
+    ['wgmma64x2Ms', 'wgmma forward, 64-key tiles, two warpgroups'],
+    ['wgmmaBwd2Ms', 'wgmma backward, two warpgroups'],
+    ['wgmmaBoth2Ms', 'wgmma forward and backward, two warpgroups'],
   ]) {
     // MEGAPATCH_ATTENTION_WGMMA=1 / 64 (and MEGAPATCH_ATTENTION_WGMMA_OVERLAP=0): the forward's
-    // tile products on Hopper's wgmma; MEGAPATCH_ATTENTION_WGMMA_BWD=1 the backward's
+    // tile products on Hopper's wgmma; MEGAPATCH_ATTENTION_WGMMA_BWD=1 the backward's; two
+    // warpgroups a block: MEGAPATCH_ATTENTION_FWD_ROWS=128 with the forward's, =2 the backward's
     if (!o?.[key]) continue;
     row(
       `attn ${c.case} fwd / fwd+bwd ms, ${label}`,

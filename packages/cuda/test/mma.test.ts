@@ -9,7 +9,8 @@
 // (MEGAPATCH_ATTENTION_MMA=0) and the CPU backend, with and without the cp.async prefetch of the
 // next tile (MEGAPATCH_ATTENTION_PIPELINE=0), with 64- and 128-row forward tiles
 // (MEGAPATCH_ATTENTION_FWD_ROWS=128), with the products on wgmma (MEGAPATCH_ATTENTION_WGMMA=64
-// and =1, with and without MEGAPATCH_ATTENTION_WGMMA_OVERLAP; MEGAPATCH_ATTENTION_WGMMA_BWD=1), and
+// and =1, with and without MEGAPATCH_ATTENTION_WGMMA_OVERLAP, one or two warpgroups a block;
+// MEGAPATCH_ATTENTION_WGMMA_BWD=1), and
 // with the fused single-pass backward (MEGAPATCH_ATTENTION_BWD=fused).
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -340,11 +341,18 @@ describe.skipIf(noAddon !== '')(
           // the tolerances of the CUDA-core comparison), the same bits with and without overlap.
           // On a GPU (other instructions than mma.sync) all are checked within the tolerances.
           // The backward's products on wgmma (MEGAPATCH_ATTENTION_WGMMA_BWD=1: dK/dV where D + Dv
-          // <= 128, dQ where D + Dv <= 192) are the same as mma.sync's, in the same order.
-          const wgmma = async (keys: string, overlap: string, bwd = '0') => {
+          // <= 128, dQ where D + Dv <= 192) are the same as mma.sync's, in the same order; with two
+          // warpgroups a block (=2) too (the emulator adds a product's k terms one by one in order,
+          // so tiles that start elsewhere give the same sums; a GPU's tensor cores need not).
+          // Two warpgroups a block (MEGAPATCH_ATTENTION_FWD_ROWS=128: 128 query rows sharing each
+          // K/V tile) do each row's arithmetic as one warpgroup does when the key tiles start at the
+          // same key (not so with cuSeqlens, as for the 128-row mma.sync tiles above).
+          const wgmma = async (keys: string, overlap: string, bwd = '0', rows = '64') => {
             const r = withEnv('MEGAPATCH_ATTENTION_WGMMA', keys, () =>
               withEnv('MEGAPATCH_ATTENTION_WGMMA_OVERLAP', overlap, () =>
-                withEnv('MEGAPATCH_ATTENTION_WGMMA_BWD', bwd, () => run(DEV)),
+                withEnv('MEGAPATCH_ATTENTION_WGMMA_BWD', bwd, () =>
+                  withEnv('MEGAPATCH_ATTENTION_FWD_ROWS', rows, () => run(DEV)),
+                ),
               ),
             );
             await tick();
@@ -359,6 +367,10 @@ describe.skipIf(noAddon !== '')(
                 '128': await wgmma('1', '1'),
                 '128, no overlap': await wgmma('128', '0'),
                 backward: await wgmma('0', '1', '1'),
+                'backward, two warpgroups': await wgmma('0', '1', '2'),
+                '64, two warpgroups': await wgmma('64', '1', '0', '128'),
+                '128, two warpgroups': await wgmma('1', '1', '0', '128'),
+                '128, two warpgroups, no overlap': await wgmma('1', '0', '0', '128'),
               }
             : {};
           if (!onGpu && withWgmma)
@@ -368,9 +380,26 @@ describe.skipIf(noAddon !== '')(
                 mmaAll[o],
               );
               expect(wgRuns.backward[o], `output ${o} with the backward on wgmma`).toEqual(mmaAll[o]);
+              expect(
+                wgRuns['backward, two warpgroups'][o],
+                `output ${o}, backward on two warpgroups`,
+              ).toEqual(mmaAll[o]);
               expect(wgRuns['128, no overlap'][o], `output ${o} with wgmma, 128 keys, no overlap`).toEqual(
                 wgRuns['128'][o],
               );
+              expect(
+                wgRuns['128, two warpgroups, no overlap'][o],
+                `output ${o} with wgmma, 128 keys, two warpgroups, no overlap`,
+              ).toEqual(wgRuns['128, two warpgroups'][o]);
+              if (!c.cu) {
+                expect(wgRuns['64, two warpgroups'][o], `output ${o} with wgmma, two warpgroups`).toEqual(
+                  mmaAll[o],
+                );
+                expect(
+                  wgRuns['128, two warpgroups'][o],
+                  `output ${o} with wgmma, 128 keys, two warpgroups`,
+                ).toEqual(wgRuns['128'][o]);
+              }
             }
           const cpuAll = run('cpu');
           const [mma, fma, cpu] = [mmaAll[0], fmaAll[0], cpuAll[0]];

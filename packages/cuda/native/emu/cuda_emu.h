@@ -40,7 +40,7 @@
 //    check that their device side lies inside one allocation (else cudaErrorInvalidValue).
 //
 // Device features provided: threadIdx/blockIdx/blockDim/gridDim, warpSize, __syncthreads
-// (+ _count/_and/_or), __syncwarp, __shfl_sync/__shfl_xor_sync/__shfl_down_sync/__shfl_up_sync
+// (+ _count/_and/_or), named barriers (bar.sync / bar.arrive: named_barrier_sync below), __syncwarp, __shfl_sync/__shfl_xor_sync/__shfl_down_sync/__shfl_up_sync
 // (any 4- or 8-byte trivially copyable type, narrower integers through int; the PTX lane rules
 // for `width`; a source lane past the end of a partial last warp yields the caller's own value),
 // __ballot_sync, __any_sync, __all_sync, __activemask, __popc/__popcll, __ffs/__ffsll,
@@ -352,6 +352,14 @@ bool is_dry_run();
 // block barrier; `file`/`line` name the call site (all threads must be at the same one)
 void syncthreads(const char* file, int line);
 int syncthreads_reduce(int op, int pred, const char* file, int line);  // op 0 count, 1 and, 2 or
+
+// Named barriers (PTX bar.sync / bar.arrive id, count): `count` threads (a multiple of 32) complete
+// a phase of barrier `id`; bar.sync waits for the phase to complete, bar.arrive does not. Unlike
+// __syncthreads the call sites may differ. Ids 0 .. 15 as on the GPU (a kernel mixing id 0 with
+// __syncthreads is not modelled: the emulator keeps them apart), 16 .. 31 the emulator's own.
+constexpr unsigned kNamedBarriers = 32;
+void named_barrier_sync(unsigned id, unsigned count, const char* file, int line);
+void named_barrier_arrive(unsigned id, unsigned count, const char* file, int line);
 
 // the message of the last emulator fault on this thread ("" if none)
 const char* last_fault_message();

@@ -75,7 +75,7 @@ cudaError_t set_error(cudaError_t e) {
 }
 
 // ---- fibers ----------------------------------------------------------------------------------------
-enum State : int { kReady, kWaitBlock, kWaitWarp, kDone };
+enum State : int { kReady, kWaitBlock, kWaitWarp, kWaitNamed, kDone };
 
 struct Fiber {
   char* stack = nullptr;  // lowest usable address (a guard page lies below)
@@ -87,6 +87,7 @@ struct Fiber {
 #endif
   uint3 idx{0, 0, 0};
   int state = kDone;
+  unsigned bar_id = 0;  // the named barrier a kWaitNamed fiber waits at
 };
 
 struct Warp {
@@ -134,6 +135,14 @@ const char* g_bar_file = nullptr;
 int g_bar_line = 0;
 int g_reduce_acc = 0;
 int g_reduce_result = 0;
+// named barriers (bar.sync / bar.arrive id, count): the threads arrived and the count of the
+// current phase (set by its first arrival); ids >= 16 are the emulator's own (wgmma)
+struct NamedBar {
+  unsigned arrived = 0, count = 0;
+  const char* file = nullptr;
+  int line = 0;
+};
+NamedBar g_named[kNamedBarriers];
 // dynamic shared memory
 unsigned char* g_smem = nullptr;
 size_t g_smem_cap = 0;
@@ -248,6 +257,13 @@ std::string deadlock_message() {
     }
     return msg;
   }
+  for (unsigned id = 0; id < kNamedBarriers; id++) {
+    const NamedBar& nb = g_named[id];
+    if (nb.arrived == 0) continue;
+    return "named barrier " + std::to_string(id) + " in " + block_str() + ": " + std::to_string(nb.arrived) +
+           " of " + std::to_string(nb.count) + " threads arrived (last at " + (nb.file ? nb.file : "?") + ":" +
+           std::to_string(nb.line) + "), the others wait elsewhere or have exited";
+  }
   for (unsigned w = 0; w < g_warps.size(); w++) {
     const Warp& wp = g_warps[w];
     if (!wp.arrived) continue;
@@ -268,6 +284,7 @@ void run_block() {
   g_live = g_nthreads;
   g_arrived = 0;
   g_reduce_acc = 0;
+  for (NamedBar& nb : g_named) nb = NamedBar{};
   while (g_live > 0) {
     bool ran = false;
     for (unsigned i = 0; i < g_nthreads; i++) {
@@ -379,6 +396,46 @@ int block_barrier(int op, int pred, const char* file, int line) {
 }  // namespace
 
 void syncthreads(const char* file, int line) { block_barrier(-1, 0, file, line); }
+
+namespace {
+[[noreturn]] __attribute__((noinline, cold)) void named_fault(const std::string& msg) {
+  record_fault(msg + " in " + block_str() + ", thread " + fmt3(g_fibers[g_cur].idx));
+  switch_to_scheduler();
+  std::abort();  // never resumed
+}
+// one arrival at named barrier `id`; true when it completed the phase (the waiters are released)
+bool named_arrival(unsigned id, unsigned count, const char* file, int line, const char* what) {
+  check_in_kernel(what);
+  if (id >= kNamedBarriers)
+    named_fault(std::string(what) + ": barrier id " + std::to_string(id) + " (at most " +
+                std::to_string(kNamedBarriers - 1) + ")");
+  if (count == 0 || count % 32 != 0 || count > g_nthreads)
+    named_fault(std::string(what) + ": thread count " + std::to_string(count) +
+                " (a multiple of 32, at most the block's " + std::to_string(g_nthreads) + ")");
+  NamedBar& nb = g_named[id];
+  if (nb.arrived == 0) nb.count = count;
+  else if (nb.count != count)
+    named_fault(std::string(what) + " " + std::to_string(id) + ": count " + std::to_string(count) + " while " +
+                std::to_string(nb.arrived) + " threads arrived with count " + std::to_string(nb.count));
+  nb.file = file;
+  nb.line = line;
+  if (++nb.arrived < nb.count) return false;
+  for (unsigned i = 0; i < g_nthreads; i++)
+    if (g_fibers[i].state == kWaitNamed && g_fibers[i].bar_id == id) g_fibers[i].state = kReady;
+  nb.arrived = 0;
+  return true;
+}
+}  // namespace
+
+void named_barrier_sync(unsigned id, unsigned count, const char* file, int line) {
+  if (named_arrival(id, count, file, line, "bar.sync")) return;
+  g_fibers[g_cur].state = kWaitNamed;
+  g_fibers[g_cur].bar_id = id;
+  switch_to_scheduler();
+}
+void named_barrier_arrive(unsigned id, unsigned count, const char* file, int line) {
+  named_arrival(id, count, file, line, "bar.arrive");
+}
 int syncthreads_reduce(int op, int pred, const char* file, int line) {
   return block_barrier(op, pred, file, line);
 }

@@ -266,7 +266,42 @@ __global__ void barrier_kernel(int* out) {
   out[t] = s[t];
 }
 
+// named barriers (mpc::bar_sync / bar_arrive), 256 threads: each half of the block rotates its 128
+// values (half h: h + 1 times) meeting only its own threads at barrier 1 + h; then half 0 writes
+// and signals barrier 3 (bar.arrive), which half 1 waits at before reading
+__global__ void named_barriers(int* out) {
+  __shared__ int s[256];
+  const int t = threadIdx.x, half = t / 128, lt = t % 128;
+  s[t] = t;
+  for (int r = 0; r <= half; r++) {
+    mpc::bar_sync(1 + half, 128);
+    const int v = s[half * 128 + (lt + 1) % 128];
+    mpc::bar_sync(1 + half, 128);
+    s[t] = v;
+  }
+  __syncthreads();
+  out[t] = s[t];
+  __syncthreads();
+  if (half == 0) {
+    s[lt] = 1000 + lt;
+    __threadfence_block();
+    mpc::bar_arrive(3, 256);
+  } else {
+    mpc::bar_sync(3, 256);
+    out[256 + lt] = s[127 - lt];
+  }
+}
+
 #ifdef MEGAPATCH_CUDA_EMULATOR
+// half the block waits at a named barrier of the whole block, the other half exits
+__global__ void named_deadlock(int* out) {
+  if (threadIdx.x < 64) mpc::bar_sync(5, 128);
+  out[threadIdx.x] = 1;
+}
+__global__ void named_bad_count(int* out) {
+  mpc::bar_sync(2, 48);
+  out[threadIdx.x] = 1;
+}
 __global__ void divergent_exit(int* out) {
   if (threadIdx.x < 16) return;
   __syncthreads();
@@ -543,6 +578,18 @@ int main() {
     CHECK(e == cudaErrorInvalidConfiguration || e == cudaErrorInvalidValue, "300 KB smem: %s", cudaGetErrorString(e));
   }
 
+  {  // named barriers: independent halves, then a producer's bar.arrive and a consumer's bar.sync
+    DevBuf<int> out(384);
+    MP_LAUNCH(named_barriers, 2, 256, 0, stream, out.p);
+    LAUNCH_OK("named_barriers");
+    const std::vector<int> h = out.get();
+    for (int t = 0; t < 128; t++) {
+      CHECK(h[t] == (t + 1) % 128, "half 0, thread %d: %d", t, h[t]);
+      CHECK(h[128 + t] == 128 + (t + 2) % 128, "half 1, thread %d: %d", t, h[128 + t]);
+      CHECK(h[256 + t] == 1000 + 127 - t, "consumer thread %d: %d", t, h[256 + t]);
+    }
+  }
+
 #ifdef MEGAPATCH_CUDA_EMULATOR
   {  // emulator faults: reported, and the next launch runs normally
     DevBuf<int> out(256);
@@ -559,6 +606,15 @@ int main() {
     MP_LAUNCH(divergent_shfl, 1, 64, 0, stream, out.p);
     msg = last_error_text();
     CHECK(msg.find("divergent __shfl_sync") != std::string::npos, "message: %s", msg.c_str());
+
+    MP_LAUNCH(named_deadlock, 1, 128, 0, stream, out.p);
+    msg = last_error_text();
+    CHECK(msg.find("named barrier 5 in block (0,0,0): 64 of 128 threads arrived") != std::string::npos,
+          "message: %s", msg.c_str());
+
+    MP_LAUNCH(named_bad_count, 1, 64, 0, stream, out.p);
+    msg = last_error_text();
+    CHECK(msg.find("bar.sync: thread count 48 (a multiple of 32") != std::string::npos, "message: %s", msg.c_str());
 
     MP_LAUNCH(trapping, 3, 32, 0, stream, out.p);
     msg = last_error_text();

@@ -359,21 +359,22 @@ MP_D void zero16(uint16_t* dst) {
 }
 
 // dst[r * (W + pad) + c] = the 16-bit bits of src row r0 + r, column c (zeros for rows at or past
-// `total`), r < rows, c < W, by the whole block; `vec`: rows are 16-byte aligned and contiguous.
-template <typename T, int W>
+// `total`), r < rows, c < W, by the whole block (NT threads); `vec`: rows are 16-byte aligned and
+// contiguous.
+template <typename T, int W, int NT = kAttThreads>
 MP_D void load_tile16(uint16_t* dst, const T* base, int64_t rs, int64_t cs, int64_t r0, int rows, int64_t total,
                       bool vec) {
   constexpr int ld = W + kMmaPad;
   if (vec) {
     constexpr int chunks = W / 8;
-    for (int idx = threadIdx.x; idx < rows * chunks; idx += kAttThreads) {
+    for (int idx = threadIdx.x; idx < rows * chunks; idx += NT) {
       const int r = idx / chunks, c = (idx - r * chunks) * 8;
       const int64_t row = r0 + r;
       if (row < total) copy16(dst + r * ld + c, base + row * rs + c);
       else zero16(dst + r * ld + c);
     }
   } else {
-    for (int idx = threadIdx.x; idx < rows * W; idx += kAttThreads) {
+    for (int idx = threadIdx.x; idx < rows * W; idx += NT) {
       const int r = idx / W, c = idx - r * W;
       const int64_t row = r0 + r;
       dst[r * ld + c] = row < total ? base[row * rs + c * cs].bits : uint16_t(0);
@@ -384,10 +385,10 @@ MP_D void load_tile16(uint16_t* dst, const T* base, int64_t rs, int64_t cs, int6
 // The same as load_tile16 for rows that are 16-byte aligned and contiguous, through cp.async:
 // the caller commits the group and waits for it (mma.cuh); rows at or past `total` are zeroed by
 // plain stores (visible after the barrier that follows the wait).
-template <typename T, int W>
+template <typename T, int W, int NT = kAttThreads>
 MP_D void load_tile16_async(uint16_t* dst, const T* base, int64_t rs, int64_t r0, int rows, int64_t total) {
   constexpr int ld = W + kMmaPad, chunks = W / 8;
-  for (int idx = threadIdx.x; idx < rows * chunks; idx += kAttThreads) {
+  for (int idx = threadIdx.x; idx < rows * chunks; idx += NT) {
     const int r = idx / chunks, c = (idx - r * chunks) * 8;
     const int64_t row = r0 + r;
     if (row < total) cp_async16(dst + r * ld + c, base + row * rs + c);
@@ -399,11 +400,12 @@ MP_D void load_tile16_async(uint16_t* dst, const T* base, int64_t rs, int64_t r0
 // contiguous rows, through cp.async, into wgmma's core-matrix layout without swizzling (mma.cuh):
 // element (r, c) at ((r / 8) (W / 8) + c / 8) 64 + (r % 8) 8 + c % 8. 16-byte chunk idx is row
 // 8 (idx / W) + idx % 8, columns 8 ((idx / 8) % (W / 8)) and lands at element 8 idx, so the
-// threads of a warp fill consecutive shared memory. Rows at or past `total` are zeroed.
-template <typename T, int W>
+// threads of a warp fill consecutive shared memory. Rows at or past `total` are zeroed. NT: the
+// block's threads.
+template <typename T, int W, int NT = kAttThreads>
 MP_D void load_tile_cm_async(uint16_t* dst, const T* base, int64_t rs, int64_t r0, int rows, int64_t total) {
   constexpr int chunks = W / 8;
-  for (int idx = threadIdx.x; idx < rows * chunks; idx += kAttThreads) {
+  for (int idx = threadIdx.x; idx < rows * chunks; idx += NT) {
     const int r = (idx / W) * 8 + (idx & 7), c = ((idx >> 3) % chunks) * 8;
     const int64_t row = r0 + r;
     if (row < total) cp_async16(dst + 8 * idx, base + row * rs + c);
@@ -448,11 +450,16 @@ template <int RM, int DV> constexpr int fwd_mma_bc() { return RM == 2 && DV >= 1
 // keys a tile the arithmetic is the same too (the emulator gives the same bits).
 // OVL (with WG): FlashAttention-3's intra-warpgroup overlap: the next tile's Q K^T is issued
 // before this tile's P V, and its softmax runs while P V is on the tensor cores (the loop below).
-template <typename T, int D, int DV, bool PIPE, int RM = 1, int MINB = 0, int WG = 0, bool OVL = false>
-__global__ void __launch_bounds__(kAttThreads, MINB) attn_fwd_mma_kernel(Params P) {
+// NWG (with WG): warpgroups a block, each with its 64 query rows (warp w: rows 16 w .. 16 w + 15),
+// all multiplying the same K/V tiles: NWG = 2 is FlashAttention-3's 128-row block, each tile
+// loaded once for 128 queries (half the shared-memory fills and L2 reads of K and V a query).
+template <typename T, int D, int DV, bool PIPE, int RM = 1, int MINB = 0, int WG = 0, bool OVL = false, int NWG = 1>
+__global__ void __launch_bounds__(kAttThreads * NWG, MINB) attn_fwd_mma_kernel(Params P) {
   static_assert(WG == 0 || ((WG == 64 || WG == 128) && RM == 1 && PIPE), "wgmma forward: 64 rows, cp.async");
   static_assert(!OVL || WG != 0, "the overlapped order is wgmma's");
-  constexpr int BR = kMmaBR * RM, BC = WG ? WG : fwd_mma_bc<RM, DV>(), LDQ = D + kMmaPad, LDV = DV + kMmaPad;
+  static_assert(NWG == 1 || (WG != 0 && NWG == 2), "two warpgroups a block: wgmma's");
+  constexpr int NT = kAttThreads * NWG;  // threads a block
+  constexpr int BR = kMmaBR * RM * NWG, BC = WG ? WG : fwd_mma_bc<RM, DV>(), LDQ = D + kMmaPad, LDV = DV + kMmaPad;
   constexpr int KD = D / 16, NS = BC / 8, NO = DV / 8, NBUF = PIPE ? 2 : 1;
   constexpr int KT = WG ? BC * D : BC * LDQ, VT = WG ? BC * DV : BC * LDV;  // elements a K / V tile
   constexpr bool QREG = RM == 1;
@@ -469,7 +476,7 @@ __global__ void __launch_bounds__(kAttThreads, MINB) attn_fwd_mma_kernel(Params 
   const float log2e = static_cast<float>(kLog2e);
   const float ninf = -INFINITY;
 
-  load_tile16<T, D>(Qs, mat_ptr<const T>(P.q, b, h), P.q.s[2], P.q.s[3], i0, BR, P.Sq, P.vec & 1);
+  load_tile16<T, D, NT>(Qs, mat_ptr<const T>(P.q, b, h), P.q.s[2], P.q.s[3], i0, BR, P.Sq, P.vec & 1);
   const T* kb = mat_ptr<const T>(P.k, b, kh);
   const T* vb = mat_ptr<const T>(P.v, b, kh);
 
@@ -496,11 +503,11 @@ ATT_UNROLL
   // K/V tile starting at key jt into buffer `buf`, as one cp.async group
   auto prefetch = [&](int64_t jt, int buf) {
     if constexpr (WG != 0) {
-      load_tile_cm_async<T, D>(Ks0 + buf * KT, kb, P.k.s[2], jt, BC, P.Sk);
-      load_tile_cm_async<T, DV>(Vs0 + buf * VT, vb, P.v.s[2], jt, BC, P.Sk);
+      load_tile_cm_async<T, D, NT>(Ks0 + buf * KT, kb, P.k.s[2], jt, BC, P.Sk);
+      load_tile_cm_async<T, DV, NT>(Vs0 + buf * VT, vb, P.v.s[2], jt, BC, P.Sk);
     } else {
-      load_tile16_async<T, D>(Ks0 + buf * KT, kb, P.k.s[2], jt, BC, P.Sk);
-      load_tile16_async<T, DV>(Vs0 + buf * VT, vb, P.v.s[2], jt, BC, P.Sk);
+      load_tile16_async<T, D, NT>(Ks0 + buf * KT, kb, P.k.s[2], jt, BC, P.Sk);
+      load_tile16_async<T, DV, NT>(Vs0 + buf * VT, vb, P.v.s[2], jt, BC, P.Sk);
     }
     cp_async_commit();
   };
@@ -766,8 +773,8 @@ ATT_UNROLL
           cp_async_wait<0>();
         }
       } else {
-        load_tile16<T, D>(Ks0, kb, P.k.s[2], P.k.s[3], j0, BC, P.Sk, (P.vec >> 1) & 1);
-        load_tile16<T, DV>(Vs0, vb, P.v.s[2], P.v.s[3], j0, BC, P.Sk, (P.vec >> 2) & 1);
+        load_tile16<T, D, NT>(Ks0, kb, P.k.s[2], P.k.s[3], j0, BC, P.Sk, (P.vec >> 1) & 1);
+        load_tile16<T, DV, NT>(Vs0, vb, P.v.s[2], P.v.s[3], j0, BC, P.Sk, (P.vec >> 2) & 1);
       }
       if constexpr (WG != 0) fence_proxy_async();  // this thread's copies, for wgmma after the barrier
       __syncthreads();
@@ -1142,11 +1149,15 @@ MP_D void mma_acc_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)
 // core matrices (mma.cuh), read as K-major B by S^T = K Q^T and dP^T = V dO^T and as MN-major B by
 // dV += P^T dO and dK += dS^T Q. The same products in the same order as mma.sync's (the emulator
 // gives the same bits).
-template <typename T, int D, int DV, int BQ, bool PIPE, bool DQ = false, int MINB = 0, bool WG = false>
-__global__ void __launch_bounds__(kAttThreads, MINB) attn_dkdv_mma_kernel(Params P) {
+// NWG (with WG): warpgroups a block, each with its 64 keys (warp w: keys 16 w .. 16 w + 15), all
+// multiplying the same Q/dO tiles (NWG = 2: 128 keys a block, half the tile loads a key).
+template <typename T, int D, int DV, int BQ, bool PIPE, bool DQ = false, int MINB = 0, bool WG = false, int NWG = 1>
+__global__ void __launch_bounds__(kAttThreads * NWG, MINB) attn_dkdv_mma_kernel(Params P) {
   static_assert(!WG || (PIPE && !DQ && BQ == 64 && (D == 64 || D == 128) && (DV == 64 || DV == 128)),
                 "wgmma dK/dV: 64-query tiles of D, Dv in {64, 128}, cp.async");
-  constexpr int BR = kMmaBR, LDK = D + kMmaPad, LDV = DV + kMmaPad, NQ = BQ / 8, NBUF = PIPE ? 2 : 1;
+  static_assert(NWG == 1 || (WG && NWG == 2), "two warpgroups a block: wgmma's");
+  constexpr int NT = kAttThreads * NWG;  // threads a block
+  constexpr int BR = kMmaBR * NWG, LDK = D + kMmaPad, LDV = DV + kMmaPad, NQ = BQ / 8, NBUF = PIPE ? 2 : 1;
   constexpr int LDS = BQ + kMmaPad, MT = BQ / 16, NTW = D / 32;  // dQ: m-tiles, n-tiles per warp
   constexpr int QT = WG ? BQ * D : BQ * LDK, GT = WG ? BQ * DV : BQ * LDV;  // elements a Q / dO tile
   MP_DYNAMIC_SMEM(uint16_t, sm);
@@ -1170,8 +1181,8 @@ __global__ void __launch_bounds__(kAttThreads, MINB) attn_dkdv_mma_kernel(Params
   const float pinf = INFINITY;
   const float* delta = static_cast<const float*>(P.delta);
 
-  load_tile16<T, D>(Ks, mat_ptr<const T>(P.k, b, kh), P.k.s[2], P.k.s[3], j0, BR, P.Sk, (P.vec >> 1) & 1);
-  load_tile16<T, DV>(Vs, mat_ptr<const T>(P.v, b, kh), P.v.s[2], P.v.s[3], j0, BR, P.Sk, (P.vec >> 2) & 1);
+  load_tile16<T, D, NT>(Ks, mat_ptr<const T>(P.k, b, kh), P.k.s[2], P.k.s[3], j0, BR, P.Sk, (P.vec >> 1) & 1);
+  load_tile16<T, DV, NT>(Vs, mat_ptr<const T>(P.v, b, kh), P.v.s[2], P.v.s[3], j0, BR, P.Sk, (P.vec >> 2) & 1);
 
   float dk[D / 8][4], dv[DV / 8][4];
 ATT_UNROLL
@@ -1198,11 +1209,11 @@ ATT_UNROLL
   // Q/dO tile of query head hq starting at query it into buffer `bf`, as one cp.async group
   auto prefetch = [&](int64_t hq, int64_t it, int bf) {
     if constexpr (WG) {
-      load_tile_cm_async<T, D>(Qs0 + bf * QT, mat_ptr<const T>(P.q, b, hq), P.q.s[2], it, BQ, P.Sq);
-      load_tile_cm_async<T, DV>(Gs0 + bf * GT, mat_ptr<const T>(P.go, b, hq), P.go.s[2], it, BQ, P.Sq);
+      load_tile_cm_async<T, D, NT>(Qs0 + bf * QT, mat_ptr<const T>(P.q, b, hq), P.q.s[2], it, BQ, P.Sq);
+      load_tile_cm_async<T, DV, NT>(Gs0 + bf * GT, mat_ptr<const T>(P.go, b, hq), P.go.s[2], it, BQ, P.Sq);
     } else {
-      load_tile16_async<T, D>(Qs0 + bf * QT, mat_ptr<const T>(P.q, b, hq), P.q.s[2], it, BQ, P.Sq);
-      load_tile16_async<T, DV>(Gs0 + bf * GT, mat_ptr<const T>(P.go, b, hq), P.go.s[2], it, BQ, P.Sq);
+      load_tile16_async<T, D, NT>(Qs0 + bf * QT, mat_ptr<const T>(P.q, b, hq), P.q.s[2], it, BQ, P.Sq);
+      load_tile16_async<T, DV, NT>(Gs0 + bf * GT, mat_ptr<const T>(P.go, b, hq), P.go.s[2], it, BQ, P.Sq);
     }
     cp_async_commit();
   };
@@ -1234,8 +1245,8 @@ ATT_UNROLL
           cp_async_wait<0>();
         }
       } else {
-        load_tile16<T, D>(Qs0, qb, P.q.s[2], P.q.s[3], i0, BQ, P.Sq, P.vec & 1);
-        load_tile16<T, DV>(Gs0, gb, P.go.s[2], P.go.s[3], i0, BQ, P.Sq, (P.vec >> 3) & 1);
+        load_tile16<T, D, NT>(Qs0, qb, P.q.s[2], P.q.s[3], i0, BQ, P.Sq, P.vec & 1);
+        load_tile16<T, DV, NT>(Gs0, gb, P.go.s[2], P.go.s[3], i0, BQ, P.Sq, (P.vec >> 3) & 1);
       }
       if constexpr (WG) fence_proxy_async();  // this thread's copies, for wgmma after the barrier below
       const uint16_t* Qs = Qs0 + buf * QT;
@@ -1244,7 +1255,7 @@ ATT_UNROLL
       // block's AND of it (with no explicit mask) lets the tile skip the per-element checks
       // Ls: -lse in log2 units (+inf for rows past Sq and rows with no keys: no probability)
       bool covers = P.mask.p == nullptr;
-      for (int q = tid; q < BQ; q += kAttThreads) {
+      for (int q = tid; q < BQ; q += NT) {
         const int64_t i = i0 + q;
         const bool in = i < P.Sq;
         Ls[q] = in ? -lb[i * P.lse.s[2]] * log2e : pinf;
@@ -1414,11 +1425,15 @@ ATT_UNROLL
 // products on wgmma (the block's 64 queries the wgmma's M): Q's and dO's A fragments read once
 // into registers, the K and V tiles in core matrices, K read as K-major B by S = Q K^T and as
 // MN-major B by dQ += dS K, V as K-major B by dP = dO V^T. The same products in the same order.
-template <typename T, int D, int DV, int BC, bool PIPE, int MINB = 0, bool WG = false>
-__global__ void __launch_bounds__(kAttThreads, MINB) attn_dq_mma_kernel(Params P) {
+// NWG (with WG): warpgroups a block, each with its 64 queries (warp w: queries 16 w .. 16 w + 15),
+// all multiplying the same K/V tiles (NWG = 2: 128 queries a block, half the tile loads a query).
+template <typename T, int D, int DV, int BC, bool PIPE, int MINB = 0, bool WG = false, int NWG = 1>
+__global__ void __launch_bounds__(kAttThreads * NWG, MINB) attn_dq_mma_kernel(Params P) {
   static_assert(!WG || (PIPE && BC == 64 && (D == 64 || D == 128) && (DV == 64 || DV == 128)),
                 "wgmma dQ: 64-key tiles of D, Dv in {64, 128}, cp.async");
-  constexpr int BR = kMmaBR, LDK = D + kMmaPad, LDV = DV + kMmaPad, NS = BC / 8, NBUF = PIPE ? 2 : 1;
+  static_assert(NWG == 1 || (WG && NWG == 2), "two warpgroups a block: wgmma's");
+  constexpr int NT = kAttThreads * NWG;  // threads a block
+  constexpr int BR = kMmaBR * NWG, LDK = D + kMmaPad, LDV = DV + kMmaPad, NS = BC / 8, NBUF = PIPE ? 2 : 1;
   constexpr int KT = WG ? BC * D : BC * LDK, VT = WG ? BC * DV : BC * LDV;  // elements a K / V tile
   MP_DYNAMIC_SMEM(uint16_t, sm);
   uint16_t* Qs = sm;
@@ -1435,8 +1450,8 @@ __global__ void __launch_bounds__(kAttThreads, MINB) attn_dq_mma_kernel(Params P
   const float log2e = static_cast<float>(kLog2e);
   const float ninf = -INFINITY;
 
-  load_tile16<T, D>(Qs, mat_ptr<const T>(P.q, b, h), P.q.s[2], P.q.s[3], i0, BR, P.Sq, P.vec & 1);
-  load_tile16<T, DV>(Gs, mat_ptr<const T>(P.go, b, h), P.go.s[2], P.go.s[3], i0, BR, P.Sq, (P.vec >> 3) & 1);
+  load_tile16<T, D, NT>(Qs, mat_ptr<const T>(P.q, b, h), P.q.s[2], P.q.s[3], i0, BR, P.Sq, P.vec & 1);
+  load_tile16<T, DV, NT>(Gs, mat_ptr<const T>(P.go, b, h), P.go.s[2], P.go.s[3], i0, BR, P.Sq, (P.vec >> 3) & 1);
   const T* kb = mat_ptr<const T>(P.k, b, kh);
   const T* vb = mat_ptr<const T>(P.v, b, kh);
   const float* lb = reinterpret_cast<const float*>(P.lse.p) + b * P.lse.s[0] + h * P.lse.s[1];
@@ -1463,11 +1478,11 @@ ATT_UNROLL
 
   auto prefetch = [&](int64_t jt, int buf) {
     if constexpr (WG) {
-      load_tile_cm_async<T, D>(Ks0 + buf * KT, kb, P.k.s[2], jt, BC, P.Sk);
-      load_tile_cm_async<T, DV>(Vs0 + buf * VT, vb, P.v.s[2], jt, BC, P.Sk);
+      load_tile_cm_async<T, D, NT>(Ks0 + buf * KT, kb, P.k.s[2], jt, BC, P.Sk);
+      load_tile_cm_async<T, DV, NT>(Vs0 + buf * VT, vb, P.v.s[2], jt, BC, P.Sk);
     } else {
-      load_tile16_async<T, D>(Ks0 + buf * KT, kb, P.k.s[2], jt, BC, P.Sk);
-      load_tile16_async<T, DV>(Vs0 + buf * VT, vb, P.v.s[2], jt, BC, P.Sk);
+      load_tile16_async<T, D, NT>(Ks0 + buf * KT, kb, P.k.s[2], jt, BC, P.Sk);
+      load_tile16_async<T, DV, NT>(Vs0 + buf * VT, vb, P.v.s[2], jt, BC, P.Sk);
     }
     cp_async_commit();
   };
@@ -1492,8 +1507,8 @@ ATT_UNROLL
         cp_async_wait<0>();
       }
     } else {
-      load_tile16<T, D>(Ks0, kb, P.k.s[2], P.k.s[3], j0, BC, P.Sk, (P.vec >> 1) & 1);
-      load_tile16<T, DV>(Vs0, vb, P.v.s[2], P.v.s[3], j0, BC, P.Sk, (P.vec >> 2) & 1);
+      load_tile16<T, D, NT>(Ks0, kb, P.k.s[2], P.k.s[3], j0, BC, P.Sk, (P.vec >> 1) & 1);
+      load_tile16<T, DV, NT>(Vs0, vb, P.v.s[2], P.v.s[3], j0, BC, P.Sk, (P.vec >> 2) & 1);
     }
     if constexpr (WG) fence_proxy_async();  // this thread's copies, for wgmma after the barrier
     __syncthreads();
@@ -1662,7 +1677,7 @@ constexpr int64_t kMaxGridX = 2147483647;
 
 template <typename K>
 void launch_tiles(K kernel, const char* name, const Params& P, int64_t blocks, int64_t chunks, size_t smem,
-                  cudaStream_t s) {
+                  cudaStream_t s, int threads = kAttThreads) {
   if (blocks <= 0 || chunks <= 0) return;
   if (smem > kMaxSmem)
     throw_error(std::string("attention: head dims D = ") + std::to_string(P.D) + ", Dv = " + std::to_string(P.Dv) +
@@ -1671,7 +1686,7 @@ void launch_tiles(K kernel, const char* name, const Params& P, int64_t blocks, i
   if (blocks > kMaxGridX || chunks > 65535) throw_error(std::string(name) + ": too many blocks");
   if (smem > kDefaultSmem)
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)), name);
-  MP_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks), 1, static_cast<unsigned>(chunks)), dim3(kAttThreads), smem, s,
+  MP_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks), 1, static_cast<unsigned>(chunks)), dim3(threads), smem, s,
             P);
   check_launch(name);
 }
@@ -1816,11 +1831,11 @@ size_t fwd_mma_smem() {
   constexpr size_t nbuf = PIPE ? 2 : 1;
   return sizeof(uint16_t) * (kMmaBR * RM * (D + kMmaPad) + nbuf * fwd_mma_bc<RM, DV>() * (D + kMmaPad + DV + kMmaPad));
 }
-// The wgmma forward (attn_fwd_mma_kernel's WG): Q padded as before, two K/V tiles of WG keys in
-// core matrices (no padding).
-template <int D, int DV, int WG>
+// The wgmma forward (attn_fwd_mma_kernel's WG): Q (64 NWG rows) padded as before, two K/V tiles of
+// WG keys in core matrices (no padding).
+template <int D, int DV, int WG, int NWG>
 size_t fwd_wgmma_smem() {
-  return sizeof(uint16_t) * (kMmaBR * (D + kMmaPad) + 2 * WG * (D + DV));
+  return sizeof(uint16_t) * (kMmaBR * NWG * (D + kMmaPad) + 2 * WG * (D + DV));
 }
 // MEGAPATCH_ATTENTION_WGMMA=1 (or 128): the tensor-core forward multiplies on wgmma (sm_90a) with
 // 128 keys a tile (64 where D + Dv > 128: registers), =64: with 64 keys a tile; where the
@@ -1837,9 +1852,12 @@ inline int wgmma_keys_wanted() {
 // MEGAPATCH_ATTENTION_WGMMA_BWD=1: the tensor-core backward's tile products on wgmma (sm_90a, the
 // same devices): dK/dV with 64-query tiles (D + Dv <= 128) and dQ (D, Dv in {64, 128}, D + Dv <=
 // 192), where the rows are 16-byte aligned and contiguous. Not the default until measured on a GPU.
-inline bool wgmma_bwd_wanted() {
+// =2: two warpgroups a block (128 keys for dK/dV, 128 queries for dQ, sharing each tile).
+// Returns the warpgroups a block wanted (0: not on wgmma).
+inline int wgmma_bwd_wanted() {
   const char* e = std::getenv("MEGAPATCH_ATTENTION_WGMMA_BWD");
-  return e && std::strcmp(e, "1") == 0;
+  if (!e) return 0;
+  return std::strcmp(e, "1") == 0 ? 1 : std::strcmp(e, "2") == 0 ? 2 : 0;
 }
 inline bool wgmma_overlap() {
   const char* e = std::getenv("MEGAPATCH_ATTENTION_WGMMA_OVERLAP");
@@ -1860,6 +1878,35 @@ inline bool device_has_wgmma() {
   return false;
 #endif
 }
+// The wgmma forward with WG keys a tile and NWG warpgroups (64 NWG query rows) a block.
+template <typename T, int D, int DV, int WG, int NWG>
+void forward_wgmma_launch(Params P, bool ovl, cudaStream_t s) {
+  P.ntiles = cdiv(P.Sq, kMmaBR * NWG);
+  const int64_t blocks = P.B * P.Hq * P.ntiles;
+  const size_t smem = fwd_wgmma_smem<D, DV, WG, NWG>();
+  if (ovl)
+    launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, 1, 0, WG, true, NWG>, "attentionForward", P, blocks, 1, smem, s,
+                 kAttThreads * NWG);
+  else
+    launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, 1, 0, WG, false, NWG>, "attentionForward", P, blocks, 1, smem,
+                 s, kAttThreads * NWG);
+}
+// WG: keys a tile (wgmma_keys_wanted); rows: query rows a block (64 or 128: two warpgroups)
+template <typename T, int D, int DV>
+void forward_wgmma(const Params& P, int wg, int rows, cudaStream_t s) {
+  const bool ovl = wgmma_overlap();
+  // 128 keys a tile only with D + Dv <= 128 (ptxas, sm_90a, bf16 D 64: 180 registers, 254
+  // overlapped; D 128 would take 248, and spill overlapped)
+  if constexpr (D + DV <= 128) {
+    if (wg == 128) {
+      if (rows == 128) forward_wgmma_launch<T, D, DV, 128, 2>(P, ovl, s);
+      else forward_wgmma_launch<T, D, DV, 128, 1>(P, ovl, s);
+      return;
+    }
+  }
+  if (rows == 128) forward_wgmma_launch<T, D, DV, 64, 2>(P, ovl, s);
+  else forward_wgmma_launch<T, D, DV, 64, 1>(P, ovl, s);
+}
 template <typename T, int D, int DV, int RM>
 void forward_mma_rows(Params P, cudaStream_t s) {
   P.ntiles = cdiv(P.Sq, kMmaBR * RM);
@@ -1867,25 +1914,11 @@ void forward_mma_rows(Params P, cudaStream_t s) {
   const int64_t blocks = P.B * P.Hq * P.ntiles;
   const bool pipe = (P.vec & 6) == 6 && pipeline_allowed();
   constexpr bool small = D + DV <= 128 && RM == 1;  // MINB 1 otherwise: no other instantiation
-  if constexpr (RM == 1) {
-    const int wg = pipe ? wgmma_keys_wanted() : 0;
-    if (wg != 0 && device_has_wgmma()) {
-      const bool ovl = wgmma_overlap();
-      // 128 keys a tile only with D + Dv <= 128 (ptxas, sm_90a, bf16 D 64: 180 registers, 254
-      // overlapped; D 128 would take 248, and spill overlapped)
-      if constexpr (D + DV <= 128) {
-        if (wg == 128) {
-          const size_t smem = fwd_wgmma_smem<D, DV, 128>();
-          if (ovl) launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, 1, 0, 128, true>, "attentionForward", P, blocks, 1, smem, s);
-          else launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, 1, 0, 128>, "attentionForward", P, blocks, 1, smem, s);
-          return;
-        }
-      }
-      const size_t smem = fwd_wgmma_smem<D, DV, 64>();
-      if (ovl) launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, 1, 0, 64, true>, "attentionForward", P, blocks, 1, smem, s);
-      else launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, 1, 0, 64>, "attentionForward", P, blocks, 1, smem, s);
-      return;
-    }
+  const int wg = pipe ? wgmma_keys_wanted() : 0;
+  if (wg != 0 && device_has_wgmma()) {
+    // the 128-row form is two warpgroups of 64 rows (RM 2 is mma.sync's)
+    forward_wgmma<T, D, DV>(P, wg, 64 * RM, s);
+    return;
   }
   if (small && pipe && attention_occupancy()) {
     launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, RM, small ? 4 : 0>, "attentionForward", P, blocks, 1,
@@ -1962,10 +1995,10 @@ template <typename T, int D, int DV>
 constexpr int bwd_mma_bc() {
   return D > 128 ? 32 : kMmaBC;  // keys per dq tile
 }
-template <typename T, int D, int DV, bool PIPE, bool DQ = false, size_t BQ = bwd_mma_bq<T, D, DV>()>
+template <typename T, int D, int DV, bool PIPE, bool DQ = false, size_t BQ = bwd_mma_bq<T, D, DV>(), size_t NWG = 1>
 size_t dkdv_mma_smem() {
   constexpr size_t nbuf = PIPE ? 2 : 1;
-  return sizeof(uint16_t) * (kMmaBR + nbuf * BQ) * (D + kMmaPad + DV + kMmaPad) +
+  return sizeof(uint16_t) * (kMmaBR * NWG + nbuf * BQ) * (D + kMmaPad + DV + kMmaPad) +
          BQ * (2 * sizeof(float) + 2 * sizeof(int64_t)) + (DQ ? sizeof(uint16_t) * kMmaBR * (BQ + kMmaPad) : 0);
 }
 // MEGAPATCH_ATTENTION_BWD=fused: the tensor-core backward in one pass over the key tiles, dQ
@@ -2006,10 +2039,10 @@ inline SideStream& side_stream() {
   return ss;
 }
 
-template <typename T, int D, int DV, bool PIPE>
+template <typename T, int D, int DV, bool PIPE, size_t NWG = 1>
 size_t dq_mma_smem() {
   constexpr size_t nbuf = PIPE ? 2 : 1;
-  return sizeof(uint16_t) * (kMmaBR + nbuf * bwd_mma_bc<T, D, DV>()) * (D + kMmaPad + DV + kMmaPad);
+  return sizeof(uint16_t) * (kMmaBR * NWG + nbuf * bwd_mma_bc<T, D, DV>()) * (D + kMmaPad + DV + kMmaPad);
 }
 template <typename T, int D, int DV>
 void backward_mma_cfg(Params P, cudaStream_t s) {
@@ -2058,12 +2091,21 @@ void backward_mma_cfg(Params P, cudaStream_t s) {
   // name the default kernel: no other instantiation)
   constexpr bool small = D + DV <= 128;
   constexpr int BQ32 = small ? 32 : BQ, MINB = small ? 3 : 0;
-  const bool wgb = pipe && wgmma_bwd_wanted() && device_has_wgmma();
+  const int wgn = pipe && device_has_wgmma() ? wgmma_bwd_wanted() : 0;  // warpgroups a block
   constexpr bool wg_dims = (D == 64 || D == 128) && (DV == 64 || DV == 128);
-  if (wg_dims && BQ == 64 && wgb && (P.vec & 9) == 9) {
-    if constexpr (wg_dims && BQ == 64)
-      launch_tiles(attn_dkdv_mma_kernel<T, D, DV, BQ, true, false, 0, true>, "attentionBackward (dk, dv)", Pk,
-                   P.B * P.Hkv * Pk.ntiles, 1, dkdv_mma_smem<T, D, DV, true>(), s);
+  if (wg_dims && BQ == 64 && wgn != 0 && (P.vec & 9) == 9) {
+    if constexpr (wg_dims && BQ == 64) {
+      if (wgn == 2) {
+        Params Pk2 = Pk;
+        Pk2.ntiles = cdiv(P.Sk, 2 * kMmaBR);
+        launch_tiles(attn_dkdv_mma_kernel<T, D, DV, BQ, true, false, 0, true, 2>, "attentionBackward (dk, dv)",
+                     Pk2, P.B * P.Hkv * Pk2.ntiles, 1, dkdv_mma_smem<T, D, DV, true, false, BQ, 2>(), s,
+                     2 * kAttThreads);
+      } else {
+        launch_tiles(attn_dkdv_mma_kernel<T, D, DV, BQ, true, false, 0, true>, "attentionBackward (dk, dv)", Pk,
+                     P.B * P.Hkv * Pk.ntiles, 1, dkdv_mma_smem<T, D, DV, true>(), s);
+      }
+    }
   } else if (small && (P.vec & 9) == 9 && pipe && dkdv_bq32()) {
     launch_tiles(attn_dkdv_mma_kernel<T, D, DV, BQ32, true>, "attentionBackward (dk, dv)", Pk,
                  P.B * P.Hkv * Pk.ntiles, 1, dkdv_mma_smem<T, D, DV, true, false, BQ32>(), s);
@@ -2090,10 +2132,18 @@ void backward_mma_cfg(Params P, cudaStream_t s) {
   try {
     // (not for D = Dv = 128: Q's and dO's fragments in registers take it to 255 and spills)
     constexpr bool wg_dq = wg_dims && BC == 64 && D + DV <= 192;
-    if (wg_dq && wgb && (P.vec & 6) == 6) {
-      if constexpr (wg_dq)
-        launch_tiles(attn_dq_mma_kernel<T, D, DV, BC, true, 0, true>, "attentionBackward (dq)", Pq,
-                     P.B * P.Hq * Pq.ntiles, 1, dq_mma_smem<T, D, DV, true>(), sq);
+    if (wg_dq && wgn != 0 && (P.vec & 6) == 6) {
+      if constexpr (wg_dq) {
+        if (wgn == 2) {
+          Params Pq2 = Pq;
+          Pq2.ntiles = cdiv(P.Sq, 2 * kMmaBR);
+          launch_tiles(attn_dq_mma_kernel<T, D, DV, BC, true, 0, true, 2>, "attentionBackward (dq)", Pq2,
+                       P.B * P.Hq * Pq2.ntiles, 1, dq_mma_smem<T, D, DV, true, 2>(), sq, 2 * kAttThreads);
+        } else {
+          launch_tiles(attn_dq_mma_kernel<T, D, DV, BC, true, 0, true>, "attentionBackward (dq)", Pq,
+                       P.B * P.Hq * Pq.ntiles, 1, dq_mma_smem<T, D, DV, true>(), sq);
+        }
+      }
     } else if (small && (P.vec & 6) == 6 && pipe && dq_occupancy()) {
       launch_tiles(attn_dq_mma_kernel<T, D, DV, BC, true, DQ_MINB>, "attentionBackward (dq)", Pq,
                    P.B * P.Hq * Pq.ntiles, 1, dq_mma_smem<T, D, DV, true>(), sq);

@@ -370,4 +370,28 @@ inline unsigned grid_for(int64_t n, int threads = kThreads) {
   return static_cast<unsigned>(b < cap ? b : cap);
 }
 
+// Named barriers (PTX bar.sync / bar.arrive): `count` threads, a multiple of 32, of the block meet
+// at barrier `id` (1 .. 15; 0 is __syncthreads'); bar_arrive counts this thread in without waiting
+// (a producer's signal). Warpgroups of a block synchronise among themselves this way.
+MP_D void bar_sync(int id, int count) {
+#if defined(MEGAPATCH_CUDA_EMULATOR)
+  ::emu::named_barrier_sync(static_cast<unsigned>(id), static_cast<unsigned>(count), __FILE__, __LINE__);
+#elif defined(__CUDA_ARCH__)
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+#else
+  (void)id;
+  (void)count;
+#endif
+}
+MP_D void bar_arrive(int id, int count) {
+#if defined(MEGAPATCH_CUDA_EMULATOR)
+  ::emu::named_barrier_arrive(static_cast<unsigned>(id), static_cast<unsigned>(count), __FILE__, __LINE__);
+#elif defined(__CUDA_ARCH__)
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+#else
+  (void)id;
+  (void)count;
+#endif
+}
+
 }  // namespace mpc

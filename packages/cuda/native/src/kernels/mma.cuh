@@ -436,32 +436,35 @@ inline EmuWg& emu_wg() {
   return w;
 }
 // Carries out one wgmma of the group being completed: every thread of the warpgroup publishes its
-// record, then computes its own accumulators from the others' A registers and shared memory.
+// record, then computes its own accumulators from the others' A registers and shared memory. The
+// warpgroups of a block are independent (a named barrier each, as the hardware's wgmma is per
+// warpgroup).
 inline void emu_wg_run(const EmuWgmma& op) {
-  static const EmuWgmma* table[128];
+  static const EmuWgmma* table[1024];
   const unsigned tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
-  if (blockDim.x * blockDim.y * blockDim.z != 128)
-    throw std::runtime_error("emulator: wgmma needs blocks of one warpgroup (128 threads)");
+  if ((blockDim.x * blockDim.y * blockDim.z) % 128 != 0)
+    throw std::runtime_error("emulator: wgmma needs blocks of whole warpgroups (multiples of 128 threads)");
+  const unsigned wg = tid / 128, base = 128 * wg, bar = 16 + wg;
   table[tid] = &op;
-  __syncthreads();
+  ::emu::named_barrier_sync(bar, 128, __FILE__, __LINE__);
   const uint64_t desc = op.desc;
   if ((desc >> 62) != 0) throw std::runtime_error("emulator: wgmma with a swizzled layout");
-  const unsigned char* base = static_cast<const unsigned char*>(::emu::dynamic_smem());
+  const unsigned char* base_sm = static_cast<const unsigned char*>(::emu::dynamic_smem());
   const size_t start = (desc & 0x3FFFu) << 4, lbo = ((desc >> 16) & 0x3FFFu) << 4,
                sbo = ((desc >> 32) & 0x3FFFu) << 4;
-  const int warp = static_cast<int>(tid >> 5), lane = static_cast<int>(tid & 31);
+  const int warp = static_cast<int>((tid >> 5) & 3), lane = static_cast<int>(tid & 31);
   const int g = lane >> 2, t = lane & 3;
   auto elem = [&](uint16_t h) { return op.bf ? Half16<bf16>::to_f32(h) : Half16<f16>::to_f32(h); };
   auto get_a = [&](int row, int k) -> float {  // row < 64
     int l, r, h;
     a_home(row & 15, k, l, r, h);
-    return elem(static_cast<uint16_t>(table[32 * (row >> 4) + l]->a[r] >> (16 * h)));
+    return elem(static_cast<uint16_t>(table[base + 32 * (row >> 4) + l]->a[r] >> (16 * h)));
   };
   auto get_b = [&](int k, int n) -> float {
     const size_t off = start + (k / 8) * lbo + (n / 8) * sbo +
                        (op.trans ? (k % 8) * 16 + (n % 8) * 2 : (n % 8) * 16 + (k % 8) * 2);
     uint16_t h;
-    std::memcpy(&h, base + off, 2);
+    std::memcpy(&h, base_sm + off, 2);
     return elem(h);
   };
   for (int nt = 0; nt < op.n / 8; nt++)
@@ -471,7 +474,8 @@ inline void emu_wg_run(const EmuWgmma& op) {
       for (int k = 0; k < 16; k++) acc += get_a(row, k) * get_b(k, col);
       op.d[4 * nt + e] = acc;
     }
-  __syncthreads();  // the table and the A registers are read by all before the next record
+  // the table and the A registers are read by the warpgroup before its next record
+  ::emu::named_barrier_sync(bar, 128, __FILE__, __LINE__);
 }
 }  // namespace mma_detail
 #endif
