@@ -26,7 +26,20 @@ export function normKernels(call: Entries): NormKernels {
         .num(center ? 1 : 0);
       call.normForward();
     },
-    normRowsBackward(dx, g, x, weight, mean, rstd, dweight, dbias, n, center, accumulate = false, paramsIntoMain = false) {
+    normRowsBackward(
+      dx,
+      g,
+      x,
+      weight,
+      mean,
+      rstd,
+      dweight,
+      dbias,
+      n,
+      center,
+      accumulate = false,
+      paramsIntoMain = false,
+    ) {
       pack.begin().tensor(dx).tensor(g).tensor(x);
       optional(weight);
       optional(mean);
