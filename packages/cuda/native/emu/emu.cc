@@ -190,7 +190,11 @@ void record_fault(const std::string& msg);
 void fiber_main() {
   try {
     g_invoke(g_ctx);
-  } catch (...) {  // an exception must not unwind past the fiber's first frame
+  } catch (const std::exception& e) {  // an exception must not unwind past the fiber's first frame
+    record_fault("C++ exception thrown by a kernel in " + block_str() + ", thread " + fmt3(g_fibers[g_cur].idx) +
+                 ": " + e.what());
+    switch_to_scheduler();
+  } catch (...) {
     record_fault("C++ exception thrown by a kernel in " + block_str() + ", thread " + fmt3(g_fibers[g_cur].idx));
     switch_to_scheduler();
   }

@@ -236,6 +236,25 @@ __global__ void wgmma_kernel(int mode, const uint16_t* A, const uint16_t* B, con
     for (int e = 0; e < 4; e++) d[(e >= 2 ? r1 : r0) * N + 8 * nt + 2 * t + (e & 1)] = acc[nt][e];
 }
 
+#ifdef MEGAPATCH_CUDA_EMULATOR
+// a wgmma issued after a wait without a new wgmma_fence (accumulators touched in between): the
+// emulator faults, as the PTX ISA leaves it undefined
+__global__ void wgmma_unfenced(float* d) {
+  MP_DYNAMIC_SMEM(uint16_t, sB);
+  float acc[8][4] = {};
+  const uint32_t af[4] = {0, 0, 0, 0};
+  mpc::wgmma_fence();
+  mpc::wgmma_rs<bf16, 64, false>(acc, af, mpc::wgmma_desc(sB, 128, 256), 0);
+  mpc::wgmma_commit();
+  mpc::wgmma_wait<0>();
+  acc[0][0] += 1.0f;
+  mpc::wgmma_rs<bf16, 64, false>(acc, af, mpc::wgmma_desc(sB, 128, 256), 1);
+  mpc::wgmma_commit();
+  mpc::wgmma_wait<0>();
+  d[threadIdx.x] = acc[0][0];
+}
+#endif
+
 static uint32_t g_rng = 12345;
 static float urand() {  // [-2, 2)
   g_rng = g_rng * 1664525u + 1013904223u;
@@ -452,6 +471,16 @@ int main() {
     run_wgmma<f16, 64>("wgmma f16 n64", stream);
     run_wgmma<f16, 128>("wgmma f16 n128", stream);
   }
+#ifdef MEGAPATCH_CUDA_EMULATOR
+  {
+    DevBuf<float> d(128);
+    MP_LAUNCH(wgmma_unfenced, 1, 128, 4096, stream, d.p);
+    const cudaError_t e = cudaGetLastError();
+    const std::string msg = e == cudaSuccess ? "success" : cudaGetErrorString(e);
+    CHECK(msg.find("wgmma without a wgmma_fence since the last wgmma_wait") != std::string::npos, "unfenced wgmma: %s",
+          msg.c_str());
+  }
+#endif
   CUDA_OK(cudaStreamDestroy(stream));
   std::printf("ok %d checks (compute capability %d.%d)\n", g_checks, major, minor);
   return 0;

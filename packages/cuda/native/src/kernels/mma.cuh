@@ -384,7 +384,8 @@ template <int N> MP_D void cp_async_wait() {
 // are pending; only then may their accumulators be read (wgmma_fence_operands() after the wait
 // keeps the compiler from moving those reads above it), or their A registers and B tiles be
 // overwritten.
-// Under the emulator each wgmma is recorded at issue and carried out at the wait that completes
+// Under the emulator a wgmma issued without a wgmma_fence since the block's start or the last
+// wgmma_wait is a fault, and each wgmma is recorded at issue and carried out at the wait that completes
 // its group (reading A from its registers and B from shared memory then, in k order in fp32 like
 // mma_m16n8k16's emulation), so a kernel that reads accumulators early, or overwrites A or B
 // before the wait, computes other numbers and its tests fail. On a GPU without sm_90a code the
@@ -421,6 +422,7 @@ struct EmuWg {
   std::vector<std::vector<EmuWgmma>> groups;
   uint3 block;
   void* smem = nullptr;
+  bool fenced = false;  // a wgmma_fence since the block started or the last wait
 };
 inline EmuWg& emu_wg() {
   static EmuWg state[1024];
@@ -432,6 +434,7 @@ inline EmuWg& emu_wg() {
     w.groups.clear();
     w.block = b;
     w.smem = sm;
+    w.fenced = false;
   }
   return w;
 }
@@ -483,6 +486,8 @@ inline void emu_wg_run(const EmuWgmma& op) {
 MP_D void wgmma_fence() {
 #if defined(MPC_WGMMA_PTX)
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#elif defined(MEGAPATCH_CUDA_EMULATOR)
+  mma_detail::emu_wg().fenced = true;
 #endif
 }
 MP_D void wgmma_commit() {
@@ -499,6 +504,7 @@ template <int N> MP_D void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #elif defined(MEGAPATCH_CUDA_EMULATOR)
   mma_detail::EmuWg& w = mma_detail::emu_wg();
+  w.fenced = false;  // the accumulators may be read and written now: the next wgmma needs a fence
   while (w.groups.size() > static_cast<size_t>(N)) {
     const std::vector<mma_detail::EmuWgmma> group = std::move(w.groups.front());
     w.groups.erase(w.groups.begin());
@@ -576,7 +582,11 @@ MP_D void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc, 
   op.trans = TRANS;
   op.scale_d = scale_d != 0;
   op.bf = std::is_same<T, bf16>::value;
-  mma_detail::emu_wg().open.push_back(op);
+  mma_detail::EmuWg& w = mma_detail::emu_wg();
+  // the PTX ISA asks for wgmma.fence before a warpgroup's first wgmma and between register
+  // accesses and the wgmmas that use those registers: checked here as "after every wait"
+  if (!w.fenced) throw std::runtime_error("emulator: wgmma without a wgmma_fence since the last wgmma_wait");
+  w.open.push_back(op);
 #elif defined(__CUDA_ARCH__)
   (void)d;
   (void)a;
