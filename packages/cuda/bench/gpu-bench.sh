@@ -18,7 +18,7 @@
 #   MEGAPATCH_BENCH_MBS          training micro-batch (default cases.json's; halved once on a failure)
 #   MEGAPATCH_BENCH_TRAIN_VARIANTS  the training step again per "name:VAR=value[,VAR=value]"
 #                                (default: the attention on wgmma with one and two warpgroups a
-#                                block, the norm backward split, dQ on the
+#                                block and warp-specialised, the norm backward split, dQ on the
 #                                caller's stream, capped dQ registers, no gradient-accumulation
 #                                fusion, autotuned GEMMs; "" for none)
 #   MEGAPATCH_BENCH_WGMMA=0       leave out the wgmma variants (gpu/run.sh: when its wgmma checks failed)
@@ -127,7 +127,7 @@ fi
 # fused: slower; run d: dK/dV tiles of 32 queries slower too, capped attention registers faster:
 # the attn part still times uncapped)
 if [ -n "$TSX" ] && has train; then
-  for variant in ${MEGAPATCH_BENCH_TRAIN_VARIANTS-wgmma:MEGAPATCH_ATTENTION_WGMMA=1,MEGAPATCH_ATTENTION_WGMMA_BWD=1 wgmma2:MEGAPATCH_ATTENTION_WGMMA=1,MEGAPATCH_ATTENTION_FWD_ROWS=128,MEGAPATCH_ATTENTION_WGMMA_BWD=2 normsplit:MEGAPATCH_NORM_BWD_FUSED=0 onestream:MEGAPATCH_ATTENTION_BWD_STREAMS=1 dqocc:MEGAPATCH_ATTENTION_DQ_OCC=1 nogaf:MEGAPATCH_BENCH_NO_GAF=1 autotune:MEGAPATCH_GEMM_AUTOTUNE=1}; do
+  for variant in ${MEGAPATCH_BENCH_TRAIN_VARIANTS-wgmma:MEGAPATCH_ATTENTION_WGMMA=1,MEGAPATCH_ATTENTION_WGMMA_BWD=1 wgmma2:MEGAPATCH_ATTENTION_WGMMA=1,MEGAPATCH_ATTENTION_FWD_ROWS=128,MEGAPATCH_ATTENTION_WGMMA_BWD=2 wgmmaws:MEGAPATCH_ATTENTION_WGMMA=64,MEGAPATCH_ATTENTION_WGMMA_WS=1,MEGAPATCH_ATTENTION_WGMMA_BWD=1 normsplit:MEGAPATCH_NORM_BWD_FUSED=0 onestream:MEGAPATCH_ATTENTION_BWD_STREAMS=1 dqocc:MEGAPATCH_ATTENTION_DQ_OCC=1 nogaf:MEGAPATCH_BENCH_NO_GAF=1 autotune:MEGAPATCH_GEMM_AUTOTUNE=1}; do
     vname=${variant%%:*}
     venv=${variant#*:}
     # the wgmma forms only where gpu/run.sh's checks passed (MEGAPATCH_BENCH_WGMMA=0 otherwise)

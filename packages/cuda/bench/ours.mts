@@ -357,6 +357,15 @@ if (want('attn')) {
                 ['MEGAPATCH_ATTENTION_FWD_ROWS', '128'],
                 ['MEGAPATCH_ATTENTION_WGMMA_BWD', '2'],
               ],
+              // warp-specialised forward (a loader warpgroup, two consumers taking turns; D + Dv <= 128)
+              ...(small
+                ? {
+                    wgmmaWsMs: [
+                      ['MEGAPATCH_ATTENTION_WGMMA', '64'],
+                      ['MEGAPATCH_ATTENTION_WGMMA_WS', '1'],
+                    ] as [string, string][],
+                  }
+                : {}),
             };
       const wgmmaMs: Record<string, { fwd: number; fwdBwd: number }> = {};
       for (const [key, pairs] of Object.entries(wgmmaForms)) {

@@ -195,6 +195,7 @@ for (const c of cases.attn) {
     ['wgmma64x2Ms', 'wgmma forward, 64-key tiles, two warpgroups'],
     ['wgmmaBwd2Ms', 'wgmma backward, two warpgroups'],
     ['wgmmaBoth2Ms', 'wgmma forward and backward, two warpgroups'],
+    ['wgmmaWsMs', 'wgmma forward, warp-specialised'],
   ]) {
     // MEGAPATCH_ATTENTION_WGMMA=1 / 64 (and MEGAPATCH_ATTENTION_WGMMA_OVERLAP=0): the forward's
     // tile products on Hopper's wgmma; MEGAPATCH_ATTENTION_WGMMA_BWD=1 the backward's; two

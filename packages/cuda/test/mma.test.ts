@@ -347,11 +347,15 @@ describe.skipIf(noAddon !== '')(
           // Two warpgroups a block (MEGAPATCH_ATTENTION_FWD_ROWS=128: 128 query rows sharing each
           // K/V tile) do each row's arithmetic as one warpgroup does when the key tiles start at the
           // same key (not so with cuSeqlens, as for the 128-row mma.sync tiles above).
-          const wgmma = async (keys: string, overlap: string, bwd = '0', rows = '64') => {
+          // Warp-specialised (MEGAPATCH_ATTENTION_WGMMA_WS=1, D + Dv <= 128: a loader warpgroup and
+          // two consumers of 64 rows and 64-key tiles): the same arithmetic again.
+          const wgmma = async (keys: string, overlap: string, bwd = '0', rows = '64', ws = '0') => {
             const r = withEnv('MEGAPATCH_ATTENTION_WGMMA', keys, () =>
               withEnv('MEGAPATCH_ATTENTION_WGMMA_OVERLAP', overlap, () =>
                 withEnv('MEGAPATCH_ATTENTION_WGMMA_BWD', bwd, () =>
-                  withEnv('MEGAPATCH_ATTENTION_FWD_ROWS', rows, () => run(DEV)),
+                  withEnv('MEGAPATCH_ATTENTION_FWD_ROWS', rows, () =>
+                    withEnv('MEGAPATCH_ATTENTION_WGMMA_WS', ws, () => run(DEV)),
+                  ),
                 ),
               ),
             );
@@ -371,6 +375,7 @@ describe.skipIf(noAddon !== '')(
                 '64, two warpgroups': await wgmma('64', '1', '0', '128'),
                 '128, two warpgroups': await wgmma('1', '1', '0', '128'),
                 '128, two warpgroups, no overlap': await wgmma('1', '0', '0', '128'),
+                'warp-specialised': await wgmma('64', '1', '0', '64', '1'),
               }
             : {};
           if (!onGpu && withWgmma)
@@ -393,6 +398,9 @@ describe.skipIf(noAddon !== '')(
               ).toEqual(wgRuns['128, two warpgroups'][o]);
               if (!c.cu) {
                 expect(wgRuns['64, two warpgroups'][o], `output ${o} with wgmma, two warpgroups`).toEqual(
+                  mmaAll[o],
+                );
+                expect(wgRuns['warp-specialised'][o], `output ${o} with wgmma, warp-specialised`).toEqual(
                   mmaAll[o],
                 );
                 expect(

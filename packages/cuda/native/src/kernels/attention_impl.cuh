@@ -428,6 +428,23 @@ ATT_UNROLL
   }
 }
 
+// Named barriers of the warp-specialised forward (ids 1 .. 10; 0 is __syncthreads'): full and
+// empty of stage st and consumer c at kWsFull / kWsEmpty + 2 st + c, the consumers' turns at
+// kWsTurn + c.
+constexpr int kWsFull = 1, kWsEmpty = 5, kWsTurn = 9;
+// setmaxnreg (sm_90a): a warpgroup gives registers back to the block's pool / takes them from it
+// (multiples of 8 in 24 .. 256; the same for the warpgroup's every thread). Elsewhere nothing.
+template <int N> MP_D void setmaxnreg_dec() {
+#if defined(MPC_WGMMA_PTX)
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+template <int N> MP_D void setmaxnreg_inc() {
+#if defined(MPC_WGMMA_PTX)
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+
 // PIPE (K and V rows 16-byte aligned and contiguous): two K/V buffers; the next tile's cp.async
 // copies are in flight while the current tile is multiplied. Otherwise one buffer, loaded through
 // registers between the barriers.
@@ -453,12 +470,22 @@ template <int RM, int DV> constexpr int fwd_mma_bc() { return RM == 2 && DV >= 1
 // NWG (with WG): warpgroups a block, each with its 64 query rows (warp w: rows 16 w .. 16 w + 15),
 // all multiplying the same K/V tiles: NWG = 2 is FlashAttention-3's 128-row block, each tile
 // loaded once for 128 queries (half the shared-memory fills and L2 reads of K and V a query).
-template <typename T, int D, int DV, bool PIPE, int RM = 1, int MINB = 0, int WG = 0, bool OVL = false, int NWG = 1>
-__global__ void __launch_bounds__(kAttThreads * NWG, MINB) attn_fwd_mma_kernel(Params P) {
+// WS (with WG 64, OVL, NWG 2; MEGAPATCH_ATTENTION_WGMMA_WS=1): FlashAttention-3's warp
+// specialisation: a third warpgroup (the first, warps 0-3) only loads K/V tiles, the two others
+// (warps 4-11: rows 16 (w - 4) ..) only multiply, with no block-wide barrier in the loop: named
+// barriers pass each of the two K/V stages from the loader to each consumer (full) and back
+// (empty), and a third pair makes the consumers take turns issuing their products (ping-pong: one
+// warpgroup's softmax runs while the other's products are on the tensor cores). The loader gives
+// up registers to the consumers (setmaxnreg: 40 and 232 a thread).
+template <typename T, int D, int DV, bool PIPE, int RM = 1, int MINB = 0, int WG = 0, bool OVL = false, int NWG = 1,
+          bool WS = false>
+__global__ void __launch_bounds__(kAttThreads*(NWG + (WS ? 1 : 0)), MINB) attn_fwd_mma_kernel(Params P) {
   static_assert(WG == 0 || ((WG == 64 || WG == 128) && RM == 1 && PIPE), "wgmma forward: 64 rows, cp.async");
   static_assert(!OVL || WG != 0, "the overlapped order is wgmma's");
   static_assert(NWG == 1 || (WG != 0 && NWG == 2), "two warpgroups a block: wgmma's");
-  constexpr int NT = kAttThreads * NWG;  // threads a block
+  static_assert(!WS || (WG == 64 && OVL && NWG == 2), "warp-specialised: two consumers of 64-key tiles, overlapped");
+  constexpr int NT = kAttThreads * (NWG + (WS ? 1 : 0));  // threads a block
+  constexpr int LT = WS ? kAttThreads : NT;                // threads that load K/V tiles
   constexpr int BR = kMmaBR * RM * NWG, BC = WG ? WG : fwd_mma_bc<RM, DV>(), LDQ = D + kMmaPad, LDV = DV + kMmaPad;
   constexpr int KD = D / 16, NS = BC / 8, NO = DV / 8, NBUF = PIPE ? 2 : 1;
   constexpr int KT = WG ? BC * D : BC * LDQ, VT = WG ? BC * DV : BC * LDV;  // elements a K / V tile
@@ -467,7 +494,8 @@ __global__ void __launch_bounds__(kAttThreads * NWG, MINB) attn_fwd_mma_kernel(P
   uint16_t* Qs = sm;
   uint16_t* Ks0 = Qs + BR * LDQ;  // NBUF tiles [BC][LDQ] (wgmma: core matrices of [BC][D])
   uint16_t* Vs0 = Ks0 + NBUF * KT;  // NBUF tiles [BC][LDV] (wgmma: core matrices of [BC][DV])
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
+  const int tid = threadIdx.x, lane = tid % 32, g = lane >> 2, t = lane & 3;
+  const int warp = WS ? tid / 32 - 4 : tid / 32;  // the warp's rows 16 warp .. (WS: the loader's < 0)
   const int64_t x = blockIdx.x, nbh = P.B * P.Hq;
   const int64_t qt = P.ntiles - 1 - x / nbh, bh = x % nbh;  // longest first (see "Block order")
   const int64_t h = bh % P.Hq, b = bh / P.Hq, kh = h / P.group;
@@ -487,7 +515,7 @@ ATT_UNROLL
   for (int r = 0; r < RM; r++) {
 ATT_UNROLL
     for (int hf = 0; hf < 2; hf++) {
-      row_range(P, i0 + 16 * (RM * warp + r) + g + 8 * hf, lo[r][hf], hi[r][hf]);
+      row_range(P, i0 + 16 * (RM * (WS && warp < 0 ? 0 : warp) + r) + g + 8 * hf, lo[r][hf], hi[r][hf]);
       m[r][hf] = ninf;
       l[r][hf] = 0.0f;
     }
@@ -503,20 +531,40 @@ ATT_UNROLL
   // K/V tile starting at key jt into buffer `buf`, as one cp.async group
   auto prefetch = [&](int64_t jt, int buf) {
     if constexpr (WG != 0) {
-      load_tile_cm_async<T, D, NT>(Ks0 + buf * KT, kb, P.k.s[2], jt, BC, P.Sk);
-      load_tile_cm_async<T, DV, NT>(Vs0 + buf * VT, vb, P.v.s[2], jt, BC, P.Sk);
+      load_tile_cm_async<T, D, LT>(Ks0 + buf * KT, kb, P.k.s[2], jt, BC, P.Sk);
+      load_tile_cm_async<T, DV, LT>(Vs0 + buf * VT, vb, P.v.s[2], jt, BC, P.Sk);
     } else {
-      load_tile16_async<T, D, NT>(Ks0 + buf * KT, kb, P.k.s[2], jt, BC, P.Sk);
-      load_tile16_async<T, DV, NT>(Vs0 + buf * VT, vb, P.v.s[2], jt, BC, P.Sk);
+      load_tile16_async<T, D, LT>(Ks0 + buf * KT, kb, P.k.s[2], jt, BC, P.Sk);
+      load_tile16_async<T, DV, LT>(Vs0 + buf * VT, vb, P.v.s[2], jt, BC, P.Sk);
     }
     cp_async_commit();
   };
-  if (PIPE && blo < bhi) prefetch(blo, 0);
-  __syncthreads();
+  if (!WS && PIPE && blo < bhi) prefetch(blo, 0);
+  __syncthreads();  // Q is in place (WS: the last block-wide barrier)
   // Q's A fragments of m-tile r, k-step kk (from shared memory: Qs is never overwritten)
   auto q_frag = [&](uint32_t (&f)[4], int r, int kk) {
     ldmatrix_x4(f, Qs + (16 * (RM * warp + r) + (lane & 15)) * LDQ + kk * 16 + (lane >> 4) * 8);
   };
+  if constexpr (WS) {
+    if (tid < kAttThreads) {
+      // the loader: tile t into stage t % 2 once both consumers released the tile before it there
+      setmaxnreg_dec<40>();
+      int st = 0;
+      for (int64_t j0 = blo, tt = 0; j0 < bhi; j0 += BC, tt++, st ^= 1) {
+        if (tt >= 2) {
+          bar_sync(kWsEmpty + 2 * st, 2 * kAttThreads);
+          bar_sync(kWsEmpty + 2 * st + 1, 2 * kAttThreads);
+        }
+        prefetch(j0, st);
+        cp_async_wait<0>();
+        fence_proxy_async();  // this thread's copies, for the consumers' wgmma
+        bar_arrive(kWsFull + 2 * st, 2 * kAttThreads);
+        bar_arrive(kWsFull + 2 * st + 1, 2 * kAttThreads);
+      }
+      return;
+    }
+    setmaxnreg_inc<232>();
+  }
   uint32_t qf[QREG ? KD : 1][4];
   if constexpr (QREG) {
 ATT_UNROLL
@@ -714,7 +762,72 @@ ATT_UNROLL
     if constexpr (WG != 0) wgmma_tile<T, DV, false, DV>(o[0], pw, Vs, false);
   };
 
-  if constexpr (OVL) {
+  // WS: consumer c (0, 1) waits for its turn to issue products, and passes the turn on
+  const int c = WS ? tid / kAttThreads - 1 : 0;
+  auto turn = [&] { bar_sync(kWsTurn + c, 2 * kAttThreads); };
+  auto pass = [&] { bar_arrive(kWsTurn + 1 - c, 2 * kAttThreads); };
+  // One overlapped step (OVL): the scores of the tile at key j1 (K tile Kn) and the pending P V
+  // (V tile Vs) issued as two groups, then the scores' softmax while P V runs, then o rescaled and
+  // the next P packed. WS: the turn passed once both groups are issued, and named barrier `empty`
+  // (if >= 0) arrived at once P V is done.
+  auto overlapped = [&](float (&s)[RM][NS][4], uint32_t (&pw)[KP][4], const uint16_t* Kn, const uint16_t* Vs,
+                        int64_t j1, int empty) {
+    wgmma_fence_operands(s[0]);
+    wgmma_fence_operands(o[0]);
+    wgmma_fence();
+    scores_wg(s, Kn);
+    wgmma_commit();
+    pv_wg(pw, Vs);
+    wgmma_commit();
+    if constexpr (WS) pass();
+    wgmma_wait<1>();  // the scores are in; P V may still run
+    wgmma_fence_operands(s[0]);
+    softmax(s, j1);
+    wgmma_wait<0>();
+    wgmma_fence_operands(o[0]);
+    if (WS && empty >= 0) bar_arrive(empty, 2 * kAttThreads);
+    rescale();
+    pack_p(pw, s);
+  };
+  if constexpr (WS) {
+    // a consumer: the overlapped order below, each tile's stage taken when its full barrier passes
+    // and given back (empty) once its P V is done; the products issued in turns
+    if (c == 1) pass();  // consumer 0 issues first
+    float s[RM][NS][4];
+    uint32_t pw[KP][4];
+    if (blo < bhi) {
+      bar_sync(kWsFull + c, 2 * kAttThreads);  // tile 0, stage 0
+      turn();
+      wgmma_fence_operands(s[0]);
+      wgmma_fence();
+      scores_wg(s, Ks0);
+      wgmma_commit();
+      pass();
+      wgmma_wait<0>();
+      wgmma_fence_operands(s[0]);
+      softmax(s, blo);
+      pack_p(pw, s);
+    }
+    int st = 0;
+    for (int64_t j0 = blo; j0 < bhi; j0 += BC, st ^= 1) {
+      const uint16_t* Vs = Vs0 + st * VT;
+      if (j0 + BC < bhi) {
+        bar_sync(kWsFull + 2 * (st ^ 1) + c, 2 * kAttThreads);  // the next tile, in the other stage
+        turn();
+        // the stage is refilled by the loader if a tile is left for it
+        overlapped(s, pw, Ks0 + (st ^ 1) * KT, Vs, j0 + BC, j0 + 2 * BC < bhi ? kWsEmpty + 2 * st + c : -1);
+      } else {
+        turn();
+        wgmma_fence_operands(o[0]);
+        wgmma_fence();
+        pv_wg(pw, Vs);
+        wgmma_commit();
+        pass();
+        wgmma_wait<0>();
+        wgmma_fence_operands(o[0]);
+      }
+    }
+  } else if constexpr (OVL) {
     // FlashAttention-3's order within the warpgroup: tile j + 1's scores are multiplied and their
     // softmax taken while tile j's P V runs on the tensor cores (wgmma groups complete in order:
     // the scores are issued first). o's operations stay in the same order (rescale by tile j's
@@ -741,20 +854,7 @@ ATT_UNROLL
         cp_async_wait<0>();  // tile j + 1, in buffer buf ^ 1
         fence_proxy_async();
         __syncthreads();
-        wgmma_fence_operands(s[0]);
-        wgmma_fence_operands(o[0]);
-        wgmma_fence();
-        scores_wg(s, Ks0 + (buf ^ 1) * KT);
-        wgmma_commit();
-        pv_wg(pw, Vs);
-        wgmma_commit();
-        wgmma_wait<1>();  // the scores are in; P V may still run
-        wgmma_fence_operands(s[0]);
-        softmax(s, j0 + BC);
-        wgmma_wait<0>();
-        wgmma_fence_operands(o[0]);
-        rescale();
-        pack_p(pw, s);
+        overlapped(s, pw, Ks0 + (buf ^ 1) * KT, Vs, j0 + BC, -1);
         __syncthreads();  // every warp's P V of buffer buf is done: refill it
         if (j0 + 2 * BC < bhi) prefetch(j0 + 2 * BC, buf);
       } else {
@@ -1859,6 +1959,12 @@ inline int wgmma_bwd_wanted() {
   if (!e) return 0;
   return std::strcmp(e, "1") == 0 ? 1 : std::strcmp(e, "2") == 0 ? 2 : 0;
 }
+// MEGAPATCH_ATTENTION_WGMMA_WS=1 (with MEGAPATCH_ATTENTION_WGMMA): the forward warp-specialised,
+// FlashAttention-3's way (attn_fwd_mma_kernel's WS; D + Dv <= 128). Not the default until measured.
+inline bool wgmma_ws() {
+  const char* e = std::getenv("MEGAPATCH_ATTENTION_WGMMA_WS");
+  return e && std::strcmp(e, "1") == 0;
+}
 inline bool wgmma_overlap() {
   const char* e = std::getenv("MEGAPATCH_ATTENTION_WGMMA_OVERLAP");
   return !(e && std::strcmp(e, "0") == 0);
@@ -1893,8 +1999,18 @@ void forward_wgmma_launch(Params P, bool ovl, cudaStream_t s) {
 }
 // WG: keys a tile (wgmma_keys_wanted); rows: query rows a block (64 or 128: two warpgroups)
 template <typename T, int D, int DV>
-void forward_wgmma(const Params& P, int wg, int rows, cudaStream_t s) {
+void forward_wgmma(Params P, int wg, int rows, cudaStream_t s) {
   const bool ovl = wgmma_overlap();
+  // warp-specialised (a loader warpgroup and two consumers, 64-key tiles; D + Dv <= 128: the
+  // consumers' 232 registers)
+  if constexpr (D + DV <= 128) {
+    if (wgmma_ws()) {
+      P.ntiles = cdiv(P.Sq, 2 * kMmaBR);
+      launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, 1, 1, 64, true, 2, true>, "attentionForward", P,
+                   P.B * P.Hq * P.ntiles, 1, fwd_wgmma_smem<D, DV, 64, 2>(), s, 3 * kAttThreads);
+      return;
+    }
+  }
   // 128 keys a tile only with D + Dv <= 128 (ptxas, sm_90a, bf16 D 64: 180 registers, 254
   // overlapped; D 128 would take 248, and spill overlapped)
   if constexpr (D + DV <= 128) {
