@@ -22,6 +22,7 @@
 #                                caller's stream, capped dQ registers, no gradient-accumulation
 #                                fusion, autotuned GEMMs; "" for none)
 #   MEGAPATCH_BENCH_WGMMA=0       leave out the wgmma variants (gpu/run.sh: when its wgmma checks failed)
+#   MEGAPATCH_BENCH_WGMMA_WS=0    leave out the warp-specialised ones (gpu/run.sh: when their check failed)
 #   MEGAPATCH_BENCH_PYTHON       the python with torch (default: python3, else /opt/torch/.venv/bin/python3)
 set -u
 cd "$(dirname "$0")/../../.." || exit 1
@@ -133,6 +134,10 @@ if [ -n "$TSX" ] && has train; then
     # the wgmma forms only where gpu/run.sh's checks passed (MEGAPATCH_BENCH_WGMMA=0 otherwise)
     if [[ $venv == *WGMMA* ]] && [ "${MEGAPATCH_BENCH_WGMMA:-1}" = 0 ]; then
       say "ours-train-$vname: skipped (the wgmma checks did not pass)"
+      continue
+    fi
+    if [[ $venv == *WGMMA_WS* ]] && [ "${MEGAPATCH_BENCH_WGMMA_WS:-1}" = 0 ]; then
+      say "ours-train-$vname: skipped (the warp-specialised check did not pass)"
       continue
     fi
     IFS=, read -r -a vassign <<< "$venv"

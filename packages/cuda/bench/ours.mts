@@ -322,7 +322,8 @@ if (want('attn')) {
       const dqCapped = small ? withSwitch('MEGAPATCH_ATTENTION_DQ_OCC', '1') : null;
       // the products on wgmma (sm_90a): the forward with 128 and 64 keys a tile, with and without
       // the overlap of the next tile's scores with P V; the backward; both (the mma.sync kernels
-      // elsewhere); the same with two warpgroups a block. Left out with MEGAPATCH_BENCH_WGMMA=0 (gpu/run.sh: its wgmma checks failed).
+      // elsewhere); the same with two warpgroups a block; warp-specialised (left out with
+      // MEGAPATCH_BENCH_WGMMA_WS=0: gpu/run.sh's check of it failed). Left out with MEGAPATCH_BENCH_WGMMA=0 (gpu/run.sh: its wgmma checks failed).
       const wgmmaForms: Record<string, [string, string][]> =
         process.env.MEGAPATCH_BENCH_WGMMA === '0'
           ? {}
@@ -358,7 +359,7 @@ if (want('attn')) {
                 ['MEGAPATCH_ATTENTION_WGMMA_BWD', '2'],
               ],
               // warp-specialised forward (a loader warpgroup, two consumers taking turns; D + Dv <= 128)
-              ...(small
+              ...(small && process.env.MEGAPATCH_BENCH_WGMMA_WS !== '0'
                 ? {
                     wgmmaWsMs: [
                       ['MEGAPATCH_ATTENTION_WGMMA', '64'],

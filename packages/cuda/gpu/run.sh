@@ -272,17 +272,28 @@ if [[ $DEVICE == cuda:* ]]; then
 else
   record mma-selftest SKIP 0 "not a cuda device (the emulator's self-test runs in mma.test.ts)"
 fi
+# the warp-specialised forward (named barriers between warpgroups: a mistake there hangs rather than
+# fails) is left out here and checked after, on one case with a short timeout (WS_OK)
 attn_check() {
-  cd packages/cuda && MEGAPATCH_TEST_WGMMA=$WGMMA_OK node ../../node_modules/vitest/vitest.mjs run test/mma.test.ts \
-    -t 'tensor-core attention'
+  cd packages/cuda && MEGAPATCH_TEST_WGMMA=$WGMMA_OK MEGAPATCH_TEST_WGMMA_WS=0 \
+    node ../../node_modules/vitest/vitest.mjs run test/mma.test.ts -t 'tensor-core attention'
 }
-export -f attn_check
+attn_check_ws() {
+  cd packages/cuda && node ../../node_modules/vitest/vitest.mjs run test/mma.test.ts -t 'causal GQA, S 200'
+}
+export -f attn_check attn_check_ws
 export WGMMA_OK
 step attn-check kernels.log 90 attn_check
 report attn-check "$(vitest_note kernels.log)$([ "$WGMMA_OK" = 1 ] || echo ' (without the wgmma forms)')"
 [ "$RC" = 0 ] || WGMMA_OK=0
+WS_OK=$WGMMA_OK
+if [ "$WGMMA_OK" = 1 ]; then
+  step attn-check-ws kernels.log 40 attn_check_ws
+  report attn-check-ws "$(vitest_note kernels.log) (the warp-specialised forward, one case)"
+  [ "$RC" = 0 ] || WS_OK=0
+fi
 # read by bench/ours.mts and bench/gpu-bench.sh
-export MEGAPATCH_BENCH_WGMMA=$WGMMA_OK
+export MEGAPATCH_BENCH_WGMMA=$WGMMA_OK MEGAPATCH_BENCH_WGMMA_WS=$WS_OK
 
 # --- NCCL: a communicator of one rank (one GPU), libnccl from PyTorch's nvidia-nccl wheel ------
 NCCL_LIB_DIR=$(python3 -c 'import nvidia.nccl as n; print(list(n.__path__)[0] + "/lib")' 2>/dev/null || true)

@@ -375,7 +375,10 @@ describe.skipIf(noAddon !== '')(
                 '64, two warpgroups': await wgmma('64', '1', '0', '128'),
                 '128, two warpgroups': await wgmma('1', '1', '0', '128'),
                 '128, two warpgroups, no overlap': await wgmma('1', '0', '0', '128'),
-                'warp-specialised': await wgmma('64', '1', '0', '64', '1'),
+                // (MEGAPATCH_TEST_WGMMA_WS=0: without it; gpu/run.sh checks it in a step of its own)
+                ...(process.env.MEGAPATCH_TEST_WGMMA_WS === '0'
+                  ? {}
+                  : { 'warp-specialised': await wgmma('64', '1', '0', '64', '1') }),
               }
             : {};
           if (!onGpu && withWgmma)
@@ -400,9 +403,10 @@ describe.skipIf(noAddon !== '')(
                 expect(wgRuns['64, two warpgroups'][o], `output ${o} with wgmma, two warpgroups`).toEqual(
                   mmaAll[o],
                 );
-                expect(wgRuns['warp-specialised'][o], `output ${o} with wgmma, warp-specialised`).toEqual(
-                  mmaAll[o],
-                );
+                if (wgRuns['warp-specialised'])
+                  expect(wgRuns['warp-specialised'][o], `output ${o} with wgmma, warp-specialised`).toEqual(
+                    mmaAll[o],
+                  );
                 expect(
                   wgRuns['128, two warpgroups'][o],
                   `output ${o} with wgmma, 128 keys, two warpgroups`,
