@@ -128,7 +128,7 @@ fi
 # fused: slower; run d: dK/dV tiles of 32 queries slower too, capped attention registers faster:
 # the attn part still times uncapped)
 if [ -n "$TSX" ] && has train; then
-  for variant in ${MEGAPATCH_BENCH_TRAIN_VARIANTS-wgmma:MEGAPATCH_ATTENTION_WGMMA=1,MEGAPATCH_ATTENTION_WGMMA_BWD=1 wgmma2:MEGAPATCH_ATTENTION_WGMMA=1,MEGAPATCH_ATTENTION_FWD_ROWS=128,MEGAPATCH_ATTENTION_WGMMA_BWD=2 wgmmaws:MEGAPATCH_ATTENTION_WGMMA=64,MEGAPATCH_ATTENTION_WGMMA_WS=1,MEGAPATCH_ATTENTION_WGMMA_BWD=1 normsplit:MEGAPATCH_NORM_BWD_FUSED=0 onestream:MEGAPATCH_ATTENTION_BWD_STREAMS=1 dqocc:MEGAPATCH_ATTENTION_DQ_OCC=1 nogaf:MEGAPATCH_BENCH_NO_GAF=1 autotune:MEGAPATCH_GEMM_AUTOTUNE=1}; do
+  for variant in ${MEGAPATCH_BENCH_TRAIN_VARIANTS-wgmma:MEGAPATCH_ATTENTION_WGMMA=1,MEGAPATCH_ATTENTION_WGMMA_BWD=1 wgmma2:MEGAPATCH_ATTENTION_WGMMA=1,MEGAPATCH_ATTENTION_FWD_ROWS=128,MEGAPATCH_ATTENTION_WGMMA_BWD=2 wgmmaws:MEGAPATCH_ATTENTION_WGMMA=64,MEGAPATCH_ATTENTION_WGMMA_WS=1,MEGAPATCH_ATTENTION_WGMMA_BWD=ws normsplit:MEGAPATCH_NORM_BWD_FUSED=0 onestream:MEGAPATCH_ATTENTION_BWD_STREAMS=1 dqocc:MEGAPATCH_ATTENTION_DQ_OCC=1 nogaf:MEGAPATCH_BENCH_NO_GAF=1 autotune:MEGAPATCH_GEMM_AUTOTUNE=1}; do
     vname=${variant%%:*}
     venv=${variant#*:}
     # the wgmma forms only where gpu/run.sh's checks passed (MEGAPATCH_BENCH_WGMMA=0 otherwise)
@@ -136,7 +136,7 @@ if [ -n "$TSX" ] && has train; then
       say "ours-train-$vname: skipped (the wgmma checks did not pass)"
       continue
     fi
-    if [[ $venv == *WGMMA_WS* ]] && [ "${MEGAPATCH_BENCH_WGMMA_WS:-1}" = 0 ]; then
+    if [[ $venv == *WGMMA_WS* || $venv == *WGMMA_BWD=ws* ]] && [ "${MEGAPATCH_BENCH_WGMMA_WS:-1}" = 0 ]; then
       say "ours-train-$vname: skipped (the warp-specialised check did not pass)"
       continue
     fi

@@ -359,12 +359,14 @@ if (want('attn')) {
                 ['MEGAPATCH_ATTENTION_WGMMA_BWD', '2'],
               ],
               // warp-specialised forward (a loader warpgroup, two consumers taking turns; D + Dv <= 128)
+              // and dK/dV (a loader warpgroup, two consumers of 64 keys)
               ...(small && process.env.MEGAPATCH_BENCH_WGMMA_WS !== '0'
                 ? {
                     wgmmaWsMs: [
                       ['MEGAPATCH_ATTENTION_WGMMA', '64'],
                       ['MEGAPATCH_ATTENTION_WGMMA_WS', '1'],
                     ] as [string, string][],
+                    wgmmaBwdWsMs: [['MEGAPATCH_ATTENTION_WGMMA_BWD', 'ws']] as [string, string][],
                   }
                 : {}),
             };

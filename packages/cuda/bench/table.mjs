@@ -196,6 +196,7 @@ for (const c of cases.attn) {
     ['wgmmaBwd2Ms', 'wgmma backward, two warpgroups'],
     ['wgmmaBoth2Ms', 'wgmma forward and backward, two warpgroups'],
     ['wgmmaWsMs', 'wgmma forward, warp-specialised'],
+    ['wgmmaBwdWsMs', 'wgmma backward, dK/dV warp-specialised'],
   ]) {
     // MEGAPATCH_ATTENTION_WGMMA=1 / 64 (and MEGAPATCH_ATTENTION_WGMMA_OVERLAP=0): the forward's
     // tile products on Hopper's wgmma; MEGAPATCH_ATTENTION_WGMMA_BWD=1 the backward's; two

@@ -9,8 +9,8 @@
 // (MEGAPATCH_ATTENTION_MMA=0) and the CPU backend, with and without the cp.async prefetch of the
 // next tile (MEGAPATCH_ATTENTION_PIPELINE=0), with 64- and 128-row forward tiles
 // (MEGAPATCH_ATTENTION_FWD_ROWS=128), with the products on wgmma (MEGAPATCH_ATTENTION_WGMMA=64
-// and =1, with and without MEGAPATCH_ATTENTION_WGMMA_OVERLAP, one or two warpgroups a block;
-// MEGAPATCH_ATTENTION_WGMMA_BWD=1), and
+// and =1, with and without MEGAPATCH_ATTENTION_WGMMA_OVERLAP, one or two warpgroups a block,
+// warp-specialised; MEGAPATCH_ATTENTION_WGMMA_BWD=1, 2, ws), and
 // with the fused single-pass backward (MEGAPATCH_ATTENTION_BWD=fused).
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -343,7 +343,8 @@ describe.skipIf(noAddon !== '')(
           // The backward's products on wgmma (MEGAPATCH_ATTENTION_WGMMA_BWD=1: dK/dV where D + Dv
           // <= 128, dQ where D + Dv <= 192) are the same as mma.sync's, in the same order; with two
           // warpgroups a block (=2) too (the emulator adds a product's k terms one by one in order,
-          // so tiles that start elsewhere give the same sums; a GPU's tensor cores need not).
+          // so tiles that start elsewhere give the same sums; a GPU's tensor cores need not), and
+          // with dK/dV warp-specialised (=ws: a loader warpgroup and two of 64 keys).
           // Two warpgroups a block (MEGAPATCH_ATTENTION_FWD_ROWS=128: 128 query rows sharing each
           // K/V tile) do each row's arithmetic as one warpgroup does when the key tiles start at the
           // same key (not so with cuSeqlens, as for the 128-row mma.sync tiles above).
@@ -378,7 +379,21 @@ describe.skipIf(noAddon !== '')(
                 // (MEGAPATCH_TEST_WGMMA_WS=0: without it; gpu/run.sh checks it in a step of its own)
                 ...(process.env.MEGAPATCH_TEST_WGMMA_WS === '0'
                   ? {}
-                  : { 'warp-specialised': await wgmma('64', '1', '0', '64', '1') }),
+                  : {
+                      'warp-specialised': await wgmma('64', '1', '0', '64', '1'),
+                      'backward, warp-specialised': await wgmma('0', '1', 'ws'),
+                      // the emulator running each block's threads last to first: the consumers
+                      // before the loader (a stage read before it is filled shows)
+                      ...(onGpu
+                        ? {}
+                        : {
+                            'warp-specialised, reversed': await withEnv(
+                              'MEGAPATCH_CUDA_EMU_SCHEDULE',
+                              'reverse',
+                              () => wgmma('64', '1', 'ws', '64', '1'),
+                            ),
+                          }),
+                    }),
               }
             : {};
           if (!onGpu && withWgmma)
@@ -392,6 +407,18 @@ describe.skipIf(noAddon !== '')(
                 wgRuns['backward, two warpgroups'][o],
                 `output ${o}, backward on two warpgroups`,
               ).toEqual(mmaAll[o]);
+              // (the forward's key tiles start elsewhere with cuSeqlens, and its output enters the
+              // gradients through delta: checked below within the tolerances then)
+              if (wgRuns['warp-specialised, reversed'] && !c.cu)
+                expect(
+                  wgRuns['warp-specialised, reversed'][o],
+                  `output ${o}, warp-specialised, reversed`,
+                ).toEqual(mmaAll[o]);
+              if (wgRuns['backward, warp-specialised'])
+                expect(
+                  wgRuns['backward, warp-specialised'][o],
+                  `output ${o}, backward warp-specialised`,
+                ).toEqual(mmaAll[o]);
               expect(wgRuns['128, no overlap'][o], `output ${o} with wgmma, 128 keys, no overlap`).toEqual(
                 wgRuns['128'][o],
               );

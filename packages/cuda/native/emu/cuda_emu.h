@@ -8,7 +8,8 @@
 // Every CUDA thread of a block is a fiber with its own stack (256 KB, MEGAPATCH_CUDA_EMU_STACK_KB;
 // mmap'ed once with a guard page and reused by every launch), driven by a round-robin cooperative
 // scheduler: a fiber runs until it finishes or waits at a barrier (__syncthreads, __syncwarp, and
-// every warp primitive, which is built on a warp barrier). A kernel without barriers costs one
+// every warp primitive, which is built on a warp barrier); each round takes the block's threads in
+// order, or last to first with MEGAPATCH_CUDA_EMU_SCHEDULE=reverse (read at each launch). A kernel without barriers costs one
 // context switch pair per thread (an assembly switch on x86-64, ucontext elsewhere).
 //
 // Consequences:

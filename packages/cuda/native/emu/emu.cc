@@ -124,6 +124,7 @@ void* g_sched_sp = nullptr;
 void (*g_invoke)(void*) = nullptr;
 void* g_ctx = nullptr;
 unsigned g_nthreads = 0;
+bool g_reverse = false;  // the launch's scheduling order: the block's threads last to first
 unsigned g_cur = 0;
 unsigned g_live = 0;
 bool g_aborted = false;
@@ -291,7 +292,8 @@ void run_block() {
   for (NamedBar& nb : g_named) nb = NamedBar{};
   while (g_live > 0) {
     bool ran = false;
-    for (unsigned i = 0; i < g_nthreads; i++) {
+    for (unsigned k = 0; k < g_nthreads; k++) {
+      const unsigned i = g_reverse ? g_nthreads - 1 - k : k;
       Fiber& f = g_fibers[i];
       if (f.state != kReady) continue;
       g_cur = i;
@@ -605,6 +607,13 @@ void emu::detail::launch_erased(void (*invoke)(void*), void* ctx, dim3 grid, dim
   g_invoke = invoke;
   g_ctx = ctx;
   g_nthreads = n;
+  // MEGAPATCH_CUDA_EMU_SCHEDULE=reverse (read at each launch): each round of the scheduler runs the
+  // block's threads from the last to the first, so that a race the usual order hides (a consumer
+  // warpgroup reading what a lower-numbered producer has not written yet) shows
+  {
+    const char* e = std::getenv("MEGAPATCH_CUDA_EMU_SCHEDULE");
+    g_reverse = e && std::strcmp(e, "reverse") == 0;
+  }
   g_block_dim = block;
   g_grid_dim = grid;
   g_aborted = false;

@@ -293,6 +293,13 @@ __global__ void named_barriers(int* out) {
 }
 
 #ifdef MEGAPATCH_CUDA_EMULATOR
+// thread 0 writes what thread 1 reads, with no barrier between: thread 1 sees it when the
+// scheduler runs thread 0 first (the usual order), not with MEGAPATCH_CUDA_EMU_SCHEDULE=reverse
+__global__ void unsynchronised(int* out) {
+  MP_DYNAMIC_SMEM(int, s);
+  if (threadIdx.x == 0) s[0] = 7;
+  if (threadIdx.x == 1) out[0] = s[0];
+}
 // half the block waits at a named barrier of the whole block, the other half exits
 __global__ void named_deadlock(int* out) {
   if (threadIdx.x < 64) mpc::bar_sync(5, 128);
@@ -611,6 +618,17 @@ int main() {
     msg = last_error_text();
     CHECK(msg.find("named barrier 5 in block (0,0,0): 64 of 128 threads arrived") != std::string::npos,
           "message: %s", msg.c_str());
+
+    {  // the scheduling order: thread 0 first, or (MEGAPATCH_CUDA_EMU_SCHEDULE=reverse) last
+      MP_LAUNCH(unsynchronised, 1, 64, 16, stream, out.p);
+      LAUNCH_OK("unsynchronised");
+      CHECK(out.get()[0] == 7, "usual order: %d", out.get()[0]);
+      setenv("MEGAPATCH_CUDA_EMU_SCHEDULE", "reverse", 1);
+      MP_LAUNCH(unsynchronised, 1, 64, 16, stream, out.p);
+      unsetenv("MEGAPATCH_CUDA_EMU_SCHEDULE");
+      LAUNCH_OK("unsynchronised, reversed");
+      CHECK(out.get()[0] != 7, "reversed order: thread 1 ran after thread 0");
+    }
 
     MP_LAUNCH(named_bad_count, 1, 64, 0, stream, out.p);
     msg = last_error_text();

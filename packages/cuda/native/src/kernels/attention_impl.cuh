@@ -432,6 +432,20 @@ ATT_UNROLL
 // empty of stage st and consumer c at kWsFull / kWsEmpty + 2 st + c, the consumers' turns at
 // kWsTurn + c.
 constexpr int kWsFull = 1, kWsEmpty = 5, kWsTurn = 9;
+// The loader's side of stage st for its tile tt: before filling it, wait until both consumers gave
+// it back (from the third tile on); once filled (this thread's cp.async copies issued), wait for
+// the copies, make them visible to wgmma and hand the stage to both consumers.
+MP_D void ws_stage_wait_empty(int st, int64_t tt) {
+  if (tt < 2) return;
+  bar_sync(kWsEmpty + 2 * st, 2 * kAttThreads);
+  bar_sync(kWsEmpty + 2 * st + 1, 2 * kAttThreads);
+}
+MP_D void ws_stage_filled(int st) {
+  cp_async_wait<0>();
+  fence_proxy_async();  // this thread's copies, for the consumers' wgmma
+  bar_arrive(kWsFull + 2 * st, 2 * kAttThreads);
+  bar_arrive(kWsFull + 2 * st + 1, 2 * kAttThreads);
+}
 // setmaxnreg (sm_90a): a warpgroup gives registers back to the block's pool / takes them from it
 // (multiples of 8 in 24 .. 256; the same for the warpgroup's every thread). Elsewhere nothing.
 template <int N> MP_D void setmaxnreg_dec() {
@@ -551,15 +565,9 @@ ATT_UNROLL
       setmaxnreg_dec<40>();
       int st = 0;
       for (int64_t j0 = blo, tt = 0; j0 < bhi; j0 += BC, tt++, st ^= 1) {
-        if (tt >= 2) {
-          bar_sync(kWsEmpty + 2 * st, 2 * kAttThreads);
-          bar_sync(kWsEmpty + 2 * st + 1, 2 * kAttThreads);
-        }
+        ws_stage_wait_empty(st, tt);
         prefetch(j0, st);
-        cp_async_wait<0>();
-        fence_proxy_async();  // this thread's copies, for the consumers' wgmma
-        bar_arrive(kWsFull + 2 * st, 2 * kAttThreads);
-        bar_arrive(kWsFull + 2 * st + 1, 2 * kAttThreads);
+        ws_stage_filled(st);
       }
       return;
     }
@@ -1251,12 +1259,19 @@ MP_D void mma_acc_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)
 // gives the same bits).
 // NWG (with WG): warpgroups a block, each with its 64 keys (warp w: keys 16 w .. 16 w + 15), all
 // multiplying the same Q/dO tiles (NWG = 2: 128 keys a block, half the tile loads a key).
-template <typename T, int D, int DV, int BQ, bool PIPE, bool DQ = false, int MINB = 0, bool WG = false, int NWG = 1>
-__global__ void __launch_bounds__(kAttThreads * NWG, MINB) attn_dkdv_mma_kernel(Params P) {
+// WS (with WG, NWG 2; MEGAPATCH_ATTENTION_WGMMA_BWD=ws): warp-specialised as the forward's WS: a
+// third warpgroup (warps 0-3) copies the Q/dO tiles and fills the queries' lse, delta and key
+// ranges of each of two stages, the two others (warps 4-11) multiply; named barriers pass the
+// stages (full, empty), no block-wide barrier in the loop; setmaxnreg 56 / 224.
+template <typename T, int D, int DV, int BQ, bool PIPE, bool DQ = false, int MINB = 0, bool WG = false, int NWG = 1,
+          bool WS = false>
+__global__ void __launch_bounds__(kAttThreads*(NWG + (WS ? 1 : 0)), MINB) attn_dkdv_mma_kernel(Params P) {
   static_assert(!WG || (PIPE && !DQ && BQ == 64 && (D == 64 || D == 128) && (DV == 64 || DV == 128)),
                 "wgmma dK/dV: 64-query tiles of D, Dv in {64, 128}, cp.async");
   static_assert(NWG == 1 || (WG && NWG == 2), "two warpgroups a block: wgmma's");
-  constexpr int NT = kAttThreads * NWG;  // threads a block
+  static_assert(!WS || (WG && NWG == 2), "warp-specialised: two consumers");
+  constexpr int NT = kAttThreads * (NWG + (WS ? 1 : 0));  // threads a block
+  constexpr int NL = WS ? 2 : 1;                          // stages of the queries' lse, delta, ranges
   constexpr int BR = kMmaBR * NWG, LDK = D + kMmaPad, LDV = DV + kMmaPad, NQ = BQ / 8, NBUF = PIPE ? 2 : 1;
   constexpr int LDS = BQ + kMmaPad, MT = BQ / 16, NTW = D / 32;  // dQ: m-tiles, n-tiles per warp
   constexpr int QT = WG ? BQ * D : BQ * LDK, GT = WG ? BQ * DV : BQ * LDV;  // elements a Q / dO tile
@@ -1265,12 +1280,13 @@ __global__ void __launch_bounds__(kAttThreads * NWG, MINB) attn_dkdv_mma_kernel(
   uint16_t* Vs = Ks + BR * LDK;
   uint16_t* Qs0 = Vs + BR * LDV;     // NBUF tiles [BQ][LDK] (wgmma: core matrices of [BQ][D])
   uint16_t* Gs0 = Qs0 + NBUF * QT;  // NBUF tiles [BQ][LDV] (wgmma: core matrices of [BQ][DV])
-  float* Ls = reinterpret_cast<float*>(Gs0 + NBUF * GT);  // 16-byte aligned: every size above is
-  float* Dl = Ls + BQ;                                   // a multiple of 8 elements
-  int64_t* Lo = reinterpret_cast<int64_t*>(Dl + BQ);
-  int64_t* Hi = Lo + BQ;
-  uint16_t* Ss = reinterpret_cast<uint16_t*>(Hi + BQ);  // DQ: dS^T [64][LDS] (16-byte aligned rows)
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
+  float* Ls0 = reinterpret_cast<float*>(Gs0 + NBUF * GT);  // 16-byte aligned: every size above is
+  float* Dl0 = Ls0 + NL * BQ;                              // a multiple of 8 elements (NL stages)
+  int64_t* Lo0 = reinterpret_cast<int64_t*>(Dl0 + NL * BQ);
+  int64_t* Hi0 = Lo0 + NL * BQ;
+  uint16_t* Ss = reinterpret_cast<uint16_t*>(Hi0 + NL * BQ);  // DQ: dS^T [64][LDS] (16-byte aligned rows)
+  const int tid = threadIdx.x, lane = tid % 32, g = lane >> 2, t = lane & 3;
+  const int warp = WS ? tid / 32 - 4 : tid / 32;  // the warp's keys 16 warp .. (WS: the loader's < 0)
   const int64_t x = blockIdx.x, nbk = P.B * P.Hkv;
   const int64_t kt = x / nbk, bk = x % nbk;  // longest first (see "Block order")
   const int64_t kh = bk % P.Hkv, b = bk / P.Hkv;
@@ -1317,26 +1333,75 @@ ATT_UNROLL
     }
     cp_async_commit();
   };
-  if (PIPE && ia < ib) prefetch(kh * P.group, ia, 0);
+  if (!WS && PIPE && ia < ib) prefetch(kh * P.group, ia, 0);
+  // the queries' -lse in log2 units (+inf for rows past Sq and rows with no keys: no probability),
+  // delta and key ranges for the tile of query head h from query i0, into stage arrays Ls .. Hi
+  // (by the threads from `first` on, `n` of them); whether each query attends to all the block's keys
+  auto fill = [&](float* Ls, float* Dl, int64_t* Lo, int64_t* Hi, int64_t h, int64_t i0, int first, int n) {
+    const float* lb = reinterpret_cast<const float*>(P.lse.p) + b * P.lse.s[0] + h * P.lse.s[1];
+    const float* db = delta + (b * P.Hq + h) * P.Sq;
+    bool covers = P.mask.p == nullptr;
+    for (int q = tid - first; q < BQ; q += n) {
+      const int64_t i = i0 + q;
+      const bool in = i < P.Sq;
+      Ls[q] = in ? -lb[i * P.lse.s[2]] * log2e : pinf;
+      Dl[q] = in ? db[i] : 0.0f;
+      row_range(P, i, Lo[q], Hi[q]);
+      covers = covers && Ls[q] != pinf && Lo[q] <= j0 && Hi[q] >= j0 + BR;
+    }
+    return covers;
+  };
+  const int64_t ntiles = P.group * (ia < ib ? (ib - ia + BQ - 1) / BQ : 0);  // of the loop below
   // WG: this warp's A fragments of K and V (its 16 keys), read once
   uint32_t kf[WG ? D / 16 : 1][4], vf[WG ? DV / 16 : 1][4];
   if constexpr (WG) {
-    __syncthreads();  // K and V are in place
+    __syncthreads();  // K and V are in place (WS: the last block-wide barrier)
+    if constexpr (WS) {
+      if (tid < kAttThreads) {
+        // the loader: tile tt into stage tt % 2 once both consumers released the tile before it there
+        setmaxnreg_dec<56>();  // (40 spills the fill's row ranges)
+        int st = 0;
+        int64_t tt = 0;
+        for (int64_t gq = 0; gq < P.group; gq++) {
+          const int64_t h = kh * P.group + gq;
+          for (int64_t i0 = ia; i0 < ib; i0 += BQ, tt++, st ^= 1) {
+            ws_stage_wait_empty(st, tt);
+            load_tile_cm_async<T, D, kAttThreads>(Qs0 + st * QT, mat_ptr<const T>(P.q, b, h), P.q.s[2], i0, BQ, P.Sq);
+            load_tile_cm_async<T, DV, kAttThreads>(Gs0 + st * GT, mat_ptr<const T>(P.go, b, h), P.go.s[2], i0, BQ,
+                                                   P.Sq);
+            cp_async_commit();
+            fill(Ls0 + st * BQ, Dl0 + st * BQ, Lo0 + st * BQ, Hi0 + st * BQ, h, i0, 0, kAttThreads);
+            ws_stage_filled(st);
+          }
+        }
+        return;
+      }
+      setmaxnreg_inc<224>();
+    }
 ATT_UNROLL
     for (int kk = 0; kk < D / 16; kk++) mma_load_a(kf[kk], Ks + warp * 16 * LDK + kk * 16, LDK, lane);
 ATT_UNROLL
     for (int kk = 0; kk < DV / 16; kk++) mma_load_a(vf[kk], Vs + warp * 16 * LDV + kk * 16, LDV, lane);
   }
   int buf = 0;
+  int64_t tt = 0;  // tiles done
+  const int c = WS ? tid / kAttThreads - 1 : 0;  // WS: the consumer
   for (int64_t gq = 0; gq < P.group; gq++) {
     const int64_t h = kh * P.group + gq;
     const T* qb = mat_ptr<const T>(P.q, b, h);
     const T* gb = mat_ptr<const T>(P.go, b, h);
-    const float* lb = reinterpret_cast<const float*>(P.lse.p) + b * P.lse.s[0] + h * P.lse.s[1];
-    const float* db = delta + (b * P.Hq + h) * P.Sq;
-    for (int64_t i0 = ia; i0 < ib; i0 += BQ, buf ^= NBUF - 1) {
-      __syncthreads();  // the previous tile's readers are done (its buffer is refilled below)
-      if constexpr (PIPE) {
+    for (int64_t i0 = ia; i0 < ib; i0 += BQ, buf ^= NBUF - 1, tt++) {
+      float* Ls = Ls0 + (WS ? buf * BQ : 0);
+      float* Dl = Dl0 + (WS ? buf * BQ : 0);
+      int64_t* Lo = Lo0 + (WS ? buf * BQ : 0);
+      int64_t* Hi = Hi0 + (WS ? buf * BQ : 0);
+      if constexpr (WS) {
+        bar_sync(kWsFull + 2 * buf + c, 2 * kAttThreads);  // the loader filled stage buf
+      } else {
+        __syncthreads();  // the previous tile's readers are done (its buffer is refilled below)
+      }
+      if constexpr (WS) {
+      } else if constexpr (PIPE) {
         const bool same = i0 + BQ < ib;  // the next tile: this head's next, or the next head's first
         if (same || gq + 1 < P.group) {
           prefetch(same ? h : h + 1, same ? i0 + BQ : ia, buf ^ 1);
@@ -1348,22 +1413,20 @@ ATT_UNROLL
         load_tile16<T, D, NT>(Qs0, qb, P.q.s[2], P.q.s[3], i0, BQ, P.Sq, P.vec & 1);
         load_tile16<T, DV, NT>(Gs0, gb, P.go.s[2], P.go.s[3], i0, BQ, P.Sq, (P.vec >> 3) & 1);
       }
-      if constexpr (WG) fence_proxy_async();  // this thread's copies, for wgmma after the barrier below
+      if constexpr (WG && !WS) fence_proxy_async();  // this thread's copies, for wgmma after the barrier below
       const uint16_t* Qs = Qs0 + buf * QT;
       const uint16_t* Gs = Gs0 + buf * GT;
-      // `covers`: every query this thread fills attends to all of the block's BR keys; the
-      // block's AND of it (with no explicit mask) lets the tile skip the per-element checks
-      // Ls: -lse in log2 units (+inf for rows past Sq and rows with no keys: no probability)
-      bool covers = P.mask.p == nullptr;
-      for (int q = tid; q < BQ; q += NT) {
-        const int64_t i = i0 + q;
-        const bool in = i < P.Sq;
-        Ls[q] = in ? -lb[i * P.lse.s[2]] * log2e : pinf;
-        Dl[q] = in ? db[i] : 0.0f;
-        row_range(P, i, Lo[q], Hi[q]);
-        covers = covers && Ls[q] != pinf && Lo[q] <= j0 && Hi[q] >= j0 + BR;
+      // `whole`: every query of the tile attends to all of the block's BR keys (and no explicit
+      // mask): the tile skips the per-element checks. The block's AND of the filling threads'
+      // answers; WS: each warp's AND over the loader's stage arrays (the same for every warp)
+      bool whole;
+      if constexpr (WS) {
+        bool covers = P.mask.p == nullptr;
+        for (int q = lane; q < BQ; q += 32) covers = covers && Ls[q] != pinf && Lo[q] <= j0 && Hi[q] >= j0 + BR;
+        whole = __all_sync(0xffffffffu, covers);
+      } else {
+        whole = __syncthreads_and(fill(Ls, Dl, Lo, Hi, h, i0, 0, NT)) != 0;
       }
-      const bool whole = __syncthreads_and(covers) != 0;
       // S^T = K Q^T and dP^T = V dO^T: rows keys, columns queries
       float st[NQ][4], dpt[NQ][4];
       if constexpr (WG) {
@@ -1451,6 +1514,8 @@ ATT_UNROLL
               wgmma_tile<T, D, false, D>(dk, da, Qs, false);
             },
             dv, dk);
+        // WS: the stage is the loader's again (if a tile is left for it)
+        if (WS && tt + 2 < ntiles) bar_arrive(kWsEmpty + 2 * buf + c, 2 * kAttThreads);
       } else {
 ATT_UNROLL
         for (int ks = 0; ks < BQ / 16; ks++) {
@@ -1952,11 +2017,13 @@ inline int wgmma_keys_wanted() {
 // MEGAPATCH_ATTENTION_WGMMA_BWD=1: the tensor-core backward's tile products on wgmma (sm_90a, the
 // same devices): dK/dV with 64-query tiles (D + Dv <= 128) and dQ (D, Dv in {64, 128}, D + Dv <=
 // 192), where the rows are 16-byte aligned and contiguous. Not the default until measured on a GPU.
-// =2: two warpgroups a block (128 keys for dK/dV, 128 queries for dQ, sharing each tile).
-// Returns the warpgroups a block wanted (0: not on wgmma).
+// =2: two warpgroups a block (128 keys for dK/dV, 128 queries for dQ, sharing each tile); =ws: as
+// =2 with dK/dV warp-specialised (a loader warpgroup and the two: attn_dkdv_mma_kernel's WS).
+// Returns the warpgroups a block wanted (0: not on wgmma; 3: =ws).
 inline int wgmma_bwd_wanted() {
   const char* e = std::getenv("MEGAPATCH_ATTENTION_WGMMA_BWD");
   if (!e) return 0;
+  if (std::strcmp(e, "ws") == 0) return 3;
   return std::strcmp(e, "1") == 0 ? 1 : std::strcmp(e, "2") == 0 ? 2 : 0;
 }
 // MEGAPATCH_ATTENTION_WGMMA_WS=1 (with MEGAPATCH_ATTENTION_WGMMA): the forward warp-specialised,
@@ -2111,11 +2178,12 @@ template <typename T, int D, int DV>
 constexpr int bwd_mma_bc() {
   return D > 128 ? 32 : kMmaBC;  // keys per dq tile
 }
-template <typename T, int D, int DV, bool PIPE, bool DQ = false, size_t BQ = bwd_mma_bq<T, D, DV>(), size_t NWG = 1>
+template <typename T, int D, int DV, bool PIPE, bool DQ = false, size_t BQ = bwd_mma_bq<T, D, DV>(), size_t NWG = 1,
+          size_t NL = 1>
 size_t dkdv_mma_smem() {
   constexpr size_t nbuf = PIPE ? 2 : 1;
   return sizeof(uint16_t) * (kMmaBR * NWG + nbuf * BQ) * (D + kMmaPad + DV + kMmaPad) +
-         BQ * (2 * sizeof(float) + 2 * sizeof(int64_t)) + (DQ ? sizeof(uint16_t) * kMmaBR * (BQ + kMmaPad) : 0);
+         NL * BQ * (2 * sizeof(float) + 2 * sizeof(int64_t)) + (DQ ? sizeof(uint16_t) * kMmaBR * (BQ + kMmaPad) : 0);
 }
 // MEGAPATCH_ATTENTION_BWD=fused: the tensor-core backward in one pass over the key tiles, dQ
 // added up with atomics (FlashAttention-2's way), instead of the deterministic dk/dv and dq pair.
@@ -2211,7 +2279,13 @@ void backward_mma_cfg(Params P, cudaStream_t s) {
   constexpr bool wg_dims = (D == 64 || D == 128) && (DV == 64 || DV == 128);
   if (wg_dims && BQ == 64 && wgn != 0 && (P.vec & 9) == 9) {
     if constexpr (wg_dims && BQ == 64) {
-      if (wgn == 2) {
+      if (wgn == 3) {
+        Params Pk2 = Pk;
+        Pk2.ntiles = cdiv(P.Sk, 2 * kMmaBR);
+        launch_tiles(attn_dkdv_mma_kernel<T, D, DV, BQ, true, false, 1, true, 2, true>, "attentionBackward (dk, dv)",
+                     Pk2, P.B * P.Hkv * Pk2.ntiles, 1, dkdv_mma_smem<T, D, DV, true, false, BQ, 2, 2>(), s,
+                     3 * kAttThreads);
+      } else if (wgn == 2) {
         Params Pk2 = Pk;
         Pk2.ntiles = cdiv(P.Sk, 2 * kMmaBR);
         launch_tiles(attn_dkdv_mma_kernel<T, D, DV, BQ, true, false, 0, true, 2>, "attentionBackward (dk, dv)",
@@ -2250,7 +2324,7 @@ void backward_mma_cfg(Params P, cudaStream_t s) {
     constexpr bool wg_dq = wg_dims && BC == 64 && D + DV <= 192;
     if (wg_dq && wgn != 0 && (P.vec & 6) == 6) {
       if constexpr (wg_dq) {
-        if (wgn == 2) {
+        if (wgn >= 2) {
           Params Pq2 = Pq;
           Pq2.ntiles = cdiv(P.Sq, 2 * kMmaBR);
           launch_tiles(attn_dq_mma_kernel<T, D, DV, BC, true, 0, true, 2>, "attentionBackward (dq)", Pq2,
