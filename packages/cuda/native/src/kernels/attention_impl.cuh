@@ -1397,11 +1397,8 @@ ATT_UNROLL
       int64_t* Hi = Hi0 + (WS ? buf * BQ : 0);
       if constexpr (WS) {
         bar_sync(kWsFull + 2 * buf + c, 2 * kAttThreads);  // the loader filled stage buf
-      } else {
-        __syncthreads();  // the previous tile's readers are done (its buffer is refilled below)
-      }
-      if constexpr (WS) {
       } else if constexpr (PIPE) {
+        __syncthreads();  // the previous tile's readers are done (its buffer is refilled below)
         const bool same = i0 + BQ < ib;  // the next tile: this head's next, or the next head's first
         if (same || gq + 1 < P.group) {
           prefetch(same ? h : h + 1, same ? i0 + BQ : ia, buf ^ 1);
@@ -1410,6 +1407,7 @@ ATT_UNROLL
           cp_async_wait<0>();
         }
       } else {
+        __syncthreads();  // the previous tile's readers are done (its buffer is refilled below)
         load_tile16<T, D, NT>(Qs0, qb, P.q.s[2], P.q.s[3], i0, BQ, P.Sq, P.vec & 1);
         load_tile16<T, DV, NT>(Gs0, gb, P.go.s[2], P.go.s[3], i0, BQ, P.Sq, (P.vec >> 3) & 1);
       }
