@@ -392,6 +392,15 @@ describe.skipIf(noAddon !== '')(
                               'reverse',
                               () => wgmma('64', '1', 'ws', '64', '1'),
                             ),
+                            // random warp ranks (a seed a case), the highest-ranked ready warp
+                            // always next: a consumer runs as far ahead of the loader as the
+                            // barriers let it (a stage read before it is filled, or refilled
+                            // before it is read, shows)
+                            'warp-specialised, priority': await withEnv(
+                              'MEGAPATCH_CUDA_EMU_SCHEDULE',
+                              `priority:${MMA_CASES.indexOf(c) + 1}`,
+                              () => wgmma('64', '1', 'ws', '64', '1'),
+                            ),
                           }),
                     }),
               }
@@ -413,6 +422,11 @@ describe.skipIf(noAddon !== '')(
                 expect(
                   wgRuns['warp-specialised, reversed'][o],
                   `output ${o}, warp-specialised, reversed`,
+                ).toEqual(mmaAll[o]);
+              if (wgRuns['warp-specialised, priority'] && !c.cu)
+                expect(
+                  wgRuns['warp-specialised, priority'][o],
+                  `output ${o}, warp-specialised, priority schedule`,
                 ).toEqual(mmaAll[o]);
               if (wgRuns['backward, warp-specialised'])
                 expect(

@@ -9,8 +9,13 @@
 // mmap'ed once with a guard page and reused by every launch), driven by a round-robin cooperative
 // scheduler: a fiber runs until it finishes or waits at a barrier (__syncthreads, __syncwarp, and
 // every warp primitive, which is built on a warp barrier); each round takes the block's threads in
-// order, or last to first with MEGAPATCH_CUDA_EMU_SCHEDULE=reverse (read at each launch). A kernel without barriers costs one
-// context switch pair per thread (an assembly switch on x86-64, ucontext elsewhere).
+// order, or last to first with MEGAPATCH_CUDA_EMU_SCHEDULE=reverse (read at each launch). With
+// MEGAPATCH_CUDA_EMU_SCHEDULE=priority[:SEED] there are no rounds: the block's warps are ranked at
+// random (from the seed, the launch's number and the block's index), the highest-ranked warp with a
+// ready thread always runs, a thread that releases others from a barrier yields, and about one
+// switch in 4096 drops the warp that ran to the lowest rank; an unknown value fails the launch. A
+// kernel without barriers costs one context switch pair per thread (an assembly switch on x86-64,
+// ucontext elsewhere).
 //
 // Consequences:
 //  - `__shared__` is `static`: a function-static array is the block's shared memory, since blocks

@@ -124,7 +124,16 @@ void* g_sched_sp = nullptr;
 void (*g_invoke)(void*) = nullptr;
 void* g_ctx = nullptr;
 unsigned g_nthreads = 0;
-bool g_reverse = false;  // the launch's scheduling order: the block's threads last to first
+// The launch's scheduling (MEGAPATCH_CUDA_EMU_SCHEDULE): rounds over the block's threads first to
+// last (the default) or last to first (reverse), or by priority (priority[:SEED]): the block's
+// warps ranked at random, the highest-ranked warp with a ready thread always runs next, so that a
+// warp runs as far ahead of the lower ones as its barriers let it.
+enum Schedule { kInOrder, kReverse, kPriority };
+Schedule g_schedule = kInOrder;
+uint64_t g_seed = 0;                // priority: the seed given
+uint64_t g_rng = 0;                 // priority: the block's random stream (splitmix64)
+std::vector<unsigned> g_order;      // priority: the block's threads, highest rank first
+uint64_t g_schedule_launch = 0;     // priority: launches so far (each ranks its blocks anew)
 unsigned g_cur = 0;
 unsigned g_live = 0;
 bool g_aborted = false;
@@ -280,6 +289,88 @@ std::string deadlock_message() {
   return "deadlock in " + block_str();
 }
 
+uint64_t next_random() {
+  uint64_t z = (g_rng += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// runs fiber i until it waits, exits or yields
+void resume(unsigned i) {
+  Fiber& f = g_fibers[i];
+  g_cur = i;
+  g_thread_idx = &f.idx;
+  g_in_kernel = true;
+  switch_to_fiber(f);
+  g_in_kernel = false;
+}
+
+// priority scheduling of one block: the warps in a random order, each warp's threads first to last;
+// the first ready thread in that order runs. After about one switch in 4096 the warp that ran drops
+// to the lowest rank (a change point: the others then run ahead of it from where it stopped).
+void run_block_by_priority() {
+  const unsigned nwarps = (g_nthreads + 31) / 32;
+  g_rng = g_seed * 0x2545f4914f6cdd1dull + g_schedule_launch * 0x9e3779b97f4a7c15ull +
+          ((uint64_t(g_block_idx.z) * g_grid_dim.y + g_block_idx.y) * g_grid_dim.x + g_block_idx.x);
+  std::vector<unsigned> warps(nwarps);
+  for (unsigned w = 0; w < nwarps; w++) warps[w] = w;
+  for (unsigned w = nwarps; w > 1; w--) std::swap(warps[w - 1], warps[next_random() % w]);
+  g_order.clear();
+  for (unsigned w : warps)
+    for (unsigned t = w * 32; t < g_nthreads && t < w * 32 + 32; t++) g_order.push_back(t);
+  // Threads become ready only when a barrier releases them, and the releasing thread then yields
+  // (after_release) still ready: after a thread that stopped otherwise (waits or has exited), none
+  // before it in the order is ready, and the search goes on from the next one.
+  size_t pos = 0;
+  while (g_live > 0) {
+    while (pos < g_order.size() && g_fibers[g_order[pos]].state != kReady) pos++;
+    if (pos == g_order.size()) {
+      record_fault(deadlock_message());
+      return;
+    }
+    const unsigned i = g_order[pos];
+    resume(i);
+    if (g_aborted) return;
+    if ((next_random() & 4095) == 0) {
+      const unsigned w = i / 32;
+      std::stable_partition(g_order.begin(), g_order.end(), [w](unsigned t) { return t / 32 != w; });
+      pos = 0;
+    } else if (g_fibers[i].state == kReady) {
+      pos = 0;
+    }
+  }
+}
+
+// sets the launch's schedule from MEGAPATCH_CUDA_EMU_SCHEDULE's value (null: in order); false when
+// the value names none
+bool parse_schedule(const char* e) {
+  g_schedule = kInOrder;
+  if (e == nullptr || *e == 0 || std::strcmp(e, "in-order") == 0) return true;
+  if (std::strcmp(e, "reverse") == 0) {
+    g_schedule = kReverse;
+    return true;
+  }
+  if (std::strncmp(e, "priority", 8) != 0 || (e[8] != 0 && e[8] != ':')) return false;
+  g_seed = 0;
+  if (e[8] == ':') {
+    char* end = nullptr;
+    g_seed = std::strtoull(e + 9, &end, 10);
+    if (end == e + 9 || *end != 0) return false;
+  }
+  g_schedule = kPriority;
+  g_schedule_launch++;
+  return true;
+}
+
+// In priority scheduling, a thread that has just released others from a barrier steps back to the
+// scheduler, so that the highest-ranked ready thread runs next (the released ones may outrank it).
+void after_release() {
+  if (g_schedule != kPriority) return;
+  g_fibers[g_cur].state = kReady;
+  switch_to_scheduler();
+}
+
 void run_block() {
   for (unsigned i = 0; i < g_nthreads; i++) {
     init_fiber(g_fibers[i]);
@@ -290,17 +381,14 @@ void run_block() {
   g_arrived = 0;
   g_reduce_acc = 0;
   for (NamedBar& nb : g_named) nb = NamedBar{};
+  if (g_schedule == kPriority) return run_block_by_priority();
   while (g_live > 0) {
     bool ran = false;
     for (unsigned k = 0; k < g_nthreads; k++) {
-      const unsigned i = g_reverse ? g_nthreads - 1 - k : k;
+      const unsigned i = g_schedule == kReverse ? g_nthreads - 1 - k : k;
       Fiber& f = g_fibers[i];
       if (f.state != kReady) continue;
-      g_cur = i;
-      g_thread_idx = &f.idx;
-      g_in_kernel = true;
-      switch_to_fiber(f);
-      g_in_kernel = false;
+      resume(i);
       ran = true;
       if (g_aborted) return;
     }
@@ -332,6 +420,7 @@ void warp_barrier(unsigned mask, const char* what) {
     unsigned base = g_cur & ~31u;
     for (unsigned m = w.arrived & ~bit; m; m &= m - 1) g_fibers[base + __builtin_ctz(m)].state = kReady;
     w.arrived = w.want = 0;
+    after_release();
     return;
   }
   w.what = what;
@@ -393,6 +482,7 @@ int block_barrier(int op, int pred, const char* file, int line) {
       if (g_fibers[i].state == kWaitBlock) g_fibers[i].state = kReady;
     g_arrived = 0;
     g_reduce_result = g_reduce_acc;  // stable until the next barrier completes (needs everyone)
+    after_release();
     return g_reduce_result;
   }
   g_fibers[g_cur].state = kWaitBlock;
@@ -434,13 +524,13 @@ bool named_arrival(unsigned id, unsigned count, const char* file, int line, cons
 }  // namespace
 
 void named_barrier_sync(unsigned id, unsigned count, const char* file, int line) {
-  if (named_arrival(id, count, file, line, "bar.sync")) return;
+  if (named_arrival(id, count, file, line, "bar.sync")) return after_release();
   g_fibers[g_cur].state = kWaitNamed;
   g_fibers[g_cur].bar_id = id;
   switch_to_scheduler();
 }
 void named_barrier_arrive(unsigned id, unsigned count, const char* file, int line) {
-  named_arrival(id, count, file, line, "bar.arrive");
+  if (named_arrival(id, count, file, line, "bar.arrive")) after_release();
 }
 int syncthreads_reduce(int op, int pred, const char* file, int line) {
   return block_barrier(op, pred, file, line);
@@ -607,12 +697,15 @@ void emu::detail::launch_erased(void (*invoke)(void*), void* ctx, dim3 grid, dim
   g_invoke = invoke;
   g_ctx = ctx;
   g_nthreads = n;
-  // MEGAPATCH_CUDA_EMU_SCHEDULE=reverse (read at each launch): each round of the scheduler runs the
-  // block's threads from the last to the first, so that a race the usual order hides (a consumer
-  // warpgroup reading what a lower-numbered producer has not written yet) shows
-  {
-    const char* e = std::getenv("MEGAPATCH_CUDA_EMU_SCHEDULE");
-    g_reverse = e && std::strcmp(e, "reverse") == 0;
+  // MEGAPATCH_CUDA_EMU_SCHEDULE (read at each launch): reverse runs each round's threads from the
+  // last to the first, priority[:SEED] by random warp ranks (run_block_by_priority), so that races
+  // the usual order hides (a consumer warpgroup reading what a producer has not written yet) show
+  if (const char* e = std::getenv("MEGAPATCH_CUDA_EMU_SCHEDULE"); !parse_schedule(e)) {
+    t_fault_message = std::string("emulator: MEGAPATCH_CUDA_EMU_SCHEDULE=") + e +
+                      " is not a schedule (in-order, reverse, priority or priority:SEED)";
+    set_error(cudaErrorLaunchFailure);
+    t_launching = false;
+    return;
   }
   g_block_dim = block;
   g_grid_dim = grid;

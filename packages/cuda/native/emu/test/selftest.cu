@@ -300,6 +300,15 @@ __global__ void unsynchronised(int* out) {
   if (threadIdx.x == 0) s[0] = 7;
   if (threadIdx.x == 1) out[0] = s[0];
 }
+// two warps take four steps each, their lanes kept together by __syncwarp; lane 0 logs its warp at
+// every step (out[0] counts the entries): the usual order alternates the warps step by step, the
+// priority schedule runs the higher-ranked warp's steps first
+__global__ void warp_steps(int* out) {
+  for (int k = 0; k < 4; k++) {
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) out[1 + atomicAdd(out, 1)] = threadIdx.x / 32;
+  }
+}
 // half the block waits at a named barrier of the whole block, the other half exits
 __global__ void named_deadlock(int* out) {
   if (threadIdx.x < 64) mpc::bar_sync(5, 128);
@@ -628,6 +637,39 @@ int main() {
       unsetenv("MEGAPATCH_CUDA_EMU_SCHEDULE");
       LAUNCH_OK("unsynchronised, reversed");
       CHECK(out.get()[0] != 7, "reversed order: thread 1 ran after thread 0");
+    }
+
+    {  // the priority schedule: a warp runs ahead of the lower-ranked one; the ranks vary by seed
+      auto steps = [&](const char* schedule) {
+        if (schedule) setenv("MEGAPATCH_CUDA_EMU_SCHEDULE", schedule, 1);
+        cudaMemset(out.p, 0, 9 * sizeof(int));
+        MP_LAUNCH(warp_steps, 1, 64, 0, stream, out.p);
+        unsetenv("MEGAPATCH_CUDA_EMU_SCHEDULE");
+        LAUNCH_OK(schedule ? schedule : "warp_steps");
+        std::vector<int> r = out.get();
+        std::string log;
+        for (int i = 1; i <= 8; i++) log += char('0' + r[i]);
+        return log;
+      };
+      CHECK(steps(nullptr) == "01010101", "usual order: %s", steps(nullptr).c_str());
+      CHECK(steps("reverse") == "10101010", "reversed: %s", steps("reverse").c_str());
+      bool first0 = false, first1 = false;
+      for (int seed = 1; seed <= 16; seed++) {
+        std::string name = "priority:" + std::to_string(seed), log = steps(name.c_str());
+        first0 = first0 || log == "00001111";
+        first1 = first1 || log == "11110000";
+      }
+      CHECK(first0 && first1, "priority schedules: warp 0 all first in some, warp 1 in others (%d, %d)", first0,
+            first1);
+      const std::string plain = steps("priority");
+      CHECK(plain == "00001111" || plain == "11110000" || plain.size() == 8, "priority without a seed: %s",
+            plain.c_str());
+      setenv("MEGAPATCH_CUDA_EMU_SCHEDULE", "priority:x", 1);
+      MP_LAUNCH(warp_steps, 1, 64, 0, stream, out.p);
+      unsetenv("MEGAPATCH_CUDA_EMU_SCHEDULE");
+      msg = last_error_text();
+      CHECK(msg.find("MEGAPATCH_CUDA_EMU_SCHEDULE=priority:x is not a schedule") != std::string::npos, "message: %s",
+            msg.c_str());
     }
 
     MP_LAUNCH(named_bad_count, 1, 64, 0, stream, out.p);
