@@ -358,15 +358,18 @@ if (want('attn')) {
                 ['MEGAPATCH_ATTENTION_FWD_ROWS', '128'],
                 ['MEGAPATCH_ATTENTION_WGMMA_BWD', '2'],
               ],
-              // warp-specialised forward (a loader warpgroup, two consumers taking turns; D + Dv <= 128)
-              // and dK/dV (a loader warpgroup, two consumers of 64 keys)
+              // warp-specialised (D + Dv <= 128): the forward (a loader warpgroup, two consumers
+              // taking turns), dK/dV (a loader, two consumers of 64 keys; dQ on two warpgroups), dQ (a
+              // loader, two consumers of 64 queries; dK/dV on two warpgroups), and both
               ...(small && process.env.MEGAPATCH_BENCH_WGMMA_WS !== '0'
                 ? {
                     wgmmaWsMs: [
                       ['MEGAPATCH_ATTENTION_WGMMA', '64'],
                       ['MEGAPATCH_ATTENTION_WGMMA_WS', '1'],
                     ] as [string, string][],
-                    wgmmaBwdWsMs: [['MEGAPATCH_ATTENTION_WGMMA_BWD', 'ws']] as [string, string][],
+                    wgmmaBwdWsMs: [['MEGAPATCH_ATTENTION_WGMMA_BWD', 'ws-dkdv']] as [string, string][],
+                    wgmmaBwdWsDqMs: [['MEGAPATCH_ATTENTION_WGMMA_BWD', 'ws-dq']] as [string, string][],
+                    wgmmaBwdWsBothMs: [['MEGAPATCH_ATTENTION_WGMMA_BWD', 'ws']] as [string, string][],
                   }
                 : {}),
             };

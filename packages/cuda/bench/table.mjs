@@ -197,6 +197,8 @@ for (const c of cases.attn) {
     ['wgmmaBoth2Ms', 'wgmma forward and backward, two warpgroups'],
     ['wgmmaWsMs', 'wgmma forward, warp-specialised'],
     ['wgmmaBwdWsMs', 'wgmma backward, dK/dV warp-specialised'],
+    ['wgmmaBwdWsDqMs', 'wgmma backward, dQ warp-specialised'],
+    ['wgmmaBwdWsBothMs', 'wgmma backward, dK/dV and dQ warp-specialised'],
   ]) {
     // MEGAPATCH_ATTENTION_WGMMA=1 / 64 (and MEGAPATCH_ATTENTION_WGMMA_OVERLAP=0): the forward's
     // tile products on Hopper's wgmma; MEGAPATCH_ATTENTION_WGMMA_BWD=1 the backward's; two

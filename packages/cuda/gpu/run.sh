@@ -272,8 +272,9 @@ if [[ $DEVICE == cuda:* ]]; then
 else
   record mma-selftest SKIP 0 "not a cuda device (the emulator's self-test runs in mma.test.ts)"
 fi
-# the warp-specialised forward (named barriers between warpgroups: a mistake there hangs rather than
-# fails) is left out here and checked after, on one case with a short timeout (WS_OK)
+# the warp-specialised kernels (forward, dK/dV, dQ: named barriers between warpgroups, a mistake
+# there hangs rather than fails) are left out here and checked after, on one case with a short
+# timeout (WS_OK)
 attn_check() {
   cd packages/cuda && MEGAPATCH_TEST_WGMMA=$WGMMA_OK MEGAPATCH_TEST_WGMMA_WS=0 \
     node ../../node_modules/vitest/vitest.mjs run test/mma.test.ts -t 'tensor-core attention'
@@ -289,7 +290,7 @@ report attn-check "$(vitest_note kernels.log)$([ "$WGMMA_OK" = 1 ] || echo ' (wi
 WS_OK=$WGMMA_OK
 if [ "$WGMMA_OK" = 1 ]; then
   step attn-check-ws kernels.log 40 attn_check_ws
-  report attn-check-ws "$(vitest_note kernels.log) (the warp-specialised forward, one case)"
+  report attn-check-ws "$(vitest_note kernels.log) (the warp-specialised kernels, one case)"
   [ "$RC" = 0 ] || WS_OK=0
 fi
 # read by bench/ours.mts and bench/gpu-bench.sh

@@ -239,6 +239,16 @@ const MMA_CASES: MmaCase[] = [
 const tick = () => new Promise<void>((resolve) => setImmediate(resolve));
 
 /** fn() with the environment variable `name` set to `value` (the native side reads it per call). */
+// The emulator's priority-schedule seeds for case i: i + 1, or MEGAPATCH_TEST_EMU_SEEDS seeds (pnpm
+// test:heavy), distinct across the cases.
+function prioritySeeds(i: number): number[] {
+  const raw = process.env.MEGAPATCH_TEST_EMU_SEEDS ?? '1';
+  const n = Number(raw);
+  if (!Number.isInteger(n) || n < 1)
+    throw new Error(`MEGAPATCH_TEST_EMU_SEEDS=${raw}: expected a positive integer`);
+  return Array.from({ length: n }, (_, k) => 1 + i + k * MMA_CASES.length);
+}
+
 function withEnv<T>(name: string, value: string, fn: () => T): T {
   const prev = process.env[name];
   process.env[name] = value;
@@ -344,7 +354,8 @@ describe.skipIf(noAddon !== '')(
           // <= 128, dQ where D + Dv <= 192) are the same as mma.sync's, in the same order; with two
           // warpgroups a block (=2) too (the emulator adds a product's k terms one by one in order,
           // so tiles that start elsewhere give the same sums; a GPU's tensor cores need not), and
-          // with dK/dV warp-specialised (=ws: a loader warpgroup and two of 64 keys).
+          // with dK/dV and dQ warp-specialised (=ws: a loader warpgroup and two of 64 keys, or of 64
+          // queries).
           // Two warpgroups a block (MEGAPATCH_ATTENTION_FWD_ROWS=128: 128 query rows sharing each
           // K/V tile) do each row's arithmetic as one warpgroup does when the key tiles start at the
           // same key (not so with cuSeqlens, as for the 128-row mma.sync tiles above).
@@ -362,6 +373,17 @@ describe.skipIf(noAddon !== '')(
             );
             await tick();
             return r;
+          };
+          // the warp-specialised forms under the priority schedule, a run a seed
+          const priorityRuns = async () => {
+            const out: Record<string, number[][]> = {};
+            for (const seed of prioritySeeds(MMA_CASES.indexOf(c)))
+              out[`warp-specialised, priority ${seed}`] = await withEnv(
+                'MEGAPATCH_CUDA_EMU_SCHEDULE',
+                `priority:${seed}`,
+                () => wgmma('64', '1', 'ws', '64', '1'),
+              );
+            return out;
           };
           // (MEGAPATCH_TEST_WGMMA=0: without them; gpu/run.sh when the self-test failed on the GPU)
           const withWgmma = process.env.MEGAPATCH_TEST_WGMMA !== '0';
@@ -392,15 +414,12 @@ describe.skipIf(noAddon !== '')(
                               'reverse',
                               () => wgmma('64', '1', 'ws', '64', '1'),
                             ),
-                            // random warp ranks (a seed a case), the highest-ranked ready warp
-                            // always next: a consumer runs as far ahead of the loader as the
-                            // barriers let it (a stage read before it is filled, or refilled
-                            // before it is read, shows)
-                            'warp-specialised, priority': await withEnv(
-                              'MEGAPATCH_CUDA_EMU_SCHEDULE',
-                              `priority:${MMA_CASES.indexOf(c) + 1}`,
-                              () => wgmma('64', '1', 'ws', '64', '1'),
-                            ),
+                            // random warp ranks, the highest-ranked ready warp always next: a
+                            // consumer runs as far ahead of the loader as the barriers let it (a
+                            // stage read before it is filled, or refilled before it is read,
+                            // shows); a seed a case, MEGAPATCH_TEST_EMU_SEEDS a case (pnpm
+                            // test:heavy)
+                            ...(await priorityRuns()),
                           }),
                     }),
               }
@@ -423,11 +442,9 @@ describe.skipIf(noAddon !== '')(
                   wgRuns['warp-specialised, reversed'][o],
                   `output ${o}, warp-specialised, reversed`,
                 ).toEqual(mmaAll[o]);
-              if (wgRuns['warp-specialised, priority'] && !c.cu)
-                expect(
-                  wgRuns['warp-specialised, priority'][o],
-                  `output ${o}, warp-specialised, priority schedule`,
-                ).toEqual(mmaAll[o]);
+              for (const [label, w] of Object.entries(wgRuns))
+                if (label.startsWith('warp-specialised, priority') && !c.cu)
+                  expect(w[o], `output ${o}, ${label}`).toEqual(mmaAll[o]);
               if (wgRuns['backward, warp-specialised'])
                 expect(
                   wgRuns['backward, warp-specialised'][o],

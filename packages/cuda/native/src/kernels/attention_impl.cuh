@@ -1590,12 +1590,18 @@ ATT_UNROLL
 // MN-major B by dQ += dS K, V as K-major B by dP = dO V^T. The same products in the same order.
 // NWG (with WG): warpgroups a block, each with its 64 queries (warp w: queries 16 w .. 16 w + 15),
 // all multiplying the same K/V tiles (NWG = 2: 128 queries a block, half the tile loads a query).
-template <typename T, int D, int DV, int BC, bool PIPE, int MINB = 0, bool WG = false, int NWG = 1>
-__global__ void __launch_bounds__(kAttThreads * NWG, MINB) attn_dq_mma_kernel(Params P) {
+// WS (with WG, NWG 2; MEGAPATCH_ATTENTION_WGMMA_BWD=ws or ws-dq): warp-specialised as the forward's
+// WS: a loader warpgroup (the block's first) copies each K/V tile into one of two stages and hands
+// it to the two consumer warpgroups of 64 queries through named barriers (kWsFull / kWsEmpty);
+// every warpgroup takes the same tiles (the block's key range). setmaxnreg 40 / 232.
+template <typename T, int D, int DV, int BC, bool PIPE, int MINB = 0, bool WG = false, int NWG = 1,
+          bool WS = false>
+__global__ void __launch_bounds__(kAttThreads*(NWG + (WS ? 1 : 0)), MINB) attn_dq_mma_kernel(Params P) {
   static_assert(!WG || (PIPE && BC == 64 && (D == 64 || D == 128) && (DV == 64 || DV == 128)),
                 "wgmma dQ: 64-key tiles of D, Dv in {64, 128}, cp.async");
   static_assert(NWG == 1 || (WG && NWG == 2), "two warpgroups a block: wgmma's");
-  constexpr int NT = kAttThreads * NWG;  // threads a block
+  static_assert(!WS || (WG && NWG == 2), "warp-specialised: two consumers");
+  constexpr int NT = kAttThreads * (NWG + (WS ? 1 : 0));  // threads a block
   constexpr int BR = kMmaBR * NWG, LDK = D + kMmaPad, LDV = DV + kMmaPad, NS = BC / 8, NBUF = PIPE ? 2 : 1;
   constexpr int KT = WG ? BC * D : BC * LDK, VT = WG ? BC * DV : BC * LDV;  // elements a K / V tile
   MP_DYNAMIC_SMEM(uint16_t, sm);
@@ -1603,7 +1609,9 @@ __global__ void __launch_bounds__(kAttThreads * NWG, MINB) attn_dq_mma_kernel(Pa
   uint16_t* Gs = Qs + BR * LDK;
   uint16_t* Ks0 = Gs + BR * LDV;    // NBUF tiles [BC][LDK] (wgmma: core matrices of [BC][D])
   uint16_t* Vs0 = Ks0 + NBUF * KT;  // NBUF tiles [BC][LDV] (wgmma: core matrices of [BC][DV])
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
+  const int tid = threadIdx.x, lane = tid % 32, g = lane >> 2, t = lane & 3;
+  // the warp's queries 16 warp .. (WS: the loader's warps take warp 0's rows, which they never use)
+  const int warp = WS ? (tid < kAttThreads ? 0 : tid / 32 - 4) : tid / 32;
   const int64_t x = blockIdx.x, nbh = P.B * P.Hq;
   const int64_t qt = P.ntiles - 1 - x / nbh, bh = x % nbh;  // longest first (see "Block order")
   const int64_t h = bh % P.Hq, b = bh / P.Hq, kh = h / P.group;
@@ -1649,32 +1657,54 @@ ATT_UNROLL
     }
     cp_async_commit();
   };
-  if (PIPE && blo < bhi) prefetch(blo, 0);
+  if (!WS && PIPE && blo < bhi) prefetch(blo, 0);
   // WG: this warp's A fragments of Q and dO (its 16 queries), read once
   uint32_t qf[WG ? D / 16 : 1][4], gf[WG ? DV / 16 : 1][4];
   if constexpr (WG) {
-    __syncthreads();  // Q and dO are in place
+    __syncthreads();  // Q and dO are in place (WS: the last block-wide barrier)
+    if constexpr (WS) {
+      if (tid < kAttThreads) {
+        // the loader: key tile tt into stage tt % 2 once both consumers released the tile before it
+        setmaxnreg_dec<40>();
+        int st = 0;
+        int64_t tt = 0;
+        for (int64_t j0 = blo; j0 < bhi; j0 += BC, tt++, st ^= 1) {
+          ws_stage_wait_empty(st, tt);
+          load_tile_cm_async<T, D, kAttThreads>(Ks0 + st * KT, kb, P.k.s[2], j0, BC, P.Sk);
+          load_tile_cm_async<T, DV, kAttThreads>(Vs0 + st * VT, vb, P.v.s[2], j0, BC, P.Sk);
+          cp_async_commit();
+          ws_stage_filled(st);
+        }
+        return;
+      }
+      setmaxnreg_inc<232>();
+    }
 ATT_UNROLL
     for (int kk = 0; kk < D / 16; kk++) mma_load_a(qf[kk], Qs + warp * 16 * LDK + kk * 16, LDK, lane);
 ATT_UNROLL
     for (int kk = 0; kk < DV / 16; kk++) mma_load_a(gf[kk], Gs + warp * 16 * LDV + kk * 16, LDV, lane);
   }
   int buf = 0;
+  const int c = WS ? tid / kAttThreads - 1 : 0;  // WS: the consumer
   for (int64_t j0 = blo; j0 < bhi; j0 += BC, buf ^= NBUF - 1) {
-    __syncthreads();  // the previous tile's readers are done (its buffer is refilled below)
-    if constexpr (PIPE) {
-      if (j0 + BC < bhi) {
-        prefetch(j0 + BC, buf ^ 1);
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
+    if constexpr (WS) {
+      bar_sync(kWsFull + 2 * buf + c, 2 * kAttThreads);  // the loader filled stage buf
     } else {
-      load_tile16<T, D, NT>(Ks0, kb, P.k.s[2], P.k.s[3], j0, BC, P.Sk, (P.vec >> 1) & 1);
-      load_tile16<T, DV, NT>(Vs0, vb, P.v.s[2], P.v.s[3], j0, BC, P.Sk, (P.vec >> 2) & 1);
+      __syncthreads();  // the previous tile's readers are done (its buffer is refilled below)
+      if constexpr (PIPE) {
+        if (j0 + BC < bhi) {
+          prefetch(j0 + BC, buf ^ 1);
+          cp_async_wait<1>();
+        } else {
+          cp_async_wait<0>();
+        }
+      } else {
+        load_tile16<T, D, NT>(Ks0, kb, P.k.s[2], P.k.s[3], j0, BC, P.Sk, (P.vec >> 1) & 1);
+        load_tile16<T, DV, NT>(Vs0, vb, P.v.s[2], P.v.s[3], j0, BC, P.Sk, (P.vec >> 2) & 1);
+      }
+      if constexpr (WG) fence_proxy_async();  // this thread's copies, for wgmma after the barrier
+      __syncthreads();
     }
-    if constexpr (WG) fence_proxy_async();  // this thread's copies, for wgmma after the barrier
-    __syncthreads();
     const uint16_t* Ks = Ks0 + buf * KT;
     const uint16_t* Vs = Vs0 + buf * VT;
     float s[NS][4], dp[NS][4];
@@ -1742,6 +1772,8 @@ ATT_UNROLL
       for (int ks = 0; ks < BC / 16; ks++) mma_acc_to_a<T>(da[ks], s[2 * ks], s[2 * ks + 1]);
       // the tile is read (and refilled after the next barrier) after the products
       wgmma_sync([&] { wgmma_tile<T, D, false, D>(acc, da, Ks, false); }, acc);
+      // WS: the stage is the loader's again (if a tile is left for it)
+      if (WS && j0 + 2 * BC < bhi) bar_arrive(kWsEmpty + 2 * buf + c, 2 * kAttThreads);
     } else {
 ATT_UNROLL
       for (int ks = 0; ks < BC / 16; ks++) {
@@ -2016,12 +2048,16 @@ inline int wgmma_keys_wanted() {
 // same devices): dK/dV with 64-query tiles (D + Dv <= 128) and dQ (D, Dv in {64, 128}, D + Dv <=
 // 192), where the rows are 16-byte aligned and contiguous. Not the default until measured on a GPU.
 // =2: two warpgroups a block (128 keys for dK/dV, 128 queries for dQ, sharing each tile); =ws: as
-// =2 with dK/dV warp-specialised (a loader warpgroup and the two: attn_dkdv_mma_kernel's WS).
-// Returns the warpgroups a block wanted (0: not on wgmma; 3: =ws).
+// =2 with both kernels warp-specialised (a loader warpgroup and the two: the WS of
+// attn_dkdv_mma_kernel and attn_dq_mma_kernel, where D + Dv <= 128); =ws-dkdv, =ws-dq: only one.
+// Returns the warpgroups a block wanted (0: not on wgmma) plus kBwdWsDkdv and kBwdWsDq.
+constexpr int kBwdWsDkdv = 4, kBwdWsDq = 8;
 inline int wgmma_bwd_wanted() {
   const char* e = std::getenv("MEGAPATCH_ATTENTION_WGMMA_BWD");
   if (!e) return 0;
-  if (std::strcmp(e, "ws") == 0) return 3;
+  if (std::strcmp(e, "ws") == 0) return 2 | kBwdWsDkdv | kBwdWsDq;
+  if (std::strcmp(e, "ws-dkdv") == 0) return 2 | kBwdWsDkdv;
+  if (std::strcmp(e, "ws-dq") == 0) return 2 | kBwdWsDq;
   return std::strcmp(e, "1") == 0 ? 1 : std::strcmp(e, "2") == 0 ? 2 : 0;
 }
 // MEGAPATCH_ATTENTION_WGMMA_WS=1 (with MEGAPATCH_ATTENTION_WGMMA): the forward warp-specialised,
@@ -2226,6 +2262,16 @@ size_t dq_mma_smem() {
   constexpr size_t nbuf = PIPE ? 2 : 1;
   return sizeof(uint16_t) * (kMmaBR * NWG + nbuf * bwd_mma_bc<T, D, DV>()) * (D + kMmaPad + DV + kMmaPad);
 }
+// The warp-specialised wgmma dQ (D + Dv <= 128: the consumers' 232 registers; not instantiated
+// elsewhere): 128 queries a block, a loader warpgroup and two consumers.
+template <typename T, int D, int DV, int BC>
+void dq_warp_specialised(Params Pq, cudaStream_t s) {
+  if constexpr (D + DV <= 128) {
+    Pq.ntiles = cdiv(Pq.Sq, 2 * kMmaBR);
+    launch_tiles(attn_dq_mma_kernel<T, D, DV, BC, true, 1, true, 2, true>, "attentionBackward (dq)", Pq,
+                 Pq.B * Pq.Hq * Pq.ntiles, 1, dq_mma_smem<T, D, DV, true, 2>(), s, 3 * kAttThreads);
+  }
+}
 template <typename T, int D, int DV>
 void backward_mma_cfg(Params P, cudaStream_t s) {
   P.vec = (rows_aligned16(P.q, D) ? 1 : 0) | (rows_aligned16(P.k, D) ? 2 : 0) | (rows_aligned16(P.v, DV) ? 4 : 0) |
@@ -2277,13 +2323,13 @@ void backward_mma_cfg(Params P, cudaStream_t s) {
   constexpr bool wg_dims = (D == 64 || D == 128) && (DV == 64 || DV == 128);
   if (wg_dims && BQ == 64 && wgn != 0 && (P.vec & 9) == 9) {
     if constexpr (wg_dims && BQ == 64) {
-      if (wgn == 3) {
+      if (wgn & kBwdWsDkdv) {
         Params Pk2 = Pk;
         Pk2.ntiles = cdiv(P.Sk, 2 * kMmaBR);
         launch_tiles(attn_dkdv_mma_kernel<T, D, DV, BQ, true, false, 1, true, 2, true>, "attentionBackward (dk, dv)",
                      Pk2, P.B * P.Hkv * Pk2.ntiles, 1, dkdv_mma_smem<T, D, DV, true, false, BQ, 2, 2>(), s,
                      3 * kAttThreads);
-      } else if (wgn == 2) {
+      } else if (wgn >= 2) {
         Params Pk2 = Pk;
         Pk2.ntiles = cdiv(P.Sk, 2 * kMmaBR);
         launch_tiles(attn_dkdv_mma_kernel<T, D, DV, BQ, true, false, 0, true, 2>, "attentionBackward (dk, dv)",
@@ -2322,7 +2368,9 @@ void backward_mma_cfg(Params P, cudaStream_t s) {
     constexpr bool wg_dq = wg_dims && BC == 64 && D + DV <= 192;
     if (wg_dq && wgn != 0 && (P.vec & 6) == 6) {
       if constexpr (wg_dq) {
-        if (wgn >= 2) {
+        if (small && (wgn & kBwdWsDq)) {
+          dq_warp_specialised<T, D, DV, BC>(Pq, sq);
+        } else if (wgn >= 2) {
           Params Pq2 = Pq;
           Pq2.ntiles = cdiv(P.Sq, 2 * kMmaBR);
           launch_tiles(attn_dq_mma_kernel<T, D, DV, BC, true, 0, true, 2>, "attentionBackward (dq)", Pq2,
