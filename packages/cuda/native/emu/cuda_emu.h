@@ -349,9 +349,14 @@ inline const dim3& cur_grid_dim() { return detail::g_grid_dim; }
 
 // the launch's dynamic shared memory (16-byte aligned; nullptr when the launch asked for 0 bytes)
 void* dynamic_smem();
+// its size in bytes, as the launch asked for
+size_t dynamic_smem_bytes();
 
 // launches since the process started (run or, with MEGAPATCH_CUDA_EMU_DRY_RUN=1, only counted)
 unsigned long long launch_count();
+// the running block's serial number (blocks run so far in the process, this one included): state a
+// kernel header keeps per block is stale when it was made under another serial
+unsigned long long block_serial();
 // whether MEGAPATCH_CUDA_EMU_DRY_RUN is on (see emu.cc)
 bool is_dry_run();
 
@@ -364,6 +369,12 @@ int syncthreads_reduce(int op, int pred, const char* file, int line);  // op 0 c
 // __syncthreads the call sites may differ. Ids 0 .. 15 as on the GPU (a kernel mixing id 0 with
 // __syncthreads is not modelled: the emulator keeps them apart), 16 .. 31 the emulator's own.
 constexpr unsigned kNamedBarriers = 32;
+// setmaxnreg.inc / .dec (sm_90a; by every thread of a warpgroup, the same count): checks the count
+// (a multiple of 8 in 24 .. 256, not below the warpgroup's for .inc nor above it for .dec, the
+// warpgroup's registers at entry taken as the most the block size allows), and at the end of the
+// block that every warpgroup finished its call and that together they hold at most the block's
+// registers (a GPU's .inc would wait forever). Registers are not otherwise modelled.
+void setmaxnreg(unsigned n, bool inc, const char* file, int line);
 void named_barrier_sync(unsigned id, unsigned count, const char* file, int line);
 void named_barrier_arrive(unsigned id, unsigned count, const char* file, int line);
 

@@ -156,6 +156,7 @@ NamedBar g_named[kNamedBarriers];
 // dynamic shared memory
 unsigned char* g_smem = nullptr;
 size_t g_smem_cap = 0;
+size_t g_smem_bytes = 0;  // the launch's
 
 // `index` staggers the tops of the stacks over the cache sets (stacks page-aligned alike would
 // put every fiber's live frames in the same few sets, and every switch would miss the cache)
@@ -371,7 +372,56 @@ void after_release() {
   switch_to_scheduler();
 }
 
+unsigned long long g_block_serial = 0;  // blocks run so far (emu::block_serial)
+
+// setmaxnreg, per warpgroup of the running block: the count its threads asked for (0: none yet),
+// and how many of them have asked in the current call
+struct WgRegs {
+  unsigned regs = 0, asked = 0, pending = 0;
+  const char* file = nullptr;
+  int line = 0;
+};
+WgRegs g_wg_regs[kMaxThreadsPerBlock / 128];
+
+// The registers a thread of the block has at entry, as the emulator takes them: the most the block
+// size allows (64 K a block, multiples of 8, at most 255), what ptxas gives a kernel with
+// __launch_bounds__(threads, 1) that uses setmaxnreg.
+unsigned entry_registers() {
+  const unsigned r = (65536u / g_nthreads) / 8 * 8;
+  return r > 248 ? 248 : r;
+}
+
+// at the end of a block: every warpgroup's setmaxnreg complete, and what they hold at most the block's
+// registers (else a GPU's setmaxnreg.inc waits for registers no one releases)
+void check_block_registers() {
+  unsigned total = 0;
+  bool any = false;
+  for (unsigned wg = 0; wg * 128 < g_nthreads; wg++) {
+    const WgRegs& w = g_wg_regs[wg];
+    if (w.pending != 0) {
+      record_fault("setmaxnreg in " + block_str() + ": " + std::to_string(w.pending) + " of warpgroup " +
+                   std::to_string(wg) + "'s 128 threads asked for " + std::to_string(w.asked) + " registers (at " +
+                   w.file + ":" + std::to_string(w.line) + "), the others never did");
+      return;
+    }
+    any = any || w.regs != 0;
+    total += 128 * (w.regs ? w.regs : entry_registers());
+  }
+  if (any && total > entry_registers() * g_nthreads)
+    record_fault("setmaxnreg in " + block_str() + ": the warpgroups hold " + std::to_string(total) +
+                 " registers, the block has " + std::to_string(entry_registers() * g_nthreads) + " (" +
+                 std::to_string(entry_registers()) + " a thread at entry); a GPU waits forever in setmaxnreg.inc");
+}
+
+void run_block_threads();
 void run_block() {
+  g_block_serial++;
+  for (WgRegs& w : g_wg_regs) w = WgRegs{};
+  run_block_threads();
+  if (!g_aborted) check_block_registers();
+}
+
+void run_block_threads() {
   for (unsigned i = 0; i < g_nthreads; i++) {
     init_fiber(g_fibers[i]);
     g_fibers[i].state = kReady;
@@ -532,6 +582,30 @@ void named_barrier_sync(unsigned id, unsigned count, const char* file, int line)
 void named_barrier_arrive(unsigned id, unsigned count, const char* file, int line) {
   if (named_arrival(id, count, file, line, "bar.arrive")) after_release();
 }
+void setmaxnreg(unsigned n, bool inc, const char* file, int line) {
+  const std::string what = inc ? "setmaxnreg.inc" : "setmaxnreg.dec";
+  check_in_kernel(what.c_str());
+  if (g_nthreads % 128 != 0)
+    named_fault(what + ": the block is not whole warpgroups (" + std::to_string(g_nthreads) + " threads)");
+  if (n < 24 || n > 256 || n % 8 != 0) named_fault(what + " " + std::to_string(n) + ": a multiple of 8 in 24 .. 256");
+  WgRegs& w = g_wg_regs[g_cur / 128];
+  const unsigned cur = w.regs ? w.regs : entry_registers();
+  if (w.pending == 0) {
+    w.asked = n;
+    w.file = file;
+    w.line = line;
+  } else if (w.asked != n) {
+    named_fault(what + " " + std::to_string(n) + " while the warpgroup's other threads asked for " +
+                std::to_string(w.asked));
+  }
+  if (inc ? n < cur : n > cur)
+    named_fault(what + " " + std::to_string(n) + ": the warpgroup holds " + std::to_string(cur) +
+                " registers (.inc takes more, .dec gives some back)");
+  if (++w.pending == 128) {
+    w.regs = n;
+    w.pending = 0;
+  }
+}
 int syncthreads_reduce(int op, int pred, const char* file, int line) {
   return block_barrier(op, pred, file, line);
 }
@@ -539,6 +613,10 @@ int syncthreads_reduce(int op, int pred, const char* file, int line) {
 void* dynamic_smem() {
   check_in_kernel("dynamic shared memory");
   return g_smem;
+}
+size_t dynamic_smem_bytes() {
+  check_in_kernel("dynamic shared memory");
+  return g_smem_bytes;
 }
 
 const char* last_fault_message() { return t_fault_message.c_str(); }
@@ -694,6 +772,7 @@ void emu::detail::launch_erased(void (*invoke)(void*), void* ctx, dim3 grid, dim
     g_smem = static_cast<unsigned char*>(std::aligned_alloc(64, (cap + 63) & ~size_t(63)));
     g_smem_cap = cap;
   }
+  g_smem_bytes = smem;
   g_invoke = invoke;
   g_ctx = ctx;
   g_nthreads = n;
@@ -1090,4 +1169,5 @@ cudaError_t cudaEventDestroy(cudaEvent_t event) {
 }
 
 unsigned long long emu::launch_count() { return g_launches.load(std::memory_order_relaxed); }
+unsigned long long emu::block_serial() { return g_block_serial; }
 bool emu::is_dry_run() { return dry_run(); }

@@ -253,6 +253,25 @@ __global__ void wgmma_unfenced(float* d) {
   mpc::wgmma_wait<0>();
   d[threadIdx.x] = acc[0][0];
 }
+// B copied into shared memory by cp.async, then read by wgmma after a barrier, with each thread's
+// fence_proxy_async between (fence = 1) or, as a kernel must not, without it (fence = 0: the
+// emulator faults, naming the byte and the thread that wrote it)
+__global__ void wgmma_after_cp_async(float* d, const uint16_t* b, int fence) {
+  MP_DYNAMIC_SMEM(uint16_t, sB);
+  for (int i = threadIdx.x; i < 16 * 64 / 8; i += 128) mpc::cp_async16(sB + 8 * i, b + 8 * i);
+  mpc::cp_async_commit();
+  mpc::cp_async_wait<0>();
+  if (fence) mpc::fence_proxy_async();
+  __syncthreads();
+  float acc[8][4] = {};
+  const uint32_t af[4] = {0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u};  // bf16 ones
+  mpc::wgmma_fence();
+  mpc::wgmma_rs<bf16, 64, false>(acc, af, mpc::wgmma_desc(sB, 128, 256), 0);
+  mpc::wgmma_commit();
+  mpc::wgmma_wait<0>();
+  mpc::wgmma_fence_operands(acc);
+  d[threadIdx.x] = acc[0][0];
+}
 #endif
 
 static uint32_t g_rng = 12345;
@@ -479,6 +498,21 @@ int main() {
     const std::string msg = e == cudaSuccess ? "success" : cudaGetErrorString(e);
     CHECK(msg.find("wgmma without a wgmma_fence since the last wgmma_wait") != std::string::npos, "unfenced wgmma: %s",
           msg.c_str());
+  }
+  {  // shared memory written by cp.async reaches wgmma only through fence_proxy_async
+    DevBuf<float> d(128);
+    DevBuf<uint16_t> b(16 * 64);
+    std::vector<uint16_t> ones(16 * 64, to16<bf16>(1.0f));
+    CUDA_OK(cudaMemcpy(b.p, ones.data(), ones.size() * 2, cudaMemcpyHostToDevice));
+    MP_LAUNCH(wgmma_after_cp_async, 1, 128, 4096, stream, d.p, b.p, 1);
+    CUDA_OK(cudaGetLastError());
+    CHECK(d.get()[0] == 16.0f, "wgmma after cp.async and the fence: %g", d.get()[0]);
+    MP_LAUNCH(wgmma_after_cp_async, 1, 128, 4096, stream, d.p, b.p, 0);
+    const cudaError_t e = cudaGetLastError();
+    const std::string msg = e == cudaSuccess ? "success" : cudaGetErrorString(e);
+    CHECK(msg.find("wgmma reads shared memory at byte ") != std::string::npos &&
+              msg.find("'s cp.async wrote with no fence_proxy_async") != std::string::npos,
+          "wgmma after cp.async without the fence: %s", msg.c_str());
   }
 #endif
   CUDA_OK(cudaStreamDestroy(stream));

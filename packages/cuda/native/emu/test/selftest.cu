@@ -309,6 +309,18 @@ __global__ void warp_steps(int* out) {
     if (threadIdx.x % 32 == 0) out[1 + atomicAdd(out, 1)] = threadIdx.x / 32;
   }
 }
+// setmaxnreg as the warp-specialised kernels use it: warpgroup 0 gives registers back (dec), the
+// others take them (inc); 384 threads have 168 registers each at entry
+__global__ void register_split(int* out, int give, int take) {
+  if (threadIdx.x < 128) ::emu::setmaxnreg(give, false, __FILE__, __LINE__);
+  else ::emu::setmaxnreg(take, true, __FILE__, __LINE__);
+  out[threadIdx.x] = 1;
+}
+// half of warpgroup 0 asks, the other half does not
+__global__ void register_half(int* out) {
+  if (threadIdx.x < 64) ::emu::setmaxnreg(40, false, __FILE__, __LINE__);
+  out[threadIdx.x] = 1;
+}
 // half the block waits at a named barrier of the whole block, the other half exits
 __global__ void named_deadlock(int* out) {
   if (threadIdx.x < 64) mpc::bar_sync(5, 128);
@@ -669,6 +681,27 @@ int main() {
       unsetenv("MEGAPATCH_CUDA_EMU_SCHEDULE");
       msg = last_error_text();
       CHECK(msg.find("MEGAPATCH_CUDA_EMU_SCHEDULE=priority:x is not a schedule") != std::string::npos, "message: %s",
+            msg.c_str());
+    }
+
+    {  // setmaxnreg: the counts, and the warpgroups' sum against the block's registers
+      DevBuf<int> regs_out(384);
+      MP_LAUNCH(register_split, 2, 384, 0, stream, regs_out.p, 40, 232);  // 128 (40 + 2 * 232) = 384 * 168
+      LAUNCH_OK("register_split 40 / 232");
+      MP_LAUNCH(register_split, 1, 384, 0, stream, regs_out.p, 40, 240);
+      msg = last_error_text();
+      CHECK(msg.find("the warpgroups hold 66560 registers, the block has 64512") != std::string::npos, "message: %s",
+            msg.c_str());
+      MP_LAUNCH(register_split, 1, 384, 0, stream, regs_out.p, 44, 232);
+      msg = last_error_text();
+      CHECK(msg.find("setmaxnreg.dec 44: a multiple of 8") != std::string::npos, "message: %s", msg.c_str());
+      MP_LAUNCH(register_split, 1, 384, 0, stream, regs_out.p, 40, 160);
+      msg = last_error_text();
+      CHECK(msg.find("setmaxnreg.inc 160: the warpgroup holds 168 registers") != std::string::npos, "message: %s",
+            msg.c_str());
+      MP_LAUNCH(register_half, 1, 128, 0, stream, regs_out.p);
+      msg = last_error_text();
+      CHECK(msg.find("64 of warpgroup 0's 128 threads asked for 40 registers") != std::string::npos, "message: %s",
             msg.c_str());
     }
 

@@ -447,15 +447,20 @@ MP_D void ws_stage_filled(int st) {
   bar_arrive(kWsFull + 2 * st + 1, 2 * kAttThreads);
 }
 // setmaxnreg (sm_90a): a warpgroup gives registers back to the block's pool / takes them from it
-// (multiples of 8 in 24 .. 256; the same for the warpgroup's every thread). Elsewhere nothing.
+// (multiples of 8 in 24 .. 256; the same for the warpgroup's every thread). The emulator checks the
+// counts and that the warpgroups' sum fits the block (emu::setmaxnreg); elsewhere nothing.
 template <int N> MP_D void setmaxnreg_dec() {
 #if defined(MPC_WGMMA_PTX)
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#elif defined(MEGAPATCH_CUDA_EMULATOR)
+  ::emu::setmaxnreg(N, false, __FILE__, __LINE__);
 #endif
 }
 template <int N> MP_D void setmaxnreg_inc() {
 #if defined(MPC_WGMMA_PTX)
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+#elif defined(MEGAPATCH_CUDA_EMULATOR)
+  ::emu::setmaxnreg(N, true, __FILE__, __LINE__);
 #endif
 }
 

@@ -305,23 +305,49 @@ struct EmuCopy {
 struct EmuAsync {
   std::vector<EmuCopy> open;                // started since the last commit
   std::vector<std::vector<EmuCopy>> groups;  // committed, oldest first
-  uint3 block;                               // the block that made them
-  void* smem = nullptr;                      // and its launch's dynamic shared memory
+  unsigned long long serial = 0;             // the block that made them (emu::block_serial)
 };
 // One per thread of the running block (blocks and launches never run concurrently). Copies that
 // a block left pending (a launch stopped by a fault) are dropped when another block uses the slot.
 inline EmuAsync& emu_async() {
   static EmuAsync state[1024];
   EmuAsync& a = state[threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)];
-  const uint3 b = blockIdx;
-  void* sm = ::emu::dynamic_smem();
-  if (a.smem != sm || a.block.x != b.x || a.block.y != b.y || a.block.z != b.z) {
+  if (a.serial != ::emu::block_serial()) {
     a.open.clear();
     a.groups.clear();
-    a.block = b;
-    a.smem = sm;
+    a.serial = ::emu::block_serial();
   }
   return a;
+}
+// The async proxy's view of dynamic shared memory: each 16-byte chunk that a thread's cp.async
+// landed and that thread has not fenced since (fence_proxy_async) is "unfenced", owned by the
+// thread; a wgmma that reads an unfenced chunk is a fault (on a GPU it may read the old bytes).
+// Writes by ordinary stores are not tracked (no kernel here feeds wgmma by them).
+struct EmuProxy {
+  unsigned long long serial = 0;              // the block it describes (emu::block_serial)
+  std::vector<int> owner;                     // a chunk's unfenced writer, -1 when none
+  std::vector<std::vector<unsigned>> landed;  // a thread's unfenced chunks
+};
+inline EmuProxy& emu_proxy() {
+  static EmuProxy p;
+  if (p.serial != ::emu::block_serial()) {
+    p.serial = ::emu::block_serial();
+    p.owner.clear();
+    for (std::vector<unsigned>& l : p.landed) l.clear();
+  }
+  return p;
+}
+inline unsigned emu_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
+// a copy of this thread landed at dst (tracked when dst lies in dynamic shared memory)
+inline void emu_proxy_landed(const unsigned char* dst, size_t smem_bytes) {
+  const unsigned char* sm = static_cast<const unsigned char*>(::emu::dynamic_smem());
+  if (sm == nullptr || dst < sm || dst >= sm + smem_bytes) return;
+  EmuProxy& p = emu_proxy();
+  const unsigned chunk = static_cast<unsigned>((dst - sm) / 16), tid = emu_tid();
+  if (p.owner.size() <= chunk) p.owner.resize(smem_bytes / 16 + 1, -1);
+  if (p.landed.size() <= tid) p.landed.resize(tid + 1);
+  p.owner[chunk] = static_cast<int>(tid);
+  p.landed[tid].push_back(chunk);
 }
 }  // namespace mma_detail
 #endif
@@ -352,8 +378,12 @@ template <int N> MP_D void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 #elif defined(MEGAPATCH_CUDA_EMULATOR)
   mma_detail::EmuAsync& a = mma_detail::emu_async();
+  const size_t smem_bytes = ::emu::dynamic_smem_bytes();
   while (a.groups.size() > static_cast<size_t>(N)) {
-    for (const mma_detail::EmuCopy& c : a.groups.front()) std::memcpy(c.dst, c.bytes, 16);
+    for (const mma_detail::EmuCopy& c : a.groups.front()) {
+      std::memcpy(c.dst, c.bytes, 16);
+      mma_detail::emu_proxy_landed(c.dst, smem_bytes);
+    }
     a.groups.erase(a.groups.begin());
   }
 #endif
@@ -385,11 +415,13 @@ template <int N> MP_D void cp_async_wait() {
 // keeps the compiler from moving those reads above it), or their A registers and B tiles be
 // overwritten.
 // Under the emulator a wgmma issued without a wgmma_fence since the block's start or the last
-// wgmma_wait is a fault, and each wgmma is recorded at issue and carried out at the wait that completes
-// its group (reading A from its registers and B from shared memory then, in k order in fp32 like
-// mma_m16n8k16's emulation), so a kernel that reads accumulators early, or overwrites A or B
-// before the wait, computes other numbers and its tests fail. On a GPU without sm_90a code the
-// primitives trap (the launches check device_has_wgmma first).
+// wgmma_wait is a fault, so is one that reads bytes a thread's cp.async wrote while that thread has
+// not called fence_proxy_async since (EmuProxy; ordinary stores are not tracked), and each wgmma
+// is recorded at issue and carried out at the wait that completes its group (reading A from its
+// registers and B from shared memory then, in k order in fp32 like mma_m16n8k16's emulation), so a
+// kernel that reads accumulators early, or overwrites A or B before the wait, computes other
+// numbers and its tests fail. On a GPU without sm_90a code the primitives trap (the launches check
+// device_has_wgmma first).
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define MPC_WGMMA_PTX 1
 #endif
@@ -420,20 +452,16 @@ struct EmuWgmma {
 struct EmuWg {
   std::vector<EmuWgmma> open;
   std::vector<std::vector<EmuWgmma>> groups;
-  uint3 block;
-  void* smem = nullptr;
-  bool fenced = false;  // a wgmma_fence since the block started or the last wait
+  unsigned long long serial = 0;  // the block that issued them (emu::block_serial)
+  bool fenced = false;            // a wgmma_fence since the block started or the last wait
 };
 inline EmuWg& emu_wg() {
   static EmuWg state[1024];
   EmuWg& w = state[threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)];
-  const uint3 b = blockIdx;
-  void* sm = ::emu::dynamic_smem();
-  if (w.smem != sm || w.block.x != b.x || w.block.y != b.y || w.block.z != b.z) {
+  if (w.serial != ::emu::block_serial()) {
     w.open.clear();
     w.groups.clear();
-    w.block = b;
-    w.smem = sm;
+    w.serial = ::emu::block_serial();
     w.fenced = false;
   }
   return w;
@@ -463,9 +491,24 @@ inline void emu_wg_run(const EmuWgmma& op) {
     a_home(row & 15, k, l, r, h);
     return elem(static_cast<uint16_t>(table[base + 32 * (row >> 4) + l]->a[r] >> (16 * h)));
   };
+  auto b_offset = [&](int k, int n) -> size_t {
+    return start + (k / 8) * lbo + (n / 8) * sbo + (op.trans ? (k % 8) * 16 + (n % 8) * 2 : (n % 8) * 16 + (k % 8) * 2);
+  };
+  // the warpgroup's first thread checks that B's bytes reach the async proxy (one 16-byte chunk
+  // holds 8 k of one n, K-major, or 8 n of one k, MN-major)
+  if (tid % 128 == 0) {
+    const EmuProxy& proxy = emu_proxy();
+    for (int k = 0; k < 16; k += op.trans ? 1 : 8)
+      for (int n = 0; n < op.n; n += op.trans ? 8 : 1) {
+        const size_t chunk = b_offset(k, n) / 16;
+        if (chunk < proxy.owner.size() && proxy.owner[chunk] >= 0)
+          throw std::runtime_error("wgmma reads shared memory at byte " + std::to_string(16 * chunk) + ", which thread " +
+                                   std::to_string(proxy.owner[chunk]) +
+                                   "'s cp.async wrote with no fence_proxy_async (fence.proxy.async) after it");
+      }
+  }
   auto get_b = [&](int k, int n) -> float {
-    const size_t off = start + (k / 8) * lbo + (n / 8) * sbo +
-                       (op.trans ? (k % 8) * 16 + (n % 8) * 2 : (n % 8) * 16 + (k % 8) * 2);
+    const size_t off = b_offset(k, n);
     uint16_t h;
     std::memcpy(&h, base_sm + off, 2);
     return elem(h);
@@ -516,6 +559,14 @@ template <int N> MP_D void wgmma_wait() {
 MP_D void fence_proxy_async() {
 #if defined(MPC_WGMMA_PTX)
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#elif defined(MEGAPATCH_CUDA_EMULATOR)
+  mma_detail::EmuProxy& p = mma_detail::emu_proxy();
+  const unsigned tid = mma_detail::emu_tid();
+  if (tid < p.landed.size()) {
+    for (unsigned chunk : p.landed[tid])
+      if (p.owner[chunk] == static_cast<int>(tid)) p.owner[chunk] = -1;
+    p.landed[tid].clear();
+  }
 #endif
 }
 // ties the accumulators' values to this point of the program (after a wgmma_wait)
