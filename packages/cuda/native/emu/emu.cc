@@ -10,6 +10,7 @@
 #include <chrono>
 #include <map>
 #include <set>
+#include <string_view>
 #include <unordered_set>
 
 // Context switch. On x86-64 a small assembly routine saves the callee-saved registers and swaps
@@ -413,14 +414,6 @@ void check_block_registers() {
                  std::to_string(entry_registers()) + " a thread at entry); a GPU waits forever in setmaxnreg.inc");
 }
 
-void run_block_threads();
-void run_block() {
-  g_block_serial++;
-  for (WgRegs& w : g_wg_regs) w = WgRegs{};
-  run_block_threads();
-  if (!g_aborted) check_block_registers();
-}
-
 void run_block_threads() {
   for (unsigned i = 0; i < g_nthreads; i++) {
     init_fiber(g_fibers[i]);
@@ -447,6 +440,13 @@ void run_block_threads() {
       return;
     }
   }
+}
+
+void run_block() {
+  g_block_serial++;
+  for (WgRegs& w : g_wg_regs) w = WgRegs{};
+  run_block_threads();
+  if (!g_aborted) check_block_registers();
 }
 
 }  // namespace
@@ -583,11 +583,11 @@ void named_barrier_arrive(unsigned id, unsigned count, const char* file, int lin
   if (named_arrival(id, count, file, line, "bar.arrive")) after_release();
 }
 void setmaxnreg(unsigned n, bool inc, const char* file, int line) {
-  const std::string what = inc ? "setmaxnreg.inc" : "setmaxnreg.dec";
-  check_in_kernel(what.c_str());
+  const std::string_view what = inc ? "setmaxnreg.inc" : "setmaxnreg.dec";
+  check_in_kernel(what.data());
   if (g_nthreads % 128 != 0)
-    named_fault(what + ": the block is not whole warpgroups (" + std::to_string(g_nthreads) + " threads)");
-  if (n < 24 || n > 256 || n % 8 != 0) named_fault(what + " " + std::to_string(n) + ": a multiple of 8 in 24 .. 256");
+    named_fault(std::string(what) + ": the block is not whole warpgroups (" + std::to_string(g_nthreads) + " threads)");
+  if (n < 24 || n > 256 || n % 8 != 0) named_fault(std::string(what) + " " + std::to_string(n) + ": a multiple of 8 in 24 .. 256");
   WgRegs& w = g_wg_regs[g_cur / 128];
   const unsigned cur = w.regs ? w.regs : entry_registers();
   if (w.pending == 0) {
@@ -595,11 +595,11 @@ void setmaxnreg(unsigned n, bool inc, const char* file, int line) {
     w.file = file;
     w.line = line;
   } else if (w.asked != n) {
-    named_fault(what + " " + std::to_string(n) + " while the warpgroup's other threads asked for " +
+    named_fault(std::string(what) + " " + std::to_string(n) + " while the warpgroup's other threads asked for " +
                 std::to_string(w.asked));
   }
   if (inc ? n < cur : n > cur)
-    named_fault(what + " " + std::to_string(n) + ": the warpgroup holds " + std::to_string(cur) +
+    named_fault(std::string(what) + " " + std::to_string(n) + ": the warpgroup holds " + std::to_string(cur) +
                 " registers (.inc takes more, .dec gives some back)");
   if (++w.pending == 128) {
     w.regs = n;

@@ -105,16 +105,15 @@ MP_HD void b_home(int k, int n, int& lane, int& reg, int& half) {
 }
 
 #ifdef MEGAPATCH_CUDA_EMULATOR
+// the thread's index in its block
+inline unsigned emu_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
 // Per-warp exchange area of the emulator: 32 warps (1024 threads) x 32 lanes x 8 words. Blocks and
 // launches never run concurrently, so a process-wide array is the running block's.
 inline uint64_t* emu_scratch() {
   static uint64_t area[32][32][8];
-  const unsigned tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
-  return &area[tid / 32][0][0];
+  return &area[emu_tid() / 32][0][0];
 }
-inline unsigned emu_lane() {
-  return (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) & 31u;
-}
+inline unsigned emu_lane() { return emu_tid() & 31u; }
 #endif
 
 }  // namespace mma_detail
@@ -311,7 +310,7 @@ struct EmuAsync {
 // a block left pending (a launch stopped by a fault) are dropped when another block uses the slot.
 inline EmuAsync& emu_async() {
   static EmuAsync state[1024];
-  EmuAsync& a = state[threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)];
+  EmuAsync& a = state[emu_tid()];
   if (a.serial != ::emu::block_serial()) {
     a.open.clear();
     a.groups.clear();
@@ -337,17 +336,21 @@ inline EmuProxy& emu_proxy() {
   }
   return p;
 }
-inline unsigned emu_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
-// a copy of this thread landed at dst (tracked when dst lies in dynamic shared memory)
-inline void emu_proxy_landed(const unsigned char* dst, size_t smem_bytes) {
+// lands a group of this thread's copies; those in dynamic shared memory become its unfenced chunks
+inline void emu_land(const std::vector<EmuCopy>& group) {
   const unsigned char* sm = static_cast<const unsigned char*>(::emu::dynamic_smem());
-  if (sm == nullptr || dst < sm || dst >= sm + smem_bytes) return;
+  const size_t bytes = ::emu::dynamic_smem_bytes();
   EmuProxy& p = emu_proxy();
-  const unsigned chunk = static_cast<unsigned>((dst - sm) / 16), tid = emu_tid();
-  if (p.owner.size() <= chunk) p.owner.resize(smem_bytes / 16 + 1, -1);
+  const unsigned tid = emu_tid();
+  if (p.owner.size() < (bytes + 15) / 16) p.owner.resize((bytes + 15) / 16, -1);
   if (p.landed.size() <= tid) p.landed.resize(tid + 1);
-  p.owner[chunk] = static_cast<int>(tid);
-  p.landed[tid].push_back(chunk);
+  for (const EmuCopy& c : group) {
+    std::memcpy(c.dst, c.bytes, 16);
+    if (sm == nullptr || c.dst < sm || c.dst >= sm + bytes) continue;
+    const unsigned chunk = static_cast<unsigned>((c.dst - sm) / 16);
+    p.owner[chunk] = static_cast<int>(tid);
+    p.landed[tid].push_back(chunk);
+  }
 }
 }  // namespace mma_detail
 #endif
@@ -378,12 +381,8 @@ template <int N> MP_D void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 #elif defined(MEGAPATCH_CUDA_EMULATOR)
   mma_detail::EmuAsync& a = mma_detail::emu_async();
-  const size_t smem_bytes = ::emu::dynamic_smem_bytes();
   while (a.groups.size() > static_cast<size_t>(N)) {
-    for (const mma_detail::EmuCopy& c : a.groups.front()) {
-      std::memcpy(c.dst, c.bytes, 16);
-      mma_detail::emu_proxy_landed(c.dst, smem_bytes);
-    }
+    mma_detail::emu_land(a.groups.front());
     a.groups.erase(a.groups.begin());
   }
 #endif
@@ -457,7 +456,7 @@ struct EmuWg {
 };
 inline EmuWg& emu_wg() {
   static EmuWg state[1024];
-  EmuWg& w = state[threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)];
+  EmuWg& w = state[emu_tid()];
   if (w.serial != ::emu::block_serial()) {
     w.open.clear();
     w.groups.clear();
@@ -472,7 +471,7 @@ inline EmuWg& emu_wg() {
 // warpgroup).
 inline void emu_wg_run(const EmuWgmma& op) {
   static const EmuWgmma* table[1024];
-  const unsigned tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  const unsigned tid = emu_tid();
   if ((blockDim.x * blockDim.y * blockDim.z) % 128 != 0)
     throw std::runtime_error("emulator: wgmma needs blocks of whole warpgroups (multiples of 128 threads)");
   const unsigned wg = tid / 128, base = 128 * wg, bar = 16 + wg;
