@@ -40,11 +40,24 @@ MP_D double att_exp(double x) { return exp(x); }
 MP_D float att_log(float x) { return logf(x); }
 MP_D double att_log(double x) { return log(x); }
 // The tensor-core kernels' softmax runs in log2 units, FlashAttention's way: scores scaled by
-// scale * log2(e) in one multiply and exponentiated with exp2f (one MUFU.EX2 on a GPU, where
-// expf needs a range reduction around it); the saved logsumexp stays in natural units.
+// scale * log2(e) in one multiply and exponentiated in base 2 (one MUFU.EX2 on a GPU, where expf
+// needs a range reduction around it); the saved logsumexp stays in natural units.
 constexpr double kLog2e = 1.4426950408889634;
 constexpr float kLn2f = 0.6931471805599453f;
-MP_D float att_exp2(float x) { return exp2f(x); }
+// exp2 as the one instruction PTX's ex2.approx.ftz.f32 is (what FlashAttention's fast-math build
+// issues). exp2f wraps the same MUFU.EX2 in a compare and two multiplies, only to return subnormal
+// results for x < -126; those flush to zero here, which changes no probability a softmax can see
+// (p < 2^-126 beside the row maximum's 1) and takes three of the four instructions an element off
+// the kernels' issue-bound loops. The emulator flushes the same.
+MP_D float att_exp2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return x < -126.0f ? 0.0f : exp2f(x);
+#endif
+}
 
 // A [B, H, S, X] (or [B, H, S] for lse) operand: element 0 and element strides.
 struct Mat {
@@ -382,34 +395,78 @@ MP_D void load_tile16(uint16_t* dst, const T* base, int64_t rs, int64_t cs, int6
   }
 }
 
-// The same as load_tile16 for rows that are 16-byte aligned and contiguous, through cp.async:
+// The same as load_tile16 for ROWS rows that are 16-byte aligned and contiguous, through cp.async:
 // the caller commits the group and waits for it (mma.cuh); rows at or past `total` are zeroed by
-// plain stores (visible after the barrier that follows the wait).
-template <typename T, int W, int NT = kAttThreads>
-MP_D void load_tile16_async(uint16_t* dst, const T* base, int64_t rs, int64_t r0, int rows, int64_t total) {
+// plain stores (visible after the barrier that follows the wait). 16-byte chunk idx of the tile is
+// row idx / (W / 8), columns 8 (idx % (W / 8)); thread tid copies chunks tid, tid + NT, ... Where
+// NT is a multiple of the chunks a row (and the tile of the threads), a thread's chunks share their
+// columns and lie RSTEP rows apart: the addresses are worked out once a call and each chunk is an
+// add and a copy (the tile loops of the kernels below were issue-bound on this address arithmetic:
+// ~130 instructions for every four chunks in the sm_90 code), with the row checks only in a tile
+// that crosses `total`.
+template <typename T, int W, int ROWS, int NT = kAttThreads>
+MP_D void load_tile16_async(uint16_t* dst, const T* base, int64_t rs, int64_t r0, int64_t total) {
   constexpr int ld = W + kMmaPad, chunks = W / 8;
-  for (int idx = threadIdx.x; idx < rows * chunks; idx += NT) {
-    const int r = idx / chunks, c = (idx - r * chunks) * 8;
-    const int64_t row = r0 + r;
-    if (row < total) cp_async16(dst + r * ld + c, base + row * rs + c);
-    else zero16(dst + r * ld + c);
+  if constexpr (NT % chunks == 0 && (ROWS * chunks) % NT == 0) {
+    constexpr int RSTEP = NT / chunks, K = ROWS * chunks / NT;
+    const int tid = threadIdx.x, rt = tid / chunks, c = (tid % chunks) * 8;
+    uint16_t* d = dst + rt * ld + c;
+    const T* src = base + (r0 + rt) * rs + c;
+    const int64_t step = RSTEP * rs;
+    if (r0 + ROWS <= total) {
+ATT_UNROLL
+      for (int k = 0; k < K; k++) cp_async16(d + k * RSTEP * ld, src + k * step);
+    } else {
+ATT_UNROLL
+      for (int k = 0; k < K; k++) {
+        if (r0 + rt + k * RSTEP < total) cp_async16(d + k * RSTEP * ld, src + k * step);
+        else zero16(d + k * RSTEP * ld);
+      }
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < ROWS * chunks; idx += NT) {
+      const int r = idx / chunks, c = (idx - r * chunks) * 8;
+      const int64_t row = r0 + r;
+      if (row < total) cp_async16(dst + r * ld + c, base + row * rs + c);
+      else zero16(dst + r * ld + c);
+    }
   }
 }
 
-// Rows r0 .. r0 + rows - 1 (rows a multiple of 8) of a [*, W] operand with 16-byte aligned,
+// Rows r0 .. r0 + ROWS - 1 (ROWS a multiple of 8) of a [*, W] operand with 16-byte aligned,
 // contiguous rows, through cp.async, into wgmma's core-matrix layout without swizzling (mma.cuh):
 // element (r, c) at ((r / 8) (W / 8) + c / 8) 64 + (r % 8) 8 + c % 8. 16-byte chunk idx is row
 // 8 (idx / W) + idx % 8, columns 8 ((idx / 8) % (W / 8)) and lands at element 8 idx, so the
 // threads of a warp fill consecutive shared memory. Rows at or past `total` are zeroed. NT: the
-// block's threads.
-template <typename T, int W, int NT = kAttThreads>
-MP_D void load_tile_cm_async(uint16_t* dst, const T* base, int64_t rs, int64_t r0, int rows, int64_t total) {
+// threads copying (threadIdx.x < NT). Where NT is a multiple of W, a thread's chunks (tid, tid +
+// NT, ...) share their columns and lie 8 NT / W rows apart: addresses worked out once, as in
+// load_tile16_async.
+template <typename T, int W, int ROWS, int NT = kAttThreads>
+MP_D void load_tile_cm_async(uint16_t* dst, const T* base, int64_t rs, int64_t r0, int64_t total) {
   constexpr int chunks = W / 8;
-  for (int idx = threadIdx.x; idx < rows * chunks; idx += NT) {
-    const int r = (idx / W) * 8 + (idx & 7), c = ((idx >> 3) % chunks) * 8;
-    const int64_t row = r0 + r;
-    if (row < total) cp_async16(dst + 8 * idx, base + row * rs + c);
-    else zero16(dst + 8 * idx);
+  if constexpr (NT % W == 0 && (ROWS * chunks) % NT == 0) {
+    constexpr int RSTEP = 8 * NT / W, K = ROWS * chunks / NT;
+    const int tid = threadIdx.x, rt = (tid / W) * 8 + (tid & 7), c = ((tid >> 3) % chunks) * 8;
+    uint16_t* d = dst + 8 * tid;
+    const T* src = base + (r0 + rt) * rs + c;
+    const int64_t step = RSTEP * rs;
+    if (r0 + ROWS <= total) {
+ATT_UNROLL
+      for (int k = 0; k < K; k++) cp_async16(d + 8 * NT * k, src + k * step);
+    } else {
+ATT_UNROLL
+      for (int k = 0; k < K; k++) {
+        if (r0 + rt + k * RSTEP < total) cp_async16(d + 8 * NT * k, src + k * step);
+        else zero16(d + 8 * NT * k);
+      }
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < ROWS * chunks; idx += NT) {
+      const int r = (idx / W) * 8 + (idx & 7), c = ((idx >> 3) % chunks) * 8;
+      const int64_t row = r0 + r;
+      if (row < total) cp_async16(dst + 8 * idx, base + row * rs + c);
+      else zero16(dst + 8 * idx);
+    }
   }
 }
 
@@ -472,6 +529,31 @@ template <int N> MP_D void setmaxnreg_inc() {
 // from shared memory serves both m-tiles (half the shared-memory reads per product), and Q's
 // fragments are read from shared memory per key tile instead (registers: o and s double; with
 // Dv = 128 the key tile shrinks to 32, as nvcc spills registers at 64 there: fwd_mma_bc).
+// v[i] = max(v[i], v[i + W]) for i < W, then the same with W / 2 .. 1: v[0] is the maximum of
+// v[0 .. 2 W) (fmaxf is exact, so any order gives the sequential maximum's value).
+template <int W>
+MP_D void max_fold(float (&v)[2 * W]) {
+  float h[W];
+ATT_UNROLL
+  for (int i = 0; i < W; i++) h[i] = fmaxf(v[i], v[i + W]);
+  if constexpr (W > 1) {
+    max_fold<W / 2>(h);
+  }
+  v[0] = h[0];
+}
+// The maximum of half-row hf (elements 2 hf, 2 hf + 1 of each n-tile) of a lane's NS score n-tiles,
+// as a tree: log2(2 NS) dependent steps instead of 2 NS.
+template <int NS>
+MP_D float row_max_tree(const float (&s)[NS][4], int hf) {
+  float v[2 * NS];
+ATT_UNROLL
+  for (int n = 0; n < NS; n++) {
+    v[2 * n] = s[n][2 * hf];
+    v[2 * n + 1] = s[n][2 * hf + 1];
+  }
+  max_fold<NS>(v);
+  return v[0];
+}
 template <int RM, int DV> constexpr int fwd_mma_bc() { return RM == 2 && DV >= 128 ? 32 : kMmaBC; }
 // MINB: the blocks per SM asked of ptxas (__launch_bounds__), which caps registers per thread (see
 // attention_occupancy below); 0 asks nothing (ptxas's own choice: an explicit 1 lets it take up to
@@ -550,11 +632,11 @@ ATT_UNROLL
   // K/V tile starting at key jt into buffer `buf`, as one cp.async group
   auto prefetch = [&](int64_t jt, int buf) {
     if constexpr (WG != 0) {
-      load_tile_cm_async<T, D, LT>(Ks0 + buf * KT, kb, P.k.s[2], jt, BC, P.Sk);
-      load_tile_cm_async<T, DV, LT>(Vs0 + buf * VT, vb, P.v.s[2], jt, BC, P.Sk);
+      load_tile_cm_async<T, D, BC, LT>(Ks0 + buf * KT, kb, P.k.s[2], jt, P.Sk);
+      load_tile_cm_async<T, DV, BC, LT>(Vs0 + buf * VT, vb, P.v.s[2], jt, P.Sk);
     } else {
-      load_tile16_async<T, D, LT>(Ks0 + buf * KT, kb, P.k.s[2], jt, BC, P.Sk);
-      load_tile16_async<T, DV, LT>(Vs0 + buf * VT, vb, P.v.s[2], jt, BC, P.Sk);
+      load_tile16_async<T, D, BC, LT>(Ks0 + buf * KT, kb, P.k.s[2], jt, P.Sk);
+      load_tile16_async<T, DV, BC, LT>(Vs0 + buf * VT, vb, P.v.s[2], jt, P.Sk);
     }
     cp_async_commit();
   };
@@ -620,8 +702,9 @@ ATT_UNROLL
   auto scores_wg = [&](float (&s)[RM][NS][4], const uint16_t* Ks) {
     if constexpr (WG != 0) wgmma_tile<T, BC, true, D>(s[0], qf, Ks, true);
   };
-  // OVL: the factors by which o is rescaled once the pending P V is done (1: unchanged)
-  float scl[RM][2];
+  // OVL: the factors by which o is rescaled once the pending P V is done (1: unchanged); otherwise
+  // the softmax's own (rowcorr)
+  float scl[RM][2], rowcorr[RM][2];
   auto softmax = [&](float (&s)[RM][NS][4], int64_t j0) {
     // scale, mask, online softmax (rows hf = 0: elements 0, 1; hf = 1: elements 2, 3). A tile whose
     // keys every row of the warp attends to, without an explicit mask (all but the diagonal tiles
@@ -636,29 +719,38 @@ ATT_UNROLL
     // and one exp2 (FlashAttention's order), one multiply an element fewer.
     const bool whole = __all_sync(0xffffffffu, inside);
     const bool raw = whole && scale2 > 0.0f;
+    // Each step below runs over all of the lane's rows before the next, with no branch that is not
+    // warp-uniform, so that the rows' independent chains (maximum, shuffles, exp2, sums) interleave
+    // in the issue order instead of running one after the other.
+    float rmax[RM][2];
 ATT_UNROLL
     for (int r = 0; r < RM; r++)
 ATT_UNROLL
-      for (int hf = 0; hf < 2; hf++) {
-        const int64_t i = i0 + 16 * (RM * warp + r) + g + 8 * hf;
-        if constexpr (OVL) scl[r][hf] = 1.0f;
-        float rmax = ninf;
-        if (raw) {
+      for (int hf = 0; hf < 2; hf++) rmax[r][hf] = ninf;
+    // (the maxima as trees: fmaxf is exact, so any order gives the same value, in 4 dependent steps
+    // instead of 16)
+    if (raw) {
+ATT_UNROLL
+      for (int r = 0; r < RM; r++)
+ATT_UNROLL
+        for (int hf = 0; hf < 2; hf++) rmax[r][hf] = row_max_tree<NS>(s[r], hf) * scale2;
+    } else if (whole) {
+ATT_UNROLL
+      for (int r = 0; r < RM; r++)
+ATT_UNROLL
+        for (int hf = 0; hf < 2; hf++) {
 ATT_UNROLL
           for (int n = 0; n < NS; n++)
 ATT_UNROLL
-            for (int c = 0; c < 2; c++) rmax = fmaxf(rmax, s[r][n][2 * hf + c]);
-          rmax *= scale2;
-        } else if (whole) {
+            for (int c = 0; c < 2; c++) s[r][n][2 * hf + c] *= scale2;
+          rmax[r][hf] = row_max_tree<NS>(s[r], hf);
+        }
+    } else {
 ATT_UNROLL
-          for (int n = 0; n < NS; n++)
+      for (int r = 0; r < RM; r++)
 ATT_UNROLL
-            for (int c = 0; c < 2; c++) {
-              const float v = s[r][n][2 * hf + c] * scale2;
-              s[r][n][2 * hf + c] = v;
-              rmax = fmaxf(rmax, v);
-            }
-        } else {
+        for (int hf = 0; hf < 2; hf++) {
+          const int64_t i = i0 + 16 * (RM * warp + r) + g + 8 * hf;
 ATT_UNROLL
           for (int n = 0; n < NS; n++)
 ATT_UNROLL
@@ -670,53 +762,96 @@ ATT_UNROLL
                 if (P.mask.p) v = apply_mask<float>(P.mask, b, h, i, j, v, log2e);
               }
               s[r][n][2 * hf + c] = v;
-              rmax = fmaxf(rmax, v);
+              rmax[r][hf] = fmaxf(rmax[r][hf], v);
             }
         }
-        rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 1));
-        rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 2));
-        const bool live = rmax != ninf;
-        const float mnew = live ? fmaxf(m[r][hf], rmax) : m[r][hf];
-        float sum = 0.0f;
-        if (raw && live) {
+    }
 ATT_UNROLL
-          for (int n = 0; n < NS; n++)
+    for (int r = 0; r < RM; r++)
 ATT_UNROLL
-            for (int c = 0; c < 2; c++) {
-              const float p = att_exp2(fmaf(s[r][n][2 * hf + c], scale2, -mnew));
-              s[r][n][2 * hf + c] = p;
-              sum += p;
-            }
-        } else {
+      for (int hf = 0; hf < 2; hf++) rmax[r][hf] = fmaxf(rmax[r][hf], __shfl_xor_sync(0xffffffffu, rmax[r][hf], 1));
 ATT_UNROLL
-          for (int n = 0; n < NS; n++)
+    for (int r = 0; r < RM; r++)
 ATT_UNROLL
-            for (int c = 0; c < 2; c++) {
-              const float p = live ? att_exp2(s[r][n][2 * hf + c] - mnew) : 0.0f;
-              s[r][n][2 * hf + c] = p;
-              sum += p;
-            }
-        }
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        if (live) {
-          if (m[r][hf] != ninf && m[r][hf] != mnew) {
-            const float corr = att_exp2(m[r][hf] - mnew);
-            l[r][hf] *= corr;
-            if constexpr (OVL) {
-              scl[r][hf] = corr;  // o is rescaled after the pending P V
-            } else {
+      for (int hf = 0; hf < 2; hf++) rmax[r][hf] = fmaxf(rmax[r][hf], __shfl_xor_sync(0xffffffffu, rmax[r][hf], 2));
+    // a row with no key yet (rmax -inf) keeps its state and gets probabilities 0
+    bool live[RM][2], all_live = true;
+    float mnew[RM][2], sum[RM][2];
 ATT_UNROLL
-              for (int n = 0; n < NO; n++) {
-                o[r][n][2 * hf] *= corr;
-                o[r][n][2 * hf + 1] *= corr;
-              }
-            }
-          }
-          l[r][hf] += sum;
-          m[r][hf] = mnew;
-        }
+    for (int r = 0; r < RM; r++)
+ATT_UNROLL
+      for (int hf = 0; hf < 2; hf++) {
+        live[r][hf] = rmax[r][hf] != ninf;
+        all_live = all_live && live[r][hf];
+        mnew[r][hf] = live[r][hf] ? fmaxf(m[r][hf], rmax[r][hf]) : m[r][hf];
+        sum[r][hf] = 0.0f;
       }
+    if (raw && __all_sync(0xffffffffu, all_live)) {
+ATT_UNROLL
+      for (int r = 0; r < RM; r++)
+ATT_UNROLL
+        for (int hf = 0; hf < 2; hf++)
+ATT_UNROLL
+          for (int n = 0; n < NS; n++)
+ATT_UNROLL
+            for (int c = 0; c < 2; c++) {
+              const float p = att_exp2(fmaf(s[r][n][2 * hf + c], scale2, -mnew[r][hf]));
+              s[r][n][2 * hf + c] = p;
+              sum[r][hf] += p;
+            }
+    } else {
+ATT_UNROLL
+      for (int r = 0; r < RM; r++)
+ATT_UNROLL
+        for (int hf = 0; hf < 2; hf++)
+ATT_UNROLL
+          for (int n = 0; n < NS; n++)
+ATT_UNROLL
+            for (int c = 0; c < 2; c++) {
+              const float x = s[r][n][2 * hf + c];
+              float p = 0.0f;
+              if (live[r][hf]) p = att_exp2(raw ? fmaf(x, scale2, -mnew[r][hf]) : x - mnew[r][hf]);
+              s[r][n][2 * hf + c] = p;
+              sum[r][hf] += p;
+            }
+    }
+ATT_UNROLL
+    for (int r = 0; r < RM; r++)
+ATT_UNROLL
+      for (int hf = 0; hf < 2; hf++) sum[r][hf] += __shfl_xor_sync(0xffffffffu, sum[r][hf], 1);
+ATT_UNROLL
+    for (int r = 0; r < RM; r++)
+ATT_UNROLL
+      for (int hf = 0; hf < 2; hf++) sum[r][hf] += __shfl_xor_sync(0xffffffffu, sum[r][hf], 2);
+    // the running sums and outputs rescaled where a row's maximum grew (corr 1 elsewhere: the
+    // multiplies by 1 change no bits; __fmul_rn keeps l's multiply and add two roundings, as when
+    // they were apart), the outputs only when some row of the warp needs it
+    bool grew = false;
+ATT_UNROLL
+    for (int r = 0; r < RM; r++)
+ATT_UNROLL
+      for (int hf = 0; hf < 2; hf++) {
+        const bool up = live[r][hf] && m[r][hf] != ninf && m[r][hf] != mnew[r][hf];
+        const float corr = up ? att_exp2(m[r][hf] - mnew[r][hf]) : 1.0f;
+        grew = grew || up;
+        l[r][hf] = __fmul_rn(l[r][hf], corr) + sum[r][hf];
+        m[r][hf] = mnew[r][hf];
+        if constexpr (OVL) scl[r][hf] = corr;  // o is rescaled after the pending P V
+        else rowcorr[r][hf] = corr;
+      }
+    if constexpr (!OVL) {
+      if (__any_sync(0xffffffffu, grew)) {
+ATT_UNROLL
+        for (int r = 0; r < RM; r++)
+ATT_UNROLL
+          for (int hf = 0; hf < 2; hf++)
+ATT_UNROLL
+            for (int n = 0; n < NO; n++) {
+              o[r][n][2 * hf] *= rowcorr[r][hf];
+              o[r][n][2 * hf + 1] *= rowcorr[r][hf];
+            }
+      }
+    }
   };
   auto rescale = [&]() {
 ATT_UNROLL
@@ -1275,6 +1410,7 @@ __global__ void __launch_bounds__(kAttThreads*(NWG + (WS ? 1 : 0)), MINB) attn_d
                 "wgmma dK/dV: 64-query tiles of D, Dv in {64, 128}, cp.async");
   static_assert(NWG == 1 || (WG && NWG == 2), "two warpgroups a block: wgmma's");
   static_assert(!WS || (WG && NWG == 2), "warp-specialised: two consumers");
+  static_assert(WS || BQ <= kAttThreads * NWG, "a thread a query of the tile (fetch, put)");
   constexpr int NT = kAttThreads * (NWG + (WS ? 1 : 0));  // threads a block
   constexpr int NL = WS ? 2 : 1;                          // stages of the queries' lse, delta, ranges
   constexpr int BR = kMmaBR * NWG, LDK = D + kMmaPad, LDV = DV + kMmaPad, NQ = BQ / 8, NBUF = PIPE ? 2 : 1;
@@ -1330,11 +1466,11 @@ ATT_UNROLL
   // Q/dO tile of query head hq starting at query it into buffer `bf`, as one cp.async group
   auto prefetch = [&](int64_t hq, int64_t it, int bf) {
     if constexpr (WG) {
-      load_tile_cm_async<T, D, NT>(Qs0 + bf * QT, mat_ptr<const T>(P.q, b, hq), P.q.s[2], it, BQ, P.Sq);
-      load_tile_cm_async<T, DV, NT>(Gs0 + bf * GT, mat_ptr<const T>(P.go, b, hq), P.go.s[2], it, BQ, P.Sq);
+      load_tile_cm_async<T, D, BQ, NT>(Qs0 + bf * QT, mat_ptr<const T>(P.q, b, hq), P.q.s[2], it, P.Sq);
+      load_tile_cm_async<T, DV, BQ, NT>(Gs0 + bf * GT, mat_ptr<const T>(P.go, b, hq), P.go.s[2], it, P.Sq);
     } else {
-      load_tile16_async<T, D, NT>(Qs0 + bf * QT, mat_ptr<const T>(P.q, b, hq), P.q.s[2], it, BQ, P.Sq);
-      load_tile16_async<T, DV, NT>(Gs0 + bf * GT, mat_ptr<const T>(P.go, b, hq), P.go.s[2], it, BQ, P.Sq);
+      load_tile16_async<T, D, BQ, NT>(Qs0 + bf * QT, mat_ptr<const T>(P.q, b, hq), P.q.s[2], it, P.Sq);
+      load_tile16_async<T, DV, BQ, NT>(Gs0 + bf * GT, mat_ptr<const T>(P.go, b, hq), P.go.s[2], it, P.Sq);
     }
     cp_async_commit();
   };
@@ -1356,6 +1492,35 @@ ATT_UNROLL
     }
     return covers;
   };
+  // Without warp specialisation every thread fills (at most) one query of the tile, and the lse and
+  // delta it needs are read one tile ahead into registers (fetch; put stores them), so the global
+  // loads' latency hides behind a tile's products instead of holding the block at the barrier
+  // after the fill (the values and their arithmetic are fill's: the same bits).
+  struct Ahead {
+    float lse, dl;
+  };
+  auto fetch = [&](int64_t h, int64_t i0) {
+    Ahead a{0.0f, 0.0f};
+    const int64_t i = i0 + tid;
+    if (tid < BQ && i < P.Sq) {
+      a.lse = (reinterpret_cast<const float*>(P.lse.p) + b * P.lse.s[0] + h * P.lse.s[1])[i * P.lse.s[2]];
+      a.dl = delta[(b * P.Hq + h) * P.Sq + i];
+    }
+    return a;
+  };
+  auto put = [&](float* Ls, float* Dl, int64_t* Lo, int64_t* Hi, int64_t i0, const Ahead& a) {
+    bool covers = P.mask.p == nullptr;
+    const int q = tid;
+    if (q < BQ) {
+      const int64_t i = i0 + q;
+      const bool in = i < P.Sq;
+      Ls[q] = in ? -a.lse * log2e : pinf;
+      Dl[q] = in ? a.dl : 0.0f;
+      row_range(P, i, Lo[q], Hi[q]);
+      covers = covers && Ls[q] != pinf && Lo[q] <= j0 && Hi[q] >= j0 + BR;
+    }
+    return covers;
+  };
   const int64_t ntiles = P.group * (ia < ib ? (ib - ia + BQ - 1) / BQ : 0);  // of the loop below
   // WG: this warp's A fragments of K and V (its 16 keys), read once
   uint32_t kf[WG ? D / 16 : 1][4], vf[WG ? DV / 16 : 1][4];
@@ -1371,9 +1536,8 @@ ATT_UNROLL
           const int64_t h = kh * P.group + gq;
           for (int64_t i0 = ia; i0 < ib; i0 += BQ, tt++, st ^= 1) {
             ws_stage_wait_empty(st, tt);
-            load_tile_cm_async<T, D, kAttThreads>(Qs0 + st * QT, mat_ptr<const T>(P.q, b, h), P.q.s[2], i0, BQ, P.Sq);
-            load_tile_cm_async<T, DV, kAttThreads>(Gs0 + st * GT, mat_ptr<const T>(P.go, b, h), P.go.s[2], i0, BQ,
-                                                   P.Sq);
+            load_tile_cm_async<T, D, BQ, kAttThreads>(Qs0 + st * QT, mat_ptr<const T>(P.q, b, h), P.q.s[2], i0, P.Sq);
+            load_tile_cm_async<T, DV, BQ, kAttThreads>(Gs0 + st * GT, mat_ptr<const T>(P.go, b, h), P.go.s[2], i0, P.Sq);
             cp_async_commit();
             fill(Ls0 + st * BQ, Dl0 + st * BQ, Lo0 + st * BQ, Hi0 + st * BQ, h, i0, 0, kAttThreads);
             ws_stage_filled(st);
@@ -1391,6 +1555,10 @@ ATT_UNROLL
   int buf = 0;
   int64_t tt = 0;  // tiles done
   const int c = WS ? tid / kAttThreads - 1 : 0;  // WS: the consumer
+  Ahead ahead{0.0f, 0.0f};  // not WS: the lse and delta of the tile to come
+  if constexpr (!WS) {
+    if (ia < ib) ahead = fetch(kh * P.group, ia);
+  }
   for (int64_t gq = 0; gq < P.group; gq++) {
     const int64_t h = kh * P.group + gq;
     const T* qb = mat_ptr<const T>(P.q, b, h);
@@ -1428,7 +1596,11 @@ ATT_UNROLL
         for (int q = lane; q < BQ; q += 32) covers = covers && Ls[q] != pinf && Lo[q] <= j0 && Hi[q] >= j0 + BR;
         whole = __all_sync(0xffffffffu, covers);
       } else {
-        whole = __syncthreads_and(fill(Ls, Dl, Lo, Hi, h, i0, 0, NT)) != 0;
+        const Ahead cur = ahead;
+        // the next tile's: this head's next, or the next head's first
+        if (i0 + BQ < ib) ahead = fetch(h, i0 + BQ);
+        else if (gq + 1 < P.group) ahead = fetch(h + 1, ia);
+        whole = __syncthreads_and(put(Ls, Dl, Lo, Hi, i0, cur)) != 0;
       }
       // S^T = K Q^T and dP^T = V dO^T: rows keys, columns queries
       float st[NQ][4], dpt[NQ][4];
@@ -1654,11 +1826,11 @@ ATT_UNROLL
 
   auto prefetch = [&](int64_t jt, int buf) {
     if constexpr (WG) {
-      load_tile_cm_async<T, D, NT>(Ks0 + buf * KT, kb, P.k.s[2], jt, BC, P.Sk);
-      load_tile_cm_async<T, DV, NT>(Vs0 + buf * VT, vb, P.v.s[2], jt, BC, P.Sk);
+      load_tile_cm_async<T, D, BC, NT>(Ks0 + buf * KT, kb, P.k.s[2], jt, P.Sk);
+      load_tile_cm_async<T, DV, BC, NT>(Vs0 + buf * VT, vb, P.v.s[2], jt, P.Sk);
     } else {
-      load_tile16_async<T, D, NT>(Ks0 + buf * KT, kb, P.k.s[2], jt, BC, P.Sk);
-      load_tile16_async<T, DV, NT>(Vs0 + buf * VT, vb, P.v.s[2], jt, BC, P.Sk);
+      load_tile16_async<T, D, BC, NT>(Ks0 + buf * KT, kb, P.k.s[2], jt, P.Sk);
+      load_tile16_async<T, DV, BC, NT>(Vs0 + buf * VT, vb, P.v.s[2], jt, P.Sk);
     }
     cp_async_commit();
   };
@@ -1675,8 +1847,8 @@ ATT_UNROLL
         int64_t tt = 0;
         for (int64_t j0 = blo; j0 < bhi; j0 += BC, tt++, st ^= 1) {
           ws_stage_wait_empty(st, tt);
-          load_tile_cm_async<T, D, kAttThreads>(Ks0 + st * KT, kb, P.k.s[2], j0, BC, P.Sk);
-          load_tile_cm_async<T, DV, kAttThreads>(Vs0 + st * VT, vb, P.v.s[2], j0, BC, P.Sk);
+          load_tile_cm_async<T, D, BC, kAttThreads>(Ks0 + st * KT, kb, P.k.s[2], j0, P.Sk);
+          load_tile_cm_async<T, DV, BC, kAttThreads>(Vs0 + st * VT, vb, P.v.s[2], j0, P.Sk);
           cp_async_commit();
           ws_stage_filled(st);
         }
