@@ -704,7 +704,7 @@ ATT_UNROLL
   };
   // OVL: the factors by which o is rescaled once the pending P V is done (1: unchanged); otherwise
   // the softmax's own (rowcorr)
-  float scl[RM][2], rowcorr[RM][2];
+  float scl[RM][2];
   auto softmax = [&](float (&s)[RM][NS][4], int64_t j0) {
     // scale, mask, online softmax (rows hf = 0: elements 0, 1; hf = 1: elements 2, 3). A tile whose
     // keys every row of the warp attends to, without an explicit mask (all but the diagonal tiles
@@ -719,38 +719,24 @@ ATT_UNROLL
     // and one exp2 (FlashAttention's order), one multiply an element fewer.
     const bool whole = __all_sync(0xffffffffu, inside);
     const bool raw = whole && scale2 > 0.0f;
-    // Each step below runs over all of the lane's rows before the next, with no branch that is not
-    // warp-uniform, so that the rows' independent chains (maximum, shuffles, exp2, sums) interleave
-    // in the issue order instead of running one after the other.
-    float rmax[RM][2];
 ATT_UNROLL
     for (int r = 0; r < RM; r++)
 ATT_UNROLL
-      for (int hf = 0; hf < 2; hf++) rmax[r][hf] = ninf;
-    // (the maxima as trees: fmaxf is exact, so any order gives the same value, in 4 dependent steps
-    // instead of 16)
-    if (raw) {
-ATT_UNROLL
-      for (int r = 0; r < RM; r++)
-ATT_UNROLL
-        for (int hf = 0; hf < 2; hf++) rmax[r][hf] = row_max_tree<NS>(s[r], hf) * scale2;
-    } else if (whole) {
-ATT_UNROLL
-      for (int r = 0; r < RM; r++)
-ATT_UNROLL
-        for (int hf = 0; hf < 2; hf++) {
+      for (int hf = 0; hf < 2; hf++) {
+        const int64_t i = i0 + 16 * (RM * warp + r) + g + 8 * hf;
+        if constexpr (OVL) scl[r][hf] = 1.0f;
+        float rmax = ninf;
+        // (the maxima as trees: fmaxf is exact, so any order gives the sequential maximum's value,
+        // in log2(2 NS) dependent steps instead of 2 NS)
+        if (raw) {
+          rmax = row_max_tree<NS>(s[r], hf) * scale2;
+        } else if (whole) {
 ATT_UNROLL
           for (int n = 0; n < NS; n++)
 ATT_UNROLL
             for (int c = 0; c < 2; c++) s[r][n][2 * hf + c] *= scale2;
-          rmax[r][hf] = row_max_tree<NS>(s[r], hf);
-        }
-    } else {
-ATT_UNROLL
-      for (int r = 0; r < RM; r++)
-ATT_UNROLL
-        for (int hf = 0; hf < 2; hf++) {
-          const int64_t i = i0 + 16 * (RM * warp + r) + g + 8 * hf;
+          rmax = row_max_tree<NS>(s[r], hf);
+        } else {
 ATT_UNROLL
           for (int n = 0; n < NS; n++)
 ATT_UNROLL
@@ -762,96 +748,53 @@ ATT_UNROLL
                 if (P.mask.p) v = apply_mask<float>(P.mask, b, h, i, j, v, log2e);
               }
               s[r][n][2 * hf + c] = v;
-              rmax[r][hf] = fmaxf(rmax[r][hf], v);
+              rmax = fmaxf(rmax, v);
             }
         }
-    }
-ATT_UNROLL
-    for (int r = 0; r < RM; r++)
-ATT_UNROLL
-      for (int hf = 0; hf < 2; hf++) rmax[r][hf] = fmaxf(rmax[r][hf], __shfl_xor_sync(0xffffffffu, rmax[r][hf], 1));
-ATT_UNROLL
-    for (int r = 0; r < RM; r++)
-ATT_UNROLL
-      for (int hf = 0; hf < 2; hf++) rmax[r][hf] = fmaxf(rmax[r][hf], __shfl_xor_sync(0xffffffffu, rmax[r][hf], 2));
-    // a row with no key yet (rmax -inf) keeps its state and gets probabilities 0
-    bool live[RM][2], all_live = true;
-    float mnew[RM][2], sum[RM][2];
-ATT_UNROLL
-    for (int r = 0; r < RM; r++)
-ATT_UNROLL
-      for (int hf = 0; hf < 2; hf++) {
-        live[r][hf] = rmax[r][hf] != ninf;
-        all_live = all_live && live[r][hf];
-        mnew[r][hf] = live[r][hf] ? fmaxf(m[r][hf], rmax[r][hf]) : m[r][hf];
-        sum[r][hf] = 0.0f;
-      }
-    if (raw && __all_sync(0xffffffffu, all_live)) {
-ATT_UNROLL
-      for (int r = 0; r < RM; r++)
-ATT_UNROLL
-        for (int hf = 0; hf < 2; hf++)
+        rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 1));
+        rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 2));
+        const bool live = rmax != ninf;
+        const float mnew = live ? fmaxf(m[r][hf], rmax) : m[r][hf];
+        float sum = 0.0f;
+        if (raw && live) {
 ATT_UNROLL
           for (int n = 0; n < NS; n++)
 ATT_UNROLL
             for (int c = 0; c < 2; c++) {
-              const float p = att_exp2(fmaf(s[r][n][2 * hf + c], scale2, -mnew[r][hf]));
+              const float p = att_exp2(fmaf(s[r][n][2 * hf + c], scale2, -mnew));
               s[r][n][2 * hf + c] = p;
-              sum[r][hf] += p;
+              sum += p;
             }
-    } else {
-ATT_UNROLL
-      for (int r = 0; r < RM; r++)
-ATT_UNROLL
-        for (int hf = 0; hf < 2; hf++)
+        } else {
 ATT_UNROLL
           for (int n = 0; n < NS; n++)
 ATT_UNROLL
             for (int c = 0; c < 2; c++) {
-              const float x = s[r][n][2 * hf + c];
-              float p = 0.0f;
-              if (live[r][hf]) p = att_exp2(raw ? fmaf(x, scale2, -mnew[r][hf]) : x - mnew[r][hf]);
+              const float p = live ? att_exp2(s[r][n][2 * hf + c] - mnew) : 0.0f;
               s[r][n][2 * hf + c] = p;
-              sum[r][hf] += p;
+              sum += p;
             }
-    }
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        if (live) {
+          if (m[r][hf] != ninf && m[r][hf] != mnew) {
+            const float corr = att_exp2(m[r][hf] - mnew);
+            l[r][hf] *= corr;
+            if constexpr (OVL) {
+              scl[r][hf] = corr;  // o is rescaled after the pending P V
+            } else {
 ATT_UNROLL
-    for (int r = 0; r < RM; r++)
-ATT_UNROLL
-      for (int hf = 0; hf < 2; hf++) sum[r][hf] += __shfl_xor_sync(0xffffffffu, sum[r][hf], 1);
-ATT_UNROLL
-    for (int r = 0; r < RM; r++)
-ATT_UNROLL
-      for (int hf = 0; hf < 2; hf++) sum[r][hf] += __shfl_xor_sync(0xffffffffu, sum[r][hf], 2);
-    // the running sums and outputs rescaled where a row's maximum grew (corr 1 elsewhere: the
-    // multiplies by 1 change no bits; __fmul_rn keeps l's multiply and add two roundings, as when
-    // they were apart), the outputs only when some row of the warp needs it
-    bool grew = false;
-ATT_UNROLL
-    for (int r = 0; r < RM; r++)
-ATT_UNROLL
-      for (int hf = 0; hf < 2; hf++) {
-        const bool up = live[r][hf] && m[r][hf] != ninf && m[r][hf] != mnew[r][hf];
-        const float corr = up ? att_exp2(m[r][hf] - mnew[r][hf]) : 1.0f;
-        grew = grew || up;
-        l[r][hf] = __fmul_rn(l[r][hf], corr) + sum[r][hf];
-        m[r][hf] = mnew[r][hf];
-        if constexpr (OVL) scl[r][hf] = corr;  // o is rescaled after the pending P V
-        else rowcorr[r][hf] = corr;
-      }
-    if constexpr (!OVL) {
-      if (__any_sync(0xffffffffu, grew)) {
-ATT_UNROLL
-        for (int r = 0; r < RM; r++)
-ATT_UNROLL
-          for (int hf = 0; hf < 2; hf++)
-ATT_UNROLL
-            for (int n = 0; n < NO; n++) {
-              o[r][n][2 * hf] *= rowcorr[r][hf];
-              o[r][n][2 * hf + 1] *= rowcorr[r][hf];
+              for (int n = 0; n < NO; n++) {
+                o[r][n][2 * hf] *= corr;
+                o[r][n][2 * hf + 1] *= corr;
+              }
             }
+          }
+          l[r][hf] += sum;
+          m[r][hf] = mnew;
+        }
       }
-    }
   };
   auto rescale = [&]() {
 ATT_UNROLL

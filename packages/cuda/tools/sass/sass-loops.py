@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""The loops of each kernel in a cubin and what they issue: for every backward branch (a loop),
+its instruction count and histogram by opcode (HMMA, LDSM, MUFU, FFMA, ... and the spills LDL /
+STL). Static counts: with the fast paths forced (hot-paths.py) a kernel's main loop is close to its
+per-tile cost.
+
+usage: sass-loops.py CUBIN [NAME-FILTER]. Disassembles with $NVDISASM (default: the one setup.sh
+unpacks), which here is CUDA 11.8's: the cubin's ELF header is rewritten to that release's
+format first (ABI version 7, the sm_90 flags), which its disassembler then reads (the machine code
+of sm_90 itself is the same)."""
+import collections, os, re, struct, subprocess, sys, tempfile
+
+path = sys.argv[1]
+want = sys.argv[2] if len(sys.argv) > 2 else ''
+nvdisasm = os.environ.get('NVDISASM', '/tmp/megapatch-cudatk/usr/bin/nvdisasm')
+b = bytearray(open(path, 'rb').read())
+b[8] = 7                                     # EI_ABIVERSION
+struct.pack_into('<I', b, 0x30, 0x5a055a)    # e_flags: sm_90, virtual sm_90, 64-bit addresses
+with tempfile.NamedTemporaryFile(suffix='.cubin', delete=False) as f:
+    f.write(b)
+out = subprocess.run([nvdisasm, '-c', f.name], capture_output=True, text=True, check=True).stdout
+os.unlink(f.name)
+
+funcs = collections.OrderedDict()
+cur = None
+for line in out.split('\n'):
+    m = re.match(r'^(_Z\S+):$', line)
+    if m:
+        cur = m.group(1)
+        funcs[cur] = {'ins': [], 'labels': {}}
+        continue
+    if cur is None:
+        continue
+    m = re.match(r'^(\.L_x_\d+):', line)
+    if m:
+        funcs[cur]['labels'][m.group(1)] = len(funcs[cur]['ins'])
+        continue
+    m = re.match(r'\s+/\*([0-9a-f]{4,})\*/\s+(.*?);', line)
+    if m and not m.group(2).startswith('@!PT LDS'):  # never-executed padding after LDGSTS
+        funcs[cur]['ins'].append(m.group(2).strip())
+
+
+def demangle(n):
+    d = subprocess.run(['c++filt', n], capture_output=True, text=True).stdout.strip()
+    return d.replace('mpc::att::', '').replace('mpc::bf16', 'bf16').replace('(Params)', '')
+
+
+def opcode(t):
+    return re.sub(r'^@!?U?P[T0-9]+\s+', '', t).split()[0].split('.')[0]
+
+
+keys = ['HMMA', 'HGMMA', 'LDSM', 'MUFU', 'FFMA', 'FMUL', 'FADD', 'FMNMX', 'F2FP', 'SHFL', 'LDS', 'STS', 'LDGSTS',
+        'BAR', 'LDL', 'STL', 'ISETP', 'IMAD', 'IADD3', 'LEA', 'MOV', 'SEL', 'FSEL', 'BRA', 'LDG', 'STG']
+for name, f in funcs.items():
+    d = demangle(name)
+    if want and want not in d:
+        continue
+    ins = f['ins']
+    hist = collections.Counter(opcode(t) for t in ins)
+    print(f"== {d}: {len(ins)} instructions, LDL {hist['LDL']}, STL {hist['STL']}")
+    loops = []
+    for i, t in enumerate(ins):
+        m = re.search(r'BRA\s+(?:`\()?(\.L_x_\d+)', t)
+        if m and m.group(1) in f['labels'] and f['labels'][m.group(1)] <= i:
+            loops.append((f['labels'][m.group(1)], i))
+    loops.sort(key=lambda x: x[0] - x[1])
+    for j, i in loops[:4]:
+        h = collections.Counter(opcode(t) for t in ins[j:i + 1])
+        print(f"  loop [{j}..{i}] {i - j + 1} instr: " + ' '.join(f'{k}:{h[k]}' for k in keys if h[k]))
