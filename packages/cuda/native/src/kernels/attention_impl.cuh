@@ -403,25 +403,33 @@ MP_D void load_tile16(uint16_t* dst, const T* base, int64_t rs, int64_t cs, int6
 // columns and lie RSTEP rows apart: the addresses are worked out once a call and each chunk is an
 // add and a copy (the tile loops of the kernels below were issue-bound on this address arithmetic:
 // ~130 instructions for every four chunks in the sm_90 code), with the row checks only in a tile
-// that crosses `total`.
+// that crosses `total`. Rows the threads do not divide go in column groups of 64 elements.
 template <typename T, int W, int ROWS, int NT = kAttThreads>
 MP_D void load_tile16_async(uint16_t* dst, const T* base, int64_t rs, int64_t r0, int64_t total) {
   constexpr int ld = W + kMmaPad, chunks = W / 8;
-  if constexpr (NT % chunks == 0 && (ROWS * chunks) % NT == 0) {
-    constexpr int RSTEP = NT / chunks, K = ROWS * chunks / NT;
-    const int tid = threadIdx.x, rt = tid / chunks, c = (tid % chunks) * 8;
+  // column groups of G elements: the whole row where the threads divide it, else 64 columns (MLA's
+  // 192 on 128 threads: three groups of 8 chunks)
+  constexpr bool rowwise = NT % chunks == 0 && (ROWS * chunks) % NT == 0;
+  constexpr int G = rowwise ? W : 64, gchunks = G / 8;
+  if constexpr (W % G == 0 && NT % gchunks == 0 && (ROWS * gchunks) % NT == 0) {
+    constexpr int RSTEP = NT / gchunks, K = ROWS * gchunks / NT;
+    const int tid = threadIdx.x, rt = tid / gchunks, c = (tid % gchunks) * 8;
     uint16_t* d = dst + rt * ld + c;
     const T* src = base + (r0 + rt) * rs + c;
     const int64_t step = RSTEP * rs;
     if (r0 + ROWS <= total) {
 ATT_UNROLL
-      for (int k = 0; k < K; k++) cp_async16(d + k * RSTEP * ld, src + k * step);
+      for (int gi = 0; gi < W / G; gi++)
+ATT_UNROLL
+        for (int k = 0; k < K; k++) cp_async16(d + k * RSTEP * ld + gi * G, src + k * step + gi * G);
     } else {
 ATT_UNROLL
-      for (int k = 0; k < K; k++) {
-        if (r0 + rt + k * RSTEP < total) cp_async16(d + k * RSTEP * ld, src + k * step);
-        else zero16(d + k * RSTEP * ld);
-      }
+      for (int gi = 0; gi < W / G; gi++)
+ATT_UNROLL
+        for (int k = 0; k < K; k++) {
+          if (r0 + rt + k * RSTEP < total) cp_async16(d + k * RSTEP * ld + gi * G, src + k * step + gi * G);
+          else zero16(d + k * RSTEP * ld + gi * G);
+        }
     }
   } else {
     for (int idx = threadIdx.x; idx < ROWS * chunks; idx += NT) {
