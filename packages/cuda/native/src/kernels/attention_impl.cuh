@@ -1429,6 +1429,16 @@ ATT_UNROLL
   // the queries' -lse in log2 units (+inf for rows past Sq and rows with no keys: no probability),
   // delta and key ranges for the tile of query head h from query i0, into stage arrays Ls .. Hi
   // (by the threads from `first` on, `n` of them); whether each query attends to all the block's keys
+  // query q of the tile from i0 into the stage arrays, its lse and delta given (read where i < Sq);
+  // whether it attends to all of the block's keys
+  auto store_query = [&](float* Ls, float* Dl, int64_t* Lo, int64_t* Hi, int q, int64_t i0, float lse, float dl) {
+    const int64_t i = i0 + q;
+    const bool in = i < P.Sq;
+    Ls[q] = in ? -lse * log2e : pinf;
+    Dl[q] = in ? dl : 0.0f;
+    row_range(P, i, Lo[q], Hi[q]);
+    return Ls[q] != pinf && Lo[q] <= j0 && Hi[q] >= j0 + BR;
+  };
   auto fill = [&](float* Ls, float* Dl, int64_t* Lo, int64_t* Hi, int64_t h, int64_t i0, int first, int n) {
     const float* lb = reinterpret_cast<const float*>(P.lse.p) + b * P.lse.s[0] + h * P.lse.s[1];
     const float* db = delta + (b * P.Hq + h) * P.Sq;
@@ -1436,10 +1446,7 @@ ATT_UNROLL
     for (int q = tid - first; q < BQ; q += n) {
       const int64_t i = i0 + q;
       const bool in = i < P.Sq;
-      Ls[q] = in ? -lb[i * P.lse.s[2]] * log2e : pinf;
-      Dl[q] = in ? db[i] : 0.0f;
-      row_range(P, i, Lo[q], Hi[q]);
-      covers = covers && Ls[q] != pinf && Lo[q] <= j0 && Hi[q] >= j0 + BR;
+      covers = store_query(Ls, Dl, Lo, Hi, q, i0, in ? lb[i * P.lse.s[2]] : 0.0f, in ? db[i] : 0.0f) && covers;
     }
     return covers;
   };
@@ -1460,17 +1467,8 @@ ATT_UNROLL
     return a;
   };
   auto put = [&](float* Ls, float* Dl, int64_t* Lo, int64_t* Hi, int64_t i0, const Ahead& a) {
-    bool covers = P.mask.p == nullptr;
-    const int q = tid;
-    if (q < BQ) {
-      const int64_t i = i0 + q;
-      const bool in = i < P.Sq;
-      Ls[q] = in ? -a.lse * log2e : pinf;
-      Dl[q] = in ? a.dl : 0.0f;
-      row_range(P, i, Lo[q], Hi[q]);
-      covers = covers && Ls[q] != pinf && Lo[q] <= j0 && Hi[q] >= j0 + BR;
-    }
-    return covers;
+    const bool covers = P.mask.p == nullptr;
+    return tid < BQ ? store_query(Ls, Dl, Lo, Hi, tid, i0, a.lse, a.dl) && covers : covers;
   };
   const int64_t ntiles = P.group * (ia < ib ? (ib - ia + BQ - 1) / BQ : 0);  // of the loop below
   // WG: this warp's A fragments of K and V (its 16 keys), read once
