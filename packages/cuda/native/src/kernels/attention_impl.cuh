@@ -1426,9 +1426,6 @@ ATT_UNROLL
     cp_async_commit();
   };
   if (!WS && PIPE && ia < ib) prefetch(kh * P.group, ia, 0);
-  // the queries' -lse in log2 units (+inf for rows past Sq and rows with no keys: no probability),
-  // delta and key ranges for the tile of query head h from query i0, into stage arrays Ls .. Hi
-  // (by the threads from `first` on, `n` of them); whether each query attends to all the block's keys
   // query q of the tile from i0 into the stage arrays, its lse and delta given (read where i < Sq);
   // whether it attends to all of the block's keys
   auto store_query = [&](float* Ls, float* Dl, int64_t* Lo, int64_t* Hi, int q, int64_t i0, float lse, float dl) {
@@ -1439,6 +1436,9 @@ ATT_UNROLL
     row_range(P, i, Lo[q], Hi[q]);
     return Ls[q] != pinf && Lo[q] <= j0 && Hi[q] >= j0 + BR;
   };
+  // the queries' -lse in log2 units (+inf for rows past Sq and rows with no keys: no probability),
+  // delta and key ranges for the tile of query head h from query i0, into stage arrays Ls .. Hi
+  // (by the threads from `first` on, `n` of them); whether each query attends to all the block's keys
   auto fill = [&](float* Ls, float* Dl, int64_t* Lo, int64_t* Hi, int64_t h, int64_t i0, int first, int n) {
     const float* lb = reinterpret_cast<const float*>(P.lse.p) + b * P.lse.s[0] + h * P.lse.s[1];
     const float* db = delta + (b * P.Hq + h) * P.Sq;
