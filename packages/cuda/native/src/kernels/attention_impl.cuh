@@ -1687,6 +1687,12 @@ ATT_UNROLL
     }
   }
 
+  // WG: dV goes out through a multiplication by 1 (exact; the compiler keeps it), as dK through its
+  // scale: stored as it is, dv's only use after the loop is the 16-bit rounding's bit operations,
+  // and the compiler then carries dv through the loop in integer registers, which on wgmma cost
+  // 32 register moves into the accumulator's registers and 32 back every tile (tools/sass: the
+  // warp-specialised D 64 loop 372 instructions, 308 with the multiplication; mma.sync's
+  // accumulators have no such constraint, and its kernel spills a little more with it)
   T* dkb = mat_ptr<T>(P.dk, b, kh);
   T* dvb = mat_ptr<T>(P.dv, b, kh);
 ATT_UNROLL
@@ -1702,7 +1708,8 @@ ATT_UNROLL
     for (int n = 0; n < DV / 8; n++)
 ATT_UNROLL
       for (int c = 0; c < 2; c++)
-        Tr<T>::st(dvb + j * P.dv.s[2] + static_cast<int64_t>(8 * n + 2 * t + c) * P.dv.s[3], dv[n][2 * hf + c]);
+        Tr<T>::st(dvb + j * P.dv.s[2] + static_cast<int64_t>(8 * n + 2 * t + c) * P.dv.s[3],
+                  WG ? __fmul_rn(dv[n][2 * hf + c], 1.0f) : dv[n][2 * hf + c]);
   }
 }
 
