@@ -486,7 +486,6 @@ if (want('stream')) {
       bytes: 5 * rows * f * bytes,
       fn: () => gluBack(dgu, act, gu, 'swiglu'),
       variants: [
-        ['MEGAPATCH_GLU_BWD_OCC', '1'],
         ['MEGAPATCH_GLU_UNROLL', '2'],
         ['MEGAPATCH_GLU_UNROLL', '4'],
       ],

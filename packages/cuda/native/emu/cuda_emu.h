@@ -568,7 +568,13 @@ inline double __hiloint2double(int hi, int lo) {
 }
 
 // ---- float intrinsics --------------------------------------------------------------------------
-inline float __expf(float x) { return std::exp(x); }
+// __expf as the GPU computes it: ex2.approx.ftz of x log2(e), the product rounded to float first
+// (the main error for large |x|), a result below 2^-126 flushed to zero (ex2's own approximation
+// is taken as exact here)
+inline float __expf(float x) {
+  const float t = x * 1.4426950408889634f;
+  return t < -126.0f ? 0.0f : std::exp2(t);
+}
 inline float __exp10f(float x) { return std::pow(10.0f, x); }
 inline float __logf(float x) { return std::log(x); }
 inline float __log2f(float x) { return std::log2(x); }
@@ -580,7 +586,12 @@ inline void __sincosf(float x, float* s, float* c) { *s = std::sin(x); *c = std:
 inline void sincosf(float x, float* s, float* c) { *s = std::sin(x); *c = std::cos(x); }
 inline void sincos(double x, double* s, double* c) { *s = std::sin(x); *c = std::cos(x); }
 inline float __powf(float a, float b) { return std::pow(a, b); }
-inline float __fdividef(float a, float b) { return a / b; }
+// __fdividef as the GPU computes it: a times the reciprocal of b (two roundings), and 0 for
+// 2^126 < |b| < 2^128 (where the reciprocal would be subnormal)
+inline float __fdividef(float a, float b) {
+  const float r = std::fabs(b) > 0x1p126f && std::isfinite(b) ? std::copysign(0.0f, b) : 1.0f / b;
+  return a * r;
+}
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __frcp_rn(float x) { return 1.0f / x; }
 inline double __drcp_rn(double x) { return 1.0 / x; }

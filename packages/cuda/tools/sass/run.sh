@@ -35,10 +35,15 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 compile() {  # $1: include dir, $2: cubin; prints each kernel's registers and spills
-  nvcc -std=c++17 -arch=sm_90a -DMEGAPATCH_CUDA_WGMMA=1 -O3 --expt-relaxed-constexpr -cubin -o "$2" "$1/unit.cu" -I"$1" -Xptxas -v 2>&1 |
-    awk '/Compiling entry function/ { match($0, /_Z[A-Za-z0-9_]+/); name = substr($0, RSTART, RLENGTH) }
+  if ! nvcc -std=c++17 -arch=sm_90a -DMEGAPATCH_CUDA_WGMMA=1 -O3 --expt-relaxed-constexpr -cubin -o "$2" "$1/unit.cu" \
+    -I"$1" -Xptxas -v > "$2.log" 2>&1; then
+    grep -v "ptxas info" "$2.log" | head -40 >&2
+    echo "tools/sass: nvcc failed on $1/unit.cu" >&2
+    exit 1
+  fi
+  awk '/Compiling entry function/ { match($0, /_Z[A-Za-z0-9_]+/); name = substr($0, RSTART, RLENGTH) }
          /spill stores/ { sub(/^ +/, ""); spill = $0 }
-         /Used [0-9]+ registers/ { match($0, /Used [0-9]+ registers/); print substr($0, RSTART, RLENGTH) ", " spill ": " name }' |
+         /Used [0-9]+ registers/ { match($0, /Used [0-9]+ registers/); print substr($0, RSTART, RLENGTH) ", " spill ": " name }' "$2.log" |
     c++filt | sed -E 's/mpc::att::|mpc::|\(Params\)//g'
 }
 mkdir -p "$work/as-is" "$work/hot"
@@ -49,7 +54,7 @@ cp "$unit" "$work/hot/unit.cu"
 python3 "$here/hot-paths.py" "$kernels/attention_impl.cuh" "$work/hot/attention_impl.cuh"
 
 echo "== as compiled (ptxas: registers, spills; then the loops)"
-compile "$work/as-is" "$work/as-is.cubin"
+compile "$work/as-is" "$work/as-is.cubin" | grep -F -- "$filter" || true
 SASS_DUMP= python3 "$here/sass-loops.py" "$work/as-is.cubin" "$filter"
 echo "== fast paths forced (a main loop's count: its cost for one whole tile)"
 compile "$work/hot" "$work/hot.cubin" > /dev/null

@@ -873,6 +873,7 @@ ATT_UNROLL
                         int64_t j1, int empty) {
     wgmma_fence_operands(s[0]);
     wgmma_fence_operands(o[0]);
+    wgmma_fence_operands(pw);
     wgmma_fence();
     scores_wg(s, Kn);
     wgmma_commit();
@@ -918,6 +919,7 @@ ATT_UNROLL
       } else {
         turn();
         wgmma_fence_operands(o[0]);
+        wgmma_fence_operands(pw);
         wgmma_fence();
         pv_wg(pw, Vs);
         wgmma_commit();
@@ -957,6 +959,7 @@ ATT_UNROLL
         __syncthreads();  // every warp's P V of buffer buf is done: refill it
         if (j0 + 2 * BC < bhi) prefetch(j0 + 2 * BC, buf);
       } else {
+        wgmma_fence_operands(pw);
         wgmma_sync([&] { pv_wg(pw, Vs); }, o[0]);
       }
     }
@@ -990,6 +993,7 @@ ATT_UNROLL
         uint32_t pw[KP][4];
         pack_p(pw, s);
         // o is read, and this buffer refilled, after the products
+        wgmma_fence_operands(pw);
         wgmma_sync([&] { pv_wg(pw, Vs); }, o[0]);
       } else {
         pv_mma(s, Vs);
@@ -1632,6 +1636,8 @@ ATT_UNROLL
           mma_acc_to_a<T>(da[ks], dpt[2 * ks], dpt[2 * ks + 1]);
         }
         // the tile is read (and refilled after the next barrier) after the products
+        wgmma_fence_operands(pa);
+        wgmma_fence_operands(da);
         wgmma_sync(
             [&] {
               wgmma_tile<T, DV, false, DV>(dv, pa, Gs, false);
@@ -1904,6 +1910,7 @@ ATT_UNROLL
 ATT_UNROLL
       for (int ks = 0; ks < BC / 16; ks++) mma_acc_to_a<T>(da[ks], s[2 * ks], s[2 * ks + 1]);
       // the tile is read (and refilled after the next barrier) after the products
+      wgmma_fence_operands(da);
       wgmma_sync([&] { wgmma_tile<T, D, false, D>(acc, da, Ks, false); }, acc);
       // WS: the stage is the loader's again (if a tile is left for it)
       if (WS && j0 + 2 * BC < bhi) bar_arrive(kWsEmpty + 2 * buf + c, 2 * kAttThreads);
@@ -2231,6 +2238,30 @@ void forward_wgmma_launch(Params P, bool ovl, cudaStream_t s) {
     launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, 1, 0, WG, false, NWG>, "attentionForward", P, blocks, 1, smem,
                  s, kAttThreads * NWG);
 }
+// The warp-specialised kernels hand registers between their warpgroups with setmaxnreg (the
+// loader's `dec` to LOADER a thread, the two consumers' `inc` to CONSUMER): an increase waits until
+// the block's pool, what the kernel started with (its register count for each of its 384
+// threads), holds enough, so a compiler that gave the kernel fewer than (LOADER + 2 CONSUMER) / 3
+// registers a thread would hang it. ws_registers_fit says whether the kernel's count covers them
+// (ptxas gives these kernels 168, exactly enough); where it does not, the launches take the
+// two-warpgroup kernels instead. Asked once per kernel. (The emulator checks setmaxnreg's counts
+// against the block itself.)
+template <int LOADER, int CONSUMER, typename K> bool ws_registers_fit(K kernel) {
+#if defined(MEGAPATCH_CUDA_EMULATOR)
+  (void)kernel;
+  return true;
+#else
+  static const bool fit = [&] {
+    cudaFuncAttributes fa;
+    if (cudaFuncGetAttributes(&fa, kernel) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    return 3 * fa.numRegs >= LOADER + 2 * CONSUMER;
+  }();
+  return fit;
+#endif
+}
 // WG: keys a tile (wgmma_keys_wanted); rows: query rows a block (64 or 128: two warpgroups)
 template <typename T, int D, int DV>
 void forward_wgmma(Params P, int wg, int rows, cudaStream_t s) {
@@ -2238,10 +2269,11 @@ void forward_wgmma(Params P, int wg, int rows, cudaStream_t s) {
   // warp-specialised (a loader warpgroup and two consumers, 64-key tiles; D + Dv <= 128: the
   // consumers' 232 registers)
   if constexpr (D + DV <= 128) {
-    if (wgmma_ws()) {
+    auto ws = attn_fwd_mma_kernel<T, D, DV, true, 1, 1, 64, true, 2, true>;
+    if (wgmma_ws() && ws_registers_fit<40, 232>(ws)) {
       P.ntiles = cdiv(P.Sq, 2 * kMmaBR);
-      launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, 1, 1, 64, true, 2, true>, "attentionForward", P,
-                   P.B * P.Hq * P.ntiles, 1, fwd_wgmma_smem<D, DV, 64, 2>(), s, 3 * kAttThreads);
+      launch_tiles(ws, "attentionForward", P, P.B * P.Hq * P.ntiles, 1, fwd_wgmma_smem<D, DV, 64, 2>(), s,
+                   3 * kAttThreads);
       return;
     }
   }
@@ -2397,13 +2429,18 @@ size_t dq_mma_smem() {
 }
 // The warp-specialised wgmma dQ (D + Dv <= 128: the consumers' 232 registers; not instantiated
 // elsewhere): 128 queries a block, a loader warpgroup and two consumers.
+// Whether it launched (see ws_registers_fit).
 template <typename T, int D, int DV, int BC>
-void dq_warp_specialised(Params Pq, cudaStream_t s) {
+bool dq_warp_specialised(Params Pq, cudaStream_t s) {
   if constexpr (D + DV <= 128) {
+    auto ws = attn_dq_mma_kernel<T, D, DV, BC, true, 1, true, 2, true>;
+    if (!ws_registers_fit<40, 232>(ws)) return false;
     Pq.ntiles = cdiv(Pq.Sq, 2 * kMmaBR);
-    launch_tiles(attn_dq_mma_kernel<T, D, DV, BC, true, 1, true, 2, true>, "attentionBackward (dq)", Pq,
-                 Pq.B * Pq.Hq * Pq.ntiles, 1, dq_mma_smem<T, D, DV, true, 2>(), s, 3 * kAttThreads);
+    launch_tiles(ws, "attentionBackward (dq)", Pq, Pq.B * Pq.Hq * Pq.ntiles, 1, dq_mma_smem<T, D, DV, true, 2>(), s,
+                 3 * kAttThreads);
+    return true;
   }
+  return false;
 }
 template <typename T, int D, int DV>
 void backward_mma_cfg(Params P, cudaStream_t s) {
@@ -2456,12 +2493,12 @@ void backward_mma_cfg(Params P, cudaStream_t s) {
   constexpr bool wg_dims = (D == 64 || D == 128) && (DV == 64 || DV == 128);
   if (wg_dims && BQ == 64 && wgn != 0 && (P.vec & 9) == 9) {
     if constexpr (wg_dims && BQ == 64) {
-      if (wgn & kBwdWsDkdv) {
+      auto ws = attn_dkdv_mma_kernel<T, D, DV, BQ, true, false, 1, true, 2, true>;
+      if ((wgn & kBwdWsDkdv) && ws_registers_fit<56, 224>(ws)) {
         Params Pk2 = Pk;
         Pk2.ntiles = cdiv(P.Sk, 2 * kMmaBR);
-        launch_tiles(attn_dkdv_mma_kernel<T, D, DV, BQ, true, false, 1, true, 2, true>, "attentionBackward (dk, dv)",
-                     Pk2, P.B * P.Hkv * Pk2.ntiles, 1, dkdv_mma_smem<T, D, DV, true, false, BQ, 2, 2>(), s,
-                     3 * kAttThreads);
+        launch_tiles(ws, "attentionBackward (dk, dv)", Pk2, P.B * P.Hkv * Pk2.ntiles, 1,
+                     dkdv_mma_smem<T, D, DV, true, false, BQ, 2, 2>(), s, 3 * kAttThreads);
       } else if (wgn >= 2) {
         Params Pk2 = Pk;
         Pk2.ntiles = cdiv(P.Sk, 2 * kMmaBR);
@@ -2501,8 +2538,8 @@ void backward_mma_cfg(Params P, cudaStream_t s) {
     constexpr bool wg_dq = wg_dims && BC == 64 && D + DV <= 192;
     if (wg_dq && wgn != 0 && (P.vec & 6) == 6) {
       if constexpr (wg_dq) {
-        if (small && (wgn & kBwdWsDq)) {
-          dq_warp_specialised<T, D, DV, BC>(Pq, sq);
+        if (small && (wgn & kBwdWsDq) && dq_warp_specialised<T, D, DV, BC>(Pq, sq)) {
+          // launched
         } else if (wgn >= 2) {
           Params Pq2 = Pq;
           Pq2.ntiles = cdiv(P.Sq, 2 * kMmaBR);

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #ifdef MEGAPATCH_CUDA_EMULATOR
 #include "cuda_emu.h"
@@ -161,6 +162,56 @@ template <> struct Tr<f16> {
   static MP_HD C ld(const f16* p) { return f16_to_f32(p->bits); }
   static MP_HD void st(f16* p, C v) { p->bits = f32_to_f16(v); }
 };
+
+// 16-bit storage formats (bf16, f16): a float rounded to nearest even and back, and two floats
+// rounded into one 32-bit word (lo in the low half), on a GPU by the hardware's conversion
+// (cvt.rn.{bf16,f16}x2.f32: one instruction a pair; the same bits as the portable rounding but for
+// a NaN's payload: the hardware's is canonical)
+template <typename T> struct Half16;
+template <> struct Half16<bf16> {
+  static MP_HD uint16_t from_f32(float v) { return f32_to_bf16(v); }
+  static MP_HD float to_f32(uint16_t h) { return bf16_to_f32(h); }
+};
+template <> struct Half16<f16> {
+  static MP_HD uint16_t from_f32(float v) { return f32_to_f16(v); }
+  static MP_HD float to_f32(uint16_t h) { return f16_to_f32(h); }
+};
+
+// lo in bits 0-15, hi in bits 16-31
+template <typename T> MP_D uint32_t pack2(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t r;
+  if constexpr (std::is_same<T, bf16>::value)
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+#else
+  return static_cast<uint32_t>(Half16<T>::from_f32(lo)) | (static_cast<uint32_t>(Half16<T>::from_f32(hi)) << 16);
+#endif
+}
+template <typename T> MP_D float unpack_lo(uint32_t r) { return Half16<T>::to_f32(static_cast<uint16_t>(r & 0xffffu)); }
+template <typename T> MP_D float unpack_hi(uint32_t r) { return Half16<T>::to_f32(static_cast<uint16_t>(r >> 16)); }
+
+// out[k] = v[k] rounded to T for k < N (out: N elements of T, 4-byte aligned for 16-bit T when N
+// is even): 16-bit formats two at a time by pack2, on a GPU one conversion instruction a pair
+// instead of the portable rounding's bit operations a value (~8 instructions: a memory-bound
+// kernel's loop can be short of issue slots); other types by Tr<T>::st.
+template <typename T, int N, typename C> MP_D void round_store(T* out, const C (&v)[N]) {
+  if constexpr ((std::is_same<T, bf16>::value || std::is_same<T, f16>::value) && N % 2 == 0) {
+    uint32_t w[N / 2];
+#ifdef __CUDACC__
+#pragma unroll
+#endif
+    for (int k = 0; k < N / 2; k++) w[k] = pack2<T>(static_cast<float>(v[2 * k]), static_cast<float>(v[2 * k + 1]));
+    std::memcpy(out, w, sizeof(w));
+  } else {
+#ifdef __CUDACC__
+#pragma unroll
+#endif
+    for (int k = 0; k < N; k++) Tr<T>::st(&out[k], v[k]);
+  }
+}
 // Casts from double as static_cast does on x86-64 (the CPU backend's): NaN and out-of-range
 // values give the most negative integer ("integer indefinite"), uint8 takes the low byte of the
 // int32. Written out because the GPU's conversions saturate instead.

@@ -214,8 +214,10 @@ __global__ void copy_pack_kernel(Strided<2> pit, char* dst, const char* src, int
   for (int64_t i = t0; i < packs; i += step) {
     pit.offsets(i, off);
     const Pack<TI, V> a = pack_at<TI, V>(src, off[1]);
+    typename Tr<TO>::C v[V];
+    for (int j = 0; j < V; j++) v[j] = static_cast<typename Tr<TO>::C>(Tr<TI>::ld(&a.v[j]));
     Pack<TO, V> r;
-    for (int j = 0; j < V; j++) Tr<TO>::st(&r.v[j], static_cast<typename Tr<TO>::C>(Tr<TI>::ld(&a.v[j])));
+    round_store(r.v, v);
     pack_at<TO, V>(dst, off[0]) = r;
   }
   for (int64_t i = packs * V + t0; i < n; i += step)
@@ -234,8 +236,10 @@ __global__ void unary_pack_kernel(Strided<2> pit, char* out, const char* x, type
   for (int64_t i = t0; i < packs; i += step) {
     pit.offsets(i, off);
     const Pack<TI, V> a = pack_at<TI, V>(x, off[1]);
+    CO v[V];
+    for (int j = 0; j < V; j++) v[j] = static_cast<CO>(unary_op<OP, C>(Tr<TI>::ld(&a.v[j]), p0, p1));
     Pack<TO, V> r;
-    for (int j = 0; j < V; j++) Tr<TO>::st(&r.v[j], static_cast<CO>(unary_op<OP, C>(Tr<TI>::ld(&a.v[j]), p0, p1)));
+    round_store(r.v, v);
     pack_at<TO, V>(out, off[0]) = r;
   }
   for (int64_t i = packs * V + t0; i < n; i += step)
@@ -267,8 +271,10 @@ __global__ void binary_pack_kernel(Strided<3> pit, char* out, const char* x, con
     const Pack<TI, V> a = pack_at<TI, V>(x, off[1]);
     Pack<TI, V> b;
     if (scalar_mode == 0) b = pack_at<TI, V>(y, off[2]);
+    CO v[V];
+    for (int j = 0; j < V; j++) v[j] = one(Tr<TI>::ld(&a.v[j]), &b.v[j]);
     Pack<TO, V> r;
-    for (int j = 0; j < V; j++) Tr<TO>::st(&r.v[j], one(Tr<TI>::ld(&a.v[j]), &b.v[j]));
+    round_store(r.v, v);
     pack_at<TO, V>(out, off[0]) = r;
   }
   for (int64_t i = packs * V + t0; i < n; i += step)

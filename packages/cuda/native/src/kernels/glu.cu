@@ -1,7 +1,11 @@
 // Gated activations (see glu.h), with the semantics of @megapatch/tensor's native/src/glu.cc: act
 // is silu, gelu (erf) or gelu's tanh approximation with the expressions of the unary ops
 // (elementwise.cu), evaluated in float for 16/32-bit data (double for float64) in the order of the
-// composition mul(act(gate), up) and its gradient, and rounded once to the storage dtype.
+// composition mul(act(gate), up) and its gradient, and rounded once to the storage dtype. With
+// 16-bit data silu's sigmoid is the special-function unit's (sigmoid_of below) and the rounding the
+// hardware's conversion, two values an instruction (round_store, common.cuh): the loops issue 15 instructions
+// an element forward and 23 backward (bf16, 16-byte vectors; 40 and 58 with expf, an IEEE division
+// and the portable rounding), which a memory-bound kernel at 4.8 TB/s can afford.
 //
 // Elementwise over rows: thread x walks the vectors of a half row (gate and up of one row are two
 // runs of f elements, 2f apart from the next row's), thread y the rows; blocks of 256 threads are
@@ -11,6 +15,8 @@
 // pointer is 16-byte aligned; otherwise one element at a time.
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
 #include "glu.h"
 
@@ -42,11 +48,25 @@ MP_D double gtanh(double x) { return tanh(x); }
 template <typename T, int V> struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
+template <typename T> constexpr bool kHalf = std::is_same<T, bf16>::value || std::is_same<T, f16>::value;
 
-// act(x), as the unary op computes it
-template <int ACT, typename C> MP_D C act_value(C x) {
+// 16-bit storage (bf16, f16) and silu: the sigmoid 1 / (1 + e^-x) on the special-function unit,
+// e^-x as ex2.approx of -x log2(e) and the reciprocal approximate (__expf, __fdividef: 2 and 1-2
+// instructions instead of expf's ~10 and an IEEE division's ~10 with its slow-path branch); their
+// relative error (~1e-6 for |x| up to ~20) is far below the result's rounding to 16 bits (2^-9 for
+// bf16), so the rounded results are the accurate ones but for a rare last bit (the kernel test's
+// tolerance: 2 units in the last place). For e^-x = inf (x < -88) __fdividef gives 0, as 1 / inf.
+// The emulator's __expf and __fdividef are the accurate functions.
+template <bool FAST> MP_D float sigmoid_of(float x) {
+  if constexpr (FAST) return __fdividef(1.0f, 1.0f + __expf(-x));
+  else return 1.0f / (1.0f + gexp(-x));
+}
+template <bool FAST> MP_D double sigmoid_of(double x) { return 1.0 / (1.0 + gexp(-x)); }
+
+// act(x), as the unary op computes it (FAST: silu's sigmoid above)
+template <int ACT, bool FAST = false, typename C> MP_D C act_value(C x) {
   if constexpr (ACT == kSwiglu) {
-    return x * (C(1) / (C(1) + gexp(-x)));
+    return x * sigmoid_of<FAST>(x);
   } else if constexpr (ACT == kGeglu) {
     return C(0.5) * x * (C(1) + gerf(x * C(kInvSqrt2)));
   } else {
@@ -55,9 +75,9 @@ template <int ACT, typename C> MP_D C act_value(C x) {
 }
 
 // act(x) and act'(x) (the unary op's backward with a unit gradient), sharing the transcendentals
-template <int ACT, typename C> MP_D void act_both(C x, C& value, C& grad) {
+template <int ACT, bool FAST = false, typename C> MP_D void act_both(C x, C& value, C& grad) {
   if constexpr (ACT == kSwiglu) {
-    const C s = C(1) / (C(1) + gexp(-x));
+    const C s = sigmoid_of<FAST>(x);
     value = x * s;
     grad = s * (C(1) + x * (C(1) - s));
   } else if constexpr (ACT == kGeglu) {
@@ -88,6 +108,7 @@ constexpr int64_t kMaxGridY = 65535;
 template <typename T, int ACT, int V, int U = 1>
 __global__ void __launch_bounds__(kBlock) glu_fwd_kernel(T* __restrict__ out, const T* __restrict__ x, int64_t rows,
                                                           int64_t f) {
+  using C = typename Tr<T>::C;
   using W = Vec<T, V>;
   const int64_t nv = f / V;
   const int64_t col0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -109,20 +130,21 @@ __global__ void __launch_bounds__(kBlock) glu_fwd_kernel(T* __restrict__ out, co
       MPGLU_UNROLL
       for (int u = 0; u < U; u++) {
         if (c + u * col_step >= nv) break;
-        W y;
+        C r[V];
         MPGLU_UNROLL
-        for (int k = 0; k < V; k++)
-          Tr<T>::st(&y.v[k], act_value<ACT>(Tr<T>::ld(&a[u].v[k])) * Tr<T>::ld(&b[u].v[k]));
+        for (int k = 0; k < V; k++) r[k] = act_value<ACT, kHalf<T>>(Tr<T>::ld(&a[u].v[k])) * Tr<T>::ld(&b[u].v[k]);
+        W y;
+        round_store(y.v, r);
         o[c + u * col_step] = y;
       }
     }
   }
 }
 
-// dx [rows, 2f] = [(g * up) * act'(gate), g * act(gate)]. MINB: blocks an SM asked of ptxas (0:
-// none; bf16 / 16-byte vectors then take 74 registers, 3 blocks an SM; 4 caps them at 64).
-template <typename T, int ACT, int V, int MINB = 0, int U = 1>
-__global__ void __launch_bounds__(kBlock, MINB) glu_bwd_kernel(T* __restrict__ dx, const T* __restrict__ g,
+// dx [rows, 2f] = [(g * up) * act'(gate), g * act(gate)] (bf16 silu with 16-byte vectors: 40
+// registers, 6 blocks an SM; 74 before the 16-bit path's sigmoid and rounding)
+template <typename T, int ACT, int V, int U = 1>
+__global__ void __launch_bounds__(kBlock) glu_bwd_kernel(T* __restrict__ dx, const T* __restrict__ g,
                                                           const T* __restrict__ x, int64_t rows, int64_t f) {
   using C = typename Tr<T>::C;
   using W = Vec<T, V>;
@@ -149,15 +171,18 @@ __global__ void __launch_bounds__(kBlock, MINB) glu_bwd_kernel(T* __restrict__ d
       MPGLU_UNROLL
       for (int u = 0; u < U; u++) {
         if (c + u * col_step >= nv) break;
-        W da, db;
+        C ra[V], rb[V];
         MPGLU_UNROLL
         for (int k = 0; k < V; k++) {
           const C gk = Tr<T>::ld(&gv[u].v[k]);
           C value, grad;
-          act_both<ACT>(Tr<T>::ld(&a[u].v[k]), value, grad);
-          Tr<T>::st(&da.v[k], (gk * Tr<T>::ld(&b[u].v[k])) * grad);
-          Tr<T>::st(&db.v[k], gk * value);
+          act_both<ACT, kHalf<T>>(Tr<T>::ld(&a[u].v[k]), value, grad);
+          ra[k] = (gk * Tr<T>::ld(&b[u].v[k])) * grad;
+          rb[k] = gk * value;
         }
+        W da, db;
+        round_store(da.v, ra);
+        round_store(db.v, rb);
         dgate[c + u * col_step] = da;
         dup[c + u * col_step] = db;
       }
@@ -204,13 +229,7 @@ template <typename T, int ACT, int V>
 void bwd_launch(cudaStream_t s, T* dx, const T* g, const T* x, int64_t rows, int64_t f) {
   const int U = glu_unroll();
   const Plan p = plan(rows, f / V, U);
-  // MEGAPATCH_GLU_BWD_OCC=1: registers capped for 4 blocks an SM (a variant the bench times; with
-  // one vector a thread only: with more, 64 registers spill)
-  const char* occ = std::getenv("MEGAPATCH_GLU_BWD_OCC");
-  const bool cap = occ && occ[0] == '1';
-  auto k = U == 4   ? glu_bwd_kernel<T, ACT, V, 0, 4>
-           : U == 2 ? glu_bwd_kernel<T, ACT, V, 0, 2>
-                    : (cap ? glu_bwd_kernel<T, ACT, V, 4, 1> : glu_bwd_kernel<T, ACT, V, 0, 1>);
+  auto k = U == 4 ? glu_bwd_kernel<T, ACT, V, 4> : U == 2 ? glu_bwd_kernel<T, ACT, V, 2> : glu_bwd_kernel<T, ACT, V, 1>;
   MP_LAUNCH(k, p.grid, p.block, 0, s, dx, g, x, rows, f);
   check_launch("gated_activation_backward");
 }

@@ -47,32 +47,7 @@
 
 namespace mpc {
 
-// ---- 16-bit packing --------------------------------------------------------------------------
-template <typename T> struct Half16;
-template <> struct Half16<bf16> {
-  static MP_HD uint16_t from_f32(float v) { return f32_to_bf16(v); }
-  static MP_HD float to_f32(uint16_t h) { return bf16_to_f32(h); }
-};
-template <> struct Half16<f16> {
-  static MP_HD uint16_t from_f32(float v) { return f32_to_f16(v); }
-  static MP_HD float to_f32(uint16_t h) { return f16_to_f32(h); }
-};
-
-// lo in bits 0-15, hi in bits 16-31
-template <typename T> MP_D uint32_t pack2(float lo, float hi) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  uint32_t r;
-  if constexpr (std::is_same<T, bf16>::value)
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  else
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-#else
-  return static_cast<uint32_t>(Half16<T>::from_f32(lo)) | (static_cast<uint32_t>(Half16<T>::from_f32(hi)) << 16);
-#endif
-}
-template <typename T> MP_D float unpack_lo(uint32_t r) { return Half16<T>::to_f32(static_cast<uint16_t>(r & 0xffffu)); }
-template <typename T> MP_D float unpack_hi(uint32_t r) { return Half16<T>::to_f32(static_cast<uint16_t>(r >> 16)); }
+// (16-bit packing: Half16, pack2, unpack_lo / unpack_hi in common.cuh)
 
 // ---- portable reference of the mma (element gathering by a callback) ------------------------
 namespace mma_detail {
@@ -389,8 +364,9 @@ template <int N> MP_D void cp_async_wait() {
 }
 
 // ---- wgmma (sm_90a): warpgroup-level asynchronous matrix multiply ------------------------------
-// D[64 x N] (+)= A[64 x 16] * B[16 x N] by the 4 warps of a warpgroup (128 consecutive threads;
-// the kernels here run one warpgroup a block), A from registers, B from shared memory through a
+// D[64 x N] (+)= A[64 x 16] * B[16 x N] by the 4 warps of a warpgroup (128 consecutive threads,
+// the first at a multiple of 128; the attention kernels run one, two or, warp-specialised, three
+// warpgroups a block), A from registers, B from shared memory through a
 // matrix descriptor, fp32 accumulators (PTX wgmma.mma_async.sync.aligned.m64nNk16.f32.{bf16,f16}).
 // Register layouts (PTX ISA, "Register Fragments and Shared Memory Matrix Layouts" of wgmma): warp
 // w of the warpgroup owns rows 16 w .. 16 w + 15 of A and D, in the layouts of mma.m16n8k16 above
@@ -568,13 +544,19 @@ MP_D void fence_proxy_async() {
   }
 #endif
 }
-// ties the accumulators' values to this point of the program (after a wgmma_wait)
-template <int NT> MP_D void wgmma_fence_operands(float (&d)[NT][4]) {
+// ties the values of accumulators (float, after a wgmma_wait) or of A fragments (packed 16-bit
+// pairs, before wgmma_fence: so that the compiler cannot move their last write between the fence
+// and the wgmma that reads them, undefined in the PTX ISA) to this point of the program
+template <typename E, int NT> MP_D void wgmma_fence_operands(E (&d)[NT][4]) {
+  static_assert(std::is_same<E, float>::value || std::is_same<E, uint32_t>::value, "accumulators or A fragments");
 #if defined(__CUDA_ARCH__)
 #pragma unroll
   for (int n = 0; n < NT; n++)
 #pragma unroll
-    for (int e = 0; e < 4; e++) asm volatile("" : "+f"(d[n][e])::"memory");
+    for (int e = 0; e < 4; e++) {
+      if constexpr (std::is_same<E, float>::value) asm volatile("" : "+f"(d[n][e])::"memory");
+      else asm volatile("" : "+r"(d[n][e])::"memory");
+    }
 #else
   (void)d;
 #endif

@@ -48,6 +48,16 @@ template <typename T, int V> struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
 
+// o = prev + o, each rounded to T: the gradient already in dx plus the new one (rounded first), as
+// the binary add computes it
+template <typename T, int V> MP_D void add_rounded(Vec<T, V>& o, const Vec<T, V>& prev) {
+  using C = typename Tr<T>::C;
+  C v[V];
+MPN_UNROLL
+  for (int k = 0; k < V; k++) v[k] = Tr<T>::ld(&prev.v[k]) + Tr<T>::ld(&o.v[k]);
+  round_store(o.v, v);
+}
+
 MP_D float msqrt(float v) { return sqrtf(v); }
 MP_D double msqrt(double v) { return sqrt(v); }
 
@@ -157,14 +167,15 @@ MPN_UNROLL
       }
       if (w) load_vec<T, V>(w, j, fw);
       if (b) load_vec<T, V>(b, j, fb);
-      Vec<T, V> o;
+      C v[V];
 MPN_UNROLL
       for (int k = 0; k < V; k++) {
-        C v = (f[k] - mu) * rs;
-        if (w) v = v * fw[k];
-        if (b) v = v + fb[k];
-        Tr<T>::st(&o.v[k], v);
+        v[k] = (f[k] - mu) * rs;
+        if (w) v[k] = v[k] * fw[k];
+        if (b) v[k] = v[k] + fb[k];
       }
+      Vec<T, V> o;
+      round_store(o.v, v);
       yr[j] = o;
     }
   }
@@ -226,14 +237,15 @@ MPN_UNROLL
       C fw[V] = {}, fb[V] = {};  // (initialised: quiets -Wmaybe-uninitialized)
       if (w) load_vec<T, V>(w, j, fw);
       if (b) load_vec<T, V>(b, j, fb);
-      W o;
+      C v[V];
 MPN_UNROLL
       for (int k = 0; k < V; k++) {
-        C v = (Tr<T>::ld(&q[i].v[k]) - mu) * rs;
-        if (w) v = v * fw[k];
-        if (b) v = v + fb[k];
-        Tr<T>::st(&o.v[k], v);
+        v[k] = (Tr<T>::ld(&q[i].v[k]) - mu) * rs;
+        if (w) v[k] = v[k] * fw[k];
+        if (b) v[k] = v[k] + fb[k];
       }
+      W o;
+      round_store(o.v, v);
       yr[j] = o;
     }
   }
@@ -338,13 +350,15 @@ MPN_UNROLL
       for (int q = 0; q < PV; q++) {
         const int64_t j = t + static_cast<int64_t>(q) * G;
         if (j >= nv) continue;
-        Vec<T, V> o;
+        C v[V];
 MPN_UNROLL
         for (int k = 0; k < V; k++) {
           const C dy = cdy[k * nv + j], xhat = cd[k * nv + j] * rs;
-          Tr<T>::st(&o.v[k], rs * (dy - k1 - xhat * k2));
-          if (acc) Tr<T>::st(&o.v[k], Tr<T>::ld(&pv[q].v[k]) + Tr<T>::ld(&o.v[k]));
+          v[k] = rs * (dy - k1 - xhat * k2);
         }
+        Vec<T, V> o;
+        round_store(o.v, v);
+        if (acc) add_rounded(o, pv[q]);
         dr[j] = o;
       }
       continue;
@@ -368,18 +382,15 @@ MPN_UNROLL
           d[k] = d[k] - mu;
         }
       }
-      Vec<T, V> o;
+      C v[V];
 MPN_UNROLL
       for (int k = 0; k < V; k++) {
         const C xhat = d[k] * rs;
-        Tr<T>::st(&o.v[k], rs * (dy[k] - k1 - xhat * k2));
+        v[k] = rs * (dy[k] - k1 - xhat * k2);
       }
-      if (acc) {
-        // dx + the rounded gradient, as the binary add computes it
-        const Vec<T, V> prev = dr[j];
-MPN_UNROLL
-        for (int k = 0; k < V; k++) Tr<T>::st(&o.v[k], Tr<T>::ld(&prev.v[k]) + Tr<T>::ld(&o.v[k]));
-      }
+      Vec<T, V> o;
+      round_store(o.v, v);
+      if (acc) add_rounded(o, dr[j]);
       dr[j] = o;
     }
   }
@@ -677,15 +688,18 @@ MPN_UNROLL
 MPN_UNROLL
   for (int q = 0; q < kRopeHeads; q++) {
     if (q >= nh) break;
-    Pack<TX, V> y1, y2;
+    XC v1[V], v2[V];
 MPN_UNROLL
     for (int e = 0; e < V; e++) {
       float r1, r2;
       rope_pair<float>(Tr<TX>::ld(&a[q].v[e]), Tr<TX>::ld(&bb[q].v[e]), Tr<TC>::ld(&c1.v[e]), Tr<TC>::ld(&c2.v[e]),
                        Tr<TC>::ld(&s1.v[e]), Tr<TC>::ld(&s2.v[e]), inverse, r1, r2);
-      Tr<TX>::st(&y1.v[e], static_cast<XC>(r1));
-      Tr<TX>::st(&y2.v[e], static_cast<XC>(r2));
+      v1[e] = static_cast<XC>(r1);
+      v2[e] = static_cast<XC>(r2);
     }
+    Pack<TX, V> y1, y2;
+    round_store(y1.v, v1);
+    round_store(y2.v, v2);
     TX* oh = orow + (h0 + q) * geo.os[1];
     *reinterpret_cast<Pack<TX, V>*>(oh) = y1;
     *reinterpret_cast<Pack<TX, V>*>(oh + half) = y2;
