@@ -270,7 +270,12 @@ describe.skipIf(noAddon !== '')(
       await import(onGpu ? '../src/index.js' : '../src/emulator.js');
     });
     for (const c of MMA_CASES) {
-      it(`${c.name}, ${c.dtype}: forward and backward match the CUDA-core kernels and the CPU`, async () => {
+      // a minute a seed: pnpm test:heavy runs 8 a case, beside the other packages' heavy tests on
+      // the same cores (alone, the longest case takes ~35 s with 8)
+      const timeout = 60_000 * prioritySeeds(0).length;
+      it(`${c.name}, ${c.dtype}: forward and backward match the CUDA-core kernels and the CPU`, {
+        timeout,
+      }, async () => {
         const gen = new Generator(c.Sq * 7 + c.Sk + c.D);
         const { q, k, v, mask, cu, gout } = tidy(() => {
           const q = randn([c.B, c.Hq, c.Sq, c.D], { generator: gen }).to(c.dtype);
