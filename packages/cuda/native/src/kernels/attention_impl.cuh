@@ -2153,7 +2153,6 @@ inline int mma_head_dims(const Params& P) {
   if ((d64 || d128) && (v64 || v128)) return (d64 ? 1 : 3) + (v64 ? 0 : 1);
   return P.D == 192 && v128 ? 5 : 0;
 }
-template <typename T> constexpr bool kHalf16 = std::is_same<T, bf16>::value || std::is_same<T, f16>::value;
 
 // MEGAPATCH_ATTENTION_FWD_ROWS=128: the tensor-core forward takes 128 query rows a block (two
 // m-tiles a warp) instead of 64 (for comparing the two on a GPU).

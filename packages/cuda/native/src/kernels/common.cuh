@@ -167,6 +167,7 @@ template <> struct Tr<f16> {
 // rounded into one 32-bit word (lo in the low half), on a GPU by the hardware's conversion
 // (cvt.rn.{bf16,f16}x2.f32: one instruction a pair; the same bits as the portable rounding but for
 // a NaN's payload: the hardware's is canonical)
+template <typename T> constexpr bool kHalf16 = std::is_same<T, bf16>::value || std::is_same<T, f16>::value;
 template <typename T> struct Half16;
 template <> struct Half16<bf16> {
   static MP_HD uint16_t from_f32(float v) { return f32_to_bf16(v); }
@@ -198,7 +199,7 @@ template <typename T> MP_D float unpack_hi(uint32_t r) { return Half16<T>::to_f3
 // instead of the portable rounding's bit operations a value (~8 instructions: a memory-bound
 // kernel's loop can be short of issue slots); other types by Tr<T>::st.
 template <typename T, int N, typename C> MP_D void round_store(T* out, const C (&v)[N]) {
-  if constexpr ((std::is_same<T, bf16>::value || std::is_same<T, f16>::value) && N % 2 == 0) {
+  if constexpr (kHalf16<T> && N % 2 == 0) {
     uint32_t w[N / 2];
 #ifdef __CUDACC__
 #pragma unroll

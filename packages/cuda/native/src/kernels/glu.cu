@@ -48,7 +48,6 @@ MP_D double gtanh(double x) { return tanh(x); }
 template <typename T, int V> struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
-template <typename T> constexpr bool kHalf = std::is_same<T, bf16>::value || std::is_same<T, f16>::value;
 
 // 16-bit storage (bf16, f16) and silu: the sigmoid 1 / (1 + e^-x) on the special-function unit,
 // e^-x as ex2.approx of -x log2(e) and the reciprocal approximate (__expf, __fdividef: 2 and 1-2
@@ -132,7 +131,7 @@ __global__ void __launch_bounds__(kBlock) glu_fwd_kernel(T* __restrict__ out, co
         if (c + u * col_step >= nv) break;
         C r[V];
         MPGLU_UNROLL
-        for (int k = 0; k < V; k++) r[k] = act_value<ACT, kHalf<T>>(Tr<T>::ld(&a[u].v[k])) * Tr<T>::ld(&b[u].v[k]);
+        for (int k = 0; k < V; k++) r[k] = act_value<ACT, kHalf16<T>>(Tr<T>::ld(&a[u].v[k])) * Tr<T>::ld(&b[u].v[k]);
         W y;
         round_store(y.v, r);
         o[c + u * col_step] = y;
@@ -176,7 +175,7 @@ __global__ void __launch_bounds__(kBlock) glu_bwd_kernel(T* __restrict__ dx, con
         for (int k = 0; k < V; k++) {
           const C gk = Tr<T>::ld(&gv[u].v[k]);
           C value, grad;
-          act_both<ACT, kHalf<T>>(Tr<T>::ld(&a[u].v[k]), value, grad);
+          act_both<ACT, kHalf16<T>>(Tr<T>::ld(&a[u].v[k]), value, grad);
           ra[k] = (gk * Tr<T>::ld(&b[u].v[k])) * grad;
           rb[k] = gk * value;
         }

@@ -434,13 +434,14 @@ __global__ void __launch_bounds__(kAddThreads)
       const Pk p = *reinterpret_cast<const Pk*>(scol + static_cast<int64_t>(keys[q] & pos_mask) * inner);
       for (int k = 0; k < V; k++) acc[k] += Tr<T>::ld(&p.v[k]);
     }
-    Pk r;
     if (brow) {
       const Pk bb = *brow;
-      for (int k = 0; k < V; k++) Tr<T>::st(&r.v[k], fmac(a, acc[k], Tr<T>::ld(&bb.v[k])));
+      for (int k = 0; k < V; k++) acc[k] = fmac(a, acc[k], Tr<T>::ld(&bb.v[k]));
     } else {
-      for (int k = 0; k < V; k++) Tr<T>::st(&r.v[k], a * acc[k]);
+      for (int k = 0; k < V; k++) acc[k] = a * acc[k];
     }
+    Pk r;
+    round_store(r.v, acc);
     *dst = r;
   }
 }

@@ -122,8 +122,15 @@ MP_D void adamw_vec(P* p, const G* g, typename StateOf<P>::T* m, typename StateO
   if constexpr (std::is_void<Q>::value) {
     for (int j = 0; j < V; j++) adamw_elem<P, G, Q>(pk.e[j], gk.e[j], mk.e[j], vk.e[j], nullptr, h);
   } else {
+    // the copy rounded after the loop, all V at once (round_store: 16-bit pairs by one conversion)
+    using QC = typename Tr<Q>::C;
+    QC qv[V];
+    for (int j = 0; j < V; j++) {
+      adamw_elem<P, G, void>(pk.e[j], gk.e[j], mk.e[j], vk.e[j], nullptr, h);
+      qv[j] = static_cast<QC>(Tr<P>::ld(&pk.e[j]));
+    }
     Pk<Q, V> qk;
-    for (int j = 0; j < V; j++) adamw_elem<P, G, Q>(pk.e[j], gk.e[j], mk.e[j], vk.e[j], &qk.e[j], h);
+    round_store(qk.e, qv);
     stv<Q, V>(q + o, qk);
   }
   stv<S, V>(m + o, mk);

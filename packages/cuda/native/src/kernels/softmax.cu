@@ -200,9 +200,10 @@ MP_D void row_map(T* y, const T* a, const T* b, int64_t n, int tid, int nt, F&& 
   const Pack<T>* pb = reinterpret_cast<const Pack<T>*>((NI == 2 ? b : NI == 1 ? a : y) + h);
   auto make = [&](const Pack<T>& va, const Pack<T>& vb, int64_t k) {
     const int64_t j0 = h + k * V;
+    C r[V];
+    for (int i = 0; i < V; i++) r[i] = f(NI >= 1 ? Tr<T>::ld(&va.v[i]) : C(0), NI == 2 ? Tr<T>::ld(&vb.v[i]) : C(0), j0 + i);
     Pack<T> out;
-    for (int i = 0; i < V; i++)
-      Tr<T>::st(&out.v[i], f(NI >= 1 ? Tr<T>::ld(&va.v[i]) : C(0), NI == 2 ? Tr<T>::ld(&vb.v[i]) : C(0), j0 + i));
+    round_store(out.v, r);
     return out;
   };
   int64_t k = tid;
