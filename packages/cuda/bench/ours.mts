@@ -320,6 +320,8 @@ if (want('attn')) {
       const small = D + Dv <= 128;
       const uncapped = small ? withSwitch('MEGAPATCH_ATTENTION_OCC', '0') : null;
       const dqCapped = small ? withSwitch('MEGAPATCH_ATTENTION_DQ_OCC', '1') : null;
+      // the mma.sync forward with 128 keys a tile (FlashAttention-2's for head dim 64)
+      const keys128 = small ? withSwitch('MEGAPATCH_ATTENTION_FWD_KEYS', '128') : null;
       // the products on wgmma (sm_90a): the forward with 128 and 64 keys a tile, with and without
       // the overlap of the next tile's scores with P V; the backward; both (the mma.sync kernels
       // elsewhere); the same with two warpgroups a block; warp-specialised (left out with
@@ -397,6 +399,7 @@ if (want('attn')) {
         oneStreamMs: { fwd: r4(oneStream.fwd.ms), fwdBwd: r4(oneStream.fb.ms) },
         ...(uncapped ? { uncappedMs: { fwd: r4(uncapped.fwd.ms), fwdBwd: r4(uncapped.fb.ms) } } : {}),
         ...(dqCapped ? { dqCappedMs: { fwd: r4(dqCapped.fwd.ms), fwdBwd: r4(dqCapped.fb.ms) } } : {}),
+        ...(keys128 ? { keys128Ms: { fwd: r4(keys128.fwd.ms), fwdBwd: r4(keys128.fb.ms) } } : {}),
         ...wgmmaMs,
         samples: [fwd.samples, fb.samples],
         spreadMs: [r4(fb.minMs), r4(fb.maxMs)],

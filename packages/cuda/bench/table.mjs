@@ -184,6 +184,16 @@ for (const c of cases.attn) {
       '(info: uncapped / capped, fwd and fwd+bwd)',
     );
   }
+  if (o?.keys128Ms) {
+    // MEGAPATCH_ATTENTION_FWD_KEYS=128: the mma.sync forward with 128 keys a tile (D + Dv <= 128)
+    row(
+      `attn ${c.case} fwd / fwd+bwd ms, 128-key fwd tiles`,
+      `${num(o.keys128Ms.fwd, 4)} / ${num(o.keys128Ms.fwdBwd, 4)}`,
+      '',
+      `${num(o.keys128Ms.fwd / o.fwdMs)} / ${num(o.keys128Ms.fwdBwd / o.fwdBwdMs)}`,
+      '(info: 128-key / 64-key fwd tiles)',
+    );
+  }
   for (const [key, label] of [
     ['wgmmaMs', 'wgmma forward'],
     ['wgmma64Ms', 'wgmma forward, 64-key tiles'],

@@ -8,7 +8,7 @@
 // (192, 128); forward and backward) on the emulator against the CUDA-core kernels
 // (MEGAPATCH_ATTENTION_MMA=0) and the CPU backend, with and without the cp.async prefetch of the
 // next tile (MEGAPATCH_ATTENTION_PIPELINE=0), with 64- and 128-row forward tiles
-// (MEGAPATCH_ATTENTION_FWD_ROWS=128), with the products on wgmma (MEGAPATCH_ATTENTION_WGMMA=64
+// (MEGAPATCH_ATTENTION_FWD_ROWS=128), with 128-key forward tiles (MEGAPATCH_ATTENTION_FWD_KEYS=128), with the products on wgmma (MEGAPATCH_ATTENTION_WGMMA=64
 // and =1, with and without MEGAPATCH_ATTENTION_WGMMA_OVERLAP, one or two warpgroups a block,
 // warp-specialised; MEGAPATCH_ATTENTION_WGMMA_BWD=1, 2, ws), and
 // with the fused single-pass backward (MEGAPATCH_ATTENTION_BWD=fused).
@@ -349,6 +349,12 @@ describe.skipIf(noAddon !== '')(
             for (let o = 0; o < 4; o++)
               expect(variant[o], `output ${o} with ${name}=${value}`).toEqual(mmaAll[o]);
           }
+          // 128 keys a forward tile on mma.sync (MEGAPATCH_ATTENTION_FWD_KEYS=128, D + Dv <= 128):
+          // the online softmax rescales at other tile boundaries (checked below within the
+          // tolerances); the same products in the same order as the wgmma forward's 128-key tiles
+          // (below: the same bits on the emulator)
+          const keys128 = withEnv('MEGAPATCH_ATTENTION_FWD_KEYS', '128', () => run(DEV));
+          await tick();
           // the forward on wgmma (sm_90a; the emulator carries each wgmma out at its wait), with
           // the next tile's scores overlapping this tile's P V (the default) and without: with 64
           // keys a tile both do the same products in the same order as mma.sync, the same bits;
@@ -458,6 +464,8 @@ describe.skipIf(noAddon !== '')(
               expect(wgRuns['128, no overlap'][o], `output ${o} with wgmma, 128 keys, no overlap`).toEqual(
                 wgRuns['128'][o],
               );
+              if (c.D + c.Dv <= 128)
+                expect(keys128[o], `output ${o}, mma.sync with 128 keys a tile`).toEqual(wgRuns['128'][o]);
               expect(
                 wgRuns['128, two warpgroups, no overlap'][o],
                 `output ${o} with wgmma, 128 keys, two warpgroups, no overlap`,
@@ -487,6 +495,7 @@ describe.skipIf(noAddon !== '')(
             expect(Math.abs(mma[i] - fma[i]), `out[${i}] vs CUDA cores`).toBeLessThanOrEqual(tol);
             expect(Math.abs(mma[i] - cpu[i]), `out[${i}] vs CPU`).toBeLessThanOrEqual(tol);
             expect(Math.abs(rows128[0][i] - fma[i]), `out[${i}], 128-row tiles`).toBeLessThanOrEqual(tol);
+            expect(Math.abs(keys128[0][i] - fma[i]), `out[${i}], 128-key tiles`).toBeLessThanOrEqual(tol);
             for (const [label, w] of Object.entries(wgRuns))
               expect(Math.abs(w[0][i] - fma[i]), `out[${i}], wgmma ${label}`).toBeLessThanOrEqual(tol);
             if (mma[i] !== fma[i]) differs++;
@@ -509,6 +518,8 @@ describe.skipIf(noAddon !== '')(
               expect(Math.abs(gm[i] - gc[i]), `${name}[${i}] vs CPU`).toBeLessThanOrEqual(tol);
               const g128 = rows128[gi][i];
               expect(Math.abs(g128 - gf[i]), `${name}[${i}], 128-row tiles`).toBeLessThanOrEqual(tol);
+              const k128 = keys128[gi][i];
+              expect(Math.abs(k128 - gf[i]), `${name}[${i}], 128-key tiles`).toBeLessThanOrEqual(tol);
               for (const [label, w] of Object.entries(wgRuns))
                 expect(Math.abs(w[gi][i] - gf[i]), `${name}[${i}], wgmma ${label}`).toBeLessThanOrEqual(tol);
               const gfu = fused[gi][i];

@@ -586,16 +586,22 @@ template <int RM, int DV> constexpr int fwd_mma_bc() { return RM == 2 && DV >= 1
 // (empty), and a third pair makes the consumers take turns issuing their products (ping-pong: one
 // warpgroup's softmax runs while the other's products are on the tensor cores). The loader gives
 // up registers to the consumers (setmaxnreg: 40 and 232 a thread).
+// BCK (mma.sync, D + Dv <= 128; MEGAPATCH_ATTENTION_FWD_KEYS=128): keys a tile instead of
+// fwd_mma_bc's 64, as FlashAttention-2 takes for head dim 64: the per-tile work (rescaling o, the
+// row maxima's and sums' shuffles, the barriers, the next tile's copies) spread over twice the
+// products (sm_90a machine code, bf16 D 64, fast paths: 638 instructions for 128 mma.sync against
+// 380 for 64), at 175 registers and 81 KiB of shared memory a block (2 blocks an SM, against 4).
 template <typename T, int D, int DV, bool PIPE, int RM = 1, int MINB = 0, int WG = 0, bool OVL = false, int NWG = 1,
-          bool WS = false>
+          bool WS = false, int BCK = 0>
 __global__ void __launch_bounds__(kAttThreads*(NWG + (WS ? 1 : 0)), MINB) attn_fwd_mma_kernel(Params P) {
   static_assert(WG == 0 || ((WG == 64 || WG == 128) && RM == 1 && PIPE), "wgmma forward: 64 rows, cp.async");
   static_assert(!OVL || WG != 0, "the overlapped order is wgmma's");
   static_assert(NWG == 1 || (WG != 0 && NWG == 2), "two warpgroups a block: wgmma's");
   static_assert(!WS || (WG == 64 && OVL && NWG == 2), "warp-specialised: two consumers of 64-key tiles, overlapped");
+  static_assert(BCK == 0 || (WG == 0 && RM == 1 && PIPE && BCK % 64 == 0), "BCK: mma.sync, 64 rows, cp.async");
   constexpr int NT = kAttThreads * (NWG + (WS ? 1 : 0));  // threads a block
   constexpr int LT = WS ? kAttThreads : NT;                // threads that load K/V tiles
-  constexpr int BR = kMmaBR * RM * NWG, BC = WG ? WG : fwd_mma_bc<RM, DV>(), LDQ = D + kMmaPad, LDV = DV + kMmaPad;
+  constexpr int BR = kMmaBR * RM * NWG, BC = WG ? WG : BCK ? BCK : fwd_mma_bc<RM, DV>(), LDQ = D + kMmaPad, LDV = DV + kMmaPad;
   constexpr int KD = D / 16, NS = BC / 8, NO = DV / 8, NBUF = PIPE ? 2 : 1;
   constexpr int KT = WG ? BC * D : BC * LDQ, VT = WG ? BC * DV : BC * LDV;  // elements a K / V tile
   constexpr bool QREG = RM == 1;
@@ -2160,10 +2166,16 @@ inline int fwd_mtiles_per_warp() {
   const char* e = std::getenv("MEGAPATCH_ATTENTION_FWD_ROWS");
   return e && std::strcmp(e, "128") == 0 ? 2 : 1;
 }
-template <typename T, int D, int DV, bool PIPE, int RM>
+template <typename T, int D, int DV, bool PIPE, int RM, int BCK = 0>
 size_t fwd_mma_smem() {
-  constexpr size_t nbuf = PIPE ? 2 : 1;
-  return sizeof(uint16_t) * (kMmaBR * RM * (D + kMmaPad) + nbuf * fwd_mma_bc<RM, DV>() * (D + kMmaPad + DV + kMmaPad));
+  constexpr size_t nbuf = PIPE ? 2 : 1, bc = BCK ? BCK : fwd_mma_bc<RM, DV>();
+  return sizeof(uint16_t) * (kMmaBR * RM * (D + kMmaPad) + nbuf * bc * (D + kMmaPad + DV + kMmaPad));
+}
+// MEGAPATCH_ATTENTION_FWD_KEYS=128: the mma.sync forward of D + Dv <= 128 takes 128 keys a tile
+// (attn_fwd_mma_kernel's BCK; for measuring on a GPU)
+inline bool fwd_keys128() {
+  const char* e = std::getenv("MEGAPATCH_ATTENTION_FWD_KEYS");
+  return e && std::strcmp(e, "128") == 0;
 }
 // The wgmma forward (attn_fwd_mma_kernel's WG): Q (64 NWG rows) padded as before, two K/V tiles of
 // WG keys in core matrices (no padding).
@@ -2300,6 +2312,13 @@ void forward_mma_rows(Params P, cudaStream_t s) {
     // the 128-row form is two warpgroups of 64 rows (RM 2 is mma.sync's)
     forward_wgmma<T, D, DV>(P, wg, 64 * RM, s);
     return;
+  }
+  if constexpr (small) {
+    if (pipe && fwd_keys128()) {
+      launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, 1, 0, 0, false, 1, false, 128>, "attentionForward", P, blocks,
+                   1, fwd_mma_smem<T, D, DV, true, 1, 128>(), s);
+      return;
+    }
   }
   if (small && pipe && attention_occupancy()) {
     launch_tiles(attn_fwd_mma_kernel<T, D, DV, true, RM, small ? 4 : 0>, "attentionForward", P, blocks, 1,
