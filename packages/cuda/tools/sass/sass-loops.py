@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The loops of each kernel in a cubin and what they issue: for every backward branch (a loop),
 its instruction count and histogram by opcode (HMMA, LDSM, MUFU, FFMA, ... and the spills LDL /
-STL). Static counts: with the fast paths forced (hot-paths.py) a kernel's main loop is close to its
+STL; "other": the rest, such as the uniform datapath's UIMAD / UIADD3, shifts and logic). Static counts: with the fast paths forced (hot-paths.py) a kernel's main loop is close to its
 per-tile cost.
 
 usage: sass-loops.py CUBIN [NAME-FILTER]. With $SASS_DUMP set to a folder, each kernel's
@@ -53,7 +53,8 @@ def opcode(t):
 
 
 keys = ['HMMA', 'HGMMA', 'LDSM', 'MUFU', 'FFMA', 'FMUL', 'FADD', 'FMNMX', 'F2FP', 'SHFL', 'LDS', 'STS', 'LDGSTS',
-        'BAR', 'LDL', 'STL', 'ISETP', 'IMAD', 'IADD3', 'LEA', 'MOV', 'SEL', 'FSEL', 'BRA', 'LDG', 'STG']
+        'BAR', 'LDL', 'STL', 'ISETP', 'IMAD', 'IADD3', 'LEA', 'MOV', 'SEL', 'FSEL', 'BRA', 'LDG', 'STG', 'RED', 'REDG',
+        'ATOMG']
 for name, f in funcs.items():
     d = demangle(name)
     if want and want not in d:
@@ -76,4 +77,6 @@ for name, f in funcs.items():
                 o.write(f"{'>>' if k in starts else '<<' if k in ends else '  '} {k:5d}  {t}\n")
     for j, i in loops[:4]:
         h = collections.Counter(opcode(t) for t in ins[j:i + 1])
-        print(f"  loop [{j}..{i}] {i - j + 1} instr: " + ' '.join(f'{k}:{h[k]}' for k in keys if h[k]))
+        rest = sum(n for k, n in h.items() if k not in keys)  # uniform datapath, shifts, logic, ...
+        print(f"  loop [{j}..{i}] {i - j + 1} instr: " + ' '.join(f'{k}:{h[k]}' for k in keys if h[k])
+              + (f' other:{rest}' if rest else ''))

@@ -1683,17 +1683,19 @@ ATT_UNROLL
             mma_step_kmajor<T, NTW>(dqa[m], a, Ks + ks * 16 * LDK + c0, LDK, lane);
           }
         }
-        float* acc = static_cast<float*>(P.dqacc) + (b * P.Hq + h) * P.Sq * D;
+        // this lane's first element (row i0 + g, columns c0 + 2 t, + 1); its rows i0 + g + r for
+        // r < left (one address computed a tile: the others are constant offsets from it; float2
+        // reductions on compute capability 9.0)
+        float* acc = static_cast<float*>(P.dqacc) + ((b * P.Hq + h) * P.Sq + i0 + g) * D + c0 + 2 * t;
+        const int64_t left = P.Sq - i0 - g;
 ATT_UNROLL
         for (int m = 0; m < MT; m++)
 ATT_UNROLL
           for (int hf = 0; hf < 2; hf++) {
-            const int64_t i = i0 + 16 * m + g + 8 * hf;
-            if (i >= P.Sq) continue;
+            const int r = 16 * m + 8 * hf;
+            if (r >= left) continue;
 ATT_UNROLL
-            for (int n = 0; n < NTW; n++)
-ATT_UNROLL
-              for (int c = 0; c < 2; c++) atomicAdd(acc + i * D + c0 + 8 * n + 2 * t + c, dqa[m][n][2 * hf + c]);
+            for (int n = 0; n < NTW; n++) atomic_add2(acc + r * D + 8 * n, dqa[m][n][2 * hf], dqa[m][n][2 * hf + 1]);
           }
       }
     }

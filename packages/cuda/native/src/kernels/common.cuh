@@ -213,6 +213,18 @@ template <typename T, int N, typename C> MP_D void round_store(T* out, const C (
     for (int k = 0; k < N; k++) Tr<T>::st(&out[k], v[k]);
   }
 }
+// p[0] += a, p[1] += b, each atomically (p 8-byte aligned, global memory): on compute capability
+// 9.0 and later one vector reduction (atomicAdd of a float2: half the instructions and requests of
+// two scalar ones), elsewhere and in the emulator two atomicAdds; either way each element gets
+// one atomic addition.
+MP_D void atomic_add2(float* p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
+#endif
+}
 // Casts from double as static_cast does on x86-64 (the CPU backend's): NaN and out-of-range
 // values give the most negative integer ("integer indefinite"), uint8 takes the low byte of the
 // int32. Written out because the GPU's conversions saturate instead.
