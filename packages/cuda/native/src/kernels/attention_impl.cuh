@@ -601,7 +601,8 @@ __global__ void __launch_bounds__(kAttThreads*(NWG + (WS ? 1 : 0)), MINB) attn_f
   static_assert(BCK == 0 || (WG == 0 && RM == 1 && PIPE && BCK % 64 == 0), "BCK: mma.sync, 64 rows, cp.async");
   constexpr int NT = kAttThreads * (NWG + (WS ? 1 : 0));  // threads a block
   constexpr int LT = WS ? kAttThreads : NT;                // threads that load K/V tiles
-  constexpr int BR = kMmaBR * RM * NWG, BC = WG ? WG : BCK ? BCK : fwd_mma_bc<RM, DV>(), LDQ = D + kMmaPad, LDV = DV + kMmaPad;
+  constexpr int BR = kMmaBR * RM * NWG, BC = WG ? WG : BCK ? BCK : fwd_mma_bc<RM, DV>();
+  constexpr int LDQ = D + kMmaPad, LDV = DV + kMmaPad;
   constexpr int KD = D / 16, NS = BC / 8, NO = DV / 8, NBUF = PIPE ? 2 : 1;
   constexpr int KT = WG ? BC * D : BC * LDQ, VT = WG ? BC * DV : BC * LDV;  // elements a K / V tile
   constexpr bool QREG = RM == 1;

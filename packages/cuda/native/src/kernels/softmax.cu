@@ -201,7 +201,8 @@ MP_D void row_map(T* y, const T* a, const T* b, int64_t n, int tid, int nt, F&& 
   auto make = [&](const Pack<T>& va, const Pack<T>& vb, int64_t k) {
     const int64_t j0 = h + k * V;
     C r[V];
-    for (int i = 0; i < V; i++) r[i] = f(NI >= 1 ? Tr<T>::ld(&va.v[i]) : C(0), NI == 2 ? Tr<T>::ld(&vb.v[i]) : C(0), j0 + i);
+    for (int i = 0; i < V; i++)
+      r[i] = f(NI >= 1 ? Tr<T>::ld(&va.v[i]) : C(0), NI == 2 ? Tr<T>::ld(&vb.v[i]) : C(0), j0 + i);
     Pack<T> out;
     round_store(out.v, r);
     return out;
