@@ -485,11 +485,15 @@ ATT_UNROLL
 // (MN-major: LBO 16 W, SBO 128), as V rows are for P V. `overwrite`: the first step drops acc.
 template <typename T, int N, bool KMAJOR, int W, int KS>
 MP_D void wgmma_tile(float (&acc)[N / 8][4], const uint32_t (&a)[KS][4], const uint16_t* tile, bool overwrite) {
+  // k-step ks's B starts 128 ks (K-major) or 16 W ks (MN-major) elements on: its descriptor is the
+  // first one's with that many bytes / 16 added to the start address field (which cannot carry
+  // out: every shared address / 16 is below 2^14), one add instead of a descriptor a step
+  const uint64_t d0 = KMAJOR ? wgmma_desc(tile, 128, 16 * W) : wgmma_desc(tile, 16 * W, 128);
+  constexpr uint64_t step = KMAJOR ? 128 * 2 / 16 : 16 * W * 2 / 16;
 ATT_UNROLL
   for (int ks = 0; ks < KS; ks++) {
     const int scale = ks > 0 || !overwrite ? 1 : 0;
-    if constexpr (KMAJOR) wgmma_rs<T, N, false>(acc, a[ks], wgmma_desc(tile + 128 * ks, 128, 16 * W), scale);
-    else wgmma_rs<T, N, true>(acc, a[ks], wgmma_desc(tile + 16 * W * ks, 16 * W, 128), scale);
+    wgmma_rs<T, N, !KMAJOR>(acc, a[ks], d0 + step * static_cast<uint64_t>(ks), scale);
   }
 }
 
