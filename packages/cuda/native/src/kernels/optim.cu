@@ -119,16 +119,12 @@ MP_D void adamw_vec(P* p, const G* g, typename StateOf<P>::T* m, typename StateO
   Pk<G, V> gk = ldv<G, V>(g + o);
   Pk<S, V> mk = ldv<S, V>(m + o);
   Pk<S, V> vk = ldv<S, V>(v + o);
-  if constexpr (std::is_void<Q>::value) {
-    for (int j = 0; j < V; j++) adamw_elem<P, G, Q>(pk.e[j], gk.e[j], mk.e[j], vk.e[j], nullptr, h);
-  } else {
-    // the copy rounded after the loop, all V at once (round_store: 16-bit pairs by one conversion)
+  for (int j = 0; j < V; j++) adamw_elem<P, G, void>(pk.e[j], gk.e[j], mk.e[j], vk.e[j], nullptr, h);
+  if constexpr (!std::is_void<Q>::value) {
+    // the copy rounded after the updates, all V at once (round_store: 16-bit pairs by one conversion)
     using QC = typename Tr<Q>::C;
     QC qv[V];
-    for (int j = 0; j < V; j++) {
-      adamw_elem<P, G, void>(pk.e[j], gk.e[j], mk.e[j], vk.e[j], nullptr, h);
-      qv[j] = static_cast<QC>(Tr<P>::ld(&pk.e[j]));
-    }
+    for (int j = 0; j < V; j++) qv[j] = static_cast<QC>(Tr<P>::ld(&pk.e[j]));
     Pk<Q, V> qk;
     round_store(qk.e, qv);
     stv<Q, V>(q + o, qk);
