@@ -12,6 +12,16 @@ root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 cd "$root"
 here=packages/cuda/gpu
 
+# first, the sources compiled as the GPU machine's build does (gpu/preflight.sh; the host files by
+# default, MEGAPATCH_PREFLIGHT=quick|full for the kernels too, =0 to skip): a compile error found
+# there costs a device call
+if [ "${MEGAPATCH_PREFLIGHT:-host}" != 0 ]; then
+  MEGAPATCH_PREFLIGHT=${MEGAPATCH_PREFLIGHT:-host} bash "$here/preflight.sh" || {
+    echo "prepare: packages/cuda does not compile as the GPU build will (above); fix it first" >&2
+    exit 1
+  }
+fi
+
 shared=$(cd "$root/.." && pwd)/shared/gpu/prepare.sh
 if [ -f "$shared" ]; then
   bash "$shared"

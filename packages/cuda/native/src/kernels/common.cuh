@@ -217,6 +217,8 @@ template <typename T, int N, typename C> MP_D void round_store(T* out, const C (
 // 9.0 and later one vector reduction (atomicAdd of a float2: half the instructions and requests of
 // two scalar ones), elsewhere and in the emulator two atomicAdds; either way each element gets
 // one atomic addition.
+// (Device code only: a host compiler reading this header for the launchers has no atomicAdd.)
+#if defined(__CUDACC__) || defined(MEGAPATCH_CUDA_EMULATOR)
 MP_D void atomic_add2(float* p, float a, float b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
@@ -225,6 +227,7 @@ MP_D void atomic_add2(float* p, float a, float b) {
   atomicAdd(p + 1, b);
 #endif
 }
+#endif
 // Casts from double as static_cast does on x86-64 (the CPU backend's): NaN and out-of-range
 // values give the most negative integer ("integer indefinite"), uint8 takes the low byte of the
 // int32. Written out because the GPU's conversions saturate instead.
