@@ -149,8 +149,11 @@ fi
 if has grouped; then
   export MEGAPATCH_BENCH_CASE_BUDGET_S=${MEGAPATCH_BENCH_GROUPED_CASE_S:-2}
   if [ -n "$TSX" ]; then
-    run ours-grouped 30 "$TSX" $BENCH/ours.mts grouped
-    MEGAPATCH_GROUPED_GEMM=loop run ours-grouped-loop 30 "$TSX" $BENCH/ours.mts grouped
+    # each MEGAPATCH_GROUPED_GEMM mode the GPU has: the loop (its default), the loop over streams,
+    # cuBLAS's grouped GEMM
+    for mode in loop streams grouped; do
+      MEGAPATCH_GROUPED_GEMM=$mode run ours-grouped-$mode 30 "$TSX" $BENCH/ours.mts grouped
+    done
   fi
   [ -n "$PY" ] && run torch-grouped 40 "$PY" $BENCH/torch_ref.py grouped ${TORCH_ARGS[@]+"${TORCH_ARGS[@]}"}
 fi

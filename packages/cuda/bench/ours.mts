@@ -1,7 +1,7 @@
 // The megapatch side of the GPU bench (gpu-bench.sh runs it; torch_ref.py is the PyTorch side):
 //   gemm  bf16 C = A·B through matmul (cuBLASLt on cuda:0): median TFLOP/s per product
 //   grouped  bf16 groupedLinear (MoE experts' GEMMs) with uneven groups: median TFLOP/s, in the
-//         grouped GEMM's mode (MEGAPATCH_GROUPED_GEMM: cuBLAS's grouped GEMM, or loop / tiled)
+//         grouped GEMM's mode (MEGAPATCH_GROUPED_GEMM: loop, streams, grouped = cuBLAS's, tiled)
 //   attn  causal scaledDotProductAttention, bf16: median ms of forward and of forward+backward
 //   stream  the step's memory-bound kernels (norm, RoPE, SwiGLU, cross-entropy, add, copy) at its shapes: ms, GB/s
 //   train a Llama-style bf16 training step through @megapatch/train on the device: tokens/s, MFU
@@ -193,7 +193,8 @@ function groupSizes(E: number, N: number): number[] {
 
 if (want('grouped')) {
   T.manualSeed(3);
-  const mode = process.env.MEGAPATCH_GROUPED_GEMM || 'grouped';
+  // (unset: the device's default, the loop on a GPU; the emulator's is its grouped tiled kernel)
+  const mode = process.env.MEGAPATCH_GROUPED_GEMM || 'default';
   for (const c of cases.grouped ?? []) {
     const { E, N, K, F } = c;
     try {

@@ -71,32 +71,35 @@ for (const c of cases.gemm) {
     );
   }
 }
-// MoE's grouped GEMM: TFLOP/s of ours (cuBLAS's grouped GEMM) and of one GEMM per expert,
-// against torch's best of its matmul loop and _grouped_mm (information: the issue sets no target)
+// MoE's grouped GEMM: TFLOP/s of ours by MEGAPATCH_GROUPED_GEMM (loop: one cuBLASLt GEMM per expert,
+// the GPU's default; streams: the loop over several streams; grouped: cuBLAS's grouped GEMM), the
+// best of them against torch's best of its matmul loop and _grouped_mm (information: the issue sets
+// no target)
 summary.grouped = [];
 for (const c of cases.grouped ?? []) {
-  const o = pick('megapatch', 'grouped', c.case, 'grouped');
-  const ol = pick('megapatch', 'grouped', c.case, 'loop');
+  const modes = ['loop', 'streams', 'grouped'];
+  const ours = Object.fromEntries(modes.map((m) => [m, pick('megapatch', 'grouped', c.case, m)]));
   const tl = pick('torch', 'grouped', c.case, 'loop');
   const tg = pick('torch', 'grouped', c.case, 'grouped_mm');
-  note(o, `megapatch grouped ${c.case}`);
+  note(ours.loop, `megapatch grouped ${c.case} (loop)`);
   note(tl, `torch grouped ${c.case} (loop)`);
-  const best = [tl, tg].filter((l) => l && !l.error).sort((a, b) => b.tflops - a.tflops)[0] ?? null;
-  const r = o && !o.error && best ? o.tflops / best.tflops : null;
+  const bestOf = (ls) => ls.filter((l) => l && !l.error).sort((a, b) => b.tflops - a.tflops)[0] ?? null;
+  const o = bestOf(Object.values(ours));
+  const best = bestOf([tl, tg]);
+  const r = o && best ? o.tflops / best.tflops : null;
   summary.grouped.push({
     case: c.case,
-    ours: o?.tflops ?? null,
-    oursLoop: ol?.tflops ?? null,
+    ...Object.fromEntries(modes.map((m) => [m, ours[m]?.tflops ?? null])),
     torchLoop: tl?.tflops ?? null,
     torchGroupedMm: tg?.tflops ?? null,
     ratio: num(r),
   });
   row(
     `grouped ${c.case} ${c.N}x${c.F}x${c.K} TFLOP/s`,
-    `${cell(o, (l) => l.tflops)} (loop ${cell(ol, (l) => l.tflops)})`,
+    modes.map((m) => `${m} ${ours[m] ? cell(ours[m], (l) => l.tflops) : '-'}`).join(' / '),
     `loop ${cell(tl, (l) => l.tflops)} / _grouped_mm ${tg ? cell(tg, (l) => l.tflops) : '-'}`,
     r === null ? '-' : String(num(r)),
-    '(info: vs torch best)',
+    '(info: our best vs torch best)',
   );
 }
 // attention: forward+backward ms, torch / ours ≥ 1.0 (and the forward alone, for information)

@@ -44,10 +44,11 @@ export interface BackendAddon {
   writeFrom(address: number, src: ArrayBufferView): void;
   gemmEngine(): string;
   /**
-   * The emulator only: kernel launches since the process started, and whether
-   * MEGAPATCH_CUDA_EMU_DRY_RUN is on (launches counted, not run: a host-side profile).
+   * The emulator only: kernel launches and cudaStreamWaitEvent calls (forks and joins between
+   * streams) since the process started, and whether MEGAPATCH_CUDA_EMU_DRY_RUN is on (launches
+   * counted, not run: a host-side profile).
    */
-  emuStats?(): { launches: number; dryRun: boolean };
+  emuStats?(): { launches: number; streamWaits: number; dryRun: boolean };
   /** The kernel profiler's marks (native/src/backend/profile.cc; src/profile.ts uses them). */
   profileMark?(): number;
   profileCollect?(): { ms: Float64Array; mallocs: number };

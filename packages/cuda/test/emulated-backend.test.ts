@@ -2,6 +2,10 @@
 // entries and kernels as cuda:0 / cuda:1, on the CPU): the caching allocator and its statistics
 // per device, transfers, asynchronous index checks, casts as the CPU makes them, and the errors of
 // mixing devices. The op-by-op conformance with the CPU is vitest.conformance.config.ts.
+
+import { spawnSync } from 'node:child_process';
+import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import {
   cat,
   emptyCache,
@@ -26,6 +30,8 @@ import { formatKernelProfile, startKernelProfile, stopKernelProfile } from '../s
 
 const built = loadEmulatorAddon();
 const skip = 'error' in built ? built.error : '';
+const pkg = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
+const tsx = path.join(pkg, 'node_modules', 'tsx', 'dist', 'esm', 'index.mjs');
 
 describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: ${skip})` : ''}`, () => {
   beforeAll(async () => {
@@ -215,6 +221,57 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
     const loop = cat(parts, 0);
     expect(y.cpu().toArray()).toEqual(loop.cpu().toArray());
     for (const t of [y, loop, x, ...ws, ...parts]) t.dispose();
+  });
+
+  it('runs a grouped GEMM on several streams (MEGAPATCH_GROUPED_GEMM=streams): forked and joined, the same bits', () => {
+    // the mode is read once a process: each setting in a child process, against the loop there
+    const child = (env: Record<string, string>) => {
+      const script = `
+        const T = await import('@megapatch/tensor');
+        await import(${JSON.stringify(path.join(pkg, 'src', 'emulator.ts'))});
+        const { loadEmulatorAddon } = await import(${JSON.stringify(path.join(pkg, 'src', 'native.ts'))});
+        const built = loadEmulatorAddon();
+        const dev = 'cudaemu:0';
+        const sizes = [5, 0, 13, 1, 8, 21, 3, 0, 2, 9];
+        const [K, F] = [11, 7];
+        const N = sizes.reduce((a, b) => a + b, 0);
+        const host = (n, seed) => Array.from({ length: n }, (_, i) => Math.sin(i * 0.37 + seed));
+        const x = T.tensor(host(N * K, 1), { shape: [N, K] }).to(dev);
+        const ws = sizes.map((_, e) => T.tensor(host(F * K, e + 2), { shape: [F, K] }).to(dev));
+        T.synchronize(dev);
+        const before = built.addon.emuStats().streamWaits;
+        let y;
+        try {
+          y = T.groupedLinear(x, ws, sizes);
+        } catch (e) {
+          console.log(JSON.stringify({ error: e.message }));
+          process.exit(0);
+        }
+        T.synchronize(dev);
+        const waits = built.addon.emuStats().streamWaits - before;
+        let start = 0;
+        const parts = sizes.map((n, e) => { const p = T.linear(x.narrow(0, start, n), ws[e]); start += n; return p; });
+        const same = JSON.stringify(y.cpu().toArray()) === JSON.stringify(T.cat(parts, 0).cpu().toArray());
+        console.log(JSON.stringify({ waits, same }));
+      `;
+      const r = spawnSync(process.execPath, ['--import', tsx, '--input-type=module', '-e', script], {
+        cwd: pkg,
+        encoding: 'utf8',
+        env: { ...process.env, ...env },
+      });
+      expect(r.stderr).toBe('');
+      return JSON.parse(r.stdout.trim().split('\n').at(-1) ?? '{}');
+    };
+    // four lanes (the default): three side streams, each waits for the fork and is waited for
+    expect(child({ MEGAPATCH_GROUPED_GEMM: 'streams' })).toEqual({ waits: 6, same: true });
+    expect(child({ MEGAPATCH_GROUPED_GEMM: 'streams', MEGAPATCH_GROUPED_STREAMS: '3' })).toEqual({
+      waits: 4,
+      same: true,
+    });
+    expect(child({ MEGAPATCH_GROUPED_GEMM: 'loop' })).toEqual({ waits: 0, same: true });
+    expect(child({ MEGAPATCH_GROUPED_GEMM: 'streams', MEGAPATCH_GROUPED_STREAMS: '1' }).error).toMatch(
+      /^groupedGemm: MEGAPATCH_GROUPED_STREAMS must be an integer from 2 to 8, got '1'/,
+    );
   });
 
   it('refuses to mix devices in one op with a one-line error', () => {

@@ -354,6 +354,8 @@ size_t dynamic_smem_bytes();
 
 // launches since the process started (run or, with MEGAPATCH_CUDA_EMU_DRY_RUN=1, only counted)
 unsigned long long launch_count();
+// cudaStreamWaitEvent calls since the process started (a fork or join between streams each)
+unsigned long long stream_wait_count();
 // the running block's serial number (blocks run so far in the process, this one included): state a
 // kernel header keeps per block is stale when it was made under another serial
 unsigned long long block_serial();

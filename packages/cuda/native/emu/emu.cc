@@ -652,6 +652,7 @@ bool dry_run() {
   return on;
 }
 std::atomic<unsigned long long> g_launches{0};
+std::atomic<unsigned long long> g_stream_waits{0};  // cudaStreamWaitEvent calls (emuStats)
 
 const size_t kNominalMemory = dry_run() ? size_t(1) << 40 : size_t(16) << 30;
 constexpr size_t kDryTouch = size_t(1) << 20;
@@ -1116,6 +1117,7 @@ cudaError_t cudaStreamQuery(cudaStream_t stream) { return set_error(check_stream
 cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned) {
   if (cudaError_t e = check_stream_any(stream)) return set_error(e);
   if (!live_event(event)) return set_error(cudaErrorInvalidResourceHandle);
+  g_stream_waits.fetch_add(1, std::memory_order_relaxed);
   return cudaSuccess;
 }
 
@@ -1169,5 +1171,6 @@ cudaError_t cudaEventDestroy(cudaEvent_t event) {
 }
 
 unsigned long long emu::launch_count() { return g_launches.load(std::memory_order_relaxed); }
+unsigned long long emu::stream_wait_count() { return g_stream_waits.load(std::memory_order_relaxed); }
 unsigned long long emu::block_serial() { return g_block_serial; }
 bool emu::is_dry_run() { return dry_run(); }

@@ -26,10 +26,11 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
 #endif
 #ifdef MEGAPATCH_CUDA_EMULATOR
   exports.Set("emulator", true);
-  // emuStats(): { launches, dryRun } (native/emu/emu.cc)
+  // emuStats(): { launches, streamWaits, dryRun } (native/emu/emu.cc)
   exports.Set("emuStats", Napi::Function::New(env, [](const Napi::CallbackInfo& info) {
                 Napi::Object o = Napi::Object::New(info.Env());
                 o.Set("launches", Napi::Number::New(info.Env(), static_cast<double>(emu::launch_count())));
+                o.Set("streamWaits", Napi::Number::New(info.Env(), static_cast<double>(emu::stream_wait_count())));
                 o.Set("dryRun", Napi::Boolean::New(info.Env(), emu::is_dry_run()));
                 return o;
               }));

@@ -14,10 +14,12 @@
 
 #include "elementwise.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -445,13 +447,15 @@ std::vector<GemmProblem> grouped_work(DType dtype, const std::vector<GemmProblem
 // grouped tiled kernel; a GPU runs the loop of cuBLASLt GEMMs, which measured faster than cuBLAS's
 // grouped GEMM on an H200 for 2 of 3 MoE shapes (Mixtral-like E8: 696 vs 280 TFLOP/s;
 // Moonlight-like E64 fc1: 317 vs 273; fc2: 181 vs 259).
-enum class GroupedMode { Grouped, Loop, Tiled };
+// "streams" the loop spread over a few streams (below).
+enum class GroupedMode { Grouped, Loop, Tiled, Streams };
 GroupedMode grouped_mode() {
   static const GroupedMode mode = [] {
     const char* v = std::getenv("MEGAPATCH_GROUPED_GEMM");
     const std::string s = v ? v : "";
     if (s == "loop") return GroupedMode::Loop;
     if (s == "tiled") return GroupedMode::Tiled;
+    if (s == "streams") return GroupedMode::Streams;
     if (s == "grouped") return GroupedMode::Grouped;
 #ifdef MEGAPATCH_CUDA_EMULATOR
     return GroupedMode::Grouped;
@@ -462,6 +466,100 @@ GroupedMode grouped_mode() {
   return mode;
 }
 
+// ---- MEGAPATCH_GROUPED_GEMM=streams: the loop's products on several streams at once -------------
+// A 64-expert MoE's products are small (384 rows each at the bench's Moonlight-like shape: a few
+// dozen output tiles, against 132 SMs), so one GEMM at a time leaves most of the GPU idle. Here they
+// are spread over lanes: the caller's stream and up to kMaxGroupedLanes - 1 side streams of the
+// device, forked from the caller's stream by an event and joined back by events before the call
+// returns (no host wait; the caller's later work, frees of the operands included, is ordered after
+// every product). Products go largest first to the lane with the fewest FLOPs so far. Each side
+// lane has its own cuBLASLt workspace (gemm_lane's slot), as cuBLASLt requires of concurrent calls.
+// MEGAPATCH_GROUPED_STREAMS: the number of lanes (4; 2 to 8).
+constexpr int kMaxGroupedLanes = 8;
+// Per build (below): whether side lanes 0..n-1 have what gemm_lane needs (false: the plain loop
+// runs instead); one product on lane `slot` (-1: the caller's stream, else a side lane) with
+// stream `s`.
+bool gemm_lanes_ready(int n);
+void gemm_lane(cudaStream_t s, int slot, DType dtype, const GemmProblem& p);
+int grouped_lanes() {
+  static const int n = [] {
+    const char* v = std::getenv("MEGAPATCH_GROUPED_STREAMS");
+    if (!v || !*v) return 4;
+    char* end = nullptr;
+    const long x = std::strtol(v, &end, 10);
+    if (*end != '\0' || x < 2 || x > kMaxGroupedLanes)
+      throw_error(std::string("groupedGemm: MEGAPATCH_GROUPED_STREAMS must be an integer from 2 to ") +
+                  std::to_string(kMaxGroupedLanes) + ", got '" + v + "'");
+    return static_cast<int>(x);
+  }();
+  return n;
+}
+struct GroupedStreams {
+  cudaStream_t side[kMaxGroupedLanes - 1] = {};
+  cudaEvent_t fork = nullptr;
+  cudaEvent_t join[kMaxGroupedLanes - 1] = {};
+};
+// the current device's side streams and events, made on first use and kept (as the attention
+// backward's side stream)
+GroupedStreams& grouped_streams_of_device() {
+  static std::mutex mu;
+  static GroupedStreams per_device[64];
+  int dev = 0;
+  check(cudaGetDevice(&dev), "groupedGemm: cudaGetDevice");
+  if (dev < 0 || dev >= 64) throw_error("groupedGemm: device index out of range");
+  std::lock_guard<std::mutex> lock(mu);
+  GroupedStreams& g = per_device[dev];
+  if (!g.fork) {
+    for (int i = 0; i < kMaxGroupedLanes - 1; i++) {
+      check(cudaStreamCreateWithFlags(&g.side[i], cudaStreamNonBlocking), "groupedGemm: side stream");
+      check(cudaEventCreateWithFlags(&g.join[i], cudaEventDisableTiming), "groupedGemm: event");
+    }
+    check(cudaEventCreateWithFlags(&g.fork, cudaEventDisableTiming), "groupedGemm: event");
+  }
+  return g;
+}
+
+void grouped_streams(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& work) {
+  const int lanes = static_cast<int>(std::min<size_t>(static_cast<size_t>(grouped_lanes()), work.size()));
+  if (lanes < 2 || !gemm_lanes_ready(lanes - 1)) {
+    for (const GemmProblem& p : work) gemm(stream, dtype, 1, p.M, p.N, p.K, p.a, p.b, p.c, 1.0, 0.0);
+    return;
+  }
+  // largest first, each to the least loaded lane (lane 0: the caller's stream)
+  std::vector<size_t> order(work.size());
+  for (size_t i = 0; i < order.size(); i++) order[i] = i;
+  auto flops = [&](size_t i) { return static_cast<double>(work[i].M) * work[i].N * work[i].K; };
+  std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return flops(x) > flops(y); });
+  std::vector<int> lane_of(work.size());
+  std::vector<double> load(static_cast<size_t>(lanes), 0.0);
+  for (size_t i : order) {
+    const int l = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
+    lane_of[i] = l;
+    load[static_cast<size_t>(l)] += flops(i);
+  }
+  GroupedStreams& g = grouped_streams_of_device();
+  check(cudaEventRecord(g.fork, stream), "groupedGemm: fork");
+  for (int l = 1; l < lanes; l++) check(cudaStreamWaitEvent(g.side[l - 1], g.fork, 0), "groupedGemm: fork");
+  // the join runs whatever happens between (a failed enqueue leaves no side lane unjoined)
+  auto join = [&](bool checked) {
+    for (int l = 1; l < lanes; l++) {
+      const cudaError_t r = cudaEventRecord(g.join[l - 1], g.side[l - 1]);
+      const cudaError_t w = r == cudaSuccess ? cudaStreamWaitEvent(stream, g.join[l - 1], 0) : r;
+      if (checked) check(w, "groupedGemm: join");
+    }
+  };
+  try {
+    for (size_t i : order) {
+      const int l = lane_of[i];
+      gemm_lane(l == 0 ? stream : g.side[l - 1], l - 1, dtype, work[i]);
+    }
+  } catch (...) {
+    join(false);
+    throw;
+  }
+  join(true);
+}
+
 // The modes every build shares; false for the engine's own grouped GEMM.
 bool grouped_by_mode(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& work) {
   switch (grouped_mode()) {
@@ -469,6 +567,7 @@ bool grouped_by_mode(cudaStream_t stream, DType dtype, const std::vector<GemmPro
       for (const GemmProblem& p : work) gemm(stream, dtype, 1, p.M, p.N, p.K, p.a, p.b, p.c, 1.0, 0.0);
       return true;
     case GroupedMode::Tiled: run_grouped_tiled(stream, dtype, work); return true;
+    case GroupedMode::Streams: grouped_streams(stream, dtype, work); return true;
     default: return false;
   }
 }
@@ -593,6 +692,13 @@ void gemm(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N,
   gemm_fallback(stream, dtype, batch, M, N, K, a, b, c, alpha, beta, epi);
 }
 
+namespace {
+bool gemm_lanes_ready(int) { return true; }
+void gemm_lane(cudaStream_t s, int, DType dtype, const GemmProblem& p) {
+  gemm(s, dtype, 1, p.M, p.N, p.K, p.a, p.b, p.c, 1.0, 0.0);
+}
+}  // namespace
+
 // The grouped tiled kernel: one launch for all products (plus the table's upload).
 void grouped_gemm(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps) {
   const std::vector<GemmProblem> work = grouped_work(dtype, ps);
@@ -683,6 +789,9 @@ struct LtDevice {
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
   std::unordered_map<PlanKey, Plan, PlanKeyHash> plans;
+  // the side lanes' workspaces of MEGAPATCH_GROUPED_GEMM=streams (workspace_bytes each), made on
+  // first use
+  void* lane_workspace[kMaxGroupedLanes - 1] = {};
   cublasHandle_t blas = nullptr;  // cuBLAS (its grouped GEMM), made on first use
   bool grouped_declined[4] = {false, false, false, false};  // per DType code: cuBLAS said NOT_SUPPORTED
 };
@@ -967,9 +1076,11 @@ void autotune_plan(LtDevice& d, Plan& p, const void* A, const void* B, size_t db
 // enqueued) when the layout, the epilogue, its vectors' alignment or cuBLASLt does not allow it.
 // c_f32: C (and D) are float32 whatever A and B are (gemm_accumulate_f32; no epilogue, batch 1).
 // c_in: C is read from there (same layout as c, batch 1, beta 1; gemm_residual) and D written to c.
+// lane: a grouped GEMM's side lane (gemm_lane): its own workspace, and no autotuning there (that
+// would time on the main workspace while the caller's stream may be using it).
 bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K, const GemmMat& a,
              const GemmMat& b, const GemmMat& c, double alpha, double beta, const GemmEpilogue* epi,
-             bool c_f32 = false, const char* c_in = nullptr) {
+             bool c_f32 = false, const char* c_in = nullptr, int lane = -1) {
   gemm_map::LtProblem pr;
   if (!gemm_map::lt_problem(batch, M, N, K, a, b, c, pr)) return false;
   LtEpilogue e;
@@ -995,6 +1106,11 @@ bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t
 
   std::lock_guard<std::mutex> lock(g_lt_mutex);
   LtDevice& d = lt_device(current_device());
+  void* workspace = d.workspace;
+  if (lane >= 0) {
+    workspace = d.lane_workspace[lane];
+    if (d.workspace_bytes > 0 && !workspace) throw_error("matmul: grouped GEMM lane without its workspace");
+  }
 
   for (int64_t b0 = 0; b0 < batch; b0 += kMaxLtBatch) {
     const int64_t nb = mn(batch - b0, kMaxLtBatch);
@@ -1056,7 +1172,7 @@ bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t
     if (e.aux)
       lt_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &e.aux, sizeof(e.aux)),
                "cublasLtMatmulDescSetAttribute(EPILOGUE_AUX_POINTER)");
-    if (!p.candidates.empty()) {
+    if (!p.candidates.empty() && lane < 0) {
       if (nb == 1) autotune_plan(d, p, A, B, static_cast<size_t>(ldc) * static_cast<size_t>(M) * csz,
                                  dtype == DType::F64, alpha, stream);
       else p.candidates.clear();
@@ -1064,17 +1180,38 @@ bool gemm_lt(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t
     const char* Cin = c_in ? c_in + b0 * bs_c * csz : C;  // C read from, D (C) written
     if (dtype == DType::F64) {
       double al = alpha, be = beta;
-      lt_check(cublasLtMatmul(d.handle, p.op, &al, A, p.la, B, p.lb, &be, Cin, p.lc, C, p.lc, &p.algo, d.workspace,
+      lt_check(cublasLtMatmul(d.handle, p.op, &al, A, p.la, B, p.lb, &be, Cin, p.lc, C, p.lc, &p.algo, workspace,
                               d.workspace_bytes, stream),
                "cublasLtMatmul");
     } else {
       float al = static_cast<float>(alpha), be = static_cast<float>(beta);
-      lt_check(cublasLtMatmul(d.handle, p.op, &al, A, p.la, B, p.lb, &be, Cin, p.lc, C, p.lc, &p.algo, d.workspace,
+      lt_check(cublasLtMatmul(d.handle, p.op, &al, A, p.la, B, p.lb, &be, Cin, p.lc, C, p.lc, &p.algo, workspace,
                               d.workspace_bytes, stream),
                "cublasLtMatmul");
     }
   }
   return true;
+}
+
+// the side lanes' workspaces (gemm_lt's `lane`); false when one cannot be had (the plain loop
+// runs; a failed cudaMalloc is not a launch error: cleared)
+bool gemm_lanes_ready(int n) {
+  std::lock_guard<std::mutex> lock(g_lt_mutex);
+  LtDevice& d = lt_device(current_device());
+  if (d.workspace_bytes == 0) return true;  // cuBLASLt runs without one on every lane
+  for (int i = 0; i < n; i++) {
+    if (d.lane_workspace[i]) continue;
+    if (cudaMalloc(&d.lane_workspace[i], d.workspace_bytes) != cudaSuccess) {
+      d.lane_workspace[i] = nullptr;
+      (void)cudaGetLastError();
+      return false;
+    }
+  }
+  return true;
+}
+void gemm_lane(cudaStream_t s, int slot, DType dtype, const GemmProblem& p) {
+  if (gemm_lt(s, dtype, 1, p.M, p.N, p.K, p.a, p.b, p.c, 1.0, 0.0, nullptr, false, nullptr, slot)) return;
+  run_fallback(s, dtype, 1, p.M, p.N, p.K, p.a, p.b, p.c, 1.0, 0.0, nullptr);
 }
 
 // All products in one cublasGemmGroupedBatchedEx call, each problem its own group (group size 1)
