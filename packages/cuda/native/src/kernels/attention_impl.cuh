@@ -2432,19 +2432,11 @@ struct SideStream {
 };
 // the current device's side stream and its two events, made on first use and kept
 inline SideStream& side_stream() {
-  static std::mutex mu;
-  static SideStream per_device[64];
-  int dev = 0;
-  check(cudaGetDevice(&dev), "attentionBackward: cudaGetDevice");
-  if (dev < 0 || dev >= 64) throw_error("attentionBackward: device index out of range");
-  std::lock_guard<std::mutex> lock(mu);
-  SideStream& ss = per_device[dev];
-  if (!ss.stream) {
+  return per_current_device<SideStream>("attentionBackward", [](SideStream& ss) {
     check(cudaStreamCreateWithFlags(&ss.stream, cudaStreamNonBlocking), "attentionBackward: side stream");
     check(cudaEventCreateWithFlags(&ss.fork, cudaEventDisableTiming), "attentionBackward: event");
     check(cudaEventCreateWithFlags(&ss.join, cudaEventDisableTiming), "attentionBackward: event");
-  }
-  return ss;
+  });
 }
 
 template <typename T, int D, int DV, bool PIPE, size_t NWG = 1>

@@ -13,6 +13,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <type_traits>
 
@@ -293,6 +294,25 @@ inline void check(cudaError_t err, const char* what) {
 }
 // After a launch: a bad configuration (or, in the emulator, a kernel fault) surfaces here.
 inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
+
+// The current device's entry of a process-wide table (one T per device index below 64), made by
+// make(entry) under a lock at its first use and kept for the process (side streams and their
+// events: never destroyed, since at exit the CUDA context may be gone before static destructors
+// run). `what` names the caller in errors. One table per instantiation: one call site per T.
+template <typename T, typename Make> T& per_current_device(const char* what, Make make) {
+  static std::mutex mu;
+  static T table[64];
+  static bool made[64] = {};
+  int dev = 0;
+  check(cudaGetDevice(&dev), (std::string(what) + ": cudaGetDevice").c_str());
+  if (dev < 0 || dev >= 64) throw_error(std::string(what) + ": device index " + std::to_string(dev) + " out of range");
+  std::lock_guard<std::mutex> lock(mu);
+  if (!made[dev]) {
+    make(table[dev]);
+    made[dev] = true;
+  }
+  return table[dev];
+}
 
 // Stream-ordered device scratch owned by one launcher call, freed on the stream when the call
 // returns or throws (later work on the stream may reuse it only after the call's kernels). The

@@ -499,24 +499,15 @@ struct GroupedStreams {
   cudaEvent_t fork = nullptr;
   cudaEvent_t join[kMaxGroupedLanes - 1] = {};
 };
-// the current device's side streams and events, made on first use and kept (as the attention
-// backward's side stream)
+// the current device's side streams and events, made on first use and kept
 GroupedStreams& grouped_streams_of_device() {
-  static std::mutex mu;
-  static GroupedStreams per_device[64];
-  int dev = 0;
-  check(cudaGetDevice(&dev), "groupedGemm: cudaGetDevice");
-  if (dev < 0 || dev >= 64) throw_error("groupedGemm: device index out of range");
-  std::lock_guard<std::mutex> lock(mu);
-  GroupedStreams& g = per_device[dev];
-  if (!g.fork) {
+  return per_current_device<GroupedStreams>("groupedGemm", [](GroupedStreams& g) {
     for (int i = 0; i < kMaxGroupedLanes - 1; i++) {
       check(cudaStreamCreateWithFlags(&g.side[i], cudaStreamNonBlocking), "groupedGemm: side stream");
       check(cudaEventCreateWithFlags(&g.join[i], cudaEventDisableTiming), "groupedGemm: event");
     }
     check(cudaEventCreateWithFlags(&g.fork, cudaEventDisableTiming), "groupedGemm: event");
-  }
-  return g;
+  });
 }
 
 void grouped_streams(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& work) {
