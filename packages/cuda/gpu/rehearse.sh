@@ -6,8 +6,10 @@
 # sizes). Never in the checkout itself.
 #   bash packages/cuda/gpu/rehearse.sh [scratch folder, default /tmp/gpu-rehearsal]   (logs: <folder>-out)
 # CUBLASLT_PREFIX=<dir with include/ and lib/> stands in for the nvidia-cublas wheel (a cuBLASLt of
-# nvcc's major version), so that the nvcc build and its link are rehearsed too; on a machine with 2
-# cores give it MEGAPATCH_GPU_TIMEOUT_SCALE=4 MEGAPATCH_GPU_BUDGET_S=2400 MEGAPATCH_GPU_JOBS=2.
+# nvcc's major version; the wheel itself: `pip download nvidia-cublas --no-deps`, unzipped, then
+# CUBLASLT_PREFIX=<unzipped>/nvidia/cu13), so that the nvcc build and its link are rehearsed too;
+# on a machine with 2 cores give it MEGAPATCH_GPU_TIMEOUT_SCALE=4 MEGAPATCH_GPU_BUDGET_S=2400
+# MEGAPATCH_GPU_JOBS=2.
 set -euo pipefail
 root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 dst=${1:-/tmp/gpu-rehearsal}

@@ -73,9 +73,11 @@ export function loadEmulatorAddon(): { addon: BackendAddon } | { error: string }
   return load<BackendAddon>(process.env.MEGAPATCH_CUDA_EMU_NATIVE, 'megapatch_cuda_emu.node');
 }
 
+// An override (MEGAPATCH_CUDA_NATIVE, MEGAPATCH_CUDA_EMU_NATIVE) is the only path tried: a build the
+// user named that does not load is reported, never replaced by the package's own.
 function load<T>(override: string | undefined, file: string): { addon: T } | { error: string } {
   const tried: string[] = [];
-  const paths = [...(override ? [resolve(override)] : []), join(packageRoot, 'build', 'Release', file)];
+  const paths = override ? [resolve(override)] : [join(packageRoot, 'build', 'Release', file)];
   for (const p of paths) {
     if (!existsSync(p)) {
       tried.push(`${p}: not found`);

@@ -70,6 +70,18 @@ describe('importing @megapatch/cuda', () => {
     expect(imported.message).not.toContain('\n');
   });
 
+  it('loads only the build MEGAPATCH_CUDA_NATIVE names, and says why when it cannot', () => {
+    // a file that is no shared object: dlopen refuses it (before: the package's own build loaded)
+    const bad = path.join(tmp, 'not-an-addon.node');
+    fs.writeFileSync(bad, 'not an ELF file');
+    const { imported, info } = importPackage(bad);
+    expect(info).toMatchObject({ available: false, built: false });
+    expect(info.reason).toMatch(/^the addon of @megapatch\/cuda is not built \(.*not-an-addon\.node: /);
+    expect(info.reason).not.toContain(path.join('build', 'Release'));
+    expect(imported).toMatchObject({ ok: false, code: 'UNAVAILABLE' });
+    expect(imported.message).not.toContain('\n');
+  });
+
   it('built with MEGAPATCH_NO_CUDA set, the addon says so (the reason keeps ; and quotes)', () => {
     const out = path.join(tmp, 'build');
     const r = spawnSync('npx', ['cmake-js', 'compile', '--out', out], {
