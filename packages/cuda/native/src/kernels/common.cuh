@@ -224,6 +224,10 @@ MP_D void atomic_add2(float* p, float a, float b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
 #else
+#ifdef MEGAPATCH_CUDA_EMULATOR
+  // the vector reduction's alignment, which a GPU of compute capability 9.0 faults on
+  if (reinterpret_cast<uintptr_t>(p) % 8 != 0) ::emu::detail::fault("atomic_add2: address not 8-byte aligned");
+#endif
   atomicAdd(p, a);
   atomicAdd(p + 1, b);
 #endif
