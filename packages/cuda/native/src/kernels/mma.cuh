@@ -164,6 +164,11 @@ MP_D void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b
 namespace mma_detail {
 // N matrices, rows addressed by lanes 8m + r; TRANS reads them column-major.
 template <int N, bool TRANS> MP_D void ldmatrix_generic(uint32_t* out, const void* p) {
+#ifdef MEGAPATCH_CUDA_EMULATOR
+  // ldmatrix's row addresses (of the lanes that give one) are 16-byte aligned, or a GPU faults
+  if (emu_lane() < 8u * N && reinterpret_cast<uintptr_t>(p) % 16 != 0)
+    ::emu::detail::fault("ldmatrix: row address not 16-byte aligned");
+#endif
 #if defined(MEGAPATCH_CUDA_EMULATOR) && !defined(MPC_MMA_SHFL)
   uint64_t* x = emu_scratch();
   const unsigned lane = emu_lane();
@@ -334,6 +339,9 @@ MP_D void cp_async16(void* dst, const void* src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(mma_detail::smem_addr(dst)), "l"(src) : "memory");
 #elif defined(MEGAPATCH_CUDA_EMULATOR)
+  // both addresses 16-byte aligned, or a GPU faults ("misaligned address")
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0)
+    ::emu::detail::fault("cp.async: address not 16-byte aligned");
   mma_detail::EmuCopy c;
   c.dst = static_cast<unsigned char*>(dst);
   std::memcpy(c.bytes, src, 16);
