@@ -3,7 +3,7 @@
 # spends its minutes on it: the host C++ files with g++ against the CUDA toolkit's headers, the
 # kernel files with nvcc for sm_90a plus compute_90 PTX (CMakeLists.txt's architectures), nothing
 # linked. It needs nvcc (CUDACXX or PATH); without one it says so and exits 0. The files that need
-# headers this machine lacks (cublasLt.h, nccl.h) are named and skipped.
+# headers this machine lacks (cublasLt.h) are named and skipped.
 # (Session 33's run on an H100 stopped at its build: a device helper in common.cuh called atomicAdd,
 # which g++ does not know when it reads that header for the launchers. The emulator build, the only
 # one a machine without cuBLAS makes, compiles everything as host code with atomicAdd defined.)
@@ -12,9 +12,9 @@
 #                                                  (333 s on 2 cores, elementwise.cu 258 of them)
 #   MEGAPATCH_PREFLIGHT=host bash ...              the host files only (seconds; prepare.sh's default)
 # Jobs: MEGAPATCH_PREFLIGHT_JOBS (nproc). Exit status 1 when a file fails to compile.
-# cuBLAS's and NCCL's headers (for gemm.cu and info.cc) come from the wheels the GPU machine uses:
-#   pip download nvidia-cublas nvidia-nccl-cu13 --no-deps -d /tmp/whl   (then unzip both into /tmp/cu13)
-#   CPATH=/tmp/cu13/nvidia/cu13/include:/tmp/cu13/nvidia/nccl/include bash packages/cuda/gpu/preflight.sh
+# cuBLAS's headers (for gemm.cu) come from the wheel the GPU machine uses:
+#   pip download nvidia-cublas --no-deps -d /tmp/whl   (then unzip it into /tmp/cu13)
+#   CPATH=/tmp/cu13/nvidia/cu13/include bash packages/cuda/gpu/preflight.sh
 # MEGAPATCH_PREFLIGHT_KEEP=FILE keeps the list of commands there.
 set -uo pipefail
 pkg=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -43,7 +43,6 @@ have() { # header
 }
 defs=(-DMEGAPATCH_WITH_CUDA=1 -DMEGAPATCH_CUDA_WGMMA=1
   -DNAPI_VERSION=8 -DNAPI_DISABLE_CPP_EXCEPTIONS -DNODE_ADDON_API_DISABLE_DEPRECATED)
-have nccl.h && defs+=(-DMEGAPATCH_WITH_NCCL=1)
 # info.cc's (only the host compiler sees it)
 host_defs=(-DMEGAPATCH_CUDA_TOOLKIT="\"$version\"")
 incs=(-I"$napi_h" -I"$napi" -Inative/src -Inative/src/kernels)
@@ -52,7 +51,7 @@ trap '[ -n "${MEGAPATCH_PREFLIGHT_KEEP:-}" ] && cp "$tmp/commands" "$MEGAPATCH_P
 skipped=()
 
 host=(native/src/addon.cc native/src/backend/*.cc)
-if have nccl.h && have cublasLt.h; then host+=(native/src/info.cc); else skipped+=("native/src/info.cc (nccl.h, cublasLt.h)"); fi
+host+=(native/src/info.cc)
 kernels=()
 for cu in native/src/kernels/*.cu; do
   [ "$mode" = host ] && { skipped+=("$cu (MEGAPATCH_PREFLIGHT=host)"); continue; }

@@ -1,5 +1,5 @@
 // Device discovery for @megapatch/cuda: what the addon was built with, the driver and runtime
-// versions, every visible GPU and the NCCL version. Built without CUDA, it only says why.
+// versions and every visible GPU. Built without CUDA, it only says why.
 #include <napi.h>
 
 #include <string>
@@ -10,9 +10,6 @@
 
 #ifdef MEGAPATCH_WITH_CUDA
 #include <cuda_runtime_api.h>
-#ifdef MEGAPATCH_WITH_NCCL
-#include <nccl.h>
-#endif
 #endif
 
 namespace {
@@ -38,14 +35,7 @@ Napi::Value Info(const Napi::CallbackInfo& info) {
   int driver = 0;
   // 0 when no driver is installed
   if (cudaDriverGetVersion(&driver) == cudaSuccess && driver > 0) out.Set("driver", versionString(driver));
-#ifdef MEGAPATCH_WITH_NCCL
-  int nccl = 0;
-  if (ncclGetVersion(&nccl) == ncclSuccess) {
-    // NCCL_VERSION_CODE: major * 10000 + minor * 100 + patch (2.9 and later)
-    out.Set("nccl", std::to_string(nccl / 10000) + "." + std::to_string((nccl % 10000) / 100) + "." +
-                        std::to_string(nccl % 100));
-  }
-#endif
+  // (NCCL's version: ncclLibrary(), which loads the library the process groups use)
   int count = 0;
   cudaError_t err = cudaGetDeviceCount(&count);
   Napi::Array devices = Napi::Array::New(env);
