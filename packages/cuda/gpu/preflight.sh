@@ -90,6 +90,28 @@ tr '\n' '\0' <"$tmp/commands" | xargs -0 -P "$jobs" -I{} bash -c '
   s=$(date +%s); log=$0/$(echo "$name" | tr / _).log
   if eval "$cmd" >"$log" 2>&1; then echo "ok    $(($(date +%s) - s))s $name"; else echo "FAIL  $(($(date +%s) - s))s $name"; echo "$name" >>$0/failed; fi
 ' "$tmp" {}
+# The build's configure (cmake-js, as the GPU build runs it), then again in the same folder as
+# after a changed CMakeLists.txt: both must generate sm_90a + compute_90 (a reconfigure once fell
+# back to the sm_75 CMake had cached). Needs cuBLAS found (headers on CPATH, the library beside them
+# or on LIBRARY_PATH), else it is skipped.
+if have cublasLt.h; then
+  cfg=$tmp/configure
+  s=$(date +%s)
+  archs=
+  if MEGAPATCH_NO_CUDA_EMULATOR=1 npx cmake-js configure --out "$cfg" >"$tmp/configure.log" 2>&1; then
+    first=$(grep -o -- '--generate-code=[^ ]*' "$cfg/build.ninja" | sort -u | tr '\n' ' ')
+    (cd "$cfg" && MEGAPATCH_NO_CUDA_EMULATOR=1 cmake . >>"$tmp/configure.log" 2>&1) &&
+      archs=$(grep -o -- '--generate-code=[^ ]*' "$cfg/build.ninja" | sort -u | tr '\n' ' ')
+  fi
+  if [[ $first == *sm_90a* && $first == *compute_90\]* && $archs == "$first" ]]; then
+    echo "ok    $(($(date +%s) - s))s configure, twice: $archs"
+  else
+    echo "FAIL  $(($(date +%s) - s))s configure, twice: first ${first:-?}, then ${archs:-?}"
+    echo "configure" >>"$tmp/failed"
+  fi
+else
+  skipped+=("the configure (cuBLAS's headers not found)")
+fi
 for s in "${skipped[@]}"; do echo "skip  $s"; done
 if [ -f "$tmp/failed" ]; then
   while read -r f; do
@@ -97,7 +119,7 @@ if [ -f "$tmp/failed" ]; then
     log=$tmp/$(echo "$f" | tr / _).log
     { grep -E 'error|Error' "$log" || tail -5 "$log"; } | head -10
   done <"$tmp/failed"
-  echo "preflight: $(wc -l <"$tmp/failed") of $(wc -l <"$tmp/commands") files failed to compile ($(($(date +%s) - t0)) s)" >&2
+  echo "preflight: $(wc -l <"$tmp/failed") failed ($(tr '\n' ' ' <"$tmp/failed"); of $(wc -l <"$tmp/commands") files and the configure; $(($(date +%s) - t0)) s)" >&2
   exit 1
 fi
 echo "preflight: all $(wc -l <"$tmp/commands") files compiled ($(($(date +%s) - t0)) s)"
