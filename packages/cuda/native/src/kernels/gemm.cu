@@ -475,6 +475,10 @@ GroupedMode grouped_mode() {
 // every product). Products go largest first to the lane with the fewest FLOPs so far. Each side
 // lane has its own cuBLASLt workspace (gemm_lane's slot), as cuBLASLt requires of concurrent calls.
 // MEGAPATCH_GROUPED_STREAMS: the number of lanes (4; 2 to 8).
+// one gemm per problem, in order, on the caller's stream
+void grouped_loop(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& work) {
+  for (const GemmProblem& p : work) gemm(stream, dtype, 1, p.M, p.N, p.K, p.a, p.b, p.c, 1.0, 0.0);
+}
 constexpr int kMaxGroupedLanes = 8;
 // Per build (below): whether side lanes 0..n-1 have what gemm_lane needs (false: the plain loop
 // runs instead); one product on lane `slot` (-1: the caller's stream, else a side lane) with
@@ -512,10 +516,7 @@ GroupedStreams& grouped_streams_of_device() {
 
 void grouped_streams(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& work) {
   const int lanes = static_cast<int>(std::min<size_t>(static_cast<size_t>(grouped_lanes()), work.size()));
-  if (lanes < 2 || !gemm_lanes_ready(lanes - 1)) {
-    for (const GemmProblem& p : work) gemm(stream, dtype, 1, p.M, p.N, p.K, p.a, p.b, p.c, 1.0, 0.0);
-    return;
-  }
+  if (lanes < 2 || !gemm_lanes_ready(lanes - 1)) return grouped_loop(stream, dtype, work);
   // largest first, each to the least loaded lane (lane 0: the caller's stream)
   std::vector<size_t> order(work.size());
   for (size_t i = 0; i < order.size(); i++) order[i] = i;
@@ -554,9 +555,7 @@ void grouped_streams(cudaStream_t stream, DType dtype, const std::vector<GemmPro
 // The modes every build shares; false for the engine's own grouped GEMM.
 bool grouped_by_mode(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& work) {
   switch (grouped_mode()) {
-    case GroupedMode::Loop:
-      for (const GemmProblem& p : work) gemm(stream, dtype, 1, p.M, p.N, p.K, p.a, p.b, p.c, 1.0, 0.0);
-      return true;
+    case GroupedMode::Loop: grouped_loop(stream, dtype, work); return true;
     case GroupedMode::Tiled: run_grouped_tiled(stream, dtype, work); return true;
     case GroupedMode::Streams: grouped_streams(stream, dtype, work); return true;
     default: return false;
@@ -1307,7 +1306,7 @@ void gemm_residual(cudaStream_t stream, DType dtype, int64_t M, int64_t N, int64
 void grouped_gemm(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps) {
   const std::vector<GemmProblem> work = grouped_work(dtype, ps);
   if (work.empty() || grouped_by_mode(stream, dtype, work) || grouped_blas(stream, dtype, work)) return;
-  for (const GemmProblem& p : work) gemm(stream, dtype, 1, p.M, p.N, p.K, p.a, p.b, p.c, 1.0, 0.0);
+  grouped_loop(stream, dtype, work);
 }
 
 const char* gemm_engine() {
