@@ -150,8 +150,8 @@ if has grouped; then
   export MEGAPATCH_BENCH_CASE_BUDGET_S=${MEGAPATCH_BENCH_GROUPED_CASE_S:-2}
   if [ -n "$TSX" ]; then
     # each MEGAPATCH_GROUPED_GEMM mode the GPU has: the loop (its default), the loop over streams,
-    # cuBLAS's grouped GEMM
-    for mode in loop streams grouped; do
+    # cuBLAS's grouped GEMM, our tensor-core grouped kernel
+    for mode in loop streams grouped mma; do
       MEGAPATCH_GROUPED_GEMM=$mode run ours-grouped-$mode 30 "$TSX" $BENCH/ours.mts grouped
     done
   fi

@@ -1,7 +1,8 @@
 // The megapatch side of the GPU bench (gpu-bench.sh runs it; torch_ref.py is the PyTorch side):
 //   gemm  bf16 C = A·B through matmul (cuBLASLt on cuda:0): median TFLOP/s per product
-//   grouped  bf16 groupedLinear (MoE experts' GEMMs) with uneven groups: median TFLOP/s, in the
-//         grouped GEMM's mode (MEGAPATCH_GROUPED_GEMM: loop, streams, grouped = cuBLAS's, tiled)
+//   grouped  bf16 groupedLinear (MoE experts' GEMMs) with uneven groups: median TFLOP/s of the
+//         forward and of forward + backward, in the grouped GEMM's mode (MEGAPATCH_GROUPED_GEMM:
+//         loop, streams, grouped = cuBLAS's, mma = our tensor-core kernel, tiled)
 //   attn  causal scaledDotProductAttention, bf16: median ms of forward and of forward+backward
 //   stream  the step's memory-bound kernels (norm, RoPE, SwiGLU, cross-entropy, add, copy) at its shapes: ms, GB/s
 //   train a Llama-style bf16 training step through @megapatch/train on the device: tokens/s, MFU
@@ -221,6 +222,23 @@ if (want('grouped')) {
       }
       y.dispose();
       const r = timeIt(() => T.groupedLinear(x, ws, sizes).dispose(), { maxSamples: 30 });
+      // forward + backward (the input gradient dy W_e and the weight gradients dy_e^T x_e: the other
+      // two operand layouts), 3 times the forward's FLOPs
+      const xg = x.requiresGrad_();
+      const wg = ws.map((w) => w.requiresGrad_());
+      const gy = randBf16([N, F]);
+      const rt = timeIt(
+        () => {
+          const yt = T.groupedLinear(xg, wg, sizes);
+          yt.backward(gy);
+          yt.dispose();
+          for (const t of [xg, ...wg]) {
+            t.grad?.dispose();
+            t.grad = null;
+          }
+        },
+        { maxSamples: 30 },
+      );
       emit({
         kind: 'grouped',
         case: c.case,
@@ -231,13 +249,15 @@ if (want('grouped')) {
         F,
         ms: r4(r.ms),
         tflops: r4((2 * N * K * F) / (r.ms / 1000) / 1e12),
+        trainMs: r4(rt.ms),
+        trainTflops: r4((6 * N * K * F) / (rt.ms / 1000) / 1e12),
         minMs: r4(r.minMs),
         maxMs: r4(r.maxMs),
         samples: r.samples,
         reps: r.reps,
         relErr: r4(Math.sqrt(num / den)),
       });
-      for (const t of [x, ...ws]) t.dispose();
+      for (const t of [x, ...ws, gy]) t.dispose();
     } catch (e) {
       emit({ kind: 'grouped', case: c.case, mode, error: String((e as Error).message).split('\n')[0] });
     }

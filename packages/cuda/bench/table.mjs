@@ -72,12 +72,13 @@ for (const c of cases.gemm) {
   }
 }
 // MoE's grouped GEMM: TFLOP/s of ours by MEGAPATCH_GROUPED_GEMM (loop: one cuBLASLt GEMM per expert,
-// the GPU's default; streams: the loop over several streams; grouped: cuBLAS's grouped GEMM), the
+// the GPU's default; streams: the loop over several streams; grouped: cuBLAS's grouped GEMM; mma:
+// our tensor-core grouped kernel), the
 // best of them against torch's best of its matmul loop and _grouped_mm (information: the issue sets
 // no target)
 summary.grouped = [];
 for (const c of cases.grouped ?? []) {
-  const modes = ['loop', 'streams', 'grouped'];
+  const modes = ['loop', 'streams', 'grouped', 'mma'];
   const ours = Object.fromEntries(modes.map((m) => [m, pick('megapatch', 'grouped', c.case, m)]));
   const tl = pick('torch', 'grouped', c.case, 'loop');
   const tg = pick('torch', 'grouped', c.case, 'grouped_mm');
@@ -90,6 +91,7 @@ for (const c of cases.grouped ?? []) {
   summary.grouped.push({
     case: c.case,
     ...Object.fromEntries(modes.map((m) => [m, ours[m]?.tflops ?? null])),
+    ...Object.fromEntries(modes.map((m) => [`${m}Train`, ours[m]?.trainTflops ?? null])),
     torchLoop: tl?.tflops ?? null,
     torchGroupedMm: tg?.tflops ?? null,
     ratio: num(r),
@@ -101,6 +103,15 @@ for (const c of cases.grouped ?? []) {
     r === null ? '-' : String(num(r)),
     '(info: our best vs torch best)',
   );
+  // forward + backward (torch_ref.py times the forward only)
+  if (modes.some((m) => ours[m]?.trainTflops))
+    row(
+      `grouped ${c.case} fwd+bwd TFLOP/s`,
+      modes.map((m) => `${m} ${ours[m]?.trainTflops ?? '-'}`).join(' / '),
+      '',
+      '-',
+      '(info: our modes, forward + backward)',
+    );
 }
 // attention: forward+backward ms, torch / ours ≥ 1.0 (and the forward alone, for information)
 for (const c of cases.attn) {

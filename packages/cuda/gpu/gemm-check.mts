@@ -129,46 +129,74 @@ function run(
   for (const t of [A.h, A.d, B.h, B.d, Cb.h, Cb.d]) t.dispose();
 }
 
-// The grouped GEMM: `groups` products in one call, forward-like (y_e = x_e @ w_e^T: a's rows per
-// group, b the group's weight transposed) or weight-gradient-like (dW_e^T = x_e^T @ g_e: a
-// transposed, k the group's rows), group e's output in slot e of one NaN-filled buffer, with a gap
-// after each output that must stay NaN.
-function grouped(dtype: string, groups: number, K: number, F: number, wgrad: boolean) {
+// The grouped GEMM: `groups` products in one call in one of four layouts (A K- or M-fast, B K- or
+// N-fast: the four of MEGAPATCH_GROUPED_GEMM=mma's kernel), group e's output in slot e of one
+// NaN-filled buffer, with a gap after each output that must stay NaN:
+//   fwd    y_e = x_e @ w_e^T   (A K-fast, B K-fast: a linear layer's forward)
+//   dgrad  d_e = g_e @ w_e     (A K-fast, B N-fast: its input gradient)
+//   wgrad  v_e = x_e^T @ g_e   (A M-fast, B N-fast, k the group's rows: its weight gradient)
+//   xtgt   u_e = x_e^T @ h_e^T (A M-fast, B K-fast: h_e [F, n] stored row-major)
+type GroupedLayout = 'fwd' | 'dgrad' | 'wgrad' | 'xtgt';
+function grouped(dtype: string, groups: number, K: number, F: number, kind: GroupedLayout) {
   cases++;
   const rows = Array.from({ length: groups }, (_, e) => (e % 5 === 2 ? 0 : 1 + ((e * 37) % 97)));
   const N = rows.reduce((a, b) => a + b, 0);
   const x = buffers(N * K, dtype);
   const w = buffers(groups * F * K, dtype);
   const g = buffers(N * F, dtype);
-  const slot = Math.max(97, K) * F + 7;
+  const slot = Math.max(97, K) * Math.max(F, K) + 7;
   const outLen = groups * slot;
   const out = buffers(outLen, dtype, true);
   const problems = (s: 'h' | 'd') => {
     const list: any[] = [];
     let start = 0;
     rows.forEach((n, e) => {
-      const m = wgrad ? K : n;
-      const c = { tensor: out[s].narrow(0, e * slot, m * F), bs: 0, rs: F, cs: 1 };
       const xe = x[s].narrow(0, start * K, n * K);
-      if (n > 0 && wgrad) {
-        const ge = g[s].narrow(0, start * F, n * F);
+      const ge = g[s].narrow(0, start * F, n * F); // [n, F] for dgrad / wgrad, [F, n] for xtgt
+      const we = w[s].narrow(0, e * F * K, F * K); // [F, K]
+      const out_ = (m: number, cols: number) => ({
+        tensor: out[s].narrow(0, e * slot, m * cols),
+        bs: 0,
+        rs: cols,
+        cs: 1,
+      });
+      if (n === 0) {
+        // nothing
+      } else if (kind === 'fwd') {
         list.push({
-          m,
-          n: F,
-          k: n,
-          a: { tensor: xe, bs: 0, rs: 1, cs: K },
-          b: { tensor: ge, bs: 0, rs: F, cs: 1 },
-          c,
-        });
-      } else if (n > 0) {
-        const we = w[s].narrow(0, e * F * K, F * K);
-        list.push({
-          m,
+          m: n,
           n: F,
           k: K,
           a: { tensor: xe, bs: 0, rs: K, cs: 1 },
           b: { tensor: we, bs: 0, rs: 1, cs: K },
-          c,
+          c: out_(n, F),
+        });
+      } else if (kind === 'dgrad') {
+        list.push({
+          m: n,
+          n: K,
+          k: F,
+          a: { tensor: ge, bs: 0, rs: F, cs: 1 },
+          b: { tensor: we, bs: 0, rs: K, cs: 1 },
+          c: out_(n, K),
+        });
+      } else if (kind === 'wgrad') {
+        list.push({
+          m: K,
+          n: F,
+          k: n,
+          a: { tensor: xe, bs: 0, rs: 1, cs: K },
+          b: { tensor: ge, bs: 0, rs: F, cs: 1 },
+          c: out_(K, F),
+        });
+      } else {
+        list.push({
+          m: K,
+          n: F,
+          k: n,
+          a: { tensor: xe, bs: 0, rs: 1, cs: K },
+          b: { tensor: ge, bs: 0, rs: 1, cs: n },
+          c: out_(K, F),
         });
       }
       start += n;
@@ -185,7 +213,7 @@ function grouped(dtype: string, groups: number, K: number, F: number, wgrad: boo
   synchronize(device);
   const want = read(out.h),
     got = read(out.d);
-  const tol = TOL[dtype] * Math.sqrt(wgrad ? 97 : K);
+  const tol = TOL[dtype] * Math.sqrt(kind === 'wgrad' || kind === 'xtgt' ? 97 : kind === 'dgrad' ? F : K);
   let bad = 0;
   for (let i = 0; i < outLen; i++) {
     if (Number.isNaN(want[i])) {
@@ -198,15 +226,15 @@ function grouped(dtype: string, groups: number, K: number, F: number, wgrad: boo
       bad++;
     }
   }
-  if (bad)
-    fail(`grouped ${dtype} ${groups} groups K ${K} F ${F}${wgrad ? ' (weight gradients)' : ''}: ${bad} bad`);
+  if (bad) fail(`grouped ${dtype} ${groups} groups K ${K} F ${F} (${kind}): ${bad} bad`);
   for (const t of [x.h, x.d, w.h, w.d, g.h, g.d, out.h, out.d]) t.dispose();
 }
 const groupedCases = () => {
   for (const dtype of ['float32', 'float64', 'bfloat16', 'float16'])
-    for (const wgrad of [false, true]) {
-      grouped(dtype, 8, 64, 48, wgrad);
-      grouped(dtype, emu ? 40 : 200, 100, 24, wgrad); // over one upload of the address arrays
+    for (const kind of ['fwd', 'dgrad', 'wgrad', 'xtgt'] as const) {
+      grouped(dtype, 8, 64, 48, kind);
+      grouped(dtype, emu ? 40 : 200, 100, 24, kind); // over one upload of the address arrays
+      grouped(dtype, 12, 136, 264, kind); // several 128-wide tiles, partial ones at both ends
     }
 };
 if (process.argv[3] === 'grouped') {

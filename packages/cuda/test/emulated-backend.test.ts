@@ -274,6 +274,81 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
     );
   });
 
+  it("runs a grouped GEMM on its tensor-core kernel (MEGAPATCH_GROUPED_GEMM=mma): forward and backward, the loop's bits", () => {
+    // One process a setting (the mode is read once). Each output of the mma kernel is the sum in k
+    // order in fp32 of exact 16-bit products, as the tiled gemm's: the same bits as linear per
+    // group, for x W^T (A K-fast, B K-fast), dy W (B N-fast) and dy_e^T x_e (A M-fast, B N-fast).
+    // Groups of 1 to 300 rows (several 128-row tiles, partial tiles), K and F not multiples of
+    // 128 or 32 (zero-filled chunks), an empty group; and K = 12 (rows of 24 bytes: no 16-byte
+    // chunks) runs on the loop instead.
+    const child = (env: Record<string, string>, dtype: string, K: number, F: number) => {
+      const script = `
+        const T = await import('@megapatch/tensor');
+        await import(${JSON.stringify(path.join(pkg, 'src', 'emulator.ts'))});
+        const { loadEmulatorAddon } = await import(${JSON.stringify(path.join(pkg, 'src', 'native.ts'))});
+        const built = loadEmulatorAddon();
+        const dev = 'cudaemu:0';
+        const sizes = [37, 0, 300, 1, 129];
+        const [K, F] = [${K}, ${F}];
+        const N = sizes.reduce((a, b) => a + b, 0);
+        const host = (n, seed) => Array.from({ length: n }, (_, i) => Math.sin(i * 0.37 + seed));
+        const leaf = (n, shape, seed) => T.tensor(host(n, seed), { shape, dtype: '${dtype}' }).to(dev).requiresGrad_();
+        const x = leaf(N * K, [N, K], 1);
+        const ws = sizes.map((_, e) => leaf(F * K, [F, K], e + 2));
+        const gy = T.tensor(host(N * F, 9), { shape: [N, F], dtype: '${dtype}' }).to(dev);
+        T.synchronize(dev);
+        let before = built.addon.emuStats().launches;
+        let y;
+        try {
+          y = T.groupedLinear(x, ws, sizes);
+        } catch (e) {
+          console.log(JSON.stringify({ error: e.message }));
+          process.exit(0);
+        }
+        T.synchronize(dev);
+        const launches = built.addon.emuStats().launches - before;
+        y.backward(gy);
+        const got = [y, x.grad, ...ws.map((w) => w.grad)].map((t) => JSON.stringify(t.cpu().toArray()));
+        x.grad = null;
+        for (const w of ws) w.grad = null;
+        let start = 0;
+        const parts = sizes.map((n, e) => { const p = T.linear(x.narrow(0, start, n), ws[e]); start += n; return p; });
+        const ref = T.cat(parts, 0);
+        ref.backward(gy);
+        const want = [ref, x.grad, ...ws.map((w) => w.grad)].map((t) => JSON.stringify(t.cpu().toArray()));
+        const same = got.map((g, i) => g === want[i]);
+        console.log(JSON.stringify({ launches, same: same.every(Boolean) ? true : same }));
+      `;
+      const r = spawnSync(process.execPath, ['--import', tsx, '--input-type=module', '-e', script], {
+        cwd: pkg,
+        encoding: 'utf8',
+        env: { ...process.env, ...env },
+      });
+      expect(r.stderr).toBe('');
+      return JSON.parse(r.stdout.trim().split('\n').at(-1) ?? '{}');
+    };
+    const mma = { MEGAPATCH_GROUPED_GEMM: 'mma' };
+    // one table upload and one launch of the kernel for the 4 products
+    expect(child(mma, 'bfloat16', 40, 136)).toEqual({ launches: 2, same: true });
+    expect(child(mma, 'float16', 72, 24)).toEqual({ launches: 2, same: true });
+    // not for the kernel: one gemm per product (float32; rows of K = 12 elements)
+    expect(child(mma, 'float32', 40, 136)).toEqual({ launches: 4, same: true });
+    expect(child(mma, 'bfloat16', 12, 24)).toEqual({ launches: 4, same: true });
+    expect(child({ MEGAPATCH_GROUPED_GEMM: 'fast' }, 'bfloat16', 8, 8).error).toMatch(
+      /^groupedGemm: MEGAPATCH_GROUPED_GEMM must be loop, streams, grouped, tiled or mma, got 'fast'/,
+    );
+    // all four operand layouts (A K- or M-fast, B K- or N-fast) against the CPU's GEMM, with writes
+    // outside the outputs checked: the GPU run's check (gpu/gemm-check.mts), here on the emulator
+    const r = spawnSync(
+      process.execPath,
+      ['--import', tsx, path.join(pkg, 'gpu', 'gemm-check.mts'), 'cudaemu:0', 'grouped'],
+      { cwd: path.join(pkg, '..', '..'), encoding: 'utf8', env: { ...process.env, ...mma } },
+    );
+    expect(r.stdout.trim().split('\n').at(-1)).toBe(
+      'grouped (MEGAPATCH_GROUPED_GEMM=mma): 48 cases, 0 failures',
+    );
+  });
+
   it('refuses to mix devices in one op with a one-line error', () => {
     const a = tensor([1, 2]).to('cudaemu:0');
     const b = tensor([1, 2]).to('cudaemu:1');

@@ -25,6 +25,12 @@
 
 #define MP_HD __host__ __device__ __forceinline__
 #define MP_D __device__ __forceinline__
+// unrolls the next loop under nvcc (the emulator's host compiler would warn of an unknown pragma)
+#ifdef __CUDACC__
+#define MP_UNROLL _Pragma("unroll")
+#else
+#define MP_UNROLL
+#endif
 
 #ifdef MEGAPATCH_CUDA_EMULATOR
 // declare `T* name` pointing at the block's dynamic shared memory (the launch's smem bytes)

@@ -23,12 +23,6 @@
 #include <string>
 #include <vector>
 
-#ifdef __CUDACC__
-#define MPG_UNROLL _Pragma("unroll")
-#else
-#define MPG_UNROLL
-#endif
-
 namespace mpc {
 
 // ---- the tiled kernel ------------------------------------------------------------------------
@@ -76,9 +70,9 @@ MP_D void gemm_tile(typename Tr<T>::C (*As)[BM + 1], typename Tr<T>::C (*Bs)[BN 
   const int tid = static_cast<int>(threadIdx.x);
   const int tx = tid % TX, ty = tid / TX;
   Acc acc[TM][TN];
-MPG_UNROLL
+MP_UNROLL
   for (int i = 0; i < TM; i++)
-MPG_UNROLL
+MP_UNROLL
     for (int j = 0; j < TN; j++) acc[i][j] = Acc(0);
 
   for (int64_t k0 = 0; k0 < K; k0 += BK) {
@@ -107,26 +101,26 @@ MPG_UNROLL
       Bs[kk][n] = (gn < N && gk < K) ? Tr<T>::ld(Bz + gk * brs + gn * bcs) : Acc(0);
     }
     __syncthreads();
-MPG_UNROLL
+MP_UNROLL
     for (int kk = 0; kk < BK; kk++) {
       Acc av[TM], bv[TN];
-MPG_UNROLL
+MP_UNROLL
       for (int i = 0; i < TM; i++) av[i] = As[kk][ty * TM + i];
-MPG_UNROLL
+MP_UNROLL
       for (int j = 0; j < TN; j++) bv[j] = Bs[kk][tx + j * TX];
-MPG_UNROLL
+MP_UNROLL
       for (int i = 0; i < TM; i++)
-MPG_UNROLL
+MP_UNROLL
         for (int j = 0; j < TN; j++) acc[i][j] = fma_acc(av[i], bv[j], acc[i][j]);
     }
     __syncthreads();
   }
 
-MPG_UNROLL
+MP_UNROLL
   for (int i = 0; i < TM; i++) {
     const int64_t r = m0 + ty * TM + i;
     if (r >= M) continue;
-MPG_UNROLL
+MP_UNROLL
     for (int j = 0; j < TN; j++) {
       const int64_t n = n0 + tx + j * TX;
       if (n >= N) continue;
@@ -205,8 +199,9 @@ __global__ void __launch_bounds__(128) store_words_kernel(StoreWords words, int 
   for (int i = static_cast<int>(threadIdx.x); i < n; i += static_cast<int>(blockDim.x)) dst[i] = words.w[i];
 }
 
-// Copies `n` host words to device memory at dst on `stream`: one store_words_kernel per
-// kStoreWords words (the host words are captured at each launch; the caller may reuse them).
+}  // namespace
+
+// (gemm.h)
 void upload_words(cudaStream_t stream, const uint64_t* words, int64_t n, uint64_t* dst) {
   for (int64_t i = 0; i < n; i += kStoreWords) {
     const int chunk = static_cast<int>(mn(n - i, int64_t(kStoreWords)));
@@ -216,6 +211,8 @@ void upload_words(cudaStream_t stream, const uint64_t* words, int64_t n, uint64_
     check_launch("store_words_kernel");
   }
 }
+
+namespace {
 
 // bias_grad[r] = sum_k A[r, k] over the first M rows of A (its strides), in the accumulator type
 // and rounded once. A block covers 32 rows: thread x one row, thread y every 8th k from y; the 8
@@ -447,8 +444,9 @@ std::vector<GemmProblem> grouped_work(DType dtype, const std::vector<GemmProblem
 // grouped tiled kernel; a GPU runs the loop of cuBLASLt GEMMs, which measured faster than cuBLAS's
 // grouped GEMM on an H200 for 2 of 3 MoE shapes (Mixtral-like E8: 696 vs 280 TFLOP/s;
 // Moonlight-like E64 fc1: 317 vs 273; fc2: 181 vs 259).
-// "streams" the loop spread over a few streams (below).
-enum class GroupedMode { Grouped, Loop, Tiled, Streams };
+// "streams" the loop spread over a few streams (below); "mma" the tensor-core grouped kernel of
+// gemm_grouped_mma.cu (bf16 / f16 on sm_80+; the problems it cannot take, fp32 included, by the loop).
+enum class GroupedMode { Grouped, Loop, Tiled, Streams, Mma };
 GroupedMode grouped_mode() {
   static const GroupedMode mode = [] {
     const char* v = std::getenv("MEGAPATCH_GROUPED_GEMM");
@@ -457,6 +455,9 @@ GroupedMode grouped_mode() {
     if (s == "tiled") return GroupedMode::Tiled;
     if (s == "streams") return GroupedMode::Streams;
     if (s == "grouped") return GroupedMode::Grouped;
+    if (s == "mma") return GroupedMode::Mma;
+    if (!s.empty())
+      throw_error("groupedGemm: MEGAPATCH_GROUPED_GEMM must be loop, streams, grouped, tiled or mma, got '" + s + "'");
 #ifdef MEGAPATCH_CUDA_EMULATOR
     return GroupedMode::Grouped;
 #else
@@ -558,6 +559,11 @@ bool grouped_by_mode(cudaStream_t stream, DType dtype, const std::vector<GemmPro
     case GroupedMode::Loop: grouped_loop(stream, dtype, work); return true;
     case GroupedMode::Tiled: run_grouped_tiled(stream, dtype, work); return true;
     case GroupedMode::Streams: grouped_streams(stream, dtype, work); return true;
+    case GroupedMode::Mma: {
+      const std::vector<GemmProblem> rest = grouped_mma(stream, dtype, work);
+      if (!rest.empty()) grouped_loop(stream, dtype, rest);
+      return true;
+    }
     default: return false;
   }
 }

@@ -99,6 +99,17 @@ struct GemmProblem {
 // on a GPU too.
 void grouped_gemm(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps);
 
+// The tensor-core grouped kernel (MEGAPATCH_GROUPED_GEMM=mma, gemm_grouped_mma.cu): enqueues the
+// products of `ps` (validated, sizes positive) it can take, bf16 / f16 on sm_80+ with 16-byte
+// aligned layouts (each operand unit-strided in one dimension, the other stride and that
+// dimension's extent multiples of 8), all in one launch; returns the others, for the caller.
+std::vector<GemmProblem> grouped_mma(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps);
+
+// Copies `n` host words to device memory at dst on `stream`: one small kernel per 480 words, the
+// words passed as its parameter (captured at each launch; the caller may reuse them): a table's
+// upload in stream order without a synchronising pageable copy.
+void upload_words(cudaStream_t stream, const uint64_t* words, int64_t n, uint64_t* dst);
+
 // "cuBLASLt <major>.<minor>.<patch>" (the loaded library's version) or "emulated fallback".
 const char* gemm_engine();
 

@@ -266,8 +266,32 @@ MP_D void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
 #endif
 }
 
+// A shared-memory address for address arithmetic in hot loops: on sm_80+ the 32-bit address in
+// the shared window (converted from a pointer once, not at every ldmatrix or cp.async), elsewhere
+// (the emulator, older GPUs, the host pass) a byte pointer. `a + bytes` works on both.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+using SmemAddr = uint32_t;
+MP_D SmemAddr smem_at(const void* p) { return mma_detail::smem_addr(p); }
+MP_D void ldsm_x4(uint32_t (&r)[4], SmemAddr a) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+MP_D void ldsm_x4_trans(uint32_t (&r)[4], SmemAddr a) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+#else
+using SmemAddr = const unsigned char*;
+MP_D SmemAddr smem_at(const void* p) { return static_cast<const unsigned char*>(p); }
+MP_D void ldsm_x4(uint32_t (&r)[4], SmemAddr a) { ldmatrix_x4(r, a); }
+MP_D void ldsm_x4_trans(uint32_t (&r)[4], SmemAddr a) { ldmatrix_x4_trans(r, a); }
+#endif
+
 // ---- cp.async: 16-byte global -> shared copies that complete later ---------------------------
 //  cp_async16(dst, src): starts a copy of 16 bytes (dst in shared memory; both 16-byte aligned);
+//  cp_async16_zfill(dst, src, full): the same, or 16 zero bytes when !full (below);
 //  cp_async_commit(): closes the group of this thread's copies started since its last commit;
 //  cp_async_wait<N>(): returns when at most N of this thread's committed groups are incomplete.
 // A thread's completed copies are visible to itself; to the block after a __syncthreads that
@@ -348,6 +372,27 @@ MP_D void cp_async16(void* dst, const void* src) {
   mma_detail::emu_async().open.push_back(c);
 #else
   *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+// cp_async16_zfill(dst, src, full): cp_async16 when `full`, else the 16 bytes at dst become zeros and
+// nothing is read (PTX cp.async's src-size operand, 0): the out-of-range chunks of a tile, without
+// a branch; they land with the thread's group like any copy.
+// (dst: a SmemAddr)
+MP_D void cp_async16_zfill(SmemAddr dst, const void* src, bool full) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(full ? 16 : 0) : "memory");
+#elif defined(MEGAPATCH_CUDA_EMULATOR)
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || (full && reinterpret_cast<uintptr_t>(src) % 16 != 0))
+    ::emu::detail::fault("cp.async: address not 16-byte aligned");
+  mma_detail::EmuCopy c;
+  c.dst = const_cast<unsigned char*>(dst);
+  if (full) std::memcpy(c.bytes, src, 16);
+  else std::memset(c.bytes, 0, 16);
+  mma_detail::emu_async().open.push_back(c);
+#else
+  uint4* d = reinterpret_cast<uint4*>(const_cast<unsigned char*>(dst));
+  if (full) *d = *reinterpret_cast<const uint4*>(src);
+  else *d = uint4{0u, 0u, 0u, 0u};
 #endif
 }
 MP_D void cp_async_commit() {

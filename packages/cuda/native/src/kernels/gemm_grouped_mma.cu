@@ -1,0 +1,316 @@
+// The tensor-core grouped GEMM (MEGAPATCH_GROUPED_GEMM=mma): every 128 x 128 output tile of every
+// product of a grouped GEMM in one launch, on mma.sync m16n8k16 (sm_80+, bf16 / f16 inputs, fp32
+// accumulators). cuBLASLt has no grouped mode (its batches share one shape) and a MoE layer's
+// experts are small products: one GEMM per expert leaves most SMs idle (run a on an H200: 317
+// and 181 TFLOP/s for a 64-expert layer's products against 696 for 8 experts), so the tiles of all
+// experts share one grid here.
+//
+// A block (8 warps, 2 x 4, each 64 x 32 of the tile) walks K in steps of 32 through a 4-stage
+// cp.async pipeline: A's and B's 128 x 32 slices in shared memory in their global layout (the
+// operand's unit-stride dimension contiguous), 16-byte chunks XOR-swizzled so that ldmatrix reads
+// them without bank conflicts; ldmatrix (.trans for an M-fast A or an N-fast B) gives the mma
+// fragments for all four layouts of A (K- or M-fast) and B (K- or N-fast): the forward x W^T, the
+// input gradient dY W and the weight gradient dY^T x of a grouped linear layer.
+// The accumulators are rounded once into C (round to nearest even), two columns a store.
+//
+// What it takes (else the caller's loop runs the problem): bf16 / f16; each operand with a unit
+// stride in one of its matrix dimensions, the other stride a multiple of 8 elements, that
+// dimension's extent a multiple of 8 (whole 16-byte chunks) and a 16-byte aligned base; a device
+// of compute capability 8.0 or more running code compiled for it. The emulator runs the same code
+// (mma.cuh emulates ldmatrix, mma.sync and cp.async): each output there is c + a_0 b_0 + ... in k
+// order in fp32, with exact 16-bit products, the tiled gemm's bits exactly.
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include "gemm.h"
+#include "mma.cuh"
+
+namespace mpc {
+namespace {
+
+constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 4, kWarps = 8, kNT = 32 * kWarps;
+constexpr int kSlice = kBM * kBK;                             // elements of one operand's stage (BM == BN)
+constexpr size_t kSmem = size_t(kStages) * 2 * kSlice * 2;  // bytes: 64 KiB
+static_assert(kBM == kBN, "A's and B's slices share a layout");
+
+// One problem as the device reads it (uploaded with upload_words): operands, the stride that is not
+// 1 of each (ld*), which dimension has the unit stride, and its first tile in the launch's numbering
+// (a problem's tiles: n fastest over its ntiles_n).
+struct MmaEntry {
+  const char* a;
+  const char* b;
+  char* c;
+  int64_t M, N, K, lda, ldb, ldc, a_mfast, b_nfast, pairs, tile_start, ntiles_n;
+};
+static_assert(sizeof(MmaEntry) % 8 == 0, "MmaEntry is uploaded as 64-bit words");
+
+// Element offsets in a stage's slice. K-fast: 128 rows (m or n) of 32 k, 4 chunks of 8 a row, chunk
+// c stored at c ^ ((r >> 1) & 3): the 8 rows an ldmatrix reads (a 16-byte chunk each) fall in 8
+// different 16-byte bank groups. MN-fast: 32 rows (k) of 128, 16 chunks a row, chunk c at c ^ (r & 7).
+MP_D int off_kfast(int r, int k) { return r * kBK + ((((k >> 3) ^ (r >> 1)) & 3) << 3) + (k & 7); }
+MP_D int off_mnfast(int k, int r) { return k * kBM + (((r >> 3) ^ (k & 7)) << 3) + (r & 7); }
+
+// This thread's two 16-byte chunks of one operand's slice (of 512): where they land in the slice
+// (bytes), where they start in global memory at k-tile 0 and how far they move a k-tile, and what
+// must hold for each to be inside the operand (row < R, k < K; else it lands as zeros). K-fast:
+// chunk q is row q / 4, k 8 (q % 4); MN-fast: k q / 16, rows 8 (q % 16). The second chunk (q + 256)
+// is 64 rows (K-fast) or 16 k (MN-fast) on: 4096 bytes on in the slice, with the same swizzle.
+template <typename T, bool MNF> struct SliceLoader {
+  const T* src[2];
+  int dst, kpos;
+  bool row_ok[2];
+  int64_t step;
+
+  MP_D SliceLoader(const T* g, int64_t ld, int64_t R, int64_t r0, int tid) {
+    step = MNF ? int64_t(kBK) * ld : int64_t(kBK);
+    const int r = MNF ? (tid & 15) << 3 : tid >> 2;
+    const int k = MNF ? tid >> 4 : (tid & 3) << 3;
+    dst = 2 * (MNF ? off_mnfast(k, r) : off_kfast(r, k));
+    kpos = k;
+    MP_UNROLL
+    for (int i = 0; i < 2; i++) {
+      const int64_t gr = r0 + r + (MNF ? 0 : 64 * i), gk = k + (MNF ? 16 * i : 0);
+      row_ok[i] = gr < R;
+      src[i] = g + (row_ok[i] ? (MNF ? gk * ld + gr : gr * ld + gk) : 0);
+    }
+  }
+  // starts the copies of the next k-tile (the first at the first call) into `slice`; krem: K less
+  // the k-tile's first k
+  MP_D void load(SmemAddr slice, int krem) {
+    MP_UNROLL
+    for (int i = 0; i < 2; i++) {
+      cp_async16_zfill(slice + dst + 4096 * i, src[i], row_ok[i] && kpos + (MNF ? 16 * i : 0) < krem);
+      src[i] += step;
+    }
+  }
+};
+static_assert(64 * 2 * kBK == 4096 && 16 * 2 * kBM == 4096, "the second chunk of a thread is 4096 bytes on");
+
+// Every 128 x 128 tile of the table's problems whose layouts are (AMF: A M-fast, else K-fast;
+// BNF: B N-fast, else K-fast).
+template <typename T, bool AMF, bool BNF>
+__global__ void __launch_bounds__(kNT, 2)
+    gemm_grouped_mma_kernel(const MmaEntry* table, int64_t count, int64_t total_tiles) {
+  MP_DYNAMIC_SMEM(T, smem);
+  const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  const int wm = warp >> 2, wn = warp & 3;  // the warp's 64 x 32 of the tile
+  // this lane's ldmatrix rows within the slices (matrix lane >> 3, its row lane & 7), in bytes:
+  // a[0..3] of an A fragment are (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15);
+  // the registers of a B load (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
+  // K-fast: the 16 rows of the next fragment are 16 * 64 bytes on (their swizzle is the same), the
+  // second k-step flips chunk bit 1 (another base); MN-fast: the next fragment's chunks are
+  // swizzled differently (a base each), the second k-step is 16 rows (16 * 256 bytes) on.
+  const int lr = lane & 7, lm = lane >> 3;
+  constexpr int kRowK = 2 * kBK, kRowMN = 2 * kBM;  // bytes of a K-fast and an MN-fast row
+  int abase[AMF ? 4 : 2], bbase[2];
+  if constexpr (AMF) {
+    MP_UNROLL
+    for (int mi = 0; mi < 4; mi++) abase[mi] = 2 * off_mnfast(lr + (lm >> 1) * 8, wm * 64 + mi * 16 + (lm & 1) * 8);
+  } else {
+    MP_UNROLL
+    for (int h = 0; h < 2; h++) abase[h] = 2 * off_kfast(wm * 64 + lr + (lm & 1) * 8, 16 * h + (lm >> 1) * 8);
+  }
+  MP_UNROLL
+  for (int x = 0; x < 2; x++)
+    bbase[x] = BNF ? 2 * off_mnfast(lr + (lm & 1) * 8, wn * 32 + x * 16 + (lm >> 1) * 8)  // x: the 16 columns
+                   : 2 * off_kfast(wn * 32 + lr + (lm >> 1) * 8, 16 * x + (lm & 1) * 8);  // x: the k-step
+  // byte offsets of fragment mi (nj) at k-step h
+  auto aoff = [&](int mi, int h) { return AMF ? abase[mi] + h * 16 * kRowMN : abase[h] + mi * 16 * kRowK; };
+  auto boff = [&](int nj, int h) { return BNF ? bbase[nj] + h * 16 * kRowMN : bbase[h] + nj * 16 * kRowK; };
+  const SmemAddr sm = smem_at(smem);
+  constexpr int kSlot = 2 * 2 * kSlice;  // bytes of a ring slot: A's slice, then B's
+
+  for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
+    int64_t lo = 0, hi = count - 1;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) / 2;
+      if (table[mid].tile_start <= t) lo = mid;
+      else hi = mid - 1;
+    }
+    const MmaEntry& e = table[lo];
+    const int64_t local = t - e.tile_start;
+    const int64_t m0 = (local / e.ntiles_n) * kBM, n0 = (local % e.ntiles_n) * kBN;
+    const int64_t M = e.M, N = e.N, K = e.K;
+    SliceLoader<T, AMF> la(reinterpret_cast<const T*>(e.a), e.lda, M, m0, tid);
+    SliceLoader<T, BNF> lb(reinterpret_cast<const T*>(e.b), e.ldb, N, n0, tid);
+
+    float acc[4][4][4];
+    MP_UNROLL
+    for (int i = 0; i < 4; i++)
+      MP_UNROLL
+      for (int j = 0; j < 4; j++)
+        MP_UNROLL
+        for (int v = 0; v < 4; v++) acc[i][j][v] = 0.0f;
+
+    const int ktiles = static_cast<int>((K + kBK - 1) / kBK), k32 = static_cast<int>(K);  // K < 2^31
+    MP_UNROLL
+    for (int s = 0; s < kStages - 1; s++) {
+      if (s < ktiles) {
+        la.load(sm + s * kSlot, k32 - s * kBK);
+        lb.load(sm + s * kSlot + 2 * kSlice, k32 - s * kBK);
+      }
+      cp_async_commit();
+    }
+    int rd = 0, wr = kStages - 1;  // the slots read and filled this iteration
+    for (int kt = 0; kt < ktiles; kt++) {
+      cp_async_wait<kStages - 2>();
+      __syncthreads();  // k-tile kt landed for all; slot wr (read at kt - 1) is free
+      const int next = kt + kStages - 1;
+      if (next < ktiles) {
+        la.load(sm + wr * kSlot, k32 - next * kBK);
+        lb.load(sm + wr * kSlot + 2 * kSlice, k32 - next * kBK);
+      }
+      cp_async_commit();
+      const SmemAddr as = sm + rd * kSlot, bs = as + 2 * kSlice;
+      MP_UNROLL
+      for (int h = 0; h < kBK / 16; h++) {
+        uint32_t bf[4][2];
+        MP_UNROLL
+        for (int nj = 0; nj < 2; nj++) {
+          uint32_t r[4];
+          if (BNF) ldsm_x4_trans(r, bs + boff(nj, h));
+          else ldsm_x4(r, bs + boff(nj, h));
+          bf[2 * nj][0] = r[0];
+          bf[2 * nj][1] = r[1];
+          bf[2 * nj + 1][0] = r[2];
+          bf[2 * nj + 1][1] = r[3];
+        }
+        MP_UNROLL
+        for (int mi = 0; mi < 4; mi++) {
+          uint32_t af[4];
+          if (AMF) ldsm_x4_trans(af, as + aoff(mi, h));
+          else ldsm_x4(af, as + aoff(mi, h));
+          MP_UNROLL
+          for (int ni = 0; ni < 4; ni++) mma_m16n8k16<T>(acc[mi][ni], af, bf[ni], acc[mi][ni]);
+        }
+      }
+      rd = rd == kStages - 1 ? 0 : rd + 1;
+      wr = wr == kStages - 1 ? 0 : wr + 1;
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // every warp is done with the slices before the next tile's copies
+
+    T* C = reinterpret_cast<T*>(e.c);
+    const int g = lane >> 2, q = lane & 3;
+    MP_UNROLL
+    for (int mi = 0; mi < 4; mi++)
+      MP_UNROLL
+      for (int h = 0; h < 2; h++) {
+        const int64_t r = m0 + wm * 64 + mi * 16 + g + 8 * h;
+        if (r >= M) continue;
+        MP_UNROLL
+        for (int ni = 0; ni < 4; ni++) {
+          const int64_t col = n0 + wn * 32 + ni * 8 + 2 * q;
+          const float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
+          T* p = C + r * e.ldc + col;
+          if (col + 1 < N && e.pairs) {
+            *reinterpret_cast<uint32_t*>(p) = pack2<T>(v0, v1);
+          } else {
+            if (col < N) Tr<T>::st(p, v0);
+            if (col + 1 < N) Tr<T>::st(p + 1, v1);
+          }
+        }
+      }
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The entry of a problem the kernel takes, or false (see the file's comment).
+bool mma_entry(const GemmProblem& p, MmaEntry& e) {
+  e = MmaEntry{p.a.data, p.b.data, p.c.data, p.M, p.N, p.K, 0, 0, 0, 0, 0, 0, 0, 0};
+  if (!aligned16(p.a.data) || !aligned16(p.b.data) || p.K > (int64_t(1) << 30)) return false;
+  // A: element (m, k) at m * rs + k * cs
+  if (p.a.cs == 1 && p.a.rs >= 0 && p.a.rs % 8 == 0 && p.K % 8 == 0) e.lda = p.a.rs;
+  else if (p.a.rs == 1 && p.a.cs >= 0 && p.a.cs % 8 == 0 && p.M % 8 == 0) e.lda = p.a.cs, e.a_mfast = 1;
+  else return false;
+  // B: element (k, n) at k * rs + n * cs
+  if (p.b.rs == 1 && p.b.cs >= 0 && p.b.cs % 8 == 0 && p.K % 8 == 0) e.ldb = p.b.cs;
+  else if (p.b.cs == 1 && p.b.rs >= 0 && p.b.rs % 8 == 0 && p.N % 8 == 0) e.ldb = p.b.rs, e.b_nfast = 1;
+  else return false;
+  e.ldc = p.c.rs;
+  e.pairs = (p.c.rs % 2 == 0 && reinterpret_cast<uintptr_t>(p.c.data) % 4 == 0) ? 1 : 0;
+  return true;
+}
+
+// sm_80+ and the kernel compiled for it (a build for older architectures JIT-compiled on a newer
+// GPU would run mma.cuh's shuffle emulation); per device, asked once.
+bool device_runs_mma() {
+#ifdef MEGAPATCH_CUDA_EMULATOR
+  return true;
+#else
+  static std::atomic<int> known[64];  // 0 unknown, 1 no, 2 yes
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  int k = known[dev].load();
+  if (k == 0) {
+    int major = 0;
+    cudaFuncAttributes fa;
+    bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 8 &&
+              cudaFuncGetAttributes(&fa, gemm_grouped_mma_kernel<bf16, false, false>) == cudaSuccess && fa.ptxVersion >= 80;
+    (void)cudaGetLastError();
+    k = ok ? 2 : 1;
+    known[dev].store(k);
+  }
+  return k == 2;
+#endif
+}
+
+// One launch for the entries of one layout: the table uploaded into scratch, then every tile.
+template <typename T, bool AMF, bool BNF>
+void launch_layout(cudaStream_t stream, const std::vector<MmaEntry>& table, int64_t total) {
+#ifdef MEGAPATCH_CUDA_EMULATOR
+  constexpr int64_t kMaxBlocks = 3;  // few blocks: the grid-stride loop runs
+#else
+  constexpr int64_t kMaxBlocks = int64_t(1) << 30;
+#endif
+  const int64_t words = static_cast<int64_t>(table.size() * sizeof(MmaEntry) / sizeof(uint64_t));
+  Scratch scratch(table.size() * sizeof(MmaEntry), stream);
+  upload_words(stream, reinterpret_cast<const uint64_t*>(table.data()), words, scratch.at<uint64_t>());
+  auto k = gemm_grouped_mma_kernel<T, AMF, BNF>;
+  check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem)),
+        "groupedGemm: shared memory of the mma kernel");
+  MP_LAUNCH(k, dim3(static_cast<unsigned>(mn(total, kMaxBlocks))), dim3(kNT), kSmem, stream,
+            scratch.at<const MmaEntry>(), static_cast<int64_t>(table.size()), total);
+  check_launch("gemm_grouped_mma_kernel");
+}
+
+template <typename T> void launch_layout(cudaStream_t stream, int layout, const std::vector<MmaEntry>& t, int64_t n) {
+  switch (layout) {
+    case 0: launch_layout<T, false, false>(stream, t, n); break;
+    case 1: launch_layout<T, false, true>(stream, t, n); break;
+    case 2: launch_layout<T, true, false>(stream, t, n); break;
+    default: launch_layout<T, true, true>(stream, t, n); break;
+  }
+}
+
+}  // namespace
+
+std::vector<GemmProblem> grouped_mma(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps) {
+  if ((dtype != DType::BF16 && dtype != DType::F16) || ps.empty() || !device_runs_mma()) return ps;
+  std::vector<GemmProblem> rest;
+  // by layout (2 a_mfast + b_nfast): one launch each; a grouped linear layer's call has one
+  std::vector<MmaEntry> tables[4];
+  int64_t totals[4] = {0, 0, 0, 0};
+  for (const GemmProblem& p : ps) {
+    MmaEntry e;
+    if (!mma_entry(p, e)) {
+      rest.push_back(p);
+      continue;
+    }
+    const int layout = static_cast<int>(2 * e.a_mfast + e.b_nfast);
+    e.ntiles_n = (p.N + kBN - 1) / kBN;
+    e.tile_start = totals[layout];
+    totals[layout] += ((p.M + kBM - 1) / kBM) * e.ntiles_n;
+    tables[layout].push_back(e);
+  }
+  for (int layout = 0; layout < 4; layout++) {
+    if (tables[layout].empty()) continue;
+    if (dtype == DType::BF16) launch_layout<bf16>(stream, layout, tables[layout], totals[layout]);
+    else launch_layout<f16>(stream, layout, tables[layout], totals[layout]);
+  }
+  return rest;
+}
+
+}  // namespace mpc
