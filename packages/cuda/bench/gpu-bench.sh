@@ -150,8 +150,10 @@ if has grouped; then
   export MEGAPATCH_BENCH_CASE_BUDGET_S=${MEGAPATCH_BENCH_GROUPED_CASE_S:-2}
   if [ -n "$TSX" ]; then
     # each MEGAPATCH_GROUPED_GEMM mode the GPU has: the loop (its default), the loop over streams,
-    # cuBLAS's grouped GEMM, our tensor-core grouped kernel
-    for mode in loop streams grouped mma; do
+    # cuBLAS's grouped GEMM, our tensor-core grouped kernel on mma.sync and on wgmma
+    for mode in loop streams grouped mma wgmma; do
+      # (gpu/run.sh: not where its check or the wgmma self-test failed)
+      [ "$mode" = wgmma ] && [ "${MEGAPATCH_BENCH_GROUPED_WGMMA:-1}" = 0 -o "${MEGAPATCH_BENCH_WGMMA:-1}" = 0 ] && continue
       MEGAPATCH_GROUPED_GEMM=$mode run ours-grouped-$mode 30 "$TSX" $BENCH/ours.mts grouped
     done
   fi

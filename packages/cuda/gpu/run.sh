@@ -219,7 +219,7 @@ fi
 
 # without the addon the steps that load it would only fail one after the other (session 33's run on
 # an H100 spent its call so): they are skipped, the tensor cores' self-test (nvcc alone) still runs
-NEEDS_ADDON=" info gemm grouped grouped-blas grouped-streams grouped-mma conformance kernels attn-check attn-check-ws nccl bench ncu "
+NEEDS_ADDON=" info gemm grouped grouped-blas grouped-streams grouped-mma grouped-wgmma conformance kernels attn-check attn-check-ws nccl bench ncu "
 case $DEVICE in
   cudaemu*) addon=packages/cuda/build/Release/megapatch_cuda_emu.node ;;
   *) addon=packages/cuda/build/Release/megapatch_cuda.node ;;
@@ -246,9 +246,13 @@ report grouped-blas "$(last gemm.log '^grouped \(MEGAPATCH_GROUPED_GEMM=grouped\
 # and on several streams at once (a missing fork or join would show as wrong products here)
 step grouped-streams gemm.log 60 env MEGAPATCH_GROUPED_GEMM=streams "$TSX" packages/cuda/gpu/gemm-check.mts "$DEVICE" grouped
 report grouped-streams "$(last gemm.log '^grouped \(MEGAPATCH_GROUPED_GEMM=streams\)')"
-# and on our tensor-core grouped kernel (mma.sync; all four operand layouts)
+# and on our tensor-core grouped kernels (mma.sync, wgmma; all four operand layouts)
 step grouped-mma gemm.log 60 env MEGAPATCH_GROUPED_GEMM=mma "$TSX" packages/cuda/gpu/gemm-check.mts "$DEVICE" grouped
 report grouped-mma "$(last gemm.log '^grouped \(MEGAPATCH_GROUPED_GEMM=mma\)')"
+step grouped-wgmma gemm.log 60 env MEGAPATCH_GROUPED_GEMM=wgmma "$TSX" packages/cuda/gpu/gemm-check.mts "$DEVICE" grouped
+report grouped-wgmma "$(last gemm.log '^grouped \(MEGAPATCH_GROUPED_GEMM=wgmma\)')"
+# the bench times the wgmma grouped kernel only if it was right here (and the self-test passed)
+export MEGAPATCH_BENCH_GROUPED_WGMMA=$([ "$RC" = 0 ] && echo 1 || echo 0)
 
 vitest_run() { # config
   cd packages/cuda && node ../../node_modules/vitest/vitest.mjs run --config "$1"

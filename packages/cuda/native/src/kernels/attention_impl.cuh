@@ -2228,21 +2228,7 @@ inline bool wgmma_overlap() {
   const char* e = std::getenv("MEGAPATCH_ATTENTION_WGMMA_OVERLAP");
   return !(e && std::strcmp(e, "0") == 0);
 }
-// The build carries sm_90a code (MEGAPATCH_CUDA_WGMMA, from CMakeLists.txt: an architecture list
-// with 90a) and the current device is compute capability 9.0. The emulator emulates wgmma.
-inline bool device_has_wgmma() {
-#if defined(MEGAPATCH_CUDA_EMULATOR)
-  return true;
-#elif defined(MEGAPATCH_CUDA_WGMMA)
-  int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return false;
-  return major == 9 && minor == 0;
-#else
-  return false;
-#endif
-}
+// (device_has_wgmma: mma.cuh)
 // The wgmma forward with WG keys a tile and NWG warpgroups (64 NWG query rows) a block.
 template <typename T, int D, int DV, int WG, int NWG>
 void forward_wgmma_launch(Params P, bool ovl, cudaStream_t s) {

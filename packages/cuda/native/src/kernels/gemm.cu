@@ -445,8 +445,9 @@ std::vector<GemmProblem> grouped_work(DType dtype, const std::vector<GemmProblem
 // grouped GEMM on an H200 for 2 of 3 MoE shapes (Mixtral-like E8: 696 vs 280 TFLOP/s;
 // Moonlight-like E64 fc1: 317 vs 273; fc2: 181 vs 259).
 // "streams" the loop spread over a few streams (below); "mma" the tensor-core grouped kernel of
-// gemm_grouped_mma.cu (bf16 / f16 on sm_80+; the problems it cannot take, fp32 included, by the loop).
-enum class GroupedMode { Grouped, Loop, Tiled, Streams, Mma };
+// gemm_grouped_mma.cu (bf16 / f16 on sm_80+; the problems it cannot take, fp32 included, by the
+// loop), "wgmma" its wgmma form (sm_90a; elsewhere as "mma").
+enum class GroupedMode { Grouped, Loop, Tiled, Streams, Mma, Wgmma };
 GroupedMode grouped_mode() {
   static const GroupedMode mode = [] {
     const char* v = std::getenv("MEGAPATCH_GROUPED_GEMM");
@@ -456,8 +457,10 @@ GroupedMode grouped_mode() {
     if (s == "streams") return GroupedMode::Streams;
     if (s == "grouped") return GroupedMode::Grouped;
     if (s == "mma") return GroupedMode::Mma;
+    if (s == "wgmma") return GroupedMode::Wgmma;
     if (!s.empty())
-      throw_error("groupedGemm: MEGAPATCH_GROUPED_GEMM must be loop, streams, grouped, tiled or mma, got '" + s + "'");
+      throw_error("groupedGemm: MEGAPATCH_GROUPED_GEMM must be loop, streams, grouped, tiled, mma or wgmma, got '" + s +
+                  "'");
 #ifdef MEGAPATCH_CUDA_EMULATOR
     return GroupedMode::Grouped;
 #else
@@ -559,8 +562,9 @@ bool grouped_by_mode(cudaStream_t stream, DType dtype, const std::vector<GemmPro
     case GroupedMode::Loop: grouped_loop(stream, dtype, work); return true;
     case GroupedMode::Tiled: run_grouped_tiled(stream, dtype, work); return true;
     case GroupedMode::Streams: grouped_streams(stream, dtype, work); return true;
-    case GroupedMode::Mma: {
-      const std::vector<GemmProblem> rest = grouped_mma(stream, dtype, work);
+    case GroupedMode::Mma:
+    case GroupedMode::Wgmma: {
+      const std::vector<GemmProblem> rest = grouped_mma(stream, dtype, work, grouped_mode() == GroupedMode::Wgmma);
       if (!rest.empty()) grouped_loop(stream, dtype, rest);
       return true;
     }

@@ -99,11 +99,13 @@ struct GemmProblem {
 // on a GPU too.
 void grouped_gemm(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps);
 
-// The tensor-core grouped kernel (MEGAPATCH_GROUPED_GEMM=mma, gemm_grouped_mma.cu): enqueues the
-// products of `ps` (validated, sizes positive) it can take, bf16 / f16 on sm_80+ with 16-byte
-// aligned layouts (each operand unit-strided in one dimension, the other stride and that
-// dimension's extent multiples of 8), all in one launch; returns the others, for the caller.
-std::vector<GemmProblem> grouped_mma(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps);
+// The tensor-core grouped kernels (MEGAPATCH_GROUPED_GEMM=mma / =wgmma, gemm_grouped_mma.cu):
+// enqueues the products of `ps` (validated, sizes positive) they can take, bf16 / f16 on sm_80+
+// with 16-byte aligned layouts (each operand unit-strided in one dimension, the other stride and
+// that dimension's extent multiples of 8), one launch per operand layout; returns the others, for
+// the caller. `wgmma`: on wgmma where the device and build have it (sm_90a), else on mma.sync.
+std::vector<GemmProblem> grouped_mma(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps,
+                                     bool wgmma = false);
 
 // Copies `n` host words to device memory at dst on `stream`: one small kernel per 480 words, the
 // words passed as its parameter (captured at each launch; the caller may reuse them): a table's

@@ -12,6 +12,8 @@
 // fragments for all four layouts of A (K- or M-fast) and B (K- or N-fast): the forward x W^T, the
 // input gradient dY W and the weight gradient dY^T x of a grouped linear layer.
 // The accumulators are rounded once into C (round to nearest even), two columns a store.
+// MEGAPATCH_GROUPED_GEMM=wgmma runs the same tiles, ring and A slices on sm_90a's wgmma (below),
+// B kept in wgmma's core-matrix layout instead.
 //
 // What it takes (else the caller's loop runs the problem): bf16 / f16; each operand with a unit
 // stride in one of its matrix dimensions, the other stride a multiple of 8 elements, that
@@ -32,6 +34,10 @@ namespace {
 constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 4, kWarps = 8, kNT = 32 * kWarps;
 constexpr int kSlice = kBM * kBK;                             // elements of one operand's stage (BM == BN)
 constexpr size_t kSmem = size_t(kStages) * 2 * kSlice * 2;  // bytes: 64 KiB
+// the wgmma kernel's ring: 5 slots, k-tiles loaded 3 ahead (a slot is refilled two k-tiles after
+// its read, once its wgmmas are waited for; the next k-tile's wgmmas may still run)
+constexpr int kStagesW = 5, kAheadW = kStagesW - 2;
+constexpr size_t kSmemW = size_t(kStagesW) * 2 * kSlice * 2;  // 80 KiB
 static_assert(kBM == kBN, "A's and B's slices share a layout");
 
 // One problem as the device reads it (uploaded with upload_words): operands, the stride that is not
@@ -51,12 +57,21 @@ static_assert(sizeof(MmaEntry) % 8 == 0, "MmaEntry is uploaded as 64-bit words")
 MP_D int off_kfast(int r, int k) { return r * kBK + ((((k >> 3) ^ (r >> 1)) & 3) << 3) + (k & 7); }
 MP_D int off_mnfast(int k, int r) { return k * kBM + (((r >> 3) ^ (k & 7)) << 3) + (r & 7); }
 
+// Byte offset of chunk (row r of the operand's tile dimension, k) in wgmma's core-matrix layout
+// (mma.cuh), no swizzle: K-fast (a K-major B: 8 rows x 16 bytes of k a core matrix; LBO 128 to the
+// next 8 k, SBO 512 to the next 8 rows) or MN-fast (an MN-major B: 8 k x 16 bytes of rows; SBO 128
+// to the next 8 rows, LBO 2048 to the next 8 k).
+MP_D int cm_kfast(int r, int k) { return (k >> 3) * 128 + (r >> 3) * 512 + (r & 7) * 16; }
+MP_D int cm_mnfast(int k, int r) { return (k >> 3) * 2048 + (r >> 3) * 128 + (k & 7) * 16; }
+
 // This thread's two 16-byte chunks of one operand's slice (of 512): where they land in the slice
 // (bytes), where they start in global memory at k-tile 0 and how far they move a k-tile, and what
 // must hold for each to be inside the operand (row < R, k < K; else it lands as zeros). K-fast:
-// chunk q is row q / 4, k 8 (q % 4); MN-fast: k q / 16, rows 8 (q % 16). The second chunk (q + 256)
-// is 64 rows (K-fast) or 16 k (MN-fast) on: 4096 bytes on in the slice, with the same swizzle.
-template <typename T, bool MNF> struct SliceLoader {
+// chunk q is row q / 4, k 8 (q % 4); MN-fast: k q / 16, rows 8 (q % 16), or with CM (the
+// core-matrix layout) k 8 (q / 128) + q % 8, rows 8 ((q / 8) % 16), so that a warp's 32 chunks
+// land in 32 different bank slots there too. The second chunk (q + 256) is 64 rows (K-fast) or
+// 16 k (MN-fast) on: 4096 bytes on in the slice in every layout.
+template <typename T, bool MNF, bool CM = false> struct SliceLoader {
   const T* src[2];
   int dst, kpos;
   bool row_ok[2];
@@ -64,9 +79,9 @@ template <typename T, bool MNF> struct SliceLoader {
 
   MP_D SliceLoader(const T* g, int64_t ld, int64_t R, int64_t r0, int tid) {
     step = MNF ? int64_t(kBK) * ld : int64_t(kBK);
-    const int r = MNF ? (tid & 15) << 3 : tid >> 2;
-    const int k = MNF ? tid >> 4 : (tid & 3) << 3;
-    dst = 2 * (MNF ? off_mnfast(k, r) : off_kfast(r, k));
+    const int r = MNF ? (CM ? ((tid >> 3) & 15) << 3 : (tid & 15) << 3) : tid >> 2;
+    const int k = MNF ? (CM ? ((tid >> 7) << 3) + (tid & 7) : tid >> 4) : (tid & 3) << 3;
+    dst = CM ? (MNF ? cm_mnfast(k, r) : cm_kfast(r, k)) : 2 * (MNF ? off_mnfast(k, r) : off_kfast(r, k));
     kpos = k;
     MP_UNROLL
     for (int i = 0; i < 2; i++) {
@@ -85,7 +100,40 @@ template <typename T, bool MNF> struct SliceLoader {
     }
   }
 };
-static_assert(64 * 2 * kBK == 4096 && 16 * 2 * kBM == 4096, "the second chunk of a thread is 4096 bytes on");
+static_assert(64 * 2 * kBK == 4096 && 16 * 2 * kBM == 4096 && 8 * 512 == 4096 && 2 * 2048 == 4096,
+              "the second chunk of a thread is 4096 bytes on");
+
+// Starts the copies of k-tile kt (if there is one) into a ring slot (A's slice, then B's) and
+// closes this thread's commit group (empty past the last k-tile, so that the waits count alike).
+template <typename LA, typename LB> MP_D void ring_fill(LA& la, LB& lb, SmemAddr slot, int kt, int ktiles, int k32) {
+  if (kt < ktiles) {
+    la.load(slot, k32 - kt * kBK);
+    lb.load(slot + 2 * kSlice, k32 - kt * kBK);
+  }
+  cp_async_commit();
+}
+
+// The entry of tile t (tile_start ascending): a binary search.
+MP_D const MmaEntry& entry_of(const MmaEntry* table, int64_t count, int64_t t) {
+  int64_t lo = 0, hi = count - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (table[mid].tile_start <= t) lo = mid;
+    else hi = mid - 1;
+  }
+  return table[lo];
+}
+
+// C's elements col and col + 1 of a row (p: the first), those below N, rounded once; one 32-bit
+// store where both are and `pairs` (C's row stride even, its base 4-byte aligned).
+template <typename T> MP_D void store2(T* p, int64_t col, int64_t N, bool pairs, float v0, float v1) {
+  if (col + 1 < N && pairs) {
+    *reinterpret_cast<uint32_t*>(p) = pack2<T>(v0, v1);
+  } else {
+    if (col < N) Tr<T>::st(p, v0);
+    if (col + 1 < N) Tr<T>::st(p + 1, v1);
+  }
+}
 
 // Every 128 x 128 tile of the table's problems whose layouts are (AMF: A M-fast, else K-fast;
 // BNF: B N-fast, else K-fast).
@@ -122,13 +170,7 @@ __global__ void __launch_bounds__(kNT, 2)
   constexpr int kSlot = 2 * 2 * kSlice;  // bytes of a ring slot: A's slice, then B's
 
   for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
-    int64_t lo = 0, hi = count - 1;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi + 1) / 2;
-      if (table[mid].tile_start <= t) lo = mid;
-      else hi = mid - 1;
-    }
-    const MmaEntry& e = table[lo];
+    const MmaEntry& e = entry_of(table, count, t);
     const int64_t local = t - e.tile_start;
     const int64_t m0 = (local / e.ntiles_n) * kBM, n0 = (local % e.ntiles_n) * kBN;
     const int64_t M = e.M, N = e.N, K = e.K;
@@ -145,23 +187,12 @@ __global__ void __launch_bounds__(kNT, 2)
 
     const int ktiles = static_cast<int>((K + kBK - 1) / kBK), k32 = static_cast<int>(K);  // K < 2^31
     MP_UNROLL
-    for (int s = 0; s < kStages - 1; s++) {
-      if (s < ktiles) {
-        la.load(sm + s * kSlot, k32 - s * kBK);
-        lb.load(sm + s * kSlot + 2 * kSlice, k32 - s * kBK);
-      }
-      cp_async_commit();
-    }
+    for (int s = 0; s < kStages - 1; s++) ring_fill(la, lb, sm + s * kSlot, s, ktiles, k32);
     int rd = 0, wr = kStages - 1;  // the slots read and filled this iteration
     for (int kt = 0; kt < ktiles; kt++) {
       cp_async_wait<kStages - 2>();
       __syncthreads();  // k-tile kt landed for all; slot wr (read at kt - 1) is free
-      const int next = kt + kStages - 1;
-      if (next < ktiles) {
-        la.load(sm + wr * kSlot, k32 - next * kBK);
-        lb.load(sm + wr * kSlot + 2 * kSlice, k32 - next * kBK);
-      }
-      cp_async_commit();
+      ring_fill(la, lb, sm + wr * kSlot, kt + kStages - 1, ktiles, k32);
       const SmemAddr as = sm + rd * kSlot, bs = as + 2 * kSlice;
       MP_UNROLL
       for (int h = 0; h < kBK / 16; h++) {
@@ -202,16 +233,103 @@ __global__ void __launch_bounds__(kNT, 2)
         MP_UNROLL
         for (int ni = 0; ni < 4; ni++) {
           const int64_t col = n0 + wn * 32 + ni * 8 + 2 * q;
-          const float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
-          T* p = C + r * e.ldc + col;
-          if (col + 1 < N && e.pairs) {
-            *reinterpret_cast<uint32_t*>(p) = pack2<T>(v0, v1);
-          } else {
-            if (col < N) Tr<T>::st(p, v0);
-            if (col + 1 < N) Tr<T>::st(p + 1, v1);
-          }
+          store2(C + r * e.ldc + col, col, N, e.pairs != 0, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
         }
       }
+  }
+}
+
+// The same tiles on wgmma (sm_90a; MEGAPATCH_GROUPED_GEMM=wgmma): two warpgroups, each 64 rows x
+// 128 columns of the tile (acc: 16 accumulator tiles of 8 columns, warp w of the warpgroup rows
+// 16 w .. 16 w + 15, mma.sync's layout), A's fragments from its swizzled slice by ldmatrix as above
+// (wgmma's register A), B from its slice in core matrices through a descriptor (K-major for a
+// K-fast B, MN-major for an N-fast one): per k-tile of 32 a warpgroup issues 2 wgmma m64n128k16
+// as a group and lets it run while it waits at the next barrier and issues the next k-tile's
+// (wgmma_wait<1>: the group before is done), so a ring slot and a buffer of A fragments are reused
+// only two k-tiles after they were read (5 slots, 80 KiB; two blocks an SM).
+template <typename T, bool AMF, bool BNF>
+__global__ void __launch_bounds__(kNT, 2)
+    gemm_grouped_wgmma_kernel(const MmaEntry* table, int64_t count, int64_t total_tiles) {
+  MP_DYNAMIC_SMEM(T, smem);
+  const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  const int lr = lane & 7, lm = lane >> 3;
+  const int rows = (warp >> 2) * 64 + (warp & 3) * 16;  // this warp's 16 rows of the tile
+  constexpr int kRowMN = 2 * kBM;
+  // this lane's ldmatrix row of the warp's A fragment at k-step h (as in the mma.sync kernel)
+  int abase[2];
+  MP_UNROLL
+  for (int h = 0; h < 2; h++)
+    abase[h] = AMF ? 2 * off_mnfast(lr + (lm >> 1) * 8, rows + (lm & 1) * 8) + h * 16 * kRowMN
+                   : 2 * off_kfast(rows + lr + (lm & 1) * 8, 16 * h + (lm >> 1) * 8);
+  const SmemAddr sm = smem_at(smem);
+  constexpr int kSlot = 2 * 2 * kSlice;
+  // B's descriptor at the start of shared memory; a slot's k-step is a constant number of 16 bytes
+  // on (the start address field does not carry: shared addresses / 16 stay below 2^14)
+  const uint64_t desc0 = BNF ? wgmma_desc(smem, 2048, 128) : wgmma_desc(smem, 128, 512);
+  constexpr uint64_t kStepDesc = (BNF ? 2 * 2048 : 2 * 128) / 16;
+
+  for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
+    const MmaEntry& e = entry_of(table, count, t);
+    const int64_t local = t - e.tile_start;
+    const int64_t m0 = (local / e.ntiles_n) * kBM, n0 = (local % e.ntiles_n) * kBN;
+    const int64_t M = e.M, N = e.N, K = e.K;
+    SliceLoader<T, AMF> la(reinterpret_cast<const T*>(e.a), e.lda, M, m0, tid);
+    SliceLoader<T, BNF, true> lb(reinterpret_cast<const T*>(e.b), e.ldb, N, n0, tid);
+
+    float acc[kBN / 8][4];
+    MP_UNROLL
+    for (int j = 0; j < kBN / 8; j++)
+      MP_UNROLL
+      for (int v = 0; v < 4; v++) acc[j][v] = 0.0f;
+
+    const int ktiles = static_cast<int>((K + kBK - 1) / kBK), k32 = static_cast<int>(K);
+    MP_UNROLL
+    for (int s = 0; s < kAheadW; s++) ring_fill(la, lb, sm + s * kSlot, s, ktiles, k32);
+    // one k-tile: its A fragments into `af` (the other buffer may still be read by the previous
+    // k-tile's wgmmas), its 2 wgmmas issued as a group; returns once at most that group is pending
+    auto step = [&](int kt, uint32_t(&af)[2][4]) {
+      cp_async_wait<kAheadW - 1>();
+      fence_proxy_async();  // this thread's copies, for wgmma
+      __syncthreads();      // k-tile kt landed for all; every warpgroup waited for k-tile kt - 2's wgmmas
+      ring_fill(la, lb, sm + ((kt + kAheadW) % kStagesW) * kSlot, kt + kAheadW, ktiles, k32);  // kt - 2's slot
+      const int rd = kt % kStagesW;
+      const SmemAddr as = sm + rd * kSlot;
+      MP_UNROLL
+      for (int h = 0; h < 2; h++) {
+        if (AMF) ldsm_x4_trans(af[h], as + abase[h]);
+        else ldsm_x4(af[h], as + abase[h]);
+      }
+      const uint64_t d = desc0 + static_cast<uint64_t>((rd * kSlot + 2 * kSlice) >> 4);
+      wgmma_fence_operands(af);
+      wgmma_fence_operands(acc);
+      wgmma_fence();
+      wgmma_rs<T, kBN, BNF>(acc, af[0], d, 1);
+      wgmma_rs<T, kBN, BNF>(acc, af[1], d + kStepDesc, 1);
+      wgmma_commit();
+      wgmma_wait<1>();
+    };
+    uint32_t af0[2][4], af1[2][4];
+    for (int kt = 0; kt < ktiles; kt += 2) {
+      step(kt, af0);
+      if (kt + 1 < ktiles) step(kt + 1, af1);
+    }
+    wgmma_wait<0>();
+    wgmma_fence_operands(acc);
+    cp_async_wait<0>();
+    __syncthreads();
+
+    T* C = reinterpret_cast<T*>(e.c);
+    const int g = lane >> 2, q = lane & 3;
+    MP_UNROLL
+    for (int h = 0; h < 2; h++) {
+      const int64_t r = m0 + rows + g + 8 * h;
+      if (r >= M) continue;
+      MP_UNROLL
+      for (int j = 0; j < kBN / 8; j++) {
+        const int64_t col = n0 + j * 8 + 2 * q;
+        store2(C + r * e.ldc + col, col, N, e.pairs != 0, acc[j][2 * h], acc[j][2 * h + 1]);
+      }
+    }
   }
 }
 
@@ -259,7 +377,7 @@ bool device_runs_mma() {
 
 // One launch for the entries of one layout: the table uploaded into scratch, then every tile.
 template <typename T, bool AMF, bool BNF>
-void launch_layout(cudaStream_t stream, const std::vector<MmaEntry>& table, int64_t total) {
+void launch_layout(cudaStream_t stream, bool wgmma, const std::vector<MmaEntry>& table, int64_t total) {
 #ifdef MEGAPATCH_CUDA_EMULATOR
   constexpr int64_t kMaxBlocks = 3;  // few blocks: the grid-stride loop runs
 #else
@@ -268,27 +386,31 @@ void launch_layout(cudaStream_t stream, const std::vector<MmaEntry>& table, int6
   const int64_t words = static_cast<int64_t>(table.size() * sizeof(MmaEntry) / sizeof(uint64_t));
   Scratch scratch(table.size() * sizeof(MmaEntry), stream);
   upload_words(stream, reinterpret_cast<const uint64_t*>(table.data()), words, scratch.at<uint64_t>());
-  auto k = gemm_grouped_mma_kernel<T, AMF, BNF>;
-  check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem)),
-        "groupedGemm: shared memory of the mma kernel");
-  MP_LAUNCH(k, dim3(static_cast<unsigned>(mn(total, kMaxBlocks))), dim3(kNT), kSmem, stream,
+  auto k = wgmma ? gemm_grouped_wgmma_kernel<T, AMF, BNF> : gemm_grouped_mma_kernel<T, AMF, BNF>;
+  const char* name = wgmma ? "gemm_grouped_wgmma_kernel" : "gemm_grouped_mma_kernel";
+  const size_t smem = wgmma ? kSmemW : kSmem;
+  check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)), name);
+  MP_LAUNCH(k, dim3(static_cast<unsigned>(mn(total, kMaxBlocks))), dim3(kNT), smem, stream,
             scratch.at<const MmaEntry>(), static_cast<int64_t>(table.size()), total);
-  check_launch("gemm_grouped_mma_kernel");
+  check_launch(name);
 }
 
-template <typename T> void launch_layout(cudaStream_t stream, int layout, const std::vector<MmaEntry>& t, int64_t n) {
+template <typename T>
+void launch_layout(cudaStream_t stream, bool wgmma, int layout, const std::vector<MmaEntry>& t, int64_t n) {
   switch (layout) {
-    case 0: launch_layout<T, false, false>(stream, t, n); break;
-    case 1: launch_layout<T, false, true>(stream, t, n); break;
-    case 2: launch_layout<T, true, false>(stream, t, n); break;
-    default: launch_layout<T, true, true>(stream, t, n); break;
+    case 0: launch_layout<T, false, false>(stream, wgmma, t, n); break;
+    case 1: launch_layout<T, false, true>(stream, wgmma, t, n); break;
+    case 2: launch_layout<T, true, false>(stream, wgmma, t, n); break;
+    default: launch_layout<T, true, true>(stream, wgmma, t, n); break;
   }
 }
 
 }  // namespace
 
-std::vector<GemmProblem> grouped_mma(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps) {
+std::vector<GemmProblem> grouped_mma(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps,
+                                     bool wgmma) {
   if ((dtype != DType::BF16 && dtype != DType::F16) || ps.empty() || !device_runs_mma()) return ps;
+  wgmma = wgmma && device_has_wgmma();
   std::vector<GemmProblem> rest;
   // by layout (2 a_mfast + b_nfast): one launch each; a grouped linear layer's call has one
   std::vector<MmaEntry> tables[4];
@@ -307,8 +429,8 @@ std::vector<GemmProblem> grouped_mma(cudaStream_t stream, DType dtype, const std
   }
   for (int layout = 0; layout < 4; layout++) {
     if (tables[layout].empty()) continue;
-    if (dtype == DType::BF16) launch_layout<bf16>(stream, layout, tables[layout], totals[layout]);
-    else launch_layout<f16>(stream, layout, tables[layout], totals[layout]);
+    if (dtype == DType::BF16) launch_layout<bf16>(stream, wgmma, layout, tables[layout], totals[layout]);
+    else launch_layout<f16>(stream, wgmma, layout, tables[layout], totals[layout]);
   }
   return rest;
 }

@@ -38,8 +38,10 @@
 // Every lane of the warp must call each primitive together (they are warp-synchronous, .aligned).
 #pragma once
 
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -340,6 +342,17 @@ inline EmuProxy& emu_proxy() {
   }
   return p;
 }
+// MEGAPATCH_CUDA_EMU_CP_ASYNC=eager: each copy also lands at once, at its cp.async (a GPU may land
+// it any time between the call and the wait that completes it). The default (landing at the wait)
+// catches reads before the wait; eager catches writes into a buffer that an earlier asynchronous
+// reader (a wgmma group not yet waited for) still reads. The tests run both.
+inline bool emu_eager_copies() {
+  static const bool eager = [] {
+    const char* v = std::getenv("MEGAPATCH_CUDA_EMU_CP_ASYNC");
+    return v && std::string(v) == "eager";
+  }();
+  return eager;
+}
 // lands a group of this thread's copies; those in dynamic shared memory become its unfenced chunks
 inline void emu_land(const std::vector<EmuCopy>& group) {
   const unsigned char* sm = static_cast<const unsigned char*>(::emu::dynamic_smem());
@@ -369,6 +382,7 @@ MP_D void cp_async16(void* dst, const void* src) {
   mma_detail::EmuCopy c;
   c.dst = static_cast<unsigned char*>(dst);
   std::memcpy(c.bytes, src, 16);
+  if (mma_detail::emu_eager_copies()) std::memcpy(c.dst, c.bytes, 16);
   mma_detail::emu_async().open.push_back(c);
 #else
   *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
@@ -388,6 +402,7 @@ MP_D void cp_async16_zfill(SmemAddr dst, const void* src, bool full) {
   c.dst = const_cast<unsigned char*>(dst);
   if (full) std::memcpy(c.bytes, src, 16);
   else std::memset(c.bytes, 0, 16);
+  if (mma_detail::emu_eager_copies()) std::memcpy(c.dst, c.bytes, 16);
   mma_detail::emu_async().open.push_back(c);
 #else
   uint4* d = reinterpret_cast<uint4*>(const_cast<unsigned char*>(dst));
@@ -453,6 +468,23 @@ template <int N> MP_D void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define MPC_WGMMA_PTX 1
 #endif
+
+// Host side: the build carries sm_90a code (MEGAPATCH_CUDA_WGMMA, from CMakeLists.txt: an
+// architecture list with 90a) and the current device is compute capability 9.0, so that kernels
+// using the primitives below may be launched. The emulator emulates wgmma.
+inline bool device_has_wgmma() {
+#if defined(MEGAPATCH_CUDA_EMULATOR)
+  return true;
+#elif defined(MEGAPATCH_CUDA_WGMMA)
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return false;
+  return major == 9 && minor == 0;
+#else
+  return false;
+#endif
+}
 
 // The descriptor of a B operand at shared-memory address `p` (16-byte aligned).
 MP_D uint64_t wgmma_desc(const void* p, uint32_t lbo_bytes, uint32_t sbo_bytes) {
