@@ -2,8 +2,8 @@
 """The PyTorch side of the GPU bench (gpu-bench.sh runs it beside ours.mts): the same cases.
 
   gemm   torch.matmul on bf16 operands (transposed views where cases.json says so)
-  grouped  MoE experts' GEMMs, bf16, uneven rows per expert: a loop of torch.matmul into each
-         expert's rows of one output (Megatron's SequentialMLP), and torch._grouped_mm where this
+  grouped  MoE experts' GEMMs, bf16, uneven rows per expert (forward, and forward + backward): a
+         loop of torch.matmul into each expert's rows of one output (Megatron's SequentialMLP), and torch._grouped_mm where this
          torch has it (one kernel; a failure is reported)
   attn   F.scaled_dot_product_attention, causal, bf16, forced to the flash backend
          (torch.nn.attention.sdpa_kernel(SDPBackend.FLASH_ATTENTION)); GQA through
@@ -214,21 +214,45 @@ def bench_grouped():
                     s = starts[e]
                     torch.matmul(x[s : s + sizes[e]], w[e].t(), out=out[s : s + sizes[e]])
 
-        modes = [("loop", loop)]
+        # forward + backward (dx and every dW, as ours.mts times groupedLinear's): autograd through
+        # the loop of matmuls, and through _grouped_mm where it has a backward
+        xg = x.detach().requires_grad_()
+        wg = w.detach().requires_grad_()
+        gy = torch.randn(N, Fo, device=DEVICE, dtype=dt)
+
+        def loop_train():
+            parts = [xg[s : s + n] @ wg[e].t() for e, (s, n) in enumerate(zip(starts, sizes)) if n]
+            torch.cat(parts).backward(gy)
+            xg.grad = None
+            wg.grad = None
+
+        modes = [("loop", loop, loop_train)]
         if hasattr(torch, "_grouped_mm"):
             offs = torch.tensor([starts[e] + sizes[e] for e in range(E)], device=DEVICE, dtype=torch.int32)
             wt = w.transpose(-2, -1)
-            modes.append(("grouped_mm", lambda: torch._grouped_mm(x, wt, offs=offs)))
-        for mode, fn in modes:
+
+            def grouped_train():
+                torch._grouped_mm(xg, wg.transpose(-2, -1), offs=offs).backward(gy)
+                xg.grad = None
+                wg.grad = None
+
+            modes.append(("grouped_mm", lambda: torch._grouped_mm(x, wt, offs=offs), grouped_train))
+        for mode, fn, train in modes:
             try:
                 r = time_it(fn, max_samples=30)
+                extra = {}
+                try:
+                    rt = time_it(train, max_samples=30)
+                    extra = dict(trainMs=r4(rt["ms"]), trainTflops=r4(3 * flops / (rt["ms"] / 1000) / 1e12))
+                except Exception as e:  # noqa: BLE001 — the forward's figure stands without it
+                    extra = dict(trainError=err_line(e))
                 emit(kind="grouped", case=c["case"], mode=mode, E=E, N=N, K=K, F=Fo, ms=r4(r["ms"]),
                      tflops=r4(flops / (r["ms"] / 1000) / 1e12), minMs=r4(r["minMs"]), maxMs=r4(r["maxMs"]),
-                     samples=r["samples"], reps=r["reps"])
+                     samples=r["samples"], reps=r["reps"], **extra)
             except Exception as e:  # noqa: BLE001 — one failed mode must not stop the bench
                 emit(kind="grouped", case=c["case"], mode=mode, error=err_line(e))
         log(f"grouped {c['case']} done")
-        del x, w, out
+        del x, w, out, xg, wg, gy
 
 
 # -------------------------------------------------------------------------------------------------
