@@ -150,11 +150,15 @@ if has grouped; then
   export MEGAPATCH_BENCH_CASE_BUDGET_S=${MEGAPATCH_BENCH_GROUPED_CASE_S:-2}
   if [ -n "$TSX" ]; then
     # each MEGAPATCH_GROUPED_GEMM mode the GPU has: the loop (its default), the loop over streams,
-    # cuBLAS's grouped GEMM, our tensor-core grouped kernel on mma.sync and on wgmma
-    for mode in loop streams grouped mma wgmma; do
+    # cuBLAS's grouped GEMM, our tensor-core grouped kernel on mma.sync and on wgmma (tiles of 128 x
+    # 128, and of 128 x 256: wgmma256)
+    for mode in loop streams grouped mma wgmma wgmma256; do
       # (gpu/run.sh: not where its check or the wgmma self-test failed)
-      [ "$mode" = wgmma ] && [ "${MEGAPATCH_BENCH_GROUPED_WGMMA:-1}" = 0 -o "${MEGAPATCH_BENCH_WGMMA:-1}" = 0 ] && continue
-      MEGAPATCH_GROUPED_GEMM=$mode run ours-grouped-$mode 30 "$TSX" $BENCH/ours.mts grouped
+      [ "${mode#wgmma}" != "$mode" ] && [ "${MEGAPATCH_BENCH_GROUPED_WGMMA:-1}" = 0 -o "${MEGAPATCH_BENCH_WGMMA:-1}" = 0 ] && continue
+      n=128
+      [ "$mode" = wgmma256 ] && n=256
+      MEGAPATCH_GROUPED_GEMM=${mode%256} MEGAPATCH_GROUPED_WGMMA_N=$n MEGAPATCH_BENCH_GROUPED_MODE=$mode \
+        run ours-grouped-$mode 30 "$TSX" $BENCH/ours.mts grouped
     done
   fi
   [ -n "$PY" ] && run torch-grouped 40 "$PY" $BENCH/torch_ref.py grouped ${TORCH_ARGS[@]+"${TORCH_ARGS[@]}"}

@@ -195,7 +195,8 @@ function groupSizes(E: number, N: number): number[] {
 if (want('grouped')) {
   T.manualSeed(3);
   // (unset: the device's default, the loop on a GPU; the emulator's is its grouped tiled kernel)
-  const mode = process.env.MEGAPATCH_GROUPED_GEMM || 'default';
+  // (MEGAPATCH_BENCH_GROUPED_MODE: the name gpu-bench.sh gives a setting, e.g. wgmma256)
+  const mode = process.env.MEGAPATCH_BENCH_GROUPED_MODE || process.env.MEGAPATCH_GROUPED_GEMM || 'default';
   for (const c of cases.grouped ?? []) {
     const { E, N, K, F } = c;
     try {

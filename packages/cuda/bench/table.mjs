@@ -78,7 +78,7 @@ for (const c of cases.gemm) {
 // no target)
 summary.grouped = [];
 for (const c of cases.grouped ?? []) {
-  const modes = ['loop', 'streams', 'grouped', 'mma', 'wgmma'];
+  const modes = ['loop', 'streams', 'grouped', 'mma', 'wgmma', 'wgmma256'];
   const ours = Object.fromEntries(modes.map((m) => [m, pick('megapatch', 'grouped', c.case, m)]));
   const tl = pick('torch', 'grouped', c.case, 'loop');
   const tg = pick('torch', 'grouped', c.case, 'grouped_mm');

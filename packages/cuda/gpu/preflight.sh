@@ -113,6 +113,12 @@ else
   skipped+=("the configure (cuBLAS's headers not found)")
 fi
 for s in "${skipped[@]}"; do echo "skip  $s"; done
+# ptxas's C7513: a kernel's wgmma serialised (a register that a wgmma reads written while a group is
+# in flight; the grouped GEMM's first wgmma form had it): not an error, but its pipelining is lost
+grep -l 'C7513' "$tmp"/*.log 2>/dev/null | while read -r log; do
+  echo "warn  $(basename "$log" .log): ptxas C7513, wgmma serialised in $(grep -c C7513 "$log") kernels:"
+  grep -o "function '[^']*'" "$log" | head -3 | sed 's/^/        /'
+done
 if [ -f "$tmp/failed" ]; then
   while read -r f; do
     echo "--- $f:"

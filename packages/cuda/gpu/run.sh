@@ -219,7 +219,7 @@ fi
 
 # without the addon the steps that load it would only fail one after the other (session 33's run on
 # an H100 spent its call so): they are skipped, the tensor cores' self-test (nvcc alone) still runs
-NEEDS_ADDON=" info gemm grouped grouped-blas grouped-streams grouped-mma grouped-wgmma conformance kernels attn-check attn-check-ws nccl bench ncu "
+NEEDS_ADDON=" info gemm grouped grouped-blas grouped-streams grouped-mma grouped-wgmma grouped-wgmma256 conformance kernels attn-check attn-check-ws nccl bench ncu "
 case $DEVICE in
   cudaemu*) addon=packages/cuda/build/Release/megapatch_cuda_emu.node ;;
   *) addon=packages/cuda/build/Release/megapatch_cuda.node ;;
@@ -251,8 +251,12 @@ step grouped-mma gemm.log 60 env MEGAPATCH_GROUPED_GEMM=mma "$TSX" packages/cuda
 report grouped-mma "$(last gemm.log '^grouped \(MEGAPATCH_GROUPED_GEMM=mma\)')"
 step grouped-wgmma gemm.log 60 env MEGAPATCH_GROUPED_GEMM=wgmma "$TSX" packages/cuda/gpu/gemm-check.mts "$DEVICE" grouped
 report grouped-wgmma "$(last gemm.log '^grouped \(MEGAPATCH_GROUPED_GEMM=wgmma\)')"
-# the bench times the wgmma grouped kernel only if it was right here (and the self-test passed)
-export MEGAPATCH_BENCH_GROUPED_WGMMA=$([ "$RC" = 0 ] && echo 1 || echo 0)
+GROUPED_WGMMA_RC=$RC
+step grouped-wgmma256 gemm.log 60 env MEGAPATCH_GROUPED_GEMM=wgmma MEGAPATCH_GROUPED_WGMMA_N=256 "$TSX" packages/cuda/gpu/gemm-check.mts "$DEVICE" grouped
+report grouped-wgmma256 "$(last gemm.log '^grouped \(MEGAPATCH_GROUPED_GEMM=wgmma\)') (128 x 256 tiles)"
+# the bench times the wgmma grouped kernel only if it was right here, in both widths (and the
+# self-test passed)
+export MEGAPATCH_BENCH_GROUPED_WGMMA=$([ "$RC" = 0 ] && [ "$GROUPED_WGMMA_RC" = 0 ] && echo 1 || echo 0)
 
 vitest_run() { # config
   cd packages/cuda && node ../../node_modules/vitest/vitest.mjs run --config "$1"

@@ -344,10 +344,12 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
     // outside the outputs checked: the GPU run's check (gpu/gemm-check.mts), here on the emulator
     // (and with every cp.async landing at once, MEGAPATCH_CUDA_EMU_CP_ASYNC=eager: a ring slot
     // refilled while a wgmma group not yet waited for still reads it gives wrong products there)
-    for (const [mode, landing] of [
-      ['mma', ''],
-      ['wgmma', ''],
-      ['wgmma', 'eager'],
+    // (and the wgmma kernel's 128 x 256 tiles, MEGAPATCH_GROUPED_WGMMA_N=256)
+    for (const [mode, landing, n] of [
+      ['mma', '', ''],
+      ['wgmma', '', ''],
+      ['wgmma', 'eager', ''],
+      ['wgmma', 'eager', '256'],
     ]) {
       const r = spawnSync(
         process.execPath,
@@ -355,7 +357,12 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
         {
           cwd: path.join(pkg, '..', '..'),
           encoding: 'utf8',
-          env: { ...process.env, MEGAPATCH_GROUPED_GEMM: mode, MEGAPATCH_CUDA_EMU_CP_ASYNC: landing },
+          env: {
+            ...process.env,
+            MEGAPATCH_GROUPED_GEMM: mode,
+            MEGAPATCH_CUDA_EMU_CP_ASYNC: landing,
+            MEGAPATCH_GROUPED_WGMMA_N: n,
+          },
         },
       );
       expect(r.stdout.trim().split('\n').at(-1)).toBe(

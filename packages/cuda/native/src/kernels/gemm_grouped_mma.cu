@@ -23,6 +23,8 @@
 // order in fp32, with exact 16-bit products, the tiled gemm's bits exactly.
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "gemm.h"
@@ -37,7 +39,6 @@ constexpr size_t kSmem = size_t(kStages) * 2 * kSlice * 2;  // bytes: 64 KiB
 // the wgmma kernel's ring: 5 slots, k-tiles loaded 3 ahead (a slot is refilled two k-tiles after
 // its read, once its wgmmas are waited for; the next k-tile's wgmmas may still run)
 constexpr int kStagesW = 5, kAheadW = kStagesW - 2;
-constexpr size_t kSmemW = size_t(kStagesW) * 2 * kSlice * 2;  // 80 KiB
 static_assert(kBM == kBN, "A's and B's slices share a layout");
 
 // One problem as the device reads it (uploaded with upload_words): operands, the stride that is not
@@ -59,33 +60,36 @@ MP_D int off_mnfast(int k, int r) { return k * kBM + (((r >> 3) ^ (k & 7)) << 3)
 
 // Byte offset of chunk (row r of the operand's tile dimension, k) in wgmma's core-matrix layout
 // (mma.cuh), no swizzle: K-fast (a K-major B: 8 rows x 16 bytes of k a core matrix; LBO 128 to the
-// next 8 k, SBO 512 to the next 8 rows) or MN-fast (an MN-major B: 8 k x 16 bytes of rows; SBO 128
-// to the next 8 rows, LBO 2048 to the next 8 k).
+// next 8 k, SBO 512 to the next 8 rows) or MN-fast (an MN-major B of ROWS columns: 8 k x 16 bytes of
+// rows; SBO 128 to the next 8 rows, LBO 16 ROWS to the next 8 k).
 MP_D int cm_kfast(int r, int k) { return (k >> 3) * 128 + (r >> 3) * 512 + (r & 7) * 16; }
-MP_D int cm_mnfast(int k, int r) { return (k >> 3) * 2048 + (r >> 3) * 128 + (k & 7) * 16; }
+template <int ROWS> MP_D int cm_mnfast(int k, int r) { return (k >> 3) * (ROWS * 16) + (r >> 3) * 128 + (k & 7) * 16; }
 
-// This thread's two 16-byte chunks of one operand's slice (of 512): where they land in the slice
-// (bytes), where they start in global memory at k-tile 0 and how far they move a k-tile, and what
-// must hold for each to be inside the operand (row < R, k < K; else it lands as zeros). K-fast:
-// chunk q is row q / 4, k 8 (q % 4); MN-fast: k q / 16, rows 8 (q % 16), or with CM (the
-// core-matrix layout) k 8 (q / 128) + q % 8, rows 8 ((q / 8) % 16), so that a warp's 32 chunks
-// land in 32 different bank slots there too. The second chunk (q + 256) is 64 rows (K-fast) or
-// 16 k (MN-fast) on: 4096 bytes on in the slice in every layout.
-template <typename T, bool MNF, bool CM = false> struct SliceLoader {
-  const T* src[2];
+// This thread's 16-byte chunks of one operand's slice of ROWS rows (m or n) x 32 k (ROWS / 64 of
+// them): where they land in the slice (bytes), where they start in global memory at k-tile 0 and
+// how far they move a k-tile, and what must hold for each to be inside the operand (row < R,
+// k < K; else it lands as zeros). K-fast: chunk q is row q / 4, k 8 (q % 4); MN-fast: k q / 16,
+// rows 8 (q % 16), or with CM (the core-matrix layout) k 8 (q / ROWS) + q % 8, rows
+// 8 ((q / 8) % (ROWS / 8)), so that a warp's 32 chunks land in 32 different bank slots there too.
+// The thread's next chunk (q + 256) is 64 rows (K-fast) or kDk k (MN-fast) on: 4096 bytes on in
+// the slice in every layout. The swizzled (not CM) slices are 128 rows.
+template <typename T, bool MNF, bool CM = false, int ROWS = kBM> struct SliceLoader {
+  static constexpr int kChunks = ROWS / 64, kDk = CM ? 2048 / ROWS : 16;
+  static_assert(CM || ROWS == kBM, "the swizzled slices are 128 rows");
+  const T* src[kChunks];
   int dst, kpos;
-  bool row_ok[2];
+  bool row_ok[kChunks];
   int64_t step;
 
   MP_D SliceLoader(const T* g, int64_t ld, int64_t R, int64_t r0, int tid) {
     step = MNF ? int64_t(kBK) * ld : int64_t(kBK);
-    const int r = MNF ? (CM ? ((tid >> 3) & 15) << 3 : (tid & 15) << 3) : tid >> 2;
-    const int k = MNF ? (CM ? ((tid >> 7) << 3) + (tid & 7) : tid >> 4) : (tid & 3) << 3;
-    dst = CM ? (MNF ? cm_mnfast(k, r) : cm_kfast(r, k)) : 2 * (MNF ? off_mnfast(k, r) : off_kfast(r, k));
+    const int r = MNF ? (CM ? ((tid >> 3) % (ROWS / 8)) << 3 : (tid & 15) << 3) : tid >> 2;
+    const int k = MNF ? (CM ? (tid / ROWS) * 8 + (tid & 7) : tid >> 4) : (tid & 3) << 3;
+    dst = CM ? (MNF ? cm_mnfast<ROWS>(k, r) : cm_kfast(r, k)) : 2 * (MNF ? off_mnfast(k, r) : off_kfast(r, k));
     kpos = k;
     MP_UNROLL
-    for (int i = 0; i < 2; i++) {
-      const int64_t gr = r0 + r + (MNF ? 0 : 64 * i), gk = k + (MNF ? 16 * i : 0);
+    for (int i = 0; i < kChunks; i++) {
+      const int64_t gr = r0 + r + (MNF ? 0 : 64 * i), gk = k + (MNF ? kDk * i : 0);
       row_ok[i] = gr < R;
       src[i] = g + (row_ok[i] ? (MNF ? gk * ld + gr : gr * ld + gk) : 0);
     }
@@ -94,14 +98,14 @@ template <typename T, bool MNF, bool CM = false> struct SliceLoader {
   // the k-tile's first k
   MP_D void load(SmemAddr slice, int krem) {
     MP_UNROLL
-    for (int i = 0; i < 2; i++) {
-      cp_async16_zfill(slice + dst + 4096 * i, src[i], row_ok[i] && kpos + (MNF ? 16 * i : 0) < krem);
+    for (int i = 0; i < kChunks; i++) {
+      cp_async16_zfill(slice + dst + 4096 * i, src[i], row_ok[i] && kpos + (MNF ? kDk * i : 0) < krem);
       src[i] += step;
     }
   }
 };
-static_assert(64 * 2 * kBK == 4096 && 16 * 2 * kBM == 4096 && 8 * 512 == 4096 && 2 * 2048 == 4096,
-              "the second chunk of a thread is 4096 bytes on");
+static_assert(64 * 2 * kBK == 4096 && 16 * 2 * kBM == 4096 && 8 * 512 == 4096 && 2 * 2048 == 4096 && 4096 == 256 * 16,
+              "a thread's next chunk is 4096 bytes on");
 
 // Starts the copies of k-tile kt (if there is one) into a ring slot (A's slice, then B's) and
 // closes this thread's commit group (empty past the last k-tile, so that the waits count alike).
@@ -239,17 +243,27 @@ __global__ void __launch_bounds__(kNT, 2)
   }
 }
 
-// The same tiles on wgmma (sm_90a; MEGAPATCH_GROUPED_GEMM=wgmma): two warpgroups, each 64 rows x
-// 128 columns of the tile (acc: 16 accumulator tiles of 8 columns, warp w of the warpgroup rows
-// 16 w .. 16 w + 15, mma.sync's layout), A's fragments from its swizzled slice by ldmatrix as above
-// (wgmma's register A), B from its slice in core matrices through a descriptor (K-major for a
-// K-fast B, MN-major for an N-fast one): per k-tile of 32 a warpgroup issues 2 wgmma m64n128k16
-// as a group and lets it run while it waits at the next barrier and issues the next k-tile's
-// (wgmma_wait<1>: the group before is done), so a ring slot and a buffer of A fragments are reused
-// only two k-tiles after they were read (5 slots, 80 KiB; two blocks an SM).
-template <typename T, bool AMF, bool BNF>
-__global__ void __launch_bounds__(kNT, 2)
+// The tiles on wgmma (sm_90a; MEGAPATCH_GROUPED_GEMM=wgmma), 128 x BN (BN 128, or 256 with
+// MEGAPATCH_GROUPED_WGMMA_N=256: half the bytes read from L2 a FLOP more): two warpgroups, each
+// 64 rows x BN columns of the tile (acc: BN / 128 halves of 16 accumulator tiles of 8 columns, warp
+// w of the warpgroup rows 16 w .. 16 w + 15, mma.sync's layout), A's fragments from its swizzled
+// slice by ldmatrix as above (wgmma's register A), B from its slice in core matrices through a
+// descriptor (K-major for a K-fast B, MN-major for an N-fast one): per k-tile of 32 a warpgroup
+// issues 2 BN / 64 wgmma m64n128k16 as a group and lets it run while it waits at the next barrier
+// and issues the next k-tile's (wgmma_wait<1>: the group before is done), so a ring slot and a
+// buffer of A fragments are reused only two k-tiles after they were read (5 slots: 80 KiB, two
+// blocks an SM, at BN 128; 120 KiB, one block, at 256).
+template <int BN> constexpr int kSlotW = 2 * (kSlice + BN * kBK);  // bytes of a ring slot: A, then B
+template <int BN> constexpr size_t kSmemW = size_t(kStagesW) * kSlotW<BN>;
+template <typename T, bool AMF, bool BNF, int BN>
+__global__ void __launch_bounds__(kNT, BN == 128 ? 2 : 1)
     gemm_grouped_wgmma_kernel(const MmaEntry* table, int64_t count, int64_t total_tiles) {
+  static_assert(BN == 128 || BN == 256, "128 or 256 columns a tile");
+  // the warpgroup's columns as two halves of kHN, one wgmma m64nkHNk16 each a k-step (two even at BN
+  // 128: issued as (half 0, k-step 0), (1, 0), (0, 1), (1, 1), so that ptxas keeps both k-steps'
+  // A fragments in registers of their own; with one m64n128k16 a k-step it gave them the same
+  // registers and serialised every wgmma, its warning C7513)
+  constexpr int kHalves = 2, kHN = BN / 2;
   MP_DYNAMIC_SMEM(T, smem);
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const int lr = lane & 7, lm = lane >> 3;
@@ -262,32 +276,39 @@ __global__ void __launch_bounds__(kNT, 2)
     abase[h] = AMF ? 2 * off_mnfast(lr + (lm >> 1) * 8, rows + (lm & 1) * 8) + h * 16 * kRowMN
                    : 2 * off_kfast(rows + lr + (lm & 1) * 8, 16 * h + (lm >> 1) * 8);
   const SmemAddr sm = smem_at(smem);
-  constexpr int kSlot = 2 * 2 * kSlice;
-  // B's descriptor at the start of shared memory; a slot's k-step is a constant number of 16 bytes
-  // on (the start address field does not carry: shared addresses / 16 stay below 2^14)
-  const uint64_t desc0 = BNF ? wgmma_desc(smem, 2048, 128) : wgmma_desc(smem, 128, 512);
-  constexpr uint64_t kStepDesc = (BNF ? 2 * 2048 : 2 * 128) / 16;
+  constexpr int kSlot = kSlotW<BN>;
+  // B's descriptor at the start of shared memory; a slot's k-step and second half of columns are a
+  // constant number of 16 bytes on (the start address field does not carry: shared addresses / 16
+  // stay below 2^14)
+  const uint64_t desc0 = BNF ? wgmma_desc(smem, BN * 16, 128) : wgmma_desc(smem, 128, 512);
+  constexpr uint64_t kStepDesc = (BNF ? 2 * BN * 16 : 2 * 128) / 16, kHalfDesc = (BNF ? kHN / 8 * 128 : kHN / 8 * 512) / 16;
 
   for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
     const MmaEntry& e = entry_of(table, count, t);
     const int64_t local = t - e.tile_start;
-    const int64_t m0 = (local / e.ntiles_n) * kBM, n0 = (local % e.ntiles_n) * kBN;
+    const int64_t m0 = (local / e.ntiles_n) * kBM, n0 = (local % e.ntiles_n) * BN;
     const int64_t M = e.M, N = e.N, K = e.K;
     SliceLoader<T, AMF> la(reinterpret_cast<const T*>(e.a), e.lda, M, m0, tid);
-    SliceLoader<T, BNF, true> lb(reinterpret_cast<const T*>(e.b), e.ldb, N, n0, tid);
+    SliceLoader<T, BNF, true, BN> lb(reinterpret_cast<const T*>(e.b), e.ldb, N, n0, tid);
 
-    float acc[kBN / 8][4];
+    float acc[kHalves][kHN / 8][4];
     MP_UNROLL
-    for (int j = 0; j < kBN / 8; j++)
+    for (int x = 0; x < kHalves; x++)
       MP_UNROLL
-      for (int v = 0; v < 4; v++) acc[j][v] = 0.0f;
+      for (int j = 0; j < kHN / 8; j++)
+        MP_UNROLL
+        for (int v = 0; v < 4; v++) acc[x][j][v] = 0.0f;
 
     const int ktiles = static_cast<int>((K + kBK - 1) / kBK), k32 = static_cast<int>(K);
     MP_UNROLL
     for (int s = 0; s < kAheadW; s++) ring_fill(la, lb, sm + s * kSlot, s, ktiles, k32);
-    // one k-tile: its A fragments into `af` (the other buffer may still be read by the previous
-    // k-tile's wgmmas), its 2 wgmmas issued as a group; returns once at most that group is pending
-    auto step = [&](int kt, uint32_t(&af)[2][4]) {
+    // one k-tile: its A fragments into `af` (`prev`, the other buffer, may still be read by the
+    // previous k-tile's wgmmas), its wgmmas issued as a group; returns once at most that group is
+    // pending. The fragments are pinned (wgmma_fence_operands) until the wait that completes the
+    // group reading them: to the compiler they are dead after the wgmma that takes them, and ptxas
+    // would give the next fragments the same registers and serialise every wgmma (its warning
+    // C7513) to make that safe.
+    auto step = [&](int kt, uint32_t(&af)[2][4], uint32_t(&prev)[2][4]) {
       cp_async_wait<kAheadW - 1>();
       fence_proxy_async();  // this thread's copies, for wgmma
       __syncthreads();      // k-tile kt landed for all; every warpgroup waited for k-tile kt - 2's wgmmas
@@ -301,20 +322,27 @@ __global__ void __launch_bounds__(kNT, 2)
       }
       const uint64_t d = desc0 + static_cast<uint64_t>((rd * kSlot + 2 * kSlice) >> 4);
       wgmma_fence_operands(af);
-      wgmma_fence_operands(acc);
+      MP_UNROLL
+      for (int x = 0; x < kHalves; x++) wgmma_fence_operands(acc[x]);
       wgmma_fence();
-      wgmma_rs<T, kBN, BNF>(acc, af[0], d, 1);
-      wgmma_rs<T, kBN, BNF>(acc, af[1], d + kStepDesc, 1);
+      MP_UNROLL
+      for (int h = 0; h < 2; h++)
+        MP_UNROLL
+        for (int x = 0; x < kHalves; x++) wgmma_rs<T, kHN, BNF>(acc[x], af[h], d + h * kStepDesc + x * kHalfDesc, 1);
       wgmma_commit();
       wgmma_wait<1>();
+      wgmma_fence_operands(prev);  // the previous group is done: its fragments may go now
     };
-    uint32_t af0[2][4], af1[2][4];
+    uint32_t af0[2][4] = {}, af1[2][4] = {};
     for (int kt = 0; kt < ktiles; kt += 2) {
-      step(kt, af0);
-      if (kt + 1 < ktiles) step(kt + 1, af1);
+      step(kt, af0, af1);
+      if (kt + 1 < ktiles) step(kt + 1, af1, af0);
     }
     wgmma_wait<0>();
-    wgmma_fence_operands(acc);
+    wgmma_fence_operands(af0);
+    wgmma_fence_operands(af1);
+    MP_UNROLL
+    for (int x = 0; x < kHalves; x++) wgmma_fence_operands(acc[x]);
     cp_async_wait<0>();
     __syncthreads();
 
@@ -325,10 +353,12 @@ __global__ void __launch_bounds__(kNT, 2)
       const int64_t r = m0 + rows + g + 8 * h;
       if (r >= M) continue;
       MP_UNROLL
-      for (int j = 0; j < kBN / 8; j++) {
-        const int64_t col = n0 + j * 8 + 2 * q;
-        store2(C + r * e.ldc + col, col, N, e.pairs != 0, acc[j][2 * h], acc[j][2 * h + 1]);
-      }
+      for (int x = 0; x < kHalves; x++)
+        MP_UNROLL
+        for (int j = 0; j < kHN / 8; j++) {
+          const int64_t col = n0 + x * kHN + j * 8 + 2 * q;
+          store2(C + r * e.ldc + col, col, N, e.pairs != 0, acc[x][j][2 * h], acc[x][j][2 * h + 1]);
+        }
     }
   }
 }
@@ -375,9 +405,21 @@ bool device_runs_mma() {
 #endif
 }
 
+// The kernel of a launch: mma.sync (bn 0), or wgmma with tiles bn columns wide.
+template <typename T, bool AMF, bool BNF> struct Pick {
+  void (*kernel)(const MmaEntry*, int64_t, int64_t);
+  const char* name;
+  size_t smem;
+};
+template <typename T, bool AMF, bool BNF> Pick<T, AMF, BNF> pick(int bn) {
+  if (bn == 256) return {gemm_grouped_wgmma_kernel<T, AMF, BNF, 256>, "gemm_grouped_wgmma_kernel (n 256)", kSmemW<256>};
+  if (bn == 128) return {gemm_grouped_wgmma_kernel<T, AMF, BNF, 128>, "gemm_grouped_wgmma_kernel", kSmemW<128>};
+  return {gemm_grouped_mma_kernel<T, AMF, BNF>, "gemm_grouped_mma_kernel", kSmem};
+}
+
 // One launch for the entries of one layout: the table uploaded into scratch, then every tile.
 template <typename T, bool AMF, bool BNF>
-void launch_layout(cudaStream_t stream, bool wgmma, const std::vector<MmaEntry>& table, int64_t total) {
+void launch_layout(cudaStream_t stream, int bn, const std::vector<MmaEntry>& table, int64_t total) {
 #ifdef MEGAPATCH_CUDA_EMULATOR
   constexpr int64_t kMaxBlocks = 3;  // few blocks: the grid-stride loop runs
 #else
@@ -386,23 +428,33 @@ void launch_layout(cudaStream_t stream, bool wgmma, const std::vector<MmaEntry>&
   const int64_t words = static_cast<int64_t>(table.size() * sizeof(MmaEntry) / sizeof(uint64_t));
   Scratch scratch(table.size() * sizeof(MmaEntry), stream);
   upload_words(stream, reinterpret_cast<const uint64_t*>(table.data()), words, scratch.at<uint64_t>());
-  auto k = wgmma ? gemm_grouped_wgmma_kernel<T, AMF, BNF> : gemm_grouped_mma_kernel<T, AMF, BNF>;
-  const char* name = wgmma ? "gemm_grouped_wgmma_kernel" : "gemm_grouped_mma_kernel";
-  const size_t smem = wgmma ? kSmemW : kSmem;
-  check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)), name);
-  MP_LAUNCH(k, dim3(static_cast<unsigned>(mn(total, kMaxBlocks))), dim3(kNT), smem, stream,
+  const Pick<T, AMF, BNF> k = pick<T, AMF, BNF>(bn);
+  check(cudaFuncSetAttribute(k.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(k.smem)), k.name);
+  MP_LAUNCH(k.kernel, dim3(static_cast<unsigned>(mn(total, kMaxBlocks))), dim3(kNT), k.smem, stream,
             scratch.at<const MmaEntry>(), static_cast<int64_t>(table.size()), total);
-  check_launch(name);
+  check_launch(k.name);
 }
 
 template <typename T>
-void launch_layout(cudaStream_t stream, bool wgmma, int layout, const std::vector<MmaEntry>& t, int64_t n) {
+void launch_layout(cudaStream_t stream, int bn, int layout, const std::vector<MmaEntry>& t, int64_t n) {
   switch (layout) {
-    case 0: launch_layout<T, false, false>(stream, wgmma, t, n); break;
-    case 1: launch_layout<T, false, true>(stream, wgmma, t, n); break;
-    case 2: launch_layout<T, true, false>(stream, wgmma, t, n); break;
-    default: launch_layout<T, true, true>(stream, wgmma, t, n); break;
+    case 0: launch_layout<T, false, false>(stream, bn, t, n); break;
+    case 1: launch_layout<T, false, true>(stream, bn, t, n); break;
+    case 2: launch_layout<T, true, false>(stream, bn, t, n); break;
+    default: launch_layout<T, true, true>(stream, bn, t, n); break;
   }
+}
+
+// MEGAPATCH_GROUPED_WGMMA_N: the wgmma kernel's tile width, 128 (default) or 256.
+int wgmma_tile_n() {
+  static const int n = [] {
+    const char* v = std::getenv("MEGAPATCH_GROUPED_WGMMA_N");
+    const std::string s = v ? v : "";
+    if (s.empty() || s == "128") return 128;
+    if (s == "256") return 256;
+    throw_error("groupedGemm: MEGAPATCH_GROUPED_WGMMA_N must be 128 or 256, got '" + s + "'");
+  }();
+  return n;
 }
 
 }  // namespace
@@ -410,7 +462,8 @@ void launch_layout(cudaStream_t stream, bool wgmma, int layout, const std::vecto
 std::vector<GemmProblem> grouped_mma(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps,
                                      bool wgmma) {
   if ((dtype != DType::BF16 && dtype != DType::F16) || ps.empty() || !device_runs_mma()) return ps;
-  wgmma = wgmma && device_has_wgmma();
+  const int bn = wgmma && device_has_wgmma() ? wgmma_tile_n() : 0;  // 0: mma.sync, 128 x 128
+  const int64_t tile_n = bn ? bn : kBN;
   std::vector<GemmProblem> rest;
   // by layout (2 a_mfast + b_nfast): one launch each; a grouped linear layer's call has one
   std::vector<MmaEntry> tables[4];
@@ -422,15 +475,15 @@ std::vector<GemmProblem> grouped_mma(cudaStream_t stream, DType dtype, const std
       continue;
     }
     const int layout = static_cast<int>(2 * e.a_mfast + e.b_nfast);
-    e.ntiles_n = (p.N + kBN - 1) / kBN;
+    e.ntiles_n = (p.N + tile_n - 1) / tile_n;
     e.tile_start = totals[layout];
     totals[layout] += ((p.M + kBM - 1) / kBM) * e.ntiles_n;
     tables[layout].push_back(e);
   }
   for (int layout = 0; layout < 4; layout++) {
     if (tables[layout].empty()) continue;
-    if (dtype == DType::BF16) launch_layout<bf16>(stream, wgmma, layout, tables[layout], totals[layout]);
-    else launch_layout<f16>(stream, wgmma, layout, tables[layout], totals[layout]);
+    if (dtype == DType::BF16) launch_layout<bf16>(stream, bn, layout, tables[layout], totals[layout]);
+    else launch_layout<f16>(stream, bn, layout, tables[layout], totals[layout]);
   }
   return rest;
 }
