@@ -244,15 +244,15 @@ __global__ void __launch_bounds__(kNT, 2)
 }
 
 // The tiles on wgmma (sm_90a; MEGAPATCH_GROUPED_GEMM=wgmma), 128 x BN (BN 128, or 256 with
-// MEGAPATCH_GROUPED_WGMMA_N=256: half the bytes read from L2 a FLOP more): two warpgroups, each
-// 64 rows x BN columns of the tile (acc: BN / 128 halves of 16 accumulator tiles of 8 columns, warp
+// MEGAPATCH_GROUPED_WGMMA_N=256: a quarter fewer bytes read from L2 a FLOP): two warpgroups, each
+// 64 rows x BN columns of the tile (acc: two halves of BN / 16 accumulator tiles of 8 columns, warp
 // w of the warpgroup rows 16 w .. 16 w + 15, mma.sync's layout), A's fragments from its swizzled
 // slice by ldmatrix as above (wgmma's register A), B from its slice in core matrices through a
 // descriptor (K-major for a K-fast B, MN-major for an N-fast one): per k-tile of 32 a warpgroup
-// issues 2 BN / 64 wgmma m64n128k16 as a group and lets it run while it waits at the next barrier
-// and issues the next k-tile's (wgmma_wait<1>: the group before is done), so a ring slot and a
-// buffer of A fragments are reused only two k-tiles after they were read (5 slots: 80 KiB, two
-// blocks an SM, at BN 128; 120 KiB, one block, at 256).
+// issues 4 wgmma m64n(BN / 2)k16 (2 k-steps x 2 halves) as a group and lets it run while it waits
+// at the next barrier and issues the next k-tile's (wgmma_wait<1>: the group before is done), so
+// a ring slot and a buffer of A fragments are reused only two k-tiles after they were read
+// (5 slots: 80 KiB, two blocks an SM, at BN 128; 120 KiB, one block, at 256).
 template <int BN> constexpr int kSlotW = 2 * (kSlice + BN * kBK);  // bytes of a ring slot: A, then B
 template <int BN> constexpr size_t kSmemW = size_t(kStagesW) * kSlotW<BN>;
 template <typename T, bool AMF, bool BNF, int BN>
