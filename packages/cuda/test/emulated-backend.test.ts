@@ -33,6 +33,29 @@ const skip = 'error' in built ? built.error : '';
 const pkg = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
 const tsx = path.join(pkg, 'node_modules', 'tsx', 'dist', 'esm', 'index.mjs');
 
+/**
+ * Runs `body` in a child process (for settings read once a process) after a preamble that gives
+ * it T (@megapatch/tensor), the emulator registered, `built` (its addon) and dev = 'cudaemu:0';
+ * returns the JSON of the last line it prints, with nothing on stderr.
+ */
+function childJson(env: Record<string, string>, body: string) {
+  const script = `
+    const T = await import('@megapatch/tensor');
+    await import(${JSON.stringify(path.join(pkg, 'src', 'emulator.ts'))});
+    const { loadEmulatorAddon } = await import(${JSON.stringify(path.join(pkg, 'src', 'native.ts'))});
+    const built = loadEmulatorAddon();
+    const dev = 'cudaemu:0';
+    ${body}
+  `;
+  const r = spawnSync(process.execPath, ['--import', tsx, '--input-type=module', '-e', script], {
+    cwd: pkg,
+    encoding: 'utf8',
+    env: { ...process.env, ...env },
+  });
+  expect(r.stderr).toBe('');
+  return JSON.parse(r.stdout.trim().split('\n').at(-1) ?? '{}');
+}
+
 describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: ${skip})` : ''}`, () => {
   beforeAll(async () => {
     await import('../src/emulator.js');
@@ -226,12 +249,9 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
   it('runs a grouped GEMM on several streams (MEGAPATCH_GROUPED_GEMM=streams): forked and joined, the same bits', () => {
     // the mode is read once a process: each setting in a child process, against the loop there
     const child = (env: Record<string, string>) => {
-      const script = `
-        const T = await import('@megapatch/tensor');
-        await import(${JSON.stringify(path.join(pkg, 'src', 'emulator.ts'))});
-        const { loadEmulatorAddon } = await import(${JSON.stringify(path.join(pkg, 'src', 'native.ts'))});
-        const built = loadEmulatorAddon();
-        const dev = 'cudaemu:0';
+      return childJson(
+        env,
+        `
         const sizes = [5, 0, 13, 1, 8, 21, 3, 0, 2, 9];
         const [K, F] = [11, 7];
         const N = sizes.reduce((a, b) => a + b, 0);
@@ -253,14 +273,8 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
         const parts = sizes.map((n, e) => { const p = T.linear(x.narrow(0, start, n), ws[e]); start += n; return p; });
         const same = JSON.stringify(y.cpu().toArray()) === JSON.stringify(T.cat(parts, 0).cpu().toArray());
         console.log(JSON.stringify({ waits, same }));
-      `;
-      const r = spawnSync(process.execPath, ['--import', tsx, '--input-type=module', '-e', script], {
-        cwd: pkg,
-        encoding: 'utf8',
-        env: { ...process.env, ...env },
-      });
-      expect(r.stderr).toBe('');
-      return JSON.parse(r.stdout.trim().split('\n').at(-1) ?? '{}');
+      `,
+      );
     };
     // four lanes (the default): three side streams, each waits for the fork and is waited for
     expect(child({ MEGAPATCH_GROUPED_GEMM: 'streams' })).toEqual({ waits: 6, same: true });
@@ -282,12 +296,9 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
     // 128 or 32 (zero-filled chunks), an empty group; and K = 12 (rows of 24 bytes: no 16-byte
     // chunks) runs on the loop instead.
     const child = (env: Record<string, string>, dtype: string, K: number, F: number) => {
-      const script = `
-        const T = await import('@megapatch/tensor');
-        await import(${JSON.stringify(path.join(pkg, 'src', 'emulator.ts'))});
-        const { loadEmulatorAddon } = await import(${JSON.stringify(path.join(pkg, 'src', 'native.ts'))});
-        const built = loadEmulatorAddon();
-        const dev = 'cudaemu:0';
+      return childJson(
+        env,
+        `
         const sizes = [37, 0, 300, 1, 129];
         const [K, F] = [${K}, ${F}];
         const N = sizes.reduce((a, b) => a + b, 0);
@@ -318,14 +329,8 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
         const want = [ref, x.grad, ...ws.map((w) => w.grad)].map((t) => JSON.stringify(t.cpu().toArray()));
         const same = got.map((g, i) => g === want[i]);
         console.log(JSON.stringify({ launches, same: same.every(Boolean) ? true : same }));
-      `;
-      const r = spawnSync(process.execPath, ['--import', tsx, '--input-type=module', '-e', script], {
-        cwd: pkg,
-        encoding: 'utf8',
-        env: { ...process.env, ...env },
-      });
-      expect(r.stderr).toBe('');
-      return JSON.parse(r.stdout.trim().split('\n').at(-1) ?? '{}');
+      `,
+      );
     };
     const mma = { MEGAPATCH_GROUPED_GEMM: 'mma' };
     const wgmma = { MEGAPATCH_GROUPED_GEMM: 'wgmma' };

@@ -117,15 +117,22 @@ template <typename LA, typename LB> MP_D void ring_fill(LA& la, LB& lb, SmemAddr
   cp_async_commit();
 }
 
-// The entry of tile t (tile_start ascending): a binary search.
-MP_D const MmaEntry& entry_of(const MmaEntry* table, int64_t count, int64_t t) {
+// Tile t of the launch (tile_start ascending): its problem, by binary search, and its origin in
+// that problem's C (tiles of 128 rows x BN columns, n fastest).
+struct TileAt {
+  const MmaEntry& e;
+  int64_t m0, n0;
+};
+template <int BN> MP_D TileAt tile_at(const MmaEntry* table, int64_t count, int64_t t) {
   int64_t lo = 0, hi = count - 1;
   while (lo < hi) {
     const int64_t mid = (lo + hi + 1) / 2;
     if (table[mid].tile_start <= t) lo = mid;
     else hi = mid - 1;
   }
-  return table[lo];
+  const MmaEntry& e = table[lo];
+  const int64_t local = t - e.tile_start;
+  return TileAt{e, (local / e.ntiles_n) * kBM, (local % e.ntiles_n) * BN};
 }
 
 // C's elements col and col + 1 of a row (p: the first), those below N, rounded once; one 32-bit
@@ -174,9 +181,9 @@ __global__ void __launch_bounds__(kNT, 2)
   constexpr int kSlot = 2 * 2 * kSlice;  // bytes of a ring slot: A's slice, then B's
 
   for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
-    const MmaEntry& e = entry_of(table, count, t);
-    const int64_t local = t - e.tile_start;
-    const int64_t m0 = (local / e.ntiles_n) * kBM, n0 = (local % e.ntiles_n) * kBN;
+    const TileAt at = tile_at<kBN>(table, count, t);
+    const MmaEntry& e = at.e;
+    const int64_t m0 = at.m0, n0 = at.n0;
     const int64_t M = e.M, N = e.N, K = e.K;
     SliceLoader<T, AMF> la(reinterpret_cast<const T*>(e.a), e.lda, M, m0, tid);
     SliceLoader<T, BNF> lb(reinterpret_cast<const T*>(e.b), e.ldb, N, n0, tid);
@@ -284,9 +291,9 @@ __global__ void __launch_bounds__(kNT, BN == 128 ? 2 : 1)
   constexpr uint64_t kStepDesc = (BNF ? 2 * BN * 16 : 2 * 128) / 16, kHalfDesc = (BNF ? kHN / 8 * 128 : kHN / 8 * 512) / 16;
 
   for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
-    const MmaEntry& e = entry_of(table, count, t);
-    const int64_t local = t - e.tile_start;
-    const int64_t m0 = (local / e.ntiles_n) * kBM, n0 = (local % e.ntiles_n) * BN;
+    const TileAt at = tile_at<BN>(table, count, t);
+    const MmaEntry& e = at.e;
+    const int64_t m0 = at.m0, n0 = at.n0;
     const int64_t M = e.M, N = e.N, K = e.K;
     SliceLoader<T, AMF> la(reinterpret_cast<const T*>(e.a), e.lda, M, m0, tid);
     SliceLoader<T, BNF, true, BN> lb(reinterpret_cast<const T*>(e.b), e.ldb, N, n0, tid);
