@@ -63,7 +63,13 @@ export {
   type MoELayerOptions,
   SharedExperts,
 } from './moe/moe-layer.js';
-export { type RouterLossOptions, type Routing, selectExperts, TopKRouter } from './moe/router.js';
+export {
+  type RouterLossOptions,
+  type Routing,
+  selectExperts,
+  TopKRouter,
+  topkRouting,
+} from './moe/router.js';
 export {
   buildRoutingMap,
   type CapacityOptions,

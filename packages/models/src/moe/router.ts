@@ -22,9 +22,13 @@ import {
   linear,
   logsumexp,
   Module,
+  maskedFill,
   noGrad,
+  oneHot,
   softmax,
   type Tensor,
+  tidy,
+  topk,
   zeros,
   zeros_,
 } from '@megapatch/tensor';
@@ -145,13 +149,9 @@ export class TopKRouter extends Module {
     const T = x.shape[0];
     const logits = linear(x.to('float32'), this.weight.to('float32')); // [T, E], fp32
     const scores = m.scoreFunction === 'softmax' ? softmax(logits, -1) : logits.sigmoid();
-    const host = scores.detach().toTypedArray() as Float32Array;
-    const bias = this.expertBias ? (this.expertBias.toTypedArray() as Float32Array) : null;
-    const indices = selectExperts(host, bias, T, m);
-    const idx = fromTypedArray(
-      BigInt64Array.from(indices, (v) => BigInt(v)),
-      [T, k],
-    );
+    // top-k on the scores' device; the host reads the chosen ids only (T·k, not T·E scores)
+    const idx = topkRouting(scores, this.expertBias, m);
+    const indices = hostInts(idx);
     let probs = gather(scores, 1, idx);
     if (m.normTopkProb && k > 1) {
       const denom = probs.sum(-1, true);
@@ -215,26 +215,71 @@ function sumOverRanks(counts: Float64Array, group: ProcessGroup): Float64Array {
   return out;
 }
 
+/** The experts' settings that routing reads. */
+type RoutingRule = Pick<MoeConfig, 'numExperts' | 'routerTopk' | 'numGroups' | 'groupTopk' | 'expertBias'>;
+
+/**
+ * Top-k expert ids [T, k] (int64, on the scores' device, no gradient) from scores [T, E] (fp32):
+ * the rule of {@link selectExperts} in tensor ops (Megatron's topk_routing_with_score_function
+ * and group_limited_topk), so the scores never leave the device: the biased scores, each group's
+ * score (its two best biased scores summed, or its best), the best `groupTopk` groups by `topk`,
+ * the other groups' experts set to -inf, then `topk` over the experts. `topk` takes equal values
+ * lowest index first, as selectExperts does, and the sums round to fp32 as there: the same ids.
+ */
+export function topkRouting(scores: Tensor, bias: Tensor | null, m: RoutingRule): Tensor {
+  const [T, E] = scores.shape;
+  const G = m.numGroups;
+  return noGrad(() =>
+    tidy(() => {
+      let sel = bias ? scores.add(bias) : scores;
+      if (G > 1 && m.groupTopk < G) {
+        const grouped = sel.view(T, G, E / G);
+        let groupScore: Tensor;
+        if (m.expertBias && E / G > 1) {
+          const top2 = topk(grouped, 2, -1).values;
+          groupScore = top2.select(-1, 0).add(top2.select(-1, 1));
+        } else groupScore = topk(grouped, 1, -1).values.squeeze(-1);
+        const best = topk(groupScore, m.groupTopk, -1).indices; // [T, groupTopk]
+        const dropped = oneHot(best, G).sum(1).eq(0).unsqueeze(-1); // [T, G, 1]
+        sel = maskedFill(grouped, dropped, -Infinity).view(T, E);
+      }
+      return topk(sel, m.routerTopk, -1).indices;
+    }),
+  );
+}
+
+/** The ids of an integer tensor on the host, row-major (cast to int32 on its device first). */
+function hostInts(ids: Tensor): Int32Array {
+  const narrow = ids.to('int32');
+  try {
+    return Int32Array.from(narrow.toTypedArray() as Int32Array);
+  } finally {
+    narrow.dispose();
+  }
+}
+
 /**
  * Top-k expert ids per token from scores [T, E] (row-major), with the expert bias added for
  * selection and, for grouped routing, only experts of the best `groupTopk` groups eligible. A
  * group's score is the sum of its two best biased scores with an expert bias (DeepSeek-V3's
- * noaux_tc) and its best score otherwise (DeepSeek-V2's group-limited greedy).
+ * noaux_tc) and its best score otherwise (DeepSeek-V2's group-limited greedy). Sums round to fp32
+ * (as Megatron's fp32 routing does), ties go to the lower id. The router runs the same rule on the
+ * scores' device ({@link topkRouting}); this is its host reference.
  */
 export function selectExperts(
   scores: Float32Array,
   bias: Float32Array | null,
   T: number,
-  m: Pick<MoeConfig, 'numExperts' | 'routerTopk' | 'numGroups' | 'groupTopk' | 'expertBias'>,
+  m: RoutingRule,
 ): Int32Array {
   const E = m.numExperts;
   const k = m.routerTopk;
   const G = m.numGroups;
   const perGroup = E / G;
   const out = new Int32Array(T * k);
-  const sel = new Float64Array(E);
+  const sel = new Float32Array(E);
   const order = new Int32Array(E);
-  const groupScore = new Float64Array(G);
+  const groupScore = new Float32Array(G);
   const groupOrder = new Int32Array(G);
   const eligible = new Uint8Array(E);
   for (let t = 0; t < T; t++) {
@@ -272,6 +317,6 @@ export function selectExperts(
 }
 
 /** Sorts ids by descending score, lower id first on ties (as torch.topk on CPU in practice). */
-function sortByScore(ids: Int32Array, score: Float64Array): void {
+function sortByScore(ids: Int32Array, score: Float32Array): void {
   ids.sort((a, b) => score[b] - score[a] || a - b);
 }

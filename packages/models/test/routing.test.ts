@@ -1,0 +1,97 @@
+// The router's top-k on the scores' device (topkRouting) against its host reference
+// (selectExperts): the same expert ids for every rule (plain top-k, the expert bias, group-limited
+// routing with and without it), with scores drawn from a few values so that ties are common, on the
+// CPU, on the pure-TypeScript reference backend and on the CUDA kernels run by their emulator.
+import type { MoeConfig } from '@megapatch/convert';
+import { fromTypedArray, type Tensor } from '@megapatch/tensor';
+import { registerReferenceBackend } from '@megapatch/tensor/reference';
+import { describe, expect, it } from 'vitest';
+import { selectExperts, topkRouting } from '../src/index.js';
+
+registerReferenceBackend();
+
+/** Why the CUDA emulator could not be registered (its addon is built with @megapatch/cuda), or null. */
+let emulator: string | null = null;
+try {
+  await import('@megapatch/cuda/emulator');
+} catch (e) {
+  emulator = (e as Error).message.split('\n')[0];
+}
+
+type Rule = Pick<MoeConfig, 'numExperts' | 'routerTopk' | 'numGroups' | 'groupTopk' | 'expertBias'>;
+
+const RULES: [string, Rule][] = [
+  [
+    'Mixtral: 8 experts, top-2',
+    { numExperts: 8, routerTopk: 2, numGroups: 1, groupTopk: 1, expertBias: false },
+  ],
+  [
+    'Moonlight-like: 64, top-6',
+    { numExperts: 64, routerTopk: 6, numGroups: 1, groupTopk: 1, expertBias: false },
+  ],
+  ['expert bias: 16, top-4', { numExperts: 16, routerTopk: 4, numGroups: 1, groupTopk: 1, expertBias: true }],
+  [
+    'DeepSeek-V3-like: 32 in 8 groups, best 4 by their top-2 sums, top-8, bias',
+    { numExperts: 32, routerTopk: 8, numGroups: 8, groupTopk: 4, expertBias: true },
+  ],
+  [
+    'DeepSeek-V2-like: 16 in 4 groups, best group by its best score, top-3',
+    { numExperts: 16, routerTopk: 3, numGroups: 4, groupTopk: 1, expertBias: false },
+  ],
+];
+
+/** T·n values from a small LCG: `levels` distinct ones (many ties) or near-continuous ones. */
+function draw(n: number, seed: number, levels: number): Float32Array {
+  let a = seed;
+  return Float32Array.from({ length: n }, () => {
+    a = (a * 1103515245 + 12345) % 2147483648;
+    return Math.floor((a / 2147483648) * levels) / levels;
+  });
+}
+
+function ids(t: Tensor): number[] {
+  return Array.from(t.to('int32').toTypedArray() as Int32Array);
+}
+
+const DEVICES: [string, string | null][] = [
+  ['cpu', null],
+  ['ref:0', null],
+  ['cudaemu:0', emulator],
+];
+
+describe.each(DEVICES)('topkRouting on %s', (device, unavailable) => {
+  if (unavailable !== null) it.skip(`${device}: ${unavailable}`, () => {});
+  it.runIf(unavailable === null).each(RULES)('%s: the host reference ids', (_name, m) => {
+    const T = 97;
+    const E = m.numExperts;
+    for (const [seed, levels] of [
+      [1, 8],
+      [2, 1 << 20],
+    ]) {
+      const scores = draw(T * E, seed, levels);
+      const bias = m.expertBias ? draw(E, seed + 7, 4).map((b) => b / 4) : null;
+      const want = Array.from(selectExperts(scores, bias, T, m));
+      const got = topkRouting(
+        fromTypedArray(scores, [T, E], { device }),
+        bias ? fromTypedArray(bias, [E], { device }) : null,
+        m,
+      );
+      expect(got.device).toBe(device);
+      expect(got.shape).toEqual([T, m.routerTopk]);
+      expect(ids(got), `seed ${seed}, ${levels} levels`).toEqual(want);
+    }
+  });
+});
+
+describe('selectExperts', () => {
+  it('takes the lower id on ties, and restricts the choice to the best groups', () => {
+    const m: Rule = { numExperts: 8, routerTopk: 3, numGroups: 4, groupTopk: 2, expertBias: false };
+    // groups by their best score: g0 0.5, g1 0.9, g2 0.9, g3 0.2 → g1 and g2 (equal, both kept)
+    const scores = Float32Array.from([0.5, 0.5, 0.9, 0.1, 0.9, 0.9, 0.2, 0.2]);
+    expect(Array.from(selectExperts(scores, null, 1, m))).toEqual([2, 4, 5]);
+    // the best group only: g1 and g2 tie at 0.9 → g1, whose experts are 2 and 3
+    const one = { ...m, routerTopk: 2, groupTopk: 1 };
+    expect(Array.from(selectExperts(scores, null, 1, one))).toEqual([2, 3]);
+    expect(ids(topkRouting(fromTypedArray(scores, [1, 8]), null, one))).toEqual([2, 3]);
+  });
+});
