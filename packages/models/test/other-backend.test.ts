@@ -161,6 +161,38 @@ describe.runIf(emulator === null)('a forward on cudaemu:0 does not read the devi
     }
   });
 
+  it('a MoE forward reads back the chosen expert ids, once a MoE layer, and never the scores', () => {
+    for (const id of ['mixtral', 'moonlight']) {
+      setDefaultDevice('cudaemu:0');
+      const { model } = loadModel(fixtureCheckpoint(id));
+      try {
+        const x = ids(IDS);
+        const backend = x.backend;
+        const read = backend.read;
+        const reads: string[] = [];
+        backend.read = (t, dst) => {
+          reads.push(`${t.dtype}[${t.shape}]`);
+          read.call(backend, t, dst);
+        };
+        let out: ReturnType<typeof model.forward>;
+        try {
+          out = model.forward(x, { labels: ids([...IDS.slice(1), 2]) });
+        } finally {
+          backend.read = read;
+        }
+        const k = model.config.moe?.routerTopk;
+        // besides the ids, only the queued index checks' results (float64 pairs) are read
+        expect(
+          reads.filter((r) => !r.startsWith('float64')),
+          id,
+        ).toEqual(Array(model.moeLayers().length).fill(`int32[12,${k}]`));
+        expect((out.loss as Tensor).mean().item()).toBeGreaterThan(0);
+      } finally {
+        model.dispose();
+      }
+    }
+  });
+
   it('reports a token id or a position out of range at the next read, in the model words', () => {
     setDefaultDevice('cudaemu:0');
     const { model } = loadModel(fixtureCheckpoint('llama'));
