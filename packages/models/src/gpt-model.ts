@@ -650,7 +650,7 @@ export class GPTModel extends Module {
       h = layer.finalLayernorm.forward(layer.forward(this.embed(t.ids), h, ctx));
       const logits = (this.outputLayer as ColumnParallelLinear).forward(h, this.outputWeight()).output;
       const perToken = this.lossOf(logits, t.labels); // [b, s]
-      out.push(perToken.mul(t.mask).sum().div(Math.max(1, t.count)));
+      out.push(perToken.mul(t.mask).sum().div(t.count.clamp(1)));
     }
     return out;
   }

@@ -3,10 +3,12 @@
 // k positions to the left, each packed sample on its own (a sample never borrows the next one's
 // tokens), the vacated last positions of every sequence set to 0. With context parallelism a
 // rank holds two chunks of each sequence, so a shift needs tokens that live on other ranks: the
-// three small integer rows are gathered over the CP group once per forward, shifted on the full
-// sequence and split back (Megatron exchanges the boundary tokens; the result is the same).
+// three small rows are gathered over the CP group once per forward, shifted on the full sequence
+// and split back (Megatron exchanges the boundary tokens; the result is the same). The shifts are
+// gathers (indexSelect) on the ids' device with indices the host knows from the layout alone, and
+// the token counts stay there too: nothing is read back (a packed row's cuSeqlens aside).
 import { contextParallelGather, contextParallelPlan, type ProcessGroup } from '@megapatch/parallel';
-import { fromTypedArray, type Tensor } from '@megapatch/tensor';
+import { cat, fromTypedArray, indexSelect, noGrad, ones, type Tensor, tidy, zeros } from '@megapatch/tensor';
 import { ModelError } from './errors.js';
 
 /** One MTP depth's ids [b, s] (int64), labels [b, s] (int64) and loss mask [b, s] (float32), local. */
@@ -14,8 +16,11 @@ export interface MtpDepthTargets {
   ids: Tensor;
   labels: Tensor;
   mask: Tensor;
-  /** Tokens the depth's loss averages over: its mask summed over the whole sequence (every CP rank). */
-  count: number;
+  /**
+   * Tokens the depth's loss averages over: its mask summed over the whole sequence (every CP rank),
+   * a 0-d float32 tensor on the ids' device (nothing is read back).
+   */
+  count: Tensor;
 }
 
 /** What {@link mtpTargets} needs: the main forward's local rows and layout. */
@@ -52,20 +57,6 @@ export function mtpTargets(input: MtpTargetsInput, depths: number): MtpDepthTarg
   const s = sLocal * cpSize;
   const localCu = input.cuSeqlens ? Array.from(numbers(input.cuSeqlens)) : null;
   const cu = localCu ? localCu.map((x) => x * cpSize) : null;
-  // rows 0..b-1 ids, b..2b-1 labels, 2b..3b-1 mask: [3b, s] on the full sequence
-  const rows = new Float64Array(3 * b * sLocal);
-  rows.set(numbers(input.ids), 0);
-  rows.set(numbers(input.labels), b * sLocal);
-  if (input.lossMask) rows.set(numbers(input.lossMask), 2 * b * sLocal);
-  else rows.fill(1, 2 * b * sLocal);
-  let full: Float64Array = rows;
-  if (cp) {
-    const local = fromTypedArray(rows, [3 * b, sLocal]);
-    const gathered = contextParallelGather(local, cp, { seqDim: 1, cuSeqlens: cu });
-    full = Float64Array.from(gathered.toTypedArray() as Float64Array);
-    local.dispose();
-    gathered.dispose();
-  }
   // the sequences a shift stays inside: each packed sample, or each row
   const segments: [number, number][] = [];
   for (let r = 0; r < b; r++) {
@@ -75,33 +66,39 @@ export function mtpTargets(input: MtpTargetsInput, depths: number): MtpDepthTarg
   const index = cp
     ? contextParallelPlan(s, { size: cpSize, rank: cp.rank }, { cuSeqlens: cu }).tokenIndices
     : null;
-  const out: MtpDepthTargets[] = [];
-  const cur = full.slice();
-  for (let k = 1; k <= depths; k++) {
-    for (let part = 0; part < 3; part++) {
-      const base = part * b * s;
-      for (const [start, end] of segments) {
-        if (end <= start) continue;
-        for (let i = base + start; i < base + end - 1; i++) cur[i] = cur[i + 1];
-        cur[base + end - 1] = 0;
+  const device = input.ids.device;
+  return noGrad(() =>
+    tidy(() => {
+      // the rows on the full sequence (gathered over CP), flat, with a 0 appended at b·s for the
+      // positions a shift vacates
+      const flat = (t: Tensor) => {
+        const full = cp ? contextParallelGather(t, cp, { seqDim: 1, cuSeqlens: cu }) : t;
+        return cat([full.reshape(b * s), zeros([1], { dtype: t.dtype, device })], 0);
+      };
+      const ids = flat(input.ids);
+      const labels = flat(input.labels);
+      const mask = flat(input.lossMask ? input.lossMask.to('float32') : ones([b, sLocal], { device }));
+      const pick = (t: Tensor, idx: Int32Array) =>
+        indexSelect(t, 0, fromTypedArray(idx, [idx.length], { device }));
+      // k shifts to the left within a segment: position i takes i + k, or the 0 when i + k leaves
+      // it; positions outside every segment keep their own value
+      const from = new Int32Array(b * s);
+      const local = new Int32Array(b * sLocal);
+      const out: MtpDepthTargets[] = [];
+      for (let k = 1; k <= depths; k++) {
+        for (let i = 0; i < b * s; i++) from[i] = i;
+        for (const [start, end] of segments)
+          for (let i = start; i < end; i++) from[i] = i + k < end ? i + k : b * s;
+        for (let r = 0; r < b; r++)
+          for (let j = 0; j < sLocal; j++) local[r * sLocal + j] = from[r * s + (index ? index[j] : j)];
+        out.push({
+          ids: pick(ids, local).view(b, sLocal),
+          labels: pick(labels, local).view(b, sLocal),
+          mask: pick(mask, local).view(b, sLocal),
+          count: pick(mask, from).sum(),
+        });
       }
-    }
-    let count = 0;
-    for (let i = 2 * b * s; i < 3 * b * s; i++) count += cur[i];
-    const take = (part: number) => {
-      const base = part * b * s;
-      const o = new Float64Array(b * sLocal);
-      for (let r = 0; r < b; r++) {
-        for (let j = 0; j < sLocal; j++) o[r * sLocal + j] = cur[base + r * s + (index ? index[j] : j)];
-      }
-      return o;
-    };
-    out.push({
-      ids: fromTypedArray(BigInt64Array.from(take(0), BigInt), [b, sLocal]),
-      labels: fromTypedArray(BigInt64Array.from(take(1), BigInt), [b, sLocal]),
-      mask: fromTypedArray(Float32Array.from(take(2)), [b, sLocal]),
-      count,
-    });
-  }
-  return out;
+      return out;
+    }),
+  );
 }

@@ -161,8 +161,8 @@ describe.runIf(emulator === null)('a forward on cudaemu:0 does not read the devi
     }
   });
 
-  it('a MoE forward reads back the chosen expert ids, once a MoE layer, and never the scores', () => {
-    for (const id of ['mixtral', 'moonlight']) {
+  it('a MoE forward reads back the chosen expert ids, once a MoE layer, and never the scores or the MTP targets', () => {
+    for (const id of ['mixtral', 'moonlight', 'deepseek-v3']) {
       setDefaultDevice('cudaemu:0');
       const { model } = loadModel(fixtureCheckpoint(id));
       try {
@@ -181,11 +181,13 @@ describe.runIf(emulator === null)('a forward on cudaemu:0 does not read the devi
           backend.read = read;
         }
         const k = model.config.moe?.routerTopk;
-        // besides the ids, only the queued index checks' results (float64 pairs) are read
+        // besides the ids, only the queued index checks' results (float64 pairs) are read; the
+        // MTP targets (DeepSeek-V3's fixture) are shifted on the device, its MTP block is MoE too
+        const routers = model.moeLayers().length + model.config.mtpNumLayers;
         expect(
           reads.filter((r) => !r.startsWith('float64')),
           id,
-        ).toEqual(Array(model.moeLayers().length).fill(`int32[12,${k}]`));
+        ).toEqual(Array(routers).fill(`int32[12,${k}]`));
         expect((out.loss as Tensor).mean().item()).toBeGreaterThan(0);
       } finally {
         model.dispose();
