@@ -74,7 +74,9 @@ export {
   buildRoutingMap,
   type CapacityOptions,
   expertCapacity,
+  type PairTensors,
   type RoutingMap,
+  routingMapOnDevice,
   type TokenDropPolicy,
 } from './moe/routing-map.js';
 export type {

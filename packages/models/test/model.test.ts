@@ -138,6 +138,29 @@ describe('router', () => {
     expect(Array.from(r.tokensPerExpert)).toEqual(Array.from(counts));
     expect((r.auxLoss as Tensor).item()).toBeCloseTo(aux, 7);
     expect((r.zLoss as Tensor).item()).toBeCloseTo(z, 7);
+    // the pairs the dispatcher takes: by expert, then token, as Megatron's permute orders them
+    const pairs = Array.from(r.routingMap.token, (t, p) => [t, r.routingMap.slot[p]]);
+    expect(Array.from(r.routingMap.counts)).toEqual(Array.from(counts));
+    let p = 0;
+    for (let e = 0; e < 4; e++) {
+      const mine = pairs.slice(p, p + counts[e]);
+      p += counts[e];
+      expect(mine.map(([t]) => t)).toEqual(mine.map(([t]) => t).sort((a, b) => a - b));
+      for (const [t, slot] of mine) expect([t, r.indices[slot]]).toEqual([Math.floor(slot / 2), e]);
+    }
+    // read lazily from the device, before backward frees the forward's tensors (not after: with
+    // the MoE layers recomputed, lastRouting is then the recomputation's, freed by its scope)
+    const { model } = loadModel(fixtureCheckpoint('mixtral'), {
+      recompute: { granularity: 'selective', modules: ['moe'] },
+    });
+    disposeLater.push(model);
+    const loss = (model.forward(ids, { labels }).loss as Tensor).mean();
+    const [[, first], [, second]] = model.moeLayers();
+    expect(first.lastRouting?.indices.length).toBe(24);
+    loss.backward();
+    expect(() => second.lastRouting?.indices).toThrow(
+      "routing.indices: the router's device tensors were freed with the forward's graph (by backward or a tidy scope); read it before backward, inside the scope",
+    );
   });
 
   it('the expert bias moves toward under-loaded experts by the update rate', () => {

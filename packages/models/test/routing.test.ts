@@ -1,12 +1,15 @@
 // The router's top-k on the scores' device (topkRouting) against its host reference
 // (selectExperts): the same expert ids for every rule (plain top-k, the expert bias, group-limited
-// routing with and without it), with scores drawn from a few values so that ties are common, on the
-// CPU, on the pure-TypeScript reference backend and on the CUDA kernels run by their emulator.
+// routing with and without it), with scores drawn from a few values so that ties are common; and
+// the dropless routing map built on the device (routingMapOnDevice) against the host's
+// (buildRoutingMap): on the CPU, on the pure-TypeScript reference backend and on the CUDA kernels
+// run by their emulator.
 import type { MoeConfig } from '@megapatch/convert';
 import { fromTypedArray, type Tensor } from '@megapatch/tensor';
 import { registerReferenceBackend } from '@megapatch/tensor/reference';
 import { describe, expect, it } from 'vitest';
 import { selectExperts, topkRouting } from '../src/index.js';
+import { buildRoutingMap, readInts, routingMapOnDevice } from '../src/moe/routing-map.js';
 
 registerReferenceBackend();
 
@@ -80,6 +83,43 @@ describe.each(DEVICES)('topkRouting on %s', (device, unavailable) => {
       expect(got.shape).toEqual([T, m.routerTopk]);
       expect(ids(got), `seed ${seed}, ${levels} levels`).toEqual(want);
     }
+  });
+});
+
+describe.each(DEVICES)('routingMapOnDevice on %s', (device, unavailable) => {
+  if (unavailable !== null) it.skip(`${device}: ${unavailable}`, () => {});
+  it.runIf(unavailable === null).each([
+    [0, 4, 2],
+    [1, 8, 2],
+    [37, 8, 2],
+    [97, 64, 6],
+    [300, 16, 5],
+  ])('%i tokens, %i experts, top-%i: the host map, pair by pair', (T, E, k) => {
+    // each token's k distinct experts, from a permutation drawn per token
+    const ids = new Int32Array(T * k);
+    let a = T * 31 + E;
+    for (let t = 0; t < T; t++) {
+      const perm = Array.from({ length: E }, (_, e) => e);
+      for (let i = E - 1; i > 0; i--) {
+        a = (a * 1103515245 + 12345) % 2147483648;
+        const j = a % (i + 1);
+        [perm[i], perm[j]] = [perm[j], perm[i]];
+      }
+      ids.set(perm.slice(0, k), t * k);
+    }
+    const want = buildRoutingMap(ids, T, E, null, () => new Float32Array());
+    const got = routingMapOnDevice(
+      fromTypedArray(
+        BigInt64Array.from(ids, (v) => BigInt(v)),
+        [T, k],
+        { device },
+      ),
+      E,
+    );
+    for (const t of [got.token, got.slot, got.counts]) expect(t.device).toBe(device);
+    expect(Array.from(readInts(got.counts))).toEqual(Array.from(want.counts));
+    expect(Array.from(readInts(got.token))).toEqual(Array.from(want.token));
+    expect(Array.from(readInts(got.slot))).toEqual(Array.from(want.slot));
   });
 });
 

@@ -9,7 +9,7 @@
 // Under sequence parallelism each TP rank already holds its own chunk: it is dispatched as it is,
 // gathered over expert-TP too (Megatron's tp_ep group), and the combine returns it to this rank.
 import { copyToTensorModelParallelRegion, reduceFromTensorModelParallelRegion } from '@megapatch/parallel';
-import { fromTypedArray, indexAdd, type Tensor, zeros } from '@megapatch/tensor';
+import { fromTypedArray, indexAdd, indexSelect, type Tensor, zeros } from '@megapatch/tensor';
 import {
   allGatherInts,
   allGatherIntsV,
@@ -24,6 +24,7 @@ import {
   type Pairs,
   pairsInRows,
   pairWeights,
+  pairWeightsOf,
   sameRanks,
   selectRows,
   splitCounts,
@@ -67,12 +68,33 @@ export class MoEAllGatherTokenDispatcher implements TokenDispatcher {
       pairs = pairsInRows(pairs, start, tpCounts[tpGroup.rank]);
       pairs.slot = pairs.slot.map((s) => (s < 0 ? s : s - start * k));
     }
+    // Gather over EP, then over expert-TP when its ranks hold other tokens (Megatron's tp_ep group).
+    const stages = [epGroup, ...(this.etpReplicated ? [] : [etpGroup])].filter((g) => g.size > 1);
+    const etpCopy = this.etpReplicated && etpGroup.size > 1;
+    if (pairs.device && stages.length === 0 && !tpCounts) {
+      // Nothing to gather (EP = 1, so every expert is local): the pairs as the router built them
+      // on its device, in expert order, index the tokens and the weights there.
+      const dev = pairs.device;
+      let w = pairWeightsOf(probs, dev.slot);
+      let xs = x;
+      if (etpCopy) {
+        xs = copyToTensorModelParallelRegion(xs, etpGroup);
+        w = copyToTensorModelParallelRegion(w, etpGroup);
+      }
+      const counts = pairs.counts;
+      return {
+        tokens: indexSelect(xs, 0, dev.token),
+        tokensPerExpert: Array.from(counts.subarray(firstExpert, firstExpert + numLocalExperts)),
+        combine: (y) => {
+          const wy = w.unsqueeze(1).to(y.dtype);
+          const out = indexAdd(zeros([T, h], { dtype: hidden.dtype }), 0, dev.token, y.mul(wy));
+          return etpCopy ? reduceFromTensorModelParallelRegion(out, etpGroup) : out;
+        },
+      };
+    }
     let weights = pairWeights(probs, pairs.slot);
     let tokens = pairs.token;
     let blocks: Block[] = [{ rows: x.shape[0], counts: pairs.counts }];
-
-    // Gather over EP, then over expert-TP when its ranks hold other tokens (Megatron's tp_ep group).
-    const stages = [epGroup, ...(this.etpReplicated ? [] : [etpGroup])].filter((g) => g.size > 1);
     const stageRows: number[][] = [];
     for (const g of stages) {
       const perRank = allGatherInts(encodeBlocks(blocks, E), g).map((m) => decodeBlocks(m, E));
@@ -84,7 +106,6 @@ export class MoEAllGatherTokenDispatcher implements TokenDispatcher {
       blocks = perRank.flat();
       stageRows.push(rowCounts);
     }
-    const etpCopy = this.etpReplicated && etpGroup.size > 1;
     if (etpCopy) {
       x = copyToTensorModelParallelRegion(x, etpGroup);
       weights = copyToTensorModelParallelRegion(weights, etpGroup);

@@ -9,7 +9,7 @@
 // expert outputs with its routing weights on the rank that routed it; without sequence
 // parallelism the TP ranks then gather their shares again. Every step is differentiable; the
 // backward of an all-to-all is the reverse all-to-all.
-import { fromTypedArray, indexAdd, type Tensor, zeros } from '@megapatch/tensor';
+import { fromTypedArray, indexAdd, indexSelect, type Tensor, zeros } from '@megapatch/tensor';
 import {
   allGatherInts,
   allGatherRows,
@@ -24,6 +24,7 @@ import {
   type Pairs,
   pairsInRows,
   pairWeights,
+  pairWeightsOf,
   selectRows,
   splitCounts,
   type TokenDispatcher,
@@ -58,10 +59,12 @@ export class MoEAlltoAllTokenDispatcher implements TokenDispatcher {
       pairs.slot = pairs.slot.map((s) => (s < 0 ? s : s - start * k));
     }
     const localRows = x.shape[0];
-    const weights = pairWeights(probs, pairs.slot);
+    // the pairs on the router's device when it built them there (and this rank routes all its tokens)
+    const dev = tpCounts ? undefined : pairs.device;
+    const weights = dev ? pairWeightsOf(probs, dev.slot) : pairWeights(probs, pairs.slot);
 
     // Permutation 1: the tokens sorted by expert, hence by the EP rank that owns it.
-    const sent = selectRows(x, pairs.token);
+    const sent = dev ? indexSelect(x, 0, dev.token) : selectRows(x, pairs.token);
     const perRank = E / ep;
     const sendCounts = Array.from({ length: ep }, (_, j) =>
       total(pairs.counts.subarray(j * perRank, (j + 1) * perRank)),
@@ -119,7 +122,7 @@ export class MoEAlltoAllTokenDispatcher implements TokenDispatcher {
         let z = sorted ? selectRows(y, inverse) : y;
         if (etp > 1) z = reduceScatterRows(z, etpCounts, etpGroup);
         if (ep > 1) z = allToAllRows(z, recvCounts, sendCounts, epGroup);
-        const rows = fromTypedArray(Int32Array.from(pairs.token), [pairs.token.length]);
+        const rows = dev ? dev.token : fromTypedArray(Int32Array.from(pairs.token), [pairs.token.length]);
         const w = weights.unsqueeze(1).to(z.dtype);
         let out = indexAdd(zeros([localRows, h], { dtype: hidden.dtype }), 0, rows, z.mul(w));
         if (tpCounts) out = gatherRows(out, tpCounts, tpGroup);

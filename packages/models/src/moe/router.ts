@@ -33,14 +33,26 @@ import {
   zeros_,
 } from '@megapatch/tensor';
 import { allGatherInts } from './collectives.js';
-import { buildRoutingMap, type CapacityOptions, type RoutingMap } from './routing-map.js';
+import {
+  buildRoutingMap,
+  type CapacityOptions,
+  deviceRoutingMap,
+  type RoutingMap,
+  readInts,
+  routingMapOnDevice,
+} from './routing-map.js';
 
 /** What the router decided for T tokens. */
 export interface Routing {
   /** Weights of the chosen experts [T, k] (float32, differentiable). */
   probs: Tensor;
-  /** Chosen global expert ids [T, k], row-major on the host. */
-  indices: Int32Array;
+  /**
+   * Chosen global expert ids [T, k], row-major on the host: read from `ids` at first use, which
+   * must come before backward (or the end of a tidy scope) frees the forward's tensors.
+   */
+  readonly indices: Int32Array;
+  /** The same ids [T, k] (int64) on the scores' device. */
+  ids: Tensor;
   /** Tokens of this call routed to each expert, before any dropping (under SP: this rank's chunk). */
   tokensPerExpert: Float64Array;
   /** The (token, expert) pairs the experts compute: top-k choices after the capacity, plus padding. */
@@ -149,29 +161,46 @@ export class TopKRouter extends Module {
     const T = x.shape[0];
     const logits = linear(x.to('float32'), this.weight.to('float32')); // [T, E], fp32
     const scores = m.scoreFunction === 'softmax' ? softmax(logits, -1) : logits.sigmoid();
-    // top-k on the scores' device; the host reads the chosen ids only (T·k, not T·E scores)
+    // top-k on the scores' device
     const idx = topkRouting(scores, this.expertBias, m);
-    const indices = hostInts(idx);
     let probs = gather(scores, 1, idx);
     if (m.normTopkProb && k > 1) {
       const denom = probs.sum(-1, true);
       probs = probs.div(m.scoreFunction === 'sigmoid' ? denom.add(1e-20) : denom);
     }
     if (m.routedScalingFactor !== 1) probs = probs.mul(m.routedScalingFactor);
+    let indices: Int32Array | null = null;
+    const hostIds = () => {
+      indices ??= readInts(idx, 'routing.indices');
+      return indices;
+    };
+    let routingMap: RoutingMap;
+    if (this.capacity) {
+      // dropping chooses among each expert's tokens: on the host, from the ids
+      const weights = probs.detach();
+      routingMap = buildRoutingMap(
+        hostIds(),
+        T,
+        E,
+        this.capacity,
+        () => weights.toTypedArray() as Float32Array,
+      );
+    } else {
+      // dropless: the map is built on the scores' device and the host reads the counts alone
+      const pairs = routingMapOnDevice(idx, E);
+      routingMap = deviceRoutingMap(pairs, readInts(pairs.counts));
+    }
+    // before dropping: the ids' counts (dropless: the map's own)
     const tokensPerExpert = new Float64Array(E);
-    for (const e of indices) tokensPerExpert[e]++;
-    const weights = probs.detach();
-    const routingMap = buildRoutingMap(
-      indices,
-      T,
-      E,
-      this.capacity,
-      () => weights.toTypedArray() as Float32Array,
-    );
+    if (this.capacity) for (const e of hostIds()) tokensPerExpert[e]++;
+    else tokensPerExpert.set(routingMap.counts);
     if (isGradEnabled()) {
-      let p = 0;
-      for (let e = 0; e < E; e++) {
-        for (let i = 0; i < routingMap.counts[e]; i++, p++) if (routingMap.slot[p] >= 0) this.load[e]++;
+      if (routingMap.device) for (let e = 0; e < E; e++) this.load[e] += routingMap.counts[e];
+      else {
+        let p = 0;
+        for (let e = 0; e < E; e++) {
+          for (let i = 0; i < routingMap.counts[e]; i++, p++) if (routingMap.slot[p] >= 0) this.load[e]++;
+        }
       }
     }
     // the ranks sharing the sequence (TP under SP, CP, TP × CP): statistics of the whole sequence
@@ -203,7 +232,17 @@ export class TopKRouter extends Module {
         .mul(this.losses.zLossCoeff / (sp ? sp.size : 1));
       if (sp) zLoss = reduceFromTensorModelParallelRegion(zLoss, sp);
     }
-    return { probs, indices, tokensPerExpert, routingMap, auxLoss, zLoss };
+    return {
+      probs,
+      get indices() {
+        return hostIds();
+      },
+      ids: idx,
+      tokensPerExpert,
+      routingMap,
+      auxLoss,
+      zLoss,
+    };
   }
 }
 
@@ -246,16 +285,6 @@ export function topkRouting(scores: Tensor, bias: Tensor | null, m: RoutingRule)
       return topk(sel, m.routerTopk, -1).indices;
     }),
   );
-}
-
-/** The ids of an integer tensor on the host, row-major (cast to int32 on its device first). */
-function hostInts(ids: Tensor): Int32Array {
-  const narrow = ids.to('int32');
-  try {
-    return Int32Array.from(narrow.toTypedArray() as Int32Array);
-  } finally {
-    narrow.dispose();
-  }
 }
 
 /**

@@ -5,6 +5,21 @@
 // 'probs' keeps the highest routing weights, 'position' the earliest tokens. Padding
 // (moe_pad_expert_input_to_capacity) fills each expert up to the capacity with other tokens of
 // weight 0, as Megatron's capacity mask does.
+// Dropless maps are built where the router's ids are (routingMapOnDevice): only the per-expert
+// counts come back to the host; the pairs' tokens and slots stay device tensors for the dispatcher.
+import {
+  arange,
+  cumsum,
+  gather,
+  indexSelect,
+  noGrad,
+  ones,
+  scatterAdd,
+  type Tensor,
+  tidy,
+  zeros,
+} from '@megapatch/tensor';
+import { ModelError } from '../errors.js';
 
 /** Megatron's moe_token_drop_policy. */
 export type TokenDropPolicy = 'probs' | 'position';
@@ -29,6 +44,96 @@ export interface RoutingMap {
   counts: Int32Array;
   /** Tokens each expert may take, or null when dropless. */
   capacity: number | null;
+  /**
+   * The same `token` and `slot` as int64 tensors [P] on the router's device, when the map was
+   * built there (dropless routing): the dispatchers index with them, and `token` / `slot` are then
+   * read back only when something asks for them.
+   */
+  device?: PairTensors;
+}
+
+/** A routing map's pairs as tensors on the router's device (int64 [P]). */
+export interface PairTensors {
+  token: Tensor;
+  slot: Tensor;
+}
+
+/**
+ * The dropless map of ids [T, k] (int64, every token's k distinct experts) where they are, in
+ * Megatron's permute order (by expert, then token), without a sort: hits [T, E] (a 1 where token
+ * t chose expert e), the pairs of earlier tokens per expert (an exclusive cumsum down the tokens),
+ * each expert's first position (an exclusive cumsum of the counts), so pair (t, j) lands at
+ * start[e] + before[t, e] for its expert e; the tokens and slots are scattered there. Counts [E]
+ * (int64) on the same device.
+ */
+export function routingMapOnDevice(
+  ids: Tensor,
+  numExperts: number,
+): { token: Tensor; slot: Tensor; counts: Tensor } {
+  const [T, k] = ids.shape;
+  const P = T * k;
+  const E = numExperts;
+  const device = ids.device;
+  const int64 = { dtype: 'int64' as const, device };
+  return noGrad(() =>
+    tidy(() => {
+      if (P === 0) return { token: zeros([0], int64), slot: zeros([0], int64), counts: zeros([E], int64) };
+      const hits = scatterAdd(zeros([T, E], int64), 1, ids, ones([T, k], int64));
+      const counts = hits.sum(0);
+      const before = cumsum(hits, 0).sub(hits);
+      const start = cumsum(counts, 0).sub(counts);
+      const dest = gather(before, 1, ids)
+        .reshape(P)
+        .add(indexSelect(start, 0, ids.reshape(P)));
+      const at = (src: Tensor) => scatterAdd(zeros([P], int64), 0, dest, src);
+      return {
+        token: at(arange(0, T, 1, int64).view(T, 1).expand(T, k).reshape(P)),
+        slot: at(arange(0, P, 1, int64)),
+        counts,
+      };
+    }),
+  );
+}
+
+/**
+ * A RoutingMap over device pairs: `counts` on the host, `token` and `slot` read from the device
+ * tensors at their first use (int32), which must come before the forward's graph frees them.
+ */
+export function deviceRoutingMap(pairs: PairTensors, counts: Int32Array): RoutingMap {
+  let token: Int32Array | null = null;
+  let slot: Int32Array | null = null;
+  return {
+    counts,
+    capacity: null,
+    device: pairs,
+    get token() {
+      token ??= readInts(pairs.token, 'routingMap.token');
+      return token;
+    },
+    get slot() {
+      slot ??= readInts(pairs.slot, 'routingMap.slot');
+      return slot;
+    },
+  };
+}
+
+/**
+ * An integer tensor's values on the host as int32 (cast on its device first). `what` names it in
+ * the error for a tensor already freed (the router's lazily read ids and pairs).
+ */
+export function readInts(t: Tensor, what = 'routing'): Int32Array {
+  if (t.disposed) {
+    throw new ModelError(
+      'INVALID_ARGUMENT',
+      `${what}: the router's device tensors were freed with the forward's graph (by backward or a tidy scope); read it before backward, inside the scope`,
+    );
+  }
+  const narrow = t.to('int32');
+  try {
+    return Int32Array.from(narrow.toTypedArray() as Int32Array);
+  } finally {
+    narrow.dispose();
+  }
 }
 
 /** Megatron's get_capacity: ceil(numTokens / numExperts · factor), numTokens counting every top-k choice. */

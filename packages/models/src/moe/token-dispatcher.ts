@@ -6,6 +6,7 @@
 import type { ProcessGroup } from '@megapatch/parallel';
 import { cat, fromTypedArray, indexSelect, type Tensor, zeros } from '@megapatch/tensor';
 import type { Routing } from './router.js';
+import type { PairTensors } from './routing-map.js';
 
 /** Megatron's moe_token_dispatcher_type. */
 export type MoETokenDispatcherType = 'allgather' | 'alltoall';
@@ -58,6 +59,8 @@ export interface Pairs {
   slot: Int32Array;
   /** Pairs per expert [E]. */
   counts: Int32Array;
+  /** token and slot on the router's device (dropless maps built there; never padding). */
+  device?: PairTensors;
 }
 
 /** Rows of each rank when `n` rows are split over `size` ranks, the first ones taking the extra rows. */
@@ -97,6 +100,11 @@ export function pairWeights(probs: Tensor, slot: Int32Array): Tensor {
     idx = slot.map((s) => (s < 0 ? probs.numel : s));
   }
   return indexSelect(flat, 0, fromTypedArray(Int32Array.from(idx), [idx.length]));
+}
+
+/** The routing weight of each pair [P] (float32, differentiable) from probs [T, k], by device slots. */
+export function pairWeightsOf(probs: Tensor, slot: Tensor): Tensor {
+  return indexSelect(probs.reshape(probs.numel), 0, slot);
 }
 
 /** rows[i] of x for each i: [rows.length, ...]. */

@@ -187,9 +187,7 @@ function runOne(run: DispatchRun, index: number, key: string): DispatchResult {
   const globalLoss = meanOverDp(loss.item(), dp);
   const rl = routerLosses(model);
   const aux = { aux: meanOverDp(rl.aux, dp), z: meanOverDp(rl.z, dp) };
-  loss.backward();
-  const { full, spread } = gatheredGrads(model, architecture, dp, expertDp);
-  const load = model.takeGlobalExpertLoad();
+  // the routing's ids and pairs live on the device until backward frees the graph: read them first
   let dropped = 0;
   let padded = 0;
   for (const [, m] of model.moeLayers()) {
@@ -199,6 +197,9 @@ function runOne(run: DispatchRun, index: number, key: string): DispatchResult {
     dropped += r.indices.length - real;
     padded += r.routingMap.slot.length - real;
   }
+  loss.backward();
+  const { full, spread } = gatheredGrads(model, architecture, dp, expertDp);
+  const load = model.takeGlobalExpertLoad();
   const result: DispatchResult = {
     run: index,
     id: run.id,
