@@ -21,9 +21,10 @@
 //
 // cumsum: one thread per (outer, inner) line scanning R in order in double, as the CPU. For
 // inner == 1 a warp handles 32 rows and stages 32 x 32 tiles through shared memory so that loads
-// and stores stay coalesced.
+// and stores stay coalesced. Few long lines of integers scan in chunks, in int64 (cumsum_chunk_*).
 #include <climits>
 #include <cmath>
+#include <type_traits>
 
 #include "reduce.h"
 
@@ -508,10 +509,83 @@ __global__ void cumsum_rows(const T* x, T* out, int64_t outer, int64_t R) {
   }
 }
 
+// Few long lines of integers (the MoE routing map's [T, E] hits scanned down T, a long 1-D index
+// scan): one thread a line would add R elements in a row with most of the GPU idle. They take three
+// passes over chunks of each line instead, in int64 (exact in any order, so the result is the
+// in-order scan's): each chunk's sum, each line's exclusive scan of its chunk sums (the chunks'
+// offsets), then each chunk's scan from its offset. Index j = (o * chunks + c) * inner + i: the
+// threads of a warp take consecutive i, as cumsum_cols does.
+constexpr int64_t kScanPairs = 32768;  // (line, chunk) pairs the chunked passes aim for
+constexpr int64_t kScanMinChunk = 32;  // rows a chunk holds at least
+
+template <typename T>
+__global__ void cumsum_chunk_sums(const T* x, int64_t* sums, int64_t outer, int64_t R, int64_t inner, int64_t len,
+                                  int64_t chunks) {
+  const int64_t n = outer * chunks * inner;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < n;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t oc = j / inner, i = j - oc * inner, o = oc / chunks, c = oc - o * chunks;
+    const T* xp = x + o * R * inner + i;
+    int64_t acc = 0;
+    for (int64_t r = c * len, end = mn(R, r + len); r < end; r++) acc += static_cast<int64_t>(xp[r * inner]);
+    sums[j] = acc;
+  }
+}
+
+__global__ void cumsum_chunk_offsets(int64_t* sums, int64_t outer, int64_t inner, int64_t chunks) {
+  const int64_t n = outer * inner;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < n;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t o = j / inner, i = j - o * inner;
+    int64_t acc = 0;
+    for (int64_t c = 0; c < chunks; c++) {
+      int64_t* p = sums + (o * chunks + c) * inner + i;
+      const int64_t v = *p;
+      *p = acc;
+      acc += v;
+    }
+  }
+}
+
+template <typename T>
+__global__ void cumsum_chunk_scan(const T* x, T* out, const int64_t* offsets, int64_t outer, int64_t R,
+                                  int64_t inner, int64_t len, int64_t chunks) {
+  const int64_t n = outer * chunks * inner;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < n;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t oc = j / inner, i = j - oc * inner, o = oc / chunks, c = oc - o * chunks;
+    const int64_t base = o * R * inner + i;
+    int64_t acc = offsets[j];
+    for (int64_t r = c * len, end = mn(R, r + len); r < end; r++) {
+      acc += static_cast<int64_t>(x[base + r * inner]);
+      out[base + r * inner] = static_cast<T>(acc);
+    }
+  }
+}
+
 template <typename T>
 void cumsum_t(cudaStream_t s, const TensorArg& x, const TensorArg& out, int64_t outer, int64_t R, int64_t inner) {
   const T* xp = x.ptr<T>();
   T* op = out.ptr<T>();
+  if constexpr (std::is_same<T, int64_t>::value || std::is_same<T, int32_t>::value) {
+    const int64_t lines = outer * inner;
+    if (lines < kScanPairs && R >= 2 * kScanMinChunk) {
+      const int64_t want = mn(ceil_div(kScanPairs, lines), R / kScanMinChunk);
+      const int64_t len = ceil_div(R, want), chunks = ceil_div(R, len), pairs = lines * chunks;
+      Scratch sums(static_cast<size_t>(pairs) * sizeof(int64_t), s);
+      int64_t* sp = sums.at<int64_t>();
+      auto k1 = cumsum_chunk_sums<T>;
+      MP_LAUNCH(k1, grid_for(pairs), kThreads, 0, s, xp, sp, outer, R, inner, len, chunks);
+      check_launch("cumsum_chunk_sums");
+      auto k2 = cumsum_chunk_offsets;
+      MP_LAUNCH(k2, grid_for(lines), kThreads, 0, s, sp, outer, inner, chunks);
+      check_launch("cumsum_chunk_offsets");
+      auto k3 = cumsum_chunk_scan<T>;
+      MP_LAUNCH(k3, grid_for(pairs), kThreads, 0, s, xp, op, sp, outer, R, inner, len, chunks);
+      check_launch("cumsum_chunk_scan");
+      return;
+    }
+  }
   if (inner == 1 && R > 1) {
     const int64_t warps = ceil_div(outer, 32);
     const unsigned blocks = static_cast<unsigned>(mn(ceil_div(warps, kScanWarps), kMaxGridX));
