@@ -6,7 +6,9 @@
 # NCCL); build the addons of packages/tensor and packages/cuda (cmake-js, node-api-headers, no
 # download) and packages/tensor/dist (esbuild); cudaInfo() and gemmEngine(); gpu/gemm-check.mts;
 # the tensor op tests (vitest.conformance.config.ts) and the kernel comparison
-# (vitest.kernels.config.ts) on the device; the tensor-core primitives' self-test built by nvcc
+# (vitest.kernels.config.ts) on the device; cumsum's chunked integer scan (test/scan-kernels.test.ts)
+# and the MoE fixture models against the CPU (gpu/moe-check.mts); the tensor-core primitives'
+# self-test built by nvcc
 # for sm_90a, and the tensor-core attention kernels and their variants (wgmma among them) against
 # the CUDA-core ones and the CPU; then
 # packages/cuda/bench/gpu-bench.sh when it exists;
@@ -219,7 +221,7 @@ fi
 
 # without the addon the steps that load it would only fail one after the other (session 33's run on
 # an H100 spent its call so): they are skipped, the tensor cores' self-test (nvcc alone) still runs
-NEEDS_ADDON=" info gemm grouped grouped-blas grouped-streams grouped-mma grouped-wgmma grouped-wgmma256 conformance kernels attn-check attn-check-ws nccl bench ncu "
+NEEDS_ADDON=" info gemm grouped grouped-blas grouped-streams grouped-mma grouped-wgmma grouped-wgmma256 conformance kernels scan moe-check attn-check attn-check-ws nccl bench ncu "
 case $DEVICE in
   cudaemu*) addon=packages/cuda/build/Release/megapatch_cuda_emu.node ;;
   *) addon=packages/cuda/build/Release/megapatch_cuda.node ;;
@@ -274,6 +276,17 @@ if [ -f packages/cuda/vitest.kernels.config.ts ]; then
 else
   record kernels SKIP 0 "no packages/cuda/vitest.kernels.config.ts"
 fi
+
+# cumsum's chunked integer scan (the MoE routing map's), against the CPU
+scan_check() {
+  cd packages/cuda && node ../../node_modules/vitest/vitest.mjs run test/scan-kernels.test.ts
+}
+export -f scan_check
+step scan kernels.log 60 scan_check
+report scan "$(vitest_note kernels.log)"
+# MoE fixture models (routing on the device, grouped experts, MLA, MTP) against the CPU
+step moe-check kernels.log 90 "$TSX" packages/cuda/gpu/moe-check.mts "$DEVICE"
+report moe-check "$(grep -acE '^MOE OK' "$OUT/kernels.log" || true) of 3 models match the CPU$(last kernels.log '^MOE FAIL' | sed 's/^/; /')"
 
 # --- tensor cores: the primitives' self-test built by nvcc for sm_90a (mma.sync, ldmatrix and
 # wgmma layouts against the tensor cores themselves), then the tensor-core attention kernels

@@ -1,16 +1,20 @@
-// cumsum's chunked path (native/src/kernels/reduce.cu, cumsum_chunk_*) on the emulator: integer
+// cumsum's chunked path (native/src/kernels/reduce.cu, cumsum_chunk_*) on the emulator (or a GPU): integer
 // lines few and long enough to be scanned in chunks (chunk sums, their offsets, each chunk's scan)
 // must give the CPU backend's values exactly, across chunk boundaries, uneven last chunks, an inner
 // stride (the MoE routing map's [T, E] scanned down T) and int32 / int64; short or many lines and
 // floats keep the in-order scan, checked beside them.
 import { cumsum, type DType, tensor, tidy } from '@megapatch/tensor';
 import { describe, expect, it } from 'vitest';
-import { loadEmulatorAddon } from '../src/native.js';
+import { loadAddon, loadEmulatorAddon } from '../src/native.js';
 
-const built = loadEmulatorAddon();
+// MEGAPATCH_TEST_DEVICE=cuda:0 runs the same on a GPU (gpu/run.sh's scan step)
+const DEV = process.env.MEGAPATCH_TEST_DEVICE?.startsWith('cuda:')
+  ? process.env.MEGAPATCH_TEST_DEVICE
+  : 'cudaemu:0';
+const onGpu = DEV.startsWith('cuda:');
+const built = onGpu ? loadAddon() : loadEmulatorAddon();
 const skip = 'error' in built ? built.error : '';
-const DEV = 'cudaemu:0';
-if (!skip) await import('../src/emulator.js');
+if (!skip) await import(onGpu ? '../src/index.js' : '../src/emulator.js');
 
 /** Seeded integers in [-range, range) (an LCG), or 0/1 hits when range is 0. */
 function ints(n: number, seed: number, range: number): number[] {

@@ -215,7 +215,7 @@ export class TopKRouter extends Module {
       const perExpert = all.sum(0); // [E]
       const counts = sp ? sumOverRanks(tokensPerExpert, sp) : tokensPerExpert;
       const totalTokens = sp ? T * sp.size : T;
-      const f = fromTypedArray(Float32Array.from(counts), [E]);
+      const f = fromTypedArray(Float32Array.from(counts), [E], { device: scores.device });
       auxLoss = perExpert
         .mul(f)
         .sum()
