@@ -187,8 +187,9 @@ export class TopKRouter extends Module {
       );
     } else {
       // dropless: the map is built on the scores' device and the host reads the counts alone
-      const pairs = routingMapOnDevice(idx, E);
-      routingMap = deviceRoutingMap(pairs, readInts(pairs.counts));
+      const { token, slot, counts } = routingMapOnDevice(idx, E);
+      routingMap = deviceRoutingMap({ token, slot }, readInts(counts));
+      counts.dispose();
     }
     // before dropping: the ids' counts (dropless: the map's own)
     const tokensPerExpert = new Float64Array(E);
