@@ -161,6 +161,53 @@ describe.runIf(emulator === null)('a forward on cudaemu:0 does not read the devi
     }
   });
 
+  it('a packed forward (cuSeqlens and position ids on the device) reads nothing back', () => {
+    const packed = (device: string) => {
+      const on = (v: number[], shape: number[]) =>
+        fromTypedArray(BigInt64Array.from(v, BigInt), shape, { device });
+      return {
+        labels: on([...IDS.slice(1), 2], [1, 12]),
+        positionIds: on([0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6], [1, 12]),
+        cuSeqlens: fromTypedArray(Int32Array.from([0, 5, 12]), [3], { device }),
+      };
+    };
+    const { model: cpuModel } = loadModel(fixtureCheckpoint('llama'));
+    let cpuLoss: number;
+    try {
+      const out = cpuModel.forward(fromTypedArray(BigInt64Array.from(IDS, BigInt), [1, 12]), packed('cpu'));
+      cpuLoss = (out.loss as Tensor).mean().item();
+    } finally {
+      cpuModel.dispose();
+    }
+    setDefaultDevice('cudaemu:0');
+    const { model } = loadModel(fixtureCheckpoint('llama'));
+    try {
+      const x = fromTypedArray(BigInt64Array.from(IDS, BigInt), [1, 12], { device: 'cudaemu:0' });
+      const inputs = packed('cudaemu:0');
+      synchronize('cudaemu:0');
+      const backend = x.backend;
+      const read = backend.read;
+      const reads: string[] = [];
+      backend.read = (t, dst) => {
+        reads.push(`${t.dtype}[${t.shape}]`);
+        read.call(backend, t, dst);
+      };
+      let out: ReturnType<typeof model.forward>;
+      try {
+        out = model.forward(x, inputs);
+      } finally {
+        backend.read = read;
+      }
+      // every attention layer's cuSeqlens check is queued with the ids' and labels' checks
+      expect(reads).toEqual([]);
+      expect(pendingChecks('cudaemu:0')).toBeGreaterThan(model.config.numLayers);
+      const loss = (out.loss as Tensor).mean().item();
+      expect(Math.abs(loss - cpuLoss) / cpuLoss).toBeLessThan(1e-5);
+    } finally {
+      model.dispose();
+    }
+  });
+
   it('a MoE forward reads back the tokens per expert, once a MoE layer, and never the scores, the ids or the MTP targets', () => {
     for (const id of ['mixtral', 'moonlight', 'deepseek-v3']) {
       setDefaultDevice('cudaemu:0');

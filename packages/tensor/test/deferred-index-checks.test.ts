@@ -16,6 +16,7 @@ import {
   pendingChecks,
   registerBackendType,
   reshape,
+  scaledDotProductAttention,
   scatterAdd,
   synchronize,
   type Tensor,
@@ -431,5 +432,53 @@ describe('synchronize waits for the devices', () => {
     expect(waits.sort()).toEqual(['wref:0', 'wref:1']);
     a.dispose();
     b.dispose();
+  });
+});
+
+describe('packed attention checks cuSeqlens where it lives', () => {
+  const qkv = (device: string) => [
+    seq([1, 2, 6, 4], device),
+    seq([1, 2, 6, 4], device),
+    seq([1, 2, 6, 4], device),
+  ];
+  const sdpa = (device: string, cu: number[]) => {
+    const [q, k, v] = qkv(device).map((t) => t.div(24));
+    return scaledDotProductAttention(q, k, v, {
+      isCausal: true,
+      cuSeqlens: tensor(cu, { device, dtype: 'int32' }),
+    });
+  };
+  const messageOf = (fn: () => unknown) => {
+    try {
+      fn();
+    } catch (e) {
+      return (e as Error).message;
+    }
+    return null;
+  };
+
+  it.each([
+    [[0, 4, 2, 6], 'be non-decreasing, got 4 then 2 at index 2'],
+    [[0, 2, 5], 'end at the token count 6, got 5'],
+    [[1, 2, 6], 'start at 0, got 1'],
+    [[0, 6, 6, 3], 'be non-decreasing, got 6 then 3 at index 3'],
+  ])('%j: the op returns on an asynchronous device, the next read throws the CPU message', (cu, what) => {
+    const cpu = messageOf(() => sdpa('cpu', cu));
+    expect(cpu).toBe(`scaledDotProductAttention: cuSeqlens must ${what}`);
+    synchronize(ASYNC);
+    const out = sdpa(ASYNC, cu);
+    expect(pendingChecks(ASYNC)).toBeGreaterThan(0);
+    expect(messageOf(() => out.sum().item())).toBe(cpu);
+    expect(pendingChecks(ASYNC)).toBe(0);
+  });
+
+  it('a valid cuSeqlens: no read before the result is, and the CPU values', () => {
+    synchronize(ASYNC);
+    const out = sdpa(ASYNC, [0, 2, 2, 6]);
+    expect(pendingChecks(ASYNC)).toBeGreaterThan(0);
+    const got = out.toTypedArray() as Float32Array;
+    const want = sdpa('cpu', [0, 2, 2, 6]).toTypedArray() as Float32Array;
+    expect(pendingChecks(ASYNC)).toBe(0);
+    for (let i = 0; i < want.length; i++) expect(got[i]).toBeCloseTo(want[i], 5);
   });
 });

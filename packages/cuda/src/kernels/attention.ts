@@ -4,8 +4,10 @@
 // are packed as the CPU backend's wrappers in @megapatch/tensor's src/ops/attention.ts pack them:
 // the tensors, then hasMask, [mask], hasCuSeqlens, [cuSeqlens], causal, scale.
 //
-// cuSeqlens lives on the device: the op validated its values (start 0, non-decreasing, end at the
-// token count) before calling, and the kernels read it on the device without a host round trip.
+// cuSeqlens lives on the device: the op checks its values (start 0, non-decreasing, end at the
+// token count) there too, as a deferred check raised at the next host read, and the kernels read it
+// on the device without a host round trip, clamping every range to the rows (a bad cuSeqlens gives
+// wrong values until the check raises, never an access outside the tensors).
 import type { KernelTable } from '@megapatch/tensor';
 import { type Entries, pack } from '../pack.js';
 

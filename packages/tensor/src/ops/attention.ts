@@ -1,12 +1,16 @@
 // Scaled dot-product attention with torch.nn.functional.scaled_dot_product_attention semantics,
 // plus grouped-query attention and packed variable-length rows, on a fused flash-attention style
 // kernel (native/src/attention.cc) that saves only the per-row logsumexp for the backward.
+import { noGrad } from '../autograd/graph.js';
 import { attachGrad, needsGrad } from '../autograd/record.js';
 import { defineCpuKernel, native, pack } from '../backend/cpu.js';
 import { getKernel } from '../backend/kernels.js';
 import { isFloating } from '../dtype.js';
 import { argError, dtypeError, fmtShape, shapeError, TensorError } from '../errors.js';
+import { tidy } from '../scope.js';
+import { deferCheck } from '../sync.js';
 import type { Tensor } from '../tensor.js';
+import { cat } from './shape.js';
 import { alloc, allocLike, gradDestination, inputsBackend } from './util.js';
 
 export interface AttentionOptions {
@@ -125,6 +129,10 @@ function checkCuSeqlens(cu: Tensor, B: number, Sq: number, Sk: number): void {
   }
   if (B !== 1) throw shapeError(OP, `cuSeqlens packs sequences into one row: batch must be 1, got ${B}`);
   if (Sq !== Sk) throw shapeError(OP, `cuSeqlens needs Sq = Sk (packed self-attention), got ${Sq} and ${Sk}`);
+  if (cu.backend.synchronous === false) {
+    deferCuSeqlensCheck(cu, Sq);
+    return;
+  }
   const vals = Array.from(cu.toTypedArray() as ArrayLike<number | bigint>, Number);
   if (vals[0] !== 0) throw argError(OP, `cuSeqlens must start at 0, got ${vals[0]}`);
   for (let i = 1; i < vals.length; i++) {
@@ -137,6 +145,42 @@ function checkCuSeqlens(cu: Tensor, B: number, Sq: number, Sk: number): void {
   }
   const last = vals[vals.length - 1];
   if (last !== Sq) throw argError(OP, `cuSeqlens must end at the token count ${Sq}, got ${last}`);
+}
+
+/**
+ * The same checks where cuSeqlens lives, on an asynchronous device: its first and last values,
+ * whether a step decreases, the first such step and its two values, computed there and queued as
+ * a deferred check (sync.ts), so that packed attention does not wait for the device at every
+ * layer; the next host read raises the host check's error. The kernels clamp every range to the
+ * rows, so a bad cuSeqlens yields wrong values until then, never an access outside the tensors.
+ */
+function deferCuSeqlensCheck(cu: Tensor, Sq: number): void {
+  const n = cu.shape[0];
+  const values = noGrad(() =>
+    tidy(() => {
+      const c = cu.to('float64'); // exact: boundaries stay far below 2^53
+      const prev = c.narrow(0, 0, n - 1);
+      const next = c.narrow(0, 1, n - 1);
+      const down = next.lt(prev).to('int32');
+      const at = down.argmax().reshape(1); // the first decreasing step (0 when none)
+      return cat([
+        c.narrow(0, 0, 1),
+        c.narrow(0, n - 1, 1),
+        down.amax().to('float64').reshape(1),
+        at.to('float64'),
+        prev.gather(0, at),
+        next.gather(0, at),
+      ]);
+    }),
+  );
+  deferCheck(values, ([first, last, anyDown, at, a, b]) => {
+    if (first !== 0) return argError(OP, `cuSeqlens must start at 0, got ${first}`);
+    if (anyDown) {
+      return argError(OP, `cuSeqlens must be non-decreasing, got ${a} then ${b} at index ${at + 1}`);
+    }
+    if (last !== Sq) return argError(OP, `cuSeqlens must end at the token count ${Sq}, got ${last}`);
+    return null;
+  });
 }
 
 /**
