@@ -5,10 +5,25 @@
 // rank holds two chunks of each sequence, so a shift needs tokens that live on other ranks: the
 // three small rows are gathered over the CP group once per forward, shifted on the full sequence
 // and split back (Megatron exchanges the boundary tokens; the result is the same). The shifts are
-// gathers (indexSelect) on the ids' device with indices the host knows from the layout alone, and
-// the token counts stay there too: nothing is read back (a packed row's cuSeqlens aside).
+// gathers (indexSelect) on the ids' device, with indices the host knows from the layout alone or,
+// for packed rows, computed where cuSeqlens lives; the token counts stay there too: nothing is read
+// back (under CP the host plans the split with cuSeqlens, as before).
 import { contextParallelGather, contextParallelPlan, type ProcessGroup } from '@megapatch/parallel';
-import { cat, fromTypedArray, indexSelect, noGrad, ones, type Tensor, tidy, zeros } from '@megapatch/tensor';
+import {
+  arange,
+  cat,
+  cumsum,
+  fromTypedArray,
+  full,
+  indexSelect,
+  noGrad,
+  ones,
+  scatterAdd,
+  type Tensor,
+  tidy,
+  where,
+  zeros,
+} from '@megapatch/tensor';
 import { ModelError } from './errors.js';
 
 /** One MTP depth's ids [b, s] (int64), labels [b, s] (int64) and loss mask [b, s] (float32), local. */
@@ -55,11 +70,14 @@ export function mtpTargets(input: MtpTargetsInput, depths: number): MtpDepthTarg
   const cp = input.cpGroup && input.cpGroup.size > 1 ? input.cpGroup : null;
   const cpSize = cp ? cp.size : 1;
   const s = sLocal * cpSize;
-  const localCu = input.cuSeqlens ? Array.from(numbers(input.cuSeqlens)) : null;
+  // packed rows without CP: the samples' bounds are used where cuSeqlens lives (deviceShift);
+  // under CP the host plans the split with them
+  const packedHere = !cp && input.cuSeqlens !== null;
+  const localCu = input.cuSeqlens && !packedHere ? Array.from(numbers(input.cuSeqlens)) : null;
   const cu = localCu ? localCu.map((x) => x * cpSize) : null;
   // the sequences a shift stays inside: each packed sample, or each row
   const segments: [number, number][] = [];
-  for (let r = 0; r < b; r++) {
+  for (let r = 0; r < b && !packedHere; r++) {
     if (cu) for (let i = 0; i + 1 < cu.length; i++) segments.push([r * s + cu[i], r * s + cu[i + 1]]);
     else segments.push([r * s, (r + 1) * s]);
   }
@@ -78,14 +96,24 @@ export function mtpTargets(input: MtpTargetsInput, depths: number): MtpDepthTarg
       const ids = flat(input.ids);
       const labels = flat(input.labels);
       const mask = flat(input.lossMask ? input.lossMask.to('float32') : ones([b, sLocal], { device }));
-      const pick = (t: Tensor, idx: Int32Array) =>
-        indexSelect(t, 0, fromTypedArray(idx, [idx.length], { device }));
+      const pick = (t: Tensor, idx: Int32Array | Tensor) =>
+        indexSelect(t, 0, idx instanceof Int32Array ? fromTypedArray(idx, [idx.length], { device }) : idx);
       // k shifts to the left within a segment: position i takes i + k, or the 0 when i + k leaves
       // it; positions outside every segment keep their own value
       const from = new Int32Array(b * s);
       const local = new Int32Array(b * sLocal);
       const out: MtpDepthTargets[] = [];
       for (let k = 1; k <= depths; k++) {
+        if (packedHere) {
+          const at = deviceShift(input.cuSeqlens as Tensor, b, s, k, device);
+          out.push({
+            ids: pick(ids, at).view(b, sLocal),
+            labels: pick(labels, at).view(b, sLocal),
+            mask: pick(mask, at).view(b, sLocal),
+            count: pick(mask, at).sum(),
+          });
+          continue;
+        }
         for (let i = 0; i < b * s; i++) from[i] = i;
         for (const [start, end] of segments)
           for (let i = start; i < end; i++) from[i] = i + k < end ? i + k : b * s;
@@ -101,4 +129,24 @@ export function mtpTargets(input: MtpTargetsInput, depths: number): MtpDepthTarg
       return out;
     }),
   );
+}
+
+/**
+ * The positions depth k reads [b·s] (int64, on the ids' device) for rows of s tokens packed at
+ * the boundaries cu: position i of every row takes i + k when no boundary lies in (i, i + k] (the
+ * same sample: a boundary count `seg` up to each position, from a cumsum of marks at the
+ * boundaries, is equal at both), the appended 0 (at b·s) when the shift leaves its sample, and
+ * itself from cu's last boundary on (outside every sample), as the host's segments give.
+ */
+function deviceShift(cu: Tensor, b: number, s: number, k: number, device: string): Tensor {
+  const int64 = { dtype: 'int64' as const, device };
+  const c = cu.to(device, 'int64');
+  const n = c.shape[0];
+  const marks = scatterAdd(zeros([s + 1], int64), 0, c, ones([n], int64));
+  const seg = cumsum(marks, 0).narrow(0, 0, s);
+  const i = arange(0, s, 1, int64);
+  const ahead = k < s ? cat([seg.narrow(0, k, s - k), full([k], -1, int64)], 0) : full([s], -1, int64);
+  const row = where(i.lt(c.narrow(0, n - 1, 1)), where(ahead.eq(seg), i.add(k), -1), i); // [s]
+  const rows = row.view(1, s).expand(b, s);
+  return where(rows.ge(0), rows.add(arange(0, b * s, s, int64).view(b, 1)), b * s).reshape(b * s);
 }

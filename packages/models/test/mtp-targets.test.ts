@@ -43,6 +43,29 @@ describe.each([
     expect(d2.count.item()).toBe(2);
   });
 
+  it.runIf(unavailable === null)(
+    'an empty sample, and positions past the last boundary keep their own',
+    () => {
+      const ids = int64([10, 11, 12, 13, 14, 15, 16, 17], [1, 8], device);
+      const labels = int64([20, 21, 22, 23, 24, 25, 26, 27], [1, 8], device);
+      // samples [0, 3), [3, 3) (empty), [3, 6); positions 6 and 7 lie outside every sample
+      const cuSeqlens = fromTypedArray(Int32Array.from([0, 3, 3, 6]), [4], { device });
+      synchronize(device);
+      const [d1, d2, d4] = mtpTargets({ ids, labels, lossMask: null, cuSeqlens, cpGroup: null }, 4).filter(
+        (_, i) => i !== 2,
+      );
+      if (device !== 'cpu') expect(pendingChecks(device)).toBeGreaterThan(0); // nothing read back
+      expect(nums(d1.ids)).toEqual([11, 12, 0, 14, 15, 0, 16, 17]);
+      expect(nums(d1.mask)).toEqual([1, 1, 0, 1, 1, 0, 1, 1]);
+      expect(d1.count.item()).toBe(6);
+      expect(nums(d2.labels)).toEqual([22, 0, 0, 25, 0, 0, 26, 27]);
+      expect(d2.count.item()).toBe(4);
+      // depth 4 is longer than every sample
+      expect(nums(d4.ids)).toEqual([0, 0, 0, 0, 0, 0, 16, 17]);
+      expect(d4.count.item()).toBe(2);
+    },
+  );
+
   it.runIf(unavailable === null)('shifts each row of a batch, mask all ones without one', () => {
     const ids = int64([1, 2, 3, 4, 5, 6], [2, 3], device);
     const labels = int64([2, 3, 7, 5, 6, 8], [2, 3], device);
