@@ -96,34 +96,35 @@ export function mtpTargets(input: MtpTargetsInput, depths: number): MtpDepthTarg
       const ids = flat(input.ids);
       const labels = flat(input.labels);
       const mask = flat(input.lossMask ? input.lossMask.to('float32') : ones([b, sLocal], { device }));
-      const pick = (t: Tensor, idx: Int32Array | Tensor) =>
-        indexSelect(t, 0, idx instanceof Int32Array ? fromTypedArray(idx, [idx.length], { device }) : idx);
+      const onDevice = (idx: Int32Array | Tensor) =>
+        idx instanceof Int32Array ? fromTypedArray(idx, [idx.length], { device }) : idx;
       // k shifts to the left within a segment: position i takes i + k, or the 0 when i + k leaves
       // it; positions outside every segment keep their own value
       const from = new Int32Array(b * s);
       const local = new Int32Array(b * sLocal);
       const out: MtpDepthTargets[] = [];
       for (let k = 1; k <= depths; k++) {
+        // the positions this rank's rows read (at), and those of the whole sequence (for the count)
+        let at: Int32Array | Tensor = local;
+        let whole: Int32Array | Tensor = local;
         if (packedHere) {
-          const at = deviceShift(input.cuSeqlens as Tensor, b, s, k, device);
-          out.push({
-            ids: pick(ids, at).view(b, sLocal),
-            labels: pick(labels, at).view(b, sLocal),
-            mask: pick(mask, at).view(b, sLocal),
-            count: pick(mask, at).sum(),
-          });
-          continue;
+          at = deviceShift(input.cuSeqlens as Tensor, b, s, k, device);
+          whole = at;
+        } else {
+          for (let i = 0; i < b * s; i++) from[i] = i;
+          for (const [start, end] of segments)
+            for (let i = start; i < end; i++) from[i] = i + k < end ? i + k : b * s;
+          for (let r = 0; r < b; r++)
+            for (let j = 0; j < sLocal; j++) local[r * sLocal + j] = from[r * s + (index ? index[j] : j)];
+          if (index) whole = from;
         }
-        for (let i = 0; i < b * s; i++) from[i] = i;
-        for (const [start, end] of segments)
-          for (let i = start; i < end; i++) from[i] = i + k < end ? i + k : b * s;
-        for (let r = 0; r < b; r++)
-          for (let j = 0; j < sLocal; j++) local[r * sLocal + j] = from[r * s + (index ? index[j] : j)];
+        const rows = onDevice(at); // uploaded once for the three rows
+        const m = indexSelect(mask, 0, rows);
         out.push({
-          ids: pick(ids, local).view(b, sLocal),
-          labels: pick(labels, local).view(b, sLocal),
-          mask: pick(mask, local).view(b, sLocal),
-          count: pick(mask, from).sum(),
+          ids: indexSelect(ids, 0, rows).view(b, sLocal),
+          labels: indexSelect(labels, 0, rows).view(b, sLocal),
+          mask: m.view(b, sLocal),
+          count: (whole === at ? m : indexSelect(mask, 0, onDevice(whole))).sum(),
         });
       }
       return out;
