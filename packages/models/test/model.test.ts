@@ -163,6 +163,38 @@ describe('router', () => {
     );
   });
 
+  it('routes a chunk of no tokens: empty routing, zero balancing losses with gradients', () => {
+    const moe = {
+      numExperts: 4,
+      routerTopk: 2,
+      moeFfnHiddenSize: 8,
+      sharedExpertIntermediateSize: 0,
+      sharedExpertGate: false,
+      scoreFunction: 'sigmoid' as const,
+      expertBias: true,
+      numGroups: 1,
+      groupTopk: 1,
+      routedScalingFactor: 1,
+      normTopkProb: true,
+      layerPattern: ['moe' as const],
+    };
+    const router = new TopKRouter(
+      moe,
+      3,
+      { dtype: 'float32', generator: new Generator(1), performInitialization: true },
+      { auxLossCoeff: 0.01, zLossCoeff: 0.001 },
+    );
+    const r = router.forward(fromTypedArray(new Float32Array(0), [0, 3]));
+    expect(r.probs.shape).toEqual([0, 2]);
+    expect(Array.from(r.indices)).toEqual([]);
+    expect(Array.from(r.routingMap.counts)).toEqual([0, 0, 0, 0]);
+    const aux = r.auxLoss as Tensor;
+    const z = r.zLoss as Tensor;
+    expect([aux.item(), z.item()]).toEqual([0, 0]);
+    aux.add(z).backward();
+    expect(Array.from(router.weight.grad?.toTypedArray() as Float32Array)).toEqual(new Array(12).fill(0));
+  });
+
   it('the expert bias moves toward under-loaded experts by the update rate', () => {
     const { model } = loadModel(fixtureCheckpoint('deepseek-v3'));
     disposeLater.push(model);

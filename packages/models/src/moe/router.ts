@@ -220,17 +220,17 @@ export class TopKRouter extends Module {
       auxLoss = perExpert
         .mul(f)
         .sum()
-        .mul((E * this.losses.auxLossCoeff) / (k * totalTokens * totalTokens));
+        // no tokens (an empty chunk): nothing to balance, a zero loss rather than 0 / 0
+        .mul((E * this.losses.auxLossCoeff) / (k * Math.max(totalTokens, 1) ** 2));
       if (sp) auxLoss = reduceFromTensorModelParallelRegion(auxLoss, sp);
     }
     let zLoss: Tensor | null = null;
     if (this.losses.zLossCoeff > 0 && this.training) {
       // Megatron divides the coefficient by the tp-cp size under SP: the mean over equal chunks.
       const lse = logsumexp(logits, -1);
-      zLoss = lse
-        .mul(lse)
-        .mean()
-        .mul(this.losses.zLossCoeff / (sp ? sp.size : 1));
+      const squares = lse.mul(lse);
+      // no tokens: the sum over none (zero, with the graph), as mean would divide 0 by 0
+      zLoss = (T > 0 ? squares.mean() : squares.sum()).mul(this.losses.zLossCoeff / (sp ? sp.size : 1));
       if (sp) zLoss = reduceFromTensorModelParallelRegion(zLoss, sp);
     }
     return {
