@@ -669,6 +669,7 @@ if (want('train')) {
         kernelMs: r(p.kernelMs),
         spanMs: r(p.spanMs),
         deviceMallocs: p.deviceMallocs,
+        hostWaits: p.hostWaits,
         entries: p.entries.map((e) => ({ ...e, ms: r(e.ms) })),
       });
     }

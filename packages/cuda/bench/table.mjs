@@ -406,7 +406,7 @@ if (prof) {
   }
   const share = (ms) => `${num(ms, 4)} ms (${Math.round((100 * ms) / prof.spanMs)}%)`;
   limits.push(
-    `megapatch, one step profiled (CUDA events around each backend entry): span ${num(prof.spanMs, 4)} ms = GEMMs ${share(kinds.gemm[0])} at ${num(kinds.gemm[1] / 1e9 / (kinds.gemm[0] || 1), 3)} TFLOP/s + attention ${share(kinds.attention[0])} + other entries ${share(kinds.other[0])} + gaps ${share(prof.spanMs - prof.kernelMs)}; ${prof.calls} entries, ${prof.deviceMallocs} cudaMalloc`,
+    `megapatch, one step profiled (CUDA events around each backend entry): span ${num(prof.spanMs, 4)} ms = GEMMs ${share(kinds.gemm[0])} at ${num(kinds.gemm[1] / 1e9 / (kinds.gemm[0] || 1), 3)} TFLOP/s + attention ${share(kinds.attention[0])} + other entries ${share(kinds.other[0])} + gaps ${share(prof.spanMs - prof.kernelMs)}; ${prof.calls} entries, ${prof.deviceMallocs} cudaMalloc${prof.hostWaits === undefined ? '' : `, ${prof.hostWaits} host waits`}`,
   );
   const top = prof.entries.filter((e) => e.kind === 'other').slice(0, 12);
   limits.push(
@@ -423,6 +423,7 @@ if (prof) {
     attentionMs: kinds.attention[0],
     otherMs: kinds.other[0],
     deviceMallocs: prof.deviceMallocs,
+    hostWaits: prof.hostWaits,
   };
 }
 

@@ -7,6 +7,7 @@
 # download) and packages/tensor/dist (esbuild); cudaInfo() and gemmEngine(); gpu/gemm-check.mts;
 # the tensor op tests (vitest.conformance.config.ts) and the kernel comparison
 # (vitest.kernels.config.ts) on the device; cumsum's chunked integer scan (test/scan-kernels.test.ts)
+# and the uploads and batched reads (test/transfers.test.ts)
 # and the MoE fixture models against the CPU (gpu/moe-check.mts); the tensor-core primitives'
 # self-test built by nvcc
 # for sm_90a, and the tensor-core attention kernels and their variants (wgmma among them) against
@@ -277,9 +278,11 @@ else
   record kernels SKIP 0 "no packages/cuda/vitest.kernels.config.ts"
 fi
 
-# cumsum's chunked integer scan (the MoE routing map's), against the CPU
+# cumsum's chunked integer scan (the MoE routing map's), against the CPU; uploads through the
+# page-locked ring behind a long product (copies that really run late) and the queued checks read
+# with one wait (test/transfers.test.ts)
 scan_check() {
-  cd packages/cuda && node ../../node_modules/vitest/vitest.mjs run test/scan-kernels.test.ts
+  cd packages/cuda && node ../../node_modules/vitest/vitest.mjs run test/scan-kernels.test.ts test/transfers.test.ts
 }
 export -f scan_check
 step scan kernels.log 60 scan_check

@@ -98,6 +98,14 @@ export function createCudaBackendType(addon: BackendAddon, type: string): Backen
         on();
         addon.readInto(address(t), t.numel * ITEMSIZE[t.dtype], dst);
       },
+      readMany(ts, dsts) {
+        on();
+        addon.readIntoMany(
+          Float64Array.from(ts, (t) => address(t)),
+          Float64Array.from(ts, (t) => t.numel * ITEMSIZE[t.dtype]),
+          dsts,
+        );
+      },
       write(t, src) {
         on();
         addon.writeFrom(address(t), src);

@@ -41,7 +41,15 @@ export interface BackendAddon {
   cachedBytes(): number;
   memGetInfo(): [number, number];
   readInto(address: number, bytes: number, dst: ArrayBufferView): void;
+  /** Each address's bytes into its typed array, through page-locked memory, with one wait. */
+  readIntoMany(addresses: Float64Array, bytes: Float64Array, dsts: ArrayBufferView[]): void;
+  /** Queues an upload through the device's page-locked staging ring (a large one waits). */
   writeFrom(address: number, src: ArrayBufferView): void;
+  /** The staging ring's size per device from its next idle moment on (0: uploads wait). */
+  setStagingBytes(bytes: number): void;
+  uploadStats(): { staged: number; direct: number; waits: number; stagingBytes: number };
+  /** How often the host waited for a device since the process started. */
+  hostWaits(): number;
   gemmEngine(): string;
   /**
    * The emulator only: kernel launches and cudaStreamWaitEvent calls (forks and joins between
@@ -51,7 +59,7 @@ export interface BackendAddon {
   emuStats?(): { launches: number; streamWaits: number; dryRun: boolean };
   /** The kernel profiler's marks (native/src/backend/profile.cc; src/profile.ts uses them). */
   profileMark?(): number;
-  profileCollect?(): { ms: Float64Array; mallocs: number };
+  profileCollect?(): { ms: Float64Array; mallocs: number; hostWaits: number };
   [entry: string]: unknown;
 }
 

@@ -42,6 +42,12 @@ export interface KernelProfile {
   spanMs: number;
   /** cudaMalloc calls of the caching allocator during the profile (each synchronises the device). */
   deviceMallocs: number;
+  /**
+   * Times the host waited for a device during the profile (any device of this addon): reads,
+   * synchronize(), an upload finding the staging ring full of queued copies, an upload too large
+   * for the ring. Uploads that fit do not wait: an asynchronous step waits at its reads alone.
+   */
+  hostWaits: number;
 }
 
 const GEMM_ENTRIES = new Set([
@@ -67,9 +73,13 @@ const NOT_ENTRIES = new Set([
   'cachedBytes',
   'memGetInfo',
   'readInto',
+  'readIntoMany',
   'writeFrom',
   'gemmEngine',
   'emuStats',
+  'hostWaits',
+  'setStagingBytes',
+  'uploadStats',
   'profileMark',
   'profileCollect',
 ]);
@@ -80,6 +90,7 @@ interface Session {
   bytes: number[];
   flops: number[];
   mallocs0: number;
+  waits0: number;
 }
 
 const profilers = new Map<string, { start(shapes: boolean): void; stop(): KernelProfile }>();
@@ -98,7 +109,7 @@ export function profiledEntries(
   const entries: Entries = {};
   const canProfile = typeof addon.profileMark === 'function';
   const mark = addon.profileMark as () => number;
-  const collect = addon.profileCollect as () => { ms: Float64Array; mallocs: number };
+  const collect = addon.profileCollect as () => { ms: Float64Array; mallocs: number; hostWaits: number };
   for (const [name, fn] of Object.entries(addon)) {
     if (typeof fn !== 'function' || NOT_ENTRIES.has(name)) continue;
     const call = (fn as () => unknown).bind(addon);
@@ -130,7 +141,14 @@ export function profiledEntries(
         on();
         // marks left from an interrupted profile are dropped; the collection waits for the device
         const m = collect();
-        sessions.set(index, { labels: [], marks: [], bytes: [], flops: [], mallocs0: m.mallocs });
+        sessions.set(index, {
+          labels: [],
+          marks: [],
+          bytes: [],
+          flops: [],
+          mallocs0: m.mallocs,
+          waits0: m.hostWaits,
+        });
         note.active = true;
         note.shapes = shapes;
       },
@@ -140,7 +158,7 @@ export function profiledEntries(
         sessions.delete(index);
         note.active = sessions.size > 0;
         on();
-        const { ms, mallocs } = collect();
+        const { ms, mallocs, hostWaits } = collect();
         const by = new Map<string, KernelProfileEntry>();
         let kernelMs = 0;
         for (let i = 0; i < s.labels.length; i++) {
@@ -170,6 +188,8 @@ export function profiledEntries(
           kernelMs,
           spanMs: ms.length ? ms[ms.length - 1] : 0,
           deviceMallocs: mallocs - s.mallocs0,
+          // less this collection's own wait
+          hostWaits: hostWaits - s.waits0 - 1,
         };
       },
     });
@@ -210,7 +230,7 @@ export function formatKernelProfile(p: KernelProfile, top = 25): string {
   const f = (x: number, d = 3) => x.toFixed(d);
   const w = Math.max(36, ...p.entries.slice(0, top).map((e) => e.name.length));
   const lines = [
-    `kernel profile of ${p.device}: ${p.calls} entries, ${f(p.kernelMs)} ms in entries of a ${f(p.spanMs)} ms span (gaps ${f(p.spanMs - p.kernelMs)} ms), ${p.deviceMallocs} cudaMalloc`,
+    `kernel profile of ${p.device}: ${p.calls} entries, ${f(p.kernelMs)} ms in entries of a ${f(p.spanMs)} ms span (gaps ${f(p.spanMs - p.kernelMs)} ms), ${p.deviceMallocs} cudaMalloc, ${p.hostWaits} host waits`,
     `${'entry'.padEnd(w)} ${'calls'.padStart(6)} ${'ms'.padStart(10)} ${'%'.padStart(6)} ${'us/call'.padStart(9)} ${'GB'.padStart(8)} ${'GB/s'.padStart(7)} ${'TFLOP/s'.padStart(8)}`,
   ];
   for (const e of p.entries.slice(0, top)) {

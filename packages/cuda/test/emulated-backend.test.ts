@@ -421,14 +421,16 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
     expect(p.kernelMs).toBeLessThanOrEqual(p.spanMs + 1e-6);
     expect(p.kernelMs).toBeGreaterThan(0); // the emulator's events carry host time
     expect(p.deviceMallocs).toBeGreaterThanOrEqual(1);
+    expect(p.hostWaits).toBe(0); // kernels and allocations queue; nothing was read
     const table = formatKernelProfile(p, 2);
     expect(table.split('\n')[0]).toMatch(/^kernel profile of cudaemu:0: \d+ entries/);
     expect(table).toMatch(/by kind: gemm [\d.]+ ms/);
     // nothing is recorded once stopped, and a second profile starts empty
     z.add(z).dispose();
     startKernelProfile('cudaemu:0');
+    z.toTypedArray(); // a read waits once
     const q = stopKernelProfile('cudaemu:0');
-    expect(q.calls).toBe(0);
+    expect([q.calls, q.hostWaits]).toEqual([0, 1]);
     for (const t of [x, w, y, z, big, other]) t.dispose();
   });
 

@@ -26,7 +26,7 @@ import {
   tidy,
 } from '@megapatch/tensor';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { loadAddon, loadEmulatorAddon } from '../src/native.js';
+import { deviceUnderTest } from './device-under-test.js';
 
 const pkg = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
 const hasGxx = spawnSync('g++', ['--version'], { encoding: 'utf8' }).status === 0;
@@ -83,12 +83,7 @@ describe.skipIf(process.env.MEGAPATCH_TEST_DEVICE?.startsWith('cuda:') ?? false)
 // MEGAPATCH_TEST_DEVICE=cuda:0 runs them on a GPU (gpu/run.sh's attn-gpu step): the same
 // comparisons, where the emulator's exact ones hold on the tensor cores too (the same instructions
 // in the same order); wgmma against mma.sync is within the tolerances there (other instructions).
-const DEV = process.env.MEGAPATCH_TEST_DEVICE?.startsWith('cuda:')
-  ? process.env.MEGAPATCH_TEST_DEVICE
-  : 'cudaemu:0';
-const onGpu = DEV.startsWith('cuda:');
-const built = onGpu ? loadAddon() : loadEmulatorAddon();
-const noAddon = 'error' in built ? built.error : '';
+const { device: DEV, onGpu, skip: noAddon, register } = deviceUnderTest();
 
 interface MmaCase {
   name: string;
@@ -267,7 +262,7 @@ describe.skipIf(noAddon !== '')(
   `tensor-core attention on ${onGpu ? DEV : 'the emulator'}${noAddon ? ` (skipped: ${noAddon})` : ''}`,
   () => {
     beforeAll(async () => {
-      await import(onGpu ? '../src/index.js' : '../src/emulator.js');
+      await register();
     });
     for (const c of MMA_CASES) {
       // a minute a seed: pnpm test:heavy runs 8 a case, beside the other packages' heavy tests on

@@ -5,16 +5,11 @@
 // floats keep the in-order scan, checked beside them.
 import { cumsum, type DType, tensor, tidy } from '@megapatch/tensor';
 import { describe, expect, it } from 'vitest';
-import { loadAddon, loadEmulatorAddon } from '../src/native.js';
+import { deviceUnderTest } from './device-under-test.js';
 
 // MEGAPATCH_TEST_DEVICE=cuda:0 runs the same on a GPU (gpu/run.sh's scan step)
-const DEV = process.env.MEGAPATCH_TEST_DEVICE?.startsWith('cuda:')
-  ? process.env.MEGAPATCH_TEST_DEVICE
-  : 'cudaemu:0';
-const onGpu = DEV.startsWith('cuda:');
-const built = onGpu ? loadAddon() : loadEmulatorAddon();
-const skip = 'error' in built ? built.error : '';
-if (!skip) await import(onGpu ? '../src/index.js' : '../src/emulator.js');
+const { device: DEV, skip, register } = deviceUnderTest();
+if (!skip) await register();
 
 /** Seeded integers in [-range, range) (an LCG), or 0/1 hits when range is 0. */
 function ints(n: number, seed: number, range: number): number[] {
@@ -43,7 +38,7 @@ describe.skipIf(skip !== '')(`cumsum on few long integer lines${skip ? ` (skippe
     [[2, 63, 3], 1, 'int64', 7], // just below it: the in-order scan
     [[40_000, 3], 1, 'int64', 9], // many short lines: the in-order scan
   ] as const)('%j along %i, %s: the CPU values', (shape, dim, dtype, range) => {
-    const n = shape.reduce((a, b) => a * b, 1);
+    const n = (shape as readonly number[]).reduce((a, b) => a * b, 1);
     const data = ints(n, n + dim, range);
     const want = scanOn('cpu', data, [...shape], dtype, dim);
     const got = scanOn(DEV, data, [...shape], dtype, dim);

@@ -5,6 +5,7 @@
 import {
   AdamW,
   fromTypedArray,
+  getBackend,
   getDefaultDevice,
   pendingChecks,
   setDefaultDevice,
@@ -253,6 +254,67 @@ describe.runIf(emulator === null)('a forward on cudaemu:0 does not read the devi
       }
     }
   });
+
+  it.each(['llama', 'deepseek-v3'])(
+    'a %s training step waits for the device at its reads alone: uploads queue',
+    async (id) => {
+      const { startKernelProfile, stopKernelProfile } = await import('@megapatch/cuda/emulator');
+      setDefaultDevice('cudaemu:0');
+      const { model } = loadModel(fixtureCheckpoint(id));
+      try {
+        const opt = new AdamW(model.parameters(), { lr: 1e-2 });
+        const step = () => {
+          // the batch comes from the host each step, as the trainer's does
+          const out = model.forward(ids(IDS), { labels: ids([...IDS.slice(1), 2]) });
+          let l = (out.loss as Tensor).mean();
+          for (const m of out.mtpLosses) l = l.add(m.mul(0.1));
+          l.backward();
+          opt.step();
+          opt.zeroGrad();
+          return l.item();
+        };
+        step(); // the first step makes the tables and optimizer state
+        const backend = getBackend('cudaemu:0');
+        const { read, readMany, write, synchronize: sync } = backend;
+        const counts = { reads: 0, writes: 0, syncs: 0, checks: 0 };
+        backend.read = (t, dst) => {
+          counts.reads++;
+          read.call(backend, t, dst);
+        };
+        // the queued checks: read together, one wait each time
+        backend.readMany = (ts, dsts) => {
+          counts.reads++;
+          counts.checks += ts.length;
+          readMany?.call(backend, ts, dsts);
+        };
+        backend.write = (t, src) => {
+          counts.writes++;
+          write.call(backend, t, src);
+        };
+        backend.synchronize = () => {
+          counts.syncs++;
+          sync?.call(backend);
+        };
+        startKernelProfile('cudaemu:0');
+        try {
+          step();
+        } finally {
+          Object.assign(backend, { read, readMany, write, synchronize: sync });
+        }
+        const p = stopKernelProfile('cudaemu:0');
+        // the ids, labels, positions (and a MoE layer's arange and balancing counts) were uploaded
+        expect(counts.writes).toBeGreaterThanOrEqual(id === 'llama' ? 3 : 10);
+        expect(p.hostWaits).toBe(counts.reads + counts.syncs);
+        // and the checks queued since a read are read with one wait: at most two waits at the loss
+        // and at each MoE router's counts (DeepSeek-V3's fixture: 10 for 67 checks, 77 before)
+        const routers = model.moeLayers().length + (model.config.moe ? model.config.mtpNumLayers : 0);
+        expect(p.hostWaits).toBeLessThanOrEqual(2 * (routers + 1));
+        expect(counts.checks).toBeGreaterThan(id === 'llama' ? 3 : 30);
+      } finally {
+        model.dispose();
+      }
+    },
+  );
 
   it('reports a token id or a position out of range at the next read, in the model words', () => {
     setDefaultDevice('cudaemu:0');

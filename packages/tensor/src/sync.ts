@@ -20,14 +20,18 @@ const pending = new Map<string, PendingCheck[]>();
 /** Checks queued before a device synchronises on its own (bounds the memory of a long queue). */
 const MAX_PENDING = 1024;
 
-/** The values of a small tensor without flushing the queue (the check is the flush). */
-function readRaw(t: Tensor): number[] {
-  const f64 = t.dtype === 'float64';
-  const out = f64 ? new Float64Array(t.numel) : new Float32Array(t.numel);
+/** A typed array for a check's values (float32 or float64, contiguous: deferCheck's rule). */
+function hostArray(t: Tensor): Float32Array | Float64Array {
   if (t.dtype !== 'float64' && t.dtype !== 'float32') {
     throw new Error(`deferCheck: values must be float32 or float64, got ${t.dtype}`);
   }
   if (!t.isContiguous) throw new Error('deferCheck: values must be contiguous');
+  return t.dtype === 'float64' ? new Float64Array(t.numel) : new Float32Array(t.numel);
+}
+
+/** The values of a small tensor without flushing the queue (the check is the flush). */
+function readRaw(t: Tensor): number[] {
+  const out = hostArray(t);
   if (t.numel > 0) t.backend.read(t, out);
   return Array.from(out);
 }
@@ -71,11 +75,11 @@ export function pendingChecks(device?: string): number {
  * failed check is not meaningful). Called by every host read.
  */
 export function synchronize(device?: string): void {
-  // wait for the devices' queued kernels (torch.cuda.synchronize), then evaluate their checks
-  if (device === undefined) {
-    for (const b of activeBackends()) b.synchronize?.();
-  } else {
-    getBackend(device).synchronize?.();
+  // wait for the devices' queued kernels (torch.cuda.synchronize), then evaluate their checks; a
+  // backend that reads several tensors at once reads a device's queue with its one wait
+  const backends = device === undefined ? activeBackends() : [getBackend(device)];
+  for (const b of backends) {
+    if (!(b.readMany && (pending.get(b.device)?.length ?? 0) > 0)) b.synchronize?.();
   }
   const devices = device === undefined ? [...pending.keys()] : [normalizeDevice(device)];
   for (const d of devices) {
@@ -83,12 +87,20 @@ export function synchronize(device?: string): void {
     if (!list || list.length === 0) continue;
     pending.delete(d);
     let failure: Error | null = null;
-    for (const c of list) {
-      try {
-        if (!failure) failure = c.verdict(readRaw(c.values));
-      } finally {
-        c.values.dispose();
+    try {
+      const backend = list[0].values.backend;
+      if (backend.readMany) {
+        const values = list.map((c) => hostArray(c.values));
+        backend.readMany(
+          list.map((c) => c.values),
+          values,
+        );
+        for (let i = 0; i < list.length && !failure; i++) failure = list[i].verdict(Array.from(values[i]));
+      } else {
+        for (const c of list) if (!failure) failure = c.verdict(readRaw(c.values));
       }
+    } finally {
+      for (const c of list) c.values.dispose();
     }
     if (failure) throw failure;
   }

@@ -185,6 +185,7 @@ typedef struct CUevent_st* cudaEvent_t;
 #define cudaEventBlockingSync 0x01
 #define cudaEventDisableTiming 0x02
 #define cudaHostAllocDefault 0x00
+#define cudaHostAllocPortable 0x01
 
 struct cudaDeviceProp {
   char name[256];
@@ -356,6 +357,10 @@ size_t dynamic_smem_bytes();
 unsigned long long launch_count();
 // cudaStreamWaitEvent calls since the process started (a fork or join between streams each)
 unsigned long long stream_wait_count();
+// host-to-device copies from page-locked memory, which the emulator queues until something could
+// observe them (see emu.cc), since the process started; and running the queued ones now
+unsigned long long deferred_copy_count();
+void run_deferred_copies();
 // the running block's serial number (blocks run so far in the process, this one included): state a
 // kernel header keeps per block is stale when it was made under another serial
 unsigned long long block_serial();

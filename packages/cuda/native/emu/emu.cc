@@ -633,6 +633,8 @@ struct CUevent_st {
   unsigned flags;
   bool recorded;
   std::chrono::steady_clock::time_point time;
+  // deferred copies queued when it was recorded: it completes once that many have run
+  unsigned long long after;
 };
 
 namespace {
@@ -678,7 +680,7 @@ struct Allocation {
 };
 std::mutex g_mem_mutex;
 std::map<uintptr_t, Allocation> g_allocs;  // device allocations by address
-std::unordered_set<void*> g_host_allocs;
+std::map<uintptr_t, size_t> g_host_allocs;  // page-locked host allocations by address, with sizes
 size_t g_used[64];
 std::unordered_set<CUstream_st*> g_streams;
 std::unordered_set<CUevent_st*> g_events;
@@ -691,6 +693,43 @@ bool in_device_allocation(const void* p, size_t n) {
   if (it == g_allocs.begin()) return false;
   --it;
   return a >= it->first && a + n <= it->first + it->second.size;
+}
+
+// Asynchronous uploads. A kernel runs when it is launched, so the emulated stream is always idle,
+// but on a GPU a copy from page-locked host memory (cudaMemcpyAsync host-to-device from
+// cudaMallocHost / cudaHostAlloc memory) is read by the copy engine later, and the host must not
+// write that memory again before the copy's event completes. To let tests see a broken reuse, such
+// copies are queued here and run at the next operation that could observe them: a launch, another
+// copy or memset, a synchronisation, an event wait, a collective, a free. An event recorded after
+// them stays not ready (cudaEventQuery) until they ran; cudaEventSynchronize runs them.
+struct DeferredCopy {
+  void* dst;
+  const void* src;
+  size_t count;
+};
+std::mutex g_deferred_mutex;
+std::vector<DeferredCopy> g_deferred;
+std::atomic<unsigned long long> g_deferred_queued{0};  // copies queued since the process started
+std::atomic<unsigned long long> g_deferred_done{0};    // ... and run
+
+// whether [p, p + n) lies inside one page-locked host allocation
+bool in_host_allocation(const void* p, size_t n) {
+  uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  std::lock_guard<std::mutex> lock(g_mem_mutex);
+  auto it = g_host_allocs.upper_bound(a);
+  if (it == g_host_allocs.begin()) return false;
+  --it;
+  return a >= it->first && a + n <= it->first + it->second;
+}
+
+void flush_deferred_copies() {
+  if (g_deferred_done.load(std::memory_order_acquire) == g_deferred_queued.load(std::memory_order_acquire)) return;
+  std::lock_guard<std::mutex> lock(g_deferred_mutex);
+  for (const DeferredCopy& c : g_deferred) {
+    if (!(dry_run() && c.count > kDryTouch)) std::memmove(c.dst, c.src, c.count);
+  }
+  g_deferred_done.fetch_add(g_deferred.size(), std::memory_order_release);
+  g_deferred.clear();
 }
 
 // for a launch: the default stream or a live stream of the current device (as CUDA requires)
@@ -748,6 +787,7 @@ void emu::detail::launch_erased(void (*invoke)(void*), void* ctx, dim3 grid, dim
     return;
   }
   g_launches.fetch_add(1, std::memory_order_relaxed);
+  flush_deferred_copies();  // the stream's earlier uploads land before the kernel runs
   if (dry_run()) return;
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   t_launching = true;
@@ -915,10 +955,12 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
 }
 
 cudaError_t cudaDeviceSynchronize() {
+  flush_deferred_copies();
   return device_count() == 0 ? set_error(cudaErrorNoDevice) : cudaSuccess;
 }
 
 cudaError_t cudaDeviceReset() {
+  flush_deferred_copies();
   std::lock_guard<std::mutex> lock(g_mem_mutex);
   for (auto it = g_allocs.begin(); it != g_allocs.end();) {
     if (it->second.device == t_device) {
@@ -991,6 +1033,7 @@ cudaError_t cudaMalloc(void** ptr, size_t size) {
 
 cudaError_t cudaFree(void* ptr) {
   if (!ptr) return cudaSuccess;
+  flush_deferred_copies();
   std::lock_guard<std::mutex> lock(g_mem_mutex);
   auto it = g_allocs.find(reinterpret_cast<uintptr_t>(ptr));
   if (it == g_allocs.end()) return set_error(cudaErrorInvalidValue);
@@ -1008,7 +1051,7 @@ cudaError_t cudaMallocHost(void** ptr, size_t size) {
   void* p = std::aligned_alloc(256, rounded);
   if (!p) return set_error(cudaErrorMemoryAllocation);
   std::lock_guard<std::mutex> lock(g_mem_mutex);
-  g_host_allocs.insert(p);
+  g_host_allocs[reinterpret_cast<uintptr_t>(p)] = rounded;
   *ptr = p;
   return cudaSuccess;
 }
@@ -1016,14 +1059,16 @@ cudaError_t cudaHostAlloc(void** ptr, size_t size, unsigned) { return cudaMalloc
 
 cudaError_t cudaFreeHost(void* ptr) {
   if (!ptr) return cudaSuccess;
+  flush_deferred_copies();  // a copy still reading it runs first
   std::lock_guard<std::mutex> lock(g_mem_mutex);
-  if (!g_host_allocs.erase(ptr)) return set_error(cudaErrorInvalidValue);
+  if (!g_host_allocs.erase(reinterpret_cast<uintptr_t>(ptr))) return set_error(cudaErrorInvalidValue);
   std::free(ptr);
   return cudaSuccess;
 }
 
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t count, cudaMemcpyKind kind) {
   if (cudaError_t e = check_copy(dst, src, count, kind)) return set_error(e);
+  flush_deferred_copies();
   if (dry_run() && count > kDryTouch && in_device_allocation(dst, count)) return cudaSuccess;
   if (count) std::memmove(dst, src, count);
   return cudaSuccess;
@@ -1032,6 +1077,14 @@ cudaError_t cudaMemcpy(void* dst, const void* src, size_t count, cudaMemcpyKind 
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpyKind kind,
                             cudaStream_t stream) {
   if (cudaError_t e = check_stream_any(stream)) return set_error(e);
+  // from page-locked memory to the device: queued, as a GPU's copy engine reads it later
+  if (count > 0 && kind == cudaMemcpyHostToDevice && in_host_allocation(src, count)) {
+    if (cudaError_t e = check_copy(dst, src, count, cudaMemcpyHostToDevice)) return set_error(e);
+    std::lock_guard<std::mutex> lock(g_deferred_mutex);
+    g_deferred.push_back({dst, src, count});
+    g_deferred_queued.fetch_add(1, std::memory_order_release);
+    return cudaSuccess;
+  }
   return cudaMemcpy(dst, src, count, kind);
 }
 
@@ -1055,6 +1108,7 @@ cudaError_t cudaMemcpy2D(void* dst, size_t dpitch, const void* src, size_t spitc
   bool dst_dev = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
   bool src_dev = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
   if (cudaError_t e = check_copy(dst, src, 1, kind)) return set_error(e);
+  flush_deferred_copies();
   if ((dst_dev && !in_device_allocation(dst, dspan)) || (src_dev && !in_device_allocation(src, sspan)))
     return set_error(cudaErrorInvalidValue);
   if (dry_run() && dst_dev && dspan > kDryTouch) return cudaSuccess;  // as cudaMemcpy's large copies
@@ -1082,6 +1136,7 @@ cudaError_t cudaFreeAsync(void* ptr, cudaStream_t stream) {
 cudaError_t cudaMemset(void* dst, int value, size_t count) {
   if (count == 0) return cudaSuccess;
   if (!dst || !in_device_allocation(dst, count)) return set_error(cudaErrorInvalidValue);
+  flush_deferred_copies();
   if (dry_run() && count > kDryTouch) return cudaSuccess;
   std::memset(dst, value & 0xff, count);
   return cudaSuccess;
@@ -1111,8 +1166,14 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
   return cudaSuccess;
 }
 
-cudaError_t cudaStreamSynchronize(cudaStream_t stream) { return set_error(check_stream_any(stream)); }
-cudaError_t cudaStreamQuery(cudaStream_t stream) { return set_error(check_stream_any(stream)); }
+cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+  flush_deferred_copies();
+  return set_error(check_stream_any(stream));
+}
+cudaError_t cudaStreamQuery(cudaStream_t stream) {
+  flush_deferred_copies();  // (the emulated stream finishes when asked)
+  return set_error(check_stream_any(stream));
+}
 
 cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned) {
   if (cudaError_t e = check_stream_any(stream)) return set_error(e);
@@ -1124,6 +1185,7 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned
 cudaError_t cudaLaunchHostFunc(cudaStream_t stream, cudaHostFn_t fn, void* userData) {
   if (!fn) return set_error(cudaErrorInvalidValue);
   if (cudaError_t e = check_stream_any(stream)) return set_error(e);
+  flush_deferred_copies();
   fn(userData);
   return cudaSuccess;
 }
@@ -1131,7 +1193,7 @@ cudaError_t cudaLaunchHostFunc(cudaStream_t stream, cudaHostFn_t fn, void* userD
 // ---- events --------------------------------------------------------------------------------------
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned flags) {
   if (!event) return set_error(cudaErrorInvalidValue);
-  CUevent_st* e = new CUevent_st{t_device, flags, false, {}};
+  CUevent_st* e = new CUevent_st{t_device, flags, false, {}, 0};
   std::lock_guard<std::mutex> lock(g_mem_mutex);
   g_events.insert(e);
   *event = e;
@@ -1144,14 +1206,19 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   if (cudaError_t e = check_stream_any(stream)) return set_error(e);
   event->recorded = true;
   event->time = std::chrono::steady_clock::now();
+  event->after = g_deferred_queued.load(std::memory_order_acquire);
   return cudaSuccess;
 }
 
 cudaError_t cudaEventSynchronize(cudaEvent_t event) {
-  return live_event(event) ? cudaSuccess : set_error(cudaErrorInvalidResourceHandle);
+  if (!live_event(event)) return set_error(cudaErrorInvalidResourceHandle);
+  flush_deferred_copies();
+  return cudaSuccess;
 }
+// not ready while copies queued before its record have not run (not an error: nothing is recorded)
 cudaError_t cudaEventQuery(cudaEvent_t event) {
-  return live_event(event) ? cudaSuccess : set_error(cudaErrorInvalidResourceHandle);
+  if (!live_event(event)) return set_error(cudaErrorInvalidResourceHandle);
+  return event->after > g_deferred_done.load(std::memory_order_acquire) ? cudaErrorNotReady : cudaSuccess;
 }
 
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
@@ -1171,6 +1238,8 @@ cudaError_t cudaEventDestroy(cudaEvent_t event) {
 }
 
 unsigned long long emu::launch_count() { return g_launches.load(std::memory_order_relaxed); }
+void emu::run_deferred_copies() { flush_deferred_copies(); }
+unsigned long long emu::deferred_copy_count() { return g_deferred_queued.load(std::memory_order_relaxed); }
 unsigned long long emu::stream_wait_count() { return g_stream_waits.load(std::memory_order_relaxed); }
 unsigned long long emu::block_serial() { return g_block_serial; }
 bool emu::is_dry_run() { return dry_run(); }

@@ -163,7 +163,12 @@ void reduce_into(Comm* c, size_t offset, size_t n, void* dst, int type, int op) 
   }
 }
 
-Comm* as_comm(nccl_comm comm) { return static_cast<Comm*>(comm); }
+// every operation starts here: uploads the emulator queued (see emu.cc) land before a collective
+// reads the buffers, as the stream orders them on a GPU
+Comm* as_comm(nccl_comm comm) {
+  emu::run_deferred_copies();
+  return static_cast<Comm*>(comm);
+}
 
 nccl_result fail(Comm* c, const std::string& why) {
   g_last_error = why;

@@ -112,6 +112,11 @@ export interface Backend {
   fill(t: Tensor, value: number): void;
   /** Raw bytes of a contiguous tensor into a typed array (and back). */
   read(t: Tensor, dst: ArrayBufferView): void;
+  /**
+   * Several contiguous tensors' bytes, each into its typed array, with one wait for the device
+   * (optional: asynchronous backends; the queued checks of sync.ts are read this way).
+   */
+  readMany?(ts: Tensor[], dsts: ArrayBufferView[]): void;
   write(t: Tensor, src: ArrayBufferView): void;
   unary(out: Tensor, x: Tensor, op: UnaryOp, p0?: number, p1?: number): void;
   binary(out: Tensor, x: Tensor, y: Tensor, op: BinaryOp, alpha?: number): void;

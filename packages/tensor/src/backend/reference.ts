@@ -746,6 +746,12 @@ class ReferenceBackend implements Backend {
     new Uint8Array(dst.buffer, dst.byteOffset, bytes).set(src);
   }
 
+  /** Several reads at once (as a GPU backend reads its queued checks with one wait). */
+  readMany(ts: Tensor[], dsts: ArrayBufferView[]): void {
+    if (ts.length !== dsts.length) throw new Error('readMany: expected as many arrays as tensors');
+    for (let i = 0; i < ts.length; i++) this.read(ts[i], dsts[i]);
+  }
+
   write(t: Tensor, src: ArrayBufferView): void {
     this.bytesOf(t, src.byteLength).set(new Uint8Array(src.buffer, src.byteOffset, src.byteLength));
   }

@@ -9,6 +9,9 @@
 // cudaMalloc fails, the device's cached blocks are released (after a synchronisation) and the
 // allocation is tried once more; then the error names the sizes. emptyCache() releases them too.
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -48,6 +51,7 @@ size_t size_class(size_t bytes) {
 
 // Frees every cached block of the device (the caller holds g_mu and made the device current).
 void release_cached(DeviceCache& c) {
+  note_host_wait();
   cudaStreamSynchronize(current_stream());
   for (auto& [size, list] : c.free_lists) {
     for (void* p : list) {
@@ -62,6 +66,145 @@ void release_cached(DeviceCache& c) {
 std::string mib(size_t bytes) { return std::to_string((bytes + (1 << 19)) >> 20) + " MiB"; }
 
 std::atomic<uint64_t> g_device_mallocs{0};
+
+// Uploads (writeFrom) through page-locked staging. A copy from a JS typed array (pageable memory)
+// can only be queued once its bytes are somewhere the copy engine may read later, so each upload
+// first copies them into a ring of page-locked memory per device, queues the copy from there and
+// records an event; the ring's bytes are reused once that event has completed. The host waits
+// only when the ring is full of copies still queued (the oldest one's event), never for the
+// stream: an upload does not synchronise, a read does. Uploads over half the ring (checkpoint
+// weights) copy directly and wait for the stream, as they did before.
+constexpr size_t kStagingAlign = 256;
+struct Staging {
+  char* base = nullptr;
+  size_t size = 0;
+  size_t head = 0;  // where the next upload goes
+  struct Flight {
+    size_t start, end;
+    cudaEvent_t done;
+  };
+  std::deque<Flight> flights;  // queued copies, oldest first: they hold [start, end)
+  std::vector<cudaEvent_t> spare;
+};
+std::vector<Staging*> g_staging;  // per device; never destroyed (copies may be queued at exit)
+size_t g_staging_bytes = [] {
+  const char* v = std::getenv("MEGAPATCH_CUDA_STAGING_BYTES");
+  long long n = v ? std::atoll(v) : -1;
+  return n >= 0 ? static_cast<size_t>(n) : size_t(16) << 20;
+}();
+struct UploadCounts {
+  uint64_t staged = 0, direct = 0, waits = 0;
+} g_uploads;
+
+// Returns the ring's bytes of the copies that have finished, oldest first.
+void staging_retire(Staging& st) {
+  while (!st.flights.empty()) {
+    cudaError_t q = cudaEventQuery(st.flights.front().done);
+    if (q == cudaErrorNotReady) {
+      (void)cudaGetLastError();  // "not ready" is no error: leave none behind (as PyTorch's query)
+      break;
+    }
+    check(q, "writeFrom: cudaEventQuery");
+    st.spare.push_back(st.flights.front().done);
+    st.flights.pop_front();
+  }
+}
+
+Staging& staging_of(int device) {
+  if (static_cast<int>(g_staging.size()) <= device) g_staging.resize(device + 1, nullptr);
+  if (!g_staging[device]) g_staging[device] = new Staging();
+  Staging& st = *g_staging[device];
+  staging_retire(st);
+  if (st.size != g_staging_bytes && st.flights.empty()) {
+    // first use, or resized (setStagingBytes) while idle
+    if (st.base) check(cudaFreeHost(st.base), "writeFrom: cudaFreeHost");
+    st.base = nullptr;
+    st.size = 0;
+    if (g_staging_bytes > 0) {
+      void* p = nullptr;
+      check(cudaHostAlloc(&p, g_staging_bytes, cudaHostAllocPortable), "writeFrom: cudaHostAlloc (staging)");
+      st.base = static_cast<char*>(p);
+      st.size = g_staging_bytes;
+    }
+    st.head = 0;
+  }
+  return st;
+}
+
+// The offset of `n` free bytes of the ring (n a multiple of kStagingAlign, at most half of it).
+// Free space is [head, size) and [0, oldest start) when the queued copies do not wrap, else
+// [head, oldest start); the head never catches up with the oldest start (strict comparisons), so
+// head == oldest start means an empty ring.
+size_t staging_take(Staging& st, size_t n) {
+  for (;;) {
+    staging_retire(st);
+    if (st.flights.empty()) return 0;
+    size_t tail = st.flights.front().start;
+    if (st.head > tail) {
+      if (st.head + n <= st.size) return st.head;
+      if (n < tail) return 0;
+    } else if (st.head + n < tail) {
+      return st.head;
+    }
+    // full of queued copies: wait for the oldest
+    note_host_wait();
+    g_uploads.waits++;
+    check(cudaEventSynchronize(st.flights.front().done), "writeFrom: cudaEventSynchronize");
+  }
+}
+
+// Page-locked memory per device that readIntoMany gathers reads in (grown to a power of two).
+struct Download {
+  char* base = nullptr;
+  size_t size = 0;
+};
+std::vector<Download> g_downloads;
+
+Download& download_of(int device, size_t bytes) {
+  if (static_cast<int>(g_downloads.size()) <= device) g_downloads.resize(device + 1);
+  Download& d = g_downloads[device];
+  if (d.size < bytes) {
+    size_t size = 64 << 10;
+    while (size < bytes) size <<= 1;
+    if (d.base) check(cudaFreeHost(d.base), "readIntoMany: cudaFreeHost");
+    d.base = nullptr;
+    d.size = 0;
+    void* p = nullptr;
+    check(cudaHostAlloc(&p, size, cudaHostAllocPortable), "readIntoMany: cudaHostAlloc");
+    d.base = static_cast<char*>(p);
+    d.size = size;
+  }
+  return d;
+}
+
+// Queues the upload of `bytes` from `src` to `dst` on `s` through the current device's ring; false
+// (nothing done) when the ring is off or the upload is over half of it.
+bool upload_staged(char* dst, const char* src, size_t bytes, cudaStream_t s) {
+  size_t n = (bytes + kStagingAlign - 1) / kStagingAlign * kStagingAlign;
+  std::lock_guard<std::mutex> lock(g_mu);
+  Staging& st = staging_of(current_device());
+  if (st.size == 0 || n > st.size / 2) {
+    g_uploads.direct++;
+    return false;
+  }
+  size_t at = staging_take(st, n);
+  std::memcpy(st.base + at, src, bytes);
+  check(cudaMemcpyAsync(dst, st.base + at, bytes, cudaMemcpyHostToDevice, s), "writeFrom: cudaMemcpyAsync");
+  cudaEvent_t done;
+  if (st.spare.empty()) {
+    check(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "writeFrom: cudaEventCreateWithFlags");
+  } else {
+    done = st.spare.back();
+    st.spare.pop_back();
+  }
+  cudaError_t rec = cudaEventRecord(done, s);
+  if (rec != cudaSuccess) st.spare.push_back(done);
+  check(rec, "writeFrom: cudaEventRecord");
+  st.flights.push_back({at, at + n, done});
+  st.head = at + n;
+  g_uploads.staged++;
+  return true;
+}
 
 }  // namespace
 
@@ -174,6 +317,39 @@ MPC_ENTRY(ReadInto) {
   return info.Env().Undefined();
 }
 
+// readIntoMany(addresses, bytes, typedArrays): several reads with one wait. Each source is copied
+// into page-locked memory of the device (asynchronous copies: no wait between them), the stream is
+// waited for once, then each typed array gets its bytes. The queued checks of the tensor package
+// (a few bytes each, tens of them at a read in a MoE step) are read this way.
+MPC_ENTRY(ReadIntoMany) {
+  auto addrs = info[0].As<Napi::Float64Array>();
+  auto sizes = info[1].As<Napi::Float64Array>();
+  auto dsts = info[2].As<Napi::Array>();
+  size_t n = addrs.ElementLength();
+  if (sizes.ElementLength() != n || dsts.Length() != n) throw_error("readIntoMany: expected as many sizes and arrays as addresses");
+  std::vector<size_t> at(n + 1, 0);
+  for (size_t i = 0; i < n; i++) {
+    size_t b = static_cast<size_t>(sizes[i]);
+    if (b > dsts.Get(i).As<Napi::TypedArray>().ByteLength()) throw_error("readIntoMany: destination too small");
+    at[i + 1] = at[i] + (b + 15) / 16 * 16;
+  }
+  cudaStream_t s = current_stream();
+  std::lock_guard<std::mutex> lock(g_mu);
+  Download& d = download_of(current_device(), at[n]);
+  for (size_t i = 0; i < n; i++) {
+    size_t b = static_cast<size_t>(sizes[i]);
+    auto* src = reinterpret_cast<const char*>(static_cast<uintptr_t>(addrs[i]));
+    if (b > 0) check(cudaMemcpyAsync(d.base + at[i], src, b, cudaMemcpyDeviceToHost, s), "readIntoMany: cudaMemcpyAsync");
+  }
+  wait_stream(s, "readIntoMany");
+  for (size_t i = 0; i < n; i++) {
+    auto arr = dsts.Get(i).As<Napi::TypedArray>();
+    size_t b = static_cast<size_t>(sizes[i]);
+    if (b > 0) std::memcpy(static_cast<char*>(arr.ArrayBuffer().Data()) + arr.ByteOffset(), d.base + at[i], b);
+  }
+  return info.Env().Undefined();
+}
+
 // writeFrom(address, typedArray): copies a JS typed array to the device, in stream order. From
 // pageable memory the call returns once the source has been staged, so the array may change after.
 MPC_ENTRY(WriteFrom) {
@@ -183,10 +359,34 @@ MPC_ENTRY(WriteFrom) {
   size_t bytes = arr.ByteLength();
   if (bytes == 0) return info.Env().Undefined();
   cudaStream_t s = current_stream();
+  if (upload_staged(dst, src, bytes, s)) return info.Env().Undefined();
   check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, s), "writeFrom: cudaMemcpyAsync");
   // pageable source: make sure the bytes left the JS buffer before JS may reuse it
   wait_stream(s, "writeFrom");
   return info.Env().Undefined();
+}
+
+// setStagingBytes(bytes): the size of each device's upload ring from its next idle moment on (0:
+// every upload copies directly and waits); MEGAPATCH_CUDA_STAGING_BYTES sets it at start (16 MiB).
+MPC_ENTRY(SetStagingBytes) {
+  double v = info[0].As<Napi::Number>().DoubleValue();
+  if (!(v >= 0) || v > 4.0 * (1ull << 30)) throw_error("setStagingBytes: expected 0 to 4 GiB, got " + std::to_string(v));
+  std::lock_guard<std::mutex> lock(g_mu);
+  g_staging_bytes = static_cast<size_t>(v) / kStagingAlign * kStagingAlign;
+  return info.Env().Undefined();
+}
+
+// uploadStats() -> { staged, direct, waits, stagingBytes }: uploads through the ring and direct
+// ones since the process started, and how often an upload waited for the ring.
+MPC_ENTRY(UploadStats) {
+  Napi::Env env = info.Env();
+  std::lock_guard<std::mutex> lock(g_mu);
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("staged", Napi::Number::New(env, static_cast<double>(g_uploads.staged)));
+  o.Set("direct", Napi::Number::New(env, static_cast<double>(g_uploads.direct)));
+  o.Set("waits", Napi::Number::New(env, static_cast<double>(g_uploads.waits)));
+  o.Set("stagingBytes", Napi::Number::New(env, static_cast<double>(g_staging_bytes)));
+  return o;
 }
 
 void register_memory(Napi::Env env, Napi::Object exports) {
@@ -198,6 +398,9 @@ void register_memory(Napi::Env env, Napi::Object exports) {
   exports.Set("copy", Napi::Function::New(env, Copy));
   exports.Set("fill", Napi::Function::New(env, Fill));
   exports.Set("readInto", Napi::Function::New(env, ReadInto));
+  exports.Set("readIntoMany", Napi::Function::New(env, ReadIntoMany));
+  exports.Set("setStagingBytes", Napi::Function::New(env, SetStagingBytes));
+  exports.Set("uploadStats", Napi::Function::New(env, UploadStats));
   exports.Set("writeFrom", Napi::Function::New(env, WriteFrom));
 }
 

@@ -175,6 +175,7 @@ double dist_timeout_s() {
 // stream, asks every communicator for an asynchronous error, and after MEGAPATCH_DIST_TIMEOUT_S
 // (default 600 s, torch's NCCL timeout) aborts them all: the error names why instead of a hang.
 void wait_stream(cudaStream_t stream, const char* what) {
+  note_host_wait();
   std::vector<nccl_comm> comms;
   {
     std::lock_guard<std::mutex> lock(g_comms_mu);
@@ -200,6 +201,7 @@ void wait_stream(cudaStream_t stream, const char* what) {
     cudaError_t r = cudaStreamQuery(stream);
     if (r == cudaSuccess) return;
     if (r != cudaErrorNotReady) check(r, what);
+    (void)cudaGetLastError();  // "not ready" is no error: leave none behind for the next check
     if (i % 64 == 63) {
       for (nccl_comm c : comms) {
         nccl_result err = kNcclSuccess;

@@ -45,9 +45,10 @@ MPC_ENTRY(ProfileMark) {
   return Napi::Number::New(info.Env(), static_cast<double>(m.live.size() - 1));
 }
 
-// profileCollect() -> { ms: Float64Array, mallocs }: waits for the current device's stream, then
-// each mark's time in ms after the first mark since the last collection (empty when there were
-// none); the events return to the pool. `mallocs`: the allocator's cudaMalloc calls so far.
+// profileCollect() -> { ms: Float64Array, mallocs, hostWaits }: waits for the current device's
+// stream, then each mark's time in ms after the first mark since the last collection (empty when
+// there were none); the events return to the pool. `mallocs`: the allocator's cudaMalloc calls so
+// far; `hostWaits`: the host's waits for a device so far (this one included).
 MPC_ENTRY(ProfileCollect) {
   Napi::Env env = info.Env();
   int device = current_device();
@@ -73,6 +74,8 @@ MPC_ENTRY(ProfileCollect) {
   Napi::Object out = Napi::Object::New(env);
   out.Set("ms", ms);
   out.Set("mallocs", Napi::Number::New(env, static_cast<double>(device_malloc_count())));
+  // the host's waits so far, this collection's own included
+  out.Set("hostWaits", Napi::Number::New(env, static_cast<double>(host_wait_count())));
   return out;
 }
 

@@ -1,5 +1,6 @@
 // Per-thread argument buffer, the current device and its stream, and the registration of every
 // entry of the backend.
+#include <atomic>
 #include <mutex>
 #include <vector>
 
@@ -8,6 +9,10 @@
 namespace mpc {
 
 thread_local double* g_args = nullptr;
+
+std::atomic<uint64_t> g_host_waits{0};
+void note_host_wait() { g_host_waits.fetch_add(1, std::memory_order_relaxed); }
+uint64_t host_wait_count() { return g_host_waits.load(std::memory_order_relaxed); }
 
 namespace {
 thread_local int g_device = -1;
@@ -83,6 +88,10 @@ void register_backend(Napi::Env env, Napi::Object exports) {
   exports.Set("setDevice", Napi::Function::New(env, SetDevice));
   exports.Set("deviceCount", Napi::Function::New(env, DeviceCount));
   exports.Set("synchronize", Napi::Function::New(env, Synchronize));
+  // hostWaits(): how often the host waited for a device so far (glue.h)
+  exports.Set("hostWaits", Napi::Function::New(env, [](const Napi::CallbackInfo& info) {
+                return Napi::Number::New(info.Env(), static_cast<double>(host_wait_count()));
+              }));
   register_memory(env, exports);
   register_elementwise(env, exports);
   register_nccl(env, exports);
