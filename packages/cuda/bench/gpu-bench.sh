@@ -14,7 +14,8 @@
 #   MEGAPATCH_BENCH_BUDGET_S     overall seconds (default 270)
 #   MEGAPATCH_BENCH_DEVICE       cuda:0 (default) | cudaemu:0 (rehearsal: the emulator; torch on the CPU)
 #   MEGAPATCH_BENCH_TINY=1       the tiny cases of cases.json (rehearsal)
-#   MEGAPATCH_BENCH_PARTS        subset of "gemm grouped attn stream train torch-train compile" (default all)
+#   MEGAPATCH_BENCH_PARTS        subset of "gemm grouped attn stream train torch-train compile" (default all),
+#                                and the opt-in "moe-train torch-moe-train" (a Mixtral-style MoE step)
 #   MEGAPATCH_BENCH_MBS          training micro-batch (default cases.json's; halved once on a failure)
 #   MEGAPATCH_BENCH_TRAIN_VARIANTS  the training step again per "name:VAR=value[,VAR=value]"
 #                                (default: the attention on wgmma with one and two warpgroups a
@@ -122,6 +123,11 @@ if [ -n "$PY" ]; then
   has compile && MEGAPATCH_BENCH_TORCH_MODES=compile run torch-train-compile 200 "$PY" $BENCH/torch_ref.py train ${TORCH_ARGS[@]+"${TORCH_ARGS[@]}"}
 else
   say "no python with torch: the PyTorch side cannot run"
+fi
+# the MoE step (opt-in parts): ours, then PyTorch eager's loop over the experts
+if [ -n "$TSX" ] && has moe-train; then run ours-moe-train 150 "$TSX" $BENCH/ours.mts moe-train; fi
+if [ -n "$PY" ] && has torch-moe-train; then
+  MEGAPATCH_BENCH_TORCH_MODES=eager run torch-moe-train 90 "$PY" $BENCH/torch_ref.py moe-train ${TORCH_ARGS[@]+"${TORCH_ARGS[@]}"}
 fi
 # the training step again under kernel variants (information: which default to take), each
 # "name:VAR=value[,VAR=value...]" of MEGAPATCH_BENCH_TRAIN_VARIANTS (the runs of 2026-12-04 settled

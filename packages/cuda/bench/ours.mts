@@ -7,9 +7,10 @@
 //   stream  the step's memory-bound kernels (norm, RoPE, SwiGLU, cross-entropy, add, copy) at its shapes: ms, GB/s
 //   train a Llama-style bf16 training step through @megapatch/train on the device: tokens/s, MFU
 //         (Megatron's FLOP count / step time / the peak in cases.json) and the step's breakdown
+//   moe-train  the same for a Mixtral-style MoE model (cases.json's trainMoe)
 // One JSON line per case on stdout (progress on stderr). The cases are in cases.json.
 //
-// usage (repository root): packages/cuda/node_modules/.bin/tsx packages/cuda/bench/ours.mts [gemm] [grouped] [attn] [stream] [train]
+// usage (repository root): packages/cuda/node_modules/.bin/tsx packages/cuda/bench/ours.mts [gemm] [grouped] [attn] [stream] [train] [moe-train]
 // env: MEGAPATCH_BENCH_DEVICE (cuda:0; cudaemu:0 for the emulator), MEGAPATCH_BENCH_TINY=1 (the
 // tiny cases), MEGAPATCH_BENCH_MBS (the training micro-batch), MEGAPATCH_BENCH_LAYERS (the
 // training model's layers), MEGAPATCH_BENCH_CASE_BUDGET_S (seconds of timed runs per gemm/attn
@@ -566,8 +567,9 @@ if (want('stream')) {
 }
 
 // ---------------------------------------------------------------------------------------------
-if (want('train')) {
-  const tc = cases.train;
+/** A training step of cases.json's `train` (the Llama-style model) or `trainMoe` (Mixtral-style). */
+// biome-ignore lint/suspicious/noExplicitAny: cases.json's shape
+async function trainBench(tc: any) {
   const mbs = Number(process.env.MEGAPATCH_BENCH_MBS ?? tc.microBatchSize);
   const gbs = Math.max(tc.globalBatchSize, mbs);
   const seq: number = tc.seqLength;
@@ -739,5 +741,7 @@ if (want('train')) {
     fs.rmSync(dir, { recursive: true, force: true });
   }
 }
+if (want('train')) await trainBench(cases.train);
+if (want('moe-train')) await trainBench(cases.trainMoe);
 sync();
 process.exit(process.exitCode ?? 0);

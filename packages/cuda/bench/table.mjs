@@ -309,6 +309,36 @@ summary.train.megapatch = good(o)
 if (good(o) && good(e) && o.microBatchSize !== e.microBatchSize)
   errors.push(`note: micro-batch differs: megapatch ${o.microBatchSize}, torch ${e.microBatchSize}`);
 
+// the MoE step (the opt-in parts moe-train and torch-moe-train): Megatron's FLOPs count the routed
+// experts' products; PyTorch eager loops over the experts as Hugging Face's Mixtral block does
+const mc = cases.trainMoe;
+const mo = mc ? pick('megapatch', 'train', mc.case, 'megapatch') : null;
+const me = mc ? pick('torch', 'train', mc.case, 'torch-eager') : null;
+if (mo || me) {
+  note(mo, 'megapatch MoE train');
+  note(me, 'torch eager MoE train');
+  row(
+    `moe-train ${mc.case} MFU (Megatron FLOPs / ${peak} TFLOP/s)`,
+    cell(mo, (l) => l.mfu),
+    `eager ${cell(me, (l) => l.mfu)}`,
+    '-',
+    '(report)',
+  );
+  const r = good(mo) && good(me) ? mo.tokensPerSecond / me.tokensPerSecond : null;
+  row(
+    'moe-train tokens/s vs torch eager (a loop over the experts)',
+    cell(mo, (l) => l.tokensPerSecond, 5),
+    cell(me, (l) => l.tokensPerSecond, 5),
+    r === null ? '-' : String(num(r)),
+    '(report)',
+  );
+  summary.trainMoe = {
+    megapatch: good(mo) ? { tokensPerSecond: mo.tokensPerSecond, mfu: mo.mfu, stepMs: mo.stepMs } : null,
+    eager: good(me) ? { tokensPerSecond: me.tokensPerSecond, mfu: me.mfu, stepMs: me.stepMs } : null,
+    ratio: num(r),
+  };
+}
+
 // What limits the step: GEMM FLOPs at the measured rate of the Llama-shaped products, attention
 // from the model-shaped case (per layer, scaled to the step's sequences), the rest by difference.
 function stepModel(side, t) {
@@ -397,7 +427,9 @@ if (streams.length) {
   );
 }
 // the profiled iteration after the timed ones (ours.mts: device time per backend entry)
-const prof = lines.find((l) => l.side === 'megapatch' && l.kind === 'profile' && !l.error);
+const prof = lines.find(
+  (l) => l.side === 'megapatch' && l.kind === 'profile' && l.case === tc.case && !l.error,
+);
 if (prof) {
   const kinds = { gemm: [0, 0], attention: [0, 0], other: [0, 0] };
   for (const e of prof.entries) {
@@ -425,6 +457,28 @@ if (prof) {
     deviceMallocs: prof.deviceMallocs,
     hostWaits: prof.hostWaits,
   };
+}
+// the MoE step's timers and profile
+if (good(mo)) {
+  const b = mo.breakdownMs;
+  limits.push(
+    `megapatch MoE step ${mo.stepMs} ms: data ${b.data}, forward ${b.forward}, backward ${b.backward}, optimizer ${b.optimizer} (median ms, host side); peak memory ${mo.peakMemoryGiB} GiB; losses ${mo.losses.join(' ')}`,
+  );
+}
+if (good(me))
+  limits.push(
+    `torch eager MoE step ${me.stepMs} ms: forward ${me.breakdownMs.forward}, backward ${me.breakdownMs.backward}, optimizer ${me.breakdownMs.optimizer}; peak memory ${me.peakMemoryGiB} GiB`,
+  );
+const moeProf = mc
+  ? lines.find((l) => l.side === 'megapatch' && l.kind === 'profile' && l.case === mc.case && !l.error)
+  : null;
+if (moeProf) {
+  const by = { gemm: 0, attention: 0, other: 0 };
+  for (const e of moeProf.entries) by[e.kind] += e.ms;
+  const top = moeProf.entries.slice(0, 8).map((e) => `${e.name} ${num(e.ms, 3)} (${e.calls})`);
+  limits.push(
+    `megapatch MoE step profiled: span ${num(moeProf.spanMs, 4)} ms = GEMMs ${num(by.gemm, 4)} + attention ${num(by.attention, 4)} + other ${num(by.other, 4)} + gaps ${num(moeProf.spanMs - moeProf.kernelMs, 4)} ms; ${moeProf.hostWaits ?? '?'} host waits; longest: ${top.join('; ')}`,
+  );
 }
 
 // print

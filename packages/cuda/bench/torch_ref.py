@@ -18,12 +18,15 @@
          gradient clipping at 1.0, as megapatch's bf16 (Megatron --bf16) does; eager and
          torch.compile (each transformer block compiled, as torchtitan does; compile time kept
          out of the timing; a failure is reported and the run goes on)
+  moe-train  the same for cases.json's trainMoe, a Mixtral-style model: each block's MLP is a
+         softmax router, the top-2 experts renormalised, and SwiGLU experts run in a loop over the
+         experts on their tokens (Hugging Face's Mixtral block, eager), no auxiliary loss
 
 Timing: CUDA events around a batch of back-to-back calls (a step for train), warm-up first, the
 median of many; random inputs. On a CPU or an old torch (the rehearsal: Debian's torch 1.13)
 it degrades: host clock, math attention, no compile. One JSON line per case on stdout.
 
-usage: python3 torch_ref.py [gemm] [grouped] [attn] [stream] [train] [--tiny] [--device cpu|cuda]
+usage: python3 torch_ref.py [gemm] [grouped] [attn] [stream] [train] [moe-train] [--tiny] [--device cpu|cuda]
 env: MEGAPATCH_BENCH_TINY=1, MEGAPATCH_BENCH_MBS, MEGAPATCH_BENCH_CASE_BUDGET_S (default 4),
      MEGAPATCH_BENCH_TORCH_MODES (default "eager,compile"; also "eager-bf16": pure bf16 params)
 """
@@ -422,16 +425,50 @@ def rope(x, cos, sin):
     return x * cos.to(x.dtype) + rot * sin.to(x.dtype)
 
 
+class MoeMlp(nn.Module):
+    """Mixtral's sparse block: softmax router, top-k renormalised, a loop over the experts."""
+
+    def __init__(self, h, ffn, experts, topk):
+        super().__init__()
+        self.topk = topk
+        self.router = nn.Linear(h, experts, bias=False)
+        self.w13 = nn.ParameterList(nn.Parameter(torch.empty(2 * ffn, h)) for _ in range(experts))
+        self.w2 = nn.ParameterList(nn.Parameter(torch.empty(h, ffn)) for _ in range(experts))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = self.router(x).float().softmax(-1)
+        weight, chosen = probs.topk(self.topk, -1)
+        weight = weight / weight.sum(-1, keepdim=True)
+        flat = chosen.reshape(-1)
+        order = flat.argsort()
+        counts = torch.bincount(flat, minlength=len(self.w13)).tolist()  # the host reads them, as HF's loop does
+        token = order // self.topk
+        rows = x[token]
+        outs, at = [], 0
+        for e, c in enumerate(counts):
+            if c:
+                g, u = F.linear(rows[at : at + c], self.w13[e]).chunk(2, dim=-1)
+                outs.append(F.linear(F.silu(g) * u, self.w2[e]))
+            at += c
+        y = torch.cat(outs) * weight.reshape(-1)[order].unsqueeze(-1).to(outs[0].dtype)
+        out = torch.zeros(x.shape, dtype=y.dtype, device=x.device).index_add_(0, token, y)
+        return out.reshape(shape)
+
+
 class Block(nn.Module):
-    def __init__(self, h, heads, kv_heads, ffn, eps, gqa):
+    def __init__(self, h, heads, kv_heads, ffn, eps, gqa, moe=None):
         super().__init__()
         self.heads, self.kv, self.hd, self.gqa = heads, kv_heads, h // heads, gqa
         self.attn_norm = RMSNorm(h, eps)
         self.wqkv = nn.Linear(h, (heads + 2 * kv_heads) * self.hd, bias=False)
         self.wo = nn.Linear(heads * self.hd, h, bias=False)
         self.mlp_norm = RMSNorm(h, eps)
-        self.w13 = nn.Linear(h, 2 * ffn, bias=False)  # gate and up, fused (Megatron's linear_fc1)
-        self.w2 = nn.Linear(ffn, h, bias=False)
+        self.moe = MoeMlp(h, ffn, *moe) if moe else None
+        if not moe:
+            self.w13 = nn.Linear(h, 2 * ffn, bias=False)  # gate and up, fused (Megatron's linear_fc1)
+            self.w2 = nn.Linear(ffn, h, bias=False)
 
     def forward(self, x, cos, sin):
         B, S, _ = x.shape
@@ -445,6 +482,8 @@ class Block(nn.Module):
             k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
         o = sdpa(q, k, v, self.gqa == "enable_gqa" and KV != H)
         x = x + self.wo(o.transpose(1, 2).reshape(B, S, H * hd))
+        if self.moe is not None:
+            return x + self.moe(self.mlp_norm(x))
         g, u = self.w13(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.w2(F.silu(g) * u)
 
@@ -454,8 +493,9 @@ class Llama(nn.Module):
         super().__init__()
         h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
         self.embed = nn.Embedding(cfg["vocab_size"], h)
+        moe = (cfg["num_local_experts"], cfg["num_experts_per_tok"]) if cfg.get("num_local_experts") else None
         self.blocks = nn.ModuleList(
-            Block(h, heads, cfg["num_key_value_heads"], cfg["intermediate_size"], cfg["rms_norm_eps"], gqa)
+            Block(h, heads, cfg["num_key_value_heads"], cfg["intermediate_size"], cfg["rms_norm_eps"], gqa, moe)
             for _ in range(cfg["num_hidden_layers"])
         )
         self.norm = RMSNorm(h, cfg["rms_norm_eps"])
@@ -482,8 +522,10 @@ class Llama(nn.Module):
 
 
 def megatron_flops(cfg, seq, gbs):
-    """Megatron's num_floating_point_operations for this dense Llama (as packages/train/src/flops.ts)."""
+    """Megatron's num_floating_point_operations for this Llama, dense or with routed experts (as
+    packages/train/src/flops.ts: the top-k experts' products count, the router does not)."""
     h, L, ffn = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
+    ffn *= cfg.get("num_experts_per_tok", 1) if cfg.get("num_local_experts") else 1
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = h // heads
     query, key_value = hd * heads, hd * kv
@@ -493,8 +535,8 @@ def megatron_flops(cfg, seq, gbs):
     return gbs * seq * per_token + gbs * seq * seq * scores
 
 
-def bench_train():
-    tc = CASES["train"]
+def bench_train(key="train"):
+    tc = CASES[key]
     cfg = tc["hf"]
     mbs = int(os.environ.get("MEGAPATCH_BENCH_MBS", tc["microBatchSize"]))
     gbs = max(tc["globalBatchSize"], mbs)
@@ -623,3 +665,5 @@ if __name__ == "__main__":
         bench_stream()
     if want("train"):
         bench_train()
+    if want("moe-train"):
+        bench_train("trainMoe")
