@@ -246,6 +246,46 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
     for (const t of [y, loop, x, ...ws, ...parts]) t.dispose();
   });
 
+  it('uploads and reads back checks without page-locked memory (refused, as under a locked-memory limit)', () => {
+    const r = childJson(
+      { MEGAPATCH_CUDA_EMU_NO_PINNED: '1' },
+      `
+      const a = built.addon;
+      const w0 = a.hostWaits();
+      const xs = [1, 2, 3].map((i) => T.tensor([i, i + 0.5, i + 0.25]).to(dev));
+      const waits = a.hostWaits() - w0;
+      const table = T.tensor([[1, 2], [3, 4], [5, 6]]).to(dev);
+      const rows = [0, 2].map((i) => table.indexSelect(0, T.tensor([i], { dtype: 'int64' }).to(dev)));
+      const pending = T.pendingChecks(dev);
+      let error = null;
+      table.indexSelect(0, T.tensor([7], { dtype: 'int64' }).to(dev));
+      try { T.synchronize(dev); } catch (e) { error = e.message; }
+      const stats = a.uploadStats();
+      console.log(JSON.stringify({
+        waits, pending, error,
+        values: xs.map((x) => x.cpu().toArray()),
+        rows: rows.map((r) => r.cpu().toArray()),
+        staged: stats.staged, direct: stats.direct, unstaged: stats.unstagedDevices,
+      }));
+      `,
+    );
+    expect(r).toEqual({
+      waits: 3, // each upload copies directly and waits, as before the ring
+      pending: 2,
+      error: 'indexSelect: index 7 (at position 0 of the index) is out of range for dimension 0 of size 3',
+      values: [
+        [1, 1.5, 1.25],
+        [2, 2.5, 2.25],
+        [3, 3.5, 3.25],
+      ],
+      rows: [[[1, 2]], [[5, 6]]],
+      staged: 0,
+      direct: r.direct,
+      unstaged: 1,
+    });
+    expect(r.direct).toBeGreaterThanOrEqual(6);
+  });
+
   it('runs a grouped GEMM on several streams (MEGAPATCH_GROUPED_GEMM=streams): forked and joined, the same bits', () => {
     // the mode is read once a process: each setting in a child process, against the loop there
     const child = (env: Record<string, string>) => {

@@ -1047,6 +1047,12 @@ cudaError_t cudaMallocHost(void** ptr, size_t size) {
   if (!ptr) return set_error(cudaErrorInvalidValue);
   *ptr = nullptr;
   if (size == 0) return cudaSuccess;
+  // MEGAPATCH_CUDA_EMU_NO_PINNED=1: page-locked memory refused, as under a locked-memory limit
+  static const bool refused = [] {
+    const char* e = std::getenv("MEGAPATCH_CUDA_EMU_NO_PINNED");
+    return e && *e && std::strcmp(e, "0") != 0;
+  }();
+  if (refused) return set_error(cudaErrorMemoryAllocation);
   size_t rounded = (size + 255) & ~size_t(255);
   void* p = std::aligned_alloc(256, rounded);
   if (!p) return set_error(cudaErrorMemoryAllocation);

@@ -79,6 +79,7 @@ struct Staging {
   char* base = nullptr;
   size_t size = 0;
   size_t head = 0;  // where the next upload goes
+  size_t asked = 0;  // the size last allocated (or refused: not asked again)
   struct Flight {
     size_t start, end;
     cudaEvent_t done;
@@ -93,7 +94,7 @@ size_t g_staging_bytes = [] {
   return n >= 0 ? static_cast<size_t>(n) : size_t(16) << 20;
 }();
 struct UploadCounts {
-  uint64_t staged = 0, direct = 0, waits = 0;
+  uint64_t staged = 0, direct = 0, waits = 0, unstaged_devices = 0;
 } g_uploads;
 
 // Returns the ring's bytes of the copies that have finished, oldest first.
@@ -115,16 +116,20 @@ Staging& staging_of(int device) {
   if (!g_staging[device]) g_staging[device] = new Staging();
   Staging& st = *g_staging[device];
   staging_retire(st);
-  if (st.size != g_staging_bytes && st.flights.empty()) {
+  if (st.asked != g_staging_bytes && st.flights.empty()) {
+    st.asked = g_staging_bytes;
     // first use, or resized (setStagingBytes) while idle
     if (st.base) check(cudaFreeHost(st.base), "writeFrom: cudaFreeHost");
     st.base = nullptr;
     st.size = 0;
-    if (g_staging_bytes > 0) {
-      void* p = nullptr;
-      check(cudaHostAlloc(&p, g_staging_bytes, cudaHostAllocPortable), "writeFrom: cudaHostAlloc (staging)");
+    void* p = nullptr;
+    if (g_staging_bytes > 0 && cudaHostAlloc(&p, g_staging_bytes, cudaHostAllocPortable) == cudaSuccess) {
       st.base = static_cast<char*>(p);
       st.size = g_staging_bytes;
+    } else if (g_staging_bytes > 0) {
+      // no page-locked memory to be had (a locked-memory limit): uploads copy directly and wait
+      (void)cudaGetLastError();
+      g_uploads.unstaged_devices++;
     }
     st.head = 0;
   }
@@ -160,7 +165,8 @@ struct Download {
 };
 std::vector<Download> g_downloads;
 
-Download& download_of(int device, size_t bytes) {
+// The device's buffer of at least `bytes`, or nullptr when no page-locked memory can be had.
+Download* download_of(int device, size_t bytes) {
   if (static_cast<int>(g_downloads.size()) <= device) g_downloads.resize(device + 1);
   Download& d = g_downloads[device];
   if (d.size < bytes) {
@@ -170,11 +176,14 @@ Download& download_of(int device, size_t bytes) {
     d.base = nullptr;
     d.size = 0;
     void* p = nullptr;
-    check(cudaHostAlloc(&p, size, cudaHostAllocPortable), "readIntoMany: cudaHostAlloc");
+    if (cudaHostAlloc(&p, size, cudaHostAllocPortable) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return nullptr;
+    }
     d.base = static_cast<char*>(p);
     d.size = size;
   }
-  return d;
+  return &d;
 }
 
 // Queues the upload of `bytes` from `src` to `dst` on `s` through the current device's ring; false
@@ -334,18 +343,30 @@ MPC_ENTRY(ReadIntoMany) {
     at[i + 1] = at[i] + (b + 15) / 16 * 16;
   }
   cudaStream_t s = current_stream();
+  auto dst_of = [&](size_t i) {
+    auto arr = dsts.Get(i).As<Napi::TypedArray>();
+    return static_cast<char*>(arr.ArrayBuffer().Data()) + arr.ByteOffset();
+  };
+  auto src_of = [&](size_t i) { return reinterpret_cast<const char*>(static_cast<uintptr_t>(addrs[i])); };
   std::lock_guard<std::mutex> lock(g_mu);
-  Download& d = download_of(current_device(), at[n]);
+  Download* d = download_of(current_device(), at[n]);
+  if (!d) {
+    // no page-locked memory: one read after another, as readInto does
+    for (size_t i = 0; i < n; i++) {
+      size_t b = static_cast<size_t>(sizes[i]);
+      if (b > 0) check(cudaMemcpyAsync(dst_of(i), src_of(i), b, cudaMemcpyDeviceToHost, s), "readIntoMany: cudaMemcpyAsync");
+      wait_stream(s, "readIntoMany");
+    }
+    return info.Env().Undefined();
+  }
   for (size_t i = 0; i < n; i++) {
     size_t b = static_cast<size_t>(sizes[i]);
-    auto* src = reinterpret_cast<const char*>(static_cast<uintptr_t>(addrs[i]));
-    if (b > 0) check(cudaMemcpyAsync(d.base + at[i], src, b, cudaMemcpyDeviceToHost, s), "readIntoMany: cudaMemcpyAsync");
+    if (b > 0) check(cudaMemcpyAsync(d->base + at[i], src_of(i), b, cudaMemcpyDeviceToHost, s), "readIntoMany: cudaMemcpyAsync");
   }
   wait_stream(s, "readIntoMany");
   for (size_t i = 0; i < n; i++) {
-    auto arr = dsts.Get(i).As<Napi::TypedArray>();
     size_t b = static_cast<size_t>(sizes[i]);
-    if (b > 0) std::memcpy(static_cast<char*>(arr.ArrayBuffer().Data()) + arr.ByteOffset(), d.base + at[i], b);
+    if (b > 0) std::memcpy(dst_of(i), d->base + at[i], b);
   }
   return info.Env().Undefined();
 }
@@ -376,8 +397,9 @@ MPC_ENTRY(SetStagingBytes) {
   return info.Env().Undefined();
 }
 
-// uploadStats() -> { staged, direct, waits, stagingBytes }: uploads through the ring and direct
-// ones since the process started, and how often an upload waited for the ring.
+// uploadStats() -> { staged, direct, waits, unstagedDevices, stagingBytes }: uploads through the
+// ring and direct ones since the process started, how often an upload waited for the ring, and how
+// often a device's ring could not be allocated (page-locked memory refused: its uploads then wait).
 MPC_ENTRY(UploadStats) {
   Napi::Env env = info.Env();
   std::lock_guard<std::mutex> lock(g_mu);
@@ -385,6 +407,7 @@ MPC_ENTRY(UploadStats) {
   o.Set("staged", Napi::Number::New(env, static_cast<double>(g_uploads.staged)));
   o.Set("direct", Napi::Number::New(env, static_cast<double>(g_uploads.direct)));
   o.Set("waits", Napi::Number::New(env, static_cast<double>(g_uploads.waits)));
+  o.Set("unstagedDevices", Napi::Number::New(env, static_cast<double>(g_uploads.unstaged_devices)));
   o.Set("stagingBytes", Napi::Number::New(env, static_cast<double>(g_staging_bytes)));
   return o;
 }
