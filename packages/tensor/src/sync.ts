@@ -106,6 +106,32 @@ export function synchronize(device?: string): void {
   }
 }
 
+/**
+ * @internal A host read of a contiguous tensor into `dst`. A backend that reads several tensors
+ * at once reads the device's queued checks with it, in its one wait; then the first failing check
+ * throws (its values are not returned). Otherwise the queue is evaluated first, then `t` is read.
+ */
+export function readChecked(t: Tensor, dst: ArrayBufferView): void {
+  const backend = t.backend;
+  const list = pending.get(backend.device);
+  if (!list || list.length === 0 || !backend.readMany) {
+    syncBeforeRead(t.device);
+    if (t.numel > 0) backend.read(t, dst);
+    return;
+  }
+  pending.delete(backend.device);
+  let failure: Error | null = null;
+  try {
+    const values = list.map((c) => hostArray(c.values));
+    const ts = list.map((c) => c.values);
+    backend.readMany(t.numel > 0 ? [...ts, t] : ts, t.numel > 0 ? [...values, dst] : values);
+    for (let i = 0; i < list.length && !failure; i++) failure = list[i].verdict(Array.from(values[i]));
+  } finally {
+    for (const c of list) c.values.dispose();
+  }
+  if (failure) throw failure;
+}
+
 /** @internal Host reads call this: evaluates the device's queue when it has one. */
 export function syncBeforeRead(device: string): void {
   if (pending.size > 0 && pending.has(device)) synchronize(device);

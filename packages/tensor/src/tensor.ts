@@ -6,7 +6,7 @@ import { fmtShape, TensorError } from './errors.js';
 import { TENSOR_BRAND, trackTensor, untrackTensor } from './scope.js';
 import { contiguousStrides, isContiguous, numel, type Shape } from './shape.js';
 import { Storage } from './storage.js';
-import { syncBeforeRead } from './sync.js';
+import { readChecked, syncBeforeRead } from './sync.js';
 
 // Safety net for tensors dropped without dispose(): their storage reference is released when
 // the JS object is collected. Explicit ownership (dispose, using, tidy) is the plan; this only
@@ -299,12 +299,12 @@ export class Tensor {
    */
   toTypedArray(): Float32Array | Float64Array | Int32Array | BigInt64Array | Uint8Array {
     this.checkAlive('toTypedArray');
-    syncBeforeRead(this.device);
     const readDtype: DType = this.dtype === 'bfloat16' || this.dtype === 'float16' ? 'float32' : this.dtype;
     const src = readDtype === this.dtype && this.isContiguous ? this : this.toContiguousDtype(readDtype);
     try {
       const out = makeTyped(readDtype, this.numel);
-      if (this.numel > 0) src.backend.read(src, out);
+      // with the device's queued checks, in one wait where the backend can
+      readChecked(src, out);
       return out as Float32Array | Float64Array | Int32Array | BigInt64Array | Uint8Array;
     } finally {
       if (src !== this) src.dispose();

@@ -246,6 +246,49 @@ describe('deferred index checks: an asynchronous device throws at its next host 
     });
   }
 
+  it('a copy to the CPU throws the queued error, read in the same wait, and leaves nothing on the CPU', () => {
+    for (const c of CASES) {
+      const xs = c.inputs(ASYNC, false);
+      const out = c.run(xs);
+      const probe = seq([2, 3], ASYNC);
+      const before = [live(ASYNC), live('cpu')];
+      const b = getBackend(ASYNC);
+      const { read, readMany } = b;
+      const calls: string[] = [];
+      let inMany = false; // the reference backend's readMany reads one by one
+      b.read = (t, dst) => {
+        if (!inMany) calls.push('read');
+        read.call(b, t, dst);
+      };
+      b.readMany = (ts, dsts) => {
+        calls.push(`readMany ${ts.length}`);
+        inMany = true;
+        try {
+          readMany?.call(b, ts, dsts);
+        } finally {
+          inMany = false;
+        }
+      };
+      try {
+        expect(() => probe.to('cpu')).toThrow(c.message);
+      } finally {
+        Object.assign(b, { read, readMany });
+      }
+      // the check and the probe's bytes together
+      expect(calls).toEqual(['readMany 2']);
+      // the check's small tensor went with it; nothing was left on the CPU
+      expect([live(ASYNC), live('cpu')]).toEqual([before[0] - 1, before[1]]);
+      expect(pendingChecks(ASYNC)).toBe(0);
+      expect(probe.to('cpu').toArray()).toEqual([
+        [0, 1, 2],
+        [3, 4, 5],
+      ]);
+      probe.dispose();
+      out.dispose();
+      disposeAll(xs);
+    }
+  });
+
   it('two bad ops: the first error is thrown, the second dropped, memory comes back', () => {
     for (let k = 0; k < CASES.length; k++) {
       const first = CASES[k];

@@ -41,6 +41,21 @@ function gradOf(p: Tensor): Tensor | null {
  */
 export function getGradNorm(params: Iterable<Tensor>, options: GradNormOptions = {}): number {
   const normType = options.normType ?? 2;
+  const acc = gradNormPowerSum(params, options);
+  try {
+    return gradNormOf(acc.item(), normType);
+  } finally {
+    acc.dispose();
+  }
+}
+
+/**
+ * @internal getGradNorm's reduced accumulator, not read yet: a float64 [1] on the gradients'
+ * device holding the sum of |g|^p over every rank (the max |g| for the inf norm); the caller
+ * frees it. Several of them can then be read with one wait (the dense and expert norms).
+ */
+export function gradNormPowerSum(params: Iterable<Tensor>, options: GradNormOptions = {}): Tensor {
+  const normType = options.normType ?? 2;
   if (!(normType > 0)) {
     throw new DistributedError(
       'INVALID_ARGUMENT',
@@ -70,11 +85,16 @@ export function getGradNorm(params: Iterable<Tensor>, options: GradNormOptions =
     for (const group of [options.dataParallelGroup, options.modelParallelGroup]) {
       if (group && group.size > 1) group.allReduce(acc, op).waitSync();
     }
-    const total = acc.item();
-    return inf ? total : normType === 1 ? total : total ** (1 / normType);
-  } finally {
+    return acc;
+  } catch (e) {
     acc.dispose();
+    throw e;
   }
+}
+
+/** @internal The norm from gradNormPowerSum's value. */
+export function gradNormOf(total: number, normType = 2): number {
+  return normType === Number.POSITIVE_INFINITY || normType === 1 ? total : total ** (1 / normType);
 }
 
 // the factor Megatron's clip_grad_by_total_norm_fp32 scales the gradients by (tensor's, re-exported)

@@ -7,6 +7,7 @@
 import {
   AdamW,
   type AdamWGroup,
+  cat,
   full,
   type GradScaler,
   type GradScalerState,
@@ -17,6 +18,7 @@ import {
   type OptimizerStateDict,
   type ParamGroup,
   type Tensor,
+  tidy,
 } from '@megapatch/tensor';
 import { DistributedError } from '../errors.js';
 import {
@@ -31,7 +33,7 @@ import {
   getTensorModelParallelAttributes,
   setTensorModelParallelAttributes,
 } from '../tensor-parallel/attributes.js';
-import { clipCoefficient, getGradNorm } from './clip-grads.js';
+import { clipCoefficient, getGradNorm, gradNormOf, gradNormPowerSum } from './clip-grads.js';
 import type { DistributedDataParallel } from './distributed-data-parallel.js';
 import { flatView } from './param-and-grad-buffer.js';
 
@@ -335,20 +337,34 @@ abstract class BufferOptimizer {
     const dense = this.pieces
       .filter((p) => !this.expertPieces.has(p) && !this.sharedParams.has(p.param))
       .map((p) => p.master);
-    const denseNorm = getGradNorm(dense, {
+    const denseOptions = {
       modelParallelGroup: this.modelParallelGroup,
       dataParallelGroup: this.sharded ? this.ddp.dataParallelGroup : null,
       tpRank: this.tpRank,
-    });
-    if (!this.hasExperts) return denseNorm;
-    const expertNorm = getGradNorm(
-      [...this.expertPieces].map((p) => p.master),
-      {
-        modelParallelGroup: this.expertModelParallelGroup,
-        dataParallelGroup: this.sharded ? this.ddp.expertDataParallelGroup : null,
-        tpRank: this.expertTpRank,
-      },
-    );
+    };
+    if (!this.hasExperts) return getGradNorm(dense, denseOptions);
+    // both sums read back with one wait (one host read a step for the norm, as without experts)
+    const sums = [
+      gradNormPowerSum(dense, denseOptions),
+      gradNormPowerSum(
+        [...this.expertPieces].map((p) => p.master),
+        {
+          modelParallelGroup: this.expertModelParallelGroup,
+          dataParallelGroup: this.sharded ? this.ddp.expertDataParallelGroup : null,
+          tpRank: this.expertTpRank,
+        },
+      ),
+    ];
+    let values: number[];
+    try {
+      values =
+        sums[0].device === sums[1].device
+          ? Array.from(noGrad(() => tidy(() => cat(sums).toTypedArray())) as Float64Array)
+          : sums.map((s) => s.item());
+    } finally {
+      for (const s of sums) s.dispose();
+    }
+    const [denseNorm, expertNorm] = values.map((v) => gradNormOf(v));
     return Math.sqrt(denseNorm * denseNorm + expertNorm * expertNorm);
   }
 

@@ -10,7 +10,7 @@ import { DTYPES, type DType, ITEMSIZE, isFloating, promoteTypes } from '../dtype
 import { argError, fmtShape, indexError, shapeError, TensorError } from '../errors.js';
 import { keep } from '../scope.js';
 import { contiguousStrides, inferShape, normDim, type Shape, sameShape, viewStrides } from '../shape.js';
-import { syncBeforeRead } from '../sync.js';
+import { readChecked } from '../sync.js';
 import { Tensor } from '../tensor.js';
 import { zeros } from './creation.js';
 import { sumToShape } from './elementwise.js';
@@ -460,8 +460,13 @@ function transfer(x: Tensor, dst: Backend): Tensor {
     const out = alloc(dst, x.shape, x.dtype);
     if (out.numel > 0) {
       const host = new Uint8Array(x.numel * ITEMSIZE[x.dtype]);
-      syncBeforeRead(src.device);
-      src.backend.read(src, host);
+      try {
+        // with the source device's queued checks; a failing one throws, the copy is dropped
+        readChecked(src, host);
+      } catch (e) {
+        out.dispose();
+        throw e;
+      }
       dst.write(out, host);
     }
     return out;
