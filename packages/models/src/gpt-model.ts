@@ -30,7 +30,9 @@ import {
   vocabParallelCrossEntropy,
 } from '@megapatch/parallel';
 import {
+  arange,
   cat,
+  cumsum,
   type DType,
   deferCheck,
   fromTypedArray,
@@ -38,13 +40,18 @@ import {
   type Generator,
   initMethodNormal,
   keep,
+  logicalAnd,
   Module,
   ModuleList,
   maskedFill,
   noGrad,
+  ones,
   scaledInitMethodNormal,
+  scatterAdd,
   type Tensor,
   tidy,
+  where,
+  zeros,
 } from '@megapatch/tensor';
 import type { LayerBuildOptions } from './attention.js';
 import type { AttentionContext } from './context.js';
@@ -494,7 +501,9 @@ export class GPTModel extends Module {
         );
     const positionIds = given ?? (made as { ids: Tensor }).ids;
     // the rotary table's rows: what the positions need where the host knows them, else all of them
-    const rows = made ? made.rows : checkPositions(positionIds, b, s, c.maxPositionEmbeddings);
+    // (positions made on the device are checked as given ones are)
+    const rows =
+      made && made.rows !== null ? made.rows : checkPositions(positionIds, b, s, c.maxPositionEmbeddings);
     cache?.reserve(s);
     let rope: { cos: Tensor; sin: Tensor };
     try {
@@ -794,6 +803,31 @@ function deferRangeCheck(
   return true;
 }
 
+/**
+ * The positions [1, s] (int64) of one row packed at the boundaries cu, where cu lives: position i
+ * is i less the last boundary at or before it (a cumsum of marks at the boundaries counts them up
+ * to i, empty samples included), 0 before the first boundary and from the last one on, as the
+ * host's loop leaves them (a bad cuSeqlens is then reported by attention's own check).
+ * @internal (exported for its test)
+ */
+export function packedPositionsOnDevice(cu: Tensor, s: number): Tensor {
+  return noGrad(() =>
+    tidy(() => {
+      const int64 = { dtype: 'int64' as const, device: cu.device };
+      const c = cu.to(cu.device, 'int64');
+      const n = c.shape[0];
+      const marks = scatterAdd(zeros([s + 1], int64), 0, c.clamp(0, s), ones([n], int64));
+      const seg = cumsum(marks, 0)
+        .narrow(0, 0, s)
+        .sub(1)
+        .clamp(0, n - 1); // [s]
+      const i = arange(0, s, 1, int64);
+      const inside = logicalAnd(i.ge(c.narrow(0, 0, 1)), i.lt(c.narrow(0, n - 1, 1)));
+      return where(inside, i.sub(c.gather(0, seg)), 0).view(1, s);
+    }),
+  );
+}
+
 /** Positions 0.. per row after `past` cached tokens (skipping padding), or per packed sample. */
 function defaultPositions(
   b: number,
@@ -802,7 +836,9 @@ function defaultPositions(
   cu: Tensor | null,
   attn: Tensor | null,
   max: number,
-): { ids: Tensor; rows: number } {
+): { ids: Tensor; rows: number | null } {
+  // packed rows on an asynchronous device: made where cuSeqlens lives (no read back); rows null
+  if (cu && cu.backend.synchronous === false) return { ids: packedPositionsOnDevice(cu, s), rows: null };
   const out = new BigInt64Array(b * s);
   // made here: checked on the host, and their rotary rows known without reading them back
   const done = (shape: number[], n = out.length) => {

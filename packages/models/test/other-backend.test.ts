@@ -15,6 +15,7 @@ import {
 } from '@megapatch/tensor';
 import { registerReferenceBackend } from '@megapatch/tensor/reference';
 import { afterEach, describe, expect, it } from 'vitest';
+import { packedPositionsOnDevice } from '../src/gpt-model.js';
 import { type GPTModel, loadModel } from '../src/index.js';
 import { fixtureCheckpoint } from './helpers/fixtures.js';
 
@@ -176,6 +177,70 @@ describe.runIf(emulator === null)('a forward on cudaemu:0 does not read the devi
       const loss = (out.loss as Tensor).mean().item();
       expect(pendingChecks('cudaemu:0')).toBe(0);
       expect(Math.abs(loss - cpuLoss) / cpuLoss).toBeLessThan(1e-5);
+    } finally {
+      model.dispose();
+    }
+  });
+
+  it("makes a packed row's positions where cuSeqlens lives, as the host loop does", () => {
+    const cases: [number[], number, number[]][] = [
+      [[0, 5, 12], 12, [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]],
+      [[0, 5, 5, 12], 12, [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]], // an empty sample
+      [[0, 0, 3, 4], 6, [0, 1, 2, 0, 0, 0]], // empty first; tokens past the last boundary get 0
+      [[0, 1, 2, 3], 3, [0, 0, 0]],
+      [[0, 7], 7, [0, 1, 2, 3, 4, 5, 6]],
+    ];
+    for (const device of ['cpu', 'cudaemu:0']) {
+      for (const [cu, s, want] of cases) {
+        const got = packedPositionsOnDevice(fromTypedArray(Int32Array.from(cu), [cu.length], { device }), s);
+        expect([device, got.shape, Array.from(got.toTypedArray() as BigInt64Array, Number)]).toEqual([
+          device,
+          [1, s],
+          want,
+        ]);
+        got.dispose();
+      }
+    }
+  });
+
+  it.each([
+    [[0, 5, 12]],
+    [[0, 5, 5, 12]], // an empty sample
+    [[0, 12]],
+    [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]],
+  ])('a packed forward without position ids (%j) makes them on the device: no read, the CPU logits', (cu) => {
+    const forward = (model: GPTModel, device: string) =>
+      model.forward(fromTypedArray(BigInt64Array.from(IDS, BigInt), [1, 12], { device }), {
+        cuSeqlens: fromTypedArray(Int32Array.from(cu), [cu.length], { device }),
+      });
+    const { model: cpuModel } = loadModel(fixtureCheckpoint('llama'));
+    let want: Float32Array;
+    try {
+      want = (forward(cpuModel, 'cpu').logits as Tensor).toTypedArray() as Float32Array;
+    } finally {
+      cpuModel.dispose();
+    }
+    setDefaultDevice('cudaemu:0');
+    const { model } = loadModel(fixtureCheckpoint('llama'));
+    try {
+      synchronize('cudaemu:0');
+      const reads: string[] = [];
+      const stop = recordReads(getBackend('cudaemu:0'), (t) => {
+        if (t.dtype !== 'float64') reads.push(`${t.dtype}[${t.shape}]`);
+      });
+      let out: ReturnType<typeof model.forward>;
+      try {
+        out = forward(model, 'cudaemu:0');
+      } finally {
+        stop();
+      }
+      expect(reads).toEqual([]);
+      const got = (out.logits as Tensor).toTypedArray() as Float32Array;
+      let diff = 0;
+      // (the padded vocabulary's logits are -Infinity on both)
+      for (let i = 0; i < want.length; i++)
+        if (got[i] !== want[i]) diff = Math.max(diff, Math.abs(got[i] - want[i]));
+      expect(diff).toBeLessThan(1e-4);
     } finally {
       model.dispose();
     }
