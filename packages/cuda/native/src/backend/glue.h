@@ -69,6 +69,8 @@ uint64_t device_malloc_count();
 // Waits until `stream` has finished; with NCCL communicators alive, a watchdog that turns a dead
 // peer into an error (backend/nccl.cc). `what` names the caller in errors.
 void wait_stream(cudaStream_t stream, const char* what);
+// The same watchdog for an event (the caller counts the wait).
+void wait_event(cudaEvent_t event, const char* what);
 // Times the host has waited for a device since the process started (wait_stream, and an upload
 // waiting for a staging buffer): reads and synchronize() wait, nothing else should (state.cc).
 void note_host_wait();

@@ -154,7 +154,7 @@ size_t staging_take(Staging& st, size_t n) {
     // full of queued copies: wait for the oldest
     note_host_wait();
     g_uploads.waits++;
-    check(cudaEventSynchronize(st.flights.front().done), "writeFrom: cudaEventSynchronize");
+    wait_event(st.flights.front().done, "writeFrom");
   }
 }
 

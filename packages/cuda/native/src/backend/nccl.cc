@@ -8,6 +8,7 @@
 #include <dlfcn.h>
 
 #include <chrono>
+#include <functional>
 #include <thread>
 
 #include <cstdlib>
@@ -170,12 +171,10 @@ double dist_timeout_s() {
 
 }  // namespace
 
-// Waits for `stream` (see glue.h). Without live communicators this is cudaStreamSynchronize; with
-// them, a collective whose peer died would block the stream forever, so the wait polls the
-// stream, asks every communicator for an asynchronous error, and after MEGAPATCH_DIST_TIMEOUT_S
-// (default 600 s, torch's NCCL timeout) aborts them all: the error names why instead of a hang.
-void wait_stream(cudaStream_t stream, const char* what) {
-  note_host_wait();
+// Calls `block` without live communicators; with them polls `query` under the watchdog that
+// wait_stream describes (an NCCL error or MEGAPATCH_DIST_TIMEOUT_S aborts every communicator).
+static void wait_for(const std::function<cudaError_t()>& query, const std::function<cudaError_t()>& block,
+              const char* what) {
   std::vector<nccl_comm> comms;
   {
     std::lock_guard<std::mutex> lock(g_comms_mu);
@@ -183,7 +182,7 @@ void wait_stream(cudaStream_t stream, const char* what) {
       if (c) comms.push_back(c);
   }
   if (comms.empty()) {
-    check(cudaStreamSynchronize(stream), what);
+    check(block(), what);
     return;
   }
   const NcclApi& nc = nccl().api;
@@ -198,7 +197,7 @@ void wait_stream(cudaStream_t stream, const char* what) {
     throw_error(std::string(what) + ": " + why + "; the NCCL communicators were aborted (the process group cannot be used any more)");
   };
   for (int i = 0;; i++) {
-    cudaError_t r = cudaStreamQuery(stream);
+    cudaError_t r = query();
     if (r == cudaSuccess) return;
     if (r != cudaErrorNotReady) check(r, what);
     (void)cudaGetLastError();  // "not ready" is no error: leave none behind for the next check
@@ -216,6 +215,21 @@ void wait_stream(cudaStream_t stream, const char* what) {
     }
     std::this_thread::sleep_for(std::chrono::microseconds(i < 256 ? 20 : 1000));
   }
+}
+
+// Waits for `stream` (see glue.h). Without live communicators this is cudaStreamSynchronize; with
+// them, a collective whose peer died would block the stream forever, so the wait polls the
+// stream, asks every communicator for an asynchronous error, and after MEGAPATCH_DIST_TIMEOUT_S
+// (default 600 s, torch's NCCL timeout) aborts them all: the error names why instead of a hang.
+void wait_stream(cudaStream_t stream, const char* what) {
+  note_host_wait();
+  wait_for([stream] { return cudaStreamQuery(stream); }, [stream] { return cudaStreamSynchronize(stream); }, what);
+}
+
+// The same for an event (an upload waiting for its staging bytes, glue.h): behind a collective
+// whose peer died the event would never complete either.
+void wait_event(cudaEvent_t event, const char* what) {
+  wait_for([event] { return cudaEventQuery(event); }, [event] { return cudaEventSynchronize(event); }, what);
 }
 
 // ncclLibrary(): { version } or { error }: whether the process group can use NCCL here.
