@@ -18,6 +18,24 @@ function grads(m: GPTModel): Map<string, Float32Array> {
   );
 }
 
+/** A router of 4 experts, top-2, normalised top-k weights: the scores and the expert bias vary. */
+function routerConfig(scoreFunction: 'softmax' | 'sigmoid', expertBias: boolean) {
+  return {
+    numExperts: 4,
+    routerTopk: 2,
+    moeFfnHiddenSize: 8,
+    sharedExpertIntermediateSize: 0,
+    sharedExpertGate: false,
+    scoreFunction,
+    expertBias,
+    numGroups: 1,
+    groupTopk: 1,
+    routedScalingFactor: 1,
+    normTopkProb: true,
+    layerPattern: ['moe' as const],
+  };
+}
+
 describe('router', () => {
   it('selects top-k within the best groups, with the bias for selection only', () => {
     const m = { numExperts: 8, routerTopk: 2, numGroups: 4, groupTopk: 2, expertBias: true };
@@ -84,20 +102,7 @@ describe('router', () => {
   });
 
   it("computes Megatron's switch aux loss and z-loss from the router's own scores", () => {
-    const moe = {
-      numExperts: 4,
-      routerTopk: 2,
-      moeFfnHiddenSize: 8,
-      sharedExpertIntermediateSize: 0,
-      sharedExpertGate: false,
-      scoreFunction: 'softmax' as const,
-      expertBias: false,
-      numGroups: 1,
-      groupTopk: 1,
-      routedScalingFactor: 1,
-      normTopkProb: true,
-      layerPattern: ['moe' as const],
-    };
+    const moe = routerConfig('softmax', false);
     const T = 5;
     const h = 3;
     const router = new TopKRouter(
@@ -164,20 +169,7 @@ describe('router', () => {
   });
 
   it('routes a chunk of no tokens: empty routing, zero balancing losses with gradients', () => {
-    const moe = {
-      numExperts: 4,
-      routerTopk: 2,
-      moeFfnHiddenSize: 8,
-      sharedExpertIntermediateSize: 0,
-      sharedExpertGate: false,
-      scoreFunction: 'sigmoid' as const,
-      expertBias: true,
-      numGroups: 1,
-      groupTopk: 1,
-      routedScalingFactor: 1,
-      normTopkProb: true,
-      layerPattern: ['moe' as const],
-    };
+    const moe = routerConfig('sigmoid', true);
     const router = new TopKRouter(
       moe,
       3,

@@ -82,28 +82,35 @@ export function synchronize(device?: string): void {
     if (!(b.readMany && (pending.get(b.device)?.length ?? 0) > 0)) b.synchronize?.();
   }
   const devices = device === undefined ? [...pending.keys()] : [normalizeDevice(device)];
-  for (const d of devices) {
-    const list = pending.get(d);
-    if (!list || list.length === 0) continue;
-    pending.delete(d);
-    let failure: Error | null = null;
-    try {
-      const backend = list[0].values.backend;
-      if (backend.readMany) {
-        const values = list.map((c) => hostArray(c.values));
-        backend.readMany(
-          list.map((c) => c.values),
-          values,
-        );
-        for (let i = 0; i < list.length && !failure; i++) failure = list[i].verdict(Array.from(values[i]));
-      } else {
-        for (const c of list) if (!failure) failure = c.verdict(readRaw(c.values));
-      }
-    } finally {
-      for (const c of list) c.values.dispose();
+  for (const d of devices) settle(d);
+}
+
+/**
+ * Takes device `d`'s queue and evaluates it, throwing its first failure (the checks after it are
+ * dropped; every check's tensor is freed). A backend with readMany reads the queue in one wait,
+ * with `extra` (a tensor and its destination) when given; otherwise check by check, and `extra`
+ * is not read (the caller reads it).
+ */
+function settle(d: string, extra?: { t: Tensor; dst: ArrayBufferView }): void {
+  const list = pending.get(d);
+  if (!list || list.length === 0) return;
+  pending.delete(d);
+  let failure: Error | null = null;
+  try {
+    const backend = list[0].values.backend;
+    if (backend.readMany) {
+      const values = list.map((c) => hostArray(c.values));
+      const ts = list.map((c) => c.values);
+      if (extra) backend.readMany([...ts, extra.t], [...values, extra.dst]);
+      else backend.readMany(ts, values);
+      for (let i = 0; i < list.length && !failure; i++) failure = list[i].verdict(Array.from(values[i]));
+    } else {
+      for (const c of list) if (!failure) failure = c.verdict(readRaw(c.values));
     }
-    if (failure) throw failure;
+  } finally {
+    for (const c of list) c.values.dispose();
   }
+  if (failure) throw failure;
 }
 
 /**
@@ -113,23 +120,12 @@ export function synchronize(device?: string): void {
  */
 export function readChecked(t: Tensor, dst: ArrayBufferView): void {
   const backend = t.backend;
-  const list = pending.get(backend.device);
-  if (!list || list.length === 0 || !backend.readMany) {
-    syncBeforeRead(t.device);
-    if (t.numel > 0) backend.read(t, dst);
+  if (backend.readMany && t.numel > 0 && (pending.get(backend.device)?.length ?? 0) > 0) {
+    settle(backend.device, { t, dst });
     return;
   }
-  pending.delete(backend.device);
-  let failure: Error | null = null;
-  try {
-    const values = list.map((c) => hostArray(c.values));
-    const ts = list.map((c) => c.values);
-    backend.readMany(t.numel > 0 ? [...ts, t] : ts, t.numel > 0 ? [...values, dst] : values);
-    for (let i = 0; i < list.length && !failure; i++) failure = list[i].verdict(Array.from(values[i]));
-  } finally {
-    for (const c of list) c.values.dispose();
-  }
-  if (failure) throw failure;
+  syncBeforeRead(t.device);
+  if (t.numel > 0) backend.read(t, dst);
 }
 
 /** @internal Host reads call this: evaluates the device's queue when it has one. */

@@ -685,15 +685,22 @@ size_t g_used[64];
 std::unordered_set<CUstream_st*> g_streams;
 std::unordered_set<CUevent_st*> g_events;
 
-// whether [p, p + n) lies inside one device allocation
-bool in_device_allocation(const void* p, size_t n) {
+size_t size_of(const Allocation& a) { return a.size; }
+size_t size_of(size_t size) { return size; }
+
+// whether [p, p + n) lies inside one allocation of `allocs` (by address)
+template <typename Map>
+bool in_allocation(const Map& allocs, const void* p, size_t n) {
   uintptr_t a = reinterpret_cast<uintptr_t>(p);
   std::lock_guard<std::mutex> lock(g_mem_mutex);
-  auto it = g_allocs.upper_bound(a);
-  if (it == g_allocs.begin()) return false;
+  auto it = allocs.upper_bound(a);
+  if (it == allocs.begin()) return false;
   --it;
-  return a >= it->first && a + n <= it->first + it->second.size;
+  return a >= it->first && a + n <= it->first + size_of(it->second);
 }
+
+// whether [p, p + n) lies inside one device allocation
+bool in_device_allocation(const void* p, size_t n) { return in_allocation(g_allocs, p, n); }
 
 // Asynchronous uploads. A kernel runs when it is launched, so the emulated stream is always idle,
 // but on a GPU a copy from page-locked host memory (cudaMemcpyAsync host-to-device from
@@ -713,14 +720,7 @@ std::atomic<unsigned long long> g_deferred_queued{0};  // copies queued since th
 std::atomic<unsigned long long> g_deferred_done{0};    // ... and run
 
 // whether [p, p + n) lies inside one page-locked host allocation
-bool in_host_allocation(const void* p, size_t n) {
-  uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  std::lock_guard<std::mutex> lock(g_mem_mutex);
-  auto it = g_host_allocs.upper_bound(a);
-  if (it == g_host_allocs.begin()) return false;
-  --it;
-  return a >= it->first && a + n <= it->first + it->second;
-}
+bool in_host_allocation(const void* p, size_t n) { return in_allocation(g_host_allocs, p, n); }
 
 void flush_deferred_copies() {
   if (g_deferred_done.load(std::memory_order_acquire) == g_deferred_queued.load(std::memory_order_acquire)) return;

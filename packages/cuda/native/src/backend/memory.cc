@@ -81,10 +81,10 @@ struct Staging {
   size_t head = 0;  // where the next upload goes
   size_t asked = 0;  // the size last allocated (or refused: not asked again)
   struct Flight {
-    size_t start, end;
+    size_t start;
     cudaEvent_t done;
   };
-  std::deque<Flight> flights;  // queued copies, oldest first: they hold [start, end)
+  std::deque<Flight> flights;  // queued copies, oldest first: each holds the ring from its start to the next one's (the newest: to head)
   std::vector<cudaEvent_t> spare;
 };
 std::vector<Staging*> g_staging;  // per device; never destroyed (copies may be queued at exit)
@@ -209,7 +209,7 @@ bool upload_staged(char* dst, const char* src, size_t bytes, cudaStream_t s) {
   cudaError_t rec = cudaEventRecord(done, s);
   if (rec != cudaSuccess) st.spare.push_back(done);
   check(rec, "writeFrom: cudaEventRecord");
-  st.flights.push_back({at, at + n, done});
+  st.flights.push_back({at, done});
   st.head = at + n;
   g_uploads.staged++;
   return true;
