@@ -245,6 +245,26 @@ export const RunConfig = z
         message: 'packed SFT rows (data.sft.packing) need microBatchSize 1',
       });
     }
+    // what Megatron's scheduler asserts, in the config's words (not the samples it counts in)
+    const decay = c.scheduler.lrDecayIters ?? c.training.trainIters;
+    if (c.scheduler.lrWarmupIters >= decay) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['scheduler', 'lrWarmupIters'],
+        message: `${c.scheduler.lrWarmupIters} warm-up iterations leave none to decay over: make it less than ${
+          c.scheduler.lrDecayIters === null
+            ? `training.trainIters (${decay}; scheduler.lrDecayIters defaults to it)`
+            : `scheduler.lrDecayIters (${decay})`
+        }`,
+      });
+    }
+    if (c.optimizer.minLr > c.optimizer.lr) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['optimizer', 'minLr'],
+        message: `${c.optimizer.minLr} is above optimizer.lr (${c.optimizer.lr}): the schedule decays from lr down to minLr`,
+      });
+    }
     if (c.checkpoint.exportHf !== null && c.checkpoint.save === null) {
       ctx.addIssue({
         code: 'custom',

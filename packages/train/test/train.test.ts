@@ -183,6 +183,20 @@ describe('run config', () => {
     );
   });
 
+  it("refuses a schedule Megatron's scheduler would assert on, in the config's words", () => {
+    const bad = (over: Parameters<typeof config>[1]) => () => config('x', over);
+    expect(bad({ training: { trainIters: 1 }, scheduler: { lrWarmupIters: 1 } })).toThrow(
+      'config: scheduler.lrWarmupIters: 1 warm-up iterations leave none to decay over: make it less than training.trainIters (1; scheduler.lrDecayIters defaults to it)',
+    );
+    expect(bad({ scheduler: { lrWarmupIters: 5, lrDecayIters: 5 } })).toThrow(
+      'config: scheduler.lrWarmupIters: 5 warm-up iterations leave none to decay over: make it less than scheduler.lrDecayIters (5)',
+    );
+    expect(bad({ optimizer: { lr: 1e-4, minLr: 1e-3 } })).toThrow(
+      'config: optimizer.minLr: 0.001 is above optimizer.lr (0.0001): the schedule decays from lr down to minLr',
+    );
+    expect(bad({ training: { trainIters: 2 }, scheduler: { lrWarmupIters: 1 } })).not.toThrow();
+  });
+
   it("takes Megatron's long flag names", () => {
     const c = loadRunConfig(null, [
       ['load', 'ck'],
