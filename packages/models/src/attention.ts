@@ -55,10 +55,11 @@ export function coreAttention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionCon
         'context parallelism runs causal attention without a mask or KV cache (no sliding window, attention mask or generation); set contextParallelSize 1',
       );
     }
-    const extra = ctx.cuSeqlens ? [ctx.cuSeqlens] : [];
-    const ring = (qq: Tensor, kk: Tensor, vv: Tensor, ...rest: Tensor[]) =>
-      ringAttention(qq, kk, vv, { cpGroup: cp, scale, causal: ctx.causal, cuSeqlens: rest[0] ?? null });
-    return ctx.recomputeCoreAttention ? checkpoint(ring, q, k, v, ...extra) : ring(q, k, v, ...extra);
+    // the boundaries as the host's numbers: the ring plans its calls with them (no read back)
+    const cuSeqlens = ctx.cuSeqlensValues ?? ctx.cuSeqlens;
+    const ring = (qq: Tensor, kk: Tensor, vv: Tensor) =>
+      ringAttention(qq, kk, vv, { cpGroup: cp, scale, causal: ctx.causal, cuSeqlens });
+    return ctx.recomputeCoreAttention ? checkpoint(ring, q, k, v) : ring(q, k, v);
   }
   if (!ctx.recomputeCoreAttention) {
     return scaledDotProductAttention(q, k, v, {

@@ -16,6 +16,11 @@ export interface AttentionContext {
   /** Packed sequences (b = 1): cumulative boundaries [nseq + 1]. */
   cuSeqlens: Tensor | null;
   /**
+   * The same boundaries on the host, when the caller gave them as numbers or context parallelism
+   * needs them (the ring's plan): read back at most once a forward. Null otherwise.
+   */
+  cuSeqlensValues: readonly number[] | null;
+  /**
    * Context parallelism: the group sharing each sequence (each rank holds its two load-balanced
    * chunks; core attention runs as a ring), or null.
    */

@@ -140,8 +140,12 @@ export interface GPTForwardOptions {
    * the cache, as [1, s]; per sample with cuSeqlens).
    */
   positionIds?: Tensor;
-  /** Packed rows (b = 1): cumulative sample boundaries [nseq + 1], int32 or int64. */
-  cuSeqlens?: Tensor;
+  /**
+   * Packed rows (b = 1): cumulative sample boundaries [nseq + 1], int32 or int64, or the same as
+   * numbers. Numbers are checked on the host and copied to the device; with context parallelism
+   * (where the host plans the ring's calls with them) they spare the device a read back.
+   */
+  cuSeqlens?: Tensor | readonly number[];
   /** Which keys are real tokens [b, cached + s] (bool; false = padding), for batches of unequal prompts. */
   attentionMask?: Tensor;
   /** Target ids [b, s]: the forward returns the per-token loss instead of logits. */
@@ -482,6 +486,8 @@ export class GPTModel extends Module {
     if (opts.cuSeqlens && (b !== 1 || cache)) {
       throw new ModelError('INVALID_INPUT', 'packed sequences (cuSeqlens) need one row and no KV cache');
     }
+    const cpGroup = this.cpGroup.size > 1 ? this.cpGroup : null;
+    const packed = packedBoundaries(opts.cuSeqlens ?? null, s, cpGroup !== null, inputIds ?? input);
     if (this.sequenceParallel && s % this.tpGroup.size !== 0) {
       throw new ModelError(
         'SHAPE_MISMATCH',
@@ -491,14 +497,7 @@ export class GPTModel extends Module {
     const given = opts.positionIds ?? null;
     const made = given
       ? null
-      : defaultPositions(
-          b,
-          s,
-          past,
-          opts.cuSeqlens ?? null,
-          opts.attentionMask ?? null,
-          c.maxPositionEmbeddings,
-        );
+      : defaultPositions(b, s, past, packed, opts.attentionMask ?? null, c.maxPositionEmbeddings);
     const positionIds = given ?? (made as { ids: Tensor }).ids;
     // the rotary table's rows: what the positions need where the host knows them, else all of them
     // (positions made on the device are checked as given ones are)
@@ -508,6 +507,9 @@ export class GPTModel extends Module {
     let rope: { cos: Tensor; sin: Tensor };
     try {
       rope = this.rotary.forward(positionIds, rows);
+    } catch (e) {
+      packed?.owned?.dispose();
+      throw e;
     } finally {
       made?.ids.dispose();
     }
@@ -518,8 +520,9 @@ export class GPTModel extends Module {
       sin,
       mask,
       causal: mask === null,
-      cuSeqlens: opts.cuSeqlens ?? null,
-      cpGroup: this.cpGroup.size > 1 ? this.cpGroup : null,
+      cuSeqlens: packed?.tensor ?? null,
+      cuSeqlensValues: packed?.values ?? null,
+      cpGroup,
       cache,
       recomputeCoreAttention: this.recomputeCoreAttention,
       recomputeMlaUpProj: this.recomputeMlaUpProj,
@@ -558,6 +561,7 @@ export class GPTModel extends Module {
       cos.dispose();
       sin.dispose();
       mask?.dispose();
+      packed?.owned?.dispose();
     }
   }
 
@@ -648,7 +652,14 @@ export class GPTModel extends Module {
   ): Tensor[] {
     const mtp = this.mtp as Module & { layers: ModuleList<MultiTokenPredictionLayer> };
     const targets = mtpTargets(
-      { ids, labels, lossMask, cuSeqlens: ctx.cuSeqlens, cpGroup: ctx.cpGroup },
+      {
+        ids,
+        labels,
+        lossMask,
+        cuSeqlens: ctx.cuSeqlens,
+        cuSeqlensValues: ctx.cuSeqlensValues,
+        cpGroup: ctx.cpGroup,
+      },
       mtp.layers.length,
     );
     const out: Tensor[] = [];
@@ -828,17 +839,76 @@ export function packedPositionsOnDevice(cu: Tensor, s: number): Tensor {
   );
 }
 
+/** A forward's packed boundaries: the tensor the kernels read, and the host's numbers when known. */
+interface PackedBoundaries {
+  tensor: Tensor;
+  values: readonly number[] | null;
+  /** The copy to the device of boundaries given as numbers (freed after the forward). */
+  owned: Tensor | null;
+}
+
+/**
+ * The boundaries of a packed forward of s tokens: numbers are checked here and copied to the
+ * device of `like`; a tensor is read back only when the host needs its values (context parallelism).
+ */
+function packedBoundaries(
+  cu: Tensor | readonly number[] | null,
+  s: number,
+  needValues: boolean,
+  like: Tensor | null,
+): PackedBoundaries | null {
+  if (cu === null) return null;
+  if (!Array.isArray(cu)) {
+    const t = cu as Tensor;
+    if (!needValues) return { tensor: t, values: null, owned: null };
+    if ((t.dtype !== 'int32' && t.dtype !== 'int64') || t.ndim !== 1) {
+      throw new ModelError(
+        'INVALID_INPUT',
+        `cuSeqlens must be int32 or int64 [nseq + 1], got ${t.dtype} [${t.shape}]`,
+      );
+    }
+    return {
+      tensor: t,
+      values: checkBoundaries(Array.from(t.toTypedArray() as ArrayLike<number | bigint>, Number), s),
+      owned: null,
+    };
+  }
+  const values = checkBoundaries(cu as readonly number[], s);
+  const owned = fromTypedArray(Int32Array.from(values), [values.length], like ? { device: like.device } : {});
+  return { tensor: owned, values, owned };
+}
+
+/** Boundaries [0, …, s]: non-decreasing integers, checked on the host. */
+function checkBoundaries(cu: readonly number[], s: number): number[] {
+  const bad = (why: string) =>
+    new ModelError(
+      'INVALID_INPUT',
+      `cuSeqlens ${why} (got [${cu.slice(0, 8).join(', ')}${cu.length > 8 ? ', …' : ''}])`,
+    );
+  if (cu.length < 2 || cu[0] !== 0) throw bad('must start at 0 and hold at least 2 entries');
+  for (let i = 1; i < cu.length; i++) {
+    if (!Number.isInteger(cu[i]) || cu[i] < cu[i - 1]) {
+      throw bad(`must be non-decreasing integers: ${cu[i - 1]} then ${cu[i]} at index ${i}`);
+    }
+  }
+  if (cu[cu.length - 1] !== s) throw bad(`must end at the row's ${s} tokens, not ${cu[cu.length - 1]}`);
+  return [...cu];
+}
+
 /** Positions 0.. per row after `past` cached tokens (skipping padding), or per packed sample. */
 function defaultPositions(
   b: number,
   s: number,
   past: number,
-  cu: Tensor | null,
+  packed: PackedBoundaries | null,
   attn: Tensor | null,
   max: number,
 ): { ids: Tensor; rows: number | null } {
+  const cu = packed?.tensor ?? null;
   // packed rows on an asynchronous device: made where cuSeqlens lives (no read back); rows null
-  if (cu && cu.backend.synchronous === false) return { ids: packedPositionsOnDevice(cu, s), rows: null };
+  if (cu && !packed?.values && cu.backend.synchronous === false) {
+    return { ids: packedPositionsOnDevice(cu, s), rows: null };
+  }
   const out = new BigInt64Array(b * s);
   // made here: checked on the host, and their rotary rows known without reading them back
   const done = (shape: number[], n = out.length) => {
@@ -851,7 +921,7 @@ function defaultPositions(
     return { ids: fromTypedArray(n === out.length ? out : out.subarray(0, n), shape), rows: top };
   };
   if (cu) {
-    const bounds = Array.from(cu.toTypedArray() as ArrayLike<number | bigint>, Number);
+    const bounds = packed?.values ?? Array.from(cu.toTypedArray() as ArrayLike<number | bigint>, Number);
     for (let j = 0; j + 1 < bounds.length; j++)
       for (let i = bounds[j]; i < bounds[j + 1]; i++) out[i] = BigInt(i - bounds[j]);
     return done([1, s]);

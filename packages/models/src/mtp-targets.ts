@@ -46,6 +46,8 @@ export interface MtpTargetsInput {
   lossMask: Tensor | null;
   /** Packed row (b = 1): this rank's sample boundaries (the full row's divided by cp under CP). */
   cuSeqlens: Tensor | null;
+  /** The same boundaries on the host when known (spares reading them back under CP). */
+  cuSeqlensValues?: readonly number[] | null;
   cpGroup: ProcessGroup | null;
 }
 
@@ -73,7 +75,8 @@ export function mtpTargets(input: MtpTargetsInput, depths: number): MtpDepthTarg
   // packed rows without CP: the samples' bounds are used where cuSeqlens lives (deviceShift);
   // under CP the host plans the split with them
   const packedHere = !cp && input.cuSeqlens !== null;
-  const localCu = input.cuSeqlens && !packedHere ? Array.from(numbers(input.cuSeqlens)) : null;
+  const localCu =
+    input.cuSeqlens && !packedHere ? (input.cuSeqlensValues ?? Array.from(numbers(input.cuSeqlens))) : null;
   const cu = localCu ? localCu.map((x) => x * cpSize) : null;
   // the sequences a shift stays inside: each packed sample, or each row
   const segments: [number, number][] = [];

@@ -17,7 +17,7 @@ export interface GPTMicrobatch {
   /** Position ids [b, s]; every stage builds its rotary tables from them. */
   positionIds?: Tensor;
   /** Packed rows (b = 1): cumulative sample boundaries [nseq + 1]. */
-  cuSeqlens?: Tensor;
+  cuSeqlens?: Tensor | readonly number[];
   /** Which keys are real tokens [b, s] (bool). */
   attentionMask?: Tensor;
 }

@@ -257,6 +257,44 @@ describe('multi-token prediction targets', () => {
     expect(Math.abs(unpacked - packed)).toBeGreaterThan(1e-4);
   });
 
+  it('cuSeqlens given as numbers: the same packed forward, checked on the host, its device copy freed', () => {
+    const { model } = loadModel(fixtureCheckpoint('deepseek-v3'));
+    disposeLater.push(model);
+    const x = [...a, ...b];
+    const y = [...next(a, 2), ...next(b, 3)];
+    const withNumbers = (cu: number[]) =>
+      tidy(() => {
+        const out = model.forward(row(x), { labels: row(y), cuSeqlens: cu });
+        return [(out.loss as Tensor).sum().item(), out.mtpLosses[0].item()];
+      });
+    const [loss, mtp] = tidy(() => {
+      const out = model.forward(row(x), {
+        labels: row(y),
+        cuSeqlens: fromTypedArray(Int32Array.from([0, 6, 11]), [3]),
+      });
+      return [(out.loss as Tensor).sum().item(), out.mtpLosses[0].item()];
+    });
+    expect(withNumbers([0, 6, 11])).toEqual([loss, mtp]);
+    const live = memoryStats().liveBytes;
+    withNumbers([0, 6, 11]);
+    expect(memoryStats().liveBytes).toBe(live);
+    const message = (cu: number[]) => {
+      try {
+        withNumbers(cu);
+      } catch (e) {
+        return (e as Error).message;
+      }
+      return 'no error';
+    };
+    expect(message([0, 6])).toBe("cuSeqlens must end at the row's 11 tokens, not 6 (got [0, 6])");
+    expect(message([1, 11])).toBe('cuSeqlens must start at 0 and hold at least 2 entries (got [1, 11])');
+    expect(message([0, 7, 6, 11])).toBe(
+      'cuSeqlens must be non-decreasing integers: 7 then 6 at index 2 (got [0, 7, 6, 11])',
+    );
+    expect(message([0, 5.5, 11])).toContain('must be non-decreasing integers: 0 then 5.5 at index 1');
+    expect(memoryStats().liveBytes).toBe(live);
+  });
+
   it("the loss mask is shifted with the labels, as Megatron's MTP rolls loss_mask", () => {
     const { model } = loadModel(fixtureCheckpoint('deepseek-v3'));
     disposeLater.push(model);

@@ -208,43 +208,50 @@ describe.runIf(emulator === null)('a forward on cudaemu:0 does not read the devi
     [[0, 5, 5, 12]], // an empty sample
     [[0, 12]],
     [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]],
-  ])('a packed forward without position ids (%j) makes them on the device: no read, the CPU logits', (cu) => {
-    const forward = (model: GPTModel, device: string) =>
-      model.forward(fromTypedArray(BigInt64Array.from(IDS, BigInt), [1, 12], { device }), {
-        cuSeqlens: fromTypedArray(Int32Array.from(cu), [cu.length], { device }),
-      });
-    const { model: cpuModel } = loadModel(fixtureCheckpoint('llama'));
-    let want: Float32Array;
-    try {
-      want = (forward(cpuModel, 'cpu').logits as Tensor).toTypedArray() as Float32Array;
-    } finally {
-      cpuModel.dispose();
-    }
-    setDefaultDevice('cudaemu:0');
-    const { model } = loadModel(fixtureCheckpoint('llama'));
-    try {
-      synchronize('cudaemu:0');
-      const reads: string[] = [];
-      const stop = recordReads(getBackend('cudaemu:0'), (t) => {
-        if (t.dtype !== 'float64') reads.push(`${t.dtype}[${t.shape}]`);
-      });
-      let out: ReturnType<typeof model.forward>;
+  ])(
+    'a packed forward without position ids (%j) makes them on the device, or from the boundaries given as numbers: no read, the CPU logits',
+    (cu) => {
+      let asNumbers = false;
+      const forward = (model: GPTModel, device: string) =>
+        model.forward(fromTypedArray(BigInt64Array.from(IDS, BigInt), [1, 12], { device }), {
+          cuSeqlens: asNumbers ? cu : fromTypedArray(Int32Array.from(cu), [cu.length], { device }),
+        });
+      const { model: cpuModel } = loadModel(fixtureCheckpoint('llama'));
+      let want: Float32Array;
       try {
-        out = forward(model, 'cudaemu:0');
+        want = (forward(cpuModel, 'cpu').logits as Tensor).toTypedArray() as Float32Array;
       } finally {
-        stop();
+        cpuModel.dispose();
       }
-      expect(reads).toEqual([]);
-      const got = (out.logits as Tensor).toTypedArray() as Float32Array;
-      let diff = 0;
-      // (the padded vocabulary's logits are -Infinity on both)
-      for (let i = 0; i < want.length; i++)
-        if (got[i] !== want[i]) diff = Math.max(diff, Math.abs(got[i] - want[i]));
-      expect(diff).toBeLessThan(1e-4);
-    } finally {
-      model.dispose();
-    }
-  });
+      setDefaultDevice('cudaemu:0');
+      const { model } = loadModel(fixtureCheckpoint('llama'));
+      try {
+        for (const numbers of [false, true]) {
+          asNumbers = numbers;
+          synchronize('cudaemu:0');
+          const reads: string[] = [];
+          const stop = recordReads(getBackend('cudaemu:0'), (t) => {
+            if (t.dtype !== 'float64') reads.push(`${t.dtype}[${t.shape}]`);
+          });
+          let out: ReturnType<typeof model.forward>;
+          try {
+            out = forward(model, 'cudaemu:0');
+          } finally {
+            stop();
+          }
+          expect(reads, `numbers ${numbers}`).toEqual([]);
+          const got = (out.logits as Tensor).toTypedArray() as Float32Array;
+          let diff = 0;
+          // (the padded vocabulary's logits are -Infinity on both)
+          for (let i = 0; i < want.length; i++)
+            if (got[i] !== want[i]) diff = Math.max(diff, Math.abs(got[i] - want[i]));
+          expect(diff, `numbers ${numbers}`).toBeLessThan(1e-4);
+        }
+      } finally {
+        model.dispose();
+      }
+    },
+  );
 
   it.each([
     ['llama', 'nothing'],

@@ -270,5 +270,18 @@ describe('ring attention on a group of one', () => {
       expect(
         msg(() => ringAttention(q, kv, kv, { cpGroup: cp, cuSeqlens: tensor([0, 4], { dtype: 'int32' }) })),
       ).toContain('cuSeqlens ends at 4 but the sequence has 8 tokens');
+      // the boundaries as numbers: the same checks, on the host
+      expect(msg(() => ringAttention(q, kv, kv, { cpGroup: cp, cuSeqlens: [0, 3, 8] }))).toContain(
+        'sample 0 has 3 local tokens, an odd number',
+      );
+      expect(msg(() => ringAttention(q2, kv2, kv2, { cpGroup: cp, cuSeqlens: [0, 8] }))).toContain(
+        'batch must be 1, got 2',
+      );
+      expect(msg(() => ringAttention(q, kv, kv, { cpGroup: cp, cuSeqlens: [0, 4] }))).toContain(
+        'cuSeqlens ends at 4 but the sequence has 8 tokens',
+      );
+      expect(msg(() => ringAttention(q, kv, kv, { cpGroup: cp, cuSeqlens: [0, 6, 4, 8] }))).toContain(
+        'cuSeqlens must be non-decreasing integers, got 6 then 4 at index 2',
+      );
     }));
 });

@@ -25,7 +25,7 @@ import {
 import { GPTModel, loadModel } from '@megapatch/models';
 import {
   allreduceEmbeddingGrads,
-  contextParallelCuSeqlens,
+  contextParallelPlan,
   contextParallelSplit,
   DataParallelOptimizer,
   DistributedDataParallel,
@@ -49,6 +49,7 @@ import {
 } from '@megapatch/parallel';
 import {
   ConstantGradScaler,
+  cat,
   DynamicGradScaler,
   deviceCount,
   fromTypedArray,
@@ -66,6 +67,7 @@ import {
   setGradientAccumulationFusion,
   type Tensor,
   tidy,
+  zeros,
 } from '@megapatch/tensor';
 import {
   loadTrainingCheckpoint,
@@ -435,6 +437,8 @@ function sharedPositions(f: CollatedBatch[string]): Tensor | null {
 /**
  * Micro-batch tensors from a collated batch; with context parallelism, this rank's two chunks of
  * every sequence (tokens, labels, positions and loss mask split alike; packed rows per sample).
+ * The host keeps what it needs as numbers (the packed boundaries, the mask sums: this rank's and
+ * the whole sequences', which every CP rank reads alike), so nothing is read back from the device.
  */
 function microTensors(b: CollatedBatch, cp: ProcessGroup) {
   // int32 from the collated batch, widened to int64 by one cast kernel (a BigInt per element on
@@ -449,39 +453,41 @@ function microTensors(b: CollatedBatch, cp: ProcessGroup) {
     }
   };
   const mask = b.lossMask;
-  const cu = b.cuSeqlens;
+  const maskData = mask.data as Float32Array;
+  const cu = b.cuSeqlens ? Array.from(b.cuSeqlens.data as Int32Array) : null;
+  const wholeMaskSum = maskData.reduce((a, x) => a + x, 0);
   const full = {
     tokens: t('tokens'),
     labels: t('labels'),
     positionIds: sharedPositions(b.positionIds) ?? t('positionIds'),
-    lossMask: fromTypedArray(mask.data as Float32Array, mask.shape),
-    maskSum: (mask.data as Float32Array).reduce((a, x) => a + x, 0),
-    cuSeqlens: cu ? fromTypedArray(cu.data as Int32Array, [cu.data.length]) : null,
+    lossMask: fromTypedArray(maskData, mask.shape),
   };
-  if (cp.size === 1) return full;
-  const cuList = cu ? Array.from(cu.data as Int32Array) : null;
+  if (cp.size === 1) return { ...full, maskSum: wholeMaskSum, wholeMaskSum, cuSeqlens: cu };
   const split = (x: Tensor) => {
-    const y = noGrad(() => contextParallelSplit(x, cp, { seqDim: 1, cuSeqlens: cuList }));
+    const y = noGrad(() => contextParallelSplit(x, cp, { seqDim: 1, cuSeqlens: cu }));
     x.dispose();
     return y;
   };
-  const lossMask = split(full.lossMask);
-  const local = full.cuSeqlens ? contextParallelCuSeqlens(full.cuSeqlens, cp.size) : null;
-  full.cuSeqlens?.dispose();
+  // this rank's tokens of every row (the split's plan): its share of the mask, and its boundaries
+  const [rows, s] = mask.shape;
+  const plan = contextParallelPlan(s, cp, { cuSeqlens: cu });
+  let maskSum = 0;
+  for (let r = 0; r < rows; r++) for (const i of plan.tokenIndices) maskSum += maskData[r * s + i];
   return {
     tokens: split(full.tokens),
     labels: split(full.labels),
     positionIds: split(full.positionIds),
-    lossMask,
-    maskSum: (lossMask.toTypedArray() as Float32Array).reduce((a, x) => a + x, 0),
-    cuSeqlens: local,
+    lossMask: split(full.lossMask),
+    maskSum,
+    wholeMaskSum,
+    cuSeqlens: plan.localCuSeqlens ? [...plan.localCuSeqlens] : null,
   };
 }
 
 /** Frees the device tensors of a step's micro-batches. */
 function disposeMicro(micro: readonly ReturnType<typeof microTensors>[]): void {
   for (const mb of micro) {
-    for (const t of [mb.tokens, mb.labels, mb.positionIds, mb.lossMask, mb.cuSeqlens]) t?.dispose();
+    for (const t of [mb.tokens, mb.labels, mb.positionIds, mb.lossMask]) t.dispose();
   }
 }
 
@@ -504,6 +510,13 @@ class DeviceSum {
     this.acc = next;
   }
 
+  /** The sum as a float64 [1] tensor on `device` (0 when nothing was added), now the caller's. */
+  take(device: string): Tensor {
+    const acc = this.acc ?? zeros([1], { dtype: 'float64', device });
+    this.acc = null;
+    return acc;
+  }
+
   /** The sum (0 when nothing was added), read on the host; the accumulator is freed. */
   read(): number {
     if (!this.acc) return 0;
@@ -517,6 +530,38 @@ class DeviceSum {
   dispose(): void {
     this.acc?.dispose();
     this.acc = null;
+  }
+}
+
+/**
+ * A step's sums read with one wait: each term (a device sum or a host number) divided by its
+ * divisor, summed over each group in turn on the device (float64), then read. The device sums are
+ * freed. The same bits as reading each sum, dividing on the host and reducing the numbers.
+ */
+function reduceAndRead(
+  terms: readonly (DeviceSum | number)[],
+  divisors: readonly number[],
+  groups: readonly ProcessGroup[],
+): number[] {
+  const device = getDefaultDevice();
+  const parts = terms.map((x) =>
+    typeof x === 'number' ? fromTypedArray(Float64Array.of(x), [1]) : x.take(device),
+  );
+  let v: Tensor;
+  try {
+    v = noGrad(() =>
+      tidy(() =>
+        keep(cat(parts).div(fromTypedArray(Float64Array.from(divisors), [divisors.length]))),
+      ),
+    );
+  } finally {
+    for (const p of parts) p.dispose();
+  }
+  try {
+    for (const g of groups) if (g.size > 1) g.allReduce(v, 'sum').waitSync();
+    return Array.from(v.toTypedArray() as Float64Array);
+  } finally {
+    v.dispose();
   }
 }
 
@@ -965,13 +1010,7 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
       const micro = fetched.micro;
       // with context parallelism a micro-batch's loss is normalised by the tokens of the whole
       // sequences (all cp ranks), and the objective is multiplied by cp (DDP averages over dp × cp)
-      const microTokens =
-        cpSize > 1
-          ? allReduceNumbers(
-              micro.map((m) => m.maskSum),
-              layout.cp,
-            )
-          : micro.map((m) => m.maskSum);
+      const microTokens = micro.map((m) => m.wholeMaskSum);
       const timers = {
         // the batch's host time (read ahead: during the previous step's update) and what waited here
         dataMs: fetched.ms + performance.now() - stepStart,
@@ -1046,12 +1085,6 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
       // (the step's live memory is read before it, so that the figure stays comparable step to step)
       const liveBytes = memoryStats(getDefaultDevice()).liveBytes;
       if (state.iteration + 1 < tr.trainIters) prefetched = fetchStep();
-      // after the step's own read of the gradient norm, which waited for the backward's tail
-      const lossSum = sums.loss.read();
-      const tokenSum = sums.tokens;
-      const auxSum = sums.aux.read();
-      const zSum = sums.z.read();
-      const mtpSum = sums.mtp.read();
       const sync = ddp.lastSyncStats();
       timers.commMs = sync.commMs;
       timers.exposedCommMs = sync.exposedMs;
@@ -1093,11 +1126,12 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
         skippedSinceLog++;
       }
       // the loss lives on the last stage and each stage's MoE layers have their aux losses: sum
-      // over the pipeline, then over the data-parallel ranks
-      const stepSums = [lossSum, tokenSum, auxSum / numMicro, zSum / numMicro, mtpSum / numMicro];
-      const [lossAll, tokensAll, auxAll, zAll, mtpAll] = allReduceNumbers(
-        ppSize > 1 ? allReduceNumbers(stepSums, layout.pp) : stepSums,
-        layout.dp,
+      // over the pipeline, then over the data-parallel ranks, on the device; one read (after the
+      // step's own read of the gradient norm, which waited for the backward's tail)
+      const [lossAll, tokensAll, auxAll, zAll, mtpAll] = reduceAndRead(
+        [sums.loss, sums.tokens, sums.aux, sums.z, sums.mtp],
+        [1, 1, numMicro, numMicro, numMicro],
+        [layout.pp, layout.dp],
       );
       // what Megatron logs: the token mean of the global batch (loss_func reports [sum, tokens]),
       // whatever the objective's normalisation

@@ -6,7 +6,7 @@ import * as path from 'node:path';
 import { getDefaultDevice, getGradientAccumulationFusion, memoryStats } from '@megapatch/tensor';
 import { afterAll, expect, it } from 'vitest';
 import { parseRunConfig, train } from '../src/index.js';
-import { layoutRunConfig, patternCorpus, tempDir, tinyLlama } from './helpers.js';
+import { layoutRunConfig, patternCorpus, tempDir, tinyLlama, usePackedSft, writeSft } from './helpers.js';
 import { launchWorkers } from './launch.js';
 
 const root = tempDir('mp-train-device-');
@@ -126,6 +126,49 @@ it("TP=2 (+SP), PP=2, CP=2 and DP=2 on the emulated CUDA devices (one per proces
     expect(r.losses.length).toBe(3);
     for (let i = 0; i < 3; i++)
       expect(Math.abs(r.losses[i] - cpu[i]) / cpu[i], `${name} step ${i + 1}`).toBeLessThan(1e-5);
+  }
+});
+
+it('on the emulated devices a step waits for its device twice (the gradient norm, then the step sums), at CP=2 as on one process, on plain and on packed rows', async () => {
+  const prefix = path.join(root, 'sft-waits');
+  writeSft(prefix, 80, 32);
+  for (const packed of [false, true]) {
+    const runs: { hostWaits: number; losses: number[] }[] = [];
+    for (const cp of [1, 2]) {
+      const c = layoutRunConfig({
+        root,
+        hf,
+        data,
+        run: `emu-waits-${packed ? 'packed' : 'plain'}-cp${cp}`,
+        parallel: cp > 1 ? { contextParallelSize: cp } : {},
+      }) as Record<string, Record<string, unknown>>;
+      if (packed) {
+        // SFT rows packed with cuSeqlens, each sample padded to a multiple of 2·cp (the same rows for both)
+        usePackedSft(c, prefix, root);
+      }
+      c.training = { ...c.training, device: 'cudaemu', trainIters: 3 };
+      const [r] = (await launchWorkers({
+        nproc: cp,
+        script: 'train-worker.ts',
+        config: c,
+        timeoutMs: 60_000,
+        env: { MEGAPATCH_TEST_HOST_WAITS: '1' },
+      })) as { hostWaits: number; losses: number[] }[];
+      runs.push(r);
+    }
+    const what = packed ? 'packed' : 'plain';
+    // the whole run, setup included: CP=2 waited 24 (plain) and 84 (packed) times before, at the
+    // loss mask's and the boundaries' reads of each micro-batch, each ring attention's read of
+    // the boundaries, the host's numbers reduced through the device
+    expect(
+      runs.map((r) => r.hostWaits),
+      what,
+    ).toEqual([6, 6]);
+    for (let i = 0; i < 3; i++)
+      expect(
+        Math.abs(runs[1].losses[i] - runs[0].losses[i]) / runs[0].losses[i],
+        `${what} step ${i + 1}`,
+      ).toBeLessThan(1e-5);
   }
 });
 

@@ -74,6 +74,21 @@ export function layoutRunConfig(o: {
   };
 }
 
+/**
+ * Makes a layoutRunConfig train on the packed SFT rows at `prefix` (writeSft, seqLength 32): each
+ * sample padded to a multiple of 4 (2·cp at CP=2, so that one process sees the same rows), micro
+ * batch 1 (a packed row), 4 rows a step.
+ */
+export function usePackedSft(c: Record<string, Record<string, unknown>>, prefix: string, root: string): void {
+  c.data = {
+    sft: { prefix, padToMultipleOf: 4 },
+    seqLength: 32,
+    split: '100,0,0',
+    dataCachePath: path.join(root, 'cache'),
+  };
+  c.training = { ...c.training, microBatchSize: 1, globalBatchSize: 4 };
+}
+
 /** An SFT dataset of `n` conversations: a prompt of 4–8 tokens, then a reply of 5 tokens with loss. */
 export function writeSft(prefix: string, n: number, seqLength: number): void {
   const tokens = new IndexedDatasetBuilder(`${prefix}_sft_tokens`, { dtype: 'uint16' });

@@ -19,6 +19,8 @@ export interface LaunchWorkersOptions {
   config: unknown;
   /** Stop every worker after this long (default 120 s). */
   timeoutMs?: number;
+  /** More environment variables for the workers. */
+  env?: Record<string, string>;
 }
 
 /**
@@ -36,7 +38,7 @@ export async function launchWorkers(opts: LaunchWorkersOptions): Promise<unknown
       command: process.execPath,
       args: ['--import', TSX, join(WORKERS_DIR, opts.script), JSON.stringify(opts.config)],
       nprocPerNode: opts.nproc,
-      env: { ...process.env, MEGAPATCH_NUM_THREADS: '1' },
+      env: { ...process.env, MEGAPATCH_NUM_THREADS: '1', ...opts.env },
       handleSignals: false,
       prefixOutput: true,
       killGraceMs: 2_000,

@@ -4,7 +4,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { parseRunConfig, train } from '../src/index.js';
-import { layoutRunConfig, patternCorpus, tempDir, tinyLlama, writeSft } from './helpers.js';
+import { layoutRunConfig, patternCorpus, tempDir, tinyLlama, usePackedSft, writeSft } from './helpers.js';
 import { launchWorkers } from './launch.js';
 
 const root = tempDir('mp-train-par-');
@@ -136,13 +136,7 @@ describe('context parallelism with packed rows', () => {
     const cfg = (run: string, parallel: Record<string, unknown>) => {
       const c = config(run, parallel) as Record<string, Record<string, unknown>>;
       // one process pads the samples as CP=2 does, so both see the same packed rows
-      c.data = {
-        sft: { prefix, padToMultipleOf: 4 },
-        seqLength: 32,
-        split: '100,0,0',
-        dataCachePath: path.join(root, 'cache'),
-      };
-      c.training = { ...c.training, microBatchSize: 1, globalBatchSize: 4 };
+      usePackedSft(c, prefix, root);
       return c;
     };
     const one = (await train(parseRunConfig(cfg('cp-sft-one', {})), { log: () => {}, report: false })).losses;
@@ -167,13 +161,7 @@ describe('context parallelism with multi-token prediction', () => {
       c.model = { load: dsv3, dtype: 'fp32', moeAuxLossCoeff: 0.01, mtpLossScalingFactor: 0.3 };
       if (packed) {
         // the MTP shift stays inside each packed sample and follows the SFT loss mask
-        c.data = {
-          sft: { prefix, padToMultipleOf: 4 },
-          seqLength: 32,
-          split: '100,0,0',
-          dataCachePath: path.join(root, 'cache'),
-        };
-        c.training = { ...c.training, microBatchSize: 1, globalBatchSize: 4 };
+        usePackedSft(c, prefix, root);
       }
       return c;
     };

@@ -30,13 +30,14 @@ import {
   needsGrad,
   noGrad,
   type Tensor,
+  tensor,
   tidy,
   zeros,
 } from '@megapatch/tensor';
 import { DistributedError } from '../errors.js';
 import { getContextParallelGroup } from '../parallel-state.js';
 import { batchIsendIrecv, type ProcessGroup, type Work } from '../process-group.js';
-import { readCuSeqlens } from './split.js';
+import { type CuSeqlens, readCuSeqlens } from './split.js';
 
 /** Options of {@link ringAttention}. */
 export interface RingAttentionOptions {
@@ -48,9 +49,11 @@ export interface RingAttentionOptions {
   causal?: boolean;
   /**
    * Packed row (b = 1): this rank's sample boundaries [nseq + 1], i.e. the full row's divided by
-   * cp (contextParallelCuSeqlens). Tokens attend only within their sample.
+   * cp (contextParallelCuSeqlens). Tokens attend only within their sample. The host plans the
+   * ring's calls from the boundaries: given as numbers they are copied to the device for the
+   * kernels (no wait); given as a tensor on an asynchronous device they are read back (a wait).
    */
-  cuSeqlens?: Tensor | null;
+  cuSeqlens?: CuSeqlens | null;
 }
 
 // p2p tags on the CP group (< 2^20): K/V blocks, and the running dK/dV in backward
@@ -347,10 +350,8 @@ function ringBackward(
 }
 
 /** The local sample layout: one segment per sample of a packed row, or the whole local sequence. */
-function segmentsOf(cu: Tensor | null, batch: number, seqLen: number): Segment[] {
-  if (!cu) return [{ start: 0, len: seqLen }];
-  if (batch !== 1) fail(`cuSeqlens packs samples into one row: batch must be 1, got ${batch}`);
-  const vals = readCuSeqlens(OP, cu, seqLen);
+function segmentsOf(vals: readonly number[] | null, seqLen: number): Segment[] {
+  if (!vals) return [{ start: 0, len: seqLen }];
   const segments: Segment[] = [];
   for (let i = 0; i + 1 < vals.length; i++) {
     const len = vals[i + 1] - vals[i];
@@ -402,8 +403,12 @@ export function ringAttention(q: Tensor, k: Tensor, v: Tensor, options: RingAtte
   }
   const scale = options.scale ?? 1 / Math.sqrt(dqk);
   if (!Number.isFinite(scale)) fail(`scale must be a finite number, got ${scale}`);
-  const cu = options.cuSeqlens ?? null;
-  const segments = segmentsOf(cu, b, s);
+  const packed = options.cuSeqlens ?? null;
+  if (packed !== null && b !== 1) {
+    fail(`cuSeqlens packs samples into one row: batch must be 1, got ${b}`);
+  }
+  const values = packed === null ? null : readCuSeqlens(OP, packed, s);
+  const segments = segmentsOf(values, s);
   // the backend's fused kernels, or their composition from core ops (any backend)
   const forward = getKernel(q.backend, 'attentionForward');
   const backward = getKernel(q.backend, 'attentionBackward');
@@ -422,15 +427,26 @@ export function ringAttention(q: Tensor, k: Tensor, v: Tensor, options: RingAtte
     forward,
     backward,
   };
-  const { out, lse } = noGrad(() => ringForward(P, q, k, v, cu));
-  if (needsGrad(q, k, v)) {
-    const save = [q, k, v, out, lse, ...(cu ? [cu] : [])];
-    attachGrad(out, 'RingAttentionBackward', [q, k, v], save, (grad, saved) => {
-      const [qs, ks, vs, os, ls] = saved;
-      const gg = grad.dtype === qs.dtype ? grad : grad.to(qs.dtype);
-      return ringBackward(P, gg, qs, ks, vs, os, ls, cu ? saved[5] : null);
-    });
+  // the kernels' boundaries: the given tensor, or the numbers copied to q's device (the graph
+  // keeps its own reference for the backward)
+  const uploaded =
+    values !== null && Array.isArray(packed)
+      ? tensor(Int32Array.from(values), { dtype: 'int32', device: q.device })
+      : null;
+  const cu = packed === null ? null : (uploaded ?? (packed as Tensor));
+  try {
+    const { out, lse } = noGrad(() => ringForward(P, q, k, v, cu));
+    if (needsGrad(q, k, v)) {
+      const save = [q, k, v, out, lse, ...(cu ? [cu] : [])];
+      attachGrad(out, 'RingAttentionBackward', [q, k, v], save, (grad, saved) => {
+        const [qs, ks, vs, os, ls] = saved;
+        const gg = grad.dtype === qs.dtype ? grad : grad.to(qs.dtype);
+        return ringBackward(P, gg, qs, ks, vs, os, ls, cu ? saved[5] : null);
+      });
+    }
+    lse.dispose();
+    return out;
+  } finally {
+    uploaded?.dispose();
   }
-  lse.dispose();
-  return out;
 }

@@ -33,6 +33,8 @@ export interface RingCase {
   seqLen: number;
   /** Packed row: each sample's length in units of 2·cp tokens. */
   sampleChunks?: number[];
+  /** Packed row: give ringAttention this rank's boundaries as numbers (default: a tensor). */
+  boundariesAsNumbers?: boolean;
   causal?: boolean;
   scale?: number;
   dtype?: DType;
@@ -86,6 +88,7 @@ export function defaultCases(): RingCase[] {
       vHeadDim: 16,
       seqLen: 0,
       sampleChunks: [1, 4, 1],
+      boundariesAsNumbers: true,
       tolerance: 1e-5,
     },
     {
@@ -108,6 +111,7 @@ export function defaultCases(): RingCase[] {
       vHeadDim: 8,
       seqLen: 0,
       sampleChunks: [2, 1, 3],
+      boundariesAsNumbers: true,
       causal: false,
       tolerance: 1e-5,
     },
@@ -229,7 +233,11 @@ export function runCase(c: RingCase, cp: ProcessGroup, seed: number): RingCaseRe
     const split = { seqDim: 2, cuSeqlens: cuList };
     const [ql, kl, vl] = [q, k, v].map((t) => contextParallelSplit(t, cp, split).requiresGrad_());
     const gl = contextParallelSplit(g, cp, split);
-    const cuLocal = cuList ? contextParallelCuSeqlens(cuList, cp.size) : null;
+    const cuLocal = !cuList
+      ? null
+      : c.boundariesAsNumbers
+        ? cuList.map((x) => x / cp.size)
+        : contextParallelCuSeqlens(cuList, cp.size);
     const out = ringAttention(ql, kl, vl, { cpGroup: cp, scale: c.scale, causal, cuSeqlens: cuLocal });
     out.backward(gl);
     const gather = (t: Tensor) => contextParallelGather(t, cp, split);
