@@ -550,9 +550,7 @@ function reduceAndRead(
   let v: Tensor;
   try {
     v = noGrad(() =>
-      tidy(() =>
-        keep(cat(parts).div(fromTypedArray(Float64Array.from(divisors), [divisors.length]))),
-      ),
+      tidy(() => keep(cat(parts).div(fromTypedArray(Float64Array.from(divisors), [divisors.length])))),
     );
   } finally {
     for (const p of parts) p.dispose();
@@ -933,8 +931,8 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
       microBatchSize: tr.microBatchSize,
       dataParallelSize: dataSize,
     });
-    let sum = 0;
-    let count = 0;
+    // the losses and tokens of every micro-batch summed where they are, read once at the end
+    const sums = newSums();
     for (const c of chunks) c.eval();
     for (let i = 0; i < tr.evalIters; i++) {
       const step = vBatches.next();
@@ -942,16 +940,8 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
       if (forwardBackward) {
         // pipeline: forward only through the stages; the loss is summed on the last one
         const micro = step.value.map((b) => microTensors(b, layout.cp));
-        const sums = newSums();
         await runPipeline(micro, sums, { forwardOnly: true, microTokens: [], globalTokens: 0, lossScale: 1 });
         disposeMicro(micro);
-        const [s, c] = allReduceNumbers(
-          allReduceNumbers([sums.loss.read(), sums.tokens], layout.pp),
-          layout.dp,
-        );
-        for (const d of [sums.aux, sums.z, sums.mtp]) d.dispose();
-        sum += s / dpSize;
-        count += c / dpSize;
         continue;
       }
       for (const b of step.value) {
@@ -964,17 +954,16 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
               positionIds: mb.positionIds,
               ...(mb.cuSeqlens ? { cuSeqlens: mb.cuSeqlens } : {}),
             });
-            const [s, c] = allReduceNumbers(
-              [(out.loss as Tensor).mul(mb.lossMask).sum().item(), mb.maskSum],
-              layout.dp,
-            );
-            sum += s / dpSize;
-            count += c / dpSize;
+            sums.loss.add((out.loss as Tensor).mul(mb.lossMask).sum());
+            sums.tokens += mb.maskSum;
           }),
         );
       }
     }
     for (const c of chunks) c.train();
+    for (const d of [sums.aux, sums.z, sums.mtp]) d.dispose();
+    // over the pipeline (the last stage holds the loss), then the data-parallel ranks
+    const [sum, count] = reduceAndRead([sums.loss, sums.tokens], [1, 1], [layout.pp, layout.dp]);
     const lmLoss = sum / Math.max(count, 1);
     const m: ValidMetrics = {
       kind: 'valid',

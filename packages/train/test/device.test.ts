@@ -172,6 +172,40 @@ it('on the emulated devices a step waits for its device twice (the gradient norm
   }
 });
 
+it("Mixtral at EP=2 on the emulated devices: a MoE layer waits twice a micro-batch (its tokens per expert, then every rank's), a step three more times", async () => {
+  const mixtral = tinyLlama(path.join(root, 'hf-mixtral'), 'mixtral');
+  const moeLayers = 4;
+  const runs: { hostWaits: number; losses: number[] }[] = [];
+  for (const ep of [1, 2]) {
+    const c = layoutRunConfig({
+      root,
+      hf: mixtral,
+      data,
+      run: `emu-waits-ep${ep}`,
+      parallel: ep > 1 ? { expertModelParallelSize: ep } : {},
+    }) as Record<string, Record<string, unknown>>;
+    c.training = { ...c.training, device: 'cudaemu', trainIters: 3 };
+    const [r] = (await launchWorkers({
+      nproc: ep,
+      script: 'train-worker.ts',
+      config: c,
+      timeoutMs: 60_000,
+      env: { MEGAPATCH_TEST_HOST_WAITS: '1' },
+    })) as { hostWaits: number; losses: number[] }[];
+    runs.push(r);
+  }
+  // one process: 4 micro-batches a step, one wait a MoE layer each (its counts for the grouped
+  // GEMM), then the gradient norm and the step's sums; EP=2 (DP=2: 2 micro-batches a rank): the
+  // allgather dispatcher gathers every rank's counts too (the tokens, weights and expert ids are
+  // gathered where they are; 5 waits a layer before), the step reads the all-reduced expert load,
+  // and the optimizer's setup reads once
+  expect(runs.map((r) => r.hostWaits)).toEqual([3 * (4 * moeLayers + 2), 1 + 3 * (2 * 2 * moeLayers + 3)]);
+  for (let i = 0; i < 3; i++)
+    expect(Math.abs(runs[1].losses[i] - runs[0].losses[i]) / runs[0].losses[i], `step ${i + 1}`).toBeLessThan(
+      1e-5,
+    );
+});
+
 it('a device without a backend is refused before training, with the fix', async () => {
   await expect(train(config('bad', 'gpu:0'), quiet)).rejects.toThrow(
     /training\.device gpu:0: no backend registered for device "gpu:0"/,

@@ -17,9 +17,15 @@ function config(run: string, parallel: Record<string, unknown> = {}) {
 }
 
 describe('train on several processes', () => {
+  // with two validations (iterations 3 and 6) of 2 global batches
+  const withEval = (run: string, parallel: Record<string, unknown> = {}) => {
+    const c = config(run, parallel) as Record<string, Record<string, unknown>>;
+    c.training = { ...c.training, evalInterval: 3, evalIters: 2 };
+    return c;
+  };
   let reference: number[];
   it('one process', async () => {
-    reference = (await train(parseRunConfig(config('one')), { log: () => {}, report: false })).losses;
+    reference = (await train(parseRunConfig(withEval('one')), { log: () => {}, report: false })).losses;
     expect(reference.length).toBe(6);
   });
 
@@ -37,25 +43,33 @@ describe('train on several processes', () => {
     const [r] = (await launchWorkers({
       nproc: 2,
       script: 'train-worker.ts',
-      config: config(`run-${name.replace(/\W+/g, '-')}`, parallel),
+      config: withEval(`run-${name.replace(/\W+/g, '-')}`, parallel),
     })) as { losses: number[] }[];
     expect(r.losses.length).toBe(6);
     for (let i = 0; i < 6; i++) {
       expect(Math.abs(r.losses[i] - reference[i]) / reference[i], `${name} step ${i + 1}`).toBeLessThan(1e-5);
     }
     // the gradient norms too (AdamW would hide a gradient off by a constant factor in the losses)
-    const norms = (run: string) =>
+    const metrics = (run: string, kind: string, key: string) =>
       fs
         .readFileSync(path.join(root, run, 'metrics.jsonl'), 'utf8')
         .trim()
         .split('\n')
         .map((l) => JSON.parse(l))
-        .filter((m) => m.kind === 'train')
-        .map((m) => m.gradNorm as number);
-    const a = norms('one');
-    const b = norms(`run-${name.replace(/\W+/g, '-')}`);
+        .filter((m) => m.kind === kind)
+        .map((m) => m[key] as number);
+    const run = `run-${name.replace(/\W+/g, '-')}`;
+    const a = metrics('one', 'train', 'gradNorm');
+    const b = metrics(run, 'train', 'gradNorm');
     for (let i = 0; i < 6; i++)
       expect(Math.abs(b[i] - a[i]) / a[i], `${name} grad norm ${i + 1}`).toBeLessThan(1e-4);
+    // and the validation losses (the forward-only pass of each layout, summed over its ranks)
+    const va = metrics('one', 'valid', 'lmLoss');
+    const vb = metrics(run, 'valid', 'lmLoss');
+    expect(va.length).toBe(2);
+    expect(vb.length, name).toBe(2);
+    for (let i = 0; i < 2; i++)
+      expect(Math.abs(vb[i] - va[i]) / va[i], `${name} validation ${i + 1}`).toBeLessThan(1e-5);
   });
 });
 

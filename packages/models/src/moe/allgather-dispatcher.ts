@@ -8,8 +8,22 @@
 // as sequence parallelism would give it, so that every token is computed once per expert slice.
 // Under sequence parallelism each TP rank already holds its own chunk: it is dispatched as it is,
 // gathered over expert-TP too (Megatron's tp_ep group), and the combine returns it to this rank.
-import { copyToTensorModelParallelRegion, reduceFromTensorModelParallelRegion } from '@megapatch/parallel';
-import { fromTypedArray, indexAdd, indexSelect, type Tensor, zeros } from '@megapatch/tensor';
+import {
+  copyToTensorModelParallelRegion,
+  type ProcessGroup,
+  reduceFromTensorModelParallelRegion,
+} from '@megapatch/parallel';
+import {
+  fromTypedArray,
+  indexAdd,
+  indexSelect,
+  logicalAnd,
+  noGrad,
+  type Tensor,
+  tidy,
+  where,
+  zeros,
+} from '@megapatch/tensor';
 import {
   allGatherInts,
   allGatherIntsV,
@@ -19,6 +33,7 @@ import {
   splitRows,
 } from './collectives.js';
 import type { Routing } from './router.js';
+import { type PairTensors, routingMapOnDevice } from './routing-map.js';
 import {
   type DispatchedTokens,
   type Pairs,
@@ -92,6 +107,7 @@ export class MoEAllGatherTokenDispatcher implements TokenDispatcher {
         },
       };
     }
+    if (pairs.device && !tpCounts) return this.gatherOnDevice(x, probs, routing.ids, pairs.counts, stages);
     let weights = pairWeights(probs, pairs.slot);
     let tokens = pairs.token;
     let blocks: Block[] = [{ rows: x.shape[0], counts: pairs.counts }];
@@ -147,6 +163,78 @@ export class MoEAllGatherTokenDispatcher implements TokenDispatcher {
       },
     };
   }
+
+  /**
+   * Dropless routing without a TP split: the pairs are device tensors, so the tokens, their
+   * routing weights and their expert ids are gathered as they are (only each rank's rows and
+   * pairs per expert come to the host: one read a stage) and this rank's pairs are found among
+   * the gathered ids where they are: the same rows in the same order as the host's bookkeeping.
+   */
+  private gatherOnDevice(
+    hidden: Tensor,
+    probs: Tensor,
+    ids: Tensor,
+    counts: Int32Array,
+    stages: readonly ProcessGroup[],
+  ): DispatchedTokens {
+    const { etpGroup, numExperts: E, firstExpert, numLocalExperts: L } = this.o;
+    const h = hidden.shape[1];
+    let x = hidden;
+    let p = probs;
+    let g = ids;
+    let blocks: Block[] = [{ rows: hidden.shape[0], counts }];
+    const stageRows: number[][] = [];
+    for (const group of stages) {
+      const perRank = allGatherInts(encodeBlocks(blocks, E), group).map((m) => decodeBlocks(m, E));
+      const rowCounts = perRank.map((bs) => bs.reduce((a, b) => a + b.rows, 0));
+      x = allGatherRows(x, rowCounts, group);
+      p = allGatherRows(p, rowCounts, group);
+      g = allGatherRows(g, rowCounts, group);
+      blocks = perRank.flat();
+      stageRows.push(rowCounts);
+    }
+    if (this.etpReplicated && etpGroup.size > 1) {
+      x = copyToTensorModelParallelRegion(x, etpGroup);
+      p = copyToTensorModelParallelRegion(p, etpGroup);
+    }
+    const tokensPerExpert = Array.from({ length: L }, (_, e) =>
+      blocks.reduce((a, b) => a + b.counts[firstExpert + e], 0),
+    );
+    const n = total(tokensPerExpert);
+    const pairs = localPairsOnDevice(g, firstExpert, L);
+    const rows = pairs.token.narrow(0, 0, n);
+    const w = pairWeightsOf(p, pairs.slot.narrow(0, 0, n));
+    const gatheredRows = x.shape[0];
+    return {
+      tokens: indexSelect(x, 0, rows),
+      tokensPerExpert,
+      combine: (y) => {
+        const wy = w.unsqueeze(1).to(y.dtype);
+        const zero = zeros([gatheredRows, h], { dtype: hidden.dtype, device: hidden.device });
+        let out = indexAdd(zero, 0, rows, y.mul(wy));
+        if (this.etpReplicated && etpGroup.size > 1) out = reduceFromTensorModelParallelRegion(out, etpGroup);
+        for (let s = stages.length - 1; s >= 0; s--) out = reduceScatterRows(out, stageRows[s], stages[s]);
+        return out;
+      },
+    };
+  }
+}
+
+/**
+ * The pairs of this rank's experts among gathered ids [N, k] (int64), where the ids are: every id
+ * outside experts [first, first + L) goes to a bucket L after them, and the dropless map of L + 1
+ * experts (routingMapOnDevice: by expert, then row) begins with this rank's pairs; the bucket's
+ * pairs (which may repeat within a row) come after them and are cut off by the caller.
+ */
+function localPairsOnDevice(ids: Tensor, first: number, L: number): PairTensors {
+  return noGrad(() =>
+    tidy(() => {
+      const rel = ids.sub(first);
+      const mapped = where(logicalAnd(rel.ge(0), rel.lt(L)), rel, L);
+      const { token, slot } = routingMapOnDevice(mapped, L + 1);
+      return { token, slot };
+    }),
+  );
 }
 
 /** Blocks as ints: per block its rows, then its pairs per expert. */

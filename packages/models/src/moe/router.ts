@@ -170,6 +170,8 @@ export class TopKRouter extends Module {
     }
     if (m.routedScalingFactor !== 1) probs = probs.mul(m.routedScalingFactor);
     let indices: Int32Array | null = null;
+    // dropless: the counts [E] (int64) where the map was built, for the balancing loss
+    let deviceCounts: Tensor | null = null;
     const hostIds = () => {
       indices ??= readInts(idx, 'routing.indices');
       return indices;
@@ -189,7 +191,7 @@ export class TopKRouter extends Module {
       // dropless: the map is built on the scores' device and the host reads the counts alone
       const { token, slot, counts } = routingMapOnDevice(idx, E);
       routingMap = deviceRoutingMap({ token, slot }, readInts(counts));
-      counts.dispose();
+      deviceCounts = counts;
     }
     // before dropping: the ids' counts (dropless: the map's own)
     const tokensPerExpert = new Float64Array(E);
@@ -214,9 +216,10 @@ export class TopKRouter extends Module {
       // add up over TP to the loss of one process.
       const all = m.scoreFunction === 'softmax' ? scores : scores.div(scores.sum(-1, true).add(1e-20));
       const perExpert = all.sum(0); // [E]
-      const counts = sp ? sumOverRanks(tokensPerExpert, sp) : tokensPerExpert;
       const totalTokens = sp ? T * sp.size : T;
-      const f = fromTypedArray(Float32Array.from(counts), [E], { device: scores.device });
+      const f = sp
+        ? countsOverRanks(deviceCounts, tokensPerExpert, sp, scores.device)
+        : fromTypedArray(Float32Array.from(tokensPerExpert), [E], { device: scores.device });
       auxLoss = perExpert
         .mul(f)
         .sum()
@@ -224,6 +227,7 @@ export class TopKRouter extends Module {
         .mul((E * this.losses.auxLossCoeff) / (k * Math.max(totalTokens, 1) ** 2));
       if (sp) auxLoss = reduceFromTensorModelParallelRegion(auxLoss, sp);
     }
+    deviceCounts?.dispose();
     let zLoss: Tensor | null = null;
     if (this.losses.zLossCoeff > 0 && this.training) {
       // Megatron divides the coefficient by the tp-cp size under SP: the mean over equal chunks.
@@ -247,12 +251,26 @@ export class TopKRouter extends Module {
   }
 }
 
-/** counts [E] summed over the ranks of `group` (exact: token counts fit in int32). */
-function sumOverRanks(counts: Float64Array, group: ProcessGroup): Float64Array {
-  const out = new Float64Array(counts.length);
+/**
+ * The tokens per expert summed over the ranks of `group`, float32 [E] on `device`: all-reduced
+ * where the dropless map counted them (no read back), else the host's counts gathered (exact:
+ * token counts fit in int32, and their sums in float32's 24 bits).
+ */
+function countsOverRanks(
+  onDevice: Tensor | null,
+  counts: Float64Array,
+  group: ProcessGroup,
+  device: string,
+): Tensor {
+  if (onDevice) {
+    const f = noGrad(() => onDevice.to('float32'));
+    group.allReduce(f, 'sum').waitSync();
+    return f;
+  }
+  const out = new Float32Array(counts.length);
   for (const c of allGatherInts(Int32Array.from(counts), group))
     for (let e = 0; e < c.length; e++) out[e] += c[e];
-  return out;
+  return fromTypedArray(out, [out.length], { device });
 }
 
 /** The experts' settings that routing reads. */
