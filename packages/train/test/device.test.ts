@@ -129,6 +129,25 @@ it("TP=2 (+SP), PP=2, CP=2 and DP=2 on the emulated CUDA devices (one per proces
   }
 });
 
+/** Three steps of `c` on the emulated CUDA devices (one a process), counting the host's waits. */
+async function countedEmulatedRun(c: Record<string, Record<string, unknown>>, nproc: number) {
+  c.training = { ...c.training, device: 'cudaemu', trainIters: 3 };
+  const [r] = (await launchWorkers({
+    nproc,
+    script: 'train-worker.ts',
+    config: c,
+    timeoutMs: 60_000,
+    env: { MEGAPATCH_TEST_HOST_WAITS: '1' },
+  })) as { hostWaits: number; losses: number[] }[];
+  return r;
+}
+
+function expectSameLosses(got: number[], want: number[], what: string): void {
+  expect(got.length, what).toBe(want.length);
+  for (let i = 0; i < want.length; i++)
+    expect(Math.abs(got[i] - want[i]) / want[i], `${what} step ${i + 1}`).toBeLessThan(1e-5);
+}
+
 it('on the emulated devices a step waits for its device twice (the gradient norm, then the step sums), at CP=2 as on one process, on plain and on packed rows', async () => {
   const prefix = path.join(root, 'sft-waits');
   writeSft(prefix, 80, 32);
@@ -146,15 +165,7 @@ it('on the emulated devices a step waits for its device twice (the gradient norm
         // SFT rows packed with cuSeqlens, each sample padded to a multiple of 2·cp (the same rows for both)
         usePackedSft(c, prefix, root);
       }
-      c.training = { ...c.training, device: 'cudaemu', trainIters: 3 };
-      const [r] = (await launchWorkers({
-        nproc: cp,
-        script: 'train-worker.ts',
-        config: c,
-        timeoutMs: 60_000,
-        env: { MEGAPATCH_TEST_HOST_WAITS: '1' },
-      })) as { hostWaits: number; losses: number[] }[];
-      runs.push(r);
+      runs.push(await countedEmulatedRun(c, cp));
     }
     const what = packed ? 'packed' : 'plain';
     // the whole run, setup included: CP=2 waited 24 (plain) and 84 (packed) times before, at the
@@ -164,11 +175,7 @@ it('on the emulated devices a step waits for its device twice (the gradient norm
       runs.map((r) => r.hostWaits),
       what,
     ).toEqual([6, 6]);
-    for (let i = 0; i < 3; i++)
-      expect(
-        Math.abs(runs[1].losses[i] - runs[0].losses[i]) / runs[0].losses[i],
-        `${what} step ${i + 1}`,
-      ).toBeLessThan(1e-5);
+    expectSameLosses(runs[1].losses, runs[0].losses, what);
   }
 });
 
@@ -184,15 +191,7 @@ it("Mixtral at EP=2 on the emulated devices: a MoE layer waits twice a micro-bat
       run: `emu-waits-ep${ep}`,
       parallel: ep > 1 ? { expertModelParallelSize: ep } : {},
     }) as Record<string, Record<string, unknown>>;
-    c.training = { ...c.training, device: 'cudaemu', trainIters: 3 };
-    const [r] = (await launchWorkers({
-      nproc: ep,
-      script: 'train-worker.ts',
-      config: c,
-      timeoutMs: 60_000,
-      env: { MEGAPATCH_TEST_HOST_WAITS: '1' },
-    })) as { hostWaits: number; losses: number[] }[];
-    runs.push(r);
+    runs.push(await countedEmulatedRun(c, ep));
   }
   // one process: 4 micro-batches a step, one wait a MoE layer each (its counts for the grouped
   // GEMM), then the gradient norm and the step's sums; EP=2 (DP=2: 2 micro-batches a rank): the
@@ -200,10 +199,7 @@ it("Mixtral at EP=2 on the emulated devices: a MoE layer waits twice a micro-bat
   // gathered where they are; 5 waits a layer before), the step reads the all-reduced expert load,
   // and the optimizer's setup reads once
   expect(runs.map((r) => r.hostWaits)).toEqual([3 * (4 * moeLayers + 2), 1 + 3 * (2 * 2 * moeLayers + 3)]);
-  for (let i = 0; i < 3; i++)
-    expect(Math.abs(runs[1].losses[i] - runs[0].losses[i]) / runs[0].losses[i], `step ${i + 1}`).toBeLessThan(
-      1e-5,
-    );
+  expectSameLosses(runs[1].losses, runs[0].losses, 'EP=2');
 });
 
 it('a device without a backend is refused before training, with the fix', async () => {
