@@ -2,7 +2,7 @@
 // prompt is run once (prefill), then one token per step reuses the cached keys and values. Greedy
 // decoding, temperature, top-k and top-p sampling from a seeded generator (the same seed gives the
 // same text, on one process or across TP ranks), stop on EOS ids and on stop strings.
-import { fromTypedArray, noGrad, type Tensor, tidy } from '@megapatch/tensor';
+import { argmax, fromTypedArray, noGrad, type Tensor, tidy } from '@megapatch/tensor';
 import { ModelError } from './errors.js';
 import type { GPTModel } from './gpt-model.js';
 import { KVCache } from './kv-cache.js';
@@ -61,9 +61,77 @@ export function samplingRng(seed: number): () => number {
   };
 }
 
+/** Vocabularies below 2^20 tokens pack a logit's order key and its id into one exact float64. */
+const ID_BITS = 2 ** 20;
+
+/**
+ * The token ids by descending logit, equal logits by ascending id (the k first when k > 0):
+ * each logit's float32 bits become an unsigned key that orders as the values do (descending),
+ * packed with the id into one float64 (key · 2^20 + id < 2^52, exact), so that the engine's
+ * native typed-array sort orders them (a comparator sort of 150K ids took 100-250 ms); with k,
+ * a selection keeps the k smallest keys before sorting them.
+ */
+function descendingOrder(logits: Float32Array, k: number): number[] {
+  const n = logits.length;
+  if (n >= ID_BITS) {
+    const order = Array.from({ length: n }, (_, i) => i).sort((a, b) => logits[b] - logits[a] || a - b);
+    return k > 0 && k < n ? order.slice(0, k) : order;
+  }
+  const bits = new Uint32Array(logits.buffer, logits.byteOffset, n);
+  const keys = new Float64Array(n);
+  for (let i = 0; i < n; i++) {
+    const u = bits[i] === 0x80000000 ? 0 : bits[i]; // −0 orders as +0, as the difference of values does
+    // ascending order of values: negative floats reversed, positive ones above them; then flipped
+    const up = u & 0x80000000 ? ~u >>> 0 : (u | 0x80000000) >>> 0;
+    keys[i] = (0xffffffff - up) * ID_BITS + i;
+  }
+  let sorted: Float64Array;
+  if (k > 0 && k < n) {
+    selectSmallest(keys, k);
+    sorted = keys.subarray(0, k).sort();
+  } else sorted = keys.sort();
+  const order = new Array<number>(sorted.length);
+  for (let j = 0; j < sorted.length; j++) order[j] = sorted[j] % ID_BITS;
+  return order;
+}
+
+/** Moves the k smallest values of a (distinct numbers) to a[0 .. k) in some order (quickselect). */
+function selectSmallest(a: Float64Array, k: number): void {
+  let lo = 0;
+  let hi = a.length - 1;
+  while (lo < hi) {
+    // median of three as the pivot
+    const mid = (lo + hi) >>> 1;
+    const x = a[lo];
+    const y = a[mid];
+    const z = a[hi];
+    const pivot = Math.max(Math.min(x, y), Math.min(Math.max(x, y), z));
+    let i = lo;
+    let j = hi;
+    while (i <= j) {
+      while (a[i] < pivot) i++;
+      while (a[j] > pivot) j--;
+      if (i <= j) {
+        const t = a[i];
+        a[i] = a[j];
+        a[j] = t;
+        i++;
+        j--;
+      }
+    }
+    // a[lo .. j] <= pivot <= a[i .. hi]; keep the part holding position k − 1
+    if (k - 1 <= j) hi = j;
+    else if (k - 1 >= i) lo = i;
+    else return;
+  }
+}
+
 /**
  * Picks a token from one row of logits (real vocabulary only): greedy when temperature is 0,
- * otherwise softmax(logits / T) restricted by top-k, then top-p, sampled with `rand`.
+ * otherwise softmax(logits / T) restricted by top-k, then top-p, sampled with `rand`: one draw
+ * walks the kept tokens' weights (the top-k ones, or the top-p nucleus, from the most likely;
+ * the whole vocabulary in id order, as torch.multinomial does). Only what top-k or top-p needs is
+ * sorted: the k best, or a growing prefix of the best until it holds the nucleus.
  */
 export function sampleToken(
   logits: Float32Array,
@@ -77,25 +145,65 @@ export function sampleToken(
     for (let i = 1; i < n; i++) if (logits[i] > logits[best]) best = i;
     return best;
   }
-  let order = Array.from({ length: n }, (_, i) => i).sort((a, b) => logits[b] - logits[a] || a - b);
   const k = opts.topK ?? 0;
-  if (k > 0 && k < n) order = order.slice(0, k);
-  const max = logits[order[0]];
-  const p = order.map((i) => Math.exp((logits[i] - max) / t));
-  let sum = p.reduce((a, b) => a + b, 0);
   const topP = opts.topP ?? 1;
-  if (topP < 1) {
-    // Keep tokens until the mass before them reaches top-p (the first token always stays).
+  if (k > 0 && k < n) {
+    let order = descendingOrder(logits, k);
+    const max = logits[order[0]];
+    const p = order.map((i) => Math.exp((logits[i] - max) / t));
+    let sum = p.reduce((a, b) => a + b, 0);
+    if (topP < 1) {
+      // Keep tokens until the mass before them reaches top-p (the first token always stays).
+      let acc = 0;
+      let keep = 0;
+      while (keep < p.length && (keep === 0 || acc / sum < topP)) acc += p[keep++];
+      order = order.slice(0, keep);
+      p.length = keep;
+      sum = acc;
+    }
+    return draw(order, (j) => p[j], sum, rand);
+  }
+  // the whole vocabulary: weights in id order
+  let max = -Infinity;
+  for (let i = 0; i < n; i++) if (logits[i] > max) max = logits[i];
+  const w = new Float64Array(n);
+  let sum = 0;
+  for (let i = 0; i < n; i++) {
+    w[i] = Math.exp((logits[i] - max) / t);
+    sum += w[i];
+  }
+  if (topP >= 1) {
+    let u = rand() * sum;
+    let last = 0;
+    for (let i = 0; i < n; i++) {
+      if (w[i] === 0) continue;
+      last = i;
+      u -= w[i];
+      if (u < 0) return i;
+    }
+    return last;
+  }
+  // the nucleus: the most likely tokens until the mass before them reaches top-p, found in the
+  // m best (m grows until they hold it; most rows need a few hundred)
+  for (let m = Math.min(n, 1024); ; m = Math.min(n, m * 8)) {
+    const order = descendingOrder(logits, m);
     let acc = 0;
     let keep = 0;
-    while (keep < p.length && (keep === 0 || acc / sum < topP)) acc += p[keep++];
-    order = order.slice(0, keep);
-    p.length = keep;
-    sum = acc;
+    while (keep < m && (keep === 0 || acc / sum < topP)) acc += w[order[keep++]];
+    if (acc / sum >= topP || m === n) return draw(order.slice(0, keep), (j) => w[order[j]], acc, rand);
   }
+}
+
+/** One draw from `order` with weights weight(j) summing to `sum`, walked in order. */
+function draw(
+  order: readonly number[],
+  weight: (j: number) => number,
+  sum: number,
+  rand: () => number,
+): number {
   let u = rand() * sum;
-  for (let j = 0; j < p.length; j++) {
-    u -= p[j];
+  for (let j = 0; j < order.length; j++) {
+    u -= weight(j);
     if (u < 0) return order[j];
   }
   return order[order.length - 1];
@@ -129,6 +237,18 @@ function lastLogits(model: GPTModel, logits: Tensor): Float32Array[] {
 }
 
 /**
+ * Greedy choices: each row's first largest last-position logit, found where the logits are (on a
+ * GPU only the b ids come back, not b rows of the vocabulary).
+ */
+function greedyTokens(model: GPTModel, logits: Tensor): number[] {
+  return tidy(() => {
+    const s = logits.shape[1];
+    const ids = argmax(model.gatherLogits(logits.narrow(1, s - 1, 1)), -1);
+    return Array.from(ids.toTypedArray() as BigInt64Array, Number);
+  });
+}
+
+/**
  * Continues each prompt (token ids; lengths may differ) with a KV cache. Every TP rank must call it
  * with the same prompts and options: they then pick the same tokens.
  */
@@ -154,6 +274,7 @@ export function generate(
     );
   }
   const eos = new Set(opts.eosTokenIds ?? []);
+  const greedy = !((opts.temperature ?? 0) > 0);
   const rand = samplingRng(opts.seed ?? 0);
   const rows: Generation[] = prompts.map(() => ({ tokens: [], finishReason: 'length' }));
   const done = new Array<boolean>(b).fill(maxNew === 0);
@@ -185,13 +306,13 @@ export function generate(
         const next = tidy(() => {
           const mask = maskOf(len);
           const out = model.forward(input, { kvCache: cache, attentionMask: mask });
-          return lastLogits(model, out.logits as Tensor);
+          return greedy ? greedyTokens(model, out.logits as Tensor) : lastLogits(model, out.logits as Tensor);
         });
         input.dispose();
         const chosen = new BigInt64Array(b);
         for (let r = 0; r < b; r++) {
           if (done[r]) continue;
-          const tok = sampleToken(next[r], opts, rand);
+          const tok = greedy ? (next[r] as number) : sampleToken(next[r] as Float32Array, opts, rand);
           rows[r].tokens.push(tok);
           produced++;
           chosen[r] = BigInt(tok);

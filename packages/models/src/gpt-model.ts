@@ -895,6 +895,24 @@ function checkBoundaries(cu: readonly number[], s: number): number[] {
   return [...cu];
 }
 
+/**
+ * The positions [b, s] (int64) of the last s keys of left-padded rows, where the mask [b, sk]
+ * (true = a real token) is: a real token's is the count of real tokens before it, padding's 0.
+ * @internal (exported for its test)
+ */
+export function leftPaddedPositionsOnDevice(attn: Tensor, s: number): Tensor {
+  return noGrad(() =>
+    tidy(() => {
+      const sk = attn.shape[1];
+      const real = (attn.dtype === 'bool' ? attn : attn.ne(0)).to('int64');
+      const before = cumsum(real, 1).sub(1);
+      return where(real.ne(0), before, 0)
+        .narrow(1, sk - s, s)
+        .contiguous();
+    }),
+  );
+}
+
 /** Positions 0.. per row after `past` cached tokens (skipping padding), or per packed sample. */
 function defaultPositions(
   b: number,
@@ -925,6 +943,10 @@ function defaultPositions(
     for (let j = 0; j + 1 < bounds.length; j++)
       for (let i = bounds[j]; i < bounds[j + 1]; i++) out[i] = BigInt(i - bounds[j]);
     return done([1, s]);
+  }
+  if (attn && attn.backend.synchronous === false) {
+    // on an asynchronous device, where the mask lives: the real tokens up to each one, less one
+    return { ids: leftPaddedPositionsOnDevice(attn, s), rows: null };
   }
   if (attn) {
     // Left-padded rows: a real token's position counts the real tokens before it; padding gets 0.
@@ -967,19 +989,21 @@ function buildMask(
       `attentionMask must be [${b}, ${sk}] (cached + new tokens), got [${attn.shape}]`,
     );
   }
-  const valid = attn ? (attn.toTypedArray() as ArrayLike<number | boolean>) : null;
-  const m = new Uint8Array(b * s * sk);
-  for (let r = 0; r < b; r++) {
-    for (let i = 0; i < s; i++) {
-      const qi = past + i;
-      for (let j = 0; j <= qi; j++) {
-        if (w !== null && qi - j >= w) continue;
-        if (valid && !valid[r * sk + j]) continue;
-        m[(r * s + i) * sk + j] = 1;
-      }
-    }
+  // causality and the window on the host, the padding where the attention mask lives (no read back)
+  const m = new Uint8Array(s * sk);
+  for (let i = 0; i < s; i++) {
+    const qi = past + i;
+    for (let j = 0; j <= qi; j++) if (w === null || qi - j < w) m[i * sk + j] = 1;
   }
-  return fromTypedArray(m, [b, 1, s, sk]).to('bool');
+  return noGrad(() =>
+    tidy(() => {
+      const narrow = fromTypedArray(m, [1, 1, s, sk], attn ? { device: attn.device } : {});
+      const causal = narrow.to('bool');
+      if (!attn) return causal.expand(b, 1, s, sk).contiguous();
+      const real = attn.dtype === 'bool' ? attn : attn.ne(0);
+      return logicalAnd(causal, real.view(b, 1, 1, sk));
+    }),
+  );
 }
 
 /** The MoE layers' dispatcher and capacity from the model options. */

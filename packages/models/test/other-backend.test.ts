@@ -15,8 +15,8 @@ import {
 } from '@megapatch/tensor';
 import { registerReferenceBackend } from '@megapatch/tensor/reference';
 import { afterEach, describe, expect, it } from 'vitest';
-import { packedPositionsOnDevice } from '../src/gpt-model.js';
-import { type GPTModel, loadModel } from '../src/index.js';
+import { leftPaddedPositionsOnDevice, packedPositionsOnDevice } from '../src/gpt-model.js';
+import { type GPTModel, generate, loadModel } from '../src/index.js';
 import { fixtureCheckpoint } from './helpers/fixtures.js';
 
 registerReferenceBackend();
@@ -199,6 +199,45 @@ describe.runIf(emulator === null)('a forward on cudaemu:0 does not read the devi
           want,
         ]);
         got.dispose();
+      }
+    }
+  });
+
+  it("makes left-padded rows' positions where the attention mask lives, as the host loop does", () => {
+    // [mask rows, new tokens s, positions of the last s keys]
+    const cases: [number[][], number, number[][]][] = [
+      [
+        [
+          [0, 0, 1, 1, 1],
+          [1, 1, 1, 1, 1],
+        ],
+        5,
+        [
+          [0, 0, 0, 1, 2],
+          [0, 1, 2, 3, 4],
+        ],
+      ],
+      [
+        [
+          [0, 1, 1, 1],
+          [0, 0, 0, 1],
+        ],
+        1,
+        [[2], [0]],
+      ], // a decoding step after left-padded prompts
+      [[[1, 0, 1, 1]], 3, [[0, 1, 2]]], // a hole: padding gets 0, the next real token counts on
+    ];
+    for (const device of ['cpu', 'cudaemu:0']) {
+      for (const [rows, s, want] of cases) {
+        const mask = fromTypedArray(Uint8Array.from(rows.flat()), [rows.length, rows[0].length], { device });
+        const got = leftPaddedPositionsOnDevice(mask.to('bool'), s);
+        expect([device, got.shape, Array.from(got.toTypedArray() as BigInt64Array, Number)]).toEqual([
+          device,
+          [rows.length, s],
+          want.flat(),
+        ]);
+        got.dispose();
+        mask.dispose();
       }
     }
   });
@@ -399,6 +438,39 @@ describe.runIf(emulator === null)('a forward on cudaemu:0 does not read the devi
       }
     },
   );
+
+  it('greedy generation on cudaemu:0 picks the CPU tokens and reads back only the ids it chose', () => {
+    const prompts = [
+      [1, 5, 9, 33],
+      [2, 7],
+    ];
+    const { model: cpuModel } = loadModel(fixtureCheckpoint('llama'));
+    let want: number[][];
+    try {
+      want = generate(cpuModel, prompts, { maxNewTokens: 5 }).rows.map((r) => r.tokens);
+    } finally {
+      cpuModel.dispose();
+    }
+    setDefaultDevice('cudaemu:0');
+    const { model } = loadModel(fixtureCheckpoint('llama'));
+    try {
+      const reads: string[] = [];
+      const stop = recordReads(getBackend('cudaemu:0'), (t) => {
+        if (t.dtype !== 'float64') reads.push(`${t.dtype}[${t.shape}]`);
+      });
+      let got: number[][];
+      try {
+        got = generate(model, prompts, { maxNewTokens: 5 }).rows.map((r) => r.tokens);
+      } finally {
+        stop();
+      }
+      expect(got).toEqual(want);
+      // one [2, 1] of ids a step: not two rows of the vocabulary
+      expect(reads).toEqual(Array(5).fill('int64[2,1]'));
+    } finally {
+      model.dispose();
+    }
+  });
 
   it('reports a token id or a position out of range at the next read, in the model words', () => {
     setDefaultDevice('cudaemu:0');
