@@ -179,27 +179,35 @@ it('on the emulated devices a step waits for its device twice (the gradient norm
   }
 });
 
-it("Mixtral at EP=2 on the emulated devices: a MoE layer waits twice a micro-batch (its tokens per expert, then every rank's), a step three more times", async () => {
+it("Mixtral at EP=2 on the emulated devices, either dispatcher: a MoE layer waits once a micro-batch (every rank's tokens per expert, read together), a step three more times", async () => {
   const mixtral = tinyLlama(path.join(root, 'hf-mixtral'), 'mixtral');
   const moeLayers = 4;
   const runs: { hostWaits: number; losses: number[] }[] = [];
-  for (const ep of [1, 2]) {
+  for (const [ep, dispatcher] of [
+    [1, 'allgather'],
+    [2, 'allgather'],
+    [2, 'alltoall'],
+  ] as const) {
     const c = layoutRunConfig({
       root,
       hf: mixtral,
       data,
-      run: `emu-waits-ep${ep}`,
+      run: `emu-waits-ep${ep}-${dispatcher}`,
       parallel: ep > 1 ? { expertModelParallelSize: ep } : {},
     }) as Record<string, Record<string, unknown>>;
+    c.model = { ...c.model, moeTokenDispatcherType: dispatcher };
     runs.push(await countedEmulatedRun(c, ep));
   }
   // one process: 4 micro-batches a step, one wait a MoE layer each (its counts for the grouped
   // GEMM), then the gradient norm and the step's sums; EP=2 (DP=2: 2 micro-batches a rank): the
-  // allgather dispatcher gathers every rank's counts too (the tokens, weights and expert ids are
-  // gathered where they are; 5 waits a layer before), the step reads the all-reduced expert load,
-  // and the optimizer's setup reads once
-  expect(runs.map((r) => r.hostWaits)).toEqual([3 * (4 * moeLayers + 2), 1 + 3 * (2 * 2 * moeLayers + 3)]);
-  expectSameLosses(runs[1].losses, runs[0].losses, 'EP=2');
+  // counts are gathered where the routers made them and read once, every rank's together (the
+  // tokens, weights and expert ids travel where they are: the allgather dispatcher waited 5 times
+  // a layer before, the alltoall one twice), the step reads the all-reduced expert load, and the
+  // optimizer's setup reads once
+  const ep2 = 1 + 3 * (2 * moeLayers + 3);
+  expect(runs.map((r) => r.hostWaits)).toEqual([3 * (4 * moeLayers + 2), ep2, ep2]);
+  expectSameLosses(runs[1].losses, runs[0].losses, 'EP=2, allgather');
+  expectSameLosses(runs[2].losses, runs[0].losses, 'EP=2, alltoall');
 });
 
 it('a device without a backend is refused before training, with the fix', async () => {

@@ -25,6 +25,7 @@ import {
   zeros,
 } from '@megapatch/tensor';
 import {
+  allGatherCountsOnDevice,
   allGatherInts,
   allGatherIntsV,
   allGatherRows,
@@ -107,7 +108,7 @@ export class MoEAllGatherTokenDispatcher implements TokenDispatcher {
         },
       };
     }
-    if (pairs.device && !tpCounts) return this.gatherOnDevice(x, probs, routing.ids, pairs.counts, stages);
+    if (pairs.device?.counts && !tpCounts) return this.gatherOnDevice(x, probs, routing, stages);
     let weights = pairWeights(probs, pairs.slot);
     let tokens = pairs.token;
     let blocks: Block[] = [{ rows: x.shape[0], counts: pairs.counts }];
@@ -173,19 +174,26 @@ export class MoEAllGatherTokenDispatcher implements TokenDispatcher {
   private gatherOnDevice(
     hidden: Tensor,
     probs: Tensor,
-    ids: Tensor,
-    counts: Int32Array,
+    routing: Routing,
     stages: readonly ProcessGroup[],
   ): DispatchedTokens {
     const { etpGroup, numExperts: E, firstExpert, numLocalExperts: L } = this.o;
-    const h = hidden.shape[1];
+    const [T, h] = hidden.shape;
+    const map = routing.routingMap;
     let x = hidden;
     let p = probs;
-    let g = ids;
-    let blocks: Block[] = [{ rows: hidden.shape[0], counts }];
+    let g = routing.ids;
+    let blocks: Block[] | null = null;
     const stageRows: number[][] = [];
     for (const group of stages) {
-      const perRank = allGatherInts(encodeBlocks(blocks, E), group).map((m) => decodeBlocks(m, E));
+      // each rank's rows and pairs per expert: the first gather takes this rank's counts where
+      // the router made them, so that the host reads them once, with every other rank's
+      const perRank: Block[][] = (
+        blocks
+          ? allGatherInts(encodeBlocks(blocks, E), group)
+          : allGatherCountsOnDevice(T, (map.device as PairTensors & { counts: Tensor }).counts, group)
+      ).map((m) => decodeBlocks(m, E));
+      if (!blocks) map.counts = perRank[group.rank][0].counts;
       const rowCounts = perRank.map((bs) => bs.reduce((a, b) => a + b.rows, 0));
       x = allGatherRows(x, rowCounts, group);
       p = allGatherRows(p, rowCounts, group);
@@ -197,8 +205,9 @@ export class MoEAllGatherTokenDispatcher implements TokenDispatcher {
       x = copyToTensorModelParallelRegion(x, etpGroup);
       p = copyToTensorModelParallelRegion(p, etpGroup);
     }
+    const all = blocks as Block[];
     const tokensPerExpert = Array.from({ length: L }, (_, e) =>
-      blocks.reduce((a, b) => a + b.counts[firstExpert + e], 0),
+      all.reduce((a, b) => a + b.counts[firstExpert + e], 0),
     );
     const n = total(tokensPerExpert);
     const pairs = localPairsOnDevice(g, firstExpert, L);

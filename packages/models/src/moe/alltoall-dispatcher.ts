@@ -11,6 +11,7 @@
 // backward of an all-to-all is the reverse all-to-all.
 import { fromTypedArray, indexAdd, indexSelect, type Tensor, zeros } from '@megapatch/tensor';
 import {
+  allGatherCountsOnDevice,
   allGatherInts,
   allGatherRows,
   allToAllRows,
@@ -65,12 +66,18 @@ export class MoEAlltoAllTokenDispatcher implements TokenDispatcher {
 
     // Permutation 1: the tokens sorted by expert, hence by the EP rank that owns it.
     const sent = dev ? indexSelect(x, 0, dev.token) : selectRows(x, pairs.token);
+    // every EP rank's pairs per expert; with the router's counts on its device they are gathered
+    // there and the host reads them once, this rank's with the others'
+    let counts: Int32Array[];
+    if (ep > 1 && dev?.counts) {
+      counts = allGatherCountsOnDevice(localRows, dev.counts, epGroup).map((c) => c.subarray(1));
+      pairs.counts = counts[epGroup.rank];
+    } else counts = ep > 1 ? allGatherInts(pairs.counts, epGroup) : [pairs.counts];
     const perRank = E / ep;
     const sendCounts = Array.from({ length: ep }, (_, j) =>
       total(pairs.counts.subarray(j * perRank, (j + 1) * perRank)),
     );
     // recvBlocks[j][e]: rows EP rank j sends for local expert e.
-    const counts = ep > 1 ? allGatherInts(pairs.counts, epGroup) : [pairs.counts];
     const recvBlocks = counts.map((c) => Array.from(c.subarray(firstExpert, firstExpert + L)));
     const recvCounts = recvBlocks.map((b) => total(b));
     const received = ep > 1 ? allToAllRows(sent, sendCounts, recvCounts, epGroup) : sent;

@@ -207,3 +207,22 @@ export function allGatherInts(values: Int32Array, group: ProcessGroup): Int32Arr
   const all = allGatherIntsV(values, new Array<number>(group.size).fill(n), group);
   return Array.from({ length: group.size }, (_, j) => all.slice(j * n, (j + 1) * n));
 }
+
+/**
+ * Every rank's [rows, counts...] in rank order, from this rank's `counts` [E] (integers) on its
+ * device: gathered there and read once (Int32Array [E + 1] per rank).
+ */
+export function allGatherCountsOnDevice(rows: number, counts: Tensor, group: ProcessGroup): Int32Array[] {
+  const n = counts.numel + 1;
+  const all = noGrad(() =>
+    tidy(() => {
+      const mine = cat(
+        [fromTypedArray(Int32Array.of(rows), [1], { device: counts.device }), counts.to('int32')],
+        0,
+      );
+      const out = allGatherRaw(mine, new Array<number>(group.size).fill(n), group);
+      return Int32Array.from(out.toTypedArray() as Int32Array);
+    }),
+  );
+  return Array.from({ length: group.size }, (_, j) => all.slice(j * n, (j + 1) * n));
+}

@@ -126,12 +126,17 @@ export class TopKRouter extends Module {
     this.load = new Float64Array(moe.numExperts);
   }
 
+  /** Dropless maps of forwards with gradients whose counts the host has not seen yet (see takeLoad). */
+  private readonly unread = new Set<RoutingMap>();
+
   /**
    * Per-expert token counts accumulated since the last call, then reset. Counted, as Megatron
    * does, only when gradients are enabled: not in evaluation, and once under recompute (the
    * recomputation, the first forward running without gradients).
    */
   takeLoad(): Float64Array {
+    // the counts no dispatcher read yet (a router run on its own)
+    for (const m of [...this.unread]) void m.counts;
     const out = this.load;
     this.load = new Float64Array(this.moe.numExperts);
     return out;
@@ -188,24 +193,35 @@ export class TopKRouter extends Module {
         () => weights.toTypedArray() as Float32Array,
       );
     } else {
-      // dropless: the map is built on the scores' device and the host reads the counts alone
+      // dropless: the map is built on the scores' device; the host learns its counts when the
+      // dispatcher reads them (the grouped GEMM's sizes; under EP with the other ranks' in one
+      // read), and adds them to the load then
       const { token, slot, counts } = routingMapOnDevice(idx, E);
-      routingMap = deviceRoutingMap({ token, slot }, readInts(counts));
+      const counting = isGradEnabled();
+      const map = deviceRoutingMap({ token, slot, counts }, (c) => {
+        this.unread.delete(map);
+        if (counting) for (let e = 0; e < E; e++) this.load[e] += c[e];
+      });
+      if (counting) this.unread.add(map);
+      routingMap = map;
       deviceCounts = counts;
     }
-    // before dropping: the ids' counts (dropless: the map's own)
-    const tokensPerExpert = new Float64Array(E);
-    if (this.capacity) for (const e of hostIds()) tokensPerExpert[e]++;
-    else tokensPerExpert.set(routingMap.counts);
-    if (isGradEnabled()) {
-      if (routingMap.device) for (let e = 0; e < E; e++) this.load[e] += routingMap.counts[e];
-      else {
+    // before dropping: the ids' counts (dropless: the map's own, read at first use)
+    let tokensPerExpert: Float64Array | null = null;
+    if (this.capacity) {
+      tokensPerExpert = new Float64Array(E);
+      for (const e of hostIds()) tokensPerExpert[e]++;
+      if (isGradEnabled()) {
         let p = 0;
         for (let e = 0; e < E; e++) {
           for (let i = 0; i < routingMap.counts[e]; i++, p++) if (routingMap.slot[p] >= 0) this.load[e]++;
         }
       }
     }
+    const hostCounts = () => {
+      tokensPerExpert ??= Float64Array.from(routingMap.counts);
+      return tokensPerExpert;
+    };
     // the ranks sharing the sequence (TP under SP, CP, TP × CP): statistics of the whole sequence
     const sp = this.partitionGroup;
     let auxLoss: Tensor | null = null;
@@ -217,9 +233,7 @@ export class TopKRouter extends Module {
       const all = m.scoreFunction === 'softmax' ? scores : scores.div(scores.sum(-1, true).add(1e-20));
       const perExpert = all.sum(0); // [E]
       const totalTokens = sp ? T * sp.size : T;
-      const f = sp
-        ? countsOverRanks(deviceCounts, tokensPerExpert, sp, scores.device)
-        : fromTypedArray(Float32Array.from(tokensPerExpert), [E], { device: scores.device });
+      const f = countsOf(deviceCounts, hostCounts, sp, scores.device);
       auxLoss = perExpert
         .mul(f)
         .sum()
@@ -227,7 +241,6 @@ export class TopKRouter extends Module {
         .mul((E * this.losses.auxLossCoeff) / (k * Math.max(totalTokens, 1) ** 2));
       if (sp) auxLoss = reduceFromTensorModelParallelRegion(auxLoss, sp);
     }
-    deviceCounts?.dispose();
     let zLoss: Tensor | null = null;
     if (this.losses.zLossCoeff > 0 && this.training) {
       // Megatron divides the coefficient by the tp-cp size under SP: the mean over equal chunks.
@@ -243,7 +256,9 @@ export class TopKRouter extends Module {
         return hostIds();
       },
       ids: idx,
-      tokensPerExpert,
+      get tokensPerExpert() {
+        return hostCounts();
+      },
       routingMap,
       auxLoss,
       zLoss,
@@ -252,24 +267,28 @@ export class TopKRouter extends Module {
 }
 
 /**
- * The tokens per expert summed over the ranks of `group`, float32 [E] on `device`: all-reduced
- * where the dropless map counted them (no read back), else the host's counts gathered (exact:
- * token counts fit in int32, and their sums in float32's 24 bits).
+ * The tokens per expert of the balancing loss, float32 [E] on `device`, summed over the ranks of
+ * `group` (the sequence's) when given: where the dropless map counted them (all-reduced there, no
+ * read back), else the host's counts (gathered). Exact: token counts fit in float32's 24 bits.
  */
-function countsOverRanks(
+function countsOf(
   onDevice: Tensor | null,
-  counts: Float64Array,
-  group: ProcessGroup,
+  host: () => Float64Array,
+  group: ProcessGroup | null,
   device: string,
 ): Tensor {
   if (onDevice) {
     const f = noGrad(() => onDevice.to('float32'));
-    group.allReduce(f, 'sum').waitSync();
+    if (group) group.allReduce(f, 'sum').waitSync();
     return f;
   }
-  const out = new Float32Array(counts.length);
-  for (const c of allGatherInts(Int32Array.from(counts), group))
-    for (let e = 0; e < c.length; e++) out[e] += c[e];
+  const counts = host();
+  const out = Float32Array.from(counts);
+  if (group) {
+    out.fill(0);
+    for (const c of allGatherInts(Int32Array.from(counts), group))
+      for (let e = 0; e < c.length; e++) out[e] += c[e];
+  }
   return fromTypedArray(out, [out.length], { device });
 }
 

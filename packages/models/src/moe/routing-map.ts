@@ -6,7 +6,8 @@
 // (moe_pad_expert_input_to_capacity) fills each expert up to the capacity with other tokens of
 // weight 0, as Megatron's capacity mask does.
 // Dropless maps are built where the router's ids are (routingMapOnDevice): only the per-expert
-// counts come back to the host; the pairs' tokens and slots stay device tensors for the dispatcher.
+// counts come back to the host, when the dispatcher needs them (with other ranks' under EP); the
+// pairs' tokens and slots stay device tensors for the dispatcher.
 import {
   arange,
   cumsum,
@@ -56,6 +57,8 @@ export interface RoutingMap {
 export interface PairTensors {
   token: Tensor;
   slot: Tensor;
+  /** The pairs of each expert [E] (int64) there, when the router counted them there. */
+  counts?: Tensor;
 }
 
 /**
@@ -96,16 +99,33 @@ export function routingMapOnDevice(
 }
 
 /**
- * A RoutingMap over device pairs: `counts` on the host, `token` and `slot` read from the device
- * tensors at their first use (int32), which must come before the forward's graph frees them.
+ * A RoutingMap over device pairs: `counts`, `token` and `slot` read from the device tensors at
+ * their first use (int32), which must come before the forward's graph frees them. A dispatcher
+ * that reads the counts together with other ranks' assigns them instead (no read of their own);
+ * `onCounts` sees them once, however they came.
  */
-export function deviceRoutingMap(pairs: PairTensors, counts: Int32Array): RoutingMap {
+export function deviceRoutingMap(
+  pairs: PairTensors & { counts: Tensor },
+  onCounts?: (counts: Int32Array) => void,
+): RoutingMap {
+  let counts: Int32Array | null = null;
   let token: Int32Array | null = null;
   let slot: Int32Array | null = null;
+  const resolve = (c: Int32Array) => {
+    if (counts) return;
+    counts = c;
+    onCounts?.(c);
+  };
   return {
-    counts,
     capacity: null,
     device: pairs,
+    get counts() {
+      if (!counts) resolve(readInts(pairs.counts, 'routingMap.counts'));
+      return counts as Int32Array;
+    },
+    set counts(c: Int32Array) {
+      resolve(c);
+    },
     get token() {
       token ??= readInts(pairs.token, 'routingMap.token');
       return token;
