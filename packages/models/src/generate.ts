@@ -2,7 +2,7 @@
 // prompt is run once (prefill), then one token per step reuses the cached keys and values. Greedy
 // decoding, temperature, top-k and top-p sampling from a seeded generator (the same seed gives the
 // same text, on one process or across TP ranks), stop on EOS ids and on stop strings.
-import { argmax, fromTypedArray, noGrad, type Tensor, tidy } from '@megapatch/tensor';
+import { argmax, fromTypedArray, noGrad, type Tensor, tidy, topk } from '@megapatch/tensor';
 import { ModelError } from './errors.js';
 import type { GPTModel } from './gpt-model.js';
 import { KVCache } from './kv-cache.js';
@@ -148,20 +148,8 @@ export function sampleToken(
   const k = opts.topK ?? 0;
   const topP = opts.topP ?? 1;
   if (k > 0 && k < n) {
-    let order = descendingOrder(logits, k);
-    const max = logits[order[0]];
-    const p = order.map((i) => Math.exp((logits[i] - max) / t));
-    let sum = p.reduce((a, b) => a + b, 0);
-    if (topP < 1) {
-      // Keep tokens until the mass before them reaches top-p (the first token always stays).
-      let acc = 0;
-      let keep = 0;
-      while (keep < p.length && (keep === 0 || acc / sum < topP)) acc += p[keep++];
-      order = order.slice(0, keep);
-      p.length = keep;
-      sum = acc;
-    }
-    return draw(order, (j) => p[j], sum, rand);
+    const order = descendingOrder(logits, k);
+    return sampleBest(order, (j) => logits[order[j]], t, topP, rand);
   }
   // the whole vocabulary: weights in id order
   let max = -Infinity;
@@ -192,6 +180,32 @@ export function sampleToken(
     while (keep < m && (keep === 0 || acc / sum < topP)) acc += w[order[keep++]];
     if (acc / sum >= topP || m === n) return draw(order.slice(0, keep), (j) => w[order[j]], acc, rand);
   }
+}
+
+/**
+ * One draw among the top-k tokens `ids` (descending logits value(j), equal ones by id): weights
+ * relative to the best, then the top-p nucleus among them (the first token always stays).
+ */
+function sampleBest(
+  ids: readonly number[],
+  value: (j: number) => number,
+  t: number,
+  topP: number,
+  rand: () => number,
+): number {
+  const max = value(0);
+  const p = ids.map((_, j) => Math.exp((value(j) - max) / t));
+  let sum = p.reduce((a, b) => a + b, 0);
+  let order = ids;
+  if (topP < 1) {
+    // Keep tokens until the mass before them reaches top-p.
+    let acc = 0;
+    let keep = 0;
+    while (keep < p.length && (keep === 0 || acc / sum < topP)) acc += p[keep++];
+    order = ids.slice(0, keep);
+    sum = acc;
+  }
+  return draw(order, (j) => p[j], sum, rand);
 }
 
 /** One draw from `order` with weights weight(j) summing to `sum`, walked in order. */
@@ -249,6 +263,23 @@ function greedyTokens(model: GPTModel, logits: Tensor): number[] {
 }
 
 /**
+ * The k largest last-position logits of each row (descending, equal ones by id) with their ids,
+ * chosen where the logits are: on a GPU b·k of them come back, not b rows of the vocabulary.
+ */
+function lastTopK(model: GPTModel, logits: Tensor, k: number): { ids: number[]; values: Float32Array }[] {
+  return tidy(() => {
+    const [b, s] = logits.shape;
+    const best = topk(model.gatherLogits(logits.narrow(1, s - 1, 1)), k, -1);
+    const values = best.values.to('float32').toTypedArray() as Float32Array;
+    const ids = best.indices.toTypedArray() as BigInt64Array;
+    return Array.from({ length: b }, (_, r) => ({
+      ids: Array.from(ids.subarray(r * k, (r + 1) * k), Number),
+      values: values.slice(r * k, (r + 1) * k),
+    }));
+  });
+}
+
+/**
  * Continues each prompt (token ids; lengths may differ) with a KV cache. Every TP rank must call it
  * with the same prompts and options: they then pick the same tokens.
  */
@@ -275,6 +306,8 @@ export function generate(
   }
   const eos = new Set(opts.eosTokenIds ?? []);
   const greedy = !((opts.temperature ?? 0) > 0);
+  // top-k sampling: the k best chosen where the logits are (the whole rows when k keeps them all)
+  const topK = (opts.topK ?? 0) < model.config.vocabSize ? (opts.topK ?? 0) : 0;
   const rand = samplingRng(opts.seed ?? 0);
   const rows: Generation[] = prompts.map(() => ({ tokens: [], finishReason: 'length' }));
   const done = new Array<boolean>(b).fill(maxNew === 0);
@@ -306,13 +339,21 @@ export function generate(
         const next = tidy(() => {
           const mask = maskOf(len);
           const out = model.forward(input, { kvCache: cache, attentionMask: mask });
-          return greedy ? greedyTokens(model, out.logits as Tensor) : lastLogits(model, out.logits as Tensor);
+          const logits = out.logits as Tensor;
+          if (greedy) return greedyTokens(model, logits);
+          return topK > 0 ? lastTopK(model, logits, topK) : lastLogits(model, logits);
         });
         input.dispose();
         const chosen = new BigInt64Array(b);
         for (let r = 0; r < b; r++) {
           if (done[r]) continue;
-          const tok = greedy ? (next[r] as number) : sampleToken(next[r] as Float32Array, opts, rand);
+          const row = next[r];
+          const tok =
+            typeof row === 'number'
+              ? row
+              : row instanceof Float32Array
+                ? sampleToken(row, opts, rand)
+                : sampleBest(row.ids, (j) => row.values[j], opts.temperature as number, opts.topP ?? 1, rand);
           rows[r].tokens.push(tok);
           produced++;
           chosen[r] = BigInt(tok);

@@ -12,11 +12,12 @@ import {
   setDefaultDevice,
   synchronize,
   type Tensor,
+  tidy,
 } from '@megapatch/tensor';
 import { registerReferenceBackend } from '@megapatch/tensor/reference';
 import { afterEach, describe, expect, it } from 'vitest';
 import { leftPaddedPositionsOnDevice, packedPositionsOnDevice } from '../src/gpt-model.js';
-import { type GPTModel, generate, loadModel } from '../src/index.js';
+import { type GPTModel, generate, loadModel, sampleToken, samplingRng } from '../src/index.js';
 import { fixtureCheckpoint } from './helpers/fixtures.js';
 
 registerReferenceBackend();
@@ -467,6 +468,57 @@ describe.runIf(emulator === null)('a forward on cudaemu:0 does not read the devi
       expect(got).toEqual(want);
       // one [2, 1] of ids a step: not two rows of the vocabulary
       expect(reads).toEqual(Array(5).fill('int64[2,1]'));
+    } finally {
+      model.dispose();
+    }
+  });
+
+  it('top-k sampling takes the k best where the logits are: the tokens of sampling the whole rows, on the CPU and on cudaemu:0, which reads back b·k of them', () => {
+    const prompt = [1, 5, 9, 33];
+    const opts = { maxNewTokens: 12, temperature: 0.3, topK: 5, seed: 11 };
+    const { model: cpuModel } = loadModel(fixtureCheckpoint('llama'));
+    let want: number[];
+    let cpu: number[];
+    try {
+      // the rule on the host: every step recomputes the sequence and samples its last row whole
+      const rand = samplingRng(opts.seed);
+      const seq = [...prompt];
+      want = [];
+      for (let i = 0; i < opts.maxNewTokens; i++) {
+        const row = tidy(() => {
+          const logits = cpuModel.forward(fromTypedArray(BigInt64Array.from(seq, BigInt), [1, seq.length]))
+            .logits as Tensor;
+          const v = cpuModel.config.vocabSize;
+          return Float32Array.from(
+            (logits.toTypedArray() as Float32Array)
+              .subarray((seq.length - 1) * logits.shape[2])
+              .subarray(0, v),
+          );
+        });
+        const tok = sampleToken(row, opts, rand);
+        want.push(tok);
+        seq.push(tok);
+      }
+      cpu = generate(cpuModel, [prompt], opts).rows[0].tokens;
+    } finally {
+      cpuModel.dispose();
+    }
+    expect(cpu).toEqual(want);
+    setDefaultDevice('cudaemu:0');
+    const { model } = loadModel(fixtureCheckpoint('llama'));
+    try {
+      const reads: string[] = [];
+      const stop = recordReads(getBackend('cudaemu:0'), (t) => {
+        if (t.dtype !== 'float64') reads.push(`${t.dtype}[${t.shape}]`);
+      });
+      let got: number[];
+      try {
+        got = generate(model, [prompt], opts).rows[0].tokens;
+      } finally {
+        stop();
+      }
+      expect(got).toEqual(want);
+      expect(reads).toEqual(Array(12).fill(['float32[1,1,5]', 'int64[1,1,5]']).flat());
     } finally {
       model.dispose();
     }
