@@ -51,6 +51,25 @@ function recordReads(backend: Backend, seen: (t: Tensor) => void): () => void {
   return () => Object.assign(backend, { read, readMany });
 }
 
+/** generate() with the llama fixture on cudaemu:0: each row's tokens, and what it read back (checks aside). */
+function generateOnEmulator(prompts: number[][], opts: Parameters<typeof generate>[2]) {
+  setDefaultDevice('cudaemu:0');
+  const { model } = loadModel(fixtureCheckpoint('llama'));
+  try {
+    const reads: string[] = [];
+    const stop = recordReads(getBackend('cudaemu:0'), (t) => {
+      if (t.dtype !== 'float64') reads.push(`${t.dtype}[${t.shape}]`);
+    });
+    try {
+      return { tokens: generate(model, prompts, opts).rows.map((r) => r.tokens), reads };
+    } finally {
+      stop();
+    }
+  } finally {
+    model.dispose();
+  }
+}
+
 /** Loss, gradients and the loss after one AdamW step, on the default device. */
 function run(id: string) {
   const { model } = loadModel(fixtureCheckpoint(id));
@@ -452,25 +471,10 @@ describe.runIf(emulator === null)('a forward on cudaemu:0 does not read the devi
     } finally {
       cpuModel.dispose();
     }
-    setDefaultDevice('cudaemu:0');
-    const { model } = loadModel(fixtureCheckpoint('llama'));
-    try {
-      const reads: string[] = [];
-      const stop = recordReads(getBackend('cudaemu:0'), (t) => {
-        if (t.dtype !== 'float64') reads.push(`${t.dtype}[${t.shape}]`);
-      });
-      let got: number[][];
-      try {
-        got = generate(model, prompts, { maxNewTokens: 5 }).rows.map((r) => r.tokens);
-      } finally {
-        stop();
-      }
-      expect(got).toEqual(want);
-      // one [2, 1] of ids a step: not two rows of the vocabulary
-      expect(reads).toEqual(Array(5).fill('int64[2,1]'));
-    } finally {
-      model.dispose();
-    }
+    const { tokens, reads } = generateOnEmulator(prompts, { maxNewTokens: 5 });
+    expect(tokens).toEqual(want);
+    // one [2, 1] of ids a step: not two rows of the vocabulary
+    expect(reads).toEqual(Array(5).fill('int64[2,1]'));
   });
 
   it('top-k sampling takes the k best where the logits are: the tokens of sampling the whole rows, on the CPU and on cudaemu:0, which reads back b·k of them', () => {
@@ -504,24 +508,9 @@ describe.runIf(emulator === null)('a forward on cudaemu:0 does not read the devi
       cpuModel.dispose();
     }
     expect(cpu).toEqual(want);
-    setDefaultDevice('cudaemu:0');
-    const { model } = loadModel(fixtureCheckpoint('llama'));
-    try {
-      const reads: string[] = [];
-      const stop = recordReads(getBackend('cudaemu:0'), (t) => {
-        if (t.dtype !== 'float64') reads.push(`${t.dtype}[${t.shape}]`);
-      });
-      let got: number[];
-      try {
-        got = generate(model, [prompt], opts).rows[0].tokens;
-      } finally {
-        stop();
-      }
-      expect(got).toEqual(want);
-      expect(reads).toEqual(Array(12).fill(['float32[1,1,5]', 'int64[1,1,5]']).flat());
-    } finally {
-      model.dispose();
-    }
+    const { tokens, reads } = generateOnEmulator([prompt], opts);
+    expect(tokens[0]).toEqual(want);
+    expect(reads).toEqual(Array(12).fill(['float32[1,1,5]', 'int64[1,1,5]']).flat());
   });
 
   it('reports a token id or a position out of range at the next read, in the model words', () => {
