@@ -395,33 +395,61 @@ export class GPTModel extends Module {
    * gets the same counts; call it on all of them.
    */
   takeGlobalExpertLoad(tpDpCpGroup?: ProcessGroup): Map<number, Float64Array> {
+    const g = this.takeGlobalExpertLoadOnDevice(tpDpCpGroup);
+    if (!g) return new Map();
+    const E = this.config.moe?.numExperts ?? 0;
+    const all = g.load.toTypedArray() as Float64Array;
+    g.load.dispose();
+    return new Map(g.layers.map((l, i) => [l, all.slice(i * E, (i + 1) * E)]));
+  }
+
+  /**
+   * {@link GPTModel.takeGlobalExpertLoad} left where the group sums it: `load` [layers × E]
+   * (float64, the rows in `layers`' order, the caller's to free) on the model's device, nothing
+   * read back; null without MoE layers. Give it to {@link GPTModel.updateExpertBias}.
+   */
+  takeGlobalExpertLoadOnDevice(tpDpCpGroup?: ProcessGroup): { layers: number[]; load: Tensor } | null {
     const local = this.takeExpertLoad();
+    if (local.size === 0) return null;
     const group = tpDpCpGroup ?? (modelParallelIsInitialized() ? getTensorAndDataParallelGroup(true) : null);
-    if (!group || group.size === 1 || local.size === 0) return local;
     const E = this.config.moe?.numExperts ?? 0;
     const layers = [...local.keys()];
     const flat = new Float64Array(layers.length * E);
     layers.forEach((l, i) => {
       flat.set(local.get(l) as Float64Array, i * E);
     });
-    const t = fromTypedArray(flat, [flat.length]);
+    const device = this.moeLayers()[0][1].router.weight.device;
+    const t = fromTypedArray(flat, [flat.length], { device });
+    if (!group || group.size === 1) return { layers, load: t };
     group.allReduce(t, 'sum').waitSync();
-    const sum = t.toTypedArray() as Float64Array;
-    t.dispose();
     const tp = this.sequenceParallel ? 1 : this.tpGroup.size;
-    return new Map(
-      layers.map((l, i) => [l, Float64Array.from(sum.subarray(i * E, (i + 1) * E), (v) => v / tp)]),
-    );
+    if (tp === 1) return { layers, load: t };
+    const load = noGrad(() => t.div(tp));
+    t.dispose();
+    return { layers, load };
   }
 
   /**
    * DeepSeek-V3's aux-loss-free balancing on every MoE layer with an expert bias, from global
-   * counts ({@link GPTModel.takeGlobalExpertLoad}): bias += rate · sign(mean load − load).
+   * counts: bias += rate · sign(mean load − load), where the biases are. `load` is
+   * {@link GPTModel.takeGlobalExpertLoad}'s map or {@link GPTModel.takeGlobalExpertLoadOnDevice}'s
+   * result (then nothing is read back).
    */
-  updateExpertBias(load: ReadonlyMap<number, ArrayLike<number>>, rate: number): void {
+  updateExpertBias(
+    load: ReadonlyMap<number, ArrayLike<number>> | { layers: readonly number[]; load: Tensor },
+    rate: number,
+  ): void {
+    const E = this.config.moe?.numExperts ?? 0;
+    const onDevice = load instanceof Map ? null : (load as { layers: readonly number[]; load: Tensor });
     for (const [i, m] of this.moeLayers()) {
-      const counts = load.get(i);
-      if (counts && m.router.expertBias) m.router.updateExpertBias(counts, rate);
+      if (!m.router.expertBias) continue;
+      if (onDevice) {
+        const row = onDevice.layers.indexOf(i);
+        if (row >= 0) m.router.updateExpertBias(onDevice.load.narrow(0, row * E, E), rate);
+      } else {
+        const counts = (load as ReadonlyMap<number, ArrayLike<number>>).get(i);
+        if (counts) m.router.updateExpertBias(counts, rate);
+      }
     }
   }
 

@@ -535,13 +535,15 @@ class DeviceSum {
 
 /**
  * A step's sums read with one wait: each term (a device sum or a host number) divided by its
- * divisor, summed over each group in turn on the device (float64), then read. The device sums are
- * freed. The same bits as reading each sum, dividing on the host and reducing the numbers.
+ * divisor, summed over each group in turn on the device (float64), then read, followed by the
+ * values of `along` when given. The device sums and `along` are freed. The same bits as reading
+ * each sum, dividing on the host and reducing the numbers.
  */
 function reduceAndRead(
   terms: readonly (DeviceSum | number)[],
   divisors: readonly number[],
   groups: readonly ProcessGroup[],
+  along: Tensor | null = null,
 ): number[] {
   const device = getDefaultDevice();
   const parts = terms.map((x) =>
@@ -557,9 +559,12 @@ function reduceAndRead(
   }
   try {
     for (const g of groups) if (g.size > 1) g.allReduce(v, 'sum').waitSync();
-    return Array.from(v.toTypedArray() as Float64Array);
+    if (!along) return Array.from(v.toTypedArray() as Float64Array);
+    // with `along` (float64, reduced already) after them, read in the same wait
+    return Array.from(noGrad(() => tidy(() => cat([v, along]).toTypedArray())) as Float64Array);
   } finally {
     v.dispose();
+    along?.dispose();
   }
 }
 
@@ -1079,34 +1084,27 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
       timers.exposedCommMs = sync.exposedMs;
       // Megatron advances the schedule only after an update (a skipped step leaves it)
       if (r.updated) scheduler.step(gbs);
-      // the step's tokens per expert, summed over the data-parallel ranks: logged, and the
-      // aux-loss-free balancing update where the router has an expert bias
-      const expertLoad: Record<string, number[]> = {};
+      // the step's tokens per expert over tp × dp × cp (a collective on every rank), where they
+      // are: the aux-loss-free balancing update of the routers with an expert bias there, and a
+      // row [layers × experts] for the metrics, each stage filling its own layers (summed over the
+      // pipeline for rank 0, on the first stage), read with the step's sums below
+      let loadRows: Tensor | null = null;
       if (cfg.moe) {
-        // the step's tokens per expert over tp × dp × cp (a collective on every rank): logged, and
-        // the aux-loss-free balancing update where the router has an expert bias
+        const E = cfg.moe.numExperts;
+        const rows = noGrad(() => zeros([cfg.numLayers * E], { dtype: 'float64' }));
         for (const c of chunks) {
-          const load = c.takeGlobalExpertLoad(layout.distributed ? undefined : layout.dp);
-          for (const [layer] of c.moeLayers()) expertLoad[String(layer)] = Array.from(load.get(layer) ?? []);
-          if (expertBias) c.updateExpertBias(load, config.model.moeRouterBiasUpdateRate);
-        }
-        if (ppSize > 1) {
-          // every stage's layers in the metrics of rank 0 (on the first stage): a sum over the
-          // pipeline of [layers × experts] counts, each stage filling its own layers
-          const E = cfg.moe.numExperts;
-          const L = cfg.numLayers;
-          const flat = new Array<number>(L * E).fill(0);
-          for (const [layer, counts] of Object.entries(expertLoad)) {
-            counts.forEach((n, e) => {
-              flat[Number(layer) * E + e] = n;
+          const g = c.takeGlobalExpertLoadOnDevice(layout.distributed ? undefined : layout.dp);
+          if (!g) continue;
+          if (expertBias) c.updateExpertBias(g, config.model.moeRouterBiasUpdateRate);
+          noGrad(() => {
+            g.layers.forEach((layer, i) => {
+              rows.narrow(0, layer * E, E).copy_(g.load.narrow(0, i * E, E));
             });
-          }
-          const all = allReduceNumbers(flat, layout.pp);
-          for (const layer of cfg.moe.layerPattern.keys()) {
-            if (cfg.moe.layerPattern[layer] === 'moe')
-              expertLoad[String(layer)] = all.slice(layer * E, (layer + 1) * E);
-          }
+          });
+          g.load.dispose();
         }
+        if (ppSize > 1) layout.pp.allReduce(rows, 'sum').waitSync();
+        loadRows = rows;
       }
       state.iteration++;
       state.consumedSamples += gbs;
@@ -1117,11 +1115,19 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
       // the loss lives on the last stage and each stage's MoE layers have their aux losses: sum
       // over the pipeline, then over the data-parallel ranks, on the device; one read (after the
       // step's own read of the gradient norm, which waited for the backward's tail)
-      const [lossAll, tokensAll, auxAll, zAll, mtpAll] = reduceAndRead(
+      const [lossAll, tokensAll, auxAll, zAll, mtpAll, ...loads] = reduceAndRead(
         [sums.loss, sums.tokens, sums.aux, sums.z, sums.mtp],
         [1, 1, numMicro, numMicro, numMicro],
         [layout.pp, layout.dp],
+        loadRows,
       );
+      const expertLoad: Record<string, number[]> = {};
+      if (cfg.moe) {
+        const E = cfg.moe.numExperts;
+        cfg.moe.layerPattern.forEach((kind, layer) => {
+          if (kind === 'moe') expertLoad[String(layer)] = loads.slice(layer * E, (layer + 1) * E);
+        });
+      }
       // what Megatron logs: the token mean of the global batch (loss_func reports [sum, tokens]),
       // whatever the objective's normalisation
       const lmLoss = lossAll / Math.max(tokensAll, 1);

@@ -179,7 +179,7 @@ it('on the emulated devices a step waits for its device twice (the gradient norm
   }
 });
 
-it("Mixtral at EP=2 on the emulated devices, either dispatcher: a MoE layer waits once a micro-batch (every rank's tokens per expert, read together), a step three more times", async () => {
+it("Mixtral at EP=2 on the emulated devices, either dispatcher: a MoE layer waits once a micro-batch (every rank's tokens per expert, read together), a step twice more", async () => {
   const mixtral = tinyLlama(path.join(root, 'hf-mixtral'), 'mixtral');
   const moeLayers = 4;
   const runs: { hostWaits: number; losses: number[] }[] = [];
@@ -202,12 +202,27 @@ it("Mixtral at EP=2 on the emulated devices, either dispatcher: a MoE layer wait
   // GEMM), then the gradient norm and the step's sums; EP=2 (DP=2: 2 micro-batches a rank): the
   // counts are gathered where the routers made them and read once, every rank's together (the
   // tokens, weights and expert ids travel where they are: the allgather dispatcher waited 5 times
-  // a layer before, the alltoall one twice), the step reads the all-reduced expert load, and the
-  // optimizer's setup reads once
-  const ep2 = 1 + 3 * (2 * moeLayers + 3);
+  // a layer before, the alltoall one twice), the all-reduced expert load is read with the step's
+  // sums (a read of its own before), and the optimizer's setup reads once
+  const ep2 = 1 + 3 * (2 * moeLayers + 2);
   expect(runs.map((r) => r.hostWaits)).toEqual([3 * (4 * moeLayers + 2), ep2, ep2]);
   expectSameLosses(runs[1].losses, runs[0].losses, 'EP=2, allgather');
   expectSameLosses(runs[2].losses, runs[0].losses, 'EP=2, alltoall');
+});
+
+it('DeepSeek-V3 (expert bias, MTP) on one emulated device: the balancing update of the expert biases waits for nothing', async () => {
+  const dsv3 = tinyLlama(path.join(root, 'hf-dsv3'), 'deepseek-v3');
+  const c = layoutRunConfig({ root, hf: dsv3, data, run: 'emu-waits-dsv3' }) as Record<
+    string,
+    Record<string, unknown>
+  >;
+  const r = await countedEmulatedRun(c, 1);
+  // the fixture: 4 layers, the first dense, one MTP block (MoE too): 4 routers, each waiting once
+  // a micro-batch (4) for its counts, then the gradient norm and the step's sums; the 3 decoder
+  // routers' bias updates read their biases back before (21 a step)
+  const routers = 4 - 1 + 1;
+  expect(r.hostWaits).toBe(3 * (4 * routers + 2));
+  expect(r.losses.length).toBe(3);
 });
 
 it('a device without a backend is refused before training, with the fix', async () => {

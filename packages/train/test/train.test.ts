@@ -2,6 +2,7 @@
 // and a run of 2N steps equals a run of N steps resumed for N more, bit for bit (fp32 and bf16).
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { ShardedSafetensors } from '@megapatch/convert';
 import { afterAll, describe, expect, it } from 'vitest';
 import { loadRunConfig, parseRunConfig, type RunConfigInput, train } from '../src/index.js';
 import { patternCorpus, tempDir, tinyLlama } from './helpers.js';
@@ -276,6 +277,55 @@ describe('checkpoints on disk', () => {
     expect(lines.some((l) => /warning: skipping checkpoint .*iter_0000004/.test(l))).toBe(true);
     expect(lines.some((l) => /loaded checkpoint .* at iteration 2/.test(l))).toBe(true);
     expect(r.losses.length).toBe(3);
+  });
+
+  it("DeepSeek-V3's aux-loss-free balancing moves each router's expert bias by rate · sign(mean load − load), from the loads the metrics log", async () => {
+    const hf = tinyLlama(path.join(root, 'hf-dsv3-bias'), 'deepseek-v3');
+    const out = path.join(root, 'hf-dsv3-bias-out');
+    const rate = 1e-3;
+    await train(
+      config('dsv3-bias', {
+        model: { load: hf, dtype: 'fp32', moeRouterBiasUpdateRate: rate },
+        training: { trainIters: 3, evalInterval: null, logInterval: 1 },
+        scheduler: { lrWarmupIters: 0 },
+        checkpoint: { save: path.join(root, 'ck-dsv3-bias'), exportHf: out },
+      }),
+      { log: () => {}, report: false },
+    );
+    const steps = fs
+      .readFileSync(path.join(root, 'dsv3-bias', 'metrics.jsonl'), 'utf8')
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l))
+      .filter((m) => m.kind === 'train');
+    expect(steps.length).toBe(3);
+    const biasOf = (dir: string, layer: string) => {
+      const st = ShardedSafetensors.open(dir);
+      try {
+        const t = st.read(`model.layers.${layer}.mlp.gate.e_score_correction_bias`);
+        return new Float32Array(
+          t.data.buffer.slice(t.data.byteOffset, t.data.byteOffset + t.data.byteLength),
+        );
+      } finally {
+        st.close();
+      }
+    };
+    const layers = Object.keys(steps[0].moe.expertLoad);
+    expect(layers.length).toBeGreaterThan(0);
+    for (const layer of layers) {
+      // the update of each step, replayed on the host in float32 from the logged global loads
+      const want = biasOf(hf, layer);
+      for (const m of steps) {
+        const load = m.moe.expertLoad[layer] as number[];
+        const mean = load.reduce((a, b) => a + b, 0) / load.length;
+        load.forEach((l, e) => {
+          want[e] = Math.fround(want[e] + rate * Math.sign(mean - l));
+        });
+      }
+      const got = biasOf(out, layer);
+      expect(Array.from(got), `layer ${layer}`).toEqual(Array.from(want));
+      expect(Array.from(got), `layer ${layer} moved`).not.toEqual(Array.from(biasOf(hf, layer)));
+    }
   });
 
   it('finetune loads the weights only and exportHf writes a Hugging Face folder', async () => {

@@ -26,7 +26,7 @@ import {
   noGrad,
   oneHot,
   softmax,
-  type Tensor,
+  Tensor,
   tidy,
   topk,
   zeros,
@@ -144,18 +144,25 @@ export class TopKRouter extends Module {
 
   /**
    * The aux-loss-free update: bias_e += rate · sign(mean load − load_e), from the token counts of
-   * the step (summed over data-parallel ranks by the caller).
+   * the step (summed over data-parallel ranks by the caller), given as numbers or as a tensor.
    */
-  updateExpertBias(tokensPerExpert: ArrayLike<number>, rate: number): void {
+  updateExpertBias(tokensPerExpert: ArrayLike<number> | Tensor, rate: number): void {
     const bias = this.expertBias;
     if (!bias) return;
-    const n = tokensPerExpert.length;
-    let mean = 0;
-    for (let e = 0; e < n; e++) mean += tokensPerExpert[e];
-    mean /= n;
-    const b = bias.toTypedArray() as Float32Array;
-    for (let e = 0; e < n; e++) b[e] += rate * Math.sign(mean - tokensPerExpert[e]);
-    noGrad(() => bias.copy_(fromTypedArray(b, [n])));
+    // where the bias is, in float64 (the counts' sums are exact there), rounded to the bias's fp32
+    // once: nothing read back
+    noGrad(() =>
+      tidy(() => {
+        const load =
+          tokensPerExpert instanceof Tensor
+            ? tokensPerExpert.to(bias.device, 'float64')
+            : fromTypedArray(Float64Array.from(tokensPerExpert), [tokensPerExpert.length], {
+                device: bias.device,
+              });
+        const mean = load.sum().div(load.numel);
+        bias.copy_(bias.to('float64').add(mean.sub(load).sign().mul(rate)).to('float32'));
+      }),
+    );
   }
 
   /** Routes x [T, h]. */
