@@ -395,7 +395,10 @@ export class GPTModel extends Module {
    * gets the same counts; call it on all of them.
    */
   takeGlobalExpertLoad(tpDpCpGroup?: ProcessGroup): Map<number, Float64Array> {
-    const g = this.takeGlobalExpertLoadOnDevice(tpDpCpGroup);
+    const group = tpDpCpGroup ?? (modelParallelIsInitialized() ? getTensorAndDataParallelGroup(true) : null);
+    // one rank: the local counts, as they are
+    if (!group || group.size === 1) return this.takeExpertLoad();
+    const g = this.takeGlobalExpertLoadOnDevice(group);
     if (!g) return new Map();
     const E = this.config.moe?.numExperts ?? 0;
     const all = g.load.toTypedArray() as Float64Array;
