@@ -175,11 +175,20 @@ export function sampleToken(
   // m best (m grows until they hold it; most rows need a few hundred)
   for (let m = Math.min(n, 1024); ; m = Math.min(n, m * 8)) {
     const order = descendingOrder(logits, m);
-    let acc = 0;
-    let keep = 0;
-    while (keep < m && (keep === 0 || acc / sum < topP)) acc += w[order[keep++]];
+    const { keep, acc } = nucleus((j) => w[order[j]], m, sum, topP);
     if (acc / sum >= topP || m === n) return draw(order.slice(0, keep), (j) => w[order[j]], acc, rand);
   }
+}
+
+/**
+ * The top-p nucleus of `count` weights in descending order summing to `sum`: how many to keep
+ * (until the mass before the next reaches top-p; the first always stays) and their mass.
+ */
+function nucleus(weight: (j: number) => number, count: number, sum: number, topP: number) {
+  let acc = 0;
+  let keep = 0;
+  while (keep < count && (keep === 0 || acc / sum < topP)) acc += weight(keep++);
+  return { keep, acc };
 }
 
 /**
@@ -195,17 +204,10 @@ function sampleBest(
 ): number {
   const max = value(0);
   const p = ids.map((_, j) => Math.exp((value(j) - max) / t));
-  let sum = p.reduce((a, b) => a + b, 0);
-  let order = ids;
-  if (topP < 1) {
-    // Keep tokens until the mass before them reaches top-p.
-    let acc = 0;
-    let keep = 0;
-    while (keep < p.length && (keep === 0 || acc / sum < topP)) acc += p[keep++];
-    order = ids.slice(0, keep);
-    sum = acc;
-  }
-  return draw(order, (j) => p[j], sum, rand);
+  const sum = p.reduce((a, b) => a + b, 0);
+  if (topP >= 1) return draw(ids, (j) => p[j], sum, rand);
+  const { keep, acc } = nucleus((j) => p[j], p.length, sum, topP);
+  return draw(ids.slice(0, keep), (j) => p[j], acc, rand);
 }
 
 /** One draw from `order` with weights weight(j) summing to `sum`, walked in order. */

@@ -492,8 +492,8 @@ function disposeMicro(micro: readonly ReturnType<typeof microTensors>[]): void {
 }
 
 /**
- * A running float64 sum of scalar tensors kept on their device, read once: adding queues a cast
- * and an add instead of waiting for the device (each term is its float32 value exactly, summed in
+ * A running float64 sum of scalar tensors kept on their device, taken by reduceAndRead: adding
+ * queues a cast and an add instead of waiting for the device (each term is its float32 value exactly, summed in
  * the order added, as the host sum of the terms' values was).
  */
 class DeviceSum {
@@ -515,16 +515,6 @@ class DeviceSum {
     const acc = this.acc ?? zeros([1], { dtype: 'float64', device });
     this.acc = null;
     return acc;
-  }
-
-  /** The sum (0 when nothing was added), read on the host; the accumulator is freed. */
-  read(): number {
-    if (!this.acc) return 0;
-    try {
-      return this.acc.item();
-    } finally {
-      this.dispose();
-    }
   }
 
   dispose(): void {
