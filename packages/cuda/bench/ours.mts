@@ -714,8 +714,9 @@ async function trainBench(tc: any) {
       achievedTflops: r4(flopsPerStep / (stepMs / 1000) / 1e12),
       mfu: r4(flopsPerStep / (stepMs / 1000) / (peakTflops * 1e12)),
       peakTflops,
-      // forward and backward are the host's enqueue times (nothing waits for the device there);
-      // the device's tail lands in the optimizer's grad-norm read; the update runs into the next step
+      // forward, backward and optimizer are the host's enqueue times (nothing waits for the device
+      // there since session 38: the gradient norm is read with the step's sums); the device's tail
+      // lands in the step's one read, at its end (the rest of stepMs)
       breakdownMs: {
         data: t('dataMs'),
         forward: t('forwardMs'),

@@ -379,7 +379,7 @@ for (const [label, side, t] of [
 if (good(o)) {
   const b = o.breakdownMs;
   limits.push(
-    `megapatch timers (median ms): data ${b.data}, forward ${b.forward} (host enqueue), backward ${b.backward} (host enqueue), optimizer ${b.optimizer} (waits for the backward's tail at the grad-norm read); peak memory ${o.peakMemoryGiB} GiB; losses ${o.losses.join(' ')}`,
+    `megapatch timers (median ms): data ${b.data}, forward ${b.forward} (host enqueue), backward ${b.backward} (host enqueue), optimizer ${b.optimizer} (host enqueue; the step's one read, at its end, waits for the device); peak memory ${o.peakMemoryGiB} GiB; losses ${o.losses.join(' ')}`,
   );
 }
 if (good(e))

@@ -157,15 +157,64 @@ describe('optimizers over DDP (one process)', () => {
     expect(r).toEqual({ updated: false, gradNorm: Number.NaN, skipped: true });
     expect(lines).toEqual(['iteration skipped: gradient norm is nan']);
     expect(maxRelDiff(weightsOf(model), before)).toBe(0);
-    // the next clean step goes through
+    // the next clean step goes through, as the first update of a fresh optimizer (the skipped
+    // step's count was taken back: AdamW's bias correction is that of step 1)
     opt.zeroGrad();
     tidy(() => crossEntropy(ddp.forward(batch.x), batch.y).backward());
     expect(opt.step().updated).toBe(true);
     expect(lines.length).toBe(1);
-    opt.dispose();
-    ddp.dispose();
-    model.dispose();
+    const fresh = new MLP(DIMS, 2);
+    const ddp2 = new DistributedDataParallel(fresh, {
+      dataParallelGroup: new LocalGroup(),
+      useDistributedOptimizer: true,
+    });
+    const opt2 = new DistributedOptimizer(ddp2, optOptions);
+    tidy(() => crossEntropy(ddp2.forward(batch.x), batch.y).backward());
+    expect(opt2.step().updated).toBe(true);
+    expect(maxRelDiff(weightsOf(model), weightsOf(fresh))).toBe(0);
+    for (const x of [opt, ddp, model, opt2, ddp2, fresh]) x.dispose();
     for (const t of [batch.x, batch.y]) t.dispose();
+  });
+
+  it('stepOnDevice + finishStep: the update queued without a read, the norm read with other values', () => {
+    const data = makeData(3, 16, 5);
+    const runs = [false, true].map((split) => {
+      const model = new MLP(DIMS, 4);
+      const ddp = new DistributedDataParallel(model, {
+        dataParallelGroup: new LocalGroup(),
+        useDistributedOptimizer: true,
+      });
+      const opt = new DistributedOptimizer(ddp, optOptions);
+      const norms: number[] = [];
+      for (const { x, y } of data) {
+        opt.zeroGrad();
+        tidy(() => crossEntropy(ddp.forward(x), y).backward());
+        if (!split) {
+          norms.push(opt.step().gradNorm);
+          continue;
+        }
+        const norm = opt.stepOnDevice();
+        expect(norm.dtype).toBe('float64');
+        expect(norm.shape).toEqual([1]);
+        // a second step before the first is finished, or finishing twice, is refused
+        expect(() => opt.stepOnDevice()).toThrow(
+          /DistributedOptimizer.stepOnDevice: the previous step is not finished; pass its gradient norm to finishStep\(\) first/,
+        );
+        const value = norm.item();
+        norm.dispose();
+        expect(opt.finishStep(value)).toEqual({ updated: true, gradNorm: value, skipped: false });
+        expect(() => opt.finishStep(value)).toThrow(
+          /finishStep: no step to finish; call stepOnDevice\(\) first/,
+        );
+        norms.push(value);
+      }
+      const weights = weightsOf(model);
+      for (const x of [opt, ddp, model]) x.dispose();
+      return { norms, weights };
+    });
+    expect(runs[1].norms).toEqual(runs[0].norms);
+    expect(maxRelDiff(runs[1].weights, runs[0].weights)).toBe(0);
+    for (const b of data) for (const t of [b.x, b.y]) t.dispose();
   });
 
   it('stateDict / loadStateDict restore the shard (masters, moments) and the model', () => {

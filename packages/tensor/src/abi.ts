@@ -17,4 +17,4 @@ export {
   UNARY_CODES,
 } from './backend/abi.js';
 // the argument check every backend's adamwStep / adamwStepMulti applies to a parameter copy
-export { checkAdamWCopy } from './optim/kernels.js';
+export { checkAdamWCopy, checkAdamWScaleTensor } from './optim/kernels.js';

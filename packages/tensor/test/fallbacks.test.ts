@@ -1959,6 +1959,79 @@ describe('adamwStep', () => {
   }
 });
 
+describe('adamwStep with the gradient scale as a device tensor', () => {
+  const it = itWith('adamwStep');
+  const combos: { p: DType; g: DType; copy?: DType }[] = [
+    { p: 'float32', g: 'float32', copy: 'bfloat16' },
+    { p: 'bfloat16', g: 'bfloat16' },
+    { p: 'bfloat16', g: 'float32' },
+    { p: 'float64', g: 'float64' },
+  ];
+  // 1003 elements: vector bodies and an odd tail
+  const n = 1003;
+  for (const dt of combos) {
+    for (const scale of [0.37, 1, Number.NaN, INF, NINF]) {
+      it(`param ${dt.p}, grad ${dt.g}${dt.copy ? `, ${dt.copy} copy` : ''}, scale ${scale}`, () =>
+        tidy(() => {
+          const r = rng(dt.p.length * 7 + dt.g.length);
+          const state = dt.p === 'float64' ? 'float64' : 'float32';
+          const p = randnT(r, [n], dt.p);
+          const g = randnT(r, [n], dt.g, 0.1);
+          const m = randnT(r, [n], state, 0.05);
+          const v = make([n], state, () => 0.01 * r.normal() ** 2);
+          const base = adamwScalars(0.1, 3);
+          const runK = (k: KernelTable['adamwStep'], sc: Parameters<KernelTable['adamwStep']>[4]) => {
+            const t = {
+              p: clone(p),
+              m: clone(m),
+              v: clone(v),
+              copy: dt.copy ? make([n], dt.copy, () => 7) : null,
+            };
+            k(t.p, g, t.m, t.v, sc, t.copy);
+            return t;
+          };
+          const withTensor = { ...base, gradScaleTensor: make([1], 'float64', () => scale) };
+          for (const [who, k] of [
+            ['native', nativeKernel('adamwStep')],
+            [CANDIDATE, candidateKernel('adamwStep')],
+          ] as const) {
+            // the reference: the same kernel given the scale as a number (finite), or the inputs
+            // left as they were
+            const R = Number.isFinite(scale)
+              ? runK(k, { ...base, gradScale: scale })
+              : { p, m, v, copy: dt.copy ? make([n], dt.copy, () => 7) : null };
+            const T = runK(k, withTensor);
+            expect(values(T.p), `${who} param`).toEqual(values(R.p));
+            expect(values(T.m), `${who} exp_avg`).toEqual(values(R.m));
+            expect(values(T.v), `${who} exp_avg_sq`).toEqual(values(R.v));
+            if (dt.copy) expect(values(T.copy!), `${who} copy`).toEqual(values(R.copy!));
+          }
+        }));
+    }
+  }
+
+  it('rejects a scale tensor of another dtype, size or device', () =>
+    tidy(() => {
+      const p = make([4], 'float32', () => 1);
+      const [g, m, v] = [clone(p), clone(p), clone(p)];
+      const s = adamwScalars(0, 1);
+      for (const k of [nativeKernel('adamwStep'), fallbackKernel('adamwStep')]) {
+        expect(() => k(p, g, m, v, { ...s, gradScaleTensor: make([1], 'float32', () => 1) })).toThrow(
+          /adamwStep: gradScaleTensor must be a float64 tensor of one element, got/,
+        );
+        expect(() => k(p, g, m, v, { ...s, gradScaleTensor: make([2], 'float64', () => 1) })).toThrow(
+          /gradScaleTensor must be a float64 tensor of one element/,
+        );
+      }
+      registerCoreOnly('scaledev');
+      const elsewhere = make([1], 'float64', () => 1).to('scaledev:0');
+      expect(() => nativeKernel('adamwStep')(p, g, m, v, { ...s, gradScaleTensor: elsewhere })).toThrow(
+        /adamwStep: gradScaleTensor is on scaledev:0 but the parameters are on cpu/,
+      );
+      expect(values(p)).toEqual([1, 1, 1, 1]);
+    }));
+});
+
 describe('adamwStepMulti', () => {
   const it = itWith('adamwStepMulti', 'adamwStep');
   type Lists = [Tensor[], Tensor[], Tensor[], Tensor[]];
@@ -2017,7 +2090,8 @@ describe('adamwStepMulti', () => {
         return c.dev;
       });
     try {
-      k(move(ps), move(gs), move(ms), move(vs), s, cs ? move(cs) : null);
+      const sd = s.gradScaleTensor ? { ...s, gradScaleTensor: move([s.gradScaleTensor])[0] } : s;
+      k(move(ps), move(gs), move(ms), move(vs), sd, cs ? move(cs) : null);
     } finally {
       for (const c of copies.values()) c.back();
     }
@@ -2102,6 +2176,66 @@ describe('adamwStepMulti', () => {
           }));
       }
     }
+  }
+
+  // the scale as a float64 tensor: the number's bits when finite, nothing written when not
+  for (const scale of [0.37, Number.NaN]) {
+    it(`param float32, grad float32, sizes 1, 7, 33, 1000, 70000, bfloat16 copies, gradScale tensor ${scale}`, () =>
+      tidy(() => {
+        const r = rng(77);
+        const sizes = [1, 7, 33, 1000, 70000];
+        const inputs = sizes.map((n, i) => ({
+          shift: i % 3 === 1 ? 1 : 0,
+          p: randnT(r, [n], 'float32'),
+          g: randnT(r, [n], 'float32', 0.1),
+          m: randnT(r, [n], 'float32', 0.05),
+          v: make([n], 'float32', () => 0.01 * r.normal() ** 2),
+        }));
+        const run = (k: KernelTable['adamwStepMulti'], s: Parameters<KernelTable['adamwStepMulti']>[4]) => {
+          const t: Lists = [[], [], [], []];
+          for (const x of inputs) {
+            [x.p, x.g, x.m, x.v].forEach((y, j) => {
+              t[j].push(shifted(y, x.shift));
+            });
+          }
+          const cs = inputs.map((x) =>
+            shifted(
+              make([x.p.numel], 'bfloat16', () => 7),
+              x.shift,
+            ),
+          );
+          k(t[0], t[1], t[2], t[3], s, cs);
+          return [...t, cs];
+        };
+        const base = scalars(0.1, 10);
+        const withTensor = { ...base, gradScaleTensor: make([1], 'float64', () => scale) };
+        for (const [who, k] of [
+          ['native', nativeKernel('adamwStepMulti')],
+          [CANDIDATE, multi],
+        ] as const) {
+          // the same kernel with the scale as a number, or the inputs as they were
+          const R = Number.isFinite(scale)
+            ? run(k, { ...base, gradScale: scale })
+            : [
+                inputs.map((x) => x.p),
+                inputs.map((x) => x.g),
+                inputs.map((x) => x.m),
+                inputs.map((x) => x.v),
+                inputs.map((x) => make([x.p.numel], 'bfloat16', () => 7)),
+              ];
+          const T = run(k, withTensor);
+          for (let i = 0; i < inputs.length; i++) {
+            for (const [j, name] of [
+              [0, 'param'],
+              [2, 'exp_avg'],
+              [3, 'exp_avg_sq'],
+              [4, 'copy'],
+            ] as const) {
+              expect(values(T[j][i]), `${who} tensor ${i} ${name}`).toEqual(values(R[j][i]));
+            }
+          }
+        }
+      }));
   }
 
   it('rejects lists of different lengths and lists of mixed dtypes, changing nothing', () =>

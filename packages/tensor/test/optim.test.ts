@@ -504,6 +504,10 @@ describe('AdamW multi-tensor path', () => {
   });
 });
 
+/** AdamW's per-parameter state (protected: read here to check step counts and moments). */
+const stateOf = (opt: AdamW) =>
+  (opt as unknown as { state: Map<Tensor, { step: number; expAvg: Tensor; expAvgSq: Tensor }> }).state;
+
 describe('AdamW.step options: gradScale and paramCopies', () => {
   /** fp32 masters (one transposed, one 1-D) with gradients, their bf16 copies and a twin set. */
   function setup(seed: number) {
@@ -568,6 +572,70 @@ describe('AdamW.step options: gradScale and paramCopies', () => {
       free([...masters, ...copies]);
     });
   }
+
+  for (const foreach of [true, false]) {
+    it(`gradScale as a float64 tensor: the number's bits; not finite, nothing changes and revertStepCounts takes the step back (foreach ${foreach})`, () => {
+      const a = setup(6);
+      const b = setup(6);
+      const optA = new AdamW(a.masters, { lr: 1e-2, foreach });
+      const optB = new AdamW(b.masters, { lr: 1e-2, foreach });
+      const copiesA = new Map(a.masters.map((p, i) => [p, a.copies[i]] as const));
+      const copiesB = new Map(b.masters.map((p, i) => [p, b.copies[i]] as const));
+      const snapshot = () => [
+        ...a.masters.map((p) => p.toArray()),
+        ...a.copies.map((c) => c.toArray()),
+        ...a.masters.flatMap((p) => {
+          const st = stateOf(optA).get(p);
+          return st ? [st.expAvg.toArray(), st.expAvgSq.toArray()] : [];
+        }),
+      ];
+      // A: 0.3 (tensor), NaN (skipped, reverted), inf (skipped, reverted), 0.5 (tensor);
+      // B: 0.3 and 0.5 as numbers: the same values and step counts
+      for (const scale of [0.3, Number.NaN, Number.POSITIVE_INFINITY, 0.5]) {
+        const t = tensor([scale], { dtype: 'float64' });
+        const before = snapshot();
+        optA.step({ gradScale: t, paramCopies: copiesA });
+        t.dispose();
+        if (!Number.isFinite(scale)) {
+          expect(snapshot()).toEqual(before);
+          optA.revertStepCounts();
+          continue;
+        }
+        optB.step({ gradScale: scale, paramCopies: copiesB });
+        for (let i = 0; i < a.masters.length; i++) {
+          expect(a.masters[i].toArray()).toEqual(b.masters[i].toArray());
+          expect(a.copies[i].toArray()).toEqual(b.copies[i].toArray());
+        }
+      }
+      a.masters.forEach((p, i) => {
+        const sa = stateOf(optA).get(p)!;
+        const sb = stateOf(optB).get(b.masters[i])!;
+        expect(sa.step).toBe(2);
+        expect(sb.step).toBe(2);
+        expect(sa.expAvg.toArray()).toEqual(sb.expAvg.toArray());
+        expect(sa.expAvgSq.toArray()).toEqual(sb.expAvgSq.toArray());
+      });
+      optA.dispose();
+      optB.dispose();
+      free([...a.masters, ...a.copies, ...b.masters, ...b.copies]);
+    });
+  }
+
+  it('rejects a gradScale tensor of another dtype, size or device', () => {
+    const { masters, copies } = setup(7);
+    const opt = new AdamW(masters, { lr: 1e-2 });
+    const before = masters[0].toArray();
+    const f32 = tensor([0.5], { dtype: 'float32' });
+    const two = tensor([0.5, 0.5], { dtype: 'float64' });
+    expect(() => opt.step({ gradScale: f32 })).toThrow(
+      /AdamW.step: a gradScale tensor must be float64 with one element, got/,
+    );
+    expect(() => opt.step({ gradScale: two })).toThrow(/must be float64 with one element/);
+    expect(masters[0].toArray()).toEqual(before);
+    for (const t of [f32, two]) t.dispose();
+    opt.dispose();
+    free([...masters, ...copies]);
+  });
 
   it('rejects a bad gradScale, a copy of another shape and a copy of a float32 master into float64', () => {
     const { masters, copies } = setup(5);

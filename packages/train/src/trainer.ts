@@ -526,14 +526,14 @@ class DeviceSum {
 /**
  * A step's sums read with one wait: each term (a device sum or a host number) divided by its
  * divisor, summed over each group in turn on the device (float64), then read, followed by the
- * values of `along` when given. The device sums and `along` are freed. The same bits as reading
- * each sum, dividing on the host and reducing the numbers.
+ * values of the `along` tensors (float64, reduced already) in order. The device sums and `along`
+ * are freed. The same bits as reading each sum, dividing on the host and reducing the numbers.
  */
 function reduceAndRead(
   terms: readonly (DeviceSum | number)[],
   divisors: readonly number[],
   groups: readonly ProcessGroup[],
-  along: Tensor | null = null,
+  along: readonly Tensor[] = [],
 ): number[] {
   const device = getDefaultDevice();
   const parts = terms.map((x) =>
@@ -544,17 +544,22 @@ function reduceAndRead(
     v = noGrad(() =>
       tidy(() => keep(cat(parts).div(fromTypedArray(Float64Array.from(divisors), [divisors.length])))),
     );
+  } catch (e) {
+    for (const a of along) a.dispose();
+    throw e;
   } finally {
     for (const p of parts) p.dispose();
   }
   try {
     for (const g of groups) if (g.size > 1) g.allReduce(v, 'sum').waitSync();
-    if (!along) return Array.from(v.toTypedArray() as Float64Array);
-    // with `along` (float64, reduced already) after them, read in the same wait
-    return Array.from(noGrad(() => tidy(() => cat([v, along]).toTypedArray())) as Float64Array);
+    if (along.length === 0) return Array.from(v.toTypedArray() as Float64Array);
+    // `along` after them, read in the same wait
+    return Array.from(
+      noGrad(() => tidy(() => cat([v, ...along.map((a) => a.reshape(-1))]).toTypedArray())) as Float64Array,
+    );
   } finally {
     v.dispose();
-    along?.dispose();
+    for (const a of along) a.dispose();
   }
 }
 
@@ -1062,7 +1067,9 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
       }
       disposeMicro(micro);
       const o0 = performance.now();
-      const r = optimizer.step();
+      // the update is queued without a read: the gradient norm (the clip coefficient and the skip
+      // decision) stays on the device and is read with the step's sums below
+      const gradNormOnDevice = optimizer.stepOnDevice();
       timers.optimizerMs = performance.now() - o0;
       // the next step's batch (the loader's host work and the copies to the device) while the
       // device runs the update, instead of after the reads below, when it would wait idle
@@ -1072,8 +1079,6 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
       const sync = ddp.lastSyncStats();
       timers.commMs = sync.commMs;
       timers.exposedCommMs = sync.exposedMs;
-      // Megatron advances the schedule only after an update (a skipped step leaves it)
-      if (r.updated) scheduler.step(gbs);
       // the step's tokens per expert over tp × dp × cp (a collective on every rank), where they
       // are: the aux-loss-free balancing update of the routers with an expert bias there, and a
       // row [layers × experts] for the metrics, each stage filling its own layers (summed over the
@@ -1096,21 +1101,24 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
         if (ppSize > 1) layout.pp.allReduce(rows, 'sum').waitSync();
         loadRows = rows;
       }
+      // the loss lives on the last stage and each stage's MoE layers have their aux losses: sum
+      // over the pipeline, then over the data-parallel ranks, on the device; the step's one read,
+      // with the gradient norm and the expert loads
+      const [lossAll, tokensAll, auxAll, zAll, mtpAll, gradNorm, ...loads] = reduceAndRead(
+        [sums.loss, sums.tokens, sums.aux, sums.z, sums.mtp],
+        [1, 1, numMicro, numMicro, numMicro],
+        [layout.pp, layout.dp],
+        loadRows ? [gradNormOnDevice, loadRows] : [gradNormOnDevice],
+      );
+      const r = optimizer.finishStep(gradNorm);
+      // Megatron advances the schedule only after an update (a skipped step leaves it)
+      if (r.updated) scheduler.step(gbs);
       state.iteration++;
       state.consumedSamples += gbs;
       if (!r.updated) {
         state.skippedIterations++;
         skippedSinceLog++;
       }
-      // the loss lives on the last stage and each stage's MoE layers have their aux losses: sum
-      // over the pipeline, then over the data-parallel ranks, on the device; one read (after the
-      // step's own read of the gradient norm, which waited for the backward's tail)
-      const [lossAll, tokensAll, auxAll, zAll, mtpAll, ...loads] = reduceAndRead(
-        [sums.loss, sums.tokens, sums.aux, sums.z, sums.mtp],
-        [1, 1, numMicro, numMicro, numMicro],
-        [layout.pp, layout.dp],
-        loadRows,
-      );
       const expertLoad: Record<string, number[]> = {};
       if (cfg.moe) {
         const E = cfg.moe.numExperts;

@@ -2,9 +2,10 @@
 // as the CPU backend's wrappers in @megapatch/tensor's src/optim/kernels.ts pack them. The two
 // kernels that return a value on the CPU write it on the stream instead: normPowerSum into its
 // float64 `out` scalar and unscaleCheck into its float32 `foundInf` flag (1 when it found inf or
-// NaN, never reset), both passed last.
+// NaN, never reset), both passed last. AdamW's kernels take the gradient scale's device tensor
+// (AdamWScalars.gradScaleTensor) after their scalars: a flag, then the tensor.
 import { type DType, type KernelTable, type Tensor, TensorError } from '@megapatch/tensor';
-import { checkAdamWCopy, packAdamWScalars, packSgd } from '@megapatch/tensor/abi';
+import { checkAdamWCopy, checkAdamWScaleTensor, packAdamWScalars, packSgd } from '@megapatch/tensor/abi';
 import { type Entries, pack } from '../pack.js';
 
 type OptimKernels = Pick<
@@ -16,6 +17,8 @@ type OptimKernels = Pick<
 // parameters' four tensors of up to 16 dimensions fit in the 8,192 argument slots (6,720 at most);
 // with a copy each, 40 parameters' five tensors (7,000).
 const MULTI_PER_CALL = 48;
+
+type AdamWScalars = Parameters<KernelTable['adamwStep']>[4];
 const MULTI_PER_CALL_COPIES = 40;
 
 /** Throws unless `t` is a contiguous tensor of `dtype` with `n` elements (the CPU wrapper's check). */
@@ -27,12 +30,20 @@ function checkOutput(kernel: string, what: string, t: Tensor, dtype: DType, n: n
   }
 }
 
+/** After the scalars: whether the gradient scale is a device tensor, and that tensor (read by the kernel). */
+function packScaleTensor(s: AdamWScalars): void {
+  pack.num(s.gradScaleTensor ? 1 : 0);
+  if (s.gradScaleTensor) pack.tensor(s.gradScaleTensor);
+}
+
 export function optimKernels(call: Entries): OptimKernels {
   return {
     adamwStep(p, g, m, v, s, copy) {
       if (copy) checkAdamWCopy('adamwStep', p, copy);
+      checkAdamWScaleTensor('adamwStep', p, s);
       pack.begin().tensor(p).tensor(g).tensor(m).tensor(v);
       packAdamWScalars(pack, s, copy ?? null);
+      packScaleTensor(s);
       call.adamwStep();
     },
     adamwStepMulti(ps, gs, ms, vs, s, copies) {
@@ -44,6 +55,7 @@ export function optimKernels(call: Entries): OptimKernels {
         );
       }
       if (copies) for (let i = 0; i < n; i++) checkAdamWCopy('adamwStepMulti', ps[i], copies[i]);
+      if (n > 0) checkAdamWScaleTensor('adamwStepMulti', ps[0], s);
       const per = copies ? MULTI_PER_CALL_COPIES : MULTI_PER_CALL;
       for (let i0 = 0; i0 < n; i0 += per) {
         const i1 = Math.min(n, i0 + per);
@@ -56,6 +68,7 @@ export function optimKernels(call: Entries): OptimKernels {
           if (copies) pack.tensor(copies[i]);
         }
         packAdamWScalars(pack, s);
+        packScaleTensor(s);
         call.adamwStepMulti();
       }
     },

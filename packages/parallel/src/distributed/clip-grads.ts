@@ -94,7 +94,9 @@ export function gradNormPowerSum(params: Iterable<Tensor>, options: GradNormOpti
 
 /** @internal The norm from gradNormPowerSum's value. */
 export function gradNormOf(total: number, normType = 2): number {
-  return normType === Number.POSITIVE_INFINITY || normType === 1 ? total : total ** (1 / normType);
+  if (normType === Number.POSITIVE_INFINITY || normType === 1) return total;
+  // the square root as the devices take it (correctly rounded), not through pow
+  return normType === 2 ? Math.sqrt(total) : total ** (1 / normType);
 }
 
 // the factor Megatron's clip_grad_by_total_norm_fp32 scales the gradients by (tensor's, re-exported)

@@ -7,7 +7,6 @@
 import {
   AdamW,
   type AdamWGroup,
-  cat,
   full,
   type GradScaler,
   type GradScalerState,
@@ -19,6 +18,7 @@ import {
   type ParamGroup,
   type Tensor,
   tidy,
+  where,
 } from '@megapatch/tensor';
 import { DistributedError } from '../errors.js';
 import {
@@ -33,7 +33,7 @@ import {
   getTensorModelParallelAttributes,
   setTensorModelParallelAttributes,
 } from '../tensor-parallel/attributes.js';
-import { clipCoefficient, getGradNorm, gradNormOf, gradNormPowerSum } from './clip-grads.js';
+import { gradNormPowerSum } from './clip-grads.js';
 import type { DistributedDataParallel } from './distributed-data-parallel.js';
 import { flatView } from './param-and-grad-buffer.js';
 
@@ -129,6 +129,23 @@ function noWeightDecay(name: string, p: Tensor): boolean {
 
 type AnyDdp = DistributedDataParallel<Module & { forward: (...args: never[]) => unknown }>;
 
+/**
+ * AdamW's gradient scale for a step, from the global gradient norm (float64 [1]), on its device:
+ * Megatron's clip coefficient min(1, clipGrad / (norm + 1e-6)) (1 without clipping), NaN when the
+ * norm is not finite (the step is skipped). The host's clipCoefficient in the same float64
+ * operations.
+ */
+function stepScale(norm: Tensor, clipGrad: number): Tensor {
+  // finite: x - x is 0 (NaN for inf and NaN)
+  const finite = norm.sub(norm).eq(0);
+  const coef =
+    clipGrad > 0
+      ? full([1], clipGrad, { dtype: 'float64', device: norm.device }).div(norm.add(1e-6))
+      : full([1], 1, { dtype: 'float64', device: norm.device });
+  const clamped = clipGrad > 0 ? where(coef.lt(1), coef, 1) : coef;
+  return where(finite, clamped, Number.NaN);
+}
+
 /** True when `local` is true on any rank of `group` (a max all-reduce; no group: local). */
 function anyRank(local: boolean, group: ProcessGroup | null): boolean {
   if (!group || group.size === 1) return local;
@@ -163,6 +180,8 @@ abstract class BufferOptimizer {
   readonly lossScaler: GradScaler | null;
   /** modelCopies(), built on the first step. */
   private copies: Map<Tensor, Tensor> | null = null;
+  /** A stepOnDevice() waits for its finishStep(). */
+  private pendingFinish = false;
 
   protected constructor(name: string, ddp: AnyDdp, sharded: boolean, options: DistributedOptimizerOptions) {
     this.name = name;
@@ -291,9 +310,34 @@ abstract class BufferOptimizer {
    * One step: finishes DDP's gradient sync if it is still pending, computes the global gradient
    * norm, skips the step when it is NaN or infinite, else runs AdamW on this rank's masters with the
    * clip coefficient of clipGrad folded in (the gradients are not scaled in place), writing the
-   * 16-bit model values in the same pass, and (sharded) all-gathers the parameters.
+   * 16-bit model values in the same pass, and (sharded) all-gathers the parameters. The same as
+   * stepOnDevice(), a read of the norm, and finishStep().
    */
   step(): DistributedStepResult {
+    const norm = this.stepOnDevice();
+    let value: number;
+    try {
+      value = norm.item();
+    } finally {
+      norm.dispose();
+    }
+    return this.finishStep(value);
+  }
+
+  /**
+   * step() without a read: the norm, the clip coefficient and the skip decision stay on the device
+   * (AdamW reads the coefficient there and writes nothing when it is not finite), so the update is
+   * queued behind the backward without waiting for it. Returns the global gradient norm, a float64
+   * [1] tensor on the gradients' device that the caller frees, to be read with the step's other
+   * values (one wait) and passed to finishStep() before the next step.
+   */
+  stepOnDevice(): Tensor {
+    if (this.pendingFinish) {
+      throw new DistributedError(
+        'INVALID_ARGUMENT',
+        `${this.name}.stepOnDevice: the previous step is not finished; pass its gradient norm to finishStep() first`,
+      );
+    }
     this.ddp.finishGradSync();
     const masters = this.masterParams;
     const scaler = this.lossScaler;
@@ -309,31 +353,61 @@ abstract class BufferOptimizer {
       });
     }
     // one all-reduced norm over every piece: an inf or NaN anywhere makes it non-finite everywhere
-    const gradNorm = this.gradNorm();
+    const norm = this.gradNormOnDevice();
+    try {
+      // Clipping and the copy into the model's 16-bit values ride on AdamW's pass (its gradient
+      // scale, paramCopies): the same bits as scaling the gradients in place and copying
+      // afterwards (which Megatron does in two more passes), without reading and writing them
+      // twice more; the gradients keep their unclipped values. A norm that is not finite makes
+      // the scale NaN: AdamW then changes nothing.
+      const scale = noGrad(() => tidy(() => keep(stepScale(norm, this.clipGrad))));
+      try {
+        this.inner?.step({ gradScale: scale, paramCopies: this.modelCopies() });
+      } finally {
+        scale.dispose();
+      }
+      // a skipped step gathers the unchanged parameters: the same values
+      if (this.sharded) this.ddp.syncParams();
+    } catch (e) {
+      norm.dispose();
+      throw e;
+    }
+    this.pendingFinish = true;
+    return norm;
+  }
+
+  /**
+   * The host's part of a stepOnDevice() once its gradient norm has been read: a norm that is not
+   * finite means the device skipped the update, so AdamW's step counts are taken back (and the
+   * skip logged, without a loss scaler); the loss scaler learns the verdict.
+   */
+  finishStep(gradNorm: number): DistributedStepResult {
+    if (!this.pendingFinish) {
+      throw new DistributedError(
+        'INVALID_ARGUMENT',
+        `${this.name}.finishStep: no step to finish; call stepOnDevice() first`,
+      );
+    }
+    this.pendingFinish = false;
     const finite = Number.isFinite(gradNorm);
-    scaler?.update(!finite);
+    this.lossScaler?.update(!finite);
     if (!finite) {
-      if (!scaler) {
+      this.inner?.revertStepCounts();
+      if (!this.lossScaler) {
         this.log(`iteration skipped: gradient norm is ${Number.isNaN(gradNorm) ? 'nan' : 'inf'}`);
       }
       return { updated: false, gradNorm, skipped: true };
     }
-    // Clipping and the copy into the model's 16-bit values ride on AdamW's pass (gradScale,
-    // paramCopies): the same bits as scaling the gradients in place and copying afterwards (which
-    // Megatron does in two more passes), without reading and writing them twice more; the
-    // gradients keep their unclipped values.
-    const coef = this.clipGrad > 0 ? clipCoefficient(this.clipGrad, gradNorm) : 1;
-    this.inner?.step({ gradScale: coef, paramCopies: this.modelCopies() });
-    if (this.sharded) this.ddp.syncParams();
     return { updated: true, gradNorm, skipped: false };
   }
 
   /**
-   * The global L2 norm of the gradients: dense pieces reduced over the model-parallel group (and
-   * dp when sharded), expert pieces over the expert tp-ep-pp group (and expert-dp when sharded),
-   * combined as Megatron does.
+   * The global L2 norm of the gradients as a float64 [1] tensor on their device: dense pieces
+   * reduced over the model-parallel group (and dp when sharded), expert pieces over the expert
+   * tp-ep-pp group (and expert-dp when sharded), combined as Megatron does, in float64 with the
+   * host's operations (sqrt, then sqrt(dense² + expert²)).
    */
-  private gradNorm(): number {
+  private gradNormOnDevice(): Tensor {
     const dense = this.pieces
       .filter((p) => !this.expertPieces.has(p) && !this.sharedParams.has(p.param))
       .map((p) => p.master);
@@ -342,30 +416,36 @@ abstract class BufferOptimizer {
       dataParallelGroup: this.sharded ? this.ddp.dataParallelGroup : null,
       tpRank: this.tpRank,
     };
-    if (!this.hasExperts) return getGradNorm(dense, denseOptions);
-    // both sums read back with one wait (one host read a step for the norm, as without experts)
-    const sums = [
-      gradNormPowerSum(dense, denseOptions),
-      gradNormPowerSum(
-        [...this.expertPieces].map((p) => p.master),
-        {
-          modelParallelGroup: this.expertModelParallelGroup,
-          dataParallelGroup: this.sharded ? this.ddp.expertDataParallelGroup : null,
-          tpRank: this.expertTpRank,
-        },
-      ),
-    ];
-    let values: number[];
-    try {
-      values =
-        sums[0].device === sums[1].device
-          ? Array.from(noGrad(() => tidy(() => cat(sums).toTypedArray())) as Float64Array)
-          : sums.map((s) => s.item());
-    } finally {
-      for (const s of sums) s.dispose();
+    const denseSum = gradNormPowerSum(dense, denseOptions);
+    if (!this.hasExperts) {
+      try {
+        return noGrad(() => tidy(() => keep(denseSum.sqrt())));
+      } finally {
+        denseSum.dispose();
+      }
     }
-    const [denseNorm, expertNorm] = values.map((v) => gradNormOf(v));
-    return Math.sqrt(denseNorm * denseNorm + expertNorm * expertNorm);
+    const sums = [denseSum];
+    try {
+      sums.push(
+        gradNormPowerSum(
+          [...this.expertPieces].map((p) => p.master),
+          {
+            modelParallelGroup: this.expertModelParallelGroup,
+            dataParallelGroup: this.sharded ? this.ddp.expertDataParallelGroup : null,
+            tpRank: this.expertTpRank,
+          },
+        ),
+      );
+      return noGrad(() =>
+        tidy(() => {
+          const d = sums[0].sqrt();
+          const e = sums[1].to(d.device).sqrt();
+          return keep(d.mul(d).add(e.mul(e)).sqrt());
+        }),
+      );
+    } finally {
+      for (const t of sums) t.dispose();
+    }
   }
 
   /** Master -> the model's values of its piece, for the pieces whose parameters are 16-bit. */

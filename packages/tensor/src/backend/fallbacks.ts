@@ -56,7 +56,7 @@ import { matmul } from '../ops/matmul.js';
 import { amax, amin, sum } from '../ops/reduce.js';
 import { expand, narrow, reshape, stack, to, transpose, unsqueeze } from '../ops/shape.js';
 import { alloc } from '../ops/util.js';
-import { checkAdamWCopy, checkAdamWLists } from '../optim/kernels.js';
+import { checkAdamWCopy, checkAdamWLists, checkAdamWScaleTensor } from '../optim/kernels.js';
 import { tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import { defineFallbackKernel, getKernel, type KernelName, type KernelTable } from './kernels.js';
@@ -721,23 +721,41 @@ const flat = (t: Tensor, c: Compute): Tensor => reshape(to(t, c), [-1]);
 // the compute type: p = p * decay + negStep * m / (sqrt(v) / bc2Sqrt + eps), after
 // m = m * beta1 + (1 - beta1) g and v = v * beta2 + (1 - beta2) g g.
 // gradScale multiplies the gradient first, in its own dtype (as an in-place mul would); `copy`
-// receives the new parameter converted to its dtype.
+// receives the new parameter converted to its dtype. A gradScaleTensor is that scale where the
+// update runs: every output is selected between its new and old value by whether it is finite.
 register('adamwStep', (p, g, m, v, s, copy) => {
   if (copy) checkAdamWCopy('adamwStep', p, copy);
+  checkAdamWScaleTensor('adamwStep', p, s);
   if (p.numel === 0) return;
   run(() => {
     const c = computeOf(p.dtype);
     const ps = flat(p, c);
-    const gs = flat(s.gradScale !== undefined && s.gradScale !== 1 ? mul(g, s.gradScale) : g, c);
+    const st = s.gradScaleTensor ? reshape(s.gradScaleTensor, []) : null;
+    let scaled = g;
+    if (st) {
+      const gc = computeOf(g.dtype);
+      scaled = to(mul(to(g, gc), to(st, gc)), g.dtype);
+    } else if (s.gradScale !== undefined && s.gradScale !== 1) scaled = mul(g, s.gradScale);
+    const gs = flat(scaled, c);
     const decayed = mul(ps, s.decay);
     const mi = add(mul(flat(m, c), s.beta1), mul(gs, 1 - s.beta1));
     const vi = add(mul(flat(v, c), s.beta2), mul(mul(gs, 1 - s.beta2), gs));
     const denom = add(divBy(sqrt(vi), s.bc2Sqrt), s.eps);
     const next = add(decayed, div(mul(mi, s.negStep), denom));
-    store(m, mi);
-    store(v, vi);
-    store(p, next);
-    if (copy) store(copy, p);
+    if (!st) {
+      store(m, mi);
+      store(v, vi);
+      store(p, next);
+      if (copy) store(copy, p);
+      return;
+    }
+    // the step skipped where the scale is not finite: each output keeps its value
+    const ok = logicalNot(logicalOr(isnan(st), isinf(st)));
+    const copyNext = copy ? where(ok, reshape(to(next, copy.dtype), [-1]), reshape(copy, [-1])) : null;
+    store(m, where(ok, mi, flat(m, c)));
+    store(v, where(ok, vi, flat(v, c)));
+    store(p, where(ok, next, ps));
+    if (copy && copyNext) store(copy, copyNext);
   });
 });
 

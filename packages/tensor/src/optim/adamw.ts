@@ -32,8 +32,14 @@ export interface AdamWStepOptions {
    * Each gradient is read multiplied by this, rounded to the gradient's dtype, as if it had been
    * scaled in place first (a gradient-clipping coefficient, folded into the update's pass); the
    * gradients themselves are left unchanged. A finite number; default 1.
+   *
+   * Or a float64 tensor of one element on the parameters' device: the scale computed there and not
+   * read back (a clip coefficient from the device's gradient norm), so the step queues without
+   * waiting for the device. A value that is not finite skips the update there (parameters,
+   * moments and copies keep their values); the step counts this call advanced are then taken
+   * back with {@link AdamW.revertStepCounts} once the caller has read the verdict.
    */
-  gradScale?: number;
+  gradScale?: number | Tensor;
   /**
    * Parameter -> copy: the update also writes each listed parameter's new value, rounded, into its
    * copy (float32 masters into their bfloat16 / float16 model weights), in the same pass.
@@ -57,6 +63,8 @@ export interface AdamWState extends ParamState {
 /** torch.optim.AdamW: decoupled weight decay and bias correction, one fused pass per parameter, batched into multi-tensor kernel calls. */
 export class AdamW extends Optimizer<AdamWGroup, AdamWState> {
   private readonly foreach: boolean | undefined;
+  /** The states whose step count the last step() advanced (see revertStepCounts). */
+  private lastStepped: AdamWState[] = [];
 
   constructor(params: ParamsInput<AdamWGroup>, options: AdamWOptions = {}) {
     super('AdamW', params, {
@@ -80,18 +88,49 @@ export class AdamW extends Optimizer<AdamWGroup, AdamWState> {
 
   step(options: AdamWStepOptions = {}): void {
     const gradScale = options.gradScale ?? 1;
-    if (!Number.isFinite(gradScale)) {
+    if (typeof gradScale === 'number' && !Number.isFinite(gradScale)) {
       throw new TensorError(
         'INVALID_ARGUMENT',
         `AdamW.step: gradScale must be a finite number, got ${gradScale}`,
       );
     }
+    if (gradScale instanceof Tensor) {
+      gradScale.checkAlive('AdamW.step');
+      if (gradScale.dtype !== 'float64' || gradScale.numel !== 1) {
+        throw new TensorError(
+          'INVALID_ARGUMENT',
+          `AdamW.step: a gradScale tensor must be float64 with one element, got ${gradScale.describe()}`,
+        );
+      }
+    }
     const copies = options.paramCopies ?? null;
     // every gradient is checked before any parameter changes
     const live = this.paramGroups.map((group) => this.withGrads(group, copies));
+    if (gradScale instanceof Tensor) {
+      for (const p of live.flat()) {
+        if (p.device !== gradScale.device) {
+          throw new TensorError(
+            'DEVICE_MISMATCH',
+            `AdamW.step: the gradScale tensor is on ${gradScale.device} but ${p.describe()} is on ${p.device}`,
+          );
+        }
+      }
+    }
+    this.lastStepped = [];
     this.paramGroups.forEach((group, i) => {
       this.stepGroup(group, live[i], gradScale, copies);
     });
+  }
+
+  /**
+   * Takes back the step counts that the last step() advanced: after a step with a gradScale tensor
+   * that turned out not to be finite (the update was skipped on the device, which the caller
+   * learns when it reads the scale or the norm it came from), so that the next step's bias
+   * correction counts only the updates that happened. At most once per step().
+   */
+  revertStepCounts(): void {
+    for (const st of this.lastStepped) st.step -= 1;
+    this.lastStepped = [];
   }
 
   /** The group's parameters that have a gradient, after checking it (and a copy) against the parameter. */
@@ -133,7 +172,7 @@ export class AdamW extends Optimizer<AdamWGroup, AdamWState> {
   private stepGroup(
     group: AdamWGroup,
     live: Tensor[],
-    gradScale: number,
+    gradScale: number | Tensor,
     copies: ReadonlyMap<Tensor, Tensor> | null,
   ): void {
     const [beta1, beta2] = group.betas;
@@ -144,7 +183,7 @@ export class AdamW extends Optimizer<AdamWGroup, AdamWState> {
       bc2Sqrt: Math.sqrt(1 - beta2 ** step),
       eps: group.eps,
       negStep: -(group.lr / (1 - beta1 ** step)),
-      gradScale,
+      ...(typeof gradScale === 'number' ? { gradScale } : { gradScaleTensor: gradScale }),
     });
     // parameters that share a step count, dtypes and device: one multi-tensor call each
     const batches = new Map<string, { step: number; items: [Tensor, Tensor, AdamWState, Tensor | null][] }>();
@@ -162,6 +201,7 @@ export class AdamW extends Optimizer<AdamWGroup, AdamWState> {
         this.state.set(p, st);
       }
       st.step += 1;
+      this.lastStepped.push(st);
       const gradDtype = grad.dtype === p.dtype || grad.dtype === 'float32' ? grad.dtype : p.dtype;
       const direct =
         p.isContiguous && grad.isContiguous && grad.dtype === gradDtype && (!copy || copy.isContiguous);

@@ -23,6 +23,13 @@ export interface AdamWScalars {
    * pass over the gradients; the gradients themselves are left as they are). 1 or absent: none.
    */
   gradScale?: number;
+  /**
+   * The gradient scale as a float64 tensor of one element on the parameters' device, in place of
+   * `gradScale`: a clip coefficient computed there and not read back. The kernel reads it where it
+   * runs; when it is not finite, the kernel writes nothing (parameter, moments and copy keep their
+   * values: the step is skipped on the device, as torch's fused AdamW does with `found_inf`).
+   */
+  gradScaleTensor?: Tensor | null;
 }
 
 /**
@@ -103,10 +110,43 @@ const unscaleCheck = call('unscaleCheck');
 
 const cpuAdamwStep = defineCpuKernel('adamwStep', (p, g, m, v, s, copy) => {
   if (copy) checkAdamWCopy('adamwStep', p, copy);
+  const scalars = hostAdamWScalars('adamwStep', p, s);
+  if (!scalars) return;
   pack.begin().tensor(p).tensor(g).tensor(m).tensor(v);
-  packAdamWScalars(pack, s, copy ?? null);
+  packAdamWScalars(pack, scalars, copy ?? null);
   adamwStep();
 });
+
+/**
+ * Throws unless `s.gradScaleTensor` (when set) is a float64 tensor of one element on p's device.
+ * A device kernel's check before it reads the scale where it runs.
+ */
+export function checkAdamWScaleTensor(kernel: string, p: Tensor, s: AdamWScalars): void {
+  const t = s.gradScaleTensor;
+  if (!t) return;
+  if (t.dtype !== 'float64' || t.numel !== 1) {
+    throw argError(kernel, `gradScaleTensor must be a float64 tensor of one element, got ${t.describe()}`);
+  }
+  if (t.device !== p.device) {
+    throw new TensorError(
+      'DEVICE_MISMATCH',
+      `${kernel}: gradScaleTensor is on ${t.device} but the parameters are on ${p.device}`,
+    );
+  }
+}
+
+/**
+ * The scalars with gradScaleTensor read into gradScale (the CPU computes in order, so the read
+ * waits for nothing), or null when that scale is not finite: the update is skipped.
+ */
+function hostAdamWScalars(kernel: string, p: Tensor, s: AdamWScalars): AdamWScalars | null {
+  if (!s.gradScaleTensor) return s;
+  checkAdamWScaleTensor(kernel, p, s);
+  const scale = s.gradScaleTensor.item();
+  if (!Number.isFinite(scale)) return null;
+  const { gradScaleTensor: _, ...rest } = s;
+  return { ...rest, gradScale: scale };
+}
 
 /**
  * Throws unless `copy` can receive p's update (adamwStep's `copy`): p float32, copy a contiguous
@@ -175,7 +215,11 @@ export function checkAdamWLists(
 // The CPU has no launch cost to save: the list is the native per-tensor kernel in a loop.
 defineCpuKernel('adamwStepMulti', (ps, gs, ms, vs, s, copies) => {
   checkAdamWLists(ps, gs, ms, vs, copies);
-  for (let i = 0; i < ps.length; i++) cpuAdamwStep(ps[i], gs[i], ms[i], vs[i], s, copies?.[i] ?? null);
+  if (ps.length === 0) return;
+  // the scale read once for the list
+  const scalars = hostAdamWScalars('adamwStepMulti', ps[0], s);
+  if (!scalars) return;
+  for (let i = 0; i < ps.length; i++) cpuAdamwStep(ps[i], gs[i], ms[i], vs[i], scalars, copies?.[i] ?? null);
 });
 
 defineCpuKernel('sgdStep', (p, g, buf, s) => {

@@ -22,11 +22,23 @@ static AdamWParams adamw_params(Args& a) {
   h.eps = a.num();
   h.neg_step = a.num();
   h.grad_scale = a.num();
+  h.grad_scale_ptr = nullptr;
   return h;
 }
 
+// After the scalars (and adamwStep's copy): whether the gradient scale is a float64 device tensor,
+// then that tensor; its value replaces grad_scale where the kernel runs, and a value that is not
+// finite makes the kernel write nothing.
+static void adamw_scale_tensor(Args& a, AdamWParams& h, const char* name) {
+  if (a.num() == 0) return;
+  TensorArg t = a.tensor();
+  if (t.dtype != DType::F64 || t.numel() != 1)
+    throw_error(std::string(name) + ": gradScaleTensor must be a float64 tensor of one element");
+  h.grad_scale_ptr = t.ptr<double>();
+}
+
 // adamwStep(param, grad, expAvg, expAvgSq, decay, beta1, 1-beta1, beta2, 1-beta2, bc2Sqrt, eps, negStep,
-// gradScale, hasCopy, [copy])
+// gradScale, hasCopy, [copy], hasScaleTensor, [scaleTensor])
 MPC_ENTRY(AdamWStepE) {
   Args a;
   TensorArg p = a.tensor(), g = a.tensor(), m = a.tensor(), v = a.tensor();
@@ -34,12 +46,13 @@ MPC_ENTRY(AdamWStepE) {
   const bool has_copy = a.num() != 0;
   TensorArg copy;
   if (has_copy) copy = a.tensor();
+  adamw_scale_tensor(a, h, "adamwStep");
   adamw_step(current_stream(), p, g, m, v, has_copy ? &copy : nullptr, h);
   return info.Env().Undefined();
 }
 
 // adamwStepMulti(count, hasCopies, count x (param, grad, expAvg, expAvgSq[, copy]), decay, beta1, 1-beta1,
-// beta2, 1-beta2, bc2Sqrt, eps, negStep, gradScale)
+// beta2, 1-beta2, bc2Sqrt, eps, negStep, gradScale, hasScaleTensor, [scaleTensor])
 MPC_ENTRY(AdamWStepMultiE) {
   Args a;
   const int count = a.i32();
@@ -54,6 +67,7 @@ MPC_ENTRY(AdamWStepMultiE) {
     if (has_copies) c[i] = a.tensor();
   }
   AdamWParams h = adamw_params(a);
+  adamw_scale_tensor(a, h, "adamwStepMulti");
   adamw_step_multi(current_stream(), p.data(), g.data(), m.data(), v.data(), has_copies ? c.data() : nullptr, count,
                    h);
   return info.Env().Undefined();

@@ -82,7 +82,20 @@ template <typename C> struct AdamWC {
   float gsf;   // the gradient scale in a float gradient's compute type
   double gsd;  // and in a float64 gradient's
   bool scaled;
+  const double* gsp;  // when set: the scale is read here on the device (see AdamWParams)
 };
+
+// The device's gradient scale into h, when it has one: false when it is not finite (the update
+// is skipped, every thread returning before it writes anything).
+template <typename C> MP_D bool adamw_take_scale(AdamWC<C>& h) {
+  if (!h.gsp) return true;
+  const double d = *h.gsp;
+  if (!(d - d == 0.0)) return false;  // inf - inf and NaN - NaN are NaN
+  h.gsf = static_cast<float>(d);
+  h.gsd = d;
+  h.scaled = d != 1.0;
+  return true;
+}
 
 // Q: the dtype of the parameter copy (void: none); q points at this element's copy.
 template <typename P, typename G, typename Q>
@@ -141,7 +154,9 @@ template <typename Q> MP_D Q* at(Q* q, int64_t i) {
 
 template <typename P, typename G, typename Q, int V>
 __global__ void adamw_kernel(P* p, const G* g, typename StateOf<P>::T* m, typename StateOf<P>::T* v, Q* q, int64_t n,
-                             AdamWC<typename Tr<P>::C> h) {
+                             AdamWC<typename Tr<P>::C> h0) {
+  AdamWC<typename Tr<P>::C> h = h0;
+  if (!adamw_take_scale(h)) return;
   const int64_t nv = n / V, stride = grid_threads();
   for (int64_t i = global_thread(); i < nv; i += stride) {
     adamw_vec<P, G, Q, V>(p, g, m, v, q, i * V, h);
@@ -164,6 +179,7 @@ template <typename C> AdamWC<C> adamw_consts(const AdamWParams& hp) {
   h.gsf = static_cast<float>(hp.grad_scale);
   h.gsd = hp.grad_scale;
   h.scaled = hp.grad_scale != 1.0;
+  h.gsp = hp.grad_scale_ptr;
   return h;
 }
 
@@ -254,8 +270,10 @@ template <typename P, typename G> struct AdamWList {
 };
 
 template <typename P, typename G, typename Q, int V>
-__global__ void adamw_multi_kernel(AdamWList<P, G> L, AdamWC<typename Tr<P>::C> h) {
+__global__ void adamw_multi_kernel(AdamWList<P, G> L, AdamWC<typename Tr<P>::C> h0) {
   using S = typename StateOf<P>::T;
+  AdamWC<typename Tr<P>::C> h = h0;
+  if (!adamw_take_scale(h)) return;
   const int b = static_cast<int>(blockIdx.x);
   int t = 0;
   while (t + 1 < L.count && L.first[t + 1] <= b) t++;  // block-uniform

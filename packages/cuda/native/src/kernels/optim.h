@@ -21,6 +21,9 @@ struct AdamWParams {
   double eps;
   double neg_step;  // -lr / (1 - beta1^step)
   double grad_scale;  // g is read as round_G(g * grad_scale), as an in-place multiply (1: as is)
+  // or, when set, the scale read on the device from this float64 (a clip coefficient not read
+  // back); a value that is not finite skips the update (nothing written)
+  const double* grad_scale_ptr;
 };
 
 // p (float dtype), g (p's dtype or float32), m and v (float32, float64 for float64 params), all
