@@ -2,7 +2,19 @@
 // prompt is run once (prefill), then one token per step reuses the cached keys and values. Greedy
 // decoding, temperature, top-k and top-p sampling from a seeded generator (the same seed gives the
 // same text, on one process or across TP ranks), stop on EOS ids and on stop strings.
-import { argmax, fromTypedArray, noGrad, type Tensor, tidy, topk } from '@megapatch/tensor';
+import {
+  arange,
+  argmax,
+  cat,
+  fromTypedArray,
+  full,
+  minimum,
+  noGrad,
+  type Tensor,
+  tidy,
+  topk,
+  where,
+} from '@megapatch/tensor';
 import { ModelError } from './errors.js';
 import type { GPTModel } from './gpt-model.js';
 import { KVCache } from './kv-cache.js';
@@ -282,6 +294,76 @@ function lastTopK(model: GPTModel, logits: Tensor, k: number): { ids: number[]; 
 }
 
 /**
+ * Temperature sampling (with top-p, without top-k) of each active row of `rows` ([b, vocab]
+ * last-position logits) where they live, for an asynchronous device (a GPU), where reading b rows
+ * of the vocabulary and sorting them on the host took longer than the model's step: the weights
+ * exp((x − max) / T) are made there in float64 and only what the draw needs comes back. Without
+ * top-p each row's draw is the inverse of its cumulative weights in id order (the host rule's walk;
+ * the uniform numbers go to the device, the b ids come back). With top-p the row sums come back
+ * with the M best logits and their ids (M = 1024, ×8 until they hold each row's nucleus; equal
+ * logits by id), and the host takes the nucleus and draws as sampleToken does. One draw of `rand`
+ * per active row, in row order, as on the host; inactive rows get -1.
+ */
+export function sampleOnDevice(
+  rows: Tensor,
+  opts: { temperature: number; topP?: number },
+  rand: () => number,
+  active: readonly boolean[],
+): number[] {
+  const [b, n] = rows.shape;
+  const t = opts.temperature;
+  const topP = opts.topP ?? 1;
+  return noGrad(() =>
+    tidy(() => {
+      const device = rows.device;
+      const x = rows.to('float64');
+      // a true division by T (a number divisor would multiply by 1 / T)
+      const w = x
+        .sub(x.amax(-1, true))
+        .div(full([], t, { dtype: 'float64', device }))
+        .exp();
+      if (topP >= 1) {
+        const u = Float64Array.from(active, (a) => (a ? rand() : 0));
+        const c = w.cumsum(-1);
+        const target = c.narrow(1, n - 1, 1).mul(fromTypedArray(u, [b, 1]).to(device));
+        // the first id whose cumulative weight passes u · sum, or the last id with a weight
+        const passed = c.le(target).sum(-1);
+        const ids = arange(0, n, 1, { dtype: 'int64', device }).reshape(1, n);
+        const lastWeighted = where(w.gt(0), ids, -1).amax(-1);
+        const chosen = minimum(passed, lastWeighted).toTypedArray() as BigInt64Array;
+        return Array.from(chosen, (v, r) => (active[r] ? Number(v) : -1));
+      }
+      const sums = w.sum(-1, true);
+      const picked: ({ ids: number[]; weights: number[]; acc: number } | null)[] = new Array(b).fill(null);
+      for (let m = Math.min(n, 1024); ; m = Math.min(n, m * 8)) {
+        const best = topk(x, m, -1);
+        // sums, values and ids (exact in float64 below 2^53) in one read
+        const all = cat([sums, best.values, best.indices.to('float64')], -1).toTypedArray() as Float64Array;
+        let open = false;
+        for (let r = 0; r < b; r++) {
+          if (!active[r] || picked[r]) continue;
+          const row = all.subarray(r * (2 * m + 1), (r + 1) * (2 * m + 1));
+          const sum = row[0];
+          const max = row[1];
+          const weight = (j: number) => Math.exp((row[1 + j] - max) / t);
+          const { keep, acc } = nucleus(weight, m, sum, topP);
+          if (acc / sum >= topP || m === n) {
+            picked[r] = {
+              ids: Array.from(row.subarray(1 + m, 1 + m + keep), Number),
+              weights: Array.from({ length: keep }, (_, j) => weight(j)),
+              acc,
+            };
+          } else open = true;
+        }
+        if (!open) break;
+      }
+      // the draws in row order, after every nucleus is known
+      return picked.map((p) => (p ? draw(p.ids, (j) => p.weights[j], p.acc, rand) : -1));
+    }),
+  );
+}
+
+/**
  * Continues each prompt (token ids; lengths may differ) with a KV cache. Every TP rank must call it
  * with the same prompts and options: they then pick the same tokens.
  */
@@ -343,7 +425,20 @@ export function generate(
           const out = model.forward(input, { kvCache: cache, attentionMask: mask });
           const logits = out.logits as Tensor;
           if (greedy) return greedyTokens(model, logits);
-          return topK > 0 ? lastTopK(model, logits, topK) : lastLogits(model, logits);
+          if (topK > 0) return lastTopK(model, logits, topK);
+          if (logits.backend.synchronous === false) {
+            // an asynchronous device: the draw made where the logits are (the host's rule, rows
+            // not read back), the uniform numbers drawn now, for the active rows in row order
+            const [, s] = logits.shape;
+            const last = model.gatherLogits(logits.narrow(1, s - 1, 1));
+            return sampleOnDevice(
+              last.reshape(last.shape[0], last.shape[2]),
+              { temperature: opts.temperature as number, topP: opts.topP },
+              rand,
+              done.map((d) => !d),
+            );
+          }
+          return lastLogits(model, logits);
         });
         input.dispose();
         const chosen = new BigInt64Array(b);

@@ -16,6 +16,7 @@ import {
 } from '@megapatch/tensor';
 import { registerReferenceBackend } from '@megapatch/tensor/reference';
 import { afterEach, describe, expect, it } from 'vitest';
+import { sampleOnDevice } from '../src/generate.js';
 import { leftPaddedPositionsOnDevice, packedPositionsOnDevice } from '../src/gpt-model.js';
 import { type GPTModel, generate, loadModel, sampleToken, samplingRng } from '../src/index.js';
 import { fixtureCheckpoint } from './helpers/fixtures.js';
@@ -511,6 +512,78 @@ describe.runIf(emulator === null)('a forward on cudaemu:0 does not read the devi
     const { tokens, reads } = generateOnEmulator([prompt], opts);
     expect(tokens[0]).toEqual(want);
     expect(reads).toEqual(Array(12).fill(['float32[1,1,5]', 'int64[1,1,5]']).flat());
+  });
+
+  it('temperature and top-p sampling draw where the logits are: the CPU tokens, on cudaemu:0, which reads back b ids (top-p: the row sums and the best logits)', () => {
+    const prompts = [
+      [1, 5, 9, 33],
+      [2, 7],
+    ];
+    const steps = 8;
+    for (const extra of [{}, { topP: 0.9 }, { topP: 0.3 }]) {
+      const opts = { maxNewTokens: steps, temperature: 0.8, seed: 5, ...extra };
+      const { model: cpuModel } = loadModel(fixtureCheckpoint('llama'));
+      let want: number[][];
+      let vocab: number;
+      try {
+        want = generate(cpuModel, prompts, opts).rows.map((r) => r.tokens);
+        vocab = cpuModel.config.vocabSize;
+      } finally {
+        cpuModel.dispose();
+      }
+      setDefaultDevice('cudaemu:0');
+      const { model } = loadModel(fixtureCheckpoint('llama'));
+      const reads: string[] = [];
+      const stop = recordReads(getBackend('cudaemu:0'), (t) => reads.push(`${t.dtype}[${t.shape}]`));
+      let tokens: number[][];
+      try {
+        tokens = generate(model, prompts, opts).rows.map((r) => r.tokens);
+      } finally {
+        stop();
+        model.dispose();
+      }
+      const what = JSON.stringify(extra);
+      expect(tokens, what).toEqual(want);
+      // never a row of the vocabulary: b drawn ids a step, or with top-p the sums with the m best
+      // logits and their ids in one float64 read (m = the vocabulary of this fixture)
+      const mine = reads.filter((r) => !r.startsWith('float64') || r.startsWith('float64[2,'));
+      expect(mine, what).toEqual(
+        Array(steps).fill('topP' in extra ? `float64[2,${2 * vocab + 1}]` : 'int64[2]'),
+      );
+    }
+  });
+
+  it('sampleOnDevice follows sampleToken: inverse CDF in id order, the nucleus grown past 1024 ids, ties, -inf, inactive rows', () => {
+    const n = 5000;
+    const b = 4;
+    const gen = samplingRng(99);
+    const rows = Array.from({ length: b }, (_, r) =>
+      Float32Array.from({ length: n }, (_, i) => {
+        if (r === 1 && i % 7 === 0) return Number.NEGATIVE_INFINITY;
+        if (r === 2) return Math.round(gen() * 4) / 2; // many ties
+        return (r === 3 ? 0.05 : 3) * (gen() - 0.5); // row 3 nearly flat: its nucleus outgrows 1024
+      }),
+    );
+    const flat = new Float32Array(b * n);
+    for (const [r, row] of rows.entries()) flat.set(row, r * n);
+    for (const device of ['cpu', 'cudaemu:0']) {
+      for (const opts of [
+        { temperature: 0.7 },
+        { temperature: 1.3, topP: 0.95 },
+        { temperature: 0.5, topP: 0.5 },
+      ]) {
+        for (const seed of [1, 2, 3]) {
+          const active = [true, true, seed !== 2, true];
+          const hostRand = samplingRng(seed);
+          const want = rows.map((row, r) => (active[r] ? sampleToken(row, opts, hostRand) : -1));
+          const x = fromTypedArray(flat, [b, n]);
+          const onDevice = x.to(device);
+          const got = sampleOnDevice(onDevice, opts, samplingRng(seed), active);
+          for (const t of [x, onDevice]) t.dispose();
+          expect(got, `${device} ${JSON.stringify(opts)} seed ${seed}`).toEqual(want);
+        }
+      }
+    }
   });
 
   it('reports a token id or a position out of range at the next read, in the model words', () => {
