@@ -563,10 +563,13 @@ function reduceAndRead(
   }
 }
 
-/** Sum over the group of small numbers (losses, token counts), in float64. */
+/**
+ * Sum over the group of small host numbers (token counts), in float64: through the host's
+ * collectives (a CPU tensor goes through Gloo), so that the device is neither used nor waited for.
+ */
 function allReduceNumbers(values: number[], group: ProcessGroup): number[] {
   if (group.size === 1) return values;
-  const t = fromTypedArray(Float64Array.from(values), [values.length]);
+  const t = fromTypedArray(Float64Array.from(values), [values.length], { device: 'cpu' });
   group.allReduce(t, 'sum').waitSync();
   const out = Array.from(t.toTypedArray() as Float64Array);
   t.dispose();

@@ -148,7 +148,7 @@ function expectSameLosses(got: number[], want: number[], what: string): void {
     expect(Math.abs(got[i] - want[i]) / want[i], `${what} step ${i + 1}`).toBeLessThan(1e-5);
 }
 
-it('on the emulated devices a step waits for its device once (the step sums with the gradient norm), at CP=2 as on one process, on plain and on packed rows', async () => {
+it('on the emulated devices a step waits for its device once (the step sums with the gradient norm), at CP=2 as on one process, on plain and on packed rows, and at DP=2 with the per-token loss', async () => {
   const prefix = path.join(root, 'sft-waits');
   writeSft(prefix, 80, 32);
   for (const packed of [false, true]) {
@@ -178,6 +178,15 @@ it('on the emulated devices a step waits for its device once (the step sums with
     ).toEqual([3, 3]);
     expectSameLosses(runs[1].losses, runs[0].losses, what);
   }
+  // DP=2 with one token mean over the global batch: the batch's token count is summed over dp on
+  // the host's collectives (it went through the device, a wait a step, before)
+  const c = layoutRunConfig({ root, hf, data, run: 'emu-waits-per-token-dp2' }) as Record<
+    string,
+    Record<string, unknown>
+  >;
+  usePackedSft(c, prefix, root);
+  c.training = { ...c.training, calculatePerTokenLoss: true };
+  expect((await countedEmulatedRun(c, 2)).hostWaits).toBe(3);
 });
 
 it("Mixtral at EP=2 on the emulated devices, either dispatcher: a MoE layer waits once a micro-batch (every rank's tokens per expert, read together), a step once more", async () => {

@@ -89,14 +89,22 @@ export function usePackedSft(c: Record<string, Record<string, unknown>>, prefix:
   c.training = { ...c.training, microBatchSize: 1, globalBatchSize: 4 };
 }
 
-/** An SFT dataset of `n` conversations: a prompt of 4–8 tokens, then a reply of 5 tokens with loss. */
-export function writeSft(prefix: string, n: number, seqLength: number): void {
+/**
+ * An SFT dataset of `n` conversations: a prompt of 4–8 tokens, then a reply of 5 tokens (or
+ * `replyLength(i)`) with loss.
+ */
+export function writeSft(
+  prefix: string,
+  n: number,
+  seqLength: number,
+  replyLength: (i: number) => number = () => 5,
+): void {
   const tokens = new IndexedDatasetBuilder(`${prefix}_sft_tokens`, { dtype: 'uint16' });
   const mask = new IndexedDatasetBuilder(`${prefix}_sft_loss_mask`, { dtype: 'uint8' });
   for (let i = 0; i < n; i++) {
     const promptLen = 4 + (i % 5);
     const prompt = Array.from({ length: promptLen }, (_, j) => 20 + ((i * 13 + j * 7) % 300));
-    const reply = Array.from({ length: 5 }, (_, j) => 400 + ((prompt[0] + j) % 50));
+    const reply = Array.from({ length: replyLength(i) }, (_, j) => 400 + ((prompt[0] + j) % 50));
     tokens.addDocument([1, ...prompt, ...reply, 2]);
     mask.addDocument([0, ...prompt.map(() => 0), ...reply.map(() => 1), 1]);
   }

@@ -73,6 +73,49 @@ describe('train on several processes', () => {
   });
 });
 
+/** A run's metrics.jsonl values of `key` for the lines of `kind`. */
+function metricsOf(run: string, kind: string, key: string): number[] {
+  return fs
+    .readFileSync(path.join(root, run, 'metrics.jsonl'), 'utf8')
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l))
+    .filter((m) => m.kind === kind)
+    .map((m) => m[key] as number);
+}
+
+describe('per-token loss', () => {
+  it('calculatePerTokenLoss on packed SFT rows: DP=2 gives the losses and gradient norms of one process, and the gradients differ from the mean of micro-batch means', async () => {
+    const prefix = path.join(root, 'sft-per-token');
+    // replies of 1 to 16 tokens: micro-batches carry different numbers of loss tokens
+    writeSft(prefix, 80, 32, (i) => 1 + ((i * 7) % 16));
+    const cfg = (run: string, perToken: boolean) => {
+      const c = config(run) as Record<string, Record<string, unknown>>;
+      usePackedSft(c, prefix, root);
+      c.training = { ...c.training, calculatePerTokenLoss: perToken };
+      return c;
+    };
+    const quiet = { log: () => {}, report: false };
+    const one = (await train(parseRunConfig(cfg('per-token-one', true)), quiet)).losses;
+    await train(parseRunConfig(cfg('per-token-off', false)), quiet);
+    const [two] = (await launchWorkers({
+      nproc: 2,
+      script: 'train-worker.ts',
+      config: cfg('per-token-two', true),
+    })) as { losses: number[] }[];
+    expect(two.losses.length).toBe(one.length);
+    for (let i = 0; i < one.length; i++)
+      expect(Math.abs(two.losses[i] - one[i]) / one[i], `step ${i + 1}`).toBeLessThan(1e-5);
+    const a = metricsOf('per-token-one', 'train', 'gradNorm');
+    const b = metricsOf('per-token-two', 'train', 'gradNorm');
+    const off = metricsOf('per-token-off', 'train', 'gradNorm');
+    for (let i = 0; i < a.length; i++)
+      expect(Math.abs(b[i] - a[i]) / a[i], `grad norm ${i + 1}`).toBeLessThan(1e-4);
+    // the option changes the objective: one token mean over the global batch
+    expect(Math.abs(off[0] - a[0]) / a[0]).toBeGreaterThan(1e-3);
+  });
+});
+
 describe('MoE with aux and z losses', () => {
   it('DP=2 gives the losses of one process (the aux losses are averaged over micro-batches)', async () => {
     const moeHf = tinyLlama(path.join(root, 'hf-mixtral'), 'mixtral');
