@@ -208,7 +208,8 @@ export function saveTrainingCheckpoint(root: string, o: SaveOptions): string | n
   let step = 0;
   for (const v of opt.values()) if (v.state) step = Math.max(step, v.state.step);
   if (sharded && o.layout.dp.size > 1) {
-    const t = fromTypedArray(Float64Array.from([step]), [1]);
+    // a host number: through the host's collectives, not the device
+    const t = fromTypedArray(Float64Array.from([step]), [1], { device: 'cpu' });
     o.layout.dp.allReduce(t, 'max').waitSync();
     step = (t.toTypedArray() as Float64Array)[0];
     t.dispose();

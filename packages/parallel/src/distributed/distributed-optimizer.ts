@@ -146,10 +146,13 @@ function stepScale(norm: Tensor, clipGrad: number): Tensor {
   return where(finite, clamped, Number.NaN);
 }
 
-/** True when `local` is true on any rank of `group` (a max all-reduce; no group: local). */
+/**
+ * True when `local` is true on any rank of `group` (a max all-reduce of a host flag through the
+ * host's collectives, so that no device is waited for; no group: local).
+ */
 function anyRank(local: boolean, group: ProcessGroup | null): boolean {
   if (!group || group.size === 1) return local;
-  const flag = full([1], local ? 1 : 0, { dtype: 'float32' });
+  const flag = full([1], local ? 1 : 0, { dtype: 'float32', device: 'cpu' });
   try {
     group.allReduce(flag, 'max').waitSync();
     return flag.item() > 0;
