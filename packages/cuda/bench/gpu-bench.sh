@@ -16,6 +16,7 @@
 #   MEGAPATCH_BENCH_TINY=1       the tiny cases of cases.json (rehearsal)
 #   MEGAPATCH_BENCH_PARTS        subset of "gemm grouped attn stream train torch-train compile" (default all),
 #                                and the opt-in "moe-train torch-moe-train" (a Mixtral-style MoE step)
+#                                and "generate torch-generate" (decoding with the KV cache, vs HF generate)
 #   MEGAPATCH_BENCH_MBS          training micro-batch (default cases.json's; halved once on a failure)
 #   MEGAPATCH_BENCH_TRAIN_VARIANTS  the training step again per "name:VAR=value[,VAR=value]"
 #                                (default: the attention on wgmma with one and two warpgroups a
@@ -129,6 +130,9 @@ if [ -n "$TSX" ] && has moe-train; then run ours-moe-train 150 "$TSX" $BENCH/our
 if [ -n "$PY" ] && has torch-moe-train; then
   MEGAPATCH_BENCH_TORCH_MODES=eager run torch-moe-train 90 "$PY" $BENCH/torch_ref.py moe-train ${TORCH_ARGS[@]+"${TORCH_ARGS[@]}"}
 fi
+# decoding speed (opt-in parts): ours, then Hugging Face's generate
+if [ -n "$TSX" ] && has generate; then run ours-generate 90 "$TSX" $BENCH/ours.mts generate; fi
+if [ -n "$PY" ] && has torch-generate; then run torch-generate 90 "$PY" $BENCH/torch_ref.py generate ${TORCH_ARGS[@]+"${TORCH_ARGS[@]}"}; fi
 # the training step again under kernel variants (information: which default to take), each
 # "name:VAR=value[,VAR=value...]" of MEGAPATCH_BENCH_TRAIN_VARIANTS (the runs of 2026-12-04 settled
 # fused: slower; run d: dK/dV tiles of 32 queries slower too, capped attention registers faster:

@@ -8,9 +8,10 @@
 //   train a Llama-style bf16 training step through @megapatch/train on the device: tokens/s, MFU
 //         (Megatron's FLOP count / step time / the peak in cases.json) and the step's breakdown
 //   moe-train  the same for a Mixtral-style MoE model (cases.json's trainMoe)
+//   generate  decoding with the KV cache on the train case's model: new tokens/s, greedy and top-p
 // One JSON line per case on stdout (progress on stderr). The cases are in cases.json.
 //
-// usage (repository root): packages/cuda/node_modules/.bin/tsx packages/cuda/bench/ours.mts [gemm] [grouped] [attn] [stream] [train] [moe-train]
+// usage (repository root): packages/cuda/node_modules/.bin/tsx packages/cuda/bench/ours.mts [gemm] [grouped] [attn] [stream] [train] [moe-train] [generate]
 // env: MEGAPATCH_BENCH_DEVICE (cuda:0; cudaemu:0 for the emulator), MEGAPATCH_BENCH_TINY=1 (the
 // tiny cases), MEGAPATCH_BENCH_MBS (the training micro-batch), MEGAPATCH_BENCH_LAYERS (the
 // training model's layers), MEGAPATCH_BENCH_CASE_BUDGET_S (seconds of timed runs per gemm/attn
@@ -742,7 +743,84 @@ async function trainBench(tc: any) {
     fs.rmSync(dir, { recursive: true, force: true });
   }
 }
+/**
+ * Decoding speed: generate() with its KV cache on the training case's model (random weights,
+ * bf16), each batch of random prompts greedy and with temperature 0.8 + top-p 0.9 (drawn on the
+ * device), no EOS: new tokens per second over the call (prefill included, as Hugging Face's
+ * generate is timed), and the host's waits for the device per new token (the kernel profile).
+ */
+async function generateBench(gc: any) {
+  const hfFields = cases[gc.model].hf;
+  const convertModule = '@megapatch/convert';
+  const modelsModule = '@megapatch/models';
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mp-gpu-gen-'));
+  let model: { dispose(): void } | null = null;
+  try {
+    const { makeTransformerConfig, parseHfConfig } = await import(convertModule);
+    const { GPTModel, generate } = await import(modelsModule);
+    fs.writeFileSync(
+      path.join(dir, 'config.json'),
+      JSON.stringify({
+        architectures: ['LlamaForCausalLM'],
+        model_type: 'llama',
+        hidden_act: 'silu',
+        ...hfFields,
+      }),
+    );
+    const parsed = parseHfConfig(dir);
+    T.setDefaultDevice(device);
+    const m = new GPTModel(makeTransformerConfig(parsed.transformerConfig), {
+      dtype: 'bfloat16',
+      family: 'LlamaForCausalLM',
+    });
+    model = m;
+    const vocab: number = hfFields.vocab_size;
+    let s = 12345;
+    const prompts = (b: number) =>
+      Array.from({ length: b }, () =>
+        Array.from({ length: gc.promptLength }, () => {
+          s = (s * 1103515245 + 12345) % 2147483648;
+          return 3 + (s % (vocab - 3));
+        }),
+      );
+    for (const b of gc.batches as number[]) {
+      for (const sampling of gc.sampling as string[]) {
+        const opts = sampling === 'greedy' ? {} : { temperature: 0.8, topP: 0.9, seed: 1 };
+        const base = { kind: 'generate', case: gc.case, batch: b, sampling };
+        try {
+          const p = prompts(b);
+          generate(m, p, { ...opts, maxNewTokens: 4 });
+          sync();
+          const r = generate(m, p, { ...opts, maxNewTokens: gc.newTokens });
+          sync();
+          const made = r.rows.reduce((a: number, row: { tokens: number[] }) => a + row.tokens.length, 0);
+          // the waits of a few steps, apart from the timed call
+          cudaModule.startKernelProfile(device);
+          generate(m, p, { ...opts, maxNewTokens: 4 });
+          const prof = cudaModule.stopKernelProfile(device);
+          emit({
+            ...base,
+            promptLength: gc.promptLength,
+            newTokens: gc.newTokens,
+            tokensPerSecond: r4(made / r.seconds),
+            msPerStep: r4((r.seconds * 1000) / gc.newTokens),
+            hostWaitsPer4Tokens: prof.hostWaits,
+          });
+        } catch (e) {
+          emit({ ...base, error: String((e as Error).message).split('\n')[0] });
+          process.exitCode = 3;
+        }
+        log(`generate b${b} ${sampling} done`);
+      }
+    }
+  } finally {
+    model?.dispose();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 if (want('train')) await trainBench(cases.train);
 if (want('moe-train')) await trainBench(cases.trainMoe);
+if (want('generate')) await generateBench(cases.generate);
 sync();
 process.exit(process.exitCode ?? 0);

@@ -339,6 +339,46 @@ if (mo || me) {
   };
 }
 
+// decoding (the opt-in parts generate and torch-generate): new tokens/s against Hugging Face's
+// generate, each batch greedy and with top-p; ours also says how often a step waited for the device
+const gen = cases.generate;
+if (gen) {
+  const matching = (side, b, sampling) => {
+    const all = lines.filter(
+      (l) => l.side === side && l.kind === 'generate' && l.batch === b && l.sampling === sampling,
+    );
+    return all.filter((l) => !l.error).at(-1) ?? all.at(-1) ?? null;
+  };
+  const anyGen = lines.some((l) => l.kind === 'generate');
+  const failed = lines.find((l) => l.kind === 'generate' && l.error && l.batch === undefined);
+  if (failed) errors.push(`${failed.side} generate: ${failed.error}`);
+  summary.generate = [];
+  for (const b of anyGen ? gen.batches : []) {
+    for (const sampling of gen.sampling) {
+      const go = matching('megapatch', b, sampling);
+      const ge = matching('torch', b, sampling);
+      note(go, `megapatch generate b${b} ${sampling}`);
+      note(ge, `torch generate b${b} ${sampling}`);
+      const r = good(go) && good(ge) ? go.tokensPerSecond / ge.tokensPerSecond : null;
+      const waits = good(go) ? `, ${go.hostWaitsPer4Tokens} waits / 4 tokens` : '';
+      row(
+        `generate ${gen.case} b${b} ${sampling} tokens/s vs HF generate`,
+        `${cell(go, (l) => l.tokensPerSecond, 5)}${waits}`,
+        cell(ge ?? (failed?.side === 'torch' ? failed : null), (l) => l.tokensPerSecond, 5),
+        r === null ? '-' : String(num(r)),
+        '(report)',
+      );
+      summary.generate.push({
+        batch: b,
+        sampling,
+        megapatch: good(go) ? go.tokensPerSecond : null,
+        torch: good(ge) ? ge.tokensPerSecond : null,
+        ratio: num(r),
+      });
+    }
+  }
+}
+
 // What limits the step: GEMM FLOPs at the measured rate of the Llama-shaped products, attention
 // from the model-shaped case (per layer, scaled to the step's sequences), the rest by difference.
 function stepModel(side, t) {

@@ -21,12 +21,14 @@
   moe-train  the same for cases.json's trainMoe, a Mixtral-style model: each block's MLP is a
          softmax router, the top-2 experts renormalised, and SwiGLU experts run in a loop over the
          experts on their tokens (Hugging Face's Mixtral block, eager), no auxiliary loss
+  generate  Hugging Face's LlamaForCausalLM.generate (transformers) on train's model: new
+         tokens/s, greedy and top-p (host clock around the call, after a sync)
 
 Timing: CUDA events around a batch of back-to-back calls (a step for train), warm-up first, the
 median of many; random inputs. On a CPU or an old torch (the rehearsal: Debian's torch 1.13)
 it degrades: host clock, math attention, no compile. One JSON line per case on stdout.
 
-usage: python3 torch_ref.py [gemm] [grouped] [attn] [stream] [train] [moe-train] [--tiny] [--device cpu|cuda]
+usage: python3 torch_ref.py [gemm] [grouped] [attn] [stream] [train] [moe-train] [generate] [--tiny] [--device cpu|cuda]
 env: MEGAPATCH_BENCH_TINY=1, MEGAPATCH_BENCH_MBS, MEGAPATCH_BENCH_CASE_BUDGET_S (default 4),
      MEGAPATCH_BENCH_TORCH_MODES (default "eager,compile"; also "eager-bf16": pure bf16 params)
 """
@@ -653,6 +655,50 @@ def train_mode(mode, cfg, gqa, mbs, n_micro, seq, warm, timed, flops):
         params=sum(p.numel() for p in params),
     )
 
+def bench_generate():
+    """Hugging Face's LlamaForCausalLM.generate on train's model (random weights, bf16): the
+    batches of random prompts greedy and with temperature 0.8 + top-p 0.9 (top_k=0), exactly
+    newTokens each (min_new_tokens), new tokens per second over the call."""
+    gc = CASES["generate"]
+    hf = CASES[gc["model"]]["hf"]
+    n = gc["newTokens"]
+    base = dict(kind="generate", case=gc["case"])
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except Exception as e:  # noqa: BLE001 — no transformers here: say so
+        emit(**base, error=err_line(e))
+        return
+    torch.manual_seed(0)
+    # built on the device where torch can (2.0+): the host's init of a 1B model takes long
+    where = torch.device(DEVICE) if TV >= (2, 0) else contextlib.nullcontext()
+    with where:
+        model = LlamaForCausalLM(LlamaConfig(**hf, hidden_act="silu"))
+    model = model.to(device=DEVICE, dtype=torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(12345)
+    for b in gc["batches"]:
+        ids = torch.randint(3, hf["vocab_size"], (b, gc["promptLength"]), generator=g).to(DEVICE)
+        for sampling in gc["sampling"]:
+            kw = dict(do_sample=False) if sampling == "greedy" else dict(do_sample=True, temperature=0.8, top_p=0.9, top_k=0)
+            kw.update(attention_mask=torch.ones_like(ids), pad_token_id=0)
+            row = dict(**base, batch=b, sampling=sampling, promptLength=gc["promptLength"], newTokens=n)
+            try:
+                with torch.no_grad():
+                    model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)
+                    sync()
+                    t0 = time.perf_counter()
+                    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+                    sync()
+                    dt = time.perf_counter() - t0
+                made = (out.shape[1] - ids.shape[1]) * b
+                emit(**row, tokensPerSecond=r4(made / dt), msPerStep=r4(dt * 1000 / n))
+            except Exception as e:  # noqa: BLE001 — report and go on
+                emit(**row, error=err_line(e))
+            log(f"generate b{b} {sampling} done")
+    del model
+    if CUDA:
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
     env_info()
     if want("gemm"):
@@ -667,3 +713,5 @@ if __name__ == "__main__":
         bench_train()
     if want("moe-train"):
         bench_train("trainMoe")
+    if want("generate"):
+        bench_generate()
