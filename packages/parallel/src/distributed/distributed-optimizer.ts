@@ -321,6 +321,10 @@ abstract class BufferOptimizer {
     let value: number;
     try {
       value = norm.item();
+    } catch (e) {
+      // a failed read (a queued check's error, say) leaves no step waiting to be finished
+      this.pendingFinish = false;
+      throw e;
     } finally {
       norm.dispose();
     }
