@@ -8,7 +8,8 @@
 # the tensor op tests (vitest.conformance.config.ts) and the kernel comparison
 # (vitest.kernels.config.ts) on the device; cumsum's chunked integer scan (test/scan-kernels.test.ts)
 # and the uploads and batched reads (test/transfers.test.ts)
-# and the MoE fixture models against the CPU (gpu/moe-check.mts); the tensor-core primitives'
+# and the MoE fixture models against the CPU (gpu/moe-check.mts), decoding against the CPU
+# (gpu/gen-check.mts); the tensor-core primitives'
 # self-test built by nvcc
 # for sm_90a, and the tensor-core attention kernels and their variants (wgmma among them) against
 # the CUDA-core ones and the CPU; then
@@ -222,7 +223,7 @@ fi
 
 # without the addon the steps that load it would only fail one after the other (session 33's run on
 # an H100 spent its call so): they are skipped, the tensor cores' self-test (nvcc alone) still runs
-NEEDS_ADDON=" info gemm grouped grouped-blas grouped-streams grouped-mma grouped-wgmma grouped-wgmma256 conformance kernels scan moe-check attn-check attn-check-ws nccl bench ncu "
+NEEDS_ADDON=" info gemm grouped grouped-blas grouped-streams grouped-mma grouped-wgmma grouped-wgmma256 conformance kernels scan moe-check gen-check attn-check attn-check-ws nccl bench ncu "
 case $DEVICE in
   cudaemu*) addon=packages/cuda/build/Release/megapatch_cuda_emu.node ;;
   *) addon=packages/cuda/build/Release/megapatch_cuda.node ;;
@@ -290,6 +291,9 @@ report scan "$(vitest_note kernels.log)"
 # MoE fixture models (routing on the device, grouped experts, MLA, MTP) against the CPU
 step moe-check kernels.log 90 "$TSX" packages/cuda/gpu/moe-check.mts "$DEVICE"
 report moe-check "$(grep -acE '^MOE OK' "$OUT/kernels.log" || true) of 3 models match the CPU$(last kernels.log '^MOE FAIL' | sed 's/^/; /')"
+# decoding with the KV cache (greedy, top-k, temperature, top-p drawn on the device) against the CPU
+step gen-check kernels.log 60 "$TSX" packages/cuda/gpu/gen-check.mts "$DEVICE"
+report gen-check "$(grep -acE '^GEN OK' "$OUT/kernels.log" || true) of 4 decodings give the CPU's tokens$(last kernels.log '^GEN FAIL' | sed 's/^/; /')"
 
 # --- tensor cores: the primitives' self-test built by nvcc for sm_90a (mma.sync, ldmatrix and
 # wgmma layouts against the tensor cores themselves), then the tensor-core attention kernels
