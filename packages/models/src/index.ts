@@ -27,6 +27,7 @@ export {
   type Generation,
   generate,
   type SamplingOptions,
+  sampleOnDevice,
   sampleToken,
   samplingRng,
 } from './generate.js';
