@@ -18,6 +18,7 @@ await import(emu ? '../src/emulator.js' : '../src/index.js');
 const modelsModule = '@megapatch/models';
 const M: typeof import('@megapatch/models') = await import(modelsModule);
 const { fixtureCheckpoint } = await import('../../models/test/helpers/fixtures.js');
+const { recordReads } = await import('../../models/test/helpers/reads.js');
 
 const prompts = [
   [1, 5, 9, 33, 100, 7],
@@ -36,27 +37,16 @@ function run(dev: string, opts: Parameters<typeof M.generate>[2]) {
   T.setDefaultDevice(dev);
   const { model } = M.loadModel(fixtureCheckpoint('llama'));
   const reads: string[] = [];
-  const backend = T.getBackend(dev);
-  const { read, readMany } = backend;
   // the queued checks' float64 stats ([n]) are read along with a read; top-p's draw reads a
   // float64 [b, 2m + 1]
-  const seen = (t: import('@megapatch/tensor').Tensor) => {
+  const stop = recordReads(T.getBackend(dev), (t) => {
     if (t.dtype !== 'float64' || t.ndim === 2) reads.push(`${t.dtype}[${t.shape}]`);
-  };
-  backend.read = (t, dst) => {
-    seen(t);
-    read.call(backend, t, dst);
-  };
-  if (readMany)
-    backend.readMany = (ts, dsts) => {
-      for (const t of ts) seen(t);
-      readMany.call(backend, ts, dsts);
-    };
+  });
   try {
     const tokens = M.generate(model, prompts, { ...opts, maxNewTokens: steps }).rows.map((r) => r.tokens);
     return { tokens, reads, vocab: model.config.vocabSize };
   } finally {
-    Object.assign(backend, { read, readMany });
+    stop();
     model.dispose();
     T.setDefaultDevice('cpu');
   }

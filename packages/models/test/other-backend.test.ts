@@ -4,7 +4,6 @@
 // loss (with MTP) and gradients equal the CPU run's. Nothing in the models names a device.
 import {
   AdamW,
-  type Backend,
   fromTypedArray,
   getBackend,
   getDefaultDevice,
@@ -20,6 +19,7 @@ import { sampleOnDevice } from '../src/generate.js';
 import { leftPaddedPositionsOnDevice, packedPositionsOnDevice } from '../src/gpt-model.js';
 import { type GPTModel, generate, loadModel, sampleToken, samplingRng } from '../src/index.js';
 import { fixtureCheckpoint } from './helpers/fixtures.js';
+import { recordReads } from './helpers/reads.js';
 
 registerReferenceBackend();
 afterEach(() => setDefaultDevice('cpu'));
@@ -33,24 +33,6 @@ try {
 }
 
 const IDS = [1, 5, 9, 33, 100, 7, 8, 9, 4, 77, 12, 3];
-
-/**
- * Calls `seen` with every tensor the backend reads back (one at a time, or several with one wait
- * through readMany: a read takes the queued checks along); returns the function that stops it.
- */
-function recordReads(backend: Backend, seen: (t: Tensor) => void): () => void {
-  const { read, readMany } = backend;
-  backend.read = (t, dst) => {
-    seen(t);
-    read.call(backend, t, dst);
-  };
-  if (readMany)
-    backend.readMany = (ts, dsts) => {
-      for (const t of ts) seen(t);
-      readMany.call(backend, ts, dsts);
-    };
-  return () => Object.assign(backend, { read, readMany });
-}
 
 /** generate() with the llama fixture on cudaemu:0: each row's tokens, and what it read back (checks aside). */
 function generateOnEmulator(prompts: number[][], opts: Parameters<typeof generate>[2]) {

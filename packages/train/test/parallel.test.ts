@@ -16,6 +16,17 @@ function config(run: string, parallel: Record<string, unknown> = {}) {
   return layoutRunConfig({ root, hf, data, run, parallel });
 }
 
+/** A run's metrics.jsonl values of `key` for the lines of `kind`. */
+function metricsOf(run: string, kind: string, key: string): number[] {
+  return fs
+    .readFileSync(path.join(root, run, 'metrics.jsonl'), 'utf8')
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l))
+    .filter((m) => m.kind === kind)
+    .map((m) => m[key] as number);
+}
+
 describe('train on several processes', () => {
   // with two validations (iterations 3 and 6) of 2 global batches
   const withEval = (run: string, parallel: Record<string, unknown> = {}) => {
@@ -50,39 +61,20 @@ describe('train on several processes', () => {
       expect(Math.abs(r.losses[i] - reference[i]) / reference[i], `${name} step ${i + 1}`).toBeLessThan(1e-5);
     }
     // the gradient norms too (AdamW would hide a gradient off by a constant factor in the losses)
-    const metrics = (run: string, kind: string, key: string) =>
-      fs
-        .readFileSync(path.join(root, run, 'metrics.jsonl'), 'utf8')
-        .trim()
-        .split('\n')
-        .map((l) => JSON.parse(l))
-        .filter((m) => m.kind === kind)
-        .map((m) => m[key] as number);
     const run = `run-${name.replace(/\W+/g, '-')}`;
-    const a = metrics('one', 'train', 'gradNorm');
-    const b = metrics(run, 'train', 'gradNorm');
+    const a = metricsOf('one', 'train', 'gradNorm');
+    const b = metricsOf(run, 'train', 'gradNorm');
     for (let i = 0; i < 6; i++)
       expect(Math.abs(b[i] - a[i]) / a[i], `${name} grad norm ${i + 1}`).toBeLessThan(1e-4);
     // and the validation losses (the forward-only pass of each layout, summed over its ranks)
-    const va = metrics('one', 'valid', 'lmLoss');
-    const vb = metrics(run, 'valid', 'lmLoss');
+    const va = metricsOf('one', 'valid', 'lmLoss');
+    const vb = metricsOf(run, 'valid', 'lmLoss');
     expect(va.length).toBe(2);
     expect(vb.length, name).toBe(2);
     for (let i = 0; i < 2; i++)
       expect(Math.abs(vb[i] - va[i]) / va[i], `${name} validation ${i + 1}`).toBeLessThan(1e-5);
   });
 });
-
-/** A run's metrics.jsonl values of `key` for the lines of `kind`. */
-function metricsOf(run: string, kind: string, key: string): number[] {
-  return fs
-    .readFileSync(path.join(root, run, 'metrics.jsonl'), 'utf8')
-    .trim()
-    .split('\n')
-    .map((l) => JSON.parse(l))
-    .filter((m) => m.kind === kind)
-    .map((m) => m[key] as number);
-}
 
 describe('per-token loss', () => {
   it('calculatePerTokenLoss on packed SFT rows: DP=2 gives the losses and gradient norms of one process, and the gradients differ from the mean of micro-batch means', async () => {
