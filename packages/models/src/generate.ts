@@ -345,14 +345,16 @@ export function sampleOnDevice(
           const row = all.subarray(r * (2 * m + 1), (r + 1) * (2 * m + 1));
           const sum = row[0];
           const max = row[1];
-          const weight = (j: number) => Math.exp((row[1 + j] - max) / t);
+          // each weight computed once: the nucleus walks them, the draw walks the kept ones again
+          const weights: number[] = [];
+          const weight = (j: number) => {
+            weights[j] ??= Math.exp((row[1 + j] - max) / t);
+            return weights[j];
+          };
           const { keep, acc } = nucleus(weight, m, sum, topP);
           if (acc / sum >= topP || m === n) {
-            picked[r] = {
-              ids: Array.from(row.subarray(1 + m, 1 + m + keep), Number),
-              weights: Array.from({ length: keep }, (_, j) => weight(j)),
-              acc,
-            };
+            weights.length = keep;
+            picked[r] = { ids: Array.from(row.subarray(1 + m, 1 + m + keep), Number), weights, acc };
           } else open = true;
         }
         if (!open) break;
