@@ -229,6 +229,59 @@ function grouped(dtype: string, groups: number, K: number, F: number, kind: Grou
   if (bad) fail(`grouped ${dtype} ${groups} groups K ${K} F ${F} (${kind}): ${bad} bad`);
   for (const t of [x.h, x.d, w.h, w.d, g.h, g.d, out.h, out.d]) t.dispose();
 }
+// groupedLinear with its group sizes on the device (the groupedGemmSized kernel: MoE's tokens per
+// expert at EP = 1): forward, dx and every dW the bits of the same call with the sizes as numbers
+// (the same grouped kernel either way), an empty group's dW zeros, and no host wait where the mode
+// plans the groups on the device (=tiled, the emulator's default; =mma / =wgmma for 16-bit), one
+// (the sizes read) elsewhere.
+function sizedCase(dtype: string) {
+  cases++;
+  const sizes = [37, 0, 300, 1, 129, 0, 64];
+  const [K, F] = [136, 264];
+  const N = sizes.reduce((a, b) => a + b, 0);
+  const make = (shape: number[]) => {
+    const n = shape.reduce((a, b) => a * b, 1);
+    return fromTypedArray(Float64Array.from({ length: n }, rnd), shape)
+      .to(dtype)
+      .to(device);
+  };
+  const x = make([N, K]);
+  const ws = sizes.map(() => make([F, K]));
+  const gy = make([N, F]);
+  const run = (s: number[] | any) => {
+    const xl = x.clone().requiresGrad_(true);
+    const wl = ws.map((w: any) => w.clone().requiresGrad_(true));
+    const y = T.groupedLinear(xl, wl, s);
+    y.backward(gy);
+    return [y, xl.grad, ...wl.map((w: any) => w.grad)];
+  };
+  const want = run(sizes).map(read);
+  const onDevice = T.tensor(sizes, { dtype: 'int64' }).to(device);
+  synchronize(device);
+  C.startKernelProfile(device);
+  let outs: any[];
+  let prof: any;
+  try {
+    outs = run(onDevice);
+  } finally {
+    prof = C.stopKernelProfile(device);
+  }
+  const got = outs.map(read);
+  const mode = process.env.MEGAPATCH_GROUPED_GEMM ?? '';
+  const planned =
+    mode === 'tiled' ||
+    (emu && mode === '') ||
+    ((mode === 'mma' || mode === 'wgmma') && (dtype === 'bfloat16' || dtype === 'float16'));
+  const what = `sized ${dtype} (MEGAPATCH_GROUPED_GEMM=${mode})`;
+  if (prof.hostWaits !== (planned ? 0 : 1))
+    fail(`${what}: ${prof.hostWaits} host waits, want ${planned ? 0 : 1}`);
+  got.forEach((g: Float64Array, j: number) => {
+    const i = g.findIndex((v, k) => !Object.is(v, want[j][k]));
+    if (i >= 0) fail(`${what}: output ${j} differs at ${i}: ${g[i]} vs ${want[j][i]}`);
+  });
+  if (got[3].some((v: number) => v !== 0)) fail(`${what}: the empty group's dW is not zeros`);
+  for (const t of [x, gy, onDevice, ...ws, ...outs]) t.dispose();
+}
 const groupedCases = () => {
   for (const dtype of ['float32', 'float64', 'bfloat16', 'float16'])
     for (const kind of ['fwd', 'dgrad', 'wgrad', 'xtgt'] as const) {
@@ -236,6 +289,7 @@ const groupedCases = () => {
       grouped(dtype, emu ? 40 : 200, 100, 24, kind); // over one upload of the address arrays
       grouped(dtype, 12, 136, 264, kind); // several 128-wide tiles, partial ones at both ends
     }
+  for (const dtype of ['float32', 'bfloat16', 'float16']) sizedCase(dtype);
 };
 if (process.argv[3] === 'grouped') {
   groupedCases();

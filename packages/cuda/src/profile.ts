@@ -59,6 +59,7 @@ const GEMM_ENTRIES = new Set([
   'linearWeightGradAccumulate',
   'linearResidual',
   'groupedGemm',
+  'groupedGemmSized',
 ]);
 const ATTENTION_ENTRIES = new Set(['attentionForward', 'attentionBackward']);
 // addon functions that are not entries queuing device work

@@ -411,9 +411,85 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
         },
       );
       expect(r.stdout.trim().split('\n').at(-1)).toBe(
-        `grouped (MEGAPATCH_GROUPED_GEMM=${mode}): 48 cases, 0 failures`,
+        `grouped (MEGAPATCH_GROUPED_GEMM=${mode}): 51 cases, 0 failures`,
       );
     }
+  });
+
+  it("runs a grouped linear layer over group sizes on the device without waiting for them: the host sizes' bits", () => {
+    // MoE's tokens per expert stay where the router counted them: the grouped tiled kernel (the
+    // emulator's default, =tiled) and the tensor-core kernels (=mma, =wgmma: 16-bit) plan the
+    // groups on the device, forward (x W^T), dx (dy W) and dW (dy_e^T x_e, zeros for an empty
+    // group); the loop of GEMMs (=loop, a GPU's default) and float32 on =mma read them: one wait.
+    // One process a setting (the mode is read once).
+    const child = (env: Record<string, string>, dtype: string, sizeDtype = 'int64', bad = '') => {
+      return childJson(
+        env,
+        `
+        const sizes = [37, 0, 300, 1, 129, 0];
+        const [K, F] = [40, 136];
+        const N = sizes.reduce((a, b) => a + b, 0);
+        const host = (n, seed) => Array.from({ length: n }, (_, i) => Math.sin(i * 0.37 + seed));
+        const leaf = (n, shape, seed) => T.tensor(host(n, seed), { shape, dtype: '${dtype}' }).to(dev).requiresGrad_();
+        const x = leaf(N * K, [N, K], 1);
+        const ws = sizes.map((_, e) => leaf(F * K, [F, K], e + 2));
+        const gy = T.tensor(host(N * F, 9), { shape: [N, F], dtype: '${dtype}' }).to(dev);
+        const given = ${bad || 'sizes'};
+        const onDevice = T.tensor(given, { dtype: '${sizeDtype}' }).to(dev);
+        T.synchronize(dev);
+        const live0 = T.memoryStats(dev).liveStorages;
+        const w0 = built.addon.hostWaits();
+        let y;
+        let waits = -1; // forward and backward's (an error thrown there: until it)
+        let got;
+        try {
+          y = T.groupedLinear(x, ws, onDevice);
+          y.backward(gy);
+          waits = built.addon.hostWaits() - w0;
+          got = [y, x.grad, ...ws.map((w) => w.grad)].map((t) => JSON.stringify(t.cpu().toArray()));
+        } catch (e) {
+          if (waits < 0) waits = built.addon.hostWaits() - w0;
+          console.log(JSON.stringify({ waits, error: e.message }));
+          process.exit(0);
+        }
+        y.dispose();
+        // what stays: the 7 gradients (the graph's saved tensors and any int64 copy are gone)
+        const live = T.memoryStats(dev).liveStorages - live0;
+        for (const t of [x, ...ws]) { t.grad.dispose(); t.grad = null; }
+        const ref = T.groupedLinear(x, ws, sizes);
+        ref.backward(gy);
+        const want = [ref, x.grad, ...ws.map((w) => w.grad)].map((t) => JSON.stringify(t.cpu().toArray()));
+        const same = got.map((g, i) => g === want[i]);
+        const zero = JSON.stringify(ws[1].grad.cpu().toArray().flat().map(Math.abs)) === JSON.stringify(new Array(F * K).fill(0));
+        console.log(JSON.stringify({ waits, live, same: same.every(Boolean) ? true : same, zero }));
+      `,
+      );
+    };
+    const ok = { waits: 0, live: 7, same: true, zero: true };
+    expect(child({}, 'float32')).toEqual(ok);
+    expect(child({}, 'bfloat16', 'int32')).toEqual(ok);
+    expect(child({ MEGAPATCH_GROUPED_GEMM: 'tiled' }, 'float16')).toEqual(ok);
+    expect(child({ MEGAPATCH_GROUPED_GEMM: 'mma' }, 'bfloat16')).toEqual(ok);
+    expect(child({ MEGAPATCH_GROUPED_GEMM: 'wgmma' }, 'float16')).toEqual(ok);
+    // the modes that need the sizes on the host read them once, forward and backward together
+    expect(child({ MEGAPATCH_GROUPED_GEMM: 'loop' }, 'bfloat16')).toEqual({ ...ok, waits: 1 });
+    expect(child({ MEGAPATCH_GROUPED_GEMM: 'mma' }, 'float32')).toEqual({ ...ok, waits: 1 });
+    // bad sizes: clamped on the device, raised at the next read with the host check's words
+    expect(child({}, 'float32', 'int64', '[37, 0, 300, 1, 130, 0]')).toEqual({
+      waits: 0,
+      error: 'groupedLinear: group sizes sum to 468 but x [467,40] has 467 rows',
+    });
+    expect(child({ MEGAPATCH_GROUPED_GEMM: 'mma' }, 'bfloat16', 'int64', '[37, 0, 301, -1, 129, 0]')).toEqual(
+      {
+        waits: 0,
+        error: 'groupedLinear: group size 3 is -1; sizes must be non-negative integers',
+      },
+    );
+    // read back for the loop: checked on the host before a GEMM uses them
+    expect(child({ MEGAPATCH_GROUPED_GEMM: 'loop' }, 'float32', 'int64', '[37, 0, 300, 1, 130, 0]')).toEqual({
+      waits: 1,
+      error: 'groupedLinear: group sizes sum to 468 but x [467,40] has 467 rows',
+    });
   });
 
   it('refuses to mix devices in one op with a one-line error', () => {

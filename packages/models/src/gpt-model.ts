@@ -412,17 +412,13 @@ export class GPTModel extends Module {
    * read back; null without MoE layers. Give it to {@link GPTModel.updateExpertBias}.
    */
   takeGlobalExpertLoadOnDevice(tpDpCpGroup?: ProcessGroup): { layers: number[]; load: Tensor } | null {
-    const local = this.takeExpertLoad();
-    if (local.size === 0) return null;
+    const moe = this.moeLayers();
+    if (moe.length === 0) return null;
     const group = tpDpCpGroup ?? (modelParallelIsInitialized() ? getTensorAndDataParallelGroup(true) : null);
-    const E = this.config.moe?.numExperts ?? 0;
-    const layers = [...local.keys()];
-    const flat = new Float64Array(layers.length * E);
-    layers.forEach((l, i) => {
-      flat.set(local.get(l) as Float64Array, i * E);
-    });
-    const device = this.moeLayers()[0][1].router.weight.device;
-    const t = fromTypedArray(flat, [flat.length], { device });
+    const layers = moe.map(([l]) => l);
+    const device = moe[0][1].router.weight.device;
+    // each router's counts where they are (the dropless maps' were added up there)
+    const t = noGrad(() => tidy(() => cat(moe.map(([, m]) => m.router.takeLoadOnDevice(device)))));
     if (!group || group.size === 1) return { layers, load: t };
     group.allReduce(t, 'sum').waitSync();
     const tp = this.sequenceParallel ? 1 : this.tpGroup.size;

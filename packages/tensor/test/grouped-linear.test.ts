@@ -135,6 +135,27 @@ describe('groupedLinear equals per-group linear + cat (forward and gradients, bi
     }
   });
 
+  it('takes the sizes as a tensor (int64 or int32, where x is), with the same bits', () => {
+    // the backends here are synchronous: the sizes are read at once (the CUDA emulator's test,
+    // packages/cuda/test/emulated-backend.test.ts, keeps them on its device)
+    for (const device of ['cpu', 'ref:0']) {
+      for (const sizeDtype of ['int64', 'int32'] as const) {
+        const onDevice: Fn = (x, ws, sizes) =>
+          T.groupedLinear(x, ws, T.tensor([...sizes], { dtype: sizeDtype, device }));
+        const c = { sizes: [4, 0, 7, 3], K: 9, F: 10 };
+        const { x, ws, g } = inputs(c, 'float32', device, 29);
+        const got = run(onDevice, x, ws, g, c.sizes);
+        const want = run(T.groupedLinear, x, ws, g, c.sizes);
+        expectSame(got.y, want.y, 'y');
+        expectSame(got.dx, want.dx, 'dx');
+        got.dws.forEach((dw, e) => {
+          expectSame(dw, want.dws[e], `dW${e}`);
+        });
+        for (const t of [x, g, ...ws]) t.dispose();
+      }
+    }
+  });
+
   it('agrees between the CPU and ref:0 within float32 rounding', () => {
     const c = { sizes: [6, 0, 9], K: 12, F: 7 };
     const a = compare(c, 'float32', 'cpu', 23);
@@ -245,6 +266,30 @@ describe('groupedLinear errors', () => {
     [
       'a device mismatch',
       () => T.groupedLinear(x, [T.zeros([3, 4], { device: 'ref:0' })], [5]),
+      'DEVICE_MISMATCH',
+      /different devices/,
+    ],
+    [
+      'size tensors that do not sum to N',
+      () => T.groupedLinear(x, [w(), w()], T.tensor([2, 2], { dtype: 'int64' })),
+      'SHAPE_MISMATCH',
+      /sum to 4 .* 5 rows/,
+    ],
+    [
+      'a size tensor of another length',
+      () => T.groupedLinear(x, [w(), w()], T.tensor([5], { dtype: 'int64' })),
+      'SHAPE_MISMATCH',
+      /groupSizes must be \[2\] \(one size per weight\), got \[1\]/,
+    ],
+    [
+      'a float size tensor',
+      () => T.groupedLinear(x, [w()], T.tensor([5], { dtype: 'float32' })),
+      'DTYPE_MISMATCH',
+      /groupSizes must be an int64 or int32 tensor/,
+    ],
+    [
+      'a size tensor on another device',
+      () => T.groupedLinear(x, [w()], T.tensor([5], { dtype: 'int64', device: 'ref:0' })),
       'DEVICE_MISMATCH',
       /different devices/,
     ],

@@ -197,12 +197,13 @@ it('on the emulated devices a step waits for its device once (the step sums with
   expect((await countedEmulatedRun(c, 2)).hostWaits).toBe(3);
 });
 
-it("Mixtral at EP=2 on the emulated devices, either dispatcher: a MoE layer waits once a micro-batch (every rank's tokens per expert, read together), a step once more", async () => {
+it("Mixtral on the emulated devices, either dispatcher: one process waits once a step (the grouped GEMMs take the tokens per expert on the device); at EP=2 a MoE layer waits once a micro-batch (every rank's tokens per expert, read together), a step once more", async () => {
   const mixtral = tinyLlama(path.join(root, 'hf-mixtral'), 'mixtral');
   const moeLayers = 4;
   const runs: { hostWaits: number; losses: number[] }[] = [];
   for (const [ep, dispatcher] of [
     [1, 'allgather'],
+    [1, 'alltoall'],
     [2, 'allgather'],
     [2, 'alltoall'],
   ] as const) {
@@ -216,16 +217,19 @@ it("Mixtral at EP=2 on the emulated devices, either dispatcher: a MoE layer wait
     c.model = { ...c.model, moeTokenDispatcherType: dispatcher };
     runs.push(await countedEmulatedRun(c, ep));
   }
-  // one process: 4 micro-batches a step, one wait a MoE layer each (its counts for the grouped
-  // GEMM), then the step's sums with the gradient norm; EP=2 (DP=2: 2 micro-batches a rank): the
+  // one process: the step's sums with the gradient norm, its one wait (4 micro-batches of 4 MoE
+  // layers waited once each before, for the grouped GEMMs' sizes: 51 in 3 steps; now the emulator's
+  // grouped kernel plans them on the device, as a GPU's does under MEGAPATCH_GROUPED_GEMM=tiled,
+  // mma or wgmma; its default loop of cuBLASLt GEMMs reads them); EP=2 (DP=2: 2 micro-batches a rank): the
   // counts are gathered where the routers made them and read once, every rank's together (the
   // tokens, weights and expert ids travel where they are: the allgather dispatcher waited 5 times
   // a layer before, the alltoall one twice), the all-reduced expert load is read with the step's
   // sums (a read of its own before); the optimizer's setup asks the expert group on the host
   const ep2 = 3 * (2 * moeLayers + 1);
-  expect(runs.map((r) => r.hostWaits)).toEqual([3 * (4 * moeLayers + 1), ep2, ep2]);
-  expectSameLosses(runs[1].losses, runs[0].losses, 'EP=2, allgather');
-  expectSameLosses(runs[2].losses, runs[0].losses, 'EP=2, alltoall');
+  expect(runs.map((r) => r.hostWaits)).toEqual([3, 3, ep2, ep2]);
+  expectSameLosses(runs[1].losses, runs[0].losses, 'EP=1, alltoall');
+  expectSameLosses(runs[2].losses, runs[0].losses, 'EP=2, allgather');
+  expectSameLosses(runs[3].losses, runs[0].losses, 'EP=2, alltoall');
 });
 
 it('DeepSeek-V3 (expert bias, MTP) on one emulated device: the balancing update of the expert biases waits for nothing', async () => {
@@ -235,11 +239,12 @@ it('DeepSeek-V3 (expert bias, MTP) on one emulated device: the balancing update 
     Record<string, unknown>
   >;
   const r = await countedEmulatedRun(c, 1);
-  // the fixture: 4 layers, the first dense, one MTP block (MoE too): 4 routers, each waiting once
-  // a micro-batch (4) for its counts, then the step's sums with the gradient norm; the 3 decoder
-  // routers' bias updates read their biases back before (21 a step)
-  const routers = 4 - 1 + 1;
-  expect(r.hostWaits).toBe(3 * (4 * routers + 1));
+  // the fixture: 4 layers, the first dense, one MTP block (MoE too): 4 routers whose counts stay
+  // on the device (the grouped GEMMs' sizes, the expert load added up there and all-reduced for
+  // the bias update), so a step waits once, at the step's sums with the gradient norm (17 a step
+  // while each router waited a micro-batch for its counts; 21 while the 3 decoder routers' bias
+  // updates read their biases back)
+  expect(r.hostWaits).toBe(3);
   expect(r.losses.length).toBe(3);
 });
 

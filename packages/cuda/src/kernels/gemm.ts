@@ -19,6 +19,7 @@ type GemmKernels = Pick<
   | 'linearWeightGradAccumulate'
   | 'linearResidual'
   | 'groupedGemm'
+  | 'groupedGemmSized'
 >;
 
 /** Problems per groupedGemm call: 11 arguments each within the argument buffer. */
@@ -116,6 +117,37 @@ export function gemmKernels(call: Entries): GemmKernels {
         }
         call.groupedGemm();
       }
+    },
+
+    groupedGemmSized({ sizes, split, total, problems }) {
+      // one call plans every group on the device (the sizes' prefix crosses any chunking): more
+      // groups than an argument buffer holds read their sizes instead
+      if (problems.length === 0) return true;
+      if (problems.length > GROUPED_CHUNK || sizes.dtype !== 'int64' || !sizes.isContiguous) return false;
+      const dtype = problems[0].c.tensor.dtype;
+      const p = pack
+        .begin()
+        .num(DTYPE_CODES[dtype])
+        .num(split === 'rows' ? 0 : 1)
+        .num(total)
+        .num(address(sizes))
+        .num(problems.length);
+      for (const { m, n, k, a, b, c } of problems) {
+        for (const t of [a.tensor, b.tensor, c.tensor]) {
+          if (t.dtype !== dtype)
+            throw new Error(
+              `groupedGemmSized: an operand is ${t.dtype} but the output is ${dtype}; use one dtype`,
+            );
+        }
+        p.num(m).num(n).num(k);
+        p.num(address(a.tensor)).num(a.rs).num(a.cs);
+        p.num(address(b.tensor)).num(b.rs).num(b.cs);
+        p.num(address(c.tensor)).num(c.rs);
+      }
+      // the profile's FLOPs: the groups' products together (their sizes sum to total)
+      const { m, n, k } = problems[0];
+      noteGemm(split === 'rows' ? total : m, n, split === 'k' ? total : k, ITEMSIZE[dtype]);
+      return call.groupedGemmSized() === true;
     },
 
     linearWeightBiasGrad(gradWeight, gradBias, g, x) {

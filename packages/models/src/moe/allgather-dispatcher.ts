@@ -97,10 +97,11 @@ export class MoEAllGatherTokenDispatcher implements TokenDispatcher {
         xs = copyToTensorModelParallelRegion(xs, etpGroup);
         w = copyToTensorModelParallelRegion(w, etpGroup);
       }
-      const counts = pairs.counts;
+      // every expert is local: the router's device counts are the grouped GEMM's sizes as they are
       return {
         tokens: indexSelect(xs, 0, dev.token),
-        tokensPerExpert: Array.from(counts.subarray(firstExpert, firstExpert + numLocalExperts)),
+        tokensPerExpert:
+          dev.counts ?? Array.from(pairs.counts.subarray(firstExpert, firstExpert + numLocalExperts)),
         combine: (y) => {
           const wy = w.unsqueeze(1).to(y.dtype);
           const out = indexAdd(zeros([T, h], { dtype: hidden.dtype }), 0, dev.token, y.mul(wy));

@@ -66,6 +66,20 @@ export class MoEAlltoAllTokenDispatcher implements TokenDispatcher {
 
     // Permutation 1: the tokens sorted by expert, hence by the EP rank that owns it.
     const sent = dev ? indexSelect(x, 0, dev.token) : selectRows(x, pairs.token);
+    if (ep === 1 && etp === 1 && dev?.counts) {
+      // every expert here and nothing to exchange: the sorted tokens are the experts' input and the
+      // router's device counts their sizes, so nothing is read back (the general path below with
+      // its permutations the identity)
+      const counts = dev.counts;
+      return {
+        tokens: sent,
+        tokensPerExpert: counts,
+        combine: (y) => {
+          const w = weights.unsqueeze(1).to(y.dtype);
+          return indexAdd(zeros([localRows, h], { dtype: hidden.dtype }), 0, dev.token, y.mul(w));
+        },
+      };
+    }
     // every EP rank's pairs per expert; with the router's counts on its device they are gathered
     // there and the host reads them once, this rank's with the others'
     let counts: Int32Array[];

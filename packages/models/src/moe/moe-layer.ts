@@ -74,10 +74,11 @@ export class Experts extends Module {
 
   /**
    * Outputs [N, h] of the local experts for tokens [N, h] grouped by expert (tokensPerExpert[e]
-   * rows for local expert e, in order); with expert-TP, this rank's partial sums.
+   * rows for local expert e, in order; numbers, or an integer tensor where the tokens are); with
+   * expert-TP, this rank's partial sums.
    */
-  forward(tokens: Tensor, tokensPerExpert: readonly number[]): Tensor {
-    const mlps = tokensPerExpert.map((_, e) => this.localExperts.get(e));
+  forward(tokens: Tensor, tokensPerExpert: readonly number[] | Tensor): Tensor {
+    const mlps = Array.from({ length: this.numLocalExperts }, (_, e) => this.localExperts.get(e));
     // MLP.forward's skipReduce path (linear, gatedActivation, linear; the expert MLPs have no
     // bias) for all experts at once: two grouped GEMMs, per expert the same products, around one
     // activation over every token. An expert without tokens still gets (zero) weight gradients,

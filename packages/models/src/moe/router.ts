@@ -19,6 +19,7 @@ import {
   gather,
   initMethodNormal,
   isGradEnabled,
+  keep,
   linear,
   logsumexp,
   Module,
@@ -126,20 +127,68 @@ export class TopKRouter extends Module {
     this.load = new Float64Array(moe.numExperts);
   }
 
-  /** Dropless maps of forwards with gradients whose counts the host has not seen yet (see takeLoad). */
-  private readonly unread = new Set<RoutingMap>();
+  /**
+   * The dropless maps' counts since the last take, float64 [E] where the router ran (the host
+   * never waits for them; see takeLoad); the host's `load` holds the dropping maps'.
+   */
+  private loadOnDevice: Tensor | null = null;
+
+  /** Adds a dropless map's counts (int64 [E]) to the load where they are. */
+  private addLoad(counts: Tensor): void {
+    noGrad(() => {
+      const c = counts.to('float64'); // exact: counts stay far below 2^53
+      const acc = this.loadOnDevice;
+      if (acc && acc.device === c.device) {
+        this.loadOnDevice = keep(acc.add(c));
+        acc.dispose();
+        c.dispose();
+        return;
+      }
+      // the first counts (or the router moved: the old device's counts go to the host)
+      if (acc) this.foldLoad(acc);
+      this.loadOnDevice = keep(c);
+    });
+  }
+
+  /** Adds a device load to the host's and frees it (a read). */
+  private foldLoad(acc: Tensor): void {
+    const v = acc.toTypedArray() as Float64Array;
+    for (let e = 0; e < v.length; e++) this.load[e] += v[e];
+    acc.dispose();
+  }
 
   /**
    * Per-expert token counts accumulated since the last call, then reset. Counted, as Megatron
    * does, only when gradients are enabled: not in evaluation, and once under recompute (the
-   * recomputation, the first forward running without gradients).
+   * recomputation, the first forward running without gradients). Reads the dropless maps' counts
+   * from the router's device (one read); {@link TopKRouter.takeLoadOnDevice} leaves them there.
    */
   takeLoad(): Float64Array {
-    // the counts no dispatcher read yet (a router run on its own)
-    for (const m of [...this.unread]) void m.counts;
+    const acc = this.loadOnDevice;
+    this.loadOnDevice = null;
+    if (acc) this.foldLoad(acc);
     const out = this.load;
     this.load = new Float64Array(this.moe.numExperts);
     return out;
+  }
+
+  /**
+   * {@link TopKRouter.takeLoad}'s counts as float64 [E] on `device` (the caller's to free), nothing
+   * read back.
+   */
+  takeLoadOnDevice(device: string): Tensor {
+    const acc = this.loadOnDevice;
+    this.loadOnDevice = null;
+    const host = this.load;
+    this.load = new Float64Array(this.moe.numExperts);
+    return noGrad(() => {
+      const h = fromTypedArray(host, [host.length], { device });
+      if (!acc) return h;
+      const moved = acc.to(device);
+      const sum = h.add(moved);
+      for (const t of new Set([h, moved, acc])) t.dispose();
+      return sum;
+    });
   }
 
   /**
@@ -200,17 +249,12 @@ export class TopKRouter extends Module {
         () => weights.toTypedArray() as Float32Array,
       );
     } else {
-      // dropless: the map is built on the scores' device; the host learns its counts when the
-      // dispatcher reads them (the grouped GEMM's sizes; under EP with the other ranks' in one
-      // read), and adds them to the load then
+      // dropless: the map is built on the scores' device, and its counts are added to the load
+      // there; the host learns them only where a dispatcher reads them (under EP, with the other
+      // ranks' in one read; at EP = 1 the grouped GEMM takes them on the device)
       const { token, slot, counts } = routingMapOnDevice(idx, E);
-      const counting = isGradEnabled();
-      const map = deviceRoutingMap({ token, slot, counts }, (c) => {
-        this.unread.delete(map);
-        if (counting) for (let e = 0; e < E; e++) this.load[e] += c[e];
-      });
-      if (counting) this.unread.add(map);
-      routingMap = map;
+      if (isGradEnabled()) this.addLoad(counts);
+      routingMap = deviceRoutingMap({ token, slot, counts });
       deviceCounts = counts;
     }
     // before dropping: the ids' counts (dropless: the map's own, read at first use)

@@ -5,9 +5,10 @@
 // 'probs' keeps the highest routing weights, 'position' the earliest tokens. Padding
 // (moe_pad_expert_input_to_capacity) fills each expert up to the capacity with other tokens of
 // weight 0, as Megatron's capacity mask does.
-// Dropless maps are built where the router's ids are (routingMapOnDevice): only the per-expert
-// counts come back to the host, when the dispatcher needs them (with other ranks' under EP); the
-// pairs' tokens and slots stay device tensors for the dispatcher.
+// Dropless maps are built where the router's ids are (routingMapOnDevice): at most the per-expert
+// counts come back to the host, when a dispatcher needs them (with other ranks' under EP; at EP = 1
+// the grouped GEMM takes them on the device); the pairs' tokens and slots stay device tensors for
+// the dispatcher.
 import {
   arange,
   cumsum,
@@ -101,20 +102,14 @@ export function routingMapOnDevice(
 /**
  * A RoutingMap over device pairs: `counts`, `token` and `slot` read from the device tensors at
  * their first use (int32), which must come before the forward's graph frees them. A dispatcher
- * that reads the counts together with other ranks' assigns them instead (no read of their own);
- * `onCounts` sees them once, however they came.
+ * that reads the counts together with other ranks' assigns them instead (no read of their own).
  */
-export function deviceRoutingMap(
-  pairs: PairTensors & { counts: Tensor },
-  onCounts?: (counts: Int32Array) => void,
-): RoutingMap {
+export function deviceRoutingMap(pairs: PairTensors & { counts: Tensor }): RoutingMap {
   let counts: Int32Array | null = null;
   let token: Int32Array | null = null;
   let slot: Int32Array | null = null;
   const resolve = (c: Int32Array) => {
-    if (counts) return;
-    counts = c;
-    onCounts?.(c);
+    counts ??= c;
   };
   return {
     capacity: null,

@@ -35,8 +35,12 @@ export interface TokenDispatcherOptions {
 export interface DispatchedTokens {
   /** Rows [N, h] grouped by local expert, expert 0's first. */
   tokens: Tensor;
-  /** Rows of each local expert. */
-  tokensPerExpert: number[];
+  /**
+   * Rows of each local expert: on the host, or (int64 [local experts]) where the router counted
+   * them, when nothing had to bring them to the host (EP = 1, every expert here): the grouped GEMM
+   * then takes them there, and the host need not wait for the router.
+   */
+  tokensPerExpert: number[] | Tensor;
   /**
    * The experts' outputs [N, h] (rows as in `tokens`) -> [T, h]: for each token this rank routed,
    * the sum over its experts of weight × output.

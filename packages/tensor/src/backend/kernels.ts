@@ -12,7 +12,7 @@ import type {
   CrossEntropyShardMaxStatsKernel,
 } from '../ops/cross-entropy-shard.js';
 import type { GatedActivationBackwardKernel, GatedActivationKernel } from '../ops/glu.js';
-import type { GroupedGemmKernel } from '../ops/grouped-linear.js';
+import type { GroupedGemmKernel, GroupedGemmSizedKernel } from '../ops/grouped-linear.js';
 import type {
   GatherAlongKernel,
   IndexAddRowsKernel,
@@ -72,6 +72,7 @@ export interface KernelTable {
   linearWeightGradAccumulate: LinearWeightGradAccumulateKernel;
   linearResidual: LinearResidualKernel;
   groupedGemm: GroupedGemmKernel;
+  groupedGemmSized: GroupedGemmSizedKernel;
   attentionForward: AttentionForwardKernel;
   attentionBackward: AttentionBackwardKernel;
   indexSelectRows: IndexSelectRowsKernel;

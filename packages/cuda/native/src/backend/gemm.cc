@@ -156,6 +156,23 @@ MPC_ENTRY(GroupedGemmE) {
   return info.Env().Undefined();
 }
 
+// groupedGemmSized(dtype, split, total, sizes(ptr), count, count x [M, N, K, A(ptr, rs, cs), B(ptr,
+// rs, cs), C(ptr, rs)]): the grouped GEMM over device group sizes (kernels/gemm.h
+// grouped_gemm_sized); false when the grouped mode cannot take them (nothing enqueued).
+MPC_ENTRY(GroupedGemmSizedE) {
+  Args a;
+  const DType dt = static_cast<DType>(a.i32());
+  SizedGroups g;
+  g.split = a.i64();
+  g.total = a.i64();
+  g.sizes = static_cast<const int64_t*>(a.ptr());
+  const int64_t count = a.i64();
+  if (count < 0) throw_error("groupedGemmSized: negative problem count " + std::to_string(count));
+  std::vector<GemmProblem> ps(static_cast<size_t>(count));
+  for (GemmProblem& p : ps) p = read_problem(a);
+  return Napi::Boolean::New(info.Env(), grouped_gemm_sized(current_stream(), dt, ps, g));
+}
+
 // gemmEngine(): "cuBLASLt <version>" or "emulated fallback"
 static Napi::Value GemmEngineE(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), gemm_engine());
@@ -170,6 +187,7 @@ void register_gemm(Napi::Env env, Napi::Object exports) {
   exports.Set("linearWeightGradAccumulate", Napi::Function::New(env, LinearWeightGradAccumulateE));
   exports.Set("linearResidual", Napi::Function::New(env, LinearResidualE));
   exports.Set("groupedGemm", Napi::Function::New(env, GroupedGemmE));
+  exports.Set("groupedGemmSized", Napi::Function::New(env, GroupedGemmSizedE));
   exports.Set("gemmEngine", Napi::Function::New(env, GemmEngineE));
 }
 

@@ -13,6 +13,7 @@
 #include "gemm.h"
 
 #include "elementwise.h"
+#include "gemm_sized.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -166,12 +167,15 @@ static_assert(sizeof(GroupedEntry) % 8 == 0, "GroupedEntry is uploaded as 64-bit
 // Every tile of every problem of `table` (count entries, tile_start ascending): a grid-stride loop
 // over the tiles, each block finding its problem by binary search and computing the tile with
 // gemm_tile (alpha 1, beta 0, no epilogue), so each product is the tiled kernel's bit for bit.
+// total_dev: the tile count on the device (a plan of device group sizes wrote it; the grid was
+// sized for the most there can be), else total_tiles.
 template <typename T, int BM, int BN, int BK, int TM, int TN>
 __global__ void __launch_bounds__((BM / TM) * (BN / TN))
-    gemm_grouped_tiled_kernel(const GroupedEntry* table, int64_t count, int64_t total_tiles) {
+    gemm_grouped_tiled_kernel(const GroupedEntry* table, int64_t count, int64_t total_tiles, const int64_t* total_dev) {
   using Acc = typename Tr<T>::C;
   __shared__ Acc As[BK][BM + 1];
   __shared__ Acc Bs[BK][BN + 1];
+  if (total_dev) total_tiles = *total_dev;
   for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
     int64_t lo = 0, hi = count - 1;
     while (lo < hi) {
@@ -421,12 +425,46 @@ void launch_grouped_tiled(cudaStream_t stream, const std::vector<GemmProblem>& p
   upload_words(stream, reinterpret_cast<const uint64_t*>(table.data()), words, scratch.at<uint64_t>());
   auto k = gemm_grouped_tiled_kernel<T, BM, BN, BK, TM, TN>;
   MP_LAUNCH(k, dim3(static_cast<unsigned>(mn(total, kMaxBlocks))), dim3(NT), 0, stream,
-            scratch.at<const GroupedEntry>(), static_cast<int64_t>(table.size()), total);
+            scratch.at<const GroupedEntry>(), static_cast<int64_t>(table.size()), total,
+            static_cast<const int64_t*>(nullptr));
   check_launch("gemm_grouped_tiled_kernel");
 }
 
 void run_grouped_tiled(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps) {
   MPC_DISPATCH_FLOAT(dtype, launch_grouped_tiled, stream, ps);
+}
+
+// The grouped tiled kernel over device group sizes: the table with the split dimension 0, planned
+// on the device, then a grid for the most tiles there can be.
+template <typename T>
+void launch_grouped_tiled_sized(cudaStream_t stream, const std::vector<GemmProblem>& ps, const SizedGroups& g) {
+#ifdef MEGAPATCH_CUDA_EMULATOR
+  constexpr int64_t kMaxBlocks = 3;
+#else
+  constexpr int64_t kMaxBlocks = int64_t(1) << 20;
+#endif
+  std::vector<GroupedEntry> table;
+  table.reserve(ps.size());
+  for (const GemmProblem& p : ps) {
+    const int64_t ntn = (p.N + BN - 1) / BN;
+    table.push_back(GroupedEntry{p.a.data, p.b.data, p.c.data, g.split == 0 ? 0 : p.M, p.N, g.split == 0 ? p.K : 0,
+                                 p.a.rs, p.a.cs, p.b.rs, p.b.cs, p.c.rs, a_kfast(p.a), b_nfast(p.b), 0, ntn});
+  }
+  const GemmProblem& p0 = ps.front();
+  const int64_t most = sized_max_tiles(g.split, g.total, static_cast<int64_t>(ps.size()), p0.M, (p0.N + BN - 1) / BN, BM);
+  if (most == 0) return;
+  const size_t bytes = table.size() * sizeof(GroupedEntry);
+  Scratch scratch(bytes + sizeof(int64_t), stream);
+  upload_words(stream, reinterpret_cast<const uint64_t*>(table.data()), static_cast<int64_t>(bytes / sizeof(uint64_t)),
+               scratch.at<uint64_t>());
+  MP_LAUNCH((plan_sized_kernel<GroupedEntry, BM>), dim3(1), dim3(1), 0, stream, scratch.at<GroupedEntry>(),
+            static_cast<int64_t>(table.size()), sized_plan(p0, g, sizeof(T)), scratch.at<int64_t>(bytes));
+  check_launch("plan_sized_kernel");
+  auto k = gemm_grouped_tiled_kernel<T, BM, BN, BK, TM, TN>;
+  MP_LAUNCH(k, dim3(static_cast<unsigned>(mn(most, kMaxBlocks))), dim3(NT), 0, stream,
+            scratch.at<const GroupedEntry>(), static_cast<int64_t>(table.size()), most,
+            scratch.at<const int64_t>(bytes));
+  check_launch("gemm_grouped_tiled_kernel");
 }
 
 // The problems with work to do, after the gemm's checks on each (a product with M or N of 0 has
@@ -556,6 +594,24 @@ void grouped_streams(cudaStream_t stream, DType dtype, const std::vector<GemmPro
   join(true);
 }
 
+// The modes that take device group sizes: the grouped tiled kernel (=tiled; in the emulator its
+// default too) and the tensor-core kernels (=mma, =wgmma) where they take every problem.
+bool sized_by_mode(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps, const SizedGroups& g) {
+  const GroupedMode mode = grouped_mode();
+#ifdef MEGAPATCH_CUDA_EMULATOR
+  const bool tiled = mode == GroupedMode::Tiled || mode == GroupedMode::Grouped;
+#else
+  const bool tiled = mode == GroupedMode::Tiled;
+#endif
+  if (tiled) {
+    MPC_DISPATCH_FLOAT(dtype, launch_grouped_tiled_sized, stream, ps, g);
+    return true;
+  }
+  if (mode == GroupedMode::Mma || mode == GroupedMode::Wgmma)
+    return grouped_mma_sized(stream, dtype, ps, g, mode == GroupedMode::Wgmma);
+  return false;
+}
+
 // The modes every build shares; false for the engine's own grouped GEMM.
 bool grouped_by_mode(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& work) {
   switch (grouped_mode()) {
@@ -573,6 +629,20 @@ bool grouped_by_mode(cudaStream_t stream, DType dtype, const std::vector<GemmPro
 }
 
 }  // namespace
+
+bool grouped_gemm_sized(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps, const SizedGroups& g) {
+  if (ps.empty()) return true;
+  if (g.split != 0 && g.split != 1) throw_error("groupedGemmSized: the split must be 0 (rows) or 1 (k)");
+  if (g.total < 0) throw_error("groupedGemmSized: negative row count " + std::to_string(g.total));
+  // the fixed dimensions as gemm checks them (the split one stands in as 1)
+  const GemmProblem& p0 = ps.front();
+  for (const GemmProblem& p : ps) {
+    if (p.N != p0.N || p.M != p0.M || p.K != p0.K)
+      throw_error("groupedGemmSized: every problem needs the same fixed dimensions");
+    if (!gemm_args_ok(dtype, 1, g.split == 0 ? 1 : p.M, p.N, g.split == 0 ? p.K : 1, 1.0, nullptr)) return true;
+  }
+  return sized_by_mode(stream, dtype, ps, g);
+}
 
 void gemm_fallback(cudaStream_t stream, DType dtype, int64_t batch, int64_t M, int64_t N, int64_t K,
                    const GemmMat& a, const GemmMat& b, const GemmMat& c, double alpha, double beta,

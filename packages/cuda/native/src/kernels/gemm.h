@@ -99,6 +99,26 @@ struct GemmProblem {
 // on a GPU too.
 void grouped_gemm(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps);
 
+// Group sizes on the device (an int64 [count] tensor: a MoE layer's tokens per expert, counted
+// where the router ran): which dimension the groups split, 0 the rows (problem g: M = sizes[g], its
+// A and C starting at row sizes[0] + ... + sizes[g - 1] of the shared A and C) or 1 the reduction
+// (K = sizes[g], A's and B's k starting there: dW_g = dY_g^T X_g), and the rows they split.
+struct SizedGroups {
+  int64_t split, total;
+  const int64_t* sizes;
+};
+
+// The grouped GEMM of `ps` (one a group, each given at the first group's start with the split
+// dimension 0; their fixed dimensions and strides equal; C written, not read) with the sizes read
+// where they are: a small kernel plans the groups on the device in stream order, then the grouped
+// kernel runs over a grid sized for the worst case (gemm_sized.cuh), so the host never waits for
+// the sizes. A size below 0 counts as 0 and the sizes are clamped to `total` (the caller checks
+// them, deferred). A group of K = 0 writes zeros. False, with nothing enqueued, where the mode
+// cannot (the loop of cuBLASLt GEMMs, the GPU's default, needs the sizes on the host): the grouped
+// tiled kernel (=tiled, and the emulator's default) and the tensor-core kernels (=mma, =wgmma,
+// where they take the operands' layout) can.
+bool grouped_gemm_sized(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps, const SizedGroups& g);
+
 // The tensor-core grouped kernels (MEGAPATCH_GROUPED_GEMM=mma / =wgmma, gemm_grouped_mma.cu):
 // enqueues the products of `ps` (validated, sizes positive) they can take, bf16 / f16 on sm_80+
 // with 16-byte aligned layouts (each operand unit-strided in one dimension, the other stride and
@@ -106,6 +126,10 @@ void grouped_gemm(cudaStream_t stream, DType dtype, const std::vector<GemmProble
 // the caller. `wgmma`: on wgmma where the device and build have it (sm_90a), else on mma.sync.
 std::vector<GemmProblem> grouped_mma(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps,
                                      bool wgmma = false);
+// The same over device group sizes (grouped_gemm_sized): false, with nothing enqueued, unless the
+// kernels take every problem whatever the sizes.
+bool grouped_mma_sized(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps, const SizedGroups& g,
+                       bool wgmma);
 
 // Copies `n` host words to device memory at dst on `stream`: one small kernel per 480 words, the
 // words passed as its parameter (captured at each launch; the caller may reuse them): a table's

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "gemm.h"
+#include "gemm_sized.cuh"
 #include "mma.cuh"
 
 namespace mpc {
@@ -150,7 +151,7 @@ template <typename T> MP_D void store2(T* p, int64_t col, int64_t N, bool pairs,
 // BNF: B N-fast, else K-fast).
 template <typename T, bool AMF, bool BNF>
 __global__ void __launch_bounds__(kNT, 2)
-    gemm_grouped_mma_kernel(const MmaEntry* table, int64_t count, int64_t total_tiles) {
+    gemm_grouped_mma_kernel(const MmaEntry* table, int64_t count, int64_t total_tiles, const int64_t* total_dev) {
   MP_DYNAMIC_SMEM(T, smem);
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const int wm = warp >> 2, wn = warp & 3;  // the warp's 64 x 32 of the tile
@@ -180,6 +181,7 @@ __global__ void __launch_bounds__(kNT, 2)
   const SmemAddr sm = smem_at(smem);
   constexpr int kSlot = 2 * 2 * kSlice;  // bytes of a ring slot: A's slice, then B's
 
+  if (total_dev) total_tiles = *total_dev;  // planned on the device (gemm_sized.cuh)
   for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
     const TileAt at = tile_at<kBN>(table, count, t);
     const MmaEntry& e = at.e;
@@ -264,7 +266,7 @@ template <int BN> constexpr int kSlotW = 2 * (kSlice + BN * kBK);  // bytes of a
 template <int BN> constexpr size_t kSmemW = size_t(kStagesW) * kSlotW<BN>;
 template <typename T, bool AMF, bool BNF, int BN>
 __global__ void __launch_bounds__(kNT, BN == 128 ? 2 : 1)
-    gemm_grouped_wgmma_kernel(const MmaEntry* table, int64_t count, int64_t total_tiles) {
+    gemm_grouped_wgmma_kernel(const MmaEntry* table, int64_t count, int64_t total_tiles, const int64_t* total_dev) {
   static_assert(BN == 128 || BN == 256, "128 or 256 columns a tile");
   // the warpgroup's columns as two halves of kHN, one wgmma m64nkHNk16 each a k-step (two even at BN
   // 128: issued as (half 0, k-step 0), (1, 0), (0, 1), (1, 1), so that ptxas keeps both k-steps'
@@ -290,6 +292,7 @@ __global__ void __launch_bounds__(kNT, BN == 128 ? 2 : 1)
   const uint64_t desc0 = BNF ? wgmma_desc(smem, BN * 16, 128) : wgmma_desc(smem, 128, 512);
   constexpr uint64_t kStepDesc = (BNF ? 2 * BN * 16 : 2 * 128) / 16, kHalfDesc = (BNF ? kHN / 8 * 128 : kHN / 8 * 512) / 16;
 
+  if (total_dev) total_tiles = *total_dev;  // planned on the device (gemm_sized.cuh)
   for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
     const TileAt at = tile_at<BN>(table, count, t);
     const MmaEntry& e = at.e;
@@ -414,7 +417,7 @@ bool device_runs_mma() {
 
 // The kernel of a launch: mma.sync (bn 0), or wgmma with tiles bn columns wide.
 template <typename T, bool AMF, bool BNF> struct Pick {
-  void (*kernel)(const MmaEntry*, int64_t, int64_t);
+  void (*kernel)(const MmaEntry*, int64_t, int64_t, const int64_t*);
   const char* name;
   size_t smem;
 };
@@ -425,30 +428,42 @@ template <typename T, bool AMF, bool BNF> Pick<T, AMF, BNF> pick(int bn) {
 }
 
 // One launch for the entries of one layout: the table uploaded into scratch, then every tile.
+// With a plan (device group sizes), the plan's kernel first completes the table there and `total`
+// is the most tiles there can be (the kernel reads the real count).
 template <typename T, bool AMF, bool BNF>
-void launch_layout(cudaStream_t stream, int bn, const std::vector<MmaEntry>& table, int64_t total) {
+void launch_layout(cudaStream_t stream, int bn, const std::vector<MmaEntry>& table, int64_t total,
+                   const SizedPlan* plan) {
 #ifdef MEGAPATCH_CUDA_EMULATOR
   constexpr int64_t kMaxBlocks = 3;  // few blocks: the grid-stride loop runs
 #else
   constexpr int64_t kMaxBlocks = int64_t(1) << 30;
 #endif
-  const int64_t words = static_cast<int64_t>(table.size() * sizeof(MmaEntry) / sizeof(uint64_t));
-  Scratch scratch(table.size() * sizeof(MmaEntry), stream);
-  upload_words(stream, reinterpret_cast<const uint64_t*>(table.data()), words, scratch.at<uint64_t>());
+  const size_t bytes = table.size() * sizeof(MmaEntry);
+  Scratch scratch(bytes + sizeof(int64_t), stream);
+  upload_words(stream, reinterpret_cast<const uint64_t*>(table.data()), static_cast<int64_t>(bytes / sizeof(uint64_t)),
+               scratch.at<uint64_t>());
+  const int64_t* total_dev = nullptr;
+  if (plan) {
+    MP_LAUNCH((plan_sized_kernel<MmaEntry, kBM>), dim3(1), dim3(1), 0, stream, scratch.at<MmaEntry>(),
+              static_cast<int64_t>(table.size()), *plan, scratch.at<int64_t>(bytes));
+    check_launch("plan_sized_kernel");
+    total_dev = scratch.at<const int64_t>(bytes);
+  }
   const Pick<T, AMF, BNF> k = pick<T, AMF, BNF>(bn);
   check(cudaFuncSetAttribute(k.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(k.smem)), k.name);
   MP_LAUNCH(k.kernel, dim3(static_cast<unsigned>(mn(total, kMaxBlocks))), dim3(kNT), k.smem, stream,
-            scratch.at<const MmaEntry>(), static_cast<int64_t>(table.size()), total);
+            scratch.at<const MmaEntry>(), static_cast<int64_t>(table.size()), total, total_dev);
   check_launch(k.name);
 }
 
 template <typename T>
-void launch_layout(cudaStream_t stream, int bn, int layout, const std::vector<MmaEntry>& t, int64_t n) {
+void launch_layout(cudaStream_t stream, int bn, int layout, const std::vector<MmaEntry>& t, int64_t n,
+                   const SizedPlan* plan = nullptr) {
   switch (layout) {
-    case 0: launch_layout<T, false, false>(stream, bn, t, n); break;
-    case 1: launch_layout<T, false, true>(stream, bn, t, n); break;
-    case 2: launch_layout<T, true, false>(stream, bn, t, n); break;
-    default: launch_layout<T, true, true>(stream, bn, t, n); break;
+    case 0: launch_layout<T, false, false>(stream, bn, t, n, plan); break;
+    case 1: launch_layout<T, false, true>(stream, bn, t, n, plan); break;
+    case 2: launch_layout<T, true, false>(stream, bn, t, n, plan); break;
+    default: launch_layout<T, true, true>(stream, bn, t, n, plan); break;
   }
 }
 
@@ -493,6 +508,41 @@ std::vector<GemmProblem> grouped_mma(cudaStream_t stream, DType dtype, const std
     else launch_layout<f16>(stream, bn, layout, tables[layout], totals[layout]);
   }
   return rest;
+}
+
+bool grouped_mma_sized(cudaStream_t stream, DType dtype, const std::vector<GemmProblem>& ps, const SizedGroups& g,
+                       bool wgmma) {
+  if ((dtype != DType::BF16 && dtype != DType::F16) || ps.empty() || !device_runs_mma()) return false;
+  if (g.total > (int64_t(1) << 30)) return false;
+  const int bn = wgmma && device_has_wgmma() ? wgmma_tile_n() : 0;
+  const int64_t tile_n = bn ? bn : kBN;
+  // Every group's entry as mma_entry takes it whatever its size: the split dimension stands in as 8
+  // (a whole chunk) and may not be one whose extent must be a multiple of 8 (rows: an M-fast A;
+  // k: a K-fast A or B); moved by whole rows, the operands stay 16-byte aligned (their strides
+  // along the split are multiples of 8 then) and C's pairs 4-byte aligned (its row stride even).
+  std::vector<MmaEntry> table;
+  table.reserve(ps.size());
+  int layout = -1;
+  for (const GemmProblem& p : ps) {
+    GemmProblem q = p;
+    (g.split == 0 ? q.M : q.K) = 8;
+    MmaEntry e;
+    if (!mma_entry(q, e)) return false;
+    if (g.split == 0 ? e.a_mfast != 0 : (e.a_mfast == 0 || e.b_nfast == 0)) return false;
+    const int l = static_cast<int>(2 * e.a_mfast + e.b_nfast);
+    if (layout >= 0 && l != layout) return false;
+    layout = l;
+    (g.split == 0 ? e.M : e.K) = 0;
+    e.ntiles_n = (p.N + tile_n - 1) / tile_n;
+    table.push_back(e);
+  }
+  const GemmProblem& p0 = ps.front();
+  const int64_t most = sized_max_tiles(g.split, g.total, static_cast<int64_t>(ps.size()), p0.M, (p0.N + tile_n - 1) / tile_n, kBM);
+  if (most == 0) return true;
+  const SizedPlan plan = sized_plan(p0, g, 2);
+  if (dtype == DType::BF16) launch_layout<bf16>(stream, bn, layout, table, most, &plan);
+  else launch_layout<f16>(stream, bn, layout, table, most, &plan);
+  return true;
 }
 
 }  // namespace mpc
