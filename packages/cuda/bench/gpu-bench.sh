@@ -126,7 +126,13 @@ else
   say "no python with torch: the PyTorch side cannot run"
 fi
 # the MoE step (opt-in parts): ours, then PyTorch eager's loop over the experts
-if [ -n "$TSX" ] && has moe-train; then run ours-moe-train 150 "$TSX" $BENCH/ours.mts moe-train; fi
+if [ -n "$TSX" ] && has moe-train; then
+  run ours-moe-train 150 "$TSX" $BENCH/ours.mts moe-train
+  # again with the grouped GEMMs on our tensor-core kernel, which takes the tokens per expert where
+  # the router counted them: no wait a MoE layer and micro-batch (the default loop reads them)
+  MEGAPATCH_GROUPED_GEMM=mma MEGAPATCH_BENCH_VARIANT_ENV=MEGAPATCH_GROUPED_GEMM=mma MEGAPATCH_BENCH_MODE=megapatch-mma \
+    run ours-moe-train-mma 120 "$TSX" $BENCH/ours.mts moe-train
+fi
 if [ -n "$PY" ] && has torch-moe-train; then
   MEGAPATCH_BENCH_TORCH_MODES=eager run torch-moe-train 90 "$PY" $BENCH/torch_ref.py moe-train ${TORCH_ARGS[@]+"${TORCH_ARGS[@]}"}
 fi

@@ -668,6 +668,7 @@ async function trainBench(tc: any) {
       emit({
         kind: 'profile',
         case: tc.case,
+        mode,
         calls: p.calls,
         kernelMs: r(p.kernelMs),
         spanMs: r(p.spanMs),

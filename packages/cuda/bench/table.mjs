@@ -509,16 +509,32 @@ if (good(me))
   limits.push(
     `torch eager MoE step ${me.stepMs} ms: forward ${me.breakdownMs.forward}, backward ${me.breakdownMs.backward}, optimizer ${me.breakdownMs.optimizer}; peak memory ${me.peakMemoryGiB} GiB`,
   );
-const moeProf = mc
-  ? lines.find((l) => l.side === 'megapatch' && l.kind === 'profile' && l.case === mc.case && !l.error)
-  : null;
-if (moeProf) {
+// the MoE step's profiles: the default's, then each variant's (gpu-bench.sh's ours-moe-train-mma)
+const moeProfs = mc
+  ? lines.filter((l) => l.side === 'megapatch' && l.kind === 'profile' && l.case === mc.case && !l.error)
+  : [];
+for (const moeProf of moeProfs) {
   const by = { gemm: 0, attention: 0, other: 0 };
   for (const e of moeProf.entries) by[e.kind] += e.ms;
   const top = moeProf.entries.slice(0, 8).map((e) => `${e.name} ${num(e.ms, 3)} (${e.calls})`);
+  const variant = moeProf.mode && moeProf.mode !== 'megapatch' ? ` (${moeProf.mode})` : '';
   limits.push(
-    `megapatch MoE step profiled: span ${num(moeProf.spanMs, 4)} ms = GEMMs ${num(by.gemm, 4)} + attention ${num(by.attention, 4)} + other ${num(by.other, 4)} + gaps ${num(moeProf.spanMs - moeProf.kernelMs, 4)} ms; ${moeProf.hostWaits ?? '?'} host waits; longest: ${top.join('; ')}`,
+    `megapatch MoE step profiled${variant}: span ${num(moeProf.spanMs, 4)} ms = GEMMs ${num(by.gemm, 4)} + attention ${num(by.attention, 4)} + other ${num(by.other, 4)} + gaps ${num(moeProf.spanMs - moeProf.kernelMs, 4)} ms; ${moeProf.hostWaits ?? '?'} host waits; longest: ${top.join('; ')}`,
   );
+}
+for (const v of mc
+  ? lines.filter(
+      (l) =>
+        l.side === 'megapatch' &&
+        l.kind === 'train' &&
+        l.case === mc.case &&
+        l.mode?.startsWith('megapatch-'),
+    )
+  : []) {
+  if (good(v) && good(mo))
+    limits.push(
+      `megapatch MoE with ${v.variantEnv ?? v.mode}: step ${v.stepMs} ms (${v.tokensPerSecond} tokens/s, MFU ${v.mfu}) vs ${mo.stepMs} ms`,
+    );
 }
 
 // print
