@@ -1,6 +1,6 @@
 // GPTModel behaviour beyond parity: routing rules, Megatron's aux and z losses, the expert-bias
 // update, activation recompute, random initialisation and flat memory over training steps.
-import { AdamW, fromTypedArray, Generator, memoryStats, type Tensor, tidy } from '@megapatch/tensor';
+import { AdamW, fromTypedArray, Generator, memoryStats, noGrad, type Tensor, tidy } from '@megapatch/tensor';
 import { afterAll, describe, expect, it } from 'vitest';
 import { GPTModel, loadModel, selectExperts, TopKRouter } from '../src/index.js';
 import { fixtureCheckpoint, relMaxError } from './helpers/fixtures.js';
@@ -185,6 +185,34 @@ describe('router', () => {
     expect([aux.item(), z.item()]).toEqual([0, 0]);
     aux.add(z).backward();
     expect(Array.from(router.weight.grad?.toTypedArray() as Float32Array)).toEqual(new Array(12).fill(0));
+  });
+
+  it('the expert load adds up where the router runs (forwards with gradients only), is taken there, and goes with the model', () => {
+    const before = memoryStats().liveStorages;
+    const { model } = loadModel(fixtureCheckpoint('mixtral'));
+    const k = model.config.moe?.routerTopk as number;
+    const E = model.config.moe?.numExperts as number;
+    const forward = () => tidy(() => void model.forward(ids, { labels }));
+    forward();
+    forward();
+    tidy(() => void noGrad(() => model.forward(ids))); // evaluation: not counted
+    const g = model.takeGlobalExpertLoadOnDevice();
+    if (!g) throw new Error('no MoE layers');
+    const rows = g.load.toTypedArray() as Float64Array;
+    g.load.dispose();
+    expect(g.layers).toEqual(model.moeLayers().map(([l]) => l));
+    g.layers.forEach((_, i) => {
+      // two forwards of 12 tokens, k experts each
+      expect(rows.slice(i * E, (i + 1) * E).reduce((a, b) => a + b, 0)).toBe(2 * 12 * k);
+    });
+    // taken: the next take counts from zero, and the host's take gives the same as the device's
+    forward();
+    const host = model.takeExpertLoad();
+    expect([...host.values()].map((c) => c.reduce((a, b) => a + b, 0))).toEqual(g.layers.map(() => 12 * k));
+    // a load never taken goes with the model
+    forward();
+    model.dispose();
+    expect(memoryStats().liveStorages).toBe(before);
   });
 
   it('the expert bias moves toward under-loaded experts by the update rate', () => {

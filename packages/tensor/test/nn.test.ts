@@ -169,6 +169,34 @@ describe('Module', () => {
     expect(memoryStats().liveBytes).toBe(before);
   });
 
+  it('dispose() frees what submodules own besides parameters and buffers (disposeState)', () => {
+    class Counter extends Module {
+      total: ReturnType<typeof randn> | null = null;
+      add(x: ReturnType<typeof randn>) {
+        const next = this.total ? this.total.add(x) : x.clone();
+        this.total?.dispose();
+        this.total = next;
+      }
+      protected override disposeState(): void {
+        this.total?.dispose();
+        this.total = null;
+      }
+    }
+    class Outer extends Module {
+      inner = this.registerModule('inner', new Counter());
+    }
+    const before = memoryStats().liveStorages;
+    const outer = new Outer();
+    const x = randn([3]);
+    outer.inner.add(x);
+    outer.inner.add(x);
+    x.dispose();
+    expect(memoryStats().liveStorages).toBe(before + 1);
+    outer.dispose();
+    expect(outer.inner.total).toBeNull();
+    expect(memoryStats().liveStorages).toBe(before);
+  });
+
   it('train() / eval() set the mode recursively', () => {
     const net = new Net();
     expect(net.training).toBe(true);

@@ -133,6 +133,11 @@ export class TopKRouter extends Module {
    */
   private loadOnDevice: Tensor | null = null;
 
+  protected override disposeState(): void {
+    this.loadOnDevice?.dispose();
+    this.loadOnDevice = null;
+  }
+
   /** Adds a dropless map's counts (int64 [E]) to the load where they are. */
   private addLoad(counts: Tensor): void {
     noGrad(() => {

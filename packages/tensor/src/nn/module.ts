@@ -346,12 +346,23 @@ export class Module {
     for (const old of replacement.keys()) old.dispose();
   }
 
-  /** Frees every parameter and buffer of the tree (and their gradients); the module is unusable afterwards. */
+  /**
+   * Frees every parameter and buffer of the tree (and their gradients), and what each module owns
+   * besides ({@link Module.disposeState}); the module is unusable afterwards.
+   */
   dispose(): void {
     for (const m of this.modules()) {
       for (const table of [m.paramTable, m.bufferTable]) for (const t of table.values()) t?.dispose();
+      m.disposeState();
     }
   }
+
+  /**
+   * Frees tensors this module owns outside its parameters and buffers (state it keeps between
+   * calls, such as a MoE router's running expert load); {@link Module.dispose} calls it on every
+   * module of the tree. Nothing by default.
+   */
+  protected disposeState(): void {}
 
   [Symbol.dispose](): void {
     this.dispose();
