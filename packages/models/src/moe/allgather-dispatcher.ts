@@ -13,17 +13,7 @@ import {
   type ProcessGroup,
   reduceFromTensorModelParallelRegion,
 } from '@megapatch/parallel';
-import {
-  fromTypedArray,
-  indexAdd,
-  indexSelect,
-  logicalAnd,
-  noGrad,
-  type Tensor,
-  tidy,
-  where,
-  zeros,
-} from '@megapatch/tensor';
+import { fromTypedArray, indexSelect, logicalAnd, noGrad, type Tensor, tidy, where } from '@megapatch/tensor';
 import {
   allGatherCountsOnDevice,
   allGatherInts,
@@ -47,6 +37,7 @@ import {
   type TokenDispatcher,
   type TokenDispatcherOptions,
   total,
+  weightedRows,
 } from './token-dispatcher.js';
 
 /** The tokens of one router call after gathering: its rows and pairs per expert. */
@@ -71,7 +62,7 @@ export class MoEAllGatherTokenDispatcher implements TokenDispatcher {
 
   dispatch(hidden: Tensor, routing: Routing): DispatchedTokens {
     const { tpGroup, epGroup, etpGroup, numExperts: E, firstExpert, numLocalExperts } = this.o;
-    const [T, h] = hidden.shape;
+    const T = hidden.shape[0];
     let x = hidden;
     let probs = routing.probs;
     let pairs: Pairs = routing.routingMap;
@@ -103,8 +94,7 @@ export class MoEAllGatherTokenDispatcher implements TokenDispatcher {
         tokensPerExpert:
           dev.counts ?? Array.from(pairs.counts.subarray(firstExpert, firstExpert + numLocalExperts)),
         combine: (y) => {
-          const wy = w.unsqueeze(1).to(y.dtype);
-          const out = indexAdd(zeros([T, h], { dtype: hidden.dtype }), 0, dev.token, y.mul(wy));
+          const out = weightedRows(y, w, dev.token, T, hidden);
           return etpCopy ? reduceFromTensorModelParallelRegion(out, etpGroup) : out;
         },
       };
@@ -155,9 +145,8 @@ export class MoEAllGatherTokenDispatcher implements TokenDispatcher {
       tokens: selectRows(x, rowOf),
       tokensPerExpert,
       combine: (y) => {
-        const w = selectRows(gatheredWeights, pairOf).unsqueeze(1).to(y.dtype);
         const rows = fromTypedArray(Int32Array.from(rowOf), [rowOf.length]);
-        let out = indexAdd(zeros([gatheredRows, h], { dtype: hidden.dtype }), 0, rows, y.mul(w));
+        let out = weightedRows(y, selectRows(gatheredWeights, pairOf), rows, gatheredRows, hidden);
         if (etpCopy) out = reduceFromTensorModelParallelRegion(out, etpGroup);
         for (let s = stages.length - 1; s >= 0; s--) out = reduceScatterRows(out, stageRows[s], stages[s]);
         if (tpCounts) out = gatherRows(out, tpCounts, tpGroup);
@@ -179,7 +168,7 @@ export class MoEAllGatherTokenDispatcher implements TokenDispatcher {
     stages: readonly ProcessGroup[],
   ): DispatchedTokens {
     const { etpGroup, numExperts: E, firstExpert, numLocalExperts: L } = this.o;
-    const [T, h] = hidden.shape;
+    const T = hidden.shape[0];
     const map = routing.routingMap;
     let x = hidden;
     let p = probs;
@@ -219,9 +208,7 @@ export class MoEAllGatherTokenDispatcher implements TokenDispatcher {
       tokens: indexSelect(x, 0, rows),
       tokensPerExpert,
       combine: (y) => {
-        const wy = w.unsqueeze(1).to(y.dtype);
-        const zero = zeros([gatheredRows, h], { dtype: hidden.dtype, device: hidden.device });
-        let out = indexAdd(zero, 0, rows, y.mul(wy));
+        let out = weightedRows(y, w, rows, gatheredRows, hidden);
         if (this.etpReplicated && etpGroup.size > 1) out = reduceFromTensorModelParallelRegion(out, etpGroup);
         for (let s = stages.length - 1; s >= 0; s--) out = reduceScatterRows(out, stageRows[s], stages[s]);
         return out;

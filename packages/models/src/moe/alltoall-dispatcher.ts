@@ -9,7 +9,7 @@
 // expert outputs with its routing weights on the rank that routed it; without sequence
 // parallelism the TP ranks then gather their shares again. Every step is differentiable; the
 // backward of an all-to-all is the reverse all-to-all.
-import { fromTypedArray, indexAdd, indexSelect, type Tensor, zeros } from '@megapatch/tensor';
+import { fromTypedArray, indexSelect, type Tensor } from '@megapatch/tensor';
 import {
   allGatherCountsOnDevice,
   allGatherInts,
@@ -31,6 +31,7 @@ import {
   type TokenDispatcher,
   type TokenDispatcherOptions,
   total,
+  weightedRows,
 } from './token-dispatcher.js';
 
 /** Megatron's alltoall token dispatcher. */
@@ -41,7 +42,7 @@ export class MoEAlltoAllTokenDispatcher implements TokenDispatcher {
 
   dispatch(hidden: Tensor, routing: Routing): DispatchedTokens {
     const { tpGroup, epGroup, etpGroup, numExperts: E, firstExpert, numLocalExperts: L } = this.o;
-    const [T, h] = hidden.shape;
+    const T = hidden.shape[0];
     const tp = tpGroup.size;
     const ep = epGroup.size;
     const etp = etpGroup.size;
@@ -74,10 +75,7 @@ export class MoEAlltoAllTokenDispatcher implements TokenDispatcher {
       return {
         tokens: sent,
         tokensPerExpert: counts,
-        combine: (y) => {
-          const w = weights.unsqueeze(1).to(y.dtype);
-          return indexAdd(zeros([localRows, h], { dtype: hidden.dtype }), 0, dev.token, y.mul(w));
-        },
+        combine: (y) => weightedRows(y, weights, dev.token, localRows, hidden),
       };
     }
     // every EP rank's pairs per expert; with the router's counts on its device they are gathered
@@ -144,8 +142,7 @@ export class MoEAlltoAllTokenDispatcher implements TokenDispatcher {
         if (etp > 1) z = reduceScatterRows(z, etpCounts, etpGroup);
         if (ep > 1) z = allToAllRows(z, recvCounts, sendCounts, epGroup);
         const rows = dev ? dev.token : fromTypedArray(Int32Array.from(pairs.token), [pairs.token.length]);
-        const w = weights.unsqueeze(1).to(z.dtype);
-        let out = indexAdd(zeros([localRows, h], { dtype: hidden.dtype }), 0, rows, z.mul(w));
+        let out = weightedRows(z, weights, rows, localRows, hidden);
         if (tpCounts) out = gatherRows(out, tpCounts, tpGroup);
         return out;
       },

@@ -4,7 +4,7 @@
 // implementations, chosen like Megatron's moe_token_dispatcher_type: 'allgather'
 // (allgather-dispatcher.ts) and 'alltoall' (alltoall-dispatcher.ts). The helpers below are shared.
 import type { ProcessGroup } from '@megapatch/parallel';
-import { cat, fromTypedArray, indexSelect, type Tensor, zeros } from '@megapatch/tensor';
+import { cat, fromTypedArray, indexAdd, indexSelect, type Tensor, zeros } from '@megapatch/tensor';
 import type { Routing } from './router.js';
 import type { PairTensors } from './routing-map.js';
 
@@ -109,6 +109,16 @@ export function pairWeights(probs: Tensor, slot: Int32Array): Tensor {
 /** The routing weight of each pair [P] (float32, differentiable) from probs [T, k], by device slots. */
 export function pairWeightsOf(probs: Tensor, slot: Tensor): Tensor {
   return indexSelect(probs.reshape(probs.numel), 0, slot);
+}
+
+/**
+ * A combine's sum: weights[i] × y[i] for each pair i, added into row rows[i] of n zero rows (with
+ * like's width, dtype and device): each token's experts' outputs summed with its routing weights.
+ */
+export function weightedRows(y: Tensor, weights: Tensor, rows: Tensor, n: number, like: Tensor): Tensor {
+  const w = weights.unsqueeze(1).to(y.dtype);
+  const zero = zeros([n, like.shape[1]], { dtype: like.dtype, device: like.device });
+  return indexAdd(zero, 0, rows, y.mul(w));
 }
 
 /** rows[i] of x for each i: [rows.length, ...]. */
