@@ -268,9 +268,10 @@ function sizedCase(dtype: string) {
   }
   const got = outs.map(read);
   const mode = process.env.MEGAPATCH_GROUPED_GEMM ?? '';
+  // (in the emulator =grouped, as its default, runs the grouped tiled kernel)
   const planned =
     mode === 'tiled' ||
-    (emu && mode === '') ||
+    (emu && (mode === '' || mode === 'grouped')) ||
     ((mode === 'mma' || mode === 'wgmma') && (dtype === 'bfloat16' || dtype === 'float16'));
   const what = `sized ${dtype} (MEGAPATCH_GROUPED_GEMM=${mode})`;
   if (prof.hostWaits !== (planned ? 0 : 1))

@@ -185,16 +185,18 @@ describe('Module', () => {
     class Outer extends Module {
       inner = this.registerModule('inner', new Counter());
     }
-    const before = memoryStats().liveStorages;
     const outer = new Outer();
     const x = randn([3]);
+    // the device the tensors are made on (the conformance run's, or the CPU)
+    const live = () => memoryStats(x.device).liveStorages;
+    const before = live();
     outer.inner.add(x);
     outer.inner.add(x);
+    expect(live()).toBe(before + 1);
     x.dispose();
-    expect(memoryStats().liveStorages).toBe(before + 1);
     outer.dispose();
     expect(outer.inner.total).toBeNull();
-    expect(memoryStats().liveStorages).toBe(before);
+    expect(live()).toBe(before - 1);
   });
 
   it('train() / eval() set the mode recursively', () => {
