@@ -2,6 +2,9 @@
 // backend of @megapatch/tensor (ref:0), or to the CUDA backend's kernels run by its CPU emulator
 // (cudaemu:0, from @megapatch/cuda/emulator), every fixture model loads its weights there, and its
 // loss (with MTP) and gradients equal the CPU run's. Nothing in the models names a device.
+import { spawnSync } from 'node:child_process';
+import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import {
   AdamW,
   fromTypedArray,
@@ -374,6 +377,44 @@ describe.runIf(emulator === null)('a forward on cudaemu:0 does not read the devi
         model.dispose();
       }
     }
+  });
+
+  it("a GPU's default grouped mode (a loop of GEMMs) reads a MoE layer's tokens per expert, once a layer: the same loss", () => {
+    // the mode is read once a process: the forward again in a child with MEGAPATCH_GROUPED_GEMM=loop,
+    // where groupedLinear reads its sizes (int64 [E]) back before the GEMMs use them
+    const forward = (env: Record<string, string>) => {
+      const here = path.dirname(fileURLToPath(import.meta.url));
+      const script = `
+        const T = await import('@megapatch/tensor');
+        await import('@megapatch/cuda/emulator');
+        const { loadModel } = await import(${JSON.stringify(path.join(here, '..', 'src', 'index.ts'))});
+        const { fixtureCheckpoint } = await import(${JSON.stringify(path.join(here, 'helpers', 'fixtures.ts'))});
+        const { recordReads } = await import(${JSON.stringify(path.join(here, 'helpers', 'reads.ts'))});
+        T.setDefaultDevice('cudaemu:0');
+        const { model } = loadModel(fixtureCheckpoint('mixtral'));
+        const ids = (v) => T.fromTypedArray(BigInt64Array.from(v, BigInt), [1, v.length], { device: 'cudaemu:0' });
+        const x = ids(${JSON.stringify(IDS)});
+        const labels = ids(${JSON.stringify([...IDS.slice(1), 2])});
+        T.synchronize('cudaemu:0');
+        const reads = [];
+        const stop = recordReads(x.backend, (t) => { if (t.dtype !== 'float64') reads.push(t.dtype + '[' + t.shape + ']'); });
+        const out = model.forward(x, { labels });
+        stop();
+        console.log(JSON.stringify({ reads, loss: out.loss.mean().item(), layers: model.moeLayers().length, E: model.config.moe.numExperts }));
+      `;
+      const r = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
+        cwd: path.join(here, '..'),
+        encoding: 'utf8',
+        env: { ...process.env, ...env },
+      });
+      expect(r.stderr).toBe('');
+      return JSON.parse(r.stdout.trim().split('\n').at(-1) ?? '{}');
+    };
+    const loop = forward({ MEGAPATCH_GROUPED_GEMM: 'loop' });
+    const planned = forward({});
+    expect(loop.reads).toEqual(Array(loop.layers).fill(`int64[${loop.E}]`));
+    expect(planned.reads).toEqual([]);
+    expect(loop.loss).toBe(planned.loss);
   });
 
   it.each(['llama', 'deepseek-v3'])(

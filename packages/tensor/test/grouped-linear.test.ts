@@ -156,6 +156,33 @@ describe('groupedLinear equals per-group linear + cat (forward and gradients, bi
     }
   });
 
+  it('shares one read of tensor sizes between layers over the same rows (SharedGroupSizes)', () => {
+    const c = { sizes: [4, 0, 7, 3], K: 9, F: 9 };
+    const { x, ws, g } = inputs(c, 'float32', 'cpu', 31);
+    const shared = new T.SharedGroupSizes(T.tensor(c.sizes, { dtype: 'int64' }));
+    expect(shared.host).toBeNull();
+    const twice: Fn = (xl, wl) => T.groupedLinear(T.groupedLinear(xl, wl, shared), wl, shared);
+    const got = run(twice, x, ws, g, c.sizes);
+    // the CPU reads them at the first layer; the second takes that copy
+    expect(shared.host).toEqual(c.sizes);
+    const want = run(
+      (xl, wl, sizes) => T.groupedLinear(T.groupedLinear(xl, wl, sizes), wl, sizes),
+      x,
+      ws,
+      g,
+      c.sizes,
+    );
+    expectSame(got.y, want.y, 'y');
+    expectSame(got.dx, want.dx, 'dx');
+    got.dws.forEach((dw, e) => {
+      expectSame(dw, want.dws[e], `dW${e}`);
+    });
+    expect(() => T.groupedLinear(x, ws.slice(1), shared)).toThrow(
+      /groupSizes must be \[3\] \(one size per weight\), got \[4\]/,
+    );
+    for (const t of [x, g, shared.sizes, ...ws]) t.dispose();
+  });
+
   it('agrees between the CPU and ref:0 within float32 rounding', () => {
     const c = { sizes: [6, 0, 9], K: 12, F: 7 };
     const a = compare(c, 'float32', 'cpu', 23);

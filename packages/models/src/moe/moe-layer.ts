@@ -14,7 +14,8 @@ import {
   linear,
   Module,
   ModuleList,
-  type Tensor,
+  SharedGroupSizes,
+  Tensor,
   zeros_,
 } from '@megapatch/tensor';
 import type { LayerBuildOptions } from '../attention.js';
@@ -79,6 +80,9 @@ export class Experts extends Module {
    */
   forward(tokens: Tensor, tokensPerExpert: readonly number[] | Tensor): Tensor {
     const mlps = Array.from({ length: this.numLocalExperts }, (_, e) => this.localExperts.get(e));
+    // sizes on the device: fc1 and fc2 read them once between them where the grouped GEMM needs
+    // them on the host (a GPU's default loop of GEMMs), not at all where it plans them there
+    const sizes = tokensPerExpert instanceof Tensor ? new SharedGroupSizes(tokensPerExpert) : tokensPerExpert;
     // MLP.forward's skipReduce path (linear, gatedActivation, linear; the expert MLPs have no
     // bias) for all experts at once: two grouped GEMMs, per expert the same products, around one
     // activation over every token. An expert without tokens still gets (zero) weight gradients,
@@ -86,12 +90,12 @@ export class Experts extends Module {
     const h = groupedLinear(
       tokens,
       mlps.map((m) => m.linearFc1.weight as Tensor),
-      tokensPerExpert,
+      sizes,
     );
     return groupedLinear(
       gatedActivation(h, this.localExperts.get(0).activation),
       mlps.map((m) => m.linearFc2.weight),
-      tokensPerExpert,
+      sizes,
     );
   }
 }

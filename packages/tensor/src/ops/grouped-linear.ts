@@ -217,6 +217,8 @@ class GroupSizes {
     readonly kernel: GroupedGemmSizedKernel | null,
     /** x's shape, for the check of sizes read back (before any host GEMM uses them). */
     private readonly xShape: readonly number[] = [],
+    /** Where sizes read back go too (a SharedGroupSizes). */
+    private readonly shared: SharedGroupSizes | null = null,
   ) {}
 
   /** Whether the host has them (given, or read back). */
@@ -229,6 +231,7 @@ class GroupSizes {
       const read = readSizes(this.device as Tensor);
       checkSizes(read, this.xShape);
       this.hostSizes = read;
+      if (this.shared) this.shared.host = read;
     }
     return this.hostSizes;
   }
@@ -237,7 +240,7 @@ class GroupSizes {
   saved(device: Tensor | null): GroupSizes {
     return this.hostSizes || !device
       ? new GroupSizes(this.host(), null, null)
-      : new GroupSizes(null, device, this.kernel, this.xShape);
+      : new GroupSizes(null, device, this.kernel, this.xShape, this.shared);
   }
 }
 
@@ -250,6 +253,7 @@ function tensorSizes(
   t: Tensor,
   groups: number,
   xShape: readonly number[],
+  shared: SharedGroupSizes | null,
 ): { sizes: GroupSizes; owned: Tensor | null } {
   if (t.ndim !== 1 || t.shape[0] !== groups) {
     throw shapeError(OP, `groupSizes must be [${groups}] (one size per weight), got ${fmtShape(t.shape)}`);
@@ -258,10 +262,14 @@ function tensorSizes(
     throw dtypeError(OP, `groupSizes must be an int64 or int32 tensor, got ${t.describe()}`);
   }
   const kernel = backend.synchronous === false ? (backend.kernel('groupedGemmSized') ?? null) : null;
-  if (!kernel) return { sizes: new GroupSizes(readSizes(t), null, null), owned: null };
+  if (!kernel) {
+    const read = readSizes(t);
+    if (shared) shared.host = read;
+    return { sizes: new GroupSizes(read, null, null), owned: null };
+  }
   const owned =
     t.dtype === 'int64' && t.isContiguous ? null : noGrad(() => tidy(() => t.to('int64').contiguous()));
-  return { sizes: new GroupSizes(null, owned ?? t, kernel, xShape), owned };
+  return { sizes: new GroupSizes(null, owned ?? t, kernel, xShape, shared), owned };
 }
 
 /**
@@ -379,6 +387,19 @@ function weightGrads(
 }
 
 /**
+ * Group sizes on the device shared by several grouped linear layers over the same rows (a MoE
+ * layer's fc1 and fc2): where a backend needs them on the host, the first layer to need them reads
+ * them and the others take that copy, so the host waits once. Their values must not change while
+ * the layers use them.
+ */
+export class SharedGroupSizes {
+  /** The sizes once a layer read them back (null until then). */
+  host: readonly number[] | null = null;
+
+  constructor(readonly sizes: Tensor) {}
+}
+
+/**
  * y [N, F] of x [N, K] in consecutive row groups: rows [s_e, s_e + groupSizes[e]) of y are the same
  * rows of x times weights[e]^T, weights[e] [F, K] as in `linear` (no bias). One autograd node:
  * dx by the same grouped GEMM with the weights, dW_e = dy_e^T x_e (zeros for an empty group, so
@@ -389,18 +410,27 @@ function weightGrads(
  * there (the grouped tiled kernel, MEGAPATCH_GROUPED_GEMM=mma / wgmma) nothing waits for them, and
  * a bad size (negative, or a sum other than N) is raised at the next host read, as PyTorch's
  * device-side checks are; elsewhere they are read at once (on a GPU whose mode needs them on the
- * host: one wait).
+ * host: one wait). Layers over the same rows share one read through a {@link SharedGroupSizes}.
  */
 export function groupedLinear(
   x: Tensor,
   weights: readonly Tensor[],
-  groupSizes: readonly number[] | Tensor,
+  groupSizes: readonly number[] | Tensor | SharedGroupSizes,
 ): Tensor {
-  const given = Array.isArray(groupSizes) ? null : (groupSizes as Tensor);
+  const shared = groupSizes instanceof SharedGroupSizes ? groupSizes : null;
+  const given = shared ? shared.sizes : Array.isArray(groupSizes) ? null : (groupSizes as Tensor);
   const backend = inputsBackend(OP, x, ...weights, given);
   let owned: Tensor | null = null;
   let sizes: GroupSizes;
-  if (given) ({ sizes, owned } = tensorSizes(backend, given, weights.length, x.shape));
+  if (shared?.host) {
+    if (shared.host.length !== weights.length) {
+      throw shapeError(
+        OP,
+        `groupSizes must be [${weights.length}] (one size per weight), got [${shared.host.length}]`,
+      );
+    }
+    sizes = new GroupSizes([...shared.host], null, null);
+  } else if (given) ({ sizes, owned } = tensorSizes(backend, given, weights.length, x.shape, shared));
   else sizes = new GroupSizes([...(groupSizes as readonly number[])], null, null);
   try {
     const [N, K, F] = check(x, weights, sizes.device ? null : sizes.host());
