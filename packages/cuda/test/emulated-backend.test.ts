@@ -467,11 +467,13 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
         const shared = new T.SharedGroupSizes(onDevice);
         T.tidy(() => T.noGrad(() => T.groupedLinear(T.groupedLinear(x, ws, shared).narrow(1, 0, K), ws, shared)));
         const sharedWaits = built.addon.hostWaits() - w1;
-        console.log(JSON.stringify({ waits, live, same: same.every(Boolean) ? true : same, zero, sharedWaits }));
+        // and queue one check of them (where the device planned them; none where they were read)
+        const sharedChecks = T.pendingChecks(dev);
+        console.log(JSON.stringify({ waits, live, same: same.every(Boolean) ? true : same, zero, sharedWaits, sharedChecks }));
       `,
       );
     };
-    const ok = { waits: 0, live: 7, same: true, zero: true, sharedWaits: 0 };
+    const ok = { waits: 0, live: 7, same: true, zero: true, sharedWaits: 0, sharedChecks: 1 };
     expect(child({}, 'float32')).toEqual(ok);
     expect(child({}, 'bfloat16', 'int32')).toEqual(ok);
     expect(child({ MEGAPATCH_GROUPED_GEMM: 'tiled' }, 'float16')).toEqual(ok);
@@ -483,8 +485,14 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
       ...ok,
       waits: 1,
       sharedWaits: 1,
+      sharedChecks: 0,
     });
-    expect(child({ MEGAPATCH_GROUPED_GEMM: 'mma' }, 'float32')).toEqual({ ...ok, waits: 1, sharedWaits: 1 });
+    expect(child({ MEGAPATCH_GROUPED_GEMM: 'mma' }, 'float32')).toEqual({
+      ...ok,
+      waits: 1,
+      sharedWaits: 1,
+      sharedChecks: 0,
+    });
     // bad sizes: clamped on the device, raised at the next read with the host check's words
     expect(child({}, 'float32', 'int64', '[37, 0, 300, 1, 130, 0]')).toEqual({
       waits: 0,

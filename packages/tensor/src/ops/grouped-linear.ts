@@ -395,6 +395,8 @@ function weightGrads(
 export class SharedGroupSizes {
   /** The sizes once a layer read them back (null until then). */
   host: readonly number[] | null = null;
+  /** @internal The rows a deferred check of the device sizes was queued for (once for all layers). */
+  checkedRows = -1;
 
   constructor(readonly sizes: Tensor) {}
 }
@@ -449,8 +451,11 @@ export function groupedLinear(
       }
     }
     // sizes the device planned are checked there, raised at the next read (those read back were
-    // checked on the host before a GEMM used them)
-    if (sizes.device && (planned || !sizes.isRead)) deferSizesCheck(sizes.device, x);
+    // checked on the host before a GEMM used them); shared ones once for the same rows
+    if (sizes.device && (planned || !sizes.isRead) && shared?.checkedRows !== N) {
+      deferSizesCheck(sizes.device, x);
+      if (shared) shared.checkedRows = N;
+    }
     if (!needsGrad(x, ...weights)) return out;
     const gradX = x.requiresGrad;
     const gradW = weights.map((w) => w.requiresGrad);
