@@ -414,7 +414,7 @@ describe.skipIf(skip !== '')(`CUDA backend on the emulator${skip ? ` (skipped: $
         `grouped (MEGAPATCH_GROUPED_GEMM=${mode}): 51 cases, 0 failures`,
       );
     }
-  });
+  }, 180_000);
 
   it("runs a grouped linear layer over group sizes on the device without waiting for them: the host sizes' bits", () => {
     // MoE's tokens per expert stay where the router counted them: the grouped tiled kernel (the
