@@ -138,14 +138,18 @@ it("TP=2 (+SP), PP=2, CP=2 and DP=2 on the emulated CUDA devices (one per proces
 });
 
 /** Three steps of `c` on the emulated CUDA devices (one a process), counting the host's waits. */
-async function countedEmulatedRun(c: Record<string, Record<string, unknown>>, nproc: number) {
+async function countedEmulatedRun(
+  c: Record<string, Record<string, unknown>>,
+  nproc: number,
+  env: Record<string, string> = {},
+) {
   c.training = { ...c.training, device: 'cudaemu', trainIters: 3 };
   const [r] = (await launchWorkers({
     nproc,
     script: 'train-worker.ts',
     config: c,
     timeoutMs: 60_000,
-    env: { MEGAPATCH_TEST_HOST_WAITS: '1' },
+    env: { MEGAPATCH_TEST_HOST_WAITS: '1', ...env },
   })) as { hostWaits: number; losses: number[] }[];
   return r;
 }
@@ -197,7 +201,7 @@ it('on the emulated devices a step waits for its device once (the step sums with
   expect((await countedEmulatedRun(c, 2)).hostWaits).toBe(3);
 });
 
-it("Mixtral on the emulated devices, either dispatcher: one process waits once a step (the grouped GEMMs take the tokens per expert on the device); at EP=2 a MoE layer waits once a micro-batch (every rank's tokens per expert, read together), a step once more", async () => {
+it("Mixtral on the emulated devices, either dispatcher: one process waits once a step (the grouped GEMMs take the tokens per expert on the device; under a GPU's default loop of GEMMs once a MoE layer and micro-batch); at EP=2 a MoE layer waits once a micro-batch (every rank's tokens per expert, read together), a step once more", async () => {
   const mixtral = tinyLlama(path.join(root, 'hf-mixtral'), 'mixtral');
   const moeLayers = 4;
   const runs: { hostWaits: number; losses: number[] }[] = [];
@@ -227,6 +231,18 @@ it("Mixtral on the emulated devices, either dispatcher: one process waits once a
   // sums (a read of its own before); the optimizer's setup asks the expert group on the host
   const ep2 = 3 * (2 * moeLayers + 1);
   expect(runs.map((r) => r.hostWaits)).toEqual([3, 3, ep2, ep2]);
+  // a GPU's default grouped mode, the loop of GEMMs, needs the sizes on the host: one process then
+  // waits once a MoE layer and micro-batch (fc1 and fc2 share the read; backward reads nothing)
+  const loop = await countedEmulatedRun(
+    layoutRunConfig({ root, hf: mixtral, data, run: 'emu-waits-ep1-loop' }) as Record<
+      string,
+      Record<string, unknown>
+    >,
+    1,
+    { MEGAPATCH_GROUPED_GEMM: 'loop' },
+  );
+  expect(loop.hostWaits).toBe(3 * (4 * moeLayers + 1));
+  expectSameLosses(loop.losses, runs[0].losses, 'EP=1, loop of GEMMs');
   expectSameLosses(runs[1].losses, runs[0].losses, 'EP=1, alltoall');
   expectSameLosses(runs[2].losses, runs[0].losses, 'EP=2, allgather');
   expectSameLosses(runs[3].losses, runs[0].losses, 'EP=2, alltoall');
