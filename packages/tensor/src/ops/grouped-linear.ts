@@ -109,13 +109,19 @@ function check(
 function checkSizes(groupSizes: readonly number[], xShape: readonly number[]): void {
   let total = 0;
   groupSizes.forEach((n, e) => {
-    if (!Number.isInteger(n) || n < 0)
-      throw argError(OP, `group size ${e} is ${n}; sizes must be non-negative integers`);
+    if (!Number.isInteger(n) || n < 0) throw badSize(e, n);
     total += n;
   });
-  if (total !== xShape[0])
-    throw shapeError(OP, `group sizes sum to ${total} but x ${fmtShape(xShape)} has ${xShape[0]} rows`);
+  if (total !== xShape[0]) throw badTotal(total, xShape);
 }
+
+/** The one-line errors of bad sizes, on the host or in the deferred check of device sizes. */
+const badSize = (e: number, n: number) =>
+  argError(OP, `group size ${e} is ${n}; sizes must be non-negative integers`);
+const badTotal = (total: number, xShape: readonly number[]) =>
+  shapeError(OP, `group sizes sum to ${total} but x ${fmtShape(xShape)} has ${xShape[0]} rows`);
+const badCount = (groups: number, shape: readonly number[]) =>
+  shapeError(OP, `groupSizes must be [${groups}] (one size per weight), got ${fmtShape(shape)}`);
 
 /** A 2-D tensor the GEMM can read (one unit stride): t itself (a new view) or a contiguous copy. */
 function unitStrided(t: Tensor): Tensor {
@@ -256,7 +262,7 @@ function tensorSizes(
   shared: SharedGroupSizes | null,
 ): { sizes: GroupSizes; owned: Tensor | null } {
   if (t.ndim !== 1 || t.shape[0] !== groups) {
-    throw shapeError(OP, `groupSizes must be [${groups}] (one size per weight), got ${fmtShape(t.shape)}`);
+    throw badCount(groups, t.shape);
   }
   if (t.dtype !== 'int64' && t.dtype !== 'int32') {
     throw dtypeError(OP, `groupSizes must be an int64 or int32 tensor, got ${t.describe()}`);
@@ -277,7 +283,6 @@ function tensorSizes(
  * host read raises the host check's error. The kernels clamp the sizes meanwhile.
  */
 function deferSizesCheck(sizes: Tensor, x: Tensor): void {
-  const N = x.shape[0];
   const values = noGrad(() =>
     tidy(() => {
       const s = sizes.to('float64'); // exact: sizes stay far below 2^53
@@ -285,11 +290,8 @@ function deferSizesCheck(sizes: Tensor, x: Tensor): void {
     }),
   );
   deferCheck(values, ([min, at, total]) => {
-    if (min < 0) return argError(OP, `group size ${at} is ${min}; sizes must be non-negative integers`);
-    if (total !== N) {
-      return shapeError(OP, `group sizes sum to ${total} but x ${fmtShape(x.shape)} has ${N} rows`);
-    }
-    return null;
+    if (min < 0) return badSize(at, min);
+    return total !== x.shape[0] ? badTotal(total, x.shape) : null;
   });
 }
 
@@ -426,10 +428,7 @@ export function groupedLinear(
   let sizes: GroupSizes;
   if (shared?.host) {
     if (shared.host.length !== weights.length) {
-      throw shapeError(
-        OP,
-        `groupSizes must be [${weights.length}] (one size per weight), got [${shared.host.length}]`,
-      );
+      throw badCount(weights.length, [shared.host.length]);
     }
     sizes = new GroupSizes([...shared.host], null, null);
   } else if (given) ({ sizes, owned } = tensorSizes(backend, given, weights.length, x.shape, shared));
