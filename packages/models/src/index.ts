@@ -74,6 +74,7 @@ export {
 export {
   buildRoutingMap,
   type CapacityOptions,
+  capacityRoutingMapOnDevice,
   expertCapacity,
   type PairTensors,
   type RoutingMap,

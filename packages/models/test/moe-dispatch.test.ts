@@ -27,9 +27,18 @@ const TP_CASES: DispatchCase[] = [
   { id: 'qwen3-moe', what: 'capacity 0.5, drop by probs', capacityFactor: 0.5 },
 ];
 
-// Dropless only: with a capacity factor each rank drops within its chunk, as in Megatron.
+// Dropless, or padded to a capacity no expert reaches: a capacity that drops, drops within each
+// rank's chunk, as in Megatron (not one process's result). Padded maps at expert-TP 2 gather the
+// blocks without exchanging their counts (every rank's follow from its token count).
 const SP_CASES: DispatchCase[] = [
   { id: 'mixtral', what: '4 experts, top-2, aux and z losses', auxLoss: true },
+  {
+    id: 'mixtral',
+    what: 'padded to a capacity above every count (nothing dropped)',
+    capacityFactor: 4,
+    pad: true,
+    dropsNothing: true,
+  },
   { id: 'qwen3-moe', what: 'normalised top-2, MoE recompute', recompute: true },
   { id: 'deepseek-v3', what: 'grouped sigmoid experts, shared expert, MTP, aux and z losses', auxLoss: true },
 ];

@@ -248,6 +248,39 @@ it("Mixtral on the emulated devices, either dispatcher: one process waits once a
   expectSameLosses(runs[3].losses, runs[0].losses, 'EP=2, alltoall');
 });
 
+it("Mixtral with a capacity on the emulated devices: padded to it (Megatron's drop-and-pad), EP=2's all-to-all waits for nothing, a step once; without padding a MoE layer reads its counts once a micro-batch", async () => {
+  const mixtral = tinyLlama(path.join(root, 'hf-mixtral-capacity'), 'mixtral');
+  const moeLayers = 4;
+  const runs: { hostWaits: number; losses: number[] }[] = [];
+  for (const [ep, pad] of [
+    [1, true],
+    [2, true],
+    [1, false],
+  ] as const) {
+    const c = layoutRunConfig({
+      root,
+      hf: mixtral,
+      data,
+      run: `emu-waits-capacity-ep${ep}-${pad ? 'pad' : 'drop'}`,
+      parallel: ep > 1 ? { expertModelParallelSize: ep } : {},
+    }) as Record<string, Record<string, unknown>>;
+    c.model = {
+      ...c.model,
+      moeTokenDispatcherType: 'alltoall',
+      moeExpertCapacityFactor: 1,
+      moePadExpertInputToCapacity: pad,
+    };
+    runs.push(await countedEmulatedRun(c, ep));
+  }
+  // padded: every expert takes min(capacity, T) rows, known from T, so neither the map, nor the
+  // grouped GEMM, nor the all-to-all's splits need the router's counts; without padding the map's
+  // size is its counts, read once a MoE layer and micro-batch. While the host made the map it
+  // read the ids and the weights there (and under EP every rank's counts): 99, 75 and 99 waits
+  // in 3 steps
+  expect(runs.map((r) => r.hostWaits)).toEqual([3, 3, 3 * (4 * moeLayers + 1)]);
+  expectSameLosses(runs[1].losses, runs[0].losses, 'EP=2, padded');
+});
+
 it('DeepSeek-V3 (expert bias, MTP) on one emulated device: the balancing update of the expert biases waits for nothing', async () => {
   const dsv3 = tinyLlama(path.join(root, 'hf-dsv3'), 'deepseek-v3');
   const c = layoutRunConfig({ root, hf: dsv3, data, run: 'emu-waits-dsv3' }) as Record<

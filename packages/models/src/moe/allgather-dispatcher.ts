@@ -82,7 +82,7 @@ export class MoEAllGatherTokenDispatcher implements TokenDispatcher {
       // Nothing to gather (EP = 1, so every expert is local): the pairs as the router built them
       // on its device, in expert order, index the tokens and the weights there.
       const dev = pairs.device;
-      let w = pairWeightsOf(probs, dev.slot);
+      let w = pairWeightsOf(probs, dev.slot, dev.padding);
       let xs = x;
       if (etpCopy) {
         xs = copyToTensorModelParallelRegion(xs, etpGroup);

@@ -63,7 +63,7 @@ export class MoEAlltoAllTokenDispatcher implements TokenDispatcher {
     const localRows = x.shape[0];
     // the pairs on the router's device when it built them there (and this rank routes all its tokens)
     const dev = tpCounts ? undefined : pairs.device;
-    const weights = dev ? pairWeightsOf(probs, dev.slot) : pairWeights(probs, pairs.slot);
+    const weights = dev ? pairWeightsOf(probs, dev.slot, dev.padding) : pairWeights(probs, pairs.slot);
 
     // Permutation 1: the tokens sorted by expert, hence by the EP rank that owns it.
     const sent = dev ? indexSelect(x, 0, dev.token) : selectRows(x, pairs.token);
@@ -79,9 +79,13 @@ export class MoEAlltoAllTokenDispatcher implements TokenDispatcher {
       };
     }
     // every EP rank's pairs per expert; with the router's counts on its device they are gathered
-    // there and the host reads them once, this rank's with the others'
+    // there and the host reads them once, this rank's with the others'. Padded maps (every expert
+    // at min(capacity, T)) need no exchange: each EP rank routes T tokens too, as in Megatron's
+    // drop-and-pad all-to-all, which sends equal splits without a sync.
+    const uniform = pairs.padded === true && !tpCounts;
     let counts: Int32Array[];
-    if (ep > 1 && dev?.counts) {
+    if (uniform) counts = new Array<Int32Array>(ep).fill(pairs.counts);
+    else if (ep > 1 && dev?.counts) {
       counts = allGatherCountsOnDevice(localRows, dev.counts, epGroup).map((c) => c.subarray(1));
       pairs.counts = counts[epGroup.rank];
     } else counts = ep > 1 ? allGatherInts(pairs.counts, epGroup) : [pairs.counts];
@@ -96,11 +100,11 @@ export class MoEAlltoAllTokenDispatcher implements TokenDispatcher {
 
     // blocks[i][j][e]: rows expert-TP rank i received from EP rank j for local expert e.
     const blocks =
-      etp > 1
+      etp > 1 && !uniform
         ? allGatherInts(Int32Array.from(recvBlocks.flat()), etpGroup).map((m) =>
             Array.from({ length: ep }, (_, j) => Array.from(m.subarray(j * L, (j + 1) * L))),
           )
-        : [recvBlocks];
+        : new Array<number[][]>(etp).fill(recvBlocks);
     const etpCounts = blocks.map((b) => total(b.flat()));
     const gathered = etp > 1 ? allGatherRows(received, etpCounts, etpGroup) : received;
 

@@ -35,8 +35,8 @@ import {
 } from '@megapatch/tensor';
 import { allGatherInts } from './collectives.js';
 import {
-  buildRoutingMap,
   type CapacityOptions,
+  capacityRoutingMapOnDevice,
   deviceRoutingMap,
   type RoutingMap,
   readInts,
@@ -128,8 +128,9 @@ export class TopKRouter extends Module {
   }
 
   /**
-   * The dropless maps' counts since the last take, float64 [E] where the router ran (the host
-   * never waits for them; see takeLoad); the host's `load` holds the dropping maps'.
+   * The maps' counts (kept choices) since the last take, float64 [E] where the router ran (the host
+   * never waits for them; see takeLoad); the host's `load` holds what was folded back (a router
+   * moved to another device).
    */
   private loadOnDevice: Tensor | null = null;
 
@@ -138,7 +139,7 @@ export class TopKRouter extends Module {
     this.loadOnDevice = null;
   }
 
-  /** Adds a dropless map's counts (int64 [E]) to the load where they are. */
+  /** Adds a map's kept choices per expert (int64 [E]) to the load where they are. */
   private addLoad(counts: Tensor): void {
     noGrad(() => {
       const c = counts.to('float64'); // exact: counts stay far below 2^53
@@ -165,8 +166,8 @@ export class TopKRouter extends Module {
   /**
    * Per-expert token counts accumulated since the last call, then reset. Counted, as Megatron
    * does, only when gradients are enabled: not in evaluation, and once under recompute (the
-   * recomputation, the first forward running without gradients). Reads the dropless maps' counts
-   * from the router's device (one read); {@link TopKRouter.takeLoadOnDevice} leaves them there.
+   * recomputation, the first forward running without gradients). Reads the maps' counts from
+   * the router's device (one read); {@link TopKRouter.takeLoadOnDevice} leaves them there.
    */
   takeLoad(): Float64Array {
     const acc = this.loadOnDevice;
@@ -236,46 +237,34 @@ export class TopKRouter extends Module {
     }
     if (m.routedScalingFactor !== 1) probs = probs.mul(m.routedScalingFactor);
     let indices: Int32Array | null = null;
-    // dropless: the counts [E] (int64) where the map was built, for the balancing loss
-    let deviceCounts: Tensor | null = null;
     const hostIds = () => {
       indices ??= readInts(idx, 'routing.indices');
       return indices;
     };
+    // The map is built on the scores' device, and the tokens each expert computes (after dropping,
+    // without padding) are added to the load there; the host learns the counts only where a
+    // dispatcher reads them (under EP, with the other ranks' in one read; at EP = 1 the grouped
+    // GEMM takes them on the device; with padding they follow from T). `routed`: every expert's
+    // choices before dropping (int64 [E]), the balancing loss's counts.
     let routingMap: RoutingMap;
+    let routed: Tensor;
     if (this.capacity) {
-      // dropping chooses among each expert's tokens: on the host, from the ids
-      const weights = probs.detach();
-      routingMap = buildRoutingMap(
-        hostIds(),
-        T,
-        E,
-        this.capacity,
-        () => weights.toTypedArray() as Float32Array,
-      );
+      const made = capacityRoutingMapOnDevice(idx, probs.detach(), E, this.capacity);
+      if (isGradEnabled()) this.addLoad(made.kept);
+      routingMap = made.map;
+      routed = made.routed;
     } else {
-      // dropless: the map is built on the scores' device, and its counts are added to the load
-      // there; the host learns them only where a dispatcher reads them (under EP, with the other
-      // ranks' in one read; at EP = 1 the grouped GEMM takes them on the device)
       const { token, slot, counts } = routingMapOnDevice(idx, E);
       if (isGradEnabled()) this.addLoad(counts);
       routingMap = deviceRoutingMap({ token, slot, counts });
-      deviceCounts = counts;
+      routed = counts;
     }
-    // before dropping: the ids' counts (dropless: the map's own, read at first use)
     let tokensPerExpert: Float64Array | null = null;
-    if (this.capacity) {
-      tokensPerExpert = new Float64Array(E);
-      for (const e of hostIds()) tokensPerExpert[e]++;
-      if (isGradEnabled()) {
-        let p = 0;
-        for (let e = 0; e < E; e++) {
-          for (let i = 0; i < routingMap.counts[e]; i++, p++) if (routingMap.slot[p] >= 0) this.load[e]++;
-        }
-      }
-    }
     const hostCounts = () => {
-      tokensPerExpert ??= Float64Array.from(routingMap.counts);
+      // dropless: the map's own counts (a dispatcher may have read them already)
+      tokensPerExpert ??= Float64Array.from(
+        this.capacity ? readInts(routed, 'routing.tokensPerExpert') : routingMap.counts,
+      );
       return tokensPerExpert;
     };
     // the ranks sharing the sequence (TP under SP, CP, TP × CP): statistics of the whole sequence
@@ -289,7 +278,7 @@ export class TopKRouter extends Module {
       const all = m.scoreFunction === 'softmax' ? scores : scores.div(scores.sum(-1, true).add(1e-20));
       const perExpert = all.sum(0); // [E]
       const totalTokens = sp ? T * sp.size : T;
-      const f = countsOf(deviceCounts, hostCounts, sp, scores.device);
+      const f = countsOf(routed, hostCounts, sp, scores.device);
       auxLoss = perExpert
         .mul(f)
         .sum()

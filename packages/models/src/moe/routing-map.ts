@@ -5,10 +5,11 @@
 // 'probs' keeps the highest routing weights, 'position' the earliest tokens. Padding
 // (moe_pad_expert_input_to_capacity) fills each expert up to the capacity with other tokens of
 // weight 0, as Megatron's capacity mask does.
-// Dropless maps are built where the router's ids are (routingMapOnDevice): at most the per-expert
-// counts come back to the host, when a dispatcher needs them (with other ranks' under EP; at EP = 1
-// the grouped GEMM takes them on the device); the pairs' tokens and slots stay device tensors for
-// the dispatcher.
+// Maps are built where the router's ids are (routingMapOnDevice, capacityRoutingMapOnDevice): at
+// most the per-expert counts come back to the host, when a dispatcher needs them (with other
+// ranks' under EP; at EP = 1 the grouped GEMM takes them on the device; with padding they follow
+// from the token count alone); the pairs' tokens and slots stay device tensors for the dispatcher.
+// buildRoutingMap is the same map made on the host from the ids, the reference of the tests.
 import {
   arange,
   cumsum,
@@ -19,6 +20,8 @@ import {
   scatterAdd,
   type Tensor,
   tidy,
+  topk,
+  where,
   zeros,
 } from '@megapatch/tensor';
 import { ModelError } from '../errors.js';
@@ -47,8 +50,14 @@ export interface RoutingMap {
   /** Tokens each expert may take, or null when dropless. */
   capacity: number | null;
   /**
+   * Every expert has min(capacity, T) pairs (moe_pad_expert_input_to_capacity): the counts follow
+   * from the number of tokens alone, so expert-parallel ranks that route as many tokens as this one
+   * (as every rank of a training step does) know each other's counts without an exchange.
+   */
+  padded?: boolean;
+  /**
    * The same `token` and `slot` as int64 tensors [P] on the router's device, when the map was
-   * built there (dropless routing): the dispatchers index with them, and `token` / `slot` are then
+   * built there (as the router does): the dispatchers index with them, and `token` / `slot` are then
    * read back only when something asks for them.
    */
   device?: PairTensors;
@@ -57,7 +66,10 @@ export interface RoutingMap {
 /** A routing map's pairs as tensors on the router's device (int64 [P]). */
 export interface PairTensors {
   token: Tensor;
+  /** As RoutingMap.slot: −1 for padding, which only a padded map has. */
   slot: Tensor;
+  /** Some slots are −1 (padding, weight 0). */
+  padding?: boolean;
   /** The pairs of each expert [E] (int64) there, when the router counted them there. */
   counts?: Tensor;
 }
@@ -100,26 +112,124 @@ export function routingMapOnDevice(
 }
 
 /**
- * A RoutingMap over device pairs: `counts`, `token` and `slot` read from the device tensors at
- * their first use (int32), which must come before the forward's graph frees them. A dispatcher
- * that reads the counts together with other ranks' assigns them instead (no read of their own).
+ * {@link buildRoutingMap} with a capacity, where the ids [T, k] (int64) are: the same pairs in the
+ * same order, without reading the ids back. `weights` [T, k] (the final routing weights, on the
+ * same device) rank an over-full expert's tokens under the 'probs' policy. On the [T, E] grid of
+ * hits: 'position' keeps the hits with fewer than `capacity` hits above them in their column,
+ * 'probs' the column's top `capacity` by weight (topk down the tokens over the hits, −inf
+ * elsewhere; ties take the earlier token, as the host's sort); padding then takes, per column, the
+ * first min(capacity, T) − kept tokens not kept. Each taken cell goes to its expert's first
+ * position plus the taken cells above it (the others to places of their own past the end, cut
+ * off). With padding every expert has min(capacity, T) pairs and nothing is read; without, the
+ * host reads the counts once (the number of pairs sizes the map). Also returns, on the device,
+ * each expert's kept choices (int64 [E], the expert load) and its choices before dropping (the
+ * balancing loss's counts).
  */
-export function deviceRoutingMap(pairs: PairTensors & { counts: Tensor }): RoutingMap {
-  let counts: Int32Array | null = null;
+export function capacityRoutingMapOnDevice(
+  ids: Tensor,
+  weights: Tensor,
+  numExperts: number,
+  capacity: CapacityOptions,
+): { map: RoutingMap; kept: Tensor; routed: Tensor } {
+  const [T, k] = ids.shape;
+  const E = numExperts;
+  const device = ids.device;
+  const int64 = { dtype: 'int64' as const, device };
+  const cap = expertCapacity(T * k, E, capacity.capacityFactor);
+  const pad = capacity.padToCapacity;
+  const target = Math.min(cap, T);
+  // the tensors made in a scope, the map (whose getters read) outside it
+  const made = noGrad(() =>
+    tidy(() => {
+      if (T === 0) {
+        return {
+          token: zeros([0], int64),
+          slot: zeros([0], int64),
+          kept: zeros([E], int64),
+          routed: zeros([E], int64),
+          counts: new Int32Array(E),
+        };
+      }
+      const hits = scatterAdd(zeros([T, E], int64), 1, ids, ones([T, k], int64));
+      const routed = hits.sum(0);
+      let keep: Tensor;
+      if (capacity.dropPolicy === 'position') {
+        keep = hits.mul(cumsum(hits, 0).sub(hits).lt(cap).to('int64'));
+      } else {
+        const w = scatterAdd(zeros([T, E], { dtype: 'float32', device }), 1, ids, weights.to('float32'));
+        const { indices } = topk(where(hits.gt(0), w, Number.NEGATIVE_INFINITY), target, 0);
+        keep = hits.mul(scatterAdd(zeros([T, E], int64), 0, indices, ones(indices.shape, int64)));
+      }
+      const kept = keep.sum(0);
+      let taken = keep;
+      if (pad) {
+        const free = keep.neg().add(1);
+        const ahead = cumsum(free, 0).sub(free);
+        taken = keep.add(free.mul(ahead.lt(kept.neg().add(target)).to('int64')));
+      }
+      const perExpert = taken.sum(0);
+      const counts = pad ? new Int32Array(E).fill(target) : readInts(perExpert, 'routingMap.counts');
+      let P = 0;
+      for (const c of counts) P += c;
+      const start = cumsum(perExpert, 0).sub(perExpert);
+      const cells = T * E;
+      const dest = where(
+        taken.gt(0),
+        cumsum(taken, 0).sub(taken).add(start),
+        arange(P, P + cells, 1, int64).view(T, E),
+      ).reshape(cells);
+      const at = (src: Tensor) =>
+        scatterAdd(zeros([P + cells], int64), 0, dest, src.reshape(cells))
+          .narrow(0, 0, P)
+          .clone();
+      // slot + 1 where a token chose the expert; the kept cells keep their slot, the others get −1
+      const slotPlus = scatterAdd(zeros([T, E], int64), 1, ids, arange(1, T * k + 1, 1, int64).view(T, k));
+      return {
+        token: at(arange(0, T, 1, int64).view(T, 1).expand(T, E)),
+        slot: at(slotPlus.mul(keep).sub(1)),
+        kept,
+        routed,
+        counts,
+      };
+    }),
+  );
+  const map = deviceRoutingMap(
+    { token: made.token, slot: made.slot, padding: pad },
+    { counts: made.counts, capacity: cap, padded: pad },
+  );
+  return { map, kept: made.kept, routed: made.routed };
+}
+
+/**
+ * A RoutingMap over device pairs: `counts` (unless known on the host), `token` and `slot` read
+ * from the device tensors at their first use (int32), which must come before the forward's graph
+ * frees them. A dispatcher that reads the counts together with other ranks' assigns them instead
+ * (no read of their own).
+ */
+export function deviceRoutingMap(
+  pairs: PairTensors,
+  known: { counts?: Int32Array; capacity?: number | null; padded?: boolean } = {},
+): RoutingMap {
+  const onDevice = pairs.counts;
+  if (!known.counts && !onDevice) {
+    throw new ModelError(
+      'INVALID_ARGUMENT',
+      'deviceRoutingMap needs the counts, on the host or on the device',
+    );
+  }
+  let counts: Int32Array | null = known.counts ?? null;
   let token: Int32Array | null = null;
   let slot: Int32Array | null = null;
-  const resolve = (c: Int32Array) => {
-    counts ??= c;
-  };
   return {
-    capacity: null,
+    capacity: known.capacity ?? null,
+    padded: known.padded ?? false,
     device: pairs,
     get counts() {
-      if (!counts) resolve(readInts(pairs.counts, 'routingMap.counts'));
-      return counts as Int32Array;
+      counts ??= readInts(onDevice as Tensor, 'routingMap.counts');
+      return counts;
     },
     set counts(c: Int32Array) {
-      resolve(c);
+      counts ??= c;
     },
     get token() {
       token ??= readInts(pairs.token, 'routingMap.token');

@@ -4,7 +4,16 @@
 // implementations, chosen like Megatron's moe_token_dispatcher_type: 'allgather'
 // (allgather-dispatcher.ts) and 'alltoall' (alltoall-dispatcher.ts). The helpers below are shared.
 import type { ProcessGroup } from '@megapatch/parallel';
-import { cat, fromTypedArray, indexAdd, indexSelect, type Tensor, zeros } from '@megapatch/tensor';
+import {
+  cat,
+  fromTypedArray,
+  indexAdd,
+  indexSelect,
+  noGrad,
+  type Tensor,
+  where,
+  zeros,
+} from '@megapatch/tensor';
 import type { Routing } from './router.js';
 import type { PairTensors } from './routing-map.js';
 
@@ -63,8 +72,10 @@ export interface Pairs {
   slot: Int32Array;
   /** Pairs per expert [E]. */
   counts: Int32Array;
-  /** token and slot on the router's device (dropless maps built there; never padding). */
+  /** token and slot on the router's device, when the router built the map there. */
   device?: PairTensors;
+  /** Every expert at min(capacity, T) pairs: the counts follow from T (see RoutingMap.padded). */
+  padded?: boolean;
 }
 
 /** Rows of each rank when `n` rows are split over `size` ranks, the first ones taking the extra rows. */
@@ -106,9 +117,15 @@ export function pairWeights(probs: Tensor, slot: Int32Array): Tensor {
   return indexSelect(flat, 0, fromTypedArray(Int32Array.from(idx), [idx.length]));
 }
 
-/** The routing weight of each pair [P] (float32, differentiable) from probs [T, k], by device slots. */
-export function pairWeightsOf(probs: Tensor, slot: Tensor): Tensor {
-  return indexSelect(probs.reshape(probs.numel), 0, slot);
+/**
+ * The routing weight of each pair [P] (float32, differentiable) from probs [T, k], by device slots;
+ * with `padding`, slots of −1 read an appended zero (no gradient), as {@link pairWeights} does.
+ */
+export function pairWeightsOf(probs: Tensor, slot: Tensor, padding = false): Tensor {
+  const flat = probs.reshape(probs.numel);
+  if (!padding) return indexSelect(flat, 0, slot);
+  const at = noGrad(() => where(slot.lt(0), probs.numel, slot));
+  return indexSelect(cat([flat, zeros([1], { dtype: flat.dtype, device: flat.device })], 0), 0, at);
 }
 
 /**
