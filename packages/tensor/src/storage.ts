@@ -1,4 +1,4 @@
-import { type Backend, getBackend, normalizeDevice } from './backend/backend.js';
+import { type Backend, getBackend, getDefaultDevice, normalizeDevice } from './backend/backend.js';
 
 interface DeviceStats {
   liveBytes: number;
@@ -80,8 +80,11 @@ export interface MemoryStats {
   cachedBytes: number;
 }
 
-/** Live and peak memory of one device (default "cpu"; "cuda" means cuda:0). */
-export function memoryStats(device = 'cpu'): MemoryStats {
+/**
+ * Live and peak memory of one device ("cuda" means cuda:0); by default the default device
+ * (setDefaultDevice, "cpu" at start), as torch.cuda.memory_stats() takes the current device.
+ */
+export function memoryStats(device = getDefaultDevice()): MemoryStats {
   device = normalizeDevice(device);
   let cachedBytes = 0;
   try {
@@ -92,13 +95,13 @@ export function memoryStats(device = 'cpu'): MemoryStats {
   return { ...statsFor(device), cachedBytes };
 }
 
-/** Returns the cached free blocks of a device's allocator to the system. */
-export function emptyCache(device = 'cpu'): void {
+/** Returns the cached free blocks of a device's allocator (default: the default device) to the system. */
+export function emptyCache(device = getDefaultDevice()): void {
   getBackend(normalizeDevice(device)).emptyCache?.();
 }
 
-/** Sets the peak of a device to its current live bytes. */
-export function resetPeakMemoryStats(device = 'cpu'): void {
+/** Sets the peak of a device (default: the default device) to its current live bytes. */
+export function resetPeakMemoryStats(device = getDefaultDevice()): void {
   const s = statsFor(normalizeDevice(device));
   s.peakBytes = s.liveBytes;
 }

@@ -16,7 +16,14 @@ import {
   tensor,
   tidy,
 } from '../src/index.js';
-import { disposeAll, expectClose, type FixtureTensor, fromFixture, loadFixture } from './fixtures.js';
+import {
+  disposeAll,
+  expectClose,
+  type FixtureTensor,
+  fromFixture,
+  loadFixture,
+  settledLiveBytes,
+} from './fixtures.js';
 
 const sdpa = scaledDotProductAttention;
 
@@ -524,7 +531,7 @@ describe('scaledDotProductAttention memory', () => {
       },
     );
     const cu = tensor([0, 30, 70], { dtype: 'int32' });
-    const start = memoryStats().liveBytes;
+    const start = settledLiveBytes();
     for (const opts of [{ isCausal: true }, { attnMask: mask }, { cuSeqlens: cu, isCausal: true }]) {
       tidy(() => {
         const out = sdpa(q, k, v, opts);
@@ -534,7 +541,7 @@ describe('scaledDotProductAttention memory', () => {
         t.grad?.dispose();
         t.grad = null;
       }
-      expect(memoryStats().liveBytes).toBe(start);
+      expect(settledLiveBytes()).toBe(start);
     }
     // the graph keeps its own references: disposing inputs before backward is safe
     tidy(() => {
@@ -547,7 +554,7 @@ describe('scaledDotProductAttention memory', () => {
       k2.grad?.dispose();
       v2.grad?.dispose();
     });
-    expect(memoryStats().liveBytes).toBe(start);
+    expect(settledLiveBytes()).toBe(start);
     disposeAll(q, k, v, gout, mask, cu);
   });
 });

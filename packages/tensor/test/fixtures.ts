@@ -5,6 +5,7 @@ import { fileURLToPath } from 'node:url';
 import { expect } from 'vitest';
 import {
   type DType,
+  memoryStats,
   synchronize,
   Tensor,
   TensorError,
@@ -111,6 +112,16 @@ export function callAndSync(fn: () => unknown): void {
   } finally {
     if (r instanceof Tensor) r.dispose();
   }
+}
+
+/**
+ * The default device's live bytes once its queue has settled: on an asynchronous backend a
+ * deferred check (a bad index, a bad target) holds its small result until the next host read, so
+ * a test that counts bytes syncs first (on the CPU nothing is pending).
+ */
+export function settledLiveBytes(): number {
+  synchronize();
+  return memoryStats().liveBytes;
 }
 
 /** Asserts that fn throws a TensorError with this code (and a message matching `message`). */

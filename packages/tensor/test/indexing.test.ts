@@ -21,7 +21,14 @@ import {
   tril,
   triu,
 } from '../src/index.js';
-import { callAndSync, expectClose, type FixtureCase, fromFixture, loadFixture } from './fixtures.js';
+import {
+  callAndSync,
+  expectClose,
+  type FixtureCase,
+  fromFixture,
+  loadFixture,
+  settledLiveBytes,
+} from './fixtures.js';
 
 const cases = loadFixture('indexing');
 
@@ -482,7 +489,7 @@ describe('indexing: memory', () => {
   for (const [name, fn, shapes] of ops) {
     it(`${name}: forward + backward inside tidy frees everything`, () => {
       const leaves = shapes.map(leaf);
-      const before = memoryStats().liveBytes;
+      const before = settledLiveBytes();
       tidy(() => {
         const out = fn(leaves);
         const g = randn(out.shape, { generator: gen, dtype: out.dtype });
@@ -493,7 +500,7 @@ describe('indexing: memory', () => {
         l.grad?.dispose();
         l.grad = null;
       }
-      expect(memoryStats().liveBytes).toBe(before);
+      expect(settledLiveBytes()).toBe(before);
       for (const l of leaves) l.dispose();
     });
   }

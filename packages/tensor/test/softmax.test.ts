@@ -23,6 +23,7 @@ import {
   type FixtureCase,
   fromFixture,
   loadFixture,
+  settledLiveBytes,
 } from './fixtures.js';
 
 function runCase(c: FixtureCase, x: Tensor, target: Tensor | null): Tensor {
@@ -313,7 +314,7 @@ describe('memory', () => {
     ]);
     const base = randn([7, 3], { generator: gen });
     const xt = transpose(base, 0, 1).detach().requiresGrad_();
-    const before = memoryStats().liveBytes;
+    const before = settledLiveBytes();
     tidy(() => {
       const s = softmax(x, 1);
       const ls = logSoftmax(x, -1).exp();
@@ -327,7 +328,7 @@ describe('memory', () => {
     disposeAll(x.grad, xt.grad);
     x.grad = null;
     xt.grad = null;
-    expect(memoryStats().liveBytes).toBe(before);
+    expect(settledLiveBytes()).toBe(before);
     // a failed call leaks nothing either
     const bad = tensor([
       [0, 9, 0, 0, 0, 0, 0],
