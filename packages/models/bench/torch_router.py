@@ -1,9 +1,11 @@
 # The PyTorch side of bench/router.mjs: a MoE router's forward as Megatron computes it (fp32 router
 # GEMM, softmax or sigmoid scores, top-k on the biased scores with group-limited routing, the routing
 # weights gathered from the unbiased scores, normalised and scaled, the per-expert counts and the
-# pairs sorted by expert with a stable argsort), timed on the same threads.
+# pairs sorted by expert with a stable argsort; with a capacity, Megatron's capacity mask and the
+# pairs of the transposed map), timed on the same threads.
 # Usage: python3 torch_router.py '<json config>' ; prints one JSON object.
 import json
+import math
 import sys
 import time
 
@@ -32,6 +34,19 @@ def route(x, w, bias, r):
     if r.get("normTopkProb") and k > 1:
         probs = probs / (probs.sum(-1, keepdim=True) + (1e-20 if r["scoreFunction"] == "sigmoid" else 0))
     probs = probs * r.get("routedScalingFactor", 1)
+    cap = r.get("capacity")
+    if cap is not None:
+        # Megatron's capacity: the weights scattered to [T, E], each expert's best `capacity` tokens
+        # by topk down the tokens; padded, the mask is the map (weight 0 where not routed)
+        capacity = min(math.ceil(T * k / E * cap["capacityFactor"]), T)
+        routing_probs = torch.zeros(T, E).scatter(1, idx, probs)
+        routing_map = torch.zeros(T, E, dtype=torch.bool).scatter(1, idx, True)
+        top = routing_probs.topk(capacity, dim=0, sorted=False).indices
+        mask = torch.zeros(T, E, dtype=torch.bool).scatter(0, top, True)
+        routing_map = mask if cap["padToCapacity"] else routing_map & mask
+        tokens_t = torch.arange(T).unsqueeze(0).expand(E, T)
+        order = tokens_t.masked_select(routing_map.t().contiguous())  # pairs by expert, then token
+        return probs, routing_map.sum(0), order
     flat = idx.reshape(-1)
     counts = torch.bincount(flat, minlength=E)
     order = torch.sort(flat, stable=True).indices  # pairs by expert, then token

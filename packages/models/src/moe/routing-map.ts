@@ -114,15 +114,16 @@ export function routingMapOnDevice(
 /**
  * {@link buildRoutingMap} with a capacity, where the ids [T, k] (int64) are: the same pairs in the
  * same order, without reading the ids back. `weights` [T, k] (the final routing weights, on the
- * same device) rank an over-full expert's tokens under the 'probs' policy. On the [T, E] grid of
- * hits: 'position' keeps the hits with fewer than `capacity` hits above them in their column,
- * 'probs' the column's top `capacity` by weight (topk down the tokens over the hits, −inf
- * elsewhere; ties take the earlier token, as the host's sort); padding then takes, per column, the
- * first min(capacity, T) − kept tokens not kept. Each taken cell goes to its expert's first
- * position plus the taken cells above it (the others to places of their own past the end, cut
- * off). With padding every expert has min(capacity, T) pairs and nothing is read; without, the
- * host reads the counts once (the number of pairs sizes the map). Also returns, on the device,
- * each expert's kept choices (int64 [E], the expert load) and its choices before dropping (the
+ * same device) rank an over-full expert's tokens under the 'probs' policy. On the [E, T] grid of
+ * hits (row e: the tokens that chose expert e), 'position' keeps the hits with fewer than
+ * `capacity` hits before them in their row, 'probs' the row's top `capacity` by weight (topk over
+ * the hits, −inf elsewhere; ties take the earlier token, as the host's sort); padding then takes
+ * the row's first min(capacity, T) − kept tokens not kept. A topk of T − t over the taken cells
+ * lists each row's tokens in token order (the pairs of one expert), and their slots are gathered.
+ * With padding every expert has min(capacity, T) pairs: the rows are the map and nothing is read.
+ * Without, the host reads the E counts once (the number of pairs sizes the map) and each row's
+ * first counts[e] entries are scattered to their places. Also returns, on the device, each
+ * expert's kept choices (int64 [E], the expert load) and its choices before dropping (the
  * balancing loss's counts).
  */
 export function capacityRoutingMapOnDevice(
@@ -150,47 +151,68 @@ export function capacityRoutingMapOnDevice(
           counts: new Int32Array(E),
         };
       }
-      const hits = scatterAdd(zeros([T, E], int64), 1, ids, ones([T, k], int64));
-      const routed = hits.sum(0);
+      // the grid by expert: row e holds a 1 at each token that chose expert e
+      const byExpert = ids.t();
+      const hits = scatterAdd(zeros([E, T], int64), 0, byExpert, ones([k, T], int64));
+      const routed = hits.sum(1);
       let keep: Tensor;
       if (capacity.dropPolicy === 'position') {
-        keep = hits.mul(cumsum(hits, 0).sub(hits).lt(cap).to('int64'));
+        keep = hits.mul(cumsum(hits, 1).sub(hits).lt(cap).to('int64'));
       } else {
-        const w = scatterAdd(zeros([T, E], { dtype: 'float32', device }), 1, ids, weights.to('float32'));
-        const { indices } = topk(where(hits.gt(0), w, Number.NEGATIVE_INFINITY), target, 0);
-        keep = hits.mul(scatterAdd(zeros([T, E], int64), 0, indices, ones(indices.shape, int64)));
+        const w = scatterAdd(
+          zeros([E, T], { dtype: 'float32', device }),
+          0,
+          byExpert,
+          weights.t().to('float32'),
+        );
+        const { indices } = topk(where(hits.gt(0), w, Number.NEGATIVE_INFINITY), target, 1);
+        keep = hits.mul(scatterAdd(zeros([E, T], int64), 1, indices, ones(indices.shape, int64)));
       }
-      const kept = keep.sum(0);
+      const kept = keep.sum(1);
       let taken = keep;
       if (pad) {
         const free = keep.neg().add(1);
-        const ahead = cumsum(free, 0).sub(free);
-        taken = keep.add(free.mul(ahead.lt(kept.neg().add(target)).to('int64')));
+        const ahead = cumsum(free, 1).sub(free);
+        taken = keep.add(free.mul(ahead.lt(kept.neg().add(target).unsqueeze(1)).to('int64')));
       }
-      const perExpert = taken.sum(0);
-      const counts = pad ? new Int32Array(E).fill(target) : readInts(perExpert, 'routingMap.counts');
+      // each row's taken tokens in token order (at most `target` of them): the best `target` of
+      // T − t where taken, −1 elsewhere; a row with fewer ends in untaken tokens
+      const rank = arange(T, 0, -1, int64).unsqueeze(0);
+      const tokens = topk(where(taken.gt(0), rank, -1), target, 1).indices; // [E, target]
+      // slot + 1 where a token chose the expert; kept cells keep it, every other cell gets −1
+      const slotPlus = scatterAdd(
+        zeros([E, T], int64),
+        0,
+        byExpert,
+        arange(1, T * k + 1, 1, int64)
+          .view(T, k)
+          .t(),
+      );
+      const slots = gather(slotPlus.mul(keep), 1, tokens).sub(1);
+      if (pad) {
+        // every row holds `target` pairs: the map is the rows as they are
+        return {
+          token: tokens.reshape(E * target),
+          slot: slots.reshape(E * target),
+          kept,
+          routed,
+          counts: new Int32Array(E).fill(target),
+        };
+      }
+      // row e's first counts[e] entries are its pairs: the others go to places past the end
+      const perExpert = taken.sum(1);
+      const counts = readInts(perExpert, 'routingMap.counts');
       let P = 0;
       for (const c of counts) P += c;
-      const start = cumsum(perExpert, 0).sub(perExpert);
-      const cells = T * E;
-      const dest = where(
-        taken.gt(0),
-        cumsum(taken, 0).sub(taken).add(start),
-        arange(P, P + cells, 1, int64).view(T, E),
-      ).reshape(cells);
+      const cells = E * target;
+      const valid = arange(0, target, 1, int64).unsqueeze(0).lt(perExpert.unsqueeze(1)).reshape(cells);
+      const before = cumsum(valid.to('int64'), 0);
+      const dest = where(valid, before.sub(1), arange(P, P + cells, 1, int64));
       const at = (src: Tensor) =>
         scatterAdd(zeros([P + cells], int64), 0, dest, src.reshape(cells))
           .narrow(0, 0, P)
           .clone();
-      // slot + 1 where a token chose the expert; the kept cells keep their slot, the others get −1
-      const slotPlus = scatterAdd(zeros([T, E], int64), 1, ids, arange(1, T * k + 1, 1, int64).view(T, k));
-      return {
-        token: at(arange(0, T, 1, int64).view(T, 1).expand(T, E)),
-        slot: at(slotPlus.mul(keep).sub(1)),
-        kept,
-        routed,
-        counts,
-      };
+      return { token: at(tokens), slot: at(slots), kept, routed, counts };
     }),
   );
   const map = deviceRoutingMap(
