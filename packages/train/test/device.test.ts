@@ -248,25 +248,26 @@ it("Mixtral on the emulated devices, either dispatcher: one process waits once a
   expectSameLosses(runs[3].losses, runs[0].losses, 'EP=2, alltoall');
 });
 
-it("Mixtral with a capacity on the emulated devices: padded to it (Megatron's drop-and-pad), EP=2's all-to-all waits for nothing, a step once; without padding a MoE layer reads its counts once a micro-batch", async () => {
+it("Mixtral with a capacity on the emulated devices: padded to it (Megatron's drop-and-pad), EP=2 waits for nothing with either dispatcher, a step once; without padding a MoE layer reads its counts once a micro-batch", async () => {
   const mixtral = tinyLlama(path.join(root, 'hf-mixtral-capacity'), 'mixtral');
   const moeLayers = 4;
   const runs: { hostWaits: number; losses: number[] }[] = [];
-  for (const [ep, pad] of [
-    [1, true],
-    [2, true],
-    [1, false],
+  for (const [ep, pad, dispatcher] of [
+    [1, true, 'alltoall'],
+    [2, true, 'alltoall'],
+    [1, false, 'alltoall'],
+    [2, true, 'allgather'],
   ] as const) {
     const c = layoutRunConfig({
       root,
       hf: mixtral,
       data,
-      run: `emu-waits-capacity-ep${ep}-${pad ? 'pad' : 'drop'}`,
+      run: `emu-waits-capacity-ep${ep}-${pad ? 'pad' : 'drop'}-${dispatcher}`,
       parallel: ep > 1 ? { expertModelParallelSize: ep } : {},
     }) as Record<string, Record<string, unknown>>;
     c.model = {
       ...c.model,
-      moeTokenDispatcherType: 'alltoall',
+      moeTokenDispatcherType: dispatcher,
       moeExpertCapacityFactor: 1,
       moePadExpertInputToCapacity: pad,
     };
@@ -276,9 +277,11 @@ it("Mixtral with a capacity on the emulated devices: padded to it (Megatron's dr
   // grouped GEMM, nor the all-to-all's splits need the router's counts; without padding the map's
   // size is its counts, read once a MoE layer and micro-batch. While the host made the map it
   // read the ids and the weights there (and under EP every rank's counts): 99, 75 and 99 waits
-  // in 3 steps
-  expect(runs.map((r) => r.hostWaits)).toEqual([3, 3, 3 * (4 * moeLayers + 1)]);
-  expectSameLosses(runs[1].losses, runs[0].losses, 'EP=2, padded');
+  // in 3 steps; the allgather dispatcher gathers padded maps in equal blocks where they are (it
+  // read their pairs and gathered them through the host: 99)
+  expect(runs.map((r) => r.hostWaits)).toEqual([3, 3, 3 * (4 * moeLayers + 1), 3]);
+  expectSameLosses(runs[1].losses, runs[0].losses, 'EP=2, padded, alltoall');
+  expectSameLosses(runs[3].losses, runs[0].losses, 'EP=2, padded, allgather');
 });
 
 it('DeepSeek-V3 (expert bias, MTP) on one emulated device: the balancing update of the expert biases waits for nothing', async () => {

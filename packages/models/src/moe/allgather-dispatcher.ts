@@ -8,12 +8,23 @@
 // as sequence parallelism would give it, so that every token is computed once per expert slice.
 // Under sequence parallelism each TP rank already holds its own chunk: it is dispatched as it is,
 // gathered over expert-TP too (Megatron's tp_ep group), and the combine returns it to this rank.
+// Device maps are gathered where they are: dropless ones with each rank's counts (one read a
+// stage), padded ones (every expert at min(capacity, T)) in equal blocks without any read.
 import {
   copyToTensorModelParallelRegion,
   type ProcessGroup,
   reduceFromTensorModelParallelRegion,
 } from '@megapatch/parallel';
-import { fromTypedArray, indexSelect, logicalAnd, noGrad, type Tensor, tidy, where } from '@megapatch/tensor';
+import {
+  arange,
+  fromTypedArray,
+  indexSelect,
+  logicalAnd,
+  noGrad,
+  type Tensor,
+  tidy,
+  where,
+} from '@megapatch/tensor';
 import {
   allGatherCountsOnDevice,
   allGatherInts,
@@ -100,6 +111,7 @@ export class MoEAllGatherTokenDispatcher implements TokenDispatcher {
       };
     }
     if (pairs.device?.counts && !tpCounts) return this.gatherOnDevice(x, probs, routing, stages);
+    if (pairs.device && pairs.padded && !tpCounts) return this.gatherPadded(x, probs, pairs, stages);
     let weights = pairWeights(probs, pairs.slot);
     let tokens = pairs.token;
     let blocks: Block[] = [{ rows: x.shape[0], counts: pairs.counts }];
@@ -150,6 +162,72 @@ export class MoEAllGatherTokenDispatcher implements TokenDispatcher {
         if (etpCopy) out = reduceFromTensorModelParallelRegion(out, etpGroup);
         for (let s = stages.length - 1; s >= 0; s--) out = reduceScatterRows(out, stageRows[s], stages[s]);
         if (tpCounts) out = gatherRows(out, tpCounts, tpGroup);
+        return out;
+      },
+    };
+  }
+
+  /**
+   * A padded map without a TP split: every expert has min(capacity, T) pairs on every rank (each
+   * routing T tokens, as Megatron's drop-and-pad assumes), so each rank's rows, pair weights and
+   * pair tokens are gathered where they are in equal blocks, and this rank's experts' pairs sit at
+   * places the sizes alone give: block b's rows start at b·T, its expert f's pairs at b·P + f·C.
+   * Nothing is read back (Megatron's allgather dispatcher reads its tokens per expert even then).
+   */
+  private gatherPadded(
+    hidden: Tensor,
+    probs: Tensor,
+    pairs: Pairs,
+    stages: readonly ProcessGroup[],
+  ): DispatchedTokens {
+    const { etpGroup, numExperts: E, firstExpert, numLocalExperts: L } = this.o;
+    const dev = pairs.device as PairTensors;
+    const T = hidden.shape[0];
+    const C = pairs.counts[0] ?? 0;
+    const P = E * C;
+    let x = hidden;
+    let w = pairWeightsOf(probs, dev.slot, dev.padding);
+    let token = dev.token;
+    let B = 1;
+    const stageRows: number[][] = [];
+    for (const g of stages) {
+      const rows = new Array<number>(g.size).fill(B * T);
+      const pairCounts = new Array<number>(g.size).fill(B * P);
+      x = allGatherRows(x, rows, g);
+      w = allGatherRows(w, pairCounts, g);
+      token = allGatherRows(token, pairCounts, g);
+      B *= g.size;
+      stageRows.push(rows);
+    }
+    const etpCopy = this.etpReplicated && etpGroup.size > 1;
+    if (etpCopy) {
+      x = copyToTensorModelParallelRegion(x, etpGroup);
+      w = copyToTensorModelParallelRegion(w, etpGroup);
+    }
+    const places = new Int32Array(L * B * C);
+    let i = 0;
+    for (let e = 0; e < L; e++)
+      for (let b = 0; b < B; b++) for (let c = 0; c < C; c++) places[i++] = b * P + (firstExpert + e) * C + c;
+    const at = fromTypedArray(places, [places.length], { device: x.device });
+    const rows = noGrad(() =>
+      tidy(() => {
+        const int64 = { dtype: 'int64' as const, device: token.device };
+        const offsets = arange(0, B, 1, int64)
+          .mul(T)
+          .view(B, 1)
+          .expand(B, P)
+          .reshape(B * P);
+        return indexSelect(token.add(offsets), 0, at);
+      }),
+    );
+    const weights = indexSelect(w, 0, at);
+    return {
+      tokens: indexSelect(x, 0, rows),
+      tokensPerExpert: new Array<number>(L).fill(B * C),
+      combine: (y) => {
+        let out = weightedRows(y, weights, rows, B * T, hidden);
+        if (etpCopy) out = reduceFromTensorModelParallelRegion(out, etpGroup);
+        for (let s = stages.length - 1; s >= 0; s--) out = reduceScatterRows(out, stageRows[s], stages[s]);
         return out;
       },
     };
