@@ -59,6 +59,7 @@ import { ModelError } from './errors.js';
 import { DEFAULT_FAMILY, getModelFamily, type ModelFamily } from './families/index.js';
 import type { KVCache } from './kv-cache.js';
 import { MoELayer, type MoELayerOptions } from './moe/moe-layer.js';
+import type { LoadBalancingType } from './moe/router.js';
 import { MultiTokenPredictionLayer } from './mtp.js';
 import { mtpTargets } from './mtp-targets.js';
 import { Norm } from './norm.js';
@@ -101,6 +102,12 @@ export interface GPTModelOptions {
   moeAuxLossCoeff?: number;
   /** Megatron --moe-z-loss-coeff (default 0). */
   moeZLossCoeff?: number;
+  /**
+   * Megatron --moe-router-load-balancing-type: the aux loss over each router call's tokens
+   * ('aux_loss', default), per sample of the micro-batch ('seq_aux_loss', DeepSeek-V2/V3's
+   * sequence-wise loss), or none ('none').
+   */
+  moeRouterLoadBalancingType?: LoadBalancingType;
   /** Megatron --moe-token-dispatcher-type: all-gather or all-to-all expert dispatch (default 'allgather'). */
   moeTokenDispatcherType?: 'allgather' | 'alltoall';
   /**
@@ -279,7 +286,11 @@ export class GPTModel extends Module {
     const layerOpts = (kind: 'dense' | 'moe'): TransformerLayerOptions => ({
       kind,
       expertParallel: { epGroup: this.epGroup, etpGroup: this.etpGroup },
-      routerLosses: { auxLossCoeff: options.moeAuxLossCoeff ?? 0, zLossCoeff: options.moeZLossCoeff ?? 0 },
+      routerLosses: {
+        auxLossCoeff: options.moeAuxLossCoeff ?? 0,
+        zLossCoeff: options.moeZLossCoeff ?? 0,
+        loadBalancingType: loadBalancingType(options.moeRouterLoadBalancingType),
+      },
       moe: moeOptions,
       recomputeFull: rc?.granularity === 'full',
       recomputeMoe: selective.has('moe'),
@@ -1030,6 +1041,15 @@ function buildMask(
       const real = attn.dtype === 'bool' ? attn : attn.ne(0);
       return logicalAnd(causal, real.view(b, 1, 1, sk));
     }),
+  );
+}
+
+/** The router's balancing loss, checked (a name from a config file reaches here unchecked). */
+function loadBalancingType(t: string | undefined): LoadBalancingType {
+  if (t === undefined || t === 'aux_loss' || t === 'seq_aux_loss' || t === 'none') return t ?? 'aux_loss';
+  throw new ModelError(
+    'INVALID_CONFIG',
+    `moeRouterLoadBalancingType ${JSON.stringify(t)} is not implemented; use 'aux_loss', 'seq_aux_loss' or 'none'`,
   );
 }
 

@@ -65,6 +65,7 @@ export {
   SharedExperts,
 } from './moe/moe-layer.js';
 export {
+  type LoadBalancingType,
   type RouterLossOptions,
   type Routing,
   selectExperts,

@@ -168,6 +168,134 @@ describe('router', () => {
     );
   });
 
+  describe("Megatron's sequence-wise aux loss (seq_aux_loss)", () => {
+    // 3 positions × 2 samples, sequence-major as a MoE layer flattens [s, b, h]: token t is
+    // position floor(t / 2) of sample t % 2
+    const S = 3;
+    const B = 2;
+    const T = S * B;
+    const h = 3;
+    const xs = Float32Array.from({ length: T * h }, (_, i) => Math.sin(i * 1.3) * 2);
+    const make = (scoreFunction: 'softmax' | 'sigmoid', bias: boolean, type: 'aux_loss' | 'seq_aux_loss') => {
+      const r = new TopKRouter(
+        routerConfig(scoreFunction, bias),
+        h,
+        { dtype: 'float32', generator: new Generator(3), performInitialization: true },
+        { auxLossCoeff: 0.01, zLossCoeff: 0, loadBalancingType: type },
+      );
+      disposeLater.push(r);
+      // a bias that moves the routing: expert 3 wins every token's selection
+      if (bias) r.expertBias?.copy_(fromTypedArray(Float32Array.from([0, 0, 0, 10]), [4]));
+      return r;
+    };
+    /** The loss in float64 from the router's weight: per sample, E/(S·k)·Σ_e c_be·P_be, averaged. */
+    const reference = (router: TopKRouter, scoreFunction: 'softmax' | 'sigmoid', perCall = false) => {
+      const w = router.weight.toTypedArray() as Float32Array;
+      const c = new Float64Array(B * 4);
+      const P = new Float64Array(B * 4);
+      for (let t = 0; t < T; t++) {
+        const b = perCall ? 0 : t % B;
+        const logits = [0, 1, 2, 3].map((e) => {
+          let acc = 0;
+          for (let j = 0; j < h; j++) acc += xs[t * h + j] * w[e * h + j];
+          return acc;
+        });
+        let sc: number[];
+        if (scoreFunction === 'softmax') {
+          const m = Math.max(...logits);
+          const ex = logits.map((l) => Math.exp(l - m));
+          const sum = ex.reduce((a, v) => a + v, 0);
+          sc = ex.map((v) => v / sum);
+        } else {
+          const sg = logits.map((l) => 1 / (1 + Math.exp(-l)));
+          const sum = sg.reduce((a, v) => a + v, 0);
+          sc = sg.map((v) => v / sum);
+        }
+        // the top-2 of the unbiased scores, whatever the bias chose
+        for (const e of [0, 1, 2, 3].sort((a, b2) => sc[b2] - sc[a] || a - b2).slice(0, 2)) c[b * 4 + e]++;
+        for (let e = 0; e < 4; e++) P[b * 4 + e] += sc[e];
+      }
+      const samples = perCall ? 1 : B;
+      const len = perCall ? T : S;
+      let loss = 0;
+      for (let i = 0; i < samples * 4; i++) loss += ((c[i] * 4) / (len * 2)) * (P[i] / len);
+      return (loss / samples) * 0.01;
+    };
+
+    it.each([
+      ['softmax', false],
+      ['sigmoid', false],
+      ['sigmoid, an expert bias that moves the routing', true],
+    ] as const)('%s: the per-sample formula, from the unbiased top-k', (name, bias) => {
+      const fn = name.startsWith('softmax') ? 'softmax' : 'sigmoid';
+      const router = make(fn, bias, 'seq_aux_loss');
+      const r = router.forward(fromTypedArray(xs, [T, h]), B);
+      const got = (r.auxLoss as Tensor).item();
+      expect(got).toBeCloseTo(reference(router, fn), 8);
+      // per sample, not over the call: the plain aux loss of the same tokens differs
+      expect(Math.abs(got - reference(router, fn, true))).toBeGreaterThan(1e-6);
+      if (bias) {
+        // the bias sent every token to expert 3; the loss counted the scores' own top-2
+        expect(r.tokensPerExpert[3]).toBe(T);
+      }
+    });
+
+    it('with an expert bias the switch aux loss counts the unbiased top-k too', () => {
+      const router = make('sigmoid', true, 'aux_loss');
+      const r = router.forward(fromTypedArray(xs, [T, h]), B);
+      expect(r.tokensPerExpert[3]).toBe(T);
+      expect((r.auxLoss as Tensor).item()).toBeCloseTo(reference(router, 'sigmoid', true), 8);
+    });
+
+    it("its gradient is the loss's finite difference", () => {
+      const router = make('softmax', false, 'seq_aux_loss');
+      const x = fromTypedArray(xs, [T, h]);
+      const loss = () => (router.forward(x, B).auxLoss as Tensor).item();
+      (router.forward(x, B).auxLoss as Tensor).backward();
+      const grad = Float64Array.from(router.weight.grad?.toTypedArray() as Float32Array);
+      const w = router.weight.toTypedArray() as Float32Array;
+      const eps = 1e-3;
+      let worst = 0;
+      for (let i = 0; i < w.length; i++) {
+        const at = (d: number) => {
+          const v = Float32Array.from(w);
+          v[i] += d;
+          noGrad(() => router.weight.copy_(fromTypedArray(v, router.weight.shape)));
+          return loss();
+        };
+        const fd = (at(eps) - at(-eps)) / (2 * eps);
+        noGrad(() => router.weight.copy_(fromTypedArray(w, router.weight.shape)));
+        worst = Math.max(worst, Math.abs(fd - grad[i]));
+      }
+      const scale = Math.max(...grad.map(Math.abs));
+      expect(scale).toBeGreaterThan(1e-5);
+      expect(worst / scale).toBeLessThan(2e-2);
+    });
+
+    it("'none' adds no aux loss; a batch size that does not divide the tokens and an unknown type are refused", () => {
+      const none = make('softmax', false, 'aux_loss');
+      const off = new TopKRouter(
+        routerConfig('softmax', false),
+        h,
+        { dtype: 'float32', generator: new Generator(3), performInitialization: true },
+        { auxLossCoeff: 0.01, zLossCoeff: 0, loadBalancingType: 'none' },
+      );
+      disposeLater.push(off);
+      expect(off.forward(fromTypedArray(xs, [T, h]), B).auxLoss).toBeNull();
+      expect(() => none.forward(fromTypedArray(xs, [T, h]), 4)).toThrow(
+        'TopKRouter.forward: batchSize 4 must be a positive integer dividing the 6 tokens',
+      );
+      expect(
+        () =>
+          new GPTModel(loadModel(fixtureCheckpoint('mixtral')).model.config, {
+            moeRouterLoadBalancingType: 'sinkhorn' as 'none',
+          }),
+      ).toThrow(
+        /moeRouterLoadBalancingType "sinkhorn" is not implemented; use 'aux_loss', 'seq_aux_loss' or 'none'/,
+      );
+    });
+  });
+
   it('routes a chunk of no tokens: empty routing, zero balancing losses with gradients', () => {
     const moe = routerConfig('sigmoid', true);
     const router = new TopKRouter(

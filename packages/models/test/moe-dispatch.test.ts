@@ -43,6 +43,18 @@ const SP_CASES: DispatchCase[] = [
   { id: 'deepseek-v3', what: 'grouped sigmoid experts, shared expert, MTP, aux and z losses', auxLoss: true },
 ];
 
+// Megatron's seq_aux_loss, per sample of the micro-batch: two rows a rank, so that the samples
+// differ from the micro-batch; under SP each rank holds half of every sample's positions.
+const SEQ_AUX_CASES: DispatchCase[] = [
+  { id: 'mixtral', what: 'seq_aux_loss and the z-loss', auxLoss: true, seqAux: true },
+  {
+    id: 'deepseek-v3',
+    what: 'seq_aux_loss (the unbiased top-k of grouped, biased routing) and the z-loss',
+    auxLoss: true,
+    seqAux: true,
+  },
+];
+
 describe('EP = 2 on two processes (TP = 1: the EP ranks are data-parallel ranks)', () => {
   let results: DispatchResult[][];
   beforeAll(async () => {
@@ -79,6 +91,24 @@ describe.each([1, 2])('TP = 2 with sequence parallelism, expert-TP = %i on two p
       etp,
       dp: 1,
       expertDp: etp === 1 ? 2 : 1,
+      sequenceParallel: true,
+    });
+  });
+});
+
+describe('TP = 2 with sequence parallelism, two rows a rank: the sequence-wise aux loss', () => {
+  let results: DispatchResult[][];
+  const layout = { tp: 2, ep: 1, etp: 1, sequenceParallel: true, rowsPerRank: 2, seq: 8 };
+  beforeAll(async () => {
+    results = await runCases(2, layout, SEQ_AUX_CASES);
+  });
+  it.each(SEQ_AUX_CASES)('$id ($what): alltoall = allgather = one process', (c) => {
+    expectCase(results, SEQ_AUX_CASES, c, 2, {
+      tp: 2,
+      ep: 1,
+      etp: 1,
+      dp: 1,
+      expertDp: 2,
       sequenceParallel: true,
     });
   });

@@ -32,6 +32,11 @@ export const ModelSection = z.strictObject({
   moeAuxLossCoeff: z.number().nonnegative().default(0),
   /** Megatron --moe-z-loss-coeff. */
   moeZLossCoeff: z.number().nonnegative().default(0),
+  /**
+   * Megatron --moe-router-load-balancing-type: 'aux_loss' (over each micro-batch's tokens),
+   * 'seq_aux_loss' (per sample, DeepSeek-V2/V3's sequence-wise loss) or 'none'.
+   */
+  moeRouterLoadBalancingType: z.enum(['aux_loss', 'seq_aux_loss', 'none']).default('aux_loss'),
   /** Megatron --moe-router-bias-update-rate (aux-loss-free balancing; models with an expert bias). */
   moeRouterBiasUpdateRate: z.number().nonnegative().default(1e-3),
   /** Megatron --moe-token-dispatcher-type: how tokens reach their experts across EP ranks. */

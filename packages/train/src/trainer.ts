@@ -285,6 +285,7 @@ function buildModel(
           : null,
     moeAuxLossCoeff: m.moeAuxLossCoeff,
     moeZLossCoeff: m.moeZLossCoeff,
+    moeRouterLoadBalancingType: m.moeRouterLoadBalancingType,
     moeTokenDispatcherType: m.moeTokenDispatcherType,
     moeExpertCapacityFactor: m.moeExpertCapacityFactor,
     moeTokenDropPolicy: m.moeTokenDropPolicy,
@@ -1153,7 +1154,8 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
       };
       if (cfg.moe || cfg.mtpNumLayers > 0) {
         metrics.moe = {};
-        if (cfg.moe && config.model.moeAuxLossCoeff > 0) metrics.moe.auxLoss = auxAll / dpSize;
+        if (cfg.moe && config.model.moeAuxLossCoeff > 0 && config.model.moeRouterLoadBalancingType !== 'none')
+          metrics.moe.auxLoss = auxAll / dpSize;
         if (cfg.moe && config.model.moeZLossCoeff > 0) metrics.moe.zLoss = zAll / dpSize;
         if (cfg.moe) metrics.moe.expertLoad = expertLoad;
         // the CP ranks' MTP shares add up to each sequence's mean: average over dp only

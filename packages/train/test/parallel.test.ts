@@ -123,6 +123,29 @@ describe('MoE with aux and z losses', () => {
     for (let i = 0; i < 6; i++)
       expect(Math.abs(two.losses[i] - one[i]) / one[i], `step ${i + 1}`).toBeLessThan(1e-5);
   });
+
+  it("Megatron's seq_aux_loss (per sample of a micro-batch of 2): CP=2 gives the losses of one process, which differ from aux_loss's", async () => {
+    const moeHf = tinyLlama(path.join(root, 'hf-mixtral-seqaux'), 'mixtral');
+    const cfg = (run: string, type: string, parallel: Record<string, unknown> = {}) => {
+      const c = config(run, parallel) as Record<string, Record<string, unknown>>;
+      // a large coefficient, so that the balancing term moves the losses within 6 steps
+      c.model = { load: moeHf, dtype: 'fp32', moeAuxLossCoeff: 1, moeRouterLoadBalancingType: type };
+      return c;
+    };
+    const quiet = { log: () => {}, report: false };
+    const one = (await train(parseRunConfig(cfg('seqaux-one', 'seq_aux_loss')), quiet)).losses;
+    const aux = (await train(parseRunConfig(cfg('seqaux-aux', 'aux_loss')), quiet)).losses;
+    const [cp2] = (await launchWorkers({
+      nproc: 2,
+      script: 'train-worker.ts',
+      config: cfg('seqaux-cp-two', 'seq_aux_loss', { contextParallelSize: 2 }),
+    })) as { losses: number[] }[];
+    for (let i = 0; i < 6; i++)
+      expect(Math.abs(cp2.losses[i] - one[i]) / one[i], `CP=2 step ${i + 1}`).toBeLessThan(1e-5);
+    // the per-sample loss is another objective: its gradients move the runs apart after the first
+    // step (the logged loss is the language model's)
+    expect(Math.max(...aux.map((a, i) => Math.abs(a - one[i]) / one[i]))).toBeGreaterThan(1e-6);
+  });
 });
 
 describe('expert parallelism', () => {

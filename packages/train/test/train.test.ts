@@ -247,6 +247,17 @@ describe('run config', () => {
       loadRunConfig(null, [...base, ['gradient-accumulation-fusion', 'false']]).training
         .gradientAccumulationFusion,
     ).toBe(false);
+    // Megatron's MoE balancing flags (Pai-Megatron-Patch's DeepSeek-V3 script passes these)
+    const moe = loadRunConfig(null, [
+      ...base,
+      ['moe-router-load-balancing-type', 'seq_aux_loss'],
+      ['moe-aux-loss-coeff', '1e-4'],
+    ]).model;
+    expect(moe).toMatchObject({ moeRouterLoadBalancingType: 'seq_aux_loss', moeAuxLossCoeff: 1e-4 });
+    expect(loadRunConfig(null, base).model.moeRouterLoadBalancingType).toBe('aux_loss');
+    expect(() => loadRunConfig(null, [...base, ['moe-router-load-balancing-type', 'sinkhorn']])).toThrow(
+      /model\.moeRouterLoadBalancingType/,
+    );
   });
 });
 

@@ -196,7 +196,7 @@ export class MoELayer extends Module {
   forward(x: Tensor): Tensor {
     const [s, b, h] = x.shape;
     const flat = x.reshape(s * b, h);
-    const routing = this.router.forward(flat);
+    const routing = this.router.forward(flat, b);
     this.lastRouting = routing;
     const d = this.tokenDispatcher.dispatch(flat, routing);
     let out = d.combine(this.experts.forward(d.tokens, d.tokensPerExpert)).view(s, b, h);

@@ -26,6 +26,8 @@ import {
   maskedFill,
   noGrad,
   oneHot,
+  ones,
+  scatterAdd,
   softmax,
   Tensor,
   tidy,
@@ -33,7 +35,7 @@ import {
   zeros,
   zeros_,
 } from '@megapatch/tensor';
-import { allGatherInts } from './collectives.js';
+import { ModelError } from '../errors.js';
 import {
   type CapacityOptions,
   capacityRoutingMapOnDevice,
@@ -68,7 +70,16 @@ export interface Routing {
 export interface RouterLossOptions {
   auxLossCoeff: number;
   zLossCoeff: number;
+  /**
+   * Megatron's --moe-router-load-balancing-type for the aux loss: 'aux_loss' (the Switch
+   * Transformer loss over the router call's tokens, the default), 'seq_aux_loss' (DeepSeek-V2/V3's
+   * sequence-wise loss: the same per sample of the micro-batch, averaged) or 'none'.
+   */
+  loadBalancingType?: LoadBalancingType;
 }
+
+/** Megatron's moe_router_load_balancing_type values megapatch implements. */
+export type LoadBalancingType = 'aux_loss' | 'seq_aux_loss' | 'none';
 
 /** Megatron's TopKRouter: `weight` [E, h] and, for aux-loss-free balancing, the `expert_bias` buffer. */
 export class TopKRouter extends Module {
@@ -220,12 +231,21 @@ export class TopKRouter extends Module {
     );
   }
 
-  /** Routes x [T, h]. */
-  forward(x: Tensor): Routing {
+  /**
+   * Routes x [T, h]: the tokens of `batchSize` samples in sequence-major order (a MoE layer's
+   * [s, b, h] flattened, as Megatron's), whose samples the 'seq_aux_loss' balancing tells apart.
+   */
+  forward(x: Tensor, batchSize = 1): Routing {
     const m = this.moe;
     const E = m.numExperts;
     const k = m.routerTopk;
     const T = x.shape[0];
+    if (!(Number.isInteger(batchSize) && batchSize > 0 && T % batchSize === 0)) {
+      throw new ModelError(
+        'INVALID_ARGUMENT',
+        `TopKRouter.forward: batchSize ${batchSize} must be a positive integer dividing the ${T} tokens`,
+      );
+    }
     const logits = linear(x.to('float32'), this.weight.to('float32')); // [T, E], fp32
     const scores = m.scoreFunction === 'softmax' ? softmax(logits, -1) : logits.sigmoid();
     // top-k on the scores' device
@@ -270,20 +290,53 @@ export class TopKRouter extends Module {
     // the ranks sharing the sequence (TP under SP, CP, TP × CP): statistics of the whole sequence
     const sp = this.partitionGroup;
     let auxLoss: Tensor | null = null;
-    if (this.losses.auxLossCoeff > 0 && this.training) {
-      // Switch-Transformer balancing (Megatron's switch_load_balancing_loss_func) on the scores of
-      // all experts: softmax, or sigmoid scores normalised per token. Under SP the counts and the
-      // token total are the whole sequence's (summed over TP), the scores this rank's: the parts
-      // add up over TP to the loss of one process.
+    const balancing = this.losses.loadBalancingType ?? 'aux_loss';
+    if (this.losses.auxLossCoeff > 0 && this.training && balancing !== 'none') {
+      // On the scores of all experts (softmax, or sigmoid scores normalised per token) and the
+      // top-k of those scores (Megatron's compute_routing_scores_for_aux_loss: the routing's own
+      // choices unless an expert bias or group-limited routing changed them). Under SP / CP the
+      // counts are the whole sequence's (summed over the ranks sharing it), the scores this rank's:
+      // the parts add up over those ranks to the loss of one process.
       const all = m.scoreFunction === 'softmax' ? scores : scores.div(scores.sum(-1, true).add(1e-20));
-      const perExpert = all.sum(0); // [E]
-      const totalTokens = sp ? T * sp.size : T;
-      const f = countsOf(routed, hostCounts, sp, scores.device);
-      auxLoss = perExpert
-        .mul(f)
-        .sum()
-        // no tokens (an empty chunk): nothing to balance, a zero loss rather than 0 / 0
-        .mul((E * this.losses.auxLossCoeff) / (k * Math.max(totalTokens, 1) ** 2));
+      const grouped = m.numGroups > 1 && m.groupTopk < m.numGroups;
+      const plain = !this.expertBias && !grouped;
+      const lossIds = plain ? idx : noGrad(() => topk(scores, k, -1).indices);
+      const coeff = this.losses.auxLossCoeff;
+      if (balancing === 'aux_loss') {
+        // Switch-Transformer balancing (Megatron's switch_load_balancing_loss_func)
+        const perExpert = all.sum(0); // [E]
+        const totalTokens = sp ? T * sp.size : T;
+        const f = summedCounts(plain ? routed : idsPerExpert(lossIds, E), sp);
+        auxLoss = perExpert
+          .mul(f)
+          .sum()
+          // no tokens (an empty chunk): nothing to balance, a zero loss rather than 0 / 0
+          .mul((E * coeff) / (k * Math.max(totalTokens, 1) ** 2));
+      } else {
+        // Megatron's sequence_load_balancing_loss_func: per sample b, E / (S·k) · Σ_e c_be · P_be,
+        // c_be the sample's tokens whose top-k holds e, P_be the mean of its tokens' scores of e
+        // over its S positions; the mean over the samples, times the coefficient
+        const B = batchSize;
+        const local = T / B;
+        const S = sp ? local * sp.size : local;
+        const c = noGrad(() => {
+          const hits = scatterAdd(
+            zeros([T, E], { device: scores.device }),
+            1,
+            lossIds,
+            ones([T, k], { device: scores.device }),
+          );
+          const perSample = hits.view(local, B, E).sum(0); // [B, E], exact in float32
+          if (sp) sp.allReduce(perSample, 'sum').waitSync();
+          return perSample;
+        });
+        auxLoss = all
+          .view(local, B, E)
+          .sum(0)
+          .mul(c)
+          .sum()
+          .mul((E * coeff) / (k * Math.max(S, 1) ** 2 * B));
+      }
       if (sp) auxLoss = reduceFromTensorModelParallelRegion(auxLoss, sp);
     }
     let zLoss: Tensor | null = null;
@@ -311,30 +364,25 @@ export class TopKRouter extends Module {
   }
 }
 
+/** How many of ids [T, k] (int64) name each of E experts: int64 [E], where the ids are. */
+function idsPerExpert(ids: Tensor, E: number): Tensor {
+  return noGrad(() =>
+    tidy(() => {
+      const flat = ids.reshape(ids.numel);
+      const int64 = { dtype: 'int64' as const, device: ids.device };
+      return scatterAdd(zeros([E], int64), 0, flat, ones([ids.numel], int64));
+    }),
+  );
+}
+
 /**
- * The tokens per expert of the balancing loss, float32 [E] on `device`, summed over the ranks of
- * `group` (the sequence's) when given: where the dropless map counted them (all-reduced there, no
- * read back), else the host's counts (gathered). Exact: token counts fit in float32's 24 bits.
+ * Integer counts (int64 [E]) as float32 (exact: token counts fit in its 24 bits), summed over the
+ * ranks of `group` (the sequence's) when given, where they are: nothing is read back.
  */
-function countsOf(
-  onDevice: Tensor | null,
-  host: () => Float64Array,
-  group: ProcessGroup | null,
-  device: string,
-): Tensor {
-  if (onDevice) {
-    const f = noGrad(() => onDevice.to('float32'));
-    if (group) group.allReduce(f, 'sum').waitSync();
-    return f;
-  }
-  const counts = host();
-  const out = Float32Array.from(counts);
-  if (group) {
-    out.fill(0);
-    for (const c of allGatherInts(Int32Array.from(counts), group))
-      for (let e = 0; e < c.length; e++) out[e] += c[e];
-  }
-  return fromTypedArray(out, [out.length], { device });
+function summedCounts(counts: Tensor, group: ProcessGroup | null): Tensor {
+  const f = noGrad(() => counts.to('float32'));
+  if (group) group.allReduce(f, 'sum').waitSync();
+  return f;
 }
 
 /** The experts' settings that routing reads. */

@@ -23,6 +23,8 @@ export interface DispatchCase {
   seq?: number;
   /** Train with the load-balancing aux loss and the z-loss, and compare them with one process. */
   auxLoss?: boolean;
+  /** With auxLoss: Megatron's seq_aux_loss (per sample) instead of the micro-batch's. */
+  seqAux?: boolean;
 }
 
 /** Case i runs as runs 2i (allgather) and 2i + 1 (alltoall); the results per run, ranks in order. */

@@ -42,6 +42,8 @@ export interface DispatchRun {
   seq?: number;
   /** Train with the load-balancing aux loss (coefficient 1e-2) and the z-loss (1e-3). */
   auxLoss?: boolean;
+  /** The aux loss per sample (Megatron's seq_aux_loss) instead of over the micro-batch. */
+  seqAux?: boolean;
 }
 
 export interface DispatchWorkerConfig {
@@ -119,7 +121,7 @@ await destroyProcessGroup();
 function keyOf(r: DispatchRun): string {
   const cap =
     r.capacityFactor === undefined ? 'dropless' : `cf${r.capacityFactor}-${r.dropPolicy ?? 'probs'}`;
-  return `${r.id} ${cap}${r.pad ? '-pad' : ''}${r.recompute ? ' recompute' : ''}${r.auxLoss ? ' aux' : ''} seq${r.seq ?? cfg.seq}`;
+  return `${r.id} ${cap}${r.pad ? '-pad' : ''}${r.recompute ? ' recompute' : ''}${r.auxLoss ? ' aux' : ''}${r.seqAux ? ' seqaux' : ''} seq${r.seq ?? cfg.seq}`;
 }
 
 function optionsOf(r: DispatchRun): GPTModelOptions {
@@ -131,6 +133,7 @@ function optionsOf(r: DispatchRun): GPTModelOptions {
     recompute: r.recompute ? { granularity: 'selective', modules: ['moe'] } : null,
     moeAuxLossCoeff: r.auxLoss ? 1e-2 : 0,
     moeZLossCoeff: r.auxLoss ? 1e-3 : 0,
+    moeRouterLoadBalancingType: r.seqAux ? 'seq_aux_loss' : 'aux_loss',
     // one process (TP = 1) runs without it whatever is asked
     sequenceParallel: cfg.sequenceParallel ?? false,
   };
