@@ -132,6 +132,11 @@ if [ -n "$TSX" ] && has moe-train; then
   # the router counted them: no wait a MoE layer and micro-batch (the default loop reads them)
   MEGAPATCH_GROUPED_GEMM=mma MEGAPATCH_BENCH_VARIANT_ENV=MEGAPATCH_GROUPED_GEMM=mma MEGAPATCH_BENCH_MODE=megapatch-mma \
     run ours-moe-train-mma 120 "$TSX" $BENCH/ours.mts moe-train
+  # and dropping at capacity 1, padded to it (Megatron's drop-and-pad): every expert's size follows
+  # from the tokens, so the default loop of GEMMs waits for nothing either (the experts' work is
+  # T·k rows as dropless, spread evenly; the loss differs, as dropped tokens do)
+  MEGAPATCH_BENCH_MOE_CAPACITY=1 MEGAPATCH_BENCH_VARIANT_ENV="capacity factor 1, padded" MEGAPATCH_BENCH_MODE=megapatch-pad \
+    run ours-moe-train-pad 120 "$TSX" $BENCH/ours.mts moe-train
 fi
 if [ -n "$PY" ] && has torch-moe-train; then
   MEGAPATCH_BENCH_TORCH_MODES=eager run torch-moe-train 90 "$PY" $BENCH/torch_ref.py moe-train ${TORCH_ARGS[@]+"${TORCH_ARGS[@]}"}

@@ -623,7 +623,18 @@ async function trainBench(tc: any) {
     const t0 = performance.now();
     await train(
       parseRunConfig({
-        model: { config: hf, dtype: 'bf16' },
+        model: {
+          config: hf,
+          dtype: 'bf16',
+          // MEGAPATCH_BENCH_MOE_CAPACITY=<factor>: MoE token dropping at that capacity, padded to it
+          // (Megatron's drop-and-pad: the experts' sizes follow from the tokens, nothing waits)
+          ...(process.env.MEGAPATCH_BENCH_MOE_CAPACITY
+            ? {
+                moeExpertCapacityFactor: Number(process.env.MEGAPATCH_BENCH_MOE_CAPACITY),
+                moePadExpertInputToCapacity: true,
+              }
+            : {}),
+        },
         data: {
           dataPath: [prefix],
           seqLength: seq,
