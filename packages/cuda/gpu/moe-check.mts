@@ -120,6 +120,10 @@ for (const [label, id, options] of CASES) {
     // dispatcher does), and nothing where the grouped mode takes them on the device
     const counts = dev.reads.filter((r) => /^int(32|64)\[\d+\]$/.test(r)).length;
     if (dev.reads.length !== counts) problems.push(`forward read back ${dev.reads.join(' ')}`);
+    // padded to the capacity, every expert's size follows from the tokens: nothing to read, in
+    // any grouped mode
+    if (options.moePadExpertInputToCapacity && counts > 0)
+      problems.push(`a padded map's forward read ${dev.reads.join(' ')}`);
     if (problems.length) {
       failures++;
       console.log(`MOE FAIL: ${label}: ${problems.join('; ')}`);
