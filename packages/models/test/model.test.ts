@@ -7,7 +7,7 @@ import { fixtureCheckpoint, relMaxError } from './helpers/fixtures.js';
 
 const ids = fromTypedArray(BigInt64Array.from([1, 5, 9, 33, 100, 7, 8, 9, 4, 77, 12, 3], BigInt), [2, 6]);
 const labels = fromTypedArray(BigInt64Array.from([5, 9, 33, 100, 7, 8, 9, 4, 77, 12, 3, 2], BigInt), [2, 6]);
-const disposeLater: GPTModel[] = [];
+const disposeLater: { dispose(): void }[] = [];
 afterAll(() => {
   for (const m of disposeLater) m.dispose();
 });

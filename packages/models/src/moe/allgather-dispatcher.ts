@@ -106,7 +106,7 @@ export class MoEAllGatherTokenDispatcher implements TokenDispatcher {
           dev.counts ?? Array.from(pairs.counts.subarray(firstExpert, firstExpert + numLocalExperts)),
         combine: (y) => {
           const out = weightedRows(y, w, dev.token, T, hidden);
-          return etpCopy ? reduceFromTensorModelParallelRegion(out, etpGroup) : out;
+          return this.backToRanks(out, stages, []);
         },
       };
     }
@@ -159,12 +159,24 @@ export class MoEAllGatherTokenDispatcher implements TokenDispatcher {
       combine: (y) => {
         const rows = fromTypedArray(Int32Array.from(rowOf), [rowOf.length]);
         let out = weightedRows(y, selectRows(gatheredWeights, pairOf), rows, gatheredRows, hidden);
-        if (etpCopy) out = reduceFromTensorModelParallelRegion(out, etpGroup);
-        for (let s = stages.length - 1; s >= 0; s--) out = reduceScatterRows(out, stageRows[s], stages[s]);
+        out = this.backToRanks(out, stages, stageRows);
         if (tpCounts) out = gatherRows(out, tpCounts, tpGroup);
         return out;
       },
     };
+  }
+
+  /**
+   * The way back of a combine's weighted sum over the gathered rows: the expert-TP partial outputs
+   * summed where the tokens were replicated over expert-TP, then each gather stage undone in
+   * reverse (reduce-scatter: every rank keeps its own rows, summed over the ranks' experts).
+   */
+  private backToRanks(out: Tensor, stages: readonly ProcessGroup[], stageRows: readonly number[][]): Tensor {
+    let r = out;
+    if (this.etpReplicated && this.o.etpGroup.size > 1)
+      r = reduceFromTensorModelParallelRegion(r, this.o.etpGroup);
+    for (let s = stages.length - 1; s >= 0; s--) r = reduceScatterRows(r, stageRows[s], stages[s]);
+    return r;
   }
 
   /**
@@ -226,8 +238,7 @@ export class MoEAllGatherTokenDispatcher implements TokenDispatcher {
       tokensPerExpert: new Array<number>(L).fill(B * C),
       combine: (y) => {
         let out = weightedRows(y, weights, rows, B * T, hidden);
-        if (etpCopy) out = reduceFromTensorModelParallelRegion(out, etpGroup);
-        for (let s = stages.length - 1; s >= 0; s--) out = reduceScatterRows(out, stageRows[s], stages[s]);
+        out = this.backToRanks(out, stages, stageRows);
         return out;
       },
     };
@@ -286,10 +297,8 @@ export class MoEAllGatherTokenDispatcher implements TokenDispatcher {
       tokens: indexSelect(x, 0, rows),
       tokensPerExpert,
       combine: (y) => {
-        let out = weightedRows(y, w, rows, gatheredRows, hidden);
-        if (this.etpReplicated && etpGroup.size > 1) out = reduceFromTensorModelParallelRegion(out, etpGroup);
-        for (let s = stages.length - 1; s >= 0; s--) out = reduceScatterRows(out, stageRows[s], stages[s]);
-        return out;
+        const out = weightedRows(y, w, rows, gatheredRows, hidden);
+        return this.backToRanks(out, stages, stageRows);
       },
     };
   }
