@@ -382,10 +382,18 @@ export class GPTModel extends Module {
     this.rotary = new RotaryEmbedding(rotaryDim, config.rotaryBase, config.ropeScaling);
   }
 
-  /** This stage's MoE layers, by global decoder layer index (MTP layers excluded). */
+  /**
+   * This stage's MoE layers by global layer index: the decoder's, then those of the MTP blocks
+   * (numLayers + depth, Megatron's layer number for an MTP router and Hugging Face's layer index
+   * for DeepSeek-V3's MTP block).
+   */
   moeLayers(): [number, MoELayer][] {
     const out: [number, MoELayer][] = [];
     for (const l of this.decoder.layers) if (l.mlp instanceof MoELayer) out.push([l.layerNumber, l.mlp]);
+    for (const m of this.mtp?.layers ?? []) {
+      const l = m.transformerLayer;
+      if (l.mlp instanceof MoELayer) out.push([l.layerNumber, l.mlp]);
+    }
     return out;
   }
 

@@ -343,6 +343,30 @@ describe('router', () => {
     expect(memoryStats().liveStorages).toBe(before);
   });
 
+  it("an MTP block's MoE layer is listed after the decoder's: its load is taken and its bias updated", () => {
+    const { model } = loadModel(fixtureCheckpoint('deepseek-v3'));
+    disposeLater.push(model);
+    const L = model.config.numLayers;
+    const k = model.config.moe?.routerTopk as number;
+    const layers = model.moeLayers().map(([l]) => l);
+    expect(layers[layers.length - 1]).toBe(L); // the MTP block (depth 0) repeats the last layer's MoE
+    expect(model.moeLayers().at(-1)?.[1]).toBe(model.mtp?.layers.get(0).transformerLayer.mlp);
+    tidy(() => void model.forward(ids, { labels })); // with labels: the MTP block runs
+    const load = model.takeGlobalExpertLoad();
+    expect([...load.keys()]).toEqual(layers);
+    // every MoE layer, the MTP block's too, routed the 12 tokens to k experts each
+    for (const l of layers) expect((load.get(l) as Float64Array).reduce((a, b) => a + b, 0)).toBe(12 * k);
+    const bias = model.moeLayers().at(-1)?.[1].router.expertBias as Tensor;
+    const before = Array.from(bias.toTypedArray() as Float32Array);
+    model.updateExpertBias(load, 1e-3);
+    const mtpLoad = load.get(L) as Float64Array;
+    const mean = (12 * k) / mtpLoad.length;
+    const after = Array.from(bias.toTypedArray() as Float32Array);
+    for (let e = 0; e < mtpLoad.length; e++) {
+      expect(after[e] - before[e]).toBeCloseTo(1e-3 * Math.sign(mean - mtpLoad[e]), 7);
+    }
+  });
+
   it('the expert bias moves toward under-loaded experts by the update rate', () => {
     const { model } = loadModel(fixtureCheckpoint('deepseek-v3'));
     disposeLater.push(model);

@@ -808,6 +808,18 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
   const t0 = performance.now();
   let exitReason: TrainResult['exitReason'] = 'done';
   const expertBias = chunks.some((c) => c.moeLayers().some(([, m]) => m.router.expertBias !== null));
+  // the MoE layers' global numbers (an MTP block's after the decoder's, numLayers + depth, when it
+  // repeats the last layer's MoE MLP): the rows of the logged expert load
+  const moeLayerNumbers: number[] = [];
+  if (cfg.moe) {
+    cfg.moe.layerPattern.forEach((kind, layer) => {
+      if (kind === 'moe') moeLayerNumbers.push(layer);
+    });
+    if (cfg.moe.layerPattern[cfg.numLayers - 1] === 'moe') {
+      for (let k = 0; k < cfg.mtpNumLayers; k++) moeLayerNumbers.push(cfg.numLayers + k);
+    }
+  }
+  const moeRowCount = cfg.numLayers + cfg.mtpNumLayers;
   const setAuxLossScale = (x: number) => {
     for (const c of chunks) c.auxLossScale = x;
   };
@@ -1090,7 +1102,7 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
       let loadRows: Tensor | null = null;
       if (cfg.moe) {
         const E = cfg.moe.numExperts;
-        const rows = noGrad(() => zeros([cfg.numLayers * E], { dtype: 'float64' }));
+        const rows = noGrad(() => zeros([moeRowCount * E], { dtype: 'float64' }));
         for (const c of chunks) {
           const g = c.takeGlobalExpertLoadOnDevice(layout.distributed ? undefined : layout.dp);
           if (!g) continue;
@@ -1126,9 +1138,8 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
       const expertLoad: Record<string, number[]> = {};
       if (cfg.moe) {
         const E = cfg.moe.numExperts;
-        cfg.moe.layerPattern.forEach((kind, layer) => {
-          if (kind === 'moe') expertLoad[String(layer)] = loads.slice(layer * E, (layer + 1) * E);
-        });
+        for (const layer of moeLayerNumbers)
+          expertLoad[String(layer)] = loads.slice(layer * E, (layer + 1) * E);
       }
       // what Megatron logs: the token mean of the global batch (loss_func reports [sum, tokens]),
       // whatever the objective's normalisation

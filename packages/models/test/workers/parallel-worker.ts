@@ -347,7 +347,7 @@ function shardsOf(model: GPTModel, c: TransformerConfig): RunResult['shards'] {
         (c.numAttentionHeads + 2 * c.numQueryGroups) * c.kvChannels,
       );
   const denseAt = [...model.decoder.layers].findIndex((l) => !(l.mlp instanceof MoELayer));
-  const moe = model.moeLayers().at(-1);
+  const moe = model.moeLayers().filter(([l]) => l < c.numLayers).at(-1); // the decoder's last
   return {
     vocab: rows('embedding.word_embeddings.weight', model.paddedVocabSize),
     attention,
