@@ -463,7 +463,7 @@ export class GPTModel extends Module {
       if (!m.router.expertBias) continue;
       if (onDevice) {
         const row = onDevice.layers.indexOf(i);
-        if (row >= 0) m.router.updateExpertBias(onDevice.load.narrow(0, row * E, E), rate);
+        if (row >= 0) tidy(() => m.router.updateExpertBias(onDevice.load.narrow(0, row * E, E), rate));
       } else {
         const counts = (load as ReadonlyMap<number, ArrayLike<number>>).get(i);
         if (counts) m.router.updateExpertBias(counts, rate);

@@ -1107,11 +1107,14 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
           const g = c.takeGlobalExpertLoadOnDevice(layout.distributed ? undefined : layout.dp);
           if (!g) continue;
           if (expertBias) c.updateExpertBias(g, config.model.moeRouterBiasUpdateRate);
-          noGrad(() => {
-            g.layers.forEach((layer, i) => {
-              rows.narrow(0, layer * E, E).copy_(g.load.narrow(0, i * E, E));
-            });
-          });
+          // the views freed here, not when the collector finds them
+          noGrad(() =>
+            tidy(() => {
+              g.layers.forEach((layer, i) => {
+                rows.narrow(0, layer * E, E).copy_(g.load.narrow(0, i * E, E));
+              });
+            }),
+          );
           g.load.dispose();
         }
         if (ppSize > 1) layout.pp.allReduce(rows, 'sum').waitSync();
