@@ -585,7 +585,16 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
   setDefaultDevice(device);
   setGradientAccumulationFusion(config.training.gradientAccumulationFusion);
   try {
-    return await trainOnDefaultDevice(config, opts);
+    // what the run allocates for the whole run (models, DDP, optimizer), freed by the run itself
+    // when it ends; freed here too when setting up failed before the run's own cleanup took over
+    // (every dispose is idempotent)
+    const owned: { dispose(): void }[] = [];
+    try {
+      return await trainOnDefaultDevice(config, opts, owned);
+    } catch (e) {
+      for (const o of owned.reverse()) o.dispose();
+      throw e;
+    }
   } finally {
     setDefaultDevice(previous);
     setGradientAccumulationFusion(previousFusion);
@@ -650,7 +659,11 @@ async function useDevice(requested: string): Promise<string> {
   return device;
 }
 
-async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Promise<TrainResult> {
+async function trainOnDefaultDevice(
+  config: RunConfig,
+  opts: TrainOptions,
+  owned: { dispose(): void }[],
+): Promise<TrainResult> {
   const layout = await setupLayout(config);
   const logRank = layout.rank === 0;
   const log = (line: string) => {
@@ -686,6 +699,7 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
   const { model, architecture, hfSource } = built[0];
   // this rank's model chunks (one per virtual pipeline stage; [model] without interleaving)
   const chunks = built.map((b) => b.model);
+  owned.push(...chunks);
   const cfg = model.config;
   const ddp = new DistributedDataParallel(chunks.length > 1 ? new ModelChunks(chunks) : model, {
     dataParallelGroup: layout.dp,
@@ -701,6 +715,7 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
       ? { bucketSize: Math.round((config.parallel.ddpBucketSizeMb * 1e6) / 4) }
       : {}),
   });
+  owned.push(ddp);
   // after DDP wraps the parameters: its hooks must see the TP-summed gradients
   if (config.parallel.sequenceParallel) registerSequenceParallelGradHooks(ddp.parameters(), layout.tp);
   const o = config.optimizer;
@@ -733,6 +748,7 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
   const optimizer = config.parallel.useDistributedOptimizer
     ? new DistributedOptimizer(ddp, optOptions)
     : new DataParallelOptimizer(ddp, optOptions);
+  owned.push(optimizer);
   const sch = config.scheduler;
   const gbs = tr.globalBatchSize;
   const scheduler = new OptimizerParamScheduler({
@@ -1239,6 +1255,9 @@ async function trainOnDefaultDevice(config: RunConfig, opts: TrainOptions): Prom
     disposeMicro(prefetched?.micro ?? []);
     if (metricsFd !== null) fs.closeSync(metricsFd);
     metricsClosed = true;
+    // the optimizer's masters and moments, the gradient buffers, the weights: freed here, not
+    // whenever the collector runs (on a GPU it does not see the device memory they hold)
+    optimizer.dispose();
     ddp.dispose();
     for (const c of chunks) c.dispose();
     if (layout.distributed) {

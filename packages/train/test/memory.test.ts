@@ -5,6 +5,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as v8 from 'node:v8';
 import * as vm from 'node:vm';
+import { memoryStats } from '@megapatch/tensor';
 import { afterAll, describe, expect, it } from 'vitest';
 import { parseRunConfig, train } from '../src/index.js';
 import { layoutRunConfig, patternCorpus, tempDir, tinyLlama } from './helpers.js';
@@ -69,6 +70,29 @@ describe('a long run', () => {
       'iter_0000300',
     ]);
   }, 300_000);
+});
+
+describe('train() returns', () => {
+  // the weights, gradient buffers and optimizer state are freed when the run ends, not left to the
+  // garbage collector (which does not see a GPU's memory): also when setting up fails after the
+  // model was built (here: a data prefix that does not exist)
+  it('with every tensor it allocated freed, after a run and after a failed setup', async () => {
+    const hf = tinyLlama(path.join(root, 'hf-returns'));
+    const data = patternCorpus(path.join(root, 'returns-corpus'));
+    const config = (run: string, prefix: string) => {
+      const c = layoutRunConfig({ root, hf, data: prefix, run }) as Record<string, Record<string, unknown>>;
+      c.training = { ...c.training, trainIters: 2, evalInterval: null };
+      return parseRunConfig(c);
+    };
+    const before = memoryStats('cpu').liveBytes;
+    const r = await train(config('returns', data), { log: () => {}, report: false });
+    expect(r.iteration).toBe(2);
+    expect(memoryStats('cpu').liveBytes, 'after a run').toBe(before);
+    await expect(
+      train(config('returns-bad', path.join(root, 'no-such-corpus')), { log: () => {}, report: false }),
+    ).rejects.toThrow(/no-such-corpus/);
+    expect(memoryStats('cpu').liveBytes, 'after a failed setup').toBe(before);
+  }, 120_000);
 });
 
 // A MoE model's step holds more state between steps (the routers' loads, the balancing losses on
