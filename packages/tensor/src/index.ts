@@ -60,6 +60,14 @@ export type { CreateOptions } from './ops/util.js';
 export * from './optim/index.js';
 export * from './random.js';
 export { keep, tidy } from './scope.js';
-export { emptyCache, type MemoryStats, memoryStats, resetPeakMemoryStats, Storage } from './storage.js';
+export {
+  type CollectedSite,
+  collectedTensorSites,
+  emptyCache,
+  type MemoryStats,
+  memoryStats,
+  resetPeakMemoryStats,
+  Storage,
+} from './storage.js';
 export { deferCheck, pendingChecks, synchronize } from './sync.js';
 export { type NestedArray, type PostAccumulateGradHook, Tensor } from './tensor.js';

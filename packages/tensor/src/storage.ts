@@ -5,6 +5,8 @@ interface DeviceStats {
   peakBytes: number;
   liveStorages: number;
   allocations: number;
+  collectedTensors: number;
+  collectedBytes: number;
 }
 
 const stats = new Map<string, DeviceStats>();
@@ -12,7 +14,14 @@ const stats = new Map<string, DeviceStats>();
 function statsFor(device: string): DeviceStats {
   let s = stats.get(device);
   if (!s) {
-    s = { liveBytes: 0, peakBytes: 0, liveStorages: 0, allocations: 0 };
+    s = {
+      liveBytes: 0,
+      peakBytes: 0,
+      liveStorages: 0,
+      allocations: 0,
+      collectedTensors: 0,
+      collectedBytes: 0,
+    };
     stats.set(device, s);
   }
   return s;
@@ -76,6 +85,15 @@ export interface MemoryStats {
   liveStorages: number;
   /** Storages allocated since the start. */
   allocations: number;
+  /**
+   * Tensors dropped without dispose() (and outside tidy) that the garbage collector released since
+   * the start: a leak the safety net caught late. A training loop should keep this at 0: the
+   * collector does not see native or device memory, so it may run long after the memory is needed.
+   * MEGAPATCH_TRACE_COLLECTED=1 records where each was made ({@link collectedTensorSites}).
+   */
+  collectedTensors: number;
+  /** Bytes of the storages whose last reference those releases dropped (freed by the collector). */
+  collectedBytes: number;
   /** Bytes kept by the backend's caching allocator for reuse (not in use by any tensor). */
   cachedBytes: number;
 }
@@ -93,6 +111,51 @@ export function memoryStats(device = getDefaultDevice()): MemoryStats {
     // no backend registered for this device: nothing is cached there
   }
   return { ...statsFor(device), cachedBytes };
+}
+
+/**
+ * @internal The garbage collector released a tensor dropped without dispose(): releases its storage
+ * reference and counts it (with its bytes when that was the storage's last reference).
+ */
+export function releaseCollected(storage: Storage, site: string | null): void {
+  const last = storage.refCount === 1;
+  const device = storage.device;
+  const bytes = last ? storage.nbytes : 0;
+  storage.release();
+  const s = statsFor(device);
+  s.collectedTensors++;
+  s.collectedBytes += bytes;
+  if (site !== null) {
+    const key = `${device}\n${site}`;
+    const e = sites.get(key) ?? { device, site, tensors: 0, bytes: 0 };
+    e.tensors++;
+    e.bytes += bytes;
+    sites.set(key, e);
+  }
+}
+
+/** Where tensors the garbage collector released were made (MEGAPATCH_TRACE_COLLECTED=1). */
+export interface CollectedSite {
+  device: string;
+  /** The stack where the tensor was made, innermost frame first. */
+  site: string;
+  tensors: number;
+  bytes: number;
+}
+
+const sites = new Map<string, CollectedSite>();
+
+/**
+ * With MEGAPATCH_TRACE_COLLECTED=1 (each tensor records the stack that made it, a cost for
+ * debugging only): the places whose tensors the garbage collector released because nobody disposed
+ * them, most bytes first; of one device, or of all. Empty without the variable.
+ */
+export function collectedTensorSites(device?: string): CollectedSite[] {
+  const d = device === undefined ? null : normalizeDevice(device);
+  return [...sites.values()]
+    .filter((e) => d === null || e.device === d)
+    .sort((a, b) => b.bytes - a.bytes || b.tensors - a.tensors)
+    .map((e) => ({ ...e }));
 }
 
 /** Returns the cached free blocks of a device's allocator (default: the default device) to the system. */

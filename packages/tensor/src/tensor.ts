@@ -5,7 +5,7 @@ import { type AnyTypedArray, type DType, ITEMSIZE, isFloating } from './dtype.js
 import { fmtShape, TensorError } from './errors.js';
 import { TENSOR_BRAND, trackTensor, untrackTensor } from './scope.js';
 import { contiguousStrides, isContiguous, numel, type Shape } from './shape.js';
-import { Storage } from './storage.js';
+import { releaseCollected, Storage } from './storage.js';
 import { readChecked, syncBeforeRead } from './sync.js';
 
 // Safety net for tensors dropped without dispose(): their storage reference is released when
@@ -14,11 +14,25 @@ import { readChecked, syncBeforeRead } from './sync.js';
 interface Held {
   storage: Storage;
   gradFn: Node | null;
+  /** Where the tensor was made (MEGAPATCH_TRACE_COLLECTED=1 only). */
+  site: string | null;
 }
 const finalizer = new FinalizationRegistry<Held>((h) => {
   h.gradFn?.unref();
-  h.storage.release();
+  // counted: memoryStats().collectedTensors / collectedBytes, collectedTensorSites()
+  releaseCollected(h.storage, h.site);
 });
+const traceCollected = typeof process !== 'undefined' && process.env?.MEGAPATCH_TRACE_COLLECTED === '1';
+
+/** The caller's stack outside this file, for MEGAPATCH_TRACE_COLLECTED. */
+function creationSite(): string {
+  const lines = (new Error().stack ?? '').split('\n').slice(1);
+  return lines
+    .filter((l) => !/[/\\]tensor[/\\](src|dist)[/\\](tensor|storage)\.[jt]s/.test(l))
+    .slice(0, 12)
+    .map((l) => l.trim())
+    .join('\n');
+}
 
 if (!(Symbol as { dispose?: symbol }).dispose) {
   (Symbol as { dispose?: symbol }).dispose = Symbol.for('Symbol.dispose');
@@ -79,7 +93,7 @@ export class Tensor {
     this.offset = offset;
     this.dtype = dtype;
     if (owned) {
-      this.held = { storage, gradFn: null };
+      this.held = { storage, gradFn: null, site: traceCollected ? creationSite() : null };
       finalizer.register(this, this.held, this.held);
       trackTensor(this);
     } else {

@@ -14,6 +14,26 @@ import { launchWorkers } from './launch.js';
 v8.setFlagsFromString('--expose-gc');
 const gc = vm.runInNewContext('gc') as () => void;
 
+/** Collections until the finalizers have run: what the collector released is counted by then. */
+async function settle(): Promise<void> {
+  for (let i = 0; i < 4; i++) {
+    gc();
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+/**
+ * Tensors of `device` the garbage collector released while `run` ran (dropped without dispose():
+ * memory freed late, whenever the collector ran; MEGAPATCH_TRACE_COLLECTED=1 names where).
+ */
+async function collectedDuring(device: string, run: () => Promise<unknown>): Promise<number> {
+  await settle();
+  const before = memoryStats(device).collectedTensors;
+  await run();
+  await settle();
+  return memoryStats(device).collectedTensors - before;
+}
+
 const root = tempDir('mp-train-memory-');
 afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
 
@@ -23,6 +43,8 @@ describe('a long run', () => {
     const data = patternCorpus(path.join(root, 'corpus'));
     const runDir = path.join(root, 'run');
     const rss = new Map<number, number>();
+    await settle();
+    const collectedBefore = memoryStats('cpu').collectedTensors;
     const r = await train(
       parseRunConfig({
         model: { load: hf, dtype: 'fp32' },
@@ -52,6 +74,9 @@ describe('a long run', () => {
       },
     );
     expect(r.iteration).toBe(300);
+    // nothing left to the collector: every tensor of the run disposed by its owner
+    await settle();
+    expect(memoryStats('cpu').collectedTensors - collectedBefore, 'tensors the collector released').toBe(0);
     const steps = fs
       .readFileSync(path.join(runDir, 'metrics.jsonl'), 'utf8')
       .trim()
@@ -118,8 +143,11 @@ describe('MoE runs', () => {
       const c = layoutRunConfig({ root, hf, data, run }) as Record<string, Record<string, unknown>>;
       c.model = { ...c.model, ...moe };
       c.training = { ...c.training, device, trainIters: 10, logInterval: 1, evalInterval: 4, evalIters: 1 };
-      await train(parseRunConfig(c), { log: () => {}, report: false });
+      const collected = await collectedDuring(device, () =>
+        train(parseRunConfig(c), { log: () => {}, report: false }),
+      );
       expectFlat(path.join(root, run), 10);
+      expect(collected, 'tensors the collector released').toBe(0);
     },
     300_000,
   );
@@ -157,8 +185,15 @@ describe('MoE runs', () => {
         evalInterval: 4,
         evalIters: 1,
       };
-      await launchWorkers({ nproc: 2, script: 'train-worker.ts', config: c, timeoutMs: 300_000 });
+      const [r] = (await launchWorkers({
+        nproc: 2,
+        script: 'train-worker.ts',
+        config: c,
+        timeoutMs: 300_000,
+        env: { MEGAPATCH_TEST_COLLECTED: '1' },
+      })) as { collected: number }[];
       expectFlat(path.join(root, run), 8);
+      expect(r.collected, "tensors the collector released (rank 0's device)").toBe(0);
     },
     300_000,
   );
