@@ -96,7 +96,11 @@ export interface TrainMetrics {
   lossScale: number;
   tokensPerSecond: number;
   tflops: number | null;
-  memory: { liveBytes: number; peakBytes: number };
+  /**
+   * Bytes of the run's device: held by live tensors (before the next batch is read), the peak so
+   * far, and kept by the caching allocator for reuse (torch's reserved minus allocated).
+   */
+  memory: { liveBytes: number; peakBytes: number; cachedBytes: number };
   moe?: { auxLoss?: number; zLoss?: number; mtpLoss?: number; expertLoad?: Record<string, number[]> };
   /**
    * Where the iteration's time went, in ms: reading and collating the batch, the forward passes,
@@ -1106,7 +1110,7 @@ async function trainOnDefaultDevice(
       // the next step's batch (the loader's host work and the copies to the device) while the
       // device runs the update, instead of after the reads below, when it would wait idle
       // (the step's live memory is read before it, so that the figure stays comparable step to step)
-      const liveBytes = memoryStats(getDefaultDevice()).liveBytes;
+      const { liveBytes, cachedBytes } = memoryStats(getDefaultDevice());
       if (state.iteration + 1 < tr.trainIters) prefetched = fetchStep();
       const sync = ddp.lastSyncStats();
       timers.commMs = sync.commMs;
@@ -1178,7 +1182,7 @@ async function trainOnDefaultDevice(
         lossScale,
         tokensPerSecond: (gbs * config.data.seqLength) / (elapsed / 1000),
         tflops: tflopsPerSecond(stepFlops, elapsed / 1000, layout.world),
-        memory: { liveBytes, peakBytes: mem.peakBytes },
+        memory: { liveBytes, peakBytes: mem.peakBytes, cachedBytes },
         timers,
         time: new Date().toISOString(),
       };

@@ -199,15 +199,21 @@ describe('MoE runs', () => {
   );
 });
 
-/** The run's live bytes after each of its `steps` steps, all equal to the first step's. */
+/**
+ * The run's live bytes after each of its `steps` steps, all equal to the first step's; and the
+ * caching allocator's reserve, the same from the second step on (the first fills it).
+ */
 function expectFlat(runDir: string, steps: number): void {
-  const live = fs
+  const memory = fs
     .readFileSync(path.join(runDir, 'metrics.jsonl'), 'utf8')
     .trim()
     .split('\n')
     .map((l) => JSON.parse(l))
     .filter((m) => m.kind === 'train')
-    .map((m) => m.memory.liveBytes as number);
-  expect(live).toHaveLength(steps);
-  for (let i = 1; i < live.length; i++) expect(live[i], `live bytes after step ${i + 1}`).toBe(live[0]);
+    .map((m) => m.memory as { liveBytes: number; cachedBytes: number });
+  expect(memory).toHaveLength(steps);
+  for (let i = 1; i < memory.length; i++) {
+    expect(memory[i].liveBytes, `live bytes after step ${i + 1}`).toBe(memory[0].liveBytes);
+    if (i > 1) expect(memory[i].cachedBytes, `cached bytes after step ${i + 1}`).toBe(memory[1].cachedBytes);
+  }
 }

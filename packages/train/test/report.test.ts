@@ -6,7 +6,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ReportError, type RunReport, readRunMetrics, writeRunReport } from '../src/index.js';
-import { thin } from '../src/report/charts.js';
+import { buildCharts, thin } from '../src/report/charts.js';
 import { configFacts } from '../src/report/html.js';
 import { writeSampleRun } from './fixtures/report/sample-run.js';
 
@@ -62,6 +62,38 @@ const trainLine = (iteration: number, extra: Record<string, unknown> = {}) =>
     time: '2025-01-01T00:00:00.000Z',
     ...extra,
   });
+
+describe('the memory chart', () => {
+  /** The memory chart's points of a run whose lines carry `memory`, by series name. */
+  const memorySeries = (name: string, memory: (i: number) => Record<string, number>) => {
+    const dir = runWith(name, [1, 2].map((i) => `${trainLine(i, { memory: memory(i) })}\n`).join(''));
+    const chart = buildCharts(readRunMetrics(dir)).find((c) => c.id === 'memory');
+    const values = JSON.stringify(chart?.spec);
+    const points = (JSON.parse(values).data?.values ?? JSON.parse(values).datasets?.points ?? []) as {
+      series: string;
+      value: number;
+    }[];
+    const out = new Map<string, number[]>();
+    for (const p of points) out.set(p.series, [...(out.get(p.series) ?? []), p.value]);
+    return out;
+  };
+
+  it('draws the reserved memory (live + the caching allocator reserve) where the lines log cachedBytes', () => {
+    const GIB = 2 ** 30;
+    const s = memorySeries('memory-cached', (i) => ({
+      liveBytes: i * GIB,
+      peakBytes: 4 * GIB,
+      cachedBytes: GIB,
+    }));
+    expect(s.get('reserved')).toEqual([2, 3]);
+    expect(s.get('live')).toEqual([1, 2]);
+    expect(s.get('peak')).toEqual([4, 4]);
+    // runs written before cachedBytes was logged: no reserved series
+    const old = memorySeries('memory-old', () => ({ liveBytes: GIB, peakBytes: 2 * GIB }));
+    expect(old.has('reserved')).toBe(false);
+    expect(old.get('live')).toEqual([1, 1]);
+  });
+});
 
 describe('readRunMetrics', () => {
   const run = path.join(root, 'sample');

@@ -283,9 +283,12 @@ export function buildCharts(m: RunMetrics): ReportChart[] {
     lineChart({
       id: 'memory',
       title: 'Memory',
-      subtitle: 'live and peak, GiB',
+      subtitle: 'live, peak and reserved (live + the caching allocator reserve), GiB',
       yTitle: 'GiB',
       series: [
+        series(t, 'reserved', (r) =>
+          r.memory.cachedBytes === undefined ? undefined : (r.memory.liveBytes + r.memory.cachedBytes) / GIB,
+        ),
         series(t, 'peak', (r) => r.memory.peakBytes / GIB),
         series(t, 'live', (r) => r.memory.liveBytes / GIB),
       ],

@@ -6,7 +6,7 @@
  * - a training line per iteration (or per log interval, `elapsedMs` then being the mean):
  *   `{"kind": "train", "iteration": n, "consumedSamples": n, "elapsedMs": ms per iteration,
  *     "lr": x, "lmLoss": x, "gradNorm": x | null, "skippedIterations": n, "tokensPerSecond": x,
- *     "tflops": x | null, "memory": {"liveBytes": n, "peakBytes": n},
+ *     "tflops": x | null, "memory": {"liveBytes": n, "peakBytes": n, "cachedBytes"?: n},
  *     "moe"?: {"auxLoss"?: x, "zLoss"?: x, "mtpLoss"?: x,
  *              "expertLoad"?: {"<layer>": [tokens routed to each expert, ...]}},
  *     "time": ISO 8601 date-time}`
@@ -64,7 +64,8 @@ export const TrainMetricsLine = z.looseObject({
   tokensPerSecond: z.number().nonnegative(),
   /** Model TFLOP/s per GPU (Megatron's formula), or null when unknown. */
   tflops: finiteOrNull,
-  memory: z.looseObject({ liveBytes: count, peakBytes: count }),
+  /** cachedBytes: the caching allocator's reserve (absent in runs written before it was logged). */
+  memory: z.looseObject({ liveBytes: count, peakBytes: count, cachedBytes: count.optional() }),
   moe: MoeMetrics.optional(),
   time,
 });
