@@ -739,6 +739,13 @@ async function trainBench(tc: any) {
       },
       losses: rows.map((m) => (typeof m.lmLoss === 'number' ? r4(m.lmLoss) : null)),
       peakMemoryGiB: r4((rows.at(-1)?.memory?.peakBytes ?? mem.peakBytes) / 2 ** 30),
+      // the device memory of every step: live the same after each (nothing leaks), and the caching
+      // allocator's reserve (live + cached) of the last
+      memoryFlat: rows.every((m) => m.memory?.liveBytes === rows[0].memory?.liveBytes),
+      liveMemoryGiB: r4((rows.at(-1)?.memory?.liveBytes ?? 0) / 2 ** 30),
+      reservedMemoryGiB: r4(
+        ((rows.at(-1)?.memory?.liveBytes ?? 0) + (rows.at(-1)?.memory?.cachedBytes ?? 0)) / 2 ** 30,
+      ),
       wallS: r4(wallS),
     });
   } catch (e) {

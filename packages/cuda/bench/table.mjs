@@ -419,7 +419,7 @@ for (const [label, side, t] of [
 if (good(o)) {
   const b = o.breakdownMs;
   limits.push(
-    `megapatch timers (median ms): data ${b.data}, forward ${b.forward} (host enqueue), backward ${b.backward} (host enqueue), optimizer ${b.optimizer} (host enqueue; the step's one read, at its end, waits for the device); peak memory ${o.peakMemoryGiB} GiB; losses ${o.losses.join(' ')}`,
+    `megapatch timers (median ms): data ${b.data}, forward ${b.forward} (host enqueue), backward ${b.backward} (host enqueue), optimizer ${b.optimizer} (host enqueue; the step's one read, at its end, waits for the device); peak memory ${o.peakMemoryGiB} GiB${memoryNote(o)}; losses ${o.losses.join(' ')}`,
   );
 }
 if (good(e))
@@ -502,7 +502,7 @@ if (prof) {
 if (good(mo)) {
   const b = mo.breakdownMs;
   limits.push(
-    `megapatch MoE step ${mo.stepMs} ms: data ${b.data}, forward ${b.forward}, backward ${b.backward}, optimizer ${b.optimizer} (median ms, host side); peak memory ${mo.peakMemoryGiB} GiB; losses ${mo.losses.join(' ')}`,
+    `megapatch MoE step ${mo.stepMs} ms: data ${b.data}, forward ${b.forward}, backward ${b.backward}, optimizer ${b.optimizer} (median ms, host side); peak memory ${mo.peakMemoryGiB} GiB${memoryNote(mo)}; losses ${mo.losses.join(' ')}`,
   );
 }
 if (good(me))
@@ -560,3 +560,11 @@ if (errors.length) {
   for (const x of errors) console.log(`  ${x}`);
 }
 fs.appendFileSync(file, `${JSON.stringify(summary)}\n`);
+
+/** ", live x GiB after every step (reserved y)" from a train record, or "" before these were logged. */
+function memoryNote(r) {
+  if (r.memoryFlat === undefined) return '';
+  const flat = r.memoryFlat ? 'the same after every step' : 'NOT the same after every step (a leak?)';
+  return `, live ${r.liveMemoryGiB} GiB ${flat}, reserved ${r.reservedMemoryGiB} GiB`;
+}
+
