@@ -34,7 +34,7 @@ import {
   type OptimizerStateDict,
   type RngState,
   setRngState,
-  type Tensor,
+  Tensor,
   zeros,
 } from '@megapatch/tensor';
 import type { RunConfig } from './config.js';
@@ -493,13 +493,19 @@ export function loadTrainingCheckpoint(root: string, o: LoadOptions & { iteratio
       dataParallelSize: number;
       optimizer: OptimizerStateDict | null;
     };
-    o.optimizer.loadStateDict({
-      dataParallelRank: sd.dataParallelRank,
-      dataParallelSize: sd.dataParallelSize,
-      optimizer: sd.optimizer ? { state, paramGroups: sd.optimizer.paramGroups } : null,
-      masters,
-    } as never);
-    for (const t of masters) t.dispose();
+    try {
+      o.optimizer.loadStateDict({
+        dataParallelRank: sd.dataParallelRank,
+        dataParallelSize: sd.dataParallelSize,
+        optimizer: sd.optimizer ? { state, paramGroups: sd.optimizer.paramGroups } : null,
+        masters,
+      } as never);
+    } finally {
+      // loadStateDict copies: the pieces read here are ours to free (the moments too)
+      for (const t of masters) t.dispose();
+      for (const entry of Object.values(state))
+        for (const v of Object.values(entry)) if (v instanceof Tensor) v.dispose();
+    }
     const scalerState = (meta.optimizer as { gradScaler?: GradScalerState | null } | undefined)?.gradScaler;
     if (o.optimizer.lossScaler && scalerState) o.optimizer.lossScaler.loadStateDict(scalerState);
     o.scheduler.loadStateDict(meta.scheduler as OptimizerParamSchedulerState);

@@ -101,22 +101,33 @@ describe('train() returns', () => {
   // the weights, gradient buffers and optimizer state are freed when the run ends, not left to the
   // garbage collector (which does not see a GPU's memory): also when setting up fails after the
   // model was built (here: a data prefix that does not exist)
-  it('with every tensor it allocated freed, after a run and after a failed setup', async () => {
-    const hf = tinyLlama(path.join(root, 'hf-returns'));
+  it('with every tensor it allocated freed, after a run, a resumed run and a failed setup', async () => {
+    const hf = tinyLlama(path.join(root, 'hf-returns'), 'deepseek-v3');
     const data = patternCorpus(path.join(root, 'returns-corpus'));
-    const config = (run: string, prefix: string) => {
+    const save = path.join(root, 'ck-returns');
+    const config = (run: string, prefix: string, trainIters: number, load: string | null = null) => {
       const c = layoutRunConfig({ root, hf, data: prefix, run }) as Record<string, Record<string, unknown>>;
-      c.training = { ...c.training, trainIters: 2, evalInterval: null };
+      c.training = { ...c.training, trainIters, evalInterval: null };
+      c.checkpoint = { save, load };
       return parseRunConfig(c);
     };
+    const quiet = { log: () => {}, report: false };
     const before = memoryStats('cpu').liveBytes;
-    const r = await train(config('returns', data), { log: () => {}, report: false });
-    expect(r.iteration).toBe(2);
-    expect(memoryStats('cpu').liveBytes, 'after a run').toBe(before);
-    await expect(
-      train(config('returns-bad', path.join(root, 'no-such-corpus')), { log: () => {}, report: false }),
-    ).rejects.toThrow(/no-such-corpus/);
-    expect(memoryStats('cpu').liveBytes, 'after a failed setup').toBe(before);
+    const collected = await collectedDuring('cpu', async () => {
+      const r = await train(config('returns', data, 2), quiet);
+      expect(r.iteration).toBe(2);
+      expect(memoryStats('cpu').liveBytes, 'after a run').toBe(before);
+      // resumed: the optimizer's moments and masters read from the checkpoint, copied and freed
+      const resumed = await train(config('returns-resumed', data, 3, save), quiet);
+      expect(resumed.iteration).toBe(3);
+      expect(memoryStats('cpu').liveBytes, 'after a resumed run').toBe(before);
+      await expect(train(config('returns-bad', path.join(root, 'no-such-corpus'), 2), quiet)).rejects.toThrow(
+        /no-such-corpus/,
+      );
+      expect(memoryStats('cpu').liveBytes, 'after a failed setup').toBe(before);
+    });
+    // nor anything left to the collector (the moments read to resume were, 260 tensors here)
+    expect(collected, 'tensors the collector released').toBe(0);
   }, 120_000);
 });
 
