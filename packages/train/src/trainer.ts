@@ -40,6 +40,7 @@ import {
   getForwardBackwardFunc,
   getPipelineModelParallelGroup,
   getTensorModelParallelGroup,
+  getWorldGroup,
   initializeModelParallel,
   initProcessGroup,
   isInitialized,
@@ -568,14 +569,30 @@ function reduceAndRead(
   }
 }
 
+const STOP_REASONS: readonly (TrainResult['exitReason'] | null)[] = [
+  null,
+  'exit-interval',
+  'exit-duration',
+  'signal',
+];
+
+/** The strongest stop reason of any rank of `group` (a signal over the clock over the interval). */
+function agreeOnStop(
+  stop: TrainResult['exitReason'] | null,
+  group: ProcessGroup,
+): TrainResult['exitReason'] | null {
+  const [code] = allReduceNumbers([STOP_REASONS.indexOf(stop)], group, 'max');
+  return STOP_REASONS[code] ?? null;
+}
+
 /**
  * Sum over the group of small host numbers (token counts), in float64: through the host's
  * collectives (a CPU tensor goes through Gloo), so that the device is neither used nor waited for.
  */
-function allReduceNumbers(values: number[], group: ProcessGroup): number[] {
+function allReduceNumbers(values: number[], group: ProcessGroup, op: 'sum' | 'max' = 'sum'): number[] {
   if (group.size === 1) return values;
   const t = fromTypedArray(Float64Array.from(values), [values.length], { device: 'cpu' });
-  group.allReduce(t, 'sum').waitSync();
+  group.allReduce(t, op).waitSync();
   const out = Array.from(t.toTypedArray() as Float64Array);
   t.dispose();
   return out;
@@ -824,6 +841,8 @@ async function trainOnDefaultDevice(
   });
   const losses: number[] = [];
   const checkpoints: string[] = [];
+  // the iteration of the last save, on every rank (only global rank 0 learns the folders)
+  let savedIteration: number | null = null;
   let metricsClosed = false;
   const t0 = performance.now();
   let exitReason: TrainResult['exitReason'] = 'done';
@@ -956,6 +975,7 @@ async function trainOnDefaultDevice(
       keep: config.checkpoint.ckptKeep,
       layout,
     });
+    savedIteration = state.iteration;
     if (dir) checkpoints.push(dir);
   };
 
@@ -1243,6 +1263,10 @@ async function trainOnDefaultDevice(
       else if (tr.exitInterval && state.iteration % tr.exitInterval === 0) stop = 'exit-interval';
       else if (tr.exitDurationInMins && (performance.now() - t0) / 60000 >= tr.exitDurationInMins)
         stop = 'exit-duration';
+      // a signal or the clock reaches the ranks at different iterations, and stopping saves (a
+      // collective): every rank stops when one does, as Megatron all-reduces its exit flags (one
+      // small all-reduce of host numbers a step, through Gloo)
+      if (layout.distributed) stop = agreeOnStop(stop, getWorldGroup());
       if (stop) {
         if (!saveNow) save();
         exitReason = stop;
@@ -1251,8 +1275,8 @@ async function trainOnDefaultDevice(
     }
     if (exitReason === 'done') {
       if (tr.evalInterval && state.iteration % tr.evalInterval !== 0) await evaluate();
-      const last = checkpoints.at(-1);
-      if (config.checkpoint.save && !last?.endsWith(String(state.iteration).padStart(7, '0'))) save();
+      // every rank decides alike (the save is collective): a save of this iteration already done
+      if (config.checkpoint.save && savedIteration !== state.iteration) save();
     }
   } finally {
     // a batch read ahead for a step that did not run (a stop, an error)

@@ -343,6 +343,52 @@ describe('checkpoints across layouts', () => {
   });
 });
 
+describe('stopping and saving on several processes', () => {
+  type Result = { iteration: number; exitReason: string; checkpoints: string[]; losses: number[] };
+  const run = async (name: string, extra: Record<string, Record<string, unknown>>, env = {}) => {
+    const cfg = config(name) as Record<string, Record<string, unknown>>;
+    for (const [k, v] of Object.entries(extra)) cfg[k] = { ...cfg[k], ...v };
+    const [r] = (await launchWorkers({ nproc: 2, script: 'train-worker.ts', config: cfg, env })) as Result[];
+    return r;
+  };
+
+  it('a save interval that divides the run saves each interval once, the last included, on every rank alike', async () => {
+    // the end of the run saves unless the last iteration was just saved: every rank must decide
+    // alike (only rank 0 learns the folders; the others used to save again and wait alone)
+    const save = path.join(root, 'ck-interval');
+    // (with the distributed optimizer a save gathers the optimizer's shards: a collective)
+    const r = await run('save-interval', {
+      training: { trainIters: 4 },
+      parallel: { useDistributedOptimizer: true },
+      checkpoint: { save, saveInterval: 2 },
+    });
+    expect(r.exitReason).toBe('done');
+    expect(r.checkpoints).toEqual(['iter_0000002', 'iter_0000004']);
+    expect(
+      fs
+        .readdirSync(save)
+        .filter((f) => f.startsWith('iter_'))
+        .sort(),
+    ).toEqual(['iter_0000002', 'iter_0000004']);
+  });
+
+  it('a signal that reaches one rank stops every rank at the same iteration, with one checkpoint', async () => {
+    // rank 1 alone is stopped (as by SIGTERM) during the run; rank 0 never is, yet ends with it
+    const save = path.join(root, 'ck-signal');
+    const r = await run(
+      'signal-one-rank',
+      { training: { trainIters: 100_000, logInterval: 1000 }, checkpoint: { save } },
+      { MEGAPATCH_TEST_ABORT_RANK: '1', MEGAPATCH_TEST_ABORT_AFTER_MS: '3000' },
+    );
+    expect(r.exitReason).toBe('signal');
+    expect(r.iteration).toBeGreaterThan(0);
+    expect(r.iteration).toBeLessThan(100_000);
+    const iter = `iter_${String(r.iteration).padStart(7, '0')}`;
+    expect(r.checkpoints).toEqual([iter]);
+    expect(fs.readdirSync(save).filter((f) => f.startsWith('iter_'))).toEqual([iter]);
+  });
+});
+
 describe('a TP=2 checkpoint', () => {
   it('resumes on one process with the losses of an uninterrupted TP=2 run', async () => {
     const tp2 = { tensorModelParallelSize: 2 };

@@ -3,6 +3,7 @@
 // emulated CUDA device) it also reports how often the host waited for its device during the run,
 // with MEGAPATCH_TEST_COLLECTED=1 how many tensors of its device the garbage collector released.
 
+import * as path from 'node:path';
 import * as v8 from 'node:v8';
 import * as vm from 'node:vm';
 import { deviceCollectivesLibrary } from '@megapatch/parallel';
@@ -22,7 +23,13 @@ if (profiler) {
 // (dropped without dispose()), counted after full collections
 const countCollected = process.env.MEGAPATCH_TEST_COLLECTED === '1';
 const settle = countCollected ? await collections() : null;
-const r = await train(config, { log: () => {}, report: false });
+// MEGAPATCH_TEST_ABORT_RANK=r with MEGAPATCH_TEST_ABORT_AFTER_MS=t: rank r alone is stopped (as by
+// SIGTERM) t ms into the run
+const stop = new AbortController();
+if (process.env.MEGAPATCH_TEST_ABORT_RANK === process.env.RANK) {
+  setTimeout(() => stop.abort(), Number(process.env.MEGAPATCH_TEST_ABORT_AFTER_MS ?? 0)).unref();
+}
+const r = await train(config, { log: () => {}, report: false, signal: stop.signal });
 await settle?.();
 const collected = countCollected ? memoryStats(name).collectedTensors : null;
 const hostWaits = profiler ? profiler.stopKernelProfile(name).hostWaits : null;
@@ -31,7 +38,16 @@ const device = dev === 'cpu' ? 'cpu' : getBackend(name).device;
 const collectives = deviceCollectivesLibrary(device);
 if ((process.env.RANK ?? '0') === '0')
   console.log(
-    `RESULT ${JSON.stringify({ losses: r.losses, iteration: r.iteration, device, collectives, hostWaits, collected })}`,
+    `RESULT ${JSON.stringify({
+      losses: r.losses,
+      iteration: r.iteration,
+      exitReason: r.exitReason,
+      checkpoints: r.checkpoints.map((c) => path.basename(c)),
+      device,
+      collectives,
+      hostWaits,
+      collected,
+    })}`,
   );
 
 /** Full collections until the finalizers have run (the collector exposed for this process). */
