@@ -65,6 +65,12 @@ export interface Command {
    * itself (`megapatch train`); they come in `overrides`, not in `options`.
    */
   readonly dottedOverrides?: boolean;
+  /**
+   * How long the command has to stop by itself after SIGINT/SIGTERM before it is cut short, in ms
+   * (default 10 s); null: as long as it takes (`train` finishes its iteration and saves its
+   * checkpoint). A second signal always stops at once; MEGAPATCH_STOP_GRACE_S overrides it.
+   */
+  readonly stopGraceMs?: number | null;
   /** Returns nothing (exit 0) or an exit code of its own (`launch` passes on a worker's). */
   // biome-ignore lint/suspicious/noConfusingVoidType: a command that returns nothing exits 0
   run(ctx: RunContext): Promise<void | number> | void | number;

@@ -79,9 +79,35 @@ export const commands: CommandGroup = {
 /** Seconds a writing command has to stop by itself after SIGINT/SIGTERM before it is cut short. */
 const STOP_GRACE_MS = 10_000;
 
-/** The command being run, for messages: `megapatch convert reshard`. */
+/**
+ * @internal MEGAPATCH_STOP_GRACE_S in ms (undefined when unset); a value that is not a positive
+ * number of seconds is a usage error, reported before the command runs.
+ */
+export function stopGraceFromEnv(): number | undefined {
+  const env = process.env.MEGAPATCH_STOP_GRACE_S;
+  if (env === undefined || env === '') return undefined;
+  const s = Number(env);
+  if (!(Number.isFinite(s) && s > 0)) {
+    throw new UsageError(
+      `MEGAPATCH_STOP_GRACE_S=${env} must be a positive number of seconds (how long a command may take to stop after SIGINT/SIGTERM)`,
+    );
+  }
+  return s * 1000;
+}
+
+/**
+ * @internal The grace after a first signal: MEGAPATCH_STOP_GRACE_S when set, else the command's
+ * own (null: no limit), else {@link STOP_GRACE_MS}.
+ */
+export function stopGraceOf(command: number | null | undefined, env = stopGraceFromEnv()): number | null {
+  if (env !== undefined) return env;
+  return command === undefined ? STOP_GRACE_MS : command;
+}
+
+/** The command being run, for messages (`megapatch convert reshard`) and its grace after a signal. */
 interface Current {
   name: string;
+  stopGraceMs?: number | null;
 }
 
 /** Follows `words` down the tree; returns the node reached and the words left over. */
@@ -104,6 +130,7 @@ async function resolve(
     }
     node = await entry.load();
     current.name = `megapatch ${node.name}`;
+    if (!isGroup(node)) current.stopGraceMs = node.stopGraceMs;
     i++;
   }
   return { node, rest: words.slice(i) };
@@ -180,12 +207,17 @@ export async function main(argv: string[], io: ProcessIo = new ProcessIo()): Pro
   const own = dashes < 0 ? argv : argv.slice(0, dashes);
   const debug = own.includes('--debug') || process.env.MEGAPATCH_DEBUG === '1';
   const current: Current = { name: 'megapatch' };
+  // MEGAPATCH_STOP_GRACE_S, read (and checked) before the command runs
+  let envGrace: number | undefined;
   const stop = (reason: StopReason) => {
     if (reason === 'EPIPE') io.closeStdout();
     const first = io.stop(new Interrupted(reason));
     // Nothing being written: there is nothing to wait for. A second signal: stop now.
     if (!io.writing || !first) hardStop(reason);
-    else setTimeout(() => hardStop(reason), STOP_GRACE_MS).unref();
+    else {
+      const grace = stopGraceOf(current.stopGraceMs, envGrace);
+      if (grace !== null) setTimeout(() => hardStop(reason), grace).unref();
+    }
   };
   const hardStop = (reason: StopReason) => {
     io.runCleanups();
@@ -209,6 +241,7 @@ export async function main(argv: string[], io: ProcessIo = new ProcessIo()): Pro
   process.on('SIGTERM', onSigterm);
   process.stdout.on('error', onStdoutError);
   try {
+    envGrace = stopGraceFromEnv();
     // --debug and --plugin are global: accepted before the command as well as after it.
     const { argv: words, plugins } = extractPlugins([
       ...own.filter((w) => w !== '--debug'),

@@ -54,7 +54,7 @@ const options = {
     type: 'string',
     value: 'S',
     description:
-      'seconds workers get to exit after SIGTERM before SIGKILL (on Ctrl-C the CLI waits at most 10)',
+      'seconds workers get to exit after SIGTERM (or a first Ctrl-C) before SIGKILL; a training run whose checkpoint takes longer to write needs more',
     default: '10',
   },
 } as const;
@@ -117,6 +117,8 @@ const launchCommand: Command = {
     'a signal killed it), or 130/143 when it was interrupted. torchrun spellings (--nproc_per_node, --node_rank, ' +
     '--master_addr, --master_port) are accepted.',
   passthrough: WORKER,
+  // the launcher ends its workers itself, SIGKILL after --kill-grace-s: no second deadline here
+  stopGraceMs: null,
   options,
   examples: [
     'launch --nproc-per-node 4 -- node train.js --tp 2',
@@ -152,8 +154,9 @@ const launchCommand: Command = {
     };
     io.signal.addEventListener('abort', forward, { once: true });
     // A registered cleanup makes the CLI wait for the workers after the first signal instead of
-    // exiting at once. If it exits anyway (a second signal, or its 10 s), the launcher's exit hook
-    // kills the workers, so the cleanup itself has nothing to do.
+    // exiting at once, for as long as the launcher gives them (--kill-grace-s: the command's own
+    // grace is unlimited). If it exits anyway (a second signal), the launcher's exit hook kills the
+    // workers, so the cleanup itself has nothing to do.
     const removeCleanup = io.onHardStop(() => {});
     let result: Awaited<ReturnType<typeof launch>>;
     try {

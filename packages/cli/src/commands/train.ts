@@ -18,11 +18,15 @@ const command: Command = {
     'Megatron-style line per logInterval, every metric of every iteration in <runDir>/metrics.jsonl, ' +
     'checkpoints every saveInterval. Megatron long flags set their key too (--train-iters, --lr, ' +
     '--load, --save, --finetune, --bf16, --tensor-model-parallel-size, --data-path, --export-hf). SIGINT or SIGTERM saves a checkpoint (when checkpoint.save is set) ' +
-    'and exits. Start several processes with megapatch launch.',
+    'after the iteration in progress, however long the save takes, and exits (a second signal ' +
+    'stops at once; MEGAPATCH_STOP_GRACE_S limits the wait). Start several processes with megapatch launch.',
   options: {
     config: { type: 'string', value: 'FILE', description: 'the run config (.yaml, .yml or .json)' },
   },
   dottedOverrides: true,
+  // a first SIGINT/SIGTERM lets the iteration finish and the checkpoint be written, however long
+  // that takes (a large model's save takes more than the default 10 s); a second stops at once
+  stopGraceMs: null,
   examples: [
     'train --config examples/llama3/tiny-pretrain.yaml',
     'train --config run.yaml --training.trainIters 100 --optimizer.lr 1e-4',
