@@ -606,9 +606,8 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
   setDefaultDevice(device);
   setGradientAccumulationFusion(config.training.gradientAccumulationFusion);
   try {
-    // what the run allocates for the whole run (models, DDP, optimizer), freed by the run itself
-    // when it ends; freed here too when setting up failed before the run's own cleanup took over
-    // (every dispose is idempotent)
+    // what the run allocates for the whole run (models, DDP, optimizer): the run frees them when
+    // it ends (emptying the list); what is left here, setting up failed before the run's cleanup
     const owned: { dispose(): void }[] = [];
     try {
       return await trainOnDefaultDevice(config, opts, owned);
@@ -1283,11 +1282,10 @@ async function trainOnDefaultDevice(
     disposeMicro(prefetched?.micro ?? []);
     if (metricsFd !== null) fs.closeSync(metricsFd);
     metricsClosed = true;
-    // the optimizer's masters and moments, the gradient buffers, the weights: freed here, not
-    // whenever the collector runs (on a GPU it does not see the device memory they hold)
-    optimizer.dispose();
-    ddp.dispose();
-    for (const c of chunks) c.dispose();
+    // the optimizer's masters and moments, the gradient buffers, the weights (the run's `owned`,
+    // newest first, the list emptied): freed here, not whenever the collector runs (on a GPU it
+    // does not see the device memory they hold)
+    for (const o of owned.splice(0).reverse()) o.dispose();
     if (layout.distributed) {
       destroyModelParallel();
       await destroyProcessGroup();
