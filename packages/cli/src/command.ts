@@ -158,7 +158,8 @@ function takeOverrides(
       overrides.push([m[1], value]);
       continue;
     }
-    const f = /^--([a-z][a-z0-9-]*)(?:=(.*))?$/.exec(w);
+    // Megatron spells a few flags with an underscore (--override-opt_param-scheduler)
+    const f = /^--([a-z][a-z0-9_-]*)(?:=(.*))?$/.exec(w);
     if (!f || known.has(f[1])) {
       rest.push(w);
       continue;

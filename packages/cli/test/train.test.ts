@@ -109,6 +109,57 @@ describe('megapatch train', () => {
     expect(bad.stderr).toMatch(/unknown option --train-iter \(did you mean --train-iters\?\)/);
   });
 
+  it("runs a Megatron / Pai-Megatron-Patch script's command line as it is", () => {
+    // the flags of Pai-Megatron-Patch's run_mcore_*.sh (no megapatch key among them)
+    const run = path.join(root, 'run-script');
+    const save = path.join(root, 'ckpt-script');
+    const script = `--load ${hf} --save ${save} --data-path ${corpus} --split 95,5,0 --dataset MMAP
+      --seq-length 32 --max-position-embeddings 256 --micro-batch-size 2 --global-batch-size 4
+      --train-iters 4 --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 1
+      --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --init-method-std 0.008
+      --attention-dropout 0.0 --hidden-dropout 0.0 --log-interval 1 --log-throughput
+      --eval-interval 10000 --eval-iters 1 --save-interval 2 --tensorboard-dir ${run}
+      --tensorboard-queue-size 1 --log-timers-to-tensorboard --tensor-model-parallel-size 1
+      --pipeline-model-parallel-size 1 --no-load-optim --no-load-rng --no-save-optim --num-workers 8
+      --patch-tokenizer-type LLamaTokenizer --extra-vocab-size 0 --num-layers 4 --hidden-size 64
+      --num-attention-heads 4 --ffn-hidden-size 128 --swiglu --normalization RMSNorm --norm-epsilon 1e-5
+      --use-rotary-position-embeddings --position-embedding-type rope --rotary-base 10000
+      --disable-bias-linear --ckpt-format torch_dist --transformer-impl transformer_engine
+      --cross-entropy-loss-fusion --recompute-activations --use-distributed-optimizer
+      --overlap-grad-reduce --overlap-param-gather --train-mode pretrain`
+      .split(/\s+/)
+      .filter(Boolean);
+    const r = megapatch(['train', ...script]);
+    expect(r.status, r.stderr).toBe(0);
+    // one line says what megapatch needed nothing for
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toMatch(
+      /^Megatron flags megapatch needs nothing for: --dataset \(pre-training reads Megatron indexed datasets\); --attention-dropout, --hidden-dropout \(megapatch trains without dropout\); .*--transformer-impl \(megapatch has one implementation of each layer\)/,
+    );
+    expect(r.stdout).toContain(
+      `checkpoint.load ${hf} is a Hugging Face model: starting from its weights at iteration 0`,
+    );
+    expect(r.stdout).toMatch(/iteration\s+4\/\s*4 \|/);
+    // metrics and report where the script keeps its TensorBoard events; checkpoints without optimizer state
+    expect(
+      fs.readFileSync(path.join(run, 'metrics.jsonl'), 'utf8').trim().split('\n').length,
+    ).toBeGreaterThanOrEqual(4);
+    const meta = JSON.parse(fs.readFileSync(path.join(save, 'iter_0000004', 'metadata.json'), 'utf8'));
+    expect(meta.optimizer).toBeUndefined();
+    // a flag that states another model stops the run before it starts (exit 1)
+    const wrong = megapatch(['train', ...script.map((w) => (w === '64' ? '4096' : w))]);
+    expect(wrong.status).toBe(1);
+    expect(wrong.stderr).toMatch(
+      /--hidden-size 4096 does not describe the model: it has 64 \(.*hf\); correct the flag/,
+    );
+    // a feature megapatch lacks is a usage error naming why (exit 2)
+    const fp8 = megapatch(['train', ...script, '--fp8-format', 'hybrid', '--fp8-recipe', 'blockwise']);
+    expect(fp8.status).toBe(2);
+    expect(fp8.stderr).toMatch(
+      /--fp8-format: megapatch trains in bf16, fp16 or fp32: there is no FP8 training/,
+    );
+  });
+
   it('SIGTERM saves a checkpoint and exits 143; the next run resumes from it', async () => {
     const save = path.join(root, 'ckpt');
     const cfg = writeConfig('d', `checkpoint:\n  save: ${save}\n`);

@@ -96,8 +96,14 @@ export interface GPTModelOptions {
   performInitialization?: boolean;
   /** Standard deviation of Megatron's normal initialisation (default 0.02). */
   initMethodStd?: number;
-  /** Activation recompute: the whole layer, or selected modules. */
-  recompute?: { granularity: 'full' } | { granularity: 'selective'; modules: RecomputeModule[] } | null;
+  /**
+   * Activation recompute: whole layers (every layer; with Megatron's recompute method 'block', only
+   * the first `numLayers` decoder layers of this stage), or selected modules.
+   */
+  recompute?:
+    | { granularity: 'full'; method?: 'uniform' | 'block'; numLayers?: number }
+    | { granularity: 'selective'; modules: RecomputeModule[] }
+    | null;
   /** Megatron --moe-aux-loss-coeff (default 0). */
   moeAuxLossCoeff?: number;
   /** Megatron --moe-z-loss-coeff (default 0). */
@@ -283,7 +289,10 @@ export class GPTModel extends Module {
     this.recomputeCoreAttention = selective.has('core_attn');
     this.recomputeMlaUpProj = selective.has('mla_up_proj');
     const moeOptions = moeLayerOptions(options);
-    const layerOpts = (kind: 'dense' | 'moe'): TransformerLayerOptions => ({
+    const layerOpts = (
+      kind: 'dense' | 'moe',
+      recomputeFull = rc?.granularity === 'full',
+    ): TransformerLayerOptions => ({
       kind,
       expertParallel: { epGroup: this.epGroup, etpGroup: this.etpGroup },
       routerLosses: {
@@ -292,7 +301,7 @@ export class GPTModel extends Module {
         loadBalancingType: loadBalancingType(options.moeRouterLoadBalancingType),
       },
       moe: moeOptions,
-      recomputeFull: rc?.granularity === 'full',
+      recomputeFull,
       recomputeMoe: selective.has('moe'),
       auxLossScale: () => this.auxLossScale,
     });
@@ -323,7 +332,20 @@ export class GPTModel extends Module {
     };
     decoder.layers = decoder.registerModule(
       'layers',
-      new ModuleList(stage.layers.map((i) => new TransformerLayer(o, i, layerOpts(kindOf(i))))),
+      new ModuleList(
+        stage.layers.map(
+          (i, local) =>
+            new TransformerLayer(
+              o,
+              i,
+              // Megatron's 'block' method: the first numLayers layers of each stage (model chunk)
+              layerOpts(
+                kindOf(i),
+                rc?.granularity === 'full' && (rc.method !== 'block' || local < (rc.numLayers ?? 0)),
+              ),
+            ),
+        ),
+      ),
     );
     if (finalStage.ppRank === stage.ppRank && finalStage.vpStage === stage.vpStage) {
       const norm = decoder.registerModule(

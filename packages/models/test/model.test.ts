@@ -408,6 +408,44 @@ describe.each(['qwen3', 'deepseek-v3'])('%s recompute', (id) => {
   });
 });
 
+describe("Megatron's recompute methods", () => {
+  it("'block' recomputes the first numLayers layers of the stage, 'uniform' every layer, in the backward pass", () => {
+    // how many times each decoder layer ran its body in one forward and backward
+    const runs = (recompute: NonNullable<Parameters<typeof loadModel>[1]>['recompute']) => {
+      const { model } = loadModel(fixtureCheckpoint('qwen3'), { recompute });
+      disposeLater.push(model);
+      const counts = [...model.decoder.layers].map((layer) => {
+        const counter = { n: 0 };
+        const l = layer as unknown as { body: (...a: unknown[]) => unknown };
+        const body = l.body.bind(layer);
+        l.body = (...a: unknown[]) => {
+          counter.n++;
+          return body(...a);
+        };
+        return counter;
+      });
+      const loss = (model.forward(ids, { labels }).loss as Tensor).mean();
+      loss.backward();
+      const value = loss.item();
+      loss.dispose();
+      return { counts: counts.map((c) => c.n), value, grads: grads(model) };
+    };
+    const none = runs(null);
+    const block = runs({ granularity: 'full', method: 'block', numLayers: 1 });
+    const uniform = runs({ granularity: 'full', method: 'uniform', numLayers: 1 });
+    expect(none.counts).toEqual([1, 1, 1, 1]);
+    expect(block.counts).toEqual([2, 1, 1, 1]);
+    expect(uniform.counts).toEqual([2, 2, 2, 2]);
+    expect(runs({ granularity: 'full', method: 'block', numLayers: 3 }).counts).toEqual([2, 2, 2, 1]);
+    // recomputing changes nothing computed
+    for (const r of [block, uniform]) {
+      expect(r.value).toBeCloseTo(none.value, 6);
+      for (const [n, g] of r.grads)
+        expect(relMaxError(g, none.grads.get(n) as Float32Array), n).toBeLessThan(1e-5);
+    }
+  });
+});
+
 describe('multi-token prediction targets', () => {
   const row = (xs: number[]) => fromTypedArray(BigInt64Array.from(xs, BigInt), [1, xs.length]);
   const a = [1, 5, 9, 33, 100, 7];

@@ -204,10 +204,13 @@ function receivePieces(pp: ProcessGroup, src: number): { name: string; piece: Pi
 export function saveTrainingCheckpoint(root: string, o: SaveOptions): string | null {
   const { model, optimizer } = o;
   const sharded = o.config.parallel.useDistributedOptimizer;
+  // Megatron --no-save-optim / --no-save-rng: leave the optimizer state (and LR schedule) or the RNG out
+  const saveOptim = !o.config.checkpoint.noSaveOptim;
+  const saveRng = !o.config.checkpoint.noSaveRng;
   const opt = optimizerPieces(optimizer);
   let step = 0;
   for (const v of opt.values()) if (v.state) step = Math.max(step, v.state.step);
-  if (sharded && o.layout.dp.size > 1) {
+  if (saveOptim && sharded && o.layout.dp.size > 1) {
     // a host number: through the host's collectives, not the device
     const t = fromTypedArray(Float64Array.from([step]), [1], { device: 'cpu' });
     o.layout.dp.allReduce(t, 'max').waitSync();
@@ -228,15 +231,19 @@ export function saveTrainingCheckpoint(root: string, o: SaveOptions): string | n
           architecture: o.architecture,
           consumedSamples: o.state.consumedSamples,
           huggingface: { files: [] },
-          optimizer: {
-            kind: 'adamw',
-            step,
-            paramGroups: optimizer.paramGroups.map((g) => ({ lr: g.lr, weightDecay: g.weightDecay })),
-            // fp16: the loss scaler (scale, growth and hysteresis trackers)
-            gradScaler: optimizer.lossScaler?.stateDict() ?? null,
-          },
-          scheduler: o.scheduler.stateDict(),
-          rng: getRngState(),
+          ...(saveOptim
+            ? {
+                optimizer: {
+                  kind: 'adamw',
+                  step,
+                  paramGroups: optimizer.paramGroups.map((g) => ({ lr: g.lr, weightDecay: g.weightDecay })),
+                  // fp16: the loss scaler (scale, growth and hysteresis trackers)
+                  gradScaler: optimizer.lossScaler?.stateDict() ?? null,
+                },
+                scheduler: o.scheduler.stateDict(),
+              }
+            : {}),
+          ...(saveRng ? { rng: getRngState() } : {}),
           dataLoader: { consumedSamples: o.state.consumedSamples },
           training: { ...o.state, config: o.config, versions: versions() },
         })
@@ -294,7 +301,8 @@ export function saveTrainingCheckpoint(root: string, o: SaveOptions): string | n
             if (full !== t) full.dispose();
           };
           put(s.name, p, s.name.endsWith('router.expert_bias') ? 'F32' : undefined);
-          if (!p.requiresGrad) continue; // buffers (the expert bias) have no optimizer state
+          // buffers (the expert bias) have no optimizer state
+          if (!p.requiresGrad || !saveOptim) continue;
           const piece = opt.get(namePrefix + s.local) ?? null;
           // The whole local parameter's state: this rank's piece in place, and with the distributed
           // optimizer the other data-parallel ranks' pieces summed in (each element lives on one rank).
@@ -409,12 +417,19 @@ export interface LoadOptions {
   scheduler: OptimizerParamScheduler;
   architecture: string;
   log: (line: string) => void;
+  /** Restore the optimizer state and LR schedule (default true; Megatron --no-load-optim: false). */
+  loadOptim?: boolean;
+  /** Restore the random-number state (default true; Megatron --no-load-rng: false). */
+  loadRng?: boolean;
 }
 
 /**
  * Restores the optimizer, scheduler, RNG and training position from the latest complete checkpoint
  * under `root` (the model's weights were loaded when it was built). A folder left incomplete by a
- * killed save is skipped with a warning naming what was wrong.
+ * killed save is skipped with a warning naming what was wrong. As in Megatron, the LR schedule is
+ * restored with the optimizer state (not with `loadOptim: false`, nor from a checkpoint saved
+ * without it: both start fresh at step 0, at the checkpoint's iteration), and a checkpoint with no
+ * training state (a converted model, Megatron's "release" checkpoint) starts at iteration 0.
  */
 export function loadTrainingCheckpoint(root: string, o: LoadOptions & { iteration?: number }): TrainingState {
   let ckpt: Checkpoint;
@@ -427,10 +442,25 @@ export function loadTrainingCheckpoint(root: string, o: LoadOptions & { iteratio
     const meta = ckpt.metadata;
     const training = meta.training as TrainingState | undefined;
     if (!training) {
-      throw new TrainError(
-        'CHECKPOINT',
-        `${root} holds no training state (a converted model?): load it with model.load or checkpoint.finetune`,
+      o.log(
+        `loaded the weights of ${ckpt.dir}: it holds no training state (a converted model), so the run starts at iteration 0 with a new optimizer`,
       );
+      return { iteration: 0, consumedSamples: 0, skippedIterations: 0 };
+    }
+    const at = `iteration ${training.iteration} (${training.consumedSamples} samples consumed)`;
+    const loadRng = o.loadRng ?? true;
+    if (loadRng && meta.rng) setRngState(meta.rng as RngState);
+    if (!(o.loadOptim ?? true) || meta.optimizer === undefined) {
+      o.log(
+        `loaded checkpoint ${ckpt.dir} at ${at}${loadRng ? '' : ' without its RNG state'}; the optimizer state and LR schedule start fresh (${
+          (o.loadOptim ?? true) ? 'the checkpoint was saved without them' : 'checkpoint.noLoadOptim'
+        })`,
+      );
+      return {
+        iteration: training.iteration,
+        consumedSamples: training.consumedSamples,
+        skippedIterations: training.skippedIterations,
+      };
     }
     // every chunk's slices and parameters under the names the optimizer knows them by
     const chunks = o.chunks ?? [o.model];
@@ -509,10 +539,7 @@ export function loadTrainingCheckpoint(root: string, o: LoadOptions & { iteratio
     const scalerState = (meta.optimizer as { gradScaler?: GradScalerState | null } | undefined)?.gradScaler;
     if (o.optimizer.lossScaler && scalerState) o.optimizer.lossScaler.loadStateDict(scalerState);
     o.scheduler.loadStateDict(meta.scheduler as OptimizerParamSchedulerState);
-    if (meta.rng) setRngState(meta.rng as RngState);
-    o.log(
-      `loaded checkpoint ${ckpt.dir} at iteration ${training.iteration} (${training.consumedSamples} samples consumed)`,
-    );
+    o.log(`loaded checkpoint ${ckpt.dir} at ${at}${loadRng ? '' : ' without its RNG state'}`);
     return {
       iteration: training.iteration,
       consumedSamples: training.consumedSamples,

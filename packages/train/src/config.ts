@@ -5,6 +5,12 @@ import * as fs from 'node:fs';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 import { TrainError } from './errors.js';
+import {
+  ARCHITECTURE_FLAGS,
+  ArchitectureSection,
+  knownMegatronFlags,
+  megatronFlag,
+} from './megatron-flags.js';
 
 const posInt = z.number().int().positive();
 const nonNegInt = z.number().int().nonnegative();
@@ -28,6 +34,20 @@ export const ModelSection = z.strictObject({
   recomputeGranularity: z.enum(['full', 'selective']).nullable().default(null),
   /** Megatron --recompute-modules (selective). */
   recomputeModules: z.array(z.enum(['core_attn', 'mla_up_proj', 'moe'])).default(['core_attn']),
+  /**
+   * Megatron --recompute-method (full granularity): 'uniform' recomputes every layer (megapatch
+   * recomputes layer by layer: recomputeNumLayers 1), 'block' only the first recomputeNumLayers
+   * layers of each pipeline stage (model chunk). Null: every layer.
+   */
+  recomputeMethod: z.enum(['uniform', 'block']).nullable().default(null),
+  /** Megatron --recompute-num-layers (with recomputeMethod). */
+  recomputeNumLayers: nonNegInt.nullable().default(null),
+  /**
+   * The architecture a Megatron run script states (--num-layers, --hidden-size, --num-experts, ...):
+   * megapatch takes the architecture from the model's config and checks each key given here
+   * against it before building anything.
+   */
+  architecture: ArchitectureSection.default({}),
   /** Megatron --moe-aux-loss-coeff. */
   moeAuxLossCoeff: z.number().nonnegative().default(0),
   /** Megatron --moe-z-loss-coeff. */
@@ -135,6 +155,12 @@ export const OptimizerSection = z.strictObject({
   adamBeta1: z.number().min(0).lt(1).default(0.9),
   adamBeta2: z.number().min(0).lt(1).default(0.999),
   adamEps: z.number().positive().default(1e-8),
+  /** Megatron --start-weight-decay (a weight-decay schedule; null: weightDecay throughout). */
+  startWeightDecay: z.number().nonnegative().nullable().default(null),
+  /** Megatron --end-weight-decay. */
+  endWeightDecay: z.number().nonnegative().nullable().default(null),
+  /** Megatron --weight-decay-incr-style: how weight decay moves from start to end over lrDecayIters. */
+  weightDecayIncrStyle: z.enum(['constant', 'linear', 'cosine']).default('constant'),
   /** Megatron --clip-grad (0: no clipping). */
   clipGrad: z.number().nonnegative().default(1),
   /** Megatron --loss-scale (fp16): a constant loss scale; null: the dynamic scale below. */
@@ -156,6 +182,15 @@ export const OptimizerSection = z.strictObject({
 export const SchedulerSection = z.strictObject({
   lrDecayStyle: z.enum(['constant', 'linear', 'cosine', 'inverse-square-root', 'WSD']).default('linear'),
   lrWarmupIters: nonNegInt.default(0),
+  /** Megatron --lr-warmup-fraction: warm up over this fraction of lrDecayIters (instead of lrWarmupIters). */
+  lrWarmupFraction: z.number().min(0).lt(1).nullable().default(null),
+  /** Megatron --lr-warmup-init: the learning rate the warm-up starts from. */
+  lrWarmupInit: z.number().nonnegative().default(0),
+  /**
+   * Megatron --override-opt_param-scheduler: a resumed run keeps this config's schedule (lr, minLr,
+   * warm-up, decay) and takes only the step from the checkpoint.
+   */
+  overrideOptParamScheduler: z.boolean().default(false),
   /** Default: trainIters. */
   lrDecayIters: posInt.nullable().default(null),
   /** WSD: iterations of the final anneal. */
@@ -178,6 +213,11 @@ export const ParallelSection = z.strictObject({
   virtualPipelineModelParallelSize: posInt.nullable().default(null),
   /** Megatron --microbatch-group-size-per-virtual-pipeline-stage (default: the pipeline size). */
   microbatchGroupSizePerVpStage: posInt.nullable().default(null),
+  /**
+   * Megatron --num-layers-per-virtual-pipeline-stage: sets virtualPipelineModelParallelSize to
+   * numLayers / (pipelineModelParallelSize × this) once the model's layers are known.
+   */
+  numLayersPerVirtualPipelineStage: posInt.nullable().default(null),
   /** Megatron --decoder-first-pipeline-num-layers (uneven stages). */
   decoderFirstPipelineNumLayers: posInt.nullable().default(null),
   /** Megatron --decoder-last-pipeline-num-layers (uneven stages). */
@@ -205,6 +245,14 @@ export const CheckpointSection = z.strictObject({
   load: z.string().min(1).nullable().default(null),
   /** Megatron --finetune: load weights only from `load`, start at iteration 0. */
   finetune: z.boolean().default(false),
+  /** Megatron --no-load-optim: resume the weights and position, not the optimizer state or LR schedule. */
+  noLoadOptim: z.boolean().default(false),
+  /** Megatron --no-load-rng: resume without the checkpoint's random-number state. */
+  noLoadRng: z.boolean().default(false),
+  /** Megatron --no-save-optim: checkpoints without the optimizer state and LR schedule (a resume starts them fresh). */
+  noSaveOptim: z.boolean().default(false),
+  /** Megatron --no-save-rng: checkpoints without the random-number state. */
+  noSaveRng: z.boolean().default(false),
   /** Keep the last N checkpoints (null: all). */
   ckptKeep: posInt.nullable().default(null),
   /** Export the final model to this Hugging Face folder. */
@@ -252,6 +300,70 @@ export const RunConfig = z
     }
     // what Megatron's scheduler asserts, in the config's words (not the samples it counts in)
     const decay = c.scheduler.lrDecayIters ?? c.training.trainIters;
+    if (c.scheduler.lrWarmupFraction !== null && c.scheduler.lrWarmupIters !== 0) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['scheduler', 'lrWarmupFraction'],
+        message: 'give one of lrWarmupFraction and lrWarmupIters',
+      });
+    }
+    if (c.scheduler.lrWarmupInit > c.optimizer.lr) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['scheduler', 'lrWarmupInit'],
+        message: `${c.scheduler.lrWarmupInit} is above optimizer.lr (${c.optimizer.lr}): the warm-up rises from lrWarmupInit to lr`,
+      });
+    }
+    const o = c.optimizer;
+    if (o.startWeightDecay !== null || o.endWeightDecay !== null) {
+      const start = o.startWeightDecay ?? o.endWeightDecay ?? 0;
+      const end = o.endWeightDecay ?? o.startWeightDecay ?? 0;
+      if (end < start) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['optimizer', 'endWeightDecay'],
+          message: `${end} is below startWeightDecay (${start}): weight decay only increases`,
+        });
+      } else if (o.weightDecayIncrStyle === 'constant' && end !== start) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['optimizer', 'weightDecayIncrStyle'],
+          message: `'constant' keeps one weight decay, but startWeightDecay ${start} and endWeightDecay ${end} differ: use 'linear' or 'cosine'`,
+        });
+      }
+    }
+    const m = c.model;
+    if (m.recomputeMethod !== null || m.recomputeNumLayers !== null) {
+      if (m.recomputeGranularity !== 'full') {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['model', 'recomputeMethod'],
+          message: "recomputeMethod and recomputeNumLayers go with recomputeGranularity 'full'",
+        });
+      } else if (m.recomputeMethod === null || m.recomputeNumLayers === null) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['model', m.recomputeMethod === null ? 'recomputeMethod' : 'recomputeNumLayers'],
+          message: 'give recomputeMethod and recomputeNumLayers together',
+        });
+      } else if (m.recomputeMethod === 'uniform' && m.recomputeNumLayers !== 1) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['model', 'recomputeNumLayers'],
+          message: `megapatch recomputes uniformly layer by layer: give 1 (not ${m.recomputeNumLayers}), or recomputeMethod 'block' to recompute only the first N layers of each stage`,
+        });
+      }
+    }
+    if (
+      c.parallel.numLayersPerVirtualPipelineStage !== null &&
+      c.parallel.virtualPipelineModelParallelSize !== null
+    ) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['parallel', 'numLayersPerVirtualPipelineStage'],
+        message: 'give one of numLayersPerVirtualPipelineStage and virtualPipelineModelParallelSize',
+      });
+    }
     if (c.scheduler.lrWarmupIters >= decay) {
       ctx.addIssue({
         code: 'custom',
@@ -377,6 +489,8 @@ function setDotted(obj: Record<string, unknown>, key: string, value: unknown): v
 
 /** An override value: JSON when it parses (numbers, booleans, null, lists), else the string. */
 function overrideValue(text: string): unknown {
+  // numbers as Python writes them too (`.001`, `1.`), which JSON does not read
+  if (/^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$/.test(text)) return Number(text);
   try {
     return JSON.parse(text);
   } catch {
@@ -387,12 +501,19 @@ function overrideValue(text: string): unknown {
 /** Megatron flags whose config key is not found by name alone (or that set a value themselves). */
 const MEGATRON_FLAGS: Readonly<Record<string, { key: string; value?: unknown }>> = {
   load: { key: 'checkpoint.load' },
+  // Megatron: the weights a run starts from when --load holds no checkpoint yet
+  'pretrained-checkpoint': { key: 'model.load' },
   bf16: { key: 'model.dtype', value: 'bf16' },
   fp16: { key: 'model.dtype', value: 'fp16' },
   'export-hf': { key: 'checkpoint.exportHf' },
   'sft-packing': { key: 'data.sft.packing' },
   'train-data-path': { key: 'data.dataPath' },
   'no-gradient-accumulation-fusion': { key: 'training.gradientAccumulationFusion', value: false },
+  'recompute-activations': { key: 'model.recomputeGranularity', value: 'selective' },
+  // the run's folder of metrics and report stands where Megatron writes its TensorBoard events
+  'tensorboard-dir': { key: 'logging.runDir' },
+  'num-virtual-stages-per-pipeline-rank': { key: 'parallel.virtualPipelineModelParallelSize' },
+  'override-opt_param-scheduler': { key: 'scheduler.overrideOptParamScheduler', value: true },
 };
 
 /** Keys whose value is a list: a Megatron flag given several words (`--data-path 0.3 a 0.7 b`). */
@@ -412,15 +533,19 @@ function megatronFlagKeys(): Map<string, string> {
   const out = new Map<string, string>();
   for (const [flag, keys] of byFlag) if (keys.length === 1) out.set(flag, keys[0]);
   for (const [flag, m] of Object.entries(MEGATRON_FLAGS)) out.set(flag, m.key);
+  for (const [flag, key] of ARCHITECTURE_FLAGS) out.set(flag, key);
   return out;
 }
 
 /**
  * The config key and value of one command-line override: a dotted key (`training.trainIters`) as
  * it is, or a Megatron long flag name (`train-iters`, `tensor-model-parallel-size`, `load`,
- * `bf16`, `export-hf`, `data-path`) mapped to its key. A flag given without a value is `true`.
+ * `bf16`, `export-hf`, `data-path`, `num-layers`) mapped to its key. A flag given without a value
+ * is `true`. Null: a Megatron flag that chooses an implementation (`--transformer-impl`,
+ * `--overlap-grad-reduce`), accepted without a key (see {@link megatronFlag}); a flag for a feature
+ * megapatch lacks (`--fp8-format`) throws with the reason.
  */
-export function resolveOverride(flag: string, text: string): [string, unknown] {
+export function resolveOverride(flag: string, text: string): [string, unknown] | null {
   if (flag.includes('.')) {
     if (!validKeys().includes(flag)) {
       const near = nearestKey(flag);
@@ -431,9 +556,10 @@ export function resolveOverride(flag: string, text: string): [string, unknown] {
   const flags = megatronFlagKeys();
   const key = flags.get(flag);
   if (key === undefined) {
+    if (megatronFlag(flag, overrideValue(text))) return null;
     let best: string | null = null;
     let bestD = Number.POSITIVE_INFINITY;
-    for (const f of flags.keys()) {
+    for (const f of [...flags.keys(), ...knownMegatronFlags()]) {
       const d = distance(flag, f);
       if (d < bestD) [best, bestD] = [f, d];
     }
@@ -468,7 +594,14 @@ export function resolveOverride(flag: string, text: string): [string, unknown] {
  * keys such as `training.lr`, or Megatron long flag names such as `lr`, `load`, `bf16`; see
  * {@link resolveOverride}); returns the validated config.
  */
-export function loadRunConfig(file: string | null, overrides: readonly [string, string][] = []): RunConfig {
+export function loadRunConfig(
+  file: string | null,
+  overrides: readonly [string, string][] = [],
+  opts: {
+    /** Told once of the Megatron flags accepted without effect, each with what megapatch does. */
+    notice?: (line: string) => void;
+  } = {},
+): RunConfig {
   let obj: Record<string, unknown> = {};
   if (file !== null) {
     let text: string;
@@ -494,9 +627,21 @@ export function loadRunConfig(file: string | null, overrides: readonly [string, 
     }
     obj = parsed as Record<string, unknown>;
   }
+  // the flags accepted without a key, grouped by what megapatch does instead
+  const accepted = new Map<string, string[]>();
   for (const [flag, text] of overrides) {
-    const [key, value] = resolveOverride(flag, text);
-    setDotted(obj, key, value);
+    const resolved = resolveOverride(flag, text);
+    if (resolved === null) {
+      const m = megatronFlag(flag, overrideValue(text));
+      if (m?.kind === 'accepted') accepted.set(m.note, [...(accepted.get(m.note) ?? []), `--${flag}`]);
+      continue;
+    }
+    setDotted(obj, resolved[0], resolved[1]);
   }
-  return parseRunConfig(obj, file ?? 'config');
+  const config = parseRunConfig(obj, file ?? 'config');
+  if (accepted.size > 0) {
+    const groups = [...accepted].map(([note, flags]) => `${flags.join(', ')} (${note})`);
+    opts.notice?.(`Megatron flags megapatch needs nothing for: ${groups.join('; ')}`);
+  }
+  return config;
 }

@@ -22,7 +22,7 @@ import {
   MegatronPretrainingSampler,
   numMicrobatches,
 } from '@megapatch/data';
-import { GPTModel, loadModel } from '@megapatch/models';
+import { GPTModel, getModelFamily, loadModel, openWeights } from '@megapatch/models';
 import {
   allreduceEmbeddingGrads,
   contextParallelPlan,
@@ -80,6 +80,7 @@ import type { RunConfig } from './config.js';
 import { TrainError } from './errors.js';
 import { numFloatingPointOperations, tflopsPerSecond } from './flops.js';
 import { formatTrainingLogLine, formatValidationLogLines } from './log-line.js';
+import { checkArchitecture } from './megatron-flags.js';
 import { writeRunReport } from './report/write.js';
 import { buildSftDataset } from './sft.js';
 
@@ -253,6 +254,121 @@ class ModelChunks extends Module {
   }
 }
 
+/** Whether `root` holds a checkpoint to resume (a tracker file or a complete iteration folder). */
+function holdsCheckpoint(root: string): boolean {
+  if (!fs.existsSync(root)) return false;
+  return fs
+    .readdirSync(root)
+    .some((f) => f === 'latest_checkpointed_iteration.txt' || /^iter_\d{7}$/.test(f));
+}
+
+/**
+ * Settles where the model comes from before anything is built. A checkpoint.load folder that holds
+ * no checkpoint yet (missing, empty, or only a save that did not finish) starts from model.load or
+ * model.config: Megatron's --load on an empty folder, the first run of a job that restarts itself
+ * with the same command. When the run script stated the architecture (model.architecture) or
+ * numLayersPerVirtualPipelineStage, the model's config is read and checked here. Returns the run's
+ * config with those settled, and lines to log.
+ */
+function settleModelSource(config: RunConfig): { config: RunConfig; notes: string[] } {
+  const notes: string[] = [];
+  const m = config.model;
+  const ck = config.checkpoint;
+  if (ck.load !== null && !holdsCheckpoint(ck.load) && fs.existsSync(path.join(ck.load, 'config.json'))) {
+    // a Hugging Face folder: its weights, from iteration 0 (a converted model does the same)
+    if (m.load !== null || m.config !== null) {
+      throw new TrainError(
+        'INVALID_CONFIG',
+        `checkpoint.load ${ck.load} is a Hugging Face model, and model.${m.load !== null ? 'load' : 'config'} names another start: give one`,
+      );
+    }
+    notes.push(
+      `checkpoint.load ${ck.load} is a Hugging Face model: starting from its weights at iteration 0`,
+    );
+    config = { ...config, model: { ...m, load: ck.load }, checkpoint: { ...ck, load: null } };
+  } else if (ck.load !== null && !holdsCheckpoint(ck.load)) {
+    if (m.load === null && m.config === null) {
+      throw new TrainError(
+        'CHECKPOINT',
+        `checkpoint.load ${ck.load} holds no checkpoint${fs.existsSync(ck.load) ? '' : ' (no such folder)'}, and there is no model.load or model.config to start from`,
+      );
+    }
+    if (m.load !== null && m.config !== null) {
+      throw new TrainError(
+        'INVALID_CONFIG',
+        `checkpoint.load ${ck.load} holds no checkpoint yet, so the run starts from the model: give one of model.load and model.config, not both`,
+      );
+    }
+    notes.push(`checkpoint.load ${ck.load} holds no checkpoint yet: starting from ${m.load ?? m.config}`);
+    config = { ...config, checkpoint: { ...ck, load: null } };
+  }
+  const arch = config.model.architecture;
+  const vpLayers = config.parallel.numLayersPerVirtualPipelineStage;
+  if (Object.keys(arch).length === 0 && vpLayers === null) return { config, notes };
+  // the model's config, without building it
+  let cfg: TransformerConfig;
+  let architecture: string;
+  let source: string;
+  const from = config.checkpoint.load ?? config.model.load;
+  try {
+    if (from !== null) {
+      const iteration =
+        config.checkpoint.load !== null
+          ? resolveCheckpointIteration(config.checkpoint.load, () => {})
+          : undefined;
+      const opened = openWeights(from, {
+        ...(iteration !== undefined ? { iteration } : {}),
+        verifyChecksums: false,
+      });
+      opened.source.close();
+      cfg = opened.config;
+      architecture = opened.architecture;
+    } else {
+      const parsed = parseHfConfig(config.model.config as string);
+      cfg = makeTransformerConfig({
+        ...parsed.transformerConfig,
+        makeVocabSizeDivisibleBy: config.model.makeVocabSizeDivisibleBy,
+      });
+      architecture = parsed.spec.architectures[0];
+    }
+    source = from ?? (config.model.config as string);
+  } catch (e) {
+    if (e instanceof TrainError) throw e;
+    throw new TrainError('INVALID_CONFIG', `${from ?? config.model.config}: ${(e as Error).message}`);
+  }
+  const family = getModelFamily(architecture);
+  checkArchitecture(
+    arch,
+    {
+      config: cfg,
+      activation: family.activation ?? 'swiglu',
+      zeroCenteredGamma: family.zeroCenteredGamma ?? false,
+      tensorParallelSize: config.parallel.tensorModelParallelSize,
+      source,
+    },
+    config.data.seqLength,
+  );
+  if (vpLayers !== null) {
+    const pp = config.parallel.pipelineModelParallelSize;
+    if (cfg.numLayers % (pp * vpLayers) !== 0) {
+      throw new TrainError(
+        'INVALID_CONFIG',
+        `parallel.numLayersPerVirtualPipelineStage ${vpLayers} (--num-layers-per-virtual-pipeline-stage): the model's ${cfg.numLayers} layers are not a multiple of pipelineModelParallelSize ${pp} × ${vpLayers}`,
+      );
+    }
+    const vp = cfg.numLayers / (pp * vpLayers);
+    config = {
+      ...config,
+      parallel: {
+        ...config.parallel,
+        numLayersPerVirtualPipelineStage: null,
+        virtualPipelineModelParallelSize: vp > 1 ? vp : null,
+      },
+    };
+  }
+  return { config, notes };
+}
+
 /** The model the run trains, and the HF architecture it exports to. */
 function buildModel(
   config: RunConfig,
@@ -284,7 +400,12 @@ function buildModel(
       : {}),
     recompute:
       m.recomputeGranularity === 'full'
-        ? ({ granularity: 'full' } as const)
+        ? ({
+            granularity: 'full',
+            ...(m.recomputeMethod !== null && m.recomputeNumLayers !== null
+              ? { method: m.recomputeMethod, numLayers: m.recomputeNumLayers }
+              : {}),
+          } as const)
         : m.recomputeGranularity === 'selective'
           ? ({ granularity: 'selective', modules: m.recomputeModules } as const)
           : null,
@@ -680,15 +801,17 @@ async function useDevice(requested: string): Promise<string> {
 }
 
 async function trainOnDefaultDevice(
-  config: RunConfig,
+  configIn: RunConfig,
   opts: TrainOptions,
   owned: { dispose(): void }[],
 ): Promise<TrainResult> {
+  const { config, notes } = settleModelSource(configIn);
   const layout = await setupLayout(config);
   const logRank = layout.rank === 0;
   const log = (line: string) => {
     if (logRank) (opts.log ?? console.log)(line);
   };
+  for (const line of notes) log(line);
   const tr = config.training;
   // gradients average over dp × cp; samples are spread over dp only (cp ranks share each sequence)
   const dpSize = layout.dp.size;
@@ -771,16 +894,31 @@ async function trainOnDefaultDevice(
   owned.push(optimizer);
   const sch = config.scheduler;
   const gbs = tr.globalBatchSize;
+  // Megatron counts the schedule in samples
+  const lrDecaySteps = (sch.lrDecayIters ?? tr.trainIters) * gbs;
   const scheduler = new OptimizerParamScheduler({
     optimizer,
+    initLr: sch.lrWarmupInit,
     maxLr: o.lr,
     minLr: o.minLr,
-    // Megatron counts the schedule in samples
-    lrWarmupSteps: sch.lrWarmupIters * gbs,
-    lrDecaySteps: (sch.lrDecayIters ?? tr.trainIters) * gbs,
+    lrWarmupSteps:
+      sch.lrWarmupFraction !== null ? sch.lrWarmupFraction * lrDecaySteps : sch.lrWarmupIters * gbs,
+    lrDecaySteps,
     lrDecayStyle: sch.lrDecayStyle,
     ...(sch.lrDecayStyle === 'WSD'
       ? { wsdDecaySteps: (sch.lrWsdDecayIters ?? tr.trainIters) * gbs, lrWsdDecayStyle: sch.lrWsdDecayStyle }
+      : {}),
+    // Megatron's weight-decay schedule runs over the whole run
+    ...(o.startWeightDecay !== null || o.endWeightDecay !== null
+      ? {
+          startWd: o.startWeightDecay ?? (o.endWeightDecay as number),
+          endWd: o.endWeightDecay ?? (o.startWeightDecay as number),
+          wdIncrementSteps: tr.trainIters * gbs,
+          wdIncrementStyle: o.weightDecayIncrStyle,
+        }
+      : {}),
+    ...(sch.overrideOptParamScheduler
+      ? { overrideOptParamScheduler: true, useCheckpointOptParamScheduler: false }
       : {}),
   });
 
@@ -795,6 +933,8 @@ async function trainOnDefaultDevice(
       architecture,
       log,
       iteration: resumeIteration,
+      loadOptim: !config.checkpoint.noLoadOptim,
+      loadRng: !config.checkpoint.noLoadRng,
     });
   }
 

@@ -5,6 +5,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { SYNTHETIC_MODELS, writeSyntheticHfCheckpoint } from '@megapatch/convert/testing';
 import { IndexedDatasetBuilder } from '@megapatch/data';
+import { parseRunConfig, type RunConfigInput } from '../src/index.js';
 
 export function tempDir(prefix: string): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
@@ -114,4 +115,14 @@ export function writeSft(
     `${prefix}_sft.json`,
     JSON.stringify({ format: 'megapatch-sft', version: 1, seqLength, padId: 0 }),
   );
+}
+
+/** `base` with each section of `over` merged into base's section (one level deep), validated. */
+export function mergedRunConfig(
+  base: RunConfigInput,
+  over: Partial<Record<keyof RunConfigInput, object>> = {},
+) {
+  const merged: Record<string, unknown> = { ...base };
+  for (const [k, v] of Object.entries(over)) merged[k] = { ...(base as Record<string, object>)[k], ...v };
+  return parseRunConfig(merged);
 }

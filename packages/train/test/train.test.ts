@@ -5,7 +5,7 @@ import * as path from 'node:path';
 import { ShardedSafetensors } from '@megapatch/convert';
 import { afterAll, describe, expect, it } from 'vitest';
 import { loadRunConfig, parseRunConfig, type RunConfigInput, train } from '../src/index.js';
-import { patternCorpus, tempDir, tinyLlama } from './helpers.js';
+import { mergedRunConfig, patternCorpus, tempDir, tinyLlama } from './helpers.js';
 
 const root = tempDir('mp-train-');
 afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
@@ -29,9 +29,7 @@ function config(run: string, over: Partial<Record<keyof RunConfigInput, object>>
     scheduler: { lrDecayStyle: 'cosine', lrWarmupIters: 2 },
     logging: { runDir: path.join(root, run) },
   };
-  const merged: Record<string, unknown> = { ...base };
-  for (const [k, v] of Object.entries(over)) merged[k] = { ...(base as Record<string, object>)[k], ...v };
-  return parseRunConfig(merged);
+  return mergedRunConfig(base, over);
 }
 
 describe('train', () => {

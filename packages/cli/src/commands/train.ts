@@ -17,7 +17,11 @@ const command: Command = {
     'checkpoint and logging sections), applies --section.key value overrides, and trains: one ' +
     'Megatron-style line per logInterval, every metric of every iteration in <runDir>/metrics.jsonl, ' +
     'checkpoints every saveInterval. Megatron long flags set their key too (--train-iters, --lr, ' +
-    '--load, --save, --finetune, --bf16, --tensor-model-parallel-size, --data-path, --export-hf). SIGINT or SIGTERM saves a checkpoint (when checkpoint.save is set) ' +
+    '--load, --save, --finetune, --bf16, --tensor-model-parallel-size, --data-path, --export-hf), so a ' +
+    "Megatron or Pai-Megatron-Patch run script's command line runs as it is: its architecture flags " +
+    "(--num-layers, --hidden-size, ...) are checked against the model's config, implementation choices " +
+    '(--transformer-impl, --overlap-grad-reduce, ...) are accepted and named on stderr, features megapatch ' +
+    'lacks (--fp8-format, ...) are refused. SIGINT or SIGTERM saves a checkpoint (when checkpoint.save is set) ' +
     'after the iteration in progress, however long the save takes, and exits (a second signal ' +
     'stops at once; MEGAPATCH_STOP_GRACE_S limits the wait). Start several processes with megapatch launch.',
   options: {
@@ -31,6 +35,7 @@ const command: Command = {
     'train --config examples/llama3/tiny-pretrain.yaml',
     'train --config run.yaml --training.trainIters 100 --optimizer.lr 1e-4',
     'train --config run.yaml --load ckpt --finetune --lr 1e-5 --export-hf out-hf',
+    'train --load qwen3-hf --save ck --data-path data_text_document --seq-length 4096 --num-layers 28 --hidden-size 1024 --train-iters 500 --lr 1e-5 --global-batch-size 64 --tensorboard-dir runs/q',
     'launch --nproc-per-node 2 -- megapatch train --config run.yaml',
   ],
   async run({ options, overrides, io }) {
@@ -48,10 +53,12 @@ const command: Command = {
           const hint = e.message.includes('(did you mean') ? '' : `; see megapatch help ${NAME}`;
           throw new UsageError(`${e.message}${hint}`, NAME);
         }
+        // a Megatron flag for a feature megapatch lacks (--fp8-format, --attention-dropout 0.1)
+        if (e instanceof TrainError && e.code === 'UNSUPPORTED') throw new UsageError(e.message, NAME);
         throw e;
       }
     }
-    const config = loadRunConfig(file, overrides ?? []);
+    const config = loadRunConfig(file, overrides ?? [], { notice: (line) => io.note(line) });
     // the first SIGINT/SIGTERM stops the run after the current iteration (saving a checkpoint)
     const stop = new AbortController();
     io.signal.addEventListener('abort', () => stop.abort(), { once: true });

@@ -1,0 +1,435 @@
+// The flags of Megatron-LM and Pai-Megatron-Patch run scripts: every flag of their example scripts
+// either sets a config key, is checked against the model (the architecture flags), is accepted as
+// an implementation choice (named in one notice) or is refused with the reason; the architecture
+// check names the flag and the model's value.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { parseHfConfig, type TransformerConfig } from '@megapatch/convert';
+import { SYNTHETIC_MODELS } from '@megapatch/convert/testing';
+import { afterAll, describe, expect, it } from 'vitest';
+import { loadRunConfig, resolveOverride, TrainError } from '../src/index.js';
+import { type Architecture, checkArchitecture, moeLayerFreqPattern } from '../src/megatron-flags.js';
+import { tempDir } from './helpers.js';
+
+const root = tempDir('mp-flags-');
+afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
+
+/** The TransformerConfig of a synthetic HF model. */
+function modelConfig(id: string): TransformerConfig {
+  const m = SYNTHETIC_MODELS.find((x) => x.id === id);
+  const dir = path.join(root, id);
+  fs.mkdirSync(dir, { recursive: true });
+  fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify(m?.config));
+  return parseHfConfig(path.join(dir, 'config.json')).transformerConfig as TransformerConfig;
+}
+
+/** Splits a shell-like command line into [flag, value] pairs as the CLI does. */
+function pairs(line: string): [string, string][] {
+  const words = line.trim().split(/\s+/);
+  const out: [string, string][] = [];
+  for (let i = 0; i < words.length; i++) {
+    const flag = words[i].slice(2);
+    const vals: string[] = [];
+    while (i + 1 < words.length && !words[i + 1].startsWith('--')) vals.push(words[++i]);
+    out.push([flag, vals.length ? vals.join(' ') : 'true']);
+  }
+  return out;
+}
+
+// The flags of the run scripts (values for a small model), by script. The same flag names as in
+// Pai-Megatron-Patch's examples/{qwen3,deepseek_v3,llama3_1,qwen2_5}/run_mcore_*.sh and
+// Megatron-LM's examples/llama/train_llama3_8b_h100_fp8.sh and examples/gpt3/train_gpt3_175b_distributed.sh.
+const COMMON = `--save ck --lr 1e-5 --min-lr 1e-6 --lr-decay-style cosine --weight-decay 0.1 --adam-beta1 0.9
+  --adam-beta2 0.95 --clip-grad 1.0 --init-method-std 0.008 --attention-dropout 0.0 --hidden-dropout 0.0
+  --lr-decay-iters 90 --lr-warmup-iters 10 --train-iters 100 --micro-batch-size 1 --global-batch-size 8
+  --seq-length 128 --max-position-embeddings 256 --log-interval 1 --log-throughput --eval-interval 10000
+  --eval-iters 10 --save-interval 50 --tensorboard-queue-size 1 --tensorboard-dir tb
+  --log-timers-to-tensorboard --log-validation-ppl-to-tensorboard --tensor-model-parallel-size 1
+  --pipeline-model-parallel-size 1 --context-parallel-size 1 --no-load-optim --no-load-rng --num-workers 8
+  --extra-vocab-size 293 --patch-tokenizer-type Qwen2Tokenizer --swiglu --normalization RMSNorm
+  --norm-epsilon 1e-6 --use-rotary-position-embeddings --position-embedding-type rope --disable-bias-linear
+  --no-save-optim --ckpt-format torch_dist --transformer-impl transformer_engine --cross-entropy-loss-fusion
+  --data-path data_text_document --split 99,1,0 --dataset MMAP --bf16 --load pretrained
+  --recompute-method uniform --recompute-num-layers 1 --recompute-granularity full
+  --use-distributed-optimizer --sequence-parallel --overlap-grad-reduce --overlap-param-gather
+  --train-mode pretrain --attention-backend flash --no-rope-fusion`;
+
+const SCRIPTS: Record<string, string> = {
+  'pai qwen3': `${COMMON} --rotary-base 1000000 --qk-layernorm --kv-channels 16 --group-query-attention
+    --num-query-groups 2 --num-layers 4 --hidden-size 64 --num-attention-heads 8 --ffn-hidden-size 128
+    --untie-embeddings-and-output-weights --padded-vocab-size 896`,
+  'pai qwen3-moe': `${COMMON} --rotary-base 1000000 --qk-layernorm --kv-channels 16 --moe-grouped-gemm
+    --moe-token-dispatcher-type alltoall --moe-router-topk 2 --num-experts 4 --expert-tensor-parallel-size 1
+    --expert-model-parallel-size 1 --moe-ffn-hidden-size 32 --moe-router-load-balancing-type aux_loss
+    --moe-aux-loss-coeff 0.001 --moe-layer-freq ([1]*4) --num-layers 4 --hidden-size 64
+    --num-attention-heads 8 --ffn-hidden-size 96 --group-query-attention --num-query-groups 2`,
+  'pai deepseek-v3': `${COMMON} --multi-latent-attention --q-lora-rank 24 --kv-lora-rank 32 --qk-head-dim 16
+    --qk-pos-emb-head-dim 8 --v-head-dim 16 --rotary-base 10000 --rope-type yarn --rotary-scaling-factor 4
+    --mscale 1.0 --mscale-all-dim 1.0 --num-experts 8 --moe-router-topk 2 --moe-ffn-hidden-size 32
+    --moe-shared-expert-intermediate-size 32 --moe-router-score-function sigmoid --moe-router-enable-expert-bias
+    --moe-router-bias-update-rate 0.001 --moe-router-topk-scaling-factor 2.5 --moe-router-num-groups 4
+    --moe-router-group-topk 2 --moe-router-load-balancing-type seq_aux_loss --moe-aux-loss-coeff 0.0001
+    --moe-layer-freq ([0]*1+[1]*3) --mtp-num-layers 1 --mtp-loss-scaling-factor 0.1 --moe-router-dtype fp32
+    --moe-permute-fusion --moe-token-dispatcher-type alltoall --num-layers 4 --hidden-size 64
+    --num-attention-heads 4 --ffn-hidden-size 128 --untie-embeddings-and-output-weights --kv-channels 24
+    --recompute-modules mla_up_proj moe --moe-grouped-gemm --manual-gc`,
+  'pai llama3.1': `${COMMON} --rotary-base 500000 --use-rope-scaling --rope-scaling-factor 8
+    --group-query-attention --num-query-groups 2 --num-layers 2 --hidden-size 64 --num-attention-heads 4
+    --ffn-hidden-size 128 --untie-embeddings-and-output-weights --num-layers-per-virtual-pipeline-stage 1`,
+  'pai qwen2.5': `${COMMON} --add-qkv-bias --rotary-base 1000000 --group-query-attention --num-query-groups 2
+    --num-layers 2 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 128 --vocab-size 1000`,
+  'megatron llama3': `--use-mcore-models --num-layers 2 --hidden-size 64 --ffn-hidden-size 128
+    --num-attention-heads 4 --group-query-attention --num-query-groups 2 --kv-channels 16
+    --position-embedding-type rope --rotary-base 1000000 --rotary-percent 1.0 --attention-dropout 0.0
+    --hidden-dropout 0.0 --swiglu --init-method-std 0.0134 --attention-backend fused --apply-layernorm-1p
+    --untie-embeddings-and-output-weights --disable-bias-linear --transformer-impl transformer_engine
+    --micro-batch-size 1 --global-batch-size 8 --train-iters 100 --lr-decay-iters 100 --lr-warmup-iters 10
+    --lr 0.00015 --min-lr 0.00001 --decoupled-lr 5e-4 --decoupled-min-lr 4.5e-5 --lr-decay-style cosine
+    --clip-grad 1.0 --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --bf16 --grad-reduce-in-bf16
+    --cross-entropy-loss-fusion --calculate-per-token-loss --manual-gc --empty-unused-memory-level 1
+    --exit-duration-in-mins 235 --tensor-model-parallel-size 1 --context-parallel-size 1
+    --sequence-parallel --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
+    --data-path data_text_document --tokenizer-type HuggingFaceTokenizer --tokenizer-model meta-llama/Llama-3
+    --split 99,1,0 --seq-length 128 --max-position-embeddings 256 --log-interval 100 --log-throughput
+    --save-interval 1000 --eval-interval 100 --eval-iters 32 --save ck --load ck --tensorboard-dir tb
+    --ckpt-format torch_dist --distributed-timeout-minutes 60 --normalization RMSNorm
+    --lr-warmup-init 0.0 --dataloader-type single --optimizer adam`,
+  'megatron gpt3': `--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 128
+    --max-position-embeddings 256 --micro-batch-size 1 --global-batch-size 8 --train-iters 100
+    --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --init-method-std 0.006 --clip-grad 1.0 --fp16
+    --lr 6.0e-5 --lr-decay-style cosine --min-lr 6.0e-6 --lr-warmup-fraction .001 --lr-decay-iters 100
+    --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --data-path data_text_document
+    --split 949,50,1 --log-interval 100 --save-interval 10000 --eval-interval 1000 --save ck --load ck
+    --eval-iters 10 --tensorboard-dir tb --use-flash-attn --recompute-activations
+    --start-weight-decay 0.01 --end-weight-decay 0.1 --weight-decay-incr-style linear
+    --override-opt_param-scheduler --num-virtual-stages-per-pipeline-rank 2`,
+};
+
+// the flags of these scripts that megapatch refuses (a feature it lacks); every other flag sets a
+// key or is accepted
+const UNSUPPORTED_IN_SCRIPTS = new Set(['decoupled-lr', 'decoupled-min-lr']);
+
+describe('Megatron run-script flags', () => {
+  it.each(Object.keys(SCRIPTS))(
+    '%s: every flag sets a key, is checked, accepted or refused with a reason',
+    (name) => {
+      const known: [string, string][] = [];
+      const refused: string[] = [];
+      for (const [flag, value] of pairs(SCRIPTS[name])) {
+        try {
+          resolveOverride(flag, value);
+          known.push([flag, value]);
+        } catch (e) {
+          expect(e).toBeInstanceOf(TrainError);
+          expect((e as TrainError).code, `--${flag}: ${(e as Error).message}`).toBe('UNSUPPORTED');
+          refused.push(flag);
+        }
+      }
+      // the only flags refused are the features megapatch lacks, each with its reason
+      for (const f of refused) expect(UNSUPPORTED_IN_SCRIPTS.has(f), `--${f} refused`).toBe(true);
+      const notices: string[] = [];
+      const config = loadRunConfig(null, known, { notice: (l) => notices.push(l) });
+      expect(config.data.seqLength).toBe(128);
+      // the run's metrics and report go where Megatron writes its TensorBoard events
+      expect(config.logging.runDir).toBe('tb');
+      expect(config.model.architecture.numLayers).toBeGreaterThan(0);
+      expect(notices.length).toBe(1);
+      expect(notices[0]).toMatch(/^Megatron flags megapatch needs nothing for: /);
+    },
+  );
+
+  it('maps flags to their keys and values', () => {
+    const notices: string[] = [];
+    const c = loadRunConfig(null, [...pairs(SCRIPTS['pai deepseek-v3']), ['logging.runDir', 'run']], {
+      notice: (l) => notices.push(l),
+    });
+    expect(c.model.architecture).toMatchObject({
+      multiLatentAttention: true,
+      qLoraRank: 24,
+      qkPosEmbHeadDim: 8,
+      moeLayerFreq: '([0]*1+[1]*3)',
+      moeRouterEnableExpertBias: true,
+      moeRouterTopkScalingFactor: 2.5,
+      mtpNumLayers: 1,
+      ropeType: 'yarn',
+      disableBiasLinear: true,
+    });
+    expect(c.model.moeRouterLoadBalancingType).toBe('seq_aux_loss');
+    expect(c.model.recomputeModules).toEqual(['mla_up_proj', 'moe']);
+    expect(c.model.recomputeGranularity).toBe('full');
+    expect(c.model.recomputeMethod).toBe('uniform');
+    expect(c.model.recomputeNumLayers).toBe(1);
+    expect(c.checkpoint).toMatchObject({
+      load: 'pretrained',
+      noLoadOptim: true,
+      noLoadRng: true,
+      noSaveOptim: true,
+    });
+    expect(c.parallel.useDistributedOptimizer).toBe(true);
+    // one notice, each flag with what megapatch does instead
+    expect(notices[0]).toContain('--attention-dropout, --hidden-dropout (megapatch trains without dropout)');
+    expect(notices[0]).toContain('--moe-grouped-gemm (megapatch picks the expert GEMMs)');
+    expect(notices[0]).toContain('--ckpt-format (megapatch writes its own checkpoint format');
+    const gpt = loadRunConfig(null, [...pairs(SCRIPTS['megatron gpt3']), ['logging.runDir', 'run']]);
+    expect(gpt.scheduler).toMatchObject({ lrWarmupFraction: 0.001, overrideOptParamScheduler: true });
+    expect(gpt.optimizer).toMatchObject({
+      startWeightDecay: 0.01,
+      endWeightDecay: 0.1,
+      weightDecayIncrStyle: 'linear',
+    });
+    expect(gpt.model.recomputeGranularity).toBe('selective');
+    expect(gpt.model.dtype).toBe('fp16');
+    expect(gpt.parallel.virtualPipelineModelParallelSize).toBe(2);
+    // Megatron's --pretrained-checkpoint: where a run starts when --load holds no checkpoint yet
+    expect(resolveOverride('pretrained-checkpoint', 'base')).toEqual(['model.load', 'base']);
+    expect(resolveOverride('cp-comm-type', 'p2p')).toBeNull();
+    expect(() => resolveOverride('cp-comm-type', 'a2a')).toThrow(
+      /--cp-comm-type a2a: context parallelism is a ring/,
+    );
+    const llama = loadRunConfig(null, [...pairs(SCRIPTS['pai llama3.1']), ['logging.runDir', 'run']]);
+    expect(llama.parallel.numLayersPerVirtualPipelineStage).toBe(1);
+    expect(llama.model.architecture).toMatchObject({ useRopeScaling: true, ropeScalingFactor: 8 });
+  });
+
+  it('refuses what megapatch does not have, with the reason', () => {
+    const refuse = (flag: string, value: string, reason: RegExp) => {
+      let err: unknown;
+      try {
+        resolveOverride(flag, value);
+      } catch (e) {
+        err = e;
+      }
+      expect(err, `--${flag} ${value}`).toBeInstanceOf(TrainError);
+      expect((err as TrainError).code).toBe('UNSUPPORTED');
+      expect((err as Error).message).toMatch(reason);
+    };
+    refuse('fp8-format', 'hybrid', /^--fp8-format: megapatch trains in bf16, fp16 or fp32/);
+    refuse('attention-dropout', '0.1', /^--attention-dropout 0.1: megapatch trains without dropout: give 0$/);
+    refuse('optimizer', 'sgd', /^--optimizer sgd: megapatch's optimizer is Megatron's adam/);
+    refuse('dataloader-type', 'cyclic', /single order/);
+    refuse('optimizer-cpu-offload', 'true', /stays on the training device/);
+    refuse('dataset', 'JSON-SFT', /megapatch preprocess sft/);
+    // an unknown flag still names the nearest known one
+    expect(() => resolveOverride('num-layer', '4')).toThrow(
+      /unknown option --num-layer \(did you mean --num-layers\?\)/,
+    );
+    expect(() => resolveOverride('moe-router-topkk', '4')).toThrow(/did you mean --moe-router-topk\?/);
+  });
+
+  it('checks the settings that go together', () => {
+    const base: [string, string][] = [
+      ['model.config', 'c.json'],
+      ['data-path', 'd'],
+      ['seq-length', '16'],
+      ['global-batch-size', '8'],
+      ['train-iters', '10'],
+      ['lr', '1e-3'],
+      ['logging.runDir', 'run'],
+    ];
+    const bad = (extra: [string, string][], msg: RegExp) =>
+      expect(() => loadRunConfig(null, [...base, ...extra])).toThrow(msg);
+    bad(
+      [
+        ['lr-warmup-fraction', '0.1'],
+        ['lr-warmup-iters', '2'],
+      ],
+      /scheduler.lrWarmupFraction: give one of lrWarmupFraction and lrWarmupIters/,
+    );
+    bad([['lr-warmup-init', '1e-2']], /lrWarmupInit: 0.01 is above optimizer.lr/);
+    bad(
+      [
+        ['start-weight-decay', '0.1'],
+        ['end-weight-decay', '0.01'],
+        ['weight-decay-incr-style', 'linear'],
+      ],
+      /endWeightDecay: 0.01 is below startWeightDecay/,
+    );
+    bad(
+      [
+        ['start-weight-decay', '0.01'],
+        ['end-weight-decay', '0.1'],
+      ],
+      /weightDecayIncrStyle: 'constant' keeps one weight decay/,
+    );
+    bad(
+      [
+        ['recompute-method', 'block'],
+        ['recompute-num-layers', '1'],
+      ],
+      /recomputeMethod and recomputeNumLayers go with recomputeGranularity 'full'/,
+    );
+    bad(
+      [
+        ['recompute-granularity', 'full'],
+        ['recompute-method', 'uniform'],
+        ['recompute-num-layers', '2'],
+      ],
+      /megapatch recomputes uniformly layer by layer: give 1/,
+    );
+    bad(
+      [
+        ['recompute-granularity', 'full'],
+        ['recompute-method', 'block'],
+      ],
+      /give recomputeMethod and recomputeNumLayers together/,
+    );
+    bad(
+      [
+        ['num-layers-per-virtual-pipeline-stage', '1'],
+        ['num-virtual-stages-per-pipeline-rank', '2'],
+      ],
+      /give one of numLayersPerVirtualPipelineStage and virtualPipelineModelParallelSize/,
+    );
+  });
+});
+
+describe('--moe-layer-freq', () => {
+  it('reads an integer and Python list expressions as Megatron does', () => {
+    expect(moeLayerFreqPattern(1, 3)).toEqual([1, 1, 1]);
+    expect(moeLayerFreqPattern(2, 5)).toEqual([1, 0, 1, 0, 1]);
+    expect(moeLayerFreqPattern('3', 4)).toEqual([1, 0, 0, 1]);
+    expect(moeLayerFreqPattern('([0]*3+[1]*2)', 5)).toEqual([0, 0, 0, 1, 1]);
+    expect(moeLayerFreqPattern('[0, 1, 1]', 3)).toEqual([0, 1, 1]);
+    expect(moeLayerFreqPattern('([1]*2+[0])*2', 6)).toEqual([1, 1, 0, 1, 1, 0]);
+    expect(moeLayerFreqPattern('[1]*2+[0]*1', 3)).toEqual([1, 1, 0]);
+    for (const bad of ['([0]*3+[2])', '[0,1', 'import os', '([1]*2', '[0]*x', '0']) {
+      expect(() => moeLayerFreqPattern(bad, 3), bad).toThrow(
+        /--moe-layer-freq .*: give (an integer or a list expression|a positive integer)/,
+      );
+    }
+  });
+});
+
+describe('the architecture flags against the model', () => {
+  const facts = (config: TransformerConfig, over: Partial<Parameters<typeof checkArchitecture>[1]> = {}) => ({
+    config,
+    activation: 'swiglu',
+    zeroCenteredGamma: false,
+    tensorParallelSize: 1,
+    source: 'the-model',
+    ...over,
+  });
+  const qwen3 = modelConfig('qwen3');
+  const dsv3 = modelConfig('deepseek-v3');
+  const qwen3Moe = modelConfig('qwen3-moe');
+  const check =
+    (a: Architecture, c: TransformerConfig, over = {}, seq = 64) =>
+    () =>
+      checkArchitecture(a, facts(c, over), seq);
+
+  it('accepts the flags that describe the model', () => {
+    const q: Architecture = {
+      numLayers: 4,
+      hiddenSize: 64,
+      ffnHiddenSize: 128,
+      numAttentionHeads: 8,
+      groupQueryAttention: true,
+      numQueryGroups: 2,
+      kvChannels: 16,
+      normalization: 'RMSNorm',
+      normEpsilon: 1e-6,
+      swiglu: true,
+      disableBiasLinear: true,
+      qkLayernorm: true,
+      positionEmbeddingType: 'rope',
+      useRotaryPositionEmbeddings: true,
+      rotaryBase: 1e6,
+      rotaryPercent: 1,
+      untieEmbeddingsAndOutputWeights: true,
+      maxPositionEmbeddings: 256,
+      vocabSize: 777,
+      paddedVocabSize: 896,
+      mtpNumLayers: 0,
+    };
+    expect(check(q, qwen3)).not.toThrow();
+    // with TP 2 the embedding is padded to a multiple of 256
+    expect(check({ paddedVocabSize: 1024 }, qwen3, { tensorParallelSize: 2 })).not.toThrow();
+    const d: Architecture = {
+      multiLatentAttention: true,
+      qLoraRank: 24,
+      kvLoraRank: 32,
+      qkHeadDim: 16,
+      qkPosEmbHeadDim: 8,
+      vHeadDim: 16,
+      ropeType: 'yarn',
+      positionEmbeddingType: 'yarn',
+      rotaryScalingFactor: 4,
+      mscale: 1,
+      mscaleAllDim: 1,
+      numExperts: 8,
+      moeRouterTopk: 2,
+      moeFfnHiddenSize: 32,
+      moeSharedExpertIntermediateSize: 32,
+      moeLayerFreq: '([0]*1+[1]*3)',
+      moeRouterScoreFunction: 'sigmoid',
+      moeRouterEnableExpertBias: true,
+      moeRouterNumGroups: 4,
+      moeRouterGroupTopk: 2,
+      moeRouterTopkScalingFactor: 2.5,
+      moeRouterPreSoftmax: false,
+      mtpNumLayers: 1,
+    };
+    expect(check(d, dsv3)).not.toThrow();
+    expect(check({ moeLayerFreq: 1, numExperts: 4, moeRouterPreSoftmax: false }, qwen3Moe)).not.toThrow();
+  });
+
+  it("names the first flag that differs, its value and the model's", () => {
+    expect(check({ hiddenSize: 1024 }, qwen3)).toThrow(
+      /^--hidden-size 1024 does not describe the model: it has 64 \(the-model\); correct the flag \(model.architecture.hiddenSize\) or load the model the script was written for$/,
+    );
+    const cases: [Architecture, TransformerConfig, RegExp, object?][] = [
+      [{ numLayers: 28 }, qwen3, /--num-layers 28 .* it has 4/],
+      [{ numQueryGroups: 8 }, qwen3, /--num-query-groups 8 .* it has 2/],
+      [{ groupQueryAttention: false }, qwen3, /--group-query-attention false .* 2 query groups for 8 heads/],
+      [{ kvChannels: 128 }, qwen3, /--kv-channels 128 .* it has 16/],
+      [{ normEpsilon: 1e-5 }, qwen3, /--norm-epsilon 0.00001 .* it has 0.000001/],
+      [{ addQkvBias: true }, qwen3, /--add-qkv-bias true .* it has false/],
+      [{ qkLayernorm: true }, dsv3, /--qk-layernorm true .* it has false/],
+      [{ rotaryBase: 10000 }, qwen3, /--rotary-base 10000 .* it has 1000000/],
+      [{ untieEmbeddingsAndOutputWeights: false }, qwen3, /--untie-embeddings-and-output-weights false/],
+      [{ swiglu: true }, qwen3, /--swiglu true .* a geglu MLP/, { activation: 'geglu' }],
+      [{ applyLayernorm1p: true }, qwen3, /--apply-layernorm-1p true .* it has false/],
+      [
+        { positionEmbeddingType: 'learned_absolute' },
+        qwen3,
+        /--position-embedding-type learned_absolute .* rotary embeddings \(rope\)/,
+      ],
+      [{ ropeType: 'yarn' }, qwen3, /--rope-type yarn .* plain rotary embeddings/],
+      [{ useRopeScaling: true }, qwen3, /--use-rope-scaling true .* no Llama 3.1 RoPE scaling/],
+      [{ rotaryScalingFactor: 40 }, dsv3, /--rotary-scaling-factor 40 .* it has 4/],
+      [{ vocabSize: 151936 }, qwen3, /--vocab-size 151936 .* it has 777/],
+      [{ paddedVocabSize: 777 }, qwen3, /--padded-vocab-size 777 .* it has 896/],
+      [{ numExperts: 128 }, qwen3, /--num-experts 128 .* no mixture of experts \(a dense model\)/],
+      [{ numExperts: 128 }, qwen3Moe, /--num-experts 128 .* it has 4/],
+      [{ moeRouterTopk: 8 }, qwen3Moe, /--moe-router-topk 8 .* it has 2/],
+      [
+        { moeSharedExpertIntermediateSize: 32 },
+        qwen3Moe,
+        /--moe-shared-expert-intermediate-size 32 .* no shared expert/,
+      ],
+      [
+        { moeLayerFreq: '([1]*4)' },
+        dsv3,
+        /--moe-layer-freq \(\[1\]\*4\) .* the MoE layer pattern \[0,1,1,1\]/,
+      ],
+      [{ moeLayerFreq: 2 }, qwen3Moe, /--moe-layer-freq 2 .* \[1,1,1,1\]/],
+      [{ moeRouterScoreFunction: 'softmax' }, dsv3, /--moe-router-score-function softmax .* it has sigmoid/],
+      [{ moeRouterEnableExpertBias: true }, qwen3Moe, /--moe-router-enable-expert-bias true .* it has false/],
+      [
+        { moeRouterPreSoftmax: true },
+        qwen3Moe,
+        /--moe-router-pre-softmax true .* top-k probabilities renormalised/,
+      ],
+      [{ multiLatentAttention: true }, qwen3, /--multi-latent-attention true .* no multi-latent attention/],
+      [{ qLoraRank: 1536 }, dsv3, /--q-lora-rank 1536 .* it has 24/],
+      [{ kvLoraRank: 32 }, qwen3, /--kv-lora-rank 32 .* no multi-latent attention/],
+      [{ mtpNumLayers: 2 }, dsv3, /--mtp-num-layers 2 .* it has 1/],
+    ];
+    for (const [a, c, msg, over] of cases) expect(check(a, c, over), JSON.stringify(a)).toThrow(msg);
+    // --max-position-embeddings is the script's own bound on its sequences
+    expect(check({ maxPositionEmbeddings: 32 }, qwen3, {}, 64)).toThrow(
+      /^--max-position-embeddings 32 is shorter than data.seqLength 64 \(--seq-length\): raise it or shorten the sequences$/,
+    );
+    expect(check({ maxPositionEmbeddings: 40960 }, qwen3, {}, 64)).not.toThrow();
+  });
+});

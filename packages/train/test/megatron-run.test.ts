@@ -1,0 +1,259 @@
+// Runs driven the way Megatron run scripts drive them: the architecture flags checked before the
+// run builds anything, checkpoints saved and resumed without the optimizer or RNG state
+// (--no-save-optim, --no-load-optim, --no-save-rng, --no-load-rng), --load on a folder with no
+// checkpoint yet (the first run of a job that restarts itself) and on a converted model (Megatron's
+// release checkpoint), and the schedule flags (--lr-warmup-fraction, --lr-warmup-init, the weight
+// decay ramp).
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { convertHfToMegapatch } from '@megapatch/convert';
+import { afterAll, describe, expect, it } from 'vitest';
+import { parseRunConfig, type RunConfigInput, train } from '../src/index.js';
+import { mergedRunConfig, patternCorpus, tempDir, tinyLlama } from './helpers.js';
+
+const root = tempDir('mp-megatron-run-');
+afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
+const hf = tinyLlama(path.join(root, 'hf'));
+const data = patternCorpus(path.join(root, 'corpus'));
+
+function config(run: string, over: Partial<Record<keyof RunConfigInput, object>> = {}) {
+  const base: RunConfigInput = {
+    model: { load: hf, dtype: 'fp32' },
+    data: { dataPath: [data], seqLength: 32, split: '90,10,0', eodTokenId: 2 },
+    training: {
+      microBatchSize: 2,
+      globalBatchSize: 8,
+      trainIters: 6,
+      logInterval: 100,
+      evalInterval: null,
+      seed: 7,
+    },
+    optimizer: { lr: 3e-3, minLr: 3e-4, weightDecay: 0.01, clipGrad: 1 },
+    scheduler: { lrDecayStyle: 'cosine', lrWarmupIters: 2 },
+    logging: { runDir: path.join(root, run) },
+  };
+  return mergedRunConfig(base, over);
+}
+
+async function run(c: ReturnType<typeof config>) {
+  const lines: string[] = [];
+  const r = await train(c, { log: (l) => lines.push(l), report: false });
+  const metrics = fs
+    .readFileSync(path.join(c.logging.runDir, 'metrics.jsonl'), 'utf8')
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l))
+    .filter((m) => m.kind === 'train');
+  return {
+    ...r,
+    lines,
+    lrs: metrics.map((m) => m.lr as number),
+    iterations: metrics.map((m) => m.iteration),
+  };
+}
+
+const metadata = (ckpt: string, iteration: number) =>
+  JSON.parse(
+    fs.readFileSync(path.join(ckpt, `iter_${String(iteration).padStart(7, '0')}`, 'metadata.json'), 'utf8'),
+  );
+
+describe('Megatron run scripts', () => {
+  it('checks the architecture flags against the model before building it', async () => {
+    await expect(
+      train(
+        config('arch', {
+          model: { load: hf, dtype: 'fp32', architecture: { numLayers: 4, hiddenSize: 4096 } },
+        }),
+      ),
+    ).rejects.toThrow(
+      /^--hidden-size 4096 does not describe the model: it has 64 \(.*hf\); correct the flag \(model.architecture.hiddenSize\)/,
+    );
+    // nothing was written: the check comes first
+    expect(fs.existsSync(path.join(root, 'arch', 'metrics.jsonl'))).toBe(false);
+    // a model built from its config is checked too, and flags that describe it pass
+    const r = await run(
+      config('arch-ok', {
+        model: {
+          load: hf,
+          dtype: 'fp32',
+          architecture: { numLayers: 4, hiddenSize: 64, swiglu: true, disableBiasLinear: true },
+        },
+        training: { trainIters: 3 },
+      }),
+    );
+    expect(r.iteration).toBe(3);
+  });
+
+  it('--no-save-optim and --no-load-optim: the weights and position resume, the optimizer and schedule start fresh', async () => {
+    const lean = path.join(root, 'ck-lean');
+    const full = path.join(root, 'ck-full');
+    await run(
+      config('lean', { checkpoint: { save: lean, saveInterval: 3, noSaveOptim: true, noSaveRng: true } }),
+    );
+    await run(config('full', { checkpoint: { save: full, saveInterval: 3 } }));
+    // no optimizer state, LR schedule or RNG in the lean checkpoint; all of them in the full one
+    const m = metadata(lean, 6);
+    expect(m.optimizer).toBeUndefined();
+    expect(m.scheduler).toBeUndefined();
+    expect(m.rng).toBeUndefined();
+    expect(Object.keys(m.tensors).some((n) => n.startsWith('optimizer.'))).toBe(false);
+    const f = metadata(full, 6);
+    expect(f.optimizer.step).toBe(6);
+    expect(f.rng).toBeDefined();
+    expect(Object.keys(f.tensors).some((n) => n.startsWith('optimizer.exp_avg.'))).toBe(true);
+
+    const more = { trainIters: 9 };
+    const fromLean = await run(config('from-lean', { checkpoint: { load: lean }, training: more }));
+    expect(
+      fromLean.lines.some((l) =>
+        /at iteration 6 .*the optimizer state and LR schedule start fresh \(the checkpoint was saved without them\)/.test(
+          l,
+        ),
+      ),
+    ).toBe(true);
+    const skipOptim = await run(
+      config('skip-optim', { checkpoint: { load: full, noLoadOptim: true }, training: more }),
+    );
+    expect(skipOptim.lines.some((l) => /start fresh \(checkpoint.noLoadOptim\)/.test(l))).toBe(true);
+    const resumed = await run(config('resumed', { checkpoint: { load: full }, training: more }));
+    expect(fromLean.iterations).toEqual([7, 8, 9]);
+    // the same weights and data position with a fresh optimizer: the same losses, bit for bit
+    expect(skipOptim.losses).toEqual(fromLean.losses);
+    // a fresh LR schedule warms up again (Megatron restores the schedule with the optimizer)
+    expect(fromLean.lrs[0]).toBeCloseTo(1.5e-3, 12);
+    expect(resumed.lrs[0]).not.toBeCloseTo(1.5e-3, 6);
+    // the optimizer's moments matter: a full resume trains differently
+    expect(resumed.losses[0]).toBe(fromLean.losses[0]);
+    expect(resumed.losses[1]).not.toBe(fromLean.losses[1]);
+    // --no-load-rng: said in the log
+    const noRng = await run(
+      config('no-rng', { checkpoint: { load: full, noLoadRng: true }, training: more }),
+    );
+    expect(
+      noRng.lines.some((l) =>
+        /loaded checkpoint .* at iteration 6 \(48 samples consumed\) without its RNG state$/.test(l),
+      ),
+    ).toBe(true);
+    expect(noRng.losses).toEqual(resumed.losses);
+  });
+
+  it('--load on a folder with no checkpoint yet starts from the model; the same command then resumes', async () => {
+    const ck = path.join(root, 'ck-restart');
+    const job = (iters: number) =>
+      config(`restart-${iters}`, {
+        checkpoint: { load: ck, save: ck, saveInterval: 2 },
+        training: { trainIters: iters },
+        // the schedule of the whole job, as a restarted job's script states it
+        scheduler: { lrDecayStyle: 'cosine', lrWarmupIters: 2, lrDecayIters: 6 },
+      });
+    const first = await run(job(4));
+    expect(first.lines[0]).toBe(`checkpoint.load ${ck} holds no checkpoint yet: starting from ${hf}`);
+    expect(first.iterations).toEqual([1, 2, 3, 4]);
+    const second = await run(job(6));
+    expect(
+      second.lines.some((l) =>
+        l.startsWith(`loaded checkpoint ${path.join(ck, 'iter_0000004')} at iteration 4`),
+      ),
+    ).toBe(true);
+    expect(second.iterations).toEqual([5, 6]);
+    // the same as one run of 6 iterations
+    const straight = await run(
+      config('straight-6', { checkpoint: { save: path.join(root, 'ck-straight') } }),
+    );
+    expect([...first.losses, ...second.losses]).toEqual(straight.losses);
+    // with nothing to start from, the error says so
+    const empty = path.join(root, 'ck-empty');
+    fs.mkdirSync(empty);
+    await expect(
+      train(
+        parseRunConfig({ ...config('no-source'), model: { dtype: 'fp32' }, checkpoint: { load: empty } }),
+        { log: () => {} },
+      ),
+    ).rejects.toThrow(
+      `checkpoint.load ${empty} holds no checkpoint, and there is no model.load or model.config to start from`,
+    );
+  });
+
+  it('--load of a converted model or a Hugging Face folder starts at iteration 0 from its weights, like model.load', async () => {
+    const converted = path.join(root, 'converted');
+    await convertHfToMegapatch({ hfDir: hf, output: converted });
+    const fromConverted = await run(
+      config('from-converted', { model: { dtype: 'fp32' }, checkpoint: { load: converted } }),
+    );
+    expect(
+      fromConverted.lines.some((l) =>
+        /holds no training state \(a converted model\), so the run starts at iteration 0/.test(l),
+      ),
+    ).toBe(true);
+    const fromHf = await run(config('from-hf'));
+    expect(fromConverted.iterations).toEqual([1, 2, 3, 4, 5, 6]);
+    expect(fromConverted.losses).toEqual(fromHf.losses);
+    // --load of a Hugging Face folder: the same
+    const loadHf = await run(
+      config('load-hf', { model: { load: null, dtype: 'fp32' }, checkpoint: { load: hf } }),
+    );
+    expect(loadHf.lines[0]).toBe(
+      `checkpoint.load ${hf} is a Hugging Face model: starting from its weights at iteration 0`,
+    );
+    expect(loadHf.losses).toEqual(fromHf.losses);
+    await expect(
+      train(config('load-hf-twice', { checkpoint: { load: hf } }), { log: () => {} }),
+    ).rejects.toThrow(
+      `checkpoint.load ${hf} is a Hugging Face model, and model.load names another start: give one`,
+    );
+  });
+
+  it('--lr-warmup-fraction, --lr-warmup-init and the weight-decay ramp', async () => {
+    // warm-up over a quarter of 8 decay iterations (2 iterations = 16 samples), from 1e-4
+    const r = await run(
+      config('warmup', {
+        scheduler: {
+          lrDecayStyle: 'cosine',
+          lrWarmupIters: 0,
+          lrWarmupFraction: 0.25,
+          lrWarmupInit: 1e-4,
+          lrDecayIters: 8,
+        },
+      }),
+    );
+    expect(r.lrs[0]).toBeCloseTo(1e-4 + (3e-3 - 1e-4) * 0.5, 12);
+    expect(r.lrs[1]).toBeCloseTo(3e-3, 12);
+    expect(r.lrs[2]).toBeCloseTo(3e-4 + 0.5 * (3e-3 - 3e-4) * (1 + Math.cos(Math.PI / 6)), 12);
+    // a constant weight-decay schedule is the plain weight decay, bit for bit (norms still undecayed)
+    const plain = await run(
+      config('wd-plain', { optimizer: { lr: 3e-3, minLr: 3e-4, weightDecay: 0.3, clipGrad: 1 } }),
+    );
+    const constant = await run(
+      config('wd-constant', {
+        optimizer: {
+          lr: 3e-3,
+          minLr: 3e-4,
+          weightDecay: 0.01,
+          startWeightDecay: 0.3,
+          endWeightDecay: 0.3,
+          clipGrad: 1,
+        },
+      }),
+    );
+    expect(constant.losses).toEqual(plain.losses);
+    const ramp = await run(
+      config('wd-ramp', {
+        optimizer: {
+          lr: 3e-3,
+          minLr: 3e-4,
+          startWeightDecay: 0,
+          endWeightDecay: 0.3,
+          weightDecayIncrStyle: 'linear',
+          clipGrad: 1,
+        },
+      }),
+    );
+    const none = await run(
+      config('wd-none', { optimizer: { lr: 3e-3, minLr: 3e-4, weightDecay: 0, clipGrad: 1 } }),
+    );
+    // the ramp starts at 0: the first step's update equals no decay's, later ones differ from both
+    expect(ramp.losses[1]).toBe(none.losses[1]);
+    expect(ramp.losses[5]).not.toBe(none.losses[5]);
+    expect(ramp.losses[5]).not.toBe(plain.losses[5]);
+  });
+});
