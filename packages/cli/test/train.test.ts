@@ -144,6 +144,8 @@ describe('megapatch train', () => {
     expect(
       fs.readFileSync(path.join(run, 'metrics.jsonl'), 'utf8').trim().split('\n').length,
     ).toBeGreaterThanOrEqual(4);
+    // and TensorBoard's event file beside them
+    expect(fs.readdirSync(run).filter((f) => f.startsWith('events.out.tfevents.')).length).toBe(1);
     const meta = JSON.parse(fs.readFileSync(path.join(save, 'iter_0000004', 'metadata.json'), 'utf8'));
     expect(meta.optimizer).toBeUndefined();
     // a flag that states another model stops the run before it starts (exit 1)

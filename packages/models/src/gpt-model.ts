@@ -67,7 +67,7 @@ import { RotaryEmbedding } from './rope.js';
 import { TransformerLayer, type TransformerLayerOptions } from './transformer-layer.js';
 
 /** Modules Megatron's `--recompute-modules` can name (those megapatch implements). */
-export type RecomputeModule = 'core_attn' | 'mla_up_proj' | 'moe';
+export type RecomputeModule = 'core_attn' | 'mla_up_proj' | 'moe' | 'mlp';
 
 /** Options of {@link GPTModel}. */
 export interface GPTModelOptions {
@@ -303,6 +303,7 @@ export class GPTModel extends Module {
       moe: moeOptions,
       recomputeFull,
       recomputeMoe: selective.has('moe'),
+      recomputeMlp: selective.has('mlp'),
       auxLossScale: () => this.auxLossScale,
     });
     const kindOf = (i: number) => (config.moe ? (config.moe.layerPattern[i] ?? 'dense') : 'dense');

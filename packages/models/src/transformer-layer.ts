@@ -22,6 +22,8 @@ export interface TransformerLayerOptions {
   recomputeFull: boolean;
   /** Recompute the MoE block in backward (--recompute-modules moe). */
   recomputeMoe: boolean;
+  /** Recompute a dense layer's MLP (with its norm) in backward (--recompute-modules mlp). */
+  recomputeMlp?: boolean;
   /** Gradient given to the aux losses (Megatron's MoEAuxLossAutoScaler scale). */
   auxLossScale: () => number;
 }
@@ -88,7 +90,9 @@ export class TransformerLayer extends Module {
       const run = (hh: Tensor) => this.moeBlock(moe, norm.forward(hh));
       return h.add(this.opts.recomputeMoe && !this.opts.recomputeFull ? checkpoint(run, h) : run(h));
     }
-    return this.mlp.forward(h, h);
+    const mlp = this.mlp;
+    if (this.opts.recomputeMlp && !this.opts.recomputeFull) return checkpoint((hh) => mlp.forward(hh, hh), h);
+    return mlp.forward(h, h);
   }
 
   private moeBlock(moe: MoELayer, x: Tensor): Tensor {

@@ -389,7 +389,7 @@ describe.each(['qwen3', 'deepseek-v3'])('%s recompute', (id) => {
     const ref = loadModel(fixtureCheckpoint(id)).model;
     const full = loadModel(fixtureCheckpoint(id), { recompute: { granularity: 'full' } }).model;
     const sel = loadModel(fixtureCheckpoint(id), {
-      recompute: { granularity: 'selective', modules: ['core_attn', 'mla_up_proj', 'moe'] },
+      recompute: { granularity: 'selective', modules: ['core_attn', 'mla_up_proj', 'moe', 'mlp'] },
     }).model;
     disposeLater.push(ref, full, sel);
     const losses = [ref, full, sel].map((m) => {
@@ -443,6 +443,39 @@ describe("Megatron's recompute methods", () => {
       for (const [n, g] of r.grads)
         expect(relMaxError(g, none.grads.get(n) as Float32Array), n).toBeLessThan(1e-5);
     }
+  });
+});
+
+describe('--recompute-modules mlp', () => {
+  it("recomputes each dense layer's MLP in the backward pass, with the same loss and gradients", () => {
+    const runs = (modules: ('core_attn' | 'mlp')[]) => {
+      const { model } = loadModel(fixtureCheckpoint('qwen3'), {
+        recompute: { granularity: 'selective', modules },
+      });
+      disposeLater.push(model);
+      const counts = [...model.decoder.layers].map((layer) => {
+        const counter = { n: 0 };
+        const mlp = layer.mlp as unknown as { forward: (...a: unknown[]) => unknown };
+        const forward = mlp.forward.bind(mlp);
+        mlp.forward = (...a: unknown[]) => {
+          counter.n++;
+          return forward(...a);
+        };
+        return counter;
+      });
+      const loss = (model.forward(ids, { labels }).loss as Tensor).mean();
+      loss.backward();
+      const value = loss.item();
+      loss.dispose();
+      return { counts: counts.map((c) => c.n), value, grads: grads(model) };
+    };
+    const plain = runs(['core_attn']);
+    const mlp = runs(['mlp']);
+    expect(plain.counts).toEqual([1, 1, 1, 1]);
+    expect(mlp.counts).toEqual([2, 2, 2, 2]);
+    expect(mlp.value).toBeCloseTo(plain.value, 6);
+    for (const [n, g] of mlp.grads)
+      expect(relMaxError(g, plain.grads.get(n) as Float32Array), n).toBeLessThan(1e-5);
   });
 });
 

@@ -33,7 +33,7 @@ export const ModelSection = z.strictObject({
   /** Megatron --recompute-granularity. */
   recomputeGranularity: z.enum(['full', 'selective']).nullable().default(null),
   /** Megatron --recompute-modules (selective). */
-  recomputeModules: z.array(z.enum(['core_attn', 'mla_up_proj', 'moe'])).default(['core_attn']),
+  recomputeModules: z.array(z.enum(['core_attn', 'mla_up_proj', 'moe', 'mlp'])).default(['core_attn']),
   /**
    * Megatron --recompute-method (full granularity): 'uniform' recomputes every layer (megapatch
    * recomputes layer by layer: recomputeNumLayers 1), 'block' only the first recomputeNumLayers
@@ -78,6 +78,21 @@ export const DataSection = z.strictObject({
    * (`[0.3, a, 0.7, b]`) for a blend.
    */
   dataPath: z
+    .array(z.union([z.string().min(1), z.number().positive()]))
+    .min(1)
+    .nullable()
+    .default(null),
+  /**
+   * Megatron --train-data-path, instead of dataPath: the training data whole (no split), one prefix
+   * or a weighted blend, as dataPath.
+   */
+  trainDataPath: z
+    .array(z.union([z.string().min(1), z.number().positive()]))
+    .min(1)
+    .nullable()
+    .default(null),
+  /** Megatron --valid-data-path (with trainDataPath): the validation data whole; null: no validation. */
+  validDataPath: z
     .array(z.union([z.string().min(1), z.number().positive()]))
     .min(1)
     .nullable()
@@ -262,6 +277,12 @@ export const CheckpointSection = z.strictObject({
 /** Where the run writes its config, metrics and report. */
 export const LoggingSection = z.strictObject({
   runDir: z.string().min(1),
+  /**
+   * Megatron --tensorboard-dir: TensorBoard event files of the run's scalars (Megatron's tags:
+   * `lm loss`, `learning-rate`, `grad-norm`, ...) are written here too. From the command line,
+   * the run folder defaults to it.
+   */
+  tensorboardDir: z.string().min(1).nullable().default(null),
 });
 
 /** A whole run. */
@@ -284,11 +305,21 @@ export const RunConfig = z
         message: 'give exactly one of model.load (weights to start from) and model.config (from scratch)',
       });
     }
-    if ((c.data.dataPath === null) === (c.data.sft === null)) {
+    const sources = [c.data.dataPath, c.data.trainDataPath, c.data.sft].filter((x) => x !== null).length;
+    if (sources !== 1) {
       ctx.addIssue({
         code: 'custom',
         path: ['data'],
-        message: 'give exactly one of data.dataPath (pre-training) and data.sft (fine-tuning)',
+        message:
+          'give exactly one of data.dataPath (pre-training, split by data.split), data.trainDataPath (pre-training, with data.validDataPath) and data.sft (fine-tuning)',
+      });
+    }
+    if (c.data.validDataPath !== null && c.data.trainDataPath === null) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['data', 'validDataPath'],
+        message:
+          'goes with data.trainDataPath (data.dataPath is split into train and validation by data.split)',
       });
     }
     if (c.data.sft?.packing && c.training.microBatchSize !== 1) {
@@ -353,6 +384,13 @@ export const RunConfig = z
           message: `megapatch recomputes uniformly layer by layer: give 1 (not ${m.recomputeNumLayers}), or recomputeMethod 'block' to recompute only the first N layers of each stage`,
         });
       }
+    }
+    if ((c.parallel.virtualPipelineModelParallelSize ?? 1) > 1 && c.parallel.pipelineModelParallelSize < 2) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['parallel', 'virtualPipelineModelParallelSize'],
+        message: `${c.parallel.virtualPipelineModelParallelSize} model chunks interleave over the pipeline ranks: it needs pipelineModelParallelSize 2 or more`,
+      });
     }
     if (
       c.parallel.numLayersPerVirtualPipelineStage !== null &&
@@ -507,17 +545,19 @@ const MEGATRON_FLAGS: Readonly<Record<string, { key: string; value?: unknown }>>
   fp16: { key: 'model.dtype', value: 'fp16' },
   'export-hf': { key: 'checkpoint.exportHf' },
   'sft-packing': { key: 'data.sft.packing' },
-  'train-data-path': { key: 'data.dataPath' },
   'no-gradient-accumulation-fusion': { key: 'training.gradientAccumulationFusion', value: false },
   'recompute-activations': { key: 'model.recomputeGranularity', value: 'selective' },
-  // the run's folder of metrics and report stands where Megatron writes its TensorBoard events
-  'tensorboard-dir': { key: 'logging.runDir' },
   'num-virtual-stages-per-pipeline-rank': { key: 'parallel.virtualPipelineModelParallelSize' },
   'override-opt_param-scheduler': { key: 'scheduler.overrideOptParamScheduler', value: true },
 };
 
 /** Keys whose value is a list: a Megatron flag given several words (`--data-path 0.3 a 0.7 b`). */
-const LIST_KEYS = new Set(['data.dataPath', 'model.recomputeModules']);
+const LIST_KEYS = new Set([
+  'data.dataPath',
+  'data.trainDataPath',
+  'data.validDataPath',
+  'model.recomputeModules',
+]);
 
 const kebab = (camel: string) => camel.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
 
@@ -638,6 +678,10 @@ export function loadRunConfig(
     }
     setDotted(obj, resolved[0], resolved[1]);
   }
+  // a Megatron run script names no run folder: its TensorBoard folder serves
+  const logging = obj.logging as Record<string, unknown> | undefined;
+  if (logging && logging.runDir === undefined && typeof logging.tensorboardDir === 'string')
+    logging.runDir = logging.tensorboardDir;
   const config = parseRunConfig(obj, file ?? 'config');
   if (accepted.size > 0) {
     const groups = [...accepted].map(([note, flags]) => `${flags.join(', ')} (${note})`);

@@ -38,6 +38,17 @@ export {
   type TrainingLogFields,
   type ValidationLogFields,
 } from './log-line.js';
+export {
+  ARCHITECTURE_FLAGS,
+  type Architecture,
+  ArchitectureSection,
+  checkArchitecture,
+  IMPLEMENTATION_FLAGS,
+  type MegatronFlag,
+  megatronFlag,
+  moeLayerFreqPattern,
+  REFUSED_FLAGS,
+} from './megatron-flags.js';
 // The run report: metrics.jsonl → report/index.html (Vega charts) and PNGs of the same charts.
 export { ReportError, type ReportErrorCode } from './report/errors.js';
 export {
@@ -49,6 +60,14 @@ export {
   TrainMetricsLine,
   ValidMetricsLine,
 } from './report/metrics.js';
+// TensorBoard event files (logging.tensorboardDir, Megatron's --tensorboard-dir).
+export {
+  encodeEvent,
+  readScalarEvents,
+  type ScalarEvent,
+  TensorBoardWriter,
+  tfRecord,
+} from './report/tensorboard.js';
 export {
   REPORT_DIR,
   REPORT_PAGE,
@@ -60,6 +79,7 @@ export {
   type TrainMetrics,
   type TrainOptions,
   type TrainResult,
+  tensorboardScalars,
   train,
   type ValidMetrics,
 } from './trainer.js';

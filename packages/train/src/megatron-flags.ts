@@ -41,6 +41,9 @@ export const ArchitectureSection = z.strictObject({
   rotaryScalingFactor: z.number().positive().optional(),
   mscale: z.number().optional(),
   mscaleAllDim: z.number().optional(),
+  yarnOriginalMaxPositionEmbeddings: posInt.optional(),
+  yarnBetaFast: z.number().optional(),
+  yarnBetaSlow: z.number().optional(),
   /** Megatron --use-rope-scaling: Llama 3.1's RoPE frequency scaling. */
   useRopeScaling: z.boolean().optional(),
   ropeScalingFactor: z.number().positive().optional(),
@@ -68,6 +71,10 @@ export const ArchitectureSection = z.strictObject({
   kvLoraRank: posInt.optional(),
   qkHeadDim: posInt.optional(),
   qkPosEmbHeadDim: posInt.optional(),
+  /** Pai-Megatron-Patch's name of qkHeadDim. */
+  qkNopeHeadDim: posInt.optional(),
+  /** Pai-Megatron-Patch's name of qkPosEmbHeadDim. */
+  qkRopeHeadDim: posInt.optional(),
   vHeadDim: posInt.optional(),
   mtpNumLayers: z.number().int().nonnegative().optional(),
 });
@@ -123,18 +130,19 @@ export const IMPLEMENTATION_FLAGS: Readonly<Record<string, string>> = {
   'distributed-timeout-minutes': 'a lost peer is detected by the process groups themselves',
   'exit-signal-handler': 'SIGINT/SIGTERM always save and stop',
   'manual-gc': 'native and device memory are freed by their owners, not by the garbage collector',
+  'manual-gc-interval': 'native and device memory are freed by their owners, not by the garbage collector',
   'ckpt-format': 'megapatch writes its own checkpoint format (megapatch convert turns it into Hugging Face)',
   'async-save': 'checkpoints are written before the next iteration',
   'use-dist-ckpt': 'megapatch writes its own checkpoint format',
   'auto-detect-ckpt-format': 'megapatch reads its own checkpoints and Hugging Face folders',
   'log-throughput': 'throughput is logged always',
-  'log-timers-to-tensorboard': 'every metric of every iteration is in <runDir>/metrics.jsonl',
-  'log-validation-ppl-to-tensorboard': 'validation losses are in <runDir>/metrics.jsonl',
-  'log-memory-to-tensorboard': 'memory is logged always',
+  'log-timers-to-tensorboard': 'iteration-time is written to TensorBoard always',
+  'log-validation-ppl-to-tensorboard': 'the validation perplexity is written to TensorBoard always',
+  'log-memory-to-tensorboard': 'memory is written to TensorBoard always',
   'log-num-zeros-in-grad': 'not logged',
   'log-params-norm': 'not logged',
-  'tensorboard-queue-size': 'no TensorBoard events are written',
-  'tensorboard-log-interval': 'no TensorBoard events are written',
+  'tensorboard-queue-size': 'TensorBoard events are written as they come',
+  'tensorboard-log-interval': 'TensorBoard gets every iteration',
   'wandb-project': 'no Weights & Biases logging',
   'wandb-exp-name': 'no Weights & Biases logging',
   'wandb-save-dir': 'no Weights & Biases logging',
@@ -144,6 +152,7 @@ export const IMPLEMENTATION_FLAGS: Readonly<Record<string, string>> = {
   'tokenizer-model': 'the data is tokenised already and the vocabulary comes from the model',
   'extra-vocab-size': 'the vocabulary comes from the model',
   'max-padding-length': 'SFT samples are padded to data.seqLength',
+  'test-data-path': 'megapatch evaluates on the validation data; it runs no test evaluation',
   'use-checkpoint-args': "the architecture comes from the model's config always",
   'no-position-embedding': 'rotary models have no position-embedding table',
   'use-cpu-initialization': "weights are drawn on the training device with the CPU generator's stream",
@@ -172,6 +181,8 @@ export const REFUSED_FLAGS: Readonly<Record<string, string>> = {
   'fp8-format': 'megapatch trains in bf16, fp16 or fp32: there is no FP8 training',
   'fp8-recipe': 'megapatch trains in bf16, fp16 or fp32: there is no FP8 training',
   'fp8-param-gather': 'megapatch trains in bf16, fp16 or fp32: there is no FP8 training',
+  'fp8-amax-compute-algo': 'megapatch trains in bf16, fp16 or fp32: there is no FP8 training',
+  'fp8-amax-history-len': 'megapatch trains in bf16, fp16 or fp32: there is no FP8 training',
   'optimizer-cpu-offload': 'the optimizer state stays on the training device',
   'optimizer-offload-fraction': 'the optimizer state stays on the training device',
   'use-precision-aware-optimizer': 'the optimizer keeps float32 master weights and moments',
@@ -397,7 +408,9 @@ export function checkArchitecture(a: Architecture, m: ModelFacts, seqLength: num
     fail('swiglu', `a ${m.activation} MLP`);
   if (a.disableBiasLinear === false) fail('disableBiasLinear', 'no linear biases besides the QKV bias');
   same('addQkvBias', c.addQkvBias);
-  same('qkLayernorm', c.qkLayernorm);
+  // MLA: Megatron's qk_layernorm is the norm of the query and key-value latents, which DeepSeek's
+  // attention always has
+  same('qkLayernorm', c.mla ? true : c.qkLayernorm);
   const rope = c.ropeScaling;
   if (a.positionEmbeddingType !== undefined) {
     const ok =
@@ -418,9 +431,10 @@ export function checkArchitecture(a: Architecture, m: ModelFacts, seqLength: num
         ? 'YaRN rotary embeddings'
         : `${rope.type === 'none' ? 'plain' : rope.type} rotary embeddings`,
     );
-  if (a.useRopeScaling !== undefined && a.useRopeScaling !== (rope.type === 'llama3'))
+  // Llama 3.1's scaling applies to the decoder's rotary embedding, which MLA replaces by its own
+  if (c.mla === null && a.useRopeScaling !== undefined && a.useRopeScaling !== (rope.type === 'llama3'))
     fail('useRopeScaling', rope.type === 'llama3' ? "Llama 3.1's RoPE scaling" : 'no Llama 3.1 RoPE scaling');
-  if (a.ropeScalingFactor !== undefined && a.useRopeScaling)
+  if (c.mla === null && a.ropeScalingFactor !== undefined && a.useRopeScaling)
     same('ropeScalingFactor', rope.type === 'llama3' ? rope.factor : 'no Llama 3.1 RoPE scaling');
   if (a.rotarySeqLenInterpolationFactor !== undefined)
     same(
@@ -431,9 +445,14 @@ export function checkArchitecture(a: Architecture, m: ModelFacts, seqLength: num
     same('rotaryScalingFactor', rope.factor);
     same('mscale', rope.mscale);
     same('mscaleAllDim', rope.mscaleAllDim);
+    same('yarnOriginalMaxPositionEmbeddings', rope.originalMaxPositionEmbeddings);
+    same('yarnBetaFast', rope.betaFast);
+    same('yarnBetaSlow', rope.betaSlow);
   } else {
     if (a.rotaryScalingFactor !== undefined && a.rotaryScalingFactor !== 1)
       fail('rotaryScalingFactor', 'no YaRN scaling (factor 1)');
+    for (const k of ['yarnOriginalMaxPositionEmbeddings', 'yarnBetaFast', 'yarnBetaSlow'] as const)
+      if (a[k] !== undefined) fail(k, 'no YaRN scaling');
   }
   same('untieEmbeddingsAndOutputWeights', c.untieEmbeddingsAndOutputWeights);
   if (a.maxPositionEmbeddings !== undefined && a.maxPositionEmbeddings < seqLength) {
@@ -477,7 +496,8 @@ export function checkArchitecture(a: Architecture, m: ModelFacts, seqLength: num
     same('moeRouterNumGroups', moe.numGroups);
     same('moeRouterGroupTopk', moe.groupTopk);
     same('moeRouterTopkScalingFactor', moe.routedScalingFactor);
-    if (a.moeRouterPreSoftmax !== undefined) {
+    // with a sigmoid score the order does not matter (Megatron ignores the flag)
+    if (a.moeRouterPreSoftmax !== undefined && moe.scoreFunction === 'softmax') {
       // pre-softmax (probabilities over all experts, kept as they are) is a softmax router without
       // renormalising the top-k; the other order (top-k logits, then softmax) renormalises
       const pre = moe.scoreFunction === 'softmax' && !moe.normTopkProb;
@@ -491,7 +511,15 @@ export function checkArchitecture(a: Architecture, m: ModelFacts, seqLength: num
   const mla = c.mla;
   if (a.multiLatentAttention !== undefined && a.multiLatentAttention !== (mla !== null))
     fail('multiLatentAttention', mla ? 'multi-latent attention' : 'no multi-latent attention');
-  const mlaKeys = ['qLoraRank', 'kvLoraRank', 'qkHeadDim', 'qkPosEmbHeadDim', 'vHeadDim'] as const;
+  const mlaKeys = [
+    'qLoraRank',
+    'kvLoraRank',
+    'qkHeadDim',
+    'qkPosEmbHeadDim',
+    'qkNopeHeadDim',
+    'qkRopeHeadDim',
+    'vHeadDim',
+  ] as const;
   if (!mla) {
     for (const k of mlaKeys) if (a[k] !== undefined) fail(k, 'no multi-latent attention');
   } else {
@@ -499,6 +527,8 @@ export function checkArchitecture(a: Architecture, m: ModelFacts, seqLength: num
     same('kvLoraRank', mla.kvLoraRank);
     same('qkHeadDim', mla.qkNopeHeadDim);
     same('qkPosEmbHeadDim', mla.qkRopeHeadDim);
+    same('qkNopeHeadDim', mla.qkNopeHeadDim);
+    same('qkRopeHeadDim', mla.qkRopeHeadDim);
     same('vHeadDim', mla.vHeadDim);
   }
   same('mtpNumLayers', c.mtpNumLayers);

@@ -81,6 +81,7 @@ import { TrainError } from './errors.js';
 import { numFloatingPointOperations, tflopsPerSecond } from './flops.js';
 import { formatTrainingLogLine, formatValidationLogLines } from './log-line.js';
 import { checkArchitecture } from './megatron-flags.js';
+import { TensorBoardWriter } from './report/tensorboard.js';
 import { writeRunReport } from './report/write.js';
 import { buildSftDataset } from './sft.js';
 
@@ -130,6 +131,38 @@ export interface ValidMetrics {
   lmLoss: number;
   perplexity: number;
   time: string;
+}
+
+/**
+ * The TensorBoard scalars of one metrics line, under the tags Megatron writes (its training_log and
+ * evaluate_and_print_results), so dashboards made for Megatron runs read megapatch runs.
+ */
+export function tensorboardScalars(
+  m: TrainMetrics | ValidMetrics,
+  globalBatchSize: number,
+): Record<string, number | null> {
+  if (m.kind === 'valid') {
+    return {
+      'lm loss validation': m.lmLoss,
+      'lm loss validation ppl': m.perplexity,
+    };
+  }
+  return {
+    'learning-rate': m.lr,
+    'batch-size': globalBatchSize,
+    'lm loss': m.lmLoss,
+    'loss-scale': m.lossScale,
+    'grad-norm': m.gradNorm,
+    'iteration-time': m.elapsedMs / 1000,
+    throughput: m.tflops,
+    'tokens-per-second': m.tokensPerSecond,
+    'mem-allocated-bytes': m.memory.liveBytes,
+    'mem-max-allocated-bytes': m.memory.peakBytes,
+    'mem-reserved-bytes': m.memory.liveBytes + m.memory.cachedBytes,
+    load_balancing_loss: m.moe?.auxLoss ?? null,
+    z_loss: m.moe?.zLoss ?? null,
+    'mtp loss': m.moe?.mtpLoss ?? null,
+  };
 }
 
 /** Options of {@link train}. */
@@ -357,6 +390,12 @@ function settleModelSource(config: RunConfig): { config: RunConfig; notes: strin
       );
     }
     const vp = cfg.numLayers / (pp * vpLayers);
+    if (vp > 1 && pp < 2) {
+      throw new TrainError(
+        'INVALID_CONFIG',
+        `parallel.numLayersPerVirtualPipelineStage ${vpLayers} (--num-layers-per-virtual-pipeline-stage) makes ${vp} model chunks, which interleave over the pipeline ranks: it needs pipelineModelParallelSize 2 or more`,
+      );
+    }
     config = {
       ...config,
       parallel: {
@@ -448,7 +487,10 @@ function lcm(a: number, b: number): number {
 }
 
 /** Megatron's --data-path: [prefix] or [w1, prefix1, w2, prefix2, ...]. */
-function dataPrefixes(dataPath: readonly (string | number)[]): {
+function dataPrefixes(
+  dataPath: readonly (string | number)[],
+  key = 'data.dataPath',
+): {
   prefixes: string[];
   weights: number[] | null;
 } {
@@ -456,7 +498,7 @@ function dataPrefixes(dataPath: readonly (string | number)[]): {
   if (dataPath.length % 2 !== 0) {
     throw new TrainError(
       'INVALID_CONFIG',
-      'data.dataPath: give one prefix, or weights and prefixes alternated ([0.3, a, 0.7, b])',
+      `${key}: give one prefix, or weights and prefixes alternated ([0.3, a, 0.7, b])`,
     );
   }
   const prefixes: string[] = [];
@@ -466,7 +508,7 @@ function dataPrefixes(dataPath: readonly (string | number)[]): {
     if (!(w > 0))
       throw new TrainError(
         'INVALID_CONFIG',
-        `data.dataPath: weight ${dataPath[i]} at position ${i} is not a positive number`,
+        `${key}: weight ${dataPath[i]} at position ${i} is not a positive number`,
       );
     weights.push(w);
     prefixes.push(String(dataPath[i + 1]));
@@ -506,19 +548,25 @@ function buildDataset(
       throw e;
     }
   }
-  const { prefixes, weights } = dataPrefixes(d.dataPath as (string | number)[]);
+  // Megatron's per-split data (--train-data-path, --valid-data-path): each read whole
+  const perSplit = d.trainDataPath !== null;
+  const key = perSplit ? (split === 'train' ? 'data.trainDataPath' : 'data.validDataPath') : 'data.dataPath';
+  const source = perSplit ? (split === 'train' ? d.trainDataPath : d.validDataPath) : d.dataPath;
+  if (source === null) return null; // trainDataPath without validDataPath: no validation
+  const splitString = perSplit ? (split === 'train' ? '1,0,0' : '0,1,0') : d.split;
+  const { prefixes, weights } = dataPrefixes(source, key);
   const cacheDir = d.dataCachePath ?? path.join(config.logging.runDir, 'data-cache');
   const build = (prefix: string, n: number) => {
     let dataset: IndexedDataset;
     try {
       dataset = IndexedDataset.open(prefix);
     } catch (e) {
-      throw new TrainError('DATA', `data.dataPath ${prefix}: ${(e as Error).message}`);
+      throw new TrainError('DATA', `${key} ${prefix}: ${(e as Error).message}`);
     }
     return GPTDataset.build({
       dataset,
       split,
-      splitString: d.split,
+      splitString,
       sequenceLength: d.seqLength,
       numSamples: n,
       seed: config.training.seed,
@@ -968,8 +1016,14 @@ async function trainOnDefaultDevice(
   });
   const metricsFile = path.join(config.logging.runDir, 'metrics.jsonl');
   const metricsFd = logRank ? fs.openSync(metricsFile, state.iteration > 0 ? 'a' : 'w') : null;
+  // Megatron's --tensorboard-dir: the same numbers as event files, under Megatron's tags
+  const tensorboard =
+    logRank && config.logging.tensorboardDir !== null
+      ? new TensorBoardWriter(config.logging.tensorboardDir)
+      : null;
   const writeMetrics = (m: TrainMetrics | ValidMetrics) => {
     if (metricsFd !== null) fs.writeSync(metricsFd, `${JSON.stringify(m)}\n`);
+    if (tensorboard) tensorboard.addScalars(m.iteration, tensorboardScalars(m, gbs));
   };
 
   // Megatron's FLOP count of one step (forward and backward), for TFLOP/s per process
@@ -1421,6 +1475,7 @@ async function trainOnDefaultDevice(
     // a batch read ahead for a step that did not run (a stop, an error)
     disposeMicro(prefetched?.micro ?? []);
     if (metricsFd !== null) fs.closeSync(metricsFd);
+    tensorboard?.close();
     metricsClosed = true;
     // the optimizer's masters and moments, the gradient buffers, the weights (the run's `owned`,
     // newest first, the list emptied): freed here, not whenever the collector runs (on a GPU it

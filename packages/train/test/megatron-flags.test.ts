@@ -72,7 +72,9 @@ const SCRIPTS: Record<string, string> = {
     --moe-layer-freq ([0]*1+[1]*3) --mtp-num-layers 1 --mtp-loss-scaling-factor 0.1 --moe-router-dtype fp32
     --moe-permute-fusion --moe-token-dispatcher-type alltoall --num-layers 4 --hidden-size 64
     --num-attention-heads 4 --ffn-hidden-size 128 --untie-embeddings-and-output-weights --kv-channels 24
-    --recompute-modules mla_up_proj moe --moe-grouped-gemm --manual-gc`,
+    --recompute-modules mla_up_proj mlp moe --moe-grouped-gemm --manual-gc --manual-gc-interval 10
+    --moe-router-pre-softmax --qk-layernorm --use-rope-scaling --qk-nope-head-dim 16 --qk-rope-head-dim 8
+    --moe-shared-expert-overlap --no-masked-softmax-fusion`,
   'pai llama3.1': `${COMMON} --rotary-base 500000 --use-rope-scaling --rope-scaling-factor 8
     --group-query-attention --num-query-groups 2 --num-layers 2 --hidden-size 64 --num-attention-heads 4
     --ffn-hidden-size 128 --untie-embeddings-and-output-weights --num-layers-per-virtual-pipeline-stage 1`,
@@ -98,7 +100,7 @@ const SCRIPTS: Record<string, string> = {
     --max-position-embeddings 256 --micro-batch-size 1 --global-batch-size 8 --train-iters 100
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --init-method-std 0.006 --clip-grad 1.0 --fp16
     --lr 6.0e-5 --lr-decay-style cosine --min-lr 6.0e-6 --lr-warmup-fraction .001 --lr-decay-iters 100
-    --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --data-path data_text_document
+    --tensor-model-parallel-size 1 --pipeline-model-parallel-size 2 --data-path data_text_document
     --split 949,50,1 --log-interval 100 --save-interval 10000 --eval-interval 1000 --save ck --load ck
     --eval-iters 10 --tensorboard-dir tb --use-flash-attn --recompute-activations
     --start-weight-decay 0.01 --end-weight-decay 0.1 --weight-decay-incr-style linear
@@ -130,8 +132,8 @@ describe('Megatron run-script flags', () => {
       const notices: string[] = [];
       const config = loadRunConfig(null, known, { notice: (l) => notices.push(l) });
       expect(config.data.seqLength).toBe(128);
-      // the run's metrics and report go where Megatron writes its TensorBoard events
-      expect(config.logging.runDir).toBe('tb');
+      // TensorBoard events (and, with no run folder named, the run's metrics and report) go to --tensorboard-dir
+      expect(config.logging).toEqual({ runDir: 'tb', tensorboardDir: 'tb' });
       expect(config.model.architecture.numLayers).toBeGreaterThan(0);
       expect(notices.length).toBe(1);
       expect(notices[0]).toMatch(/^Megatron flags megapatch needs nothing for: /);
@@ -155,7 +157,7 @@ describe('Megatron run-script flags', () => {
       disableBiasLinear: true,
     });
     expect(c.model.moeRouterLoadBalancingType).toBe('seq_aux_loss');
-    expect(c.model.recomputeModules).toEqual(['mla_up_proj', 'moe']);
+    expect(c.model.recomputeModules).toEqual(['mla_up_proj', 'mlp', 'moe']);
     expect(c.model.recomputeGranularity).toBe('full');
     expect(c.model.recomputeMethod).toBe('uniform');
     expect(c.model.recomputeNumLayers).toBe(1);
@@ -183,6 +185,13 @@ describe('Megatron run-script flags', () => {
     // Megatron's --pretrained-checkpoint: where a run starts when --load holds no checkpoint yet
     expect(resolveOverride('pretrained-checkpoint', 'base')).toEqual(['model.load', 'base']);
     expect(resolveOverride('cp-comm-type', 'p2p')).toBeNull();
+    // Megatron's per-split data: keys of their own (each read whole), not data.dataPath
+    expect(resolveOverride('train-data-path', 'a')).toEqual(['data.trainDataPath', ['a']]);
+    expect(resolveOverride('valid-data-path', '0.5 b 0.5 c')).toEqual([
+      'data.validDataPath',
+      [0.5, 'b', 0.5, 'c'],
+    ]);
+    expect(resolveOverride('test-data-path', 'd')).toBeNull();
     expect(() => resolveOverride('cp-comm-type', 'a2a')).toThrow(
       /--cp-comm-type a2a: context parallelism is a ring/,
     );
@@ -277,8 +286,13 @@ describe('Megatron run-script flags', () => {
       [
         ['num-layers-per-virtual-pipeline-stage', '1'],
         ['num-virtual-stages-per-pipeline-rank', '2'],
+        ['pipeline-model-parallel-size', '2'],
       ],
       /give one of numLayersPerVirtualPipelineStage and virtualPipelineModelParallelSize/,
+    );
+    bad(
+      [['num-virtual-stages-per-pipeline-rank', '2']],
+      /parallel.virtualPipelineModelParallelSize: 2 model chunks interleave over the pipeline ranks: it needs pipelineModelParallelSize 2 or more/,
     );
   });
 });
@@ -312,6 +326,7 @@ describe('the architecture flags against the model', () => {
   const qwen3 = modelConfig('qwen3');
   const dsv3 = modelConfig('deepseek-v3');
   const qwen3Moe = modelConfig('qwen3-moe');
+  const llama = modelConfig('llama');
   const check =
     (a: Architecture, c: TransformerConfig, over = {}, seq = 64) =>
     () =>
@@ -370,6 +385,21 @@ describe('the architecture flags against the model', () => {
       mtpNumLayers: 1,
     };
     expect(check(d, dsv3)).not.toThrow();
+    // what Pai-Megatron-Patch's DeepSeek-V3 script gives besides: its names of the head dims, the
+    // latent norms as --qk-layernorm, and flags Megatron ignores for this model (--use-rope-scaling
+    // under MLA, --moe-router-pre-softmax with a sigmoid score)
+    Object.assign(d, {
+      qkNopeHeadDim: 16,
+      qkRopeHeadDim: 8,
+      qkLayernorm: true,
+      useRopeScaling: true,
+      moeRouterPreSoftmax: true,
+      kvChannels: 16,
+      yarnOriginalMaxPositionEmbeddings: 128,
+      yarnBetaFast: 32,
+      yarnBetaSlow: 1,
+    });
+    expect(check(d, dsv3)).not.toThrow();
     expect(check({ moeLayerFreq: 1, numExperts: 4, moeRouterPreSoftmax: false }, qwen3Moe)).not.toThrow();
   });
 
@@ -384,7 +414,9 @@ describe('the architecture flags against the model', () => {
       [{ kvChannels: 128 }, qwen3, /--kv-channels 128 .* it has 16/],
       [{ normEpsilon: 1e-5 }, qwen3, /--norm-epsilon 0.00001 .* it has 0.000001/],
       [{ addQkvBias: true }, qwen3, /--add-qkv-bias true .* it has false/],
-      [{ qkLayernorm: true }, dsv3, /--qk-layernorm true .* it has false/],
+      [{ qkLayernorm: true }, llama, /--qk-layernorm true .* it has false/],
+      // MLA's latent norms are Megatron's qk_layernorm
+      [{ qkLayernorm: false }, dsv3, /--qk-layernorm false .* it has true/],
       [{ rotaryBase: 10000 }, qwen3, /--rotary-base 10000 .* it has 1000000/],
       [{ untieEmbeddingsAndOutputWeights: false }, qwen3, /--untie-embeddings-and-output-weights false/],
       [{ swiglu: true }, qwen3, /--swiglu true .* a geglu MLP/, { activation: 'geglu' }],
@@ -424,6 +456,13 @@ describe('the architecture flags against the model', () => {
       [{ qLoraRank: 1536 }, dsv3, /--q-lora-rank 1536 .* it has 24/],
       [{ kvLoraRank: 32 }, qwen3, /--kv-lora-rank 32 .* no multi-latent attention/],
       [{ mtpNumLayers: 2 }, dsv3, /--mtp-num-layers 2 .* it has 1/],
+      [{ qkNopeHeadDim: 128 }, dsv3, /--qk-nope-head-dim 128 .* it has 16/],
+      [
+        { yarnOriginalMaxPositionEmbeddings: 4096 },
+        dsv3,
+        /--yarn-original-max-position-embeddings 4096 .* it has 128/,
+      ],
+      [{ yarnBetaFast: 32 }, qwen3, /--yarn-beta-fast 32 .* no YaRN scaling/],
     ];
     for (const [a, c, msg, over] of cases) expect(check(a, c, over), JSON.stringify(a)).toThrow(msg);
     // --max-position-embeddings is the script's own bound on its sequences

@@ -8,7 +8,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { convertHfToMegapatch } from '@megapatch/convert';
 import { afterAll, describe, expect, it } from 'vitest';
-import { parseRunConfig, type RunConfigInput, train } from '../src/index.js';
+import { loadRunConfig, parseRunConfig, type RunConfigInput, readScalarEvents, train } from '../src/index.js';
 import { mergedRunConfig, patternCorpus, tempDir, tinyLlama } from './helpers.js';
 
 const root = tempDir('mp-megatron-run-');
@@ -201,6 +201,85 @@ describe('Megatron run scripts', () => {
     ).rejects.toThrow(
       `checkpoint.load ${hf} is a Hugging Face model, and model.load names another start: give one`,
     );
+  });
+
+  it('--train-data-path and --valid-data-path: each read whole, no split', async () => {
+    const valid = patternCorpus(path.join(root, 'valid-corpus'), 60);
+    const lines = (c: ReturnType<typeof config>) =>
+      fs
+        .readFileSync(path.join(c.logging.runDir, 'metrics.jsonl'), 'utf8')
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l));
+    const perSplit = config('per-split', {
+      data: { dataPath: null, trainDataPath: [data], validDataPath: [valid], seqLength: 32, eodTokenId: 2 },
+      training: { evalInterval: 3, evalIters: 2 },
+    });
+    const r = await run(perSplit);
+    // the training data is all of it: the losses of dataPath with the split 100,0,0
+    const whole = await run(
+      config('whole', { data: { dataPath: [data], split: '100,0,0', seqLength: 32, eodTokenId: 2 } }),
+    );
+    expect(r.losses).toEqual(whole.losses);
+    const validations = lines(perSplit).filter((m) => m.kind === 'valid');
+    expect(validations.map((m) => m.iteration)).toEqual([3, 6]);
+    // the validation data is the other corpus, whole: 60 documents of 20-50 tokens give more than 2 × 8 samples
+    expect(validations.every((m) => Number.isFinite(m.lmLoss))).toBe(true);
+    // no --valid-data-path: no validation
+    const noValid = config('no-valid', {
+      data: { dataPath: null, trainDataPath: [data], seqLength: 32, eodTokenId: 2 },
+      training: { evalInterval: 3, evalIters: 2 },
+    });
+    await run(noValid);
+    expect(lines(noValid).filter((m) => m.kind === 'valid')).toEqual([]);
+    expect(() =>
+      config('bad', { data: { dataPath: [data], validDataPath: [valid], seqLength: 32 } }),
+    ).toThrow(/data.validDataPath: goes with data.trainDataPath/);
+    expect(() => config('bad', { data: { dataPath: [data], trainDataPath: [data], seqLength: 32 } })).toThrow(
+      /data: give exactly one of data.dataPath .*, data.trainDataPath .* and data.sft/,
+    );
+  });
+
+  it("--tensorboard-dir: the metrics as TensorBoard events, under Megatron's tags", async () => {
+    const tb = path.join(root, 'tb');
+    const c = config('tb-run', {
+      logging: { runDir: path.join(root, 'tb-run'), tensorboardDir: tb },
+      training: { evalInterval: 3, evalIters: 1 },
+    });
+    await run(c);
+    const files = fs.readdirSync(tb);
+    expect(files.length).toBe(1);
+    expect(files[0]).toMatch(/^events\.out\.tfevents\.\d{10}\./);
+    const events = readScalarEvents(path.join(tb, files[0]));
+    const metrics = fs
+      .readFileSync(path.join(root, 'tb-run', 'metrics.jsonl'), 'utf8')
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l));
+    const series = (tag: string) => events.filter((e) => e.tag === tag).map((e) => [e.step, e.value]);
+    const train = metrics.filter((m) => m.kind === 'train');
+    expect(series('lm loss')).toEqual(train.map((m) => [m.iteration, Math.fround(m.lmLoss)]));
+    expect(series('learning-rate')).toEqual(train.map((m) => [m.iteration, Math.fround(m.lr)]));
+    expect(series('grad-norm')).toEqual(train.map((m) => [m.iteration, Math.fround(m.gradNorm)]));
+    expect(series('batch-size')).toEqual(train.map((m) => [m.iteration, 8]));
+    expect(series('lm loss validation')).toEqual(
+      metrics.filter((m) => m.kind === 'valid').map((m) => [m.iteration, Math.fround(m.lmLoss)]),
+    );
+    expect(series('lm loss validation').map(([s]) => s)).toEqual([3, 6]);
+    // a command line with --tensorboard-dir and no run folder writes the run there
+    const fromFlags = loadRunConfig(null, [
+      ['model.load', hf],
+      ['data-path', data],
+      ['seq-length', '32'],
+      ['global-batch-size', '8'],
+      ['train-iters', '2'],
+      ['lr', '1e-3'],
+      ['tensorboard-dir', path.join(root, 'tb-flags')],
+    ]);
+    expect(fromFlags.logging).toEqual({
+      runDir: path.join(root, 'tb-flags'),
+      tensorboardDir: path.join(root, 'tb-flags'),
+    });
   });
 
   it('--lr-warmup-fraction, --lr-warmup-init and the weight-decay ramp', async () => {

@@ -47,8 +47,9 @@ describe('train on several processes', () => {
     ['CP=2', { contextParallelSize: 2 }],
     ['PP=2', { pipelineModelParallelSize: 2 }],
     [
+      // Megatron's --num-layers-per-virtual-pipeline-stage: 4 layers / (2 stages × 1) = 2 chunks a rank
       'PP=2, interleaved with 2 virtual stages',
-      { pipelineModelParallelSize: 2, virtualPipelineModelParallelSize: 2 },
+      { pipelineModelParallelSize: 2, numLayersPerVirtualPipelineStage: 1 },
     ],
   ])('%s gives the losses of one process', async (name, parallel) => {
     const [r] = (await launchWorkers({
@@ -59,6 +60,12 @@ describe('train on several processes', () => {
     expect(r.losses.length).toBe(6);
     for (let i = 0; i < 6; i++) {
       expect(Math.abs(r.losses[i] - reference[i]) / reference[i], `${name} step ${i + 1}`).toBeLessThan(1e-5);
+    }
+    if ('numLayersPerVirtualPipelineStage' in parallel) {
+      const used = JSON.parse(
+        fs.readFileSync(path.join(root, `run-${name.replace(/\W+/g, '-')}`, 'config.json'), 'utf8'),
+      );
+      expect(used.parallel.virtualPipelineModelParallelSize).toBe(2);
     }
     // the gradient norms too (AdamW would hide a gradient off by a constant factor in the losses)
     const run = `run-${name.replace(/\W+/g, '-')}`;
