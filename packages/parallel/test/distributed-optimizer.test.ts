@@ -138,6 +138,52 @@ describe('optimizers over DDP (one process)', () => {
     model.dispose();
   });
 
+  it.each([true, false])(
+    'decoupledLr (distributed %s): the named parameters in groups of their own, with their own learning rate',
+    (distributed) => {
+      const model = new MLP(DIMS, 1);
+      const ddp = new DistributedDataParallel(model, {
+        dataParallelGroup: new LocalGroup(),
+        useDistributedOptimizer: distributed,
+      });
+      const options = {
+        ...optOptions,
+        weightDecay: 0.3,
+        decoupledLr: { lr: 0, minLr: 0, isParam: (n: string) => n.startsWith('fc3.') },
+      };
+      const opt = distributed
+        ? new DistributedOptimizer(ddp, options)
+        : new DataParallelOptimizer(ddp, options);
+      const groups = opt.paramGroups;
+      expect(groups.map((g) => [g.weightDecay, g.maxLr, g.minLr])).toEqual([
+        [0.3, undefined, undefined],
+        [0, undefined, undefined],
+        [0.3, 0, 0],
+        [0, 0, 0],
+      ]);
+      expect(groups.map((g) => g.params.map((p) => p.name).sort())).toEqual([
+        ['fc1.weight', 'fc2.weight'],
+        ['fc1.bias', 'fc2.bias'],
+        ['fc3.weight'],
+        ['fc3.bias'],
+      ]);
+      // a step at learning rate 0 for fc3 moves the others only
+      const [batch] = makeData(1, 8, 3);
+      const before = weightsOf(model);
+      tidy(() => crossEntropy(ddp.forward(batch.x), batch.y).backward());
+      expect(opt.step().updated).toBe(true);
+      const after = weightsOf(model);
+      for (const [n, v] of Object.entries(before)) {
+        const moved = after[n].some((x, i) => x !== v[i]);
+        expect(moved, n).toBe(!n.startsWith('fc3.'));
+      }
+      for (const t of [batch.x, batch.y]) t.dispose();
+      opt.dispose();
+      ddp.dispose();
+      model.dispose();
+    },
+  );
+
   it('skips the step when the gradient norm is NaN: one log line, weights unchanged', () => {
     const model = new MLP(DIMS, 2);
     const ddp = new DistributedDataParallel(model, {

@@ -170,6 +170,13 @@ export const OptimizerSection = z.strictObject({
   adamBeta1: z.number().min(0).lt(1).default(0.9),
   adamBeta2: z.number().min(0).lt(1).default(0.999),
   adamEps: z.number().positive().default(1e-8),
+  /**
+   * Megatron --decoupled-lr: the word embeddings' and output layer's own peak learning rate (their
+   * schedule runs from it to decoupledMinLr; null: the one schedule of every parameter).
+   */
+  decoupledLr: z.number().nonnegative().nullable().default(null),
+  /** Megatron --decoupled-min-lr (default minLr). */
+  decoupledMinLr: z.number().nonnegative().nullable().default(null),
   /** Megatron --start-weight-decay (a weight-decay schedule; null: weightDecay throughout). */
   startWeightDecay: z.number().nonnegative().nullable().default(null),
   /** Megatron --end-weight-decay. */
@@ -346,6 +353,20 @@ export const RunConfig = z
       });
     }
     const o = c.optimizer;
+    if (o.decoupledMinLr !== null && o.decoupledLr === null) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['optimizer', 'decoupledMinLr'],
+        message: 'goes with optimizer.decoupledLr',
+      });
+    }
+    if (o.decoupledLr !== null && (o.decoupledMinLr ?? o.minLr) > o.decoupledLr) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['optimizer', 'decoupledMinLr'],
+        message: `${o.decoupledMinLr ?? o.minLr}${o.decoupledMinLr === null ? ' (minLr)' : ''} is above optimizer.decoupledLr (${o.decoupledLr})`,
+      });
+    }
     if (o.startWeightDecay !== null || o.endWeightDecay !== null) {
       const start = o.startWeightDecay ?? o.endWeightDecay ?? 0;
       const end = o.endWeightDecay ?? o.startWeightDecay ?? 0;

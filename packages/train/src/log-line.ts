@@ -23,6 +23,8 @@ export interface TrainingLogFields {
   throughputTflopsPerGpu?: number | null;
   /** Null where the rank has no trainable parameters. */
   learningRate: number | null;
+  /** Megatron --decoupled-lr: the embedding and output layer's learning rate (printed after the other). */
+  decoupledLearningRate?: number | null;
   globalBatchSize: number;
   /**
    * The losses are means over the interval's advanced iterations; like Megatron, a loss that is
@@ -85,6 +87,8 @@ export function formatTrainingLogLine(f: TrainingLogFields): string {
     s += ` throughput per GPU (TFLOP/s/GPU): ${pyFixed(f.throughputTflopsPerGpu, 1)} |`;
   }
   if (f.learningRate != null) s += ` learning rate: ${pyExp(f.learningRate, 6)} |`;
+  if (f.decoupledLearningRate != null)
+    s += ` decoupled learning rate: ${pyExp(f.decoupledLearningRate, 6)} |`;
   s += ` global batch size: ${pyInt('globalBatchSize', f.globalBatchSize, 5)} |`;
   // Megatron's total_loss_dict order: the loss function's losses, then the MoE tracker's, then MTP's.
   const losses: [string, number | null | undefined][] = [

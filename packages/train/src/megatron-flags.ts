@@ -208,8 +208,6 @@ export const REFUSED_FLAGS: Readonly<Record<string, string>> = {
   'hierarchical-context-parallel-sizes': 'context parallelism is one ring (--cp-comm-type p2p)',
   'moe-router-force-load-balancing': 'tokens go to the experts the router picks',
   'moe-input-jitter-eps': 'the router sees its input unchanged (no jitter)',
-  'decoupled-lr': 'one learning rate schedule for every parameter (no separate embedding and output LR)',
-  'decoupled-min-lr': 'one learning rate schedule for every parameter (no separate embedding and output LR)',
 };
 
 /**

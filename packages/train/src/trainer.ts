@@ -92,6 +92,8 @@ export interface TrainMetrics {
   consumedSamples: number;
   elapsedMs: number;
   lr: number;
+  /** The embedding and output layer's learning rate (optimizer.decoupledLr set). */
+  decoupledLr?: number;
   lmLoss: number;
   gradNorm: number | null;
   skippedIterations: number;
@@ -149,6 +151,7 @@ export function tensorboardScalars(
   }
   return {
     'learning-rate': m.lr,
+    'decoupled-learning-rate': m.decoupledLr ?? null,
     'batch-size': globalBatchSize,
     'lm loss': m.lmLoss,
     'loss-scale': m.lossScale,
@@ -923,6 +926,15 @@ async function trainOnDefaultDevice(
       return copies.filter((w): w is Tensor => w !== null);
     })(),
     log: (line: string) => log(`warning: ${line}`),
+    // Megatron --decoupled-lr: the word embeddings and the output layer (is_embedding_or_output_parameter)
+    decoupledLr:
+      o.decoupledLr === null
+        ? null
+        : {
+            lr: o.decoupledLr,
+            minLr: o.decoupledMinLr ?? o.minLr,
+            isParam: (name: string) => /(^|\.)(embedding\.word_embeddings|output_layer)\.weight$/.test(name),
+          },
     // fp16: Megatron's loss scaling (a constant scale, or the dynamic one)
     lossScaler:
       config.model.dtype !== 'fp16'
@@ -1388,7 +1400,16 @@ async function trainOnDefaultDevice(
         iteration: state.iteration,
         consumedSamples: state.consumedSamples,
         elapsedMs: elapsed,
-        lr: optimizer.paramGroups[0]?.lr ?? o.lr,
+        // the schedule's value now (every rank alike, whichever groups its shard holds)
+        lr: scheduler.getLr(),
+        ...(o.decoupledLr !== null
+          ? {
+              decoupledLr: scheduler.getLr(undefined, {
+                maxLr: o.decoupledLr,
+                minLr: o.decoupledMinLr ?? o.minLr,
+              }),
+            }
+          : {}),
         lmLoss,
         gradNorm: Number.isFinite(r.gradNorm) ? r.gradNorm : null,
         skippedIterations: state.skippedIterations,
@@ -1428,6 +1449,7 @@ async function trainOnDefaultDevice(
             elapsedMsPerIteration: elapsed,
             throughputTflopsPerGpu: metrics.tflops,
             learningRate: metrics.lr,
+            ...(metrics.decoupledLr !== undefined ? { decoupledLearningRate: metrics.decoupledLr } : {}),
             globalBatchSize: gbs,
             lmLoss,
             ...(metrics.moe?.auxLoss !== undefined ? { loadBalancingLoss: metrics.moe.auxLoss } : {}),

@@ -35,6 +35,12 @@ describe('formatTrainingLogLine', () => {
     );
   });
 
+  it('writes the decoupled learning rate after the other, as Megatron with --decoupled-lr did (2024-25 releases)', () => {
+    expect(formatTrainingLogLine({ ...BF16, decoupledLearningRate: 5e-4 })).toContain(
+      ' learning rate: 1.000000E-04 | decoupled learning rate: 5.000000E-04 | global batch size:    32 |',
+    );
+  });
+
   it('writes every field: fp16, MoE and MTP losses, then the megapatch fields', () => {
     const line = formatTrainingLogLine({
       time: TIME,

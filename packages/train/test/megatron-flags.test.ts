@@ -107,9 +107,9 @@ const SCRIPTS: Record<string, string> = {
     --override-opt_param-scheduler --num-virtual-stages-per-pipeline-rank 2`,
 };
 
-// the flags of these scripts that megapatch refuses (a feature it lacks); every other flag sets a
-// key or is accepted
-const UNSUPPORTED_IN_SCRIPTS = new Set(['decoupled-lr', 'decoupled-min-lr']);
+// the flags of these scripts that megapatch refuses (a feature it lacks): none; every flag sets a
+// key, is checked or is accepted
+const UNSUPPORTED_IN_SCRIPTS = new Set<string>();
 
 describe('Megatron run-script flags', () => {
   it.each(Object.keys(SCRIPTS))(
@@ -195,6 +195,8 @@ describe('Megatron run-script flags', () => {
     expect(() => resolveOverride('cp-comm-type', 'a2a')).toThrow(
       /--cp-comm-type a2a: context parallelism is a ring/,
     );
+    const megatronLlama = loadRunConfig(null, pairs(SCRIPTS['megatron llama3']));
+    expect(megatronLlama.optimizer).toMatchObject({ decoupledLr: 5e-4, decoupledMinLr: 4.5e-5 });
     const llama = loadRunConfig(null, [...pairs(SCRIPTS['pai llama3.1']), ['logging.runDir', 'run']]);
     expect(llama.parallel.numLayersPerVirtualPipelineStage).toBe(1);
     expect(llama.model.architecture).toMatchObject({ useRopeScaling: true, ropeScalingFactor: 8 });

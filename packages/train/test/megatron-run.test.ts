@@ -6,7 +6,7 @@
 // decay ramp).
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { convertHfToMegapatch } from '@megapatch/convert';
+import { Checkpoint, convertHfToMegapatch } from '@megapatch/convert';
 import { afterAll, describe, expect, it } from 'vitest';
 import { loadRunConfig, parseRunConfig, type RunConfigInput, readScalarEvents, train } from '../src/index.js';
 import { mergedRunConfig, patternCorpus, tempDir, tinyLlama } from './helpers.js';
@@ -125,6 +125,21 @@ describe('Megatron run scripts', () => {
     // the optimizer's moments matter: a full resume trains differently
     expect(resumed.losses[0]).toBe(fromLean.losses[0]);
     expect(resumed.losses[1]).not.toBe(fromLean.losses[1]);
+    // --override-opt_param-scheduler: this config's schedule at the checkpoint's step (56 samples at
+    // iteration 7); without it the checkpoint's (decayed to its minLr 3e-4 by step 48)
+    const schedule = { lrDecayStyle: 'cosine', lrWarmupIters: 2 };
+    const newLr = { lr: 1e-3, minLr: 1e-4, weightDecay: 0.01, clipGrad: 1 };
+    const overridden = await run(
+      config('override', {
+        checkpoint: { load: full },
+        training: more,
+        optimizer: newLr,
+        scheduler: { ...schedule, overrideOptParamScheduler: true },
+      }),
+    );
+    expect(overridden.lrs[0]).toBeCloseTo(1e-4 + 0.9e-3 * 0.5 * (1 + Math.cos((Math.PI * 40) / 56)), 12);
+    const kept = await run(config('kept', { checkpoint: { load: full }, training: more, optimizer: newLr }));
+    expect(kept.lrs[0]).toBeCloseTo(3e-4, 12);
     // --no-load-rng: said in the log
     const noRng = await run(
       config('no-rng', { checkpoint: { load: full, noLoadRng: true }, training: more }),
@@ -280,6 +295,54 @@ describe('Megatron run scripts', () => {
       runDir: path.join(root, 'tb-flags'),
       tensorboardDir: path.join(root, 'tb-flags'),
     });
+  });
+
+  it('--decoupled-lr: the embedding and output layer on their own schedule', async () => {
+    // a decoupled rate equal to the other: the same run, bit for bit
+    const base = await run(config('dec-base'));
+    const same = await run(
+      config('dec-same', {
+        optimizer: { lr: 3e-3, minLr: 3e-4, weightDecay: 0.01, clipGrad: 1, decoupledLr: 3e-3 },
+      }),
+    );
+    expect(same.losses).toEqual(base.losses);
+    // a decoupled rate of 0: the (tied) embedding stays as loaded, everything else trains
+    const ck = path.join(root, 'ck-dec');
+    const frozen = await run(
+      config('dec-frozen', {
+        optimizer: {
+          lr: 3e-3,
+          minLr: 3e-4,
+          weightDecay: 0.01,
+          clipGrad: 1,
+          decoupledLr: 0,
+          decoupledMinLr: 0,
+        },
+        checkpoint: { save: ck },
+      }),
+    );
+    expect(
+      frozen.lines.some((l) =>
+        /learning rate: 1\.500000E-03 \| decoupled learning rate: 0\.000000E\+00 \|/.test(l),
+      ),
+    ).toBe(true);
+    const converted = path.join(root, 'dec-initial');
+    await convertHfToMegapatch({ hfDir: hf, output: converted });
+    const initial = Checkpoint.open(converted);
+    const trained = Checkpoint.open(ck);
+    const whole = (c: Checkpoint, name: string) => Buffer.from(c.read(name));
+    expect(
+      whole(trained, 'embedding.word_embeddings.weight').equals(
+        whole(initial, 'embedding.word_embeddings.weight'),
+      ),
+    ).toBe(true);
+    const fc1 = 'decoder.layers.0.mlp.linear_fc1.weight';
+    expect(whole(trained, fc1).equals(whole(initial, fc1))).toBe(false);
+    initial.close();
+    trained.close();
+    expect(() => config('dec-bad', { optimizer: { lr: 3e-3, minLr: 3e-4, decoupledLr: 1e-4 } })).toThrow(
+      /optimizer.decoupledMinLr: 0.0003 \(minLr\) is above optimizer.decoupledLr \(0.0001\)/,
+    );
   });
 
   it('--lr-warmup-fraction, --lr-warmup-init and the weight-decay ramp', async () => {

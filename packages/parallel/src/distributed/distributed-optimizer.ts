@@ -77,6 +77,13 @@ export interface DistributedOptimizerOptions {
    * step when any is inf or NaN and updates the scale. Null (default): no scaling (bf16, fp32).
    */
   lossScaler?: GradScaler | null;
+  /**
+   * Megatron --decoupled-lr / --decoupled-min-lr: the parameters `isParam` names (Megatron's
+   * embedding and output-layer weights) go in groups of their own whose learning rate starts at
+   * `lr` and whose schedule runs from `lr` to `minLr` (the group's maxLr and minLr, which
+   * OptimizerParamScheduler reads). Null (default): one schedule for every parameter.
+   */
+  decoupledLr?: { lr: number; minLr: number; isParam: (name: string) => boolean } | null;
 }
 
 /** What one step did. */
@@ -211,6 +218,10 @@ abstract class BufferOptimizer {
     const names = new Map(ddp.namedParameters().map(([n, p]) => [p, n]));
     const decay: Tensor[] = [];
     const noDecay: Tensor[] = [];
+    // with a decoupled learning rate, the embedding and output weights' pieces apart
+    const decoupled = options.decoupledLr ?? null;
+    const decayDecoupled: Tensor[] = [];
+    const noDecayDecoupled: Tensor[] = [];
     noGrad(() => {
       for (const buffer of ddp.buffers) {
         // each buffer is sharded over the group it is reduced over (dp, or expert-dp)
@@ -240,7 +251,9 @@ abstract class BufferOptimizer {
               a.partitionDim,
               a.partitionStride,
             );
-            (noWeightDecay(n, p) ? noDecay : decay).push(piece.master);
+            const apart = decoupled?.isParam(n) ?? false;
+            if (noWeightDecay(n, p)) (apart ? noDecayDecoupled : noDecay).push(piece.master);
+            else (apart ? decayDecoupled : decay).push(piece.master);
             this.pieces.push(piece);
             if (expert) this.expertPieces.add(piece);
           }
@@ -250,6 +263,12 @@ abstract class BufferOptimizer {
     const groups: GroupInput<AdamWGroup>[] = [];
     if (decay.length) groups.push({ params: decay });
     if (noDecay.length) groups.push({ params: noDecay, weightDecay: 0, wdMult: 0 });
+    if (decoupled) {
+      const lr = { lr: decoupled.lr, maxLr: decoupled.lr, minLr: decoupled.minLr };
+      if (decayDecoupled.length) groups.push({ params: decayDecoupled, ...lr });
+      if (noDecayDecoupled.length)
+        groups.push({ params: noDecayDecoupled, weightDecay: 0, wdMult: 0, ...lr });
+    }
     this.inner = groups.length
       ? new AdamW(groups, {
           lr: options.lr,
