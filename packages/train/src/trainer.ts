@@ -71,6 +71,7 @@ import {
   zeros,
 } from '@megapatch/tensor';
 import {
+  LATEST_ITERATION_FILE,
   loadTrainingCheckpoint,
   resolveCheckpointIteration,
   saveTrainingCheckpoint,
@@ -293,16 +294,14 @@ class ModelChunks extends Module {
 /** Whether `root` holds a checkpoint to resume (a tracker file or a complete iteration folder). */
 function holdsCheckpoint(root: string): boolean {
   if (!fs.existsSync(root)) return false;
-  return fs
-    .readdirSync(root)
-    .some((f) => f === 'latest_checkpointed_iteration.txt' || /^iter_\d{7}$/.test(f));
+  return fs.readdirSync(root).some((f) => f === LATEST_ITERATION_FILE || /^iter_\d{7}$/.test(f));
 }
 
 /**
- * Settles where the model comes from before anything is built. A checkpoint.load folder that holds
- * no checkpoint yet (missing, empty, or only a save that did not finish) starts from model.load or
- * model.config: Megatron's --load on an empty folder, the first run of a job that restarts itself
- * with the same command. When the run script stated the architecture (model.architecture) or
+ * Settles where the model comes from before anything is built. A checkpoint.load folder that is a
+ * Hugging Face model starts from its weights; one that holds no checkpoint yet (missing, empty, or
+ * only a save that did not finish) starts from model.load or model.config: Megatron's --load on an
+ * empty folder, the first run of a job that restarts itself with the same command. When the run script stated the architecture (model.architecture) or
  * numLayersPerVirtualPipelineStage, the model's config is read and checked here. Returns the run's
  * config with those settled, and lines to log.
  */
