@@ -2,7 +2,7 @@
 // update, activation recompute, random initialisation and flat memory over training steps.
 import { AdamW, fromTypedArray, Generator, memoryStats, noGrad, type Tensor, tidy } from '@megapatch/tensor';
 import { afterAll, describe, expect, it } from 'vitest';
-import { GPTModel, loadModel, selectExperts, TopKRouter } from '../src/index.js';
+import { GPTModel, loadModel, selectExperts, TopKRouter, type TransformerLayer } from '../src/index.js';
 import { fixtureCheckpoint, relMaxError } from './helpers/fixtures.js';
 
 const ids = fromTypedArray(BigInt64Array.from([1, 5, 9, 33, 100, 7, 8, 9, 4, 77, 12, 3], BigInt), [2, 6]);
@@ -408,28 +408,45 @@ describe.each(['qwen3', 'deepseek-v3'])('%s recompute', (id) => {
   });
 });
 
+/**
+ * One forward and backward of the qwen3 fixture under `recompute`, counting how many times each
+ * decoder layer ran the method `pick(layer)` names (its body, or its MLP's forward).
+ */
+function countedRun(
+  recompute: NonNullable<Parameters<typeof loadModel>[1]>['recompute'],
+  pick: (layer: TransformerLayer) => [object, string],
+) {
+  const { model } = loadModel(fixtureCheckpoint('qwen3'), { recompute });
+  disposeLater.push(model);
+  const counts = [...model.decoder.layers].map((layer) => {
+    const counter = { n: 0 };
+    const [owner, key] = pick(layer);
+    const o = owner as Record<string, (...a: unknown[]) => unknown>;
+    const original = o[key].bind(owner);
+    o[key] = (...a: unknown[]) => {
+      counter.n++;
+      return original(...a);
+    };
+    return counter;
+  });
+  const loss = (model.forward(ids, { labels }).loss as Tensor).mean();
+  loss.backward();
+  const value = loss.item();
+  loss.dispose();
+  return { counts: counts.map((c) => c.n), value, grads: grads(model) };
+}
+
+/** Recomputing changes nothing computed: the loss and every gradient of `ref`. */
+function expectSameRun(r: ReturnType<typeof countedRun>, ref: ReturnType<typeof countedRun>) {
+  expect(r.value).toBeCloseTo(ref.value, 6);
+  for (const [n, g] of r.grads)
+    expect(relMaxError(g, ref.grads.get(n) as Float32Array), n).toBeLessThan(1e-5);
+}
+
 describe("Megatron's recompute methods", () => {
   it("'block' recomputes the first numLayers layers of the stage, 'uniform' every layer, in the backward pass", () => {
     // how many times each decoder layer ran its body in one forward and backward
-    const runs = (recompute: NonNullable<Parameters<typeof loadModel>[1]>['recompute']) => {
-      const { model } = loadModel(fixtureCheckpoint('qwen3'), { recompute });
-      disposeLater.push(model);
-      const counts = [...model.decoder.layers].map((layer) => {
-        const counter = { n: 0 };
-        const l = layer as unknown as { body: (...a: unknown[]) => unknown };
-        const body = l.body.bind(layer);
-        l.body = (...a: unknown[]) => {
-          counter.n++;
-          return body(...a);
-        };
-        return counter;
-      });
-      const loss = (model.forward(ids, { labels }).loss as Tensor).mean();
-      loss.backward();
-      const value = loss.item();
-      loss.dispose();
-      return { counts: counts.map((c) => c.n), value, grads: grads(model) };
-    };
+    const runs = (recompute: Parameters<typeof countedRun>[0]) => countedRun(recompute, (l) => [l, 'body']);
     const none = runs(null);
     const block = runs({ granularity: 'full', method: 'block', numLayers: 1 });
     const uniform = runs({ granularity: 'full', method: 'uniform', numLayers: 1 });
@@ -437,45 +454,19 @@ describe("Megatron's recompute methods", () => {
     expect(block.counts).toEqual([2, 1, 1, 1]);
     expect(uniform.counts).toEqual([2, 2, 2, 2]);
     expect(runs({ granularity: 'full', method: 'block', numLayers: 3 }).counts).toEqual([2, 2, 2, 1]);
-    // recomputing changes nothing computed
-    for (const r of [block, uniform]) {
-      expect(r.value).toBeCloseTo(none.value, 6);
-      for (const [n, g] of r.grads)
-        expect(relMaxError(g, none.grads.get(n) as Float32Array), n).toBeLessThan(1e-5);
-    }
+    for (const r of [block, uniform]) expectSameRun(r, none);
   });
 });
 
 describe('--recompute-modules mlp', () => {
   it("recomputes each dense layer's MLP in the backward pass, with the same loss and gradients", () => {
-    const runs = (modules: ('core_attn' | 'mlp')[]) => {
-      const { model } = loadModel(fixtureCheckpoint('qwen3'), {
-        recompute: { granularity: 'selective', modules },
-      });
-      disposeLater.push(model);
-      const counts = [...model.decoder.layers].map((layer) => {
-        const counter = { n: 0 };
-        const mlp = layer.mlp as unknown as { forward: (...a: unknown[]) => unknown };
-        const forward = mlp.forward.bind(mlp);
-        mlp.forward = (...a: unknown[]) => {
-          counter.n++;
-          return forward(...a);
-        };
-        return counter;
-      });
-      const loss = (model.forward(ids, { labels }).loss as Tensor).mean();
-      loss.backward();
-      const value = loss.item();
-      loss.dispose();
-      return { counts: counts.map((c) => c.n), value, grads: grads(model) };
-    };
+    const runs = (modules: ('core_attn' | 'mlp')[]) =>
+      countedRun({ granularity: 'selective', modules }, (l) => [l.mlp, 'forward']);
     const plain = runs(['core_attn']);
     const mlp = runs(['mlp']);
     expect(plain.counts).toEqual([1, 1, 1, 1]);
     expect(mlp.counts).toEqual([2, 2, 2, 2]);
-    expect(mlp.value).toBeCloseTo(plain.value, 6);
-    for (const [n, g] of mlp.grads)
-      expect(relMaxError(g, plain.grads.get(n) as Float32Array), n).toBeLessThan(1e-5);
+    expectSameRun(mlp, plain);
   });
 });
 

@@ -175,20 +175,26 @@ export const IMPLEMENTATION_FLAGS: Readonly<Record<string, string>> = {
   'use-checkpoint-opt_param-scheduler': "a resumed run takes the checkpoint's schedule (the default here)",
 };
 
+const NO_FP8 = 'megapatch trains in bf16, fp16 or fp32: there is no FP8 training';
+const ACTIVATIONS_STAY =
+  'activations stay on the training device (use --recompute-granularity to save memory)';
+const NO_FSDP = 'megapatch shards the optimizer state with --use-distributed-optimizer (ZeRO-1), not FSDP';
+const PLACE_EMBEDDING =
+  'place the embedding and loss with --pipeline-model-parallel-layout (or uneven stages)';
+
 /** Flags whose feature megapatch does not have: refused with the reason, before the run starts. */
 export const REFUSED_FLAGS: Readonly<Record<string, string>> = {
-  fp8: 'megapatch trains in bf16, fp16 or fp32: there is no FP8 training',
-  'fp8-format': 'megapatch trains in bf16, fp16 or fp32: there is no FP8 training',
-  'fp8-recipe': 'megapatch trains in bf16, fp16 or fp32: there is no FP8 training',
-  'fp8-param-gather': 'megapatch trains in bf16, fp16 or fp32: there is no FP8 training',
-  'fp8-amax-compute-algo': 'megapatch trains in bf16, fp16 or fp32: there is no FP8 training',
-  'fp8-amax-history-len': 'megapatch trains in bf16, fp16 or fp32: there is no FP8 training',
+  fp8: NO_FP8,
+  'fp8-format': NO_FP8,
+  'fp8-recipe': NO_FP8,
+  'fp8-param-gather': NO_FP8,
+  'fp8-amax-compute-algo': NO_FP8,
+  'fp8-amax-history-len': NO_FP8,
   'optimizer-cpu-offload': 'the optimizer state stays on the training device',
   'optimizer-offload-fraction': 'the optimizer state stays on the training device',
   'use-precision-aware-optimizer': 'the optimizer keeps float32 master weights and moments',
-  'cpu-offloading': 'activations stay on the training device (use --recompute-granularity to save memory)',
-  'cpu-offloading-num-layers':
-    'activations stay on the training device (use --recompute-granularity to save memory)',
+  'cpu-offloading': ACTIVATIONS_STAY,
+  'cpu-offloading-num-layers': ACTIVATIONS_STAY,
   'moe-enable-deepep': 'experts exchange tokens by all-gather or all-to-all (--moe-token-dispatcher-type)',
   'sequence-packing': 'pack SFT samples with data.sft.packing (megapatch preprocess sft)',
   'train-samples': 'give the run in iterations (--train-iters)',
@@ -197,14 +203,10 @@ export const REFUSED_FLAGS: Readonly<Record<string, string>> = {
   'rampup-batch-size': 'the global batch size is constant',
   'use-legacy-models': 'megapatch builds Megatron-Core models',
   'mock-data': 'give real data (--data-path; megapatch preprocess pretrain makes it)',
-  'use-torch-fsdp2':
-    'megapatch shards the optimizer state with --use-distributed-optimizer (ZeRO-1), not FSDP',
-  'use-custom-fsdp':
-    'megapatch shards the optimizer state with --use-distributed-optimizer (ZeRO-1), not FSDP',
-  'account-for-embedding-in-pipeline-split':
-    'place the embedding and loss with --pipeline-model-parallel-layout (or uneven stages)',
-  'account-for-loss-in-pipeline-split':
-    'place the embedding and loss with --pipeline-model-parallel-layout (or uneven stages)',
+  'use-torch-fsdp2': NO_FSDP,
+  'use-custom-fsdp': NO_FSDP,
+  'account-for-embedding-in-pipeline-split': PLACE_EMBEDDING,
+  'account-for-loss-in-pipeline-split': PLACE_EMBEDDING,
   'hierarchical-context-parallel-sizes': 'context parallelism is one ring (--cp-comm-type p2p)',
   'moe-router-force-load-balancing': 'tokens go to the experts the router picks',
   'moe-input-jitter-eps': 'the router sees its input unchanged (no jitter)',
@@ -214,19 +216,16 @@ export const REFUSED_FLAGS: Readonly<Record<string, string>> = {
  * Flags whose value decides whether megapatch can honour them: the accepted values, and why the
  * others are refused.
  */
+const NO_DROPOUT = {
+  accept: (v: unknown) => v === 0,
+  note: 'megapatch trains without dropout',
+  reason: 'megapatch trains without dropout: give 0',
+};
 const VALUE_FLAGS: Readonly<
   Record<string, { accept: (v: unknown) => boolean; note: string; reason: string }>
 > = {
-  'attention-dropout': {
-    accept: (v) => v === 0,
-    note: 'megapatch trains without dropout',
-    reason: 'megapatch trains without dropout: give 0',
-  },
-  'hidden-dropout': {
-    accept: (v) => v === 0,
-    note: 'megapatch trains without dropout',
-    reason: 'megapatch trains without dropout: give 0',
-  },
+  'attention-dropout': NO_DROPOUT,
+  'hidden-dropout': NO_DROPOUT,
   optimizer: {
     accept: (v) => v === 'adam',
     note: "Megatron's adam (AdamW) is megapatch's optimizer",
