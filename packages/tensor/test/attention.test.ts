@@ -8,6 +8,7 @@ import {
   gradcheck,
   memoryStats,
   narrow,
+  rand,
   randn,
   scaledDotProductAttention,
   setNumThreads,
@@ -69,6 +70,8 @@ interface RefOptions {
   cu?: number[];
   /** allow(b, h, i, j) for a bool mask, or an additive value. */
   allow?: (b: number, h: number, i: number, j: number) => boolean;
+  /** Dropout multiplier of probability (b, h, i, j): out = (P ∘ drop) V. */
+  drop?: (b: number, h: number, i: number, j: number) => number;
 }
 
 // Plain float64 loops: the attention forward and its gradients, for shapes larger than the
@@ -114,14 +117,17 @@ function naiveAttention(q: Tensor, k: Tensor, v: Tensor, gout: Tensor, o: RefOpt
         let l = 0;
         for (let j = 0; j < Sk; j++) l += p[j] = Math.exp(p[j] - mx);
         for (let j = 0; j < Sk; j++) p[j] /= l;
+        // with dropout multipliers m: out = Σ p m v, dP = m (dO · v), delta = Σ p dP
         const dp = new Float64Array(Sk);
         let delta = 0;
         for (let j = 0; j < Sk; j++) {
+          const m = o.drop ? o.drop(b, h, i, j) : 1;
           for (let d = 0; d < Dv; d++) {
-            out[(qo + i) * Dv + d] += p[j] * V[(ko + j) * Dv + d];
+            out[(qo + i) * Dv + d] += p[j] * m * V[(ko + j) * Dv + d];
             dp[j] += GO[(qo + i) * Dv + d] * V[(ko + j) * Dv + d];
-            dv[(ko + j) * Dv + d] += p[j] * GO[(qo + i) * Dv + d];
+            dv[(ko + j) * Dv + d] += p[j] * m * GO[(qo + i) * Dv + d];
           }
+          dp[j] *= m;
           delta += p[j] * dp[j];
         }
         for (let j = 0; j < Sk; j++) {
@@ -160,6 +166,14 @@ interface Problem {
   Sk: number;
   D: number;
   Dv?: number;
+}
+
+/** A bool mask [1, Hq, Sq, Sk] of allow(0, h, i, j). */
+function boolMask(p: Problem, allow: NonNullable<RefOptions['allow']>): Tensor {
+  const vals: boolean[] = [];
+  for (let h = 0; h < p.Hq; h++)
+    for (let i = 0; i < p.Sq; i++) for (let j = 0; j < p.Sk; j++) vals.push(allow(0, h, i, j));
+  return tensor(Uint8Array.from(vals, Number), { shape: [1, p.Hq, p.Sq, p.Sk], dtype: 'bool' });
 }
 
 function leaves(p: Problem, dtype: 'float32' | 'float64', seed: number) {
@@ -201,13 +215,7 @@ describe('scaledDotProductAttention against float64 loops (several blocks)', () 
       it(`${name} (${nt} thread${nt > 1 ? 's' : ''})`, () => {
         setNumThreads(nt);
         const { q, k, v, gout } = leaves(p, 'float32', 11);
-        let mask: Tensor | null = null;
-        if (o.allow) {
-          const vals: boolean[] = [];
-          for (let h = 0; h < p.Hq; h++)
-            for (let i = 0; i < p.Sq; i++) for (let j = 0; j < p.Sk; j++) vals.push(o.allow(0, h, i, j));
-          mask = tensor(Uint8Array.from(vals, Number), { shape: [1, p.Hq, p.Sq, p.Sk], dtype: 'bool' });
-        }
+        const mask = o.allow ? boolMask(p, o.allow) : null;
         const cu = o.cu ? tensor(o.cu, { dtype: 'int64' }) : null;
         const out = sdpa(q, k, v, { isCausal: o.causal, scale: o.scale, attnMask: mask, cuSeqlens: cu });
         out.backward(gout);
@@ -220,6 +228,132 @@ describe('scaledDotProductAttention against float64 loops (several blocks)', () 
       });
     }
   }
+});
+
+describe('scaledDotProductAttention with dropout', () => {
+  // multipliers 0 or 1/(1-p) at a fixed pseudo-random pattern, as a [B, Hq, Sq, Sk] tensor
+  const pattern = (p: Problem, rate: number, dtype: 'float32' | 'float64' = 'float32') => {
+    const drop = (b: number, h: number, i: number, j: number) =>
+      ((b * 131 + h * 71 + i * 37 + j * 19) % 10) / 10 < rate ? 0 : 1 / (1 - rate);
+    const vals: number[] = [];
+    for (let b = 0; b < p.B; b++)
+      for (let h = 0; h < p.Hq; h++)
+        for (let i = 0; i < p.Sq; i++) for (let j = 0; j < p.Sk; j++) vals.push(drop(b, h, i, j));
+    return { drop, mask: tensor(vals, { shape: [p.B, p.Hq, p.Sq, p.Sk], dtype }) };
+  };
+
+  it.each([
+    ['causal GQA', { B: 2, Hq: 4, Hkv: 2, Sq: 40, Sk: 40, D: 8 }, { causal: true }],
+    [
+      'varlen causal, Dv != D',
+      { B: 1, Hq: 2, Hkv: 1, Sq: 50, Sk: 50, D: 8, Dv: 6 },
+      { causal: true, cu: [0, 17, 17, 50] },
+    ],
+    [
+      'bool mask with fully masked rows',
+      { B: 1, Hq: 2, Hkv: 2, Sq: 30, Sk: 45, D: 4 },
+      { allow: (_b: number, h: number, i: number, j: number) => i % 11 !== 3 && (i + 2 * j + h) % 4 !== 0 },
+    ],
+  ] as [string, Problem, RefOptions][])(
+    'dropoutMask: %s against float64 loops (forward and backward)',
+    (_name, p, o) => {
+      const { q, k, v, gout } = leaves(p, 'float32', 21);
+      const { drop, mask: dm } = pattern(p, 0.3);
+      const mask = o.allow ? boolMask(p, o.allow) : null;
+      const cu = o.cu ? tensor(o.cu, { dtype: 'int64' }) : null;
+      const out = sdpa(q, k, v, { isCausal: o.causal, attnMask: mask, cuSeqlens: cu, dropoutMask: dm });
+      out.backward(gout);
+      const ref = naiveAttention(q, k, v, gout, { ...o, drop });
+      expectArrayClose(out, ref.out, 1e-5, 1e-4, 'out');
+      expectArrayClose(q.grad!, ref.dq, 2e-5, 2e-4, 'dq');
+      expectArrayClose(k.grad!, ref.dk, 2e-5, 2e-4, 'dk');
+      expectArrayClose(v.grad!, ref.dv, 2e-5, 2e-4, 'dv');
+      // and without the mask the result differs (the multipliers were applied)
+      const plain = naiveAttention(q, k, v, gout, o);
+      expect(asNumbers(out).some((x, i) => Math.abs(x - plain.out[i]) > 1e-3)).toBe(true);
+      disposeAll(q, k, v, gout, out, mask, cu, dm);
+    },
+  );
+
+  it('dropoutMask gradcheck (float64, GQA causal, a broadcast mask)', () => {
+    const p = { B: 1, Hq: 4, Hkv: 2, Sq: 5, Sk: 5, D: 3 };
+    const { q, k, v, gout } = leaves(p, 'float64', 4);
+    gout.dispose();
+    // [Hq, Sq, Sk] broadcast over the batch
+    const dm = pattern({ ...p, B: 1 }, 0.4, 'float64').mask.reshape(p.Hq, p.Sq, p.Sk);
+    const ok = gradcheck((a, b, c) => sdpa(a, b, c, { isCausal: true, dropoutMask: dm }), [q, k, v], {
+      atol: 1e-6,
+      rtol: 1e-5,
+    });
+    expect(ok).toBe(true);
+    disposeAll(q, k, v, dm);
+  });
+
+  it("a mask of ones gives the fused kernels' result; dropoutP draws its mask from the generator", () => {
+    const p = { B: 1, Hq: 2, Hkv: 1, Sq: 24, Sk: 24, D: 8 };
+    const { q, k, v, gout } = leaves(p, 'float32', 9);
+    const fused = sdpa(q, k, v, { isCausal: true });
+    fused.backward(gout);
+    const grads = [q, k, v].map((t) => asNumbers(t.grad!));
+    for (const t of [q, k, v]) {
+      t.grad?.dispose();
+      t.grad = null;
+    }
+    const ones = tensor(new Array(p.Sq * p.Sk).fill(1), { shape: [p.Sq, p.Sk], dtype: 'float32' });
+    const composed = sdpa(q, k, v, { isCausal: true, dropoutMask: ones });
+    composed.backward(gout);
+    const close = (a: number[], b: number[], label: string) => {
+      for (let i = 0; i < a.length; i++) expect(Math.abs(a[i] - b[i]), `${label} ${i}`).toBeLessThan(1e-5);
+    };
+    close(asNumbers(composed), asNumbers(fused), 'out');
+    for (const [i, t] of [q, k, v].entries()) close(asNumbers(t.grad!), grads[i], `grad ${i}`);
+    // dropoutP = the mask rand(...) < 1 - p scaled by 1/(1-p), drawn from the generator given
+    const drawn = sdpa(q, k, v, { isCausal: true, dropoutP: 0.25, generator: new Generator(77) });
+    const u = rand([p.B, p.Hq, p.Sq, p.Sk], { generator: new Generator(77) });
+    const m = u
+      .lt(0.75)
+      .to('float32')
+      .mul(1 / 0.75);
+    const given = sdpa(q, k, v, { isCausal: true, dropoutMask: m });
+    expect(asNumbers(drawn)).toEqual(asNumbers(given));
+    disposeAll(q, k, v, gout, fused, ones, composed, drawn, u, m, given);
+  });
+
+  it('dropoutP zeroes a fraction p of the probabilities and scales the rest by 1/(1-p)', () => {
+    // q = 0: every probability is 1/Sk; v = identity: out[i, j] = P[i, j] · M[i, j]
+    const S = 64;
+    const q = tensor(new Array(S * 4).fill(0), { shape: [1, 1, S, 4], dtype: 'float32' });
+    const k = randn([1, 1, S, 4], { generator: new Generator(1) });
+    const eyeV: number[] = [];
+    for (let i = 0; i < S; i++) for (let j = 0; j < S; j++) eyeV.push(i === j ? 1 : 0);
+    const v = tensor(eyeV, { shape: [1, 1, S, S], dtype: 'float32' });
+    const out = sdpa(q, k, v, { dropoutP: 0.2, generator: new Generator(3) });
+    const vals = asNumbers(out).map((x) => x * S);
+    const zeros = vals.filter((x) => x === 0).length / vals.length;
+    expect(Math.abs(zeros - 0.2)).toBeLessThan(0.02); // 4096 draws: sd 0.006
+    for (const x of vals) if (x !== 0) expect(Math.abs(x - 1.25)).toBeLessThan(1e-5);
+    // a second draw from the same generator differs; p = 0 is the plain attention
+    const again = sdpa(q, k, v, { dropoutP: 0.2, generator: new Generator(4) });
+    expect(asNumbers(again)).not.toEqual(asNumbers(out));
+    disposeAll(q, k, v, out, again);
+  });
+
+  it('rejects a bad dropoutP, both options, an integer mask and a mask of the wrong shape', () => {
+    const p = { B: 1, Hq: 2, Hkv: 2, Sq: 3, Sk: 3, D: 2 };
+    const { q, k, v, gout } = leaves(p, 'float32', 2);
+    const ones = tensor([1, 1, 1], { shape: [3], dtype: 'float32' });
+    expect(() => sdpa(q, k, v, { dropoutP: 1.5 })).toThrow(/dropoutP must be in \[0, 1\], got 1.5/);
+    expect(() => sdpa(q, k, v, { dropoutP: 0.1, dropoutMask: ones })).toThrow(
+      /dropoutP or dropoutMask, not both/,
+    );
+    const ints = tensor([1, 1, 1], { dtype: 'int32' });
+    expect(() => sdpa(q, k, v, { dropoutMask: ints })).toThrow(
+      /dropoutMask must be floating-point, got int32/,
+    );
+    const wrong = tensor([1, 1], { shape: [2], dtype: 'float32' });
+    expect(() => sdpa(q, k, v, { dropoutMask: wrong })).toThrow(/dropoutMask \[2\] does not broadcast/);
+    disposeAll(q, k, v, gout, ones, ints, wrong);
+  });
 });
 
 describe('scaledDotProductAttention gradcheck (float64)', () => {

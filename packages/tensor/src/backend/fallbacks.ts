@@ -675,7 +675,9 @@ register('attentionForward', (out, lse, q, k, v, opts) => {
     const p = exp(sub(s, where(eq(m, Number.NEGATIVE_INFINITY), 0, m)));
     const l = sum(p, 3, true);
     const some = gt(l, 0);
-    store(out, mul(matmul(p, vs), where(some, reciprocal(l), 0)));
+    // dropout scales the probabilities after the softmax: (P ∘ M) V, the lse unchanged
+    const kept = opts.dropout ? mul(p, to(opts.dropout, c)) : p;
+    store(out, mul(matmul(kept, vs), where(some, reciprocal(l), 0)));
     store(lse, where(some, add(m, log(l)), Number.NEGATIVE_INFINITY));
   });
 });
@@ -683,7 +685,8 @@ register('attentionForward', (out, lse, q, k, v, opts) => {
 // With P recomputed from the saved lse (0 outside the allowed keys and on rows with lse = -inf),
 // delta = rowsum(dO * O), dS = P * (dO V^T - delta):
 //   dq = scale dS K,  dk = scale dS^T Q,  dv = P^T dO
-// where dk and dv add up the query heads that share a kv head.
+// where dk and dv add up the query heads that share a kv head. With a dropout mask M (O = (P ∘ M) V):
+// dS = P * (M ∘ dO V^T - delta), dv = (P ∘ M)^T dO, and delta = rowsum(dO * O) still holds.
 register('attentionBackward', (dq, dk, dv, g, q, k, v, out, lse, opts) => {
   if (dq.numel + dk.numel + dv.numel === 0) return;
   run(() => {
@@ -705,10 +708,12 @@ register('attentionBackward', (dq, dk, dv, g, q, k, v, out, lse, opts) => {
     if (allowed) keep = logicalAnd(keep, allowed);
     const p = where(keep, exp(sub(scores(qs, ks, opts), L)), 0);
     const delta = sum(mul(gs, to(out, c)), 3, true);
-    const dS = mul(p, sub(matmul(gs, transpose(vs, 2, 3)), delta));
+    const drop = opts.dropout ? to(opts.dropout, c) : null;
+    const dP = matmul(gs, transpose(vs, 2, 3));
+    const dS = mul(p, sub(drop ? mul(dP, drop) : dP, delta));
     store(dq, mul(matmul(dS, ks), opts.scale));
     store(dk, sumHeads(mul(matmul(transpose(dS, 2, 3), qs), opts.scale), group));
-    store(dv, sumHeads(matmul(transpose(p, 2, 3), gs), group));
+    store(dv, sumHeads(matmul(transpose(drop ? mul(p, drop) : p, 2, 3), gs), group));
   });
 });
 

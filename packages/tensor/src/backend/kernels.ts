@@ -109,6 +109,14 @@ export function getKernel<K extends KernelName>(backend: Backend, name: K): Kern
   return backend.kernel(name) ?? (fallbacks.get(name) as KernelTable[K] | undefined);
 }
 
+/**
+ * The composition of a named kernel from core ops, whatever the backend has (for options the
+ * backends' own kernels lack, such as attention dropout).
+ */
+export function getFallbackKernel<K extends KernelName>(name: K): KernelTable[K] | undefined {
+  return fallbacks.get(name) as KernelTable[K] | undefined;
+}
+
 /** Whether `name` runs as the backend's own kernel (false: the composition, or nothing). */
 export function hasNativeKernel(backend: Backend, name: KernelName): boolean {
   return backend.kernel(name) !== undefined;

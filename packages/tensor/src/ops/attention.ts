@@ -4,9 +4,10 @@
 import { noGrad } from '../autograd/graph.js';
 import { attachGrad, needsGrad } from '../autograd/record.js';
 import { defineCpuKernel, native, pack } from '../backend/cpu.js';
-import { getKernel } from '../backend/kernels.js';
+import { getFallbackKernel, getKernel } from '../backend/kernels.js';
 import { isFloating } from '../dtype.js';
 import { argError, dtypeError, fmtShape, shapeError, TensorError } from '../errors.js';
+import { defaultGenerator, type Generator, rand } from '../random.js';
 import { tidy } from '../scope.js';
 import { deferCheck } from '../sync.js';
 import type { Tensor } from '../tensor.js';
@@ -28,14 +29,33 @@ export interface AttentionOptions {
    * count): needs B = 1 and Sq = Sk; tokens attend only within their own sequence.
    */
   cuSeqlens?: Tensor | null;
+  /**
+   * Dropout on the attention probabilities (torch's `dropout_p`): each is zeroed with probability
+   * p and the others scaled by 1/(1-p), drawn from `generator` (default: the default generator).
+   * Apply it in training only, as torch's callers do. Default 0.
+   */
+  dropoutP?: number;
+  /**
+   * The dropout multipliers themselves, broadcastable to [B, Hq, Sq, Sk] (0 = dropped, else the
+   * scale, e.g. 1/(1-p)): for masks drawn by the caller at positions of its own (a constant, no
+   * gradient flows to it). Excludes dropoutP.
+   */
+  dropoutMask?: Tensor | null;
+  /** Generator of dropoutP's mask (default: the default generator). */
+  generator?: Generator;
 }
 
-/** Options the kernels receive once validated: the mask as a [B, Hq, Sq, Sk] view. */
+/** Options the kernels receive once validated: the masks as [B, Hq, Sq, Sk] views. */
 export interface AttentionKernelOptions {
   mask: Tensor | null;
   cuSeqlens: Tensor | null;
   causal: boolean;
   scale: number;
+  /**
+   * Dropout multipliers of the probabilities (out = (P ∘ dropout) V), or null/absent. Only the
+   * composition from core ops receives them: the fused kernels have no dropout.
+   */
+  dropout?: Tensor | null;
 }
 
 /** out [B, Hq, Sq, Dv] and lse [B, Hq, Sq] (float64 for float64 inputs, else float32) from q, k, v. */
@@ -95,11 +115,11 @@ defineCpuKernel('attentionBackward', (dq, dk, dv, g, q, k, v, out, lse, opts) =>
 const OP = 'scaledDotProductAttention';
 
 // The mask as a [B, Hq, Sq, Sk] view with stride 0 along broadcast dimensions.
-function maskView(mask: Tensor, target: readonly number[]): Tensor {
+function maskView(mask: Tensor, target: readonly number[], name = 'attnMask'): Tensor {
   if (mask.dtype !== 'bool' && !isFloating(mask.dtype)) {
-    throw dtypeError(OP, `attnMask must be bool or floating-point, got ${mask.dtype}`);
+    throw dtypeError(OP, `${name} must be bool or floating-point, got ${mask.dtype}`);
   }
-  if (mask.ndim > 4) throw shapeError(OP, `attnMask ${fmtShape(mask.shape)} has more than 4 dimensions`);
+  if (mask.ndim > 4) throw shapeError(OP, `${name} ${fmtShape(mask.shape)} has more than 4 dimensions`);
   const lead = 4 - mask.ndim;
   const strides: number[] = [];
   for (let i = 0; i < 4; i++) {
@@ -114,7 +134,7 @@ function maskView(mask: Tensor, target: readonly number[]): Tensor {
     else {
       throw shapeError(
         OP,
-        `attnMask ${fmtShape(mask.shape)} does not broadcast to [B, Hq, Sq, Sk] = ${fmtShape(target)}`,
+        `${name} ${fmtShape(mask.shape)} does not broadcast to [B, Hq, Sq, Sk] = ${fmtShape(target)}`,
       );
     }
   }
@@ -187,7 +207,9 @@ function deferCuSeqlensCheck(cu: Tensor, Sq: number): void {
  * Attention softmax(q k^T * scale + mask) v for q [B, Hq, Sq, D], k [B, Hkv, Sk, D],
  * v [B, Hkv, Sk, Dv] → [B, Hq, Sq, Dv] in q's dtype (fp32 math for 16-bit inputs). Hq must be a
  * multiple of Hkv (query head h reads kv head floor(h / (Hq / Hkv)), without copying K/V). Rows
- * with nothing to attend to give zeros and zero gradients. Differentiable in q, k and v.
+ * with nothing to attend to give zeros and zero gradients. Differentiable in q, k and v. With
+ * dropout (dropoutP or dropoutMask) it runs as the composition from core ops on every backend
+ * (the fused kernels have none), keeping the mask for the backward.
  */
 export function scaledDotProductAttention(
   q: Tensor,
@@ -197,7 +219,7 @@ export function scaledDotProductAttention(
 ): Tensor {
   const attnMask = options.attnMask ?? null;
   const cuSeqlens = options.cuSeqlens ?? null;
-  const backend = inputsBackend(OP, q, k, v, attnMask, cuSeqlens);
+  const backend = inputsBackend(OP, q, k, v, attnMask, cuSeqlens, options.dropoutMask ?? null);
   if (q.ndim !== 4 || k.ndim !== 4 || v.ndim !== 4) {
     throw shapeError(
       OP,
@@ -222,13 +244,16 @@ export function scaledDotProductAttention(
   const scale = options.scale ?? 1 / Math.sqrt(D);
   if (!Number.isFinite(scale)) throw argError(OP, `scale must be a finite number, got ${scale}`);
   if (cuSeqlens) checkCuSeqlens(cuSeqlens, B, Sq, Sk);
-  const fwd = getKernel(backend, 'attentionForward');
-  const bwd = getKernel(backend, 'attentionBackward');
-  if (!fwd || !bwd)
+  const dropout = dropoutOf(options, q, [B, Hq, Sq, Sk]);
+  const fwd = dropout ? getFallbackKernel('attentionForward') : getKernel(backend, 'attentionForward');
+  const bwd = dropout ? getFallbackKernel('attentionBackward') : getKernel(backend, 'attentionBackward');
+  if (!fwd || !bwd) {
+    dropout?.dispose();
     throw new TensorError('UNSUPPORTED', `${OP}: no fused attention kernels on ${backend.device}`);
+  }
 
   const mask = attnMask ? maskView(attnMask, [B, Hq, Sq, Sk]) : null;
-  const opts: AttentionKernelOptions = { mask, cuSeqlens, causal: options.isCausal ?? false, scale };
+  const opts: AttentionKernelOptions = { mask, cuSeqlens, causal: options.isCausal ?? false, scale, dropout };
   // out in q's memory order where the backend prefers it (allocLike): with q a view of [s, b, h, d]
   // rows, out.permute(2, 0, 1, 3) is contiguous and the backward's gradOut arrives without a copy
   const out = allocLike(backend, [B, Hq, Sq, Dv], q.dtype, q);
@@ -238,11 +263,13 @@ export function scaledDotProductAttention(
     const save = [q, k, v, out, lse];
     if (mask) save.push(mask);
     if (cuSeqlens) save.push(cuSeqlens);
+    if (dropout) save.push(dropout);
     // the closure keeps plain values only: the tensors it needs come back through `saved`
     const { causal } = opts;
     const dtype = q.dtype;
     const hasMask = mask !== null;
     const hasCu = cuSeqlens !== null;
+    const hasDropout = dropout !== null;
     // the gradients go where the engine says they end up (dest: v's region of the fused QKV
     // projection's gradient when v is a view of it), else into new tensors in q, k, v's layouts
     attachGrad(
@@ -254,11 +281,12 @@ export function scaledDotProductAttention(
         const [qs, ks, vs, os, ls] = s;
         const ms = hasMask ? s[5] : null;
         const cs = hasCu ? s[hasMask ? 6 : 5] : null;
+        const ds = hasDropout ? s[s.length - 1] : null;
         const gg = g.dtype === dtype ? g : g.to(dtype);
         const dq = gradDestination(dest, 0, qs.shape, dtype, qs);
         const dk = gradDestination(dest, 1, ks.shape, dtype, ks);
         const dv = gradDestination(dest, 2, vs.shape, dtype, vs);
-        bwd(dq, dk, dv, gg, qs, ks, vs, os, ls, { mask: ms, cuSeqlens: cs, causal, scale });
+        bwd(dq, dk, dv, gg, qs, ks, vs, os, ls, { mask: ms, cuSeqlens: cs, causal, scale, dropout: ds });
         if (gg !== g) gg.dispose();
         return [dq, dk, dv];
       },
@@ -267,5 +295,33 @@ export function scaledDotProductAttention(
   }
   lse.dispose();
   mask?.dispose();
+  dropout?.dispose();
   return out;
+}
+
+/**
+ * The dropout multipliers as a [B, Hq, Sq, Sk] view (a given mask), or drawn for dropoutP (the
+ * kept probability 1 - p scaled by 1/(1-p), in the compute type), or null without dropout.
+ */
+function dropoutOf(o: AttentionOptions, q: Tensor, target: number[]): Tensor | null {
+  const p = o.dropoutP ?? 0;
+  if (!(p >= 0 && p <= 1)) throw argError(OP, `dropoutP must be in [0, 1], got ${p}`);
+  if (o.dropoutMask) {
+    if (p > 0) throw argError(OP, 'give dropoutP or dropoutMask, not both');
+    if (!isFloating(o.dropoutMask.dtype)) {
+      throw dtypeError(OP, `dropoutMask must be floating-point, got ${o.dropoutMask.dtype}`);
+    }
+    return maskView(o.dropoutMask, target, 'dropoutMask');
+  }
+  if (p === 0) return null;
+  const dtype = q.dtype === 'float64' ? 'float64' : 'float32';
+  return noGrad(() =>
+    tidy(() => {
+      const u = rand(target, { generator: o.generator ?? defaultGenerator, device: q.device, dtype });
+      return u
+        .lt(1 - p)
+        .to(dtype)
+        .mul(p === 1 ? 0 : 1 / (1 - p));
+    }),
+  );
 }
