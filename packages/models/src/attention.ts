@@ -44,8 +44,20 @@ export interface LayerBuildOptions {
   sequencePartitionGroup?: ProcessGroup | null;
 }
 
-/** The core attention: softmax(q kᵀ·scale) v with the context's mask, causality and packing. */
-export function coreAttention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, scale: number): Tensor {
+/**
+ * The core attention: softmax(q kᵀ·scale) v with the context's mask, causality and packing; with
+ * the context's attention dropout (training), the probabilities of layer `dropoutAt.layer`'s heads
+ * (this rank's, from global head `headOffset`) are dropped as on one process.
+ */
+export function coreAttention(
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  ctx: AttentionContext,
+  scale: number,
+  dropoutAt?: { layer: number; headOffset: number },
+): Tensor {
+  const drop = ctx.dropout && ctx.dropout.attentionDropout > 0 && dropoutAt ? ctx.dropout : null;
   const cp = ctx.cpGroup;
   if (cp && cp.size > 1) {
     // context parallelism: ring attention over the cp group on this rank's two chunks
@@ -61,23 +73,33 @@ export function coreAttention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionCon
       ringAttention(qq, kk, vv, { cpGroup: cp, scale, causal: ctx.causal, cuSeqlens });
     return ctx.recomputeCoreAttention ? checkpoint(ring, q, k, v) : ring(q, k, v);
   }
-  if (!ctx.recomputeCoreAttention) {
-    return scaledDotProductAttention(q, k, v, {
-      isCausal: ctx.causal,
-      attnMask: ctx.mask,
-      cuSeqlens: ctx.cuSeqlens,
-      scale,
-    });
-  }
+  // the mask is a function of its keys: a recomputation draws it again, the same
+  const dropoutMask = () =>
+    drop && dropoutAt
+      ? drop.attentionMask(dropoutAt.layer, dropoutAt.headOffset, q.shape[1], {
+          dtype: 'float32',
+          device: q.device,
+        })
+      : null;
+  const attend = (qq: Tensor, kk: Tensor, vv: Tensor, attnMask: Tensor | null, cuSeqlens: Tensor | null) => {
+    const dm = dropoutMask();
+    try {
+      return scaledDotProductAttention(qq, kk, vv, {
+        isCausal: ctx.causal,
+        attnMask,
+        cuSeqlens,
+        scale,
+        dropoutMask: dm,
+      });
+    } finally {
+      dm?.dispose();
+    }
+  };
+  if (!ctx.recomputeCoreAttention) return attend(q, k, v, ctx.mask, ctx.cuSeqlens);
   // the mask and boundaries are checkpoint inputs, so the recomputation still holds them
   const extra = [...(ctx.mask ? [ctx.mask] : []), ...(ctx.cuSeqlens ? [ctx.cuSeqlens] : [])];
   const run = (qq: Tensor, kk: Tensor, vv: Tensor, ...rest: Tensor[]) =>
-    scaledDotProductAttention(qq, kk, vv, {
-      isCausal: ctx.causal,
-      attnMask: ctx.mask ? rest[0] : null,
-      cuSeqlens: ctx.cuSeqlens ? rest[ctx.mask ? 1 : 0] : null,
-      scale,
-    });
+    attend(qq, kk, vv, ctx.mask ? rest[0] : null, ctx.cuSeqlens ? rest[ctx.mask ? 1 : 0] : null);
   return checkpoint(run, q, k, v, ...extra);
 }
 
@@ -186,7 +208,8 @@ export class SelfAttention extends Module {
     let v = vg.permute(1, 2, 0, 3);
     if (ctx.cache || (ctx.cpGroup && ctx.cpGroup.size > 1)) v = v.contiguous();
     if (ctx.cache) [k, v] = ctx.cache.appendKv(this.layerNumber, k, v);
-    const out = coreAttention(q, k, v, ctx, 1 / Math.sqrt(d)); // [b, heads, s, d]
+    const at = { layer: this.layerNumber, headOffset: this.linearProj.tpGroup.rank * this.headsPerRank };
+    const out = coreAttention(q, k, v, ctx, 1 / Math.sqrt(d), at); // [b, heads, s, d]
     const merged = out.permute(2, 0, 1, 3).reshape(s, b, this.headsPerRank * d);
     return this.linearProj.forward(merged, residual).output;
   }

@@ -2,6 +2,7 @@
 // sequence boundaries and, during generation, the KV cache.
 import type { ProcessGroup } from '@megapatch/parallel';
 import { checkpoint, type Tensor } from '@megapatch/tensor';
+import type { LayoutDropout } from './dropout.js';
 import type { KVCache } from './kv-cache.js';
 
 /** Per-forward inputs of the attention layers, built once by the model. */
@@ -31,6 +32,8 @@ export interface AttentionContext {
   recomputeCoreAttention: boolean;
   /** Selective recompute of MLA's up-projections. */
   recomputeMlaUpProj: boolean;
+  /** This forward's dropout (training mode with a rate above 0), else null or absent. */
+  dropout?: LayoutDropout | null;
 }
 
 /**

@@ -34,6 +34,7 @@ import {
   cat,
   cumsum,
   type DType,
+  defaultGenerator,
   deferCheck,
   fromTypedArray,
   full,
@@ -55,6 +56,7 @@ import {
 } from '@megapatch/tensor';
 import type { LayerBuildOptions } from './attention.js';
 import type { AttentionContext } from './context.js';
+import { type DropoutKeys, LayoutDropout, tokenSlots } from './dropout.js';
 import { ModelError } from './errors.js';
 import { DEFAULT_FAMILY, getModelFamily, type ModelFamily } from './families/index.js';
 import type { KVCache } from './kv-cache.js';
@@ -104,6 +106,18 @@ export interface GPTModelOptions {
     | { granularity: 'full'; method?: 'uniform' | 'block'; numLayers?: number }
     | { granularity: 'selective'; modules: RecomputeModule[] }
     | null;
+  /**
+   * Megatron --hidden-dropout: dropout of the embedding's output and of each attention and MLP
+   * output before its residual add (Megatron's bias-dropout-add), in training mode. Default 0
+   * (Megatron's default is 0.1; the LLM recipes give 0). Masks depend on the rows' ids and the
+   * tokens' places, not on the layout: see {@link GPTForwardOptions.dropout}.
+   */
+  hiddenDropout?: number;
+  /**
+   * Megatron --attention-dropout: dropout of the attention probabilities, in training mode (core
+   * attention then runs as its composition from core ops; not with context parallelism). Default 0.
+   */
+  attentionDropout?: number;
   /** Megatron --moe-aux-loss-coeff (default 0). */
   moeAuxLossCoeff?: number;
   /** Megatron --moe-z-loss-coeff (default 0). */
@@ -176,6 +190,13 @@ export interface GPTForwardOptions {
    * sequence parallelism). Default: the tensor given to {@link GPTModel.setInputTensor}.
    */
   hiddenStates?: Tensor | null;
+  /**
+   * The keys of the dropout masks (training mode, hiddenDropout or attentionDropout above 0): the
+   * seed and an id of each row unique over the run (the trainer passes each sample's index in the
+   * run's order, so every layout drops the same elements). Every stage of a pipeline gets the same.
+   * Default: the default generator's seed and fresh row ids taken from its stream.
+   */
+  dropout?: DropoutKeys;
 }
 
 /** What {@link GPTModel.forward} returns. */
@@ -196,6 +217,13 @@ export interface GPTOutput {
 
 function defaultGroup(get: () => ProcessGroup, fallback: () => ProcessGroup): ProcessGroup {
   return modelParallelIsInitialized() ? get() : fallback();
+}
+
+/** A dropout rate in [0, 1) (0 when absent). */
+function checkRate(p: number | undefined, name: string): number {
+  const v = p ?? 0;
+  if (!(v >= 0 && v < 1)) throw new ModelError('INVALID_ARGUMENT', `${name} must be in [0, 1), got ${p}`);
+  return v;
 }
 
 /** Megatron-Core's GPTModel for any TransformerConfig. */
@@ -235,6 +263,9 @@ export class GPTModel extends Module {
   private readonly recomputeCoreAttention: boolean;
   private readonly recomputeMlaUpProj: boolean;
   private inputTensor: Tensor | null = null;
+  /** Megatron's hidden_dropout and attention_dropout (training mode only). */
+  readonly hiddenDropout: number;
+  readonly attentionDropout: number;
 
   constructor(config: TransformerConfig, options: GPTModelOptions = {}) {
     super();
@@ -256,6 +287,14 @@ export class GPTModel extends Module {
           : getExpertTensorParallelGroup()
         : this.tpGroup);
     this.sequenceParallel = (options.sequenceParallel ?? false) && this.tpGroup.size > 1;
+    this.hiddenDropout = checkRate(options.hiddenDropout, 'hiddenDropout');
+    this.attentionDropout = checkRate(options.attentionDropout, 'attentionDropout');
+    if (this.attentionDropout > 0 && this.cpGroup.size > 1) {
+      throw new ModelError(
+        'UNSUPPORTED',
+        `attention dropout ${this.attentionDropout} with context parallelism ${this.cpGroup.size}: the ring attention has no dropout; set attentionDropout 0 or contextParallelSize 1`,
+      );
+    }
     checkLayout(config, this.tpGroup.size, this.epGroup.size, this.etpGroup.size);
     this.ppGroup = options.ppGroup ?? defaultGroup(getPipelineModelParallelGroup, () => single);
     this.pipeline = buildPipeline(config, this.ppGroup, options);
@@ -595,9 +634,11 @@ export class GPTModel extends Module {
       cache,
       recomputeCoreAttention: this.recomputeCoreAttention,
       recomputeMlaUpProj: this.recomputeMlaUpProj,
+      dropout: null,
     };
     try {
-      let x = input ?? this.embed(inputIds as Tensor);
+      ctx.dropout = this.dropoutOf(b, s, cpGroup, packed?.values ?? null, opts.dropout);
+      let x = input ?? this.embed(inputIds as Tensor, ctx.dropout, 0);
       for (const layer of this.decoder.layers) x = layer.forward(x, ctx);
       // With MTP the final norm sits next to the last decoder layer, maybe on an earlier stage.
       const hidden = this.decoder.finalLayernorm ? this.decoder.finalLayernorm.forward(x) : x;
@@ -677,14 +718,48 @@ export class GPTModel extends Module {
     return [b, s];
   }
 
-  /** ids [b, s] -> [s, b, h] (or [s/tp, b, h] under sequence parallelism). */
-  private embed(ids: Tensor): Tensor {
+  /**
+   * ids [b, s] -> [s, b, h] (or [s/tp, b, h] under sequence parallelism), with the embedding
+   * dropout of layer `layer`'s key (0: the model's embedding; an MTP block's number for its own).
+   */
+  private embed(ids: Tensor, dropout: LayoutDropout | null = null, layer = 0): Tensor {
     if (!this.embedding) throw new ModelError('INVALID_INPUT', 'this pipeline stage holds no embedding');
     let e = this.embedding.wordEmbeddings.forward(ids);
     const scale = this.family.embeddingMultiplier?.(this.config.hiddenSize);
     // HF rounds the multiplier to the activation dtype first (a bf16 √hidden is not exact)
     if (scale !== undefined) e = e.mul(full([], scale, { dtype: e.dtype }));
-    return this.sequenceParallel ? e : e.transpose(0, 1).contiguous();
+    const x = this.sequenceParallel ? e : e.transpose(0, 1).contiguous();
+    return dropout ? dropout.hidden(x, layer, 'embedding') : x;
+  }
+
+  /**
+   * This forward's dropout (null in evaluation mode or with both rates 0): the keys given, else the
+   * default generator's seed and fresh row ids from its stream; each token's place in its row.
+   */
+  private dropoutOf(
+    b: number,
+    s: number,
+    cp: ProcessGroup | null,
+    cuSeqlens: readonly number[] | null,
+    keys: DropoutKeys | undefined,
+  ): LayoutDropout | null {
+    if (!this.training || (this.hiddenDropout === 0 && this.attentionDropout === 0)) return null;
+    let k = keys;
+    if (!k) {
+      const first = Number(defaultGenerator.advance(4 * b)); // b counter blocks: b fresh row ids
+      k = { seed: defaultGenerator.initialSeed(), rowIds: Array.from({ length: b }, (_, i) => first + i) };
+    }
+    if (k.rowIds.length !== b || !k.rowIds.every((r) => Number.isSafeInteger(r) && r >= 0)) {
+      throw new ModelError(
+        'INVALID_INPUT',
+        `dropout.rowIds must give a non-negative integer id to each of the ${b} rows, got [${k.rowIds.slice(0, 8)}${k.rowIds.length > 8 ? ', ...' : ''}] (${k.rowIds.length})`,
+      );
+    }
+    const slots = tokenSlots(s, cp ? { rank: cp.rank, size: cp.size } : null, cp ? cuSeqlens : null);
+    const sp = this.sequenceParallel
+      ? { rank: this.tpGroup.rank, size: this.tpGroup.size }
+      : { rank: 0, size: 1 };
+    return new LayoutDropout(this.hiddenDropout, this.attentionDropout, k, slots, sp);
   }
 
   /** Per-token cross-entropy [b, s] of logits [s, b, V/tp] against labels [b, s], padding masked. */
@@ -736,7 +811,8 @@ export class GPTModel extends Module {
     for (const [k, layer] of [...mtp.layers].entries()) {
       const t = targets[k];
       // Megatron hands each block the previous one's normalised output (the decoder's final norm first).
-      h = layer.finalLayernorm.forward(layer.forward(this.embed(t.ids), h, ctx));
+      const embedded = this.embed(t.ids, ctx.dropout, layer.transformerLayer.layerNumber);
+      h = layer.finalLayernorm.forward(layer.forward(embedded, h, ctx));
       const logits = (this.outputLayer as ColumnParallelLinear).forward(h, this.outputWeight()).output;
       const perToken = this.lossOf(logits, t.labels); // [b, s]
       out.push(perToken.mul(t.mask).sum().div(t.count.clamp(1)));

@@ -4,6 +4,14 @@
 export { coreAttention, type LayerBuildOptions, SelfAttention } from './attention.js';
 export { attachAuxLoss } from './aux-loss.js';
 export type { AttentionContext } from './context.js';
+export {
+  type DropoutKeys,
+  type DropoutSite,
+  dropoutKey,
+  keepMask,
+  LayoutDropout,
+  tokenSlots,
+} from './dropout.js';
 export { ModelError, type ModelErrorCode } from './errors.js';
 export {
   type EvaluateOptions,

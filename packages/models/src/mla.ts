@@ -201,7 +201,8 @@ export class MLASelfAttention extends Module {
     const kNope = kvUp.narrow(3, 0, this.nope);
     const v = kvUp.narrow(3, this.nope, this.vDim).contiguous();
     const k = cat([kNope, kPe.expand(b, this.headsPerRank, sk, this.rope)], 3);
-    const out = coreAttention(q, k, v, ctx, this.softmaxScale); // [b, heads, s, v]
+    const at = { layer: this.layerNumber, headOffset: this.linearProj.tpGroup.rank * this.headsPerRank };
+    const out = coreAttention(q, k, v, ctx, this.softmaxScale, at); // [b, heads, s, v]
     const merged = out.permute(2, 0, 1, 3).reshape(s, b, this.headsPerRank * this.vDim);
     return this.linearProj.forward(merged, residual).output;
   }

@@ -82,15 +82,26 @@ export class TransformerLayer extends Module {
 
   private body(x: Tensor, ctx: AttentionContext): Tensor {
     const attnIn = this.inputLayernorm ? this.inputLayernorm.forward(x) : x;
-    // the residual adds go into the output projections (their GEMMs where the backend can)
-    const h = this.selfAttention.forward(attnIn, ctx, x);
+    const drop = ctx.dropout && ctx.dropout.hiddenDropout > 0 ? ctx.dropout : null;
+    const n = this.layerNumber;
+    // the residual adds go into the output projections (their GEMMs where the backend can); with
+    // hidden dropout they follow it (Megatron's bias-dropout-add: residual + dropout(out))
+    const h = drop
+      ? x.add(drop.hidden(this.selfAttention.forward(attnIn, ctx), n, 'attention-output'))
+      : this.selfAttention.forward(attnIn, ctx, x);
     if (this.mlp instanceof MoELayer) {
       const moe = this.mlp;
       const norm = this.preMlpLayernorm as Norm;
       const run = (hh: Tensor) => this.moeBlock(moe, norm.forward(hh));
-      return h.add(this.opts.recomputeMoe && !this.opts.recomputeFull ? checkpoint(run, h) : run(h));
+      const out = this.opts.recomputeMoe && !this.opts.recomputeFull ? checkpoint(run, h) : run(h);
+      return h.add(drop ? drop.hidden(out, n, 'mlp-output') : out);
     }
     const mlp = this.mlp;
+    if (drop) {
+      const run = (hh: Tensor) => mlp.forward(hh);
+      const out = this.opts.recomputeMlp && !this.opts.recomputeFull ? checkpoint(run, h) : run(h);
+      return h.add(drop.hidden(out, n, 'mlp-output'));
+    }
     if (this.opts.recomputeMlp && !this.opts.recomputeFull) return checkpoint((hh) => mlp.forward(hh, hh), h);
     return mlp.forward(h, h);
   }

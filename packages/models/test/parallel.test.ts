@@ -34,10 +34,11 @@ interface Run {
   id: string;
   sp?: boolean;
   zeroCenteredGamma?: boolean;
+  dropout?: boolean;
 }
 
 function runKey(r: Run): string {
-  return `${r.id}${r.sp ? ' +sp' : ''}${r.zeroCenteredGamma ? ' +zero-centred' : ''}`;
+  return `${r.id}${r.sp ? ' +sp' : ''}${r.zeroCenteredGamma ? ' +zero-centred' : ''}${r.dropout ? ' +dropout' : ''}`;
 }
 
 /**
@@ -53,6 +54,9 @@ function expectParity(ranks: RunResult[] | undefined): RunResult[] {
   if (r0.zeroCenteredGamma) {
     // (1 + w) norms make another model: far from the plain fixture, compared with one process only.
     expect(e.logits, 'zero-centred norms change the logits').toBeGreaterThan(1e-2);
+  } else if (r0.dropout) {
+    // dropout changes the outputs: compared with one process dropping the same elements
+    expect(e.logits, 'dropout changes the logits').toBeGreaterThan(1e-2);
   } else expectFixtureParity(e);
   expect(e.oneProcess.logits, 'logits vs one process').toBeLessThanOrEqual(LOGITS_TOL);
   const g = e.oneProcess.grads;
@@ -91,11 +95,14 @@ const TP_RUNS: (Run & { what: string })[] = [
   { id: 'qwen2-moe', what: 'gated shared expert, sequence parallel', sp: true },
   { id: 'deepseek-v3', what: 'MLA with q LoRA, MoE, MTP, sequence parallel', sp: true },
   { id: 'deepseek-v2', what: 'MLA without q LoRA, MoE, sequence parallel', sp: true },
+  { id: 'llama', what: 'hidden and attention dropout, sequence parallel', sp: true, dropout: true },
+  { id: 'deepseek-v3', what: 'dropout in MLA, MoE and MTP (its embedding too)', dropout: true },
 ];
 const EP_RUNS: (Run & { what: string })[] = [
   { id: 'mixtral', what: '4 experts, top-2' },
   { id: 'qwen3-moe', what: '4 experts, normalised top-2' },
   { id: 'deepseek-v3', what: '8 grouped sigmoid experts, shared expert, MTP' },
+  { id: 'mixtral', what: 'hidden and attention dropout, each rank its row', dropout: true },
 ];
 
 describe('TP=2 on two processes', () => {
@@ -139,7 +146,7 @@ describe('EP=2 on two processes (TP=1, each rank half of the batch)', () => {
     runs = await runLayout({
       tp: 1,
       ep: 2,
-      runs: EP_RUNS.map((r) => ({ id: r.id, dir: fixtureCheckpoint(r.id) })),
+      runs: EP_RUNS.map(({ what: _, ...r }) => ({ ...r, dir: fixtureCheckpoint(r.id) })),
     });
   });
 

@@ -7,7 +7,9 @@
 // (dense: averaged over DP; experts: scaled by 1/DP, summed over expert-DP).
 // A run may swap in a family with zero-centred norms (Gemma's (1 + w)): then only the comparison
 // with one process applies, the fixture being of the plain model.
-// argv[2]: {"tp": n, "ep": n, "runs": [{"id", "dir": HF folder, "sp": bool, "zeroCenteredGamma": bool}]}
+// A run may also train with hidden and attention dropout (0.2 each), the masks keyed by the rows'
+// global indices: every layout must drop what one process drops.
+// argv[2]: {"tp": n, "ep": n, "runs": [{"id", "dir": HF folder, "sp": bool, "zeroCenteredGamma": bool, "dropout": bool}]}
 // Prints one `RESULT <json>` line per run on every rank (the errors on global rank 0 only).
 import { getArchitectureSpec, planConversion, type TransformerConfig } from '@megapatch/convert';
 import {
@@ -33,7 +35,7 @@ import { hfRowsInMegatron, readFixture, relMaxError } from '../helpers/fixtures.
 export interface WorkerConfig {
   tp: number;
   ep: number;
-  runs: { id: string; dir: string; sp?: boolean; zeroCenteredGamma?: boolean }[];
+  runs: { id: string; dir: string; sp?: boolean; zeroCenteredGamma?: boolean; dropout?: boolean }[];
 }
 
 /** Local rows of a sharded parameter next to the rows of the whole tensor. */
@@ -57,6 +59,7 @@ export interface RunResult {
   rank: number;
   sp: boolean;
   zeroCenteredGamma: boolean;
+  dropout: boolean;
   layout: {
     tp: number;
     ep: number;
@@ -88,11 +91,18 @@ export interface RunResult {
 
 type Full = Map<string, { shape: number[]; data: Float64Array }>;
 
+const DROPOUT = { hiddenDropout: 0.2, attentionDropout: 0.2 };
+const DROPOUT_SEED = 1234;
+
 const cfg = JSON.parse(process.argv[2] ?? '{}') as WorkerConfig;
 const world = await initProcessGroup({ timeoutMs: 60_000 });
 await initializeModelParallel({ tp: cfg.tp, ep: cfg.ep, timeoutMs: 60_000 });
 for (const run of cfg.runs) {
-  const variant = { sp: run.sp ?? false, zeroCenteredGamma: run.zeroCenteredGamma ?? false };
+  const variant = {
+    sp: run.sp ?? false,
+    zeroCenteredGamma: run.zeroCenteredGamma ?? false,
+    dropout: run.dropout ?? false,
+  };
   let result: RunResult | (typeof variant & { id: string; rank: number; error: string });
   try {
     result = runOne(run.id, run.dir, variant);
@@ -104,11 +114,16 @@ for (const run of cfg.runs) {
 destroyModelParallel();
 await destroyProcessGroup();
 
-function runOne(id: string, dir: string, variant: { sp: boolean; zeroCenteredGamma: boolean }): RunResult {
+function runOne(
+  id: string,
+  dir: string,
+  variant: { sp: boolean; zeroCenteredGamma: boolean; dropout: boolean },
+): RunResult {
   const { sp } = variant;
   const fx = readFixture(id);
   const family = familyOf(dir, variant.zeroCenteredGamma);
-  const { model, architecture, config } = loadModel(dir, { sequenceParallel: sp, family });
+  const rates = variant.dropout ? DROPOUT : {};
+  const { model, architecture, config } = loadModel(dir, { sequenceParallel: sp, family, ...rates });
   const dp = getDataParallelGroup();
   const ids = fx.ids('input_ids');
   const labels = fx.ids('labels');
@@ -118,15 +133,19 @@ function runOne(id: string, dir: string, variant: { sp: boolean; zeroCenteredGam
   const myIds = ids.narrow(0, dp.rank * per, per).contiguous();
   const myLabels = labels.narrow(0, dp.rank * per, per).contiguous();
   const root = world.rank === 0;
+  // the dropout masks' keys: each row's index in the whole batch
+  const keys = {
+    dropout: { seed: DROPOUT_SEED, rowIds: Array.from({ length: per }, (_, i) => dp.rank * per + i) },
+  };
 
   // Logits of this rank's rows over the whole vocabulary, then of the whole batch.
   const logits = noGrad(() => {
-    const local = model.gatherLogits(model.forward(myIds).logits as Tensor).contiguous();
+    const local = model.gatherLogits(model.forward(myIds, keys).logits as Tensor).contiguous();
     return toF64(dp.size > 1 ? cat(allGather(local, dp), 0) : local);
   });
 
   // The mean loss of the batch (equal rows per DP rank) and its gradients.
-  const out = model.forward(myIds, { labels: myLabels });
+  const out = model.forward(myIds, { labels: myLabels, ...keys });
   const loss = (out.loss as Tensor).mean();
   const globalLoss = meanOverDp(loss.item(), dp);
   const globalMtp = out.mtpLosses.length > 0 ? meanOverDp(out.mtpLosses[0].item(), dp) : null;
@@ -136,7 +155,7 @@ function runOne(id: string, dir: string, variant: { sp: boolean; zeroCenteredGam
   let mtpGrads: { full: Full; spread: number } | null = null;
   if (config.mtpNumLayers > 0) {
     model.zeroGrad();
-    const o = model.forward(myIds, { labels: myLabels });
+    const o = model.forward(myIds, { labels: myLabels, ...keys });
     sum(o.mtpLosses).backward();
     mtpGrads = gatheredGrads(model, architecture, sp);
   }
@@ -160,7 +179,7 @@ function runOne(id: string, dir: string, variant: { sp: boolean; zeroCenteredGam
   if (root) {
     const fixtureGrads: Record<string, number> = {};
     for (const hf of fx.grads) fixtureGrads[hf] = fixtureGradError(fx, architecture, config, grads.full, hf);
-    const ref = oneProcess(dir, family, ids, labels, config, architecture);
+    const ref = oneProcess(dir, family, ids, labels, config, architecture, variant.dropout);
     result.errors = {
       logits: relMaxError(logits, fx.get('logits').data),
       loss: Math.abs(globalLoss - fx.get('loss').data[0]) / fx.get('loss').data[0],
@@ -188,16 +207,21 @@ function oneProcess(
   labels: Tensor,
   config: TransformerConfig,
   architecture: string,
+  dropout: boolean,
 ): { logits: Float64Array; grads: Full; mtpGrads: Full | null } {
   const single = new SingleProcessGroup();
-  const { model } = loadModel(dir, { tpGroup: single, epGroup: single, etpGroup: single, family });
-  const logits = noGrad(() => toF64(model.gatherLogits(model.forward(ids).logits as Tensor).contiguous()));
-  (model.forward(ids, { labels }).loss as Tensor).mean().backward();
+  const rates = dropout ? DROPOUT : {};
+  const { model } = loadModel(dir, { tpGroup: single, epGroup: single, etpGroup: single, family, ...rates });
+  const keys = { dropout: { seed: DROPOUT_SEED, rowIds: Array.from({ length: ids.shape[0] }, (_, i) => i) } };
+  const logits = noGrad(() =>
+    toF64(model.gatherLogits(model.forward(ids, keys).logits as Tensor).contiguous()),
+  );
+  (model.forward(ids, { labels, ...keys }).loss as Tensor).mean().backward();
   const grads = localGrads(model, architecture, config);
   let mtpGrads: Full | null = null;
   if (config.mtpNumLayers > 0) {
     model.zeroGrad();
-    sum(model.forward(ids, { labels }).mtpLosses).backward();
+    sum(model.forward(ids, { labels, ...keys }).mtpLosses).backward();
     mtpGrads = localGrads(model, architecture, config);
   }
   model.dispose();
@@ -347,7 +371,10 @@ function shardsOf(model: GPTModel, c: TransformerConfig): RunResult['shards'] {
         (c.numAttentionHeads + 2 * c.numQueryGroups) * c.kvChannels,
       );
   const denseAt = [...model.decoder.layers].findIndex((l) => !(l.mlp instanceof MoELayer));
-  const moe = model.moeLayers().filter(([l]) => l < c.numLayers).at(-1); // the decoder's last
+  const moe = model
+    .moeLayers()
+    .filter(([l]) => l < c.numLayers)
+    .at(-1); // the decoder's last
   return {
     vocab: rows('embedding.word_embeddings.weight', model.paddedVocabSize),
     attention,
