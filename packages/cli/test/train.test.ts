@@ -117,7 +117,7 @@ describe('megapatch train', () => {
       --seq-length 32 --max-position-embeddings 256 --micro-batch-size 2 --global-batch-size 4
       --train-iters 4 --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 1
       --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --init-method-std 0.008
-      --attention-dropout 0.0 --hidden-dropout 0.0 --log-interval 1 --log-throughput
+      --attention-dropout 0.0 --hidden-dropout 0.1 --log-interval 1 --log-throughput
       --eval-interval 10000 --eval-iters 1 --save-interval 2 --tensorboard-dir ${run}
       --tensorboard-queue-size 1 --log-timers-to-tensorboard --tensor-model-parallel-size 1
       --pipeline-model-parallel-size 1 --no-load-optim --no-load-rng --no-save-optim --num-workers 8
@@ -134,8 +134,12 @@ describe('megapatch train', () => {
     // one line says what megapatch needed nothing for
     expect(r.stderr.trim().split('\n')).toHaveLength(1);
     expect(r.stderr).toMatch(
-      /^Megatron flags megapatch needs nothing for: --dataset \(pre-training reads Megatron indexed datasets\); --attention-dropout, --hidden-dropout \(megapatch trains without dropout\); .*--transformer-impl \(megapatch has one implementation of each layer\)/,
+      /^Megatron flags megapatch needs nothing for: --dataset \(pre-training reads Megatron indexed datasets\); .*--transformer-impl \(megapatch has one implementation of each layer\)/,
     );
+    // the dropout flags are settings of their own (the run drops 10% of the hidden states)
+    expect(r.stderr).not.toContain('dropout');
+    const used = JSON.parse(fs.readFileSync(path.join(run, 'config.json'), 'utf8'));
+    expect(used.model).toMatchObject({ hiddenDropout: 0.1, attentionDropout: 0 });
     expect(r.stdout).toContain(
       `checkpoint.load ${hf} is a Hugging Face model: starting from its weights at iteration 0`,
     );

@@ -48,6 +48,15 @@ export const ModelSection = z.strictObject({
    * against it before building anything.
    */
   architecture: ArchitectureSection.default({}),
+  /**
+   * Megatron --hidden-dropout: dropout of the embedding's output and of each attention and MLP
+   * output before its residual add. Default 0: Megatron's default is 0.1, its and Pai's LLM
+   * scripts give 0. The masks are keyed by each sample's place in the run, so every layout (and a
+   * resume in another layout) drops the same elements.
+   */
+  hiddenDropout: z.number().min(0).lt(1).default(0),
+  /** Megatron --attention-dropout: dropout of the attention probabilities (not with context parallelism). Default 0. */
+  attentionDropout: z.number().min(0).lt(1).default(0),
   /** Megatron --moe-aux-loss-coeff. */
   moeAuxLossCoeff: z.number().nonnegative().default(0),
   /** Megatron --moe-z-loss-coeff. */
@@ -319,6 +328,13 @@ export const RunConfig = z
         path: ['data'],
         message:
           'give exactly one of data.dataPath (pre-training, split by data.split), data.trainDataPath (pre-training, with data.validDataPath) and data.sft (fine-tuning)',
+      });
+    }
+    if (c.model.attentionDropout > 0 && c.parallel.contextParallelSize > 1) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['model', 'attentionDropout'],
+        message: `the ring attention of context parallelism has no dropout: give 0 (not ${c.model.attentionDropout}), or parallel.contextParallelSize 1`,
       });
     }
     if (c.data.validDataPath !== null && c.data.trainDataPath === null) {

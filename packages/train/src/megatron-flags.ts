@@ -3,7 +3,7 @@
 // config instead: those flags are kept under model.architecture and checked against the model
 // before anything is built. Flags that only choose an implementation (fusions, overlap, the
 // checkpoint format, TensorBoard) are accepted and named in a notice; features megapatch does not
-// have (FP8, offloading, dropout) are refused with the reason.
+// have (FP8, offloading) are refused with the reason.
 import { paddedVocabSize, type TransformerConfig } from '@megapatch/convert';
 import { z } from 'zod';
 import { TrainError } from './errors.js';
@@ -216,16 +216,9 @@ export const REFUSED_FLAGS: Readonly<Record<string, string>> = {
  * Flags whose value decides whether megapatch can honour them: the accepted values, and why the
  * others are refused.
  */
-const NO_DROPOUT = {
-  accept: (v: unknown) => v === 0,
-  note: 'megapatch trains without dropout',
-  reason: 'megapatch trains without dropout: give 0',
-};
 const VALUE_FLAGS: Readonly<
   Record<string, { accept: (v: unknown) => boolean; note: string; reason: string }>
 > = {
-  'attention-dropout': NO_DROPOUT,
-  'hidden-dropout': NO_DROPOUT,
   optimizer: {
     accept: (v) => v === 'adam',
     note: "Megatron's adam (AdamW) is megapatch's optimizer",

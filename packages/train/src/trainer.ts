@@ -450,6 +450,8 @@ function buildModel(
         : m.recomputeGranularity === 'selective'
           ? ({ granularity: 'selective', modules: m.recomputeModules } as const)
           : null,
+    hiddenDropout: m.hiddenDropout,
+    attentionDropout: m.attentionDropout,
     moeAuxLossCoeff: m.moeAuxLossCoeff,
     moeZLossCoeff: m.moeZLossCoeff,
     moeRouterLoadBalancingType: m.moeRouterLoadBalancingType,
@@ -1078,6 +1080,18 @@ async function trainOnDefaultDevice(
   const ppSize = layout.pp.size;
   const forwardBackward = ppSize > 1 ? getForwardBackwardFunc(ppSize, vpp > 1 ? vpp : null) : null;
   type Micro = ReturnType<typeof microTensors>;
+  /**
+   * The dropout masks' keys of this rank's micro-batch i of the step: each row's index in the run's
+   * sample order (Megatron's sampler: sample C + i·mbs·dp + rank·mbs + j, C the samples consumed
+   * before the step), the same on every layout and after a resume.
+   */
+  const dropoutOn = config.model.hiddenDropout > 0 || config.model.attentionDropout > 0;
+  const dropoutKeys = (i: number, rows: number) => {
+    if (!dropoutOn) return {};
+    const first =
+      state.consumedSamples + i * tr.microBatchSize * dataSize + layout.dpData.rank * tr.microBatchSize;
+    return { dropout: { seed: tr.seed, rowIds: Array.from({ length: rows }, (_, j) => first + j) } };
+  };
   interface Sums {
     loss: DeviceSum;
     tokens: number;
@@ -1112,6 +1126,7 @@ async function trainOnDefaultDevice(
           ...(stage.postProcess ? { labels: mb.labels, lossMask: mb.lossMask } : {}),
           positionIds: mb.positionIds,
           ...(mb.cuSeqlens ? { cuSeqlens: mb.cuSeqlens } : {}),
+          ...(o.forwardOnly ? {} : dropoutKeys(ctx.microbatch, mb.tokens.shape[0])),
         });
         if (!o.forwardOnly) {
           for (const [, moe] of stage.moeLayers()) {
@@ -1297,6 +1312,7 @@ async function trainOnDefaultDevice(
               lossMask: mb.lossMask,
               positionIds: mb.positionIds,
               ...(mb.cuSeqlens ? { cuSeqlens: mb.cuSeqlens } : {}),
+              ...dropoutKeys(i, mb.tokens.shape[0]),
             });
             const masked = (out.loss as Tensor).mul(mb.lossMask).sum();
             sums.loss.add(masked);

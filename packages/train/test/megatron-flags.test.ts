@@ -169,7 +169,9 @@ describe('Megatron run-script flags', () => {
     });
     expect(c.parallel.useDistributedOptimizer).toBe(true);
     // one notice, each flag with what megapatch does instead
-    expect(notices[0]).toContain('--attention-dropout, --hidden-dropout (megapatch trains without dropout)');
+    // dropout flags are keys now: 0.0 sets them, no notice
+    expect(c.model).toMatchObject({ hiddenDropout: 0, attentionDropout: 0 });
+    expect(notices[0]).not.toContain('dropout');
     expect(notices[0]).toContain('--moe-grouped-gemm (megapatch picks the expert GEMMs)');
     expect(notices[0]).toContain('--ckpt-format (megapatch writes its own checkpoint format');
     const gpt = loadRunConfig(null, [...pairs(SCRIPTS['megatron gpt3']), ['logging.runDir', 'run']]);
@@ -185,6 +187,9 @@ describe('Megatron run-script flags', () => {
     // Megatron's --pretrained-checkpoint: where a run starts when --load holds no checkpoint yet
     expect(resolveOverride('pretrained-checkpoint', 'base')).toEqual(['model.load', 'base']);
     expect(resolveOverride('cp-comm-type', 'p2p')).toBeNull();
+    // Megatron's dropout rates (its default 0.1 when a script gives none; megapatch's 0)
+    expect(resolveOverride('hidden-dropout', '0.1')).toEqual(['model.hiddenDropout', 0.1]);
+    expect(resolveOverride('attention-dropout', '.05')).toEqual(['model.attentionDropout', 0.05]);
     // Megatron's per-split data: keys of their own (each read whole), not data.dataPath
     expect(resolveOverride('train-data-path', 'a')).toEqual(['data.trainDataPath', ['a']]);
     expect(resolveOverride('valid-data-path', '0.5 b 0.5 c')).toEqual([
@@ -215,7 +220,6 @@ describe('Megatron run-script flags', () => {
       expect((err as Error).message).toMatch(reason);
     };
     refuse('fp8-format', 'hybrid', /^--fp8-format: megapatch trains in bf16, fp16 or fp32/);
-    refuse('attention-dropout', '0.1', /^--attention-dropout 0.1: megapatch trains without dropout: give 0$/);
     refuse('optimizer', 'sgd', /^--optimizer sgd: megapatch's optimizer is Megatron's adam/);
     refuse('dataloader-type', 'cyclic', /single order/);
     refuse('optimizer-cpu-offload', 'true', /stays on the training device/);
@@ -247,6 +251,14 @@ describe('Megatron run-script flags', () => {
       /scheduler.lrWarmupFraction: give one of lrWarmupFraction and lrWarmupIters/,
     );
     bad([['lr-warmup-init', '1e-2']], /lrWarmupInit: 0.01 is above optimizer.lr/);
+    bad(
+      [
+        ['attention-dropout', '0.1'],
+        ['context-parallel-size', '2'],
+      ],
+      /model.attentionDropout: the ring attention of context parallelism has no dropout: give 0 \(not 0.1\)/,
+    );
+    bad([['hidden-dropout', '1']], /model.hiddenDropout/);
     bad(
       [
         ['start-weight-decay', '0.1'],

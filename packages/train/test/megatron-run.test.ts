@@ -189,6 +189,26 @@ describe('Megatron run scripts', () => {
     );
   });
 
+  it('--hidden-dropout and --attention-dropout: a restarted job drops what one straight run drops', async () => {
+    const dropout = { hiddenDropout: 0.1, attentionDropout: 0.1 };
+    const ck = path.join(root, 'ck-dropout');
+    const job = (iters: number) =>
+      config(`dropout-${iters}`, {
+        model: dropout,
+        checkpoint: { load: ck, save: ck, saveInterval: 2 },
+        training: { trainIters: iters },
+        scheduler: { lrDecayStyle: 'cosine', lrWarmupIters: 2, lrDecayIters: 6 },
+      });
+    const first = await run(job(3));
+    const second = await run(job(6));
+    expect(second.iterations).toEqual([4, 5, 6]);
+    const straight = await run(config('dropout-straight', { model: dropout }));
+    expect([...first.losses, ...second.losses]).toEqual(straight.losses);
+    // and dropout changed them
+    const plain = await run(config('dropout-plain'));
+    for (let i = 0; i < 6; i++) expect(straight.losses[i]).not.toBe(plain.losses[i]);
+  });
+
   it('--load of a converted model or a Hugging Face folder starts at iteration 0 from its weights, like model.load', async () => {
     const converted = path.join(root, 'converted');
     await convertHfToMegapatch({ hfDir: hf, output: converted });

@@ -83,6 +83,57 @@ describe('train on several processes', () => {
   });
 });
 
+describe('dropout', () => {
+  // Megatron's hidden and attention dropout: the masks are keyed by each sample's index in the run
+  // and each token's place in its row, so every layout drops what one process drops
+  const withDropout = (run: string, parallel: Record<string, unknown>, attention: number) => {
+    const c = config(run, parallel) as Record<string, Record<string, unknown>>;
+    c.model = { ...c.model, hiddenDropout: 0.1, attentionDropout: attention };
+    return c;
+  };
+  const one: Record<number, number[]> = {};
+  it('one process: dropout changes the losses', async () => {
+    const plain = (await train(parseRunConfig(config('drop-plain')), { log: () => {}, report: false }))
+      .losses;
+    for (const attention of [0.1, 0]) {
+      one[attention] = (
+        await train(parseRunConfig(withDropout(`drop-one-${attention}`, {}, attention)), {
+          log: () => {},
+          report: false,
+        })
+      ).losses;
+      expect(one[attention].length).toBe(6);
+      // the first step's loss already differs (the forward drops), and every later one
+      for (let i = 0; i < 6; i++)
+        expect(Math.abs(one[attention][i] - plain[i]), `step ${i + 1}`).toBeGreaterThan(1e-4);
+    }
+  });
+
+  it.each([
+    ['DP=2', {}, 0.1],
+    ['TP=2 + sequence parallelism', { tensorModelParallelSize: 2, sequenceParallel: true }, 0.1],
+    ['PP=2', { pipelineModelParallelSize: 2 }, 0.1],
+    // the ring attention has no dropout: hidden dropout only
+    ['CP=2', { contextParallelSize: 2 }, 0],
+  ] as const)('%s gives the losses of one process', async (name, parallel, attention) => {
+    const run = `drop-${name.replace(/\W+/g, '-')}`;
+    const [r] = (await launchWorkers({
+      nproc: 2,
+      script: 'train-worker.ts',
+      config: withDropout(run, parallel, attention),
+    })) as { losses: number[] }[];
+    expect(r.losses.length).toBe(6);
+    const want = one[attention];
+    for (let i = 0; i < 6; i++) {
+      expect(Math.abs(r.losses[i] - want[i]) / want[i], `${name} step ${i + 1}`).toBeLessThan(1e-5);
+    }
+    const a = metricsOf(`drop-one-${attention}`, 'train', 'gradNorm');
+    const b = metricsOf(run, 'train', 'gradNorm');
+    for (let i = 0; i < 6; i++)
+      expect(Math.abs(b[i] - a[i]) / a[i], `${name} grad norm ${i + 1}`).toBeLessThan(1e-4);
+  });
+});
+
 describe('per-token loss', () => {
   it('calculatePerTokenLoss on packed SFT rows: DP=2 gives the losses and gradient norms of one process, and the gradients differ from the mean of micro-batch means', async () => {
     const prefix = path.join(root, 'sft-per-token');

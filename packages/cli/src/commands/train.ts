@@ -53,7 +53,7 @@ const command: Command = {
           const hint = e.message.includes('(did you mean') ? '' : `; see megapatch help ${NAME}`;
           throw new UsageError(`${e.message}${hint}`, NAME);
         }
-        // a Megatron flag for a feature megapatch lacks (--fp8-format, --attention-dropout 0.1)
+        // a Megatron flag for a feature megapatch lacks (--fp8-format, --optimizer sgd)
         if (e instanceof TrainError && e.code === 'UNSUPPORTED') throw new UsageError(e.message, NAME);
         throw e;
       }
