@@ -56,14 +56,21 @@ function generateOnEmulator(prompts: number[][], opts: Parameters<typeof generat
   }
 }
 
-/** Loss, gradients and the loss after one AdamW step, on the default device. */
-function run(id: string) {
-  const { model } = loadModel(fixtureCheckpoint(id));
+/**
+ * Loss, gradients and the loss after one AdamW step, on the default device; with `dropout`, hidden
+ * and attention dropout 0.2 keyed alike on every device (Philox draws the same stream everywhere).
+ */
+function run(id: string, dropout = false) {
+  const { model } = loadModel(
+    fixtureCheckpoint(id),
+    dropout ? { hiddenDropout: 0.2, attentionDropout: 0.2 } : {},
+  );
   try {
     const ids = fromTypedArray(BigInt64Array.from(IDS, BigInt), [2, 6]);
     const labels = fromTypedArray(BigInt64Array.from([...IDS.slice(1), 2], BigInt), [2, 6]);
+    const keys = dropout ? { dropout: { seed: 5, rowIds: [10, 11] } } : {};
     const objective = () => {
-      const out = model.forward(ids, { labels });
+      const out = model.forward(ids, { labels, ...keys });
       let l = (out.loss as Tensor).mean();
       for (const m of out.mtpLosses) l = l.add(m.mul(0.1));
       return l;
@@ -105,28 +112,30 @@ describe.each([
 ])('%s', (device, what, unavailable) => {
   // on a machine without the emulator's addon: one skipped line that says why
   if (unavailable !== null) it.skip(`${device}: ${unavailable}`, () => {});
-  it.runIf(unavailable === null).each(FAMILIES)(
-    `%s on ${what} gives the CPU loss, gradients and AdamW step`,
-    (id) => {
-      const cpu = run(id);
-      setDefaultDevice(device);
-      expect(getDefaultDevice()).toBe(device);
-      const other = run(id);
-      expect(other.devices).toEqual([device]);
-      expect(Math.abs(other.loss - cpu.loss) / cpu.loss).toBeLessThan(1e-5);
-      expect(Math.abs(other.after - cpu.after) / cpu.after).toBeLessThan(1e-4);
-      for (const [i, [name, g]] of cpu.grads.entries()) {
-        const h = other.grads[i][1];
-        let diff = 0;
-        let scale = 1e-6;
-        for (let j = 0; j < g.length; j++) {
-          diff = Math.max(diff, Math.abs(g[j] - h[j]));
-          scale = Math.max(scale, Math.abs(g[j]));
-        }
-        expect(diff / scale, name).toBeLessThan(1e-4);
+  it.runIf(unavailable === null).each([
+    ...FAMILIES.map((id) => [id, false] as const),
+    // the masks and the attention's composition with its dropout run there too
+    ['llama', true] as const,
+    ['deepseek-v3', true] as const,
+  ])(`%s (dropout: %s) on ${what} gives the CPU loss, gradients and AdamW step`, (id, dropout) => {
+    const cpu = run(id, dropout);
+    setDefaultDevice(device);
+    expect(getDefaultDevice()).toBe(device);
+    const other = run(id, dropout);
+    expect(other.devices).toEqual([device]);
+    expect(Math.abs(other.loss - cpu.loss) / cpu.loss).toBeLessThan(1e-5);
+    expect(Math.abs(other.after - cpu.after) / cpu.after).toBeLessThan(1e-4);
+    for (const [i, [name, g]] of cpu.grads.entries()) {
+      const h = other.grads[i][1];
+      let diff = 0;
+      let scale = 1e-6;
+      for (let j = 0; j < g.length; j++) {
+        diff = Math.max(diff, Math.abs(g[j] - h[j]));
+        scale = Math.max(scale, Math.abs(g[j]));
       }
-    },
-  );
+      expect(diff / scale, name).toBeLessThan(1e-4);
+    }
+  });
 });
 
 describe('position ids shared by every row', () => {
