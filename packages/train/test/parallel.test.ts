@@ -134,6 +134,48 @@ describe('dropout', () => {
   });
 });
 
+describe('decoupled learning rate', () => {
+  // Megatron's --decoupled-lr: the embedding and output layer on a schedule of their own. Under the
+  // distributed optimizer a rank's shard may hold only some of the groups, and under pipeline
+  // parallelism a stage holds the embedding or the output layer only
+  const decoupled = (run: string, parallel: Record<string, unknown>) => {
+    const c = config(run, parallel) as Record<string, Record<string, unknown>>;
+    c.optimizer = { ...c.optimizer, decoupledLr: 2e-2, decoupledMinLr: 2e-3 };
+    return c;
+  };
+  let one: number[];
+  it('one process', async () => {
+    one = (await train(parseRunConfig(decoupled('dlr-one', {})), { log: () => {}, report: false })).losses;
+    const plain = (await train(parseRunConfig(config('dlr-plain')), { log: () => {}, report: false })).losses;
+    // the first update runs at the warm-up's lr 0: the runs part from step 3
+    expect(one.slice(0, 2)).toEqual(plain.slice(0, 2));
+    for (let i = 2; i < 6; i++) expect(Math.abs(one[i] - plain[i]), `step ${i + 1}`).toBeGreaterThan(1e-4);
+  });
+
+  it.each([
+    ['DP=2 with the distributed optimizer', { useDistributedOptimizer: true }],
+    [
+      'PP=2 with the distributed optimizer over DP=1',
+      { pipelineModelParallelSize: 2, useDistributedOptimizer: true },
+    ],
+  ])('%s gives the losses of one process', async (name, parallel) => {
+    const run = `dlr-${name.replace(/\W+/g, '-')}`;
+    const [r] = (await launchWorkers({
+      nproc: 2,
+      script: 'train-worker.ts',
+      config: decoupled(run, parallel),
+    })) as {
+      losses: number[];
+    }[];
+    expect(r.losses.length).toBe(6);
+    for (let i = 0; i < 6; i++)
+      expect(Math.abs(r.losses[i] - one[i]) / one[i], `${name} step ${i + 1}`).toBeLessThan(1e-5);
+    const want = metricsOf('dlr-one', 'train', 'decoupledLr');
+    expect(want.length).toBe(6);
+    expect(metricsOf(run, 'train', 'decoupledLr')).toEqual(want);
+  });
+});
+
 describe('per-token loss', () => {
   it('calculatePerTokenLoss on packed SFT rows: DP=2 gives the losses and gradient norms of one process, and the gradients differ from the mean of micro-batch means', async () => {
     const prefix = path.join(root, 'sft-per-token');
