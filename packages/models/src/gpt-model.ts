@@ -55,7 +55,7 @@ import {
   zeros,
 } from '@megapatch/tensor';
 import type { LayerBuildOptions } from './attention.js';
-import type { AttentionContext } from './context.js';
+import { type AttentionContext, checkpointWithContext } from './context.js';
 import { type DropoutKeys, LayoutDropout, tokenSlots } from './dropout.js';
 import { ModelError } from './errors.js';
 import { DEFAULT_FAMILY, getModelFamily, type ModelFamily } from './families/index.js';
@@ -100,7 +100,8 @@ export interface GPTModelOptions {
   initMethodStd?: number;
   /**
    * Activation recompute: whole layers (every layer; with Megatron's recompute method 'block', only
-   * the first `numLayers` decoder layers of this stage), or selected modules.
+   * the first `numLayers` decoder layers of this stage; with 'uniform', groups of `numLayers`
+   * layers, each checkpointed as one), or selected modules.
    */
   recompute?:
     | { granularity: 'full'; method?: 'uniform' | 'block'; numLayers?: number }
@@ -262,6 +263,8 @@ export class GPTModel extends Module {
   auxLossScale = 1;
   private readonly recomputeCoreAttention: boolean;
   private readonly recomputeMlaUpProj: boolean;
+  /** Megatron's 'uniform' recompute of groups of this many layers (1: each layer on its own, or none). */
+  private readonly recomputeGroup: number;
   private inputTensor: Tensor | null = null;
   /** Megatron's hidden_dropout and attention_dropout (training mode only). */
   readonly hiddenDropout: number;
@@ -324,6 +327,14 @@ export class GPTModel extends Module {
       sequencePartitionGroup: this.sequencePartitionGroup(),
     };
     const rc = options.recompute ?? null;
+    const group = rc?.granularity === 'full' && rc.method === 'uniform' ? (rc.numLayers ?? 1) : 1;
+    if (!(Number.isInteger(group) && group >= 1)) {
+      throw new ModelError(
+        'INVALID_ARGUMENT',
+        `recompute.numLayers of the 'uniform' method must be a positive integer, got ${group}`,
+      );
+    }
+    this.recomputeGroup = group;
     const selective = rc?.granularity === 'selective' ? new Set(rc.modules) : new Set<RecomputeModule>();
     this.recomputeCoreAttention = selective.has('core_attn');
     this.recomputeMlaUpProj = selective.has('mla_up_proj');
@@ -378,10 +389,13 @@ export class GPTModel extends Module {
             new TransformerLayer(
               o,
               i,
-              // Megatron's 'block' method: the first numLayers layers of each stage (model chunk)
+              // Megatron's 'block' method: the first numLayers layers of each stage (model chunk);
+              // 'uniform' groups of several layers are checkpointed by the forward as one
               layerOpts(
                 kindOf(i),
-                rc?.granularity === 'full' && (rc.method !== 'block' || local < (rc.numLayers ?? 0)),
+                rc?.granularity === 'full' &&
+                  this.recomputeGroup === 1 &&
+                  (rc.method !== 'block' || local < (rc.numLayers ?? 0)),
               ),
             ),
         ),
@@ -639,7 +653,7 @@ export class GPTModel extends Module {
     try {
       ctx.dropout = this.dropoutOf(b, s, cpGroup, packed?.values ?? null, opts.dropout);
       let x = input ?? this.embed(inputIds as Tensor, ctx.dropout, 0);
-      for (const layer of this.decoder.layers) x = layer.forward(x, ctx);
+      x = this.decoderForward(x, ctx);
       // With MTP the final norm sits next to the last decoder layer, maybe on an earlier stage.
       const hidden = this.decoder.finalLayernorm ? this.decoder.finalLayernorm.forward(x) : x;
       cache?.commit();
@@ -673,6 +687,23 @@ export class GPTModel extends Module {
       mask?.dispose();
       packed?.owned?.dispose();
     }
+  }
+
+  /**
+   * The stage's decoder layers; with Megatron's 'uniform' recompute of N > 1 layers a group, each
+   * run of N layers (the last maybe fewer) is one checkpoint: only its input is kept, and the
+   * backward recomputes the group's layers in turn.
+   */
+  private decoderForward(x: Tensor, ctx: AttentionContext): Tensor {
+    const layers = [...this.decoder.layers];
+    const n = this.recomputeGroup;
+    if (n === 1) return layers.reduce((h, layer) => layer.forward(h, ctx), x);
+    let h = x;
+    for (let i = 0; i < layers.length; i += n) {
+      const group = layers.slice(i, i + n);
+      h = checkpointWithContext((xx, c) => group.reduce((y, layer) => layer.forward(y, c), xx), h, ctx);
+    }
+    return h;
   }
 
   /** Frees the parameters, buffers and the rotary tables cached per device. */

@@ -415,6 +415,7 @@ describe.each(['qwen3', 'deepseek-v3'])('%s recompute', (id) => {
 function countedRun(
   recompute: NonNullable<Parameters<typeof loadModel>[1]>['recompute'],
   pick: (layer: TransformerLayer) => [object, string],
+  seen: number[] = [],
 ) {
   const { model } = loadModel(fixtureCheckpoint('qwen3'), { recompute });
   disposeLater.push(model);
@@ -425,6 +426,7 @@ function countedRun(
     const original = o[key].bind(owner);
     o[key] = (...a: unknown[]) => {
       counter.n++;
+      seen.push(layer.layerNumber); // the order of the calls
       return original(...a);
     };
     return counter;
@@ -455,6 +457,32 @@ describe("Megatron's recompute methods", () => {
     expect(uniform.counts).toEqual([2, 2, 2, 2]);
     expect(runs({ granularity: 'full', method: 'block', numLayers: 3 }).counts).toEqual([2, 2, 2, 1]);
     for (const r of [block, uniform]) expectSameRun(r, none);
+  });
+
+  it("'uniform' with numLayers > 1 checkpoints groups of layers: the backward recomputes each group's layers in turn", () => {
+    // the order in which the decoder layers run their bodies over one forward and backward
+    const order = (recompute: Parameters<typeof countedRun>[0]) => {
+      const seen: number[] = [];
+      return { ...countedRun(recompute, (l) => [l, 'body'], seen), seen };
+    };
+    const none = order(null);
+    expect(none.seen).toEqual([0, 1, 2, 3]);
+    // one layer a checkpoint: recomputed last to first
+    expect(order({ granularity: 'full', method: 'uniform', numLayers: 1 }).seen).toEqual([
+      0, 1, 2, 3, 3, 2, 1, 0,
+    ]);
+    // groups [0, 1], [2, 3]: each recomputed front to back, the last group first
+    const two = order({ granularity: 'full', method: 'uniform', numLayers: 2 });
+    expect(two.seen).toEqual([0, 1, 2, 3, 2, 3, 0, 1]);
+    // groups [0, 1, 2], [3]
+    const three = order({ granularity: 'full', method: 'uniform', numLayers: 3 });
+    expect(three.seen).toEqual([0, 1, 2, 3, 3, 0, 1, 2]);
+    for (const r of [two, three]) expectSameRun(r, none);
+    expect(() =>
+      loadModel(fixtureCheckpoint('qwen3'), {
+        recompute: { granularity: 'full', method: 'uniform', numLayers: 0 },
+      }),
+    ).toThrow(/recompute.numLayers of the 'uniform' method must be a positive integer, got 0/);
   });
 });
 

@@ -35,9 +35,9 @@ export const ModelSection = z.strictObject({
   /** Megatron --recompute-modules (selective). */
   recomputeModules: z.array(z.enum(['core_attn', 'mla_up_proj', 'moe', 'mlp'])).default(['core_attn']),
   /**
-   * Megatron --recompute-method (full granularity): 'uniform' recomputes every layer (megapatch
-   * recomputes layer by layer: recomputeNumLayers 1), 'block' only the first recomputeNumLayers
-   * layers of each pipeline stage (model chunk). Null: every layer.
+   * Megatron --recompute-method (full granularity): 'uniform' recomputes every layer, keeping the
+   * input of each group of recomputeNumLayers layers only; 'block' only the first
+   * recomputeNumLayers layers of each pipeline stage (model chunk). Null: every layer.
    */
   recomputeMethod: z.enum(['uniform', 'block']).nullable().default(null),
   /** Megatron --recompute-num-layers (with recomputeMethod). */
@@ -414,11 +414,11 @@ export const RunConfig = z
           path: ['model', m.recomputeMethod === null ? 'recomputeMethod' : 'recomputeNumLayers'],
           message: 'give recomputeMethod and recomputeNumLayers together',
         });
-      } else if (m.recomputeMethod === 'uniform' && m.recomputeNumLayers !== 1) {
+      } else if (m.recomputeMethod === 'uniform' && m.recomputeNumLayers === 0) {
         ctx.addIssue({
           code: 'custom',
           path: ['model', 'recomputeNumLayers'],
-          message: `megapatch recomputes uniformly layer by layer: give 1 (not ${m.recomputeNumLayers}), or recomputeMethod 'block' to recompute only the first N layers of each stage`,
+          message: "'uniform' checkpoints groups of recomputeNumLayers layers: give 1 or more",
         });
       }
     }

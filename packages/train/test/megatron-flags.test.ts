@@ -285,10 +285,18 @@ describe('Megatron run-script flags', () => {
       [
         ['recompute-granularity', 'full'],
         ['recompute-method', 'uniform'],
-        ['recompute-num-layers', '2'],
+        ['recompute-num-layers', '0'],
       ],
-      /megapatch recomputes uniformly layer by layer: give 1/,
+      /'uniform' checkpoints groups of recomputeNumLayers layers: give 1 or more/,
     );
+    // groups of several layers are Megatron's uniform method as it is
+    const grouped = loadRunConfig(null, [
+      ...base,
+      ['recompute-granularity', 'full'],
+      ['recompute-method', 'uniform'],
+      ['recompute-num-layers', '2'],
+    ]);
+    expect(grouped.model).toMatchObject({ recomputeMethod: 'uniform', recomputeNumLayers: 2 });
     bad(
       [
         ['recompute-granularity', 'full'],

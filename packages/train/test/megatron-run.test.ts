@@ -189,7 +189,7 @@ describe('Megatron run scripts', () => {
     );
   });
 
-  it('--hidden-dropout and --attention-dropout: a restarted job drops what one straight run drops', async () => {
+  it('--hidden-dropout and --attention-dropout: a restarted job and recomputed layers drop what one straight run drops', async () => {
     const dropout = { hiddenDropout: 0.1, attentionDropout: 0.1 };
     const ck = path.join(root, 'ck-dropout');
     const job = (iters: number) =>
@@ -204,6 +204,21 @@ describe('Megatron run scripts', () => {
     expect(second.iterations).toEqual([4, 5, 6]);
     const straight = await run(config('dropout-straight', { model: dropout }));
     expect([...first.losses, ...second.losses]).toEqual(straight.losses);
+    // recomputed layers drop what their forward dropped: --recompute-method uniform in groups of 2
+    // layers, and block, give the losses of the run without recompute
+    for (const [method, n] of [
+      ['uniform', 2],
+      ['block', 1],
+    ] as const) {
+      const full = { recomputeGranularity: 'full', recomputeMethod: method, recomputeNumLayers: n };
+      const r = await run(config(`dropout-${method}`, { model: { ...dropout, ...full } }));
+      for (let i = 0; i < 6; i++) {
+        expect(
+          Math.abs(r.losses[i] - straight.losses[i]) / straight.losses[i],
+          `${method} step ${i + 1}`,
+        ).toBeLessThan(1e-6);
+      }
+    }
     // and dropout changed them
     const plain = await run(config('dropout-plain'));
     for (let i = 0; i < 6; i++) expect(straight.losses[i]).not.toBe(plain.losses[i]);
