@@ -79,6 +79,7 @@ export {
   type TrainMetrics,
   type TrainOptions,
   type TrainResult,
+  tensorboardSampleScalars,
   tensorboardScalars,
   train,
   type ValidMetrics,

@@ -169,6 +169,32 @@ export function tensorboardScalars(
   };
 }
 
+/** The scalars Megatron also writes against the consumed samples, as `<tag> vs samples`. */
+const VS_SAMPLES = [
+  'learning-rate',
+  'batch-size',
+  'lm loss',
+  'loss-scale',
+  'grad-norm',
+  'mtp loss',
+  'lm loss validation',
+  'lm loss validation ppl',
+];
+
+/**
+ * The "vs samples" twins of {@link tensorboardScalars} that Megatron writes with the consumed
+ * samples as the step (learning rate, batch size, the losses, loss scale, grad norm, validation).
+ */
+export function tensorboardSampleScalars(
+  m: TrainMetrics | ValidMetrics,
+  globalBatchSize: number,
+): Record<string, number | null> {
+  const all = tensorboardScalars(m, globalBatchSize);
+  return Object.fromEntries(
+    VS_SAMPLES.filter((tag) => tag in all).map((tag) => [`${tag} vs samples`, all[tag]]),
+  );
+}
+
 /** Options of {@link train}. */
 export interface TrainOptions {
   /** Receives each log line (default: console.log on the logging rank). */
@@ -1036,7 +1062,10 @@ async function trainOnDefaultDevice(
       : null;
   const writeMetrics = (m: TrainMetrics | ValidMetrics) => {
     if (metricsFd !== null) fs.writeSync(metricsFd, `${JSON.stringify(m)}\n`);
-    if (tensorboard) tensorboard.addScalars(m.iteration, tensorboardScalars(m, gbs));
+    if (tensorboard) {
+      tensorboard.addScalars(m.iteration, tensorboardScalars(m, gbs));
+      tensorboard.addScalars(m.consumedSamples, tensorboardSampleScalars(m, gbs));
+    }
   };
 
   // Megatron's FLOP count of one step (forward and backward), for TFLOP/s per process

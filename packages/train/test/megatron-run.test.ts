@@ -316,6 +316,25 @@ describe('Megatron run scripts', () => {
       metrics.filter((m) => m.kind === 'valid').map((m) => [m.iteration, Math.fround(m.lmLoss)]),
     );
     expect(series('lm loss validation').map(([s]) => s)).toEqual([3, 6]);
+    // Megatron's "vs samples" twins: the same values against the consumed samples (8 an iteration)
+    expect(series('lm loss vs samples')).toEqual(
+      train.map((m) => [m.consumedSamples, Math.fround(m.lmLoss)]),
+    );
+    expect(series('learning-rate vs samples').map(([s]) => s)).toEqual([8, 16, 24, 32, 40, 48]);
+    for (const tag of [
+      'grad-norm',
+      'batch-size',
+      'loss-scale',
+      'lm loss validation',
+      'lm loss validation ppl',
+    ]) {
+      expect(
+        series(`${tag} vs samples`).map(([, v]) => v),
+        tag,
+      ).toEqual(series(tag).map(([, v]) => v));
+    }
+    expect(series('lm loss validation vs samples').map(([s]) => s)).toEqual([24, 48]);
+    expect(series('iteration-time vs samples')).toEqual([]);
     // a command line with --tensorboard-dir and no run folder writes the run there
     const fromFlags = loadRunConfig(null, [
       ['model.load', hf],
