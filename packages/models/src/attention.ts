@@ -58,6 +58,15 @@ export function coreAttention(
   dropoutAt?: { layer: number; headOffset: number },
 ): Tensor {
   const drop = ctx.dropout && ctx.dropout.attentionDropout > 0 && dropoutAt ? ctx.dropout : null;
+  // the mask is a function of its keys: a recomputation draws it again, the same. [b, heads, s, S]:
+  // this rank's queries against every key of the row (S = s without context parallelism)
+  const dropoutMaskOf = () =>
+    drop && dropoutAt
+      ? drop.attentionMask(dropoutAt.layer, dropoutAt.headOffset, q.shape[1], {
+          dtype: 'float32',
+          device: q.device,
+        })
+      : null;
   const cp = ctx.cpGroup;
   if (cp && cp.size > 1) {
     // context parallelism: ring attention over the cp group on this rank's two chunks
@@ -69,20 +78,19 @@ export function coreAttention(
     }
     // the boundaries as the host's numbers: the ring plans its calls with them (no read back)
     const cuSeqlens = ctx.cuSeqlensValues ?? ctx.cuSeqlens;
-    const ring = (qq: Tensor, kk: Tensor, vv: Tensor) =>
-      ringAttention(qq, kk, vv, { cpGroup: cp, scale, causal: ctx.causal, cuSeqlens });
+    const ring = (qq: Tensor, kk: Tensor, vv: Tensor) => {
+      // each block of the ring takes the columns of the K/V it meets
+      const dropoutMask = dropoutMaskOf();
+      try {
+        return ringAttention(qq, kk, vv, { cpGroup: cp, scale, causal: ctx.causal, cuSeqlens, dropoutMask });
+      } finally {
+        dropoutMask?.dispose();
+      }
+    };
     return ctx.recomputeCoreAttention ? checkpoint(ring, q, k, v) : ring(q, k, v);
   }
-  // the mask is a function of its keys: a recomputation draws it again, the same
-  const dropoutMask = () =>
-    drop && dropoutAt
-      ? drop.attentionMask(dropoutAt.layer, dropoutAt.headOffset, q.shape[1], {
-          dtype: 'float32',
-          device: q.device,
-        })
-      : null;
   const attend = (qq: Tensor, kk: Tensor, vv: Tensor, attnMask: Tensor | null, cuSeqlens: Tensor | null) => {
-    const dm = dropoutMask();
+    const dm = dropoutMaskOf();
     try {
       return scaledDotProductAttention(qq, kk, vv, {
         isCausal: ctx.causal,

@@ -96,6 +96,7 @@ export class LayoutDropout {
    * @param slots the index in the whole row of each token of this rank's sequence (0..s-1, or the
    *   two chunks of each sequence under context parallelism), before the sequence-parallel split
    * @param sp the sequence-parallel rank and size (the hidden states hold chunk `rank` of `slots`)
+   * @param rowLength the whole row's tokens (slots.length × cp)
    */
   constructor(
     readonly hiddenDropout: number,
@@ -103,6 +104,7 @@ export class LayoutDropout {
     keys: DropoutKeys,
     private readonly slots: readonly number[],
     private readonly sp: { rank: number; size: number },
+    private readonly rowLength: number = slots.length,
   ) {
     this.seed = BigInt.asUintN(64, BigInt(keys.seed));
     this.rowIds = keys.rowIds;
@@ -135,9 +137,10 @@ export class LayoutDropout {
   }
 
   /**
-   * Multipliers [b, heads, s, s] of the attention probabilities of `heads` heads starting at global
-   * head `headOffset` (of `totalHeads`): query row i of head g draws from counter block
-   * (g·S + slot_i)·⌈S/4⌉ of the row's key, S the row's length.
+   * Multipliers [b, heads, s, S] of the attention probabilities of this rank's queries against
+   * every key of the whole row (S its length; s = S without context parallelism), for `heads` heads
+   * starting at global head `headOffset`: query row i of head g draws from counter block
+   * (g·S + slot_i)·⌈S/4⌉ of the row's key, one draw per key.
    */
   attentionMask(
     layer: number,
@@ -145,7 +148,7 @@ export class LayoutDropout {
     heads: number,
     like: { dtype: Tensor['dtype']; device: string },
   ): Tensor {
-    const s = this.slots.length;
+    const s = this.rowLength;
     const p = this.attentionDropout;
     return noGrad(() =>
       tidy(() => {

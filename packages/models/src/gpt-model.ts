@@ -116,7 +116,8 @@ export interface GPTModelOptions {
   hiddenDropout?: number;
   /**
    * Megatron --attention-dropout: dropout of the attention probabilities, in training mode (core
-   * attention then runs as its composition from core ops; not with context parallelism). Default 0.
+   * attention, or each block of the context-parallel ring, then runs as its composition from core
+   * ops). Default 0.
    */
   attentionDropout?: number;
   /** Megatron --moe-aux-loss-coeff (default 0). */
@@ -292,12 +293,6 @@ export class GPTModel extends Module {
     this.sequenceParallel = (options.sequenceParallel ?? false) && this.tpGroup.size > 1;
     this.hiddenDropout = checkRate(options.hiddenDropout, 'hiddenDropout');
     this.attentionDropout = checkRate(options.attentionDropout, 'attentionDropout');
-    if (this.attentionDropout > 0 && this.cpGroup.size > 1) {
-      throw new ModelError(
-        'UNSUPPORTED',
-        `attention dropout ${this.attentionDropout} with context parallelism ${this.cpGroup.size}: the ring attention has no dropout; set attentionDropout 0 or contextParallelSize 1`,
-      );
-    }
     checkLayout(config, this.tpGroup.size, this.epGroup.size, this.etpGroup.size);
     this.ppGroup = options.ppGroup ?? defaultGroup(getPipelineModelParallelGroup, () => single);
     this.pipeline = buildPipeline(config, this.ppGroup, options);
@@ -790,7 +785,7 @@ export class GPTModel extends Module {
     const sp = this.sequenceParallel
       ? { rank: this.tpGroup.rank, size: this.tpGroup.size }
       : { rank: 0, size: 1 };
-    return new LayoutDropout(this.hiddenDropout, this.attentionDropout, k, slots, sp);
+    return new LayoutDropout(this.hiddenDropout, this.attentionDropout, k, slots, sp, s * (cp ? cp.size : 1));
   }
 
   /** Per-token cross-entropy [b, s] of logits [s, b, V/tp] against labels [b, s], padding masked. */

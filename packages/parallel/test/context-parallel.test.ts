@@ -256,6 +256,10 @@ describe('ring attention on a group of one', () => {
       expect(msg(() => ringAttention(q, kv, randn([1, 2, 6, 16]), { cpGroup: cp }))).toContain(
         'same local tokens',
       );
+      // the dropout mask covers this rank's queries against the whole row's keys: [1, 4, 8, 16]
+      expect(msg(() => ringAttention(q, kv, kv, { cpGroup: cp, dropoutMask: randn([1, 4, 8, 8]) }))).toBe(
+        "ringAttention: dropoutMask must be a floating-point [1,4,8,16] on cpu (this rank's queries against every key of the whole row), got float32 [1,4,8,8] on cpu",
+      );
       const cu = tensor([0, 3, 8], { dtype: 'int32' });
       expect(msg(() => ringAttention(q, kv, kv, { cpGroup: cp, cuSeqlens: cu }))).toContain(
         'sample 0 has 3 local tokens, an odd number',

@@ -38,7 +38,13 @@ export {
   type UnaryOp,
 } from './backend/backend.js';
 export { backendInfo, defineCpuKernel, getNumThreads, setNumThreads } from './backend/cpu.js';
-export { getKernel, hasNativeKernel, type KernelName, type KernelTable } from './backend/kernels.js';
+export {
+  getFallbackKernel,
+  getKernel,
+  hasNativeKernel,
+  type KernelName,
+  type KernelTable,
+} from './backend/kernels.js';
 export { DTYPES, type DType, isFloating, isIntegral, promoteTypes } from './dtype.js';
 export { TensorError, type TensorErrorCode } from './errors.js';
 export * from './nn/index.js';

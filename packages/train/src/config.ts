@@ -55,7 +55,7 @@ export const ModelSection = z.strictObject({
    * resume in another layout) drops the same elements.
    */
   hiddenDropout: z.number().min(0).lt(1).default(0),
-  /** Megatron --attention-dropout: dropout of the attention probabilities (not with context parallelism). Default 0. */
+  /** Megatron --attention-dropout: dropout of the attention probabilities. Default 0. */
   attentionDropout: z.number().min(0).lt(1).default(0),
   /** Megatron --moe-aux-loss-coeff. */
   moeAuxLossCoeff: z.number().nonnegative().default(0),
@@ -328,13 +328,6 @@ export const RunConfig = z
         path: ['data'],
         message:
           'give exactly one of data.dataPath (pre-training, split by data.split), data.trainDataPath (pre-training, with data.validDataPath) and data.sft (fine-tuning)',
-      });
-    }
-    if (c.model.attentionDropout > 0 && c.parallel.contextParallelSize > 1) {
-      ctx.addIssue({
-        code: 'custom',
-        path: ['model', 'attentionDropout'],
-        message: `the ring attention of context parallelism has no dropout: give 0 (not ${c.model.attentionDropout}), or parallel.contextParallelSize 1`,
       });
     }
     if (c.data.validDataPath !== null && c.data.trainDataPath === null) {

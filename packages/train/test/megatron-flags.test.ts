@@ -251,13 +251,6 @@ describe('Megatron run-script flags', () => {
       /scheduler.lrWarmupFraction: give one of lrWarmupFraction and lrWarmupIters/,
     );
     bad([['lr-warmup-init', '1e-2']], /lrWarmupInit: 0.01 is above optimizer.lr/);
-    bad(
-      [
-        ['attention-dropout', '0.1'],
-        ['context-parallel-size', '2'],
-      ],
-      /model.attentionDropout: the ring attention of context parallelism has no dropout: give 0 \(not 0.1\)/,
-    );
     bad([['hidden-dropout', '1']], /model.hiddenDropout/);
     bad(
       [

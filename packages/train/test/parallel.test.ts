@@ -113,8 +113,8 @@ describe('dropout', () => {
     ['DP=2', {}, 0.1],
     ['TP=2 + sequence parallelism', { tensorModelParallelSize: 2, sequenceParallel: true }, 0.1],
     ['PP=2', { pipelineModelParallelSize: 2 }, 0.1],
-    // the ring attention has no dropout: hidden dropout only
-    ['CP=2', { contextParallelSize: 2 }, 0],
+    ['CP=2', { contextParallelSize: 2 }, 0.1],
+    ['CP=2 without attention dropout', { contextParallelSize: 2 }, 0],
   ] as const)('%s gives the losses of one process', async (name, parallel, attention) => {
     const run = `drop-${name.replace(/\W+/g, '-')}`;
     const [r] = (await launchWorkers({
@@ -302,24 +302,35 @@ describe('expert parallelism', () => {
 });
 
 describe('context parallelism with packed rows', () => {
-  it('CP=2 on packed SFT rows (samples padded to a multiple of 2·cp) gives the losses of one process', async () => {
+  it('CP=2 on packed SFT rows (samples padded to a multiple of 2·cp) gives the losses of one process, with dropout too', async () => {
     const prefix = path.join(root, 'sft-cp');
     writeSft(prefix, 80, 32);
-    const cfg = (run: string, parallel: Record<string, unknown>) => {
+    const cfg = (run: string, parallel: Record<string, unknown>, dropout = 0) => {
       const c = config(run, parallel) as Record<string, Record<string, unknown>>;
       // one process pads the samples as CP=2 does, so both see the same packed rows
       usePackedSft(c, prefix, root);
+      c.model = { ...c.model, hiddenDropout: dropout, attentionDropout: dropout };
       return c;
     };
-    const one = (await train(parseRunConfig(cfg('cp-sft-one', {})), { log: () => {}, report: false })).losses;
-    const [r] = (await launchWorkers({
-      nproc: 2,
-      script: 'train-worker.ts',
-      config: cfg('cp-sft-two', { contextParallelSize: 2 }),
-    })) as { losses: number[] }[];
-    expect(r.losses.length).toBe(6);
-    for (let i = 0; i < 6; i++)
-      expect(Math.abs(r.losses[i] - one[i]) / one[i], `step ${i + 1}`).toBeLessThan(1e-5);
+    // and with dropout: each sample's chunks drop what one process drops
+    for (const dropout of [0, 0.1]) {
+      const one = (
+        await train(parseRunConfig(cfg(`cp-sft-one-${dropout}`, {}, dropout)), {
+          log: () => {},
+          report: false,
+        })
+      ).losses;
+      const [r] = (await launchWorkers({
+        nproc: 2,
+        script: 'train-worker.ts',
+        config: cfg(`cp-sft-two-${dropout}`, { contextParallelSize: 2 }, dropout),
+      })) as { losses: number[] }[];
+      expect(r.losses.length).toBe(6);
+      for (let i = 0; i < 6; i++)
+        expect(Math.abs(r.losses[i] - one[i]) / one[i], `dropout ${dropout} step ${i + 1}`).toBeLessThan(
+          1e-5,
+        );
+    }
   });
 });
 

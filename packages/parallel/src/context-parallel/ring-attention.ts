@@ -22,6 +22,7 @@ import {
   type DType,
   empty,
   full,
+  getFallbackKernel,
   getKernel,
   isFloating,
   log1p,
@@ -37,7 +38,7 @@ import {
 import { DistributedError } from '../errors.js';
 import { getContextParallelGroup } from '../parallel-state.js';
 import { batchIsendIrecv, type ProcessGroup, type Work } from '../process-group.js';
-import { type CuSeqlens, readCuSeqlens } from './split.js';
+import { type CuSeqlens, contextParallelPlan, readCuSeqlens } from './split.js';
 
 /** Options of {@link ringAttention}. */
 export interface RingAttentionOptions {
@@ -54,6 +55,13 @@ export interface RingAttentionOptions {
    * kernels (no wait); given as a tensor on an asynchronous device they are read back (a wait).
    */
   cuSeqlens?: CuSeqlens | null;
+  /**
+   * Attention dropout: the multipliers (0 = dropped, else the scale) of this rank's queries
+   * against every key of the whole row, [b, hq, s/cp, s·cp] with the keys in the row's order (the
+   * rows of a full [b, hq, S, S] mask, split along dim 2 by contextParallelSplit). Each block takes
+   * the columns of the K/V it meets; the attention then runs as its composition from core ops.
+   */
+  dropoutMask?: Tensor | null;
 }
 
 // p2p tags on the CP group (< 2^20): K/V blocks, and the running dK/dV in backward
@@ -106,6 +114,18 @@ interface Problem {
   accDtype: DType;
   forward: AttentionForwardKernel;
   backward: AttentionBackwardKernel;
+  /** Dropout: the whole-row index of every token of each CP rank, else null. */
+  keySlots: number[][] | null;
+}
+
+/**
+ * The dropout multipliers of the K/V block from rank `src`: the mask's columns of its tokens
+ * (call inside a tidy scope: the index and the block are temporaries).
+ */
+function blockMask(P: Problem, mask: Tensor | null, src: number): Tensor | null {
+  if (!mask || !P.keySlots) return null;
+  const index = tensor(BigInt64Array.from(P.keySlots[src], BigInt), { dtype: 'int64', device: mask.device });
+  return mask.indexSelect(3, index);
 }
 
 /** out [b, hq, s, dv] (q's dtype) and lse [b, hq, s] (accDtype) of q against one K/V block. */
@@ -116,6 +136,7 @@ function forwardBlock(
   k: Tensor,
   v: Tensor,
   cu: Tensor | null,
+  dm: Tensor | null,
 ): { out: Tensor; lse: Tensor } {
   const [b, hq, s] = q.shape;
   const dv = v.shape[3];
@@ -129,7 +150,13 @@ function forwardBlock(
     ? full([b, hq, s], -Infinity, { ...opts, dtype: P.accDtype })
     : empty([b, hq, s], { ...opts, dtype: P.accDtype });
   if (section === 'whole') {
-    P.forward(out, lse, q, k, v, { mask: null, cuSeqlens: cu, causal: P.causal, scale: P.scale });
+    P.forward(out, lse, q, k, v, {
+      mask: null,
+      cuSeqlens: cu,
+      causal: P.causal,
+      scale: P.scale,
+      dropout: dm,
+    });
     return { out, lse };
   }
   tidy(() => {
@@ -140,7 +167,13 @@ function forwardBlock(
         q.narrow(2, c.q0, c.qn),
         k.narrow(2, c.k0, c.kn),
         v.narrow(2, c.k0, c.kn),
-        { mask: null, cuSeqlens: null, causal: false, scale: P.scale },
+        {
+          mask: null,
+          cuSeqlens: null,
+          causal: false,
+          scale: P.scale,
+          dropout: dm ? dm.narrow(2, c.q0, c.qn).narrow(3, c.k0, c.kn) : null,
+        },
       );
     }
   });
@@ -158,6 +191,7 @@ function backwardBlock(
   out: Tensor,
   lse: Tensor,
   cu: Tensor | null,
+  dm: Tensor | null,
 ): { dq: Tensor; dk: Tensor; dv: Tensor } {
   const like = (t: Tensor, zero: boolean) =>
     zero
@@ -173,6 +207,7 @@ function backwardBlock(
       cuSeqlens: cu,
       causal: P.causal,
       scale: P.scale,
+      dropout: dm,
     });
     return { dq, dk, dv };
   }
@@ -185,6 +220,7 @@ function backwardBlock(
         cuSeqlens: null,
         causal: false,
         scale: P.scale,
+        dropout: dm ? dm.narrow(2, c.q0, c.qn).narrow(3, c.k0, c.kn) : null,
       });
     }
   });
@@ -247,6 +283,7 @@ function ringForward(
   k: Tensor,
   v: Tensor,
   cu: Tensor | null,
+  mask: Tensor | null,
 ): { out: Tensor; lse: Tensor } {
   const { group } = P;
   const n = group.size;
@@ -259,7 +296,8 @@ function ringForward(
       const works = next ? exchange(group, kv!, next, KV_TAG) : [];
       const merged = tidy(() => {
         const [kb, vb] = i === 0 ? [k, v] : unpackKv(kv!, k.shape, v.shape);
-        const blk = forwardBlock(P, sectionOf(i, group.rank, P.causal), q, kb, vb, cu);
+        const dm = blockMask(P, mask, (group.rank - i + n) % n);
+        const blk = forwardBlock(P, sectionOf(i, group.rank, P.causal), q, kb, vb, cu, dm);
         if (!acc) return { out: blk.out.to(P.accDtype), lse: blk.lse };
         return merge(acc, blk, P.accDtype);
       });
@@ -294,6 +332,7 @@ function ringBackward(
   out: Tensor,
   lse: Tensor,
   cu: Tensor | null,
+  mask: Tensor | null,
 ): [Tensor, Tensor, Tensor] {
   const { group } = P;
   const n = group.size;
@@ -314,7 +353,8 @@ function ringBackward(
       if (dkvIn) works.push(...exchange(group, dkv!, dkvIn, DKV_TAG));
       const [dqNew, blk] = tidy(() => {
         const [kb, vb] = i === 0 ? [k, v] : unpackKv(kv!, k.shape, v.shape);
-        const d = backwardBlock(P, sectionOf(i, group.rank, P.causal), g, q, kb, vb, out, lse, cu);
+        const dm = blockMask(P, mask, (group.rank - i + n) % n);
+        const d = backwardBlock(P, sectionOf(i, group.rank, P.causal), g, q, kb, vb, out, lse, cu, dm);
         const flat = packKv(d.dk, d.dv, P.accDtype);
         return [dq.add(d.dq.to(P.accDtype)), flat];
       });
@@ -409,9 +449,21 @@ export function ringAttention(q: Tensor, k: Tensor, v: Tensor, options: RingAtte
   }
   const values = packed === null ? null : readCuSeqlens(OP, packed, s);
   const segments = segmentsOf(values, s);
-  // the backend's fused kernels, or their composition from core ops (any backend)
-  const forward = getKernel(q.backend, 'attentionForward');
-  const backward = getKernel(q.backend, 'attentionBackward');
+  const dropout = options.dropoutMask ?? null;
+  if (dropout) {
+    const want = [b, hq, s, s * group.size];
+    if (!isFloating(dropout.dtype) || dropout.device !== q.device || dropout.shape.join() !== want.join()) {
+      fail(
+        `dropoutMask must be a floating-point [${want}] on ${q.device} (this rank's queries against every key of the whole row), got ${dropout.dtype} [${dropout.shape}] on ${dropout.device}`,
+      );
+    }
+  }
+  // the backend's fused kernels, or their composition from core ops (any backend; with dropout,
+  // which the fused kernels lack)
+  const forward = dropout ? getFallbackKernel('attentionForward') : getKernel(q.backend, 'attentionForward');
+  const backward = dropout
+    ? getFallbackKernel('attentionBackward')
+    : getKernel(q.backend, 'attentionBackward');
   if (!forward || !backward) {
     throw new DistributedError(
       'INVALID_ARGUMENT',
@@ -426,6 +478,7 @@ export function ringAttention(q: Tensor, k: Tensor, v: Tensor, options: RingAtte
     accDtype: q.dtype === 'float64' ? 'float64' : 'float32',
     forward,
     backward,
+    keySlots: dropout ? keySlotsOf(group.size, s, values) : null,
   };
   // the kernels' boundaries: the given tensor, or the numbers copied to q's device (the graph
   // keeps its own reference for the backward)
@@ -435,13 +488,15 @@ export function ringAttention(q: Tensor, k: Tensor, v: Tensor, options: RingAtte
       : null;
   const cu = packed === null ? null : (uploaded ?? (packed as Tensor));
   try {
-    const { out, lse } = noGrad(() => ringForward(P, q, k, v, cu));
+    const { out, lse } = noGrad(() => ringForward(P, q, k, v, cu, dropout));
     if (needsGrad(q, k, v)) {
-      const save = [q, k, v, out, lse, ...(cu ? [cu] : [])];
+      const save = [q, k, v, out, lse, ...(cu ? [cu] : []), ...(dropout ? [dropout] : [])];
+      const hasCu = cu !== null;
       attachGrad(out, 'RingAttentionBackward', [q, k, v], save, (grad, saved) => {
         const [qs, ks, vs, os, ls] = saved;
         const gg = grad.dtype === qs.dtype ? grad : grad.to(qs.dtype);
-        return ringBackward(P, gg, qs, ks, vs, os, ls, cu ? saved[5] : null);
+        const ms = dropout ? saved[saved.length - 1] : null;
+        return ringBackward(P, gg, qs, ks, vs, os, ls, hasCu ? saved[5] : null, ms);
       });
     }
     lse.dispose();
@@ -449,4 +504,15 @@ export function ringAttention(q: Tensor, k: Tensor, v: Tensor, options: RingAtte
   } finally {
     uploaded?.dispose();
   }
+}
+
+/**
+ * Dropout: for each CP rank, the index in the whole row of each of its local tokens (its chunks of
+ * every sample, as contextParallelPlan splits the row).
+ */
+function keySlotsOf(n: number, s: number, local: readonly number[] | null): number[][] {
+  const cuSeqlens = local ? local.map((x) => x * n) : null;
+  return Array.from({ length: n }, (_, rank) => [
+    ...contextParallelPlan(s * n, { rank, size: n }, { cuSeqlens }).tokenIndices,
+  ]);
 }

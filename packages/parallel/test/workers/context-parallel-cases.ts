@@ -7,6 +7,7 @@ import {
   type DType,
   manualSeed,
   memoryStats,
+  rand,
   randn,
   scaledDotProductAttention,
   type Tensor,
@@ -38,6 +39,8 @@ export interface RingCase {
   causal?: boolean;
   scale?: number;
   dtype?: DType;
+  /** Attention dropout with this rate: one full mask, its rows split over the ranks. */
+  dropout?: number;
   /** Largest relative difference allowed (max |ring − reference| / max |reference|). */
   tolerance: number;
 }
@@ -113,6 +116,43 @@ export function defaultCases(): RingCase[] {
       sampleChunks: [2, 1, 3],
       boundariesAsNumbers: true,
       causal: false,
+      tolerance: 1e-5,
+    },
+    // attention dropout: the ring takes this rank's rows of one full mask, each block its columns
+    {
+      name: 'gqa dropout',
+      batch: 2,
+      heads: 4,
+      kvHeads: 2,
+      qkHeadDim: 8,
+      vHeadDim: 8,
+      seqLen: 0,
+      dropout: 0.3,
+      tolerance: 1e-5,
+    },
+    {
+      name: 'mla packed dropout',
+      batch: 1,
+      heads: 2,
+      kvHeads: 2,
+      qkHeadDim: 12,
+      vHeadDim: 8,
+      seqLen: 0,
+      sampleChunks: [2, 1, 3],
+      boundariesAsNumbers: true,
+      dropout: 0.2,
+      tolerance: 1e-5,
+    },
+    {
+      name: 'not causal dropout',
+      batch: 1,
+      heads: 2,
+      kvHeads: 1,
+      qkHeadDim: 8,
+      vHeadDim: 8,
+      seqLen: 0,
+      causal: false,
+      dropout: 0.5,
       tolerance: 1e-5,
     },
     // bf16 against the single-process bf16 kernel: per-block rounding of the outputs is the difference
@@ -219,6 +259,14 @@ export function runCase(c: RingCase, cp: ProcessGroup, seed: number): RingCaseRe
     const v = randn([c.batch, c.kvHeads, seqLen, c.vHeadDim]).to(dtype);
     const g = randn([c.batch, c.heads, seqLen, c.vHeadDim]).to(dtype);
     const cuFull = cuList ? tensor(Int32Array.from(cuList), { dtype: 'int32' }) : null;
+    const p = c.dropout ?? 0;
+    const mask =
+      p > 0
+        ? rand([c.batch, c.heads, seqLen, seqLen])
+            .lt(1 - p)
+            .to('float32')
+            .mul(1 / (1 - p))
+        : null;
 
     // the reference: one process, the whole sequence
     const [qr, kr, vr] = [q, k, v].map((t) => t.clone().requiresGrad_());
@@ -226,6 +274,7 @@ export function runCase(c: RingCase, cp: ProcessGroup, seed: number): RingCaseRe
       isCausal: causal,
       cuSeqlens: cuFull,
       scale: c.scale,
+      dropoutMask: mask,
     });
     ref.backward(g);
 
@@ -238,7 +287,15 @@ export function runCase(c: RingCase, cp: ProcessGroup, seed: number): RingCaseRe
       : c.boundariesAsNumbers
         ? cuList.map((x) => x / cp.size)
         : contextParallelCuSeqlens(cuList, cp.size);
-    const out = ringAttention(ql, kl, vl, { cpGroup: cp, scale: c.scale, causal, cuSeqlens: cuLocal });
+    // this rank's query rows of the mask, every key of the row
+    const dropoutMask = mask ? contextParallelSplit(mask, cp, split) : null;
+    const out = ringAttention(ql, kl, vl, {
+      cpGroup: cp,
+      scale: c.scale,
+      causal,
+      cuSeqlens: cuLocal,
+      dropoutMask,
+    });
     out.backward(gl);
     const gather = (t: Tensor) => contextParallelGather(t, cp, split);
     const result = {
