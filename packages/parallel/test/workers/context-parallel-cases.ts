@@ -56,7 +56,19 @@ export interface RingCaseResult {
   leakedBytes: number;
 }
 
-/** The default cases: GQA and MLA-like head dims, plain and packed rows, causal and not. */
+const NOT_CAUSAL: RingCase = {
+  name: 'gqa not causal',
+  batch: 2,
+  heads: 2,
+  kvHeads: 1,
+  qkHeadDim: 8,
+  vHeadDim: 8,
+  seqLen: 0,
+  causal: false,
+  tolerance: 1e-5,
+};
+
+/** The default cases: GQA and MLA-like head dims, plain and packed rows, causal and not, dropout. */
 export function defaultCases(): RingCase[] {
   return [
     { name: 'gqa', batch: 2, heads: 4, kvHeads: 2, qkHeadDim: 16, vHeadDim: 16, seqLen: 0, tolerance: 1e-5 },
@@ -94,17 +106,7 @@ export function defaultCases(): RingCase[] {
       boundariesAsNumbers: true,
       tolerance: 1e-5,
     },
-    {
-      name: 'gqa not causal',
-      batch: 2,
-      heads: 2,
-      kvHeads: 1,
-      qkHeadDim: 8,
-      vHeadDim: 8,
-      seqLen: 0,
-      causal: false,
-      tolerance: 1e-5,
-    },
+    NOT_CAUSAL,
     {
       name: 'packed not causal',
       batch: 1,
@@ -143,18 +145,7 @@ export function defaultCases(): RingCase[] {
       dropout: 0.2,
       tolerance: 1e-5,
     },
-    {
-      name: 'not causal dropout',
-      batch: 1,
-      heads: 2,
-      kvHeads: 1,
-      qkHeadDim: 8,
-      vHeadDim: 8,
-      seqLen: 0,
-      causal: false,
-      dropout: 0.5,
-      tolerance: 1e-5,
-    },
+    { ...NOT_CAUSAL, name: 'not causal dropout', batch: 1, dropout: 0.5 },
     // bf16 against the single-process bf16 kernel: per-block rounding of the outputs is the difference
     {
       name: 'gqa bf16',
