@@ -668,7 +668,7 @@ export function loadRunConfig(
   file: string | null,
   overrides: readonly [string, string][] = [],
   opts: {
-    /** Told once of the Megatron flags accepted without effect, each with what megapatch does. */
+    /** Told of the Megatron flags accepted without effect (one line, each with what megapatch does), and of a Megatron default megapatch does not share (dropout, when a script gives no rate). */
     notice?: (line: string) => void;
   } = {},
 ): RunConfig {
@@ -716,6 +716,16 @@ export function loadRunConfig(
   if (accepted.size > 0) {
     const groups = [...accepted].map(([note, flags]) => `${flags.join(', ')} (${note})`);
     opts.notice?.(`Megatron flags megapatch needs nothing for: ${groups.join('; ')}`);
+  }
+  // a Megatron script (it states the architecture) without dropout flags trains with Megatron's
+  // default of 0.1; megapatch's default is 0: say so
+  const model = obj.model as Record<string, unknown> | undefined;
+  const unset = ['hiddenDropout', 'attentionDropout'].filter((k) => model?.[k] === undefined);
+  if (unset.length > 0 && overrides.some(([flag]) => ARCHITECTURE_FLAGS.has(flag))) {
+    const flags = unset.map((k) => `--${k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`);
+    opts.notice?.(
+      `no ${flags.join(' or ')}: megapatch trains without dropout where Megatron's default is 0.1; give ${flags.map((f) => `${f} 0.1`).join(' ')} to train as Megatron would`,
+    );
   }
   return config;
 }

@@ -135,10 +135,54 @@ describe('Megatron run-script flags', () => {
       // TensorBoard events (and, with no run folder named, the run's metrics and report) go to --tensorboard-dir
       expect(config.logging).toEqual({ runDir: 'tb', tensorboardDir: 'tb' });
       expect(config.model.architecture.numLayers).toBeGreaterThan(0);
-      expect(notices.length).toBe(1);
+      // Megatron's GPT-3 example gives no dropout flag (Megatron trains it with 0.1): a second line
+      const givesDropout = known.some(([f]) => f === 'hidden-dropout');
+      expect(notices.length).toBe(givesDropout ? 1 : 2);
       expect(notices[0]).toMatch(/^Megatron flags megapatch needs nothing for: /);
+      // without its dropout flags the script would train with Megatron's 0.1: a notice says so
+      const noDropout = known.filter(([f]) => f !== 'hidden-dropout' && f !== 'attention-dropout');
+      const more: string[] = [];
+      expect(loadRunConfig(null, noDropout, { notice: (l) => more.push(l) }).model.hiddenDropout).toBe(0);
+      expect(more, JSON.stringify(more)).toHaveLength(2);
+      expect(more[1]).toBe(
+        "no --hidden-dropout or --attention-dropout: megapatch trains without dropout where Megatron's default is 0.1; give --hidden-dropout 0.1 --attention-dropout 0.1 to train as Megatron would",
+      );
     },
   );
+
+  it('names the dropout rate a Megatron script leaves to the default, and only for a script', () => {
+    const base: [string, string][] = [
+      ['model.load', 'hf'],
+      ['data-path', 'd'],
+      ['seq-length', '16'],
+      ['global-batch-size', '8'],
+      ['train-iters', '10'],
+      ['lr', '1e-3'],
+      ['logging.runDir', 'run'],
+    ];
+    const notices = (extra: [string, string][]) => {
+      const out: string[] = [];
+      loadRunConfig(null, [...base, ...extra], { notice: (l) => out.push(l) });
+      return out;
+    };
+    // no architecture flag: not a Megatron script, megapatch's defaults stand unremarked
+    expect(notices([])).toEqual([]);
+    expect(
+      notices([
+        ['num-layers', '4'],
+        ['hidden-dropout', '0.1'],
+      ]),
+    ).toEqual([
+      "no --attention-dropout: megapatch trains without dropout where Megatron's default is 0.1; give --attention-dropout 0.1 to train as Megatron would",
+    ]);
+    expect(
+      notices([
+        ['num-layers', '4'],
+        ['hidden-dropout', '0'],
+        ['model.attentionDropout', '0'],
+      ]),
+    ).toEqual([]);
+  });
 
   it('maps flags to their keys and values', () => {
     const notices: string[] = [];
