@@ -151,7 +151,13 @@ export const TrainingSection = z.strictObject({
   device: z.string().min(1).default('cpu'),
   microBatchSize: posInt.default(1),
   globalBatchSize: posInt,
-  trainIters: posInt,
+  /** Megatron --train-iters (give it or trainSamples). */
+  trainIters: posInt.nullable().default(null),
+  /**
+   * Megatron --train-samples: sample-based training, trainSamples / globalBatchSize iterations
+   * (rounded down), the schedule counted in samples (scheduler.lrDecaySamples, lrWarmupSamples).
+   */
+  trainSamples: posInt.nullable().default(null),
   seed: nonNegInt.default(1234),
   logInterval: posInt.default(100),
   evalInterval: posInt.nullable().default(1000),
@@ -226,6 +232,12 @@ export const SchedulerSection = z.strictObject({
   lrDecayIters: posInt.nullable().default(null),
   /** WSD: iterations of the final anneal. */
   lrWsdDecayIters: posInt.nullable().default(null),
+  /** Megatron --lr-decay-samples (sample-based training; default: trainSamples). */
+  lrDecaySamples: posInt.nullable().default(null),
+  /** Megatron --lr-warmup-samples (sample-based training). */
+  lrWarmupSamples: nonNegInt.default(0),
+  /** Megatron --lr-wsd-decay-samples (sample-based WSD; default: trainSamples). */
+  lrWsdDecaySamples: posInt.nullable().default(null),
   lrWsdDecayStyle: z.enum(['linear', 'cosine', 'exponential', 'minus_sqrt']).default('exponential'),
 });
 
@@ -345,13 +357,75 @@ export const RunConfig = z
         message: 'packed SFT rows (data.sft.packing) need microBatchSize 1',
       });
     }
+    // iterations or samples, as Megatron's argument checks
+    const t = c.training;
+    const sch = c.scheduler;
+    if ((t.trainIters === null) === (t.trainSamples === null)) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['training', 'trainIters'],
+        message:
+          'give one of training.trainIters (--train-iters) and training.trainSamples (--train-samples)',
+      });
+    } else if (t.trainSamples !== null) {
+      if (t.trainSamples < t.globalBatchSize) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['training', 'trainSamples'],
+          message: `${t.trainSamples} samples make no iteration of globalBatchSize ${t.globalBatchSize}`,
+        });
+      }
+      const iterationKeys = [
+        ['lrDecayIters', sch.lrDecayIters !== null],
+        ['lrWarmupIters', sch.lrWarmupIters !== 0],
+        ['lrWsdDecayIters', sch.lrWsdDecayIters !== null],
+      ] as const;
+      for (const [key, set] of iterationKeys) {
+        if (set) {
+          ctx.addIssue({
+            code: 'custom',
+            path: ['scheduler', key],
+            message: `sample-based training (training.trainSamples) counts the schedule in samples: give scheduler.${key.replace('Iters', 'Samples')} instead`,
+          });
+        }
+      }
+    } else {
+      const sampleKeys = [
+        ['lrDecaySamples', sch.lrDecaySamples !== null],
+        ['lrWarmupSamples', sch.lrWarmupSamples !== 0],
+        ['lrWsdDecaySamples', sch.lrWsdDecaySamples !== null],
+      ] as const;
+      for (const [key, set] of sampleKeys) {
+        if (set) {
+          ctx.addIssue({
+            code: 'custom',
+            path: ['scheduler', key],
+            message: `iteration-based training (training.trainIters) counts the schedule in iterations: give scheduler.${key.replace('Samples', 'Iters')}, or training.trainSamples`,
+          });
+        }
+      }
+    }
     // what Megatron's scheduler asserts, in the config's words (not the samples it counts in)
-    const decay = c.scheduler.lrDecayIters ?? c.training.trainIters;
-    if (c.scheduler.lrWarmupFraction !== null && c.scheduler.lrWarmupIters !== 0) {
+    const decay = c.scheduler.lrDecayIters ?? trainIterations(c);
+    if (
+      c.scheduler.lrWarmupFraction !== null &&
+      (c.scheduler.lrWarmupIters !== 0 || sch.lrWarmupSamples !== 0)
+    ) {
       ctx.addIssue({
         code: 'custom',
         path: ['scheduler', 'lrWarmupFraction'],
-        message: 'give one of lrWarmupFraction and lrWarmupIters',
+        message: `give one of lrWarmupFraction and ${sch.lrWarmupSamples !== 0 ? 'lrWarmupSamples' : 'lrWarmupIters'}`,
+      });
+    }
+    if (t.trainSamples !== null && sch.lrWarmupSamples >= (sch.lrDecaySamples ?? t.trainSamples)) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['scheduler', 'lrWarmupSamples'],
+        message: `${sch.lrWarmupSamples} warm-up samples leave none to decay over: make it less than ${
+          sch.lrDecaySamples === null
+            ? `training.trainSamples (${t.trainSamples}; scheduler.lrDecaySamples defaults to it)`
+            : `scheduler.lrDecaySamples (${sch.lrDecaySamples})`
+        }`,
       });
     }
     if (c.scheduler.lrWarmupInit > c.optimizer.lr) {
@@ -657,6 +731,17 @@ export function resolveOverride(flag: string, text: string): [string, unknown] |
     ];
   }
   return [key, overrideValue(text)];
+}
+
+/**
+ * The run's iterations: training.trainIters, or with sample-based training (Megatron
+ * --train-samples) the whole global batches the samples make.
+ */
+export function trainIterations(c: {
+  training: { trainIters: number | null; trainSamples: number | null; globalBatchSize: number };
+}): number {
+  const t = c.training;
+  return t.trainIters ?? Math.floor((t.trainSamples ?? 0) / t.globalBatchSize);
 }
 
 /**

@@ -23,6 +23,7 @@ export {
   resolveOverride,
   SchedulerSection,
   TrainingSection,
+  trainIterations,
 } from './config.js';
 export { TrainError, type TrainErrorCode } from './errors.js';
 export {

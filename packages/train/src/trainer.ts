@@ -77,7 +77,7 @@ import {
   saveTrainingCheckpoint,
   type TrainingState,
 } from './checkpoint.js';
-import type { RunConfig } from './config.js';
+import { type RunConfig, trainIterations } from './config.js';
 import { TrainError } from './errors.js';
 import { numFloatingPointOperations, tflopsPerSecond } from './flops.js';
 import { formatTrainingLogLine, formatValidationLogLines } from './log-line.js';
@@ -981,26 +981,38 @@ async function trainOnDefaultDevice(
   owned.push(optimizer);
   const sch = config.scheduler;
   const gbs = tr.globalBatchSize;
-  // Megatron counts the schedule in samples
-  const lrDecaySteps = (sch.lrDecayIters ?? tr.trainIters) * gbs;
+  const trainIters = trainIterations(config);
+  // Megatron counts the schedule in samples: iterations × the global batch, or with sample-based
+  // training (--train-samples) the sample counts as given
+  const samples = tr.trainSamples;
+  const lrDecaySteps =
+    samples !== null ? (sch.lrDecaySamples ?? samples) : (sch.lrDecayIters ?? trainIters) * gbs;
   const scheduler = new OptimizerParamScheduler({
     optimizer,
     initLr: sch.lrWarmupInit,
     maxLr: o.lr,
     minLr: o.minLr,
     lrWarmupSteps:
-      sch.lrWarmupFraction !== null ? sch.lrWarmupFraction * lrDecaySteps : sch.lrWarmupIters * gbs,
+      sch.lrWarmupFraction !== null
+        ? sch.lrWarmupFraction * lrDecaySteps
+        : samples !== null
+          ? sch.lrWarmupSamples
+          : sch.lrWarmupIters * gbs,
     lrDecaySteps,
     lrDecayStyle: sch.lrDecayStyle,
     ...(sch.lrDecayStyle === 'WSD'
-      ? { wsdDecaySteps: (sch.lrWsdDecayIters ?? tr.trainIters) * gbs, lrWsdDecayStyle: sch.lrWsdDecayStyle }
+      ? {
+          wsdDecaySteps:
+            samples !== null ? (sch.lrWsdDecaySamples ?? samples) : (sch.lrWsdDecayIters ?? trainIters) * gbs,
+          lrWsdDecayStyle: sch.lrWsdDecayStyle,
+        }
       : {}),
     // Megatron's weight-decay schedule runs over the whole run
     ...(o.startWeightDecay !== null || o.endWeightDecay !== null
       ? {
           startWd: o.startWeightDecay ?? (o.endWeightDecay as number),
           endWd: o.endWeightDecay ?? (o.startWeightDecay as number),
-          wdIncrementSteps: tr.trainIters * gbs,
+          wdIncrementSteps: samples ?? trainIters * gbs,
           wdIncrementStyle: o.weightDecayIncrStyle,
         }
       : {}),
@@ -1026,9 +1038,10 @@ async function trainOnDefaultDevice(
   }
 
   const eod = config.data.eodTokenId ?? cfg.vocabSize - 1;
-  const trainData = buildDataset(config, 'train', tr.trainIters * gbs, eod);
+  // Megatron sizes the train split by the samples the run asks for
+  const trainData = buildDataset(config, 'train', samples ?? trainIters * gbs, eod);
   if (!trainData) throw new TrainError('DATA', 'the train split is empty: check data.split');
-  const evalSteps = tr.evalInterval ? Math.floor(tr.trainIters / tr.evalInterval) + 1 : 0;
+  const evalSteps = tr.evalInterval ? Math.floor(trainIters / tr.evalInterval) + 1 : 0;
   const validData =
     tr.evalInterval && tr.evalIters > 0
       ? buildDataset(config, 'valid', evalSteps * tr.evalIters * gbs, eod)
@@ -1294,7 +1307,7 @@ async function trainOnDefaultDevice(
   let prefetched: ReturnType<typeof fetchStep> | null = null;
   try {
     for (const c of chunks) c.train();
-    while (state.iteration < tr.trainIters) {
+    while (state.iteration < trainIters) {
       const stepStart = performance.now();
       const fetched = prefetched ?? fetchStep();
       prefetched = null;
@@ -1380,7 +1393,7 @@ async function trainOnDefaultDevice(
       // device runs the update, instead of after the reads below, when it would wait idle
       // (the step's live memory is read before it, so that the figure stays comparable step to step)
       const { liveBytes, cachedBytes } = memoryStats(getDefaultDevice());
-      if (state.iteration + 1 < tr.trainIters) prefetched = fetchStep();
+      if (state.iteration + 1 < trainIters) prefetched = fetchStep();
       const sync = ddp.lastSyncStats();
       timers.commMs = sync.commMs;
       timers.exposedCommMs = sync.exposedMs;
@@ -1488,7 +1501,7 @@ async function trainOnDefaultDevice(
           formatTrainingLogLine({
             time: new Date(),
             iteration: state.iteration,
-            trainIters: tr.trainIters,
+            trainIters,
             consumedSamples: state.consumedSamples,
             elapsedMsPerIteration: elapsed,
             throughputTflopsPerGpu: metrics.tflops,

@@ -7,7 +7,7 @@ import * as path from 'node:path';
 import { parseHfConfig, type TransformerConfig } from '@megapatch/convert';
 import { SYNTHETIC_MODELS } from '@megapatch/convert/testing';
 import { afterAll, describe, expect, it } from 'vitest';
-import { loadRunConfig, resolveOverride, TrainError } from '../src/index.js';
+import { loadRunConfig, resolveOverride, TrainError, trainIterations } from '../src/index.js';
 import { type Architecture, checkArchitecture, moeLayerFreqPattern } from '../src/megatron-flags.js';
 import { tempDir } from './helpers.js';
 
@@ -85,7 +85,7 @@ const SCRIPTS: Record<string, string> = {
     --position-embedding-type rope --rotary-base 1000000 --rotary-percent 1.0 --attention-dropout 0.0
     --hidden-dropout 0.0 --swiglu --init-method-std 0.0134 --attention-backend fused --apply-layernorm-1p
     --untie-embeddings-and-output-weights --disable-bias-linear --transformer-impl transformer_engine
-    --micro-batch-size 1 --global-batch-size 8 --train-iters 100 --lr-decay-iters 100 --lr-warmup-iters 10
+    --micro-batch-size 1 --global-batch-size 8 --train-samples 800 --lr-decay-samples 792 --lr-warmup-samples 16
     --lr 0.00015 --min-lr 0.00001 --decoupled-lr 5e-4 --decoupled-min-lr 4.5e-5 --lr-decay-style cosine
     --clip-grad 1.0 --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --bf16 --grad-reduce-in-bf16
     --cross-entropy-loss-fusion --calculate-per-token-loss --manual-gc --empty-unused-memory-level 1
@@ -246,6 +246,10 @@ describe('Megatron run-script flags', () => {
     );
     const megatronLlama = loadRunConfig(null, pairs(SCRIPTS['megatron llama3']));
     expect(megatronLlama.optimizer).toMatchObject({ decoupledLr: 5e-4, decoupledMinLr: 4.5e-5 });
+    // Megatron's Llama 3 example trains by samples: 800 samples of 8 a batch are 100 iterations
+    expect(megatronLlama.training).toMatchObject({ trainIters: null, trainSamples: 800 });
+    expect(trainIterations(megatronLlama)).toBe(100);
+    expect(megatronLlama.scheduler).toMatchObject({ lrDecaySamples: 792, lrWarmupSamples: 16 });
     const llama = loadRunConfig(null, [...pairs(SCRIPTS['pai llama3.1']), ['logging.runDir', 'run']]);
     expect(llama.parallel.numLayersPerVirtualPipelineStage).toBe(1);
     expect(llama.model.architecture).toMatchObject({ useRopeScaling: true, ropeScalingFactor: 8 });
@@ -295,6 +299,37 @@ describe('Megatron run-script flags', () => {
       /scheduler.lrWarmupFraction: give one of lrWarmupFraction and lrWarmupIters/,
     );
     bad([['lr-warmup-init', '1e-2']], /lrWarmupInit: 0.01 is above optimizer.lr/);
+    // iterations or samples, as Megatron's argument checks
+    bad(
+      [['train-samples', '80']],
+      /give one of training.trainIters \(--train-iters\) and training.trainSamples/,
+    );
+    bad(
+      [['lr-decay-samples', '80']],
+      /iteration-based training .* give scheduler.lrDecayIters, or training.trainSamples/,
+    );
+    const bySamples = (extra: [string, string][], msg: RegExp) =>
+      expect(() =>
+        loadRunConfig(null, [
+          ...base.filter(([f]) => f !== 'train-iters'),
+          ['train-samples', '80'],
+          ...extra,
+        ]),
+      ).toThrow(msg);
+    bySamples([['lr-warmup-iters', '2']], /sample-based training .* give scheduler.lrWarmupSamples instead/);
+    bySamples([['lr-decay-iters', '8']], /give scheduler.lrDecaySamples instead/);
+    bySamples([['train-samples', '4']], /trainSamples: 4 samples make no iteration of globalBatchSize 8/);
+    bySamples(
+      [['lr-warmup-samples', '80']],
+      /80 warm-up samples leave none to decay over: make it less than training.trainSamples \(80/,
+    );
+    bySamples(
+      [
+        ['lr-warmup-samples', '8'],
+        ['lr-warmup-fraction', '0.1'],
+      ],
+      /give one of lrWarmupFraction and lrWarmupSamples/,
+    );
     bad([['hidden-dropout', '1']], /model.hiddenDropout/);
     bad(
       [

@@ -399,6 +399,36 @@ describe('Megatron run scripts', () => {
     );
   });
 
+  it('--train-samples, --lr-decay-samples and --lr-warmup-samples: the run and schedule counted in samples', async () => {
+    // whole batches: the iteration-based run of 6 × 8 samples with a 2-iteration warm-up, bit for bit
+    const iters = await run(config('by-iters'));
+    const samples = await run(
+      config('by-samples', {
+        training: { trainIters: null, trainSamples: 48, logInterval: 6 },
+        scheduler: { lrDecayStyle: 'cosine', lrWarmupIters: 0, lrWarmupSamples: 16 },
+      }),
+    );
+    expect(samples.iterations).toEqual([1, 2, 3, 4, 5, 6]);
+    expect(samples.losses).toEqual(iters.losses);
+    expect(samples.lrs).toEqual(iters.lrs);
+    expect(samples.lines.some((l) => /iteration\s+6\/\s+6 \|/.test(l))).toBe(true);
+    // counts that are not whole batches: 52 samples make 6 iterations; the schedule runs in samples
+    // (Megatron's get_lr at 8, 16, ..., 48 samples: warm-up to 12, cosine to 44, then minLr)
+    const odd = await run(
+      config('odd-samples', {
+        training: { trainIters: null, trainSamples: 52 },
+        scheduler: { lrDecayStyle: 'cosine', lrWarmupIters: 0, lrWarmupSamples: 12, lrDecaySamples: 44 },
+      }),
+    );
+    expect(odd.iterations).toEqual([1, 2, 3, 4, 5, 6]);
+    const lr = (n: number) => {
+      if (n <= 12) return (3e-3 * n) / 12;
+      if (n > 44) return 3e-4;
+      return 3e-4 + 0.5 * (3e-3 - 3e-4) * (1 + Math.cos((Math.PI * (n - 12)) / (44 - 12)));
+    };
+    odd.lrs.forEach((x, i) => expect(x, `iteration ${i + 1}`).toBeCloseTo(lr(8 * (i + 1)), 12));
+  });
+
   it('--lr-warmup-fraction, --lr-warmup-init and the weight-decay ramp', async () => {
     // warm-up over a quarter of 8 decay iterations (2 iterations = 16 samples), from 1e-4
     const r = await run(
