@@ -107,6 +107,15 @@ export const DataSection = z.strictObject({
     .nullable()
     .default(null),
   /**
+   * Megatron --test-data-path (with trainDataPath): the test data whole, evaluated once when the
+   * run ends (training.evalIters global batches); null: no test evaluation.
+   */
+  testDataPath: z
+    .array(z.union([z.string().min(1), z.number().positive()]))
+    .min(1)
+    .nullable()
+    .default(null),
+  /**
    * Fine-tuning data instead of dataPath: the output prefix of `megapatch preprocess sft`; packed
    * rows (cuSeqlens, micro batch 1) or one padded sample per row; Pai-Megatron-Patch's
    * per-sequence loss weighs each sample equally.
@@ -342,13 +351,15 @@ export const RunConfig = z
           'give exactly one of data.dataPath (pre-training, split by data.split), data.trainDataPath (pre-training, with data.validDataPath) and data.sft (fine-tuning)',
       });
     }
-    if (c.data.validDataPath !== null && c.data.trainDataPath === null) {
-      ctx.addIssue({
-        code: 'custom',
-        path: ['data', 'validDataPath'],
-        message:
-          'goes with data.trainDataPath (data.dataPath is split into train and validation by data.split)',
-      });
+    for (const key of ['validDataPath', 'testDataPath'] as const) {
+      if (c.data[key] !== null && c.data.trainDataPath === null) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['data', key],
+          message:
+            'goes with data.trainDataPath (data.dataPath is split into train, validation and test by data.split)',
+        });
+      }
     }
     if (c.data.sft?.packing && c.training.microBatchSize !== 1) {
       ctx.addIssue({
@@ -660,6 +671,7 @@ const LIST_KEYS = new Set([
   'data.dataPath',
   'data.trainDataPath',
   'data.validDataPath',
+  'data.testDataPath',
   'model.recomputeModules',
 ]);
 

@@ -152,7 +152,6 @@ export const IMPLEMENTATION_FLAGS: Readonly<Record<string, string>> = {
   'tokenizer-model': 'the data is tokenised already and the vocabulary comes from the model',
   'extra-vocab-size': 'the vocabulary comes from the model',
   'max-padding-length': 'SFT samples are padded to data.seqLength',
-  'test-data-path': 'megapatch evaluates on the validation data; it runs no test evaluation',
   'use-checkpoint-args': "the architecture comes from the model's config always",
   'no-position-embedding': 'rotary models have no position-embedding table',
   'use-cpu-initialization': "weights are drawn on the training device with the CPU generator's stream",

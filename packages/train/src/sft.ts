@@ -23,7 +23,7 @@ export interface SftDatasetOptions {
   /** The output prefix given to `megapatch preprocess sft`. */
   prefix: string;
   split: string;
-  which: 'train' | 'valid';
+  which: 'train' | 'valid' | 'test';
   seqLength: number;
   /** Rows needed (the data repeats in new shuffles, epoch after epoch, until there are enough). */
   numRows: number;

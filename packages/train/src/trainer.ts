@@ -21,6 +21,7 @@ import {
   IndexedDataset,
   MegatronPretrainingSampler,
   numMicrobatches,
+  parseSplit,
 } from '@megapatch/data';
 import { GPTModel, getModelFamily, loadModel, openWeights } from '@megapatch/models';
 import {
@@ -126,9 +127,9 @@ export interface TrainMetrics {
   time: string;
 }
 
-/** One evaluation (a line of metrics.jsonl). */
+/** One evaluation (a line of metrics.jsonl): on the validation data, or the test data at the end. */
 export interface ValidMetrics {
-  kind: 'valid';
+  kind: 'valid' | 'test';
   iteration: number;
   consumedSamples: number;
   lmLoss: number;
@@ -144,7 +145,8 @@ export function tensorboardScalars(
   m: TrainMetrics | ValidMetrics,
   globalBatchSize: number,
 ): Record<string, number | null> {
-  if (m.kind === 'valid') {
+  if (m.kind !== 'train') {
+    // Megatron writes the test evaluation under the validation tags too
     return {
       'lm loss validation': m.lmLoss,
       'lm loss validation ppl': m.perplexity,
@@ -548,10 +550,10 @@ function dataPrefixes(
 
 type SampleSource = { length: number; getItem(i: number): GPTSample };
 
-/** The train or validation dataset of Megatron's split, blended when the data path has weights. */
+/** The train, validation or test dataset of Megatron's split, blended when the data path has weights. */
 function buildDataset(
   config: RunConfig,
-  split: 'train' | 'valid',
+  split: 'train' | 'valid' | 'test',
   numSamples: number,
   eod: number,
 ): SampleSource | null {
@@ -574,16 +576,27 @@ function buildDataset(
         ),
       });
     } catch (e) {
-      if (split === 'valid' && e instanceof TrainError && /split .* is empty/.test(e.message)) return null;
+      if (split !== 'train' && e instanceof TrainError && /split .* is empty/.test(e.message)) return null;
       throw e;
     }
   }
   // Megatron's per-split data (--train-data-path, --valid-data-path): each read whole
   const perSplit = d.trainDataPath !== null;
-  const key = perSplit ? (split === 'train' ? 'data.trainDataPath' : 'data.validDataPath') : 'data.dataPath';
-  const source = perSplit ? (split === 'train' ? d.trainDataPath : d.validDataPath) : d.dataPath;
-  if (source === null) return null; // trainDataPath without validDataPath: no validation
-  const splitString = perSplit ? (split === 'train' ? '1,0,0' : '0,1,0') : d.split;
+  const key = perSplit
+    ? ({ train: 'data.trainDataPath', valid: 'data.validDataPath', test: 'data.testDataPath' } as const)[
+        split
+      ]
+    : 'data.dataPath';
+  const source = perSplit
+    ? { train: d.trainDataPath, valid: d.validDataPath, test: d.testDataPath }[split]
+    : d.dataPath;
+  if (source === null) return null; // trainDataPath without validDataPath / testDataPath: none
+  const splitString = perSplit ? { train: '1,0,0', valid: '0,1,0', test: '0,0,1' }[split] : d.split;
+  // Megatron's split string gives the split no share: no such evaluation
+  if (!perSplit && split !== 'train') {
+    const row = parseSplit(d.split)[split === 'valid' ? 1 : 2];
+    if (row === null || row[1] <= row[0]) return null;
+  }
   const { prefixes, weights } = dataPrefixes(source, key);
   const cacheDir = d.dataCachePath ?? path.join(config.logging.runDir, 'data-cache');
   const build = (prefix: string, n: number) => {
@@ -616,7 +629,7 @@ function buildDataset(
   } catch (e) {
     if (e instanceof TrainError) throw e;
     const msg = (e as Error).message;
-    if (split === 'valid' && /empty|no documents|0 documents/i.test(msg)) return null;
+    if (split !== 'train' && /empty|no documents|0 documents/i.test(msg)) return null;
     throw new TrainError('DATA', `${split} data: ${msg}`);
   }
 }
@@ -1046,6 +1059,8 @@ async function trainOnDefaultDevice(
     tr.evalInterval && tr.evalIters > 0
       ? buildDataset(config, 'valid', evalSteps * tr.evalIters * gbs, eod)
       : null;
+  // Megatron's test evaluation when the run ends: evalIters global batches of the test split
+  const testData = tr.evalIters > 0 ? buildDataset(config, 'test', tr.evalIters * gbs, eod) : null;
 
   const makeLoader = (data: SampleSource, consumed: number) =>
     new DataLoader<GPTSample>({
@@ -1240,9 +1255,9 @@ async function trainOnDefaultDevice(
     if (dir) checkpoints.push(dir);
   };
 
-  const evaluate = async () => {
-    if (!validData) return;
-    const vLoader = makeLoader(validData, 0);
+  const evaluate = async (data: SampleSource | null = validData, kind: 'valid' | 'test' = 'valid') => {
+    if (!data) return;
+    const vLoader = makeLoader(data, 0);
     const vBatches = globalBatchesSync(vLoader, {
       globalBatchSize: gbs,
       microBatchSize: tr.microBatchSize,
@@ -1283,7 +1298,7 @@ async function trainOnDefaultDevice(
     const [sum, count] = reduceAndRead([sums.loss, sums.tokens], [1, 1], [layout.pp, layout.dp]);
     const lmLoss = sum / Math.max(count, 1);
     const m: ValidMetrics = {
-      kind: 'valid',
+      kind,
       iteration: state.iteration,
       consumedSamples: state.consumedSamples,
       lmLoss,
@@ -1291,7 +1306,8 @@ async function trainOnDefaultDevice(
       time: new Date().toISOString(),
     };
     writeMetrics(m);
-    for (const line of formatValidationLogLines({ iteration: m.iteration, lmLoss })) log(line);
+    const dataset = kind === 'test' ? ({ dataset: 'test set' } as const) : {};
+    for (const line of formatValidationLogLines({ iteration: m.iteration, lmLoss, ...dataset })) log(line);
   };
 
   // a step's batch, read and copied to the device (null: the data ran out); the next step's is
@@ -1549,6 +1565,8 @@ async function trainOnDefaultDevice(
       if (tr.evalInterval && state.iteration % tr.evalInterval !== 0) await evaluate();
       // every rank decides alike (the save is collective): a save of this iteration already done
       if (config.checkpoint.save && savedIteration !== state.iteration) save();
+      // then Megatron's test evaluation (with a test split or --test-data-path)
+      await evaluate(testData, 'test');
     }
   } finally {
     // a batch read ahead for a step that did not run (a stop, an error)

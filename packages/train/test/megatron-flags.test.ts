@@ -240,7 +240,7 @@ describe('Megatron run-script flags', () => {
       'data.validDataPath',
       [0.5, 'b', 0.5, 'c'],
     ]);
-    expect(resolveOverride('test-data-path', 'd')).toBeNull();
+    expect(resolveOverride('test-data-path', 'd')).toEqual(['data.testDataPath', ['d']]);
     expect(() => resolveOverride('cp-comm-type', 'a2a')).toThrow(
       /--cp-comm-type a2a: context parallelism is a ring/,
     );

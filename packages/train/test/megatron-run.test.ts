@@ -253,6 +253,56 @@ describe('Megatron run scripts', () => {
     );
   });
 
+  it("Megatron's test evaluation when the run ends: the split's test part, or --test-data-path", async () => {
+    const lines = (c: ReturnType<typeof config>) =>
+      fs
+        .readFileSync(path.join(c.logging.runDir, 'metrics.jsonl'), 'utf8')
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l));
+    // a split with a test part: evalIters global batches of it after the last iteration
+    const split = config('test-split', {
+      data: { dataPath: [data], split: '80,10,10', seqLength: 32, eodTokenId: 2 },
+      training: { evalInterval: 3, evalIters: 2 },
+    });
+    const r = await run(split);
+    const test = lines(split).filter((m) => m.kind === 'test');
+    expect(test).toHaveLength(1);
+    expect(test[0]).toMatchObject({ iteration: 6, consumedSamples: 48 });
+    expect(Number.isFinite(test[0].lmLoss)).toBe(true);
+    const at = r.lines.findIndex((l) =>
+      l.startsWith(' validation loss at iteration 6 on test set | lm loss value: '),
+    );
+    expect(at, r.lines.join('\n')).toBeGreaterThan(0);
+    expect(r.lines[at - 1]).toMatch(/^-+$/);
+    // the validation data once more, as test data read whole: the last validation's loss exactly
+    const valid = patternCorpus(path.join(root, 'test-corpus'), 60);
+    const perSplit = config('test-per-split', {
+      data: {
+        dataPath: null,
+        trainDataPath: [data],
+        validDataPath: [valid],
+        testDataPath: [valid],
+        seqLength: 32,
+        eodTokenId: 2,
+      },
+      training: { evalInterval: 6, evalIters: 2 },
+    });
+    await run(perSplit);
+    const m = lines(perSplit);
+    const lastValid = m.filter((x) => x.kind === 'valid').at(-1);
+    const t = m.filter((x) => x.kind === 'test');
+    expect(lastValid.iteration).toBe(6);
+    expect(t.map((x) => [x.iteration, x.lmLoss])).toEqual([[6, lastValid.lmLoss]]);
+    // no test part, no test evaluation
+    const none = config('no-test', { training: { evalInterval: 3, evalIters: 2 } });
+    await run(none);
+    expect(lines(none).filter((x) => x.kind === 'test')).toEqual([]);
+    expect(() => config('bad', { data: { dataPath: [data], testDataPath: [valid], seqLength: 32 } })).toThrow(
+      /data.testDataPath: goes with data.trainDataPath/,
+    );
+  });
+
   it('--train-data-path and --valid-data-path: each read whole, no split', async () => {
     const valid = patternCorpus(path.join(root, 'valid-corpus'), 60);
     const lines = (c: ReturnType<typeof config>) =>

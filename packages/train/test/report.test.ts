@@ -99,14 +99,15 @@ describe('readRunMetrics', () => {
   const run = path.join(root, 'sample');
   writeSampleRun(run);
 
-  it('reads training and validation lines, keeps unknown fields and skips an incomplete last line', () => {
+  it('reads training, validation and test lines, keeps unknown fields and skips an incomplete last line', () => {
     const m = readRunMetrics(run);
     expect(m.train).toHaveLength(200);
     expect(m.valid.map((v) => v.iteration)).toEqual([50, 100, 150, 200]);
+    expect(m.test.map((v) => [v.iteration, v.lmLoss])).toEqual([[200, 2.25]]);
     expect(m.train[0].lossScale).toBe(65536);
     expect(Object.keys(m.train[9].moe?.expertLoad ?? {})).toEqual(['0', '1']);
     expect(m.warnings).toEqual([
-      `${path.join(run, 'metrics.jsonl')} line 205: incomplete last line skipped (a run stopped while writing it)`,
+      `${path.join(run, 'metrics.jsonl')} line 206: incomplete last line skipped (a run stopped while writing it)`,
     ]);
     expect(configFacts(m.config)).toEqual([
       ['model', 'Qwen3MoeForCausalLM'],
@@ -163,7 +164,7 @@ describe('readRunMetrics', () => {
       [3, null],
     ]);
     expect(m.warnings).toEqual([
-      `${path.join(dir, 'metrics.jsonl')}: 1 line(s) of kind "checkpoint" ignored (first at line 3); the report knows "train" and "valid"`,
+      `${path.join(dir, 'metrics.jsonl')}: 1 line(s) of kind "checkpoint" ignored (first at line 3); the report knows "train", "valid" and "test"`,
     ]);
     expect(m.config).toBeNull();
   });
@@ -183,7 +184,7 @@ describe('readRunMetrics', () => {
       // a bad last line that did end with a newline was written whole: an error, not a truncation
       [`${trainLine(1)}\n{"kind":"train"\n`, 'line 2: not valid JSON'],
       [`${trainLine(1)}\n[1, 2]\n`, 'line 2: expected a JSON object'],
-      [`${trainLine(1)}\n{"iteration": 2}\n`, 'line 2: no "kind" ("train" or "valid")'],
+      [`${trainLine(1)}\n{"iteration": 2}\n`, 'line 2: no "kind" ("train", "valid" or "test")'],
       [`${trainLine(1, { lr: 'high' })}\n`, 'line 1: bad train line (lr: '],
       [`${trainLine(1, { memory: {} })}\n`, 'line 1: bad train line (memory.liveBytes: '],
       [`${trainLine(1, { iteration: -1 })}\n`, 'line 1: bad train line (iteration: '],
@@ -260,6 +261,8 @@ describe('writeRunReport', () => {
     expect(html).not.toMatch(/<link[^>]+href=/i);
     expect(html).toContain('/*! vega 6.');
     expect(html).toContain('Qwen3MoeForCausalLM');
+    // the test evaluation among the facts
+    expect(html).toContain('<th>test loss</th><td>2.250, perplexity 9.488 (iteration 200)</td>');
     expect(html).toContain('incomplete last line skipped');
     expect((html.match(/<figure class="chart"/g) ?? []).length).toBe(10);
     expect(html.length).toBeLessThan(2_000_000);

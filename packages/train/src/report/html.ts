@@ -76,6 +76,11 @@ export function runFacts(m: RunMetrics): [string, string][] {
         `${fmt(best.lmLoss as number)}${ppl(best)} (iteration ${fmt(best.iteration)})`,
       ]);
   }
+  const test = m.test.filter((v) => v.lmLoss !== null).at(-1);
+  if (test) {
+    const ppl = test.perplexity === null ? '' : `, perplexity ${fmt(test.perplexity)}`;
+    facts.push(['test loss', `${fmt(test.lmLoss as number)}${ppl} (iteration ${fmt(test.iteration)})`]);
+  }
   const tps = median(t.map((r) => r.tokensPerSecond));
   if (tps !== null) facts.push(['median throughput', `${fmt(Math.round(tps))} tokens/s`]);
   const tflops = median(t.flatMap((r) => (r.tflops === null ? [] : [r.tflops])));

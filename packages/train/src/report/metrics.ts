@@ -16,6 +16,8 @@
  * - a validation line after each evaluation:
  *   `{"kind": "valid", "iteration": n, "consumedSamples": n, "lmLoss": x, "perplexity": x,
  *     "time": ISO 8601 date-time}`
+ * - a test line, the same fields with `"kind": "test"`, after the test evaluation when a run with
+ *   test data (a split with a test part, or data.testDataPath) ends.
  *
  * Fields the schemas do not name are kept (the trainer may add more); lines of other kinds are
  * skipped with a warning. A resumed run appends to the same file, so an
@@ -71,9 +73,9 @@ export const TrainMetricsLine = z.looseObject({
 });
 export type TrainMetricsLine = z.infer<typeof TrainMetricsLine>;
 
-/** A `"kind": "valid"` line. */
+/** A `"kind": "valid"` line, or `"kind": "test"` (the test evaluation when a run ends). */
 export const ValidMetricsLine = z.looseObject({
-  kind: z.literal('valid'),
+  kind: z.enum(['valid', 'test']),
   iteration: count,
   consumedSamples: count,
   lmLoss: finiteOrNull,
@@ -89,6 +91,8 @@ export interface RunMetrics {
   train: TrainMetricsLine[];
   /** Validation lines by increasing iteration. */
   valid: ValidMetricsLine[];
+  /** Test evaluations (one when a run with test data ends), by increasing iteration. */
+  test: ValidMetricsLine[];
   /** The parsed config.json, or null when there is none. */
   config: unknown;
   /** Lines skipped: an incomplete last line, lines of unknown kinds. */
@@ -154,6 +158,7 @@ export function readRunMetrics(runDir: string): RunMetrics {
   }
   const train: TrainMetricsLine[] = [];
   const valid: ValidMetricsLine[] = [];
+  const test: ValidMetricsLine[] = [];
   const warnings: string[] = [];
   const otherKinds = new Map<string, { lines: number; first: number }>();
   for (const { line, text, complete } of fileLines(file)) {
@@ -172,12 +177,13 @@ export function readRunMetrics(runDir: string): RunMetrics {
       throw new ReportError('BAD_METRICS', `${file} line ${line}: expected a JSON object`);
     }
     const kind = (value as { kind?: unknown }).kind;
-    const schema = kind === 'train' ? TrainMetricsLine : kind === 'valid' ? ValidMetricsLine : null;
+    const schema =
+      kind === 'train' ? TrainMetricsLine : kind === 'valid' || kind === 'test' ? ValidMetricsLine : null;
     if (schema === null) {
       if (typeof kind !== 'string') {
         throw new ReportError(
           'BAD_METRICS',
-          `${file} line ${line}: no "kind" ("train" or "valid"); is it a megapatch metrics file?`,
+          `${file} line ${line}: no "kind" ("train", "valid" or "test"); is it a megapatch metrics file?`,
         );
       }
       const seen = otherKinds.get(kind) ?? { lines: 0, first: line };
@@ -193,11 +199,12 @@ export function readRunMetrics(runDir: string): RunMetrics {
       );
     }
     if (parsed.data.kind === 'train') train.push(parsed.data);
+    else if (parsed.data.kind === 'test') test.push(parsed.data);
     else valid.push(parsed.data);
   }
   for (const [kind, seen] of otherKinds) {
     warnings.push(
-      `${file}: ${seen.lines} line(s) of kind "${kind}" ignored (first at line ${seen.first}); the report knows "train" and "valid"`,
+      `${file}: ${seen.lines} line(s) of kind "${kind}" ignored (first at line ${seen.first}); the report knows "train", "valid" and "test"`,
     );
   }
   if (train.length === 0 && valid.length === 0) {
@@ -210,6 +217,7 @@ export function readRunMetrics(runDir: string): RunMetrics {
     runDir,
     train: byIteration(train),
     valid: byIteration(valid),
+    test: byIteration(test),
     config: readConfig(runDir),
     warnings,
   };
