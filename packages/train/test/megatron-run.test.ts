@@ -52,6 +52,14 @@ async function run(c: ReturnType<typeof config>) {
   };
 }
 
+/** Every line of a run's metrics.jsonl. */
+const lines = (c: ReturnType<typeof config>) =>
+  fs
+    .readFileSync(path.join(c.logging.runDir, 'metrics.jsonl'), 'utf8')
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l));
+
 const metadata = (ckpt: string, iteration: number) =>
   JSON.parse(
     fs.readFileSync(path.join(ckpt, `iter_${String(iteration).padStart(7, '0')}`, 'metadata.json'), 'utf8'),
@@ -254,12 +262,6 @@ describe('Megatron run scripts', () => {
   });
 
   it("Megatron's test evaluation when the run ends: the split's test part, or --test-data-path", async () => {
-    const lines = (c: ReturnType<typeof config>) =>
-      fs
-        .readFileSync(path.join(c.logging.runDir, 'metrics.jsonl'), 'utf8')
-        .trim()
-        .split('\n')
-        .map((l) => JSON.parse(l));
     // a split with a test part: evalIters global batches of it after the last iteration
     const split = config('test-split', {
       data: { dataPath: [data], split: '80,10,10', seqLength: 32, eodTokenId: 2 },
@@ -305,12 +307,6 @@ describe('Megatron run scripts', () => {
 
   it('--train-data-path and --valid-data-path: each read whole, no split', async () => {
     const valid = patternCorpus(path.join(root, 'valid-corpus'), 60);
-    const lines = (c: ReturnType<typeof config>) =>
-      fs
-        .readFileSync(path.join(c.logging.runDir, 'metrics.jsonl'), 'utf8')
-        .trim()
-        .split('\n')
-        .map((l) => JSON.parse(l));
     const perSplit = config('per-split', {
       data: { dataPath: null, trainDataPath: [data], validDataPath: [valid], seqLength: 32, eodTokenId: 2 },
       training: { evalInterval: 3, evalIters: 2 },
