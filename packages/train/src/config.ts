@@ -167,6 +167,13 @@ export const TrainingSection = z.strictObject({
    * (rounded down), the schedule counted in samples (scheduler.lrDecaySamples, lrWarmupSamples).
    */
   trainSamples: posInt.nullable().default(null),
+  /**
+   * Megatron --rampup-batch-size <start> <increment> <samples> (with trainSamples): the global
+   * batch starts at `start` samples and grows by `increment` evenly over the first `samples`
+   * samples up to globalBatchSize; each size must be a multiple of microBatchSize × data-parallel
+   * size.
+   */
+  rampupBatchSize: z.tuple([posInt, posInt, nonNegInt]).nullable().default(null),
   seed: nonNegInt.default(1234),
   logInterval: posInt.default(100),
   evalInterval: posInt.nullable().default(1000),
@@ -378,8 +385,26 @@ export const RunConfig = z
         message:
           'give one of training.trainIters (--train-iters) and training.trainSamples (--train-samples)',
       });
+    } else if (t.rampupBatchSize !== null && t.trainSamples === null) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['training', 'rampupBatchSize'],
+        message:
+          'Megatron ramps the batch size up over samples: give training.trainSamples (--train-samples), not trainIters',
+      });
     } else if (t.trainSamples !== null) {
-      if (t.trainSamples < t.globalBatchSize) {
+      if (t.rampupBatchSize !== null) {
+        const [start, increment] = t.rampupBatchSize;
+        const diff = t.globalBatchSize - start;
+        if (diff <= 0 || diff % increment !== 0) {
+          ctx.addIssue({
+            code: 'custom',
+            path: ['training', 'rampupBatchSize'],
+            message: `the ramp grows from ${start} by ${increment} to globalBatchSize ${t.globalBatchSize}: give a start below it and an increment that divides the difference`,
+          });
+        }
+      }
+      if (t.trainSamples < t.globalBatchSize && t.rampupBatchSize === null) {
         ctx.addIssue({
           code: 'custom',
           path: ['training', 'trainSamples'],
@@ -672,6 +697,7 @@ const LIST_KEYS = new Set([
   'data.trainDataPath',
   'data.validDataPath',
   'data.testDataPath',
+  'training.rampupBatchSize',
   'model.recomputeModules',
 ]);
 
@@ -750,10 +776,51 @@ export function resolveOverride(flag: string, text: string): [string, unknown] |
  * --train-samples) the whole global batches the samples make.
  */
 export function trainIterations(c: {
-  training: { trainIters: number | null; trainSamples: number | null; globalBatchSize: number };
+  training: {
+    trainIters: number | null;
+    trainSamples: number | null;
+    globalBatchSize: number;
+    rampupBatchSize?: readonly [number, number, number] | null;
+  };
 }): number {
   const t = c.training;
-  return t.trainIters ?? Math.floor((t.trainSamples ?? 0) / t.globalBatchSize);
+  if (t.trainIters !== null) return t.trainIters;
+  const samples = t.trainSamples ?? 0;
+  if (!t.rampupBatchSize) return Math.floor(samples / t.globalBatchSize);
+  // Megatron's update_train_iters: the ramp's steps while the consumed samples are within it, then
+  // whole global batches (a partial last one is dropped)
+  const ramp = new BatchSizeRampup(t.globalBatchSize, t.rampupBatchSize);
+  let consumed = 0;
+  let iterations = 0;
+  while (consumed <= t.rampupBatchSize[2] && consumed <= samples) {
+    consumed += ramp.globalBatchSize(consumed);
+    iterations++;
+  }
+  if (samples > consumed) iterations += Math.floor((samples - consumed) / t.globalBatchSize);
+  return iterations;
+}
+
+/**
+ * Megatron's batch-size ramp-up (RampupBatchsizeNumMicroBatchesCalculator): the global batch of a
+ * step that starts with `consumed` samples consumed.
+ */
+export class BatchSizeRampup {
+  private readonly perIncrement: number;
+
+  constructor(
+    readonly finalGlobalBatchSize: number,
+    readonly ramp: readonly [start: number, increment: number, samples: number],
+  ) {
+    const [start, increment, samples] = ramp;
+    this.perIncrement = samples / ((finalGlobalBatchSize - start) / increment);
+  }
+
+  /** The global batch size after `consumed` samples. */
+  globalBatchSize(consumed: number): number {
+    const [start, increment, samples] = this.ramp;
+    if (consumed > samples) return this.finalGlobalBatchSize;
+    return start + Math.floor(consumed / this.perIncrement) * increment;
+  }
 }
 
 /**

@@ -9,6 +9,7 @@ export {
   type TrainingState,
 } from './checkpoint.js';
 export {
+  BatchSizeRampup,
   CheckpointSection,
   DataSection,
   LoggingSection,

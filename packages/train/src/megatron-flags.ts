@@ -196,7 +196,6 @@ export const REFUSED_FLAGS: Readonly<Record<string, string>> = {
   'cpu-offloading-num-layers': ACTIVATIONS_STAY,
   'moe-enable-deepep': 'experts exchange tokens by all-gather or all-to-all (--moe-token-dispatcher-type)',
   'sequence-packing': 'pack SFT samples with data.sft.packing (megapatch preprocess sft)',
-  'rampup-batch-size': 'the global batch size is constant',
   'use-legacy-models': 'megapatch builds Megatron-Core models',
   'mock-data': 'give real data (--data-path; megapatch preprocess pretrain makes it)',
   'use-torch-fsdp2': NO_FSDP,

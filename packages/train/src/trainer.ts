@@ -78,7 +78,7 @@ import {
   saveTrainingCheckpoint,
   type TrainingState,
 } from './checkpoint.js';
-import { type RunConfig, trainIterations } from './config.js';
+import { BatchSizeRampup, type RunConfig, trainIterations } from './config.js';
 import { TrainError } from './errors.js';
 import { numFloatingPointOperations, tflopsPerSecond } from './flops.js';
 import { formatTrainingLogLine, formatValidationLogLines } from './log-line.js';
@@ -92,6 +92,8 @@ export interface TrainMetrics {
   kind: 'train';
   iteration: number;
   consumedSamples: number;
+  /** The iteration's global batch (training.globalBatchSize, or less during a batch-size ramp-up). */
+  globalBatchSize: number;
   elapsedMs: number;
   lr: number;
   /** The embedding and output layer's learning rate (optimizer.decoupledLr set). */
@@ -155,7 +157,7 @@ export function tensorboardScalars(
   return {
     'learning-rate': m.lr,
     'decoupled-learning-rate': m.decoupledLr ?? null,
-    'batch-size': globalBatchSize,
+    'batch-size': m.globalBatchSize ?? globalBatchSize,
     'lm loss': m.lmLoss,
     'loss-scale': m.lossScale,
     'grad-norm': m.gradNorm,
@@ -1076,11 +1078,28 @@ async function trainOnDefaultDevice(
       prefetch: 0,
     });
   const loader = makeLoader(trainData, state.consumedSamples);
-  const batches = globalBatchesSync(loader, {
-    globalBatchSize: gbs,
-    microBatchSize: tr.microBatchSize,
-    dataParallelSize: dataSize,
-  });
+  // Megatron's batch-size ramp-up: each step's global batch from the samples consumed before it
+  const rampup = tr.rampupBatchSize ? new BatchSizeRampup(gbs, tr.rampupBatchSize) : null;
+  const stepBatchSize = (consumed: number) => (rampup ? rampup.globalBatchSize(consumed) : gbs);
+  const microsOf = (batch: number) => {
+    if (batch % (tr.microBatchSize * dataSize) !== 0) {
+      throw new TrainError(
+        'INVALID_CONFIG',
+        `training.rampupBatchSize: a global batch of ${batch} is not a multiple of microBatchSize ${tr.microBatchSize} × data-parallel size ${dataSize}; choose a start and increment that are`,
+      );
+    }
+    return batch / (tr.microBatchSize * dataSize);
+  };
+  // this rank's micro-batches of the next step (null: the data ran out)
+  const nextStep = (micros: number): CollatedBatch[] | null => {
+    const step: CollatedBatch[] = [];
+    while (step.length < micros) {
+      const r = loader.nextSync();
+      if (r.done) return null;
+      step.push(r.value);
+    }
+    return step;
+  };
   const metricsFile = path.join(config.logging.runDir, 'metrics.jsonl');
   const metricsFd = logRank ? fs.openSync(metricsFile, state.iteration > 0 ? 'a' : 'w') : null;
   // Megatron's --tensorboard-dir: the same numbers as event files, under Megatron's tags
@@ -1129,8 +1148,8 @@ async function trainOnDefaultDevice(
   // the main loss is (not with calculatePerTokenLoss, where the main loss is not either)
   // With context parallelism each rank's router holds part of every sequence: its aux-loss gradient
   // is its part's, and DDP averages over cp, so the scale carries cp as the main objective does.
-  const auxLossScale = (tr.calculatePerTokenLoss ? 1 : 1 / numMicro) * cpSize;
-  setAuxLossScale(auxLossScale);
+  const auxLossScaleOf = (micros: number) => (tr.calculatePerTokenLoss ? 1 : 1 / micros) * cpSize;
+  setAuxLossScale(auxLossScaleOf(numMicro));
   let skippedSinceLog = 0;
   let firstLogged = false;
   // Pipeline parallelism: Megatron's 1F1B schedule over the stages (each rank holds one stage)
@@ -1312,11 +1331,11 @@ async function trainOnDefaultDevice(
 
   // a step's batch, read and copied to the device (null: the data ran out); the next step's is
   // fetched while the device still runs this step's optimizer update (see below)
-  const fetchStep = () => {
+  const fetchStep = (micros: number) => {
     const t = performance.now();
-    const step = batches.next();
+    const step = nextStep(micros);
     return {
-      micro: step.done ? null : step.value.map((b) => microTensors(b, layout.cp)),
+      micro: step === null ? null : step.map((b) => microTensors(b, layout.cp)),
       ms: performance.now() - t,
     };
   };
@@ -1325,7 +1344,9 @@ async function trainOnDefaultDevice(
     for (const c of chunks) c.train();
     while (state.iteration < trainIters) {
       const stepStart = performance.now();
-      const fetched = prefetched ?? fetchStep();
+      const stepGbs = stepBatchSize(state.consumedSamples);
+      const numMicro = microsOf(stepGbs);
+      const fetched = prefetched ?? fetchStep(numMicro);
       prefetched = null;
       if (!fetched.micro)
         throw new TrainError('DATA', `the train data ran out at iteration ${state.iteration + 1}`);
@@ -1349,7 +1370,7 @@ async function trainOnDefaultDevice(
       optimizer.zeroGrad();
       // fp16: the objective (and the aux losses, as Megatron's MoEAuxLossAutoScaler) times the scale
       const lossScale = optimizer.lossScaler?.scale ?? 1;
-      setAuxLossScale(auxLossScale * lossScale);
+      setAuxLossScale(auxLossScaleOf(numMicro) * lossScale);
       // the step's sums stay on the device until every micro-batch is queued (a read there would
       // wait for each forward before its backward could be queued); read after the optimizer step
       const sums = newSums();
@@ -1409,7 +1430,9 @@ async function trainOnDefaultDevice(
       // device runs the update, instead of after the reads below, when it would wait idle
       // (the step's live memory is read before it, so that the figure stays comparable step to step)
       const { liveBytes, cachedBytes } = memoryStats(getDefaultDevice());
-      if (state.iteration + 1 < trainIters) prefetched = fetchStep();
+      if (state.iteration + 1 < trainIters) {
+        prefetched = fetchStep(microsOf(stepBatchSize(state.consumedSamples + stepGbs)));
+      }
       const sync = ddp.lastSyncStats();
       timers.commMs = sync.commMs;
       timers.exposedCommMs = sync.exposedMs;
@@ -1449,9 +1472,9 @@ async function trainOnDefaultDevice(
       );
       const r = optimizer.finishStep(gradNorm);
       // Megatron advances the schedule only after an update (a skipped step leaves it)
-      if (r.updated) scheduler.step(gbs);
+      if (r.updated) scheduler.step(stepGbs);
       state.iteration++;
-      state.consumedSamples += gbs;
+      state.consumedSamples += stepGbs;
       if (!r.updated) {
         state.skippedIterations++;
         skippedSinceLog++;
@@ -1472,6 +1495,7 @@ async function trainOnDefaultDevice(
         kind: 'train',
         iteration: state.iteration,
         consumedSamples: state.consumedSamples,
+        globalBatchSize: stepGbs,
         elapsedMs: elapsed,
         // the schedule's value now (every rank alike, whichever groups its shard holds)
         lr: scheduler.getLr(),
@@ -1487,8 +1511,9 @@ async function trainOnDefaultDevice(
         gradNorm: Number.isFinite(r.gradNorm) ? r.gradNorm : null,
         skippedIterations: state.skippedIterations,
         lossScale,
-        tokensPerSecond: (gbs * config.data.seqLength) / (elapsed / 1000),
-        tflops: tflopsPerSecond(stepFlops, elapsed / 1000, layout.world),
+        tokensPerSecond: (stepGbs * config.data.seqLength) / (elapsed / 1000),
+        // the FLOPs grow with the batch (ramp-up)
+        tflops: tflopsPerSecond((stepFlops * stepGbs) / gbs, elapsed / 1000, layout.world),
         memory: { liveBytes, peakBytes: mem.peakBytes, cachedBytes },
         timers,
         time: new Date().toISOString(),
@@ -1523,7 +1548,7 @@ async function trainOnDefaultDevice(
             throughputTflopsPerGpu: metrics.tflops,
             learningRate: metrics.lr,
             ...(metrics.decoupledLr !== undefined ? { decoupledLearningRate: metrics.decoupledLr } : {}),
-            globalBatchSize: gbs,
+            globalBatchSize: stepGbs,
             lmLoss,
             ...(metrics.moe?.auxLoss !== undefined ? { loadBalancingLoss: metrics.moe.auxLoss } : {}),
             ...(metrics.moe?.zLoss !== undefined ? { zLoss: metrics.moe.zLoss } : {}),

@@ -7,7 +7,13 @@ import * as path from 'node:path';
 import { parseHfConfig, type TransformerConfig } from '@megapatch/convert';
 import { SYNTHETIC_MODELS } from '@megapatch/convert/testing';
 import { afterAll, describe, expect, it } from 'vitest';
-import { loadRunConfig, resolveOverride, TrainError, trainIterations } from '../src/index.js';
+import {
+  BatchSizeRampup,
+  loadRunConfig,
+  resolveOverride,
+  TrainError,
+  trainIterations,
+} from '../src/index.js';
 import { type Architecture, checkArchitecture, moeLayerFreqPattern } from '../src/megatron-flags.js';
 import { tempDir } from './helpers.js';
 
@@ -330,6 +336,29 @@ describe('Megatron run-script flags', () => {
       ],
       /give one of lrWarmupFraction and lrWarmupSamples/,
     );
+    // Megatron's batch-size ramp-up: over samples, from a start below the global batch
+    bad([['rampup-batch-size', '4 4 16']], /rampupBatchSize: Megatron ramps the batch size up over samples/);
+    bySamples(
+      [['rampup-batch-size', '2 4 16']],
+      /the ramp grows from 2 by 4 to globalBatchSize 8: give a start below it/,
+    );
+    bySamples([['rampup-batch-size', '8 4 16']], /the ramp grows from 8 by 4/);
+    expect(resolveOverride('rampup-batch-size', '16 16 5859375')).toEqual([
+      'training.rampupBatchSize',
+      [16, 16, 5859375],
+    ]);
+    // the iterations as Megatron's update_train_iters counts them (by hand: 4 + 4 + 4 + 4 during the
+    // ramp to 16 samples, then 8 + 8 = 24 ... 48: 8 iterations; 2, 2, 4, 6 to 14, then 3 × 8 to 38 of 40)
+    const ramped = (samples: number, ramp: [number, number, number]) =>
+      trainIterations({
+        training: { trainIters: null, trainSamples: samples, globalBatchSize: 8, rampupBatchSize: ramp },
+      });
+    expect(ramped(48, [4, 4, 16])).toBe(8);
+    expect(ramped(40, [2, 2, 12])).toBe(7);
+    const ramp = new BatchSizeRampup(8, [2, 2, 12]);
+    expect([0, 2, 3, 4, 7, 8, 12, 13, 100].map((c) => ramp.globalBatchSize(c))).toEqual([
+      2, 2, 2, 4, 4, 6, 8, 8, 8,
+    ]);
     bad([['hidden-dropout', '1']], /model.hiddenDropout/);
     bad(
       [

@@ -475,6 +475,42 @@ describe('Megatron run scripts', () => {
     odd.lrs.forEach((x, i) => expect(x, `iteration ${i + 1}`).toBeCloseTo(lr(8 * (i + 1)), 12));
   });
 
+  it('--rampup-batch-size: the global batch grows over the first samples, the schedule counts them', async () => {
+    const schedule = { lrDecayStyle: 'cosine', lrWarmupIters: 0, lrWarmupSamples: 8 };
+    const tb = path.join(root, 'tb-ramp');
+    // 4 samples a step up to 16 samples, then 8: 4 + 4 + 4 + 4 + 4 × 8 = 48 samples in 8 iterations
+    const ramp = config('ramp', {
+      training: { trainIters: null, trainSamples: 48, rampupBatchSize: [4, 4, 16], logInterval: 1 },
+      scheduler: schedule,
+      logging: { runDir: path.join(root, 'ramp'), tensorboardDir: tb },
+    });
+    const r = await run(ramp);
+    const m = lines(ramp).filter((x) => x.kind === 'train');
+    expect(m.map((x) => x.globalBatchSize)).toEqual([4, 4, 4, 4, 8, 8, 8, 8]);
+    expect(m.map((x) => x.consumedSamples)).toEqual([4, 8, 12, 16, 24, 32, 40, 48]);
+    expect(r.lines.filter((l) => l.includes('global batch size:     4 |'))).toHaveLength(4);
+    expect(
+      r.lines.some((l) =>
+        /iteration\s+8\/\s+8 \| consumed samples:\s+48 \|.*global batch size:\s+8 \|/.test(l),
+      ),
+    ).toBe(true);
+    const events = readScalarEvents(path.join(tb, fs.readdirSync(tb)[0]));
+    expect(events.filter((e) => e.tag === 'batch-size').map((e) => e.value)).toEqual([
+      4, 4, 4, 4, 8, 8, 8, 8,
+    ]);
+    // the first four steps are those of a run with a global batch of 4 (the same samples, the same
+    // learning rates: the schedule advances by the samples of each step), bit for bit
+    const four = await run(
+      config('four', {
+        training: { trainIters: null, trainSamples: 48, globalBatchSize: 4 },
+        scheduler: schedule,
+      }),
+    );
+    expect(r.losses.slice(0, 4)).toEqual(four.losses.slice(0, 4));
+    expect(r.lrs.slice(0, 4)).toEqual(four.lrs.slice(0, 4));
+    expect(r.losses[4]).not.toBe(four.losses[4]);
+  });
+
   it('--lr-warmup-fraction, --lr-warmup-init and the weight-decay ramp', async () => {
     // warm-up over a quarter of 8 decay iterations (2 iterations = 16 samples), from 1e-4
     const r = await run(

@@ -176,6 +176,35 @@ describe('decoupled learning rate', () => {
   });
 });
 
+describe('batch-size ramp-up', () => {
+  // Megatron's --rampup-batch-size 4 4 16 over 48 samples: steps of 4 micro-batch rows, then 8
+  const ramped = (run: string, parallel: Record<string, unknown>) => {
+    const c = config(run, parallel) as Record<string, Record<string, unknown>>;
+    c.training = { ...c.training, trainIters: null, trainSamples: 48, rampupBatchSize: [4, 4, 16] };
+    c.scheduler = { lrDecayStyle: 'cosine', lrWarmupSamples: 8 };
+    return c;
+  };
+  let one: number[];
+  it('one process', async () => {
+    one = (await train(parseRunConfig(ramped('ramp-one', {})), { log: () => {}, report: false })).losses;
+    expect(one.length).toBe(8);
+  });
+
+  it.each([
+    ['DP=2', {}],
+    ['PP=2', { pipelineModelParallelSize: 2 }],
+  ])('%s gives the losses of one process', async (name, parallel) => {
+    const [r] = (await launchWorkers({
+      nproc: 2,
+      script: 'train-worker.ts',
+      config: ramped(`ramp-${name.replace(/\W+/g, '-')}`, parallel),
+    })) as { losses: number[] }[];
+    expect(r.losses.length).toBe(8);
+    for (let i = 0; i < 8; i++)
+      expect(Math.abs(r.losses[i] - one[i]) / one[i], `${name} step ${i + 1}`).toBeLessThan(1e-5);
+  });
+});
+
 describe('per-token loss', () => {
   it('calculatePerTokenLoss on packed SFT rows: DP=2 gives the losses and gradient norms of one process, and the gradients differ from the mean of micro-batch means', async () => {
     const prefix = path.join(root, 'sft-per-token');

@@ -4,7 +4,8 @@
  * `<run-dir>/metrics.jsonl` holds one JSON object per line, appended as the run goes:
  *
  * - a training line per iteration (or per log interval, `elapsedMs` then being the mean):
- *   `{"kind": "train", "iteration": n, "consumedSamples": n, "elapsedMs": ms per iteration,
+ *   `{"kind": "train", "iteration": n, "consumedSamples": n, "globalBatchSize": n (the step's,
+ *     below the configured one during a batch-size ramp-up), "elapsedMs": ms per iteration,
  *     "lr": x, "lmLoss": x, "gradNorm": x | null, "skippedIterations": n, "tokensPerSecond": x,
  *     "tflops": x | null, "memory": {"liveBytes": n, "peakBytes": n, "cachedBytes"?: n},
  *     "moe"?: {"auxLoss"?: x, "zLoss"?: x, "mtpLoss"?: x,
