@@ -27,6 +27,21 @@ function metricsOf(run: string, kind: string, key: string): number[] {
     .map((m) => m[key] as number);
 }
 
+/** Rank 0's per-step losses of `config` trained on two processes. */
+async function lossesOnTwo(config: object): Promise<number[]> {
+  const [r] = (await launchWorkers({ nproc: 2, script: 'train-worker.ts', config })) as {
+    losses: number[];
+  }[];
+  return r.losses;
+}
+
+/** The losses of `got`, step by step, within 1e-5 (relative) of `want`'s, as many steps. */
+function expectLosses(got: number[], want: number[], label: string): void {
+  expect(got.length, label).toBe(want.length);
+  for (let i = 0; i < want.length; i++)
+    expect(Math.abs(got[i] - want[i]) / want[i], `${label} step ${i + 1}`).toBeLessThan(1e-5);
+}
+
 describe('train on several processes', () => {
   // with two validations (iterations 3 and 6) of 2 global batches
   const withEval = (run: string, parallel: Record<string, unknown> = {}) => {
@@ -117,16 +132,7 @@ describe('dropout', () => {
     ['CP=2 without attention dropout', { contextParallelSize: 2 }, 0],
   ] as const)('%s gives the losses of one process', async (name, parallel, attention) => {
     const run = `drop-${name.replace(/\W+/g, '-')}`;
-    const [r] = (await launchWorkers({
-      nproc: 2,
-      script: 'train-worker.ts',
-      config: withDropout(run, parallel, attention),
-    })) as { losses: number[] }[];
-    expect(r.losses.length).toBe(6);
-    const want = one[attention];
-    for (let i = 0; i < 6; i++) {
-      expect(Math.abs(r.losses[i] - want[i]) / want[i], `${name} step ${i + 1}`).toBeLessThan(1e-5);
-    }
+    expectLosses(await lossesOnTwo(withDropout(run, parallel, attention)), one[attention], name);
     const a = metricsOf(`drop-one-${attention}`, 'train', 'gradNorm');
     const b = metricsOf(run, 'train', 'gradNorm');
     for (let i = 0; i < 6; i++)
@@ -160,16 +166,7 @@ describe('decoupled learning rate', () => {
     ],
   ])('%s gives the losses of one process', async (name, parallel) => {
     const run = `dlr-${name.replace(/\W+/g, '-')}`;
-    const [r] = (await launchWorkers({
-      nproc: 2,
-      script: 'train-worker.ts',
-      config: decoupled(run, parallel),
-    })) as {
-      losses: number[];
-    }[];
-    expect(r.losses.length).toBe(6);
-    for (let i = 0; i < 6; i++)
-      expect(Math.abs(r.losses[i] - one[i]) / one[i], `${name} step ${i + 1}`).toBeLessThan(1e-5);
+    expectLosses(await lossesOnTwo(decoupled(run, parallel)), one, name);
     const want = metricsOf('dlr-one', 'train', 'decoupledLr');
     expect(want.length).toBe(6);
     expect(metricsOf(run, 'train', 'decoupledLr')).toEqual(want);
@@ -194,14 +191,7 @@ describe('batch-size ramp-up', () => {
     ['DP=2', {}],
     ['PP=2', { pipelineModelParallelSize: 2 }],
   ])('%s gives the losses of one process', async (name, parallel) => {
-    const [r] = (await launchWorkers({
-      nproc: 2,
-      script: 'train-worker.ts',
-      config: ramped(`ramp-${name.replace(/\W+/g, '-')}`, parallel),
-    })) as { losses: number[] }[];
-    expect(r.losses.length).toBe(8);
-    for (let i = 0; i < 8; i++)
-      expect(Math.abs(r.losses[i] - one[i]) / one[i], `${name} step ${i + 1}`).toBeLessThan(1e-5);
+    expectLosses(await lossesOnTwo(ramped(`ramp-${name.replace(/\W+/g, '-')}`, parallel)), one, name);
   });
 });
 
@@ -349,16 +339,8 @@ describe('context parallelism with packed rows', () => {
           report: false,
         })
       ).losses;
-      const [r] = (await launchWorkers({
-        nproc: 2,
-        script: 'train-worker.ts',
-        config: cfg(`cp-sft-two-${dropout}`, { contextParallelSize: 2 }, dropout),
-      })) as { losses: number[] }[];
-      expect(r.losses.length).toBe(6);
-      for (let i = 0; i < 6; i++)
-        expect(Math.abs(r.losses[i] - one[i]) / one[i], `dropout ${dropout} step ${i + 1}`).toBeLessThan(
-          1e-5,
-        );
+      const two = await lossesOnTwo(cfg(`cp-sft-two-${dropout}`, { contextParallelSize: 2 }, dropout));
+      expectLosses(two, one, `dropout ${dropout}`);
     }
   });
 });
