@@ -45,6 +45,11 @@ export interface TrainingState {
   iteration: number;
   consumedSamples: number;
   skippedIterations: number;
+  /**
+   * Validation samples read so far (Megatron's consumed_valid_samples): each evaluation reads the
+   * next training.evalIters global batches. Absent in checkpoints written before it was kept.
+   */
+  consumedValidSamples?: number;
 }
 
 type AnyOptimizer = DataParallelOptimizer | DistributedOptimizer;
@@ -244,7 +249,10 @@ export function saveTrainingCheckpoint(root: string, o: SaveOptions): string | n
               }
             : {}),
           ...(saveRng ? { rng: getRngState() } : {}),
-          dataLoader: { consumedSamples: o.state.consumedSamples },
+          dataLoader: {
+            consumedSamples: o.state.consumedSamples,
+            consumedValidSamples: o.state.consumedValidSamples ?? 0,
+          },
           training: { ...o.state, config: o.config, versions: versions() },
         })
       : null;
@@ -460,6 +468,9 @@ export function loadTrainingCheckpoint(root: string, o: LoadOptions & { iteratio
         iteration: training.iteration,
         consumedSamples: training.consumedSamples,
         skippedIterations: training.skippedIterations,
+        ...(training.consumedValidSamples !== undefined
+          ? { consumedValidSamples: training.consumedValidSamples }
+          : {}),
       };
     }
     // every chunk's slices and parameters under the names the optimizer knows them by
@@ -544,6 +555,9 @@ export function loadTrainingCheckpoint(root: string, o: LoadOptions & { iteratio
       iteration: training.iteration,
       consumedSamples: training.consumedSamples,
       skippedIterations: training.skippedIterations,
+      ...(training.consumedValidSamples !== undefined
+        ? { consumedValidSamples: training.consumedValidSamples }
+        : {}),
     };
   } finally {
     ckpt.close();

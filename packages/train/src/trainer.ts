@@ -1051,6 +1051,13 @@ async function trainOnDefaultDevice(
       loadRng: !config.checkpoint.noLoadRng,
     });
   }
+  // Megatron's consumed_valid_samples: each evaluation reads the next evalIters global batches of
+  // the validation data (a checkpoint from before it was kept: the evaluations the iterations made)
+  if (state.consumedValidSamples === undefined) {
+    const evaluations =
+      tr.evalInterval && tr.trainSamples === null ? Math.floor(state.iteration / tr.evalInterval) : 0;
+    state.consumedValidSamples = evaluations * tr.evalIters * gbs;
+  }
 
   const eod = config.data.eodTokenId ?? cfg.vocabSize - 1;
   // Megatron sizes the train split by the samples the run asks for
@@ -1274,20 +1281,31 @@ async function trainOnDefaultDevice(
     if (dir) checkpoints.push(dir);
   };
 
-  const evaluate = async (data: SampleSource | null = validData, kind: 'valid' | 'test' = 'valid') => {
-    if (!data) return;
-    const vLoader = makeLoader(data, 0);
-    const vBatches = globalBatchesSync(vLoader, {
+  // the validation batches, read on from one evaluation to the next (Megatron's validation
+  // iterator); the test evaluation reads its data from the start
+  const evalBatches = (data: SampleSource, consumed: number) =>
+    globalBatchesSync(makeLoader(data, consumed), {
       globalBatchSize: gbs,
       microBatchSize: tr.microBatchSize,
       dataParallelSize: dataSize,
     });
+  const validBatches = validData ? evalBatches(validData, state.consumedValidSamples) : null;
+  /**
+   * One evaluation of evalIters global batches: of the validation data (`on`: Megatron's prefix
+   * for the one when the run ends, 'validation set'), or of the test data.
+   */
+  const evaluate = async (kind: 'valid' | 'test', on: 'validation set' | 'test set' | null = null) => {
+    const vBatches = kind === 'valid' ? validBatches : testData ? evalBatches(testData, 0) : null;
+    if (!vBatches) return;
+    let evaluated = 0;
     // the losses and tokens of every micro-batch summed where they are, read once at the end
     const sums = newSums();
     for (const c of chunks) c.eval();
     for (let i = 0; i < tr.evalIters; i++) {
       const step = vBatches.next();
       if (step.done) break;
+      evaluated++;
+      if (kind === 'valid') state.consumedValidSamples = (state.consumedValidSamples ?? 0) + gbs;
       if (forwardBackward) {
         // pipeline: forward only through the stages; the loss is summed on the last one
         const micro = step.value.map((b) => microTensors(b, layout.cp));
@@ -1315,6 +1333,12 @@ async function trainOnDefaultDevice(
     for (const d of [sums.aux, sums.z, sums.mtp]) d.dispose();
     // over the pipeline (the last stage holds the loss), then the data-parallel ranks
     const [sum, count] = reduceAndRead([sums.loss, sums.tokens], [1, 1], [layout.pp, layout.dp]);
+    if (evaluated === 0) {
+      log(
+        `warning: no ${kind === 'valid' ? 'validation' : 'test'} data left at iteration ${state.iteration}: the evaluation is skipped (the data was sized for the configured evaluations)`,
+      );
+      return;
+    }
     const lmLoss = sum / Math.max(count, 1);
     const m: ValidMetrics = {
       kind,
@@ -1325,7 +1349,7 @@ async function trainOnDefaultDevice(
       time: new Date().toISOString(),
     };
     writeMetrics(m);
-    const dataset = kind === 'test' ? ({ dataset: 'test set' } as const) : {};
+    const dataset = on ? { dataset: on } : {};
     for (const line of formatValidationLogLines({ iteration: m.iteration, lmLoss, ...dataset })) log(line);
   };
 
@@ -1565,7 +1589,7 @@ async function trainOnDefaultDevice(
         );
         skippedSinceLog = 0;
       }
-      if (tr.evalInterval && state.iteration % tr.evalInterval === 0) await evaluate();
+      if (tr.evalInterval && state.iteration % tr.evalInterval === 0) await evaluate('valid');
       const saveNow =
         config.checkpoint.saveInterval && state.iteration % config.checkpoint.saveInterval === 0;
       if (saveNow) save();
@@ -1587,11 +1611,12 @@ async function trainOnDefaultDevice(
       }
     }
     if (exitReason === 'done') {
-      if (tr.evalInterval && state.iteration % tr.evalInterval !== 0) await evaluate();
       // every rank decides alike (the save is collective): a save of this iteration already done
       if (config.checkpoint.save && savedIteration !== state.iteration) save();
-      // then Megatron's test evaluation (with a test split or --test-data-path)
-      await evaluate(testData, 'test');
+      // then, as Megatron's pretrain, the validation of the finished run (on the next validation
+      // batches) and the test evaluation (with a test split or --test-data-path)
+      await evaluate('valid', 'validation set');
+      await evaluate('test', 'test set');
     }
   } finally {
     // a batch read ahead for a step that did not run (a stop, an error)

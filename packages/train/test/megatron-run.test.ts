@@ -292,10 +292,13 @@ describe('Megatron run scripts', () => {
     });
     await run(perSplit);
     const m = lines(perSplit);
-    const lastValid = m.filter((x) => x.kind === 'valid').at(-1);
+    // the validation at iteration 6 read the first 2 batches (the finished run's the next 2), as
+    // the test evaluation reads its first 2
+    const [first, end] = m.filter((x) => x.kind === 'valid');
     const t = m.filter((x) => x.kind === 'test');
-    expect(lastValid.iteration).toBe(6);
-    expect(t.map((x) => [x.iteration, x.lmLoss])).toEqual([[6, lastValid.lmLoss]]);
+    expect([first.iteration, end.iteration]).toEqual([6, 6]);
+    expect(end.lmLoss).not.toBe(first.lmLoss);
+    expect(t.map((x) => [x.iteration, x.lmLoss])).toEqual([[6, first.lmLoss]]);
     // no test part, no test evaluation
     const none = config('no-test', { training: { evalInterval: 3, evalIters: 2 } });
     await run(none);
@@ -303,6 +306,33 @@ describe('Megatron run scripts', () => {
     expect(() => config('bad', { data: { dataPath: [data], testDataPath: [valid], seqLength: 32 } })).toThrow(
       /data.testDataPath: goes with data.trainDataPath/,
     );
+  });
+
+  it("each evaluation reads the next validation batches (Megatron's consumed_valid_samples), across a restart too", async () => {
+    const ck = path.join(root, 'ck-valid');
+    const job = (iters: number, run: string, save: string | null) =>
+      config(run, {
+        ...(save ? { checkpoint: { load: save, save, saveInterval: 2 } } : {}),
+        training: { trainIters: iters, evalInterval: 2, evalIters: 1 },
+        scheduler: { lrDecayStyle: 'cosine', lrWarmupIters: 2, lrDecayIters: 6 },
+      });
+    const straight = job(6, 'valid-straight', null);
+    await run(straight);
+    const valid = (c: ReturnType<typeof config>) =>
+      lines(c)
+        .filter((m) => m.kind === 'valid')
+        .map((m) => [m.iteration, m.lmLoss]);
+    const all = valid(straight);
+    // iterations 2, 4, 6 and the finished run's: four batches, four losses
+    expect(all.map(([i]) => i)).toEqual([2, 4, 6, 6]);
+    expect(new Set(all.map(([, l]) => l)).size).toBe(4);
+    const first = job(4, 'valid-first', ck);
+    await run(first);
+    const second = job(6, 'valid-second', ck);
+    await run(second);
+    // the first job's periodic validations, then the resumed job's: the straight run's exactly
+    // (the first job's own finished-run validation read a batch the checkpoint did not count)
+    expect([...valid(first).slice(0, 2), ...valid(second)]).toEqual(all);
   });
 
   it('--train-data-path and --valid-data-path: each read whole, no split', async () => {
@@ -318,7 +348,7 @@ describe('Megatron run scripts', () => {
     );
     expect(r.losses).toEqual(whole.losses);
     const validations = lines(perSplit).filter((m) => m.kind === 'valid');
-    expect(validations.map((m) => m.iteration)).toEqual([3, 6]);
+    expect(validations.map((m) => m.iteration)).toEqual([3, 6, 6]);
     // the validation data is the other corpus, whole: 60 documents of 20-50 tokens give more than 2 × 8 samples
     expect(validations.every((m) => Number.isFinite(m.lmLoss))).toBe(true);
     // no --valid-data-path: no validation
@@ -361,7 +391,7 @@ describe('Megatron run scripts', () => {
     expect(series('lm loss validation')).toEqual(
       metrics.filter((m) => m.kind === 'valid').map((m) => [m.iteration, Math.fround(m.lmLoss)]),
     );
-    expect(series('lm loss validation').map(([s]) => s)).toEqual([3, 6]);
+    expect(series('lm loss validation').map(([s]) => s)).toEqual([3, 6, 6]);
     // Megatron's "vs samples" twins: the same values against the consumed samples (8 an iteration)
     expect(series('lm loss vs samples')).toEqual(
       train.map((m) => [m.consumedSamples, Math.fround(m.lmLoss)]),
@@ -379,7 +409,7 @@ describe('Megatron run scripts', () => {
         tag,
       ).toEqual(series(tag).map(([, v]) => v));
     }
-    expect(series('lm loss validation vs samples').map(([s]) => s)).toEqual([24, 48]);
+    expect(series('lm loss validation vs samples').map(([s]) => s)).toEqual([24, 48, 48]);
     expect(series('iteration-time vs samples')).toEqual([]);
     // a command line with --tensorboard-dir and no run folder writes the run there
     const fromFlags = loadRunConfig(null, [

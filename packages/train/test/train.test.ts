@@ -45,7 +45,11 @@ describe('train', () => {
       .split('\n')
       .map((l) => JSON.parse(l));
     expect(metrics.filter((m) => m.kind === 'train').length).toBe(12);
-    expect(metrics.filter((m) => m.kind === 'valid').map((m) => m.iteration)).toEqual([6, 12]);
+    // every 6 iterations, and the finished run's (Megatron's "on validation set")
+    expect(metrics.filter((m) => m.kind === 'valid').map((m) => m.iteration)).toEqual([6, 12, 12]);
+    expect(
+      lines.some((l) => /validation loss at iteration 12 on validation set \| lm loss value: /.test(l)),
+    ).toBe(true);
     expect(lines.some((l) => /iteration\s+4\/\s*12 \| consumed samples:\s+32 \|/.test(l))).toBe(true);
     expect(lines.some((l) => /validation loss at iteration 6 \| lm loss value: /.test(l))).toBe(true);
     // the run report is written when the run ends
