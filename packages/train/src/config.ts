@@ -173,7 +173,13 @@ export const TrainingSection = z.strictObject({
    * samples up to globalBatchSize; each size must be a multiple of microBatchSize × data-parallel
    * size.
    */
-  rampupBatchSize: z.tuple([posInt, posInt, nonNegInt]).nullable().default(null),
+  rampupBatchSize: z
+    .tuple([posInt, posInt, nonNegInt], {
+      error:
+        'give three whole numbers: [start, increment, samples] (--rampup-batch-size <start> <increment> <samples>)',
+    })
+    .nullable()
+    .default(null),
   seed: nonNegInt.default(1234),
   logInterval: posInt.default(100),
   evalInterval: posInt.nullable().default(1000),

@@ -343,6 +343,10 @@ describe('Megatron run-script flags', () => {
       /the ramp grows from 2 by 4 to globalBatchSize 8: give a start below it/,
     );
     bySamples([['rampup-batch-size', '8 4 16']], /the ramp grows from 8 by 4/);
+    bySamples(
+      [['rampup-batch-size', '4 4']],
+      /rampupBatchSize: give three whole numbers: \[start, increment, samples\]/,
+    );
     expect(resolveOverride('rampup-batch-size', '16 16 5859375')).toEqual([
       'training.rampupBatchSize',
       [16, 16, 5859375],
