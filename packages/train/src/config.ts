@@ -417,34 +417,25 @@ export const RunConfig = z
           message: `${t.trainSamples} samples make no iteration of globalBatchSize ${t.globalBatchSize}`,
         });
       }
-      const iterationKeys = [
-        ['lrDecayIters', sch.lrDecayIters !== null],
-        ['lrWarmupIters', sch.lrWarmupIters !== 0],
-        ['lrWsdDecayIters', sch.lrWsdDecayIters !== null],
+    }
+    // each schedule length in the run's unit (Megatron's assertions): iterations or samples
+    if ((t.trainIters === null) !== (t.trainSamples === null)) {
+      const bySamples = t.trainSamples !== null;
+      const pairs = [
+        ['lrDecayIters', 'lrDecaySamples'],
+        ['lrWarmupIters', 'lrWarmupSamples'],
+        ['lrWsdDecayIters', 'lrWsdDecaySamples'],
       ] as const;
-      for (const [key, set] of iterationKeys) {
-        if (set) {
-          ctx.addIssue({
-            code: 'custom',
-            path: ['scheduler', key],
-            message: `sample-based training (training.trainSamples) counts the schedule in samples: give scheduler.${key.replace('Iters', 'Samples')} instead`,
-          });
-        }
-      }
-    } else {
-      const sampleKeys = [
-        ['lrDecaySamples', sch.lrDecaySamples !== null],
-        ['lrWarmupSamples', sch.lrWarmupSamples !== 0],
-        ['lrWsdDecaySamples', sch.lrWsdDecaySamples !== null],
-      ] as const;
-      for (const [key, set] of sampleKeys) {
-        if (set) {
-          ctx.addIssue({
-            code: 'custom',
-            path: ['scheduler', key],
-            message: `iteration-based training (training.trainIters) counts the schedule in iterations: give scheduler.${key.replace('Samples', 'Iters')}, or training.trainSamples`,
-          });
-        }
+      for (const [iters, samples] of pairs) {
+        const key = bySamples ? iters : samples;
+        if (sch[key] === null || sch[key] === 0) continue;
+        ctx.addIssue({
+          code: 'custom',
+          path: ['scheduler', key],
+          message: bySamples
+            ? `sample-based training (training.trainSamples) counts the schedule in samples: give scheduler.${samples} instead`
+            : `iteration-based training (training.trainIters) counts the schedule in iterations: give scheduler.${iters}, or training.trainSamples`,
+        });
       }
     }
     // what Megatron's scheduler asserts, in the config's words (not the samples it counts in)

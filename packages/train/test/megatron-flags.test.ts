@@ -117,6 +117,17 @@ const SCRIPTS: Record<string, string> = {
 // key, is checked or is accepted
 const UNSUPPORTED_IN_SCRIPTS = new Set<string>();
 
+/** A short command line that validates (nothing is read): the base of the checks below. */
+const base: [string, string][] = [
+  ['model.config', 'c.json'],
+  ['data-path', 'd'],
+  ['seq-length', '16'],
+  ['global-batch-size', '8'],
+  ['train-iters', '10'],
+  ['lr', '1e-3'],
+  ['logging.runDir', 'run'],
+];
+
 describe('Megatron run-script flags', () => {
   it.each(Object.keys(SCRIPTS))(
     '%s: every flag sets a key, is checked, accepted or refused with a reason',
@@ -157,15 +168,6 @@ describe('Megatron run-script flags', () => {
   );
 
   it('names the dropout rate a Megatron script leaves to the default, and only for a script', () => {
-    const base: [string, string][] = [
-      ['model.load', 'hf'],
-      ['data-path', 'd'],
-      ['seq-length', '16'],
-      ['global-batch-size', '8'],
-      ['train-iters', '10'],
-      ['lr', '1e-3'],
-      ['logging.runDir', 'run'],
-    ];
     const notices = (extra: [string, string][]) => {
       const out: string[] = [];
       loadRunConfig(null, [...base, ...extra], { notice: (l) => out.push(l) });
@@ -286,15 +288,6 @@ describe('Megatron run-script flags', () => {
   });
 
   it('checks the settings that go together', () => {
-    const base: [string, string][] = [
-      ['model.config', 'c.json'],
-      ['data-path', 'd'],
-      ['seq-length', '16'],
-      ['global-batch-size', '8'],
-      ['train-iters', '10'],
-      ['lr', '1e-3'],
-      ['logging.runDir', 'run'],
-    ];
     const bad = (extra: [string, string][], msg: RegExp) =>
       expect(() => loadRunConfig(null, [...base, ...extra])).toThrow(msg);
     bad(
