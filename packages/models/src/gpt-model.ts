@@ -180,6 +180,12 @@ export interface GPTForwardOptions {
   /** Target ids [b, s]: the forward returns the per-token loss instead of logits. */
   labels?: Tensor;
   /**
+   * With labels: the logits are divided by it before the cross-entropy, so the loss is
+   * −log p_T(label) of the distribution sampled at that temperature (RL's log-probabilities of
+   * tokens generated at temperature T; default 1). The MTP losses are left as they are.
+   */
+  temperature?: number;
+  /**
    * Loss mask [b, s] (float, 1 = counted) of the MTP losses: shifted with the labels at each depth,
    * as Megatron's MTP uses the batch's loss_mask (default all ones). The main loss is per token and
    * left to the caller to mask.
@@ -664,7 +670,9 @@ export class GPTModel extends Module {
         };
       }
       checkIds(opts.labels, c.vocabSize, 'labels');
-      const loss = this.lossOf(logits, opts.labels);
+      const t = opts.temperature ?? 1;
+      if (!(t > 0)) throw new ModelError('INVALID_ARGUMENT', `temperature must be > 0, got ${t}`);
+      const loss = this.lossOf(t === 1 ? logits : logits.div(t), opts.labels);
       let mtpLosses: Tensor[] = [];
       if (this.mtp) {
         if (!inputIds) {

@@ -613,3 +613,44 @@ describe('training', () => {
     opt.dispose?.();
   });
 });
+
+describe('loss at a temperature', () => {
+  it('is −log softmax(logits / T) of the label, with its gradient', () => {
+    const T = 0.6;
+    const a = loadModel(fixtureCheckpoint('llama')).model;
+    const b = loadModel(fixtureCheckpoint('llama')).model;
+    disposeLater.push(a, b);
+    const got = tidy(() => {
+      const l = a.forward(ids, { labels, temperature: T }).loss as Tensor;
+      l.sum().backward();
+      return Array.from(l.toTypedArray() as Float32Array);
+    });
+    const want = tidy(() => {
+      const logits = b.forward(ids).logits as Tensor; // [2, 6, V]
+      const logp = logits.div(T).logSoftmax(-1);
+      const lab = labels.toTypedArray() as BigInt64Array;
+      const picked: Tensor[] = [];
+      for (let r = 0; r < 2; r++)
+        for (let t = 0; t < 6; t++)
+          picked.push(
+            logp
+              .select(0, r)
+              .select(0, t)
+              .select(0, Number(lab[r * 6 + t]))
+              .neg(),
+          );
+      picked.reduce((x, y) => x.add(y)).backward();
+      return picked.map((p) => p.item());
+    });
+    for (let i = 0; i < want.length; i++) expect(got[i]).toBeCloseTo(want[i], 5);
+    const ga = grads(a);
+    for (const [name, g] of grads(b))
+      expect(relMaxError(ga.get(name) as Float32Array, g), name).toBeLessThan(1e-4);
+    // T = 1 is the plain loss; T changes it
+    const plain = tidy(() =>
+      Array.from((a.forward(ids, { labels }).loss as Tensor).toTypedArray() as Float32Array),
+    );
+    expect(plain[0]).not.toBeCloseTo(got[0], 3);
+    expect(() => a.forward(ids, { labels, temperature: 0 })).toThrow(/temperature must be > 0, got 0/);
+  });
+});

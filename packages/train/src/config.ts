@@ -335,6 +335,69 @@ export const LoggingSection = z.strictObject({
   tensorboardDir: z.string().min(1).nullable().default(null),
 });
 
+/**
+ * Reinforcement learning from rewards (GRPO, as verl's and ChatLearn's GRPO trainers), instead of a
+ * data source: each iteration takes `promptsPerStep` prompts, generates `groupSize` responses to
+ * each with the policy (the rollout), scores them with the reward function, normalises the rewards
+ * within each prompt's group (the advantages) and updates the policy with the PPO clipped loss on
+ * mini-batches of training.globalBatchSize responses (microBatchSize per forward), ppoEpochs times,
+ * plus klLossCoef times a KL estimate against the reference model.
+ */
+export const RlSection = z.strictObject({
+  algorithm: z.enum(['grpo']).default('grpo'),
+  /**
+   * The prompts: JSON lines with "prompt" (text) or "messages" (a chat, rendered with the model's
+   * chat template), and any other fields the reward function reads ("answer" for the built-in ones).
+   */
+  promptsPath: z.string().min(1),
+  /** Render each text prompt as one user message with the chat template and its generation prompt. */
+  chat: z.boolean().default(false),
+  /** Prompts per iteration (verl data.train_batch_size). */
+  promptsPerStep: posInt,
+  /** Responses per prompt (verl rollout.n, ChatLearn num_inference_per_prompt). */
+  groupSize: posInt.default(8),
+  /** Tokens generated at most per response (verl data.max_response_length). */
+  maxNewTokens: posInt.default(256),
+  /** Sampling temperature of the rollout; the log-probabilities are of the same tempered policy. */
+  temperature: z.number().positive().default(1),
+  topP: z.number().gt(0).lte(1).default(1),
+  topK: nonNegInt.default(0),
+  /** Passes over each rollout's mini-batches (verl ppo_epochs). */
+  ppoEpochs: posInt.default(1),
+  /** The ratio is clipped to [1 − clipRatioLow, 1 + clipRatioHigh] (verl clip_ratio_low/high, DAPO's clip-higher). */
+  clipRatioLow: z.number().min(0).lt(1).default(0.2),
+  clipRatioHigh: z.number().min(0).default(0.2),
+  /** Dual-clip bound of negative advantages (verl clip_ratio_c); null: none. */
+  clipRatioC: z.number().gt(1).nullable().default(3),
+  /** "vanilla" (PPO's token ratio) or "gspo" (GSPO's sequence ratio; use small clip ratios such as 3e-4, 4e-4). */
+  policyLoss: z.enum(['vanilla', 'gspo']).default('vanilla'),
+  /** verl's loss_agg_mode, over each whole mini-batch. */
+  lossAggregation: z
+    .enum(['token-mean', 'seq-mean-token-sum', 'seq-mean-token-mean', 'seq-mean-token-sum-norm'])
+    .default('token-mean'),
+  /** Weight of the KL loss against the reference model (verl kl_loss_coef); 0: no reference model. */
+  klLossCoef: z.number().min(0).default(0.001),
+  /** The KL estimator (verl kl_loss_type). */
+  klLossType: z.enum(['kl', 'abs', 'mse', 'low_var_kl']).default('low_var_kl'),
+  /** The reference model (a Hugging Face folder or a megapatch checkpoint); default: model.load. */
+  referenceModel: z.string().min(1).nullable().default(null),
+  /** Divide the advantages by the group's standard deviation (verl norm_adv_by_std_in_grpo; false: Dr. GRPO). */
+  normAdvByStd: z.boolean().default(true),
+  advantageEpsilon: z.number().positive().default(1e-6),
+  /**
+   * The reward of each response: "math" (1 when the response's final number equals the prompt
+   * line's "answer", GSM8K style: the number after "####", else the last number; 0 otherwise),
+   * "exact" (1 when the response, trimmed, equals "answer"), or the path of a JavaScript module
+   * whose default export is `(response: string, sample: object) => number` (or a promise of one).
+   */
+  reward: z.string().min(1).default('math'),
+  /**
+   * Write every response to `<runDir>/rollouts/dp<r>.jsonl` (one file per data-parallel replica):
+   * iteration, prompt index and line, token ids, text, finish reason, reward and advantage.
+   */
+  saveRollouts: z.boolean().default(false),
+});
+
 /** A whole run. */
 export const RunConfig = z
   .strictObject({
@@ -346,6 +409,8 @@ export const RunConfig = z
     parallel: ParallelSection.default(ParallelSection.parse({})),
     checkpoint: CheckpointSection.default(CheckpointSection.parse({})),
     logging: LoggingSection,
+    /** Reinforcement learning (GRPO) instead of a data source. */
+    rl: RlSection.nullable().default(null),
   })
   .superRefine((c, ctx) => {
     if ((c.model.load === null) === (c.model.config === null) && c.checkpoint.load === null) {
@@ -356,7 +421,45 @@ export const RunConfig = z
       });
     }
     const sources = [c.data.dataPath, c.data.trainDataPath, c.data.sft].filter((x) => x !== null).length;
-    if (sources !== 1) {
+    if (c.rl !== null) {
+      const r = c.rl;
+      const issue = (path: string[], message: string) => ctx.addIssue({ code: 'custom', path, message });
+      if (sources > 0)
+        issue(
+          ['data'],
+          'reinforcement learning (rl) reads its prompts from rl.promptsPath: drop the data source',
+        );
+      if (c.training.trainSamples !== null || c.training.rampupBatchSize !== null)
+        issue(
+          ['training', 'trainSamples'],
+          'reinforcement learning counts iterations: give training.trainIters',
+        );
+      if (c.training.globalBatchSize % r.groupSize !== 0)
+        issue(
+          ['training', 'globalBatchSize'],
+          `an RL mini-batch holds whole groups: ${c.training.globalBatchSize} responses is not a multiple of rl.groupSize ${r.groupSize}`,
+        );
+      else if ((r.promptsPerStep * r.groupSize) % c.training.globalBatchSize !== 0)
+        issue(
+          ['training', 'globalBatchSize'],
+          `each iteration's ${r.promptsPerStep} × ${r.groupSize} responses do not make whole mini-batches of ${c.training.globalBatchSize}`,
+        );
+      if (r.maxNewTokens >= c.data.seqLength)
+        issue(
+          ['rl', 'maxNewTokens'],
+          `${r.maxNewTokens} leaves no room for the prompt in data.seqLength ${c.data.seqLength} (prompt + response tokens)`,
+        );
+      if (r.klLossCoef > 0 && r.referenceModel === null && c.model.load === null)
+        issue(
+          ['rl', 'referenceModel'],
+          'the KL loss needs a reference model: give rl.referenceModel (or model.load), or set rl.klLossCoef 0',
+        );
+      if (c.model.hiddenDropout > 0 || c.model.attentionDropout > 0)
+        issue(
+          ['model', 'hiddenDropout'],
+          'reinforcement learning compares log-probabilities of the rollout and the update: set model.hiddenDropout and model.attentionDropout 0',
+        );
+    } else if (sources !== 1) {
       ctx.addIssue({
         code: 'custom',
         path: ['data'],

@@ -19,6 +19,7 @@ export {
   OptimizerSection,
   ParallelSection,
   parseRunConfig,
+  RlSection,
   RunConfig,
   type RunConfigInput,
   resolveOverride,
@@ -77,6 +78,29 @@ export {
   type RunReportOptions,
   writeRunReport,
 } from './report/write.js';
+export { type RlMetrics, trainGrpo } from './rl/grpo.js';
+// Reinforcement learning (GRPO): advantages, policy and KL losses, their aggregation.
+export {
+  type AggregationTotals,
+  aggregateLoss,
+  grpoAdvantages,
+  KL_TYPES,
+  type KlType,
+  klPenalty,
+  LOSS_AGGREGATIONS,
+  type LossAggregation,
+  type PolicyLossOptions,
+  type PolicyLossTerms,
+  policyGradientLosses,
+} from './rl/loss.js';
+export {
+  BUILTIN_REWARDS,
+  finalAnswer,
+  loadReward,
+  type RewardFunction,
+  type RlPrompt,
+  readRlPrompts,
+} from './rl/prompts.js';
 export {
   type TrainMetrics,
   type TrainOptions,

@@ -85,6 +85,7 @@ import { formatTrainingLogLine, formatValidationLogLines } from './log-line.js';
 import { checkArchitecture } from './megatron-flags.js';
 import { TensorBoardWriter } from './report/tensorboard.js';
 import { writeRunReport } from './report/write.js';
+import { checkRlLayout, trainGrpo } from './rl/grpo.js';
 import { buildSftDataset } from './sft.js';
 
 /** One training iteration's numbers (a line of metrics.jsonl). */
@@ -222,7 +223,7 @@ export interface TrainResult {
 }
 
 /** The tensor-parallel, expert-parallel and data-parallel groups of this run. */
-interface Layout {
+export interface Layout {
   tp: ProcessGroup;
   /** Gradients and loss sums reduce over it: Megatron's dp-cp group. */
   dp: ProcessGroup;
@@ -239,7 +240,7 @@ interface Layout {
   distributed: boolean;
 }
 
-async function setupLayout(config: RunConfig): Promise<Layout> {
+export async function setupLayout(config: RunConfig): Promise<Layout> {
   const env = detectEnvironment();
   const world = env.worldSize;
   const p = config.parallel;
@@ -335,7 +336,7 @@ function holdsCheckpoint(root: string): boolean {
  * numLayersPerVirtualPipelineStage, the model's config is read and checked here. Returns the run's
  * config with those settled, and lines to log.
  */
-function settleModelSource(config: RunConfig): { config: RunConfig; notes: string[] } {
+export function settleModelSource(config: RunConfig): { config: RunConfig; notes: string[] } {
   const notes: string[] = [];
   const m = config.model;
   const ck = config.checkpoint;
@@ -441,7 +442,7 @@ function settleModelSource(config: RunConfig): { config: RunConfig; notes: strin
 }
 
 /** The model the run trains, and the HF architecture it exports to. */
-function buildModel(
+export function buildModel(
   config: RunConfig,
   layout: Layout,
   iteration: number | undefined,
@@ -716,7 +717,7 @@ function disposeMicro(micro: readonly ReturnType<typeof microTensors>[]): void {
  * queues a cast and an add instead of waiting for the device (each term is its float32 value exactly, summed in
  * the order added, as the host sum of the terms' values was).
  */
-class DeviceSum {
+export class DeviceSum {
   private acc: Tensor | null = null;
 
   add(t: Tensor): void {
@@ -749,7 +750,7 @@ class DeviceSum {
  * values of the `along` tensors (float64, reduced already) in order. The device sums and `along`
  * are freed. The same bits as reading each sum, dividing on the host and reducing the numbers.
  */
-function reduceAndRead(
+export function reduceAndRead(
   terms: readonly (DeviceSum | number)[],
   divisors: readonly number[],
   groups: readonly ProcessGroup[],
@@ -791,7 +792,7 @@ const STOP_REASONS: readonly (TrainResult['exitReason'] | null)[] = [
 ];
 
 /** The strongest stop reason of any rank of `group` (a signal over the clock over the interval). */
-function agreeOnStop(
+export function agreeOnStop(
   stop: TrainResult['exitReason'] | null,
   group: ProcessGroup,
 ): TrainResult['exitReason'] | null {
@@ -803,13 +804,138 @@ function agreeOnStop(
  * Sum over the group of small host numbers (token counts), in float64: through the host's
  * collectives (a CPU tensor goes through Gloo), so that the device is neither used nor waited for.
  */
-function allReduceNumbers(values: number[], group: ProcessGroup, op: 'sum' | 'max' = 'sum'): number[] {
+export function allReduceNumbers(values: number[], group: ProcessGroup, op: 'sum' | 'max' = 'sum'): number[] {
   if (group.size === 1) return values;
   const t = fromTypedArray(Float64Array.from(values), [values.length], { device: 'cpu' });
   group.allReduce(t, op).waitSync();
   const out = Array.from(t.toTypedArray() as Float64Array);
   t.dispose();
   return out;
+}
+
+/** DDP over the run's model chunks: Megatron's gradient buffers, buckets and reductions. */
+export function makeDdp(
+  config: RunConfig,
+  layout: Layout,
+  model: GPTModel,
+  chunks: readonly GPTModel[],
+): DistributedDataParallel<GPTModel | ModelChunks> {
+  return new DistributedDataParallel<GPTModel | ModelChunks>(
+    chunks.length > 1 ? new ModelChunks(chunks) : model,
+    {
+      dataParallelGroup: layout.dp,
+      // pipeline: the tied embeddings' gradients are summed over the embedding group before the
+      // data-parallel reduction, so the buckets are reduced when the step finishes (no overlap)
+      ...(layout.pp.size > 1 ? { overlapGradReduce: false } : {}),
+      // routed experts (each expert-parallel rank holds its own) reduce over expert-dp, as Megatron's
+      // allreduce=False parameters
+      isExpertParameter: (name) => name.includes('.local_experts.'),
+      expertDataParallelGroup: layout.edp,
+      useDistributedOptimizer: config.parallel.useDistributedOptimizer,
+      ...(config.parallel.ddpBucketSizeMb
+        ? { bucketSize: Math.round((config.parallel.ddpBucketSizeMb * 1e6) / 4) }
+        : {}),
+    },
+  );
+}
+
+/** The run's optimizer (Megatron's: Adam, clipping, decoupled lr, loss scaling) over DDP's buffers. */
+export function makeOptimizer(
+  config: RunConfig,
+  layout: Layout,
+  chunks: readonly GPTModel[],
+  ddp: DistributedDataParallel<GPTModel | ModelChunks>,
+  log: (line: string) => void,
+): DataParallelOptimizer | DistributedOptimizer {
+  const o = config.optimizer;
+  const optOptions = {
+    lr: o.lr,
+    weightDecay: o.weightDecay,
+    betas: [o.adamBeta1, o.adamBeta2] as [number, number],
+    eps: o.adamEps,
+    clipGrad: o.clipGrad,
+    ...(layout.distributed ? {} : { modelParallelGroup: null, expertModelParallelGroup: null }),
+    // the last stage's copy of tied embeddings is counted once, on the first stage
+    sharedParams: (() => {
+      const copies = chunks.filter((c) => !c.preProcess).map((c) => c.sharedEmbeddingWeight());
+      return copies.filter((w): w is Tensor => w !== null);
+    })(),
+    log: (line: string) => log(`warning: ${line}`),
+    // Megatron --decoupled-lr: the word embeddings and the output layer (is_embedding_or_output_parameter)
+    decoupledLr:
+      o.decoupledLr === null
+        ? null
+        : {
+            lr: o.decoupledLr,
+            minLr: o.decoupledMinLr ?? o.minLr,
+            isParam: (name: string) => /(^|\.)(embedding\.word_embeddings|output_layer)\.weight$/.test(name),
+          },
+    // fp16: Megatron's loss scaling (a constant scale, or the dynamic one)
+    lossScaler:
+      config.model.dtype !== 'fp16'
+        ? null
+        : o.lossScale !== null
+          ? new ConstantGradScaler(o.lossScale)
+          : new DynamicGradScaler({
+              initialScale: o.initialLossScale,
+              minScale: o.minLossScale,
+              growthInterval: o.lossScaleWindow,
+              hysteresis: o.hysteresis,
+            }),
+  };
+  return config.parallel.useDistributedOptimizer
+    ? new DistributedOptimizer(ddp, optOptions)
+    : new DataParallelOptimizer(ddp, optOptions);
+}
+
+/**
+ * Megatron's OptimizerParamScheduler of the run, counted in samples: iterations × the global batch,
+ * or with sample-based training (--train-samples) the sample counts as given.
+ */
+export function makeScheduler(
+  config: RunConfig,
+  optimizer: DataParallelOptimizer | DistributedOptimizer,
+  trainIters: number,
+): OptimizerParamScheduler {
+  const o = config.optimizer;
+  const sch = config.scheduler;
+  const gbs = config.training.globalBatchSize;
+  const samples = config.training.trainSamples;
+  const lrDecaySteps =
+    samples !== null ? (sch.lrDecaySamples ?? samples) : (sch.lrDecayIters ?? trainIters) * gbs;
+  return new OptimizerParamScheduler({
+    optimizer,
+    initLr: sch.lrWarmupInit,
+    maxLr: o.lr,
+    minLr: o.minLr,
+    lrWarmupSteps:
+      sch.lrWarmupFraction !== null
+        ? sch.lrWarmupFraction * lrDecaySteps
+        : samples !== null
+          ? sch.lrWarmupSamples
+          : sch.lrWarmupIters * gbs,
+    lrDecaySteps,
+    lrDecayStyle: sch.lrDecayStyle,
+    ...(sch.lrDecayStyle === 'WSD'
+      ? {
+          wsdDecaySteps:
+            samples !== null ? (sch.lrWsdDecaySamples ?? samples) : (sch.lrWsdDecayIters ?? trainIters) * gbs,
+          lrWsdDecayStyle: sch.lrWsdDecayStyle,
+        }
+      : {}),
+    // Megatron's weight-decay schedule runs over the whole run
+    ...(o.startWeightDecay !== null || o.endWeightDecay !== null
+      ? {
+          startWd: o.startWeightDecay ?? (o.endWeightDecay as number),
+          endWd: o.endWeightDecay ?? (o.startWeightDecay as number),
+          wdIncrementSteps: samples ?? trainIters * gbs,
+          wdIncrementStyle: o.weightDecayIncrStyle,
+        }
+      : {}),
+    ...(sch.overrideOptParamScheduler
+      ? { overrideOptParamScheduler: true, useCheckpointOptParamScheduler: false }
+      : {}),
+  });
 }
 
 /** Trains the model the config describes; returns when the run ends or is stopped. */
@@ -842,7 +968,7 @@ export async function train(config: RunConfig, opts: TrainOptions = {}): Promise
  * Across processes, CUDA tensors (and cudaemu's) go through NCCL (the emulator's NCCL for
  * cudaemu), the others through host copies over Gloo.
  */
-async function useDevice(requested: string): Promise<string> {
+export async function useDevice(requested: string): Promise<string> {
   let name = requested;
   const type = name.split(':')[0];
   if (type === 'ref' && deviceCount('ref') === 0) {
@@ -899,12 +1025,15 @@ async function trainOnDefaultDevice(
   owned: { dispose(): void }[],
 ): Promise<TrainResult> {
   const { config, notes } = settleModelSource(configIn);
+  if (config.rl) checkRlLayout(config);
   const layout = await setupLayout(config);
   const logRank = layout.rank === 0;
   const log = (line: string) => {
     if (logRank) (opts.log ?? console.log)(line);
   };
   for (const line of notes) log(line);
+  // reinforcement learning (GRPO): its own loop over the same model, optimizer and checkpoints
+  if (config.rl) return trainGrpo(config, opts, owned, layout, log);
   const tr = config.training;
   // gradients average over dp × cp; samples are spread over dp only (cp ranks share each sequence)
   const dpSize = layout.dp.size;
@@ -937,104 +1066,17 @@ async function trainOnDefaultDevice(
   const chunks = built.map((b) => b.model);
   owned.push(...chunks);
   const cfg = model.config;
-  const ddp = new DistributedDataParallel(chunks.length > 1 ? new ModelChunks(chunks) : model, {
-    dataParallelGroup: layout.dp,
-    // pipeline: the tied embeddings' gradients are summed over the embedding group before the
-    // data-parallel reduction, so the buckets are reduced when the step finishes (no overlap)
-    ...(layout.pp.size > 1 ? { overlapGradReduce: false } : {}),
-    // routed experts (each expert-parallel rank holds its own) reduce over expert-dp, as Megatron's
-    // allreduce=False parameters
-    isExpertParameter: (name) => name.includes('.local_experts.'),
-    expertDataParallelGroup: layout.edp,
-    useDistributedOptimizer: config.parallel.useDistributedOptimizer,
-    ...(config.parallel.ddpBucketSizeMb
-      ? { bucketSize: Math.round((config.parallel.ddpBucketSizeMb * 1e6) / 4) }
-      : {}),
-  });
+  const ddp = makeDdp(config, layout, model, chunks);
   owned.push(ddp);
   // after DDP wraps the parameters: its hooks must see the TP-summed gradients
   if (config.parallel.sequenceParallel) registerSequenceParallelGradHooks(ddp.parameters(), layout.tp);
-  const o = config.optimizer;
-  const optOptions = {
-    lr: o.lr,
-    weightDecay: o.weightDecay,
-    betas: [o.adamBeta1, o.adamBeta2] as [number, number],
-    eps: o.adamEps,
-    clipGrad: o.clipGrad,
-    ...(layout.distributed ? {} : { modelParallelGroup: null, expertModelParallelGroup: null }),
-    // the last stage's copy of tied embeddings is counted once, on the first stage
-    sharedParams: (() => {
-      const copies = chunks.filter((c) => !c.preProcess).map((c) => c.sharedEmbeddingWeight());
-      return copies.filter((w): w is Tensor => w !== null);
-    })(),
-    log: (line: string) => log(`warning: ${line}`),
-    // Megatron --decoupled-lr: the word embeddings and the output layer (is_embedding_or_output_parameter)
-    decoupledLr:
-      o.decoupledLr === null
-        ? null
-        : {
-            lr: o.decoupledLr,
-            minLr: o.decoupledMinLr ?? o.minLr,
-            isParam: (name: string) => /(^|\.)(embedding\.word_embeddings|output_layer)\.weight$/.test(name),
-          },
-    // fp16: Megatron's loss scaling (a constant scale, or the dynamic one)
-    lossScaler:
-      config.model.dtype !== 'fp16'
-        ? null
-        : o.lossScale !== null
-          ? new ConstantGradScaler(o.lossScale)
-          : new DynamicGradScaler({
-              initialScale: o.initialLossScale,
-              minScale: o.minLossScale,
-              growthInterval: o.lossScaleWindow,
-              hysteresis: o.hysteresis,
-            }),
-  };
-  const optimizer = config.parallel.useDistributedOptimizer
-    ? new DistributedOptimizer(ddp, optOptions)
-    : new DataParallelOptimizer(ddp, optOptions);
+  const optimizer = makeOptimizer(config, layout, chunks, ddp, log);
   owned.push(optimizer);
-  const sch = config.scheduler;
+  const o = config.optimizer;
   const gbs = tr.globalBatchSize;
   const trainIters = trainIterations(config);
-  // Megatron counts the schedule in samples: iterations × the global batch, or with sample-based
-  // training (--train-samples) the sample counts as given
   const samples = tr.trainSamples;
-  const lrDecaySteps =
-    samples !== null ? (sch.lrDecaySamples ?? samples) : (sch.lrDecayIters ?? trainIters) * gbs;
-  const scheduler = new OptimizerParamScheduler({
-    optimizer,
-    initLr: sch.lrWarmupInit,
-    maxLr: o.lr,
-    minLr: o.minLr,
-    lrWarmupSteps:
-      sch.lrWarmupFraction !== null
-        ? sch.lrWarmupFraction * lrDecaySteps
-        : samples !== null
-          ? sch.lrWarmupSamples
-          : sch.lrWarmupIters * gbs,
-    lrDecaySteps,
-    lrDecayStyle: sch.lrDecayStyle,
-    ...(sch.lrDecayStyle === 'WSD'
-      ? {
-          wsdDecaySteps:
-            samples !== null ? (sch.lrWsdDecaySamples ?? samples) : (sch.lrWsdDecayIters ?? trainIters) * gbs,
-          lrWsdDecayStyle: sch.lrWsdDecayStyle,
-        }
-      : {}),
-    // Megatron's weight-decay schedule runs over the whole run
-    ...(o.startWeightDecay !== null || o.endWeightDecay !== null
-      ? {
-          startWd: o.startWeightDecay ?? (o.endWeightDecay as number),
-          endWd: o.endWeightDecay ?? (o.startWeightDecay as number),
-          wdIncrementSteps: samples ?? trainIters * gbs,
-          wdIncrementStyle: o.weightDecayIncrStyle,
-        }
-      : {}),
-    ...(sch.overrideOptParamScheduler
-      ? { overrideOptParamScheduler: true, useCheckpointOptParamScheduler: false }
-      : {}),
-  });
+  const scheduler = makeScheduler(config, optimizer, trainIters);
 
   // Resume: restores weights, optimizer, scheduler, RNG and the data position.
   let state: TrainingState = { iteration: 0, consumedSamples: 0, skippedIterations: 0 };

@@ -126,3 +126,51 @@ export function mergedRunConfig(
   for (const [k, v] of Object.entries(over)) merged[k] = { ...(base as Record<string, object>)[k], ...v };
   return parseRunConfig(merged);
 }
+
+/** The characters of {@link charTokenizer}: one token each, ids 3.. (0 unk, 1 BOS, 2 EOS). */
+export const TOKENIZER_CHARS = 'abcdefghijklmnopqrstuvwxyz .,!?';
+
+/**
+ * Writes a character-level tokenizer (tokenizer.json, tokenizer_config.json) of `vocabSize` ids
+ * into `dir` (a synthetic model's folder): <unk>, <s> (BOS), </s> (EOS), then one token per
+ * character of {@link TOKENIZER_CHARS}, then `<xN>` tokens to fill the vocabulary.
+ */
+export function charTokenizer(dir: string, vocabSize = 777): string {
+  const names = ['<unk>', '<s>', '</s>', ...TOKENIZER_CHARS];
+  while (names.length < vocabSize) names.push(`<x${names.length}>`);
+  const json = {
+    version: '1.0',
+    truncation: null,
+    padding: null,
+    added_tokens: names.slice(0, 3).map((content, id) => ({
+      id,
+      content,
+      single_word: false,
+      lstrip: false,
+      rstrip: false,
+      normalized: false,
+      special: true,
+    })),
+    normalizer: null,
+    pre_tokenizer: null,
+    post_processor: null,
+    decoder: { type: 'Fuse' },
+    model: {
+      type: 'BPE',
+      dropout: null,
+      unk_token: '<unk>',
+      continuing_subword_prefix: null,
+      end_of_word_suffix: null,
+      fuse_unk: false,
+      byte_fallback: false,
+      vocab: Object.fromEntries(names.map((n, i) => [n, i])),
+      merges: [],
+    },
+  };
+  fs.writeFileSync(path.join(dir, 'tokenizer.json'), JSON.stringify(json));
+  fs.writeFileSync(
+    path.join(dir, 'tokenizer_config.json'),
+    JSON.stringify({ bos_token: '<s>', eos_token: '</s>', unk_token: '<unk>' }),
+  );
+  return dir;
+}

@@ -502,7 +502,7 @@ describe('Megatron run scripts', () => {
       if (n > 44) return 3e-4;
       return 3e-4 + 0.5 * (3e-3 - 3e-4) * (1 + Math.cos((Math.PI * (n - 12)) / (44 - 12)));
     };
-    odd.lrs.forEach((x, i) => expect(x, `iteration ${i + 1}`).toBeCloseTo(lr(8 * (i + 1)), 12));
+    for (const [i, x] of odd.lrs.entries()) expect(x, `iteration ${i + 1}`).toBeCloseTo(lr(8 * (i + 1)), 12);
   });
 
   it('--rampup-batch-size: the global batch grows over the first samples, the schedule counts them', async () => {

@@ -1,0 +1,736 @@
+// GRPO: the run loop of reinforcement learning from rewards (a run config with an `rl` section).
+// Each iteration takes the next prompts, generates a group of responses to each with the policy
+// (the rollout, with the KV cache of @megapatch/models), scores them with the reward function,
+// turns the rewards into group-normalised advantages, and updates the policy with the PPO clipped
+// loss (plus a KL loss against a frozen reference model) on mini-batches of responses. Tensor and
+// data parallelism as in pre-training: the TP ranks of a replica generate together; the data-
+// parallel ranks generate different prompts. Every layout generates and trains on the same
+// responses: each prompt's group is generated alone from a seed of its index in the run, and each
+// mini-batch holds the same prompts whichever rank holds them, so the losses and weights are those
+// of one process (to floating-point tolerance).
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { convertMegapatchToHf } from '@megapatch/convert';
+import { loadTokenizer } from '@megapatch/data';
+import { type GPTModel, generate, samplingRng } from '@megapatch/models';
+import { destroyModelParallel, destroyProcessGroup, getWorldGroup } from '@megapatch/parallel';
+import {
+  fromTypedArray,
+  getDefaultDevice,
+  manualSeed,
+  memoryStats,
+  noGrad,
+  type Tensor,
+  tidy,
+} from '@megapatch/tensor';
+import {
+  loadTrainingCheckpoint,
+  resolveCheckpointIteration,
+  saveTrainingCheckpoint,
+  type TrainingState,
+} from '../checkpoint.js';
+import { type RunConfig, trainIterations } from '../config.js';
+import { TrainError } from '../errors.js';
+import { TensorBoardWriter } from '../report/tensorboard.js';
+import { writeRunReport } from '../report/write.js';
+import {
+  agreeOnStop,
+  allReduceNumbers,
+  buildModel,
+  DeviceSum,
+  type Layout,
+  makeDdp,
+  makeOptimizer,
+  makeScheduler,
+  reduceAndRead,
+  type TrainMetrics,
+  type TrainOptions,
+  type TrainResult,
+  tensorboardScalars,
+} from '../trainer.js';
+import { aggregateLoss, grpoAdvantages, klPenalty, policyGradientLosses } from './loss.js';
+import { loadReward, type RlPrompt, readRlPrompts } from './prompts.js';
+
+/** The RL numbers of one iteration (the `rl` field of its metrics line). */
+export interface RlMetrics {
+  /** Mean, standard deviation (population), minimum and maximum of the iteration's rewards. */
+  rewardMean: number;
+  rewardStd: number;
+  rewardMin: number;
+  rewardMax: number;
+  /** Mean response length in tokens, and the fraction of responses cut at rl.maxNewTokens. */
+  responseLength: number;
+  clippedResponses: number;
+  /** Means over the iteration's updates: the policy-gradient loss, the KL loss (unweighted). */
+  pgLoss: number;
+  klLoss: number;
+  /** Fraction of response tokens whose ratio was clipped, and the approximate KL to the rollout policy. */
+  clipFraction: number;
+  approxKl: number;
+  /** Optimizer updates of the iteration (mini-batches × ppoEpochs). */
+  updates: number;
+  /** Time of the rollout (generation and rewards) and of the updates (log-probabilities included), ms. */
+  rolloutMs: number;
+  updateMs: number;
+}
+
+/** A 32-bit seed mixed from two numbers (splitmix-style), for each prompt's rollout. */
+function mixSeed(a: number, b: number): number {
+  let x = (Math.imul(a >>> 0, 0x9e3779b1) ^ Math.imul((b >>> 0) + 0x7f4a7c15, 0x85ebca77)) >>> 0;
+  x = Math.imul(x ^ (x >>> 16), 0x7feb352d) >>> 0;
+  x = Math.imul(x ^ (x >>> 15), 0x846ca68b) >>> 0;
+  return (x ^ (x >>> 16)) >>> 0;
+}
+
+/** The prompts' order of one epoch: a permutation of 0..n−1 from the run's seed and the epoch. */
+function epochOrder(n: number, seed: number, epoch: number): number[] {
+  const order = Array.from({ length: n }, (_, i) => i);
+  const rand = samplingRng(mixSeed(seed, 0x10000 + epoch));
+  for (let i = n - 1; i > 0; i--) {
+    const j = Math.floor(rand() * (i + 1));
+    [order[i], order[j]] = [order[j], order[i]];
+  }
+  return order;
+}
+
+/** EOS ids: the tokenizer's and `dir`/generation_config.json's `eos_token_id` (a number or a list). */
+function eosIds(eos: number, dir: string): number[] {
+  const ids = new Set([eos]);
+  const file = path.join(dir, 'generation_config.json');
+  if (!fs.existsSync(file)) return [...ids];
+  let v: unknown;
+  try {
+    v = (JSON.parse(fs.readFileSync(file, 'utf8')) as { eos_token_id?: unknown }).eos_token_id;
+  } catch (e) {
+    throw new TrainError('DATA', `${file}: not valid JSON (${(e as Error).message})`);
+  }
+  for (const id of Array.isArray(v) ? v : v === undefined || v === null ? [] : [v]) {
+    if (Number.isInteger(id)) ids.add(id as number);
+  }
+  return [...ids];
+}
+
+/** One response of the rollout. */
+interface Response {
+  /** The prompt's index in the run (iteration × promptsPerStep + its place). */
+  promptIndex: number;
+  promptIds: number[];
+  tokens: number[];
+  reward: number;
+  advantage: number;
+  truncated: boolean;
+}
+
+/** A micro-batch of responses as tensors: inputs, labels and the response-token mask [b, L]. */
+interface RlMicro {
+  tokens: Tensor;
+  labels: Tensor;
+  mask: Tensor;
+  advantages: Tensor;
+  maskSum: number;
+  /** Log-probabilities of the policy before the updates (several updates a rollout) and of the reference. */
+  old: Tensor | null;
+  ref: Tensor | null;
+}
+
+function microOf(rows: readonly Response[]): RlMicro {
+  const b = rows.length;
+  const L = Math.max(...rows.map((r) => r.promptIds.length + r.tokens.length - 1));
+  const tokens = new BigInt64Array(b * L);
+  const labels = new BigInt64Array(b * L);
+  const mask = new Float32Array(b * L);
+  let maskSum = 0;
+  rows.forEach((r, i) => {
+    const all = [...r.promptIds, ...r.tokens];
+    for (let t = 0; t < all.length - 1; t++) {
+      tokens[i * L + t] = BigInt(all[t]);
+      labels[i * L + t] = BigInt(all[t + 1]);
+      // the positions that predict a response token
+      if (t >= r.promptIds.length - 1) {
+        mask[i * L + t] = 1;
+        maskSum++;
+      }
+    }
+  });
+  const device = getDefaultDevice();
+  // host arrays copied to the run's device (the host tensor freed at once)
+  const onDevice = (host: Tensor) => {
+    if (host.device === device) return host;
+    const d = host.to(device);
+    host.dispose();
+    return d;
+  };
+  return {
+    tokens: onDevice(fromTypedArray(tokens, [b, L])),
+    labels: onDevice(fromTypedArray(labels, [b, L])),
+    mask: onDevice(fromTypedArray(mask, [b, L])),
+    advantages: onDevice(
+      fromTypedArray(
+        Float32Array.from(rows, (r) => r.advantage),
+        [b, 1],
+      ),
+    ),
+    maskSum,
+    old: null,
+    ref: null,
+  };
+}
+
+function disposeMicros(ms: readonly RlMicro[]): void {
+  for (const m of ms) for (const t of [m.tokens, m.labels, m.mask, m.advantages, m.old, m.ref]) t?.dispose();
+}
+
+/** Log-probabilities [b, L] of the micro-batch's labels under `model` (no gradient). */
+function logProbsOf(model: GPTModel, m: RlMicro, temperature: number): Tensor {
+  return noGrad(() =>
+    tidy(() => (model.forward(m.tokens, { labels: m.labels, temperature }).loss as Tensor).neg().detach()),
+  );
+}
+
+/** Refuses the layouts GRPO does not run on (before any process group is formed). */
+export function checkRlLayout(config: RunConfig): void {
+  const p = config.parallel;
+  for (const [key, v] of [
+    ['pipelineModelParallelSize', p.pipelineModelParallelSize],
+    ['contextParallelSize', p.contextParallelSize],
+    ['expertModelParallelSize', p.expertModelParallelSize],
+  ] as const) {
+    if (v > 1) {
+      throw new TrainError(
+        'INVALID_CONFIG',
+        `parallel.${key} ${v}: reinforcement learning (rl) runs with tensor and data parallelism only (the rollout generates on each replica whole); set it to 1`,
+      );
+    }
+  }
+  if (p.sequenceParallel) {
+    throw new TrainError(
+      'INVALID_CONFIG',
+      'parallel.sequenceParallel: the rollout generates one token at a time, which sequence parallelism cannot split over the TP ranks; set it false for reinforcement learning',
+    );
+  }
+}
+
+/** The GRPO run (see the file's head); `train` calls it for a config with an `rl` section. */
+export async function trainGrpo(
+  config: RunConfig,
+  opts: TrainOptions,
+  owned: { dispose(): void }[],
+  layout: Layout,
+  log: (line: string) => void,
+): Promise<TrainResult> {
+  const rl = config.rl;
+  if (!rl) throw new TrainError('INVALID_ARGUMENT', 'internal: trainGrpo needs an rl section');
+  const tr = config.training;
+  const logRank = layout.rank === 0;
+  const dp = layout.dp.size;
+  const n = rl.groupSize;
+  const P = rl.promptsPerStep;
+  const gbs = tr.globalBatchSize;
+  const mbs = tr.microBatchSize;
+  const promptsPerMini = gbs / n;
+  if (promptsPerMini % dp !== 0) {
+    throw new TrainError(
+      'INVALID_CONFIG',
+      `training.globalBatchSize ${gbs} holds ${promptsPerMini} prompt groups, which do not split over ${dp} data-parallel ranks: make globalBatchSize / rl.groupSize a multiple of ${dp}`,
+    );
+  }
+  const rankPrompts = promptsPerMini / dp;
+  if ((rankPrompts * n) % mbs !== 0) {
+    throw new TrainError(
+      'INVALID_CONFIG',
+      `each rank's ${rankPrompts * n} responses of a mini-batch do not make whole micro-batches of training.microBatchSize ${mbs}`,
+    );
+  }
+  const miniBatches = (P * n) / gbs;
+  const updatesPerRollout = miniBatches * rl.ppoEpochs;
+  manualSeed(tr.seed);
+  fs.mkdirSync(config.logging.runDir, { recursive: true });
+  if (logRank)
+    fs.writeFileSync(path.join(config.logging.runDir, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
+
+  const resumeIteration = config.checkpoint.load
+    ? resolveCheckpointIteration(config.checkpoint.load, log)
+    : undefined;
+  const { model, architecture, hfSource } = buildModel(config, layout, resumeIteration);
+  owned.push(model);
+  const cfg = model.config;
+  if (config.data.seqLength > cfg.maxPositionEmbeddings) {
+    throw new TrainError(
+      'INVALID_CONFIG',
+      `data.seqLength ${config.data.seqLength} (prompt + response) exceeds the model's ${cfg.maxPositionEmbeddings} positions`,
+    );
+  }
+  const ddp = makeDdp(config, layout, model, [model]);
+  owned.push(ddp);
+  const optimizer = makeOptimizer(config, layout, [model], ddp, log);
+  owned.push(optimizer);
+  const trainIters = trainIterations(config);
+  const scheduler = makeScheduler(config, optimizer, trainIters);
+
+  // the frozen reference policy of the KL loss: the model the run started from
+  let reference: GPTModel | null = null;
+  if (rl.klLossCoef > 0) {
+    const source = rl.referenceModel ?? config.model.load;
+    if (!source) {
+      throw new TrainError('INVALID_CONFIG', 'rl.klLossCoef > 0 needs rl.referenceModel (or model.load)');
+    }
+    reference = buildModel(
+      {
+        ...config,
+        model: {
+          ...config.model,
+          load: source,
+          recomputeGranularity: null,
+          recomputeMethod: null,
+          recomputeNumLayers: null,
+        },
+        checkpoint: { ...config.checkpoint, load: null },
+      },
+      layout,
+      undefined,
+    ).model;
+    owned.push(reference);
+    reference.eval();
+    if (reference.config.vocabSize !== cfg.vocabSize) {
+      throw new TrainError(
+        'INVALID_CONFIG',
+        `rl.referenceModel ${source} has a vocabulary of ${reference.config.vocabSize}, the policy ${cfg.vocabSize}: give the model the run started from`,
+      );
+    }
+  }
+
+  let state: TrainingState = { iteration: 0, consumedSamples: 0, skippedIterations: 0 };
+  if (config.checkpoint.load && !config.checkpoint.finetune) {
+    state = loadTrainingCheckpoint(config.checkpoint.load, {
+      model,
+      chunks: [model],
+      optimizer,
+      scheduler,
+      architecture,
+      log,
+      iteration: resumeIteration,
+      loadOptim: !config.checkpoint.noLoadOptim,
+      loadRng: !config.checkpoint.noLoadRng,
+    });
+  }
+
+  if (!hfSource) {
+    throw new TrainError(
+      'INVALID_CONFIG',
+      'reinforcement learning decodes the responses for the reward: start from a model with its tokenizer files (a Hugging Face folder, or a checkpoint converted from one)',
+    );
+  }
+  const tok = await loadTokenizer(hfSource);
+  const eos = eosIds(tok.eosId, hfSource);
+  const { prompts, skipped } = readRlPrompts(rl.promptsPath, tok, {
+    chat: rl.chat,
+    maxPromptTokens: config.data.seqLength - rl.maxNewTokens,
+  });
+  if (skipped > 0)
+    log(
+      `warning: ${skipped} of ${prompts.length + skipped} prompts are longer than data.seqLength − rl.maxNewTokens (${config.data.seqLength - rl.maxNewTokens} tokens) and are left out`,
+    );
+  const reward = await loadReward(rl.reward);
+  log(
+    `GRPO: ${prompts.length} prompts, ${P} per iteration × ${n} responses; ${miniBatches} mini-batch(es) of ${gbs} responses × ${rl.ppoEpochs} epoch(s) = ${updatesPerRollout} update(s) per iteration${reference ? `; KL loss ${rl.klLossType} × ${rl.klLossCoef}` : ''}`,
+  );
+  const orders = new Map<number, number[]>();
+  const promptAt = (g: number): RlPrompt => {
+    const epoch = Math.floor(g / prompts.length);
+    let order = orders.get(epoch);
+    if (!order) {
+      orders.clear();
+      order = epochOrder(prompts.length, tr.seed, epoch);
+      orders.set(epoch, order);
+    }
+    return prompts[order[g % prompts.length]];
+  };
+  // decodes a response as the text that follows its prompt (a SentencePiece tokenizer's leading
+  // space kept), special tokens left out
+  const decodeResponse = (promptIds: readonly number[], ids: readonly number[]) => {
+    const skip = { skipSpecialTokens: true };
+    const head = tok.decode(promptIds, skip);
+    const all = tok.decode([...promptIds, ...ids], skip);
+    return all.startsWith(head) ? all.slice(head.length) : tok.decode(ids, skip);
+  };
+
+  const metricsFd = logRank
+    ? fs.openSync(path.join(config.logging.runDir, 'metrics.jsonl'), state.iteration > 0 ? 'a' : 'w')
+    : null;
+  const tensorboard =
+    logRank && config.logging.tensorboardDir !== null
+      ? new TensorBoardWriter(config.logging.tensorboardDir)
+      : null;
+  // rl.saveRollouts: each replica's responses (its first TP rank writes them)
+  let rolloutsFd: number | null = null;
+  if (rl.saveRollouts && layout.tp.rank === 0) {
+    const dir = path.join(config.logging.runDir, 'rollouts');
+    fs.mkdirSync(dir, { recursive: true });
+    rolloutsFd = fs.openSync(path.join(dir, `dp${layout.dp.rank}.jsonl`), state.iteration > 0 ? 'a' : 'w');
+  }
+  const losses: number[] = [];
+  const checkpoints: string[] = [];
+  let savedIteration: number | null = null;
+  let exitReason: TrainResult['exitReason'] = 'done';
+  let metricsClosed = false;
+  const t0 = performance.now();
+  const save = () => {
+    if (!config.checkpoint.save) return;
+    const dir = saveTrainingCheckpoint(config.checkpoint.save, {
+      model,
+      chunks: [model],
+      optimizer,
+      scheduler,
+      architecture,
+      state,
+      config,
+      hfSource,
+      keep: config.checkpoint.ckptKeep,
+      layout,
+    });
+    savedIteration = state.iteration;
+    if (dir) checkpoints.push(dir);
+  };
+  const aggregation = rl.lossAggregation;
+  const dpRank = layout.dp.rank;
+
+  try {
+    while (state.iteration < trainIters) {
+      const stepStart = performance.now();
+      // this rank's prompts: in mini-batch k, the prompts k·(gbs/n) + rank·(gbs/n/dp) + j
+      const mine: number[] = [];
+      for (let k = 0; k < miniBatches; k++)
+        for (let j = 0; j < rankPrompts; j++)
+          mine.push(state.iteration * P + k * promptsPerMini + dpRank * rankPrompts + j);
+      // the rollout: each prompt's group generated alone, from a seed of its index in the run
+      const responses: Response[] = [];
+      for (const g of mine) {
+        const prompt = promptAt(g);
+        const out = generate(
+          model,
+          Array.from({ length: n }, () => prompt.ids),
+          {
+            maxNewTokens: rl.maxNewTokens,
+            temperature: rl.temperature,
+            topP: rl.topP,
+            topK: rl.topK,
+            seed: mixSeed(tr.seed, g),
+            eosTokenIds: eos,
+          },
+        );
+        const rewards: number[] = [];
+        const texts: string[] = [];
+        for (const row of out.rows) {
+          const text = decodeResponse(prompt.ids, row.tokens);
+          texts.push(text);
+          let r: number;
+          try {
+            r = await reward(text, prompt.sample);
+          } catch (e) {
+            throw new TrainError(
+              'DATA',
+              `rl.reward on ${rl.promptsPath} line ${prompt.line}: ${(e as Error).message}`,
+            );
+          }
+          if (typeof r !== 'number' || !Number.isFinite(r)) {
+            throw new TrainError(
+              'DATA',
+              `rl.reward returned ${String(r)} for a response to ${rl.promptsPath} line ${prompt.line}: give a finite number`,
+            );
+          }
+          rewards.push(r);
+        }
+        const adv = grpoAdvantages(rewards, n, {
+          normalizeByStd: rl.normAdvByStd,
+          epsilon: rl.advantageEpsilon,
+        });
+        for (const [i, row] of out.rows.entries()) {
+          responses.push({
+            promptIndex: g,
+            promptIds: prompt.ids,
+            tokens: row.tokens,
+            reward: rewards[i],
+            advantage: adv[i],
+            truncated: row.finishReason === 'length',
+          });
+          if (rolloutsFd !== null) {
+            const line = {
+              iteration: state.iteration + 1,
+              promptIndex: g,
+              line: prompt.line,
+              promptIds: prompt.ids,
+              tokens: row.tokens,
+              response: texts[i],
+              finishReason: row.finishReason,
+              reward: rewards[i],
+              advantage: adv[i],
+            };
+            fs.writeSync(rolloutsFd, `${JSON.stringify(line)}\n`);
+          }
+        }
+      }
+      const rolloutMs = performance.now() - stepStart;
+      const u0 = performance.now();
+      // this rank's micro-batches of each mini-batch, with the log-probabilities they need
+      const perMini = rankPrompts * n;
+      const minis: RlMicro[][] = [];
+      const runUpdates = () => {
+        for (let k = 0; k < miniBatches; k++) {
+          const micros: RlMicro[] = [];
+          minis.push(micros);
+          for (let s = 0; s < perMini; s += mbs) {
+            const m = microOf(responses.slice(k * perMini + s, k * perMini + s + mbs));
+            micros.push(m);
+            if (updatesPerRollout > 1) m.old = logProbsOf(model, m, rl.temperature);
+            if (reference) m.ref = logProbsOf(reference, m, rl.temperature);
+          }
+        }
+        const sums = { pg: 0, kl: 0, clip: 0, approxKl: 0, tokens: 0 };
+        let gradNorm: number | null = null;
+        let updated = false;
+        model.train();
+        for (let epoch = 0; epoch < rl.ppoEpochs; epoch++) {
+          for (const micros of minis) {
+            const local = micros.reduce((a, m) => a + m.maskSum, 0);
+            const [tokens] = allReduceNumbers([local], layout.dp);
+            const totals = { tokens, sequences: gbs, normLength: rl.maxNewTokens };
+            optimizer.zeroGrad();
+            const pgSum = new DeviceSum();
+            const klSum = new DeviceSum();
+            const clipSum = new DeviceSum();
+            const aklSum = new DeviceSum();
+            for (const [i, m] of micros.entries()) {
+              const run = i < micros.length - 1 ? <T>(f: () => T) => ddp.noSync(f) : <T>(f: () => T) => f();
+              run(() =>
+                tidy(() => {
+                  const out = model.forward(m.tokens, { labels: m.labels, temperature: rl.temperature });
+                  const logp = (out.loss as Tensor).neg();
+                  const terms = policyGradientLosses({
+                    logProbs: logp,
+                    oldLogProbs: m.old ?? logp.detach(),
+                    advantages: m.advantages,
+                    mask: m.mask,
+                    clipRatioLow: rl.clipRatioLow,
+                    clipRatioHigh: rl.clipRatioHigh,
+                    clipRatioC: rl.clipRatioC,
+                    mode: rl.policyLoss,
+                  });
+                  const pg = aggregateLoss(terms.losses, m.mask, aggregation, totals);
+                  let objective = pg;
+                  pgSum.add(pg);
+                  clipSum.add(terms.clipped.mul(m.mask).sum());
+                  aklSum.add(terms.approxKl.mul(m.mask).sum());
+                  if (reference && m.ref) {
+                    const kl = aggregateLoss(
+                      klPenalty(logp, m.ref, rl.klLossType),
+                      m.mask,
+                      aggregation,
+                      totals,
+                    );
+                    klSum.add(kl);
+                    objective = objective.add(kl.mul(rl.klLossCoef));
+                  }
+                  // DDP averages the gradients over the data-parallel ranks: each rank's part is a
+                  // sum of the mini-batch's loss, so ×dp
+                  (dp > 1 ? objective.mul(dp) : objective).backward();
+                }),
+              );
+            }
+            const gradNormOnDevice = optimizer.stepOnDevice();
+            const [pg, kl, clip, akl, norm] = reduceAndRead(
+              [pgSum, klSum, clipSum, aklSum],
+              [1, 1, 1, 1],
+              [layout.dp],
+              [gradNormOnDevice],
+            );
+            const r = optimizer.finishStep(norm);
+            if (r.updated) updated = true;
+            else state.skippedIterations++;
+            gradNorm = Number.isFinite(r.gradNorm) ? r.gradNorm : null;
+            sums.pg += pg;
+            sums.kl += kl;
+            sums.clip += clip;
+            sums.approxKl += akl;
+            sums.tokens += tokens;
+          }
+        }
+        if (updated) scheduler.step(gbs);
+        return { sums, gradNorm };
+      };
+      let done: ReturnType<typeof runUpdates>;
+      try {
+        done = runUpdates();
+      } finally {
+        for (const micros of minis) disposeMicros(micros);
+      }
+      const { sums, gradNorm } = done;
+      state.iteration++;
+      state.consumedSamples += P;
+      // the iteration's rewards and lengths over the data-parallel ranks
+      const rewardsHere = responses.map((r) => r.reward);
+      const [count, rSum, rSq, lenSum, cut] = allReduceNumbers(
+        [
+          responses.length,
+          rewardsHere.reduce((a, b) => a + b, 0),
+          rewardsHere.reduce((a, b) => a + b * b, 0),
+          responses.reduce((a, r) => a + r.tokens.length, 0),
+          responses.filter((r) => r.truncated).length,
+        ],
+        layout.dp,
+      );
+      const [rMax, negMin] = allReduceNumbers(
+        [Math.max(...rewardsHere), -Math.min(...rewardsHere)],
+        layout.dp,
+        'max',
+      );
+      const rewardMean = rSum / count;
+      const pgLoss = sums.pg / updatesPerRollout;
+      const klLoss = sums.kl / updatesPerRollout;
+      const lmLoss = pgLoss + (reference ? rl.klLossCoef * klLoss : 0);
+      losses.push(lmLoss);
+      const updateMs = performance.now() - u0;
+      const elapsed = performance.now() - stepStart;
+      const mem = memoryStats(getDefaultDevice());
+      const rlMetrics: RlMetrics = {
+        rewardMean,
+        rewardStd: Math.sqrt(Math.max(0, rSq / count - rewardMean * rewardMean)),
+        rewardMin: -negMin,
+        rewardMax: rMax,
+        responseLength: lenSum / count,
+        clippedResponses: cut / count,
+        pgLoss,
+        klLoss,
+        clipFraction: sums.clip / Math.max(sums.tokens, 1),
+        approxKl: sums.approxKl / Math.max(sums.tokens, 1),
+        updates: updatesPerRollout,
+        rolloutMs,
+        updateMs,
+      };
+      const metrics: TrainMetrics & { rl: RlMetrics } = {
+        kind: 'train',
+        iteration: state.iteration,
+        consumedSamples: state.consumedSamples,
+        globalBatchSize: gbs,
+        elapsedMs: elapsed,
+        lr: scheduler.getLr(),
+        lmLoss,
+        gradNorm,
+        skippedIterations: state.skippedIterations,
+        lossScale: optimizer.lossScaler?.scale ?? 1,
+        tokensPerSecond: (count * (rlMetrics.responseLength + 0)) / (elapsed / 1000),
+        tflops: null,
+        memory: { liveBytes: mem.liveBytes, peakBytes: mem.peakBytes, cachedBytes: mem.cachedBytes },
+        timers: {
+          dataMs: rolloutMs,
+          forwardMs: updateMs,
+          backwardMs: 0,
+          optimizerMs: 0,
+          commMs: 0,
+          exposedCommMs: 0,
+        },
+        rl: rlMetrics,
+        time: new Date().toISOString(),
+      };
+      if (metricsFd !== null) fs.writeSync(metricsFd, `${JSON.stringify(metrics)}\n`);
+      if (tensorboard) {
+        tensorboard.addScalars(state.iteration, {
+          ...tensorboardScalars(metrics, gbs),
+          'rl/reward_mean': rlMetrics.rewardMean,
+          'rl/reward_std': rlMetrics.rewardStd,
+          'rl/response_length': rlMetrics.responseLength,
+          'rl/pg_loss': rlMetrics.pgLoss,
+          'rl/kl_loss': reference ? rlMetrics.klLoss : null,
+          'rl/clip_fraction': rlMetrics.clipFraction,
+          'rl/approx_kl': rlMetrics.approxKl,
+        });
+      }
+      if (state.iteration % tr.logInterval === 0 || state.iteration === 1) {
+        log(
+          formatRlLogLine(
+            state.iteration,
+            trainIters,
+            state.consumedSamples,
+            elapsed,
+            metrics.lr,
+            gradNorm,
+            rlMetrics,
+            reference !== null,
+          ),
+        );
+      }
+      const saveNow =
+        config.checkpoint.saveInterval && state.iteration % config.checkpoint.saveInterval === 0;
+      if (saveNow) save();
+      await new Promise<void>((resolve) => setImmediate(resolve));
+      let stop: TrainResult['exitReason'] | null = null;
+      if (opts.signal?.aborted) stop = 'signal';
+      else if (tr.exitInterval && state.iteration % tr.exitInterval === 0) stop = 'exit-interval';
+      else if (tr.exitDurationInMins && (performance.now() - t0) / 60000 >= tr.exitDurationInMins)
+        stop = 'exit-duration';
+      if (layout.distributed) stop = agreeOnStop(stop, getWorldGroup());
+      if (stop) {
+        if (!saveNow) save();
+        exitReason = stop;
+        break;
+      }
+    }
+    if (exitReason === 'done' && config.checkpoint.save && savedIteration !== state.iteration) save();
+  } finally {
+    if (metricsFd !== null) fs.closeSync(metricsFd);
+    if (rolloutsFd !== null) fs.closeSync(rolloutsFd);
+    tensorboard?.close();
+    metricsClosed = true;
+    for (const o of owned.splice(0).reverse()) o.dispose();
+    if (layout.distributed) {
+      destroyModelParallel();
+      await destroyProcessGroup();
+    }
+  }
+  if (logRank && exitReason === 'done' && config.checkpoint.exportHf && config.checkpoint.save) {
+    await convertMegapatchToHf({
+      input: config.checkpoint.save,
+      output: config.checkpoint.exportHf,
+      overwrite: true,
+    });
+    log(`exported the model to ${config.checkpoint.exportHf}`);
+  }
+  if (logRank && opts.report !== false && metricsClosed) {
+    try {
+      const rep = await writeRunReport(config.logging.runDir);
+      log(`run report: ${rep.html}`);
+    } catch (e) {
+      log(`warning: the run report was not written: ${(e as Error).message}`);
+    }
+  }
+  return { iteration: state.iteration, losses, checkpoints, exitReason };
+}
+
+const exp = (v: number) =>
+  v
+    .toExponential(6)
+    .replace(/e([+-])(\d)$/, 'e$10$2')
+    .toUpperCase();
+
+/** The RL iteration's console line, in the style of Megatron's training line. */
+function formatRlLogLine(
+  iteration: number,
+  trainIters: number,
+  consumedPrompts: number,
+  elapsedMs: number,
+  lr: number,
+  gradNorm: number | null,
+  m: RlMetrics,
+  withKl: boolean,
+): string {
+  let s = ` [${new Date().toISOString().replace('T', ' ').slice(0, 19)}]`;
+  s += ` iteration ${String(iteration).padStart(8)}/${String(trainIters).padStart(8)} |`;
+  s += ` consumed prompts: ${String(consumedPrompts).padStart(10)} |`;
+  s += ` elapsed time per iteration (ms): ${elapsedMs.toFixed(1)} | rollout (ms): ${m.rolloutMs.toFixed(1)} |`;
+  s += ` learning rate: ${exp(lr)} |`;
+  s += ` reward mean: ${exp(m.rewardMean)} | reward std: ${exp(m.rewardStd)} |`;
+  s += ` response length: ${m.responseLength.toFixed(1)} | pg loss: ${exp(m.pgLoss)} |`;
+  if (withKl) s += ` kl loss: ${exp(m.klLoss)} |`;
+  s += ` clip fraction: ${m.clipFraction.toFixed(4)} | approx kl: ${exp(m.approxKl)} |`;
+  if (gradNorm !== null) s += ` grad norm: ${gradNorm.toFixed(3)} |`;
+  return s;
+}

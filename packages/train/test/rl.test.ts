@@ -1,0 +1,311 @@
+// GRPO end to end on one process (a tiny Llama with a character tokenizer, no shared data): the
+// reward rises; the first update equals the REINFORCE step computed by hand from the saved
+// rollouts (log-softmax of the logits at the rollout temperature, the group-normalised advantages,
+// one token mean) through Adam's first step; a resumed run equals a straight one bit for bit; the
+// memory is flat from iteration to iteration; bad configs, prompts and rewards fail in one line.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { loadModel } from '@megapatch/models';
+import { fromTypedArray, logSoftmax, memoryStats, type Tensor, tidy } from '@megapatch/tensor';
+import { afterAll, describe, expect, it } from 'vitest';
+import {
+  finalAnswer,
+  grpoAdvantages,
+  parseRunConfig,
+  type RunConfigInput,
+  readRlPrompts,
+  train,
+} from '../src/index.js';
+import { charTokenizer, mergedRunConfig, tempDir, tinyLlama } from './helpers.js';
+
+const root = tempDir('mp-rl-');
+afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
+const hf = charTokenizer(tinyLlama(path.join(root, 'hf')));
+const promptsFile = path.join(root, 'prompts.jsonl');
+fs.writeFileSync(
+  promptsFile,
+  `${['the cat', 'a dog ran', 'once', 'we saw', 'it is', 'big red', 'so far', 'no way']
+    .map((p, i) => JSON.stringify({ prompt: p, answer: String(i) }))
+    .join('\n')}\n`,
+);
+// the fraction of the response's characters that are letters (the other tokens are <xN> ids)
+const rewardFile = path.join(root, 'letters.mjs');
+fs.writeFileSync(
+  rewardFile,
+  'export default (response) => { const letters = (response.replace(/<x\\d+>/g, "").match(/[a-z]/g) ?? []).length; return letters / 12; };\n',
+);
+const rewardOf = (text: string) => (text.replace(/<x\d+>/g, '').match(/[a-z]/g) ?? []).length / 12;
+
+function config(run: string, over: Partial<Record<keyof RunConfigInput, object>> = {}) {
+  const base: RunConfigInput = {
+    model: { load: hf, dtype: 'fp32' },
+    data: { seqLength: 32 },
+    training: { microBatchSize: 4, globalBatchSize: 8, trainIters: 10, logInterval: 1, seed: 5 },
+    optimizer: { lr: 1e-2, minLr: 1e-2, weightDecay: 0, clipGrad: 1 },
+    scheduler: { lrDecayStyle: 'constant' },
+    logging: { runDir: path.join(root, run) },
+    rl: { promptsPath: promptsFile, promptsPerStep: 4, groupSize: 4, maxNewTokens: 12, reward: rewardFile },
+  };
+  return mergedRunConfig(base, over);
+}
+
+interface Line {
+  iteration: number;
+  lmLoss: number;
+  gradNorm: number | null;
+  lr: number;
+  consumedSamples: number;
+  memory: { liveBytes: number };
+  rl: Record<string, number>;
+}
+const metrics = (run: string): Line[] =>
+  fs
+    .readFileSync(path.join(root, run, 'metrics.jsonl'), 'utf8')
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l) as Line);
+interface Rollout {
+  iteration: number;
+  promptIndex: number;
+  promptIds: number[];
+  tokens: number[];
+  response: string;
+  reward: number;
+  advantage: number;
+}
+const rollouts = (run: string): Rollout[] =>
+  fs
+    .readFileSync(path.join(root, run, 'rollouts', 'dp0.jsonl'), 'utf8')
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l) as Rollout);
+
+describe('GRPO', () => {
+  it('raises the reward, logs its numbers and keeps the memory flat', async () => {
+    const lines: string[] = [];
+    const before = memoryStats('cpu').liveBytes;
+    const r = await train(config('rise', { rl: { saveRollouts: true } }), {
+      log: (l) => lines.push(l),
+      report: false,
+    });
+    expect(r.exitReason).toBe('done');
+    expect(r.iteration).toBe(10);
+    const m = metrics('rise');
+    expect(m.map((x) => x.iteration)).toEqual([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    expect(m.map((x) => x.consumedSamples)).toEqual(m.map((x) => 4 * x.iteration));
+    const first = (m[0].rl.rewardMean + m[1].rl.rewardMean) / 2;
+    const last = (m[8].rl.rewardMean + m[9].rl.rewardMean) / 2;
+    expect(last).toBeGreaterThan(first + 0.15);
+    // the metrics' reward numbers are those of the saved responses, each scored again here
+    const ro = rollouts('rise');
+    expect(ro).toHaveLength(10 * 16);
+    for (const x of ro) expect(x.reward).toBe(rewardOf(x.response));
+    for (const line of m) {
+      const mine = ro.filter((x) => x.iteration === line.iteration);
+      const mean = mine.reduce((a, x) => a + x.reward, 0) / mine.length;
+      expect(line.rl.rewardMean).toBeCloseTo(mean, 12);
+      expect(line.rl.responseLength).toBeCloseTo(mine.reduce((a, x) => a + x.tokens.length, 0) / 16, 12);
+      expect(line.rl.updates).toBe(2);
+    }
+    // each prompt's group of four, its advantages normalised as GRPO's
+    const groups = new Map<number, Rollout[]>();
+    for (const x of ro) groups.set(x.promptIndex, [...(groups.get(x.promptIndex) ?? []), x]);
+    expect([...groups.keys()]).toEqual(Array.from({ length: 40 }, (_, i) => i));
+    for (const g of groups.values()) {
+      expect(g.map((x) => x.advantage)).toEqual(
+        grpoAdvantages(
+          g.map((x) => x.reward),
+          4,
+        ),
+      );
+    }
+    expect(lines.filter((l) => l.includes(' iteration ') && l.includes('reward mean:'))).toHaveLength(10);
+    expect(lines[0]).toMatch(
+      /^GRPO: 8 prompts, 4 per iteration × 4 responses; 2 mini-batch\(es\) of 8 responses/,
+    );
+    // memory: the same live bytes after every iteration from the second on (the optimizer's
+    // state is made at the first), and nothing left when the run ends
+    const live = m.slice(1).map((x) => x.memory.liveBytes);
+    expect(new Set(live).size).toBe(1);
+    expect(memoryStats('cpu').liveBytes).toBe(before);
+  });
+
+  it('makes the first update the REINFORCE step computed by hand from the rollouts', async () => {
+    const T = 0.7;
+    const lr = 1e-3;
+    const save = path.join(root, 'hand-ckpt');
+    const run = 'hand';
+    await train(
+      config(run, {
+        training: { trainIters: 1 },
+        // eps 1: Adam's first step is lr · g / (|g| + 1), which keeps the gradient's size
+        optimizer: { lr, minLr: lr, clipGrad: 0, adamEps: 1 },
+        rl: { temperature: T, saveRollouts: true, klLossCoef: 0, promptsPerStep: 2 },
+        checkpoint: { save },
+      }),
+      { log: () => {}, report: false },
+    );
+    const ro = rollouts(run);
+    expect(ro).toHaveLength(8);
+    const before = loadModel(hf, { dtype: 'float32' }).model;
+    const after = loadModel(save, { dtype: 'float32' }).model;
+    // the policy-gradient loss by hand: −Σ_i A_i Σ_t log p_T(token) / (all response tokens)
+    const total = ro.reduce((a, x) => a + x.tokens.length, 0);
+    let hand = 0;
+    for (const x of ro) {
+      const ids = [...x.promptIds, ...x.tokens];
+      const term = tidy(() => {
+        const input = fromTypedArray(BigInt64Array.from(ids.slice(0, -1), BigInt), [1, ids.length - 1]);
+        const logits = before.forward(input).logits as Tensor; // [1, L, V]
+        const logp = logSoftmax(logits.div(T), -1);
+        let sum: Tensor | null = null;
+        for (let t = x.promptIds.length - 1; t < ids.length - 1; t++) {
+          const v = logp
+            .select(1, t)
+            .select(1, ids[t + 1])
+            .sum();
+          sum = sum ? sum.add(v) : v;
+        }
+        const l = (sum as Tensor).mul(-x.advantage / total);
+        l.backward();
+        return l.item();
+      });
+      hand += term;
+    }
+    // the logged policy loss at ratio 1: −Σ_i A_i · (its tokens) / (all tokens)
+    const [line] = metrics(run);
+    const pg = -ro.reduce((a, x) => a + x.advantage * x.tokens.length, 0) / total;
+    expect(line.rl.pgLoss).toBeCloseTo(pg, 6);
+    expect(Math.abs(hand)).toBeGreaterThan(0);
+    expect(line.rl.clipFraction).toBe(0);
+    const got = new Map(after.namedParameters());
+    let moved = 0;
+    let off = 0;
+    let step = 0;
+    for (const [name, p] of before.namedParameters()) {
+      const g = p.grad?.toTypedArray() as Float32Array;
+      const w0 = p.toTypedArray() as Float32Array;
+      const w1 = got.get(name)?.toTypedArray() as Float32Array;
+      for (let i = 0; i < w0.length; i++) {
+        const want = w0[i] - (lr * g[i]) / (Math.abs(g[i]) + 1);
+        // within a float32 rounding of the weight, and 0.2% of the step
+        const tol = 1.2e-7 * Math.abs(want) + 2e-3 * Math.abs(want - w0[i]) + 1e-12;
+        expect(Math.abs(w1[i] - want), `${name}[${i}]`).toBeLessThanOrEqual(tol);
+        moved = Math.max(moved, Math.abs(w1[i] - w0[i]));
+        off += Math.abs(w1[i] - want);
+        step += Math.abs(want - w0[i]);
+      }
+    }
+    // over all weights the steps agree to 1%
+    expect(off / step).toBeLessThan(1e-2);
+    expect(moved).toBeGreaterThan(1e-7);
+  });
+
+  it('resumes bit for bit: two iterations, a restart, two more = four straight', async () => {
+    const over = (run: string, extra: Partial<Record<keyof RunConfigInput, object>> = {}) =>
+      config(run, {
+        rl: { ppoEpochs: 2, klLossCoef: 0.05 },
+        checkpoint: { save: path.join(root, `${run}-ckpt`), saveInterval: 2 },
+        ...extra,
+      });
+    const straight = await train(over('straight', { training: { trainIters: 4 } }), {
+      log: () => {},
+      report: false,
+    });
+    await train(over('parts', { training: { trainIters: 4, exitInterval: 2 } }), {
+      log: () => {},
+      report: false,
+    });
+    const resumed = await train(
+      over('parts', {
+        training: { trainIters: 4 },
+        checkpoint: { load: path.join(root, 'parts-ckpt'), save: path.join(root, 'parts-ckpt') },
+      }),
+      { log: () => {}, report: false },
+    );
+    expect(resumed.iteration).toBe(4);
+    expect(resumed.losses).toEqual(straight.losses.slice(2));
+    const a = metrics('straight');
+    const b = metrics('parts');
+    expect(b.map((x) => x.iteration)).toEqual([1, 2, 3, 4]);
+    for (const key of ['rewardMean', 'pgLoss', 'klLoss', 'clipFraction', 'approxKl']) {
+      expect(
+        b.map((x) => x.rl[key]),
+        key,
+      ).toEqual(a.map((x) => x.rl[key]));
+    }
+    expect(b.map((x) => x.gradNorm)).toEqual(a.map((x) => x.gradNorm));
+    // four updates an iteration (two mini-batches, two epochs), the KL loss above 0 after the first
+    expect(a[0].rl.updates).toBe(4);
+    expect(a[3].rl.klLoss).toBeGreaterThan(0);
+  });
+
+  it('refuses bad configs, prompts and rewards in one line', async () => {
+    const bad = (over: Partial<Record<keyof RunConfigInput, object>>) => () =>
+      parseRunConfig(config('x', over));
+    expect(bad({ data: { dataPath: ['x'] } })).toThrow(/rl\.promptsPath: drop the data source/);
+    expect(bad({ training: { globalBatchSize: 6 } })).toThrow(/not a multiple of rl.groupSize 4/);
+    expect(bad({ training: { globalBatchSize: 12 } })).toThrow(/do not make whole mini-batches of 12/);
+    expect(bad({ rl: { maxNewTokens: 32 } })).toThrow(/leaves no room for the prompt/);
+    expect(bad({ model: { hiddenDropout: 0.1 } })).toThrow(
+      /set model.hiddenDropout and model.attentionDropout 0/,
+    );
+    const run = async (over: Partial<Record<keyof RunConfigInput, object>>) =>
+      train(config('bad', { training: { trainIters: 1 }, ...over }), { log: () => {}, report: false });
+    await expect(run({ parallel: { pipelineModelParallelSize: 2 } })).rejects.toThrow(
+      /parallel.pipelineModelParallelSize 2: reinforcement learning \(rl\) runs with tensor and data parallelism only/,
+    );
+    await expect(run({ rl: { reward: path.join(root, 'nope.mjs') } })).rejects.toThrow(
+      /neither a built-in reward \(math, exact\) nor a file/,
+    );
+    const nan = path.join(root, 'nan.mjs');
+    fs.writeFileSync(nan, 'export default () => Number.NaN;\n');
+    await expect(run({ rl: { reward: nan } })).rejects.toThrow(
+      /rl.reward returned NaN for a response to .* line \d+: give a finite number/,
+    );
+    const notFn = path.join(root, 'notfn.mjs');
+    fs.writeFileSync(notFn, 'export default 3;\n');
+    await expect(run({ rl: { reward: notFn } })).rejects.toThrow(/default export must be a function/);
+    const badPrompts = path.join(root, 'bad.jsonl');
+    fs.writeFileSync(badPrompts, '{"prompt": "ok"}\n{"prompt": \n');
+    await expect(run({ rl: { promptsPath: badPrompts } })).rejects.toThrow(
+      /bad.jsonl line 2: not valid JSON/,
+    );
+    fs.writeFileSync(badPrompts, '{"text": "no prompt"}\n');
+    await expect(run({ rl: { promptsPath: badPrompts } })).rejects.toThrow(
+      /line 1: give "prompt" \(a string\) or "messages"/,
+    );
+    // the built-in rewards read "answer"
+    fs.writeFileSync(badPrompts, '{"prompt": "no answer"}\n');
+    await expect(run({ rl: { promptsPath: badPrompts, reward: 'math' } })).rejects.toThrow(
+      /line 1: .*"answer"/,
+    );
+  });
+});
+
+describe('prompts and rewards', () => {
+  it('reads text prompts with BOS in front and leaves out the long ones', () => {
+    const tok = { bosId: 1, encode: (t: string) => [...t].map((c) => c.charCodeAt(0)) };
+    const f = path.join(root, 'p.jsonl');
+    fs.writeFileSync(f, '{"prompt": "ab", "answer": 1}\n\n{"prompt": "abcdef"}\n{"prompt": "c", "id": 7}\n');
+    const r = readRlPrompts(f, tok, { chat: false, maxPromptTokens: 4 });
+    expect(r.skipped).toBe(1);
+    expect(r.prompts).toEqual([
+      { line: 1, ids: [1, 97, 98], sample: { prompt: 'ab', answer: 1 } },
+      { line: 4, ids: [1, 99], sample: { prompt: 'c', id: 7 } },
+    ]);
+    expect(() => readRlPrompts(f, tok, { chat: false, maxPromptTokens: 1 })).toThrow(
+      /no prompt of at most 1 tokens/,
+    );
+    expect(() => readRlPrompts(f, tok, { chat: true, maxPromptTokens: 9 })).toThrow(/has no chat template/);
+  });
+
+  it('finds the final answer as GSM8K writes it', () => {
+    expect(finalAnswer('so 3 + 4 = 7 apples\n#### 7')).toBe(7);
+    expect(finalAnswer('#### 1,234.5 dollars')).toBe(1234.5);
+    expect(finalAnswer('the answer is \\boxed{-12} since 3')).toBe(-12);
+    expect(finalAnswer('first 3 then 18 eggs')).toBe(18);
+    expect(finalAnswer('no number')).toBeNull();
+    expect(finalAnswer('####')).toBeNull();
+  });
+});
