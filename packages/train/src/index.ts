@@ -56,6 +56,7 @@ export {
 export { ReportError, type ReportErrorCode } from './report/errors.js';
 export {
   MoeMetrics,
+  RlMetricsLine,
   RUN_CONFIG_FILE,
   RUN_METRICS_FILE,
   type RunMetrics,

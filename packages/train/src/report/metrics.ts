@@ -10,6 +10,9 @@
  *     "tflops": x | null, "memory": {"liveBytes": n, "peakBytes": n, "cachedBytes"?: n},
  *     "moe"?: {"auxLoss"?: x, "zLoss"?: x, "mtpLoss"?: x,
  *              "expertLoad"?: {"<layer>": [tokens routed to each expert, ...]}},
+ *     "rl"?: {"rewardMean": x, "rewardStd": x, "rewardMin": x, "rewardMax": x,
+ *             "responseLength": x, "pgLoss": x, "klLoss": x, "clipFraction": x, "approxKl": x, ...}
+ *     (GRPO runs: lmLoss is then the objective, pgLoss + klLossCoef × klLoss),
  *     "time": ISO 8601 date-time}`
  *   `skippedIterations` is the running total of iterations skipped by the loss scaler.
  *   `lmLoss` and `gradNorm` are null when not finite (JSON has no NaN); `gradNorm` is null too for
@@ -52,6 +55,20 @@ export const MoeMetrics = z.looseObject({
 });
 export type MoeMetrics = z.infer<typeof MoeMetrics>;
 
+/** The GRPO part of a training line (a run with an `rl` section). */
+export const RlMetricsLine = z.looseObject({
+  rewardMean: z.number(),
+  rewardStd: z.number().optional(),
+  rewardMin: z.number().optional(),
+  rewardMax: z.number().optional(),
+  responseLength: z.number().optional(),
+  pgLoss: z.number().optional(),
+  klLoss: z.number().optional(),
+  clipFraction: z.number().optional(),
+  approxKl: z.number().optional(),
+});
+export type RlMetricsLine = z.infer<typeof RlMetricsLine>;
+
 /** A `"kind": "train"` line. */
 export const TrainMetricsLine = z.looseObject({
   kind: z.literal('train'),
@@ -70,6 +87,7 @@ export const TrainMetricsLine = z.looseObject({
   /** cachedBytes: the caching allocator's reserve (absent in runs written before it was logged). */
   memory: z.looseObject({ liveBytes: count, peakBytes: count, cachedBytes: count.optional() }),
   moe: MoeMetrics.optional(),
+  rl: RlMetricsLine.optional(),
   time,
 });
 export type TrainMetricsLine = z.infer<typeof TrainMetricsLine>;
