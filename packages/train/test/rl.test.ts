@@ -59,6 +59,7 @@ interface Line {
   lr: number;
   consumedSamples: number;
   memory: { liveBytes: number };
+  skippedIterations: number;
   rl: Record<string, number>;
 }
 const metrics = (run: string): Line[] =>
@@ -250,6 +251,32 @@ describe('GRPO', () => {
     // four updates an iteration (two mini-batches, two epochs), the KL loss above 0 after the first
     expect(a[0].rl.updates).toBe(4);
     expect(a[3].rl.klLoss).toBeGreaterThan(0);
+  });
+
+  it('trains in bf16 and fp16 (loss scaling) like fp32 at the first update', async () => {
+    const first = async (dtype: string) => {
+      const run = `dtype-${dtype}`;
+      // fp16 with a constant loss scale (the dynamic one starts at 2^32 and skips the first steps)
+      const optimizer = dtype === 'fp16' ? { lossScale: 4096 } : {};
+      const c = config(run, {
+        model: { dtype },
+        optimizer,
+        training: { trainIters: 1 },
+        rl: { saveRollouts: true },
+      });
+      await train(c, { log: () => {}, report: false });
+      return { line: metrics(run)[0], tokens: rollouts(run).map((x) => x.tokens) };
+    };
+    const fp32 = await first('fp32');
+    for (const dtype of ['bf16', 'fp16']) {
+      const got = await first(dtype);
+      expect(got.line.skippedIterations, dtype).toBe(0);
+      // the same responses give the grad norm of fp32 (fp16's gradients unscaled); others, its size
+      const ratio = (got.line.gradNorm as number) / (fp32.line.gradNorm as number);
+      const same = JSON.stringify(got.tokens) === JSON.stringify(fp32.tokens);
+      expect(Math.abs(ratio - 1), `${dtype} (same responses: ${same})`).toBeLessThan(same ? 0.05 : 0.5);
+      expect(Number.isFinite(got.line.lmLoss), dtype).toBe(true);
+    }
   });
 
   it('refuses bad configs, prompts and rewards in one line', async () => {

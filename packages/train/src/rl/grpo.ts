@@ -470,6 +470,16 @@ export async function trainGrpo(
         }
       }
       const rolloutMs = performance.now() - stepStart;
+      // the update's times (the log-probabilities of the rollout and reference policies counted
+      // as forward time); the rollout counts as the step's data time
+      const timers = {
+        dataMs: rolloutMs,
+        forwardMs: 0,
+        backwardMs: 0,
+        optimizerMs: 0,
+        commMs: 0,
+        exposedCommMs: 0,
+      };
       const u0 = performance.now();
       // this rank's micro-batches of each mini-batch, with the log-probabilities they need
       const perMini = rankPrompts * n;
@@ -481,8 +491,10 @@ export async function trainGrpo(
           for (let s = 0; s < perMini; s += mbs) {
             const m = microOf(responses.slice(k * perMini + s, k * perMini + s + mbs));
             micros.push(m);
+            const f0 = performance.now();
             if (updatesPerRollout > 1) m.old = logProbsOf(model, m, rl.temperature);
             if (reference) m.ref = logProbsOf(reference, m, rl.temperature);
+            timers.forwardMs += performance.now() - f0;
           }
         }
         const sums = { pg: 0, kl: 0, clip: 0, approxKl: 0, tokens: 0 };
@@ -503,6 +515,7 @@ export async function trainGrpo(
               const run = i < micros.length - 1 ? <T>(f: () => T) => ddp.noSync(f) : <T>(f: () => T) => f();
               run(() =>
                 tidy(() => {
+                  const f0 = performance.now();
                   const out = model.forward(m.tokens, { labels: m.labels, temperature: rl.temperature });
                   const logp = (out.loss as Tensor).neg();
                   const terms = policyGradientLosses({
@@ -531,12 +544,22 @@ export async function trainGrpo(
                     objective = objective.add(kl.mul(rl.klLossCoef));
                   }
                   // DDP averages the gradients over the data-parallel ranks: each rank's part is a
-                  // sum of the mini-batch's loss, so ×dp
-                  (dp > 1 ? objective.mul(dp) : objective).backward();
+                  // sum of the mini-batch's loss, so ×dp; fp16: times the loss scale, which the
+                  // optimizer divides out of the gradients
+                  const scale = dp * (optimizer.lossScaler?.scale ?? 1);
+                  const b0 = performance.now();
+                  timers.forwardMs += b0 - f0;
+                  (scale !== 1 ? objective.mul(scale) : objective).backward();
+                  timers.backwardMs += performance.now() - b0;
                 }),
               );
             }
+            const o0 = performance.now();
             const gradNormOnDevice = optimizer.stepOnDevice();
+            timers.optimizerMs += performance.now() - o0;
+            const sync = ddp.lastSyncStats();
+            timers.commMs += sync.commMs;
+            timers.exposedCommMs += sync.exposedMs;
             const [pg, kl, clip, akl, norm] = reduceAndRead(
               [pgSum, klSum, clipSum, aklSum],
               [1, 1, 1, 1],
@@ -568,13 +591,14 @@ export async function trainGrpo(
       state.consumedSamples += P;
       // the iteration's rewards and lengths over the data-parallel ranks
       const rewardsHere = responses.map((r) => r.reward);
-      const [count, rSum, rSq, lenSum, cut] = allReduceNumbers(
+      const [count, rSum, rSq, lenSum, cut, promptTokens] = allReduceNumbers(
         [
           responses.length,
           rewardsHere.reduce((a, b) => a + b, 0),
           rewardsHere.reduce((a, b) => a + b * b, 0),
           responses.reduce((a, r) => a + r.tokens.length, 0),
           responses.filter((r) => r.truncated).length,
+          responses.reduce((a, r) => a + r.promptIds.length, 0),
         ],
         layout.dp,
       );
@@ -617,17 +641,11 @@ export async function trainGrpo(
         gradNorm,
         skippedIterations: state.skippedIterations,
         lossScale: optimizer.lossScaler?.scale ?? 1,
-        tokensPerSecond: (count * (rlMetrics.responseLength + 0)) / (elapsed / 1000),
+        // the tokens of the iteration's sequences (prompts and responses), as pre-training counts them
+        tokensPerSecond: (promptTokens + lenSum) / (elapsed / 1000),
         tflops: null,
         memory: { liveBytes: mem.liveBytes, peakBytes: mem.peakBytes, cachedBytes: mem.cachedBytes },
-        timers: {
-          dataMs: rolloutMs,
-          forwardMs: updateMs,
-          backwardMs: 0,
-          optimizerMs: 0,
-          commMs: 0,
-          exposedCommMs: 0,
-        },
+        timers,
         rl: rlMetrics,
         time: new Date().toISOString(),
       };
