@@ -279,6 +279,26 @@ describe('GRPO', () => {
     }
   });
 
+  it('runs a DeepSeek-V3 model (MLA, MoE with aux loss, MTP) with flat memory', async () => {
+    const dir = path.join(root, 'dsv3');
+    tinyLlama(dir, 'deepseek-v3');
+    const vocab = (
+      JSON.parse(fs.readFileSync(path.join(dir, 'config.json'), 'utf8')) as { vocab_size: number }
+    ).vocab_size;
+    charTokenizer(dir, vocab);
+    const r = await train(
+      config('dsv3-run', { model: { load: dir, moeAuxLossCoeff: 0.01 }, training: { trainIters: 4 } }),
+      { log: () => {}, report: false },
+    );
+    expect(r.exitReason).toBe('done');
+    const m = metrics('dsv3-run');
+    for (const line of m) {
+      expect(Number.isFinite(line.lmLoss)).toBe(true);
+      expect(line.gradNorm as number).toBeGreaterThan(0);
+    }
+    expect(new Set(m.slice(1).map((x) => x.memory.liveBytes)).size).toBe(1);
+  });
+
   it('refuses bad configs, prompts and rewards in one line', async () => {
     const bad = (over: Partial<Record<keyof RunConfigInput, object>>) => () =>
       parseRunConfig(config('x', over));

@@ -507,6 +507,9 @@ export async function trainGrpo(
             const [tokens] = allReduceNumbers([local], layout.dp);
             const totals = { tokens, sequences: gbs, normLength: rl.maxNewTokens };
             optimizer.zeroGrad();
+            // MoE aux losses: averaged over the mini-batch's micro-batches, as pre-training's
+            // (and times fp16's loss scale)
+            model.auxLossScale = (optimizer.lossScaler?.scale ?? 1) / micros.length;
             const pgSum = new DeviceSum();
             const klSum = new DeviceSum();
             const clipSum = new DeviceSum();
