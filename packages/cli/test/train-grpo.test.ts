@@ -1,7 +1,8 @@
 // GRPO on the real stories260K model through the commands a user runs: `megapatch train` on the
 // shipped example (examples/grpo/stories-grpo.yaml: story openings, a reward module that wants the
 // hero named again), then `megapatch generate` on the exported folder: the reward rises from under
-// 0.2 to above 0.8 and the greedy continuation names the hero.
+// 0.2 to above 0.8, on the training prompts and on held-out ones, and the greedy continuation
+// names the hero.
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -45,11 +46,17 @@ describe.skipIf(skipWithoutShared(import.meta.url))('GRPO of the real stories260
       /^GRPO: 36 prompts, 8 per iteration × 8 responses; 2 mini-batch\(es\) of 32 responses/m,
     );
     expect(r.stdout).toMatch(/iteration +20\/ +20 \| consumed prompts: +160 \|.* reward mean: /);
-    const rewards = fs
+    const lines = fs
       .readFileSync(path.join(run, 'metrics.jsonl'), 'utf8')
       .trim()
       .split('\n')
-      .map((l) => JSON.parse(l).rl.rewardMean as number);
+      .map((l) => JSON.parse(l) as { kind: string; iteration: number; rl: { rewardMean: number } });
+    const rewards = lines.filter((l) => l.kind === 'train').map((l) => l.rl.rewardMean);
+    // the held-out openings' greedy continuations: none names the hero before, most do after
+    const valid = lines.filter((l) => l.kind === 'valid');
+    expect(valid.map((l) => l.iteration)).toEqual([0, 10, 20]);
+    expect(valid[0].rl.rewardMean).toBeLessThan(0.2);
+    expect(valid[2].rl.rewardMean).toBeGreaterThan(0.8);
     expect(rewards).toHaveLength(20);
     expect(rewards[0]).toBeLessThan(0.2);
     expect(rewards.slice(-5).reduce((a, b) => a + b) / 5).toBeGreaterThan(0.8);

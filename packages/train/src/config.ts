@@ -396,6 +396,14 @@ export const RlSection = z.strictObject({
    * iteration, prompt index and line, token ids, text, finish reason, reward and advantage.
    */
   saveRollouts: z.boolean().default(false),
+  /**
+   * Held-out prompts (the same format) whose mean reward is measured before training, every
+   * training.evalInterval iterations and when the run ends: one response per prompt at
+   * validTemperature (verl's validation; null: none).
+   */
+  validPromptsPath: z.string().min(1).nullable().default(null),
+  /** Sampling temperature of the validation responses (0: greedy, as verl's do_sample false). */
+  validTemperature: z.number().min(0).default(0),
 });
 
 /** A whole run. */

@@ -6,7 +6,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { loadTokenizer } from '@megapatch/data';
-import { loadModel } from '@megapatch/models';
+import { generate, loadModel } from '@megapatch/models';
 import { fromTypedArray, logSoftmax, memoryStats, type Tensor, tidy } from '@megapatch/tensor';
 import { afterAll, describe, expect, it } from 'vitest';
 import {
@@ -37,6 +37,9 @@ fs.writeFileSync(
   rewardFile,
   'export default (response) => { const letters = (response.replace(/<x\\d+>/g, "").match(/[a-z]/g) ?? []).length; return letters / 12; };\n',
 );
+const validPrompts = ['a red hat', 'my old car', 'up we go'];
+const validFile = path.join(root, 'valid.jsonl');
+fs.writeFileSync(validFile, `${validPrompts.map((p) => JSON.stringify({ prompt: p })).join('\n')}\n`);
 const rewardOf = (text: string) => (text.replace(/<x\d+>/g, '').match(/[a-z]/g) ?? []).length / 12;
 
 function config(run: string, over: Partial<Record<keyof RunConfigInput, object>> = {}) {
@@ -53,6 +56,7 @@ function config(run: string, over: Partial<Record<keyof RunConfigInput, object>>
 }
 
 interface Line {
+  kind: string;
   iteration: number;
   lmLoss: number;
   gradNorm: number | null;
@@ -88,14 +92,37 @@ describe('GRPO', () => {
   it('raises the reward, logs its numbers and keeps the memory flat', async () => {
     const lines: string[] = [];
     const before = memoryStats('cpu').liveBytes;
-    const r = await train(config('rise', { rl: { saveRollouts: true } }), {
-      log: (l) => lines.push(l),
-      report: false,
-    });
+    const r = await train(
+      config('rise', {
+        rl: { saveRollouts: true, validPromptsPath: validFile },
+        training: { evalInterval: 5 },
+      }),
+      {
+        log: (l) => lines.push(l),
+        report: false,
+      },
+    );
     expect(r.exitReason).toBe('done');
     expect(r.iteration).toBe(10);
-    const m = metrics('rise');
+    const all = metrics('rise');
+    const m = all.filter((x) => x.kind === 'train');
     expect(m.map((x) => x.iteration)).toEqual([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    // validation before training, at iterations 5 and 10: one greedy response per held-out prompt;
+    // the first is that of the model loaded afresh, scored here
+    const valid = all.filter((x) => x.kind === 'valid');
+    expect(valid.map((x) => x.iteration)).toEqual([0, 5, 10]);
+    const start = loadModel(hf, { dtype: 'float32' }).model;
+    const tok = await loadTokenizer(hf);
+    let sum = 0;
+    for (const p of validPrompts) {
+      const ids = [1, ...tok.encode(p, { addSpecialTokens: false })];
+      const [row] = generate(start, [ids], { maxNewTokens: 12, eosTokenIds: [2] }).rows;
+      sum += rewardOf(tok.decode(row.tokens, { skipSpecialTokens: true }));
+    }
+    start.dispose();
+    expect(valid[0].rl.rewardMean).toBeCloseTo(sum / validPrompts.length, 12);
+    expect(valid[0].rl.prompts).toBe(validPrompts.length);
+    expect(lines.filter((l) => l.includes(' validation reward at iteration '))).toHaveLength(3);
     expect(m.map((x) => x.consumedSamples)).toEqual(m.map((x) => 4 * x.iteration));
     const first = (m[0].rl.rewardMean + m[1].rl.rewardMean) / 2;
     const last = (m[8].rl.rewardMean + m[9].rl.rewardMean) / 2;
@@ -123,7 +150,7 @@ describe('GRPO', () => {
         ),
       );
     }
-    expect(lines.filter((l) => l.includes(' iteration ') && l.includes('reward mean:'))).toHaveLength(10);
+    expect(lines.filter((l) => l.includes(' consumed prompts: '))).toHaveLength(10);
     expect(lines[0]).toMatch(
       /^GRPO: 8 prompts, 4 per iteration × 4 responses; 2 mini-batch\(es\) of 8 responses/,
     );

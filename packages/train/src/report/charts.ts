@@ -239,13 +239,15 @@ export function buildCharts(m: RunMetrics): ReportChart[] {
     lineChart({
       id: 'reward',
       title: 'Reward',
-      subtitle: `mean, minimum and maximum of each iteration's responses${thinned}`,
+      subtitle: `mean, minimum and maximum of each iteration's responses; validation: held-out prompts${thinned}`,
       yTitle: 'reward',
       series: [
         series(t, 'max', (r) => r.rl?.rewardMax),
         series(t, 'mean', (r) => r.rl?.rewardMean),
         series(t, 'min', (r) => r.rl?.rewardMin),
+        series(m.valid, 'validation', (r) => r.rl?.rewardMean),
       ],
+      markers: ['validation'],
     }),
     lineChart({
       id: 'rl-losses',

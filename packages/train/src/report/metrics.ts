@@ -20,6 +20,7 @@
  * - a validation line after each evaluation:
  *   `{"kind": "valid", "iteration": n, "consumedSamples": n, "lmLoss": x, "perplexity": x,
  *     "time": ISO 8601 date-time}`
+ *   GRPO runs write `lmLoss` and `perplexity` null and `"rl": {"rewardMean": x, "responseLength": x}`.
  * - a test line, the same fields with `"kind": "test"`, after the test evaluation when a run with
  *   test data (a split with a test part, or data.testDataPath) ends.
  *
@@ -99,6 +100,8 @@ export const ValidMetricsLine = z.looseObject({
   consumedSamples: count,
   lmLoss: finiteOrNull,
   perplexity: finiteOrNull,
+  /** GRPO runs: the mean reward of the held-out prompts (lmLoss and perplexity null). */
+  rl: z.looseObject({ rewardMean: z.number(), responseLength: z.number().optional() }).optional(),
   time,
 });
 export type ValidMetricsLine = z.infer<typeof ValidMetricsLine>;

@@ -331,6 +331,12 @@ export async function trainGrpo(
       `warning: ${skipped} of ${prompts.length + skipped} prompts are longer than data.seqLength − rl.maxNewTokens (${config.data.seqLength - rl.maxNewTokens} tokens) and are left out`,
     );
   const reward = await loadReward(rl.reward);
+  const validPrompts = rl.validPromptsPath
+    ? readRlPrompts(rl.validPromptsPath, tok, {
+        chat: rl.chat,
+        maxPromptTokens: config.data.seqLength - rl.maxNewTokens,
+      }).prompts
+    : null;
   log(
     `GRPO: ${prompts.length} prompts, ${P} per iteration × ${n} responses; ${miniBatches} mini-batch(es) of ${gbs} responses × ${rl.ppoEpochs} epoch(s) = ${updatesPerRollout} update(s) per iteration${reference ? `; KL loss ${rl.klLossType} × ${rl.klLossCoef}` : ''}`,
   );
@@ -352,6 +358,24 @@ export async function trainGrpo(
     const head = tok.decode(promptIds, skip);
     const all = tok.decode([...promptIds, ...ids], skip);
     return all.startsWith(head) ? all.slice(head.length) : tok.decode(ids, skip);
+  };
+
+  /** A response's text and reward (a finite number, or a one-line error naming the prompt's line). */
+  const score = async (prompt: RlPrompt, tokens: readonly number[], file: string) => {
+    const text = decodeResponse(prompt.ids, tokens);
+    let r: number;
+    try {
+      r = await reward(text, prompt.sample);
+    } catch (e) {
+      throw new TrainError('DATA', `rl.reward on ${file} line ${prompt.line}: ${(e as Error).message}`);
+    }
+    if (typeof r !== 'number' || !Number.isFinite(r)) {
+      throw new TrainError(
+        'DATA',
+        `rl.reward returned ${String(r)} for a response to ${file} line ${prompt.line}: give a finite number`,
+      );
+    }
+    return { text, reward: r };
   };
 
   const metricsFd = logRank
@@ -393,8 +417,51 @@ export async function trainGrpo(
   };
   const aggregation = rl.lossAggregation;
   const dpRank = layout.dp.rank;
+  let validatedAt: number | null = null;
+  /**
+   * The mean reward of one response to each held-out prompt (the data-parallel ranks take every
+   * dp-th prompt; each prompt's response from a seed of its index), logged as a validation line.
+   */
+  const validate = async (dataset: 'validation set' | null = null) => {
+    if (!validPrompts) return;
+    let sum = 0;
+    let count = 0;
+    let length = 0;
+    for (let i = dpRank; i < validPrompts.length; i += dp) {
+      const prompt = validPrompts[i];
+      const [row] = generate(model, [prompt.ids], {
+        maxNewTokens: rl.maxNewTokens,
+        temperature: rl.validTemperature,
+        topP: rl.topP,
+        topK: rl.topK,
+        seed: mixSeed(tr.seed ^ 0x5bd1e995, i),
+        eosTokenIds: eos,
+      }).rows;
+      sum += (await score(prompt, row.tokens, rl.validPromptsPath as string)).reward;
+      count++;
+      length += row.tokens.length;
+    }
+    const [s, c, l] = allReduceNumbers([sum, count, length], layout.dp);
+    validatedAt = state.iteration;
+    const m = {
+      kind: 'valid' as const,
+      iteration: state.iteration,
+      consumedSamples: state.consumedSamples,
+      lmLoss: null,
+      perplexity: null,
+      rl: { rewardMean: s / c, responseLength: l / c, prompts: c },
+      time: new Date().toISOString(),
+    };
+    if (metricsFd !== null) fs.writeSync(metricsFd, `${JSON.stringify(m)}\n`);
+    tensorboard?.addScalars(state.iteration, { 'rl/val_reward_mean': m.rl.rewardMean });
+    const line = ` validation reward at iteration ${state.iteration}${dataset ? ` on ${dataset}` : ''} | reward mean: ${exp(m.rl.rewardMean)} | response length: ${m.rl.responseLength.toFixed(1)} | prompts: ${c} | `;
+    const rule = '-'.repeat(line.length + 1);
+    for (const l2 of [rule, line, rule]) log(l2);
+  };
 
   try {
+    // verl validates before training
+    if (state.iteration === 0) await validate();
     while (state.iteration < trainIters) {
       const stepStart = performance.now();
       // this rank's prompts: in mini-batch k, the prompts k·(gbs/n) + rank·(gbs/n/dp) + j
@@ -421,24 +488,9 @@ export async function trainGrpo(
         const rewards: number[] = [];
         const texts: string[] = [];
         for (const row of out.rows) {
-          const text = decodeResponse(prompt.ids, row.tokens);
-          texts.push(text);
-          let r: number;
-          try {
-            r = await reward(text, prompt.sample);
-          } catch (e) {
-            throw new TrainError(
-              'DATA',
-              `rl.reward on ${rl.promptsPath} line ${prompt.line}: ${(e as Error).message}`,
-            );
-          }
-          if (typeof r !== 'number' || !Number.isFinite(r)) {
-            throw new TrainError(
-              'DATA',
-              `rl.reward returned ${String(r)} for a response to ${rl.promptsPath} line ${prompt.line}: give a finite number`,
-            );
-          }
-          rewards.push(r);
+          const scored = await score(prompt, row.tokens, rl.promptsPath);
+          texts.push(scored.text);
+          rewards.push(scored.reward);
         }
         const adv = grpoAdvantages(rewards, n, {
           normalizeByStd: rl.normAdvByStd,
@@ -679,6 +731,7 @@ export async function trainGrpo(
           ),
         );
       }
+      if (tr.evalInterval && state.iteration % tr.evalInterval === 0) await validate();
       const saveNow =
         config.checkpoint.saveInterval && state.iteration % config.checkpoint.saveInterval === 0;
       if (saveNow) save();
@@ -696,6 +749,8 @@ export async function trainGrpo(
       }
     }
     if (exitReason === 'done' && config.checkpoint.save && savedIteration !== state.iteration) save();
+    // the finished run's validation (unless the last iteration's was just made)
+    if (exitReason === 'done' && validatedAt !== state.iteration) await validate('validation set');
   } finally {
     if (metricsFd !== null) fs.closeSync(metricsFd);
     if (rolloutsFd !== null) fs.closeSync(rolloutsFd);
