@@ -361,6 +361,12 @@ describe('GRPO', () => {
     await expect(run({ rl: { promptsPath: badPrompts } })).rejects.toThrow(
       /line 1: give "prompt" \(a string\) or "messages"/,
     );
+    // a model without tokenizer files
+    const bare = tinyLlama(path.join(root, 'bare'));
+    fs.rmSync(path.join(bare, 'tokenizer.json'));
+    await expect(run({ model: { load: bare } })).rejects.toThrow(
+      /bare: no usable tokenizer .*decodes the responses/,
+    );
     // the built-in rewards read "answer"
     fs.writeFileSync(badPrompts, '{"prompt": "no answer"}\n');
     await expect(run({ rl: { promptsPath: badPrompts, reward: 'math' } })).rejects.toThrow(

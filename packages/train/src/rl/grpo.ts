@@ -12,7 +12,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { convertMegapatchToHf } from '@megapatch/convert';
 import { loadTokenizer } from '@megapatch/data';
-import { type GPTModel, generate, samplingRng } from '@megapatch/models';
+import { type GPTModel, generate, openWeights, samplingRng } from '@megapatch/models';
 import { destroyModelParallel, destroyProcessGroup, getWorldGroup } from '@megapatch/parallel';
 import {
   fromTypedArray,
@@ -251,6 +251,52 @@ export async function trainGrpo(
   const resumeIteration = config.checkpoint.load
     ? resolveCheckpointIteration(config.checkpoint.load, log)
     : undefined;
+  // the tokenizer, the prompts and the reward before any weights are read: a bad prompt line or
+  // reward module fails in seconds, not after the model loads
+  const from = config.checkpoint.load ?? config.model.load;
+  let tokenizerDir: string | null;
+  if (from) {
+    const opened = openWeights(from, {
+      ...(config.checkpoint.load && resumeIteration !== undefined ? { iteration: resumeIteration } : {}),
+      verifyChecksums: false,
+    });
+    opened.source.close();
+    tokenizerDir = opened.tokenizerDir;
+  } else {
+    const c = config.model.config as string;
+    tokenizerDir = fs.statSync(c).isDirectory() ? c : path.dirname(c);
+  }
+  if (!tokenizerDir) {
+    throw new TrainError(
+      'INVALID_CONFIG',
+      'reinforcement learning decodes the responses for the reward: start from a model with its tokenizer files (a Hugging Face folder, or a checkpoint converted from one)',
+    );
+  }
+  let tok: Awaited<ReturnType<typeof loadTokenizer>>;
+  try {
+    tok = await loadTokenizer(tokenizerDir);
+  } catch (e) {
+    throw new TrainError(
+      'INVALID_CONFIG',
+      `${tokenizerDir}: no usable tokenizer (${(e as Error).message.split('\n')[0]}); reinforcement learning decodes the responses for the reward`,
+    );
+  }
+  const eos = eosIds(tok.eosId, tokenizerDir);
+  const { prompts, skipped } = readRlPrompts(rl.promptsPath, tok, {
+    chat: rl.chat,
+    maxPromptTokens: config.data.seqLength - rl.maxNewTokens,
+  });
+  if (skipped > 0)
+    log(
+      `warning: ${skipped} of ${prompts.length + skipped} prompts are longer than data.seqLength − rl.maxNewTokens (${config.data.seqLength - rl.maxNewTokens} tokens) and are left out`,
+    );
+  const reward = await loadReward(rl.reward);
+  const validPrompts = rl.validPromptsPath
+    ? readRlPrompts(rl.validPromptsPath, tok, {
+        chat: rl.chat,
+        maxPromptTokens: config.data.seqLength - rl.maxNewTokens,
+      }).prompts
+    : null;
   const { model, architecture, hfSource } = buildModel(config, layout, resumeIteration);
   owned.push(model);
   const cfg = model.config;
@@ -314,29 +360,6 @@ export async function trainGrpo(
     });
   }
 
-  if (!hfSource) {
-    throw new TrainError(
-      'INVALID_CONFIG',
-      'reinforcement learning decodes the responses for the reward: start from a model with its tokenizer files (a Hugging Face folder, or a checkpoint converted from one)',
-    );
-  }
-  const tok = await loadTokenizer(hfSource);
-  const eos = eosIds(tok.eosId, hfSource);
-  const { prompts, skipped } = readRlPrompts(rl.promptsPath, tok, {
-    chat: rl.chat,
-    maxPromptTokens: config.data.seqLength - rl.maxNewTokens,
-  });
-  if (skipped > 0)
-    log(
-      `warning: ${skipped} of ${prompts.length + skipped} prompts are longer than data.seqLength − rl.maxNewTokens (${config.data.seqLength - rl.maxNewTokens} tokens) and are left out`,
-    );
-  const reward = await loadReward(rl.reward);
-  const validPrompts = rl.validPromptsPath
-    ? readRlPrompts(rl.validPromptsPath, tok, {
-        chat: rl.chat,
-        maxPromptTokens: config.data.seqLength - rl.maxNewTokens,
-      }).prompts
-    : null;
   log(
     `GRPO: ${prompts.length} prompts, ${P} per iteration × ${n} responses; ${miniBatches} mini-batch(es) of ${gbs} responses × ${rl.ppoEpochs} epoch(s) = ${updatesPerRollout} update(s) per iteration${reference ? `; KL loss ${rl.klLossType} × ${rl.klLossCoef}` : ''}`,
   );
