@@ -406,6 +406,33 @@ export const RlSection = z.strictObject({
   validTemperature: z.number().min(0).default(0),
 });
 
+/**
+ * Direct preference optimisation (DPO, as TRL's DPOTrainer and LLaMA-Factory's `stage: dpo`),
+ * instead of a data source: each step reads training.globalBatchSize preference pairs (a prompt
+ * conversation, a chosen and a rejected reply), rendered with the model's chat template, and
+ * lowers the DPO loss of the policy against the frozen reference model.
+ */
+export const DpoSection = z.strictObject({
+  /**
+   * The pairs: a JSON array or JSON lines, ShareGPT (`conversations` + `chosen` / `rejected` turns,
+   * LLaMA-Factory's dpo data), Alpaca (`instruction`, `input`, `chosen`, `rejected`) or TRL's
+   * (`prompt`, `chosen`, `rejected`: strings or message lists).
+   */
+  dataPath: z.string().min(1),
+  /** Held-out pairs, evaluated every training.evalInterval iterations and at the end (null: none). */
+  validDataPath: z.string().min(1).nullable().default(null),
+  /** β, the weight of the implicit KL to the reference (TRL beta, LLaMA-Factory pref_beta). */
+  beta: z.number().positive().default(0.1),
+  /** "sigmoid" (DPO), "hinge" (SLiC) or "ipo" (IPO). */
+  lossType: z.enum(['sigmoid', 'hinge', 'ipo']).default('sigmoid'),
+  /** cDPO's label smoothing (sigmoid only). */
+  labelSmoothing: z.number().min(0).lt(0.5).default(0),
+  /** Weight of the chosen replies' SFT loss added (LLaMA-Factory pref_ftx; TRL's rpo_alpha). */
+  ftx: z.number().min(0).default(0),
+  /** The reference model (a Hugging Face folder or a megapatch checkpoint); default: model.load. */
+  referenceModel: z.string().min(1).nullable().default(null),
+});
+
 /** A whole run. */
 export const RunConfig = z
   .strictObject({
@@ -419,6 +446,8 @@ export const RunConfig = z
     logging: LoggingSection,
     /** Reinforcement learning (GRPO) instead of a data source. */
     rl: RlSection.nullable().default(null),
+    /** Preference optimisation (DPO) instead of a data source. */
+    dpo: DpoSection.nullable().default(null),
   })
   .superRefine((c, ctx) => {
     if ((c.model.load === null) === (c.model.config === null) && c.checkpoint.load === null) {
@@ -429,7 +458,28 @@ export const RunConfig = z
       });
     }
     const sources = [c.data.dataPath, c.data.trainDataPath, c.data.sft].filter((x) => x !== null).length;
-    if (c.rl !== null) {
+    if (c.dpo !== null) {
+      const issue = (path: string[], message: string) => ctx.addIssue({ code: 'custom', path, message });
+      if (c.rl !== null) issue(['dpo'], 'give one of dpo (preference pairs) and rl (prompts and a reward)');
+      if (sources > 0) issue(['data'], 'DPO reads its pairs from dpo.dataPath: drop the data source');
+      if (c.training.trainSamples !== null || c.training.rampupBatchSize !== null)
+        issue(['training', 'trainSamples'], 'DPO counts iterations: give training.trainIters');
+      if (c.dpo.labelSmoothing > 0 && c.dpo.lossType !== 'sigmoid')
+        issue(
+          ['dpo', 'labelSmoothing'],
+          `label smoothing is cDPO's, of the sigmoid loss, not ${c.dpo.lossType}`,
+        );
+      if (c.dpo.referenceModel === null && c.model.load === null)
+        issue(
+          ['dpo', 'referenceModel'],
+          'DPO needs a reference model: give dpo.referenceModel (or model.load)',
+        );
+      if (c.model.hiddenDropout > 0 || c.model.attentionDropout > 0)
+        issue(
+          ['model', 'hiddenDropout'],
+          'DPO compares the policy with the reference on the same replies (TRL turns dropout off): set model.hiddenDropout and model.attentionDropout 0',
+        );
+    } else if (c.rl !== null) {
       const r = c.rl;
       const issue = (path: string[], message: string) => ctx.addIssue({ code: 'custom', path, message });
       if (sources > 0)

@@ -12,6 +12,7 @@ export {
   BatchSizeRampup,
   CheckpointSection,
   DataSection,
+  DpoSection,
   LoggingSection,
   loadRunConfig,
   ModelSection,
@@ -27,6 +28,9 @@ export {
   TrainingSection,
   trainIterations,
 } from './config.js';
+// Preference optimisation (DPO): its losses and its run loop.
+export { type DpoMetrics, trainDpo } from './dpo/dpo.js';
+export { DPO_LOSS_TYPES, type DpoLossOptions, type DpoLossType, dpoLoss } from './dpo/loss.js';
 export { TrainError, type TrainErrorCode } from './errors.js';
 export {
   type FlopsBreakdown,

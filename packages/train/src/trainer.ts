@@ -79,6 +79,7 @@ import {
   type TrainingState,
 } from './checkpoint.js';
 import { BatchSizeRampup, type RunConfig, trainIterations } from './config.js';
+import { checkDpoLayout, trainDpo } from './dpo/dpo.js';
 import { TrainError } from './errors.js';
 import { numFloatingPointOperations, tflopsPerSecond } from './flops.js';
 import { formatTrainingLogLine, formatValidationLogLines } from './log-line.js';
@@ -1026,6 +1027,7 @@ async function trainOnDefaultDevice(
 ): Promise<TrainResult> {
   const { config, notes } = settleModelSource(configIn);
   if (config.rl) checkRlLayout(config);
+  if (config.dpo) checkDpoLayout(config);
   const layout = await setupLayout(config);
   const logRank = layout.rank === 0;
   const log = (line: string) => {
@@ -1034,6 +1036,8 @@ async function trainOnDefaultDevice(
   for (const line of notes) log(line);
   // reinforcement learning (GRPO): its own loop over the same model, optimizer and checkpoints
   if (config.rl) return trainGrpo(config, opts, owned, layout, log);
+  // preference optimisation (DPO): its own loop too
+  if (config.dpo) return trainDpo(config, opts, owned, layout, log);
   const tr = config.training;
   // gradients average over dp × cp; samples are spread over dp only (cp ranks share each sequence)
   const dpSize = layout.dp.size;

@@ -133,9 +133,10 @@ export const TOKENIZER_CHARS = 'abcdefghijklmnopqrstuvwxyz .,!?';
 /**
  * Writes a character-level tokenizer (tokenizer.json, tokenizer_config.json) of `vocabSize` ids
  * into `dir` (a synthetic model's folder): <unk>, <s> (BOS), </s> (EOS), then one token per
- * character of {@link TOKENIZER_CHARS}, then `<xN>` tokens to fill the vocabulary.
+ * character of {@link TOKENIZER_CHARS}, then `<xN>` tokens to fill the vocabulary; with
+ * `chatTemplate`, that chat template ({@link SIMPLE_CHAT_TEMPLATE}: "q: ... a: ...</s>").
  */
-export function charTokenizer(dir: string, vocabSize = 777): string {
+export function charTokenizer(dir: string, vocabSize = 777, chatTemplate?: string): string {
   const names = ['<unk>', '<s>', '</s>', ...TOKENIZER_CHARS];
   while (names.length < vocabSize) names.push(`<x${names.length}>`);
   const json = {
@@ -170,7 +171,16 @@ export function charTokenizer(dir: string, vocabSize = 777): string {
   fs.writeFileSync(path.join(dir, 'tokenizer.json'), JSON.stringify(json));
   fs.writeFileSync(
     path.join(dir, 'tokenizer_config.json'),
-    JSON.stringify({ bos_token: '<s>', eos_token: '</s>', unk_token: '<unk>' }),
+    JSON.stringify({
+      bos_token: '<s>',
+      eos_token: '</s>',
+      unk_token: '<unk>',
+      ...(chatTemplate ? { chat_template: chatTemplate } : {}),
+    }),
   );
   return dir;
 }
+
+/** A chat template for {@link charTokenizer}: BOS, then "q: <user>" and "a: <assistant></s>" turns. */
+export const SIMPLE_CHAT_TEMPLATE =
+  "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}q: {{ m['content'] }} {% elif m['role'] == 'assistant' %}a: {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}a: {% endif %}";

@@ -2,6 +2,7 @@
 // assistant-only loss, and sequence packing.
 
 export * from './packing.js';
+export * from './preference.js';
 export * from './readers.js';
 export * from './render.js';
 export * from './types.js';

@@ -75,7 +75,7 @@ export interface RlMetrics {
 }
 
 /** A 32-bit seed mixed from two numbers (splitmix-style), for each prompt's rollout. */
-function mixSeed(a: number, b: number): number {
+export function mixSeed(a: number, b: number): number {
   let x = (Math.imul(a >>> 0, 0x9e3779b1) ^ Math.imul((b >>> 0) + 0x7f4a7c15, 0x85ebca77)) >>> 0;
   x = Math.imul(x ^ (x >>> 16), 0x7feb352d) >>> 0;
   x = Math.imul(x ^ (x >>> 15), 0x846ca68b) >>> 0;
@@ -83,7 +83,7 @@ function mixSeed(a: number, b: number): number {
 }
 
 /** The prompts' order of one epoch: a permutation of 0..n−1 from the run's seed and the epoch. */
-function epochOrder(n: number, seed: number, epoch: number): number[] {
+export function epochOrder(n: number, seed: number, epoch: number): number[] {
   const order = Array.from({ length: n }, (_, i) => i);
   const rand = samplingRng(mixSeed(seed, 0x10000 + epoch));
   for (let i = n - 1; i > 0; i--) {
@@ -187,6 +187,77 @@ function logProbsOf(model: GPTModel, m: RlMicro, temperature: number): Tensor {
   );
 }
 
+/**
+ * The tokenizer of the model a run starts from (its folder, or a checkpoint's huggingface/ files),
+ * read without the weights; `why` ends the error when there is none.
+ */
+export async function runTokenizer(
+  config: RunConfig,
+  resumeIteration: number | undefined,
+  why: string,
+): Promise<{ tok: Awaited<ReturnType<typeof loadTokenizer>>; dir: string }> {
+  const from = config.checkpoint.load ?? config.model.load;
+  let dir: string | null;
+  if (from) {
+    const opened = openWeights(from, {
+      ...(config.checkpoint.load && resumeIteration !== undefined ? { iteration: resumeIteration } : {}),
+      verifyChecksums: false,
+    });
+    opened.source.close();
+    dir = opened.tokenizerDir;
+  } else {
+    const c = config.model.config as string;
+    dir = fs.statSync(c).isDirectory() ? c : path.dirname(c);
+  }
+  if (!dir) {
+    throw new TrainError(
+      'INVALID_CONFIG',
+      `${why}: start from a model with its tokenizer files (a Hugging Face folder, or a checkpoint converted from one)`,
+    );
+  }
+  try {
+    return { tok: await loadTokenizer(dir), dir };
+  } catch (e) {
+    throw new TrainError(
+      'INVALID_CONFIG',
+      `${dir}: no usable tokenizer (${(e as Error).message.split('\n')[0]}); ${why}`,
+    );
+  }
+}
+
+/** The frozen reference model (the policy's start, or `source`), built for this layout, in eval mode. */
+export function buildReference(
+  config: RunConfig,
+  layout: Layout,
+  source: string,
+  vocabSize: number,
+): GPTModel {
+  const ref = buildModel(
+    {
+      ...config,
+      model: {
+        ...config.model,
+        load: source,
+        recomputeGranularity: null,
+        recomputeMethod: null,
+        recomputeNumLayers: null,
+      },
+      checkpoint: { ...config.checkpoint, load: null },
+    },
+    layout,
+    undefined,
+  ).model;
+  ref.eval();
+  if (ref.config.vocabSize !== vocabSize) {
+    ref.dispose();
+    throw new TrainError(
+      'INVALID_CONFIG',
+      `the reference model ${source} has a vocabulary of ${ref.config.vocabSize}, the policy ${vocabSize}: give the model the run started from`,
+    );
+  }
+  return ref;
+}
+
 /** Refuses the layouts GRPO does not run on (before any process group is formed). */
 export function checkRlLayout(config: RunConfig): void {
   const p = config.parallel;
@@ -253,34 +324,11 @@ export async function trainGrpo(
     : undefined;
   // the tokenizer, the prompts and the reward before any weights are read: a bad prompt line or
   // reward module fails in seconds, not after the model loads
-  const from = config.checkpoint.load ?? config.model.load;
-  let tokenizerDir: string | null;
-  if (from) {
-    const opened = openWeights(from, {
-      ...(config.checkpoint.load && resumeIteration !== undefined ? { iteration: resumeIteration } : {}),
-      verifyChecksums: false,
-    });
-    opened.source.close();
-    tokenizerDir = opened.tokenizerDir;
-  } else {
-    const c = config.model.config as string;
-    tokenizerDir = fs.statSync(c).isDirectory() ? c : path.dirname(c);
-  }
-  if (!tokenizerDir) {
-    throw new TrainError(
-      'INVALID_CONFIG',
-      'reinforcement learning decodes the responses for the reward: start from a model with its tokenizer files (a Hugging Face folder, or a checkpoint converted from one)',
-    );
-  }
-  let tok: Awaited<ReturnType<typeof loadTokenizer>>;
-  try {
-    tok = await loadTokenizer(tokenizerDir);
-  } catch (e) {
-    throw new TrainError(
-      'INVALID_CONFIG',
-      `${tokenizerDir}: no usable tokenizer (${(e as Error).message.split('\n')[0]}); reinforcement learning decodes the responses for the reward`,
-    );
-  }
+  const { tok, dir: tokenizerDir } = await runTokenizer(
+    config,
+    resumeIteration,
+    'reinforcement learning decodes the responses for the reward',
+  );
   const eos = eosIds(tok.eosId, tokenizerDir);
   const { prompts, skipped } = readRlPrompts(rl.promptsPath, tok, {
     chat: rl.chat,
@@ -320,29 +368,8 @@ export async function trainGrpo(
     if (!source) {
       throw new TrainError('INVALID_CONFIG', 'rl.klLossCoef > 0 needs rl.referenceModel (or model.load)');
     }
-    reference = buildModel(
-      {
-        ...config,
-        model: {
-          ...config.model,
-          load: source,
-          recomputeGranularity: null,
-          recomputeMethod: null,
-          recomputeNumLayers: null,
-        },
-        checkpoint: { ...config.checkpoint, load: null },
-      },
-      layout,
-      undefined,
-    ).model;
+    reference = buildReference(config, layout, source, cfg.vocabSize);
     owned.push(reference);
-    reference.eval();
-    if (reference.config.vocabSize !== cfg.vocabSize) {
-      throw new TrainError(
-        'INVALID_CONFIG',
-        `rl.referenceModel ${source} has a vocabulary of ${reference.config.vocabSize}, the policy ${cfg.vocabSize}: give the model the run started from`,
-      );
-    }
   }
 
   let state: TrainingState = { iteration: 0, consumedSamples: 0, skippedIterations: 0 };
