@@ -431,6 +431,12 @@ export const DpoSection = z.strictObject({
   ftx: z.number().min(0).default(0),
   /** The reference model (a Hugging Face folder or a megapatch checkpoint); default: model.load. */
   referenceModel: z.string().min(1).nullable().default(null),
+  /**
+   * A longer prompt keeps its last tokens (TRL's max_prompt_length with keep_end; BOS stays); then
+   * each conversation is cut to data.seqLength tokens, the reply's end first. Default: half of
+   * data.seqLength.
+   */
+  maxPromptLength: posInt.nullable().default(null),
 });
 
 /** A whole run. */
@@ -468,6 +474,11 @@ export const RunConfig = z
         issue(
           ['dpo', 'labelSmoothing'],
           `label smoothing is cDPO's, of the sigmoid loss, not ${c.dpo.lossType}`,
+        );
+      if (c.dpo.maxPromptLength !== null && c.dpo.maxPromptLength >= c.data.seqLength)
+        issue(
+          ['dpo', 'maxPromptLength'],
+          `${c.dpo.maxPromptLength} leaves no room for the reply in data.seqLength ${c.data.seqLength}`,
         );
       if (c.dpo.referenceModel === null && c.model.load === null)
         issue(

@@ -59,6 +59,7 @@ export {
 // The run report: metrics.jsonl → report/index.html (Vega charts) and PNGs of the same charts.
 export { ReportError, type ReportErrorCode } from './report/errors.js';
 export {
+  DpoMetricsLine,
   MoeMetrics,
   RlMetricsLine,
   RUN_CONFIG_FILE,

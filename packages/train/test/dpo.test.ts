@@ -9,7 +9,7 @@ import { loadTokenizer } from '@megapatch/data';
 import { loadModel } from '@megapatch/models';
 import { fromTypedArray, logSoftmax, memoryStats, type Tensor, tidy } from '@megapatch/tensor';
 import { afterAll, describe, expect, it } from 'vitest';
-import { parseRunConfig, type RunConfigInput, train } from '../src/index.js';
+import { parseRunConfig, type RunConfigInput, train, writeRunReport } from '../src/index.js';
 import { charTokenizer, mergedRunConfig, SIMPLE_CHAT_TEMPLATE, tempDir, tinyLlama } from './helpers.js';
 
 const root = tempDir('mp-dpo-');
@@ -92,6 +92,13 @@ describe('DPO', () => {
     expect(lines.filter((l) => l.includes(' consumed pairs: '))).toHaveLength(12);
     expect(new Set(m.slice(1).map((x) => x.memory.liveBytes)).size).toBe(1);
     expect(memoryStats('cpu').liveBytes).toBe(before);
+    const rep = await writeRunReport(path.join(root, 'fall'));
+    expect(rep.pngs.map((p) => path.basename(p)).slice(0, 3)).toEqual([
+      'dpo-accuracy.png',
+      'dpo-rewards.png',
+      'loss.png',
+    ]);
+    expect(fs.readFileSync(rep.html, 'utf8')).toContain('DPO loss');
   });
 
   it('makes the first update the DPO step computed by hand', async () => {
@@ -102,7 +109,8 @@ describe('DPO', () => {
       config('hand', {
         training: { trainIters: 1, globalBatchSize: 16, microBatchSize: 4 },
         optimizer: { lr, minLr: lr, clipGrad: 0, adamEps: 1 },
-        dpo: { beta },
+        // the prompts whole (the default limit is half of seqLength)
+        dpo: { beta, maxPromptLength: 24 },
         checkpoint: { save },
       }),
       { log: () => {}, report: false },
@@ -219,7 +227,49 @@ describe('DPO', () => {
     await expect(run({ dpo: { dataPath: badPairs } })).rejects.toThrow(
       /bad.jsonl: line 2: record needs "chosen" and "rejected"/,
     );
-    fs.writeFileSync(badPairs, `${JSON.stringify({ prompt: 'x'.repeat(40), chosen: 'y', rejected: 'n' })}\n`);
-    await expect(run({ dpo: { dataPath: badPairs } })).rejects.toThrow(/no pair fits data.seqLength 32/);
+    expect(bad({ dpo: { maxPromptLength: 32 } })).toThrow(
+      /leaves no room for the reply in data.seqLength 32/,
+    );
+  });
+
+  it('keeps the end of a long prompt (BOS first) and cuts the conversation to seqLength', async () => {
+    // a 41-character question: the prompt "<s>q: xxx…? a: " has 49 tokens, the limit 12
+    const long = path.join(root, 'long.jsonl');
+    const question = `${'abcdefghij'.repeat(4)}?`;
+    fs.writeFileSync(long, `${JSON.stringify({ prompt: question, chosen: 'yes', rejected: 'no no' })}\n`);
+    await train(
+      config('long', {
+        training: { trainIters: 1, globalBatchSize: 1, microBatchSize: 1 },
+        dpo: { dataPath: long, maxPromptLength: 12 },
+      }),
+      { log: () => {}, report: false },
+    );
+    const [line] = metrics('long');
+    // the first step's log-probabilities are the start model's: computed here on the kept rows
+    const tok = await loadTokenizer(hf);
+    const model = loadModel(hf, { dtype: 'float32' }).model;
+    const prompt = tok.encode(`<s>q: ${question} a: `, { addSpecialTokens: false });
+    const kept = [prompt[0], ...prompt.slice(prompt.length - 11)];
+    expect(prompt.length).toBeGreaterThan(40);
+    expect(kept[0]).toBe(1);
+    for (const [reply, key] of [
+      ['yes', 'chosenLogp'],
+      ['no no', 'rejectedLogp'],
+    ] as const) {
+      const ids = [...kept, ...tok.encode(reply, { addSpecialTokens: false }), 2];
+      const want = tidy(() => {
+        const input = fromTypedArray(BigInt64Array.from(ids.slice(0, -1), BigInt), [1, ids.length - 1]);
+        const logp = logSoftmax(model.forward(input).logits as Tensor, -1);
+        let sum = 0;
+        for (let t = kept.length - 1; t < ids.length - 1; t++)
+          sum += logp
+            .select(1, t)
+            .select(1, ids[t + 1])
+            .item();
+        return sum;
+      });
+      expect(line.dpo[key]).toBeCloseTo(want, 4);
+    }
+    model.dispose();
   });
 });

@@ -14,8 +14,8 @@ const command: Command = {
   summary: 'pre-train or fine-tune a model from a run config (Megatron semantics)',
   description:
     'Reads the run config (YAML or JSON: model, data, training, optimizer, scheduler, parallel, ' +
-    'checkpoint and logging sections; an rl section trains with GRPO from prompts and a reward instead of ' +
-    'a data source), applies --section.key value overrides, and trains: one ' +
+    'checkpoint and logging sections; an rl section trains with GRPO from prompts and a reward, a dpo section ' +
+    'with DPO on preference pairs, instead of a data source), applies --section.key value overrides, and trains: one ' +
     'Megatron-style line per logInterval, every metric of every iteration in <runDir>/metrics.jsonl, ' +
     'checkpoints every saveInterval. Megatron long flags set their key too (--train-iters, --lr, ' +
     '--load, --save, --finetune, --bf16, --tensor-model-parallel-size, --data-path, --export-hf), so a ' +

@@ -101,18 +101,29 @@ export function checkDpoLayout(config: RunConfig): void {
 }
 
 /**
- * A pair's rows: each conversation cut to seqLength + 1 tokens (the reply's end cut, as
- * LLaMA-Factory's cutoff_len), shifted into inputs and next-token labels with the reply's mask;
- * null when a reply has no token left.
+ * A pair's rows: a prompt longer than maxPromptLength keeps its end (TRL's keep_end; BOS stays),
+ * then each conversation is cut to seqLength + 1 tokens (the reply's end cut) and shifted into
+ * inputs and next-token labels with the reply's mask; null when a reply has no token left.
  */
 function pairRows(
-  tok: Parameters<typeof tokenizePreference>[0],
+  tok: Parameters<typeof tokenizePreference>[0] & { bosId: number | null },
   s: PreferenceSample,
   seqLength: number,
+  maxPromptLength: number,
 ): PairRows | null {
   const t = tokenizePreference(tok, s);
-  const row = (chat: typeof t.chosen): Row => {
-    const x = shiftTokens(chat, seqLength);
+  const keepEnd = (chat: typeof t.chosen): typeof t.chosen => {
+    const promptLength = chat.weight.findIndex((w) => w > 0);
+    const over = promptLength - maxPromptLength;
+    if (promptLength < 0 || over <= 0) return chat;
+    const head = tok.bosId !== null && chat.ids[0] === tok.bosId ? 1 : 0;
+    return {
+      ids: [...chat.ids.slice(0, head), ...chat.ids.slice(head + over)],
+      weight: Float32Array.from([...chat.weight.subarray(0, head), ...chat.weight.subarray(head + over)]),
+    };
+  };
+  const row = (full: typeof t.chosen): Row => {
+    const x = shiftTokens(keepEnd(full), seqLength);
     return {
       inputs: Array.from(x.inputIds),
       labels: Array.from(x.labels, (l) => Math.max(l, 0)),
@@ -214,6 +225,7 @@ export async function trainDpo(
       "DPO renders each pair's conversation with the model's chat template, and its tokenizer has none (no chat_template in tokenizer_config.json, no chat_template.jinja)",
     );
   }
+  const maxPromptLength = dpo.maxPromptLength ?? Math.floor(config.data.seqLength / 2);
   const readPairs = (file: string) => {
     let samples: PreferenceSample[];
     try {
@@ -224,7 +236,7 @@ export async function trainDpo(
     const rows: PairRows[] = [];
     let skipped = 0;
     for (const s of samples) {
-      const r = pairRows(tok, s, config.data.seqLength);
+      const r = pairRows(tok, s, config.data.seqLength, maxPromptLength);
       if (r) rows.push(r);
       else skipped++;
     }

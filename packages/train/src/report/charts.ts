@@ -235,6 +235,7 @@ export function buildCharts(m: RunMetrics): ReportChart[] {
   const thinned =
     t.length > MAX_POINTS ? `; averaged over every ${Math.ceil(t.length / MAX_POINTS)} log lines` : '';
   const rl = t.some((r) => r.rl !== undefined);
+  const dpo = t.some((r) => r.dpo !== undefined);
   const charts = [
     lineChart({
       id: 'reward',
@@ -269,10 +270,36 @@ export function buildCharts(m: RunMetrics): ReportChart[] {
       zero: true,
     }),
     lineChart({
+      id: 'dpo-accuracy',
+      title: 'DPO accuracy',
+      subtitle: "pairs whose chosen reply's implicit reward beats the rejected one's",
+      yTitle: 'accuracy',
+      series: [
+        series(t, 'training', (r) => r.dpo?.accuracy),
+        series(m.valid, 'validation', (r) => r.dpo?.accuracy),
+      ],
+      markers: ['validation'],
+    }),
+    lineChart({
+      id: 'dpo-rewards',
+      title: 'DPO implicit rewards',
+      subtitle: 'β (log π − log π_ref) of the chosen and rejected replies, and their margin',
+      yTitle: 'reward',
+      series: [
+        series(t, 'chosen', (r) => r.dpo?.chosenReward),
+        series(t, 'rejected', (r) => r.dpo?.rejectedReward),
+        series(t, 'margin', (r) => r.dpo?.margin),
+      ],
+    }),
+    lineChart({
       id: 'loss',
-      title: rl ? 'GRPO objective' : 'LM loss',
-      subtitle: rl ? 'policy-gradient loss + KL coefficient × KL loss' : `training and validation${thinned}`,
-      yTitle: rl ? 'objective' : 'lm loss',
+      title: rl ? 'GRPO objective' : dpo ? 'DPO loss' : 'LM loss',
+      subtitle: rl
+        ? 'policy-gradient loss + KL coefficient × KL loss'
+        : dpo
+          ? `training (+ ftx × the chosen replies' NLL) and held-out pairs${thinned}`
+          : `training and validation${thinned}`,
+      yTitle: rl ? 'objective' : dpo ? 'loss' : 'lm loss',
       series: [series(t, 'training', (r) => r.lmLoss), series(m.valid, 'validation', (r) => r.lmLoss)],
       // a dot per evaluation while they stay apart
       markers: m.valid.length <= 200 ? ['validation'] : [],

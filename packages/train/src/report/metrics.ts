@@ -13,6 +13,8 @@
  *     "rl"?: {"rewardMean": x, "rewardStd": x, "rewardMin": x, "rewardMax": x,
  *             "responseLength": x, "pgLoss": x, "klLoss": x, "clipFraction": x, "approxKl": x, ...}
  *     (GRPO runs: lmLoss is then the objective, pgLoss + klLossCoef × klLoss),
+ *     "dpo"?: {"loss": x, "accuracy": x, "chosenReward": x, "rejectedReward": x, "margin": x, ...}
+ *     (DPO runs: lmLoss is the DPO loss plus ftx × the chosen replies' NLL),
  *     "time": ISO 8601 date-time}`
  *   `skippedIterations` is the running total of iterations skipped by the loss scaler.
  *   `lmLoss` and `gradNorm` are null when not finite (JSON has no NaN); `gradNorm` is null too for
@@ -70,6 +72,16 @@ export const RlMetricsLine = z.looseObject({
 });
 export type RlMetricsLine = z.infer<typeof RlMetricsLine>;
 
+/** The DPO part of a training or validation line (a run with a `dpo` section). */
+export const DpoMetricsLine = z.looseObject({
+  loss: z.number(),
+  accuracy: z.number().optional(),
+  chosenReward: z.number().optional(),
+  rejectedReward: z.number().optional(),
+  margin: z.number().optional(),
+});
+export type DpoMetricsLine = z.infer<typeof DpoMetricsLine>;
+
 /** A `"kind": "train"` line. */
 export const TrainMetricsLine = z.looseObject({
   kind: z.literal('train'),
@@ -89,6 +101,7 @@ export const TrainMetricsLine = z.looseObject({
   memory: z.looseObject({ liveBytes: count, peakBytes: count, cachedBytes: count.optional() }),
   moe: MoeMetrics.optional(),
   rl: RlMetricsLine.optional(),
+  dpo: DpoMetricsLine.optional(),
   time,
 });
 export type TrainMetricsLine = z.infer<typeof TrainMetricsLine>;
@@ -102,6 +115,8 @@ export const ValidMetricsLine = z.looseObject({
   perplexity: finiteOrNull,
   /** GRPO runs: the mean reward of the held-out prompts (lmLoss and perplexity null). */
   rl: z.looseObject({ rewardMean: z.number(), responseLength: z.number().optional() }).optional(),
+  /** DPO runs: the held-out pairs' numbers (lmLoss is their DPO loss). */
+  dpo: DpoMetricsLine.optional(),
   time,
 });
 export type ValidMetricsLine = z.infer<typeof ValidMetricsLine>;
