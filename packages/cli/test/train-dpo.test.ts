@@ -34,7 +34,7 @@ data: { seqLength: 256 }
 training: { microBatchSize: 4, globalBatchSize: 16, trainIters: 24, logInterval: 4, evalInterval: 12, seed: 1234 }
 optimizer: { lr: 1.0e-4, minLr: 1.0e-4, weightDecay: 0.0, clipGrad: 1.0 }
 scheduler: { lrDecayStyle: constant }
-dpo: { dataPath: ${path.join(root, 'train.json')}, validDataPath: ${path.join(root, 'valid.json')}, beta: 0.1 }
+dpo: { pairsPath: ${path.join(root, 'train.json')}, validPairsPath: ${path.join(root, 'valid.json')}, beta: 0.1 }
 checkpoint: { save: ${path.join(root, 'ckpt')} }
 logging: { runDir: ${runDir} }
 `,

@@ -418,9 +418,9 @@ export const DpoSection = z.strictObject({
    * LLaMA-Factory's dpo data), Alpaca (`instruction`, `input`, `chosen`, `rejected`) or TRL's
    * (`prompt`, `chosen`, `rejected`: strings or message lists).
    */
-  dataPath: z.string().min(1),
+  pairsPath: z.string().min(1),
   /** Held-out pairs, evaluated every training.evalInterval iterations and at the end (null: none). */
-  validDataPath: z.string().min(1).nullable().default(null),
+  validPairsPath: z.string().min(1).nullable().default(null),
   /** β, the weight of the implicit KL to the reference (TRL beta, LLaMA-Factory pref_beta). */
   beta: z.number().positive().default(0.1),
   /** "sigmoid" (DPO), "hinge" (SLiC) or "ipo" (IPO). */
@@ -467,7 +467,7 @@ export const RunConfig = z
     if (c.dpo !== null) {
       const issue = (path: string[], message: string) => ctx.addIssue({ code: 'custom', path, message });
       if (c.rl !== null) issue(['dpo'], 'give one of dpo (preference pairs) and rl (prompts and a reward)');
-      if (sources > 0) issue(['data'], 'DPO reads its pairs from dpo.dataPath: drop the data source');
+      if (sources > 0) issue(['data'], 'DPO reads its pairs from dpo.pairsPath: drop the data source');
       if (c.training.trainSamples !== null || c.training.rampupBatchSize !== null)
         issue(['training', 'trainSamples'], 'DPO counts iterations: give training.trainIters');
       if (c.dpo.labelSmoothing > 0 && c.dpo.lossType !== 'sigmoid')

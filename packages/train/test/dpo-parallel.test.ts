@@ -39,7 +39,7 @@ function config(run: string, parallel: Record<string, unknown> = {}) {
     scheduler: { lrDecayStyle: 'constant' },
     parallel,
     logging: { runDir: path.join(root, run) },
-    dpo: { dataPath: pairsFile, beta: 0.2, ftx: 0.1 },
+    dpo: { pairsPath: pairsFile, beta: 0.2, ftx: 0.1 },
   };
   return mergedRunConfig(base, {}) as object;
 }

@@ -37,7 +37,7 @@ function config(run: string, over: Partial<Record<keyof RunConfigInput, object>>
     optimizer: { lr: 5e-3, minLr: 5e-3, weightDecay: 0, clipGrad: 1 },
     scheduler: { lrDecayStyle: 'constant' },
     logging: { runDir: path.join(root, run) },
-    dpo: { dataPath: pairsFile, beta: 0.1 },
+    dpo: { pairsPath: pairsFile, beta: 0.1 },
   };
   return mergedRunConfig(base, over);
 }
@@ -63,7 +63,7 @@ describe('DPO', () => {
     const lines: string[] = [];
     const before = memoryStats('cpu').liveBytes;
     const r = await train(
-      config('fall', { dpo: { validDataPath: pairsFile }, training: { evalInterval: 6 } }),
+      config('fall', { dpo: { validPairsPath: pairsFile }, training: { evalInterval: 6 } }),
       {
         log: (l) => lines.push(l),
         report: false,
@@ -205,7 +205,7 @@ describe('DPO', () => {
     const bad = (over: Partial<Record<keyof RunConfigInput, object>>) => () =>
       parseRunConfig(config('x', over));
     expect(bad({ data: { dataPath: ['x'] } })).toThrow(
-      /DPO reads its pairs from dpo.dataPath: drop the data source/,
+      /DPO reads its pairs from dpo.pairsPath: drop the data source/,
     );
     expect(bad({ dpo: { lossType: 'hinge', labelSmoothing: 0.1 } })).toThrow(/label smoothing is cDPO's/);
     expect(bad({ rl: { promptsPath: 'p', promptsPerStep: 1 } })).toThrow(/give one of dpo .* and rl/);
@@ -224,7 +224,7 @@ describe('DPO', () => {
       badPairs,
       '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n',
     );
-    await expect(run({ dpo: { dataPath: badPairs } })).rejects.toThrow(
+    await expect(run({ dpo: { pairsPath: badPairs } })).rejects.toThrow(
       /bad.jsonl: line 2: record needs "chosen" and "rejected"/,
     );
     expect(bad({ dpo: { maxPromptLength: 32 } })).toThrow(
@@ -240,7 +240,7 @@ describe('DPO', () => {
     await train(
       config('long', {
         training: { trainIters: 1, globalBatchSize: 1, microBatchSize: 1 },
-        dpo: { dataPath: long, maxPromptLength: 12 },
+        dpo: { pairsPath: long, maxPromptLength: 12 },
       }),
       { log: () => {}, report: false },
     );

@@ -248,8 +248,8 @@ export async function trainDpo(
       throw new TrainError('DATA', `${file}: no pair fits data.seqLength ${config.data.seqLength}`);
     return rows;
   };
-  const pairs = readPairs(dpo.dataPath);
-  const validPairs = dpo.validDataPath ? readPairs(dpo.validDataPath) : null;
+  const pairs = readPairs(dpo.pairsPath);
+  const validPairs = dpo.validPairsPath ? readPairs(dpo.validPairsPath) : null;
 
   const { model, architecture, hfSource } = buildModel(config, layout, resumeIteration);
   owned.push(model);
