@@ -201,6 +201,20 @@ describe('DPO', () => {
     expect(a[0].dpo.sftLoss).toBeGreaterThan(1);
   });
 
+  it('stops on a signal after the iteration in progress, saving a checkpoint', async () => {
+    const stop = new AbortController();
+    stop.abort();
+    const save = path.join(root, 'signal-ckpt');
+    const r = await train(config('signal', { checkpoint: { save } }), {
+      log: () => {},
+      report: false,
+      signal: stop.signal,
+    });
+    expect(r.exitReason).toBe('signal');
+    expect(r.iteration).toBe(1);
+    expect(fs.readdirSync(save)).toContain('iter_0000001');
+  });
+
   it('refuses bad configs and data in one line', async () => {
     const bad = (over: Partial<Record<keyof RunConfigInput, object>>) => () =>
       parseRunConfig(config('x', over));

@@ -326,6 +326,20 @@ describe('GRPO', () => {
     expect(new Set(m.slice(1).map((x) => x.memory.liveBytes)).size).toBe(1);
   });
 
+  it('stops on a signal after the iteration in progress, saving a checkpoint', async () => {
+    const stop = new AbortController();
+    stop.abort();
+    const save = path.join(root, 'signal-ckpt');
+    const r = await train(config('signal', { checkpoint: { save } }), {
+      log: () => {},
+      report: false,
+      signal: stop.signal,
+    });
+    expect(r.exitReason).toBe('signal');
+    expect(r.iteration).toBe(1);
+    expect(fs.readdirSync(save)).toContain('iter_0000001');
+  });
+
   it('refuses bad configs, prompts and rewards in one line', async () => {
     const bad = (over: Partial<Record<keyof RunConfigInput, object>>) => () =>
       parseRunConfig(config('x', over));
