@@ -326,6 +326,57 @@ describe('GRPO', () => {
     expect(new Set(m.slice(1).map((x) => x.memory.liveBytes)).size).toBe(1);
   });
 
+  it.each([
+    [
+      'GSPO, seq-mean-token-mean',
+      { policyLoss: 'gspo', clipRatioLow: 3e-4, clipRatioHigh: 4e-4, lossAggregation: 'seq-mean-token-mean' },
+    ],
+    [
+      'Dr. GRPO: seq-mean-token-sum-norm, no std',
+      { lossAggregation: 'seq-mean-token-sum-norm', normAdvByStd: false, klLossCoef: 0 },
+    ],
+    [
+      'DAPO clip-higher, mse KL, no dual clip, 2 epochs',
+      { clipRatioHigh: 0.28, clipRatioC: null, klLossType: 'mse', ppoEpochs: 2 },
+    ],
+  ])('runs %s', async (name, rl) => {
+    const run = `variant-${name.replace(/\W+/g, '-')}`;
+    // a copy of the model whose generation_config.json makes 300 ids end a response, so that the
+    // responses' lengths differ; one mini-batch of all 16: the first update is on-policy (ratio 1)
+    const dir = path.join(root, `${run}-model`);
+    if (!fs.existsSync(dir)) {
+      fs.cpSync(hf, dir, { recursive: true });
+      const eos = Array.from({ length: 300 }, (_, i) => i + 2);
+      fs.writeFileSync(path.join(dir, 'generation_config.json'), JSON.stringify({ eos_token_id: eos }));
+    }
+    await train(
+      config(run, {
+        model: { load: dir },
+        training: { trainIters: 3, globalBatchSize: 16 },
+        rl: { ...rl, saveRollouts: true },
+      }),
+      { log: () => {}, report: false },
+    );
+    const m = metrics(run);
+    expect(m).toHaveLength(3);
+    for (const x of m) {
+      expect(Number.isFinite(x.lmLoss), name).toBe(true);
+      expect(x.gradNorm as number, name).toBeGreaterThan(0);
+    }
+    // at ratio 1 each token's loss is −A: the aggregation's closed form over the saved responses
+    const ro = rollouts(run).filter((x) => x.iteration === 1);
+    expect(ro).toHaveLength(16);
+    expect(new Set(ro.map((x) => x.tokens.length)).size).toBeGreaterThan(3);
+    if ((rl as { ppoEpochs?: number }).ppoEpochs === undefined) {
+      const want =
+        (rl as { lossAggregation: string }).lossAggregation === 'seq-mean-token-mean'
+          ? -ro.reduce((a, x) => a + x.advantage, 0) / 16
+          : -ro.reduce((a, x) => a + x.advantage * x.tokens.length, 0) / (16 * 12);
+      expect(m[0].rl.pgLoss, name).toBeCloseTo(want, 6);
+      expect(m[0].rl.clipFraction, name).toBe(0);
+    }
+  });
+
   it('stops on a signal after the iteration in progress, saving a checkpoint', async () => {
     const stop = new AbortController();
     stop.abort();
