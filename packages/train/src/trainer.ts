@@ -939,6 +939,68 @@ export function makeScheduler(
   });
 }
 
+/**
+ * Whether the run stops after this iteration (a signal, Megatron's exit interval or duration), the
+ * same on every rank: a signal or the clock reaches the ranks at different iterations, and stopping
+ * saves (a collective), so every rank stops when one does, as Megatron all-reduces its exit flags
+ * (one small all-reduce of host numbers a step, through Gloo). Yields to the event loop first, so
+ * that signal handlers and pending output run.
+ */
+export async function stopAfterIteration(
+  config: RunConfig,
+  opts: TrainOptions,
+  layout: Layout,
+  iteration: number,
+  startMs: number,
+): Promise<TrainResult['exitReason'] | null> {
+  await new Promise<void>((resolve) => setImmediate(resolve));
+  const tr = config.training;
+  let stop: TrainResult['exitReason'] | null = null;
+  if (opts.signal?.aborted) stop = 'signal';
+  else if (tr.exitInterval && iteration % tr.exitInterval === 0) stop = 'exit-interval';
+  else if (tr.exitDurationInMins && (performance.now() - startMs) / 60000 >= tr.exitDurationInMins)
+    stop = 'exit-duration';
+  return layout.distributed ? agreeOnStop(stop, getWorldGroup()) : stop;
+}
+
+/** A finished run's last steps on the logging rank: the Hugging Face export and the run report. */
+export async function finishRun(
+  config: RunConfig,
+  opts: TrainOptions,
+  o: {
+    logRank: boolean;
+    exitReason: TrainResult['exitReason'];
+    metricsClosed: boolean;
+    log: (line: string) => void;
+  },
+): Promise<void> {
+  if (!o.logRank) return;
+  if (o.exitReason === 'done' && config.checkpoint.exportHf && config.checkpoint.save) {
+    await convertMegapatchToHf({
+      input: config.checkpoint.save,
+      output: config.checkpoint.exportHf,
+      overwrite: true,
+    });
+    o.log(`exported the model to ${config.checkpoint.exportHf}`);
+  }
+  if (opts.report !== false && o.metricsClosed) {
+    try {
+      const rep = await writeRunReport(config.logging.runDir);
+      o.log(`run report: ${rep.html}`);
+    } catch (e) {
+      o.log(`warning: the run report was not written: ${(e as Error).message}`);
+    }
+  }
+}
+
+/** A host tensor on `device` (the tensor itself when it is there; else a copy, the host one freed). */
+export function hostToDevice(host: Tensor, device: string): Tensor {
+  if (host.device === device) return host;
+  const d = host.to(device);
+  host.dispose();
+  return d;
+}
+
 /** Trains the model the config describes; returns when the run ends or is stopped. */
 export async function train(config: RunConfig, opts: TrainOptions = {}): Promise<TrainResult> {
   const device = await useDevice(config.training.device);
@@ -1640,16 +1702,8 @@ async function trainOnDefaultDevice(
         config.checkpoint.saveInterval && state.iteration % config.checkpoint.saveInterval === 0;
       if (saveNow) save();
       // a turn of the event loop: signal handlers (SIGINT/SIGTERM) and pending output run here
-      await new Promise<void>((resolve) => setImmediate(resolve));
-      let stop: TrainResult['exitReason'] | null = null;
-      if (opts.signal?.aborted) stop = 'signal';
-      else if (tr.exitInterval && state.iteration % tr.exitInterval === 0) stop = 'exit-interval';
-      else if (tr.exitDurationInMins && (performance.now() - t0) / 60000 >= tr.exitDurationInMins)
-        stop = 'exit-duration';
-      // a signal or the clock reaches the ranks at different iterations, and stopping saves (a
-      // collective): every rank stops when one does, as Megatron all-reduces its exit flags (one
-      // small all-reduce of host numbers a step, through Gloo)
-      if (layout.distributed) stop = agreeOnStop(stop, getWorldGroup());
+      // signal handlers (SIGINT/SIGTERM) and pending output run here
+      const stop = await stopAfterIteration(config, opts, layout, state.iteration, t0);
       if (stop) {
         if (!saveNow) save();
         exitReason = stop;
@@ -1679,21 +1733,6 @@ async function trainOnDefaultDevice(
       await destroyProcessGroup();
     }
   }
-  if (logRank && exitReason === 'done' && config.checkpoint.exportHf && config.checkpoint.save) {
-    await convertMegapatchToHf({
-      input: config.checkpoint.save,
-      output: config.checkpoint.exportHf,
-      overwrite: true,
-    });
-    log(`exported the model to ${config.checkpoint.exportHf}`);
-  }
-  if (logRank && opts.report !== false && metricsClosed) {
-    try {
-      const rep = await writeRunReport(config.logging.runDir);
-      log(`run report: ${rep.html}`);
-    } catch (e) {
-      log(`warning: the run report was not written: ${(e as Error).message}`);
-    }
-  }
+  await finishRun(config, opts, { logRank, exitReason, metricsClosed, log });
   return { iteration: state.iteration, losses, checkpoints, exitReason };
 }

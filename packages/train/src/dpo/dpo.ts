@@ -7,13 +7,11 @@
 // sequence parallelism; every layout gives the losses of one process.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { convertMegapatchToHf } from '@megapatch/convert';
 import { type PreferenceSample, readPreferenceFile, shiftTokens, tokenizePreference } from '@megapatch/data';
 import type { GPTModel } from '@megapatch/models';
 import {
   destroyModelParallel,
   destroyProcessGroup,
-  getWorldGroup,
   registerSequenceParallelGradHooks,
 } from '@megapatch/parallel';
 import {
@@ -34,18 +32,19 @@ import {
 import { type RunConfig, trainIterations } from '../config.js';
 import { TrainError } from '../errors.js';
 import { TensorBoardWriter } from '../report/tensorboard.js';
-import { writeRunReport } from '../report/write.js';
-import { buildReference, epochOrder, runTokenizer } from '../rl/grpo.js';
+import { buildReference, epochOrder, exp, runTokenizer } from '../rl/grpo.js';
 import {
-  agreeOnStop,
   allReduceNumbers,
   buildModel,
   DeviceSum,
+  finishRun,
+  hostToDevice,
   type Layout,
   makeDdp,
   makeOptimizer,
   makeScheduler,
   reduceAndRead,
+  stopAfterIteration,
   type TrainMetrics,
   type TrainOptions,
   type TrainResult,
@@ -161,12 +160,7 @@ function microOf(pairs: readonly PairRows[], multiple: number): DpoMicro {
     }
   });
   const device = getDefaultDevice();
-  const onDevice = (host: Tensor) => {
-    if (host.device === device) return host;
-    const d = host.to(device);
-    host.dispose();
-    return d;
-  };
+  const onDevice = (host: Tensor) => hostToDevice(host, device);
   const chosenTokens = Float32Array.from(pairs, (p) => p.chosen.mask.reduce((a, m) => a + m, 0));
   return {
     tokens: onDevice(fromTypedArray(tokens, [b, L])),
@@ -538,13 +532,7 @@ export async function trainDpo(
       const saveNow =
         config.checkpoint.saveInterval && state.iteration % config.checkpoint.saveInterval === 0;
       if (saveNow) save();
-      await new Promise<void>((resolve) => setImmediate(resolve));
-      let stop: TrainResult['exitReason'] | null = null;
-      if (opts.signal?.aborted) stop = 'signal';
-      else if (tr.exitInterval && state.iteration % tr.exitInterval === 0) stop = 'exit-interval';
-      else if (tr.exitDurationInMins && (performance.now() - t0) / 60000 >= tr.exitDurationInMins)
-        stop = 'exit-duration';
-      if (layout.distributed) stop = agreeOnStop(stop, getWorldGroup());
+      const stop = await stopAfterIteration(config, opts, layout, state.iteration, t0);
       if (stop) {
         if (!saveNow) save();
         exitReason = stop;
@@ -563,27 +551,6 @@ export async function trainDpo(
       await destroyProcessGroup();
     }
   }
-  if (logRank && exitReason === 'done' && config.checkpoint.exportHf && config.checkpoint.save) {
-    await convertMegapatchToHf({
-      input: config.checkpoint.save,
-      output: config.checkpoint.exportHf,
-      overwrite: true,
-    });
-    log(`exported the model to ${config.checkpoint.exportHf}`);
-  }
-  if (logRank && opts.report !== false && metricsClosed) {
-    try {
-      const rep = await writeRunReport(config.logging.runDir);
-      log(`run report: ${rep.html}`);
-    } catch (e) {
-      log(`warning: the run report was not written: ${(e as Error).message}`);
-    }
-  }
+  await finishRun(config, opts, { logRank, exitReason, metricsClosed, log });
   return { iteration: state.iteration, losses, checkpoints, exitReason };
 }
-
-const exp = (v: number) =>
-  v
-    .toExponential(6)
-    .replace(/e([+-])(\d)$/, 'e$10$2')
-    .toUpperCase();

@@ -10,10 +10,9 @@
 // of one process (to floating-point tolerance).
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { convertMegapatchToHf } from '@megapatch/convert';
 import { loadTokenizer } from '@megapatch/data';
 import { type GPTModel, generate, openWeights, samplingRng } from '@megapatch/models';
-import { destroyModelParallel, destroyProcessGroup, getWorldGroup } from '@megapatch/parallel';
+import { destroyModelParallel, destroyProcessGroup } from '@megapatch/parallel';
 import {
   fromTypedArray,
   getDefaultDevice,
@@ -32,17 +31,18 @@ import {
 import { type RunConfig, trainIterations } from '../config.js';
 import { TrainError } from '../errors.js';
 import { TensorBoardWriter } from '../report/tensorboard.js';
-import { writeRunReport } from '../report/write.js';
 import {
-  agreeOnStop,
   allReduceNumbers,
   buildModel,
   DeviceSum,
+  finishRun,
+  hostToDevice,
   type Layout,
   makeDdp,
   makeOptimizer,
   makeScheduler,
   reduceAndRead,
+  stopAfterIteration,
   type TrainMetrics,
   type TrainOptions,
   type TrainResult,
@@ -153,13 +153,7 @@ function microOf(rows: readonly Response[]): RlMicro {
     }
   });
   const device = getDefaultDevice();
-  // host arrays copied to the run's device (the host tensor freed at once)
-  const onDevice = (host: Tensor) => {
-    if (host.device === device) return host;
-    const d = host.to(device);
-    host.dispose();
-    return d;
-  };
+  const onDevice = (host: Tensor) => hostToDevice(host, device);
   return {
     tokens: onDevice(fromTypedArray(tokens, [b, L])),
     labels: onDevice(fromTypedArray(labels, [b, L])),
@@ -785,13 +779,7 @@ export async function trainGrpo(
       const saveNow =
         config.checkpoint.saveInterval && state.iteration % config.checkpoint.saveInterval === 0;
       if (saveNow) save();
-      await new Promise<void>((resolve) => setImmediate(resolve));
-      let stop: TrainResult['exitReason'] | null = null;
-      if (opts.signal?.aborted) stop = 'signal';
-      else if (tr.exitInterval && state.iteration % tr.exitInterval === 0) stop = 'exit-interval';
-      else if (tr.exitDurationInMins && (performance.now() - t0) / 60000 >= tr.exitDurationInMins)
-        stop = 'exit-duration';
-      if (layout.distributed) stop = agreeOnStop(stop, getWorldGroup());
+      const stop = await stopAfterIteration(config, opts, layout, state.iteration, t0);
       if (stop) {
         if (!saveNow) save();
         exitReason = stop;
@@ -812,26 +800,12 @@ export async function trainGrpo(
       await destroyProcessGroup();
     }
   }
-  if (logRank && exitReason === 'done' && config.checkpoint.exportHf && config.checkpoint.save) {
-    await convertMegapatchToHf({
-      input: config.checkpoint.save,
-      output: config.checkpoint.exportHf,
-      overwrite: true,
-    });
-    log(`exported the model to ${config.checkpoint.exportHf}`);
-  }
-  if (logRank && opts.report !== false && metricsClosed) {
-    try {
-      const rep = await writeRunReport(config.logging.runDir);
-      log(`run report: ${rep.html}`);
-    } catch (e) {
-      log(`warning: the run report was not written: ${(e as Error).message}`);
-    }
-  }
+  await finishRun(config, opts, { logRank, exitReason, metricsClosed, log });
   return { iteration: state.iteration, losses, checkpoints, exitReason };
 }
 
-const exp = (v: number) =>
+/** A number as Megatron's log lines print losses (`1.234567E-03`). */
+export const exp = (v: number) =>
   v
     .toExponential(6)
     .replace(/e([+-])(\d)$/, 'e$10$2')
