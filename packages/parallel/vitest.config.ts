@@ -7,6 +7,7 @@ export default defineConfig({
     testTimeout: 120_000,
     hookTimeout: 120_000,
     pool: 'forks',
+    setupFiles: ['test/setup-gc.ts'],
     // multi-process tests start their own workers; running files one at a time keeps 2-core CI honest
     fileParallelism: false,
   },

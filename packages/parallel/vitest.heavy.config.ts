@@ -6,6 +6,7 @@ export default defineConfig({
     testTimeout: 900_000,
     hookTimeout: 900_000,
     pool: 'forks',
+    setupFiles: ['test/setup-gc.ts'],
     fileParallelism: false,
   },
 });

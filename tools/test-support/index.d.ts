@@ -8,3 +8,5 @@ export declare const SHARED_SKIP_REASON: string;
 export declare function sharedPath(rel: string): string;
 /** Prints the skip reason once per test file (`who`: `import.meta.url`) and returns whether to skip. */
 export declare function skipWithoutShared(who: string): boolean;
+/** Runs a full garbage collection and waits for the finalizers it queued (FinalizationRegistry). */
+export declare function collectGarbage(): Promise<void>;

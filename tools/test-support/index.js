@@ -49,3 +49,20 @@ export function skipWithoutShared(who) {
   }
   return true;
 }
+
+// Tensors a test dropped without dispose() are freed by the garbage collector whenever it runs:
+// perhaps in the middle of a later test that checks its memory is flat. collectGarbage() runs the
+// collector and lets the finalizers free them now.
+let gcFn = null;
+/** Runs a full garbage collection and waits for the finalizers it queued (FinalizationRegistry). */
+export async function collectGarbage() {
+  if (!gcFn) {
+    const v8 = await import('node:v8');
+    const vm = await import('node:vm');
+    v8.setFlagsFromString('--expose-gc');
+    gcFn = vm.runInNewContext('gc');
+  }
+  gcFn();
+  // the cleanup callbacks run as tasks after the collection: give them a few turns
+  for (let i = 0; i < 3; i++) await new Promise((r) => setTimeout(r, 0));
+}

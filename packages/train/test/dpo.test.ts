@@ -8,12 +8,15 @@ import * as path from 'node:path';
 import { loadTokenizer } from '@megapatch/data';
 import { loadModel } from '@megapatch/models';
 import { fromTypedArray, logSoftmax, memoryStats, type Tensor, tidy } from '@megapatch/tensor';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { parseRunConfig, type RunConfigInput, train, writeRunReport } from '../src/index.js';
 import { charTokenizer, mergedRunConfig, SIMPLE_CHAT_TEMPLATE, tempDir, tinyLlama } from './helpers.js';
 
 const root = tempDir('mp-dpo-');
 afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
+// every test frees what it allocated: a tensor left to the garbage collector would be freed in a
+// later test, in the middle of its flat-memory check
+afterEach(() => expect(memoryStats('cpu').liveBytes).toBe(0));
 const hf = charTokenizer(tinyLlama(path.join(root, 'hf')), 777, SIMPLE_CHAT_TEMPLATE);
 // pairs that prefer short replies made of "y" to ones made of "n"
 const questions = ['is it', 'can we', 'do you', 'will it', 'was he', 'are we', 'did it', 'has she'];
@@ -117,8 +120,9 @@ describe('DPO', () => {
     );
     // with the policy equal to the reference, loss = mean ln(1 + e^(−β h)) has gradient
     // −β/2 · (∇ Σ log π(chosen) − ∇ Σ log π(rejected)) / n: summed by hand over the 16 pairs
-    const before = loadModel(hf, { dtype: 'float32' }).model;
-    const after = loadModel(save, { dtype: 'float32' }).model;
+    // freed (with the gradients) when the test returns
+    using before = loadModel(hf, { dtype: 'float32' }).model;
+    using after = loadModel(save, { dtype: 'float32' }).model;
     const text = fs.readFileSync(pairsFile, 'utf8').trim().split('\n');
     const tok = await loadTokenizer(hf);
     const enc = (s: string) => tok.encode(s, { addSpecialTokens: false });

@@ -8,7 +8,7 @@ import * as path from 'node:path';
 import { loadTokenizer } from '@megapatch/data';
 import { generate, loadModel } from '@megapatch/models';
 import { fromTypedArray, logSoftmax, memoryStats, type Tensor, tidy } from '@megapatch/tensor';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import {
   BUILTIN_REWARDS,
   finalAnswer,
@@ -23,6 +23,9 @@ import { charTokenizer, mergedRunConfig, tempDir, tinyLlama } from './helpers.js
 
 const root = tempDir('mp-rl-');
 afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
+// every test frees what it allocated: a tensor left to the garbage collector would be freed in a
+// later test, in the middle of its flat-memory check
+afterEach(() => expect(memoryStats('cpu').liveBytes).toBe(0));
 const hf = charTokenizer(tinyLlama(path.join(root, 'hf')));
 const promptsFile = path.join(root, 'prompts.jsonl');
 fs.writeFileSync(
@@ -187,8 +190,9 @@ describe('GRPO', () => {
     );
     const ro = rollouts(run);
     expect(ro).toHaveLength(8);
-    const before = loadModel(hf, { dtype: 'float32' }).model;
-    const after = loadModel(save, { dtype: 'float32' }).model;
+    // freed (with the gradients) when the test returns
+    using before = loadModel(hf, { dtype: 'float32' }).model;
+    using after = loadModel(save, { dtype: 'float32' }).model;
     // the policy-gradient loss by hand: −Σ_i A_i Σ_t log p_T(token) / (all response tokens)
     const total = ro.reduce((a, x) => a + x.tokens.length, 0);
     let hand = 0;
