@@ -105,3 +105,18 @@ export const TINY_DENSE: TransformerConfigInput = {
   vocabSize: 10,
   maxPositionEmbeddings: 32,
 };
+
+/** Expects `fn` to throw a ConvertError with `code` whose message contains every one of `parts`. */
+export function expectError(fn: () => unknown, code: string, ...parts: string[]): ConvertError {
+  let err: unknown;
+  try {
+    fn();
+  } catch (e) {
+    err = e;
+  }
+  expect(err).toBeInstanceOf(ConvertError);
+  const ce = err as ConvertError;
+  expect(ce.code).toBe(code);
+  for (const p of parts) expect(ce.message).toContain(p);
+  return ce;
+}

@@ -3,7 +3,6 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it, vi } from 'vitest';
 import {
-  ConvertError,
   DTYPE_SIZE,
   findDuplicateKey,
   parseSize,
@@ -18,6 +17,7 @@ import {
   writeSafetensors,
   writeShardedSafetensors,
 } from '../src/index.js';
+import { expectError } from './helpers.js';
 
 const FIXTURES = path.join(import.meta.dirname, 'fixtures', 'safetensors');
 const tmpRoot = fs.mkdtempSync(path.join(os.tmpdir(), 'megapatch-st-'));
@@ -45,19 +45,6 @@ function values(dtype: SafetensorsDtype, data: Uint8Array): (number | string)[] 
 
 const bytes = (...xs: number[]) => new Uint8Array(xs);
 const f32 = (...xs: number[]) => new Uint8Array(new Float32Array(xs).buffer);
-
-function expectError(fn: () => unknown, code: string, ...parts: string[]): void {
-  let err: unknown;
-  try {
-    fn();
-  } catch (e) {
-    err = e;
-  }
-  expect(err).toBeInstanceOf(ConvertError);
-  const ce = err as ConvertError;
-  expect(ce.code).toBe(code);
-  for (const p of parts) expect(ce.message).toContain(p);
-}
 
 /** Builds a file from a header (object or raw text), a data buffer and an optional length override. */
 function rawFile(header: unknown, data: Uint8Array, opts: { length?: bigint; pad?: string } = {}): string {

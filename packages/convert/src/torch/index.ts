@@ -1,0 +1,3 @@
+// torch.save files: the pickle format, the zip container, and the reader and writer over both.
+export * from './pickle.js';
+export * from './torch-file.js';
