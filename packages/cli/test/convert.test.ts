@@ -3,10 +3,16 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { Checkpoint } from '@megapatch/convert';
 import { SYNTHETIC_MODELS, writeSyntheticHfCheckpoint } from '@megapatch/convert/testing';
 import { afterAll, describe, expect, it } from 'vitest';
 import { inspectCheckpoint, runInspect } from '../src/commands/ckpt.js';
-import { runHfToMegapatch, runMegapatchToHf, runReshard } from '../src/commands/convert.js';
+import {
+  runHfToMegapatch,
+  runMegapatchToHf,
+  runMegapatchToMegatron,
+  runReshard,
+} from '../src/commands/convert.js';
 import { memoryIo } from '../src/io.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -213,5 +219,57 @@ describe('megapatch convert / ckpt inspect', () => {
     const io = memoryIo();
     runInspect(out, { json: true }, io);
     expect(JSON.parse(io.lines[0]).layout.etp).toBe(1);
+  });
+
+  it("writes a Megatron torch-format checkpoint with Megatron's flags and reads it back", async () => {
+    const meg = join(root, 'megatron');
+    const text = execFileSync(
+      process.execPath,
+      [
+        bin,
+        'convert',
+        'megapatch-to-megatron',
+        '--load',
+        join(root, 'mp'),
+        '--save',
+        meg,
+        '--tensor-model-parallel-size',
+        '2',
+        '--expert-model-parallel-size',
+        '2',
+        '--moe-grouped-gemm',
+      ],
+      { encoding: 'utf8' },
+    );
+    expect(text).toContain(`Megatron torch-format checkpoint (tp=2 pp=1 ep=2 etp=2): ${meg}`);
+    expect(fs.readdirSync(join(meg, 'iter_0000000')).sort()).toEqual([
+      'mp_rank_00_000',
+      'mp_rank_00_001',
+      'mp_rank_01_000',
+      'mp_rank_01_001',
+    ]);
+    const back = join(root, 'from-megatron');
+    const read = execFileSync(
+      process.execPath,
+      [bin, 'convert', 'megatron-to-megapatch', '--load', meg, '--hf-ckpt-path', hf, '--out', back],
+      { encoding: 'utf8' },
+    );
+    expect(read).toContain(`megapatch checkpoint (the Megatron layout): ${back}`);
+    // the same tensors as the checkpoint it came from, resharded to that layout here
+    const want = join(root, 'mp-tp2-ep2');
+    await runReshard({ in: join(root, 'mp'), out: want, tp: '2', ep: '2' }, capture());
+    const a = Checkpoint.open(back);
+    const b = Checkpoint.open(want);
+    expect(a.tensorNames().sort()).toEqual(b.tensorNames().sort());
+    for (const n of b.tensorNames())
+      expect(Buffer.from(a.read(n)).equals(Buffer.from(b.read(n))), n).toBe(true);
+    a.close();
+    b.close();
+    await expect(
+      runMegapatchToMegatron(
+        { in: join(root, 'mp'), out: join(root, 'x'), 'transformer-impl': 'te' },
+        capture(),
+      ),
+    ).rejects.toThrow(/--transformer-impl.*must be 'transformer_engine' or 'local'/);
   });
 });

@@ -1,10 +1,13 @@
-// `megapatch convert hf-to-megapatch | megapatch-to-hf | reshard`: streaming checkpoint conversion
+// `megapatch convert hf-to-megapatch | megapatch-to-hf | reshard | megatron-to-megapatch |
+// megapatch-to-megatron`: streaming checkpoint conversion
 // with a progress bar on a terminal (plain periodic lines otherwise) and a summary at the end.
 import {
   type ConversionProgress,
   type ConversionSummary,
   convertHfToMegapatch,
   convertMegapatchToHf,
+  convertMegapatchToMegatron,
+  convertMegatronToMegapatch,
   type ModelDtype,
   reshardCheckpoint,
 } from '@megapatch/convert';
@@ -108,6 +111,31 @@ const Reshard = z.object({
   overwrite: z.boolean(),
 });
 export type ReshardArgs = z.input<typeof Reshard>;
+
+const MegatronToMegapatch = z.object({
+  in: path('a Megatron torch-format checkpoint root'),
+  hfDir: path("the Hugging Face folder with the model's config.json"),
+  out: path('the megapatch checkpoint root'),
+  dtype: ModelDtypeFlag.optional(),
+  iteration: int(0, ITERATION_MAX).optional(),
+  overwrite: z.boolean(),
+});
+export type MegatronToMegapatchArgs = z.input<typeof MegatronToMegapatch>;
+
+const MegapatchToMegatron = z.object({
+  in: path('a megapatch checkpoint root'),
+  out: path('the Megatron checkpoint root to write'),
+  ...layoutSchema,
+  ...pipelineSchema,
+  transformerImpl: z.enum(['transformer_engine', 'local'], {
+    message: "must be 'transformer_engine' or 'local'",
+  }),
+  moeGroupedGemm: z.boolean(),
+  dtype: ModelDtypeFlag.optional(),
+  iteration: int(0, ITERATION_MAX).optional(),
+  overwrite: z.boolean(),
+});
+export type MegapatchToMegatronArgs = z.input<typeof MegapatchToMegatron>;
 
 /** A byte progress reporter: a cli-progress bar on a terminal, a line every 2 s otherwise. */
 function byteProgress(out: Output): { update: (p: ConversionProgress) => void; stop: () => void } {
@@ -238,6 +266,8 @@ const layoutText = (o: LayoutFlags) =>
 const HF_TO_MEGAPATCH = 'convert hf-to-megapatch';
 const MEGAPATCH_TO_HF = 'convert megapatch-to-hf';
 const RESHARD = 'convert reshard';
+const MEGATRON_TO_MEGAPATCH = 'convert megatron-to-megapatch';
+const MEGAPATCH_TO_MEGATRON = 'convert megapatch-to-megatron';
 
 /** `megapatch convert hf-to-megapatch` with flag values (strings, as typed). */
 export async function runHfToMegapatch(args: OptionValues, io: Io = memoryIo()): Promise<ConversionSummary> {
@@ -306,6 +336,66 @@ export async function runReshard(args: OptionValues, io: Io = memoryIo()): Promi
       }),
   );
   summarize(io.out, `megapatch checkpoint (${layoutText(o)})`, s);
+  return s;
+}
+
+/** `megapatch convert megatron-to-megapatch` with flag values. */
+export async function runMegatronToMegapatch(
+  args: OptionValues,
+  io: Io = memoryIo(),
+): Promise<ConversionSummary> {
+  const o = parseOptions(MegatronToMegapatch, withDefaults(megatronToMegapatch, args), MEGATRON_TO_MEGAPATCH);
+  const s = await convertInto(
+    io,
+    MEGATRON_TO_MEGAPATCH,
+    {
+      out: o.out,
+      inputs: [
+        { flag: '--in', path: o.in },
+        { flag: '--hf-dir', path: o.hfDir },
+      ],
+    },
+    (signal, onProgress) =>
+      convertMegatronToMegapatch({
+        input: o.in,
+        hfDir: o.hfDir,
+        output: o.out,
+        ...(o.dtype ? { dtype: o.dtype } : {}),
+        ...(o.iteration !== undefined ? { iteration: o.iteration } : {}),
+        overwrite: o.overwrite,
+        onProgress,
+        signal,
+      }),
+  );
+  summarize(io.out, 'megapatch checkpoint (the Megatron layout)', s);
+  return s;
+}
+
+/** `megapatch convert megapatch-to-megatron` with flag values. */
+export async function runMegapatchToMegatron(
+  args: OptionValues,
+  io: Io = memoryIo(),
+): Promise<ConversionSummary> {
+  const o = parseOptions(MegapatchToMegatron, withDefaults(megapatchToMegatron, args), MEGAPATCH_TO_MEGATRON);
+  const s = await convertInto(
+    io,
+    MEGAPATCH_TO_MEGATRON,
+    { out: o.out, inputs: [{ flag: '--in', path: o.in }] },
+    (signal, onProgress) =>
+      convertMegapatchToMegatron({
+        input: o.in,
+        output: o.out,
+        layout: layoutOf(o),
+        transformerImpl: o.transformerImpl,
+        moeGroupedGemm: o.moeGroupedGemm,
+        ...(o.dtype ? { dtype: o.dtype } : {}),
+        ...(o.iteration !== undefined ? { iteration: o.iteration } : {}),
+        overwrite: o.overwrite,
+        onProgress,
+        signal,
+      }),
+  );
+  summarize(io.out, `Megatron torch-format checkpoint (${layoutText(o)})`, s);
   return s;
 }
 
@@ -423,6 +513,69 @@ export const reshard: Command = {
   },
 };
 
+export const megatronToMegapatch: Command = {
+  name: MEGATRON_TO_MEGAPATCH,
+  summary: 'Megatron-LM torch-format checkpoint (mp_rank_*/model_optim_rng.pt) -> megapatch checkpoint',
+  description:
+    'Reads the model weights of a Megatron-LM checkpoint saved with --ckpt-format torch (any TP/PP/EP, ' +
+    'Transformer Engine or local layer names, grouped or sequential experts) for the model that ' +
+    "--hf-dir's config.json describes, and writes a megapatch checkpoint in the same layout with " +
+    "--hf-dir's config and tokenizer files. The optimizer and RNG states are not carried.",
+  options: {
+    in: { ...inOption, description: 'Megatron checkpoint root (or an iter_NNNNNNN folder)' },
+    'hf-dir': {
+      type: 'string',
+      value: 'DIR',
+      description: "Hugging Face folder with the model's config.json (and tokenizer files to keep)",
+      required: true,
+      aliases: ['hf-ckpt-path'],
+    },
+    out: outOption('megapatch checkpoint root to write'),
+    dtype: dtypeOption,
+    iteration: iterationOption,
+    overwrite: overwriteOption,
+  },
+  examples: ['convert megatron-to-megapatch --load megatron-ckpt --hf-dir Qwen3-0.6B --out ckpt'],
+  run: async ({ options, io }) => {
+    await runMegatronToMegapatch(options, io);
+  },
+};
+
+export const megapatchToMegatron: Command = {
+  name: MEGAPATCH_TO_MEGATRON,
+  summary: 'megapatch checkpoint -> Megatron-LM torch-format checkpoint (any TP/PP/EP layout)',
+  description:
+    'Writes the model weights of a megapatch checkpoint as a Megatron-LM --ckpt-format torch ' +
+    'checkpoint (<out>/iter_NNNNNNN/mp_rank_*/model_optim_rng.pt and latest_checkpointed_iteration.txt) ' +
+    'with the args Megatron checks; load it with --finetune (or --no-load-optim --no-load-rng).',
+  options: {
+    in: inOption,
+    out: outOption('Megatron checkpoint root to write'),
+    ...layoutOptions,
+    ...pipelineOptions,
+    'transformer-impl': {
+      type: 'string',
+      value: 'IMPL',
+      description: "layer names of Megatron's --transformer-impl: transformer_engine (fused norms) or local",
+      default: 'transformer_engine',
+    },
+    'moe-grouped-gemm': {
+      type: 'boolean',
+      description: 'experts as TEGroupedMLP (experts.linear_fc1.weight<j>), for --moe-grouped-gemm',
+    },
+    dtype: dtypeOption,
+    iteration: { ...iterationOption, description: 'iteration to export (default: the latest)' },
+    overwrite: overwriteOption,
+  },
+  examples: [
+    'convert megapatch-to-megatron --in ckpt --out megatron-ckpt --tp 2 --pp 2',
+    'convert megapatch-to-megatron --in ckpt --out megatron-ckpt --ep 4 --moe-grouped-gemm',
+  ],
+  run: async ({ options, io }) => {
+    await runMegapatchToMegatron(options, io);
+  },
+};
+
 const group: CommandGroup = {
   name: 'convert',
   summary: 'convert checkpoints between Hugging Face and megapatch layouts',
@@ -430,6 +583,8 @@ const group: CommandGroup = {
     'hf-to-megapatch': { summary: hfToMegapatch.summary, load: async () => hfToMegapatch },
     'megapatch-to-hf': { summary: megapatchToHf.summary, load: async () => megapatchToHf },
     reshard: { summary: reshard.summary, load: async () => reshard },
+    'megatron-to-megapatch': { summary: megatronToMegapatch.summary, load: async () => megatronToMegapatch },
+    'megapatch-to-megatron': { summary: megapatchToMegatron.summary, load: async () => megapatchToMegatron },
   },
 };
 export default group;

@@ -123,9 +123,11 @@ export interface ReshardOptions extends CommonConvertOptions {
   readonly verifyChecksums?: boolean;
 }
 
-const DEFAULT_CHUNK = 64 << 20;
+/** @internal */
+export const DEFAULT_CHUNK = 64 << 20;
 const WEIGHT_FILE = /\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|npz)$/i;
-const TOKENIZER_FILE =
+/** @internal */
+export const TOKENIZER_FILE =
   /(tokeniz|vocab|merges|special_tokens|added_tokens|chat_template|spiece|sentencepiece|\.tiktoken$|\.model$)/i;
 const TORCH_DTYPE: Record<ModelDtype, string> = { BF16: 'bfloat16', F16: 'float16', F32: 'float32' };
 
@@ -133,7 +135,8 @@ const numel = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
 const tick = () => new Promise<void>((r) => setImmediate(r));
 
 /** Between chunks: stops once `signal` is aborted, and gives the event loop a turn. */
-async function pause(signal: AbortSignal | undefined): Promise<void> {
+/** @internal */
+export async function pause(signal: AbortSignal | undefined): Promise<void> {
   signal?.throwIfAborted();
   await tick();
   signal?.throwIfAborted();
@@ -157,12 +160,14 @@ async function verifyBigPieces(
 }
 
 /** Bytes of one row (everything after dim 0) of a tensor. */
-function rowBytesOf(shape: readonly number[], dtype: SafetensorsDtype): number {
+/** @internal */
+export function rowBytesOf(shape: readonly number[], dtype: SafetensorsDtype): number {
   return numel(shape.slice(1)) * DTYPE_SIZE[dtype];
 }
 
 /** Counts written bytes and reports progress. */
-class Progress {
+/** @internal */
+export class Progress {
   done = 0;
   constructor(
     readonly total: number,
@@ -210,7 +215,49 @@ function emitRows(
 }
 
 /** The summary of a conversion that wrote a megapatch checkpoint. */
-function summaryOf(
+/**
+ * @internal Streams each planned tensor, read from `source` by row chunks in its stored dtype
+ * (`from`), cast to the planned dtype, into the writer's pieces; `before` runs before a tensor.
+ */
+export async function streamTensors(
+  writer: CheckpointStreamWriter,
+  planned: readonly PlannedTensor[],
+  source: TensorSource,
+  from: ReadonlyMap<string, SafetensorsDtype>,
+  progress: Progress,
+  chunkBytes: number,
+  signal: AbortSignal | undefined,
+  before?: (name: string) => Promise<void>,
+): Promise<void> {
+  for (const t of planned) {
+    const src = from.get(t.name) as SafetensorsDtype;
+    const rows = t.globalShape.length === 0 ? 1 : t.globalShape[0];
+    const step = Math.max(1, Math.floor(chunkBytes / Math.max(1, rowBytesOf(t.globalShape, src))));
+    const write = (k: number, chunk: Uint8Array) => {
+      writer.write(t.name, k, chunk);
+      progress.add(t.name, chunk.byteLength);
+    };
+    await before?.(t.name);
+    for (let a = 0; a < rows; a += step) {
+      const n = Math.min(step, rows - a);
+      const data = castElements(readStoredRows(source, t.name, a, n), src, t.dtype, t.name);
+      emitRows(write, writer.pieces(t.name), t.globalShape, DTYPE_SIZE[t.dtype], a, n, data);
+      await pause(signal);
+    }
+    await pause(signal);
+  }
+}
+
+/** @internal Parameters of a plan: its tensors' elements, vocabulary padding excluded. */
+export function planParameters(plan: ConversionPlan): number {
+  return plan.tensors.reduce(
+    (n, t) => n + t.rows.reduce((a, r) => a + (r.source ? r.count : 0), 0) * numel(t.globalShape.slice(1)),
+    0,
+  );
+}
+
+/** @internal */
+export function summaryOf(
   output: string,
   planned: readonly PlannedTensor[],
   parameters: number,
@@ -319,7 +366,8 @@ function outDtype(
 }
 
 /** Top-level side files of an HF folder worth carrying: everything but weights and hidden files. */
-function sideFiles(hfDir: string): string[] {
+/** @internal */
+export function sideFiles(hfDir: string): string[] {
   return fs
     .readdirSync(hfDir, { withFileTypes: true })
     .filter((e) => e.isFile() && !e.name.startsWith('.') && !WEIGHT_FILE.test(e.name))
@@ -541,10 +589,7 @@ export async function convertHfToMegapatch(opts: HfToMegapatchOptions): Promise<
       writer.abort();
       throw e;
     }
-    const parameters = plan.tensors.reduce(
-      (n, t) => n + t.rows.reduce((a, r) => a + (r.source ? r.count : 0), 0) * numel(t.globalShape.slice(1)),
-      0,
-    );
+    const parameters = planParameters(plan);
     return summaryOf(opts.output, planned, parameters, total, t0, files);
   } finally {
     st.close();
@@ -552,7 +597,12 @@ export async function convertHfToMegapatch(opts: HfToMegapatchOptions): Promise<
 }
 
 /** Opens a megapatch checkpoint with its spec and TransformerConfig. */
-function openWithSpec(input: string, iteration: number | undefined, verifyChecksums: boolean | undefined) {
+/** @internal */
+export function openWithSpec(
+  input: string,
+  iteration: number | undefined,
+  verifyChecksums: boolean | undefined,
+) {
   const ckpt = Checkpoint.open(input, {
     ...(iteration === undefined ? {} : { iteration }),
     verifyChecksums: verifyChecksums ?? true,
@@ -577,10 +627,10 @@ function openWithSpec(input: string, iteration: number | undefined, verifyChecks
 }
 
 /** Reads rows [a, a + n) of a stored tensor, zero rows past its end (vocabulary padding). */
-function readStoredRows(ckpt: Checkpoint, name: string, a: number, n: number): Uint8Array {
+function readStoredRows(ckpt: TensorSource, name: string, a: number, n: number): Uint8Array {
   const info = ckpt.info(name);
   const shape = info.globalShape;
-  if (shape.length === 0) return ckpt.read(name);
+  if (shape.length === 0) return ckpt.readSlice(name, [], []);
   const have = Math.max(0, Math.min(n, shape[0] - a));
   const rowBytes = rowBytesOf(shape, info.dtype);
   const got =
@@ -592,7 +642,8 @@ function readStoredRows(ckpt: Checkpoint, name: string, a: number, n: number): U
 }
 
 /** Moves a finished temporary folder to `target`, replacing an existing one only at the very end. */
-function commitDir(tmp: string, target: string): void {
+/** @internal */
+export function commitDir(tmp: string, target: string): void {
   const old = `${target}.old-${process.pid}`;
   const had = fs.existsSync(target);
   if (had) fs.renameSync(target, old);
@@ -797,23 +848,9 @@ export async function reshardCheckpoint(opts: ReshardOptions): Promise<Conversio
       for (const f of m.huggingface?.files ?? []) {
         writer.addFile(f, fs.readFileSync(path.join(ckpt.dir, HF_FILES_DIR, f)));
       }
-      for (const t of planned) {
-        const src = from.get(t.name) as SafetensorsDtype;
-        const rows = t.globalShape.length === 0 ? 1 : t.globalShape[0];
-        const step = Math.max(1, Math.floor(chunkBytes / Math.max(1, rowBytesOf(t.globalShape, src))));
-        const write = (k: number, chunk: Uint8Array) => {
-          writer.write(t.name, k, chunk);
-          progress.add(t.name, chunk.byteLength);
-        };
-        await verifyBigPieces(ckpt, t.name, chunkBytes, opts.signal);
-        for (let a = 0; a < rows; a += step) {
-          const n = Math.min(step, rows - a);
-          const data = castElements(readStoredRows(ckpt, t.name, a, n), src, t.dtype, t.name);
-          emitRows(write, writer.pieces(t.name), t.globalShape, DTYPE_SIZE[t.dtype], a, n, data);
-          await pause(opts.signal);
-        }
-        await pause(opts.signal);
-      }
+      await streamTensors(writer, planned, ckpt, from, progress, chunkBytes, opts.signal, (name) =>
+        verifyBigPieces(ckpt, name, chunkBytes, opts.signal),
+      );
       writer.finalize();
     } catch (e) {
       writer.abort();

@@ -1,8 +1,34 @@
 // The mapping engine: layout transforms, the conversion plan built from an architecture's weight
 // rules, dtype casts and the streaming converters.
-export * from './convert.js';
+export {
+  type CommonConvertOptions,
+  type ConversionProgress,
+  type ConversionSummary,
+  convertHfToMegapatch,
+  convertMegapatchToHf,
+  exportedHfConfig,
+  HfMegatronView,
+  type HfToMegapatchOptions,
+  type MegapatchToHfOptions,
+  type ModelDtype,
+  type ReshardOptions,
+  reshardCheckpoint,
+  type TensorSource,
+  type TensorSourceInfo,
+} from './convert.js';
 export * from './dtype-cast.js';
 export * from './json-edit.js';
+export {
+  convertMegapatchToMegatron,
+  convertMegatronToMegapatch,
+  MEGATRON_RANK_FILE,
+  MEGATRON_TRACKER_FILE,
+  type MegapatchToMegatronOptions,
+  MegatronLegacyView,
+  type MegatronNaming,
+  type MegatronToMegapatchOptions,
+  megatronRankDirName,
+} from './megatron-legacy.js';
 export {
   HF_EXPORT_MARKER_FILE,
   HfExportMarker,
