@@ -285,6 +285,15 @@ describe('Megatron torch format: errors', () => {
     );
   });
 
+  it('opened as a megapatch checkpoint, says how to convert it', () => {
+    expectError(
+      () => Checkpoint.open(megatronDir(llama)),
+      'INVALID_FORMAT',
+      'iter_0000003 is a Megatron-LM checkpoint in the torch format',
+      `megapatch convert megatron-to-megapatch --load ${megatronDir(llama)} --hf-dir`,
+    );
+  });
+
   it('refuses to replace an existing iteration without overwrite, and leaves no temporary', async () => {
     const src = await fromHf(llama, {});
     const out = tmp('exists');

@@ -14,6 +14,7 @@ import {
   HfMegatronView,
   LATEST_ITERATION_FILE,
   makeTransformerConfig,
+  megatronCheckpointError,
   type Partition,
   planConversion,
   type SafetensorsDtype,
@@ -96,6 +97,8 @@ export function openWeights(
     };
   }
   if (!fs.existsSync(path.join(dir, 'config.json'))) {
+    const megatron = megatronCheckpointError(dir);
+    if (megatron) throw new ModelError('INVALID_ARGUMENT', megatron.message);
     throw new ModelError(
       'INVALID_ARGUMENT',
       `${dir} is neither a Hugging Face folder (no config.json) nor a megapatch checkpoint (no ${LATEST_ITERATION_FILE})`,

@@ -110,6 +110,27 @@ describe('bad weights', () => {
     expect(() => loadModel(path.join(tmp, 'missing'))).toThrow(/no such model directory/);
   });
 
+  it('says how to convert a Megatron-LM checkpoint, and that torch_dist is not read', () => {
+    // the torch format: rank folders, whether the root or the iteration folder is given
+    const megatron = path.join(tmp, 'megatron');
+    fs.mkdirSync(path.join(megatron, 'iter_0000007', 'mp_rank_00_000'), { recursive: true });
+    fs.writeFileSync(path.join(megatron, 'latest_checkpointed_iteration.txt'), '7');
+    for (const dir of [megatron, path.join(megatron, 'iter_0000007')]) {
+      expect(() => loadModel(dir)).toThrow(
+        `is a Megatron-LM checkpoint in the torch format (mp_rank_*/model_optim_rng.pt), not a megapatch checkpoint: convert it with \`megapatch convert megatron-to-megapatch --load ${megatron} --hf-dir`,
+      );
+    }
+    // torch_dist: PyTorch distributed checkpoint files and Megatron's metadata.json
+    const dist = path.join(tmp, 'megatron-dist');
+    fs.mkdirSync(path.join(dist, 'iter_0000002'), { recursive: true });
+    fs.writeFileSync(path.join(dist, 'latest_checkpointed_iteration.txt'), '2');
+    fs.writeFileSync(path.join(dist, 'iter_0000002', 'metadata.json'), '{"sharded_backend": "torch_dist"}');
+    fs.writeFileSync(path.join(dist, 'iter_0000002', '__0_0.distcp'), '');
+    expect(() => loadModel(dist)).toThrow(
+      /is a Megatron-LM torch_dist checkpoint, which megapatch does not read: have Megatron save it in the torch format \(--ckpt-convert-format torch/,
+    );
+  });
+
   it('names a missing tensor', () => {
     const dir = path.join(tmp, 'broken');
     const m = SYNTHETIC_MODELS.find((x) => x.id === 'llama-tied');

@@ -173,8 +173,53 @@ export function parseCheckpointMetadata(json: unknown, file = CHECKPOINT_METADAT
   return r.data;
 }
 
+/**
+ * Which Megatron-LM checkpoint format an iteration folder holds, if it is one: `torch` (rank
+ * folders `mp_rank_*` with model_optim_rng.pt) or `torch_dist` (PyTorch distributed checkpoint:
+ * `.metadata` and `*.distcp` files, a metadata.json naming its `sharded_backend`).
+ */
+export function megatronCheckpointFormat(iterDir: string): 'torch' | 'torch_dist' | null {
+  let names: string[];
+  try {
+    names = fs.readdirSync(iterDir);
+  } catch {
+    return null;
+  }
+  if (names.some((n) => /^mp_rank_\d{2}(_\d{3}){0,2}$/.test(n))) return 'torch';
+  if (names.includes('.metadata') || names.some((n) => n.endsWith('.distcp'))) return 'torch_dist';
+  try {
+    const j = JSON.parse(fs.readFileSync(path.join(iterDir, CHECKPOINT_METADATA_FILE), 'utf8'));
+    if (j && typeof j === 'object' && 'sharded_backend' in j) return 'torch_dist';
+  } catch {
+    // not JSON, or no file: not Megatron's
+  }
+  return null;
+}
+
+/** The one-line error for a Megatron-LM checkpoint opened as a megapatch one (null: not Megatron's). */
+export function megatronCheckpointError(iterDir: string): ConvertError | null {
+  const format = megatronCheckpointFormat(iterDir);
+  if (format === 'torch') {
+    return new ConvertError(
+      'INVALID_FORMAT',
+      `${iterDir} is a Megatron-LM checkpoint in the torch format (mp_rank_*/model_optim_rng.pt), not a megapatch checkpoint: ` +
+        `convert it with \`megapatch convert megatron-to-megapatch --load ${path.dirname(iterDir)} --hf-dir <HF folder with its config.json> --out <dir>\``,
+    );
+  }
+  if (format === 'torch_dist') {
+    return new ConvertError(
+      'UNSUPPORTED',
+      `${iterDir} is a Megatron-LM torch_dist checkpoint, which megapatch does not read: have Megatron save it ` +
+        'in the torch format (--ckpt-convert-format torch --ckpt-convert-save <dir>), then run `megapatch convert megatron-to-megapatch`',
+    );
+  }
+  return null;
+}
+
 /** Reads and validates `<iterDir>/metadata.json`. */
 export function readCheckpointMetadata(iterDir: string): CheckpointMetadata {
+  const foreign = megatronCheckpointError(iterDir);
+  if (foreign) throw foreign;
   const p = path.join(iterDir, CHECKPOINT_METADATA_FILE);
   let text: string;
   try {
@@ -217,6 +262,16 @@ export function readLatestIteration(rootDir: string): number {
       );
     }
     throw e;
+  }
+  if (text === 'release' && fs.existsSync(path.join(rootDir, 'release'))) {
+    throw (
+      megatronCheckpointError(path.join(rootDir, 'release')) ??
+      new ConvertError(
+        'INVALID_FORMAT',
+        'names a "release" checkpoint, which megapatch does not write',
+        LATEST_ITERATION_FILE,
+      )
+    );
   }
   if (!/^\d+$/.test(text) || !Number.isSafeInteger(Number(text))) {
     throw new ConvertError(
