@@ -22,7 +22,11 @@
 //                  of a converter, which must bring the bytes into userspace to transform them;
 //   hf-to-megapatch-tp1pp1, hf-to-megapatch-tp2pp2: convertHfToMegapatch;
 //   megapatch-to-hf: convertMegapatchToHf from the TP2 PP2 checkpoint (500 MB shards);
-//   reshard-tp2pp2-to-tp1pp1: reshardCheckpoint.
+//   reshard-tp2pp2-to-tp1pp1: reshardCheckpoint;
+//   megapatch-to-megatron-tp2pp2: convertMegapatchToMegatron (Megatron's torch format) from it;
+//   megatron-to-megapatch: convertMegatronToMegapatch of that Megatron checkpoint;
+//   torch-load-save: PyTorch (/usr/bin/python3, when it has torch) loading each of those
+//                  Megatron files with torch.load and saving it with torch.save: the reference.
 // Every case runs in its own child process (this script with --child), so peak RSS (VmHWM, or
 // maxRSS where /proc is missing) is per case,
 // and its wall time covers the conversion call only (fsyncs included, process start and the
@@ -36,6 +40,23 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const script = fileURLToPath(import.meta.url);
+// torch.load + torch.save of every model_optim_rng.pt under argv[1] into argv[2]; prints seconds,
+// tensor bytes and peak RSS (fsync included, as for the converters).
+const TORCH_LOAD_SAVE = `
+import json, os, resource, sys, time, torch
+src, dst = sys.argv[1], sys.argv[2]
+t0 = time.perf_counter(); total = 0
+for root, _, files in os.walk(src):
+    for f in files:
+        if not f.endswith('.pt'): continue
+        sd = torch.load(os.path.join(root, f), map_location='cpu')
+        total += sum(t.numel() * t.element_size() for c in sd if c.startswith('model') for t in sd[c].values() if torch.is_tensor(t))
+        out = os.path.join(dst, os.path.relpath(root, src)); os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f), 'wb') as fh:
+            torch.save(sd, fh); fh.flush(); os.fsync(fh.fileno())
+        del sd
+print(json.dumps({'seconds': time.perf_counter() - t0, 'bytes': total, 'maxRssKiB': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+`;
 const GB = 1e9;
 const MB = 1e6;
 const BUF = 64 << 20;
@@ -86,6 +107,22 @@ if (process.argv[2] === '--child') {
       .bytes;
   } else if (job.kind === 'reshard') {
     bytes = (await D.reshardCheckpoint({ input: job.input, output: job.output, layout: job.layout })).bytes;
+  } else if (job.kind === 'megapatch-to-megatron') {
+    bytes = (await D.convertMegapatchToMegatron({ input: job.input, output: job.output, layout: job.layout }))
+      .bytes;
+  } else if (job.kind === 'megatron-to-megapatch') {
+    bytes = (await D.convertMegatronToMegapatch({ input: job.input, hfDir: job.hfDir, output: job.output }))
+      .bytes;
+  } else if (job.kind === 'torch-load-save') {
+    // the reference: PyTorch itself loads every rank file and saves it again (what a Python
+    // converter does at least), timed inside Python
+    const r = spawnSync('/usr/bin/python3', ['-c', TORCH_LOAD_SAVE, job.input, job.output], {
+      encoding: 'utf8',
+    });
+    if (r.status !== 0) throw new Error(`torch load/save failed: ${r.stderr}`);
+    const out = JSON.parse(r.stdout.trim().split('\n').pop());
+    console.log(JSON.stringify({ ...out, maxRssKiB: out.maxRssKiB }));
+    process.exit(0);
   } else {
     throw new Error(`unknown case kind ${job.kind}`);
   }
@@ -130,6 +167,8 @@ const work = opt.dir ?? fs.mkdtempSync(join(os.tmpdir(), 'mp-convert-bench-'));
 fs.mkdirSync(work, { recursive: true });
 const hfDir = join(work, `hf-llama-${opt.layers}l`);
 const mpSrc = join(work, 'mp-tp2pp2');
+const megatronSrc = join(work, 'megatron-tp2pp2');
+const hasTorch = spawnSync('/usr/bin/python3', ['-c', 'import torch'], { stdio: 'ignore' }).status === 0;
 const outDir = join(work, 'out');
 
 // Llama-style model: hidden 2048, GQA 32/8 heads, SwiGLU 5632, vocab 32000, untied head.
@@ -279,6 +318,27 @@ const cases = [
     job: () => ({ kind: 'reshard', input: mpSrc, output: outDir, layout: TP1PP1 }),
     src: () => mpSrc,
   },
+  {
+    name: 'megapatch-to-megatron-tp2pp2',
+    job: () => ({ kind: 'megapatch-to-megatron', input: mpSrc, output: outDir, layout: TP2PP2 }),
+    src: () => mpSrc,
+    // the last run's output is the source of the cases below
+    keep: megatronSrc,
+  },
+  {
+    name: 'megatron-to-megapatch',
+    job: () => ({ kind: 'megatron-to-megapatch', input: megatronSrc, hfDir, output: outDir }),
+    src: () => megatronSrc,
+  },
+  ...(hasTorch
+    ? [
+        {
+          name: 'torch-load-save (PyTorch, the Megatron files)',
+          job: () => ({ kind: 'torch-load-save', input: megatronSrc, output: outDir }),
+          src: () => megatronSrc,
+        },
+      ]
+    : []),
 ];
 
 const rm = (p) => fs.rmSync(p, { recursive: true, force: true });
@@ -308,9 +368,11 @@ try {
   );
   console.log(`work dir: ${work}; ${opt.reps} timed run(s) per case, each in a child process\n`);
 
-  const needsMp = cases.some((c) => want(c.name) && c.src() === mpSrc);
+  const needs = (src) => cases.some((c) => want(c.name) && c.src() === src);
+  const needsMp = needs(mpSrc) || needs(megatronSrc);
   for (const c of cases) {
-    const run = want(c.name) || (c.keep && needsMp && !fs.existsSync(mpSrc));
+    const run =
+      want(c.name) || (c.keep && (c.keep === mpSrc ? needsMp : needs(c.keep)) && !fs.existsSync(c.keep));
     if (!run) continue;
     const timed = want(c.name);
     const runs = [];
@@ -347,6 +409,7 @@ try {
 } finally {
   rm(outDir);
   rm(mpSrc);
+  rm(megatronSrc);
   if (!opt.keep && !opt.dir) rm(work);
   else if (!opt.dir) console.log(`kept ${work}`);
 }

@@ -35,6 +35,7 @@ interface Case {
 const CASES: Case[] = [
   { name: 'llama-tp2-pp2', layout: { tp: 2, pp: 2 }, naming: {} },
   { name: 'mixtral-ep2', layout: { ep: 2 }, naming: { moeGroupedGemm: true } },
+  // tied: the loss stage holds Megatron's copy of the embedding as output_layer.weight
   { name: 'qwen2-pp2-vpp2', layout: { pp: 2, vpp: 2 }, naming: { transformerImpl: 'local' } },
 ];
 
@@ -262,20 +263,26 @@ describe('Megatron torch format: errors', () => {
   });
 
   it('names a tensor that is not part of the model, and one that is missing', () => {
-    const cfg = JSON.parse(fs.readFileSync(path.join(hfDir(llama), 'config.json'), 'utf8'));
-    const variant = (label: string, over: Record<string, unknown>, code: string) => {
+    const variant = (c: Case, label: string, over: Record<string, unknown>, code: string) => {
+      const cfg = JSON.parse(fs.readFileSync(path.join(hfDir(c), 'config.json'), 'utf8'));
       const hf = tmp(label);
       fs.mkdirSync(hf);
       fs.writeFileSync(path.join(hf, 'config.json'), JSON.stringify({ ...cfg, ...over }));
-      return expectError(() => MegatronLegacyView.open(megatronDir(llama), hf), code);
+      return expectError(() => MegatronLegacyView.open(megatronDir(c), hf), code);
     };
-    // tied embeddings: the last stage's output layer is not part of that model
-    const tied = variant('hf-tied', { tie_word_embeddings: true }, 'UNEXPECTED_TENSOR');
-    expect(tied.message).toMatch(
-      /mp_rank_00_001\/model_optim_rng\.pt: model\.output_layer\.weight are not part of LlamaForCausalLM/,
+    // a Llama of the Qwen2 checkpoint's sizes has no QKV biases
+    const llama = variant(
+      CASES[2],
+      'hf-llama',
+      { architectures: ['LlamaForCausalLM'], model_type: 'llama' },
+      'UNEXPECTED_TENSOR',
     );
-    // Qwen2 of the same sizes has QKV biases the Llama checkpoint lacks
+    expect(llama.message).toMatch(
+      /mp_rank_00_000\/model_optim_rng\.pt: model0\.decoder\.layers\.0\.self_attention\.linear_qkv\.bias, .* are not part of LlamaForCausalLM/,
+    );
+    // Qwen2 of the Llama checkpoint's sizes has QKV biases it lacks
     const qwen = variant(
+      CASES[0],
       'hf-qwen2',
       { architectures: ['Qwen2ForCausalLM'], model_type: 'qwen2' },
       'MISSING_TENSOR',

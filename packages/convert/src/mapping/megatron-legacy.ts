@@ -142,6 +142,49 @@ function rankPieces(t: MegatronTensorPlan, tp: number, ep: number): PlannedPiece
   return t.pieces.filter((p) => p.rank.tp === tp);
 }
 
+/** One tensor of a rank file: its plan, this rank's pieces, where it sits, and whether it is a copy. */
+interface FileTensor {
+  readonly t: MegatronTensorPlan;
+  readonly pieces: PlannedPiece[];
+  readonly at: LocalPlace;
+  /**
+   * A copy Megatron keeps of the word embeddings on a later stage: as `output_layer.weight` on the
+   * loss stage of a tied model, as `embedding.word_embeddings.weight` on a stage with MTP layers.
+   */
+  readonly copy: boolean;
+}
+
+/** The tensors of the rank file (tp, pp, ep), in plan order, Megatron's embedding copies last. */
+function fileTensors(
+  plan: ConversionPlan,
+  tp: number,
+  pp: number,
+  ep: number,
+  naming: MegatronNaming,
+): FileTensor[] {
+  const out: FileTensor[] = [];
+  for (const t of plan.tensors) {
+    if (t.stage !== pp) continue;
+    const pieces = rankPieces(t, tp, ep);
+    if (pieces.length > 0) out.push({ t, pieces, at: localPlace(plan, t, ep, naming), copy: false });
+  }
+  const emb = plan.tensors.find((t) => t.name === 'embedding.word_embeddings.weight');
+  if (!emb) return out;
+  const { stages, vpp } = plan.pipeline;
+  stages.forEach((s) => {
+    if (s.ppRank !== pp || s.embedding) return;
+    const chunk = chunkKey(s.vpStage, vpp);
+    const pieces = rankPieces(emb, tp, ep);
+    if (s.loss && !plan.config.untieEmbeddingsAndOutputWeights) {
+      out.push({ t: emb, pieces, at: { chunk, name: 'output_layer.weight' }, copy: true });
+    }
+    if (s.mtpLayers.length > 0) {
+      out.push({ t: emb, pieces, at: { chunk, name: 'embedding.word_embeddings.weight' }, copy: true });
+    }
+  });
+  return out;
+}
+
 function localShape(pieces: readonly PlannedPiece[]): number[] {
   const s = [...pieces[0].shape];
   for (const p of pieces.slice(1)) s[0] += p.shape[0];
@@ -393,11 +436,7 @@ export class MegatronLegacyView implements TensorSource {
             MEGATRON_RANK_FILE,
           );
           const seen = new Set<string>();
-          for (const t of this.plan.tensors) {
-            if (t.stage !== pp) continue;
-            const pieces = rankPieces(t, tp, ep);
-            if (pieces.length === 0) continue;
-            const at = localPlace(this.plan, t, ep, this.naming);
+          for (const { t, pieces, at } of fileTensors(this.plan, tp, pp, ep, this.naming)) {
             const got = chunks.get(at.chunk)?.get(at.name);
             if (!got) {
               throw new ConvertError(
@@ -747,11 +786,7 @@ export async function convertMegapatchToMegatron(
       for (let pp = 0; pp < layout.pp; pp++)
         for (let ep = 0; ep < layout.ep; ep++) ranks.push({ tp, pp, ep });
     const work = ranks.map((r) => {
-      const items = plan.tensors
-        .filter((t) => t.stage === r.pp)
-        .map((t) => ({ t, pieces: rankPieces(t, r.tp, r.ep) }))
-        .filter((x) => x.pieces.length > 0)
-        .map((x) => ({ ...x, at: localPlace(plan, x.t, r.ep, naming) }));
+      const items = fileTensors(plan, r.tp, r.pp, r.ep, naming);
       for (const x of items) {
         total +=
           localShape(x.pieces).reduce((a, b) => a * b, 1) *
