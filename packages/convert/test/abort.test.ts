@@ -7,6 +7,8 @@ import {
   type ConversionProgress,
   convertHfToMegapatch,
   convertMegapatchToHf,
+  convertMegapatchToMegatron,
+  convertMegatronToMegapatch,
   LATEST_ITERATION_FILE,
   reshardCheckpoint,
 } from '../src/index.js';
@@ -100,6 +102,40 @@ describe('cancellation', () => {
     expect(snapshot(parent)).toEqual(before);
   });
 
+  it('megapatch-to-megatron and megatron-to-megapatch stop the same way, keeping earlier outputs', async () => {
+    await ready;
+    const meg = tmp('megatron');
+    await convertMegapatchToMegatron({ input: base, output: meg, layout: { tp: 2, pp: 2 } });
+    const before = snapshot(meg);
+    const reason = new Error('SIGTERM');
+    const a = abortOnFirstChunk(reason);
+    expect(
+      await thrown(() =>
+        convertMegapatchToMegatron({ input: base, output: meg, overwrite: true, chunkBytes: 512, ...a }),
+      ),
+    ).toBe(reason);
+    expect(snapshot(meg)).toEqual(before);
+    expect(temporaries(meg)).toEqual([]);
+    const back = tmp('from-megatron');
+    await convertMegatronToMegapatch({ input: meg, hfDir, output: back });
+    const kept = snapshot(back);
+    const b = abortOnFirstChunk(reason);
+    expect(
+      await thrown(() =>
+        convertMegatronToMegapatch({
+          input: meg,
+          hfDir,
+          output: back,
+          overwrite: true,
+          chunkBytes: 512,
+          ...b,
+        }),
+      ),
+    ).toBe(reason);
+    expect(snapshot(back)).toEqual(kept);
+    expect(temporaries(back)).toEqual([]);
+  });
+
   it('an already aborted signal stops each converter before it creates anything', async () => {
     await ready;
     const reason = { stopped: true };
@@ -110,6 +146,7 @@ describe('cancellation', () => {
       reason,
     );
     expect(await thrown(() => convertMegapatchToHf({ input: base, output: out, signal }))).toBe(reason);
+    expect(await thrown(() => convertMegapatchToMegatron({ input: base, output: out, signal }))).toBe(reason);
     expect(fs.existsSync(out)).toBe(false);
     expect(fs.readdirSync(path.dirname(out)).filter((n) => n.startsWith(path.basename(out)))).toEqual([]);
   });
