@@ -46,6 +46,8 @@ describe('unknown flags and stray arguments are usage errors (exit 2)', () => {
       'convert hf-to-megapatch',
       'convert megapatch-to-hf',
       'convert reshard',
+      'convert megatron-to-megapatch',
+      'convert megapatch-to-megatron',
       'ckpt inspect',
       'generate',
       'eval',
