@@ -29,8 +29,12 @@ export interface SamplingOptions {
   topK?: number;
   /** Keep the smallest set of most likely tokens whose probability reaches p (1 = all). */
   topP?: number;
-  /** Seed of the sampling generator (default 0). */
-  seed?: number;
+  /**
+   * Seed of the sampling generator (default 0). One seed per row instead: rows given the same seed
+   * draw from one generator, in row order, as a call with only those rows would (so several
+   * prompts' groups generated together sample what they would sample alone).
+   */
+  seed?: number | readonly number[];
   /** Token ids that end a sequence (kept in the output). */
   eosTokenIds?: readonly number[];
   /** Strings that end a sequence (cut from the completion text). Needs `decode`. */
@@ -302,14 +306,16 @@ function lastTopK(model: GPTModel, logits: Tensor, k: number): { ids: number[]; 
  * the uniform numbers go to the device, the b ids come back). With top-p the row sums come back
  * with the M best logits and their ids (M = 1024, ×8 until they hold each row's nucleus; equal
  * logits by id), and the host takes the nucleus and draws as sampleToken does. One draw of `rand`
- * per active row, in row order, as on the host; inactive rows get -1.
+ * per active row, in row order, as on the host (`rand`: one generator, or one per row); inactive
+ * rows get -1.
  */
 export function sampleOnDevice(
   rows: Tensor,
   opts: { temperature: number; topP?: number },
-  rand: () => number,
+  rand: (() => number) | readonly (() => number)[],
   active: readonly boolean[],
 ): number[] {
+  const randOf = (r: number) => (typeof rand === 'function' ? rand : rand[r]);
   const [b, n] = rows.shape;
   const t = opts.temperature;
   const topP = opts.topP ?? 1;
@@ -323,7 +329,7 @@ export function sampleOnDevice(
         .div(full([], t, { dtype: 'float64', device }))
         .exp();
       if (topP >= 1) {
-        const u = Float64Array.from(active, (a) => (a ? rand() : 0));
+        const u = Float64Array.from(active, (a, r) => (a ? randOf(r)() : 0));
         const c = w.cumsum(-1);
         const target = c.narrow(1, n - 1, 1).mul(fromTypedArray(u, [b, 1]).to(device));
         // the first id whose cumulative weight passes u · sum, or the last id with a weight
@@ -360,7 +366,7 @@ export function sampleOnDevice(
         if (!open) break;
       }
       // the draws in row order, after every nucleus is known
-      return picked.map((p) => (p ? draw(p.ids, (j) => p.weights[j], p.acc, rand) : -1));
+      return picked.map((p, r) => (p ? draw(p.ids, (j) => p.weights[j], p.acc, randOf(r)) : -1));
     }),
   );
 }
@@ -394,7 +400,25 @@ export function generate(
   const greedy = !((opts.temperature ?? 0) > 0);
   // top-k sampling: the k best chosen where the logits are (the whole rows when k keeps them all)
   const topK = (opts.topK ?? 0) < model.config.vocabSize ? (opts.topK ?? 0) : 0;
-  const rand = samplingRng(opts.seed ?? 0);
+  // each row's generator: one for all rows, or one per distinct seed
+  const seeds = opts.seed;
+  let rands: (() => number)[];
+  if (typeof seeds === 'object') {
+    if (seeds.length !== b) {
+      throw new ModelError(
+        'INVALID_INPUT',
+        `seed has ${seeds.length} entries for ${b} prompts; give one per prompt`,
+      );
+    }
+    const bySeed = new Map<number, () => number>();
+    rands = seeds.map((sd) => {
+      let g = bySeed.get(sd);
+      if (!g) bySeed.set(sd, (g = samplingRng(sd)));
+      return g;
+    });
+  } else {
+    rands = new Array(b).fill(samplingRng(seeds ?? 0));
+  }
   const rows: Generation[] = prompts.map(() => ({ tokens: [], finishReason: 'length' }));
   const done = new Array<boolean>(b).fill(maxNew === 0);
   // valid[r][j]: whether key j of row r is a real token (prompts are left-padded)
@@ -436,7 +460,7 @@ export function generate(
             return sampleOnDevice(
               last.reshape(last.shape[0], last.shape[2]),
               { temperature: opts.temperature as number, topP: opts.topP },
-              rand,
+              rands,
               done.map((d) => !d),
             );
           }
@@ -451,8 +475,14 @@ export function generate(
             typeof row === 'number'
               ? row
               : row instanceof Float32Array
-                ? sampleToken(row, opts, rand)
-                : sampleBest(row.ids, (j) => row.values[j], opts.temperature as number, opts.topP ?? 1, rand);
+                ? sampleToken(row, opts, rands[r])
+                : sampleBest(
+                    row.ids,
+                    (j) => row.values[j],
+                    opts.temperature as number,
+                    opts.topP ?? 1,
+                    rands[r],
+                  );
           rows[r].tokens.push(tok);
           produced++;
           chosen[r] = BigInt(tok);

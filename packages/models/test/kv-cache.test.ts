@@ -97,6 +97,35 @@ describe('generation options', () => {
     }
   });
 
+  it('with a seed per row, groups generated together sample what each samples alone', () => {
+    const model = load('llama');
+    // two groups of prompts of different lengths (left padding in the batch), EOS ending some rows
+    const groups = [
+      { prompt: [1, 2, 3], seed: 11 },
+      { prompt: [1, 50, 60, 70, 80, 90], seed: 12 },
+      { prompt: [1, 9], seed: 13 },
+    ];
+    for (const sampling of [
+      { temperature: 1.3 },
+      { temperature: 1.3, topK: 5 },
+      { temperature: 1.3, topP: 0.9 },
+    ]) {
+      const opts = { maxNewTokens: 10, eosTokenIds: [7, 42], ...sampling };
+      const prompts = groups.flatMap((g) => [g.prompt, g.prompt, g.prompt]);
+      const seeds = groups.flatMap((g) => [g.seed, g.seed, g.seed]);
+      const together = generate(model, prompts, { ...opts, seed: seeds }).rows;
+      const alone = groups.flatMap(
+        (g) => generate(model, [g.prompt, g.prompt, g.prompt], { ...opts, seed: g.seed }).rows,
+      );
+      expect(together, JSON.stringify(sampling)).toEqual(alone);
+      // the rows of a group differ from each other (one generator, drawn in row order)
+      expect(new Set(alone.map((r) => r.tokens.join(','))).size).toBeGreaterThan(3);
+    }
+    expect(() => generate(model, [[1], [2]], { seed: [1] })).toThrow(
+      /seed has 1 entries for 2 prompts; give one per prompt/,
+    );
+  });
+
   it('stops at EOS and reports why', () => {
     const model = load('llama');
     const greedy = generate(model, [[1, 2, 3]], { maxNewTokens: 5 });

@@ -362,6 +362,13 @@ export const RlSection = z.strictObject({
   temperature: z.number().positive().default(1),
   topP: z.number().gt(0).lte(1).default(1),
   topK: nonNegInt.default(0),
+  /**
+   * Prompts whose groups one batched generate call holds (all of this replica's prompts of the
+   * iteration at most). Each group still draws from a generator seeded by its prompt's index, so
+   * the responses are those of one group per call (default 1), up to the last bits of the logits
+   * that padding the prompts to one length may move; more prompts per call keep a GPU busy.
+   */
+  promptsPerGenerate: posInt.default(1),
   /** Passes over each rollout's mini-batches (verl ppo_epochs). */
   ppoEpochs: posInt.default(1),
   /** The ratio is clipped to [1 − clipRatioLow, 1 + clipRatioHigh] (verl clip_ratio_low/high, DAPO's clip-higher). */

@@ -284,6 +284,37 @@ describe('GRPO', () => {
     expect(a[3].rl.klLoss).toBeGreaterThan(0);
   });
 
+  it('generating several prompts per call samples what one group per call samples', async () => {
+    const run = async (k: number) => {
+      const name = `per-generate-${k}`;
+      await train(
+        config(name, {
+          training: { trainIters: 3, evalInterval: 2 },
+          rl: {
+            promptsPerGenerate: k,
+            saveRollouts: true,
+            validPromptsPath: validFile,
+            validTemperature: 0.8,
+          },
+        }),
+        { log: () => {}, report: false },
+      );
+      return { lines: metrics(name), rollouts: rollouts(name) };
+    };
+    const one = await run(1);
+    for (const k of [3, 4]) {
+      const batched = await run(k);
+      expect(
+        batched.rollouts.map((r) => r.tokens),
+        `${k}`,
+      ).toEqual(one.rollouts.map((r) => r.tokens));
+      // the same responses make the same updates, and validation samples the same
+      const numbers = (ls: Line[]) => ls.map((l) => [l.kind, l.lmLoss, l.gradNorm, l.rl.rewardMean]);
+      expect(numbers(batched.lines), `${k}`).toEqual(numbers(one.lines));
+    }
+    expect(one.lines.filter((l) => l.kind === 'valid')).toHaveLength(3);
+  });
+
   it('trains in bf16 and fp16 (loss scaling) like fp32 at the first update', async () => {
     const first = async (dtype: string) => {
       const run = `dtype-${dtype}`;

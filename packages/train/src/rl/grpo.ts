@@ -11,7 +11,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { loadTokenizer } from '@megapatch/data';
-import { type GPTModel, generate, openWeights, samplingRng } from '@megapatch/models';
+import { type Generation, type GPTModel, generate, openWeights, samplingRng } from '@megapatch/models';
 import { destroyModelParallel, destroyProcessGroup } from '@megapatch/parallel';
 import {
   fromTypedArray,
@@ -471,19 +471,27 @@ export async function trainGrpo(
     let sum = 0;
     let count = 0;
     let length = 0;
-    for (let i = dpRank; i < validPrompts.length; i += dp) {
-      const prompt = validPrompts[i];
-      const [row] = generate(model, [prompt.ids], {
-        maxNewTokens: rl.maxNewTokens,
-        temperature: rl.validTemperature,
-        topP: rl.topP,
-        topK: rl.topK,
-        seed: mixSeed(tr.seed ^ 0x5bd1e995, i),
-        eosTokenIds: eos,
-      }).rows;
-      sum += (await score(prompt, row.tokens, rl.validPromptsPath as string)).reward;
-      count++;
-      length += row.tokens.length;
+    const indices: number[] = [];
+    for (let i = dpRank; i < validPrompts.length; i += dp) indices.push(i);
+    for (let at = 0; at < indices.length; at += rl.promptsPerGenerate) {
+      const batch = indices.slice(at, at + rl.promptsPerGenerate);
+      const rows = generate(
+        model,
+        batch.map((i) => validPrompts[i].ids),
+        {
+          maxNewTokens: rl.maxNewTokens,
+          temperature: rl.validTemperature,
+          topP: rl.topP,
+          topK: rl.topK,
+          seed: batch.map((i) => mixSeed(tr.seed ^ 0x5bd1e995, i)),
+          eosTokenIds: eos,
+        },
+      ).rows;
+      for (const [k, i] of batch.entries()) {
+        sum += (await score(validPrompts[i], rows[k].tokens, rl.validPromptsPath as string)).reward;
+        count++;
+        length += rows[k].tokens.length;
+      }
     }
     const [s, c, l] = allReduceNumbers([sum, count, length], layout.dp);
     validatedAt = state.iteration;
@@ -513,22 +521,29 @@ export async function trainGrpo(
       for (let k = 0; k < miniBatches; k++)
         for (let j = 0; j < rankPrompts; j++)
           mine.push(state.iteration * P + k * promptsPerMini + dpRank * rankPrompts + j);
-      // the rollout: each prompt's group generated alone, from a seed of its index in the run
+      // the rollout: each prompt's group drawn from a generator seeded by its index in the run,
+      // rl.promptsPerGenerate groups to a generate call
       const responses: Response[] = [];
-      for (const g of mine) {
-        const prompt = promptAt(g);
-        const out = generate(
+      const generated = new Map<number, Generation[]>();
+      for (let at = 0; at < mine.length; at += rl.promptsPerGenerate) {
+        const batch = mine.slice(at, at + rl.promptsPerGenerate);
+        const rows = generate(
           model,
-          Array.from({ length: n }, () => prompt.ids),
+          batch.flatMap((g) => Array.from({ length: n }, () => promptAt(g).ids)),
           {
             maxNewTokens: rl.maxNewTokens,
             temperature: rl.temperature,
             topP: rl.topP,
             topK: rl.topK,
-            seed: mixSeed(tr.seed, g),
+            seed: batch.flatMap((g) => Array.from({ length: n }, () => mixSeed(tr.seed, g))),
             eosTokenIds: eos,
           },
-        );
+        ).rows;
+        for (const [k, g] of batch.entries()) generated.set(g, rows.slice(k * n, (k + 1) * n));
+      }
+      for (const g of mine) {
+        const prompt = promptAt(g);
+        const out = { rows: generated.get(g) as Generation[] };
         const rewards: number[] = [];
         const texts: string[] = [];
         for (const row of out.rows) {
