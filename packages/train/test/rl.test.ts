@@ -285,15 +285,25 @@ describe('GRPO', () => {
   });
 
   it('generating several prompts per call samples what one group per call samples', async () => {
+    // prompts of one length: no padding, so the logits are bit for bit those of one prompt alone
+    // and the test checks the generators (prompts padded to one length may move the last bits)
+    const same = (file: string, words: string[]) => {
+      const f = path.join(root, file);
+      fs.writeFileSync(f, `${words.map((p) => JSON.stringify({ prompt: p, answer: '0' })).join('\n')}\n`);
+      return f;
+    };
+    const prompts = same('prompts-6.jsonl', ['the ca', 'a dogs', 'once u', 'we saw', 'it is ', 'big re']);
+    const valid = same('valid-6.jsonl', ['a red ', 'my old', 'up we ']);
     const run = async (k: number) => {
       const name = `per-generate-${k}`;
       await train(
         config(name, {
           training: { trainIters: 3, evalInterval: 2 },
           rl: {
+            promptsPath: prompts,
             promptsPerGenerate: k,
             saveRollouts: true,
-            validPromptsPath: validFile,
+            validPromptsPath: valid,
             validTemperature: 0.8,
           },
         }),
