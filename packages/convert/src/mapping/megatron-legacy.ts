@@ -298,14 +298,15 @@ export class MegatronLegacyView implements TensorSource {
       const root = first.root as Map<unknown, unknown>;
       this.args = argsOf(root);
       const a = (k: string) => num(this.args.get(k));
+      // virtual stages: from args, else from the model chunks saved (model0, model1, …)
+      const chunks = [...root.keys()].filter((k) => typeof k === 'string' && /^model\d+$/.test(k)).length;
+      const vpp = a('virtual_pipeline_model_parallel_size') ?? (chunks > 0 ? chunks : 1);
       const layout = resolveLayout({
         tp: a('tensor_model_parallel_size') ?? 1,
         pp: a('pipeline_model_parallel_size') ?? 1,
         ep: a('expert_model_parallel_size') ?? 1,
         ...(a('expert_tensor_parallel_size') !== undefined ? { etp: a('expert_tensor_parallel_size') } : {}),
-        ...((a('virtual_pipeline_model_parallel_size') ?? 1) > 1
-          ? { vpp: a('virtual_pipeline_model_parallel_size') }
-          : {}),
+        ...(vpp > 1 ? { vpp } : {}),
         ...(a('decoder_first_pipeline_num_layers') !== undefined
           ? { decoderFirstPipelineNumLayers: a('decoder_first_pipeline_num_layers') }
           : {}),
