@@ -21,7 +21,7 @@ import {
 } from '../src/index.js';
 import { SYNTHETIC_MODELS, writeSyntheticHfCheckpoint } from '../src/testing/index.js';
 import { PyGlobal, type PyObject } from '../src/torch/pickle.js';
-import { TorchFile, type TorchTensor } from '../src/torch/torch-file.js';
+import { TorchFile, TorchFileWriter, TorchTensor } from '../src/torch/torch-file.js';
 import { expectError, scratch } from './helpers.js';
 
 const FIXTURES = path.join(path.dirname(fileURLToPath(import.meta.url)), 'fixtures', 'megatron');
@@ -290,6 +290,42 @@ describe('Megatron torch format: errors', () => {
     expect(qwen.message).toMatch(
       /mp_rank_00_000\/model_optim_rng\.pt: no model\.decoder\.layers\.0\.self_attention\.linear_qkv\.bias \(megapatch decoder\.layers\.0\.self_attention\.linear_qkv\.bias\)/,
     );
+  });
+
+  it('counts the virtual stages from the model chunks when the args do not give them', async () => {
+    const c = CASES[2];
+    const copy = tmp('no-vpp-arg');
+    fs.cpSync(megatronDir(c), copy, { recursive: true });
+    const iter = path.join(copy, 'iter_0000003');
+    for (const rank of fs.readdirSync(iter)) {
+      // the same file, with args.virtual_pipeline_model_parallel_size None (older Megatron args)
+      const file = path.join(iter, rank, MEGATRON_RANK_FILE);
+      const f = TorchFile.open(file);
+      const w = new TorchFileWriter(file);
+      const copies: [TorchTensor, ReturnType<TorchFileWriter['tensor']>][] = [];
+      const swap = (v: unknown): unknown => {
+        if (v instanceof TorchTensor) {
+          const ref = w.tensor(v.dtype, v.shape);
+          copies.push([v, ref]);
+          return ref;
+        }
+        if (Array.isArray(v)) return Object.isFrozen(v) ? Object.freeze(v.map(swap)) : v.map(swap);
+        return v instanceof Map ? new Map([...v].map(([k, x]) => [k, swap(x)])) : v;
+      };
+      const root = swap(f.root) as Map<string, unknown>;
+      ((root.get('args') as PyObject).state as Map<string, unknown>).set(
+        'virtual_pipeline_model_parallel_size',
+        null,
+      );
+      w.writeRoot(root);
+      for (const [t, ref] of copies) w.write(ref, f.read(t));
+      f.close();
+      w.finish();
+    }
+    const view = MegatronLegacyView.open(copy, hfDir(c));
+    expect(view.plan.layout.vpp).toBe(2);
+    expect(view.args.get('virtual_pipeline_model_parallel_size')).toBe(null);
+    view.close();
   });
 
   it('opened as a megapatch checkpoint, says how to convert it', () => {
