@@ -294,21 +294,33 @@ function randomData(dtype: TorchDtype, shape: number[]): Uint8Array {
   return dtype === 'BOOL' ? b.map((x) => x & 1) : b;
 }
 
-/** Writes `parts` (name → dtype, shape) into a Map under 'model', each tensor in chunks of `chunk` bytes. */
+/**
+ * Writes `parts` (name → dtype, shape) into a Map under 'model', each tensor in chunks of `chunk`
+ * bytes; `aliases` adds model entries naming another part's placeholder (or null: None), `root`
+ * more root entries, and `beforeFinish` runs once all data is written.
+ */
 function writeModel(
   file: string,
   parts: [string, TorchDtype, number[]][],
-  extra: [string, unknown][] = [],
-  chunk = 1000,
+  opts: {
+    root?: [string, unknown][];
+    aliases?: [string, string | null][];
+    chunk?: number;
+    beforeFinish?: () => void;
+  } = {},
 ) {
+  const chunk = opts.chunk ?? 1000;
   const w = new TorchFileWriter(file);
   const refs = new Map<string, TorchTensorRef>(parts.map(([n, d, s]) => [n, w.tensor(d, s)]));
   const data = new Map(parts.map(([n, d, s]) => [n, randomData(d, s)]));
-  w.writeRoot(new Map<string, unknown>([['model', new Map(refs)], ...extra]));
+  const model = new Map<string, unknown>(refs);
+  for (const [n, of] of opts.aliases ?? []) model.set(n, of === null ? null : refs.get(of));
+  w.writeRoot(new Map<string, unknown>([['model', model], ...(opts.root ?? [])]));
   for (const [n, ref] of refs) {
     const b = data.get(n)!;
     for (let at = 0; at < b.byteLength; at += chunk) w.write(ref, b.subarray(at, at + chunk));
   }
+  opts.beforeFinish?.();
   w.finish();
   return { data, refs };
 }
@@ -323,24 +335,13 @@ describe('TorchFileWriter → TorchFile', () => {
       ['empty', 'BF16', [0, 7]],
       ['scalar', 'F64', []],
     ];
-    const w = new TorchFileWriter(file);
-    const refs = new Map(parts.map(([n, d, s]) => [n, w.tensor(d, s)]));
-    const data = new Map(parts.map(([n, d, s]) => [n, randomData(d, s)]));
-    const model = new Map<string, unknown>(refs);
-    model.set('tied', refs.get('t.F32'));
-    w.writeRoot(
-      new Map<string, unknown>([
-        ['model', model],
-        ['iteration', 3],
-      ]),
-    );
-    for (const [n, ref] of refs) {
-      const b = data.get(n)!;
-      const step = n === 'big' ? 999 : b.byteLength || 1; // 999 bytes: chunks that split elements
-      for (let at = 0; at < b.byteLength; at += step) w.write(ref, b.subarray(at, at + step));
-    }
-    expect(fs.existsSync(file)).toBe(false);
-    w.finish();
+    // 999-byte chunks split the elements of 'big'
+    const { data } = writeModel(file, parts, {
+      root: [['iteration', 3]],
+      aliases: [['tied', 't.F32']],
+      chunk: 999,
+      beforeFinish: () => expect(fs.existsSync(file)).toBe(false),
+    });
     expect(fs.readdirSync(path.dirname(file))).toEqual(['model_optim_rng.pt']);
 
     const f = TorchFile.open(file);
@@ -466,23 +467,19 @@ describe.skipIf(!haveTorch)('torch.load reads what TorchFileWriter wrote', () =>
       ['empty', 'F32', [0, 3]],
       ['scalar', 'F64', []],
     ];
-    const w = new TorchFileWriter(file);
-    const refs = new Map(parts.map(([n, d, s]) => [n, w.tensor(d, s)]));
-    const data = new Map(parts.map(([n, d, s]) => [n, randomData(d, s)]));
-    const model = new Map<string, unknown>(refs);
-    model.set('decoder.layers.0.self_attention.linear_qkv._extra_state', null);
-    model.set('output_layer.weight', refs.get('embedding.word_embeddings.weight'));
-    w.writeRoot(
-      new Map<string, unknown>([
+    const { data } = writeModel(file, parts, {
+      root: [
         ['args', new PyObject('argparse', 'Namespace', [], args)],
         ['checkpoint_version', new PyFloat(3)],
         ['iteration', 100],
-        ['model', model],
         ['sample', sample],
-      ]),
-    );
-    for (const [n, ref] of refs) w.write(ref, data.get(n)!);
-    w.finish();
+      ],
+      aliases: [
+        ['decoder.layers.0.self_attention.linear_qkv._extra_state', null],
+        ['output_layer.weight', 'embedding.word_embeddings.weight'],
+      ],
+      chunk: Number.MAX_SAFE_INTEGER,
+    });
 
     const torchName: Record<string, string> = {
       F32: 'float32',

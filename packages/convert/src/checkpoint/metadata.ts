@@ -173,6 +173,9 @@ export function parseCheckpointMetadata(json: unknown, file = CHECKPOINT_METADAT
   return r.data;
 }
 
+/** A rank folder of Megatron-LM's torch format: `mp_rank_TT[_PPP][_EEE]` (its numbers captured). */
+export const MEGATRON_RANK_DIR = /^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$/;
+
 /**
  * Which Megatron-LM checkpoint format an iteration folder holds, if it is one: `torch` (rank
  * folders `mp_rank_*` with model_optim_rng.pt) or `torch_dist` (PyTorch distributed checkpoint:
@@ -185,7 +188,7 @@ export function megatronCheckpointFormat(iterDir: string): 'torch' | 'torch_dist
   } catch {
     return null;
   }
-  if (names.some((n) => /^mp_rank_\d{2}(_\d{3}){0,2}$/.test(n))) return 'torch';
+  if (names.some((n) => MEGATRON_RANK_DIR.test(n))) return 'torch';
   if (names.includes('.metadata') || names.some((n) => n.endsWith('.distcp'))) return 'torch_dist';
   try {
     const j = JSON.parse(fs.readFileSync(path.join(iterDir, CHECKPOINT_METADATA_FILE), 'utf8'));

@@ -628,16 +628,26 @@ export function openWithSpec(
 
 /** Reads rows [a, a + n) of a stored tensor, zero rows past its end (vocabulary padding). */
 function readStoredRows(ckpt: TensorSource, name: string, a: number, n: number): Uint8Array {
-  const info = ckpt.info(name);
-  const shape = info.globalShape;
+  const shape = ckpt.info(name).globalShape;
   if (shape.length === 0) return ckpt.readSlice(name, [], []);
-  const have = Math.max(0, Math.min(n, shape[0] - a));
-  const rowBytes = rowBytesOf(shape, info.dtype);
-  const got =
-    have > 0 ? ckpt.readSlice(name, [a, ...shape.slice(1).map(() => 0)], [have, ...shape.slice(1)]) : null;
-  if (have === n && got) return got;
-  const out = new Uint8Array(n * rowBytes);
-  if (got) out.set(got);
+  return readPaddedBox(ckpt, name, [a, ...shape.slice(1).map(() => 0)], [n, ...shape.slice(1)]);
+}
+
+/**
+ * @internal The box [offsets, offsets + shape) of a stored tensor (rank >= 1), zero rows past its
+ * end: the vocabulary padding of a larger multiple.
+ */
+export function readPaddedBox(
+  src: TensorSource,
+  name: string,
+  offsets: readonly number[],
+  shape: readonly number[],
+): Uint8Array {
+  const info = src.info(name);
+  const have = Math.max(0, Math.min(shape[0], info.globalShape[0] - offsets[0]));
+  if (have === shape[0]) return src.readSlice(name, offsets, shape);
+  const out = new Uint8Array(numel(shape) * DTYPE_SIZE[info.dtype]);
+  if (have > 0) out.set(src.readSlice(name, offsets, [have, ...shape.slice(1)]));
   return out;
 }
 

@@ -8,14 +8,14 @@
 // --no-load-rng`).
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { iterationDirName } from '../checkpoint/metadata.js';
+import { iterationDirName, MEGATRON_RANK_DIR } from '../checkpoint/metadata.js';
 import {
   CheckpointStreamWriter,
   type CheckpointWriterOptions,
   type PlannedTensor,
 } from '../checkpoint/writer.js';
 import { ConvertError } from '../errors.js';
-import { DTYPE_SIZE, type SafetensorsDtype } from '../safetensors/dtype.js';
+import { DTYPE_SIZE, numelOf, type SafetensorsDtype } from '../safetensors/dtype.js';
 import { parseHfConfig } from '../specs/registry.js';
 import { PyFloat, PyGlobal, PyObject } from '../torch/pickle.js';
 import { TorchFile, TorchFileWriter, type TorchTensor, type TorchTensorRef } from '../torch/torch-file.js';
@@ -29,6 +29,7 @@ import {
   Progress,
   pause,
   planParameters,
+  readPaddedBox,
   rowBytesOf,
   sideFiles,
   streamTensors,
@@ -223,8 +224,6 @@ function checkExpertTp(layout: ParallelLayout, cfg: TransformerConfig): void {
 // ---------------------------------------------------------------------------------------------
 // Reading
 
-const RANK_DIR = /^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$/;
-
 function num(v: unknown): number | undefined {
   return typeof v === 'number' ? v : typeof v === 'bigint' ? Number(v) : undefined;
 }
@@ -285,7 +284,7 @@ export class MegatronLegacyView implements TensorSource {
     try {
       const ranks = fs
         .readdirSync(dir)
-        .map((n) => RANK_DIR.exec(n))
+        .map((n) => MEGATRON_RANK_DIR.exec(n))
         .filter((m): m is RegExpExecArray => m !== null);
       if (ranks.length === 0) {
         throw new ConvertError(
@@ -500,9 +499,9 @@ export class MegatronLegacyView implements TensorSource {
     const esz = DTYPE_SIZE[dtype];
     const rank = shape.length;
     if (rank === 0) return this.pieceRows(t, 0, 0, 1);
-    const inner = shape.slice(2).reduce((a, b) => a * b, 1) * esz;
+    const inner = numelOf(shape.slice(2)) * esz;
     const cols = rank > 1 ? shape[1] : 1;
-    const out = new Uint8Array(shape.reduce((a, b) => a * b, 1) * esz);
+    const out = new Uint8Array(numelOf(shape) * esz);
     const rowOut = cols * (rank > 1 ? inner : esz);
     t.pieces.forEach((p, k) => {
       const r0 = Math.max(offsets[0], p.offsets[0]);
@@ -588,10 +587,7 @@ export async function convertMegatronToMegapatch(
       const dtype = t.fixedDtype ?? (opts.dtype && isFloatDtype(stored) ? opts.dtype : stored);
       return { name: t.name, dtype, globalShape: t.globalShape, pieces: t.pieces };
     });
-    const total = planned.reduce(
-      (s, t) => s + t.globalShape.reduce((a, b) => a * b, 1) * DTYPE_SIZE[t.dtype],
-      0,
-    );
+    const total = planned.reduce((s, t) => s + numelOf(t.globalShape) * DTYPE_SIZE[t.dtype], 0);
     const progress = new Progress(total, opts.onProgress);
     const files = sideFiles(opts.hfDir);
     const consumed = num(view.args.get('consumed_train_samples'));
@@ -750,7 +746,7 @@ export async function convertMegapatchToMegatron(
       moeGroupedGemm: opts.moeGroupedGemm ?? false,
     };
     if (fs.existsSync(target)) {
-      const foreign = fs.readdirSync(target).filter((n) => !RANK_DIR.test(n));
+      const foreign = fs.readdirSync(target).filter((n) => !MEGATRON_RANK_DIR.test(n));
       if (!opts.overwrite || foreign.length > 0) {
         throw new ConvertError(
           'INVALID_ARGUMENT',
@@ -789,9 +785,7 @@ export async function convertMegapatchToMegatron(
     const work = ranks.map((r) => {
       const items = fileTensors(plan, r.tp, r.pp, r.ep, naming);
       for (const x of items) {
-        total +=
-          localShape(x.pieces).reduce((a, b) => a * b, 1) *
-          DTYPE_SIZE[dtypes.get(x.t.name)?.to as SafetensorsDtype];
+        total += numelOf(localShape(x.pieces)) * DTYPE_SIZE[dtypes.get(x.t.name)?.to as SafetensorsDtype];
       }
       return { r, items };
     });
@@ -830,12 +824,11 @@ export async function convertMegapatchToMegatron(
             const step = Math.max(1, Math.floor(chunkBytes / Math.max(1, rowBytesOf(p.shape, d.from))));
             for (let a = 0; a < p.shape[0]; a += step) {
               const n = Math.min(step, p.shape[0] - a);
-              const data = readPaddedSlice(
+              const data = readPaddedBox(
                 ckpt,
                 t.name,
                 [p.offsets[0] + a, ...p.offsets.slice(1)],
                 [n, ...p.shape.slice(1)],
-                d.from,
               );
               const out = castElements(data, d.from, d.to, t.name);
               w.write(refs[i], out);
@@ -869,23 +862,4 @@ export async function convertMegapatchToMegatron(
     if (tmpMade) fs.rmSync(tmp, { recursive: true, force: true });
     ckpt.close();
   }
-}
-
-/** A box of a stored tensor; rows past its end (vocabulary padding for a larger TP) are zeros. */
-function readPaddedSlice(
-  ckpt: {
-    info(n: string): TensorSourceInfo;
-    readSlice(n: string, o: readonly number[], s: readonly number[]): Uint8Array;
-  },
-  name: string,
-  offsets: number[],
-  shape: number[],
-  dtype: SafetensorsDtype,
-): Uint8Array {
-  const rows = ckpt.info(name).globalShape[0];
-  const have = Math.max(0, Math.min(shape[0], rows - offsets[0]));
-  if (have === shape[0]) return ckpt.readSlice(name, offsets, shape);
-  const out = new Uint8Array(shape.reduce((a, b) => a * b, 1) * DTYPE_SIZE[dtype]);
-  if (have > 0) out.set(ckpt.readSlice(name, offsets, [have, ...shape.slice(1)]));
-  return out;
 }

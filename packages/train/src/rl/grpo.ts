@@ -543,10 +543,10 @@ export async function trainGrpo(
       }
       for (const g of mine) {
         const prompt = promptAt(g);
-        const out = { rows: generated.get(g) as Generation[] };
+        const rows = generated.get(g) as Generation[];
         const rewards: number[] = [];
         const texts: string[] = [];
-        for (const row of out.rows) {
+        for (const row of rows) {
           const scored = await score(prompt, row.tokens, rl.promptsPath);
           texts.push(scored.text);
           rewards.push(scored.reward);
@@ -555,7 +555,7 @@ export async function trainGrpo(
           normalizeByStd: rl.normAdvByStd,
           epsilon: rl.advantageEpsilon,
         });
-        for (const [i, row] of out.rows.entries()) {
+        for (const [i, row] of rows.entries()) {
           responses.push({
             promptIndex: g,
             promptIds: prompt.ids,
