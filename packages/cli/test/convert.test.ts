@@ -272,4 +272,30 @@ describe('megapatch convert / ckpt inspect', () => {
       ),
     ).rejects.toThrow(/--transformer-impl.*must be 'transformer_engine' or 'local'/);
   });
+
+  it('reads a Megatron-Core torch_dist checkpoint (the fixture @megapatch/convert tests against)', () => {
+    const fixture = join(here, '..', '..', 'convert', 'test', 'fixtures', 'megatron', 'llama-dist-tp2');
+    const out = join(root, 'from-torch-dist');
+    const text = execFileSync(
+      process.execPath,
+      [
+        bin,
+        'convert',
+        'megatron-to-megapatch',
+        '--load',
+        join(fixture, 'megatron'),
+        '--hf-dir',
+        join(fixture, 'hf'),
+        '--out',
+        out,
+      ],
+      { encoding: 'utf8' },
+    );
+    expect(text).toContain(`megapatch checkpoint (the Megatron layout): ${out}`);
+    const shown = execFileSync(process.execPath, [bin, 'ckpt', 'inspect', join(out, 'iter_0000005')], {
+      encoding: 'utf8',
+    });
+    expect(shown).toContain('layout             tp=2 pp=1 ep=1 etp=2 dp=1');
+    expect(shown).toContain('architecture       LlamaForCausalLM');
+  });
 });

@@ -26,7 +26,13 @@
 //   megapatch-to-megatron-tp2pp2: convertMegapatchToMegatron (Megatron's torch format) from it;
 //   megatron-to-megapatch: convertMegatronToMegapatch of that Megatron checkpoint;
 //   torch-load-save: PyTorch (/usr/bin/python3, when it has torch) loading each of those
-//                  Megatron files with torch.load and saving it with torch.save: the reference.
+//                  Megatron files with torch.load and saving it with torch.save: the reference;
+//   megatron-dist-to-megapatch: convertMegatronToMegapatch of the same model as a Megatron-Core
+//                  torch_dist checkpoint (layers stacked, 2 chunks a tensor; written untimed from
+//                  the TP2 PP2 checkpoint by @megapatch/convert/testing's writer);
+//   torch-dcp-to-torch-save: PyTorch loading that distributed checkpoint into whole tensors (each
+//                  chunk torch.load-ed and copied into place, as torch.distributed.checkpoint's
+//                  dcp_to_torch_save does) and saving them with torch.save: its reference.
 // Every case runs in its own child process (this script with --child), so peak RSS (VmHWM, or
 // maxRSS where /proc is missing) is per case,
 // and its wall time covers the conversion call only (fsyncs included, process start and the
@@ -55,6 +61,39 @@ for root, _, files in os.walk(src):
         with open(os.path.join(out, f), 'wb') as fh:
             torch.save(sd, fh); fh.flush(); os.fsync(fh.fileno())
         del sd
+print(json.dumps({'seconds': time.perf_counter() - t0, 'bytes': total, 'maxRssKiB': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+`;
+// dcp_to_torch_save of the distributed checkpoint under argv[1] (its iter_* folder) into argv[2]:
+// torch 1.13 has no torch.distributed.checkpoint, so the Metadata classes are read as plain objects.
+const TORCH_DCP_TO_TORCH_SAVE = `
+import io, json, os, pickle, resource, sys, time, torch
+src, dst = sys.argv[1], sys.argv[2]
+t0 = time.perf_counter()
+d = os.path.join(src, [n for n in os.listdir(src) if n.startswith('iter_')][0])
+class Obj:
+    def __setstate__(self, state): self.state = state
+class Meta(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module.startswith('torch.distributed.checkpoint'): return type(name, (Obj,), {})
+        return super().find_class(module, name)
+with open(os.path.join(d, '.metadata'), 'rb') as f: meta = Meta(f).load().state
+where = {(k.state['fqn'], tuple(k.state['offset'])): v.state for k, v in meta['storage_data'].items()}
+files, out, total = {}, {}, 0
+for key, m in meta['state_dict_metadata'].items():
+    m = m.state
+    t = torch.empty(tuple(m['size']), dtype=m['properties'].state[0])
+    for c in m['chunks']:
+        offsets, sizes = tuple(c.state['offsets']), tuple(c.state['sizes'])
+        s = where[(key, offsets)]
+        f = files.get(s['relative_path']) or files.setdefault(s['relative_path'], open(os.path.join(d, s['relative_path']), 'rb'))
+        f.seek(s['offset'])
+        x = torch.load(io.BytesIO(f.read(s['length'])))
+        t[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))].copy_(x.view(sizes))
+    out[key] = t
+    total += t.numel() * t.element_size()
+os.makedirs(dst, exist_ok=True)
+with open(os.path.join(dst, 'model.pt'), 'wb') as fh:
+    torch.save(out, fh); fh.flush(); os.fsync(fh.fileno())
 print(json.dumps({'seconds': time.perf_counter() - t0, 'bytes': total, 'maxRssKiB': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 `;
 const GB = 1e9;
@@ -113,10 +152,15 @@ if (process.argv[2] === '--child') {
   } else if (job.kind === 'megatron-to-megapatch') {
     bytes = (await D.convertMegatronToMegapatch({ input: job.input, hfDir: job.hfDir, output: job.output }))
       .bytes;
-  } else if (job.kind === 'torch-load-save') {
+  } else if (job.kind === 'write-megatron-dist') {
+    const T = await import('../dist/testing/index.js');
+    T.writeMegatronDistCheckpoint(job.input, job.output, { form: 'stacked', args: job.args });
+    bytes = listFiles(job.output).reduce((s, f) => s + fs.statSync(join(job.output, f)).size, 0);
+  } else if (job.kind === 'torch-load-save' || job.kind === 'torch-dcp-to-torch-save') {
     // the reference: PyTorch itself loads every rank file and saves it again (what a Python
     // converter does at least), timed inside Python
-    const r = spawnSync('/usr/bin/python3', ['-c', TORCH_LOAD_SAVE, job.input, job.output], {
+    const code = job.kind === 'torch-load-save' ? TORCH_LOAD_SAVE : TORCH_DCP_TO_TORCH_SAVE;
+    const r = spawnSync('/usr/bin/python3', ['-c', code, job.input, job.output], {
       encoding: 'utf8',
     });
     if (r.status !== 0) throw new Error(`torch load/save failed: ${r.stderr}`);
@@ -168,6 +212,7 @@ fs.mkdirSync(work, { recursive: true });
 const hfDir = join(work, `hf-llama-${opt.layers}l`);
 const mpSrc = join(work, 'mp-tp2pp2');
 const megatronSrc = join(work, 'megatron-tp2pp2');
+const distSrc = join(work, 'megatron-dist');
 const hasTorch = spawnSync('/usr/bin/python3', ['-c', 'import torch'], { stdio: 'ignore' }).status === 0;
 const outDir = join(work, 'out');
 
@@ -339,6 +384,32 @@ const cases = [
         },
       ]
     : []),
+  {
+    name: 'write torch_dist source',
+    job: () => ({
+      kind: 'write-megatron-dist',
+      input: mpSrc,
+      output: outDir,
+      args: { tensor_model_parallel_size: 2, pipeline_model_parallel_size: 2 },
+    }),
+    src: () => mpSrc,
+    untimed: true,
+    keep: distSrc,
+  },
+  {
+    name: 'megatron-dist-to-megapatch',
+    job: () => ({ kind: 'megatron-to-megapatch', input: distSrc, hfDir, output: outDir }),
+    src: () => distSrc,
+  },
+  ...(hasTorch
+    ? [
+        {
+          name: 'torch-dcp-to-torch-save (PyTorch, the torch_dist files)',
+          job: () => ({ kind: 'torch-dcp-to-torch-save', input: distSrc, output: outDir }),
+          src: () => distSrc,
+        },
+      ]
+    : []),
 ];
 
 const rm = (p) => fs.rmSync(p, { recursive: true, force: true });
@@ -369,12 +440,12 @@ try {
   console.log(`work dir: ${work}; ${opt.reps} timed run(s) per case, each in a child process\n`);
 
   const needs = (src) => cases.some((c) => want(c.name) && c.src() === src);
-  const needsMp = needs(mpSrc) || needs(megatronSrc);
+  const needsMp = needs(mpSrc) || needs(megatronSrc) || needs(distSrc);
   for (const c of cases) {
     const run =
       want(c.name) || (c.keep && (c.keep === mpSrc ? needsMp : needs(c.keep)) && !fs.existsSync(c.keep));
     if (!run) continue;
-    const timed = want(c.name);
+    const timed = want(c.name) && !c.untimed;
     const runs = [];
     for (let i = 0; i < (timed ? opt.reps : 1); i++) {
       rm(outDir);
@@ -410,6 +481,7 @@ try {
   rm(outDir);
   rm(mpSrc);
   rm(megatronSrc);
+  rm(distSrc);
   if (!opt.keep && !opt.dir) rm(work);
   else if (!opt.dir) console.log(`kept ${work}`);
 }

@@ -6,6 +6,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, expect } from 'vitest';
 import {
+  Checkpoint,
   type CheckpointPiece,
   ConvertError,
   SafetensorsFile,
@@ -119,4 +120,17 @@ export function expectError(fn: () => unknown, code: string, ...parts: string[])
   expect(ce.code).toBe(code);
   for (const p of parts) expect(ce.message).toContain(p);
   return ce;
+}
+
+/** Two checkpoints hold the same tensors (names, dtypes, global shapes, bytes) in the same layout. */
+export function expectSameCheckpoints(got: string, want: string): void {
+  using a = Checkpoint.open(got);
+  using b = Checkpoint.open(want);
+  expect(a.tensorNames().sort()).toEqual(b.tensorNames().sort());
+  for (const n of b.tensorNames()) {
+    expect(a.info(n).dtype, n).toBe(b.info(n).dtype);
+    expect(a.info(n).globalShape, n).toEqual(b.info(n).globalShape);
+    expect(Buffer.from(a.read(n)).equals(Buffer.from(b.read(n))), n).toBe(true);
+  }
+  expect(a.metadata.layout).toEqual(b.metadata.layout);
 }

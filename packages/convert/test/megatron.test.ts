@@ -22,7 +22,7 @@ import {
 import { SYNTHETIC_MODELS, writeSyntheticHfCheckpoint } from '../src/testing/index.js';
 import { PyGlobal, type PyObject } from '../src/torch/pickle.js';
 import { TorchFile, TorchFileWriter, TorchTensor } from '../src/torch/torch-file.js';
-import { expectError, scratch } from './helpers.js';
+import { expectError, expectSameCheckpoints, scratch } from './helpers.js';
 
 const FIXTURES = path.join(path.dirname(fileURLToPath(import.meta.url)), 'fixtures', 'megatron');
 const tmp = scratch('megatron');
@@ -54,23 +54,6 @@ async function fromHf(c: Case, layout: Partial<ParallelLayout>): Promise<string>
     iteration: ITERATION,
   });
   return out;
-}
-
-function expectSameCheckpoints(got: string, want: string): void {
-  const a = Checkpoint.open(got);
-  const b = Checkpoint.open(want);
-  try {
-    expect(a.tensorNames().sort()).toEqual(b.tensorNames().sort());
-    for (const n of b.tensorNames()) {
-      expect(a.info(n).dtype, n).toBe(b.info(n).dtype);
-      expect(a.info(n).globalShape, n).toEqual(b.info(n).globalShape);
-      expect(Buffer.from(a.read(n)).equals(Buffer.from(b.read(n))), n).toBe(true);
-    }
-    expect(a.metadata.layout).toEqual(b.metadata.layout);
-  } finally {
-    a.close();
-    b.close();
-  }
 }
 
 /** Model chunk → local name → tensor of a rank file, `_extra_state` entries left out. */

@@ -181,6 +181,54 @@ describe('TorchFile reads what torch 1.13 torch.save wrote', () => {
     expectError(() => f.read(emb), 'INVALID_ARGUMENT', 'closed');
   });
 
+  it('readBox cuts a box out of a contiguous tensor and of a strided view', () => {
+    using f = TorchFile.open(file);
+    const model = (f.root as Map<string, unknown>).get('model') as Map<string, TorchTensor>;
+    /** Rows r0..r1, columns c0..c1 of row-major bytes with `cols` columns of `esz` bytes. */
+    const slice = (b: Uint8Array, cols: number, esz: number, [r0, r1]: number[], [c0, c1]: number[]) =>
+      Buffer.concat(
+        Array.from({ length: r1 - r0 }, (_, r) =>
+          b.subarray(((r0 + r) * cols + c0) * esz, ((r0 + r) * cols + c1) * esz),
+        ),
+      );
+    const emb = model.get('embedding.word_embeddings.weight')!;
+    const [, cols] = emb.shape;
+    const esz = f.read(emb).byteLength / emb.numel;
+    expect(Buffer.from(f.readBox(emb, [1, 2], [2, 3]))).toEqual(
+      slice(f.read(emb), cols, esz, [1, 3], [2, 5]),
+    );
+    const fc1 = model.get('decoder.layers.0.mlp.linear_fc1.weight')!; // [5, 3], stride [1, 5]
+    expect(Buffer.from(f.readBox(fc1, [1, 1], [3, 2]))).toEqual(slice(f.read(fc1), 3, 4, [1, 4], [1, 3]));
+    expect(f.readBox(fc1, [5, 0], [0, 3])).toEqual(new Uint8Array(0));
+    expectError(() => f.readBox(fc1, [4, 0], [2, 3]), 'INVALID_ARGUMENT', 'outside a tensor of shape [5,3]');
+  });
+
+  it('openRegion reads a torch.save file stored inside a larger file, and leaves the descriptor open', () => {
+    const whole = fs.readFileSync(file);
+    const big = path.join(tmp('region'), 'blobs.bin');
+    fs.mkdirSync(path.dirname(big), { recursive: true });
+    fs.writeFileSync(big, Buffer.concat([Buffer.alloc(1000, 7), whole, Buffer.alloc(333, 9)]));
+    const fd = fs.openSync(big, 'r');
+    try {
+      const inner = TorchFile.openRegion(fd, 1000, whole.byteLength, big);
+      using plain = TorchFile.open(file);
+      const names = (m: TorchFile) => torchTensors(m.root).map(([n]) => n);
+      expect(names(inner)).toEqual(names(plain));
+      const a = torchTensors(inner.root);
+      const b = torchTensors(plain.root);
+      for (const [i, [n, t]] of a.entries()) expect(inner.read(t), n).toEqual(plain.read(b[i][1]));
+      inner.close();
+      expect(fs.fstatSync(fd).size).toBe(whole.byteLength + 1333); // still open
+      expectError(
+        () => TorchFile.openRegion(fd, 1000, whole.byteLength - 200, big),
+        'TRUNCATED_FILE',
+        'truncated',
+      );
+    } finally {
+      fs.closeSync(fd);
+    }
+  });
+
   it('refuses the legacy pre-1.6 format, compressed entries and a missing storage record, naming the file', () => {
     expectError(
       () => TorchFile.open(path.join(FIXTURES, 'legacy.pt')),

@@ -110,7 +110,7 @@ describe('bad weights', () => {
     expect(() => loadModel(path.join(tmp, 'missing'))).toThrow(/no such model directory/);
   });
 
-  it('says how to convert a Megatron-LM checkpoint, and that torch_dist is not read', () => {
+  it('says how to convert a Megatron-LM checkpoint, in either format', () => {
     // the torch format: rank folders, whether the root or the iteration folder is given
     const megatron = path.join(tmp, 'megatron');
     fs.mkdirSync(path.join(megatron, 'iter_0000007', 'mp_rank_00_000'), { recursive: true });
@@ -127,7 +127,7 @@ describe('bad weights', () => {
     fs.writeFileSync(path.join(dist, 'iter_0000002', 'metadata.json'), '{"sharded_backend": "torch_dist"}');
     fs.writeFileSync(path.join(dist, 'iter_0000002', '__0_0.distcp'), '');
     expect(() => loadModel(dist)).toThrow(
-      /is a Megatron-LM torch_dist checkpoint, which megapatch does not read: have Megatron save it in the torch format \(--ckpt-convert-format torch/,
+      `is a Megatron-LM checkpoint in the torch_dist format (.metadata, *.distcp, common.pt), not a megapatch checkpoint: convert it with \`megapatch convert megatron-to-megapatch --load ${dist} --hf-dir`,
     );
   });
 

@@ -515,10 +515,11 @@ export const reshard: Command = {
 
 export const megatronToMegapatch: Command = {
   name: MEGATRON_TO_MEGAPATCH,
-  summary: 'Megatron-LM torch-format checkpoint (mp_rank_*/model_optim_rng.pt) -> megapatch checkpoint',
+  summary: 'Megatron-LM checkpoint (torch or torch_dist format) -> megapatch checkpoint',
   description:
-    'Reads the model weights of a Megatron-LM checkpoint saved with --ckpt-format torch (any TP/PP/EP, ' +
-    'Transformer Engine or local layer names, grouped or sequential experts) for the model that ' +
+    'Reads the model weights of a Megatron-LM checkpoint, saved with --ckpt-format torch (any TP/PP/EP, ' +
+    'Transformer Engine or local layer names, grouped or sequential experts) or torch_dist (Megatron-Core ' +
+    'distributed checkpoints: .metadata, *.distcp, common.pt), for the model that ' +
     "--hf-dir's config.json describes, and writes a megapatch checkpoint in the same layout with " +
     "--hf-dir's config and tokenizer files. The optimizer and RNG states are not carried.",
   options: {

@@ -202,21 +202,16 @@ export function megatronCheckpointFormat(iterDir: string): 'torch' | 'torch_dist
 /** The one-line error for a Megatron-LM checkpoint opened as a megapatch one (null: not Megatron's). */
 export function megatronCheckpointError(iterDir: string): ConvertError | null {
   const format = megatronCheckpointFormat(iterDir);
-  if (format === 'torch') {
-    return new ConvertError(
-      'INVALID_FORMAT',
-      `${iterDir} is a Megatron-LM checkpoint in the torch format (mp_rank_*/model_optim_rng.pt), not a megapatch checkpoint: ` +
-        `convert it with \`megapatch convert megatron-to-megapatch --load ${path.dirname(iterDir)} --hf-dir <HF folder with its config.json> --out <dir>\``,
-    );
-  }
-  if (format === 'torch_dist') {
-    return new ConvertError(
-      'UNSUPPORTED',
-      `${iterDir} is a Megatron-LM torch_dist checkpoint, which megapatch does not read: have Megatron save it ` +
-        'in the torch format (--ckpt-convert-format torch --ckpt-convert-save <dir>), then run `megapatch convert megatron-to-megapatch`',
-    );
-  }
-  return null;
+  if (format === null) return null;
+  const what =
+    format === 'torch'
+      ? 'in the torch format (mp_rank_*/model_optim_rng.pt)'
+      : 'in the torch_dist format (.metadata, *.distcp, common.pt)';
+  return new ConvertError(
+    'INVALID_FORMAT',
+    `${iterDir} is a Megatron-LM checkpoint ${what}, not a megapatch checkpoint: ` +
+      `convert it with \`megapatch convert megatron-to-megapatch --load ${path.dirname(iterDir)} --hf-dir <HF folder with its config.json> --out <dir>\``,
+  );
 }
 
 /** Reads and validates `<iterDir>/metadata.json`. */

@@ -18,11 +18,12 @@ export {
 } from './convert.js';
 export * from './dtype-cast.js';
 export * from './json-edit.js';
+export { MEGATRON_TRACKER_FILE, MegatronPlanView } from './megatron-common.js';
+export { MEGATRON_COMMON_FILE, MEGATRON_DIST_METADATA_FILE, MegatronDistView } from './megatron-dist.js';
 export {
   convertMegapatchToMegatron,
   convertMegatronToMegapatch,
   MEGATRON_RANK_FILE,
-  MEGATRON_TRACKER_FILE,
   type MegapatchToMegatronOptions,
   MegatronLegacyView,
   type MegatronNaming,

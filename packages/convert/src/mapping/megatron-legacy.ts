@@ -8,7 +8,7 @@
 // --no-load-rng`).
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { iterationDirName, MEGATRON_RANK_DIR } from '../checkpoint/metadata.js';
+import { iterationDirName, MEGATRON_RANK_DIR, megatronCheckpointFormat } from '../checkpoint/metadata.js';
 import {
   CheckpointStreamWriter,
   type CheckpointWriterOptions,
@@ -19,7 +19,7 @@ import { DTYPE_SIZE, numelOf, type SafetensorsDtype } from '../safetensors/dtype
 import { parseHfConfig } from '../specs/registry.js';
 import { PyFloat, PyGlobal, PyObject } from '../torch/pickle.js';
 import { TorchFile, TorchFileWriter, type TorchTensor, type TorchTensorRef } from '../torch/torch-file.js';
-import { makeTransformerConfig, paddedVocabSize, type TransformerConfig } from '../transformer-config.js';
+import { paddedVocabSize, type TransformerConfig } from '../transformer-config.js';
 import {
   type CommonConvertOptions,
   type ConversionSummary,
@@ -35,10 +35,19 @@ import {
   streamTensors,
   summaryOf,
   type TensorSource,
-  type TensorSourceInfo,
   TOKENIZER_FILE,
 } from './convert.js';
 import { castElements, isFloatDtype } from './dtype-cast.js';
+import {
+  argsOf,
+  LOCAL_NORMS,
+  MEGATRON_TRACKER_FILE,
+  MegatronPlanView,
+  megatronIterationDir,
+  megatronModelOfArgs,
+  num,
+} from './megatron-common.js';
+import { MegatronDistView } from './megatron-dist.js';
 import { checkCheckpointTarget, checkOutputApart } from './output-guard.js';
 import {
   type ConversionPlan,
@@ -49,8 +58,6 @@ import {
   resolveLayout,
 } from './plan.js';
 
-/** Megatron's tracker file at the root of a checkpoint folder. */
-export const MEGATRON_TRACKER_FILE = 'latest_checkpointed_iteration.txt';
 /** The file each model-parallel rank saves in the legacy format. */
 export const MEGATRON_RANK_FILE = 'model_optim_rng.pt';
 
@@ -65,13 +72,6 @@ export interface MegatronNaming {
   /** Experts as TEGroupedMLP (`experts.linear_fc1.weight<j>`) instead of SequentialMLP (`experts.local_experts.<j>.…`). */
   readonly moeGroupedGemm?: boolean;
 }
-
-const LOCAL_NORMS: readonly [string, string][] = [
-  ['self_attention.linear_qkv.layer_norm_weight', 'input_layernorm.weight'],
-  ['mlp.linear_fc1.layer_norm_weight', 'pre_mlp_layernorm.weight'],
-  ['self_attention.linear_q_up_proj.layer_norm_weight', 'self_attention.q_layernorm.weight'],
-  ['self_attention.linear_kv_up_proj.layer_norm_weight', 'self_attention.kv_layernorm.weight'],
-];
 
 /** `mp_rank_TT[_PPP][_EEE]`: the rank folder name Megatron's `get_checkpoint_name` gives. */
 export function megatronRankDirName(
@@ -224,48 +224,12 @@ function checkExpertTp(layout: ParallelLayout, cfg: TransformerConfig): void {
 // ---------------------------------------------------------------------------------------------
 // Reading
 
-function num(v: unknown): number | undefined {
-  return typeof v === 'number' ? v : typeof v === 'bigint' ? Number(v) : undefined;
-}
-
-/** The attributes of the pickled `argparse.Namespace` (empty when the file has none). */
-function argsOf(root: Map<unknown, unknown>): Map<string, unknown> {
-  const a = root.get('args');
-  if (a instanceof PyObject && a.state instanceof Map) return a.state as Map<string, unknown>;
-  return new Map();
-}
-
-/** Resolves a Megatron checkpoint path (root with the tracker file, or an `iter_*` / `release` folder). */
-function megatronIterationDir(dir: string, iteration: number | undefined): string {
-  if (!fs.existsSync(dir)) throw new ConvertError('MISSING_FILE', 'no such Megatron checkpoint folder', dir);
-  if (/^(iter_\d{7}|release)$/.test(path.basename(dir))) return dir;
-  if (iteration !== undefined) return path.join(dir, iterationDirName(iteration));
-  const tracker = path.join(dir, MEGATRON_TRACKER_FILE);
-  if (!fs.existsSync(tracker)) {
-    throw new ConvertError(
-      'MISSING_FILE',
-      `no ${MEGATRON_TRACKER_FILE}: pass a Megatron checkpoint root, an iter_NNNNNNN folder, or the iteration`,
-      dir,
-    );
-  }
-  const text = fs.readFileSync(tracker, 'utf8').trim();
-  if (text === 'release') return path.join(dir, 'release');
-  if (!/^\d+$/.test(text)) {
-    throw new ConvertError(
-      'INVALID_FORMAT',
-      `holds "${text.slice(0, 40)}", not an iteration or "release"`,
-      tracker,
-    );
-  }
-  return path.join(dir, iterationDirName(Number(text)));
-}
-
 /**
  * A Megatron legacy (`torch` format) checkpoint, read as the global tensors of a megapatch
  * checkpoint of the same model ({@link TensorSource}): each slice is gathered from the rank files
  * that hold it, reading only the rows it needs.
  */
-export class MegatronLegacyView implements TensorSource {
+export class MegatronLegacyView extends MegatronPlanView {
   /** Training iteration recorded in the files. */
   readonly iteration: number;
   /** The `args` Megatron saved (attribute name → value). */
@@ -276,10 +240,9 @@ export class MegatronLegacyView implements TensorSource {
   readonly dir: string;
   private readonly files = new Map<string, TorchFile>();
   private readonly chunks = new Map<string, Map<string, Map<string, TorchTensor>>>();
-  private readonly byName: Map<string, MegatronTensorPlan>;
-  private readonly dtypes = new Map<string, SafetensorsDtype>();
 
   private constructor(dir: string, cfg: TransformerConfig, hfConfig: string) {
+    super();
     this.dir = dir;
     try {
       const ranks = fs
@@ -296,50 +259,12 @@ export class MegatronLegacyView implements TensorSource {
       const first = this.open(ranks.map((m) => m[0]).sort()[0]);
       const root = first.root as Map<unknown, unknown>;
       this.args = argsOf(root);
-      const a = (k: string) => num(this.args.get(k));
       // virtual stages: from args, else from the model chunks saved (model0, model1, …)
       const chunks = [...root.keys()].filter((k) => typeof k === 'string' && /^model\d+$/.test(k)).length;
-      const vpp = a('virtual_pipeline_model_parallel_size') ?? (chunks > 0 ? chunks : 1);
-      const layout = resolveLayout({
-        tp: a('tensor_model_parallel_size') ?? 1,
-        pp: a('pipeline_model_parallel_size') ?? 1,
-        ep: a('expert_model_parallel_size') ?? 1,
-        ...(a('expert_tensor_parallel_size') !== undefined ? { etp: a('expert_tensor_parallel_size') } : {}),
-        ...(vpp > 1 ? { vpp } : {}),
-        ...(a('decoder_first_pipeline_num_layers') !== undefined
-          ? { decoderFirstPipelineNumLayers: a('decoder_first_pipeline_num_layers') }
-          : {}),
-        ...(a('decoder_last_pipeline_num_layers') !== undefined
-          ? { decoderLastPipelineNumLayers: a('decoder_last_pipeline_num_layers') }
-          : {}),
-        ...(typeof this.args.get('pipeline_model_parallel_layout') === 'string'
-          ? { pipelineModelParallelLayout: this.args.get('pipeline_model_parallel_layout') as string }
-          : {}),
-      });
+      const { layout, model } = megatronModelOfArgs(this.args, cfg, hfConfig, first.file, chunks);
       this.iteration = num(root.get('iteration')) ?? 0;
-      // the model as the HF config describes it, with Megatron's vocabulary padding
-      const divisible = a('make_vocab_size_divisible_by');
-      const model =
-        divisible === undefined
-          ? cfg
-          : makeTransformerConfig({ ...cfg, makeVocabSizeDivisibleBy: divisible });
-      for (const [k, v] of [
-        ['num_layers', model.numLayers],
-        ['hidden_size', model.hiddenSize],
-        ['num_attention_heads', model.numAttentionHeads],
-        ['padded_vocab_size', paddedVocabSize(model.vocabSize, model.makeVocabSizeDivisibleBy, layout.tp)],
-      ] as const) {
-        if (a(k) !== undefined && a(k) !== v) {
-          throw new ConvertError(
-            'SHAPE_MISMATCH',
-            `args.${k} is ${a(k)}, ${hfConfig} implies ${v}: the checkpoint is not of this model`,
-            first.file,
-          );
-        }
-      }
       checkExpertTp(layout, model);
       this.plan = planConversion(parseHfConfig(hfConfig).spec, model, layout);
-      this.byName = new Map(this.plan.tensors.map((t) => [t.name, t]));
       const want = new Set<string>();
       for (let tp = 0; tp < layout.tp; tp++)
         for (let pp = 0; pp < layout.pp; pp++)
@@ -468,28 +393,9 @@ export class MegatronLegacyView implements TensorSource {
             [...m.keys()].filter((n) => !seen.has(`${c}/${n}`)).map((n) => `${c}.${n}`),
           );
           if (extra.length > 0) {
-            throw new ConvertError(
-              'UNEXPECTED_TENSOR',
-              `${extra.slice(0, 3).join(', ')}${extra.length > 3 ? ` and ${extra.length - 3} more` : ''} are not part of ${this.plan.spec.architectures[0]} as config.json describes it`,
-              file,
-            );
+            throw this.notPartOfModel(extra, file);
           }
         }
-  }
-
-  tensorNames(): string[] {
-    return this.plan.tensors.map((t) => t.name);
-  }
-
-  info(name: string): TensorSourceInfo {
-    const t = this.tensor(name);
-    return { dtype: this.dtypes.get(name) as SafetensorsDtype, globalShape: t.globalShape };
-  }
-
-  private tensor(name: string): MegatronTensorPlan {
-    const t = this.byName.get(name);
-    if (!t) throw new ConvertError('MISSING_TENSOR', `no tensor ${name} in this model`, this.dir);
-    return t;
   }
 
   /** The box [offsets, offsets + shape) of a global tensor, row-major bytes, from the rank files. */
@@ -550,7 +456,10 @@ export class MegatronLegacyView implements TensorSource {
 
 /** Options of {@link convertMegatronToMegapatch}. */
 export interface MegatronToMegapatchOptions extends CommonConvertOptions {
-  /** Megatron checkpoint: its root (with latest_checkpointed_iteration.txt) or an `iter_NNNNNNN` folder. */
+  /**
+   * Megatron checkpoint (`torch` or `torch_dist` format): its root (with
+   * latest_checkpointed_iteration.txt) or an `iter_NNNNNNN` folder.
+   */
   readonly input: string;
   /** Hugging Face folder of the model: config.json (required), tokenizer and generation files (kept). */
   readonly hfDir: string;
@@ -563,8 +472,10 @@ export interface MegatronToMegapatchOptions extends CommonConvertOptions {
 }
 
 /**
- * Megatron legacy checkpoint → megapatch checkpoint (the model weights; iteration and consumed
- * samples recorded). Side files come from `hfDir`, as for {@link convertHfToMegapatch}.
+ * Megatron-LM checkpoint → megapatch checkpoint (the model weights; iteration and consumed samples
+ * recorded), from either format: the legacy `torch` one ({@link MegatronLegacyView}) or
+ * `torch_dist` ({@link MegatronDistView}), told apart by the iteration folder's files. Side files
+ * come from `hfDir`, as for {@link convertHfToMegapatch}.
  */
 export async function convertMegatronToMegapatch(
   opts: MegatronToMegapatchOptions,
@@ -573,14 +484,18 @@ export async function convertMegatronToMegapatch(
   opts.signal?.throwIfAborted();
   const chunkBytes = opts.chunkBytes ?? DEFAULT_CHUNK;
   checkOutputApart(opts.output, opts.input);
-  const view = MegatronLegacyView.open(opts.input, opts.hfDir, {
-    ...(opts.iteration !== undefined ? { iteration: opts.iteration } : {}),
-  });
+  const iterDir = megatronIterationDir(opts.input, opts.iteration);
+  if (!fs.existsSync(iterDir)) throw new ConvertError('MISSING_FILE', 'no such iteration folder', iterDir);
+  const view =
+    megatronCheckpointFormat(iterDir) === 'torch_dist'
+      ? MegatronDistView.open(iterDir, opts.hfDir)
+      : MegatronLegacyView.open(iterDir, opts.hfDir);
   try {
     const src = view.plan;
-    const layout = opts.layout ? mergedLayout(src.layout, opts.layout, src.config) : src.layout;
+    const saved = view instanceof MegatronDistView ? view.layout : src.layout;
+    const layout = opts.layout ? mergedLayout(saved, opts.layout, src.config) : saved;
     const plan = planConversion(src.spec, src.config, layout);
-    checkExpertTp(layout, src.config);
+    if (view instanceof MegatronLegacyView) checkExpertTp(layout, src.config);
     checkCheckpointTarget(path.join(opts.output, iterationDirName(view.iteration)), opts.overwrite);
     const planned: PlannedTensor[] = plan.tensors.map((t) => {
       const stored = view.info(t.name).dtype;

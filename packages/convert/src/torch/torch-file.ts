@@ -40,6 +40,11 @@ const TORCH_DTYPES: [SafetensorsDtype, string | null, string][] = [
 ];
 const DTYPE_OF_STORAGE = new Map(TORCH_DTYPES.map(([d, s]) => [s, d]));
 const DTYPE_OF_NAME = new Map(TORCH_DTYPES.map(([d, , n]) => [n, d]));
+
+/** The dtype of `torch.<name>` (`bfloat16` → BF16), or undefined for one the reader does not map. */
+export function torchDtypeOf(name: string): TorchDtype | undefined {
+  return DTYPE_OF_NAME.get(name);
+}
 /** Typed storages of the dtypes the writer takes: those every torch >= 1.6 reads. */
 const WRITTEN = new Map(TORCH_DTYPES.filter(([d, s]) => s && d !== 'C64').map(([d, s]) => [d, s as string]));
 // The first bytes of a pre-1.6 torch.save file: PROTO 2, then LONG1 of torch's magic number.
@@ -162,6 +167,7 @@ export class TorchFile {
     readonly root: unknown,
     fd: number,
     private readonly records: ReadonlyMap<string, { offset: number; size: number }>,
+    private readonly ownsFd: boolean,
   ) {
     this.fd = fd;
   }
@@ -171,97 +177,107 @@ export class TorchFile {
    * tensor bytes read). Checks that every storage record exists and fits its tensors.
    */
   static open(file: string): TorchFile {
-    const fail = (code: ConvertErrorCode, message: string) => new ConvertError(code, message, file);
     let fd: number;
     try {
       fd = fs.openSync(file, 'r');
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'ENOENT') throw fail('MISSING_FILE', 'no such file');
-      throw fail('INVALID_ARGUMENT', `cannot open (${(e as Error).message})`);
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT')
+        throw new ConvertError('MISSING_FILE', 'no such file', file);
+      throw new ConvertError('INVALID_ARGUMENT', `cannot open (${(e as Error).message})`, file);
     }
     try {
-      const size = fs.fstatSync(fd).size;
-      const head = readExact(fd, Math.min(size, 14), 0, file);
-      if (head[0] === 0x80 && LEGACY_MAGIC.every((b, i) => head[i + 2] === b)) {
-        throw fail(
-          'UNSUPPORTED',
-          'is in the legacy (pre-1.6) torch.save format, which is not read: ' +
-            're-save it with PyTorch >= 1.6, e.g. torch.save(torch.load(path), path)',
-        );
-      }
-      const entries = readZipDirectory(fd, size, file);
-      // Like torch, take the archive folder from the first entry; torch.save names it after the file.
-      const slash = entries[0]?.name.indexOf('/') ?? -1;
-      if (slash < 0) throw fail('INVALID_FORMAT', 'is a zip without a top folder: not a torch.save file');
-      const prefix = entries[0].name.slice(0, slash + 1);
-      const byName = new Map(entries.map((e) => [e.name, e]));
-      if (byName.has(`${prefix}constants.pkl`)) {
-        throw fail('UNSUPPORTED', 'is a TorchScript archive (torch.jit.save), not a torch.save file');
-      }
-      const locate = (name: string) => {
-        const e = byName.get(prefix + name);
-        if (!e) return undefined;
-        if (e.method !== 0) {
-          throw fail(
-            'UNSUPPORTED',
-            `zip entry ${e.name} is compressed (method ${e.method}), but torch.save stores entries: re-save the file with torch.save`,
-          );
-        }
-        const offset = entryDataOffset(fd, e, file);
-        if (offset + e.size > size)
-          throw fail('TRUNCATED_FILE', `zip entry ${e.name} runs past the end of the file`);
-        return { offset, size: e.size };
-      };
-      const pkl = locate('data.pkl');
-      if (!pkl) throw fail('INVALID_FORMAT', `has no ${prefix}data.pkl: not a torch.save file`);
-
-      const storages = new Map<string, Storage>();
-      const tensors: TorchTensor[] = [];
-      const classes = tensorClasses(file, tensors);
-      let root: unknown;
-      try {
-        root = unpickle(readExact(fd, pkl.size, pkl.offset, file), {
-          findClass: (module, name) => classes[`${module}.${name}`],
-          persistentLoad: (pid) => {
-            const [kind, type, id, , numel] = Array.isArray(pid) ? pid : [];
-            const key = typeof id === 'number' ? String(id) : id; // torch < 1.9 wrote numbers as keys
-            if (
-              kind !== 'storage' ||
-              !(type instanceof PyGlobal) ||
-              !isCount(numel) ||
-              typeof key !== 'string'
-            ) {
-              throw fail('CORRUPT_FILE', `data.pkl: unknown persistent id ${String(pid)}`);
-            }
-            if (!storages.has(key)) storages.set(key, new Storage(type.name, key, numel));
-            return storages.get(key);
-          },
-        });
-      } catch (e) {
-        if (e instanceof ConvertError && !e.file) throw fail(e.code, `data.pkl: ${e.message}`);
-        throw e;
-      }
-
-      const records = new Map<string, { offset: number; size: number }>();
-      for (const t of tensors) {
-        if (records.has(t.storageKey)) continue;
-        const name = `data/${t.storageKey}`;
-        const record = locate(name);
-        if (!record) throw fail('CORRUPT_FILE', `has no record ${prefix}${name} for a tensor's storage`);
-        const bytes = t.storageNumel * DTYPE_SIZE[t.dtype];
-        if (record.size !== bytes) {
-          throw fail(
-            'CORRUPT_FILE',
-            `record ${prefix}${name} has ${record.size} bytes, its storage ${bytes}`,
-          );
-        }
-        records.set(t.storageKey, record);
-      }
-      return new TorchFile(file, root, fd, records);
+      return TorchFile.load(fd, 0, fs.fstatSync(fd).size, file, true);
     } catch (e) {
       fs.closeSync(fd);
       throw e;
     }
+  }
+
+  /**
+   * A torch.save file stored as bytes [offset, offset + length) of the file open as `fd` (as a
+   * PyTorch distributed checkpoint stores each tensor). The caller keeps `fd`: closing the
+   * returned TorchFile leaves it open.
+   */
+  static openRegion(fd: number, offset: number, length: number, file: string): TorchFile {
+    return TorchFile.load(fd, offset, length, file, false);
+  }
+
+  private static load(fd: number, base: number, size: number, file: string, ownsFd: boolean): TorchFile {
+    const fail = (code: ConvertErrorCode, message: string) => new ConvertError(code, message, file);
+    const head = readExact(fd, Math.min(size, 14), base, file);
+    if (head[0] === 0x80 && LEGACY_MAGIC.every((b, i) => head[i + 2] === b)) {
+      throw fail(
+        'UNSUPPORTED',
+        'is in the legacy (pre-1.6) torch.save format, which is not read: ' +
+          're-save it with PyTorch >= 1.6, e.g. torch.save(torch.load(path), path)',
+      );
+    }
+    const entries = readZipDirectory(fd, size, file, base);
+    // Like torch, take the archive folder from the first entry; torch.save names it after the file.
+    const slash = entries[0]?.name.indexOf('/') ?? -1;
+    if (slash < 0) throw fail('INVALID_FORMAT', 'is a zip without a top folder: not a torch.save file');
+    const prefix = entries[0].name.slice(0, slash + 1);
+    const byName = new Map(entries.map((e) => [e.name, e]));
+    if (byName.has(`${prefix}constants.pkl`)) {
+      throw fail('UNSUPPORTED', 'is a TorchScript archive (torch.jit.save), not a torch.save file');
+    }
+    const locate = (name: string) => {
+      const e = byName.get(prefix + name);
+      if (!e) return undefined;
+      if (e.method !== 0) {
+        throw fail(
+          'UNSUPPORTED',
+          `zip entry ${e.name} is compressed (method ${e.method}), but torch.save stores entries: re-save the file with torch.save`,
+        );
+      }
+      const offset = entryDataOffset(fd, e, file, base);
+      if (offset + e.size > size)
+        throw fail('TRUNCATED_FILE', `zip entry ${e.name} runs past the end of the file`);
+      return { offset: base + offset, size: e.size };
+    };
+    const pkl = locate('data.pkl');
+    if (!pkl) throw fail('INVALID_FORMAT', `has no ${prefix}data.pkl: not a torch.save file`);
+
+    const storages = new Map<string, Storage>();
+    const tensors: TorchTensor[] = [];
+    const classes = tensorClasses(file, tensors);
+    let root: unknown;
+    try {
+      root = unpickle(readExact(fd, pkl.size, pkl.offset, file), {
+        findClass: (module, name) => classes[`${module}.${name}`],
+        persistentLoad: (pid) => {
+          const [kind, type, id, , numel] = Array.isArray(pid) ? pid : [];
+          const key = typeof id === 'number' ? String(id) : id; // torch < 1.9 wrote numbers as keys
+          if (
+            kind !== 'storage' ||
+            !(type instanceof PyGlobal) ||
+            !isCount(numel) ||
+            typeof key !== 'string'
+          ) {
+            throw fail('CORRUPT_FILE', `data.pkl: unknown persistent id ${String(pid)}`);
+          }
+          if (!storages.has(key)) storages.set(key, new Storage(type.name, key, numel));
+          return storages.get(key);
+        },
+      });
+    } catch (e) {
+      if (e instanceof ConvertError && !e.file) throw fail(e.code, `data.pkl: ${e.message}`);
+      throw e;
+    }
+
+    const records = new Map<string, { offset: number; size: number }>();
+    for (const t of tensors) {
+      if (records.has(t.storageKey)) continue;
+      const name = `data/${t.storageKey}`;
+      const record = locate(name);
+      if (!record) throw fail('CORRUPT_FILE', `has no record ${prefix}${name} for a tensor's storage`);
+      const bytes = t.storageNumel * DTYPE_SIZE[t.dtype];
+      if (record.size !== bytes) {
+        throw fail('CORRUPT_FILE', `record ${prefix}${name} has ${record.size} bytes, its storage ${bytes}`);
+      }
+      records.set(t.storageKey, record);
+    }
+    return new TorchFile(file, root, fd, records, ownsFd);
   }
 
   /** The tensor's elements in row-major order (strided views gathered), as bytes. */
@@ -294,9 +310,27 @@ export class TorchFile {
     return this.read(viewOf(t, [count, ...t.shape.slice(1)], offset, t.requiresGrad));
   }
 
+  /**
+   * The box [offsets, offsets + shape) of the tensor as row-major bytes: one read of the storage
+   * span it covers (exactly its bytes when it is a block of whole trailing rows).
+   */
+  readBox(t: TorchTensor, offsets: readonly number[], shape: readonly number[]): Uint8Array {
+    if (
+      offsets.length !== t.shape.length ||
+      shape.length !== t.shape.length ||
+      shape.some((n, d) => !isCount(n) || !isCount(offsets[d]) || offsets[d] + n > t.shape[d])
+    ) {
+      const message = `box at [${offsets.join(',')}] of shape [${shape.join(',')}] is outside a tensor of shape [${t.shape.join(',')}]`;
+      throw new ConvertError('INVALID_ARGUMENT', message, this.file);
+    }
+    if (numelOf(shape) === 0) return new Uint8Array(0);
+    const start = offsets.reduce((s, o, d) => s + o * t.stride[d], t.storageOffset);
+    return this.read(viewOf(t, [...shape], start, t.requiresGrad));
+  }
+
   /** Closes the file; later reads throw. */
   close(): void {
-    if (this.fd !== null) fs.closeSync(this.fd);
+    if (this.fd !== null && this.ownsFd) fs.closeSync(this.fd);
     this.fd = null;
   }
 
@@ -321,9 +355,15 @@ function gather(
   for (;;) {
     let base = 0;
     for (let d = 0; d < last; d++) base += index[d] * stride[d];
-    for (let i = 0; i < shape[last]; i++) {
-      const s = (base + i * stride[last]) * size;
-      for (let b = 0; b < size; b++) out[o++] = src[s + b];
+    if (stride[last] === 1 || shape[last] === 1) {
+      // a run of neighbours: one copy
+      out.set(src.subarray(base * size, (base + shape[last]) * size), o);
+      o += shape[last] * size;
+    } else {
+      for (let i = 0; i < shape[last]; i++) {
+        const s = (base + i * stride[last]) * size;
+        for (let b = 0; b < size; b++) out[o++] = src[s + b];
+      }
     }
     let d = last - 1;
     while (d >= 0 && ++index[d] === shape[d]) index[d--] = 0;

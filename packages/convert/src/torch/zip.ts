@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 import * as zlib from 'node:zlib';
 import { ConvertError } from '../errors.js';
-import { readExact } from '../safetensors/file.js';
+import { readExact as readFileExact } from '../safetensors/file.js';
 
 /** One entry of a zip's central directory. */
 export interface ZipEntry {
@@ -51,11 +51,14 @@ function u64(v: DataView, at: number, what: string, file: string): number {
 
 /**
  * Reads the central directory of the zip open as `fd` (zip64 aware). A missing end record means
- * TRUNCATED_FILE when the file starts like a zip, INVALID_FORMAT otherwise.
+ * TRUNCATED_FILE when the file starts like a zip, INVALID_FORMAT otherwise. A zip stored inside a
+ * larger file (a torch.save blob in a PyTorch distributed checkpoint) starts at `base` and is
+ * `fileSize` bytes long; the offsets it records, and those returned, are relative to `base`.
  */
-export function readZipDirectory(fd: number, fileSize: number, file: string): ZipEntry[] {
+export function readZipDirectory(fd: number, fileSize: number, file: string, base = 0): ZipEntry[] {
+  const readExact = (n: number, at: number, f: string) => readFileExact(fd, n, base + at, f);
   const tailLength = Math.min(fileSize, EOCD_SIZE + MAX16 + LOCATOR_SIZE);
-  const tail = readExact(fd, tailLength, fileSize - tailLength, file);
+  const tail = readExact(tailLength, fileSize - tailLength, file);
   const tv = dataView(tail);
   let eocd = -1;
   for (let i = tailLength - EOCD_SIZE; i >= 0; i--) {
@@ -65,7 +68,7 @@ export function readZipDirectory(fd: number, fileSize: number, file: string): Zi
     }
   }
   if (eocd < 0) {
-    const head = fileSize >= 4 ? dataView(readExact(fd, 4, 0, file)).getUint32(0, true) : 0;
+    const head = fileSize >= 4 ? dataView(readExact(4, 0, file)).getUint32(0, true) : 0;
     if (head === SIG.LOCAL) {
       throw new ConvertError(
         'TRUNCATED_FILE',
@@ -84,7 +87,7 @@ export function readZipDirectory(fd: number, fileSize: number, file: string): Zi
     const at = u64(tv, locator + 8, 'zip64 end record offset', file);
     if (at + EOCD64_SIZE > eocdAt)
       throw new ConvertError('CORRUPT_FILE', 'zip64 end record is out of place', file);
-    const z = dataView(readExact(fd, EOCD64_SIZE, at, file));
+    const z = dataView(readExact(EOCD64_SIZE, at, file));
     if (z.getUint32(0, true) !== SIG.EOCD64)
       throw new ConvertError('CORRUPT_FILE', 'zip64 end record is damaged', file);
     count = u64(z, 32, 'entry count', file);
@@ -98,7 +101,7 @@ export function readZipDirectory(fd: number, fileSize: number, file: string): Zi
       file,
     );
   }
-  const cd = readExact(fd, cdSize, cdOffset, file);
+  const cd = readExact(cdSize, cdOffset, file);
   const v = dataView(cd);
   const utf8 = new TextDecoder();
   const entries: ZipEntry[] = [];
@@ -147,9 +150,12 @@ export function readZipDirectory(fd: number, fileSize: number, file: string): Zi
   return entries;
 }
 
-/** Offset of an entry's first data byte: after its local header, whose name and extra lengths may differ from the central ones. */
-export function entryDataOffset(fd: number, entry: ZipEntry, file: string): number {
-  const v = dataView(readExact(fd, LOCAL_SIZE, entry.headerOffset, file));
+/**
+ * Offset of an entry's first data byte (relative to the zip's start, `base` in the file): after its
+ * local header, whose name and extra lengths may differ from the central ones.
+ */
+export function entryDataOffset(fd: number, entry: ZipEntry, file: string, base = 0): number {
+  const v = dataView(readFileExact(fd, LOCAL_SIZE, base + entry.headerOffset, file));
   if (v.getUint32(0, true) !== SIG.LOCAL) {
     throw new ConvertError(
       'CORRUPT_FILE',
