@@ -1,8 +1,3 @@
-// `megapatch eval` through the real binary on stories260K: a text JSONL, the same documents as ids
-// JSONL and as an indexed dataset give the loss that evaluate() computes; --per-token-logprobs
-// writes one {"ids", "logprobs"} line per document, atomically; bad input is one line; a TP=2
-// checkpoint under `megapatch launch --nproc-per-node 2` gives the loss of one process.
-import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import { join } from 'node:path';
 import { convertHfToMegapatch } from '@megapatch/convert';
@@ -11,7 +6,7 @@ import { evaluate, type GPTModel, loadModel } from '@megapatch/models';
 import { sharedPath, skipWithoutShared } from '@megapatch/test-support';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { EvalReport } from '../src/commands/eval.js';
-import { BIN, listTree, megapatch, oneLine, tempDir } from './helpers.js';
+import { launched, listTree, megapatch, oneLine, tempDir } from './helpers.js';
 
 const STORIES = sharedPath('data/models/stories260K/hf');
 const TEXTS = [
@@ -249,23 +244,7 @@ describe.skipIf(skipWithoutShared(import.meta.url))('megapatch eval on stories26
     await convertHfToMegapatch({ hfDir: STORIES, output: tp2, layout: { tp: 2 } });
     const out = join(root, 'tp2-logprobs.jsonl');
     const args = ['eval', '--model', tp2, '--data', text, '--seq-length', '16', '--json'];
-    const r = spawnSync(
-      process.execPath,
-      [
-        BIN,
-        'launch',
-        '--nproc-per-node',
-        '2',
-        '--no-prefix',
-        '--',
-        process.execPath,
-        BIN,
-        ...args,
-        '--per-token-logprobs',
-        out,
-      ],
-      { encoding: 'utf8', env: { ...process.env, MEGAPATCH_DEBUG: '' } },
-    );
+    const r = launched(2, [...args, '--per-token-logprobs', out]);
     expect(r.status, r.stderr).toBe(0);
     const lines = r.stdout.trimEnd().split('\n');
     expect(lines).toHaveLength(1);

@@ -38,6 +38,20 @@ export function megapatch(args: readonly string[], env: Record<string, string> =
   return { status: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr };
 }
 
+/** `megapatch launch --nproc-per-node N --no-prefix -- megapatch ARGS`, run to completion. */
+export function launched(nproc: number, args: readonly string[]): RunResult {
+  return megapatch([
+    'launch',
+    '--nproc-per-node',
+    String(nproc),
+    '--no-prefix',
+    '--',
+    process.execPath,
+    BIN,
+    ...args,
+  ]);
+}
+
 /** Starts `megapatch ...args` without waiting. */
 export function startMegapatch(args: readonly string[], env: Record<string, string> = {}): ChildProcess {
   return spawn(process.execPath, [BIN, ...args], {

@@ -68,16 +68,11 @@ interface Pending {
   windowsLeft: number;
 }
 
-/**
- * Scores `sequences` (token ids; any iterable, read lazily) with `model`: the per-token loss comes
- * from the forward with labels (padded vocabulary masked, fp32), summed in float64. Every TP rank
- * must call it with the same sequences and options.
- */
-export function evaluate(
+/** seqLength (within the model's positions) and batchSize (default 8), checked. */
+export function checkEvalSizes(
   model: GPTModel,
-  sequences: Iterable<ArrayLike<number>>,
-  opts: EvaluateOptions,
-): EvaluateResult {
+  opts: { seqLength: number; batchSize?: number },
+): { seqLength: number; batchSize: number } {
   const { seqLength } = opts;
   const batchSize = opts.batchSize ?? 8;
   if (!Number.isInteger(seqLength) || seqLength < 1) {
@@ -92,6 +87,20 @@ export function evaluate(
   if (!Number.isInteger(batchSize) || batchSize < 1) {
     throw new ModelError('INVALID_ARGUMENT', `batchSize must be a positive integer, got ${batchSize}`);
   }
+  return { seqLength, batchSize };
+}
+
+/**
+ * Scores `sequences` (token ids; any iterable, read lazily) with `model`: the per-token loss comes
+ * from the forward with labels (padded vocabulary masked, fp32), summed in float64. Every TP rank
+ * must call it with the same sequences and options.
+ */
+export function evaluate(
+  model: GPTModel,
+  sequences: Iterable<ArrayLike<number>>,
+  opts: EvaluateOptions,
+): EvaluateResult {
+  const { seqLength, batchSize } = checkEvalSizes(model, opts);
   const collected: SequenceLogprobs[] | undefined = opts.perTokenLogprobs ? [] : undefined;
   // Sequences finish out of order only inside a batch; emit them in input order.
   const finished = new Map<number, Pending>();

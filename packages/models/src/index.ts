@@ -60,6 +60,12 @@ export {
   type SaveModelOptions,
   saveModel,
 } from './load.js';
+export {
+  type ContinuationRequest,
+  type ContinuationScore,
+  type ScoreContinuationsOptions,
+  scoreContinuations,
+} from './loglikelihood.js';
 export * from './memory.js';
 export { MLASelfAttention } from './mla.js';
 export { gatedActivation, MLP, type MLPOptions, swiglu } from './mlp.js';

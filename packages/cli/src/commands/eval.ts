@@ -12,7 +12,9 @@ import { type Io, memoryIo } from '../io.js';
 import { int, overwriteOption, parseOptions } from '../options.js';
 import { withOutput } from '../outputs.js';
 import { MAX_SEQ_LENGTH } from './data.js';
+import { EVAL_TASKS, type TaskEvalReport } from './eval-task.js';
 import { describeModel, joinJob, loadForJob, ModelDtype, modelOptions, modelTokenizer } from './generate.js';
+import { fileLines, LineWriter, parseRecord } from './jsonl.js';
 
 const NAME = 'eval';
 
@@ -52,11 +54,60 @@ const options = {
     value: 'OUT.jsonl',
     description: 'write {"ids", "logprobs"} per document: logprobs[i] = log p(ids[i + 1] | ids[0..i])',
   },
+  task: {
+    type: 'string',
+    value: 'perplexity|multiple-choice|loglikelihood',
+    description:
+      "perplexity (the default) scores whole documents; multiple-choice and loglikelihood score a JSONL of benchmark documents as lm-evaluation-harness's tasks of those kinds",
+    default: 'perplexity',
+  },
+  'context-key': {
+    type: 'string',
+    value: 'KEY',
+    description: 'tasks: field holding the context (the question) of a document',
+    default: 'context',
+  },
+  'choices-key': {
+    type: 'string',
+    value: 'KEY',
+    description: 'multiple-choice: field holding the list of answers',
+    default: 'choices',
+  },
+  'label-key': {
+    type: 'string',
+    value: 'KEY',
+    description: 'multiple-choice: field holding the index of the right answer (from 0)',
+    default: 'label',
+  },
+  'continuation-key': {
+    type: 'string',
+    value: 'KEY',
+    description: 'loglikelihood: field holding the continuation (the target) to score',
+    default: 'continuation',
+  },
+  'target-delimiter': {
+    type: 'string',
+    value: 'TEXT',
+    description:
+      "tasks: put between the context and each continuation (lm-evaluation-harness's target_delimiter)",
+    default: ' ',
+  },
+  'add-bos': {
+    type: 'boolean',
+    description:
+      "tasks: start every context with the tokenizer's BOS (lm-evaluation-harness's add_bos_token)",
+  },
+  'per-doc': {
+    type: 'string',
+    value: 'OUT.jsonl',
+    description:
+      'tasks: write one line per document: {"doc", "loglikelihoods", "greedy", "pred", "predNorm", "label"} (multiple-choice) or {"doc", "loglikelihood", "greedy", "tokens"}',
+  },
   overwrite: overwriteOption,
   json: {
     type: 'boolean',
     description:
-      'print one {"model", "data", "format", "seqLength", "sequences", "tokens", "meanLoss", "perplexity", "seconds", "tokensPerSecond"}',
+      'print the report as one JSON object ({"model", "data", "format", "seqLength", "sequences", "tokens", "meanLoss", "perplexity", ...} for perplexity; {"task", "documents", "requests", "acc", "accStderr", "accNorm", ...} for a task)',
   },
 } as const;
 
@@ -68,9 +119,51 @@ const schema = z.object({
   batchSize: int(1, 1 << 16),
   jsonKey: z.string().min(1, 'must not be empty'),
   perTokenLogprobs: z.string().min(1, 'must not be empty').optional(),
+  task: z.enum(EVAL_TASKS, { message: "must be 'perplexity', 'multiple-choice' or 'loglikelihood'" }),
+  contextKey: z.string().min(1, 'must not be empty'),
+  choicesKey: z.string().min(1, 'must not be empty'),
+  labelKey: z.string().min(1, 'must not be empty'),
+  continuationKey: z.string().min(1, 'must not be empty'),
+  targetDelimiter: z.string(),
+  addBos: z.boolean(),
+  perDoc: z.string().min(1, 'must not be empty').optional(),
   overwrite: z.boolean(),
   json: z.boolean(),
 });
+
+/** Flags that belong to one kind of evaluation: perplexity's, or the tasks'. */
+const PERPLEXITY_ONLY = ['json-key', 'per-token-logprobs'];
+const TASK_ONLY = [
+  'context-key',
+  'choices-key',
+  'label-key',
+  'continuation-key',
+  'target-delimiter',
+  'add-bos',
+  'per-doc',
+];
+
+/** Parses `megapatch eval`'s flags, refusing those of the other kind of evaluation. */
+function parseEval(values: OptionValues) {
+  const o = parseOptions(schema, withDefaults(evalCommand, values), NAME);
+  // the parser fills in defaults: a flag counts as given when its value differs from its default
+  const given = (names: string[]) =>
+    names.filter((n) => {
+      const spec = (evalCommand.options as Record<string, { default?: unknown; type: string }>)[n];
+      return (
+        values[n] !== undefined &&
+        values[n] !== (spec.default ?? (spec.type === 'boolean' ? false : undefined))
+      );
+    });
+  const wrong = o.task === 'perplexity' ? given(TASK_ONLY) : given(PERPLEXITY_ONLY);
+  if (wrong.length > 0) {
+    throw new UsageError(
+      `--${wrong[0]} does not apply to --task ${o.task}${o.task === 'perplexity' ? ' (give --task multiple-choice or loglikelihood)' : ''}`,
+      NAME,
+    );
+  }
+  return o;
+}
 
 /** How the data was read. */
 export type DataFormat = 'text-jsonl' | 'ids-jsonl' | 'indexed';
@@ -93,44 +186,6 @@ export interface EvalReport {
 function indexedPrefix(data: string): string | null {
   const prefix = /\.(bin|idx)$/.test(data) ? data.slice(0, -4) : data;
   return fs.existsSync(`${prefix}.bin`) && fs.existsSync(`${prefix}.idx`) ? prefix : null;
-}
-
-/** The lines of a file, read in chunks, with their 1-based numbers (blank lines skipped). */
-function* fileLines(file: string): Generator<{ line: number; text: string }> {
-  const fd = fs.openSync(file, 'r');
-  try {
-    const chunk = Buffer.alloc(1 << 20);
-    const decoder = new TextDecoder();
-    let rest = '';
-    let line = 0;
-    for (;;) {
-      const n = fs.readSync(fd, chunk, 0, chunk.length, null);
-      rest += n > 0 ? decoder.decode(chunk.subarray(0, n), { stream: true }) : decoder.decode();
-      const parts = rest.split('\n');
-      rest = n > 0 ? (parts.pop() as string) : '';
-      for (const text of parts) {
-        line++;
-        if (text.trim() !== '') yield { line, text };
-      }
-      if (n === 0) return;
-    }
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-/** One JSONL record as an object; anything else is a one-line error naming the line. */
-function parseRecord(file: string, line: number, text: string): Record<string, unknown> {
-  let v: unknown;
-  try {
-    v = JSON.parse(text);
-  } catch (e) {
-    throw new CliError('INVALID_INPUT', `${file} line ${line}: not valid JSON (${(e as Error).message})`);
-  }
-  if (typeof v !== 'object' || v === null || Array.isArray(v)) {
-    throw new CliError('INVALID_INPUT', `${file} line ${line}: expected a JSON object`);
-  }
-  return v as Record<string, unknown>;
 }
 
 /** The format of a JSONL file, from its first record: `{"ids"}` lines, or text. */
@@ -195,34 +250,6 @@ function* indexedDocuments(ds: IndexedDataset, prefix: string, vocabSize: number
       );
     }
     yield ids;
-  }
-}
-
-/** Writes JSON lines to `<file>.tmp-<pid>`, renamed to `file` when complete. */
-class LineWriter {
-  private readonly tmp: string;
-  private fd: number | undefined;
-
-  constructor(private readonly file: string) {
-    this.tmp = `${file}.tmp-${process.pid}`;
-    this.fd = fs.openSync(this.tmp, 'w');
-  }
-
-  write(line: string): void {
-    fs.writeSync(this.fd as number, `${line}\n`);
-  }
-
-  commit(): void {
-    fs.fsyncSync(this.fd as number);
-    fs.closeSync(this.fd as number);
-    this.fd = undefined;
-    fs.renameSync(this.tmp, this.file);
-  }
-
-  abort(): void {
-    if (this.fd !== undefined) fs.closeSync(this.fd);
-    this.fd = undefined;
-    fs.rmSync(this.tmp, { force: true });
   }
 }
 
@@ -306,7 +333,10 @@ async function scoreDocuments(
 
 /** Runs `megapatch eval` with parsed flag values; prints the report and returns it. */
 export async function runEval(values: OptionValues, io: Io = memoryIo()): Promise<EvalReport> {
-  const o = parseOptions(schema, withDefaults(evalCommand, values), NAME);
+  const o = parseEval(values);
+  if (o.task !== 'perplexity') {
+    throw new UsageError(`--task ${o.task} is run by runEvalTask, not runEval`, NAME);
+  }
   const prefix = indexedPrefix(o.data);
   if (!prefix && !fs.existsSync(o.data)) {
     throw new UsageError(
@@ -417,9 +447,19 @@ export async function runEval(values: OptionValues, io: Io = memoryIo()): Promis
   return report;
 }
 
+/** Runs `megapatch eval --task multiple-choice | loglikelihood` with parsed flag values. */
+export async function runEvalTask(values: OptionValues, io: Io = memoryIo()): Promise<TaskEvalReport> {
+  const o = parseEval(values);
+  if (o.task === 'perplexity')
+    throw new UsageError('runEvalTask needs --task multiple-choice or loglikelihood', NAME);
+  const { runTaskEval } = await import('./eval-task.js');
+  return runTaskEval({ ...o, task: o.task }, io);
+}
+
 export const evalCommand: Command = {
   name: NAME,
-  summary: 'mean loss and perplexity of a model on held-out data, with per-token log-probabilities',
+  summary:
+    'mean loss and perplexity of a model on held-out data, or benchmark accuracy (multiple choice, log-likelihood)',
   description:
     'Scores every document of --data with the model in --model: each document is cut into windows of ' +
     '--seq-length + 1 tokens that overlap by one (inputs = window[:-1], labels = window[1:]), so every token ' +
@@ -429,15 +469,23 @@ export const evalCommand: Command = {
     'with a Hugging Face tokenizer and --append-eod: BOS when the tokenizer has one, the text without other ' +
     'special tokens, then EOD. {"ids": [...]} lines and indexed datasets (<prefix>.bin / .idx, e.g. from ' +
     'megapatch preprocess pretrain) are scored as they are, one sequence per document. Under megapatch launch ' +
-    '--nproc-per-node N the model runs with tensor parallelism N and only rank 0 prints and writes.',
+    '--nproc-per-node N the model runs with tensor parallelism N and only rank 0 prints and writes. ' +
+    '--task multiple-choice reads {"context", "choices", "label"} lines and reports acc and acc_norm (the ' +
+    "highest log-likelihood, and per character of the choice, is the label's) with standard errors; --task " +
+    'loglikelihood reads {"context", "continuation"} lines and reports the mean log-likelihood, perplexity and ' +
+    'how often the continuation is the greedy one. Both score as lm-evaluation-harness does: target delimiter ' +
+    'between context and continuation, trailing spaces of the context moved to the continuation, context + ' +
+    'continuation encoded together, at most --seq-length + 1 tokens kept (the context cut from the left).',
   options,
   examples: [
     'eval --model stories260K --data valid.jsonl --seq-length 256',
     'eval --model ckpt --data data/c4_text_document --seq-length 2048 --bf16 --json',
     'eval --model Qwen3-0.6B --data valid.jsonl --seq-length 1024 --per-token-logprobs logprobs.jsonl',
+    'eval --model Qwen3-0.6B --task multiple-choice --data hellaswag.jsonl --seq-length 2048 --per-doc hs.jsonl',
   ],
   run: async ({ options: values, io }) => {
-    await runEval(values, io);
+    if (values.task === undefined || values.task === 'perplexity') await runEval(values, io);
+    else await runEvalTask(values, io);
   },
 };
 
