@@ -567,4 +567,3 @@ function memoryNote(r) {
   const flat = r.memoryFlat ? 'the same after every step' : 'NOT the same after every step (a leak?)';
   return `, live ${r.liveMemoryGiB} GiB ${flat}, reserved ${r.reservedMemoryGiB} GiB`;
 }
-
