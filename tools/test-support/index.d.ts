@@ -10,3 +10,5 @@ export declare function sharedPath(rel: string): string;
 export declare function skipWithoutShared(who: string): boolean;
 /** Runs a full garbage collection and waits for the finalizers it queued (FinalizationRegistry). */
 export declare function collectGarbage(): Promise<void>;
+/** A Megatron-LM checkpoint fixture of @megapatch/convert's tests: its folder, HF weights and checkpoint. */
+export declare function megatronFixture(name: string): { dir: string; hf: string; megatron: string };

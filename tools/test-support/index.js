@@ -24,6 +24,15 @@ if (!hasShared && process.env.MEGAPATCH_REQUIRE_SHARED === '1') {
   throw new Error(`MEGAPATCH_REQUIRE_SHARED=1 but ${SHARED_SKIP_REASON}`);
 }
 
+/**
+ * The Megatron-LM checkpoints @megapatch/convert's tests are written against (make-megatron.py,
+ * make-megatron-dist.py): `<name>/hf` (the HF weights) and `<name>/megatron` (the checkpoint).
+ */
+export function megatronFixture(name) {
+  const dir = join(REPO_ROOT, 'packages', 'convert', 'test', 'fixtures', 'megatron', name);
+  return { dir, hf: join(dir, 'hf'), megatron: join(dir, 'megatron') };
+}
+
 const warned = new Set();
 
 /**

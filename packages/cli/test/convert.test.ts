@@ -5,6 +5,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Checkpoint } from '@megapatch/convert';
 import { SYNTHETIC_MODELS, writeSyntheticHfCheckpoint } from '@megapatch/convert/testing';
+import { megatronFixture } from '@megapatch/test-support';
 import { afterAll, describe, expect, it } from 'vitest';
 import { inspectCheckpoint, runInspect } from '../src/commands/ckpt.js';
 import {
@@ -274,7 +275,7 @@ describe('megapatch convert / ckpt inspect', () => {
   });
 
   it('reads a Megatron-Core torch_dist checkpoint (the fixture @megapatch/convert tests against)', () => {
-    const fixture = join(here, '..', '..', 'convert', 'test', 'fixtures', 'megatron', 'llama-dist-tp2');
+    const fixture = megatronFixture('llama-dist-tp2').dir;
     const out = join(root, 'from-torch-dist');
     const text = execFileSync(
       process.execPath,

@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { convertHfToMegapatch } from '@megapatch/convert';
 import { IndexedDatasetBuilder, loadTokenizer } from '@megapatch/data';
 import { evaluate, type GPTModel, loadModel } from '@megapatch/models';
-import { sharedPath, skipWithoutShared } from '@megapatch/test-support';
+import { megatronFixture, sharedPath, skipWithoutShared } from '@megapatch/test-support';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { EvalReport } from '../src/commands/eval.js';
 import { launched, listTree, megapatch, oneLine, tempDir } from './helpers.js';
@@ -47,6 +47,31 @@ describe('megapatch eval: usage errors exit 2 with one line', () => {
     expect(r.status, r.stderr).toBe(2);
     expect(oneLine(r.stderr)).toContain(`megapatch eval: ${message}`);
   });
+});
+
+describe('megapatch eval and generate on a Megatron-LM checkpoint with --hf-dir', () => {
+  it.each(['llama-tp2-pp2', 'llama-dist-tp2'])(
+    '%s: the loss of its HF weights; no tokenizer is one line',
+    (name) => {
+      const { hf, megatron } = megatronFixture(name);
+      const ids = join(root, `${name}-ids.jsonl`);
+      fs.writeFileSync(ids, `${JSON.stringify({ ids: [1, 5, 9, 33, 17, 7, 8, 39, 2, 11] })}\n`);
+      const common = ['--data', ids, '--seq-length', '8'];
+      const fromHf = report(['--model', hf, ...common]);
+      const fromMegatron = report(['--model', megatron, '--hf-dir', hf, ...common]);
+      expect(fromMegatron.tokens).toBe(fromHf.tokens);
+      expect(fromMegatron.meanLoss).toBe(fromHf.meanLoss);
+      // without --hf-dir: the conversion command, or --hf-dir
+      const r = megapatch(['eval', '--model', megatron, ...common]);
+      expect(r.status).toBe(1);
+      expect(oneLine(r.stderr)).toMatch(
+        /is a Megatron-LM checkpoint in the torch(_dist)? format .*--hf-dir on the command line/,
+      );
+      const g = megapatch(['generate', '--model', megatron, '--hf-ckpt-path', hf, '--prompt', 'x']);
+      expect(g.status).toBe(1);
+      expect(oneLine(g.stderr)).toContain('holds no tokenizer files');
+    },
+  );
 });
 
 describe.skipIf(skipWithoutShared(import.meta.url))('megapatch eval on stories260K', () => {

@@ -14,6 +14,8 @@ import {
   convertMegatronToMegapatch,
   DcpCheckpoint,
   MegatronDistView,
+  megatronCheckpointDir,
+  openMegatronCheckpoint,
   type ParallelLayout,
 } from '../src/index.js';
 import {
@@ -126,6 +128,32 @@ describe('Megatron torch_dist format: the view', () => {
       });
       view.close();
     }
+  });
+});
+
+describe('Megatron checkpoints of either format', () => {
+  it('openMegatronCheckpoint picks the reader; megatronCheckpointDir finds the iteration folder or null', async () => {
+    const legacy = path.join(FIXTURES, 'llama-tp2-pp2');
+    const a = openMegatronCheckpoint(path.join(legacy, 'megatron'), path.join(legacy, 'hf'));
+    const b = openMegatronCheckpoint(megatronDir(CASES[0]), hfDir(CASES[0]));
+    expect([a.constructor.name, a.layout.tp, a.layout.pp, a.iteration]).toEqual([
+      'MegatronLegacyView',
+      2,
+      2,
+      3,
+    ]);
+    expect([b.constructor.name, b.layout.tp, b.iteration]).toEqual(['MegatronDistView', 2, ITERATION]);
+    a.close();
+    b.close();
+    expect(megatronCheckpointDir(megatronDir(CASES[0]))).toBe(iterDir(CASES[0]));
+    expect(megatronCheckpointDir(iterDir(CASES[0]))).toBe(iterDir(CASES[0]));
+    expect(megatronCheckpointDir(path.join(legacy, 'megatron'))).toBe(
+      path.join(legacy, 'megatron', 'iter_0000003'),
+    );
+    // not Megatron's: an HF folder, a megapatch checkpoint, a missing folder
+    expect(megatronCheckpointDir(hfDir(CASES[0]))).toBe(null);
+    expect(megatronCheckpointDir(await fromHf(hfDir(CASES[0]), {}))).toBe(null);
+    expect(megatronCheckpointDir(path.join(FIXTURES, 'no-such'))).toBe(null);
   });
 });
 

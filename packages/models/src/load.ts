@@ -14,7 +14,9 @@ import {
   HfMegatronView,
   LATEST_ITERATION_FILE,
   makeTransformerConfig,
+  megatronCheckpointDir,
   megatronCheckpointError,
+  openMegatronCheckpoint,
   type Partition,
   planConversion,
   type SafetensorsDtype,
@@ -50,9 +52,16 @@ export interface OpenedWeights {
   source: TensorSource;
   config: TransformerConfig;
   architecture: string;
-  kind: 'hf' | 'megapatch';
+  kind: 'hf' | 'megapatch' | 'megatron';
   /** Folder with the tokenizer files (the HF folder, or the checkpoint's `huggingface/`). */
   tokenizerDir: string | null;
+}
+
+/** Whether a folder holds tokenizer files. */
+function hasTokenizer(dir: string): boolean {
+  return ['tokenizer.json', 'tokenizer.model', 'tokenizer_config.json'].some((f) =>
+    fs.existsSync(path.join(dir, f)),
+  );
 }
 
 /** Whether `dir` is a megapatch checkpoint root (or iteration directory). */
@@ -62,22 +71,59 @@ function isMegapatchCheckpoint(dir: string): boolean {
   );
 }
 
-/** Opens an HF folder or a megapatch checkpoint as logical Megatron tensors. */
+/** A Megatron checkpoint error, with the other route: reading it in place with its HF config. */
+function withHfConfigHint(message: string): string {
+  return `${message}, or read it as it is with the HF config (hfConfig; --hf-dir on the command line)`;
+}
+
+/**
+ * Opens an HF folder, a megapatch checkpoint, or (with `hfConfig`, the HF config.json or folder that
+ * describes the model) a Megatron-LM checkpoint in the torch or torch_dist format, as logical
+ * Megatron tensors.
+ */
 export function openWeights(
   dir: string,
-  opts: { iteration?: number; verifyChecksums?: boolean } = {},
+  opts: { iteration?: number; verifyChecksums?: boolean; hfConfig?: string } = {},
 ): OpenedWeights {
   if (!fs.existsSync(dir)) throw new ModelError('INVALID_ARGUMENT', `no such model directory: ${dir}`);
+  if (opts.hfConfig !== undefined) {
+    if (megatronCheckpointDir(dir, opts.iteration) === null) {
+      throw new ModelError(
+        'INVALID_ARGUMENT',
+        `${dir} is not a Megatron-LM checkpoint (torch or torch_dist format); hfConfig is only for those`,
+      );
+    }
+    const view = openMegatronCheckpoint(dir, opts.hfConfig, {
+      ...(opts.iteration !== undefined ? { iteration: opts.iteration } : {}),
+    });
+    const hfDir = fs.statSync(opts.hfConfig).isDirectory() ? opts.hfConfig : path.dirname(opts.hfConfig);
+    return {
+      source: view,
+      config: view.plan.config,
+      architecture: view.plan.spec.architectures[0],
+      kind: 'megatron',
+      tokenizerDir: hasTokenizer(hfDir) ? hfDir : null,
+    };
+  }
   if (isMegapatchCheckpoint(dir)) {
     const iterDir = fs.existsSync(path.join(dir, 'metadata.json'));
     const root = iterDir ? path.dirname(dir) : dir;
     const iteration = iterDir
       ? Number(/iter_(\d+)$/.exec(path.basename(dir))?.[1] ?? Number.NaN)
       : opts.iteration;
-    const ckpt = Checkpoint.open(root, {
-      ...(iteration === undefined || Number.isNaN(iteration) ? {} : { iteration }),
-      verifyChecksums: opts.verifyChecksums ?? true,
-    });
+    let ckpt: Checkpoint;
+    try {
+      ckpt = Checkpoint.open(root, {
+        ...(iteration === undefined || Number.isNaN(iteration) ? {} : { iteration }),
+        verifyChecksums: opts.verifyChecksums ?? true,
+      });
+    } catch (e) {
+      // a Megatron-LM checkpoint has the same tracker file: say it can be read with its HF config
+      if (megatronCheckpointDir(dir, opts.iteration) !== null) {
+        throw new ModelError('INVALID_ARGUMENT', withHfConfigHint((e as Error).message));
+      }
+      throw e;
+    }
     const architecture = ckpt.metadata.architecture;
     if (!architecture) {
       ckpt.close();
@@ -98,7 +144,7 @@ export function openWeights(
   }
   if (!fs.existsSync(path.join(dir, 'config.json'))) {
     const megatron = megatronCheckpointError(dir);
-    if (megatron) throw new ModelError('INVALID_ARGUMENT', megatron.message);
+    if (megatron) throw new ModelError('INVALID_ARGUMENT', withHfConfigHint(megatron.message));
     throw new ModelError(
       'INVALID_ARGUMENT',
       `${dir} is neither a Hugging Face folder (no config.json) nor a megapatch checkpoint (no ${LATEST_ITERATION_FILE})`,
@@ -311,6 +357,11 @@ export interface LoadModelOptions extends Omit<GPTModelOptions, 'performInitiali
   verifyChecksums?: boolean;
   /** Expected HF architecture: another one is refused with a clear error. */
   architecture?: string;
+  /**
+   * For a Megatron-LM checkpoint (torch or torch_dist format) as `dir`: the Hugging Face
+   * config.json (or its folder) that describes the model, whose tokenizer files are used too.
+   */
+  hfConfig?: string;
 }
 
 /** A model with its weights and where they came from. */
@@ -318,14 +369,15 @@ export interface LoadedModel {
   model: GPTModel;
   config: TransformerConfig;
   architecture: string;
-  kind: 'hf' | 'megapatch';
+  kind: 'hf' | 'megapatch' | 'megatron';
   tokenizerDir: string | null;
 }
 
 /**
- * Builds the model described by `dir` (a Hugging Face folder or a megapatch checkpoint in any
- * layout) for this rank's layout, pipeline stage included, and loads its weights: each rank reads
- * only the slices its own parameters hold; no intermediate files are written.
+ * Builds the model described by `dir` (a Hugging Face folder, a megapatch checkpoint in any
+ * layout, or a Megatron-LM checkpoint with `hfConfig`) for this rank's layout, pipeline stage
+ * included, and loads its weights: each rank reads only the slices its own parameters hold; no
+ * intermediate files are written.
  */
 export function loadModel(dir: string, opts: LoadModelOptions = {}): LoadedModel {
   const weights = openWeights(dir, opts);

@@ -22,6 +22,11 @@ export const ModelSection = z.strictObject({
   /** Build from scratch with Megatron's initialisation: an HF config.json (or its folder). */
   config: z.string().min(1).nullable().default(null),
   /**
+   * With a Megatron-LM checkpoint (torch or torch_dist format) as load or checkpoint.load: the HF
+   * config.json (or its folder) that describes the model; its tokenizer and export files are used.
+   */
+  hfConfig: z.string().min(1).nullable().default(null),
+  /**
    * Parameter and activation dtype; bf16 and fp16 keep fp32 master weights and gradients (Megatron
    * --bf16 / --fp16); fp16 also scales the loss (optimizer.lossScale, initialLossScale, ...).
    */
@@ -857,6 +862,8 @@ const MEGATRON_FLAGS: Readonly<Record<string, { key: string; value?: unknown }>>
   load: { key: 'checkpoint.load' },
   // Megatron: the weights a run starts from when --load holds no checkpoint yet
   'pretrained-checkpoint': { key: 'model.load' },
+  // Pai-Megatron-Patch's name for the HF folder beside a Megatron checkpoint
+  'hf-ckpt-path': { key: 'model.hfConfig' },
   bf16: { key: 'model.dtype', value: 'bf16' },
   fp16: { key: 'model.dtype', value: 'fp16' },
   'export-hf': { key: 'checkpoint.exportHf' },

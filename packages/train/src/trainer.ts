@@ -8,6 +8,7 @@ import * as path from 'node:path';
 import {
   convertMegapatchToHf,
   makeTransformerConfig,
+  megatronCheckpointDir,
   parseHfConfig,
   type TransformerConfig,
 } from '@megapatch/convert';
@@ -341,6 +342,34 @@ export function settleModelSource(config: RunConfig): { config: RunConfig; notes
   const notes: string[] = [];
   const m = config.model;
   const ck = config.checkpoint;
+  const isMegatron = (dir: string | null) => dir !== null && megatronCheckpointDir(dir) !== null;
+  const needHf = (what: string) =>
+    new TrainError(
+      'INVALID_CONFIG',
+      `${what} is a Megatron-LM checkpoint: give model.hfConfig (--hf-ckpt-path), the Hugging Face config.json or folder that describes it, or convert it with megapatch convert megatron-to-megapatch`,
+    );
+  if (isMegatron(ck.load)) {
+    // Megatron's --load of its own checkpoint: its weights, from iteration 0 (as --finetune)
+    if (m.hfConfig === null) throw needHf(`checkpoint.load ${ck.load}`);
+    if (m.load !== null || m.config !== null) {
+      throw new TrainError(
+        'INVALID_CONFIG',
+        `checkpoint.load ${ck.load} is a Megatron-LM checkpoint, and model.${m.load !== null ? 'load' : 'config'} names another start: give one`,
+      );
+    }
+    notes.push(
+      `checkpoint.load ${ck.load} is a Megatron-LM checkpoint: starting from its weights at iteration 0 (its optimizer and RNG states are not read)`,
+    );
+    config = { ...config, model: { ...m, load: ck.load }, checkpoint: { ...ck, load: null } };
+  } else if (isMegatron(m.load) && m.hfConfig === null) {
+    throw needHf(`model.load ${m.load}`);
+  }
+  if (config.model.hfConfig !== null && !isMegatron(config.model.load)) {
+    throw new TrainError(
+      'INVALID_CONFIG',
+      `model.hfConfig describes a Megatron-LM checkpoint, but model.load ${config.model.load ?? '(none)'} is not one: drop it`,
+    );
+  }
   if (ck.load !== null && !holdsCheckpoint(ck.load) && fs.existsSync(path.join(ck.load, 'config.json'))) {
     // a Hugging Face folder: its weights, from iteration 0 (a converted model does the same)
     if (m.load !== null || m.config !== null) {
@@ -386,6 +415,7 @@ export function settleModelSource(config: RunConfig): { config: RunConfig; notes
       const opened = openWeights(from, {
         ...(iteration !== undefined ? { iteration } : {}),
         verifyChecksums: false,
+        ...megatronSource(config, from),
       });
       opened.source.close();
       cfg = opened.config;
@@ -442,6 +472,15 @@ export function settleModelSource(config: RunConfig): { config: RunConfig; notes
   return { config, notes };
 }
 
+/**
+ * openWeights / loadModel options for the model source `dir`: model.hfConfig where `dir` is a
+ * Megatron-LM checkpoint.
+ */
+export function megatronSource(config: RunConfig, dir: string): { hfConfig?: string } {
+  const hf = config.model.hfConfig;
+  return hf !== null && megatronCheckpointDir(dir) !== null ? { hfConfig: hf } : {};
+}
+
 /** The model the run trains, and the HF architecture it exports to. */
 export function buildModel(
   config: RunConfig,
@@ -494,14 +533,19 @@ export function buildModel(
   };
   const from = config.checkpoint.load ?? m.load;
   if (from) {
+    const megatron = megatronSource(config, from);
     const loaded = loadModel(from, {
       ...options,
       ...(config.checkpoint.load && iteration !== undefined ? { iteration } : {}),
+      ...megatron,
     });
+    const hf = megatron.hfConfig;
     return {
       model: loaded.model,
       architecture: loaded.architecture,
-      hfSource: loaded.tokenizerDir,
+      // a Megatron checkpoint's HF files (config, tokenizer) are model.hfConfig's folder
+      hfSource:
+        hf === undefined ? loaded.tokenizerDir : fs.statSync(hf).isDirectory() ? hf : path.dirname(hf),
     };
   }
   const parsed = parseHfConfig(m.config as string);

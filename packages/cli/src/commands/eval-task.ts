@@ -49,6 +49,7 @@ export interface TaskEvalReport {
 export interface TaskEvalOptions {
   model: string;
   dtype: 'float32' | 'bfloat16';
+  hfDir?: string | undefined;
   data: string;
   task: 'multiple-choice' | 'loglikelihood';
   seqLength: number;
@@ -277,7 +278,7 @@ export async function runTaskEval(o: TaskEvalOptions, io: Io): Promise<TaskEvalR
       );
     }
   }
-  const described = await describeModel(o.model);
+  const described = await describeModel(o.model, o.hfDir);
   const { maxPositionEmbeddings } = described.config;
   if (o.seqLength > maxPositionEmbeddings) {
     throw new UsageError(
@@ -292,7 +293,7 @@ export async function runTaskEval(o: TaskEvalOptions, io: Io): Promise<TaskEvalR
   let model: GPTModel | undefined;
   let result: { report: TaskEvalReport; lines: string[] };
   try {
-    const m = await loadForJob(o.model, o.dtype);
+    const m = await loadForJob(o.model, o.dtype, o.hfDir);
     model = m;
     const score = async () => {
       const { scores, seconds } = await scoreAll(m, docs, o, io, lead);
@@ -301,6 +302,7 @@ export async function runTaskEval(o: TaskEvalOptions, io: Io): Promise<TaskEvalR
     if (out !== undefined && lead) {
       const inputs = [
         { flag: '--model', path: o.model },
+        ...(o.hfDir !== undefined ? [{ flag: '--hf-dir', path: o.hfDir }] : []),
         { flag: '--data', path: o.data },
       ];
       result = await withOutput(

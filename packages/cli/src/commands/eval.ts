@@ -114,6 +114,7 @@ const options = {
 const schema = z.object({
   model: z.string().min(1, 'must not be empty'),
   dtype: ModelDtype,
+  hfDir: z.string().min(1, 'must not be empty').optional(),
   data: z.string().min(1, 'must not be empty'),
   seqLength: int(1, MAX_SEQ_LENGTH),
   batchSize: int(1, 1 << 16),
@@ -356,7 +357,7 @@ export async function runEval(values: OptionValues, io: Io = memoryIo()): Promis
       );
     }
   }
-  const described = await describeModel(o.model);
+  const described = await describeModel(o.model, o.hfDir);
   const { maxPositionEmbeddings, vocabSize } = described.config;
   if (o.seqLength > maxPositionEmbeddings) {
     throw new UsageError(
@@ -378,12 +379,13 @@ export async function runEval(values: OptionValues, io: Io = memoryIo()): Promis
       ds && prefix
         ? indexedDocuments(ds, prefix, vocabSize)
         : jsonlDocuments(o.data, o.jsonKey, vocabSize, tok);
-    const m = await loadForJob(o.model, o.dtype);
+    const m = await loadForJob(o.model, o.dtype, o.hfDir);
     model = m;
     const settings = { seqLength: o.seqLength, batchSize: o.batchSize };
     if (out !== undefined && lead) {
       const inputs = [
         { flag: '--model', path: o.model },
+        ...(o.hfDir !== undefined ? [{ flag: '--hf-dir', path: o.hfDir }] : []),
         ...(prefix
           ? ['.bin', '.idx'].map((e) => ({ flag: '--data', path: `${prefix}${e}` }))
           : [{ flag: '--data', path: o.data }]),

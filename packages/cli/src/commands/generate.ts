@@ -54,14 +54,22 @@ export const ModelDtype = z.string().transform((s, ctx) => {
   return d ?? 'float32';
 });
 
-/** `--model` and `--dtype`, shared with `megapatch eval`. */
+/** `--model`, `--hf-dir` and `--dtype`, shared with `megapatch eval`. */
 export const modelOptions = {
   model: {
     type: 'string',
     value: 'DIR',
-    description: 'a Hugging Face model folder or a megapatch checkpoint (any layout, root or iter_N folder)',
+    description:
+      'a Hugging Face model folder, a megapatch checkpoint (any layout, root or iter_N folder), or a Megatron-LM checkpoint (torch or torch_dist format) with --hf-dir',
     required: true,
     aliases: ['load'],
+  },
+  'hf-dir': {
+    type: 'string',
+    value: 'DIR',
+    description:
+      'with a Megatron-LM checkpoint as --model: the Hugging Face folder whose config.json describes the model (its tokenizer files are used too)',
+    aliases: ['hf-ckpt-path'],
   },
   dtype: {
     type: 'string',
@@ -139,6 +147,7 @@ const options = {
 const schema = z.object({
   model: z.string().min(1, 'must not be empty'),
   dtype: ModelDtype,
+  hfDir: z.string().min(1, 'must not be empty').optional(),
   prompt: z.string().optional(),
   prompts: z.string().min(1, 'must not be empty').optional(),
   chat: z.boolean(),
@@ -377,9 +386,9 @@ function aboutPrompt<T>(where: string, fn: () => T): T {
 }
 
 /** The tokenizer folder, config and architecture of `dir`, without reading any weights. */
-export async function describeModel(dir: string) {
+export async function describeModel(dir: string, hfDir?: string) {
   const { openWeights } = await import('@megapatch/models');
-  const w = openWeights(dir, { verifyChecksums: false });
+  const w = openWeights(dir, { verifyChecksums: false, ...(hfDir !== undefined ? { hfConfig: hfDir } : {}) });
   w.source.close();
   return { tokenizerDir: w.tokenizerDir, config: w.config, architecture: w.architecture, kind: w.kind };
 }
@@ -389,7 +398,7 @@ export async function modelTokenizer(dir: string, tokenizerDir: string | null): 
   if (!tokenizerDir) {
     throw new CliError(
       'NO_TOKENIZER',
-      `${dir} holds no tokenizer files (a megapatch checkpoint keeps them in huggingface/); convert it again from a Hugging Face folder with its tokenizer`,
+      `${dir} holds no tokenizer files (a megapatch checkpoint keeps them in huggingface/, a Megatron-LM checkpoint reads them from --hf-dir); convert it again from a Hugging Face folder with its tokenizer, or give an --hf-dir that has them`,
     );
   }
   const { loadTokenizer } = await import('@megapatch/data');
@@ -397,9 +406,13 @@ export async function modelTokenizer(dir: string, tokenizerDir: string | null): 
 }
 
 /** Loads the model for this job's layout. */
-export async function loadForJob(dir: string, dtype: 'float32' | 'bfloat16'): Promise<GPTModel> {
+export async function loadForJob(
+  dir: string,
+  dtype: 'float32' | 'bfloat16',
+  hfDir?: string,
+): Promise<GPTModel> {
   const { loadModel } = await import('@megapatch/models');
-  return loadModel(dir, { dtype }).model;
+  return loadModel(dir, { dtype, ...(hfDir !== undefined ? { hfConfig: hfDir } : {}) }).model;
 }
 
 /**
@@ -425,7 +438,7 @@ export async function runGenerate(
   const specs: PromptSpec[] =
     o.prompts !== undefined ? readPromptsFile(o.prompts) : [{ line: null, prompt: o.prompt as string }];
 
-  const described = await describeModel(o.model);
+  const described = await describeModel(o.model, o.hfDir);
   const tok = await modelTokenizer(o.model, described.tokenizerDir);
   const limit = described.config.maxPositionEmbeddings;
   const prompts = specs.map((p) => {
@@ -447,7 +460,7 @@ export async function runGenerate(
   const results: Completion[] = [];
   let model: GPTModel | undefined;
   try {
-    model = await loadForJob(o.model, o.dtype);
+    model = await loadForJob(o.model, o.dtype, o.hfDir);
     let tokens = 0;
     let seconds = 0;
     for (const [i, ids] of prompts.entries()) {

@@ -28,7 +28,9 @@ export {
   MegatronLegacyView,
   type MegatronNaming,
   type MegatronToMegapatchOptions,
+  megatronCheckpointDir,
   megatronRankDirName,
+  openMegatronCheckpoint,
 } from './megatron-legacy.js';
 export {
   HF_EXPORT_MARKER_FILE,

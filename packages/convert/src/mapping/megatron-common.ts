@@ -115,6 +115,12 @@ export function megatronIterationDir(dir: string, iteration: number | undefined)
  */
 export abstract class MegatronPlanView implements TensorSource {
   abstract readonly plan: ConversionPlan;
+  /** The parallel layout the model was trained with. */
+  abstract readonly layout: ParallelLayout;
+  /** Training iteration recorded in the checkpoint. */
+  abstract readonly iteration: number;
+  /** The `args` Megatron saved (attribute name → value). */
+  abstract readonly args: Map<string, unknown>;
   /** The folder read (`iter_NNNNNNN` or `release`). */
   abstract readonly dir: string;
   protected readonly dtypes = new Map<string, SafetensorsDtype>();

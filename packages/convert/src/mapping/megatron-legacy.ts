@@ -236,6 +236,10 @@ export class MegatronLegacyView extends MegatronPlanView {
   readonly args: Map<string, unknown>;
   readonly plan: ConversionPlan;
   readonly naming: Required<MegatronNaming>;
+  /** The layout of the rank files (from the args). */
+  get layout(): ParallelLayout {
+    return this.plan.layout;
+  }
   /** The folder read (`iter_NNNNNNN` or `release`). */
   readonly dir: string;
   private readonly files = new Map<string, TorchFile>();
@@ -454,6 +458,37 @@ export class MegatronLegacyView extends MegatronPlanView {
   }
 }
 
+/**
+ * The iteration folder of the Megatron-LM checkpoint at `dir` (its root with the tracker file, or an
+ * `iter_NNNNNNN` / `release` folder) in either format, or null when `dir` holds none.
+ */
+export function megatronCheckpointDir(dir: string, iteration?: number): string | null {
+  let iterDir: string;
+  try {
+    iterDir = megatronIterationDir(dir, iteration);
+  } catch {
+    return null;
+  }
+  return megatronCheckpointFormat(iterDir) === null ? null : iterDir;
+}
+
+/**
+ * A Megatron-LM checkpoint in either format (`torch`: {@link MegatronLegacyView}, `torch_dist`:
+ * {@link MegatronDistView}), read as the global megapatch tensors of the model that `hfConfig`
+ * (config.json or its folder) describes.
+ */
+export function openMegatronCheckpoint(
+  dir: string,
+  hfConfig: string,
+  opts: { iteration?: number } = {},
+): MegatronLegacyView | MegatronDistView {
+  const iterDir = megatronIterationDir(dir, opts.iteration);
+  if (!fs.existsSync(iterDir)) throw new ConvertError('MISSING_FILE', 'no such iteration folder', iterDir);
+  return megatronCheckpointFormat(iterDir) === 'torch_dist'
+    ? MegatronDistView.open(iterDir, hfConfig)
+    : MegatronLegacyView.open(iterDir, hfConfig);
+}
+
 /** Options of {@link convertMegatronToMegapatch}. */
 export interface MegatronToMegapatchOptions extends CommonConvertOptions {
   /**
@@ -484,16 +519,12 @@ export async function convertMegatronToMegapatch(
   opts.signal?.throwIfAborted();
   const chunkBytes = opts.chunkBytes ?? DEFAULT_CHUNK;
   checkOutputApart(opts.output, opts.input);
-  const iterDir = megatronIterationDir(opts.input, opts.iteration);
-  if (!fs.existsSync(iterDir)) throw new ConvertError('MISSING_FILE', 'no such iteration folder', iterDir);
-  const view =
-    megatronCheckpointFormat(iterDir) === 'torch_dist'
-      ? MegatronDistView.open(iterDir, opts.hfDir)
-      : MegatronLegacyView.open(iterDir, opts.hfDir);
+  const view = openMegatronCheckpoint(opts.input, opts.hfDir, {
+    ...(opts.iteration !== undefined ? { iteration: opts.iteration } : {}),
+  });
   try {
     const src = view.plan;
-    const saved = view instanceof MegatronDistView ? view.layout : src.layout;
-    const layout = opts.layout ? mergedLayout(saved, opts.layout, src.config) : saved;
+    const layout = opts.layout ? mergedLayout(view.layout, opts.layout, src.config) : view.layout;
     const plan = planConversion(src.spec, src.config, layout);
     if (view instanceof MegatronLegacyView) checkExpertTp(layout, src.config);
     checkCheckpointTarget(path.join(opts.output, iterationDirName(view.iteration)), opts.overwrite);

@@ -41,6 +41,7 @@ import {
   makeDdp,
   makeOptimizer,
   makeScheduler,
+  megatronSource,
   reduceAndRead,
   stopAfterIteration,
   type TrainMetrics,
@@ -196,6 +197,7 @@ export async function runTokenizer(
     const opened = openWeights(from, {
       ...(config.checkpoint.load && resumeIteration !== undefined ? { iteration: resumeIteration } : {}),
       verifyChecksums: false,
+      ...megatronSource(config, from),
     });
     opened.source.close();
     dir = opened.tokenizerDir;
