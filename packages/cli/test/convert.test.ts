@@ -3,7 +3,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { Checkpoint } from '@megapatch/convert';
+import { Checkpoint, ShardedSafetensors } from '@megapatch/convert';
 import { SYNTHETIC_MODELS, writeSyntheticHfCheckpoint } from '@megapatch/convert/testing';
 import { megatronFixture } from '@megapatch/test-support';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -272,6 +272,24 @@ describe('megapatch convert / ckpt inspect', () => {
         capture(),
       ),
     ).rejects.toThrow(/--transformer-impl.*must be 'transformer_engine' or 'local'/);
+  });
+
+  it("megatron-to-hf writes the HF weights a Megatron checkpoint was cut from, with Pai's flags", () => {
+    const { hf, megatron } = megatronFixture('qwen2-dist-singleton');
+    const out = join(root, 'mcore2hf');
+    const text = execFileSync(
+      process.execPath,
+      [bin, 'convert', 'megatron-to-hf', '--load', megatron, '--hf-ckpt-path', hf, '--save', out],
+      { encoding: 'utf8' },
+    );
+    expect(text).toContain(`Hugging Face folder: ${out}`);
+    const a = ShardedSafetensors.open(out);
+    const b = ShardedSafetensors.open(hf);
+    expect(a.keys().sort()).toEqual(b.keys().sort());
+    for (const k of b.keys())
+      expect(Buffer.from(a.read(k).data).equals(Buffer.from(b.read(k).data)), k).toBe(true);
+    a.close();
+    b.close();
   });
 
   it('reads a Megatron-Core torch_dist checkpoint (the fixture @megapatch/convert tests against)', () => {

@@ -48,6 +48,7 @@ describe('unknown flags and stray arguments are usage errors (exit 2)', () => {
       'convert reshard',
       'convert megatron-to-megapatch',
       'convert megapatch-to-megatron',
+      'convert megatron-to-hf',
       'ckpt inspect',
       'generate',
       'eval',

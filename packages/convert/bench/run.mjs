@@ -30,6 +30,7 @@
 //   megatron-dist-to-megapatch: convertMegatronToMegapatch of the same model as a Megatron-Core
 //                  torch_dist checkpoint (layers stacked, 2 chunks a tensor; written untimed from
 //                  the TP2 PP2 checkpoint by @megapatch/convert/testing's writer);
+//   megatron-dist-to-hf: convertMegatronToHf of it (straight to sharded safetensors);
 //   torch-dcp-to-torch-save: PyTorch loading that distributed checkpoint into whole tensors (each
 //                  chunk torch.load-ed and copied into place, as torch.distributed.checkpoint's
 //                  dcp_to_torch_save does) and saving them with torch.save: its reference.
@@ -152,6 +153,15 @@ if (process.argv[2] === '--child') {
   } else if (job.kind === 'megatron-to-megapatch') {
     bytes = (await D.convertMegatronToMegapatch({ input: job.input, hfDir: job.hfDir, output: job.output }))
       .bytes;
+  } else if (job.kind === 'megatron-to-hf') {
+    bytes = (
+      await D.convertMegatronToHf({
+        input: job.input,
+        hfDir: job.hfDir,
+        output: job.output,
+        maxShardSize: '500MB',
+      })
+    ).bytes;
   } else if (job.kind === 'write-megatron-dist') {
     const T = await import('../dist/testing/index.js');
     T.writeMegatronDistCheckpoint(job.input, job.output, { form: 'stacked', args: job.args });
@@ -399,6 +409,11 @@ const cases = [
   {
     name: 'megatron-dist-to-megapatch',
     job: () => ({ kind: 'megatron-to-megapatch', input: distSrc, hfDir, output: outDir }),
+    src: () => distSrc,
+  },
+  {
+    name: 'megatron-dist-to-hf',
+    job: () => ({ kind: 'megatron-to-hf', input: distSrc, hfDir, output: outDir }),
     src: () => distSrc,
   },
   ...(hasTorch

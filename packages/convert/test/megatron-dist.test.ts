@@ -11,12 +11,15 @@ import { describe, expect, it } from 'vitest';
 import {
   Checkpoint,
   convertHfToMegapatch,
+  convertMegapatchToMegatron,
+  convertMegatronToHf,
   convertMegatronToMegapatch,
   DcpCheckpoint,
   MegatronDistView,
   megatronCheckpointDir,
   openMegatronCheckpoint,
   type ParallelLayout,
+  ShardedSafetensors,
 } from '../src/index.js';
 import {
   type MegatronDistForm,
@@ -154,6 +157,86 @@ describe('Megatron checkpoints of either format', () => {
     expect(megatronCheckpointDir(hfDir(CASES[0]))).toBe(null);
     expect(megatronCheckpointDir(await fromHf(hfDir(CASES[0]), {}))).toBe(null);
     expect(megatronCheckpointDir(path.join(FIXTURES, 'no-such'))).toBe(null);
+  });
+});
+
+/** Both folders hold the same safetensors tensors: names, dtypes, shapes and bytes. */
+function expectSameHfTensors(got: string, want: string): void {
+  const a = ShardedSafetensors.open(got);
+  const b = ShardedSafetensors.open(want);
+  try {
+    expect(a.keys().sort()).toEqual(b.keys().sort());
+    for (const k of b.keys()) {
+      expect(a.info(k).dtype, k).toBe(b.info(k).dtype);
+      expect(a.info(k).shape, k).toEqual(b.info(k).shape);
+      expect(Buffer.from(a.read(k).data).equals(Buffer.from(b.read(k).data)), k).toBe(true);
+    }
+  } finally {
+    a.close();
+    b.close();
+  }
+}
+
+describe('Megatron checkpoints straight to Hugging Face (convertMegatronToHf)', () => {
+  const legacy = ['llama-tp2-pp2', 'mixtral-ep2', 'qwen2-pp2-vpp2'];
+  it.each([...legacy, ...CASES.map((c) => c.name)])(
+    '%s gives back the HF weights it was cut from',
+    async (name) => {
+      const hf = path.join(FIXTURES, name, 'hf');
+      const out = tmp(`${name}-to-hf`);
+      const s = await convertMegatronToHf({
+        input: path.join(FIXTURES, name, 'megatron'),
+        hfDir: hf,
+        output: out,
+      });
+      expectSameHfTensors(out, hf);
+      expect(fs.readFileSync(path.join(out, 'config.json'), 'utf8')).toBe(
+        fs.readFileSync(path.join(hf, 'config.json'), 'utf8'),
+      );
+      expect(s.carried).toEqual(['config.json']);
+      // an export replaces its own earlier export only with overwrite
+      await expect(
+        convertMegatronToHf({ input: path.join(FIXTURES, name, 'megatron'), hfDir: hf, output: out }),
+      ).rejects.toThrow(/already exists \(pass overwrite to replace it\)/);
+    },
+  );
+
+  it.each(SYNTHETIC_MODELS.map((m) => [m.id, m] as const))(
+    '%s: HF -> megapatch -> Megatron TP2 x PP2 (x EP2) -> HF gives the same tensors',
+    async (_id, m) => {
+      const hf = tmp(`h2h-${m.id}`);
+      writeSyntheticHfCheckpoint(hf, m.config, { seed: 17 });
+      const moe =
+        'num_local_experts' in m.config || 'n_routed_experts' in m.config || 'num_experts' in m.config;
+      const src = tmp(`h2h-${m.id}-mp`);
+      await convertHfToMegapatch({ hfDir: hf, output: src });
+      const meg = tmp(`h2h-${m.id}-megatron`);
+      await convertMegapatchToMegatron({
+        input: src,
+        output: meg,
+        layout: { tp: 2, pp: 2, ...(moe ? { ep: 2 } : {}) },
+      });
+      const out = tmp(`h2h-${m.id}-out`);
+      await convertMegatronToHf({ input: meg, hfDir: hf, output: out });
+      expectSameHfTensors(out, hf);
+    },
+  );
+
+  it('an interrupted export leaves no temporary and no output', async () => {
+    const name = 'llama-dist-tp2';
+    const out = tmp('to-hf-aborted');
+    const ac = new AbortController();
+    const run = convertMegatronToHf({
+      input: path.join(FIXTURES, name, 'megatron'),
+      hfDir: path.join(FIXTURES, name, 'hf'),
+      output: out,
+      chunkBytes: 256,
+      signal: ac.signal,
+      onProgress: () => ac.abort(new Error('stop')),
+    });
+    await expect(run).rejects.toThrow('stop');
+    expect(fs.existsSync(out)).toBe(false);
+    expect(fs.readdirSync(path.dirname(out)).filter((f) => f.startsWith(path.basename(out)))).toEqual([]);
   });
 });
 

@@ -1,5 +1,5 @@
 // `megapatch convert hf-to-megapatch | megapatch-to-hf | reshard | megatron-to-megapatch |
-// megapatch-to-megatron`: streaming checkpoint conversion
+// megapatch-to-megatron | megatron-to-hf`: streaming checkpoint conversion
 // with a progress bar on a terminal (plain periodic lines otherwise) and a summary at the end.
 import {
   type ConversionProgress,
@@ -7,6 +7,7 @@ import {
   convertHfToMegapatch,
   convertMegapatchToHf,
   convertMegapatchToMegatron,
+  convertMegatronToHf,
   convertMegatronToMegapatch,
   type ModelDtype,
   reshardCheckpoint,
@@ -121,6 +122,17 @@ const MegatronToMegapatch = z.object({
   overwrite: z.boolean(),
 });
 export type MegatronToMegapatchArgs = z.input<typeof MegatronToMegapatch>;
+
+const MegatronToHf = z.object({
+  in: path('a Megatron checkpoint root'),
+  hfDir: path("the Hugging Face folder with the model's config.json"),
+  out: path('the Hugging Face folder to write'),
+  maxShardSize: z.string().min(1),
+  dtype: ModelDtypeFlag.optional(),
+  iteration: int(0, ITERATION_MAX).optional(),
+  overwrite: z.boolean(),
+});
+export type MegatronToHfArgs = z.input<typeof MegatronToHf>;
 
 const MegapatchToMegatron = z.object({
   in: path('a megapatch checkpoint root'),
@@ -268,6 +280,7 @@ const MEGAPATCH_TO_HF = 'convert megapatch-to-hf';
 const RESHARD = 'convert reshard';
 const MEGATRON_TO_MEGAPATCH = 'convert megatron-to-megapatch';
 const MEGAPATCH_TO_MEGATRON = 'convert megapatch-to-megatron';
+const MEGATRON_TO_HF = 'convert megatron-to-hf';
 
 /** `megapatch convert hf-to-megapatch` with flag values (strings, as typed). */
 export async function runHfToMegapatch(args: OptionValues, io: Io = memoryIo()): Promise<ConversionSummary> {
@@ -348,13 +361,7 @@ export async function runMegatronToMegapatch(
   const s = await convertInto(
     io,
     MEGATRON_TO_MEGAPATCH,
-    {
-      out: o.out,
-      inputs: [
-        { flag: '--in', path: o.in },
-        { flag: '--hf-dir', path: o.hfDir },
-      ],
-    },
+    { out: o.out, inputs: megatronInputs(o) },
     (signal, onProgress) =>
       convertMegatronToMegapatch({
         input: o.in,
@@ -368,6 +375,30 @@ export async function runMegatronToMegapatch(
       }),
   );
   summarize(io.out, 'megapatch checkpoint (the Megatron layout)', s);
+  return s;
+}
+
+/** `megapatch convert megatron-to-hf` with flag values. */
+export async function runMegatronToHf(args: OptionValues, io: Io = memoryIo()): Promise<ConversionSummary> {
+  const o = parseOptions(MegatronToHf, withDefaults(megatronToHf, args), MEGATRON_TO_HF);
+  const s = await convertInto(
+    io,
+    MEGATRON_TO_HF,
+    { out: o.out, inputs: megatronInputs(o) },
+    (signal, onProgress) =>
+      convertMegatronToHf({
+        input: o.in,
+        hfDir: o.hfDir,
+        output: o.out,
+        maxShardSize: o.maxShardSize,
+        ...(o.dtype ? { dtype: o.dtype } : {}),
+        ...(o.iteration !== undefined ? { iteration: o.iteration } : {}),
+        overwrite: o.overwrite,
+        onProgress,
+        signal,
+      }),
+  );
+  summarize(io.out, 'Hugging Face folder', s);
   return s;
 }
 
@@ -513,6 +544,24 @@ export const reshard: Command = {
   },
 };
 
+/** `--in` (a Megatron checkpoint) and `--hf-dir` (its HF config and side files) of the Megatron readers. */
+const megatronSourceOptions = {
+  in: { ...inOption, description: 'Megatron checkpoint root (or an iter_NNNNNNN folder)' },
+  'hf-dir': {
+    type: 'string',
+    value: 'DIR',
+    description: "Hugging Face folder with the model's config.json (and the tokenizer files to carry)",
+    required: true,
+    aliases: ['hf-ckpt-path'],
+  },
+} as const satisfies Record<string, OptionSpec>;
+
+/** The paths a Megatron reader reads (no output may sit inside them). */
+const megatronInputs = (o: { in: string; hfDir: string }) => [
+  { flag: '--in', path: o.in },
+  { flag: '--hf-dir', path: o.hfDir },
+];
+
 export const megatronToMegapatch: Command = {
   name: MEGATRON_TO_MEGAPATCH,
   summary: 'Megatron-LM checkpoint (torch or torch_dist format) -> megapatch checkpoint',
@@ -523,14 +572,7 @@ export const megatronToMegapatch: Command = {
     "--hf-dir's config.json describes, and writes a megapatch checkpoint in the same layout with " +
     "--hf-dir's config and tokenizer files. The optimizer and RNG states are not carried.",
   options: {
-    in: { ...inOption, description: 'Megatron checkpoint root (or an iter_NNNNNNN folder)' },
-    'hf-dir': {
-      type: 'string',
-      value: 'DIR',
-      description: "Hugging Face folder with the model's config.json (and tokenizer files to keep)",
-      required: true,
-      aliases: ['hf-ckpt-path'],
-    },
+    ...megatronSourceOptions,
     out: outOption('megapatch checkpoint root to write'),
     dtype: dtypeOption,
     iteration: iterationOption,
@@ -539,6 +581,36 @@ export const megatronToMegapatch: Command = {
   examples: ['convert megatron-to-megapatch --load megatron-ckpt --hf-dir Qwen3-0.6B --out ckpt'],
   run: async ({ options, io }) => {
     await runMegatronToMegapatch(options, io);
+  },
+};
+
+export const megatronToHf: Command = {
+  name: MEGATRON_TO_HF,
+  summary: 'Megatron-LM checkpoint (torch or torch_dist format) -> Hugging Face folder',
+  description:
+    "Pai-Megatron-Patch's mcore2hf in one streaming step: reads the model weights of a Megatron-LM " +
+    'checkpoint (either format, any layout, as megatron-to-megapatch does) for the model that ' +
+    "--hf-dir's config.json describes, and writes sharded safetensors with an index and --hf-dir's " +
+    'config (for the dtype written), generation and tokenizer files. Where --hf-dir holds weights too, ' +
+    'each tensor is written in their dtype unless --dtype says otherwise.',
+  options: {
+    ...megatronSourceOptions,
+    out: outOption('Hugging Face folder to write'),
+    'max-shard-size': {
+      type: 'string',
+      value: 'SIZE',
+      description: "largest shard file, e.g. '5GB' or '500MB'",
+      default: '5GB',
+    },
+    dtype: dtypeOption,
+    iteration: iterationOption,
+    overwrite: overwriteOption,
+  },
+  examples: [
+    'convert megatron-to-hf --load megatron-ckpt --hf-ckpt-path Qwen3-0.6B --save Qwen3-0.6B-trained',
+  ],
+  run: async ({ options, io }) => {
+    await runMegatronToHf(options, io);
   },
 };
 
@@ -586,6 +658,7 @@ const group: CommandGroup = {
     reshard: { summary: reshard.summary, load: async () => reshard },
     'megatron-to-megapatch': { summary: megatronToMegapatch.summary, load: async () => megatronToMegapatch },
     'megapatch-to-megatron': { summary: megapatchToMegatron.summary, load: async () => megapatchToMegatron },
+    'megatron-to-hf': { summary: megatronToHf.summary, load: async () => megatronToHf },
   },
 };
 export default group;

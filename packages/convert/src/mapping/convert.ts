@@ -687,109 +687,154 @@ export async function convertMegapatchToHf(opts: MegapatchToHfOptions): Promise<
   try {
     const plan = planConversion(spec, cfg, {});
     checkExportTarget(opts.output, opts.overwrite);
-    // HF tensor -> the Megatron rows it is made of.
-    const runs = new Map<string, { megatron: string; start: number; count: number; sourceStart: number }[]>();
-    const storedDtype = new Map<string, SafetensorsDtype>();
-    for (const t of plan.tensors) {
-      storedDtype.set(t.name, checkStored(ckpt, t));
-      for (const r of t.rows) {
-        if (r.source === null) continue;
-        const list = runs.get(r.source) ?? [];
-        list.push({ megatron: t.name, start: r.start, count: r.count, sourceStart: r.sourceStart });
-        runs.set(r.source, list);
-      }
-    }
-    for (const d of plan.duplicates) {
-      runs.set(d.hf, [{ megatron: d.megatron, start: 0, count: d.shape[0], sourceStart: 0 }]);
-    }
-    const recorded = ckpt.metadata.huggingface?.dtypes ?? {};
-    const fixed = new Map(plan.tensors.filter((t) => t.fixedDtype).map((t) => [t.name, t.fixedDtype]));
-    const specs: (TensorSpec & { runs: NonNullable<ReturnType<typeof runs.get>>; from: SafetensorsDtype })[] =
-      plan.hfTensors.map((h) => {
-        const list = (runs.get(h.name) ?? []).sort((a, b) => a.sourceStart - b.sourceStart);
-        const from = storedDtype.get(list[0].megatron) as SafetensorsDtype;
-        const dtype = recorded[h.name] ?? fixed.get(list[0].megatron) ?? opts.dtype ?? from;
-        return { name: h.name, dtype, shape: h.shape, runs: list, from };
-      });
-    const shards = planShards(specs, opts.maxShardSize ?? '5GB', { format: 'pt' });
-    const total = specs.reduce((s, t) => s + numel(t.shape) * DTYPE_SIZE[t.dtype], 0);
-    const progress = new Progress(total, opts.onProgress);
-    const tmp = `${path.resolve(opts.output)}.tmp-${process.pid}`;
-    fs.rmSync(tmp, { recursive: true, force: true });
-    fs.mkdirSync(tmp, { recursive: true });
-    try {
-      const weightMap = new Map<string, string>();
-      for (let i = 0; i < shards.length; i++) {
-        const file = checkShardFileName(
-          shards.length === 1 ? 'model.safetensors' : shardFileName(i + 1, shards.length),
-        );
-        const w = new SafetensorsWriter(path.join(tmp, file), shards[i], { metadata: { format: 'pt' } });
-        try {
-          for (const s of w.order as typeof specs) {
-            const rowBytesFrom = rowBytesOf(s.shape, s.from);
-            const step = Math.max(1, Math.floor(chunkBytes / Math.max(1, rowBytesFrom)));
-            for (const run of s.runs) {
-              await verifyBigPieces(ckpt, run.megatron, chunkBytes, opts.signal);
-              for (let r = 0; r < run.count; r += step) {
-                const n = Math.min(step, run.count - r);
-                const raw = readStoredRows(ckpt, run.megatron, run.start + r, n);
-                const data = castElements(raw, s.from, s.dtype, s.name);
-                w.write(s.name, data);
-                progress.add(s.name, data.byteLength);
-                await pause(opts.signal);
-              }
-            }
-            weightMap.set(s.name, file);
-            await pause(opts.signal);
-          }
-          w.finish();
-        } catch (e) {
-          w.abort();
-          throw e;
-        }
-      }
-      if (shards.length > 1) writeSafetensorsIndex(tmp, weightMap, total);
-      const carried = carryBack(ckpt, tmp, specs);
-      const marker: HfExportMarker = {
-        format: 'megapatch-hf-export',
-        version: 1,
-        files: fs.readdirSync(tmp).sort(),
-        source: { checkpoint: path.resolve(opts.input), iteration: ckpt.iteration },
-      };
-      fs.writeFileSync(path.join(tmp, HF_EXPORT_MARKER_FILE), `${JSON.stringify(marker, null, 2)}\n`);
-      opts.signal?.throwIfAborted();
-      commitDir(tmp, path.resolve(opts.output));
-      return {
-        output: opts.output,
-        tensors: specs.length,
-        parameters: specs.reduce((a, s) => a + numel(s.shape), 0),
-        bytes: total,
-        files: shards.length,
-        seconds: (performance.now() - t0) / 1000,
-        carried,
-      };
-    } catch (e) {
-      fs.rmSync(tmp, { recursive: true, force: true });
-      throw e;
-    }
+    const stored = new Map(plan.tensors.map((t) => [t.name, checkStored(ckpt, t)]));
+    return await writeHfFolder(
+      {
+        source: ckpt,
+        plan,
+        stored,
+        recorded: ckpt.metadata.huggingface?.dtypes ?? {},
+        sideFiles: (dir, dtypes) => carryBack(ckpt, dir, dtypes),
+        marker: { checkpoint: path.resolve(opts.input), iteration: ckpt.iteration },
+        beforeRead: (name) => verifyBigPieces(ckpt, name, chunkBytes, opts.signal),
+      },
+      { ...opts, chunkBytes },
+      t0,
+    );
   } finally {
     ckpt.close();
   }
 }
 
-/** Copies the checkpoint's HF side files into `dir`, with config.json updated for the dtype written. */
-function carryBack(ckpt: Checkpoint, dir: string, specs: readonly TensorSpec[]): string[] {
-  const files = ckpt.metadata.huggingface?.files ?? [];
-  const dtypes = [...new Set(specs.filter((s) => s.shape.length > 1).map((s) => s.dtype))];
-  for (const f of files) {
-    const from = path.join(ckpt.dir, HF_FILES_DIR, f);
-    if (!fs.existsSync(from)) {
-      throw new ConvertError(
-        'MISSING_FILE',
-        `side file ${HF_FILES_DIR}/${f} listed in metadata.json is missing`,
-        f,
-      );
+/** What {@link writeHfFolder} reads: the Megatron tensors of a plan, and the HF side files. */
+/** @internal */
+export interface HfExportSource {
+  readonly source: TensorSource;
+  readonly plan: ConversionPlan;
+  /** The dtype each Megatron tensor is stored in. */
+  readonly stored: ReadonlyMap<string, SafetensorsDtype>;
+  /** HF dtypes to write back per HF tensor (a BF16 expert bias kept in F32 by Megatron). */
+  readonly recorded: Readonly<Record<string, SafetensorsDtype>>;
+  /** Writes the side files (config.json for the dtypes written, tokenizer, …) into `dir`; returns their names. */
+  sideFiles(dir: string, dtypes: SafetensorsDtype[]): string[];
+  readonly marker: HfExportMarker['source'];
+  /** Called before a Megatron tensor's rows are read (checksums of big pieces). */
+  beforeRead?(name: string): Promise<void>;
+}
+
+/**
+ * Writes the HF tensors of `src.plan` (sharded safetensors + index, side files, the export marker)
+ * to a temporary folder renamed to `opts.output` when complete.
+ */
+/** @internal */
+export async function writeHfFolder(
+  src: HfExportSource,
+  opts: {
+    output: string;
+    dtype?: ModelDtype;
+    maxShardSize?: number | string;
+    chunkBytes: number;
+    signal?: AbortSignal;
+    onProgress?: (p: ConversionProgress) => void;
+  },
+  t0: number,
+): Promise<ConversionSummary> {
+  const { plan } = src;
+  // HF tensor -> the Megatron rows it is made of.
+  const runs = new Map<string, { megatron: string; start: number; count: number; sourceStart: number }[]>();
+  for (const t of plan.tensors) {
+    for (const r of t.rows) {
+      if (r.source === null) continue;
+      const list = runs.get(r.source) ?? [];
+      list.push({ megatron: t.name, start: r.start, count: r.count, sourceStart: r.sourceStart });
+      runs.set(r.source, list);
     }
+  }
+  for (const d of plan.duplicates) {
+    runs.set(d.hf, [{ megatron: d.megatron, start: 0, count: d.shape[0], sourceStart: 0 }]);
+  }
+  const fixed = new Map(plan.tensors.filter((t) => t.fixedDtype).map((t) => [t.name, t.fixedDtype]));
+  const specs: (TensorSpec & { runs: NonNullable<ReturnType<typeof runs.get>>; from: SafetensorsDtype })[] =
+    plan.hfTensors.map((h) => {
+      const list = (runs.get(h.name) ?? []).sort((a, b) => a.sourceStart - b.sourceStart);
+      const from = src.stored.get(list[0].megatron) as SafetensorsDtype;
+      const dtype = src.recorded[h.name] ?? fixed.get(list[0].megatron) ?? opts.dtype ?? from;
+      return { name: h.name, dtype, shape: h.shape, runs: list, from };
+    });
+  const shards = planShards(specs, opts.maxShardSize ?? '5GB', { format: 'pt' });
+  const total = specs.reduce((s, t) => s + numel(t.shape) * DTYPE_SIZE[t.dtype], 0);
+  const progress = new Progress(total, opts.onProgress);
+  const tmp = `${path.resolve(opts.output)}.tmp-${process.pid}`;
+  fs.rmSync(tmp, { recursive: true, force: true });
+  fs.mkdirSync(tmp, { recursive: true });
+  try {
+    const weightMap = new Map<string, string>();
+    for (let i = 0; i < shards.length; i++) {
+      const file = checkShardFileName(
+        shards.length === 1 ? 'model.safetensors' : shardFileName(i + 1, shards.length),
+      );
+      const w = new SafetensorsWriter(path.join(tmp, file), shards[i], { metadata: { format: 'pt' } });
+      try {
+        for (const s of w.order as typeof specs) {
+          const rowBytesFrom = rowBytesOf(s.shape, s.from);
+          const step = Math.max(1, Math.floor(opts.chunkBytes / Math.max(1, rowBytesFrom)));
+          for (const run of s.runs) {
+            await src.beforeRead?.(run.megatron);
+            for (let r = 0; r < run.count; r += step) {
+              const n = Math.min(step, run.count - r);
+              const raw = readStoredRows(src.source, run.megatron, run.start + r, n);
+              const data = castElements(raw, s.from, s.dtype, s.name);
+              w.write(s.name, data);
+              progress.add(s.name, data.byteLength);
+              await pause(opts.signal);
+            }
+          }
+          weightMap.set(s.name, file);
+          await pause(opts.signal);
+        }
+        w.finish();
+      } catch (e) {
+        w.abort();
+        throw e;
+      }
+    }
+    if (shards.length > 1) writeSafetensorsIndex(tmp, weightMap, total);
+    const dtypes = [...new Set(specs.filter((s) => s.shape.length > 1).map((s) => s.dtype))];
+    const carried = src.sideFiles(tmp, dtypes);
+    const marker: HfExportMarker = {
+      format: 'megapatch-hf-export',
+      version: 1,
+      files: fs.readdirSync(tmp).sort(),
+      source: src.marker,
+    };
+    fs.writeFileSync(path.join(tmp, HF_EXPORT_MARKER_FILE), `${JSON.stringify(marker, null, 2)}\n`);
+    opts.signal?.throwIfAborted();
+    commitDir(tmp, path.resolve(opts.output));
+    return {
+      output: opts.output,
+      tensors: specs.length,
+      parameters: specs.reduce((a, s) => a + numel(s.shape), 0),
+      bytes: total,
+      files: shards.length,
+      seconds: (performance.now() - t0) / 1000,
+      carried,
+    };
+  } catch (e) {
+    fs.rmSync(tmp, { recursive: true, force: true });
+    throw e;
+  }
+}
+
+/** Writes config.json for the dtypes written (one: its name; several: unchanged) and copies the other side files. */
+/** @internal */
+export function writeSideFiles(
+  fromDir: string,
+  files: readonly string[],
+  dir: string,
+  dtypes: SafetensorsDtype[],
+) {
+  for (const f of files) {
+    const from = path.join(fromDir, f);
     if (f === 'config.json') {
       fs.writeFileSync(
         path.join(dir, f),
@@ -799,6 +844,22 @@ function carryBack(ckpt: Checkpoint, dir: string, specs: readonly TensorSpec[]):
       fs.copyFileSync(from, path.join(dir, f));
     }
   }
+}
+
+/** Copies the checkpoint's HF side files into `dir`, with config.json updated for the dtype written. */
+function carryBack(ckpt: Checkpoint, dir: string, dtypes: SafetensorsDtype[]): string[] {
+  const files = ckpt.metadata.huggingface?.files ?? [];
+  const from = path.join(ckpt.dir, HF_FILES_DIR);
+  for (const f of files) {
+    if (!fs.existsSync(path.join(from, f))) {
+      throw new ConvertError(
+        'MISSING_FILE',
+        `side file ${HF_FILES_DIR}/${f} listed in metadata.json is missing`,
+        f,
+      );
+    }
+  }
+  writeSideFiles(from, files, dir, dtypes);
   return [...files];
 }
 

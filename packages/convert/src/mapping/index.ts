@@ -22,11 +22,13 @@ export { MEGATRON_TRACKER_FILE, MegatronPlanView } from './megatron-common.js';
 export { MEGATRON_COMMON_FILE, MEGATRON_DIST_METADATA_FILE, MegatronDistView } from './megatron-dist.js';
 export {
   convertMegapatchToMegatron,
+  convertMegatronToHf,
   convertMegatronToMegapatch,
   MEGATRON_RANK_FILE,
   type MegapatchToMegatronOptions,
   MegatronLegacyView,
   type MegatronNaming,
+  type MegatronToHfOptions,
   type MegatronToMegapatchOptions,
   megatronCheckpointDir,
   megatronRankDirName,

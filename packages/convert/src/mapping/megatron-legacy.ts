@@ -16,6 +16,7 @@ import {
 } from '../checkpoint/writer.js';
 import { ConvertError } from '../errors.js';
 import { DTYPE_SIZE, numelOf, type SafetensorsDtype } from '../safetensors/dtype.js';
+import { ShardedSafetensors } from '../safetensors/sharded.js';
 import { parseHfConfig } from '../specs/registry.js';
 import { PyFloat, PyGlobal, PyObject } from '../torch/pickle.js';
 import { TorchFile, TorchFileWriter, type TorchTensor, type TorchTensorRef } from '../torch/torch-file.js';
@@ -36,6 +37,8 @@ import {
   summaryOf,
   type TensorSource,
   TOKENIZER_FILE,
+  writeHfFolder,
+  writeSideFiles,
 } from './convert.js';
 import { castElements, isFloatDtype } from './dtype-cast.js';
 import {
@@ -48,7 +51,7 @@ import {
   num,
 } from './megatron-common.js';
 import { MegatronDistView } from './megatron-dist.js';
-import { checkCheckpointTarget, checkOutputApart } from './output-guard.js';
+import { checkCheckpointTarget, checkExportTarget, checkOutputApart } from './output-guard.js';
 import {
   type ConversionPlan,
   type MegatronTensorPlan,
@@ -561,6 +564,83 @@ export async function convertMegatronToMegapatch(
     return summaryOf(opts.output, planned, parameters, total, t0, files);
   } finally {
     view.close();
+  }
+}
+
+/** Options of {@link convertMegatronToHf}. */
+export interface MegatronToHfOptions extends CommonConvertOptions {
+  /** Megatron checkpoint (`torch` or `torch_dist` format): its root or an `iter_NNNNNNN` folder. */
+  readonly input: string;
+  /**
+   * Hugging Face folder of the model: config.json (required) and the tokenizer and generation
+   * files, copied; where it holds the weights too, each tensor is written in their dtype.
+   */
+  readonly hfDir: string;
+  /** Hugging Face folder to write. */
+  readonly output: string;
+  /** Megatron iteration to read (default: the tracker's). */
+  readonly iteration?: number;
+  /** Largest shard file (default '5GB', as transformers). */
+  readonly maxShardSize?: number | string;
+}
+
+/**
+ * Megatron-LM checkpoint (either format) → Hugging Face folder (sharded safetensors), streaming
+ * from the rank files or chunks without an intermediate megapatch checkpoint: Pai-Megatron-Patch's
+ * mcore2hf. Side files come from `hfDir` (config.json written for the dtype exported).
+ */
+export async function convertMegatronToHf(opts: MegatronToHfOptions): Promise<ConversionSummary> {
+  const t0 = performance.now();
+  opts.signal?.throwIfAborted();
+  checkOutputApart(opts.output, opts.input);
+  checkOutputApart(opts.output, opts.hfDir);
+  const view = openMegatronCheckpoint(opts.input, opts.hfDir, {
+    ...(opts.iteration !== undefined ? { iteration: opts.iteration } : {}),
+  });
+  try {
+    checkExportTarget(opts.output, opts.overwrite);
+    const plan = planConversion(view.plan.spec, view.plan.config, {});
+    const stored = new Map(plan.tensors.map((t) => [t.name, view.info(t.name).dtype]));
+    // the HF folder's own dtypes, where it holds the weights (an F32 router bias among BF16 weights)
+    const recorded: Record<string, SafetensorsDtype> = {};
+    const weights = plan.hfTensors.length > 0 ? hfWeightDtypes(opts.hfDir) : new Map();
+    for (const h of plan.hfTensors) {
+      const d = weights.get(h.name);
+      if (d && isFloatDtype(d) && !opts.dtype) recorded[h.name] = d;
+    }
+    const files = sideFiles(opts.hfDir);
+    return await writeHfFolder(
+      {
+        source: view,
+        plan,
+        stored,
+        recorded,
+        sideFiles: (dir, dtypes) => {
+          writeSideFiles(opts.hfDir, files, dir, dtypes);
+          return files;
+        },
+        marker: { checkpoint: path.resolve(opts.input), iteration: view.iteration },
+      },
+      { ...opts, chunkBytes: opts.chunkBytes ?? DEFAULT_CHUNK },
+      t0,
+    );
+  } finally {
+    view.close();
+  }
+}
+
+/** Name → dtype of the safetensors weights in `hfDir` (empty when it holds none). */
+function hfWeightDtypes(hfDir: string): Map<string, SafetensorsDtype> {
+  let st: ShardedSafetensors;
+  try {
+    st = ShardedSafetensors.open(hfDir);
+  } catch {
+    return new Map();
+  }
+  try {
+    return new Map(st.keys().map((k) => [k, st.info(k).dtype]));
+  } finally {
+    st.close();
   }
 }
 
