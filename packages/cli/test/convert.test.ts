@@ -1,4 +1,4 @@
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import { dirname, join } from 'node:path';
@@ -272,6 +272,54 @@ describe('megapatch convert / ckpt inspect', () => {
         capture(),
       ),
     ).rejects.toThrow(/--transformer-impl.*must be 'transformer_engine' or 'local'/);
+  });
+
+  it('ckpt inspect describes a Megatron checkpoint, and with --hf-dir checks it holds that model', () => {
+    const dist = megatronFixture('llama-dist-tp2');
+    const text = execFileSync(
+      process.execPath,
+      [bin, 'ckpt', 'inspect', dist.megatron, '--hf-dir', dist.hf],
+      {
+        encoding: 'utf8',
+      },
+    );
+    expect(text).toContain('format             Megatron-LM torch_dist (.metadata, *.distcp, common.pt)');
+    expect(text).toContain('iteration          5 (consumed samples 160)');
+    expect(text).toContain(
+      'model (args)       4 layers, hidden 16, ffn 32, 4 heads, 2 query groups, padded vocab 48, bfloat16',
+    );
+    expect(text).toContain('layout (args)      tp=2 pp=1 ep=1 etp=2 vpp=1');
+    expect(text).toContain('tensors            9 (BF16 9) in 53 chunks');
+    expect(text).toContain(
+      'verified           every tensor of LlamaForCausalLM is there at its shape (10,640 parameters)',
+    );
+    const legacy = megatronFixture('mixtral-ep2');
+    const io = memoryIo();
+    runInspect(legacy.megatron, { json: true, tensors: true }, io);
+    const r = JSON.parse(io.lines[0]);
+    expect([r.kind, r.format, r.layout.ep, r.tensors.length, r.checked]).toEqual([
+      'megatron',
+      'torch',
+      2,
+      21,
+      null,
+    ]);
+    // another model: the first tensor that is not part of it, one line, exit 1
+    const wrong = spawnSync(
+      process.execPath,
+      [bin, 'ckpt', 'inspect', legacy.megatron, '--hf-dir', dist.hf],
+      {
+        encoding: 'utf8',
+      },
+    );
+    expect(wrong.status).toBe(1);
+    expect(wrong.stderr.trim().split('\n')).toHaveLength(1);
+    // --hf-dir on a megapatch checkpoint is a usage error
+    const mp = spawnSync(process.execPath, [bin, 'ckpt', 'inspect', join(root, 'mp'), '--hf-dir', dist.hf], {
+      encoding: 'utf8',
+    });
+    expect(mp.status).toBe(2);
+    expect(mp.stderr).toContain('--hf-dir is for a Megatron-LM checkpoint');
   });
 
   it("megatron-to-hf writes the HF weights a Megatron checkpoint was cut from, with Pai's flags", () => {

@@ -15,6 +15,7 @@ import {
   convertMegatronToHf,
   convertMegatronToMegapatch,
   DcpCheckpoint,
+  inspectMegatronCheckpoint,
   MegatronDistView,
   megatronCheckpointDir,
   openMegatronCheckpoint,
@@ -176,6 +177,48 @@ function expectSameHfTensors(got: string, want: string): void {
     b.close();
   }
 }
+
+describe('inspectMegatronCheckpoint', () => {
+  it('reads the args, layout, files and stored tensors of either format', () => {
+    const dist = inspectMegatronCheckpoint(megatronDir(CASES[1]));
+    expect([dist.format, dist.dir, dist.iteration, dist.optimizer]).toEqual([
+      'torch_dist',
+      iterDir(CASES[1]),
+      ITERATION,
+      true,
+    ]);
+    expect(dist.layout).toEqual({ tp: 2, pp: 1, ep: 2, etp: 2, vpp: 1 });
+    expect(dist.args.transformer_impl).toBe('local');
+    expect(dist.args.params_dtype).toBe('torch.bfloat16');
+    const fc1 = dist.tensors.find((t) => t.name === 'decoder.layers.mlp.experts.experts.linear_fc1.weight');
+    // 2 layers x 4 experts x [gate; up] in 2 TP shards each
+    expect(fc1).toEqual({ name: fc1?.name, dtype: 'BF16', shape: [2, 4, 64, 16], parts: 32 });
+    expect(dist.tensors.some((t) => t.name.startsWith('optimizer.'))).toBe(false);
+    expect(dist.files).toBe(fs.readdirSync(iterDir(CASES[1])).length);
+    const legacy = inspectMegatronCheckpoint(path.join(FIXTURES, 'llama-tp2-pp2', 'megatron'));
+    expect([legacy.format, legacy.iteration, legacy.files, legacy.layout.tp, legacy.layout.pp]).toEqual([
+      'torch',
+      3,
+      4,
+      2,
+      2,
+    ]);
+    // local layer 0 of each stage: a TP shard of its QKV in every rank file (2 TP x 2 PP)
+    expect(
+      legacy.tensors.find((t) => t.name === 'model.decoder.layers.0.self_attention.linear_qkv.weight'),
+    ).toEqual({
+      name: 'model.decoder.layers.0.self_attention.linear_qkv.weight',
+      dtype: 'BF16',
+      shape: [16, 16],
+      parts: 4,
+    });
+    expectError(
+      () => inspectMegatronCheckpoint(hfDir(CASES[0])),
+      'INVALID_FORMAT',
+      'is not a Megatron-LM checkpoint',
+    );
+  });
+});
 
 describe('Megatron checkpoints straight to Hugging Face (convertMegatronToHf)', () => {
   const legacy = ['llama-tp2-pp2', 'mixtral-ep2', 'qwen2-pp2-vpp2'];

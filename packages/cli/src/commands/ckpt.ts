@@ -1,5 +1,6 @@
 // `megapatch ckpt inspect <dir>`: layout, dtypes, tensor and parameter counts and size of a
-// megapatch checkpoint, from its metadata (and, with --verify, every piece file checked).
+// megapatch checkpoint, from its metadata (and, with --verify, every piece file checked); or what
+// a Megatron-LM checkpoint holds (with --hf-dir, checked against the model).
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import {
@@ -7,6 +8,10 @@ import {
   Checkpoint,
   type CheckpointLayout,
   type CheckpointVerification,
+  inspectMegatronCheckpoint,
+  type MegatronCheckpointInfo,
+  megatronCheckpointDir,
+  openMegatronCheckpoint,
   verifyCheckpoint,
 } from '@megapatch/convert';
 import type { Command, CommandGroup } from '../command.js';
@@ -96,6 +101,73 @@ export function inspectCheckpoint(
   }
 }
 
+/** What `megapatch ckpt inspect` reports for a Megatron-LM checkpoint. */
+export interface MegatronCheckpointReport extends MegatronCheckpointInfo {
+  kind: 'megatron';
+  /** With --hf-dir: the architecture read, and the parameters of its HF tensors (the checkpoint holds every one). */
+  checked: { architecture: string; parameters: number } | null;
+}
+
+/** The report of a Megatron-LM checkpoint; with `hfDir`, every tensor of that model is checked to be there. */
+export function inspectMegatron(
+  dir: string,
+  opts: { hfDir?: string; tensors?: boolean } = {},
+): MegatronCheckpointReport {
+  const info = inspectMegatronCheckpoint(dir);
+  let checked: MegatronCheckpointReport['checked'] = null;
+  if (opts.hfDir !== undefined) {
+    const view = openMegatronCheckpoint(info.dir, opts.hfDir);
+    try {
+      const parameters = view.plan.hfTensors.reduce((a, t) => a + t.shape.reduce((x, y) => x * y, 1), 0);
+      checked = { architecture: view.plan.spec.architectures[0], parameters };
+    } finally {
+      view.close();
+    }
+  }
+  return { kind: 'megatron', ...info, tensors: opts.tensors ? info.tensors : [], checked };
+}
+
+/** A Megatron report as text. */
+export function formatMegatronReport(
+  r: MegatronCheckpointReport,
+  all: MegatronCheckpointInfo['tensors'],
+): string {
+  const a = r.args;
+  const model = [
+    a.num_layers !== undefined ? `${a.num_layers} layers` : null,
+    a.hidden_size !== undefined ? `hidden ${a.hidden_size}` : null,
+    a.ffn_hidden_size !== undefined ? `ffn ${a.ffn_hidden_size}` : null,
+    a.num_attention_heads !== undefined ? `${a.num_attention_heads} heads` : null,
+    a.num_query_groups !== undefined && a.num_query_groups !== null
+      ? `${a.num_query_groups} query groups`
+      : null,
+    a.num_experts !== undefined && a.num_experts !== null ? `${a.num_experts} experts` : null,
+    a.padded_vocab_size !== undefined ? `padded vocab ${a.padded_vocab_size}` : null,
+    a.params_dtype !== undefined ? `${String(a.params_dtype).replace(/^torch\./, '')}` : null,
+  ].filter((x) => x !== null);
+  const dtypes = new Map<string, number>();
+  for (const t of all) dtypes.set(t.dtype, (dtypes.get(t.dtype) ?? 0) + 1);
+  const l = r.layout;
+  const lines = [
+    `checkpoint         ${r.dir}`,
+    `format             Megatron-LM ${r.format === 'torch_dist' ? 'torch_dist (.metadata, *.distcp, common.pt)' : 'torch (mp_rank_*/model_optim_rng.pt)'}`,
+    `iteration          ${r.iteration}${a.consumed_train_samples !== undefined ? ` (consumed samples ${a.consumed_train_samples})` : ''}`,
+    `model (args)       ${model.length > 0 ? model.join(', ') : '(no args saved)'}`,
+    `layout (args)      tp=${l.tp} pp=${l.pp} ep=${l.ep} etp=${l.etp} vpp=${l.vpp}`,
+    `tensors            ${all.length} (${[...dtypes].map(([d, n]) => `${d} ${n}`).join(', ')}) in ${all.reduce((x, t) => x + t.parts, 0)} ${r.format === 'torch_dist' ? 'chunks' : 'rank-file entries'}`,
+    `size               ${formatBytes(r.bytes)} in ${r.files} file(s)`,
+  ];
+  if (r.optimizer) lines.push('state              optimizer');
+  if (r.checked) {
+    lines.push(
+      `verified           every tensor of ${r.checked.architecture} is there at its shape (${r.checked.parameters.toLocaleString('en-US')} parameters)`,
+    );
+  }
+  for (const t of r.tensors)
+    lines.push(`  ${t.name}  ${t.dtype} [${t.shape.join(', ')}]  ${t.parts} part(s)`);
+  return lines.join('\n');
+}
+
 /** The report as text. */
 export function formatCheckpointReport(r: CheckpointReport): string {
   const l = r.layout;
@@ -139,9 +211,18 @@ export function formatCheckpointReport(r: CheckpointReport): string {
 /** Runs `megapatch ckpt inspect`. */
 export function runInspect(
   dir: string,
-  opts: { json?: boolean; verify?: boolean; tensors?: boolean } = {},
+  opts: { json?: boolean; verify?: boolean; tensors?: boolean; hfDir?: string } = {},
   io: Io = memoryIo(),
-): CheckpointReport {
+): CheckpointReport | MegatronCheckpointReport {
+  if (megatronCheckpointDir(dir) !== null) {
+    const full = inspectMegatronCheckpoint(dir).tensors;
+    const r = inspectMegatron(dir, opts);
+    io.out.log(opts.json ? JSON.stringify(r, null, 2) : formatMegatronReport(r, full));
+    return r;
+  }
+  if (opts.hfDir !== undefined) {
+    throw new UsageError(`--hf-dir is for a Megatron-LM checkpoint; ${dir} is not one`, 'ckpt inspect');
+  }
   const r = inspectCheckpoint(dir, opts);
   io.out.log(opts.json ? JSON.stringify(r, null, 2) : formatCheckpointReport(r));
   return r;
@@ -153,20 +234,37 @@ export const inspect: Command = {
   description:
     'Reads metadata.json of a megapatch checkpoint (its root, for the latest iteration, or one ' +
     'iter_NNNNNNN folder). --verify also opens every piece file, checks every piece and its ' +
-    'checksum, and checks that every tensor the architecture needs is there.',
+    'checksum, and checks that every tensor the architecture needs is there. A Megatron-LM ' +
+    'checkpoint (torch or torch_dist format) is described from its files and saved args; with ' +
+    "--hf-dir, every tensor of the model that folder's config.json describes is checked to be there.",
   positionals: [{ name: 'dir', description: 'checkpoint root or iter_NNNNNNN folder', required: true }],
   options: {
     json: { type: 'boolean', description: 'print JSON' },
     verify: { type: 'boolean', description: 'check every piece file, checksum and tensor' },
     tensors: { type: 'boolean', description: 'list every tensor' },
+    'hf-dir': {
+      type: 'string',
+      value: 'DIR',
+      description: "a Megatron-LM checkpoint's Hugging Face folder: check the checkpoint holds that model",
+      aliases: ['hf-ckpt-path'],
+    },
   },
-  examples: ['ckpt inspect ckpt --verify', 'ckpt inspect ckpt/iter_0000100 --tensors'],
+  examples: [
+    'ckpt inspect ckpt --verify',
+    'ckpt inspect ckpt/iter_0000100 --tensors',
+    'ckpt inspect megatron-ckpt --hf-dir Qwen3-0.6B',
+  ],
   run: ({ options, positionals, io }) => {
     const dir = positionals[0];
     if (!dir) throw new UsageError('missing <dir>', 'ckpt inspect');
     runInspect(
       dir,
-      { json: options.json === true, verify: options.verify === true, tensors: options.tensors === true },
+      {
+        json: options.json === true,
+        verify: options.verify === true,
+        tensors: options.tensors === true,
+        ...(typeof options['hf-dir'] === 'string' ? { hfDir: options['hf-dir'] } : {}),
+      },
       io,
     );
   },
@@ -174,7 +272,7 @@ export const inspect: Command = {
 
 const group: CommandGroup = {
   name: 'ckpt',
-  summary: 'inspect megapatch checkpoints',
+  summary: 'inspect megapatch and Megatron-LM checkpoints',
   commands: { inspect: { summary: inspect.summary, load: async () => inspect } },
 };
 export default group;

@@ -18,8 +18,9 @@ import { ConvertError } from '../errors.js';
 import { DTYPE_SIZE, numelOf, type SafetensorsDtype } from '../safetensors/dtype.js';
 import { ShardedSafetensors } from '../safetensors/sharded.js';
 import { parseHfConfig } from '../specs/registry.js';
+import { DcpCheckpoint } from '../torch/dcp.js';
 import { PyFloat, PyGlobal, PyObject } from '../torch/pickle.js';
-import { TorchFile, TorchFileWriter, type TorchTensor, type TorchTensorRef } from '../torch/torch-file.js';
+import { TorchFile, TorchFileWriter, TorchTensor, type TorchTensorRef } from '../torch/torch-file.js';
 import { paddedVocabSize, type TransformerConfig } from '../transformer-config.js';
 import {
   type CommonConvertOptions,
@@ -50,7 +51,7 @@ import {
   megatronModelOfArgs,
   num,
 } from './megatron-common.js';
-import { MegatronDistView } from './megatron-dist.js';
+import { MEGATRON_COMMON_FILE, MegatronDistView } from './megatron-dist.js';
 import { checkCheckpointTarget, checkExportTarget, checkOutputApart } from './output-guard.js';
 import {
   type ConversionPlan,
@@ -565,6 +566,141 @@ export async function convertMegatronToMegapatch(
   } finally {
     view.close();
   }
+}
+
+/** A tensor of a Megatron checkpoint as stored: its name, dtype, shape and how many parts hold it. */
+export interface MegatronStoredTensor {
+  /** torch_dist: the key; torch: `<model chunk>.<local name>` of the rank files. */
+  readonly name: string;
+  readonly dtype: SafetensorsDtype;
+  /** torch_dist: the global size; torch: the local shape in the first rank file that holds it. */
+  readonly shape: readonly number[];
+  /** torch_dist: chunks; torch: rank files. */
+  readonly parts: number;
+}
+
+/** What a Megatron-LM checkpoint holds, read from its files without a model to check it against. */
+export interface MegatronCheckpointInfo {
+  readonly format: 'torch' | 'torch_dist';
+  /** The iteration folder. */
+  readonly dir: string;
+  readonly iteration: number;
+  /** The saved args (numbers, strings, booleans and null; other values as their text). */
+  readonly args: Record<string, unknown>;
+  /** The parallel layout the args record. */
+  readonly layout: { tp: number; pp: number; ep: number; etp: number; vpp: number };
+  readonly files: number;
+  readonly bytes: number;
+  /** The model's tensors (optimizer state and `_extra_state` entries left out). */
+  readonly tensors: readonly MegatronStoredTensor[];
+  /** Whether optimizer state is saved beside the model. */
+  readonly optimizer: boolean;
+}
+
+/** Every file under `dir` with its size. */
+function filesUnder(dir: string): number[] {
+  return fs.readdirSync(dir, { withFileTypes: true }).flatMap((e) => {
+    const p = path.join(dir, e.name);
+    return e.isDirectory() ? filesUnder(p) : e.isFile() ? [fs.statSync(p).size] : [];
+  });
+}
+
+/** A saved arg as plain data. */
+function plainArg(v: unknown): unknown {
+  if (v === null || ['number', 'string', 'boolean'].includes(typeof v)) return v;
+  if (typeof v === 'bigint') return Number(v);
+  if (v instanceof PyFloat) return v.value;
+  if (v instanceof PyGlobal) return `${v.module}.${v.name}`;
+  if (Array.isArray(v) && v.every((x) => x === null || ['number', 'string', 'boolean'].includes(typeof x)))
+    return [...v];
+  return String(v instanceof PyObject ? `${v.module}.${v.name}(...)` : v);
+}
+
+/**
+ * Reads what the Megatron-LM checkpoint at `dir` (root or iteration folder, either format) holds:
+ * the args, the layout, the files, and the model's tensors as stored.
+ */
+export function inspectMegatronCheckpoint(
+  dir: string,
+  opts: { iteration?: number } = {},
+): MegatronCheckpointInfo {
+  const iterDir = megatronCheckpointDir(dir, opts.iteration);
+  if (iterDir === null) {
+    throw new ConvertError(
+      'INVALID_FORMAT',
+      'is not a Megatron-LM checkpoint (torch or torch_dist format)',
+      dir,
+    );
+  }
+  const format = megatronCheckpointFormat(iterDir) as 'torch' | 'torch_dist';
+  const sizes = filesUnder(iterDir);
+  let root: Map<unknown, unknown>;
+  let tensors: MegatronStoredTensor[];
+  let optimizer: boolean;
+  if (format === 'torch_dist') {
+    const common = path.join(iterDir, MEGATRON_COMMON_FILE);
+    if (!fs.existsSync(common)) throw new ConvertError('MISSING_FILE', `no ${MEGATRON_COMMON_FILE}`, iterDir);
+    {
+      using f = TorchFile.open(common);
+      root = f.root instanceof Map ? f.root : new Map();
+    }
+    using dcp = DcpCheckpoint.open(iterDir);
+    const keys = [...dcp.tensors.values()];
+    optimizer = keys.some((t) => t.key.startsWith('optimizer.')) || root.has('optimizer');
+    tensors = keys
+      .filter((t) => !t.key.startsWith('optimizer.'))
+      .map((t) => ({ name: t.key, dtype: t.dtype, shape: t.size, parts: t.chunks.length }));
+  } else {
+    const ranks = fs
+      .readdirSync(iterDir)
+      .filter((n) => MEGATRON_RANK_DIR.test(n))
+      .sort();
+    const byName = new Map<string, MegatronStoredTensor>();
+    root = new Map();
+    optimizer = false;
+    for (const [i, rank] of ranks.entries()) {
+      using f = TorchFile.open(path.join(iterDir, rank, MEGATRON_RANK_FILE));
+      if (!(f.root instanceof Map)) throw new ConvertError('INVALID_FORMAT', 'does not hold a dict', f.file);
+      if (i === 0) root = f.root;
+      optimizer ||=
+        f.root.get('optimizer') instanceof Map &&
+        (f.root.get('optimizer') as Map<unknown, unknown>).has('state');
+      for (const [k, v] of f.root) {
+        if (typeof k !== 'string' || !/^model\d*$/.test(k) || !(v instanceof Map)) continue;
+        for (const [n, t] of v) {
+          if (typeof n !== 'string' || n.endsWith('_extra_state') || !(t instanceof TorchTensor)) continue;
+          const name = `${k}.${n}`;
+          const had = byName.get(name);
+          byName.set(
+            name,
+            had ? { ...had, parts: had.parts + 1 } : { name, dtype: t.dtype, shape: t.shape, parts: 1 },
+          );
+        }
+      }
+    }
+    tensors = [...byName.values()];
+  }
+  const argMap = argsOf(root);
+  const args = Object.fromEntries([...argMap].map(([k, v]) => [k, plainArg(v)]));
+  const a = (k: string) => num(argMap.get(k));
+  const tp = a('tensor_model_parallel_size') ?? 1;
+  return {
+    format,
+    dir: iterDir,
+    iteration: num(root.get('iteration')) ?? 0,
+    args,
+    layout: {
+      tp,
+      pp: a('pipeline_model_parallel_size') ?? 1,
+      ep: a('expert_model_parallel_size') ?? 1,
+      etp: a('expert_tensor_parallel_size') ?? tp,
+      vpp: a('virtual_pipeline_model_parallel_size') ?? 1,
+    },
+    files: sizes.length,
+    bytes: sizes.reduce((x, y) => x + y, 0),
+    tensors,
+    optimizer,
+  };
 }
 
 /** Options of {@link convertMegatronToHf}. */
