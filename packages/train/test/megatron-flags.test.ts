@@ -238,6 +238,8 @@ describe('Megatron run-script flags', () => {
     expect(gpt.parallel.virtualPipelineModelParallelSize).toBe(2);
     // Megatron's --pretrained-checkpoint: where a run starts when --load holds no checkpoint yet
     expect(resolveOverride('pretrained-checkpoint', 'base')).toEqual(['model.load', 'base']);
+    // Pai-Megatron-Patch's HF folder beside a Megatron checkpoint: read it in place
+    expect(resolveOverride('hf-ckpt-path', 'Qwen3-0.6B')).toEqual(['model.hfConfig', 'Qwen3-0.6B']);
     expect(resolveOverride('cp-comm-type', 'p2p')).toBeNull();
     // Megatron's dropout rates (its default 0.1 when a script gives none; megapatch's 0)
     expect(resolveOverride('hidden-dropout', '0.1')).toEqual(['model.hiddenDropout', 0.1]);
