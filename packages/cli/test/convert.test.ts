@@ -364,5 +364,30 @@ describe('megapatch convert / ckpt inspect', () => {
     });
     expect(shown).toContain('layout             tp=2 pp=1 ep=1 etp=2 dp=1');
     expect(shown).toContain('architecture       LlamaForCausalLM');
+    // the layout flags choose another layout
+    const one = join(root, 'from-torch-dist-pp2');
+    const again = execFileSync(
+      process.execPath,
+      [
+        bin,
+        'convert',
+        'megatron-to-megapatch',
+        '--load',
+        join(fixture, 'megatron'),
+        '--hf-dir',
+        join(fixture, 'hf'),
+        '--out',
+        one,
+        '--tp',
+        '1',
+        '--pipeline-model-parallel-size',
+        '2',
+      ],
+      { encoding: 'utf8' },
+    );
+    expect(again).toContain(`megapatch checkpoint (tp=1 pp=2): ${one}`);
+    expect(execFileSync(process.execPath, [bin, 'ckpt', 'inspect', one], { encoding: 'utf8' })).toContain(
+      'layout             tp=1 pp=2 ep=1 etp=1 dp=1',
+    );
   });
 });

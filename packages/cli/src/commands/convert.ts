@@ -114,9 +114,14 @@ const Reshard = z.object({
 export type ReshardArgs = z.input<typeof Reshard>;
 
 const MegatronToMegapatch = z.object({
-  in: path('a Megatron torch-format checkpoint root'),
+  in: path('a Megatron checkpoint root'),
   hfDir: path("the Hugging Face folder with the model's config.json"),
   out: path('the megapatch checkpoint root'),
+  tp: int(1, MAX_PARALLEL).optional(),
+  pp: int(1, MAX_PARALLEL).optional(),
+  ep: int(1, MAX_PARALLEL).optional(),
+  etp: int(1, MAX_PARALLEL).optional(),
+  ...pipelineSchema,
   dtype: ModelDtypeFlag.optional(),
   iteration: int(0, ITERATION_MAX).optional(),
   overwrite: z.boolean(),
@@ -358,6 +363,24 @@ export async function runMegatronToMegapatch(
   io: Io = memoryIo(),
 ): Promise<ConversionSummary> {
   const o = parseOptions(MegatronToMegapatch, withDefaults(megatronToMegapatch, args), MEGATRON_TO_MEGAPATCH);
+  // the layout flags given; none keeps the Megatron checkpoint's layout
+  const given = Object.fromEntries(
+    (
+      [
+        'tp',
+        'pp',
+        'ep',
+        'etp',
+        'vpp',
+        'decoderFirstPipelineNumLayers',
+        'decoderLastPipelineNumLayers',
+        'pipelineModelParallelLayout',
+      ] as const
+    )
+      .filter((k) => o[k] !== undefined)
+      .map((k) => [k, o[k]]),
+  );
+  const layout = Object.keys(given).length > 0 ? given : undefined;
   const s = await convertInto(
     io,
     MEGATRON_TO_MEGAPATCH,
@@ -367,6 +390,7 @@ export async function runMegatronToMegapatch(
         input: o.in,
         hfDir: o.hfDir,
         output: o.out,
+        ...(layout ? { layout } : {}),
         ...(o.dtype ? { dtype: o.dtype } : {}),
         ...(o.iteration !== undefined ? { iteration: o.iteration } : {}),
         overwrite: o.overwrite,
@@ -374,7 +398,17 @@ export async function runMegatronToMegapatch(
         signal,
       }),
   );
-  summarize(io.out, 'megapatch checkpoint (the Megatron layout)', s);
+  summarize(
+    io.out,
+    `megapatch checkpoint (${
+      layout
+        ? Object.entries(given)
+            .map(([k, v]) => `${k}=${v}`)
+            .join(' ')
+        : 'the Megatron layout'
+    })`,
+    s,
+  );
   return s;
 }
 
@@ -544,6 +578,18 @@ export const reshard: Command = {
   },
 };
 
+/** The layout flags without defaults: a flag not given keeps the Megatron checkpoint's setting. */
+const keepLayout = (spec: OptionSpec): OptionSpec => {
+  const { default: _, ...rest } = spec as OptionSpec & { default?: string };
+  return { ...rest, description: `${spec.description} of the output (default: the Megatron checkpoint's)` };
+};
+const keepLayoutOptions = {
+  tp: keepLayout(layoutOptions.tp),
+  pp: keepLayout(layoutOptions.pp),
+  ep: keepLayout(layoutOptions.ep),
+  etp: keepLayout(layoutOptions.etp),
+};
+
 /** `--in` (a Megatron checkpoint) and `--hf-dir` (its HF config and side files) of the Megatron readers. */
 const megatronSourceOptions = {
   in: { ...inOption, description: 'Megatron checkpoint root (or an iter_NNNNNNN folder)' },
@@ -569,11 +615,13 @@ export const megatronToMegapatch: Command = {
     'Reads the model weights of a Megatron-LM checkpoint, saved with --ckpt-format torch (any TP/PP/EP, ' +
     'Transformer Engine or local layer names, grouped or sequential experts) or torch_dist (Megatron-Core ' +
     'distributed checkpoints: .metadata, *.distcp, common.pt), for the model that ' +
-    "--hf-dir's config.json describes, and writes a megapatch checkpoint in the same layout with " +
-    "--hf-dir's config and tokenizer files. The optimizer and RNG states are not carried.",
+    "--hf-dir's config.json describes, and writes a megapatch checkpoint in the same layout (or the one " +
+    "the layout flags give) with --hf-dir's config and tokenizer files. The optimizer and RNG states are not carried.",
   options: {
     ...megatronSourceOptions,
     out: outOption('megapatch checkpoint root to write'),
+    ...keepLayoutOptions,
+    ...pipelineOptions,
     dtype: dtypeOption,
     iteration: iterationOption,
     overwrite: overwriteOption,
