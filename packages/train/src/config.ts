@@ -910,6 +910,71 @@ function megatronFlagKeys(): Map<string, string> {
  * `--overlap-grad-reduce`), accepted without a key (see {@link megatronFlag}); a flag for a feature
  * megapatch lacks (`--fp8-format`) throws with the reason.
  */
+/** A blend list as Megatron reads it from text: whitespace-separated prefixes with optional weights. */
+function blendList(text: string): (string | number)[] {
+  return text
+    .split(/\s+/)
+    .filter(Boolean)
+    .map((w) => (/^[0-9]*\.?[0-9]+(e[-+]?[0-9]+)?$/i.test(w) ? Number(w) : w));
+}
+
+function readArgsFile(flag: string, file: string): string {
+  try {
+    return fs.readFileSync(file, 'utf8');
+  } catch (e) {
+    throw new TrainError(
+      'INVALID_CONFIG',
+      `--${flag} ${file}: cannot read it (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`,
+    );
+  }
+}
+
+/**
+ * The data keys of Megatron's data-argument files: `--data-args-path` holds what --data-path would
+ * (the blend as text), `--per-split-data-args-path` a JSON object of `train`, `valid` and `test`
+ * blends (lists, or text). Null for any other flag.
+ */
+export function dataArgsOverrides(flag: string, file: string): [string, unknown][] | null {
+  if (flag === 'data-args-path') {
+    const blend = blendList(readArgsFile(flag, file));
+    if (blend.length === 0)
+      throw new TrainError('INVALID_CONFIG', `--${flag} ${file}: holds no data prefixes`);
+    return [['data.dataPath', blend]];
+  }
+  if (flag !== 'per-split-data-args-path') return null;
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(readArgsFile(flag, file));
+  } catch (e) {
+    if (e instanceof TrainError) throw e;
+    throw new TrainError('INVALID_CONFIG', `--${flag} ${file}: not valid JSON (${(e as Error).message})`);
+  }
+  if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed) || !('train' in parsed)) {
+    throw new TrainError(
+      'INVALID_CONFIG',
+      `--${flag} ${file}: expected {"train": ..., "valid": ..., "test": ...}`,
+    );
+  }
+  const out: [string, unknown][] = [];
+  for (const [split, key] of [
+    ['train', 'data.trainDataPath'],
+    ['valid', 'data.validDataPath'],
+    ['test', 'data.testDataPath'],
+  ] as const) {
+    const v = (parsed as Record<string, unknown>)[split];
+    if (v === undefined || v === null) continue;
+    const blend = typeof v === 'string' ? blendList(v) : Array.isArray(v) ? v : null;
+    if (!blend || blend.length === 0) {
+      throw new TrainError(
+        'INVALID_CONFIG',
+        `--${flag} ${file}: "${split}" must be a blend (a list, or text)`,
+      );
+    }
+    out.push([key, blend]);
+  }
+  return out;
+}
+
 export function resolveOverride(flag: string, text: string): [string, unknown] | null {
   if (flag.includes('.')) {
     if (!validKeys().includes(flag)) {
@@ -918,6 +983,8 @@ export function resolveOverride(flag: string, text: string): [string, unknown] |
     }
     return [flag, overrideValue(text)];
   }
+  const dataArgs = dataArgsOverrides(flag, text);
+  if (dataArgs) return dataArgs[0] ?? null;
   const flags = megatronFlagKeys();
   const key = flags.get(flag);
   if (key === undefined) {
@@ -1047,6 +1114,11 @@ export function loadRunConfig(
   // the flags accepted without a key, grouped by what megapatch does instead
   const accepted = new Map<string, string[]>();
   for (const [flag, text] of overrides) {
+    const dataArgs = dataArgsOverrides(flag, text);
+    if (dataArgs) {
+      for (const [k, v] of dataArgs) setDotted(obj, k, v);
+      continue;
+    }
     const resolved = resolveOverride(flag, text);
     if (resolved === null) {
       const m = megatronFlag(flag, overrideValue(text));

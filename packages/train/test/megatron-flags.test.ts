@@ -594,3 +594,41 @@ describe('the architecture flags against the model', () => {
     expect(check({ maxPositionEmbeddings: 40960 }, qwen3, {}, 64)).not.toThrow();
   });
 });
+
+describe("Megatron's data-argument files", () => {
+  const base: [string, string][] = [
+    ['pretrained-checkpoint', 'hf'],
+    ['seq-length', '128'],
+    ['micro-batch-size', '1'],
+    ['global-batch-size', '8'],
+    ['train-iters', '10'],
+    ['lr', '1e-4'],
+    ['logging.runDir', 'run'],
+  ];
+  it('--data-args-path reads the blend --data-path would give; --per-split-data-args-path a blend per split', () => {
+    const args = path.join(root, 'data-args.txt');
+    fs.writeFileSync(args, '0.3 /data/a_text_document\n0.7\t/data/b_text_document\n');
+    const c = loadRunConfig(null, [...base, ['data-args-path', args]]);
+    expect(c.data.dataPath).toEqual([0.3, '/data/a_text_document', 0.7, '/data/b_text_document']);
+    const split = path.join(root, 'per-split.json');
+    fs.writeFileSync(split, JSON.stringify({ train: ['0.5', 'a', '0.5', 'b'], valid: 'c', test: ['d'] }));
+    const p = loadRunConfig(null, [...base, ['per-split-data-args-path', split]]);
+    expect([p.data.trainDataPath, p.data.validDataPath, p.data.testDataPath]).toEqual([
+      ['0.5', 'a', '0.5', 'b'],
+      ['c'],
+      ['d'],
+    ]);
+    expect(resolveOverride('data-args-path', args)).toEqual([
+      'data.dataPath',
+      [0.3, '/data/a_text_document', 0.7, '/data/b_text_document'],
+    ]);
+    // a bad file is one error naming it
+    fs.writeFileSync(split, '{"valid": "c"}');
+    expect(() => loadRunConfig(null, [...base, ['per-split-data-args-path', split]])).toThrow(
+      `--per-split-data-args-path ${split}: expected {"train": ..., "valid": ..., "test": ...}`,
+    );
+    expect(() => loadRunConfig(null, [...base, ['data-args-path', path.join(root, 'none.txt')]])).toThrow(
+      /--data-args-path .*none\.txt: cannot read it \(ENOENT\)/,
+    );
+  });
+});
