@@ -2,10 +2,10 @@ import * as fs from 'node:fs';
 import { join } from 'node:path';
 import { convertHfToMegapatch } from '@megapatch/convert';
 import { loadTokenizer } from '@megapatch/data';
-import { type GPTModel, loadModel, scoreContinuations } from '@megapatch/models';
+import { type GPTModel, generate, loadModel, scoreContinuations } from '@megapatch/models';
 import { sharedPath, skipWithoutShared } from '@megapatch/test-support';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { encodePair, type TaskEvalReport } from '../src/commands/eval-task.js';
+import { encodePair, predictionOf, type TaskEvalReport } from '../src/commands/eval-task.js';
 import { launched, megapatch, oneLine, tempDir } from './helpers.js';
 
 const STORIES = sharedPath('data/models/stories260K/hf');
@@ -49,12 +49,21 @@ describe("lm-evaluation-harness's (context, continuation) split", () => {
   });
 });
 
+describe('generate-until predictions', () => {
+  it('cut at the first stop string, or taken from the answer regex', () => {
+    expect(predictionOf(' 42\n\nQuestion: more', ['\n\n'], null)).toBe('42');
+    expect(predictionOf('so the answer is 17. Then', ['\n\n', 'Then'], /answer is (\d+)/)).toBe('17');
+    expect(predictionOf('#### 3', [], /#### \d+/)).toBe('#### 3');
+    expect(predictionOf('no number', [], /(\d+)/)).toBe('[invalid]');
+  });
+});
+
 describe('megapatch eval --task: usage', () => {
   it.each<[string, string[], string]>([
     [
       'an unknown task',
       ['--task', 'mmlu'],
-      "--task: must be 'perplexity', 'multiple-choice' or 'loglikelihood'",
+      "--task: must be 'perplexity', 'multiple-choice', 'loglikelihood' or 'generate-until'",
     ],
     [
       'a task flag with perplexity',
@@ -210,6 +219,58 @@ describe.skipIf(skipWithoutShared(import.meta.url))('megapatch eval --task on st
         expect(x).toBeCloseTo(b[i].loglikelihoods[j], 4);
       });
     }
+  });
+
+  it('generate-until: exact match of the greedy generation, one document at a time as generate() gives it', async () => {
+    const tok = await loadTokenizer(STORIES);
+    const contexts = [
+      'Lily went to the park. She',
+      'Tom had a red ball. He',
+      'Once upon a time, there was a little',
+    ];
+    const greedy = contexts.map((c) => {
+      const r = generate(model, [tok.encode(c, { addSpecialTokens: false })], {
+        maxNewTokens: 12,
+        temperature: 0,
+        eosTokenIds: [tok.eosId],
+        stopStrings: ['.'],
+        decode: (ids) => tok.decode(ids, { skipSpecialTokens: true }),
+      }).rows[0];
+      return ((row) =>
+        row.finishReason === 'stop'
+          ? (row.text as string)
+          : tok.decode(row.tokens, { skipSpecialTokens: true }))(r);
+    });
+    // the first two targets are what the model writes, the third is not
+    const targets = [greedy[0], greedy[1], 'a purple elephant'];
+    const file = join(root, 'gen.jsonl');
+    fs.writeFileSync(
+      file,
+      contexts.map((c, i) => JSON.stringify({ context: c, continuation: targets[i] })).join('\n'),
+    );
+    const perDoc = join(root, 'gen-docs.jsonl');
+    const r = run([
+      '--task',
+      'generate-until',
+      '--data',
+      file,
+      '--until',
+      '.',
+      '--max-gen-toks',
+      '12',
+      '--batch-size',
+      '1',
+      '--per-doc',
+      perDoc,
+    ]);
+    expect([r.task, r.documents, r.acc]).toEqual(['generate-until', 3, 2 / 3]);
+    const lines = fs
+      .readFileSync(perDoc, 'utf8')
+      .trimEnd()
+      .split('\n')
+      .map((l) => JSON.parse(l));
+    expect(lines.map((l) => l.generation)).toEqual(greedy);
+    expect(lines.map((l) => l.exact)).toEqual([true, true, false]);
   });
 
   it('prints plain lines, and bad documents are one line naming the file and the line', () => {

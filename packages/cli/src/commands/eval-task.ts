@@ -18,19 +18,22 @@ import { fileLines, LineWriter, parseRecord } from './jsonl.js';
 const NAME = 'eval';
 
 /** The tasks of `megapatch eval --task`. */
-export const EVAL_TASKS = ['perplexity', 'multiple-choice', 'loglikelihood'] as const;
+export const EVAL_TASKS = ['perplexity', 'multiple-choice', 'loglikelihood', 'generate-until'] as const;
 export type EvalTask = (typeof EVAL_TASKS)[number];
 
 /** What `megapatch eval --task multiple-choice | loglikelihood --json` prints. */
 export interface TaskEvalReport {
   model: string;
   data: string;
-  task: 'multiple-choice' | 'loglikelihood';
+  task: 'multiple-choice' | 'loglikelihood' | 'generate-until';
   seqLength: number;
   documents: number;
   /** (context, continuation) pairs scored: one per choice, or one per document. */
   requests: number;
-  /** Multiple choice: the highest log-likelihood is the label's. Log-likelihood: the continuation is the greedy one. */
+  /**
+   * Multiple choice: the highest log-likelihood is the label's. Log-likelihood: the continuation is
+   * the greedy one. Generate-until: the prediction equals the target (the harness's exact_match).
+   */
   acc: number;
   accStderr: number;
   /** Multiple choice: the highest log-likelihood per character of the choice is the label's. */
@@ -51,9 +54,12 @@ export interface TaskEvalOptions {
   dtype: 'float32' | 'bfloat16';
   hfDir?: string | undefined;
   data: string;
-  task: 'multiple-choice' | 'loglikelihood';
+  task: 'multiple-choice' | 'loglikelihood' | 'generate-until';
   seqLength: number;
   batchSize: number;
+  until?: string | undefined;
+  maxGenToks: number;
+  answerRegex?: string | undefined;
   contextKey: string;
   choicesKey: string;
   labelKey: string;
@@ -196,7 +202,7 @@ function isPerDocFile(file: string): boolean {
   if (first.done) return true;
   try {
     const v = JSON.parse(first.value.text) as Record<string, unknown>;
-    return typeof v?.doc === 'number' && ('loglikelihoods' in v || 'loglikelihood' in v);
+    return typeof v?.doc === 'number' && ('loglikelihoods' in v || 'loglikelihood' in v || 'generation' in v);
   } catch {
     return false;
   }
@@ -287,6 +293,7 @@ export async function runTaskEval(o: TaskEvalOptions, io: Io): Promise<TaskEvalR
     );
   }
   const tok = await modelTokenizer(o.model, described.tokenizerDir);
+  if (o.task === 'generate-until') return runGenerateUntil(o, io, tok, described.tokenizerDir as string);
   const docs = readDocs(o, tok);
   const job = await joinJob();
   const lead = job.rank === 0;
@@ -311,14 +318,7 @@ export async function runTaskEval(o: TaskEvalOptions, io: Io): Promise<TaskEvalR
         { target: out, outputs: [{ flag: '--per-doc', path: out }], inputs },
         async () => {
           const r = await score();
-          const w = new LineWriter(out);
-          try {
-            for (const l of r.lines) w.write(l);
-            w.commit();
-          } catch (e) {
-            w.abort();
-            throw e;
-          }
+          LineWriter.writeAll(out, r.lines);
           return r;
         },
       );
@@ -345,6 +345,148 @@ export async function runTaskEval(o: TaskEvalOptions, io: Io): Promise<TaskEvalR
       `documents: ${report.documents}, requests: ${report.requests}, truncated: ${report.truncated}, seconds: ${report.seconds.toFixed(2)}`,
     );
     if (out !== undefined) io.out.log(`wrote ${out}`);
+  }
+  return report;
+}
+
+/** A generate-until document: the context's tokens (cut from the left) and the target. */
+interface GenDoc {
+  ids: number[];
+  target: string;
+  truncated: boolean;
+}
+
+/** The prediction of a generation: the text before the first stop string, or the regex's answer in it. */
+export function predictionOf(text: string, until: readonly string[], answer: RegExp | null): string {
+  let t = text;
+  for (const u of until) t = t.split(u)[0];
+  if (!answer) return t.trim();
+  const m = answer.exec(t);
+  return m ? (m[1] ?? m[0]).trim() : '[invalid]';
+}
+
+/**
+ * `--task generate-until`: greedy generation from each context until a stop string (or EOS, or
+ * --max-gen-toks tokens), the prediction compared with the target (exact match after stripping).
+ */
+async function runGenerateUntil(
+  o: TaskEvalOptions,
+  io: Io,
+  tok: HfTokenizer,
+  tokenizerDir: string,
+): Promise<TaskEvalReport> {
+  const { stopStrings, eosTokenIds } = await import('./generate.js');
+  const until = o.until === undefined ? ['\n\n'] : stopStrings(o.until, '--until', NAME);
+  if (o.maxGenToks >= o.seqLength) {
+    throw new UsageError(
+      `--max-gen-toks ${o.maxGenToks} leaves no room for a context in --seq-length ${o.seqLength}`,
+      NAME,
+    );
+  }
+  let answer: RegExp | null = null;
+  if (o.answerRegex !== undefined) {
+    try {
+      answer = new RegExp(o.answerRegex);
+    } catch (e) {
+      throw new UsageError(`--answer-regex: ${(e as Error).message}`, NAME);
+    }
+  }
+  const keep = o.seqLength - o.maxGenToks;
+  const bos = o.addBos && tok.bosId !== null ? [tok.bosId] : [];
+  const docs: GenDoc[] = [];
+  for (const { line, text } of fileLines(o.data)) {
+    const r = parseRecord(o.data, line, text);
+    const get = (key: string, flag: string) => {
+      const v = r[key];
+      if (typeof v !== 'string') {
+        throw new CliError('INVALID_INPUT', `${o.data} line ${line}: no string field "${key}" (set ${flag})`);
+      }
+      return v;
+    };
+    const context = get(o.contextKey, '--context-key');
+    const target = get(o.continuationKey, '--continuation-key');
+    const ids = [...bos, ...tok.encode(context, { addSpecialTokens: false })];
+    if (ids.length === 0) ids.push(tok.eodId);
+    docs.push({ ids: ids.slice(Math.max(0, ids.length - keep)), target, truncated: ids.length > keep });
+  }
+  if (docs.length === 0) throw new CliError('INVALID_INPUT', `${o.data} holds no documents`);
+  const eos = eosTokenIds(tok, tokenizerDir);
+  const decode = (ids: number[]) => tok.decode(ids, { skipSpecialTokens: true });
+  const job = await joinJob();
+  const lead = job.rank === 0;
+  let model: GPTModel | undefined;
+  const lines: string[] = [];
+  const hits: number[] = [];
+  const t0 = performance.now();
+  const run = async () => {
+    const { generate } = await import('@megapatch/models');
+    const m = model as GPTModel;
+    for (let i = 0; i < docs.length; i += o.batchSize) {
+      const batch = docs.slice(i, i + o.batchSize);
+      const r = generate(
+        m,
+        batch.map((d) => d.ids),
+        { maxNewTokens: o.maxGenToks, temperature: 0, eosTokenIds: eos, stopStrings: until, decode },
+      );
+      for (const [j, row] of r.rows.entries()) {
+        const kept = row.finishReason === 'eos' ? row.tokens.slice(0, -1) : row.tokens;
+        const generation = row.finishReason === 'stop' ? (row.text as string) : decode(kept);
+        const prediction = predictionOf(generation, until, answer);
+        const d = batch[j];
+        const exact = prediction === d.target.trim() ? 1 : 0;
+        hits.push(exact);
+        lines.push(
+          JSON.stringify({ doc: i + j, generation, prediction, target: d.target, exact: exact === 1 }),
+        );
+      }
+      await new Promise<void>((resolve) => setImmediate(resolve));
+      io.throwIfStopped();
+    }
+  };
+  try {
+    model = await loadForJob(o.model, o.dtype, o.hfDir);
+    if (o.perDoc !== undefined && lead) {
+      const out = o.perDoc;
+      const inputs = [
+        { flag: '--model', path: o.model },
+        ...(o.hfDir !== undefined ? [{ flag: '--hf-dir', path: o.hfDir }] : []),
+        { flag: '--data', path: o.data },
+      ];
+      await withOutput(
+        io,
+        NAME,
+        { target: out, outputs: [{ flag: '--per-doc', path: out }], inputs },
+        async () => {
+          await run();
+          LineWriter.writeAll(out, lines);
+        },
+      );
+    } else await run();
+  } finally {
+    model?.dispose();
+    await job.close();
+  }
+  const [acc, accStderr] = meanStderr(hits);
+  const report: TaskEvalReport = {
+    model: o.model,
+    data: o.data,
+    task: 'generate-until',
+    seqLength: o.seqLength,
+    documents: docs.length,
+    requests: docs.length,
+    truncated: docs.filter((d) => d.truncated).length,
+    seconds: (performance.now() - t0) / 1000,
+    acc,
+    accStderr,
+  };
+  if (!lead) return report;
+  if (o.json) io.out.log(JSON.stringify(report));
+  else {
+    io.out.log(`exact_match: ${acc.toFixed(4)} ± ${Number.isNaN(accStderr) ? 'n/a' : accStderr.toFixed(4)}`);
+    io.out.log(
+      `documents: ${report.documents}, truncated: ${report.truncated}, seconds: ${report.seconds.toFixed(2)}`,
+    );
+    if (o.perDoc !== undefined) io.out.log(`wrote ${o.perDoc}`);
   }
   return report;
 }

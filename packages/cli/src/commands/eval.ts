@@ -56,9 +56,9 @@ const options = {
   },
   task: {
     type: 'string',
-    value: 'perplexity|multiple-choice|loglikelihood',
+    value: 'perplexity|multiple-choice|loglikelihood|generate-until',
     description:
-      "perplexity (the default) scores whole documents; multiple-choice and loglikelihood score a JSONL of benchmark documents as lm-evaluation-harness's tasks of those kinds",
+      "perplexity (the default) scores whole documents; multiple-choice, loglikelihood and generate-until score a JSONL of benchmark documents as lm-evaluation-harness's tasks of those kinds",
     default: 'perplexity',
   },
   'context-key': {
@@ -82,7 +82,8 @@ const options = {
   'continuation-key': {
     type: 'string',
     value: 'KEY',
-    description: 'loglikelihood: field holding the continuation (the target) to score',
+    description:
+      'loglikelihood, generate-until: field holding the continuation (the target) to score or match',
     default: 'continuation',
   },
   'target-delimiter': {
@@ -91,6 +92,24 @@ const options = {
     description:
       "tasks: put between the context and each continuation (lm-evaluation-harness's target_delimiter)",
     default: ' ',
+  },
+  until: {
+    type: 'string',
+    value: 'STR',
+    description:
+      'generate-until: a string that ends a generation, or a JSON array of them (default "\\n\\n"; EOS always ends it)',
+  },
+  'max-gen-toks': {
+    type: 'string',
+    value: 'N',
+    description: 'generate-until: tokens to generate at most per document',
+    default: '256',
+  },
+  'answer-regex': {
+    type: 'string',
+    value: 'REGEX',
+    description:
+      'generate-until: the prediction is the first group of the first match in the generation (the whole match without groups; no match: "[invalid]")',
   },
   'add-bos': {
     type: 'boolean',
@@ -120,13 +139,18 @@ const schema = z.object({
   batchSize: int(1, 1 << 16),
   jsonKey: z.string().min(1, 'must not be empty'),
   perTokenLogprobs: z.string().min(1, 'must not be empty').optional(),
-  task: z.enum(EVAL_TASKS, { message: "must be 'perplexity', 'multiple-choice' or 'loglikelihood'" }),
+  task: z.enum(EVAL_TASKS, {
+    message: "must be 'perplexity', 'multiple-choice', 'loglikelihood' or 'generate-until'",
+  }),
   contextKey: z.string().min(1, 'must not be empty'),
   choicesKey: z.string().min(1, 'must not be empty'),
   labelKey: z.string().min(1, 'must not be empty'),
   continuationKey: z.string().min(1, 'must not be empty'),
   targetDelimiter: z.string(),
   addBos: z.boolean(),
+  until: z.string().optional(),
+  maxGenToks: int(1, MAX_SEQ_LENGTH),
+  answerRegex: z.string().min(1, 'must not be empty').optional(),
   perDoc: z.string().min(1, 'must not be empty').optional(),
   overwrite: z.boolean(),
   json: z.boolean(),
@@ -135,6 +159,9 @@ const schema = z.object({
 /** Flags that belong to one kind of evaluation: perplexity's, or the tasks'. */
 const PERPLEXITY_ONLY = ['json-key', 'per-token-logprobs'];
 const TASK_ONLY = [
+  'until',
+  'max-gen-toks',
+  'answer-regex',
   'context-key',
   'choices-key',
   'label-key',
@@ -159,7 +186,7 @@ function parseEval(values: OptionValues) {
   const wrong = o.task === 'perplexity' ? given(TASK_ONLY) : given(PERPLEXITY_ONLY);
   if (wrong.length > 0) {
     throw new UsageError(
-      `--${wrong[0]} does not apply to --task ${o.task}${o.task === 'perplexity' ? ' (give --task multiple-choice or loglikelihood)' : ''}`,
+      `--${wrong[0]} does not apply to --task ${o.task}${o.task === 'perplexity' ? ' (give --task multiple-choice, loglikelihood or generate-until)' : ''}`,
       NAME,
     );
   }

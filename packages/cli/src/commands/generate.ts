@@ -162,7 +162,7 @@ const schema = z.object({
 export type GenerateOptions = z.output<typeof schema>;
 
 /** `--stop`: one string, or a JSON array of non-empty strings. */
-function stopStrings(value: string | undefined): string[] {
+export function stopStrings(value: string | undefined, flag = '--stop', command = NAME): string[] {
   if (value === undefined) return [];
   let stops: unknown = [value];
   if (value.trimStart().startsWith('[')) {
@@ -170,13 +170,13 @@ function stopStrings(value: string | undefined): string[] {
       stops = JSON.parse(value);
     } catch {
       throw new UsageError(
-        `--stop: ${JSON.stringify(value)} starts with [ but is not a JSON array of strings`,
-        NAME,
+        `${flag}: ${JSON.stringify(value)} starts with [ but is not a JSON array of strings`,
+        command,
       );
     }
   }
   if (!Array.isArray(stops) || stops.some((s) => typeof s !== 'string' || s === '')) {
-    throw new UsageError('--stop: must be a non-empty string or a JSON array of non-empty strings', NAME);
+    throw new UsageError(`${flag}: must be a non-empty string or a JSON array of non-empty strings`, command);
   }
   return stops as string[];
 }

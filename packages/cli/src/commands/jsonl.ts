@@ -63,6 +63,18 @@ export class LineWriter {
     fs.renameSync(this.tmp, this.file);
   }
 
+  /** Writes `lines` to `file` as one JSON-lines file, published only when complete. */
+  static writeAll(file: string, lines: readonly string[]): void {
+    const w = new LineWriter(file);
+    try {
+      for (const l of lines) w.write(l);
+      w.commit();
+    } catch (e) {
+      w.abort();
+      throw e;
+    }
+  }
+
   abort(): void {
     if (this.fd !== undefined) fs.closeSync(this.fd);
     this.fd = undefined;
