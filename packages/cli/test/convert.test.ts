@@ -342,22 +342,25 @@ describe('megapatch convert / ckpt inspect', () => {
 
   it('reads a Megatron-Core torch_dist checkpoint (the fixture @megapatch/convert tests against)', () => {
     const fixture = megatronFixture('llama-dist-tp2').dir;
+    const fromMegatron = (out: string, ...layout: string[]) =>
+      execFileSync(
+        process.execPath,
+        [
+          bin,
+          'convert',
+          'megatron-to-megapatch',
+          '--load',
+          join(fixture, 'megatron'),
+          '--hf-dir',
+          join(fixture, 'hf'),
+          '--out',
+          out,
+          ...layout,
+        ],
+        { encoding: 'utf8' },
+      );
     const out = join(root, 'from-torch-dist');
-    const text = execFileSync(
-      process.execPath,
-      [
-        bin,
-        'convert',
-        'megatron-to-megapatch',
-        '--load',
-        join(fixture, 'megatron'),
-        '--hf-dir',
-        join(fixture, 'hf'),
-        '--out',
-        out,
-      ],
-      { encoding: 'utf8' },
-    );
+    const text = fromMegatron(out);
     expect(text).toContain(`megapatch checkpoint (the Megatron layout): ${out}`);
     const shown = execFileSync(process.execPath, [bin, 'ckpt', 'inspect', join(out, 'iter_0000005')], {
       encoding: 'utf8',
@@ -366,25 +369,7 @@ describe('megapatch convert / ckpt inspect', () => {
     expect(shown).toContain('architecture       LlamaForCausalLM');
     // the layout flags choose another layout
     const one = join(root, 'from-torch-dist-pp2');
-    const again = execFileSync(
-      process.execPath,
-      [
-        bin,
-        'convert',
-        'megatron-to-megapatch',
-        '--load',
-        join(fixture, 'megatron'),
-        '--hf-dir',
-        join(fixture, 'hf'),
-        '--out',
-        one,
-        '--tp',
-        '1',
-        '--pipeline-model-parallel-size',
-        '2',
-      ],
-      { encoding: 'utf8' },
-    );
+    const again = fromMegatron(one, '--tp', '1', '--pipeline-model-parallel-size', '2');
     expect(again).toContain(`megapatch checkpoint (tp=1 pp=2): ${one}`);
     expect(execFileSync(process.execPath, [bin, 'ckpt', 'inspect', one], { encoding: 'utf8' })).toContain(
       'layout             tp=1 pp=2 ep=1 etp=1 dp=1',

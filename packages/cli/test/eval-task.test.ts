@@ -106,6 +106,19 @@ describe.skipIf(skipWithoutShared(import.meta.url))('megapatch eval --task on st
   });
   afterAll(() => model?.dispose());
 
+  /** `megapatch eval` of a multiple-choice file on stories260K, as plain text. */
+  const multipleChoice = (data: string) =>
+    megapatch([
+      'eval',
+      '--model',
+      STORIES,
+      '--data',
+      data,
+      '--seq-length',
+      '64',
+      '--task',
+      'multiple-choice',
+    ]);
   const run = (args: string[]) => {
     const seq = args.includes('--seq-length') ? [] : ['--seq-length', '64'];
     const r = megapatch(['eval', '--model', STORIES, ...seq, ...args, '--json']);
@@ -274,17 +287,7 @@ describe.skipIf(skipWithoutShared(import.meta.url))('megapatch eval --task on st
   });
 
   it('prints plain lines, and bad documents are one line naming the file and the line', () => {
-    const plain = megapatch([
-      'eval',
-      '--model',
-      STORIES,
-      '--data',
-      mc,
-      '--seq-length',
-      '64',
-      '--task',
-      'multiple-choice',
-    ]);
+    const plain = multipleChoice(mc);
     expect(plain.status, plain.stderr).toBe(0);
     expect(plain.stdout).toMatch(
       /^acc: [\d.]+ ± [\d.]+, acc_norm: [\d.]+ ± [\d.]+\ndocuments: 5, requests: 11, truncated: 0, seconds: /,
@@ -305,17 +308,7 @@ describe.skipIf(skipWithoutShared(import.meta.url))('megapatch eval --task on st
       ],
     ]) {
       fs.writeFileSync(bad, `${JSON.stringify(QUESTIONS[0])}\n${line}\n`);
-      const r = megapatch([
-        'eval',
-        '--model',
-        STORIES,
-        '--data',
-        bad,
-        '--seq-length',
-        '64',
-        '--task',
-        'multiple-choice',
-      ]);
+      const r = multipleChoice(bad);
       expect(r.status, r.stderr).toBe(1);
       expect(oneLine(r.stderr)).toContain(message);
     }

@@ -104,11 +104,18 @@ export function inspectCheckpoint(
 /** What `megapatch ckpt inspect` reports for a Megatron-LM checkpoint. */
 export interface MegatronCheckpointReport extends MegatronCheckpointInfo {
   kind: 'megatron';
+  /** Model tensors stored, their parts (chunks or rank-file entries), and how many of each dtype. */
+  tensorCount: number;
+  parts: number;
+  dtypes: Record<string, number>;
   /** With --hf-dir: the architecture read, and the parameters of its HF tensors (the checkpoint holds every one). */
   checked: { architecture: string; parameters: number } | null;
 }
 
-/** The report of a Megatron-LM checkpoint; with `hfDir`, every tensor of that model is checked to be there. */
+/**
+ * The report of a Megatron-LM checkpoint (its tensors listed with `tensors`); with `hfDir`, every
+ * tensor of that model is checked to be there.
+ */
 export function inspectMegatron(
   dir: string,
   opts: { hfDir?: string; tensors?: boolean } = {},
@@ -124,14 +131,21 @@ export function inspectMegatron(
       view.close();
     }
   }
-  return { kind: 'megatron', ...info, tensors: opts.tensors ? info.tensors : [], checked };
+  const dtypes: Record<string, number> = {};
+  for (const t of info.tensors) dtypes[t.dtype] = (dtypes[t.dtype] ?? 0) + 1;
+  return {
+    kind: 'megatron',
+    ...info,
+    tensors: opts.tensors ? info.tensors : [],
+    tensorCount: info.tensors.length,
+    parts: info.tensors.reduce((x, t) => x + t.parts, 0),
+    dtypes,
+    checked,
+  };
 }
 
 /** A Megatron report as text. */
-export function formatMegatronReport(
-  r: MegatronCheckpointReport,
-  all: MegatronCheckpointInfo['tensors'],
-): string {
+export function formatMegatronReport(r: MegatronCheckpointReport): string {
   const a = r.args;
   const model = [
     a.num_layers !== undefined ? `${a.num_layers} layers` : null,
@@ -145,8 +159,6 @@ export function formatMegatronReport(
     a.padded_vocab_size !== undefined ? `padded vocab ${a.padded_vocab_size}` : null,
     a.params_dtype !== undefined ? `${String(a.params_dtype).replace(/^torch\./, '')}` : null,
   ].filter((x) => x !== null);
-  const dtypes = new Map<string, number>();
-  for (const t of all) dtypes.set(t.dtype, (dtypes.get(t.dtype) ?? 0) + 1);
   const l = r.layout;
   const lines = [
     `checkpoint         ${r.dir}`,
@@ -154,7 +166,9 @@ export function formatMegatronReport(
     `iteration          ${r.iteration}${a.consumed_train_samples !== undefined ? ` (consumed samples ${a.consumed_train_samples})` : ''}`,
     `model (args)       ${model.length > 0 ? model.join(', ') : '(no args saved)'}`,
     `layout (args)      tp=${l.tp} pp=${l.pp} ep=${l.ep} etp=${l.etp} vpp=${l.vpp}`,
-    `tensors            ${all.length} (${[...dtypes].map(([d, n]) => `${d} ${n}`).join(', ')}) in ${all.reduce((x, t) => x + t.parts, 0)} ${r.format === 'torch_dist' ? 'chunks' : 'rank-file entries'}`,
+    `tensors            ${r.tensorCount} (${Object.entries(r.dtypes)
+      .map(([d, n]) => `${d} ${n}`)
+      .join(', ')}) in ${r.parts} ${r.format === 'torch_dist' ? 'chunks' : 'rank-file entries'}`,
     `size               ${formatBytes(r.bytes)} in ${r.files} file(s)`,
   ];
   if (r.optimizer) lines.push('state              optimizer');
@@ -215,9 +229,8 @@ export function runInspect(
   io: Io = memoryIo(),
 ): CheckpointReport | MegatronCheckpointReport {
   if (megatronCheckpointDir(dir) !== null) {
-    const full = inspectMegatronCheckpoint(dir).tensors;
     const r = inspectMegatron(dir, opts);
-    io.out.log(opts.json ? JSON.stringify(r, null, 2) : formatMegatronReport(r, full));
+    io.out.log(opts.json ? JSON.stringify(r, null, 2) : formatMegatronReport(r));
     return r;
   }
   if (opts.hfDir !== undefined) {

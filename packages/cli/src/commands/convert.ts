@@ -532,6 +532,14 @@ export const hfToMegapatch: Command = {
   },
 };
 
+/** `--max-shard-size` of the Hugging Face writers. */
+const maxShardSizeOption = {
+  type: 'string',
+  value: 'SIZE',
+  description: "largest shard file, e.g. '5GB' or '500MB'",
+  default: '5GB',
+} as const satisfies OptionSpec;
+
 export const megapatchToHf: Command = {
   name: MEGAPATCH_TO_HF,
   summary: 'megapatch checkpoint (any layout) -> Hugging Face folder',
@@ -541,12 +549,7 @@ export const megapatchToHf: Command = {
   options: {
     in: inOption,
     out: outOption('Hugging Face folder to write'),
-    'max-shard-size': {
-      type: 'string',
-      value: 'SIZE',
-      description: "largest shard file, e.g. '5GB' or '500MB'",
-      default: '5GB',
-    },
+    'max-shard-size': maxShardSizeOption,
     dtype: dtypeOption,
     iteration: iterationOption,
     overwrite: overwriteOption,
@@ -644,12 +647,7 @@ export const megatronToHf: Command = {
   options: {
     ...megatronSourceOptions,
     out: outOption('Hugging Face folder to write'),
-    'max-shard-size': {
-      type: 'string',
-      value: 'SIZE',
-      description: "largest shard file, e.g. '5GB' or '500MB'",
-      default: '5GB',
-    },
+    'max-shard-size': maxShardSizeOption,
     dtype: dtypeOption,
     iteration: iterationOption,
     overwrite: overwriteOption,

@@ -111,21 +111,29 @@ function checkContinuation(o: TaskEvalOptions, line: number, tokens: number, wha
   }
 }
 
+/** A string field of a document; its absence is a one-line error naming the line and the flag. */
+function stringField(
+  file: string,
+  line: number,
+  r: Record<string, unknown>,
+  key: string,
+  flag: string,
+): string {
+  const v = r[key];
+  if (typeof v !== 'string') {
+    throw new CliError('INVALID_INPUT', `${file} line ${line}: no string field "${key}" (set ${flag})`);
+  }
+  return v;
+}
+
 /** Reads and tokenises the task's documents; every problem names the file and the line. */
 function readDocs(o: TaskEvalOptions, tok: HfTokenizer): Doc[] {
   const docs: Doc[] = [];
-  const field = (file: string, line: number, r: Record<string, unknown>, key: string, flag: string) => {
-    const v = r[key];
-    if (typeof v !== 'string') {
-      throw new CliError('INVALID_INPUT', `${file} line ${line}: no string field "${key}" (set ${flag})`);
-    }
-    return v;
-  };
   for (const { line, text } of fileLines(o.data)) {
     const r = parseRecord(o.data, line, text);
-    const context = field(o.data, line, r, o.contextKey, '--context-key');
+    const context = stringField(o.data, line, r, o.contextKey, '--context-key');
     if (o.task === 'loglikelihood') {
-      const target = field(o.data, line, r, o.continuationKey, '--continuation-key');
+      const target = stringField(o.data, line, r, o.continuationKey, '--continuation-key');
       const q = encodePair(tok, context, o.targetDelimiter + target, o.addBos);
       checkContinuation(o, line, q.continuation.length, 'the continuation');
       docs.push({ line, requests: [q] });
@@ -396,15 +404,8 @@ async function runGenerateUntil(
   const docs: GenDoc[] = [];
   for (const { line, text } of fileLines(o.data)) {
     const r = parseRecord(o.data, line, text);
-    const get = (key: string, flag: string) => {
-      const v = r[key];
-      if (typeof v !== 'string') {
-        throw new CliError('INVALID_INPUT', `${o.data} line ${line}: no string field "${key}" (set ${flag})`);
-      }
-      return v;
-    };
-    const context = get(o.contextKey, '--context-key');
-    const target = get(o.continuationKey, '--continuation-key');
+    const context = stringField(o.data, line, r, o.contextKey, '--context-key');
+    const target = stringField(o.data, line, r, o.continuationKey, '--continuation-key');
     const ids = [...bos, ...tok.encode(context, { addSpecialTokens: false })];
     if (ids.length === 0) ids.push(tok.eodId);
     docs.push({ ids: ids.slice(Math.max(0, ids.length - keep)), target, truncated: ids.length > keep });
