@@ -12,3 +12,5 @@ export declare function skipWithoutShared(who: string): boolean;
 export declare function collectGarbage(): Promise<void>;
 /** A Megatron-LM checkpoint fixture of @megapatch/convert's tests: its folder, HF weights and checkpoint. */
 export declare function megatronFixture(name: string): { dir: string; hf: string; megatron: string };
+/** A Hugging Face folder of @megapatch/convert's tests whose weights are PyTorch pickles (pytorch_model*.bin). */
+export declare function hfBinFixture(name: string): string;

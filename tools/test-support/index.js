@@ -33,6 +33,11 @@ export function megatronFixture(name) {
   return { dir, hf: join(dir, 'hf'), megatron: join(dir, 'megatron') };
 }
 
+/** A Hugging Face folder of @megapatch/convert's tests whose weights are PyTorch pickles (pytorch_model*.bin). */
+export function hfBinFixture(name) {
+  return join(REPO_ROOT, 'packages', 'convert', 'test', 'fixtures', 'hf-bin', name);
+}
+
 const warned = new Set();
 
 /**

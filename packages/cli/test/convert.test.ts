@@ -5,7 +5,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Checkpoint, ShardedSafetensors } from '@megapatch/convert';
 import { SYNTHETIC_MODELS, writeSyntheticHfCheckpoint } from '@megapatch/convert/testing';
-import { megatronFixture } from '@megapatch/test-support';
+import { hfBinFixture, megatronFixture } from '@megapatch/test-support';
 import { afterAll, describe, expect, it } from 'vitest';
 import { inspectCheckpoint, runInspect } from '../src/commands/ckpt.js';
 import {
@@ -338,6 +338,41 @@ describe('megapatch convert / ckpt inspect', () => {
       expect(Buffer.from(a.read(k).data).equals(Buffer.from(b.read(k).data)), k).toBe(true);
     a.close();
     b.close();
+  });
+
+  it('reads HF folders whose weights are PyTorch pickles (pytorch_model*.bin), in and as --hf-ckpt-path', () => {
+    const run = (...args: string[]) =>
+      execFileSync(process.execPath, [bin, 'convert', ...args], { encoding: 'utf8' });
+    // llama: torch.save of llama-tp2-pp2's HF weights; the same checkpoint as from its safetensors
+    const fromBin = join(root, 'from-bin');
+    const fromSt = join(root, 'from-st');
+    run('hf-to-megapatch', '--load', hfBinFixture('llama'), '--save', fromBin, '--tp', '2');
+    run('hf-to-megapatch', '--load', megatronFixture('llama-tp2-pp2').hf, '--save', fromSt, '--tp', '2');
+    const a = Checkpoint.open(fromBin);
+    const b = Checkpoint.open(fromSt);
+    expect(a.tensorNames().sort()).toEqual(b.tensorNames().sort());
+    for (const n of b.tensorNames())
+      expect(Buffer.from(a.read(n)).equals(Buffer.from(b.read(n))), n).toBe(true);
+    a.close();
+    b.close();
+    // megatron-to-hf keeps the dtype of --hf-ckpt-path's weights: float32 pickles in two shards
+    const { megatron } = megatronFixture('qwen2-pp2-vpp2');
+    const out = join(root, 'mcore2hf-f32');
+    run('megatron-to-hf', '--load', megatron, '--hf-ckpt-path', hfBinFixture('qwen2-sharded'), '--save', out);
+    const got = ShardedSafetensors.open(out);
+    const want = ShardedSafetensors.open(megatronFixture('qwen2-pp2-vpp2').hf);
+    expect(got.keys().sort()).toEqual(want.keys().sort());
+    for (const k of want.keys()) {
+      expect(got.info(k).dtype, k).toBe('F32');
+      const f32 = new Float32Array(Uint8Array.from(got.read(k).data).buffer);
+      const bf16 = new Uint16Array(Uint8Array.from(want.read(k).data).buffer);
+      expect(Array.from(f32), k).toEqual(
+        Array.from(bf16, (x) => new Float32Array(new Uint32Array([x << 16]).buffer)[0]),
+      );
+    }
+    expect(fs.readdirSync(out).filter((f) => f.startsWith('pytorch_model'))).toEqual([]);
+    got.close();
+    want.close();
   });
 
   it('reads a Megatron-Core torch_dist checkpoint (the fixture @megapatch/convert tests against)', () => {

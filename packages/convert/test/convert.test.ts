@@ -349,14 +349,14 @@ describe('bad inputs', () => {
   const dsBase = tmp('bad-ds');
   writeSyntheticHfCheckpoint(dsBase, model('deepseek-v3').config, { seed: 1 });
 
-  it('asks for safetensors when a folder holds PyTorch pickles only', async () => {
+  it('names a pytorch_model.bin that is not a torch.save file', async () => {
     const dir = tmp('pickle');
     fs.mkdirSync(dir);
     fs.copyFileSync(path.join(base, 'config.json'), path.join(dir, 'config.json'));
-    fs.writeFileSync(path.join(dir, 'pytorch_model.bin'), 'not read');
+    fs.writeFileSync(path.join(dir, 'pytorch_model.bin'), 'not a zip, not a pickle');
     const e = await convertError(convertHfToMegapatch({ hfDir: dir, output: tmp('o') }));
-    expect(e.code).toBe('UNSUPPORTED');
-    expect(e.message).toContain('safe_serialization=True');
+    expect(e.file).toContain('pytorch_model.bin');
+    expect(fs.existsSync(tmp('o'))).toBe(false);
   });
 
   it('names a missing tensor', async () => {

@@ -4,7 +4,7 @@
 // @megapatch/convert's fixtures, written with PyTorch by Megatron's rules from those HF weights.
 import * as path from 'node:path';
 import { fromTypedArray, memoryStats, noGrad, type Tensor, tidy } from '@megapatch/tensor';
-import { megatronFixture } from '@megapatch/test-support';
+import { hfBinFixture, megatronFixture } from '@megapatch/test-support';
 import { describe, expect, it } from 'vitest';
 import { type GPTModel, loadModel } from '../src/index.js';
 
@@ -51,5 +51,21 @@ describe('a Megatron-LM checkpoint loads in place with its HF config', () => {
     expect(() => loadModel(hf, { hfConfig: hf })).toThrow(
       `${hf} is not a Megatron-LM checkpoint (torch or torch_dist format); hfConfig is only for those`,
     );
+  });
+});
+
+describe('a Hugging Face folder with PyTorch weights (pytorch_model.bin)', () => {
+  it('loads as its safetensors twin: the same logits, the same memory after', () => {
+    // fixtures/hf-bin/llama: llama-tp2-pp2's HF weights torch.save-d, with views and transposed storages
+    const { hf } = megatronFixture('llama-tp2-pp2');
+    const before = memoryStats('cpu').liveBytes;
+    const fromSafetensors = loadModel(hf);
+    const fromPickles = loadModel(hfBinFixture('llama'));
+    expect(fromPickles.kind).toBe('hf');
+    expect(fromPickles.architecture).toBe('LlamaForCausalLM');
+    expect(logitsOf(fromPickles.model)).toEqual(logitsOf(fromSafetensors.model));
+    fromSafetensors.model.dispose();
+    fromPickles.model.dispose();
+    expect(memoryStats('cpu').liveBytes).toBe(before);
   });
 });

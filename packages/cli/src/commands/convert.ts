@@ -493,14 +493,15 @@ export const hfToMegapatch: Command = {
   name: HF_TO_MEGAPATCH,
   summary: 'Hugging Face folder -> megapatch checkpoint (any TP/PP/EP layout)',
   description:
-    'Streams the safetensors of a Hugging Face model folder into a megapatch checkpoint root ' +
+    'Streams the weights of a Hugging Face model folder (safetensors, or PyTorch pytorch_model*.bin ' +
+    'files, read without running their code) into a megapatch checkpoint root ' +
     '(<out>/iter_NNNNNNN/ and latest_checkpointed_iteration.txt) in the layout given, carrying ' +
     'config.json, generation_config.json and the tokenizer files along.',
   options: {
     'hf-dir': {
       type: 'string',
       value: 'DIR',
-      description: 'Hugging Face model folder (config.json + safetensors)',
+      description: 'Hugging Face model folder (config.json + safetensors or pytorch_model*.bin)',
       required: true,
       aliases: ['load', 'load-dir', 'hf-ckpt-path'],
     },

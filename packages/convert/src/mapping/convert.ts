@@ -17,7 +17,6 @@ import {
   checkShardFileName,
   planShards,
   SAFETENSORS_INDEX_FILE,
-  ShardedSafetensors,
   shardFileName,
   writeSafetensorsIndex,
 } from '../safetensors/sharded.js';
@@ -25,6 +24,7 @@ import { SafetensorsWriter, type TensorSpec } from '../safetensors/writer.js';
 import { getArchitectureSpec, parseHfConfig } from '../specs/registry.js';
 import { makeTransformerConfig, type TransformerConfig } from '../transformer-config.js';
 import { castElements, dequantizeFp8Blocks, isFloatDtype } from './dtype-cast.js';
+import { type HfWeights, openHfWeights, PYTORCH_INDEX_FILE } from './hf-weights.js';
 import { editJsonObject } from './json-edit.js';
 import {
   checkCheckpointTarget,
@@ -87,7 +87,7 @@ export interface CommonConvertOptions {
 
 /** Options of {@link convertHfToMegapatch}. */
 export interface HfToMegapatchOptions extends CommonConvertOptions {
-  /** Hugging Face folder (config.json + model.safetensors or sharded index). */
+  /** Hugging Face folder: config.json and safetensors (single or sharded), or PyTorch pickles (pytorch_model.bin or sharded). */
   readonly hfDir: string;
   /** Root directory of the megapatch checkpoint to write. */
   readonly output: string;
@@ -293,7 +293,7 @@ function fp8BlockSize(rawConfig: Record<string, unknown>): [number, number] | nu
 class HfSource {
   private readonly scales = new Map<string, Float32Array>();
   constructor(
-    readonly st: ShardedSafetensors,
+    readonly st: HfWeights,
     private readonly blockSize: [number, number] | null,
   ) {}
 
@@ -371,7 +371,7 @@ export function sideFiles(hfDir: string): string[] {
   return fs
     .readdirSync(hfDir, { withFileTypes: true })
     .filter((e) => e.isFile() && !e.name.startsWith('.') && !WEIGHT_FILE.test(e.name))
-    .filter((e) => e.name !== SAFETENSORS_INDEX_FILE)
+    .filter((e) => e.name !== SAFETENSORS_INDEX_FILE && e.name !== PYTORCH_INDEX_FILE)
     .map((e) => e.name)
     .sort();
 }
@@ -444,7 +444,7 @@ function checkHfTensors(
 
 /** Checks that HF tensor `copy` holds the same bytes as `primary` (streamed in chunks). */
 async function checkSameBytes(
-  st: ShardedSafetensors,
+  st: HfWeights,
   copy: string,
   primary: string,
   chunkBytes: number,
@@ -468,24 +468,6 @@ async function checkSameBytes(
     const y = st.readRows(primary, r, n).data;
     if (Buffer.compare(x, y) !== 0) throw differ();
     await pause(signal);
-  }
-}
-
-/** Opens the safetensors of an HF folder; a folder with only PyTorch pickles gets a hint. */
-function openHfWeights(hfDir: string): ShardedSafetensors {
-  try {
-    return ShardedSafetensors.open(hfDir);
-  } catch (e) {
-    const pickles = fs.existsSync(hfDir) && fs.readdirSync(hfDir).some((f) => /\.(bin|pt|pth)$/.test(f));
-    if (e instanceof ConvertError && e.code === 'MISSING_FILE' && pickles) {
-      throw new ConvertError(
-        'UNSUPPORTED',
-        'the folder holds PyTorch .bin/.pt weights only; save it as safetensors first ' +
-          '(transformers: model.save_pretrained(dir, safe_serialization=True))',
-        path.basename(hfDir),
-      );
-    }
-    throw e;
   }
 }
 

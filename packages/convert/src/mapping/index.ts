@@ -17,6 +17,13 @@ export {
   type TensorSourceInfo,
 } from './convert.js';
 export * from './dtype-cast.js';
+export {
+  type HfWeights,
+  openHfWeights,
+  PYTORCH_INDEX_FILE,
+  PYTORCH_SINGLE_FILE,
+  TorchBinWeights,
+} from './hf-weights.js';
 export * from './json-edit.js';
 export { MEGATRON_TRACKER_FILE, MegatronPlanView } from './megatron-common.js';
 export { MEGATRON_COMMON_FILE, MEGATRON_DIST_METADATA_FILE, MegatronDistView } from './megatron-dist.js';

@@ -16,7 +16,6 @@ import {
 } from '../checkpoint/writer.js';
 import { ConvertError } from '../errors.js';
 import { DTYPE_SIZE, numelOf, type SafetensorsDtype } from '../safetensors/dtype.js';
-import { ShardedSafetensors } from '../safetensors/sharded.js';
 import { parseHfConfig } from '../specs/registry.js';
 import { DcpCheckpoint } from '../torch/dcp.js';
 import { PyFloat, PyGlobal, PyObject } from '../torch/pickle.js';
@@ -42,6 +41,7 @@ import {
   writeSideFiles,
 } from './convert.js';
 import { castElements, isFloatDtype } from './dtype-cast.js';
+import { type HfWeights, openHfWeights } from './hf-weights.js';
 import {
   argsOf,
   LOCAL_NORMS,
@@ -765,13 +765,14 @@ export async function convertMegatronToHf(opts: MegatronToHfOptions): Promise<Co
   }
 }
 
-/** Name → dtype of the safetensors weights in `hfDir` (empty when it holds none). */
+/** Name → dtype of the weights in `hfDir` (safetensors or PyTorch; empty when it holds none). */
 function hfWeightDtypes(hfDir: string): Map<string, SafetensorsDtype> {
-  let st: ShardedSafetensors;
+  let st: HfWeights;
   try {
-    st = ShardedSafetensors.open(hfDir);
-  } catch {
-    return new Map();
+    st = openHfWeights(hfDir);
+  } catch (e) {
+    if (e instanceof ConvertError && e.code === 'MISSING_FILE') return new Map();
+    throw e;
   }
   try {
     return new Map(st.keys().map((k) => [k, st.info(k).dtype]));

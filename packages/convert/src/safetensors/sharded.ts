@@ -56,19 +56,22 @@ export function checkShardFileName(name: unknown, file = SAFETENSORS_INDEX_FILE)
   return name;
 }
 
-/** Reads and checks `dir/model.safetensors.index.json`. */
-export function readSafetensorsIndex(dir: string): SafetensorsIndex {
-  const indexPath = path.join(dir, SAFETENSORS_INDEX_FILE);
+/**
+ * Reads and checks `dir/model.safetensors.index.json` (or `indexFile`, an index of the same form
+ * such as transformers' `pytorch_model.bin.index.json`).
+ */
+export function readSafetensorsIndex(dir: string, indexFile = SAFETENSORS_INDEX_FILE): SafetensorsIndex {
+  const indexPath = path.join(dir, indexFile);
   let text: string;
   try {
     text = fs.readFileSync(indexPath, 'utf8');
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'ENOENT') {
-      throw new ConvertError('MISSING_FILE', `no such file in ${dir}`, SAFETENSORS_INDEX_FILE);
+      throw new ConvertError('MISSING_FILE', `no such file in ${dir}`, indexFile);
     }
     throw e;
   }
-  const bad = (msg: string) => new ConvertError('INVALID_FORMAT', msg, SAFETENSORS_INDEX_FILE);
+  const bad = (msg: string) => new ConvertError('INVALID_FORMAT', msg, indexFile);
   let raw: unknown;
   try {
     raw = JSON.parse(text);
@@ -85,7 +88,7 @@ export function readSafetensorsIndex(dir: string): SafetensorsIndex {
   const weightMap = new Map<string, string>();
   const files: string[] = [];
   for (const [tensor, file] of Object.entries(wm)) {
-    const name = checkShardFileName(file);
+    const name = checkShardFileName(file, indexFile);
     weightMap.set(tensor, name);
     if (!files.includes(name)) files.push(name);
   }
