@@ -50,6 +50,7 @@ CASES = [
     ("deepseek-v3", "DeepseekV3Config", dict(ds, q_lora_rank=32, n_routed_experts=8, n_group=2, topk_group=1,
                                              num_nextn_predict_layers=1), (2, 2, 2, 2)),
     ("moonlight", "DeepseekV3Config", dict(ds, q_lora_rank=None, n_routed_experts=8, n_group=1, topk_group=1), (2, 2, 2, 2)),
+    ("phi3", "Phi3Config", dict(small, rope_theta=250000.0, sliding_window=2047), (2, 2, 1, 2)),
 ]
 
 

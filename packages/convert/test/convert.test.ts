@@ -92,6 +92,15 @@ function expectedLocal(
     });
     return hf.get(s?.hf as string) as TensorData;
   };
+  // a packed HF tensor (Phi-3's qkv_proj = [q; k; v], gate_up_proj = [gate; up]) cut into its parts by rows
+  const rowsOf = (t: TensorData, from: number, n: number): TensorData => {
+    const rowBytes = t.data.byteLength / t.shape[0];
+    return {
+      dtype: t.dtype,
+      shape: [n, ...t.shape.slice(1)],
+      data: t.data.subarray(from * rowBytes, (from + n) * rowBytes),
+    };
+  };
   switch (op.type) {
     case 'qkv': {
       const dims = {
@@ -99,14 +108,26 @@ function expectedLocal(
         numQueryGroups: cfg.numQueryGroups,
         headDim: cfg.kvChannels,
       };
-      return tpSplitQkv(fuseQkv({ q: byPart('q'), k: byPart('k'), v: byPart('v') }, dims), {
+      const packed = op.part === 'qkv' ? hf.get(sources[0].hf) : undefined;
+      const qn = cfg.numAttentionHeads * cfg.kvChannels;
+      const kn = cfg.numQueryGroups * cfg.kvChannels;
+      const parts = packed
+        ? { q: rowsOf(packed, 0, qn), k: rowsOf(packed, qn, kn), v: rowsOf(packed, qn + kn, kn) }
+        : { q: byPart('q'), k: byPart('k'), v: byPart('v') };
+      return tpSplitQkv(fuseQkv(parts, dims), {
         ...dims,
         tp: size,
         rank: r,
       });
     }
-    case 'gate_up':
-      return tpSplitGateUp(fuseGateUp(byPart('gate'), byPart('up')), { tp: size, rank: r });
+    case 'gate_up': {
+      const packed = op.part === 'gate_up' ? hf.get(sources[0].hf) : undefined;
+      const f = packed ? packed.shape[0] / 2 : 0;
+      const [gate, up] = packed
+        ? [rowsOf(packed, 0, f), rowsOf(packed, f, f)]
+        : [byPart('gate'), byPart('up')];
+      return tpSplitGateUp(fuseGateUp(gate, up), { tp: size, rank: r });
+    }
     case 'split':
       return tpSplit(hf.get(sources[0].hf) as TensorData, { tp: size, rank: r, dim: op.dim });
     case 'vocab': {

@@ -38,7 +38,7 @@ function expectConvertError(fn: () => unknown, code: string, ...fragments: strin
 }
 
 describe('registry', () => {
-  it('lists the nine built-in architectures', () => {
+  it('lists the ten built-in architectures', () => {
     expect(listArchitectures()).toEqual(
       expect.arrayContaining([
         'LlamaForCausalLM',
@@ -50,6 +50,7 @@ describe('registry', () => {
         'MixtralForCausalLM',
         'DeepseekV2ForCausalLM',
         'DeepseekV3ForCausalLM',
+        'Phi3ForCausalLM',
       ]),
     );
   });
@@ -472,5 +473,129 @@ describe.skipIf(skipShared)('expected HF tensor shapes', () => {
     expect(moon.get('model.layers.1.self_attn.q_proj.weight')).toEqual([3072, 2048]);
     expect(moon.has('model.layers.1.self_attn.q_a_proj.weight')).toBe(false);
     expect(moon.get('model.layers.1.mlp.shared_experts.gate_proj.weight')).toEqual([2816, 2048]);
+  });
+});
+
+// Published config.json values of microsoft/Phi-3-mini-4k-instruct and microsoft/phi-4 (the fields
+// the spec reads, plus those it must ignore).
+const PHI3_MINI_4K = {
+  architectures: ['Phi3ForCausalLM'],
+  attention_dropout: 0.0,
+  bos_token_id: 1,
+  embd_pdrop: 0.0,
+  eos_token_id: 32000,
+  hidden_act: 'silu',
+  hidden_size: 3072,
+  initializer_range: 0.02,
+  intermediate_size: 8192,
+  max_position_embeddings: 4096,
+  model_type: 'phi3',
+  num_attention_heads: 32,
+  num_hidden_layers: 32,
+  num_key_value_heads: 32,
+  original_max_position_embeddings: 4096,
+  pad_token_id: 32000,
+  resid_pdrop: 0.0,
+  rms_norm_eps: 1e-5,
+  rope_scaling: null,
+  rope_theta: 10000.0,
+  sliding_window: 2047,
+  tie_word_embeddings: false,
+  torch_dtype: 'bfloat16',
+  attention_bias: false,
+  vocab_size: 32064,
+};
+const PHI4 = {
+  ...PHI3_MINI_4K,
+  bos_token_id: 100257,
+  eos_token_id: 100265,
+  pad_token_id: 100349,
+  hidden_size: 5120,
+  intermediate_size: 17920,
+  max_position_embeddings: 16384,
+  original_max_position_embeddings: 16384,
+  num_attention_heads: 40,
+  num_hidden_layers: 40,
+  num_key_value_heads: 10,
+  rope_theta: 250000,
+  sliding_window: null,
+  vocab_size: 100352,
+};
+
+describe('Phi3ForCausalLM (Phi-3, Phi-4): packed qkv_proj and gate_up_proj', () => {
+  it('reads Phi-3-mini-4k and Phi-4: their sizes, window and parameter counts', () => {
+    const mini = parseHfConfig(PHI3_MINI_4K).transformerConfig;
+    expect([
+      mini.numLayers,
+      mini.hiddenSize,
+      mini.numQueryGroups,
+      mini.kvChannels,
+      mini.slidingWindow,
+    ]).toEqual([32, 3072, 32, 96, 2047]);
+    // Phi-3-mini: 3.82e9 parameters (the model card's 3.8B)
+    expect(parameterCount(mini).total).toBe(3_821_079_552);
+    const phi4 = parseHfConfig(PHI4).transformerConfig;
+    expect([phi4.numQueryGroups, phi4.kvChannels, phi4.rotaryBase, phi4.slidingWindow]).toEqual([
+      10,
+      128,
+      250000,
+      null,
+    ]);
+    // Phi-4: 14.66e9 parameters (the model card's 14B)
+    expect(parameterCount(phi4).total).toBe(14_659_507_200);
+    expect(parseHfConfig({ ...PHI4, sliding_window: undefined }).transformerConfig.slidingWindow).toBeNull();
+  });
+
+  it('maps each packed tensor to one Megatron tensor, [q; k; v] regrouped per query group', () => {
+    const { spec, transformerConfig: cfg } = parseHfConfig(PHI4);
+    const names = expectedHfTensorNames(spec, cfg).filter((n) => n.startsWith('model.layers.0.'));
+    expect(names).toEqual([
+      'model.layers.0.input_layernorm.weight',
+      'model.layers.0.self_attn.qkv_proj.weight',
+      'model.layers.0.self_attn.o_proj.weight',
+      'model.layers.0.post_attention_layernorm.weight',
+      'model.layers.0.mlp.gate_up_proj.weight',
+      'model.layers.0.mlp.down_proj.weight',
+    ]);
+    const qkv = spec.expectedHfTensors(cfg).find((t) => t.name.endsWith('0.self_attn.qkv_proj.weight'));
+    expect(qkv?.shape).toEqual([(40 + 2 * 10) * 128, 5120]);
+    expect(findWeightRules(spec.weightRules, 'model.layers.7.mlp.gate_up_proj.weight', cfg)).toEqual([
+      expect.objectContaining({ megatron: 'decoder.layers.7.mlp.linear_fc1.weight' }),
+    ]);
+  });
+
+  it('refuses longrope scaling and partial rotary embeddings, naming the models that convert', () => {
+    const longrope = { type: 'longrope', short_factor: [1], long_factor: [1] };
+    for (const rope_scaling of [longrope, { ...longrope, type: 'su' }, { ...longrope, type: 'yarn' }]) {
+      expectConvertError(
+        () => parseHfConfig({ ...PHI3_MINI_4K, rope_scaling }, { file: 'Phi-3.5-mini/config.json' }),
+        'UNSUPPORTED',
+        'Phi3ForCausalLM: field "rope_scaling"',
+        'longrope',
+        'Phi-4',
+      );
+    }
+    expectConvertError(
+      () => parseHfConfig({ ...PHI4, partial_rotary_factor: 0.75 }),
+      'UNSUPPORTED',
+      'field "partial_rotary_factor": 0.75',
+    );
+    // transformers 5 keeps it in rope_parameters
+    expectConvertError(
+      () =>
+        parseHfConfig({
+          ...PHI4,
+          rope_theta: undefined,
+          rope_parameters: { rope_type: 'default', rope_theta: 250000, partial_rotary_factor: 0.75 },
+        }),
+      'UNSUPPORTED',
+      'partial_rotary_factor',
+    );
+    const tf5 = parseHfConfig({
+      ...PHI4,
+      rope_theta: undefined,
+      rope_parameters: { rope_type: 'default', rope_theta: 250000, partial_rotary_factor: 1.0 },
+    });
+    expect(tf5.transformerConfig.rotaryBase).toBe(250000);
   });
 });

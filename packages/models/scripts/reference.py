@@ -14,7 +14,7 @@ are stored only at the rows grad_row_ids, to keep files small), mtp (the h_0 con
 Then it runs the self-checks (skip with --no-check) and prints their results.
 
 Written from the Hugging Face modeling code of each architecture (transformers' llama, mistral,
-qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, deepseek_v2/v3 and DeepSeek's remote code), not from
+qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, deepseek_v2/v3, phi3 and DeepSeek's remote code), not from
 the TypeScript implementation it checks. Needs only torch (1.13, Debian python3-torch) and numpy.
 """
 import json
@@ -262,6 +262,8 @@ class Model:
         c = self.cfg
         if self.type == "mistral":
             return c.get("sliding_window", 4096)  # MistralConfig default when the key is absent
+        if self.type == "phi3":
+            return c.get("sliding_window")  # Phi3Config: no window unless set
         if self.type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe") and c.get("use_sliding_window"):
             raise NotImplementedError("Qwen sliding window (per max_window_layers) is not in the fixtures")
         return None
@@ -275,9 +277,14 @@ class Model:
         H, KV = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
         D = c.get("head_dim") or c["hidden_size"] // H
         bias = self.type in ("qwen2", "qwen2_moe") or c.get("attention_bias", False)
-        q = linear(x, P[p + "q_proj.weight"], P[p + "q_proj.bias"] if bias else None)
-        k = linear(x, P[p + "k_proj.weight"], P[p + "k_proj.bias"] if bias else None)
-        v = linear(x, P[p + "v_proj.weight"], P[p + "v_proj.bias"] if bias else None)
+        if self.type == "phi3":
+            # Phi3Attention: one qkv_proj, its output columns [q (H heads) | k (KV) | v (KV)]
+            qkv = linear(x, P[p + "qkv_proj.weight"])
+            q, k, v = qkv.split([H * D, KV * D, KV * D], dim=-1)
+        else:
+            q = linear(x, P[p + "q_proj.weight"], P[p + "q_proj.bias"] if bias else None)
+            k = linear(x, P[p + "k_proj.weight"], P[p + "k_proj.bias"] if bias else None)
+            v = linear(x, P[p + "v_proj.weight"], P[p + "v_proj.bias"] if bias else None)
         q = q.view(b, s, H, D)
         k = k.view(b, s, KV, D)
         v = v.view(b, s, KV, D).transpose(1, 2)
@@ -335,6 +342,10 @@ class Model:
     # -- MLPs
     def dense_mlp(self, i, x):
         p = f"model.layers.{i}.mlp."
+        if self.type == "phi3":
+            # Phi3MLP: gate_up_proj's output chunked in two, SiLU on the first half
+            gate, up = linear(x, self.P[p + "gate_up_proj.weight"]).chunk(2, dim=-1)
+            return linear(up * F.silu(gate), self.P[p + "down_proj.weight"])
         return swiglu(x, self.P[p + "gate_proj.weight"], self.P[p + "up_proj.weight"], self.P[p + "down_proj.weight"])
 
     def experts_out(self, x, names, weights):
@@ -538,6 +549,8 @@ def grad_names(model, ids):
         if c.get("q_lora_rank") is not None:
             names.append("model.layers.0.self_attn.q_b_proj.weight")
         names.append("model.layers.0.self_attn.kv_a_proj_with_mqa.weight")
+    elif t == "phi3":
+        names.append("model.layers.0.self_attn.qkv_proj.weight")
     else:
         names.append("model.layers.0.self_attn.q_proj.weight")
         if t in ("llama", "mistral"):
@@ -565,6 +578,8 @@ def grad_names(model, ids):
                 names.append(p + "shared_expert_gate.weight")
     else:
         names.append(f"model.layers.{last}.mlp.down_proj.weight")
+        if t == "phi3":
+            names.append(f"model.layers.{last}.mlp.gate_up_proj.weight")
     if not model.tied:
         names.append("lm_head.weight")
     return names
@@ -661,6 +676,10 @@ def naive_dense_attention(model, i, x, positions):
         xb = x[bi].double()
 
         def proj(name, n):
+            if model.type == "phi3":  # rows of qkv_proj: [q (H heads); k (KV); v (KV)]
+                start = {"q_proj": 0, "k_proj": H * D, "v_proj": (H + KV) * D}[name]
+                w = P[p + "qkv_proj.weight"].double()[start:start + n * D]
+                return (xb @ w.T).view(s, n, D)
             w = P[p + name + ".weight"].double()
             y = xb @ w.T
             if bias:
@@ -887,6 +906,8 @@ def self_checks(models, report):
         ("deepseek-v3", "model.layers.3.mlp.gate.weight", [0, 100, 333]),
         ("deepseek-v3", "model.layers.0.self_attn.q_a_layernorm.weight", [0, 23]),
         ("moonlight", "model.layers.0.self_attn.kv_a_proj_with_mqa.weight", [64 * 32 + 3, 64 * 39 + 60]),
+        ("phi3", "model.layers.0.self_attn.qkv_proj.weight", [5, 64 * 64 + 7, 64 * 80 + 63]),
+        ("phi3", "model.layers.3.mlp.gate_up_proj.weight", [3, 64 * 96 + 10]),
     ]:
         cfg, P, T, _ = models[fid]
         fd_check(report, fid, cfg, P, T["input_ids"], T["labels"], name, elems)
@@ -1002,7 +1023,7 @@ def main(argv):
               f"grads {meta['grads']}" + (f", mtp_loss_1 {float(tensors['mtp_loss_1']):.6f}"
                                           if "mtp_loss_1" in tensors else ""))
         models[fid] = (cfg, P, tensors, extra)
-    if check and set(ids) == set(models) and len(models) == 11:
+    if check and set(ids) == set(models) and len(models) == 12:
         report = Report()
         self_checks(models, report)
         sensitivity(models, report)

@@ -104,6 +104,7 @@ const FAMILIES = [
   'deepseek-v2',
   'deepseek-v3',
   'moonlight',
+  'phi3',
 ];
 
 describe.each([

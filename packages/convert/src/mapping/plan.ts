@@ -356,7 +356,44 @@ function planTensor(
   let globalShape: number[];
   const rows: RowRun[] = [];
   const rest = first.hf.shape.slice(1);
-  if (partition === 'qkv') {
+  const packed = sources.find((x) => {
+    const op = x.op.type === 'expert' ? x.op.inner : x.op;
+    return 'part' in op && (op.part === 'qkv' || op.part === 'gate_up');
+  });
+  if (packed && sources.length !== 1) {
+    throw new ConvertError(
+      'INVALID_ARGUMENT',
+      `${where}: ${packed.hf.name} packs all its parts, yet ${sources.length - 1} other HF tensors map to it`,
+    );
+  }
+  if (packed && partition === 'qkv') {
+    // HF [q (all heads); k; v] → Megatron's [q_g; k_g; v_g] per query group
+    const t = packed.hf;
+    const g = cfg.numQueryGroups;
+    const d = cfg.kvChannels;
+    const qRows = (cfg.numAttentionHeads / g) * d;
+    if (t.shape[0] !== (qRows + 2 * d) * g) {
+      throw new ConvertError(
+        'SHAPE_MISMATCH',
+        `${t.name}: shape [${t.shape.join(',')}] does not fit ${cfg.numAttentionHeads} query and ${g} key/value heads of head dim ${d}`,
+      );
+    }
+    for (let i = 0; i < g; i++) {
+      const base = i * (qRows + 2 * d);
+      rows.push({ start: base, count: qRows, source: t.name, sourceStart: i * qRows });
+      rows.push({ start: base + qRows, count: d, source: t.name, sourceStart: qRows * g + i * d });
+      rows.push({ start: base + qRows + d, count: d, source: t.name, sourceStart: (qRows + d) * g + i * d });
+    }
+    globalShape = [...t.shape];
+  } else if (packed) {
+    // HF [gate; up] is Megatron's global fc1 as it is
+    const t = packed.hf;
+    if (t.shape[0] % 2 !== 0) {
+      throw new ConvertError('SHAPE_MISMATCH', `${t.name}: ${t.shape[0]} rows cannot be [gate; up] halves`);
+    }
+    rows.push({ start: 0, count: t.shape[0], source: t.name, sourceStart: 0 });
+    globalShape = [...t.shape];
+  } else if (partition === 'qkv') {
     const q = part('q').hf;
     const k = part('k').hf;
     const v = part('v').hf;

@@ -14,12 +14,22 @@ export type WeightOp =
   | { type: 'vocab' }
   /** Tensor-parallel split: dim 0 = column parallel (output rows), dim 1 = row parallel. */
   | { type: 'split'; dim: 0 | 1 }
-  /** One part of the fused QKV (weight or bias), interleaved per query group. */
-  | { type: 'qkv'; part: 'q' | 'k' | 'v' }
-  /** One half of the fused SwiGLU fc1 ([gate; up], chunked per TP rank). */
-  | { type: 'gate_up'; part: 'gate' | 'up' }
+  /**
+   * One part of the fused QKV (weight or bias), interleaved per query group; `qkv`: an HF tensor
+   * that packs all three as [q; k; v] (every query head, then the key heads, then the value heads:
+   * Phi-3's `qkv_proj`), regrouped per query group.
+   */
+  | { type: 'qkv'; part: 'q' | 'k' | 'v' | 'qkv' }
+  /**
+   * One half of the fused SwiGLU fc1 ([gate; up], chunked per TP rank); `gate_up`: an HF tensor
+   * that is already [gate; up] (Phi-3's `gate_up_proj`).
+   */
+  | { type: 'gate_up'; part: 'gate' | 'up' | 'gate_up' }
   /** An expert tensor: placed by expert parallelism, then split by expert-TP with `inner`. */
-  | { type: 'expert'; inner: { type: 'split'; dim: 0 | 1 } | { type: 'gate_up'; part: 'gate' | 'up' } }
+  | {
+      type: 'expert';
+      inner: { type: 'split'; dim: 0 | 1 } | { type: 'gate_up'; part: 'gate' | 'up' | 'gate_up' };
+    }
   /** An HF copy of a tensor another rule already maps (MTP's embedding/head): checked, not stored. */
   | { type: 'duplicate' };
 

@@ -309,6 +309,27 @@ export const SYNTHETIC_MODELS: SyntheticModel[] = [
       vocab_size: 777,
     },
   },
+  {
+    id: 'phi3',
+    config: {
+      ...llamaBase,
+      architectures: ['Phi3ForCausalLM'],
+      model_type: 'phi3',
+      // GQA (Phi-4's 40 query / 10 key-value heads, scaled down) with packed qkv_proj / gate_up_proj
+      num_attention_heads: 8,
+      num_key_value_heads: 2,
+      intermediate_size: 96,
+      rope_theta: 250000,
+      rope_scaling: null,
+      sliding_window: 2047,
+      original_max_position_embeddings: 256,
+      partial_rotary_factor: 1.0,
+      resid_pdrop: 0.0,
+      embd_pdrop: 0.0,
+      attention_dropout: 0.0,
+      tie_word_embeddings: false,
+    },
+  },
 ];
 
 // ---- deterministic values --------------------------------------------------------------------
