@@ -1,6 +1,6 @@
 // Every run config of every family folder validates (placeholders included: validation opens no
 // file), the tiny configs point at a tiny HF config of the family's architecture and at the data
-// tiny-data.mjs writes, and the real ones state Pai-Megatron-Patch's layout, whose memory per rank
+// tiny-data.mjs writes, and the real ones state Pai-Megatron-Patch's layout (on GPUs), whose memory per rank
 // (Megatron's estimate, on the real HF config where the shared folder has it) is the one the
 // family README quotes.
 import * as fs from 'node:fs';
@@ -75,15 +75,34 @@ describe.each(FAMILIES.map((f) => [f.id, f] as const))('examples/%s', (_id, fami
     },
   );
 
-  it.each(Object.keys(family.real))('%s loads a converted checkpoint at a bf16 layout', (file) => {
-    const c = loadRunConfig(at(file));
-    expect(c.model.load).toMatch(/^(ckpt|runs)\//);
-    expect(c.model.config).toBeNull();
-    expect(c.model.dtype).toBe('bf16');
-    expect(c.parallel.useDistributedOptimizer).toBe(true);
-    expect(c.parallel.sequenceParallel).toBe(c.parallel.tensorModelParallelSize > 1);
-    expect(file.includes('sft') ? c.data.sft : c.data.dataPath).not.toBeNull();
-  });
+  it.each(Object.keys(family.real))(
+    "%s loads a converted checkpoint on GPUs at Pai-Megatron-Patch's bf16 layout",
+    (file) => {
+      const c = loadRunConfig(at(file));
+      expect(c.model.load).toMatch(/^(ckpt|runs)\//);
+      expect(c.model.config).toBeNull();
+      expect(c.model.dtype).toBe('bf16');
+      expect(c.training.device).toBe('cuda');
+      const want = family.real[file];
+      expect({
+        tp: c.parallel.tensorModelParallelSize,
+        pp: c.parallel.pipelineModelParallelSize,
+        ep: c.parallel.expertModelParallelSize,
+        etp: c.parallel.expertTensorParallelSize ?? undefined,
+        firstStageLayers: c.parallel.decoderFirstPipelineNumLayers ?? undefined,
+      }).toEqual({
+        tp: want.tp,
+        pp: want.pp,
+        ep: want.ep,
+        etp: want.etp,
+        firstStageLayers: want.firstStageLayers,
+      });
+      if (family.moe) expect(c.model.moeTokenDispatcherType).toBe('alltoall');
+      expect(c.parallel.useDistributedOptimizer).toBe(true);
+      expect(c.parallel.sequenceParallel).toBe(c.parallel.tensorModelParallelSize > 1);
+      expect(file.includes('sft') ? c.data.sft : c.data.dataPath).not.toBeNull();
+    },
+  );
 
   it.skipIf(SKIP_SHARED)('the real layouts fit the real models; the README quotes their memory', () => {
     const readme = fs.readFileSync(at('README.md'), 'utf8');
@@ -94,10 +113,12 @@ describe.each(FAMILIES.map((f) => [f.id, f] as const))('examples/%s', (_id, fami
       const mem = theoreticalMemory(cfg, {
         tp: c.parallel.tensorModelParallelSize,
         ep: c.parallel.expertModelParallelSize,
-        pp: rest.pp,
+        pp: c.parallel.pipelineModelParallelSize,
         dp: rest.dp,
-        ...(rest.etp ? { etp: rest.etp } : {}),
-        ...(rest.firstStageLayers ? { firstStageLayers: rest.firstStageLayers } : {}),
+        ...(c.parallel.expertTensorParallelSize ? { etp: c.parallel.expertTensorParallelSize } : {}),
+        ...(c.parallel.decoderFirstPipelineNumLayers
+          ? { firstStageLayers: c.parallel.decoderFirstPipelineNumLayers }
+          : {}),
         seqLength: c.data.seqLength,
         microBatchSize: c.training.microBatchSize,
         numMicroBatches: c.training.globalBatchSize / (c.training.microBatchSize * rest.dp),

@@ -7,14 +7,19 @@ import { fileURLToPath } from 'node:url';
 export const EXAMPLES_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 
 /**
- * What a real-size YAML cannot say about Pai-Megatron-Patch's layout (the trainer has no pipeline,
- * expert-tensor or context parallelism yet), and the shared HF config of the checkpoint it trains.
+ * Pai-Megatron-Patch's layout for a real-size YAML (which must state it in its parallel section),
+ * the data-parallel size it gives on the GPU count the README names, and the shared HF config of
+ * the checkpoint it trains.
  */
 export interface RealLayout {
+  tp: number;
   pp: number;
+  ep: number;
+  /** Expert tensor parallelism, where it is not TP. */
   etp?: number;
   /** Data-parallel size on the GPU count the README names. */
   dp: number;
+  /** Decoder layers on the first pipeline stage, where the stages are uneven. */
   firstStageLayers?: number;
   /** File under the shared folder's data/configs/ (null: not there). */
   sharedConfig: string | null;
@@ -42,14 +47,23 @@ export interface Family {
 
 const TINY: TinyVariant[] = [{ name: 'tiny', configDir: 'tiny-config', mtp: false }];
 
-const dense = (pp: number, dp: number, sharedConfig: string | null): RealLayout => ({ pp, dp, sharedConfig });
+const dense = (tp: number, pp: number, dp: number, sharedConfig: string | null): RealLayout => ({
+  tp,
+  pp,
+  ep: 1,
+  dp,
+  sharedConfig,
+});
 
 export const FAMILIES: Family[] = [
   {
     id: 'llama3',
     architecture: 'LlamaForCausalLM',
     // examples/llama3_1: mcore-tp4-pp2 on 8 GPUs
-    real: { 'pretrain.yaml': dense(2, 1, 'Llama-3.1-8B.json'), 'sft.yaml': dense(2, 1, 'Llama-3.1-8B.json') },
+    real: {
+      'pretrain.yaml': dense(4, 2, 1, 'Llama-3.1-8B.json'),
+      'sft.yaml': dense(4, 2, 1, 'Llama-3.1-8B.json'),
+    },
     tiny: TINY,
     moe: false,
   },
@@ -58,8 +72,8 @@ export const FAMILIES: Family[] = [
     architecture: 'Qwen2ForCausalLM',
     // the auto-configurator's 7B row: TP2 on 8 GPUs at 8k
     real: {
-      'pretrain.yaml': dense(1, 4, 'Qwen2.5-7B-Instruct.json'),
-      'sft.yaml': dense(1, 4, 'Qwen2.5-7B-Instruct.json'),
+      'pretrain.yaml': dense(2, 1, 4, 'Qwen2.5-7B-Instruct.json'),
+      'sft.yaml': dense(2, 1, 4, 'Qwen2.5-7B-Instruct.json'),
     },
     tiny: TINY,
     moe: false,
@@ -68,7 +82,7 @@ export const FAMILIES: Family[] = [
     id: 'qwen3',
     architecture: 'Qwen3ForCausalLM',
     // run_8xH20.sh's 8B default: TP1 PP4 on 8 GPUs (Qwen3-8B's config is not in the shared folder)
-    real: { 'pretrain.yaml': dense(4, 2, null), 'sft.yaml': dense(4, 2, null) },
+    real: { 'pretrain.yaml': dense(1, 4, 2, null), 'sft.yaml': dense(1, 4, 2, null) },
     tiny: TINY,
     moe: false,
   },
@@ -77,8 +91,8 @@ export const FAMILIES: Family[] = [
     architecture: 'Qwen3MoeForCausalLM',
     // examples/qwen3/README.md: TP4 PP2 ETP1 EP4 on 8 GPUs
     real: {
-      'pretrain.yaml': { pp: 2, etp: 1, dp: 1, sharedConfig: 'Qwen3-30B-A3B.json' },
-      'sft.yaml': { pp: 2, etp: 1, dp: 1, sharedConfig: 'Qwen3-30B-A3B.json' },
+      'pretrain.yaml': { tp: 4, pp: 2, ep: 4, etp: 1, dp: 1, sharedConfig: 'Qwen3-30B-A3B.json' },
+      'sft.yaml': { tp: 4, pp: 2, ep: 4, etp: 1, dp: 1, sharedConfig: 'Qwen3-30B-A3B.json' },
     },
     tiny: TINY,
     moe: true,
@@ -88,8 +102,8 @@ export const FAMILIES: Family[] = [
     architecture: 'MixtralForCausalLM',
     // examples/mistral/README.md: tp4-pp1-ep4 on 16 GPUs (ETP = TP, Megatron's default then)
     real: {
-      'pretrain.yaml': { pp: 1, dp: 4, sharedConfig: 'Mixtral-8x7B-v0.1.json' },
-      'sft.yaml': { pp: 1, dp: 4, sharedConfig: 'Mixtral-8x7B-v0.1.json' },
+      'pretrain.yaml': { tp: 4, pp: 1, ep: 4, dp: 4, sharedConfig: 'Mixtral-8x7B-v0.1.json' },
+      'sft.yaml': { tp: 4, pp: 1, ep: 4, dp: 4, sharedConfig: 'Mixtral-8x7B-v0.1.json' },
     },
     tiny: TINY,
     moe: true,
@@ -100,16 +114,36 @@ export const FAMILIES: Family[] = [
     // examples/deepseek_v3/README.md: TP8 PP8 ETP1 EP16, MP_PP0_LAYERS=5, on 128 GPUs;
     // examples/moonlight/README.md: TP1 PP1 ETP1 EP8 on 8 GPUs
     real: {
-      'pretrain.yaml': { pp: 8, etp: 1, dp: 2, firstStageLayers: 5, sharedConfig: 'DeepSeek-V3.json' },
-      'sft.yaml': { pp: 8, etp: 1, dp: 2, firstStageLayers: 5, sharedConfig: 'DeepSeek-V3.json' },
+      'pretrain.yaml': {
+        tp: 8,
+        pp: 8,
+        ep: 16,
+        etp: 1,
+        dp: 2,
+        firstStageLayers: 5,
+        sharedConfig: 'DeepSeek-V3.json',
+      },
+      'sft.yaml': {
+        tp: 8,
+        pp: 8,
+        ep: 16,
+        etp: 1,
+        dp: 2,
+        firstStageLayers: 5,
+        sharedConfig: 'DeepSeek-V3.json',
+      },
       'moonlight-pretrain.yaml': {
+        tp: 1,
         pp: 1,
+        ep: 8,
         etp: 1,
         dp: 8,
         sharedConfig: 'Moonlight-16B-A3B-Instruct.thirdparty-copy.json',
       },
       'moonlight-sft.yaml': {
+        tp: 1,
         pp: 1,
+        ep: 8,
         etp: 1,
         dp: 8,
         sharedConfig: 'Moonlight-16B-A3B-Instruct.thirdparty-copy.json',
@@ -120,6 +154,15 @@ export const FAMILIES: Family[] = [
       { name: 'tiny-moonlight', configDir: 'tiny-moonlight-config', mtp: false },
     ],
     moe: true,
+  },
+  {
+    id: 'phi4',
+    architecture: 'Phi3ForCausalLM',
+    // no Pai-Megatron-Patch script: TP2 PP2 on 8 GPUs (TP must divide the 10 key/value heads; the
+    // README gives the reasons; Phi-4's config is not in the shared folder)
+    real: { 'pretrain.yaml': dense(2, 2, 2, null), 'sft.yaml': dense(2, 2, 2, null) },
+    tiny: TINY,
+    moe: false,
   },
 ];
 
