@@ -51,6 +51,9 @@ CASES = [
                                              num_nextn_predict_layers=1), (2, 2, 2, 2)),
     ("moonlight", "DeepseekV3Config", dict(ds, q_lora_rank=None, n_routed_experts=8, n_group=1, topk_group=1), (2, 2, 2, 2)),
     ("phi3", "Phi3Config", dict(small, rope_theta=250000.0, sliding_window=2047), (2, 2, 1, 2)),
+    ("phi3-longrope", "Phi3Config", dict(small, num_key_value_heads=8, original_max_position_embeddings=64,
+                                         rope_scaling=dict(type="longrope", short_factor=[1.0, 1.1, 1.3, 1.7],
+                                                           long_factor=[1.5, 3.0, 7.0, 12.0])), (2, 2, 1, 2)),
 ]
 
 

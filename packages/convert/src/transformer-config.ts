@@ -65,6 +65,18 @@ export const RopeScaling = z.discriminatedUnion('type', [
     mscale: z.number(),
     mscaleAllDim: z.number(),
   }),
+  /**
+   * LongRoPE (Phi-3 / Phi-3.5 128k): each frequency k divided by shortFactor[k] while a forward's
+   * positions stay within originalMaxPositionEmbeddings, by longFactor[k] beyond (one entry per
+   * rotary pair), cos and sin scaled by attentionFactor, as transformers computes it.
+   */
+  z.object({
+    type: z.literal('longrope'),
+    shortFactor: z.array(z.number().positive()).min(1).max(L.headDim),
+    longFactor: z.array(z.number().positive()).min(1).max(L.headDim),
+    originalMaxPositionEmbeddings: limitedInt(L.positions),
+    attentionFactor: z.number().positive(),
+  }),
 ]);
 /** RoPE frequency scaling. */
 export type RopeScaling = z.infer<typeof RopeScaling>;

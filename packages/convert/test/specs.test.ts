@@ -522,7 +522,7 @@ const PHI4 = {
   vocab_size: 100352,
 };
 
-describe('Phi3ForCausalLM (Phi-3, Phi-4): packed qkv_proj and gate_up_proj', () => {
+describe('Phi3ForCausalLM (Phi-3, Phi-3.5, Phi-4): packed qkv_proj and gate_up_proj, longrope', () => {
   it('reads Phi-3-mini-4k and Phi-4: their sizes, window and parameter counts', () => {
     const mini = parseHfConfig(PHI3_MINI_4K).transformerConfig;
     expect([
@@ -564,17 +564,48 @@ describe('Phi3ForCausalLM (Phi-3, Phi-4): packed qkv_proj and gate_up_proj', () 
     ]);
   });
 
-  it('refuses longrope scaling and partial rotary embeddings, naming the models that convert', () => {
-    const longrope = { type: 'longrope', short_factor: [1], long_factor: [1] };
-    for (const rope_scaling of [longrope, { ...longrope, type: 'su' }, { ...longrope, type: 'yarn' }]) {
-      expectConvertError(
-        () => parseHfConfig({ ...PHI3_MINI_4K, rope_scaling }, { file: 'Phi-3.5-mini/config.json' }),
-        'UNSUPPORTED',
-        'Phi3ForCausalLM: field "rope_scaling"',
-        'longrope',
-        'Phi-4',
+  it("reads longrope (the 128k models), transformers' older names for it included", () => {
+    // Phi-3.5-mini / Phi-3-mini-128k: 131,072 positions over an original 4,096, 48 factors a list
+    const short_factor = Array.from({ length: 48 }, (_, k) => 1 + k / 100);
+    const long_factor = Array.from({ length: 48 }, (_, k) => 1 + k);
+    const mini128k = { ...PHI3_MINI_4K, max_position_embeddings: 131072, sliding_window: 262144 };
+    for (const type of ['longrope', 'su', 'yarn']) {
+      const c = parseHfConfig({
+        ...mini128k,
+        rope_scaling: { type, short_factor, long_factor },
+      }).transformerConfig;
+      expect(c.ropeScaling).toEqual({
+        type: 'longrope',
+        shortFactor: short_factor,
+        longFactor: long_factor,
+        originalMaxPositionEmbeddings: 4096,
+        // √(1 + ln 32 / ln 4096), transformers' default
+        attentionFactor: Math.sqrt(1 + Math.log(32) / Math.log(4096)),
+      });
+      expect((c.ropeScaling as { attentionFactor: number }).attentionFactor).toBeCloseTo(
+        1.1902380714238083,
+        15,
       );
     }
+    const given = parseHfConfig({
+      ...mini128k,
+      rope_scaling: { type: 'longrope', short_factor, long_factor, attention_factor: 1.25 },
+    }).transformerConfig.ropeScaling;
+    expect(given).toMatchObject({ attentionFactor: 1.25 });
+    expectConvertError(
+      () =>
+        parseHfConfig({ ...mini128k, rope_scaling: { type: 'longrope', short_factor, long_factor: [1, 2] } }),
+      'INVALID_CONFIG',
+      'field "rope_scaling.long_factor" must list 48 numbers (one per rotary pair of a head), got 2',
+    );
+    expectConvertError(
+      () => parseHfConfig({ ...mini128k, rope_scaling: { type: 'dynamic', factor: 2 } }),
+      'UNSUPPORTED',
+      `field "rope_scaling": type "dynamic" is not one of Phi-3's (longrope)`,
+    );
+  });
+
+  it('refuses partial rotary embeddings (Phi-4-mini)', () => {
     expectConvertError(
       () => parseHfConfig({ ...PHI4, partial_rotary_factor: 0.75 }),
       'UNSUPPORTED',

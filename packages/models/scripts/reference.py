@@ -143,8 +143,9 @@ def yarn_get_mscale(scale, mscale):
     return 0.1 * mscale * math.log(scale) + 1.0
 
 
-def rope_inv_freq(cfg, dim):
-    """(inv_freq [dim/2] float64, attention scaling of cos/sin) as HF's rope init functions."""
+def rope_inv_freq(cfg, dim, seq_len=None):
+    """(inv_freq [dim/2] float64, attention scaling of cos/sin) as HF's rope init functions;
+    seq_len (the largest position + 1 of a forward) picks longrope's short or long factors."""
     base = float(cfg.get("rope_theta", 10000.0))
     exps = torch.arange(0, dim, 2, dtype=torch.float64) / dim
     inv = 1.0 / base ** exps
@@ -152,6 +153,17 @@ def rope_inv_freq(cfg, dim):
     kind = rs.get("rope_type", rs.get("type", "default"))
     if kind == "default":
         return inv, 1.0
+    if cfg.get("model_type") == "phi3" and kind in ("longrope", "su", "yarn"):
+        # _compute_longrope_parameters (Phi3Config reads "su" and "yarn" as longrope): the original
+        # context from the config's top level, the factor max / original, each frequency divided
+        # by the long factor once the forward's positions pass the original context, else the short
+        orig = cfg.get("original_max_position_embeddings") or cfg["max_position_embeddings"]
+        factor = cfg["max_position_embeddings"] / orig
+        att = rs.get("attention_factor")
+        if att is None:
+            att = math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1 else 1.0
+        ext = rs["long_factor"] if seq_len is not None and seq_len > orig else rs["short_factor"]
+        return inv / torch.tensor(ext, dtype=torch.float64), att
     if kind == "linear":
         # _compute_linear_scaling_rope_parameters: inv_freq / factor, i.e. positions / factor.
         return inv / rs["factor"], 1.0
@@ -191,7 +203,7 @@ def rope_inv_freq(cfg, dim):
 
 def rope_tables(cfg, positions, dim):
     """cos, sin [batch, seq, dim] in the rotate-half layout (freqs repeated), times the yarn mscale."""
-    inv, att = rope_inv_freq(cfg, dim)
+    inv, att = rope_inv_freq(cfg, dim, int(positions.max()) + 1)
     freqs = positions.double()[..., None] * inv  # [b, s, dim/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * att).float(), (emb.sin() * att).float()
@@ -669,7 +681,7 @@ def naive_dense_attention(model, i, x, positions):
     D = c.get("head_dim") or c["hidden_size"] // H
     bias = model.type in ("qwen2", "qwen2_moe")
     W = model.window()
-    inv, att = rope_inv_freq(c, D)
+    inv, att = rope_inv_freq(c, D, int(positions.max()) + 1)
     b, s, _ = x.shape
     out = torch.zeros(b, s, H * D, dtype=torch.float64)
     for bi in range(b):
@@ -812,6 +824,20 @@ def self_checks(models, report):
         a, b = PACK
         d = max(maxdiff(T["packed_logits"][0, :a], T["logits"][0, :a]),
                 maxdiff(T["packed_logits"][0, a:], T["logits"][1, :b]))
+        rs = cfg.get("rope_scaling") or {}
+        if cfg.get("model_type") == "phi3" and rs.get("type", rs.get("rope_type")) == "longrope":
+            # longrope is not prefix-independent: the 12-token rows pass the original context (long
+            # factors), the packed samples of 5 and 7 tokens do not (short factors)
+            report.check(f"{fid}: packed logits != unpacked rows (short vs long factors)", d > 1e-4,
+                         f"max |diff| {d:.2e}")
+            with torch.no_grad():
+                m = Model(cfg, P)
+                short = m.forward(ids[:, :b])["logits"]
+            d = max(maxdiff(T["packed_logits"][0, :a], short[0, :a]),
+                    maxdiff(T["packed_logits"][0, a:], short[1, :b]))
+            report.check(f"{fid}: packed logits == the rows cut to 7 tokens (short factors there too)", d < 1e-5,
+                         f"max |diff| {d:.2e}")
+            continue
         report.check(f"{fid}: packed logits == unpacked rows (row0[:5], row1[:7])", d < 1e-5, f"max |diff| {d:.2e}")
 
     # Tied vs untied: llama-tied with an explicit lm_head copy of the embedding.
@@ -989,6 +1015,10 @@ def sensitivity(models, report):
         ("deepseek-v3", "no group limit (topk_group = n_group)", set_cfg(topk_group=4)),
         ("deepseek-v3", "MLA rope without de-interleave", mla_plain),
         ("moonlight", "e_score_correction_bias ignored", zero_bias),
+        ("phi3-longrope", "short factors past the original context (no switch)",
+         set_cfg(original_max_position_embeddings=256)),
+        ("phi3-longrope", "no attention factor on cos/sin",
+         lambda cfg, P: cfg["rope_scaling"].update(attention_factor=1.0)),
     ]
     for fid, what, change in probes:
         if fid in models:
@@ -1023,7 +1053,7 @@ def main(argv):
               f"grads {meta['grads']}" + (f", mtp_loss_1 {float(tensors['mtp_loss_1']):.6f}"
                                           if "mtp_loss_1" in tensors else ""))
         models[fid] = (cfg, P, tensors, extra)
-    if check and set(ids) == set(models) and len(models) == 12:
+    if check and set(ids) == set(models) and len(models) == 13:
         report = Report()
         self_checks(models, report)
         sensitivity(models, report)

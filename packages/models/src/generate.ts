@@ -423,14 +423,20 @@ export function generate(
   const done = new Array<boolean>(b).fill(maxNew === 0);
   // valid[r][j]: whether key j of row r is a real token (prompts are left-padded)
   const valid = new Uint8Array(b * capacity);
-  const ids = new BigInt64Array(b * promptLen);
+  // every row's tokens so far, left-padded: the prompt, then what was generated
+  const tokens = new BigInt64Array(b * capacity);
   prompts.forEach((p, r) => {
     const pad = promptLen - p.length;
     for (let j = 0; j < p.length; j++) {
-      ids[r * promptLen + pad + j] = BigInt(p[j]);
+      tokens[r * capacity + pad + j] = BigInt(p[j]);
       valid[r * capacity + pad + j] = 1;
     }
   });
+  const tokensOf = (len: number): Tensor => {
+    const t = new BigInt64Array(b * len);
+    for (let r = 0; r < b; r++) t.set(tokens.subarray(r * capacity, r * capacity + len), r * len);
+    return fromTypedArray(t, [b, len]);
+  };
   const maskOf = (len: number): Tensor => {
     const m = new Uint8Array(b * len);
     for (let r = 0; r < b; r++) m.set(valid.subarray(r * capacity, r * capacity + len), r * len);
@@ -438,14 +444,22 @@ export function generate(
   };
   const wasTraining = model.training;
   model.eval();
-  const cache = new KVCache(b, capacity);
+  let cache = new KVCache(b, capacity);
   const t0 = performance.now();
   let produced = 0;
   try {
     noGrad(() => {
-      let input = fromTypedArray(ids, [b, promptLen]);
+      let input = tokensOf(promptLen);
       let len = promptLen;
       for (let step = 0; step < maxNew && !done.every(Boolean); step++) {
+        if (step > 0 && model.rotary.usesLongFactors(len) && !model.rotary.usesLongFactors(len - 1)) {
+          // longrope crossing its original context: the keys cached with the short factors are
+          // recomputed with the long ones, the whole sequence run again (transformers' Phi-3 does so)
+          cache.dispose();
+          cache = new KVCache(b, capacity);
+          input.dispose();
+          input = tokensOf(len);
+        }
         const next = tidy(() => {
           const mask = maskOf(len);
           const out = model.forward(input, { kvCache: cache, attentionMask: mask });
@@ -486,6 +500,7 @@ export function generate(
           rows[r].tokens.push(tok);
           produced++;
           chosen[r] = BigInt(tok);
+          tokens[r * capacity + len] = chosen[r];
           valid[r * capacity + len] = 1;
           opts.onToken?.(r, tok);
           if (eos.has(tok)) {

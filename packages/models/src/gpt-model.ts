@@ -456,6 +456,13 @@ export class GPTModel extends Module {
         )
       : null;
     const rotaryDim = config.mla ? config.mla.qkRopeHeadDim : config.kvChannels;
+    if (config.ropeScaling.type === 'longrope' && this.cpGroup.size > 1) {
+      // each CP rank holds part of a sequence: the short/long choice needs the whole one's positions
+      throw new ModelError(
+        'UNSUPPORTED',
+        `longrope (Phi-3's 128k RoPE) with context parallelism (cp=${this.cpGroup.size}) is not supported; use cp=1`,
+      );
+    }
     this.rotary = new RotaryEmbedding(rotaryDim, config.rotaryBase, config.ropeScaling);
   }
 
@@ -624,12 +631,14 @@ export class GPTModel extends Module {
     const positionIds = given ?? (made as { ids: Tensor }).ids;
     // the rotary table's rows: what the positions need where the host knows them, else all of them
     // (positions made on the device are checked as given ones are)
-    const rows =
+    // (exact: the largest position + 1, where known; null: positions on an asynchronous device)
+    const exact =
       made && made.rows !== null ? made.rows : checkPositions(positionIds, b, s, c.maxPositionEmbeddings);
+    const rows = exact ?? c.maxPositionEmbeddings;
     cache?.reserve(s);
     let rope: { cos: Tensor; sin: Tensor };
     try {
-      rope = this.rotary.forward(positionIds, rows);
+      rope = this.rotary.forward(positionIds, rows, exact);
     } catch (e) {
       packed?.owned?.dispose();
       throw e;
@@ -940,16 +949,17 @@ function positionMessage(p: number, max: number): string {
 /**
  * Checks the given position ids [b, s] against [0, max) and returns the rotary rows they need:
  * for positions in host memory their largest + 1; for positions on an asynchronous device (the
- * trainer's batches on a GPU) `max`, with the range check deferred to the device's next read.
+ * trainer's batches on a GPU) null (all `max` rows), with the range check deferred to the
+ * device's next read.
  */
-function checkPositions(pos: Tensor, b: number, s: number, max: number): number {
+function checkPositions(pos: Tensor, b: number, s: number, max: number): number | null {
   if (pos.ndim !== 2 || (pos.shape[0] !== b && pos.shape[0] !== 1) || pos.shape[1] !== s) {
     throw new ModelError(
       'SHAPE_MISMATCH',
       `position ids must be [${b}, ${s}] (or [1, ${s}]: the same for every row), got [${pos.shape}]`,
     );
   }
-  if (deferRangeCheck(pos, max, (p) => positionMessage(p, max))) return max;
+  if (deferRangeCheck(pos, max, (p) => positionMessage(p, max))) return null;
   const v = pos.toTypedArray() as ArrayLike<number | bigint>;
   let top = 0;
   for (let i = 0; i < v.length; i++) {

@@ -1,6 +1,6 @@
-// Rotary position embeddings of every TransformerConfig: plain, linear, llama3 and yarn scaling,
-// with tables computed in fp32 as Hugging Face computes them, so a converted model rotates its
-// queries and keys exactly as the original does.
+// Rotary position embeddings of every TransformerConfig: plain, linear, llama3, yarn and longrope
+// scaling, with tables computed in fp32 as Hugging Face computes them, so a converted model rotates
+// its queries and keys exactly as the original does.
 import type { RopeScaling } from '@megapatch/convert';
 import { embedding, fromTypedArray, keep, ropeCosSin, type Tensor } from '@megapatch/tensor';
 import { ModelError } from './errors.js';
@@ -33,6 +33,16 @@ function yarnInverseFrequencies(dim: number, base: number, s: Extract<RopeScalin
 }
 
 /**
+ * LongRoPE's frequencies for one factor list: 1 / (factor[k] · base^(2k/dim)), each step in fp32 as
+ * transformers' `_compute_longrope_parameters` takes them.
+ */
+function longropeInverseFrequencies(dim: number, base: number, factors: readonly number[]): Float32Array {
+  const inv = new Float32Array(dim / 2);
+  for (let k = 0; k < dim / 2; k++) inv[k] = f(1 / f(f(factors[k]) * f(base ** f((2 * k) / dim))));
+  return inv;
+}
+
+/**
  * cos/sin tables of one model's RoPE; positions are per token, so packed rows restart at 0. The
  * rows of positions 0 .. n-1 are computed once per device on the host (fp32, as before) and copied
  * there; a forward gathers its positions' rows on the device, so it neither reads the positions
@@ -40,10 +50,11 @@ function yarnInverseFrequencies(dim: number, base: number, s: Extract<RopeScalin
  * so the gathered values are the ones computed for those positions directly.
  */
 export class RotaryEmbedding {
-  /** Factor on cos and sin (yarn's mscale ratio; 1 otherwise). */
+  /** Factor on cos and sin (yarn's mscale ratio, longrope's attention factor; 1 otherwise). */
   readonly mscale: number;
-  private readonly yarnInv: Float32Array | null;
-  /** Per device: the rows of positions [0, rows), owned here (see dispose). */
+  /** Frequencies computed here (yarn; longrope's short and long ones), else null. */
+  private readonly inv: { plain: Float32Array | null; long: Float32Array | null };
+  /** Per device (and longrope's `long` variant): the rows of positions [0, rows), owned here (see dispose). */
   private readonly tables = new Map<string, { rows: number; cos: Tensor; sin: Tensor }>();
 
   constructor(
@@ -58,11 +69,28 @@ export class RotaryEmbedding {
       );
     }
     if (scaling.type === 'yarn') {
-      this.yarnInv = yarnInverseFrequencies(dim, base, scaling);
+      this.inv = { plain: yarnInverseFrequencies(dim, base, scaling), long: null };
       this.mscale =
         yarnMscale(scaling.factor, scaling.mscale) / yarnMscale(scaling.factor, scaling.mscaleAllDim);
+    } else if (scaling.type === 'longrope') {
+      for (const [name, list] of [
+        ['shortFactor', scaling.shortFactor],
+        ['longFactor', scaling.longFactor],
+      ] as const) {
+        if (list.length !== dim / 2) {
+          throw new ModelError(
+            'INVALID_CONFIG',
+            `longrope's ${name} has ${list.length} entries; a rotary dimension of ${dim} needs ${dim / 2}`,
+          );
+        }
+      }
+      this.inv = {
+        plain: longropeInverseFrequencies(dim, base, scaling.shortFactor),
+        long: longropeInverseFrequencies(dim, base, scaling.longFactor),
+      };
+      this.mscale = scaling.attentionFactor;
     } else {
-      this.yarnInv = null;
+      this.inv = { plain: null, long: null };
       this.mscale = 1;
     }
   }
@@ -71,18 +99,31 @@ export class RotaryEmbedding {
    * cos/sin [b, s, dim] (float32, rotate-half layout) for integer positions [b, s] (or [s]),
    * every position below `rows` (the table holds at least that many positions on their device; a
    * position outside it is the gather's deferred index error). Without `rows` the positions are
-   * read to find their largest.
+   * read to find their largest. `context` is the largest position + 1 when the caller knows it
+   * exactly: longrope takes its long factors when that exceeds the original context, as
+   * transformers does for each forward; where it is not known the positions are read for it.
    */
-  forward(positionIds: Tensor, rows?: number): { cos: Tensor; sin: Tensor } {
+  forward(positionIds: Tensor, rows?: number, context?: number | null): { cos: Tensor; sin: Tensor } {
     // without `rows`, the largest position read from the ids (a wait on an asynchronous device)
     const need = rows ?? maxOf(positionIds) + 1;
-    const t = this.table(positionIds.device, need);
+    let long = false;
+    if (this.scaling.type === 'longrope') {
+      const ctx = context ?? (rows === undefined ? need : maxOf(positionIds) + 1);
+      long = ctx > this.scaling.originalMaxPositionEmbeddings;
+    }
+    const t = this.table(positionIds.device, need, long);
     return { cos: embedding(positionIds, t.cos), sin: embedding(positionIds, t.sin) };
   }
 
+  /** Whether a forward whose largest position + 1 is `context` uses longrope's long factors. */
+  usesLongFactors(context: number): boolean {
+    return this.scaling.type === 'longrope' && context > this.scaling.originalMaxPositionEmbeddings;
+  }
+
   /** The table of `device` with at least `rows` positions (grown by doubling, at least 256). */
-  private table(device: string, rows: number): { rows: number; cos: Tensor; sin: Tensor } {
-    const known = this.tables.get(device);
+  private table(device: string, rows: number, long = false): { rows: number; cos: Tensor; sin: Tensor } {
+    const key = long ? `${device}/long` : device;
+    const known = this.tables.get(key);
     if (known && known.rows >= rows) return known;
     let n = Math.max(256, known ? known.rows : 0);
     while (n < rows) n *= 2;
@@ -93,7 +134,7 @@ export class RotaryEmbedding {
     );
     let host: { cos: Tensor; sin: Tensor };
     try {
-      host = this.compute(pos);
+      host = this.compute(pos, long);
     } finally {
       pos.dispose();
     }
@@ -114,7 +155,7 @@ export class RotaryEmbedding {
       known.sin.dispose();
     }
     const entry = { rows: n, cos: made.cos, sin: made.sin };
-    this.tables.set(device, entry);
+    this.tables.set(key, entry);
     return entry;
   }
 
@@ -127,14 +168,14 @@ export class RotaryEmbedding {
     this.tables.clear();
   }
 
-  /** cos/sin [..., dim] for CPU positions, computed on the host. */
-  private compute(positionIds: Tensor): { cos: Tensor; sin: Tensor } {
+  /** cos/sin [..., dim] for CPU positions, computed on the host (longrope: its long factors or short ones). */
+  private compute(positionIds: Tensor, long: boolean): { cos: Tensor; sin: Tensor } {
     const s = this.scaling;
     if (s.type === 'none') return ropeCosSin(positionIds, this.dim, { base: this.base });
     if (s.type === 'linear' || s.type === 'llama3') {
       return ropeCosSin(positionIds, this.dim, { base: this.base, scaling: s });
     }
-    const inv = this.yarnInv as Float32Array;
+    const inv = (long ? this.inv.long : this.inv.plain) as Float32Array;
     const pos = positionIds.toTypedArray() as ArrayLike<number | bigint>;
     const n = pos.length;
     const half = this.dim / 2;

@@ -1,6 +1,9 @@
 // Decoding with the KV cache gives the logits and tokens of recomputing the whole sequence, for
 // every attention variant (GQA, sliding window, MLA with its latent cache) and for left-padded
 // batches of prompts of different lengths.
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
 import { fromTypedArray, noGrad, type Tensor } from '@megapatch/tensor';
 import { afterAll, describe, expect, it } from 'vitest';
 import { type GPTModel, generate, KVCache, loadModel } from '../src/index.js';
@@ -149,5 +152,76 @@ describe('generation options', () => {
     expect(() => model.forward(ids([Array.from({ length: 257 }, () => 1)]))).toThrow(
       /outside the model's 256 positions/,
     );
+  });
+});
+
+describe("phi3-longrope: decoding across longrope's original context (8 positions here)", () => {
+  /** Greedy tokens of recomputing the whole sequence at every step (no cache), as its last row's argmax. */
+  function greedyByRecomputing(model: GPTModel, prompt: number[], n: number): number[] {
+    const seq = [...prompt];
+    const out: number[] = [];
+    noGrad(() => {
+      for (let i = 0; i < n; i++) {
+        const l = model.forward(ids([seq])).logits as Tensor;
+        const row = rowLogits(model, l, seq.length - 1);
+        let best = 0;
+        for (let k = 1; k < row.length; k++) if (row[k] > row[best]) best = k;
+        out.push(best);
+        seq.push(best);
+        l.dispose();
+      }
+    });
+    return out;
+  }
+
+  it('generate() recomputes the cache with the long factors when the sequence passes it', () => {
+    // the fixture's weights with long factors far from the short ones, so that rotating the
+    // cached keys with the wrong ones changes the greedy tokens
+    const dir = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'mp-longrope-')), 'hf');
+    fs.cpSync(fixtureCheckpoint('phi3-longrope'), dir, { recursive: true });
+    const cfg = JSON.parse(fs.readFileSync(path.join(dir, 'config.json'), 'utf8'));
+    cfg.rope_scaling.long_factor = [40, 300, 2000, 9000];
+    fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify(cfg));
+    const { model } = loadModel(dir);
+    models.push(model);
+    // a 5-token prompt: the first 3 new tokens fit the original context (short factors), the
+    // 4th step's sequence of 9 passes it, and every forward from there rotates with the long ones
+    const prompt = [1, 50, 60, 70, 80];
+    const want = greedyByRecomputing(model, prompt, 9);
+    // the lengths generate() runs: the prompt, single tokens, the whole 9 tokens once, single tokens
+    const lengths: number[] = [];
+    const forward = model.forward.bind(model);
+    model.forward = ((input: Tensor, opts?: Parameters<GPTModel['forward']>[1]) => {
+      lengths.push(input.shape[1]);
+      return forward(input, opts);
+    }) as GPTModel['forward'];
+    const got = generate(model, [prompt], { maxNewTokens: 9 }).rows[0].tokens;
+    model.forward = forward;
+    expect(got).toEqual(want);
+    expect(lengths).toEqual([5, 1, 1, 1, 9, 1, 1, 1, 1]);
+    expect(model.rotary.usesLongFactors(9)).toBe(true);
+    expect(model.rotary.usesLongFactors(8)).toBe(false);
+    // why: decoding the 9th position against keys cached with the short factors is another model
+    noGrad(() => {
+      const seq = [...prompt, ...want.slice(0, 4)];
+      const cache = new KVCache(1, 9);
+      model.forward(ids([seq.slice(0, 8)]), { kvCache: cache }).logits?.dispose();
+      const stale = model.forward(ids([seq.slice(8)]), { kvCache: cache }).logits as Tensor;
+      const fresh = model.forward(ids([seq])).logits as Tensor;
+      expect(relMaxError(rowLogits(model, stale, 0), rowLogits(model, fresh, 8))).toBeGreaterThan(1e-3);
+      cache.dispose();
+    });
+  });
+
+  it('a forward rotates with the short factors up to the original context, the long ones past it', () => {
+    const model = load('phi3-longrope');
+    noGrad(() => {
+      const seq = [5, 17, 301, 42, 7, 99, 250, 13, 60, 2, 444, 31];
+      const long = model.forward(ids([seq])).logits as Tensor;
+      const short = model.forward(ids([seq.slice(0, 8)])).logits as Tensor;
+      // the same prefix, other factors: the logits of position 0 agree (no rotation at 0), the later ones do not
+      expect(relMaxError(rowLogits(model, short, 0), rowLogits(model, long, 0))).toBeLessThan(1e-5);
+      expect(relMaxError(rowLogits(model, short, 7), rowLogits(model, long, 7))).toBeGreaterThan(1e-4);
+    });
   });
 });

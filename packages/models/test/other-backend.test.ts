@@ -105,6 +105,7 @@ const FAMILIES = [
   'deepseek-v3',
   'moonlight',
   'phi3',
+  'phi3-longrope',
 ];
 
 describe.each([

@@ -2,17 +2,37 @@
 // every query head, then the key heads, then the value heads ([q; k; v] along the rows), and
 // `gate_up_proj` holds [gate; up], SiLU on the first half, as transformers' Phi3Attention and
 // Phi3MLP split them. A sliding window applies only when `sliding_window` is set (Phi-3-mini-4k:
-// 2047), with Mistral's mask. The 128k-context models' longrope scaling and Phi-4-mini's partial
-// rotary embedding are refused, naming the models that do convert.
+// 2047), with Mistral's mask. The 128k-context models scale RoPE with longrope (per-frequency
+// factors, short or long by the context); Phi-4-mini's partial rotary embedding is refused.
 import { z } from 'zod';
 import { ConvertError } from '../errors.js';
-import { makeTransformerConfig, type TransformerConfig } from '../transformer-config.js';
+import {
+  CONFIG_LIMITS,
+  limitedInt,
+  makeTransformerConfig,
+  type RopeScaling,
+  type TransformerConfig,
+} from '../transformer-config.js';
 import { hfTensor, layerRule, outerRules, outerTensors } from './common.js';
 import { HfLlamaStyleConfig, llamaStyleBase } from './dense.js';
 import type { ArchitectureSpec, HfTensorShape, WeightRule } from './types.js';
 
-/** Phi-3's config.json: the Llama-style fields and its rotary settings. */
+const factors = z.array(z.number().positive()).max(CONFIG_LIMITS.headDim);
+
+/** Phi-3's config.json: the Llama-style fields and its rotary settings (longrope's factor lists). */
 export const HfPhi3Config = HfLlamaStyleConfig.extend({
+  rope_scaling: z
+    .object({
+      rope_type: z.string().optional(),
+      type: z.string().optional(),
+      short_factor: factors.optional(),
+      long_factor: factors.optional(),
+      attention_factor: z.number().positive().nullish(),
+      original_max_position_embeddings: limitedInt(CONFIG_LIMITS.positions).optional(),
+    })
+    .passthrough()
+    .nullish(),
+  original_max_position_embeddings: limitedInt(CONFIG_LIMITS.positions).optional(),
   partial_rotary_factor: z.number().positive().max(1).optional(),
   // transformers 5 keeps the rotary settings here
   rope_parameters: z
@@ -54,7 +74,46 @@ export function phi3Tensors(cfg: TransformerConfig): HfTensorShape[] {
   return out;
 }
 
-/** Phi-3-mini/medium (4k), Phi-4: Phi3ForCausalLM. */
+/**
+ * Phi-3's rotary scaling: none, or longrope (transformers reads the older names "su" and "yarn" as
+ * longrope too). The original context comes from the config's top level, as transformers takes it;
+ * the default attention factor is √(1 + ln(s) / ln(original)) for s = max / original positions > 1.
+ */
+function phi3Rope(hf: HfPhi3Config): RopeScaling {
+  const rs = hf.rope_scaling;
+  const kind = rs ? (rs.rope_type ?? rs.type ?? 'default') : 'default';
+  if (!rs || kind === 'default') return { type: 'none' };
+  if (!['longrope', 'su', 'yarn'].includes(kind)) {
+    throw new ConvertError(
+      'UNSUPPORTED',
+      `field "rope_scaling": type ${JSON.stringify(kind)} is not one of Phi-3's (longrope)`,
+    );
+  }
+  const half = (hf.head_dim ?? hf.hidden_size / hf.num_attention_heads) / 2;
+  for (const field of ['short_factor', 'long_factor'] as const) {
+    const f = rs[field];
+    if (!f || f.length !== half) {
+      throw new ConvertError(
+        'INVALID_CONFIG',
+        `field "rope_scaling.${field}" must list ${half} numbers (one per rotary pair of a head), got ${f ? f.length : 'none'}`,
+      );
+    }
+  }
+  const original =
+    hf.original_max_position_embeddings ?? rs.original_max_position_embeddings ?? hf.max_position_embeddings;
+  const s = hf.max_position_embeddings / original;
+  const attentionFactor =
+    rs.attention_factor ?? (s > 1 ? Math.sqrt(1 + Math.log(s) / Math.log(original)) : 1);
+  return {
+    type: 'longrope',
+    shortFactor: [...(rs.short_factor as number[])],
+    longFactor: [...(rs.long_factor as number[])],
+    originalMaxPositionEmbeddings: original,
+    attentionFactor,
+  };
+}
+
+/** Phi-3-mini/medium (4k and 128k), Phi-3.5-mini, Phi-4: Phi3ForCausalLM. */
 export const phi3Spec: ArchitectureSpec<HfPhi3Config> = {
   architectures: ['Phi3ForCausalLM'],
   configSchema: HfPhi3Config,
@@ -66,19 +125,8 @@ export const phi3Spec: ArchitectureSpec<HfPhi3Config> = {
         `field "partial_rotary_factor": ${partial} (a rotary embedding on part of each head, as in Phi-4-mini) is not supported: megapatch rotates whole heads`,
       );
     }
-    const kind = hf.rope_scaling
-      ? (hf.rope_scaling.rope_type ?? hf.rope_scaling.type ?? 'default')
-      : 'default';
-    if (kind !== 'default') {
-      // transformers reads Phi-3's "su" and "yarn" as longrope too
-      throw new ConvertError(
-        'UNSUPPORTED',
-        `field "rope_scaling": Phi-3's ${JSON.stringify(kind)} scaling (longrope, the 128k-context Phi-3 and Phi-3.5 models) is not supported; ` +
-          'the models without it convert (Phi-3-mini-4k, Phi-3-medium-4k, Phi-4)',
-      );
-    }
     return makeTransformerConfig({
-      ...llamaStyleBase(hf, { type: 'none' }),
+      ...llamaStyleBase(hf, phi3Rope(hf)),
       addQkvBias: false,
       qkLayernorm: false,
       // Phi3Config's default is no window (Mistral's is 4096)

@@ -330,6 +330,29 @@ export const SYNTHETIC_MODELS: SyntheticModel[] = [
       tie_word_embeddings: false,
     },
   },
+  {
+    id: 'phi3-longrope',
+    config: {
+      ...llamaBase,
+      architectures: ['Phi3ForCausalLM'],
+      model_type: 'phi3',
+      // Phi-3.5-mini's shape, scaled down: multi-head attention, longrope over a 64-token original
+      // context (one factor per rotary pair of the 8-wide heads), a window wider than any sequence
+      num_attention_heads: 8,
+      num_key_value_heads: 8,
+      intermediate_size: 96,
+      rope_theta: 10000,
+      max_position_embeddings: 256,
+      original_max_position_embeddings: 64,
+      rope_scaling: {
+        type: 'longrope',
+        short_factor: [1.0, 1.1, 1.3, 1.7],
+        long_factor: [1.5, 3.0, 7.0, 12.0],
+      },
+      sliding_window: 262144,
+      tie_word_embeddings: false,
+    },
+  },
 ];
 
 // ---- deterministic values --------------------------------------------------------------------
