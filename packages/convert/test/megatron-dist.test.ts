@@ -382,6 +382,16 @@ describe('Megatron torch_dist format: errors', () => {
       'CORRUPT_FILE',
       `${key}: its chunks hold 1792 of its 2048 elements`,
     );
+    // as many elements, but the last chunk replaced by a second copy of the first: a hole, an overlap
+    const doubled = withMetadata('doubled-chunk', (sdm) => {
+      const chunks = (sdm.get(key)!.state as Map<string, unknown[]>).get('chunks')!;
+      chunks[chunks.length - 1] = chunks[0];
+    });
+    expectError(
+      () => DcpCheckpoint.open(path.join(doubled, `iter_000000${ITERATION}`)),
+      'CORRUPT_FILE',
+      `${key}: the chunks at [0,0,0] of size [1,16,16] and [0,0,0] of size [1,16,16] overlap, so part of it is not stored`,
+    );
     const transformed = withMetadata('transformed', (_sdm, storage) => {
       const info = [...storage.values()][0];
       (info.state as Map<string, unknown>).set('transform_descriptors', ['zstd']);

@@ -181,6 +181,43 @@ describe('TorchFile reads what torch 1.13 torch.save wrote', () => {
     expectError(() => f.read(emb), 'INVALID_ARGUMENT', 'closed');
   });
 
+  it.each(['U8', 'BF16', 'F32', 'I64'] as const)(
+    'gathers strided views of %s elements (transposed, stepped, offset) as their elements in order',
+    (dtype) => {
+      const esz = DTYPE_SIZE[dtype];
+      const f = tmp(`strided-${dtype}.pt`);
+      const w = new TorchFileWriter(f);
+      const ref = w.tensor(dtype, [6, 10]);
+      w.writeRoot(new Map([['w', ref]]));
+      const bytes = randomBytes(60 * esz);
+      w.write(ref, bytes);
+      w.finish();
+      using tf = TorchFile.open(f);
+      const t = (tf.root as Map<string, TorchTensor>).get('w')!;
+      const view = (shape: number[], stride: number[], offset: number) =>
+        new TorchTensor(t.dtype, shape, stride, offset, t.storageKey, t.storageNumel, false);
+      /** The elements of the view read one by one from the storage bytes. */
+      const expected = (shape: number[], stride: number[], offset: number) => {
+        const out: Uint8Array[] = [];
+        const walk = (d: number, at: number) => {
+          if (d === shape.length) out.push(bytes.subarray(at * esz, (at + 1) * esz));
+          else for (let i = 0; i < shape[d]; i++) walk(d + 1, at + i * stride[d]);
+        };
+        walk(0, offset);
+        return Buffer.concat(out);
+      };
+      for (const [shape, stride, offset] of [
+        [[10, 6], [1, 10], 0], // the transpose
+        [[3, 5], [20, 2], 3], // every other row and column, from element 3
+        [[2, 3, 4], [1, 20, 2], 1], // three dimensions, none contiguous
+      ] as [number[], number[], number][]) {
+        expect(Buffer.from(tf.read(view(shape, stride, offset))), `${shape} ${stride}`).toEqual(
+          expected(shape, stride, offset),
+        );
+      }
+    },
+  );
+
   it('readBox cuts a box out of a contiguous tensor and of a strided view', () => {
     using f = TorchFile.open(file);
     const model = (f.root as Map<string, unknown>).get('model') as Map<string, TorchTensor>;

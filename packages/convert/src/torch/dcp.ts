@@ -61,6 +61,25 @@ function dtypeOf(properties: unknown): string | undefined {
  * A PyTorch distributed checkpoint folder opened for reading: `.metadata` parsed on open, chunk
  * blobs read on demand.
  */
+/**
+ * Two chunks that share an element, or null: a sweep along dim 0, each chunk compared with those
+ * whose rows it meets (the layer and expert axes of Megatron's keys keep that set small).
+ */
+function overlapping(chunks: readonly DcpChunk[]): [DcpChunk, DcpChunk] | null {
+  if (chunks.length < 2 || chunks[0].sizes.length === 0) return null;
+  const sorted = [...chunks].sort((x, y) => x.offsets[0] - y.offsets[0]);
+  let active: DcpChunk[] = [];
+  for (const c of sorted) {
+    active = active.filter((a) => a.offsets[0] + a.sizes[0] > c.offsets[0]);
+    const hit = active.find((a) =>
+      a.offsets.every((o, d) => o < c.offsets[d] + c.sizes[d] && c.offsets[d] < o + a.sizes[d]),
+    );
+    if (hit) return [hit, c];
+    active.push(c);
+  }
+  return null;
+}
+
 export class DcpCheckpoint {
   /** Tensors by key. */
   readonly tensors: ReadonlyMap<string, DcpTensor>;
@@ -171,6 +190,12 @@ export class DcpCheckpoint {
       });
       if (covered !== numelOf(size)) {
         throw fail(`${key}: its chunks hold ${covered} of its ${numelOf(size)} elements`);
+      }
+      // as many elements as the tensor: they tile it unless two overlap (and leave a hole elsewhere)
+      const twice = overlapping(chunks);
+      if (twice) {
+        const [a, b] = twice.map((c) => `[${c.offsets.join(',')}] of size [${c.sizes.join(',')}]`);
+        throw fail(`${key}: the chunks at ${a} and ${b} overlap, so part of it is not stored`);
       }
       tensors.set(key, { key, dtype, size, chunks });
     }

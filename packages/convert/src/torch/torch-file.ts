@@ -340,6 +340,26 @@ export class TorchFile {
   }
 }
 
+/**
+ * Integer views of `src` and `out` for copying elements of `size` bytes a word at a time, and the
+ * words per element (2 for 8-byte elements): null for other sizes. An unaligned `src` is copied
+ * to an aligned buffer first.
+ */
+function wordViews(
+  src: Uint8Array,
+  out: Uint8Array,
+  size: number,
+): [Uint16Array | Uint32Array, Uint16Array | Uint32Array, 1 | 2] | null {
+  if (size !== 2 && size !== 4 && size !== 8) return null;
+  const w = size === 2 ? 2 : 4;
+  const s = src.byteOffset % w === 0 && src.byteLength % w === 0 ? src : src.slice();
+  const view = (b: Uint8Array) =>
+    w === 2
+      ? new Uint16Array(b.buffer as ArrayBuffer, b.byteOffset, b.byteLength / 2)
+      : new Uint32Array(b.buffer as ArrayBuffer, b.byteOffset, b.byteLength / 4);
+  return [view(s), view(out), size === 8 ? 2 : 1];
+}
+
 /** Copies the elements of a strided view out of `src` (storage bytes from its first element) in row-major order. */
 function gather(
   src: Uint8Array,
@@ -350,6 +370,7 @@ function gather(
   const out = new Uint8Array(numelOf(shape) * size);
   if (out.byteLength === 0) return out;
   const last = shape.length - 1;
+  const words = wordViews(src, out, size);
   const index = new Array<number>(last).fill(0);
   let o = 0;
   for (;;) {
@@ -358,6 +379,17 @@ function gather(
     if (stride[last] === 1 || shape[last] === 1) {
       // a run of neighbours: one copy
       out.set(src.subarray(base * size, (base + shape[last]) * size), o);
+      o += shape[last] * size;
+    } else if (words) {
+      // whole elements through integer views (2, 4 or 8 bytes: one or two 16/32-bit words each)
+      const [from, to, per] = words;
+      const step = stride[last] * per;
+      let s = base * per;
+      let t = o / (size / per);
+      for (let i = 0; i < shape[last]; i++, s += step) {
+        to[t++] = from[s];
+        if (per === 2) to[t++] = from[s + 1];
+      }
       o += shape[last] * size;
     } else {
       for (let i = 0; i < shape[last]; i++) {
