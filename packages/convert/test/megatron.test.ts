@@ -18,9 +18,10 @@ import {
   MegatronLegacyView,
   type MegatronNaming,
   type ParallelLayout,
+  parseHfConfig,
 } from '../src/index.js';
 import { SYNTHETIC_MODELS, writeSyntheticHfCheckpoint } from '../src/testing/index.js';
-import { PyGlobal, type PyObject } from '../src/torch/pickle.js';
+import { PyFloat, PyGlobal, type PyObject } from '../src/torch/pickle.js';
 import { TorchFile, TorchFileWriter, TorchTensor } from '../src/torch/torch-file.js';
 import { expectError, expectSameCheckpoints, scratch } from './helpers.js';
 
@@ -207,6 +208,26 @@ describe('Megatron torch format: every architecture both ways', () => {
     await convertHfToMegapatch({ hfDir: hf, output: src });
     const meg = tmp(`syn-${m.id}-megatron`);
     await convertMegapatchToMegatron({ input: src, output: meg, layout, ...naming });
+    // the RoPE scaling in the args, as Megatron's flags give it
+    {
+      const iter = path.join(meg, 'iter_0000000');
+      using f = TorchFile.open(path.join(iter, fs.readdirSync(iter)[0], 'model_optim_rng.pt'));
+      const a = ((f.root as Map<string, unknown>).get('args') as PyObject).state as Map<string, unknown>;
+      const cfg = parseHfConfig(hf).transformerConfig;
+      const rope = cfg.ropeScaling;
+      const float = (x: unknown) => (x instanceof PyFloat ? x.value : x);
+      expect(a.get('use_rope_scaling'), m.id).toBe(rope.type === 'llama3');
+      if (rope.type === 'llama3') expect(float(a.get('rope_scaling_factor'))).toBe(rope.factor);
+      if (rope.type === 'yarn') {
+        expect([
+          a.get('rope_type'),
+          float(a.get('rotary_scaling_factor')),
+          float(a.get('mscale_all_dim')),
+        ]).toEqual(['yarn', rope.factor, rope.mscaleAllDim]);
+      }
+      // MLA's rope_type (Megatron's default for MLA is yarn); none for the other attentions
+      expect(a.get('rope_type')).toBe(cfg.mla ? (rope.type === 'yarn' ? 'yarn' : 'rope') : null);
+    }
     const back = tmp(`syn-${m.id}-back`);
     await convertMegatronToMegapatch({ input: meg, hfDir: hf, output: back });
     const want = tmp(`syn-${m.id}-want`);

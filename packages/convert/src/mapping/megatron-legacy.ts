@@ -818,6 +818,7 @@ function megatronArgs(
 ): PyObject {
   const moe = cfg.moe;
   const mla = cfg.mla;
+  const rope = cfg.ropeScaling;
   const entries: [string, unknown][] = [
     ['num_layers', cfg.numLayers],
     ['hidden_size', cfg.hiddenSize],
@@ -831,6 +832,15 @@ function megatronArgs(
     ['position_embedding_type', 'rope'],
     ['add_position_embedding', false],
     ['rotary_base', cfg.rotaryBase],
+    // RoPE scaling as Megatron's flags give it: Llama 3.1's (--use-rope-scaling), linear position
+    // interpolation, MLA's YaRN (--rope-type yarn); longrope has no Megatron counterpart
+    ['use_rope_scaling', rope.type === 'llama3'],
+    ['rope_scaling_factor', new PyFloat(rope.type === 'llama3' ? rope.factor : 8)],
+    ['rotary_seq_len_interpolation_factor', rope.type === 'linear' ? new PyFloat(rope.factor) : null],
+    ['rope_type', mla ? (rope.type === 'yarn' ? 'yarn' : 'rope') : null],
+    ['rotary_scaling_factor', new PyFloat(rope.type === 'yarn' ? rope.factor : 1)],
+    ['mscale', new PyFloat(rope.type === 'yarn' ? rope.mscale : 1)],
+    ['mscale_all_dim', new PyFloat(rope.type === 'yarn' ? rope.mscaleAllDim : 0)],
     ['normalization', cfg.normalization],
     ['norm_epsilon', new PyFloat(cfg.layernormEpsilon)],
     ['swiglu', true],
