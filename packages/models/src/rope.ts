@@ -106,11 +106,9 @@ export class RotaryEmbedding {
   forward(positionIds: Tensor, rows?: number, context?: number | null): { cos: Tensor; sin: Tensor } {
     // without `rows`, the largest position read from the ids (a wait on an asynchronous device)
     const need = rows ?? maxOf(positionIds) + 1;
-    let long = false;
-    if (this.scaling.type === 'longrope') {
-      const ctx = context ?? (rows === undefined ? need : maxOf(positionIds) + 1);
-      long = ctx > this.scaling.originalMaxPositionEmbeddings;
-    }
+    const long =
+      this.scaling.type === 'longrope' &&
+      this.usesLongFactors(context ?? (rows === undefined ? need : maxOf(positionIds) + 1));
     const t = this.table(positionIds.device, need, long);
     return { cos: embedding(positionIds, t.cos), sin: embedding(positionIds, t.sin) };
   }
