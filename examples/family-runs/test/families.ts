@@ -47,6 +47,12 @@ export interface Family {
 
 const TINY: TinyVariant[] = [{ name: 'tiny', configDir: 'tiny-config', mtp: false }];
 
+/** One layout for a family's pre-training and SFT configs (`<prefix>pretrain.yaml`, `<prefix>sft.yaml`). */
+const both = (layout: RealLayout, prefix = ''): Record<string, RealLayout> => ({
+  [`${prefix}pretrain.yaml`]: layout,
+  [`${prefix}sft.yaml`]: layout,
+});
+
 const dense = (tp: number, pp: number, dp: number, sharedConfig: string | null): RealLayout => ({
   tp,
   pp,
@@ -60,10 +66,7 @@ export const FAMILIES: Family[] = [
     id: 'llama3',
     architecture: 'LlamaForCausalLM',
     // examples/llama3_1: mcore-tp4-pp2 on 8 GPUs
-    real: {
-      'pretrain.yaml': dense(4, 2, 1, 'Llama-3.1-8B.json'),
-      'sft.yaml': dense(4, 2, 1, 'Llama-3.1-8B.json'),
-    },
+    real: both(dense(4, 2, 1, 'Llama-3.1-8B.json')),
     tiny: TINY,
     moe: false,
   },
@@ -71,10 +74,7 @@ export const FAMILIES: Family[] = [
     id: 'qwen2.5',
     architecture: 'Qwen2ForCausalLM',
     // the auto-configurator's 7B row: TP2 on 8 GPUs at 8k
-    real: {
-      'pretrain.yaml': dense(2, 1, 4, 'Qwen2.5-7B-Instruct.json'),
-      'sft.yaml': dense(2, 1, 4, 'Qwen2.5-7B-Instruct.json'),
-    },
+    real: both(dense(2, 1, 4, 'Qwen2.5-7B-Instruct.json')),
     tiny: TINY,
     moe: false,
   },
@@ -82,7 +82,7 @@ export const FAMILIES: Family[] = [
     id: 'qwen3',
     architecture: 'Qwen3ForCausalLM',
     // run_8xH20.sh's 8B default: TP1 PP4 on 8 GPUs (Qwen3-8B's config is not in the shared folder)
-    real: { 'pretrain.yaml': dense(1, 4, 2, null), 'sft.yaml': dense(1, 4, 2, null) },
+    real: both(dense(1, 4, 2, null)),
     tiny: TINY,
     moe: false,
   },
@@ -90,10 +90,7 @@ export const FAMILIES: Family[] = [
     id: 'qwen3-moe',
     architecture: 'Qwen3MoeForCausalLM',
     // examples/qwen3/README.md: TP4 PP2 ETP1 EP4 on 8 GPUs
-    real: {
-      'pretrain.yaml': { tp: 4, pp: 2, ep: 4, etp: 1, dp: 1, sharedConfig: 'Qwen3-30B-A3B.json' },
-      'sft.yaml': { tp: 4, pp: 2, ep: 4, etp: 1, dp: 1, sharedConfig: 'Qwen3-30B-A3B.json' },
-    },
+    real: both({ tp: 4, pp: 2, ep: 4, etp: 1, dp: 1, sharedConfig: 'Qwen3-30B-A3B.json' }),
     tiny: TINY,
     moe: true,
   },
@@ -101,10 +98,7 @@ export const FAMILIES: Family[] = [
     id: 'mixtral',
     architecture: 'MixtralForCausalLM',
     // examples/mistral/README.md: tp4-pp1-ep4 on 16 GPUs (ETP = TP, Megatron's default then)
-    real: {
-      'pretrain.yaml': { tp: 4, pp: 1, ep: 4, dp: 4, sharedConfig: 'Mixtral-8x7B-v0.1.json' },
-      'sft.yaml': { tp: 4, pp: 1, ep: 4, dp: 4, sharedConfig: 'Mixtral-8x7B-v0.1.json' },
-    },
+    real: both({ tp: 4, pp: 1, ep: 4, dp: 4, sharedConfig: 'Mixtral-8x7B-v0.1.json' }),
     tiny: TINY,
     moe: true,
   },
@@ -114,40 +108,18 @@ export const FAMILIES: Family[] = [
     // examples/deepseek_v3/README.md: TP8 PP8 ETP1 EP16, MP_PP0_LAYERS=5, on 128 GPUs;
     // examples/moonlight/README.md: TP1 PP1 ETP1 EP8 on 8 GPUs
     real: {
-      'pretrain.yaml': {
-        tp: 8,
-        pp: 8,
-        ep: 16,
-        etp: 1,
-        dp: 2,
-        firstStageLayers: 5,
-        sharedConfig: 'DeepSeek-V3.json',
-      },
-      'sft.yaml': {
-        tp: 8,
-        pp: 8,
-        ep: 16,
-        etp: 1,
-        dp: 2,
-        firstStageLayers: 5,
-        sharedConfig: 'DeepSeek-V3.json',
-      },
-      'moonlight-pretrain.yaml': {
-        tp: 1,
-        pp: 1,
-        ep: 8,
-        etp: 1,
-        dp: 8,
-        sharedConfig: 'Moonlight-16B-A3B-Instruct.thirdparty-copy.json',
-      },
-      'moonlight-sft.yaml': {
-        tp: 1,
-        pp: 1,
-        ep: 8,
-        etp: 1,
-        dp: 8,
-        sharedConfig: 'Moonlight-16B-A3B-Instruct.thirdparty-copy.json',
-      },
+      ...both({ tp: 8, pp: 8, ep: 16, etp: 1, dp: 2, firstStageLayers: 5, sharedConfig: 'DeepSeek-V3.json' }),
+      ...both(
+        {
+          tp: 1,
+          pp: 1,
+          ep: 8,
+          etp: 1,
+          dp: 8,
+          sharedConfig: 'Moonlight-16B-A3B-Instruct.thirdparty-copy.json',
+        },
+        'moonlight-',
+      ),
     },
     tiny: [
       { name: 'tiny', configDir: 'tiny-config', mtp: true },
@@ -160,7 +132,7 @@ export const FAMILIES: Family[] = [
     architecture: 'Phi3ForCausalLM',
     // no Pai-Megatron-Patch script: TP2 PP2 on 8 GPUs (TP must divide the 10 key/value heads; the
     // README gives the reasons; Phi-4's config is not in the shared folder)
-    real: { 'pretrain.yaml': dense(2, 2, 2, null), 'sft.yaml': dense(2, 2, 2, null) },
+    real: both(dense(2, 2, 2, null)),
     tiny: TINY,
     moe: false,
   },

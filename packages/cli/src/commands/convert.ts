@@ -311,6 +311,21 @@ export async function runHfToMegapatch(args: OptionValues, io: Io = memoryIo()):
   return s;
 }
 
+/** What both Hugging Face exports take from their flags: shard size, dtype, iteration, overwrite. */
+function hfWriteOptions<D>(o: { maxShardSize: string; dtype?: D; iteration?: number; overwrite: boolean }): {
+  maxShardSize: string;
+  dtype?: D;
+  iteration?: number;
+  overwrite: boolean;
+} {
+  return {
+    maxShardSize: o.maxShardSize,
+    ...(o.dtype ? { dtype: o.dtype } : {}),
+    ...(o.iteration !== undefined ? { iteration: o.iteration } : {}),
+    overwrite: o.overwrite,
+  };
+}
+
 /** `megapatch convert megapatch-to-hf` with flag values. */
 export async function runMegapatchToHf(args: OptionValues, io: Io = memoryIo()): Promise<ConversionSummary> {
   const o = parseOptions(MegapatchToHf, withDefaults(megapatchToHf, args), MEGAPATCH_TO_HF);
@@ -322,10 +337,7 @@ export async function runMegapatchToHf(args: OptionValues, io: Io = memoryIo()):
       convertMegapatchToHf({
         input: o.in,
         output: o.out,
-        maxShardSize: o.maxShardSize,
-        ...(o.dtype ? { dtype: o.dtype } : {}),
-        ...(o.iteration !== undefined ? { iteration: o.iteration } : {}),
-        overwrite: o.overwrite,
+        ...hfWriteOptions(o),
         onProgress,
         signal,
       }),
@@ -424,10 +436,7 @@ export async function runMegatronToHf(args: OptionValues, io: Io = memoryIo()): 
         input: o.in,
         hfDir: o.hfDir,
         output: o.out,
-        maxShardSize: o.maxShardSize,
-        ...(o.dtype ? { dtype: o.dtype } : {}),
-        ...(o.iteration !== undefined ? { iteration: o.iteration } : {}),
-        overwrite: o.overwrite,
+        ...hfWriteOptions(o),
         onProgress,
         signal,
       }),
