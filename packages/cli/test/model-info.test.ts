@@ -66,6 +66,19 @@ describe('megapatch model info: memory per rank', () => {
   );
   const cfg = parseHfConfig(hf).transformerConfig;
 
+  it("says how much of each head rotates when it is not all of it (Phi-4-mini's 3/4)", () => {
+    const phi = join(root, 'phi4-mini');
+    writeSyntheticHfCheckpoint(
+      phi,
+      SYNTHETIC_MODELS.find((m) => m.id === 'phi4-mini')?.config as Record<string, unknown>,
+      { seed: 5 },
+    );
+    expect(run(['--config', phi]).text).toContain(
+      "rotary             the first 6 of each head's 8 channels (rotary percent 0.75)",
+    );
+    expect(run(['--config', hf]).text).not.toContain('rotary ');
+  });
+
   it('prints no memory without a layout or batch flag', () => {
     const { m, text } = run(['--config', hf]);
     expect(m.source).toBe('huggingface');

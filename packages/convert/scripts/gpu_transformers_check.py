@@ -54,6 +54,10 @@ CASES = [
     ("phi3-longrope", "Phi3Config", dict(small, num_key_value_heads=8, original_max_position_embeddings=64,
                                          rope_scaling=dict(type="longrope", short_factor=[1.0, 1.1, 1.3, 1.7],
                                                            long_factor=[1.5, 3.0, 7.0, 12.0])), (2, 2, 1, 2)),
+    ("phi4-mini", "Phi3Config", dict(small, tie_word_embeddings=True, original_max_position_embeddings=64,
+                                     partial_rotary_factor=0.75,
+                                     rope_scaling=dict(type="longrope", short_factor=[1.0, 1.2, 1.5],
+                                                       long_factor=[2.0, 5.0, 9.0])), (2, 2, 1, 2)),
 ]
 
 

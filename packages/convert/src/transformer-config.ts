@@ -137,6 +137,12 @@ export const TransformerConfig = z
     addQkvBias: z.boolean().default(false),
     qkLayernorm: z.boolean().default(false),
     rotaryBase: z.number().positive(),
+    /**
+     * Share of each head's channels that rotate (Megatron's rotary_percent, HF's
+     * partial_rotary_factor, Phi-4-mini's 0.75): the first ⌊kvChannels · rotaryPercent⌋ channels of
+     * every query and key head rotate, the rest pass through unchanged.
+     */
+    rotaryPercent: z.number().gt(0).max(1).default(1),
     ropeScaling: RopeScaling.default({ type: 'none' }),
     untieEmbeddingsAndOutputWeights: z.boolean(),
     vocabSize: limitedInt(L.vocab),
@@ -168,6 +174,7 @@ export const TransformerConfig = z
       });
     }
     if (c.moe) checkMoe(c.moe, c.numLayers, ctx);
+    checkRotary(c, ctx);
     for (const [what, n] of largestTensors(c)) {
       if (n > L.tensorElements) {
         ctx.addIssue({
@@ -178,6 +185,57 @@ export const TransformerConfig = z
       }
     }
   });
+/**
+ * The number of channels of each query/key head that rotate: MLA's qkRopeHeadDim, else
+ * ⌊kvChannels · rotaryPercent⌋ (Megatron's and transformers' truncation).
+ */
+export function rotaryDim(c: Pick<TransformerConfig, 'kvChannels' | 'rotaryPercent' | 'mla'>): number {
+  return c.mla ? c.mla.qkRopeHeadDim : Math.trunc(c.kvChannels * c.rotaryPercent);
+}
+
+/** A rotary dimension that pairs up, and longrope factor lists of one entry per rotating pair. */
+function checkRotary(
+  c: {
+    kvChannels: number;
+    rotaryPercent: number;
+    mla: z.output<typeof MlaConfig> | null;
+    ropeScaling: z.output<typeof RopeScaling>;
+  },
+  ctx: z.RefinementCtx,
+): void {
+  if (c.mla && c.rotaryPercent !== 1) {
+    ctx.addIssue({
+      code: 'custom',
+      path: ['rotaryPercent'],
+      message: `is ${c.rotaryPercent}; multi-latent attention rotates its own qkRopeHeadDim channels (give 1)`,
+    });
+    return;
+  }
+  const dim = rotaryDim(c);
+  if (dim === 0 || dim % 2 !== 0) {
+    ctx.addIssue({
+      code: 'custom',
+      path: ['rotaryPercent'],
+      message: `${c.rotaryPercent} of kvChannels ${c.kvChannels} rotates ${dim} channels; RoPE needs a positive even number`,
+    });
+    return;
+  }
+  const rs = c.ropeScaling;
+  if (rs.type !== 'longrope') return;
+  for (const [name, list] of [
+    ['shortFactor', rs.shortFactor],
+    ['longFactor', rs.longFactor],
+  ] as const) {
+    if (list.length !== dim / 2) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['ropeScaling', name],
+        message: `has ${list.length} entries; ${dim} rotating channels need ${dim / 2} (one per pair)`,
+      });
+    }
+  }
+}
+
 /** Routing that can work: groups of equal size, and no more experts asked for than can be reached. */
 function checkMoe(m: z.output<typeof MoeConfig>, numLayers: number, ctx: z.RefinementCtx): void {
   const issue = (field: string, message: string) =>

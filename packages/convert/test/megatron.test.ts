@@ -217,6 +217,8 @@ describe('Megatron torch format: every architecture both ways', () => {
       const rope = cfg.ropeScaling;
       const float = (x: unknown) => (x instanceof PyFloat ? x.value : x);
       expect(a.get('use_rope_scaling'), m.id).toBe(rope.type === 'llama3');
+      // the share of each head that rotates (Phi-4-mini: 0.75)
+      expect(float(a.get('rotary_percent')), m.id).toBe(m.id === 'phi4-mini' ? 0.75 : 1);
       if (rope.type === 'llama3') expect(float(a.get('rope_scaling_factor'))).toBe(rope.factor);
       if (rope.type === 'yarn') {
         expect([

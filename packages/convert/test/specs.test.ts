@@ -14,6 +14,7 @@ import {
   parameterCount,
   parseHfConfig,
   registerArchitecture,
+  rotaryDim,
   type WeightRule,
 } from '../src/index.js';
 
@@ -596,7 +597,7 @@ describe('Phi3ForCausalLM (Phi-3, Phi-3.5, Phi-4): packed qkv_proj and gate_up_p
       () =>
         parseHfConfig({ ...mini128k, rope_scaling: { type: 'longrope', short_factor, long_factor: [1, 2] } }),
       'INVALID_CONFIG',
-      'field "rope_scaling.long_factor" must list 48 numbers (one per rotary pair of a head), got 2',
+      'field "rope_scaling.long_factor" must list 48 numbers (one per rotating pair of a head\'s channels), got 2',
     );
     expectConvertError(
       () => parseHfConfig({ ...mini128k, rope_scaling: { type: 'dynamic', factor: 2 } }),
@@ -605,28 +606,58 @@ describe('Phi3ForCausalLM (Phi-3, Phi-3.5, Phi-4): packed qkv_proj and gate_up_p
     );
   });
 
-  it('refuses partial rotary embeddings (Phi-4-mini)', () => {
-    expectConvertError(
-      () => parseHfConfig({ ...PHI4, partial_rotary_factor: 0.75 }),
-      'UNSUPPORTED',
-      'field "partial_rotary_factor": 0.75',
-    );
-    // transformers 5 keeps it in rope_parameters
+  it('reads Phi-4-mini: 96 of 128 channels rotating (partial_rotary_factor 0.75), longrope on them', () => {
+    // microsoft/Phi-4-mini-instruct's config.json (its factor lists' values stand in: 48 each)
+    const short_factor = Array.from({ length: 48 }, (_, k) => 1 + k / 50);
+    const long_factor = Array.from({ length: 48 }, (_, k) => 1 + k / 2);
+    const mini = {
+      ...PHI3_MINI_4K,
+      bos_token_id: 199999,
+      eos_token_id: 199999,
+      pad_token_id: 199999,
+      num_attention_heads: 24,
+      num_key_value_heads: 8,
+      max_position_embeddings: 131072,
+      original_max_position_embeddings: 4096,
+      partial_rotary_factor: 0.75,
+      rope_scaling: { type: 'longrope', short_factor, long_factor },
+      sliding_window: 262144,
+      tie_word_embeddings: true,
+      vocab_size: 200064,
+      full_attn_mod: 1,
+      interpolate_factor: 1,
+      lm_head_bias: false,
+      mlp_bias: false,
+    };
+    const c = parseHfConfig(mini).transformerConfig;
+    expect([c.kvChannels, c.rotaryPercent, rotaryDim(c), c.numQueryGroups]).toEqual([128, 0.75, 96, 8]);
+    expect(c.ropeScaling).toMatchObject({ type: 'longrope', shortFactor: short_factor });
+    expect(c.untieEmbeddingsAndOutputWeights).toBe(false);
+    // 3.84e9 parameters (the model card's 3.8B): the tied 200,064-row embedding is 614.6M of them
+    expect(parameterCount(c).total).toBe(3_836_021_760);
+    // one longrope factor per rotating pair: 48, not the 64 of whole heads
     expectConvertError(
       () =>
         parseHfConfig({
-          ...PHI4,
-          rope_theta: undefined,
-          rope_parameters: { rope_type: 'default', rope_theta: 250000, partial_rotary_factor: 0.75 },
+          ...mini,
+          rope_scaling: { type: 'longrope', short_factor: [...short_factor, 1, 1], long_factor },
         }),
-      'UNSUPPORTED',
-      'partial_rotary_factor',
+      'INVALID_CONFIG',
+      'field "rope_scaling.short_factor" must list 48 numbers (one per rotating pair of a head\'s channels), got 50',
     );
+    // transformers 5 keeps it among the rotary settings
     const tf5 = parseHfConfig({
       ...PHI4,
       rope_theta: undefined,
-      rope_parameters: { rope_type: 'default', rope_theta: 250000, partial_rotary_factor: 1.0 },
-    });
-    expect(tf5.transformerConfig.rotaryBase).toBe(250000);
+      rope_parameters: { rope_type: 'default', rope_theta: 250000, partial_rotary_factor: 0.5 },
+    }).transformerConfig;
+    expect([tf5.rotaryBase, tf5.rotaryPercent, rotaryDim(tf5)]).toEqual([250000, 0.5, 64]);
+    expect(parseHfConfig(PHI4).transformerConfig.rotaryPercent).toBe(1);
+    // a factor leaving an odd number of channels cannot rotate in pairs (int(128 · 0.3) = 38 can)
+    expectConvertError(
+      () => parseHfConfig({ ...PHI4, partial_rotary_factor: 0.34 }),
+      'INVALID_CONFIG',
+      'field "partial_rotary_factor": 0.34 rotates 43 channels',
+    );
   });
 });

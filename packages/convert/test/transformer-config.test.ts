@@ -8,9 +8,10 @@ import {
   paddedVocabSize,
   parameterCount,
   parseHfConfig,
+  rotaryDim,
   TransformerConfig,
 } from '../src/index.js';
-import { TINY_DENSE } from './helpers.js';
+import { expectError, TINY_DENSE } from './helpers.js';
 
 // The real configs in the shared data folder (../shared beside the checkout); the tests that read
 // them skip, with a one-line reason, when it is absent.
@@ -59,6 +60,49 @@ describe('TransformerConfig', () => {
     bad(
       { moe: { numExperts: 2, routerTopk: 4, moeFfnHiddenSize: 8, layerPattern: ['moe', 'moe'] } },
       'routerTopk',
+    );
+  });
+
+  it('rotates ⌊kvChannels · rotaryPercent⌋ channels: a positive even count, longrope one factor a pair', () => {
+    const c = (over: object) => makeTransformerConfig({ ...tiny, kvChannels: 16, ...over });
+    expect(c({}).rotaryPercent).toBe(1);
+    expect(rotaryDim(c({}))).toBe(16);
+    expect(rotaryDim(c({ rotaryPercent: 0.75 }))).toBe(12);
+    // truncated as Megatron's int(kv_channels * rotary_percent): 16 · 0.3 = 4.8 → 4
+    expect(rotaryDim(c({ rotaryPercent: 0.3 }))).toBe(4);
+    const longrope = (n: number) => ({
+      type: 'longrope',
+      shortFactor: Array(n).fill(1),
+      longFactor: Array(n).fill(2),
+      originalMaxPositionEmbeddings: 8,
+      attentionFactor: 1,
+    });
+    expect(c({ rotaryPercent: 0.5, ropeScaling: longrope(4) }).ropeScaling.type).toBe('longrope');
+    expectError(
+      () => c({ rotaryPercent: 0.5, ropeScaling: longrope(8) }),
+      'INVALID_CONFIG',
+      'TransformerConfig.ropeScaling.shortFactor: has 8 entries; 8 rotating channels need 4 (one per pair)',
+    );
+    expectError(
+      () => c({ rotaryPercent: 0.2 }),
+      'INVALID_CONFIG',
+      'TransformerConfig.rotaryPercent: 0.2 of kvChannels 16 rotates 3 channels; RoPE needs a positive even number',
+    );
+    expectError(() => c({ rotaryPercent: 0.05 }), 'INVALID_CONFIG', 'rotates 0 channels');
+    expectError(() => c({ rotaryPercent: 0 }), 'INVALID_CONFIG', 'TransformerConfig.rotaryPercent');
+    expectError(() => c({ rotaryPercent: 1.5 }), 'INVALID_CONFIG', 'TransformerConfig.rotaryPercent');
+    const mla = {
+      qLoraRank: null,
+      kvLoraRank: 8,
+      qkNopeHeadDim: 8,
+      qkRopeHeadDim: 4,
+      vHeadDim: 8,
+    };
+    expect(rotaryDim(c({ mla }))).toBe(4);
+    expectError(
+      () => c({ mla, rotaryPercent: 0.5 }),
+      'INVALID_CONFIG',
+      'multi-latent attention rotates its own qkRopeHeadDim channels',
     );
   });
 

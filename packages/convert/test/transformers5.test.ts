@@ -46,6 +46,7 @@ describe('transformers 5 config.json', () => {
     expect(SYNTHETIC_MODELS.map((m) => m.id).filter((id) => !NAMES.includes(id))).toEqual([
       'phi3',
       'phi3-longrope',
+      'phi4-mini',
     ]);
   });
 

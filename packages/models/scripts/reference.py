@@ -210,9 +210,12 @@ def rope_tables(cfg, positions, dim):
 
 
 def apply_rope(x, cos, sin):
-    """x [b, heads, s, d]; cos/sin [b, s, d]."""
+    """x [b, heads, s, d]; cos/sin [b, s, r] with r <= d: the first r channels rotate, the rest pass
+    through (transformers' Phi-3 with partial_rotary_factor < 1: q_rot, q_pass)."""
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+    r = cos.shape[-1]
+    rot, keep = x[..., :r], x[..., r:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, keep), dim=-1)
 
 
 def deinterleave(x):
@@ -464,7 +467,10 @@ class Model:
         if self.deepseek:
             return rope_tables(c, positions, c["qk_rope_head_dim"])
         D = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-        return rope_tables(c, positions, D)
+        # Phi-4-mini: int(head_dim * partial_rotary_factor) channels rotate (the default rope init
+        # and _compute_longrope_parameters both take that dim)
+        partial = c.get("partial_rotary_factor", 1.0) if self.type == "phi3" else 1.0
+        return rope_tables(c, positions, int(D * partial))
 
     def head_weight(self):
         return self.P["model.embed_tokens.weight"] if self.tied else self.P["lm_head.weight"]
@@ -674,14 +680,16 @@ class Report:
 
 
 def naive_dense_attention(model, i, x, positions):
-    """Loops over heads, queries and keys; GQA by index; complex-number RoPE on (j, j + d/2) pairs."""
+    """Loops over heads, queries and keys; GQA by index; complex-number RoPE on (j, j + R/2) pairs."""
     c, P = model.cfg, model.P
     p = f"model.layers.{i}.self_attn."
     H, KV = c["num_attention_heads"], c["num_key_value_heads"]
     D = c.get("head_dim") or c["hidden_size"] // H
     bias = model.type in ("qwen2", "qwen2_moe")
     W = model.window()
-    inv, att = rope_inv_freq(c, D, int(positions.max()) + 1)
+    # channels (j, j + R/2) for j < R/2 rotate; channels from R on pass through (Phi-4-mini)
+    R = int(D * c.get("partial_rotary_factor", 1.0)) if model.type == "phi3" else D
+    inv, att = rope_inv_freq(c, R, int(positions.max()) + 1)
     b, s, _ = x.shape
     out = torch.zeros(b, s, H * D, dtype=torch.float64)
     for bi in range(b):
@@ -704,9 +712,9 @@ def naive_dense_attention(model, i, x, positions):
             k = rms_norm(k, P[p + "k_norm.weight"].double(), model.eps)
 
         def rot(t, pos):
-            z = torch.complex(t[..., : D // 2], t[..., D // 2:])
+            z = torch.complex(t[..., : R // 2], t[..., R // 2:R])
             z = z * torch.polar(torch.full_like(inv, att), pos * inv)
-            return torch.cat([z.real, z.imag], dim=-1)
+            return torch.cat([z.real, z.imag, t[..., R:]], dim=-1)
 
         for h in range(H):
             g = h // (H // KV)
@@ -934,6 +942,8 @@ def self_checks(models, report):
         ("moonlight", "model.layers.0.self_attn.kv_a_proj_with_mqa.weight", [64 * 32 + 3, 64 * 39 + 60]),
         ("phi3", "model.layers.0.self_attn.qkv_proj.weight", [5, 64 * 64 + 7, 64 * 80 + 63]),
         ("phi3", "model.layers.3.mlp.gate_up_proj.weight", [3, 64 * 96 + 10]),
+        # query channel 7 and key channel 7 pass through, key channel 2 rotates (6 of 8 rotate)
+        ("phi4-mini", "model.layers.0.self_attn.qkv_proj.weight", [7 * 64 + 3, 66 * 64 + 10, 71 * 64 + 5]),
     ]:
         cfg, P, T, _ = models[fid]
         fd_check(report, fid, cfg, P, T["input_ids"], T["labels"], name, elems)
@@ -990,6 +1000,10 @@ def sensitivity(models, report):
         m.mla_softmax_scale = lambda: (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]) ** -0.5
         return m
 
+    def half_rotary(cfg, P):
+        cfg["partial_rotary_factor"] = 0.5
+        cfg["rope_scaling"].update(short_factor=[1.0, 1.2], long_factor=[2.0, 5.0])
+
     def zero_bias(cfg, P):
         for n in list(P):
             if n.endswith("e_score_correction_bias"):
@@ -1019,6 +1033,7 @@ def sensitivity(models, report):
          set_cfg(original_max_position_embeddings=256)),
         ("phi3-longrope", "no attention factor on cos/sin",
          lambda cfg, P: cfg["rope_scaling"].update(attention_factor=1.0)),
+        ("phi4-mini", "half of each head rotating instead of 3/4 (the first two factors)", half_rotary),
     ]
     for fid, what, change in probes:
         if fid in models:
@@ -1053,7 +1068,7 @@ def main(argv):
               f"grads {meta['grads']}" + (f", mtp_loss_1 {float(tensors['mtp_loss_1']):.6f}"
                                           if "mtp_loss_1" in tensors else ""))
         models[fid] = (cfg, P, tensors, extra)
-    if check and set(ids) == set(models) and len(models) == 13:
+    if check and set(ids) == set(models) and len(models) == 14:
         report = Report()
         self_checks(models, report)
         sensitivity(models, report)

@@ -9,6 +9,7 @@ import {
   type PipelineStages,
   paddedVocabSize,
   pipelineStages,
+  rotaryDim,
   type TransformerConfig,
 } from '@megapatch/convert';
 import {
@@ -455,7 +456,6 @@ export class GPTModel extends Module {
           }),
         )
       : null;
-    const rotaryDim = config.mla ? config.mla.qkRopeHeadDim : config.kvChannels;
     if (config.ropeScaling.type === 'longrope' && this.cpGroup.size > 1) {
       // each CP rank holds part of a sequence: the short/long choice needs the whole one's positions
       throw new ModelError(
@@ -463,7 +463,7 @@ export class GPTModel extends Module {
         `longrope (Phi-3's 128k RoPE) with context parallelism (cp=${this.cpGroup.size}) is not supported; use cp=1`,
       );
     }
-    this.rotary = new RotaryEmbedding(rotaryDim, config.rotaryBase, config.ropeScaling);
+    this.rotary = new RotaryEmbedding(rotaryDim(config), config.rotaryBase, config.ropeScaling);
   }
 
   /**

@@ -155,7 +155,12 @@ describe('generation options', () => {
   });
 });
 
-describe("phi3-longrope: decoding across longrope's original context (8 positions here)", () => {
+describe.each([
+  // Phi-3.5's shape: whole heads rotate
+  ['phi3-longrope', [40, 300, 2000, 9000]],
+  // Phi-4-mini's: 6 of each head's 8 channels rotate, one factor a rotating pair
+  ['phi4-mini', [40, 300, 2000]],
+])("%s: decoding across longrope's original context (8 positions here)", (id, farFactors) => {
   /** Greedy tokens of recomputing the whole sequence at every step (no cache), as its last row's argmax. */
   function greedyByRecomputing(model: GPTModel, prompt: number[], n: number): number[] {
     const seq = [...prompt];
@@ -178,9 +183,9 @@ describe("phi3-longrope: decoding across longrope's original context (8 position
     // the fixture's weights with long factors far from the short ones, so that rotating the
     // cached keys with the wrong ones changes the greedy tokens
     const dir = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'mp-longrope-')), 'hf');
-    fs.cpSync(fixtureCheckpoint('phi3-longrope'), dir, { recursive: true });
+    fs.cpSync(fixtureCheckpoint(id), dir, { recursive: true });
     const cfg = JSON.parse(fs.readFileSync(path.join(dir, 'config.json'), 'utf8'));
-    cfg.rope_scaling.long_factor = [40, 300, 2000, 9000];
+    cfg.rope_scaling.long_factor = farFactors;
     fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify(cfg));
     const { model } = loadModel(dir);
     models.push(model);
@@ -214,7 +219,7 @@ describe("phi3-longrope: decoding across longrope's original context (8 position
   });
 
   it('a forward rotates with the short factors up to the original context, the long ones past it', () => {
-    const model = load('phi3-longrope');
+    const model = load(id);
     noGrad(() => {
       const seq = [5, 17, 301, 42, 7, 99, 250, 13, 60, 2, 444, 31];
       const long = model.forward(ids([seq])).logits as Tensor;

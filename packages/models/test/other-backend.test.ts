@@ -106,6 +106,7 @@ const FAMILIES = [
   'moonlight',
   'phi3',
   'phi3-longrope',
+  'phi4-mini',
 ];
 
 describe.each([

@@ -97,6 +97,11 @@ const TP_RUNS: (Run & { what: string })[] = [
   { id: 'deepseek-v2', what: 'MLA without q LoRA, MoE, sequence parallel', sp: true },
   { id: 'llama', what: 'hidden and attention dropout, sequence parallel', sp: true, dropout: true },
   { id: 'deepseek-v3', what: 'dropout in MLA, MoE and MTP (its embedding too)', dropout: true },
+  {
+    id: 'phi4-mini',
+    what: 'packed qkv_proj and gate_up_proj, 6 of 8 channels rotating, longrope, sequence parallel',
+    sp: true,
+  },
 ];
 const EP_RUNS: (Run & { what: string })[] = [
   { id: 'mixtral', what: '4 experts, top-2' },

@@ -408,7 +408,7 @@ export function checkArchitecture(a: Architecture, m: ModelFacts, seqLength: num
   }
   if (a.useRotaryPositionEmbeddings === false) fail('useRotaryPositionEmbeddings', 'rotary embeddings');
   same('rotaryBase', c.rotaryBase);
-  same('rotaryPercent', 1);
+  same('rotaryPercent', c.mla ? 1 : c.rotaryPercent);
   if (a.ropeType !== undefined && (a.ropeType === 'yarn') !== (rope.type === 'yarn'))
     fail(
       'ropeType',

@@ -523,6 +523,8 @@ describe('the architecture flags against the model', () => {
     });
     expect(check(d, dsv3)).not.toThrow();
     expect(check({ moeLayerFreq: 1, numExperts: 4, moeRouterPreSoftmax: false }, qwen3Moe)).not.toThrow();
+    // Phi-4-mini rotates 3/4 of each head: --rotary-percent 0.75
+    expect(check({ rotaryPercent: 0.75, kvChannels: 8 }, modelConfig('phi4-mini'))).not.toThrow();
   });
 
   it("names the first flag that differs, its value and the model's", () => {
@@ -540,6 +542,8 @@ describe('the architecture flags against the model', () => {
       // MLA's latent norms are Megatron's qk_layernorm
       [{ qkLayernorm: false }, dsv3, /--qk-layernorm false .* it has true/],
       [{ rotaryBase: 10000 }, qwen3, /--rotary-base 10000 .* it has 1000000/],
+      [{ rotaryPercent: 0.5 }, qwen3, /--rotary-percent 0.5 .* it has 1 /],
+      [{ rotaryPercent: 1 }, modelConfig('phi4-mini'), /--rotary-percent 1 .* it has 0.75/],
       [{ untieEmbeddingsAndOutputWeights: false }, qwen3, /--untie-embeddings-and-output-weights false/],
       [{ swiglu: true }, qwen3, /--swiglu true .* a geglu MLP/, { activation: 'geglu' }],
       [{ applyLayernorm1p: true }, qwen3, /--apply-layernorm-1p true .* it has false/],

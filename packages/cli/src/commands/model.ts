@@ -13,6 +13,7 @@ import {
   parseHfConfig,
   readCheckpointMetadata,
   readLatestIteration,
+  rotaryDim,
   type TransformerConfig,
 } from '@megapatch/convert';
 import {
@@ -194,6 +195,10 @@ export function formatModelInfo(m: ModelInfo): string {
     `attention heads    ${c.numAttentionHeads} (${c.numQueryGroups} query groups, head dim ${c.kvChannels})`,
     `vocabulary         ${c.vocabSize}`,
   ];
+  if (c.rotaryPercent !== 1)
+    lines.push(
+      `rotary             the first ${rotaryDim(c)} of each head's ${c.kvChannels} channels (rotary percent ${c.rotaryPercent})`,
+    );
   if (c.moe) lines.push(`experts            ${c.moe.numExperts}, top-${c.moe.routerTopk}`);
   if (c.mla)
     lines.push(

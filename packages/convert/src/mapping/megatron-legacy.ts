@@ -832,6 +832,7 @@ function megatronArgs(
     ['position_embedding_type', 'rope'],
     ['add_position_embedding', false],
     ['rotary_base', cfg.rotaryBase],
+    ['rotary_percent', new PyFloat(cfg.rotaryPercent)],
     // RoPE scaling as Megatron's flags give it: Llama 3.1's (--use-rope-scaling), linear position
     // interpolation, MLA's YaRN (--rope-type yarn); longrope has no Megatron counterpart
     ['use_rope_scaling', rope.type === 'llama3'],

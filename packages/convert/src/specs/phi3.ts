@@ -3,7 +3,8 @@
 // `gate_up_proj` holds [gate; up], SiLU on the first half, as transformers' Phi3Attention and
 // Phi3MLP split them. A sliding window applies only when `sliding_window` is set (Phi-3-mini-4k:
 // 2047), with Mistral's mask. The 128k-context models scale RoPE with longrope (per-frequency
-// factors, short or long by the context); Phi-4-mini's partial rotary embedding is refused.
+// factors, short or long by the context); Phi-4-mini rotates only part of each head
+// (`partial_rotary_factor` 0.75: the first 96 of 128 channels), Megatron's rotary_percent.
 import { z } from 'zod';
 import { ConvertError } from '../errors.js';
 import {
@@ -79,7 +80,7 @@ export function phi3Tensors(cfg: TransformerConfig): HfTensorShape[] {
  * longrope too). The original context comes from the config's top level, as transformers takes it;
  * the default attention factor is √(1 + ln(s) / ln(original)) for s = max / original positions > 1.
  */
-function phi3Rope(hf: HfPhi3Config): RopeScaling {
+function phi3Rope(hf: HfPhi3Config, rotaryPercent: number): RopeScaling {
   const rs = hf.rope_scaling;
   const kind = rs ? (rs.rope_type ?? rs.type ?? 'default') : 'default';
   if (!rs || kind === 'default') return { type: 'none' };
@@ -89,13 +90,14 @@ function phi3Rope(hf: HfPhi3Config): RopeScaling {
       `field "rope_scaling": type ${JSON.stringify(kind)} is not one of Phi-3's (longrope)`,
     );
   }
-  const half = (hf.head_dim ?? hf.hidden_size / hf.num_attention_heads) / 2;
+  // one factor per rotating pair: transformers' int(head_dim · partial_rotary_factor) / 2
+  const half = Math.trunc((hf.head_dim ?? hf.hidden_size / hf.num_attention_heads) * rotaryPercent) / 2;
   for (const field of ['short_factor', 'long_factor'] as const) {
     const f = rs[field];
     if (!f || f.length !== half) {
       throw new ConvertError(
         'INVALID_CONFIG',
-        `field "rope_scaling.${field}" must list ${half} numbers (one per rotary pair of a head), got ${f ? f.length : 'none'}`,
+        `field "rope_scaling.${field}" must list ${half} numbers (one per rotating pair of a head's channels), got ${f ? f.length : 'none'}`,
       );
     }
   }
@@ -113,20 +115,23 @@ function phi3Rope(hf: HfPhi3Config): RopeScaling {
   };
 }
 
-/** Phi-3-mini/medium (4k and 128k), Phi-3.5-mini, Phi-4: Phi3ForCausalLM. */
+/** Phi-3-mini/medium (4k and 128k), Phi-3.5-mini, Phi-4, Phi-4-mini: Phi3ForCausalLM. */
 export const phi3Spec: ArchitectureSpec<HfPhi3Config> = {
   architectures: ['Phi3ForCausalLM'],
   configSchema: HfPhi3Config,
   toTransformerConfig(hf) {
-    const partial = hf.partial_rotary_factor ?? hf.rope_parameters?.partial_rotary_factor ?? 1;
-    if (partial !== 1) {
+    // transformers 4 keeps it at the top level, transformers 5 among the rotary settings
+    const rotaryPercent = hf.partial_rotary_factor ?? hf.rope_parameters?.partial_rotary_factor ?? 1;
+    const rotating = Math.trunc((hf.head_dim ?? hf.hidden_size / hf.num_attention_heads) * rotaryPercent);
+    if (rotating === 0 || rotating % 2 !== 0) {
       throw new ConvertError(
-        'UNSUPPORTED',
-        `field "partial_rotary_factor": ${partial} (a rotary embedding on part of each head, as in Phi-4-mini) is not supported: megapatch rotates whole heads`,
+        'INVALID_CONFIG',
+        `field "partial_rotary_factor": ${rotaryPercent} rotates ${rotating} channels of each head; RoPE needs a positive even number`,
       );
     }
     return makeTransformerConfig({
-      ...llamaStyleBase(hf, phi3Rope(hf)),
+      ...llamaStyleBase(hf, phi3Rope(hf, rotaryPercent)),
+      rotaryPercent,
       addQkvBias: false,
       qkLayernorm: false,
       // Phi3Config's default is no window (Mistral's is 4096)

@@ -353,6 +353,31 @@ export const SYNTHETIC_MODELS: SyntheticModel[] = [
       tie_word_embeddings: false,
     },
   },
+  {
+    id: 'phi4-mini',
+    config: {
+      ...llamaBase,
+      architectures: ['Phi3ForCausalLM'],
+      model_type: 'phi3',
+      // Phi-4-mini's shape, scaled down: GQA, tied embeddings, the first 6 of each head's 8
+      // channels rotating (partial_rotary_factor 0.75; Phi-4-mini: 96 of 128) with longrope, one
+      // factor per rotating pair
+      num_attention_heads: 8,
+      num_key_value_heads: 2,
+      intermediate_size: 96,
+      rope_theta: 10000,
+      max_position_embeddings: 256,
+      original_max_position_embeddings: 64,
+      partial_rotary_factor: 0.75,
+      rope_scaling: {
+        type: 'longrope',
+        short_factor: [1.0, 1.2, 1.5],
+        long_factor: [2.0, 5.0, 9.0],
+      },
+      sliding_window: 262144,
+      tie_word_embeddings: true,
+    },
+  },
 ];
 
 // ---- deterministic values --------------------------------------------------------------------
