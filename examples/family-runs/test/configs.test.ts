@@ -99,6 +99,9 @@ describe.each(FAMILIES.map((f) => [f.id, f] as const))('examples/%s', (_id, fami
       });
       if (family.moe) expect(c.model.moeTokenDispatcherType).toBe('alltoall');
       expect(c.parallel.useDistributedOptimizer).toBe(true);
+      expect(c.optimizer.optimizerCpuOffload ? c.optimizer.optimizerOffloadFraction : 0).toBe(
+        want.optimizerOffload ?? 0,
+      );
       expect(c.parallel.sequenceParallel).toBe(c.parallel.tensorModelParallelSize > 1);
       expect(file.includes('sft') ? c.data.sft : c.data.dataPath).not.toBeNull();
     },
@@ -124,6 +127,7 @@ describe.each(FAMILIES.map((f) => [f.id, f] as const))('examples/%s', (_id, fami
         numMicroBatches: c.training.globalBatchSize / (c.training.microBatchSize * rest.dp),
         sequenceParallel: c.parallel.sequenceParallel,
         distributedOptimizer: c.parallel.useDistributedOptimizer,
+        optimizerOffloadFraction: c.optimizer.optimizerCpuOffload ? c.optimizer.optimizerOffloadFraction : 0,
         recompute: c.model.recomputeGranularity ?? 'none',
       });
       if (!file.includes('sft'))

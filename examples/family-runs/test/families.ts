@@ -23,6 +23,8 @@ export interface RealLayout {
   firstStageLayers?: number;
   /** File under the shared folder's data/configs/ (null: not there). */
   sharedConfig: string | null;
+  /** Pai's OPTIMIZER_OFFLOAD: the share of the optimizer states in host memory (default none). */
+  optimizerOffload?: number;
 }
 
 /** A tiny model of a family: `<name>-pretrain.yaml`, `<name>-sft.yaml` and its HF config folder. */
@@ -108,7 +110,17 @@ export const FAMILIES: Family[] = [
     // examples/deepseek_v3/README.md: TP8 PP8 ETP1 EP16, MP_PP0_LAYERS=5, on 128 GPUs;
     // examples/moonlight/README.md: TP1 PP1 ETP1 EP8 on 8 GPUs
     real: {
-      ...both({ tp: 8, pp: 8, ep: 16, etp: 1, dp: 2, firstStageLayers: 5, sharedConfig: 'DeepSeek-V3.json' }),
+      ...both({
+        tp: 8,
+        pp: 8,
+        ep: 16,
+        etp: 1,
+        dp: 2,
+        firstStageLayers: 5,
+        sharedConfig: 'DeepSeek-V3.json',
+        // run_mcore_deepseek.sh's OPTIMIZER_OFFLOAD=1.0
+        optimizerOffload: 1,
+      }),
       ...both(
         {
           tp: 1,

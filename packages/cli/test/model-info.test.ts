@@ -150,6 +150,29 @@ describe('megapatch model info: memory per rank', () => {
     expect(run(['--config', hf, '--grad-reduce-in-bf16']).m.memory?.layout.gradDtype).toBe('bf16');
   });
 
+  it('--optimizer-cpu-offload moves the optimizer states (or --optimizer-offload-fraction of them) off the device total', () => {
+    const base = ['--config', hf, '--tp', '2', '--sequence-parallel', '--dp', '2', '--distributed-optimizer'];
+    const on = run(base);
+    const all = run([...base, '--optimizer-cpu-offload']);
+    const part = run([...base, '--optimizer-cpu-offload', '--optimizer-offload-fraction', '0.25']);
+    const states = on.m.memory?.stages[0].bytes.optimizer as number;
+    expect(states).toBeGreaterThan(0);
+    expect(all.m.memory?.stages[0].bytes).toMatchObject({ optimizer: 0, optimizerHost: states });
+    expect((on.m.memory?.total as number) - (all.m.memory?.total as number)).toBeCloseTo(states, 3);
+    expect(part.m.memory?.stages[0].bytes.optimizerHost).toBeCloseTo(0.25 * states, 3);
+    expect(all.text).toContain('distributed optimizer, all of them offloaded to the host');
+    expect(part.text).toContain('distributed optimizer, 0.25 of them offloaded to the host');
+    expect(all.text).toMatch(/^ {2}offloaded to the host +\d+\.\d\d GiB$/m);
+    expect(on.text).not.toContain('offloaded to the host');
+    // the fraction alone (Megatron ignores it without --optimizer-cpu-offload)
+    expect(
+      run([...base, '--optimizer-offload-fraction', '0.5']).m.memory?.layout.optimizerOffloadFraction,
+    ).toBe(0);
+    expect(() => run([...base, '--optimizer-cpu-offload', '--optimizer-offload-fraction', '1.5'])).toThrow(
+      '--optimizer-offload-fraction: must be a number from 0 to 1',
+    );
+  });
+
   it('reads a megapatch checkpoint, its root or one iteration folder, like the HF config', async () => {
     const ckpt = join(root, 'ckpt');
     await runHfToMegapatch({ 'hf-dir': hf, out: ckpt, tp: '2' }, memoryIo());

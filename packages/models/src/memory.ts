@@ -63,6 +63,11 @@ export const MemoryLayout = z.strictObject({
   numMicroBatches: z.number().int().positive().optional(),
   /** ZeRO-1: optimizer states sharded over the data-parallel ranks. */
   distributedOptimizer: z.boolean().default(false),
+  /**
+   * Megatron --optimizer-cpu-offload with --optimizer-offload-fraction: the share of each rank's
+   * optimizer states held in host memory instead (0: none; 1: all).
+   */
+  optimizerOffloadFraction: z.number().min(0).max(1).default(0),
   /** Sequence parallelism (with tp > 1). */
   sequenceParallel: z.boolean().default(false),
   /**
@@ -134,8 +139,13 @@ export interface StageMemory {
   bytes: {
     weights: number;
     gradients: number;
-    /** Master weights and Adam moments (and an fp32 gradient copy when gradients are not fp32). */
+    /**
+     * Master weights and Adam moments (and an fp32 gradient copy when gradients are not fp32) on
+     * the device: what optimizer offloading leaves there.
+     */
     optimizer: number;
+    /** The optimizer states offloaded to host memory (not in total). */
+    optimizerHost: number;
     /** One micro-batch through this stage. */
     activationsPerMicroBatch: number;
     /** At the peak of the pipeline schedule. */
@@ -507,9 +517,11 @@ export function theoreticalMemory(cfg: TransformerConfig, layout: MemoryLayoutIn
     const dense = p.total - p.expertParallel;
     // Megatron shards the dense optimizer states over its data-parallel size; the distributed
     // optimizer's group is dp × cp in Megatron-Core (the estimator uses dp; megapatch follows the model).
-    const optimizer = l.distributedOptimizer
+    const states = l.distributedOptimizer
       ? per.optimizer * (dense / (l.dp * l.cp) + p.expertParallel / l.expertDp)
       : per.optimizer * p.total;
+    const optimizerHost = states * l.optimizerOffloadFraction;
+    const optimizer = states - optimizerHost;
     const a = stageActivations(cfg, l, s);
     const weights = per.weights * p.total;
     const gradients = per.gradients * p.total;
@@ -523,6 +535,7 @@ export function theoreticalMemory(cfg: TransformerConfig, layout: MemoryLayoutIn
         weights,
         gradients,
         optimizer,
+        optimizerHost,
         activationsPerMicroBatch: a.perMicroBatch,
         activations: a.peak,
         total: weights + gradients + optimizer + a.peak,

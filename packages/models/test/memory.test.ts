@@ -153,6 +153,22 @@ describe("Megatron's bytes per parameter", () => {
     const cp = theoreticalMemory(llama3, { seqLength: 8, dp: 4, cp: 2, distributedOptimizer: true });
     expect(cp.stages[0].bytes.optimizer).toBeCloseTo(eight.stages[0].bytes.optimizer, 0);
   });
+
+  it('optimizer offload: the offloaded share of the states leaves the device total for host memory', () => {
+    const base = { seqLength: 8, dp: 8, distributedOptimizer: true } as const;
+    const on = theoreticalMemory(llama3, base);
+    const all = theoreticalMemory(llama3, { ...base, optimizerOffloadFraction: 1 });
+    const part = theoreticalMemory(llama3, { ...base, optimizerOffloadFraction: 0.25 });
+    const states = on.stages[0].bytes.optimizer;
+    expect(on.stages[0].bytes.optimizerHost).toBe(0);
+    expect([all.stages[0].bytes.optimizer, all.stages[0].bytes.optimizerHost]).toEqual([0, states]);
+    expect(part.stages[0].bytes.optimizerHost).toBeCloseTo(0.25 * states, 3);
+    expect(on.total - all.total).toBeCloseTo(states, 3);
+    expect(on.total - part.total).toBeCloseTo(0.25 * states, 3);
+    expect(() => theoreticalMemory(llama3, { ...base, optimizerOffloadFraction: 2 })).toThrow(
+      /optimizerOffloadFraction/,
+    );
+  });
 });
 
 describe('weights, gradients and optimizer states against compute_weight_and_optimizer_memory', () => {

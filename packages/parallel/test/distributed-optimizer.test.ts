@@ -13,6 +13,7 @@ import {
   tensor,
   tidy,
 } from '@megapatch/tensor';
+import { registerReferenceBackend } from '@megapatch/tensor/reference';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { clipGradByTotalNorm, getGradNorm } from '../src/distributed/clip-grads.js';
 import { DistributedDataParallel } from '../src/distributed/distributed-data-parallel.js';
@@ -431,6 +432,167 @@ describe('bf16 parameters: clipping and the master copy inside the AdamW pass', 
       for (const b of data) for (const t of [b.x, b.y]) t.dispose();
     },
   );
+});
+
+describe('optimizerCpuOffload: masters and moments in host memory (the model on ref:0)', () => {
+  registerReferenceBackend();
+  const DEV = 'ref:0';
+  /** Three steps of a model on ref:0; the weights, norms and ref:0's bytes after the first step. */
+  function run(o: {
+    distributed: boolean;
+    dtype: 'float32' | 'bfloat16';
+    offload?: number;
+    nanAt?: number;
+    restoreAfter?: number;
+  }) {
+    const devStart = memoryStats(DEV).liveBytes;
+    const data = makeData(3, 16, 41);
+    const onDev = data.map((b) => ({ x: b.x.to(DEV, o.dtype), y: b.y.to(DEV) }));
+    const devBase = memoryStats(DEV).liveBytes;
+    const hostBase = memoryStats('cpu').liveBytes;
+    const model = new MLP(DIMS, 11, o.dtype).to(DEV);
+    const ddp = new DistributedDataParallel(model, {
+      dataParallelGroup: new LocalGroup(),
+      useDistributedOptimizer: o.distributed,
+      bucketSize: 200,
+    });
+    const options: DistributedOptimizerOptions = {
+      ...optOptions,
+      log: () => {},
+      ...(o.offload === undefined ? {} : { optimizerCpuOffload: true, optimizerOffloadFraction: o.offload }),
+    };
+    const opt = o.distributed
+      ? new DistributedOptimizer(ddp, options)
+      : new DataParallelOptimizer(ddp, options);
+    const norms: number[] = [];
+    const live: number[][] = [];
+    let bytes = { device: 0, host: 0 };
+    let saved: ReturnType<typeof opt.stateDict> | null = null;
+    let weightsAtSave: Record<string, number[]> = {};
+    for (const [i, { x, y }] of onDev.entries()) {
+      opt.zeroGrad();
+      tidy(() => {
+        const l = crossEntropy(ddp.forward(x).float(), y);
+        (i === o.nanAt ? l.mul(Number.NaN) : l).backward();
+      });
+      const before = i === o.nanAt ? weightsOf(model) : null;
+      const r = opt.step();
+      norms.push(r.gradNorm);
+      expect(r.skipped).toBe(i === o.nanAt);
+      // a skipped step writes the host's unchanged masters back: the same weights
+      if (before) expect(maxRelDiff(weightsOf(model), before)).toBe(0);
+      // host and device memory flat from step to step once the moments exist
+      live.push([memoryStats('cpu').liveBytes, memoryStats(DEV).liveBytes]);
+      if (i === 0)
+        bytes = {
+          device: memoryStats(DEV).liveBytes - devBase,
+          host: memoryStats('cpu').liveBytes - hostBase,
+        };
+      if (i === o.restoreAfter) {
+        // a copy on the model's device: what a checkpoint read there gives
+        const sd = opt.stateDict();
+        const copy = (t: Tensor) => (t.device === DEV ? t.clone() : t.to(DEV));
+        saved = {
+          ...sd,
+          masters: sd.masters.map(copy),
+          optimizer: sd.optimizer && {
+            ...sd.optimizer,
+            state: Object.fromEntries(
+              Object.entries(sd.optimizer.state).map(([k, st]) => [
+                k,
+                Object.fromEntries(
+                  Object.entries(st).map(([n, v]) => [n, v instanceof Tensor ? copy(v) : v]),
+                ),
+              ]),
+            ),
+          },
+        };
+        weightsAtSave = weightsOf(model);
+      }
+    }
+    // (a saved copy of the state, made after step 2, is not part of it)
+    if (o.restoreAfter === undefined) expect(live[2]).toEqual(live[1]);
+    const masters = opt.masterParams.map((m) => m.device);
+    if (saved) {
+      const sd = saved as ReturnType<typeof opt.stateDict>;
+      opt.loadStateDict(sd);
+      expect(maxRelDiff(weightsOf(model), weightsAtSave)).toBe(0);
+      for (const m of sd.masters) m.dispose();
+      for (const st of Object.values(sd.optimizer?.state ?? {}))
+        for (const v of Object.values(st)) if (v instanceof Tensor) v.dispose();
+    }
+    const weights = weightsOf(model);
+    const n = model.numParameters();
+    opt.dispose();
+    ddp.dispose();
+    model.dispose();
+    for (const b of [...data, ...onDev]) for (const t of [b.x, b.y]) t.dispose();
+    expect(memoryStats(DEV).liveBytes).toBe(devStart);
+    return { weights, norms, bytes, masters, n };
+  }
+
+  it.each([
+    ['DistributedOptimizer', true, 'float32'],
+    ['DistributedOptimizer', true, 'bfloat16'],
+    ['DataParallelOptimizer', false, 'bfloat16'],
+  ] as const)(
+    '%s, %s parameters: the steps of the optimizer on the device, its state on the host',
+    (_, distributed, dtype) => {
+      const onDevice = run({ distributed, dtype });
+      const all = run({ distributed, dtype, offload: 1 });
+      const half = run({ distributed, dtype, offload: 0.5 });
+      expect(onDevice.masters.every((d) => d === DEV)).toBe(true);
+      expect(all.masters.every((d) => d === 'cpu')).toBe(true);
+      // at most half of the elements, in parameter order
+      expect(half.masters).toContain('cpu');
+      expect(half.masters).toContain(DEV);
+      for (const r of [all, half]) {
+        // the first step's norm is of the same gradients; later ones of weights equal to rounding
+        expect(r.norms[0]).toBe(onDevice.norms[0]);
+        r.norms.forEach((g, i) => {
+          expect(Math.abs(g - onDevice.norms[i]) / onDevice.norms[i]).toBeLessThan(1e-6);
+        });
+        // the host's AdamW and the device's: the same operations, fp32 rounding apart
+        expect(maxRelDiff(r.weights, onDevice.weights)).toBeLessThan(1e-6);
+      }
+      // the device keeps the parameters and gradients: the masters (bf16) and moments moved
+      const n = onDevice.n;
+      const state = (dtype === 'bfloat16' ? 12 : 8) * n;
+      expect(onDevice.bytes.device - all.bytes.device).toBeGreaterThanOrEqual(state);
+      expect(onDevice.bytes.device - all.bytes.device).toBeLessThan(state * 1.05);
+      expect(all.bytes.host - onDevice.bytes.host).toBeGreaterThanOrEqual(state);
+      const saved = onDevice.bytes.device - half.bytes.device;
+      expect(saved).toBeGreaterThan(0.2 * state);
+      expect(saved).toBeLessThan(0.55 * state);
+    },
+  );
+
+  it('a NaN gradient skips the step on the host too; loadStateDict takes state read on the device', () => {
+    const clean = run({ distributed: true, dtype: 'bfloat16', offload: 1 });
+    const skipped = run({ distributed: true, dtype: 'bfloat16', offload: 1, nanAt: 1 });
+    expect(Number.isNaN(skipped.norms[1])).toBe(true);
+    expect(maxRelDiff(skipped.weights, clean.weights)).toBeGreaterThan(0);
+    const restored = run({ distributed: true, dtype: 'bfloat16', offload: 0.5, restoreAfter: 1 });
+    expect(restored.masters).toContain('cpu');
+  });
+
+  it('refuses a fraction outside 0 to 1', () => {
+    const model = new MLP(DIMS, 1);
+    const ddp = new DistributedDataParallel(model, {
+      dataParallelGroup: new LocalGroup(),
+      useDistributedOptimizer: true,
+    });
+    expect(
+      () =>
+        new DistributedOptimizer(ddp, {
+          ...optOptions,
+          optimizerCpuOffload: true,
+          optimizerOffloadFraction: 1.5,
+        }),
+    ).toThrow(/^DistributedOptimizer: optimizerOffloadFraction must be from 0 to 1, got 1.5$/);
+    ddp.dispose();
+    model.dispose();
+  });
 });
 
 describe('getGradNorm / clipGradByTotalNorm', () => {

@@ -1,4 +1,5 @@
 import { describe, expect, it, vi } from 'vitest';
+import { registerReferenceBackend } from '../src/backend/reference.js';
 import {
   AdamW,
   clipGradNorm,
@@ -16,7 +17,7 @@ import {
   type OptimizerStateDict,
   randn,
   SGD,
-  type Tensor,
+  Tensor,
   TensorError,
   tensor,
   tidy,
@@ -508,6 +509,28 @@ describe('AdamW multi-tensor path', () => {
 const stateOf = (opt: AdamW) =>
   (opt as unknown as { state: Map<Tensor, { step: number; expAvg: Tensor; expAvgSq: Tensor }> }).state;
 
+/** A copy of a state dict with every tensor moved to `device` (what a checkpoint read gives). */
+function structuredState(sd: OptimizerStateDict, device: string) {
+  const made: Tensor[] = [];
+  const state: OptimizerStateDict['state'] = {};
+  for (const [id, entry] of Object.entries(sd.state)) {
+    state[id] = Object.fromEntries(
+      Object.entries(entry).map(([k, v]) => {
+        if (!(v instanceof Tensor)) return [k, v];
+        const t = v.to(device);
+        made.push(t);
+        return [k, t];
+      }),
+    ) as never;
+  }
+  return {
+    sd: { ...sd, state },
+    dispose: () => {
+      for (const t of made) t.dispose();
+    },
+  };
+}
+
 describe('AdamW.step options: gradScale and paramCopies', () => {
   /** fp32 masters (one transposed, one 1-D) with gradients, their bf16 copies and a twin set. */
   function setup(seed: number) {
@@ -621,7 +644,64 @@ describe('AdamW.step options: gradScale and paramCopies', () => {
     });
   }
 
-  it('rejects a gradScale tensor of another dtype, size or device', () => {
+  it('parameters on two devices (a host-offloaded state): the gradScale tensor reaches each, the host reading it once', () => {
+    registerReferenceBackend();
+    // the same masters and gradients, once all on the CPU (scaled by a number), once split
+    // between ref:0 (where the scale tensor lives) and the CPU
+    const a = setup(8);
+    const b = setup(8);
+    const moved = b.masters.map((p, i) => {
+      if (i % 2 === 0) return p;
+      const q = p.detach().to('ref:0').requiresGrad_(true);
+      q.grad = (p.grad as Tensor).to('ref:0');
+      return q;
+    });
+    const optA = new AdamW(a.masters, { lr: 1e-2 });
+    const optB = new AdamW(moved, { lr: 1e-2 });
+    for (const scale of [0.3, Number.NaN, 0.5]) {
+      const t = tensor([scale], { dtype: 'float64', device: 'ref:0' });
+      const before = moved.map((p) => p.toArray());
+      optB.step({ gradScale: t });
+      t.dispose();
+      if (!Number.isFinite(scale)) {
+        // skipped on both devices
+        expect(moved.map((p) => p.toArray())).toEqual(before);
+        optB.revertStepCounts();
+        continue;
+      }
+      optA.step({ gradScale: scale });
+      moved.forEach((p, i) => {
+        expect(p.device).toBe(i % 2 === 0 ? 'cpu' : 'ref:0');
+        const host = p.to('cpu');
+        const got = vals(host);
+        host.dispose();
+        const want = vals(a.masters[i]);
+        for (const [k, v] of got.entries()) {
+          expect(Math.abs(v - want[k])).toBeLessThanOrEqual(1e-7 + 1e-6 * Math.abs(want[k]));
+        }
+      });
+    }
+    expect(stateOf(optB).get(moved[1])?.expAvg.device).toBe('ref:0');
+    expect(stateOf(optB).get(moved[0])?.step).toBe(2);
+    // its state loads back onto each parameter's device, from tensors on another one
+    const sd = optB.stateDict();
+    const onCpu = structuredState(sd, 'cpu');
+    const optC = new AdamW(moved, { lr: 1e-2 });
+    optC.loadStateDict(onCpu.sd);
+    for (const [i, p] of moved.entries()) {
+      const st = stateOf(optC).get(p)!;
+      expect(st.expAvg.device).toBe(p.device);
+      expect(st.expAvgSq.toArray()).toEqual(stateOf(optB).get(p)!.expAvgSq.toArray());
+      expect(st.step, `param ${i}`).toBe(2);
+    }
+    onCpu.dispose();
+    optA.dispose();
+    optB.dispose();
+    optC.dispose();
+    free([...a.masters, ...a.copies, ...b.masters, ...b.copies, ...moved.filter((p) => p.device !== 'cpu')]);
+  });
+
+  it('rejects a gradScale tensor of another dtype or size', () => {
     const { masters, copies } = setup(7);
     const opt = new AdamW(masters, { lr: 1e-2 });
     const before = masters[0].toArray();

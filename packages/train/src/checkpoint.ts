@@ -319,7 +319,10 @@ export function saveTrainingCheckpoint(root: string, o: SaveOptions): string | n
             const src = piece ? pick(piece) : null;
             if (piece && src) {
               const dst = flat.narrow(0, piece.offset, src.numel);
-              dst.copy_(src);
+              // an offloaded optimizer's state is on the host (--optimizer-cpu-offload)
+              const here = src.device === dst.device ? src : src.to(dst.device);
+              dst.copy_(here);
+              if (here !== src) here.dispose();
               dst.dispose();
             }
             // the distributed optimizer shards expert buffers over expert-dp, the others over dp

@@ -240,6 +240,15 @@ export const OptimizerSection = z.strictObject({
   lossScaleWindow: posInt.default(1000),
   /** Megatron --hysteresis: iterations with inf/NaN gradients tolerated before the scale halves. */
   hysteresis: posInt.default(2),
+  /**
+   * Megatron --optimizer-cpu-offload: the fp32 master weights and AdamW moments live in host
+   * memory and the update runs there (gradients copied to the host, new values back each step),
+   * so the device holds only parameters, gradients and activations: 12 bytes per bf16 parameter
+   * (divided by the data-parallel size with the distributed optimizer) move to the host.
+   */
+  optimizerCpuOffload: z.boolean().default(false),
+  /** Megatron --optimizer-offload-fraction: the share of each rank's optimizer state offloaded. */
+  optimizerOffloadFraction: z.number().min(0).max(1).default(1),
 });
 
 /** Megatron's learning-rate schedule. */

@@ -3,7 +3,7 @@
 // config instead: those flags are kept under model.architecture and checked against the model
 // before anything is built. Flags that only choose an implementation (fusions, overlap, the
 // checkpoint format, TensorBoard) are accepted and named in a notice; features megapatch does not
-// have (FP8, offloading) are refused with the reason.
+// have (FP8, activation offloading) are refused with the reason.
 import { paddedVocabSize, type TransformerConfig } from '@megapatch/convert';
 import { z } from 'zod';
 import { TrainError } from './errors.js';
@@ -167,6 +167,13 @@ export const IMPLEMENTATION_FLAGS: Readonly<Record<string, string>> = {
   'dist-ckpt-strictness': 'a checkpoint that lacks a tensor the model needs is an error always',
   'no-async-tensor-model-parallel-allreduce': 'megapatch schedules tensor-parallel communication itself',
   'log-progress': 'every iteration is in <runDir>/metrics.jsonl',
+  'use-precision-aware-optimizer':
+    'float32 master weights, gradients and moments (the precision-aware optimizer with its default dtypes)',
+  'overlap-cpu-optimizer-d2h-h2d':
+    "the offloaded optimizer's copies run before and after its update, not overlapped with it",
+  'pin-cpu-grads': 'the host copies of offloaded gradients are plain host memory',
+  'pin-cpu-params': 'the host copies of offloaded parameters are plain host memory',
+  'use-torch-optimizer-for-cpu-offload': "the offloaded update is megapatch's AdamW on the host",
   profile: 'no profiler is attached',
   'use-pytorch-profiler': 'no profiler is attached',
   'profile-step-start': 'no profiler is attached',
@@ -189,9 +196,6 @@ export const REFUSED_FLAGS: Readonly<Record<string, string>> = {
   'fp8-param-gather': NO_FP8,
   'fp8-amax-compute-algo': NO_FP8,
   'fp8-amax-history-len': NO_FP8,
-  'optimizer-cpu-offload': 'the optimizer state stays on the training device',
-  'optimizer-offload-fraction': 'the optimizer state stays on the training device',
-  'use-precision-aware-optimizer': 'the optimizer keeps float32 master weights and moments',
   'cpu-offloading': ACTIVATIONS_STAY,
   'cpu-offloading-num-layers': ACTIVATIONS_STAY,
   'moe-enable-deepep': 'experts exchange tokens by all-gather or all-to-all (--moe-token-dispatcher-type)',
@@ -229,6 +233,17 @@ const VALUE_FLAGS: Readonly<
     note: 'pre-training reads data.dataPath',
     reason: 'fine-tune from SFT data: megapatch preprocess sft, then --data.sft.prefix',
   },
+  // the precision-aware optimizer's dtypes: megapatch keeps every one in float32
+  ...Object.fromEntries(
+    ['main-grads-dtype', 'main-params-dtype', 'exp-avg-dtype', 'exp-avg-sq-dtype'].map((flag) => [
+      flag,
+      {
+        accept: (v: unknown) => v === 'fp32',
+        note: 'float32, as megapatch keeps it',
+        reason: 'megapatch keeps master weights, gradients and AdamW moments in float32: give fp32',
+      },
+    ]),
+  ),
   'cp-comm-type': {
     accept: (v) => v === 'p2p',
     note: 'context parallelism is a ring of peer-to-peer exchanges',

@@ -893,12 +893,20 @@ export function makeOptimizer(
   log: (line: string) => void,
 ): DataParallelOptimizer | DistributedOptimizer {
   const o = config.optimizer;
+  if (o.optimizerCpuOffload && getDefaultDevice() === 'cpu') {
+    log(
+      'notice: optimizer.optimizerCpuOffload (--optimizer-cpu-offload) changes nothing here: the run trains on the CPU, where the optimizer state lives already',
+    );
+  }
   const optOptions = {
     lr: o.lr,
     weightDecay: o.weightDecay,
     betas: [o.adamBeta1, o.adamBeta2] as [number, number],
     eps: o.adamEps,
     clipGrad: o.clipGrad,
+    // Megatron --optimizer-cpu-offload / --optimizer-offload-fraction: the state in host memory
+    optimizerCpuOffload: o.optimizerCpuOffload,
+    optimizerOffloadFraction: o.optimizerOffloadFraction,
     ...(layout.distributed ? {} : { modelParallelGroup: null, expertModelParallelGroup: null }),
     // the last stage's copy of tied embeddings is counted once, on the first stage
     sharedParams: (() => {

@@ -3,6 +3,7 @@
 // CPU run's, and its checkpoint resumes on the CPU.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { parameterCount, parseHfConfig } from '@megapatch/convert';
 import { getDefaultDevice, getGradientAccumulationFusion, memoryStats } from '@megapatch/tensor';
 import { afterAll, expect, it } from 'vitest';
 import { parseRunConfig, train } from '../src/index.js';
@@ -75,6 +76,63 @@ it('bf16 on cudaemu:0: gradient-accumulation fusion on (the default) and off tra
   expect(on[0]).toBe(off[0]);
   for (let i = 1; i < 3; i++) expect(Math.abs(on[i] - off[i]) / off[i], `step ${i + 1}`).toBeLessThan(1e-2);
   expect(on.slice(1)).not.toEqual(off.slice(1));
+});
+
+it('--optimizer-cpu-offload on cudaemu:0: the losses of the optimizer on the device, its 12 bytes a parameter in host memory, a checkpoint that resumes either way', async () => {
+  const run = (name: string, extra: Record<string, object>) =>
+    train(config(name, 'cudaemu:0', { model: { dtype: 'bf16' }, ...extra }), quiet);
+  const liveAt1 = (name: string) =>
+    fs
+      .readFileSync(path.join(root, name, 'metrics.jsonl'), 'utf8')
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l))
+      .filter((x) => x.kind === 'train')[0].memory.liveBytes as number;
+  const offload = { optimizerCpuOffload: true };
+  // on the CPU it changes nothing, and says so
+  const lines: string[] = [];
+  await train(config('cpu-offload', 'cpu', { optimizer: offload, training: { exitInterval: 1 } }), {
+    ...quiet,
+    log: (l: string) => lines.push(l),
+  });
+  expect(lines.filter((l) => l.includes('optimizerCpuOffload'))).toEqual([
+    'notice: optimizer.optimizerCpuOffload (--optimizer-cpu-offload) changes nothing here: the run trains on the CPU, where the optimizer state lives already',
+  ]);
+  const plain = (await run('emu-state', {})).losses;
+  const save = path.join(root, 'ck-offload');
+  const first = (
+    await run('emu-offload', { optimizer: offload, training: { exitInterval: 3 }, checkpoint: { save } })
+  ).losses;
+  const half = (await run('emu-offload-half', { optimizer: { ...offload, optimizerOffloadFraction: 0.5 } }))
+    .losses;
+  // the host's AdamW and the device's: the same operations, fp32 rounding apart
+  for (const r of [first, half])
+    for (const [i, l] of r.entries())
+      expect(Math.abs(l - plain[i]) / plain[i], `step ${i + 1}`).toBeLessThan(1e-4);
+  // the device's live bytes after a step: the fp32 masters and moments (12 bytes a bf16 parameter) left it
+  const params = parameterCount(parseHfConfig(hf).transformerConfig).total;
+  const moved = liveAt1('emu-state') - liveAt1('emu-offload');
+  expect(moved).toBeGreaterThanOrEqual(12 * params);
+  expect(moved).toBeLessThan(12 * params * 1.1);
+  // and the device's memory is flat from step to step
+  const steps = fs
+    .readFileSync(path.join(root, 'emu-offload-half', 'metrics.jsonl'), 'utf8')
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l))
+    .filter((x) => x.kind === 'train')
+    .map((x) => x.memory.liveBytes as number);
+  expect(steps.length).toBe(6);
+  expect(new Set(steps.slice(1)).size).toBe(1);
+  const movedHalf = liveAt1('emu-state') - liveAt1('emu-offload-half');
+  expect(movedHalf).toBeGreaterThan(0.2 * moved);
+  expect(movedHalf).toBeLessThan(0.6 * moved);
+  // the checkpoint holds the state wherever it lived: resumed with and without offload, the run's last steps
+  const resumed = (await run('emu-resumed', { optimizer: offload, checkpoint: { load: save } })).losses;
+  const onDevice = (await run('emu-resumed-dev', { checkpoint: { load: save } })).losses;
+  for (const r of [resumed, onDevice])
+    for (let i = 0; i < 3; i++)
+      expect(Math.abs(r[i] - plain[3 + i]) / plain[3 + i], `step ${i + 4}`).toBeLessThan(1e-4);
 });
 
 it('DP=2 × TP=2 on ref:0 (collectives through host copies) gives the CPU losses', async () => {

@@ -280,13 +280,34 @@ describe('Megatron run-script flags', () => {
     refuse('fp8-format', 'hybrid', /^--fp8-format: megapatch trains in bf16, fp16 or fp32/);
     refuse('optimizer', 'sgd', /^--optimizer sgd: megapatch's optimizer is Megatron's adam/);
     refuse('dataloader-type', 'cyclic', /single order/);
-    refuse('optimizer-cpu-offload', 'true', /stays on the training device/);
+    refuse('cpu-offloading', 'true', /activations stay on the training device/);
+    refuse('exp-avg-dtype', 'bf16', /^--exp-avg-dtype bf16: megapatch keeps .* in float32: give fp32$/);
     refuse('dataset', 'JSON-SFT', /megapatch preprocess sft/);
     // an unknown flag still names the nearest known one
     expect(() => resolveOverride('num-layer', '4')).toThrow(
       /unknown option --num-layer \(did you mean --num-layers\?\)/,
     );
     expect(() => resolveOverride('moe-router-topkk', '4')).toThrow(/did you mean --moe-router-topk\?/);
+  });
+
+  it("takes Pai-Megatron-Patch's optimizer offload (OPTIMIZER_OFFLOAD=0.5) as it writes it", () => {
+    const c = loadRunConfig(null, [
+      ...base,
+      ['use-distributed-optimizer', 'true'],
+      ['optimizer-cpu-offload', 'true'],
+      ['use-precision-aware-optimizer', 'true'],
+      ['optimizer-offload-fraction', '0.5'],
+      ['overlap-cpu-optimizer-d2h-h2d', 'true'],
+      ['main-grads-dtype', 'fp32'],
+    ]);
+    expect(c.optimizer).toMatchObject({ optimizerCpuOffload: true, optimizerOffloadFraction: 0.5 });
+    expect(loadRunConfig(null, base).optimizer).toMatchObject({
+      optimizerCpuOffload: false,
+      optimizerOffloadFraction: 1,
+    });
+    expect(() => loadRunConfig(null, [...base, ['optimizer-offload-fraction', '1.5']])).toThrow(
+      /optimizer.optimizerOffloadFraction/,
+    );
   });
 
   it('checks the settings that go together', () => {

@@ -157,6 +157,9 @@ export function formatMemory(m: TheoreticalMemory): string {
     ['weights', gib((s) => s.bytes.weights)],
     ['gradients', gib((s) => s.bytes.gradients)],
     ['optimizer states', gib((s) => s.bytes.optimizer)],
+    ...(l.optimizerOffloadFraction > 0
+      ? ([['  offloaded to the host', gib((s) => s.bytes.optimizerHost)]] as [string, string[]][])
+      : []),
     ['activations / micro-batch', gib((s) => s.bytes.activationsPerMicroBatch)],
     ['micro-batches in flight', shown.map((s) => `${+s.inFlightMicroBatches.toFixed(2)}`)],
     ['activations', gib((s) => s.bytes.activations)],
@@ -170,6 +173,11 @@ export function formatMemory(m: TheoreticalMemory): string {
   const settings = [
     `${l.paramDtype} weights, ${l.gradDtype} gradients`,
     l.distributedOptimizer ? 'distributed optimizer' : 'optimizer states on every data-parallel rank',
+    ...(l.optimizerOffloadFraction > 0
+      ? [
+          `${l.optimizerOffloadFraction === 1 ? 'all' : l.optimizerOffloadFraction} of them offloaded to the host`,
+        ]
+      : []),
     ...(l.sequenceParallel && l.tp > 1 ? ['sequence parallel'] : []),
     `recompute ${l.recompute}`,
     pipeline,
@@ -253,6 +261,16 @@ const memoryOptions = {
     description: 'shard the optimizer states over the data-parallel ranks',
     aliases: ['use-distributed-optimizer'],
   },
+  'optimizer-cpu-offload': {
+    type: 'boolean',
+    description: 'keep the optimizer states in host memory (Megatron --optimizer-cpu-offload)',
+  },
+  'optimizer-offload-fraction': {
+    type: 'string',
+    value: 'F',
+    description:
+      'the share of the optimizer states offloaded, 0 to 1 (default 1 with --optimizer-cpu-offload)',
+  },
   'sequence-parallel': { type: 'boolean', description: 'sequence parallelism (MoE with tp > 1 needs it)' },
   'recompute-granularity': {
     type: 'string',
@@ -289,6 +307,13 @@ const Flags = z.object({
   microBatchSize: int(1, 1 << 20).optional(),
   globalBatchSize: int(1, 2 ** 40).optional(),
   distributedOptimizer: z.boolean(),
+  optimizerCpuOffload: z.boolean(),
+  optimizerOffloadFraction: z
+    .string()
+    .trim()
+    .regex(/^(0|1|0?\.\d+|1\.0*)$/, 'must be a number from 0 to 1')
+    .transform(Number)
+    .optional(),
   sequenceParallel: z.boolean(),
   recomputeGranularity: z
     .enum(['none', 'selective', 'full'], {
@@ -329,6 +354,8 @@ function layoutOf(o: Flags, given: OptionValues): ModelInfoLayout | undefined {
     microBatchSize: mbs,
     numMicroBatches,
     distributedOptimizer: o.distributedOptimizer,
+    // Megatron: the fraction counts only with --optimizer-cpu-offload (1 by default there)
+    optimizerOffloadFraction: o.optimizerCpuOffload ? (o.optimizerOffloadFraction ?? 1) : 0,
     sequenceParallel: o.sequenceParallel,
     recompute: o.recomputeGranularity,
     paramDtype: o.paramsDtype,

@@ -84,6 +84,18 @@ export interface DistributedOptimizerOptions {
    * OptimizerParamScheduler reads). Null (default): one schedule for every parameter.
    */
   decoupledLr?: { lr: number; minLr: number; isParam: (name: string) => boolean } | null;
+  /**
+   * Megatron --optimizer-cpu-offload: the fp32 master weights and AdamW moments of (a share of) this
+   * rank's pieces live in host memory and the update runs there; each step copies their gradients
+   * to the host and the updated values back into the model's parameters (Megatron's hybrid-device
+   * optimizer). The device keeps only the parameters and gradients of those pieces.
+   */
+  optimizerCpuOffload?: boolean;
+  /**
+   * Megatron --optimizer-offload-fraction: the share of this rank's elements offloaded (0 to 1,
+   * default 1), taken in parameter order while the offloaded elements stay within it.
+   */
+  optimizerOffloadFraction?: number;
 }
 
 /** What one step did. */
@@ -115,6 +127,11 @@ interface ShardPiece {
   /** The parameter this piece belongs to, and the piece's first element in it (row-major). */
   param: Tensor;
   paramOffset: number;
+  /**
+   * Offloaded pieces (master on the host): the gradient's view in DDP's buffer on the device (the
+   * master's mainGrad, which the norm reads; its .grad is the host copy during a step); else null.
+   */
+  deviceGrad: Tensor | null;
 }
 
 /** Where one master piece sits in its parameter: what a checkpoint maps back to logical tensors. */
@@ -195,6 +212,13 @@ abstract class BufferOptimizer {
 
   protected constructor(name: string, ddp: AnyDdp, sharded: boolean, options: DistributedOptimizerOptions) {
     this.name = name;
+    const fraction = options.optimizerCpuOffload ? (options.optimizerOffloadFraction ?? 1) : 0;
+    if (!(fraction >= 0 && fraction <= 1)) {
+      throw new DistributedError(
+        'INVALID_ARGUMENT',
+        `${name}: optimizerOffloadFraction must be from 0 to 1, got ${options.optimizerOffloadFraction}`,
+      );
+    }
     this.ddp = ddp;
     this.sharded = sharded;
     this.clipGrad = options.clipGrad ?? 0;
@@ -236,10 +260,11 @@ abstract class BufferOptimizer {
             const start = Math.max(lo, slot.start);
             const end = Math.min(hi, slot.end);
             if (end <= start) continue;
-            const piece = {
+            const piece: ShardPiece = {
               ...this.makePiece(p, buffer.paramData, slot.start, start, end - start),
               param: p,
               paramOffset: start - slot.start,
+              deviceGrad: null,
             };
             piece.master.grad = keep(flatView(buffer.gradData, start, [end - start]));
             const n = names.get(p) ?? p.name ?? '';
@@ -251,13 +276,17 @@ abstract class BufferOptimizer {
               a.partitionDim,
               a.partitionStride,
             );
-            const apart = decoupled?.isParam(n) ?? false;
-            if (noWeightDecay(n, p)) (apart ? noDecayDecoupled : noDecay).push(piece.master);
-            else (apart ? decayDecoupled : decay).push(piece.master);
             this.pieces.push(piece);
             if (expert) this.expertPieces.add(piece);
           }
         }
+      }
+      this.offload(fraction);
+      for (const piece of this.pieces) {
+        const n = piece.master.name ?? '';
+        const apart = decoupled?.isParam(n) ?? false;
+        if (noWeightDecay(n, piece.param)) (apart ? noDecayDecoupled : noDecay).push(piece.master);
+        else (apart ? decayDecoupled : decay).push(piece.master);
       }
     });
     const groups: GroupInput<AdamWGroup>[] = [];
@@ -277,6 +306,49 @@ abstract class BufferOptimizer {
           weightDecay: options.weightDecay,
         })
       : null;
+  }
+
+  /**
+   * --optimizer-cpu-offload: moves the masters of the first pieces (in parameter order, while
+   * their elements stay within the fraction of this rank's) to the host, freeing their device
+   * copies; AdamW then keeps their moments there too.
+   */
+  private offload(fraction: number): void {
+    if (fraction === 0) return;
+    const total = this.pieces.reduce((n, p) => n + p.master.numel, 0);
+    let moved = 0;
+    for (const piece of this.pieces) {
+      const m = piece.master;
+      if (m.device === 'cpu' || moved + m.numel > fraction * total) continue;
+      moved += m.numel;
+      const host = keep(m.to({ device: 'cpu', dtype: 'float32' }));
+      host.name = m.name;
+      const a = getTensorModelParallelAttributes(m);
+      setTensorModelParallelAttributes(host, a.tensorModelParallel, a.partitionDim, a.partitionStride);
+      piece.deviceGrad = m.grad;
+      host.mainGrad = m.grad;
+      m.grad = null;
+      // an fp32 parameter's master was the model's own values: they become where it is written back
+      if (piece.modelView === null) piece.modelView = m;
+      else m.dispose();
+      piece.master = host;
+    }
+  }
+
+  /** Pieces whose master lives on the host (--optimizer-cpu-offload). */
+  private get offloaded(): ShardPiece[] {
+    return this.pieces.filter((p) => p.deviceGrad !== null);
+  }
+
+  /** Writes an offloaded piece's master into the model's values on the device. */
+  private writeBack(p: ShardPiece): void {
+    const view = p.modelView as Tensor;
+    const up = p.master.to(view.device, view.dtype);
+    try {
+      view.copy_(up);
+    } finally {
+      up.dispose();
+    }
   }
 
   private makePiece(
@@ -371,9 +443,11 @@ abstract class BufferOptimizer {
       const inv = scaler.invScale;
       noGrad(() => {
         for (const m of masters) {
-          if (!m.grad) continue;
-          const unscaled = m.grad.mul(inv);
-          m.grad.copy_(unscaled);
+          // offloaded pieces: their gradients on the device (mainGrad), before they are copied
+          const g = m.mainGrad ?? m.grad;
+          if (!g) continue;
+          const unscaled = g.mul(inv);
+          g.copy_(unscaled);
           unscaled.dispose();
         }
       });
@@ -387,10 +461,23 @@ abstract class BufferOptimizer {
       // twice more; the gradients keep their unclipped values. A norm that is not finite makes
       // the scale NaN: AdamW then changes nothing.
       const scale = noGrad(() => tidy(() => keep(stepScale(norm, this.clipGrad))));
+      const offloaded = this.offloaded;
       try {
+        // offloaded pieces: the gradients to the host, the update there (AdamW takes the scale
+        // there, a read of the device), the new values back into the model's parameters
+        noGrad(() => {
+          for (const p of offloaded) p.master.grad = keep((p.deviceGrad as Tensor).to('cpu'));
+        });
         this.inner?.step({ gradScale: scale, paramCopies: this.modelCopies() });
+        noGrad(() => {
+          for (const p of offloaded) this.writeBack(p);
+        });
       } finally {
         scale.dispose();
+        for (const p of offloaded) {
+          p.master.grad?.dispose();
+          p.master.grad = null;
+        }
       }
       // a skipped step gathers the unchanged parameters: the same values
       if (this.sharded) this.ddp.syncParams();
@@ -478,14 +565,18 @@ abstract class BufferOptimizer {
   private modelCopies(): Map<Tensor, Tensor> {
     if (!this.copies) {
       this.copies = new Map();
-      for (const p of this.pieces) if (p.modelView) this.copies.set(p.master, p.modelView);
+      for (const p of this.pieces)
+        if (p.modelView && p.deviceGrad === null) this.copies.set(p.master, p.modelView);
     }
     return this.copies;
   }
 
   private copyMastersToModel(): void {
     noGrad(() => {
-      for (const p of this.pieces) if (p.modelView) p.modelView.copy_(p.master);
+      for (const p of this.pieces) {
+        if (p.deviceGrad) this.writeBack(p);
+        else if (p.modelView) p.modelView.copy_(p.master);
+      }
     });
     if (this.sharded) this.ddp.syncParams();
   }
@@ -530,7 +621,11 @@ abstract class BufferOptimizer {
     noGrad(() => {
       sd.masters.forEach((m, i) => {
         const own = this.pieces[i].master;
-        if (m !== own) own.copy_(m);
+        if (m === own) return;
+        // a master read on another device than its own (the host's, when offloaded)
+        const src = m.device === own.device ? m : m.to(own.device);
+        own.copy_(src);
+        if (src !== m) src.dispose();
       });
     });
     this.copyMastersToModel();
@@ -542,6 +637,8 @@ abstract class BufferOptimizer {
     for (const p of this.pieces) {
       p.master.grad?.dispose();
       p.master.grad = null;
+      p.master.mainGrad = null;
+      p.deviceGrad?.dispose();
       p.master.dispose();
       p.modelView?.dispose();
     }

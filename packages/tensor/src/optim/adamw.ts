@@ -37,7 +37,9 @@ export interface AdamWStepOptions {
    * read back (a clip coefficient from the device's gradient norm), so the step queues without
    * waiting for the device. A value that is not finite skips the update there (parameters,
    * moments and copies keep their values); the step counts this call advanced are then taken
-   * back with {@link AdamW.revertStepCounts} once the caller has read the verdict.
+   * back with {@link AdamW.revertStepCounts} once the caller has read the verdict. Parameters on
+   * another device (an optimizer state offloaded to the host) get a copy of it, made once a step
+   * (for the host: a read of the device).
    */
   gradScale?: number | Tensor;
   /**
@@ -106,20 +108,22 @@ export class AdamW extends Optimizer<AdamWGroup, AdamWState> {
     const copies = options.paramCopies ?? null;
     // every gradient is checked before any parameter changes
     const live = this.paramGroups.map((group) => this.withGrads(group, copies));
-    if (gradScale instanceof Tensor) {
-      for (const p of live.flat()) {
-        if (p.device !== gradScale.device) {
-          throw new TensorError(
-            'DEVICE_MISMATCH',
-            `AdamW.step: the gradScale tensor is on ${gradScale.device} but ${p.describe()} is on ${p.device}`,
-          );
+    // the scale on every device that holds parameters: copies owned by this step
+    const scales = new Map<string, Tensor>();
+    try {
+      if (gradScale instanceof Tensor) {
+        scales.set(gradScale.device, gradScale);
+        for (const p of live.flat()) {
+          if (!scales.has(p.device)) scales.set(p.device, keep(gradScale.to(p.device)));
         }
       }
+      this.lastStepped = [];
+      this.paramGroups.forEach((group, i) => {
+        this.stepGroup(group, live[i], gradScale, copies, scales);
+      });
+    } finally {
+      for (const t of scales.values()) if (t !== gradScale) t.dispose();
     }
-    this.lastStepped = [];
-    this.paramGroups.forEach((group, i) => {
-      this.stepGroup(group, live[i], gradScale, copies);
-    });
   }
 
   /**
@@ -174,16 +178,17 @@ export class AdamW extends Optimizer<AdamWGroup, AdamWState> {
     live: Tensor[],
     gradScale: number | Tensor,
     copies: ReadonlyMap<Tensor, Tensor> | null,
+    scales: ReadonlyMap<string, Tensor>,
   ): void {
     const [beta1, beta2] = group.betas;
-    const scalars = (step: number): AdamWScalars => ({
+    const scalars = (step: number, device: string): AdamWScalars => ({
       decay: 1 - group.lr * group.weightDecay,
       beta1,
       beta2,
       bc2Sqrt: Math.sqrt(1 - beta2 ** step),
       eps: group.eps,
       negStep: -(group.lr / (1 - beta1 ** step)),
-      ...(typeof gradScale === 'number' ? { gradScale } : { gradScaleTensor: gradScale }),
+      ...(typeof gradScale === 'number' ? { gradScale } : { gradScaleTensor: scales.get(device) as Tensor }),
     });
     // parameters that share a step count, dtypes and device: one multi-tensor call each
     const batches = new Map<string, { step: number; items: [Tensor, Tensor, AdamWState, Tensor | null][] }>();
@@ -216,7 +221,7 @@ export class AdamW extends Optimizer<AdamWGroup, AdamWState> {
       const pd = dense(p);
       const gd = dense(grad, gradDtype);
       const cd = copy ? dense(copy) : null;
-      kernel(pd, gd, st.expAvg, st.expAvgSq, scalars(st.step), cd);
+      kernel(pd, gd, st.expAvg, st.expAvgSq, scalars(st.step, p.device), cd);
       if (cd && copy) release(cd, copy, true);
       release(gd, grad, false);
       release(pd, p, true);
@@ -224,7 +229,7 @@ export class AdamW extends Optimizer<AdamWGroup, AdamWState> {
     for (const { step, items } of batches.values()) {
       if (items.length === 1) {
         const [p, g, st, copy] = items[0];
-        kernelFor(p, 'adamwStep')(p, g, st.expAvg, st.expAvgSq, scalars(step), copy);
+        kernelFor(p, 'adamwStep')(p, g, st.expAvg, st.expAvgSq, scalars(step, p.device), copy);
         continue;
       }
       const withCopies = items[0][3] !== null;
@@ -233,7 +238,7 @@ export class AdamW extends Optimizer<AdamWGroup, AdamWState> {
         items.map((x) => x[1]),
         items.map((x) => x[2].expAvg),
         items.map((x) => x[2].expAvgSq),
-        scalars(step),
+        scalars(step, items[0][0].device),
         withCopies ? items.map((x) => x[3] as Tensor) : null,
       );
     }

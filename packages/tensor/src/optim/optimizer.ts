@@ -242,7 +242,7 @@ export abstract class Optimizer<G extends ParamGroup = ParamGroup, S extends Par
       const old = this.state.get(p) as ParamState | undefined;
       const restored: ParamState = {};
       for (const [key, v] of Object.entries(entry)) {
-        restored[key] = v instanceof Tensor ? this.restoreTensor(old?.[key], v, this.stateDtype(p)) : v;
+        restored[key] = v instanceof Tensor ? this.restoreTensor(old?.[key], v, this.stateDtype(p), p) : v;
       }
       if (old)
         for (const [key, v] of Object.entries(old))
@@ -254,20 +254,29 @@ export abstract class Optimizer<G extends ParamGroup = ParamGroup, S extends Par
     for (const [p, s] of next) this.state.set(p, s);
   }
 
-  /** Copies src into the existing state tensor when it fits, else into a new one. */
-  private restoreTensor(existing: StateValue | undefined, src: Tensor, dtype: DType): Tensor {
-    if (
-      existing instanceof Tensor &&
-      !existing.disposed &&
-      existing.dtype === dtype &&
-      sameShape(existing.shape, src.shape)
-    ) {
-      if (existing.numel > 0) existing.backend.copy(existing, src);
-      return existing;
+  /**
+   * Copies src into the existing state tensor when it fits, else into a new one, on the
+   * parameter's device (a state read on another device, the host's, moves there).
+   */
+  private restoreTensor(existing: StateValue | undefined, src: Tensor, dtype: DType, p: Tensor): Tensor {
+    const moved = src.device === p.device ? src : src.to(p.device);
+    try {
+      if (
+        existing instanceof Tensor &&
+        !existing.disposed &&
+        existing.dtype === dtype &&
+        existing.device === p.device &&
+        sameShape(existing.shape, moved.shape)
+      ) {
+        if (existing.numel > 0) existing.backend.copy(existing, moved);
+        return existing;
+      }
+      const t = keep(Tensor.empty(moved.backend, moved.shape, dtype));
+      if (t.numel > 0) t.backend.copy(t, moved);
+      return t;
+    } finally {
+      if (moved !== src) moved.dispose();
     }
-    const t = keep(Tensor.empty(src.backend, src.shape, dtype));
-    if (t.numel > 0) t.backend.copy(t, src);
-    return t;
   }
 
   /** Frees every state tensor; the optimizer can keep stepping (state restarts). */
