@@ -145,7 +145,11 @@ export const FAMILIES: Family[] = [
     // no Pai-Megatron-Patch script: TP2 PP2 on 8 GPUs (TP must divide the 10 key/value heads; the
     // README gives the reasons; Phi-4's config is not in the shared folder)
     real: both(dense(2, 2, 2, null)),
-    tiny: TINY,
+    tiny: [
+      ...TINY,
+      // Phi-4-mini: partial rotary embeddings with longrope, tied embeddings
+      { name: 'tiny-mini', configDir: 'tiny-mini-config', mtp: false },
+    ],
     moe: false,
   },
 ];
