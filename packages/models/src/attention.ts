@@ -20,6 +20,7 @@ import {
   type Tensor,
 } from '@megapatch/tensor';
 import type { AttentionContext } from './context.js';
+import { allToAllAttention } from './cp-all-to-all.js';
 import { ModelError } from './errors.js';
 import type { ModelFamily } from './families/family.js';
 import { Norm } from './norm.js';
@@ -75,6 +76,29 @@ export function coreAttention(
         'UNSUPPORTED',
         'context parallelism runs causal attention without a mask or KV cache (no sliding window, attention mask or generation); set contextParallelSize 1',
       );
+    }
+    if (ctx.cpCommType === 'a2a') {
+      if (drop) {
+        throw new ModelError(
+          'UNSUPPORTED',
+          'attention dropout with context parallelism by all-to-all (cpCommType a2a) is not supported; use cpCommType p2p or attentionDropout 0',
+        );
+      }
+      // this rank's heads over whole sequences: plain attention, packed by the global boundaries
+      const local = (qq: Tensor, kk: Tensor, vv: Tensor, cu: Tensor | null) => {
+        const run = (a: Tensor, b: Tensor, c: Tensor, ...rest: Tensor[]) =>
+          scaledDotProductAttention(a, b, c, { isCausal: ctx.causal, cuSeqlens: rest[0] ?? null, scale });
+        const args = cu ? [qq, kk, vv, cu] : [qq, kk, vv];
+        return ctx.recomputeCoreAttention
+          ? checkpoint(run, ...args)
+          : run(...(args as [Tensor, Tensor, Tensor]));
+      };
+      const boundaries =
+        ctx.cuSeqlensValues ??
+        (ctx.cuSeqlens
+          ? Array.from(ctx.cuSeqlens.toTypedArray() as ArrayLike<number | bigint>, Number)
+          : null);
+      return allToAllAttention(q, k, v, cp, boundaries, local);
     }
     // the boundaries as the host's numbers: the ring plans its calls with them (no read back)
     const cuSeqlens = ctx.cuSeqlensValues ?? ctx.cuSeqlens;

@@ -26,6 +26,12 @@ export interface AttentionContext {
    * chunks; core attention runs as a ring), or null.
    */
   cpGroup: ProcessGroup | null;
+  /**
+   * How core attention crosses the cp group: 'p2p' (default) a ring of key/value exchanges,
+   * 'a2a' two all-to-alls that give each rank cp-th of the heads over whole sequences (Megatron's
+   * --cp-comm-type).
+   */
+  cpCommType?: 'p2p' | 'a2a';
   /** Generation: the cache to read from and append to, and the layer's slot in it. */
   cache: KVCache | null;
   /** Selective recompute of the core attention (its inputs are kept, its internals recomputed). */

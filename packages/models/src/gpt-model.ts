@@ -89,6 +89,12 @@ export interface GPTModelOptions {
    */
   cpGroup?: ProcessGroup;
   /**
+   * Megatron --cp-comm-type: how core attention crosses the cp group, 'p2p' (default: a ring of
+   * key/value exchanges) or 'a2a' (two all-to-alls: each rank attends with cp-th of the heads
+   * over whole sequences; cp must divide the query and key/value heads of each TP rank).
+   */
+  cpCommType?: 'p2p' | 'a2a';
+  /**
    * Megatron's sequence parallelism (TP > 1): activations between layers are this rank's chunk of
    * the sequence [s/tp, b, h]; MoE layers route and dispatch that chunk.
    */
@@ -243,6 +249,8 @@ export class GPTModel extends Module {
   readonly epGroup: ProcessGroup;
   readonly etpGroup: ProcessGroup;
   readonly cpGroup: ProcessGroup;
+  /** How core attention crosses the cp group (see GPTModelOptions.cpCommType). */
+  readonly cpCommType: 'p2p' | 'a2a';
   readonly sequenceParallel: boolean;
   /** Rows of the embedding and output tables: the vocabulary padded to makeVocabSizeDivisibleBy × TP. */
   readonly paddedVocabSize: number;
@@ -290,6 +298,7 @@ export class GPTModel extends Module {
     this.tpGroup = options.tpGroup ?? defaultGroup(getTensorModelParallelGroup, () => single);
     this.epGroup = options.epGroup ?? defaultGroup(getExpertModelParallelGroup, () => single);
     this.cpGroup = options.cpGroup ?? defaultGroup(getContextParallelGroup, () => single);
+    this.cpCommType = options.cpCommType ?? 'p2p';
     this.etpGroup =
       options.etpGroup ??
       (modelParallelIsInitialized()
@@ -301,6 +310,26 @@ export class GPTModel extends Module {
     this.hiddenDropout = checkRate(options.hiddenDropout, 'hiddenDropout');
     this.attentionDropout = checkRate(options.attentionDropout, 'attentionDropout');
     checkLayout(config, this.tpGroup.size, this.epGroup.size, this.etpGroup.size);
+    if (this.cpCommType === 'a2a' && this.cpGroup.size > 1) {
+      // each rank attends with cp-th of its TP rank's heads: query and key/value heads both split
+      const cp = this.cpGroup.size;
+      const tp = this.tpGroup.size;
+      const heads = config.numAttentionHeads / tp;
+      const kv = config.mla ? heads : config.numQueryGroups / tp;
+      if (heads % cp !== 0 || kv % cp !== 0) {
+        throw new ModelError(
+          'UNSUPPORTED',
+          `context parallelism by all-to-all (cpCommType a2a) splits each tensor-parallel rank's ${heads} query and ${kv} key/value heads over cp=${cp}, which does not divide them; use cpCommType p2p`,
+        );
+      }
+    }
+    if (config.ropeScaling.type === 'longrope' && this.cpGroup.size > 1) {
+      // each CP rank holds part of a sequence: the short/long choice needs the whole one's positions
+      throw new ModelError(
+        'UNSUPPORTED',
+        `longrope (Phi-3's 128k RoPE) with context parallelism (cp=${this.cpGroup.size}) is not supported; use cp=1`,
+      );
+    }
     this.ppGroup = options.ppGroup ?? defaultGroup(getPipelineModelParallelGroup, () => single);
     this.pipeline = buildPipeline(config, this.ppGroup, options);
     this.stage = stageOf(this.pipeline, this.ppGroup, options.pipelineStage);
@@ -456,13 +485,6 @@ export class GPTModel extends Module {
           }),
         )
       : null;
-    if (config.ropeScaling.type === 'longrope' && this.cpGroup.size > 1) {
-      // each CP rank holds part of a sequence: the short/long choice needs the whole one's positions
-      throw new ModelError(
-        'UNSUPPORTED',
-        `longrope (Phi-3's 128k RoPE) with context parallelism (cp=${this.cpGroup.size}) is not supported; use cp=1`,
-      );
-    }
     this.rotary = new RotaryEmbedding(rotaryDim(config), config.rotaryBase, config.ropeScaling);
   }
 
@@ -655,6 +677,7 @@ export class GPTModel extends Module {
       cuSeqlens: packed?.tensor ?? null,
       cuSeqlensValues: packed?.values ?? null,
       cpGroup,
+      cpCommType: this.cpCommType,
       cache,
       recomputeCoreAttention: this.recomputeCoreAttention,
       recomputeMlaUpProj: this.recomputeMlaUpProj,

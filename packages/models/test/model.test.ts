@@ -1,5 +1,7 @@
 // GPTModel behaviour beyond parity: routing rules, Megatron's aux and z losses, the expert-bias
 // update, activation recompute, random initialisation and flat memory over training steps.
+
+import type { ProcessGroup } from '@megapatch/parallel';
 import { AdamW, fromTypedArray, Generator, memoryStats, noGrad, type Tensor, tidy } from '@megapatch/tensor';
 import { afterAll, describe, expect, it } from 'vitest';
 import { GPTModel, loadModel, selectExperts, TopKRouter, type TransformerLayer } from '../src/index.js';
@@ -581,6 +583,30 @@ describe('multi-token prediction targets', () => {
     expect(sft).toBeCloseTo((perToken[2] + perToken[3] + perToken[4]) / 3, 5);
     // the mask at position 0 never counts at depth 1 (nothing shifts into it)
     expect(mtpOf(model, a, y, { mask: [1, 0, 0, 0, 0, 0] })).toBe(0);
+  });
+});
+
+describe('context parallelism by all-to-all', () => {
+  it("is refused at construction when cp does not divide each TP rank's query and key/value heads", () => {
+    // only its size is read before a forward: a group of 4 over llama's 8 query and 2 key/value heads
+    const cp4 = { size: 4, rank: 0 } as unknown as ProcessGroup;
+    const { model: loaded, config } = loadModel(fixtureCheckpoint('llama'));
+    loaded.dispose();
+    const longrope = loadModel(fixtureCheckpoint('phi3-longrope'));
+    longrope.model.dispose();
+    const before = memoryStats().liveBytes;
+    expect(() => new GPTModel(config, { cpGroup: cp4, cpCommType: 'a2a' })).toThrow(
+      "context parallelism by all-to-all (cpCommType a2a) splits each tensor-parallel rank's 8 query and 2 key/value heads over cp=4, which does not divide them; use cpCommType p2p",
+    );
+    expect(() => new GPTModel(longrope.config, { cpGroup: cp4 })).toThrow(
+      "longrope (Phi-3's 128k RoPE) with context parallelism (cp=4) is not supported; use cp=1",
+    );
+    // refused before any weight is made
+    expect(memoryStats().liveBytes).toBe(before);
+    // the ring has no such need
+    const ring = new GPTModel(config, { cpGroup: cp4 });
+    expect(ring.cpCommType).toBe('p2p');
+    ring.dispose();
   });
 });
 

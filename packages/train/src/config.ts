@@ -309,6 +309,18 @@ export const ParallelSection = z.strictObject({
    * over dp × cp. seqLength (and every packed sample) must be a multiple of 2·cp.
    */
   contextParallelSize: posInt.default(1),
+  /**
+   * Megatron --cp-comm-type: how attention crosses the cp group. p2p: a ring of key/value
+   * exchanges; a2a: two all-to-alls per attention that give each rank cp-th of the heads over
+   * whole sequences (DeepSpeed-Ulysses; cp must divide the query and key/value heads of each TP
+   * rank, and attention dropout must be 0).
+   */
+  cpCommType: z
+    .enum(['p2p', 'a2a'], {
+      error: (i) =>
+        `must be p2p or a2a, got ${JSON.stringify(i.input)} (megapatch has no allgather or hierarchical a2a+p2p)`,
+    })
+    .default('p2p'),
   sequenceParallel: z.boolean().default(false),
   useDistributedOptimizer: z.boolean().default(false),
   /** Megatron --ddp-bucket-size, in MB (default: Megatron's rule). */
@@ -630,6 +642,17 @@ export const RunConfig = z
             : `iteration-based training (training.trainIters) counts the schedule in iterations: give scheduler.${iters}, or training.trainSamples`,
         });
       }
+    }
+    if (
+      c.parallel.cpCommType === 'a2a' &&
+      c.parallel.contextParallelSize > 1 &&
+      c.model.attentionDropout > 0
+    ) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['parallel', 'cpCommType'],
+        message: `a2a runs attention without dropout, but model.attentionDropout is ${c.model.attentionDropout}: set it to 0 or use cpCommType p2p`,
+      });
     }
     // what Megatron's scheduler asserts, in the config's words (not the samples it counts in)
     const decay = c.scheduler.lrDecayIters ?? trainIterations(c);

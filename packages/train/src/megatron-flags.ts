@@ -244,11 +244,6 @@ const VALUE_FLAGS: Readonly<
       },
     ]),
   ),
-  'cp-comm-type': {
-    accept: (v) => v === 'p2p',
-    note: 'context parallelism is a ring of peer-to-peer exchanges',
-    reason: 'context parallelism is a ring of peer-to-peer exchanges: give p2p',
-  },
   dataset: {
     accept: (v) => v === 'MMAP',
     note: 'pre-training reads Megatron indexed datasets',

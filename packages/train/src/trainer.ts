@@ -493,6 +493,7 @@ export function buildModel(
     dtype: ({ bf16: 'bfloat16', fp16: 'float16', fp32: 'float32' } as const)[m.dtype],
     tpGroup: layout.tp,
     sequenceParallel: config.parallel.sequenceParallel,
+    cpCommType: config.parallel.cpCommType,
     // pipeline stages: this rank builds (and loads) only its stage's layers
     ...(config.parallel.decoderFirstPipelineNumLayers !== null
       ? { decoderFirstPipelineNumLayers: config.parallel.decoderFirstPipelineNumLayers }

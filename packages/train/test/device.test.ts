@@ -153,13 +153,15 @@ it('DP=2 × TP=2 on ref:0 (collectives through host copies) gives the CPU losses
     expect(Math.abs(r.losses[i] - cpu[i]) / cpu[i], `step ${i + 1}`).toBeLessThan(1e-5);
 });
 
-it("TP=2 (+SP), PP=2, CP=2 and DP=2 on the emulated CUDA devices (one per process, collectives through the emulator's NCCL) give the CPU losses, waiting for the device once a step", async () => {
+it("TP=2 (+SP), PP=2, CP=2 (ring and all-to-all) and DP=2 on the emulated CUDA devices (one per process, collectives through the emulator's NCCL) give the CPU losses, waiting for the device once a step", async () => {
   const cpu = (await train(config('cpu-nccl'), quiet)).losses;
   const waits: Record<string, number> = {};
   for (const [name, parallel] of [
     ['tp2', { tensorModelParallelSize: 2, sequenceParallel: true }],
     ['pp2', { pipelineModelParallelSize: 2 }],
     ['cp2', { contextParallelSize: 2 }],
+    // by all-to-all: NCCL's all-to-all, stream-ordered like the ring's exchanges
+    ['cp2a2a', { contextParallelSize: 2, cpCommType: 'a2a' }],
     // DP=2: the weight gradients go into DDP's buffer by the fused GEMM (gradient-accumulation
     // fusion), the buckets still reduce from the post-accumulate hooks
     ['dp2', { useDistributedOptimizer: true }],
@@ -192,7 +194,7 @@ it("TP=2 (+SP), PP=2, CP=2 and DP=2 on the emulated CUDA devices (one per proces
   // rank 0's waits for its device over the 3 steps, setup included: one a step (the step's sums
   // with the gradient norm), in every layout (TP and PP waited once more at setup, when the
   // optimizer asked its expert group whether any rank holds experts through the device)
-  expect(waits).toEqual({ tp2: 3, pp2: 3, cp2: 3, dp2: 3 });
+  expect(waits).toEqual({ tp2: 3, pp2: 3, cp2: 3, cp2a2a: 3, dp2: 3 });
 });
 
 /** Three steps of `c` on the emulated CUDA devices (one a process), counting the host's waits. */

@@ -240,7 +240,7 @@ describe('Megatron run-script flags', () => {
     expect(resolveOverride('pretrained-checkpoint', 'base')).toEqual(['model.load', 'base']);
     // Pai-Megatron-Patch's HF folder beside a Megatron checkpoint: read it in place
     expect(resolveOverride('hf-ckpt-path', 'Qwen3-0.6B')).toEqual(['model.hfConfig', 'Qwen3-0.6B']);
-    expect(resolveOverride('cp-comm-type', 'p2p')).toBeNull();
+    expect(resolveOverride('cp-comm-type', 'p2p')).toEqual(['parallel.cpCommType', 'p2p']);
     // Megatron's dropout rates (its default 0.1 when a script gives none; megapatch's 0)
     expect(resolveOverride('hidden-dropout', '0.1')).toEqual(['model.hiddenDropout', 0.1]);
     expect(resolveOverride('attention-dropout', '.05')).toEqual(['model.attentionDropout', 0.05]);
@@ -251,8 +251,9 @@ describe('Megatron run-script flags', () => {
       [0.5, 'b', 0.5, 'c'],
     ]);
     expect(resolveOverride('test-data-path', 'd')).toEqual(['data.testDataPath', ['d']]);
-    expect(() => resolveOverride('cp-comm-type', 'a2a')).toThrow(
-      /--cp-comm-type a2a: context parallelism is a ring/,
+    expect(resolveOverride('cp-comm-type', 'a2a')).toEqual(['parallel.cpCommType', 'a2a']);
+    expect(() => loadRunConfig(null, [...base, ['cp-comm-type', 'allgather']])).toThrow(
+      /parallel.cpCommType: must be p2p or a2a, got "allgather" \(megapatch has no allgather or hierarchical a2a\+p2p\)/,
     );
     const megatronLlama = loadRunConfig(null, pairs(SCRIPTS['megatron llama3']));
     expect(megatronLlama.optimizer).toMatchObject({ decoupledLr: 5e-4, decoupledMinLr: 4.5e-5 });

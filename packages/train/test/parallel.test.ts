@@ -60,6 +60,8 @@ describe('train on several processes', () => {
     ['TP=2', { tensorModelParallelSize: 2 }],
     ['TP=2 + sequence parallelism', { tensorModelParallelSize: 2, sequenceParallel: true }],
     ['CP=2', { contextParallelSize: 2 }],
+    // Megatron's --cp-comm-type a2a: each rank attends with half the heads over whole sequences
+    ['CP=2 by all-to-all', { contextParallelSize: 2, cpCommType: 'a2a' }],
     ['PP=2', { pipelineModelParallelSize: 2 }],
     [
       // Megatron's --num-layers-per-virtual-pipeline-stage: 4 layers / (2 stages × 1) = 2 chunks a rank
@@ -342,7 +344,18 @@ describe('context parallelism with packed rows', () => {
       ).losses;
       const two = await lossesOnTwo(cfg(`cp-sft-two-${dropout}`, { contextParallelSize: 2 }, dropout));
       expectLosses(two, one, `dropout ${dropout}`);
+      if (dropout === 0) {
+        // by all-to-all: the samples' global boundaries on every rank, the same losses
+        const a2a = await lossesOnTwo(cfg('cp-sft-a2a', { contextParallelSize: 2, cpCommType: 'a2a' }));
+        expectLosses(a2a, one, 'all-to-all');
+      }
     }
+    // attention dropout needs the ring: refused with the config
+    expect(() =>
+      parseRunConfig(cfg('cp-a2a-drop', { contextParallelSize: 2, cpCommType: 'a2a' }, 0.1)),
+    ).toThrow(
+      /parallel.cpCommType: a2a runs attention without dropout, but model.attentionDropout is 0.1: set it to 0 or use cpCommType p2p/,
+    );
   });
 });
 
@@ -367,15 +380,22 @@ describe('context parallelism with multi-token prediction', () => {
         .split('\n')
         .map((l) => JSON.parse(l))
         .filter((m) => m.kind === 'train');
-    for (const packed of [false, true]) {
-      const tag = packed ? 'packed' : 'plain';
-      await train(parseRunConfig(cfg(`mtp-cp-one-${tag}`, {}, packed)), { log: () => {}, report: false });
+    for (const [packed, comm] of [
+      [false, 'p2p'],
+      [true, 'p2p'],
+      // MLA's heads split by all-to-all, on packed rows
+      [true, 'a2a'],
+    ] as const) {
+      const tag = `${packed ? 'packed' : 'plain'}-${comm}`;
+      const oneRun = `mtp-cp-one-${packed ? 'packed' : 'plain'}`;
+      if (comm === 'p2p')
+        await train(parseRunConfig(cfg(oneRun, {}, packed)), { log: () => {}, report: false });
       await launchWorkers({
         nproc: 2,
         script: 'train-worker.ts',
-        config: cfg(`mtp-cp-two-${tag}`, { contextParallelSize: 2 }, packed),
+        config: cfg(`mtp-cp-two-${tag}`, { contextParallelSize: 2, cpCommType: comm }, packed),
       });
-      const [one, two] = [metrics(`mtp-cp-one-${tag}`), metrics(`mtp-cp-two-${tag}`)];
+      const [one, two] = [metrics(oneRun), metrics(`mtp-cp-two-${tag}`)];
       expect(two.length, tag).toBe(6);
       for (let i = 0; i < 6; i++) {
         const what = `${tag} step ${i + 1}`;
