@@ -206,7 +206,8 @@ export const REFUSED_FLAGS: Readonly<Record<string, string>> = {
   'use-custom-fsdp': NO_FSDP,
   'account-for-embedding-in-pipeline-split': PLACE_EMBEDDING,
   'account-for-loss-in-pipeline-split': PLACE_EMBEDDING,
-  'hierarchical-context-parallel-sizes': 'context parallelism runs over one group (--cp-comm-type p2p or a2a)',
+  'hierarchical-context-parallel-sizes':
+    'context parallelism runs over one group (--cp-comm-type p2p or a2a)',
   'moe-router-force-load-balancing': 'tokens go to the experts the router picks',
   'moe-input-jitter-eps': 'the router sees its input unchanged (no jitter)',
 };
