@@ -650,10 +650,12 @@ describe('AdamW.step options: gradScale and paramCopies', () => {
     // between ref:0 (where the scale tensor lives) and the CPU
     const a = setup(8);
     const b = setup(8);
+    // (copies on each device, whichever the default device is: the conformance run's is ref:0)
+    const copyTo = (t: Tensor, dev: string) => (t.device === dev ? t.detach().clone() : t.detach().to(dev));
     const moved = b.masters.map((p, i) => {
-      if (i % 2 === 0) return p;
-      const q = p.detach().to('ref:0').requiresGrad_(true);
-      q.grad = (p.grad as Tensor).to('ref:0');
+      const dev = i % 2 === 0 ? 'cpu' : 'ref:0';
+      const q = copyTo(p, dev).requiresGrad_(true);
+      q.grad = copyTo(p.grad as Tensor, dev);
       return q;
     });
     const optA = new AdamW(a.masters, { lr: 1e-2 });
@@ -698,7 +700,7 @@ describe('AdamW.step options: gradScale and paramCopies', () => {
     optA.dispose();
     optB.dispose();
     optC.dispose();
-    free([...a.masters, ...a.copies, ...b.masters, ...b.copies, ...moved.filter((p) => p.device !== 'cpu')]);
+    free([...a.masters, ...a.copies, ...b.masters, ...b.copies, ...moved]);
   });
 
   it('rejects a gradScale tensor of another dtype or size', () => {

@@ -127,6 +127,16 @@ it('--optimizer-cpu-offload on cudaemu:0: the losses of the optimizer on the dev
   const movedHalf = liveAt1('emu-state') - liveAt1('emu-offload-half');
   expect(movedHalf).toBeGreaterThan(0.2 * moved);
   expect(movedHalf).toBeLessThan(0.6 * moved);
+  // the device waits: setup reads each of the 26 parameters once for its host master; a step reads
+  // the offloaded gradients once a run of them in DDP's buffer (here one, not one a parameter) and
+  // the clip coefficient once, besides the step's own read (the only one without offloading)
+  const counted = layoutRunConfig({ root, hf, data, run: 'emu-offload-waits' }) as Record<
+    string,
+    Record<string, unknown>
+  >;
+  counted.model = { ...counted.model, dtype: 'bf16' };
+  counted.optimizer = { ...counted.optimizer, optimizerCpuOffload: true };
+  expect((await countedEmulatedRun(counted, 1)).hostWaits).toBe(26 + 3 * 3);
   // the checkpoint holds the state wherever it lived: resumed with and without offload, the run's last steps
   const resumed = (await run('emu-resumed', { optimizer: offload, checkpoint: { load: save } })).losses;
   const onDevice = (await run('emu-resumed-dev', { checkpoint: { load: save } })).losses;

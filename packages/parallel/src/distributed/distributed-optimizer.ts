@@ -7,6 +7,7 @@
 import {
   AdamW,
   type AdamWGroup,
+  cat,
   full,
   type GradScaler,
   type GradScalerState,
@@ -132,6 +133,10 @@ interface ShardPiece {
    * master's mainGrad, which the norm reads; its .grad is the host copy during a step); else null.
    */
   deviceGrad: Tensor | null;
+  /** Where the gradient lives in DDP's buffer: the buffer's flat gradients and the first element. */
+  gradAt: { data: Tensor; start: number };
+  /** Where the model's values live in DDP's parameter buffer, when it has one (else null). */
+  paramAt: { data: Tensor; start: number } | null;
 }
 
 /** Where one master piece sits in its parameter: what a checkpoint maps back to logical tensors. */
@@ -144,6 +149,33 @@ export interface MasterPiece {
   offset: number;
   /** The fp32 master values of the piece (1-D, `numel` elements). */
   master: Tensor;
+}
+
+/**
+ * The most elements between two offloaded pieces' gradients that one read still spans (DDP pads
+ * each parameter's slot to an alignment; a larger gap holds another piece's gradient).
+ */
+const RUN_GAP = 1024;
+
+/** Pieces by their place in DDP's buffers (buffers in first-seen order, then offset); no place last. */
+function inBufferOrder(
+  pieces: readonly ShardPiece[],
+  at: (p: ShardPiece) => { data: Tensor; start: number } | null,
+): ShardPiece[] {
+  const buffers = new Map<Tensor, number>();
+  for (const p of pieces) {
+    const a = at(p);
+    if (a && !buffers.has(a.data)) buffers.set(a.data, buffers.size);
+  }
+  const key = (p: ShardPiece) => {
+    const a = at(p);
+    return a ? [buffers.get(a.data) as number, a.start] : [buffers.size, 0];
+  };
+  return [...pieces].sort((x, y) => {
+    const [bx, sx] = key(x);
+    const [by, sy] = key(y);
+    return bx - by || sx - sy;
+  });
 }
 
 function noWeightDecay(name: string, p: Tensor): boolean {
@@ -265,6 +297,8 @@ abstract class BufferOptimizer {
               param: p,
               paramOffset: start - slot.start,
               deviceGrad: null,
+              gradAt: { data: buffer.gradData, start },
+              paramAt: buffer.paramData ? { data: buffer.paramData, start } : null,
             };
             piece.master.grad = keep(flatView(buffer.gradData, start, [end - start]));
             const n = names.get(p) ?? p.name ?? '';
@@ -340,14 +374,81 @@ abstract class BufferOptimizer {
     return this.pieces.filter((p) => p.deviceGrad !== null);
   }
 
-  /** Writes an offloaded piece's master into the model's values on the device. */
-  private writeBack(p: ShardPiece): void {
-    const view = p.modelView as Tensor;
-    const up = p.master.to(view.device, view.dtype);
-    try {
-      view.copy_(up);
-    } finally {
-      up.dispose();
+  /**
+   * Copies the offloaded pieces' gradients to the host as their masters' .grad: one read for each
+   * run of pieces that follow each other in DDP's buffer (its alignment padding read along), not
+   * one a piece.
+   */
+  private gradientsToHost(pieces: readonly ShardPiece[]): void {
+    const offloaded = inBufferOrder(pieces, (p) => p.gradAt);
+    let i = 0;
+    while (i < offloaded.length) {
+      const first = offloaded[i];
+      let end = first.gradAt.start + first.master.numel;
+      let j = i + 1;
+      while (
+        j < offloaded.length &&
+        offloaded[j].gradAt.data === first.gradAt.data &&
+        offloaded[j].gradAt.start >= end &&
+        offloaded[j].gradAt.start - end <= RUN_GAP
+      ) {
+        end = offloaded[j].gradAt.start + offloaded[j].master.numel;
+        j++;
+      }
+      const run = first.gradAt.data.narrow(0, first.gradAt.start, end - first.gradAt.start);
+      const host = run.to('cpu');
+      run.dispose();
+      for (let k = i; k < j; k++) {
+        const p = offloaded[k];
+        p.master.grad = keep(host.narrow(0, p.gradAt.start - first.gradAt.start, p.master.numel));
+      }
+      host.dispose(); // the views hold its storage
+      i = j;
+    }
+  }
+
+  /**
+   * Writes the offloaded pieces' masters into the model's values on the device: one upload for
+   * each run of pieces side by side in DDP's parameter buffer, else one a piece.
+   */
+  private writeBack(pieces: readonly ShardPiece[]): void {
+    const offloaded = inBufferOrder(pieces, (p) => p.paramAt);
+    const upload = (host: Tensor, view: Tensor) => {
+      const up = host.to(view.device, view.dtype);
+      try {
+        view.copy_(up);
+      } finally {
+        up.dispose();
+      }
+    };
+    let i = 0;
+    while (i < offloaded.length) {
+      const first = offloaded[i];
+      const at = first.paramAt;
+      if (!at) {
+        upload(first.master, first.modelView as Tensor);
+        i++;
+        continue;
+      }
+      let end = at.start + first.master.numel;
+      let j = i + 1;
+      while (
+        j < offloaded.length &&
+        offloaded[j].paramAt?.data === at.data &&
+        offloaded[j].paramAt?.start === end
+      ) {
+        end += offloaded[j].master.numel;
+        j++;
+      }
+      const run = j - i === 1 ? first.master : cat(offloaded.slice(i, j).map((p) => p.master));
+      const view = at.data.narrow(0, at.start, end - at.start);
+      try {
+        upload(run, view);
+      } finally {
+        view.dispose();
+        if (run !== first.master) run.dispose();
+      }
+      i = j;
     }
   }
 
@@ -465,12 +566,10 @@ abstract class BufferOptimizer {
       try {
         // offloaded pieces: the gradients to the host, the update there (AdamW takes the scale
         // there, a read of the device), the new values back into the model's parameters
-        noGrad(() => {
-          for (const p of offloaded) p.master.grad = keep((p.deviceGrad as Tensor).to('cpu'));
-        });
+        noGrad(() => this.gradientsToHost(offloaded));
         this.inner?.step({ gradScale: scale, paramCopies: this.modelCopies() });
         noGrad(() => {
-          for (const p of offloaded) this.writeBack(p);
+          this.writeBack(offloaded);
         });
       } finally {
         scale.dispose();
@@ -574,9 +673,9 @@ abstract class BufferOptimizer {
   private copyMastersToModel(): void {
     noGrad(() => {
       for (const p of this.pieces) {
-        if (p.deviceGrad) this.writeBack(p);
-        else if (p.modelView) p.modelView.copy_(p.master);
+        if (!p.deviceGrad && p.modelView) p.modelView.copy_(p.master);
       }
+      this.writeBack(this.offloaded);
     });
     if (this.sharded) this.ddp.syncParams();
   }
