@@ -76,6 +76,7 @@ describe('config.json', () => {
       addQkvBias: false,
       qkLayernorm: false,
       rotaryBase: 10000,
+      rotaryPercent: 1,
       ropeScaling: { type: 'none' },
       untieEmbeddingsAndOutputWeights: false,
       vocabSize: 1000,
