@@ -250,6 +250,30 @@ describe('Megatron torch format: errors', () => {
     expect(e.message).toMatch(/args\.num_layers is 4, .* implies 2/);
   });
 
+  it("refuses a config.json rotating another share of each head than the checkpoint's args", async () => {
+    const m = SYNTHETIC_MODELS.find((x) => x.id === 'phi3') as (typeof SYNTHETIC_MODELS)[number];
+    const hf = tmp('rotary-hf');
+    writeSyntheticHfCheckpoint(hf, m.config, { seed: 3 });
+    const mp = tmp('rotary-mp');
+    await convertHfToMegapatch({ hfDir: hf, output: mp });
+    const meg = tmp('rotary-megatron');
+    await convertMegapatchToMegatron({ input: mp, output: meg });
+    // the same shapes, half of each head rotating: another model than the one trained
+    const half = tmp('rotary-half');
+    fs.mkdirSync(half);
+    fs.writeFileSync(
+      path.join(half, 'config.json'),
+      JSON.stringify({ ...m.config, partial_rotary_factor: 0.5 }),
+    );
+    expectError(
+      () => MegatronLegacyView.open(meg, half),
+      'INVALID_CONFIG',
+      'args.rotary_percent is 1, ',
+      'implies 0.5 (partial_rotary_factor): the checkpoint was trained rotating another share of each head',
+    );
+    MegatronLegacyView.open(meg, hf).close();
+  });
+
   it('names a missing rank folder and a folder that is not a Megatron checkpoint', () => {
     const copy = tmp('missing-rank');
     fs.cpSync(megatronDir(llama), copy, { recursive: true });

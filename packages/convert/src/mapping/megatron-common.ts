@@ -81,6 +81,15 @@ export function megatronModelOfArgs(
       );
     }
   }
+  // the share of each head RoPE rotated in training (shapes agree either way); MLA rotates its own
+  const rotary = a('rotary_percent');
+  if (rotary !== undefined && model.mla === null && rotary !== model.rotaryPercent) {
+    throw new ConvertError(
+      'INVALID_CONFIG',
+      `args.rotary_percent is ${rotary}, ${hfConfig} implies ${model.rotaryPercent} (partial_rotary_factor): the checkpoint was trained rotating another share of each head than the model rotates`,
+      file,
+    );
+  }
   return { layout, model };
 }
 
